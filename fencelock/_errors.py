@@ -1,0 +1,121 @@
+"""Every exception fencelock raises, with the attributes a caller needs.
+
+Messages name the file and the next step, so a CLI can print them as they are.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fencelock._fingerprint import Fingerprint
+    from fencelock._record import HolderInfo
+
+
+class FenceLockError(Exception):
+    """Base class of everything fencelock raises on purpose."""
+
+
+class CoordinationError(FenceLockError):
+    """Two runs met on one session; retrying the same model call will not help."""
+
+
+class SessionContendedError(CoordinationError):
+    """Another run holds the session (``on_contention="fail"``, or a wait timed out)."""
+
+    def __init__(self, session: str, holder: HolderInfo | None, *, waited: float | None = None):
+        self.session = session
+        self.holder = holder
+        self.waited = waited
+        who = describe_holder(holder)
+        how = f" after waiting {waited:.1f}s" if waited else ""
+        super().__init__(
+            f"{session}: held by {who}{how}; wait for it, or start a fresh session "
+            f"(fencelock recover {session})"
+        )
+
+
+class SessionTakeoverError(CoordinationError):
+    """Something outside the holder changed the session file since the last fence point."""
+
+    def __init__(self, session: str, expected: Fingerprint | None, actual: Fingerprint | None):
+        self.session = session
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"{session}: changed by a writer outside this run "
+            f"(expected {_fp(expected)}, found {_fp(actual)}); the run's history "
+            f"is no longer what it wrote, so it stops here"
+        )
+
+
+class UnsafeSidecarError(FenceLockError):
+    """The sidecar is a symlink, directory, FIFO or other non-regular file."""
+
+    def __init__(self, sidecar: str, what: str):
+        self.sidecar = sidecar
+        self.what = what
+        super().__init__(
+            f"{sidecar}: is {what}, not a regular file; fencelock left it untouched. "
+            f"Remove or rename it yourself if it is not meant to be there"
+        )
+
+
+class CorruptRecordError(FenceLockError):
+    """The sidecar's record cannot be parsed (truncated, oversized, not JSON, bad fields)."""
+
+    def __init__(self, sidecar: str, why: str):
+        self.sidecar = sidecar
+        self.why = why
+        super().__init__(
+            f"{sidecar}: holder record is corrupt ({why}); inspect it, then run "
+            f"'fencelock clear --force {sidecar}' to set it aside and start over"
+        )
+
+
+class SidecarAccessError(FenceLockError):
+    """The sidecar or its directory cannot be opened, created or written."""
+
+    def __init__(self, path: str, cause: OSError, fix: str):
+        self.path = path
+        self.cause = cause
+        reason = cause.strerror or type(cause).__name__
+        super().__init__(f"{path}: {reason}; {fix}")
+
+
+class SessionWriteError(FenceLockError):
+    """A fenced append could not be written or made durable."""
+
+    def __init__(self, session: str, cause: OSError, what: str):
+        self.session = session
+        self.cause = cause
+        reason = cause.strerror or type(cause).__name__
+        super().__init__(f"{session}: {what} failed: {reason}; the entry is not durable")
+
+
+class NotHeldError(FenceLockError):
+    """An operation that needs the holder was called without it."""
+
+
+def describe_holder(holder: HolderInfo | None) -> str:
+    if holder is None:
+        return "a live holder whose record could not be read"
+    return f"pid {holder.pid} on {holder.host} (lane {holder.lane!r}, token {holder.token})"
+
+
+def _fp(fp: Fingerprint | None) -> str:
+    return "no file" if fp is None else fp.short()
+
+
+def is_coordination_error(exc: BaseException | None) -> bool:
+    """True for a `CoordinationError`, also when it is the cause or context of ``exc``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, CoordinationError):
+            return True
+        seen.add(id(exc))
+        if isinstance(exc, BaseExceptionGroup):
+            if any(is_coordination_error(e) for e in exc.exceptions):
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False

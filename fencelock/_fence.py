@@ -1,0 +1,160 @@
+"""Fenced, durable JSONL appends to a session file.
+
+One entry is one line written with ``O_APPEND`` (looping on short writes) and
+fsynced; a new file also fsyncs its directory. Before writing, the session's
+fingerprint must match the last fence point, or `SessionTakeoverError` is raised and
+nothing is written. A torn last line left by a crashed writer is cut off and kept in
+``<session>.torn`` so the session stays valid JSONL.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from typing import Any
+
+from fencelock import _fingerprint
+from fencelock._errors import FenceLockError, SessionTakeoverError, SessionWriteError
+from fencelock._fingerprint import FenceMode, Fingerprint
+from fencelock._platform import O_BINARY, O_CLOEXEC
+from fencelock._tokens import STAMP_KEY
+
+TORN_SUFFIX = ".torn"
+"""Torn fragments cut from a session's end are appended here, one per line, as found."""
+
+# Seams for fault-injection tests: replaced to simulate short writes and I/O errors.
+_write = os.write
+_fsync = os.fsync
+
+
+def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> bytes:
+    """One JSONL line for ``entry``; refuses a str that is not exactly one line."""
+    if isinstance(entry, str):
+        if "\n" in entry or "\r" in entry:
+            raise FenceLockError("a session entry must be one line; this one has a line break")
+        if stamp is not None:
+            try:
+                entry = json.loads(entry)
+            except ValueError:
+                raise FenceLockError("a stamped entry must be a JSON object") from None
+    if isinstance(entry, dict):
+        if stamp is not None:
+            entry = {**entry, STAMP_KEY: {"token": stamp[0], "run_id": stamp[1]}}
+        return json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    if isinstance(entry, str):
+        return entry.encode() + b"\n"
+    raise FenceLockError(f"a session entry must be a dict or a str, not {type(entry).__name__}")
+
+
+def _fingerprint_fd(fd: int, mode: FenceMode) -> Fingerprint:
+    st = os.fstat(fd)
+    tail = _fingerprint.tail_digest(fd, st.st_size) if mode is FenceMode.CONTENT else None
+    return _fingerprint.from_stat(st, tail)
+
+
+def check(session: str, expected: Fingerprint | None, mode: FenceMode) -> Fingerprint | None:
+    """The session's fingerprint now; raises `SessionTakeoverError` if it moved."""
+    actual = _fingerprint.take(session, mode)
+    if not _same(expected, actual, mode):
+        raise SessionTakeoverError(session, expected, actual)
+    return actual
+
+
+def _same(expected: Fingerprint | None, actual: Fingerprint | None, mode: FenceMode) -> bool:
+    if expected is None:
+        return actual is None
+    return expected.matches(actual, mode)
+
+
+def _cut_torn_tail(fd: int, session: str, size: int) -> int:
+    """If the file does not end in a newline, move its last partial line aside."""
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    start = max(0, size - 1024 * 1024)
+    chunk = os.pread(fd, size - start, start)
+    cut = chunk.rfind(b"\n")
+    keep = start + cut + 1 if cut >= 0 else 0
+    if cut < 0 and start > 0:
+        raise FenceLockError(
+            f"{session}: its last line is over 1 MiB with no line break; repair it by hand"
+        )
+    fragment = chunk[keep - start :]
+    aside = os.open(session + TORN_SUFFIX, os.O_WRONLY | os.O_APPEND | os.O_CREAT | O_CLOEXEC, 0o600)
+    try:
+        _write_all(aside, fragment + b"\n", session + TORN_SUFFIX)
+        _fsync(aside)
+    finally:
+        os.close(aside)
+    os.ftruncate(fd, keep)
+    return keep
+
+
+def _write_all(fd: int, data: bytes, path: str) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(data):
+        try:
+            n = _write(fd, view[done:])
+        except OSError as e:
+            raise SessionWriteError(path, e, "write") from None
+        if n <= 0:
+            raise SessionWriteError(path, OSError(errno.EIO, "write returned 0"), "write")
+        done += n
+
+
+def append(
+    session: str,
+    line: bytes,
+    expected: Fingerprint | None,
+    mode: FenceMode,
+    *,
+    check_tail: bool,
+    file_mode: int = 0o600,
+) -> Fingerprint:
+    """Append ``line`` if the fence holds; returns the new fence point."""
+    flags = os.O_RDWR | os.O_APPEND | O_CLOEXEC | O_BINARY
+    created = expected is None
+    try:
+        fd = os.open(session, flags | (os.O_CREAT | os.O_EXCL if created else 0), file_mode)
+    except FileExistsError:
+        raise SessionTakeoverError(session, None, _fingerprint.take(session, mode)) from None
+    except FileNotFoundError:
+        if created:
+            raise SessionWriteError(
+                session, FileNotFoundError(errno.ENOENT, "directory missing"), "create"
+            ) from None
+        raise SessionTakeoverError(session, expected, None) from None
+    except OSError as e:
+        raise SessionWriteError(session, e, "open") from None
+    try:
+        if not created:
+            actual = _fingerprint_fd(fd, mode)
+            if not _same(expected, actual, mode):
+                raise SessionTakeoverError(session, expected, actual)
+            if check_tail:
+                _cut_torn_tail(fd, session, actual.size)
+        _write_all(fd, line, session)
+        try:
+            _fsync(fd)
+        except OSError as e:
+            raise SessionWriteError(session, e, "fsync") from None
+        if created:
+            _fsync_dir(os.path.dirname(session))
+        return _fingerprint_fd(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        dfd = os.open(directory or ".", os.O_RDONLY | O_CLOEXEC)
+    except OSError:
+        return  # Windows and some filesystems cannot open a directory
+    try:
+        _fsync(dfd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise SessionWriteError(directory, e, "fsync of the directory") from None
+    finally:
+        os.close(dfd)

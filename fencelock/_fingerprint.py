@@ -1,0 +1,139 @@
+"""The session file's fingerprint: what the fence compares at each fence point.
+
+Two fences exist. ``stat`` compares (dev, ino, size, mtime_ns, ctime_ns), costs one
+stat, and catches any write. ``content`` compares size plus a digest of the file's
+last bytes: it ignores stat fields that network filesystems (SMB/CIFS, Azure Files)
+report differently for an unchanged file, at the cost of one small read.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+TAIL_BYTES = 4096
+"""How much of the file's end the content fence hashes."""
+
+# Filesystems whose stat fields are known to flap for an unchanged file.
+_FLAPPING_FS = frozenset({"cifs", "smb3", "smbfs", "smb2"})
+
+
+class FenceMode(enum.StrEnum):
+    STAT = "stat"
+    CONTENT = "content"
+    AUTO = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    tail: str | None = None
+    """Hex digest of the last `TAIL_BYTES` bytes; only the content fence sets it."""
+
+    def matches(self, other: Fingerprint | None, mode: FenceMode) -> bool:
+        if other is None:
+            return False
+        if mode is FenceMode.CONTENT:
+            return self.size == other.size and self.tail == other.tail
+        return (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns) == (
+            other.dev,
+            other.ino,
+            other.size,
+            other.mtime_ns,
+            other.ctime_ns,
+        )
+
+    def short(self) -> str:
+        text = f"ino {self.ino} size {self.size} mtime_ns {self.mtime_ns}"
+        return text + (f" tail {self.tail[:12]}" if self.tail else "")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "dev": self.dev,
+            "ino": self.ino,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "ctime_ns": self.ctime_ns,
+        }
+        if self.tail is not None:
+            out["tail"] = self.tail
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> Fingerprint | None:
+        """Parse a record's ``fingerprint``; raises ValueError when malformed."""
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise ValueError("fingerprint is not an object")
+        values = []
+        for name in ("dev", "ino", "size", "mtime_ns", "ctime_ns"):
+            v = data.get(name)
+            if type(v) is not int or v < 0:
+                raise ValueError(f"fingerprint.{name} is not a non-negative integer")
+            values.append(v)
+        tail = data.get("tail")
+        if tail is not None and not isinstance(tail, str):
+            raise ValueError("fingerprint.tail is not a string")
+        return cls(*values, tail=tail)
+
+
+def from_stat(st: os.stat_result, tail: str | None = None) -> Fingerprint:
+    return Fingerprint(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tail)
+
+
+def tail_digest(fd: int, size: int) -> str:
+    start = max(0, size - TAIL_BYTES)
+    data = os.pread(fd, size - start, start)
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def take(path: str, mode: FenceMode) -> Fingerprint | None:
+    """Fingerprint of ``path`` now, or None when it does not exist."""
+    if mode is not FenceMode.CONTENT:
+        try:
+            return from_stat(os.stat(path))
+        except FileNotFoundError:
+            return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        return from_stat(st, tail_digest(fd, st.st_size))
+    finally:
+        os.close(fd)
+
+
+def detect_mode(directory: str) -> FenceMode:
+    """The fence to use for files in ``directory``: content on SMB/CIFS, else stat."""
+    fstype = filesystem_type(directory)
+    return FenceMode.CONTENT if fstype in _FLAPPING_FS else FenceMode.STAT
+
+
+def filesystem_type(directory: str) -> str | None:
+    """The filesystem type of ``directory`` from /proc/self/mounts, None where unknown."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            mounts = f.read().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(directory)
+    best, best_type = -1, None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > best:
+            best, best_type = len(point), parts[2]
+    return best_type

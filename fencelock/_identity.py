@@ -1,0 +1,95 @@
+"""Who a process is: pid, host and a start token that survives PID reuse.
+
+The start token is ``<starttime>@<boot id>@<pid namespace>`` on Linux: field 22 of
+``/proc/<pid>/stat`` (clock ticks since boot, immune to wall-clock changes), the
+kernel's boot id, and the PID namespace inode. Elsewhere it is empty and liveness is
+unknowable (None). Nothing here ever sends a signal.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+_PROC = "/proc"
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name, or None if no such process."""
+    text = _read(f"{_PROC}/{pid}/stat")
+    if not text:
+        return None
+    # The command name may hold spaces and parentheses; it ends at the last ')'.
+    rest = text[text.rfind(")") + 2 :]
+    return rest.split()
+
+
+def boot_id() -> str:
+    return _read(f"{_PROC}/sys/kernel/random/boot_id") or ""
+
+
+def pid_namespace(pid: int | str = "self") -> str:
+    try:
+        link = os.readlink(f"{_PROC}/{pid}/ns/pid")
+    except OSError:
+        return ""
+    return link[link.find("[") + 1 : -1] if "[" in link else link
+
+
+def process_start(pid: int) -> str:
+    """The start token of ``pid`` as seen from here, "" where it cannot be read."""
+    fields = _stat_fields(pid)
+    if fields is None or len(fields) < 20:
+        return ""
+    # Field 22 overall is index 19 once pid and comm are dropped.
+    return f"{fields[19]}@{boot_id()}@{pid_namespace()}"
+
+
+class _Self:
+    """This process's identity, recomputed after fork."""
+
+    def __init__(self) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.pid = os.getpid()
+        self.host = socket.gethostname()
+        self.start = process_start(self.pid)
+
+
+ME = _Self()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=ME.refresh)
+
+
+def owner_alive(pid: int, host: str, start: str) -> bool | None:
+    """Is the process named by (pid, host, start) still running?
+
+    None when it cannot be known from here: another host, another PID namespace, or a
+    platform without /proc. A zombie counts as dead: it holds no locks.
+    """
+    if host != ME.host or not start or not ME.start:
+        return None
+    try:
+        ticks, boot, ns = start.split("@")
+    except ValueError:
+        return None
+    _, my_boot, my_ns = ME.start.split("@")
+    if boot != my_boot:
+        return False  # recorded before the last reboot
+    if ns != my_ns:
+        return None
+    fields = _stat_fields(pid)
+    if fields is None:
+        return False
+    if fields[0] in ("Z", "X", "x"):
+        return False
+    return len(fields) > 19 and fields[19] == ticks

@@ -1,0 +1,524 @@
+"""`SessionLock`: the run-level holder of one session file.
+
+Life cycle: take a slot in the in-process registry (so two runs in one process
+contend even where flock would not make them), open the sidecar, take its OS lock
+(waiting in the kernel, or failing fast), check that the locked inode is still the
+one at the path, then write the record. The lock stays held through the prompt
+window; release marks the record ``released`` and drops the lock. The sidecar stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from types import TracebackType
+from typing import Any, Literal
+
+from fencelock import _fence, _fingerprint, _identity, _platform, _sidecar, _tokens
+from fencelock._errors import (
+    CorruptRecordError,
+    NotHeldError,
+    SessionContendedError,
+    SidecarAccessError,
+)
+from fencelock._fingerprint import FenceMode, Fingerprint
+from fencelock._record import HolderInfo, Phase, State
+
+OnContention = Literal["wait", "fail"]
+
+FAIL_GRACE = 0.05
+"""How long ``on_contention="fail"`` waits when the lock is held but the record is not
+``held``: a probe's momentary shared lock, or an acquirer about to write its record."""
+
+_registry: dict[str, SessionLock] = {}
+_registry_cond = threading.Condition()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child does not hold its parent's sessions: forget them, and close the
+    # inherited descriptors (closing never unlocks: the parent's copy keeps the lock).
+    global _registry_cond
+    for lock in list(_registry.values()):
+        lock._forget_in_child()
+    _registry.clear()
+    _registry_cond = threading.Condition()
+    _run_ids.reset()
+
+
+class _RunIds:
+    """Unique run ids without a syscall each: a random per-process prefix and a counter."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = os.urandom(6).hex()
+        self.count = 0
+        self.mutex = threading.Lock()
+
+    def next(self) -> str:
+        with self.mutex:
+            self.count += 1
+            return f"{self.prefix}-{self.count}"
+
+
+_run_ids = _RunIds()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _whoami() -> object:
+    """The owner identity for reentrancy: the asyncio task if any, else the thread."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    return task if task is not None else threading.get_ident()
+
+
+class _Waiter:
+    """A blocking flock in a helper thread, so a wait can time out or be cancelled.
+
+    If the waiter is abandoned, the helper drops the lock the moment it gets it.
+    """
+
+    def __init__(self, fd: int, shared: bool = False) -> None:
+        self.fd = fd
+        self.shared = shared
+        self.done = threading.Event()
+        self.mutex = threading.Lock()
+        self.abandoned = False
+        self.error: BaseException | None = None
+        threading.Thread(target=self._run, name="fencelock-wait", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            _platform.lock_blocking(self.fd, self.shared)
+        except BaseException as e:  # handed to the waiting side
+            self.error = e
+        with self.mutex:
+            if self.abandoned:
+                os.close(self.fd)  # closing the last descriptor drops the lock
+                return
+            self.done.set()
+
+    def settle(self) -> bool:
+        """Stop waiting: True if the lock arrived meanwhile, else abandon it to the helper."""
+        with self.mutex:
+            if self.done.is_set():
+                if self.error is not None:
+                    os.close(self.fd)
+                    raise self.error
+                return True
+            self.abandoned = True
+            return False
+
+
+class SessionLock:
+    """Holds one session file for a whole run. See the README for the protocol."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        lane: str = "default",
+        *,
+        on_contention: OnContention = "wait",
+        timeout: float | None = None,
+        fence: FenceMode | str = FenceMode.AUTO,
+        stamp: bool = False,
+        mode: int = 0o600,
+        origin: str | None = None,
+    ) -> None:
+        if on_contention not in ("wait", "fail"):
+            raise ValueError(f"on_contention must be 'wait' or 'fail', not {on_contention!r}")
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be None or >= 0")
+        self.session, self.sidecar = _sidecar.paths(path)
+        self.lane = lane
+        self.on_contention: OnContention = on_contention
+        self.timeout = timeout
+        self.stamp = stamp
+        self.mode = mode
+        self.origin = origin
+        fence = FenceMode(fence)
+        directory = os.path.dirname(self.session)
+        self.fence_mode = _fingerprint.detect_mode(directory) if fence is FenceMode.AUTO else fence
+        self._key = os.path.join(os.path.realpath(directory), os.path.basename(self.session))
+        self._fd = -1
+        self._count = 0
+        self._pid = 0
+        self._owner: object = None
+        self._info: HolderInfo | None = None
+        self._fp: Fingerprint | None = None
+        self._record_len = 0
+        self._tail_checked = False
+        self._abort_callbacks: list[Any] = []
+
+    # -- state -------------------------------------------------------------------
+
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the session through this object."""
+        return self._count > 0 and self._pid == os.getpid()
+
+    @property
+    def info(self) -> HolderInfo | None:
+        """The record as last written, while held."""
+        return self._info if self.held else None
+
+    def _forget_in_child(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd, self._count, self._info = -1, 0, None
+
+    def __repr__(self) -> str:
+        state = "held" if self.held else "not held"
+        return f"<SessionLock {self.session!r} lane={self.lane!r} {state}>"
+
+    # -- acquire / release -------------------------------------------------------
+
+    def acquire(
+        self, *, timeout: float | None | Literal["default"] = "default"
+    ) -> HolderInfo:
+        """Take the session; returns the record written. Reentrant for the same owner."""
+        me = _whoami()
+        if self.held and self._owner == me:
+            self._count += 1
+            assert self._info is not None
+            return self._info
+        wait = self.timeout if timeout == "default" else timeout
+        deadline = None if wait is None else time.monotonic() + wait
+        return self._acquire(me, deadline, None)
+
+    def _acquire(
+        self, me: object, deadline: float | None, cancel: threading.Event | None
+    ) -> HolderInfo:
+        start = time.monotonic()
+        self._take_slot(deadline, cancel, start)
+        try:
+            fd, st = self._lock_sidecar(deadline, cancel, start)
+            try:
+                info = self._write_new_record(fd, st)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            self._free_slot()
+            raise
+        self._fd, self._count, self._pid, self._owner = fd, 1, os.getpid(), me
+        return info
+
+    def _take_slot(
+        self, deadline: float | None, cancel: threading.Event | None, start: float
+    ) -> None:
+        with _registry_cond:
+            while True:
+                other = _registry.get(self._key)
+                if other is None:
+                    _registry[self._key] = self
+                    return
+                if cancel is not None and cancel.is_set():
+                    raise asyncio.CancelledError
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if self.on_contention == "fail" or (remaining is not None and remaining <= 0):
+                    waited = time.monotonic() - start
+                    raise SessionContendedError(self.session, other._info, waited=waited)
+                _registry_cond.wait(remaining)
+
+    def _free_slot(self) -> None:
+        with _registry_cond:
+            if _registry.get(self._key) is self:
+                del _registry[self._key]
+                _registry_cond.notify_all()
+
+    def _lock_sidecar(
+        self, deadline: float | None, cancel: threading.Event | None, start: float
+    ) -> tuple[int, os.stat_result]:
+        while True:
+            fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode)
+            try:
+                locked = _platform.try_lock(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if not locked:
+                self._wait_for_lock(fd, st, deadline, cancel, start)
+            if _sidecar.still_at_path(self.sidecar, st):
+                return fd, st
+            os.close(fd)  # removed or replaced while we waited: lock the new one
+
+    def _wait_for_lock(
+        self,
+        fd: int,
+        st: os.stat_result,
+        deadline: float | None,
+        cancel: threading.Event | None,
+        start: float,
+    ) -> None:
+        """Return once ``fd`` is locked; otherwise raise, with ``fd`` closed or handed off."""
+        try:
+            if self.on_contention == "fail":
+                record = self._peek(fd, st)
+                if record is not None and record.state is State.HELD:
+                    raise self._contended(None, record)
+                deadline = time.monotonic() + FAIL_GRACE
+            if deadline is None and cancel is None and _platform.CAN_BLOCK:
+                _platform.lock_blocking(fd)
+                return
+        except BaseException:
+            os.close(fd)
+            raise
+        waiter = _Waiter(fd)
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                step = remaining if cancel is None else min(0.05, 0.05 if remaining is None else remaining)
+                if (step is None or step > 0) and waiter.done.wait(step):
+                    break
+                if remaining is not None and remaining <= 0:
+                    break
+                if cancel is not None and cancel.is_set():
+                    break
+        finally:
+            # From here the helper thread owns fd unless settle() says it is ours.
+            locked = waiter.settle()
+        if not locked:
+            if cancel is not None and cancel.is_set():
+                raise asyncio.CancelledError
+            raise self._contended(start)
+
+    def _peek(self, fd: int, st: os.stat_result) -> HolderInfo | None:
+        try:
+            return _sidecar.read(fd, self.sidecar, st.st_size)
+        except CorruptRecordError:
+            return None
+
+    def _contended(self, start: float | None, record: HolderInfo | None = None) -> Exception:
+        if record is None:
+            record = _read_quietly(self.sidecar)
+        waited = None if start is None else time.monotonic() - start
+        return SessionContendedError(self.session, record, waited=waited)
+
+    def _write_new_record(self, fd: int, st: os.stat_result) -> HolderInfo:
+        old = _sidecar.read(fd, self.sidecar, st.st_size)
+        if old is None:
+            token = _tokens.floor(self.session) + 1
+            previous = None
+        else:
+            token = old.token + 1
+            previous = old.as_previous() if old.state is State.HELD else None
+        now = time.time()
+        self._fp = _fingerprint.take(self.session, self.fence_mode)
+        me = _identity.ME
+        info = HolderInfo(
+            state=State.HELD,
+            session=self.session,
+            pid=me.pid,
+            host=me.host,
+            process_start=me.start,
+            lane=self.lane,
+            run_id=_run_ids.next(),
+            token=token,
+            acquired_at=now,
+            heartbeat_at=now,
+            phase=Phase.WRITE,
+            fingerprint=self._fp,
+            previous=previous,
+            fence=str(self.fence_mode),
+            origin=self.origin,
+        )
+        self._record_len = _sidecar.write(fd, self.sidecar, info, st.st_size)
+        self._info = info
+        self._tail_checked = False
+        return info
+
+    def release(self) -> None:
+        """Give the session back (once per acquire). A forked child never releases."""
+        if self._pid != os.getpid() or self._count == 0:
+            if self._count and self._pid != os.getpid():
+                return  # inherited through fork: the parent's to release
+            raise NotHeldError(f"{self.session}: release() without a matching acquire()")
+        self._count -= 1
+        if self._count:
+            return
+        fd, self._fd = self._fd, -1
+        try:
+            if self._info is not None:
+                done = replace(self._info, state=State.RELEASED, phase=Phase.WRITE)
+                self._record_len = _sidecar.write(fd, self.sidecar, done, self._record_len)
+        finally:
+            try:
+                _platform.unlock(fd)
+            finally:
+                os.close(fd)
+                self._info = None
+                self._free_slot()
+
+    def __enter__(self) -> SessionLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    # -- asyncio -----------------------------------------------------------------
+
+    async def acquire_async(self) -> HolderInfo:
+        """Like `acquire`, but waiting happens off the event loop and can be cancelled."""
+        me = _whoami()
+        if self.held and self._owner == me:
+            self._count += 1
+            assert self._info is not None
+            return self._info
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, self._acquire, me, deadline, cancel)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancel.set()
+            with _registry_cond:
+                _registry_cond.notify_all()
+            future.add_done_callback(self._drop_if_acquired)
+            raise
+
+    def _drop_if_acquired(self, future: asyncio.Future[HolderInfo]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.release()
+
+    async def __aenter__(self) -> SessionLock:
+        await self.acquire_async()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    # -- the fence ---------------------------------------------------------------
+
+    def _require(self) -> HolderInfo:
+        if not self.held or self._info is None:
+            raise NotHeldError(f"{self.session}: this SessionLock does not hold the session")
+        return self._info
+
+    def _rewrite(self, info: HolderInfo) -> None:
+        self._record_len = _sidecar.write(self._fd, self.sidecar, info, self._record_len)
+        self._info = info
+
+    def append(self, entry: dict[str, Any] | str, *, stamp: bool | None = None) -> None:
+        """Write one fenced, fsynced JSONL line; `SessionTakeoverError` if the fence moved."""
+        info = self._require()
+        use_stamp = self.stamp if stamp is None else stamp
+        self._append_bytes(
+            _fence.encode_entry(entry, (info.token, info.run_id) if use_stamp else None)
+        )
+
+    def _append_bytes(self, data: bytes) -> None:
+        info = self._require()
+        check_tail, self._tail_checked = not self._tail_checked, False
+        self._fp = _fence.append(
+            self.session, data, self._fp, self.fence_mode, check_tail=check_tail, file_mode=self.mode
+        )
+        self._tail_checked = True
+        self._rewrite(replace(info, fingerprint=self._fp, heartbeat_at=time.time()))
+
+    def verify_fence(self) -> Fingerprint | None:
+        """Raise `SessionTakeoverError` if the session moved since the last fence point."""
+        self._require()
+        return _fence.check(self.session, self._fp, self.fence_mode)
+
+    def touch(self) -> None:
+        """Heartbeat: refresh ``heartbeat_at`` so the holder is not reported stuck."""
+        info = self._require()
+        self._rewrite(replace(info, heartbeat_at=time.time()))
+
+    @contextmanager
+    def prompt_window(self) -> Iterator[SessionLock]:
+        """The model-call window: still held, ``phase: "prompt"``, fence checked on exit."""
+        info = self._require()
+        entry_fp = _fence.check(self.session, self._fp, self.fence_mode)
+        self._rewrite(replace(info, phase=Phase.PROMPT, heartbeat_at=time.time()))
+        try:
+            yield self
+        finally:
+            if self.held and self._info is not None:
+                self._rewrite(replace(self._info, phase=Phase.WRITE, heartbeat_at=time.time()))
+        self._fp = _fence.check(self.session, entry_fp, self.fence_mode)
+
+    # -- recovery hook -----------------------------------------------------------
+
+    def on_abort(self, callback: Any) -> None:
+        """Register a callable that in-process `recover` calls to abort this run."""
+        self._abort_callbacks.append(callback)
+
+    def _abort(self) -> None:
+        for callback in list(self._abort_callbacks):
+            callback()
+
+
+def held_in_process(session_key: str) -> SessionLock | None:
+    """The lock object of this process that holds ``session_key``, if any."""
+    with _registry_cond:
+        return _registry.get(session_key)
+
+
+def _read_quietly(sidecar: str) -> HolderInfo | None:
+    try:
+        fd, st = _sidecar.open_checked(sidecar, create=False)
+    except Exception:
+        return None
+    try:
+        return _sidecar.read(fd, sidecar, st.st_size)
+    except Exception:
+        return None
+    finally:
+        os.close(fd)
+
+
+def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
+    """Block until no process holds ``sidecar``'s lock; False on timeout.
+
+    Takes and drops a shared lock, so it writes nothing and bumps no token.
+    """
+    try:
+        fd, _ = _sidecar.open_checked(sidecar, create=False)
+    except SidecarAccessError as e:
+        if e.cause.errno == errno.ENOENT:
+            return True
+        raise
+    if _platform.try_lock(fd, shared=True):
+        os.close(fd)
+        return True
+    if timeout is None and _platform.CAN_BLOCK:
+        try:
+            _platform.lock_blocking(fd, shared=True)
+        finally:
+            os.close(fd)
+        return True
+    waiter = _Waiter(fd, shared=True)
+    try:
+        waiter.done.wait(timeout)
+    finally:
+        got = waiter.settle()
+    if got:
+        os.close(fd)
+    return got

@@ -1,0 +1,225 @@
+"""Looking at holders from outside: `probe`, `scan` and `clear`.
+
+The lock decides live or not: a probe takes a *shared* lock without waiting, which
+fails exactly when some process holds the exclusive one. The record only describes.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from fencelock import _fingerprint, _identity, _lock, _platform, _sidecar, _tokens
+from fencelock._errors import (
+    CorruptRecordError,
+    SessionContendedError,
+    SidecarAccessError,
+    UnsafeSidecarError,
+)
+from fencelock._fingerprint import FenceMode
+from fencelock._record import HolderInfo, State
+
+DEFAULT_STUCK_AFTER = 600.0
+"""A live holder whose heartbeat is older than this many seconds is reported stuck."""
+
+SESSION_SUFFIX = ".jsonl"
+
+
+class ProbeState(enum.StrEnum):
+    FREE = "free"
+    LIVE = "live"
+    STALE = "stale"
+    UNREADABLE = "unreadable"
+
+
+@dataclass(frozen=True, slots=True)
+class HolderStatus:
+    """What a probe saw for one session."""
+
+    session: str
+    sidecar: str
+    state: ProbeState
+    record: HolderInfo | None = None
+    owner_alive: bool | None = None
+    stuck: bool = False
+    fence_ok: bool | None = None
+    reason: str = ""
+
+    @property
+    def pid(self) -> int | None:
+        return self.record.pid if self.record else None
+
+    @property
+    def lane(self) -> str | None:
+        return self.record.lane if self.record else None
+
+    @property
+    def token(self) -> int | None:
+        return self.record.token if self.record else None
+
+
+def probe(path: str | os.PathLike[str], *, stuck_after: float = DEFAULT_STUCK_AFTER) -> HolderStatus:
+    """The state of the session at ``path`` (the session file or its sidecar)."""
+    session, sidecar = _sidecar.paths(path)
+    return _probe(session, sidecar, stuck_after, time.time())
+
+
+def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> HolderStatus:
+    try:
+        fd, st = _sidecar.open_checked(sidecar, create=False)
+    except UnsafeSidecarError as e:
+        return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
+    except SidecarAccessError as e:
+        if e.cause.errno == errno.ENOENT and os.path.isdir(os.path.dirname(sidecar)):
+            return HolderStatus(session, sidecar, ProbeState.FREE, reason="no sidecar")
+        return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
+    try:
+        free = _platform.try_lock(fd, shared=True)
+        try:
+            record = _sidecar.read(fd, sidecar, st.st_size)
+            corrupt = ""
+        except CorruptRecordError as e:
+            record, corrupt = None, str(e)
+        except SidecarAccessError as e:
+            return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
+    finally:
+        os.close(fd)  # also drops the shared lock
+    if free and _lock._registry and _lock.held_in_process(_registry_key(session)):
+        free = False
+    if not free:
+        state = ProbeState.LIVE
+    elif corrupt:
+        return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=corrupt)
+    elif record is not None and record.state is State.HELD:
+        state = ProbeState.STALE
+    else:
+        state = ProbeState.FREE
+    if record is None:
+        return HolderStatus(session, sidecar, state, reason=corrupt or "no record")
+    alive = None
+    if record.state is State.HELD:
+        alive = _identity.owner_alive(record.pid, record.host, record.process_start)
+    stuck = state is ProbeState.LIVE and now - record.heartbeat_at > stuck_after
+    return HolderStatus(
+        session,
+        sidecar,
+        state,
+        record=record,
+        owner_alive=alive,
+        stuck=stuck,
+        fence_ok=_fence_ok(session, record),
+        reason=_reason(state, record, alive, stuck),
+    )
+
+
+def _registry_key(session: str) -> str:
+    return os.path.join(os.path.realpath(os.path.dirname(session)), os.path.basename(session))
+
+
+def _fence_ok(session: str, record: HolderInfo) -> bool | None:
+    try:
+        mode = FenceMode(record.fence)
+    except ValueError:
+        mode = FenceMode.STAT
+    try:
+        actual = _fingerprint.take(session, mode)
+    except OSError:
+        return None
+    if record.fingerprint is None:
+        return actual is None
+    return record.fingerprint.matches(actual, mode)
+
+
+def _reason(state: ProbeState, record: HolderInfo, alive: bool | None, stuck: bool) -> str:
+    if state is ProbeState.STALE:
+        if alive:
+            return "owner process still runs but no longer holds the lock"
+        return f"owner pid {record.pid} died while holding it"
+    if state is ProbeState.LIVE:
+        if record.state is not State.HELD:
+            return "locked; the holder has not written its record yet"
+        if stuck:
+            return "live, but its heartbeat is older than the stuck threshold"
+        return "held"
+    return "released" if record.state is State.RELEASED else ""
+
+
+def scan(
+    directory: str | os.PathLike[str], *, stuck_after: float = DEFAULT_STUCK_AFTER
+) -> Iterator[HolderStatus]:
+    """Every sidecar and ``*.jsonl`` session in ``directory``, sorted by session name."""
+    base = os.path.abspath(os.fspath(directory))
+    names = set()
+    with os.scandir(base) as entries:
+        for entry in entries:
+            name = entry.name
+            if name.endswith(_sidecar.SUFFIX):
+                names.add(name[: -len(_sidecar.SUFFIX)])
+            elif name.endswith(SESSION_SUFFIX):
+                names.add(name)
+    now = time.time()
+    for name in sorted(names):
+        session = os.path.join(base, name)
+        yield _probe(session, session + _sidecar.SUFFIX, stuck_after, now)
+
+
+def clear(
+    path: str | os.PathLike[str], *, remove: bool = False, force: bool = False
+) -> HolderStatus:
+    """Clear a stale record under the sidecar's lock; never touches a live holder.
+
+    Returns what was found, with ``reason`` saying what was done. ``remove`` also
+    deletes the sidecar (the session's token is kept on the session file first).
+    ``force`` sets a corrupt record aside as ``<sidecar>.corrupt-<time>``.
+    """
+    session, sidecar = _sidecar.paths(path)
+    while True:
+        try:
+            fd, st = _sidecar.open_checked(sidecar, create=False)
+        except SidecarAccessError as e:
+            if e.cause.errno == errno.ENOENT and os.path.isdir(os.path.dirname(sidecar)):
+                return HolderStatus(session, sidecar, ProbeState.FREE, reason="no sidecar")
+            raise
+        try:
+            if not _platform.try_lock(fd) or (
+                _lock._registry and _lock.held_in_process(_registry_key(session))
+            ):
+                raise SessionContendedError(session, _lock._read_quietly(sidecar))
+            if not _sidecar.still_at_path(sidecar, st):
+                continue
+            return _clear_locked(fd, st, session, sidecar, remove, force)
+        finally:
+            os.close(fd)
+
+
+def _clear_locked(
+    fd: int, st: os.stat_result, session: str, sidecar: str, remove: bool, force: bool
+) -> HolderStatus:
+    try:
+        record = _sidecar.read(fd, sidecar, st.st_size)
+    except CorruptRecordError:
+        if not force:
+            raise
+        aside = f"{sidecar}.corrupt-{int(time.time())}"
+        os.rename(sidecar, aside)
+        return HolderStatus(
+            session, sidecar, ProbeState.UNREADABLE, reason=f"corrupt record moved to {aside}"
+        )
+    was_stale = record is not None and record.state is State.HELD
+    state = ProbeState.STALE if was_stale else ProbeState.FREE
+    done = "was free"
+    if record is not None and was_stale:
+        _sidecar.write(fd, sidecar, replace(record, state=State.RELEASED), st.st_size)
+        done = f"cleared the stale record of pid {record.pid} (lane {record.lane!r})"
+    if remove:
+        token = record.token if record is not None else 0
+        if token and os.path.exists(session) and not _tokens.save(session, token):
+            done += "; sidecar kept: the session's token cannot be saved on this filesystem"
+        else:
+            os.unlink(sidecar)
+            done += "; sidecar removed"
+    return HolderStatus(session, sidecar, state, record=record, reason=done)

@@ -1,0 +1,101 @@
+"""Stuck-session recovery done safely: never re-fire on a session that a run still holds.
+
+`recover` asks any in-process run on the session to abort, waits up to ``wait``
+seconds for the holder to let go, and then either answers ``"refire"`` (the session
+is free; a stale record is cleared first) or starts a fresh session file beside the
+old one (``"fresh"``), optionally carrying the old transcript's complete lines over.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+from fencelock import _lock, _probe, _sidecar
+from fencelock._errors import FenceLockError, SessionContendedError
+from fencelock._probe import HolderStatus, ProbeState
+
+
+class Action(enum.StrEnum):
+    REFIRE = "refire"
+    FRESH = "fresh"
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What `recover` decided: the action, the session to use, and what it found."""
+
+    action: Action
+    session: str
+    holder: HolderStatus
+    waited: float = 0.0
+    carried_lines: int = 0
+
+
+def fresh_session(path: str | os.PathLike[str]) -> str:
+    """A new, unused ``<uuid>.jsonl`` path beside ``path`` (not created)."""
+    session, _ = _sidecar.paths(path)
+    directory = os.path.dirname(session)
+    while True:
+        candidate = os.path.join(directory, f"{uuid.uuid4()}.jsonl")
+        if not os.path.lexists(candidate) and not os.path.lexists(candidate + _sidecar.SUFFIX):
+            return candidate
+
+
+def recover(
+    path: str | os.PathLike[str],
+    *,
+    wait: float = 30.0,
+    fresh: bool = True,
+    carry: bool = True,
+    lane: str = "recovery",
+    stuck_after: float = _probe.DEFAULT_STUCK_AFTER,
+) -> Recovery:
+    """The stuck-session recovery step. Raises `SessionContendedError` when the
+    session is still held after ``wait`` and ``fresh`` is False."""
+    session, sidecar = _sidecar.paths(path)
+    found = _probe.probe(session, stuck_after=stuck_after)
+    if found.state is ProbeState.UNREADABLE:
+        raise FenceLockError(f"{session}: cannot recover: {found.reason}")
+    waited = 0.0
+    if found.state is ProbeState.LIVE:
+        local = _lock.held_in_process(_probe._registry_key(session))
+        if local is not None:
+            local._abort()
+        start = time.monotonic()
+        released = _lock.wait_until_unlocked(sidecar, wait)
+        waited = time.monotonic() - start
+        if not released:
+            if not fresh:
+                raise SessionContendedError(session, found.record, waited=waited)
+            new, carried = _start_fresh(session, lane, carry)
+            return Recovery(Action.FRESH, new, found, waited, carried)
+    now = _probe.probe(session, stuck_after=stuck_after)
+    if now.state is ProbeState.STALE:
+        _probe.clear(session)
+    return Recovery(Action.REFIRE, session, found, waited)
+
+
+def _start_fresh(session: str, lane: str, carry: bool) -> tuple[str, int]:
+    new = fresh_session(session)
+    lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session)
+    with lock:
+        data = _complete_lines(session) if carry else b""
+        if data:
+            lock._append_bytes(data)
+        else:
+            lock._append_bytes(b"")
+    return new, data.count(b"\n")
+
+
+def _complete_lines(session: str) -> bytes:
+    """The old transcript up to its last line break (a torn last line stays behind)."""
+    try:
+        with open(session, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return b""
+    return data[: data.rfind(b"\n") + 1]

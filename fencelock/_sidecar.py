@@ -1,0 +1,118 @@
+"""Opening, checking, reading and writing a sidecar file safely.
+
+A sidecar is opened without following symlinks and without blocking (a planted FIFO
+cannot hang a reader), then refused unless it is a regular file. Reads are bounded to
+`MAX_RECORD`. Records are rewritten in place with one ``pwrite`` and padded with
+spaces rather than truncated, so a reader never sees an empty file mid-update.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from fencelock import _platform
+from fencelock._errors import CorruptRecordError, SidecarAccessError, UnsafeSidecarError
+from fencelock._record import MAX_RECORD, HolderInfo, decode
+
+SUFFIX = ".holder"
+_READ_RETRIES = 5
+
+
+def paths(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """(session, sidecar) as absolute paths, for a session file or a sidecar path."""
+    p = os.path.abspath(os.fspath(path))
+    if p.endswith(SUFFIX):
+        return p[: -len(SUFFIX)], p
+    return p, p + SUFFIX
+
+
+def _access_error(path: str, e: OSError, writing: bool) -> Exception:
+    directory = os.path.dirname(path)
+    if e.errno == errno.ELOOP:
+        return UnsafeSidecarError(path, "a symlink")
+    if e.errno == errno.EISDIR:
+        return UnsafeSidecarError(path, "a directory")
+    if e.errno == errno.ENXIO:
+        return UnsafeSidecarError(path, "a socket or device")
+    if e.errno == errno.ENOENT:
+        fix = f"the directory {directory} does not exist; create it first"
+        if os.path.isdir(directory):
+            fix = "no sidecar there; nothing holds this session"
+        return SidecarAccessError(path, e, fix)
+    if e.errno in (errno.EACCES, errno.EPERM):
+        how = "write" if writing else "read"
+        return SidecarAccessError(
+            path, e, f"this user cannot {how} it; run as its owner or fix the permissions"
+        )
+    if e.errno == errno.EROFS:
+        return SidecarAccessError(
+            path, e, "the filesystem is read-only; keep sessions on a writable filesystem"
+        )
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SidecarAccessError(path, e, "free some space, then try again")
+    return SidecarAccessError(path, e, "check the path and try again")
+
+
+def open_checked(sidecar: str, *, create: bool, mode: int = 0o600) -> tuple[int, os.stat_result]:
+    """Open a sidecar for locking; (fd, fstat). Raises for anything but a regular file."""
+    flags = _platform.OPEN_FLAGS | (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY)
+    try:
+        fd = os.open(sidecar, flags, mode)
+    except OSError as e:
+        raise _access_error(sidecar, e, create) from None
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        raise _access_error(sidecar, e, create) from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UnsafeSidecarError(sidecar, _platform.describe_mode(st.st_mode))
+    return fd, st
+
+
+def still_at_path(sidecar: str, st: os.stat_result) -> bool:
+    """After locking: is the inode we locked still the one at the path?"""
+    try:
+        now = os.lstat(sidecar)
+    except FileNotFoundError:
+        return False
+    return now.st_ino == st.st_ino and now.st_dev == st.st_dev
+
+
+def read(fd: int, sidecar: str, size_hint: int | None = None) -> HolderInfo | None:
+    """The record in ``fd``, None if empty. Retries a half-written one, then raises."""
+    want = MAX_RECORD + 1 if size_hint is None else min(size_hint + 1, MAX_RECORD + 1)
+    why = ""
+    for _ in range(_READ_RETRIES):
+        try:
+            data = os.pread(fd, want, 0)
+        except OSError as e:
+            raise _access_error(sidecar, e, False) from None
+        if len(data) == want and want <= MAX_RECORD:
+            want = MAX_RECORD + 1  # the hint was stale; read the whole bound
+            continue
+        try:
+            return decode(data)
+        except ValueError as e:
+            why = str(e)
+    raise CorruptRecordError(sidecar, why)
+
+
+def write(fd: int, sidecar: str, info: HolderInfo, old_len: int) -> int:
+    """Write ``info`` at offset 0, padding over a longer old record. Returns its length."""
+    data = info.encode() + b"\n"
+    if len(data) > MAX_RECORD:
+        raise CorruptRecordError(sidecar, f"a record of {len(data)} bytes is over the bound")
+    if len(data) < old_len:
+        data = data + b" " * (old_len - len(data))
+    view = memoryview(data)
+    offset = 0
+    try:
+        while offset < len(data):
+            offset += os.pwrite(fd, view[offset:], offset)
+    except OSError as e:
+        raise _access_error(sidecar, e, True) from None
+    return len(data)

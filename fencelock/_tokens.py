@@ -1,0 +1,74 @@
+"""Fencing tokens: the reserved stamp key, and the floor a new sidecar starts above.
+
+Tokens live in the record. A session whose sidecar was removed keeps its last token
+in two places a new sidecar consults: the ``user.fencelock.token`` extended attribute
+that `clear(remove=True)` sets on the session file before unlinking the sidecar, and
+the stamps of the session's last lines (``append(..., stamp=True)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+STAMP_KEY = "_fencelock"
+"""Reserved key of a stamped line: ``{"_fencelock": {"token": N, "run_id": "..."}}``."""
+
+XATTR = "user.fencelock.token"
+_TAIL = 64 * 1024
+
+
+def stamp_of(entry: object) -> int | None:
+    """The token stamped into a parsed line, or None when it carries none."""
+    if not isinstance(entry, dict):
+        return None
+    stamp: Any = entry.get(STAMP_KEY)
+    if isinstance(stamp, dict):
+        token = stamp.get("token")
+        if type(token) is int and token >= 0:
+            return token
+    return None
+
+
+def _last_stamped(session: str) -> int:
+    try:
+        with open(session, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - _TAIL))
+            tail = f.read(_TAIL)
+    except OSError:
+        return 0
+    best = 0
+    for line in tail.split(b"\n"):
+        if STAMP_KEY.encode() not in line:
+            continue
+        try:
+            token = stamp_of(json.loads(line))
+        except (ValueError, RecursionError):
+            continue
+        if token is not None:
+            best = max(best, token)
+    return best
+
+
+def floor(session: str) -> int:
+    """The largest token a session is known to have used without its record."""
+    saved = 0
+    if hasattr(os, "getxattr"):
+        try:
+            saved = int(os.getxattr(session, XATTR))
+        except (OSError, ValueError):
+            saved = 0
+    return max(saved, _last_stamped(session))
+
+
+def save(session: str, token: int) -> bool:
+    """Keep ``token`` on the session file before its sidecar goes. False if unsupported."""
+    if not hasattr(os, "setxattr"):
+        return False
+    try:
+        os.setxattr(session, XATTR, str(token).encode())
+    except OSError:
+        return False
+    return True
