@@ -1,0 +1,96 @@
+"""Shared fixtures: holder processes driven over pipes, and session paths."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+class Holder:
+    """A fencelock holder in another process; every call waits for its answer."""
+
+    def __init__(self, session: Path, lane: str, on_contention: str, timeout: float | None):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "holder_process.py"), str(session), lane,
+             on_contention, "-" if timeout is None else str(timeout)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        ready = self._read()
+        assert ready.startswith("ready"), ready
+        self.pid = int(ready.split()[1])
+
+    def _read(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"holder process {self.proc.pid} died: {self.proc.wait()}")
+        return line.strip()
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def call(self, command: str) -> str:
+        self.send(command)
+        return self._read()
+
+    def read(self) -> str:
+        """The answer to a command sent earlier with `send`."""
+        return self._read()
+
+    def acquire(self) -> int:
+        reply = self.call("acquire")
+        assert reply.startswith("acquired"), reply
+        return int(reply.split()[1])
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        self.proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Path:
+    """A session path in a fresh directory (the file itself does not exist yet)."""
+    return tmp_path / "sessions" / "4f1c2a9e-0000-4000-8000-000000000001.jsonl"
+
+
+@pytest.fixture(autouse=True)
+def _sessions_dir(tmp_path: Path) -> None:
+    (tmp_path / "sessions").mkdir(exist_ok=True)
+
+
+@pytest.fixture
+def spawn_holder() -> Iterator[object]:
+    """Start holder processes: ``spawn_holder(session, lane="x", on_contention="wait")``."""
+    started: list[Holder] = []
+
+    def spawn(session: Path | str, lane: str = "test", on_contention: str = "wait",
+              timeout: float | None = None) -> Holder:
+        h = Holder(Path(session), lane, on_contention, timeout)
+        started.append(h)
+        return h
+
+    yield spawn
+    for h in started:
+        h.close()
+

@@ -1,0 +1,61 @@
+"""A holder in its own process, driven line by line over stdin (tests only).
+
+Prints ``ready`` once started, then answers each command with one line:
+``acquire`` -> ``acquired <token>`` or ``contended``; ``append <json>``; ``prompt``
+(enter the prompt window); ``endprompt``; ``release``; ``touch``; ``exit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from fencelock import SessionContendedError, SessionLock
+
+
+def main() -> None:
+    session, lane, on_contention = sys.argv[1], sys.argv[2], sys.argv[3]
+    timeout = float(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "-" else None
+    lock = SessionLock(session, lane, on_contention=on_contention, timeout=timeout)  # type: ignore[arg-type]
+    window = None
+    out = sys.stdout
+    out.write(f"ready {os.getpid()}\n")
+    out.flush()
+    for line in sys.stdin:
+        cmd, _, arg = line.strip().partition(" ")
+        try:
+            if cmd == "acquire":
+                info = lock.acquire()
+                reply = f"acquired {info.token}"
+            elif cmd == "append":
+                lock.append(json.loads(arg))
+                reply = "ok"
+            elif cmd == "prompt":
+                window = lock.prompt_window()
+                window.__enter__()
+                reply = "ok"
+            elif cmd == "endprompt":
+                assert window is not None
+                window.__exit__(None, None, None)
+                reply = "ok"
+            elif cmd == "touch":
+                lock.touch()
+                reply = "ok"
+            elif cmd == "release":
+                lock.release()
+                reply = "released"
+            elif cmd == "exit":
+                return
+            else:
+                reply = f"unknown {cmd}"
+        except SessionContendedError:
+            reply = "contended"
+        except Exception as e:  # reported to the test, which decides
+            reply = f"error {type(e).__name__}: {e}"
+        out.write(reply + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
