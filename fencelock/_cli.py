@@ -1,0 +1,857 @@
+"""The ``fencelock`` command line: a thin click layer over the library.
+
+Each command parses its arguments, calls the library and formats what it returns. Exit
+codes: 0 fine, 1 an error (a path that cannot be read, a corrupt record, a bad
+config), 2 usage, 3 stale holders found, 4 a live holder in the way, 5 a session
+with problems; ``run`` passes its command's own code through.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import click
+
+from fencelock import __version__
+from fencelock._config import check_file
+from fencelock._errors import FenceLockError, SessionContendedError
+from fencelock._lock import SessionLock, wait_until_unlocked
+from fencelock._probe import DEFAULT_STUCK_AFTER, HolderStatus, ProbeState, clear, probe, scan
+from fencelock._record import HolderInfo
+from fencelock._recovery import recover
+from fencelock._verify import verify
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_STALE = 3
+EXIT_CONTENDED = 4
+EXIT_PROBLEMS = 5
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+_SIDECAR_SUFFIX = ".holder"
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_MAX_CELL = 48
+
+
+# -- errors and escaping ----------------------------------------------------------
+
+
+def clean(text: str) -> str:
+    """``text`` with control characters escaped, so record text cannot drive a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape_char(c) for c in text)
+
+
+def _escape_char(c: str) -> str:
+    o = ord(c)
+    if o < 0x100:
+        return f"\\x{o:02x}"
+    return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+class CliError(click.ClickException):
+    """An expected failure: one escaped line on stderr, exit 1, no traceback."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(clean(message))
+
+
+class ContendedCliError(CliError):
+    """A live holder is in the way."""
+
+    exit_code = EXIT_CONTENDED
+
+
+class CommandNotFoundError(CliError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class CommandNotExecutableError(CliError):
+    exit_code = EXIT_NOT_EXECUTABLE
+
+
+def _os_message(e: OSError) -> str:
+    reason = e.strerror or type(e).__name__
+    return f"{os.fsdecode(e.filename)}: {reason}" if e.filename is not None else reason
+
+
+@contextmanager
+def _library_errors() -> Iterator[None]:
+    """Turn the library's expected failures into click errors with the right exit code."""
+    try:
+        yield
+    except SessionContendedError as e:
+        raise ContendedCliError(str(e)) from None
+    except FenceLockError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(_os_message(e)) from None
+
+
+def _error_line(message: str) -> None:
+    click.echo(f"Error: {clean(message)}", err=True)
+
+
+def _holder_text(holder: HolderInfo | None) -> str:
+    if holder is None:
+        return "a live holder whose record could not be read"
+    return f"pid {holder.pid} on {holder.host} (lane {holder.lane!r}, token {holder.token})"
+
+
+# -- formatting helpers -------------------------------------------------------------
+
+
+def human_age(seconds: float | None) -> str:
+    """A duration a person reads at a glance: ``42s``, ``3m07s``, ``2h05m``, ``3d04h``."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h{m:02d}m"
+    d, h = divmod(h, 24)
+    return f"{d}d{h:02d}h"
+
+
+class _PathDisplay:
+    """Paths under the working directory are shown relative to it, others absolute."""
+
+    def __init__(self) -> None:
+        try:
+            self.prefix = os.getcwd() + os.sep
+        except OSError:
+            self.prefix = "\0"  # matches no path
+
+    def __call__(self, path: str) -> str:
+        shown = path[len(self.prefix) :] if path.startswith(self.prefix) else path
+        return clean(shown)
+
+
+def _shorten(text: str, width: int = _MAX_CELL) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def status_json(st: HolderStatus, now: float) -> dict[str, Any]:
+    """The documented ``status --json`` object for one holder."""
+    rec = st.record
+    return {
+        "session": st.session,
+        "sidecar": st.sidecar,
+        "state": str(st.state),
+        "pid": rec.pid if rec else None,
+        "host": rec.host if rec else None,
+        "lane": rec.lane if rec else None,
+        "run_id": rec.run_id if rec else None,
+        "token": rec.token if rec else None,
+        "phase": str(rec.phase) if rec else None,
+        "acquired_at": rec.acquired_at if rec else None,
+        "heartbeat_at": rec.heartbeat_at if rec else None,
+        "age": round(now - rec.acquired_at, 3) if rec else None,
+        "heartbeat_age": round(now - rec.heartbeat_at, 3) if rec else None,
+        "stuck": st.stuck,
+        "owner_alive": st.owner_alive,
+        "fence_ok": st.fence_ok,
+        "reason": st.reason,
+    }
+
+
+_STATE_COLOURS = {
+    ProbeState.LIVE: "green",
+    ProbeState.STALE: "red",
+    ProbeState.UNREADABLE: "magenta",
+}
+_HEADER = ("SESSION", "STATE", "PID", "HOST", "LANE", "AGE", "HEARTBEAT", "TOKEN", "FENCE")
+
+
+def _status_cells(st: HolderStatus, now: float, show: _PathDisplay) -> list[str]:
+    rec = st.record
+    state = "live (stuck)" if st.stuck else str(st.state)
+    if rec is None:
+        return [show(st.session), state, "-", "-", "-", "-", "-", "-", "-"]
+    # A released record describes a past run: its ages would read as if it still ran.
+    past = st.state is ProbeState.FREE
+    # After a clean release anyone may write the session, so a moved fence means nothing.
+    fence = "-" if past else {True: "ok", False: "moved", None: "-"}[st.fence_ok]
+    return [
+        show(st.session),
+        state,
+        str(rec.pid),
+        _shorten(clean(rec.host), 24),
+        _shorten(clean(rec.lane)),
+        "-" if past else human_age(now - rec.acquired_at),
+        "-" if past else human_age(now - rec.heartbeat_at),
+        str(rec.token),
+        fence,
+    ]
+
+
+def status_table(rows: Sequence[HolderStatus], now: float) -> str:
+    """An aligned table, the state column coloured (click.echo strips it off a terminal)."""
+    show = _PathDisplay()
+    cells = [_status_cells(st, now, show) for st in rows]
+    widths = [len(h) for h in _HEADER]
+    for row in cells:
+        for i, cell in enumerate(row):
+            if len(cell) > widths[i]:
+                widths[i] = len(cell)
+    last = len(_HEADER) - 1
+    lines = [
+        click.style(
+            "  ".join(h.ljust(widths[i]) if i < last else h for i, h in enumerate(_HEADER)),
+            bold=True,
+        )
+    ]
+    for st, row in zip(rows, cells, strict=True):
+        parts = [c.ljust(widths[i]) if i < last else c for i, c in enumerate(row)]
+        colour = "yellow" if st.stuck else _STATE_COLOURS.get(st.state)
+        if colour:
+            parts[1] = click.style(parts[1], fg=colour, bold=st.state is ProbeState.STALE)
+        lines.append("  ".join(parts))
+    return "\n".join(lines)
+
+
+def _is_sidecar(path: str) -> bool:
+    return path.endswith(_SIDECAR_SUFFIX)
+
+
+def _nothing_at(path: str) -> bool:
+    """Neither the session file nor the sidecar ``path`` names exists."""
+    if _is_sidecar(path):
+        pair = (path, path[: -len(_SIDECAR_SUFFIX)])
+    else:
+        pair = (path, path + _SIDECAR_SUFFIX)
+    return not any(os.path.lexists(p) for p in pair)
+
+
+def _missing(st: HolderStatus) -> bool:
+    """Neither the session file nor its sidecar exists: most likely a mistyped path."""
+    return (
+        st.state is ProbeState.FREE
+        and st.record is None
+        and not os.path.lexists(st.sidecar)
+        and not os.path.lexists(st.session)
+    )
+
+
+# -- the group ------------------------------------------------------------------------
+
+_MAIN_EPILOG = """\b
+Exit codes: 0 fine, 1 error, 2 usage, 3 stale holders found (status),
+4 a live holder in the way, 5 problems found (verify); run passes its
+command's code through (127 command not found, 128+N killed by signal N).
+
+\b
+Shell completion (add to your shell's startup file):
+  bash: eval "$(_FENCELOCK_COMPLETE=bash_source fencelock)"
+  zsh:  eval "$(_FENCELOCK_COMPLETE=zsh_source fencelock)"
+  fish: _FENCELOCK_COMPLETE=fish_source fencelock | source
+"""
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=_MAIN_EPILOG,
+)
+@click.version_option(__version__, "-V", "--version", prog_name="fencelock")
+def main() -> None:
+    """Run-level holders for agent session files: see who holds what, clear stale
+    holders, and run commands while holding a session.
+
+    \b
+    Example:
+      fencelock status ~/.gateway/sessions
+    """
+
+
+# -- status ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per holder.")
+@click.option(
+    "--stuck-after",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_STUCK_AFTER,
+    show_default=True,
+    metavar="SECONDS",
+    help="Report a live holder as stuck when its heartbeat is older than this.",
+)
+def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
+    """Show the holder of each session. PATH is a session file, its .holder sidecar,
+    or a directory of sessions (default: the current directory).
+
+    Exit 0 when nothing is stale, 3 when a stale holder (owner died mid-run) is
+    found, 1 when a path cannot be read (this wins over 3).
+
+    JSON objects carry: session, sidecar, state (free, live, stale, unreadable),
+    pid, host, lane, run_id, token, phase, acquired_at, heartbeat_at, age,
+    heartbeat_age (seconds), stuck, owner_alive, fence_ok, reason.
+
+    \b
+    Example:
+      fencelock status sessions/ --stuck-after 300
+      fencelock status --json sessions/4f1c.jsonl | jq '.[].state'
+    """
+    rows: list[HolderStatus] = []
+    failed = False
+    for path in paths or (".",):
+        if os.path.isdir(path) and not _is_sidecar(path):
+            try:
+                rows.extend(scan(path, stuck_after=stuck_after))
+            except OSError as e:
+                _error_line(f"{path}: cannot list it: {e.strerror or type(e).__name__}")
+                failed = True
+            continue
+        st = probe(path, stuck_after=stuck_after)
+        if _missing(st):
+            _error_line(f"{path}: no such session file or sidecar")
+            failed = True
+            continue
+        rows.append(st)
+    now = time.time()
+    if as_json:
+        click.echo(json.dumps([status_json(st, now) for st in rows], indent=2))
+    elif rows:
+        click.echo(status_table(rows, now))
+    elif not failed:
+        click.echo("no sessions found")
+    for st in rows:
+        if st.state is ProbeState.UNREADABLE:
+            failed = True
+            if not as_json:
+                _error_line(st.reason)
+    if failed:
+        sys.exit(EXIT_ERROR)
+    if any(st.state is ProbeState.STALE for st in rows):
+        sys.exit(EXIT_STALE)
+
+
+# -- clear ------------------------------------------------------------------------------
+
+
+@dataclass
+class _ClearOutcome:
+    session: str
+    sidecar: str
+    found: str | None = None
+    record: HolderInfo | None = None
+    cleared: bool = False
+    removed: bool = False
+    set_aside: str | None = None
+    refused: bool = False
+    error: str | None = None
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        rec = self.record
+        return {
+            "session": self.session,
+            "sidecar": self.sidecar,
+            "found": self.found,
+            "pid": rec.pid if rec else None,
+            "lane": rec.lane if rec else None,
+            "token": rec.token if rec else None,
+            "cleared": self.cleared,
+            "removed": self.removed,
+            "set_aside": self.set_aside,
+            "refused": self.refused,
+            "error": self.error,
+            "reason": self.reason,
+        }
+
+
+_SET_ASIDE = "corrupt record moved to "
+
+
+def _clear_one(path: str, remove: bool, force: bool) -> _ClearOutcome:
+    try:
+        st = clear(path, remove=remove, force=force)
+    except SessionContendedError as e:
+        session = e.session
+        return _ClearOutcome(
+            session, session + _SIDECAR_SUFFIX, "live", e.holder, refused=True, reason=str(e)
+        )
+    except (FenceLockError, OSError) as e:
+        message = _os_message(e) if isinstance(e, OSError) else str(e)
+        target = os.path.abspath(path)
+        return _ClearOutcome(target, target, error=message, reason=message)
+    out = _ClearOutcome(st.session, st.sidecar, str(st.state), st.record, reason=st.reason)
+    out.cleared = st.state is ProbeState.STALE
+    # clear() says what it did only in its reason; these are its documented phrases.
+    out.removed = st.reason.endswith("sidecar removed")
+    if st.reason.startswith(_SET_ASIDE):
+        out.set_aside = st.reason[len(_SET_ASIDE) :]
+    return out
+
+
+@dataclass
+class _DirSummary:
+    directory: str
+    outcomes: list[_ClearOutcome] = field(default_factory=list)
+    live: int = 0
+
+
+def _clear_directory(directory: str, remove: bool, force: bool) -> _DirSummary:
+    summary = _DirSummary(directory)
+    for st in scan(directory):
+        if st.state is ProbeState.LIVE:
+            summary.live += 1
+            continue
+        if st.state is ProbeState.FREE and (not remove or not os.path.lexists(st.sidecar)):
+            continue
+        out = _clear_one(st.sidecar, remove, force)
+        if out.refused:
+            # Taken by a new run since the scan: it is live, not stale, so left alone.
+            summary.live += 1
+            continue
+        summary.outcomes.append(out)
+    return summary
+
+
+@main.command(name="clear")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--remove", is_flag=True, help="Also delete the sidecars of free and cleared sessions."
+)
+@click.option(
+    "--force", is_flag=True, help="Set a corrupt record aside as <sidecar>.corrupt-<time>."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of what was done.")
+def clear_command(paths: tuple[str, ...], remove: bool, force: bool, as_json: bool) -> None:
+    """Clear stale holder records (the owner died mid-run). Live holders are never
+    touched: naming one exits 4. A directory clears every stale sidecar in it and
+    leaves live ones alone. Everything happens under the sidecar's own lock.
+
+    Exit 0 done, 4 a named session has a live holder, 1 an error (corrupt or unsafe
+    sidecar, missing path); 1 wins over 4.
+
+    JSON objects carry: session, sidecar, found (the state found), pid, lane,
+    token, cleared, removed, set_aside, refused, error, reason.
+
+    \b
+    Example:
+      fencelock clear sessions/4f1c.jsonl
+      fencelock clear --remove sessions/
+    """
+    show = _PathDisplay()
+    report: list[_ClearOutcome] = []
+    refused = failed = False
+    for path in paths:
+        if os.path.isdir(path) and not _is_sidecar(path):
+            try:
+                summary = _clear_directory(path, remove, force)
+            except OSError as e:
+                _error_line(f"{path}: cannot list it: {e.strerror or type(e).__name__}")
+                failed = True
+                continue
+            outcomes = summary.outcomes
+            if not as_json:
+                done = sum(o.cleared for o in outcomes)
+                gone = sum(o.removed for o in outcomes)
+                text = f"{clean(path)}: cleared {done} stale, left {summary.live} live alone"
+                click.echo(text + (f", removed {gone} sidecars" if remove else ""))
+        else:
+            if _nothing_at(path):
+                _error_line(f"{path}: no such session file or sidecar")
+                failed = True
+                continue
+            outcomes = [_clear_one(path, remove, force)]
+        for out in outcomes:
+            report.append(out)
+            refused |= out.refused
+            if out.error is not None:
+                failed = True
+                _error_line(out.error)
+            elif out.refused:
+                _error_line(f"{out.session}: not cleared: held by {_holder_text(out.record)}")
+            elif not as_json:
+                click.echo(f"{show(out.session)}: {clean(out.reason)}")
+    if as_json:
+        click.echo(json.dumps([o.to_json() for o in report], indent=2))
+    if failed:
+        sys.exit(EXIT_ERROR)
+    if refused:
+        sys.exit(EXIT_CONTENDED)
+
+
+# -- run --------------------------------------------------------------------------------
+
+
+def _in_terminal_foreground() -> bool:
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class _SignalForwarder:
+    """Passes SIGINT, SIGTERM and SIGHUP on to the command, so the hold outlives it."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pending: list[int] = []
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in _FORWARDED}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.proc is None:
+            self.pending.append(signum)
+            return
+        # Ctrl-C goes to the whole foreground process group, the command included;
+        # a second copy could interrupt the command's own clean-up.
+        if signum == signal.SIGINT and _in_terminal_foreground():
+            return
+        self.proc.send_signal(signum)
+
+    def attach(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        for sig in self.pending:
+            proc.send_signal(sig)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class _Heartbeat:
+    """Refreshes the record's heartbeat while the command runs, so it is not 'stuck'."""
+
+    def __init__(self, lock: SessionLock, every: float) -> None:
+        self.lock = lock
+        self.every = every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="fencelock-heartbeat", daemon=True)
+        if every > 0:
+            self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                self.lock.touch()
+            except (FenceLockError, OSError) as e:
+                _error_line(f"heartbeat not refreshed: {e}")
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
+def _spawn(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    name = command[0]
+    try:
+        # close_fds keeps every descriptor but stdio out of the command; the sidecar's
+        # is also O_CLOEXEC, so the command can never hold or drop the lock itself.
+        return subprocess.Popen(list(command), env=env, close_fds=True)
+    except FileNotFoundError:
+        raise CommandNotFoundError(f"{name}: command not found") from None
+    except PermissionError:
+        raise CommandNotExecutableError(f"{name}: permission denied") from None
+    except OSError as e:
+        raise CommandNotExecutableError(f"{name}: cannot run it: {e.strerror}") from None
+
+
+def _run_held(lock: SessionLock, info: HolderInfo, command: Sequence[str], beat: float) -> int:
+    env = dict(os.environ)
+    env.update(
+        FENCELOCK_SESSION=lock.session,
+        FENCELOCK_LANE=lock.lane,
+        FENCELOCK_TOKEN=str(info.token),
+        FENCELOCK_RUN_ID=info.run_id,
+    )
+    forwarder = _SignalForwarder()
+    try:
+        if forwarder.pending:
+            return 128 + forwarder.pending[0]
+        proc = _spawn(command, env)
+        forwarder.attach(proc)
+        heartbeat = _Heartbeat(lock, beat)
+        try:
+            code = proc.wait()
+        finally:
+            heartbeat.close()
+    finally:
+        forwarder.restore()
+    return 128 - code if code < 0 else code
+
+
+@main.command()
+@click.argument("session", type=click.Path())
+@click.option("--lane", required=True, help="The lane name recorded in the holder record.")
+@click.option("--no-wait", "-n", is_flag=True, help="Exit 4 at once if the session is held.")
+@click.option(
+    "--timeout",
+    "-w",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Give up (exit 4) after waiting this long for the holder.",
+)
+@click.option(
+    "--heartbeat",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Refresh the record's heartbeat this often while COMMAND runs; 0 never.",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(
+    session: str,
+    lane: str,
+    no_wait: bool,
+    timeout: float | None,
+    heartbeat: float,
+    command: tuple[str, ...],
+) -> None:
+    """Hold SESSION while COMMAND runs, like flock(1). Put `--` before COMMAND.
+
+    Exits with COMMAND's exit code (128+N when it was killed by signal N, 127 when
+    it was not found), or 4 when the session is held by a live run (with --no-wait,
+    or after --timeout); the holder is named on stderr. COMMAND gets
+    FENCELOCK_SESSION, FENCELOCK_LANE, FENCELOCK_TOKEN and FENCELOCK_RUN_ID in its
+    environment. SIGINT, SIGTERM and SIGHUP are passed on to COMMAND (Ctrl-C on a
+    terminal already reaches it), and the session is released once COMMAND ends.
+
+    \b
+    Example:
+      fencelock run sessions/4f1c.jsonl --lane cron:nightly --timeout 30 -- ./job.sh
+    """
+    lock = SessionLock(session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout)
+    try:
+        with _library_errors():
+            info = lock.acquire()
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+    try:
+        code = _run_held(lock, info, command, heartbeat)
+    finally:
+        try:
+            lock.release()
+        except (FenceLockError, OSError) as e:
+            _error_line(f"{lock.session}: release: {e}")
+    sys.exit(code)
+
+
+# -- wait -------------------------------------------------------------------------------
+
+
+def _progress(session: str, since: float) -> str:
+    st = probe(session)
+    rec = st.record
+    who = "a holder" if rec is None else f"pid {rec.pid} (lane {rec.lane!r})"
+    held = "" if rec is None else f", held for {human_age(time.time() - rec.acquired_at)}"
+    line = clean(
+        f"waiting for {session}: {who}{held}; waited {human_age(time.monotonic() - since)}"
+    )
+    width = shutil.get_terminal_size().columns - 1
+    return _shorten(line, max(width, 20))
+
+
+def _wait_with_progress(session: str, sidecar: str, timeout: float | None) -> bool:
+    """Wait in a helper thread (one, however long it takes) and redraw a status line."""
+    result: list[bool] = []
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def waiter() -> None:
+        try:
+            result.append(wait_until_unlocked(sidecar, timeout))
+        except BaseException as e:  # handed to the main thread
+            failure.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=waiter, name="fencelock-wait", daemon=True).start()
+    start = time.monotonic()
+    try:
+        while not done.wait(1.0):
+            click.echo("\r\x1b[K" + _progress(session, start), nl=False, err=True)
+    finally:
+        click.echo("\r\x1b[K", nl=False, err=True)
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+@main.command()
+@click.argument("session", type=click.Path())
+@click.option(
+    "--timeout",
+    "-w",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Give up (exit 4) after this long. Default: wait for ever.",
+)
+def wait(session: str, timeout: float | None) -> None:
+    """Wait until SESSION has no live holder. Exit 0 when free (or stale), 4 when
+    --timeout passes first, naming the holder. On a terminal a progress line shows
+    who holds it and for how long.
+
+    \b
+    Example:
+      fencelock wait sessions/4f1c.jsonl --timeout 120 && ./reply.sh
+    """
+    with _library_errors():
+        st = probe(session)
+        if st.state is ProbeState.UNREADABLE:
+            raise CliError(st.reason)
+        if st.state is not ProbeState.LIVE:
+            return
+        try:
+            if sys.stderr.isatty():
+                free = _wait_with_progress(st.session, st.sidecar, timeout)
+            else:
+                free = wait_until_unlocked(st.sidecar, timeout)
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+        if not free:
+            holder = probe(session).record
+            raise ContendedCliError(
+                f"{st.session}: still held by {_holder_text(holder)} after {timeout:g}s"
+            )
+
+
+# -- recover ----------------------------------------------------------------------------
+
+
+@main.command(name="recover")
+@click.argument("session", type=click.Path())
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for a live holder to let go.",
+)
+@click.option("--no-fresh", is_flag=True, help="Exit 4 instead of starting a fresh session.")
+@click.option("--lane", default="recovery", show_default=True, help="Lane of a fresh session.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was decided as JSON.")
+def recover_command(session: str, wait_s: float, no_fresh: bool, lane: str, as_json: bool) -> None:
+    """The safe stuck-session recovery step: never re-fire on a session a run still
+    holds. Prints the session to use: SESSION itself when it is free (a stale record
+    is cleared), or a fresh session beside it carrying the old transcript's complete
+    lines. Exit 0, or 4 when still held and --no-fresh.
+
+    JSON: action (refire or fresh), session, original, waited, carried_lines,
+    holder (a status object).
+
+    \b
+    Example:
+      next=$(fencelock recover sessions/4f1c.jsonl --wait 10)
+    """
+    with _library_errors():
+        r = recover(session, wait=wait_s, fresh=not no_fresh, lane=lane)
+    if as_json:
+        obj = {
+            "action": str(r.action),
+            "session": r.session,
+            "original": r.holder.session,
+            "waited": round(r.waited, 3),
+            "carried_lines": r.carried_lines,
+            "holder": status_json(r.holder, time.time()),
+        }
+        click.echo(json.dumps(obj, indent=2))
+    else:
+        click.echo(clean(r.session))
+
+
+# -- verify -----------------------------------------------------------------------------
+
+
+@main.command(name="verify")
+@click.argument("session", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify_command(session: str, as_json: bool) -> None:
+    """Check SESSION's lines: torn lines (not JSON, or no final line break) and
+    fencing tokens that went backwards (a write by a run that had lost the session).
+    Exit 0 clean, 5 problems found, 1 unreadable.
+
+    JSON: session, lines, stamped, max_token, ok, problems (line, kind, detail).
+
+    \b
+    Example:
+      fencelock verify sessions/4f1c.jsonl
+    """
+    with _library_errors():
+        report = verify(session)
+    if as_json:
+        obj = {
+            "session": report.session,
+            "lines": report.lines,
+            "stamped": report.stamped,
+            "max_token": report.max_token,
+            "ok": report.ok,
+            "problems": [
+                {"line": p.line, "kind": p.kind, "detail": p.detail} for p in report.problems
+            ],
+        }
+        click.echo(json.dumps(obj, indent=2))
+    else:
+        name = clean(session)
+        for p in report.problems:
+            click.echo(f"{name}:{p.line}: {p.kind}: {clean(p.detail)}")
+        verdict = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+        click.echo(
+            f"{name}: {report.lines} lines, {report.stamped} stamped, "
+            f"max token {report.max_token}: {verdict}"
+        )
+    if not report.ok:
+        sys.exit(EXIT_PROBLEMS)
+
+
+# -- check-config -----------------------------------------------------------------------
+
+
+@main.command(name="check-config")
+@click.argument("file", type=click.Path())
+@click.option("--strict", is_flag=True, help="Exit 1 when there are warnings.")
+def check_config(file: str, strict: bool) -> None:
+    """Warn for each agent whose heartbeat is not `isolatedSession: true` in a
+    gateway config (JSON or JSON5): its heartbeat lane then shares the session file
+    with the channel and direct lanes. Each agent's heartbeat inherits
+    agents.defaults.heartbeat; disabled heartbeats are not warned about.
+    Exit 0 (1 with --strict and warnings), 1 for an unreadable or malformed file.
+
+    \b
+    Example:
+      fencelock check-config ~/.openclaw/openclaw.json --strict
+    """
+    with _library_errors():
+        warnings = check_file(file)
+    name = clean(file)
+    for w in warnings:
+        click.echo(f"{name}: warning: {clean(w.message)}")
+    if not warnings:
+        click.echo(f"{name}: ok: every agent heartbeat is isolated or off")
+    elif strict:
+        raise CliError(f"{file}: {len(warnings)} warning(s) and --strict")

@@ -1,0 +1,206 @@
+"""Checking an agent gateway config for heartbeats that share the session file (seed, Part C).
+
+An agent whose heartbeat is not ``isolatedSession: true`` runs its heartbeat lane on the
+same session file as its channel and direct lanes, which is where takeovers come from.
+This module only parses and reports; the command line formats what it returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from fencelock._errors import FenceLockError
+
+WHY = (
+    "its heartbeat runs on the same session file as the channel and direct lanes, "
+    "so heartbeat runs and conversation runs contend for it "
+    "(set heartbeat.isolatedSession: true)"
+)
+
+_JSON5_POS = re.compile(r"^<string>:(\d+) (.*) at column (\d+)$", re.DOTALL)
+_ZERO_DURATION = re.compile(r"^\s*0+(?:\.0*)?\s*[a-zA-Z]*\s*$")
+
+
+class ConfigError(FenceLockError):
+    """The config cannot be read, parsed, or has a shape this check cannot interpret."""
+
+    def __init__(self, path: str, why: str, line: int | None = None, column: int | None = None):
+        self.path = path
+        self.why = why
+        self.line = line
+        self.column = column
+        where = f"{path}:{line}:{column}" if line is not None else path
+        super().__init__(f"{where}: {why}")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigWarning:
+    """One agent whose effective heartbeat shares the session file."""
+
+    agent: str
+    where: str
+    """JSON path of the agent entry, e.g. ``agents.list[0]`` or ``agents.list.main``."""
+    isolated: object
+    """The effective ``isolatedSession`` value (None when unset)."""
+    inherited: bool
+    """Whether that value (or its absence) comes from ``agents.defaults.heartbeat``."""
+
+    @property
+    def problem(self) -> str:
+        if self.isolated is None:
+            what = "heartbeat.isolatedSession is not set"
+        else:
+            what = f"heartbeat.isolatedSession is {json.dumps(self.isolated)}, not true"
+        if self.inherited:
+            what += " (inherited from agents.defaults.heartbeat)"
+        return what
+
+    @property
+    def message(self) -> str:
+        return f"agent {self.agent!r} ({self.where}): {self.problem}; {WHY}"
+
+
+def parse(text: str, path: str = "<config>") -> Any:
+    """Parse JSON, or JSON5 when plain JSON fails (comments, trailing commas, bare keys)."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        first = e
+    except RecursionError:
+        raise ConfigError(path, "nested too deeply") from None
+    import json5  # only configs that are not plain JSON pay for it
+
+    try:
+        return json5.loads(text)
+    except RecursionError:
+        raise ConfigError(path, "nested too deeply") from None
+    except ValueError as e:
+        m = _JSON5_POS.match(str(e))
+        if m:
+            raise ConfigError(
+                path, f"not valid JSON5: {m.group(2)}", int(m.group(1)), int(m.group(3))
+            ) from None
+        if not text.strip():
+            raise ConfigError(path, "the file is empty") from None
+        raise ConfigError(
+            path, f"not valid JSON or JSON5: {first.msg}", first.lineno, first.colno
+        ) from None
+
+
+def load(path: str | os.PathLike[str]) -> Any:
+    """Read and parse a config file; `ConfigError` naming the file for anything wrong."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(name, f"cannot read it: {e.strerror or type(e).__name__}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(name, f"not UTF-8 text (bad byte at offset {e.start})") from None
+    return parse(text, name)
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _heartbeat(value: object, where: str, path: str) -> dict[str, Any] | bool | None:
+    """A heartbeat setting as written: an object, True/False, or None (inherit)."""
+    if value is None or isinstance(value, (bool, dict)):
+        return value
+    raise ConfigError(path, f"{where} is {_kind(value)}, expected an object")
+
+
+def _disabled(hb: dict[str, Any]) -> bool:
+    if hb.get("enabled") is False:
+        return True
+    every = hb.get("every")
+    if isinstance(every, bool):
+        return False
+    if isinstance(every, (int, float)):
+        return every == 0
+    return isinstance(every, str) and bool(_ZERO_DURATION.match(every))
+
+
+def _agents(agents: dict[str, Any], path: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(name, where, entry) for each agent in ``agents.list``, in file order."""
+    listed = agents.get("list")
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    if listed is None:
+        return out
+    if isinstance(listed, list):
+        for i, entry in enumerate(listed):
+            where = f"agents.list[{i}]"
+            if not isinstance(entry, dict):
+                raise ConfigError(path, f"{where} is {_kind(entry)}, expected an agent object")
+            agent_id = entry.get("id")
+            out.append((agent_id if isinstance(agent_id, str) else where, where, entry))
+    elif isinstance(listed, dict):
+        for agent_id, entry in listed.items():
+            where = f"agents.list.{agent_id}"
+            if entry is None:
+                entry = {}
+            if not isinstance(entry, dict):
+                raise ConfigError(path, f"{where} is {_kind(entry)}, expected an agent object")
+            out.append((agent_id, where, entry))
+    else:
+        raise ConfigError(path, f"agents.list is {_kind(listed)}, expected an array or an object")
+    return out
+
+
+def check(config: object, path: str = "<config>") -> list[ConfigWarning]:
+    """One warning per agent whose effective heartbeat is enabled and not isolated."""
+    if not isinstance(config, dict):
+        raise ConfigError(path, f"the top level is {_kind(config)}, expected an object")
+    agents = config.get("agents")
+    if agents is None:
+        return []
+    if not isinstance(agents, dict):
+        raise ConfigError(path, f"agents is {_kind(agents)}, expected an object")
+    defaults = agents.get("defaults")
+    if defaults is None:
+        defaults = {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(path, f"agents.defaults is {_kind(defaults)}, expected an object")
+    base = _heartbeat(defaults.get("heartbeat"), "agents.defaults.heartbeat", path)
+    warnings: list[ConfigWarning] = []
+    for name, where, entry in _agents(agents, path):
+        own = _heartbeat(entry.get("heartbeat"), f"{where}.heartbeat", path)
+        if own is False or (own is None and base in (None, False)):
+            continue  # switched off, or no heartbeat at all: nothing shares the file
+        merged: dict[str, Any] = dict(base) if isinstance(base, dict) else {}
+        if isinstance(own, dict):
+            merged.update(own)
+        if _disabled(merged):
+            continue
+        isolated = merged.get("isolatedSession")
+        if isolated is True:
+            continue
+        own_sets = isinstance(own, dict) and "isolatedSession" in own
+        inherited = not own_sets and isinstance(base, dict) and "isolatedSession" in base
+        warnings.append(ConfigWarning(name, where, isolated, inherited))
+    return warnings
+
+
+def check_file(path: str | os.PathLike[str]) -> list[ConfigWarning]:
+    """`load` then `check`."""
+    name = os.fspath(path)
+    return check(load(name), name)
