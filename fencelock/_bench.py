@@ -1,0 +1,1067 @@
+"""The benchmark behind ``bin/fencelock-bench``: fencelock against its peers.
+
+Peers are raw ``flock(2)`` syscalls, ``filelock.FileLock`` and ``portalocker.Lock``
+doing the same work. Figures: the uncontended cycle, hand-off latency to a waiter in
+another process, contended appends, a probe scan, cold start of the command, and how
+cycle and scan costs grow. Every ratio is fencelock's cost divided by the peer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import functools
+import gc
+import importlib.util
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any, Protocol
+
+import portalocker
+
+import fencelock
+from fencelock import _fence
+
+try:
+    import filelock
+except ImportError:  # the optional "bench" extra
+    filelock = None  # type: ignore[assignment]
+
+PEERS = ("raw", "filelock", "portalocker")
+SECTIONS = ("cycle", "handoff", "appends", "scan", "cold", "scaling")
+
+_CTX = multiprocessing.get_context("fork")
+_RAW_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+_PAD = "x" * 60
+
+
+# -- sizes ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each figure does; ``full`` is what the goals are judged on."""
+
+    name: str
+    cycles: int
+    handoffs: int
+    handoffs_polling: int
+    writers: int
+    turns: int
+    scan_sessions: int
+    scan_repeats: int
+    cold_runs: int
+    session_counts: tuple[int, ...]
+    process_counts: tuple[int, ...]
+    contended_cycles: int
+    hold_before_release: float
+    judge: bool
+
+
+FULL = Sizes("full", 5000, 200, 50, 4, 1000, 10_000, 3, 10, (1, 100, 10_000), (1, 2, 4, 8),
+             500, 0.005, True)
+QUICK = Sizes("quick", 1000, 30, 8, 4, 150, 2000, 2, 3, (1, 100, 2000), (1, 2, 4), 150,
+              0.003, False)
+SMOKE = Sizes("smoke", 100, 5, 3, 2, 20, 60, 1, 1, (1, 20), (1, 2), 20, 0.002, False)
+
+
+# -- results -------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One figure: fencelock's value, each peer's, and the cost ratios."""
+
+    id: str
+    section: str
+    figure: str
+    unit: str
+    fencelock: float | None
+    peers: dict[str, float | None]
+    lower_is_better: bool = True
+    note: str = ""
+    ratios: dict[str, float | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for peer, value in self.peers.items():
+            f = self.fencelock
+            if f is None or value is None or f <= 0 or value <= 0:
+                self.ratios[peer] = None
+            else:
+                self.ratios[peer] = f / value if self.lower_is_better else value / f
+
+
+@dataclass
+class Goal:
+    id: str
+    text: str
+    value: str
+    met: bool | None
+
+
+@dataclass
+class Report:
+    mode: str
+    machine: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    goals: list[Goal] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, row_id: str) -> Row | None:
+        return next((r for r in self.rows if r.id == row_id), None)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.get("ok", True) for c in self._all_checks())
+
+    def _all_checks(self) -> Iterator[dict[str, Any]]:
+        for value in self.checks.values():
+            if isinstance(value, list):
+                yield from value
+            elif isinstance(value, dict):
+                yield value
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "machine": self.machine,
+            "ratio": "fencelock cost / peer cost (below 1: fencelock is cheaper)",
+            "rows": [asdict(r) for r in self.rows],
+            "goals": [asdict(g) for g in self.goals],
+            "checks": self.checks,
+            "skipped": self.skipped,
+            "notes": self.notes,
+            "ok": self.ok,
+        }
+
+
+def _progress(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(f"  .. {text}", file=sys.stderr, flush=True)
+
+
+# -- the machine ---------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _fs_type(directory: str) -> str:
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return "unknown"
+    target = os.path.realpath(directory)
+    best, best_type = -1, "unknown"
+    for parts in mounts:
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > best:
+            best, best_type = len(point), parts[2]
+    return best_type
+
+
+def machine(directory: str) -> dict[str, Any]:
+    """What the figures were measured on."""
+    versions = {"fencelock": fencelock.__version__, "portalocker": _version("portalocker")}
+    versions["filelock"] = _version("filelock") if filelock is not None else "not installed"
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count() or 0,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "temp_dir": directory,
+        "filesystem": _fs_type(directory),
+        "versions": versions,
+    }
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# -- the peers -----------------------------------------------------------------------
+
+
+class Locker(Protocol):
+    def acquire(self) -> None: ...
+    def release(self) -> None: ...
+
+
+def _record_bytes(path: str) -> bytes:
+    """A record the size of fencelock's, for peers that write one."""
+    now = time.time()
+    record = {
+        "version": 1, "state": "held", "session": path, "pid": os.getpid(),
+        "host": platform.node(), "process_start": "123456@00000000-0000-0000-0000-000000000000"
+        "@4026531836", "lane": "bench", "run_id": "0123456789ab-1", "token": 1,
+        "acquired_at": now, "heartbeat_at": now, "phase": "write",
+        "fingerprint": {"dev": 1, "ino": 2, "size": 3, "mtime_ns": 4, "ctime_ns": 5},
+        "previous": None, "fence": "stat",
+    }
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+class RawLock:
+    """The protocol in bare syscalls: open, flock, inode check, pwrite record / unlock, close."""
+
+    def __init__(self, path: str, record: bytes | None) -> None:
+        self.path = path
+        self.record = record
+        self.fd = -1
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, _RAW_FLAGS, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                st = os.fstat(fd)
+                now = os.lstat(self.path)
+            except BaseException:
+                os.close(fd)
+                raise
+            if st.st_ino == now.st_ino and st.st_dev == now.st_dev:
+                break
+            os.close(fd)
+        if self.record is not None:
+            os.pwrite(fd, self.record, 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class FileLockPeer:
+    """``filelock.FileLock``, blocking acquire (it polls every ``poll_interval``, 0.05 s)."""
+
+    def __init__(self, path: str, record: bytes | None) -> None:
+        assert filelock is not None
+        hook: Callable[[int], None] | None = None
+        if record is not None:
+            data = record
+
+            def hook(fd: int) -> None:
+                os.pwrite(fd, data, 0)
+
+        self.lock = filelock.FileLock(path, on_acquired=hook)
+
+    def acquire(self) -> None:
+        self.lock.acquire()
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+class PortalockerPeer:
+    """``portalocker.Lock``: default flags poll every ``check_interval`` (0.25 s);
+    ``blocking=True`` passes ``LockFlags.EXCLUSIVE`` so the wait sleeps in the kernel."""
+
+    def __init__(self, path: str, record: bytes | None, blocking: bool = False) -> None:
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        self.record = record
+        flags = portalocker.LockFlags.EXCLUSIVE
+        if not blocking:
+            flags |= portalocker.LockFlags.NON_BLOCKING
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # "r+b", not the default "a": pwrite on an O_APPEND descriptor appends on Linux.
+            self.lock = portalocker.Lock(path, "r+b", timeout=60, flags=flags)
+
+    def acquire(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fh = self.lock.acquire()
+        if self.record is not None:
+            os.pwrite(fh.fileno(), self.record, 0)
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+class FenceLockPeer:
+    """fencelock's `SessionLock` (``on_contention="wait"``); ``path`` is the session."""
+
+    def __init__(self, path: str, record: bytes | None = None, lane: str = "bench") -> None:
+        self.lock = fencelock.SessionLock(path, lane=lane, on_contention="wait")
+
+    def acquire(self) -> None:
+        self.lock.acquire()
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+def make_locker(peer: str, path: str, record: bool = True) -> Locker:
+    """A locker for ``peer`` on ``path`` (a lock file; for fencelock the session file)."""
+    data = _record_bytes(path) if record else None
+    if peer == "raw":
+        return RawLock(path, data)
+    if peer == "filelock":
+        return FileLockPeer(path, data)
+    if peer == "portalocker":
+        return PortalockerPeer(path, data)
+    if peer == "portalocker-blocking":
+        return PortalockerPeer(path, data, blocking=True)
+    if peer == "fencelock":
+        return FenceLockPeer(path)
+    raise ValueError(f"unknown peer {peer!r}")
+
+
+def _available(peer: str) -> bool:
+    return filelock is not None or peer != "filelock"
+
+
+def _lock_path(base: Path, peer: str) -> str:
+    d = base / peer
+    d.mkdir(parents=True, exist_ok=True)
+    return str(d / ("s.jsonl" if peer == "fencelock" else "s.lock"))
+
+
+# -- 1. uncontended cycle ------------------------------------------------------------
+
+
+def _time_per_call(fn: Callable[[], None], n: int, batches: int = 5) -> float:
+    """Median over batches of the mean time per call, in microseconds."""
+    for _ in range(max(10, n // 20)):
+        fn()
+    per = max(1, n // batches)
+    means = []
+    for _ in range(batches):
+        start = time.perf_counter_ns()
+        for _ in range(per):
+            fn()
+        means.append((time.perf_counter_ns() - start) / per / 1000)
+    return statistics.median(means)
+
+
+def _cycle_fn(peer: str, path: str, fresh: bool) -> Callable[[], None]:
+    if fresh:
+
+        def cycle() -> None:
+            lock = make_locker(peer, path)
+            lock.acquire()
+            lock.release()
+
+        return cycle
+    lock = make_locker(peer, path)
+
+    def reuse() -> None:
+        lock.acquire()
+        lock.release()
+
+    return reuse
+
+
+def bench_cycle(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
+    rows = []
+    for fresh in (False, True):
+        values: dict[str, float | None] = {}
+        for peer in ("fencelock", *PEERS):
+            if not _available(peer):
+                values[peer] = None
+                continue
+            _progress(quiet, f"cycle {'fresh' if fresh else 'reused'}: {peer}")
+            values[peer] = _time_per_call(_cycle_fn(peer, _lock_path(base, peer), fresh),
+                                          sizes.cycles)
+        kind = "fresh object each cycle" if fresh else "one object reused"
+        rows.append(Row(
+            f"cycle.{'fresh' if fresh else 'reused'}", "cycle",
+            f"uncontended acquire+release, {kind}", "us", values.pop("fencelock"), values,
+            note="every peer writes a record of fencelock's size on acquire",
+        ))
+    return rows
+
+
+# -- 2. hand-off latency -------------------------------------------------------------
+
+
+def _handoff_waiter(peer: str, path: str, rounds: int, conn: Connection) -> None:
+    lock = make_locker(peer, path)
+    for _ in range(rounds):
+        conn.recv()  # the holder holds the lock now
+        conn.send("waiting")
+        lock.acquire()
+        got = time.monotonic_ns()
+        lock.release()
+        conn.send(got)
+    conn.close()
+
+
+def handoff_latencies(peer: str, path: str, rounds: int, hold: float) -> list[float]:
+    """Milliseconds from the holder's release to the blocked waiter's acquire."""
+    lock = make_locker(peer, path)
+    here, there = _CTX.Pipe()
+    child = _CTX.Process(target=_handoff_waiter, args=(peer, path, rounds, there), daemon=True)
+    child.start()
+    there.close()
+    out = []
+    try:
+        for _ in range(rounds):
+            lock.acquire()
+            here.send("held")
+            here.recv()
+            time.sleep(hold)  # let the waiter reach its blocking call
+            released = time.monotonic_ns()
+            lock.release()
+            got = here.recv()
+            out.append((got - released) / 1e6)
+    finally:
+        here.close()
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    return out
+
+
+def _p99(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
+    med: dict[str, float | None] = {}
+    p99: dict[str, float | None] = {}
+    counts = {}
+    for peer in ("fencelock", "raw", "filelock", "portalocker", "portalocker-blocking"):
+        if not _available(peer):
+            med[peer] = p99[peer] = None
+            continue
+        polling = peer in ("filelock", "portalocker")
+        rounds = sizes.handoffs_polling if polling else sizes.handoffs
+        _progress(quiet, f"hand-off: {peer} x{rounds}")
+        lat = handoff_latencies(peer, _lock_path(base / "handoff", peer), rounds,
+                                sizes.hold_before_release)
+        med[peer], p99[peer], counts[peer] = statistics.median(lat), _p99(lat), rounds
+    pb_med, pb_p99 = med.pop("portalocker-blocking"), p99.pop("portalocker-blocking")
+    f_med, f_p99 = med.pop("fencelock"), p99.pop("fencelock")
+    how = ", ".join(f"{k} {v}" for k, v in counts.items())
+    note = ("filelock polls every 0.05 s; portalocker's default flags poll every 0.25 s "
+            f"(check_interval); hand-offs: {how}")
+    blocking = "" if pb_p99 is None else f"portalocker blocking p99 {pb_p99:.3f} ms"
+    return [
+        Row("handoff.median", "handoff", "hand-off to a blocked waiter, median", "ms",
+            f_med, med, note=note),
+        Row("handoff.p99", "handoff", "hand-off to a blocked waiter, p99", "ms",
+            f_p99, p99, note=note),
+        Row("handoff.median.blocking", "handoff",
+            "hand-off median vs portalocker flags=EXCLUSIVE (kernel wait)", "ms",
+            f_med, {"portalocker": pb_med}, note=blocking),
+    ]
+
+
+# -- 3. contended appends ------------------------------------------------------------
+
+
+def _run_workers(target: Callable[..., None], argsets: list[tuple[Any, ...]]) -> float:
+    """Run one process per argset, started together; seconds until the last finished."""
+    barrier = _CTX.Barrier(len(argsets) + 1)
+    pipes = []
+    procs = []
+    for args in argsets:
+        here, there = _CTX.Pipe(duplex=False)
+        proc = _CTX.Process(target=target, args=(barrier, there, *args), daemon=True)
+        proc.start()
+        there.close()
+        pipes.append(here)
+        procs.append(proc)
+    barrier.wait()
+    spans = []
+    for here, proc in zip(pipes, procs, strict=True):
+        try:
+            spans.append(here.recv())
+        except EOFError:
+            raise RuntimeError(f"bench worker {proc.pid} died (exit {proc.exitcode})") from None
+        proc.join()
+    # Each worker times itself from the barrier: the parent may be scheduled late.
+    return float(max(end for _, end in spans) - min(start for start, _ in spans))
+
+
+def _append_worker(
+    barrier: Barrier, conn: Connection, peer: str, session: str, lockpath: str, writer: int,
+    turns: int, fsync: bool,
+) -> None:
+    gc.collect()
+    if peer == "fencelock":
+        if not fsync:
+            _fence._fsync = _no_fsync  # no public knob: see the notes
+        lock = fencelock.SessionLock(session, lane=f"writer-{writer}")
+        barrier.wait()
+        start = time.monotonic()
+        for seq in range(turns):
+            with lock:
+                lock.append({"w": writer, "seq": seq, "pad": _PAD})
+    else:
+        locker = make_locker(peer, lockpath, record=False)
+        barrier.wait()
+        start = time.monotonic()
+        for seq in range(turns):
+            line = json.dumps({"w": writer, "seq": seq, "pad": _PAD},
+                              separators=(",", ":")).encode() + b"\n"
+            locker.acquire()
+            try:
+                fd = os.open(session, _APPEND_FLAGS, 0o600)
+                try:
+                    view = memoryview(line)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    if fsync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+            finally:
+                locker.release()
+    conn.send((start, time.monotonic()))
+    conn.close()
+
+
+def _no_fsync(fd: object) -> None:
+    return None
+
+
+def check_lines(session: str, writers: int, turns: int) -> dict[str, Any]:
+    """No line lost, none interleaved: every line parses, every writer's seqs are complete."""
+    problems: list[str] = []
+    seen: dict[int, list[int]] = {w: [] for w in range(writers)}
+    count = 0
+    with open(session, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        problems.append("the file does not end with a line break")
+    for number, raw in enumerate(data.splitlines(), 1):
+        count += 1
+        try:
+            entry = json.loads(raw)
+            seen[int(entry["w"])].append(int(entry["seq"]))
+        except (ValueError, KeyError, TypeError):
+            if len(problems) < 5:
+                problems.append(f"line {number} is not one whole entry: {raw[:80]!r}")
+    for w, seqs in seen.items():
+        if seqs != list(range(turns)):
+            problems.append(f"writer {w}: {len(seqs)} lines, sequence not 0..{turns - 1} in order")
+    return {"lines": count, "expected": writers * turns, "ok": not problems and
+            count == writers * turns, "problems": problems}
+
+
+def bench_appends(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Row]:
+    rows = []
+    checks = []
+    for fsync in (True, False):
+        values: dict[str, float | None] = {}
+        for peer in ("fencelock", "raw", "filelock", "portalocker-blocking"):
+            if not _available(peer):
+                values[peer] = None
+                continue
+            _progress(quiet, f"appends {'with' if fsync else 'without'} fsync: {peer}")
+            d = base / f"appends-{int(fsync)}" / peer
+            d.mkdir(parents=True)
+            session, lockpath = str(d / "s.jsonl"), str(d / "s.lock")
+            elapsed = _run_workers(_append_worker, [
+                (peer, session, lockpath, w, sizes.turns, fsync) for w in range(sizes.writers)
+            ])
+            values[peer] = sizes.writers * sizes.turns / elapsed
+            check = check_lines(session, sizes.writers, sizes.turns)
+            checks.append({"peer": peer, "fsync": fsync, **check})
+        values["portalocker"] = values.pop("portalocker-blocking")
+        note = "portalocker with flags=EXCLUSIVE (kernel wait); peers write no record"
+        if not fsync:
+            note += ("; fencelock has no public no-fsync knob: measured with its internal "
+                     "fsync seam (_fence._fsync) stubbed out")
+        rows.append(Row(
+            f"appends.{'fsync' if fsync else 'nofsync'}", "appends",
+            f"{sizes.writers} procs x {sizes.turns} fenced appends, "
+            f"{'with' if fsync else 'without'} fsync", "turns/s",
+            values.pop("fencelock"), values, lower_is_better=False, note=note,
+        ))
+    report.checks["appends"] = checks
+    return rows
+
+
+# -- 4. probe scan -------------------------------------------------------------------
+
+
+def _make_stale(sessions: list[str]) -> None:
+    for s in sessions:
+        fencelock.SessionLock(s, lane="crashed").acquire()
+    os._exit(0)  # die holding: the kernel drops the locks, the records say "held"
+
+
+def _live_helper(sessions: list[str], conn: Connection) -> None:
+    locks = [fencelock.SessionLock(s, lane="live") for s in sessions]
+    for lock in locks:
+        lock.acquire()
+    conn.send("ready")
+    with contextlib.suppress(EOFError):
+        conn.recv()
+    for lock in locks:
+        lock.release()
+
+
+@dataclass
+class ScanDir:
+    path: Path
+    expected: dict[str, int]
+    helper: Any = None
+    conn: Connection | None = None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(OSError):
+                self.conn.send("exit")
+            self.conn.close()
+        if self.helper is not None:
+            self.helper.join(10)
+            if self.helper.is_alive():
+                self.helper.kill()
+
+
+def make_scan_dir(path: Path, n: int) -> ScanDir:
+    """``n`` sessions with sidecars: free (empty), released, stale, and a few live."""
+    path.mkdir(parents=True)
+    sessions = [str(path / f"{i:08x}-0000-4000-8000-000000000000.jsonl") for i in range(n)]
+    for s in sessions:
+        fd = os.open(s, _APPEND_FLAGS, 0o600)
+        os.write(fd, b'{"role":"user","content":"hi"}\n')
+        os.close(fd)
+    live_n = min(8, n // 100)
+    stale_n = n * 35 // 100
+    free_n = n // 4
+    live, rest = sessions[:live_n], sessions[live_n:]
+    stale, rest = rest[:stale_n], rest[stale_n:]
+    free, released = rest[:free_n], rest[free_n:]
+    for s in free:
+        os.close(os.open(s + ".holder", _APPEND_FLAGS, 0o600))
+    for s in released:
+        lock = fencelock.SessionLock(s, lane="done")
+        lock.acquire()
+        lock.release()
+        close = getattr(lock, "close", None)
+        if close is not None:
+            close()
+    for i in range(0, len(stale), 2000):
+        proc = _CTX.Process(target=_make_stale, args=(stale[i : i + 2000],))
+        proc.start()
+        proc.join()
+    result = ScanDir(path, {"free": len(free) + len(released), "stale": len(stale),
+                            "live": len(live)})
+    if live:
+        here, there = _CTX.Pipe()
+        result.helper = _CTX.Process(target=_live_helper, args=(live, there), daemon=True)
+        result.helper.start()
+        there.close()
+        result.conn = here
+        here.recv()
+    return result
+
+
+def raw_scan(directory: str) -> int:
+    """The bare loop: list, then open, flock LOCK_SH|LOCK_NB, read, close each sidecar."""
+    live = 0
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    with os.scandir(directory) as entries:
+        names = [e.name for e in entries if e.name.endswith(".holder")]
+    for name in names:
+        fd = os.open(os.path.join(directory, name), flags)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                live += 1
+            os.pread(fd, 65536, 0)
+        finally:
+            os.close(fd)
+    return live
+
+
+def _scan_list(directory: str) -> list[fencelock.HolderStatus]:
+    return list(fencelock.scan(directory))
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _cli_command() -> list[str] | None:
+    if importlib.util.find_spec("fencelock._cli") is None:
+        return None
+    script = Path(sys.executable).parent / "fencelock"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from fencelock._cli import main; sys.exit(main())"]
+
+
+def bench_scan(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Row]:
+    n = sizes.scan_sessions
+    _progress(quiet, f"scan: creating {n} sessions")
+    sd = make_scan_dir(base / "scan", n)
+    try:
+        directory = str(sd.path)
+        _progress(quiet, "scan: library, raw loop")
+        found: list[fencelock.HolderStatus] = []
+
+        def lib() -> None:
+            found[:] = list(fencelock.scan(directory))
+
+        lib_s = _median_seconds(lib, sizes.scan_repeats)
+        raw_s = _median_seconds(lambda: raw_scan(directory), sizes.scan_repeats)
+        states: dict[str, int] = {}
+        for status in found:
+            states[str(status.state)] = states.get(str(status.state), 0) + 1
+        report.checks["scan"] = {"expected": sd.expected, "found": states,
+                                 "ok": states == {k: v for k, v in sd.expected.items() if v}}
+        rows = [Row("scan.library", "scan", f"scan of {n} sessions: list(fencelock.scan(dir))",
+                    "s", lib_s, {"raw": raw_s},
+                    note="raw = scandir + open, flock LOCK_SH|LOCK_NB, pread, close; "
+                    "no peer library has a scan")]
+        cli = _cli_command()
+        if cli is None:
+            report.skipped.append("scan.cli: fencelock/_cli.py is not there yet")
+            return rows
+        _progress(quiet, "scan: fencelock status --json DIR")
+        outcome: dict[str, Any] = {}
+
+        def run_cli() -> None:
+            proc = subprocess.run([*cli, "status", "--json", directory], capture_output=True,
+                                  text=True, check=False)
+            outcome["code"] = proc.returncode
+            outcome["stdout"] = proc.stdout
+            outcome["stderr"] = proc.stderr[-300:]
+
+        cli_s = _median_seconds(run_cli, sizes.scan_repeats)
+        try:
+            listed = len(json.loads(outcome["stdout"]))
+        except ValueError:
+            listed = -1
+        report.checks["scan_cli"] = {"exit_code": outcome["code"], "rows": listed,
+                                     "expected_rows": n, "stderr": outcome["stderr"],
+                                     "ok": outcome["code"] in (0, 3) and listed == n}
+        rows.append(Row("scan.cli", "scan", f"scan of {n} sessions: fencelock status --json DIR",
+                        "s", cli_s, {"raw": raw_s}, note="includes interpreter start"))
+        return rows
+    finally:
+        sd.close()
+
+
+# -- 5. cold start -------------------------------------------------------------------
+
+
+def bench_cold(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Row]:
+    cli = _cli_command()
+    if cli is None:
+        report.skipped.append("cold start: fencelock/_cli.py is not there yet")
+        return []
+    session = base / "cold" / "s.jsonl"
+    session.parent.mkdir(parents=True)
+    lock = fencelock.SessionLock(session, lane="cold")
+    lock.acquire()
+    lock.release()
+    commands = {
+        "version": [*cli, "--version"],
+        "status": [*cli, "status", str(session)],
+        "click": [sys.executable, "-c", "import click"],
+    }
+    times: dict[str, list[float]] = {k: [] for k in commands}
+    codes: dict[str, int] = {}
+    _progress(quiet, f"cold start x{sizes.cold_runs}")
+    for _ in range(sizes.cold_runs + 1):  # the first round only warms the page cache
+        for name, argv in commands.items():
+            start = time.perf_counter()
+            codes[name] = subprocess.run(argv, capture_output=True, check=False).returncode
+            times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v[1:]) * 1000 for k, v in times.items()}
+    report.checks["cold"] = {"exit_codes": codes, "ok": codes["version"] == 0
+                             and codes["status"] == 0}
+    note = "raw = python -c 'import click' (same interpreter)"
+    return [
+        Row("cold.version", "cold", "cold start: fencelock --version", "ms", med["version"],
+            {"raw": med["click"]}, note=note),
+        Row("cold.status", "cold", "cold start: fencelock status FILE", "ms", med["status"],
+            {"raw": med["click"]}, note=note),
+    ]
+
+
+# -- 6. scaling ----------------------------------------------------------------------
+
+
+def _contended_worker(
+    barrier: Barrier, conn: Connection, peer: str, path: str, cycles: int
+) -> None:
+    lock = make_locker(peer, path)
+    barrier.wait()
+    start = time.monotonic()
+    for _ in range(cycles):
+        lock.acquire()
+        lock.release()
+    conn.send((start, time.monotonic()))
+    conn.close()
+
+
+def bench_scaling(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
+    rows = []
+    for n in sizes.session_counts:
+        _progress(quiet, f"scaling: {n} sessions")
+        d = base / f"scale-{n}"
+        values: dict[str, float | None] = {}
+        for peer in ("fencelock", "raw"):
+            (d / peer).mkdir(parents=True)
+            locks = [make_locker(peer, str(d / peer / f"{i}.jsonl")) for i in range(n)]
+            index = [0]
+
+            def cycle(locks: list[Locker] = locks, index: list[int] = index) -> None:
+                lock = locks[index[0] % len(locks)]
+                index[0] += 1
+                lock.acquire()
+                lock.release()
+
+            values[peer] = _time_per_call(cycle, max(sizes.cycles, n))
+            for lock in locks:
+                close = getattr(getattr(lock, "lock", None), "close", None)
+                if close is not None:
+                    close()
+        rows.append(Row(f"scaling.cycle.sessions.{n}", "scaling",
+                        f"cycle, {n} sessions round-robin (one object each)", "us",
+                        values.pop("fencelock"), values))
+        sd = make_scan_dir(d / "scan", n)
+        try:
+            directory = str(sd.path)
+            repeats = max(sizes.scan_repeats, 5 if n <= 100 else 1)
+            lib_s = _median_seconds(functools.partial(_scan_list, directory), repeats)
+            raw_s = _median_seconds(functools.partial(raw_scan, directory), repeats)
+        finally:
+            sd.close()
+        rows.append(Row(f"scaling.scan.sessions.{n}", "scaling", f"scan, {n} sessions", "ms",
+                        lib_s * 1000, {"raw": raw_s * 1000}))
+    for procs in sizes.process_counts:
+        values = {}
+        for peer in ("fencelock", "raw", "filelock", "portalocker-blocking"):
+            if not _available(peer):
+                values[peer] = None
+                continue
+            _progress(quiet, f"scaling: {procs} contending processes, {peer}")
+            path = _lock_path(base / f"contend-{procs}", peer)
+            elapsed = _run_workers(_contended_worker,
+                                   [(peer, path, sizes.contended_cycles)] * procs)
+            values[peer] = elapsed / (procs * sizes.contended_cycles) * 1e6
+        values["portalocker"] = values.pop("portalocker-blocking")
+        rows.append(Row(f"scaling.cycle.procs.{procs}", "scaling",
+                        f"cycle, {procs} processes contending on one session", "us",
+                        values.pop("fencelock"), values,
+                        note="wall time / total cycles; portalocker with flags=EXCLUSIVE"))
+    return rows
+
+
+# -- goals ---------------------------------------------------------------------------
+
+
+def judge(report: Report, sizes: Sizes) -> None:
+    """The issue's goals, judged on a full run only (quick figures are too noisy)."""
+
+    def add(goal_id: str, text: str, value: float | None, limit: float | None,
+            fmt: str, at_least: bool = False) -> None:
+        if value is None or limit is None:
+            report.goals.append(Goal(goal_id, text, "not measured", None))
+            return
+        met = value >= limit if at_least else value <= limit
+        report.goals.append(Goal(goal_id, text, fmt.format(value=value, limit=limit),
+                                 met if sizes.judge else None))
+
+    for kind in ("reused", "fresh"):
+        row = report.row(f"cycle.{kind}")
+        if row is not None:
+            add(f"cycle.{kind}.raw", f"cycle ({kind}) at most 3x the raw-syscall protocol",
+                row.ratios.get("raw"), 3.0, "{value:.2f}x raw")
+            add(f"cycle.{kind}.portalocker", f"cycle ({kind}) at most half of portalocker.Lock",
+                row.ratios.get("portalocker"), 0.5, "{value:.2f}x portalocker")
+    med, p99 = report.row("handoff.median"), report.row("handoff.p99")
+    if med is not None and p99 is not None:
+        add("handoff.median", "hand-off median under 1 ms", med.fencelock, 1.0,
+            "{value:.3f} ms")
+        add("handoff.p99", "hand-off p99 under 5 ms", p99.fencelock, 5.0, "{value:.3f} ms")
+    for kind in ("fsync", "nofsync"):
+        row = report.row(f"appends.{kind}")
+        if row is not None:
+            best = max((v for v in row.peers.values() if v is not None), default=None)
+            add(f"appends.{kind}", f"appends ({kind}) at least the best peer's throughput",
+                row.fencelock, best, "{value:.0f} vs best peer {limit:.0f} turns/s",
+                at_least=True)
+    row = report.row("scan.library")
+    if row is not None:
+        add("scan.library", "scan through the library under 0.5 s", row.fencelock, 0.5,
+            "{value:.3f} s")
+    row = report.row("scan.cli")
+    if row is not None:
+        add("scan.cli", "scan through `fencelock status --json` about 1 s (<= 1.0 s)",
+            row.fencelock, 1.0, "{value:.3f} s")
+    for name, cmd in (("version", "--version"), ("status", "status FILE")):
+        row = report.row(f"cold.{name}")
+        if row is not None:
+            add(f"cold.{name}", f"cold start of `fencelock {cmd}` within 1.5x `import click`",
+                row.ratios.get("raw"), 1.5, "{value:.2f}x")
+
+
+# -- output --------------------------------------------------------------------------
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}" if value >= 0.01 else f"{value:.2g}"
+
+
+def render(report: Report) -> str:
+    m = report.machine
+    out = [
+        f"fencelock-bench ({report.mode} mode)",
+        f"machine: {m['cpu']}; {m['cores']} cores; {m['kernel']}; Python {m['python']}",
+        f"temp dir: {m['temp_dir']} ({m['filesystem']})",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        "ratio = fencelock cost / peer cost (below 1: fencelock is cheaper)",
+        "",
+    ]
+    head = ["figure", "unit", "fencelock", *PEERS, *(f"x{p}" for p in PEERS)]
+    table = [head]
+    for r in report.rows:
+        table.append([
+            r.figure, r.unit, _fmt(r.fencelock), *(_fmt(r.peers.get(p)) for p in PEERS),
+            *(_ratio(r.ratios.get(p)) for p in PEERS),
+        ])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for i, row in enumerate(table):
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        cells += [c.rjust(w) for c, w in zip(row[2:], widths[2:], strict=True)]
+        out.append("  ".join(cells).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    if report.goals:
+        out += ["", "goals:"]
+        for g in report.goals:
+            verdict = {True: "PASS", False: "MISS", None: "----"}[g.met]
+            out.append(f"  {verdict}  {g.text}: {g.value}")
+        if report.mode != "full":
+            out.append(f"  (not judged in {report.mode} mode)")
+    out += ["", "checks:"]
+    for a in report.checks.get("appends", []):
+        out.append(f"  appends {a['peer']:<20} fsync={a['fsync']!s:<5} lines {a['lines']}"
+                   f"/{a['expected']}: {'ok' if a['ok'] else 'FAILED ' + '; '.join(a['problems'])}")
+    for key in ("scan", "scan_cli", "cold"):
+        c = report.checks.get(key)
+        if c is not None:
+            detail = {k: v for k, v in c.items() if k not in ("ok", "stderr")}
+            out.append(f"  {key}: {'ok' if c['ok'] else 'FAILED'} {detail}")
+    notes = [f"{r.id}: {r.note}" for r in report.rows if r.note] + report.notes
+    if notes:
+        out += ["", "notes:", *(f"  {n}" for n in notes)]
+    if report.skipped:
+        out += ["", "skipped:", *(f"  {s}" for s in report.skipped)]
+    return "\n".join(out)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+# -- main ----------------------------------------------------------------------------
+
+
+def run(sizes: Sizes, sections: Sequence[str], directory: str | None, keep: bool,
+        quiet: bool) -> Report:
+    base = Path(tempfile.mkdtemp(prefix="fencelock-bench-", dir=directory))
+    report = Report(sizes.name, machine(str(base)))
+    if filelock is None:
+        report.skipped.append("filelock columns: filelock is not installed "
+                              "(pip install 'fencelock[bench]')")
+    try:
+        if "cycle" in sections:
+            report.rows += bench_cycle(base / "cycle", sizes, quiet)
+        if "handoff" in sections:
+            report.rows += bench_handoff(base, sizes, quiet)
+        if "appends" in sections:
+            report.rows += bench_appends(base, sizes, quiet, report)
+        if "scan" in sections:
+            report.rows += bench_scan(base, sizes, quiet, report)
+        if "cold" in sections:
+            report.rows += bench_cold(base, sizes, quiet, report)
+        if "scaling" in sections:
+            report.rows += bench_scaling(base / "scaling", sizes, quiet)
+    finally:
+        if keep:
+            report.notes.append(f"files kept in {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+    judge(report, sizes)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fencelock-bench",
+        description="Measure fencelock against raw flock, filelock and portalocker.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--quick", action="store_true",
+                        help="small counts for CI (well under a minute); goals not judged")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run (default: {','.join(SECTIONS)})")
+    parser.add_argument("--dir", default=None,
+                        help="where to make the temporary directory (default: the system's)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary files")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(unknown)}")
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
+    started = time.monotonic()
+    report = run(sizes, sections, args.dir, args.keep, args.quiet)
+    report.notes.append(f"run took {time.monotonic() - started:.1f} s")
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(render(report))
+    return 0 if report.ok else 1
