@@ -33,7 +33,7 @@ class ConfigError(FenceLockError):
         self.why = why
         self.line = line
         self.column = column
-        where = f"{path}:{line}:{column}" if line is not None else path
+        where = f"{path}: line {line}, column {column}" if line is not None else path
         super().__init__(f"{where}: {why}")
 
 

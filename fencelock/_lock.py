@@ -14,13 +14,13 @@ import errno
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from types import TracebackType
 from typing import Any, Literal
 
-from fencelock import _fence, _fingerprint, _identity, _platform, _sidecar, _tokens
+from fencelock import _fence, _fingerprint, _identity, _platform, _record, _sidecar, _tokens
 from fencelock._errors import (
     CorruptRecordError,
     NotHeldError,
@@ -28,7 +28,7 @@ from fencelock._errors import (
     SidecarAccessError,
 )
 from fencelock._fingerprint import FenceMode, Fingerprint
-from fencelock._record import HolderInfo, Phase, State
+from fencelock._record import HolderInfo, Phase, PreviousHolder, State
 
 OnContention = Literal["wait", "fail"]
 
@@ -36,18 +36,29 @@ FAIL_GRACE = 0.05
 """How long ``on_contention="fail"`` waits when the lock is held but the record is not
 ``held``: a probe's momentary shared lock, or an acquirer about to write its record."""
 
+_PEEK_BYTES = 4096
+"""A first read of the old record; records are far smaller unless something is wrong."""
+
 _registry: dict[str, SessionLock] = {}
-_registry_cond = threading.Condition()
+_registry_cond = threading.Condition(threading.Lock())
+_registry_waiters = 0
+_idle_locks: weakref.WeakSet[SessionLock] = weakref.WeakSet()
+"""Locks keeping an unlocked sidecar descriptor open for their next acquire."""
+
+_KEEP_IDLE_FD = not _platform.WINDOWS
+"""Reuse the sidecar descriptor between acquisitions (not on Windows, where an open
+file cannot be deleted)."""
 
 
 def _after_fork_in_child() -> None:
     # A forked child does not hold its parent's sessions: forget them, and close the
     # inherited descriptors (closing never unlocks: the parent's copy keeps the lock).
-    global _registry_cond
-    for lock in list(_registry.values()):
+    global _registry_cond, _registry_waiters
+    for lock in [*_registry.values(), *_idle_locks]:
         lock._forget_in_child()
     _registry.clear()
-    _registry_cond = threading.Condition()
+    _registry_cond = threading.Condition(threading.Lock())
+    _registry_waiters = 0
     _run_ids.reset()
 
 
@@ -75,10 +86,9 @@ if hasattr(os, "register_at_fork"):
 
 def _whoami() -> object:
     """The owner identity for reentrancy: the asyncio task if any, else the thread."""
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:
-        task = None
+    if asyncio._get_running_loop() is None:
+        return threading.get_ident()
+    task = asyncio.current_task()
     return task if task is not None else threading.get_ident()
 
 
@@ -151,10 +161,22 @@ class SessionLock:
         self.fence_mode = _fingerprint.detect_mode(directory) if fence is FenceMode.AUTO else fence
         self._key = os.path.join(os.path.realpath(directory), os.path.basename(self.session))
         self._fd = -1
+        self._st: os.stat_result | None = None
+        self._idle_fd = -1
+        self._idle_pid = 0
         self._count = 0
         self._pid = 0
         self._owner: object = None
         self._info: HolderInfo | None = None
+        """The record as a HolderInfo, built on demand from the fields below."""
+        self._token = 0
+        self._run_id = ""
+        self._acquired_at = 0.0
+        self._heartbeat_at = 0.0
+        self._phase = Phase.WRITE
+        self._previous: PreviousHolder | None = None
+        self._static = ""
+        self._static_pid = 0
         self._fp: Fingerprint | None = None
         self._record_len = 0
         self._tail_checked = False
@@ -170,15 +192,76 @@ class SessionLock:
     @property
     def info(self) -> HolderInfo | None:
         """The record as last written, while held."""
-        return self._info if self.held else None
+        if not self.held:
+            return None
+        if self._info is None:
+            me = _identity.ME
+            self._info = HolderInfo(
+                state=State.HELD,
+                session=self.session,
+                pid=me.pid,
+                host=me.host,
+                process_start=me.start,
+                lane=self.lane,
+                run_id=self._run_id,
+                token=self._token,
+                acquired_at=self._acquired_at,
+                heartbeat_at=self._heartbeat_at,
+                phase=self._phase,
+                fingerprint=self._fp,
+                previous=self._previous,
+                fence=str(self.fence_mode),
+                origin=self.origin,
+            )
+        return self._info
+
+    def _encode(self) -> bytes:
+        pid = os.getpid()
+        if self._static_pid != pid:
+            me = _identity.ME
+            self._static = _record.static_part(
+                pid, me.host, me.start, self.session, self.lane, str(self.fence_mode),
+                self.origin, {},
+            )
+            self._static_pid = pid
+        return _record.encode(
+            State.HELD, self._phase, self._token, self._run_id, self._static,
+            self._acquired_at, self._heartbeat_at, self._fp, self._previous,
+        )
+
+    def _rewrite(self, **changes: Any) -> None:
+        """Update some record fields and write the record again."""
+        for name, value in changes.items():
+            setattr(self, name, value)
+        self._write_record()
+
+    def _write_record(self) -> None:
+        self._info = None
+        self._record_len = _sidecar.write_bytes(
+            self._fd, self.sidecar, self._encode(), self._record_len
+        )
 
     def _forget_in_child(self) -> None:
-        if self._fd >= 0:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-        self._fd, self._count, self._info = -1, 0, None
+        for fd in (self._fd, self._idle_fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._fd, self._idle_fd, self._count, self._info = -1, -1, 0, None
+        self._pid = -1  # marks "inherited through fork": release() becomes a no-op
+
+    def close(self) -> None:
+        """Close the descriptor kept between acquisitions (also done when collected)."""
+        fd, self._idle_fd = self._idle_fd, -1
+        if fd >= 0 and self._idle_pid == os.getpid():
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def __repr__(self) -> str:
         state = "held" if self.held else "not held"
@@ -190,36 +273,40 @@ class SessionLock:
         self, *, timeout: float | None | Literal["default"] = "default"
     ) -> HolderInfo:
         """Take the session; returns the record written. Reentrant for the same owner."""
+        self._enter(self.timeout if timeout == "default" else timeout)
+        info = self.info
+        assert info is not None
+        return info
+
+    def _enter(self, wait: float | None) -> None:
         me = _whoami()
-        if self.held and self._owner == me:
+        if self._count and self._owner == me and self._pid == os.getpid():
             self._count += 1
-            assert self._info is not None
-            return self._info
-        wait = self.timeout if timeout == "default" else timeout
-        deadline = None if wait is None else time.monotonic() + wait
-        return self._acquire(me, deadline, None)
+        else:
+            self._acquire(me, None if wait is None else time.monotonic() + wait, None)
 
     def _acquire(
         self, me: object, deadline: float | None, cancel: threading.Event | None
-    ) -> HolderInfo:
+    ) -> None:
         start = time.monotonic()
         self._take_slot(deadline, cancel, start)
         try:
             fd, st = self._lock_sidecar(deadline, cancel, start)
             try:
-                info = self._write_new_record(fd, st)
+                self._write_new_record(fd)
             except BaseException:
                 os.close(fd)
                 raise
         except BaseException:
             self._free_slot()
             raise
-        self._fd, self._count, self._pid, self._owner = fd, 1, os.getpid(), me
-        return info
+        self._fd, self._st, self._count, self._owner = fd, st, 1, me
+        self._pid = os.getpid()
 
     def _take_slot(
         self, deadline: float | None, cancel: threading.Event | None, start: float
     ) -> None:
+        global _registry_waiters
         with _registry_cond:
             while True:
                 other = _registry.get(self._key)
@@ -231,20 +318,29 @@ class SessionLock:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if self.on_contention == "fail" or (remaining is not None and remaining <= 0):
                     waited = time.monotonic() - start
-                    raise SessionContendedError(self.session, other._info, waited=waited)
-                _registry_cond.wait(remaining)
+                    raise SessionContendedError(self.session, other.info, waited=waited)
+                _registry_waiters += 1
+                try:
+                    _registry_cond.wait(remaining)
+                finally:
+                    _registry_waiters -= 1
 
     def _free_slot(self) -> None:
         with _registry_cond:
             if _registry.get(self._key) is self:
                 del _registry[self._key]
-                _registry_cond.notify_all()
+                if _registry_waiters:
+                    _registry_cond.notify_all()
 
     def _lock_sidecar(
         self, deadline: float | None, cancel: threading.Event | None, start: float
     ) -> tuple[int, os.stat_result]:
         while True:
-            fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode)
+            fd, self._idle_fd = self._idle_fd, -1
+            if fd >= 0 and self._idle_pid == os.getpid() and self._st is not None:
+                st = self._st
+            else:
+                fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode)
             try:
                 locked = _platform.try_lock(fd)
             except BaseException:
@@ -308,43 +404,32 @@ class SessionLock:
         waited = None if start is None else time.monotonic() - start
         return SessionContendedError(self.session, record, waited=waited)
 
-    def _write_new_record(self, fd: int, st: os.stat_result) -> HolderInfo:
-        old = _sidecar.read(fd, self.sidecar, st.st_size)
-        if old is None:
-            token = _tokens.floor(self.session) + 1
-            previous = None
+    def _write_new_record(self, fd: int) -> None:
+        previous = None
+        data = os.pread(fd, _PEEK_BYTES, 0)
+        old_len = len(data) if len(data) < _PEEK_BYTES else os.fstat(fd).st_size
+        quick = _record.peek(data) if data and len(data) < _PEEK_BYTES else None
+        if quick is not None and quick[0] is State.RELEASED:
+            token = quick[1] + 1
         else:
-            token = old.token + 1
-            previous = old.as_previous() if old.state is State.HELD else None
-        now = time.time()
+            old = _sidecar.read(fd, self.sidecar, old_len)
+            if old is None:
+                token = _tokens.floor(self.session) + 1
+            else:
+                token = old.token + 1
+                previous = old.as_previous() if old.state is State.HELD else None
+        self._fd, self._record_len = fd, old_len
+        self._token, self._run_id, self._previous = token, _run_ids.next(), previous
+        self._acquired_at = self._heartbeat_at = time.time()
+        self._phase = Phase.WRITE
         self._fp = _fingerprint.take(self.session, self.fence_mode)
-        me = _identity.ME
-        info = HolderInfo(
-            state=State.HELD,
-            session=self.session,
-            pid=me.pid,
-            host=me.host,
-            process_start=me.start,
-            lane=self.lane,
-            run_id=_run_ids.next(),
-            token=token,
-            acquired_at=now,
-            heartbeat_at=now,
-            phase=Phase.WRITE,
-            fingerprint=self._fp,
-            previous=previous,
-            fence=str(self.fence_mode),
-            origin=self.origin,
-        )
-        self._record_len = _sidecar.write(fd, self.sidecar, info, st.st_size)
-        self._info = info
         self._tail_checked = False
-        return info
+        self._write_record()
 
     def release(self) -> None:
         """Give the session back (once per acquire). A forked child never releases."""
         if self._pid != os.getpid() or self._count == 0:
-            if self._count and self._pid != os.getpid():
+            if self._pid == -1 or (self._count and self._pid != os.getpid()):
                 return  # inherited through fork: the parent's to release
             raise NotHeldError(f"{self.session}: release() without a matching acquire()")
         self._count -= 1
@@ -352,19 +437,23 @@ class SessionLock:
             return
         fd, self._fd = self._fd, -1
         try:
-            if self._info is not None:
-                done = replace(self._info, state=State.RELEASED, phase=Phase.WRITE)
-                self._record_len = _sidecar.write(fd, self.sidecar, done, self._record_len)
+            # Flip "held" to "released" in place: one small write, no re-encode.
+            os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
         finally:
             try:
                 _platform.unlock(fd)
             finally:
-                os.close(fd)
                 self._info = None
                 self._free_slot()
+                if _KEEP_IDLE_FD:
+                    self._idle_fd, self._idle_pid = fd, os.getpid()
+                    if self not in _idle_locks:
+                        _idle_locks.add(self)
+                else:
+                    os.close(fd)
 
     def __enter__(self) -> SessionLock:
-        self.acquire()
+        self._enter(self.timeout)
         return self
 
     def __exit__(
@@ -382,22 +471,24 @@ class SessionLock:
         me = _whoami()
         if self.held and self._owner == me:
             self._count += 1
-            assert self._info is not None
-            return self._info
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        cancel = threading.Event()
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, self._acquire, me, deadline, cancel)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            cancel.set()
-            with _registry_cond:
-                _registry_cond.notify_all()
-            future.add_done_callback(self._drop_if_acquired)
-            raise
+        else:
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            cancel = threading.Event()
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(None, self._acquire, me, deadline, cancel)
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                cancel.set()
+                with _registry_cond:
+                    _registry_cond.notify_all()
+                future.add_done_callback(self._drop_if_acquired)
+                raise
+        info = self.info
+        assert info is not None
+        return info
 
-    def _drop_if_acquired(self, future: asyncio.Future[HolderInfo]) -> None:
+    def _drop_if_acquired(self, future: asyncio.Future[None]) -> None:
         if not future.cancelled() and future.exception() is None:
             self.release()
 
@@ -415,31 +506,26 @@ class SessionLock:
 
     # -- the fence ---------------------------------------------------------------
 
-    def _require(self) -> HolderInfo:
-        if not self.held or self._info is None:
+    def _require(self) -> None:
+        if not self.held:
             raise NotHeldError(f"{self.session}: this SessionLock does not hold the session")
-        return self._info
-
-    def _rewrite(self, info: HolderInfo) -> None:
-        self._record_len = _sidecar.write(self._fd, self.sidecar, info, self._record_len)
-        self._info = info
 
     def append(self, entry: dict[str, Any] | str, *, stamp: bool | None = None) -> None:
         """Write one fenced, fsynced JSONL line; `SessionTakeoverError` if the fence moved."""
-        info = self._require()
+        self._require()
         use_stamp = self.stamp if stamp is None else stamp
         self._append_bytes(
-            _fence.encode_entry(entry, (info.token, info.run_id) if use_stamp else None)
+            _fence.encode_entry(entry, (self._token, self._run_id) if use_stamp else None)
         )
 
     def _append_bytes(self, data: bytes) -> None:
-        info = self._require()
+        self._require()
         check_tail, self._tail_checked = not self._tail_checked, False
-        self._fp = _fence.append(
+        fp = _fence.append(
             self.session, data, self._fp, self.fence_mode, check_tail=check_tail, file_mode=self.mode
         )
         self._tail_checked = True
-        self._rewrite(replace(info, fingerprint=self._fp, heartbeat_at=time.time()))
+        self._rewrite(_fp=fp, _heartbeat_at=time.time())
 
     def verify_fence(self) -> Fingerprint | None:
         """Raise `SessionTakeoverError` if the session moved since the last fence point."""
@@ -448,20 +534,20 @@ class SessionLock:
 
     def touch(self) -> None:
         """Heartbeat: refresh ``heartbeat_at`` so the holder is not reported stuck."""
-        info = self._require()
-        self._rewrite(replace(info, heartbeat_at=time.time()))
+        self._require()
+        self._rewrite(_heartbeat_at=time.time())
 
     @contextmanager
     def prompt_window(self) -> Iterator[SessionLock]:
         """The model-call window: still held, ``phase: "prompt"``, fence checked on exit."""
-        info = self._require()
+        self._require()
         entry_fp = _fence.check(self.session, self._fp, self.fence_mode)
-        self._rewrite(replace(info, phase=Phase.PROMPT, heartbeat_at=time.time()))
+        self._rewrite(_phase=Phase.PROMPT, _heartbeat_at=time.time())
         try:
             yield self
         finally:
-            if self.held and self._info is not None:
-                self._rewrite(replace(self._info, phase=Phase.WRITE, heartbeat_at=time.time()))
+            if self.held:
+                self._rewrite(_phase=Phase.WRITE, _heartbeat_at=time.time())
         self._fp = _fence.check(self.session, entry_fp, self.fence_mode)
 
     # -- recovery hook -----------------------------------------------------------

@@ -179,7 +179,7 @@ def clear(
     session, sidecar = _sidecar.paths(path)
     while True:
         try:
-            fd, st = _sidecar.open_checked(sidecar, create=False)
+            fd, st = _sidecar.open_checked(sidecar, create=False, write=True)
         except SidecarAccessError as e:
             if e.cause.errno == errno.ENOENT and os.path.isdir(os.path.dirname(sidecar)):
                 return HolderStatus(session, sidecar, ProbeState.FREE, reason="no sidecar")

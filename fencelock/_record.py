@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+import functools
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,13 +98,100 @@ class HolderInfo:
         return out
 
     def encode(self) -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+        static = static_part(
+            self.pid, self.host, self.process_start, self.session, self.lane, self.fence,
+            self.origin, self.extra,
+        )
+        return encode(
+            self.state, self.phase, self.token, self.run_id, static,
+            self.acquired_at, self.heartbeat_at, self.fingerprint, self.previous,
+        )
 
     def as_previous(self) -> PreviousHolder:
         return PreviousHolder(self.pid, self.host, self.lane, self.run_id, self.token)
 
 
 _KNOWN = frozenset(HolderInfo.__dataclass_fields__) - {"extra"}
+
+# The record starts with a fixed-width header so that release can flip ``state`` with
+# one small pwrite, and an acquirer can read the previous token without a full parse.
+# JSON allows the padding: whitespace may follow any value.
+_STATE_TEXT = {State.HELD: '"held"    ', State.RELEASED: '"released"'}
+_PHASE_TEXT = {Phase.WRITE: '"write" ', Phase.PROMPT: '"prompt"'}
+_TOKEN_WIDTH = 20
+STATE_OFFSET = len('{"version":1,"state":')
+RELEASE_PATCH = _STATE_TEXT[State.RELEASED].encode()
+_HEADER = re.compile(
+    rb'\{"version":1,"state":"(held|released)" *,"phase":"(?:write|prompt)" *,"token":(\d{1,19}) *,'
+)
+_PLAIN = re.compile(r'[^A-Za-z0-9_.:-]')
+"""Finds a character that would need escaping (run ids normally have none)."""
+_js = functools.lru_cache(maxsize=4096)(json.dumps)
+
+
+def _fingerprint_text(fp: Fingerprint) -> str:
+    text = (
+        f'{{"dev":{fp.dev},"ino":{fp.ino},"size":{fp.size},'
+        f'"mtime_ns":{fp.mtime_ns},"ctime_ns":{fp.ctime_ns}'
+    )
+    return text + (f',"tail":{_js(fp.tail)}}}' if fp.tail is not None else "}")
+
+
+def static_part(
+    pid: int,
+    host: str,
+    process_start: str,
+    session: str,
+    lane: str,
+    fence: str,
+    origin: str | None,
+    extra: dict[str, Any],
+) -> str:
+    """The fields that stay fixed for one holder object, encoded once."""
+    text = (
+        f',"pid":{pid},"host":{_js(host)},"process_start":{_js(process_start)}'
+        f',"session":{_js(session)},"lane":{_js(lane)},"fence":{_js(fence)}'
+    )
+    if origin is not None:
+        text += f',"origin":{_js(origin)}'
+    for key, value in extra.items():
+        text += f",{json.dumps(key)}:{json.dumps(value, separators=(',', ':'))}"
+    return text
+
+
+def encode(
+    state: State,
+    phase: Phase,
+    token: int,
+    run_id: str,
+    static: str,
+    acquired_at: float,
+    heartbeat_at: float,
+    fingerprint: Fingerprint | None,
+    previous: PreviousHolder | None,
+) -> bytes:
+    """A record's bytes, in the fixed layout that `peek` and `RELEASE_PATCH` rely on."""
+    rid = _js(run_id) if _PLAIN.search(run_id) else f'"{run_id}"'
+    fp = "null" if fingerprint is None else _fingerprint_text(fingerprint)
+    prev = "null" if previous is None else json.dumps(previous.to_json(), separators=(",", ":"))
+    return (
+        f'{{"version":1,"state":{_STATE_TEXT[state]},"phase":{_PHASE_TEXT[phase]}'
+        f',"token":{token:<{_TOKEN_WIDTH}},"run_id":{rid}{static}'
+        f',"acquired_at":{acquired_at!r},"heartbeat_at":{heartbeat_at!r}'
+        f',"fingerprint":{fp},"previous":{prev}}}'
+    ).encode()
+
+
+def peek(data: bytes) -> tuple[State, int] | None:
+    """(state, token) from a record in fencelock's own layout, None otherwise.
+
+    An acquirer taking over a released record needs only these two; anything that
+    does not match (another writer's layout, a torn record) takes the full decoder.
+    """
+    m = _HEADER.match(data)
+    if m is None or not data.rstrip(b" \t\r\n\x00").endswith(b"}"):
+        return None
+    return (State.HELD if m[1] == b"held" else State.RELEASED), int(m[2])
 
 
 def decode(data: bytes) -> HolderInfo | None:

@@ -55,18 +55,25 @@ def _access_error(path: str, e: OSError, writing: bool) -> Exception:
     return SidecarAccessError(path, e, "check the path and try again")
 
 
-def open_checked(sidecar: str, *, create: bool, mode: int = 0o600) -> tuple[int, os.stat_result]:
-    """Open a sidecar for locking; (fd, fstat). Raises for anything but a regular file."""
-    flags = _platform.OPEN_FLAGS | (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY)
+def open_checked(
+    sidecar: str, *, create: bool, write: bool = False, mode: int = 0o600
+) -> tuple[int, os.stat_result]:
+    """Open a sidecar for locking; (fd, fstat). Raises for anything but a regular file.
+
+    ``create`` opens it read-write, creating it if missing; ``write`` opens an existing
+    one read-write; otherwise it is opened read-only (enough to probe the lock).
+    """
+    access = os.O_RDWR | os.O_CREAT if create else os.O_RDWR if write else os.O_RDONLY
+    flags = _platform.OPEN_FLAGS | access
     try:
         fd = os.open(sidecar, flags, mode)
     except OSError as e:
-        raise _access_error(sidecar, e, create) from None
+        raise _access_error(sidecar, e, create or write) from None
     try:
         st = os.fstat(fd)
     except OSError as e:
         os.close(fd)
-        raise _access_error(sidecar, e, create) from None
+        raise _access_error(sidecar, e, create or write) from None
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise UnsafeSidecarError(sidecar, _platform.describe_mode(st.st_mode))
@@ -103,16 +110,20 @@ def read(fd: int, sidecar: str, size_hint: int | None = None) -> HolderInfo | No
 
 def write(fd: int, sidecar: str, info: HolderInfo, old_len: int) -> int:
     """Write ``info`` at offset 0, padding over a longer old record. Returns its length."""
-    data = info.encode() + b"\n"
+    return write_bytes(fd, sidecar, info.encode(), old_len)
+
+
+def write_bytes(fd: int, sidecar: str, record: bytes, old_len: int) -> int:
+    """Write an encoded record at offset 0, padding over a longer old one."""
+    data = record + b"\n"
     if len(data) > MAX_RECORD:
         raise CorruptRecordError(sidecar, f"a record of {len(data)} bytes is over the bound")
     if len(data) < old_len:
         data = data + b" " * (old_len - len(data))
-    view = memoryview(data)
-    offset = 0
     try:
-        while offset < len(data):
-            offset += os.pwrite(fd, view[offset:], offset)
+        done = os.pwrite(fd, data, 0)
+        while done < len(data):  # short writes are rare on regular files, but legal
+            done += os.pwrite(fd, data[done:], done)
     except OSError as e:
         raise _access_error(sidecar, e, True) from None
     return len(data)

@@ -1,0 +1,214 @@
+"""SessionLock in one process: life cycle, record, reentrancy, threads, fork."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from fencelock import (
+    CoordinationError,
+    FenceLockError,
+    NotHeldError,
+    ProbeState,
+    SessionContendedError,
+    SessionLock,
+    SessionTakeoverError,
+    State,
+    is_coordination_error,
+    probe,
+)
+
+
+def read_record(session: Path) -> dict[str, object]:
+    raw = Path(str(session) + ".holder").read_bytes()
+    obj, _ = json.JSONDecoder().raw_decode(raw.decode())
+    assert isinstance(obj, dict)
+    return obj
+
+
+def test_acquire_writes_the_record_and_release_keeps_the_sidecar(session: Path) -> None:
+    lock = SessionLock(session, lane="heartbeat")
+    info = lock.acquire()
+    rec = read_record(session)
+    assert rec["state"] == "held" and rec["lane"] == "heartbeat" and rec["pid"] == os.getpid()
+    assert rec["token"] == info.token == 1 and rec["run_id"] == info.run_id
+    assert rec["session"] == str(session) and rec["fingerprint"] is None
+    assert rec["phase"] == "write" and rec["version"] == 1
+    assert lock.held and lock.info == info
+    lock.release()
+    assert not lock.held and lock.info is None
+    assert read_record(session)["state"] == "released"
+    assert Path(str(session) + ".holder").exists()
+
+
+def test_sidecar_is_created_0600(session: Path) -> None:
+    old = os.umask(0)
+    try:
+        with SessionLock(session):
+            pass
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(str(session) + ".holder").st_mode)
+    assert mode == 0o600
+
+
+def test_tokens_increase_by_one_per_acquisition(session: Path) -> None:
+    lock = SessionLock(session)
+    tokens = []
+    for _ in range(3):
+        tokens.append(lock.acquire().token)
+        lock.release()
+    assert tokens == [1, 2, 3]
+    assert SessionLock(session).acquire().token == 4
+
+
+def test_with_gives_the_lock_itself(session: Path) -> None:
+    lock = SessionLock(session)
+    with lock as entered:
+        assert entered is lock and lock.held
+
+
+def test_same_object_is_reentrant(session: Path) -> None:
+    lock = SessionLock(session)
+    with lock:
+        token = lock.info.token if lock.info else None
+        with lock:
+            assert lock.info is not None and lock.info.token == token
+        assert lock.held and probe(session).state == "live"
+    assert not lock.held and probe(session).state == "free"
+
+
+def test_second_object_in_same_process_contends(session: Path) -> None:
+    with SessionLock(session, lane="heartbeat"):
+        other = SessionLock(session, lane="channel", on_contention="fail")
+        with pytest.raises(SessionContendedError) as err:
+            other.acquire()
+        assert err.value.holder is not None and err.value.holder.lane == "heartbeat"
+        assert err.value.session == str(session)
+        with pytest.raises(SessionContendedError):
+            SessionLock(session, timeout=0.05).acquire()
+
+
+def test_another_thread_waits_until_release(session: Path) -> None:
+    first = SessionLock(session, lane="a")
+    first.acquire()
+    started, got = threading.Event(), threading.Event()
+    tokens: list[int] = []
+
+    def second() -> None:
+        started.set()
+        with SessionLock(session, lane="b") as lock:
+            assert lock.info is not None
+            tokens.append(lock.info.token)
+            got.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    started.wait()
+    assert not got.is_set()
+    first.release()
+    t.join(timeout=30)
+    assert got.is_set() and tokens == [2]
+
+
+def test_same_object_from_another_thread_is_not_reentrant(session: Path) -> None:
+    lock = SessionLock(session, on_contention="fail")
+    lock.acquire()
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            lock.acquire()
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    lock.release()
+    assert len(errors) == 1 and isinstance(errors[0], SessionContendedError)
+
+
+def test_release_without_acquire_raises(session: Path) -> None:
+    with pytest.raises(NotHeldError):
+        SessionLock(session).release()
+
+
+def test_forked_child_neither_holds_nor_releases(session: Path) -> None:
+    lock = SessionLock(session, lane="parent")
+    lock.acquire()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report what it sees, then leave without cleanup
+        try:
+            held = lock.held
+            lock.release()  # must be a no-op
+            try:
+                SessionLock(session, on_contention="fail").acquire()
+                contended = False
+            except SessionContendedError:
+                contended = True
+            os.write(write_end, json.dumps([held, contended]).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        held, contended = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert held is False and contended is True
+    assert lock.held and probe(session).state == "live"
+    lock.release()
+    assert probe(session).state == "free"
+
+
+def test_exception_hierarchy_and_wrapped_detection(session: Path) -> None:
+    assert issubclass(SessionContendedError, CoordinationError)
+    assert issubclass(SessionTakeoverError, CoordinationError)
+    assert issubclass(CoordinationError, FenceLockError)
+    err = SessionContendedError(str(session), None)
+    assert is_coordination_error(err)
+    try:
+        try:
+            raise err
+        except SessionContendedError as inner:
+            raise RuntimeError("model fallback failed") from inner
+    except RuntimeError as outer:
+        assert is_coordination_error(outer)
+    try:
+        try:
+            raise SessionTakeoverError(str(session), None, None)
+        except SessionTakeoverError:
+            raise ValueError("while handling")  # noqa: B904 - implicit context on purpose
+    except ValueError as ctx:
+        assert is_coordination_error(ctx)
+    assert not is_coordination_error(ValueError("provider 500"))
+    assert not is_coordination_error(None)
+    assert is_coordination_error(ExceptionGroup("g", [ValueError(), err]))
+
+
+def test_contended_error_names_the_holder(session: Path) -> None:
+    with SessionLock(session, lane="session:agent:main:heartbeat"):
+        with pytest.raises(SessionContendedError) as err:
+            SessionLock(session, on_contention="fail").acquire()
+    text = str(err.value)
+    assert str(session) in text and f"pid {os.getpid()}" in text and "heartbeat" in text
+
+
+def test_bad_arguments_are_refused(session: Path) -> None:
+    with pytest.raises(ValueError):
+        SessionLock(session, on_contention="maybe")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        SessionLock(session, timeout=-1)
+
+
+def test_released_record_probes_free_and_held_record_of_dead_owner_is_stale(session: Path) -> None:
+    with SessionLock(session):
+        pass
+    status = probe(session)
+    assert status.state == ProbeState.FREE and status.record is not None
+    assert status.record.state is State.RELEASED

@@ -1,0 +1,179 @@
+"""SessionLock across real processes: exclusion, crashes, takeover, hand-off, races."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fencelock import ProbeState, SessionContendedError, SessionLock, State, clear, probe
+from fencelock._identity import ME
+
+HERE = Path(__file__).parent
+
+
+def test_processes_hammering_one_session_never_overlap(session: Path, tmp_path: Path) -> None:
+    log, counter = tmp_path / "log", tmp_path / "counter"
+    counter.write_text("0")
+    workers, turns = 4, 150
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "hammer_worker.py"), str(session), str(log),
+             str(counter), str(turns)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        for _ in range(workers)
+    ]
+    for p in procs:  # all started and imported: release them together
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.close()
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+        assert p.stdout is not None
+        p.stdout.close()
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 * workers * turns
+    for enter, exit_ in zip(lines[::2], lines[1::2], strict=True):
+        assert enter.startswith("enter ") and exit_ == "exit " + enter.split()[1]
+    assert counter.read_text() == str(workers * turns)
+    final = probe(session)
+    assert final.state == ProbeState.FREE and final.token == workers * turns
+
+
+def test_killed_holder_is_stale_then_taken_over_with_previous(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="session:agent:main:heartbeat")
+    token = h.acquire()
+    assert probe(session).state == ProbeState.LIVE
+    h.kill(signal.SIGKILL)
+    status = probe(session)
+    assert status.state == ProbeState.STALE
+    assert status.owner_alive is False and status.record is not None
+    assert status.record.pid == h.pid and "died" in status.reason
+    with SessionLock(session, lane="channel") as lock:
+        info = lock.info
+        assert info is not None and info.token == token + 1
+        assert info.previous is not None
+        assert (info.previous.pid, info.previous.token) == (h.pid, token)
+        assert info.previous.lane == "session:agent:main:heartbeat"
+
+
+def test_fail_mode_across_processes_names_the_live_holder(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="cron")
+    h.acquire()
+    with pytest.raises(SessionContendedError) as err:
+        SessionLock(session, on_contention="fail").acquire()
+    assert err.value.holder is not None
+    assert (err.value.holder.pid, err.value.holder.lane) == (h.pid, "cron")
+    with pytest.raises(SessionContendedError) as timed:
+        SessionLock(session, timeout=0.1).acquire()
+    assert timed.value.waited is not None and timed.value.waited >= 0.1
+
+
+def test_waiter_in_another_process_gets_the_lock_on_release(session: Path, spawn_holder: Any) -> None:
+    with SessionLock(session, lane="first"):
+        waiter = spawn_holder(session, lane="second")
+        waiter.send("acquire")
+        wait_for_blocked_waiter(session)
+        assert probe(session).record.lane == "first"  # type: ignore[union-attr]
+    assert waiter.read() == "acquired 2"
+    assert probe(session).record.lane == "second"  # type: ignore[union-attr]
+
+
+def test_clear_never_touches_a_live_holder(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="direct")
+    h.acquire()
+    before = Path(str(session) + ".holder").read_bytes()
+    with pytest.raises(SessionContendedError):
+        clear(session)
+    with pytest.raises(SessionContendedError):
+        clear(session, remove=True)
+    assert Path(str(session) + ".holder").read_bytes() == before
+
+
+def test_clear_then_token_continues(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session)
+    token = h.acquire()
+    h.kill()
+    found = clear(session)
+    assert found.state == ProbeState.STALE and "cleared" in found.reason
+    after = probe(session)
+    assert after.state == ProbeState.FREE and after.record is not None
+    assert after.record.state is State.RELEASED
+    assert SessionLock(session).acquire().token == token + 1
+
+
+def test_record_naming_a_reused_pid_is_stale(session: Path) -> None:
+    # A crashed holder's record whose pid now belongs to an unrelated live process.
+    bystander = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                                 stdin=subprocess.PIPE)
+    try:
+        with SessionLock(session):
+            pass
+        sidecar = Path(str(session) + ".holder")
+        obj, _ = json.JSONDecoder().raw_decode(sidecar.read_text())
+        ticks, boot, ns = ME.start.split("@")
+        obj.update(state="held", pid=bystander.pid, process_start=f"1@{boot}@{ns}")
+        sidecar.write_text(json.dumps(obj))
+        status = probe(session)
+        assert status.state == ProbeState.STALE and status.owner_alive is False
+        assert bystander.poll() is None  # nothing signalled it
+    finally:
+        assert bystander.stdin is not None
+        bystander.stdin.close()
+        bystander.wait()
+
+
+def test_zombie_owner_is_stale(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="heartbeat")
+    h.acquire()
+    h.send("exit")  # leaves without releasing; the test does not reap it yet
+    os.waitid(os.P_PID, h.pid, os.WEXITED | os.WNOWAIT)  # exited, still a zombie
+    status = probe(session)
+    assert status.state == ProbeState.STALE and status.owner_alive is False
+
+
+def test_sidecar_removed_and_recreated_while_waiting(session: Path, spawn_holder: Any) -> None:
+    """The unlink-and-recreate race: a waiter that wakes on a deleted inode retries."""
+    sidecar = Path(str(session) + ".holder")
+    first = SessionLock(session, lane="first")
+    first.acquire()
+    old_inode = sidecar.stat().st_ino
+    waiter = spawn_holder(session, lane="waiter")
+    waiter.send("acquire")
+    wait_for_blocked_waiter(session, old_inode)
+    os.unlink(sidecar)  # as `clear --remove` does, under the lock
+    newcomer = spawn_holder(session, lane="newcomer")
+    new_token = newcomer.acquire()  # creates and locks a new sidecar
+    new_inode = sidecar.stat().st_ino
+    assert new_inode != old_inode
+    first.release()  # the waiter wakes holding the deleted inode
+    wait_for_blocked_waiter(session, new_inode)  # ...notices, and waits on the new one
+    assert probe(session).record.lane == "newcomer"  # type: ignore[union-attr]
+    assert newcomer.call("release") == "released"
+    assert waiter.read() == f"acquired {new_token + 1}"
+
+
+def wait_for_blocked_waiter(session: Path, inode: int | None = None, limit: float = 30.0) -> None:
+    """Poll /proc/locks until some process is blocked on the sidecar's flock."""
+    if inode is None:
+        inode = Path(str(session) + ".holder").stat().st_ino
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if "->" in parts and parts[parts.index("->") + 1] == "FLOCK":
+                    if parts[-3].rsplit(":", 1)[-1] == str(inode):
+                        return
+        time.sleep(0.001)
+    raise AssertionError("no process blocked on the sidecar lock")

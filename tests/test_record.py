@@ -1,0 +1,113 @@
+"""The holder record: layout, round trip, and the strict bounded decoder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fencelock import Fingerprint, HolderInfo, Phase, PreviousHolder, State
+from fencelock._record import MAX_RECORD, RELEASE_PATCH, STATE_OFFSET, decode, peek
+
+
+def make(**changes: object) -> HolderInfo:
+    fields: dict[str, object] = dict(
+        state=State.HELD,
+        session="/s/a b\"c.jsonl",
+        pid=4242,
+        host="host-1",
+        process_start="123@boot@ns",
+        lane="session:agent:main:telegram:channel:42",
+        run_id="abc-1",
+        token=7,
+        acquired_at=1.25,
+        heartbeat_at=2.5,
+        phase=Phase.PROMPT,
+        fingerprint=Fingerprint(1, 2, 3, 4, 5),
+        previous=PreviousHolder(99, "h", "cron", "old-1", 6),
+    )
+    fields.update(changes)
+    return HolderInfo(**fields)  # type: ignore[arg-type]
+
+
+def test_round_trip_keeps_every_field() -> None:
+    info = make(origin="/s/old.jsonl", fence="content")
+    assert decode(info.encode()) == info
+
+
+def test_record_is_one_plain_json_object_any_language_can_read() -> None:
+    obj = json.loads(make().encode())
+    assert obj["version"] == 1 and obj["state"] == "held" and obj["token"] == 7
+    assert obj["fingerprint"] == {"dev": 1, "ino": 2, "size": 3, "mtime_ns": 4, "ctime_ns": 5}
+    assert obj["previous"]["pid"] == 99
+
+
+def test_release_patch_flips_state_in_place() -> None:
+    data = bytearray(make().encode())
+    data[STATE_OFFSET : STATE_OFFSET + len(RELEASE_PATCH)] = RELEASE_PATCH
+    info = decode(bytes(data))
+    assert info is not None and info.state is State.RELEASED and info.token == 7
+
+
+def test_peek_reads_state_and_token_and_refuses_foreign_layouts() -> None:
+    assert peek(make(token=12345).encode()) == (State.HELD, 12345)
+    foreign = json.dumps(make().to_json()).encode()  # valid, but not our layout
+    assert peek(foreign) is None
+    assert decode(foreign) == make()
+    assert peek(make().encode()[:-5]) is None  # torn
+
+
+def test_unknown_fields_are_kept() -> None:
+    obj = make().to_json()
+    obj["future_field"] = {"x": 1}
+    info = decode(json.dumps(obj).encode())
+    assert info is not None and info.extra == {"future_field": {"x": 1}}
+    again = decode(info.encode())
+    assert again is not None and again.extra == {"future_field": {"x": 1}}
+
+
+def test_empty_record_is_none_and_trailing_padding_is_ignored() -> None:
+    assert decode(b"") is None
+    assert decode(b"   \n") is None
+    assert decode(make().encode() + b"\n" + b" " * 300) == make()
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b'{"version":1,"state":"he', "not JSON"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b"[1,2]", "not a JSON object"),
+        (b"[" * 10_000 + b"]" * 10_000, "nested too deeply"),
+        (b'{"version":2}', "version is 2"),
+        (b'{"version":1,"state":"maybe"}', "state is 'maybe'"),
+    ],
+)
+def test_corrupt_records_raise_value_error(data: bytes, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        decode(data)
+
+
+@pytest.mark.parametrize("pid", [0, -1, 2**63, "12", 1.5, None])
+def test_impossible_pids_are_corrupt(pid: object) -> None:
+    obj = make().to_json()
+    obj["pid"] = pid
+    with pytest.raises(ValueError, match="pid"):
+        decode(json.dumps(obj).encode())
+
+
+def test_oversized_record_is_corrupt_not_free() -> None:
+    data = b'{"version":1,"lane":"' + b"x" * MAX_RECORD + b'"}'
+    with pytest.raises(ValueError, match="larger than"):
+        decode(data)
+
+
+def test_negative_token_and_bad_fingerprint_are_corrupt() -> None:
+    obj = make().to_json()
+    obj["token"] = -3
+    with pytest.raises(ValueError, match="token"):
+        decode(json.dumps(obj).encode())
+    obj = make().to_json()
+    obj["fingerprint"] = {"dev": 1}
+    with pytest.raises(ValueError, match="fingerprint"):
+        decode(json.dumps(obj).encode())
