@@ -1,0 +1,92 @@
+"""Run a snippet of fencelock code as another user (tests only).
+
+Tests run as root in CI containers, where permission checks do not apply. The
+snippet runs in a fresh interpreter that imports what it needs first (the standard
+library may live under a directory the other user cannot read), then drops to
+``NOBODY`` with setgid/setuid, then runs. Its result comes back as JSON: whatever the
+snippet assigns to ``result``, or ``{"error": <class name>, "message": <text>}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+NOBODY = 65534
+
+_PRELUDE = """
+import errno, fcntl, json, os, stat, sys, warnings
+import fencelock
+from fencelock import *
+os.setgroups([])
+os.setgid({uid})
+os.setuid({uid})
+args = json.loads(sys.argv[1])
+result = None
+try:
+{body}
+except Exception as e:
+    result = {{"error": type(e).__name__, "message": str(e)}}
+print(json.dumps(result))
+"""
+
+CAN_DROP = hasattr(os, "setuid") and hasattr(os, "geteuid") and os.geteuid() == 0
+WHY_NOT = "needs root to drop privileges to an unprivileged uid in a child process"
+
+
+def as_user(body: str, timeout: float = 30, uid: int = NOBODY, **args: Any) -> Any:
+    """Run ``body`` (statements; ``args`` is a dict) as ``uid``; its ``result``."""
+    indented = "\n".join("    " + line for line in body.strip("\n").splitlines())
+    code = _PRELUDE.format(uid=uid, body=indented)
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)],
+        capture_output=True, text=True, timeout=timeout, cwd="/",
+    )
+    if done.returncode != 0 or not done.stdout.strip():
+        raise AssertionError(f"child failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@contextmanager
+def open_directory(mode: int = 0o755) -> Iterator[Path]:
+    """A fresh directory every user can reach (pytest's tmp_path is root-only)."""
+    base = Path(tempfile.mkdtemp(prefix="fencelock-perm-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        sessions = base / "sessions"
+        sessions.mkdir()
+        sessions.chmod(mode)
+        yield sessions
+    finally:
+        for root, dirs, _ in os.walk(base):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o755)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def mount_tmpfs(target: Path, size: str, ro: bool = False) -> str | None:
+    """Mount a small tmpfs on ``target``; None on success, else why it cannot."""
+    if not sys.platform.startswith("linux") or shutil.which("mount") is None:
+        return "needs Linux mount(8)"
+    opts = f"size={size},mode=0755" + (",ro" if ro else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(target)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"cannot mount a tmpfs here (needs CAP_SYS_ADMIN): {done.stderr.strip()}"
+    return None
+
+
+def remount(target: Path, opts: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{opts}", str(target)], check=True)
+
+
+def umount(target: Path) -> None:
+    subprocess.run(["umount", "-l", str(target)], check=False)
