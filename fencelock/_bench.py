@@ -356,9 +356,9 @@ def _lock_path(base: Path, peer: str) -> str:
 # -- 1. uncontended cycle ------------------------------------------------------------
 
 
-def _time_per_call(fn: Callable[[], None], n: int, batches: int = 5) -> float:
+def _time_per_call(fn: Callable[[], None], n: int, batches: int = 7) -> float:
     """Median over batches of the mean time per call, in microseconds."""
-    for _ in range(max(10, n // 20)):
+    for _ in range(max(20, n // 10)):
         fn()
     per = max(1, n // batches)
     means = []
@@ -1049,6 +1049,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"comma-separated sections to run (default: {','.join(SECTIONS)})")
     parser.add_argument("--dir", default=None,
                         help="where to make the temporary directory (default: the system's)")
+    parser.add_argument("--save", metavar="FILE", default=None,
+                        help="also write the JSON figures to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the temporary files")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
@@ -1060,6 +1062,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     report = run(sizes, sections, args.dir, args.keep, args.quiet)
     report.notes.append(f"run took {time.monotonic() - started:.1f} s")
+    if args.save:
+        Path(args.save).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

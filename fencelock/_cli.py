@@ -663,14 +663,14 @@ def run(
 # -- wait -------------------------------------------------------------------------------
 
 
-def _progress(session: str, since: float) -> str:
+def _progress(session: str, since: float, show: _PathDisplay) -> str:
     st = probe(session)
     rec = st.record
-    who = "a holder" if rec is None else f"pid {rec.pid} (lane {rec.lane!r})"
-    held = "" if rec is None else f", held for {human_age(time.time() - rec.acquired_at)}"
-    line = clean(
-        f"waiting for {session}: {who}{held}; waited {human_age(time.monotonic() - since)}"
-    )
+    who = "a holder" if rec is None else f"pid {rec.pid} (lane {clean(repr(rec.lane))})"
+    held = "" if rec is None else f" for {human_age(time.time() - rec.acquired_at)}"
+    waited = human_age(time.monotonic() - since)
+    # Who and how long come first: a long path is what gets cut at the terminal's edge.
+    line = f"held by {who}{held}; waited {waited} for {show(session)}"
     width = shutil.get_terminal_size().columns - 1
     return _shorten(line, max(width, 20))
 
@@ -691,9 +691,10 @@ def _wait_with_progress(session: str, sidecar: str, timeout: float | None) -> bo
 
     threading.Thread(target=waiter, name="fencelock-wait", daemon=True).start()
     start = time.monotonic()
+    show = _PathDisplay()
     try:
         while not done.wait(1.0):
-            click.echo("\r\x1b[K" + _progress(session, start), nl=False, err=True)
+            click.echo("\r\x1b[K" + _progress(session, start, show), nl=False, err=True)
     finally:
         click.echo("\r\x1b[K", nl=False, err=True)
     if failure:

@@ -68,6 +68,8 @@ def parse(text: str, path: str = "<config>") -> Any:
     """Parse JSON, or JSON5 when plain JSON fails (comments, trailing commas, bare keys)."""
     if text.startswith("\ufeff"):
         text = text[1:]
+    if not text.strip():
+        raise ConfigError(path, "the file is empty")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -86,8 +88,6 @@ def parse(text: str, path: str = "<config>") -> Any:
             raise ConfigError(
                 path, f"not valid JSON5: {m.group(2)}", int(m.group(1)), int(m.group(3))
             ) from None
-        if not text.strip():
-            raise ConfigError(path, "the file is empty") from None
         raise ConfigError(
             path, f"not valid JSON or JSON5: {first.msg}", first.lineno, first.colno
         ) from None

@@ -89,8 +89,13 @@ class SessionWriteError(FenceLockError):
     def __init__(self, session: str, cause: OSError, what: str):
         self.session = session
         self.cause = cause
+        self.fingerprint: Fingerprint | None = None
+        """The session after the failed line was taken back out, when that worked."""
         reason = cause.strerror or type(cause).__name__
-        super().__init__(f"{session}: {what} failed: {reason}; the entry is not durable")
+        super().__init__(
+            f"{session}: {what} failed: {reason}; the entry was not stored, "
+            f"append it again once the cause is fixed"
+        )
 
 
 class NotHeldError(FenceLockError):

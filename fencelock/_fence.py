@@ -128,17 +128,27 @@ def append(
     except OSError as e:
         raise SessionWriteError(session, e, "open") from None
     try:
+        size = 0
         if not created:
             actual = _fingerprint_fd(fd, mode)
             if not _same(expected, actual, mode):
                 raise SessionTakeoverError(session, expected, actual)
-            if check_tail:
-                _cut_torn_tail(fd, session, actual.size)
-        _write_all(fd, line, session)
+            size = _cut_torn_tail(fd, session, actual.size) if check_tail else actual.size
         try:
-            _fsync(fd)
-        except OSError as e:
-            raise SessionWriteError(session, e, "fsync") from None
+            _write_all(fd, line, session)
+            try:
+                _fsync(fd)
+            except OSError as e:
+                raise SessionWriteError(session, e, "fsync") from None
+        except SessionWriteError as e:
+            # Take back whatever part of the line reached the file, so the session
+            # stays valid JSONL and the run keeps its fence point.
+            try:
+                os.ftruncate(fd, size)
+                e.fingerprint = _fingerprint_fd(fd, mode)
+            except OSError:
+                pass
+            raise
         if created:
             _fsync_dir(os.path.dirname(session))
         return _fingerprint_fd(fd, mode)

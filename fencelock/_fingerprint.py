@@ -115,7 +115,10 @@ def take(path: str, mode: FenceMode) -> Fingerprint | None:
 
 def detect_mode(directory: str) -> FenceMode:
     """The fence to use for files in ``directory``: content on SMB/CIFS, else stat."""
-    fstype = filesystem_type(directory)
+    return mode_for(filesystem_type(directory))
+
+
+def mode_for(fstype: str | None) -> FenceMode:
     return FenceMode.CONTENT if fstype in _FLAPPING_FS else FenceMode.STAT
 
 
@@ -123,12 +126,16 @@ def filesystem_type(directory: str) -> str | None:
     """The filesystem type of ``directory`` from /proc/self/mounts, None where unknown."""
     try:
         with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
-            mounts = f.read().splitlines()
+            mounts = f.read()
     except OSError:
         return None
-    target = os.path.realpath(directory)
+    return type_from_mounts(os.path.realpath(directory), mounts)
+
+
+def type_from_mounts(target: str, mounts: str) -> str | None:
+    """The type of the longest mount point containing ``target`` in a mounts table."""
     best, best_type = -1, None
-    for line in mounts:
+    for line in mounts.splitlines():
         parts = line.split()
         if len(parts) < 3:
             continue

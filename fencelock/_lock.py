@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from fencelock._errors import (
     CorruptRecordError,
     NotHeldError,
     SessionContendedError,
+    SessionWriteError,
     SidecarAccessError,
 )
 from fencelock._fingerprint import FenceMode, Fingerprint
@@ -82,6 +84,17 @@ class _RunIds:
 _run_ids = _RunIds()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@functools.lru_cache(maxsize=256)
+def _directory_facts(directory: str) -> tuple[str, FenceMode]:
+    """(real path, fence mode) of a sessions directory; cached, as both cost syscalls."""
+    return os.path.realpath(directory), _fingerprint.detect_mode(directory)
+
+
+def registry_key(session: str) -> str:
+    """The in-process registry's key for a session: its real directory plus its name."""
+    return os.path.join(_directory_facts(os.path.dirname(session))[0], os.path.basename(session))
 
 
 def _whoami() -> object:
@@ -157,9 +170,9 @@ class SessionLock:
         self.mode = mode
         self.origin = origin
         fence = FenceMode(fence)
-        directory = os.path.dirname(self.session)
-        self.fence_mode = _fingerprint.detect_mode(directory) if fence is FenceMode.AUTO else fence
-        self._key = os.path.join(os.path.realpath(directory), os.path.basename(self.session))
+        real_dir, detected = _directory_facts(os.path.dirname(self.session))
+        self.fence_mode = detected if fence is FenceMode.AUTO else fence
+        self._key = os.path.join(real_dir, os.path.basename(self.session))
         self._fd = -1
         self._st: os.stat_result | None = None
         self._idle_fd = -1
@@ -293,6 +306,8 @@ class SessionLock:
         try:
             fd, st = self._lock_sidecar(deadline, cancel, start)
             try:
+                if cancel is not None and cancel.is_set():
+                    raise asyncio.CancelledError  # got it just as the caller gave up
                 self._write_new_record(fd)
             except BaseException:
                 os.close(fd)
@@ -521,9 +536,15 @@ class SessionLock:
     def _append_bytes(self, data: bytes) -> None:
         self._require()
         check_tail, self._tail_checked = not self._tail_checked, False
-        fp = _fence.append(
-            self.session, data, self._fp, self.fence_mode, check_tail=check_tail, file_mode=self.mode
-        )
+        try:
+            fp = _fence.append(
+                self.session, data, self._fp, self.fence_mode,
+                check_tail=check_tail, file_mode=self.mode,
+            )
+        except SessionWriteError as e:
+            if e.fingerprint is not None:
+                self._fp = e.fingerprint
+            raise
         self._tail_checked = True
         self._rewrite(_fp=fp, _heartbeat_at=time.time())
 

@@ -88,7 +88,7 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
             return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
     finally:
         os.close(fd)  # also drops the shared lock
-    if free and _lock._registry and _lock.held_in_process(_registry_key(session)):
+    if free and _lock._registry and _lock.held_in_process(_lock.registry_key(session)):
         free = False
     if not free:
         state = ProbeState.LIVE
@@ -114,10 +114,6 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
         fence_ok=_fence_ok(session, record),
         reason=_reason(state, record, alive, stuck),
     )
-
-
-def _registry_key(session: str) -> str:
-    return os.path.join(os.path.realpath(os.path.dirname(session)), os.path.basename(session))
 
 
 def _fence_ok(session: str, record: HolderInfo) -> bool | None:
@@ -186,7 +182,7 @@ def clear(
             raise
         try:
             if not _platform.try_lock(fd) or (
-                _lock._registry and _lock.held_in_process(_registry_key(session))
+                _lock._registry and _lock.held_in_process(_lock.registry_key(session))
             ):
                 raise SessionContendedError(session, _lock._read_quietly(sidecar))
             if not _sidecar.still_at_path(sidecar, st):

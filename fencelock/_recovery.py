@@ -62,7 +62,7 @@ def recover(
         raise FenceLockError(f"{session}: cannot recover: {found.reason}")
     waited = 0.0
     if found.state is ProbeState.LIVE:
-        local = _lock.held_in_process(_probe._registry_key(session))
+        local = _lock.held_in_process(_lock.registry_key(session))
         if local is not None:
             local._abort()
         start = time.monotonic()

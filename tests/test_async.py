@@ -1,0 +1,137 @@
+"""asyncio: waiting off the event loop, tasks that contend, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fencelock import ProbeState, SessionContendedError, SessionLock, probe
+from fencelock import _lock
+
+
+async def until(predicate: Any, limit: float = 30.0) -> None:
+    """Yield to the loop until ``predicate()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while not predicate():
+        assert loop.time() < deadline, "condition never held"
+        await asyncio.sleep(0.001)
+
+
+def test_async_with_gives_the_lock(session: Path) -> None:
+    async def main() -> None:
+        lock = SessionLock(session, lane="async")
+        async with lock as entered:
+            assert entered is lock and lock.held
+            assert probe(session).state == ProbeState.LIVE
+            lock.append({"role": "user"})
+        info = await lock.acquire_async()
+        assert info.token == 2
+        lock.release()
+
+    asyncio.run(main())
+    assert probe(session).state == ProbeState.FREE
+
+
+def test_loop_keeps_ticking_while_a_task_waits(session: Path, spawn_holder: Any) -> None:
+    holder = spawn_holder(session, lane="other-process")
+    holder.acquire()
+
+    async def main() -> int:
+        ticks = 0
+        enough = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                if ticks == 50:
+                    enough.set()
+                await asyncio.sleep(0.001)
+
+        tick_task = asyncio.create_task(ticker())
+        lock = SessionLock(session, lane="async")
+        waiter = asyncio.create_task(lock.acquire_async())
+        await enough.wait()  # 50 ticks while the waiter is blocked on the lock
+        assert not waiter.done()
+        assert await asyncio.to_thread(holder.call, "release") == "released"
+        info = await waiter
+        lock.release()
+        tick_task.cancel()
+        return info.token
+
+    assert asyncio.run(main()) == 2
+
+
+def test_two_tasks_contend_like_two_processes(session: Path) -> None:
+    events: list[str] = []
+
+    async def main() -> None:
+        first, second = SessionLock(session, lane="t1"), SessionLock(session, lane="t2")
+        await first.acquire_async()
+        events.append("t1 acquired")
+
+        async def take_second() -> None:
+            async with second:
+                events.append("t2 acquired")
+
+        task = asyncio.create_task(take_second())
+        await until(lambda: _lock._registry_waiters == 1)
+        assert events == ["t1 acquired"]
+        events.append("t1 released")
+        first.release()
+        await task
+
+    asyncio.run(main())
+    assert events == ["t1 acquired", "t1 released", "t2 acquired"]
+
+
+def test_same_object_is_not_shared_between_tasks(session: Path) -> None:
+    async def main() -> None:
+        lock = SessionLock(session, on_contention="fail")
+        await lock.acquire_async()
+
+        async def other_task() -> None:
+            await lock.acquire_async()
+
+        with pytest.raises(SessionContendedError):
+            await asyncio.create_task(other_task())
+        lock.release()
+
+    asyncio.run(main())
+
+
+def test_async_timeout_raises_contended(session: Path, spawn_holder: Any) -> None:
+    holder = spawn_holder(session, lane="busy")
+    holder.acquire()
+
+    async def main() -> None:
+        with pytest.raises(SessionContendedError) as err:
+            await SessionLock(session, timeout=0.1).acquire_async()
+        assert err.value.holder is not None and err.value.holder.lane == "busy"
+
+    asyncio.run(main())
+
+
+def test_cancelled_waiter_leaves_no_lock_behind(session: Path, spawn_holder: Any) -> None:
+    holder = spawn_holder(session, lane="holder")
+    holder.acquire()
+
+    async def main() -> None:
+        waiter = asyncio.create_task(SessionLock(session, lane="cancelled").acquire_async())
+        await until(lambda: not waiter.done() and _lock._registry)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert await asyncio.to_thread(holder.call, "release") == "released"
+        # The session is free to anyone else; the cancelled run never wrote a record.
+        async with SessionLock(session, lane="after") as lock:
+            assert lock.info is not None and lock.info.token == 2
+        await until(lambda: not _lock._registry)
+
+    asyncio.run(main())
+    status = probe(session)
+    assert status.state == ProbeState.FREE and status.lane == "after"

@@ -1,0 +1,299 @@
+"""The fence: durable fenced appends, the prompt window, stamps, and the two fences."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fencelock import (
+    STAMP_KEY,
+    FenceLockError,
+    FenceMode,
+    SessionLock,
+    SessionTakeoverError,
+    SessionWriteError,
+    clear,
+    probe,
+    verify,
+)
+from fencelock import _fence, _fingerprint
+from fencelock._fence import TORN_SUFFIX
+
+
+def lines(session: Path) -> list[Any]:
+    return [json.loads(line) for line in session.read_text().splitlines()]
+
+
+def foreign_append(session: Path, text: str) -> None:
+    """A writer outside the protocol, in another process."""
+    subprocess.run(
+        [sys.executable, "-c", f"open({str(session)!r}, 'a').write({text!r})"], check=True
+    )
+
+
+def test_append_writes_one_json_line_per_call_and_updates_the_record(session: Path) -> None:
+    with SessionLock(session) as lock:
+        lock.append({"role": "user", "content": "hi\nthere"})
+        lock.append('{"role": "assistant", "content": "hello"}')
+        rec = probe(session).record
+        assert rec is not None and rec.fingerprint is not None
+        assert rec.fingerprint.size == session.stat().st_size
+        assert rec.fingerprint.ino == session.stat().st_ino
+    assert lines(session) == [
+        {"role": "user", "content": "hi\nthere"},
+        {"role": "assistant", "content": "hello"},
+    ]
+
+
+def test_multi_line_string_is_refused_before_writing(session: Path) -> None:
+    with SessionLock(session) as lock:
+        lock.append({"a": 1})
+        size = session.stat().st_size
+        with pytest.raises(FenceLockError, match="one line"):
+            lock.append('{"a": 1}\n{"b": 2}')
+        assert session.stat().st_size == size
+        lock.append({"b": 2})  # the fence still holds after a refused entry
+    assert lines(session) == [{"a": 1}, {"b": 2}]
+
+
+def test_new_session_file_is_created_0600(session: Path) -> None:
+    with SessionLock(session) as lock:
+        lock.append({"a": 1})
+    assert session.stat().st_mode & 0o777 == 0o600
+
+
+def test_torn_tail_is_cut_aside_never_glued(session: Path) -> None:
+    session.write_text('{"role": "user"}\n{"role": "assist')  # a crashed writer's tail
+    with SessionLock(session) as lock:
+        lock.append({"role": "assistant", "content": "ok"})
+    assert lines(session) == [{"role": "user"}, {"role": "assistant", "content": "ok"}]
+    assert Path(str(session) + TORN_SUFFIX).read_text() == '{"role": "assist\n'
+    assert verify(session).ok
+
+
+def test_short_writes_are_looped(session: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.write
+    calls = []
+
+    def short(fd: int, data: Any) -> int:
+        calls.append(len(data))
+        return real(fd, bytes(data[:7]))
+
+    monkeypatch.setattr(_fence, "_write", short)
+    with SessionLock(session) as lock:
+        lock.append({"content": "x" * 40})
+    assert len(calls) > 3
+    assert lines(session) == [{"content": "x" * 40}]
+
+
+def test_fsync_error_is_raised_not_retried(session: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def failing(fd: int) -> None:
+        calls.append(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    with SessionLock(session) as lock:
+        lock.append({"a": 1})
+        monkeypatch.setattr(_fence, "_fsync", failing)
+        with pytest.raises(SessionWriteError, match="fsync failed: Input/output error") as err:
+            lock.append({"b": 2})
+        assert err.value.session == str(session) and len(calls) == 1
+        monkeypatch.undo()
+        lock.append({"c": 3})  # the failed line was taken back; the fence still holds
+    assert lines(session) == [{"a": 1}, {"c": 3}]
+
+
+def test_enospc_mid_line_leaves_no_partial_line(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.write
+    budget = [10]
+
+    def filling(fd: int, data: Any) -> int:
+        if budget[0] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = real(fd, bytes(data[: budget[0]]))
+        budget[0] -= n
+        return n
+
+    with SessionLock(session) as lock:
+        lock.append({"a": 1})
+        monkeypatch.setattr(_fence, "_write", filling)
+        with pytest.raises(SessionWriteError, match="No space left"):
+            lock.append({"content": "x" * 100})
+        monkeypatch.undo()
+        lock.append({"b": 2})
+    assert lines(session) == [{"a": 1}, {"b": 2}]
+    assert verify(session).ok
+
+
+def test_foreign_append_in_prompt_window_raises_takeover(session: Path) -> None:
+    with SessionLock(session) as lock:
+        lock.append({"role": "user"})
+        with pytest.raises(SessionTakeoverError) as err:
+            with lock.prompt_window():
+                assert probe(session).record.phase == "prompt"  # type: ignore[union-attr]
+                foreign_append(session, '{"role": "intruder"}\n')
+        assert err.value.session == str(session)
+        assert err.value.expected is not None and err.value.actual is not None
+        assert err.value.actual.size > err.value.expected.size
+        assert lock.held  # the holder is still held; the caller decides what to do
+        assert probe(session).record.phase == "write"  # type: ignore[union-attr]
+
+
+def test_replace_during_prompt_window_raises_takeover(session: Path, tmp_path: Path) -> None:
+    with SessionLock(session) as lock:
+        lock.append({"role": "user"})
+        with pytest.raises(SessionTakeoverError) as err:
+            with lock.prompt_window():
+                other = tmp_path / "other.jsonl"
+                other.write_text(session.read_text())
+                os.replace(other, session)
+        assert err.value.expected is not None and err.value.actual is not None
+        assert err.value.expected.ino != err.value.actual.ino
+
+
+@pytest.mark.parametrize("damage", ["append", "truncate", "delete", "create"])
+def test_append_refuses_after_foreign_change_and_writes_nothing(session: Path, damage: str) -> None:
+    with SessionLock(session) as lock:
+        if damage != "create":
+            lock.append({"n": 1})
+        if damage == "append":
+            foreign_append(session, '{"n": "foreign"}\n')
+        elif damage == "truncate":
+            os.truncate(session, 0)
+        elif damage == "delete":
+            session.unlink()
+        else:
+            session.write_text('{"n": "created by someone else"}\n')
+        before = session.read_bytes() if session.exists() else None
+        with pytest.raises(SessionTakeoverError):
+            lock.append({"n": 2})
+        with pytest.raises(SessionTakeoverError):
+            lock.verify_fence()
+        assert (session.read_bytes() if session.exists() else None) == before
+
+
+def test_quiet_prompt_window_passes_and_verify_fence_returns_the_fingerprint(session: Path) -> None:
+    with SessionLock(session) as lock:
+        lock.append({"a": 1})
+        with lock.prompt_window():
+            pass
+        fp = lock.verify_fence()
+        assert fp is not None and fp.size == session.stat().st_size
+        lock.append({"a": 2})
+
+
+def test_touch_moves_the_heartbeat(session: Path) -> None:
+    with SessionLock(session) as lock:
+        first = probe(session).record
+        assert first is not None
+        lock.touch()
+        second = probe(session).record
+        assert second is not None and second.heartbeat_at >= first.heartbeat_at
+        assert second.run_id == first.run_id and second.token == first.token
+
+
+def flap_stat(session: Path) -> None:
+    """Report an unchanged file differently: new inode and times, same bytes."""
+    copy = session.with_suffix(".copy")
+    shutil.copyfile(session, copy)
+    os.utime(copy, ns=(1, 1))
+    os.replace(copy, session)
+
+
+def test_stat_fence_cries_wolf_on_flapping_stat_content_fence_does_not(tmp_path: Path) -> None:
+    for mode, raises in ((FenceMode.STAT, True), (FenceMode.CONTENT, False)):
+        session = tmp_path / f"{mode}.jsonl"
+        with SessionLock(session, fence=mode) as lock:
+            lock.append({"a": 1})
+            if raises:
+                with pytest.raises(SessionTakeoverError):
+                    with lock.prompt_window():
+                        flap_stat(session)
+            else:
+                with lock.prompt_window():
+                    flap_stat(session)
+                lock.append({"a": 2})
+
+
+@pytest.mark.parametrize("mode", [FenceMode.STAT, FenceMode.CONTENT])
+def test_both_fences_catch_a_real_foreign_write(session: Path, mode: FenceMode) -> None:
+    with SessionLock(session, fence=mode) as lock:
+        lock.append({"a": 1})
+        with pytest.raises(SessionTakeoverError):
+            with lock.prompt_window():
+                foreign_append(session, '{"b": 2}\n')
+
+
+def test_content_fence_catches_a_same_size_rewrite(session: Path) -> None:
+    with SessionLock(session, fence="content") as lock:
+        lock.append({"a": 1})
+        with pytest.raises(SessionTakeoverError):
+            with lock.prompt_window():
+                session.write_text(session.read_text().replace("1", "2"))
+
+
+def test_fence_mode_is_detected_from_the_filesystem() -> None:
+    mounts = (
+        "/dev/vda / ext4 rw 0 0\n"
+        "//nas/share /mnt/agents cifs rw 0 0\n"
+        "fs.file.core.windows.net:/x /mnt/azure smb3 rw 0 0\n"
+    )
+    assert _fingerprint.type_from_mounts("/mnt/agents/sessions", mounts) == "cifs"
+    assert _fingerprint.type_from_mounts("/mnt/agentsX", mounts) == "ext4"
+    assert _fingerprint.mode_for("cifs") is FenceMode.CONTENT
+    assert _fingerprint.mode_for("smb3") is FenceMode.CONTENT
+    assert _fingerprint.mode_for("ext4") is FenceMode.STAT
+    assert _fingerprint.detect_mode("/tmp") is FenceMode.STAT
+
+
+def test_stamped_lines_carry_the_token_and_verify_finds_backwards_ones(session: Path) -> None:
+    with SessionLock(session, stamp=True) as lock:
+        lock.append({"n": 1})
+        lock.append({"n": 2}, stamp=False)
+    with SessionLock(session) as lock:
+        lock.append({"n": 3}, stamp=True)
+    entries = lines(session)
+    assert entries[0][STAMP_KEY]["token"] == 1 and STAMP_KEY not in entries[1]
+    assert entries[2][STAMP_KEY]["token"] == 2
+    assert verify(session).ok and verify(session).max_token == 2
+    # A write that slipped past a lost lock: an older token after a newer one.
+    with open(session, "a") as f:
+        f.write(json.dumps({"n": 4, STAMP_KEY: {"token": 1, "run_id": "late"}}) + "\n")
+        f.write('{"n": 5, "torn')
+    report = verify(session)
+    kinds = [(p.line, p.kind) for p in report.problems]
+    assert kinds == [(4, "token-backwards"), (5, "torn")]
+
+
+def test_token_survives_sidecar_removal(session: Path) -> None:
+    with SessionLock(session) as lock:
+        lock.append({"a": 1})
+    for _ in range(4):
+        with SessionLock(session):
+            pass
+    assert probe(session).token == 5
+    removed = clear(session, remove=True)
+    assert "removed" in removed.reason and not Path(str(session) + ".holder").exists()
+    assert SessionLock(session).acquire().token == 6
+
+
+def test_token_continues_from_stamps_when_sidecar_deleted_by_hand(session: Path) -> None:
+    for _ in range(3):
+        with SessionLock(session, stamp=True) as lock:
+            lock.append({"a": 1})
+    Path(str(session) + ".holder").unlink()
+    os.removexattr(session, "user.fencelock.token") if "user.fencelock.token" in os.listxattr(
+        session
+    ) else None
+    assert SessionLock(session).acquire().token == 4
