@@ -198,6 +198,7 @@ def machine(directory: str) -> dict[str, Any]:
         "cores": os.cpu_count() or 0,
         "kernel": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "temp_dir": directory,
         "filesystem": _fs_type(directory),
         "versions": versions,
@@ -221,8 +222,9 @@ class Locker(Protocol):
     def release(self) -> None: ...
 
 
+@functools.lru_cache(maxsize=64)
 def _record_bytes(path: str) -> bytes:
-    """A record the size of fencelock's, for peers that write one."""
+    """A record the size of fencelock's, for peers that write one (made once per path)."""
     now = time.time()
     record = {
         "version": 1, "state": "held", "session": path, "pid": os.getpid(),
@@ -329,6 +331,8 @@ class FenceLockPeer:
 
 def make_locker(peer: str, path: str, record: bool = True) -> Locker:
     """A locker for ``peer`` on ``path`` (a lock file; for fencelock the session file)."""
+    if peer == "fencelock":
+        return FenceLockPeer(path)
     data = _record_bytes(path) if record else None
     if peer == "raw":
         return RawLock(path, data)
@@ -338,8 +342,6 @@ def make_locker(peer: str, path: str, record: bool = True) -> Locker:
         return PortalockerPeer(path, data)
     if peer == "portalocker-blocking":
         return PortalockerPeer(path, data, blocking=True)
-    if peer == "fencelock":
-        return FenceLockPeer(path)
     raise ValueError(f"unknown peer {peer!r}")
 
 
@@ -957,7 +959,8 @@ def render(report: Report) -> str:
     out = [
         f"fencelock-bench ({report.mode} mode)",
         f"machine: {m['cpu']}; {m['cores']} cores; {m['kernel']}; Python {m['python']}",
-        f"temp dir: {m['temp_dir']} ({m['filesystem']})",
+        f"temp dir: {m['temp_dir']} ({m['filesystem']}); load average at start "
+        + " ".join(str(x) for x in m["load_average"]),
         "versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         "ratio = fencelock cost / peer cost (below 1: fencelock is cheaper)",
         "",
