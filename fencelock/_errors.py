@@ -49,16 +49,27 @@ class SessionTakeoverError(CoordinationError):
         )
 
 
-class UnsafeSidecarError(FenceLockError):
+class UnsafePathError(FenceLockError):
+    """A file fencelock would open is a symlink, directory, FIFO or other non-regular file.
+
+    fencelock never follows a link or writes to anything but a regular file.
+    """
+
+    def __init__(self, path: str, what: str):
+        self.path = path
+        self.what = what
+        super().__init__(
+            f"{path}: is {what}, not a regular file; fencelock left it untouched. "
+            f"Remove or rename it yourself if it is not meant to be there"
+        )
+
+
+class UnsafeSidecarError(UnsafePathError):
     """The sidecar is a symlink, directory, FIFO or other non-regular file."""
 
     def __init__(self, sidecar: str, what: str):
         self.sidecar = sidecar
-        self.what = what
-        super().__init__(
-            f"{sidecar}: is {what}, not a regular file; fencelock left it untouched. "
-            f"Remove or rename it yourself if it is not meant to be there"
-        )
+        super().__init__(sidecar, what)
 
 
 class CorruptRecordError(FenceLockError):

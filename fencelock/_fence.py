@@ -14,10 +14,10 @@ import json
 import os
 from typing import Any
 
-from fencelock import _fingerprint
+from fencelock import _fingerprint, _sidecar
 from fencelock._errors import FenceLockError, SessionTakeoverError, SessionWriteError
 from fencelock._fingerprint import FenceMode, Fingerprint
-from fencelock._platform import O_BINARY, O_CLOEXEC
+from fencelock._platform import O_CLOEXEC
 from fencelock._tokens import STAMP_KEY
 
 TORN_SUFFIX = ".torn"
@@ -80,7 +80,7 @@ def _cut_torn_tail(fd: int, session: str, size: int) -> int:
             f"{session}: its last line is over 1 MiB with no line break; repair it by hand"
         )
     fragment = chunk[keep - start :]
-    aside = os.open(session + TORN_SUFFIX, os.O_WRONLY | os.O_APPEND | os.O_CREAT | O_CLOEXEC, 0o600)
+    aside, _ = _sidecar.open_regular(session + TORN_SUFFIX, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
         _write_all(aside, fragment + b"\n", session + TORN_SUFFIX)
         _fsync(aside)
@@ -113,10 +113,12 @@ def append(
     file_mode: int = 0o600,
 ) -> Fingerprint:
     """Append ``line`` if the fence holds; returns the new fence point."""
-    flags = os.O_RDWR | os.O_APPEND | O_CLOEXEC | O_BINARY
+    flags = os.O_RDWR | os.O_APPEND
     created = expected is None
     try:
-        fd = os.open(session, flags | (os.O_CREAT | os.O_EXCL if created else 0), file_mode)
+        fd, _ = _sidecar.open_regular(
+            session, flags | (os.O_CREAT | os.O_EXCL if created else 0), file_mode
+        )
     except FileExistsError:
         raise SessionTakeoverError(session, None, _fingerprint.take(session, mode)) from None
     except FileNotFoundError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,13 +98,15 @@ def tail_digest(fd: int, size: int) -> str:
 
 def take(path: str, mode: FenceMode) -> Fingerprint | None:
     """Fingerprint of ``path`` now, or None when it does not exist."""
-    if mode is not FenceMode.CONTENT:
-        try:
-            return from_stat(os.stat(path))
-        except FileNotFoundError:
-            return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        st = os.lstat(path)  # never through a symlink: what is at the path counts
+    except FileNotFoundError:
+        return None
+    if mode is not FenceMode.CONTENT or not stat.S_ISREG(st.st_mode):
+        return from_stat(st)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return None
     try:

@@ -94,8 +94,9 @@ def _start_fresh(session: str, lane: str, carry: bool) -> tuple[str, int]:
 def _complete_lines(session: str) -> bytes:
     """The old transcript up to its last line break (a torn last line stays behind)."""
     try:
-        with open(session, "rb") as f:
-            data = f.read()
+        fd, _ = _sidecar.open_regular(session, os.O_RDONLY)
     except FileNotFoundError:
         return b""
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
     return data[: data.rfind(b"\n") + 1]

@@ -13,11 +13,17 @@ import os
 import stat
 
 from fencelock import _platform
-from fencelock._errors import CorruptRecordError, SidecarAccessError, UnsafeSidecarError
+from fencelock._errors import (
+    CorruptRecordError,
+    SidecarAccessError,
+    UnsafePathError,
+    UnsafeSidecarError,
+)
 from fencelock._record import MAX_RECORD, HolderInfo, decode
 
 SUFFIX = ".holder"
 _READ_RETRIES = 5
+_PAD_LIMIT = 4096
 
 
 def paths(path: str | os.PathLike[str]) -> tuple[str, str]:
@@ -53,6 +59,32 @@ def _access_error(path: str, e: OSError, writing: bool) -> Exception:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return SidecarAccessError(path, e, "free some space, then try again")
     return SidecarAccessError(path, e, "check the path and try again")
+
+
+def open_regular(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat_result]:
+    """Open ``path`` without following a symlink or blocking on a FIFO; regular files only.
+
+    Raises `UnsafePathError` for anything else, and lets other OSErrors through.
+    """
+    try:
+        fd = os.open(path, flags | _platform.OPEN_FLAGS, mode)
+    except OSError as e:
+        what = _UNSAFE_ERRNO.get(e.errno or 0)
+        if what is None:
+            raise
+        raise UnsafePathError(path, what) from None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UnsafePathError(path, _platform.describe_mode(st.st_mode))
+    return fd, st
+
+
+_UNSAFE_ERRNO = {errno.ELOOP: "a symlink", errno.EISDIR: "a directory", errno.ENXIO: "a socket"}
 
 
 def open_checked(
@@ -118,12 +150,17 @@ def write_bytes(fd: int, sidecar: str, record: bytes, old_len: int) -> int:
     data = record + b"\n"
     if len(data) > MAX_RECORD:
         raise CorruptRecordError(sidecar, f"a record of {len(data)} bytes is over the bound")
-    if len(data) < old_len:
+    # Pad over a slightly longer old record (readers never see the file shrink); cut a
+    # much longer one after writing, rather than rewrite all of it on every update.
+    cut = old_len > len(data) + _PAD_LIMIT
+    if len(data) < old_len and not cut:
         data = data + b" " * (old_len - len(data))
     try:
         done = os.pwrite(fd, data, 0)
         while done < len(data):  # short writes are rare on regular files, but legal
             done += os.pwrite(fd, data[done:], done)
+        if cut:
+            os.ftruncate(fd, len(data))
     except OSError as e:
         raise _access_error(sidecar, e, True) from None
     return len(data)

@@ -12,6 +12,9 @@ import json
 import os
 from typing import Any
 
+from fencelock import _sidecar
+from fencelock._errors import FenceLockError
+
 STAMP_KEY = "_fencelock"
 """Reserved key of a stamped line: ``{"_fencelock": {"token": N, "run_id": "..."}}``."""
 
@@ -33,12 +36,15 @@ def stamp_of(entry: object) -> int | None:
 
 def _last_stamped(session: str) -> int:
     try:
-        with open(session, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - _TAIL))
-            tail = f.read(_TAIL)
+        fd, st = _sidecar.open_regular(session, os.O_RDONLY)
+    except (OSError, FenceLockError):
+        return 0  # no session, or nothing fencelock would read
+    try:
+        tail = os.pread(fd, _TAIL, max(0, st.st_size - _TAIL))
     except OSError:
         return 0
+    finally:
+        os.close(fd)
     best = 0
     for line in tail.split(b"\n"):
         if STAMP_KEY.encode() not in line:

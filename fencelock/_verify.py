@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from fencelock import _sidecar
 from fencelock._errors import SidecarAccessError
 from fencelock._tokens import stamp_of
 
@@ -41,7 +42,11 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
     """Read the whole session and report what is wrong with it."""
     session = os.path.abspath(os.fspath(path))
     try:
-        with open(session, "rb") as f:
+        fd, _ = _sidecar.open_regular(session, os.O_RDONLY)
+    except OSError as e:
+        raise SidecarAccessError(session, e, "check the session path") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
             data = f.read()
     except OSError as e:
         raise SidecarAccessError(session, e, "check the session path") from None

@@ -300,9 +300,6 @@ def test_reads_are_bounded_on_a_huge_sidecar(session: Path, monkeypatch: pytest.
     assert asked and max(asked) <= MAX_RECORD + 1
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: every record rewrite pads to the old "
-                   "sidecar size, so a 100 MB sidecar costs 100 MB of writes per acquire, "
-                   "append, prompt window and release")
 def test_huge_empty_sidecar_does_not_amplify_writes(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -366,9 +363,6 @@ _FIFO_SESSION = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: a session path that is a FIFO hangs "
-                   "acquire() forever, holding the lock (_tokens._last_stamped opens it "
-                   "with a blocking open())")
 def test_session_that_is_a_fifo_does_not_hang(session: Path) -> None:
     os.mkfifo(session)
     try:
@@ -381,9 +375,6 @@ def test_session_that_is_a_fifo_does_not_hang(session: Path) -> None:
     assert stat.S_ISFIFO(os.lstat(session).st_mode)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: the session file is opened following "
-                   "symlinks: append writes into the link's target and the torn-tail "
-                   "repair truncates the target's last line")
 def test_session_that_is_a_symlink_is_not_followed(session: Path) -> None:
     victim = session.parent / "victim.txt"
     victim.write_bytes(b"precious line\nlast line without a break")
@@ -398,8 +389,6 @@ def test_session_that_is_a_symlink_is_not_followed(session: Path) -> None:
         assert victim.read_bytes() == before, "the symlink's target was modified"
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: <session>.torn is opened following "
-                   "symlinks, so a torn fragment is appended to the link's target")
 def test_torn_file_that_is_a_symlink_is_not_followed(session: Path) -> None:
     victim = session.parent / "victim.txt"
     victim.write_bytes(b"precious\n")
