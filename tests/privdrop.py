@@ -42,10 +42,22 @@ CAN_DROP = hasattr(os, "setuid") and hasattr(os, "geteuid") and os.geteuid() == 
 WHY_NOT = "needs root to drop privileges to an unprivileged uid in a child process"
 
 
+def _code(body: str, uid: int) -> str:
+    indented = "\n".join("    " + line for line in body.strip("\n").splitlines())
+    return _PRELUDE.format(uid=uid, body=indented)
+
+
+def spawn_as_user(body: str, uid: int = NOBODY, **args: Any) -> subprocess.Popen[str]:
+    """Start ``body`` as ``uid`` and return at once; talk to it over stdin/stdout."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _code(body, uid), json.dumps(args)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, cwd="/",
+    )
+
+
 def as_user(body: str, timeout: float = 30, uid: int = NOBODY, **args: Any) -> Any:
     """Run ``body`` (statements; ``args`` is a dict) as ``uid``; its ``result``."""
-    indented = "\n".join("    " + line for line in body.strip("\n").splitlines())
-    code = _PRELUDE.format(uid=uid, body=indented)
+    code = _code(body, uid)
     done = subprocess.run(
         [sys.executable, "-c", code, json.dumps(args)],
         capture_output=True, text=True, timeout=timeout, cwd="/",

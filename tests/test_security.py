@@ -1,0 +1,318 @@
+"""Security properties (see SECURITY.md): private files, no hostage through a read-only
+descriptor, nothing followed or truncated before the lock is held, no signal ever sent
+to a PID read from a record, and a warning for a world-writable sessions directory.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from privdrop import CAN_DROP, WHY_NOT, as_user, open_directory, spawn_as_user
+
+import fencelock
+from fencelock import (
+    SessionContendedError,
+    SessionLock,
+    clear,
+    probe,
+    recover,
+    scan,
+    verify,
+)
+
+PACKAGE = Path(fencelock.__file__).parent
+_TOOLS = {"_cli.py", "_bench.py", "_repro.py"}
+"""Command-line tools in the package: they start (and may signal) their own children,
+and write their own output files; everything else is the library."""
+
+
+def sidecar_of(session: Path) -> Path:
+    return Path(str(session) + ".holder")
+
+
+@pytest.fixture
+def umask_zero() -> Iterator[None]:
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+# -- private files ------------------------------------------------------------------
+
+
+def test_files_are_created_0600_even_with_umask_0(session: Path, umask_zero: None) -> None:
+    session.write_bytes(b'{"n":0}\n{"torn')  # so the first append makes <session>.torn
+    session.chmod(0o600)
+    with SessionLock(session, "a") as lock:
+        lock.append({"n": 1})
+    fresh = session.parent / "new.jsonl"
+    with SessionLock(fresh, "a") as lock:
+        lock.append({"n": 1})
+    for path in (sidecar_of(session), Path(str(session) + ".torn"), fresh, sidecar_of(fresh)):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+
+
+@pytest.mark.skipif(not CAN_DROP, reason=WHY_NOT)
+def test_another_user_cannot_hold_a_private_sidecar_hostage() -> None:
+    with open_directory() as sessions:
+        session = sessions / "s.jsonl"
+        with SessionLock(session, "owner") as lock:
+            lock.append({"n": 1})
+        result = as_user("""
+            out = {}
+            try:
+                fd = os.open(args["sidecar"], os.O_RDONLY)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                out["hostage"] = True
+            except OSError as e:
+                out["open"] = errno.errorcode[e.errno]
+            try:
+                SessionLock(args["session"], "intruder").acquire()
+                out["acquire"] = "ok"
+            except FenceLockError as e:
+                out["acquire"] = type(e).__name__
+            out["probe"] = str(probe(args["session"]).state)
+            result = out
+        """, session=str(session), sidecar=str(sidecar_of(session)))
+        assert result == {"open": "EACCES", "acquire": "SidecarAccessError",
+                          "probe": "unreadable"}
+        with SessionLock(session, "owner", on_contention="fail"):
+            pass
+
+
+@pytest.mark.skipif(not CAN_DROP, reason=WHY_NOT)
+def test_a_readable_sidecar_can_be_held_hostage_which_is_why_0600() -> None:
+    # The counter-example: a caller that opens the mode up to 0644 lets any user flock
+    # the sidecar through a read-only descriptor and block every run.
+    with open_directory() as sessions:
+        session = sessions / "s.jsonl"
+        with SessionLock(session, "owner", mode=0o644):
+            pass
+        intruder = spawn_as_user("""
+            fd = os.open(args["sidecar"], os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            print("locked", flush=True)
+            sys.stdin.read()
+            result = "done"
+        """, sidecar=str(sidecar_of(session)))
+        try:
+            assert intruder.stdout is not None
+            assert intruder.stdout.readline().strip() == "locked"
+            with pytest.raises(SessionContendedError):
+                SessionLock(session, "owner", on_contention="fail").acquire()
+            assert probe(session).state == "live"
+        finally:
+            intruder.kill()
+            intruder.wait()
+            for stream in (intruder.stdin, intruder.stdout):
+                if stream is not None:
+                    stream.close()
+
+
+# -- nothing followed, nothing truncated before the lock is held --------------------
+
+
+def test_outsiders_change_nothing_while_a_run_holds_the_session(
+    session: Path, spawn_holder
+) -> None:
+    h = spawn_holder(session, lane="owner")
+    h.acquire()
+    for n in range(3):
+        assert h.call("append " + json.dumps({"n": n})) == "ok"
+    assert h.call("prompt") == "ok"
+    sidecar = sidecar_of(session)
+
+    def state() -> tuple[object, ...]:
+        s, c = os.stat(session), os.stat(sidecar)
+        return (session.read_bytes(), sidecar.read_bytes(), s.st_ino, s.st_mtime_ns,
+                c.st_ino, c.st_size)
+
+    before = state()
+    with pytest.raises(SessionContendedError):
+        SessionLock(session, "x", on_contention="fail").acquire()
+    with pytest.raises(SessionContendedError):
+        SessionLock(session, "x", timeout=0.2).acquire()
+    for kwargs in ({}, {"remove": True}, {"remove": True, "force": True}):
+        with pytest.raises(SessionContendedError):
+            clear(session, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(SessionContendedError):
+        recover(session, wait=0.1, fresh=False)
+    moved = recover(session, wait=0.1)  # escalates to a new file, the old one untouched
+    assert moved.action == "fresh" and moved.session != str(session)
+    assert probe(session).state == "live"
+    list(scan(session.parent))
+    assert verify(session).ok
+    assert state() == before
+    assert h.call("endprompt") == "ok"
+    assert h.call("release") == "released"
+
+
+def test_the_library_never_opens_with_o_trunc() -> None:
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.name in _TOOLS:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "O_TRUNC":
+                pytest.fail(f"{path.name}:{node.lineno} opens with O_TRUNC")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id == "open" and len(node.args) > 1
+                    and isinstance(node.args[1], ast.Constant)
+                    and "w" in str(node.args[1].value)):
+                pytest.fail(f"{path.name}:{node.lineno} opens with mode "
+                            f"{node.args[1].value!r}, which truncates")
+
+
+# -- nothing signals a PID taken from a record --------------------------------------
+
+_SACRIFICE = textwrap.dedent("""
+    import json, os, signal, sys
+    got = []
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, lambda n, f: got.append(n))
+        except (OSError, ValueError):
+            pass
+    print(os.getpid(), flush=True)
+    for line in sys.stdin:
+        print(json.dumps(got), flush=True)
+""")
+
+
+def _forge(session: Path, pid: int) -> None:
+    """A held record naming ``pid`` as its owner, with its real start token."""
+    from fencelock import _identity
+
+    with SessionLock(session, "template"):
+        pass
+    obj = json.loads(sidecar_of(session).read_bytes())
+    obj.update(state="held", pid=pid, process_start=_identity.process_start(pid),
+               lane="forged")
+    sidecar_of(session).write_bytes(json.dumps(obj).encode())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_no_signal_reaches_a_pid_named_in_a_record(session: Path, spawn_holder) -> None:
+    victim = subprocess.Popen([sys.executable, "-c", _SACRIFICE],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert victim.stdin is not None and victim.stdout is not None
+        pid = int(victim.stdout.readline())
+
+        _forge(session, pid)
+        status = probe(session)
+        assert status.state == "stale" and status.owner_alive is True  # it is alive
+        list(scan(session.parent))
+        assert clear(session).state == "stale"
+
+        _forge(session, pid)
+        assert recover(session, wait=0.1).action == "refire"
+
+        _forge(session, pid)
+        with SessionLock(session, "takeover") as lock:
+            assert lock.info is not None and lock.info.previous is not None
+            assert lock.info.previous.pid == pid
+
+        # The same while another process really holds it: wait, escalate, never signal.
+        other = session.parent / "other.jsonl"
+        _forge(other, pid)
+        h = spawn_holder(other, lane="real")
+        h.acquire()
+        with pytest.raises(SessionContendedError):
+            clear(other)
+        assert recover(other, wait=0.2).action == "fresh"
+        assert h.call("release") == "released"
+
+        victim.stdin.write("report\n")
+        victim.stdin.flush()
+        assert json.loads(victim.stdout.readline()) == []
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        assert stat_line[stat_line.rfind(")") + 2] in "RS", "the victim was stopped"
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+        for stream in (victim.stdin, victim.stdout):
+            if stream is not None:
+                stream.close()
+
+
+_SENDERS = {("os", "kill"), ("os", "killpg"), ("signal", "pthread_kill"),
+            ("signal", "pidfd_send_signal"), ("os", "pidfd_open")}
+
+
+def test_the_package_has_no_way_to_signal_an_arbitrary_pid() -> None:
+    for path in sorted(PACKAGE.glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute):
+                continue
+            base = node.value.id if isinstance(node.value, ast.Name) else None
+            if (base, node.attr) in _SENDERS:
+                pytest.fail(f"{path.name}:{node.lineno} uses {base}.{node.attr}")
+            if node.attr in ("send_signal", "terminate", "kill") and path.name not in _TOOLS:
+                pytest.fail(f"{path.name}:{node.lineno} signals a process ({node.attr})")
+
+
+# -- world-writable sessions directory ----------------------------------------------
+
+
+def _acquire_in(directory: Path) -> None:
+    with SessionLock(directory / "s.jsonl", "a"):
+        pass
+
+
+@pytest.mark.xfail(strict=False, reason="needs core support: fencelock.FenceLockWarning "
+                   "warned when the sessions directory is world-writable without the "
+                   "sticky bit")
+def test_world_writable_directory_without_sticky_bit_warns(tmp_path: Path) -> None:
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    category = getattr(fencelock, "FenceLockWarning", None)
+    assert category is not None, "fencelock exports no FenceLockWarning"
+    assert issubclass(category, UserWarning)
+    assert "FenceLockWarning" in fencelock.__all__
+    with pytest.warns(category) as caught:
+        _acquire_in(loose)
+    message = str(caught[0].message)
+    assert str(loose) in message and "world-writable" in message
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o700, 0o1777, 0o1733])
+def test_safe_directories_do_not_warn(tmp_path: Path, mode: int) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    d.chmod(mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _acquire_in(d)
+        status = probe(d / "s.jsonl")
+    assert status.state == "free"
+
+
+def test_time_is_not_trusted_for_liveness(session: Path) -> None:
+    # A record whose heartbeat is ancient but whose lock is held is live (stuck), never
+    # stale: a clock cannot make clear() take a session away from a running holder.
+    with SessionLock(session, "slow") as lock:
+        obj = json.loads(sidecar_of(session).read_bytes())
+        assert lock.held and obj["state"] == "held"
+        status = probe(session, stuck_after=-1.0)  # any heartbeat counts as ancient
+        assert status.state == "live" and status.stuck
+        with pytest.raises(SessionContendedError):
+            clear(session)
