@@ -1,0 +1,161 @@
+"""The platform layer's choices (docs/PORTABILITY.md), tested where this OS allows.
+
+Windows is exercised by loading ``fencelock/_platform.py`` with ``sys.platform`` set to
+``win32`` and a recording stand-in for ``msvcrt`` in a child interpreter: that checks
+which byte the Windows code locks, not Windows itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import fencelock
+from fencelock import FenceMode, Fingerprint, SessionLock, _platform
+from fencelock._record import MAX_RECORD
+
+POSIX = os.name == "posix"
+PLATFORM_SOURCE = Path(fencelock.__file__).parent / "_platform.py"
+
+
+def test_windows_lock_byte_lies_past_any_record() -> None:
+    # Readers read at most MAX_RECORD + 1 bytes from offset 0; the mandatory Windows
+    # lock must not cover any of them.
+    assert _platform.WINDOWS_LOCK_OFFSET >= MAX_RECORD + 1
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX open flags")
+def test_posix_open_flags_never_follow_and_never_block() -> None:
+    assert os.O_NOFOLLOW and _platform.OPEN_FLAGS & os.O_NOFOLLOW
+    assert _platform.OPEN_FLAGS & os.O_NONBLOCK  # a planted FIFO cannot hang open()
+    assert _platform.OPEN_FLAGS & os.O_CLOEXEC  # an exec'd child does not inherit it
+    assert _platform.CAN_BLOCK
+
+
+@pytest.mark.skipif(not POSIX, reason="flock is the POSIX primitive")
+def test_the_primitive_is_flock_not_lockf() -> None:
+    import fcntl
+
+    assert _platform._flock is fcntl.flock
+
+
+_PROBE = "import sys; from fencelock import probe; print(probe(sys.argv[1]).state)"
+
+
+def _probe_elsewhere(session: Path) -> str:
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(session)],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX record-lock pitfall")
+def test_closing_another_descriptor_does_not_drop_the_lock(session: Path) -> None:
+    # With lockf/fcntl record locks, closing *any* descriptor of the file drops the
+    # process's lock. flock locks belong to the open file description.
+    with SessionLock(session, "a"):
+        sidecar = str(session) + ".holder"
+        for flags in (os.O_RDONLY, os.O_RDWR):
+            os.close(os.open(sidecar, flags))
+        with open(sidecar, "rb") as f:
+            f.read()
+        assert _probe_elsewhere(session) == "live"
+    assert _probe_elsewhere(session) == "free"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="local Linux semantics")
+def test_flock_and_posix_record_locks_are_independent_locally(session: Path) -> None:
+    # On a local Linux filesystem a POSIX record lock does not see a flock. (On NFS the
+    # kernel emulates flock with whole-file fcntl locks and they would conflict: see
+    # docs/PORTABILITY.md.) This is how we know the primitive really is flock.
+    code = textwrap.dedent("""
+        import fcntl, os, sys
+        fd = os.open(sys.argv[1], os.O_RDWR)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            print("lockf-free")
+        except OSError:
+            print("lockf-conflict")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            print("flock-free")
+        except OSError:
+            print("flock-conflict")
+    """)
+    with SessionLock(session, "a"):
+        out = subprocess.run([sys.executable, "-c", code, str(session) + ".holder"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["lockf-free", "flock-conflict"]
+
+
+_WINDOWS_SIM = textwrap.dedent("""
+    import importlib.util, json, os, sys, tempfile, types
+    calls = []
+    msvcrt = types.ModuleType("msvcrt")
+    msvcrt.LK_NBLCK, msvcrt.LK_UNLCK, msvcrt.LK_LOCK = 2, 0, 1
+    def locking(fd, mode, nbytes):
+        calls.append({"pos": os.lseek(fd, 0, os.SEEK_CUR), "mode": mode, "nbytes": nbytes})
+    msvcrt.locking = locking
+    sys.modules["msvcrt"] = msvcrt
+    real = sys.platform
+    sys.platform = "win32"
+    try:
+        spec = importlib.util.spec_from_file_location("_platform_win", sys.argv[1])
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.platform = real
+    fd, path = tempfile.mkstemp()
+    try:
+        os.write(fd, b"{}" + b" " * 100)
+        got = mod.try_lock(fd)
+        mod.unlock(fd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    print(json.dumps({"windows": mod.WINDOWS, "can_block": mod.CAN_BLOCK, "got": got,
+                      "offset": mod.WINDOWS_LOCK_OFFSET, "calls": calls}))
+""")
+
+
+def test_windows_branch_locks_one_byte_past_the_record() -> None:
+    out = subprocess.run([sys.executable, "-c", _WINDOWS_SIM, str(PLATFORM_SOURCE)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    offset = result["offset"]
+    assert result["windows"] is True and result["can_block"] is False and result["got"]
+    assert offset >= MAX_RECORD + 1
+    assert result["calls"] == [
+        {"pos": offset, "mode": 2, "nbytes": 1},  # LK_NBLCK on the byte past the record
+        {"pos": offset, "mode": 0, "nbytes": 1},  # LK_UNLCK on the same byte
+    ]
+
+
+def test_coarse_timestamps_need_the_content_fence() -> None:
+    # On a filesystem with coarse timestamps, a same-size rewrite within one tick
+    # leaves every stat field equal: the stat fence cannot see it, the content fence can.
+    before = Fingerprint(dev=1, ino=2, size=100, mtime_ns=10**18, ctime_ns=10**18, tail="aa")
+    after = Fingerprint(dev=1, ino=2, size=100, mtime_ns=10**18, ctime_ns=10**18, tail="bb")
+    assert before.matches(after, FenceMode.STAT)  # the documented blind spot
+    assert not before.matches(after, FenceMode.CONTENT)
+
+
+def test_content_fence_catches_a_same_size_rewrite_with_restored_times(session: Path) -> None:
+    with SessionLock(session, "a", fence="content") as lock:
+        lock.append({"n": 1})
+        st = os.stat(session)
+        data = session.read_bytes()
+        fd = os.open(session, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data.replace(b"1", b"2"), 0)  # same size, other bytes
+        finally:
+            os.close(fd)
+        os.utime(session, ns=(st.st_atime_ns, st.st_mtime_ns))  # as if in one tick
+        with pytest.raises(fencelock.SessionTakeoverError):
+            lock.verify_fence()
