@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -490,8 +491,19 @@ def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
 # -- 3. contended appends ------------------------------------------------------------
 
 
-def _run_workers(target: Callable[..., None], argsets: list[tuple[Any, ...]]) -> float:
-    """Run one process per argset, started together; seconds until the last finished."""
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run_workers(
+    target: Callable[..., None], argsets: list[tuple[Any, ...]]
+) -> tuple[float, float]:
+    """Run one process per argset, started together.
+
+    Returns the seconds until the last one finished and the CPU seconds they used
+    (the CPU figure is steadier than wall time on a shared machine).
+    """
     barrier = _CTX.Barrier(len(argsets) + 1)
     pipes = []
     procs = []
@@ -511,7 +523,8 @@ def _run_workers(target: Callable[..., None], argsets: list[tuple[Any, ...]]) ->
             raise RuntimeError(f"bench worker {proc.pid} died (exit {proc.exitcode})") from None
         proc.join()
     # Each worker times itself from the barrier: the parent may be scheduled late.
-    return float(max(end for _, end in spans) - min(start for start, _ in spans))
+    elapsed = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
+    return float(elapsed), float(sum(cpu for _, _, cpu in spans))
 
 
 def _append_worker(
@@ -524,14 +537,14 @@ def _append_worker(
             _fence._fsync = _no_fsync  # no public knob: see the notes
         lock = fencelock.SessionLock(session, lane=f"writer-{writer}")
         barrier.wait()
-        start = time.monotonic()
+        start, cpu = time.monotonic(), _cpu()
         for seq in range(turns):
             with lock:
                 lock.append({"w": writer, "seq": seq, "pad": _PAD})
     else:
         locker = make_locker(peer, lockpath, record=False)
         barrier.wait()
-        start = time.monotonic()
+        start, cpu = time.monotonic(), _cpu()
         for seq in range(turns):
             line = json.dumps({"w": writer, "seq": seq, "pad": _PAD},
                               separators=(",", ":")).encode() + b"\n"
@@ -548,7 +561,7 @@ def _append_worker(
                     os.close(fd)
             finally:
                 locker.release()
-    conn.send((start, time.monotonic()))
+    conn.send((start, time.monotonic(), _cpu() - cpu))
     conn.close()
 
 
@@ -585,21 +598,24 @@ def bench_appends(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list
     checks = []
     for fsync in (True, False):
         values: dict[str, float | None] = {}
+        cpu: dict[str, float | None] = {}
         for peer in ("fencelock", "raw", "filelock", "portalocker-blocking"):
             if not _available(peer):
-                values[peer] = None
+                values[peer] = cpu[peer] = None
                 continue
             _progress(quiet, f"appends {'with' if fsync else 'without'} fsync: {peer}")
             d = base / f"appends-{int(fsync)}" / peer
             d.mkdir(parents=True)
             session, lockpath = str(d / "s.jsonl"), str(d / "s.lock")
-            elapsed = _run_workers(_append_worker, [
+            elapsed, used = _run_workers(_append_worker, [
                 (peer, session, lockpath, w, sizes.turns, fsync) for w in range(sizes.writers)
             ])
             values[peer] = sizes.writers * sizes.turns / elapsed
+            cpu[peer] = used / (sizes.writers * sizes.turns) * 1e6
             check = check_lines(session, sizes.writers, sizes.turns)
             checks.append({"peer": peer, "fsync": fsync, **check})
         values["portalocker"] = values.pop("portalocker-blocking")
+        cpu["portalocker"] = cpu.pop("portalocker-blocking")
         note = "portalocker with flags=EXCLUSIVE (kernel wait); peers write no record"
         if not fsync:
             note += ("; fencelock has no public no-fsync knob: measured with its internal "
@@ -609,6 +625,11 @@ def bench_appends(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list
             f"{sizes.writers} procs x {sizes.turns} fenced appends, "
             f"{'with' if fsync else 'without'} fsync", "turns/s",
             values.pop("fencelock"), values, lower_is_better=False, note=note,
+        ))
+        rows.append(Row(
+            f"appends.{'fsync' if fsync else 'nofsync'}.cpu", "appends",
+            "  same, CPU time per turn (user+sys, all writers)", "us",
+            cpu.pop("fencelock"), cpu,
         ))
     report.checks["appends"] = checks
     return rows
@@ -830,11 +851,11 @@ def _contended_worker(
 ) -> None:
     lock = make_locker(peer, path)
     barrier.wait()
-    start = time.monotonic()
+    start, cpu = time.monotonic(), _cpu()
     for _ in range(cycles):
         lock.acquire()
         lock.release()
-    conn.send((start, time.monotonic()))
+    conn.send((start, time.monotonic(), _cpu() - cpu))
     conn.close()
 
 
@@ -881,8 +902,8 @@ def bench_scaling(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
                 continue
             _progress(quiet, f"scaling: {procs} contending processes, {peer}")
             path = _lock_path(base / f"contend-{procs}", peer)
-            elapsed = _run_workers(_contended_worker,
-                                   [(peer, path, sizes.contended_cycles)] * procs)
+            elapsed, _ = _run_workers(_contended_worker,
+                                      [(peer, path, sizes.contended_cycles)] * procs)
             values[peer] = elapsed / (procs * sizes.contended_cycles) * 1e6
         values["portalocker"] = values.pop("portalocker-blocking")
         rows.append(Row(f"scaling.cycle.procs.{procs}", "scaling",

@@ -109,6 +109,10 @@ class SessionWriteError(FenceLockError):
         )
 
 
+class FenceLockWarning(UserWarning):
+    """Something works but is unsafe, e.g. a world-writable sessions directory."""
+
+
 class NotHeldError(FenceLockError):
     """An operation that needs the holder was called without it."""
 

@@ -13,8 +13,10 @@ import asyncio
 import errno
 import functools
 import os
+import stat
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +26,7 @@ from typing import Any, Literal
 from fencelock import _fence, _fingerprint, _identity, _platform, _record, _sidecar, _tokens
 from fencelock._errors import (
     CorruptRecordError,
+    FenceLockWarning,
     NotHeldError,
     SessionContendedError,
     SessionWriteError,
@@ -88,7 +91,22 @@ if hasattr(os, "register_at_fork"):
 
 @functools.lru_cache(maxsize=256)
 def _directory_facts(directory: str) -> tuple[str, FenceMode]:
-    """(real path, fence mode) of a sessions directory; cached, as both cost syscalls."""
+    """(real path, fence mode) of a sessions directory; cached, as both cost syscalls.
+
+    Also warns, once per directory, when anyone may create files in it: another user
+    could then plant a sidecar or session of their own there.
+    """
+    try:
+        mode = os.stat(directory).st_mode
+    except OSError:
+        mode = 0
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        warnings.warn(
+            f"{directory}: sessions directory is world-writable without the sticky bit; "
+            f"any user can plant or delete sidecars there. chmod o-w (or +t) it",
+            FenceLockWarning,
+            stacklevel=4,
+        )
     return os.path.realpath(directory), _fingerprint.detect_mode(directory)
 
 
@@ -379,8 +397,12 @@ class SessionLock:
         try:
             if self.on_contention == "fail":
                 record = self._peek(fd, st)
-                if record is not None and record.state is State.HELD:
+                if record is not None and record.state is State.HELD and _identity.owner_alive(
+                    record.pid, record.host, record.process_start
+                ) is not False:
                     raise self._contended(None, record)
+                # Otherwise the lock is held by a probe, or by an acquirer that has not
+                # yet replaced a released or stale record: give it a moment.
                 deadline = time.monotonic() + FAIL_GRACE
             if deadline is None and cancel is None and _platform.CAN_BLOCK:
                 _platform.lock_blocking(fd)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -277,9 +276,6 @@ def _acquire_in(directory: Path) -> None:
         pass
 
 
-@pytest.mark.xfail(strict=False, reason="needs core support: fencelock.FenceLockWarning "
-                   "warned when the sessions directory is world-writable without the "
-                   "sticky bit")
 def test_world_writable_directory_without_sticky_bit_warns(tmp_path: Path) -> None:
     loose = tmp_path / "loose"
     loose.mkdir()
