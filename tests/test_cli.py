@@ -1,0 +1,754 @@
+"""The ``fencelock`` command line, through CliRunner and through the installed command.
+
+Holders are real processes with real OS locks (the ``spawn_holder`` fixture); a stale
+record is a holder killed with SIGKILL while it held the session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from fencelock import SessionLock, probe
+from fencelock._cli import clean, human_age, main
+
+REPO = Path(__file__).resolve().parent.parent
+COMMANDS = ["status", "clear", "run", "wait", "recover", "verify", "check-config"]
+STATUS_KEYS = {
+    "session", "sidecar", "state", "pid", "host", "lane", "run_id", "token", "stuck",
+    "owner_alive", "fence_ok", "reason", "age", "heartbeat_age", "phase",
+}  # fmt: skip
+
+
+def _fencelock() -> list[str]:
+    here = os.path.dirname(sys.executable)
+    exe = shutil.which("fencelock", path=here + os.pathsep + os.environ.get("PATH", ""))
+    return [exe] if exe else [sys.executable, "-m", "fencelock"]
+
+
+FENCELOCK = _fencelock()
+
+
+def cli(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """The installed command in a real process."""
+    kw.setdefault("timeout", 60)
+    return subprocess.run([*FENCELOCK, *args], capture_output=True, text=True, check=False, **kw)
+
+
+def invoke(*args: str, color: bool = False) -> Result:
+    return CliRunner().invoke(main, list(args), color=color)
+
+
+def no_traceback(stderr: str, max_lines: int = 2) -> None:
+    assert "Traceback" not in stderr
+    assert 1 <= len(stderr.strip().splitlines()) <= max_lines, stderr
+
+
+def make_stale(spawn_holder: Any, session: Path, lane: str = "dead") -> int:
+    h = spawn_holder(session, lane=lane)
+    h.acquire()
+    h.kill()
+    return int(h.pid)
+
+
+def rows(result: Result | subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    data = json.loads(result.stdout)
+    assert isinstance(data, list)
+    return data
+
+
+# -- entry points, help, completion -----------------------------------------------------
+
+
+def test_version_everywhere() -> None:
+    assert invoke("--version").stdout.strip() == "fencelock, version 0.1.0"
+    for command in (
+        FENCELOCK,
+        [sys.executable, "-m", "fencelock"],
+        [sys.executable, str(REPO / "bin" / "fencelock")],
+    ):
+        out = subprocess.run(
+            [*command, "--version"], capture_output=True, text=True, check=False, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "fencelock, version 0.1.0"
+
+
+def test_bin_script_runs_the_checkout_and_is_executable() -> None:
+    script = REPO / "bin" / "fencelock"
+    assert os.access(script, os.X_OK)
+    out = subprocess.run(
+        [sys.executable, str(script), "status", "--help"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0 and "Example" in out.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command: str) -> None:
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert "Example:" in result.stdout
+    assert f"fencelock {command}" in result.stdout.split("Example:")[1]
+
+
+def test_main_help_documents_exit_codes_and_completion() -> None:
+    out = invoke("--help").stdout
+    assert "_FENCELOCK_COMPLETE=bash_source fencelock" in out
+    assert "zsh_source" in out and "fish_source" in out
+    assert "Exit codes" in out
+    for command in COMMANDS:
+        assert command in out
+
+
+def test_shell_completion_script_and_completions() -> None:
+    script = cli(env={**os.environ, "_FENCELOCK_COMPLETE": "bash_source"})
+    assert script.returncode == 0
+    assert "_fencelock_completion" in script.stdout
+    words = cli(
+        env={
+            **os.environ,
+            "_FENCELOCK_COMPLETE": "bash_complete",
+            "COMP_WORDS": "fencelock ch",
+            "COMP_CWORD": "1",
+        }
+    )
+    assert "check-config" in words.stdout
+    assert "status" not in words.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "s.jsonl", "--", "true"],  # --lane missing
+        ["run", "s.jsonl", "--lane", "x"],  # no command
+        ["status", "--stuck-after", "-1", "."],
+        ["wait", "s.jsonl", "--timeout", "soon"],
+        ["frobnicate"],
+        ["clear"],
+    ],
+)
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+
+
+def test_cli_module_import_stays_light() -> None:
+    code = "import sys, fencelock._cli; print(sorted(m for m in ('json5',) if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_helpers() -> None:
+    assert [human_age(s) for s in (None, -3, 5, 187, 7500, 3 * 86400 + 4 * 3600)] == [
+        "-", "0s", "5s", "3m07s", "2h05m", "3d04h",
+    ]  # fmt: skip
+    assert clean("plain lane") == "plain lane"
+    assert clean("a\x1b[2Jb\x07\n\u202e\udcff") == "a\\x1b[2Jb\\x07\\x0a\\u202e\\udcff"
+
+
+# -- status -----------------------------------------------------------------------------
+
+
+def test_status_free_session_without_sidecar(session: Path) -> None:
+    session.write_text("{}\n")
+    result = invoke("status", "--json", str(session))
+    assert result.exit_code == 0
+    (row,) = rows(result)
+    assert row["state"] == "free" and row["pid"] is None
+
+
+def test_status_live_holder_table_and_json(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="session:agent:main:telegram:channel:42")
+    token = h.acquire()
+    out = cli("status", str(session))
+    assert out.returncode == 0, out.stderr
+    header, line = out.stdout.splitlines()
+    assert header.split() == [
+        "SESSION", "STATE", "PID", "HOST", "LANE", "AGE", "HEARTBEAT", "TOKEN", "FENCE",
+    ]  # fmt: skip
+    cells = line.split()
+    assert cells[1:3] == ["live", str(h.pid)]
+    assert cells[4] == "session:agent:main:telegram:channel:42"
+    assert cells[7:] == [str(token), "ok"]
+    assert "\x1b[" not in out.stdout  # no colour off a terminal
+    (row,) = rows(cli("status", "--json", str(session) + ".holder"))
+    assert row.keys() >= STATUS_KEYS
+    assert row["state"] == "live" and row["pid"] == h.pid and row["token"] == token
+    assert row["owner_alive"] is True and row["stuck"] is False and row["phase"] == "write"
+    assert row["session"] == str(session) and row["sidecar"] == str(session) + ".holder"
+    assert 0 <= row["age"] < 60
+
+
+def test_status_colour_only_on_request_of_a_terminal(session: Path, spawn_holder: Any) -> None:
+    spawn_holder(session).acquire()
+    coloured = invoke("status", str(session), color=True).stdout
+    plain = invoke("status", str(session)).stdout
+    assert click_style_green("live") in coloured
+    assert "\x1b[" not in plain
+
+
+def click_style_green(text: str) -> str:
+    import click
+
+    return click.style(text, fg="green").split(text)[0]
+
+
+def test_status_stale_exits_3(session: Path, spawn_holder: Any) -> None:
+    pid = make_stale(spawn_holder, session, lane="heartbeat")
+    out = cli("status", "--json", str(session))
+    assert out.returncode == 3
+    (row,) = rows(out)
+    assert row["state"] == "stale" and row["pid"] == pid and row["lane"] == "heartbeat"
+    assert row["owner_alive"] is False
+    assert f"pid {pid} died" in row["reason"]
+    table = cli("status", str(session))
+    assert table.returncode == 3 and " stale " in table.stdout
+
+
+def test_status_stuck_after(session: Path, spawn_holder: Any) -> None:
+    spawn_holder(session).acquire()
+    assert rows(invoke("status", "--json", str(session)))[0]["stuck"] is False
+    result = invoke("status", "--json", "--stuck-after", "0", str(session))
+    assert result.exit_code == 0
+    assert rows(result)[0]["stuck"] is True
+    assert "live (stuck)" in invoke("status", "--stuck-after", "0", str(session)).stdout
+
+
+def test_status_directory(session: Path, spawn_holder: Any) -> None:
+    d = session.parent
+    live, stale, free = d / "live.jsonl", d / "stale.jsonl", d / "free.jsonl"
+    spawn_holder(live, lane="l").acquire()
+    make_stale(spawn_holder, stale)
+    with SessionLock(free, "f") as lock:
+        lock.append({"n": 1})
+    (d / "orphan.jsonl").write_text("")
+    out = cli("status", "--json", str(d))
+    assert out.returncode == 3
+    states = {Path(r["session"]).name: r["state"] for r in rows(out)}
+    assert states == {
+        "free.jsonl": "free", "live.jsonl": "live", "orphan.jsonl": "free", "stale.jsonl": "stale",
+    }  # fmt: skip
+    table = invoke("status", str(d))
+    assert table.exit_code == 3
+    assert len(table.stdout.splitlines()) == 5
+
+
+def test_status_missing_path_exits_1(tmp_path: Path, session: Path) -> None:
+    session.write_text("")
+    out = cli("status", str(session), str(tmp_path / "nope.jsonl"))
+    assert out.returncode == 1
+    no_traceback(out.stderr, 1)
+    assert "nope.jsonl: no such session file or sidecar" in out.stderr
+    assert " free " in out.stdout  # the readable path is still listed
+
+
+def test_status_unreadable_sidecar_exits_1_and_wins_over_stale(
+    session: Path, spawn_holder: Any, tmp_path: Path
+) -> None:
+    target = tmp_path / "target"
+    target.write_text("x")
+    link = session.parent / "link.jsonl.holder"
+    link.symlink_to(target)
+    make_stale(spawn_holder, session)
+    out = cli("status", str(session.parent))
+    assert out.returncode == 1
+    no_traceback(out.stderr, 1)
+    assert "link.jsonl.holder: is a symlink" in out.stderr
+    assert os.path.islink(link) and target.read_text() == "x"
+    assert {r["state"] for r in rows(cli("status", "--json", str(session.parent)))} == {
+        "stale", "unreadable",
+    }  # fmt: skip
+
+
+def test_status_corrupt_record(session: Path) -> None:
+    Path(str(session) + ".holder").write_bytes(b'{"version": 1, "state": ')
+    out = cli("status", str(session))
+    assert out.returncode == 1
+    no_traceback(out.stderr, 1)
+    assert "corrupt" in out.stderr and "--force" in out.stderr
+
+
+def test_status_unlistable_directory_exits_1(tmp_path: Path) -> None:
+    fifo = tmp_path / "sessions" / "x.jsonl.holder"
+    os.mkfifo(fifo)  # a planted FIFO must not hang the listing
+    out = cli("status", str(fifo))
+    assert out.returncode == 1
+    assert "FIFO" in out.stderr or "fifo" in out.stderr.lower()
+
+
+def test_status_escapes_control_characters(session: Path, spawn_holder: Any) -> None:
+    evil = "x\x1b]0;pwned\x07\x1b[2Jy"
+    spawn_holder(session, lane=evil).acquire()
+    result = invoke("status", str(session), color=True)
+    assert result.exit_code == 0
+    for raw in ("\x1b]0", "\x07", "\x1b[2J"):
+        assert raw not in result.stdout
+    assert "x\\x1b]0;pwned\\x07\\x1b[2Jy" in result.stdout
+    assert rows(invoke("status", "--json", str(session)))[0]["lane"] == evil
+    missing = invoke("status", str(session.parent / "a\x1b[2Jb.jsonl"))
+    assert missing.exit_code == 1
+    assert "\x1b" not in missing.stderr and "a\\x1b[2Jb.jsonl" in missing.stderr
+
+
+def test_status_10000_sessions_in_about_a_second(session: Path) -> None:
+    with SessionLock(session, "bulk") as lock:
+        lock.append({"n": 1})
+    record = json.loads(Path(str(session) + ".holder").read_bytes())
+    d = session.parent
+    for i in range(10_000):
+        name = d / f"{i:08d}-0000-4000-8000-000000000000.jsonl"
+        held = i % 100 == 0
+        data = dict(record, session=str(name), state="held" if held else "released")
+        Path(str(name) + ".holder").write_text(json.dumps(data))
+    start = time.monotonic()
+    out = cli("status", str(d))
+    elapsed = time.monotonic() - start
+    assert out.returncode == 3  # 100 stale ones
+    assert len(out.stdout.splitlines()) == 1 + 10_001
+    # "About a second" on an idle machine; the bound leaves room for a loaded CI box.
+    print(f"status of 10,000 sessions: {elapsed:.2f}s")
+    assert elapsed < 6, elapsed
+
+
+# -- clear ------------------------------------------------------------------------------
+
+
+def test_clear_stale(session: Path, spawn_holder: Any) -> None:
+    pid = make_stale(spawn_holder, session, lane="cron")
+    out = cli("clear", str(session))
+    assert out.returncode == 0, out.stderr
+    assert f"cleared the stale record of pid {pid} (lane 'cron')" in out.stdout
+    assert probe(session).state == "free"
+    assert os.path.exists(str(session) + ".holder")
+
+
+def test_clear_refuses_live_holder(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="busy")
+    h.acquire()
+    out = cli("clear", "--remove", str(session))
+    assert out.returncode == 4
+    no_traceback(out.stderr, 1)
+    assert f"pid {h.pid}" in out.stderr and "lane 'busy'" in out.stderr
+    assert probe(session).state == "live"
+    assert h.call("release") == "released"
+
+
+def test_clear_json_and_remove(session: Path, spawn_holder: Any) -> None:
+    pid = make_stale(spawn_holder, session)
+    result = invoke("clear", "--remove", "--json", str(session))
+    assert result.exit_code == 0
+    (obj,) = json.loads(result.stdout)
+    assert obj["found"] == "stale" and obj["pid"] == pid
+    assert obj["cleared"] is True and obj["removed"] is True and obj["refused"] is False
+    assert not os.path.lexists(str(session) + ".holder")
+
+
+def test_clear_remove_sidecar_of_a_gone_session(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session)
+    h.acquire()
+    h.call("release")
+    assert not session.exists()  # nothing was appended: only the sidecar exists
+    out = cli("clear", "--remove", "--json", str(session) + ".holder")
+    assert out.returncode == 0
+    (obj,) = json.loads(out.stdout)
+    assert obj["found"] == "free" and obj["removed"] is True and obj["cleared"] is False
+    assert not os.path.lexists(str(session) + ".holder")
+
+
+def test_clear_corrupt_needs_force(session: Path) -> None:
+    sidecar = Path(str(session) + ".holder")
+    sidecar.write_bytes(b"garbage")
+    out = cli("clear", str(session))
+    assert out.returncode == 1
+    no_traceback(out.stderr)
+    assert "corrupt" in out.stderr and "--force" in out.stderr
+    assert sidecar.read_bytes() == b"garbage"
+    forced = cli("clear", "--force", "--json", str(session))
+    assert forced.returncode == 0, forced.stderr
+    (obj,) = json.loads(forced.stdout)
+    assert obj["set_aside"] and Path(obj["set_aside"]).read_bytes() == b"garbage"
+    assert not sidecar.exists()
+
+
+def test_clear_unsafe_sidecar_untouched(session: Path, tmp_path: Path) -> None:
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    Path(str(session) + ".holder").symlink_to(target)
+    out = cli("clear", "--remove", "--force", str(session))
+    assert out.returncode == 1
+    no_traceback(out.stderr)
+    assert "symlink" in out.stderr
+    assert os.path.islink(str(session) + ".holder") and target.read_text() == "keep"
+
+
+def test_clear_missing_path_exits_1(tmp_path: Path) -> None:
+    out = cli("clear", str(tmp_path / "no" / "such.jsonl"))
+    assert out.returncode == 1
+    no_traceback(out.stderr, 1)
+    assert "such.jsonl" in out.stderr
+
+
+def test_clear_directory(session: Path, spawn_holder: Any) -> None:
+    d = session.parent
+    stale, live, free = d / "stale.jsonl", d / "live.jsonl", d / "free.jsonl"
+    make_stale(spawn_holder, stale)
+    h = spawn_holder(live, lane="busy")
+    h.acquire()
+    with SessionLock(free, "f"):
+        pass
+    out = cli("clear", str(d))
+    assert out.returncode == 0, out.stderr
+    assert "cleared 1 stale, left 1 live alone" in out.stdout
+    assert probe(stale).state == "free" and probe(live).state == "live"
+    assert os.path.exists(str(free) + ".holder")
+    removed = cli("clear", "--remove", "--json", str(d))
+    assert removed.returncode == 0, removed.stderr
+    done = {Path(o["session"]).name: o["removed"] for o in json.loads(removed.stdout)}
+    assert done == {"free.jsonl": True, "stale.jsonl": True}
+    assert not os.path.lexists(str(stale) + ".holder")
+    assert not os.path.lexists(str(free) + ".holder")
+    assert probe(live).state == "live"
+    assert h.call("release") == "released"
+
+
+def test_clear_directory_with_corrupt_sidecar_exits_1(session: Path, spawn_holder: Any) -> None:
+    make_stale(spawn_holder, session)
+    Path(str(session.parent / "bad.jsonl") + ".holder").write_bytes(b"[")
+    out = cli("clear", str(session.parent))
+    assert out.returncode == 1
+    assert "bad.jsonl.holder: holder record is corrupt" in out.stderr
+    assert probe(session).state == "free"  # the stale one was still cleared
+
+
+# -- run --------------------------------------------------------------------------------
+
+REPORT = """
+import json, os, sys, fencelock
+st = fencelock.probe(os.environ["FENCELOCK_SESSION"])
+env = {k: v for k, v in os.environ.items() if k.startswith("FENCELOCK_")}
+print(json.dumps({"state": str(st.state), "pid": st.pid, "lane": st.lane, "token": st.token,
+                  "run_id": st.record.run_id, "ppid": os.getppid(), "env": env}))
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def test_run_holds_session_passes_env_and_exit_code(session: Path) -> None:
+    out = cli(
+        "run", str(session), "--lane", "cron:nightly", "--", sys.executable, "-c", REPORT, "7"
+    )
+    assert out.returncode == 7, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen["state"] == "live" and seen["lane"] == "cron:nightly"
+    assert seen["pid"] == seen["ppid"]  # fencelock itself holds it
+    assert seen["env"] == {
+        "FENCELOCK_SESSION": str(session),
+        "FENCELOCK_LANE": "cron:nightly",
+        "FENCELOCK_TOKEN": str(seen["token"]),
+        "FENCELOCK_RUN_ID": seen["run_id"],
+    }
+    after = probe(session)
+    assert after.state == "free" and after.record is not None
+    assert after.record.state == "released" and after.record.token == seen["token"]
+
+
+def test_run_waits_for_the_holder(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="first")
+    token = h.acquire()
+    proc = subprocess.Popen(
+        [*FENCELOCK, "run", str(session), "--lane", "second", "--",
+         sys.executable, "-c", REPORT, "0"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert h.call("release") == "released"
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    seen = json.loads(stdout)
+    assert seen["lane"] == "second" and seen["token"] == token + 1
+
+
+@pytest.mark.parametrize("how", [["--no-wait"], ["-n"], ["--timeout", "0.2"]])
+def test_run_contended_exits_4(
+    session: Path, spawn_holder: Any, tmp_path: Path, how: list[str]
+) -> None:
+    h = spawn_holder(session, lane="holder-lane")
+    h.acquire()
+    marker = tmp_path / "ran"
+    cmd = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    out = cli("run", str(session), "--lane", "x", *how, "--", *cmd)
+    assert out.returncode == 4
+    no_traceback(out.stderr, 1)
+    assert f"pid {h.pid}" in out.stderr and "lane 'holder-lane'" in out.stderr
+    assert not marker.exists()
+    assert probe(session).pid == h.pid
+
+
+def test_run_command_not_found_exits_127(session: Path) -> None:
+    out = cli("run", str(session), "--lane", "x", "--", "fencelock-no-such-command-xyz")
+    assert out.returncode == 127
+    no_traceback(out.stderr, 1)
+    assert "fencelock-no-such-command-xyz: command not found" in out.stderr
+    assert probe(session).state == "free"
+
+
+def test_run_not_executable_exits_126(session: Path, tmp_path: Path) -> None:
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+    result = invoke("run", str(session), "--lane", "x", "--", str(script))
+    assert result.exit_code == 126
+    assert "permission denied" in result.stderr
+
+
+def test_run_killed_by_signal_exits_128_plus_n(session: Path) -> None:
+    out = cli("run", str(session), "--lane", "x", "--", "sh", "-c", "kill -KILL $$")
+    assert out.returncode == 128 + signal.SIGKILL
+    assert probe(session).state == "free"
+
+
+FD_LISTING = """
+import json, os
+def links(pid):
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+print(json.dumps({"mine": links("self"), "parent": links(os.getppid())}))
+"""
+
+
+def _check_fd_listing(seen: dict[str, list[str]], session: Path) -> None:
+    sidecar = str(session) + ".holder"
+    assert sidecar in seen["parent"]  # fencelock holds it open: the listing works
+    assert seen["mine"]  # and the command's own listing is not empty
+    assert not [p for p in seen["mine"] if p.endswith(".holder")]
+
+
+def test_run_command_does_not_inherit_the_lock(session: Path) -> None:
+    out = cli("run", str(session), "--lane", "x", "--", sys.executable, "-c", FD_LISTING)
+    assert out.returncode == 0, out.stderr
+    _check_fd_listing(json.loads(out.stdout), session)
+
+
+def test_run_in_process_does_not_leak_descriptors(session: Path, tmp_path: Path) -> None:
+    # In-process the test runner has many descriptors open; none may reach the command.
+    result_file = tmp_path / "fds.json"
+    script = FD_LISTING.replace("print(", f"open({str(result_file)!r}, 'w').write(")
+    result = invoke("run", str(session), "--lane", "x", "--", sys.executable, "-c", script)
+    assert result.exit_code == 0, result.output
+    _check_fd_listing(json.loads(result_file.read_text()), session)
+
+
+SIGNALLED = """
+import signal, sys
+def on(sig, frame):
+    print("got", sig, flush=True)
+    sys.stdin.readline()
+    sys.exit(40 + sig)
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, on)
+print("ready", flush=True)
+while True:
+    signal.pause()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_run_forwards_signals_and_releases_after(session: Path, sig: int) -> None:
+    proc = subprocess.Popen(
+        [*FENCELOCK, "run", str(session), "--lane", "sig", "--", sys.executable, "-c", SIGNALLED],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # no controlling terminal: every signal is forwarded
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(sig)
+        assert proc.stdout.readline() == f"got {int(sig)}\n"
+        assert probe(session).state == "live"  # still held while the command cleans up
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 40 + sig
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert probe(session).state == "free"
+
+
+# -- wait -------------------------------------------------------------------------------
+
+
+def test_wait_free_and_stale_exit_0(session: Path, spawn_holder: Any) -> None:
+    assert cli("wait", str(session)).returncode == 0
+    make_stale(spawn_holder, session)
+    assert invoke("wait", "--timeout", "0", str(session)).exit_code == 0
+
+
+def test_wait_timeout_exits_4_naming_holder(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="slow")
+    h.acquire()
+    out = cli("wait", str(session), "--timeout", "0.2")
+    assert out.returncode == 4
+    no_traceback(out.stderr, 1)
+    assert f"pid {h.pid}" in out.stderr and "lane 'slow'" in out.stderr and "0.2s" in out.stderr
+
+
+def test_wait_returns_when_released(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session)
+    h.acquire()
+    proc = subprocess.Popen([*FENCELOCK, "wait", str(session)], stderr=subprocess.PIPE, text=True)
+    assert proc.poll() is None
+    assert h.call("release") == "released"
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert err == ""  # no progress line off a terminal
+
+
+def _read_until(fd: int, needle: bytes, limit: float = 30) -> bytes:
+    data = b""
+    deadline = time.monotonic() + limit
+    while needle not in data:
+        left = deadline - time.monotonic()
+        assert left > 0, data
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 4096)
+            assert chunk, data
+            data += chunk
+    return data
+
+
+def test_wait_progress_line_on_a_terminal(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="slow-lane")
+    h.acquire()
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([*FENCELOCK, "wait", str(session)], stderr=slave)
+        os.close(slave)
+        shown = _read_until(master, b"waited").decode()
+        assert f"pid {h.pid}" in shown and "lane 'slow-lane'" in shown
+        assert "for" in shown and "waited" in shown and "\r" in shown
+        assert h.call("release") == "released"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        os.close(master)
+
+
+def test_wait_unreadable_exits_1(session: Path) -> None:
+    os.mkdir(str(session) + ".holder")
+    out = cli("wait", str(session))
+    assert out.returncode == 1
+    no_traceback(out.stderr, 1)
+    assert "directory" in out.stderr
+
+
+# -- recover ----------------------------------------------------------------------------
+
+
+def test_recover_free_and_stale_refire(session: Path, spawn_holder: Any) -> None:
+    session.write_text("{}\n")
+    out = cli("recover", str(session))
+    assert out.returncode == 0 and out.stdout.strip() == str(session)
+    make_stale(spawn_holder, session)
+    result = invoke("recover", "--json", str(session))
+    assert result.exit_code == 0
+    obj = json.loads(result.stdout)
+    assert obj["action"] == "refire" and obj["session"] == str(session)
+    assert obj["holder"]["state"] == "stale"
+    assert probe(session).state == "free"
+
+
+def test_recover_live_goes_fresh_or_exits_4(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    h.call('append {"role": "user"}')
+    refused = cli("recover", "--wait", "0", "--no-fresh", str(session))
+    assert refused.returncode == 4
+    assert f"pid {h.pid}" in refused.stderr
+    out = cli("recover", "--wait", "0", "--json", str(session))
+    assert out.returncode == 0, out.stderr
+    obj = json.loads(out.stdout)
+    assert obj["action"] == "fresh" and obj["original"] == str(session)
+    assert obj["session"] != str(session) and obj["carried_lines"] == 1
+    assert Path(obj["session"]).read_text().count("\n") == 1
+    assert probe(session).pid == h.pid  # the live run was not disturbed
+
+
+# -- verify -----------------------------------------------------------------------------
+
+
+def test_verify_clean_session(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session)
+    h.acquire()
+    h.call('append {"n": 1}')
+    h.call('append {"n": 2}')
+    out = cli("verify", str(session))
+    assert out.returncode == 0, out.stdout
+    assert out.stdout.strip().endswith(": ok")
+
+
+def test_verify_problems_exit_5(session: Path) -> None:
+    session.write_text(
+        '{"_fencelock": {"token": 5, "run_id": "a"}}\n'
+        '{"_fencelock": {"token": 3, "run_id": "b"}}\n'
+        "not json\n"
+        '{"torn": '
+    )
+    out = cli("verify", str(session))
+    assert out.returncode == 5
+    assert f"{session}:2: token-backwards: token 3 after token 5" in out.stdout
+    result = invoke("verify", "--json", str(session))
+    assert result.exit_code == 5
+    obj = json.loads(result.stdout)
+    assert obj["ok"] is False and obj["max_token"] == 5 and obj["stamped"] == 2
+    assert [(p["line"], p["kind"]) for p in obj["problems"]] == [
+        (2, "token-backwards"), (3, "torn"), (4, "torn"),
+    ]  # fmt: skip
+
+
+def test_verify_missing_exits_1(session: Path) -> None:
+    out = cli("verify", str(session))
+    assert out.returncode == 1
+    no_traceback(out.stderr, 1)
+    assert str(session) in out.stderr and "No such file" in out.stderr
+
+
+# -- no tracebacks for expected failures --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: ["status", str(s.parent / "missing" / "x.jsonl")],
+        lambda s: ["clear", str(s.parent / "missing" / "x.jsonl")],
+        lambda s: ["run", str(s.parent / "missing" / "x.jsonl"), "--lane", "x", "--", "true"],
+        lambda s: ["wait", str(s.parent / "missing" / "x.jsonl")],
+        lambda s: ["recover", str(s.parent / "missing" / "x.jsonl")],
+        lambda s: ["verify", str(s.parent)],
+        lambda s: ["check-config", str(s.parent)],
+    ],
+)
+def test_expected_failures_are_short_and_exit_1(
+    session: Path, make: Callable[[Path], list[str]]
+) -> None:
+    out = cli(*make(session))
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    no_traceback(out.stderr)
+    assert str(session.parent) in out.stderr

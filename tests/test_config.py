@@ -1,0 +1,322 @@
+"""`fencelock._config` (seed Part C) and the ``check-config`` command around it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from fencelock._cli import main
+from fencelock._config import ConfigError, ConfigWarning, check, check_file, load, parse
+
+
+def _fencelock() -> list[str]:
+    here = os.path.dirname(sys.executable)
+    exe = shutil.which("fencelock", path=here + os.pathsep + os.environ.get("PATH", ""))
+    return [exe] if exe else [sys.executable, "-m", "fencelock"]
+
+
+def names(warnings: list[ConfigWarning]) -> list[str]:
+    return [w.agent for w in warnings]
+
+
+def cfg(defaults: Any = None, agents: Any = None) -> dict[str, Any]:
+    section: dict[str, Any] = {}
+    if defaults is not None:
+        section["defaults"] = {"heartbeat": defaults}
+    if agents is not None:
+        section["list"] = agents
+    return {"agents": section}
+
+
+# -- the pure check ---------------------------------------------------------------------
+
+
+def test_array_of_agents_warns_only_for_unisolated_heartbeats() -> None:
+    config = cfg(
+        agents=[
+            {"id": "main", "heartbeat": {"every": "30m"}},
+            {"id": "ops", "heartbeat": {"every": "30m", "isolatedSession": True}},
+            {"id": "bot", "heartbeat": {"every": "1h", "isolatedSession": False}},
+        ]
+    )
+    warnings = check(config)
+    assert names(warnings) == ["main", "bot"]
+    assert warnings[0].where == "agents.list[0]"
+    assert warnings[0].isolated is None
+    assert warnings[1].isolated is False
+
+
+def test_mapping_of_agents_keyed_by_id() -> None:
+    config = cfg(
+        agents={
+            "main": {"heartbeat": {"every": "30m"}},
+            "quiet": {"heartbeat": {"isolatedSession": True}},
+        }
+    )
+    warnings = check(config)
+    assert names(warnings) == ["main"]
+    assert warnings[0].where == "agents.list.main"
+
+
+def test_message_names_agent_and_why_it_matters() -> None:
+    (w,) = check(cfg(agents=[{"id": "main", "heartbeat": {"every": "30m"}}]))
+    assert "'main'" in w.message
+    assert "isolatedSession is not set" in w.message
+    assert "session file" in w.message
+    assert "channel and direct lanes" in w.message
+
+
+def test_agents_inherit_defaults_heartbeat() -> None:
+    config = cfg(
+        defaults={"every": "30m", "isolatedSession": True},
+        agents=[
+            {"id": "inherits"},
+            {"id": "null-inherits", "heartbeat": None},
+            {"id": "overrides", "heartbeat": {"isolatedSession": False}},
+            {"id": "other-keys", "heartbeat": {"every": "5m"}},
+        ],
+    )
+    warnings = check(config)
+    assert names(warnings) == ["overrides"]
+    assert warnings[0].inherited is False
+
+
+def test_unisolated_default_is_reported_as_inherited() -> None:
+    config = cfg(defaults={"every": "30m", "isolatedSession": False}, agents=[{"id": "a"}])
+    (w,) = check(config)
+    assert w.inherited is True
+    assert "inherited from agents.defaults.heartbeat" in w.message
+
+
+def test_agent_can_fix_an_unisolated_default() -> None:
+    config = cfg(
+        defaults={"every": "30m"},
+        agents=[{"id": "fixed", "heartbeat": {"isolatedSession": True}}, {"id": "not"}],
+    )
+    assert names(check(config)) == ["not"]
+
+
+@pytest.mark.parametrize(
+    "heartbeat",
+    [
+        False,
+        {"enabled": False},
+        {"every": "0"},
+        {"every": "0m"},
+        {"every": "0s"},
+        {"every": 0},
+        {"every": " 00 "},
+    ],
+)
+def test_disabled_heartbeat_gets_no_warning(heartbeat: Any) -> None:
+    assert check(cfg(defaults={"every": "30m"}, agents=[{"id": "a", "heartbeat": heartbeat}])) == []
+
+
+def test_disabled_defaults_disable_agents_without_own_heartbeat() -> None:
+    config = cfg(
+        defaults=False,
+        agents=[{"id": "off"}, {"id": "on", "heartbeat": {"every": "10m"}}],
+    )
+    assert names(check(config)) == ["on"]
+
+
+def test_enabled_false_in_defaults_can_be_reenabled_per_agent() -> None:
+    config = cfg(
+        defaults={"enabled": False},
+        agents=[{"id": "off"}, {"id": "on", "heartbeat": {"enabled": True}}],
+    )
+    assert names(check(config)) == ["on"]
+
+
+def test_non_zero_every_is_enabled() -> None:
+    for every in ("10m", "1", 5, "0.5h"):
+        assert names(check(cfg(agents=[{"id": "a", "heartbeat": {"every": every}}]))) == ["a"]
+
+
+def test_no_heartbeat_anywhere_gets_no_warning() -> None:
+    assert check(cfg(agents=[{"id": "a"}, {"id": "b", "heartbeat": None}])) == []
+    assert check({"agents": {"list": []}}) == []
+    assert check({}) == []
+    assert check({"agents": {}}) == []
+
+
+def test_heartbeat_true_means_default_settings() -> None:
+    assert names(check(cfg(agents=[{"id": "a", "heartbeat": True}]))) == ["a"]
+
+
+def test_isolated_must_be_the_boolean_true() -> None:
+    (w,) = check(cfg(agents=[{"id": "a", "heartbeat": {"isolatedSession": "true"}}]))
+    assert w.isolated == "true"
+    assert 'isolatedSession is "true", not true' in w.message
+
+
+def test_agent_without_id_is_named_by_position() -> None:
+    (w,) = check(cfg(agents=[{"heartbeat": {"every": "1m"}}]))
+    assert w.agent == "agents.list[0]"
+
+
+@pytest.mark.parametrize(
+    ("config", "where"),
+    [
+        ([], "top level"),
+        ({"agents": []}, "agents is an array"),
+        ({"agents": {"list": "main"}}, "agents.list is a string"),
+        ({"agents": {"list": [1]}}, "agents.list[0] is a number"),
+        ({"agents": {"list": {"a": []}}}, "agents.list.a is an array"),
+        ({"agents": {"defaults": 3}}, "agents.defaults is a number"),
+        (cfg(defaults="30m"), "agents.defaults.heartbeat is a string"),
+        (cfg(agents=[{"id": "a", "heartbeat": [1]}]), "agents.list[0].heartbeat is an array"),
+    ],
+)
+def test_shapes_that_cannot_be_read_are_errors(config: Any, where: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(where)) as info:
+        check(config, "gw.json")
+    assert str(info.value).startswith("gw.json: ")
+
+
+# -- parsing ------------------------------------------------------------------------------
+
+JSON5_TEXT = """\ufeff// gateway config
+{
+  agents: {
+    defaults: { heartbeat: { every: '30m', } },  // trailing commas are fine
+    list: [
+      { id: 'main' },
+      { id: 'ops', heartbeat: { isolatedSession: true } },
+    ],
+  },
+}
+"""
+
+
+def test_json5_with_comments_trailing_commas_and_bom(tmp_path: Path) -> None:
+    path = tmp_path / "openclaw.json"
+    path.write_text(JSON5_TEXT, encoding="utf-8")
+    assert names(check_file(path)) == ["main"]
+
+
+def test_plain_json(tmp_path: Path) -> None:
+    path = tmp_path / "openclaw.json"
+    path.write_text(json.dumps(cfg(agents={"x": {"heartbeat": {"every": "1m"}}})))
+    assert names(check_file(path)) == ["x"]
+
+
+def test_parse_error_has_line_and_column() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse("{\n  a: 1,\n  b: }\n", "gw.json5")
+    e = info.value
+    assert (e.line, e.column) == (3, 6)
+    assert str(e).startswith("gw.json5: line 3, column 6: ")
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"", "empty"),
+        (b"   \n", "empty"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b"{" * 100000, "line 1|nested"),
+    ],
+)
+def test_unparsable_files(tmp_path: Path, data: bytes, why: str) -> None:
+    path = tmp_path / "gw.json"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError, match=why) as info:
+        load(path)
+    assert str(path) in str(info.value)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read it: No such file"):
+        load(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="cannot read it: Is a directory"):
+        load(tmp_path)
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, config: Any, name: str = "openclaw.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(config) if not isinstance(config, str) else config)
+    return path
+
+
+def test_cli_warns_and_exits_0(tmp_path: Path) -> None:
+    path = write(tmp_path, cfg(agents=[{"id": "main", "heartbeat": {"every": "30m"}}]))
+    result = CliRunner().invoke(main, ["check-config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"{path}: warning: agent 'main'" in result.stdout
+
+
+def test_cli_strict_exits_1_with_warnings(tmp_path: Path) -> None:
+    path = write(tmp_path, cfg(agents=[{"id": "main", "heartbeat": {"every": "30m"}}]))
+    result = CliRunner().invoke(main, ["check-config", "--strict", str(path)])
+    assert result.exit_code == 1
+    assert "agent 'main'" in result.stdout
+    assert "1 warning(s) and --strict" in result.stderr
+
+
+def test_cli_strict_exits_0_when_clean(tmp_path: Path) -> None:
+    path = write(tmp_path, cfg(agents=[{"id": "main", "heartbeat": {"isolatedSession": True}}]))
+    result = CliRunner().invoke(main, ["check-config", "--strict", str(path)])
+    assert result.exit_code == 0
+    assert "warning" not in result.stdout
+    assert result.stdout.endswith("ok: every agent heartbeat is isolated or off\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        ("{\n  agents: {\n    list: [ {id: 'a'} \n}", "line 4, column 1"),
+        ('{"agents": 5}', "agents is a number"),
+    ],
+)
+def test_cli_malformed_config_is_a_short_error(tmp_path: Path, text: str, expect: str) -> None:
+    path = write(tmp_path, text)
+    result = CliRunner().invoke(main, ["check-config", str(path)])
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert 1 <= len(lines) <= 2
+    assert str(path) in lines[0] and expect in lines[0]
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_cli_missing_file_exits_1_not_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["check-config", str(tmp_path / "nope.json")])
+    assert result.exit_code == 1
+    assert "nope.json: cannot read it" in result.stderr
+
+
+def test_cli_escapes_control_characters_in_agent_ids(tmp_path: Path) -> None:
+    path = write(tmp_path, cfg(agents={"ev\x1b[2Jil": {"heartbeat": {"every": "1m"}}}))
+    result = CliRunner().invoke(main, ["check-config", str(path)], color=True)
+    assert result.exit_code == 0
+    assert "\x1b" not in result.stdout
+    assert "ev\\x1b[2Jil" in result.stdout
+
+
+def test_installed_command_check_config(tmp_path: Path) -> None:
+    good = write(tmp_path, cfg(agents=[{"id": "a", "heartbeat": {"isolatedSession": True}}]))
+    bad = write(tmp_path, JSON5_TEXT, "openclaw.json5")
+    broken = write(tmp_path, "{ agents: ", "broken.json5")
+    run = [*_fencelock(), "check-config", "--strict"]
+    ok = subprocess.run([*run, str(good)], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    warned = subprocess.run([*run, str(bad)], capture_output=True, text=True, check=False)
+    assert warned.returncode == 1
+    assert "agent 'main'" in warned.stdout
+    failed = subprocess.run([*run, str(broken)], capture_output=True, text=True, check=False)
+    assert failed.returncode == 1
+    assert "Traceback" not in failed.stderr
+    assert str(broken) in failed.stderr and "line 1" in failed.stderr
