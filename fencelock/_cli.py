@@ -579,7 +579,13 @@ def _spawn(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[byte
         raise CommandNotExecutableError(f"{name}: cannot run it: {e.strerror}") from None
 
 
-def _run_held(lock: SessionLock, info: HolderInfo, command: Sequence[str], beat: float) -> int:
+def _run_held(
+    lock: SessionLock,
+    info: HolderInfo,
+    command: Sequence[str],
+    beat: float,
+    forwarder: _SignalForwarder,
+) -> int:
     env = dict(os.environ)
     env.update(
         FENCELOCK_SESSION=lock.session,
@@ -587,19 +593,15 @@ def _run_held(lock: SessionLock, info: HolderInfo, command: Sequence[str], beat:
         FENCELOCK_TOKEN=str(info.token),
         FENCELOCK_RUN_ID=info.run_id,
     )
-    forwarder = _SignalForwarder()
+    if forwarder.pending:
+        return 128 + forwarder.pending[0]
+    proc = _spawn(command, env)
+    forwarder.attach(proc)
+    heartbeat = _Heartbeat(lock, beat)
     try:
-        if forwarder.pending:
-            return 128 + forwarder.pending[0]
-        proc = _spawn(command, env)
-        forwarder.attach(proc)
-        heartbeat = _Heartbeat(lock, beat)
-        try:
-            code = proc.wait()
-        finally:
-            heartbeat.close()
+        code = proc.wait()
     finally:
-        forwarder.restore()
+        heartbeat.close()
     return 128 - code if code < 0 else code
 
 
@@ -651,12 +653,19 @@ def run(
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
     try:
-        code = _run_held(lock, info, command, heartbeat)
-    finally:
+        # Installed only now: while waiting for the lock, Ctrl-C must stop the wait.
+        forwarder = _SignalForwarder()
         try:
-            lock.release()
-        except (FenceLockError, OSError) as e:
-            _error_line(f"{lock.session}: release: {e}")
+            code = _run_held(lock, info, command, heartbeat, forwarder)
+        finally:
+            try:
+                lock.release()
+            except (FenceLockError, OSError) as e:
+                _error_line(f"{lock.session}: release: {e}")
+            # Kept until after the release, so a late SIGTERM cannot leave a stale record.
+            forwarder.restore()
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(code)
 
 

@@ -519,6 +519,57 @@ def test_run_killed_by_signal_exits_128_plus_n(session: Path) -> None:
     assert probe(session).state == "free"
 
 
+def _blocked_in_flock(pid: int, limit: float = 30) -> None:
+    """Return once ``pid`` waits for a flock (a ``->`` line in /proc/locks)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if "->" in fields and fields[fields.index("->") + 4] == str(pid):
+                    return
+        os.sched_yield()
+    raise AssertionError(f"pid {pid} never blocked on a lock")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
+def test_run_interrupted_while_waiting_exits_130(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="first")
+    h.acquire()
+    proc = subprocess.Popen(
+        [*FENCELOCK, "run", str(session), "--lane", "second", "--", "true"],
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    _blocked_in_flock(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    assert probe(session).pid == h.pid
+    assert h.call("release") == "released"
+    assert probe(session).state == "free"
+
+
+HEARTBEAT_SEEN = """
+import os, sys, time, fencelock
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    rec = fencelock.probe(os.environ["FENCELOCK_SESSION"]).record
+    if rec.heartbeat_at > rec.acquired_at:
+        sys.exit(0)
+    time.sleep(0.02)  # polling the record, not synchronising: the deadline bounds it
+sys.exit(9)
+"""
+
+
+def test_run_refreshes_the_heartbeat(session: Path) -> None:
+    out = cli(
+        "run", str(session), "--lane", "x", "--heartbeat", "0.05", "--",
+        sys.executable, "-c", HEARTBEAT_SEEN,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+
+
 FD_LISTING = """
 import json, os
 def links(pid):
