@@ -289,7 +289,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("paths", nargs=-1, type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path(readable=False))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per holder.")
 @click.option(
     "--stuck-after",
@@ -432,7 +432,7 @@ def _clear_directory(directory: str, remove: bool, force: bool) -> _DirSummary:
 
 
 @main.command(name="clear")
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option(
     "--remove", is_flag=True, help="Also delete the sidecars of free and cleared sessions."
 )
@@ -606,7 +606,7 @@ def _run_held(
 
 
 @main.command()
-@click.argument("session", type=click.Path())
+@click.argument("session", type=click.Path(readable=False))
 @click.option("--lane", required=True, help="The lane name recorded in the holder record.")
 @click.option("--no-wait", "-n", is_flag=True, help="Exit 4 at once if the session is held.")
 @click.option(
@@ -712,7 +712,7 @@ def _wait_with_progress(session: str, sidecar: str, timeout: float | None) -> bo
 
 
 @main.command()
-@click.argument("session", type=click.Path())
+@click.argument("session", type=click.Path(readable=False))
 @click.option(
     "--timeout",
     "-w",
@@ -753,7 +753,7 @@ def wait(session: str, timeout: float | None) -> None:
 
 
 @main.command(name="recover")
-@click.argument("session", type=click.Path())
+@click.argument("session", type=click.Path(readable=False))
 @click.option(
     "--wait",
     "wait_s",
@@ -799,7 +799,7 @@ def recover_command(session: str, wait_s: float, no_fresh: bool, lane: str, as_j
 
 
 @main.command(name="verify")
-@click.argument("session", type=click.Path())
+@click.argument("session", type=click.Path(readable=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify_command(session: str, as_json: bool) -> None:
     """Check SESSION's lines: torn lines (not JSON, or no final line break) and
@@ -843,7 +843,7 @@ def verify_command(session: str, as_json: bool) -> None:
 
 
 @main.command(name="check-config")
-@click.argument("file", type=click.Path())
+@click.argument("file", type=click.Path(readable=False))
 @click.option("--strict", is_flag=True, help="Exit 1 when there are warnings.")
 def check_config(file: str, strict: bool) -> None:
     """Warn for each agent whose heartbeat is not `isolatedSession: true` in a

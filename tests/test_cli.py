@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -272,6 +273,36 @@ def test_status_unreadable_sidecar_exits_1_and_wins_over_stale(
     assert {r["state"] for r in rows(cli("status", "--json", str(session.parent)))} == {
         "stale", "unreadable",
     }  # fmt: skip
+
+
+def _as_unprivileged() -> list[str]:
+    """A prefix that runs a command without root's power to read anything."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root and setpriv is not available")
+    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.mark.parametrize("command", ["status", "clear", "verify", "check-config"])
+def test_permission_denied_exits_1_not_2(command: str) -> None:
+    prefix = _as_unprivileged()
+    # Not under tmp_path: an unprivileged user must be able to reach the parent.
+    with tempfile.TemporaryDirectory(prefix="fencelock-perm-") as top:
+        os.chmod(top, 0o755)
+        private = Path(top) / "private"
+        private.mkdir()
+        (private / "a.jsonl").write_text("")
+        private.chmod(0)
+        out = subprocess.run(
+            [*prefix, *FENCELOCK, command, str(private)],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        private.chmod(0o700)
+    assert out.returncode == 1, out.stderr
+    no_traceback(out.stderr, 1)
+    assert f"{private}: " in out.stderr and "Permission denied" in out.stderr
 
 
 def test_status_corrupt_record(session: Path) -> None:
