@@ -74,7 +74,7 @@ class Fingerprint:
             return None
         if not isinstance(data, dict):
             raise ValueError("fingerprint is not an object")
-        values = []
+        values: list[int] = []
         for name in ("dev", "ino", "size", "mtime_ns", "ctime_ns"):
             v = data.get(name)
             if type(v) is not int or v < 0:
@@ -83,7 +83,8 @@ class Fingerprint:
         tail = data.get("tail")
         if tail is not None and not isinstance(tail, str):
             raise ValueError("fingerprint.tail is not a string")
-        return cls(*values, tail=tail)
+        dev, ino, size, mtime_ns, ctime_ns = values
+        return cls(dev, ino, size, mtime_ns, ctime_ns, tail)
 
 
 def from_stat(st: os.stat_result, tail: str | None = None) -> Fingerprint:

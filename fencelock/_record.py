@@ -238,7 +238,7 @@ def _str(obj: dict[str, Any], name: str, default: str | None = None) -> str:
 
 def _float(obj: dict[str, Any], name: str) -> float:
     v = obj.get(name)
-    if type(v) not in (int, float):
+    if not isinstance(v, int | float) or isinstance(v, bool):
         raise ValueError(f"{name} is not a number")
     return float(v)
 
@@ -248,11 +248,11 @@ def from_json(obj: dict[str, Any]) -> HolderInfo:
     if version != VERSION:
         raise ValueError(f"version is {version!r}; this fencelock reads version {VERSION}")
     try:
-        state = State(obj.get("state"))
+        state = State(str(obj.get("state")))
     except ValueError:
         raise ValueError(f"state is {obj.get('state')!r}, not 'held' or 'released'") from None
     try:
-        phase = Phase(obj.get("phase", "write"))
+        phase = Phase(str(obj.get("phase", "write")))
     except ValueError:
         raise ValueError(f"phase is {obj.get('phase')!r}, not 'write' or 'prompt'") from None
     prev_obj = obj.get("previous")
