@@ -21,7 +21,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -491,10 +491,8 @@ def _parent_with_child(
         parent.kill()
         parent.wait()
         if child_pid:
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(child_pid, signal.SIGKILL)  # the test's own grandchild
-            except ProcessLookupError:
-                pass
         for stream in (parent.stdin, parent.stdout):
             if stream is not None:
                 stream.close()
