@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -641,3 +642,25 @@ def test_eio_on_directory_fsync_when_creating(
             lock.append({"n": 1})
         assert "directory" in str(exc.value)
         assert len(calls) == 2  # the file once, the directory once: no retry
+
+
+@pytest.mark.xfail(strict=True, reason="core bug: clear(force=True) renames onto "
+                   "<sidecar>.corrupt-<unix seconds>, replacing an earlier aside made in "
+                   "the same second (a record the user was told to inspect)")
+def test_force_clear_never_overwrites_an_earlier_aside(session: Path) -> None:
+    sidecar = sidecar_of(session)
+    now = int(time.time())
+    earlier = {}
+    for t in range(now - 1, now + 30):  # whatever second the clear lands in
+        p = Path(f"{sidecar}.corrupt-{t}")
+        p.write_bytes(f"earlier corrupt record {t}".encode())
+        earlier[p] = p.read_bytes()
+    sidecar.write_bytes(b"{not a record")
+    status = clear(session, force=True)
+    assert not sidecar.exists()
+    for p, data in earlier.items():
+        assert p.read_bytes() == data, f"{p.name} was overwritten"
+    moved = [p for p in session.parent.iterdir()
+             if p.name.startswith(sidecar.name + ".corrupt") and p not in earlier]
+    assert len(moved) == 1 and moved[0].read_bytes() == b"{not a record"
+    assert str(moved[0]) in status.reason
