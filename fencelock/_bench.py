@@ -876,6 +876,8 @@ def bench_scaling(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
                 lock.acquire()
                 lock.release()
 
+            for _ in range(n):  # create every sidecar before timing
+                cycle()
             values[peer] = _time_per_call(cycle, max(sizes.cycles, n))
             for lock in locks:
                 close = getattr(getattr(lock, "lock", None), "close", None)
