@@ -175,6 +175,8 @@ class Lane:
     main: bool
     """Whether it writes the agent's main session (the contention surface)."""
     turns: tuple[Turn, ...] = ()
+    watch: tuple[str, ...] = ()
+    """The recovery lane: every session file of its agent."""
 
 
 # -- results --------------------------------------------------------------------
@@ -366,7 +368,7 @@ def gateway(config: Config, root: str) -> list[Lane]:
             lane = Lane(f"{agent}/{short}", agent, cls, label, session, session == main)
             lanes.append(replace(lane, turns=_turns(config, lane, _rng(config, lane.name), load)))
         lanes.append(Lane(f"{agent}/recovery", agent, LaneClass.RECOVERY,
-                          f"stuck-session-recovery:agent:{agent}", main, True))
+                          f"stuck-session-recovery:agent:{agent}", main, True, watch=(main, own)))
         lanes.append(Lane(f"{agent}/mirror", agent, LaneClass.MIRROR,
                           f"synthetic main mirror:agent:{agent}", main, True))
     return lanes
@@ -584,7 +586,8 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
     run = _new_run(mode, target, lane)
     run.acquire()
     started = time.time()
-    ledger.write(run.key, turn=turn.id, lane=lane.name, started=started, progress=started)
+    ledger.write(run.key, turn=turn.id, lane=lane.name, session=target, started=started,
+                 progress=started)
     answered, fallbacks = False, 0
     takeover: Takeover | None = None
     error: str | None = None
@@ -596,8 +599,8 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
             last = i == len(turn.steps) - 1
             role, text = ("assistant", f"reply to {turn.id}") if last else ("tool", f"tool {i}")
             run.append(_entry(lane, turn.id, run.key, role, text))
-            ledger.write(run.key, turn=turn.id, lane=lane.name, started=started,
-                         progress=time.time())
+            ledger.write(run.key, turn=turn.id, lane=lane.name, session=target,
+                         started=started, progress=time.time())
         answered = True
     except Exception as e:
         if not is_coordination_error(e):
@@ -608,7 +611,7 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
                                 None if since is None else _intruder(target, since))
             superseded = ledger.aborted(run.key)
     finally:
-        ledger.write(run.key, turn=turn.id, lane=lane.name, started=started,
+        ledger.write(run.key, turn=turn.id, lane=lane.name, session=target, started=started,
                      progress=time.time(), ended=time.time(), answered=answered)
         run.release()
     if answered and turn.delivers and mirror is not None:
@@ -704,32 +707,33 @@ def _old_recovery_step(job: Job, ledger: Ledger, seen: set[str]) -> tuple[str, s
             continue
         seen.add(key)
         ledger.abort(key)  # the abort reaches the run only when its model stream ends
-        return str(run["turn"]), job.lane.session
+        return str(run["turn"]), str(run["session"])
     return None
 
 
 def _fencelock_recovery_step(job: Job, ledger: Ledger, seen: set[str],
                              results: Queue[Any]) -> tuple[str, str] | None:
     """fencelock's path: never re-fire on a live session; wait, then go fresh."""
-    status = probe(job.lane.session, stuck_after=job.config.stuck_after)
-    if status.state is not ProbeState.LIVE or not status.stuck or status.record is None:
-        return None
-    run_id = status.record.run_id
-    if run_id in seen:
-        return None
-    seen.add(run_id)
-    run = ledger.read(run_id) or {}
-    turn_id = str(run.get("turn", f"unknown:{run_id}"))
-    outcome = recover(job.lane.session, wait=job.config.recover_wait, fresh=True,
-                      lane=job.lane.label)
-    if outcome.action is Action.FRESH:
-        results.put(("recovery", RecoveryResult(turn_id, "fresh")))
+    for session in job.lane.watch:
+        status = probe(session, stuck_after=job.config.stuck_after)
+        if status.state is not ProbeState.LIVE or not status.stuck or status.record is None:
+            continue
+        run_id = status.record.run_id
+        if run_id in seen:
+            continue
+        seen.add(run_id)
+        turn_id = str((ledger.read(run_id) or {}).get("turn", f"unknown:{run_id}"))
+        outcome = recover(session, wait=job.config.recover_wait, fresh=True,
+                          lane=job.lane.label)
+        if outcome.action is Action.FRESH:
+            results.put(("recovery", RecoveryResult(turn_id, "fresh")))
+            return turn_id, outcome.session
+        if (ledger.read(run_id) or {}).get("answered"):
+            results.put(("recovery", RecoveryResult(turn_id, "waited")))
+            return None  # the holder finished its run while we waited: nothing to re-fire
+        results.put(("recovery", RecoveryResult(turn_id, "refire")))
         return turn_id, outcome.session
-    if (ledger.read(run_id) or {}).get("answered"):
-        results.put(("recovery", RecoveryResult(turn_id, "waited")))
-        return None  # the holder finished its run while we waited: nothing to re-fire
-    results.put(("recovery", RecoveryResult(turn_id, "refire")))
-    return turn_id, outcome.session
+    return None
 
 
 def _mirror_lane(job: Job, results: Queue[Any], mirror: Queue[Any]) -> None:
@@ -962,7 +966,7 @@ def format_report(report: Report) -> str:
     row("stuck recoveries", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r.recoveries.items()))
         or "0")
     row("fallbacks (provider errors)", lambda r: r.fallbacks)
-    row("wait for holder p50/p90/p99 ms",
+    row("wait for holder/lock p50/p90/p99 ms",
         lambda r: "/".join(_ms(r.wait_ms[p]) for p in ("p50", "p90", "p99")))
     row("wait max ms", lambda r: _ms(r.wait_ms["max"]))
     row("wall time s", lambda r: f"{r.elapsed:.1f}")
@@ -972,18 +976,22 @@ def format_report(report: Report) -> str:
         "",
         _table(("", *map(str, modes)), rows),
         "",
-        "takeover errors by lane class (the lane whose write tripped the fence)",
+        "takeover errors by lane class: the lane whose write tripped the fence",
         "",
     ]
     hist = []
     for cls in LaneClass:
         seed = SEED_HISTOGRAM.get(cls)
         hist.append((LANE_LABELS[cls], "-" if seed is None else str(seed),
-                     *(str(report.modes[m].by_lane.get(str(cls), 0)) for m in modes)))
+                     *(str(report.modes[m].by_lane.get(str(cls), 0)) for m in modes),
+                     *(str(report.modes[m].by_victim.get(str(cls), 0)) for m in modes)))
     unknown = [report.modes[m].by_lane.get("unknown", 0) for m in modes]
     if any(unknown):
-        hist.append(("(unattributed)", "-", *map(str, unknown)))
-    lines.append(_table(("lane class", "seed (3 days)", *map(str, modes)), hist))
+        hist.append(("(unattributed)", "-", *map(str, unknown), *("-" for _ in modes)))
+    lines.append(_table(("lane class", "seed (3 days)", *map(str, modes),
+                         *(f"{m}: threw" for m in modes)), hist))
+    lines.append("")
+    lines.append("The last columns count the runs that threw the error, by their own lane.")
     for m in modes:
         for e in report.modes[m].errors[:5]:
             lines.append(f"error ({m}): {e}")
