@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from fencelock import _fingerprint, _identity, _lock, _platform, _sidecar, _tokens
 from fencelock._errors import (
     CorruptRecordError,
+    FenceLockError,
     SessionContendedError,
     SidecarAccessError,
     UnsafeSidecarError,
@@ -69,6 +70,13 @@ def probe(path: str | os.PathLike[str], *, stuck_after: float = DEFAULT_STUCK_AF
 
 
 def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> HolderStatus:
+    if _lock._registry:
+        # A holder in this process answers for itself: opening and locking a second
+        # descriptor could disturb its lock where flock is emulated (NFS).
+        mine = _lock.held_in_process(_lock.registry_key(session))
+        record = mine.info if mine is not None else None
+        if record is not None:
+            return _status(session, sidecar, ProbeState.LIVE, record, stuck_after, now)
     try:
         fd, st = _sidecar.open_checked(sidecar, create=False)
     except UnsafeSidecarError as e:
@@ -88,8 +96,6 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
             return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
     finally:
         os.close(fd)  # also drops the shared lock
-    if free and _lock._registry and _lock.held_in_process(_lock.registry_key(session)):
-        free = False
     if not free:
         state = ProbeState.LIVE
     elif corrupt:
@@ -100,6 +106,17 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
         state = ProbeState.FREE
     if record is None:
         return HolderStatus(session, sidecar, state, reason=corrupt or "no record")
+    return _status(session, sidecar, state, record, stuck_after, now)
+
+
+def _status(
+    session: str,
+    sidecar: str,
+    state: ProbeState,
+    record: HolderInfo,
+    stuck_after: float,
+    now: float,
+) -> HolderStatus:
     alive = None
     if record.state is State.HELD:
         alive = _identity.owner_alive(record.pid, record.host, record.process_start)
@@ -192,6 +209,25 @@ def clear(
             os.close(fd)
 
 
+def _set_aside(sidecar: str) -> str:
+    """Move a corrupt sidecar to a new, unused ``<sidecar>.corrupt-<time>[-n]`` name.
+
+    ``link`` fails rather than replace an existing file, so an earlier aside survives.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for n in range(1000):
+        aside = f"{sidecar}.corrupt-{stamp}" + (f"-{n}" if n else "")
+        try:
+            os.link(sidecar, aside, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise SidecarAccessError(sidecar, e, "move the corrupt sidecar aside by hand") from None
+        os.unlink(sidecar)
+        return aside
+    raise FenceLockError(f"{sidecar}: 1000 set-aside copies exist already; clean them up")
+
+
 def _clear_locked(
     fd: int, st: os.stat_result, session: str, sidecar: str, remove: bool, force: bool
 ) -> HolderStatus:
@@ -200,8 +236,7 @@ def _clear_locked(
     except CorruptRecordError:
         if not force:
             raise
-        aside = f"{sidecar}.corrupt-{int(time.time())}"
-        os.rename(sidecar, aside)
+        aside = _set_aside(sidecar)
         return HolderStatus(
             session, sidecar, ProbeState.UNREADABLE, reason=f"corrupt record moved to {aside}"
         )

@@ -46,7 +46,12 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import portalocker
 
-from fencelock._errors import CoordinationError, FenceLockError, is_coordination_error
+from fencelock._errors import (
+    CoordinationError,
+    FenceLockError,
+    SessionTakeoverError,
+    is_coordination_error,
+)
 from fencelock._lock import SessionLock
 from fencelock._probe import ProbeState, probe
 from fencelock._recovery import Action, recover
@@ -222,6 +227,17 @@ class RecoveryResult:
 
 @dataclass(frozen=True, slots=True)
 class ModeReport:
+    """One mode's figures; `to_json` gives them under the same names.
+
+    ``turns`` inbound events scheduled (messages, heartbeats, cron ticks); ``answered``
+    those whose user got a reply (from the turn's own run, its re-fire, or a racing
+    duplicate); ``dropped_replies`` the rest. ``takeovers`` takeover errors thrown;
+    ``by_lane`` counts them by the lane class whose write tripped the fence (the seed's
+    histogram), ``by_victim`` by the lane class of the run that threw. ``wait_ms``:
+    p50/p90/p99/max/n of the time each writer waited for the holder (fencelock) or the
+    short write lock (baseline). ``recoveries``: what stuck-session recovery did.
+    """
+
     mode: Mode
     turns: int
     answered: int
@@ -250,11 +266,9 @@ class Report:
     modes: dict[Mode, ModeReport]
 
     def to_json(self) -> dict[str, Any]:
-        config = asdict(self.config)
-        config["mirror_delay"] = list(self.config.mirror_delay)
         return {
             "seed": self.config.seed,
-            "config": config,
+            "config": asdict(self.config),
             "modes": {str(m): r.to_json() for m, r in self.modes.items()},
         }
 
@@ -603,10 +617,11 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
                          started=started, progress=time.time())
         answered = True
     except Exception as e:
-        if not is_coordination_error(e):
+        thrown = _takeover_in(e)
+        if thrown is None:
             error = f"{lane.name} {turn.id}: {type(e).__name__}: {e}"
         else:
-            since = _fence_size(e)
+            since = _fence_size(thrown)
             takeover = Takeover(target, lane.lane_class,
                                 None if since is None else _intruder(target, since))
             superseded = ledger.aborted(run.key)
@@ -620,17 +635,21 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
                      takeover, superseded, turn.duplicate, fallbacks, error)
 
 
-def _fence_size(e: BaseException) -> int | None:
-    """The session size at the fence point the takeover error was raised against."""
+def _takeover_in(e: BaseException) -> OldTakeoverError | SessionTakeoverError | None:
+    """The takeover error in ``e``'s chain, if any (other errors are reported as errors)."""
     seen: BaseException | None = e
     while seen is not None:
-        expected = getattr(seen, "expected", None)
-        if isinstance(expected, tuple):
-            return int(expected[2])
-        if expected is not None and hasattr(expected, "size"):
-            return int(expected.size)
+        if isinstance(seen, OldTakeoverError | SessionTakeoverError):
+            return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _fence_size(e: OldTakeoverError | SessionTakeoverError) -> int | None:
+    """The session's size at the fence point the takeover error was raised against."""
+    if isinstance(e, OldTakeoverError):
+        return None if e.expected is None else e.expected[2]
+    return None if e.expected is None else e.expected.size
 
 
 # -- the workers (each one process) ---------------------------------------------------

@@ -109,6 +109,9 @@ def open_checked(
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise UnsafeSidecarError(sidecar, _platform.describe_mode(st.st_mode))
+    if st.st_nlink > 1:
+        os.close(fd)
+        raise UnsafeSidecarError(sidecar, f"a hard link to a file with {st.st_nlink} names")
     return fd, st
 
 

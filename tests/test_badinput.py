@@ -644,9 +644,6 @@ def test_eio_on_directory_fsync_when_creating(
         assert len(calls) == 2  # the file once, the directory once: no retry
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: clear(force=True) renames onto "
-                   "<sidecar>.corrupt-<unix seconds>, replacing an earlier aside made in "
-                   "the same second (a record the user was told to inspect)")
 def test_force_clear_never_overwrites_an_earlier_aside(session: Path) -> None:
     sidecar = sidecar_of(session)
     now = int(time.time())
@@ -664,3 +661,23 @@ def test_force_clear_never_overwrites_an_earlier_aside(session: Path) -> None:
              if p.name.startswith(sidecar.name + ".corrupt") and p not in earlier]
     assert len(moved) == 1 and moved[0].read_bytes() == b"{not a record"
     assert str(moved[0]) in status.reason
+
+
+def test_two_forced_clears_in_one_second_keep_both_asides(session: Path) -> None:
+    sidecar = sidecar_of(session)
+    moved = []
+    for n in range(2):
+        sidecar.write_bytes(f"{{corrupt {n}".encode())
+        status = clear(session, force=True)
+        moved.append(status.reason.rsplit(" ", 1)[-1])
+    assert moved[0] != moved[1]
+    assert [Path(p).read_bytes() for p in moved] == [b"{corrupt 0", b"{corrupt 1"]
+
+
+def test_hard_linked_sidecar_is_refused(session: Path) -> None:
+    other = session.parent / "elsewhere"
+    other.write_bytes(b"")
+    os.link(other, sidecar_of(session))
+    with pytest.raises(UnsafeSidecarError, match="hard link"):
+        SessionLock(session, "a").acquire()
+    assert other.read_bytes() == b""
