@@ -806,6 +806,8 @@ def _mirror_copy(job: Job, results: Queue[Any], turn_id: str, text: str, delay: 
 
 def run_mode(mode: Mode, config: Config, root: str) -> ModeReport:
     """Run the whole gateway once in ``mode`` with session files under ``root``."""
+    if os.path.isdir(root) and os.listdir(root):
+        raise ReproError(f"{root}: not empty; give a new or empty directory")
     sessions = os.path.join(root, "sessions")
     state = os.path.join(root, "gateway")
     os.makedirs(sessions, exist_ok=True)
