@@ -9,7 +9,6 @@ unknowable (None). Nothing here ever sends a signal.
 from __future__ import annotations
 
 import os
-import socket
 
 _PROC = "/proc"
 
@@ -53,6 +52,12 @@ def process_start(pid: int) -> str:
     return f"{fields[19]}@{boot_id()}@{pid_namespace()}"
 
 
+def _gethostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
 class _Self:
     """This process's identity, recomputed after fork."""
 
@@ -61,7 +66,9 @@ class _Self:
 
     def refresh(self) -> None:
         self.pid = os.getpid()
-        self.host = socket.gethostname()
+        # os.uname().nodename is what gethostname() returns on POSIX, without
+        # importing socket at start-up.
+        self.host = os.uname().nodename if hasattr(os, "uname") else _gethostname()
         self.start = process_start(self.pid)
 
 

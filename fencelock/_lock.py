@@ -9,11 +9,11 @@ window; release marks the record ``released`` and drops the lock. The sidecar st
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import functools
 import os
 import stat
+import sys
 import threading
 import time
 import warnings
@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fencelock import _fence, _fingerprint, _identity, _platform, _record, _sidecar, _tokens
 from fencelock._errors import (
@@ -34,6 +34,9 @@ from fencelock._errors import (
 )
 from fencelock._fingerprint import FenceMode, Fingerprint
 from fencelock._record import HolderInfo, Phase, PreviousHolder, State
+
+if TYPE_CHECKING:
+    import asyncio
 
 OnContention = Literal["wait", "fail"]
 
@@ -89,6 +92,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _cancelled() -> BaseException:
+    import asyncio
+
+    return asyncio.CancelledError()
+
+
 @functools.lru_cache(maxsize=256)
 def _directory_facts(directory: str) -> tuple[str, FenceMode]:
     """(real path, fence mode) of a sessions directory; cached, as both cost syscalls.
@@ -117,9 +126,11 @@ def registry_key(session: str) -> str:
 
 def _whoami() -> object:
     """The owner identity for reentrancy: the asyncio task if any, else the thread."""
-    if asyncio._get_running_loop() is None:
+    # No task can be running in a process that never imported asyncio.
+    aio = sys.modules.get("asyncio")
+    if aio is None or aio._get_running_loop() is None:
         return threading.get_ident()
-    task = asyncio.current_task()
+    task = aio.current_task()
     return task if task is not None else threading.get_ident()
 
 
@@ -325,7 +336,7 @@ class SessionLock:
             fd, st = self._lock_sidecar(deadline, cancel, start)
             try:
                 if cancel is not None and cancel.is_set():
-                    raise asyncio.CancelledError  # got it just as the caller gave up
+                    raise _cancelled()  # got it just as the caller gave up
                 self._write_new_record(fd)
             except BaseException:
                 os.close(fd)
@@ -347,7 +358,7 @@ class SessionLock:
                     _registry[self._key] = self
                     return
                 if cancel is not None and cancel.is_set():
-                    raise asyncio.CancelledError
+                    raise _cancelled()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if self.on_contention == "fail" or (remaining is not None and remaining <= 0):
                     waited = time.monotonic() - start
@@ -426,7 +437,7 @@ class SessionLock:
             locked = waiter.settle()
         if not locked:
             if cancel is not None and cancel.is_set():
-                raise asyncio.CancelledError
+                raise _cancelled()
             raise self._contended(start)
 
     def _peek(self, fd: int, st: os.stat_result) -> HolderInfo | None:
@@ -505,6 +516,8 @@ class SessionLock:
 
     async def acquire_async(self) -> HolderInfo:
         """Like `acquire`, but waiting happens off the event loop and can be cancelled."""
+        import asyncio
+
         me = _whoami()
         if self.held and self._owner == me:
             self._count += 1

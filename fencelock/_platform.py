@@ -60,13 +60,22 @@ if WINDOWS:  # pragma: no cover - exercised on Windows only
 
 else:
     import fcntl
+    from collections.abc import Callable
 
-    from portalocker import portalocker as _portalocker
-
-    _chosen = getattr(_portalocker, "LOCKER", None)
-    _flock = _chosen if _chosen is fcntl.flock else fcntl.flock
     _EX_NB = fcntl.LOCK_EX | fcntl.LOCK_NB
     _SH_NB = fcntl.LOCK_SH | fcntl.LOCK_NB
+
+    def _resolve(fd: int, operation: int) -> None:
+        # portalocker is imported on the first lock, not at start-up: its import pulls
+        # in importlib.metadata, which would double the command line's cold start.
+        global _flock
+        from portalocker import portalocker as chosen
+
+        locker = getattr(chosen, "LOCKER", None)
+        _flock = locker if locker is fcntl.flock else fcntl.flock
+        _flock(fd, operation)
+
+    _flock: Callable[[int, int], None] = _resolve
 
     def try_lock(fd: int, shared: bool = False) -> bool:
         """Take the lock without waiting; False when someone else has it."""

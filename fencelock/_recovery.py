@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import os
 import time
-import uuid
 from dataclasses import dataclass
 
 from fencelock import _lock, _probe, _sidecar
@@ -39,6 +38,8 @@ def fresh_session(path: str | os.PathLike[str]) -> str:
     """A new, unused ``<uuid>.jsonl`` path beside ``path`` (not created)."""
     session, _ = _sidecar.paths(path)
     directory = os.path.dirname(session)
+    import uuid
+
     while True:
         candidate = os.path.join(directory, f"{uuid.uuid4()}.jsonl")
         if not os.path.lexists(candidate) and not os.path.lexists(candidate + _sidecar.SUFFIX):
