@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import os
 import stat
 import sys
@@ -78,13 +79,10 @@ class _RunIds:
 
     def reset(self) -> None:
         self.prefix = os.urandom(6).hex()
-        self.count = 0
-        self.mutex = threading.Lock()
+        self.counter = itertools.count(1)  # next() on it is atomic under the GIL
 
     def next(self) -> str:
-        with self.mutex:
-            self.count += 1
-            return f"{self.prefix}-{self.count}"
+        return f"{self.prefix}-{next(self.counter)}"
 
 
 _run_ids = _RunIds()
@@ -229,7 +227,7 @@ class SessionLock:
     @property
     def held(self) -> bool:
         """Whether this process holds the session through this object."""
-        return self._count > 0 and self._pid == os.getpid()
+        return self._count > 0 and self._pid == _identity.ME.pid
 
     @property
     def info(self) -> HolderInfo | None:
@@ -258,7 +256,7 @@ class SessionLock:
         return self._info
 
     def _encode(self) -> bytes:
-        pid = os.getpid()
+        pid = _identity.ME.pid
         if self._static_pid != pid:
             me = _identity.ME
             self._static = _record.static_part(
@@ -296,7 +294,7 @@ class SessionLock:
     def close(self) -> None:
         """Close the descriptor kept between acquisitions (also done when collected)."""
         fd, self._idle_fd = self._idle_fd, -1
-        if fd >= 0 and self._idle_pid == os.getpid():
+        if fd >= 0 and self._idle_pid == _identity.ME.pid:
             os.close(fd)
 
     def __del__(self) -> None:
@@ -322,7 +320,7 @@ class SessionLock:
 
     def _enter(self, wait: float | None) -> None:
         me = _whoami()
-        if self._count and self._owner == me and self._pid == os.getpid():
+        if self._count and self._owner == me and self._pid == _identity.ME.pid:
             self._count += 1
         else:
             self._acquire(me, None if wait is None else time.monotonic() + wait, None)
@@ -345,7 +343,7 @@ class SessionLock:
             self._free_slot()
             raise
         self._fd, self._st, self._count, self._owner = fd, st, 1, me
-        self._pid = os.getpid()
+        self._pid = _identity.ME.pid
 
     def _take_slot(
         self, deadline: float | None, cancel: threading.Event | None, start: float
@@ -381,7 +379,7 @@ class SessionLock:
     ) -> tuple[int, os.stat_result]:
         while True:
             fd, self._idle_fd = self._idle_fd, -1
-            if fd >= 0 and self._idle_pid == os.getpid() and self._st is not None:
+            if fd >= 0 and self._idle_pid == _identity.ME.pid and self._st is not None:
                 st = self._st
             else:
                 fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode)
@@ -476,8 +474,8 @@ class SessionLock:
 
     def release(self) -> None:
         """Give the session back (once per acquire). A forked child never releases."""
-        if self._pid != os.getpid() or self._count == 0:
-            if self._pid == -1 or (self._count and self._pid != os.getpid()):
+        if self._pid != _identity.ME.pid or self._count == 0:
+            if self._pid == -1 or (self._count and self._pid != _identity.ME.pid):
                 return  # inherited through fork: the parent's to release
             raise NotHeldError(f"{self.session}: release() without a matching acquire()")
         self._count -= 1
@@ -494,7 +492,7 @@ class SessionLock:
                 self._info = None
                 self._free_slot()
                 if _KEEP_IDLE_FD:
-                    self._idle_fd, self._idle_pid = fd, os.getpid()
+                    self._idle_fd, self._idle_pid = fd, _identity.ME.pid
                     if self not in _idle_locks:
                         _idle_locks.add(self)
                 else:
