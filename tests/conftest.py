@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -94,3 +95,18 @@ def spawn_holder() -> Iterator[object]:
     for h in started:
         h.close()
 
+
+def wait_for_blocked_waiter(session: Path, inode: int | None = None, limit: float = 30.0) -> None:
+    """Poll /proc/locks until some process is blocked on the sidecar's flock."""
+    if inode is None:
+        inode = Path(str(session) + ".holder").stat().st_ino
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if "->" in parts and parts[parts.index("->") + 1] == "FLOCK":
+                    if parts[-3].rsplit(":", 1)[-1] == str(inode):
+                        return
+        time.sleep(0.001)
+    raise AssertionError("no process blocked on the sidecar lock")

@@ -16,6 +16,8 @@ import pytest
 from fencelock import ProbeState, SessionContendedError, SessionLock, State, clear, probe
 from fencelock._identity import ME
 
+from conftest import wait_for_blocked_waiter
+
 HERE = Path(__file__).parent
 
 
@@ -161,19 +163,3 @@ def test_sidecar_removed_and_recreated_while_waiting(session: Path, spawn_holder
     assert probe(session).record.lane == "newcomer"  # type: ignore[union-attr]
     assert newcomer.call("release") == "released"
     assert waiter.read() == f"acquired {new_token + 1}"
-
-
-def wait_for_blocked_waiter(session: Path, inode: int | None = None, limit: float = 30.0) -> None:
-    """Poll /proc/locks until some process is blocked on the sidecar's flock."""
-    if inode is None:
-        inode = Path(str(session) + ".holder").stat().st_ino
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        with open("/proc/locks") as f:
-            for line in f:
-                parts = line.split()
-                if "->" in parts and parts[parts.index("->") + 1] == "FLOCK":
-                    if parts[-3].rsplit(":", 1)[-1] == str(inode):
-                        return
-        time.sleep(0.001)
-    raise AssertionError("no process blocked on the sidecar lock")

@@ -1,0 +1,114 @@
+"""Safe stuck-session recovery with real processes: never re-fire on a live holder."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_for_blocked_waiter
+
+from fencelock import (
+    Action,
+    ProbeState,
+    SessionContendedError,
+    SessionLock,
+    fresh_session,
+    probe,
+    recover,
+)
+
+
+def test_free_session_refires(session: Path) -> None:
+    result = recover(session, wait=0)
+    assert result.action is Action.REFIRE and result.session == str(session)
+    assert result.holder.state == ProbeState.FREE
+
+
+def test_stale_session_is_cleared_then_refires(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="heartbeat")
+    h.acquire()
+    h.kill()
+    result = recover(session, wait=0)
+    assert result.action is Action.REFIRE and result.holder.state == ProbeState.STALE
+    assert probe(session).state == ProbeState.FREE
+
+
+def test_live_holder_that_releases_within_the_wait_refires(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="channel")
+    h.acquire()
+    outcome: list[Any] = []
+    t = threading.Thread(target=lambda: outcome.append(recover(session, wait=60)))
+    t.start()
+    wait_for_blocked_waiter(session)  # the recovery waits, seen in /proc/locks; let go
+    assert h.call("release") == "released"
+    t.join(timeout=60)
+    [result] = outcome
+    assert result.action is Action.REFIRE and result.session == str(session)
+    assert result.holder.state == ProbeState.LIVE and result.holder.lane == "channel"
+    assert 0 < result.waited < 60
+
+
+def test_live_past_the_wait_escalates_to_a_fresh_session(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="cron")
+    h.acquire()
+    for n in range(3):
+        h.call("append " + json.dumps({"n": n}))
+    with open(session, "ab") as f:
+        f.write(b'{"n": "torn')  # an unfinished line stays behind
+    before = session.read_bytes()
+    sidecar_before = Path(str(session) + ".holder").read_bytes()
+    result = recover(session, wait=0.2)
+    assert result.action is Action.FRESH and result.session != str(session)
+    new = Path(result.session)
+    assert new.parent == session.parent and new.suffix == ".jsonl"
+    assert [json.loads(x) for x in new.read_text().splitlines()] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert result.carried_lines == 3 and result.waited >= 0.2
+    assert session.read_bytes() == before  # the old session is untouched
+    assert Path(str(session) + ".holder").read_bytes() == sidecar_before
+    fresh_record = probe(new).record
+    assert fresh_record is not None and fresh_record.origin == str(session)
+    assert probe(session).state == ProbeState.LIVE  # its run goes on undisturbed
+
+
+def test_no_fresh_raises_contended(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="direct")
+    h.acquire()
+    with pytest.raises(SessionContendedError) as err:
+        recover(session, wait=0.05, fresh=False)
+    assert err.value.holder is not None and err.value.holder.pid == h.pid
+
+
+def test_stuck_holder_is_reported_stuck_and_never_refired(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="heartbeat")
+    h.acquire()
+    result = recover(session, wait=0, stuck_after=0.0)  # every heartbeat is "old"
+    assert result.holder.stuck and result.holder.state == ProbeState.LIVE
+    assert result.action is Action.FRESH
+    assert probe(session).state == ProbeState.LIVE
+
+
+def test_in_process_run_is_asked_to_abort_before_the_wait(session: Path) -> None:
+    lock = SessionLock(session, lane="stuck-run")
+    lock.acquire()
+    aborted = threading.Event()
+    lock.on_abort(lambda: (aborted.set(), lock.release()))
+    result = recover(session, wait=30)
+    assert aborted.is_set()
+    assert result.action is Action.REFIRE and result.holder.lane == "stuck-run"
+
+
+def test_nothing_signals_the_holder(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session)
+    h.acquire()
+    recover(session, wait=0.05)
+    assert h.proc.poll() is None and h.call("touch") == "ok"
+
+
+def test_fresh_session_is_a_new_uuid_beside_the_old_one(session: Path) -> None:
+    new = fresh_session(session)
+    assert os.path.dirname(new) == str(session.parent) and new.endswith(".jsonl")
+    assert not os.path.exists(new) and new != fresh_session(session)
