@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -51,19 +50,13 @@ _PEEK_BYTES = 4096
 _registry: dict[str, SessionLock] = {}
 _registry_cond = threading.Condition(threading.Lock())
 _registry_waiters = 0
-_idle_locks: weakref.WeakSet[SessionLock] = weakref.WeakSet()
-"""Locks keeping an unlocked sidecar descriptor open for their next acquire."""
-
-_KEEP_IDLE_FD = not _platform.WINDOWS
-"""Reuse the sidecar descriptor between acquisitions (not on Windows, where an open
-file cannot be deleted)."""
 
 
 def _after_fork_in_child() -> None:
     # A forked child does not hold its parent's sessions: forget them, and close the
     # inherited descriptors (closing never unlocks: the parent's copy keeps the lock).
     global _registry_cond, _registry_waiters
-    for lock in [*_registry.values(), *_idle_locks]:
+    for lock in _registry.values():
         lock._forget_in_child()
     _registry.clear()
     _registry_cond = threading.Condition(threading.Lock())
@@ -201,9 +194,6 @@ class SessionLock:
         self.fence_mode = detected if fence is FenceMode.AUTO else fence
         self._key = os.path.join(real_dir, os.path.basename(self.session))
         self._fd = -1
-        self._st: os.stat_result | None = None
-        self._idle_fd = -1
-        self._idle_pid = 0
         self._count = 0
         self._pid = 0
         self._owner: object = None
@@ -282,26 +272,13 @@ class SessionLock:
         )
 
     def _forget_in_child(self) -> None:
-        for fd in (self._fd, self._idle_fd):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._fd, self._idle_fd, self._count, self._info = -1, -1, 0, None
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd, self._count, self._info = -1, 0, None
         self._pid = -1  # marks "inherited through fork": release() becomes a no-op
-
-    def close(self) -> None:
-        """Close the descriptor kept between acquisitions (also done when collected)."""
-        fd, self._idle_fd = self._idle_fd, -1
-        if fd >= 0 and self._idle_pid == _identity.ME.pid:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         state = "held" if self.held else "not held"
@@ -342,7 +319,7 @@ class SessionLock:
         except BaseException:
             self._free_slot()
             raise
-        self._fd, self._st, self._count, self._owner = fd, st, 1, me
+        self._fd, self._count, self._owner = fd, 1, me
         self._pid = _identity.ME.pid
 
     def _take_slot(
@@ -378,11 +355,7 @@ class SessionLock:
         self, deadline: float | None, cancel: threading.Event | None, start: float
     ) -> tuple[int, os.stat_result]:
         while True:
-            fd, self._idle_fd = self._idle_fd, -1
-            if fd >= 0 and self._idle_pid == _identity.ME.pid and self._st is not None:
-                st = self._st
-            else:
-                fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode)
+            fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode)
             try:
                 locked = _platform.try_lock(fd)
             except BaseException:
@@ -489,14 +462,9 @@ class SessionLock:
             try:
                 _platform.unlock(fd)
             finally:
+                os.close(fd)  # also drops the lock if unlocking failed
                 self._info = None
                 self._free_slot()
-                if _KEEP_IDLE_FD:
-                    self._idle_fd, self._idle_pid = fd, _identity.ME.pid
-                    if self not in _idle_locks:
-                        _idle_locks.add(self)
-                else:
-                    os.close(fd)
 
     def __enter__(self) -> SessionLock:
         self._enter(self.timeout)
