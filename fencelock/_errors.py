@@ -134,8 +134,9 @@ def is_coordination_error(exc: BaseException | None) -> bool:
         if isinstance(exc, CoordinationError):
             return True
         seen.add(id(exc))
-        if isinstance(exc, BaseExceptionGroup):
-            if any(is_coordination_error(e) for e in exc.exceptions):
-                return True
+        if isinstance(exc, BaseExceptionGroup) and any(
+            is_coordination_error(e) for e in exc.exceptions
+        ):
+            return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -9,6 +9,7 @@ window; release marks the record ``released`` and drops the lock. The sidecar st
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     import asyncio
 
 OnContention = Literal["wait", "fail"]
+
+_CANCEL_POLL = 0.05
 
 FAIL_GRACE = 0.05
 """How long ``on_contention="fail"`` waits when the lock is held but the record is not
@@ -273,10 +276,8 @@ class SessionLock:
 
     def _forget_in_child(self) -> None:
         if self._fd >= 0:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self._fd)
-            except OSError:
-                pass
         self._fd, self._count, self._info = -1, 0, None
         self._pid = -1  # marks "inherited through fork": release() becomes a no-op
 
@@ -287,7 +288,7 @@ class SessionLock:
     # -- acquire / release -------------------------------------------------------
 
     def acquire(
-        self, *, timeout: float | None | Literal["default"] = "default"
+        self, *, timeout: float | Literal["default"] | None = "default"
     ) -> HolderInfo:
         """Take the session; returns the record written. Reentrant for the same owner."""
         self._enter(self.timeout if timeout == "default" else timeout)
@@ -308,7 +309,7 @@ class SessionLock:
         start = time.monotonic()
         self._take_slot(deadline, cancel, start)
         try:
-            fd, st = self._lock_sidecar(deadline, cancel, start)
+            fd = self._lock_sidecar(deadline, cancel, start)
             try:
                 if cancel is not None and cancel.is_set():
                     raise _cancelled()  # got it just as the caller gave up
@@ -353,7 +354,7 @@ class SessionLock:
 
     def _lock_sidecar(
         self, deadline: float | None, cancel: threading.Event | None, start: float
-    ) -> tuple[int, os.stat_result]:
+    ) -> int:
         while True:
             fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode)
             try:
@@ -364,7 +365,7 @@ class SessionLock:
             if not locked:
                 self._wait_for_lock(fd, st, deadline, cancel, start)
             if _sidecar.still_at_path(self.sidecar, st):
-                return fd, st
+                return fd
             os.close(fd)  # removed or replaced while we waited: lock the new one
 
     def _wait_for_lock(
@@ -396,7 +397,8 @@ class SessionLock:
         try:
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
-                step = remaining if cancel is None else min(0.05, 0.05 if remaining is None else remaining)
+                # With a cancel event, wake every 50 ms to notice it.
+                step = remaining if cancel is None else min(_CANCEL_POLL, remaining or _CANCEL_POLL)
                 if (step is None or step > 0) and waiter.done.wait(step):
                     break
                 if remaining is not None and remaining <= 0:

@@ -63,7 +63,9 @@ class HolderStatus:
         return self.record.token if self.record else None
 
 
-def probe(path: str | os.PathLike[str], *, stuck_after: float = DEFAULT_STUCK_AFTER) -> HolderStatus:
+def probe(
+    path: str | os.PathLike[str], *, stuck_after: float = DEFAULT_STUCK_AFTER
+) -> HolderStatus:
     """The state of the session at ``path`` (the session file or its sidecar)."""
     session, sidecar = _sidecar.paths(path)
     return _probe(session, sidecar, stuck_after, time.time())

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import signal
-import time
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,8 +105,8 @@ def wait_for_blocked_waiter(session: Path, inode: int | None = None, limit: floa
         with open("/proc/locks") as f:
             for line in f:
                 parts = line.split()
-                if "->" in parts and parts[parts.index("->") + 1] == "FLOCK":
-                    if parts[-3].rsplit(":", 1)[-1] == str(inode):
-                        return
+                blocked = "->" in parts and parts[parts.index("->") + 1] == "FLOCK"
+                if blocked and parts[-3].rsplit(":", 1)[-1] == str(inode):
+                    return
         time.sleep(0.001)
     raise AssertionError("no process blocked on the sidecar lock")

@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from fencelock import ProbeState, SessionContendedError, SessionLock, probe
-from fencelock import _lock
+from fencelock import ProbeState, SessionContendedError, SessionLock, _lock, probe
 
 
 async def until(predicate: Any, limit: float = 30.0) -> None:

@@ -20,11 +20,12 @@ from fencelock import (
     SessionLock,
     SessionTakeoverError,
     SessionWriteError,
+    _fence,
+    _fingerprint,
     clear,
     probe,
     verify,
 )
-from fencelock import _fence, _fingerprint
 from fencelock._fence import TORN_SUFFIX
 
 
@@ -139,10 +140,9 @@ def test_enospc_mid_line_leaves_no_partial_line(
 def test_foreign_append_in_prompt_window_raises_takeover(session: Path) -> None:
     with SessionLock(session) as lock:
         lock.append({"role": "user"})
-        with pytest.raises(SessionTakeoverError) as err:
-            with lock.prompt_window():
-                assert probe(session).record.phase == "prompt"  # type: ignore[union-attr]
-                foreign_append(session, '{"role": "intruder"}\n')
+        with pytest.raises(SessionTakeoverError) as err, lock.prompt_window():
+            assert probe(session).record.phase == "prompt"  # type: ignore[union-attr]
+            foreign_append(session, '{"role": "intruder"}\n')
         assert err.value.session == str(session)
         assert err.value.expected is not None and err.value.actual is not None
         assert err.value.actual.size > err.value.expected.size
@@ -153,11 +153,10 @@ def test_foreign_append_in_prompt_window_raises_takeover(session: Path) -> None:
 def test_replace_during_prompt_window_raises_takeover(session: Path, tmp_path: Path) -> None:
     with SessionLock(session) as lock:
         lock.append({"role": "user"})
-        with pytest.raises(SessionTakeoverError) as err:
-            with lock.prompt_window():
-                other = tmp_path / "other.jsonl"
-                other.write_text(session.read_text())
-                os.replace(other, session)
+        with pytest.raises(SessionTakeoverError) as err, lock.prompt_window():
+            other = tmp_path / "other.jsonl"
+            other.write_text(session.read_text())
+            os.replace(other, session)
         assert err.value.expected is not None and err.value.actual is not None
         assert err.value.expected.ino != err.value.actual.ino
 
@@ -217,9 +216,8 @@ def test_stat_fence_cries_wolf_on_flapping_stat_content_fence_does_not(tmp_path:
         with SessionLock(session, fence=mode) as lock:
             lock.append({"a": 1})
             if raises:
-                with pytest.raises(SessionTakeoverError):
-                    with lock.prompt_window():
-                        flap_stat(session)
+                with pytest.raises(SessionTakeoverError), lock.prompt_window():
+                    flap_stat(session)
             else:
                 with lock.prompt_window():
                     flap_stat(session)
@@ -230,17 +228,15 @@ def test_stat_fence_cries_wolf_on_flapping_stat_content_fence_does_not(tmp_path:
 def test_both_fences_catch_a_real_foreign_write(session: Path, mode: FenceMode) -> None:
     with SessionLock(session, fence=mode) as lock:
         lock.append({"a": 1})
-        with pytest.raises(SessionTakeoverError):
-            with lock.prompt_window():
-                foreign_append(session, '{"b": 2}\n')
+        with pytest.raises(SessionTakeoverError), lock.prompt_window():
+            foreign_append(session, '{"b": 2}\n')
 
 
 def test_content_fence_catches_a_same_size_rewrite(session: Path) -> None:
     with SessionLock(session, fence="content") as lock:
         lock.append({"a": 1})
-        with pytest.raises(SessionTakeoverError):
-            with lock.prompt_window():
-                session.write_text(session.read_text().replace("1", "2"))
+        with pytest.raises(SessionTakeoverError), lock.prompt_window():
+            session.write_text(session.read_text().replace("1", "2"))
 
 
 def test_fence_mode_is_detected_from_the_filesystem() -> None:

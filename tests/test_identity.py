@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from fencelock import _identity
 from fencelock._identity import ME, owner_alive, process_start
@@ -46,7 +47,7 @@ def test_zombie_is_not_alive() -> None:
     child.stdin.close()
     os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
     try:
-        state = open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        state = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         assert state == "Z"
         assert owner_alive(child.pid, ME.host, start) is False
     finally:
@@ -62,7 +63,8 @@ def test_other_host_or_namespace_is_unknowable() -> None:
 
 def test_record_from_before_a_reboot_is_dead() -> None:
     ticks, _, ns = ME.start.split("@")
-    assert owner_alive(ME.pid, ME.host, f"{ticks}@00000000-0000-0000-0000-000000000000@{ns}") is False
+    before_reboot = f"{ticks}@00000000-0000-0000-0000-000000000000@{ns}"
+    assert owner_alive(ME.pid, ME.host, before_reboot) is False
 
 
 def test_command_names_with_parentheses_and_spaces_parse() -> None:

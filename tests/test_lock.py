@@ -192,9 +192,9 @@ def test_exception_hierarchy_and_wrapped_detection(session: Path) -> None:
 
 
 def test_contended_error_names_the_holder(session: Path) -> None:
-    with SessionLock(session, lane="session:agent:main:heartbeat"):
-        with pytest.raises(SessionContendedError) as err:
-            SessionLock(session, on_contention="fail").acquire()
+    holder = SessionLock(session, lane="session:agent:main:heartbeat")
+    with holder, pytest.raises(SessionContendedError) as err:
+        SessionLock(session, on_contention="fail").acquire()
     text = str(err.value)
     assert str(session) in text and f"pid {os.getpid()}" in text and "heartbeat" in text
 

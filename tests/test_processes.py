@@ -7,16 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for_blocked_waiter
 
 from fencelock import ProbeState, SessionContendedError, SessionLock, State, clear, probe
 from fencelock._identity import ME
-
-from conftest import wait_for_blocked_waiter
 
 HERE = Path(__file__).parent
 
@@ -52,7 +50,9 @@ def test_processes_hammering_one_session_never_overlap(session: Path, tmp_path: 
     assert final.state == ProbeState.FREE and final.token == workers * turns
 
 
-def test_killed_holder_is_stale_then_taken_over_with_previous(session: Path, spawn_holder: Any) -> None:
+def test_killed_holder_is_stale_then_taken_over_with_previous(
+    session: Path, spawn_holder: Any
+) -> None:
     h = spawn_holder(session, lane="session:agent:main:heartbeat")
     token = h.acquire()
     assert probe(session).state == ProbeState.LIVE
@@ -81,7 +81,9 @@ def test_fail_mode_across_processes_names_the_live_holder(session: Path, spawn_h
     assert timed.value.waited is not None and timed.value.waited >= 0.1
 
 
-def test_waiter_in_another_process_gets_the_lock_on_release(session: Path, spawn_holder: Any) -> None:
+def test_waiter_in_another_process_gets_the_lock_on_release(
+    session: Path, spawn_holder: Any
+) -> None:
     with SessionLock(session, lane="first"):
         waiter = spawn_holder(session, lane="second")
         waiter.send("acquire")
@@ -123,7 +125,7 @@ def test_record_naming_a_reused_pid_is_stale(session: Path) -> None:
             pass
         sidecar = Path(str(session) + ".holder")
         obj, _ = json.JSONDecoder().raw_decode(sidecar.read_text())
-        ticks, boot, ns = ME.start.split("@")
+        _, boot, ns = ME.start.split("@")
         obj.update(state="held", pid=bystander.pid, process_start=f"1@{boot}@{ns}")
         sidecar.write_text(json.dumps(obj))
         status = probe(session)

@@ -37,7 +37,9 @@ def test_stale_session_is_cleared_then_refires(session: Path, spawn_holder: Any)
     assert probe(session).state == ProbeState.FREE
 
 
-def test_live_holder_that_releases_within_the_wait_refires(session: Path, spawn_holder: Any) -> None:
+def test_live_holder_that_releases_within_the_wait_refires(
+    session: Path, spawn_holder: Any
+) -> None:
     h = spawn_holder(session, lane="channel")
     h.acquire()
     outcome: list[Any] = []
