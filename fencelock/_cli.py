@@ -8,30 +8,27 @@ with problems; ``run`` passes its command's own code through.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from fencelock import __version__
-from fencelock._config import check_file
-from fencelock._errors import FenceLockError, SessionContendedError
-from fencelock._lock import SessionLock, wait_until_unlocked
-from fencelock._probe import DEFAULT_STUCK_AFTER, HolderStatus, ProbeState, clear, probe, scan
-from fencelock._record import HolderInfo
-from fencelock._recovery import recover
-from fencelock._verify import verify
+
+# Startup time matters for a command line: the library and the heavier standard modules
+# are imported inside the commands that use them, so `--version` and `--help` load none
+# of the library and `status` loads only what probing needs.
+if TYPE_CHECKING:
+    import subprocess
+    from types import FrameType
+
+    from fencelock._lock import SessionLock
+    from fencelock._probe import HolderStatus
+    from fencelock._record import HolderInfo
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -40,11 +37,13 @@ EXIT_CONTENDED = 4
 EXIT_PROBLEMS = 5
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
-EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 _SIDECAR_SUFFIX = ".holder"
-_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _MAX_CELL = 48
+# fencelock._probe.DEFAULT_STUCK_AFTER, written out so building the command line does not
+# import the library (tests/test_cli.py checks that the two agree).
+DEFAULT_STUCK_AFTER = 600.0
 
 
 # -- errors and escaping ----------------------------------------------------------
@@ -95,6 +94,8 @@ def _os_message(e: OSError) -> str:
 @contextmanager
 def _library_errors() -> Iterator[None]:
     """Turn the library's expected failures into click errors with the right exit code."""
+    from fencelock._errors import FenceLockError, SessionContendedError
+
     try:
         yield
     except SessionContendedError as e:
@@ -103,6 +104,12 @@ def _library_errors() -> Iterator[None]:
         raise CliError(str(e)) from None
     except OSError as e:
         raise CliError(_os_message(e)) from None
+
+
+def _echo_json(obj: Any) -> None:
+    import json
+
+    click.echo(json.dumps(obj, indent=2))
 
 
 def _error_line(message: str) -> None:
@@ -177,15 +184,13 @@ def status_json(st: HolderStatus, now: float) -> dict[str, Any]:
     }
 
 
-_STATE_COLOURS = {
-    ProbeState.LIVE: "green",
-    ProbeState.STALE: "red",
-    ProbeState.UNREADABLE: "magenta",
-}
+_STATE_COLOURS = {"live": "green", "stale": "red", "unreadable": "magenta"}
 _HEADER = ("SESSION", "STATE", "PID", "HOST", "LANE", "AGE", "HEARTBEAT", "TOKEN", "FENCE")
 
 
 def _status_cells(st: HolderStatus, now: float, show: _PathDisplay) -> list[str]:
+    from fencelock._probe import ProbeState
+
     rec = st.record
     state = "live (stuck)" if st.stuck else str(st.state)
     if rec is None:
@@ -209,6 +214,8 @@ def _status_cells(st: HolderStatus, now: float, show: _PathDisplay) -> list[str]
 
 def status_table(rows: Sequence[HolderStatus], now: float) -> str:
     """An aligned table, the state column coloured (click.echo strips it off a terminal)."""
+    from fencelock._probe import ProbeState
+
     show = _PathDisplay()
     cells = [_status_cells(st, now, show) for st in rows]
     widths = [len(h) for h in _HEADER]
@@ -225,7 +232,7 @@ def status_table(rows: Sequence[HolderStatus], now: float) -> str:
     ]
     for st, row in zip(rows, cells, strict=True):
         parts = [c.ljust(widths[i]) if i < last else c for i, c in enumerate(row)]
-        colour = "yellow" if st.stuck else _STATE_COLOURS.get(st.state)
+        colour = "yellow" if st.stuck else _STATE_COLOURS.get(str(st.state))
         if colour:
             parts[1] = click.style(parts[1], fg=colour, bold=st.state is ProbeState.STALE)
         lines.append("  ".join(parts))
@@ -247,6 +254,8 @@ def _nothing_at(path: str) -> bool:
 
 def _missing(st: HolderStatus) -> bool:
     """Neither the session file nor its sidecar exists: most likely a mistyped path."""
+    from fencelock._probe import ProbeState
+
     return (
         st.state is ProbeState.FREE
         and st.record is None
@@ -315,6 +324,8 @@ def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
       fencelock status sessions/ --stuck-after 300
       fencelock status --json sessions/4f1c.jsonl | jq '.[].state'
     """
+    from fencelock._probe import ProbeState, probe, scan
+
     rows: list[HolderStatus] = []
     failed = False
     for path in paths or (".",):
@@ -333,7 +344,7 @@ def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
         rows.append(st)
     now = time.time()
     if as_json:
-        click.echo(json.dumps([status_json(st, now) for st in rows], indent=2))
+        _echo_json([status_json(st, now) for st in rows])
     elif rows:
         click.echo(status_table(rows, now))
     elif not failed:
@@ -352,18 +363,30 @@ def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
 # -- clear ------------------------------------------------------------------------------
 
 
-@dataclass
 class _ClearOutcome:
-    session: str
-    sidecar: str
-    found: str | None = None
-    record: HolderInfo | None = None
-    cleared: bool = False
-    removed: bool = False
-    set_aside: str | None = None
-    refused: bool = False
-    error: str | None = None
-    reason: str = ""
+    """What clearing one path did. (A plain class: a dataclass costs startup time.)"""
+
+    def __init__(
+        self,
+        session: str,
+        sidecar: str,
+        found: str | None = None,
+        record: HolderInfo | None = None,
+        *,
+        refused: bool = False,
+        error: str | None = None,
+        reason: str = "",
+    ) -> None:
+        self.session = session
+        self.sidecar = sidecar
+        self.found = found
+        self.record = record
+        self.cleared = False
+        self.removed = False
+        self.set_aside: str | None = None
+        self.refused = refused
+        self.error = error
+        self.reason = reason
 
     def to_json(self) -> dict[str, Any]:
         rec = self.record
@@ -387,6 +410,9 @@ _SET_ASIDE = "corrupt record moved to "
 
 
 def _clear_one(path: str, remove: bool, force: bool) -> _ClearOutcome:
+    from fencelock._errors import FenceLockError, SessionContendedError
+    from fencelock._probe import ProbeState, clear
+
     try:
         st = clear(path, remove=remove, force=force)
     except SessionContendedError as e:
@@ -407,14 +433,16 @@ def _clear_one(path: str, remove: bool, force: bool) -> _ClearOutcome:
     return out
 
 
-@dataclass
 class _DirSummary:
-    directory: str
-    outcomes: list[_ClearOutcome] = field(default_factory=list)
-    live: int = 0
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.outcomes: list[_ClearOutcome] = []
+        self.live = 0
 
 
 def _clear_directory(directory: str, remove: bool, force: bool) -> _DirSummary:
+    from fencelock._probe import ProbeState, scan
+
     summary = _DirSummary(directory)
     for st in scan(directory):
         if st.state is ProbeState.LIVE:
@@ -490,7 +518,7 @@ def clear_command(paths: tuple[str, ...], remove: bool, force: bool, as_json: bo
             elif not as_json:
                 click.echo(f"{show(out.session)}: {clean(out.reason)}")
     if as_json:
-        click.echo(json.dumps([o.to_json() for o in report], indent=2))
+        _echo_json([o.to_json() for o in report])
     if failed:
         sys.exit(EXIT_ERROR)
     if refused:
@@ -517,9 +545,13 @@ class _SignalForwarder:
     """Passes SIGINT, SIGTERM and SIGHUP on to the command, so the hold outlives it."""
 
     def __init__(self) -> None:
+        import signal
+
         self.proc: subprocess.Popen[bytes] | None = None
         self.pending: list[int] = []
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in _FORWARDED}
+        self.sigint = signal.SIGINT
+        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in forwarded}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.proc is None:
@@ -527,7 +559,7 @@ class _SignalForwarder:
             return
         # Ctrl-C goes to the whole foreground process group, the command included;
         # a second copy could interrupt the command's own clean-up.
-        if signum == signal.SIGINT and _in_terminal_foreground():
+        if signum == self.sigint and _in_terminal_foreground():
             return
         self.proc.send_signal(signum)
 
@@ -537,6 +569,8 @@ class _SignalForwarder:
             proc.send_signal(sig)
 
     def restore(self) -> None:
+        import signal
+
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -545,6 +579,8 @@ class _Heartbeat:
     """Refreshes the record's heartbeat while the command runs, so it is not 'stuck'."""
 
     def __init__(self, lock: SessionLock, every: float) -> None:
+        import threading
+
         self.lock = lock
         self.every = every
         self.stop = threading.Event()
@@ -553,6 +589,8 @@ class _Heartbeat:
             self.thread.start()
 
     def _run(self) -> None:
+        from fencelock._errors import FenceLockError
+
         while not self.stop.wait(self.every):
             try:
                 self.lock.touch()
@@ -566,6 +604,8 @@ class _Heartbeat:
 
 
 def _spawn(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    import subprocess
+
     name = command[0]
     try:
         # close_fds keeps every descriptor but stdio out of the command; the sidecar's
@@ -646,6 +686,9 @@ def run(
     Example:
       fencelock run sessions/4f1c.jsonl --lane cron:nightly --timeout 30 -- ./job.sh
     """
+    from fencelock._errors import FenceLockError
+    from fencelock._lock import SessionLock
+
     lock = SessionLock(session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout)
     try:
         with _library_errors():
@@ -673,6 +716,10 @@ def run(
 
 
 def _progress(session: str, since: float, show: _PathDisplay) -> str:
+    import shutil
+
+    from fencelock._probe import probe
+
     st = probe(session)
     rec = st.record
     who = "a holder" if rec is None else f"pid {rec.pid} (lane {clean(repr(rec.lane))})"
@@ -686,6 +733,10 @@ def _progress(session: str, since: float, show: _PathDisplay) -> str:
 
 def _wait_with_progress(session: str, sidecar: str, timeout: float | None) -> bool:
     """Wait in a helper thread (one, however long it takes) and redraw a status line."""
+    import threading
+
+    from fencelock._lock import wait_until_unlocked
+
     result: list[bool] = []
     failure: list[BaseException] = []
     done = threading.Event()
@@ -729,6 +780,9 @@ def wait(session: str, timeout: float | None) -> None:
     Example:
       fencelock wait sessions/4f1c.jsonl --timeout 120 && ./reply.sh
     """
+    from fencelock._lock import wait_until_unlocked
+    from fencelock._probe import ProbeState, probe
+
     with _library_errors():
         st = probe(session)
         if st.state is ProbeState.UNREADABLE:
@@ -779,6 +833,8 @@ def recover_command(session: str, wait_s: float, no_fresh: bool, lane: str, as_j
     Example:
       next=$(fencelock recover sessions/4f1c.jsonl --wait 10)
     """
+    from fencelock._recovery import recover
+
     with _library_errors():
         r = recover(session, wait=wait_s, fresh=not no_fresh, lane=lane)
     if as_json:
@@ -790,7 +846,7 @@ def recover_command(session: str, wait_s: float, no_fresh: bool, lane: str, as_j
             "carried_lines": r.carried_lines,
             "holder": status_json(r.holder, time.time()),
         }
-        click.echo(json.dumps(obj, indent=2))
+        _echo_json(obj)
     else:
         click.echo(clean(r.session))
 
@@ -812,6 +868,8 @@ def verify_command(session: str, as_json: bool) -> None:
     Example:
       fencelock verify sessions/4f1c.jsonl
     """
+    from fencelock._verify import verify
+
     with _library_errors():
         report = verify(session)
     if as_json:
@@ -825,7 +883,7 @@ def verify_command(session: str, as_json: bool) -> None:
                 {"line": p.line, "kind": p.kind, "detail": p.detail} for p in report.problems
             ],
         }
-        click.echo(json.dumps(obj, indent=2))
+        _echo_json(obj)
     else:
         name = clean(session)
         for p in report.problems:
@@ -856,6 +914,8 @@ def check_config(file: str, strict: bool) -> None:
     Example:
       fencelock check-config ~/.openclaw/openclaw.json --strict
     """
+    from fencelock._config import check_file
+
     with _library_errors():
         warnings = check_file(file)
     name = clean(file)

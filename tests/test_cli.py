@@ -153,6 +153,43 @@ def test_cli_module_import_stays_light() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_cli_startup_imports_only_what_the_command_needs() -> None:
+    """`--version` loads none of the library; `status` loads the probing chain only."""
+    code = (
+        "import sys\n"
+        "from fencelock._cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:], prog_name='fencelock')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "mods = ('fencelock._lock', 'fencelock._probe', 'fencelock._recovery', 'fencelock._verify',"
+        " 'fencelock._config', 'subprocess', 'signal', 'shutil', 'json', 'dataclasses')\n"
+        "print(' '.join(m for m in mods if m in sys.modules), file=sys.stderr)\n"
+    )
+
+    def loaded(*args: str) -> set[str]:
+        out = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, check=True
+        )
+        return set(out.stderr.split())
+
+    assert loaded("--version") == set()
+    assert not {m for m in loaded("--help") if m.startswith("fencelock.")}  # click needs shutil
+    status = loaded("status", "--stuck-after", "5", "no-such-session.jsonl")
+    assert {"fencelock._probe", "fencelock._lock"} <= status
+    assert not status & {"fencelock._recovery", "fencelock._verify", "fencelock._config"}
+    assert not status & {"subprocess", "shutil"}
+
+
+def test_status_default_stuck_after_is_the_library_default() -> None:
+    import fencelock
+    from fencelock import _cli
+
+    assert _cli.DEFAULT_STUCK_AFTER == fencelock.DEFAULT_STUCK_AFTER
+    option = next(p for p in main.commands["status"].params if p.name == "stuck_after")
+    assert option.default == fencelock.DEFAULT_STUCK_AFTER
+
+
 def test_helpers() -> None:
     assert [human_age(s) for s in (None, -3, 5, 187, 7500, 3 * 86400 + 4 * 3600)] == [
         "-", "0s", "5s", "3m07s", "2h05m", "3d04h",
