@@ -9,6 +9,7 @@ nothing is written. A torn last line left by a crashed writer is cut off and kep
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -47,8 +48,9 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
     raise FenceLockError(f"a session entry must be a dict or a str, not {type(entry).__name__}")
 
 
-def _fingerprint_fd(fd: int, mode: FenceMode) -> Fingerprint:
-    st = os.fstat(fd)
+def _fingerprint_fd(fd: int, mode: FenceMode, st: os.stat_result | None = None) -> Fingerprint:
+    if st is None:
+        st = os.fstat(fd)
     tail = _fingerprint.tail_digest(fd, st.st_size) if mode is FenceMode.CONTENT else None
     return _fingerprint.from_stat(st, tail)
 
@@ -116,7 +118,7 @@ def append(
     flags = os.O_RDWR | os.O_APPEND
     created = expected is None
     try:
-        fd, _ = _sidecar.open_regular(
+        fd, st = _sidecar.open_regular(
             session, flags | (os.O_CREAT | os.O_EXCL if created else 0), file_mode
         )
     except FileExistsError:
@@ -132,7 +134,7 @@ def append(
     try:
         size = 0
         if not created:
-            actual = _fingerprint_fd(fd, mode)
+            actual = _fingerprint_fd(fd, mode, st)
             if not _same(expected, actual, mode):
                 raise SessionTakeoverError(session, expected, actual)
             size = _cut_torn_tail(fd, session, actual.size) if check_tail else actual.size
@@ -145,11 +147,9 @@ def append(
         except SessionWriteError as e:
             # Take back whatever part of the line reached the file, so the session
             # stays valid JSONL and the run keeps its fence point.
-            try:
+            with contextlib.suppress(OSError):
                 os.ftruncate(fd, size)
                 e.fingerprint = _fingerprint_fd(fd, mode)
-            except OSError:
-                pass
             raise
         if created:
             _fsync_dir(os.path.dirname(session))
