@@ -66,28 +66,44 @@ else:
     _SH_NB = fcntl.LOCK_SH | fcntl.LOCK_NB
 
     def _resolve(fd: int, operation: int) -> None:
-        # portalocker is imported on the first lock, not at start-up: its import pulls
-        # in importlib.metadata, which would double the command line's cold start.
+        # portalocker is imported when a process first takes a holder's lock, not at
+        # start-up: its import pulls in importlib.metadata, which would double the
+        # cold start of read-only commands such as `fencelock status`.
         global _flock
         from portalocker import portalocker as chosen
 
         locker = getattr(chosen, "LOCKER", None)
-        _flock = locker if locker is fcntl.flock else fcntl.flock
+        if locker is not fcntl.flock:
+            # portalocker can be switched to lockf; POSIX record locks vanish when any
+            # descriptor of the file is closed, so the holder stays on flock.
+            locker = fcntl.flock
+        _flock = locker
         _flock(fd, operation)
 
     _flock: Callable[[int, int], None] = _resolve
+    """The holder's exclusive lock: portalocker's POSIX primitive, flock(2)."""
 
     def try_lock(fd: int, shared: bool = False) -> bool:
-        """Take the lock without waiting; False when someone else has it."""
+        """Take the lock without waiting; False when someone else has it.
+
+        ``shared`` is a probe's test lock (never held for long), taken with the same
+        flock(2) call directly so that probing never loads the holder's wrapper.
+        """
         try:
-            _flock(fd, _SH_NB if shared else _EX_NB)
+            if shared:
+                fcntl.flock(fd, _SH_NB)
+            else:
+                _flock(fd, _EX_NB)
         except BlockingIOError:
             return False
         return True
 
     def lock_blocking(fd: int, shared: bool = False) -> None:
         """Sleep in the kernel until the lock is ours: hand-off is immediate."""
-        _flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        if shared:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        else:
+            _flock(fd, fcntl.LOCK_EX)
 
     def unlock(fd: int) -> None:
         _flock(fd, fcntl.LOCK_UN)
