@@ -406,7 +406,6 @@ class _ClearOutcome:
         }
 
 
-_SET_ASIDE = "corrupt record moved to "
 
 
 def _clear_one(path: str, remove: bool, force: bool) -> _ClearOutcome:
@@ -426,10 +425,8 @@ def _clear_one(path: str, remove: bool, force: bool) -> _ClearOutcome:
         return _ClearOutcome(target, target, error=message, reason=message)
     out = _ClearOutcome(st.session, st.sidecar, str(st.state), st.record, reason=st.reason)
     out.cleared = st.state is ProbeState.STALE
-    # clear() says what it did only in its reason; these are its documented phrases.
-    out.removed = st.reason.endswith("sidecar removed")
-    if st.reason.startswith(_SET_ASIDE):
-        out.set_aside = st.reason[len(_SET_ASIDE) :]
+    out.removed = st.removed
+    out.set_aside = st.set_aside
     return out
 
 

@@ -607,7 +607,10 @@ def _read_quietly(sidecar: str) -> HolderInfo | None:
 def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
     """Block until no process holds ``sidecar``'s lock; False on timeout.
 
-    Takes and drops a shared lock, so it writes nothing and bumps no token.
+    Takes and drops a shared lock, so it writes nothing and bumps no token. A wait that
+    times out leaves its helper thread blocked in the kernel until the holder lets go
+    (it then drops the lock at once), so call it once with the whole timeout rather
+    than in a loop of short ones.
     """
     try:
         fd, _ = _sidecar.open_checked(sidecar, create=False)

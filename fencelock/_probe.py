@@ -49,6 +49,10 @@ class HolderStatus:
     stuck: bool = False
     fence_ok: bool | None = None
     reason: str = ""
+    removed: bool = False
+    """Set by `clear`: the sidecar was deleted."""
+    set_aside: str | None = None
+    """Set by `clear(force=True)`: where the corrupt sidecar was moved."""
 
     @property
     def pid(self) -> int | None:
@@ -240,7 +244,11 @@ def _clear_locked(
             raise
         aside = _set_aside(sidecar)
         return HolderStatus(
-            session, sidecar, ProbeState.UNREADABLE, reason=f"corrupt record moved to {aside}"
+            session,
+            sidecar,
+            ProbeState.UNREADABLE,
+            reason=f"corrupt record moved to {aside}",
+            set_aside=aside,
         )
     was_stale = record is not None and record.state is State.HELD
     state = ProbeState.STALE if was_stale else ProbeState.FREE
@@ -248,11 +256,13 @@ def _clear_locked(
     if record is not None and was_stale:
         _sidecar.write(fd, sidecar, replace(record, state=State.RELEASED), st.st_size)
         done = f"cleared the stale record of pid {record.pid} (lane {record.lane!r})"
+    removed = False
     if remove:
         token = record.token if record is not None else 0
         if token and os.path.exists(session) and not _tokens.save(session, token):
             done += "; sidecar kept: the session's token cannot be saved on this filesystem"
         else:
             os.unlink(sidecar)
+            removed = True
             done += "; sidecar removed"
-    return HolderStatus(session, sidecar, state, record=record, reason=done)
+    return HolderStatus(session, sidecar, state, record=record, reason=done, removed=removed)

@@ -56,7 +56,12 @@ def recover(
     stuck_after: float = _probe.DEFAULT_STUCK_AFTER,
 ) -> Recovery:
     """The stuck-session recovery step. Raises `SessionContendedError` when the
-    session is still held after ``wait`` and ``fresh`` is False."""
+    session is still held after ``wait`` and ``fresh`` is False.
+
+    ``"refire"`` means the stuck run is gone, not that the session is reserved: another
+    lane may take it before the re-fired run does, so that run acquires it as any run
+    does (waiting by default), and never races the other.
+    """
     session, sidecar = _sidecar.paths(path)
     found = _probe.probe(session, stuck_after=stuck_after)
     if found.state is ProbeState.UNREADABLE:
