@@ -50,6 +50,9 @@ FAIL_GRACE = 0.05
 _PEEK_BYTES = 4096
 """A first read of the old record; records are far smaller unless something is wrong."""
 
+_pending: dict[tuple[str, bool], _Waiter] = {}
+"""Abandoned waiters still blocked in the kernel, by (sidecar, shared)."""
+
 _registry: dict[str, SessionLock] = {}
 _registry_cond = threading.Condition(threading.Lock())
 _registry_waiters = 0
@@ -62,6 +65,11 @@ def _after_fork_in_child() -> None:
     for lock in _registry.values():
         lock._forget_in_child()
     _registry.clear()
+    for waiter in _pending.values():  # their threads did not survive the fork
+        if not waiter.finished:
+            with contextlib.suppress(OSError):
+                os.close(waiter.fd)
+    _pending.clear()
     _registry_cond = threading.Condition(threading.Lock())
     _registry_waiters = 0
     _run_ids.reset()
@@ -131,15 +139,20 @@ def _whoami() -> object:
 class _Waiter:
     """A blocking flock in a helper thread, so a wait can time out or be cancelled.
 
-    If the waiter is abandoned, the helper drops the lock the moment it gets it.
+    The kernel offers no timed flock, so a wait that gives up leaves the helper blocked.
+    An abandoned helper drops the lock the moment it gets it, unless a later wait on the
+    same sidecar has adopted it first (`pending`): timed waits against a long-held
+    session reuse one blocked thread instead of leaving one behind each.
     """
 
-    def __init__(self, fd: int, shared: bool = False) -> None:
+    def __init__(self, fd: int, key: tuple[str, bool]) -> None:
         self.fd = fd
-        self.shared = shared
+        self.key = key
+        self.shared = key[1]
         self.done = threading.Event()
         self.mutex = threading.Lock()
         self.abandoned = False
+        self.finished = False
         self.error: BaseException | None = None
         threading.Thread(target=self._run, name="fencelock-wait", daemon=True).start()
 
@@ -151,11 +164,34 @@ class _Waiter:
         with self.mutex:
             if self.abandoned:
                 os.close(self.fd)  # closing the last descriptor drops the lock
+                self.finished = True
+                if _pending.get(self.key) is self:
+                    del _pending[self.key]
                 return
             self.done.set()
 
-    def settle(self) -> bool:
-        """Stop waiting: True if the lock arrived meanwhile, else abandon it to the helper."""
+    def adopt(self) -> bool:
+        """Take over an abandoned waiter that is still blocked; False if it is gone."""
+        with self.mutex:
+            if self.finished:
+                return False
+            self.abandoned = False
+            return True
+
+    @staticmethod
+    def start(key: tuple[str, bool], fd: int) -> _Waiter:
+        """A waiter for ``fd``'s sidecar: an abandoned one still blocked, or a new one.
+
+        Takes ownership of ``fd`` (closed when an existing waiter is adopted).
+        """
+        old = _pending.pop(key, None)
+        if old is not None and old.adopt():
+            os.close(fd)
+            return old
+        return _Waiter(fd, key)
+
+    def give_up(self) -> bool:
+        """Stop waiting: True if the lock arrived meanwhile (the fd is then ours)."""
         with self.mutex:
             if self.done.is_set():
                 if self.error is not None:
@@ -163,6 +199,7 @@ class _Waiter:
                     raise self.error
                 return True
             self.abandoned = True
+            _pending[self.key] = self
             return False
 
 
@@ -363,7 +400,7 @@ class SessionLock:
                 os.close(fd)
                 raise
             if not locked:
-                self._wait_for_lock(fd, st, deadline, cancel, start)
+                fd, st = self._wait_for_lock(fd, st, deadline, cancel, start)
             if _sidecar.still_at_path(self.sidecar, st):
                 return fd
             os.close(fd)  # removed or replaced while we waited: lock the new one
@@ -375,8 +412,9 @@ class SessionLock:
         deadline: float | None,
         cancel: threading.Event | None,
         start: float,
-    ) -> None:
-        """Return once ``fd`` is locked; otherwise raise, with ``fd`` closed or handed off."""
+    ) -> tuple[int, os.stat_result]:
+        """Return a locked descriptor of the sidecar (``fd``, or one an earlier wait
+        left blocked) and its stat; otherwise raise, with ``fd`` closed or handed off."""
         try:
             if self.on_contention == "fail":
                 record = self._peek(fd, st)
@@ -389,11 +427,12 @@ class SessionLock:
                 deadline = time.monotonic() + FAIL_GRACE
             if deadline is None and cancel is None and _platform.CAN_BLOCK:
                 _platform.lock_blocking(fd)
-                return
+                return fd, st
         except BaseException:
             os.close(fd)
             raise
-        waiter = _Waiter(fd)
+        key = (self.sidecar, False)
+        waiter = _Waiter.start(key, fd)
         try:
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -406,12 +445,19 @@ class SessionLock:
                 if cancel is not None and cancel.is_set():
                     break
         finally:
-            # From here the helper thread owns fd unless settle() says it is ours.
-            locked = waiter.settle()
+            # From here the helper thread owns its fd unless give_up() says it is ours.
+            locked = waiter.give_up()
         if not locked:
             if cancel is not None and cancel.is_set():
                 raise _cancelled()
             raise self._contended(start)
+        if waiter.fd == fd:
+            return fd, st
+        try:
+            return waiter.fd, os.fstat(waiter.fd)
+        except BaseException:
+            os.close(waiter.fd)
+            raise
 
     def _peek(self, fd: int, st: os.stat_result) -> HolderInfo | None:
         try:
@@ -627,11 +673,12 @@ def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
         finally:
             os.close(fd)
         return True
-    waiter = _Waiter(fd, shared=True)
+    key = (sidecar, True)
+    waiter = _Waiter.start(key, fd)
     try:
         waiter.done.wait(timeout)
     finally:
-        got = waiter.settle()
+        got = waiter.give_up()
     if got:
-        os.close(fd)
+        os.close(waiter.fd)
     return got

@@ -281,7 +281,8 @@ def test_token_survives_sidecar_removal(session: Path) -> None:
     assert probe(session).token == 5
     removed = clear(session, remove=True)
     assert "removed" in removed.reason and not Path(str(session) + ".holder").exists()
-    assert SessionLock(session).acquire().token == 6
+    with SessionLock(session) as last:
+        assert last.info is not None and last.info.token == 6
 
 
 def test_token_continues_from_stamps_when_sidecar_deleted_by_hand(session: Path) -> None:
@@ -292,4 +293,5 @@ def test_token_continues_from_stamps_when_sidecar_deleted_by_hand(session: Path)
     os.removexattr(session, "user.fencelock.token") if "user.fencelock.token" in os.listxattr(
         session
     ) else None
-    assert SessionLock(session).acquire().token == 4
+    with SessionLock(session) as last:
+        assert last.info is not None and last.info.token == 4

@@ -64,7 +64,8 @@ def test_tokens_increase_by_one_per_acquisition(session: Path) -> None:
         tokens.append(lock.acquire().token)
         lock.release()
     assert tokens == [1, 2, 3]
-    assert SessionLock(session).acquire().token == 4
+    with SessionLock(session) as last:
+        assert last.info is not None and last.info.token == 4
 
 
 def test_with_gives_the_lock_itself(session: Path) -> None:

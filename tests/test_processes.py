@@ -113,7 +113,8 @@ def test_clear_then_token_continues(session: Path, spawn_holder: Any) -> None:
     after = probe(session)
     assert after.state == ProbeState.FREE and after.record is not None
     assert after.record.state is State.RELEASED
-    assert SessionLock(session).acquire().token == token + 1
+    with SessionLock(session) as last:
+        assert last.info is not None and last.info.token == token + 1
 
 
 def test_record_naming_a_reused_pid_is_stale(session: Path) -> None:
@@ -165,3 +166,20 @@ def test_sidecar_removed_and_recreated_while_waiting(session: Path, spawn_holder
     assert probe(session).record.lane == "newcomer"  # type: ignore[union-attr]
     assert newcomer.call("release") == "released"
     assert waiter.read() == f"acquired {new_token + 1}"
+
+
+def test_timed_waits_on_a_long_held_session_share_one_blocked_thread(
+    session: Path, spawn_holder: Any
+) -> None:
+    import threading
+
+    h = spawn_holder(session, lane="long-run")
+    h.acquire()
+    before = threading.active_count()
+    for _ in range(5):
+        with pytest.raises(SessionContendedError):
+            SessionLock(session, timeout=0.02).acquire()
+    assert threading.active_count() <= before + 1  # one helper, adopted by each wait
+    assert h.call("release") == "released"
+    with SessionLock(session, timeout=30) as lock:
+        assert lock.info is not None and lock.info.token == 2
