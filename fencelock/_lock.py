@@ -121,9 +121,16 @@ def _directory_facts(directory: str) -> tuple[str, FenceMode]:
     return os.path.realpath(directory), _fingerprint.detect_mode(directory)
 
 
+@functools.lru_cache(maxsize=4096)
+def _session_facts(session: str) -> tuple[str, FenceMode]:
+    """(registry key, detected fence mode) of an absolute session path."""
+    real_dir, mode = _directory_facts(os.path.dirname(session))
+    return os.path.join(real_dir, os.path.basename(session)), mode
+
+
 def registry_key(session: str) -> str:
     """The in-process registry's key for a session: its real directory plus its name."""
-    return os.path.join(_directory_facts(os.path.dirname(session))[0], os.path.basename(session))
+    return _session_facts(session)[0]
 
 
 def _whoami() -> object:
@@ -229,10 +236,8 @@ class SessionLock:
         self.stamp = stamp
         self.mode = mode
         self.origin = origin
-        fence = FenceMode(fence)
-        real_dir, detected = _directory_facts(os.path.dirname(self.session))
-        self.fence_mode = detected if fence is FenceMode.AUTO else fence
-        self._key = os.path.join(real_dir, os.path.basename(self.session))
+        self._key, detected = _session_facts(self.session)
+        self.fence_mode = detected if fence == FenceMode.AUTO else FenceMode(fence)
         self._fd = -1
         self._count = 0
         self._pid = 0
