@@ -732,7 +732,7 @@ def _wait_with_progress(session: str, sidecar: str, timeout: float | None) -> bo
     """Wait in a helper thread (one, however long it takes) and redraw a status line."""
     import threading
 
-    from fencelock._lock import wait_until_unlocked
+    from fencelock._wait import wait_until_unlocked
 
     result: list[bool] = []
     failure: list[BaseException] = []
@@ -777,8 +777,8 @@ def wait(session: str, timeout: float | None) -> None:
     Example:
       fencelock wait sessions/4f1c.jsonl --timeout 120 && ./reply.sh
     """
-    from fencelock._lock import wait_until_unlocked
     from fencelock._probe import ProbeState, probe
+    from fencelock._wait import wait_until_unlocked
 
     with _library_errors():
         st = probe(session)

@@ -10,7 +10,6 @@ window; release marks the record ``released`` and drops the lock. The sidecar st
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import itertools
 import os
@@ -24,14 +23,22 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
-from fencelock import _fence, _fingerprint, _identity, _platform, _record, _sidecar, _tokens
+from fencelock import (
+    _fence,
+    _fingerprint,
+    _identity,
+    _platform,
+    _record,
+    _sidecar,
+    _tokens,
+    _wait,
+)
 from fencelock._errors import (
     CorruptRecordError,
     FenceLockWarning,
     NotHeldError,
     SessionContendedError,
     SessionWriteError,
-    SidecarAccessError,
 )
 from fencelock._fingerprint import FenceMode, Fingerprint
 from fencelock._record import HolderInfo, Phase, PreviousHolder, State
@@ -50,9 +57,6 @@ FAIL_GRACE = 0.05
 _PEEK_BYTES = 4096
 """A first read of the old record; records are far smaller unless something is wrong."""
 
-_pending: dict[tuple[str, bool], _Waiter] = {}
-"""Abandoned waiters still blocked in the kernel, by (sidecar, shared)."""
-
 _registry: dict[str, SessionLock] = {}
 _registry_cond = threading.Condition(threading.Lock())
 _registry_waiters = 0
@@ -65,11 +69,6 @@ def _after_fork_in_child() -> None:
     for lock in _registry.values():
         lock._forget_in_child()
     _registry.clear()
-    for waiter in _pending.values():  # their threads did not survive the fork
-        if not waiter.finished:
-            with contextlib.suppress(OSError):
-                os.close(waiter.fd)
-    _pending.clear()
     _registry_cond = threading.Condition(threading.Lock())
     _registry_waiters = 0
     _run_ids.reset()
@@ -141,73 +140,6 @@ def _whoami() -> object:
         return threading.get_ident()
     task = aio.current_task()
     return task if task is not None else threading.get_ident()
-
-
-class _Waiter:
-    """A blocking flock in a helper thread, so a wait can time out or be cancelled.
-
-    The kernel offers no timed flock, so a wait that gives up leaves the helper blocked.
-    An abandoned helper drops the lock the moment it gets it, unless a later wait on the
-    same sidecar has adopted it first (`pending`): timed waits against a long-held
-    session reuse one blocked thread instead of leaving one behind each.
-    """
-
-    def __init__(self, fd: int, key: tuple[str, bool]) -> None:
-        self.fd = fd
-        self.key = key
-        self.shared = key[1]
-        self.done = threading.Event()
-        self.mutex = threading.Lock()
-        self.abandoned = False
-        self.finished = False
-        self.error: BaseException | None = None
-        threading.Thread(target=self._run, name="fencelock-wait", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            _platform.lock_blocking(self.fd, self.shared)
-        except BaseException as e:  # handed to the waiting side
-            self.error = e
-        with self.mutex:
-            if self.abandoned:
-                os.close(self.fd)  # closing the last descriptor drops the lock
-                self.finished = True
-                if _pending.get(self.key) is self:
-                    del _pending[self.key]
-                return
-            self.done.set()
-
-    def adopt(self) -> bool:
-        """Take over an abandoned waiter that is still blocked; False if it is gone."""
-        with self.mutex:
-            if self.finished:
-                return False
-            self.abandoned = False
-            return True
-
-    @staticmethod
-    def start(key: tuple[str, bool], fd: int) -> _Waiter:
-        """A waiter for ``fd``'s sidecar: an abandoned one still blocked, or a new one.
-
-        Takes ownership of ``fd`` (closed when an existing waiter is adopted).
-        """
-        old = _pending.pop(key, None)
-        if old is not None and old.adopt():
-            os.close(fd)
-            return old
-        return _Waiter(fd, key)
-
-    def give_up(self) -> bool:
-        """Stop waiting: True if the lock arrived meanwhile (the fd is then ours)."""
-        with self.mutex:
-            if self.done.is_set():
-                if self.error is not None:
-                    os.close(self.fd)
-                    raise self.error
-                return True
-            self.abandoned = True
-            _pending[self.key] = self
-            return False
 
 
 class SessionLock:
@@ -437,7 +369,7 @@ class SessionLock:
             os.close(fd)
             raise
         key = (self.sidecar, False)
-        waiter = _Waiter.start(key, fd)
+        waiter = _wait.Waiter.start(key, fd)
         try:
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -653,37 +585,3 @@ def _read_quietly(sidecar: str) -> HolderInfo | None:
         return None
     finally:
         os.close(fd)
-
-
-def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
-    """Block until no process holds ``sidecar``'s lock; False on timeout.
-
-    Takes and drops a shared lock, so it writes nothing and bumps no token. A wait that
-    times out leaves its helper thread blocked in the kernel until the holder lets go
-    (it then drops the lock at once), so call it once with the whole timeout rather
-    than in a loop of short ones.
-    """
-    try:
-        fd, _ = _sidecar.open_checked(sidecar, create=False)
-    except SidecarAccessError as e:
-        if e.cause.errno == errno.ENOENT:
-            return True
-        raise
-    if _platform.try_lock(fd, shared=True):
-        os.close(fd)
-        return True
-    if timeout is None and _platform.CAN_BLOCK:
-        try:
-            _platform.lock_blocking(fd, shared=True)
-        finally:
-            os.close(fd)
-        return True
-    key = (sidecar, True)
-    waiter = _Waiter.start(key, fd)
-    try:
-        waiter.done.wait(timeout)
-    finally:
-        got = waiter.give_up()
-    if got:
-        os.close(waiter.fd)
-    return got

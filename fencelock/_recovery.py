@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from fencelock import _lock, _probe, _sidecar
+from fencelock import _lock, _probe, _sidecar, _wait
 from fencelock._errors import FenceLockError, SessionContendedError
 from fencelock._probe import HolderStatus, ProbeState
 
@@ -72,7 +72,7 @@ def recover(
         if local is not None:
             local._abort()
         start = time.monotonic()
-        released = _lock.wait_until_unlocked(sidecar, wait)
+        released = _wait.wait_until_unlocked(sidecar, wait)
         waited = time.monotonic() - start
         if not released:
             if not fresh:

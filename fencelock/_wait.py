@@ -1,0 +1,130 @@
+"""Waiting for a sidecar's lock in a helper thread, so a wait can time out or be
+cancelled (the kernel offers no timed flock).
+
+A wait that gives up leaves its helper blocked in the kernel. An abandoned helper drops
+the lock the moment it gets it, unless a later wait on the same sidecar has adopted it
+first: timed waits against a long-held session reuse one blocked thread instead of
+leaving one behind each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+
+from fencelock import _platform, _sidecar
+from fencelock._errors import SidecarAccessError
+
+_pending: dict[tuple[str, bool], Waiter] = {}
+"""Abandoned waiters still blocked in the kernel, by (sidecar, shared)."""
+
+
+class Waiter:
+    """A blocking flock on ``fd`` in a helper thread; see the module docstring."""
+
+    def __init__(self, fd: int, key: tuple[str, bool]) -> None:
+        self.fd = fd
+        self.key = key
+        self.shared = key[1]
+        self.done = threading.Event()
+        self.mutex = threading.Lock()
+        self.abandoned = False
+        self.finished = False
+        self.error: BaseException | None = None
+        threading.Thread(target=self._run, name="fencelock-wait", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            _platform.lock_blocking(self.fd, self.shared)
+        except BaseException as e:  # handed to the waiting side
+            self.error = e
+        with self.mutex:
+            if self.abandoned:
+                os.close(self.fd)  # closing the last descriptor drops the lock
+                self.finished = True
+                if _pending.get(self.key) is self:
+                    del _pending[self.key]
+                return
+            self.done.set()
+
+    def adopt(self) -> bool:
+        """Take over an abandoned waiter that is still blocked; False if it is gone."""
+        with self.mutex:
+            if self.finished:
+                return False
+            self.abandoned = False
+            return True
+
+    @staticmethod
+    def start(key: tuple[str, bool], fd: int) -> Waiter:
+        """A waiter for ``fd``'s sidecar: an abandoned one still blocked, or a new one.
+
+        Takes ownership of ``fd`` (closed when an existing waiter is adopted).
+        """
+        old = _pending.pop(key, None)
+        if old is not None and old.adopt():
+            os.close(fd)
+            return old
+        return Waiter(fd, key)
+
+    def give_up(self) -> bool:
+        """Stop waiting: True if the lock arrived meanwhile (the fd is then ours)."""
+        with self.mutex:
+            if self.done.is_set():
+                if self.error is not None:
+                    os.close(self.fd)
+                    raise self.error
+                return True
+            self.abandoned = True
+            _pending[self.key] = self
+            return False
+
+
+def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
+    """Block until no process holds ``sidecar``'s lock; False on timeout.
+
+    Takes and drops a shared lock, so it writes nothing and bumps no token. A wait that
+    times out leaves its helper thread blocked in the kernel until the holder lets go
+    (it then drops the lock at once), so call it once with the whole timeout rather
+    than in a loop of short ones.
+    """
+    try:
+        fd, _ = _sidecar.open_checked(sidecar, create=False)
+    except SidecarAccessError as e:
+        if e.cause.errno == errno.ENOENT:
+            return True
+        raise
+    if _platform.try_lock(fd, shared=True):
+        os.close(fd)
+        return True
+    if timeout is None and _platform.CAN_BLOCK:
+        try:
+            _platform.lock_blocking(fd, shared=True)
+        finally:
+            os.close(fd)
+        return True
+    key = (sidecar, True)
+    waiter = Waiter.start(key, fd)
+    try:
+        waiter.done.wait(timeout)
+    finally:
+        got = waiter.give_up()
+    if got:
+        os.close(waiter.fd)
+    return got
+
+
+def _after_fork_in_child() -> None:
+    # The helpers' threads did not survive the fork; close what they still held open
+    # (a finished helper's descriptor number may already name another file).
+    for waiter in _pending.values():
+        if not waiter.finished:
+            with contextlib.suppress(OSError):
+                os.close(waiter.fd)
+    _pending.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
