@@ -183,3 +183,28 @@ def test_timed_waits_on_a_long_held_session_share_one_blocked_thread(
     assert h.call("release") == "released"
     with SessionLock(session, timeout=30) as lock:
         assert lock.info is not None and lock.info.token == 2
+
+
+def test_other_runs_keep_waiting_through_the_prompt_window(
+    session: Path, spawn_holder: Any
+) -> None:
+    h = spawn_holder(session, lane="heartbeat")
+    h.acquire()
+    assert h.call("append " + json.dumps({"role": "user"})) == "ok"
+    assert h.call("prompt") == "ok"  # the model call: the holder stays held
+    status = probe(session)
+    assert status.state == ProbeState.LIVE and status.record is not None
+    assert status.record.phase == "prompt"
+    with pytest.raises(SessionContendedError) as err:
+        SessionLock(session, lane="channel", on_contention="fail").acquire()
+    assert err.value.holder is not None and err.value.holder.phase == "prompt"
+    waiter = spawn_holder(session, lane="channel")
+    waiter.send("acquire")
+    wait_for_blocked_waiter(session)
+    assert h.call("endprompt") == "ok"  # no foreign write: the fence holds
+    assert h.call("append " + json.dumps({"role": "assistant"})) == "ok"
+    assert h.call("release") == "released"
+    assert waiter.read() == "acquired 2"
+    assert [json.loads(x)["role"] for x in session.read_text().splitlines()] == [
+        "user", "assistant",
+    ]
