@@ -324,6 +324,7 @@ def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
       fencelock status sessions/ --stuck-after 300
       fencelock status --json sessions/4f1c.jsonl | jq '.[].state'
     """
+    from fencelock._errors import SidecarAccessError
     from fencelock._probe import ProbeState, probe, scan
 
     rows: list[HolderStatus] = []
@@ -332,8 +333,8 @@ def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
         if os.path.isdir(path) and not _is_sidecar(path):
             try:
                 rows.extend(scan(path, stuck_after=stuck_after))
-            except OSError as e:
-                _error_line(f"{path}: cannot list it: {e.strerror or type(e).__name__}")
+            except SidecarAccessError as e:
+                _error_line(f"{path}: cannot list it: {e.cause.strerror or type(e.cause).__name__}")
                 failed = True
             continue
         st = probe(path, stuck_after=stuck_after)
@@ -481,6 +482,8 @@ def clear_command(paths: tuple[str, ...], remove: bool, force: bool, as_json: bo
       fencelock clear sessions/4f1c.jsonl
       fencelock clear --remove sessions/
     """
+    from fencelock._errors import SidecarAccessError
+
     show = _PathDisplay()
     report: list[_ClearOutcome] = []
     refused = failed = False
@@ -488,8 +491,8 @@ def clear_command(paths: tuple[str, ...], remove: bool, force: bool, as_json: bo
         if os.path.isdir(path) and not _is_sidecar(path):
             try:
                 summary = _clear_directory(path, remove, force)
-            except OSError as e:
-                _error_line(f"{path}: cannot list it: {e.strerror or type(e).__name__}")
+            except SidecarAccessError as e:
+                _error_line(f"{path}: cannot list it: {e.cause.strerror or type(e.cause).__name__}")
                 failed = True
                 continue
             outcomes = summary.outcomes

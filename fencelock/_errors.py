@@ -97,16 +97,21 @@ class SidecarAccessError(FenceLockError):
 class SessionWriteError(FenceLockError):
     """A fenced append could not be written or made durable."""
 
-    def __init__(self, session: str, cause: OSError, what: str):
+    def __init__(self, session: str, cause: OSError, what: str, *, stored: bool = False):
         self.session = session
         self.cause = cause
+        self.stored = stored
+        """True when the line is in the file but may not survive a crash."""
         self.fingerprint: Fingerprint | None = None
-        """The session after the failed line was taken back out, when that worked."""
+        """The session's new fence point (after the failed line was taken back out, or
+        with it when ``stored``), when it could be read."""
         reason = cause.strerror or type(cause).__name__
-        super().__init__(
-            f"{session}: {what} failed: {reason}; the entry was not stored, "
-            f"append it again once the cause is fixed"
+        outcome = (
+            "the entry is in the session but a crash may lose the new file's name"
+            if stored
+            else "the entry was not stored, append it again once the cause is fixed"
         )
+        super().__init__(f"{session}: {what} failed: {reason}; {outcome}")
 
 
 class FenceLockWarning(UserWarning):

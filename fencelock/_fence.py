@@ -82,10 +82,16 @@ def _cut_torn_tail(fd: int, session: str, size: int) -> int:
             f"{session}: its last line is over 1 MiB with no line break; repair it by hand"
         )
     fragment = chunk[keep - start :]
-    aside, _ = _sidecar.open_regular(session + TORN_SUFFIX, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    torn = session + TORN_SUFFIX
     try:
-        _write_all(aside, fragment + b"\n", session + TORN_SUFFIX)
+        aside, _ = _sidecar.open_regular(torn, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except OSError as e:
+        raise SessionWriteError(torn, e, "keeping the torn last line aside") from None
+    try:
+        _write_all(aside, fragment + b"\n", torn)
         _fsync(aside)
+    except OSError as e:
+        raise SessionWriteError(torn, e, "fsync of the torn last line") from None
     finally:
         os.close(aside)
     os.ftruncate(fd, keep)
@@ -151,9 +157,18 @@ def append(
                 os.ftruncate(fd, size)
                 e.fingerprint = _fingerprint_fd(fd, mode)
             raise
+        after = _fingerprint_fd(fd, mode)
+        if after.size != size + len(line) or os.pread(fd, len(line), size) != line:
+            # Someone wrote between the fence check and the fsync: our line is stored,
+            # but the session is no longer only this run's.
+            raise SessionTakeoverError(session, expected, after)
         if created:
-            _fsync_dir(os.path.dirname(session))
-        return _fingerprint_fd(fd, mode)
+            try:
+                _fsync_dir(os.path.dirname(session))
+            except SessionWriteError as e:
+                e.fingerprint = after  # the line is in the file; only its name may not be
+                raise
+        return after
     finally:
         os.close(fd)
 
@@ -167,6 +182,8 @@ def _fsync_dir(directory: str) -> None:
         _fsync(dfd)
     except OSError as e:
         if e.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise SessionWriteError(directory, e, "fsync of the directory") from None
+            raise SessionWriteError(
+                directory, e, "fsync of the directory", stored=True
+            ) from None
     finally:
         os.close(dfd)

@@ -76,8 +76,9 @@ class Fingerprint:
         values: list[int] = []
         for name in ("dev", "ino", "size", "mtime_ns", "ctime_ns"):
             v = data.get(name)
-            if type(v) is not int or v < 0:
-                raise ValueError(f"fingerprint.{name} is not a non-negative integer")
+            # Times may be negative: a file can carry an mtime from before 1970.
+            if type(v) is not int or (v < 0 and not name.endswith("time_ns")):
+                raise ValueError(f"fingerprint.{name} is not a valid integer")
             values.append(v)
         tail = data.get("tail")
         if tail is not None and not isinstance(tail, str):
@@ -104,6 +105,8 @@ def take(path: str, mode: FenceMode) -> Fingerprint | None:
         st = os.lstat(path)  # never through a symlink: what is at the path counts
     except FileNotFoundError:
         return None
+    except OSError as e:
+        raise _unreadable(path, e) from None
     if mode is not FenceMode.CONTENT or not stat.S_ISREG(st.st_mode):
         return from_stat(st)
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -111,11 +114,19 @@ def take(path: str, mode: FenceMode) -> Fingerprint | None:
         fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return None
+    except OSError as e:
+        raise _unreadable(path, e) from None
     try:
         st = os.fstat(fd)
         return from_stat(st, tail_digest(fd, st.st_size))
     finally:
         os.close(fd)
+
+
+def _unreadable(path: str, e: OSError) -> Exception:
+    from fencelock._errors import SidecarAccessError
+
+    return SidecarAccessError(path, e, "the fence needs to stat and read the session file")
 
 
 def detect_mode(directory: str) -> FenceMode:

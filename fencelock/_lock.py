@@ -39,6 +39,7 @@ from fencelock._errors import (
     NotHeldError,
     SessionContendedError,
     SessionWriteError,
+    SidecarAccessError,
 )
 from fencelock._fingerprint import FenceMode, Fingerprint
 from fencelock._record import HolderInfo, Phase, PreviousHolder, State
@@ -161,6 +162,9 @@ class SessionLock:
             raise ValueError(f"on_contention must be 'wait' or 'fail', not {on_contention!r}")
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be None or >= 0")
+        for name, text in (("lane", lane), ("origin", origin or "")):
+            if len(text) > _record.MAX_TEXT:
+                raise ValueError(f"{name} is longer than {_record.MAX_TEXT} characters")
         self.session, self.sidecar = _sidecar.paths(path)
         self.lane = lane
         self.on_contention: OnContention = on_contention
@@ -171,6 +175,7 @@ class SessionLock:
         self._key, detected = _session_facts(self.session)
         self.fence_mode = detected if fence == FenceMode.AUTO else FenceMode(fence)
         self._fd = -1
+        self._io = threading.Lock()
         self._count = 0
         self._pid = 0
         self._owner: object = None
@@ -243,16 +248,22 @@ class SessionLock:
         self._write_record()
 
     def _write_record(self) -> None:
-        self._info = None
-        self._record_len = _sidecar.write_bytes(
-            self._fd, self.sidecar, self._encode(), self._record_len
-        )
+        # Under the object's own lock, so a heartbeat from another thread can never
+        # write through a descriptor that release() has just closed.
+        with self._io:
+            if self._fd < 0:
+                raise NotHeldError(f"{self.session}: released while the record was updated")
+            self._info = None
+            self._record_len = _sidecar.write_bytes(
+                self._fd, self.sidecar, self._encode(), self._record_len
+            )
 
     def _forget_in_child(self) -> None:
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
         self._fd, self._count, self._info = -1, 0, None
+        self._io = threading.Lock()  # another thread may have held it at the fork
         self._pid = -1  # marks "inherited through fork": release() becomes a no-op
 
     def __repr__(self) -> str:
@@ -289,12 +300,12 @@ class SessionLock:
                     raise _cancelled()  # got it just as the caller gave up
                 self._write_new_record(fd)
             except BaseException:
-                os.close(fd)
+                self._close_fd()
                 raise
         except BaseException:
             self._free_slot()
             raise
-        self._fd, self._count, self._owner = fd, 1, me
+        self._count, self._owner = 1, me
         self._pid = _identity.ME.pid
 
     def _take_slot(
@@ -329,18 +340,28 @@ class SessionLock:
     def _lock_sidecar(
         self, deadline: float | None, cancel: threading.Event | None, start: float
     ) -> int:
+        # While acquiring, self._fd names the descriptor this thread owns (so that a
+        # fork closes it in the child); while a helper thread waits, the helper owns it.
         while True:
             fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode)
+            self._fd = fd
             try:
                 locked = _platform.try_lock(fd)
             except BaseException:
-                os.close(fd)
+                self._close_fd()
                 raise
             if not locked:
+                self._fd = -1
                 fd, st = self._wait_for_lock(fd, st, deadline, cancel, start)
+                self._fd = fd
             if _sidecar.still_at_path(self.sidecar, st):
                 return fd
-            os.close(fd)  # removed or replaced while we waited: lock the new one
+            self._close_fd()  # removed or replaced while we waited: lock the new one
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def _wait_for_lock(
         self,
@@ -405,6 +426,8 @@ class SessionLock:
     def _contended(self, start: float | None, record: HolderInfo | None = None) -> Exception:
         if record is None:
             record = _read_quietly(self.sidecar)
+        if record is not None and record.state is not State.HELD:
+            record = None  # a record from before the live holder wrote its own
         waited = None if start is None else time.monotonic() - start
         return SessionContendedError(self.session, record, waited=waited)
 
@@ -439,17 +462,25 @@ class SessionLock:
         self._count -= 1
         if self._count:
             return
-        fd, self._fd = self._fd, -1
         try:
-            # Flip "held" to "released" in place: one small write, no re-encode.
-            os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+            with self._io:
+                fd, self._fd = self._fd, -1
+                try:
+                    # Flip "held" to "released" in place: one small write, no re-encode.
+                    os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+                except OSError as e:
+                    raise SidecarAccessError(
+                        self.sidecar, e, "the session is released, but its record still "
+                        "says held (it will read as stale)"
+                    ) from None
+                finally:
+                    try:
+                        _platform.unlock(fd)
+                    finally:
+                        os.close(fd)  # also drops the lock if unlocking failed
         finally:
-            try:
-                _platform.unlock(fd)
-            finally:
-                os.close(fd)  # also drops the lock if unlocking failed
-                self._info = None
-                self._free_slot()
+            self._info = None
+            self._free_slot()
 
     def __enter__(self) -> SessionLock:
         self._enter(self.timeout)
@@ -476,22 +507,53 @@ class SessionLock:
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
             cancel = threading.Event()
             loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(None, self._acquire, me, deadline, cancel)
+            future: asyncio.Future[None] = loop.create_future()
+            # A thread of its own, not the loop's default executor: waits can last
+            # minutes, and a few of them would starve to_thread() and getaddrinfo().
+            threading.Thread(
+                target=self._acquire_for, args=(loop, future, me, deadline, cancel),
+                name="fencelock-acquire", daemon=True,
+            ).start()
             try:
-                await asyncio.shield(future)
+                await future
             except asyncio.CancelledError:
                 cancel.set()
                 with _registry_cond:
                     _registry_cond.notify_all()
-                future.add_done_callback(self._drop_if_acquired)
                 raise
         info = self.info
         assert info is not None
         return info
 
-    def _drop_if_acquired(self, future: asyncio.Future[None]) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self.release()
+    def _acquire_for(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[None],
+        me: object,
+        deadline: float | None,
+        cancel: threading.Event,
+    ) -> None:
+        """Acquire in a helper thread and hand the outcome to the awaiting task."""
+        try:
+            self._acquire(me, deadline, cancel)
+            error: BaseException | None = None
+        except BaseException as e:
+            error = e
+
+        def deliver() -> None:
+            if future.cancelled():
+                if error is None:
+                    self.release()  # the task gave up just as the lock arrived
+            elif error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+        try:
+            loop.call_soon_threadsafe(deliver)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            if error is None:
+                self.release()
 
     async def __aenter__(self) -> SessionLock:
         await self.acquire_async()
@@ -548,14 +610,15 @@ class SessionLock:
     def prompt_window(self) -> Iterator[SessionLock]:
         """The model-call window: still held, ``phase: "prompt"``, fence checked on exit."""
         self._require()
-        entry_fp = _fence.check(self.session, self._fp, self.fence_mode)
+        _fence.check(self.session, self._fp, self.fence_mode)
         self._rewrite(_phase=Phase.PROMPT, _heartbeat_at=time.time())
         try:
             yield self
         finally:
             if self.held:
                 self._rewrite(_phase=Phase.WRITE, _heartbeat_at=time.time())
-        self._fp = _fence.check(self.session, entry_fp, self.fence_mode)
+        # Against the fence point, which the holder's own appends inside the window move.
+        self._fp = _fence.check(self.session, self._fp, self.fence_mode)
 
     # -- recovery hook -----------------------------------------------------------
 

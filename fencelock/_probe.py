@@ -146,7 +146,7 @@ def _fence_ok(session: str, record: HolderInfo) -> bool | None:
         mode = FenceMode.STAT
     try:
         actual = _fingerprint.take(session, mode)
-    except OSError:
+    except (OSError, FenceLockError):
         return None
     if record.fingerprint is None:
         return actual is None
@@ -173,13 +173,16 @@ def scan(
     """Every sidecar and ``*.jsonl`` session in ``directory``, sorted by session name."""
     base = os.path.abspath(os.fspath(directory))
     names = set()
-    with os.scandir(base) as entries:
-        for entry in entries:
-            name = entry.name
-            if name.endswith(_sidecar.SUFFIX):
-                names.add(name[: -len(_sidecar.SUFFIX)])
-            elif name.endswith(SESSION_SUFFIX):
-                names.add(name)
+    try:
+        with os.scandir(base) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.endswith(_sidecar.SUFFIX):
+                    names.add(name[: -len(_sidecar.SUFFIX)])
+                elif name.endswith(SESSION_SUFFIX):
+                    names.add(name)
+    except OSError as e:
+        raise SidecarAccessError(base, e, "scan needs a directory this user can list") from None
     now = time.time()
     for name in sorted(names):
         session = os.path.join(base, name)
@@ -218,18 +221,20 @@ def clear(
 def _set_aside(sidecar: str) -> str:
     """Move a corrupt sidecar to a new, unused ``<sidecar>.corrupt-<time>[-n]`` name.
 
-    ``link`` fails rather than replace an existing file, so an earlier aside survives.
+    The name is claimed first with an exclusive create, so an earlier aside is never
+    replaced; the rename then moves the sidecar in one step (other acquirers never see
+    it with two names).
     """
     stamp = time.strftime("%Y%m%dT%H%M%S")
     for n in range(1000):
         aside = f"{sidecar}.corrupt-{stamp}" + (f"-{n}" if n else "")
         try:
-            os.link(sidecar, aside, follow_symlinks=False)
+            os.close(os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.rename(sidecar, aside)
         except FileExistsError:
             continue
         except OSError as e:
             raise SidecarAccessError(sidecar, e, "move the corrupt sidecar aside by hand") from None
-        os.unlink(sidecar)
         return aside
     raise FenceLockError(f"{sidecar}: 1000 set-aside copies exist already; clean them up")
 

@@ -17,7 +17,8 @@ MAX_RECORD = 64 * 1024
 
 _MAX_PID = 2**31 - 1
 _MAX_TOKEN = 2**63 - 1
-_MAX_TEXT = 4096
+MAX_TEXT = 4096
+"""The longest string field (lane, host, ...) a reader accepts."""
 
 
 class State(enum.StrEnum):
@@ -231,8 +232,8 @@ def _int(obj: dict[str, Any], name: str, low: int, high: int) -> int:
 
 def _str(obj: dict[str, Any], name: str, default: str | None = None) -> str:
     v = obj.get(name, default)
-    if not isinstance(v, str) or len(v) > _MAX_TEXT:
-        raise ValueError(f"{name} is not a string of at most {_MAX_TEXT} characters")
+    if not isinstance(v, str) or len(v) > MAX_TEXT:
+        raise ValueError(f"{name} is not a string of at most {MAX_TEXT} characters")
     return v
 
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from fencelock import _lock, _probe, _sidecar, _wait
-from fencelock._errors import FenceLockError, SessionContendedError
+from fencelock._errors import FenceLockError, SessionContendedError, SidecarAccessError
 from fencelock._probe import HolderStatus, ProbeState
 
 
@@ -101,8 +101,10 @@ def _complete_lines(session: str) -> bytes:
     """The old transcript up to its last line break (a torn last line stays behind)."""
     try:
         fd, _ = _sidecar.open_regular(session, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         return b""
-    with os.fdopen(fd, "rb") as f:
-        data = f.read()
+    except OSError as e:
+        raise SidecarAccessError(session, e, "recover with carry=False to start empty") from None
     return data[: data.rfind(b"\n") + 1]

@@ -119,7 +119,7 @@ def still_at_path(sidecar: str, st: os.stat_result) -> bool:
     """After locking: is the inode we locked still the one at the path?"""
     try:
         now = os.lstat(sidecar)
-    except FileNotFoundError:
+    except OSError:
         return False
     return now.st_ino == st.st_ino and now.st_dev == st.st_dev
 

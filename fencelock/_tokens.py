@@ -1,15 +1,18 @@
 """Fencing tokens: the reserved stamp key, and the floor a new sidecar starts above.
 
 Tokens live in the record. A session whose sidecar was removed keeps its last token
-in two places a new sidecar consults: the ``user.fencelock.token`` extended attribute
-that `clear(remove=True)` sets on the session file before unlinking the sidecar, and
-the stamps of the session's last lines (``append(..., stamp=True)``).
+in places a new sidecar consults: the ``user.fencelock.token`` extended attribute that
+`clear(remove=True)` sets on the session file before unlinking the sidecar, the stamps
+of the session's last lines (``append(..., stamp=True)``), and the corrupt records
+`clear(force=True)` set aside as ``<sidecar>.corrupt-*``.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 from typing import Any
 
 from fencelock import _sidecar
@@ -66,7 +69,28 @@ def floor(session: str) -> int:
             saved = int(os.getxattr(session, XATTR))
         except (OSError, ValueError):
             saved = 0
-    return max(saved, _last_stamped(session))
+    return max(saved, _last_stamped(session), _set_aside_tokens(session))
+
+
+_TOKEN_TEXT = re.compile(rb'"token"\s*:\s*(\d{1,19})')
+
+
+def _set_aside_tokens(session: str) -> int:
+    """The largest token legible in corrupt records that `clear --force` set aside."""
+    best = 0
+    for path in glob.glob(glob.escape(session) + ".holder.corrupt-*"):
+        try:
+            fd, _ = _sidecar.open_regular(path, os.O_RDONLY)
+        except (OSError, FenceLockError):
+            continue
+        try:
+            head = os.pread(fd, _TAIL, 0)
+        except OSError:
+            head = b""
+        finally:
+            os.close(fd)
+        best = max([best, *(int(m) for m in _TOKEN_TEXT.findall(head))])
+    return best
 
 
 def save(session: str, token: int) -> bool:

@@ -20,6 +20,9 @@ from fencelock._errors import SidecarAccessError
 _pending: dict[tuple[str, bool], Waiter] = {}
 """Abandoned waiters still blocked in the kernel, by (sidecar, shared)."""
 
+_live: set[Waiter] = set()
+"""Every waiter whose helper owns its descriptor (closed in a forked child)."""
+
 
 class Waiter:
     """A blocking flock on ``fd`` in a helper thread; see the module docstring."""
@@ -33,6 +36,7 @@ class Waiter:
         self.abandoned = False
         self.finished = False
         self.error: BaseException | None = None
+        _live.add(self)
         threading.Thread(target=self._run, name="fencelock-wait", daemon=True).start()
 
     def _run(self) -> None:
@@ -44,6 +48,7 @@ class Waiter:
             if self.abandoned:
                 os.close(self.fd)  # closing the last descriptor drops the lock
                 self.finished = True
+                _live.discard(self)
                 if _pending.get(self.key) is self:
                     del _pending[self.key]
                 return
@@ -73,9 +78,13 @@ class Waiter:
         """Stop waiting: True if the lock arrived meanwhile (the fd is then ours)."""
         with self.mutex:
             if self.done.is_set():
+                _live.discard(self)  # the descriptor is the caller's from here
                 if self.error is not None:
                     os.close(self.fd)
-                    raise self.error
+                    raise SidecarAccessError(
+                        self.key[0], self.error if isinstance(self.error, OSError)
+                        else OSError(str(self.error)), "waiting for its lock failed"
+                    ) from self.error
                 return True
             self.abandoned = True
             _pending[self.key] = self
@@ -119,10 +128,11 @@ def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
 def _after_fork_in_child() -> None:
     # The helpers' threads did not survive the fork; close what they still held open
     # (a finished helper's descriptor number may already name another file).
-    for waiter in _pending.values():
+    for waiter in _live:
         if not waiter.finished:
             with contextlib.suppress(OSError):
                 os.close(waiter.fd)
+    _live.clear()
     _pending.clear()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,27 @@ def test_cancelled_waiter_leaves_no_lock_behind(session: Path, spawn_holder: Any
     asyncio.run(main())
     status = probe(session)
     assert status.state == ProbeState.FREE and status.lane == "after"
+
+
+def test_waiting_tasks_do_not_starve_the_default_executor(
+    session: Path, spawn_holder: Any
+) -> None:
+    holder = spawn_holder(session, lane="long-run")
+    holder.acquire()
+
+    async def main() -> None:
+        waiting = [
+            asyncio.create_task(SessionLock(session, lane=f"w{i}").acquire_async())
+            for i in range((os.cpu_count() or 1) + 8)  # more than the default executor
+        ]
+        await until(lambda: _lock._registry_waiters >= len(waiting) - 1)
+        # Unrelated blocking work and a free session still go through at once.
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 10) == 42
+        free = SessionLock(session.with_name("other.jsonl"), lane="free")
+        await asyncio.wait_for(free.acquire_async(), 10)
+        free.release()
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+    asyncio.run(main())

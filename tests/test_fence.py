@@ -295,3 +295,71 @@ def test_token_continues_from_stamps_when_sidecar_deleted_by_hand(session: Path)
     ) else None
     with SessionLock(session) as last:
         assert last.info is not None and last.info.token == 4
+
+
+def test_holders_own_append_inside_the_prompt_window_is_no_takeover(session: Path) -> None:
+    with SessionLock(session) as lock:
+        lock.append({"role": "user"})
+        with lock.prompt_window():
+            lock.append({"role": "tool", "content": "progress"})
+        lock.append({"role": "assistant"})
+    assert [e["role"] for e in lines(session)] == ["user", "tool", "assistant"]
+
+
+def test_a_foreign_write_during_the_append_is_not_absorbed(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.fsync
+
+    def fsync_with_intruder(fd: int) -> None:
+        with open(session, "a") as f:  # lands between our write and our fingerprint
+            f.write('{"intruder": 1}\n')
+        real(fd)
+
+    with SessionLock(session) as lock:
+        lock.append({"n": 1})
+        monkeypatch.setattr(_fence, "_fsync", fsync_with_intruder)
+        with pytest.raises(SessionTakeoverError):
+            lock.append({"n": 2})
+
+
+def test_failed_directory_fsync_says_the_line_is_stored(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.fsync
+    calls = []
+
+    def dir_fails(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:  # the session file's fsync passes, the directory's fails
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    with SessionLock(session) as lock:
+        monkeypatch.setattr(_fence, "_fsync", dir_fails)
+        with pytest.raises(SessionWriteError, match="is in the session") as err:
+            lock.append({"n": 1})
+        assert err.value.stored
+        lock.append({"n": 2})  # the holder's own line is its fence point: no takeover
+    assert lines(session) == [{"n": 1}, {"n": 2}]
+
+
+def test_session_with_an_mtime_before_1970_works(session: Path) -> None:
+    session.write_text('{"n": 0}\n')
+    os.utime(session, ns=(-10**9, -10**9))
+    with SessionLock(session):
+        assert probe(session).record.fingerprint.mtime_ns < 0  # type: ignore[union-attr]
+    assert probe(session).state == "free"
+    with SessionLock(session) as lock:
+        lock.append({"n": 1})
+
+
+def test_token_continues_after_a_corrupt_record_is_set_aside(session: Path) -> None:
+    for _ in range(5):
+        with SessionLock(session):
+            pass
+    sidecar = Path(str(session) + ".holder")
+    sidecar.write_bytes(sidecar.read_bytes()[:-30])  # torn: corrupt, token still legible
+    clear(session, force=True)
+    with SessionLock(session) as lock:
+        assert lock.info is not None and lock.info.token == 6

@@ -7,6 +7,7 @@ import os
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from fencelock import (
     SessionLock,
     SessionTakeoverError,
     State,
+    _wait,
     is_coordination_error,
     probe,
 )
@@ -213,3 +215,83 @@ def test_released_record_probes_free_and_held_record_of_dead_owner_is_stale(sess
     status = probe(session)
     assert status.state == ProbeState.FREE and status.record is not None
     assert status.record.state is State.RELEASED
+
+
+def test_a_lane_too_long_for_the_record_is_refused_up_front(session: Path) -> None:
+    with pytest.raises(ValueError, match="lane"):
+        SessionLock(session, lane="x" * 5000)
+
+
+def test_heartbeats_from_another_thread_never_outlive_release(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    lock_a = SessionLock(a, lane="A")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def heartbeat() -> None:
+        while not stop.is_set():
+            try:
+                lock_a.touch()
+            except NotHeldError:
+                pass
+            except BaseException as e:  # anything else is the bug
+                errors.append(e)
+
+    t = threading.Thread(target=heartbeat)
+    t.start()
+    try:
+        for _ in range(300):
+            lock_a.acquire()
+            lock_a.release()
+            with SessionLock(b, lane="B"):  # reuses the descriptor number A just closed
+                pass
+    finally:
+        stop.set()
+        t.join()
+    assert errors == []
+    assert probe(b).lane == "B" and probe(a).lane == "A"
+
+
+def test_fork_during_a_timed_wait_leaves_no_orphan_lock(session: Path, spawn_holder: Any) -> None:
+    """A child forked while a helper thread waits must not keep that helper's lock."""
+    import time
+
+    from conftest import wait_for_blocked_waiter
+
+    holder = spawn_holder(session, lane="holder")
+    holder.acquire()
+    outcome: list[str] = []
+
+    def waiter() -> None:
+        try:
+            SessionLock(session, lane="waiter", timeout=0.3).acquire()
+            outcome.append("acquired")
+        except SessionContendedError:
+            outcome.append("timed out")
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    wait_for_blocked_waiter(session)  # the helper thread is blocked in flock
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a long-lived worker that knows nothing of sessions
+        os.close(write_end)
+        os.read(read_end, 1)
+        os._exit(0)
+    os.close(read_end)
+    try:
+        t.join(timeout=30)
+        assert outcome == ["timed out"]  # the helper stays blocked, abandoned
+        assert holder.call("release") == "released"
+        # The abandoned helper now gets the lock and drops it at once.
+        deadline = time.monotonic() + 30
+        while _wait._pending and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert not _wait._pending
+        # With the child still alive, the session is free: it holds no copy of the lock.
+        assert probe(session).state == ProbeState.FREE
+        with SessionLock(session, on_contention="fail"):
+            pass
+    finally:
+        os.close(write_end)
+        os.waitpid(pid, 0)
