@@ -244,24 +244,28 @@ def _is_sidecar(path: str) -> bool:
 
 
 def _nothing_at(path: str) -> bool:
-    """Neither the session file nor the sidecar ``path`` names exists."""
+    """Neither the session file nor the sidecar ``path`` names exists (as opposed to
+    cannot be looked at: a permission error is not a typo)."""
     if _is_sidecar(path):
         pair = (path, path[: -len(_SIDECAR_SUFFIX)])
     else:
         pair = (path, path + _SIDECAR_SUFFIX)
-    return not any(os.path.lexists(p) for p in pair)
+    for p in pair:
+        try:
+            os.lstat(p)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False  # there may be something; let the library name the cause
+        return False
+    return True
 
 
 def _missing(st: HolderStatus) -> bool:
     """Neither the session file nor its sidecar exists: most likely a mistyped path."""
     from fencelock._probe import ProbeState
 
-    return (
-        st.state is ProbeState.FREE
-        and st.record is None
-        and not os.path.lexists(st.sidecar)
-        and not os.path.lexists(st.session)
-    )
+    return st.state is ProbeState.FREE and st.record is None and _nothing_at(st.session)
 
 
 # -- the group ------------------------------------------------------------------------
@@ -269,7 +273,8 @@ def _missing(st: HolderStatus) -> bool:
 _MAIN_EPILOG = """\b
 Exit codes: 0 fine, 1 error, 2 usage, 3 stale holders found (status),
 4 a live holder in the way, 5 problems found (verify); run passes its
-command's code through (127 command not found, 128+N killed by signal N).
+command's code through (126 not executable, 127 command not found,
+128+N killed by signal N).
 
 \b
 Shell completion (add to your shell's startup file):
@@ -421,9 +426,11 @@ def _clear_one(path: str, remove: bool, force: bool) -> _ClearOutcome:
             session, session + _SIDECAR_SUFFIX, "live", e.holder, refused=True, reason=str(e)
         )
     except (FenceLockError, OSError) as e:
+        from fencelock._sidecar import paths
+
         message = _os_message(e) if isinstance(e, OSError) else str(e)
-        target = os.path.abspath(path)
-        return _ClearOutcome(target, target, error=message, reason=message)
+        session, sidecar = paths(path)
+        return _ClearOutcome(session, sidecar, "unreadable", error=message, reason=message)
     out = _ClearOutcome(st.session, st.sidecar, str(st.state), st.record, reason=st.reason)
     out.cleared = st.state is ProbeState.STALE
     out.removed = st.removed
@@ -445,6 +452,9 @@ def _clear_directory(directory: str, remove: bool, force: bool) -> _DirSummary:
     for st in scan(directory):
         if st.state is ProbeState.LIVE:
             summary.live += 1
+            summary.outcomes.append(
+                _ClearOutcome(st.session, st.sidecar, "live", st.record, reason="live: left alone")
+            )
             continue
         if st.state is ProbeState.FREE and (not remove or not os.path.lexists(st.sidecar)):
             continue
@@ -675,8 +685,9 @@ def run(
 ) -> None:
     """Hold SESSION while COMMAND runs, like flock(1). Put `--` before COMMAND.
 
-    Exits with COMMAND's exit code (128+N when it was killed by signal N, 127 when
-    it was not found), or 4 when the session is held by a live run (with --no-wait,
+    Exits with COMMAND's exit code (128+N when it was killed by signal N, 126 when
+    it cannot be executed, 127 when it was not found), or 4 when the session is held
+    by a live run (with --no-wait,
     or after --timeout); the holder is named on stderr. COMMAND gets
     FENCELOCK_SESSION, FENCELOCK_LANE, FENCELOCK_TOKEN and FENCELOCK_RUN_ID in its
     environment. SIGINT, SIGTERM and SIGHUP are passed on to COMMAND (Ctrl-C on a
@@ -689,7 +700,12 @@ def run(
     from fencelock._errors import FenceLockError
     from fencelock._lock import SessionLock
 
-    lock = SessionLock(session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout)
+    try:
+        lock = SessionLock(
+            session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout
+        )
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--lane'") from None
     try:
         with _library_errors():
             info = lock.acquire()

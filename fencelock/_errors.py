@@ -28,7 +28,7 @@ class SessionContendedError(CoordinationError):
         self.holder = holder
         self.waited = waited
         who = describe_holder(holder)
-        how = f" after waiting {waited:.1f}s" if waited else ""
+        how = f" after waiting {waited:.1f}s" if waited and waited >= 0.05 else ""
         super().__init__(
             f"{session}: held by {who}{how}; wait for it, or start a fresh session "
             f"(fencelock recover {session})"
@@ -59,8 +59,8 @@ class UnsafePathError(FenceLockError):
         self.path = path
         self.what = what
         super().__init__(
-            f"{path}: is {what}, not a regular file; fencelock left it untouched. "
-            f"Remove or rename it yourself if it is not meant to be there"
+            f"{path}: is {what}, not a regular file; fencelock neither follows links nor "
+            f"writes to anything else, and left it untouched"
         )
 
 
@@ -70,6 +70,7 @@ class UnsafeSidecarError(UnsafePathError):
     def __init__(self, sidecar: str, what: str):
         self.sidecar = sidecar
         super().__init__(sidecar, what)
+        self.args = (f"{self.args[0]}. Remove or rename it if it is not meant to be there",)
 
 
 class CorruptRecordError(FenceLockError):

@@ -107,7 +107,12 @@ def take(path: str, mode: FenceMode) -> Fingerprint | None:
         return None
     except OSError as e:
         raise _unreadable(path, e) from None
-    if mode is not FenceMode.CONTENT or not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(st.st_mode):
+        from fencelock._errors import UnsafePathError
+        from fencelock._platform import describe_mode
+
+        raise UnsafePathError(path, describe_mode(st.st_mode))
+    if mode is not FenceMode.CONTENT:
         return from_stat(st)
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:

@@ -13,8 +13,9 @@ import os
 import time
 from dataclasses import dataclass
 
-from fencelock import _lock, _probe, _sidecar, _wait
+from fencelock import _fingerprint, _lock, _probe, _sidecar, _wait
 from fencelock._errors import FenceLockError, SessionContendedError, SidecarAccessError
+from fencelock._fingerprint import FenceMode
 from fencelock._probe import HolderStatus, ProbeState
 
 
@@ -63,6 +64,7 @@ def recover(
     does (waiting by default), and never races the other.
     """
     session, sidecar = _sidecar.paths(path)
+    _fingerprint.take(session, FenceMode.STAT)  # refuses a directory, FIFO or symlink
     found = _probe.probe(session, stuck_after=stuck_after)
     if found.state is ProbeState.UNREADABLE:
         raise FenceLockError(f"{session}: cannot recover: {found.reason}")

@@ -43,15 +43,17 @@ def _access_error(path: str, e: OSError, writing: bool) -> Exception:
     if e.errno == errno.ENXIO:
         return UnsafeSidecarError(path, "a socket or device")
     if e.errno == errno.ENOENT:
-        fix = f"the directory {directory} does not exist; create it first"
+        fix = f"the directory {directory} does not exist" + ("; create it first" if writing else "")
         if os.path.isdir(directory):
             fix = "no sidecar there; nothing holds this session"
         return SidecarAccessError(path, e, fix)
     if e.errno in (errno.EACCES, errno.EPERM):
-        how = "write" if writing else "read"
-        return SidecarAccessError(
-            path, e, f"this user cannot {how} it; run as its owner or fix the permissions"
-        )
+        if writing and not os.path.lexists(path):
+            fix = f"this user cannot create files in {directory}; fix its permissions"
+        else:
+            how = "write" if writing else "read"
+            fix = f"this user cannot {how} it; run as its owner or fix the permissions"
+        return SidecarAccessError(path, e, fix)
     if e.errno == errno.EROFS:
         return SidecarAccessError(
             path, e, "the filesystem is read-only; keep sessions on a writable filesystem"

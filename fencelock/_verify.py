@@ -44,12 +44,12 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
     try:
         fd, _ = _sidecar.open_regular(session, os.O_RDONLY)
     except OSError as e:
-        raise SidecarAccessError(session, e, "check the session path") from None
+        raise SidecarAccessError(session, e, "verify needs to read the session file") from None
     try:
         with os.fdopen(fd, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise SidecarAccessError(session, e, "check the session path") from None
+        raise SidecarAccessError(session, e, "verify needs to read the session file") from None
     problems: list[Problem] = []
     best = 0
     stamped = 0

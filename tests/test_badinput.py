@@ -346,12 +346,12 @@ def test_terminal_escapes_in_lane_are_kept_and_not_raw_in_the_file(session: Path
 def test_session_that_is_a_directory_gives_a_clear_error(session: Path) -> None:
     session.mkdir()
     (session / "keep").write_text("x")
-    with SessionLock(session, "a") as lock:
-        with pytest.raises(FenceLockError) as exc:
-            lock.append({"n": 1})
-        assert str(session) in str(exc.value)
-        assert not isinstance(exc.value, CoordinationError)
+    with pytest.raises(FenceLockError) as exc:  # refused before the run starts
+        SessionLock(session, "a").acquire()
+    assert str(session) in str(exc.value) and "a directory" in str(exc.value)
+    assert not isinstance(exc.value, CoordinationError)
     assert (session / "keep").read_text() == "x"
+    assert probe(session).state == "free"  # no record was written
 
 
 _FIFO_SESSION = textwrap.dedent("""
@@ -385,10 +385,9 @@ def test_session_that_is_a_symlink_is_not_followed(session: Path) -> None:
     before = victim.read_bytes()
     session.symlink_to(victim)
     try:
-        with SessionLock(session, "a") as lock:
-            with pytest.raises(FenceLockError) as exc:
-                lock.append({"n": 1})
-            assert str(session) in str(exc.value)
+        with pytest.raises(FenceLockError) as exc:  # refused before the run starts
+            SessionLock(session, "a").acquire()
+        assert str(session) in str(exc.value) and "a symlink" in str(exc.value)
     finally:
         assert victim.read_bytes() == before, "the symlink's target was modified"
 
@@ -437,7 +436,7 @@ def test_unwritable_session_directory(how: str) -> None:
         """, session=str(session))
         assert result["error"] == "SidecarAccessError"
         assert str(session) + ".holder" in result["message"]
-        assert "cannot write" in result["message"]
+        assert f"cannot create files in {sessions}" in result["message"]
         assert result["probe"] == "free"  # nothing there, and nothing was created
         assert list(sessions.iterdir()) == []
 

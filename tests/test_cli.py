@@ -491,7 +491,9 @@ def test_clear_directory(session: Path, spawn_holder: Any) -> None:
     removed = cli("clear", "--remove", "--json", str(d))
     assert removed.returncode == 0, removed.stderr
     done = {Path(o["session"]).name: o["removed"] for o in json.loads(removed.stdout)}
-    assert done == {"free.jsonl": True, "stale.jsonl": True}
+    assert done == {"free.jsonl": True, "stale.jsonl": True, "live.jsonl": False}
+    left = [o for o in json.loads(removed.stdout) if o["found"] == "live"]
+    assert [Path(o["session"]).name for o in left] == ["live.jsonl"]
     assert not os.path.lexists(str(stale) + ".holder")
     assert not os.path.lexists(str(free) + ".holder")
     assert probe(live).state == "live"
