@@ -294,11 +294,11 @@ class SessionLock:
         start = time.monotonic()
         self._take_slot(deadline, cancel, start)
         try:
-            fd = self._lock_sidecar(deadline, cancel, start)
+            self._lock_sidecar(deadline, cancel, start)
             try:
                 if cancel is not None and cancel.is_set():
                     raise _cancelled()  # got it just as the caller gave up
-                self._write_new_record(fd)
+                self._write_new_record()
             except BaseException:
                 self._close_fd()
                 raise
@@ -339,7 +339,8 @@ class SessionLock:
 
     def _lock_sidecar(
         self, deadline: float | None, cancel: threading.Event | None, start: float
-    ) -> int:
+    ) -> None:
+        """Leave ``self._fd`` open and locked on the sidecar now at the path."""
         # While acquiring, self._fd names the descriptor this thread owns (so that a
         # fork closes it in the child); while a helper thread waits, the helper owns it.
         while True:
@@ -355,7 +356,7 @@ class SessionLock:
                 fd, st = self._wait_for_lock(fd, st, deadline, cancel, start)
                 self._fd = fd
             if _sidecar.still_at_path(self.sidecar, st):
-                return fd
+                return
             self._close_fd()  # removed or replaced while we waited: lock the new one
 
     def _close_fd(self) -> None:
@@ -431,9 +432,12 @@ class SessionLock:
         waited = None if start is None else time.monotonic() - start
         return SessionContendedError(self.session, record, waited=waited)
 
-    def _write_new_record(self, fd: int) -> None:
-        previous = None
-        data = os.pread(fd, _PEEK_BYTES, 0)
+    def _write_new_record(self) -> None:
+        fd, previous = self._fd, None
+        try:
+            data = os.pread(fd, _PEEK_BYTES, 0)
+        except OSError as e:
+            raise SidecarAccessError(self.sidecar, e, "its record cannot be read") from None
         old_len = len(data) if len(data) < _PEEK_BYTES else os.fstat(fd).st_size
         quick = _record.peek(data) if data and len(data) < _PEEK_BYTES else None
         if quick is not None and quick[0] is State.RELEASED:
@@ -445,7 +449,7 @@ class SessionLock:
             else:
                 token = old.token + 1
                 previous = old.as_previous() if old.state is State.HELD else None
-        self._fd, self._record_len = fd, old_len
+        self._record_len = old_len
         self._token, self._run_id, self._previous = token, _run_ids.next(), previous
         self._acquired_at = self._heartbeat_at = time.time()
         self._phase = Phase.WRITE
