@@ -59,18 +59,23 @@ _PEEK_BYTES = 4096
 """A first read of the old record; records are far smaller unless something is wrong."""
 
 _registry: dict[str, SessionLock] = {}
-_registry_cond = threading.Condition(threading.Lock())
+_registry_lock = threading.Lock()
+_registry_cond = threading.Condition(_registry_lock)
+"""Waited on by acquirers whose session another object of this process holds. The
+uncontended path takes ``_registry_lock`` directly, which costs less than the
+Condition's own context manager."""
 _registry_waiters = 0
 
 
 def _after_fork_in_child() -> None:
     # A forked child does not hold its parent's sessions: forget them, and close the
     # inherited descriptors (closing never unlocks: the parent's copy keeps the lock).
-    global _registry_cond, _registry_waiters
+    global _registry_lock, _registry_cond, _registry_waiters
     for lock in _registry.values():
         lock._forget_in_child()
     _registry.clear()
-    _registry_cond = threading.Condition(threading.Lock())
+    _registry_lock = threading.Lock()
+    _registry_cond = threading.Condition(_registry_lock)
     _registry_waiters = 0
     _run_ids.reset()
 
@@ -312,7 +317,7 @@ class SessionLock:
         self, deadline: float | None, cancel: threading.Event | None, start: float
     ) -> None:
         global _registry_waiters
-        with _registry_cond:
+        with _registry_lock:
             while True:
                 other = _registry.get(self._key)
                 if other is None:
@@ -331,7 +336,7 @@ class SessionLock:
                     _registry_waiters -= 1
 
     def _free_slot(self) -> None:
-        with _registry_cond:
+        with _registry_lock:
             if _registry.get(self._key) is self:
                 del _registry[self._key]
                 if _registry_waiters:
