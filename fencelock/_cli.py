@@ -177,7 +177,7 @@ def status_json(st: HolderStatus, now: float) -> dict[str, Any]:
         "heartbeat_at": rec.heartbeat_at if rec else None,
         "age": round(now - rec.acquired_at, 3) if rec else None,
         "heartbeat_age": round(now - rec.heartbeat_at, 3) if rec else None,
-        "stuck": st.stuck,
+        "stuck": st.stuck if rec is not None else None,
         "owner_alive": st.owner_alive,
         "fence_ok": st.fence_ok,
         "reason": st.reason,
