@@ -377,7 +377,9 @@ def test_status_escapes_control_characters(session: Path, spawn_holder: Any) -> 
     assert "\x1b" not in missing.stderr and "a\\x1b[2Jb.jsonl" in missing.stderr
 
 
-def test_status_10000_sessions_in_about_a_second(session: Path) -> None:
+def test_status_lists_a_directory_of_10000_sessions(session: Path) -> None:
+    """Every row listed and every stale one counted; the time it takes is the
+    benchmark's business (bin/fencelock-bench, "scan"), not the test suite's."""
     with SessionLock(session, "bulk") as lock:
         lock.append({"n": 1})
     record = json.loads(Path(str(session) + ".holder").read_bytes())
@@ -387,14 +389,10 @@ def test_status_10000_sessions_in_about_a_second(session: Path) -> None:
         held = i % 100 == 0
         data = dict(record, session=str(name), state="held" if held else "released")
         Path(str(name) + ".holder").write_text(json.dumps(data))
-    start = time.monotonic()
     out = cli("status", str(d))
-    elapsed = time.monotonic() - start
     assert out.returncode == 3  # 100 stale ones
     assert len(out.stdout.splitlines()) == 1 + 10_001
-    # "About a second" on an idle machine; the bound leaves room for a loaded CI box.
-    print(f"status of 10,000 sessions: {elapsed:.2f}s")
-    assert elapsed < 6, elapsed
+    assert sum(" stale " in line for line in out.stdout.splitlines()) == 100
 
 
 # -- clear ------------------------------------------------------------------------------
