@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -330,10 +331,88 @@ class FenceLockPeer:
         self.lock.release()
 
 
+_FLOOR_TOKEN = re.compile(rb'"token":(\d+)')
+
+
+class FloorLock:
+    """Protocol v1's floor: only the syscalls a v1 holder must make, in flat code.
+
+    Acquire: open the sidecar, fstat it (a non-regular sidecar is refused), flock,
+    lstat the path (the inode re-check), pread the old record (for the next token),
+    lstat the session (its fingerprint), pwrite the record. Release: pwrite the
+    ``"released"`` state, unlock, close. A fenced append: open the session, fstat it
+    (the fence check), write, fsync, fstat (the new fence point), close, pwrite the
+    record. The record is a precomputed template in fencelock's layout. There is no
+    registry, no reentrancy, no error handling: this is a lower bound for any Python
+    implementation of the protocol, not a usable lock. ``path`` is the session.
+    """
+
+    def __init__(self, path: str, record: bytes | None = None, fsync: bool = True) -> None:
+        self.session, self.sidecar, self.fsync = path, path + ".holder", fsync
+        self.fd = -1
+        host = json.dumps(platform.node())
+        self.template = (
+            '{"version":1,"state":"held"    ,"phase":"write" ,"token":%-20d,"run_id":"%s"'
+            f',"pid":{os.getpid()},"host":{host},"process_start":"1@boot@ns"'
+            f',"session":{json.dumps(path)},"lane":"floor","fence":"stat"'
+            ',"acquired_at":%r,"heartbeat_at":%r,"fingerprint":%s,"previous":null}'
+        )
+        self.token, self.at, self.fp = 0, 0.0, "null"
+
+    def _write(self) -> None:
+        os.pwrite(self.fd, (self.template % (
+            self.token, self.token, self.at, time.time(), self.fp)).encode(), 0)
+
+    @staticmethod
+    def _fp(st: os.stat_result) -> str:
+        return (f'{{"dev":{st.st_dev},"ino":{st.st_ino},"size":{st.st_size},'
+                f'"mtime_ns":{st.st_mtime_ns},"ctime_ns":{st.st_ctime_ns}}}')
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.sidecar, _RAW_FLAGS, 0o600)
+            st = os.fstat(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            now = os.lstat(self.sidecar)
+            if st.st_ino == now.st_ino and st.st_dev == now.st_dev:
+                break
+            os.close(fd)
+        m = _FLOOR_TOKEN.search(os.pread(fd, 4096, 0))
+        self.token = int(m[1]) + 1 if m else 1
+        try:
+            self.fp = self._fp(os.lstat(self.session))
+        except FileNotFoundError:
+            self.fp = "null"
+        self.fd, self.at = fd, time.time()
+        self._write()
+
+    def append(self, line: bytes) -> None:
+        fd = os.open(self.session, _APPEND_FLAGS, 0o600)
+        try:
+            os.fstat(fd)
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.fsync:
+                os.fsync(fd)
+            self.fp = self._fp(os.fstat(fd))
+        finally:
+            os.close(fd)
+        self._write()
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, -1
+        os.pwrite(fd, b'"released"', 21)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def make_locker(peer: str, path: str, record: bool = True) -> Locker:
     """A locker for ``peer`` on ``path`` (a lock file; for fencelock the session file)."""
     if peer == "fencelock":
         return FenceLockPeer(path)
+    if peer == "floor":
+        return FloorLock(path)
     data = _record_bytes(path) if record else None
     if peer == "raw":
         return RawLock(path, data)
@@ -353,7 +432,7 @@ def _available(peer: str) -> bool:
 def _lock_path(base: Path, peer: str) -> str:
     d = base / peer
     d.mkdir(parents=True, exist_ok=True)
-    return str(d / ("s.jsonl" if peer == "fencelock" else "s.lock"))
+    return str(d / ("s.jsonl" if peer in ("fencelock", "floor") else "s.lock"))
 
 
 # -- 1. uncontended cycle ------------------------------------------------------------
@@ -395,7 +474,7 @@ def bench_cycle(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
     rows = []
     for fresh in (False, True):
         values: dict[str, float | None] = {}
-        for peer in ("fencelock", *PEERS):
+        for peer in ("fencelock", *PEERS, "floor"):
             if not _available(peer):
                 values[peer] = None
                 continue
@@ -403,12 +482,27 @@ def bench_cycle(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
             values[peer] = _time_per_call(_cycle_fn(peer, _lock_path(base, peer), fresh),
                                           sizes.cycles)
         kind = "fresh object each cycle" if fresh else "one object reused"
+        row_id = f"cycle.{'fresh' if fresh else 'reused'}"
+        floor = values.pop("floor")
         rows.append(Row(
-            f"cycle.{'fresh' if fresh else 'reused'}", "cycle",
-            f"uncontended acquire+release, {kind}", "us", values.pop("fencelock"), values,
+            row_id, "cycle", f"uncontended acquire+release, {kind}", "us",
+            values.pop("fencelock"), values,
             note="every peer writes a record of fencelock's size on acquire",
         ))
+        rows.append(_floor_row(row_id, floor, values))
     return rows
+
+
+def _floor_row(row_id: str, floor: float | None, peers: dict[str, float | None],
+               lower_is_better: bool = True) -> Row:
+    """The same figure for `FloorLock`, in the fencelock column: the protocol's floor."""
+    return Row(
+        f"{row_id}.floor", row_id.split(".")[0], "  protocol v1 floor (bare syscalls, see notes)",
+        "turns/s" if not lower_is_better else "us", floor, dict(peers),
+        lower_is_better=lower_is_better,
+        note="not fencelock: only the syscalls protocol v1 requires, in flat code with a "
+        "precomputed record (FloorLock); no Python implementation of v1 can beat it",
+    )
 
 
 # -- 2. hand-off latency -------------------------------------------------------------
@@ -541,6 +635,18 @@ def _append_worker(
         for seq in range(turns):
             with lock:
                 lock.append({"w": writer, "seq": seq, "pad": _PAD})
+    elif peer == "floor":
+        floor = FloorLock(session, fsync=fsync)
+        barrier.wait()
+        start, cpu = time.monotonic(), _cpu()
+        for seq in range(turns):
+            line = json.dumps({"w": writer, "seq": seq, "pad": _PAD},
+                              separators=(",", ":")).encode() + b"\n"
+            floor.acquire()
+            try:
+                floor.append(line)
+            finally:
+                floor.release()
     else:
         locker = make_locker(peer, lockpath, record=False)
         barrier.wait()
@@ -599,7 +705,7 @@ def bench_appends(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list
     for fsync in (True, False):
         values: dict[str, float | None] = {}
         cpu: dict[str, float | None] = {}
-        for peer in ("fencelock", "raw", "filelock", "portalocker-blocking"):
+        for peer in ("fencelock", "raw", "filelock", "portalocker-blocking", "floor"):
             if not _available(peer):
                 values[peer] = cpu[peer] = None
                 continue
@@ -616,6 +722,8 @@ def bench_appends(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list
             checks.append({"peer": peer, "fsync": fsync, **check})
         values["portalocker"] = values.pop("portalocker-blocking")
         cpu["portalocker"] = cpu.pop("portalocker-blocking")
+        floor = values.pop("floor")
+        cpu.pop("floor")
         note = "portalocker with flags=EXCLUSIVE (kernel wait); peers write no record"
         if not fsync:
             note += ("; fencelock has no public no-fsync knob: measured with its internal "
@@ -631,6 +739,8 @@ def bench_appends(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list
             "  same, CPU time per turn (user+sys, all writers)", "us",
             cpu.pop("fencelock"), cpu,
         ))
+        rows.append(_floor_row(f"appends.{'fsync' if fsync else 'nofsync'}", floor, values,
+                               lower_is_better=False))
     report.checks["appends"] = checks
     return rows
 
@@ -943,7 +1053,8 @@ def judge(report: Report, sizes: Sizes) -> None:
             add(f"cycle.{kind}.raw", f"cycle ({kind}) at most 3x the raw-syscall protocol",
                 row.ratios.get("raw"), 3.0, "{value:.2f}x raw")
             add(f"cycle.{kind}.portalocker", f"cycle ({kind}) at most half of portalocker.Lock",
-                row.ratios.get("portalocker"), 0.5, "{value:.2f}x portalocker")
+                row.ratios.get("portalocker"), 0.5,
+                "{value:.2f}x portalocker" + _floor_text(report, row.id, "portalocker"))
     med, p99 = report.row("handoff.median"), report.row("handoff.p99")
     if med is not None and p99 is not None:
         add("handoff.median", "hand-off median under 1 ms", med.fencelock, 1.0,
@@ -953,8 +1064,11 @@ def judge(report: Report, sizes: Sizes) -> None:
         row = report.row(f"appends.{kind}")
         if row is not None:
             best = max((v for v in row.peers.values() if v is not None), default=None)
+            floor = report.row(f"appends.{kind}.floor")
+            floor_text = "" if floor is None or floor.fencelock is None else (
+                f"; protocol v1 floor {floor.fencelock:.0f} turns/s")
             add(f"appends.{kind}", f"appends ({kind}) at least the best peer's throughput",
-                row.fencelock, best, "{value:.0f} vs best peer {limit:.0f} turns/s",
+                row.fencelock, best, "{value:.0f} vs best peer {limit:.0f} turns/s" + floor_text,
                 at_least=True)
     row = report.row("scan.library")
     if row is not None:
@@ -969,6 +1083,12 @@ def judge(report: Report, sizes: Sizes) -> None:
         if row is not None:
             add(f"cold.{name}", f"cold start of `fencelock {cmd}` within 1.5x `import click`",
                 row.ratios.get("raw"), 1.5, "{value:.2f}x")
+
+
+def _floor_text(report: Report, row_id: str, peer: str) -> str:
+    floor = report.row(f"{row_id}.floor")
+    ratio = None if floor is None else floor.ratios.get(peer)
+    return "" if ratio is None else f"; protocol v1 floor {ratio:.2f}x {peer}"
 
 
 # -- output --------------------------------------------------------------------------

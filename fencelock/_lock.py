@@ -133,6 +133,15 @@ def _session_facts(session: str) -> tuple[str, FenceMode]:
     return os.path.join(real_dir, os.path.basename(session)), mode
 
 
+@functools.lru_cache(maxsize=1024)
+def _static_part(
+    pid: int, host: str, start: str, session: str, lane: str, fence: FenceMode,
+    origin: str | None,
+) -> str:
+    """The record's fixed fields, shared by lock objects that would write the same."""
+    return _record.static_part(pid, host, start, session, lane, str(fence), origin, {})
+
+
 def registry_key(session: str) -> str:
     """The in-process registry's key for a session: its real directory plus its name."""
     return _session_facts(session)[0]
@@ -213,22 +222,10 @@ class SessionLock:
             return None
         if self._info is None:
             me = _identity.ME
-            self._info = HolderInfo(
-                state=State.HELD,
-                session=self.session,
-                pid=me.pid,
-                host=me.host,
-                process_start=me.start,
-                lane=self.lane,
-                run_id=self._run_id,
-                token=self._token,
-                acquired_at=self._acquired_at,
-                heartbeat_at=self._heartbeat_at,
-                phase=self._phase,
-                fingerprint=self._fp,
-                previous=self._previous,
-                fence=str(self.fence_mode),
-                origin=self.origin,
+            self._info = _record.holder_info(
+                State.HELD, self.session, me.pid, me.host, me.start, self.lane, self._run_id,
+                self._token, self._acquired_at, self._heartbeat_at, self._phase, self._fp,
+                self._previous, str(self.fence_mode), self.origin, _record.VERSION, {},
             )
         return self._info
 
@@ -236,9 +233,8 @@ class SessionLock:
         pid = _identity.ME.pid
         if self._static_pid != pid:
             me = _identity.ME
-            self._static = _record.static_part(
-                pid, me.host, me.start, self.session, self.lane, str(self.fence_mode),
-                self.origin, {},
+            self._static = _static_part(
+                pid, me.host, me.start, self.session, self.lane, self.fence_mode, self.origin
             )
             self._static_pid = pid
         return _record.encode(

@@ -40,7 +40,8 @@ def test_machine_is_described(report: dict[str, Any]) -> None:
 def test_rows_have_the_documented_shape(report: dict[str, Any]) -> None:
     ids = {row["id"] for row in report["rows"]}
     for expected in ("cycle.reused", "cycle.fresh", "handoff.median", "handoff.p99",
-                     "appends.fsync", "appends.nofsync", "scan.library"):
+                     "appends.fsync", "appends.nofsync", "scan.library", "cycle.reused.floor",
+                     "cycle.fresh.floor", "appends.fsync.floor", "appends.nofsync.floor"):
         assert expected in ids
     assert any(i.startswith("scaling.cycle.procs.") for i in ids)
     assert any(i.startswith("scaling.scan.sessions.") for i in ids)
@@ -53,7 +54,7 @@ def test_rows_have_the_documented_shape(report: dict[str, Any]) -> None:
 
 def test_no_line_lost_or_interleaved(report: dict[str, Any]) -> None:
     appends = report["checks"]["appends"]
-    assert {a["peer"] for a in appends} >= {"fencelock", "raw"}
+    assert {a["peer"] for a in appends} >= {"fencelock", "raw", "floor"}
     for a in appends:
         assert a["ok"], a
         assert a["lines"] == a["expected"]
@@ -82,3 +83,32 @@ def test_the_interleaving_check_catches_loss_and_tearing(tmp_path: Path) -> None
     result = check_lines(str(session), 2, 3)
     assert not result["ok"]
     assert result["problems"]
+
+
+def test_the_floor_does_protocol_v1_work(tmp_path: Path) -> None:
+    """The floor row is a lower bound only if FloorLock really speaks protocol v1:
+    fencelock must read its records, see it live while held, and continue its tokens."""
+    import fencelock
+    from fencelock._bench import FloorLock
+
+    session = tmp_path / "s.jsonl"
+    floor = FloorLock(str(session), fsync=True)
+    for turn in range(3):
+        floor.acquire()
+        status = fencelock.probe(session)
+        assert status.state == "live"
+        assert status.record is not None and status.record.token == turn + 1
+        if turn == 0:
+            assert status.record.fingerprint is None  # no session file yet
+        else:
+            assert status.fence_ok is True  # the record names the session as it is
+        floor.append(json.dumps({"turn": turn}).encode() + b"\n")
+        status = fencelock.probe(session)
+        assert status.record is not None and status.fence_ok is True
+        floor.release()
+        assert fencelock.probe(session).state == "free"
+    with fencelock.SessionLock(session, lane="after") as lock:
+        assert lock.info is not None and lock.info.token == 4
+        lock.append({"turn": 3})
+    assert fencelock.verify(session).ok
+    assert [json.loads(line)["turn"] for line in session.read_text().splitlines()] == [0, 1, 2, 3]
