@@ -9,7 +9,6 @@ window; release marks the record ``released`` and drops the lock. The sidecar st
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import os
@@ -260,9 +259,7 @@ class SessionLock:
             )
 
     def _forget_in_child(self) -> None:
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
+        # The inherited descriptor itself is closed by _forkguard's hook.
         self._fd, self._count, self._info = -1, 0, None
         self._io = threading.Lock()  # another thread may have held it at the fork
         self._pid = -1  # marks "inherited through fork": release() becomes a no-op
@@ -342,8 +339,8 @@ class SessionLock:
         self, deadline: float | None, cancel: threading.Event | None, start: float
     ) -> None:
         """Leave ``self._fd`` open and locked on the sidecar now at the path."""
-        # While acquiring, self._fd names the descriptor this thread owns (so that a
-        # fork closes it in the child); while a helper thread waits, the helper owns it.
+        # While acquiring, self._fd names the descriptor this thread owns; while a helper
+        # thread waits, the helper owns it. (Either way _forkguard closes a fork's copy.)
         while True:
             fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode)
             self._fd = fd
@@ -363,7 +360,7 @@ class SessionLock:
     def _close_fd(self) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0:
-            os.close(fd)
+            _sidecar.close(fd)
 
     def _wait_for_lock(
         self,
@@ -389,7 +386,7 @@ class SessionLock:
                 _platform.lock_blocking(fd)
                 return fd, st
         except BaseException:
-            os.close(fd)
+            _sidecar.close(fd)
             raise
         key = (self.sidecar, False)
         waiter = _wait.Waiter.start(key, fd)
@@ -416,7 +413,7 @@ class SessionLock:
         try:
             return waiter.fd, os.fstat(waiter.fd)
         except BaseException:
-            os.close(waiter.fd)
+            _sidecar.close(waiter.fd)
             raise
 
     def _peek(self, fd: int, st: os.stat_result) -> HolderInfo | None:
@@ -482,7 +479,7 @@ class SessionLock:
                     try:
                         _platform.unlock(fd)
                     finally:
-                        os.close(fd)  # also drops the lock if unlocking failed
+                        _sidecar.close(fd)  # also drops the lock if unlocking failed
         finally:
             self._info = None
             self._free_slot()
@@ -652,4 +649,4 @@ def _read_quietly(sidecar: str) -> HolderInfo | None:
     except Exception:
         return None
     finally:
-        os.close(fd)
+        _sidecar.close(fd)

@@ -101,7 +101,7 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
         except SidecarAccessError as e:
             return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
     finally:
-        os.close(fd)  # also drops the shared lock
+        _sidecar.close(fd)  # also drops the shared lock
     if not free:
         state = ProbeState.LIVE
     elif corrupt:
@@ -215,7 +215,7 @@ def clear(
                 continue
             return _clear_locked(fd, st, session, sidecar, remove, force)
         finally:
-            os.close(fd)
+            _sidecar.close(fd)
 
 
 def _set_aside(sidecar: str) -> str:

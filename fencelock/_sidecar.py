@@ -12,7 +12,7 @@ import errno
 import os
 import stat
 
-from fencelock import _platform
+from fencelock import _forkguard, _platform
 from fencelock._errors import (
     CorruptRecordError,
     SidecarAccessError,
@@ -94,27 +94,35 @@ def open_checked(
 ) -> tuple[int, os.stat_result]:
     """Open a sidecar for locking; (fd, fstat). Raises for anything but a regular file.
 
+    Close the descriptor with `close`: it is tracked so that a forked child closes its copy.
+
     ``create`` opens it read-write, creating it if missing; ``write`` opens an existing
     one read-write; otherwise it is opened read-only (enough to probe the lock).
     """
     access = os.O_RDWR | os.O_CREAT if create else os.O_RDWR if write else os.O_RDONLY
     flags = _platform.OPEN_FLAGS | access
-    try:
-        fd = os.open(sidecar, flags, mode)
-    except OSError as e:
-        raise _access_error(sidecar, e, create or write) from None
-    try:
-        st = os.fstat(fd)
-    except OSError as e:
-        os.close(fd)
-        raise _access_error(sidecar, e, create or write) from None
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise UnsafeSidecarError(sidecar, _platform.describe_mode(st.st_mode))
-    if st.st_nlink > 1:
-        os.close(fd)
-        raise UnsafeSidecarError(sidecar, f"a hard link to a file with {st.st_nlink} names")
+    with _forkguard.guard:  # a forked child must never get a copy it does not know of
+        try:
+            fd = os.open(sidecar, flags, mode)
+        except OSError as e:
+            raise _access_error(sidecar, e, create or write) from None
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            os.close(fd)
+            raise _access_error(sidecar, e, create or write) from None
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise UnsafeSidecarError(sidecar, _platform.describe_mode(st.st_mode))
+        if st.st_nlink > 1:
+            os.close(fd)
+            raise UnsafeSidecarError(sidecar, f"a hard link to a file with {st.st_nlink} names")
+        _forkguard.track(fd, st)
     return fd, st
+
+
+close = _forkguard.close
+"""Close a descriptor `open_checked` returned."""
 
 
 def still_at_path(sidecar: str, st: os.stat_result) -> bool:

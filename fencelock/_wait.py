@@ -9,7 +9,6 @@ leaving one behind each.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import threading
@@ -19,9 +18,6 @@ from fencelock._errors import SidecarAccessError
 
 _pending: dict[tuple[str, bool], Waiter] = {}
 """Abandoned waiters still blocked in the kernel, by (sidecar, shared)."""
-
-_live: set[Waiter] = set()
-"""Every waiter whose helper owns its descriptor (closed in a forked child)."""
 
 
 class Waiter:
@@ -36,7 +32,6 @@ class Waiter:
         self.abandoned = False
         self.finished = False
         self.error: BaseException | None = None
-        _live.add(self)
         threading.Thread(target=self._run, name="fencelock-wait", daemon=True).start()
 
     def _run(self) -> None:
@@ -46,9 +41,8 @@ class Waiter:
             self.error = e
         with self.mutex:
             if self.abandoned:
-                os.close(self.fd)  # closing the last descriptor drops the lock
+                _sidecar.close(self.fd)  # closing the last descriptor drops the lock
                 self.finished = True
-                _live.discard(self)
                 if _pending.get(self.key) is self:
                     del _pending[self.key]
                 return
@@ -70,17 +64,16 @@ class Waiter:
         """
         old = _pending.pop(key, None)
         if old is not None and old.adopt():
-            os.close(fd)
+            _sidecar.close(fd)
             return old
         return Waiter(fd, key)
 
     def give_up(self) -> bool:
         """Stop waiting: True if the lock arrived meanwhile (the fd is then ours)."""
         with self.mutex:
-            if self.done.is_set():
-                _live.discard(self)  # the descriptor is the caller's from here
+            if self.done.is_set():  # the descriptor is the caller's from here
                 if self.error is not None:
-                    os.close(self.fd)
+                    _sidecar.close(self.fd)
                     raise SidecarAccessError(
                         self.key[0], self.error if isinstance(self.error, OSError)
                         else OSError(str(self.error)), "waiting for its lock failed"
@@ -106,13 +99,13 @@ def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
             return True
         raise
     if _platform.try_lock(fd, shared=True):
-        os.close(fd)
+        _sidecar.close(fd)
         return True
     if timeout is None and _platform.CAN_BLOCK:
         try:
             _platform.lock_blocking(fd, shared=True)
         finally:
-            os.close(fd)
+            _sidecar.close(fd)
         return True
     key = (sidecar, True)
     waiter = Waiter.start(key, fd)
@@ -121,18 +114,13 @@ def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
     finally:
         got = waiter.give_up()
     if got:
-        os.close(waiter.fd)
+        _sidecar.close(waiter.fd)
     return got
 
 
 def _after_fork_in_child() -> None:
-    # The helpers' threads did not survive the fork; close what they still held open
-    # (a finished helper's descriptor number may already name another file).
-    for waiter in _live:
-        if not waiter.finished:
-            with contextlib.suppress(OSError):
-                os.close(waiter.fd)
-    _live.clear()
+    # The helpers' threads did not survive the fork; their descriptors are tracked, and
+    # closed in the child by _forkguard.
     _pending.clear()
 
 

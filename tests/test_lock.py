@@ -295,3 +295,71 @@ def test_fork_during_a_timed_wait_leaves_no_orphan_lock(session: Path, spawn_hol
     finally:
         os.close(write_end)
         os.waitpid(pid, 0)
+
+
+def _fork_and_list_sidecar_fds(sidecar: Path) -> tuple[int, list[str], int]:
+    """Fork a worker that knows nothing of sessions; it reports which of its inherited
+    descriptors name ``sidecar``, then stays alive until the returned pipe closes."""
+    report_r, report_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(report_r)
+            os.close(hold_w)
+            names = []
+            for name in os.listdir("/proc/self/fd"):
+                try:
+                    if os.readlink(f"/proc/self/fd/{name}") == str(sidecar):
+                        names.append(name)
+                except OSError:
+                    pass
+            os.write(report_w, json.dumps(names).encode())
+            os.close(report_w)
+            os.read(hold_r, 1)
+        finally:
+            os._exit(0)
+    os.close(report_w)
+    os.close(hold_r)
+    with os.fdopen(report_r) as f:
+        inherited = json.loads(f.read())
+    return pid, inherited, hold_w
+
+
+@pytest.mark.parametrize("how", ["SessionLock wait", "wait_until_unlocked"])
+def test_fork_during_an_untimed_wait_leaves_the_child_no_descriptor(
+    session: Path, spawn_holder: Any, how: str
+) -> None:
+    """A wait with no timeout blocks in flock in the calling thread. A child forked
+    meanwhile must not inherit that descriptor: once the wait succeeds, the child's copy
+    would share the lock and keep it alive after the parent dies."""
+    from conftest import wait_for_blocked_waiter
+
+    holder = spawn_holder(session, lane="holder")
+    holder.acquire()
+    sidecar = Path(str(session) + ".holder")
+    done = threading.Event()
+
+    def waiter() -> None:
+        if how == "SessionLock wait":
+            with SessionLock(session, lane="waiter"):
+                pass
+        else:
+            assert _wait.wait_until_unlocked(str(sidecar), None)
+        done.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    pid, inherited, hold_w = -1, None, -1
+    try:
+        wait_for_blocked_waiter(session)  # this thread is blocked in flock now
+        pid, inherited, hold_w = _fork_and_list_sidecar_fds(sidecar)
+    finally:
+        assert holder.call("release") == "released"
+        t.join(timeout=30)
+        if hold_w >= 0:
+            os.close(hold_w)
+        if pid > 0:
+            os.waitpid(pid, 0)
+    assert done.is_set()
+    assert inherited == []

@@ -1,0 +1,53 @@
+"""Fork safety for sidecar descriptors.
+
+A flock lock belongs to the open file description, and fork() gives the child a copy
+of every descriptor. A child that keeps an inherited sidecar descriptor keeps the
+parent's lock alive after the parent closed its own copy, or died: the session would
+read as live with nobody running. So every sidecar descriptor is tracked from the
+moment it is opened to the moment it is closed, both done under `guard`, which
+fork() waits for; a forked child closes every tracked descriptor before anything else
+runs in it. (Descriptors are opened with O_CLOEXEC, so an exec'd child never has them.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+guard = threading.RLock()
+"""Held while a sidecar descriptor is opened or closed; fork() takes it first.
+
+Reentrant, so a signal handler that forks in a thread holding it cannot deadlock."""
+
+_open: dict[int, tuple[int, int]] = {}
+"""Tracked descriptors: fd -> (st_dev, st_ino) of the sidecar it was opened on."""
+
+
+def track(fd: int, st: os.stat_result) -> None:
+    """Record a sidecar descriptor just opened; call with `guard` held since the open."""
+    _open[fd] = (st.st_dev, st.st_ino)
+
+
+def close(fd: int) -> None:
+    """Close a tracked descriptor (which drops any lock held through it alone)."""
+    with guard:
+        _open.pop(fd, None)
+        os.close(fd)
+
+
+def _after_fork_in_child() -> None:
+    for fd, identity in _open.items():
+        # Only what the parent had open: never a number something else reused.
+        with contextlib.suppress(OSError):
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == identity:
+                os.close(fd)
+    _open.clear()
+    guard.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=guard.acquire, after_in_parent=guard.release, after_in_child=_after_fork_in_child
+    )
