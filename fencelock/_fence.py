@@ -63,6 +63,17 @@ def check(session: str, expected: Fingerprint | None, mode: FenceMode) -> Finger
     return actual
 
 
+def _stat_matches(expected: Fingerprint | None, st: os.stat_result) -> bool:
+    """The stat fence's comparison straight from a stat result (no Fingerprint built)."""
+    return expected is not None and (
+        st.st_size == expected.size
+        and st.st_mtime_ns == expected.mtime_ns
+        and st.st_ino == expected.ino
+        and st.st_ctime_ns == expected.ctime_ns
+        and st.st_dev == expected.dev
+    )
+
+
 def _same(expected: Fingerprint | None, actual: Fingerprint | None, mode: FenceMode) -> bool:
     if expected is None:
         return actual is None
@@ -140,10 +151,11 @@ def append(
     try:
         size = 0
         if not created:
-            actual = _fingerprint_fd(fd, mode, st)
-            if not _same(expected, actual, mode):
-                raise SessionTakeoverError(session, expected, actual)
-            size = _cut_torn_tail(fd, session, actual.size) if check_tail else actual.size
+            if not (mode is FenceMode.STAT and _stat_matches(expected, st)):
+                actual = _fingerprint_fd(fd, mode, st)
+                if not _same(expected, actual, mode):
+                    raise SessionTakeoverError(session, expected, actual)
+            size = _cut_torn_tail(fd, session, st.st_size) if check_tail else st.st_size
         try:
             _write_all(fd, line, session)
             try:

@@ -596,7 +596,8 @@ class SessionLock:
                 self._fp = e.fingerprint
             raise
         self._tail_checked = True
-        self._rewrite(_fp=fp, _heartbeat_at=time.time())
+        self._fp, self._heartbeat_at = fp, time.time()
+        self._write_record()
 
     def verify_fence(self) -> Fingerprint | None:
         """Raise `SessionTakeoverError` if the session moved since the last fence point."""
