@@ -501,7 +501,8 @@ def _floor_row(row_id: str, floor: float | None, peers: dict[str, float | None],
         "turns/s" if not lower_is_better else "us", floor, dict(peers),
         lower_is_better=lower_is_better,
         note="not fencelock: only the syscalls protocol v1 requires, in flat code with a "
-        "precomputed record (FloorLock); no Python implementation of v1 can beat it",
+        "precomputed record and no error handling (FloorLock): a lower bound for a Python "
+        "holder that opens the sidecar per acquire",
     )
 
 
