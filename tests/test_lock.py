@@ -363,3 +363,58 @@ def test_fork_during_an_untimed_wait_leaves_the_child_no_descriptor(
             os.waitpid(pid, 0)
     assert done.is_set()
     assert inherited == []
+
+
+def test_forks_amid_busy_threads_never_inherit_a_sidecar_descriptor(tmp_path: Path) -> None:
+    """Threads take, wait for, probe and release sessions while the main thread forks
+    over and over: no child may ever hold a sidecar descriptor, whatever instant of an
+    open, a lock, a hand-over or a close the fork lands in."""
+    import warnings
+
+    sessions = [tmp_path / f"s{i}.jsonl" for i in range(2)]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn(n: int) -> None:
+        session = sessions[n % 2]
+        lock = SessionLock(session, lane=f"t{n}", timeout=0.01 if n == 2 else None)
+        try:
+            while not stop.is_set():
+                try:
+                    with lock:
+                        probe(sessions[(n + 1) % 2])
+                except SessionContendedError:
+                    pass  # the timed waiter lost a round: go on
+                _wait.wait_until_unlocked(str(session) + ".holder", 0.001 if n == 3 else None)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=churn, args=(n,), daemon=True) for n in range(4)]
+    for t in threads:
+        t.start()
+    leaks = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+            for _ in range(150):
+                read_end, write_end = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    count = 0
+                    for name in os.listdir("/proc/self/fd"):
+                        try:
+                            count += os.readlink(f"/proc/self/fd/{name}").endswith(".holder")
+                        except OSError:
+                            pass
+                    os.write(write_end, str(count).encode())
+                    os._exit(0)
+                os.close(write_end)
+                with os.fdopen(read_end) as f:
+                    leaks.append(int(f.read()))
+                os.waitpid(pid, 0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert errors == []
+    assert sum(leaks) == 0, f"children that inherited sidecar descriptors: {leaks}"
