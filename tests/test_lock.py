@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -297,6 +298,16 @@ def test_fork_during_a_timed_wait_leaves_no_orphan_lock(session: Path, spawn_hol
         os.waitpid(pid, 0)
 
 
+def _fds_naming(suffix: str) -> list[str]:
+    """This process's descriptors whose target path ends with ``suffix``."""
+    names = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone
+            if os.readlink(f"/proc/self/fd/{name}").endswith(suffix):
+                names.append(name)
+    return names
+
+
 def _fork_and_list_sidecar_fds(sidecar: Path) -> tuple[int, list[str], int]:
     """Fork a worker that knows nothing of sessions; it reports which of its inherited
     descriptors name ``sidecar``, then stays alive until the returned pipe closes."""
@@ -307,14 +318,7 @@ def _fork_and_list_sidecar_fds(sidecar: Path) -> tuple[int, list[str], int]:
         try:
             os.close(report_r)
             os.close(hold_w)
-            names = []
-            for name in os.listdir("/proc/self/fd"):
-                try:
-                    if os.readlink(f"/proc/self/fd/{name}") == str(sidecar):
-                        names.append(name)
-                except OSError:
-                    pass
-            os.write(report_w, json.dumps(names).encode())
+            os.write(report_w, json.dumps(_fds_naming(str(sidecar))).encode())
             os.close(report_w)
             os.read(hold_r, 1)
         finally:
@@ -400,13 +404,7 @@ def test_forks_amid_busy_threads_never_inherit_a_sidecar_descriptor(tmp_path: Pa
                 read_end, write_end = os.pipe()
                 pid = os.fork()
                 if pid == 0:
-                    count = 0
-                    for name in os.listdir("/proc/self/fd"):
-                        try:
-                            count += os.readlink(f"/proc/self/fd/{name}").endswith(".holder")
-                        except OSError:
-                            pass
-                    os.write(write_end, str(count).encode())
+                    os.write(write_end, str(len(_fds_naming(".holder"))).encode())
                     os._exit(0)
                 os.close(write_end)
                 with os.fdopen(read_end) as f:
