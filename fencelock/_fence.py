@@ -13,10 +13,16 @@ import contextlib
 import errno
 import json
 import os
+import warnings
 from typing import Any
 
 from fencelock import _fingerprint, _sidecar
-from fencelock._errors import FenceLockError, SessionTakeoverError, SessionWriteError
+from fencelock._errors import (
+    FenceLockError,
+    FenceLockWarning,
+    SessionTakeoverError,
+    SessionWriteError,
+)
 from fencelock._fingerprint import FenceMode, Fingerprint
 from fencelock._platform import O_CLOEXEC
 from fencelock._tokens import STAMP_KEY
@@ -106,6 +112,12 @@ def _cut_torn_tail(fd: int, session: str, size: int) -> int:
     finally:
         os.close(aside)
     os.ftruncate(fd, keep)
+    warnings.warn(
+        f"{session}: its last line was torn ({len(fragment)} bytes without a line break, "
+        f"left by a writer that died mid-append); moved it to {torn}",
+        FenceLockWarning,
+        stacklevel=5,  # the caller of SessionLock.append
+    )
     return keep
 
 

@@ -16,6 +16,7 @@ import pytest
 from fencelock import (
     STAMP_KEY,
     FenceLockError,
+    FenceLockWarning,
     FenceMode,
     SessionLock,
     SessionTakeoverError,
@@ -73,8 +74,10 @@ def test_new_session_file_is_created_0600(session: Path) -> None:
 
 def test_torn_tail_is_cut_aside_never_glued(session: Path) -> None:
     session.write_text('{"role": "user"}\n{"role": "assist')  # a crashed writer's tail
-    with SessionLock(session) as lock:
+    with SessionLock(session) as lock, pytest.warns(FenceLockWarning, match="torn") as caught:
         lock.append({"role": "assistant", "content": "ok"})
+    assert caught[0].filename == __file__  # points at the append that found it
+    assert str(session) + TORN_SUFFIX in str(caught[0].message)
     assert lines(session) == [{"role": "user"}, {"role": "assistant", "content": "ok"}]
     assert Path(str(session) + TORN_SUFFIX).read_text() == '{"role": "assist\n'
     assert verify(session).ok

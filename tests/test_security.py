@@ -55,7 +55,7 @@ def umask_zero() -> Iterator[None]:
 def test_files_are_created_0600_even_with_umask_0(session: Path, umask_zero: None) -> None:
     session.write_bytes(b'{"n":0}\n{"torn')  # so the first append makes <session>.torn
     session.chmod(0o600)
-    with SessionLock(session, "a") as lock:
+    with SessionLock(session, "a") as lock, pytest.warns(fencelock.FenceLockWarning):
         lock.append({"n": 1})
     fresh = session.parent / "new.jsonl"
     with SessionLock(fresh, "a") as lock:
