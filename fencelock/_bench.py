@@ -21,6 +21,7 @@ import platform
 import re
 import resource
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -342,26 +343,30 @@ class FloorLock:
     lstat the session (its fingerprint), pwrite the record. Release: pwrite the
     ``"released"`` state, unlock, close. A fenced append: open the session, fstat it
     (the fence check), write, fsync, fstat (the new fence point), close, pwrite the
-    record. The record is a precomputed template in fencelock's layout. There is no
-    registry, no reentrancy, no error handling: this is a lower bound for any Python
-    implementation of the protocol, not a usable lock. ``path`` is the session.
+    record. The record's fixed parts are precomputed, in fencelock's layout. There is no
+    registry, no reentrancy, no fork safety, no error handling, and an empty sidecar
+    starts at token 1 (fencelock also consults the session's saved token): this is a
+    lower bound for a Python holder that opens the sidecar per acquire, not a usable
+    lock. ``path`` is the session.
     """
 
     def __init__(self, path: str, record: bytes | None = None, fsync: bool = True) -> None:
         self.session, self.sidecar, self.fsync = path, path + ".holder", fsync
         self.fd = -1
-        host = json.dumps(platform.node())
-        self.template = (
-            '{"version":1,"state":"held"    ,"phase":"write" ,"token":%-20d,"run_id":"%s"'
-            f',"pid":{os.getpid()},"host":{host},"process_start":"1@boot@ns"'
-            f',"session":{json.dumps(path)},"lane":"floor","fence":"stat"'
-            ',"acquired_at":%r,"heartbeat_at":%r,"fingerprint":%s,"previous":null}'
+        self.head = '{"version":1,"state":"held"    ,"phase":"write" ,"token":'
+        self.middle = (
+            f',"pid":{os.getpid()},"host":{json.dumps(platform.node())}'
+            f',"process_start":"1@boot@ns","session":{json.dumps(path)}'
+            ',"lane":"floor","fence":"stat","acquired_at":'
         )
         self.token, self.at, self.fp = 0, 0.0, "null"
 
     def _write(self) -> None:
-        os.pwrite(self.fd, (self.template % (
-            self.token, self.token, self.at, time.time(), self.fp)).encode(), 0)
+        record = (
+            f'{self.head}{self.token:<20},"run_id":"{self.token}"{self.middle}{self.at!r}'
+            f',"heartbeat_at":{time.time()!r},"fingerprint":{self.fp},"previous":null}}'
+        )
+        os.pwrite(self.fd, record.encode(), 0)
 
     @staticmethod
     def _fp(st: os.stat_result) -> str:
@@ -372,6 +377,9 @@ class FloorLock:
         while True:
             fd = os.open(self.sidecar, _RAW_FLAGS, 0o600)
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+                os.close(fd)
+                raise RuntimeError(f"{self.sidecar}: not a plain regular file")
             fcntl.flock(fd, fcntl.LOCK_EX)
             now = os.lstat(self.sidecar)
             if st.st_ino == now.st_ino and st.st_dev == now.st_dev:

@@ -18,7 +18,11 @@ import threading
 guard = threading.RLock()
 """Held while a sidecar descriptor is opened or closed; fork() takes it first.
 
-Reentrant, so a signal handler that forks in a thread holding it cannot deadlock."""
+Reentrant, so a signal handler that forks in a thread holding it cannot deadlock.
+Always use it as ``_forkguard.guard``: a forked child replaces it."""
+
+_forking = threading.local()
+"""Whether this thread's fork took `guard` (a signal handler may interrupt the wait)."""
 
 _open: dict[int, tuple[int, int]] = {}
 """Tracked descriptors: fd -> (st_dev, st_ino) of the sidecar it was opened on."""
@@ -32,11 +36,26 @@ def track(fd: int, st: os.stat_result) -> None:
 def close(fd: int) -> None:
     """Close a tracked descriptor (which drops any lock held through it alone)."""
     with guard:
-        _open.pop(fd, None)
-        os.close(fd)
+        try:
+            os.close(fd)
+        finally:
+            _open.pop(fd, None)  # after: a fork in between finds it tracked, not leaked
+
+
+def _before_fork() -> None:
+    _forking.took = False
+    guard.acquire()  # if a signal handler raises here, fork goes on without it
+    _forking.took = True
+
+
+def _after_fork_in_parent() -> None:
+    if getattr(_forking, "took", False):
+        _forking.took = False
+        guard.release()
 
 
 def _after_fork_in_child() -> None:
+    global guard
     for fd, identity in _open.items():
         # Only what the parent had open: never a number something else reused.
         with contextlib.suppress(OSError):
@@ -44,10 +63,14 @@ def _after_fork_in_child() -> None:
             if (st.st_dev, st.st_ino) == identity:
                 os.close(fd)
     _open.clear()
-    guard.release()
+    # A new guard: the old one may be owned by a thread that did not survive the fork
+    # (when waiting for it was interrupted).
+    guard = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(
-        before=guard.acquire, after_in_parent=guard.release, after_in_child=_after_fork_in_child
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
     )

@@ -401,9 +401,11 @@ class SessionLock:
                     break
                 if cancel is not None and cancel.is_set():
                     break
-        finally:
-            # From here the helper thread owns its fd unless give_up() says it is ours.
-            locked = waiter.give_up()
+        except BaseException:  # e.g. KeyboardInterrupt, perhaps just as the lock came
+            waiter.give_up_and_close()
+            raise
+        # From here the helper thread owns its fd unless give_up() says it is ours.
+        locked = waiter.give_up()
         if not locked:
             if cancel is not None and cancel.is_set():
                 raise _cancelled()

@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+from fencelock import _forkguard
+
 WINDOWS = sys.platform == "win32"
 WINDOWS_LOCK_OFFSET = 1 << 20
 """Where the Windows lock byte lies: past any record a reader will read."""
@@ -70,7 +72,11 @@ else:
         # start-up: its import pulls in importlib.metadata, which would double the
         # cold start of read-only commands such as `fencelock status`.
         global _flock
-        from portalocker import portalocker as chosen
+        # Under the fork guard: a child forked while another thread is inside this
+        # import would inherit its module lock, held by a thread it does not have,
+        # and hang on its first lock.
+        with _forkguard.guard:
+            from portalocker import portalocker as chosen
 
         locker = getattr(chosen, "LOCKER", None)
         if locker is not fcntl.flock:

@@ -9,6 +9,7 @@ leaving one behind each.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -83,6 +84,12 @@ class Waiter:
             _pending[self.key] = self
             return False
 
+    def give_up_and_close(self) -> None:
+        """Stop waiting because of an error: a lock that arrived meanwhile is dropped."""
+        with contextlib.suppress(SidecarAccessError):  # its descriptor is closed then
+            if self.give_up():
+                _sidecar.close(self.fd)
+
 
 def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
     """Block until no process holds ``sidecar``'s lock; False on timeout.
@@ -111,8 +118,10 @@ def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
     waiter = Waiter.start(key, fd)
     try:
         waiter.done.wait(timeout)
-    finally:
-        got = waiter.give_up()
+    except BaseException:
+        waiter.give_up_and_close()
+        raise
+    got = waiter.give_up()
     if got:
         _sidecar.close(waiter.fd)
     return got

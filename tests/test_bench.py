@@ -91,7 +91,9 @@ def test_the_floor_does_protocol_v1_work(tmp_path: Path) -> None:
     import fencelock
     from fencelock._bench import FloorLock
 
-    session = tmp_path / "s.jsonl"
+    directory = tmp_path / "odd %d {0} name"  # no formatting may touch the path
+    directory.mkdir()
+    session = directory / "s.jsonl"
     floor = FloorLock(str(session), fsync=True)
     for turn in range(3):
         floor.acquire()

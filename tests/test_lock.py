@@ -318,7 +318,7 @@ def _fork_and_list_sidecar_fds(sidecar: Path) -> tuple[int, list[str], int]:
         try:
             os.close(report_r)
             os.close(hold_w)
-            os.write(report_w, json.dumps(_fds_naming(str(sidecar))).encode())
+            os.write(report_w, json.dumps(_fds_naming(os.path.realpath(sidecar))).encode())
             os.close(report_w)
             os.read(hold_r, 1)
         finally:
