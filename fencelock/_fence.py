@@ -116,7 +116,7 @@ def _cut_torn_tail(fd: int, session: str, size: int) -> int:
         f"{session}: its last line was torn ({len(fragment)} bytes without a line break, "
         f"left by a writer that died mid-append); moved it to {torn}",
         FenceLockWarning,
-        stacklevel=5,  # the caller of SessionLock.append
+        stacklevel=6,  # the caller of SessionLock.append
     )
     return keep
 
@@ -176,7 +176,17 @@ def append(
                 raise SessionWriteError(session, e, "fsync") from None
         except SessionWriteError as e:
             # Take back whatever part of the line reached the file, so the session
-            # stays valid JSONL and the run keeps its fence point.
+            # stays valid JSONL and the run keeps its fence point; but only when
+            # nothing past the fence point is anyone else's.
+            try:
+                end = os.fstat(fd).st_size
+                ours = end >= size and end - size <= len(line) and line.startswith(
+                    os.pread(fd, end - size, size)
+                )
+            except OSError:
+                raise e from None
+            if not ours:
+                raise SessionTakeoverError(session, expected, _fingerprint_fd(fd, mode)) from e
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, size)
                 e.fingerprint = _fingerprint_fd(fd, mode)

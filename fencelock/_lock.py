@@ -189,6 +189,7 @@ class SessionLock:
         self.fence_mode = detected if fence == FenceMode.AUTO else FenceMode(fence)
         self._fd = -1
         self._io = threading.Lock()
+        self._append_mu = threading.Lock()
         self._count = 0
         self._pid = 0
         self._owner: object = None
@@ -262,6 +263,7 @@ class SessionLock:
         # The inherited descriptor itself is closed by _forkguard's hook.
         self._fd, self._count, self._info = -1, 0, None
         self._io = threading.Lock()  # another thread may have held it at the fork
+        self._append_mu = threading.Lock()
         self._pid = -1  # marks "inherited through fork": release() becomes a no-op
 
     def __repr__(self) -> str:
@@ -458,7 +460,12 @@ class SessionLock:
         self._write_record()
 
     def release(self) -> None:
-        """Give the session back (once per acquire). A forked child never releases."""
+        """Give the session back (once per acquire). A forked child never releases.
+
+        Any thread or task of the holding process may call it, as with
+        `threading.Lock`: ``await asyncio.wait_for(lock.acquire_async(), t)`` acquires in
+        a task of its own, and the caller's task then releases.
+        """
         if self._pid != _identity.ME.pid or self._count == 0:
             if self._pid == -1 or (self._count and self._pid != _identity.ME.pid):
                 return  # inherited through fork: the parent's to release
@@ -524,6 +531,8 @@ class SessionLock:
                 cancel.set()
                 with _registry_cond:
                     _registry_cond.notify_all()
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    self.release()  # cancelled after the lock was delivered: give it back
                 raise
         info = self.info
         assert info is not None
@@ -586,6 +595,12 @@ class SessionLock:
         )
 
     def _append_bytes(self, data: bytes) -> None:
+        # One append at a time per holder: another thread's line landing between this
+        # one's fence check and its write would read as a foreign write.
+        with self._append_mu:
+            self._append_locked(data)
+
+    def _append_locked(self, data: bytes) -> None:
         self._require()
         check_tail, self._tail_checked = not self._tail_checked, False
         try:

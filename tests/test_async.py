@@ -159,3 +159,40 @@ def test_waiting_tasks_do_not_starve_the_default_executor(
         await asyncio.gather(*waiting, return_exceptions=True)
 
     asyncio.run(main())
+
+
+def test_cancelled_just_after_the_lock_was_delivered_leaves_no_lock_behind(
+    session: Path,
+) -> None:
+    """The helper thread delivers the lock, and the task is cancelled before it resumes
+    (a timeout or a task group can do that): the task sees CancelledError, so the lock
+    must go back, not stay held by nobody."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        lock = SessionLock(session, lane="cancelled-late")
+        task: asyncio.Task[Any] | None = None
+        real = loop.call_soon_threadsafe
+
+        def then_cancel(callback: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(callback, "__name__", "") != "deliver" or task is None:
+                return real(callback, *args, **kwargs)
+            cancelled = task
+
+            def deliver_then_cancel() -> None:
+                callback(*args)
+                cancelled.cancel()  # after deliver(), before the task can resume
+
+            return real(deliver_then_cancel, **kwargs)
+
+        loop.call_soon_threadsafe = then_cancel  # type: ignore[assignment]
+        task = asyncio.create_task(lock.acquire_async())
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        loop.call_soon_threadsafe = real  # type: ignore[method-assign]
+        assert not lock.held
+        async with SessionLock(session, lane="after", on_contention="fail") as after:
+            assert after.info is not None and after.info.token == 2
+
+    asyncio.run(main())
+    assert probe(session).state == ProbeState.FREE

@@ -366,3 +366,51 @@ def test_token_continues_after_a_corrupt_record_is_set_aside(session: Path) -> N
     clear(session, force=True)
     with SessionLock(session) as lock:
         assert lock.info is not None and lock.info.token == 6
+
+
+def test_a_failed_append_never_cuts_off_a_foreign_line(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write fails after another writer appended: taking back our partial line by
+    truncation would delete theirs. It is a takeover; the file is left alone."""
+    foreign = b'{"who": "someone else"}\n'
+
+    def foreign_then_enospc(fd: int, data: Any) -> int:
+        other = os.open(session, os.O_WRONLY | os.O_APPEND)
+        os.write(other, foreign)
+        os.close(other)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with SessionLock(session) as lock:
+        lock.append({"n": 1})
+        monkeypatch.setattr(_fence, "_write", foreign_then_enospc)
+        with pytest.raises(SessionTakeoverError):
+            lock.append({"n": 2})
+    assert session.read_bytes() == b'{"n":1}\n' + foreign
+
+
+def test_threads_appending_through_one_holder_are_not_taken_for_foreign_writers(
+    session: Path,
+) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+    with SessionLock(session) as lock:
+
+        def writer(w: int) -> None:
+            try:
+                for seq in range(100):
+                    lock.append({"w": w, "seq": seq})
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        lock.verify_fence()
+    assert errors == []
+    assert sorted((e["w"], e["seq"]) for e in lines(session)) == [
+        (w, s) for w in range(2) for s in range(100)
+    ]
