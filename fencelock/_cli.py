@@ -8,6 +8,7 @@ with problems; ``run`` passes its command's own code through.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -299,6 +300,28 @@ def main() -> None:
     """
 
 
+class _Seconds(click.ParamType):  # type: ignore[type-arg]
+    """A number of seconds >= 0; "inf" means no limit. NaN is a usage error."""
+
+    name = "seconds"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if math.isnan(seconds) or seconds < 0:
+            self.fail(f"{value!r} is not a number of seconds >= 0", param, ctx)
+        return seconds
+
+
+SECONDS = _Seconds()
+
+
 # -- status ---------------------------------------------------------------------------
 
 
@@ -307,7 +330,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per holder.")
 @click.option(
     "--stuck-after",
-    type=click.FloatRange(min=0),
+    type=SECONDS,
     default=DEFAULT_STUCK_AFTER,
     show_default=True,
     metavar="SECONDS",
@@ -595,7 +618,7 @@ class _Heartbeat:
         self.every = every
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="fencelock-heartbeat", daemon=True)
-        if every > 0:
+        if 0 < every < threading.TIMEOUT_MAX:  # 0 or inf: never
             self.thread.start()
 
     def _run(self) -> None:
@@ -618,9 +641,10 @@ def _spawn(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[byte
 
     name = command[0]
     try:
-        # close_fds keeps every descriptor but stdio out of the command; the sidecar's
-        # is also O_CLOEXEC, so the command can never hold or drop the lock itself.
-        return subprocess.Popen(list(command), env=env, close_fds=True)
+        # Like flock(1), the command inherits the caller's open descriptors (`3<file`);
+        # fencelock's own, the sidecar's included, are close-on-exec, so the command
+        # can never hold or drop the lock itself.
+        return subprocess.Popen(list(command), env=env, close_fds=False)
     except FileNotFoundError:
         raise CommandNotFoundError(f"{name}: command not found") from None
     except PermissionError:
@@ -662,13 +686,13 @@ def _run_held(
 @click.option(
     "--timeout",
     "-w",
-    type=click.FloatRange(min=0),
+    type=SECONDS,
     metavar="SECONDS",
     help="Give up (exit 4) after waiting this long for the holder.",
 )
 @click.option(
     "--heartbeat",
-    type=click.FloatRange(min=0),
+    type=SECONDS,
     default=60.0,
     show_default=True,
     metavar="SECONDS",
@@ -783,7 +807,7 @@ def _wait_with_progress(session: str, sidecar: str, timeout: float | None) -> bo
 @click.option(
     "--timeout",
     "-w",
-    type=click.FloatRange(min=0),
+    type=SECONDS,
     metavar="SECONDS",
     help="Give up (exit 4) after this long. Default: wait for ever.",
 )
@@ -827,7 +851,7 @@ def wait(session: str, timeout: float | None) -> None:
 @click.option(
     "--wait",
     "wait_s",
-    type=click.FloatRange(min=0),
+    type=SECONDS,
     default=30.0,
     show_default=True,
     metavar="SECONDS",
@@ -863,8 +887,14 @@ def recover_command(session: str, wait_s: float, no_fresh: bool, lane: str, as_j
             "holder": status_json(r.holder, time.time()),
         }
         _echo_json(obj)
-    else:
+    elif sys.stdout.isatty():
         click.echo(clean(r.session))
+    else:
+        # The real bytes for `next=$(fencelock recover S)`: escaping would name a
+        # path that does not exist.
+        sys.stdout.flush()
+        sys.stdout.buffer.write(os.fsencode(r.session) + b"\n")
+        sys.stdout.buffer.flush()
 
 
 # -- verify -----------------------------------------------------------------------------

@@ -173,8 +173,7 @@ class SessionLock:
     ) -> None:
         if on_contention not in ("wait", "fail"):
             raise ValueError(f"on_contention must be 'wait' or 'fail', not {on_contention!r}")
-        if timeout is not None and timeout < 0:
-            raise ValueError("timeout must be None or >= 0")
+        timeout = _wait.limit(timeout)
         for name, text in (("lane", lane), ("origin", origin or "")):
             if len(text) > _record.MAX_TEXT:
                 raise ValueError(f"{name} is longer than {_record.MAX_TEXT} characters")
@@ -276,7 +275,7 @@ class SessionLock:
         self, *, timeout: float | Literal["default"] | None = "default"
     ) -> HolderInfo:
         """Take the session; returns the record written. Reentrant for the same owner."""
-        self._enter(self.timeout if timeout == "default" else timeout)
+        self._enter(self.timeout if timeout == "default" else _wait.limit(timeout))
         info = self.info
         assert info is not None
         return info

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,16 +211,20 @@ def peek(data: bytes) -> tuple[State, int] | None:
 
 
 def decode(data: bytes) -> HolderInfo | None:
-    """Parse a sidecar's bytes. None for an empty sidecar; ValueError when corrupt.
+    """Parse a sidecar's bytes. None for an empty (zero-length) sidecar; ValueError when
+    corrupt, including a sidecar of nothing but NUL bytes or spaces.
 
     Only the first JSON object counts: writers pad a shorter record with spaces
     instead of truncating, so trailing bytes are expected.
     """
+    if not data:
+        return None
     if len(data) > MAX_RECORD:
         data = data[:MAX_RECORD]
     text_bytes = data.strip(b" \t\r\n\x00")
     if not text_bytes:
-        return None
+        # fencelock never writes this; a filesystem can leave it after a crash
+        raise ValueError(f"{len(data)} bytes of NULs or spaces, no record")
     try:
         text = text_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -253,8 +258,8 @@ def _str(obj: dict[str, Any], name: str, default: str | None = None) -> str:
 
 def _float(obj: dict[str, Any], name: str) -> float:
     v = obj.get(name)
-    if not isinstance(v, int | float) or isinstance(v, bool):
-        raise ValueError(f"{name} is not a number")
+    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+        raise ValueError(f"{name} is not a finite number")
     return float(v)
 
 

@@ -63,6 +63,7 @@ def recover(
     lane may take it before the re-fired run does, so that run acquires it as any run
     does (waiting by default), and never races the other.
     """
+    limit = _wait.limit(wait, "wait")
     session, sidecar = _sidecar.paths(path)
     _fingerprint.take(session, FenceMode.STAT)  # refuses a directory, FIFO or symlink
     found = _probe.probe(session, stuck_after=stuck_after)
@@ -74,7 +75,7 @@ def recover(
         if local is not None:
             local._abort()
         start = time.monotonic()
-        released = _wait.wait_until_unlocked(sidecar, wait)
+        released = _wait.wait_until_unlocked(sidecar, limit)
         waited = time.monotonic() - start
         if not released:
             if not fresh:

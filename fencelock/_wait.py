@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import threading
 
@@ -91,6 +92,16 @@ class Waiter:
                 _sidecar.close(self.fd)
 
 
+def limit(seconds: float | None, what: str = "timeout") -> float | None:
+    """A wait's limit as the waiting code takes it: None for no limit (also for
+    infinity, or more than the platform can wait); ValueError for NaN or below 0."""
+    if seconds is None:
+        return None
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"{what} must be None or a number >= 0, not {seconds!r}")
+    return None if seconds >= threading.TIMEOUT_MAX else float(seconds)
+
+
 def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
     """Block until no process holds ``sidecar``'s lock; False on timeout.
 
@@ -99,6 +110,7 @@ def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
     (it then drops the lock at once), so call it once with the whole timeout rather
     than in a loop of short ones.
     """
+    timeout = limit(timeout)
     try:
         fd, _ = _sidecar.open_checked(sidecar, create=False)
     except SidecarAccessError as e:

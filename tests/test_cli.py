@@ -876,3 +876,80 @@ def test_expected_failures_are_short_and_exit_1(
     assert out.returncode == 1, (out.stdout, out.stderr)
     no_traceback(out.stderr)
     assert str(session.parent) in out.stderr
+
+
+# -- seconds: NaN refused, infinity means no limit ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["wait", "S", "--timeout", "nan"],
+        ["run", "S", "--lane", "x", "--timeout", "nan", "--", "true"],
+        ["run", "S", "--lane", "x", "--heartbeat", "NaN", "--", "true"],
+        ["recover", "S", "--wait", "nan"],
+        ["status", "S", "--stuck-after", "nan"],
+        ["wait", "S", "--timeout", "-1"],
+    ],
+)
+def test_nan_or_negative_seconds_are_usage_errors(session: Path, args: list[str]) -> None:
+    result = invoke(*[str(session) if a == "S" else a for a in args])
+    assert result.exit_code == 2, result.output
+    assert "not a number of seconds" in result.output
+
+
+def test_infinite_seconds_mean_no_limit(session: Path, spawn_holder: Any) -> None:
+    """--timeout inf waits for the holder like no --timeout (it used to overflow), and
+    --heartbeat inf never beats."""
+    holder = spawn_holder(session, lane="holder")
+    holder.acquire()
+    proc = subprocess.Popen(
+        [*FENCELOCK, "run", str(session), "--lane", "next", "--timeout", "inf",
+         "--heartbeat", "inf", "--", sys.executable, "-c", "print('ran')"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    from conftest import wait_for_blocked_waiter
+
+    wait_for_blocked_waiter(session)
+    assert holder.call("release") == "released"
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out.strip()) == (0, "ran"), err
+    assert cli("wait", str(session), "--timeout", "inf").returncode == 0
+    recovered = cli("recover", str(session), "--wait", "inf")
+    assert recovered.returncode == 0 and recovered.stdout.strip() == str(session)
+
+
+def test_the_library_takes_the_same_seconds(session: Path) -> None:
+    from fencelock import _wait
+
+    with pytest.raises(ValueError, match="timeout"):
+        SessionLock(session, timeout=float("nan"))
+    assert SessionLock(session, timeout=float("inf")).timeout is None
+    assert _wait.limit(1e308) is None and _wait.limit(2.5) == 2.5
+
+
+def test_recover_prints_the_real_path_for_command_substitution(tmp_path: Path) -> None:
+    """`next=$(fencelock recover S)` must name a file that exists, whatever bytes its
+    name has: the path is written raw when stdout is not a terminal."""
+    directory = tmp_path / "tab\there"
+    directory.mkdir()
+    session = os.path.join(os.fsencode(directory), b"a\xffb.jsonl")
+    with open(session, "wb") as f:
+        f.write(b'{"n":1}\n')
+    proc = subprocess.run([*FENCELOCK, "recover", session], capture_output=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == session + b"\n"
+
+
+def test_run_passes_the_callers_descriptors_like_flock(session: Path, tmp_path: Path) -> None:
+    data = tmp_path / "in.txt"
+    data.write_text("through fd 3\n")
+    proc = subprocess.run(
+        ["sh", "-c", f'exec 3<"{data}"; exec "$@"', "sh", *FENCELOCK, "run", str(session),
+         "--lane", "x", "--", "sh", "-c", "cat <&3; ls -l /proc/self/fd"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("through fd 3\n")
+    assert ".holder" not in proc.stdout  # never the lock's descriptor

@@ -68,7 +68,9 @@ def test_unknown_fields_are_kept() -> None:
 
 def test_empty_record_is_none_and_trailing_padding_is_ignored() -> None:
     assert decode(b"") is None
-    assert decode(b"   \n") is None
+    for blank in (b"   \n", b"\0" * 64):  # fencelock never writes these: corrupt, not free
+        with pytest.raises(ValueError, match="NULs or spaces"):
+            decode(blank)
     assert decode(make().encode() + b"\n" + b" " * 300) == make()
 
 
