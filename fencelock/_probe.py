@@ -6,6 +6,7 @@ fails exactly when some process holds the exclusive one. The record only describ
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import os
@@ -92,7 +93,11 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
             return HolderStatus(session, sidecar, ProbeState.FREE, reason="no sidecar")
         return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
     try:
-        free = _platform.try_lock(fd, shared=True)
+        try:
+            free = _platform.try_lock(fd, shared=True)
+        except OSError as e:  # e.g. ENOLCK: no lock service on this NFS mount
+            why = SidecarAccessError(sidecar, e, "its lock cannot be probed here")
+            return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(why))
         try:
             record = _sidecar.read(fd, sidecar, st.st_size)
             corrupt = ""
@@ -157,6 +162,9 @@ def _reason(state: ProbeState, record: HolderInfo, alive: bool | None, stuck: bo
     if state is ProbeState.STALE:
         if alive:
             return "owner process still runs but no longer holds the lock"
+        if alive is None:
+            return (f"no process holds the lock; its owner (pid {record.pid} on "
+                    f"{record.host}) cannot be checked from here")
         return f"owner pid {record.pid} died while holding it"
     if state is ProbeState.LIVE:
         if record.state is not State.HELD:
@@ -207,15 +215,45 @@ def clear(
                 return HolderStatus(session, sidecar, ProbeState.FREE, reason="no sidecar")
             raise
         try:
-            if not _platform.try_lock(fd) or (
+            if (
                 _lock._registry and _lock.held_in_process(_lock.registry_key(session))
-            ):
-                raise SessionContendedError(session, _lock._read_quietly(sidecar))
+            ) or not _lock_for_clear(fd, sidecar):
+                raise SessionContendedError(session, _live_record(sidecar))
             if not _sidecar.still_at_path(sidecar, st):
                 continue
             return _clear_locked(fd, st, session, sidecar, remove, force)
         finally:
             _sidecar.close(fd)
+
+
+def _lock_for_clear(fd: int, sidecar: str) -> bool:
+    """Take the sidecar's exclusive lock; False when a live holder has it.
+
+    The lock may also be held for a moment by a probe (a shared test lock) or by an
+    acquirer about to replace a stale record: unless the record names a live owner,
+    keep trying for `_lock.FAIL_GRACE`, as a fail-fast acquirer does.
+    """
+    try:
+        if _platform.try_lock(fd):
+            return True
+        record = _lock._read_quietly(sidecar)
+        if record is not None and record.state is State.HELD and _identity.owner_alive(
+            record.pid, record.host, record.process_start
+        ) is not False:
+            return False
+        deadline = time.monotonic() + _lock.FAIL_GRACE
+        while time.monotonic() < deadline:
+            time.sleep(0.001)  # a probe holds its test lock for microseconds
+            if _platform.try_lock(fd):
+                return True
+        return False
+    except OSError as e:
+        raise SidecarAccessError(sidecar, e, "its lock cannot be taken") from None
+
+
+def _live_record(sidecar: str) -> HolderInfo | None:
+    record = _lock._read_quietly(sidecar)
+    return record if record is not None and record.state is State.HELD else None
 
 
 def _set_aside(sidecar: str) -> str:
@@ -230,10 +268,15 @@ def _set_aside(sidecar: str) -> str:
         aside = f"{sidecar}.corrupt-{stamp}" + (f"-{n}" if n else "")
         try:
             os.close(os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            os.rename(sidecar, aside)
         except FileExistsError:
             continue
         except OSError as e:
+            raise SidecarAccessError(sidecar, e, "move the corrupt sidecar aside by hand") from None
+        try:
+            os.rename(sidecar, aside)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(aside)  # the empty name claimed above
             raise SidecarAccessError(sidecar, e, "move the corrupt sidecar aside by hand") from None
         return aside
     raise FenceLockError(f"{sidecar}: 1000 set-aside copies exist already; clean them up")
@@ -267,7 +310,10 @@ def _clear_locked(
         if token and os.path.exists(session) and not _tokens.save(session, token):
             done += "; sidecar kept: the session's token cannot be saved on this filesystem"
         else:
-            os.unlink(sidecar)
+            try:
+                os.unlink(sidecar)
+            except OSError as e:
+                raise _sidecar.access_error(sidecar, e, True) from None
             removed = True
             done += "; sidecar removed"
     return HolderStatus(session, sidecar, state, record=record, reason=done, removed=removed)

@@ -8,6 +8,7 @@ old one (``"fresh"``), optionally carrying the old transcript's complete lines o
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import time
@@ -84,7 +85,11 @@ def recover(
             return Recovery(Action.FRESH, new, found, waited, carried)
     now = _probe.probe(session, stuck_after=stuck_after)
     if now.state is ProbeState.STALE:
-        _probe.clear(session)
+        with contextlib.suppress(SessionContendedError):
+            # Raised only when another run took the session in the meantime: its new
+            # record replaces the stale one, and the re-fired run waits for it as any
+            # run does.
+            _probe.clear(session)
     return Recovery(Action.REFIRE, session, found, waited)
 
 

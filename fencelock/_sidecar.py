@@ -34,7 +34,7 @@ def paths(path: str | os.PathLike[str]) -> tuple[str, str]:
     return p, p + SUFFIX
 
 
-def _access_error(path: str, e: OSError, writing: bool) -> Exception:
+def access_error(path: str, e: OSError, writing: bool) -> Exception:
     directory = os.path.dirname(path)
     if e.errno == errno.ELOOP:
         return UnsafeSidecarError(path, "a symlink")
@@ -105,12 +105,12 @@ def open_checked(
         try:
             fd = os.open(sidecar, flags, mode)
         except OSError as e:
-            raise _access_error(sidecar, e, create or write) from None
+            raise access_error(sidecar, e, create or write) from None
         try:
             st = os.fstat(fd)
         except OSError as e:
             os.close(fd)
-            raise _access_error(sidecar, e, create or write) from None
+            raise access_error(sidecar, e, create or write) from None
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise UnsafeSidecarError(sidecar, _platform.describe_mode(st.st_mode))
@@ -142,7 +142,7 @@ def read(fd: int, sidecar: str, size_hint: int | None = None) -> HolderInfo | No
         try:
             data = os.pread(fd, want, 0)
         except OSError as e:
-            raise _access_error(sidecar, e, False) from None
+            raise access_error(sidecar, e, False) from None
         if len(data) == want and want <= MAX_RECORD:
             want = MAX_RECORD + 1  # the hint was stale; read the whole bound
             continue
@@ -175,5 +175,5 @@ def write_bytes(fd: int, sidecar: str, record: bytes, old_len: int) -> int:
         if cut:
             os.ftruncate(fd, len(data))
     except OSError as e:
-        raise _access_error(sidecar, e, True) from None
+        raise access_error(sidecar, e, True) from None
     return len(data)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,63 @@ def test_clear_never_touches_a_live_holder(session: Path, spawn_holder: Any) -> 
     assert Path(str(session) + ".holder").read_bytes() == before
 
 
+@pytest.mark.parametrize("call", ["clear", "recover"])
+def test_a_probe_s_moment_does_not_make_a_stale_session_look_live(
+    session: Path, spawn_holder: Any, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """A probe holds a shared test lock for a moment; clear() and recover() must wait
+    that moment out on a stale record instead of calling it a live holder."""
+    import threading
+
+    from fencelock import _lock, recover
+
+    dead = spawn_holder(session, lane="dead")
+    dead.acquire()
+    dead.kill()
+    code = (
+        "import fcntl, sys\n"
+        "f = open(sys.argv[1], 'rb')\n"
+        "fcntl.flock(f, fcntl.LOCK_SH)\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    prober = subprocess.Popen([sys.executable, "-c", code, str(session) + ".holder"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert prober.stdout is not None and prober.stdin is not None
+    assert prober.stdout.readline() == "locked\n"
+    monkeypatch.setattr(_lock, "FAIL_GRACE", 60.0)  # timing cannot decide this test
+    polling = threading.Event()
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        polling.set()
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)  # clear's only sleep is its grace poll
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(clear(session).state if call == "clear" else
+                           recover(session, wait=0).action)
+        except BaseException as e:
+            outcome.append(e)
+        finally:
+            polling.set()  # finished without waiting: nothing more to wait for
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        assert polling.wait(60), "clear neither waited nor finished"
+    finally:
+        prober.stdin.write("go\n")
+        prober.stdin.flush()
+        prober.wait()
+        t.join(60)
+    assert outcome == [ProbeState.STALE if call == "clear" else "refire"]
+    assert probe(session).state == ProbeState.FREE
+
+
 def test_clear_then_token_continues(session: Path, spawn_holder: Any) -> None:
     h = spawn_holder(session)
     token = h.acquire()
@@ -115,6 +173,18 @@ def test_clear_then_token_continues(session: Path, spawn_holder: Any) -> None:
     assert after.record.state is State.RELEASED
     with SessionLock(session) as last:
         assert last.info is not None and last.info.token == token + 1
+
+
+def test_stale_record_from_another_host_is_not_said_to_have_died(session: Path) -> None:
+    with SessionLock(session):
+        pass
+    sidecar = Path(str(session) + ".holder")
+    obj, _ = json.JSONDecoder().raw_decode(sidecar.read_text())
+    obj.update(state="held", host="elsewhere.example", pid=4242)
+    sidecar.write_text(json.dumps(obj))
+    status = probe(session)
+    assert status.state == ProbeState.STALE and status.owner_alive is None
+    assert "died" not in status.reason and "cannot be checked" in status.reason
 
 
 def test_record_naming_a_reused_pid_is_stale(session: Path) -> None:
