@@ -16,7 +16,7 @@ import os
 import warnings
 from typing import Any
 
-from fencelock import _fingerprint, _sidecar
+from fencelock import _fingerprint, _sidecar, _tokens
 from fencelock._errors import (
     FenceLockError,
     FenceLockWarning,
@@ -25,7 +25,6 @@ from fencelock._errors import (
 )
 from fencelock._fingerprint import FenceMode, Fingerprint
 from fencelock._platform import O_CLOEXEC
-from fencelock._tokens import STAMP_KEY
 
 TORN_SUFFIX = ".torn"
 """Torn fragments cut from a session's end are appended here, one per line, as found."""
@@ -47,7 +46,7 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
                 raise FenceLockError("a stamped entry must be a JSON object") from None
     if isinstance(entry, dict):
         if stamp is not None:
-            entry = {**entry, STAMP_KEY: {"token": stamp[0], "run_id": stamp[1]}}
+            entry = {**entry, _tokens.STAMP_KEY: {"token": stamp[0], "run_id": stamp[1]}}
         return json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
     if isinstance(entry, str):
         return entry.encode() + b"\n"
@@ -142,8 +141,10 @@ def append(
     *,
     check_tail: bool,
     file_mode: int = 0o600,
+    token: int = 0,
 ) -> Fingerprint:
-    """Append ``line`` if the fence holds; returns the new fence point."""
+    """Append ``line`` if the fence holds; returns the new fence point. A session file
+    this creates gets the token mark for ``token`` (see `_tokens.reserve`)."""
     flags = os.O_RDWR | os.O_APPEND
     created = expected is None
     try:
@@ -162,6 +163,8 @@ def append(
         raise SessionWriteError(session, e, "open") from None
     try:
         size = 0
+        if created and token:
+            _tokens.reserve(fd, st.st_dev, st.st_ino, token)
         if not created:
             if not (mode is FenceMode.STAT and _stat_matches(expected, st)):
                 actual = _fingerprint_fd(fd, mode, st)

@@ -206,6 +206,9 @@ class SessionLock:
         self._record_len = 0
         self._tail_checked = False
         self._abort_callbacks: list[Any] = []
+        self._token_floor = 0
+        """A new sidecar's first token is above this (`recover` sets it for a fresh
+        session that carries another session's stamped lines)."""
 
     # -- state -------------------------------------------------------------------
 
@@ -446,7 +449,7 @@ class SessionLock:
         else:
             old = _sidecar.read(fd, self.sidecar, old_len)
             if old is None:
-                token = _tokens.floor(self.session) + 1
+                token = max(_tokens.floor(self.session), self._token_floor) + 1
             else:
                 token = old.token + 1
                 previous = old.as_previous() if old.state is State.HELD else None
@@ -454,7 +457,10 @@ class SessionLock:
         self._token, self._run_id, self._previous = token, _run_ids.next(), previous
         self._acquired_at = self._heartbeat_at = time.time()
         self._phase = Phase.WRITE
-        self._fp = _fingerprint.take(self.session, self.fence_mode)
+        fp = _fingerprint.take(self.session, self.fence_mode)
+        if fp is not None and _tokens.reserve(self.session, fp.dev, fp.ino, token):
+            fp = _fingerprint.take(self.session, self.fence_mode)  # the mark moved ctime
+        self._fp = fp
         self._tail_checked = False
         self._write_record()
 
@@ -605,7 +611,7 @@ class SessionLock:
         try:
             fp = _fence.append(
                 self.session, data, self._fp, self.fence_mode,
-                check_tail=check_tail, file_mode=self.mode,
+                check_tail=check_tail, file_mode=self.mode, token=self._token,
             )
         except SessionWriteError as e:
             if e.fingerprint is not None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import os
 import time
 from dataclasses import dataclass
 
-from fencelock import _fingerprint, _lock, _probe, _sidecar, _wait
+from fencelock import _fingerprint, _lock, _probe, _sidecar, _tokens, _wait
 from fencelock._errors import FenceLockError, SessionContendedError, SidecarAccessError
 from fencelock._fingerprint import FenceMode
 from fencelock._probe import HolderStatus, ProbeState
@@ -81,7 +82,8 @@ def recover(
         if not released:
             if not fresh:
                 raise SessionContendedError(session, found.record, waited=waited)
-            new, carried = _start_fresh(session, lane, carry)
+            old_token = found.record.token if found.record is not None else 0
+            new, carried = _start_fresh(session, lane, carry, old_token)
             return Recovery(Action.FRESH, new, found, waited, carried)
     now = _probe.probe(session, stuck_after=stuck_after)
     if now.state is ProbeState.STALE:
@@ -93,16 +95,30 @@ def recover(
     return Recovery(Action.REFIRE, session, found, waited)
 
 
-def _start_fresh(session: str, lane: str, carry: bool) -> tuple[str, int]:
+def _start_fresh(session: str, lane: str, carry: bool, old_token: int) -> tuple[str, int]:
     new = fresh_session(session)
     lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session)
+    data = _complete_lines(session) if carry else b""
+    # The fresh session continues the old one's tokens: its stamped lines come along.
+    lock._token_floor = max(old_token, _tokens.floor(session), _highest_stamp(data))
     with lock:
-        data = _complete_lines(session) if carry else b""
         if data:
             lock._append_bytes(data)
         else:
             lock._append_bytes(b"")
     return new, data.count(b"\n")
+
+
+def _highest_stamp(data: bytes) -> int:
+    best = 0
+    key = _tokens.STAMP_KEY.encode()
+    for line in data.split(b"\n"):
+        if key in line:
+            try:
+                best = max(best, _tokens.stamp_of(json.loads(line)) or 0)
+            except (ValueError, RecursionError):
+                continue
+    return best
 
 
 def _complete_lines(session: str) -> bytes:

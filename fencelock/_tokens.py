@@ -1,14 +1,19 @@
 """Fencing tokens: the reserved stamp key, and the floor a new sidecar starts above.
 
-Tokens live in the record. A session whose sidecar was removed keeps its last token
-in places a new sidecar consults: the ``user.fencelock.token`` extended attribute that
-`clear(remove=True)` sets on the session file before unlinking the sidecar, the stamps
-of the session's last lines (``append(..., stamp=True)``), and the corrupt records
+Tokens live in the record. So that they never go back when a sidecar is removed (by
+`clear(remove=True)`, by hand, or set aside as corrupt) while its session file
+remains, the session file carries a mark in its ``user.fencelock.token`` extended
+attribute: no token above the mark has been issued. Holders raise it `RESERVE` tokens
+at a time while they hold the session, so it costs one write per `RESERVE`
+acquisitions, and a new sidecar starts above it. Where extended attributes are not
+supported, a new sidecar also starts above the stamps in the session's last lines
+(``append(..., stamp=True)``) and the tokens legible in corrupt records that
 `clear(force=True)` set aside as ``<sidecar>.corrupt-*``.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -22,7 +27,15 @@ STAMP_KEY = "_fencelock"
 """Reserved key of a stamped line: ``{"_fencelock": {"token": N, "run_id": "..."}}``."""
 
 XATTR = "user.fencelock.token"
+RESERVE = 100
+"""How many tokens a holder reserves on the session file at a time."""
+MAX_TOKEN = 2**63 - 1
 _TAIL = 64 * 1024
+
+_marks: dict[tuple[int, int], int] = {}
+"""(st_dev, st_ino) of a session file -> a mark this process knows is saved on it."""
+_no_xattrs: set[int] = set()
+"""Devices whose filesystem refused extended attributes."""
 
 
 def stamp_of(entry: object) -> int | None:
@@ -61,15 +74,72 @@ def _last_stamped(session: str) -> int:
     return best
 
 
+def _read_mark(target: str | int) -> int:
+    """The mark saved on a session file (path or descriptor); 0 when there is none.
+    Raises OSError when the filesystem has no extended attributes."""
+    try:
+        if isinstance(target, int):
+            raw = os.getxattr(target, XATTR)
+        else:
+            raw = os.getxattr(target, XATTR, follow_symlinks=False)
+    except OSError as e:
+        if e.errno == errno.ENODATA:
+            return 0
+        raise
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        return 0
+
+
+def _write_mark(target: str | int, mark: int) -> None:
+    if isinstance(target, int):
+        os.setxattr(target, XATTR, str(mark).encode())
+    else:
+        os.setxattr(target, XATTR, str(mark).encode(), follow_symlinks=False)
+
+
+def reserve(target: str | int, dev: int, ino: int, token: int) -> bool:
+    """Make sure the session file's mark covers ``token``, raising it by `RESERVE` when
+    it does not. Call while holding the session. True when it wrote (which moves the
+    file's ctime: take the fingerprint after). Quietly does nothing where extended
+    attributes are unsupported or not permitted."""
+    if _marks.get((dev, ino), 0) >= token or dev in _no_xattrs:
+        return False
+    if not hasattr(os, "setxattr"):
+        return False
+    wrote = False
+    try:
+        mark = _read_mark(target)
+        if mark < token:
+            mark = min(token + RESERVE - 1, MAX_TOKEN)
+            _write_mark(target, mark)
+            wrote = True
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            _no_xattrs.add(dev)
+        return False
+    if len(_marks) >= 4096:
+        _marks.clear()
+    _marks[(dev, ino)] = mark
+    return wrote
+
+
 def floor(session: str) -> int:
-    """The largest token a session is known to have used without its record."""
+    """The largest token a session may have issued that its sidecar no longer shows."""
     saved = 0
     if hasattr(os, "getxattr"):
         try:
-            saved = int(os.getxattr(session, XATTR))
-        except (OSError, ValueError):
+            saved = _read_mark(session)
+        except OSError:
             saved = 0
-    return max(saved, _last_stamped(session), _set_aside_tokens(session))
+    best = max(saved, _last_stamped(session), _set_aside_tokens(session))
+    if best >= MAX_TOKEN:
+        raise FenceLockError(
+            f"{session}: its fencing tokens are at their limit ({best}); remove the "
+            f"{XATTR} attribute and the sidecar's .corrupt-* copies if that is not true"
+        )
+    return best
 
 
 _TOKEN_TEXT = re.compile(rb'"token"\s*:\s*(\d{1,19})')
@@ -94,11 +164,13 @@ def _set_aside_tokens(session: str) -> int:
 
 
 def save(session: str, token: int) -> bool:
-    """Keep ``token`` on the session file before its sidecar goes. False if unsupported."""
+    """Make sure the session file's mark covers ``token`` before its sidecar goes
+    (never lowering it). False where that cannot be done."""
     if not hasattr(os, "setxattr"):
         return False
     try:
-        os.setxattr(session, XATTR, str(token).encode())
+        if _read_mark(session) < token:
+            _write_mark(session, token)
     except OSError:
         return False
     return True

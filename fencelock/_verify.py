@@ -1,4 +1,5 @@
-"""Checking a session transcript: torn lines, and fencing tokens that went backwards.
+"""Checking a session transcript: torn lines, and fencing tokens that went backwards
+or were used by two runs.
 
 A stamped line whose token is lower than an earlier line's was written by a run that
 had already lost the session (a lock lost on NFS, a record force-cleared while its
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 from fencelock import _sidecar
 from fencelock._errors import SidecarAccessError
-from fencelock._tokens import stamp_of
+from fencelock._tokens import STAMP_KEY, stamp_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +22,8 @@ class Problem:
     line: int
     """1-based line number."""
     kind: str
-    """``"torn"`` (not one JSON value, or no final line break) or ``"token-backwards"``."""
+    """``"torn"`` (not one JSON value, or no final line break), ``"token-backwards"``, or
+    ``"token-repeated"`` (one token stamped by two runs)."""
     detail: str
 
 
@@ -38,6 +40,11 @@ class VerifyReport:
         return not self.problems
 
 
+def _run_of(entry: object) -> object:
+    stamp = entry.get(STAMP_KEY) if isinstance(entry, dict) else None
+    return stamp.get("run_id") if isinstance(stamp, dict) else None
+
+
 def verify(path: str | os.PathLike[str]) -> VerifyReport:
     """Read the whole session and report what is wrong with it."""
     session = os.path.abspath(os.fspath(path))
@@ -52,6 +59,7 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         raise SidecarAccessError(session, e, "verify needs to read the session file") from None
     problems: list[Problem] = []
     best = 0
+    best_run: object = None
     stamped = 0
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a line break
@@ -65,11 +73,18 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         if token is None:
             continue
         stamped += 1
+        run = _run_of(entry)
         if token < best:
             problems.append(
                 Problem(number, "token-backwards", f"token {token} after token {best}")
             )
-        best = max(best, token)
+        elif token == best and run != best_run:
+            problems.append(Problem(
+                number, "token-repeated",
+                f"token {token} stamped by two runs ({best_run!r} and {run!r})",
+            ))
+        if token >= best:
+            best, best_run = token, run
     if tail:
         problems.append(
             Problem(len(lines) + 1, "torn", f"last line has no line break: {tail[:60]!r}")

@@ -275,6 +275,18 @@ def test_stamped_lines_carry_the_token_and_verify_finds_backwards_ones(session: 
     assert kinds == [(4, "token-backwards"), (5, "torn")]
 
 
+def test_verify_finds_one_token_stamped_by_two_runs(session: Path) -> None:
+    with SessionLock(session, stamp=True) as lock:
+        lock.append({"n": 1})
+        lock.append({"n": 2})  # same run, same token: fine
+        assert lock.info is not None
+        token = lock.info.token
+    with open(session, "a") as f:
+        f.write(json.dumps({"n": 3, STAMP_KEY: {"token": token, "run_id": "other"}}) + "\n")
+    kinds = [(p.line, p.kind) for p in verify(session).problems]
+    assert kinds == [(3, "token-repeated")]
+
+
 def test_token_survives_sidecar_removal(session: Path) -> None:
     with SessionLock(session) as lock:
         lock.append({"a": 1})
@@ -284,8 +296,46 @@ def test_token_survives_sidecar_removal(session: Path) -> None:
     assert probe(session).token == 5
     removed = clear(session, remove=True)
     assert "removed" in removed.reason and not Path(str(session) + ".holder").exists()
+    mark = int(os.getxattr(session, "user.fencelock.token"))
+    assert mark >= 5
     with SessionLock(session) as last:
-        assert last.info is not None and last.info.token == 6
+        assert last.info is not None and last.info.token == mark + 1
+
+
+def test_tokens_never_go_back_when_a_sidecar_is_deleted_by_hand(session: Path) -> None:
+    """No stamps, no clear: the mark the holders keep on the session file is all there
+    is, and it is enough; it is written once per RESERVE acquisitions, not each time."""
+    from fencelock import _tokens
+
+    issued = []
+    for round_ in range(3):
+        for _ in range(_tokens.RESERVE + 5):
+            with SessionLock(session) as lock:
+                assert lock.info is not None
+                issued.append(lock.info.token)
+                if round_ == 0 and not session.exists():
+                    lock.append({"created": True})
+        Path(str(session) + ".holder").unlink()
+    assert issued == sorted(set(issued)), "a token went back or repeated"
+
+
+def test_tokens_do_not_repeat_after_corrupt_records_are_set_aside(session: Path) -> None:
+    sidecar = Path(str(session) + ".holder")
+    with SessionLock(session) as lock:
+        lock.append({"a": 1})
+    tokens = []
+    for _ in range(3):
+        with SessionLock(session) as lock:
+            assert lock.info is not None
+            tokens.append(lock.info.token)
+        sidecar.write_bytes(b"\0" * 100)  # corrupt, token illegible
+        clear(session, force=True)
+    for aside in session.parent.glob(sidecar.name + ".corrupt-*"):
+        aside.unlink()  # as the error message for too many copies suggests
+    with SessionLock(session) as lock:
+        assert lock.info is not None
+        tokens.append(lock.info.token)
+    assert tokens == sorted(set(tokens))
 
 
 def test_token_continues_from_stamps_when_sidecar_deleted_by_hand(session: Path) -> None:

@@ -76,6 +76,27 @@ def test_live_past_the_wait_escalates_to_a_fresh_session(session: Path, spawn_ho
     assert probe(session).state == ProbeState.LIVE  # its run goes on undisturbed
 
 
+def test_a_fresh_session_continues_the_old_one_s_tokens(
+    session: Path, spawn_holder: Any
+) -> None:
+    """Stamped lines carried into the fresh session keep their tokens; the fresh
+    session's runs must stamp above them, or verify() calls it tokens going backwards."""
+    from fencelock import verify
+
+    for n in range(4):
+        with SessionLock(session, stamp=True) as lock:
+            lock.append({"n": n})
+    h = spawn_holder(session, lane="stuck")
+    live_token = h.acquire()
+    result = recover(session, wait=0)
+    assert result.action is Action.FRESH and result.carried_lines == 4
+    new = Path(result.session)
+    with SessionLock(new, stamp=True) as lock:
+        assert lock.info is not None and lock.info.token > live_token
+        lock.append({"n": "after"})
+    assert verify(new).ok, verify(new).problems
+
+
 def test_no_fresh_raises_contended(session: Path, spawn_holder: Any) -> None:
     h = spawn_holder(session, lane="direct")
     h.acquire()
