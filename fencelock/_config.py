@@ -48,9 +48,15 @@ class ConfigWarning:
     """The effective ``isolatedSession`` value (None when unset)."""
     inherited: bool
     """Whether that value (or its absence) comes from ``agents.defaults.heartbeat``."""
+    implicit: bool = False
+    """No heartbeat is configured anywhere: this is the default agent, which the gateway
+    gives its built-in heartbeat (every 30m, in the main session)."""
 
     @property
     def problem(self) -> str:
+        if self.implicit:
+            return ("no heartbeat is configured, so the gateway runs its default one "
+                    "(every 30m) for the default agent, not isolated")
         if self.isolated is None:
             what = "heartbeat.isolatedSession is not set"
         else:
@@ -166,13 +172,24 @@ def _agents(agents: dict[str, Any], path: str) -> list[tuple[str, str, dict[str,
     return out
 
 
+def _default_agent(listed: list[tuple[str, str, dict[str, Any]]]) -> tuple[str, str]:
+    """(name, where) of the gateway's default agent: the one marked ``default: true``,
+    else the first listed, else the implicit ``main``."""
+    for name, where, entry in listed:
+        if entry.get("default") is True:
+            return name, where
+    if listed:
+        return listed[0][0], listed[0][1]
+    return "main", "agents (no agents.list: the implicit default agent)"
+
+
 def check(config: object, path: str = "<config>") -> list[ConfigWarning]:
     """One warning per agent whose effective heartbeat is enabled and not isolated."""
     if not isinstance(config, dict):
         raise ConfigError(path, f"the top level is {_kind(config)}, expected an object")
     agents = config.get("agents")
     if agents is None:
-        return []
+        agents = {}
     if not isinstance(agents, dict):
         raise ConfigError(path, f"agents is {_kind(agents)}, expected an object")
     defaults = agents.get("defaults")
@@ -181,8 +198,13 @@ def check(config: object, path: str = "<config>") -> list[ConfigWarning]:
     if not isinstance(defaults, dict):
         raise ConfigError(path, f"agents.defaults is {_kind(defaults)}, expected an object")
     base = _heartbeat(defaults.get("heartbeat"), "agents.defaults.heartbeat", path)
+    listed = _agents(agents, path)
+    if base is None and all(entry.get("heartbeat") is None for _, _, entry in listed):
+        # Nothing configured: the gateway's built-in heartbeat runs for its default agent.
+        name, where = _default_agent(listed)
+        return [ConfigWarning(name, where, None, False, implicit=True)]
     warnings: list[ConfigWarning] = []
-    for name, where, entry in _agents(agents, path):
+    for name, where, entry in listed:
         own = _heartbeat(entry.get("heartbeat"), f"{where}.heartbeat", path)
         if own is False or (own is None and base in (None, False)):
             continue  # switched off, or no heartbeat at all: nothing shares the file

@@ -142,11 +142,21 @@ def test_non_zero_every_is_enabled() -> None:
         assert names(check(cfg(agents=[{"id": "a", "heartbeat": {"every": every}}]))) == ["a"]
 
 
-def test_no_heartbeat_anywhere_gets_no_warning() -> None:
-    assert check(cfg(agents=[{"id": "a"}, {"id": "b", "heartbeat": None}])) == []
-    assert check({"agents": {"list": []}}) == []
-    assert check({}) == []
-    assert check({"agents": {}}) == []
+def test_no_heartbeat_anywhere_warns_for_the_default_agent() -> None:
+    """With nothing configured the gateway still runs its built-in heartbeat (every 30m,
+    in the main session) for its default agent: exactly the contended case."""
+    only = check(cfg(agents=[{"id": "a"}, {"id": "b", "heartbeat": None}]))
+    assert [(w.agent, w.implicit) for w in only] == [("a", True)]
+    assert "default" in only[0].message and "30m" in only[0].message
+    marked = check(cfg(agents=[{"id": "a"}, {"id": "b", "default": True}]))
+    assert [w.agent for w in marked] == ["b"]
+    for empty in ({"agents": {"list": []}}, {}, {"agents": {}}):
+        assert [w.agent for w in check(empty)] == ["main"]
+
+
+def test_any_configured_heartbeat_replaces_the_built_in_one() -> None:
+    assert check(cfg(agents=[{"id": "a"}, {"id": "b", "heartbeat": {"every": "0m"}}])) == []
+    assert check(cfg(defaults={"isolatedSession": True}, agents=[{"id": "a"}])) == []
 
 
 def test_heartbeat_true_means_default_settings() -> None:
