@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,8 @@ WHY = (
     "(set heartbeat.isolatedSession: true)"
 )
 
+MAX_CONFIG = 16 * 1024 * 1024
+"""The largest config file read."""
 _JSON5_POS = re.compile(r"^<string>:(\d+) (.*) at column (\d+)$", re.DOTALL)
 _ZERO_DURATION = re.compile(r"^\s*0+(?:\.0*)?\s*[a-zA-Z]*\s*$")
 
@@ -103,10 +106,17 @@ def load(path: str | os.PathLike[str]) -> Any:
     """Read and parse a config file; `ConfigError` naming the file for anything wrong."""
     name = os.fspath(path)
     try:
-        with open(name, "rb") as f:
-            data = f.read()
+        # O_NONBLOCK: a FIFO named as the config must not hang the check.
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(name, flags)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(name, "not a regular file; name the config file itself")
+            data = f.read(MAX_CONFIG + 1)
     except OSError as e:
         raise ConfigError(name, f"cannot read it: {e.strerror or type(e).__name__}") from None
+    if len(data) > MAX_CONFIG:
+        raise ConfigError(name, f"larger than {MAX_CONFIG >> 20} MiB: not a gateway config")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -110,7 +110,12 @@ def _cut_torn_tail(fd: int, session: str, size: int) -> int:
         raise SessionWriteError(torn, e, "fsync of the torn last line") from None
     finally:
         os.close(aside)
-    os.ftruncate(fd, keep)
+    try:
+        os.ftruncate(fd, keep)
+    except OSError as e:
+        raise SessionWriteError(
+            session, e, f"cutting its torn last line (a copy is already in {torn})"
+        ) from None
     warnings.warn(
         f"{session}: its last line was torn ({len(fragment)} bytes without a line break, "
         f"left by a writer that died mid-append); moved it to {torn}",

@@ -330,3 +330,17 @@ def test_installed_command_check_config(tmp_path: Path) -> None:
     assert failed.returncode == 1
     assert "Traceback" not in failed.stderr
     assert str(broken) in failed.stderr and "line 1" in failed.stderr
+
+
+def test_a_fifo_a_device_or_a_huge_file_is_refused_without_hanging(tmp_path: Path) -> None:
+    from fencelock._config import MAX_CONFIG, ConfigError, load
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_CONFIG + 1)
+    for path, why in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+                      (huge, "larger than")):
+        with pytest.raises(ConfigError, match=why):
+            load(path)
