@@ -173,10 +173,11 @@ class SessionLock:
     ) -> None:
         if on_contention not in ("wait", "fail"):
             raise ValueError(f"on_contention must be 'wait' or 'fail', not {on_contention!r}")
-        timeout = _wait.limit(timeout)
-        for name, text in (("lane", lane), ("origin", origin or "")):
-            if len(text) > _record.MAX_TEXT:
-                raise ValueError(f"{name} is longer than {_record.MAX_TEXT} characters")
+        if timeout is not None:
+            timeout = _wait.limit(timeout)
+        if len(lane) > _record.MAX_TEXT or (origin is not None and len(origin) > _record.MAX_TEXT):
+            name = "lane" if len(lane) > _record.MAX_TEXT else "origin"
+            raise ValueError(f"{name} is longer than {_record.MAX_TEXT} characters")
         self.session, self.sidecar = _sidecar.paths(path)
         self.lane = lane
         self.on_contention: OnContention = on_contention

@@ -125,7 +125,7 @@ def holder_info(*values: Any) -> HolderInfo:
     holder builds one on every acquire.
     """
     info = object.__new__(HolderInfo)
-    for set_field, value in zip(_INFO_SETTERS, values, strict=True):
+    for set_field, value in zip(_INFO_SETTERS, values):  # noqa: B905 (arity fixed by callers)
         set_field(info, value)
     return info
 

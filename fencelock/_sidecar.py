@@ -9,6 +9,7 @@ spaces rather than truncated, so a reader never sees an empty file mid-update.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 
@@ -28,10 +29,20 @@ _PAD_LIMIT = 4096
 
 def paths(path: str | os.PathLike[str]) -> tuple[str, str]:
     """(session, sidecar) as absolute paths, for a session file or a sidecar path."""
-    p = os.path.abspath(os.fspath(path))
+    if type(path) is str and path[:1] == "/":
+        return _paths_of_absolute(path)  # does not depend on the working directory
+    return _paths(os.path.abspath(os.fspath(path)))
+
+
+def _paths(p: str) -> tuple[str, str]:
     if p.endswith(SUFFIX):
         return p[: -len(SUFFIX)], p
     return p, p + SUFFIX
+
+
+@functools.lru_cache(maxsize=4096)
+def _paths_of_absolute(path: str) -> tuple[str, str]:
+    return _paths(os.path.abspath(path))
 
 
 def access_error(path: str, e: OSError, writing: bool) -> Exception:

@@ -150,7 +150,8 @@ def test_no_heartbeat_anywhere_warns_for_the_default_agent() -> None:
     assert "default" in only[0].message and "30m" in only[0].message
     marked = check(cfg(agents=[{"id": "a"}, {"id": "b", "default": True}]))
     assert [w.agent for w in marked] == ["b"]
-    for empty in ({"agents": {"list": []}}, {}, {"agents": {}}):
+    empties: list[dict[str, Any]] = [{"agents": {"list": []}}, {}, {"agents": {}}]
+    for empty in empties:
         assert [w.agent for w in check(empty)] == ["main"]
 
 

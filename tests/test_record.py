@@ -113,3 +113,16 @@ def test_negative_token_and_bad_fingerprint_are_corrupt() -> None:
     obj["fingerprint"] = {"dev": 1}
     with pytest.raises(ValueError, match="fingerprint"):
         decode(json.dumps(obj).encode())
+
+
+def test_the_fast_builder_makes_what_the_constructor_makes() -> None:
+    import dataclasses
+
+    from fencelock._record import holder_info
+
+    info = make(origin="/s/old.jsonl", fence="content")
+    values = [getattr(info, f.name) for f in dataclasses.fields(HolderInfo)]
+    built = holder_info(*values)
+    assert built == info and hash(built) == hash(info) and repr(built) == repr(info)
+    assert all(getattr(built, f.name) == v for f, v in zip(dataclasses.fields(HolderInfo), values,
+                                                           strict=True))

@@ -118,7 +118,12 @@ def test_in_process_run_is_asked_to_abort_before_the_wait(session: Path) -> None
     lock = SessionLock(session, lane="stuck-run")
     lock.acquire()
     aborted = threading.Event()
-    lock.on_abort(lambda: (aborted.set(), lock.release()))
+
+    def abort() -> None:
+        aborted.set()
+        lock.release()
+
+    lock.on_abort(abort)
     result = recover(session, wait=30)
     assert aborted.is_set()
     assert result.action is Action.REFIRE and result.holder.lane == "stuck-run"
