@@ -246,10 +246,16 @@ class SessionLock:
         )
 
     def _rewrite(self, **changes: Any) -> None:
-        """Update some record fields and write the record again."""
+        """Update some record fields and write the record again (or change nothing)."""
+        before = {name: getattr(self, name) for name in changes}
         for name, value in changes.items():
             setattr(self, name, value)
-        self._write_record()
+        try:
+            self._write_record()
+        except BaseException:
+            for name, value in before.items():
+                setattr(self, name, value)
+            raise
 
     def _write_record(self) -> None:
         # Under the object's own lock, so a heartbeat from another thread can never
@@ -295,21 +301,23 @@ class SessionLock:
         self, me: object, deadline: float | None, cancel: threading.Event | None
     ) -> None:
         start = time.monotonic()
-        self._take_slot(deadline, cancel, start)
+        # Every step inside the try, so that an interrupt (KeyboardInterrupt, a
+        # cancellation) landing anywhere leaves neither the slot nor the lock behind.
         try:
+            self._take_slot(deadline, cancel, start)
             self._lock_sidecar(deadline, cancel, start)
             try:
                 if cancel is not None and cancel.is_set():
                     raise _cancelled()  # got it just as the caller gave up
                 self._write_new_record()
+                self._count, self._owner, self._pid = 1, me, _identity.ME.pid
             except BaseException:
+                self._count = 0
                 self._close_fd()
                 raise
         except BaseException:
-            self._free_slot()
+            self._free_slot()  # only if it is this object's
             raise
-        self._count, self._owner = 1, me
-        self._pid = _identity.ME.pid
 
     def _take_slot(
         self, deadline: float | None, cancel: threading.Event | None, start: float

@@ -14,6 +14,7 @@ import errno
 import math
 import os
 import threading
+import time
 
 from fencelock import _platform, _sidecar
 from fencelock._errors import SidecarAccessError
@@ -111,32 +112,50 @@ def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
     than in a loop of short ones.
     """
     timeout = limit(timeout)
-    try:
-        fd, _ = _sidecar.open_checked(sidecar, create=False)
-    except SidecarAccessError as e:
-        if e.cause.errno == errno.ENOENT:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            fd, st = _sidecar.open_checked(sidecar, create=False)
+        except SidecarAccessError as e:
+            if e.cause.errno == errno.ENOENT:
+                return True
+            raise
+        locked = _shared_lock(fd, st, sidecar, deadline)
+        if locked is None:
+            return False
+        if _sidecar.still_at_path(sidecar, locked):
             return True
-        raise
+        # The sidecar was removed (and perhaps made anew) while we waited: the lock
+        # that counts is the one on whatever is at the path now.
+
+
+def _shared_lock(
+    fd: int, st: os.stat_result, sidecar: str, deadline: float | None
+) -> os.stat_result | None:
+    """Take and drop a shared lock on the sidecar by ``deadline``: the stat of the file
+    locked (``fd``'s, or an earlier wait's still-blocked descriptor's), None on timeout.
+    ``fd`` is closed or handed to a helper either way."""
     if _platform.try_lock(fd, shared=True):
         _sidecar.close(fd)
-        return True
-    if timeout is None and _platform.CAN_BLOCK:
+        return st
+    if deadline is None and _platform.CAN_BLOCK:
         try:
             _platform.lock_blocking(fd, shared=True)
         finally:
             _sidecar.close(fd)
-        return True
-    key = (sidecar, True)
-    waiter = Waiter.start(key, fd)
+        return st
+    waiter = Waiter.start((sidecar, True), fd)
     try:
-        waiter.done.wait(timeout)
+        waiter.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
     except BaseException:
         waiter.give_up_and_close()
         raise
-    got = waiter.give_up()
-    if got:
+    if not waiter.give_up():
+        return None
+    try:
+        return st if waiter.fd == fd else os.fstat(waiter.fd)
+    finally:
         _sidecar.close(waiter.fd)
-    return got
 
 
 def _after_fork_in_child() -> None:

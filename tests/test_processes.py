@@ -238,6 +238,38 @@ def test_sidecar_removed_and_recreated_while_waiting(session: Path, spawn_holder
     assert waiter.read() == f"acquired {new_token + 1}"
 
 
+@pytest.mark.parametrize("timeout", [None, 60.0])
+def test_waiting_until_free_follows_a_sidecar_made_anew(
+    session: Path, spawn_holder: Any, timeout: float | None
+) -> None:
+    """wait/recover wait on a shared lock: waking on a removed inode is not "free" while
+    a new sidecar at the path is held."""
+    import threading
+
+    from fencelock import _wait
+
+    sidecar = Path(str(session) + ".holder")
+    first = spawn_holder(session, lane="first")
+    first.acquire()
+    old_inode = sidecar.stat().st_ino
+    result: list[bool] = []
+    waiting = threading.Thread(
+        target=lambda: result.append(_wait.wait_until_unlocked(str(sidecar), timeout))
+    )
+    waiting.start()
+    wait_for_blocked_waiter(session, old_inode)
+    os.unlink(sidecar)
+    newcomer = spawn_holder(session, lane="newcomer")
+    newcomer.acquire()
+    new_inode = sidecar.stat().st_ino
+    assert first.call("release") == "released"
+    wait_for_blocked_waiter(session, new_inode)  # it moved on to the new sidecar
+    assert result == []
+    assert newcomer.call("release") == "released"
+    waiting.join(60)
+    assert result == [True]
+
+
 def test_timed_waits_on_a_long_held_session_share_one_blocked_thread(
     session: Path, spawn_holder: Any
 ) -> None:
