@@ -188,9 +188,7 @@ def _default_agent(listed: list[tuple[str, str, dict[str, Any]]]) -> tuple[str, 
     for name, where, entry in listed:
         if entry.get("default") is True:
             return name, where
-    if listed:
-        return listed[0][0], listed[0][1]
-    return "main", "agents (no agents.list: the implicit default agent)"
+    return listed[0][0], listed[0][1]
 
 
 def check(config: object, path: str = "<config>") -> list[ConfigWarning]:
@@ -209,6 +207,8 @@ def check(config: object, path: str = "<config>") -> list[ConfigWarning]:
         raise ConfigError(path, f"agents.defaults is {_kind(defaults)}, expected an object")
     base = _heartbeat(defaults.get("heartbeat"), "agents.defaults.heartbeat", path)
     listed = _agents(agents, path)
+    if not listed:  # no agents.list: the gateway runs its implicit default agent
+        listed = [("main", "agents (no agents.list: the implicit default agent)", {})]
     if base is None and all(entry.get("heartbeat") is None for _, _, entry in listed):
         # Nothing configured: the gateway's built-in heartbeat runs for its default agent.
         name, where = _default_agent(listed)

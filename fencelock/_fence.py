@@ -169,7 +169,7 @@ def append(
     try:
         size = 0
         if created and token:
-            _tokens.reserve(fd, st.st_dev, st.st_ino, token)
+            _tokens.reserve(fd, token)
         if not created:
             if not (mode is FenceMode.STAT and _stat_matches(expected, st)):
                 actual = _fingerprint_fd(fd, mode, st)

@@ -467,7 +467,7 @@ class SessionLock:
         self._acquired_at = self._heartbeat_at = time.time()
         self._phase = Phase.WRITE
         fp = _fingerprint.take(self.session, self.fence_mode)
-        if fp is not None and _tokens.reserve(self.session, fp.dev, fp.ino, token):
+        if fp is not None and _tokens.reserve(self.session, token):
             fp = _fingerprint.take(self.session, self.fence_mode)  # the mark moved ctime
         self._fp = fp
         self._tail_checked = False

@@ -207,40 +207,48 @@ def clear(
     ``force`` sets a corrupt record aside as ``<sidecar>.corrupt-<time>``.
     """
     session, sidecar = _sidecar.paths(path)
-    while True:
-        try:
-            fd, st = _sidecar.open_checked(sidecar, create=False, write=True)
-        except SidecarAccessError as e:
-            if e.cause.errno == errno.ENOENT and os.path.isdir(os.path.dirname(sidecar)):
-                return HolderStatus(session, sidecar, ProbeState.FREE, reason="no sidecar")
-            raise
-        try:
-            if (
-                _lock._registry and _lock.held_in_process(_lock.registry_key(session))
-            ) or not _lock_for_clear(fd, sidecar):
-                raise SessionContendedError(session, _live_record(sidecar))
-            if not _sidecar.still_at_path(sidecar, st):
-                continue
-            return _clear_locked(fd, st, session, sidecar, remove, force)
-        finally:
-            _sidecar.close(fd)
+    # Take the session's in-process slot for the whole clear, as an acquirer would:
+    # where flock is emulated with per-process locks (NFS), the OS lock alone would
+    # not keep another thread of this process from acquiring meanwhile.
+    slot = _lock.SessionLock(session, "clear", on_contention="fail")
+    slot._take_slot(None, None, time.monotonic())  # SessionContendedError: held here
+    try:
+        while True:
+            try:
+                fd, st = _sidecar.open_checked(sidecar, create=False, write=True)
+            except SidecarAccessError as e:
+                if e.cause.errno == errno.ENOENT and os.path.isdir(os.path.dirname(sidecar)):
+                    return HolderStatus(session, sidecar, ProbeState.FREE, reason="no sidecar")
+                raise
+            try:
+                if not _lock_for_clear(fd, sidecar):
+                    raise SessionContendedError(session, _live_record(sidecar))
+                if not _sidecar.still_at_path(sidecar, st):
+                    continue
+                return _clear_locked(fd, st, session, sidecar, remove, force)
+            finally:
+                _sidecar.close(fd)
+    finally:
+        slot._free_slot()
 
 
 def _lock_for_clear(fd: int, sidecar: str) -> bool:
     """Take the sidecar's exclusive lock; False when a live holder has it.
 
-    The lock may also be held for a moment by a probe (a shared test lock) or by an
-    acquirer about to replace a stale record: unless the record names a live owner,
-    keep trying for `_lock.FAIL_GRACE`, as a fail-fast acquirer does.
+    The lock may also be held for a moment by probes (shared test locks), or by an
+    acquirer about to replace a stale record: when only shared locks are held, or the
+    record's owner is known to be gone, keep trying for `_lock.FAIL_GRACE`, as a
+    fail-fast acquirer does.
     """
     try:
         if _platform.try_lock(fd):
             return True
-        record = _lock._read_quietly(sidecar)
-        if record is not None and record.state is State.HELD and _identity.owner_alive(
-            record.pid, record.host, record.process_start
-        ) is not False:
-            return False
+        if not _platform.try_lock(fd, shared=True):  # an exclusive holder
+            record = _lock._read_quietly(sidecar)
+            if record is not None and record.state is State.HELD and _identity.owner_alive(
+                record.pid, record.host, record.process_start
+            ) is not False:
+                return False
         deadline = time.monotonic() + _lock.FAIL_GRACE
         while time.monotonic() < deadline:
             time.sleep(0.001)  # a probe holds its test lock for microseconds

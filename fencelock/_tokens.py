@@ -3,12 +3,14 @@
 Tokens live in the record. So that they never go back when a sidecar is removed (by
 `clear(remove=True)`, by hand, or set aside as corrupt) while its session file
 remains, the session file carries a mark in its ``user.fencelock.token`` extended
-attribute: no token above the mark has been issued. Holders raise it `RESERVE` tokens
-at a time while they hold the session, so it costs one write per `RESERVE`
-acquisitions, and a new sidecar starts above it. Where extended attributes are not
-supported, a new sidecar also starts above the stamps in the session's last lines
-(``append(..., stamp=True)``) and the tokens legible in corrupt records that
-`clear(force=True)` set aside as ``<sidecar>.corrupt-*``.
+attribute: no token above the mark has been issued. Holders read it at each acquire
+and raise it `RESERVE` tokens at a time, so it costs one write per `RESERVE`
+acquisitions, and a new sidecar starts above it. A copy of the session file made
+without its extended attributes (``cp``, a rewrite through a temporary file) starts
+without a mark. Where extended attributes are not supported, a new sidecar also
+starts above the stamps in the session's last lines (``append(..., stamp=True)``)
+and the tokens legible in corrupt records that `clear(force=True)` set aside as
+``<sidecar>.corrupt-*``.
 """
 
 from __future__ import annotations
@@ -32,10 +34,6 @@ RESERVE = 100
 MAX_TOKEN = 2**63 - 1
 _TAIL = 64 * 1024
 
-_marks: dict[tuple[int, int], int] = {}
-"""(st_dev, st_ino) of a session file -> a mark this process knows is saved on it."""
-_no_xattrs: set[int] = set()
-"""Devices whose filesystem refused extended attributes."""
 
 
 def stamp_of(entry: object) -> int | None:
@@ -99,30 +97,23 @@ def _write_mark(target: str | int, mark: int) -> None:
         os.setxattr(target, XATTR, str(mark).encode(), follow_symlinks=False)
 
 
-def reserve(target: str | int, dev: int, ino: int, token: int) -> bool:
+def reserve(target: str | int, token: int) -> bool:
     """Make sure the session file's mark covers ``token``, raising it by `RESERVE` when
     it does not. Call while holding the session. True when it wrote (which moves the
     file's ctime: take the fingerprint after). Quietly does nothing where extended
-    attributes are unsupported or not permitted."""
-    if _marks.get((dev, ino), 0) >= token or dev in _no_xattrs:
-        return False
+    attributes are unsupported or not permitted.
+
+    The mark is read every time (a read leaves ctime alone): a cached copy could
+    belong to a removed file whose inode number a new session file now has."""
     if not hasattr(os, "setxattr"):
         return False
-    wrote = False
     try:
-        mark = _read_mark(target)
-        if mark < token:
-            mark = min(token + RESERVE - 1, MAX_TOKEN)
-            _write_mark(target, mark)
-            wrote = True
-    except OSError as e:
-        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            _no_xattrs.add(dev)
+        if _read_mark(target) >= token:
+            return False
+        _write_mark(target, min(token + RESERVE - 1, MAX_TOKEN))
+    except OSError:
         return False
-    if len(_marks) >= 4096:
-        _marks.clear()
-    _marks[(dev, ino)] = mark
-    return wrote
+    return True
 
 
 def floor(session: str) -> int:

@@ -155,6 +155,12 @@ def test_no_heartbeat_anywhere_warns_for_the_default_agent() -> None:
         assert [w.agent for w in check(empty)] == ["main"]
 
 
+def test_defaults_apply_to_the_implicit_default_agent() -> None:
+    for defaults in ({"every": "30m"}, {"isolatedSession": False}):
+        assert [w.agent for w in check(cfg(defaults=defaults))] == ["main"]
+    assert check(cfg(defaults={"isolatedSession": True})) == []
+
+
 def test_any_configured_heartbeat_replaces_the_built_in_one() -> None:
     assert check(cfg(agents=[{"id": "a"}, {"id": "b", "heartbeat": {"every": "0m"}}])) == []
     assert check(cfg(defaults={"isolatedSession": True}, agents=[{"id": "a"}])) == []

@@ -319,6 +319,30 @@ def test_tokens_never_go_back_when_a_sidecar_is_deleted_by_hand(session: Path) -
     assert issued == sorted(set(issued)), "a token went back or repeated"
 
 
+@pytest.mark.parametrize("how", ["mark removed by hand", "session rewritten via rename"])
+def test_the_mark_is_read_anew_not_trusted_from_memory(session: Path, how: str) -> None:
+    """The session file's mark can vanish under a long-lived process (removed by hand,
+    or the file replaced by a copy without it): the next holder must notice and write
+    it again, or a later sidecar removal restarts the tokens."""
+    with SessionLock(session) as lock:
+        lock.append({"n": 0})
+    for _ in range(3):
+        with SessionLock(session):
+            pass
+    if how == "mark removed by hand":
+        os.removexattr(session, "user.fencelock.token")
+    else:
+        copy = session.with_name("compacted.tmp")
+        copy.write_bytes(session.read_bytes())
+        os.replace(copy, session)
+    with SessionLock(session, on_contention="fail") as lock:
+        assert lock.info is not None
+        last = lock.info.token
+    Path(str(session) + ".holder").unlink()
+    with SessionLock(session) as lock:
+        assert lock.info is not None and lock.info.token > last
+
+
 def test_tokens_do_not_repeat_after_corrupt_records_are_set_aside(session: Path) -> None:
     sidecar = Path(str(session) + ".holder")
     with SessionLock(session) as lock:

@@ -105,19 +105,30 @@ def test_clear_never_touches_a_live_holder(session: Path, spawn_holder: Any) -> 
     assert Path(str(session) + ".holder").read_bytes() == before
 
 
-@pytest.mark.parametrize("call", ["clear", "recover"])
+@pytest.mark.parametrize(("call", "owner"), [
+    ("clear", "dead"), ("recover", "dead"), ("clear", "alive, not holding"),
+])
 def test_a_probe_s_moment_does_not_make_a_stale_session_look_live(
-    session: Path, spawn_holder: Any, monkeypatch: pytest.MonkeyPatch, call: str
+    session: Path, spawn_holder: Any, monkeypatch: pytest.MonkeyPatch, call: str, owner: str
 ) -> None:
     """A probe holds a shared test lock for a moment; clear() and recover() must wait
-    that moment out on a stale record instead of calling it a live holder."""
+    that moment out on a stale record instead of calling it a live holder, even when
+    the record's owner process still runs: the lock decides, not the PID."""
     import threading
 
     from fencelock import _lock, recover
 
-    dead = spawn_holder(session, lane="dead")
-    dead.acquire()
-    dead.kill()
+    if owner == "dead":
+        dead = spawn_holder(session, lane="dead")
+        dead.acquire()
+        dead.kill()
+    else:  # this process, which no longer holds the lock
+        with SessionLock(session, lane="gone"):
+            pass
+        sidecar = Path(str(session) + ".holder")
+        obj, _ = json.JSONDecoder().raw_decode(sidecar.read_text())
+        obj.update(state="held")
+        sidecar.write_text(json.dumps(obj))
     code = (
         "import fcntl, sys\n"
         "f = open(sys.argv[1], 'rb')\n"
