@@ -536,10 +536,13 @@ def clear_command(paths: tuple[str, ...], remove: bool, force: bool, as_json: bo
                 click.echo(text + (f", removed {gone} sidecars" if remove else ""))
         else:
             if _nothing_at(path):
-                _error_line(f"{path}: no such session file or sidecar")
-                failed = True
-                continue
-            outcomes = [_clear_one(path, remove, force)]
+                from fencelock._sidecar import paths as _paths
+
+                message = f"{path}: no such session file or sidecar"
+                session, sidecar = _paths(path)
+                outcomes = [_ClearOutcome(session, sidecar, None, error=message, reason=message)]
+            else:
+                outcomes = [_clear_one(path, remove, force)]
         for out in outcomes:
             report.append(out)
             refused |= out.refused

@@ -181,6 +181,8 @@ def scan(
     """Every sidecar and ``*.jsonl`` session in ``directory``, sorted by session name."""
     base = os.path.abspath(os.fspath(directory))
     names = set()
+    odd: dict[str, str] = {}
+    """Session names that are not regular files: what they are instead."""
     try:
         with os.scandir(base) as entries:
             for entry in entries:
@@ -189,12 +191,26 @@ def scan(
                     names.add(name[: -len(_sidecar.SUFFIX)])
                 elif name.endswith(SESSION_SUFFIX):
                     names.add(name)
+                    if not entry.is_file(follow_symlinks=False):
+                        odd[name] = _what_is(entry)
     except OSError as e:
         raise SidecarAccessError(base, e, "scan needs a directory this user can list") from None
     now = time.time()
     for name in sorted(names):
         session = os.path.join(base, name)
+        if name in odd:  # no run can take it: acquirers refuse a non-regular session
+            yield HolderStatus(session, session + _sidecar.SUFFIX, ProbeState.UNREADABLE,
+                               reason=f"{session}: {odd[name]}, not a regular file; no run "
+                               "can use it as a session (rename or remove it)")
+            continue
         yield _probe(session, session + _sidecar.SUFFIX, stuck_after, now)
+
+
+def _what_is(entry: os.DirEntry[str]) -> str:
+    try:
+        return _platform.describe_mode(entry.stat(follow_symlinks=False).st_mode)
+    except OSError:
+        return "gone"
 
 
 def clear(

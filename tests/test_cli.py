@@ -953,3 +953,23 @@ def test_run_passes_the_callers_descriptors_like_flock(session: Path, tmp_path: 
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("through fd 3\n")
     assert ".holder" not in proc.stdout  # never the lock's descriptor
+
+
+def test_scan_reports_a_directory_named_like_a_session_as_unreadable(tmp_path: Path) -> None:
+    (tmp_path / "real.jsonl").write_text('{"n":1}\n')
+    (tmp_path / "odd.jsonl").mkdir()
+    result = cli("status", "--json", str(tmp_path))
+    assert result.returncode == 1
+    by_name = {Path(r["session"]).name: r for r in rows(result)}
+    assert by_name["real.jsonl"]["state"] == "free"
+    assert by_name["odd.jsonl"]["state"] == "unreadable"
+    reason = by_name["odd.jsonl"]["reason"]
+    assert str(tmp_path / "odd.jsonl") in reason and "directory" in reason
+
+
+def test_clear_json_lists_a_missing_path_too(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.jsonl"
+    result = cli("clear", "--json", str(missing))
+    assert result.returncode == 1
+    [row] = rows(result)
+    assert row["session"] == str(missing) and row["error"] and row["found"] is None
