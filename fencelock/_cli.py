@@ -244,6 +244,15 @@ def _is_sidecar(path: str) -> bool:
     return path.endswith(_SIDECAR_SUFFIX)
 
 
+def _is_directory_to_scan(path: str) -> bool:
+    """A directory whose sessions to scan. A symlink named like a session or sidecar
+    is not followed into a directory: another user may have planted it (`*.jsonl` in a
+    shared directory expands to it), and it is reported as the session path it names."""
+    if not os.path.isdir(path) or _is_sidecar(path):
+        return False
+    return not (path.rstrip("/").endswith(".jsonl") and os.path.islink(path.rstrip("/")))
+
+
 def _nothing_at(path: str) -> bool:
     """Neither the session file nor the sidecar ``path`` names exists (as opposed to
     cannot be looked at: a permission error is not a typo)."""
@@ -358,7 +367,7 @@ def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
     rows: list[HolderStatus] = []
     failed = False
     for path in paths or (".",):
-        if os.path.isdir(path) and not _is_sidecar(path):
+        if _is_directory_to_scan(path):
             try:
                 rows.extend(scan(path, stuck_after=stuck_after))
             except SidecarAccessError as e:
@@ -521,7 +530,7 @@ def clear_command(paths: tuple[str, ...], remove: bool, force: bool, as_json: bo
     report: list[_ClearOutcome] = []
     refused = failed = False
     for path in paths:
-        if os.path.isdir(path) and not _is_sidecar(path):
+        if _is_directory_to_scan(path):
             try:
                 summary = _clear_directory(path, remove, force)
             except SidecarAccessError as e:
@@ -908,7 +917,8 @@ def recover_command(session: str, wait_s: float, no_fresh: bool, lane: str, as_j
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify_command(session: str, as_json: bool) -> None:
     """Check SESSION's lines: torn lines (not JSON, or no final line break) and
-    fencing tokens that went backwards (a write by a run that had lost the session).
+    fencing tokens that went backwards (a write by a run that had lost the session) or
+    were stamped by two runs.
     Exit 0 clean, 5 problems found, 1 unreadable.
 
     JSON: session, lines, stamped, max_token, ok, problems (line, kind, detail).

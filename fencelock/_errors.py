@@ -64,6 +64,22 @@ class UnsafePathError(FenceLockError):
         )
 
 
+class PlantedFileError(UnsafePathError):
+    """A file fencelock would write is owned by another user, in a directory where
+    anyone can create files: it may have been planted to read or steer a session."""
+
+    def __init__(self, path: str, uid: int, directory: str):
+        self.path = path
+        self.what = f"owned by uid {uid}"
+        self.uid = uid
+        FenceLockError.__init__(
+            self,
+            f"{path}: owned by uid {uid}, not this user, in {directory}, where anyone can "
+            f"create files; another user may have planted it. Left untouched: remove it if "
+            f"it is not expected, and give the sessions directory mode 0700 or 0750",
+        )
+
+
 class UnsafeSidecarError(UnsafePathError):
     """The sidecar is a symlink, directory, FIFO or other non-regular file."""
 

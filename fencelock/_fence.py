@@ -53,10 +53,15 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
     raise FenceLockError(f"a session entry must be a dict or a str, not {type(entry).__name__}")
 
 
-def _fingerprint_fd(fd: int, mode: FenceMode, st: os.stat_result | None = None) -> Fingerprint:
-    if st is None:
-        st = os.fstat(fd)
-    tail = _fingerprint.tail_digest(fd, st.st_size) if mode is FenceMode.CONTENT else None
+def _fingerprint_fd(
+    fd: int, mode: FenceMode, session: str, st: os.stat_result | None = None
+) -> Fingerprint:
+    try:
+        if st is None:
+            st = os.fstat(fd)
+        tail = _fingerprint.tail_digest(fd, st.st_size) if mode is FenceMode.CONTENT else None
+    except OSError as e:
+        raise SessionWriteError(session, e, "reading it for the fence") from None
     return _fingerprint.from_stat(st, tail)
 
 
@@ -87,10 +92,13 @@ def _same(expected: Fingerprint | None, actual: Fingerprint | None, mode: FenceM
 
 def _cut_torn_tail(fd: int, session: str, size: int) -> int:
     """If the file does not end in a newline, move its last partial line aside."""
-    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-        return size
     start = max(0, size - 1024 * 1024)
-    chunk = os.pread(fd, size - start, start)
+    try:
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return size
+        chunk = os.pread(fd, size - start, start)
+    except OSError as e:
+        raise SessionWriteError(session, e, "reading its last line") from None
     cut = chunk.rfind(b"\n")
     keep = start + cut + 1 if cut >= 0 else 0
     if cut < 0 and start > 0:
@@ -100,9 +108,14 @@ def _cut_torn_tail(fd: int, session: str, size: int) -> int:
     fragment = chunk[keep - start :]
     torn = session + TORN_SUFFIX
     try:
-        aside, _ = _sidecar.open_regular(torn, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        aside, st = _sidecar.open_regular(torn, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     except OSError as e:
         raise SessionWriteError(torn, e, "keeping the torn last line aside") from None
+    try:
+        _sidecar.refuse_planted(torn, st)
+    except FenceLockError:
+        os.close(aside)
+        raise
     try:
         _write_all(aside, fragment + b"\n", torn)
         _fsync(aside)
@@ -167,12 +180,14 @@ def append(
     except OSError as e:
         raise SessionWriteError(session, e, "open") from None
     try:
+        if not created:
+            _sidecar.refuse_planted(session, st)
         size = 0
         if created and token:
             _tokens.reserve(fd, token)
         if not created:
             if not (mode is FenceMode.STAT and _stat_matches(expected, st)):
-                actual = _fingerprint_fd(fd, mode, st)
+                actual = _fingerprint_fd(fd, mode, session, st)
                 if not _same(expected, actual, mode):
                     raise SessionTakeoverError(session, expected, actual)
             size = _cut_torn_tail(fd, session, st.st_size) if check_tail else st.st_size
@@ -194,12 +209,13 @@ def append(
             except OSError:
                 raise e from None
             if not ours:
-                raise SessionTakeoverError(session, expected, _fingerprint_fd(fd, mode)) from e
-            with contextlib.suppress(OSError):
+                now = _fingerprint_fd(fd, mode, session)
+                raise SessionTakeoverError(session, expected, now) from e
+            with contextlib.suppress(OSError, SessionWriteError):
                 os.ftruncate(fd, size)
-                e.fingerprint = _fingerprint_fd(fd, mode)
+                e.fingerprint = _fingerprint_fd(fd, mode, session)
             raise
-        after = _fingerprint_fd(fd, mode)
+        after = _fingerprint_fd(fd, mode, session)
         if after.size != size + len(line) or os.pread(fd, len(line), size) != line:
             # Someone wrote between the fence check and the fsync: our line is stored,
             # but the session is no longer only this run's.

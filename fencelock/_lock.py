@@ -34,6 +34,7 @@ from fencelock import (
 )
 from fencelock._errors import (
     CorruptRecordError,
+    FenceLockError,
     FenceLockWarning,
     NotHeldError,
     SessionContendedError,
@@ -462,6 +463,12 @@ class SessionLock:
             else:
                 token = old.token + 1
                 previous = old.as_previous() if old.state is State.HELD else None
+        if token > _record.MAX_TOKEN:
+            raise FenceLockError(
+                f"{self.sidecar}: its fencing tokens are exhausted ({token - 1}); check "
+                f"where that token came from (the record, the session's "
+                f"{_tokens.XATTR} attribute, .corrupt-* copies) before resetting them"
+            )
         self._record_len = old_len
         self._token, self._run_id, self._previous = token, _run_ids.next(), previous
         self._acquired_at = self._heartbeat_at = time.time()

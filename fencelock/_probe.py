@@ -10,6 +10,7 @@ import contextlib
 import enum
 import errno
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -73,7 +74,20 @@ def probe(
 ) -> HolderStatus:
     """The state of the session at ``path`` (the session file or its sidecar)."""
     session, sidecar = _sidecar.paths(path)
+    try:
+        mode = os.lstat(session).st_mode
+    except OSError:
+        mode = 0  # missing (or unreachable: the sidecar's probe says so)
+    if mode and not stat.S_ISREG(mode):
+        return _not_a_session(session, sidecar, _platform.describe_mode(mode))
     return _probe(session, sidecar, stuck_after, time.time())
+
+
+def _not_a_session(session: str, sidecar: str, what: str) -> HolderStatus:
+    """No run can take a session path that is not a regular file: acquirers refuse it."""
+    return HolderStatus(session, sidecar, ProbeState.UNREADABLE,
+                        reason=f"{session}: {what}, not a regular file; no run can use it "
+                        "as a session (rename or remove it)")
 
 
 def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> HolderStatus:
@@ -198,10 +212,8 @@ def scan(
     now = time.time()
     for name in sorted(names):
         session = os.path.join(base, name)
-        if name in odd:  # no run can take it: acquirers refuse a non-regular session
-            yield HolderStatus(session, session + _sidecar.SUFFIX, ProbeState.UNREADABLE,
-                               reason=f"{session}: {odd[name]}, not a regular file; no run "
-                               "can use it as a session (rename or remove it)")
+        if name in odd:
+            yield _not_a_session(session, session + _sidecar.SUFFIX, odd[name])
             continue
         yield _probe(session, session + _sidecar.SUFFIX, stuck_after, now)
 

@@ -18,8 +18,11 @@ MAX_RECORD = 64 * 1024
 
 _MAX_PID = 2**31 - 1
 _MAX_TOKEN = 2**63 - 1
+MAX_TOKEN = _MAX_TOKEN
 MAX_TEXT = 4096
 """The longest string field (lane, host, ...) a reader accepts."""
+_PREVIOUS_TEXT = 256
+"""How much of a taken-over holder's host, lane and run id ``previous`` keeps."""
 
 
 class State(enum.StrEnum):
@@ -110,7 +113,10 @@ class HolderInfo:
         )
 
     def as_previous(self) -> PreviousHolder:
-        return PreviousHolder(self.pid, self.host, self.lane, self.run_id, self.token)
+        # Shortened: `previous` is for diagnosis, and a record must stay under the bound.
+        cut = _PREVIOUS_TEXT
+        return PreviousHolder(self.pid, self.host[:cut], self.lane[:cut], self.run_id[:cut],
+                              self.token)
 
 
 _KNOWN = frozenset(HolderInfo.__dataclass_fields__) - {"extra"}
@@ -142,7 +148,15 @@ _HEADER = re.compile(
 )
 _PLAIN = re.compile(r'[^A-Za-z0-9_.:-]')
 """Finds a character that would need escaping (run ids normally have none)."""
-_js = functools.lru_cache(maxsize=4096)(json.dumps)
+@functools.lru_cache(maxsize=4096)
+def _js(text: str) -> str:
+    """JSON text of a string. UTF-8 is left as is (escaping could triple a record's
+    size); a string that is not valid Unicode (a path's undecodable bytes) is escaped."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(text)
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _fingerprint_text(fp: Fingerprint) -> str:
@@ -189,7 +203,10 @@ def encode(
     """A record's bytes, in the fixed layout that `peek` and `RELEASE_PATCH` rely on."""
     rid = _js(run_id) if _PLAIN.search(run_id) else f'"{run_id}"'
     fp = "null" if fingerprint is None else _fingerprint_text(fingerprint)
-    prev = "null" if previous is None else json.dumps(previous.to_json(), separators=(",", ":"))
+    prev = "null" if previous is None else (
+        f'{{"pid":{previous.pid},"host":{_js(previous.host)},"lane":{_js(previous.lane)}'
+        f',"run_id":{_js(previous.run_id)},"token":{previous.token}}}'
+    )
     return (
         f'{{"version":1,"state":{_STATE_TEXT[state]},"phase":{_PHASE_TEXT[phase]}'
         f',"token":{token:<{_TOKEN_WIDTH}},"run_id":{rid}{static}'
@@ -207,7 +224,10 @@ def peek(data: bytes) -> tuple[State, int] | None:
     m = _HEADER.match(data)
     if m is None or not data.rstrip(b" \t\r\n\x00").endswith(b"}"):
         return None
-    return (State.HELD if m[1] == b"held" else State.RELEASED), int(m[2])
+    token = int(m[2])
+    if token > _MAX_TOKEN:
+        return None  # the full decoder reports it
+    return (State.HELD if m[1] == b"held" else State.RELEASED), token
 
 
 def decode(data: bytes) -> HolderInfo | None:
@@ -258,9 +278,12 @@ def _str(obj: dict[str, Any], name: str, default: str | None = None) -> str:
 
 def _float(obj: dict[str, Any], name: str) -> float:
     v = obj.get(name)
-    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
-        raise ValueError(f"{name} is not a finite number")
-    return float(v)
+    try:
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v)
+    except OverflowError:  # an integer too large for a float
+        pass
+    raise ValueError(f"{name} is not a finite number of seconds")
 
 
 def from_json(obj: dict[str, Any]) -> HolderInfo:

@@ -16,6 +16,7 @@ import stat
 from fencelock import _forkguard, _platform
 from fencelock._errors import (
     CorruptRecordError,
+    PlantedFileError,
     SidecarAccessError,
     UnsafePathError,
     UnsafeSidecarError,
@@ -45,12 +46,26 @@ def _paths_of_absolute(path: str) -> tuple[str, str]:
     return _paths(os.path.abspath(path))
 
 
+def _found_at(path: str) -> str | None:
+    """What is at ``path`` when it is not a regular file (a symlink, FIFO, ...)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else _platform.describe_mode(mode)
+
+
 def access_error(path: str, e: OSError, writing: bool) -> Exception:
     directory = os.path.dirname(path)
     if e.errno == errno.ELOOP:
         return UnsafeSidecarError(path, "a symlink")
     if e.errno == errno.EISDIR:
         return UnsafeSidecarError(path, "a directory")
+    if e.errno in (errno.ENXIO, errno.EACCES, errno.EPERM):
+        # A planted symlink in a sticky directory, or a FIFO or socket, can fail this way.
+        found = _found_at(path)
+        if found is not None:
+            return UnsafeSidecarError(path, found)
     if e.errno == errno.ENXIO:
         return UnsafeSidecarError(path, "a socket or device")
     if e.errno == errno.ENOENT:
@@ -83,6 +98,8 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat
         fd = os.open(path, flags | _platform.OPEN_FLAGS, mode)
     except OSError as e:
         what = _UNSAFE_ERRNO.get(e.errno or 0)
+        if e.errno in (errno.ENXIO, errno.EACCES, errno.EPERM):
+            what = _found_at(path) or what
         if what is None:
             raise
         raise UnsafePathError(path, what) from None
@@ -97,7 +114,24 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat
     return fd, st
 
 
-_UNSAFE_ERRNO = {errno.ELOOP: "a symlink", errno.EISDIR: "a directory", errno.ENXIO: "a socket"}
+def refuse_planted(path: str, st: os.stat_result) -> None:
+    """Raise `PlantedFileError` for a file owned by neither this user nor root in a
+    directory anyone can write to: another user could have created it in advance."""
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is None or st.st_uid in (0, geteuid()):
+        return
+    directory = os.path.dirname(path) or "."
+    try:
+        shared = os.stat(directory).st_mode & stat.S_IWOTH
+    except OSError:
+        return
+    if shared:
+        raise PlantedFileError(path, st.st_uid, directory)
+
+
+_UNSAFE_ERRNO = {
+    errno.ELOOP: "a symlink", errno.EISDIR: "a directory", errno.ENXIO: "a socket or FIFO",
+}
 
 
 def open_checked(
@@ -128,6 +162,12 @@ def open_checked(
         if st.st_nlink > 1:
             os.close(fd)
             raise UnsafeSidecarError(sidecar, f"a hard link to a file with {st.st_nlink} names")
+        if create or write:
+            try:
+                refuse_planted(sidecar, st)
+            except PlantedFileError:
+                os.close(fd)
+                raise
         _forkguard.track(fd, st)
     return fd, st
 

@@ -141,16 +141,21 @@ def _set_aside_tokens(session: str) -> int:
     best = 0
     for path in glob.glob(glob.escape(session) + ".holder.corrupt-*"):
         try:
-            fd, _ = _sidecar.open_regular(path, os.O_RDONLY)
+            fd, st = _sidecar.open_regular(path, os.O_RDONLY)
         except (OSError, FenceLockError):
             continue
         try:
+            # Not one another user planted to push the tokens to their limit.
+            _sidecar.refuse_planted(path, st)
             head = os.pread(fd, _TAIL, 0)
+        except FenceLockError:
+            head = b""
         except OSError:
             head = b""
         finally:
             os.close(fd)
-        best = max([best, *(int(m) for m in _TOKEN_TEXT.findall(head))])
+        # Numbers past the limit were never issued: they are part of the corruption.
+        best = max([best, *(t for m in _TOKEN_TEXT.findall(head) if (t := int(m)) <= MAX_TOKEN)])
     return best
 
 

@@ -225,6 +225,9 @@ BAD_RECORDS: dict[str, Callable[[Path], bytes]] = {
     "nul-100MB": lambda s: b"\0" * (100 * 1024 * 1024),
     "time-nan": lambda s: _valid_record(s).replace(b'"acquired_at":', b'"acquired_at":NaN,"x":', 1),
     "time-infinity": lambda s: _record_with(s, heartbeat_at=float("inf")),
+    "time-huge-integer": lambda s: _record_with(s, acquired_at=10**400),
+    "token-past-limit-in-header": lambda s: _valid_record(s).replace(
+        b'"token":1 ', b'"token":9999999999999999999', 1).replace(b'"held"    ', b'"released"'),
 }
 
 
@@ -356,7 +359,9 @@ def test_session_that_is_a_directory_gives_a_clear_error(session: Path) -> None:
     assert str(session) in str(exc.value) and "a directory" in str(exc.value)
     assert not isinstance(exc.value, CoordinationError)
     assert (session / "keep").read_text() == "x"
-    assert probe(session).state == "free"  # no record was written
+    assert not sidecar_of(session).read_bytes()  # no record was written
+    status = probe(session)  # and the probe says why no run can use it
+    assert status.state == "unreadable" and "a directory" in status.reason
 
 
 _FIFO_SESSION = textwrap.dedent("""
@@ -685,3 +690,32 @@ def test_hard_linked_sidecar_is_refused(session: Path) -> None:
     with pytest.raises(UnsafeSidecarError, match="hard link"):
         SessionLock(session, "a").acquire()
     assert other.read_bytes() == b""
+
+
+def test_a_lane_of_emoji_survives_a_takeover(session: Path) -> None:
+    """Record text is written as UTF-8: escaped, a 4096-character lane of emoji was
+    12 bytes a character, and the next holder's record (which repeats it in
+    `previous`) outgrew the 64 KiB bound, leaving the session stuck."""
+    lane = "\U0001F600" * 4096
+    code = "import sys, os\nfrom fencelock import SessionLock\n" \
+        "SessionLock(sys.argv[1], sys.argv[2]).acquire()\nos._exit(0)\n"
+    subprocess.run([sys.executable, "-c", code, str(session), lane], check=True)
+    assert probe(session).state == "stale"
+    with SessionLock(session, lane) as lock:
+        assert lock.info is not None and lock.info.previous is not None
+        assert lock.info.previous.lane == lane[:256]
+    assert probe(session).lane == lane
+
+
+def test_tokens_stop_at_their_limit_with_a_clear_error(session: Path) -> None:
+    import fencelock
+
+    session.write_text('{"n":0}\n')
+    os.setxattr(session, "user.fencelock.token", str(2**63 - 3).encode())
+    with SessionLock(session) as lock:
+        assert lock.info is not None and lock.info.token == 2**63 - 2
+    with SessionLock(session) as lock:
+        assert lock.info is not None and lock.info.token == 2**63 - 1
+    with pytest.raises(fencelock.FenceLockError, match="exhausted"):
+        SessionLock(session).acquire()
+    assert probe(session).state == "free"  # the record is still a valid one

@@ -19,6 +19,7 @@ DEFINED_IN = {
             "FenceLockError",
             "FenceLockWarning",
             "NotHeldError",
+            "PlantedFileError",
             "SessionContendedError",
             "SessionTakeoverError",
             "SessionWriteError",

@@ -312,3 +312,33 @@ def test_time_is_not_trusted_for_liveness(session: Path) -> None:
         assert status.state == "live" and status.stuck
         with pytest.raises(SessionContendedError):
             clear(session)
+
+
+@pytest.mark.skipif(not CAN_DROP, reason=WHY_NOT)
+@pytest.mark.parametrize("planted", ["session", "sidecar", "torn"])
+def test_files_planted_by_another_user_in_a_shared_directory_are_refused(planted: str) -> None:
+    """In a sticky world-writable directory another user can create a session, sidecar
+    or .torn file in advance to read what is written there, or to steer the lock. Such
+    a file is refused, named, and left untouched."""
+    from fencelock import PlantedFileError
+
+    with open_directory(0o1777) as sessions:
+        session = sessions / "s.jsonl"
+        target = {"session": session, "sidecar": sidecar_of(session),
+                  "torn": Path(str(session) + ".torn")}[planted]
+        if planted == "torn":
+            session.write_bytes(b'{"n":0}\n{"torn')  # ours, with a torn tail to move aside
+        as_user(
+            "import os\n"
+            "fd = os.open(args['path'], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)\n"
+            "os.fchmod(fd, 0o666)\n"
+            "os.write(fd, args['data'].encode())\n"
+            "result = True",
+            path=str(target), data='{"n":0}\n' if planted == "session" else "",
+        )
+        before = target.read_bytes()
+        with pytest.raises(PlantedFileError) as caught, SessionLock(session, "victim") as lock:
+            lock.append({"secret": "not for another user"})
+        assert str(target) in str(caught.value) and "planted" in str(caught.value)
+        assert target.read_bytes() == before
+        assert b"secret" not in target.read_bytes()
