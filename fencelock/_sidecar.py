@@ -114,6 +114,9 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat
     return fd, st
 
 
+_geteuid = getattr(os, "geteuid", lambda: 0)
+
+
 def refuse_planted(path: str, st: os.stat_result) -> None:
     """Raise `PlantedFileError` for a file owned by neither this user nor root in a
     directory anyone can write to: another user could have created it in advance."""
@@ -162,7 +165,7 @@ def open_checked(
         if st.st_nlink > 1:
             os.close(fd)
             raise UnsafeSidecarError(sidecar, f"a hard link to a file with {st.st_nlink} names")
-        if create or write:
+        if (create or write) and st.st_uid and st.st_uid != _geteuid():
             try:
                 refuse_planted(sidecar, st)
             except PlantedFileError:
