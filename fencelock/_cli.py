@@ -879,16 +879,28 @@ def recover_command(session: str, wait_s: float, no_fresh: bool, lane: str, as_j
     lines. Exit 0, or 4 when still held and --no-fresh.
 
     JSON: action (refire or fresh), session, original, waited, carried_lines,
-    holder (a status object).
+    holder (a status object). Still held with --no-fresh: action and session null,
+    error, and holder as the live record.
 
     \b
     Example:
       next=$(fencelock recover sessions/4f1c.jsonl --wait 10)
     """
+    from fencelock._errors import SessionContendedError
     from fencelock._recovery import recover
 
     with _library_errors():
-        r = recover(session, wait=wait_s, fresh=not no_fresh, lane=lane)
+        try:
+            r = recover(session, wait=wait_s, fresh=not no_fresh, lane=lane)
+        except SessionContendedError as e:
+            if as_json:  # still held with --no-fresh: say so on stdout too
+                _echo_json({
+                    "action": None, "session": None, "original": e.session,
+                    "waited": None if e.waited is None else round(e.waited, 3),
+                    "carried_lines": 0, "error": str(e),
+                    "holder": None if e.holder is None else e.holder.to_json(),
+                })
+            raise
     if as_json:
         obj = {
             "action": str(r.action),

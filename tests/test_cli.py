@@ -976,3 +976,14 @@ def test_clear_json_lists_a_missing_path_too(tmp_path: Path) -> None:
     assert result.returncode == 1
     [row] = rows(result)
     assert row["session"] == str(missing) and row["error"] and row["found"] is None
+
+
+def test_recover_no_fresh_json_says_still_held_on_stdout(session: Path, spawn_holder: Any) -> None:
+    holder = spawn_holder(session, lane="busy")
+    holder.acquire()
+    out = cli("recover", str(session), "--no-fresh", "--wait", "0", "--json")
+    assert out.returncode == 4
+    obj = json.loads(out.stdout)
+    assert obj["action"] is None and obj["session"] is None
+    assert obj["original"] == str(session) and obj["holder"]["lane"] == "busy"
+    assert "busy" in out.stderr
