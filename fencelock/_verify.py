@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from fencelock import _sidecar
 from fencelock._errors import SidecarAccessError
@@ -23,7 +24,8 @@ class Problem:
     """1-based line number."""
     kind: str
     """``"torn"`` (not one JSON value, or no final line break), ``"token-backwards"``, or
-    ``"token-repeated"`` (one token stamped by two runs)."""
+    ``"token-repeated"`` (one token stamped by two runs), or ``"stopped"`` (too many
+    problems to go on)."""
     detail: str
 
 
@@ -45,8 +47,14 @@ def _run_of(entry: object) -> object:
     return stamp.get("run_id") if isinstance(stamp, dict) else None
 
 
+MAX_LINE = 64 * 1024 * 1024
+"""A longer line is reported as torn without being held in memory."""
+MAX_PROBLEMS = 10_000
+"""After this many problems the check stops (the report says where)."""
+
+
 def verify(path: str | os.PathLike[str]) -> VerifyReport:
-    """Read the whole session and report what is wrong with it."""
+    """Read the session line by line and report what is wrong with it."""
     session = os.path.abspath(os.fspath(path))
     try:
         fd, _ = _sidecar.open_regular(session, os.O_RDONLY)
@@ -54,16 +62,32 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         raise SidecarAccessError(session, e, "verify needs to read the session file") from None
     try:
         with os.fdopen(fd, "rb") as f:
-            data = f.read()
+            return _check(session, f)
     except OSError as e:
         raise SidecarAccessError(session, e, "verify needs to read the session file") from None
+
+
+def _check(session: str, f: BinaryIO) -> VerifyReport:
     problems: list[Problem] = []
     best = 0
     best_run: object = None
     stamped = 0
-    lines = data.split(b"\n")
-    tail = lines.pop()  # b"" when the file ends with a line break
-    for number, raw in enumerate(lines, 1):
+    number = 0
+    while len(problems) < MAX_PROBLEMS:
+        raw = f.readline(MAX_LINE)
+        if not raw:
+            break
+        number += 1
+        if not raw.endswith(b"\n"):
+            if len(raw) < MAX_LINE:  # the last line, with no line break
+                problems.append(
+                    Problem(number, "torn", f"last line has no line break: {raw[:60]!r}")
+                )
+                break
+            while (more := f.readline(MAX_LINE)) and not more.endswith(b"\n"):
+                pass  # skip the rest of an over-long line
+            problems.append(Problem(number, "torn", f"line over {MAX_LINE >> 20} MiB"))
+            continue
         try:
             entry = json.loads(raw)
         except (ValueError, RecursionError):
@@ -85,8 +109,9 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
             ))
         if token >= best:
             best, best_run = token, run
-    if tail:
-        problems.append(
-            Problem(len(lines) + 1, "torn", f"last line has no line break: {tail[:60]!r}")
-        )
-    return VerifyReport(session, len(lines) + (1 if tail else 0), stamped, best, problems)
+    else:
+        if f.read(1):
+            problems.append(
+                Problem(number, "stopped", f"{MAX_PROBLEMS} problems; not read further")
+            )
+    return VerifyReport(session, number, stamped, best, problems)

@@ -488,3 +488,21 @@ def test_threads_appending_through_one_holder_are_not_taken_for_foreign_writers(
     assert sorted((e["w"], e["seq"]) for e in lines(session)) == [
         (w, s) for w in range(2) for s in range(100)
     ]
+
+
+def test_verify_streams_an_over_long_line_and_stops_after_many_problems(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fencelock import _verify
+
+    monkeypatch.setattr(_verify, "MAX_LINE", 64)
+    session.write_bytes(b'{"n":1}\n' + b"x" * 500 + b'\n{"n":2}\n')
+    report = verify(session)
+    assert [(p.line, p.kind) for p in report.problems] == [(2, "torn")]
+    assert report.lines == 3 and "over" in report.problems[0].detail
+    monkeypatch.setattr(_verify, "MAX_PROBLEMS", 3)
+    session.write_bytes(b"garbage\n" * 10)
+    kinds = [p.kind for p in verify(session).problems]
+    assert kinds == ["torn", "torn", "torn", "stopped"]
+    session.write_bytes(b"garbage\n" * 3)  # exactly at the cap, nothing unread
+    assert [p.kind for p in verify(session).problems] == ["torn"] * 3
