@@ -644,20 +644,15 @@ def _append_worker(
         for seq in range(turns):
             with lock:
                 lock.append({"w": writer, "seq": seq, "pad": _PAD})
-    elif peer == "floor":
-        floor = FloorLock(session, fsync=fsync)
-        barrier.wait()
-        start, cpu = time.monotonic(), _cpu()
-        for seq in range(turns):
-            line = json.dumps({"w": writer, "seq": seq, "pad": _PAD},
-                              separators=(",", ":")).encode() + b"\n"
-            floor.acquire()
-            try:
-                floor.append(line)
-            finally:
-                floor.release()
     else:
-        locker = make_locker(peer, lockpath, record=False)
+        # One turn: lock, append the line (and for the floor, its record work), unlock.
+        if peer == "floor":
+            floor = FloorLock(session, fsync=fsync)
+            locker: Locker = floor
+            write: Callable[[bytes], None] = floor.append
+        else:
+            locker = make_locker(peer, lockpath, record=False)
+            write = functools.partial(_append_line, session, fsync=fsync)
         barrier.wait()
         start, cpu = time.monotonic(), _cpu()
         for seq in range(turns):
@@ -665,19 +660,24 @@ def _append_worker(
                               separators=(",", ":")).encode() + b"\n"
             locker.acquire()
             try:
-                fd = os.open(session, _APPEND_FLAGS, 0o600)
-                try:
-                    view = memoryview(line)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    if fsync:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
+                write(line)
             finally:
                 locker.release()
     conn.send((start, time.monotonic(), _cpu() - cpu))
     conn.close()
+
+
+def _append_line(session: str, line: bytes, fsync: bool) -> None:
+    """What a peer does under its lock: one O_APPEND write of the line, then fsync."""
+    fd = os.open(session, _APPEND_FLAGS, 0o600)
+    try:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _no_fsync(fd: object) -> None:

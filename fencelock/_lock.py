@@ -389,9 +389,7 @@ class SessionLock:
         try:
             if self.on_contention == "fail":
                 record = self._peek(fd, st)
-                if record is not None and record.state is State.HELD and _identity.owner_alive(
-                    record.pid, record.host, record.process_start
-                ) is not False:
+                if may_be_live(record):
                     raise self._contended(None, record)
                 # Otherwise the lock is held by a probe, or by an acquirer that has not
                 # yet replaced a released or stale record: give it a moment.
@@ -670,6 +668,15 @@ class SessionLock:
     def _abort(self) -> None:
         for callback in list(self._abort_callbacks):
             callback()
+
+
+def may_be_live(record: HolderInfo | None) -> bool:
+    """Whether a record names a holder that may still run (for a lock found taken: a
+    record that is not held, or whose owner is gone, means a probe or an acquirer
+    about to write has the lock for a moment)."""
+    return record is not None and record.state is State.HELD and _identity.owner_alive(
+        record.pid, record.host, record.process_start
+    ) is not False
 
 
 def held_in_process(session_key: str) -> SessionLock | None:

@@ -271,12 +271,9 @@ def _lock_for_clear(fd: int, sidecar: str) -> bool:
     try:
         if _platform.try_lock(fd):
             return True
-        if not _platform.try_lock(fd, shared=True):  # an exclusive holder
-            record = _lock._read_quietly(sidecar)
-            if record is not None and record.state is State.HELD and _identity.owner_alive(
-                record.pid, record.host, record.process_start
-            ) is not False:
-                return False
+        exclusive = not _platform.try_lock(fd, shared=True)
+        if exclusive and _lock.may_be_live(_lock._read_quietly(sidecar)):
+            return False
         deadline = time.monotonic() + _lock.FAIL_GRACE
         while time.monotonic() < deadline:
             time.sleep(0.001)  # a probe holds its test lock for microseconds

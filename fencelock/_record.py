@@ -17,8 +17,8 @@ MAX_RECORD = 64 * 1024
 """Readers read at most this much; a record that does not fit is corrupt."""
 
 _MAX_PID = 2**31 - 1
-_MAX_TOKEN = 2**63 - 1
-MAX_TOKEN = _MAX_TOKEN
+MAX_TOKEN = 2**63 - 1
+"""The largest fencing token a record may carry."""
 MAX_TEXT = 4096
 """The longest string field (lane, host, ...) a reader accepts."""
 _PREVIOUS_TEXT = 256
@@ -225,7 +225,7 @@ def peek(data: bytes) -> tuple[State, int] | None:
     if m is None or not data.rstrip(b" \t\r\n\x00").endswith(b"}"):
         return None
     token = int(m[2])
-    if token > _MAX_TOKEN:
+    if token > MAX_TOKEN:
         return None  # the full decoder reports it
     return (State.HELD if m[1] == b"held" else State.RELEASED), token
 
@@ -308,7 +308,7 @@ def from_json(obj: dict[str, Any]) -> HolderInfo:
             host=_str(prev_obj, "host"),
             lane=_str(prev_obj, "lane"),
             run_id=_str(prev_obj, "run_id"),
-            token=_int(prev_obj, "token", 0, _MAX_TOKEN),
+            token=_int(prev_obj, "token", 0, MAX_TOKEN),
         )
     origin = obj.get("origin")
     return HolderInfo(
@@ -319,7 +319,7 @@ def from_json(obj: dict[str, Any]) -> HolderInfo:
         process_start=_str(obj, "process_start", ""),
         lane=_str(obj, "lane"),
         run_id=_str(obj, "run_id"),
-        token=_int(obj, "token", 0, _MAX_TOKEN),
+        token=_int(obj, "token", 0, MAX_TOKEN),
         acquired_at=_float(obj, "acquired_at"),
         heartbeat_at=_float(obj, "heartbeat_at"),
         phase=phase,

@@ -24,6 +24,7 @@ from typing import Any
 
 from fencelock import _sidecar
 from fencelock._errors import FenceLockError
+from fencelock._record import MAX_TOKEN
 
 STAMP_KEY = "_fencelock"
 """Reserved key of a stamped line: ``{"_fencelock": {"token": N, "run_id": "..."}}``."""
@@ -31,7 +32,6 @@ STAMP_KEY = "_fencelock"
 XATTR = "user.fencelock.token"
 RESERVE = 100
 """How many tokens a holder reserves on the session file at a time."""
-MAX_TOKEN = 2**63 - 1
 _TAIL = 64 * 1024
 
 
@@ -97,6 +97,21 @@ def _write_mark(target: str | int, mark: int) -> None:
         os.setxattr(target, XATTR, str(mark).encode(), follow_symlinks=False)
 
 
+def _cover(target: str | int, token: int, new_mark: int) -> bool | None:
+    """Raise the session file's mark to ``new_mark`` unless it already covers ``token``.
+    True if it wrote, False if there was no need, None where it cannot be done
+    (extended attributes unsupported or not permitted)."""
+    if not hasattr(os, "setxattr"):
+        return None
+    try:
+        if _read_mark(target) >= token:
+            return False
+        _write_mark(target, new_mark)
+    except OSError:
+        return None
+    return True
+
+
 def reserve(target: str | int, token: int) -> bool:
     """Make sure the session file's mark covers ``token``, raising it by `RESERVE` when
     it does not. Call while holding the session. True when it wrote (which moves the
@@ -105,15 +120,7 @@ def reserve(target: str | int, token: int) -> bool:
 
     The mark is read every time (a read leaves ctime alone): a cached copy could
     belong to a removed file whose inode number a new session file now has."""
-    if not hasattr(os, "setxattr"):
-        return False
-    try:
-        if _read_mark(target) >= token:
-            return False
-        _write_mark(target, min(token + RESERVE - 1, MAX_TOKEN))
-    except OSError:
-        return False
-    return True
+    return _cover(target, token, min(token + RESERVE - 1, MAX_TOKEN)) is True
 
 
 def floor(session: str) -> int:
@@ -162,11 +169,4 @@ def _set_aside_tokens(session: str) -> int:
 def save(session: str, token: int) -> bool:
     """Make sure the session file's mark covers ``token`` before its sidecar goes
     (never lowering it). False where that cannot be done."""
-    if not hasattr(os, "setxattr"):
-        return False
-    try:
-        if _read_mark(session) < token:
-            _write_mark(session, token)
-    except OSError:
-        return False
-    return True
+    return _cover(session, token, token) is not None
