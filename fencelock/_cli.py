@@ -764,6 +764,63 @@ def run(
     sys.exit(code)
 
 
+# -- hold -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("session", type=click.Path(readable=False))
+@click.option("--lane", required=True, help="The lane name recorded in the holder record.")
+@click.option("--no-wait", "-n", is_flag=True, help="Exit 4 at once if the session is held.")
+@click.option(
+    "--timeout",
+    "-w",
+    type=SECONDS,
+    metavar="SECONDS",
+    help="Give up (exit 4) after waiting this long for the holder.",
+)
+@click.option(
+    "--heartbeat",
+    type=SECONDS,
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Refresh the record's heartbeat after this long without a request; 0 never.",
+)
+@click.option("--backend", metavar="URL", help="The holder store (etcd://...); default: sidecar.")
+def hold(
+    session: str,
+    lane: str,
+    no_wait: bool,
+    timeout: float | None,
+    heartbeat: float,
+    backend: str | None,
+) -> None:
+    """Hold SESSION for the process at the other end of stdin and stdout.
+
+    Prints {"ok": true, "event": "held", "record": {...}} once held, then answers each
+    JSON request line on stdin ({"op": "append", "entry": {...}}, "prompt_begin",
+    "prompt_end", "touch", "verify", "info", "release") with one JSON line. Release,
+    or end of stdin, releases the session and exits 0. Contended (--no-wait, or past
+    --timeout): {"ok": false, "error": "SessionContendedError", ...} and exit 4.
+    docs/PROTOCOL.md has the whole protocol.
+
+    \b
+    Example:
+      coproc HOLD { fencelock hold sessions/4f1c.jsonl --lane cron:nightly; }
+    """
+    from fencelock._hold import HoldArgumentError
+    from fencelock._hold import main as hold_main
+
+    try:
+        code = hold_main(
+            session, lane, no_wait=no_wait, timeout=timeout, heartbeat=heartbeat,
+            backend=backend,
+        )
+    except HoldArgumentError as e:
+        raise click.BadParameter(str(e), param_hint=f"'{e.option}'") from None
+    sys.exit(code)
+
+
 # -- wait -------------------------------------------------------------------------------
 
 

@@ -162,3 +162,8 @@ def is_coordination_error(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+class BadRequestError(FenceLockError):
+    """A `fencelock hold` request that is not one the line protocol knows (not UTF-8,
+    not JSON, too long, an unknown op, a bad field). It changes nothing."""

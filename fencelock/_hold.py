@@ -1,0 +1,470 @@
+"""`fencelock hold`: a session held on behalf of another process, over a JSON line protocol.
+
+A caller that cannot take the lock itself (Node, a shell script) runs ``fencelock hold``
+as a child and talks to it over its stdin and stdout: one JSON request per line in, one
+JSON answer per line out. The lock, tokens, fence and durable appends are
+`SessionLock`'s; this module only reads requests, calls it and writes answers.
+docs/PROTOCOL.md states the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fencelock._errors import (
+    BadRequestError,
+    FenceLockError,
+    SessionContendedError,
+    SessionTakeoverError,
+    SessionWriteError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextlib import AbstractContextManager
+    from types import FrameType
+
+    from fencelock._lock import SessionLock
+    from fencelock._record import HolderInfo
+
+MAX_REQUEST = 8 * 1024 * 1024
+"""The longest request line read, in bytes (newline excluded). A longer one is read
+through and dropped, never kept whole, and answered with `BadRequestError`."""
+
+_CHUNK = 64 * 1024
+_QUEUED = 4
+"""Requests read ahead of the one being answered; the pipe buffers the rest."""
+
+OPS = ("append", "prompt_begin", "prompt_end", "touch", "verify", "info", "release")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONTENDED = 4
+
+
+class HoldArgumentError(ValueError):
+    """A command-line value `hold` cannot use; ``option`` names it."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+class _Stop(BaseException):
+    """SIGTERM or SIGHUP: release and exit with 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _CallerGone(Exception):
+    """stdout is closed: nobody reads the answers any more."""
+
+
+# -- reading requests --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Line:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _TooLong:
+    length: int
+
+
+_EOF = None
+_Item = _Line | _TooLong | None
+
+
+class _Inbox:
+    """Reads stdin in a thread of its own: bounded lines, then end of file.
+
+    Reading goes on while the lock is awaited, so that a caller that goes away before
+    the session is held is noticed (`on_idle_eof`) instead of waited for.
+    """
+
+    def __init__(self, fd: int, limit: int = MAX_REQUEST) -> None:
+        self.fd = fd
+        self.limit = limit
+        self.items: queue.Queue[_Item] = queue.Queue(_QUEUED)
+        self._mu = threading.Lock()
+        self._sent = 0
+        self._idle_eof = False
+        self._on_idle_eof: Callable[[], None] | None = None
+        self._thread = threading.Thread(target=self._run, name="fencelock-hold-stdin", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def on_idle_eof(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from the reader thread, or now) if stdin ends before any
+        request came."""
+        with self._mu:
+            if self._idle_eof:
+                callback()
+            else:
+                self._on_idle_eof = callback
+
+    def _put(self, item: _Item) -> None:
+        if item is _EOF:
+            with self._mu:
+                if self._sent == 0:
+                    self._idle_eof = True
+                    if self._on_idle_eof is not None:
+                        self._on_idle_eof()
+        else:
+            with self._mu:
+                self._sent += 1
+        self.items.put(item)
+
+    def _read(self) -> bytes:
+        try:
+            return os.read(self.fd, _CHUNK)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries it
+            return self._read()
+        except OSError:
+            return b""  # an unreadable stdin ends the conversation like a closed one
+
+    def _run(self) -> None:
+        buf = bytearray()
+        scanned = 0
+        skipped = -1  # >= 0: bytes of an over-long line dropped so far
+        while True:
+            chunk = self._read()
+            if not chunk:
+                if skipped >= 0:
+                    self._put(_TooLong(skipped))
+                elif buf:
+                    self._put(_Line(bytes(buf)))  # a last request without its newline
+                self._put(_EOF)
+                return
+            if skipped >= 0:
+                end = chunk.find(b"\n")
+                if end < 0:
+                    skipped += len(chunk)
+                    continue
+                self._put(_TooLong(skipped + end))
+                skipped = -1
+                chunk = chunk[end + 1 :]
+            buf += chunk
+            start = 0
+            while (end := buf.find(b"\n", max(start, scanned))) >= 0:
+                if end - start > self.limit:
+                    self._put(_TooLong(end - start))
+                else:
+                    self._put(_Line(bytes(buf[start:end])))
+                start = end + 1
+                scanned = 0
+            del buf[:start]
+            scanned = len(buf)
+            if len(buf) > self.limit:  # no newline within the bound: drop it as it comes
+                skipped = len(buf)
+                buf.clear()
+                scanned = 0
+
+
+# -- writing answers ---------------------------------------------------------------------
+
+
+def _encode(answer: dict[str, Any]) -> bytes:
+    # ASCII only: a path's undecodable bytes or a lone surrogate are escaped, never sent
+    # as invalid UTF-8. The default separators make every answer start with `{"ok": `.
+    return json.dumps(answer, ensure_ascii=True).encode("ascii") + b"\n"
+
+
+class _Out:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def send(self, answer: dict[str, Any]) -> None:
+        data = memoryview(_encode(answer))
+        try:
+            while data:
+                data = data[os.write(self.fd, data) :]
+        except OSError as e:  # EPIPE above all: the caller closed its end
+            raise _CallerGone(str(e)) from None
+
+
+def error_answer(e: BaseException) -> dict[str, Any]:
+    """``{"ok": false, "error": <class name>, "message": ...}`` plus what the class carries."""
+    answer: dict[str, Any] = {"ok": False, "error": type(e).__name__, "message": str(e)}
+    if isinstance(e, SessionContendedError):
+        answer["holder"] = None if e.holder is None else e.holder.to_json()
+    elif isinstance(e, SessionTakeoverError):
+        answer["expected"] = None if e.expected is None else e.expected.to_json()
+        answer["actual"] = None if e.actual is None else e.actual.to_json()
+    elif isinstance(e, SessionWriteError):
+        answer["stored"] = e.stored
+    return answer
+
+
+# -- parsing requests --------------------------------------------------------------------
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse(item: _Line | _TooLong) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(request, the part of the answer every answer to it carries: its ``id``).
+
+    Raises `BadRequestError` for a line that is not a request; the error answer then
+    carries the id if one could be read."""
+    if isinstance(item, _TooLong):
+        raise BadRequestError(
+            f"request line of {item.length} bytes is longer than the {MAX_REQUEST}-byte "
+            f"bound; it was dropped"
+        )
+    try:
+        text = item.data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequestError(f"request is not UTF-8 (byte {e.start})") from None
+    try:
+        request = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise BadRequestError("request is nested too deeply") from None
+    except ValueError as e:
+        raise BadRequestError(f"request is not JSON: {e}") from None
+    if not isinstance(request, dict):
+        raise BadRequestError("request is not a JSON object")
+    return request, ({"id": request["id"]} if "id" in request else {})
+
+
+def _entry(request: dict[str, Any]) -> dict[str, Any] | str:
+    if "entry" not in request:
+        raise BadRequestError('append needs "entry": a JSON object or a one-line string')
+    entry = request["entry"]
+    if not isinstance(entry, dict | str):
+        raise BadRequestError(
+            f'"entry" must be a JSON object or a one-line string, not {type(entry).__name__}'
+        )
+    if isinstance(entry, str) and ("\n" in entry or "\r" in entry):
+        raise BadRequestError('"entry" must be one line; this one has a line break')
+    try:
+        json.dumps(entry, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequestError(
+            f'"entry" holds a lone surrogate ({e.object[e.start]!a}), which is not UTF-8'
+        ) from None
+    return entry
+
+
+# -- serving -----------------------------------------------------------------------------
+
+
+class _Session:
+    """The held lock and its prompt window, driven by requests."""
+
+    def __init__(self, lock: SessionLock) -> None:
+        self.lock = lock
+        self.window: AbstractContextManager[SessionLock] | None = None
+
+    def handle(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        lock = self.lock
+        answer: dict[str, Any] = {"ok": True, "op": op}
+        if op == "append":
+            entry = _entry(request)
+            stamp = request.get("stamp")
+            if stamp is not None and not isinstance(stamp, bool):
+                raise BadRequestError('"stamp" must be true or false')
+            lock.append(entry, stamp=stamp)
+        elif op == "prompt_begin":
+            if self.window is not None:
+                raise BadRequestError("prompt_begin inside the prompt window; prompt_end first")
+            window = lock.prompt_window()
+            window.__enter__()  # checks the fence, then marks phase "prompt"
+            self.window = window
+        elif op == "prompt_end":
+            window, self.window = self.window, None
+            if window is None:
+                raise BadRequestError("prompt_end without prompt_begin")
+            window.__exit__(None, None, None)  # phase "write", then the fence check
+        elif op == "touch":
+            lock.touch()
+        elif op == "verify":
+            fp = lock.verify_fence()
+            answer["fingerprint"] = None if fp is None else fp.to_json()
+        elif op == "info":
+            info = lock.info
+            answer["record"] = None if info is None else info.to_json()
+        elif op == "release":
+            self.close()
+        return answer
+
+    def close(self) -> None:
+        """End an open prompt window (its fence is not checked: nobody would be told)
+        and release."""
+        window, self.window = self.window, None
+        try:
+            if window is not None:
+                try:
+                    window.__exit__(None, None, None)
+                except (FenceLockError, OSError):
+                    pass
+        finally:
+            if self.lock.held:
+                self.lock.release()
+
+
+def _stderr(message: str) -> None:
+    try:
+        os.write(2, f"fencelock hold: {message}\n".encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+
+
+def make_lock(
+    session: str,
+    lane: str,
+    *,
+    no_wait: bool,
+    timeout: float | None,
+    backend: str | None,
+) -> SessionLock:
+    """The `SessionLock` `hold` takes; `HoldArgumentError` for a value it cannot use."""
+    import inspect
+
+    from fencelock._lock import SessionLock
+
+    extra: dict[str, Any] = {}
+    if backend is not None:
+        if "backend" not in inspect.signature(SessionLock).parameters:
+            raise HoldArgumentError(
+                "--backend", "this fencelock has no holder stores other than the sidecar; "
+                "leave --backend out"
+            )
+        extra["backend"] = backend
+    try:
+        return SessionLock(
+            session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout, **extra
+        )
+    except ValueError as e:
+        raise HoldArgumentError("--backend" if backend and "lane" not in str(e) else "--lane",
+                                str(e)) from None
+
+
+async def _acquire_unless_abandoned(lock: SessionLock, inbox: _Inbox) -> HolderInfo | None:
+    """The lock's record once held; None if stdin ended first with no request sent."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    abandoned = asyncio.Event()
+    inbox.on_idle_eof(lambda: loop.call_soon_threadsafe(abandoned.set))
+    taking = asyncio.ensure_future(lock.acquire_async())
+    gone = asyncio.ensure_future(abandoned.wait())
+    await asyncio.wait({taking, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not taking.done():
+        taking.cancel()  # acquire_async gives back a lock that arrives now
+        try:
+            await taking
+        except asyncio.CancelledError:
+            return None
+    return taking.result()
+
+
+def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1) -> int:
+    """Serve the line protocol on ``stdin``/``stdout`` for ``lock``; the exit code."""
+    import asyncio
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise _Stop(signum)
+
+    previous = {
+        sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    }
+    out = _Out(stdout)
+    inbox = _Inbox(stdin)
+    inbox.start()
+    served = _Session(lock)
+    try:
+        try:
+            info = asyncio.run(_acquire_unless_abandoned(lock, inbox))
+        except SessionContendedError as e:
+            _stderr(str(e))
+            try:
+                out.send(error_answer(e))
+            except _CallerGone:
+                pass
+            return EXIT_CONTENDED
+        except (FenceLockError, OSError) as e:
+            _stderr(str(e))
+            try:
+                out.send(error_answer(e))
+            except _CallerGone:
+                pass
+            return EXIT_ERROR
+        if info is None:
+            return EXIT_OK  # the caller left before the session was held
+        try:
+            out.send({"ok": True, "event": "held", "record": info.to_json()})
+            _serve(served, inbox, out, heartbeat)
+        except _CallerGone:
+            pass  # stdout closed: as for end of stdin, release below and exit 0
+        return EXIT_OK
+    except _Stop as e:
+        return 128 + e.signum
+    finally:
+        try:
+            served.close()
+        except (FenceLockError, OSError) as e:
+            _stderr(f"{lock.session}: release: {e}")
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(served: _Session, inbox: _Inbox, out: _Out, heartbeat: float) -> None:
+    beat = heartbeat if 0 < heartbeat < threading.TIMEOUT_MAX else None
+    while True:
+        try:
+            item = inbox.items.get(timeout=beat)
+        except queue.Empty:
+            try:
+                served.lock.touch()
+            except (FenceLockError, OSError) as e:
+                _stderr(f"heartbeat not refreshed: {e}")
+            continue
+        if item is _EOF:
+            return
+        echo: dict[str, Any] = {}
+        op: Any = None
+        try:
+            request, echo = parse(item)
+            op = request.get("op")
+            if op not in OPS:
+                raise BadRequestError(
+                    f"unknown op {op!r}; expected one of {', '.join(OPS)}"
+                    if "op" in request else f'request has no "op" (one of {", ".join(OPS)})'
+                )
+            answer = served.handle(op, request)
+        except (FenceLockError, OSError) as e:
+            answer = error_answer(e)
+        out.send({**answer, **echo})
+        if op == "release":
+            return
+
+
+def main(
+    session: str,
+    lane: str,
+    *,
+    no_wait: bool,
+    timeout: float | None,
+    heartbeat: float,
+    backend: str | None,
+) -> int:
+    """What ``fencelock hold`` runs once its arguments are parsed."""
+    lock = make_lock(session, lane, no_wait=no_wait, timeout=timeout, backend=backend)
+    code = hold(lock, heartbeat=heartbeat)
+    sys.stdout.flush()
+    return code
