@@ -9,6 +9,7 @@ docs/PROTOCOL.md states the protocol.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -281,14 +282,14 @@ class _Session:
         elif op == "prompt_begin":
             if self.window is not None:
                 raise BadRequestError("prompt_begin inside the prompt window; prompt_end first")
-            window = lock.prompt_window()
+            window: AbstractContextManager[SessionLock] = lock.prompt_window()
             window.__enter__()  # checks the fence, then marks phase "prompt"
             self.window = window
         elif op == "prompt_end":
-            window, self.window = self.window, None
-            if window is None:
+            open_window, self.window = self.window, None
+            if open_window is None:
                 raise BadRequestError("prompt_end without prompt_begin")
-            window.__exit__(None, None, None)  # phase "write", then the fence check
+            open_window.__exit__(None, None, None)  # phase "write", then the fence check
         elif op == "touch":
             lock.touch()
         elif op == "verify":
@@ -307,20 +308,16 @@ class _Session:
         window, self.window = self.window, None
         try:
             if window is not None:
-                try:
+                with contextlib.suppress(FenceLockError, OSError):
                     window.__exit__(None, None, None)
-                except (FenceLockError, OSError):
-                    pass
         finally:
             if self.lock.held:
                 self.lock.release()
 
 
 def _stderr(message: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.write(2, f"fencelock hold: {message}\n".encode("utf-8", "backslashreplace"))
-    except OSError:
-        pass
 
 
 def make_lock(
@@ -359,7 +356,12 @@ async def _acquire_unless_abandoned(lock: SessionLock, inbox: _Inbox) -> HolderI
 
     loop = asyncio.get_running_loop()
     abandoned = asyncio.Event()
-    inbox.on_idle_eof(lambda: loop.call_soon_threadsafe(abandoned.set))
+
+    def wake() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: held by then
+            loop.call_soon_threadsafe(abandoned.set)
+
+    inbox.on_idle_eof(wake)
     taking = asyncio.ensure_future(lock.acquire_async())
     gone = asyncio.ensure_future(abandoned.wait())
     await asyncio.wait({taking, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -392,17 +394,13 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
             info = asyncio.run(_acquire_unless_abandoned(lock, inbox))
         except SessionContendedError as e:
             _stderr(str(e))
-            try:
+            with contextlib.suppress(_CallerGone):
                 out.send(error_answer(e))
-            except _CallerGone:
-                pass
             return EXIT_CONTENDED
         except (FenceLockError, OSError) as e:
             _stderr(str(e))
-            try:
+            with contextlib.suppress(_CallerGone):
                 out.send(error_answer(e))
-            except _CallerGone:
-                pass
             return EXIT_ERROR
         if info is None:
             return EXIT_OK  # the caller left before the session was held

@@ -1,0 +1,192 @@
+#!/usr/bin/env node
+// One embedded-run-shaped turn (or several) on a session file, held through
+// `fencelock hold`: no npm dependencies, Node 18 or newer.
+//
+//   node hold-turn.mjs SESSION [--lane L] [--message TEXT] [--turns N] [--model-ms MS]
+//                      [--gate] [--writer NAME] [--fencelock PATH]
+//
+// Each turn spawns `fencelock hold`, waits for its "held" line, appends the user's
+// message, opens the prompt window, calls the model (simulated: it waits --model-ms,
+// or with --gate until a line arrives on this program's stdin), closes the window,
+// appends the reply and releases. The session stays held the whole time, so no other
+// lane can write between the message and the reply.
+//
+// Lines on stdout, one per step: "hold pid=P", "held token=T", "prompt",
+// "done turn=I".
+//
+// Exit codes: 0 every turn done; 3 a takeover (something wrote to the session outside
+// the protocol during the turn); 4 the session was held by another run (only with
+// --no-wait or --timeout); 1 anything else (fencelock missing, hold ended early, a
+// write error). Whenever the reply was ready but could not be appended, it is NOT in
+// the session, and rather than drop it silently this program says so on stderr and
+// appends it, marked "undelivered", to SESSION.undelivered.jsonl.
+
+import { spawn } from "node:child_process";
+import { appendFileSync } from "node:fs";
+import { createInterface } from "node:readline";
+
+class HoldError extends Error {
+  // An {"ok": false, ...} answer: .answer.error is fencelock's exception class name.
+  constructor(answer) {
+    super(`${answer.error}: ${answer.message}`);
+    this.answer = answer;
+  }
+}
+
+class Hold {
+  // A `fencelock hold` child and its line protocol: one JSON request per line in,
+  // one JSON answer per line out, in order.
+  constructor(fencelock, session, lane, extra) {
+    this.child = spawn(fencelock, ["hold", session, "--lane", lane, ...extra], {
+      stdio: ["pipe", "pipe", "inherit"],
+    });
+    this.answers = [];
+    this.waiting = [];
+    this.ended = null;
+    this.nextId = 1;
+    this.exited = new Promise((resolve) => this.child.on("exit", (code) => resolve(code)));
+    // A hold that died cannot be written to; its end of file is reported by next().
+    this.child.stdin.on("error", () => {});
+    this.child.on("error", (e) => this.end(new Error(`cannot run ${fencelock}: ${e.message}`)));
+    const lines = createInterface({ input: this.child.stdout, crlfDelay: Infinity });
+    lines.on("line", (line) => {
+      const answer = JSON.parse(line);
+      const w = this.waiting.shift();
+      if (w) w.resolve(answer);
+      else this.answers.push(answer);
+    });
+    lines.on("close", () => this.end(new Error("fencelock hold ended without answering")));
+  }
+
+  end(error) {
+    if (this.ended) return;
+    this.ended = error;
+    for (const w of this.waiting.splice(0)) w.reject(error);
+  }
+
+  next() {
+    if (this.answers.length) return Promise.resolve(this.answers.shift());
+    if (this.ended) return Promise.reject(this.ended);
+    return new Promise((resolve, reject) => this.waiting.push({ resolve, reject }));
+  }
+
+  async request(op, fields = {}) {
+    const id = this.nextId++;
+    this.child.stdin.write(JSON.stringify({ op, id, ...fields }) + "\n");
+    const answer = await this.next();
+    if (answer.id !== id) throw new Error(`answer ${answer.id} to request ${id}`);
+    if (!answer.ok) throw new HoldError(answer);
+    return answer;
+  }
+
+  async release() {
+    await this.request("release");
+    this.child.stdin.end();
+    return this.exited;
+  }
+}
+
+function parseArgs(argv) {
+  const opts = {
+    lane: "node:example", message: "hello", turns: 1, modelMs: 50, gate: false,
+    writer: `node-${process.pid}`, fencelock: "fencelock", holdArgs: [],
+  };
+  const rest = [];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const value = () => {
+      if (i + 1 >= argv.length) usage(`${a} needs a value`);
+      return argv[++i];
+    };
+    if (a === "--lane") opts.lane = value();
+    else if (a === "--message") opts.message = value();
+    else if (a === "--turns") opts.turns = Number(value());
+    else if (a === "--model-ms") opts.modelMs = Number(value());
+    else if (a === "--gate") opts.gate = true;
+    else if (a === "--writer") opts.writer = value();
+    else if (a === "--fencelock") opts.fencelock = value();
+    else if (a === "--no-wait") opts.holdArgs.push("--no-wait");
+    else if (a === "--timeout") opts.holdArgs.push("--timeout", value());
+    else if (a.startsWith("--")) usage(`unknown option ${a}`);
+    else rest.push(a);
+  }
+  if (rest.length !== 1) usage("give exactly one SESSION");
+  opts.session = rest[0];
+  return opts;
+}
+
+function usage(message) {
+  process.stderr.write(`hold-turn: ${message}\n`);
+  process.exit(2);
+}
+
+// The simulated model call: a timer, or with --gate one line on stdin per call.
+let stdinLines = null;
+function model(opts, message) {
+  if (!opts.gate) {
+    return new Promise((resolve) => setTimeout(() => resolve(`echo: ${message}`), opts.modelMs));
+  }
+  if (!stdinLines) {
+    const rl = createInterface({ input: process.stdin });
+    stdinLines = { queue: [], waiting: [] };
+    rl.on("line", (l) => {
+      const w = stdinLines.waiting.shift();
+      if (w) w(l);
+      else stdinLines.queue.push(l);
+    });
+  }
+  if (stdinLines.queue.length) return Promise.resolve(`echo: ${message}`);
+  return new Promise((resolve) => stdinLines.waiting.push(() => resolve(`echo: ${message}`)));
+}
+
+function keepUndelivered(opts, entry, error) {
+  // The reply is not in the session: keep it where a person or a retry will find it.
+  const aside = `${opts.session}.undelivered.jsonl`;
+  appendFileSync(aside, JSON.stringify({ ...entry, undelivered: error.answer.error }) + "\n", {
+    mode: 0o600,
+  });
+  process.stderr.write(
+    `hold-turn: ${opts.session}: ${error.message}\n` +
+      `hold-turn: the reply was not appended; it is kept in ${aside}\n`,
+  );
+}
+
+async function turn(opts, n) {
+  const hold = new Hold(opts.fencelock, opts.session, opts.lane, opts.holdArgs);
+  console.log(`hold pid=${hold.child.pid}`);
+  const held = await hold.next();
+  if (!held.ok) throw new HoldError(held);
+  console.log(`held token=${held.record.token}`);
+  const who = { writer: opts.writer, turn: n };
+  await hold.request("append", { entry: { role: "user", content: opts.message, ...who } });
+  await hold.request("prompt_begin");
+  console.log("prompt");
+  const reply = { role: "assistant", content: await model(opts, opts.message), ...who };
+  try {
+    await hold.request("prompt_end"); // the fence: did anything else write meanwhile?
+    await hold.request("append", { entry: reply });
+  } catch (e) {
+    if (e instanceof HoldError && e.answer.error !== "BadRequestError") {
+      keepUndelivered(opts, reply, e);
+      e.reported = true;
+      await hold.release().catch(() => {});
+    }
+    throw e;
+  }
+  const code = await hold.release();
+  if (code !== 0) throw new Error(`fencelock hold exited ${code}`);
+  console.log(`done turn=${n}`);
+}
+
+async function main() {
+  const opts = parseArgs(process.argv.slice(2));
+  for (let n = 1; n <= opts.turns; n++) await turn(opts, n);
+  process.exit(0);
+}
+
+main().catch((e) => {
+  const kind = e instanceof HoldError ? e.answer.error : null;
+  if (!e.reported) process.stderr.write(`hold-turn: ${e.message}\n`);
+  const takeover = kind === "SessionTakeoverError" || kind === "HolderLostError";
+  process.exit(kind === "SessionContendedError" ? 4 : takeover ? 3 : 1);
+});
