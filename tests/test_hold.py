@@ -1,0 +1,377 @@
+"""`fencelock hold`: the JSON line protocol, driven over real pipes against real locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_for_blocked_waiter
+
+from fencelock import SessionLock, probe
+from fencelock._hold import MAX_REQUEST
+
+
+class Hold:
+    """A ``fencelock hold`` child; requests go to its stdin, answers come from stdout."""
+
+    def __init__(self, session: Path, *args: str, lane: str = "test") -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", lane, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+    def send_raw(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def send(self, request: dict[str, Any]) -> None:
+        self.send_raw(json.dumps(request).encode() + b"\n")
+
+    def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, f"hold ended: {self.proc.wait()} {self.stderr()}"
+        assert line.startswith((b'{"ok": true', b'{"ok": false')), line
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        self.send({"op": op, **fields})
+        return self.read()
+
+    def held(self) -> dict[str, Any]:
+        answer = self.read()
+        assert answer["ok"] and answer["event"] == "held", answer
+        return answer
+
+    def close_stdin(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+
+    def wait(self) -> int:
+        self.close_stdin()
+        return self.proc.wait(timeout=60)
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        if self.proc.poll() is None:
+            return ""
+        return self.proc.stderr.read().decode(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None and not stream.closed:
+                stream.close()
+
+
+@pytest.fixture
+def start_hold() -> Any:
+    started: list[Hold] = []
+
+    def start(session: Path, *args: str, lane: str = "test") -> Hold:
+        h = Hold(session, *args, lane=lane)
+        started.append(h)
+        return h
+
+    yield start
+    for h in started:
+        h.kill()
+
+
+def lines(session: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in session.read_text().splitlines()]
+
+
+def test_a_whole_turn_is_written_and_released(session: Path, start_hold: Any) -> None:
+    h = start_hold(session, lane="node:main")
+    held = h.held()["record"]
+    assert held["state"] == "held" and held["lane"] == "node:main" and held["token"] == 1
+    assert held["pid"] == h.proc.pid
+    assert probe(session).state == "live"
+    assert h.call("append", entry={"role": "user", "content": "hi"}) == {
+        "ok": True, "op": "append"
+    }
+    assert h.call("prompt_begin")["ok"]
+    assert probe(session).record.phase == "prompt"  # type: ignore[union-attr]
+    assert h.call("touch")["ok"]
+    assert h.call("prompt_end")["ok"]
+    assert h.call("append", entry='{"role":"assistant","content":"hello"}')["ok"]
+    info = h.call("info")["record"]
+    assert info["phase"] == "write" and info["fingerprint"]["size"] == session.stat().st_size
+    assert h.call("verify")["fingerprint"] == info["fingerprint"]
+    assert h.call("release") == {"ok": True, "op": "release"}
+    assert h.proc.wait(timeout=60) == 0
+    assert lines(session) == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+    ]
+    status = probe(session)
+    assert status.state == "free" and status.record is not None
+    assert status.record.state == "released"
+
+
+def test_id_is_echoed_in_answers_good_and_bad(session: Path, start_hold: Any) -> None:
+    h = start_hold(session)
+    h.held()
+    assert h.call("touch", id="a-1") == {"ok": True, "op": "touch", "id": "a-1"}
+    bad = h.call("fly", id=7)
+    assert bad["error"] == "BadRequestError" and bad["id"] == 7
+
+
+def test_stamped_append_carries_the_holder_token(session: Path, start_hold: Any) -> None:
+    h = start_hold(session)
+    token = h.held()["record"]["token"]
+    assert h.call("append", entry={"a": 1}, stamp=True)["ok"]
+    assert lines(session)[0]["_fencelock"]["token"] == token
+
+
+def test_end_of_stdin_releases_and_exits_0(session: Path, start_hold: Any) -> None:
+    h = start_hold(session)
+    h.held()
+    assert h.call("prompt_begin")["ok"]  # even inside the prompt window
+    assert h.wait() == 0
+    status = probe(session)
+    assert status.state == "free" and status.record is not None
+    assert status.record.state == "released"
+
+
+def test_hold_killed_frees_the_session_and_the_caller_reads_eof(
+    session: Path, start_hold: Any
+) -> None:
+    h = start_hold(session)
+    h.held()
+    h.proc.kill()
+    h.proc.wait()
+    assert h.proc.stdout.read() == b""  # type: ignore[union-attr]
+    assert probe(session).state == "stale"  # the kernel dropped the lock
+    with SessionLock(session, "next", on_contention="fail") as lock:
+        assert lock.info is not None and lock.info.previous is not None
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_releases_cleanly(session: Path, start_hold: Any, signum: int) -> None:
+    h = start_hold(session)
+    h.held()
+    h.proc.send_signal(signum)
+    assert h.proc.wait(timeout=60) == 128 + signum
+    assert probe(session).state == "free"
+    assert "Traceback" not in h.stderr()
+
+
+@pytest.mark.parametrize("how", [["--no-wait"], ["--timeout", "0.2"]])
+def test_contended_answers_with_the_holder_and_exits_4(
+    session: Path, start_hold: Any, spawn_holder: Any, how: list[str]
+) -> None:
+    other = spawn_holder(session, lane="channel")
+    other.acquire()
+    h = start_hold(session, *how)
+    answer = h.read()
+    assert answer["ok"] is False and answer["error"] == "SessionContendedError"
+    assert answer["holder"]["pid"] == other.pid and answer["holder"]["lane"] == "channel"
+    assert str(session) in answer["message"]
+    assert h.proc.wait(timeout=60) == 4
+    assert "Traceback" not in h.stderr()
+    assert probe(session).state == "live"
+
+
+BAD_LINES = [
+    (b"not json", "not JSON"),
+    (b"", "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (b'{"entry": {}}', 'no "op"'),
+    (b'{"op": "fly"}', "unknown op"),
+    (b'{"op": "append"}', 'needs "entry"'),
+    (b'{"op": "append", "entry": [1]}', "must be a JSON object"),
+    (b'{"op": "append", "entry": 5}', "must be a JSON object"),
+    (b'{"op": "append", "entry": "two\\nlines"}', "one line"),
+    (b'{"op": "append", "entry": {"x": NaN}}', "not JSON"),
+    (b'{"op": "append", "entry": {"x": "\\ud800"}}', "lone surrogate"),
+    (b'{"op": "append", "entry": {}, "stamp": "yes"}', "stamp"),
+    (b'{"op": "append", "entry": {"x": "caf\xe9"}}', "not UTF-8"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b"[" * 100_000, "nested too deeply"),
+    (b'{"op": "prompt_end"}', "without prompt_begin"),
+]
+
+
+@pytest.mark.parametrize(("line", "why"), BAD_LINES)
+def test_a_bad_request_is_answered_and_changes_nothing(
+    session: Path, start_hold: Any, line: bytes, why: str
+) -> None:
+    h = start_hold(session)
+    h.held()
+    assert h.call("append", entry={"n": 1})["ok"]
+    before = session.read_bytes()
+    record = h.call("info")["record"]
+    h.send_raw(line + b"\n")
+    answer = h.read()
+    assert answer["ok"] is False and answer["error"] == "BadRequestError", answer
+    assert why in answer["message"]
+    assert session.read_bytes() == before
+    after = h.call("info")["record"]
+    assert (after["phase"], after["fingerprint"]) == (record["phase"], record["fingerprint"])
+    assert h.call("append", entry={"n": 2})["ok"]  # still serving, still holding
+    assert h.wait() == 0
+    assert lines(session) == [{"n": 1}, {"n": 2}]
+
+
+def test_prompt_begin_twice_is_refused(session: Path, start_hold: Any) -> None:
+    h = start_hold(session)
+    h.held()
+    assert h.call("prompt_begin")["ok"]
+    assert h.call("prompt_begin")["error"] == "BadRequestError"
+    assert h.call("prompt_end")["ok"]
+
+
+def test_a_line_over_the_bound_is_dropped_whole(session: Path, start_hold: Any) -> None:
+    h = start_hold(session)
+    h.held()
+    # A 10 MB append whose newline comes last: none of it may reach the session.
+    big = b'{"op": "append", "entry": {"x": "' + b"a" * (10 * 1024 * 1024) + b'"}}'
+    assert len(big) > MAX_REQUEST
+    h.send_raw(big + b"\n" + b'{"op": "info", "id": 2}\n')
+    answer = h.read()
+    assert answer["error"] == "BadRequestError" and str(MAX_REQUEST) in answer["message"]
+    assert str(len(big)) in answer["message"]
+    assert h.read()["id"] == 2
+    assert not session.exists()
+    # Just under the bound is a request like any other.
+    pad = MAX_REQUEST - len(b'{"op": "append", "entry": {"x": ""}}')
+    h.send_raw(b'{"op": "append", "entry": {"x": "' + b"b" * pad + b'"}}\n')
+    assert h.read()["ok"]
+    assert h.wait() == 0
+    assert len(lines(session)[0]["x"]) == pad
+
+
+def test_over_the_bound_at_end_of_file_is_answered(session: Path, start_hold: Any) -> None:
+    h = start_hold(session)
+    h.held()
+    h.send_raw(b"x" * (MAX_REQUEST + 10))
+    h.close_stdin()
+    assert h.read()["error"] == "BadRequestError"
+    assert h.proc.wait(timeout=60) == 0
+
+
+def test_a_last_request_without_newline_is_served(session: Path, start_hold: Any) -> None:
+    h = start_hold(session)
+    h.held()
+    h.send_raw(b'{"op": "append", "entry": {"last": true}}')
+    h.close_stdin()
+    assert h.read()["ok"]
+    assert h.proc.wait(timeout=60) == 0
+    assert lines(session) == [{"last": True}]
+
+
+def test_requests_sent_while_waiting_are_answered_after_held(
+    session: Path, start_hold: Any, spawn_holder: Any
+) -> None:
+    other = spawn_holder(session, lane="channel")
+    other.acquire()
+    assert other.call('append {"who": "other"}') == "ok"
+    h = start_hold(session)
+    h.send({"op": "append", "entry": {"who": "hold"}, "id": 1})
+    wait_for_blocked_waiter(session)  # hold is waiting for the lock, request queued
+    assert lines(session) == [{"who": "other"}]
+    assert other.call("release") == "released"
+    assert h.held()["record"]["token"] == 2
+    assert h.read() == {"ok": True, "op": "append", "id": 1}
+    assert h.wait() == 0
+    assert lines(session) == [{"who": "other"}, {"who": "hold"}]
+
+
+def test_caller_gone_while_waiting_stops_the_wait(
+    session: Path, start_hold: Any, spawn_holder: Any
+) -> None:
+    other = spawn_holder(session, lane="channel")
+    token = other.acquire()
+    h = start_hold(session)
+    wait_for_blocked_waiter(session)
+    assert h.wait() == 0  # stdin closed with nothing asked: it stops waiting
+    assert h.proc.stdout.read() == b""  # type: ignore[union-attr]
+    assert other.call("release") == "released"
+    record = probe(session).record
+    assert record is not None and record.token == token  # hold never took it
+
+
+def test_closed_stdout_releases_and_exits_cleanly(session: Path, start_hold: Any) -> None:
+    h = start_hold(session)
+    h.held()
+    h.proc.stdout.close()  # type: ignore[union-attr]
+    h.send({"op": "append", "entry": {"n": 1}})  # done, but its answer hits EPIPE
+    assert h.proc.wait(timeout=60) == 0
+    assert "Traceback" not in h.stderr()
+    assert probe(session).state == "free"
+    assert lines(session) == [{"n": 1}]
+
+
+def test_takeover_in_the_prompt_window_is_answered(session: Path, start_hold: Any) -> None:
+    h = start_hold(session)
+    h.held()
+    assert h.call("append", entry={"role": "user"})["ok"]
+    assert h.call("prompt_begin")["ok"]
+    with open(session, "a") as f:  # a writer outside the protocol
+        f.write('{"role": "intruder"}\n')
+    answer = h.call("prompt_end")
+    assert answer["ok"] is False and answer["error"] == "SessionTakeoverError"
+    assert answer["expected"]["size"] < answer["actual"]["size"]
+    assert h.call("append", entry={"role": "assistant"})["error"] == "SessionTakeoverError"
+    assert h.call("verify")["error"] == "SessionTakeoverError"
+    assert h.call("release")["ok"]
+    assert h.proc.wait(timeout=60) == 0
+    assert lines(session) == [{"role": "user"}, {"role": "intruder"}]
+
+
+def test_heartbeat_refreshes_the_record_between_requests(
+    session: Path, start_hold: Any
+) -> None:
+    h = start_hold(session, "--heartbeat", "0.01")
+    first = h.held()["record"]["heartbeat_at"]
+    while probe(session).record.heartbeat_at == first:  # type: ignore[union-attr]
+        os.sched_yield()
+    assert h.wait() == 0
+
+
+def test_bad_lane_is_a_usage_error(session: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "x" * 5000],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+    )
+    assert out.returncode == 2 and "--lane" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_backend_is_passed_to_session_lock_or_refused_cleanly(session: Path) -> None:
+    import inspect
+
+    out = subprocess.run(
+        [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "x",
+         "--backend", "local"],
+        input=b'{"op": "release"}\n', capture_output=True, check=False,
+    )
+    if "backend" in inspect.signature(SessionLock).parameters:
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(b'{"ok": true, "event": "held"')
+    else:
+        assert out.returncode == 2 and b"--backend" in out.stderr
+        assert b"Traceback" not in out.stderr
+        assert not Path(str(session) + ".holder").exists()
+
+
+def test_unsafe_sidecar_is_an_error_line_and_exit_1(session: Path, start_hold: Any) -> None:
+    os.mkfifo(str(session) + ".holder")
+    h = start_hold(session)  # stdin stays open: the answer is not raced by end of file
+    answer = h.read()
+    assert answer["ok"] is False and answer["error"] == "UnsafeSidecarError"
+    assert h.proc.wait(timeout=60) == 1
+    stderr = h.stderr()
+    assert "FIFO" in stderr and "Traceback" not in stderr

@@ -1,0 +1,195 @@
+"""docs/examples/hold-turn.mjs, run by a real ``node`` against real sessions.
+
+Node is required: CI has it, and a missing ``node`` fails these tests rather than
+skipping them, so the example cannot rot unseen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+from conftest import wait_for_blocked_waiter
+
+from fencelock import probe
+
+EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "hold-turn.mjs"
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    found = shutil.which("node")
+    if found is None:
+        pytest.fail("node is not installed: the Node example's tests need Node 18+ on PATH")
+    return found
+
+
+@pytest.fixture
+def fencelock_bin(tmp_path: Path) -> str:
+    """A ``fencelock`` that runs this checkout with this interpreter."""
+    script = tmp_path / "fencelock"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fencelock "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+class Turns:
+    """A running hold-turn.mjs; its stdout lines are its steps."""
+
+    def __init__(self, node: str, fencelock: str, session: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [node, str(EXAMPLE), str(session), "--fencelock", fencelock, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        )
+
+    def _stream(self, name: str) -> IO[str]:
+        stream = getattr(self.proc, name)
+        assert stream is not None
+        return stream  # type: ignore[no-any-return]
+
+    def expect(self, prefix: str) -> str:
+        line = self._stream("stdout").readline().strip()
+        assert line.startswith(prefix), (line, self.proc.poll(), self.stderr())
+        return line
+
+    def go(self) -> None:
+        """Let one gated model call return."""
+        stdin = self._stream("stdin")
+        stdin.write("go\n")
+        stdin.flush()
+
+    def stderr(self) -> str:
+        return "" if self.proc.poll() is None else self._stream("stderr").read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for name in ("stdin", "stdout", "stderr"):
+            stream = getattr(self.proc, name)
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def turns(node: str, fencelock_bin: str) -> Iterator[Any]:
+    started: list[Turns] = []
+
+    def start(session: Path, *args: str) -> Turns:
+        t = Turns(node, fencelock_bin, session, *args)
+        started.append(t)
+        return t
+
+    yield start
+    for t in started:
+        t.close()
+
+
+def entries(session: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in session.read_text().splitlines()]
+
+
+def test_a_turn_writes_message_and_reply_and_releases(session: Path, turns: Any) -> None:
+    t = turns(session, "--turns", "2", "--writer", "A", "--model-ms", "1")
+    assert t.proc.wait(timeout=120) == 0, t.stderr()
+    assert [(e["role"], e["turn"]) for e in entries(session)] == [
+        ("user", 1), ("assistant", 1), ("user", 2), ("assistant", 2)
+    ]
+    status = probe(session)
+    assert status.state == "free" and status.record is not None
+    assert status.record.token == 2 and status.record.state == "released"
+
+
+def test_node_killed_mid_turn_frees_the_session(session: Path, turns: Any) -> None:
+    t = turns(session, "--gate", "--writer", "A")
+    hold_pid = int(t.expect("hold pid=").split("=")[1])
+    t.expect("held")
+    t.expect("prompt")  # in the prompt window, the model call never returns
+    assert probe(session).state == "live"
+    t.proc.send_signal(signal.SIGKILL)
+    t.proc.wait()
+    # hold reads end of file, ends the window and releases: free, not stale.
+    out = subprocess.run(
+        [sys.executable, "-m", "fencelock", "wait", str(session), "--timeout", "60"],
+        check=False, capture_output=True,
+    )
+    assert out.returncode == 0
+    status = probe(session)
+    assert status.state == "free", status
+    assert status.record is not None and status.record.pid == hold_pid
+    assert status.record.state == "released" and status.record.phase == "write"
+    assert [e["role"] for e in entries(session)] == ["user"]
+
+
+def test_two_node_runs_never_interleave(session: Path, turns: Any) -> None:
+    a = turns(session, "--gate", "--writer", "A")
+    a.expect("hold pid=")
+    a.expect("held")
+    a.expect("prompt")  # A holds the session and is in its model call
+    b = turns(session, "--gate", "--writer", "B")
+    b.expect("hold pid=")
+    wait_for_blocked_waiter(session)  # B's hold waits for the lock A's hold has
+    a.go()
+    a.expect("done turn=1")
+    b.expect("held")
+    b.expect("prompt")
+    b.go()
+    b.expect("done turn=1")
+    assert a.proc.wait(timeout=60) == 0 and b.proc.wait(timeout=60) == 0
+    assert [(e["writer"], e["role"]) for e in entries(session)] == [
+        ("A", "user"), ("A", "assistant"), ("B", "user"), ("B", "assistant")
+    ]
+
+
+def test_many_turns_from_two_processes_stay_in_pairs(session: Path, turns: Any) -> None:
+    runs = [turns(session, "--turns", "5", "--writer", w, "--model-ms", "2") for w in "AB"]
+    for r in runs:
+        assert r.proc.wait(timeout=120) == 0, r.stderr()
+    got = entries(session)
+    assert len(got) == 20
+    for user, reply in zip(got[::2], got[1::2], strict=True):
+        assert (user["role"], reply["role"]) == ("user", "assistant")
+        assert (user["writer"], user["turn"]) == (reply["writer"], reply["turn"])
+
+
+def test_takeover_keeps_the_reply_aside_and_exits_3(session: Path, turns: Any) -> None:
+    t = turns(session, "--gate", "--writer", "A", "--message", "ping")
+    t.expect("hold pid=")
+    t.expect("held")
+    t.expect("prompt")
+    with open(session, "a") as f:  # a writer that ignores the protocol
+        f.write('{"role": "mirror"}\n')
+    t.go()
+    assert t.proc.wait(timeout=60) == 3
+    err = t.stderr()
+    assert "SessionTakeoverError" in err and "undelivered" in err
+    assert [e["role"] for e in entries(session)] == ["user", "mirror"]
+    kept = entries(Path(str(session) + ".undelivered.jsonl"))
+    assert kept == [{
+        "role": "assistant", "content": "echo: ping", "writer": "A", "turn": 1,
+        "undelivered": "SessionTakeoverError",
+    }]
+    assert probe(session).state == "free"
+
+
+def test_contended_with_no_wait_exits_4(
+    session: Path, turns: Any, spawn_holder: Any
+) -> None:
+    other = spawn_holder(session, lane="channel")
+    other.acquire()
+    t = turns(session, "--no-wait")
+    assert t.proc.wait(timeout=60) == 4
+    assert "SessionContendedError" in t.stderr()
+    assert not session.exists()
