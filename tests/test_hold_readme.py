@@ -1,0 +1,71 @@
+"""The README's `coproc` example for `fencelock hold`, run exactly as it is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fencelock import probe
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def snippet() -> str:
+    text = README.read_text()
+    m = re.search(
+        r"<!-- hold-coproc:begin -->\n```bash\n(.*?)```\n<!-- hold-coproc:end -->", text, re.S
+    )
+    assert m is not None, "README lost its hold-coproc example"
+    return m.group(1)
+
+
+def run_snippet(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.fail("bash is not installed")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "fencelock"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fencelock "$@"\n')
+    wrapper.chmod(0o755)
+    script = tmp_path / "nightly.sh"
+    script.write_text(text)
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        [bash, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120, check=False,
+    )
+
+
+def test_readme_coproc_example_appends_and_releases(tmp_path: Path) -> None:
+    session = tmp_path / "sessions" / "4f1c2a9e.jsonl"
+    out = run_snippet(tmp_path, snippet())
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    assert [json.loads(line) for line in session.read_text().splitlines()] == [
+        {"role": "system", "content": "nightly summary"}
+    ]
+    status = probe(session)
+    assert status.state == "free" and status.record is not None
+    assert status.record.lane == "cron:nightly" and status.record.state == "released"
+
+
+def test_readme_coproc_example_stops_when_held(tmp_path: Path, spawn_holder: Any) -> None:
+    session = tmp_path / "sessions" / "4f1c2a9e.jsonl"
+    other = spawn_holder(session, lane="channel")
+    other.acquire()
+    text = snippet()
+    assert "--timeout 30" in text
+    # The same script with --no-wait, so the contended path needs no 30 s wait.
+    out = run_snippet(tmp_path, text.replace("--timeout 30", "--no-wait"))
+    assert out.returncode == 4, out.stderr
+    assert "not held" in out.stderr
+    assert not session.exists()
