@@ -1,0 +1,127 @@
+"""The benchmark behind ``bin/fencelock-bench-hold``: what `fencelock hold` costs.
+
+One fenced, fsynced `append` through a ``fencelock hold`` child (a request line out,
+an answer line back) against the same `SessionLock.append` called directly; plus an
+``info`` round trip (the pipe and the JSON alone, no write) and the start of a
+``hold`` (spawn to its ``held`` line), which a caller that spawns one per turn pays.
+Uses only the public API and the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from fencelock import SessionLock
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "n": len(ordered),
+        "median_us": statistics.median(ordered) * 1e6,
+        "p90_us": ordered[int(len(ordered) * 0.9) - 1 if len(ordered) >= 10 else -1] * 1e6,
+        "mean_us": statistics.fmean(ordered) * 1e6,
+    }
+
+
+def _timed(n: int, step: Callable[[int], object]) -> list[float]:
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        step(i)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _spawn(session: Path) -> tuple[subprocess.Popen[bytes], IO[bytes], IO[bytes]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "bench"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    return proc, proc.stdin, proc.stdout
+
+
+def _ask(stdin: IO[bytes], stdout: IO[bytes], request: bytes) -> dict[str, Any]:
+    stdin.write(request)
+    stdin.flush()
+    answer: dict[str, Any] = json.loads(stdout.readline())
+    if not answer.get("ok"):
+        raise RuntimeError(f"fencelock hold refused a request: {answer}")
+    return answer
+
+
+def measure(directory: Path, n: int, starts: int) -> dict[str, dict[str, float]]:
+    entry = {"role": "assistant", "content": "x" * 200}
+    request = json.dumps({"op": "append", "entry": entry}).encode() + b"\n"
+    results: dict[str, dict[str, float]] = {}
+
+    direct = directory / "direct.jsonl"
+    with SessionLock(direct, "bench") as lock:
+        lock.append(entry)  # creates the file: not a steady-state append
+        results["append direct (SessionLock.append)"] = _stats(
+            _timed(n, lambda i: lock.append(entry))
+        )
+
+    held = directory / "hold.jsonl"
+    proc, stdin, stdout = _spawn(held)
+    try:
+        json.loads(stdout.readline())  # the held line
+        _ask(stdin, stdout, request)
+        results["append through hold"] = _stats(
+            _timed(n, lambda i: _ask(stdin, stdout, request))
+        )
+        info = b'{"op": "info"}\n'
+        results["info through hold (no write)"] = _stats(
+            _timed(n, lambda i: _ask(stdin, stdout, info))
+        )
+        _ask(stdin, stdout, b'{"op": "release"}\n')
+    finally:
+        stdin.close()
+        proc.wait()
+        stdout.close()
+
+    def start(i: int) -> None:
+        p, to_hold, from_hold = _spawn(directory / "start.jsonl")
+        from_hold.readline()
+        to_hold.close()
+        p.wait()
+        from_hold.close()
+
+    results["hold start (spawn to held line)"] = _stats(_timed(starts, start))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fencelock-bench-hold",
+        description="Round-trip cost of fencelock hold against SessionLock called directly.",
+    )
+    parser.add_argument("-n", type=int, default=2000, help="appends per row (default 2000)")
+    parser.add_argument("--starts", type=int, default=20, help="hold starts to time")
+    parser.add_argument("--dir", type=Path, help="where the sessions go (default: a temp dir)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        results = measure(Path(tmp), args.n, args.starts)
+        fs = os.statvfs(tmp)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    base = results["append direct (SessionLock.append)"]["median_us"]
+    print(f"{'row':40} {'median':>10} {'p90':>10} {'x direct':>9}")
+    for name, row in results.items():
+        ratio = row["median_us"] / base
+        print(f"{name:40} {row['median_us']:8.1f}us {row['p90_us']:8.1f}us {ratio:8.2f}x")
+    print(f"(n={args.n} appends of a 220-byte entry, each fsynced; block size {fs.f_bsize})")
+    return 0
