@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -246,12 +247,54 @@ def test_a_line_over_the_bound_is_dropped_whole(session: Path, start_hold: Any) 
     assert str(len(big)) in answer["message"]
     assert h.read()["id"] == 2
     assert not session.exists()
+    # One byte over the bound, newline in the same read: dropped too.
+    h.send_raw(b" " * (MAX_REQUEST + 1) + b"\n")
+    assert h.read()["error"] == "BadRequestError"
     # Just under the bound is a request like any other.
-    pad = MAX_REQUEST - len(b'{"op": "append", "entry": {"x": ""}}')
+    pad = MAX_REQUEST - len(b'{"op": "append", "entry": {"x": ""}}')  # exactly the bound
     h.send_raw(b'{"op": "append", "entry": {"x": "' + b"b" * pad + b'"}}\n')
     assert h.read()["ok"]
     assert h.wait() == 0
     assert len(lines(session)[0]["x"]) == pad
+
+
+def test_the_reader_bounds_lines_at_the_limit() -> None:
+    from fencelock._hold import _Inbox, _Line, _TooLong
+
+    r, w = os.pipe()
+    os.write(w, b"0123456789\n01234567890\n" + b"x" * 25 + b"\n\nlast")
+    os.close(w)
+    inbox = _Inbox(r, limit=10)
+    inbox.start()
+    got = []
+    while (item := inbox.items.get(timeout=60)) is not None:
+        got.append(item)
+    os.close(r)
+    assert got == [_Line(b"0123456789"), _TooLong(11), _TooLong(25), _Line(b""), _Line(b"last")]
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_an_endless_line_is_not_kept_in_memory(session: Path, start_hold: Any) -> None:
+    h = start_hold(session)
+    h.held()
+    assert h.call("info")["ok"]
+    before = _peak_rss_kib(h.proc.pid)
+    chunk = b"y" * (1024 * 1024)
+    for _ in range(200):  # 200 MiB without a newline
+        h.send_raw(chunk)
+    h.send_raw(b'\n{"op": "info", "id": "after"}\n')
+    assert h.read()["error"] == "BadRequestError"
+    assert h.read()["id"] == "after"
+    # What is read past the bound is dropped: the peak grows by about the bound only.
+    assert _peak_rss_kib(h.proc.pid) - before < 3 * MAX_REQUEST // 1024
+    assert h.wait() == 0
 
 
 def test_over_the_bound_at_end_of_file_is_answered(session: Path, start_hold: Any) -> None:
@@ -337,7 +380,9 @@ def test_heartbeat_refreshes_the_record_between_requests(
 ) -> None:
     h = start_hold(session, "--heartbeat", "0.01")
     first = h.held()["record"]["heartbeat_at"]
+    deadline = time.monotonic() + 60  # a bound for a broken build, not a timing claim
     while probe(session).record.heartbeat_at == first:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the heartbeat was never refreshed"
         os.sched_yield()
     assert h.wait() == 0
 
