@@ -170,6 +170,22 @@ def test_sigterm_releases_cleanly(session: Path, start_hold: Any, signum: int) -
     assert "Traceback" not in h.stderr()
 
 
+def test_sigterm_while_waiting_stops_cleanly_without_holding(
+    session: Path, start_hold: Any, spawn_holder: Any
+) -> None:
+    other = spawn_holder(session, lane="channel")
+    token = other.acquire()
+    h = start_hold(session)
+    wait_for_blocked_waiter(session)
+    h.proc.send_signal(signal.SIGTERM)
+    assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "Traceback" not in h.stderr()
+    assert h.proc.stdout.read() == b""  # type: ignore[union-attr]
+    assert other.call("release") == "released"
+    record = probe(session).record
+    assert record is not None and record.token == token
+
+
 @pytest.mark.parametrize("how", [["--no-wait"], ["--timeout", "0.2"]])
 def test_contended_answers_with_the_holder_and_exits_4(
     session: Path, start_hold: Any, spawn_holder: Any, how: list[str]
