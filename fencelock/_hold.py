@@ -440,8 +440,9 @@ def _serve(served: _Session, inbox: _Inbox, out: _Out, heartbeat: float) -> None
             request, echo = parse(item)
             op = request.get("op")
             if op not in OPS:
+                shown = repr(op) if len(repr(op)) <= 80 else repr(op)[:77] + "..."
                 raise BadRequestError(
-                    f"unknown op {op!r}; expected one of {', '.join(OPS)}"
+                    f"unknown op {shown}; expected one of {', '.join(OPS)}"
                     if "op" in request else f'request has no "op" (one of {", ".join(OPS)})'
                 )
             answer = served.handle(op, request)
