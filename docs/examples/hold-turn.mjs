@@ -135,7 +135,10 @@ function model(opts, message) {
       else stdinLines.queue.push(l);
     });
   }
-  if (stdinLines.queue.length) return Promise.resolve(`echo: ${message}`);
+  if (stdinLines.queue.length) {
+    stdinLines.queue.shift(); // a line that came early lets this call return at once
+    return Promise.resolve(`echo: ${message}`);
+  }
   return new Promise((resolve) => stdinLines.waiting.push(() => resolve(`echo: ${message}`)));
 }
 
