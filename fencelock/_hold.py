@@ -303,8 +303,8 @@ class _Session:
         return answer
 
     def close(self) -> None:
-        """End an open prompt window (its fence is not checked: nobody would be told)
-        and release."""
+        """End an open prompt window (a failed fence check there is not reported:
+        the caller asked to let go, or is gone) and release."""
         window, self.window = self.window, None
         try:
             if window is not None:
