@@ -166,8 +166,9 @@ def test_a_probe_s_moment_does_not_make_a_stale_session_look_live(
         assert polling.wait(60), "clear neither waited nor finished"
     finally:
         prober.stdin.write("go\n")
-        prober.stdin.flush()
+        prober.stdin.close()
         prober.wait()
+        prober.stdout.close()
         t.join(60)
     assert outcome == [ProbeState.STALE if call == "clear" else "refire"]
     assert probe(session).state == ProbeState.FREE

@@ -342,6 +342,7 @@ def run_chaos(session: Path, *, seconds: float, seed: int, writers: int = 4,
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+@pytest.mark.timeout(SOAK + 120)  # a soak runs as long as asked; the default covers the rest
 def test_kill_chaos_keeps_every_invariant(session: Path) -> None:
     seconds = SOAK or 8.0
     seed = int(os.environ.get("FENCELOCK_SOAK_SEED", "7"))
