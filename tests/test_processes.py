@@ -193,13 +193,14 @@ EX_LOCKER = (
 
 @pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
 @pytest.mark.parametrize("owner", ["dead", "alive"])
+@pytest.mark.parametrize("call", ["acquire", "clear"])
 def test_fail_fast_grace_only_when_the_record_s_owner_is_gone(
-    session: Path, spawn_holder: Any, monkeypatch: pytest.MonkeyPatch, owner: str
+    session: Path, spawn_holder: Any, monkeypatch: pytest.MonkeyPatch, owner: str, call: str
 ) -> None:
     """The lock is taken but its record is a `held` one: if the record's owner is dead,
     the lock's taker is an acquirer about to replace that stale record, and a fail-fast
-    acquirer gives it the grace (and gets the session once it lets go); if the owner
-    lives, that is a live holder: contended at once, naming it."""
+    acquirer (or clear) gives it the grace and gets the session once it lets go; if the
+    owner lives, that is a live holder: contended at once, naming it."""
     import threading
 
     from fencelock import _lock
@@ -226,21 +227,38 @@ def test_fail_fast_grace_only_when_the_record_s_owner_is_gone(
     monkeypatch.setattr(_lock, "FAIL_GRACE", 60.0)  # timing cannot decide this test
     outcome: list[object] = []
     done = threading.Event()
+    polling = threading.Event()
+    if call == "clear":  # clear polls through its grace instead of blocking
+        real_sleep = time.sleep
+
+        def sleep(seconds: float) -> None:
+            polling.set()
+            real_sleep(seconds)
+
+        monkeypatch.setattr(time, "sleep", sleep)
 
     def acquire() -> None:
         lock = SessionLock(session, lane="fail-fast", on_contention="fail")
         try:
-            outcome.append(lock.acquire())
-            lock.release()
+            if call == "clear":
+                outcome.append(clear(session))
+            else:
+                outcome.append(lock.acquire())
+                lock.release()
         except BaseException as e:
             outcome.append(e)
         finally:
             done.set()
+            polling.set()
 
     t = threading.Thread(target=acquire)
     t.start()
     try:
-        waited = wait_for_blocked_waiter(session, unless=done)
+        if call == "clear":
+            assert polling.wait(60)
+            waited = not done.is_set()
+        else:
+            waited = wait_for_blocked_waiter(session, unless=done)
     finally:
         locker.stdin.close()  # the stand-in acquirer lets go
         locker.wait()
@@ -249,8 +267,12 @@ def test_fail_fast_grace_only_when_the_record_s_owner_is_gone(
     if owner == "dead":
         assert waited, f"gave up at once on a dead owner's record: {outcome}"
         (info,) = outcome
-        assert isinstance(info, HolderInfo) and info.token == token + 1
-        assert info.previous is not None and info.previous.pid == named
+        if call == "clear":
+            assert getattr(info, "state", None) == ProbeState.STALE
+            assert probe(session).state == ProbeState.FREE
+        else:
+            assert isinstance(info, HolderInfo) and info.token == token + 1
+            assert info.previous is not None and info.previous.pid == named
     else:
         assert not waited, "waited out a grace for a record whose owner lives"
         (err,) = outcome
