@@ -78,12 +78,6 @@ class ConfigWarning:
         return f"agent {self.agent!r} ({self.where}): {self.problem}; {WHY}"
 
 
-EXPLICIT_ONLY = (
-    "the gateway runs heartbeats only for agents with a heartbeat block of their own "
-    "once any listed agent has one (its explicit-only rule)"
-)
-
-
 @dataclass(frozen=True, slots=True)
 class ConfigNotice:
     """An agent that ``agents.defaults.heartbeat`` would give a heartbeat, but that runs
@@ -98,14 +92,19 @@ class ConfigNotice:
 
     @property
     def message(self) -> str:
-        shown = ", ".join(repr(a) for a in self.explicit[:3])
-        if len(self.explicit) > 3:
-            shown += f" and {len(self.explicit) - 3} more"
+        if len(self.explicit) == 1:
+            others = f"agent {self.explicit[0]!r} has one"
+        else:
+            others = "agents " + ", ".join(repr(a) for a in self.explicit[:3])
+            if len(self.explicit) > 3:
+                others += f" and {len(self.explicit) - 3} more"
+            others += " have one"
         return (
             f"agent {self.agent!r} ({self.where}) runs no heartbeat: it has no heartbeat "
-            f"block, {shown} {'has' if len(self.explicit) == 1 else 'have'} one, and "
-            f"{EXPLICIT_ONLY}, so agents.defaults.heartbeat does not reach it; give it a "
-            f"heartbeat block (with isolatedSession: true) if it should run one"
+            f"block while {others}, and then the gateway runs heartbeats only for agents "
+            f"with a block of their own (its explicit-only rule), so "
+            f"agents.defaults.heartbeat does not reach it; give it a heartbeat block "
+            f"(with isolatedSession: true) if it should run one"
         )
 
 

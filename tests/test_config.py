@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from fencelock._cli import main
 from fencelock._config import (
     ConfigError,
+    ConfigNotice,
     ConfigWarning,
     check,
     check_file,
@@ -120,8 +121,10 @@ def test_explicit_only_rule_agents_without_a_block_run_no_heartbeat() -> None:
         ("main", "agents.list[0]", ("ops",))]
     message = found.notices[0].message
     assert "'main'" in message and "runs no heartbeat" in message
-    assert "explicit-only rule" in message and "'ops'" in message
+    assert "explicit-only rule" in message and "agent 'ops' has one" in message
     assert check(config) == []
+    many = ConfigNotice("a", "agents.list[0]", ("b", "c", "d", "e")).message
+    assert "agents 'b', 'c', 'd' and 1 more have one" in many
 
 
 def test_explicit_only_rule_the_blocks_still_merge_over_the_defaults() -> None:
