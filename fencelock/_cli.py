@@ -1034,21 +1034,26 @@ def verify_command(session: str, as_json: bool) -> None:
 def check_config(file: str, strict: bool) -> None:
     """Warn for each agent whose heartbeat is not `isolatedSession: true` in a
     gateway config (JSON or JSON5): its heartbeat lane then shares the session file
-    with the channel and direct lanes. Each agent's heartbeat inherits
-    agents.defaults.heartbeat; disabled heartbeats are not warned about.
+    with the channel and direct lanes. Heartbeats merge over agents.defaults.heartbeat;
+    disabled heartbeats are not warned about. As in the gateway, once any listed agent
+    has a heartbeat block of its own, agents without one run no heartbeat (the
+    explicit-only rule): a notice names each agent the defaults would otherwise reach.
     Exit 0 (1 with --strict and warnings), 1 for an unreadable or malformed file.
 
     \b
     Example:
       fencelock check-config ~/.openclaw/openclaw.json --strict
     """
-    from fencelock._config import check_file
+    from fencelock._config import review_file
 
     with _library_errors():
-        warnings = check_file(file)
+        report = review_file(file)
+    warnings = report.warnings
     name = clean(file)
     for w in warnings:
         click.echo(f"{name}: warning: {clean(w.message)}")
+    for n in report.notices:
+        click.echo(f"{name}: notice: {clean(n.message)}")
     if not warnings:
         click.echo(f"{name}: ok: every agent heartbeat is isolated or off")
     elif strict:

@@ -2,7 +2,12 @@
 
 An agent whose heartbeat is not ``isolatedSession: true`` runs its heartbeat lane on the
 same session file as its channel and direct lanes, which is where takeovers come from.
-This module only parses and reports; the command line formats what it returns.
+The check follows which agents the gateway actually gives a heartbeat: when any listed
+agent has a ``heartbeat`` block of its own, only those agents run one (the gateway's
+explicit-only rule, openclaw #46101 / #78713), and ``agents.defaults.heartbeat`` only
+fills in their settings; otherwise the defaults apply to every agent, and with no
+heartbeat configured anywhere the default agent runs the built-in one. This module only
+parses and reports; the command line formats what it returns.
 """
 
 from __future__ import annotations
@@ -71,6 +76,45 @@ class ConfigWarning:
     @property
     def message(self) -> str:
         return f"agent {self.agent!r} ({self.where}): {self.problem}; {WHY}"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigNotice:
+    """An agent that ``agents.defaults.heartbeat`` would give a heartbeat, but that runs
+    none: other listed agents have heartbeat blocks of their own (the explicit-only
+    rule). Nothing of it shares a session file; the notice is there so that a missing
+    heartbeat does not come as a surprise."""
+
+    agent: str
+    where: str
+    explicit: tuple[str, ...]
+    """The listed agents that have a heartbeat block of their own, in file order."""
+
+    @property
+    def message(self) -> str:
+        if len(self.explicit) == 1:
+            others = f"agent {self.explicit[0]!r} has one"
+        else:
+            others = "agents " + ", ".join(repr(a) for a in self.explicit[:3])
+            if len(self.explicit) > 3:
+                others += f" and {len(self.explicit) - 3} more"
+            others += " have one"
+        return (
+            f"agent {self.agent!r} ({self.where}) runs no heartbeat: it has no heartbeat "
+            f"block while {others}, and then the gateway runs heartbeats only for agents "
+            f"with a block of their own (its explicit-only rule), so "
+            f"agents.defaults.heartbeat does not reach it; give it a heartbeat block "
+            f"(with isolatedSession: true) if it should run one"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigReport:
+    """What `review` found: warnings for heartbeats that share the session file, and
+    notices for agents the explicit-only rule leaves without a heartbeat."""
+
+    warnings: tuple[ConfigWarning, ...]
+    notices: tuple[ConfigNotice, ...] = ()
 
 
 def parse(text: str, path: str = "<config>") -> Any:
@@ -191,8 +235,25 @@ def _default_agent(listed: list[tuple[str, str, dict[str, Any]]]) -> tuple[str, 
     return listed[0][0], listed[0][1]
 
 
+def _is_block(value: object) -> bool:
+    """Whether an agent's ``heartbeat`` counts as a block of its own for the explicit-only
+    rule: any object (even an empty one) or ``true``, as the gateway tests it."""
+    return value is True or isinstance(value, dict)
+
+
+def _runs(hb: object) -> bool:
+    """Whether a heartbeat setting (the defaults' alone) would run a heartbeat."""
+    return hb is True or (isinstance(hb, dict) and not _disabled(hb))
+
+
 def check(config: object, path: str = "<config>") -> list[ConfigWarning]:
     """One warning per agent whose effective heartbeat is enabled and not isolated."""
+    return list(review(config, path).warnings)
+
+
+def review(config: object, path: str = "<config>") -> ConfigReport:
+    """`check`'s warnings, plus a notice for each agent that the explicit-only rule
+    leaves without the heartbeat ``agents.defaults.heartbeat`` would have given it."""
     if not isinstance(config, dict):
         raise ConfigError(path, f"the top level is {_kind(config)}, expected an object")
     agents = config.get("agents")
@@ -212,10 +273,18 @@ def check(config: object, path: str = "<config>") -> list[ConfigWarning]:
     if base is None and all(entry.get("heartbeat") is None for _, _, entry in listed):
         # Nothing configured: the gateway's built-in heartbeat runs for its default agent.
         name, where = _default_agent(listed)
-        return [ConfigWarning(name, where, None, False, implicit=True)]
+        return ConfigReport((ConfigWarning(name, where, None, False, implicit=True),))
+    owns = [_heartbeat(entry.get("heartbeat"), f"{where}.heartbeat", path)
+            for _, where, entry in listed]
+    explicit = tuple(name for (name, _, _), own in zip(listed, owns, strict=True)
+                     if _is_block(own))
     warnings: list[ConfigWarning] = []
-    for name, where, entry in listed:
-        own = _heartbeat(entry.get("heartbeat"), f"{where}.heartbeat", path)
+    notices: list[ConfigNotice] = []
+    for (name, where, _), own in zip(listed, owns, strict=True):
+        if explicit and not _is_block(own):
+            if own is None and _runs(base):
+                notices.append(ConfigNotice(name, where, explicit))
+            continue  # the explicit-only rule: no block of its own, no heartbeat
         if own is False or (own is None and base in (None, False)):
             continue  # switched off, or no heartbeat at all: nothing shares the file
         merged: dict[str, Any] = dict(base) if isinstance(base, dict) else {}
@@ -229,10 +298,16 @@ def check(config: object, path: str = "<config>") -> list[ConfigWarning]:
         own_sets = isinstance(own, dict) and "isolatedSession" in own
         inherited = not own_sets and isinstance(base, dict) and "isolatedSession" in base
         warnings.append(ConfigWarning(name, where, isolated, inherited))
-    return warnings
+    return ConfigReport(tuple(warnings), tuple(notices))
 
 
 def check_file(path: str | os.PathLike[str]) -> list[ConfigWarning]:
     """`load` then `check`."""
     name = os.fspath(path)
     return check(load(name), name)
+
+
+def review_file(path: str | os.PathLike[str]) -> ConfigReport:
+    """`load` then `review`."""
+    name = os.fspath(path)
+    return review(load(name), name)

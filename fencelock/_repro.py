@@ -12,11 +12,12 @@ delivery mirror, which appends a copy of every delivered reply to the main sessi
 after the delivering run has ended; and a stuck-session recovery lane. Model calls
 are sleeps: mostly short, some medium, a few long enough to look stuck.
 
-What is modelled rather than reproduced: the share of taken-over turns whose reply
-still reaches the user. The seed observed that the racing duplicate run usually
-answers and that ~6% of affected turns drop the reply; each turn carries one seeded
-draw (``duplicate_share``) saying whether such a duplicate exists. A turn that the
-recovery lane aborted and re-fired needs no draw: its duplicate is the real re-fire.
+Whether a turn was answered is read from the files when a mode has ended, not taken
+from what the runs said or drawn at random: a turn counts as answered only when a run's
+reply line for it is in one of the mode's session files (a fresh one included) and,
+for a turn whose reply goes to a user, in the gateway's delivery record too. The only
+duplicate run of a turn is the recovery lane's real re-fire, so a taken-over turn that
+nothing re-fired is a dropped reply.
 """
 
 from __future__ import annotations
@@ -128,7 +129,6 @@ class Config:
     recover_wait: float = 0.5
     """fencelock mode: how long recovery waits for a live holder before going fresh."""
     mirror_delay: tuple[float, float] = (0.1, 0.8)
-    duplicate_share: float = 0.94
     provider_error_share: float = 0.03
     deadline: float = 0.0
     """Give up (and fail) after this many seconds per mode; 0 picks one from duration."""
@@ -163,8 +163,7 @@ class Turn:
     at: float
     steps: tuple[Step, ...]
     delivers: bool
-    duplicate: bool
-    """Seeded: if this turn's run is taken over, does a racing duplicate answer it?"""
+    """Whether its reply goes to a user (most heartbeats answer no one)."""
     mirror_delay: float
 
 
@@ -206,7 +205,6 @@ class RunResult:
     takeover: Takeover | None = None
     superseded: bool = False
     """Aborted by stuck-session recovery, which re-fired the turn (baseline)."""
-    duplicate: bool = False
     fallbacks: int = 0
     error: str | None = None
 
@@ -230,8 +228,9 @@ class ModeReport:
     """One mode's figures; `to_json` gives them under the same names.
 
     ``turns`` inbound events scheduled (messages, heartbeats, cron ticks); ``answered``
-    those whose user got a reply (from the turn's own run, its re-fire, or a racing
-    duplicate); ``dropped_replies`` the rest. ``takeovers`` takeover errors thrown;
+    those whose reply line (from the turn's own run or its re-fire) is in a session
+    file at the end, and in the delivery record when it goes to a user;
+    ``dropped_replies`` the rest. ``takeovers`` takeover errors thrown;
     ``by_lane`` counts them by the lane class whose write tripped the fence (the seed's
     histogram), ``by_victim`` by the lane class of the run that threw. ``wait_ms``:
     p50/p90/p99/max/n of the time each writer waited for the holder (fencelock) or the
@@ -273,7 +272,8 @@ class Report:
         }
 
     def problems(self) -> list[str]:
-        """Why CI should fail: fencelock must be clean, the baseline must show the race."""
+        """Why CI should fail: fencelock must be clean, the baseline must show the race
+        (takeovers, and replies they dropped)."""
         out = []
         fl = self.modes.get(Mode.FENCELOCK)
         if fl is not None:
@@ -288,6 +288,8 @@ class Report:
         base = self.modes.get(Mode.BASELINE)
         if base is not None and not base.takeovers:
             out.append("baseline mode showed no takeover: the reproduction did not reproduce")
+        elif base is not None and not base.dropped_replies:
+            out.append("baseline mode dropped no reply: the reproduction did not reproduce")
         return out
 
 
@@ -353,7 +355,6 @@ def _turns(config: Config, lane: Lane, rng: random.Random, load: float) -> tuple
             at=at,
             steps=_steps(rng, config, *steps, long_share),
             delivers=rng.random() < deliver,
-            duplicate=rng.random() < config.duplicate_share,
             mirror_delay=rng.uniform(*config.mirror_delay),
         )
         for i, at in enumerate(times)
@@ -413,6 +414,10 @@ def _stat_fence(path: str) -> tuple[int, ...] | None:
     except FileNotFoundError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _reply(turn: str) -> str:
+    return f"reply to {turn}"
 
 
 def _entry(lane: Lane, turn: str, run: str, role: str, content: str) -> dict[str, Any]:
@@ -529,6 +534,10 @@ def _new_run(mode: Mode, session: str, lane: Lane) -> Run:
 # -- the gateway's view of its runs (what stuck-session recovery looks at) -----------
 
 
+DELIVERIES = "delivered.jsonl"
+"""The delivery record in each agent's state directory: one line per reply sent."""
+
+
 class Ledger:
     """One small JSON file per run in ``<state>/<agent>/``: its turn and progress.
 
@@ -564,6 +573,11 @@ class Ledger:
                 data = self.read(name[:-5])
                 if data is not None and data.get("ended") is None:
                     yield name[:-5], data
+
+    def deliver(self, turn: str, run: str, text: str) -> None:
+        """Record a reply sent to its user (the delivery record, one line each)."""
+        _append_line(os.path.join(self.dir, DELIVERIES), {"turn": turn, "run": run,
+                                                           "text": text})
 
     def abort(self, key: str) -> None:
         with open(self.path(key, ".abort"), "w"):
@@ -611,7 +625,7 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
         for i, step in enumerate(turn.steps):
             fallbacks += _model_call(run, step)
             last = i == len(turn.steps) - 1
-            role, text = ("assistant", f"reply to {turn.id}") if last else ("tool", f"tool {i}")
+            role, text = ("assistant", _reply(turn.id)) if last else ("tool", f"tool {i}")
             run.append(_entry(lane, turn.id, run.key, role, text))
             ledger.write(run.key, turn=turn.id, lane=lane.name, session=target,
                          started=started, progress=time.time())
@@ -629,10 +643,12 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
         ledger.write(run.key, turn=turn.id, lane=lane.name, session=target, started=started,
                      progress=time.time(), ended=time.time(), answered=answered)
         run.release()
-    if answered and turn.delivers and mirror is not None:
-        mirror.put((turn.id, f"reply to {turn.id}", turn.mirror_delay))
+    if answered and turn.delivers:
+        ledger.deliver(turn.id, run.key, _reply(turn.id))
+        if mirror is not None:
+            mirror.put((turn.id, _reply(turn.id), turn.mirror_delay))
     return RunResult(turn.id, lane.lane_class, target, refire, tuple(run.waits), answered,
-                     takeover, superseded, turn.duplicate, fallbacks, error)
+                     takeover, superseded, fallbacks, error)
 
 
 def _takeover_in(e: BaseException) -> OldTakeoverError | SessionTakeoverError | None:
@@ -710,7 +726,6 @@ def _recovery_lane(job: Job, results: Queue[Any], mirror: Queue[Any], stop: Even
                 continue
             turn_id, session = found
             turn = Turn(turn_id, 0.0, _steps(rng, job.config, 1, 2, 0.0), True,
-                        rng.random() < job.config.duplicate_share,
                         rng.uniform(*job.config.mirror_delay))
             results.put(("run", run_turn(job.mode, job.lane, turn, ledger, session=session,
                                          refire=True, mirror=mirror)))
@@ -841,7 +856,8 @@ def run_mode(mode: Mode, config: Config, root: str) -> ModeReport:
                 worker.terminate()
                 worker.join()
     elapsed = time.monotonic() - began
-    return _summarise(mode, lanes, collected, elapsed)
+    return _summarise(mode, lanes, collected, elapsed, _replies_in(sessions),
+                      _delivered_in(state))
 
 
 def _collect(procs: dict[str, BaseProcess], results: Queue[Any], start: Event, stop: Event,
@@ -887,17 +903,50 @@ def _percentiles(values: Sequence[float]) -> dict[str, float]:
             "max": round(ordered[-1] * 1000, 2) if ordered else 0.0, "n": float(len(ordered))}
 
 
-def _summarise(mode: Mode, lanes: list[Lane], collected: list[Any], elapsed: float) -> ModeReport:
+def _lines(path: str) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSONL file, skipping anything else (a torn line)."""
+    with open(path, "rb") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    yield entry
+
+
+def _replies_in(sessions: str) -> set[str]:
+    """The turns with a run's reply line in a session file under ``sessions`` (the
+    mirror's copies do not count: they only repeat a reply already written)."""
+    found: set[str] = set()
+    for name in os.listdir(sessions):
+        if not name.endswith(".jsonl"):
+            continue
+        for entry in _lines(os.path.join(sessions, name)):
+            turn = entry.get("turn")
+            if (entry.get("role") == "assistant" and entry.get("run") != "mirror"
+                    and isinstance(turn, str) and entry.get("content") == _reply(turn)):
+                found.add(turn)
+    return found
+
+
+def _delivered_in(state: str) -> set[str]:
+    """The turns in any agent's delivery record under ``state``."""
+    found: set[str] = set()
+    for agent in os.listdir(state):
+        record = os.path.join(state, agent, DELIVERIES)
+        if os.path.exists(record):
+            found.update(str(e.get("turn")) for e in _lines(record))
+    return found
+
+
+def _summarise(mode: Mode, lanes: list[Lane], collected: list[Any], elapsed: float,
+               replies: set[str], delivered: set[str]) -> ModeReport:
+    """One mode's figures; ``replies`` and ``delivered`` are what the files hold."""
     runs = [r for r in collected if isinstance(r, RunResult)]
     mirrors = [r for r in collected if isinstance(r, MirrorResult)]
     recoveries = [r for r in collected if isinstance(r, RecoveryResult)]
-    turns = {turn.id for lane in lanes for turn in lane.turns}
-    answered = set()
-    for r in runs:
-        saved = r.takeover is not None and not r.superseded and r.duplicate
-        if r.answered or saved:
-            answered.add(r.turn)
-    answered &= turns
+    delivers = {turn.id: turn.delivers for lane in lanes for turn in lane.turns}
+    turns = set(delivers)
+    answered = {t for t in turns & replies if not delivers[t] or t in delivered}
     takeovers = [r.takeover for r in runs if r.takeover is not None]
     by_lane = {str(c): 0 for c in LaneClass}
     by_victim = {str(c): 0 for c in LaneClass}
@@ -909,6 +958,8 @@ def _summarise(mode: Mode, lanes: list[Lane], collected: list[Any], elapsed: flo
     per_session = Counter(t.session for t in takeovers)
     waits = [w for r in runs for w in r.waits] + [w for m in mirrors for w in m.waits]
     errors = [r.error for r in runs if r.error] + [m.error for m in mirrors if m.error]
+    errors += [f"{r.turn}: the run wrote its reply, but no session file holds it"
+               for r in runs if r.answered and r.turn not in replies]
     if mode is Mode.BASELINE:
         recovery_counts = {"abort+refire": sum(1 for r in runs if r.refire)}
     else:
@@ -1045,7 +1096,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless fencelock shows no takeover and no dropped reply "
-                        "and the baseline shows at least one takeover")
+                        "and the baseline shows at least one of each")
     parser.add_argument("--agents", type=int, help="number of agents (default 3, quick 2)")
     parser.add_argument("--duration", type=float, help="seconds of traffic per mode")
     parser.add_argument("--mode", choices=[str(m) for m in Mode], action="append",
@@ -1081,7 +1132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         if not args.json:
             print("\ncheck passed: fencelock had no takeover and no dropped reply; "
-                  "the baseline reproduced the race")
+                  "the baseline reproduced the race (takeovers and dropped replies)")
     return 0
 
 

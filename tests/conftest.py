@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,8 +97,12 @@ def spawn_holder() -> Iterator[object]:
         h.close()
 
 
-def wait_for_blocked_waiter(session: Path, inode: int | None = None, limit: float = 30.0) -> None:
-    """Poll /proc/locks until some process is blocked on the sidecar's flock."""
+def wait_for_blocked_waiter(
+    session: Path, inode: int | None = None, limit: float = 30.0,
+    unless: threading.Event | None = None,
+) -> bool:
+    """Poll /proc/locks until some process is blocked on the sidecar's flock: True; or
+    until ``unless`` is set first (say, the would-be waiter finished): False."""
     if inode is None:
         inode = Path(str(session) + ".holder").stat().st_ino
     deadline = time.monotonic() + limit
@@ -107,6 +112,8 @@ def wait_for_blocked_waiter(session: Path, inode: int | None = None, limit: floa
                 parts = line.split()
                 blocked = "->" in parts and parts[parts.index("->") + 1] == "FLOCK"
                 if blocked and parts[-3].rsplit(":", 1)[-1] == str(inode):
-                    return
+                    return True
+        if unless is not None and unless.is_set():
+            return False
         time.sleep(0.001)
     raise AssertionError("no process blocked on the sidecar lock")

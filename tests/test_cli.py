@@ -541,17 +541,23 @@ def test_run_holds_session_passes_env_and_exit_code(session: Path) -> None:
     assert after.record.state == "released" and after.record.token == seen["token"]
 
 
-def test_run_waits_for_the_holder(session: Path, spawn_holder: Any) -> None:
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
+def test_run_waits_for_the_holder(session: Path, spawn_holder: Any, tmp_path: Path) -> None:
     h = spawn_holder(session, lane="first")
     token = h.acquire()
+    ran = tmp_path / "ran"
     proc = subprocess.Popen(
-        [*FENCELOCK, "run", str(session), "--lane", "second", "--",
-         sys.executable, "-c", REPORT, "0"],
+        [*FENCELOCK, "run", str(session), "--lane", "second", "--", sys.executable, "-c",
+         f"open({str(ran)!r}, 'w').close()\n{REPORT}", "0"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    _blocked_in_flock(proc)  # waiting in the kernel for the holder ...
+    assert not ran.exists()  # ... and CMD has not started
+    assert probe(session).pid == h.pid
     assert h.call("release") == "released"
     stdout, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
+    assert ran.exists()
     seen = json.loads(stdout)
     assert seen["lane"] == "second" and seen["token"] == token + 1
 
@@ -595,17 +601,20 @@ def test_run_killed_by_signal_exits_128_plus_n(session: Path) -> None:
     assert probe(session).state == "free"
 
 
-def _blocked_in_flock(pid: int, limit: float = 30) -> None:
-    """Return once ``pid`` waits for a flock (a ``->`` line in /proc/locks)."""
+def _blocked_in_flock(proc: subprocess.Popen[Any], limit: float = 30) -> None:
+    """Return once ``proc`` waits for a flock (a ``->`` line in /proc/locks); fail at
+    once if it exits instead."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         with open("/proc/locks") as f:
             for line in f:
                 fields = line.split()
-                if "->" in fields and fields[fields.index("->") + 4] == str(pid):
+                if "->" in fields and fields[fields.index("->") + 4] == str(proc.pid):
                     return
+        if proc.poll() is not None:
+            raise AssertionError(f"pid {proc.pid} exited ({proc.returncode}) without waiting")
         os.sched_yield()
-    raise AssertionError(f"pid {pid} never blocked on a lock")
+    raise AssertionError(f"pid {proc.pid} never blocked on a lock")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
@@ -616,7 +625,7 @@ def test_run_interrupted_while_waiting_exits_130(session: Path, spawn_holder: An
         [*FENCELOCK, "run", str(session), "--lane", "second", "--", "true"],
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    _blocked_in_flock(proc.pid)
+    _blocked_in_flock(proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -737,11 +746,18 @@ def test_wait_timeout_exits_4_naming_holder(session: Path, spawn_holder: Any) ->
     assert f"pid {h.pid}" in out.stderr and "lane 'slow'" in out.stderr and "0.2s" in out.stderr
 
 
-def test_wait_returns_when_released(session: Path, spawn_holder: Any) -> None:
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
+@pytest.mark.parametrize("timeout", [[], ["--timeout", "600"]])
+def test_wait_returns_when_released(
+    session: Path, spawn_holder: Any, timeout: list[str]
+) -> None:
     h = spawn_holder(session)
     h.acquire()
-    proc = subprocess.Popen([*FENCELOCK, "wait", str(session)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*FENCELOCK, "wait", str(session), *timeout],
+                            stderr=subprocess.PIPE, text=True)
+    _blocked_in_flock(proc)  # it waits for the holder, in the kernel
     assert proc.poll() is None
+    assert probe(session).pid == h.pid
     assert h.call("release") == "released"
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err

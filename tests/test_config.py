@@ -15,7 +15,16 @@ import pytest
 from click.testing import CliRunner
 
 from fencelock._cli import main
-from fencelock._config import ConfigError, ConfigWarning, check, check_file, load, parse
+from fencelock._config import (
+    ConfigError,
+    ConfigNotice,
+    ConfigWarning,
+    check,
+    check_file,
+    load,
+    parse,
+    review,
+)
 
 
 def _fencelock() -> list[str]:
@@ -77,10 +86,18 @@ def test_message_names_agent_and_why_it_matters() -> None:
 
 def test_agents_inherit_defaults_heartbeat() -> None:
     config = cfg(
+        defaults={"every": "30m", "isolatedSession": False},
+        agents=[{"id": "inherits"}, {"id": "null-inherits", "heartbeat": None}],
+    )
+    warnings = check(config)
+    assert names(warnings) == ["inherits", "null-inherits"]
+    assert all(w.inherited for w in warnings)
+
+
+def test_heartbeat_blocks_merge_over_the_defaults() -> None:
+    config = cfg(
         defaults={"every": "30m", "isolatedSession": True},
         agents=[
-            {"id": "inherits"},
-            {"id": "null-inherits", "heartbeat": None},
             {"id": "overrides", "heartbeat": {"isolatedSession": False}},
             {"id": "other-keys", "heartbeat": {"every": "5m"}},
         ],
@@ -88,6 +105,59 @@ def test_agents_inherit_defaults_heartbeat() -> None:
     warnings = check(config)
     assert names(warnings) == ["overrides"]
     assert warnings[0].inherited is False
+
+
+def test_explicit_only_rule_agents_without_a_block_run_no_heartbeat() -> None:
+    """The gateway's rule (openclaw #46101, #78713): once any listed agent has a heartbeat
+    block, agents without one run no heartbeat, whatever agents.defaults.heartbeat says.
+    They get a notice naming the rule, not a warning."""
+    config = cfg(  # the configuration of openclaw #78713
+        defaults={"every": "60m", "target": "channel"},
+        agents=[{"id": "main"}, {"id": "ops", "heartbeat": {"every": "0m"}}],
+    )
+    found = review(config)
+    assert found.warnings == ()
+    assert [(n.agent, n.where, n.explicit) for n in found.notices] == [
+        ("main", "agents.list[0]", ("ops",))]
+    message = found.notices[0].message
+    assert "'main'" in message and "runs no heartbeat" in message
+    assert "explicit-only rule" in message and "agent 'ops' has one" in message
+    assert check(config) == []
+    many = ConfigNotice("a", "agents.list[0]", ("b", "c", "d", "e")).message
+    assert "agents 'b', 'c', 'd' and 1 more have one" in many
+
+
+def test_explicit_only_rule_the_blocks_still_merge_over_the_defaults() -> None:
+    config = cfg(
+        defaults={"every": "30m"},
+        agents=[
+            {"id": "silenced"},
+            {"id": "empty-block", "heartbeat": {}},
+            {"id": "true-block", "heartbeat": True},
+            {"id": "isolated", "heartbeat": {"isolatedSession": True}},
+            {"id": "off", "heartbeat": False},
+        ],
+    )
+    found = review(config)
+    assert names(list(found.warnings)) == ["empty-block", "true-block"]
+    assert all(w.inherited is False and w.isolated is None for w in found.warnings)
+    (notice,) = found.notices
+    assert notice.agent == "silenced"
+    assert notice.explicit == ("empty-block", "true-block", "isolated")
+
+
+@pytest.mark.parametrize("defaults", [None, False, {"enabled": False}, {"every": "0m"}])
+def test_no_notice_when_the_defaults_would_run_no_heartbeat(defaults: Any) -> None:
+    config = cfg(defaults=defaults,
+                 agents=[{"id": "a"}, {"id": "b", "heartbeat": {"every": "5m", "enabled": True}}])
+    found = review(config)
+    assert names(list(found.warnings)) == ["b"] and found.notices == ()
+
+
+def test_no_block_anywhere_the_defaults_reach_every_agent() -> None:
+    config = cfg(defaults={"every": "30m"}, agents=[{"id": "a"}, {"id": "b"}])
+    found = review(config)
+    assert names(list(found.warnings)) == ["a", "b"] and found.notices == ()
 
 
 def test_unisolated_default_is_reported_as_inherited() -> None:
@@ -100,7 +170,8 @@ def test_unisolated_default_is_reported_as_inherited() -> None:
 def test_agent_can_fix_an_unisolated_default() -> None:
     config = cfg(
         defaults={"every": "30m"},
-        agents=[{"id": "fixed", "heartbeat": {"isolatedSession": True}}, {"id": "not"}],
+        agents=[{"id": "fixed", "heartbeat": {"isolatedSession": True}},
+                {"id": "not", "heartbeat": {"every": "1h"}}],
     )
     assert names(check(config)) == ["not"]
 
@@ -207,7 +278,7 @@ JSON5_TEXT = """\ufeff// gateway config
   agents: {
     defaults: { heartbeat: { every: '30m', } },  // trailing commas are fine
     list: [
-      { id: 'main' },
+      { id: 'main', heartbeat: { target: 'last' } },
       { id: 'ops', heartbeat: { isolatedSession: true } },
     ],
   },
@@ -281,6 +352,20 @@ def test_cli_strict_exits_1_with_warnings(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "agent 'main'" in result.stdout
     assert "1 warning(s) and --strict" in result.stderr
+
+
+def test_cli_notice_for_an_agent_the_explicit_only_rule_silences(tmp_path: Path) -> None:
+    path = write(tmp_path, cfg(
+        defaults={"every": "30m"},
+        agents=[{"id": "main"}, {"id": "ops", "heartbeat": {"isolatedSession": True}}],
+    ))
+    result = CliRunner().invoke(main, ["check-config", "--strict", str(path)])
+    assert result.exit_code == 0, result.output  # a notice is no warning
+    out = result.stdout.splitlines()
+    assert out[0].startswith(f"{path}: notice: agent 'main' (agents.list[0]) runs no heartbeat")
+    assert "explicit-only rule" in out[0]
+    assert out[1] == f"{path}: ok: every agent heartbeat is isolated or off"
+    assert "warning" not in result.stdout and result.stderr == ""
 
 
 def test_cli_strict_exits_0_when_clean(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -199,10 +200,14 @@ def test_touch_moves_the_heartbeat(session: Path) -> None:
     with SessionLock(session) as lock:
         first = probe(session).record
         assert first is not None
+        while time.time() <= first.heartbeat_at:  # a clock that ticks coarsely
+            pass
+        touched_at = time.time()
         lock.touch()
         second = probe(session).record
-        assert second is not None and second.heartbeat_at >= first.heartbeat_at
+        assert second is not None and second.heartbeat_at >= touched_at > first.heartbeat_at
         assert second.run_id == first.run_id and second.token == first.token
+        assert second.acquired_at == first.acquired_at
 
 
 def flap_stat(session: Path) -> None:
@@ -225,6 +230,49 @@ def test_stat_fence_cries_wolf_on_flapping_stat_content_fence_does_not(tmp_path:
                 with lock.prompt_window():
                     flap_stat(session)
                 lock.append({"a": 2})
+
+
+def rewrite_keeping_size_and_mtime(session: Path, scratch: Path) -> None:
+    """Overwrite the session in place with other bytes of the same length, then put its
+    mtime back, as a careless tool (or `touch -r`) would: only ctime still moves."""
+    before = session.stat()
+    # ctime comes from the filesystem's clock, which may tick coarsely: wait until it
+    # has moved past the fence point's ctime, so the rewrite cannot share its tick.
+    while True:
+        scratch.write_bytes(b"x")
+        if scratch.stat().st_ctime_ns > before.st_ctime_ns:
+            break
+    data = session.read_bytes()
+    with open(session, "r+b") as f:
+        f.write(data.replace(b"1", b"9"))
+    os.utime(session, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = session.stat()
+    assert session.read_bytes() != data
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino, before.st_size, before.st_mtime_ns)
+    assert after.st_ctime_ns != before.st_ctime_ns
+
+
+@pytest.mark.parametrize("where", ["prompt_window", "append", "verify_fence"])
+def test_stat_fence_sees_a_same_size_rewrite_with_mtime_put_back(
+    session: Path, tmp_path: Path, where: str
+) -> None:
+    with SessionLock(session, fence=FenceMode.STAT) as lock:
+        lock.append({"a": 1})
+        if where == "prompt_window":
+            with pytest.raises(SessionTakeoverError) as err, lock.prompt_window():
+                rewrite_keeping_size_and_mtime(session, tmp_path / "clock")
+        else:
+            rewrite_keeping_size_and_mtime(session, tmp_path / "clock")
+            before = session.read_bytes()
+            with pytest.raises(SessionTakeoverError) as err:
+                if where == "append":
+                    lock.append({"a": 2})
+                else:
+                    lock.verify_fence()
+            assert session.read_bytes() == before
+        assert err.value.expected is not None and err.value.actual is not None
+        assert err.value.expected.ctime_ns != err.value.actual.ctime_ns
 
 
 @pytest.mark.parametrize("mode", [FenceMode.STAT, FenceMode.CONTENT])

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fencelock import _identity
 from fencelock._identity import ME, owner_alive, process_start
 
@@ -67,7 +69,38 @@ def test_record_from_before_a_reboot_is_dead() -> None:
     assert owner_alive(ME.pid, ME.host, before_reboot) is False
 
 
+RENAME_SELF = """
+import ctypes, sys
+print("started", flush=True)
+sys.stdin.readline()
+ctypes.CDLL(None, use_errno=True).prctl(15, sys.argv[1].encode(), 0, 0, 0)  # PR_SET_NAME
+print("renamed", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs prctl and /proc")
 def test_command_names_with_parentheses_and_spaces_parse() -> None:
-    # /proc/<pid>/stat puts the command in parentheses; it may contain ") (".
-    fields = _identity._stat_fields(ME.pid)
-    assert fields is not None and fields[0] in "RSDT"
+    # /proc/<pid>/stat puts the command in parentheses, and the command may itself
+    # hold ") " and spaces: a process renamed so must keep its start token.
+    name = "py) x (y"
+    child = subprocess.Popen([sys.executable, "-c", RENAME_SELF, name],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline() == "started\n"
+        start = process_start(child.pid)  # read while the name is plain
+        assert start.split("@")[0].isdigit()
+        child.stdin.write("rename\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "renamed\n"
+        assert Path(f"/proc/{child.pid}/comm").read_text() == name + "\n"
+        assert f"({name})" in Path(f"/proc/{child.pid}/stat").read_text()
+        fields = _identity._stat_fields(child.pid)
+        assert fields is not None and fields[0] in "RS"
+        assert process_start(child.pid) == start
+        assert owner_alive(child.pid, ME.host, start) is True
+    finally:
+        child.stdin.close()
+        child.wait()
+        child.stdout.close()

@@ -190,6 +190,13 @@ def test_exception_hierarchy_and_wrapped_detection(session: Path) -> None:
             raise ValueError("while handling")  # noqa: B904 - implicit context on purpose
     except ValueError as ctx:
         assert is_coordination_error(ctx)
+    # `raise ... from saved` outside the handler: only __cause__ links them.
+    saved = SessionTakeoverError(str(session), None, None)
+    try:
+        raise RuntimeError("all models failed") from saved
+    except RuntimeError as caused:
+        assert caused.__cause__ is saved and caused.__context__ is None
+        assert is_coordination_error(caused)
     assert not is_coordination_error(ValueError("provider 500"))
     assert not is_coordination_error(None)
     assert is_coordination_error(ExceptionGroup("g", [ValueError(), err]))

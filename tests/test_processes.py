@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 from conftest import wait_for_blocked_waiter
 
-from fencelock import ProbeState, SessionContendedError, SessionLock, State, clear, probe
+from fencelock import (
+    HolderInfo,
+    ProbeState,
+    SessionContendedError,
+    SessionLock,
+    State,
+    clear,
+    probe,
+)
 from fencelock._identity import ME
 
 HERE = Path(__file__).parent
@@ -166,11 +174,110 @@ def test_a_probe_s_moment_does_not_make_a_stale_session_look_live(
         assert polling.wait(60), "clear neither waited nor finished"
     finally:
         prober.stdin.write("go\n")
-        prober.stdin.flush()
+        prober.stdin.close()
         prober.wait()
+        prober.stdout.close()
         t.join(60)
     assert outcome == [ProbeState.STALE if call == "clear" else "refire"]
     assert probe(session).state == ProbeState.FREE
+
+
+EX_LOCKER = (
+    "import fcntl, sys\n"
+    "f = open(sys.argv[1], 'rb')\n"
+    "fcntl.flock(f, fcntl.LOCK_EX)\n"
+    "print('locked', flush=True)\n"
+    "sys.stdin.readline()\n"
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
+@pytest.mark.parametrize("owner", ["dead", "alive"])
+@pytest.mark.parametrize("call", ["acquire", "clear"])
+def test_fail_fast_grace_only_when_the_record_s_owner_is_gone(
+    session: Path, spawn_holder: Any, monkeypatch: pytest.MonkeyPatch, owner: str, call: str
+) -> None:
+    """The lock is taken but its record is a `held` one: if the record's owner is dead,
+    the lock's taker is an acquirer about to replace that stale record, and a fail-fast
+    acquirer (or clear) gives it the grace and gets the session once it lets go; if the
+    owner lives, that is a live holder: contended at once, naming it."""
+    import threading
+
+    from fencelock import _lock
+
+    if owner == "dead":
+        dead = spawn_holder(session, lane="dead")
+        token = dead.acquire()
+        dead.kill()
+        named = dead.pid
+    else:  # this process, which no longer holds the lock but is alive
+        with SessionLock(session, lane="gone") as gone:
+            assert gone.info is not None
+            token = gone.info.token
+        sidecar = Path(str(session) + ".holder")
+        obj, _ = json.JSONDecoder().raw_decode(sidecar.read_text())
+        obj.update(state="held")
+        sidecar.write_text(json.dumps(obj))
+        named = ME.pid
+    assert probe(session).state == ProbeState.STALE
+    locker = subprocess.Popen([sys.executable, "-c", EX_LOCKER, str(session) + ".holder"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert locker.stdout is not None and locker.stdin is not None
+    assert locker.stdout.readline() == "locked\n"
+    monkeypatch.setattr(_lock, "FAIL_GRACE", 60.0)  # timing cannot decide this test
+    outcome: list[object] = []
+    done = threading.Event()
+    polling = threading.Event()
+    if call == "clear":  # clear polls through its grace instead of blocking
+        real_sleep = time.sleep
+
+        def sleep(seconds: float) -> None:
+            polling.set()
+            real_sleep(seconds)
+
+        monkeypatch.setattr(time, "sleep", sleep)
+
+    def acquire() -> None:
+        lock = SessionLock(session, lane="fail-fast", on_contention="fail")
+        try:
+            if call == "clear":
+                outcome.append(clear(session))
+            else:
+                outcome.append(lock.acquire())
+                lock.release()
+        except BaseException as e:
+            outcome.append(e)
+        finally:
+            done.set()
+            polling.set()
+
+    t = threading.Thread(target=acquire)
+    t.start()
+    try:
+        if call == "clear":
+            assert polling.wait(60)
+            waited = not done.is_set()
+        else:
+            waited = wait_for_blocked_waiter(session, unless=done)
+    finally:
+        locker.stdin.close()  # the stand-in acquirer lets go
+        locker.wait()
+        locker.stdout.close()
+        t.join(60)
+    if owner == "dead":
+        assert waited, f"gave up at once on a dead owner's record: {outcome}"
+        (info,) = outcome
+        if call == "clear":
+            assert getattr(info, "state", None) == ProbeState.STALE
+            assert probe(session).state == ProbeState.FREE
+        else:
+            assert isinstance(info, HolderInfo) and info.token == token + 1
+            assert info.previous is not None and info.previous.pid == named
+    else:
+        assert not waited, "waited out a grace for a record whose owner lives"
+        (err,) = outcome
+        assert isinstance(err, SessionContendedError)
+        assert err.holder is not None and err.holder.pid == named
 
 
 def test_clear_then_token_continues(session: Path, spawn_holder: Any) -> None:

@@ -2,31 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fencelock import is_coordination_error
+from fencelock import is_coordination_error, probe
 from fencelock._repro import (
+    DELIVERIES,
     Config,
+    FenceLockRun,
     Lane,
     LaneClass,
+    Ledger,
     Mode,
     ModeReport,
     OldRun,
     OldTakeoverError,
     Report,
+    RunResult,
+    Step,
+    Takeover,
+    Turn,
     _append_line,
+    _delivered_in,
     _entry,
     _intruder,
     _percentiles,
+    _replies_in,
+    _summarise,
     gateway,
     main,
     run,
+    run_turn,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,13 +55,29 @@ def _assert_clean_and_reproduced(modes: dict[str, dict[str, Any]]) -> None:
     assert fl["errors"] == [], fl
     assert sum(fl["by_lane"].values()) == 0
     assert base["takeovers"] > 0, base
+    assert base["dropped_replies"] > 0, base  # counted from the files, never drawn
     assert base["turns"] == fl["turns"]  # the same seeded schedule in both modes
     assert sum(base["by_lane"].values()) == base["takeovers"]
     assert base["dropped_replies"] == base["turns"] - base["answered"]
 
 
+def _answered_on_disk(root: Path, config: Config) -> int:
+    """Recount a finished mode's answered turns from its files, independently."""
+    replies: set[str] = set()
+    for session in (root / "sessions").glob("*.jsonl"):
+        for line in session.read_text().splitlines():
+            e = json.loads(line)
+            if e["role"] == "assistant" and e["run"] != "mirror":
+                replies.add(e["turn"])
+    delivered = {json.loads(line)["turn"] for record in (root / "gateway").glob("*/" + DELIVERIES)
+                 for line in record.read_text().splitlines()}
+    turns = [t for lane in gateway(config, str(root / "sessions")) for t in lane.turns]
+    return sum(1 for t in turns if t.id in replies and (not t.delivers or t.id in delivered))
+
+
 def test_both_modes_through_the_module_api(tmp_path: Path) -> None:
-    report = run(Config.tiny(seed=7), directory=str(tmp_path), parallel=True)
+    config = Config.tiny(seed=7)
+    report = run(config, directory=str(tmp_path), parallel=True)
     assert report.problems() == []
     _assert_clean_and_reproduced(report.to_json()["modes"])
     fl = report.modes[Mode.FENCELOCK]
@@ -57,6 +86,9 @@ def test_both_modes_through_the_module_api(tmp_path: Path) -> None:
     for session in (tmp_path / "fencelock" / "sessions").glob("*.jsonl"):
         for line in session.read_text().splitlines():
             json.loads(line)
+    # Both modes' answers are what the files hold, nothing drawn or merely reported.
+    for mode, figures in report.modes.items():
+        assert figures.answered == _answered_on_disk(tmp_path / str(mode), config), mode
 
 
 def test_command_line_json_and_check(tmp_path: Path) -> None:
@@ -107,6 +139,111 @@ def test_old_protocol_throws_a_coordination_error_naming_the_intruder(tmp_path: 
     assert _intruder(session, expected[2]) is LaneClass.MIRROR
 
 
+def _turn(turn_id: str, delivers: bool = True, steps: tuple[Step, ...] = ()) -> Turn:
+    return Turn(turn_id, 0.0, steps or (Step(0.0),), delivers, 0.1)
+
+
+def test_a_reply_counts_only_when_the_files_hold_it(tmp_path: Path) -> None:
+    """Answered means: the run's reply line is in a session file and, for a reply that
+    goes to a user, in the delivery record; what the runs report decides nothing."""
+    sessions, state = tmp_path / "sessions", tmp_path / "gateway"
+    session = str(sessions / "main.jsonl")
+    turns = (_turn("ok"), _turn("silent", delivers=False), _turn("undelivered"),
+             _turn("taken-over"), _turn("claimed"), _turn("mirrored-only"))
+    lane = Lane("a1/channel", "a1", LaneClass.CHANNEL, "ch", session, True, turns=turns)
+    mirror = Lane("a1/mirror", "a1", LaneClass.MIRROR, "mirror", session, True)
+    ledger = Ledger(str(state), "a1")
+    sessions.mkdir(exist_ok=True)
+    Path(ledger.dir).mkdir(parents=True)
+    for t in ("ok", "silent", "undelivered"):
+        _append_line(session, _entry(lane, t, "r-" + t, "assistant", f"reply to {t}"))
+    _append_line(session, _entry(mirror, "mirrored-only", "mirror", "assistant",
+                                 "reply to mirrored-only"))  # a copy is not the reply
+    for t in ("ok", "taken-over", "claimed", "mirrored-only"):
+        ledger.deliver(t, "r-" + t, f"reply to {t}")
+    takeover = Takeover(session, LaneClass.CHANNEL, LaneClass.MIRROR)
+    runs = [RunResult(t.id, LaneClass.CHANNEL, session, False, (), t.id != "taken-over",
+                      takeover if t.id == "taken-over" else None) for t in turns]
+    assert _replies_in(str(sessions)) == {"ok", "silent", "undelivered"}
+    assert _delivered_in(str(state)) == {"ok", "taken-over", "claimed", "mirrored-only"}
+    report = _summarise(Mode.FENCELOCK, [lane, mirror], runs, 1.0,
+                        _replies_in(str(sessions)), _delivered_in(str(state)))
+    assert (report.turns, report.answered, report.dropped_replies) == (6, 2, 4)
+    assert report.takeovers == 1
+    missing = [e for e in report.errors if "no session file holds it" in e]
+    assert sorted(e.split(":")[0] for e in missing) == ["claimed", "mirrored-only"]
+
+
+def test_fencelock_runs_hold_the_prompt_window_around_every_model_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each model call (a provider error's fallback included) is made inside the
+    holder's prompt window: the record says "prompt" while it runs."""
+    phases: list[str] = []
+
+    class Watched(FenceLockRun):
+        def prompt_window(self) -> contextlib.AbstractContextManager[object]:
+            window = super().prompt_window()
+
+            @contextlib.contextmanager
+            def watched() -> Iterator[object]:
+                with window as entered:
+                    record = probe(self.session).record
+                    phases.append("?" if record is None else str(record.phase))
+                    yield entered
+
+            return watched()
+
+    monkeypatch.setattr("fencelock._repro.FenceLockRun", Watched)
+    session = tmp_path / "sessions" / "s.jsonl"
+    turn = _turn("t", steps=(Step(0.0, provider_error=True), Step(0.0)))
+    lane = Lane("a1/heartbeat", "a1", LaneClass.HEARTBEAT, "hb", str(session), True,
+                turns=(turn,))
+    ledger = Ledger(str(tmp_path / "gateway"), "a1")
+    Path(ledger.dir).mkdir(parents=True)
+    result = run_turn(Mode.FENCELOCK, lane, turn, ledger)
+    assert result.answered and result.error is None and result.fallbacks == 1
+    assert phases == ["prompt", "prompt", "prompt"]
+    assert _replies_in(str(session.parent)) == {"t"}
+    assert _delivered_in(str(tmp_path / "gateway")) == {"t"}
+
+
+def test_an_unlocked_write_in_the_prompt_window_drops_the_reply(tmp_path: Path) -> None:
+    """What a delivery mirror writing without the lock does to a fencelock run: the run
+    throws, writes no reply, and the count from the files says so."""
+    sessions = tmp_path / "sessions"
+    session = str(sessions / "s.jsonl")
+    turn = _turn("t", steps=(Step(0.0),))
+    lane = Lane("a1/heartbeat", "a1", LaneClass.HEARTBEAT, "hb", session, True,
+                turns=(turn,))
+    mirror = Lane("a1/mirror", "a1", LaneClass.MIRROR, "mirror", session, True)
+
+    class Intruded(FenceLockRun):
+        def prompt_window(self) -> contextlib.AbstractContextManager[object]:
+            window = super().prompt_window()
+
+            @contextlib.contextmanager
+            def intruded() -> Iterator[object]:
+                with window as entered:
+                    _append_line(session, _entry(mirror, "t0", "mirror", "assistant", "x"))
+                    yield entered
+
+            return intruded()
+
+    ledger = Ledger(str(tmp_path / "gateway"), "a1")
+    Path(ledger.dir).mkdir(parents=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("fencelock._repro.FenceLockRun", Intruded)
+        result = run_turn(Mode.FENCELOCK, lane, turn, ledger)
+    assert not result.answered and result.takeover is not None
+    assert result.takeover.intruder is LaneClass.MIRROR
+    report = _summarise(Mode.FENCELOCK, [lane], [result], 1.0,
+                        _replies_in(str(sessions)), _delivered_in(str(tmp_path / "gateway")))
+    assert (report.takeovers, report.dropped_replies) == (1, 1)
+    assert any("takeover" in p for p in Report(Config.tiny(), {Mode.FENCELOCK: report})
+               .problems())
+
+
 def _mode(mode: Mode, takeovers: int, dropped: int) -> ModeReport:
     return ModeReport(mode, 10, 10 - dropped, dropped, takeovers, 10, 5, {}, {},
                       _percentiles([]), {}, 0, 2, 0, 0, [], 1.0)
@@ -114,8 +251,8 @@ def _mode(mode: Mode, takeovers: int, dropped: int) -> ModeReport:
 
 @pytest.mark.parametrize(
     ("base", "fl", "ok"),
-    [((3, 1), (0, 0), True), ((0, 0), (0, 0), False), ((3, 0), (1, 0), False),
-     ((3, 0), (0, 1), False)],
+    [((3, 1), (0, 0), True), ((0, 0), (0, 0), False), ((3, 0), (0, 0), False),
+     ((3, 1), (1, 0), False), ((3, 1), (0, 1), False)],
 )
 def test_check_conditions(
     base: tuple[int, int],
