@@ -101,6 +101,8 @@ class _Chaos:
         self.seed = seed
         self.n_writers = writers
         self.max_prompt = max_prompt
+        self.min_done = 8  # finished turns, and writers killed, before the run may end
+        self.min_kills = 10
         self.stopfile = session.parent / "chaos.stop"
         self.sel = selectors.DefaultSelector()
         self.writers: list[_Writer] = []
@@ -198,8 +200,15 @@ class _Chaos:
         try:
             for _ in range(self.n_writers):
                 self.spawn()
-            end = time.monotonic() + duration
-            while time.monotonic() < end:
+            # Run at least `duration`, and on past it (up to four times as long) until
+            # enough turns have finished and enough writers died, so a slow, loaded
+            # machine still exercises what the test claims to.
+            start = time.monotonic()
+            end, limit = start + duration, start + 4 * duration
+            while time.monotonic() < end or (
+                time.monotonic() < limit
+                and (len(self.done) < self.min_done or len(self.killed_pids) < self.min_kills)
+            ):
                 self.pump(self.rng.uniform(0.03, 0.3))
                 alive = self.alive()
                 holders = [w for w in alive if w.current is not None]
