@@ -285,13 +285,22 @@ def test_status_directory(session: Path, spawn_holder: Any) -> None:
     assert len(table.stdout.splitlines()) == 5
 
 
-def test_status_missing_path_exits_1(tmp_path: Path, session: Path) -> None:
+def test_status_missing_directory_exits_1(tmp_path: Path, session: Path) -> None:
     session.write_text("")
-    out = cli("status", str(session), str(tmp_path / "nope.jsonl"))
+    out = cli("status", str(session), str(tmp_path / "nope" / "x.jsonl"))
     assert out.returncode == 1
     no_traceback(out.stderr, 1)
-    assert "nope.jsonl: no such session file or sidecar" in out.stderr
-    assert " free " in out.stdout  # the readable path is still listed
+    assert f"its directory {tmp_path / 'nope'} does not exist" in out.stderr
+    assert " free " in out.stdout and "x.jsonl" not in out.stdout  # no row for it
+
+
+def test_status_missing_session_file_is_free(tmp_path: Path) -> None:
+    """A session no run has started yet, in a directory that exists, is free."""
+    out = cli("status", str(tmp_path / "sessions" / "new.jsonl"))
+    assert out.returncode == 0, out.stderr
+    assert "free (no file)" in out.stdout
+    (row,) = rows(cli("status", "--json", str(tmp_path / "sessions" / "new.jsonl")))
+    assert row["state"] == "free" and row["reason"] == "no session file or sidecar yet"
 
 
 def test_status_unreadable_sidecar_exits_1_and_wins_over_stale(
@@ -375,9 +384,9 @@ def test_status_escapes_control_characters(session: Path, spawn_holder: Any) -> 
         assert raw not in result.stdout
     assert "x\\x1b]0;pwned\\x07\\x1b[2Jy" in result.stdout
     assert rows(invoke("status", "--json", str(session)))[0]["lane"] == evil
-    missing = invoke("status", str(session.parent / "a\x1b[2Jb.jsonl"))
+    missing = invoke("status", str(session.parent / "a\x1b[2Jb" / "x.jsonl"))
     assert missing.exit_code == 1
-    assert "\x1b" not in missing.stderr and "a\\x1b[2Jb.jsonl" in missing.stderr
+    assert "\x1b" not in missing.stderr and "a\\x1b[2Jb" in missing.stderr
 
 
 def test_status_lists_a_directory_of_10000_sessions(session: Path) -> None:
@@ -850,11 +859,19 @@ def test_verify_problems_exit_5(session: Path) -> None:
     ]  # fmt: skip
 
 
-def test_verify_missing_exits_1(session: Path) -> None:
-    out = cli("verify", str(session))
+def test_verify_missing_directory_exits_1(tmp_path: Path) -> None:
+    out = cli("verify", str(tmp_path / "nope" / "x.jsonl"))
     assert out.returncode == 1
     no_traceback(out.stderr, 1)
-    assert str(session) in out.stderr and "No such file" in out.stderr
+    assert str(tmp_path / "nope") in out.stderr and "does not exist" in out.stderr
+
+
+def test_verify_missing_session_file_is_clean_and_says_so(session: Path) -> None:
+    out = cli("verify", str(session))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"{session}: no such file yet, 0 lines, 0 stamped, max token 0: ok"
+    obj = json.loads(cli("verify", "--json", str(session)).stdout)
+    assert obj["exists"] is False and obj["ok"] is True and obj["lines"] == 0
 
 
 # -- no tracebacks for expected failures --------------------------------------------------
@@ -971,7 +988,7 @@ def test_scan_reports_a_directory_named_like_a_session_as_unreadable(tmp_path: P
 
 
 def test_clear_json_lists_a_missing_path_too(tmp_path: Path) -> None:
-    missing = tmp_path / "missing.jsonl"
+    missing = tmp_path / "missing" / "x.jsonl"
     result = cli("clear", "--json", str(missing))
     assert result.returncode == 1
     [row] = rows(result)
