@@ -290,7 +290,7 @@ class SessionLock:
             except UnicodeEncodeError:
                 try:
                     raw = lane.encode("utf-8", "surrogateescape")
-                    shown = repr(raw.decode("utf-8", "backslashreplace"))
+                    shown = "'" + raw.decode("utf-8", "backslashreplace") + "'"
                 except UnicodeEncodeError:
                     shown = ascii(lane)
                 raise ValueError(
