@@ -941,7 +941,8 @@ def _wait_with_progress(session: str, sidecar: str, timeout: float | None) -> bo
 def wait(session: str, timeout: float | None) -> None:
     """Wait until SESSION has no live holder. Exit 0 when free (or stale), 4 when
     --timeout passes first, naming the holder. On a terminal a progress line shows
-    who holds it and for how long.
+    who holds it and for how long. A process outside fencelock that holds the
+    sidecar's lock, even a shared one (flock -s), is a live holder too.
 
     \b
     Example:
