@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from fencelock import _forkguard
 
@@ -156,9 +156,9 @@ def describe_mode(mode: int) -> str:
 
 
 
-@dataclass(frozen=True, slots=True)
-class LockOwner:
-    """A process that holds a file's lock, as the system lists it (``/proc/locks``)."""
+class LockOwner(NamedTuple):
+    """A process that holds a file's lock, as the system lists it (``/proc/locks``).
+    (A named tuple: this module is loaded on its own by the portability tests.)"""
 
     pid: int
     """The process that took the lock. flock(2) locks belong to an open file, and
