@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from fencelock import _errors
+from fencelock import LockOwner, _errors
 from fencelock._fingerprint import Fingerprint
-from fencelock._platform import LockOwner
 from fencelock._record import HolderInfo, Phase, PreviousHolder, State
 
 FP = Fingerprint(dev=2049, ino=77, size=120, mtime_ns=1_700_000_000_000_000_001,
