@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     )
     from fencelock._fingerprint import FenceMode, Fingerprint
     from fencelock._lock import SessionLock
+    from fencelock._platform import LockOwner
     from fencelock._probe import (
         DEFAULT_STUCK_AFTER,
         HolderStatus,
@@ -56,6 +57,7 @@ __all__ = [
     "Fingerprint",
     "HolderInfo",
     "HolderStatus",
+    "LockOwner",
     "NotHeldError",
     "Phase",
     "PlantedFileError",
@@ -100,6 +102,7 @@ _SOURCES = {
     ),
     "fencelock._fingerprint": ("FenceMode", "Fingerprint"),
     "fencelock._lock": ("SessionLock",),
+    "fencelock._platform": ("LockOwner",),
     "fencelock._probe": (
         "DEFAULT_STUCK_AFTER",
         "HolderStatus",

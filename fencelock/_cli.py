@@ -110,17 +110,76 @@ def _library_errors() -> Iterator[None]:
 def _echo_json(obj: Any) -> None:
     import json
 
-    click.echo(json.dumps(obj, indent=2))
+    click.echo(json.dumps(json_safe(obj), indent=2))
+
+
+def _utf8(text: str) -> bytes | None:
+    """``text`` as UTF-8 bytes, or None when it holds no lone surrogates (the common
+    case, checked first in O(1) for ASCII)."""
+    if text.isascii():
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        try:  # a path's undecodable bytes, as os.fsdecode gives them
+            return text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a lone surrogate from a record's JSON escape
+            return text.encode("utf-8", "surrogatepass")
+    return None
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every string valid Unicode, so that ``--json`` output is strict
+    UTF-8 for any file name. A string that is not (a name with bytes that are not
+    UTF-8) is given with each such byte written as ``\\xNN``, and its exact bytes, in
+    base64, in an extra field named ``<field>_b64``."""
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            if isinstance(key, str) and _utf8(key) is not None:
+                key = _readable(key)
+            if isinstance(value, str):
+                raw = _utf8(value)
+                if raw is not None:
+                    import base64
+
+                    out[key] = raw.decode("utf-8", "backslashreplace")
+                    out[f"{key}_b64"] = base64.b64encode(raw).decode("ascii")
+                    continue
+            out[key] = json_safe(value) if isinstance(value, dict | list) else value
+        return out
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, str):
+        return _readable(obj)
+    return obj
+
+
+def _readable(text: str) -> str:
+    raw = _utf8(text)
+    return text if raw is None else raw.decode("utf-8", "backslashreplace")
 
 
 def _error_line(message: str) -> None:
     click.echo(f"Error: {clean(message)}", err=True)
 
 
-def _holder_text(holder: HolderInfo | None) -> str:
-    if holder is None:
-        return "a live holder whose record could not be read"
-    return f"pid {holder.pid} on {holder.host} (lane {holder.lane!r}, token {holder.token})"
+def _holder_text(st: HolderStatus) -> str:
+    """Who holds a live session: its record, or the lock's owners outside fencelock."""
+    from fencelock._errors import describe_holder
+
+    return describe_holder(_held_record(st), st.lock_owners)
+
+
+def _held_record(st: HolderStatus) -> HolderInfo | None:
+    """The record, if it says held (a released one describes a past run)."""
+    rec = st.record
+    return rec if rec is not None and str(rec.state) == "held" else None
+
+
+def _plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 line``, ``2 lines``."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
 # -- formatting helpers -------------------------------------------------------------
@@ -182,6 +241,10 @@ def status_json(st: HolderStatus, now: float) -> dict[str, Any]:
         "owner_alive": st.owner_alive,
         "fence_ok": st.fence_ok,
         "reason": st.reason,
+        "held_by": st.held_by,
+        "lock_owners": None if st.lock_owners is None else [
+            {"pid": o.pid, "command": o.command, "shared": o.shared} for o in st.lock_owners
+        ],
     }
 
 
@@ -194,7 +257,21 @@ def _status_cells(st: HolderStatus, now: float, show: _PathDisplay) -> list[str]
 
     rec = st.record
     state = "live (stuck)" if st.stuck else str(st.state)
+    if st.state is ProbeState.LIVE and _held_record(st) is None:
+        # Held by a process outside fencelock: name it as lslocks(8) would.
+        owners = st.lock_owners or ()
+        pids = ",".join(str(o.pid) for o in owners if o.command is not None) or "?"
+        what = ", ".join(sorted({o.command for o in owners if o.command is not None}))
+        if any(o.command is None for o in owners):
+            what = ", ".join(filter(None, [what, "inherited from pid " + ",".join(
+                str(o.pid) for o in owners if o.command is None)]))
+        if owners and all(o.shared for o in owners):
+            what = ", ".join(filter(None, [what, "shared"]))
+        lane = f"(not fencelock: {what})" if what else "(not fencelock)"
+        return [show(st.session), state, pids, "-", _shorten(clean(lane)), "-", "-", "-", "-"]
     if rec is None:
+        if st.state is ProbeState.FREE and _nothing_at(st.session):
+            state = "free (no file)"
         return [show(st.session), state, "-", "-", "-", "-", "-", "-", "-"]
     # A released record describes a past run: its ages would read as if it still ran.
     past = st.state is ProbeState.FREE
@@ -203,7 +280,8 @@ def _status_cells(st: HolderStatus, now: float, show: _PathDisplay) -> list[str]
     return [
         show(st.session),
         state,
-        str(rec.pid),
+        # A free session's record names the run that last held it, not an owner.
+        f"last {rec.pid}" if past else str(rec.pid),
         _shorten(clean(rec.host), 24),
         _shorten(clean(rec.lane)),
         "-" if past else human_age(now - rec.acquired_at),
@@ -271,11 +349,33 @@ def _nothing_at(path: str) -> bool:
     return True
 
 
-def _missing(st: HolderStatus) -> bool:
-    """Neither the session file nor its sidecar exists: most likely a mistyped path."""
-    from fencelock._probe import ProbeState
+def _no_directory(path: str) -> str | None:
+    """The error for a session path whose directory does not exist, else None.
 
-    return st.state is ProbeState.FREE and st.record is None and _nothing_at(st.session)
+    Every command refuses such a path the same way. (A missing session file in an
+    existing directory is a session no run has started yet: free and empty.)
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.stat(directory)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        what = "does not exist" if isinstance(e, FileNotFoundError) else "is not a directory"
+        return f"{path}: its directory {directory} {what}; check the path, or create it"
+    except OSError:
+        return None  # there may be something; let the library name the cause
+    return None
+
+
+def _one_session(path: str, command: str) -> None:
+    """Refuse, in one line, a path that cannot name one session for ``command``."""
+    problem = _no_directory(path)
+    if problem is not None:
+        raise CliError(problem)
+    if _is_directory_to_scan(path):
+        raise CliError(
+            f"{path}: is a directory; {command} takes one session file "
+            f"(fencelock status {path} lists the sessions in it)"
+        )
 
 
 # -- the group ------------------------------------------------------------------------
@@ -334,7 +434,7 @@ SECONDS = _Seconds()
 # -- status ---------------------------------------------------------------------------
 
 
-@main.command()
+@main.command(short_help="Show who holds each session (default: in .).")
 @click.argument("paths", nargs=-1, type=click.Path(readable=False))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per holder.")
 @click.option(
@@ -347,14 +447,23 @@ SECONDS = _Seconds()
 )
 def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
     """Show the holder of each session. PATH is a session file, its .holder sidecar,
-    or a directory of sessions (default: the current directory).
+    or a directory of sessions. With no PATH, the current directory is scanned (only
+    it, not the directories below it).
+
+    A session file that does not exist yet, in a directory that does, is free (shown
+    as "free (no file)"); a path whose directory does not exist is an error. A free
+    session's PID column names the run that last held it ("last N"); a session held by
+    a process outside fencelock (e.g. flock(1)) shows that process, as lslocks does.
 
     Exit 0 when nothing is stale, 3 when a stale holder (owner died mid-run) is
     found, 1 when a path cannot be read (this wins over 3).
 
     JSON objects carry: session, sidecar, state (free, live, stale, unreadable),
     pid, host, lane, run_id, token, phase, acquired_at, heartbeat_at, age,
-    heartbeat_age (seconds), stuck, owner_alive, fence_ok, reason.
+    heartbeat_age (seconds), stuck, owner_alive, fence_ok, reason (pid to
+    heartbeat_age are the record's: the last run's unless a run holds the session
+    now), held_by (the pid holding it now, or null), lock_owners (for a holder outside
+    fencelock: pid, command, shared).
 
     \b
     Example:
@@ -374,12 +483,12 @@ def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
                 _error_line(f"{path}: cannot list it: {e.cause.strerror or type(e.cause).__name__}")
                 failed = True
             continue
-        st = probe(path, stuck_after=stuck_after)
-        if _missing(st):
-            _error_line(f"{path}: no such session file or sidecar")
+        problem = _no_directory(path)
+        if problem is not None:
+            _error_line(problem)
             failed = True
             continue
-        rows.append(st)
+        rows.append(probe(path, stuck_after=stuck_after))
     now = time.time()
     if as_json:
         _echo_json([status_json(st, now) for st in rows])
@@ -414,6 +523,7 @@ class _ClearOutcome:
         refused: bool = False,
         error: str | None = None,
         reason: str = "",
+        holder_text: str = "",
     ) -> None:
         self.session = session
         self.sidecar = sidecar
@@ -425,6 +535,7 @@ class _ClearOutcome:
         self.refused = refused
         self.error = error
         self.reason = reason
+        self.holder_text = holder_text
 
     def to_json(self) -> dict[str, Any]:
         rec = self.record
@@ -453,9 +564,12 @@ def _clear_one(path: str, remove: bool, force: bool) -> _ClearOutcome:
     try:
         st = clear(path, remove=remove, force=force)
     except SessionContendedError as e:
+        from fencelock._errors import describe_holder
+
         session = e.session
         return _ClearOutcome(
-            session, session + _SIDECAR_SUFFIX, "live", e.holder, refused=True, reason=str(e)
+            session, session + _SIDECAR_SUFFIX, "live", e.holder, refused=True, reason=str(e),
+            holder_text=describe_holder(e.holder, e.lock_owners),
         )
     except (FenceLockError, OSError) as e:
         from fencelock._sidecar import paths
@@ -499,7 +613,7 @@ def _clear_directory(directory: str, remove: bool, force: bool) -> _DirSummary:
     return summary
 
 
-@main.command(name="clear")
+@main.command(name="clear", short_help="Clear stale holder records; never live ones.")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option(
     "--remove", is_flag=True, help="Also delete the sidecars of free and cleared sessions."
@@ -542,14 +656,14 @@ def clear_command(paths: tuple[str, ...], remove: bool, force: bool, as_json: bo
                 done = sum(o.cleared for o in outcomes)
                 gone = sum(o.removed for o in outcomes)
                 text = f"{clean(path)}: cleared {done} stale, left {summary.live} live alone"
-                click.echo(text + (f", removed {gone} sidecars" if remove else ""))
+                click.echo(text + (f", removed {_plural(gone, 'sidecar')}" if remove else ""))
         else:
-            if _nothing_at(path):
+            problem = _no_directory(path)
+            if problem is not None:
                 from fencelock._sidecar import paths as _paths
 
-                message = f"{path}: no such session file or sidecar"
                 session, sidecar = _paths(path)
-                outcomes = [_ClearOutcome(session, sidecar, None, error=message, reason=message)]
+                outcomes = [_ClearOutcome(session, sidecar, None, error=problem, reason=problem)]
             else:
                 outcomes = [_clear_one(path, remove, force)]
         for out in outcomes:
@@ -559,7 +673,7 @@ def clear_command(paths: tuple[str, ...], remove: bool, force: bool, as_json: bo
                 failed = True
                 _error_line(out.error)
             elif out.refused:
-                _error_line(f"{out.session}: not cleared: held by {_holder_text(out.record)}")
+                _error_line(f"{out.session}: not cleared: held by {out.holder_text}")
             elif not as_json:
                 click.echo(f"{show(out.session)}: {clean(out.reason)}")
     if as_json:
@@ -691,7 +805,7 @@ def _run_held(
     return 128 - code if code < 0 else code
 
 
-@main.command()
+@main.command(short_help="Hold SESSION while COMMAND runs, like flock(1).")
 @click.argument("session", type=click.Path(readable=False))
 @click.option("--lane", required=True, help="The lane name recorded in the holder record.")
 @click.option("--no-wait", "-n", is_flag=True, help="Exit 4 at once if the session is held.")
@@ -736,6 +850,7 @@ def run(
     from fencelock._errors import FenceLockError
     from fencelock._lock import SessionLock
 
+    _one_session(session, "run")
     try:
         lock = SessionLock(
             session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout
@@ -830,8 +945,9 @@ def _progress(session: str, since: float, show: _PathDisplay) -> str:
     from fencelock._probe import probe
 
     st = probe(session)
-    rec = st.record
-    who = "a holder" if rec is None else f"pid {rec.pid} (lane {clean(repr(rec.lane))})"
+    rec = _held_record(st)
+    who = (clean(_holder_text(st)) if rec is None
+           else f"pid {rec.pid} (lane {clean(repr(rec.lane))})")
     held = "" if rec is None else f" for {human_age(time.time() - rec.acquired_at)}"
     waited = human_age(time.monotonic() - since)
     # Who and how long come first: a long path is what gets cut at the terminal's edge.
@@ -871,7 +987,7 @@ def _wait_with_progress(session: str, sidecar: str, timeout: float | None) -> bo
     return result[0]
 
 
-@main.command()
+@main.command(short_help="Wait until SESSION has no live holder.")
 @click.argument("session", type=click.Path(readable=False))
 @click.option(
     "--timeout",
@@ -883,7 +999,8 @@ def _wait_with_progress(session: str, sidecar: str, timeout: float | None) -> bo
 def wait(session: str, timeout: float | None) -> None:
     """Wait until SESSION has no live holder. Exit 0 when free (or stale), 4 when
     --timeout passes first, naming the holder. On a terminal a progress line shows
-    who holds it and for how long.
+    who holds it and for how long. A process outside fencelock that holds the
+    sidecar's lock, even a shared one (flock -s), is a live holder too.
 
     \b
     Example:
@@ -892,6 +1009,7 @@ def wait(session: str, timeout: float | None) -> None:
     from fencelock._probe import ProbeState, probe
     from fencelock._wait import wait_until_unlocked
 
+    _one_session(session, "wait")
     with _library_errors():
         st = probe(session)
         if st.state is ProbeState.UNREADABLE:
@@ -906,16 +1024,15 @@ def wait(session: str, timeout: float | None) -> None:
         except KeyboardInterrupt:
             sys.exit(EXIT_INTERRUPTED)
         if not free:
-            holder = probe(session).record
             raise ContendedCliError(
-                f"{st.session}: still held by {_holder_text(holder)} after {timeout:g}s"
+                f"{st.session}: still held by {_holder_text(probe(session))} after {timeout:g}s"
             )
 
 
 # -- recover ----------------------------------------------------------------------------
 
 
-@main.command(name="recover")
+@main.command(name="recover", short_help="Print the session to use after a stuck run.")
 @click.argument("session", type=click.Path(readable=False))
 @click.option(
     "--wait",
@@ -935,17 +1052,27 @@ def recover_command(session: str, wait_s: float, no_fresh: bool, lane: str, as_j
     is cleared), or a fresh session beside it carrying the old transcript's complete
     lines. Exit 0, or 4 when still held and --no-fresh.
 
+    A session file that does not exist yet (its directory does) is free: it is
+    printed as it is (refire).
+
     JSON: action (refire or fresh), session, original, waited, carried_lines,
-    holder (a status object). Still held with --no-fresh: action and session null,
-    error, and holder as the live record.
+    holder (what was found: an object of the same shape as status --json gives).
+    Still held with --no-fresh: action and session null, and error says why.
 
     \b
     Example:
       next=$(fencelock recover sessions/4f1c.jsonl --wait 10)
     """
     from fencelock._errors import SessionContendedError
+    from fencelock._lock import SessionLock
+    from fencelock._probe import probe
     from fencelock._recovery import recover
 
+    _one_session(session, "recover")
+    try:
+        SessionLock.check_lane(lane)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--lane'") from None
     with _library_errors():
         try:
             r = recover(session, wait=wait_s, fresh=not no_fresh, lane=lane)
@@ -955,7 +1082,7 @@ def recover_command(session: str, wait_s: float, no_fresh: bool, lane: str, as_j
                     "action": None, "session": None, "original": e.session,
                     "waited": None if e.waited is None else round(e.waited, 3),
                     "carried_lines": 0, "error": str(e),
-                    "holder": None if e.holder is None else e.holder.to_json(),
+                    "holder": status_json(probe(e.session), time.time()),
                 })
             raise
     if as_json:
@@ -965,6 +1092,7 @@ def recover_command(session: str, wait_s: float, no_fresh: bool, lane: str, as_j
             "original": r.holder.session,
             "waited": round(r.waited, 3),
             "carried_lines": r.carried_lines,
+            "error": None,
             "holder": status_json(r.holder, time.time()),
         }
         _echo_json(obj)
@@ -981,7 +1109,7 @@ def recover_command(session: str, wait_s: float, no_fresh: bool, lane: str, as_j
 # -- verify -----------------------------------------------------------------------------
 
 
-@main.command(name="verify")
+@main.command(name="verify", short_help="Check SESSION for torn lines and bad tokens.")
 @click.argument("session", type=click.Path(readable=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify_command(session: str, as_json: bool) -> None:
@@ -990,7 +1118,11 @@ def verify_command(session: str, as_json: bool) -> None:
     were stamped by two runs.
     Exit 0 clean, 5 problems found, 1 unreadable.
 
-    JSON: session, lines, stamped, max_token, ok, problems (line, kind, detail).
+    A session file that does not exist yet (its directory does) has no lines: it is
+    clean, and the report says it does not exist.
+
+    JSON: session, exists, lines, stamped, max_token, ok, problems (line, kind,
+    detail).
 
     \b
     Example:
@@ -998,11 +1130,13 @@ def verify_command(session: str, as_json: bool) -> None:
     """
     from fencelock._verify import verify
 
+    _one_session(session, "verify")
     with _library_errors():
         report = verify(session)
     if as_json:
         obj = {
             "session": report.session,
+            "exists": report.exists,
             "lines": report.lines,
             "stamped": report.stamped,
             "max_token": report.max_token,
@@ -1016,9 +1150,10 @@ def verify_command(session: str, as_json: bool) -> None:
         name = clean(session)
         for p in report.problems:
             click.echo(f"{name}:{p.line}: {p.kind}: {clean(p.detail)}")
-        verdict = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+        verdict = "ok" if report.ok else _plural(len(report.problems), "problem")
+        missing = "" if report.exists else "no such file yet, "
         click.echo(
-            f"{name}: {report.lines} lines, {report.stamped} stamped, "
+            f"{name}: {missing}{_plural(report.lines, 'line')}, {report.stamped} stamped, "
             f"max token {report.max_token}: {verdict}"
         )
     if not report.ok:
@@ -1028,7 +1163,7 @@ def verify_command(session: str, as_json: bool) -> None:
 # -- check-config -----------------------------------------------------------------------
 
 
-@main.command(name="check-config")
+@main.command(name="check-config", short_help="Warn about heartbeats that share sessions.")
 @click.argument("file", type=click.Path(readable=False))
 @click.option("--strict", is_flag=True, help="Exit 1 when there are warnings.")
 def check_config(file: str, strict: bool) -> None:
@@ -1057,4 +1192,4 @@ def check_config(file: str, strict: bool) -> None:
     if not warnings:
         click.echo(f"{name}: ok: every agent heartbeat is isolated or off")
     elif strict:
-        raise CliError(f"{file}: {len(warnings)} warning(s) and --strict")
+        raise CliError(f"{file}: {_plural(len(warnings), 'warning')} and --strict")

@@ -1,19 +1,29 @@
 """Every exception fencelock raises, with the attributes a caller needs.
 
-Messages name the file and the next step, so a CLI can print them as they are.
+Messages name the file and the next step, so a CLI can print them as they are. Each
+exception survives ``pickle`` (its ``__reduce__`` gives the constructor's arguments and
+the attributes set since), so it crosses a process pool intact.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fencelock._fingerprint import Fingerprint
+    from fencelock._platform import LockOwner
     from fencelock._record import HolderInfo
 
 
 class FenceLockError(Exception):
     """Base class of everything fencelock raises on purpose."""
+
+    def _init_args(self) -> tuple[Any, ...]:
+        """The constructor's arguments, for `__reduce__`."""
+        return self.args
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), self._init_args(), self.__dict__ or None
 
 
 class CoordinationError(FenceLockError):
@@ -23,16 +33,31 @@ class CoordinationError(FenceLockError):
 class SessionContendedError(CoordinationError):
     """Another run holds the session (``on_contention="fail"``, or a wait timed out)."""
 
-    def __init__(self, session: str, holder: HolderInfo | None, *, waited: float | None = None):
+    def __init__(
+        self,
+        session: str,
+        holder: HolderInfo | None,
+        *,
+        waited: float | None = None,
+        lock_owners: tuple[LockOwner, ...] | None = None,
+    ):
         self.session = session
         self.holder = holder
+        """The live holder's record; None when the lock is held without one."""
         self.waited = waited
-        who = describe_holder(holder)
-        how = f" after waiting {waited:.1f}s" if waited and waited >= 0.05 else ""
+        self.lock_owners = lock_owners
+        """Without a record: the processes the system lists as holding the lock (see
+        `HolderStatus.lock_owners`), None where it cannot say."""
+        who = describe_holder(holder, lock_owners)
+        how = f", after waiting {waited:.1f}s" if waited and waited >= 0.05 else ""
         super().__init__(
             f"{session}: held by {who}{how}; wait for it, or start a fresh session "
             f"(fencelock recover {session})"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild_contended, (self.session, self.holder, self.waited,
+                                    self.lock_owners), self.__dict__
 
 
 class SessionTakeoverError(CoordinationError):
@@ -47,6 +72,9 @@ class SessionTakeoverError(CoordinationError):
             f"(expected {_fp(expected)}, found {_fp(actual)}); the run's history "
             f"is no longer what it wrote, so it stops here"
         )
+
+    def _init_args(self) -> tuple[Any, ...]:
+        return self.session, self.expected, self.actual
 
 
 class UnsafePathError(FenceLockError):
@@ -63,6 +91,9 @@ class UnsafePathError(FenceLockError):
             f"writes to anything else, and left it untouched"
         )
 
+    def _init_args(self) -> tuple[Any, ...]:
+        return self.path, self.what
+
 
 class PlantedFileError(UnsafePathError):
     """A file fencelock would write is owned by another user, in a directory where
@@ -78,6 +109,10 @@ class PlantedFileError(UnsafePathError):
             f"create files; another user may have planted it. Left untouched: remove it if "
             f"it is not expected, and give the sessions directory mode 0700 or 0750",
         )
+        self.directory = directory
+
+    def _init_args(self) -> tuple[Any, ...]:
+        return self.path, self.uid, self.directory
 
 
 class UnsafeSidecarError(UnsafePathError):
@@ -87,6 +122,9 @@ class UnsafeSidecarError(UnsafePathError):
         self.sidecar = sidecar
         super().__init__(sidecar, what)
         self.args = (f"{self.args[0]}. Remove or rename it if it is not meant to be there",)
+
+    def _init_args(self) -> tuple[Any, ...]:
+        return self.sidecar, self.what
 
 
 class CorruptRecordError(FenceLockError):
@@ -100,6 +138,9 @@ class CorruptRecordError(FenceLockError):
             f"'fencelock clear --force {sidecar}' to set it aside and start over"
         )
 
+    def _init_args(self) -> tuple[Any, ...]:
+        return self.sidecar, self.why
+
 
 class SidecarAccessError(FenceLockError):
     """The sidecar or its directory cannot be opened, created or written."""
@@ -107,8 +148,12 @@ class SidecarAccessError(FenceLockError):
     def __init__(self, path: str, cause: OSError, fix: str):
         self.path = path
         self.cause = cause
+        self.fix = fix
         reason = cause.strerror or type(cause).__name__
         super().__init__(f"{path}: {reason}; {fix}")
+
+    def _init_args(self) -> tuple[Any, ...]:
+        return self.path, self.cause, self.fix
 
 
 class SessionWriteError(FenceLockError):
@@ -128,7 +173,12 @@ class SessionWriteError(FenceLockError):
             if stored
             else "the entry was not stored, append it again once the cause is fixed"
         )
+        self.what = what
         super().__init__(f"{session}: {what} failed: {reason}; {outcome}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild_write_error, (self.session, self.cause, self.what,
+                                      self.stored), self.__dict__
 
 
 class FenceLockWarning(UserWarning):
@@ -139,10 +189,41 @@ class NotHeldError(FenceLockError):
     """An operation that needs the holder was called without it."""
 
 
-def describe_holder(holder: HolderInfo | None) -> str:
-    if holder is None:
-        return "a live holder whose record could not be read"
-    return f"pid {holder.pid} on {holder.host} (lane {holder.lane!r}, token {holder.token})"
+def _rebuild_contended(
+    session: str,
+    holder: HolderInfo | None,
+    waited: float | None,
+    lock_owners: tuple[LockOwner, ...] | None,
+) -> SessionContendedError:
+    return SessionContendedError(session, holder, waited=waited, lock_owners=lock_owners)
+
+
+def _rebuild_write_error(
+    session: str, cause: OSError, what: str, stored: bool
+) -> SessionWriteError:
+    return SessionWriteError(session, cause, what, stored=stored)
+
+
+def describe_holder(
+    holder: HolderInfo | None, lock_owners: tuple[LockOwner, ...] | None = None
+) -> str:
+    """Who holds a session, in words: its record, or else the lock's owners."""
+    if holder is not None:
+        return f"pid {holder.pid} on {holder.host} (lane {holder.lane!r}, token {holder.token})"
+    if lock_owners is None:
+        return ("a live holder without a readable fencelock record (this system does not "
+                "say which process)")
+    if not lock_owners:
+        return ("a process outside fencelock that /proc/locks does not list (another host "
+                "or PID namespace)")
+    names = ", ".join(
+        f"pid {o.pid} ({o.command})" if o.command is not None
+        else f"a process that inherited the lock from pid {o.pid} (exited)"
+        for o in lock_owners
+    )
+    shared = " in shared mode" if all(o.shared for o in lock_owners) else ""
+    one = len(lock_owners) == 1
+    return f"{names}{shared}, not {'a fencelock holder' if one else 'fencelock holders'}"
 
 
 def _fp(fp: Fingerprint | None) -> str:

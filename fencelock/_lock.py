@@ -176,9 +176,9 @@ class SessionLock:
             raise ValueError(f"on_contention must be 'wait' or 'fail', not {on_contention!r}")
         if timeout is not None:
             timeout = _wait.limit(timeout)
-        if len(lane) > _record.MAX_TEXT or (origin is not None and len(origin) > _record.MAX_TEXT):
-            name = "lane" if len(lane) > _record.MAX_TEXT else "origin"
-            raise ValueError(f"{name} is longer than {_record.MAX_TEXT} characters")
+        self.check_lane(lane)
+        if origin is not None and len(origin) > _record.MAX_TEXT:
+            raise ValueError(f"origin is longer than {_record.MAX_TEXT} characters")
         self.session, self.sidecar = _sidecar.paths(path)
         self.lane = lane
         self.on_contention: OnContention = on_contention
@@ -275,6 +275,27 @@ class SessionLock:
         self._io = threading.Lock()  # another thread may have held it at the fork
         self._append_mu = threading.Lock()
         self._pid = -1  # marks "inherited through fork": release() becomes a no-op
+
+    @staticmethod
+    def check_lane(lane: str) -> None:
+        """Raise ValueError for a lane no record can carry: longer than
+        `_record.MAX_TEXT` characters, or not valid UTF-8 text (a name with bytes that
+        are not UTF-8, as ``os.fsdecode`` gives them, would reach the record as escapes
+        of lone surrogates, which strict JSON readers reject)."""
+        if len(lane) > _record.MAX_TEXT:
+            raise ValueError(f"lane is longer than {_record.MAX_TEXT} characters")
+        if not lane.isascii():
+            try:
+                lane.encode()
+            except UnicodeEncodeError:
+                try:
+                    raw = lane.encode("utf-8", "surrogateescape")
+                    shown = "'" + raw.decode("utf-8", "backslashreplace") + "'"
+                except UnicodeEncodeError:
+                    shown = ascii(lane)
+                raise ValueError(
+                    f"lane {shown} is not valid UTF-8 text; name lanes in UTF-8"
+                ) from None
 
     def __repr__(self) -> str:
         state = "held" if self.held else "not held"
@@ -442,7 +463,9 @@ class SessionLock:
         if record is not None and record.state is not State.HELD:
             record = None  # a record from before the live holder wrote its own
         waited = None if start is None else time.monotonic() - start
-        return SessionContendedError(self.session, record, waited=waited)
+        # Without a held record a process outside fencelock has the lock: name it.
+        owners = _platform.lock_owners(self.sidecar) if record is None else None
+        return SessionContendedError(self.session, record, waited=waited, lock_owners=owners)
 
     def _write_new_record(self) -> None:
         fd, previous = self._fd, None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import NamedTuple
 
 from fencelock import _forkguard
 
@@ -48,6 +49,10 @@ if WINDOWS:  # pragma: no cover - exercised on Windows only
             _locking(fd, msvcrt.LK_NBLCK)  # type: ignore[attr-defined]
         except OSError:
             return False
+        return True
+
+    def sole_lock(fd: int) -> bool:
+        """Windows byte locks are exclusive: the probe's own lock says it all."""
         return True
 
     def lock_blocking(fd: int, shared: bool = False) -> None:
@@ -104,6 +109,24 @@ else:
             return False
         return True
 
+    def sole_lock(fd: int) -> bool:
+        """After ``try_lock(fd, shared=True)`` succeeded: whether no other open file
+        holds a shared lock too (a process outside fencelock can hold one for as long as
+        it likes, and it keeps every exclusive acquirer out).
+
+        The shared lock is converted to an exclusive one, without waiting; flock(2)
+        does not convert atomically, so after False the caller may hold no lock at all.
+        Where the test cannot be made (a read-only descriptor where flock is emulated
+        with POSIX locks, as on NFS), True: the shared probe's answer stands.
+        """
+        try:
+            fcntl.flock(fd, _EX_NB)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return True
+
     def lock_blocking(fd: int, shared: bool = False) -> None:
         """Sleep in the kernel until the lock is ours: hand-off is immediate."""
         if shared:
@@ -131,3 +154,66 @@ def describe_mode(mode: int) -> str:
             return name
     return "not a regular file"
 
+
+
+class LockOwner(NamedTuple):
+    """A process that holds a file's lock, as the system lists it (``/proc/locks``).
+    (A named tuple: this module is loaded on its own by the portability tests.)"""
+
+    pid: int
+    """The process that took the lock. flock(2) locks belong to an open file, and
+    ``/proc/locks`` names the process that locked it, even after that process exited
+    and left the lock to a child that inherited the descriptor (``flock FILE CMD``)."""
+    shared: bool
+    command: str | None
+    """``/proc/<pid>/comm``; None when ``pid`` is gone (a child it started holds on)."""
+
+
+_PROC_LOCKS = "/proc/locks"
+
+
+def lock_owners(path: str) -> tuple[LockOwner, ...] | None:
+    """Who holds flock(2) locks on ``path``, read from ``/proc/locks`` as lslocks(8)
+    reads it (the entry whose ``major:minor:inode`` is the file's).
+
+    None where the system does not say (not Linux, no ``/proc``); an empty tuple when
+    no listed lock matches: the holder is on another host (NFS) or in another PID
+    namespace, which ``/proc/locks`` does not show. Reads a system-wide list, so it is
+    for diagnosis only, never for deciding whether a lock is held.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        with open(_PROC_LOCKS, "rb") as f:
+            listing = f.read()
+    except OSError:
+        return None
+    dev = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    needle = b":%d " % st.st_ino
+    owners: list[LockOwner] = []
+    for line in listing.splitlines():
+        if needle not in line + b" ":
+            continue
+        # "1: FLOCK  ADVISORY  WRITE 6961 fe:00:2157137 0 EOF"; a waiter's line has "->"
+        parts = line.split()
+        if len(parts) < 6 or parts[1] != b"FLOCK":
+            continue
+        try:
+            pid = int(parts[4])
+            major, minor, ino = parts[5].split(b":")
+            where = (int(major, 16), int(minor, 16), int(ino))
+        except ValueError:
+            continue
+        if where != dev or pid <= 0:  # 0 or -1: an owner this namespace cannot name
+            continue
+        owners.append(LockOwner(pid, parts[3] == b"READ", _command(pid)))
+    return tuple(owners)
+
+
+def _command(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return os.fsdecode(f.read().rstrip(b"\n"))
+    except OSError:
+        return None

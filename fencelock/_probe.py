@@ -1,7 +1,11 @@
 """Looking at holders from outside: `probe`, `scan` and `clear`.
 
 The lock decides live or not: a probe takes a *shared* lock without waiting, which
-fails exactly when some process holds the exclusive one. The record only describes.
+fails when some process holds the exclusive one, then converts it to exclusive, which
+fails when another process holds a shared one (a process outside fencelock may). A
+lock found taken without a live record behind it gets the grace fail-fast acquirers
+give it (`_lock.FAIL_GRACE`): fencelock's own probes and waits hold theirs for
+microseconds. The record only describes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from fencelock._errors import (
     SessionContendedError,
     SidecarAccessError,
     UnsafeSidecarError,
+    describe_holder,
 )
 from fencelock._fingerprint import FenceMode
 from fencelock._record import HolderInfo, State
@@ -55,6 +60,11 @@ class HolderStatus:
     """Set by `clear`: the sidecar was deleted."""
     set_aside: str | None = None
     """Set by `clear(force=True)`: where the corrupt sidecar was moved."""
+    lock_owners: tuple[_platform.LockOwner, ...] | None = None
+    """For a session that is live without a held record (a process outside fencelock
+    holds the lock): the processes the system lists as holding it (Linux:
+    ``/proc/locks``); an empty tuple when none is listed (another host or PID
+    namespace). None otherwise, or where the system cannot say."""
 
     @property
     def pid(self) -> int | None:
@@ -67,6 +77,18 @@ class HolderStatus:
     @property
     def token(self) -> int | None:
         return self.record.token if self.record else None
+
+    @property
+    def held_by(self) -> int | None:
+        """The pid holding the session now: a live record's, or the one lock owner
+        listed for a holder outside fencelock; None when not held or unknown.
+        (``pid`` is the record's, which for a free or stale session is the last run's.)"""
+        if self.state is not ProbeState.LIVE:
+            return None
+        if self.record is not None and self.record.state is State.HELD:
+            return self.record.pid
+        owners = self.lock_owners or ()
+        return owners[0].pid if len(owners) == 1 and owners[0].command is not None else None
 
 
 def probe(
@@ -104,23 +126,25 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
         return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
     except SidecarAccessError as e:
         if e.cause.errno == errno.ENOENT and os.path.isdir(os.path.dirname(sidecar)):
-            return HolderStatus(session, sidecar, ProbeState.FREE, reason="no sidecar")
+            return HolderStatus(session, sidecar, ProbeState.FREE, reason=_no_sidecar(session))
         return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
+    owners: tuple[_platform.LockOwner, ...] | None = None
     try:
         try:
-            free = _platform.try_lock(fd, shared=True)
+            free = _unlocked(fd)
+            record, corrupt = _read(fd, sidecar, st.st_size)
+            if not free and not (record is not None and _lock.may_be_live(record)):
+                free = _unlocked_within(fd, _lock.FAIL_GRACE)
+                record, corrupt = _read(fd, sidecar, None)
+                if not free and (record is None or record.state is not State.HELD):
+                    owners = _platform.lock_owners(sidecar)  # only now: it reads a system list
         except OSError as e:  # e.g. ENOLCK: no lock service on this NFS mount
             why = SidecarAccessError(sidecar, e, "its lock cannot be probed here")
             return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(why))
-        try:
-            record = _sidecar.read(fd, sidecar, st.st_size)
-            corrupt = ""
-        except CorruptRecordError as e:
-            record, corrupt = None, str(e)
         except SidecarAccessError as e:
             return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
     finally:
-        _sidecar.close(fd)  # also drops the shared lock
+        _sidecar.close(fd)  # also drops the test lock
     if not free:
         state = ProbeState.LIVE
     elif corrupt:
@@ -129,9 +153,56 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
         state = ProbeState.STALE
     else:
         state = ProbeState.FREE
+    if state is ProbeState.LIVE and (record is None or record.state is not State.HELD):
+        # A lock with no held record behind it, past the grace: a process outside
+        # fencelock holds it (a record it may have left is a past run's).
+        held = "held by " + describe_holder(None, owners)
+        if corrupt:
+            held += f"; {corrupt}"
+        return HolderStatus(session, sidecar, state, record=record, lock_owners=owners,
+                            reason=held)
     if record is None:
         return HolderStatus(session, sidecar, state, reason=corrupt or "no record")
     return _status(session, sidecar, state, record, stuck_after, now)
+
+
+def _no_sidecar(session: str) -> str:
+    """Why a session without a sidecar is free: no run has held it, or none started."""
+    return "no sidecar" if os.path.lexists(session) else "no session file or sidecar yet"
+
+
+def _unlocked(fd: int) -> bool:
+    """Whether no other process holds the sidecar's lock, exclusive or shared."""
+    return _platform.try_lock(fd, shared=True) and _platform.sole_lock(fd)
+
+
+def _unlocked_within(fd: int, grace: float) -> bool:
+    """Whether the lock comes free within ``grace``. A holder outside fencelock keeps
+    it the same way (exclusive, or shared) all along; fencelock's own test locks last
+    microseconds and come and go, so the grace starts again whenever what blocks the
+    lock changes (at most 20 graces in all)."""
+    start = time.monotonic()
+    deadline, cap = start + grace, start + 20 * grace
+    blocked_by_exclusive: bool | None = None
+    while True:
+        time.sleep(0.001)  # a probe's or a waiter's test lock lasts microseconds
+        shared = _platform.try_lock(fd, shared=True)
+        if shared and _platform.sole_lock(fd):
+            return True
+        now = time.monotonic()
+        if blocked_by_exclusive is not None and blocked_by_exclusive == shared:
+            deadline = now + grace  # blocked the other way now: someone came and went
+        blocked_by_exclusive = not shared
+        if now >= min(deadline, cap):
+            return False
+
+
+def _read(fd: int, sidecar: str, size: int | None) -> tuple[HolderInfo | None, str]:
+    """The record and, when it is corrupt, why (the record is then None)."""
+    try:
+        return _sidecar.read(fd, sidecar, size), ""
+    except CorruptRecordError as e:
+        return None, str(e)
 
 
 def _status(
@@ -246,11 +317,14 @@ def clear(
                 fd, st = _sidecar.open_checked(sidecar, create=False, write=True)
             except SidecarAccessError as e:
                 if e.cause.errno == errno.ENOENT and os.path.isdir(os.path.dirname(sidecar)):
-                    return HolderStatus(session, sidecar, ProbeState.FREE, reason="no sidecar")
+                    return HolderStatus(session, sidecar, ProbeState.FREE,
+                                        reason=_no_sidecar(session))
                 raise
             try:
                 if not _lock_for_clear(fd, sidecar):
-                    raise SessionContendedError(session, _live_record(sidecar))
+                    record = _live_record(sidecar)
+                    owners = None if record else _platform.lock_owners(sidecar)
+                    raise SessionContendedError(session, record, lock_owners=owners)
                 if not _sidecar.still_at_path(sidecar, st):
                     continue
                 return _clear_locked(fd, st, session, sidecar, remove, force)

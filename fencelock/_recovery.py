@@ -81,7 +81,9 @@ def recover(
         waited = time.monotonic() - start
         if not released:
             if not fresh:
-                raise SessionContendedError(session, found.record, waited=waited)
+                held = found.record if found.held_by is not None else None
+                raise SessionContendedError(session, held, waited=waited,
+                                            lock_owners=found.lock_owners)
             old_token = found.record.token if found.record is not None else 0
             new, carried = _start_fresh(session, lane, carry, old_token)
             return Recovery(Action.FRESH, new, found, waited, carried)

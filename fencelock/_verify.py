@@ -36,6 +36,8 @@ class VerifyReport:
     stamped: int = 0
     max_token: int = 0
     problems: list[Problem] = field(default_factory=list)
+    exists: bool = True
+    """False for a session file not created yet (its directory exists): no lines."""
 
     @property
     def ok(self) -> bool:
@@ -54,10 +56,17 @@ MAX_PROBLEMS = 10_000
 
 
 def verify(path: str | os.PathLike[str]) -> VerifyReport:
-    """Read the session line by line and report what is wrong with it."""
+    """Read the session line by line and report what is wrong with it.
+
+    A session file that does not exist yet, in a directory that does, has no lines.
+    """
     session = os.path.abspath(os.fspath(path))
     try:
         fd, _ = _sidecar.open_regular(session, os.O_RDONLY)
+    except FileNotFoundError as e:
+        if os.path.isdir(os.path.dirname(session)):
+            return VerifyReport(session, exists=False)
+        raise SidecarAccessError(session, e, "verify needs to read the session file") from None
     except OSError as e:
         raise SidecarAccessError(session, e, "verify needs to read the session file") from None
     try:

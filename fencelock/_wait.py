@@ -106,7 +106,9 @@ def limit(seconds: float | None, what: str = "timeout") -> float | None:
 def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
     """Block until no process holds ``sidecar``'s lock; False on timeout.
 
-    Takes and drops a shared lock, so it writes nothing and bumps no token. A wait that
+    Takes and drops a shared lock (and, to see that no other process holds a shared
+    one, converts it to exclusive for an instant), so it writes nothing and bumps no
+    token. A wait that
     times out leaves its helper thread blocked in the kernel until the holder lets go
     (it then drops the lock at once), so call it once with the whole timeout rather
     than in a loop of short ones.
@@ -123,10 +125,43 @@ def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
         locked = _shared_lock(fd, st, sidecar, deadline)
         if locked is None:
             return False
-        if _sidecar.still_at_path(sidecar, locked):
-            return True
-        # The sidecar was removed (and perhaps made anew) while we waited: the lock
-        # that counts is the one on whatever is at the path now.
+        if not _sidecar.still_at_path(sidecar, locked):
+            continue  # removed (and perhaps made anew) meanwhile: the one at the path counts
+        # No exclusive holder now; a process outside fencelock may still hold a shared
+        # lock, which keeps acquirers out as surely.
+        alone = _no_shared_holder(sidecar, deadline)
+        if alone is not None:
+            return alone
+
+
+def _no_shared_holder(sidecar: str, deadline: float | None) -> bool | None:
+    """Wait until no other process holds a shared lock on the sidecar either: True, or
+    False on timeout; None when an exclusive holder came back (wait in the kernel again).
+
+    Polled (every 1 ms, growing to 50 ms): the kernel wakes no one when the last
+    shared lock goes, and shared locks other than fencelock's momentary test locks
+    are rare.
+    """
+    pause = 0.001
+    while True:
+        try:
+            fd, _ = _sidecar.open_checked(sidecar, create=False)
+        except SidecarAccessError as e:
+            if e.cause.errno == errno.ENOENT:
+                return True
+            raise
+        try:
+            if not _platform.try_lock(fd, shared=True):
+                return None
+            if _platform.sole_lock(fd):
+                return True
+        finally:
+            _sidecar.close(fd)
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return False
+        time.sleep(pause if remaining is None else min(pause, remaining))
+        pause = min(pause * 2, 0.05)
 
 
 def _shared_lock(

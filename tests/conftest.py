@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,3 +120,72 @@ def wait_for_blocked_waiter(
             return False
         time.sleep(0.001)
     raise AssertionError("no process blocked on the sidecar lock")
+
+
+FLOCK = shutil.which("flock")
+"""util-linux flock(1): a lock holder outside fencelock."""
+
+
+class ForeignHolder:
+    """``flock [-s] SIDECAR sh -c 'echo $$; exec cat'``: util-linux flock(1) holding a
+    sidecar, as a process outside fencelock would. ``pid`` is flock's own (the one
+    /proc/locks names), ``child`` its command's, which inherits the lock."""
+
+    def __init__(self, sidecar: Path, shared: bool) -> None:
+        assert FLOCK is not None
+        self.proc = subprocess.Popen(
+            [FLOCK, "-s" if shared else "-x", str(sidecar), "sh", "-c",
+             "echo $$; exec cat >/dev/null"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # written by the command: the lock is held
+        assert line.strip().isdigit(), line
+        self.pid = self.proc.pid
+        self.child = int(line)
+        self.released = False
+
+    def kill_flock(self) -> None:
+        """SIGKILL flock itself: its command holds the lock on, as a child that
+        inherited the descriptor."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def release(self) -> None:
+        """Close the command's stdin: it exits, and the lock goes with it."""
+        if self.released:
+            return
+        self.released = True
+        try:
+            exited = os.pidfd_open(self.child)  # readable once the command has exited
+        except ProcessLookupError:
+            exited = -1
+        try:
+            if self.proc.stdin is not None and not self.proc.stdin.closed:
+                self.proc.stdin.close()
+            if exited >= 0:
+                ready, _, _ = select.select([exited], [], [], 60)
+                assert ready, f"pid {self.child} still holds the lock"
+        finally:
+            if exited >= 0:
+                os.close(exited)
+        self.proc.wait(timeout=60)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def foreign_holder() -> Iterator[object]:
+    """Start flock(1) holders: ``foreign_holder(sidecar, shared=False)``."""
+    if FLOCK is None:
+        pytest.skip("util-linux flock(1) is not installed")
+    started: list[ForeignHolder] = []
+
+    def spawn(sidecar: Path | str, shared: bool = False) -> ForeignHolder:
+        h = ForeignHolder(Path(sidecar), shared)
+        started.append(h)
+        return h
+
+    yield spawn
+    for h in started:
+        h.release()

@@ -6,6 +6,7 @@ record is a holder killed with SIGKILL while it held the session.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pty
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 COMMANDS = ["status", "clear", "run", "wait", "recover", "verify", "check-config"]
 STATUS_KEYS = {
     "session", "sidecar", "state", "pid", "host", "lane", "run_id", "token", "stuck",
-    "owner_alive", "fence_ok", "reason", "age", "heartbeat_age", "phase",
+    "owner_alive", "fence_ok", "reason", "age", "heartbeat_age", "phase", "held_by",
+    "lock_owners",
 }  # fmt: skip
 
 
@@ -285,13 +287,22 @@ def test_status_directory(session: Path, spawn_holder: Any) -> None:
     assert len(table.stdout.splitlines()) == 5
 
 
-def test_status_missing_path_exits_1(tmp_path: Path, session: Path) -> None:
+def test_status_missing_directory_exits_1(tmp_path: Path, session: Path) -> None:
     session.write_text("")
-    out = cli("status", str(session), str(tmp_path / "nope.jsonl"))
+    out = cli("status", str(session), str(tmp_path / "nope" / "x.jsonl"))
     assert out.returncode == 1
     no_traceback(out.stderr, 1)
-    assert "nope.jsonl: no such session file or sidecar" in out.stderr
-    assert " free " in out.stdout  # the readable path is still listed
+    assert f"its directory {tmp_path / 'nope'} does not exist" in out.stderr
+    assert " free " in out.stdout and "x.jsonl" not in out.stdout  # no row for it
+
+
+def test_status_missing_session_file_is_free(tmp_path: Path) -> None:
+    """A session no run has started yet, in a directory that exists, is free."""
+    out = cli("status", str(tmp_path / "sessions" / "new.jsonl"))
+    assert out.returncode == 0, out.stderr
+    assert "free (no file)" in out.stdout
+    (row,) = rows(cli("status", "--json", str(tmp_path / "sessions" / "new.jsonl")))
+    assert row["state"] == "free" and row["reason"] == "no session file or sidecar yet"
 
 
 def test_status_unreadable_sidecar_exits_1_and_wins_over_stale(
@@ -375,9 +386,9 @@ def test_status_escapes_control_characters(session: Path, spawn_holder: Any) -> 
         assert raw not in result.stdout
     assert "x\\x1b]0;pwned\\x07\\x1b[2Jy" in result.stdout
     assert rows(invoke("status", "--json", str(session)))[0]["lane"] == evil
-    missing = invoke("status", str(session.parent / "a\x1b[2Jb.jsonl"))
+    missing = invoke("status", str(session.parent / "a\x1b[2Jb" / "x.jsonl"))
     assert missing.exit_code == 1
-    assert "\x1b" not in missing.stderr and "a\\x1b[2Jb.jsonl" in missing.stderr
+    assert "\x1b" not in missing.stderr and "a\\x1b[2Jb" in missing.stderr
 
 
 def test_status_lists_a_directory_of_10000_sessions(session: Path) -> None:
@@ -866,11 +877,19 @@ def test_verify_problems_exit_5(session: Path) -> None:
     ]  # fmt: skip
 
 
-def test_verify_missing_exits_1(session: Path) -> None:
-    out = cli("verify", str(session))
+def test_verify_missing_directory_exits_1(tmp_path: Path) -> None:
+    out = cli("verify", str(tmp_path / "nope" / "x.jsonl"))
     assert out.returncode == 1
     no_traceback(out.stderr, 1)
-    assert str(session) in out.stderr and "No such file" in out.stderr
+    assert str(tmp_path / "nope") in out.stderr and "does not exist" in out.stderr
+
+
+def test_verify_missing_session_file_is_clean_and_says_so(session: Path) -> None:
+    out = cli("verify", str(session))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"{session}: no such file yet, 0 lines, 0 stamped, max token 0: ok"
+    obj = json.loads(cli("verify", "--json", str(session)).stdout)
+    assert obj["exists"] is False and obj["ok"] is True and obj["lines"] == 0
 
 
 # -- no tracebacks for expected failures --------------------------------------------------
@@ -987,7 +1006,7 @@ def test_scan_reports_a_directory_named_like_a_session_as_unreadable(tmp_path: P
 
 
 def test_clear_json_lists_a_missing_path_too(tmp_path: Path) -> None:
-    missing = tmp_path / "missing.jsonl"
+    missing = tmp_path / "missing" / "x.jsonl"
     result = cli("clear", "--json", str(missing))
     assert result.returncode == 1
     [row] = rows(result)
@@ -1003,3 +1022,176 @@ def test_recover_no_fresh_json_says_still_held_on_stdout(session: Path, spawn_ho
     assert obj["action"] is None and obj["session"] is None
     assert obj["original"] == str(session) and obj["holder"]["lane"] == "busy"
     assert "busy" in out.stderr
+
+
+# -- JSON for any file name; lanes are UTF-8 ------------------------------------------------
+
+
+def _strings(obj: Any) -> Iterator[str]:
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield key
+            yield from _strings(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _strings(value)
+    elif isinstance(obj, str):
+        yield obj
+
+
+def _strict_json(stdout: bytes) -> Any:
+    """Parse as a strict reader would: UTF-8, and no string that is not Unicode."""
+    obj = json.loads(stdout.decode("utf-8", "strict"))
+    for text in _strings(obj):
+        text.encode("utf-8", "strict")  # a lone surrogate (\udcff) raises here
+    return obj
+
+
+def test_json_is_strict_utf8_for_a_name_that_is_not(tmp_path: Path) -> None:
+    directory = os.fsencode(tmp_path / "sessions")
+    session = os.path.join(directory, b"caf\xe9-\xff.jsonl")
+    with SessionLock(os.fsdecode(session), "a") as lock:
+        lock.append({"n": 1})
+
+    def run(*args: bytes | str) -> Any:
+        proc = subprocess.run([*FENCELOCK, *args], capture_output=True, timeout=60,
+                              check=False)
+        assert proc.returncode == 0, proc.stderr
+        return _strict_json(proc.stdout)
+
+    (row,) = run("status", "--json", directory)
+    assert row["session"] == os.fsdecode(directory) + "/caf\\xe9-\\xff.jsonl"
+    assert base64.b64decode(row["session_b64"]) == session
+    assert base64.b64decode(row["sidecar_b64"]) == session + b".holder"
+    assert "lane_b64" not in row and "reason_b64" not in row  # valid text stays as it is
+    (cleared,) = run("clear", "--json", session)
+    assert base64.b64decode(cleared["session_b64"]) == session
+    recovered = run("recover", "--json", session)
+    assert base64.b64decode(recovered["session_b64"]) == session
+    assert base64.b64decode(recovered["holder"]["session_b64"]) == session
+    report = run("verify", "--json", session)
+    assert base64.b64decode(report["session_b64"]) == session and report["lines"] == 1
+
+
+def test_json_keeps_valid_utf8_names_as_they_are(tmp_path: Path) -> None:
+    session = tmp_path / "sessions" / "café-🙂.jsonl"
+    session.write_text("")
+    (row,) = rows(cli("status", "--json", str(session)))
+    assert row["session"] == str(session) and "session_b64" not in row
+
+
+def test_a_lane_that_is_not_utf8_is_refused(session: Path) -> None:
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        SessionLock(session, "lane-\udcff")
+    for args in (
+        [b"run", os.fsencode(session), b"--lane", b"lane-\xff", b"--", b"true"],
+        [b"recover", os.fsencode(session), b"--lane", b"lane-\xff"],
+    ):
+        proc = subprocess.run([*FENCELOCK, *args], capture_output=True, timeout=60,
+                              check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert b"lane-\\xff" in proc.stderr and b"not valid UTF-8" in proc.stderr
+    assert not os.path.lexists(str(session) + ".holder")  # nothing written
+
+
+# -- messages a new user reads ----------------------------------------------------------------
+
+
+def test_verify_counts_in_proper_english(session: Path) -> None:
+    session.write_text('{"n": 1}\n{"torn\n')
+    out = cli("verify", str(session))
+    assert out.returncode == 5
+    assert out.stdout.splitlines()[-1] == (
+        f"{session}: 2 lines, 0 stamped, max token 0: 1 problem"
+    )
+    session.write_text('{"n": 1}\n')
+    assert cli("verify", str(session)).stdout.strip().endswith(": 1 line, 0 stamped, "
+                                                                "max token 0: ok")
+
+
+def test_help_summaries_are_whole_sentences() -> None:
+    out = cli("--help").stdout
+    listed = out.split("Commands:")[1].split("Exit codes")[0]
+    lines = [line.strip() for line in listed.splitlines() if line.strip()]
+    assert len(lines) == len(COMMANDS)
+    for line in lines:
+        assert not line.endswith("...") and line.endswith("."), line
+
+
+@pytest.mark.parametrize("command", ["wait", "recover", "verify", "run"])
+def test_a_directory_given_for_one_session_points_to_status(
+    session: Path, command: str
+) -> None:
+    args = [command, str(session.parent)]
+    if command == "run":
+        args += ["--lane", "x", "--", "true"]
+    out = cli(*args)
+    assert out.returncode == 1 and out.stdout == ""
+    no_traceback(out.stderr, 1)
+    assert f"fencelock status {session.parent}" in out.stderr
+    assert "rename or remove" not in out.stderr
+
+
+def test_status_help_says_it_scans_only_the_current_directory() -> None:
+    assert "only it, not the directories below" in " ".join(cli("status", "--help").stdout.split())
+
+
+def test_a_free_row_names_the_last_run_as_last(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="before")
+    h.acquire()
+    assert h.call("release") == "released"
+    out = cli("status", str(session))
+    cells = out.stdout.splitlines()[1].split()
+    assert cells[1:4] == ["free", "last", str(h.pid)]
+    (row,) = rows(cli("status", "--json", str(session)))
+    assert row["pid"] == h.pid and row["held_by"] is None
+    h.acquire()
+    (row,) = rows(cli("status", "--json", str(session)))
+    assert row["held_by"] == h.pid
+    assert cli("status", str(session)).stdout.splitlines()[1].split()[1:3] == ["live", str(h.pid)]
+
+
+def test_recover_json_holder_has_one_shape(session: Path, spawn_holder: Any) -> None:
+    session.write_text("")
+    done = json.loads(cli("recover", "--json", str(session)).stdout)
+    h = spawn_holder(session, lane="busy")
+    h.acquire()
+    held = cli("recover", "--json", "--no-fresh", "--wait", "0", str(session))
+    assert held.returncode == 4
+    refused = json.loads(held.stdout)
+    assert done["holder"].keys() == refused["holder"].keys() >= STATUS_KEYS
+    assert done.keys() == refused.keys()
+    assert refused["holder"]["state"] == "live" and refused["holder"]["lane"] == "busy"
+
+
+# -- one rule for a path that does not exist ---------------------------------------------------
+
+EVERY_COMMAND = [
+    ["status", "S"], ["clear", "S"], ["run", "S", "--lane", "x", "--", "true"], ["wait", "S"],
+    ["recover", "S"], ["verify", "S"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args", EVERY_COMMAND, ids=lambda a: a[0])
+def test_a_missing_directory_is_one_error_line_for_every_command(
+    tmp_path: Path, args: list[str]
+) -> None:
+    missing = tmp_path / "nowhere" / "x.jsonl"
+    out = cli(*[str(missing) if a == "S" else a for a in args])
+    assert (out.returncode, out.stdout) == (1, ""), out.stderr
+    no_traceback(out.stderr, 1)
+    assert f"{missing}: its directory {tmp_path / 'nowhere'} does not exist" in out.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("args", EVERY_COMMAND, ids=lambda a: a[0])
+def test_a_missing_session_file_is_a_free_empty_session_for_every_command(
+    session: Path, args: list[str]
+) -> None:
+    out = cli(*[str(session) if a == "S" else a for a in args])
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    if args[0] in ("status", "clear", "verify"):
+        said = ("free (no file)", "no session file or sidecar yet", "no such file yet")
+        assert any(words in out.stdout for words in said), out.stdout
+    if args[0] == "recover":
+        assert out.stdout.strip() == str(session)

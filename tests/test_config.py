@@ -351,7 +351,7 @@ def test_cli_strict_exits_1_with_warnings(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["check-config", "--strict", str(path)])
     assert result.exit_code == 1
     assert "agent 'main'" in result.stdout
-    assert "1 warning(s) and --strict" in result.stderr
+    assert "1 warning and --strict" in result.stderr
 
 
 def test_cli_notice_for_an_agent_the_explicit_only_rule_silences(tmp_path: Path) -> None:

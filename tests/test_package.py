@@ -33,6 +33,7 @@ DEFINED_IN = {
     "FenceMode": "fencelock._fingerprint",
     "Fingerprint": "fencelock._fingerprint",
     "SessionLock": "fencelock._lock",
+    "LockOwner": "fencelock._platform",
     **dict.fromkeys(
         ["DEFAULT_STUCK_AFTER", "HolderStatus", "ProbeState", "clear", "probe", "scan"],
         "fencelock._probe",

@@ -1,0 +1,112 @@
+"""Every exception in fencelock._errors survives pickle, so it crosses a process pool
+with its message and attributes (records and fingerprints included)."""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import multiprocessing
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import pytest
+
+from fencelock import LockOwner, _errors
+from fencelock._fingerprint import Fingerprint
+from fencelock._record import HolderInfo, Phase, PreviousHolder, State
+
+FP = Fingerprint(dev=2049, ino=77, size=120, mtime_ns=1_700_000_000_000_000_001,
+                 ctime_ns=1_700_000_000_000_000_002)
+FP_MOVED = Fingerprint(dev=2049, ino=78, size=0, mtime_ns=5, ctime_ns=6)
+HOLDER = HolderInfo(
+    state=State.HELD, session="/s/a.jsonl", pid=4242, host="gw-1", process_start="9@b@n",
+    lane="session:agent:main:heartbeat", run_id="r-1", token=17, acquired_at=1.5,
+    heartbeat_at=2.5, phase=Phase.PROMPT, fingerprint=FP,
+    previous=PreviousHolder(pid=41, host="gw-0", lane="cron", run_id="r-0", token=16),
+    origin="/s/old.jsonl", extra={"future_field": [1, 2]},
+)
+
+
+def samples() -> dict[str, BaseException]:
+    """One instance of every exception class in fencelock._errors."""
+    cause = OSError(errno.EACCES, "Permission denied", "/s/a.jsonl.holder")
+    write = _errors.SessionWriteError("/s/a.jsonl", OSError(errno.EIO, "I/O error"),
+                                      "fsync", stored=True)
+    write.fingerprint = FP
+    return {
+        "FenceLockError": _errors.FenceLockError("/s/a.jsonl: something"),
+        "CoordinationError": _errors.CoordinationError("/s/a.jsonl: met"),
+        "SessionContendedError": _errors.SessionContendedError("/s/a.jsonl", HOLDER,
+                                                               waited=1.25),
+        "SessionContendedError-foreign": _errors.SessionContendedError(
+            "/s/a.jsonl", None, lock_owners=(LockOwner(99, True, "flock"),)),
+        "SessionTakeoverError": _errors.SessionTakeoverError("/s/a.jsonl", FP, FP_MOVED),
+        "SessionTakeoverError-gone": _errors.SessionTakeoverError("/s/a.jsonl", FP, None),
+        "UnsafePathError": _errors.UnsafePathError("/s/a.jsonl", "a FIFO"),
+        "PlantedFileError": _errors.PlantedFileError("/s/a.jsonl", 1001, "/s"),
+        "UnsafeSidecarError": _errors.UnsafeSidecarError("/s/a.jsonl.holder", "a symlink"),
+        "CorruptRecordError": _errors.CorruptRecordError("/s/a.jsonl.holder", "not JSON"),
+        "SidecarAccessError": _errors.SidecarAccessError("/s/a.jsonl.holder", cause, "fix it"),
+        "SessionWriteError": write,
+        "NotHeldError": _errors.NotHeldError("/s/a.jsonl: release() without acquire()"),
+        "FenceLockWarning": _errors.FenceLockWarning("/s: world-writable"),
+    }
+
+
+def test_every_exception_class_has_a_sample() -> None:
+    defined = {
+        name for name, obj in vars(_errors).items()
+        if inspect.isclass(obj) and issubclass(obj, BaseException)
+        and obj.__module__ == _errors.__name__
+    }
+    assert defined == {key.split("-")[0] for key in samples()}
+
+
+def _same(a: Any, b: Any) -> None:
+    """Equal, comparing an OSError by its fields (OSError has no __eq__)."""
+    if isinstance(a, OSError):
+        assert type(a) is type(b) and a.args == b.args and a.filename == b.filename
+    else:
+        assert a == b
+
+
+def check_round_trip(original: BaseException, copy: BaseException) -> None:
+    assert type(copy) is type(original)
+    assert str(copy) == str(original) and copy.args == original.args
+    assert copy.__dict__.keys() == original.__dict__.keys()
+    for key, value in original.__dict__.items():
+        _same(value, copy.__dict__[key])
+    holder = getattr(original, "holder", None)
+    if holder is not None:
+        assert copy.holder.extra == holder.extra  # type: ignore[attr-defined]
+        assert copy.holder.fingerprint == holder.fingerprint  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", sorted(samples()))
+def test_pickle_round_trip(name: str) -> None:
+    original = samples()[name]
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        check_round_trip(original, pickle.loads(pickle.dumps(original, protocol)))
+
+
+def test_value_types_survive_pickle() -> None:
+    for value in (HOLDER, FP, HOLDER.previous, LockOwner(1, False, None)):
+        assert pickle.loads(pickle.dumps(value)) == value
+    assert pickle.loads(pickle.dumps(HOLDER)).extra == HOLDER.extra
+
+
+def raise_sample(name: str) -> None:
+    """Run in a pool worker: raise the named sample there."""
+    raise samples()[name]
+
+
+def test_exceptions_cross_a_process_pool() -> None:
+    names = sorted(samples())
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter unpickles them
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        futures = {name: pool.submit(raise_sample, name) for name in names}
+        for name, future in futures.items():
+            error = future.exception(timeout=120)
+            assert error is not None, name
+            check_round_trip(samples()[name], error)

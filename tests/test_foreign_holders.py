@@ -1,0 +1,135 @@
+"""Sessions held by a process outside fencelock: util-linux ``flock(1)`` on the sidecar.
+
+The lock decides, whoever holds it: every command agrees that such a session is live
+(also under a shared lock, which keeps every exclusive acquirer out), and names the
+holder as lslocks(8) would, from /proc/locks.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_cli import FENCELOCK, cli, rows
+
+from fencelock import SessionContendedError, SessionLock, probe
+from fencelock._errors import describe_holder
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="/proc/locks is Linux's"
+)
+
+
+def sidecar(session: Path) -> Path:
+    return Path(str(session) + ".holder")
+
+
+def test_status_names_a_flock_holder(session: Path, foreign_holder: Any) -> None:
+    h = foreign_holder(sidecar(session))
+    out = cli("status", str(session))
+    assert out.returncode == 0, out.stderr
+    cells = out.stdout.splitlines()[1].split()
+    assert cells[1:3] == ["live", str(h.pid)]
+    assert "(not fencelock: flock)" in out.stdout
+    (row,) = rows(cli("status", "--json", str(session)))
+    assert row["state"] == "live" and row["pid"] is None and row["held_by"] == h.pid
+    assert row["lock_owners"] == [{"pid": h.pid, "command": "flock", "shared": False}]
+    assert f"held by pid {h.pid} (flock), not a fencelock holder" in row["reason"]
+    st = probe(session)
+    assert st.state == "live" and st.held_by == h.pid and st.lock_owners is not None
+    assert [o.pid for o in st.lock_owners] == [h.pid]
+
+
+def test_contention_names_a_flock_holder(session: Path, foreign_holder: Any) -> None:
+    h = foreign_holder(sidecar(session))
+    promise = f"held by pid {h.pid} (flock), not a fencelock holder"
+    run = cli("run", "--no-wait", str(session), "--lane", "x", "--", "true")
+    assert run.returncode == 4 and promise in run.stderr, run.stderr
+    clear = cli("clear", str(session))
+    assert clear.returncode == 4 and promise in clear.stderr, clear.stderr
+    wait = cli("wait", "--timeout", "0", str(session))
+    assert wait.returncode == 4 and promise in wait.stderr, wait.stderr
+    recover = cli("recover", "--no-fresh", "--wait", "0", str(session))
+    assert recover.returncode == 4 and promise in recover.stderr, recover.stderr
+    with pytest.raises(SessionContendedError) as e:
+        SessionLock(session, "x", on_contention="fail").acquire()
+    assert e.value.holder is None and e.value.lock_owners is not None
+    assert [(o.pid, o.command, o.shared) for o in e.value.lock_owners] == [
+        (h.pid, "flock", False)
+    ]
+    assert promise in str(e.value)
+
+
+def test_a_released_record_is_not_taken_for_the_flock_holder(
+    session: Path, foreign_holder: Any
+) -> None:
+    """A past run's released record stays the last run's: the holder named is flock."""
+    with SessionLock(session, "before") as lock:
+        last = lock.info
+        assert last is not None
+    h = foreign_holder(sidecar(session))
+    (row,) = rows(cli("status", "--json", str(session)))
+    assert row["state"] == "live" and row["held_by"] == h.pid
+    assert row["pid"] == last.pid  # the record's field, documented as the last run's
+    run = cli("run", "--no-wait", str(session), "--lane", "x", "--", "true")
+    assert run.returncode == 4
+    assert f"held by pid {h.pid} (flock)" in run.stderr and "'before'" not in run.stderr
+
+
+def test_a_lock_left_to_flocks_child_names_the_exited_pid(
+    session: Path, foreign_holder: Any
+) -> None:
+    h = foreign_holder(sidecar(session))
+    h.kill_flock()  # /proc/locks still names flock's pid; its command holds the lock
+    (row,) = rows(cli("status", "--json", str(session)))
+    assert row["state"] == "live" and row["held_by"] is None
+    assert row["lock_owners"] == [{"pid": h.pid, "command": None, "shared": False}]
+    run = cli("run", "--no-wait", str(session), "--lane", "x", "--", "true")
+    assert run.returncode == 4
+    assert f"a process that inherited the lock from pid {h.pid} (exited)" in run.stderr
+    h.release()
+    assert cli("run", "--no-wait", str(session), "--lane", "x", "--", "true").returncode == 0
+
+
+def test_a_shared_flock_is_live_for_every_command(session: Path, foreign_holder: Any) -> None:
+    """`flock -s` keeps every exclusive acquirer out, so status says live too, and
+    `wait` waits for it; once it is gone, all agree that the session is free."""
+    h = foreign_holder(sidecar(session), shared=True)
+    status = cli("status", "--json", str(session))
+    assert status.returncode == 0
+    (row,) = rows(status)
+    assert row["state"] == "live"
+    assert row["lock_owners"] == [{"pid": h.pid, "command": "flock", "shared": True}]
+    assert probe(session).state == "live"
+    promise = f"held by pid {h.pid} (flock) in shared mode, not a fencelock holder"
+    for args in (
+        ["run", "--no-wait", str(session), "--lane", "x", "--", "true"],
+        ["clear", str(session)],
+        ["wait", "--timeout", "0.1", str(session)],
+        ["recover", "--no-fresh", "--wait", "0", str(session)],
+    ):
+        out = cli(*args)
+        assert out.returncode == 4, (args, out.stderr)
+        assert promise in out.stderr, (args, out.stderr)
+    h.release()
+    assert probe(session).state == "free"
+    assert cli("wait", "--timeout", "0", str(session)).returncode == 0
+    assert cli("run", "--no-wait", str(session), "--lane", "x", "--", "true").returncode == 0
+
+
+def test_wait_returns_when_a_shared_flock_goes(session: Path, foreign_holder: Any) -> None:
+    h = foreign_holder(sidecar(session), shared=True)
+    waiter = subprocess.Popen([*FENCELOCK, "wait", str(session)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert waiter.stdout is not None
+    h.release()
+    assert waiter.wait(timeout=60) == 0, waiter.stderr
+
+
+def test_describing_an_owner_this_system_cannot_name() -> None:
+    """Where /proc/locks is missing, or does not list the holder, the message says so."""
+    assert "this system does not say which process" in describe_holder(None, None)
+    assert "/proc/locks does not list" in describe_holder(None, ())
