@@ -147,11 +147,19 @@ def open_checked(
     ``create`` opens it read-write, creating it if missing; ``write`` opens an existing
     one read-write; otherwise it is opened read-only (enough to probe the lock).
     """
-    access = os.O_RDWR | os.O_CREAT if create else os.O_RDWR if write else os.O_RDONLY
+    access = os.O_RDWR if create or write else os.O_RDONLY
     flags = _platform.OPEN_FLAGS | access
     with _forkguard.guard:  # a forked child must never get a copy it does not know of
         try:
-            fd = os.open(sidecar, flags, mode)
+            try:
+                fd = os.open(sidecar, flags, mode)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                # Only when the sidecar is missing (a session's first run): nothing is
+                # created beside a session path that no run could use.
+                _refuse_unusable_session(sidecar)
+                fd = os.open(sidecar, flags | os.O_CREAT, mode)
         except OSError as e:
             raise access_error(sidecar, e, create or write) from None
         try:
@@ -173,6 +181,20 @@ def open_checked(
                 raise
         _forkguard.track(fd, st)
     return fd, st
+
+
+def _refuse_unusable_session(sidecar: str) -> None:
+    """Raise `UnsafePathError` when the session path a sidecar belongs to is something
+    no run can use (a directory, FIFO or symlink, dangling or not)."""
+    if not sidecar.endswith(SUFFIX):
+        return
+    session = sidecar[: -len(SUFFIX)]
+    try:
+        mode = os.lstat(session).st_mode
+    except OSError:
+        return  # missing (a new session), or unreachable: the open says why
+    if not stat.S_ISREG(mode):
+        raise UnsafePathError(session, _platform.describe_mode(mode))
 
 
 close = _forkguard.close

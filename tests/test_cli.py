@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from fencelock import SessionLock, probe
+from fencelock import FenceLockError, SessionLock, probe
 from fencelock._cli import clean, human_age, main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -987,3 +987,31 @@ def test_recover_no_fresh_json_says_still_held_on_stdout(session: Path, spawn_ho
     assert obj["action"] is None and obj["session"] is None
     assert obj["original"] == str(session) and obj["holder"]["lane"] == "busy"
     assert "busy" in out.stderr
+
+
+def _make_unusable_session(session: Path, kind: str) -> None:
+    if kind == "directory":
+        session.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(session)
+    elif kind == "symlink":
+        target = session.parent / "target.jsonl"
+        target.write_text('{"n":1}\n')
+        session.symlink_to(target)
+    else:
+        session.symlink_to(session.parent / "nowhere.jsonl")
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink", "dangling-symlink"])
+def test_run_on_an_unusable_session_path_creates_nothing(session: Path, kind: str) -> None:
+    _make_unusable_session(session, kind)
+    before = sorted(p.name for p in session.parent.iterdir())
+    out = cli("run", str(session), "--lane", "a", "--", "true")
+    assert out.returncode == 1
+    no_traceback(out.stderr, 1)
+    assert str(session) in out.stderr and "not a regular file" in out.stderr
+    with pytest.raises(FenceLockError):
+        SessionLock(session, "a").acquire()
+    assert sorted(p.name for p in session.parent.iterdir()) == before  # no .holder left
+    status = probe(session)
+    assert status.state == "unreadable" and "no run can use it" in status.reason
