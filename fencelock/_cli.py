@@ -505,7 +505,7 @@ def _clear_directory(directory: str, remove: bool, force: bool) -> _DirSummary:
     "--remove", is_flag=True, help="Also delete the sidecars of free and cleared sessions."
 )
 @click.option(
-    "--force", is_flag=True, help="Set a corrupt record aside as <sidecar>.corrupt-<time>."
+    "--force", is_flag=True, help="Set a corrupt record aside as <sidecar>.corrupt-<time>-<random>."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of what was done.")
 def clear_command(paths: tuple[str, ...], remove: bool, force: bool, as_json: bool) -> None:
