@@ -142,7 +142,12 @@ class NotHeldError(FenceLockError):
 def describe_holder(holder: HolderInfo | None) -> str:
     if holder is None:
         return "a live holder whose record could not be read"
-    return f"pid {holder.pid} on {holder.host} (lane {holder.lane!r}, token {holder.token})"
+    from fencelock._record import command_of
+
+    command = command_of(holder)
+    shared = f"; shared with its command, pid {command[0]}" if command is not None else ""
+    return (f"pid {holder.pid} on {holder.host} (lane {holder.lane!r}, token "
+            f"{holder.token}{shared})")
 
 
 def _fp(fp: Fingerprint | None) -> str:

@@ -512,6 +512,50 @@ class SessionLock:
             self._info = None
             self._free_slot()
 
+    # -- sharing the lock with a command (`fencelock run`) ---------------------------
+
+    def _shared_fd(self) -> int:
+        """The locked descriptor, for `fencelock run` to pass to the command it starts:
+        a flock lock belongs to the open file description, so the command (and whatever
+        it leaves running with the descriptor) holds the session with this process."""
+        self._require()
+        return self._fd
+
+    def _name_command(self, pid: int) -> None:
+        """Add ``command`` (the pid and start of the process that shares the lock) to
+        the record, so a holder whose own process was killed is still named."""
+        self._require()
+        start = _identity.process_start(pid)
+        with self._io:
+            self._encode()  # makes self._static this process's fixed part
+            self._static += _record.command_part(pid, start)
+        self._write_record()
+
+    def _release_shared(self) -> None:
+        """Like `release`, for a lock shared with a command: mark the record released
+        and close this process's descriptor without unlocking. LOCK_UN would free the
+        session for every process sharing the descriptor; closing frees it only once
+        the last of them has closed it (or exited)."""
+        if self._pid != _identity.ME.pid or self._count != 1:
+            self.release()
+            return
+        self._count = 0
+        try:
+            with self._io:
+                fd, self._fd = self._fd, -1
+                try:
+                    os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+                except OSError as e:
+                    raise SidecarAccessError(
+                        self.sidecar, e, "the session is released, but its record still "
+                        "says held (it will read as stale)"
+                    ) from None
+                finally:
+                    _sidecar.close(fd)
+        finally:
+            self._info = None
+            self._free_slot()
+
     def __enter__(self) -> SessionLock:
         self._enter(self.timeout)
         return self
@@ -670,12 +714,25 @@ class SessionLock:
             callback()
 
 
+def holder_alive(record: HolderInfo) -> bool | None:
+    """Whether the record's owner still runs, or the command a `fencelock run` owner
+    started (which shares its lock); None when that cannot be known from here."""
+    alive = _identity.owner_alive(record.pid, record.host, record.process_start)
+    command = _record.command_of(record) if not alive else None
+    if command is None:
+        return alive
+    other = _identity.owner_alive(command[0], record.host, command[1])
+    if other or alive is None or other is None:
+        return other or None
+    return False
+
+
 def may_be_live(record: HolderInfo | None) -> bool:
     """Whether a record names a holder that may still run (for a lock found taken: a
     record that is not held, or whose owner is gone, means a probe or an acquirer
     about to write has the lock for a moment)."""
-    return record is not None and record.state is State.HELD and _identity.owner_alive(
-        record.pid, record.host, record.process_start
+    return record is not None and record.state is State.HELD and holder_alive(
+        record
     ) is not False
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from fencelock import _fingerprint, _identity, _lock, _platform, _sidecar, _tokens
+from fencelock import _fingerprint, _identity, _lock, _platform, _record, _sidecar, _tokens
 from fencelock._errors import (
     CorruptRecordError,
     FenceLockError,
@@ -144,7 +144,7 @@ def _status(
 ) -> HolderStatus:
     alive = None
     if record.state is State.HELD:
-        alive = _identity.owner_alive(record.pid, record.host, record.process_start)
+        alive = _lock.holder_alive(record)
     stuck = state is ProbeState.LIVE and now - record.heartbeat_at > stuck_after
     return HolderStatus(
         session,
@@ -182,7 +182,14 @@ def _reason(state: ProbeState, record: HolderInfo, alive: bool | None, stuck: bo
         return f"owner pid {record.pid} died while holding it"
     if state is ProbeState.LIVE:
         if record.state is not State.HELD:
-            return "locked; the holder has not written its record yet"
+            return ("locked, and the record is not held: an acquirer about to write its "
+                    "record, or a process a `fencelock run` command left running")
+        command = _record.command_of(record)
+        if command is not None and _identity.owner_alive(
+            record.pid, record.host, record.process_start
+        ) is False:
+            return (f"held by pid {command[0]}, the command of a `fencelock run` whose "
+                    f"own process (pid {record.pid}) is gone")
         if stuck:
             return "live, but its heartbeat is older than the stuck threshold"
         return "held"
