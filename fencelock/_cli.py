@@ -789,9 +789,10 @@ def run(
     from fencelock._lock import SessionLock
 
     try:
-        lock = SessionLock(
-            session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout
-        )
+        with _library_errors():
+            lock = SessionLock(
+                session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout
+            )
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--lane'") from None
     # Installed before the acquire: a signal that lands once the lock is taken must

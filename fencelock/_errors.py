@@ -80,6 +80,22 @@ class PlantedFileError(UnsafePathError):
         )
 
 
+class ForeignSymlinkError(PlantedFileError):
+    """A directory on a session's path is reached through a symlink owned by another
+    user (not this user, not root): it could lead runs into a directory of theirs."""
+
+    def __init__(self, path: str, uid: int, directory: str):
+        self.path = path
+        self.what = f"a symlink owned by uid {uid}"
+        self.uid = uid
+        FenceLockError.__init__(
+            self,
+            f"{path}: a symlink owned by uid {uid}, not this user or root, on the way to "
+            f"{directory}; another user could lead runs into a directory of theirs. Left "
+            f"untouched: use the real path, or replace the symlink with one of your own",
+        )
+
+
 class UnsafeSidecarError(UnsafePathError):
     """The sidecar is a symlink, directory, FIFO or other non-regular file."""
 

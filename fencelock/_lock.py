@@ -109,21 +109,24 @@ def _cancelled() -> BaseException:
 def _directory_facts(directory: str) -> tuple[str, FenceMode]:
     """(real path, fence mode) of a sessions directory; cached, as both cost syscalls.
 
-    Also warns, once per directory, when anyone may create files in it: another user
-    could then plant a sidecar or session of their own there.
+    Raises `ForeignSymlinkError` when the path goes through another user's symlink.
+    Also warns, once per directory, when anyone may create files in the real directory:
+    another user could then plant a sidecar or session of their own there.
     """
+    real = _sidecar.real_directory(directory)
     try:
-        mode = os.stat(directory).st_mode
+        mode = os.stat(real).st_mode
     except OSError:
         mode = 0
     if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        shown = directory if real == directory else f"{directory} (really {real})"
         warnings.warn(
-            f"{directory}: sessions directory is world-writable without the sticky bit; "
+            f"{shown}: sessions directory is world-writable without the sticky bit; "
             f"any user can plant or delete sidecars there. chmod o-w (or +t) it",
             FenceLockWarning,
             stacklevel=4,
         )
-    return os.path.realpath(directory), _fingerprint.detect_mode(directory)
+    return real, _fingerprint.detect_mode(real)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -144,7 +147,10 @@ def _static_part(
 
 def registry_key(session: str) -> str:
     """The in-process registry's key for a session: its real directory plus its name."""
-    return _session_facts(session)[0]
+    try:
+        return _session_facts(session)[0]
+    except FenceLockError:  # a path no SessionLock accepts: nothing here holds it
+        return session
 
 
 def _whoami() -> object:

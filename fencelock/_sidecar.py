@@ -16,6 +16,7 @@ import stat
 from fencelock import _forkguard, _platform
 from fencelock._errors import (
     CorruptRecordError,
+    ForeignSymlinkError,
     PlantedFileError,
     SidecarAccessError,
     UnsafePathError,
@@ -130,6 +131,53 @@ def refuse_planted(path: str, st: os.stat_result) -> None:
         return
     if shared:
         raise PlantedFileError(path, st.st_uid, directory)
+
+
+_MAX_LINKS = 40
+
+
+def real_directory(directory: str) -> str:
+    """The real path of an absolute ``directory``, resolved the way the kernel would.
+
+    Raises `ForeignSymlinkError` when a symlink on the way belongs to neither this user
+    nor root: opening files with ``O_NOFOLLOW`` guards only the last component, and a
+    symlink another user planted higher up would lead runs into a directory of theirs.
+    A component that cannot be looked at ends the walk (the open that follows says why).
+    """
+    if _platform.WINDOWS:  # pragma: no cover - symlinks there need privileges to make
+        return os.path.realpath(directory)
+    me = _geteuid()
+    todo = [p for p in directory.split(os.sep) if p][::-1]
+    path = os.sep
+    links = 0
+    while todo:
+        name = todo.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            path = os.path.dirname(path)
+            continue
+        candidate = os.path.join(path, name)
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            return os.path.join(candidate, *todo[::-1])
+        if not stat.S_ISLNK(st.st_mode):
+            path = candidate
+            continue
+        if st.st_uid not in (0, me):
+            raise ForeignSymlinkError(candidate, st.st_uid, directory)
+        links += 1
+        try:
+            target = os.readlink(candidate)
+        except OSError:
+            return os.path.join(candidate, *todo[::-1])
+        if links > _MAX_LINKS:
+            return os.path.realpath(directory)  # a loop: opening it will fail with ELOOP
+        if target.startswith(os.sep):
+            path = os.sep
+        todo.extend(p for p in target.split(os.sep)[::-1] if p)
+    return path
 
 
 _UNSAFE_ERRNO = {
