@@ -320,6 +320,7 @@ class SessionLock:
                 self._count, self._owner, self._pid = 1, me, _identity.ME.pid
             except BaseException:
                 self._count = 0
+                self._unwrite_record()
                 self._close_fd()
                 raise
         except BaseException:
@@ -483,6 +484,22 @@ class SessionLock:
         self._fp = fp
         self._tail_checked = False
         self._write_record()
+
+    def _unwrite_record(self) -> None:
+        """An interrupt (KeyboardInterrupt, a signal handler's exception) landed after
+        this acquire wrote its record but before it counted as held: mark the record
+        released, so the session does not read as stale once the lock is dropped."""
+        if self._fd < 0 or not self._run_id:
+            return
+        try:
+            record = _sidecar.read(self._fd, self.sidecar)
+            if (
+                record is not None and record.state is State.HELD
+                and record.run_id == self._run_id and record.token == self._token
+            ):
+                os.pwrite(self._fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+        except (OSError, FenceLockError):
+            pass  # it reads as stale: no worse than before
 
     def release(self) -> None:
         """Give the session back (once per acquire). A forked child never releases.

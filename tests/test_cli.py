@@ -1172,3 +1172,39 @@ def test_run_command_starts_with_no_signal_blocked(session: Path) -> None:
     out = cli("run", str(session), "--lane", "a", "--", "grep", "^SigBlk:", "/proc/self/status")
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.split()[1], 16) == 0
+
+
+# The same, paused inside the acquire: its record is written, but it does not count as
+# held yet (the last instants in which an interrupt could once leave a stale record).
+PAUSED_AFTER_THE_RECORD = """
+import sys
+from fencelock import _cli, _lock
+real = _lock.SessionLock._write_new_record
+def write_new_record(self):
+    real(self)
+    print("written", flush=True)
+    sys.stdin.readline()
+_lock.SessionLock._write_new_record = write_new_record
+_cli.main(sys.argv[1:], prog_name="fencelock")
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_once_the_record_is_written_never_leaves_it_stale(
+    session: Path, tmp_path: Path, sig: int
+) -> None:
+    marker = tmp_path / "ran"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_AFTER_THE_RECORD, "run", str(session), "--lane", "a",
+         "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline() == "written\n"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert not marker.exists()
+    st = probe(session)
+    assert st.state == "free" and st.record is not None and st.record.state == "released"
