@@ -392,3 +392,24 @@ def test_a_symlink_another_user_planted_above_the_session_is_refused() -> None:
         with SessionLock(own / "s.jsonl", "a") as lock:
             lock.append({"n": 1})
         assert (mine / "s.jsonl").exists()
+
+
+@pytest.mark.skipif(not CAN_DROP, reason=WHY_NOT)
+def test_the_planted_file_check_looks_through_a_symlink_of_our_own() -> None:
+    """A sessions path reached through this user's own symlink into a shared directory
+    gets the shared directory's checks: a sidecar another user planted there is refused."""
+    from fencelock import PlantedFileError
+
+    with open_directory(0o1777) as shared:
+        link = shared.parent / "agent"
+        link.symlink_to(shared)
+        as_user(
+            "import os\n"
+            "fd = os.open(args['path'], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)\n"
+            "os.fchmod(fd, 0o666)\n"
+            "result = True",
+            path=str(shared / "s.jsonl.holder"),
+        )
+        with pytest.raises(PlantedFileError), SessionLock(link / "s.jsonl", "victim"):
+            pass
+        assert (shared / "s.jsonl.holder").read_bytes() == b""
