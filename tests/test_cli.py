@@ -612,17 +612,23 @@ def _blocked_in_flock(pid: int, limit: float = 30) -> None:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
-def test_run_interrupted_while_waiting_exits_130(session: Path, spawn_holder: Any) -> None:
+@pytest.mark.parametrize(
+    ("sig", "how"),
+    [(signal.SIGINT, []), (signal.SIGTERM, []), (signal.SIGHUP, ["--timeout", "300"])],
+)
+def test_run_interrupted_while_waiting_exits_128_plus_n(
+    session: Path, spawn_holder: Any, sig: int, how: list[str]
+) -> None:
     h = spawn_holder(session, lane="first")
     h.acquire()
     proc = subprocess.Popen(
-        [*FENCELOCK, "run", str(session), "--lane", "second", "--", "true"],
+        [*FENCELOCK, "run", str(session), "--lane", "second", *how, "--", "true"],
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     _blocked_in_flock(proc.pid)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 128 + sig  # 130 for Ctrl-C
     assert "Traceback" not in err
     assert probe(session).pid == h.pid
     assert h.call("release") == "released"
