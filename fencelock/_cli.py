@@ -239,6 +239,7 @@ def status_json(st: HolderStatus, now: float) -> dict[str, Any]:
         "heartbeat_age": round(now - rec.heartbeat_at, 3) if rec else None,
         "stuck": st.stuck if rec is not None else None,
         "owner_alive": st.owner_alive,
+        "command_pid": _command_pid(rec),
         "fence_ok": st.fence_ok,
         "reason": st.reason,
         "held_by": st.held_by,
@@ -246,6 +247,14 @@ def status_json(st: HolderStatus, now: float) -> dict[str, Any]:
             {"pid": o.pid, "command": o.command, "shared": o.shared} for o in st.lock_owners
         ],
     }
+
+
+def _command_pid(rec: HolderInfo | None) -> int | None:
+    """The pid of the command a `fencelock run` holder started (it shares the lock)."""
+    from fencelock._record import command_of
+
+    command = command_of(rec) if rec is not None else None
+    return command[0] if command is not None else None
 
 
 _STATE_COLOURS = {"live": "green", "stale": "red", "unreadable": "magenta"}
@@ -619,7 +628,7 @@ def _clear_directory(directory: str, remove: bool, force: bool) -> _DirSummary:
     "--remove", is_flag=True, help="Also delete the sidecars of free and cleared sessions."
 )
 @click.option(
-    "--force", is_flag=True, help="Set a corrupt record aside as <sidecar>.corrupt-<time>."
+    "--force", is_flag=True, help="Set a corrupt record aside as <sidecar>.corrupt-<time>-<random>."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of what was done.")
 def clear_command(paths: tuple[str, ...], remove: bool, force: bool, as_json: bool) -> None:
@@ -700,19 +709,38 @@ def _in_terminal_foreground() -> bool:
         os.close(fd)
 
 
+class _Stopped(BaseException):
+    """SIGINT, SIGTERM or SIGHUP before ``run`` held the session: stop, as with Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _SignalForwarder:
-    """Passes SIGINT, SIGTERM and SIGHUP on to the command, so the hold outlives it."""
+    """Owns SIGINT, SIGTERM and SIGHUP for the whole of ``run``, so that no signal ever
+    kills it with the default action while it holds the session.
+
+    Installed before the acquire. While waiting for the session a signal stops the
+    wait (`_Stopped`, which unwinds the acquire). From `hold` on, a signal is kept
+    until the command runs and is then passed on to it, so the hold outlives the
+    command and the release always happens. Python runs these handlers in the main
+    thread between bytecodes, so the command starts with the caller's signal mask.
+    """
 
     def __init__(self) -> None:
         import signal
 
         self.proc: subprocess.Popen[bytes] | None = None
+        self.holding = False
         self.pending: list[int] = []
         self.sigint = signal.SIGINT
         forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         self.previous = {sig: signal.signal(sig, self._handle) for sig in forwarded}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.holding:
+            raise _Stopped(signum)
         if self.proc is None:
             self.pending.append(signum)
             return
@@ -722,6 +750,10 @@ class _SignalForwarder:
             return
         self.proc.send_signal(signum)
 
+    def hold(self) -> None:
+        """The session is held: from now on signals wait for the command."""
+        self.holding = True
+
     def attach(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc
         for sig in self.pending:
@@ -730,6 +762,7 @@ class _SignalForwarder:
     def restore(self) -> None:
         import signal
 
+        self.holding = True  # a signal between these calls must not raise any more
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -762,14 +795,18 @@ class _Heartbeat:
             self.thread.join()
 
 
-def _spawn(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _spawn(command: Sequence[str], env: dict[str, str], lock_fd: int) -> subprocess.Popen[bytes]:
     import subprocess
 
     name = command[0]
+    # Like flock(1), the command inherits the caller's open descriptors (`3<file`) and
+    # the lock's own: a flock lock belongs to the open file description, so the
+    # session stays held while the command (or anything it leaves running with the
+    # descriptor) lives, even if this process is killed. fencelock's other
+    # descriptors are close-on-exec. Nothing else runs in this process meanwhile (the
+    # heartbeat starts after), so no other child can inherit the lock by accident.
+    os.set_inheritable(lock_fd, True)
     try:
-        # Like flock(1), the command inherits the caller's open descriptors (`3<file`);
-        # fencelock's own, the sidecar's included, are close-on-exec, so the command
-        # can never hold or drop the lock itself.
         return subprocess.Popen(list(command), env=env, close_fds=False)
     except FileNotFoundError:
         raise CommandNotFoundError(f"{name}: command not found") from None
@@ -777,6 +814,8 @@ def _spawn(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[byte
         raise CommandNotExecutableError(f"{name}: permission denied") from None
     except OSError as e:
         raise CommandNotExecutableError(f"{name}: cannot run it: {e.strerror}") from None
+    finally:
+        os.set_inheritable(lock_fd, False)
 
 
 def _run_held(
@@ -786,17 +825,25 @@ def _run_held(
     beat: float,
     forwarder: _SignalForwarder,
 ) -> int:
+    from fencelock._errors import FenceLockError
+
+    lock_fd = lock._shared_fd()
     env = dict(os.environ)
     env.update(
         FENCELOCK_SESSION=lock.session,
         FENCELOCK_LANE=lock.lane,
         FENCELOCK_TOKEN=str(info.token),
         FENCELOCK_RUN_ID=info.run_id,
+        FENCELOCK_FD=str(lock_fd),
     )
     if forwarder.pending:
         return 128 + forwarder.pending[0]
-    proc = _spawn(command, env)
+    proc = _spawn(command, env, lock_fd)
     forwarder.attach(proc)
+    try:
+        lock._name_command(proc.pid)
+    except (FenceLockError, OSError) as e:
+        _error_line(f"{lock.session}: the record does not name the command: {e}")
     heartbeat = _Heartbeat(lock, beat)
     try:
         code = proc.wait()
@@ -839,9 +886,14 @@ def run(
     it cannot be executed, 127 when it was not found), or 4 when the session is held
     by a live run (with --no-wait,
     or after --timeout); the holder is named on stderr. COMMAND gets
-    FENCELOCK_SESSION, FENCELOCK_LANE, FENCELOCK_TOKEN and FENCELOCK_RUN_ID in its
-    environment. SIGINT, SIGTERM and SIGHUP are passed on to COMMAND (Ctrl-C on a
-    terminal already reaches it), and the session is released once COMMAND ends.
+    FENCELOCK_SESSION, FENCELOCK_LANE, FENCELOCK_TOKEN, FENCELOCK_RUN_ID and
+    FENCELOCK_FD in its environment. SIGINT, SIGTERM and SIGHUP are passed on to
+    COMMAND (Ctrl-C on a terminal already reaches it); one that comes before COMMAND
+    starts stops the run (128+N). As with flock(1), COMMAND inherits the lock's
+    descriptor (FENCELOCK_FD): the session stays held while COMMAND, or anything it
+    left running with that descriptor, lives, even if fencelock itself is killed.
+    When COMMAND ends the record says released, and the session is free once nothing
+    holds the descriptor any more.
 
     \b
     Example:
@@ -852,37 +904,43 @@ def run(
 
     _one_session(session, "run")
     try:
-        lock = SessionLock(
-            session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout
-        )
+        with _library_errors():
+            lock = SessionLock(
+                session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout
+            )
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--lane'") from None
+    # Installed before the acquire: a signal that lands once the lock is taken must
+    # never kill this process with the default action (that would leave a stale record).
+    forwarder: _SignalForwarder | None = None
     try:
-        with _library_errors():
-            info = lock.acquire()
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)
-    try:
-        # Installed only now: while waiting for the lock, Ctrl-C must stop the wait.
         forwarder = _SignalForwarder()
         try:
+            with _library_errors():
+                info = lock.acquire()
+            forwarder.hold()
             code = _run_held(lock, info, command, heartbeat, forwarder)
         finally:
-            try:
-                lock.release()
-            except (FenceLockError, OSError) as e:
-                _error_line(f"{lock.session}: release: {e}")
-            # Kept until after the release, so a late SIGTERM cannot leave a stale record.
+            forwarder.hold()
+            if lock.held:
+                try:
+                    # Without unlocking: what the command left running keeps the session.
+                    lock._release_shared()
+                except (FenceLockError, OSError) as e:
+                    _error_line(f"{lock.session}: release: {e}")
+    except _Stopped as e:  # before the command started: nothing is held any more
+        code = 128 + e.signum
+    finally:
+        # Kept until after the release, so a late SIGTERM cannot leave a stale record.
+        if forwarder is not None:
             forwarder.restore()
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)
     sys.exit(code)
 
 
 # -- hold -------------------------------------------------------------------------------
 
 
-@main.command()
+@main.command(short_help="Hold SESSION for another process, over JSON lines.")
 @click.argument("session", type=click.Path(readable=False))
 @click.option("--lane", required=True, help="The lane name recorded in the holder record.")
 @click.option("--no-wait", "-n", is_flag=True, help="Exit 4 at once if the session is held.")

@@ -115,6 +115,23 @@ class PlantedFileError(UnsafePathError):
         return self.path, self.uid, self.directory
 
 
+class ForeignSymlinkError(PlantedFileError):
+    """A directory on a session's path is reached through a symlink owned by another
+    user (not this user, not root): it could lead runs into a directory of theirs."""
+
+    def __init__(self, path: str, uid: int, directory: str):
+        self.path = path
+        self.what = f"a symlink owned by uid {uid}"
+        self.uid = uid
+        FenceLockError.__init__(
+            self,
+            f"{path}: a symlink owned by uid {uid}, not this user or root, on the way to "
+            f"{directory}; another user could lead runs into a directory of theirs. Left "
+            f"untouched: use the real path, or replace the symlink with one of your own",
+        )
+        self.directory = directory
+
+
 class UnsafeSidecarError(UnsafePathError):
     """The sidecar is a symlink, directory, FIFO or other non-regular file."""
 
@@ -209,7 +226,12 @@ def describe_holder(
 ) -> str:
     """Who holds a session, in words: its record, or else the lock's owners."""
     if holder is not None:
-        return f"pid {holder.pid} on {holder.host} (lane {holder.lane!r}, token {holder.token})"
+        from fencelock._record import command_of
+
+        command = command_of(holder)
+        shared = f"; shared with its command, pid {command[0]}" if command is not None else ""
+        return (f"pid {holder.pid} on {holder.host} (lane {holder.lane!r}, token "
+                f"{holder.token}{shared})")
     if lock_owners is None:
         return ("a live holder without a readable fencelock record (this system does not "
                 "say which process)")

@@ -109,21 +109,24 @@ def _cancelled() -> BaseException:
 def _directory_facts(directory: str) -> tuple[str, FenceMode]:
     """(real path, fence mode) of a sessions directory; cached, as both cost syscalls.
 
-    Also warns, once per directory, when anyone may create files in it: another user
-    could then plant a sidecar or session of their own there.
+    Raises `ForeignSymlinkError` when the path goes through another user's symlink.
+    Also warns, once per directory, when anyone may create files in the real directory:
+    another user could then plant a sidecar or session of their own there.
     """
+    real = _sidecar.real_directory(directory)
     try:
-        mode = os.stat(directory).st_mode
+        mode = os.stat(real).st_mode
     except OSError:
         mode = 0
     if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        shown = directory if real == directory else f"{directory} (really {real})"
         warnings.warn(
-            f"{directory}: sessions directory is world-writable without the sticky bit; "
+            f"{shown}: sessions directory is world-writable without the sticky bit; "
             f"any user can plant or delete sidecars there. chmod o-w (or +t) it",
             FenceLockWarning,
             stacklevel=4,
         )
-    return os.path.realpath(directory), _fingerprint.detect_mode(directory)
+    return real, _fingerprint.detect_mode(real)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -144,7 +147,10 @@ def _static_part(
 
 def registry_key(session: str) -> str:
     """The in-process registry's key for a session: its real directory plus its name."""
-    return _session_facts(session)[0]
+    try:
+        return _session_facts(session)[0]
+    except FenceLockError:  # a path no SessionLock accepts: nothing here holds it
+        return session
 
 
 def _whoami() -> object:
@@ -335,6 +341,7 @@ class SessionLock:
                 self._count, self._owner, self._pid = 1, me, _identity.ME.pid
             except BaseException:
                 self._count = 0
+                self._unwrite_record()
                 self._close_fd()
                 raise
         except BaseException:
@@ -501,6 +508,22 @@ class SessionLock:
         self._tail_checked = False
         self._write_record()
 
+    def _unwrite_record(self) -> None:
+        """An interrupt (KeyboardInterrupt, a signal handler's exception) landed after
+        this acquire wrote its record but before it counted as held: mark the record
+        released, so the session does not read as stale once the lock is dropped."""
+        if self._fd < 0 or not self._run_id:
+            return
+        try:
+            record = _sidecar.read(self._fd, self.sidecar)
+            if (
+                record is not None and record.state is State.HELD
+                and record.run_id == self._run_id and record.token == self._token
+            ):
+                os.pwrite(self._fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+        except (OSError, FenceLockError):
+            pass  # it reads as stale: no worse than before
+
     def release(self) -> None:
         """Give the session back (once per acquire). A forked child never releases.
 
@@ -531,6 +554,50 @@ class SessionLock:
                         _platform.unlock(fd)
                     finally:
                         _sidecar.close(fd)  # also drops the lock if unlocking failed
+        finally:
+            self._info = None
+            self._free_slot()
+
+    # -- sharing the lock with a command (`fencelock run`) ---------------------------
+
+    def _shared_fd(self) -> int:
+        """The locked descriptor, for `fencelock run` to pass to the command it starts:
+        a flock lock belongs to the open file description, so the command (and whatever
+        it leaves running with the descriptor) holds the session with this process."""
+        self._require()
+        return self._fd
+
+    def _name_command(self, pid: int) -> None:
+        """Add ``command`` (the pid and start of the process that shares the lock) to
+        the record, so a holder whose own process was killed is still named."""
+        self._require()
+        start = _identity.process_start(pid)
+        with self._io:
+            self._encode()  # makes self._static this process's fixed part
+            self._static += _record.command_part(pid, start)
+        self._write_record()
+
+    def _release_shared(self) -> None:
+        """Like `release`, for a lock shared with a command: mark the record released
+        and close this process's descriptor without unlocking. LOCK_UN would free the
+        session for every process sharing the descriptor; closing frees it only once
+        the last of them has closed it (or exited)."""
+        if self._pid != _identity.ME.pid or self._count != 1:
+            self.release()
+            return
+        self._count = 0
+        try:
+            with self._io:
+                fd, self._fd = self._fd, -1
+                try:
+                    os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+                except OSError as e:
+                    raise SidecarAccessError(
+                        self.sidecar, e, "the session is released, but its record still "
+                        "says held (it will read as stale)"
+                    ) from None
+                finally:
+                    _sidecar.close(fd)
         finally:
             self._info = None
             self._free_slot()
@@ -693,12 +760,25 @@ class SessionLock:
             callback()
 
 
+def holder_alive(record: HolderInfo) -> bool | None:
+    """Whether the record's owner still runs, or the command a `fencelock run` owner
+    started (which shares its lock); None when that cannot be known from here."""
+    alive = _identity.owner_alive(record.pid, record.host, record.process_start)
+    command = _record.command_of(record) if not alive else None
+    if command is None:
+        return alive
+    other = _identity.owner_alive(command[0], record.host, command[1])
+    if other or alive is None or other is None:
+        return other or None
+    return False
+
+
 def may_be_live(record: HolderInfo | None) -> bool:
     """Whether a record names a holder that may still run (for a lock found taken: a
     record that is not held, or whose owner is gone, means a probe or an acquirer
     about to write has the lock for a moment)."""
-    return record is not None and record.state is State.HELD and _identity.owner_alive(
-        record.pid, record.host, record.process_start
+    return record is not None and record.state is State.HELD and holder_alive(
+        record
     ) is not False
 
 

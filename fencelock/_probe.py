@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from fencelock import _fingerprint, _identity, _lock, _platform, _sidecar, _tokens
+from fencelock import _fingerprint, _identity, _lock, _platform, _record, _sidecar, _tokens
 from fencelock._errors import (
     CorruptRecordError,
     FenceLockError,
@@ -215,7 +215,7 @@ def _status(
 ) -> HolderStatus:
     alive = None
     if record.state is State.HELD:
-        alive = _identity.owner_alive(record.pid, record.host, record.process_start)
+        alive = _lock.holder_alive(record)
     stuck = state is ProbeState.LIVE and now - record.heartbeat_at > stuck_after
     return HolderStatus(
         session,
@@ -253,7 +253,14 @@ def _reason(state: ProbeState, record: HolderInfo, alive: bool | None, stuck: bo
         return f"owner pid {record.pid} died while holding it"
     if state is ProbeState.LIVE:
         if record.state is not State.HELD:
-            return "locked; the holder has not written its record yet"
+            return ("locked, and the record is not held: an acquirer about to write its "
+                    "record, or a process a `fencelock run` command left running")
+        command = _record.command_of(record)
+        if command is not None and _identity.owner_alive(
+            record.pid, record.host, record.process_start
+        ) is False:
+            return (f"held by pid {command[0]}, the command of a `fencelock run` whose "
+                    f"own process (pid {record.pid}) is gone")
         if stuck:
             return "live, but its heartbeat is older than the stuck threshold"
         return "held"
@@ -303,7 +310,7 @@ def clear(
 
     Returns what was found, with ``reason`` saying what was done. ``remove`` also
     deletes the sidecar (the session's token is kept on the session file first).
-    ``force`` sets a corrupt record aside as ``<sidecar>.corrupt-<time>``.
+    ``force`` sets a corrupt record aside as ``<sidecar>.corrupt-<time>-<random>``.
     """
     session, sidecar = _sidecar.paths(path)
     # Take the session's in-process slot for the whole clear, as an acquirer would:
@@ -364,21 +371,23 @@ def _live_record(sidecar: str) -> HolderInfo | None:
 
 
 def _set_aside(sidecar: str) -> str:
-    """Move a corrupt sidecar to a new, unused ``<sidecar>.corrupt-<time>[-n]`` name.
+    """Move a corrupt sidecar to a new ``<sidecar>.corrupt-<time>-<random>`` name.
 
-    The name is claimed first with an exclusive create, so an earlier aside is never
-    replaced; the rename then moves the sidecar in one step (other acquirers never see
-    it with two names).
+    The name is claimed first with an exclusive create, so an earlier aside (or a file
+    someone planted under a name they guessed) is never replaced, and its random part
+    leaves nobody a name to guess in advance; the rename then moves the sidecar in one
+    step (other acquirers never see it with two names).
     """
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    for n in range(1000):
-        aside = f"{sidecar}.corrupt-{stamp}" + (f"-{n}" if n else "")
+    for _ in range(_SET_ASIDE_TRIES):
+        aside = f"{sidecar}.corrupt-{stamp}-{os.urandom(8).hex()}"
         try:
-            os.close(os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _platform.OPEN_FLAGS, 0o600)
         except FileExistsError:
             continue
         except OSError as e:
             raise SidecarAccessError(sidecar, e, "move the corrupt sidecar aside by hand") from None
+        os.close(fd)
         try:
             os.rename(sidecar, aside)
         except OSError as e:
@@ -386,7 +395,11 @@ def _set_aside(sidecar: str) -> str:
                 os.unlink(aside)  # the empty name claimed above
             raise SidecarAccessError(sidecar, e, "move the corrupt sidecar aside by hand") from None
         return aside
-    raise FenceLockError(f"{sidecar}: 1000 set-aside copies exist already; clean them up")
+    raise FenceLockError(f"{sidecar}: no unused name for a set-aside copy; check the directory")
+
+
+_SET_ASIDE_TRIES = 16
+"""Random names taken before giving up (a collision of 64 random bits is not luck)."""
 
 
 def _clear_locked(

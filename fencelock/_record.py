@@ -189,6 +189,25 @@ def static_part(
     return text
 
 
+def command_part(pid: int, process_start: str) -> str:
+    """The ``command`` field, appended to a record's fixed part by `fencelock run`."""
+    return f',"command":{{"pid":{pid},"process_start":{_js(process_start)}}}'
+
+
+def command_of(record: HolderInfo) -> tuple[int, str] | None:
+    """(pid, process_start) of the command a `fencelock run` holder started, which
+    shares its lock; None when the record names none (or names it badly)."""
+    command = record.extra.get("command")
+    if not isinstance(command, dict):
+        return None
+    pid, start = command.get("pid"), command.get("process_start", "")
+    if type(pid) is not int or not 1 <= pid <= _MAX_PID:
+        return None
+    if not isinstance(start, str) or len(start) > MAX_TEXT:
+        return None
+    return pid, start
+
+
 def encode(
     state: State,
     phase: Phase,

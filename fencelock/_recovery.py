@@ -12,6 +12,7 @@ import contextlib
 import enum
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from fencelock import _fingerprint, _lock, _probe, _sidecar, _tokens, _wait
 from fencelock._errors import FenceLockError, SessionContendedError, SidecarAccessError
 from fencelock._fingerprint import FenceMode
 from fencelock._probe import HolderStatus, ProbeState
+from fencelock._record import MAX_TOKEN
 
 
 class Action(enum.StrEnum):
@@ -97,40 +99,109 @@ def recover(
     return Recovery(Action.REFIRE, session, found, waited)
 
 
+CARRY_CHUNK = 4 * 1024 * 1024
+"""How much of the old transcript `recover` holds in memory at a time when it carries
+it to a fresh session: each chunk is one fenced, fsynced append."""
+_LONG_LINE = 1024 * 1024
+"""Lines longer than this are searched for a stamp only in their last `_STAMP_TAIL`."""
+_STAMP_TAIL = 64 * 1024
+_TRAILING_STAMP = re.compile(
+    rb'"%s"\s*:\s*\{\s*"token"\s*:\s*(\d{1,19})\s*,\s*"run_id"\s*:\s*"[^"\\]*"\s*\}\s*\}\s*$'
+    % _tokens.STAMP_KEY.encode()
+)
+"""The stamp `append(..., stamp=True)` puts at the end of a line."""
+
+
 def _start_fresh(session: str, lane: str, carry: bool, old_token: int) -> tuple[str, int]:
     new = fresh_session(session)
     lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session)
-    data = _complete_lines(session) if carry else b""
-    # The fresh session continues the old one's tokens: its stamped lines come along.
-    lock._token_floor = max(old_token, _tokens.floor(session), _highest_stamp(data))
-    with lock:
-        if data:
-            lock._append_bytes(data)
-        else:
-            lock._append_bytes(b"")
-    return new, data.count(b"\n")
+    fd = _open_old(session) if carry else -1
+    try:
+        # The old transcript up to its last line break (a torn last line stays behind),
+        # as it is now: the live holder may still append while this copies.
+        end = _complete_end(fd, session) if fd >= 0 else 0
+        lines, highest = _scan(fd, session, end) if end else (0, 0)
+        # The fresh session continues the old one's tokens: its stamped lines come along.
+        lock._token_floor = max(old_token, _tokens.floor(session), highest)
+        with lock:
+            if not end:
+                lock._append_bytes(b"")
+            offset = 0
+            while offset < end:
+                chunk = _pread(fd, session, min(CARRY_CHUNK, end - offset), offset)
+                if offset + len(chunk) < end:
+                    cut = chunk.rfind(b"\n") + 1
+                    if cut:  # whole lines per append, unless one line is longer
+                        chunk = chunk[:cut]
+                lock._append_bytes(chunk)
+                offset += len(chunk)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return new, lines
 
 
-def _highest_stamp(data: bytes) -> int:
-    best = 0
-    key = _tokens.STAMP_KEY.encode()
-    for line in data.split(b"\n"):
-        if key in line:
-            try:
-                best = max(best, _tokens.stamp_of(json.loads(line)) or 0)
-            except (ValueError, RecursionError):
-                continue
-    return best
-
-
-def _complete_lines(session: str) -> bytes:
-    """The old transcript up to its last line break (a torn last line stays behind)."""
+def _open_old(session: str) -> int:
     try:
         fd, _ = _sidecar.open_regular(session, os.O_RDONLY)
-        with os.fdopen(fd, "rb") as f:
-            data = f.read()
     except FileNotFoundError:
-        return b""
+        return -1
     except OSError as e:
         raise SidecarAccessError(session, e, "recover with carry=False to start empty") from None
-    return data[: data.rfind(b"\n") + 1]
+    return fd
+
+
+def _pread(fd: int, session: str, size: int, offset: int) -> bytes:
+    try:
+        data = os.pread(fd, size, offset)
+    except OSError as e:
+        raise SidecarAccessError(session, e, "recover with carry=False to start empty") from None
+    if not data:
+        raise FenceLockError(f"{session}: it shrank while recover copied it; recover again")
+    return data
+
+
+def _complete_end(fd: int, session: str) -> int:
+    """The offset just past the old transcript's last line break (0 if none)."""
+    try:
+        end = os.fstat(fd).st_size
+    except OSError as e:
+        raise SidecarAccessError(session, e, "recover with carry=False to start empty") from None
+    while end > 0:
+        start = max(0, end - _STAMP_TAIL)
+        block = _pread(fd, session, end - start, start)
+        cut = block.rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        end = start
+    return 0
+
+
+def _scan(fd: int, session: str, end: int) -> tuple[int, int]:
+    """(lines, highest stamped token) of the first ``end`` bytes, read a chunk at a time."""
+    lines = best = 0
+    partial = b""
+    long_line = False
+    key = _tokens.STAMP_KEY.encode()
+    offset = 0
+    while offset < end:
+        chunk = _pread(fd, session, min(CARRY_CHUNK, end - offset), offset)
+        offset += len(chunk)
+        pieces = chunk.split(b"\n")
+        for i, piece in enumerate(pieces):
+            line = partial + piece
+            if i == len(pieces) - 1:  # not finished in this chunk
+                if len(line) > _LONG_LINE:
+                    line, long_line = line[-_STAMP_TAIL:], True
+                partial = line
+                continue
+            lines += 1
+            if long_line or len(line) > _LONG_LINE:
+                m = _TRAILING_STAMP.search(line[-_STAMP_TAIL:])
+                token = int(m[1]) if m else 0
+                best = max(best, token if token <= MAX_TOKEN else 0)
+            elif key in line:
+                with contextlib.suppress(ValueError, RecursionError):
+                    best = max(best, _tokens.stamp_of(json.loads(line)) or 0)
+            partial, long_line = b"", False
+    return lines, best

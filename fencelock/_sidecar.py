@@ -16,6 +16,7 @@ import stat
 from fencelock import _forkguard, _platform
 from fencelock._errors import (
     CorruptRecordError,
+    ForeignSymlinkError,
     PlantedFileError,
     SidecarAccessError,
     UnsafePathError,
@@ -132,6 +133,53 @@ def refuse_planted(path: str, st: os.stat_result) -> None:
         raise PlantedFileError(path, st.st_uid, directory)
 
 
+_MAX_LINKS = 40
+
+
+def real_directory(directory: str) -> str:
+    """The real path of an absolute ``directory``, resolved the way the kernel would.
+
+    Raises `ForeignSymlinkError` when a symlink on the way belongs to neither this user
+    nor root: opening files with ``O_NOFOLLOW`` guards only the last component, and a
+    symlink another user planted higher up would lead runs into a directory of theirs.
+    A component that cannot be looked at ends the walk (the open that follows says why).
+    """
+    if _platform.WINDOWS:  # pragma: no cover - symlinks there need privileges to make
+        return os.path.realpath(directory)
+    me = _geteuid()
+    todo = [p for p in directory.split(os.sep) if p][::-1]
+    path = os.sep
+    links = 0
+    while todo:
+        name = todo.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            path = os.path.dirname(path)
+            continue
+        candidate = os.path.join(path, name)
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            return os.path.join(candidate, *todo[::-1])
+        if not stat.S_ISLNK(st.st_mode):
+            path = candidate
+            continue
+        if st.st_uid not in (0, me):
+            raise ForeignSymlinkError(candidate, st.st_uid, directory)
+        links += 1
+        try:
+            target = os.readlink(candidate)
+        except OSError:
+            return os.path.join(candidate, *todo[::-1])
+        if links > _MAX_LINKS:
+            return os.path.realpath(directory)  # a loop: opening it will fail with ELOOP
+        if target.startswith(os.sep):
+            path = os.sep
+        todo.extend(p for p in target.split(os.sep)[::-1] if p)
+    return path
+
+
 _UNSAFE_ERRNO = {
     errno.ELOOP: "a symlink", errno.EISDIR: "a directory", errno.ENXIO: "a socket or FIFO",
 }
@@ -147,11 +195,19 @@ def open_checked(
     ``create`` opens it read-write, creating it if missing; ``write`` opens an existing
     one read-write; otherwise it is opened read-only (enough to probe the lock).
     """
-    access = os.O_RDWR | os.O_CREAT if create else os.O_RDWR if write else os.O_RDONLY
+    access = os.O_RDWR if create or write else os.O_RDONLY
     flags = _platform.OPEN_FLAGS | access
     with _forkguard.guard:  # a forked child must never get a copy it does not know of
         try:
-            fd = os.open(sidecar, flags, mode)
+            try:
+                fd = os.open(sidecar, flags, mode)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                # Only when the sidecar is missing (a session's first run): nothing is
+                # created beside a session path that no run could use.
+                _refuse_unusable_session(sidecar)
+                fd = os.open(sidecar, flags | os.O_CREAT, mode)
         except OSError as e:
             raise access_error(sidecar, e, create or write) from None
         try:
@@ -173,6 +229,20 @@ def open_checked(
                 raise
         _forkguard.track(fd, st)
     return fd, st
+
+
+def _refuse_unusable_session(sidecar: str) -> None:
+    """Raise `UnsafePathError` when the session path a sidecar belongs to is something
+    no run can use (a directory, FIFO or symlink, dangling or not)."""
+    if not sidecar.endswith(SUFFIX):
+        return
+    session = sidecar[: -len(SUFFIX)]
+    try:
+        mode = os.lstat(session).st_mode
+    except OSError:
+        return  # missing (a new session), or unreachable: the open says why
+    if not stat.S_ISREG(mode):
+        raise UnsafePathError(session, _platform.describe_mode(mode))
 
 
 close = _forkguard.close

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import errno
 import gc
+import glob
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -359,7 +361,7 @@ def test_session_that_is_a_directory_gives_a_clear_error(session: Path) -> None:
     assert str(session) in str(exc.value) and "a directory" in str(exc.value)
     assert not isinstance(exc.value, CoordinationError)
     assert (session / "keep").read_text() == "x"
-    assert not sidecar_of(session).read_bytes()  # no record was written
+    assert not os.path.lexists(sidecar_of(session))  # refused before creating anything
     status = probe(session)  # and the probe says why no run can use it
     assert status.state == "unreadable" and "a directory" in status.reason
 
@@ -672,6 +674,29 @@ def test_force_clear_never_overwrites_an_earlier_aside(session: Path) -> None:
              if p.name.startswith(sidecar.name + ".corrupt") and p not in earlier]
     assert len(moved) == 1 and moved[0].read_bytes() == b"{not a record"
     assert str(moved[0]) in status.reason
+
+
+def test_set_aside_names_cannot_be_exhausted_or_planted_in_advance(session: Path) -> None:
+    # Someone who can create files in the directory fills every name a clock-based
+    # scheme could pick in the next seconds; the corrupt record still goes aside, to
+    # a name nobody could guess, and nothing planted is touched.
+    sidecar = sidecar_of(session)
+    planted = set()
+    start = time.time()
+    for t in range(3):
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(start + t))
+        for n in range(1000):
+            p = Path(f"{sidecar}.corrupt-{stamp}" + (f"-{n}" if n else ""))
+            p.write_bytes(b"planted")
+            planted.add(p)
+    sidecar.write_bytes(b"{not a record")
+    status = clear(session, force=True)
+    assert status.set_aside is not None and Path(status.set_aside) not in planted
+    assert Path(status.set_aside).read_bytes() == b"{not a record"
+    assert re.fullmatch(r".*\.corrupt-\d{8}T\d{6}-[0-9a-f]{16}", status.set_aside)
+    assert all(p.read_bytes() == b"planted" for p in planted)
+    # the token floor still finds the copy under the glob readers use
+    assert status.set_aside in glob.glob(glob.escape(str(session)) + ".holder.corrupt-*")
 
 
 def test_two_forced_clears_in_one_second_keep_both_asides(session: Path) -> None:

@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from fencelock import SessionLock, probe
+from fencelock import FenceLockError, SessionContendedError, SessionLock, probe
 from fencelock._cli import clean, human_age, main
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ["status", "clear", "run", "wait", "recover", "verify", "check-config"]
+COMMANDS = ["status", "clear", "run", "hold", "wait", "recover", "verify", "check-config"]
 STATUS_KEYS = {
     "session", "sidecar", "state", "pid", "host", "lane", "run_id", "token", "stuck",
     "owner_alive", "fence_ok", "reason", "age", "heartbeat_age", "phase", "held_by",
@@ -528,7 +528,8 @@ import json, os, sys, fencelock
 st = fencelock.probe(os.environ["FENCELOCK_SESSION"])
 env = {k: v for k, v in os.environ.items() if k.startswith("FENCELOCK_")}
 print(json.dumps({"state": str(st.state), "pid": st.pid, "lane": st.lane, "token": st.token,
-                  "run_id": st.record.run_id, "ppid": os.getppid(), "env": env}))
+                  "run_id": st.record.run_id, "ppid": os.getppid(), "env": env,
+                  "lock_fd": os.readlink(f"/proc/self/fd/{env['FENCELOCK_FD']}")}))
 sys.exit(int(sys.argv[1]))
 """
 
@@ -546,7 +547,9 @@ def test_run_holds_session_passes_env_and_exit_code(session: Path) -> None:
         "FENCELOCK_LANE": "cron:nightly",
         "FENCELOCK_TOKEN": str(seen["token"]),
         "FENCELOCK_RUN_ID": seen["run_id"],
+        "FENCELOCK_FD": seen["env"]["FENCELOCK_FD"],
     }
+    assert seen["lock_fd"] == str(session) + ".holder"  # the lock, shared as with flock(1)
     after = probe(session)
     assert after.state == "free" and after.record is not None
     assert after.record.state == "released" and after.record.token == seen["token"]
@@ -629,17 +632,23 @@ def _blocked_in_flock(proc: subprocess.Popen[Any], limit: float = 30) -> None:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
-def test_run_interrupted_while_waiting_exits_130(session: Path, spawn_holder: Any) -> None:
+@pytest.mark.parametrize(
+    ("sig", "how"),
+    [(signal.SIGINT, []), (signal.SIGTERM, []), (signal.SIGHUP, ["--timeout", "300"])],
+)
+def test_run_interrupted_while_waiting_exits_128_plus_n(
+    session: Path, spawn_holder: Any, sig: int, how: list[str]
+) -> None:
     h = spawn_holder(session, lane="first")
     h.acquire()
     proc = subprocess.Popen(
-        [*FENCELOCK, "run", str(session), "--lane", "second", "--", "true"],
+        [*FENCELOCK, "run", str(session), "--lane", "second", *how, "--", "true"],
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     _blocked_in_flock(proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 128 + sig  # 130 for Ctrl-C
     assert "Traceback" not in err
     assert probe(session).pid == h.pid
     assert h.call("release") == "released"
@@ -684,20 +693,23 @@ def _check_fd_listing(seen: dict[str, list[str]], session: Path) -> None:
     sidecar = str(session) + ".holder"
     assert sidecar in seen["parent"]  # fencelock holds it open: the listing works
     assert seen["mine"]  # and the command's own listing is not empty
-    assert not [p for p in seen["mine"] if p.endswith(".holder")]
+    # The command shares the lock's descriptor (as with flock(1)) and no other sidecar's.
+    assert [p for p in seen["mine"] if p.endswith(".holder")] == [sidecar]
 
 
-def test_run_command_does_not_inherit_the_lock(session: Path) -> None:
+def test_run_command_shares_only_the_lock_s_descriptor(session: Path) -> None:
     out = cli("run", str(session), "--lane", "x", "--", sys.executable, "-c", FD_LISTING)
     assert out.returncode == 0, out.stderr
     _check_fd_listing(json.loads(out.stdout), session)
 
 
 def test_run_in_process_does_not_leak_descriptors(session: Path, tmp_path: Path) -> None:
-    # In-process the test runner has many descriptors open; none may reach the command.
+    # In-process the test runner has many descriptors open; none may reach the command,
+    # not even another held session's.
     result_file = tmp_path / "fds.json"
     script = FD_LISTING.replace("print(", f"open({str(result_file)!r}, 'w').write(")
-    result = invoke("run", str(session), "--lane", "x", "--", sys.executable, "-c", script)
+    with SessionLock(session.parent / "other.jsonl", "other"):
+        result = invoke("run", str(session), "--lane", "x", "--", sys.executable, "-c", script)
     assert result.exit_code == 0, result.output
     _check_fd_listing(json.loads(result_file.read_text()), session)
 
@@ -990,7 +1002,7 @@ def test_run_passes_the_callers_descriptors_like_flock(session: Path, tmp_path: 
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("through fd 3\n")
-    assert ".holder" not in proc.stdout  # never the lock's descriptor
+    assert proc.stdout.count(".holder") == 1  # and the lock's own, as with flock(1)
 
 
 def test_scan_reports_a_directory_named_like_a_session_as_unreadable(tmp_path: Path) -> None:
@@ -1195,3 +1207,216 @@ def test_a_missing_session_file_is_a_free_empty_session_for_every_command(
         assert any(words in out.stdout for words in said), out.stdout
     if args[0] == "recover":
         assert out.stdout.strip() == str(session)
+def _make_unusable_session(session: Path, kind: str) -> None:
+    if kind == "directory":
+        session.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(session)
+    elif kind == "symlink":
+        target = session.parent / "target.jsonl"
+        target.write_text('{"n":1}\n')
+        session.symlink_to(target)
+    else:
+        session.symlink_to(session.parent / "nowhere.jsonl")
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink", "dangling-symlink"])
+def test_run_on_an_unusable_session_path_creates_nothing(session: Path, kind: str) -> None:
+    _make_unusable_session(session, kind)
+    before = sorted(p.name for p in session.parent.iterdir())
+    out = cli("run", str(session), "--lane", "a", "--", "true")
+    assert out.returncode == 1
+    no_traceback(out.stderr, 1)
+    assert str(session) in out.stderr and "not a regular file" in out.stderr
+    with pytest.raises(FenceLockError):
+        SessionLock(session, "a").acquire()
+    assert sorted(p.name for p in session.parent.iterdir()) == before  # no .holder left
+    status = probe(session)
+    assert status.state == "unreadable" and "no run can use it" in status.reason
+
+
+# -- run: the command holds the session with fencelock, as with flock(1) ---------------
+
+NAMED_THEN_WAIT = """
+import os, sys, time, fencelock
+from fencelock._record import command_of
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:  # polling the record for the wrapper's naming write
+    rec = fencelock.probe(os.environ["FENCELOCK_SESSION"]).record
+    if rec is not None and command_of(rec) is not None:
+        break
+    time.sleep(0.005)
+print(os.getpid(), flush=True)
+sys.stdin.readline()
+"""
+
+PID_THEN_WAIT = """
+import os, sys
+print(os.getpid(), flush=True)
+sys.stdin.readline()
+"""
+
+
+def _wait_for_exit(pidfd: int) -> None:
+    """Return once the process is gone (its descriptors, the lock's included, closed)."""
+    ready, _, _ = select.select([pidfd], [], [], 60)
+    assert ready, "the process did not exit"
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux 5.3)")
+def test_killing_the_run_wrapper_never_frees_a_session_its_command_holds(session: Path) -> None:
+    proc = subprocess.Popen(
+        [*FENCELOCK, "run", str(session), "--lane", "a", "--",
+         sys.executable, "-c", NAMED_THEN_WAIT],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        command_pid = int(proc.stdout.readline())
+        pidfd = os.pidfd_open(command_pid)
+        proc.kill()
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        st = probe(session)
+        assert st.state == "live" and st.owner_alive is True, st
+        assert st.pid == proc.pid and f"pid {command_pid}" in st.reason
+        row = rows(cli("status", "--json", str(session)))[0]
+        assert row["state"] == "live" and row["command_pid"] == command_pid
+        out = cli("run", str(session), "--lane", "b", "--no-wait", "--", "true")
+        assert out.returncode == 4, out.stderr
+        assert f"pid {command_pid}" in out.stderr
+        with pytest.raises(SessionContendedError):
+            SessionLock(session, "c", on_contention="fail").acquire()
+        proc.stdin.write("\n")  # the command's stdin too: let it finish
+        proc.stdin.close()
+        _wait_for_exit(pidfd)
+        os.close(pidfd)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    st = probe(session)
+    assert st.state == "stale" and st.owner_alive is False, st
+    out = cli("run", str(session), "--lane", "b", "--no-wait", "--", "true")
+    assert out.returncode == 0, out.stderr
+    after = probe(session)
+    assert after.state == "free" and after.record is not None
+    assert after.record.previous is not None and after.record.previous.pid == proc.pid
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux 5.3)")
+def test_what_the_command_left_running_keeps_the_session_until_it_exits(session: Path) -> None:
+    # A non-interactive shell gives a background job /dev/null as stdin unless told.
+    script = 'exec 9<&0; "$0" -c "$1" <&9 9<&- & exit 7'
+    proc = subprocess.Popen(
+        [*FENCELOCK, "run", str(session), "--lane", "a", "--",
+         "sh", "-c", script, sys.executable, PID_THEN_WAIT],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        background = int(proc.stdout.readline())
+        pidfd = os.pidfd_open(background)
+        assert proc.wait(timeout=60) == 7  # fencelock ends with its command
+        st = probe(session)
+        token = st.token
+        assert st.state == "live" and st.record is not None
+        assert st.record.state == "released"  # the run is over; its descriptor lives on
+        out = cli("run", str(session), "--lane", "b", "--no-wait", "--", "true")
+        assert out.returncode == 4, out.stderr
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        _wait_for_exit(pidfd)
+        os.close(pidfd)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    st = probe(session)
+    assert st.state == "free", st
+    out = cli("run", str(session), "--lane", "b", "--no-wait", "--", "true")
+    assert out.returncode == 0, out.stderr
+    after = probe(session).record
+    assert after is not None and after.token == (token or 0) + 1 and after.previous is None
+
+
+# A `fencelock run` that stops just after the acquire (the real one) and waits for a
+# line on stdin: the window in which a signal once killed it with the default action.
+PAUSED_AFTER_ACQUIRE = """
+import sys
+from fencelock import _cli, _lock
+real = _lock.SessionLock.acquire
+def acquire(self, **kw):
+    info = real(self, **kw)
+    print("acquired", flush=True)
+    sys.stdin.readline()
+    return info
+_lock.SessionLock.acquire = acquire
+_cli.main(sys.argv[1:], prog_name="fencelock")
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_just_after_the_acquire_releases_instead_of_leaving_it_stale(
+    session: Path, tmp_path: Path, sig: int
+) -> None:
+    marker = tmp_path / "ran"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_AFTER_ACQUIRE, "run", str(session), "--lane", "a", "--",
+         sys.executable, "-c", f"open({str(marker)!r}, 'w')"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline() == "acquired\n"
+    assert probe(session).state == "live"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err
+    assert not marker.exists()  # the command never started
+    st = probe(session)
+    assert st.state == "free" and st.record is not None and st.record.state == "released"
+
+
+def test_run_command_starts_with_no_signal_blocked(session: Path) -> None:
+    out = cli("run", str(session), "--lane", "a", "--", "grep", "^SigBlk:", "/proc/self/status")
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[1], 16) == 0
+
+
+# The same, paused inside the acquire: its record is written, but it does not count as
+# held yet (the last instants in which an interrupt could once leave a stale record).
+PAUSED_AFTER_THE_RECORD = """
+import sys
+from fencelock import _cli, _lock
+real = _lock.SessionLock._write_new_record
+def write_new_record(self):
+    real(self)
+    print("written", flush=True)
+    sys.stdin.readline()
+_lock.SessionLock._write_new_record = write_new_record
+_cli.main(sys.argv[1:], prog_name="fencelock")
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_once_the_record_is_written_never_leaves_it_stale(
+    session: Path, tmp_path: Path, sig: int
+) -> None:
+    marker = tmp_path / "ran"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_AFTER_THE_RECORD, "run", str(session), "--lane", "a",
+         "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline() == "written\n"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert not marker.exists()
+    st = probe(session)
+    assert st.state == "free" and st.record is not None and st.record.state == "released"

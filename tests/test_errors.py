@@ -45,6 +45,8 @@ def samples() -> dict[str, BaseException]:
         "SessionTakeoverError-gone": _errors.SessionTakeoverError("/s/a.jsonl", FP, None),
         "UnsafePathError": _errors.UnsafePathError("/s/a.jsonl", "a FIFO"),
         "PlantedFileError": _errors.PlantedFileError("/s/a.jsonl", 1001, "/s"),
+        "ForeignSymlinkError": _errors.ForeignSymlinkError("/s/agentA", 1001, "/t/agentA"),
+        "BadRequestError": _errors.BadRequestError("line 3: not JSON"),
         "UnsafeSidecarError": _errors.UnsafeSidecarError("/s/a.jsonl.holder", "a symlink"),
         "CorruptRecordError": _errors.CorruptRecordError("/s/a.jsonl.holder", "not JSON"),
         "SidecarAccessError": _errors.SidecarAccessError("/s/a.jsonl.holder", cause, "fix it"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -140,3 +142,52 @@ def test_fresh_session_is_a_new_uuid_beside_the_old_one(session: Path) -> None:
     new = fresh_session(session)
     assert os.path.dirname(new) == str(session.parent) and new.endswith(".jsonl")
     assert not os.path.exists(new) and new != fresh_session(session)
+
+
+LOW_MEMORY_RECOVER = """
+import json, resource, sys, uuid
+from fencelock import recover
+session, headroom = sys.argv[1], int(sys.argv[2])
+with open("/proc/self/status") as f:
+    used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (used + headroom, used + headroom))
+r = recover(session, wait=0)
+print(json.dumps({"action": str(r.action), "session": r.session, "lines": r.carried_lines,
+                  "limit": used + headroom}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_carrying_a_session_larger_than_memory_to_a_fresh_one(
+    session: Path, spawn_holder: Any
+) -> None:
+    """recover copies the old transcript in bounded chunks: a process whose address
+    space cannot hold the session still carries all of it, stamps included."""
+    line = b'{"role":"user","content":"' + b"x" * 1000 + b'"}\n'
+    long_stamped = (b'{"content":"' + b"y" * (3 << 20) + b'","_fencelock":{"token":700,'
+                    b'"run_id":"r-700"}}\n')  # longer than a chunk, stamped at its end
+    with open(session, "wb") as f:
+        for n in range(64):
+            f.write(line * 1024)  # 64 MiB in all
+            if n == 20:
+                f.write(long_stamped)
+        f.write(b'{"tail":1,"_fencelock":{"token":500,"run_id":"r-500"}}\n')
+        f.write(b'{"torn')  # an unfinished line stays behind
+    size = session.stat().st_size
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    headroom = 32 << 20
+    done = subprocess.run([sys.executable, "-c", LOW_MEMORY_RECOVER, str(session), str(headroom)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["limit"] < size  # the process could not have held the session whole
+    assert result["action"] == "fresh" and result["lines"] == 64 * 1024 + 2
+    new = Path(result["session"])
+    assert new.stat().st_size == size - len(b'{"torn')
+    with open(session, "rb") as old, open(new, "rb") as copy:
+        while block := copy.read(1 << 20):
+            assert old.read(len(block)) == block
+    record = probe(new).record
+    assert record is not None and record.token == 701  # above the stamp in the middle
+    assert probe(session).state == ProbeState.LIVE

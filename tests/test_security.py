@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from privdrop import CAN_DROP, WHY_NOT, as_user, open_directory, spawn_as_user
+from privdrop import CAN_DROP, NOBODY, WHY_NOT, as_user, open_directory, spawn_as_user
 
 import fencelock
 from fencelock import (
@@ -290,6 +290,18 @@ def test_world_writable_directory_without_sticky_bit_warns(tmp_path: Path) -> No
     assert str(loose) in message and "world-writable" in message
 
 
+def test_the_warning_looks_at_the_real_directory_behind_a_symlink(tmp_path: Path) -> None:
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    link = tmp_path / "link"
+    link.symlink_to(loose)
+    with pytest.warns(fencelock.FenceLockWarning) as caught:
+        _acquire_in(link)
+    message = str(caught[0].message)
+    assert f"{link} (really {loose})" in message and "world-writable" in message
+
+
 @pytest.mark.parametrize("mode", [0o755, 0o700, 0o1777, 0o1733])
 def test_safe_directories_do_not_warn(tmp_path: Path, mode: int) -> None:
     d = tmp_path / "d"
@@ -342,3 +354,62 @@ def test_files_planted_by_another_user_in_a_shared_directory_are_refused(planted
         assert str(target) in str(caught.value) and "planted" in str(caught.value)
         assert target.read_bytes() == before
         assert b"secret" not in target.read_bytes()
+
+
+@pytest.mark.skipif(not CAN_DROP, reason=WHY_NOT)
+def test_a_symlink_another_user_planted_above_the_session_is_refused() -> None:
+    """Opening with O_NOFOLLOW guards only the last component. In a directory another
+    user may create entries in (here group-writable, which the kernel's
+    protected_symlinks does not cover), their symlink `sessions/agentA` could point runs
+    into a directory of theirs; such a path is refused, and nothing is created there."""
+    from fencelock import PlantedFileError
+
+    with open_directory(0o775) as sessions:
+        os.chown(sessions, 0, NOBODY)  # the other user's group may create entries
+        theirs = sessions.parent / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, NOBODY, NOBODY)
+        mine = sessions.parent / "mine"
+        mine.mkdir()
+        link = sessions / "agentA"
+        as_user("os.symlink(args['target'], args['link'])\nresult = True",
+                target=str(theirs), link=str(link))
+        assert link.is_symlink() and link.lstat().st_uid == NOBODY
+        session = link / "s.jsonl"
+        with pytest.raises(PlantedFileError) as caught:
+            SessionLock(session, "victim")
+        assert str(link) in str(caught.value) and f"uid {NOBODY}" in str(caught.value)
+        out = subprocess.run(
+            [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "a", "--",
+             "true"], capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert str(link) in out.stderr and "symlink owned by uid" in out.stderr
+        assert list(theirs.iterdir()) == []  # nothing was created in their directory
+        # A symlink of this user's own is followed as before.
+        own = sessions / "agentB"
+        own.symlink_to(mine)
+        with SessionLock(own / "s.jsonl", "a") as lock:
+            lock.append({"n": 1})
+        assert (mine / "s.jsonl").exists()
+
+
+@pytest.mark.skipif(not CAN_DROP, reason=WHY_NOT)
+def test_the_planted_file_check_looks_through_a_symlink_of_our_own() -> None:
+    """A sessions path reached through this user's own symlink into a shared directory
+    gets the shared directory's checks: a sidecar another user planted there is refused."""
+    from fencelock import PlantedFileError
+
+    with open_directory(0o1777) as shared:
+        link = shared.parent / "agent"
+        link.symlink_to(shared)
+        as_user(
+            "import os\n"
+            "fd = os.open(args['path'], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)\n"
+            "os.fchmod(fd, 0o666)\n"
+            "result = True",
+            path=str(shared / "s.jsonl.holder"),
+        )
+        with pytest.raises(PlantedFileError), SessionLock(link / "s.jsonl", "victim"):
+            pass
+        assert (shared / "s.jsonl.holder").read_bytes() == b""
