@@ -323,6 +323,7 @@ def _clear_locked(
     except CorruptRecordError:
         if not force:
             raise
+        _tokens.keep_before_set_aside(session, fd)
         aside = _set_aside(sidecar)
         return HolderStatus(
             session,

@@ -442,6 +442,37 @@ def test_token_continues_after_a_corrupt_record_is_set_aside(session: Path) -> N
         assert lock.info is not None and lock.info.token == 6
 
 
+def test_set_aside_raises_the_session_mark_to_the_corrupt_records_token(
+    session: Path,
+) -> None:
+    """The set-aside copy is not searched where the session file can keep the token:
+    clear --force raises the session's mark to the token legible in the record."""
+    with SessionLock(session) as lock:
+        lock.append({"a": 1})
+    for _ in range(4):
+        with SessionLock(session):
+            pass
+    os.removexattr(session, "user.fencelock.token")  # only the record knows token 5 now
+    sidecar = Path(str(session) + ".holder")
+    sidecar.write_bytes(sidecar.read_bytes()[:-30])  # torn: corrupt, token still legible
+    clear(session, force=True)
+    assert not (session.parent / ".fencelock-set-aside").exists()
+    with SessionLock(session) as lock:
+        assert lock.info is not None and lock.info.token == 6
+
+
+def test_new_sidecars_search_no_set_aside_copies_without_the_marker(session: Path) -> None:
+    """A new session's first acquire does not read the whole directory: copies are
+    only searched where a set-aside left its token nowhere else."""
+    Path(str(session) + ".holder.corrupt-planted").write_bytes(b'{"token":500}')
+    with SessionLock(session) as lock:
+        assert lock.info is not None and lock.info.token == 1
+    (session.parent / ".fencelock-set-aside").touch()
+    Path(str(session) + ".holder").unlink()
+    with SessionLock(session) as lock:
+        assert lock.info is not None and lock.info.token == 501
+
+
 def test_a_failed_append_never_cuts_off_a_foreign_line(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
