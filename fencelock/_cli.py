@@ -364,6 +364,8 @@ def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
     from fencelock._errors import SidecarAccessError
     from fencelock._probe import ProbeState, probe, scan
 
+    failed = False
+
     def found() -> Iterator[HolderStatus]:
         nonlocal failed
         for path in paths or (".",):
@@ -383,7 +385,6 @@ def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
                 continue
             yield st
 
-    failed = False
     if as_json:
         # Streamed, one object at a time: a directory of 100,000 sessions must not be
         # held in memory. The text is what json.dumps(rows, indent=2) would print.
