@@ -55,6 +55,10 @@ FAIL_GRACE = 0.05
 """How long ``on_contention="fail"`` waits when the lock is held but the record is not
 ``held``: a probe's momentary shared lock, or an acquirer about to write its record."""
 
+_MARK_TRUST_AGE_NS = 20_000_000
+"""How old a session file's ctime must be for its unchanged stat to vouch for its token
+mark: a change within the same coarse clock tick (4-10 ms) leaves ctime as it was."""
+
 _PEEK_BYTES = 4096
 """A first read of the old record; records are far smaller unless something is wrong."""
 
@@ -211,6 +215,12 @@ class SessionLock:
         self._token_floor = 0
         """A new sidecar's first token is above this (`recover` sets it for a fresh
         session that carries another session's stamped lines)."""
+        self._mark_fp: Fingerprint | None = None
+        self._mark = 0
+        """The session's token mark was ``_mark`` (or more) when its stat was
+        ``_mark_fp``: while the stat is unchanged, the mark need not be read again. Any
+        change to the mark moves ctime; ctime is coarse (a clock tick), so only a stat
+        whose ctime was `_MARK_TRUST_AGE_NS` old when the mark was read is trusted."""
 
     # -- state -------------------------------------------------------------------
 
@@ -471,12 +481,29 @@ class SessionLock:
         self._token, self._run_id, self._previous = token, _run_ids.next(), previous
         self._acquired_at = self._heartbeat_at = time.time()
         self._phase = Phase.WRITE
-        fp = _fingerprint.take(self.session, self.fence_mode)
-        if fp is not None and _tokens.reserve(self.session, token):
-            fp = _fingerprint.take(self.session, self.fence_mode)  # the mark moved ctime
+        fp = self._session_fingerprint()
+        if fp is not None and (token > self._mark or fp != self._mark_fp):
+            wrote, self._mark = _tokens.reserve_known(self.session, token)
+            if wrote:
+                fp = _fingerprint.take(self.session, self.fence_mode)  # the mark moved ctime
+            aged = fp is not None and time.time_ns() - fp.ctime_ns > _MARK_TRUST_AGE_NS
+            self._mark_fp = fp if aged else None
         self._fp = fp
         self._tail_checked = False
         self._write_record()
+
+    def _session_fingerprint(self) -> Fingerprint | None:
+        """The session's fingerprint now; the last one's object again if nothing moved."""
+        if self.fence_mode is FenceMode.STAT:
+            try:
+                st = os.lstat(self.session)
+            except OSError:
+                pass  # take() below tells a missing file from an unreadable one
+            else:
+                last = self._fp
+                if _fence._stat_matches(last, st) and stat.S_ISREG(st.st_mode):
+                    return last
+        return _fingerprint.take(self.session, self.fence_mode)
 
     def release(self) -> None:
         """Give the session back (once per acquire). A forked child never releases.
@@ -632,6 +659,8 @@ class SessionLock:
                 self._fp = e.fingerprint
             raise
         self._tail_checked = True
+        if self._mark_fp is not None and self._mark_fp == self._fp:
+            self._mark_fp = fp  # our own line moved the stat, not a change to the mark
         self._fp, self._heartbeat_at = fp, time.time()
         self._write_record()
 

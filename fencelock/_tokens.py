@@ -5,7 +5,9 @@ Tokens live in the record. So that they never go back when a sidecar is removed 
 remains, the session file carries a mark in its ``user.fencelock.token`` extended
 attribute: no token above the mark has been issued. Holders read it at each acquire
 and raise it `RESERVE` tokens at a time, so it costs one write per `RESERVE`
-acquisitions, and a new sidecar starts above it. A copy of the session file made
+acquisitions, and a new sidecar starts above it. (A holder object skips the read
+while the session file's stat is unchanged since its last read: see
+``SessionLock._mark_fp``.) A copy of the session file made
 without its extended attributes (``cp``, a rewrite through a temporary file) starts
 without a mark. A new sidecar also starts above the stamps in the session's last
 lines (``append(..., stamp=True)``).
@@ -38,7 +40,7 @@ XATTR = "user.fencelock.token"
 SET_ASIDE_MARKER = ".fencelock-set-aside"
 """A file in a sessions directory: the tokens of some set-aside record there are kept
 only in its ``.corrupt-*`` copy, so new sidecars in that directory search the copies."""
-RESERVE = 100
+RESERVE = 10_000
 """How many tokens a holder reserves on the session file at a time."""
 _TAIL = 64 * 1024
 
@@ -129,6 +131,22 @@ def reserve(target: str | int, token: int) -> bool:
     The mark is read every time (a read leaves ctime alone): a cached copy could
     belong to a removed file whose inode number a new session file now has."""
     return _cover(target, token, min(token + RESERVE - 1, MAX_TOKEN)) is True
+
+
+def reserve_known(target: str, token: int) -> tuple[bool, int]:
+    """`reserve`, also returning the mark now known to be on the file (0 where it is
+    not known): a holder that finds the file's stat unchanged since may skip the read."""
+    if not hasattr(os, "setxattr"):
+        return False, 0
+    try:
+        mark = _read_mark(target)
+        if mark >= token:
+            return False, mark
+        mark = min(token + RESERVE - 1, MAX_TOKEN)
+        _write_mark(target, mark)
+    except OSError:
+        return False, 0
+    return True, mark
 
 
 def floor(session: str) -> int:
