@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import gc
 import importlib.util
+import itertools
 import json
 import multiprocessing
 import os
@@ -74,14 +76,18 @@ class Sizes:
     process_counts: tuple[int, ...]
     contended_cycles: int
     hold_before_release: float
+    """How long the holder holds before releasing to the blocked waiter: as long as
+    real waits last, since a waiter that slept longer wakes up slower."""
     judge: bool
+    crowd: int
+    """Sessions already in the directory for the crowded first-acquire figure."""
 
 
 FULL = Sizes("full", 5000, 200, 50, 4, 1000, 10_000, 3, 10, (1, 100, 10_000), (1, 2, 4, 8),
-             500, 0.005, True)
-QUICK = Sizes("quick", 1000, 30, 8, 4, 150, 2000, 2, 3, (1, 100, 2000), (1, 2, 4), 150,
-              0.003, False)
-SMOKE = Sizes("smoke", 100, 5, 3, 2, 20, 60, 1, 1, (1, 20), (1, 2), 20, 0.002, False)
+             500, 0.03, True, 100_000)
+QUICK = Sizes("quick", 1000, 20, 6, 4, 150, 2000, 2, 3, (1, 100, 2000), (1, 2, 4), 150,
+              0.03, False, 2000)
+SMOKE = Sizes("smoke", 100, 5, 3, 2, 20, 60, 1, 1, (1, 20), (1, 2), 20, 0.002, False, 60)
 
 
 # -- results -------------------------------------------------------------------------
@@ -480,17 +486,22 @@ def _cycle_fn(peer: str, path: str, fresh: bool) -> Callable[[], None]:
 
 def bench_cycle(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
     rows = []
-    for fresh in (False, True):
+    for name, fresh, session in (("reused", False, False), ("fresh", True, False),
+                                 ("reused.session", False, True)):
         values: dict[str, float | None] = {}
         for peer in ("fencelock", *PEERS, "floor"):
             if not _available(peer):
                 values[peer] = None
                 continue
-            _progress(quiet, f"cycle {'fresh' if fresh else 'reused'}: {peer}")
-            values[peer] = _time_per_call(_cycle_fn(peer, _lock_path(base, peer), fresh),
-                                          sizes.cycles)
+            _progress(quiet, f"cycle {name}: {peer}")
+            path = _lock_path(base / name, peer)
+            if session and peer in ("fencelock", "floor"):
+                _append_line(path, b'{"role":"user","content":"hi"}\n', fsync=False)
+            values[peer] = _time_per_call(_cycle_fn(peer, path, fresh), sizes.cycles)
         kind = "fresh object each cycle" if fresh else "one object reused"
-        row_id = f"cycle.{'fresh' if fresh else 'reused'}"
+        if session:
+            kind += ", session file present"
+        row_id = f"cycle.{name}"
         floor = values.pop("floor")
         rows.append(Row(
             row_id, "cycle", f"uncontended acquire+release, {kind}", "us",
@@ -498,15 +509,64 @@ def bench_cycle(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
             note="every peer writes a record of fencelock's size on acquire",
         ))
         rows.append(_floor_row(row_id, floor, values))
+    rows += bench_first_acquire(base, sizes, quiet)
+    return rows
+
+
+def _crowd(directory: Path, n: int) -> None:
+    """``n`` sessions with released records, made with bare syscalls (as fast as can be)."""
+    directory.mkdir(parents=True)
+    record = b'{"version":1,"state":"released","phase":"write" ,"token":1}\n'
+    for i in range(n):
+        session = str(directory / f"{i:08x}-0000-4000-8000-000000000000.jsonl")
+        for path, data in ((session, b'{"role":"user"}\n'), (session + ".holder", record)):
+            fd = os.open(path, _APPEND_FLAGS, 0o600)
+            os.write(fd, data)
+            os.close(fd)
+
+
+def _first_cycle_fn(peer: str, directory: Path) -> Callable[[], None]:
+    """A cycle on a session never seen before: a new name in ``directory`` each call."""
+    names = (str(directory / f"new-{peer}-{i}.jsonl") for i in itertools.count())
+
+    def cycle() -> None:
+        lock = make_locker(peer, next(names))
+        lock.acquire()
+        lock.release()
+
+    return cycle
+
+
+def bench_first_acquire(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
+    """A new session's first acquire+release in an empty directory and in a crowded one:
+    its cost must not grow with the sessions beside it."""
+    rows = []
+    for n in (0, sizes.crowd):
+        d = base / f"first-{n}"
+        _progress(quiet, f"cycle first acquire among {n} sessions: making them")
+        _crowd(d, n)
+        values: dict[str, float | None] = {}
+        for peer in ("fencelock", "raw", "floor"):
+            _progress(quiet, f"cycle first acquire among {n} sessions: {peer}")
+            values[peer] = _time_per_call(_first_cycle_fn(peer, d), min(sizes.cycles, 2000))
+        row_id = f"cycle.first.{n}"
+        floor = values.pop("floor")
+        rows.append(Row(
+            row_id, "cycle", f"first acquire+release of a new session among {n:,} others",
+            "us", values.pop("fencelock"), values,
+            note="a new session name each cycle (fresh object, new sidecar)",
+        ))
+        rows.append(_floor_row(row_id, floor, values))
+        shutil.rmtree(d, ignore_errors=True)
     return rows
 
 
 def _floor_row(row_id: str, floor: float | None, peers: dict[str, float | None],
-               lower_is_better: bool = True) -> Row:
+               lower_is_better: bool = True, unit: str | None = None) -> Row:
     """The same figure for `FloorLock`, in the fencelock column: the protocol's floor."""
     return Row(
         f"{row_id}.floor", row_id.split(".")[0], "  protocol v1 floor (bare syscalls, see notes)",
-        "turns/s" if not lower_is_better else "us", floor, dict(peers),
+        unit or ("turns/s" if not lower_is_better else "us"), floor, dict(peers),
         lower_is_better=lower_is_better,
         note="not fencelock: only the syscalls protocol v1 requires, in flat code with a "
         "precomputed record and no error handling (FloorLock): a lower bound for a Python "
@@ -564,7 +624,8 @@ def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
     med: dict[str, float | None] = {}
     p99: dict[str, float | None] = {}
     counts = {}
-    for peer in ("fencelock", "raw", "filelock", "portalocker", "portalocker-blocking"):
+    for peer in ("fencelock", "raw", "filelock", "portalocker", "portalocker-blocking",
+                 "floor"):
         if not _available(peer):
             med[peer] = p99[peer] = None
             continue
@@ -574,17 +635,21 @@ def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         lat = handoff_latencies(peer, _lock_path(base / "handoff", peer), rounds,
                                 sizes.hold_before_release)
         med[peer], p99[peer], counts[peer] = statistics.median(lat), _p99(lat), rounds
+    floor_med, floor_p99 = med.pop("floor"), p99.pop("floor")
     pb_med, pb_p99 = med.pop("portalocker-blocking"), p99.pop("portalocker-blocking")
     f_med, f_p99 = med.pop("fencelock"), p99.pop("fencelock")
     how = ", ".join(f"{k} {v}" for k, v in counts.items())
     note = ("filelock polls every 0.05 s; portalocker's default flags poll every 0.25 s "
-            f"(check_interval); hand-offs: {how}")
+            f"(check_interval); hand-offs: {how}; the holder holds "
+            f"{sizes.hold_before_release * 1000:g} ms before each release")
     blocking = "" if pb_p99 is None else f"portalocker blocking p99 {pb_p99:.3f} ms"
     return [
         Row("handoff.median", "handoff", "hand-off to a blocked waiter, median", "ms",
             f_med, med, note=note),
+        _floor_row("handoff.median", floor_med, {**med, "portalocker": pb_med}, unit="ms"),
         Row("handoff.p99", "handoff", "hand-off to a blocked waiter, p99", "ms",
             f_p99, p99, note=note),
+        _floor_row("handoff.p99", floor_p99, {**p99, "portalocker": pb_p99}, unit="ms"),
         Row("handoff.median.blocking", "handoff",
             "hand-off median vs portalocker flags=EXCLUSIVE (kernel wait)", "ms",
             f_med, {"portalocker": pb_med}, note=blocking),
@@ -1064,11 +1129,30 @@ def judge(report: Report, sizes: Sizes) -> None:
             add(f"cycle.{kind}.portalocker", f"cycle ({kind}) at most half of portalocker.Lock",
                 row.ratios.get("portalocker"), 0.5,
                 "{value:.2f}x portalocker" + _floor_text(report, row.id, "portalocker"))
+    row, floor = report.row("cycle.reused.session"), report.row("cycle.reused.session.floor")
+    if row is not None and floor is not None and row.fencelock and floor.fencelock:
+        add("cycle.session.floor", "cycle (session present) at most 1.5x the protocol floor",
+            row.fencelock / floor.fencelock, 1.5, "{value:.2f}x floor")
+        add("cycle.session.portalocker", "cycle (session present) at most 1.0x portalocker.Lock",
+            row.ratios.get("portalocker"), 1.0,
+            "{value:.2f}x portalocker" + _floor_text(report, row.id, "portalocker"))
+    empty, crowd = report.row("cycle.first.0"), next(
+        (r for r in report.rows if r.id.startswith("cycle.first.") and r.id != "cycle.first.0"
+         and not r.id.endswith(".floor")), None)
+    if empty is not None and crowd is not None and empty.fencelock and crowd.fencelock:
+        add("cycle.first.crowd", f"first acquire among {crowd.figure.rsplit(' among ', 1)[-1]} "
+            "within 2x of an empty directory", crowd.fencelock / empty.fencelock, 2.0,
+            "{value:.2f}x empty directory")
     med, p99 = report.row("handoff.median"), report.row("handoff.p99")
     if med is not None and p99 is not None:
         add("handoff.median", "hand-off median under 1 ms", med.fencelock, 1.0,
             "{value:.3f} ms")
         add("handoff.p99", "hand-off p99 under 5 ms", p99.fencelock, 5.0, "{value:.3f} ms")
+    blocking = report.row("handoff.median.blocking")
+    if blocking is not None:
+        add("handoff.blocking", "hand-off median at most 1.25x portalocker's kernel wait",
+            blocking.ratios.get("portalocker"), 1.25,
+            "{value:.2f}x portalocker" + _floor_text(report, "handoff.median", "portalocker"))
     for kind in ("fsync", "nofsync"):
         row = report.row(f"appends.{kind}")
         if row is not None:
@@ -1215,12 +1299,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also write the JSON figures to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the temporary files")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--hold", metavar="MS", type=float, default=None,
+                        help="how long the holder holds before each hand-off "
+                        "(default: 30 ms; 2 ms for --smoke)")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s): {', '.join(unknown)}")
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
+    if args.hold is not None:
+        if not args.hold >= 0:
+            parser.error("--hold must be a number of milliseconds >= 0")
+        sizes = dataclasses.replace(sizes, hold_before_release=args.hold / 1000)
     started = time.monotonic()
     report = run(sizes, sections, args.dir, args.keep, args.quiet)
     report.notes.append(f"run took {time.monotonic() - started:.1f} s")

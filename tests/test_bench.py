@@ -41,7 +41,10 @@ def test_rows_have_the_documented_shape(report: dict[str, Any]) -> None:
     ids = {row["id"] for row in report["rows"]}
     for expected in ("cycle.reused", "cycle.fresh", "handoff.median", "handoff.p99",
                      "appends.fsync", "appends.nofsync", "scan.library", "cycle.reused.floor",
-                     "cycle.fresh.floor", "appends.fsync.floor", "appends.nofsync.floor"):
+                     "cycle.fresh.floor", "appends.fsync.floor", "appends.nofsync.floor",
+                     "cycle.reused.session", "cycle.reused.session.floor", "cycle.first.0",
+                     "cycle.first.0.floor", "cycle.first.60", "cycle.first.60.floor",
+                     "handoff.median.floor", "handoff.p99.floor"):
         assert expected in ids
     assert any(i.startswith("scaling.cycle.procs.") for i in ids)
     assert any(i.startswith("scaling.scan.sessions.") for i in ids)
