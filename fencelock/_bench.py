@@ -346,10 +346,12 @@ class FloorLock:
 
     Acquire: open the sidecar, fstat it (a non-regular sidecar is refused), flock,
     lstat the path (the inode re-check), pread the old record (for the next token),
-    lstat the session (its fingerprint), pwrite the record. Release: pwrite the
-    ``"released"`` state, unlock, close. A fenced append: open the session, fstat it
-    (the fence check), write, fsync, fstat (the new fence point), close, pwrite the
-    record. The record's fixed parts are precomputed, in fencelock's layout. There is no
+    lstat the session (its fingerprint), pwrite the record. A fenced append: open the
+    session, fstat it (the fence check), write, fsync, fstat (the new fence point),
+    close; in the write phase the record need not be rewritten. Release: pwrite the
+    record with ``"released"`` and the last fence point (or only the ``"released"``
+    state when no append moved it), unlock, close. The record's fixed parts are
+    precomputed, in fencelock's layout. There is no
     registry, no reentrancy, no fork safety, no error handling, and an empty sidecar
     starts at token 1 (fencelock also consults the session's saved token): this is a
     lower bound for a Python holder that opens the sidecar per acquire, not a usable
@@ -360,16 +362,18 @@ class FloorLock:
         self.session, self.sidecar, self.fsync = path, path + ".holder", fsync
         self.fd = -1
         self.head = '{"version":1,"state":"held"    ,"phase":"write" ,"token":'
+        self.released_head = self.head.replace('"held"    ', '"released"')
         self.middle = (
             f',"pid":{os.getpid()},"host":{json.dumps(platform.node())}'
             f',"process_start":"1@boot@ns","session":{json.dumps(path)}'
             ',"lane":"floor","fence":"stat","acquired_at":'
         )
         self.token, self.at, self.fp = 0, 0.0, "null"
+        self.behind = False
 
-    def _write(self) -> None:
+    def _write(self, head: str | None = None) -> None:
         record = (
-            f'{self.head}{self.token:<20},"run_id":"{self.token}"{self.middle}{self.at!r}'
+            f'{head or self.head}{self.token:<20},"run_id":"{self.token}"{self.middle}{self.at!r}'
             f',"heartbeat_at":{time.time()!r},"fingerprint":{self.fp},"previous":null}}'
         )
         os.pwrite(self.fd, record.encode(), 0)
@@ -412,11 +416,15 @@ class FloorLock:
             self.fp = self._fp(os.fstat(fd))
         finally:
             os.close(fd)
-        self._write()
+        self.behind = True
 
     def release(self) -> None:
+        if self.behind:
+            self.behind = False
+            self._write(self.released_head)
+        else:
+            os.pwrite(self.fd, b'"released"', 21)
         fd, self.fd = self.fd, -1
-        os.pwrite(fd, b'"released"', 21)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 

@@ -59,6 +59,12 @@ _MARK_TRUST_AGE_NS = 20_000_000
 """How old a session file's ctime must be for its unchanged stat to vouch for its token
 mark: a change within the same coarse clock tick (4-10 ms) leaves ctime as it was."""
 
+RECORD_LAG = 1.0
+"""In the write phase an append leaves the record alone unless it was last written
+this many seconds ago: the record's fingerprint and heartbeat then lag the holder's own
+appends by at most this much. Entering and leaving the prompt window, `touch` and
+release write them at once."""
+
 _PEEK_BYTES = 4096
 """A first read of the old record; records are far smaller unless something is wrong."""
 
@@ -210,6 +216,10 @@ class SessionLock:
         self._static_pid = 0
         self._fp: Fingerprint | None = None
         self._record_len = 0
+        self._written_at = 0.0
+        """`time.monotonic` of the last record write."""
+        self._behind = False
+        """The record lags the fingerprint and heartbeat of the holder's last append."""
         self._tail_checked = False
         self._abort_callbacks: list[Any] = []
         self._token_floor = 0
@@ -243,7 +253,7 @@ class SessionLock:
             )
         return self._info
 
-    def _encode(self) -> bytes:
+    def _encode(self, state: State = State.HELD) -> bytes:
         pid = _identity.ME.pid
         if self._static_pid != pid:
             me = _identity.ME
@@ -252,7 +262,7 @@ class SessionLock:
             )
             self._static_pid = pid
         return _record.encode(
-            State.HELD, self._phase, self._token, self._run_id, self._static,
+            state, self._phase, self._token, self._run_id, self._static,
             self._acquired_at, self._heartbeat_at, self._fp, self._previous,
         )
 
@@ -278,6 +288,7 @@ class SessionLock:
             self._record_len = _sidecar.write_bytes(
                 self._fd, self.sidecar, self._encode(), self._record_len
             )
+            self._written_at, self._behind = time.monotonic(), False
 
     def _forget_in_child(self) -> None:
         # The inherited descriptor itself is closed by _forkguard's hook.
@@ -497,8 +508,10 @@ class SessionLock:
         if self.fence_mode is FenceMode.STAT:
             try:
                 st = os.lstat(self.session)
+            except FileNotFoundError:
+                return None
             except OSError:
-                pass  # take() below tells a missing file from an unreadable one
+                pass  # take() below reports it
             else:
                 last = self._fp
                 if _fence._stat_matches(last, st) and stat.S_ISREG(st.st_mode):
@@ -523,8 +536,13 @@ class SessionLock:
             with self._io:
                 fd, self._fd = self._fd, -1
                 try:
-                    # Flip "held" to "released" in place: one small write, no re-encode.
-                    os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+                    if self._behind:  # the last appends' fence point, with "released"
+                        self._behind = False
+                        _sidecar.write_bytes(
+                            fd, self.sidecar, self._encode(State.RELEASED), self._record_len
+                        )
+                    else:  # flip "held" to "released" in place: one small write
+                        os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
                 except OSError as e:
                     raise SidecarAccessError(
                         self.sidecar, e, "the session is released, but its record still "
@@ -662,7 +680,10 @@ class SessionLock:
         if self._mark_fp is not None and self._mark_fp == self._fp:
             self._mark_fp = fp  # our own line moved the stat, not a change to the mark
         self._fp, self._heartbeat_at = fp, time.time()
-        self._write_record()
+        if self._phase is Phase.PROMPT or time.monotonic() - self._written_at >= RECORD_LAG:
+            self._write_record()
+        else:
+            self._behind, self._info = True, None
 
     def verify_fence(self) -> Fingerprint | None:
         """Raise `SessionTakeoverError` if the session moved since the last fence point."""

@@ -24,7 +24,7 @@ from fencelock._errors import (
     UnsafeSidecarError,
 )
 from fencelock._fingerprint import FenceMode
-from fencelock._record import HolderInfo, State
+from fencelock._record import HolderInfo, Phase, State
 
 DEFAULT_STUCK_AFTER = 600.0
 """A live holder whose heartbeat is older than this many seconds is reported stuck."""
@@ -159,6 +159,13 @@ def _status(
 
 
 def _fence_ok(session: str, record: HolderInfo) -> bool | None:
+    ok = _fence_matches(session, record)
+    if ok is False and record.state is State.HELD and record.phase is Phase.WRITE:
+        return None  # in the write phase the holder's own last appends may be unrecorded
+    return ok
+
+
+def _fence_matches(session: str, record: HolderInfo) -> bool | None:
     try:
         mode = FenceMode(record.fence)
     except ValueError:

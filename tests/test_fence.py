@@ -537,3 +537,30 @@ def test_verify_streams_an_over_long_line_and_stops_after_many_problems(
     assert kinds == ["torn", "torn", "torn", "stopped"]
     session.write_bytes(b"garbage\n" * 3)  # exactly at the cap, nothing unread
     assert [p.kind for p in verify(session).problems] == ["torn"] * 3
+
+
+def test_release_records_the_last_appends_fence_point(session: Path) -> None:
+    """Appends in the write phase may leave the record behind; release writes the
+    session's fingerprint as the run left it, so the released record is true."""
+    with SessionLock(session) as lock:
+        for n in range(3):
+            lock.append({"n": n})
+        inside = lock.info
+    status = probe(session)
+    assert status.state == "free" and status.record is not None
+    assert status.record.fingerprint == inside.fingerprint  # type: ignore[union-attr]
+    assert status.fence_ok is True
+
+
+def test_entering_the_prompt_window_records_the_fence_point(session: Path) -> None:
+    """Inside the prompt window the record's fingerprint is the one the fence compares
+    against, so a probe can tell a foreign write during the model call."""
+    with SessionLock(session) as lock:
+        lock.append({"n": 1})
+        lock.append({"n": 2})
+        with pytest.raises(SessionTakeoverError), lock.prompt_window():
+            assert probe(session).record.phase == "prompt"  # type: ignore[union-attr]
+            assert probe(session).fence_ok is True
+            with open(session, "a") as f:
+                f.write('{"intruder": 1}\n')
+            assert probe(session).fence_ok is False
