@@ -28,8 +28,6 @@ class _Done:
     """Set once by the helper, waited for by one thread at a time: a bare lock, which
     wakes the waiting thread with less work on both sides than `threading.Event`."""
 
-    __slots__ = ("_flag", "_lock")
-
     def __init__(self) -> None:
         self._flag = False
         self._lock = _thread.allocate_lock()
