@@ -524,10 +524,13 @@ def bench_cycle(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
 def _crowd(directory: Path, n: int) -> None:
     """``n`` sessions with released records, made with bare syscalls (as fast as can be)."""
     directory.mkdir(parents=True)
-    record = b'{"version":1,"state":"released","phase":"write" ,"token":1}\n'
+    record = json.loads(_record_bytes(str(directory / "x.jsonl")))
+    record["state"] = "released"
     for i in range(n):
         session = str(directory / f"{i:08x}-0000-4000-8000-000000000000.jsonl")
-        for path, data in ((session, b'{"role":"user"}\n'), (session + ".holder", record)):
+        record["session"] = session
+        held = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        for path, data in ((session, b'{"role":"user"}\n'), (session + ".holder", held)):
             fd = os.open(path, _APPEND_FLAGS, 0o600)
             os.write(fd, data)
             os.close(fd)
