@@ -474,6 +474,25 @@ def _time_per_call(fn: Callable[[], None], n: int, batches: int = 7) -> float:
     return statistics.median(means)
 
 
+def _time_side_by_side(
+    fns: dict[str, Callable[[], None]], n: int, batches: int = 9
+) -> dict[str, float]:
+    """Like `_time_per_call` for several peers, their batches taken in turn: on a shared
+    machine a burst of load then lands on every peer alike instead of on one of them."""
+    for fn in fns.values():
+        for _ in range(max(20, n // 10)):
+            fn()
+    per = max(1, n // batches)
+    means: dict[str, list[float]] = {peer: [] for peer in fns}
+    for _ in range(batches):
+        for peer, fn in fns.items():
+            start = time.perf_counter_ns()
+            for _ in range(per):
+                fn()
+            means[peer].append((time.perf_counter_ns() - start) / per / 1000)
+    return {peer: statistics.median(m) for peer, m in means.items()}
+
+
 def _cycle_fn(peer: str, path: str, fresh: bool) -> Callable[[], None]:
     if fresh:
 
@@ -497,15 +516,18 @@ def bench_cycle(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
     for name, fresh, session in (("reused", False, False), ("fresh", True, False),
                                  ("reused.session", False, True)):
         values: dict[str, float | None] = {}
+        fns = {}
         for peer in ("fencelock", *PEERS, "floor"):
             if not _available(peer):
                 values[peer] = None
                 continue
-            _progress(quiet, f"cycle {name}: {peer}")
             path = _lock_path(base / name, peer)
             if session and peer in ("fencelock", "floor"):
                 _append_line(path, b'{"role":"user","content":"hi"}\n', fsync=False)
-            values[peer] = _time_per_call(_cycle_fn(peer, path, fresh), sizes.cycles)
+            fns[peer] = _cycle_fn(peer, path, fresh)
+        _progress(quiet, f"cycle {name}: {', '.join(fns)} side by side")
+        values.update(_time_side_by_side(fns, sizes.cycles))
+        values = {peer: values[peer] for peer in ("fencelock", *PEERS, "floor")}
         kind = "fresh object each cycle" if fresh else "one object reused"
         if session:
             kind += ", session file present"
@@ -556,10 +578,11 @@ def bench_first_acquire(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         d = base / f"first-{n}"
         _progress(quiet, f"cycle first acquire among {n} sessions: making them")
         _crowd(d, n)
-        values: dict[str, float | None] = {}
-        for peer in ("fencelock", "raw", "floor"):
-            _progress(quiet, f"cycle first acquire among {n} sessions: {peer}")
-            values[peer] = _time_per_call(_first_cycle_fn(peer, d), min(sizes.cycles, 2000))
+        _progress(quiet, f"cycle first acquire among {n} sessions: fencelock, raw, floor")
+        values: dict[str, float | None] = dict(_time_side_by_side(
+            {peer: _first_cycle_fn(peer, d) for peer in ("fencelock", "raw", "floor")},
+            min(sizes.cycles, 2000),
+        ))
         row_id = f"cycle.first.{n}"
         floor = values.pop("floor")
         rows.append(Row(
@@ -635,17 +658,31 @@ def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
     med: dict[str, float | None] = {}
     p99: dict[str, float | None] = {}
     counts = {}
+    lats: dict[str, list[float]] = {}
+    for peer in ("filelock", "portalocker"):  # polling: their poll interval dominates
+        if not _available(peer):
+            continue
+        _progress(quiet, f"hand-off: {peer} x{sizes.handoffs_polling}")
+        lats[peer] = handoff_latencies(peer, _lock_path(base / "handoff", peer),
+                                       sizes.handoffs_polling, sizes.hold_before_release)
+    # Kernel waiters side by side, in chunks taken in turn (a burst of load on a shared
+    # machine then lands on every peer alike).
+    kernel = ("fencelock", "raw", "portalocker-blocking", "floor")
+    chunk = 20
+    for done in range(0, sizes.handoffs, chunk):
+        rounds = min(chunk, sizes.handoffs - done)
+        _progress(quiet, f"hand-off: {', '.join(kernel)} x{done + rounds}/{sizes.handoffs}")
+        for peer in kernel:
+            lats.setdefault(peer, []).extend(handoff_latencies(
+                peer, _lock_path(base / "handoff", peer), rounds, sizes.hold_before_release
+            ))
     for peer in ("fencelock", "raw", "filelock", "portalocker", "portalocker-blocking",
                  "floor"):
-        if not _available(peer):
+        lat = lats.get(peer)
+        if not lat:
             med[peer] = p99[peer] = None
             continue
-        polling = peer in ("filelock", "portalocker")
-        rounds = sizes.handoffs_polling if polling else sizes.handoffs
-        _progress(quiet, f"hand-off: {peer} x{rounds}")
-        lat = handoff_latencies(peer, _lock_path(base / "handoff", peer), rounds,
-                                sizes.hold_before_release)
-        med[peer], p99[peer], counts[peer] = statistics.median(lat), _p99(lat), rounds
+        med[peer], p99[peer], counts[peer] = statistics.median(lat), _p99(lat), len(lat)
     floor_med, floor_p99 = med.pop("floor"), p99.pop("floor")
     pb_med, pb_p99 = med.pop("portalocker-blocking"), p99.pop("portalocker-blocking")
     f_med, f_p99 = med.pop("fencelock"), p99.pop("fencelock")
