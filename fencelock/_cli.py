@@ -417,13 +417,14 @@ def _stream_status_json(rows: Iterator[HolderStatus]) -> tuple[bool, bool]:
 
     from fencelock._probe import ProbeState
 
+    encode = json.JSONEncoder(indent=2).encode  # one encoder: json.dumps makes one a call
     out: list[str] = []
     stale = unreadable = False
     count = 0
     for st in rows:
         stale = stale or st.state is ProbeState.STALE
         unreadable = unreadable or st.state is ProbeState.UNREADABLE
-        text = json.dumps(status_json(st, time.time()), indent=2).replace("\n", "\n  ")
+        text = encode(status_json(st, time.time())).replace("\n", "\n  ")
         out.append(("[\n  " if count == 0 else ",\n  ") + text)
         count += 1
         if len(out) >= 256:
