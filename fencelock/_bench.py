@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import gc
 import importlib.util
+import itertools
 import json
 import multiprocessing
 import os
@@ -74,14 +76,18 @@ class Sizes:
     process_counts: tuple[int, ...]
     contended_cycles: int
     hold_before_release: float
+    """How long the holder holds before releasing to the blocked waiter: as long as
+    real waits last, since a waiter that slept longer wakes up slower."""
     judge: bool
+    crowd: int
+    """Sessions already in the directory for the crowded first-acquire figure."""
 
 
 FULL = Sizes("full", 5000, 200, 50, 4, 1000, 10_000, 3, 10, (1, 100, 10_000), (1, 2, 4, 8),
-             500, 0.005, True)
-QUICK = Sizes("quick", 1000, 30, 8, 4, 150, 2000, 2, 3, (1, 100, 2000), (1, 2, 4), 150,
-              0.003, False)
-SMOKE = Sizes("smoke", 100, 5, 3, 2, 20, 60, 1, 1, (1, 20), (1, 2), 20, 0.002, False)
+             500, 0.03, True, 100_000)
+QUICK = Sizes("quick", 1000, 20, 6, 4, 150, 2000, 2, 3, (1, 100, 2000), (1, 2, 4), 150,
+              0.03, False, 2000)
+SMOKE = Sizes("smoke", 100, 5, 3, 2, 20, 60, 1, 1, (1, 20), (1, 2), 20, 0.002, False, 60)
 
 
 # -- results -------------------------------------------------------------------------
@@ -340,10 +346,12 @@ class FloorLock:
 
     Acquire: open the sidecar, fstat it (a non-regular sidecar is refused), flock,
     lstat the path (the inode re-check), pread the old record (for the next token),
-    lstat the session (its fingerprint), pwrite the record. Release: pwrite the
-    ``"released"`` state, unlock, close. A fenced append: open the session, fstat it
-    (the fence check), write, fsync, fstat (the new fence point), close, pwrite the
-    record. The record's fixed parts are precomputed, in fencelock's layout. There is no
+    lstat the session (its fingerprint), pwrite the record. A fenced append: open the
+    session, fstat it (the fence check), write, fsync, fstat (the new fence point),
+    close; in the write phase the record need not be rewritten. Release: pwrite the
+    record with ``"released"`` and the last fence point (or only the ``"released"``
+    state when no append moved it), unlock, close. The record's fixed parts are
+    precomputed, in fencelock's layout. There is no
     registry, no reentrancy, no fork safety, no error handling, and an empty sidecar
     starts at token 1 (fencelock also consults the session's saved token): this is a
     lower bound for a Python holder that opens the sidecar per acquire, not a usable
@@ -354,16 +362,18 @@ class FloorLock:
         self.session, self.sidecar, self.fsync = path, path + ".holder", fsync
         self.fd = -1
         self.head = '{"version":1,"state":"held"    ,"phase":"write" ,"token":'
+        self.released_head = self.head.replace('"held"    ', '"released"')
         self.middle = (
             f',"pid":{os.getpid()},"host":{json.dumps(platform.node())}'
             f',"process_start":"1@boot@ns","session":{json.dumps(path)}'
             ',"lane":"floor","fence":"stat","acquired_at":'
         )
         self.token, self.at, self.fp = 0, 0.0, "null"
+        self.behind = False
 
-    def _write(self) -> None:
+    def _write(self, head: str | None = None) -> None:
         record = (
-            f'{self.head}{self.token:<20},"run_id":"{self.token}"{self.middle}{self.at!r}'
+            f'{head or self.head}{self.token:<20},"run_id":"{self.token}"{self.middle}{self.at!r}'
             f',"heartbeat_at":{time.time()!r},"fingerprint":{self.fp},"previous":null}}'
         )
         os.pwrite(self.fd, record.encode(), 0)
@@ -406,11 +416,15 @@ class FloorLock:
             self.fp = self._fp(os.fstat(fd))
         finally:
             os.close(fd)
-        self._write()
+        self.behind = True
 
     def release(self) -> None:
+        if self.behind:
+            self.behind = False
+            self._write(self.released_head)
+        else:
+            os.pwrite(self.fd, b'"released"', 21)
         fd, self.fd = self.fd, -1
-        os.pwrite(fd, b'"released"', 21)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
@@ -460,6 +474,25 @@ def _time_per_call(fn: Callable[[], None], n: int, batches: int = 7) -> float:
     return statistics.median(means)
 
 
+def _time_side_by_side(
+    fns: dict[str, Callable[[], None]], n: int, batches: int = 9
+) -> dict[str, float]:
+    """Like `_time_per_call` for several peers, their batches taken in turn: on a shared
+    machine a burst of load then lands on every peer alike instead of on one of them."""
+    for fn in fns.values():
+        for _ in range(max(20, n // 10)):
+            fn()
+    per = max(1, n // batches)
+    means: dict[str, list[float]] = {peer: [] for peer in fns}
+    for _ in range(batches):
+        for peer, fn in fns.items():
+            start = time.perf_counter_ns()
+            for _ in range(per):
+                fn()
+            means[peer].append((time.perf_counter_ns() - start) / per / 1000)
+    return {peer: statistics.median(m) for peer, m in means.items()}
+
+
 def _cycle_fn(peer: str, path: str, fresh: bool) -> Callable[[], None]:
     if fresh:
 
@@ -480,17 +513,25 @@ def _cycle_fn(peer: str, path: str, fresh: bool) -> Callable[[], None]:
 
 def bench_cycle(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
     rows = []
-    for fresh in (False, True):
+    for name, fresh, session in (("reused", False, False), ("fresh", True, False),
+                                 ("reused.session", False, True)):
         values: dict[str, float | None] = {}
+        fns = {}
         for peer in ("fencelock", *PEERS, "floor"):
             if not _available(peer):
                 values[peer] = None
                 continue
-            _progress(quiet, f"cycle {'fresh' if fresh else 'reused'}: {peer}")
-            values[peer] = _time_per_call(_cycle_fn(peer, _lock_path(base, peer), fresh),
-                                          sizes.cycles)
+            path = _lock_path(base / name, peer)
+            if session and peer in ("fencelock", "floor"):
+                _append_line(path, b'{"role":"user","content":"hi"}\n', fsync=False)
+            fns[peer] = _cycle_fn(peer, path, fresh)
+        _progress(quiet, f"cycle {name}: {', '.join(fns)} side by side")
+        values.update(_time_side_by_side(fns, sizes.cycles))
+        values = {peer: values[peer] for peer in ("fencelock", *PEERS, "floor")}
         kind = "fresh object each cycle" if fresh else "one object reused"
-        row_id = f"cycle.{'fresh' if fresh else 'reused'}"
+        if session:
+            kind += ", session file present"
+        row_id = f"cycle.{name}"
         floor = values.pop("floor")
         rows.append(Row(
             row_id, "cycle", f"uncontended acquire+release, {kind}", "us",
@@ -498,15 +539,68 @@ def bench_cycle(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
             note="every peer writes a record of fencelock's size on acquire",
         ))
         rows.append(_floor_row(row_id, floor, values))
+    rows += bench_first_acquire(base, sizes, quiet)
+    return rows
+
+
+def _crowd(directory: Path, n: int) -> None:
+    """``n`` sessions with released records, made with bare syscalls (as fast as can be)."""
+    directory.mkdir(parents=True)
+    record = json.loads(_record_bytes(str(directory / "x.jsonl")))
+    record["state"] = "released"
+    for i in range(n):
+        session = str(directory / f"{i:08x}-0000-4000-8000-000000000000.jsonl")
+        record["session"] = session
+        held = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        for path, data in ((session, b'{"role":"user"}\n'), (session + ".holder", held)):
+            fd = os.open(path, _APPEND_FLAGS, 0o600)
+            os.write(fd, data)
+            os.close(fd)
+
+
+def _first_cycle_fn(peer: str, directory: Path) -> Callable[[], None]:
+    """A cycle on a session never seen before: a new name in ``directory`` each call."""
+    names = (str(directory / f"new-{peer}-{i}.jsonl") for i in itertools.count())
+
+    def cycle() -> None:
+        lock = make_locker(peer, next(names))
+        lock.acquire()
+        lock.release()
+
+    return cycle
+
+
+def bench_first_acquire(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
+    """A new session's first acquire+release in an empty directory and in a crowded one:
+    its cost must not grow with the sessions beside it."""
+    rows = []
+    for n in (0, sizes.crowd):
+        d = base / f"first-{n}"
+        _progress(quiet, f"cycle first acquire among {n} sessions: making them")
+        _crowd(d, n)
+        _progress(quiet, f"cycle first acquire among {n} sessions: fencelock, raw, floor")
+        values: dict[str, float | None] = dict(_time_side_by_side(
+            {peer: _first_cycle_fn(peer, d) for peer in ("fencelock", "raw", "floor")},
+            min(sizes.cycles, 2000),
+        ))
+        row_id = f"cycle.first.{n}"
+        floor = values.pop("floor")
+        rows.append(Row(
+            row_id, "cycle", f"first acquire+release of a new session among {n:,} others",
+            "us", values.pop("fencelock"), values,
+            note="a new session name each cycle (fresh object, new sidecar)",
+        ))
+        rows.append(_floor_row(row_id, floor, values))
+        shutil.rmtree(d, ignore_errors=True)
     return rows
 
 
 def _floor_row(row_id: str, floor: float | None, peers: dict[str, float | None],
-               lower_is_better: bool = True) -> Row:
+               lower_is_better: bool = True, unit: str | None = None) -> Row:
     """The same figure for `FloorLock`, in the fencelock column: the protocol's floor."""
     return Row(
         f"{row_id}.floor", row_id.split(".")[0], "  protocol v1 floor (bare syscalls, see notes)",
-        "turns/s" if not lower_is_better else "us", floor, dict(peers),
+        unit or ("turns/s" if not lower_is_better else "us"), floor, dict(peers),
         lower_is_better=lower_is_better,
         note="not fencelock: only the syscalls protocol v1 requires, in flat code with a "
         "precomputed record and no error handling (FloorLock): a lower bound for a Python "
@@ -564,27 +658,46 @@ def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
     med: dict[str, float | None] = {}
     p99: dict[str, float | None] = {}
     counts = {}
-    for peer in ("fencelock", "raw", "filelock", "portalocker", "portalocker-blocking"):
+    lats: dict[str, list[float]] = {}
+    for peer in ("filelock", "portalocker"):  # polling: their poll interval dominates
         if not _available(peer):
+            continue
+        _progress(quiet, f"hand-off: {peer} x{sizes.handoffs_polling}")
+        lats[peer] = handoff_latencies(peer, _lock_path(base / "handoff", peer),
+                                       sizes.handoffs_polling, sizes.hold_before_release)
+    # Kernel waiters side by side, in chunks taken in turn (a burst of load on a shared
+    # machine then lands on every peer alike).
+    kernel = ("fencelock", "raw", "portalocker-blocking", "floor")
+    chunk = 20
+    for done in range(0, sizes.handoffs, chunk):
+        rounds = min(chunk, sizes.handoffs - done)
+        _progress(quiet, f"hand-off: {', '.join(kernel)} x{done + rounds}/{sizes.handoffs}")
+        for peer in kernel:
+            lats.setdefault(peer, []).extend(handoff_latencies(
+                peer, _lock_path(base / "handoff", peer), rounds, sizes.hold_before_release
+            ))
+    for peer in ("fencelock", "raw", "filelock", "portalocker", "portalocker-blocking",
+                 "floor"):
+        lat = lats.get(peer)
+        if not lat:
             med[peer] = p99[peer] = None
             continue
-        polling = peer in ("filelock", "portalocker")
-        rounds = sizes.handoffs_polling if polling else sizes.handoffs
-        _progress(quiet, f"hand-off: {peer} x{rounds}")
-        lat = handoff_latencies(peer, _lock_path(base / "handoff", peer), rounds,
-                                sizes.hold_before_release)
-        med[peer], p99[peer], counts[peer] = statistics.median(lat), _p99(lat), rounds
+        med[peer], p99[peer], counts[peer] = statistics.median(lat), _p99(lat), len(lat)
+    floor_med, floor_p99 = med.pop("floor"), p99.pop("floor")
     pb_med, pb_p99 = med.pop("portalocker-blocking"), p99.pop("portalocker-blocking")
     f_med, f_p99 = med.pop("fencelock"), p99.pop("fencelock")
     how = ", ".join(f"{k} {v}" for k, v in counts.items())
     note = ("filelock polls every 0.05 s; portalocker's default flags poll every 0.25 s "
-            f"(check_interval); hand-offs: {how}")
+            f"(check_interval); hand-offs: {how}; the holder holds "
+            f"{sizes.hold_before_release * 1000:g} ms before each release")
     blocking = "" if pb_p99 is None else f"portalocker blocking p99 {pb_p99:.3f} ms"
     return [
         Row("handoff.median", "handoff", "hand-off to a blocked waiter, median", "ms",
             f_med, med, note=note),
+        _floor_row("handoff.median", floor_med, {**med, "portalocker": pb_med}, unit="ms"),
         Row("handoff.p99", "handoff", "hand-off to a blocked waiter, p99", "ms",
             f_p99, p99, note=note),
+        _floor_row("handoff.p99", floor_p99, {**p99, "portalocker": pb_p99}, unit="ms"),
         Row("handoff.median.blocking", "handoff",
             "hand-off median vs portalocker flags=EXCLUSIVE (kernel wait)", "ms",
             f_med, {"portalocker": pb_med}, note=blocking),
@@ -1064,11 +1177,30 @@ def judge(report: Report, sizes: Sizes) -> None:
             add(f"cycle.{kind}.portalocker", f"cycle ({kind}) at most half of portalocker.Lock",
                 row.ratios.get("portalocker"), 0.5,
                 "{value:.2f}x portalocker" + _floor_text(report, row.id, "portalocker"))
+    row, floor = report.row("cycle.reused.session"), report.row("cycle.reused.session.floor")
+    if row is not None and floor is not None and row.fencelock and floor.fencelock:
+        add("cycle.session.floor", "cycle (session present) at most 1.5x the protocol floor",
+            row.fencelock / floor.fencelock, 1.5, "{value:.2f}x floor")
+        add("cycle.session.portalocker", "cycle (session present) at most 1.0x portalocker.Lock",
+            row.ratios.get("portalocker"), 1.0,
+            "{value:.2f}x portalocker" + _floor_text(report, row.id, "portalocker"))
+    empty, crowd = report.row("cycle.first.0"), next(
+        (r for r in report.rows if r.id.startswith("cycle.first.") and r.id != "cycle.first.0"
+         and not r.id.endswith(".floor")), None)
+    if empty is not None and crowd is not None and empty.fencelock and crowd.fencelock:
+        add("cycle.first.crowd", f"first acquire among {crowd.figure.rsplit(' among ', 1)[-1]} "
+            "within 2x of an empty directory", crowd.fencelock / empty.fencelock, 2.0,
+            "{value:.2f}x empty directory")
     med, p99 = report.row("handoff.median"), report.row("handoff.p99")
     if med is not None and p99 is not None:
         add("handoff.median", "hand-off median under 1 ms", med.fencelock, 1.0,
             "{value:.3f} ms")
         add("handoff.p99", "hand-off p99 under 5 ms", p99.fencelock, 5.0, "{value:.3f} ms")
+    blocking = report.row("handoff.median.blocking")
+    if blocking is not None:
+        add("handoff.blocking", "hand-off median at most 1.25x portalocker's kernel wait",
+            blocking.ratios.get("portalocker"), 1.25,
+            "{value:.2f}x portalocker" + _floor_text(report, "handoff.median", "portalocker"))
     for kind in ("fsync", "nofsync"):
         row = report.row(f"appends.{kind}")
         if row is not None:
@@ -1215,12 +1347,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also write the JSON figures to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the temporary files")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--hold", metavar="MS", type=float, default=None,
+                        help="how long the holder holds before each hand-off "
+                        "(default: 30 ms; 2 ms for --smoke)")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s): {', '.join(unknown)}")
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
+    if args.hold is not None:
+        if not args.hold >= 0:
+            parser.error("--hold must be a number of milliseconds >= 0")
+        sizes = dataclasses.replace(sizes, hold_before_release=args.hold / 1000)
     started = time.monotonic()
     report = run(sizes, sections, args.dir, args.keep, args.quiet)
     report.notes.append(f"run took {time.monotonic() - started:.1f} s")

@@ -482,38 +482,75 @@ def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
     from fencelock._errors import SidecarAccessError
     from fencelock._probe import ProbeState, probe, scan
 
-    rows: list[HolderStatus] = []
     failed = False
-    for path in paths or (".",):
-        if _is_directory_to_scan(path):
-            try:
-                rows.extend(scan(path, stuck_after=stuck_after))
-            except SidecarAccessError as e:
-                _error_line(f"{path}: cannot list it: {e.cause.strerror or type(e.cause).__name__}")
+
+    def found() -> Iterator[HolderStatus]:
+        nonlocal failed
+        for path in paths or (".",):
+            if _is_directory_to_scan(path):
+                try:
+                    yield from scan(path, stuck_after=stuck_after)
+                except SidecarAccessError as e:
+                    _error_line(
+                        f"{path}: cannot list it: {e.cause.strerror or type(e.cause).__name__}"
+                    )
+                    failed = True
+                continue
+            problem = _no_directory(path)
+            if problem is not None:
+                _error_line(problem)
                 failed = True
-            continue
-        problem = _no_directory(path)
-        if problem is not None:
-            _error_line(problem)
-            failed = True
-            continue
-        rows.append(probe(path, stuck_after=stuck_after))
-    now = time.time()
+                continue
+            yield probe(path, stuck_after=stuck_after)
+
     if as_json:
-        _echo_json([status_json(st, now) for st in rows])
-    elif rows:
+        # Streamed, one object at a time: a directory of 100,000 sessions must not be
+        # held in memory. The text is what json.dumps(rows, indent=2) would print.
+        stale, unreadable = _stream_status_json(found())
+        if failed or unreadable:
+            sys.exit(EXIT_ERROR)
+        if stale:
+            sys.exit(EXIT_STALE)
+        return
+    rows = list(found())
+    now = time.time()
+    if rows:
         click.echo(status_table(rows, now))
     elif not failed:
         click.echo("no sessions found")
     for st in rows:
         if st.state is ProbeState.UNREADABLE:
             failed = True
-            if not as_json:
-                _error_line(st.reason)
+            _error_line(st.reason)
     if failed:
         sys.exit(EXIT_ERROR)
     if any(st.state is ProbeState.STALE for st in rows):
         sys.exit(EXIT_STALE)
+
+
+def _stream_status_json(rows: Iterator[HolderStatus]) -> tuple[bool, bool]:
+    """Print ``status --json``'s array as the rows come; whether any was stale, and
+    whether any was unreadable."""
+    import json
+
+    from fencelock._probe import ProbeState
+
+    encode = json.JSONEncoder(indent=2).encode  # one encoder: json.dumps makes one a call
+    out: list[str] = []
+    stale = unreadable = False
+    count = 0
+    for st in rows:
+        stale = stale or st.state is ProbeState.STALE
+        unreadable = unreadable or st.state is ProbeState.UNREADABLE
+        text = encode(json_safe(status_json(st, time.time()))).replace("\n", "\n  ")
+        out.append(("[\n  " if count == 0 else ",\n  ") + text)
+        count += 1
+        if len(out) >= 256:
+            click.echo("".join(out), nl=False)
+            out.clear()
+    out.append("\n]" if count else "[]")
+    click.echo("".join(out))
+    return stale, unreadable
 
 
 # -- clear ------------------------------------------------------------------------------

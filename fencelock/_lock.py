@@ -55,6 +55,16 @@ FAIL_GRACE = 0.05
 """How long ``on_contention="fail"`` waits when the lock is held but the record is not
 ``held``: a probe's momentary shared lock, or an acquirer about to write its record."""
 
+_MARK_TRUST_AGE_NS = 20_000_000
+"""How old a session file's ctime must be for its unchanged stat to vouch for its token
+mark: a change within the same coarse clock tick (4-10 ms) leaves ctime as it was."""
+
+RECORD_LAG = 1.0
+"""In the write phase an append leaves the record alone unless it was last written
+this many seconds ago: the record's fingerprint and heartbeat then lag the holder's own
+appends by at most this much. Entering and leaving the prompt window, `touch` and
+release write them at once."""
+
 _PEEK_BYTES = 4096
 """A first read of the old record; records are far smaller unless something is wrong."""
 
@@ -212,11 +222,21 @@ class SessionLock:
         self._static_pid = 0
         self._fp: Fingerprint | None = None
         self._record_len = 0
+        self._written_at = 0.0
+        """`time.monotonic` of the last record write."""
+        self._behind = False
+        """The record lags the fingerprint and heartbeat of the holder's last append."""
         self._tail_checked = False
         self._abort_callbacks: list[Any] = []
         self._token_floor = 0
         """A new sidecar's first token is above this (`recover` sets it for a fresh
         session that carries another session's stamped lines)."""
+        self._mark_fp: Fingerprint | None = None
+        self._mark = 0
+        """The session's token mark was ``_mark`` (or more) when its stat was
+        ``_mark_fp``: while the stat is unchanged, the mark need not be read again. Any
+        change to the mark moves ctime; ctime is coarse (a clock tick), so only a stat
+        whose ctime was `_MARK_TRUST_AGE_NS` old when the mark was read is trusted."""
 
     # -- state -------------------------------------------------------------------
 
@@ -239,7 +259,7 @@ class SessionLock:
             )
         return self._info
 
-    def _encode(self) -> bytes:
+    def _encode(self, state: State = State.HELD) -> bytes:
         pid = _identity.ME.pid
         if self._static_pid != pid:
             me = _identity.ME
@@ -248,7 +268,7 @@ class SessionLock:
             )
             self._static_pid = pid
         return _record.encode(
-            State.HELD, self._phase, self._token, self._run_id, self._static,
+            state, self._phase, self._token, self._run_id, self._static,
             self._acquired_at, self._heartbeat_at, self._fp, self._previous,
         )
 
@@ -274,6 +294,7 @@ class SessionLock:
             self._record_len = _sidecar.write_bytes(
                 self._fd, self.sidecar, self._encode(), self._record_len
             )
+            self._written_at, self._behind = time.monotonic(), False
 
     def _forget_in_child(self) -> None:
         # The inherited descriptor itself is closed by _forkguard's hook.
@@ -501,9 +522,13 @@ class SessionLock:
         self._token, self._run_id, self._previous = token, _run_ids.next(), previous
         self._acquired_at = self._heartbeat_at = time.time()
         self._phase = Phase.WRITE
-        fp = _fingerprint.take(self.session, self.fence_mode)
-        if fp is not None and _tokens.reserve(self.session, token):
-            fp = _fingerprint.take(self.session, self.fence_mode)  # the mark moved ctime
+        fp = self._session_fingerprint()
+        if fp is not None and (token > self._mark or fp != self._mark_fp):
+            wrote, self._mark = _tokens.reserve_known(self.session, token)
+            if wrote:
+                fp = _fingerprint.take(self.session, self.fence_mode)  # the mark moved ctime
+            aged = fp is not None and time.time_ns() - fp.ctime_ns > _MARK_TRUST_AGE_NS
+            self._mark_fp = fp if aged else None
         self._fp = fp
         self._tail_checked = False
         self._write_record()
@@ -523,6 +548,20 @@ class SessionLock:
                 os.pwrite(self._fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
         except (OSError, FenceLockError):
             pass  # it reads as stale: no worse than before
+    def _session_fingerprint(self) -> Fingerprint | None:
+        """The session's fingerprint now; the last one's object again if nothing moved."""
+        if self.fence_mode is FenceMode.STAT:
+            try:
+                st = os.lstat(self.session)
+            except FileNotFoundError:
+                return None
+            except OSError:
+                pass  # take() below reports it
+            else:
+                last = self._fp
+                if _fence._stat_matches(last, st) and stat.S_ISREG(st.st_mode):
+                    return last
+        return _fingerprint.take(self.session, self.fence_mode)
 
     def release(self) -> None:
         """Give the session back (once per acquire). A forked child never releases.
@@ -542,8 +581,13 @@ class SessionLock:
             with self._io:
                 fd, self._fd = self._fd, -1
                 try:
-                    # Flip "held" to "released" in place: one small write, no re-encode.
-                    os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+                    if self._behind:  # the last appends' fence point, with "released"
+                        self._behind = False
+                        _sidecar.write_bytes(
+                            fd, self.sidecar, self._encode(State.RELEASED), self._record_len
+                        )
+                    else:  # flip "held" to "released" in place: one small write
+                        os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
                 except OSError as e:
                     raise SidecarAccessError(
                         self.sidecar, e, "the session is released, but its record still "
@@ -722,8 +766,13 @@ class SessionLock:
                 self._fp = e.fingerprint
             raise
         self._tail_checked = True
+        if self._mark_fp is not None and self._mark_fp == self._fp:
+            self._mark_fp = fp  # our own line moved the stat, not a change to the mark
         self._fp, self._heartbeat_at = fp, time.time()
-        self._write_record()
+        if self._phase is Phase.PROMPT or time.monotonic() - self._written_at >= RECORD_LAG:
+            self._write_record()
+        else:
+            self._behind, self._info = True, None
 
     def verify_fence(self) -> Fingerprint | None:
         """Raise `SessionTakeoverError` if the session moved since the last fence point."""

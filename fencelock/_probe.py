@@ -29,7 +29,7 @@ from fencelock._errors import (
     describe_holder,
 )
 from fencelock._fingerprint import FenceMode
-from fencelock._record import HolderInfo, State
+from fencelock._record import HolderInfo, Phase, State
 
 DEFAULT_STUCK_AFTER = 600.0
 """A live holder whose heartbeat is older than this many seconds is reported stuck."""
@@ -230,6 +230,13 @@ def _status(
 
 
 def _fence_ok(session: str, record: HolderInfo) -> bool | None:
+    ok = _fence_matches(session, record)
+    if ok is False and record.state is State.HELD and record.phase is Phase.WRITE:
+        return None  # in the write phase the holder's own last appends may be unrecorded
+    return ok
+
+
+def _fence_matches(session: str, record: HolderInfo) -> bool | None:
     try:
         mode = FenceMode(record.fence)
     except ValueError:
@@ -410,6 +417,7 @@ def _clear_locked(
     except CorruptRecordError:
         if not force:
             raise
+        _tokens.keep_before_set_aside(session, fd)
         aside = _set_aside(sidecar)
         return HolderStatus(
             session,

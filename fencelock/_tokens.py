@@ -5,12 +5,19 @@ Tokens live in the record. So that they never go back when a sidecar is removed 
 remains, the session file carries a mark in its ``user.fencelock.token`` extended
 attribute: no token above the mark has been issued. Holders read it at each acquire
 and raise it `RESERVE` tokens at a time, so it costs one write per `RESERVE`
-acquisitions, and a new sidecar starts above it. A copy of the session file made
+acquisitions, and a new sidecar starts above it. (A holder object skips the read
+while the session file's stat is unchanged since its last read: see
+``SessionLock._mark_fp``.) A copy of the session file made
 without its extended attributes (``cp``, a rewrite through a temporary file) starts
-without a mark. Where extended attributes are not supported, a new sidecar also
-starts above the stamps in the session's last lines (``append(..., stamp=True)``)
-and the tokens legible in corrupt records that `clear(force=True)` set aside as
-``<sidecar>.corrupt-*``.
+without a mark. A new sidecar also starts above the stamps in the session's last
+lines (``append(..., stamp=True)``).
+
+When `clear(force=True)` sets a corrupt record aside as ``<sidecar>.corrupt-*``, the
+token legible in it is raised into the session file's mark. Only where that cannot be
+done (no session file yet, no extended attributes) does it leave the directory's
+`SET_ASIDE_MARKER`, and only in a directory with that marker does a new sidecar search
+the ``.corrupt-*`` copies: searching them at every new sidecar would read the whole
+directory each time, which makes filling a directory with sessions quadratic.
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ STAMP_KEY = "_fencelock"
 """Reserved key of a stamped line: ``{"_fencelock": {"token": N, "run_id": "..."}}``."""
 
 XATTR = "user.fencelock.token"
-RESERVE = 100
+SET_ASIDE_MARKER = ".fencelock-set-aside"
+"""A file in a sessions directory: the tokens of some set-aside record there are kept
+only in its ``.corrupt-*`` copy, so new sidecars in that directory search the copies."""
+RESERVE = 10_000
 """How many tokens a holder reserves on the session file at a time."""
 _TAIL = 64 * 1024
 
@@ -123,6 +133,22 @@ def reserve(target: str | int, token: int) -> bool:
     return _cover(target, token, min(token + RESERVE - 1, MAX_TOKEN)) is True
 
 
+def reserve_known(target: str, token: int) -> tuple[bool, int]:
+    """`reserve`, also returning the mark now known to be on the file (0 where it is
+    not known): a holder that finds the file's stat unchanged since may skip the read."""
+    if not hasattr(os, "setxattr"):
+        return False, 0
+    try:
+        mark = _read_mark(target)
+        if mark >= token:
+            return False, mark
+        mark = min(token + RESERVE - 1, MAX_TOKEN)
+        _write_mark(target, mark)
+    except OSError:
+        return False, 0
+    return True, mark
+
+
 def floor(session: str) -> int:
     """The largest token a session may have issued that its sidecar no longer shows."""
     saved = 0
@@ -131,7 +157,9 @@ def floor(session: str) -> int:
             saved = _read_mark(session)
         except OSError:
             saved = 0
-    best = max(saved, _last_stamped(session), _set_aside_tokens(session))
+    best = max(saved, _last_stamped(session))
+    if os.path.lexists(os.path.join(os.path.dirname(session), SET_ASIDE_MARKER)):
+        best = max(best, _set_aside_tokens(session))
     if best >= MAX_TOKEN:
         raise FenceLockError(
             f"{session}: its fencing tokens are at their limit ({best}); remove the "
@@ -141,6 +169,12 @@ def floor(session: str) -> int:
 
 
 _TOKEN_TEXT = re.compile(rb'"token"\s*:\s*(\d{1,19})')
+
+
+def _legible_token(data: bytes) -> int:
+    """The largest token legible in a corrupt record's bytes (0 if none)."""
+    # Numbers past the limit were never issued: they are part of the corruption.
+    return max([0, *(t for m in _TOKEN_TEXT.findall(data) if (t := int(m)) <= MAX_TOKEN)])
 
 
 def _set_aside_tokens(session: str) -> int:
@@ -161,9 +195,29 @@ def _set_aside_tokens(session: str) -> int:
             head = b""
         finally:
             os.close(fd)
-        # Numbers past the limit were never issued: they are part of the corruption.
-        best = max([best, *(t for m in _TOKEN_TEXT.findall(head) if (t := int(m)) <= MAX_TOKEN)])
+        best = max(best, _legible_token(head))
     return best
+
+
+def keep_before_set_aside(session: str, fd: int) -> None:
+    """Keep the token legible in the corrupt record in ``fd`` before it is set aside:
+    in the session file's mark, or else by leaving `SET_ASIDE_MARKER` in its
+    directory. Call while holding the sidecar's lock, before it is moved away."""
+    try:
+        token = _legible_token(os.pread(fd, _TAIL, 0))
+    except OSError as e:
+        raise FenceLockError(f"{session}.holder: cannot be read ({e}); nothing was moved") from None
+    if not token or (os.path.isfile(session) and _cover(session, token, token) is not None):
+        return
+    marker = os.path.join(os.path.dirname(session), SET_ASIDE_MARKER)
+    try:
+        fd, _ = _sidecar.open_regular(marker, os.O_WRONLY | os.O_CREAT)
+    except (OSError, FenceLockError) as e:
+        raise FenceLockError(
+            f"{marker}: cannot be created ({e}), so the token of the corrupt record "
+            f"beside it would be lost; fix the directory's permissions and try again"
+        ) from None
+    os.close(fd)
 
 
 def save(session: str, token: int) -> bool:

@@ -41,7 +41,10 @@ def test_rows_have_the_documented_shape(report: dict[str, Any]) -> None:
     ids = {row["id"] for row in report["rows"]}
     for expected in ("cycle.reused", "cycle.fresh", "handoff.median", "handoff.p99",
                      "appends.fsync", "appends.nofsync", "scan.library", "cycle.reused.floor",
-                     "cycle.fresh.floor", "appends.fsync.floor", "appends.nofsync.floor"):
+                     "cycle.fresh.floor", "appends.fsync.floor", "appends.nofsync.floor",
+                     "cycle.reused.session", "cycle.reused.session.floor", "cycle.first.0",
+                     "cycle.first.0.floor", "cycle.first.60", "cycle.first.60.floor",
+                     "handoff.median.floor", "handoff.p99.floor"):
         assert expected in ids
     assert any(i.startswith("scaling.cycle.procs.") for i in ids)
     assert any(i.startswith("scaling.scan.sessions.") for i in ids)
@@ -106,9 +109,10 @@ def test_the_floor_does_protocol_v1_work(tmp_path: Path) -> None:
             assert status.fence_ok is True  # the record names the session as it is
         floor.append(json.dumps({"turn": turn}).encode() + b"\n")
         status = fencelock.probe(session)
-        assert status.record is not None and status.fence_ok is True
+        assert status.record is not None and status.fence_ok is not False
         floor.release()
-        assert fencelock.probe(session).state == "free"
+        status = fencelock.probe(session)
+        assert status.state == "free" and status.fence_ok is True  # the last fence point
     with fencelock.SessionLock(session, lane="after") as lock:
         assert lock.info is not None and lock.info.token == 4
         lock.append({"turn": 3})

@@ -287,6 +287,19 @@ def test_status_directory(session: Path, spawn_holder: Any) -> None:
     assert len(table.stdout.splitlines()) == 5
 
 
+def test_status_json_is_streamed_in_the_documented_layout(session: Path) -> None:
+    """The array is printed row by row; its text is json.dumps(rows, indent=2)'s."""
+    d = session.parent
+    assert cli("status", "--json", str(d)).stdout == "[]\n"
+    for name in ("a.jsonl", "b.jsonl", "c.jsonl"):
+        with SessionLock(d / name, "l") as lock:
+            lock.append({"n": name})
+    out = cli("status", "--json", str(d))
+    assert out.returncode == 0
+    assert out.stdout == json.dumps(json.loads(out.stdout), indent=2) + "\n"
+    assert [Path(r["session"]).name for r in rows(out)] == ["a.jsonl", "b.jsonl", "c.jsonl"]
+
+
 def test_status_missing_directory_exits_1(tmp_path: Path, session: Path) -> None:
     session.write_text("")
     out = cli("status", str(session), str(tmp_path / "nope" / "x.jsonl"))

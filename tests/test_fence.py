@@ -490,6 +490,37 @@ def test_token_continues_after_a_corrupt_record_is_set_aside(session: Path) -> N
         assert lock.info is not None and lock.info.token == 6
 
 
+def test_set_aside_raises_the_session_mark_to_the_corrupt_records_token(
+    session: Path,
+) -> None:
+    """The set-aside copy is not searched where the session file can keep the token:
+    clear --force raises the session's mark to the token legible in the record."""
+    with SessionLock(session) as lock:
+        lock.append({"a": 1})
+    for _ in range(4):
+        with SessionLock(session):
+            pass
+    os.removexattr(session, "user.fencelock.token")  # only the record knows token 5 now
+    sidecar = Path(str(session) + ".holder")
+    sidecar.write_bytes(sidecar.read_bytes()[:-30])  # torn: corrupt, token still legible
+    clear(session, force=True)
+    assert not (session.parent / ".fencelock-set-aside").exists()
+    with SessionLock(session) as lock:
+        assert lock.info is not None and lock.info.token == 6
+
+
+def test_new_sidecars_search_no_set_aside_copies_without_the_marker(session: Path) -> None:
+    """A new session's first acquire does not read the whole directory: copies are
+    only searched where a set-aside left its token nowhere else."""
+    Path(str(session) + ".holder.corrupt-planted").write_bytes(b'{"token":500}')
+    with SessionLock(session) as lock:
+        assert lock.info is not None and lock.info.token == 1
+    (session.parent / ".fencelock-set-aside").touch()
+    Path(str(session) + ".holder").unlink()
+    with SessionLock(session) as lock:
+        assert lock.info is not None and lock.info.token == 501
+
+
 def test_a_failed_append_never_cuts_off_a_foreign_line(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -554,3 +585,30 @@ def test_verify_streams_an_over_long_line_and_stops_after_many_problems(
     assert kinds == ["torn", "torn", "torn", "stopped"]
     session.write_bytes(b"garbage\n" * 3)  # exactly at the cap, nothing unread
     assert [p.kind for p in verify(session).problems] == ["torn"] * 3
+
+
+def test_release_records_the_last_appends_fence_point(session: Path) -> None:
+    """Appends in the write phase may leave the record behind; release writes the
+    session's fingerprint as the run left it, so the released record is true."""
+    with SessionLock(session) as lock:
+        for n in range(3):
+            lock.append({"n": n})
+        inside = lock.info
+    status = probe(session)
+    assert status.state == "free" and status.record is not None
+    assert status.record.fingerprint == inside.fingerprint  # type: ignore[union-attr]
+    assert status.fence_ok is True
+
+
+def test_entering_the_prompt_window_records_the_fence_point(session: Path) -> None:
+    """Inside the prompt window the record's fingerprint is the one the fence compares
+    against, so a probe can tell a foreign write during the model call."""
+    with SessionLock(session) as lock:
+        lock.append({"n": 1})
+        lock.append({"n": 2})
+        with pytest.raises(SessionTakeoverError), lock.prompt_window():
+            assert probe(session).record.phase == "prompt"  # type: ignore[union-attr]
+            assert probe(session).fence_ok is True
+            with open(session, "a") as f:
+                f.write('{"intruder": 1}\n')
+            assert probe(session).fence_ok is False

@@ -164,8 +164,8 @@ def test_carrying_a_session_larger_than_memory_to_a_fresh_one(
     """recover copies the old transcript in bounded chunks: a process whose address
     space cannot hold the session still carries all of it, stamps included."""
     line = b'{"role":"user","content":"' + b"x" * 1000 + b'"}\n'
-    long_stamped = (b'{"content":"' + b"y" * (3 << 20) + b'","_fencelock":{"token":700,'
-                    b'"run_id":"r-700"}}\n')  # longer than a chunk, stamped at its end
+    long_stamped = (b'{"content":"' + b"y" * (3 << 20) + b'","_fencelock":{"token":70000,'
+                    b'"run_id":"r-70000"}}\n')  # longer than a chunk, stamped at its end
     with open(session, "wb") as f:
         for n in range(64):
             f.write(line * 1024)  # 64 MiB in all
@@ -189,5 +189,5 @@ def test_carrying_a_session_larger_than_memory_to_a_fresh_one(
         while block := copy.read(1 << 20):
             assert old.read(len(block)) == block
     record = probe(new).record
-    assert record is not None and record.token == 701  # above the stamp in the middle
+    assert record is not None and record.token == 70001  # above the stamp in the middle
     assert probe(session).state == ProbeState.LIVE
