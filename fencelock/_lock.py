@@ -29,6 +29,7 @@ from fencelock import (
     _platform,
     _record,
     _sidecar,
+    _store,
     _tokens,
     _wait,
 )
@@ -171,6 +172,7 @@ class SessionLock:
         stamp: bool = False,
         mode: int = 0o600,
         origin: str | None = None,
+        backend: str | None = None,
     ) -> None:
         if on_contention not in ("wait", "fail"):
             raise ValueError(f"on_contention must be 'wait' or 'fail', not {on_contention!r}")
@@ -211,6 +213,8 @@ class SessionLock:
         self._token_floor = 0
         """A new sidecar's first token is above this (`recover` sets it for a fresh
         session that carries another session's stamped lines)."""
+        self._store = _store.open_store(backend, self.session)
+        """Where the holder lives when it is not the sidecar (e.g. etcd), else None."""
 
     # -- state -------------------------------------------------------------------
 
@@ -262,6 +266,10 @@ class SessionLock:
         # Under the object's own lock, so a heartbeat from another thread can never
         # write through a descriptor that release() has just closed.
         with self._io:
+            if self._store is not None:
+                self._info = None
+                self._store.write(self._encode())
+                return
             if self._fd < 0:
                 raise NotHeldError(f"{self.session}: released while the record was updated")
             self._info = None
@@ -306,6 +314,9 @@ class SessionLock:
         # cancellation) landing anywhere leaves neither the slot nor the lock behind.
         try:
             self._take_slot(deadline, cancel, start)
+            if self._store is not None:
+                self._acquire_store(me, deadline, cancel)
+                return
             self._lock_sidecar(deadline, cancel, start)
             try:
                 if cancel is not None and cancel.is_set():
@@ -318,6 +329,29 @@ class SessionLock:
                 raise
         except BaseException:
             self._free_slot()  # only if it is this object's
+            raise
+
+    def _acquire_store(
+        self, me: object, deadline: float | None, cancel: threading.Event | None
+    ) -> None:
+        store = self._store
+        assert store is not None
+        token, last = store.acquire(self.on_contention == "fail", deadline, cancel)
+        try:
+            if cancel is not None and cancel.is_set():
+                raise _cancelled()
+            self._token, self._run_id = token, _run_ids.next()
+            self._previous = last.as_previous() if last is not None and last.state is State.HELD \
+                else None
+            self._acquired_at = self._heartbeat_at = time.time()
+            self._phase = Phase.WRITE
+            self._fp = _fingerprint.take(self.session, self.fence_mode)
+            self._tail_checked = False
+            self._count, self._owner, self._pid = 1, me, _identity.ME.pid
+            self._write_record()
+        except BaseException:
+            self._count = 0
+            store.release(None)
             raise
 
     def _take_slot(
@@ -492,6 +526,18 @@ class SessionLock:
         self._count -= 1
         if self._count:
             return
+        if self._store is not None:
+            try:
+                with self._io:
+                    data = self._encode()
+                    at = _record.STATE_OFFSET
+                    self._store.release(
+                        data[:at] + _record.RELEASE_PATCH + data[at + len(_record.RELEASE_PATCH):]
+                    )
+            finally:
+                self._info = None
+                self._free_slot()
+            return
         try:
             with self._io:
                 fd, self._fd = self._fd, -1
@@ -621,6 +667,8 @@ class SessionLock:
 
     def _append_locked(self, data: bytes) -> None:
         self._require()
+        if self._store is not None:
+            self._store.check()  # a holder that may be lost writes nothing
         check_tail, self._tail_checked = not self._tail_checked, False
         try:
             fp = _fence.append(
@@ -638,6 +686,8 @@ class SessionLock:
     def verify_fence(self) -> Fingerprint | None:
         """Raise `SessionTakeoverError` if the session moved since the last fence point."""
         self._require()
+        if self._store is not None:
+            self._store.check()
         return _fence.check(self.session, self._fp, self.fence_mode)
 
     def touch(self) -> None:
