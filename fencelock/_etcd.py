@@ -43,7 +43,7 @@ _REQUEST_TIMEOUT = 2.0
 """The longest one request to etcd may take (less when the caller's deadline is near)."""
 
 _ASCEND, _DESCEND = 1, 2
-_BY_CREATE = 1
+_BY_CREATE = 2  # SortTarget: KEY, VERSION, CREATE, MOD, VALUE
 _CANCEL_STEP = 0.05
 
 
@@ -582,6 +582,22 @@ def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
         status = _status(session, where, queue[:1], lst, max(0, len(queue) - 1),
                          stuck_after, HolderStatus, ProbeState)
         yield status
+
+
+def names_in(url: EtcdURL, directory: str) -> set[str]:
+    """Names of the sessions in ``directory`` that etcd has a holder or record for."""
+    base = _backend.session_key(os.path.join(directory, "x"), url.root)[:-1]
+    found = set()
+    for kind in ("sessions", "last"):
+        pfx = f"{url.prefix}/{kind}/{base}"
+        r = cluster(url).call("/kv/range", {**_range(pfx, prefix=True)["request_range"],
+                                            "keys_only": True})
+        for kv in r.get("kvs", []):
+            rest = _unb64(kv["key"]).decode(errors="replace")[len(pfx):]
+            name = rest.split("/", 1)[0] if kind == "sessions" else rest
+            if rest.count("/") == (1 if kind == "sessions" else 0):
+                found.add(name)
+    return found
 
 
 def server_ok(url: EtcdURL) -> None:

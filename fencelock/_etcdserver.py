@@ -86,10 +86,11 @@ class EtcdServer:
                 with open(self._log, errors="replace") as f:
                     tail = f.read()[-2000:]
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}: {tail}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(client + "/health", timeout=1) as r:
-                    if b'"true"' in r.read():
-                        return
+            with contextlib.suppress(OSError), urllib.request.urlopen(
+                client + "/health", timeout=1
+            ) as r:
+                if b'"true"' in r.read():
+                    return
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"etcd did not become healthy on {self.endpoint}")

@@ -244,7 +244,11 @@ def _scan_store(base: str, stuck_after: float, backend: str | None) -> Iterator[
         names = sorted(n for n in os.listdir(base) if n.endswith(SESSION_SUFFIX))
     except OSError as e:
         raise SidecarAccessError(base, e, "scan needs a directory this user can list") from None
-    for name in names:
+    from fencelock import _etcd
+
+    url = _backend.selected(backend)
+    assert url is not None
+    for name in sorted(set(names) | set(_etcd.names_in(url, base))):
         store = _store.open_store(backend, os.path.join(base, name))
         assert store is not None
         yield store.probe(stuck_after)

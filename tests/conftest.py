@@ -110,3 +110,49 @@ def wait_for_blocked_waiter(session: Path, inode: int | None = None, limit: floa
                     return
         time.sleep(0.001)
     raise AssertionError("no process blocked on the sidecar lock")
+
+
+# -- holder stores -----------------------------------------------------------------
+# Each xdist worker runs its own etcd (free ports, a temporary data directory); tests
+# that use the `store` fixture run once on the sidecar store and once on etcd. The URL
+# reaches holder processes through FENCELOCK_BACKEND, as it would reach a real run.
+
+STORES = ("sidecar", "etcd")
+TEST_TTL = 2
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[object]:
+    from fencelock._etcdserver import EtcdServer
+
+    server = EtcdServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The backend URL of the store under test (None: sidecars), also set as
+    FENCELOCK_BACKEND for this test and the processes it starts."""
+    if request.param == "sidecar":
+        monkeypatch.delenv("FENCELOCK_BACKEND", raising=False)
+        return None
+    server = request.getfixturevalue("etcd_server")
+    import uuid
+
+    url: str = server.url(f"t-{uuid.uuid4().hex[:12]}", ttl=TEST_TTL)  # type: ignore[attr-defined]
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    return url
+
+
+def wait_for_no_owner(session: Path, timeout: float = 60.0) -> None:
+    """Block until no live holder is left (a killed holder's lease expires in etcd; a
+    sidecar's lock goes with its process). Event-driven: a watch, or the kernel."""
+    from fencelock import _store, _wait
+
+    store = _store.open_store(None, str(session))
+    if store is None:
+        assert _wait.wait_until_unlocked(str(session) + ".holder", timeout)
+    else:
+        assert store.wait_free(timeout)
