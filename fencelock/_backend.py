@@ -32,6 +32,20 @@ class EtcdURL:
         return "etcd://" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
 
 
+# os.environ.get costs about a microsecond (it encodes the key each time), as much as
+# the rest of SessionLock's constructor: where os.environ keeps its encoded dict (every
+# CPython), look the encoded key up directly; the mapping stays the source of truth.
+_ENV_DATA: dict[object, object] | None = getattr(os.environ, "_data", None)
+_ENV_KEY: object = getattr(os.environ, "encodekey", lambda k: k)(ENV)
+
+
+def env_set() -> bool:
+    """Whether ``$FENCELOCK_BACKEND`` is set (possibly to ``local``)."""
+    if _ENV_DATA is not None:
+        return _ENV_KEY in _ENV_DATA
+    return ENV in os.environ
+
+
 def selected(backend: str | None) -> EtcdURL | None:
     """The store a call uses: ``backend``, else ``$FENCELOCK_BACKEND``; None = sidecars."""
     if backend is None:

@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from fencelock import (
+    _backend,
     _fence,
     _fingerprint,
     _identity,
@@ -213,7 +214,10 @@ class SessionLock:
         self._token_floor = 0
         """A new sidecar's first token is above this (`recover` sets it for a fresh
         session that carries another session's stamped lines)."""
-        self._store = _store.open_store(backend, self.session)
+        self._store = (
+            None if backend is None and not _backend.env_set()
+            else _store.open_store(backend, self.session)
+        )
         """Where the holder lives when it is not the sidecar (e.g. etcd), else None."""
 
     # -- state -------------------------------------------------------------------
