@@ -256,4 +256,90 @@ def test_second_endpoint_is_used_when_the_first_is_down(
     with SessionLock(session, backend=url) as lock:
         assert probe(session, backend=url).state == ProbeState.LIVE
         assert lock.held
-    assert os.environ.get("FENCELOCK_BACKEND") is None
+
+
+# -- the command line ----------------------------------------------------------------
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "fencelock", *args], capture_output=True,
+                          text=True, check=False, timeout=120, env=env)
+
+
+def test_status_with_only_a_backend_lists_every_holder_with_host_and_waiters(
+    session: Path, url: str, etcd_server: Any, spawn_holder: Any,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = session.with_name("other.jsonl")
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    a = spawn_holder(session, lane="holder-a")
+    a.acquire()
+    b = spawn_holder(other, lane="holder-b")
+    b.acquire()
+    start = _revision(etcd_server) + 1
+    waiter = spawn_holder(session, lane="queued")
+    waiter.send("acquire")
+    _wait_for_put(etcd_server, _lock_name(url, session) + "/", start)
+    monkeypatch.delenv("FENCELOCK_BACKEND")
+    out = _cli("status", "--backend", url, "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {r["session"]: r for r in json.loads(out.stdout)}
+    assert set(rows) == {str(session), str(other)}
+    assert rows[str(session)]["state"] == "live" and rows[str(session)]["waiters"] == 1
+    assert rows[str(session)]["host"] and rows[str(session)]["lane"] == "holder-a"
+    assert rows[str(other)]["waiters"] == 0
+    table = _cli("status", "--backend", url)
+    assert "WAITING" in table.stdout and "holder-a" in table.stdout
+    a.call("release")
+    assert waiter.read().startswith("acquired")
+
+
+def test_cli_commands_take_the_backend(session: Path, url: str, spawn_holder: Any,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    ran = _cli("run", str(session), "--lane", "cli", "--backend", url, "--",
+               "sh", "-c", 'test -n "$FENCELOCK_TOKEN"')
+    assert ran.returncode == 0, ran.stderr
+    assert probe(session, backend=url).record.lane == "cli"  # type: ignore[union-attr]
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    h = spawn_holder(session, lane="held")
+    h.acquire()
+    monkeypatch.delenv("FENCELOCK_BACKEND")
+    assert _cli("run", str(session), "--lane", "x", "-n", "--backend", url, "--",
+                "true").returncode == 4
+    assert _cli("wait", str(session), "--timeout", "0.2", "--backend", url).returncode == 4
+    assert _cli("clear", str(session), "--backend", url).returncode == 4
+    assert _cli("recover", str(session), "--no-fresh", "--wait", "0.1",
+                "--backend", url).returncode == 4
+    h.kill(signal.SIGKILL)
+    assert _cli("wait", str(session), "--backend", url).returncode == 0
+    assert _cli("status", str(session), "--backend", url).returncode == 3  # stale
+    assert _cli("clear", str(session), "--backend", url).returncode == 0
+    assert probe(session, backend=url).state == ProbeState.FREE
+    rec = _cli("recover", str(session), "--backend", url)
+    assert rec.returncode == 0 and rec.stdout.strip() == str(session)
+    env = {**os.environ, "FENCELOCK_BACKEND": url}
+    assert _cli("status", str(session), env=env).returncode == 0
+
+
+def test_cli_store_unavailable_is_one_line_and_exit_1(session: Path, own_etcd: EtcdServer) -> None:
+    url = own_etcd.url("gone")
+    own_etcd.stop()
+    for args in (["status"], ["status", str(session)], ["clear", str(session)],
+                 ["run", str(session), "--lane", "x", "--", "true"], ["wait", str(session)],
+                 ["recover", str(session)]):
+        out = _cli(*args, "--backend", url) if args[0] != "run" else _cli(
+            "run", str(session), "--lane", "x", "--backend", url, "--", "true")
+        assert out.returncode == 1, (args, out.stderr)
+        assert "Traceback" not in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert own_etcd.endpoint in out.stderr
+
+
+def test_cli_refuses_a_bad_backend_url_as_usage(session: Path) -> None:
+    out = _cli("status", str(session), "--backend", "etcd://x/p")
+    assert out.returncode == 2 and "HOST:PORT" in out.stderr
+    env = {**os.environ, "FENCELOCK_BACKEND": "zookeeper://x"}
+    out = _cli("status", str(session), env=env)
+    assert out.returncode == 2 and "FENCELOCK_BACKEND" in out.stderr
