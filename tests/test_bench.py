@@ -41,7 +41,8 @@ def test_rows_have_the_documented_shape(report: dict[str, Any]) -> None:
     ids = {row["id"] for row in report["rows"]}
     for expected in ("cycle.reused", "cycle.fresh", "handoff.median", "handoff.p99",
                      "appends.fsync", "appends.nofsync", "scan.library", "cycle.reused.floor",
-                     "cycle.fresh.floor", "appends.fsync.floor", "appends.nofsync.floor"):
+                     "cycle.fresh.floor", "appends.fsync.floor", "appends.nofsync.floor",
+                     "etcd.cycle", "etcd.handoff.median", "etcd.handoff.p99"):
         assert expected in ids
     assert any(i.startswith("scaling.cycle.procs.") for i in ids)
     assert any(i.startswith("scaling.scan.sessions.") for i in ids)
@@ -50,6 +51,13 @@ def test_rows_have_the_documented_shape(report: dict[str, Any]) -> None:
         assert set(row["ratios"]) == set(row["peers"])
         for value in (row["fencelock"], *row["peers"].values()):
             assert value is None or isinstance(value, (int, float))
+
+
+def test_etcd_rows_compare_with_the_sidecar_tooz_and_etcdctl(report: dict[str, Any]) -> None:
+    row = next(r for r in report["rows"] if r["id"] == "etcd.handoff.median")
+    assert set(row["peers"]) == {"sidecar", "tooz", "etcdctl"}
+    assert all(isinstance(v, float) for v in (row["fencelock"], *row["peers"].values()))
+    assert not any("etcd" in s for s in report["skipped"])
 
 
 def test_no_line_lost_or_interleaved(report: dict[str, Any]) -> None:
