@@ -222,6 +222,9 @@ def bench(base: Path, cycles: int, rounds: int, quiet: bool,
             p99[peer] = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
     finally:
         server.stop()
+    for peer in PEERS:
+        for figures in (cycle, med, p99):
+            figures.setdefault(peer, None)
     f_cycle, f_med, f_p99 = cycle.pop("fencelock"), med.pop("fencelock"), p99.pop("fencelock")
     rows = [
         {"id": "etcd.cycle", "figure": "etcd store: uncontended acquire+release", "unit": "ms",
