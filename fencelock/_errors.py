@@ -64,6 +64,9 @@ class HolderLostError(SessionTakeoverError):
             f"session now, so it writes nothing more. Start the run again",
         )
 
+    def __reduce__(self) -> tuple[type[HolderLostError], tuple[str, str]]:
+        return type(self), (self.session, self.why)
+
 
 class StoreUnavailableError(FenceLockError):
     """The holder store (etcd) cannot be reached or did not answer in time."""
@@ -75,6 +78,9 @@ class StoreUnavailableError(FenceLockError):
             f"{endpoint}: the etcd holder store is unavailable ({why}); check that etcd "
             f"runs there, or pick another store with --backend / FENCELOCK_BACKEND"
         )
+
+    def __reduce__(self) -> tuple[type[StoreUnavailableError], tuple[str, str]]:
+        return type(self), (self.endpoint, self.why)
 
 
 class UnsafePathError(FenceLockError):

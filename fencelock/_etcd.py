@@ -255,7 +255,7 @@ class _Cluster:
                 lease.alive()  # marks it lost once the margin has run out
             with self._mu:
                 pending = bool(self._to_revoke)
-            step = self.ttl / 3
+            step = self.ttl / 4
             if lease is None or lease.lost or pending:
                 step = min(step, 0.25)
             elif ttl == 0:

@@ -118,7 +118,9 @@ def wait_for_blocked_waiter(session: Path, inode: int | None = None, limit: floa
 # reaches holder processes through FENCELOCK_BACKEND, as it would reach a real run.
 
 STORES = ("sidecar", "etcd")
-TEST_TTL = 2
+TEST_TTL = 4
+"""Short, so a killed holder's session turns stale soon; long enough that a loaded
+machine still renews leases in time."""
 
 
 @pytest.fixture(scope="session")

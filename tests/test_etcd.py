@@ -66,7 +66,9 @@ def test_a_bad_backend_url_is_refused_up_front(session: Path) -> None:
 
 @pytest.fixture
 def url(etcd_server: Any) -> str:
-    u: str = etcd_server.url(f"t-{uuid.uuid4().hex[:12]}", ttl=2)
+    from conftest import TEST_TTL
+
+    u: str = etcd_server.url(f"t-{uuid.uuid4().hex[:12]}", ttl=TEST_TTL)
     return u
 
 
@@ -178,9 +180,15 @@ def test_a_holder_paused_past_its_lease_never_writes_after_the_takeover(
 
 
 def test_holder_lost_error_is_a_takeover_and_a_coordination_error(session: Path) -> None:
+    import pickle
+
     e = HolderLostError(str(session), "its etcd lease expired")
     assert isinstance(e, SessionTakeoverError) and is_coordination_error(e)
     assert str(session) in str(e) and "lease" in str(e)
+    again = pickle.loads(pickle.dumps(e))
+    assert str(again) == str(e) and again.session == e.session
+    down = pickle.loads(pickle.dumps(StoreUnavailableError("etcd://h:1", "refused")))
+    assert down.endpoint == "etcd://h:1" and "refused" in str(down)
 
 
 # -- etcd itself failing ---------------------------------------------------------------
