@@ -21,7 +21,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -324,8 +324,12 @@ class EtcdHolder:
     # -- acquire -----------------------------------------------------------------
 
     def acquire(
-        self, fail: bool, deadline: float | None, cancel: threading.Event | None
-    ) -> tuple[int, HolderInfo | None]:
+        self,
+        fail: bool,
+        deadline: float | None,
+        cancel: threading.Event | None,
+        record: Callable[[int, HolderInfo | None], bytes] | None,
+    ) -> int:
         c = self._cluster
         lease = c.lease(deadline)
         my = f"{self.lock_name}/{lease.id:x}"
@@ -346,30 +350,43 @@ class EtcdHolder:
         self._suffix = f',"lease":"{lease.id:x}","store":"etcd"}}'.encode()
         try:
             owner = _kvs(responses[1])
-            last = _kvs(responses[2])
-            if not owner or int(owner[0]["create_revision"]) != revision:
-                if fail:
-                    holder = _decode_quietly(_unb64(owner[0].get("value", "")), self.name) \
-                        if owner else None
-                    raise SessionContendedError(self.session, holder, waited=None)
-                last = self._wait_for_turn(revision, deadline, cancel)
-            old = _decode_quietly(_unb64(last[0].get("value", "")), self.name) if last else None
-            return revision, old
+            if owner and int(owner[0]["create_revision"]) == revision:
+                if record is not None:
+                    self.write(record(revision, self._last(_kvs(responses[2]))))
+                return revision
+            if fail:
+                holder = _decode_quietly(_unb64(owner[0].get("value", "")), self.name) \
+                    if owner else None
+                raise SessionContendedError(self.session, holder, waited=None)
+            self._wait_for_turn(revision, deadline, cancel, record)
+            return revision
         except BaseException:
             self._abandon()
             raise
 
+    def _last(self, kvs: list[dict[str, Any]]) -> HolderInfo | None:
+        return _decode_quietly(_unb64(kvs[0].get("value", "")), self.name) if kvs else None
+
     def _wait_for_turn(
-        self, revision: int, deadline: float | None, cancel: threading.Event | None
-    ) -> list[dict[str, Any]]:
-        """Wait until no key older than ours is left; the last record then."""
+        self,
+        revision: int,
+        deadline: float | None,
+        cancel: threading.Event | None,
+        record: Callable[[int, HolderInfo | None], bytes] | None,
+    ) -> None:
+        """Wait until no key older than ours is left, then write the first record.
+
+        When the key ahead goes, one transaction both checks that no older key is left
+        and writes the record: a hand-off costs one round trip after the watch event.
+        """
         c = self._cluster
         pfx = self.lock_name + "/"
         start = time.monotonic()
         recheck = c.ttl / 3
+        look = [_range(pfx, prefix=True, last=True, max_create=revision - 1),
+                _range(self._my_key), _range(self.last_key)]
+        r = c.txn([], look, [], deadline)
         while True:
-            r = c.txn([], [_range(pfx, prefix=True, last=True, max_create=revision - 1),
-                           _range(self._my_key), _range(self.last_key)], [], deadline)
             responses = r.get("responses", [])
             if not _kvs(responses[1]):
                 assert self._lease is not None
@@ -377,7 +394,9 @@ class EtcdHolder:
                 raise StoreUnavailableError(self.url.display, "the lease expired while waiting")
             ahead = _kvs(responses[0])
             if not ahead:
-                return _kvs(responses[2])
+                if record is not None:
+                    self.write(record(revision, self._last(_kvs(responses[2]))))
+                return
             gone = threading.Event()
             key = _unb64(ahead[0]["key"]).decode()
             watch = c.watcher(key, int(r["header"]["revision"]) + 1, gone)
@@ -405,6 +424,24 @@ class EtcdHolder:
                     raise StoreUnavailableError(self.url.display, self._lease.lost)
             finally:
                 watch.stop()
+            if not gone.is_set() or record is None:
+                r = c.txn([], look, [], deadline)
+                continue
+            # Ours if every key left is no older than ours: check and write at once.
+            value = self._value(record(revision, None))
+            r = c.txn(
+                [_created(self._my_key, revision),
+                 {**_created(pfx, revision - 1), "range_end": _b64(_prefix_end(pfx)),
+                  "result": "GREATER"}],
+                [_range(self.last_key), _put(self._my_key, value, self._lease.id),
+                 _put(self.last_key, value)],
+                look, deadline,
+            )
+            if r.get("succeeded"):
+                old = self._last(_kvs(r.get("responses", [{}])[0]))
+                if old is not None and old.state is State.HELD:
+                    self.write(record(revision, old))  # took over a stale run: say whose
+                return
 
     def _owner_record(self) -> HolderInfo | None:
         with contextlib.suppress(StoreUnavailableError):
@@ -435,10 +472,14 @@ class EtcdHolder:
         if not lease.alive():
             raise HolderLostError(self.session, lease.lost)
 
+    def _value(self, record: bytes) -> bytes:
+        """The record as stored: with the holder's lease and the store's name."""
+        return record[:-1] + self._suffix if record.endswith(b"}") else record
+
     def write(self, record: bytes) -> None:
         self.check()
         assert self._lease is not None
-        value = record[:-1] + self._suffix if record.endswith(b"}") else record
+        value = self._value(record)
         r = self._cluster.txn(
             [_created(self._my_key, self._token)],
             [_put(self._my_key, value, self._lease.id), _put(self.last_key, value)],
@@ -454,8 +495,7 @@ class EtcdHolder:
             return
         ops = [_delete(my)]
         if record is not None:
-            value = record[:-1] + self._suffix if record.endswith(b"}") else record
-            ops.insert(0, _put(self.last_key, value))
+            ops.insert(0, _put(self.last_key, self._value(record)))
         try:
             self._cluster.txn([_created(my, token)], ops)
         except StoreUnavailableError:
@@ -506,7 +546,9 @@ class EtcdHolder:
             raise SessionContendedError(self.session, found.record)
         if found.state is ProbeState.FREE and not remove:
             return found
-        _token, old = self.acquire(True, time.monotonic() + _REQUEST_TIMEOUT * 2, None)
+        self.acquire(True, time.monotonic() + _REQUEST_TIMEOUT * 2, None, None)
+        r = self._cluster.txn([], [_range(self.last_key)], [])
+        old = self._last(_kvs(r.get("responses", [{}])[0]))
         my, token = self._my_key, self._token
         self._my_key, self._token = "", 0
         ops = [_delete(my)]

@@ -340,19 +340,29 @@ class SessionLock:
     ) -> None:
         store = self._store
         assert store is not None
-        token, last = store.acquire(self.on_contention == "fail", deadline, cancel)
-        try:
-            if cancel is not None and cancel.is_set():
-                raise _cancelled()
-            self._token, self._run_id = token, _run_ids.next()
+
+        def first_record(token: int, last: HolderInfo | None) -> bytes:
+            self._token, self._run_id = token, self._run_id or _run_ids.next()
             self._previous = last.as_previous() if last is not None and last.state is State.HELD \
                 else None
             self._acquired_at = self._heartbeat_at = time.time()
             self._phase = Phase.WRITE
             self._fp = _fingerprint.take(self.session, self.fence_mode)
             self._tail_checked = False
+            self._info = None
+            return self._encode()
+
+        self._run_id = ""
+        store.acquire(self.on_contention == "fail", deadline, cancel, first_record)
+        try:
+            if cancel is not None and cancel.is_set():
+                raise _cancelled()
             self._count, self._owner, self._pid = 1, me, _identity.ME.pid
-            self._write_record()
+            # The record's fingerprint may predate the lock by a moment: the fence
+            # starts from the session as it is now that the lock is ours.
+            fp = _fingerprint.take(self.session, self.fence_mode)
+            if fp != self._fp:
+                self._rewrite(_fp=fp)
         except BaseException:
             self._count = 0
             store.release(None)

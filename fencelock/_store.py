@@ -9,6 +9,7 @@ from a backend URL.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from fencelock import _backend
@@ -25,11 +26,18 @@ class HolderStore(Protocol):
     """Where the holder lives, as messages and `HolderStatus.sidecar` show it."""
 
     def acquire(
-        self, fail: bool, deadline: float | None, cancel: threading.Event | None
-    ) -> tuple[int, HolderInfo | None]:
-        """Take the session's lock (waiting unless ``fail``); return the fencing token and
-        the session's last record (its ``state`` says whether that run ended cleanly).
-        Raises `SessionContendedError`, `StoreUnavailableError`, or a cancellation."""
+        self,
+        fail: bool,
+        deadline: float | None,
+        cancel: threading.Event | None,
+        record: Callable[[int, HolderInfo | None], bytes] | None,
+    ) -> int:
+        """Take the session's lock (waiting unless ``fail``) and return the fencing token.
+
+        Once the lock is this holder's, ``record(token, last)`` gives the first record to
+        store, where ``last`` is the session's last record (its ``state`` says whether
+        that run ended cleanly); it may be called more than once. Raises
+        `SessionContendedError`, `StoreUnavailableError`, or a cancellation."""
 
     def write(self, record: bytes) -> None:
         """Store the holder's record; `HolderLostError` when no longer the holder."""
