@@ -76,8 +76,11 @@ def session(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _sessions_dir(tmp_path: Path) -> None:
+def _sessions_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "sessions").mkdir(exist_ok=True)
+    # The sidecar store unless a test picks another (the `store` fixture): a
+    # FENCELOCK_BACKEND in the caller's environment must not move every test to etcd.
+    monkeypatch.delenv("FENCELOCK_BACKEND", raising=False)
 
 
 @pytest.fixture
