@@ -422,26 +422,27 @@ class EtcdHolder:
                 assert self._lease is not None
                 if not self._lease.alive():
                     raise StoreUnavailableError(self.url.display, self._lease.lost)
+                if not gone.is_set() or record is None:
+                    r = c.txn([], look, [], deadline)
+                    continue
+                # Ours if every key left is no older than ours: check and write at once
+                # (before closing the watch, which costs a moment).
+                value = self._value(record(revision, None))
+                r = c.txn(
+                    [_created(self._my_key, revision),
+                     {**_created(pfx, revision - 1), "range_end": _b64(_prefix_end(pfx)),
+                      "result": "GREATER"}],
+                    [_range(self.last_key), _put(self._my_key, value, self._lease.id),
+                     _put(self.last_key, value)],
+                    look, deadline,
+                )
+                if r.get("succeeded"):
+                    old = self._last(_kvs(r.get("responses", [{}])[0]))
+                    if old is not None and old.state is State.HELD:
+                        self.write(record(revision, old))  # took over a stale run: say whose
+                    return
             finally:
                 watch.stop()
-            if not gone.is_set() or record is None:
-                r = c.txn([], look, [], deadline)
-                continue
-            # Ours if every key left is no older than ours: check and write at once.
-            value = self._value(record(revision, None))
-            r = c.txn(
-                [_created(self._my_key, revision),
-                 {**_created(pfx, revision - 1), "range_end": _b64(_prefix_end(pfx)),
-                  "result": "GREATER"}],
-                [_range(self.last_key), _put(self._my_key, value, self._lease.id),
-                 _put(self.last_key, value)],
-                look, deadline,
-            )
-            if r.get("succeeded"):
-                old = self._last(_kvs(r.get("responses", [{}])[0]))
-                if old is not None and old.state is State.HELD:
-                    self.write(record(revision, old))  # took over a stale run: say whose
-                return
 
     def _owner_record(self) -> HolderInfo | None:
         with contextlib.suppress(StoreUnavailableError):
