@@ -351,3 +351,24 @@ def test_cli_refuses_a_bad_backend_url_as_usage(session: Path) -> None:
     env = {**os.environ, "FENCELOCK_BACKEND": "zookeeper://x"}
     out = _cli("status", str(session), env=env)
     assert out.returncode == 2 and "FENCELOCK_BACKEND" in out.stderr
+
+
+def test_a_release_etcd_did_not_hear_gives_the_lease_up(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    url = own_etcd.url("lost-release", ttl=30)
+    keeper = SessionLock(session.with_name("other.jsonl"), "keeps-the-lease", backend=url)
+    keeper.acquire()  # another holder of this process keeps the lease alive
+    lock = SessionLock(session, "released-while-down", backend=url)
+    token = lock.acquire().token
+    own_etcd.kill(signal.SIGKILL)
+    with pytest.raises(StoreUnavailableError):
+        lock.release()
+    assert not lock.held
+    own_etcd.start()
+    # The process revokes the lease once etcd answers: the session is not kept held.
+    with SessionLock(session, "next", backend=url, timeout=25) as after:
+        assert after.info is not None and after.info.token > token
+    with pytest.raises(HolderLostError):
+        keeper.touch()  # it shared the lease that was given up
+    keeper.release()
