@@ -48,7 +48,7 @@ except ImportError:  # the optional "bench" extra
     filelock = None  # type: ignore[assignment]
 
 PEERS = ("raw", "filelock", "portalocker")
-SECTIONS = ("cycle", "handoff", "appends", "scan", "cold", "scaling")
+SECTIONS = ("cycle", "handoff", "appends", "scan", "cold", "scaling", "etcd")
 
 _CTX = multiprocessing.get_context("fork")
 _RAW_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -1154,6 +1154,25 @@ def bench_scaling(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
     return rows
 
 
+# -- 7. the etcd store ----------------------------------------------------------------
+
+
+def bench_etcd(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Row]:
+    """fencelock's etcd store against its sidecar store, tooz and `etcdctl lock`."""
+    from fencelock import _bench_etcd
+
+    missing = _bench_etcd.available()
+    if missing:
+        report.skipped.append("etcd section: " + "; ".join(missing))
+        return []
+    cycles = max(20, sizes.cycles // 10)
+    rounds = max(10, sizes.handoffs // 2)
+    found, notes = _bench_etcd.bench(base, cycles, rounds, quiet, _progress)
+    report.notes += notes
+    return [Row(r["id"], "etcd", r["figure"], r["unit"], r["fencelock"], r["peers"])
+            for r in found]
+
+
 # -- goals ---------------------------------------------------------------------------
 
 
@@ -1211,6 +1230,10 @@ def judge(report: Report, sizes: Sizes) -> None:
             add(f"appends.{kind}", f"appends ({kind}) at least the best peer's throughput",
                 row.fencelock, best, "{value:.0f} vs best peer {limit:.0f} turns/s" + floor_text,
                 at_least=True)
+    row = report.row("etcd.handoff.median")
+    if row is not None:
+        add("etcd.handoff.median", "etcd store hand-off median at most 5 ms",
+            row.fencelock, 5.0, "{value:.2f} ms")
     row = report.row("scan.library")
     if row is not None:
         add("scan.library", "scan through the library under 0.5 s", row.fencelock, 0.5,
@@ -1259,6 +1282,8 @@ def render(report: Report) -> str:
     head = ["figure", "unit", "fencelock", *PEERS, *(f"x{p}" for p in PEERS)]
     table = [head]
     for r in report.rows:
+        if r.section == "etcd":
+            continue
         table.append([
             r.figure, r.unit, _fmt(r.fencelock), *(_fmt(r.peers.get(p)) for p in PEERS),
             *(_ratio(r.ratios.get(p)) for p in PEERS),
@@ -1270,6 +1295,7 @@ def render(report: Report) -> str:
         out.append("  ".join(cells).rstrip())
         if i == 0:
             out.append("  ".join("-" * w for w in widths))
+    out += _render_etcd(report.rows)
     if report.goals:
         out += ["", "goals:"]
         for g in report.goals:
@@ -1292,6 +1318,30 @@ def render(report: Report) -> str:
     if report.skipped:
         out += ["", "skipped:", *(f"  {s}" for s in report.skipped)]
     return "\n".join(out)
+
+
+def _render_etcd(rows: Sequence[Row]) -> list[str]:
+    """The etcd rows in a table of their own: their peers are other etcd locks."""
+    from fencelock._bench_etcd import PEERS as ETCD_PEERS
+
+    etcd = [r for r in rows if r.section == "etcd"]
+    if not etcd:
+        return []
+    head = ["figure", "unit", "fencelock", *ETCD_PEERS, *(f"x{p}" for p in ETCD_PEERS)]
+    table = [head]
+    for r in etcd:
+        table.append([r.figure, r.unit, _fmt(r.fencelock),
+                      *(_fmt(r.peers.get(p)) for p in ETCD_PEERS),
+                      *(_ratio(r.ratios.get(p)) for p in ETCD_PEERS)])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    out = [""]
+    for i, row in enumerate(table):
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        cells += [c.rjust(w) for c, w in zip(row[2:], widths[2:], strict=True)]
+        out.append("  ".join(cells).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
 
 
 def _ratio(value: float | None) -> str:
@@ -1321,6 +1371,8 @@ def run(sizes: Sizes, sections: Sequence[str], directory: str | None, keep: bool
             report.rows += bench_cold(base, sizes, quiet, report)
         if "scaling" in sections:
             report.rows += bench_scaling(base / "scaling", sizes, quiet)
+        if "etcd" in sections:
+            report.rows += bench_etcd(base / "etcd", sizes, quiet, report)
     finally:
         if keep:
             report.notes.append(f"files kept in {base}")

@@ -246,6 +246,7 @@ def status_json(st: HolderStatus, now: float) -> dict[str, Any]:
         "lock_owners": None if st.lock_owners is None else [
             {"pid": o.pid, "command": o.command, "shared": o.shared} for o in st.lock_owners
         ],
+        "waiters": st.waiters,
     }
 
 
@@ -300,21 +301,27 @@ def _status_cells(st: HolderStatus, now: float, show: _PathDisplay) -> list[str]
     ]
 
 
-def status_table(rows: Sequence[HolderStatus], now: float) -> str:
-    """An aligned table, the state column coloured (click.echo strips it off a terminal)."""
+def status_table(rows: Sequence[HolderStatus], now: float, *, waiters: bool = False) -> str:
+    """An aligned table, the state column coloured (click.echo strips it off a terminal).
+    ``waiters`` adds a WAITING column (runs queued behind each holder, etcd only)."""
     from fencelock._probe import ProbeState
 
     show = _PathDisplay()
     cells = [_status_cells(st, now, show) for st in rows]
-    widths = [len(h) for h in _HEADER]
+    header: tuple[str, ...] = _HEADER
+    if waiters:
+        header = (*_HEADER[:-1], "WAITING", _HEADER[-1])
+        cells = [[*row[:-1], str(st.waiters), row[-1]] for st, row in zip(rows, cells,
+                                                                           strict=True)]
+    widths = [len(h) for h in header]
     for row in cells:
         for i, cell in enumerate(row):
             if len(cell) > widths[i]:
                 widths[i] = len(cell)
-    last = len(_HEADER) - 1
+    last = len(header) - 1
     lines = [
         click.style(
-            "  ".join(h.ljust(widths[i]) if i < last else h for i, h in enumerate(_HEADER)),
+            "  ".join(h.ljust(widths[i]) if i < last else h for i, h in enumerate(header)),
             bold=True,
         )
     ]
@@ -440,6 +447,35 @@ class _Seconds(click.ParamType):  # type: ignore[type-arg]
 SECONDS = _Seconds()
 
 
+def _backend_option(f: Any) -> Any:
+    """``--backend URL``: the holder store (default: $FENCELOCK_BACKEND, else sidecars)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        from fencelock._backend import ENV, selected
+
+        try:
+            selected(value)
+        except ValueError as e:
+            if value is None:
+                raise click.UsageError(f"{ENV}: {e}") from None
+            raise click.BadParameter(str(e)) from None
+        return value
+
+    return click.option(
+        "--backend",
+        metavar="URL",
+        callback=check,
+        help="Holder store: etcd://HOST:PORT[,HOST:PORT...]/PREFIX[?ttl=S&root=DIR], or "
+        "local for sidecars (default: $FENCELOCK_BACKEND, else local).",
+    )(f)
+
+
+def _uses_store(backend: str | None) -> bool:
+    from fencelock._backend import selected
+
+    return selected(backend) is not None
+
+
 # -- status ---------------------------------------------------------------------------
 
 
@@ -454,7 +490,10 @@ SECONDS = _Seconds()
     metavar="SECONDS",
     help="Report a live holder as stuck when its heartbeat is older than this.",
 )
-def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
+@_backend_option
+def status(
+    paths: tuple[str, ...], as_json: bool, stuck_after: float, backend: str | None
+) -> None:
     """Show the holder of each session. PATH is a session file, its .holder sidecar,
     or a directory of sessions. With no PATH, the current directory is scanned (only
     it, not the directories below it).
@@ -463,6 +502,8 @@ def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
     as "free (no file)"); a path whose directory does not exist is an error. A free
     session's PID column names the run that last held it ("last N"); a session held by
     a process outside fencelock (e.g. flock(1)) shows that process, as lslocks does.
+    With an etcd backend and no PATH: every holder under its prefix, and how many
+    runs wait behind each.
 
     Exit 0 when nothing is stale, 3 when a stale holder (owner died mid-run) is
     found, 1 when a path cannot be read (this wins over 3).
@@ -484,12 +525,22 @@ def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
 
     failed = False
 
+    store = _uses_store(backend)
+
     def found() -> Iterator[HolderStatus]:
         nonlocal failed
-        for path in paths or (".",):
+        if store and not paths:
+            from fencelock import _backend, _etcd
+
+            url = _backend.selected(backend)
+            assert url is not None
+            with _library_errors():
+                yield from _etcd.list_holders(url, stuck_after)
+        for path in paths or (() if store else (".",)):
             if _is_directory_to_scan(path):
                 try:
-                    yield from scan(path, stuck_after=stuck_after)
+                    with _library_errors():
+                        yield from scan(path, stuck_after=stuck_after, backend=backend)
                 except SidecarAccessError as e:
                     _error_line(
                         f"{path}: cannot list it: {e.cause.strerror or type(e.cause).__name__}"
@@ -501,7 +552,8 @@ def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
                 _error_line(problem)
                 failed = True
                 continue
-            yield probe(path, stuck_after=stuck_after)
+            with _library_errors():
+                yield probe(path, stuck_after=stuck_after, backend=backend)
 
     if as_json:
         # Streamed, one object at a time: a directory of 100,000 sessions must not be
@@ -515,7 +567,7 @@ def status(paths: tuple[str, ...], as_json: bool, stuck_after: float) -> None:
     rows = list(found())
     now = time.time()
     if rows:
-        click.echo(status_table(rows, now))
+        click.echo(status_table(rows, now, waiters=store))
     elif not failed:
         click.echo("no sessions found")
     for st in rows:
@@ -603,12 +655,12 @@ class _ClearOutcome:
 
 
 
-def _clear_one(path: str, remove: bool, force: bool) -> _ClearOutcome:
+def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None) -> _ClearOutcome:
     from fencelock._errors import FenceLockError, SessionContendedError
     from fencelock._probe import ProbeState, clear
 
     try:
-        st = clear(path, remove=remove, force=force)
+        st = clear(path, remove=remove, force=force, backend=backend)
     except SessionContendedError as e:
         from fencelock._errors import describe_holder
 
@@ -637,20 +689,25 @@ class _DirSummary:
         self.live = 0
 
 
-def _clear_directory(directory: str, remove: bool, force: bool) -> _DirSummary:
+def _clear_directory(
+    directory: str, remove: bool, force: bool, backend: str | None = None
+) -> _DirSummary:
     from fencelock._probe import ProbeState, scan
 
     summary = _DirSummary(directory)
-    for st in scan(directory):
+    store = _uses_store(backend)
+    for st in scan(directory, backend=backend):
         if st.state is ProbeState.LIVE:
             summary.live += 1
             summary.outcomes.append(
                 _ClearOutcome(st.session, st.sidecar, "live", st.record, reason="live: left alone")
             )
             continue
-        if st.state is ProbeState.FREE and (not remove or not os.path.lexists(st.sidecar)):
+        if st.state is ProbeState.FREE and (
+            not remove or (not store and not os.path.lexists(st.sidecar))
+        ):
             continue
-        out = _clear_one(st.sidecar, remove, force)
+        out = _clear_one(st.session if store else st.sidecar, remove, force, backend)
         if out.refused:
             # Taken by a new run since the scan: it is live, not stale, so left alone.
             summary.live += 1
@@ -668,7 +725,10 @@ def _clear_directory(directory: str, remove: bool, force: bool) -> _DirSummary:
     "--force", is_flag=True, help="Set a corrupt record aside as <sidecar>.corrupt-<time>-<random>."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of what was done.")
-def clear_command(paths: tuple[str, ...], remove: bool, force: bool, as_json: bool) -> None:
+@_backend_option
+def clear_command(
+    paths: tuple[str, ...], remove: bool, force: bool, as_json: bool, backend: str | None
+) -> None:
     """Clear stale holder records (the owner died mid-run). Live holders are never
     touched: naming one exits 4. A directory clears every stale sidecar in it and
     leaves live ones alone. Everything happens under the sidecar's own lock.
@@ -692,7 +752,8 @@ def clear_command(paths: tuple[str, ...], remove: bool, force: bool, as_json: bo
     for path in paths:
         if _is_directory_to_scan(path):
             try:
-                summary = _clear_directory(path, remove, force)
+                with _library_errors():
+                    summary = _clear_directory(path, remove, force, backend)
             except SidecarAccessError as e:
                 _error_line(f"{path}: cannot list it: {e.cause.strerror or type(e.cause).__name__}")
                 failed = True
@@ -711,7 +772,7 @@ def clear_command(paths: tuple[str, ...], remove: bool, force: bool, as_json: bo
                 session, sidecar = _paths(path)
                 outcomes = [_ClearOutcome(session, sidecar, None, error=problem, reason=problem)]
             else:
-                outcomes = [_clear_one(path, remove, force)]
+                outcomes = [_clear_one(path, remove, force, backend)]
         for out in outcomes:
             report.append(out)
             refused |= out.refused
@@ -842,7 +903,8 @@ def _spawn(command: Sequence[str], env: dict[str, str], lock_fd: int) -> subproc
     # descriptor) lives, even if this process is killed. fencelock's other
     # descriptors are close-on-exec. Nothing else runs in this process meanwhile (the
     # heartbeat starts after), so no other child can inherit the lock by accident.
-    os.set_inheritable(lock_fd, True)
+    if lock_fd >= 0:
+        os.set_inheritable(lock_fd, True)
     try:
         return subprocess.Popen(list(command), env=env, close_fds=False)
     except FileNotFoundError:
@@ -852,7 +914,8 @@ def _spawn(command: Sequence[str], env: dict[str, str], lock_fd: int) -> subproc
     except OSError as e:
         raise CommandNotExecutableError(f"{name}: cannot run it: {e.strerror}") from None
     finally:
-        os.set_inheritable(lock_fd, False)
+        if lock_fd >= 0:
+            os.set_inheritable(lock_fd, False)
 
 
 def _run_held(
@@ -871,8 +934,9 @@ def _run_held(
         FENCELOCK_LANE=lock.lane,
         FENCELOCK_TOKEN=str(info.token),
         FENCELOCK_RUN_ID=info.run_id,
-        FENCELOCK_FD=str(lock_fd),
     )
+    if lock_fd >= 0:  # a sidecar's lock; a store's holder (etcd) has no descriptor
+        env["FENCELOCK_FD"] = str(lock_fd)
     if forwarder.pending:
         return 128 + forwarder.pending[0]
     proc = _spawn(command, env, lock_fd)
@@ -908,6 +972,7 @@ def _run_held(
     metavar="SECONDS",
     help="Refresh the record's heartbeat this often while COMMAND runs; 0 never.",
 )
+@_backend_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
     session: str,
@@ -915,6 +980,7 @@ def run(
     no_wait: bool,
     timeout: float | None,
     heartbeat: float,
+    backend: str | None,
     command: tuple[str, ...],
 ) -> None:
     """Hold SESSION while COMMAND runs, like flock(1). Put `--` before COMMAND.
@@ -943,7 +1009,8 @@ def run(
     try:
         with _library_errors():
             lock = SessionLock(
-                session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout
+                session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout,
+                backend=backend,
             )
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--lane'") from None
@@ -1034,12 +1101,12 @@ def hold(
 # -- wait -------------------------------------------------------------------------------
 
 
-def _progress(session: str, since: float, show: _PathDisplay) -> str:
+def _progress(session: str, since: float, show: _PathDisplay, backend: str | None) -> str:
     import shutil
 
     from fencelock._probe import probe
 
-    st = probe(session)
+    st = probe(session, backend=backend)
     rec = _held_record(st)
     who = (clean(_holder_text(st)) if rec is None
            else f"pid {rec.pid} (lane {clean(repr(rec.lane))})")
@@ -1051,11 +1118,11 @@ def _progress(session: str, since: float, show: _PathDisplay) -> str:
     return _shorten(line, max(width, 20))
 
 
-def _wait_with_progress(session: str, sidecar: str, timeout: float | None) -> bool:
+def _wait_with_progress(
+    session: str, wait_free: Any, timeout: float | None, backend: str | None
+) -> bool:
     """Wait in a helper thread (one, however long it takes) and redraw a status line."""
     import threading
-
-    from fencelock._wait import wait_until_unlocked
 
     result: list[bool] = []
     failure: list[BaseException] = []
@@ -1063,7 +1130,7 @@ def _wait_with_progress(session: str, sidecar: str, timeout: float | None) -> bo
 
     def waiter() -> None:
         try:
-            result.append(wait_until_unlocked(sidecar, timeout))
+            result.append(wait_free(timeout))
         except BaseException as e:  # handed to the main thread
             failure.append(e)
         finally:
@@ -1074,7 +1141,8 @@ def _wait_with_progress(session: str, sidecar: str, timeout: float | None) -> bo
     show = _PathDisplay()
     try:
         while not done.wait(1.0):
-            click.echo("\r\x1b[K" + _progress(session, start, show), nl=False, err=True)
+            click.echo("\r\x1b[K" + _progress(session, start, show, backend), nl=False,
+                       err=True)
     finally:
         click.echo("\r\x1b[K", nl=False, err=True)
     if failure:
@@ -1091,7 +1159,8 @@ def _wait_with_progress(session: str, sidecar: str, timeout: float | None) -> bo
     metavar="SECONDS",
     help="Give up (exit 4) after this long. Default: wait for ever.",
 )
-def wait(session: str, timeout: float | None) -> None:
+@_backend_option
+def wait(session: str, timeout: float | None, backend: str | None) -> None:
     """Wait until SESSION has no live holder. Exit 0 when free (or stale), 4 when
     --timeout passes first, naming the holder. On a terminal a progress line shows
     who holds it and for how long. A process outside fencelock that holds the
@@ -1101,27 +1170,32 @@ def wait(session: str, timeout: float | None) -> None:
     Example:
       fencelock wait sessions/4f1c.jsonl --timeout 120 && ./reply.sh
     """
+    from functools import partial
+
     from fencelock._probe import ProbeState, probe
+    from fencelock._store import open_store
     from fencelock._wait import wait_until_unlocked
 
     _one_session(session, "wait")
     with _library_errors():
-        st = probe(session)
+        st = probe(session, backend=backend)
         if st.state is ProbeState.UNREADABLE:
             raise CliError(st.reason)
         if st.state is not ProbeState.LIVE:
             return
+        store = open_store(backend, st.session)
+        wait_free = store.wait_free if store is not None else partial(
+            wait_until_unlocked, st.sidecar)
         try:
             if sys.stderr.isatty():
-                free = _wait_with_progress(st.session, st.sidecar, timeout)
+                free = _wait_with_progress(st.session, wait_free, timeout, backend)
             else:
-                free = wait_until_unlocked(st.sidecar, timeout)
+                free = wait_free(timeout)
         except KeyboardInterrupt:
             sys.exit(EXIT_INTERRUPTED)
         if not free:
-            raise ContendedCliError(
-                f"{st.session}: still held by {_holder_text(probe(session))} after {timeout:g}s"
-            )
+            holder = _holder_text(probe(session, backend=backend))
+            raise ContendedCliError(f"{st.session}: still held by {holder} after {timeout:g}s")
 
 
 # -- recover ----------------------------------------------------------------------------
@@ -1141,7 +1215,10 @@ def wait(session: str, timeout: float | None) -> None:
 @click.option("--no-fresh", is_flag=True, help="Exit 4 instead of starting a fresh session.")
 @click.option("--lane", default="recovery", show_default=True, help="Lane of a fresh session.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was decided as JSON.")
-def recover_command(session: str, wait_s: float, no_fresh: bool, lane: str, as_json: bool) -> None:
+@_backend_option
+def recover_command(
+    session: str, wait_s: float, no_fresh: bool, lane: str, as_json: bool, backend: str | None
+) -> None:
     """The safe stuck-session recovery step: never re-fire on a session a run still
     holds. Prints the session to use: SESSION itself when it is free (a stale record
     is cleared), or a fresh session beside it carrying the old transcript's complete
@@ -1170,7 +1247,7 @@ def recover_command(session: str, wait_s: float, no_fresh: bool, lane: str, as_j
         raise click.BadParameter(str(e), param_hint="'--lane'") from None
     with _library_errors():
         try:
-            r = recover(session, wait=wait_s, fresh=not no_fresh, lane=lane)
+            r = recover(session, wait=wait_s, fresh=not no_fresh, lane=lane, backend=backend)
         except SessionContendedError as e:
             if as_json:  # still held with --no-fresh: say so on stdout too
                 _echo_json({

@@ -77,6 +77,40 @@ class SessionTakeoverError(CoordinationError):
         return self.session, self.expected, self.actual
 
 
+class HolderLostError(SessionTakeoverError):
+    """The holder's etcd lease may have expired (a pause, a partition, etcd down): another
+    run may hold the session now, so this one writes nothing more."""
+
+    def __init__(self, session: str, why: str):
+        self.session = session
+        self.expected = None
+        self.actual = None
+        self.why = why
+        CoordinationError.__init__(
+            self,
+            f"{session}: this run lost its holder ({why}); another run may hold the "
+            f"session now, so it writes nothing more. Start the run again",
+        )
+
+    def _init_args(self) -> tuple[Any, ...]:
+        return self.session, self.why
+
+
+class StoreUnavailableError(FenceLockError):
+    """The holder store (etcd) cannot be reached or did not answer in time."""
+
+    def __init__(self, endpoint: str, why: str):
+        self.endpoint = endpoint
+        self.why = why
+        super().__init__(
+            f"{endpoint}: the etcd holder store is unavailable ({why}); check that etcd "
+            f"runs there, or pick another store with --backend / FENCELOCK_BACKEND"
+        )
+
+    def _init_args(self) -> tuple[Any, ...]:
+        return self.endpoint, self.why
+
+
 class UnsafePathError(FenceLockError):
     """A file fencelock would open is a symlink, directory, FIFO or other non-regular file.
 

@@ -23,12 +23,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from fencelock import (
+    _backend,
     _fence,
     _fingerprint,
     _identity,
     _platform,
     _record,
     _sidecar,
+    _store,
     _tokens,
     _wait,
 )
@@ -187,6 +189,7 @@ class SessionLock:
         stamp: bool = False,
         mode: int = 0o600,
         origin: str | None = None,
+        backend: str | None = None,
     ) -> None:
         if on_contention not in ("wait", "fail"):
             raise ValueError(f"on_contention must be 'wait' or 'fail', not {on_contention!r}")
@@ -237,6 +240,11 @@ class SessionLock:
         ``_mark_fp``: while the stat is unchanged, the mark need not be read again. Any
         change to the mark moves ctime; ctime is coarse (a clock tick), so only a stat
         whose ctime was `_MARK_TRUST_AGE_NS` old when the mark was read is trusted."""
+        self._store = (
+            None if backend is None and not _backend.env_set()
+            else _store.open_store(backend, self.session)
+        )
+        """Where the holder lives when it is not the sidecar (e.g. etcd), else None."""
 
     # -- state -------------------------------------------------------------------
 
@@ -288,6 +296,10 @@ class SessionLock:
         # Under the object's own lock, so a heartbeat from another thread can never
         # write through a descriptor that release() has just closed.
         with self._io:
+            if self._store is not None:
+                self._info = None
+                self._store.write(self._encode())
+                return
             if self._fd < 0:
                 raise NotHeldError(f"{self.session}: released while the record was updated")
             self._info = None
@@ -354,6 +366,9 @@ class SessionLock:
         # cancellation) landing anywhere leaves neither the slot nor the lock behind.
         try:
             self._take_slot(deadline, cancel, start)
+            if self._store is not None:
+                self._acquire_store(me, deadline, cancel)
+                return
             self._lock_sidecar(deadline, cancel, start)
             try:
                 if cancel is not None and cancel.is_set():
@@ -367,6 +382,39 @@ class SessionLock:
                 raise
         except BaseException:
             self._free_slot()  # only if it is this object's
+            raise
+
+    def _acquire_store(
+        self, me: object, deadline: float | None, cancel: threading.Event | None
+    ) -> None:
+        store = self._store
+        assert store is not None
+
+        def first_record(token: int, last: HolderInfo | None) -> bytes:
+            self._token, self._run_id = token, self._run_id or _run_ids.next()
+            self._previous = last.as_previous() if last is not None and last.state is State.HELD \
+                else None
+            self._acquired_at = self._heartbeat_at = time.time()
+            self._phase = Phase.WRITE
+            self._fp = _fingerprint.take(self.session, self.fence_mode)
+            self._tail_checked = False
+            self._info = None
+            return self._encode()
+
+        self._run_id = ""
+        store.acquire(self.on_contention == "fail", deadline, cancel, first_record)
+        try:
+            if cancel is not None and cancel.is_set():
+                raise _cancelled()
+            self._count, self._owner, self._pid = 1, me, _identity.ME.pid
+            # The record's fingerprint may predate the lock by a moment: the fence
+            # starts from the session as it is now that the lock is ours.
+            fp = _fingerprint.take(self.session, self.fence_mode)
+            if fp != self._fp:
+                self._rewrite(_fp=fp)
+        except BaseException:
+            self._count = 0
+            store.release(None)
             raise
 
     def _take_slot(
@@ -577,6 +625,18 @@ class SessionLock:
         self._count -= 1
         if self._count:
             return
+        if self._store is not None:
+            try:
+                with self._io:
+                    data = self._encode()
+                    at = _record.STATE_OFFSET
+                    self._store.release(
+                        data[:at] + _record.RELEASE_PATCH + data[at + len(_record.RELEASE_PATCH):]
+                    )
+            finally:
+                self._info = None
+                self._free_slot()
+            return
         try:
             with self._io:
                 fd, self._fd = self._fd, -1
@@ -607,9 +667,10 @@ class SessionLock:
     def _shared_fd(self) -> int:
         """The locked descriptor, for `fencelock run` to pass to the command it starts:
         a flock lock belongs to the open file description, so the command (and whatever
-        it leaves running with the descriptor) holds the session with this process."""
+        it leaves running with the descriptor) holds the session with this process.
+        -1 when the holder lives in a store (etcd): there is no descriptor to share."""
         self._require()
-        return self._fd
+        return -1 if self._store is not None else self._fd
 
     def _name_command(self, pid: int) -> None:
         """Add ``command`` (the pid and start of the process that shares the lock) to
@@ -626,7 +687,7 @@ class SessionLock:
         and close this process's descriptor without unlocking. LOCK_UN would free the
         session for every process sharing the descriptor; closing frees it only once
         the last of them has closed it (or exited)."""
-        if self._pid != _identity.ME.pid or self._count != 1:
+        if self._pid != _identity.ME.pid or self._count != 1 or self._store is not None:
             self.release()
             return
         self._count = 0
@@ -755,6 +816,8 @@ class SessionLock:
 
     def _append_locked(self, data: bytes) -> None:
         self._require()
+        if self._store is not None:
+            self._store.check()  # a holder that may be lost writes nothing
         check_tail, self._tail_checked = not self._tail_checked, False
         try:
             fp = _fence.append(
@@ -777,6 +840,8 @@ class SessionLock:
     def verify_fence(self) -> Fingerprint | None:
         """Raise `SessionTakeoverError` if the session moved since the last fence point."""
         self._require()
+        if self._store is not None:
+            self._store.check()
         return _fence.check(self.session, self._fp, self.fence_mode)
 
     def touch(self) -> None:

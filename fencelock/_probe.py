@@ -19,7 +19,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from fencelock import _fingerprint, _identity, _lock, _platform, _record, _sidecar, _tokens
+from fencelock import (
+    _backend,
+    _fingerprint,
+    _identity,
+    _lock,
+    _platform,
+    _record,
+    _sidecar,
+    _store,
+    _tokens,
+)
 from fencelock._errors import (
     CorruptRecordError,
     FenceLockError,
@@ -65,6 +75,8 @@ class HolderStatus:
     holds the lock): the processes the system lists as holding it (Linux:
     ``/proc/locks``); an empty tuple when none is listed (another host or PID
     namespace). None otherwise, or where the system cannot say."""
+    waiters: int = 0
+    """Runs queued behind the holder (the etcd store counts them; sidecars do not)."""
 
     @property
     def pid(self) -> int | None:
@@ -92,10 +104,15 @@ class HolderStatus:
 
 
 def probe(
-    path: str | os.PathLike[str], *, stuck_after: float = DEFAULT_STUCK_AFTER
+    path: str | os.PathLike[str], *, stuck_after: float = DEFAULT_STUCK_AFTER,
+    backend: str | None = None,
 ) -> HolderStatus:
-    """The state of the session at ``path`` (the session file or its sidecar)."""
+    """The state of the session at ``path`` (the session file or its sidecar), in the
+    store ``backend`` names (default: ``$FENCELOCK_BACKEND``, else the sidecar)."""
     session, sidecar = _sidecar.paths(path)
+    store = _store.open_store(backend, session)
+    if store is not None:
+        return store.probe(stuck_after)
     try:
         mode = os.lstat(session).st_mode
     except OSError:
@@ -275,10 +292,15 @@ def _reason(state: ProbeState, record: HolderInfo, alive: bool | None, stuck: bo
 
 
 def scan(
-    directory: str | os.PathLike[str], *, stuck_after: float = DEFAULT_STUCK_AFTER
+    directory: str | os.PathLike[str], *, stuck_after: float = DEFAULT_STUCK_AFTER,
+    backend: str | None = None,
 ) -> Iterator[HolderStatus]:
-    """Every sidecar and ``*.jsonl`` session in ``directory``, sorted by session name."""
+    """Every sidecar and ``*.jsonl`` session in ``directory``, sorted by session name
+    (with an etcd ``backend``: every ``*.jsonl`` session, probed in etcd)."""
     base = os.path.abspath(os.fspath(directory))
+    if _backend.selected(backend) is not None:
+        yield from _scan_store(base, stuck_after, backend)
+        return
     names = set()
     odd: dict[str, str] = {}
     """Session names that are not regular files: what they are instead."""
@@ -303,6 +325,21 @@ def scan(
         yield _probe(session, session + _sidecar.SUFFIX, stuck_after, now)
 
 
+def _scan_store(base: str, stuck_after: float, backend: str | None) -> Iterator[HolderStatus]:
+    try:
+        names = sorted(n for n in os.listdir(base) if n.endswith(SESSION_SUFFIX))
+    except OSError as e:
+        raise SidecarAccessError(base, e, "scan needs a directory this user can list") from None
+    from fencelock import _etcd
+
+    url = _backend.selected(backend)
+    assert url is not None
+    for name in sorted(set(names) | set(_etcd.names_in(url, base))):
+        store = _store.open_store(backend, os.path.join(base, name))
+        assert store is not None
+        yield store.probe(stuck_after)
+
+
 def _what_is(entry: os.DirEntry[str]) -> str:
     try:
         return _platform.describe_mode(entry.stat(follow_symlinks=False).st_mode)
@@ -311,7 +348,8 @@ def _what_is(entry: os.DirEntry[str]) -> str:
 
 
 def clear(
-    path: str | os.PathLike[str], *, remove: bool = False, force: bool = False
+    path: str | os.PathLike[str], *, remove: bool = False, force: bool = False,
+    backend: str | None = None,
 ) -> HolderStatus:
     """Clear a stale record under the sidecar's lock; never touches a live holder.
 
@@ -320,12 +358,15 @@ def clear(
     ``force`` sets a corrupt record aside as ``<sidecar>.corrupt-<time>-<random>``.
     """
     session, sidecar = _sidecar.paths(path)
+    store = _store.open_store(backend, session)
     # Take the session's in-process slot for the whole clear, as an acquirer would:
     # where flock is emulated with per-process locks (NFS), the OS lock alone would
     # not keep another thread of this process from acquiring meanwhile.
     slot = _lock.SessionLock(session, "clear", on_contention="fail")
     slot._take_slot(None, None, time.monotonic())  # SessionContendedError: held here
     try:
+        if store is not None:
+            return store.clear(remove)
         while True:
             try:
                 fd, st = _sidecar.open_checked(sidecar, create=False, write=True)

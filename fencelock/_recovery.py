@@ -16,7 +16,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from fencelock import _fingerprint, _lock, _probe, _sidecar, _tokens, _wait
+from fencelock import _fingerprint, _lock, _probe, _sidecar, _store, _tokens, _wait
 from fencelock._errors import FenceLockError, SessionContendedError, SidecarAccessError
 from fencelock._fingerprint import FenceMode
 from fencelock._probe import HolderStatus, ProbeState
@@ -59,6 +59,7 @@ def recover(
     carry: bool = True,
     lane: str = "recovery",
     stuck_after: float = _probe.DEFAULT_STUCK_AFTER,
+    backend: str | None = None,
 ) -> Recovery:
     """The stuck-session recovery step. Raises `SessionContendedError` when the
     session is still held after ``wait`` and ``fresh`` is False.
@@ -70,7 +71,8 @@ def recover(
     limit = _wait.limit(wait, "wait")
     session, sidecar = _sidecar.paths(path)
     _fingerprint.take(session, FenceMode.STAT)  # refuses a directory, FIFO or symlink
-    found = _probe.probe(session, stuck_after=stuck_after)
+    store = _store.open_store(backend, session)
+    found = _probe.probe(session, stuck_after=stuck_after, backend=backend)
     if found.state is ProbeState.UNREADABLE:
         raise FenceLockError(f"{session}: cannot recover: {found.reason}")
     waited = 0.0
@@ -79,7 +81,10 @@ def recover(
         if local is not None:
             local._abort()
         start = time.monotonic()
-        released = _wait.wait_until_unlocked(sidecar, limit)
+        if store is not None:
+            released = store.wait_free(limit)
+        else:
+            released = _wait.wait_until_unlocked(sidecar, limit)
         waited = time.monotonic() - start
         if not released:
             if not fresh:
@@ -87,15 +92,15 @@ def recover(
                 raise SessionContendedError(session, held, waited=waited,
                                             lock_owners=found.lock_owners)
             old_token = found.record.token if found.record is not None else 0
-            new, carried = _start_fresh(session, lane, carry, old_token)
+            new, carried = _start_fresh(session, lane, carry, old_token, backend)
             return Recovery(Action.FRESH, new, found, waited, carried)
-    now = _probe.probe(session, stuck_after=stuck_after)
+    now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
     if now.state is ProbeState.STALE:
         with contextlib.suppress(SessionContendedError):
             # Raised only when another run took the session in the meantime: its new
             # record replaces the stale one, and the re-fired run waits for it as any
             # run does.
-            _probe.clear(session)
+            _probe.clear(session, backend=backend)
     return Recovery(Action.REFIRE, session, found, waited)
 
 
@@ -112,9 +117,11 @@ _TRAILING_STAMP = re.compile(
 """The stamp `append(..., stamp=True)` puts at the end of a line."""
 
 
-def _start_fresh(session: str, lane: str, carry: bool, old_token: int) -> tuple[str, int]:
+def _start_fresh(
+    session: str, lane: str, carry: bool, old_token: int, backend: str | None = None
+) -> tuple[str, int]:
     new = fresh_session(session)
-    lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session)
+    lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session, backend=backend)
     fd = _open_old(session) if carry else -1
     try:
         # The old transcript up to its last line break (a torn last line stays behind),

@@ -80,8 +80,11 @@ def session(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _sessions_dir(tmp_path: Path) -> None:
+def _sessions_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "sessions").mkdir(exist_ok=True)
+    # The sidecar store unless a test picks another (the `store` fixture): a
+    # FENCELOCK_BACKEND in the caller's environment must not move every test to etcd.
+    monkeypatch.delenv("FENCELOCK_BACKEND", raising=False)
 
 
 @pytest.fixture
@@ -189,3 +192,49 @@ def foreign_holder() -> Iterator[object]:
     yield spawn
     for h in started:
         h.release()
+# -- holder stores -----------------------------------------------------------------
+# Each xdist worker runs its own etcd (free ports, a temporary data directory); tests
+# that use the `store` fixture run once on the sidecar store and once on etcd. The URL
+# reaches holder processes through FENCELOCK_BACKEND, as it would reach a real run.
+
+STORES = ("sidecar", "etcd")
+TEST_TTL = 4
+"""Short, so a killed holder's session turns stale soon; long enough that a loaded
+machine still renews leases in time."""
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[object]:
+    from fencelock._etcdserver import EtcdServer
+
+    server = EtcdServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The backend URL of the store under test (None: sidecars), also set as
+    FENCELOCK_BACKEND for this test and the processes it starts."""
+    if request.param == "sidecar":
+        monkeypatch.delenv("FENCELOCK_BACKEND", raising=False)
+        return None
+    server = request.getfixturevalue("etcd_server")
+    import uuid
+
+    url: str = server.url(f"t-{uuid.uuid4().hex[:12]}", ttl=TEST_TTL)  # type: ignore[attr-defined]
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    return url
+
+
+def wait_for_no_owner(session: Path, timeout: float = 60.0) -> None:
+    """Block until no live holder is left (a killed holder's lease expires in etcd; a
+    sidecar's lock goes with its process). Event-driven: a watch, or the kernel."""
+    from fencelock import _store, _wait
+
+    store = _store.open_store(None, str(session))
+    if store is None:
+        assert _wait.wait_until_unlocked(str(session) + ".holder", timeout)
+    else:
+        assert store.wait_free(timeout)

@@ -5,6 +5,7 @@ Never asserts on timings: those belong to the machine, not to the code.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -44,7 +45,8 @@ def test_rows_have_the_documented_shape(report: dict[str, Any]) -> None:
                      "cycle.fresh.floor", "appends.fsync.floor", "appends.nofsync.floor",
                      "cycle.reused.session", "cycle.reused.session.floor", "cycle.first.0",
                      "cycle.first.0.floor", "cycle.first.60", "cycle.first.60.floor",
-                     "handoff.median.floor", "handoff.p99.floor"):
+                     "handoff.median.floor", "handoff.p99.floor",
+                     "etcd.cycle", "etcd.handoff.median", "etcd.handoff.p99"):
         assert expected in ids
     assert any(i.startswith("scaling.cycle.procs.") for i in ids)
     assert any(i.startswith("scaling.scan.sessions.") for i in ids)
@@ -53,6 +55,15 @@ def test_rows_have_the_documented_shape(report: dict[str, Any]) -> None:
         assert set(row["ratios"]) == set(row["peers"])
         for value in (row["fencelock"], *row["peers"].values()):
             assert value is None or isinstance(value, (int, float))
+
+
+def test_etcd_rows_compare_with_the_sidecar_tooz_and_etcdctl(report: dict[str, Any]) -> None:
+    row = next(r for r in report["rows"] if r["id"] == "etcd.handoff.median")
+    assert set(row["peers"]) == {"sidecar", "tooz", "etcdctl"}
+    tooz = importlib.util.find_spec("tooz") is not None  # the bench extra
+    for peer, value in {"fencelock": row["fencelock"], **row["peers"]}.items():
+        assert isinstance(value, float) or (peer == "tooz" and not tooz and value is None)
+    assert not any("etcd" in s for s in report["skipped"])
 
 
 def test_no_line_lost_or_interleaved(report: dict[str, Any]) -> None:

@@ -43,6 +43,8 @@ def samples() -> dict[str, BaseException]:
             "/s/a.jsonl", None, lock_owners=(LockOwner(99, True, "flock"),)),
         "SessionTakeoverError": _errors.SessionTakeoverError("/s/a.jsonl", FP, FP_MOVED),
         "SessionTakeoverError-gone": _errors.SessionTakeoverError("/s/a.jsonl", FP, None),
+        "HolderLostError": _errors.HolderLostError("/s/a.jsonl", "lease not confirmed in 3s"),
+        "StoreUnavailableError": _errors.StoreUnavailableError("127.0.0.1:2379", "refused"),
         "UnsafePathError": _errors.UnsafePathError("/s/a.jsonl", "a FIFO"),
         "PlantedFileError": _errors.PlantedFileError("/s/a.jsonl", 1001, "/s"),
         "ForeignSymlinkError": _errors.ForeignSymlinkError("/s/agentA", 1001, "/t/agentA"),

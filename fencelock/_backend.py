@@ -1,0 +1,140 @@
+"""Which holder store a call uses: the ``backend=`` URL, ``FENCELOCK_BACKEND``, or the
+sidecar default; and the store-independent session key that hosts agree on.
+
+Imports nothing heavy: the etcd client is loaded only when an etcd URL is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote
+
+ENV = "FENCELOCK_BACKEND"
+DEFAULT_PREFIX = "fencelock"
+DEFAULT_TTL = 10.0
+LOCAL = ("", "local")
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdURL:
+    """A parsed ``etcd://HOST:PORT[,HOST:PORT...]/PREFIX[?ttl=S&root=DIR]``."""
+
+    endpoints: tuple[tuple[str, int], ...]
+    prefix: str
+    ttl: float
+    root: str | None
+
+    @property
+    def display(self) -> str:
+        """The endpoints as messages name them."""
+        return "etcd://" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
+
+
+# os.environ.get costs about a microsecond (it encodes the key each time), as much as
+# the rest of SessionLock's constructor: where os.environ keeps its encoded dict (every
+# CPython), look the encoded key up directly; the mapping stays the source of truth.
+_ENV_DATA: dict[object, object] | None = getattr(os.environ, "_data", None)
+_ENV_KEY: object = getattr(os.environ, "encodekey", lambda k: k)(ENV)
+
+
+def env_set() -> bool:
+    """Whether ``$FENCELOCK_BACKEND`` is set (possibly to ``local``)."""
+    if _ENV_DATA is not None:
+        return _ENV_KEY in _ENV_DATA
+    return ENV in os.environ
+
+
+def selected(backend: str | None) -> EtcdURL | None:
+    """The store a call uses: ``backend``, else ``$FENCELOCK_BACKEND``; None = sidecars."""
+    if backend is None:
+        backend = os.environ.get(ENV)
+        if not backend:
+            return None
+    return parse(backend)
+
+
+@functools.lru_cache(maxsize=64)
+def parse(url: str) -> EtcdURL | None:
+    """Parse a backend URL; None for the sidecar store (``local`` or empty).
+
+    Raises ValueError naming what is wrong.
+    """
+    text = url.strip()
+    if text in LOCAL:
+        return None
+    if not text.startswith("etcd://"):
+        raise ValueError(
+            f"backend {url!r}: expected 'local' or etcd://HOST:PORT[,HOST:PORT...]/PREFIX"
+        )
+    rest = text[len("etcd://"):]
+    rest, _, query = rest.partition("?")
+    hosts, _, prefix = rest.partition("/")
+    endpoints = []
+    for part in hosts.split(","):
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"backend {url!r}: {part!r} is not HOST:PORT")
+        endpoints.append((host.strip("[]"), int(port)))
+    prefix = unquote(prefix).strip("/") or DEFAULT_PREFIX
+    params = parse_qs(query, keep_blank_values=True)
+    unknown = set(params) - {"ttl", "root"}
+    if unknown:
+        raise ValueError(f"backend {url!r}: unknown parameter {sorted(unknown)[0]!r}")
+    ttl = DEFAULT_TTL
+    if "ttl" in params:
+        try:
+            ttl = float(params["ttl"][-1])
+        except ValueError:
+            ttl = -1.0
+        if not 1 <= ttl <= 3600:
+            raise ValueError(f"backend {url!r}: ttl must be a number of seconds, 1 to 3600")
+    root = params["root"][-1] if "root" in params else None
+    if root is not None and not os.path.isabs(root):
+        raise ValueError(f"backend {url!r}: root must be an absolute directory")
+    return EtcdURL(tuple(endpoints), prefix, ttl, root)
+
+
+def _mount_points() -> list[str]:
+    """Mount points of this process's mount namespace, longest first."""
+    points = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split(" ")
+                if len(fields) > 4:
+                    # Octal escapes (\040 for a space) as the kernel writes them.
+                    points.append(fields[4].encode().decode("unicode_escape"))
+    except OSError:
+        return ["/"]
+    return sorted(set(points), key=len, reverse=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def _mount_of(directory: str) -> str:
+    for point in _mount_points():
+        if directory == point or directory.startswith(point.rstrip("/") + "/"):
+            return point
+    return "/"
+
+
+def session_key(session: str, root: str | None) -> str:
+    """The key that names a session in a shared store.
+
+    With ``root``: the session's path relative to it. Without: its path relative to the
+    mount point of the filesystem that holds it, so that hosts mounting one share at
+    different places agree (``/mnt/a/sessions/x.jsonl`` and ``/srv/b/sessions/x.jsonl``
+    both become ``sessions/x.jsonl`` when the share is mounted at ``/mnt/a`` and
+    ``/srv/b``).
+    """
+    directory = os.path.realpath(os.path.dirname(session))
+    path = os.path.join(directory, os.path.basename(session))
+    if root is not None:
+        base = os.path.realpath(root)
+        rel = os.path.relpath(path, base)
+        if rel.startswith(".."):
+            raise ValueError(f"{session}: not under the backend's root {root}")
+        return rel
+    mount = _mount_of(directory)
+    return os.path.relpath(path, mount)

@@ -1,0 +1,652 @@
+"""The etcd holder store: etcd's own lock recipe (the one ``etcdctl lock`` and
+``concurrency.Mutex`` use) under one lease per process, kept alive in the background.
+
+Layout under PREFIX: each contender for a session puts ``sessions/<key>/<lease hex>``
+under its lease; the key with the lowest create revision owns the lock, and its create
+revision is the fencing token. Each waiter watches only the key just ahead of it. The
+owner's key holds its JSON record; ``last/<key>`` (no lease) keeps the last record
+written, so a session whose owner died mid-run reads as stale.
+
+A holder counts itself lost once it cannot be sure its lease is alive (no keepalive
+answer within the lease's time to live, less a safety margin); from then on it writes
+nothing, and every record write is also guarded by a compare on its own key.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from fencelock import _backend, _record
+from fencelock._errors import (
+    CorruptRecordError,
+    HolderLostError,
+    NotHeldError,
+    SessionContendedError,
+    StoreUnavailableError,
+)
+from fencelock._record import HolderInfo, State
+
+if TYPE_CHECKING:
+    from fencelock._backend import EtcdURL
+    from fencelock._probe import HolderStatus
+
+_REQUEST_TIMEOUT = 2.0
+"""The longest one request to etcd may take (less when the caller's deadline is near)."""
+
+_ASCEND, _DESCEND = 1, 2
+_BY_CREATE = 2  # SortTarget: KEY, VERSION, CREATE, MOD, VALUE
+_CANCEL_STEP = 0.05
+
+
+def _b64(text: str | bytes) -> str:
+    raw = text.encode() if isinstance(text, str) else text
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def _prefix_end(prefix: str) -> str:
+    """The end of the key range of every key starting with ``prefix``."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def _range(key: str, *, prefix: bool = False, first: bool = False, last: bool = False,
+           max_create: int | None = None) -> dict[str, Any]:
+    req: dict[str, Any] = {"key": _b64(key)}
+    if prefix:
+        req["range_end"] = _b64(_prefix_end(key))
+    if first or last:
+        req.update(sort_order=_ASCEND if first else _DESCEND, sort_target=_BY_CREATE, limit=1)
+    if max_create is not None:
+        req["max_create_revision"] = max_create
+    return {"request_range": req}
+
+
+def _put(key: str, value: bytes, lease: int = 0) -> dict[str, Any]:
+    req: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+    if lease:
+        req["lease"] = lease
+    return {"request_put": req}
+
+
+def _delete(key: str) -> dict[str, Any]:
+    return {"request_delete_range": {"key": _b64(key)}}
+
+
+def _created(key: str, revision: int) -> dict[str, Any]:
+    return {"key": _b64(key), "target": "CREATE", "result": "EQUAL",
+            "create_revision": revision}
+
+
+def _kvs(response: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(response.get("response_range", {}).get("kvs", []))
+
+
+def _count(response: dict[str, Any]) -> int:
+    return int(response.get("response_range", {}).get("count", 0))
+
+
+class _Lease:
+    """This process's lease on one etcd cluster, and how long it is known to live."""
+
+    def __init__(self, lease_id: int, ttl: float, confirmed_until: float) -> None:
+        self.id = lease_id
+        self.ttl = ttl
+        self.confirmed_until = confirmed_until
+        """Monotonic time before which etcd cannot have expired the lease."""
+        self.lost = ""
+        """Why the lease counts as lost (empty while it does not)."""
+
+    def safety(self) -> float:
+        return min(1.0, self.ttl / 4)
+
+    def alive(self) -> bool:
+        if self.lost:
+            return False
+        if time.monotonic() >= self.confirmed_until - self.safety():
+            self.lost = "its etcd lease could not be renewed in time"
+            return False
+        return True
+
+
+class _Cluster:
+    """Clients for one cluster's endpoints (one per thread), and the process's lease."""
+
+    def __init__(self, url: EtcdURL) -> None:
+        self.url = url
+        self.ttl = url.ttl
+        self._local = threading.local()
+        self._mu = threading.Lock()
+        self._lease: _Lease | None = None
+        self._keeper: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._preferred = 0
+        self._to_revoke: list[int] = []
+
+    # -- requests ----------------------------------------------------------------
+
+    def _clients(self) -> list[Any]:
+        clients: list[Any] | None = getattr(self._local, "clients", None)
+        if clients is None:
+            import etcd3gw
+
+            clients = [
+                etcd3gw.client(host=host, port=port, timeout=_REQUEST_TIMEOUT)
+                for host, port in self.url.endpoints
+            ]
+            self._local.clients = clients
+        return clients
+
+    def call(self, path: str, payload: dict[str, Any],
+             deadline: float | None = None) -> dict[str, Any]:
+        """POST one request to the first endpoint that answers."""
+        from etcd3gw import exceptions
+
+        clients = self._clients()
+        why = "no endpoint"
+        n = len(clients)
+        for i in range(n):
+            index = (self._preferred + i) % n
+            client = clients[index]
+            timeout = _REQUEST_TIMEOUT
+            if deadline is not None:
+                timeout = max(0.05, min(timeout, deadline - time.monotonic()))
+            client.timeout = timeout
+            try:
+                result: dict[str, Any] = client.post(client.get_url(path), json=payload)
+            except (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError) as e:
+                why = "connection refused" if "refused" in str(e).lower() else (
+                    "no answer in time" if isinstance(e, exceptions.ConnectionTimeoutError)
+                    else "cannot connect")
+                continue
+            except exceptions.Etcd3Exception as e:
+                detail = (e.detail_text or str(e)).strip()
+                raise StoreUnavailableError(self.url.display, detail[:200]) from None
+            except Exception as e:  # e.g. a reply that is not JSON: not an etcd there
+                raise StoreUnavailableError(self.url.display, type(e).__name__) from None
+            self._preferred = index
+            return result
+        raise StoreUnavailableError(self.url.display, why)
+
+    def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
+            failure: list[dict[str, Any]] | None = None,
+            deadline: float | None = None) -> dict[str, Any]:
+        return self.call("/kv/txn", {"compare": compare, "success": success,
+                                     "failure": failure or []}, deadline)
+
+    def watcher(self, key: str, start_revision: int, event: threading.Event) -> Any:
+        """A watch for the deletion of ``key`` from ``start_revision``; sets ``event``."""
+        import requests
+        from etcd3gw.watch import Watcher
+
+        client = self._clients()[self._preferred]
+        try:
+            return Watcher(client, key, lambda _e: event.set(),
+                           start_revision=start_revision, filters=["NOPUT"])
+        except requests.RequestException:
+            raise StoreUnavailableError(self.url.display, "cannot watch") from None
+
+    # -- the lease ---------------------------------------------------------------
+
+    def lease(self, deadline: float | None) -> _Lease:
+        """The process's live lease, granted now if there is none (or it was lost)."""
+        with self._mu:
+            lease = self._lease
+            if lease is not None and lease.alive():
+                return lease
+            if lease is not None:
+                self._to_revoke.append(lease.id)
+            sent = time.monotonic()
+            ttl = max(1, math.ceil(self.ttl))
+            result = self.call("/lease/grant", {"TTL": ttl, "ID": 0}, deadline)
+            lease = _Lease(int(result["ID"]), ttl, sent + int(result.get("TTL", ttl)))
+            self._lease = lease
+            if self._keeper is None or not self._keeper.is_alive():
+                self._keeper = threading.Thread(
+                    target=self._keep_alive, name="fencelock-etcd-lease", daemon=True
+                )
+                self._keeper.start()
+            return lease
+
+    def drop(self, lease: _Lease, why: str) -> None:
+        """Give a lease up (a release that could not be stored): revoke it when possible,
+        so that keys it carries do not outlive this process's interest in them."""
+        lease.lost = lease.lost or why
+        with self._mu:
+            if self._lease is lease:
+                self._lease = None
+            self._to_revoke.append(lease.id)
+        self._wake.set()
+
+    def _keep_alive(self) -> None:
+        while True:
+            with self._mu:
+                lease = self._lease
+                revoke, self._to_revoke = self._to_revoke, []
+            for lease_id in revoke:
+                try:
+                    self.call("/kv/lease/revoke", {"ID": lease_id})
+                except StoreUnavailableError:
+                    with self._mu:
+                        self._to_revoke.append(lease_id)
+            if lease is not None and not lease.lost:
+                sent = time.monotonic()
+                try:
+                    result = self.call("/lease/keepalive", {"ID": lease.id},
+                                       deadline=lease.confirmed_until)
+                    ttl = int(result.get("result", {}).get("TTL", -1))
+                except StoreUnavailableError:
+                    ttl = 0  # unknown: try again soon
+                if ttl < 0:
+                    lease.lost = "its etcd lease expired"
+                elif ttl > 0:
+                    lease.confirmed_until = sent + ttl
+                lease.alive()  # marks it lost once the margin has run out
+            with self._mu:
+                pending = bool(self._to_revoke)
+            step = self.ttl / 4
+            if lease is None or lease.lost or pending:
+                step = min(step, 0.25)
+            elif ttl == 0:
+                step = min(step, 0.2)
+            self._wake.wait(step)
+            self._wake.clear()
+
+
+_clusters: dict[tuple[tuple[tuple[str, int], ...], float], _Cluster] = {}
+_clusters_lock = threading.Lock()
+
+
+def cluster(url: EtcdURL) -> _Cluster:
+    key = (url.endpoints, url.ttl)
+    with _clusters_lock:
+        found = _clusters.get(key)
+        if found is None:
+            found = _clusters[key] = _Cluster(url)
+        return found
+
+
+def _after_fork_in_child() -> None:
+    # A child has neither the parent's lease keeper nor a right to its lease.
+    global _clusters_lock
+    _clusters.clear()
+    _clusters_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _decode(value: bytes, where: str) -> HolderInfo | None:
+    """A record from a key's value: None for an empty or foreign value."""
+    if not value.strip():
+        return None
+    try:
+        return _record.decode(value)
+    except ValueError as e:
+        raise CorruptRecordError(where, str(e)) from None
+
+
+def _decode_quietly(value: bytes, where: str) -> HolderInfo | None:
+    try:
+        return _decode(value, where)
+    except CorruptRecordError:
+        return None
+
+
+class EtcdHolder:
+    """One session's holder in etcd (a `fencelock._store.HolderStore`)."""
+
+    def __init__(self, url: EtcdURL, session: str) -> None:
+        self.url = url
+        self.session = session
+        self.key = _backend.session_key(session, url.root)
+        self.lock_name = f"{url.prefix}/sessions/{self.key}"
+        self.last_key = f"{url.prefix}/last/{self.key}"
+        self.name = f"{url.display}/{self.lock_name}"
+        self._cluster = cluster(url)
+        self._lease: _Lease | None = None
+        self._my_key = ""
+        self._token = 0
+        self._suffix = b""
+
+    # -- acquire -----------------------------------------------------------------
+
+    def acquire(
+        self,
+        fail: bool,
+        deadline: float | None,
+        cancel: threading.Event | None,
+        record: Callable[[int, HolderInfo | None], bytes] | None,
+    ) -> int:
+        c = self._cluster
+        lease = c.lease(deadline)
+        my = f"{self.lock_name}/{lease.id:x}"
+        pfx = self.lock_name + "/"
+        r = c.txn(
+            [_created(my, 0)],
+            [_put(my, b"", lease.id), _range(pfx, prefix=True, first=True),
+             _range(self.last_key)],
+            [_range(my), _range(pfx, prefix=True, first=True), _range(self.last_key)],
+            deadline,
+        )
+        responses = r.get("responses", [])
+        if r.get("succeeded"):
+            revision = int(r["header"]["revision"])
+        else:
+            revision = int(_kvs(responses[0])[0]["create_revision"])
+        self._lease, self._my_key, self._token = lease, my, revision
+        self._suffix = f',"lease":"{lease.id:x}","store":"etcd"}}'.encode()
+        try:
+            owner = _kvs(responses[1])
+            if owner and int(owner[0]["create_revision"]) == revision:
+                if record is not None:
+                    self.write(record(revision, self._last(_kvs(responses[2]))))
+                return revision
+            if fail:
+                holder = _decode_quietly(_unb64(owner[0].get("value", "")), self.name) \
+                    if owner else None
+                raise SessionContendedError(self.session, holder, waited=None)
+            self._wait_for_turn(revision, deadline, cancel, record)
+            return revision
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _last(self, kvs: list[dict[str, Any]]) -> HolderInfo | None:
+        return _decode_quietly(_unb64(kvs[0].get("value", "")), self.name) if kvs else None
+
+    def _wait_for_turn(
+        self,
+        revision: int,
+        deadline: float | None,
+        cancel: threading.Event | None,
+        record: Callable[[int, HolderInfo | None], bytes] | None,
+    ) -> None:
+        """Wait until no key older than ours is left, then write the first record.
+
+        When the key ahead goes, one transaction both checks that no older key is left
+        and writes the record: a hand-off costs one round trip after the watch event.
+        """
+        c = self._cluster
+        pfx = self.lock_name + "/"
+        start = time.monotonic()
+        recheck = c.ttl / 3
+        look = [_range(pfx, prefix=True, last=True, max_create=revision - 1),
+                _range(self._my_key), _range(self.last_key)]
+        r = c.txn([], look, [], deadline)
+        while True:
+            responses = r.get("responses", [])
+            if not _kvs(responses[1]):
+                assert self._lease is not None
+                self._lease.lost = self._lease.lost or "its key vanished while it waited"
+                raise StoreUnavailableError(self.url.display, "the lease expired while waiting")
+            ahead = _kvs(responses[0])
+            if not ahead:
+                if record is not None:
+                    self.write(record(revision, self._last(_kvs(responses[2]))))
+                return
+            gone = threading.Event()
+            key = _unb64(ahead[0]["key"]).decode()
+            watch = c.watcher(key, int(r["header"]["revision"]) + 1, gone)
+            try:
+                watched = time.monotonic()
+                while not gone.is_set():
+                    now = time.monotonic()
+                    if cancel is not None and cancel.is_set():
+                        import asyncio
+
+                        raise asyncio.CancelledError()
+                    if deadline is not None and now >= deadline:
+                        holder = self._owner_record()
+                        raise SessionContendedError(self.session, holder, waited=now - start)
+                    if now - watched >= recheck:
+                        break  # look again: a watch may not survive an etcd restart
+                    step = recheck - (now - watched)
+                    if deadline is not None:
+                        step = min(step, deadline - now)
+                    if cancel is not None:
+                        step = min(step, _CANCEL_STEP)
+                    gone.wait(max(step, 0.0))
+                assert self._lease is not None
+                if not self._lease.alive():
+                    raise StoreUnavailableError(self.url.display, self._lease.lost)
+                if not gone.is_set() or record is None:
+                    r = c.txn([], look, [], deadline)
+                    continue
+                # Ours if every key left is no older than ours: check and write at once
+                # (before closing the watch, which costs a moment).
+                value = self._value(record(revision, None))
+                r = c.txn(
+                    [_created(self._my_key, revision),
+                     {**_created(pfx, revision - 1), "range_end": _b64(_prefix_end(pfx)),
+                      "result": "GREATER"}],
+                    [_range(self.last_key), _put(self._my_key, value, self._lease.id),
+                     _put(self.last_key, value)],
+                    look, deadline,
+                )
+                if r.get("succeeded"):
+                    old = self._last(_kvs(r.get("responses", [{}])[0]))
+                    if old is not None and old.state is State.HELD:
+                        self.write(record(revision, old))  # took over a stale run: say whose
+                    return
+            finally:
+                watch.stop()
+
+    def _owner_record(self) -> HolderInfo | None:
+        with contextlib.suppress(StoreUnavailableError):
+            r = self._cluster.call("/kv/range", _range(self.lock_name + "/", prefix=True,
+                                                       first=True)["request_range"])
+            kvs = r.get("kvs", [])
+            if kvs:
+                return _decode_quietly(_unb64(kvs[0].get("value", "")), self.name)
+        return None
+
+    def _abandon(self) -> None:
+        """Take our key out of the queue (a failed or given-up acquire)."""
+        my, lease = self._my_key, self._lease
+        self._my_key, self._token = "", 0
+        if not my or lease is None:
+            return
+        try:
+            self._cluster.txn([], [_delete(my)])
+        except StoreUnavailableError:
+            self._cluster.drop(lease, "a queued key could not be removed")
+
+    # -- while held --------------------------------------------------------------
+
+    def check(self) -> None:
+        lease = self._lease
+        if not self._my_key or lease is None:
+            raise NotHeldError(f"{self.session}: this SessionLock does not hold the session")
+        if not lease.alive():
+            raise HolderLostError(self.session, lease.lost)
+
+    def _value(self, record: bytes) -> bytes:
+        """The record as stored: with the holder's lease and the store's name."""
+        return record[:-1] + self._suffix if record.endswith(b"}") else record
+
+    def write(self, record: bytes) -> None:
+        self.check()
+        assert self._lease is not None
+        value = self._value(record)
+        r = self._cluster.txn(
+            [_created(self._my_key, self._token)],
+            [_put(self._my_key, value, self._lease.id), _put(self.last_key, value)],
+        )
+        if not r.get("succeeded"):
+            self._lease.lost = self._lease.lost or "its key in etcd is gone"
+            raise HolderLostError(self.session, self._lease.lost)
+
+    def release(self, record: bytes | None) -> None:
+        my, lease, token = self._my_key, self._lease, self._token
+        self._my_key, self._token = "", 0
+        if not my or lease is None:
+            return
+        ops = [_delete(my)]
+        if record is not None:
+            ops.insert(0, _put(self.last_key, self._value(record)))
+        try:
+            self._cluster.txn([_created(my, token)], ops)
+        except StoreUnavailableError:
+            # The key must not stay behind under a lease this process keeps alive.
+            self._cluster.drop(lease, "a release could not be stored")
+            raise
+
+    # -- from outside ------------------------------------------------------------
+
+    def wait_free(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        c = self._cluster
+        pfx = self.lock_name + "/"
+        while True:
+            r = c.txn([], [_range(pfx, prefix=True, last=True)], [], deadline)
+            kvs = _kvs(r.get("responses", [{}])[0])
+            if not kvs:
+                return True
+            gone = threading.Event()
+            watch = c.watcher(_unb64(kvs[0]["key"]).decode(),
+                              int(r["header"]["revision"]) + 1, gone)
+            try:
+                remaining = c.ttl / 3
+                if deadline is not None:
+                    remaining = min(remaining, deadline - time.monotonic())
+                gone.wait(max(remaining, 0.0))
+                if not gone.is_set() and deadline is not None and time.monotonic() >= deadline:
+                    return False
+            finally:
+                watch.stop()
+
+    def probe(self, stuck_after: float) -> HolderStatus:
+        from fencelock._probe import HolderStatus, ProbeState
+
+        r = self._cluster.txn([], [_range(self.lock_name + "/", prefix=True, first=True),
+                                   _range(self.last_key)], [])
+        responses = r.get("responses", [{}, {}])
+        owner, last = _kvs(responses[0]), _kvs(responses[1])
+        waiters = max(0, _count(responses[0]) - 1)
+        return _status(self.session, self.name, owner, last, waiters, stuck_after,
+                       HolderStatus, ProbeState)
+
+    def clear(self, remove: bool) -> HolderStatus:
+        from fencelock._probe import ProbeState
+
+        found = self.probe(0.0)
+        if found.state is ProbeState.LIVE:
+            raise SessionContendedError(self.session, found.record)
+        if found.state is ProbeState.FREE and not remove:
+            return found
+        self.acquire(True, time.monotonic() + _REQUEST_TIMEOUT * 2, None, None)
+        r = self._cluster.txn([], [_range(self.last_key)], [])
+        old = self._last(_kvs(r.get("responses", [{}])[0]))
+        my, token = self._my_key, self._token
+        self._my_key, self._token = "", 0
+        ops = [_delete(my)]
+        if remove:
+            ops.insert(0, _delete(self.last_key))
+        elif old is not None and old.state is State.HELD:
+            ops.insert(0, _put(self.last_key, replace(old, state=State.RELEASED).encode()))
+        self._cluster.txn([_created(my, token)], ops)
+        what = "removed" if remove else "cleared"
+        return replace(found, reason=f"{what} (was: {found.reason})" if found.reason else what,
+                       removed=remove)
+
+
+def _status(session: str, where: str, owner: list[dict[str, Any]],
+            last: list[dict[str, Any]], waiters: int, stuck_after: float,
+            holder_status: Any, states: Any) -> HolderStatus:
+    from fencelock import _probe
+
+    now = time.time()
+    try:
+        if owner:
+            record = _decode(_unb64(owner[0].get("value", "")), where)
+            if record is None:
+                status: HolderStatus = holder_status(
+                    session, where, states.LIVE, reason="held by a holder without a record "
+                    "(etcdctl lock, another client's Mutex, or one about to write its record)")
+            else:
+                status = _probe._status(session, where, states.LIVE, record, stuck_after, now)
+        else:
+            record = _decode(_unb64(last[0].get("value", "")), where) if last else None
+            if record is None:
+                status = holder_status(session, where, states.FREE, reason="no record")
+            else:
+                state = states.STALE if record.state is State.HELD else states.FREE
+                status = _probe._status(session, where, state, record, stuck_after, now)
+                if state is states.STALE:
+                    status = replace(status, reason="no owner key: its lease expired while it "
+                                     "held the session (the owner died, was paused or lost "
+                                     "etcd)")
+    except CorruptRecordError as e:
+        return holder_status(session, where, states.UNREADABLE, reason=str(e))  # type: ignore[no-any-return]
+    return replace(status, waiters=waiters)
+
+
+def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
+    """Every session under the URL's prefix with an owner or a stale last record."""
+    from fencelock._probe import HolderStatus, ProbeState
+
+    c = cluster(url)
+    sessions = f"{url.prefix}/sessions/"
+    lasts = f"{url.prefix}/last/"
+    r = c.txn([], [_range(sessions, prefix=True), _range(lasts, prefix=True)], [])
+    responses = r.get("responses", [{}, {}])
+    queues: dict[str, list[dict[str, Any]]] = {}
+    for kv in _kvs(responses[0]):
+        name = _unb64(kv["key"]).decode(errors="replace")[len(sessions):]
+        key, _, _lease = name.rpartition("/")
+        queues.setdefault(key, []).append(kv)
+    last = {_unb64(kv["key"]).decode(errors="replace")[len(lasts):]: kv
+            for kv in _kvs(responses[1])}
+    for key in sorted(set(queues) | set(last)):
+        queue = sorted(queues.get(key, []), key=lambda kv: int(kv["create_revision"]))
+        where = f"{url.display}/{url.prefix}/sessions/{key}"
+        lst = [last[key]] if key in last else []
+        session = key
+        record = _decode_quietly(_unb64(lst[0].get("value", "")), where) if lst else None
+        owner_record = (_decode_quietly(_unb64(queue[0].get("value", "")), where)
+                        if queue else None)
+        for rec in (owner_record, record):
+            if rec is not None:
+                session = rec.session
+                break
+        status = _status(session, where, queue[:1], lst, max(0, len(queue) - 1),
+                         stuck_after, HolderStatus, ProbeState)
+        yield status
+
+
+def names_in(url: EtcdURL, directory: str) -> set[str]:
+    """Names of the sessions in ``directory`` that etcd has a holder or record for."""
+    base = _backend.session_key(os.path.join(directory, "x"), url.root)[:-1]
+    found = set()
+    for kind in ("sessions", "last"):
+        pfx = f"{url.prefix}/{kind}/{base}"
+        r = cluster(url).call("/kv/range", {**_range(pfx, prefix=True)["request_range"],
+                                            "keys_only": True})
+        for kv in r.get("kvs", []):
+            rest = _unb64(kv["key"]).decode(errors="replace")[len(pfx):]
+            name = rest.split("/", 1)[0] if kind == "sessions" else rest
+            if rest.count("/") == (1 if kind == "sessions" else 0):
+                found.add(name)
+    return found
+
+
+def server_ok(url: EtcdURL) -> None:
+    """Raise `StoreUnavailableError` unless some endpoint answers."""
+    cluster(url).call("/maintenance/status", {})
+
+
+def record_json(record: HolderInfo) -> str:
+    return json.dumps(record.to_json())

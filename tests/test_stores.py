@@ -1,0 +1,218 @@
+"""One SessionLock, two stores: every test body here runs on the sidecar store and on
+etcd (the `store` fixture), with real processes where it says so."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import HERE, wait_for_no_owner
+
+from fencelock import (
+    Action,
+    ProbeState,
+    SessionContendedError,
+    SessionLock,
+    SessionTakeoverError,
+    clear,
+    probe,
+    recover,
+    scan,
+    verify,
+)
+
+pytestmark = pytest.mark.usefixtures("store")
+
+
+def test_fail_and_timeout_across_processes_name_the_live_holder(
+    session: Path, spawn_holder: Any
+) -> None:
+    h = spawn_holder(session, lane="cron")
+    h.acquire()
+    with pytest.raises(SessionContendedError) as err:
+        SessionLock(session, on_contention="fail").acquire()
+    assert err.value.holder is not None
+    assert (err.value.holder.pid, err.value.holder.lane) == (h.pid, "cron")
+    with pytest.raises(SessionContendedError) as timed:
+        SessionLock(session, timeout=0.2).acquire()
+    assert timed.value.holder is not None and timed.value.holder.pid == h.pid
+    assert probe(session).state == ProbeState.LIVE
+
+
+def test_waiter_in_another_process_gets_the_session_on_release(
+    session: Path, spawn_holder: Any
+) -> None:
+    first = SessionLock(session, "first")
+    token = first.acquire().token
+    waiter = spawn_holder(session, lane="second")
+    waiter.send("acquire")  # blocks until we release
+    first.release()
+    reply = waiter.read()
+    assert reply.startswith("acquired")
+    assert int(reply.split()[1]) > token
+
+
+def test_reentrant_object_and_contending_second_object(session: Path) -> None:
+    lock = SessionLock(session, "a")
+    with lock:
+        with lock:
+            assert lock.held
+        assert lock.held
+        with pytest.raises(SessionContendedError):
+            SessionLock(session, "b", on_contention="fail").acquire()
+    assert not lock.held
+    assert probe(session).state == ProbeState.FREE
+
+
+def test_another_thread_waits_until_release(session: Path) -> None:
+    order: list[str] = []
+    lock = SessionLock(session, "a")
+    lock.acquire()
+    started = threading.Event()
+
+    def other() -> None:
+        started.set()
+        with SessionLock(session, "b"):
+            order.append("b")
+
+    t = threading.Thread(target=other)
+    t.start()
+    started.wait()
+    order.append("a")
+    lock.release()
+    t.join(60)
+    assert order == ["a", "b"]
+
+
+def test_async_tasks_contend_and_a_cancelled_waiter_leaves_nothing(session: Path) -> None:
+    async def main() -> None:
+        async with SessionLock(session, "a") as a:
+            other = asyncio.create_task(SessionLock(session, "b").acquire_async())
+            await asyncio.sleep(0)  # let it start waiting
+            assert not other.done()
+            other.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await other
+            assert a.held
+        async with SessionLock(session, "c", timeout=60) as c:
+            assert c.held
+
+    asyncio.run(main())
+    assert probe(session).state == ProbeState.FREE
+
+
+def test_append_prompt_window_and_fence(session: Path) -> None:
+    with SessionLock(session, "a", stamp=True) as lock:
+        lock.append({"role": "user", "content": "hi"})
+        with lock.prompt_window():
+            assert probe(session).record.phase == "prompt"  # type: ignore[union-attr]
+        lock.append({"role": "assistant", "content": "hello"})
+        with pytest.raises(SessionTakeoverError), lock.prompt_window(), open(session, "a") as f:
+            f.write('{"role": "intruder"}\n')  # a writer outside the run
+    lines = [json.loads(x) for x in session.read_text().splitlines()]
+    assert [x["role"] for x in lines] == ["user", "assistant", "intruder"]
+    assert verify(session).ok
+
+
+def test_tokens_grow_with_every_acquisition(session: Path) -> None:
+    tokens = []
+    for _ in range(3):
+        with SessionLock(session, "a") as lock:
+            assert lock.info is not None
+            tokens.append(lock.info.token)
+    assert tokens == sorted(set(tokens))
+
+
+def test_killed_holder_is_stale_then_taken_over_with_previous(
+    session: Path, spawn_holder: Any
+) -> None:
+    h = spawn_holder(session, lane="heartbeat")
+    token = h.acquire()
+    assert probe(session).state == ProbeState.LIVE
+    h.kill(signal.SIGKILL)
+    wait_for_no_owner(session)
+    status = probe(session)
+    assert status.state == ProbeState.STALE
+    assert status.record is not None and status.record.pid == h.pid
+    assert [s.state for s in scan(session.parent)] == [ProbeState.STALE]
+    with SessionLock(session, lane="channel") as lock:
+        info = lock.info
+        assert info is not None and info.token > token
+        assert info.previous is not None
+        assert (info.previous.pid, info.previous.token, info.previous.lane) == (
+            h.pid, token, "heartbeat")
+
+
+def test_clear_refuses_live_and_clears_stale(session: Path, spawn_holder: Any) -> None:
+    h = spawn_holder(session, lane="x")
+    h.acquire()
+    with pytest.raises(SessionContendedError):
+        clear(session)
+    h.kill(signal.SIGKILL)
+    wait_for_no_owner(session)
+    assert probe(session).state == ProbeState.STALE
+    clear(session)
+    assert probe(session).state == ProbeState.FREE
+    with SessionLock(session, "y") as lock:
+        assert lock.info is not None and lock.info.previous is None
+
+
+def test_recover_refires_a_stale_session_and_escalates_past_a_live_one(
+    session: Path, spawn_holder: Any
+) -> None:
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    h.call('append {"role": "user", "content": "q"}')
+    fresh = recover(session, wait=0.1)
+    assert fresh.action == Action.FRESH and fresh.session != str(session)
+    assert probe(fresh.session).state == ProbeState.FREE
+    h.kill(signal.SIGKILL)
+    wait_for_no_owner(session)
+    again = recover(session, wait=0.1)
+    assert again.action == Action.REFIRE and again.session == str(session)
+    assert probe(session).state == ProbeState.FREE
+
+
+@pytest.mark.parametrize("patience", [None, 0.03], ids=["waiting", "giving-up"])
+def test_processes_hammering_one_session_never_overlap(
+    session: Path, tmp_path: Path, patience: float | None
+) -> None:
+    """With ``patience``, some waits run out and leave the queue mid-way: a waiter
+    behind one that gave up must still wait for the holder, not take over."""
+    log, counter = tmp_path / "log", tmp_path / "counter"
+    counter.write_text("0")
+    workers, turns = 4, 25
+    # Impatient workers hold for a while, so others queue (and give up) behind them.
+    extra = [] if patience is None else [str(patience), "0.01"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "hammer_worker.py"), str(session), str(log),
+             str(counter), str(turns), *(extra if i % 2 else ["-", "0.01"] if extra else [])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        for i in range(workers)
+    ]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.close()
+    for p in procs:
+        assert p.wait(timeout=180) == 0
+        assert p.stdout is not None
+        p.stdout.close()
+    lines = log.read_text().splitlines()
+    held = len(lines) // 2
+    assert (held == workers * turns) if patience is None else (held >= workers // 2 * turns)
+    for enter, exit_ in zip(lines[::2], lines[1::2], strict=True):
+        assert enter.startswith("enter ") and exit_ == "exit " + enter.split()[1]
+    assert counter.read_text() == str(held)
+    assert probe(session).state == ProbeState.FREE
