@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 
 _REQUEST_TIMEOUT = 2.0
 """The longest one request to etcd may take (less when the caller's deadline is near)."""
+_MIN_REQUEST_TIMEOUT = 0.5
+"""A request is always given this long, even past the caller's deadline: cut shorter, a
+slow answer on a busy machine would read as an unreachable store (and leave unknown
+whether the request took effect)."""
 
 _ASCEND, _DESCEND = 1, 2
 _BY_CREATE = 2  # SortTarget: KEY, VERSION, CREATE, MOD, VALUE
@@ -161,7 +165,7 @@ class _Cluster:
             client = clients[index]
             timeout = _REQUEST_TIMEOUT
             if deadline is not None:
-                timeout = max(0.05, min(timeout, deadline - time.monotonic()))
+                timeout = max(_MIN_REQUEST_TIMEOUT, min(timeout, deadline - time.monotonic()))
             client.timeout = timeout
             try:
                 result: dict[str, Any] = client.post(client.get_url(path), json=payload)
