@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import SpawnHolder
+from marks import needs, needs_proc, needs_sigkill, needs_waitid
 
 from fencelock import (
     FenceLockWarning,
@@ -364,7 +366,7 @@ def run_chaos(session: Path, *, seconds: float, seed: int, writers: int = 4,
     return _Chaos(session, seed, writers, max_prompt).run(seconds)
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+@needs_sigkill
 @pytest.mark.timeout(SOAK + 120)  # a soak runs as long as asked; the default covers the rest
 def test_kill_chaos_keeps_every_invariant(session: Path) -> None:
     seconds = SOAK or 8.0
@@ -382,7 +384,9 @@ def test_kill_chaos_keeps_every_invariant(session: Path) -> None:
 # -- stop and pause -----------------------------------------------------------------
 
 
-def test_stopped_holder_stays_live_and_is_never_cleared(session: Path, spawn_holder) -> None:
+def test_stopped_holder_stays_live_and_is_never_cleared(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
     h = spawn_holder(session, lane="stopped")
     token = h.acquire()
     assert h.call("append " + json.dumps({"n": 1})) == "ok"
@@ -436,7 +440,7 @@ _HOLD_THEN_EXIT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not hasattr(os, "waitid"), reason="needs waitid(WNOWAIT)")
+@needs_waitid
 def test_zombie_owner_is_stale(session: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", _HOLD_THEN_EXIT, str(session)],
                              stdout=subprocess.PIPE, text=True)
@@ -522,7 +526,7 @@ def _parent_with_child(
                 stream.close()
 
 
-@pytest.mark.skipif(not LINUX, reason="finds the descriptor through /proc")
+@needs_proc  # finds the descriptor through /proc
 def test_inherited_descriptor_keeps_the_session_live(session: Path) -> None:
     with _parent_with_child(session, "spawn") as (parent, child_pid, fds):
         assert fds, "the holder had no descriptor onto its sidecar"
@@ -541,7 +545,7 @@ def test_inherited_descriptor_keeps_the_session_live(session: Path) -> None:
         assert probe(session).state == "stale"
 
 
-@pytest.mark.skipif(not hasattr(os, "fork") or not LINUX, reason="needs os.fork and /proc")
+@needs("fork", "proc")
 def test_plain_fork_child_does_not_keep_the_session(session: Path) -> None:
     with _parent_with_child(session, "fork") as (parent, child_pid, kept):
         assert kept == [], f"the forked child still has sidecar descriptors {kept}"
@@ -564,7 +568,7 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
 
 
 def test_killed_holder_is_stale_and_taken_over_with_a_larger_token(
-    session: Path, spawn_holder
+    session: Path, spawn_holder: SpawnHolder
 ) -> None:
     h = spawn_holder(session, lane="doomed")
     token = h.acquire()
