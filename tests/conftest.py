@@ -26,8 +26,12 @@ HERE = Path(__file__).parent
 OnContention = Literal["wait", "fail"]
 
 
-@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    marks.skip_where_missing(items)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Ahead of the runner's own hook, which sets up the test's fixtures.
     marks.check(item)
 
 

@@ -106,10 +106,14 @@ def missing(name: str) -> str | None:
     return CAPABILITIES[name].probe()
 
 
+def _message(name: str, why: str, fix: str | None = None) -> str:
+    cap = CAPABILITIES[name]
+    return f"needs {cap.what}: {why}; to run it, {fix or cap.fix}"
+
+
 def unavailable(name: str, why: str, fix: str | None = None) -> NoReturn:
     """Skip the running test for want of capability ``name``; fail it under CI."""
-    cap = CAPABILITIES[name]
-    message = f"needs {cap.what}: {why}; to run it, {fix or cap.fix}"
+    message = _message(name, why, fix)
     if in_ci():
         pytest.fail(f"{message} (CI must run every test, so a missing capability fails)",
                     pytrace=False)
@@ -124,10 +128,26 @@ def require(*names: str) -> None:
             unavailable(name, why)
 
 
+def _missing_in(item: pytest.Item) -> list[tuple[str, str]]:
+    return [(name, why) for mark in item.iter_markers("needs") for name in mark.args
+            if (why := missing(name)) is not None]
+
+
+def skip_where_missing(items: list[pytest.Item]) -> None:
+    """At collection (conftest): a skip mark on each test whose ``needs`` are missing,
+    so the skip is reported at the test. Not under CI, where `check` fails it."""
+    if in_ci():
+        return
+    for item in items:
+        for name, why in _missing_in(item):
+            item.add_marker(pytest.mark.skip(reason=_message(name, why)))
+
+
 def check(item: pytest.Item) -> None:
-    """Apply the ``needs`` marks of ``item`` (called from conftest's setup hook)."""
-    for mark in item.iter_markers("needs"):
-        require(*mark.args)
+    """Before the test's fixtures are set up (conftest): fail, or skip, a test whose
+    ``needs`` are missing."""
+    for name, why in _missing_in(item):
+        unavailable(name, why)
 
 
 def needs(*names: str) -> pytest.MarkDecorator:
