@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import selectors
 import signal
 import subprocess
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SpawnHolder
-from marks import needs, needs_proc, needs_sigkill, needs_waitid
+from marks import needs, needs_sigkill, needs_waitid
 
 from fencelock import (
     FenceLockWarning,
@@ -384,6 +385,7 @@ def test_kill_chaos_keeps_every_invariant(session: Path) -> None:
 # -- stop and pause -----------------------------------------------------------------
 
 
+@needs_waitid
 def test_stopped_holder_stays_live_and_is_never_cleared(
     session: Path, spawn_holder: SpawnHolder
 ) -> None:
@@ -395,7 +397,7 @@ def test_stopped_holder_stays_live_and_is_never_cleared(
     before = (sidecar.read_bytes(), session.read_bytes())
     h.kill(signal.SIGSTOP)
     try:
-        _wait_for_state(h.pid, "T")
+        os.waitid(os.P_PID, h.pid, os.WSTOPPED | os.WNOWAIT)  # returns once it is stopped
         status = probe(session)
         assert status.state == "live"
         assert status.owner_alive is True
@@ -526,7 +528,7 @@ def _parent_with_child(
                 stream.close()
 
 
-@needs_proc  # finds the descriptor through /proc
+@needs("proc", "pidfd")  # finds the descriptor through /proc
 def test_inherited_descriptor_keeps_the_session_live(session: Path) -> None:
     with _parent_with_child(session, "spawn") as (parent, child_pid, fds):
         assert fds, "the holder had no descriptor onto its sidecar"
@@ -558,13 +560,17 @@ def test_plain_fork_child_does_not_keep_the_session(session: Path) -> None:
         assert status.owner_alive is False
 
 
-def _wait_gone(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
-        if stat[stat.rfind(")") + 2] == "Z":
-            return
-        time.sleep(0.005)
+def _wait_gone(pid: int, limit: float = 60.0) -> None:
+    """Return once ``pid`` has exited (its descriptors, the lock's included, closed)."""
+    try:
+        exited = os.pidfd_open(pid)  # readable once the process has exited
+    except ProcessLookupError:
+        return
+    try:
+        ready, _, _ = select.select([exited], [], [], limit)
+        assert ready, f"pid {pid} did not exit"
+    finally:
+        os.close(exited)
 
 
 def test_killed_holder_is_stale_and_taken_over_with_a_larger_token(
