@@ -84,6 +84,7 @@ CAPABILITIES: dict[str, Capability] = {
     "setpriv": Capability("util-linux setpriv(1) (to run a command as another user)",
                           "install util-linux", _program("setpriv")),
     "mount": Capability("mount(8)", "install util-linux (mount)", _program("mount")),
+    "bash": Capability("bash (the README's coproc example)", "install bash", _program("bash")),
     "node": Capability("Node 18+ (`node`)", "install Node.js and put `node` on PATH",
                        _program("node")),
     "etcd": Capability("etcd's server binaries",

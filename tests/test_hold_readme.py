@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+import marks
 from conftest import SpawnHolder
 
 from fencelock import probe
@@ -28,9 +28,9 @@ def snippet() -> str:
 
 
 def run_snippet(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    marks.require("bash")
     bash = shutil.which("bash")
-    if bash is None:
-        pytest.fail("bash is not installed")
+    assert bash is not None
     bindir = tmp_path / "bin"
     bindir.mkdir()
     wrapper = bindir / "fencelock"
