@@ -5,7 +5,8 @@ A test names the capabilities it needs with a mark (``@needs_flock``, or
 tries (a tmpfs mount refused) calls :func:`unavailable`. Where a capability is missing
 the test is skipped on a developer's machine, and fails under ``CI=true``: CI is a
 Linux machine, running as root, with every capability below, so a test skipped there
-would be a test that never ran while the run looked green.
+would be a test that never ran while the run looked green. (So a capability CI lacks
+has no place here: a test that needs it would never run where it counts.)
 """
 
 from __future__ import annotations
