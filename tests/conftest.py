@@ -160,7 +160,7 @@ def wait_for_blocked_waiter(
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"pid {proc.pid} exited ({proc.returncode}) without waiting")
         time.sleep(0.001)
-    who = "no process" if proc is None else f"pid {proc.pid}"
+    who = "no process" if proc is None else f"pid {proc.pid} never"
     raise AssertionError(f"{who} blocked on the sidecar lock of {session}")
 
 

@@ -7,13 +7,15 @@ holder as lslocks(8) would, from /proc/locks.
 
 from __future__ import annotations
 
+import os
+import pty
 import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import SpawnForeignHolder
 from marks import needs
-from test_cli import FENCELOCK, cli, rows
+from test_cli import FENCELOCK, _read_until, cli, rows
 
 from fencelock import SessionContendedError, SessionLock, probe
 from fencelock._errors import describe_holder
@@ -124,11 +126,16 @@ def test_wait_returns_when_a_shared_flock_goes(
     session: Path, foreign_holder: SpawnForeignHolder
 ) -> None:
     h = foreign_holder(sidecar(session), shared=True)
-    waiter = subprocess.Popen([*FENCELOCK, "wait", str(session)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    h.release()
-    _, err = waiter.communicate(timeout=60)
-    assert waiter.returncode == 0, err
+    master, terminal = pty.openpty()  # wait shows a progress line on a terminal
+    try:
+        waiter = subprocess.Popen([*FENCELOCK, "wait", str(session)], stderr=terminal)
+        os.close(terminal)
+        shown = _read_until(master, b"waited").decode()  # it waits for the flock ...
+        assert f"pid {h.pid}" in shown, shown
+        h.release()  # ... until that goes
+        assert waiter.wait(timeout=60) == 0
+    finally:
+        os.close(master)
 
 
 def test_describing_an_owner_this_system_cannot_name() -> None:
