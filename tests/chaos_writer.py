@@ -23,8 +23,12 @@ import os
 import random
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from fencelock import SessionLock, _fence
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 
 def report(text: str) -> None:
@@ -37,10 +41,10 @@ def main() -> int:
     rng = random.Random(seed)
     real_write = _fence._write
 
-    def short_write(fd: int, data: bytes | memoryview) -> int:
+    def short_write(fd: int, data: Buffer) -> int:
         # Short writes are legal for write(2); the library must loop. Yielding between
         # pieces widens the window in which a SIGKILL leaves a torn line.
-        n = real_write(fd, bytes(data[: rng.randint(16, 96)]))
+        n = real_write(fd, bytes(memoryview(data)[: rng.randint(16, 96)]))
         os.sched_yield()
         return n
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: holder processes driven over pipes, and session paths."""
+"""Shared fixtures: holder processes driven over pipes, session paths, holder stores;
+the one way to see a waiter blocked in flock(2); capability marks applied (marks.py)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,34 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import marks
 import pytest
 
+if TYPE_CHECKING:
+    from fencelock import HolderInfo
+    from fencelock._etcdserver import EtcdServer
+
 HERE = Path(__file__).parent
+OnContention = Literal["wait", "fail"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    marks.skip_where_missing(items)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Ahead of the runner's own hook, which sets up the test's fixtures.
+    marks.check(item)
 
 
 class Holder:
     """A fencelock holder in another process; every call waits for its answer."""
 
-    def __init__(self, session: Path, lane: str, on_contention: str, timeout: float | None):
+    def __init__(
+        self, session: Path, lane: str, on_contention: OnContention, timeout: float | None
+    ) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "holder_process.py"), str(session), lane,
              on_contention, "-" if timeout is None else str(timeout)],
@@ -87,12 +106,21 @@ def _sessions_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FENCELOCK_BACKEND", raising=False)
 
 
+class SpawnHolder(Protocol):
+    """The ``spawn_holder`` fixture: starts a `Holder`, closed when the test ends."""
+
+    def __call__(
+        self, session: Path | str, lane: str = ..., on_contention: OnContention = ...,
+        timeout: float | None = ...,
+    ) -> Holder: ...
+
+
 @pytest.fixture
-def spawn_holder() -> Iterator[object]:
+def spawn_holder() -> Iterator[SpawnHolder]:
     """Start holder processes: ``spawn_holder(session, lane="x", on_contention="wait")``."""
     started: list[Holder] = []
 
-    def spawn(session: Path | str, lane: str = "test", on_contention: str = "wait",
+    def spawn(session: Path | str, lane: str = "test", on_contention: OnContention = "wait",
               timeout: float | None = None) -> Holder:
         h = Holder(Path(session), lane, on_contention, timeout)
         started.append(h)
@@ -104,11 +132,15 @@ def spawn_holder() -> Iterator[object]:
 
 
 def wait_for_blocked_waiter(
-    session: Path, inode: int | None = None, limit: float = 30.0,
-    unless: threading.Event | None = None,
+    session: Path | str, inode: int | None = None, limit: float = 30.0,
+    unless: threading.Event | None = None, *, proc: subprocess.Popen[Any] | None = None,
 ) -> bool:
-    """Poll /proc/locks until some process is blocked on the sidecar's flock: True; or
-    until ``unless`` is set first (say, the would-be waiter finished): False."""
+    """Return True once a process is blocked in flock(2) on the session's sidecar (or on
+    sidecar inode ``inode``): a ``->`` FLOCK line in /proc/locks. With ``proc``, that
+    process, and fail at once if it exits instead. Return False if ``unless`` is set
+    first (say, the would-be waiter finished without waiting). ``limit`` bounds a broken
+    build; it is not a timing claim. This is the suite's one way to see a waiter."""
+    marks.require("proc_locks")
     if inode is None:
         inode = Path(str(session) + ".holder").stat().st_ino
     deadline = time.monotonic() + limit
@@ -116,13 +148,20 @@ def wait_for_blocked_waiter(
         with open("/proc/locks") as f:
             for line in f:
                 parts = line.split()
-                blocked = "->" in parts and parts[parts.index("->") + 1] == "FLOCK"
-                if blocked and parts[-3].rsplit(":", 1)[-1] == str(inode):
+                if "->" not in parts:
+                    continue
+                at = parts.index("->")
+                kind, pid, device_inode = parts[at + 1], parts[at + 4], parts[at + 5]
+                if (kind == "FLOCK" and device_inode.rsplit(":", 1)[-1] == str(inode)
+                        and (proc is None or pid == str(proc.pid))):
                     return True
         if unless is not None and unless.is_set():
             return False
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"pid {proc.pid} exited ({proc.returncode}) without waiting")
         time.sleep(0.001)
-    raise AssertionError("no process blocked on the sidecar lock")
+    who = "no process" if proc is None else f"pid {proc.pid} never"
+    raise AssertionError(f"{who} blocked on the sidecar lock of {session}")
 
 
 FLOCK = shutil.which("flock")
@@ -177,11 +216,16 @@ class ForeignHolder:
             self.proc.stdout.close()
 
 
+class SpawnForeignHolder(Protocol):
+    """The ``foreign_holder`` fixture: starts a `ForeignHolder`, released at the end."""
+
+    def __call__(self, sidecar: Path | str, shared: bool = ...) -> ForeignHolder: ...
+
+
 @pytest.fixture
-def foreign_holder() -> Iterator[object]:
+def foreign_holder() -> Iterator[SpawnForeignHolder]:
     """Start flock(1) holders: ``foreign_holder(sidecar, shared=False)``."""
-    if FLOCK is None:
-        pytest.skip("util-linux flock(1) is not installed")
+    marks.require("flock")
     started: list[ForeignHolder] = []
 
     def spawn(sidecar: Path | str, shared: bool = False) -> ForeignHolder:
@@ -204,7 +248,8 @@ machine still renews leases in time."""
 
 
 @pytest.fixture(scope="session")
-def etcd_server() -> Iterator[object]:
+def etcd_server() -> Iterator[EtcdServer]:
+    marks.require("etcd")
     from fencelock._etcdserver import EtcdServer
 
     server = EtcdServer()
@@ -220,12 +265,21 @@ def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     if request.param == "sidecar":
         monkeypatch.delenv("FENCELOCK_BACKEND", raising=False)
         return None
-    server = request.getfixturevalue("etcd_server")
+    server: EtcdServer = request.getfixturevalue("etcd_server")
     import uuid
 
-    url: str = server.url(f"t-{uuid.uuid4().hex[:12]}", ttl=TEST_TTL)  # type: ignore[attr-defined]
+    url = server.url(f"t-{uuid.uuid4().hex[:12]}", ttl=TEST_TTL)
     monkeypatch.setenv("FENCELOCK_BACKEND", url)
     return url
+
+
+def record_of(session: Path | str, backend: str | None = None) -> HolderInfo:
+    """The holder record `probe` reads for ``session``; the test fails if there is none."""
+    from fencelock import probe
+
+    record = probe(session, backend=backend).record
+    assert record is not None, f"no holder record for {session}"
+    return record
 
 
 def wait_for_no_owner(session: Path, timeout: float = 60.0) -> None:

@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Literal
 
 from fencelock import SessionContendedError, SessionLock
+
+MODES: dict[str, Literal["wait", "fail"]] = {"wait": "wait", "fail": "fail"}
 
 
 def main() -> None:
     session, lane, on_contention = sys.argv[1], sys.argv[2], sys.argv[3]
     timeout = float(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "-" else None
-    lock = SessionLock(session, lane, on_contention=on_contention, timeout=timeout)  # type: ignore[arg-type]
+    lock = SessionLock(session, lane, on_contention=MODES[on_contention], timeout=timeout)
     window = None
     out = sys.stdout
     out.write(f"ready {os.getpid()}\n")

@@ -1,10 +1,11 @@
 """Run a snippet of fencelock code as another user (tests only).
 
-Tests run as root in CI containers, where permission checks do not apply. The
-snippet runs in a fresh interpreter that imports what it needs first (the standard
-library may live under a directory the other user cannot read), then drops to
-``NOBODY`` with setgid/setuid, then runs. Its result comes back as JSON: whatever the
-snippet assigns to ``result``, or ``{"error": <class name>, "message": <text>}``.
+Tests run as root in CI containers, where permission checks do not apply (tests that
+drop privileges carry ``marks.needs_root``). The snippet runs in a fresh interpreter
+that imports what it needs first (the standard library may live under a directory the
+other user cannot read), then drops to ``NOBODY`` with setgid/setuid, then runs. Its result
+comes back as JSON: whatever the snippet assigns to ``result``, or
+``{"error": <class name>, "message": <text>}``.
 """
 
 from __future__ import annotations
@@ -37,9 +38,6 @@ except Exception as e:
     result = {{"error": type(e).__name__, "message": str(e)}}
 print(json.dumps(result))
 """
-
-CAN_DROP = hasattr(os, "setuid") and hasattr(os, "geteuid") and os.geteuid() == 0
-WHY_NOT = "needs root to drop privileges to an unprivileged uid in a child process"
 
 
 def _code(body: str, uid: int) -> str:

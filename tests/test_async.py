@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import SpawnHolder
 
 from fencelock import ProbeState, SessionContendedError, SessionLock, _lock, probe
 
@@ -36,7 +37,7 @@ def test_async_with_gives_the_lock(session: Path) -> None:
     assert probe(session).state == ProbeState.FREE
 
 
-def test_loop_keeps_ticking_while_a_task_waits(session: Path, spawn_holder: Any) -> None:
+def test_loop_keeps_ticking_while_a_task_waits(session: Path, spawn_holder: SpawnHolder) -> None:
     holder = spawn_holder(session, lane="other-process")
     holder.acquire()
 
@@ -104,7 +105,7 @@ def test_same_object_is_not_shared_between_tasks(session: Path) -> None:
     asyncio.run(main())
 
 
-def test_async_timeout_raises_contended(session: Path, spawn_holder: Any) -> None:
+def test_async_timeout_raises_contended(session: Path, spawn_holder: SpawnHolder) -> None:
     holder = spawn_holder(session, lane="busy")
     holder.acquire()
 
@@ -116,7 +117,7 @@ def test_async_timeout_raises_contended(session: Path, spawn_holder: Any) -> Non
     asyncio.run(main())
 
 
-def test_cancelled_waiter_leaves_no_lock_behind(session: Path, spawn_holder: Any) -> None:
+def test_cancelled_waiter_leaves_no_lock_behind(session: Path, spawn_holder: SpawnHolder) -> None:
     holder = spawn_holder(session, lane="holder")
     holder.acquire()
 
@@ -138,7 +139,7 @@ def test_cancelled_waiter_leaves_no_lock_behind(session: Path, spawn_holder: Any
 
 
 def test_waiting_tasks_do_not_starve_the_default_executor(
-    session: Path, spawn_holder: Any
+    session: Path, spawn_holder: SpawnHolder
 ) -> None:
     holder = spawn_holder(session, lane="long-run")
     holder.acquire()

@@ -10,6 +10,7 @@ of stalling the suite. Permission cases drop to an unprivileged uid in a child p
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import glob
 import json
@@ -26,8 +27,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import marks
 import pytest
-from privdrop import CAN_DROP, WHY_NOT, as_user, mount_tmpfs, open_directory, remount, umount
+from conftest import record_of
+from marks import needs_root, needs_xattr
+from privdrop import as_user, mount_tmpfs, open_directory, remount, umount
 
 from fencelock import (
     CoordinationError,
@@ -111,8 +115,7 @@ def _plant(kind: str, sidecar: Path, victim: Path) -> Iterator[None]:
         s.close()
         return
     elif kind == "device":
-        if os.geteuid() != 0:
-            pytest.skip("mknod of a device needs root")
+        marks.require("root")
         os.mknod(sidecar, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # like /dev/null
     yield
 
@@ -176,9 +179,9 @@ def test_planted_sidecar_refused_by_clear(planted: tuple[str, Path, Path], sessi
     kind, sidecar, victim = planted
     before = snapshot(sidecar)
     victim_before = victim.read_bytes() if victim.exists() else None
-    for kwargs in ({}, {"remove": True}, {"remove": True, "force": True}):
+    for remove, force in [(False, False), (True, False), (True, True)]:
         with pytest.raises(UnsafeSidecarError) as exc:
-            guarded(lambda kw=kwargs: clear(session, **kw))  # type: ignore[misc]
+            guarded(functools.partial(clear, session, remove=remove, force=force))
         assert str(sidecar) in str(exc.value)
     _untouched(kind, sidecar, victim, before, victim_before)
 
@@ -347,7 +350,7 @@ def test_terminal_escapes_in_lane_are_kept_and_not_raw_in_the_file(session: Path
         raw = sidecar_of(session).read_bytes()
         for byte in (b"\x1b", b"\x07", b"\r", b"\n{"):
             assert byte not in raw, f"raw {byte!r} in the record: `cat` would act on it"
-    assert probe(session).record.lane == lane  # type: ignore[union-attr]
+    assert record_of(session).lane == lane
 
 
 # -- the session file itself --------------------------------------------------------
@@ -429,7 +432,7 @@ def test_missing_session_directory(tmp_path: Path) -> None:
     assert not (tmp_path / "nowhere").exists()
 
 
-@pytest.mark.skipif(not CAN_DROP, reason=WHY_NOT)
+@needs_root
 @pytest.mark.parametrize("how", ["dir-0555-owned-by-user", "dir-of-another-user"])
 def test_unwritable_session_directory(how: str) -> None:
     with open_directory() as sessions:
@@ -453,7 +456,7 @@ def test_unwritable_session_directory(how: str) -> None:
         assert list(sessions.iterdir()) == []
 
 
-@pytest.mark.skipif(not CAN_DROP, reason=WHY_NOT)
+@needs_root
 def test_sidecar_without_permission() -> None:
     with open_directory() as sessions:
         session = sessions / "s.jsonl"
@@ -485,9 +488,10 @@ def test_sidecar_without_permission() -> None:
 def tmpfs_dir(tmp_path: Path) -> Iterator[Path]:
     target = tmp_path / "mnt"
     target.mkdir()
+    marks.require("linux", "root", "mount")
     why = mount_tmpfs(target, "256k")
     if why:
-        pytest.skip(why)
+        marks.unavailable("mount", why, fix="run the suite where root may mount (CAP_SYS_ADMIN)")
     try:
         yield target
     finally:
@@ -734,6 +738,7 @@ def test_a_lane_of_emoji_survives_a_takeover(session: Path) -> None:
     assert probe(session).lane == lane
 
 
+@needs_xattr
 def test_tokens_stop_at_their_limit_with_a_clear_error(session: Path) -> None:
     import fencelock
 

@@ -21,8 +21,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import marks
 import pytest
 from click.testing import CliRunner, Result
+from conftest import SpawnHolder, wait_for_blocked_waiter
+from marks import needs_pidfd, needs_proc_locks
 
 from fencelock import FenceLockError, SessionContendedError, SessionLock, probe
 from fencelock._cli import clean, human_age, main
@@ -60,7 +63,7 @@ def no_traceback(stderr: str, max_lines: int = 2) -> None:
     assert 1 <= len(stderr.strip().splitlines()) <= max_lines, stderr
 
 
-def make_stale(spawn_holder: Any, session: Path, lane: str = "dead") -> int:
+def make_stale(spawn_holder: SpawnHolder, session: Path, lane: str = "dead") -> int:
     h = spawn_holder(session, lane=lane)
     h.acquire()
     h.kill()
@@ -211,7 +214,7 @@ def test_status_free_session_without_sidecar(session: Path) -> None:
     assert row["state"] == "free" and row["pid"] is None
 
 
-def test_status_live_holder_table_and_json(session: Path, spawn_holder: Any) -> None:
+def test_status_live_holder_table_and_json(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session, lane="session:agent:main:telegram:channel:42")
     token = h.acquire()
     out = cli("status", str(session))
@@ -233,7 +236,9 @@ def test_status_live_holder_table_and_json(session: Path, spawn_holder: Any) -> 
     assert 0 <= row["age"] < 60
 
 
-def test_status_colour_only_on_request_of_a_terminal(session: Path, spawn_holder: Any) -> None:
+def test_status_colour_only_on_request_of_a_terminal(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
     spawn_holder(session).acquire()
     coloured = invoke("status", str(session), color=True).stdout
     plain = invoke("status", str(session)).stdout
@@ -247,7 +252,7 @@ def click_style_green(text: str) -> str:
     return click.style(text, fg="green").split(text)[0]
 
 
-def test_status_stale_exits_3(session: Path, spawn_holder: Any) -> None:
+def test_status_stale_exits_3(session: Path, spawn_holder: SpawnHolder) -> None:
     pid = make_stale(spawn_holder, session, lane="heartbeat")
     out = cli("status", "--json", str(session))
     assert out.returncode == 3
@@ -259,7 +264,7 @@ def test_status_stale_exits_3(session: Path, spawn_holder: Any) -> None:
     assert table.returncode == 3 and " stale " in table.stdout
 
 
-def test_status_stuck_after(session: Path, spawn_holder: Any) -> None:
+def test_status_stuck_after(session: Path, spawn_holder: SpawnHolder) -> None:
     spawn_holder(session).acquire()
     assert rows(invoke("status", "--json", str(session)))[0]["stuck"] is False
     result = invoke("status", "--json", "--stuck-after", "0", str(session))
@@ -268,7 +273,7 @@ def test_status_stuck_after(session: Path, spawn_holder: Any) -> None:
     assert "live (stuck)" in invoke("status", "--stuck-after", "0", str(session)).stdout
 
 
-def test_status_directory(session: Path, spawn_holder: Any) -> None:
+def test_status_directory(session: Path, spawn_holder: SpawnHolder) -> None:
     d = session.parent
     live, stale, free = d / "live.jsonl", d / "stale.jsonl", d / "free.jsonl"
     spawn_holder(live, lane="l").acquire()
@@ -319,7 +324,7 @@ def test_status_missing_session_file_is_free(tmp_path: Path) -> None:
 
 
 def test_status_unreadable_sidecar_exits_1_and_wins_over_stale(
-    session: Path, spawn_holder: Any, tmp_path: Path
+    session: Path, spawn_holder: SpawnHolder, tmp_path: Path
 ) -> None:
     target = tmp_path / "target"
     target.write_text("x")
@@ -340,14 +345,15 @@ def _as_unprivileged() -> list[str]:
     """A prefix that runs a command without root's power to read anything."""
     if os.geteuid() != 0:
         return []
+    marks.require("setpriv")
     setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root and setpriv is not available")
+    assert setpriv is not None
     prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
     reach = subprocess.run([*prefix, *FENCELOCK, "--version"], capture_output=True, timeout=60)
     if reach.returncode != 0:
-        pytest.skip("an unprivileged user cannot run this installation (a private directory "
-                    "on the way to it)")
+        marks.unavailable("setpriv", "an unprivileged user cannot run this installation (a "
+                          "private directory on the way to it)",
+                          fix="install it where every user can read it, as .ci/run does")
     return prefix
 
 
@@ -390,7 +396,7 @@ def test_status_unlistable_directory_exits_1(tmp_path: Path) -> None:
     assert "FIFO" in out.stderr or "fifo" in out.stderr.lower()
 
 
-def test_status_escapes_control_characters(session: Path, spawn_holder: Any) -> None:
+def test_status_escapes_control_characters(session: Path, spawn_holder: SpawnHolder) -> None:
     evil = "x\x1b]0;pwned\x07\x1b[2Jy"
     spawn_holder(session, lane=evil).acquire()
     result = invoke("status", str(session), color=True)
@@ -425,7 +431,7 @@ def test_status_lists_a_directory_of_10000_sessions(session: Path) -> None:
 # -- clear ------------------------------------------------------------------------------
 
 
-def test_clear_stale(session: Path, spawn_holder: Any) -> None:
+def test_clear_stale(session: Path, spawn_holder: SpawnHolder) -> None:
     pid = make_stale(spawn_holder, session, lane="cron")
     out = cli("clear", str(session))
     assert out.returncode == 0, out.stderr
@@ -434,7 +440,7 @@ def test_clear_stale(session: Path, spawn_holder: Any) -> None:
     assert os.path.exists(str(session) + ".holder")
 
 
-def test_clear_refuses_live_holder(session: Path, spawn_holder: Any) -> None:
+def test_clear_refuses_live_holder(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session, lane="busy")
     h.acquire()
     out = cli("clear", "--remove", str(session))
@@ -445,7 +451,7 @@ def test_clear_refuses_live_holder(session: Path, spawn_holder: Any) -> None:
     assert h.call("release") == "released"
 
 
-def test_clear_json_and_remove(session: Path, spawn_holder: Any) -> None:
+def test_clear_json_and_remove(session: Path, spawn_holder: SpawnHolder) -> None:
     pid = make_stale(spawn_holder, session)
     result = invoke("clear", "--remove", "--json", str(session))
     assert result.exit_code == 0
@@ -455,7 +461,7 @@ def test_clear_json_and_remove(session: Path, spawn_holder: Any) -> None:
     assert not os.path.lexists(str(session) + ".holder")
 
 
-def test_clear_remove_sidecar_of_a_gone_session(session: Path, spawn_holder: Any) -> None:
+def test_clear_remove_sidecar_of_a_gone_session(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session)
     h.acquire()
     h.call("release")
@@ -500,7 +506,7 @@ def test_clear_missing_path_exits_1(tmp_path: Path) -> None:
     assert "such.jsonl" in out.stderr
 
 
-def test_clear_directory(session: Path, spawn_holder: Any) -> None:
+def test_clear_directory(session: Path, spawn_holder: SpawnHolder) -> None:
     d = session.parent
     stale, live, free = d / "stale.jsonl", d / "live.jsonl", d / "free.jsonl"
     make_stale(spawn_holder, stale)
@@ -525,7 +531,9 @@ def test_clear_directory(session: Path, spawn_holder: Any) -> None:
     assert h.call("release") == "released"
 
 
-def test_clear_directory_with_corrupt_sidecar_exits_1(session: Path, spawn_holder: Any) -> None:
+def test_clear_directory_with_corrupt_sidecar_exits_1(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
     make_stale(spawn_holder, session)
     Path(str(session.parent / "bad.jsonl") + ".holder").write_bytes(b"[")
     out = cli("clear", str(session.parent))
@@ -568,8 +576,8 @@ def test_run_holds_session_passes_env_and_exit_code(session: Path) -> None:
     assert after.record.state == "released" and after.record.token == seen["token"]
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
-def test_run_waits_for_the_holder(session: Path, spawn_holder: Any, tmp_path: Path) -> None:
+@needs_proc_locks
+def test_run_waits_for_the_holder(session: Path, spawn_holder: SpawnHolder, tmp_path: Path) -> None:
     h = spawn_holder(session, lane="first")
     token = h.acquire()
     ran = tmp_path / "ran"
@@ -578,7 +586,7 @@ def test_run_waits_for_the_holder(session: Path, spawn_holder: Any, tmp_path: Pa
          f"open({str(ran)!r}, 'w').close()\n{REPORT}", "0"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    _blocked_in_flock(proc)  # waiting in the kernel for the holder ...
+    wait_for_blocked_waiter(session, proc=proc)  # waiting in the kernel for the holder ...
     assert not ran.exists()  # ... and CMD has not started
     assert probe(session).pid == h.pid
     assert h.call("release") == "released"
@@ -591,7 +599,7 @@ def test_run_waits_for_the_holder(session: Path, spawn_holder: Any, tmp_path: Pa
 
 @pytest.mark.parametrize("how", [["--no-wait"], ["-n"], ["--timeout", "0.2"]])
 def test_run_contended_exits_4(
-    session: Path, spawn_holder: Any, tmp_path: Path, how: list[str]
+    session: Path, spawn_holder: SpawnHolder, tmp_path: Path, how: list[str]
 ) -> None:
     h = spawn_holder(session, lane="holder-lane")
     h.acquire()
@@ -628,29 +636,13 @@ def test_run_killed_by_signal_exits_128_plus_n(session: Path) -> None:
     assert probe(session).state == "free"
 
 
-def _blocked_in_flock(proc: subprocess.Popen[Any], limit: float = 30) -> None:
-    """Return once ``proc`` waits for a flock (a ``->`` line in /proc/locks); fail at
-    once if it exits instead."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        with open("/proc/locks") as f:
-            for line in f:
-                fields = line.split()
-                if "->" in fields and fields[fields.index("->") + 4] == str(proc.pid):
-                    return
-        if proc.poll() is not None:
-            raise AssertionError(f"pid {proc.pid} exited ({proc.returncode}) without waiting")
-        os.sched_yield()
-    raise AssertionError(f"pid {proc.pid} never blocked on a lock")
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
+@needs_proc_locks
 @pytest.mark.parametrize(
     ("sig", "how"),
     [(signal.SIGINT, []), (signal.SIGTERM, []), (signal.SIGHUP, ["--timeout", "300"])],
 )
 def test_run_interrupted_while_waiting_exits_128_plus_n(
-    session: Path, spawn_holder: Any, sig: int, how: list[str]
+    session: Path, spawn_holder: SpawnHolder, sig: int, how: list[str]
 ) -> None:
     h = spawn_holder(session, lane="first")
     h.acquire()
@@ -658,7 +650,7 @@ def test_run_interrupted_while_waiting_exits_128_plus_n(
         [*FENCELOCK, "run", str(session), "--lane", "second", *how, "--", "true"],
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    _blocked_in_flock(proc)
+    wait_for_blocked_waiter(session, proc=proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig  # 130 for Ctrl-C
@@ -767,13 +759,13 @@ def test_run_forwards_signals_and_releases_after(session: Path, sig: int) -> Non
 # -- wait -------------------------------------------------------------------------------
 
 
-def test_wait_free_and_stale_exit_0(session: Path, spawn_holder: Any) -> None:
+def test_wait_free_and_stale_exit_0(session: Path, spawn_holder: SpawnHolder) -> None:
     assert cli("wait", str(session)).returncode == 0
     make_stale(spawn_holder, session)
     assert invoke("wait", "--timeout", "0", str(session)).exit_code == 0
 
 
-def test_wait_timeout_exits_4_naming_holder(session: Path, spawn_holder: Any) -> None:
+def test_wait_timeout_exits_4_naming_holder(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session, lane="slow")
     h.acquire()
     out = cli("wait", str(session), "--timeout", "0.2")
@@ -782,16 +774,16 @@ def test_wait_timeout_exits_4_naming_holder(session: Path, spawn_holder: Any) ->
     assert f"pid {h.pid}" in out.stderr and "lane 'slow'" in out.stderr and "0.2s" in out.stderr
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
+@needs_proc_locks
 @pytest.mark.parametrize("timeout", [[], ["--timeout", "600"]])
 def test_wait_returns_when_released(
-    session: Path, spawn_holder: Any, timeout: list[str]
+    session: Path, spawn_holder: SpawnHolder, timeout: list[str]
 ) -> None:
     h = spawn_holder(session)
     h.acquire()
     proc = subprocess.Popen([*FENCELOCK, "wait", str(session), *timeout],
                             stderr=subprocess.PIPE, text=True)
-    _blocked_in_flock(proc)  # it waits for the holder, in the kernel
+    wait_for_blocked_waiter(session, proc=proc)  # it waits for the holder, in the kernel
     assert proc.poll() is None
     assert probe(session).pid == h.pid
     assert h.call("release") == "released"
@@ -814,7 +806,7 @@ def _read_until(fd: int, needle: bytes, limit: float = 30) -> bytes:
     return data
 
 
-def test_wait_progress_line_on_a_terminal(session: Path, spawn_holder: Any) -> None:
+def test_wait_progress_line_on_a_terminal(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session, lane="slow-lane")
     h.acquire()
     master, slave = pty.openpty()
@@ -841,7 +833,7 @@ def test_wait_unreadable_exits_1(session: Path) -> None:
 # -- recover ----------------------------------------------------------------------------
 
 
-def test_recover_free_and_stale_refire(session: Path, spawn_holder: Any) -> None:
+def test_recover_free_and_stale_refire(session: Path, spawn_holder: SpawnHolder) -> None:
     session.write_text("{}\n")
     out = cli("recover", str(session))
     assert out.returncode == 0 and out.stdout.strip() == str(session)
@@ -854,7 +846,7 @@ def test_recover_free_and_stale_refire(session: Path, spawn_holder: Any) -> None
     assert probe(session).state == "free"
 
 
-def test_recover_live_goes_fresh_or_exits_4(session: Path, spawn_holder: Any) -> None:
+def test_recover_live_goes_fresh_or_exits_4(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session, lane="stuck")
     h.acquire()
     h.call('append {"role": "user"}')
@@ -873,7 +865,7 @@ def test_recover_live_goes_fresh_or_exits_4(session: Path, spawn_holder: Any) ->
 # -- verify -----------------------------------------------------------------------------
 
 
-def test_verify_clean_session(session: Path, spawn_holder: Any) -> None:
+def test_verify_clean_session(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session)
     h.acquire()
     h.call('append {"n": 1}')
@@ -961,7 +953,7 @@ def test_nan_or_negative_seconds_are_usage_errors(session: Path, args: list[str]
     assert "not a number of seconds" in result.output
 
 
-def test_infinite_seconds_mean_no_limit(session: Path, spawn_holder: Any) -> None:
+def test_infinite_seconds_mean_no_limit(session: Path, spawn_holder: SpawnHolder) -> None:
     """--timeout inf waits for the holder like no --timeout (it used to overflow), and
     --heartbeat inf never beats."""
     holder = spawn_holder(session, lane="holder")
@@ -971,8 +963,6 @@ def test_infinite_seconds_mean_no_limit(session: Path, spawn_holder: Any) -> Non
          "--heartbeat", "inf", "--", sys.executable, "-c", "print('ran')"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    from conftest import wait_for_blocked_waiter
-
     wait_for_blocked_waiter(session)
     assert holder.call("release") == "released"
     out, err = proc.communicate(timeout=60)
@@ -1038,7 +1028,9 @@ def test_clear_json_lists_a_missing_path_too(tmp_path: Path) -> None:
     assert row["session"] == str(missing) and row["error"] and row["found"] is None
 
 
-def test_recover_no_fresh_json_says_still_held_on_stdout(session: Path, spawn_holder: Any) -> None:
+def test_recover_no_fresh_json_says_still_held_on_stdout(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
     holder = spawn_holder(session, lane="busy")
     holder.acquire()
     out = cli("recover", str(session), "--no-fresh", "--wait", "0", "--json")
@@ -1161,7 +1153,7 @@ def test_status_help_says_it_scans_only_the_current_directory() -> None:
     assert "only it, not the directories below" in " ".join(cli("status", "--help").stdout.split())
 
 
-def test_a_free_row_names_the_last_run_as_last(session: Path, spawn_holder: Any) -> None:
+def test_a_free_row_names_the_last_run_as_last(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session, lane="before")
     h.acquire()
     assert h.call("release") == "released"
@@ -1176,7 +1168,7 @@ def test_a_free_row_names_the_last_run_as_last(session: Path, spawn_holder: Any)
     assert cli("status", str(session)).stdout.splitlines()[1].split()[1:3] == ["live", str(h.pid)]
 
 
-def test_recover_json_holder_has_one_shape(session: Path, spawn_holder: Any) -> None:
+def test_recover_json_holder_has_one_shape(session: Path, spawn_holder: SpawnHolder) -> None:
     session.write_text("")
     done = json.loads(cli("recover", "--json", str(session)).stdout)
     h = spawn_holder(session, lane="busy")
@@ -1277,7 +1269,7 @@ def _wait_for_exit(pidfd: int) -> None:
     assert ready, "the process did not exit"
 
 
-@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux 5.3)")
+@needs_pidfd
 def test_killing_the_run_wrapper_never_frees_a_session_its_command_holds(session: Path) -> None:
     proc = subprocess.Popen(
         [*FENCELOCK, "run", str(session), "--lane", "a", "--",
@@ -1318,7 +1310,7 @@ def test_killing_the_run_wrapper_never_frees_a_session_its_command_holds(session
     assert after.record.previous is not None and after.record.previous.pid == proc.pid
 
 
-@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux 5.3)")
+@needs_pidfd
 def test_what_the_command_left_running_keeps_the_session_until_it_exits(session: Path) -> None:
     # A non-interactive shell gives a background job /dev/null as stdin unless told.
     script = 'exec 9<&0; "$0" -c "$1" <&9 9<&- & exit 7'

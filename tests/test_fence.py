@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import record_of
+from marks import needs_xattr
 
 from fencelock import (
     STAMP_KEY,
@@ -145,13 +147,13 @@ def test_foreign_append_in_prompt_window_raises_takeover(session: Path) -> None:
     with SessionLock(session) as lock:
         lock.append({"role": "user"})
         with pytest.raises(SessionTakeoverError) as err, lock.prompt_window():
-            assert probe(session).record.phase == "prompt"  # type: ignore[union-attr]
+            assert record_of(session).phase == "prompt"
             foreign_append(session, '{"role": "intruder"}\n')
         assert err.value.session == str(session)
         assert err.value.expected is not None and err.value.actual is not None
         assert err.value.actual.size > err.value.expected.size
         assert lock.held  # the holder is still held; the caller decides what to do
-        assert probe(session).record.phase == "write"  # type: ignore[union-attr]
+        assert record_of(session).phase == "write"
 
 
 def test_replace_during_prompt_window_raises_takeover(session: Path, tmp_path: Path) -> None:
@@ -335,6 +337,7 @@ def test_verify_finds_one_token_stamped_by_two_runs(session: Path) -> None:
     assert kinds == [(3, "token-repeated")]
 
 
+@needs_xattr
 def test_token_survives_sidecar_removal(session: Path) -> None:
     with SessionLock(session) as lock:
         lock.append({"a": 1})
@@ -367,6 +370,7 @@ def test_tokens_never_go_back_when_a_sidecar_is_deleted_by_hand(session: Path) -
     assert issued == sorted(set(issued)), "a token went back or repeated"
 
 
+@needs_xattr
 @pytest.mark.parametrize("how", ["mark removed by hand", "session rewritten via rename"])
 def test_the_mark_is_read_anew_not_trusted_from_memory(session: Path, how: str) -> None:
     """The session file's mark can vanish under a long-lived process (removed by hand,
@@ -410,6 +414,7 @@ def test_tokens_do_not_repeat_after_corrupt_records_are_set_aside(session: Path)
     assert tokens == sorted(set(tokens))
 
 
+@needs_xattr
 def test_token_continues_from_stamps_when_sidecar_deleted_by_hand(session: Path) -> None:
     for _ in range(3):
         with SessionLock(session, stamp=True) as lock:
@@ -473,7 +478,8 @@ def test_session_with_an_mtime_before_1970_works(session: Path) -> None:
     session.write_text('{"n": 0}\n')
     os.utime(session, ns=(-10**9, -10**9))
     with SessionLock(session):
-        assert probe(session).record.fingerprint.mtime_ns < 0  # type: ignore[union-attr]
+        fingerprint = record_of(session).fingerprint
+        assert fingerprint is not None and fingerprint.mtime_ns < 0
     assert probe(session).state == "free"
     with SessionLock(session) as lock:
         lock.append({"n": 1})
@@ -490,6 +496,7 @@ def test_token_continues_after_a_corrupt_record_is_set_aside(session: Path) -> N
         assert lock.info is not None and lock.info.token == 6
 
 
+@needs_xattr
 def test_set_aside_raises_the_session_mark_to_the_corrupt_records_token(
     session: Path,
 ) -> None:
@@ -596,7 +603,7 @@ def test_release_records_the_last_appends_fence_point(session: Path) -> None:
         inside = lock.info
     status = probe(session)
     assert status.state == "free" and status.record is not None
-    assert status.record.fingerprint == inside.fingerprint  # type: ignore[union-attr]
+    assert inside is not None and status.record.fingerprint == inside.fingerprint
     assert status.fence_ok is True
 
 
@@ -607,7 +614,7 @@ def test_entering_the_prompt_window_records_the_fence_point(session: Path) -> No
         lock.append({"n": 1})
         lock.append({"n": 2})
         with pytest.raises(SessionTakeoverError), lock.prompt_window():
-            assert probe(session).record.phase == "prompt"  # type: ignore[union-attr]
+            assert record_of(session).phase == "prompt"
             assert probe(session).fence_ok is True
             with open(session, "a") as f:
                 f.write('{"intruder": 1}\n')

@@ -7,27 +7,27 @@ holder as lslocks(8) would, from /proc/locks.
 
 from __future__ import annotations
 
+import os
+import pty
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-from test_cli import FENCELOCK, cli, rows
+from conftest import SpawnForeignHolder
+from marks import needs
+from test_cli import FENCELOCK, _read_until, cli, rows
 
 from fencelock import SessionContendedError, SessionLock, probe
 from fencelock._errors import describe_holder
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="/proc/locks is Linux's"
-)
+pytestmark = needs("proc_locks", "flock")
 
 
 def sidecar(session: Path) -> Path:
     return Path(str(session) + ".holder")
 
 
-def test_status_names_a_flock_holder(session: Path, foreign_holder: Any) -> None:
+def test_status_names_a_flock_holder(session: Path, foreign_holder: SpawnForeignHolder) -> None:
     h = foreign_holder(sidecar(session))
     out = cli("status", str(session))
     assert out.returncode == 0, out.stderr
@@ -43,7 +43,7 @@ def test_status_names_a_flock_holder(session: Path, foreign_holder: Any) -> None
     assert [o.pid for o in st.lock_owners] == [h.pid]
 
 
-def test_contention_names_a_flock_holder(session: Path, foreign_holder: Any) -> None:
+def test_contention_names_a_flock_holder(session: Path, foreign_holder: SpawnForeignHolder) -> None:
     h = foreign_holder(sidecar(session))
     promise = f"held by pid {h.pid} (flock), not a fencelock holder"
     run = cli("run", "--no-wait", str(session), "--lane", "x", "--", "true")
@@ -64,7 +64,7 @@ def test_contention_names_a_flock_holder(session: Path, foreign_holder: Any) -> 
 
 
 def test_a_released_record_is_not_taken_for_the_flock_holder(
-    session: Path, foreign_holder: Any
+    session: Path, foreign_holder: SpawnForeignHolder
 ) -> None:
     """A past run's released record stays the last run's: the holder named is flock."""
     with SessionLock(session, "before") as lock:
@@ -80,7 +80,7 @@ def test_a_released_record_is_not_taken_for_the_flock_holder(
 
 
 def test_a_lock_left_to_flocks_child_names_the_exited_pid(
-    session: Path, foreign_holder: Any
+    session: Path, foreign_holder: SpawnForeignHolder
 ) -> None:
     h = foreign_holder(sidecar(session))
     h.kill_flock()  # /proc/locks still names flock's pid; its command holds the lock
@@ -94,7 +94,9 @@ def test_a_lock_left_to_flocks_child_names_the_exited_pid(
     assert cli("run", "--no-wait", str(session), "--lane", "x", "--", "true").returncode == 0
 
 
-def test_a_shared_flock_is_live_for_every_command(session: Path, foreign_holder: Any) -> None:
+def test_a_shared_flock_is_live_for_every_command(
+    session: Path, foreign_holder: SpawnForeignHolder
+) -> None:
     """`flock -s` keeps every exclusive acquirer out, so status says live too, and
     `wait` waits for it; once it is gone, all agree that the session is free."""
     h = foreign_holder(sidecar(session), shared=True)
@@ -120,13 +122,20 @@ def test_a_shared_flock_is_live_for_every_command(session: Path, foreign_holder:
     assert cli("run", "--no-wait", str(session), "--lane", "x", "--", "true").returncode == 0
 
 
-def test_wait_returns_when_a_shared_flock_goes(session: Path, foreign_holder: Any) -> None:
+def test_wait_returns_when_a_shared_flock_goes(
+    session: Path, foreign_holder: SpawnForeignHolder
+) -> None:
     h = foreign_holder(sidecar(session), shared=True)
-    waiter = subprocess.Popen([*FENCELOCK, "wait", str(session)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    h.release()
-    _, err = waiter.communicate(timeout=60)
-    assert waiter.returncode == 0, err
+    master, terminal = pty.openpty()  # wait shows a progress line on a terminal
+    try:
+        waiter = subprocess.Popen([*FENCELOCK, "wait", str(session)], stderr=terminal)
+        os.close(terminal)
+        shown = _read_until(master, b"waited").decode()  # it waits for the flock ...
+        assert f"pid {h.pid}" in shown, shown
+        h.release()  # ... until that goes
+        assert waiter.wait(timeout=60) == 0
+    finally:
+        os.close(master)
 
 
 def test_describing_an_owner_this_system_cannot_name() -> None:

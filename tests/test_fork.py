@@ -7,9 +7,9 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
+from conftest import SpawnHolder
 
 from fencelock import ProbeState, SessionLock, _wait, probe
 
@@ -32,7 +32,7 @@ class Interrupt(BaseException):
 
 @pytest.mark.parametrize("how", ["SessionLock timeout", "wait_until_unlocked timeout"])
 def test_an_interrupt_as_the_lock_arrives_leaves_no_lock_behind(
-    session: Path, spawn_holder: Any, monkeypatch: pytest.MonkeyPatch, how: str
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
     """The waiting thread is interrupted in the instant its helper got the lock: the
     descriptor is its own by then, and must be closed, not leaked with the lock on it."""

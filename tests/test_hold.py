@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
-from conftest import wait_for_blocked_waiter
+from conftest import SpawnHolder, record_of, wait_for_blocked_waiter
+from marks import needs_proc
 
 from fencelock import SessionLock, probe
 from fencelock._hold import MAX_REQUEST
@@ -77,8 +79,14 @@ class Hold:
                 stream.close()
 
 
+class StartHold(Protocol):
+    """The ``start_hold`` fixture: starts a `Hold`, killed when the test ends."""
+
+    def __call__(self, session: Path, *args: str, lane: str = ...) -> Hold: ...
+
+
 @pytest.fixture
-def start_hold() -> Any:
+def start_hold() -> Iterator[StartHold]:
     started: list[Hold] = []
 
     def start(session: Path, *args: str, lane: str = "test") -> Hold:
@@ -95,7 +103,7 @@ def lines(session: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in session.read_text().splitlines()]
 
 
-def test_a_whole_turn_is_written_and_released(session: Path, start_hold: Any) -> None:
+def test_a_whole_turn_is_written_and_released(session: Path, start_hold: StartHold) -> None:
     h = start_hold(session, lane="node:main")
     held = h.held()["record"]
     assert held["state"] == "held" and held["lane"] == "node:main" and held["token"] == 1
@@ -105,7 +113,7 @@ def test_a_whole_turn_is_written_and_released(session: Path, start_hold: Any) ->
         "ok": True, "op": "append"
     }
     assert h.call("prompt_begin")["ok"]
-    assert probe(session).record.phase == "prompt"  # type: ignore[union-attr]
+    assert record_of(session).phase == "prompt"
     assert h.call("touch")["ok"]
     assert h.call("prompt_end")["ok"]
     assert h.call("append", entry='{"role":"assistant","content":"hello"}')["ok"]
@@ -122,7 +130,7 @@ def test_a_whole_turn_is_written_and_released(session: Path, start_hold: Any) ->
     assert status.record.state == "released"
 
 
-def test_id_is_echoed_in_answers_good_and_bad(session: Path, start_hold: Any) -> None:
+def test_id_is_echoed_in_answers_good_and_bad(session: Path, start_hold: StartHold) -> None:
     h = start_hold(session)
     h.held()
     assert h.call("touch", id="a-1") == {"ok": True, "op": "touch", "id": "a-1"}
@@ -130,14 +138,14 @@ def test_id_is_echoed_in_answers_good_and_bad(session: Path, start_hold: Any) ->
     assert bad["error"] == "BadRequestError" and bad["id"] == 7
 
 
-def test_stamped_append_carries_the_holder_token(session: Path, start_hold: Any) -> None:
+def test_stamped_append_carries_the_holder_token(session: Path, start_hold: StartHold) -> None:
     h = start_hold(session)
     token = h.held()["record"]["token"]
     assert h.call("append", entry={"a": 1}, stamp=True)["ok"]
     assert lines(session)[0]["_fencelock"]["token"] == token
 
 
-def test_end_of_stdin_releases_and_exits_0(session: Path, start_hold: Any) -> None:
+def test_end_of_stdin_releases_and_exits_0(session: Path, start_hold: StartHold) -> None:
     h = start_hold(session)
     h.held()
     assert h.call("prompt_begin")["ok"]  # even inside the prompt window
@@ -148,20 +156,20 @@ def test_end_of_stdin_releases_and_exits_0(session: Path, start_hold: Any) -> No
 
 
 def test_hold_killed_frees_the_session_and_the_caller_reads_eof(
-    session: Path, start_hold: Any
+    session: Path, start_hold: StartHold
 ) -> None:
     h = start_hold(session)
     h.held()
     h.proc.kill()
     h.proc.wait()
-    assert h.proc.stdout.read() == b""  # type: ignore[union-attr]
+    assert h.proc.stdout is not None and h.proc.stdout.read() == b""
     assert probe(session).state == "stale"  # the kernel dropped the lock
     with SessionLock(session, "next", on_contention="fail") as lock:
         assert lock.info is not None and lock.info.previous is not None
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_releases_cleanly(session: Path, start_hold: Any, signum: int) -> None:
+def test_sigterm_releases_cleanly(session: Path, start_hold: StartHold, signum: int) -> None:
     h = start_hold(session)
     h.held()
     h.proc.send_signal(signum)
@@ -171,7 +179,7 @@ def test_sigterm_releases_cleanly(session: Path, start_hold: Any, signum: int) -
 
 
 def test_sigterm_while_waiting_stops_cleanly_without_holding(
-    session: Path, start_hold: Any, spawn_holder: Any
+    session: Path, start_hold: StartHold, spawn_holder: SpawnHolder
 ) -> None:
     other = spawn_holder(session, lane="channel")
     token = other.acquire()
@@ -180,7 +188,7 @@ def test_sigterm_while_waiting_stops_cleanly_without_holding(
     h.proc.send_signal(signal.SIGTERM)
     assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert "Traceback" not in h.stderr()
-    assert h.proc.stdout.read() == b""  # type: ignore[union-attr]
+    assert h.proc.stdout is not None and h.proc.stdout.read() == b""
     assert other.call("release") == "released"
     record = probe(session).record
     assert record is not None and record.token == token
@@ -188,7 +196,7 @@ def test_sigterm_while_waiting_stops_cleanly_without_holding(
 
 @pytest.mark.parametrize("how", [["--no-wait"], ["--timeout", "0.2"]])
 def test_contended_answers_with_the_holder_and_exits_4(
-    session: Path, start_hold: Any, spawn_holder: Any, how: list[str]
+    session: Path, start_hold: StartHold, spawn_holder: SpawnHolder, how: list[str]
 ) -> None:
     other = spawn_holder(session, lane="channel")
     other.acquire()
@@ -224,7 +232,7 @@ BAD_LINES = [
 
 @pytest.mark.parametrize(("line", "why"), BAD_LINES)
 def test_a_bad_request_is_answered_and_changes_nothing(
-    session: Path, start_hold: Any, line: bytes, why: str
+    session: Path, start_hold: StartHold, line: bytes, why: str
 ) -> None:
     h = start_hold(session)
     h.held()
@@ -243,7 +251,7 @@ def test_a_bad_request_is_answered_and_changes_nothing(
     assert lines(session) == [{"n": 1}, {"n": 2}]
 
 
-def test_prompt_begin_twice_is_refused(session: Path, start_hold: Any) -> None:
+def test_prompt_begin_twice_is_refused(session: Path, start_hold: StartHold) -> None:
     h = start_hold(session)
     h.held()
     assert h.call("prompt_begin")["ok"]
@@ -251,7 +259,7 @@ def test_prompt_begin_twice_is_refused(session: Path, start_hold: Any) -> None:
     assert h.call("prompt_end")["ok"]
 
 
-def test_a_line_over_the_bound_is_dropped_whole(session: Path, start_hold: Any) -> None:
+def test_a_line_over_the_bound_is_dropped_whole(session: Path, start_hold: StartHold) -> None:
     h = start_hold(session)
     h.held()
     # A 10 MB append whose newline comes last: none of it may reach the session.
@@ -296,8 +304,8 @@ def _peak_rss_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
-def test_an_endless_line_is_not_kept_in_memory(session: Path, start_hold: Any) -> None:
+@needs_proc
+def test_an_endless_line_is_not_kept_in_memory(session: Path, start_hold: StartHold) -> None:
     h = start_hold(session)
     h.held()
     assert h.call("info")["ok"]
@@ -313,7 +321,7 @@ def test_an_endless_line_is_not_kept_in_memory(session: Path, start_hold: Any) -
     assert h.wait() == 0
 
 
-def test_over_the_bound_at_end_of_file_is_answered(session: Path, start_hold: Any) -> None:
+def test_over_the_bound_at_end_of_file_is_answered(session: Path, start_hold: StartHold) -> None:
     h = start_hold(session)
     h.held()
     h.send_raw(b"x" * (MAX_REQUEST + 10))
@@ -322,7 +330,7 @@ def test_over_the_bound_at_end_of_file_is_answered(session: Path, start_hold: An
     assert h.proc.wait(timeout=60) == 0
 
 
-def test_a_last_request_without_newline_is_served(session: Path, start_hold: Any) -> None:
+def test_a_last_request_without_newline_is_served(session: Path, start_hold: StartHold) -> None:
     h = start_hold(session)
     h.held()
     h.send_raw(b'{"op": "append", "entry": {"last": true}}')
@@ -333,7 +341,7 @@ def test_a_last_request_without_newline_is_served(session: Path, start_hold: Any
 
 
 def test_requests_sent_while_waiting_are_answered_after_held(
-    session: Path, start_hold: Any, spawn_holder: Any
+    session: Path, start_hold: StartHold, spawn_holder: SpawnHolder
 ) -> None:
     other = spawn_holder(session, lane="channel")
     other.acquire()
@@ -350,23 +358,24 @@ def test_requests_sent_while_waiting_are_answered_after_held(
 
 
 def test_caller_gone_while_waiting_stops_the_wait(
-    session: Path, start_hold: Any, spawn_holder: Any
+    session: Path, start_hold: StartHold, spawn_holder: SpawnHolder
 ) -> None:
     other = spawn_holder(session, lane="channel")
     token = other.acquire()
     h = start_hold(session)
     wait_for_blocked_waiter(session)
     assert h.wait() == 0  # stdin closed with nothing asked: it stops waiting
-    assert h.proc.stdout.read() == b""  # type: ignore[union-attr]
+    assert h.proc.stdout is not None and h.proc.stdout.read() == b""
     assert other.call("release") == "released"
     record = probe(session).record
     assert record is not None and record.token == token  # hold never took it
 
 
-def test_closed_stdout_releases_and_exits_cleanly(session: Path, start_hold: Any) -> None:
+def test_closed_stdout_releases_and_exits_cleanly(session: Path, start_hold: StartHold) -> None:
     h = start_hold(session)
     h.held()
-    h.proc.stdout.close()  # type: ignore[union-attr]
+    assert h.proc.stdout is not None
+    h.proc.stdout.close()
     h.send({"op": "append", "entry": {"n": 1}})  # done, but its answer hits EPIPE
     assert h.proc.wait(timeout=60) == 0
     assert "Traceback" not in h.stderr()
@@ -374,7 +383,7 @@ def test_closed_stdout_releases_and_exits_cleanly(session: Path, start_hold: Any
     assert lines(session) == [{"n": 1}]
 
 
-def test_takeover_in_the_prompt_window_is_answered(session: Path, start_hold: Any) -> None:
+def test_takeover_in_the_prompt_window_is_answered(session: Path, start_hold: StartHold) -> None:
     h = start_hold(session)
     h.held()
     assert h.call("append", entry={"role": "user"})["ok"]
@@ -392,12 +401,12 @@ def test_takeover_in_the_prompt_window_is_answered(session: Path, start_hold: An
 
 
 def test_heartbeat_refreshes_the_record_between_requests(
-    session: Path, start_hold: Any
+    session: Path, start_hold: StartHold
 ) -> None:
     h = start_hold(session, "--heartbeat", "0.01")
     first = h.held()["record"]["heartbeat_at"]
     deadline = time.monotonic() + 60  # a bound for a broken build, not a timing claim
-    while probe(session).record.heartbeat_at == first:  # type: ignore[union-attr]
+    while record_of(session).heartbeat_at == first:
         assert time.monotonic() < deadline, "the heartbeat was never refreshed"
         os.sched_yield()
     assert h.wait() == 0
@@ -428,7 +437,7 @@ def test_backend_is_passed_to_session_lock_or_refused_cleanly(session: Path) -> 
         assert not Path(str(session) + ".holder").exists()
 
 
-def test_unsafe_sidecar_is_an_error_line_and_exit_1(session: Path, start_hold: Any) -> None:
+def test_unsafe_sidecar_is_an_error_line_and_exit_1(session: Path, start_hold: StartHold) -> None:
     os.mkfifo(str(session) + ".holder")
     h = start_hold(session)  # stdin stays open: the answer is not raced by end of file
     answer = h.read()

@@ -1,7 +1,7 @@
 """docs/examples/hold-turn.mjs, run by a real ``node`` against real sessions.
 
-Node is required: CI has it, and a missing ``node`` fails these tests rather than
-skipping them, so the example cannot rot unseen.
+Node is required in CI (``marks.require("node")``): there a missing ``node`` fails
+these tests rather than skipping them, so the example cannot rot unseen.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
+import marks
 import pytest
-from conftest import wait_for_blocked_waiter
+from conftest import SpawnHolder, wait_for_blocked_waiter
 
 from fencelock import probe
 
@@ -26,9 +27,9 @@ EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "hold-turn.mjs"
 
 @pytest.fixture(scope="module")
 def node() -> str:
+    marks.require("node")
     found = shutil.which("node")
-    if found is None:
-        pytest.fail("node is not installed: the Node example's tests need Node 18+ on PATH")
+    assert found is not None
     return found
 
 
@@ -55,9 +56,9 @@ class Turns:
         )
 
     def _stream(self, name: str) -> IO[str]:
-        stream = getattr(self.proc, name)
+        stream: IO[str] | None = getattr(self.proc, name)
         assert stream is not None
-        return stream  # type: ignore[no-any-return]
+        return stream
 
     def expect(self, prefix: str) -> str:
         line = self._stream("stdout").readline().strip()
@@ -83,8 +84,14 @@ class Turns:
                 stream.close()
 
 
+class StartTurns(Protocol):
+    """The ``turns`` fixture: starts hold-turn.mjs on a session, closed at the end."""
+
+    def __call__(self, session: Path, *args: str) -> Turns: ...
+
+
 @pytest.fixture
-def turns(node: str, fencelock_bin: str) -> Iterator[Any]:
+def turns(node: str, fencelock_bin: str) -> Iterator[StartTurns]:
     started: list[Turns] = []
 
     def start(session: Path, *args: str) -> Turns:
@@ -101,7 +108,7 @@ def entries(session: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in session.read_text().splitlines()]
 
 
-def test_a_turn_writes_message_and_reply_and_releases(session: Path, turns: Any) -> None:
+def test_a_turn_writes_message_and_reply_and_releases(session: Path, turns: StartTurns) -> None:
     t = turns(session, "--turns", "2", "--writer", "A", "--model-ms", "1")
     assert t.proc.wait(timeout=120) == 0, t.stderr()
     assert [(e["role"], e["turn"]) for e in entries(session)] == [
@@ -112,7 +119,7 @@ def test_a_turn_writes_message_and_reply_and_releases(session: Path, turns: Any)
     assert status.record.token == 2 and status.record.state == "released"
 
 
-def test_node_killed_mid_turn_frees_the_session(session: Path, turns: Any) -> None:
+def test_node_killed_mid_turn_frees_the_session(session: Path, turns: StartTurns) -> None:
     t = turns(session, "--gate", "--writer", "A")
     hold_pid = int(t.expect("hold pid=").split("=")[1])
     t.expect("held")
@@ -133,7 +140,7 @@ def test_node_killed_mid_turn_frees_the_session(session: Path, turns: Any) -> No
     assert [e["role"] for e in entries(session)] == ["user"]
 
 
-def test_two_node_runs_never_interleave(session: Path, turns: Any) -> None:
+def test_two_node_runs_never_interleave(session: Path, turns: StartTurns) -> None:
     a = turns(session, "--gate", "--writer", "A")
     a.expect("hold pid=")
     a.expect("held")
@@ -153,7 +160,7 @@ def test_two_node_runs_never_interleave(session: Path, turns: Any) -> None:
     ]
 
 
-def test_many_turns_from_two_processes_stay_in_pairs(session: Path, turns: Any) -> None:
+def test_many_turns_from_two_processes_stay_in_pairs(session: Path, turns: StartTurns) -> None:
     runs = [turns(session, "--turns", "5", "--writer", w, "--model-ms", "2") for w in "AB"]
     for r in runs:
         assert r.proc.wait(timeout=120) == 0, r.stderr()
@@ -164,7 +171,7 @@ def test_many_turns_from_two_processes_stay_in_pairs(session: Path, turns: Any) 
         assert (user["writer"], user["turn"]) == (reply["writer"], reply["turn"])
 
 
-def test_takeover_keeps_the_reply_aside_and_exits_3(session: Path, turns: Any) -> None:
+def test_takeover_keeps_the_reply_aside_and_exits_3(session: Path, turns: StartTurns) -> None:
     t = turns(session, "--gate", "--writer", "A", "--message", "ping")
     t.expect("hold pid=")
     t.expect("held")
@@ -185,7 +192,7 @@ def test_takeover_keeps_the_reply_aside_and_exits_3(session: Path, turns: Any) -
 
 
 def test_contended_with_no_wait_exits_4(
-    session: Path, turns: Any, spawn_holder: Any
+    session: Path, turns: StartTurns, spawn_holder: SpawnHolder
 ) -> None:
     other = spawn_holder(session, lane="channel")
     other.acquire()

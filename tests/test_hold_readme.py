@@ -9,9 +9,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-import pytest
+import marks
+from conftest import SpawnHolder
 
 from fencelock import probe
 
@@ -28,9 +28,9 @@ def snippet() -> str:
 
 
 def run_snippet(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    marks.require("bash")
     bash = shutil.which("bash")
-    if bash is None:
-        pytest.fail("bash is not installed")
+    assert bash is not None
     bindir = tmp_path / "bin"
     bindir.mkdir()
     wrapper = bindir / "fencelock"
@@ -58,7 +58,7 @@ def test_readme_coproc_example_appends_and_releases(tmp_path: Path) -> None:
     assert status.record.lane == "cron:nightly" and status.record.state == "released"
 
 
-def test_readme_coproc_example_stops_when_held(tmp_path: Path, spawn_holder: Any) -> None:
+def test_readme_coproc_example_stops_when_held(tmp_path: Path, spawn_holder: SpawnHolder) -> None:
     session = tmp_path / "sessions" / "4f1c2a9e.jsonl"
     other = spawn_holder(session, lane="channel")
     other.acquire()

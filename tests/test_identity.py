@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from marks import needs_linux
 
 from fencelock import _identity
 from fencelock._identity import ME, owner_alive, process_start
@@ -79,7 +79,7 @@ sys.stdin.readline()
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs prctl and /proc")
+@needs_linux  # prctl, and /proc
 def test_command_names_with_parentheses_and_spaces_parse() -> None:
     # /proc/<pid>/stat puts the command in parentheses, and the command may itself
     # hold ") " and spaces: a process renamed so must keep its start token.

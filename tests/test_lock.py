@@ -8,9 +8,9 @@ import os
 import stat
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
+from conftest import SpawnHolder
 
 from fencelock import (
     CoordinationError,
@@ -260,7 +260,9 @@ def test_heartbeats_from_another_thread_never_outlive_release(tmp_path: Path) ->
     assert probe(b).lane == "B" and probe(a).lane == "A"
 
 
-def test_fork_during_a_timed_wait_leaves_no_orphan_lock(session: Path, spawn_holder: Any) -> None:
+def test_fork_during_a_timed_wait_leaves_no_orphan_lock(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
     """A child forked while a helper thread waits must not keep that helper's lock."""
     import time
 
@@ -339,7 +341,7 @@ def _fork_and_list_sidecar_fds(sidecar: Path) -> tuple[int, list[str], int]:
 
 @pytest.mark.parametrize("how", ["SessionLock wait", "wait_until_unlocked"])
 def test_fork_during_an_untimed_wait_leaves_the_child_no_descriptor(
-    session: Path, spawn_holder: Any, how: str
+    session: Path, spawn_holder: SpawnHolder, how: str
 ) -> None:
     """A wait with no timeout blocks in flock in the calling thread. A child forked
     meanwhile must not inherit that descriptor: once the wait succeeds, the child's copy

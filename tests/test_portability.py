@@ -15,12 +15,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from marks import needs_linux, needs_posix
 
 import fencelock
 from fencelock import FenceMode, Fingerprint, SessionLock, _platform
 from fencelock._record import MAX_RECORD
 
-POSIX = os.name == "posix"
 PLATFORM_SOURCE = Path(fencelock.__file__).parent / "_platform.py"
 
 
@@ -30,7 +30,7 @@ def test_windows_lock_byte_lies_past_any_record() -> None:
     assert _platform.WINDOWS_LOCK_OFFSET >= MAX_RECORD + 1
 
 
-@pytest.mark.skipif(not POSIX, reason="POSIX open flags")
+@needs_posix  # POSIX open flags
 def test_posix_open_flags_never_follow_and_never_block() -> None:
     assert os.O_NOFOLLOW and _platform.OPEN_FLAGS & os.O_NOFOLLOW
     assert _platform.OPEN_FLAGS & os.O_NONBLOCK  # a planted FIFO cannot hang open()
@@ -38,7 +38,7 @@ def test_posix_open_flags_never_follow_and_never_block() -> None:
     assert _platform.CAN_BLOCK
 
 
-@pytest.mark.skipif(not POSIX, reason="flock is the POSIX primitive")
+@needs_posix  # flock is the POSIX primitive
 def test_the_primitive_is_flock_not_lockf() -> None:
     import fcntl
 
@@ -54,7 +54,7 @@ def _probe_elsewhere(session: Path) -> str:
     return out.stdout.strip()
 
 
-@pytest.mark.skipif(not POSIX, reason="POSIX record-lock pitfall")
+@needs_posix  # the POSIX record-lock pitfall
 def test_closing_another_descriptor_does_not_drop_the_lock(session: Path) -> None:
     # With lockf/fcntl record locks, closing *any* descriptor of the file drops the
     # process's lock. flock locks belong to the open file description.
@@ -68,7 +68,7 @@ def test_closing_another_descriptor_does_not_drop_the_lock(session: Path) -> Non
     assert _probe_elsewhere(session) == "free"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="local Linux semantics")
+@needs_linux  # local Linux semantics
 def test_flock_and_posix_record_locks_are_independent_locally(session: Path) -> None:
     # On a local Linux filesystem a POSIX record lock does not see a flock. (On NFS the
     # kernel emulates flock with whole-file fcntl locks and they would conflict: see

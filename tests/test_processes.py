@@ -9,10 +9,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import wait_for_blocked_waiter
+from conftest import SpawnHolder, record_of, wait_for_blocked_waiter
+from marks import needs_proc_locks
 
 from fencelock import (
     HolderInfo,
@@ -60,7 +60,7 @@ def test_processes_hammering_one_session_never_overlap(session: Path, tmp_path: 
 
 
 def test_killed_holder_is_stale_then_taken_over_with_previous(
-    session: Path, spawn_holder: Any
+    session: Path, spawn_holder: SpawnHolder
 ) -> None:
     h = spawn_holder(session, lane="session:agent:main:heartbeat")
     token = h.acquire()
@@ -78,7 +78,9 @@ def test_killed_holder_is_stale_then_taken_over_with_previous(
         assert info.previous.lane == "session:agent:main:heartbeat"
 
 
-def test_fail_mode_across_processes_names_the_live_holder(session: Path, spawn_holder: Any) -> None:
+def test_fail_mode_across_processes_names_the_live_holder(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
     h = spawn_holder(session, lane="cron")
     h.acquire()
     with pytest.raises(SessionContendedError) as err:
@@ -91,18 +93,18 @@ def test_fail_mode_across_processes_names_the_live_holder(session: Path, spawn_h
 
 
 def test_waiter_in_another_process_gets_the_lock_on_release(
-    session: Path, spawn_holder: Any
+    session: Path, spawn_holder: SpawnHolder
 ) -> None:
     with SessionLock(session, lane="first"):
         waiter = spawn_holder(session, lane="second")
         waiter.send("acquire")
         wait_for_blocked_waiter(session)
-        assert probe(session).record.lane == "first"  # type: ignore[union-attr]
+        assert record_of(session).lane == "first"
     assert waiter.read() == "acquired 2"
-    assert probe(session).record.lane == "second"  # type: ignore[union-attr]
+    assert record_of(session).lane == "second"
 
 
-def test_clear_never_touches_a_live_holder(session: Path, spawn_holder: Any) -> None:
+def test_clear_never_touches_a_live_holder(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session, lane="direct")
     h.acquire()
     before = Path(str(session) + ".holder").read_bytes()
@@ -117,7 +119,7 @@ def test_clear_never_touches_a_live_holder(session: Path, spawn_holder: Any) -> 
     ("clear", "dead"), ("recover", "dead"), ("clear", "alive, not holding"),
 ])
 def test_a_probe_s_moment_does_not_make_a_stale_session_look_live(
-    session: Path, spawn_holder: Any, monkeypatch: pytest.MonkeyPatch, call: str, owner: str
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch, call: str, owner: str
 ) -> None:
     """A probe holds a shared test lock for a moment; clear() and recover() must wait
     that moment out on a stale record instead of calling it a live holder, even when
@@ -191,11 +193,11 @@ EX_LOCKER = (
 )
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
+@needs_proc_locks
 @pytest.mark.parametrize("owner", ["dead", "alive"])
 @pytest.mark.parametrize("call", ["acquire", "clear"])
 def test_fail_fast_grace_only_when_the_record_s_owner_is_gone(
-    session: Path, spawn_holder: Any, monkeypatch: pytest.MonkeyPatch, owner: str, call: str
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch, owner: str, call: str
 ) -> None:
     """The lock is taken but its record is a `held` one: if the record's owner is dead,
     the lock's taker is an acquirer about to replace that stale record, and a fail-fast
@@ -280,7 +282,7 @@ def test_fail_fast_grace_only_when_the_record_s_owner_is_gone(
         assert err.holder is not None and err.holder.pid == named
 
 
-def test_clear_then_token_continues(session: Path, spawn_holder: Any) -> None:
+def test_clear_then_token_continues(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session)
     token = h.acquire()
     h.kill()
@@ -326,7 +328,7 @@ def test_record_naming_a_reused_pid_is_stale(session: Path) -> None:
         bystander.wait()
 
 
-def test_zombie_owner_is_stale(session: Path, spawn_holder: Any) -> None:
+def test_zombie_owner_is_stale(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session, lane="heartbeat")
     h.acquire()
     h.send("exit")  # leaves without releasing; the test does not reap it yet
@@ -335,7 +337,9 @@ def test_zombie_owner_is_stale(session: Path, spawn_holder: Any) -> None:
     assert status.state == ProbeState.STALE and status.owner_alive is False
 
 
-def test_sidecar_removed_and_recreated_while_waiting(session: Path, spawn_holder: Any) -> None:
+def test_sidecar_removed_and_recreated_while_waiting(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
     """The unlink-and-recreate race: a waiter that wakes on a deleted inode retries."""
     sidecar = Path(str(session) + ".holder")
     first = SessionLock(session, lane="first")
@@ -351,14 +355,14 @@ def test_sidecar_removed_and_recreated_while_waiting(session: Path, spawn_holder
     assert new_inode != old_inode
     first.release()  # the waiter wakes holding the deleted inode
     wait_for_blocked_waiter(session, new_inode)  # ...notices, and waits on the new one
-    assert probe(session).record.lane == "newcomer"  # type: ignore[union-attr]
+    assert record_of(session).lane == "newcomer"
     assert newcomer.call("release") == "released"
     assert waiter.read() == f"acquired {new_token + 1}"
 
 
 @pytest.mark.parametrize("timeout", [None, 60.0])
 def test_waiting_until_free_follows_a_sidecar_made_anew(
-    session: Path, spawn_holder: Any, timeout: float | None
+    session: Path, spawn_holder: SpawnHolder, timeout: float | None
 ) -> None:
     """wait/recover wait on a shared lock: waking on a removed inode is not "free" while
     a new sidecar at the path is held."""
@@ -389,7 +393,7 @@ def test_waiting_until_free_follows_a_sidecar_made_anew(
 
 
 def test_timed_waits_on_a_long_held_session_share_one_blocked_thread(
-    session: Path, spawn_holder: Any
+    session: Path, spawn_holder: SpawnHolder
 ) -> None:
     import threading
 
@@ -406,7 +410,7 @@ def test_timed_waits_on_a_long_held_session_share_one_blocked_thread(
 
 
 def test_other_runs_keep_waiting_through_the_prompt_window(
-    session: Path, spawn_holder: Any
+    session: Path, spawn_holder: SpawnHolder
 ) -> None:
     h = spawn_holder(session, lane="heartbeat")
     h.acquire()

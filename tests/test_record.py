@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import Any
 
 import pytest
 
@@ -10,8 +12,8 @@ from fencelock import Fingerprint, HolderInfo, Phase, PreviousHolder, State
 from fencelock._record import MAX_RECORD, RELEASE_PATCH, STATE_OFFSET, decode, peek
 
 
-def make(**changes: object) -> HolderInfo:
-    fields: dict[str, object] = dict(
+def make(**changes: Any) -> HolderInfo:
+    return dataclasses.replace(HolderInfo(
         state=State.HELD,
         session="/s/a b\"c.jsonl",
         pid=4242,
@@ -25,9 +27,7 @@ def make(**changes: object) -> HolderInfo:
         phase=Phase.PROMPT,
         fingerprint=Fingerprint(1, 2, 3, 4, 5),
         previous=PreviousHolder(99, "h", "cron", "old-1", 6),
-    )
-    fields.update(changes)
-    return HolderInfo(**fields)  # type: ignore[arg-type]
+    ), **changes)
 
 
 def test_round_trip_keeps_every_field() -> None:

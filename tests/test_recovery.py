@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for_blocked_waiter
+from conftest import SpawnHolder, wait_for_blocked_waiter
+from marks import needs_proc
 
 from fencelock import (
     Action,
@@ -30,7 +31,7 @@ def test_free_session_refires(session: Path) -> None:
     assert result.holder.state == ProbeState.FREE
 
 
-def test_stale_session_is_cleared_then_refires(session: Path, spawn_holder: Any) -> None:
+def test_stale_session_is_cleared_then_refires(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session, lane="heartbeat")
     h.acquire()
     h.kill()
@@ -40,7 +41,7 @@ def test_stale_session_is_cleared_then_refires(session: Path, spawn_holder: Any)
 
 
 def test_live_holder_that_releases_within_the_wait_refires(
-    session: Path, spawn_holder: Any
+    session: Path, spawn_holder: SpawnHolder
 ) -> None:
     h = spawn_holder(session, lane="channel")
     h.acquire()
@@ -56,7 +57,9 @@ def test_live_holder_that_releases_within_the_wait_refires(
     assert 0 < result.waited < 60
 
 
-def test_live_past_the_wait_escalates_to_a_fresh_session(session: Path, spawn_holder: Any) -> None:
+def test_live_past_the_wait_escalates_to_a_fresh_session(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
     h = spawn_holder(session, lane="cron")
     h.acquire()
     for n in range(3):
@@ -79,7 +82,7 @@ def test_live_past_the_wait_escalates_to_a_fresh_session(session: Path, spawn_ho
 
 
 def test_a_fresh_session_continues_the_old_one_s_tokens(
-    session: Path, spawn_holder: Any
+    session: Path, spawn_holder: SpawnHolder
 ) -> None:
     """Stamped lines carried into the fresh session keep their tokens; the fresh
     session's runs must stamp above them, or verify() calls it tokens going backwards."""
@@ -99,7 +102,7 @@ def test_a_fresh_session_continues_the_old_one_s_tokens(
     assert verify(new).ok, verify(new).problems
 
 
-def test_no_fresh_raises_contended(session: Path, spawn_holder: Any) -> None:
+def test_no_fresh_raises_contended(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session, lane="direct")
     h.acquire()
     with pytest.raises(SessionContendedError) as err:
@@ -107,7 +110,9 @@ def test_no_fresh_raises_contended(session: Path, spawn_holder: Any) -> None:
     assert err.value.holder is not None and err.value.holder.pid == h.pid
 
 
-def test_stuck_holder_is_reported_stuck_and_never_refired(session: Path, spawn_holder: Any) -> None:
+def test_stuck_holder_is_reported_stuck_and_never_refired(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
     h = spawn_holder(session, lane="heartbeat")
     h.acquire()
     result = recover(session, wait=0, stuck_after=0.0)  # every heartbeat is "old"
@@ -131,7 +136,7 @@ def test_in_process_run_is_asked_to_abort_before_the_wait(session: Path) -> None
     assert result.action is Action.REFIRE and result.holder.lane == "stuck-run"
 
 
-def test_nothing_signals_the_holder(session: Path, spawn_holder: Any) -> None:
+def test_nothing_signals_the_holder(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session)
     h.acquire()
     recover(session, wait=0.05)
@@ -157,9 +162,9 @@ print(json.dumps({"action": str(r.action), "session": r.session, "lines": r.carr
 """
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+@needs_proc
 def test_carrying_a_session_larger_than_memory_to_a_fresh_one(
-    session: Path, spawn_holder: Any
+    session: Path, spawn_holder: SpawnHolder
 ) -> None:
     """recover copies the old transcript in bounded chunks: a process whose address
     space cannot hold the session still carries all of it, stamps included."""

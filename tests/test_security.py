@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from privdrop import CAN_DROP, NOBODY, WHY_NOT, as_user, open_directory, spawn_as_user
+from conftest import SpawnHolder
+from marks import needs_proc, needs_root
+from privdrop import NOBODY, as_user, open_directory, spawn_as_user
 
 import fencelock
 from fencelock import (
@@ -64,7 +66,7 @@ def test_files_are_created_0600_even_with_umask_0(session: Path, umask_zero: Non
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
 
 
-@pytest.mark.skipif(not CAN_DROP, reason=WHY_NOT)
+@needs_root
 def test_another_user_cannot_hold_a_private_sidecar_hostage() -> None:
     with open_directory() as sessions:
         session = sessions / "s.jsonl"
@@ -92,7 +94,7 @@ def test_another_user_cannot_hold_a_private_sidecar_hostage() -> None:
             pass
 
 
-@pytest.mark.skipif(not CAN_DROP, reason=WHY_NOT)
+@needs_root
 def test_a_readable_sidecar_can_be_held_hostage_which_is_why_0600() -> None:
     # The counter-example: a caller that opens the mode up to 0644 lets any user flock
     # the sidecar through a read-only descriptor and block every run.
@@ -125,7 +127,7 @@ def test_a_readable_sidecar_can_be_held_hostage_which_is_why_0600() -> None:
 
 
 def test_outsiders_change_nothing_while_a_run_holds_the_session(
-    session: Path, spawn_holder
+    session: Path, spawn_holder: SpawnHolder
 ) -> None:
     h = spawn_holder(session, lane="owner")
     h.acquire()
@@ -144,9 +146,9 @@ def test_outsiders_change_nothing_while_a_run_holds_the_session(
         SessionLock(session, "x", on_contention="fail").acquire()
     with pytest.raises(SessionContendedError):
         SessionLock(session, "x", timeout=0.2).acquire()
-    for kwargs in ({}, {"remove": True}, {"remove": True, "force": True}):
+    for remove, force in [(False, False), (True, False), (True, True)]:
         with pytest.raises(SessionContendedError):
-            clear(session, **kwargs)  # type: ignore[arg-type]
+            clear(session, remove=remove, force=force)
     with pytest.raises(SessionContendedError):
         recover(session, wait=0.1, fresh=False)
     moved = recover(session, wait=0.1)  # escalates to a new file, the old one untouched
@@ -205,8 +207,10 @@ def _forge(session: Path, pid: int) -> None:
     sidecar_of(session).write_bytes(json.dumps(obj).encode())
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_no_signal_reaches_a_pid_named_in_a_record(session: Path, spawn_holder) -> None:
+@needs_proc
+def test_no_signal_reaches_a_pid_named_in_a_record(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
     victim = subprocess.Popen([sys.executable, "-c", _SACRIFICE],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -326,7 +330,7 @@ def test_time_is_not_trusted_for_liveness(session: Path) -> None:
             clear(session)
 
 
-@pytest.mark.skipif(not CAN_DROP, reason=WHY_NOT)
+@needs_root
 @pytest.mark.parametrize("planted", ["session", "sidecar", "torn"])
 def test_files_planted_by_another_user_in_a_shared_directory_are_refused(planted: str) -> None:
     """In a sticky world-writable directory another user can create a session, sidecar
@@ -356,7 +360,7 @@ def test_files_planted_by_another_user_in_a_shared_directory_are_refused(planted
         assert b"secret" not in target.read_bytes()
 
 
-@pytest.mark.skipif(not CAN_DROP, reason=WHY_NOT)
+@needs_root
 def test_a_symlink_another_user_planted_above_the_session_is_refused() -> None:
     """Opening with O_NOFOLLOW guards only the last component. In a directory another
     user may create entries in (here group-writable, which the kernel's
@@ -394,7 +398,7 @@ def test_a_symlink_another_user_planted_above_the_session_is_refused() -> None:
         assert (mine / "s.jsonl").exists()
 
 
-@pytest.mark.skipif(not CAN_DROP, reason=WHY_NOT)
+@needs_root
 def test_the_planted_file_check_looks_through_a_symlink_of_our_own() -> None:
     """A sessions path reached through this user's own symlink into a shared directory
     gets the shared directory's checks: a sidecar another user planted there is refused."""

@@ -10,10 +10,9 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import HERE, wait_for_no_owner
+from conftest import HERE, SpawnHolder, record_of, wait_for_no_owner
 
 from fencelock import (
     Action,
@@ -32,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("store")
 
 
 def test_fail_and_timeout_across_processes_name_the_live_holder(
-    session: Path, spawn_holder: Any
+    session: Path, spawn_holder: SpawnHolder
 ) -> None:
     h = spawn_holder(session, lane="cron")
     h.acquire()
@@ -47,7 +46,7 @@ def test_fail_and_timeout_across_processes_name_the_live_holder(
 
 
 def test_waiter_in_another_process_gets_the_session_on_release(
-    session: Path, spawn_holder: Any
+    session: Path, spawn_holder: SpawnHolder
 ) -> None:
     first = SessionLock(session, "first")
     token = first.acquire().token
@@ -112,7 +111,7 @@ def test_append_prompt_window_and_fence(session: Path) -> None:
     with SessionLock(session, "a", stamp=True) as lock:
         lock.append({"role": "user", "content": "hi"})
         with lock.prompt_window():
-            assert probe(session).record.phase == "prompt"  # type: ignore[union-attr]
+            assert record_of(session).phase == "prompt"
         lock.append({"role": "assistant", "content": "hello"})
         with pytest.raises(SessionTakeoverError), lock.prompt_window(), open(session, "a") as f:
             f.write('{"role": "intruder"}\n')  # a writer outside the run
@@ -131,7 +130,7 @@ def test_tokens_grow_with_every_acquisition(session: Path) -> None:
 
 
 def test_killed_holder_is_stale_then_taken_over_with_previous(
-    session: Path, spawn_holder: Any
+    session: Path, spawn_holder: SpawnHolder
 ) -> None:
     h = spawn_holder(session, lane="heartbeat")
     token = h.acquire()
@@ -150,7 +149,7 @@ def test_killed_holder_is_stale_then_taken_over_with_previous(
             h.pid, token, "heartbeat")
 
 
-def test_clear_refuses_live_and_clears_stale(session: Path, spawn_holder: Any) -> None:
+def test_clear_refuses_live_and_clears_stale(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session, lane="x")
     h.acquire()
     with pytest.raises(SessionContendedError):
@@ -165,7 +164,7 @@ def test_clear_refuses_live_and_clears_stale(session: Path, spawn_holder: Any) -
 
 
 def test_recover_refires_a_stale_session_and_escalates_past_a_live_one(
-    session: Path, spawn_holder: Any
+    session: Path, spawn_holder: SpawnHolder
 ) -> None:
     h = spawn_holder(session, lane="stuck")
     h.acquire()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import selectors
 import signal
 import subprocess
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import SpawnHolder
+from marks import needs, needs_sigkill, needs_waitid
 
 from fencelock import (
     FenceLockWarning,
@@ -301,10 +304,16 @@ class _Chaos:
                 v.append(f"token {a.token} took over token {a.prev_token}: not larger")
             if a.prev_run in self.done:
                 v.append(f"token {a.token} took over run {a.prev_run}, which had released")
-        for run in self.cut_runs:
-            if run not in taken_over:
-                v.append(f"run {run} (pid {self.run_pid[run]}) was killed holding the "
-                         "session, but no later holder reported it stale")
+        # A writer killed after acquire() returned but before its "acq" report was
+        # written took over its predecessor unseen, and its successor names a run the
+        # driver never heard of: each such takeover hides at most one cut run's.
+        unseen = sum(1 for a in self.acqs
+                     if a.prev_run is not None and a.prev_run not in self.run_pid)
+        hidden = sorted(run for run in self.cut_runs if run not in taken_over)
+        if len(hidden) > unseen:
+            v.extend(f"run {run} (pid {self.run_pid[run]}) was killed holding the session, "
+                     f"but no later holder reported it stale ({unseen} unseen takeovers)"
+                     for run in hidden)
 
         # The transcript.
         after = verify(self.session)
@@ -364,7 +373,7 @@ def run_chaos(session: Path, *, seconds: float, seed: int, writers: int = 4,
     return _Chaos(session, seed, writers, max_prompt).run(seconds)
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+@needs_sigkill
 @pytest.mark.timeout(SOAK + 120)  # a soak runs as long as asked; the default covers the rest
 def test_kill_chaos_keeps_every_invariant(session: Path) -> None:
     seconds = SOAK or 8.0
@@ -382,7 +391,10 @@ def test_kill_chaos_keeps_every_invariant(session: Path) -> None:
 # -- stop and pause -----------------------------------------------------------------
 
 
-def test_stopped_holder_stays_live_and_is_never_cleared(session: Path, spawn_holder) -> None:
+@needs_waitid
+def test_stopped_holder_stays_live_and_is_never_cleared(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
     h = spawn_holder(session, lane="stopped")
     token = h.acquire()
     assert h.call("append " + json.dumps({"n": 1})) == "ok"
@@ -391,7 +403,7 @@ def test_stopped_holder_stays_live_and_is_never_cleared(session: Path, spawn_hol
     before = (sidecar.read_bytes(), session.read_bytes())
     h.kill(signal.SIGSTOP)
     try:
-        _wait_for_state(h.pid, "T")
+        os.waitid(os.P_PID, h.pid, os.WSTOPPED | os.WNOWAIT)  # returns once it is stopped
         status = probe(session)
         assert status.state == "live"
         assert status.owner_alive is True
@@ -436,7 +448,7 @@ _HOLD_THEN_EXIT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not hasattr(os, "waitid"), reason="needs waitid(WNOWAIT)")
+@needs_waitid
 def test_zombie_owner_is_stale(session: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", _HOLD_THEN_EXIT, str(session)],
                              stdout=subprocess.PIPE, text=True)
@@ -522,7 +534,7 @@ def _parent_with_child(
                 stream.close()
 
 
-@pytest.mark.skipif(not LINUX, reason="finds the descriptor through /proc")
+@needs("proc", "pidfd")  # finds the descriptor through /proc
 def test_inherited_descriptor_keeps_the_session_live(session: Path) -> None:
     with _parent_with_child(session, "spawn") as (parent, child_pid, fds):
         assert fds, "the holder had no descriptor onto its sidecar"
@@ -541,7 +553,7 @@ def test_inherited_descriptor_keeps_the_session_live(session: Path) -> None:
         assert probe(session).state == "stale"
 
 
-@pytest.mark.skipif(not hasattr(os, "fork") or not LINUX, reason="needs os.fork and /proc")
+@needs("fork", "proc")
 def test_plain_fork_child_does_not_keep_the_session(session: Path) -> None:
     with _parent_with_child(session, "fork") as (parent, child_pid, kept):
         assert kept == [], f"the forked child still has sidecar descriptors {kept}"
@@ -554,17 +566,21 @@ def test_plain_fork_child_does_not_keep_the_session(session: Path) -> None:
         assert status.owner_alive is False
 
 
-def _wait_gone(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
-        if stat[stat.rfind(")") + 2] == "Z":
-            return
-        time.sleep(0.005)
+def _wait_gone(pid: int, limit: float = 60.0) -> None:
+    """Return once ``pid`` has exited (its descriptors, the lock's included, closed)."""
+    try:
+        exited = os.pidfd_open(pid)  # readable once the process has exited
+    except ProcessLookupError:
+        return
+    try:
+        ready, _, _ = select.select([exited], [], [], limit)
+        assert ready, f"pid {pid} did not exit"
+    finally:
+        os.close(exited)
 
 
 def test_killed_holder_is_stale_and_taken_over_with_a_larger_token(
-    session: Path, spawn_holder
+    session: Path, spawn_holder: SpawnHolder
 ) -> None:
     h = spawn_holder(session, lane="doomed")
     token = h.acquire()
