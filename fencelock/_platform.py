@@ -207,7 +207,10 @@ def lock_owners(path: str) -> tuple[LockOwner, ...] | None:
             continue
         if where != dev or pid <= 0:  # 0 or -1: an owner this namespace cannot name
             continue
-        owners.append(LockOwner(pid, parts[3] == b"READ", _command(pid)))
+        shared = parts[3] == b"READ"
+        if any(o.pid == pid and o.shared == shared for o in owners):
+            continue  # the list is read in pieces: one changing meanwhile can repeat a line
+        owners.append(LockOwner(pid, shared, _command(pid)))
     return tuple(owners)
 
 

@@ -142,3 +142,23 @@ def test_describing_an_owner_this_system_cannot_name() -> None:
     """Where /proc/locks is missing, or does not list the holder, the message says so."""
     assert "this system does not say which process" in describe_holder(None, None)
     assert "/proc/locks does not list" in describe_holder(None, ())
+
+
+@needs("linux")
+def test_a_line_the_lock_list_repeats_names_its_owner_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/proc/locks is read in pieces; a list that changes between them can repeat a
+    line. One owner must stay one owner (else held_by cannot name it)."""
+    from fencelock import _platform
+
+    target = tmp_path / "s.jsonl.holder"
+    target.write_bytes(b"")
+    st = os.stat(target)
+    where = b"%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    line = b"1: FLOCK  ADVISORY  WRITE %d %s 0 EOF\n" % (os.getpid(), where)
+    listing = tmp_path / "locks"
+    listing.write_bytes(line + b"2: FLOCK  ADVISORY  WRITE 1 00:00:1 0 EOF\n" + line)
+    monkeypatch.setattr(_platform, "_PROC_LOCKS", str(listing))
+    owners = _platform.lock_owners(str(target))
+    assert owners is not None and [o.pid for o in owners] == [os.getpid()]
