@@ -1404,13 +1404,13 @@ def test_run_command_starts_with_no_signal_blocked(session: Path) -> None:
 # held yet (the last instants in which an interrupt could once leave a stale record).
 PAUSED_AFTER_THE_RECORD = """
 import sys
-from fencelock import _cli, _lock
-real = _lock.SessionLock._write_new_record
-def write_new_record(self):
-    real(self)
+from fencelock import _cli, _sidecar_holder
+real = _sidecar_holder.SidecarHolder._write_new_record
+def write_new_record(self, lock):
+    real(self, lock)
     print("written", flush=True)
     sys.stdin.readline()
-_lock.SessionLock._write_new_record = write_new_record
+_sidecar_holder.SidecarHolder._write_new_record = write_new_record
 _cli.main(sys.argv[1:], prog_name="fencelock")
 """
 
