@@ -32,6 +32,8 @@ from fencelock import (
     _store,
     _tokens,
 )
+from fencelock._constants import DEFAULT_STUCK_AFTER as DEFAULT_STUCK_AFTER
+from fencelock._constants import SESSION_SUFFIX
 from fencelock._errors import (
     CorruptRecordError,
     FenceLockError,
@@ -43,11 +45,6 @@ from fencelock._errors import (
 from fencelock._fingerprint import FenceMode
 from fencelock._record import HolderInfo, Phase, State
 from fencelock._sidecar_holder import holder_alive, may_be_live, read_quietly
-
-DEFAULT_STUCK_AFTER = 600.0
-"""A live holder whose heartbeat is older than this many seconds is reported stuck."""
-
-SESSION_SUFFIX = ".jsonl"
 
 
 class ProbeState(enum.StrEnum):

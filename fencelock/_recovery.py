@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from fencelock import _fingerprint, _lock, _probe, _registry, _sidecar, _store, _tokens, _wait
+from fencelock._constants import DEFAULT_STUCK_AFTER
 from fencelock._errors import FenceLockError, SessionContendedError, SidecarAccessError
 from fencelock._fingerprint import FenceMode
 from fencelock._probe import HolderStatus, ProbeState
@@ -58,7 +59,7 @@ def recover(
     fresh: bool = True,
     carry: bool = True,
     lane: str = "recovery",
-    stuck_after: float = _probe.DEFAULT_STUCK_AFTER,
+    stuck_after: float = DEFAULT_STUCK_AFTER,
     backend: str | None = None,
 ) -> Recovery:
     """The stuck-session recovery step. Raises `SessionContendedError` when the

@@ -183,15 +183,6 @@ def test_cli_startup_imports_only_what_the_command_needs() -> None:
     assert not status & {"subprocess", "shutil"}
 
 
-def test_status_default_stuck_after_is_the_library_default() -> None:
-    import fencelock
-    from fencelock import _cli
-
-    assert _cli.DEFAULT_STUCK_AFTER == fencelock.DEFAULT_STUCK_AFTER
-    option = next(p for p in main.commands["status"].params if p.name == "stuck_after")
-    assert option.default == fencelock.DEFAULT_STUCK_AFTER
-
-
 def test_helpers() -> None:
     assert [human_age(s) for s in (None, -3, 5, 187, 7500, 3 * 86400 + 4 * 3600)] == [
         "-", "0s", "5s", "3m07s", "2h05m", "3d04h",
