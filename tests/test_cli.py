@@ -165,7 +165,8 @@ def test_cli_startup_imports_only_what_the_command_needs() -> None:
         "except SystemExit:\n"
         "    pass\n"
         "mods = ('fencelock._lock', 'fencelock._probe', 'fencelock._recovery', 'fencelock._verify',"
-        " 'fencelock._config', 'subprocess', 'signal', 'shutil', 'json', 'dataclasses')\n"
+        " 'fencelock._config', 'fencelock._supervisor', 'subprocess', 'signal', 'shutil', 'json',"
+        " 'dataclasses')\n"
         "print(' '.join(m for m in mods if m in sys.modules), file=sys.stderr)\n"
     )
 
@@ -179,7 +180,8 @@ def test_cli_startup_imports_only_what_the_command_needs() -> None:
     assert not {m for m in loaded("--help") if m.startswith("fencelock.")}  # click needs shutil
     status = loaded("status", "--stuck-after", "5", "no-such-session.jsonl")
     assert {"fencelock._probe", "fencelock._lock"} <= status
-    assert not status & {"fencelock._recovery", "fencelock._verify", "fencelock._config"}
+    assert not status & {"fencelock._recovery", "fencelock._verify", "fencelock._config",
+                         "fencelock._supervisor"}
     assert not status & {"subprocess", "shutil"}
 
 
