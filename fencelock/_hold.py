@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fencelock._constants import EXIT_CONTENDED, EXIT_ERROR, EXIT_OK
 from fencelock._errors import (
     BadRequestError,
     FenceLockError,
@@ -45,9 +46,6 @@ _QUEUED = 4
 
 OPS = ("append", "prompt_begin", "prompt_end", "touch", "verify", "info", "release")
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_CONTENDED = 4
 
 
 class HoldArgumentError(ValueError):

@@ -8,6 +8,7 @@ unknowable (None). Nothing here ever sends a signal.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 _PROC = "/proc"
@@ -73,8 +74,28 @@ class _Self:
 
 
 ME = _Self()
+
+
+class _RunIds:
+    """Unique run ids without a syscall each: a random per-process prefix and a counter."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = os.urandom(6).hex()
+        self.counter = itertools.count(1)  # next() on it is atomic under the GIL
+
+    def next(self) -> str:
+        return f"{self.prefix}-{next(self.counter)}"
+
+
+RUN_IDS = _RunIds()
+"""Where each acquisition's ``run_id`` comes from (a forked child starts a new prefix)."""
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=ME.refresh)
+    os.register_at_fork(after_in_child=RUN_IDS.reset)
 
 
 def owner_alive(pid: int, host: str, start: str) -> bool | None:

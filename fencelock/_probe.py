@@ -4,7 +4,7 @@ The lock decides live or not: a probe takes a *shared* lock without waiting, whi
 fails when some process holds the exclusive one, then converts it to exclusive, which
 fails when another process holds a shared one (a process outside fencelock may). A
 lock found taken without a live record behind it gets the grace fail-fast acquirers
-give it (`_lock.FAIL_GRACE`): fencelock's own probes and waits hold theirs for
+give it (`_sidecar_holder.FAIL_GRACE`): fencelock's own probes and waits hold theirs for
 microseconds. The record only describes.
 """
 
@@ -26,10 +26,14 @@ from fencelock import (
     _lock,
     _platform,
     _record,
+    _registry,
     _sidecar,
+    _sidecar_holder,
     _store,
     _tokens,
 )
+from fencelock._constants import DEFAULT_STUCK_AFTER as DEFAULT_STUCK_AFTER
+from fencelock._constants import SESSION_SUFFIX
 from fencelock._errors import (
     CorruptRecordError,
     FenceLockError,
@@ -40,11 +44,7 @@ from fencelock._errors import (
 )
 from fencelock._fingerprint import FenceMode
 from fencelock._record import HolderInfo, Phase, State
-
-DEFAULT_STUCK_AFTER = 600.0
-"""A live holder whose heartbeat is older than this many seconds is reported stuck."""
-
-SESSION_SUFFIX = ".jsonl"
+from fencelock._sidecar_holder import holder_alive, may_be_live, read_quietly
 
 
 class ProbeState(enum.StrEnum):
@@ -130,10 +130,10 @@ def _not_a_session(session: str, sidecar: str, what: str) -> HolderStatus:
 
 
 def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> HolderStatus:
-    if _lock._registry:
+    if _registry.any_held():
         # A holder in this process answers for itself: opening and locking a second
         # descriptor could disturb its lock where flock is emulated (NFS).
-        mine = _lock.held_in_process(_lock.registry_key(session))
+        mine = _registry.held_in_process(_registry.registry_key(session))
         record = mine.info if mine is not None else None
         if record is not None:
             return _status(session, sidecar, ProbeState.LIVE, record, stuck_after, now)
@@ -150,8 +150,8 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
         try:
             free = _unlocked(fd)
             record, corrupt = _read(fd, sidecar, st.st_size)
-            if not free and not (record is not None and _lock.may_be_live(record)):
-                free = _unlocked_within(fd, _lock.FAIL_GRACE)
+            if not free and not (record is not None and may_be_live(record)):
+                free = _unlocked_within(fd, _sidecar_holder.FAIL_GRACE)
                 record, corrupt = _read(fd, sidecar, None)
                 if not free and (record is None or record.state is not State.HELD):
                     owners = _platform.lock_owners(sidecar)  # only now: it reads a system list
@@ -232,7 +232,7 @@ def _status(
 ) -> HolderStatus:
     alive = None
     if record.state is State.HELD:
-        alive = _lock.holder_alive(record)
+        alive = holder_alive(record)
     stuck = state is ProbeState.LIVE and now - record.heartbeat_at > stuck_after
     return HolderStatus(
         session,
@@ -363,7 +363,8 @@ def clear(
     # where flock is emulated with per-process locks (NFS), the OS lock alone would
     # not keep another thread of this process from acquiring meanwhile.
     slot = _lock.SessionLock(session, "clear", on_contention="fail")
-    slot._take_slot(None, None, time.monotonic())  # SessionContendedError: held here
+    key = _registry.registry_key(session)
+    _registry.take(key, slot, True, None, None, time.monotonic())  # contended: held here
     try:
         if store is not None:
             return store.clear(remove)
@@ -386,7 +387,7 @@ def clear(
             finally:
                 _sidecar.close(fd)
     finally:
-        slot._free_slot()
+        _registry.free(key, slot)
 
 
 def _lock_for_clear(fd: int, sidecar: str) -> bool:
@@ -394,16 +395,16 @@ def _lock_for_clear(fd: int, sidecar: str) -> bool:
 
     The lock may also be held for a moment by probes (shared test locks), or by an
     acquirer about to replace a stale record: when only shared locks are held, or the
-    record's owner is known to be gone, keep trying for `_lock.FAIL_GRACE`, as a
+    record's owner is known to be gone, keep trying for `_sidecar_holder.FAIL_GRACE`, as a
     fail-fast acquirer does.
     """
     try:
         if _platform.try_lock(fd):
             return True
         exclusive = not _platform.try_lock(fd, shared=True)
-        if exclusive and _lock.may_be_live(_lock._read_quietly(sidecar)):
+        if exclusive and may_be_live(read_quietly(sidecar)):
             return False
-        deadline = time.monotonic() + _lock.FAIL_GRACE
+        deadline = time.monotonic() + _sidecar_holder.FAIL_GRACE
         while time.monotonic() < deadline:
             time.sleep(0.001)  # a probe holds its test lock for microseconds
             if _platform.try_lock(fd):
@@ -414,7 +415,7 @@ def _lock_for_clear(fd: int, sidecar: str) -> bool:
 
 
 def _live_record(sidecar: str) -> HolderInfo | None:
-    record = _lock._read_quietly(sidecar)
+    record = read_quietly(sidecar)
     return record if record is not None and record.state is State.HELD else None
 
 

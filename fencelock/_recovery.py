@@ -16,7 +16,8 @@ import re
 import time
 from dataclasses import dataclass
 
-from fencelock import _fingerprint, _lock, _probe, _sidecar, _store, _tokens, _wait
+from fencelock import _fingerprint, _lock, _probe, _registry, _sidecar, _store, _tokens, _wait
+from fencelock._constants import DEFAULT_STUCK_AFTER
 from fencelock._errors import FenceLockError, SessionContendedError, SidecarAccessError
 from fencelock._fingerprint import FenceMode
 from fencelock._probe import HolderStatus, ProbeState
@@ -58,7 +59,7 @@ def recover(
     fresh: bool = True,
     carry: bool = True,
     lane: str = "recovery",
-    stuck_after: float = _probe.DEFAULT_STUCK_AFTER,
+    stuck_after: float = DEFAULT_STUCK_AFTER,
     backend: str | None = None,
 ) -> Recovery:
     """The stuck-session recovery step. Raises `SessionContendedError` when the
@@ -77,9 +78,7 @@ def recover(
         raise FenceLockError(f"{session}: cannot recover: {found.reason}")
     waited = 0.0
     if found.state is ProbeState.LIVE:
-        local = _lock.held_in_process(_lock.registry_key(session))
-        if local is not None:
-            local._abort()
+        _registry.abort(_registry.registry_key(session))
         start = time.monotonic()
         if store is not None:
             released = store.wait_free(limit)

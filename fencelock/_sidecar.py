@@ -14,6 +14,7 @@ import os
 import stat
 
 from fencelock import _forkguard, _platform
+from fencelock._constants import SIDECAR_SUFFIX
 from fencelock._errors import (
     CorruptRecordError,
     ForeignSymlinkError,
@@ -24,7 +25,7 @@ from fencelock._errors import (
 )
 from fencelock._record import MAX_RECORD, HolderInfo, decode
 
-SUFFIX = ".holder"
+SUFFIX = SIDECAR_SUFFIX
 _READ_RETRIES = 5
 _PAD_LIMIT = 4096
 

@@ -1,22 +1,73 @@
 """The seam between `SessionLock` and the store that holds a session for it.
 
-The sidecar store (section 2 of the protocol) is built into `SessionLock`, whose hot
-path stays free of any indirection; another store is reached through `HolderStore`,
-which `SessionLock` calls without knowing which store it is. `open_store` picks one
-from a backend URL.
+`SessionLock` owns the record's fields and the life cycle (reentrancy, the in-process
+registry, the fence); it talks to one `SessionStore` object, made once per lock by
+`for_lock`, without knowing which store that is. The sidecar store (section 2 of the
+protocol) is `fencelock._sidecar_holder.SidecarHolder`. A store outside this host
+implements the smaller `HolderStore` driver interface (records as bytes; etcd's
+`EtcdHolder`), which `RemoteStore` adapts; `open_store` picks a driver from a
+backend URL.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from fencelock import _backend
+from fencelock import _backend, _fingerprint, _identity, _record
+from fencelock._sidecar_holder import SidecarHolder
 
 if TYPE_CHECKING:
+    from fencelock._fingerprint import Fingerprint
+    from fencelock._lock import SessionLock
     from fencelock._probe import HolderStatus
     from fencelock._record import HolderInfo
+
+
+class SessionStore(Protocol):
+    """What `SessionLock` asks of the store that holds its session. One object per
+    lock; each call gets the lock, whose fields are the record's."""
+
+    name: str
+    """Where the holder lives, as messages show it."""
+    shares_fd: bool
+    """Whether the lock is a descriptor `fencelock run` can share with its command."""
+
+    def acquire(
+        self,
+        lock: SessionLock,
+        me: object,
+        deadline: float | None,
+        cancel: threading.Event | None,
+        start: float,
+    ) -> None:
+        """Take the session, write the first record (setting the lock's record fields)
+        and count ``lock`` as held by ``me``; on any failure leave nothing held."""
+
+    def write(self, lock: SessionLock) -> None:
+        """Store the lock's record now (called under ``lock._io``)."""
+
+    def appended(self, lock: SessionLock, before: Fingerprint | None) -> None:
+        """The holder appended: ``lock._fp`` moved from ``before``; write the record, or
+        let it lag as the store allows."""
+
+    def check(self) -> None:
+        """Raise `HolderLostError` unless the holder is sure it still holds the session."""
+
+    def release(self, lock: SessionLock) -> None:
+        """Leave the record released and give the lock back (under ``lock._io``)."""
+
+    def share_fd(self) -> int:
+        """The locked descriptor to share with a command; -1 when there is none."""
+
+    def release_shared(self, lock: SessionLock) -> None:
+        """Like `release`, for a descriptor shared with a command (``shares_fd``): leave
+        the lock to the processes that still share it."""
+
+    def forget_in_child(self) -> None:
+        """In a forked child: let go of the parent's holder without touching it."""
 
 
 class HolderStore(Protocol):
@@ -56,6 +107,91 @@ class HolderStore(Protocol):
 
     def clear(self, remove: bool) -> HolderStatus:
         """Clear a stale record under the lock, as `fencelock.clear` does."""
+
+
+class RemoteStore:
+    """A `SessionStore` over a `HolderStore` driver (a store outside this host)."""
+
+    __slots__ = ("holder", "name")
+
+    shares_fd = False
+
+    def __init__(self, holder: HolderStore) -> None:
+        self.holder = holder
+        self.name = holder.name
+
+    def acquire(
+        self,
+        lock: SessionLock,
+        me: object,
+        deadline: float | None,
+        cancel: threading.Event | None,
+        start: float,
+    ) -> None:
+        holder = self.holder
+
+        def first_record(token: int, last: HolderInfo | None) -> bytes:
+            lock._token, lock._run_id = token, lock._run_id or _identity.RUN_IDS.next()
+            lock._previous = last.as_previous() if last is not None and last.state is \
+                _record.State.HELD else None
+            lock._acquired_at = lock._heartbeat_at = time.time()
+            lock._phase = _record.Phase.WRITE
+            lock._fp = _fingerprint.take(lock.session, lock.fence_mode)
+            lock._tail_checked = False
+            lock._info = None
+            return lock._encode()
+
+        lock._run_id = ""
+        holder.acquire(lock.on_contention == "fail", deadline, cancel, first_record)
+        try:
+            if cancel is not None and cancel.is_set():
+                import asyncio
+
+                raise asyncio.CancelledError()
+            lock._count, lock._owner, lock._pid = 1, me, _identity.ME.pid
+            # The record's fingerprint may predate the lock by a moment: the fence
+            # starts from the session as it is now that the lock is ours.
+            fp = _fingerprint.take(lock.session, lock.fence_mode)
+            if fp != lock._fp:
+                lock._rewrite(_fp=fp)
+        except BaseException:
+            lock._count = 0
+            holder.release(None)
+            raise
+
+    def write(self, lock: SessionLock) -> None:
+        lock._info = None
+        self.holder.write(lock._encode())
+
+    def appended(self, lock: SessionLock, before: Fingerprint | None) -> None:
+        lock._write_record()
+
+    def check(self) -> None:
+        self.holder.check()
+
+    def release(self, lock: SessionLock) -> None:
+        data = lock._encode()
+        at, patch = _record.STATE_OFFSET, _record.RELEASE_PATCH
+        self.holder.release(data[:at] + patch + data[at + len(patch):])
+
+    def share_fd(self) -> int:
+        return -1
+
+    def release_shared(self, lock: SessionLock) -> None:
+        self.release(lock)
+
+    def forget_in_child(self) -> None:
+        pass
+
+
+def for_lock(session: str, sidecar: str, mode: int, backend: str | None) -> SessionStore:
+    """The store for one `SessionLock` on ``session`` under ``backend`` (or
+    ``$FENCELOCK_BACKEND``): the sidecar unless a backend names another."""
+    if backend is not None or _backend.env_set():
+        holder = open_store(backend, session)
+        if holder is not None:
+            return RemoteStore(holder)
+    return SidecarHolder(session, sidecar, mode)
 
 
 def open_store(backend: str | None, session: str) -> HolderStore | None:

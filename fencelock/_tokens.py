@@ -7,7 +7,7 @@ attribute: no token above the mark has been issued. Holders read it at each acqu
 and raise it `RESERVE` tokens at a time, so it costs one write per `RESERVE`
 acquisitions, and a new sidecar starts above it. (A holder object skips the read
 while the session file's stat is unchanged since its last read: see
-``SessionLock._mark_fp``.) A copy of the session file made
+``SidecarHolder._mark_fp`` in `fencelock._sidecar_holder`.) A copy of the session file made
 without its extended attributes (``cp``, a rewrite through a temporary file) starts
 without a mark. A new sidecar also starts above the stamps in the session's last
 lines (``append(..., stamp=True)``).

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import SpawnHolder
 
-from fencelock import ProbeState, SessionContendedError, SessionLock, _lock, probe
+from fencelock import ProbeState, SessionContendedError, SessionLock, _registry, probe
 
 
 async def until(predicate: Any, limit: float = 30.0) -> None:
@@ -80,7 +80,7 @@ def test_two_tasks_contend_like_two_processes(session: Path) -> None:
                 events.append("t2 acquired")
 
         task = asyncio.create_task(take_second())
-        await until(lambda: _lock._registry_waiters == 1)
+        await until(lambda: _registry.waiters() == 1)
         assert events == ["t1 acquired"]
         events.append("t1 released")
         first.release()
@@ -123,7 +123,7 @@ def test_cancelled_waiter_leaves_no_lock_behind(session: Path, spawn_holder: Spa
 
     async def main() -> None:
         waiter = asyncio.create_task(SessionLock(session, lane="cancelled").acquire_async())
-        await until(lambda: not waiter.done() and _lock._registry)
+        await until(lambda: not waiter.done() and _registry.any_held())
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
@@ -131,7 +131,7 @@ def test_cancelled_waiter_leaves_no_lock_behind(session: Path, spawn_holder: Spa
         # The session is free to anyone else; the cancelled run never wrote a record.
         async with SessionLock(session, lane="after") as lock:
             assert lock.info is not None and lock.info.token == 2
-        await until(lambda: not _lock._registry)
+        await until(lambda: not _registry.any_held())
 
     asyncio.run(main())
     status = probe(session)
@@ -149,7 +149,7 @@ def test_waiting_tasks_do_not_starve_the_default_executor(
             asyncio.create_task(SessionLock(session, lane=f"w{i}").acquire_async())
             for i in range((os.cpu_count() or 1) + 8)  # more than the default executor
         ]
-        await until(lambda: _lock._registry_waiters >= len(waiting) - 1)
+        await until(lambda: _registry.waiters() >= len(waiting) - 1)
         # Unrelated blocking work and a free session still go through at once.
         assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 10) == 42
         free = SessionLock(session.with_name("other.jsonl"), lane="free")

@@ -168,7 +168,8 @@ def test_cli_startup_imports_only_what_the_command_needs() -> None:
         "except SystemExit:\n"
         "    pass\n"
         "mods = ('fencelock._lock', 'fencelock._probe', 'fencelock._recovery', 'fencelock._verify',"
-        " 'fencelock._config', 'subprocess', 'signal', 'shutil', 'json', 'dataclasses')\n"
+        " 'fencelock._config', 'fencelock._supervisor', 'subprocess', 'signal', 'shutil', 'json',"
+        " 'dataclasses')\n"
         "print(' '.join(m for m in mods if m in sys.modules), file=sys.stderr)\n"
     )
 
@@ -182,17 +183,9 @@ def test_cli_startup_imports_only_what_the_command_needs() -> None:
     assert not {m for m in loaded("--help") if m.startswith("fencelock.")}  # click needs shutil
     status = loaded("status", "--stuck-after", "5", "no-such-session.jsonl")
     assert {"fencelock._probe", "fencelock._lock"} <= status
-    assert not status & {"fencelock._recovery", "fencelock._verify", "fencelock._config"}
+    assert not status & {"fencelock._recovery", "fencelock._verify", "fencelock._config",
+                         "fencelock._supervisor"}
     assert not status & {"subprocess", "shutil"}
-
-
-def test_status_default_stuck_after_is_the_library_default() -> None:
-    import fencelock
-    from fencelock import _cli
-
-    assert _cli.DEFAULT_STUCK_AFTER == fencelock.DEFAULT_STUCK_AFTER
-    option = next(p for p in main.commands["status"].params if p.name == "stuck_after")
-    assert option.default == fencelock.DEFAULT_STUCK_AFTER
 
 
 def test_helpers() -> None:
@@ -1396,13 +1389,13 @@ def test_run_command_starts_with_no_signal_blocked(session: Path) -> None:
 # held yet (the last instants in which an interrupt could once leave a stale record).
 PAUSED_AFTER_THE_RECORD = """
 import sys
-from fencelock import _cli, _lock
-real = _lock.SessionLock._write_new_record
-def write_new_record(self):
-    real(self)
+from fencelock import _cli, _sidecar_holder
+real = _sidecar_holder.SidecarHolder._write_new_record
+def write_new_record(self, lock):
+    real(self, lock)
     print("written", flush=True)
     sys.stdin.readline()
-_lock.SessionLock._write_new_record = write_new_record
+_sidecar_holder.SidecarHolder._write_new_record = write_new_record
 _cli.main(sys.argv[1:], prog_name="fencelock")
 """
 

@@ -126,7 +126,7 @@ def test_a_probe_s_moment_does_not_make_a_stale_session_look_live(
     the record's owner process still runs: the lock decides, not the PID."""
     import threading
 
-    from fencelock import _lock, recover
+    from fencelock import _sidecar_holder, recover
 
     if owner == "dead":
         dead = spawn_holder(session, lane="dead")
@@ -150,7 +150,7 @@ def test_a_probe_s_moment_does_not_make_a_stale_session_look_live(
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert prober.stdout is not None and prober.stdin is not None
     assert prober.stdout.readline() == "locked\n"
-    monkeypatch.setattr(_lock, "FAIL_GRACE", 60.0)  # timing cannot decide this test
+    monkeypatch.setattr(_sidecar_holder, "FAIL_GRACE", 60.0)  # timing cannot decide this test
     polling = threading.Event()
     real_sleep = time.sleep
 
@@ -205,7 +205,7 @@ def test_fail_fast_grace_only_when_the_record_s_owner_is_gone(
     owner lives, that is a live holder: contended at once, naming it."""
     import threading
 
-    from fencelock import _lock
+    from fencelock import _sidecar_holder
 
     if owner == "dead":
         dead = spawn_holder(session, lane="dead")
@@ -226,7 +226,7 @@ def test_fail_fast_grace_only_when_the_record_s_owner_is_gone(
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert locker.stdout is not None and locker.stdin is not None
     assert locker.stdout.readline() == "locked\n"
-    monkeypatch.setattr(_lock, "FAIL_GRACE", 60.0)  # timing cannot decide this test
+    monkeypatch.setattr(_sidecar_holder, "FAIL_GRACE", 60.0)  # timing cannot decide this test
     outcome: list[object] = []
     done = threading.Event()
     polling = threading.Event()

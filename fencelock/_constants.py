@@ -1,0 +1,21 @@
+"""Names and numbers the library and the command line share. It imports nothing, so
+the command line can use them without loading the library (startup time)."""
+
+SIDECAR_SUFFIX = ".holder"
+"""The sidecar of session ``S`` is ``S + SIDECAR_SUFFIX``."""
+
+SESSION_SUFFIX = ".jsonl"
+"""What `scan` takes for a session file in a directory."""
+
+DEFAULT_STUCK_AFTER = 600.0
+"""A live holder whose heartbeat is older than this many seconds is reported stuck."""
+
+# Exit codes of the command line (`fencelock hold` uses the first three too).
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_STALE = 3
+EXIT_CONTENDED = 4
+EXIT_PROBLEMS = 5
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+EXIT_INTERRUPTED = 130  # 128 + SIGINT

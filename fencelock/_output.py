@@ -1,0 +1,361 @@
+"""What the ``fencelock`` command line prints: escaping, JSON-safe encoding, the status
+table and the streamed ``status --json`` array, and the expected errors (one escaped
+line on stderr, a documented exit code, no traceback).
+
+Imported at startup: it loads click and nothing of the library until a function needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from fencelock._constants import (
+    EXIT_CONTENDED,
+    EXIT_ERROR,
+    EXIT_NOT_EXECUTABLE,
+    EXIT_NOT_FOUND,
+    SIDECAR_SUFFIX,
+)
+
+if TYPE_CHECKING:
+    from fencelock._probe import HolderStatus
+    from fencelock._record import HolderInfo
+
+
+def clean(text: str) -> str:
+    """``text`` with control characters escaped, so record text cannot drive a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape_char(c) for c in text)
+
+
+def _escape_char(c: str) -> str:
+    o = ord(c)
+    if o < 0x100:
+        return f"\\x{o:02x}"
+    return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+class CliError(click.ClickException):
+    """An expected failure: one escaped line on stderr, exit 1, no traceback."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(clean(message))
+
+
+class ContendedCliError(CliError):
+    """A live holder is in the way."""
+
+    exit_code = EXIT_CONTENDED
+
+
+class CommandNotFoundError(CliError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class CommandNotExecutableError(CliError):
+    exit_code = EXIT_NOT_EXECUTABLE
+
+
+def os_message(e: OSError) -> str:
+    reason = e.strerror or type(e).__name__
+    return f"{os.fsdecode(e.filename)}: {reason}" if e.filename is not None else reason
+
+
+@contextmanager
+def library_errors() -> Iterator[None]:
+    """Turn the library's expected failures into click errors with the right exit code."""
+    from fencelock._errors import FenceLockError, SessionContendedError
+
+    try:
+        yield
+    except SessionContendedError as e:
+        raise ContendedCliError(str(e)) from None
+    except FenceLockError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(os_message(e)) from None
+
+
+def echo_json(obj: Any) -> None:
+    import json
+
+    click.echo(json.dumps(json_safe(obj), indent=2))
+
+
+def _utf8(text: str) -> bytes | None:
+    """``text`` as UTF-8 bytes, or None when it holds no lone surrogates (the common
+    case, checked first in O(1) for ASCII)."""
+    if text.isascii():
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        try:  # a path's undecodable bytes, as os.fsdecode gives them
+            return text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a lone surrogate from a record's JSON escape
+            return text.encode("utf-8", "surrogatepass")
+    return None
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every string valid Unicode, so that ``--json`` output is strict
+    UTF-8 for any file name. A string that is not (a name with bytes that are not
+    UTF-8) is given with each such byte written as ``\\xNN``, and its exact bytes, in
+    base64, in an extra field named ``<field>_b64``."""
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            if isinstance(key, str) and _utf8(key) is not None:
+                key = _readable(key)
+            if isinstance(value, str):
+                raw = _utf8(value)
+                if raw is not None:
+                    import base64
+
+                    out[key] = raw.decode("utf-8", "backslashreplace")
+                    out[f"{key}_b64"] = base64.b64encode(raw).decode("ascii")
+                    continue
+            out[key] = json_safe(value) if isinstance(value, dict | list) else value
+        return out
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, str):
+        return _readable(obj)
+    return obj
+
+
+def _readable(text: str) -> str:
+    raw = _utf8(text)
+    return text if raw is None else raw.decode("utf-8", "backslashreplace")
+
+
+def error_line(message: str) -> None:
+    click.echo(f"Error: {clean(message)}", err=True)
+
+
+def holder_text(st: HolderStatus) -> str:
+    """Who holds a live session: its record, or the lock's owners outside fencelock."""
+    from fencelock._errors import describe_holder
+
+    return describe_holder(held_record(st), st.lock_owners)
+
+
+def held_record(st: HolderStatus) -> HolderInfo | None:
+    """The record, if it says held (a released one describes a past run)."""
+    rec = st.record
+    return rec if rec is not None and str(rec.state) == "held" else None
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 line``, ``2 lines``."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def human_age(seconds: float | None) -> str:
+    """A duration a person reads at a glance: ``42s``, ``3m07s``, ``2h05m``, ``3d04h``."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h{m:02d}m"
+    d, h = divmod(h, 24)
+    return f"{d}d{h:02d}h"
+
+
+class PathDisplay:
+    """Paths under the working directory are shown relative to it, others absolute."""
+
+    def __init__(self) -> None:
+        try:
+            self.prefix = os.getcwd() + os.sep
+        except OSError:
+            self.prefix = "\0"  # matches no path
+
+    def __call__(self, path: str) -> str:
+        shown = path[len(self.prefix) :] if path.startswith(self.prefix) else path
+        return clean(shown)
+
+
+_MAX_CELL = 48
+
+
+def shorten(text: str, width: int = _MAX_CELL) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def status_json(st: HolderStatus, now: float) -> dict[str, Any]:
+    """The documented ``status --json`` object for one holder."""
+    rec = st.record
+    return {
+        "session": st.session,
+        "sidecar": st.sidecar,
+        "state": str(st.state),
+        "pid": rec.pid if rec else None,
+        "host": rec.host if rec else None,
+        "lane": rec.lane if rec else None,
+        "run_id": rec.run_id if rec else None,
+        "token": rec.token if rec else None,
+        "phase": str(rec.phase) if rec else None,
+        "acquired_at": rec.acquired_at if rec else None,
+        "heartbeat_at": rec.heartbeat_at if rec else None,
+        "age": round(now - rec.acquired_at, 3) if rec else None,
+        "heartbeat_age": round(now - rec.heartbeat_at, 3) if rec else None,
+        "stuck": st.stuck if rec is not None else None,
+        "owner_alive": st.owner_alive,
+        "command_pid": _command_pid(rec),
+        "fence_ok": st.fence_ok,
+        "reason": st.reason,
+        "held_by": st.held_by,
+        "lock_owners": None if st.lock_owners is None else [
+            {"pid": o.pid, "command": o.command, "shared": o.shared} for o in st.lock_owners
+        ],
+        "waiters": st.waiters,
+    }
+
+
+def _command_pid(rec: HolderInfo | None) -> int | None:
+    """The pid of the command a `fencelock run` holder started (it shares the lock)."""
+    from fencelock._record import command_of
+
+    command = command_of(rec) if rec is not None else None
+    return command[0] if command is not None else None
+
+
+_STATE_COLOURS = {"live": "green", "stale": "red", "unreadable": "magenta"}
+
+
+_HEADER = ("SESSION", "STATE", "PID", "HOST", "LANE", "AGE", "HEARTBEAT", "TOKEN", "FENCE")
+
+
+def _status_cells(st: HolderStatus, now: float, show: PathDisplay) -> list[str]:
+    from fencelock._probe import ProbeState
+
+    rec = st.record
+    state = "live (stuck)" if st.stuck else str(st.state)
+    if st.state is ProbeState.LIVE and held_record(st) is None:
+        # Held by a process outside fencelock: name it as lslocks(8) would.
+        owners = st.lock_owners or ()
+        pids = ",".join(str(o.pid) for o in owners if o.command is not None) or "?"
+        what = ", ".join(sorted({o.command for o in owners if o.command is not None}))
+        if any(o.command is None for o in owners):
+            what = ", ".join(filter(None, [what, "inherited from pid " + ",".join(
+                str(o.pid) for o in owners if o.command is None)]))
+        if owners and all(o.shared for o in owners):
+            what = ", ".join(filter(None, [what, "shared"]))
+        lane = f"(not fencelock: {what})" if what else "(not fencelock)"
+        return [show(st.session), state, pids, "-", shorten(clean(lane)), "-", "-", "-", "-"]
+    if rec is None:
+        if st.state is ProbeState.FREE and _nothing_at(st.session):
+            state = "free (no file)"
+        return [show(st.session), state, "-", "-", "-", "-", "-", "-", "-"]
+    # A released record describes a past run: its ages would read as if it still ran.
+    past = st.state is ProbeState.FREE
+    # After a clean release anyone may write the session, so a moved fence means nothing.
+    fence = "-" if past else {True: "ok", False: "moved", None: "-"}[st.fence_ok]
+    return [
+        show(st.session),
+        state,
+        # A free session's record names the run that last held it, not an owner.
+        f"last {rec.pid}" if past else str(rec.pid),
+        shorten(clean(rec.host), 24),
+        shorten(clean(rec.lane)),
+        "-" if past else human_age(now - rec.acquired_at),
+        "-" if past else human_age(now - rec.heartbeat_at),
+        str(rec.token),
+        fence,
+    ]
+
+
+def status_table(rows: Sequence[HolderStatus], now: float, *, waiters: bool = False) -> str:
+    """An aligned table, the state column coloured (click.echo strips it off a terminal).
+    ``waiters`` adds a WAITING column (runs queued behind each holder, etcd only)."""
+    from fencelock._probe import ProbeState
+
+    show = PathDisplay()
+    cells = [_status_cells(st, now, show) for st in rows]
+    header: tuple[str, ...] = _HEADER
+    if waiters:
+        header = (*_HEADER[:-1], "WAITING", _HEADER[-1])
+        cells = [[*row[:-1], str(st.waiters), row[-1]] for st, row in zip(rows, cells,
+                                                                           strict=True)]
+    widths = [len(h) for h in header]
+    for row in cells:
+        for i, cell in enumerate(row):
+            if len(cell) > widths[i]:
+                widths[i] = len(cell)
+    last = len(header) - 1
+    lines = [
+        click.style(
+            "  ".join(h.ljust(widths[i]) if i < last else h for i, h in enumerate(header)),
+            bold=True,
+        )
+    ]
+    for st, row in zip(rows, cells, strict=True):
+        parts = [c.ljust(widths[i]) if i < last else c for i, c in enumerate(row)]
+        colour = "yellow" if st.stuck else _STATE_COLOURS.get(str(st.state))
+        if colour:
+            parts[1] = click.style(parts[1], fg=colour, bold=st.state is ProbeState.STALE)
+        lines.append("  ".join(parts))
+    return "\n".join(lines)
+
+
+def stream_status_json(rows: Iterator[HolderStatus]) -> tuple[bool, bool]:
+    """Print ``status --json``'s array as the rows come; whether any was stale, and
+    whether any was unreadable."""
+    import json
+
+    from fencelock._probe import ProbeState
+
+    encode = json.JSONEncoder(indent=2).encode  # one encoder: json.dumps makes one a call
+    out: list[str] = []
+    stale = unreadable = False
+    count = 0
+    for st in rows:
+        stale = stale or st.state is ProbeState.STALE
+        unreadable = unreadable or st.state is ProbeState.UNREADABLE
+        text = encode(json_safe(status_json(st, time.time()))).replace("\n", "\n  ")
+        out.append(("[\n  " if count == 0 else ",\n  ") + text)
+        count += 1
+        if len(out) >= 256:
+            click.echo("".join(out), nl=False)
+            out.clear()
+    out.append("\n]" if count else "[]")
+    click.echo("".join(out))
+    return stale, unreadable
+
+
+def is_sidecar(path: str) -> bool:
+    return path.endswith(SIDECAR_SUFFIX)
+
+
+def _nothing_at(path: str) -> bool:
+    """Neither the session file nor the sidecar ``path`` names exists (as opposed to
+    cannot be looked at: a permission error is not a typo)."""
+    if is_sidecar(path):
+        pair = (path, path[: -len(SIDECAR_SUFFIX)])
+    else:
+        pair = (path, path + SIDECAR_SUFFIX)
+    for p in pair:
+        try:
+            os.lstat(p)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False  # there may be something; let the library name the cause
+        return False
+    return True

@@ -1,0 +1,143 @@
+"""The in-process registry: which `SessionLock` of this process holds which session.
+
+Two runs in one process contend exactly as two processes do, even where flock alone
+would not make them (some filesystems emulate it per process). Each holder takes its
+session's slot, keyed by the session's real path, before it takes the store's lock,
+and frees it after. Outside `SessionLock`, the registry answers who holds a session
+here (`held_in_process`) and asks that run to stop (`abort`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from fencelock import _sidecar
+from fencelock._errors import FenceLockError, SessionContendedError
+
+if TYPE_CHECKING:
+    from fencelock._lock import SessionLock
+
+_held: dict[str, SessionLock] = {}
+_mu = threading.Lock()
+_cond = threading.Condition(_mu)
+"""Waited on by acquirers whose session another object of this process holds. The
+uncontended path takes ``_mu`` directly, which costs less than the Condition's own
+context manager."""
+_waiters = 0
+
+
+def cancelled() -> BaseException:
+    """The exception a cancelled acquire raises (asyncio's, imported only then)."""
+    import asyncio
+
+    return asyncio.CancelledError()
+
+
+@functools.lru_cache(maxsize=4096)
+def real_key(session: str) -> str:
+    """The registry key of an absolute session path: its real directory plus its name.
+
+    Raises `ForeignSymlinkError` when the directory goes through another user's symlink.
+    """
+    real = _sidecar.real_directory(os.path.dirname(session))
+    return os.path.join(real, os.path.basename(session))
+
+
+def registry_key(session: str) -> str:
+    """The registry's key for a session (the session itself for a path no
+    `SessionLock` accepts: nothing here can hold it)."""
+    try:
+        return real_key(session)
+    except FenceLockError:
+        return session
+
+
+def held_in_process(session_key: str) -> SessionLock | None:
+    """The lock object of this process that holds ``session_key``, if any."""
+    with _mu:
+        return _held.get(session_key)
+
+
+def any_held() -> bool:
+    """Whether any session is held in this process (a check that takes no lock)."""
+    return bool(_held)
+
+
+def abort(session_key: str) -> bool:
+    """Ask the run of this process that holds ``session_key`` to abort (its `on_abort`
+    callbacks); False when no run here holds it."""
+    lock = held_in_process(session_key)
+    if lock is None:
+        return False
+    lock._abort()
+    return True
+
+
+def take(
+    key: str,
+    lock: SessionLock,
+    fail: bool,
+    deadline: float | None,
+    cancel: threading.Event | None,
+    start: float,
+) -> None:
+    """Take ``key``'s slot for ``lock``, waiting for another holder of this process to
+    free it unless ``fail``; `SessionContendedError` past ``deadline``."""
+    global _waiters
+    with _mu:
+        while True:
+            other = _held.get(key)
+            if other is None:
+                _held[key] = lock
+                return
+            if cancel is not None and cancel.is_set():
+                raise cancelled()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if fail or (remaining is not None and remaining <= 0):
+                waited = time.monotonic() - start
+                raise SessionContendedError(lock.session, other.info, waited=waited)
+            _waiters += 1
+            try:
+                _cond.wait(remaining)
+            finally:
+                _waiters -= 1
+
+
+def free(key: str, lock: SessionLock) -> None:
+    """Free ``key``'s slot if ``lock`` has it, waking waiters."""
+    with _mu:
+        if _held.get(key) is lock:
+            del _held[key]
+            if _waiters:
+                _cond.notify_all()
+
+
+def wake() -> None:
+    """Wake every waiter, so that a cancelled one notices."""
+    with _cond:
+        _cond.notify_all()
+
+
+def waiters() -> int:
+    """How many acquirers of this process wait for a slot."""
+    return _waiters
+
+
+def _after_fork_in_child() -> None:
+    # A forked child does not hold its parent's sessions: forget them, and close the
+    # inherited descriptors (closing never unlocks: the parent's copy keeps the lock).
+    global _mu, _cond, _waiters
+    for lock in _held.values():
+        lock._forget_in_child()
+    _held.clear()
+    _mu = threading.Lock()
+    _cond = threading.Condition(_mu)
+    _waiters = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

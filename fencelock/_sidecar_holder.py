@@ -1,0 +1,384 @@
+"""The sidecar store: a session held through the flock of ``<session>.holder``.
+
+This is protocol version 1's embedded store (docs/PROTOCOL.md): open the sidecar, take
+its OS lock (waiting in the kernel, or failing fast), check that the locked inode is
+still the one at the path, then write the record; the token is the last record's
+plus one, never below the session file's token mark. Release marks the record
+``released`` and drops the lock; the sidecar stays. `SessionLock` reaches it through
+the `fencelock._store.SessionStore` interface, one `SidecarHolder` per lock object.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from fencelock import (
+    _fingerprint,
+    _identity,
+    _platform,
+    _record,
+    _registry,
+    _sidecar,
+    _tokens,
+    _wait,
+)
+from fencelock._errors import (
+    CorruptRecordError,
+    FenceLockError,
+    NotHeldError,
+    SessionContendedError,
+    SidecarAccessError,
+)
+from fencelock._record import HolderInfo, Phase, State
+
+if TYPE_CHECKING:
+    from fencelock._lock import SessionLock
+
+_next_run_id = _identity.RUN_IDS.next
+_CANCEL_POLL = 0.05
+
+FAIL_GRACE = 0.05
+"""How long ``on_contention="fail"`` waits when the lock is held but the record is not
+``held``: a probe's momentary shared lock, or an acquirer about to write its record."""
+
+_MARK_TRUST_AGE_NS = 20_000_000
+"""How old a session file's ctime must be for its unchanged stat to vouch for its token
+mark: a change within the same coarse clock tick (4-10 ms) leaves ctime as it was."""
+
+RECORD_LAG = 1.0
+"""In the write phase an append leaves the record alone unless it was last written
+this many seconds ago: the record's fingerprint and heartbeat then lag the holder's own
+appends by at most this much. Entering and leaving the prompt window, `touch` and
+release write them at once."""
+
+_PEEK_BYTES = 4096
+"""A first read of the old record; records are far smaller unless something is wrong."""
+
+_RELEASED_NOTE = (
+    "the session is released, but its record still says held (it will read as stale)"
+)
+
+
+def holder_alive(record: HolderInfo) -> bool | None:
+    """Whether the record's owner still runs, or the command a `fencelock run` owner
+    started (which shares its lock); None when that cannot be known from here."""
+    alive = _identity.owner_alive(record.pid, record.host, record.process_start)
+    command = _record.command_of(record) if not alive else None
+    if command is None:
+        return alive
+    other = _identity.owner_alive(command[0], record.host, command[1])
+    if other or alive is None or other is None:
+        return other or None
+    return False
+
+
+def may_be_live(record: HolderInfo | None) -> bool:
+    """Whether a record names a holder that may still run (for a lock found taken: a
+    record that is not held, or whose owner is gone, means a probe or an acquirer
+    about to write has the lock for a moment)."""
+    return record is not None and record.state is State.HELD and holder_alive(
+        record
+    ) is not False
+
+
+def read_quietly(sidecar: str) -> HolderInfo | None:
+    """The sidecar's record, or None when there is none or it cannot be read."""
+    try:
+        fd, st = _sidecar.open_checked(sidecar, create=False)
+    except Exception:
+        return None
+    try:
+        return _sidecar.read(fd, sidecar, st.st_size)
+    except Exception:
+        return None
+    finally:
+        _sidecar.close(fd)
+
+
+class SidecarHolder:
+    """One `SessionLock`'s holder in the session's sidecar: the locked descriptor, the
+    record's length on disk, and what the session's token mark was last seen to be."""
+
+    __slots__ = (
+        "_behind",
+        "_fd",
+        "_mark",
+        "_mark_fp",
+        "_record_len",
+        "_written_at",
+        "mode",
+        "name",
+        "session",
+        "sidecar",
+    )
+
+    shares_fd = True
+    """`fencelock run` can hand the locked descriptor to its command."""
+
+    def __init__(self, session: str, sidecar: str, mode: int) -> None:
+        self.session = session
+        self.sidecar = sidecar
+        self.name = sidecar
+        self.mode = mode
+        self._fd = -1
+        self._record_len = 0
+        self._written_at = 0.0
+        """`time.monotonic` of the last record write."""
+        self._behind = False
+        """The record lags the fingerprint and heartbeat of the holder's last append."""
+        self._mark_fp: _fingerprint.Fingerprint | None = None
+        self._mark = 0
+        """The session's token mark was ``_mark`` (or more) when its stat was
+        ``_mark_fp``: while the stat is unchanged, the mark need not be read again. Any
+        change to the mark moves ctime; ctime is coarse (a clock tick), so only a stat
+        whose ctime was `_MARK_TRUST_AGE_NS` old when the mark was read is trusted."""
+
+    # -- acquire -----------------------------------------------------------------
+
+    def acquire(
+        self,
+        lock: SessionLock,
+        me: object,
+        deadline: float | None,
+        cancel: threading.Event | None,
+        start: float,
+    ) -> None:
+        """Lock the sidecar, write the first record and count ``lock`` as held by ``me``."""
+        self._lock_sidecar(lock, deadline, cancel, start)
+        try:
+            if cancel is not None and cancel.is_set():
+                raise _registry.cancelled()  # got it just as the caller gave up
+            self._write_new_record(lock)
+            lock._count, lock._owner, lock._pid = 1, me, _identity.ME.pid
+        except BaseException:
+            lock._count = 0
+            self._unwrite_record(lock)
+            self._close_fd()
+            raise
+
+    def _lock_sidecar(
+        self,
+        lock: SessionLock,
+        deadline: float | None,
+        cancel: threading.Event | None,
+        start: float,
+    ) -> None:
+        """Leave ``self._fd`` open and locked on the sidecar now at the path."""
+        # While acquiring, self._fd names the descriptor this thread owns; while a helper
+        # thread waits, the helper owns it. (Either way _forkguard closes a fork's copy.)
+        while True:
+            fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode)
+            self._fd = fd
+            try:
+                locked = _platform.try_lock(fd)
+            except BaseException:
+                self._close_fd()
+                raise
+            if not locked:
+                self._fd = -1
+                fd, st = self._wait_for_lock(lock, fd, st, deadline, cancel, start)
+                self._fd = fd
+            if _sidecar.still_at_path(self.sidecar, st):
+                return
+            self._close_fd()  # removed or replaced while we waited: lock the new one
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            _sidecar.close(fd)
+
+    def _wait_for_lock(
+        self,
+        lock: SessionLock,
+        fd: int,
+        st: os.stat_result,
+        deadline: float | None,
+        cancel: threading.Event | None,
+        start: float,
+    ) -> tuple[int, os.stat_result]:
+        """Return a locked descriptor of the sidecar (``fd``, or one an earlier wait
+        left blocked) and its stat; otherwise raise, with ``fd`` closed or handed off."""
+        try:
+            if lock.on_contention == "fail":
+                record = self._peek(fd, st)
+                if may_be_live(record):
+                    raise self._contended(None, record)
+                # Otherwise the lock is held by a probe, or by an acquirer that has not
+                # yet replaced a released or stale record: give it a moment.
+                deadline = time.monotonic() + FAIL_GRACE
+            if deadline is None and cancel is None and _platform.CAN_BLOCK:
+                _platform.lock_blocking(fd)
+                return fd, st
+        except BaseException:
+            _sidecar.close(fd)
+            raise
+        key = (self.sidecar, False)
+        waiter = _wait.Waiter.start(key, fd)
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                # With a cancel event, wake every 50 ms to notice it.
+                step = remaining if cancel is None else min(_CANCEL_POLL, remaining or _CANCEL_POLL)
+                if (step is None or step > 0) and waiter.done.wait(step):
+                    break
+                if remaining is not None and remaining <= 0:
+                    break
+                if cancel is not None and cancel.is_set():
+                    break
+        except BaseException:  # e.g. KeyboardInterrupt, perhaps just as the lock came
+            waiter.give_up_and_close()
+            raise
+        # From here the helper thread owns its fd unless give_up() says it is ours.
+        locked = waiter.give_up()
+        if not locked:
+            if cancel is not None and cancel.is_set():
+                raise _registry.cancelled()
+            raise self._contended(start)
+        if waiter.fd == fd:
+            return fd, st
+        try:
+            return waiter.fd, os.fstat(waiter.fd)
+        except BaseException:
+            _sidecar.close(waiter.fd)
+            raise
+
+    def _peek(self, fd: int, st: os.stat_result) -> HolderInfo | None:
+        try:
+            return _sidecar.read(fd, self.sidecar, st.st_size)
+        except CorruptRecordError:
+            return None
+
+    def _contended(self, start: float | None, record: HolderInfo | None = None) -> Exception:
+        if record is None:
+            record = read_quietly(self.sidecar)
+        if record is not None and record.state is not State.HELD:
+            record = None  # a record from before the live holder wrote its own
+        waited = None if start is None else time.monotonic() - start
+        # Without a held record a process outside fencelock has the lock: name it.
+        owners = _platform.lock_owners(self.sidecar) if record is None else None
+        return SessionContendedError(self.session, record, waited=waited, lock_owners=owners)
+
+    def _write_new_record(self, lock: SessionLock) -> None:
+        fd, previous = self._fd, None
+        try:
+            data = os.pread(fd, _PEEK_BYTES, 0)
+        except OSError as e:
+            raise SidecarAccessError(self.sidecar, e, "its record cannot be read") from None
+        old_len = len(data) if len(data) < _PEEK_BYTES else os.fstat(fd).st_size
+        quick = _record.peek(data) if data and len(data) < _PEEK_BYTES else None
+        if quick is not None and quick[0] is State.RELEASED:
+            token = quick[1] + 1
+        else:
+            old = _sidecar.read(fd, self.sidecar, old_len)
+            if old is None:
+                token = max(_tokens.floor(self.session), lock._token_floor) + 1
+            else:
+                token = old.token + 1
+                previous = old.as_previous() if old.state is State.HELD else None
+        if token > _record.MAX_TOKEN:
+            raise FenceLockError(
+                f"{self.sidecar}: its fencing tokens are exhausted ({token - 1}); check "
+                f"where that token came from (the record, the session's "
+                f"{_tokens.XATTR} attribute, .corrupt-* copies) before resetting them"
+            )
+        self._record_len = old_len
+        lock._token, lock._run_id, lock._previous = token, _next_run_id(), previous
+        lock._acquired_at = lock._heartbeat_at = time.time()
+        lock._phase = Phase.WRITE
+        fp = lock._session_fingerprint()
+        if fp is not None and (token > self._mark or fp != self._mark_fp):
+            wrote, self._mark = _tokens.reserve_known(self.session, token)
+            if wrote:
+                fp = _fingerprint.take(self.session, lock.fence_mode)  # the mark moved ctime
+            aged = fp is not None and time.time_ns() - fp.ctime_ns > _MARK_TRUST_AGE_NS
+            self._mark_fp = fp if aged else None
+        lock._fp = fp
+        lock._tail_checked = False
+        lock._write_record()
+
+    def _unwrite_record(self, lock: SessionLock) -> None:
+        """An interrupt (KeyboardInterrupt, a signal handler's exception) landed after
+        this acquire wrote its record but before it counted as held: mark the record
+        released, so the session does not read as stale once the lock is dropped."""
+        if self._fd < 0 or not lock._run_id:
+            return
+        try:
+            record = _sidecar.read(self._fd, self.sidecar)
+            if (
+                record is not None and record.state is State.HELD
+                and record.run_id == lock._run_id and record.token == lock._token
+            ):
+                os.pwrite(self._fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+        except (OSError, FenceLockError):
+            pass  # it reads as stale: no worse than before
+
+    # -- while held --------------------------------------------------------------
+
+    def write(self, lock: SessionLock) -> None:
+        """Write the holder's record (called under the lock object's ``_io``)."""
+        if self._fd < 0:
+            raise NotHeldError(f"{self.session}: released while the record was updated")
+        lock._info = None
+        self._record_len = _sidecar.write_bytes(
+            self._fd, self.sidecar, lock._encode(), self._record_len
+        )
+        self._written_at, self._behind = time.monotonic(), False
+
+    def appended(self, lock: SessionLock, before: _fingerprint.Fingerprint | None) -> None:
+        """The holder appended, moving the session's fingerprint from ``before`` to
+        ``lock._fp``: in the write phase the record follows at most `RECORD_LAG`
+        seconds later."""
+        if self._mark_fp is not None and self._mark_fp == before:
+            self._mark_fp = lock._fp  # our own line moved the stat, not a change to the mark
+        if lock._phase is Phase.PROMPT or time.monotonic() - self._written_at >= RECORD_LAG:
+            lock._write_record()
+        else:
+            self._behind, lock._info = True, None
+
+    def check(self) -> None:
+        """Nothing to confirm: the kernel keeps the lock while the descriptor is open."""
+
+    # -- release -----------------------------------------------------------------
+
+    def release(self, lock: SessionLock) -> None:
+        """Mark the record released and drop the lock (under the lock object's ``_io``)."""
+        fd, self._fd = self._fd, -1
+        try:
+            if self._behind:  # the last appends' fence point, with "released"
+                self._behind = False
+                _sidecar.write_bytes(
+                    fd, self.sidecar, lock._encode(State.RELEASED), self._record_len
+                )
+            else:  # flip "held" to "released" in place: one small write
+                os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+        except OSError as e:
+            raise SidecarAccessError(self.sidecar, e, _RELEASED_NOTE) from None
+        finally:
+            try:
+                _platform.unlock(fd)
+            finally:
+                _sidecar.close(fd)  # also drops the lock if unlocking failed
+
+    def share_fd(self) -> int:
+        """The locked descriptor, for `fencelock run` to pass to its command."""
+        return self._fd
+
+    def release_shared(self, lock: SessionLock) -> None:
+        """Mark the record released and close this process's descriptor without
+        unlocking (under the lock object's ``_io``): the processes that share the
+        descriptor keep the session until the last of them closes it."""
+        fd, self._fd = self._fd, -1
+        try:
+            os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+        except OSError as e:
+            raise SidecarAccessError(self.sidecar, e, _RELEASED_NOTE) from None
+        finally:
+            _sidecar.close(fd)
+
+    def forget_in_child(self) -> None:
+        """In a forked child: the inherited descriptor is not this process's (fork
+        safety closes it)."""
+        self._fd = -1

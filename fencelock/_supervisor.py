@@ -1,0 +1,219 @@
+"""The ``fencelock run`` supervisor: hold a session while a command runs, like flock(1).
+
+It owns SIGINT, SIGTERM and SIGHUP from before the acquire to after the release, hands
+the locked descriptor to the command (so the session stays held as long as the
+command, or anything it left running with the descriptor, lives), names the command
+in the record, refreshes the heartbeat while it runs, and passes its exit code on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from fencelock._output import (
+    CommandNotExecutableError,
+    CommandNotFoundError,
+    error_line,
+    library_errors,
+)
+
+if TYPE_CHECKING:
+    import subprocess
+    from types import FrameType
+
+    from fencelock._lock import SessionLock
+    from fencelock._record import HolderInfo
+
+
+def _in_terminal_foreground() -> bool:
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class Stopped(BaseException):
+    """SIGINT, SIGTERM or SIGHUP before ``run`` held the session: stop, as with Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class SignalForwarder:
+    """Owns SIGINT, SIGTERM and SIGHUP for the whole of ``run``, so that no signal ever
+    kills it with the default action while it holds the session.
+
+    Installed before the acquire. While waiting for the session a signal stops the
+    wait (`Stopped`, which unwinds the acquire). From `hold` on, a signal is kept
+    until the command runs and is then passed on to it, so the hold outlives the
+    command and the release always happens. Python runs these handlers in the main
+    thread between bytecodes, so the command starts with the caller's signal mask.
+    """
+
+    def __init__(self) -> None:
+        import signal
+
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.holding = False
+        self.pending: list[int] = []
+        self.sigint = signal.SIGINT
+        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in forwarded}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.holding:
+            raise Stopped(signum)
+        if self.proc is None:
+            self.pending.append(signum)
+            return
+        # Ctrl-C goes to the whole foreground process group, the command included;
+        # a second copy could interrupt the command's own clean-up.
+        if signum == self.sigint and _in_terminal_foreground():
+            return
+        self.proc.send_signal(signum)
+
+    def hold(self) -> None:
+        """The session is held: from now on signals wait for the command."""
+        self.holding = True
+
+    def attach(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        for sig in self.pending:
+            proc.send_signal(sig)
+
+    def restore(self) -> None:
+        import signal
+
+        self.holding = True  # a signal between these calls must not raise any more
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class _Heartbeat:
+    """Refreshes the record's heartbeat while the command runs, so it is not 'stuck'."""
+
+    def __init__(self, lock: SessionLock, every: float) -> None:
+        import threading
+
+        self.lock = lock
+        self.every = every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="fencelock-heartbeat", daemon=True)
+        if 0 < every < threading.TIMEOUT_MAX:  # 0 or inf: never
+            self.thread.start()
+
+    def _run(self) -> None:
+        from fencelock._errors import FenceLockError
+
+        while not self.stop.wait(self.every):
+            try:
+                self.lock.touch()
+            except (FenceLockError, OSError) as e:
+                error_line(f"heartbeat not refreshed: {e}")
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
+def _spawn(command: Sequence[str], env: dict[str, str], lock_fd: int) -> subprocess.Popen[bytes]:
+    import subprocess
+
+    name = command[0]
+    # Like flock(1), the command inherits the caller's open descriptors (`3<file`) and
+    # the lock's own: a flock lock belongs to the open file description, so the
+    # session stays held while the command (or anything it leaves running with the
+    # descriptor) lives, even if this process is killed. fencelock's other
+    # descriptors are close-on-exec. Nothing else runs in this process meanwhile (the
+    # heartbeat starts after), so no other child can inherit the lock by accident.
+    if lock_fd >= 0:
+        os.set_inheritable(lock_fd, True)
+    try:
+        return subprocess.Popen(list(command), env=env, close_fds=False)
+    except FileNotFoundError:
+        raise CommandNotFoundError(f"{name}: command not found") from None
+    except PermissionError:
+        raise CommandNotExecutableError(f"{name}: permission denied") from None
+    except OSError as e:
+        raise CommandNotExecutableError(f"{name}: cannot run it: {e.strerror}") from None
+    finally:
+        if lock_fd >= 0:
+            os.set_inheritable(lock_fd, False)
+
+
+def run_held(
+    lock: SessionLock,
+    info: HolderInfo,
+    command: Sequence[str],
+    beat: float,
+    forwarder: SignalForwarder,
+) -> int:
+    from fencelock._errors import FenceLockError
+
+    lock_fd = lock._shared_fd()
+    env = dict(os.environ)
+    env.update(
+        FENCELOCK_SESSION=lock.session,
+        FENCELOCK_LANE=lock.lane,
+        FENCELOCK_TOKEN=str(info.token),
+        FENCELOCK_RUN_ID=info.run_id,
+    )
+    if lock_fd >= 0:  # a sidecar's lock; a store's holder (etcd) has no descriptor
+        env["FENCELOCK_FD"] = str(lock_fd)
+    if forwarder.pending:
+        return 128 + forwarder.pending[0]
+    proc = _spawn(command, env, lock_fd)
+    forwarder.attach(proc)
+    try:
+        lock._name_command(proc.pid)
+    except (FenceLockError, OSError) as e:
+        error_line(f"{lock.session}: the record does not name the command: {e}")
+    heartbeat = _Heartbeat(lock, beat)
+    try:
+        code = proc.wait()
+    finally:
+        heartbeat.close()
+    return 128 - code if code < 0 else code
+
+
+def supervise(lock: SessionLock, command: Sequence[str], heartbeat: float) -> int:
+    """Acquire ``lock``, run ``command`` holding it, release; the exit code to give.
+
+    Raises the command line's errors (a live holder in the way: exit 4)."""
+    from fencelock._errors import FenceLockError
+
+    # Installed before the acquire: a signal that lands once the lock is taken must
+    # never kill this process with the default action (that would leave a stale record).
+    forwarder: SignalForwarder | None = None
+    try:
+        forwarder = SignalForwarder()
+        try:
+            with library_errors():
+                info = lock.acquire()
+            forwarder.hold()
+            code = run_held(lock, info, command, heartbeat, forwarder)
+        finally:
+            forwarder.hold()
+            if lock.held:
+                try:
+                    # Without unlocking: what the command left running keeps the session.
+                    lock._release_shared()
+                except (FenceLockError, OSError) as e:
+                    error_line(f"{lock.session}: release: {e}")
+    except Stopped as e:  # before the command started: nothing is held any more
+        code = 128 + e.signum
+    finally:
+        # Kept until after the release, so a late SIGTERM cannot leave a stale record.
+        if forwarder is not None:
+            forwarder.restore()
+    return code

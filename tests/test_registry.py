@@ -1,0 +1,81 @@
+"""The in-process registry's surface, and the seam between `SessionLock` and its store."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import fencelock
+from fencelock import SessionLock, _registry
+
+PACKAGE = Path(fencelock.__file__).parent
+
+
+def test_registry_key_is_the_real_path_through_a_symlinked_directory(
+    session: Path, tmp_path: Path
+) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(session.parent)
+    real = str(session.parent.resolve() / session.name)
+    assert _registry.registry_key(str(link / session.name)) == real
+    assert _registry.registry_key(str(session)) == real
+
+
+def test_held_in_process_names_the_holding_object_only_while_it_holds(session: Path) -> None:
+    key = _registry.registry_key(str(session))
+    lock = SessionLock(session, "a")
+    assert _registry.held_in_process(key) is None
+    with lock:
+        assert _registry.held_in_process(key) is lock
+        assert _registry.any_held()
+    assert _registry.held_in_process(key) is None
+
+
+def test_abort_asks_the_run_that_holds_the_session_and_no_other(
+    session: Path, tmp_path: Path
+) -> None:
+    other = session.parent / "other.jsonl"
+    asked: list[str] = []
+    a, b = SessionLock(session, "a"), SessionLock(other, "b")
+    a.on_abort(lambda: asked.append("a"))
+    b.on_abort(lambda: asked.append("b"))
+    assert not _registry.abort(_registry.registry_key(str(session)))  # nothing held yet
+    with a, b:
+        assert _registry.abort(_registry.registry_key(str(session)))
+    assert asked == ["a"]
+
+
+def _imports(module: str) -> set[str]:
+    tree = ast.parse((PACKAGE / module).read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "fencelock":
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.removeprefix("fencelock."))
+    return names
+
+
+def test_session_lock_does_not_know_which_store_holds_it() -> None:
+    """`SessionLock` reaches the sidecar (and any other store) only through the store
+    object: no sidecar protocol, OS lock, token mark or etcd code in `_lock`."""
+    assert not _imports("_lock.py") & {
+        "_sidecar_holder", "_platform", "_tokens", "_etcd", "_backend",
+    }
+    source = (PACKAGE / "_lock.py").read_text()
+    assert "_store is not None" not in source
+
+
+def test_probe_and_recovery_use_the_registry_not_the_lock_internals() -> None:
+    for module in ("_probe.py", "_recovery.py"):
+        tree = ast.parse((PACKAGE / module).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and (
+                not node.attr.startswith("__")
+            ):
+                base = node.value
+                reaches_lock = isinstance(base, ast.Name) and base.id == "_lock"
+                private_call = node.attr in ("_abort", "_take_slot", "_free_slot", "_registry")
+                assert not reaches_lock and not private_call, (
+                    f"{module}:{node.lineno} reaches into {ast.unparse(node)}"
+                )
