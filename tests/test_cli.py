@@ -28,7 +28,8 @@ from conftest import SpawnHolder, wait_for_blocked_waiter
 from marks import needs_pidfd, needs_proc_locks
 
 from fencelock import FenceLockError, SessionContendedError, SessionLock, probe
-from fencelock._cli import clean, human_age, main
+from fencelock._cli import main
+from fencelock._output import clean, human_age
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = ["status", "clear", "run", "hold", "wait", "recover", "verify", "check-config"]
