@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import subprocess
     from types import FrameType
 
+    from fencelock import _etcdkeeper
     from fencelock._lock import SessionLock
     from fencelock._probe import HolderStatus
     from fencelock._record import HolderInfo
@@ -924,10 +925,11 @@ def _run_held(
     command: Sequence[str],
     beat: float,
     forwarder: _SignalForwarder,
+    keeper: _etcdkeeper.Keeper | None = None,
 ) -> int:
     from fencelock._errors import FenceLockError
 
-    lock_fd = lock._shared_fd()
+    lock_fd = lock._shared_fd() if keeper is None else keeper.command_fd
     env = dict(os.environ)
     env.update(
         FENCELOCK_SESSION=lock.session,
@@ -1002,6 +1004,7 @@ def run(
     Example:
       fencelock run sessions/4f1c.jsonl --lane cron:nightly --timeout 30 -- ./job.sh
     """
+    from fencelock import _etcdkeeper
     from fencelock._errors import FenceLockError
     from fencelock._lock import SessionLock
 
@@ -1017,16 +1020,24 @@ def run(
     # Installed before the acquire: a signal that lands once the lock is taken must
     # never kill this process with the default action (that would leave a stale record).
     forwarder: _SignalForwarder | None = None
+    keeper: _etcdkeeper.Keeper | None = None
     try:
         forwarder = _SignalForwarder()
         try:
             with _library_errors():
                 info = lock.acquire()
             forwarder.hold()
-            code = _run_held(lock, info, command, heartbeat, forwarder)
+            # A holder in etcd: a keeper process stands in for the shared descriptor.
+            keeper = _etcdkeeper.start(lock)
+            code = _run_held(lock, info, command, heartbeat, forwarder, keeper)
         finally:
             forwarder.hold()
-            if lock.held:
+            if keeper is not None and lock.held:
+                try:
+                    keeper.release(lock)
+                except (FenceLockError, OSError) as e:
+                    _error_line(f"{lock.session}: release: {e}")
+            elif lock.held:
                 try:
                     # Without unlocking: what the command left running keeps the session.
                     lock._release_shared()

@@ -396,7 +396,7 @@ class SessionLock:
                 else None
             self._acquired_at = self._heartbeat_at = time.time()
             self._phase = Phase.WRITE
-            self._fp = _fingerprint.take(self.session, self.fence_mode)
+            self._fp = _fingerprint.take(self.session, self.fence_mode, opened=True)
             self._tail_checked = False
             self._info = None
             return self._encode()
@@ -409,7 +409,7 @@ class SessionLock:
             self._count, self._owner, self._pid = 1, me, _identity.ME.pid
             # The record's fingerprint may predate the lock by a moment: the fence
             # starts from the session as it is now that the lock is ours.
-            fp = _fingerprint.take(self.session, self.fence_mode)
+            fp = _fingerprint.take(self.session, self.fence_mode, opened=True)
             if fp != self._fp:
                 self._rewrite(_fp=fp)
         except BaseException:
@@ -686,9 +686,26 @@ class SessionLock:
         """Like `release`, for a lock shared with a command: mark the record released
         and close this process's descriptor without unlocking. LOCK_UN would free the
         session for every process sharing the descriptor; closing frees it only once
-        the last of them has closed it (or exited)."""
-        if self._pid != _identity.ME.pid or self._count != 1 or self._store is not None:
+        the last of them has closed it (or exited).
+
+        With a store (etcd), the holder stays in the store under this process's lease,
+        which the `fencelock run` keeper (`_etcdkeeper`) keeps alive for what the command
+        left running, then revokes."""
+        if self._pid != _identity.ME.pid or self._count != 1:
             self.release()
+            return
+        if self._store is not None:
+            self._count = 0
+            try:
+                with self._io:
+                    data = self._encode()
+                    at = _record.STATE_OFFSET
+                    self._store.write(
+                        data[:at] + _record.RELEASE_PATCH + data[at + len(_record.RELEASE_PATCH):]
+                    )
+            finally:
+                self._info = None
+                self._free_slot()
             return
         self._count = 0
         try:
@@ -842,6 +859,7 @@ class SessionLock:
         self._require()
         if self._store is not None:
             self._store.check()
+            return _fence.check(self.session, self._fp, self.fence_mode, opened=True)
         return _fence.check(self.session, self._fp, self.fence_mode)
 
     def touch(self) -> None:
@@ -853,7 +871,10 @@ class SessionLock:
     def prompt_window(self) -> Iterator[SessionLock]:
         """The model-call window: still held, ``phase: "prompt"``, fence checked on exit."""
         self._require()
-        _fence.check(self.session, self._fp, self.fence_mode)
+        # Where the holder lives in a store (etcd), the session may be on a filesystem
+        # that other hosts write: its fingerprint comes from opening it (close-to-open).
+        opened = self._store is not None
+        _fence.check(self.session, self._fp, self.fence_mode, opened)
         self._rewrite(_phase=Phase.PROMPT, _heartbeat_at=time.time())
         try:
             yield self
@@ -861,7 +882,7 @@ class SessionLock:
             if self.held:
                 self._rewrite(_phase=Phase.WRITE, _heartbeat_at=time.time())
         # Against the fence point, which the holder's own appends inside the window move.
-        self._fp = _fence.check(self.session, self._fp, self.fence_mode)
+        self._fp = _fence.check(self.session, self._fp, self.fence_mode, opened)
 
     # -- recovery hook -----------------------------------------------------------
 
