@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
