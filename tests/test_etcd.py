@@ -385,11 +385,15 @@ def test_a_watch_on_a_hung_etcd_gives_store_unavailable_instead_of_hanging(
     url = parse(own_etcd.url("hung-watch"))
     assert url is not None
     cluster = _etcd.cluster(url)
-    revision = int(cluster.call("/maintenance/status", {})["header"]["revision"])
-    own_etcd.kill(signal.SIGSTOP)  # accepts connections, answers nothing
+    ready, stopped = threading.Event(), threading.Event()
     outcome: list[BaseException] = []
 
     def watch() -> None:
+        # This thread's client has talked to etcd (and learned its API path) before
+        # etcd stops: what hangs is the watch request itself.
+        revision = int(cluster.call("/maintenance/status", {})["header"]["revision"])
+        ready.set()
+        stopped.wait()
         try:
             cluster.watch("hung-watch/k", revision + 1, time.monotonic() + 1).stop()
         except BaseException as e:
@@ -397,6 +401,9 @@ def test_a_watch_on_a_hung_etcd_gives_store_unavailable_instead_of_hanging(
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
+    assert ready.wait(60)
+    own_etcd.kill(signal.SIGSTOP)  # accepts connections, answers nothing
+    stopped.set()
     t.join(60)  # a guard against a hang, not a measurement
     assert not t.is_alive(), "opening a watch on a hung etcd never returned"
     assert outcome and isinstance(outcome[0], StoreUnavailableError), outcome
