@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import json
 import math
 import os
@@ -96,6 +97,21 @@ def _kvs(response: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _count(response: dict[str, Any]) -> int:
     return int(response.get("response_range", {}).get("count", 0))
+
+
+_HEADERS = {"Content-Type": "application/json"}
+
+
+class _Connections(dict[int, http.client.HTTPConnection]):
+    """One thread's connections, closed with it (when its thread-local data goes)."""
+
+    def __del__(self) -> None:
+        for conn in self.values():
+            conn.close()
+
+
+class _EtcdError(Exception):
+    """etcd answered with an error (its message, or the HTTP status)."""
 
 
 class _Lease:
@@ -203,33 +219,74 @@ class _Cluster:
             self._local.clients = clients
         return clients
 
+    def _connection(self, index: int) -> http.client.HTTPConnection:
+        conns: _Connections | None = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = _Connections()
+        conn = conns.get(index)
+        if conn is None:
+            host, port = self.url.endpoints[index]
+            conn = conns[index] = http.client.HTTPConnection(host, port, timeout=_REQUEST_TIMEOUT)
+        return conn
+
+    def _post(self, index: int, path: str, body: bytes, timeout: float) -> dict[str, Any]:
+        """One POST on this thread's kept-alive connection to endpoint ``index``.
+
+        The standard library's HTTP client, not the `requests` session under etcd3gw:
+        on a hand-off's critical path (the release, then the new owner's transaction)
+        it costs a fraction of a millisecond per request where `requests` costs one to
+        two (measured on loopback); the headers and the body go out in one segment."""
+        for attempt in (0, 1):
+            conn = self._connection(index)
+            reused = conn.sock is not None
+            conn.timeout = timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
+            try:
+                conn.request("POST", "/v3" + path, body, _HEADERS)
+                response = conn.getresponse()
+                data = response.read()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                if reused and attempt == 0:
+                    continue  # etcd closed an idle connection: once more on a new one
+                raise
+            if response.status != 200:
+                try:
+                    detail = str(json.loads(data).get("message", ""))
+                except ValueError:
+                    detail = ""
+                raise _EtcdError(detail or f"HTTP {response.status} {response.reason}")
+            result: dict[str, Any] = json.loads(data)
+            return result
+        raise AssertionError("unreachable")
+
     def call(self, path: str, payload: dict[str, Any],
              deadline: float | None = None) -> dict[str, Any]:
         """POST one request to the first endpoint that answers."""
-        from etcd3gw import exceptions
-
-        clients = self._clients()
+        body = json.dumps(payload, separators=(",", ":")).encode()
         why = "no endpoint"
-        n = len(clients)
+        n = len(self.url.endpoints)
         for i in range(n):
             index = (self._preferred + i) % n
-            client = clients[index]
             timeout = _REQUEST_TIMEOUT
             if deadline is not None:
                 timeout = max(0.05, min(timeout, deadline - time.monotonic()))
-            client.timeout = timeout
             try:
-                result: dict[str, Any] = client.post(client.get_url(path), json=payload)
-            except (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError) as e:
-                why = "connection refused" if "refused" in str(e).lower() else (
-                    "no answer in time" if isinstance(e, exceptions.ConnectionTimeoutError)
-                    else "cannot connect")
+                result = self._post(index, path, body, timeout)
+            except ConnectionRefusedError:
+                why = "connection refused"
                 continue
-            except exceptions.Etcd3Exception as e:
-                detail = (e.detail_text or str(e)).strip()
-                raise StoreUnavailableError(self.url.display, detail[:200]) from None
-            except Exception as e:  # e.g. a reply that is not JSON: not an etcd there
-                raise StoreUnavailableError(self.url.display, type(e).__name__) from None
+            except TimeoutError:
+                why = "no answer in time"
+                continue
+            except (OSError, http.client.HTTPException):
+                why = "cannot connect"
+                continue
+            except _EtcdError as e:
+                raise StoreUnavailableError(self.url.display, str(e)[:200]) from None
+            except ValueError:  # a reply that is not JSON: not an etcd there
+                raise StoreUnavailableError(self.url.display, "not an etcd answer") from None
             self._preferred = index
             return result
         raise StoreUnavailableError(self.url.display, why)
