@@ -107,7 +107,8 @@ class _Connections(dict[int, http.client.HTTPConnection]):
 
     def __del__(self) -> None:
         for conn in self.values():
-            conn.close()
+            with contextlib.suppress(Exception):  # at interpreter exit: nobody to tell
+                conn.close()
 
 
 class _EtcdError(Exception):
@@ -246,10 +247,13 @@ class _Cluster:
                 conn.request("POST", "/v3" + path, body, _HEADERS)
                 response = conn.getresponse()
                 data = response.read()
-            except (OSError, http.client.HTTPException):
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 conn.close()
                 if reused and attempt == 0:
-                    continue  # etcd closed an idle connection: once more on a new one
+                    continue  # etcd had closed the idle connection: once more on a new one
+                raise
+            except (OSError, http.client.HTTPException):
+                conn.close()  # a timeout too: the next request starts on a clean connection
                 raise
             if response.status != 200:
                 try:

@@ -57,7 +57,7 @@ class Keeper:
         last of them exits."""
         try:
             if self.left_running():
-                lock._release_shared()
+                lock._release_shared(kept=True)
             else:
                 lock.release()
         finally:

@@ -682,16 +682,19 @@ class SessionLock:
             self._static += _record.command_part(pid, start)
         self._write_record()
 
-    def _release_shared(self) -> None:
+    def _release_shared(self, kept: bool = False) -> None:
         """Like `release`, for a lock shared with a command: mark the record released
         and close this process's descriptor without unlocking. LOCK_UN would free the
         session for every process sharing the descriptor; closing frees it only once
         the last of them has closed it (or exited).
 
-        With a store (etcd), the holder stays in the store under this process's lease,
-        which the `fencelock run` keeper (`_etcdkeeper`) keeps alive for what the command
-        left running, then revokes."""
-        if self._pid != _identity.ME.pid or self._count != 1:
+        With a store (etcd), ``kept`` says that the `fencelock run` keeper
+        (`_etcdkeeper`) keeps this process's lease alive for what the command left
+        running: the holder then stays in the store, its record released, and the keeper
+        revokes the lease when they are gone. Without ``kept``: a plain release."""
+        if self._pid != _identity.ME.pid or self._count != 1 or (
+            self._store is not None and not kept
+        ):
             self.release()
             return
         if self._store is not None:
