@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 _REQUEST_TIMEOUT = 2.0
 """The longest one request to etcd may take (less when the caller's deadline is near)."""
 
+_MIN_REQUEST_TIMEOUT = 0.25
+"""The least a request is given, however near the caller's deadline: a loaded etcd can
+take tens of milliseconds, which is slow, not unavailable."""
+
 _ASCEND, _DESCEND = 1, 2
 _BY_CREATE = 2  # SortTarget: KEY, VERSION, CREATE, MOD, VALUE
 _CANCEL_STEP = 0.05
@@ -275,7 +279,7 @@ class _Cluster:
             index = (self._preferred + i) % n
             timeout = _REQUEST_TIMEOUT
             if deadline is not None:
-                timeout = max(0.05, min(timeout, deadline - time.monotonic()))
+                timeout = max(_MIN_REQUEST_TIMEOUT, min(timeout, deadline - time.monotonic()))
             try:
                 result = self._post(index, path, body, timeout)
             except ConnectionRefusedError:
@@ -307,7 +311,7 @@ class _Cluster:
         client = self._clients()[self._preferred]
         timeout = _REQUEST_TIMEOUT
         if deadline is not None:
-            timeout = max(0.05, min(timeout, deadline - time.monotonic()))
+            timeout = max(_MIN_REQUEST_TIMEOUT, min(timeout, deadline - time.monotonic()))
         return _Watch(client, key, start_revision, timeout, self.url.display)
 
     # -- the lease ---------------------------------------------------------------
@@ -516,7 +520,11 @@ class EtcdHolder:
                     self.write(record(revision, self._last(_kvs(responses[2]))))
                 return
             key = _unb64(ahead[0]["key"]).decode()
-            watch = c.watch(key, int(r["header"]["revision"]) + 1, deadline)
+            try:
+                watch = c.watch(key, int(r["header"]["revision"]) + 1, deadline)
+            except StoreUnavailableError:
+                self._ran_out(deadline, start)
+                raise
             gone = watch.wake
             try:
                 watched = time.monotonic()
@@ -541,7 +549,11 @@ class EtcdHolder:
                 if not self._lease.alive():
                     raise StoreUnavailableError(self.url.display, self._lease.lost)
                 if not watch.deleted or record is None:
-                    r = c.txn([], look, [], deadline)
+                    try:
+                        r = c.txn([], look, [], deadline)
+                    except StoreUnavailableError:
+                        self._ran_out(deadline, start)
+                        raise
                     continue
                 # Ours if every key left is no older than ours: check and write at once
                 # (before closing the watch, which costs a moment).
@@ -552,7 +564,9 @@ class EtcdHolder:
                       "result": "GREATER"}],
                     [_range(self.last_key), _put(self._my_key, value, self._lease.id),
                      _put(self.last_key, value)],
-                    look, deadline,
+                    # Not cut short by the caller's deadline: a transaction that
+                    # timed out might still have made us the owner, unknown to us.
+                    look,
                 )
                 if r.get("succeeded"):
                     old = self._last(_kvs(r.get("responses", [{}])[0]))
@@ -561,6 +575,14 @@ class EtcdHolder:
                     return
             finally:
                 watch.stop()
+
+    def _ran_out(self, deadline: float | None, start: float) -> None:
+        """A request cut short by the caller's deadline: the wait ran out, which is
+        `SessionContendedError`, not etcd failing."""
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise SessionContendedError(self.session, self._owner_record(),
+                                        waited=now - start) from None
 
     def _owner_record(self) -> HolderInfo | None:
         with contextlib.suppress(StoreUnavailableError):
@@ -633,8 +655,13 @@ class EtcdHolder:
             kvs = _kvs(r.get("responses", [{}])[0])
             if not kvs:
                 return True
-            watch = c.watch(_unb64(kvs[0]["key"]).decode(),
-                            int(r["header"]["revision"]) + 1, deadline)
+            try:
+                watch = c.watch(_unb64(kvs[0]["key"]).decode(),
+                                int(r["header"]["revision"]) + 1, deadline)
+            except StoreUnavailableError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False  # the wait ran out first
+                raise
             gone = watch.wake
             try:
                 remaining = c.ttl / 3
