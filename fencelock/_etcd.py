@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -124,6 +125,60 @@ class _Lease:
         return True
 
 
+class _Watch:
+    """A watch on one key's deletion, its stream read by a thread of its own: `wake` is
+    set when the key is deleted (`deleted`) or the stream ends (etcd went away)."""
+
+    def __init__(self, client: Any, key: str, start_revision: int, timeout: float,
+                 display: str) -> None:
+        import requests
+
+        self.wake = threading.Event()
+        self.deleted = False
+        create = {"key": _b64(key), "start_revision": start_revision, "filters": ["NOPUT"]}
+        try:
+            # The timeout bounds the connect and the wait for etcd's first answer (a
+            # hung etcd accepts the connection and says nothing)...
+            self._response = client.session.post(
+                client.get_url("/watch"), json={"create_request": create}, stream=True,
+                timeout=(timeout, timeout))
+            self._response.raise_for_status()
+        except Exception as e:  # requests' errors, or etcd3gw's where its session maps them
+            timed_out = isinstance(e, requests.Timeout) or "Timeout" in type(e).__name__
+            raise StoreUnavailableError(display, "no answer in time" if timed_out
+                                        else "cannot watch") from None
+        # ... but not the wait for the event, which lasts as long as the holder ahead.
+        self._sock = getattr(getattr(self._response.raw, "connection", None), "sock", None)
+        if self._sock is not None:
+            self._sock.settimeout(None)
+        threading.Thread(target=self._read, name="fencelock-etcd-watch", daemon=True).start()
+
+    def _read(self) -> None:
+        pending = b""
+        try:
+            for chunk in self._response.iter_content(chunk_size=None):
+                pending += chunk
+                while b"\n" in pending:
+                    line, _, pending = pending.partition(b"\n")
+                    result = json.loads(line or b"{}").get("result", {})
+                    if result.get("events"):
+                        self.deleted = True
+                        return
+                    if result.get("canceled"):
+                        return
+        except Exception:  # the stream broke: the waiter looks again
+            return
+        finally:
+            self.wake.set()
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):
+            self._response.close()
+
+
 class _Cluster:
     """Clients for one cluster's endpoints (one per thread), and the process's lease."""
 
@@ -154,7 +209,8 @@ class _Cluster:
 
     def call(self, path: str, payload: dict[str, Any],
              deadline: float | None = None) -> dict[str, Any]:
-        """POST one request to the first endpoint that answers."""
+        """POST one request to the first endpoint that answers (etcd3gw's client, whose
+        session keeps its connection alive between requests)."""
         from etcd3gw import exceptions
 
         clients = self._clients()
@@ -189,17 +245,14 @@ class _Cluster:
         return self.call("/kv/txn", {"compare": compare, "success": success,
                                      "failure": failure or []}, deadline)
 
-    def watcher(self, key: str, start_revision: int, event: threading.Event) -> Any:
-        """A watch for the deletion of ``key`` from ``start_revision``; sets ``event``."""
-        import requests
-        from etcd3gw.watch import Watcher
-
+    def watch(self, key: str, start_revision: int, deadline: float | None) -> _Watch:
+        """A watch for the deletion of ``key`` from ``start_revision``, created within
+        the request timeout (less when ``deadline`` is near)."""
         client = self._clients()[self._preferred]
-        try:
-            return Watcher(client, key, lambda _e: event.set(),
-                           start_revision=start_revision, filters=["NOPUT"])
-        except requests.RequestException:
-            raise StoreUnavailableError(self.url.display, "cannot watch") from None
+        timeout = _REQUEST_TIMEOUT
+        if deadline is not None:
+            timeout = max(_MIN_REQUEST_TIMEOUT, min(timeout, deadline - time.monotonic()))
+        return _Watch(client, key, start_revision, timeout, self.url.display)
 
     # -- the lease ---------------------------------------------------------------
 
@@ -325,6 +378,11 @@ class EtcdHolder:
         self._token = 0
         self._suffix = b""
 
+    @property
+    def lease_id(self) -> int | None:
+        """The lease the holder's key lives under, while it holds or waits."""
+        return self._lease.id if self._my_key and self._lease is not None else None
+
     # -- acquire -----------------------------------------------------------------
 
     def acquire(
@@ -401,9 +459,13 @@ class EtcdHolder:
                 if record is not None:
                     self.write(record(revision, self._last(_kvs(responses[2]))))
                 return
-            gone = threading.Event()
             key = _unb64(ahead[0]["key"]).decode()
-            watch = c.watcher(key, int(r["header"]["revision"]) + 1, gone)
+            try:
+                watch = c.watch(key, int(r["header"]["revision"]) + 1, deadline)
+            except StoreUnavailableError:
+                self._ran_out(deadline, start)
+                raise
+            gone = watch.wake
             try:
                 watched = time.monotonic()
                 while not gone.is_set():
@@ -426,8 +488,12 @@ class EtcdHolder:
                 assert self._lease is not None
                 if not self._lease.alive():
                     raise StoreUnavailableError(self.url.display, self._lease.lost)
-                if not gone.is_set() or record is None:
-                    r = c.txn([], look, [], deadline)
+                if not watch.deleted or record is None:
+                    try:
+                        r = c.txn([], look, [], deadline)
+                    except StoreUnavailableError:
+                        self._ran_out(deadline, start)
+                        raise
                     continue
                 # Ours if every key left is no older than ours: check and write at once
                 # (before closing the watch, which costs a moment).
@@ -438,7 +504,9 @@ class EtcdHolder:
                       "result": "GREATER"}],
                     [_range(self.last_key), _put(self._my_key, value, self._lease.id),
                      _put(self.last_key, value)],
-                    look, deadline,
+                    # Not cut short by the caller's deadline: a transaction that
+                    # timed out might still have made us the owner, unknown to us.
+                    look,
                 )
                 if r.get("succeeded"):
                     old = self._last(_kvs(r.get("responses", [{}])[0]))
@@ -447,6 +515,14 @@ class EtcdHolder:
                     return
             finally:
                 watch.stop()
+
+    def _ran_out(self, deadline: float | None, start: float) -> None:
+        """A request cut short by the caller's deadline: the wait ran out, which is
+        `SessionContendedError`, not etcd failing."""
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise SessionContendedError(self.session, self._owner_record(),
+                                        waited=now - start) from None
 
     def _owner_record(self) -> HolderInfo | None:
         with contextlib.suppress(StoreUnavailableError):
@@ -519,9 +595,14 @@ class EtcdHolder:
             kvs = _kvs(r.get("responses", [{}])[0])
             if not kvs:
                 return True
-            gone = threading.Event()
-            watch = c.watcher(_unb64(kvs[0]["key"]).decode(),
-                              int(r["header"]["revision"]) + 1, gone)
+            try:
+                watch = c.watch(_unb64(kvs[0]["key"]).decode(),
+                                int(r["header"]["revision"]) + 1, deadline)
+            except StoreUnavailableError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False  # the wait ran out first
+                raise
+            gone = watch.wake
             try:
                 remaining = c.ttl / 3
                 if deadline is not None:
@@ -599,7 +680,8 @@ def _status(session: str, where: str, owner: list[dict[str, Any]],
 
 
 def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
-    """Every session under the URL's prefix with an owner or a stale last record."""
+    """Every holder under the URL's prefix: each session with an owner (live), a last
+    record that says held (stale) or one that cannot be read; not released ones."""
     from fencelock._probe import HolderStatus, ProbeState
 
     c = cluster(url)
@@ -628,7 +710,8 @@ def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
                 break
         status = _status(session, where, queue[:1], lst, max(0, len(queue) - 1),
                          stuck_after, HolderStatus, ProbeState)
-        yield status
+        if status.state is not ProbeState.FREE:  # a released run holds nothing
+            yield status
 
 
 def names_in(url: EtcdURL, directory: str) -> set[str]:

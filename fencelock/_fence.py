@@ -65,9 +65,12 @@ def _fingerprint_fd(
     return _fingerprint.from_stat(st, tail)
 
 
-def check(session: str, expected: Fingerprint | None, mode: FenceMode) -> Fingerprint | None:
-    """The session's fingerprint now; raises `SessionTakeoverError` if it moved."""
-    actual = _fingerprint.take(session, mode)
+def check(
+    session: str, expected: Fingerprint | None, mode: FenceMode, opened: bool = False
+) -> Fingerprint | None:
+    """The session's fingerprint now; raises `SessionTakeoverError` if it moved.
+    ``opened``: taken from the opened file (see `_fingerprint.take`)."""
+    actual = _fingerprint.take(session, mode, opened)
     if not _same(expected, actual, mode):
         raise SessionTakeoverError(session, expected, actual)
     return actual

@@ -99,8 +99,15 @@ def tail_digest(fd: int, size: int) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def take(path: str, mode: FenceMode) -> Fingerprint | None:
-    """Fingerprint of ``path`` now, or None when it does not exist."""
+def take(path: str, mode: FenceMode, opened: bool = False) -> Fingerprint | None:
+    """Fingerprint of ``path`` now, or None when it does not exist.
+
+    ``opened``: from the file opened and fstat-ed, never from a stat of the path. On a
+    shared filesystem (NFS) an open revalidates what the client cached (close-to-open
+    consistency), so the fence sees another host's writes; a stat may not.
+    """
+    if opened:
+        return _take_opened(path, mode)
     try:
         st = os.lstat(path)  # never through a symlink: what is at the path counts
     except FileNotFoundError:
@@ -126,6 +133,39 @@ def take(path: str, mode: FenceMode) -> Fingerprint | None:
         return from_stat(st, tail_digest(fd, st.st_size))
     finally:
         os.close(fd)
+
+
+def _take_opened(path: str, mode: FenceMode) -> Fingerprint | None:
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        # A symlink (ELOOP), a socket (ENXIO): say what is there, as the stat path does.
+        try:
+            st = os.lstat(path)
+        except OSError:
+            raise _unreadable(path, e) from None
+        if stat.S_ISREG(st.st_mode):
+            raise _unreadable(path, e) from None
+        raise _not_regular(path, st.st_mode) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        return from_stat(st, tail_digest(fd, st.st_size) if mode is FenceMode.CONTENT else None)
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    finally:
+        os.close(fd)
+
+
+def _not_regular(path: str, st_mode: int) -> Exception:
+    from fencelock._errors import UnsafePathError
+    from fencelock._platform import describe_mode
+
+    return UnsafePathError(path, describe_mode(st_mode))
 
 
 def _unreadable(path: str, e: OSError) -> Exception:

@@ -329,12 +329,19 @@ class SessionLock:
             self._static += _record.command_part(pid, start)
         self._write_record()
 
-    def _release_shared(self) -> None:
+    def _release_shared(self, kept: bool = False) -> None:
         """Like `release`, for a lock shared with a command: mark the record released
         and close this process's descriptor without unlocking. LOCK_UN would free the
         session for every process sharing the descriptor; closing frees it only once
-        the last of them has closed it (or exited)."""
-        if self._pid != _identity.ME.pid or self._count != 1 or not self._store.shares_fd:
+        the last of them has closed it (or exited).
+
+        With a store (etcd), ``kept`` says that the `fencelock run` keeper
+        (`_etcdkeeper`) keeps this process's lease alive for what the command left
+        running: the holder then stays in the store, its record released, and the keeper
+        revokes the lease when they are gone. Without ``kept``: a plain release."""
+        if self._pid != _identity.ME.pid or self._count != 1 or not (
+            self._store.shares_fd or kept
+        ):
             self.release()
             return
         self._count = 0
@@ -472,7 +479,7 @@ class SessionLock:
         """Raise `SessionTakeoverError` if the session moved since the last fence point."""
         self._require()
         self._store.check()
-        return _fence.check(self.session, self._fp, self.fence_mode)
+        return _fence.check(self.session, self._fp, self.fence_mode, self._store.opens_session)
 
     def touch(self) -> None:
         """Heartbeat: refresh ``heartbeat_at`` so the holder is not reported stuck."""
@@ -483,7 +490,10 @@ class SessionLock:
     def prompt_window(self) -> Iterator[SessionLock]:
         """The model-call window: still held, ``phase: "prompt"``, fence checked on exit."""
         self._require()
-        _fence.check(self.session, self._fp, self.fence_mode)
+        # Where the holder lives in a store (etcd), the session may be on a filesystem
+        # that other hosts write: its fingerprint comes from opening it (close-to-open).
+        opened = self._store.opens_session
+        _fence.check(self.session, self._fp, self.fence_mode, opened)
         self._rewrite(_phase=Phase.PROMPT, _heartbeat_at=time.time())
         try:
             yield self
@@ -491,7 +501,7 @@ class SessionLock:
             if self.held:
                 self._rewrite(_phase=Phase.WRITE, _heartbeat_at=time.time())
         # Against the fence point, which the holder's own appends inside the window move.
-        self._fp = _fence.check(self.session, self._fp, self.fence_mode)
+        self._fp = _fence.check(self.session, self._fp, self.fence_mode, opened)
 
     # -- recovery hook -----------------------------------------------------------
 

@@ -34,6 +34,10 @@ class SessionStore(Protocol):
     """Where the holder lives, as messages show it."""
     shares_fd: bool
     """Whether the lock is a descriptor `fencelock run` can share with its command."""
+    opens_session: bool
+    """Whether fence checks open the session file rather than stat its path: a store
+    for several hosts (etcd) sees a shared filesystem, where only an open revalidates
+    cached attributes (close-to-open consistency)."""
 
     def acquire(
         self,
@@ -63,7 +67,8 @@ class SessionStore(Protocol):
         """The locked descriptor to share with a command; -1 when there is none."""
 
     def release_shared(self, lock: SessionLock) -> None:
-        """Like `release`, for a descriptor shared with a command (``shares_fd``): leave
+        """Like `release`, for a lock shared with a command (a descriptor, or a lease
+        that `fencelock run`'s keeper keeps alive): mark the record released and leave
         the lock to the processes that still share it."""
 
     def forget_in_child(self) -> None:
@@ -115,6 +120,7 @@ class RemoteStore:
     __slots__ = ("holder", "name")
 
     shares_fd = False
+    opens_session = True
 
     def __init__(self, holder: HolderStore) -> None:
         self.holder = holder
@@ -136,7 +142,7 @@ class RemoteStore:
                 _record.State.HELD else None
             lock._acquired_at = lock._heartbeat_at = time.time()
             lock._phase = _record.Phase.WRITE
-            lock._fp = _fingerprint.take(lock.session, lock.fence_mode)
+            lock._fp = _fingerprint.take(lock.session, lock.fence_mode, opened=True)
             lock._tail_checked = False
             lock._info = None
             return lock._encode()
@@ -151,7 +157,7 @@ class RemoteStore:
             lock._count, lock._owner, lock._pid = 1, me, _identity.ME.pid
             # The record's fingerprint may predate the lock by a moment: the fence
             # starts from the session as it is now that the lock is ours.
-            fp = _fingerprint.take(lock.session, lock.fence_mode)
+            fp = _fingerprint.take(lock.session, lock.fence_mode, opened=True)
             if fp != lock._fp:
                 lock._rewrite(_fp=fp)
         except BaseException:
@@ -170,15 +176,21 @@ class RemoteStore:
         self.holder.check()
 
     def release(self, lock: SessionLock) -> None:
-        data = lock._encode()
-        at, patch = _record.STATE_OFFSET, _record.RELEASE_PATCH
-        self.holder.release(data[:at] + patch + data[at + len(patch):])
+        self.holder.release(self._released(lock))
 
     def share_fd(self) -> int:
         return -1
 
     def release_shared(self, lock: SessionLock) -> None:
-        self.release(lock)
+        # Reached only while `fencelock run`'s keeper keeps the lease alive: the holder
+        # stays in the store, its record released, until the keeper revokes the lease.
+        self.holder.write(self._released(lock))
+
+    @staticmethod
+    def _released(lock: SessionLock) -> bytes:
+        data = lock._encode()
+        at, patch = _record.STATE_OFFSET, _record.RELEASE_PATCH
+        return data[:at] + patch + data[at + len(patch):]
 
     def forget_in_child(self) -> None:
         pass

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import subprocess
     from types import FrameType
 
+    from fencelock import _etcdkeeper
     from fencelock._lock import SessionLock
     from fencelock._record import HolderInfo
 
@@ -157,10 +158,11 @@ def run_held(
     command: Sequence[str],
     beat: float,
     forwarder: SignalForwarder,
+    keeper: _etcdkeeper.Keeper | None = None,
 ) -> int:
     from fencelock._errors import FenceLockError
 
-    lock_fd = lock._shared_fd()
+    lock_fd = lock._shared_fd() if keeper is None else keeper.command_fd
     env = dict(os.environ)
     env.update(
         FENCELOCK_SESSION=lock.session,
@@ -168,7 +170,7 @@ def run_held(
         FENCELOCK_TOKEN=str(info.token),
         FENCELOCK_RUN_ID=info.run_id,
     )
-    if lock_fd >= 0:  # a sidecar's lock; a store's holder (etcd) has no descriptor
+    if lock_fd >= 0:  # the sidecar's locked descriptor, or the etcd keeper's pipe
         env["FENCELOCK_FD"] = str(lock_fd)
     if forwarder.pending:
         return 128 + forwarder.pending[0]
@@ -190,21 +192,30 @@ def supervise(lock: SessionLock, command: Sequence[str], heartbeat: float) -> in
     """Acquire ``lock``, run ``command`` holding it, release; the exit code to give.
 
     Raises the command line's errors (a live holder in the way: exit 4)."""
+    from fencelock import _etcdkeeper
     from fencelock._errors import FenceLockError
 
     # Installed before the acquire: a signal that lands once the lock is taken must
     # never kill this process with the default action (that would leave a stale record).
     forwarder: SignalForwarder | None = None
+    keeper: _etcdkeeper.Keeper | None = None
     try:
         forwarder = SignalForwarder()
         try:
             with library_errors():
                 info = lock.acquire()
             forwarder.hold()
-            code = run_held(lock, info, command, heartbeat, forwarder)
+            # A holder in etcd: a keeper process stands in for the shared descriptor.
+            keeper = _etcdkeeper.start(lock)
+            code = run_held(lock, info, command, heartbeat, forwarder, keeper)
         finally:
             forwarder.hold()
-            if lock.held:
+            if keeper is not None and lock.held:
+                try:
+                    keeper.release(lock)
+                except (FenceLockError, OSError) as e:
+                    error_line(f"{lock.session}: release: {e}")
+            elif lock.held:
                 try:
                     # Without unlocking: what the command left running keeps the session.
                     lock._release_shared()

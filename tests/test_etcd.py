@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -372,3 +373,177 @@ def test_a_release_etcd_did_not_hear_gives_the_lease_up(
     with pytest.raises(HolderLostError):
         keeper.touch()  # it shared the lease that was given up
     keeper.release()
+
+
+def test_a_watch_on_a_hung_etcd_gives_store_unavailable_instead_of_hanging(
+    own_etcd: EtcdServer,
+) -> None:
+    import time
+
+    from fencelock import _etcd
+
+    url = parse(own_etcd.url("hung-watch"))
+    assert url is not None
+    cluster = _etcd.cluster(url)
+    ready, stopped = threading.Event(), threading.Event()
+    outcome: list[BaseException] = []
+
+    def watch() -> None:
+        # This thread's client has talked to etcd (and learned its API path) before
+        # etcd stops: what hangs is the watch request itself.
+        revision = int(cluster.call("/maintenance/status", {})["header"]["revision"])
+        ready.set()
+        stopped.wait()
+        try:
+            cluster.watch("hung-watch/k", revision + 1, time.monotonic() + 1).stop()
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    assert ready.wait(60)
+    own_etcd.kill(signal.SIGSTOP)  # accepts connections, answers nothing
+    stopped.set()
+    t.join(60)  # a guard against a hang, not a measurement
+    assert not t.is_alive(), "opening a watch on a hung etcd never returned"
+    assert outcome and isinstance(outcome[0], StoreUnavailableError), outcome
+    assert own_etcd.endpoint in str(outcome[0])
+
+
+def test_status_with_only_a_backend_lists_live_and_stale_not_released(
+    session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with SessionLock(session.with_name("done.jsonl"), "finished", backend=url):
+        pass  # a run that ended cleanly leaves a released last record
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    running = spawn_holder(session, lane="running")
+    running.acquire()
+    crashed = session.with_name("crashed.jsonl")
+    dead = spawn_holder(crashed, lane="crashed")
+    dead.acquire()
+    dead.kill(signal.SIGKILL)
+    wait_for_no_owner(crashed)
+    monkeypatch.delenv("FENCELOCK_BACKEND")
+    out = _cli("status", "--backend", url, "--json")
+    assert out.returncode == 3, out.stderr  # a stale one is listed
+    rows = {r["session"]: r["state"] for r in json.loads(out.stdout)}
+    assert rows == {str(session): "live", str(crashed): "stale"}
+    table = _cli("status", "--backend", url)
+    assert "WAITING" in table.stdout and "done.jsonl" not in table.stdout
+
+
+class _Opens:
+    """The names opened in a directory, as inotify reports them (IN_OPEN)."""
+
+    def __init__(self, directory: Path) -> None:
+        import ctypes
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0
+        assert self._libc.inotify_add_watch(self.fd, str(directory).encode(), 0x20) >= 0
+
+    def names(self) -> list[str]:
+        """The names opened since the last call (the kernel queues each event as the
+        open happens, so every open made before this call is in it)."""
+        import struct
+
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return []
+        names, at = [], 0
+        while at < len(data):
+            _wd, _mask, _cookie, size = struct.unpack_from("iIII", data, at)
+            names.append(data[at + 16 : at + 16 + size].rstrip(b"\0").decode())
+            at += 16 + size
+        return names
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_fence_checks_open_the_session_when_the_holder_is_in_etcd(
+    session: Path, url: str
+) -> None:
+    session.write_text('{"n": 0}\n')
+    opens = _Opens(session.parent)
+    try:
+        with SessionLock(session, "shared-fs", backend=url) as lock:
+            assert session.name in opens.names()  # acquire's fingerprint
+            lock.verify_fence()
+            assert session.name in opens.names()
+            with lock.prompt_window():
+                assert session.name in opens.names()
+            assert session.name in opens.names()
+        # The sidecar store keeps its stat-only checks (nothing else shares its lock).
+        with SessionLock(session, "sidecar", backend="local") as lock:
+            opens.names()
+            lock.verify_fence()
+            assert session.name not in opens.names()
+    finally:
+        opens.close()
+
+
+def test_killing_run_keeps_an_etcd_session_held_while_its_command_runs(
+    session: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from conftest import TEST_TTL
+
+    command = "import sys; print('started', flush=True); sys.stdin.readline()"
+    wrapper = subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "kept",
+         "--backend", url, "--", sys.executable, "-c", command],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert wrapper.stdin is not None and wrapper.stdout is not None
+    try:
+        assert wrapper.stdout.readline() == "started\n"
+        token = probe(session, backend=url).token
+        wrapper.kill()  # SIGKILL: the wrapper's own lease renewals stop here
+        wrapper.wait()
+        time.sleep(TEST_TTL * 1.5)  # the span the promise is about, not a synchronisation
+        status = probe(session, backend=url)
+        assert status.state == ProbeState.LIVE and status.token == token, status
+        assert status.owner_alive  # the command still runs
+        with pytest.raises(SessionContendedError):
+            SessionLock(session, "next", backend=url, on_contention="fail").acquire()
+        ran = _cli("run", str(session), "--lane", "x", "-n", "--backend", url, "--", "true")
+        assert ran.returncode == 4, ran.stderr
+    finally:
+        wrapper.stdin.write("done\n")  # the command ends
+        wrapper.stdin.close()
+        wrapper.stdout.close()
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    wait_for_no_owner(session)
+    assert probe(session, backend=url).state == ProbeState.STALE  # its run never ended
+    with SessionLock(session, "after", backend=url, on_contention="fail") as after:
+        assert after.info is not None and after.info.previous is not None
+        assert after.info.previous.lane == "kept"
+
+
+def test_run_on_etcd_frees_at_once_or_keeps_what_the_command_left_running(
+    session: Path, url: str, tmp_path: Path
+) -> None:
+    ran = _cli("run", str(session), "--lane", "plain", "--backend", url, "--", "true")
+    assert ran.returncode == 0, ran.stderr
+    with SessionLock(session, "right-after", backend=url, on_contention="fail"):
+        pass  # released before `run` returned
+    # The command leaves a child with FENCELOCK_FD open: it keeps the session held.
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    leftover = f"(read line < {fifo}) >/dev/null 2>&1 &"
+    ran = _cli("run", str(session), "--lane", "left", "--backend", url, "--",
+               "sh", "-c", leftover)
+    assert ran.returncode == 0, ran.stderr
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.LIVE, status
+    assert status.record is not None and status.record.state == "released"
+    with pytest.raises(SessionContendedError):
+        SessionLock(session, "meanwhile", backend=url, on_contention="fail").acquire()
+    with open(fifo, "w") as f:
+        f.write("go\n")  # the leftover exits
+    with SessionLock(session, "then", backend=url, timeout=60) as then:
+        assert then.info is not None and then.info.previous is None  # it was released

@@ -215,3 +215,42 @@ def test_processes_hammering_one_session_never_overlap(
         assert enter.startswith("enter ") and exit_ == "exit " + enter.split()[1]
     assert counter.read_text() == str(held)
     assert probe(session).state == ProbeState.FREE
+
+
+def test_hold_coprocess_turn_and_a_second_hold_is_refused(
+    session: Path, store: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_hold import Hold
+
+    backend = store or "local"
+    monkeypatch.delenv("FENCELOCK_BACKEND", raising=False)  # only --backend names it
+    h = Hold(session, "--backend", backend, lane="node:main")
+    try:
+        held = h.held()["record"]
+        assert held["state"] == "held" and held["lane"] == "node:main"
+        assert probe(session, backend=backend).state == ProbeState.LIVE
+        sidecar = probe(session, backend="local").state  # where the holder is, not only is
+        assert sidecar == (ProbeState.FREE if store else ProbeState.LIVE)
+        assert h.call("append", entry={"role": "user", "content": "hi"})["ok"]
+        assert h.call("prompt_begin")["ok"]
+        status = probe(session, backend=backend)
+        assert status.record is not None and status.record.phase == "prompt"
+        assert h.call("prompt_end")["ok"]
+        second = Hold(session, "--no-wait", "--backend", backend, lane="second")
+        try:
+            answer = second.read()
+            assert answer["ok"] is False and answer["error"] == "SessionContendedError"
+            assert answer["holder"]["lane"] == "node:main"
+            assert second.proc.wait(timeout=60) == 4
+        finally:
+            second.kill()
+        assert h.call("release")["ok"]
+        assert h.proc.wait(timeout=60) == 0
+    finally:
+        h.kill()
+    assert [json.loads(x) for x in session.read_text().splitlines()] == [
+        {"role": "user", "content": "hi"}
+    ]
+    status = probe(session, backend=backend)
+    assert status.state == ProbeState.FREE and status.record is not None
+    assert status.record.state == "released"
