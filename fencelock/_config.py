@@ -19,6 +19,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
+from fencelock import _platform
 from fencelock._errors import FenceLockError
 
 WHY = (
@@ -151,7 +152,7 @@ def load(path: str | os.PathLike[str]) -> Any:
     name = os.fspath(path)
     try:
         # O_NONBLOCK: a FIFO named as the config must not hang the check.
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_RDONLY | _platform.O_NONBLOCK | _platform.O_CLOEXEC
         fd = os.open(name, flags)
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):

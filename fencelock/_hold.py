@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fencelock import _platform
 from fencelock._errors import (
     BadRequestError,
     FenceLockError,
@@ -383,7 +384,7 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
         raise _Stop(signum)
 
     previous = {
-        sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+        sig: signal.signal(sig, stop) for sig in _platform.STOP_SIGNALS
     }
     out = _Out(stdout)
     inbox = _Inbox(stdin)

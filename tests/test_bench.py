@@ -86,7 +86,7 @@ def test_goals_are_not_judged_in_smoke_mode(report: dict[str, Any]) -> None:
 
 
 def test_the_interleaving_check_catches_loss_and_tearing(tmp_path: Path) -> None:
-    from fencelock._bench import check_lines
+    from fencelock.tools.bench import check_lines
 
     session = tmp_path / "s.jsonl"
     good = [json.dumps({"w": w, "seq": s}) for s in range(3) for w in range(2)]
@@ -103,7 +103,7 @@ def test_the_floor_does_protocol_v1_work(tmp_path: Path) -> None:
     """The floor row is a lower bound only if FloorLock really speaks protocol v1:
     fencelock must read its records, see it live while held, and continue its tokens."""
     import fencelock
-    from fencelock._bench import FloorLock
+    from fencelock.tools.bench import FloorLock
 
     directory = tmp_path / "odd %d {0} name"  # no formatting may touch the path
     directory.mkdir()

@@ -1,4 +1,4 @@
-"""bin/fencelock-repro: the seed's race with real processes, old protocol vs fencelock."""
+"""fencelock-repro: the original report's race with real processes, old protocol vs fencelock."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from fencelock import is_coordination_error, probe
-from fencelock._repro import (
+from fencelock.tools.repro import (
     DELIVERIES,
     Config,
     FenceLockRun,
@@ -194,7 +194,7 @@ def test_fencelock_runs_hold_the_prompt_window_around_every_model_call(
 
             return watched()
 
-    monkeypatch.setattr("fencelock._repro.FenceLockRun", Watched)
+    monkeypatch.setattr("fencelock.tools.repro.FenceLockRun", Watched)
     session = tmp_path / "sessions" / "s.jsonl"
     turn = _turn("t", steps=(Step(0.0, provider_error=True), Step(0.0)))
     lane = Lane("a1/heartbeat", "a1", LaneClass.HEARTBEAT, "hb", str(session), True,
@@ -233,7 +233,7 @@ def test_an_unlocked_write_in_the_prompt_window_drops_the_reply(tmp_path: Path) 
     ledger = Ledger(str(tmp_path / "gateway"), "a1")
     Path(ledger.dir).mkdir(parents=True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("fencelock._repro.FenceLockRun", Intruded)
+        mp.setattr("fencelock.tools.repro.FenceLockRun", Intruded)
         result = run_turn(Mode.FENCELOCK, lane, turn, ledger)
     assert not result.answered and result.takeover is not None
     assert result.takeover.intruder is LaneClass.MIRROR
@@ -264,7 +264,7 @@ def test_check_conditions(
     report = Report(Config.tiny(), {Mode.BASELINE: _mode(Mode.BASELINE, *base),
                                     Mode.FENCELOCK: _mode(Mode.FENCELOCK, *fl)})
     assert (report.problems() == []) is ok
-    monkeypatch.setattr("fencelock._repro.run", lambda *a, **k: report)
+    monkeypatch.setattr("fencelock.tools.repro.run", lambda *a, **k: report)
     assert main(["--quick", "--check"]) == (0 if ok else 1)
     out = capsys.readouterr()
     assert "baseline" in out.out and "fencelock" in out.out

@@ -1,4 +1,4 @@
-"""The benchmark behind ``bin/fencelock-bench``: fencelock against its peers.
+"""The benchmark behind ``fencelock-bench``: fencelock against its peers.
 
 Peers are raw ``flock(2)`` syscalls, ``filelock.FileLock`` and ``portalocker.Lock``
 doing the same work. Figures: the uncontended cycle, hand-off latency to a waiter in
@@ -8,7 +8,6 @@ cycle and scan costs grow. Every ratio is fencelock's cost divided by the peer's
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -37,15 +36,27 @@ from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any, Protocol
 
-import portalocker
+import click
 
 import fencelock
-from fencelock import _fence
 
+# Internals the benchmark needs, imported deliberately: the protocol floor writes
+# records in fencelock's own layout (so fencelock reads them, continues their tokens and
+# releases with the same one-pwrite patch), and the no-fsync figure stubs the fence's
+# fsync seam, which has no public knob. Everything else uses the public API.
+from fencelock import _fence
+from fencelock._record import RECORD_HEAD, RELEASE_PATCH, STATE_OFFSET, TOKEN_WIDTH, Phase, State
+from fencelock.tools._command import run_command
+
+# The peers come with the optional "bench" extra; without it their columns are empty.
 try:
     import filelock
-except ImportError:  # the optional "bench" extra
+except ImportError:
     filelock = None  # type: ignore[assignment]
+try:
+    import portalocker
+except ImportError:
+    portalocker = None  # type: ignore[assignment]
 
 PEERS = ("raw", "filelock", "portalocker")
 SECTIONS = ("cycle", "handoff", "appends", "scan", "cold", "scaling", "etcd")
@@ -59,7 +70,7 @@ _PAD = "x" * 60
 # -- sizes ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Sizes:
     """How much work each figure does; ``full`` is what the goals are judged on."""
 
@@ -83,11 +94,24 @@ class Sizes:
     """Sessions already in the directory for the crowded first-acquire figure."""
 
 
-FULL = Sizes("full", 5000, 200, 50, 4, 1000, 10_000, 3, 10, (1, 100, 10_000), (1, 2, 4, 8),
-             500, 0.03, True, 100_000)
-QUICK = Sizes("quick", 1000, 20, 6, 4, 150, 2000, 2, 3, (1, 100, 2000), (1, 2, 4), 150,
-              0.03, False, 2000)
-SMOKE = Sizes("smoke", 100, 5, 3, 2, 20, 60, 1, 1, (1, 20), (1, 2), 20, 0.002, False, 60)
+FULL = Sizes(
+    name="full", cycles=5000, handoffs=200, handoffs_polling=50, writers=4, turns=1000,
+    scan_sessions=10_000, scan_repeats=3, cold_runs=10, session_counts=(1, 100, 10_000),
+    process_counts=(1, 2, 4, 8), contended_cycles=500, hold_before_release=0.03, judge=True,
+    crowd=100_000,
+)
+QUICK = Sizes(
+    name="quick", cycles=1000, handoffs=20, handoffs_polling=6, writers=4, turns=150,
+    scan_sessions=2000, scan_repeats=2, cold_runs=3, session_counts=(1, 100, 2000),
+    process_counts=(1, 2, 4), contended_cycles=150, hold_before_release=0.03, judge=False,
+    crowd=2000,
+)
+SMOKE = Sizes(
+    name="smoke", cycles=100, handoffs=5, handoffs_polling=3, writers=2, turns=20,
+    scan_sessions=60, scan_repeats=1, cold_runs=1, session_counts=(1, 20),
+    process_counts=(1, 2), contended_cycles=20, hold_before_release=0.002, judge=False,
+    crowd=60,
+)
 
 
 # -- results -------------------------------------------------------------------------
@@ -305,6 +329,7 @@ class PortalockerPeer:
     def __init__(self, path: str, record: bytes | None, blocking: bool = False) -> None:
         with contextlib.suppress(FileExistsError):
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        assert portalocker is not None
         self.record = record
         flags = portalocker.LockFlags.EXCLUSIVE
         if not blocking:
@@ -351,7 +376,8 @@ class FloorLock:
     close; in the write phase the record need not be rewritten. Release: pwrite the
     record with ``"released"`` and the last fence point (or only the ``"released"``
     state when no append moved it), unlock, close. The record's fixed parts are
-    precomputed, in fencelock's layout. There is no
+    precomputed, in fencelock's layout as `fencelock._record` defines it (`RECORD_HEAD`,
+    `TOKEN_WIDTH`, the in-place release at `STATE_OFFSET`). There is no
     registry, no reentrancy, no fork safety, no error handling, and an empty sidecar
     starts at token 1 (fencelock also consults the session's saved token): this is a
     lower bound for a Python holder that opens the sidecar per acquire, not a usable
@@ -361,8 +387,8 @@ class FloorLock:
     def __init__(self, path: str, record: bytes | None = None, fsync: bool = True) -> None:
         self.session, self.sidecar, self.fsync = path, path + ".holder", fsync
         self.fd = -1
-        self.head = '{"version":1,"state":"held"    ,"phase":"write" ,"token":'
-        self.released_head = self.head.replace('"held"    ', '"released"')
+        self.head = RECORD_HEAD[State.HELD, Phase.WRITE]
+        self.released_head = RECORD_HEAD[State.RELEASED, Phase.WRITE]
         self.middle = (
             f',"pid":{os.getpid()},"host":{json.dumps(platform.node())}'
             f',"process_start":"1@boot@ns","session":{json.dumps(path)}'
@@ -373,7 +399,8 @@ class FloorLock:
 
     def _write(self, head: str | None = None) -> None:
         record = (
-            f'{head or self.head}{self.token:<20},"run_id":"{self.token}"{self.middle}{self.at!r}'
+            f'{head or self.head}{self.token:<{TOKEN_WIDTH}},"run_id":"{self.token}"'
+            f'{self.middle}{self.at!r}'
             f',"heartbeat_at":{time.time()!r},"fingerprint":{self.fp},"previous":null}}'
         )
         os.pwrite(self.fd, record.encode(), 0)
@@ -423,7 +450,7 @@ class FloorLock:
             self.behind = False
             self._write(self.released_head)
         else:
-            os.pwrite(self.fd, b'"released"', 21)
+            os.pwrite(self.fd, RELEASE_PATCH, STATE_OFFSET)
         fd, self.fd = self.fd, -1
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
@@ -448,7 +475,12 @@ def make_locker(peer: str, path: str, record: bool = True) -> Locker:
 
 
 def _available(peer: str) -> bool:
-    return filelock is not None or peer != "filelock"
+    """Whether ``peer``'s library is installed (the "bench" extra)."""
+    if peer == "filelock":
+        return filelock is not None
+    if peer.startswith("portalocker"):
+        return portalocker is not None
+    return True
 
 
 def _lock_path(base: Path, peer: str) -> str:
@@ -667,7 +699,8 @@ def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
                                        sizes.handoffs_polling, sizes.hold_before_release)
     # Kernel waiters side by side, in chunks taken in turn (a burst of load on a shared
     # machine then lands on every peer alike).
-    kernel = ("fencelock", "raw", "portalocker-blocking", "floor")
+    kernel = tuple(p for p in ("fencelock", "raw", "portalocker-blocking", "floor")
+                   if _available(p))
     chunk = 20
     for done in range(0, sizes.handoffs, chunk):
         rounds = min(chunk, sizes.handoffs - done)
@@ -1159,7 +1192,7 @@ def bench_scaling(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
 
 def bench_etcd(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Row]:
     """fencelock's etcd store against its sidecar store, tooz and `etcdctl lock`."""
-    from fencelock import _bench_etcd
+    from fencelock.tools import bench_etcd as _bench_etcd
 
     missing = _bench_etcd.available()
     if missing:
@@ -1322,7 +1355,7 @@ def render(report: Report) -> str:
 
 def _render_etcd(rows: Sequence[Row]) -> list[str]:
     """The etcd rows in a table of their own: their peers are other etcd locks."""
-    from fencelock._bench_etcd import PEERS as ETCD_PEERS
+    from fencelock.tools.bench_etcd import PEERS as ETCD_PEERS
 
     etcd = [r for r in rows if r.section == "etcd"]
     if not etcd:
@@ -1355,9 +1388,10 @@ def run(sizes: Sizes, sections: Sequence[str], directory: str | None, keep: bool
         quiet: bool) -> Report:
     base = Path(tempfile.mkdtemp(prefix="fencelock-bench-", dir=directory))
     report = Report(sizes.name, machine(str(base)))
-    if filelock is None:
-        report.skipped.append("filelock columns: filelock is not installed "
-                              "(pip install 'fencelock[bench]')")
+    for peer, module in (("filelock", filelock), ("portalocker", portalocker)):
+        if module is None:
+            report.skipped.append(f"{peer} columns: {peer} is not installed "
+                                  "(pip install 'fencelock[bench]')")
     try:
         if "cycle" in sections:
             report.rows += bench_cycle(base / "cycle", sizes, quiet)
@@ -1382,43 +1416,52 @@ def run(sizes: Sizes, sections: Sequence[str], directory: str | None, keep: bool
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="fencelock-bench",
-        description="Measure fencelock against raw flock, filelock and portalocker.",
-    )
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--quick", action="store_true",
-                        help="small counts for CI (well under a minute); goals not judged")
-    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--only", default=",".join(SECTIONS),
-                        help=f"comma-separated sections to run (default: {','.join(SECTIONS)})")
-    parser.add_argument("--dir", default=None,
-                        help="where to make the temporary directory (default: the system's)")
-    parser.add_argument("--save", metavar="FILE", default=None,
-                        help="also write the JSON figures to FILE")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary files")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    parser.add_argument("--hold", metavar="MS", type=float, default=None,
-                        help="how long the holder holds before each hand-off "
-                        "(default: 30 ms; 2 ms for --smoke)")
-    args = parser.parse_args(argv)
-    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+def _sections(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    sections = [s.strip() for s in value.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
-        parser.error(f"unknown section(s): {', '.join(unknown)}")
-    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
-    if args.hold is not None:
-        if not args.hold >= 0:
-            parser.error("--hold must be a number of milliseconds >= 0")
-        sizes = dataclasses.replace(sizes, hold_before_release=args.hold / 1000)
+        raise click.BadParameter(f"unknown section(s): {', '.join(unknown)}")
+    return sections
+
+
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Measure fencelock against raw flock, filelock and portalocker.",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
+@click.option("--quick", is_flag=True,
+              help="small counts for CI (well under a minute); goals not judged")
+@click.option("--smoke", is_flag=True, hidden=True)
+@click.option("--only", default=",".join(SECTIONS), callback=_sections,
+              help=f"comma-separated sections to run (default: {','.join(SECTIONS)})")
+@click.option("--dir", "directory", default=None,
+              help="where to make the temporary directory (default: the system's)")
+@click.option("--save", metavar="FILE", default=None, help="also write the JSON figures to FILE")
+@click.option("--keep", is_flag=True, help="keep the temporary files")
+@click.option("--quiet", is_flag=True, help="no progress on stderr")
+@click.option("--hold", metavar="MS", type=float, default=None,
+              help="how long the holder holds before each hand-off "
+              "(default: 30 ms; 2 ms for --smoke)")
+def command(as_json: bool, quick: bool, smoke: bool, only: list[str], directory: str | None,
+            save: str | None, keep: bool, quiet: bool, hold: float | None) -> int:
+    sizes = SMOKE if smoke else QUICK if quick else FULL
+    if hold is not None:
+        if not hold >= 0:  # NaN too
+            raise click.BadParameter("must be a number of milliseconds >= 0",
+                                     param_hint="'--hold'")
+        sizes = dataclasses.replace(sizes, hold_before_release=hold / 1000)
     started = time.monotonic()
-    report = run(sizes, sections, args.dir, args.keep, args.quiet)
+    report = run(sizes, only, directory, keep, quiet)
     report.notes.append(f"run took {time.monotonic() - started:.1f} s")
-    if args.save:
-        Path(args.save).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+    if save:
+        Path(save).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
     else:
-        print(render(report))
+        click.echo(render(report))
     return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fencelock-bench``: parse ``argv`` (default: the command line), run, exit code."""
+    return run_command(command, "fencelock-bench", argv)
