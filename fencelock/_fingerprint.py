@@ -86,11 +86,12 @@ class Fingerprint:
         if tail is not None and not isinstance(tail, str):
             raise ValueError("fingerprint.tail is not a string")
         dev, ino, size, mtime_ns, ctime_ns = values
-        return cls(dev, ino, size, mtime_ns, ctime_ns, tail)
+        return cls(dev=dev, ino=ino, size=size, mtime_ns=mtime_ns, ctime_ns=ctime_ns, tail=tail)
 
 
 def from_stat(st: os.stat_result, tail: str | None = None) -> Fingerprint:
-    return Fingerprint(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tail)
+    return Fingerprint(dev=st.st_dev, ino=st.st_ino, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                       ctime_ns=st.st_ctime_ns, tail=tail)
 
 
 def tail_digest(fd: int, size: int) -> str:

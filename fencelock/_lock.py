@@ -150,7 +150,7 @@ def _session_facts(session: str) -> tuple[str, FenceMode]:
 
 @functools.lru_cache(maxsize=1024)
 def _static_part(
-    pid: int, host: str, start: str, session: str, lane: str, fence: FenceMode,
+    *, pid: int, host: str, start: str, session: str, lane: str, fence: FenceMode,
     origin: str | None,
 ) -> str:
     """The record's fixed fields, shared by lock objects that would write the same."""
@@ -278,7 +278,8 @@ class SessionLock:
         if self._static_pid != pid:
             me = _identity.ME
             self._static = _static_part(
-                pid, me.host, me.start, self.session, self.lane, self.fence_mode, self.origin
+                pid=pid, host=me.host, start=me.start, session=self.session, lane=self.lane,
+                fence=self.fence_mode, origin=self.origin,
             )
             self._static_pid = pid
         return _record.encode(

@@ -1210,7 +1210,8 @@ def bench_etcd(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Ro
 
 
 def judge(report: Report, sizes: Sizes) -> None:
-    """The issue's goals, judged on a full run only (quick figures are too noisy)."""
+    """The performance goals (README, Performance), judged on a full run only (quick
+    figures are too noisy)."""
 
     def add(goal_id: str, text: str, value: float | None, limit: float | None,
             fmt: str, at_least: bool = False) -> None:

@@ -655,8 +655,9 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
         ledger.deliver(turn.id, run.key, _reply(turn.id))
         if mirror is not None:
             mirror.put((turn.id, _reply(turn.id), turn.mirror_delay))
-    return RunResult(turn.id, lane.lane_class, target, refire, tuple(run.waits), answered,
-                     takeover, superseded, fallbacks, error)
+    return RunResult(turn=turn.id, lane_class=lane.lane_class, session=target, refire=refire,
+                     waits=tuple(run.waits), answered=answered, takeover=takeover,
+                     superseded=superseded, fallbacks=fallbacks, error=error)
 
 
 def _takeover_in(e: BaseException) -> OldTakeoverError | SessionTakeoverError | None:
@@ -854,7 +855,8 @@ def run_mode(mode: Mode, config: Config, root: str) -> ModeReport:
     collected: list[Any] = []
     began = time.monotonic()
     try:
-        _collect(procs, results, start, stop, inbound, collected, config.time_limit())
+        _collect(procs, results, start=start, stop=stop, inbound=inbound, collected=collected,
+                 limit=config.time_limit())
     finally:
         stop.set()
         start.set()
@@ -864,8 +866,8 @@ def run_mode(mode: Mode, config: Config, root: str) -> ModeReport:
                 worker.terminate()
                 worker.join()
     elapsed = time.monotonic() - began
-    return _summarise(mode, lanes, collected, elapsed, _replies_in(sessions),
-                      _delivered_in(state))
+    return _summarise(mode, lanes, collected, elapsed=elapsed, replies=_replies_in(sessions),
+                      delivered=_delivered_in(state))
 
 
 def _collect(procs: dict[str, BaseProcess], results: Queue[Any], start: Event, stop: Event,
