@@ -224,8 +224,9 @@ def _fs_type(directory: str) -> str:
 
 def machine(directory: str) -> dict[str, Any]:
     """What the figures were measured on."""
-    versions = {"fencelock": fencelock.__version__, "portalocker": _version("portalocker")}
-    versions["filelock"] = _version("filelock") if filelock is not None else "not installed"
+    versions = {"fencelock": fencelock.__version__}
+    for peer, module in (("portalocker", portalocker), ("filelock", filelock)):
+        versions[peer] = _version(peer) if module is not None else "not installed"
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count() or 0,
