@@ -103,7 +103,7 @@ def test_the_floor_does_protocol_v1_work(tmp_path: Path) -> None:
     """The floor row is a lower bound only if FloorLock really speaks protocol v1:
     fencelock must read its records, see it live while held, and continue its tokens."""
     import fencelock
-    from fencelock.tools.bench import FloorLock
+    from fencelock.tools.peers import FloorLock
 
     directory = tmp_path / "odd %d {0} name"  # no formatting may touch the path
     directory.mkdir()
