@@ -384,7 +384,7 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
         raise _Stop(signum)
 
     previous = {
-        sig: signal.signal(sig, stop) for sig in _platform.STOP_SIGNALS
+        sig: signal.signal(sig, stop) for sig in _platform.stop_signals()
     }
     out = _Out(stdout)
     inbox = _Inbox(stdin)

@@ -16,7 +16,6 @@ process to stop, where the system lists its mounts and its locks.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from typing import NamedTuple
@@ -36,10 +35,16 @@ OPEN_FLAGS = O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_BINARY
 CAN_BLOCK = not WINDOWS
 """Whether a waiter can sleep in the kernel until the lock is released."""
 
-STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, name)
-)
-"""The signals that ask a process to stop (Windows has no SIGHUP)."""
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals that ask a process to stop (Windows has no SIGHUP). A function, so
+    that taking a lock never imports `signal`."""
+    import signal
+
+    return tuple(
+        getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, name)
+    )
+
 
 _MOUNTS = "/proc/self/mounts"
 
