@@ -47,6 +47,7 @@ def stop_signals() -> tuple[int, ...]:
 
 
 _MOUNTS = "/proc/self/mounts"
+_MOUNTINFO = "/proc/self/mountinfo"
 
 
 def mount_points() -> list[str]:
@@ -54,7 +55,7 @@ def mount_points() -> list[str]:
     longest first; only ``/`` where the system does not list them."""
     points = []
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        with open(_MOUNTINFO, encoding="utf-8", errors="replace") as f:
             for line in f:
                 fields = line.split(" ")
                 if len(fields) > 4:
@@ -73,6 +74,7 @@ def mounts_table() -> str | None:
             return f.read()
     except OSError:
         return None
+
 
 if WINDOWS:  # pragma: no cover - exercised on Windows only
     import msvcrt
