@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -105,6 +106,41 @@ def test_command_line_json_and_check(tmp_path: Path) -> None:
         assert set(mode["by_lane"]) >= {c.value for c in LaneClass}
         assert set(mode["wait_ms"]) >= {"p50", "p90", "p99"}
     _assert_clean_and_reproduced(data["modes"])
+
+
+_EXTRAS_ONLY = ("portalocker", "filelock", "tooz", "etcd3gw")
+"""Packages that come with fencelock's extras, not with ``pip install fencelock``."""
+
+_BLOCK_EXTRAS = f"""
+import importlib.abc, sys
+class _NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {_EXTRAS_ONLY!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (an extra)", name=name)
+        return None
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
+def test_runs_on_the_runtime_dependencies_alone(tmp_path: Path) -> None:
+    """The README's quick start runs the reproduction after a plain ``pip install .``:
+    no process of it (the command, its fork server, its workers) may import a package
+    that only an extra brings."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_BLOCK_EXTRAS)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    check = subprocess.run([sys.executable, "-c", "import portalocker"], env=env,
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert "an extra" in check.stderr  # the block is in force in every child interpreter
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--agents", "1", "--duration", "1", "--parallel",
+         "--json", "--dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "an extra" not in proc.stderr
+    assert set(json.loads(proc.stdout)["modes"]) == {"baseline", "fencelock"}
 
 
 def test_schedule_is_deterministic_per_seed(tmp_path: Path) -> None:
