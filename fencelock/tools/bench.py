@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -115,6 +115,7 @@ class Row:
     section: str
     figure: str
     unit: str
+    _: KW_ONLY
     fencelock: float | None
     peers: dict[str, float | None]
     lower_is_better: bool = True
@@ -322,7 +323,7 @@ def bench_cycle(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         floor = values.pop("floor")
         rows.append(Row(
             row_id, "cycle", f"uncontended acquire+release, {kind}", "us",
-            values.pop("fencelock"), values,
+            fencelock=values.pop("fencelock"), peers=values,
             note="every peer writes a record of fencelock's size on acquire",
         ))
         rows.append(_floor_row(row_id, floor, values))
@@ -374,7 +375,7 @@ def bench_first_acquire(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         floor = values.pop("floor")
         rows.append(Row(
             row_id, "cycle", f"first acquire+release of a new session among {n:,} others",
-            "us", values.pop("fencelock"), values,
+            "us", fencelock=values.pop("fencelock"), peers=values,
             note="a new session name each cycle (fresh object, new sidecar)",
         ))
         rows.append(_floor_row(row_id, floor, values))
@@ -387,7 +388,7 @@ def _floor_row(row_id: str, floor: float | None, peers: dict[str, float | None],
     """The same figure for `FloorLock`, in the fencelock column: the protocol's floor."""
     return Row(
         f"{row_id}.floor", row_id.split(".")[0], "  protocol v1 floor (bare syscalls, see notes)",
-        unit or ("turns/s" if not lower_is_better else "us"), floor, dict(peers),
+        unit or ("turns/s" if not lower_is_better else "us"), fencelock=floor, peers=dict(peers),
         lower_is_better=lower_is_better,
         note="not fencelock: only the syscalls protocol v1 requires, in flat code with a "
         "precomputed record and no error handling (FloorLock): a lower bound for a Python "
@@ -481,14 +482,14 @@ def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
     blocking = "" if pb_p99 is None else f"portalocker blocking p99 {pb_p99:.3f} ms"
     return [
         Row("handoff.median", "handoff", "hand-off to a blocked waiter, median", "ms",
-            f_med, med, note=note),
+            fencelock=f_med, peers=med, note=note),
         _floor_row("handoff.median", floor_med, {**med, "portalocker": pb_med}, unit="ms"),
         Row("handoff.p99", "handoff", "hand-off to a blocked waiter, p99", "ms",
-            f_p99, p99, note=note),
+            fencelock=f_p99, peers=p99, note=note),
         _floor_row("handoff.p99", floor_p99, {**p99, "portalocker": pb_p99}, unit="ms"),
         Row("handoff.median.blocking", "handoff",
             "hand-off median vs portalocker flags=EXCLUSIVE (kernel wait)", "ms",
-            f_med, {"portalocker": pb_med}, note=blocking),
+            fencelock=f_med, peers={"portalocker": pb_med}, note=blocking),
     ]
 
 
@@ -642,12 +643,12 @@ def bench_appends(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list
             f"appends.{'fsync' if fsync else 'nofsync'}", "appends",
             f"{sizes.writers} procs x {sizes.turns} fenced appends, "
             f"{'with' if fsync else 'without'} fsync", "turns/s",
-            values.pop("fencelock"), values, lower_is_better=False, note=note,
+            fencelock=values.pop("fencelock"), peers=values, lower_is_better=False, note=note,
         ))
         rows.append(Row(
             f"appends.{'fsync' if fsync else 'nofsync'}.cpu", "appends",
             "  same, CPU time per turn (user+sys, all writers)", "us",
-            cpu.pop("fencelock"), cpu,
+            fencelock=cpu.pop("fencelock"), peers=cpu,
         ))
         rows.append(_floor_row(f"appends.{'fsync' if fsync else 'nofsync'}", floor, values,
                                lower_is_better=False))
@@ -793,7 +794,7 @@ def bench_scan(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Ro
         report.checks["scan"] = {"expected": sd.expected, "found": states,
                                  "ok": states == {k: v for k, v in sd.expected.items() if v}}
         rows = [Row("scan.library", "scan", f"scan of {n} sessions: list(fencelock.scan(dir))",
-                    "s", lib_s, {"raw": raw_s},
+                    "s", fencelock=lib_s, peers={"raw": raw_s},
                     note="raw = scandir + open, flock LOCK_SH|LOCK_NB, pread, close; "
                     "no peer library has a scan")]
         cli = _cli_command()
@@ -819,7 +820,8 @@ def bench_scan(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Ro
                                      "expected_rows": n, "stderr": outcome["stderr"],
                                      "ok": outcome["code"] in (0, 3) and listed == n}
         rows.append(Row("scan.cli", "scan", f"scan of {n} sessions: fencelock status --json DIR",
-                        "s", cli_s, {"raw": raw_s}, note="includes interpreter start"))
+                        "s", fencelock=cli_s, peers={"raw": raw_s},
+                        note="includes interpreter start"))
         return rows
     finally:
         sd.close()
@@ -863,10 +865,10 @@ def bench_cold(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Ro
                              and codes["status"] == 0}
     note = "raw = python -c 'import click' (same interpreter); bytecode cached for all"
     return [
-        Row("cold.version", "cold", "cold start: fencelock --version", "ms", med["version"],
-            {"raw": med["click"]}, note=note),
-        Row("cold.status", "cold", "cold start: fencelock status FILE", "ms", med["status"],
-            {"raw": med["click"]}, note=note),
+        Row("cold.version", "cold", "cold start: fencelock --version", "ms",
+            fencelock=med["version"], peers={"raw": med["click"]}, note=note),
+        Row("cold.status", "cold", "cold start: fencelock status FILE", "ms",
+            fencelock=med["status"], peers={"raw": med["click"]}, note=note),
     ]
 
 
@@ -912,7 +914,7 @@ def bench_scaling(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
                     close()
         rows.append(Row(f"scaling.cycle.sessions.{n}", "scaling",
                         f"cycle, {n} sessions round-robin (one object each)", "us",
-                        values.pop("fencelock"), values))
+                        fencelock=values.pop("fencelock"), peers=values))
         sd = make_scan_dir(d / "scan", n)
         try:
             directory = str(sd.path)
@@ -922,7 +924,7 @@ def bench_scaling(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         finally:
             sd.close()
         rows.append(Row(f"scaling.scan.sessions.{n}", "scaling", f"scan, {n} sessions", "ms",
-                        lib_s * 1000, {"raw": raw_s * 1000}))
+                        fencelock=lib_s * 1000, peers={"raw": raw_s * 1000}))
     for procs in sizes.process_counts:
         values = {}
         for peer in ("fencelock", "raw", "filelock", "portalocker-blocking"):
@@ -937,7 +939,7 @@ def bench_scaling(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         values["portalocker"] = values.pop("portalocker-blocking")
         rows.append(Row(f"scaling.cycle.procs.{procs}", "scaling",
                         f"cycle, {procs} processes contending on one session", "us",
-                        values.pop("fencelock"), values,
+                        fencelock=values.pop("fencelock"), peers=values,
                         note="wall time / total cycles; portalocker with flags=EXCLUSIVE"))
     return rows
 
@@ -957,7 +959,7 @@ def bench_etcd(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Ro
     rounds = max(10, sizes.handoffs // 2)
     found, notes = _bench_etcd.bench(base, cycles, rounds, quiet, _progress)
     report.notes += notes
-    return [Row(r["id"], "etcd", r["figure"], r["unit"], r["fencelock"], r["peers"])
+    return [Row(r["id"], "etcd", r["figure"], r["unit"], fencelock=r["fencelock"], peers=r["peers"])
             for r in found]
 
 
