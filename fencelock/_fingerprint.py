@@ -86,12 +86,13 @@ class Fingerprint:
         if tail is not None and not isinstance(tail, str):
             raise ValueError("fingerprint.tail is not a string")
         dev, ino, size, mtime_ns, ctime_ns = values
-        return cls(dev=dev, ino=ino, size=size, mtime_ns=mtime_ns, ctime_ns=ctime_ns, tail=tail)
+        return cls(dev, ino, size, mtime_ns, ctime_ns, tail)  # positional: see from_stat
 
 
 def from_stat(st: os.stat_result, tail: str | None = None) -> Fingerprint:
-    return Fingerprint(dev=st.st_dev, ino=st.st_ino, size=st.st_size, mtime_ns=st.st_mtime_ns,
-                       ctime_ns=st.st_ctime_ns, tail=tail)
+    # Positional, in field order: keywords would cost a fifth of a microsecond more on
+    # every fence point and every record a scan reads (the dataclass's generated __init__).
+    return Fingerprint(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tail)
 
 
 def tail_digest(fd: int, size: int) -> str:
