@@ -11,83 +11,9 @@ The public names are imported on first use (PEP 562), so ``import fencelock`` an
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from fencelock._errors import (
-        CoordinationError,
-        CorruptRecordError,
-        FenceLockError,
-        FenceLockWarning,
-        HolderLostError,
-        NotHeldError,
-        PlantedFileError,
-        SessionContendedError,
-        SessionTakeoverError,
-        SessionWriteError,
-        SidecarAccessError,
-        StoreUnavailableError,
-        UnsafePathError,
-        UnsafeSidecarError,
-        is_coordination_error,
-    )
-    from fencelock._fingerprint import FenceMode, Fingerprint
-    from fencelock._lock import SessionLock
-    from fencelock._platform import LockOwner
-    from fencelock._probe import (
-        DEFAULT_STUCK_AFTER,
-        HolderStatus,
-        ProbeState,
-        clear,
-        probe,
-        scan,
-    )
-    from fencelock._record import HolderInfo, Phase, PreviousHolder, State
-    from fencelock._recovery import Action, Recovery, fresh_session, recover
-    from fencelock._tokens import STAMP_KEY
-    from fencelock._verify import VerifyReport, verify
-
 __version__ = "0.1.0"
+"""fencelock's version: the one place it is written (pyproject.toml reads it from here)."""
 
-__all__ = [
-    "DEFAULT_STUCK_AFTER",
-    "STAMP_KEY",
-    "Action",
-    "CoordinationError",
-    "CorruptRecordError",
-    "FenceLockError",
-    "FenceLockWarning",
-    "FenceMode",
-    "Fingerprint",
-    "HolderInfo",
-    "HolderLostError",
-    "HolderStatus",
-    "LockOwner",
-    "NotHeldError",
-    "Phase",
-    "PlantedFileError",
-    "PreviousHolder",
-    "ProbeState",
-    "Recovery",
-    "SessionContendedError",
-    "SessionLock",
-    "SessionTakeoverError",
-    "SessionWriteError",
-    "SidecarAccessError",
-    "State",
-    "StoreUnavailableError",
-    "UnsafePathError",
-    "UnsafeSidecarError",
-    "VerifyReport",
-    "__version__",
-    "clear",
-    "fresh_session",
-    "is_coordination_error",
-    "probe",
-    "recover",
-    "scan",
-    "verify",
-]
-
-# Where each public name is defined; must match the imports under TYPE_CHECKING above.
 _SOURCES = {
     "fencelock._errors": (
         "CoordinationError",
@@ -122,7 +48,67 @@ _SOURCES = {
     "fencelock._tokens": ("STAMP_KEY",),
     "fencelock._verify": ("VerifyReport", "verify"),
 }
+"""Every public name, by the private module that defines it: the one list. ``__all__``
+is made from it, and ``tests/test_package.py`` pins the API against it."""
+
+__all__ = ["__version__", *sorted(name for names in _SOURCES.values() for name in names)]
+
 _LAZY = {name: module for module, names in _SOURCES.items() for name in names}
+
+if TYPE_CHECKING:
+    # What type checkers see, as explicit re-exports; at run time the names load on
+    # first use from _SOURCES. tests/test_package.py checks these name what it names.
+    # One block per module, as _SOURCES has it:
+    # isort: off
+    from fencelock._errors import (
+        CoordinationError as CoordinationError,
+        CorruptRecordError as CorruptRecordError,
+        FenceLockError as FenceLockError,
+        FenceLockWarning as FenceLockWarning,
+        HolderLostError as HolderLostError,
+        NotHeldError as NotHeldError,
+        PlantedFileError as PlantedFileError,
+        SessionContendedError as SessionContendedError,
+        SessionTakeoverError as SessionTakeoverError,
+        SessionWriteError as SessionWriteError,
+        SidecarAccessError as SidecarAccessError,
+        StoreUnavailableError as StoreUnavailableError,
+        UnsafePathError as UnsafePathError,
+        UnsafeSidecarError as UnsafeSidecarError,
+        is_coordination_error as is_coordination_error,
+    )
+    from fencelock._fingerprint import (
+        FenceMode as FenceMode,
+        Fingerprint as Fingerprint,
+    )
+    from fencelock._lock import SessionLock as SessionLock
+    from fencelock._platform import LockOwner as LockOwner
+    from fencelock._probe import (
+        DEFAULT_STUCK_AFTER as DEFAULT_STUCK_AFTER,
+        HolderStatus as HolderStatus,
+        ProbeState as ProbeState,
+        clear as clear,
+        probe as probe,
+        scan as scan,
+    )
+    from fencelock._record import (
+        HolderInfo as HolderInfo,
+        Phase as Phase,
+        PreviousHolder as PreviousHolder,
+        State as State,
+    )
+    from fencelock._recovery import (
+        Action as Action,
+        Recovery as Recovery,
+        fresh_session as fresh_session,
+        recover as recover,
+    )
+    from fencelock._tokens import STAMP_KEY as STAMP_KEY
+    from fencelock._verify import (
+        VerifyReport as VerifyReport,
+        verify as verify,
+    )
+    # isort: on
 
 
 def __getattr__(name: str) -> object:

@@ -96,24 +96,11 @@ def parse(url: str) -> EtcdURL | None:
     return EtcdURL(tuple(endpoints), prefix, ttl, root)
 
 
-def _mount_points() -> list[str]:
-    """Mount points of this process's mount namespace, longest first."""
-    points = []
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split(" ")
-                if len(fields) > 4:
-                    # Octal escapes (\040 for a space) as the kernel writes them.
-                    points.append(fields[4].encode().decode("unicode_escape"))
-    except OSError:
-        return ["/"]
-    return sorted(set(points), key=len, reverse=True)
-
-
 @functools.lru_cache(maxsize=1024)
 def _mount_of(directory: str) -> str:
-    for point in _mount_points():
+    from fencelock._platform import mount_points
+
+    for point in mount_points():
         if directory == point or directory.startswith(point.rstrip("/") + "/"):
             return point
     return "/"

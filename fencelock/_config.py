@@ -1,4 +1,5 @@
-"""Checking an agent gateway config for heartbeats that share the session file (seed, Part C).
+"""Checking an agent gateway config for heartbeats that share the session file (the
+original report, Part C).
 
 An agent whose heartbeat is not ``isolatedSession: true`` runs its heartbeat lane on the
 same session file as its channel and direct lanes, which is where takeovers come from.
@@ -19,7 +20,10 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from fencelock._errors import FenceLockError
+from fencelock import _platform
+
+# ConfigError lives with the other exceptions; it is still importable from here.
+from fencelock._errors import ConfigError as ConfigError
 
 WHY = (
     "its heartbeat runs on the same session file as the channel and direct lanes, "
@@ -31,18 +35,6 @@ MAX_CONFIG = 16 * 1024 * 1024
 """The largest config file read."""
 _JSON5_POS = re.compile(r"^<string>:(\d+) (.*) at column (\d+)$", re.DOTALL)
 _ZERO_DURATION = re.compile(r"^\s*0+(?:\.0*)?\s*[a-zA-Z]*\s*$")
-
-
-class ConfigError(FenceLockError):
-    """The config cannot be read, parsed, or has a shape this check cannot interpret."""
-
-    def __init__(self, path: str, why: str, line: int | None = None, column: int | None = None):
-        self.path = path
-        self.why = why
-        self.line = line
-        self.column = column
-        where = f"{path}: line {line}, column {column}" if line is not None else path
-        super().__init__(f"{where}: {why}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +143,7 @@ def load(path: str | os.PathLike[str]) -> Any:
     name = os.fspath(path)
     try:
         # O_NONBLOCK: a FIFO named as the config must not hang the check.
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_RDONLY | _platform.O_NONBLOCK | _platform.O_CLOEXEC
         fd = os.open(name, flags)
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):

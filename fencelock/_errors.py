@@ -3,6 +3,29 @@
 Messages name the file and the next step, so a CLI can print them as they are. Each
 exception survives ``pickle`` (its ``__reduce__`` gives the constructor's arguments and
 the attributes set since), so it crosses a process pool intact.
+
+::
+
+    Exception
+     └── FenceLockError                 anything fencelock raises on purpose
+          ├── CoordinationError         two runs met on one session: do not retry the call
+          │    ├── SessionContendedError     another run holds it
+          │    └── SessionTakeoverError      something else wrote during the run
+          │         └── HolderLostError      an etcd holder could not confirm its lease
+          ├── StoreUnavailableError     etcd cannot be reached
+          ├── UnsafePathError           a path fencelock will not use
+          │    ├── PlantedFileError          a file another user placed
+          │    │    └── ForeignSymlinkError  a directory symlink another user placed
+          │    └── UnsafeSidecarError        a sidecar that is not a regular file
+          ├── CorruptRecordError        a holder record that stays unparsable
+          ├── SidecarAccessError        a sidecar that cannot be opened or probed
+          ├── SessionWriteError         a session write or fsync that failed
+          ├── NotHeldError              a holder operation without the holder
+          ├── ConfigError               a gateway config check cannot read the config
+          └── BadRequestError           a `fencelock hold` request it does not know
+
+    UserWarning
+     └── FenceLockWarning               works, but unsafe (a world-writable directory)
 """
 
 from __future__ import annotations
@@ -238,6 +261,22 @@ class FenceLockWarning(UserWarning):
 
 class NotHeldError(FenceLockError):
     """An operation that needs the holder was called without it."""
+
+
+class ConfigError(FenceLockError):
+    """A gateway config (`fencelock check-config`) cannot be read, parsed, or has a shape
+    the check cannot interpret."""
+
+    def __init__(self, path: str, why: str, line: int | None = None, column: int | None = None):
+        self.path = path
+        self.why = why
+        self.line = line
+        self.column = column
+        where = f"{path}: line {line}, column {column}" if line is not None else path
+        super().__init__(f"{where}: {why}")
+
+    def _init_args(self) -> tuple[Any, ...]:
+        return self.path, self.why, self.line, self.column
 
 
 def _rebuild_contended(

@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fencelock import _platform
 from fencelock._constants import EXIT_CONTENDED, EXIT_ERROR, EXIT_OK
 from fencelock._errors import (
     BadRequestError,
@@ -381,7 +382,7 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
         raise _Stop(signum)
 
     previous = {
-        sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+        sig: signal.signal(sig, stop) for sig in _platform.stop_signals()
     }
     out = _Out(stdout)
     inbox = _Inbox(stdin)

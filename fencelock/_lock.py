@@ -80,11 +80,14 @@ def _session_facts(session: str) -> tuple[str, FenceMode]:
 
 @functools.lru_cache(maxsize=1024)
 def _static_part(
-    pid: int, host: str, start: str, session: str, lane: str, fence: FenceMode,
+    *, pid: int, host: str, start: str, session: str, lane: str, fence: FenceMode,
     origin: str | None,
 ) -> str:
     """The record's fixed fields, shared by lock objects that would write the same."""
-    return _record.static_part(pid, host, start, session, lane, str(fence), origin, {})
+    return _record.static_part(
+        pid=pid, host=host, process_start=start, session=session, lane=lane, fence=str(fence),
+        origin=origin, extra={},
+    )
 
 
 def _whoami() -> object:
@@ -172,9 +175,12 @@ class SessionLock:
         if self._info is None:
             me = _identity.ME
             self._info = _record.holder_info(
-                State.HELD, self.session, me.pid, me.host, me.start, self.lane, self._run_id,
-                self._token, self._acquired_at, self._heartbeat_at, self._phase, self._fp,
-                self._previous, str(self.fence_mode), self.origin, _record.VERSION, {},
+                state=State.HELD, session=self.session, pid=me.pid, host=me.host,
+                process_start=me.start, lane=self.lane, run_id=self._run_id, token=self._token,
+                acquired_at=self._acquired_at, heartbeat_at=self._heartbeat_at,
+                phase=self._phase, fingerprint=self._fp, previous=self._previous,
+                fence=str(self.fence_mode), origin=self.origin, version=_record.VERSION,
+                extra={},
             )
         return self._info
 
@@ -183,12 +189,14 @@ class SessionLock:
         if self._static_pid != pid:
             me = _identity.ME
             self._static = _static_part(
-                pid, me.host, me.start, self.session, self.lane, self.fence_mode, self.origin
+                pid=pid, host=me.host, start=me.start, session=self.session, lane=self.lane,
+                fence=self.fence_mode, origin=self.origin,
             )
             self._static_pid = pid
         return _record.encode(
-            state, self._phase, self._token, self._run_id, self._static,
-            self._acquired_at, self._heartbeat_at, self._fp, self._previous,
+            state=state, phase=self._phase, token=self._token, run_id=self._run_id,
+            static=self._static, acquired_at=self._acquired_at,
+            heartbeat_at=self._heartbeat_at, fingerprint=self._fp, previous=self._previous,
         )
 
     def _rewrite(self, **changes: Any) -> None:

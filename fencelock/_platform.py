@@ -1,15 +1,16 @@
 """The OS advisory lock on a sidecar, decided once per platform at import.
 
-POSIX: ``flock(2)`` whole-file locks, the primitive portalocker selects on POSIX
-(``portalocker.portalocker.LOCKER``). fencelock calls that primitive directly rather
-than through ``portalocker.lock()``, whose per-call validation costs about ten times
-the syscall, and refuses a LOCKER switched to ``lockf``: POSIX record locks are
-dropped for the whole process when any descriptor of the file is closed.
+POSIX: ``flock(2)`` whole-file locks, called directly (``fcntl.flock``). Never POSIX
+record locks (``lockf``, ``F_SETLK``): they are dropped for the whole process when any
+descriptor of the file is closed.
 
 Windows: ``msvcrt.locking`` on one byte at `WINDOWS_LOCK_OFFSET`. Windows locks are
 mandatory, so the locked byte lies past the record (at most 64 KiB) and other
-processes can still read it. portalocker's Windows lockers always lock from byte 0,
-which would hide the record. Only this module knows the platform.
+processes can still read it (a lock from byte 0, as portalocker's Windows lockers take,
+would hide the record).
+
+Only this module knows the platform: the open flags, the lock, the signals that ask a
+process to stop, where the system lists its mounts and its locks.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import os
 import sys
 import time
 from typing import NamedTuple
-
-from fencelock import _forkguard
 
 WINDOWS = sys.platform == "win32"
 WINDOWS_LOCK_OFFSET = 1 << 20
@@ -35,6 +34,47 @@ OPEN_FLAGS = O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_BINARY
 
 CAN_BLOCK = not WINDOWS
 """Whether a waiter can sleep in the kernel until the lock is released."""
+
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals that ask a process to stop (Windows has no SIGHUP). A function, so
+    that taking a lock never imports `signal`."""
+    import signal
+
+    return tuple(
+        getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, name)
+    )
+
+
+_MOUNTS = "/proc/self/mounts"
+_MOUNTINFO = "/proc/self/mountinfo"
+
+
+def mount_points() -> list[str]:
+    """Mount points of this process's mount namespace (``/proc/self/mountinfo``),
+    longest first; only ``/`` where the system does not list them."""
+    points = []
+    try:
+        with open(_MOUNTINFO, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split(" ")
+                if len(fields) > 4:
+                    # Octal escapes (\040 for a space) as the kernel writes them.
+                    points.append(fields[4].encode().decode("unicode_escape"))
+    except OSError:
+        return ["/"]
+    return sorted(set(points), key=len, reverse=True)
+
+
+def mounts_table() -> str | None:
+    """The system's table of mounted filesystems (``/proc/self/mounts``: device, mount
+    point, type, ... per line), None where the system offers none."""
+    try:
+        with open(_MOUNTS, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
 
 if WINDOWS:  # pragma: no cover - exercised on Windows only
     import msvcrt
@@ -67,44 +107,18 @@ if WINDOWS:  # pragma: no cover - exercised on Windows only
 
 else:
     import fcntl
-    from collections.abc import Callable
 
+    _flock = fcntl.flock
     _EX_NB = fcntl.LOCK_EX | fcntl.LOCK_NB
     _SH_NB = fcntl.LOCK_SH | fcntl.LOCK_NB
-
-    def _resolve(fd: int, operation: int) -> None:
-        # portalocker is imported when a process first takes a holder's lock, not at
-        # start-up: its import pulls in importlib.metadata, which would double the
-        # cold start of read-only commands such as `fencelock status`.
-        global _flock
-        # Under the fork guard: a child forked while another thread is inside this
-        # import would inherit its module lock, held by a thread it does not have,
-        # and hang on its first lock.
-        with _forkguard.guard:
-            from portalocker import portalocker as chosen
-
-        locker = getattr(chosen, "LOCKER", None)
-        if locker is not fcntl.flock:
-            # portalocker can be switched to lockf; POSIX record locks vanish when any
-            # descriptor of the file is closed, so the holder stays on flock.
-            locker = fcntl.flock
-        _flock = locker
-        _flock(fd, operation)
-
-    _flock: Callable[[int, int], None] = _resolve
-    """The holder's exclusive lock: portalocker's POSIX primitive, flock(2)."""
 
     def try_lock(fd: int, shared: bool = False) -> bool:
         """Take the lock without waiting; False when someone else has it.
 
-        ``shared`` is a probe's test lock (never held for long), taken with the same
-        flock(2) call directly so that probing never loads the holder's wrapper.
+        ``shared`` is a probe's test lock (never held for long).
         """
         try:
-            if shared:
-                fcntl.flock(fd, _SH_NB)
-            else:
-                _flock(fd, _EX_NB)
+            _flock(fd, _SH_NB if shared else _EX_NB)
         except BlockingIOError:
             return False
         return True
@@ -120,7 +134,7 @@ else:
         with POSIX locks, as on NFS), True: the shared probe's answer stands.
         """
         try:
-            fcntl.flock(fd, _EX_NB)
+            _flock(fd, _EX_NB)
         except BlockingIOError:
             return False
         except OSError:
@@ -129,10 +143,7 @@ else:
 
     def lock_blocking(fd: int, shared: bool = False) -> None:
         """Sleep in the kernel until the lock is ours: hand-off is immediate."""
-        if shared:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        else:
-            _flock(fd, fcntl.LOCK_EX)
+        _flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
 
     def unlock(fd: int) -> None:
         _flock(fd, fcntl.LOCK_UN)

@@ -104,12 +104,14 @@ class HolderInfo:
 
     def encode(self) -> bytes:
         static = static_part(
-            self.pid, self.host, self.process_start, self.session, self.lane, self.fence,
-            self.origin, self.extra,
+            pid=self.pid, host=self.host, process_start=self.process_start,
+            session=self.session, lane=self.lane, fence=self.fence, origin=self.origin,
+            extra=self.extra,
         )
         return encode(
-            self.state, self.phase, self.token, self.run_id, static,
-            self.acquired_at, self.heartbeat_at, self.fingerprint, self.previous,
+            state=self.state, phase=self.phase, token=self.token, run_id=self.run_id,
+            static=static, acquired_at=self.acquired_at, heartbeat_at=self.heartbeat_at,
+            fingerprint=self.fingerprint, previous=self.previous,
         )
 
     def as_previous(self) -> PreviousHolder:
@@ -123,15 +125,37 @@ _KNOWN = frozenset(HolderInfo.__dataclass_fields__) - {"extra"}
 _INFO_SETTERS = tuple(getattr(HolderInfo, name).__set__ for name in HolderInfo.__dataclass_fields__)
 
 
-def holder_info(*values: Any) -> HolderInfo:
-    """A `HolderInfo` from every field's value, in declaration order.
+def holder_info(
+    *,
+    state: State,
+    session: str,
+    pid: int,
+    host: str,
+    process_start: str,
+    lane: str,
+    run_id: str,
+    token: int,
+    acquired_at: float,
+    heartbeat_at: float,
+    phase: Phase,
+    fingerprint: Fingerprint | None,
+    previous: PreviousHolder | None,
+    fence: str,
+    origin: str | None,
+    version: int = VERSION,
+    extra: dict[str, Any] | None = None,
+) -> HolderInfo:
+    """A `HolderInfo` from every field's value.
 
     The same object the dataclass constructor makes, at half the cost: a frozen
     dataclass's ``__init__`` sets each field through ``object.__setattr__``, and a
     holder builds one on every acquire.
     """
     info = object.__new__(HolderInfo)
-    for set_field, value in zip(_INFO_SETTERS, values):  # noqa: B905 (arity fixed by callers)
+    values = (state, session, pid, host, process_start, lane, run_id, token, acquired_at,
+              heartbeat_at, phase, fingerprint, previous, fence, origin, version,
+              {} if extra is None else extra)
+    for set_field, value in zip(_INFO_SETTERS, values, strict=True):
         set_field(info, value)
     return info
 
@@ -140,8 +164,16 @@ def holder_info(*values: Any) -> HolderInfo:
 # JSON allows the padding: whitespace may follow any value.
 _STATE_TEXT = {State.HELD: '"held"    ', State.RELEASED: '"released"'}
 _PHASE_TEXT = {Phase.WRITE: '"write" ', Phase.PROMPT: '"prompt"'}
-_TOKEN_WIDTH = 20
+TOKEN_WIDTH = 20
+"""The token is left-aligned and padded with spaces to this many characters."""
+RECORD_HEAD = {
+    (state, phase): f'{{"version":1,"state":{state_text},"phase":{phase_text},"token":'
+    for state, state_text in _STATE_TEXT.items()
+    for phase, phase_text in _PHASE_TEXT.items()
+}
+"""Every record's fixed-width start, up to its token, for each state and phase."""
 STATE_OFFSET = len('{"version":1,"state":')
+"""Where ``state``'s value starts: release overwrites it in place with `RELEASE_PATCH`."""
 RELEASE_PATCH = _STATE_TEXT[State.RELEASED].encode()
 _HEADER = re.compile(
     rb'\{"version":1,"state":"(held|released)" *,"phase":"(?:write|prompt)" *,"token":(\d{1,19}) *,'
@@ -168,6 +200,7 @@ def _fingerprint_text(fp: Fingerprint) -> str:
 
 
 def static_part(
+    *,
     pid: int,
     host: str,
     process_start: str,
@@ -209,6 +242,7 @@ def command_of(record: HolderInfo) -> tuple[int, str] | None:
 
 
 def encode(
+    *,
     state: State,
     phase: Phase,
     token: int,
@@ -227,8 +261,7 @@ def encode(
         f',"run_id":{_js(previous.run_id)},"token":{previous.token}}}'
     )
     return (
-        f'{{"version":1,"state":{_STATE_TEXT[state]},"phase":{_PHASE_TEXT[phase]}'
-        f',"token":{token:<{_TOKEN_WIDTH}},"run_id":{rid}{static}'
+        f'{RECORD_HEAD[state, phase]}{token:<{TOKEN_WIDTH}},"run_id":{rid}{static}'
         f',"acquired_at":{acquired_at!r},"heartbeat_at":{heartbeat_at!r}'
         f',"fingerprint":{fp},"previous":{prev}}}'
     ).encode()

@@ -67,18 +67,21 @@ def interrupted_guard_wait(directory: Path) -> str:
 
 
 def fork_during_first_import(directory: Path) -> str:
-    """Another thread is inside the first import of the lock wrapper when the process
-    forks: the child must not inherit that import half done (its lock would be owned by
-    a thread the child does not have)."""
-    if "portalocker" in sys.modules:
-        return "portalocker was imported already; the scenario needs a fresh interpreter"
-    entered, proceed = threading.Event(), threading.Event()
+    """Another thread takes the process's first lock while the process forks: if that
+    lock imports a module on first use, the child must not inherit the import half done
+    (its module lock would be owned by a thread the child does not have). Any import the
+    first lock makes is held open until the child has taken a session."""
+    fencelock.SessionLock  # noqa: B018 (the package's own modules, loaded up front)
+    first: threading.Thread | None = None
+    entered, proceed, done = threading.Event(), threading.Event(), threading.Event()
+    imported: list[str] = []
 
     class Gate(importlib.abc.MetaPathFinder):
         def find_spec(
             self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
         ) -> ModuleSpec | None:
-            if name == "portalocker":
+            if threading.current_thread() is first and not imported:
+                imported.append(name)
                 entered.set()
                 proceed.wait()
             return None
@@ -86,14 +89,20 @@ def fork_during_first_import(directory: Path) -> str:
     sys.meta_path.insert(0, Gate())
 
     def first_lock() -> None:
-        with fencelock.SessionLock(directory / "first.jsonl", lane="first"):
-            pass
+        try:
+            with fencelock.SessionLock(directory / "first.jsonl", lane="first"):
+                pass
+        finally:
+            done.set()
+            entered.set()
 
     first = threading.Thread(target=first_lock)
     first.start()
-    entered.wait()  # the import is under way, its module lock taken
-    threading.Timer(0.3, proceed.set).start()
+    entered.wait()  # an import is under way (its module lock taken), or the lock is done
+    if imported:
+        threading.Timer(0.3, proceed.set).start()
     answer = _child_takes_a_session(directory / "child.jsonl")
+    proceed.set()
     first.join()
     return answer
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_goals_are_not_judged_in_smoke_mode(report: dict[str, Any]) -> None:
 
 
 def test_the_interleaving_check_catches_loss_and_tearing(tmp_path: Path) -> None:
-    from fencelock._bench import check_lines
+    from fencelock.tools.bench import check_lines
 
     session = tmp_path / "s.jsonl"
     good = [json.dumps({"w": w, "seq": s}) for s in range(3) for w in range(2)]
@@ -103,7 +104,7 @@ def test_the_floor_does_protocol_v1_work(tmp_path: Path) -> None:
     """The floor row is a lower bound only if FloorLock really speaks protocol v1:
     fencelock must read its records, see it live while held, and continue its tokens."""
     import fencelock
-    from fencelock._bench import FloorLock
+    from fencelock.tools.peers import FloorLock
 
     directory = tmp_path / "odd %d {0} name"  # no formatting may touch the path
     directory.mkdir()
@@ -129,3 +130,35 @@ def test_the_floor_does_protocol_v1_work(tmp_path: Path) -> None:
         lock.append({"turn": 3})
     assert fencelock.verify(session).ok
     assert [json.loads(line)["turn"] for line in session.read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def test_runs_without_the_bench_extra(tmp_path: Path) -> None:
+    """Without the ``bench`` extra the peers' columns are empty and the report says
+    which package is missing; fencelock's own figures are all there."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class _NotInstalled(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('filelock', 'portalocker'):\n"
+        "            raise ModuleNotFoundError(name, name=name)\n"
+        "sys.meta_path.insert(0, _NotInstalled())\n"
+    )
+    where = tmp_path / "bench"
+    where.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--json", "--quiet", "--only", "cycle",
+         "--dir", str(where)],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONPATH": str(site)},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(proc.stdout)
+    assert data["machine"]["versions"]["portalocker"] == "not installed"
+    assert data["machine"]["versions"]["filelock"] == "not installed"
+    assert any(s.startswith("portalocker columns") for s in data["skipped"])
+    assert any(s.startswith("filelock columns") for s in data["skipped"])
+    row = next(r for r in data["rows"] if r["id"] == "cycle.reused")
+    assert row["peers"]["portalocker"] is None and row["peers"]["filelock"] is None
+    assert isinstance(row["fencelock"], float) and isinstance(row["peers"]["raw"], float)

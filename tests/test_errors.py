@@ -55,6 +55,8 @@ def samples() -> dict[str, BaseException]:
         "SessionWriteError": write,
         "NotHeldError": _errors.NotHeldError("/s/a.jsonl: release() without acquire()"),
         "FenceLockWarning": _errors.FenceLockWarning("/s: world-writable"),
+        "ConfigError": _errors.ConfigError("/etc/openclaw.json", "not JSON5 (bad value)", 3, 7),
+        "ConfigError-file": _errors.ConfigError("/etc/openclaw.json", "the file is empty"),
     }
 
 

@@ -2,64 +2,60 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import fencelock
 
-# Each public name and the private module that defines it.
-DEFINED_IN = {
-    **dict.fromkeys(
-        [
-            "CoordinationError",
-            "CorruptRecordError",
-            "FenceLockError",
-            "FenceLockWarning",
-            "HolderLostError",
-            "NotHeldError",
-            "PlantedFileError",
-            "SessionContendedError",
-            "SessionTakeoverError",
-            "SessionWriteError",
-            "SidecarAccessError",
-            "StoreUnavailableError",
-            "UnsafePathError",
-            "UnsafeSidecarError",
-            "is_coordination_error",
-        ],
-        "fencelock._errors",
-    ),
-    "FenceMode": "fencelock._fingerprint",
-    "Fingerprint": "fencelock._fingerprint",
-    "SessionLock": "fencelock._lock",
-    "LockOwner": "fencelock._platform",
-    **dict.fromkeys(
-        ["DEFAULT_STUCK_AFTER", "HolderStatus", "ProbeState", "clear", "probe", "scan"],
-        "fencelock._probe",
-    ),
-    **dict.fromkeys(["HolderInfo", "Phase", "PreviousHolder", "State"], "fencelock._record"),
-    **dict.fromkeys(["Action", "Recovery", "fresh_session", "recover"], "fencelock._recovery"),
-    "STAMP_KEY": "fencelock._tokens",
-    "VerifyReport": "fencelock._verify",
-    "verify": "fencelock._verify",
-}
+PUBLIC = {name: module for module, names in fencelock._SOURCES.items() for name in names}
+"""Each public name and the private module that defines it, from the package's one list."""
 
 
-def test_all_lists_every_public_name() -> None:
-    assert sorted(fencelock.__all__) == sorted([*DEFINED_IN, "__version__"])
-    assert fencelock.__version__ == "0.1.0"
+def test_all_is_the_one_list_and_the_version() -> None:
+    names = [name for names in fencelock._SOURCES.values() for name in names]
+    assert len(names) == len(set(names)), "a name listed twice"
+    assert sorted(fencelock.__all__) == sorted([*names, "__version__"])
 
 
-@pytest.mark.parametrize("name", sorted(DEFINED_IN))
+def test_the_version_has_one_source() -> None:
+    """The distribution's version is read from ``fencelock.__version__`` at build time."""
+    from importlib.metadata import version
+
+    assert version("fencelock") == fencelock.__version__
+
+
+def test_type_checkers_see_the_same_names() -> None:
+    """The ``TYPE_CHECKING`` re-exports (what mypy sees) name exactly what ``_SOURCES``
+    names, each from the same module and re-exported as itself."""
+    tree = ast.parse(Path(fencelock.__file__).read_text(encoding="utf-8"))
+    blocks = [node for node in tree.body if isinstance(node, ast.If)
+              and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"]
+    assert len(blocks) == 1
+    seen: dict[str, list[str]] = {}
+    for node in blocks[0].body:
+        assert isinstance(node, ast.ImportFrom) and node.module is not None
+        for alias in node.names:
+            assert alias.asname == alias.name, f"{alias.name} is not re-exported as itself"
+            seen.setdefault(node.module, []).append(alias.name)
+    assert {m: sorted(n) for m, n in seen.items()} == {
+        m: sorted(n) for m, n in fencelock._SOURCES.items()
+    }
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
 def test_every_public_name_is_the_defining_modules_object(name: str) -> None:
-    module = importlib.import_module(DEFINED_IN[name])
+    module = importlib.import_module(PUBLIC[name])
     assert getattr(fencelock, name) is getattr(module, name)
     namespace: dict[str, object] = {}
     exec(f"from fencelock import {name}", namespace)
     assert namespace[name] is getattr(module, name)
+    defined_in = getattr(namespace[name], "__module__", PUBLIC[name])
+    assert defined_in == PUBLIC[name]
 
 
 def test_in_a_fresh_interpreter() -> None:

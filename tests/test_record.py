@@ -122,7 +122,7 @@ def test_the_fast_builder_makes_what_the_constructor_makes() -> None:
 
     info = make(origin="/s/old.jsonl", fence="content")
     values = [getattr(info, f.name) for f in dataclasses.fields(HolderInfo)]
-    built = holder_info(*values)
+    built = holder_info(**{f.name: getattr(info, f.name) for f in dataclasses.fields(HolderInfo)})
     assert built == info and hash(built) == hash(info) and repr(built) == repr(info)
     assert all(getattr(built, f.name) == v for f, v in zip(dataclasses.fields(HolderInfo), values,
                                                            strict=True))

@@ -1,9 +1,10 @@
-"""bin/fencelock-repro: the seed's race with real processes, old protocol vs fencelock."""
+"""fencelock-repro: the original report's race with real processes, old protocol vs fencelock."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from fencelock import is_coordination_error, probe
-from fencelock._repro import (
+from fencelock.tools.repro import (
     DELIVERIES,
     Config,
     FenceLockRun,
@@ -107,6 +108,41 @@ def test_command_line_json_and_check(tmp_path: Path) -> None:
     _assert_clean_and_reproduced(data["modes"])
 
 
+_EXTRAS_ONLY = ("portalocker", "filelock", "tooz", "etcd3gw")
+"""Packages that come with fencelock's extras, not with ``pip install fencelock``."""
+
+_BLOCK_EXTRAS = f"""
+import importlib.abc, sys
+class _NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {_EXTRAS_ONLY!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (an extra)", name=name)
+        return None
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
+def test_runs_on_the_runtime_dependencies_alone(tmp_path: Path) -> None:
+    """The README's quick start runs the reproduction after a plain ``pip install .``:
+    no process of it (the command, its fork server, its workers) may import a package
+    that only an extra brings."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_BLOCK_EXTRAS)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    check = subprocess.run([sys.executable, "-c", "import portalocker"], env=env,
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert "an extra" in check.stderr  # the block is in force in every child interpreter
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--agents", "1", "--duration", "1", "--parallel",
+         "--json", "--dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "an extra" not in proc.stderr
+    assert set(json.loads(proc.stdout)["modes"]) == {"baseline", "fencelock"}
+
+
 def test_schedule_is_deterministic_per_seed(tmp_path: Path) -> None:
     one = gateway(Config.quick(seed=5), str(tmp_path))
     assert one == gateway(Config.quick(seed=5), str(tmp_path))
@@ -194,7 +230,7 @@ def test_fencelock_runs_hold_the_prompt_window_around_every_model_call(
 
             return watched()
 
-    monkeypatch.setattr("fencelock._repro.FenceLockRun", Watched)
+    monkeypatch.setattr("fencelock.tools.repro.FenceLockRun", Watched)
     session = tmp_path / "sessions" / "s.jsonl"
     turn = _turn("t", steps=(Step(0.0, provider_error=True), Step(0.0)))
     lane = Lane("a1/heartbeat", "a1", LaneClass.HEARTBEAT, "hb", str(session), True,
@@ -233,7 +269,7 @@ def test_an_unlocked_write_in_the_prompt_window_drops_the_reply(tmp_path: Path) 
     ledger = Ledger(str(tmp_path / "gateway"), "a1")
     Path(ledger.dir).mkdir(parents=True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("fencelock._repro.FenceLockRun", Intruded)
+        mp.setattr("fencelock.tools.repro.FenceLockRun", Intruded)
         result = run_turn(Mode.FENCELOCK, lane, turn, ledger)
     assert not result.answered and result.takeover is not None
     assert result.takeover.intruder is LaneClass.MIRROR
@@ -264,7 +300,7 @@ def test_check_conditions(
     report = Report(Config.tiny(), {Mode.BASELINE: _mode(Mode.BASELINE, *base),
                                     Mode.FENCELOCK: _mode(Mode.FENCELOCK, *fl)})
     assert (report.problems() == []) is ok
-    monkeypatch.setattr("fencelock._repro.run", lambda *a, **k: report)
+    monkeypatch.setattr("fencelock.tools.repro.run", lambda *a, **k: report)
     assert main(["--quick", "--check"]) == (0 if ok else 1)
     out = capsys.readouterr()
     assert "baseline" in out.out and "fencelock" in out.out

@@ -33,9 +33,7 @@ from fencelock import (
 )
 
 PACKAGE = Path(fencelock.__file__).parent
-_TOOLS = {
-    "_cli.py", "_supervisor.py", "_bench.py", "_bench_etcd.py", "_etcdserver.py", "_repro.py",
-}
+_TOOLS = {"_cli.py", "_supervisor.py", "_etcdserver.py"}
 """Command-line tools in the package: they start (and may signal) their own children,
 and write their own output files; everything else is the library."""
 

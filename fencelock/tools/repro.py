@@ -1,4 +1,4 @@
-"""The seed's race, reproduced with real processes (``bin/fencelock-repro``).
+"""The original report's race, reproduced with real processes (``fencelock-repro``).
 
 A simulated agent gateway runs twice on the same seeded schedule: once with the old
 protocol (``baseline``: a short write lock released around every model call, a stat
@@ -6,8 +6,8 @@ fence checked on reacquire) and once with fencelock (one `SessionLock` held for 
 whole run). Every lane is its own process; results come back over a queue.
 
 The gateway, per agent: a main session file shared by the heartbeat lane, a channel
-lane bound to the same UUID, a direct-message lane and a cron lane (the seed's
-contention surface); a second channel with its own session file; the outbound
+lane bound to the same UUID, a direct-message lane and a cron lane (the original
+report's contention surface); a second channel with its own session file; the outbound
 delivery mirror, which appends a copy of every delivered reply to the main session
 after the delivering run has ended; and a stuck-session recovery lane. Model calls
 are sleeps: mostly short, some medium, a few long enough to look stuck.
@@ -22,7 +22,6 @@ nothing re-fired is a dropped reply.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import enum
 import json
@@ -30,7 +29,6 @@ import multiprocessing
 import os
 import queue
 import random
-import sys
 import tempfile
 import threading
 import time
@@ -45,17 +43,26 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-import portalocker
+import click
 
-from fencelock._errors import (
+from fencelock import (
+    Action,
     CoordinationError,
     FenceLockError,
+    ProbeState,
+    SessionLock,
     SessionTakeoverError,
     is_coordination_error,
+    probe,
+    recover,
 )
-from fencelock._lock import SessionLock
-from fencelock._probe import ProbeState, probe
-from fencelock._recovery import Action, recover
+
+# The old protocol's write lock is not fencelock's, but it needs an OS lock: it takes
+# the library's own primitive (flock(2), or msvcrt on Windows), deliberately, so the
+# reproduction runs on the runtime dependencies alone and on every platform fencelock
+# supports. Nothing else here reaches past the public API.
+from fencelock._platform import lock_blocking, unlock
+from fencelock.tools._command import run_command
 
 if TYPE_CHECKING:
     from multiprocessing.context import ForkServerContext, SpawnContext
@@ -69,7 +76,7 @@ class Mode(enum.StrEnum):
 
 
 class LaneClass(enum.StrEnum):
-    """The rows of the seed's lane histogram (plus the recovery lane's re-fires)."""
+    """The rows of the original report's lane histogram (plus the recovery lane's re-fires)."""
 
     MIRROR = "mirror"
     HEARTBEAT = "heartbeat"
@@ -88,20 +95,20 @@ LANE_LABELS: dict[LaneClass, str] = {
     LaneClass.RECOVERY: "stuck-session recovery re-fire",
 }
 
-SEED_HISTOGRAM: dict[LaneClass, int] = {
+REPORTED_HISTOGRAM: dict[LaneClass, int] = {
     LaneClass.MIRROR: 60,
     LaneClass.HEARTBEAT: 36,
     LaneClass.CHANNEL: 20,
     LaneClass.DIRECT: 3,
     LaneClass.CRON: 1,
 }
-"""The seed's 3-day histogram (122 takeovers, 37 session files). Its two single hits
+"""The original report's 3-day histogram (122 takeovers, 37 session files). Its two single hits
 not modelled here, another agent's channel and cron-nested, are left out."""
 
 SHORT_CALL = 0.03
 LONG_CALL = (1.2, 2.0)
-"""Model calls last 0.03-0.2 s mostly, 0.2-0.5 s sometimes, 1.2-2.0 s rarely (the seed's
-runs of up to 22 minutes, scaled down): long enough to be taken for stuck."""
+"""Model calls last 0.03-0.2 s mostly, 0.2-0.5 s sometimes, 1.2-2.0 s rarely (the original
+report's runs of up to 22 minutes, scaled down): long enough to be taken for stuck."""
 
 MODELS = ("primary-model", "fallback-model")
 """The model-fallback chain: a provider error moves on; a coordination error stops it."""
@@ -231,10 +238,10 @@ class ModeReport:
     those whose reply line (from the turn's own run or its re-fire) is in a session
     file at the end, and in the delivery record when it goes to a user;
     ``dropped_replies`` the rest. ``takeovers`` takeover errors thrown;
-    ``by_lane`` counts them by the lane class whose write tripped the fence (the seed's
-    histogram), ``by_victim`` by the lane class of the run that threw. ``wait_ms``:
-    p50/p90/p99/max/n of the time each writer waited for the holder (fencelock) or the
-    short write lock (baseline). ``recoveries``: what stuck-session recovery did.
+    ``by_lane`` counts them by the lane class whose write tripped the fence (the
+    original report's histogram), ``by_victim`` by the lane class of the run that threw.
+    ``wait_ms``: p50/p90/p99/max/n of the time each writer waited for the holder
+    (fencelock) or the short write lock (baseline). ``recoveries``: what stuck-session recovery did.
     """
 
     mode: Mode
@@ -366,7 +373,7 @@ def gateway(config: Config, root: str) -> list[Lane]:
     lanes: list[Lane] = []
     for n in range(config.agents):
         agent = f"a{n + 1}"
-        load = 1.3 if n == 0 else 1.0  # one busy agent, like the seed's worst session
+        load = 1.3 if n == 0 else 1.0  # one busy agent, like the original report's worst session
         ids = _rng(config, agent, "sessions")
         main, own = (
             os.path.join(root, f"{uuid.UUID(int=ids.getrandbits(128), version=4)}.jsonl")
@@ -461,7 +468,7 @@ class OldRun:
     def _lock(self) -> None:
         assert self._file is not None
         start = time.monotonic()
-        portalocker.lock(self._file, portalocker.LockFlags.EXCLUSIVE)
+        lock_blocking(self._file.fileno())
         self.waits.append(time.monotonic() - start)
 
     def acquire(self) -> None:
@@ -475,7 +482,7 @@ class OldRun:
     def prompt_window(self) -> Iterator[object]:
         assert self._file is not None
         self._fence = _stat_fence(self.session)
-        portalocker.unlock(self._file)  # releaseForPrompt()
+        unlock(self._file.fileno())  # releaseForPrompt()
         try:
             yield self
         finally:
@@ -486,7 +493,7 @@ class OldRun:
 
     def release(self) -> None:
         if self._file is not None:
-            portalocker.unlock(self._file)
+            unlock(self._file.fileno())
             self._file.close()
             self._file = None
 
@@ -601,7 +608,8 @@ def _model_call(run: Run, step: Step) -> int:
                 time.sleep(step.duration)
             return n
         except Exception as e:
-            # The seed's isNonProviderRuntimeCoordinationError: no retry, the chain stops.
+            # The original report's isNonProviderRuntimeCoordinationError: no retry, the
+            # chain stops.
             if is_coordination_error(e) or n == len(MODELS) - 1:
                 raise
     return len(MODELS)
@@ -647,8 +655,9 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
         ledger.deliver(turn.id, run.key, _reply(turn.id))
         if mirror is not None:
             mirror.put((turn.id, _reply(turn.id), turn.mirror_delay))
-    return RunResult(turn.id, lane.lane_class, target, refire, tuple(run.waits), answered,
-                     takeover, superseded, fallbacks, error)
+    return RunResult(turn=turn.id, lane_class=lane.lane_class, session=target, refire=refire,
+                     waits=tuple(run.waits), answered=answered, takeover=takeover,
+                     superseded=superseded, fallbacks=fallbacks, error=error)
 
 
 def _takeover_in(e: BaseException) -> OldTakeoverError | SessionTakeoverError | None:
@@ -799,12 +808,12 @@ def _mirror_copy(job: Job, results: Queue[Any], turn_id: str, text: str, delay: 
             # It takes the write lock on its own, and has no fence to check.
             with open(lane.session + ".wlock", "a") as f:
                 start = time.monotonic()
-                portalocker.lock(f, portalocker.LockFlags.EXCLUSIVE)
+                lock_blocking(f.fileno())
                 waits.append(time.monotonic() - start)
                 try:
                     _append_line(lane.session, entry)
                 finally:
-                    portalocker.unlock(f)
+                    unlock(f.fileno())
         else:
             lock = SessionLock(lane.session, lane.label)
             start = time.monotonic()
@@ -846,7 +855,8 @@ def run_mode(mode: Mode, config: Config, root: str) -> ModeReport:
     collected: list[Any] = []
     began = time.monotonic()
     try:
-        _collect(procs, results, start, stop, inbound, collected, config.time_limit())
+        _collect(procs, results, start=start, stop=stop, inbound=inbound, collected=collected,
+                 limit=config.time_limit())
     finally:
         stop.set()
         start.set()
@@ -856,8 +866,8 @@ def run_mode(mode: Mode, config: Config, root: str) -> ModeReport:
                 worker.terminate()
                 worker.join()
     elapsed = time.monotonic() - began
-    return _summarise(mode, lanes, collected, elapsed, _replies_in(sessions),
-                      _delivered_in(state))
+    return _summarise(mode, lanes, collected, elapsed=elapsed, replies=_replies_in(sessions),
+                      delivered=_delivered_in(state))
 
 
 def _collect(procs: dict[str, BaseProcess], results: Queue[Any], start: Event, stop: Event,
@@ -991,8 +1001,36 @@ def _context() -> ForkServerContext | SpawnContext:
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])
+        _start_forkserver()
         return ctx
     return multiprocessing.get_context("spawn")
+
+
+_FORKSERVER_START = threading.Lock()
+
+
+def _start_forkserver() -> None:
+    """Start the fork server with the directory this fencelock came from on its path.
+
+    The server is a ``python -c`` whose path starts with the working directory (Python
+    3.11 does not give it this process's path), so a directory named ``fencelock``
+    there (a mode's own directory, say) would be imported as the package, and every
+    worker forked from the server would fail to import the public names. A regular
+    package anywhere on the path wins over such a directory.
+    """
+    from multiprocessing import forkserver
+
+    home = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with _FORKSERVER_START:
+        old = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (home, old) if p)
+        try:
+            forkserver.ensure_running()
+        finally:
+            if old is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = old
 
 
 def run(config: Config, modes: Sequence[Mode] = (Mode.BASELINE, Mode.FENCELOCK),
@@ -1053,14 +1091,14 @@ def format_report(report: Report) -> str:
     ]
     hist = []
     for cls in LaneClass:
-        seed = SEED_HISTOGRAM.get(cls)
+        seed = REPORTED_HISTOGRAM.get(cls)
         hist.append((LANE_LABELS[cls], "-" if seed is None else str(seed),
                      *(str(report.modes[m].by_lane.get(str(cls), 0)) for m in modes),
                      *(str(report.modes[m].by_victim.get(str(cls), 0)) for m in modes)))
     unknown = [report.modes[m].by_lane.get("unknown", 0) for m in modes]
     if any(unknown):
         hist.append(("(unattributed)", "-", *map(str, unknown), *("-" for _ in modes)))
-    lines.append(_table(("lane class", "seed (3 days)", *map(str, modes),
+    lines.append(_table(("lane class", "reported (3 days)", *map(str, modes),
                          *(f"{m}: threw" for m in modes)), hist))
     lines.append("")
     lines.append("The last columns count the runs that threw the error, by their own lane.")
@@ -1085,55 +1123,59 @@ def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, rows)])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="fencelock-repro",
-        description="Reproduce the seed's session-takeover race with real processes, "
-        "with the old protocol (baseline) and with fencelock.",
-    )
-    parser.add_argument("--quick", action="store_true", help="a short run for CI (~15 s)")
-    parser.add_argument("--seed", type=int, default=1, help="schedule seed (default 1)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 unless fencelock shows no takeover and no dropped reply "
-                        "and the baseline shows at least one of each")
-    parser.add_argument("--agents", type=int, help="number of agents (default 3, quick 2)")
-    parser.add_argument("--duration", type=float, help="seconds of traffic per mode")
-    parser.add_argument("--mode", choices=[str(m) for m in Mode], action="append",
-                        help="run only this mode (repeatable)")
-    parser.add_argument("--parallel", action="store_true",
-                        help="run both modes at the same time (faster, timings less clean)")
-    parser.add_argument("--dir", help="keep the session files in this directory")
-    args = parser.parse_args(argv)
-    config = Config.quick(args.seed) if args.quick else Config(seed=args.seed)
-    if args.agents is not None:
-        if args.agents < 1:
-            parser.error("--agents must be at least 1")
-        config = replace(config, agents=args.agents)
-    if args.duration is not None:
-        if args.duration <= 0:
-            parser.error("--duration must be positive")
-        config = replace(config, duration=args.duration)
-    modes = [Mode(m) for m in args.mode] if args.mode else [Mode.BASELINE, Mode.FENCELOCK]
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Reproduce the original report's session-takeover race with real processes, "
+    "with the old protocol (baseline) and with fencelock.",
+)
+@click.option("--quick", is_flag=True, help="a short run for CI (~15 s)")
+@click.option("--seed", type=int, default=1, show_default=True, help="schedule seed")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--check", is_flag=True,
+              help="exit 1 unless fencelock shows no takeover and no dropped reply "
+              "and the baseline shows at least one of each")
+@click.option("--agents", type=click.IntRange(min=1),
+              help="number of agents (default 3, quick 2)")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True),
+              help="seconds of traffic per mode")
+@click.option("--mode", "only", type=click.Choice([str(m) for m in Mode]), multiple=True,
+              help="run only this mode (repeatable)")
+@click.option("--parallel", is_flag=True,
+              help="run both modes at the same time (faster, timings less clean)")
+@click.option("--dir", "directory", help="keep the session files in this directory")
+def command(quick: bool, seed: int, as_json: bool, check: bool, agents: int | None,
+            duration: float | None, only: tuple[str, ...], parallel: bool,
+            directory: str | None) -> int:
+    config = Config.quick(seed) if quick else Config(seed=seed)
+    if agents is not None:
+        config = replace(config, agents=agents)
+    if duration is not None:
+        config = replace(config, duration=duration)
+    modes = [Mode(m) for m in only] if only else [Mode.BASELINE, Mode.FENCELOCK]
     try:
-        report = run(config, modes, args.dir, parallel=args.parallel)
+        report = run(config, modes, directory, parallel=parallel)
     except ReproError as e:
-        print(f"fencelock-repro: {e}", file=sys.stderr)
+        click.echo(f"fencelock-repro: {e}", err=True)
         return 1
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
     else:
-        print(format_report(report))
-    if args.check:
+        click.echo(format_report(report))
+    if check:
         problems = report.problems()
         for p in problems:
-            print(f"fencelock-repro: check failed: {p}", file=sys.stderr)
+            click.echo(f"fencelock-repro: check failed: {p}", err=True)
         if problems:
             return 1
-        if not args.json:
-            print("\ncheck passed: fencelock had no takeover and no dropped reply; "
-                  "the baseline reproduced the race (takeovers and dropped replies)")
+        if not as_json:
+            click.echo("\ncheck passed: fencelock had no takeover and no dropped reply; "
+                       "the baseline reproduced the race (takeovers and dropped replies)")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fencelock-repro``: parse ``argv`` (default: the command line), run, exit code."""
+    return run_command(command, "fencelock-repro", argv)
 
 
 __all__ = ["Config", "Mode", "ModeReport", "Report", "ReproError", "format_report", "main", "run",

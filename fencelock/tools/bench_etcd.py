@@ -216,7 +216,8 @@ def bench(base: Path, cycles: int, rounds: int, quiet: bool,
                 lock.close()
             r = rounds if peer in ("fencelock", "sidecar") else max(3, rounds // 3)
             progress(quiet, f"etcd hand-off: {peer} x{r}")
-            lat = handoffs(peer, server, str(base / peer / "h.jsonl"), url, r, 0.01)
+            lat = handoffs(peer, server, path=str(base / peer / "h.jsonl"), url=url, rounds=r,
+                           hold=0.01)
             ordered = sorted(lat)
             med[peer] = statistics.median(lat)
             p99[peer] = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]

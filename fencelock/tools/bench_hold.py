@@ -9,7 +9,6 @@ Uses only the public API and the command line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -17,11 +16,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import click
+
 from fencelock import SessionLock
+from fencelock.tools._command import run_command
 
 
 def _stats(samples: list[float]) -> dict[str, float]:
@@ -102,26 +104,33 @@ def measure(directory: Path, n: int, starts: int) -> dict[str, dict[str, float]]
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="fencelock-bench-hold",
-        description="Round-trip cost of fencelock hold against SessionLock called directly.",
-    )
-    parser.add_argument("-n", type=int, default=2000, help="appends per row (default 2000)")
-    parser.add_argument("--starts", type=int, default=20, help="hold starts to time")
-    parser.add_argument("--dir", type=Path, help="where the sessions go (default: a temp dir)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        results = measure(Path(tmp), args.n, args.starts)
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Round-trip cost of fencelock hold against SessionLock called directly.",
+)
+@click.option("-n", "appends", type=int, default=2000, show_default=True,
+              help="appends per row")
+@click.option("--starts", type=int, default=20, show_default=True, help="hold starts to time")
+@click.option("--dir", "directory", type=click.Path(path_type=Path),
+              help="where the sessions go (default: a temp dir)")
+@click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
+def command(appends: int, starts: int, directory: Path | None, as_json: bool) -> int:
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        results = measure(Path(tmp), appends, starts)
         fs = os.statvfs(tmp)
-    if args.json:
-        print(json.dumps(results, indent=2))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
         return 0
     base = results["append direct (SessionLock.append)"]["median_us"]
-    print(f"{'row':40} {'median':>10} {'p90':>10} {'x direct':>9}")
+    click.echo(f"{'row':40} {'median':>10} {'p90':>10} {'x direct':>9}")
     for name, row in results.items():
         ratio = row["median_us"] / base
-        print(f"{name:40} {row['median_us']:8.1f}us {row['p90_us']:8.1f}us {ratio:8.2f}x")
-    print(f"(n={args.n} appends of a 220-byte entry, each fsynced; block size {fs.f_bsize})")
+        click.echo(f"{name:40} {row['median_us']:8.1f}us {row['p90_us']:8.1f}us {ratio:8.2f}x")
+    click.echo(f"(n={appends} appends of a 220-byte entry, each fsynced; "
+               f"block size {fs.f_bsize})")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fencelock-bench-hold``: parse ``argv`` (default: the command line), run, exit code."""
+    return run_command(command, "fencelock-bench-hold", argv)

@@ -1,4 +1,4 @@
-"""The benchmark behind ``bin/fencelock-bench``: fencelock against its peers.
+"""The benchmark behind ``fencelock-bench``: fencelock against its peers.
 
 Peers are raw ``flock(2)`` syscalls, ``filelock.FileLock`` and ``portalocker.Lock``
 doing the same work. Figures: the uncontended cycle, hand-off latency to a waiter in
@@ -8,7 +8,6 @@ cycle and scan costs grow. Every ratio is fencelock's cost divided by the peer's
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -20,46 +19,48 @@ import json
 import multiprocessing
 import os
 import platform
-import re
 import resource
 import shutil
-import stat
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import portalocker
+import click
 
 import fencelock
-from fencelock import _fence
 
-try:
-    import filelock
-except ImportError:  # the optional "bench" extra
-    filelock = None  # type: ignore[assignment]
+# An internal the benchmark needs, imported deliberately: the no-fsync figure stubs the
+# fence's fsync seam, which has no public knob. Everything else uses the public API.
+from fencelock import _fence
+from fencelock.tools._command import run_command
+from fencelock.tools.peers import (
+    APPEND_FLAGS,
+    FloorLock,
+    Locker,
+    available,
+    make_locker,
+    record_bytes,
+)
 
 PEERS = ("raw", "filelock", "portalocker")
 SECTIONS = ("cycle", "handoff", "appends", "scan", "cold", "scaling", "etcd")
 
 _CTX = multiprocessing.get_context("fork")
-_RAW_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 _PAD = "x" * 60
 
 
 # -- sizes ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Sizes:
     """How much work each figure does; ``full`` is what the goals are judged on."""
 
@@ -83,11 +84,24 @@ class Sizes:
     """Sessions already in the directory for the crowded first-acquire figure."""
 
 
-FULL = Sizes("full", 5000, 200, 50, 4, 1000, 10_000, 3, 10, (1, 100, 10_000), (1, 2, 4, 8),
-             500, 0.03, True, 100_000)
-QUICK = Sizes("quick", 1000, 20, 6, 4, 150, 2000, 2, 3, (1, 100, 2000), (1, 2, 4), 150,
-              0.03, False, 2000)
-SMOKE = Sizes("smoke", 100, 5, 3, 2, 20, 60, 1, 1, (1, 20), (1, 2), 20, 0.002, False, 60)
+FULL = Sizes(
+    name="full", cycles=5000, handoffs=200, handoffs_polling=50, writers=4, turns=1000,
+    scan_sessions=10_000, scan_repeats=3, cold_runs=10, session_counts=(1, 100, 10_000),
+    process_counts=(1, 2, 4, 8), contended_cycles=500, hold_before_release=0.03, judge=True,
+    crowd=100_000,
+)
+QUICK = Sizes(
+    name="quick", cycles=1000, handoffs=20, handoffs_polling=6, writers=4, turns=150,
+    scan_sessions=2000, scan_repeats=2, cold_runs=3, session_counts=(1, 100, 2000),
+    process_counts=(1, 2, 4), contended_cycles=150, hold_before_release=0.03, judge=False,
+    crowd=2000,
+)
+SMOKE = Sizes(
+    name="smoke", cycles=100, handoffs=5, handoffs_polling=3, writers=2, turns=20,
+    scan_sessions=60, scan_repeats=1, cold_runs=1, session_counts=(1, 20),
+    process_counts=(1, 2), contended_cycles=20, hold_before_release=0.002, judge=False,
+    crowd=60,
+)
 
 
 # -- results -------------------------------------------------------------------------
@@ -101,6 +115,7 @@ class Row:
     section: str
     figure: str
     unit: str
+    _: KW_ONLY
     fencelock: float | None
     peers: dict[str, float | None]
     lower_is_better: bool = True
@@ -200,8 +215,9 @@ def _fs_type(directory: str) -> str:
 
 def machine(directory: str) -> dict[str, Any]:
     """What the figures were measured on."""
-    versions = {"fencelock": fencelock.__version__, "portalocker": _version("portalocker")}
-    versions["filelock"] = _version("filelock") if filelock is not None else "not installed"
+    versions = {"fencelock": fencelock.__version__}
+    for peer in ("portalocker", "filelock"):
+        versions[peer] = _version(peer) if available(peer) else "not installed"
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count() or 0,
@@ -221,234 +237,6 @@ def _version(dist: str) -> str:
         return version(dist)
     except PackageNotFoundError:
         return "unknown"
-
-
-# -- the peers -----------------------------------------------------------------------
-
-
-class Locker(Protocol):
-    def acquire(self) -> None: ...
-    def release(self) -> None: ...
-
-
-@functools.lru_cache(maxsize=64)
-def _record_bytes(path: str) -> bytes:
-    """A record the size of fencelock's, for peers that write one (made once per path)."""
-    now = time.time()
-    record = {
-        "version": 1, "state": "held", "session": path, "pid": os.getpid(),
-        "host": platform.node(), "process_start": "123456@00000000-0000-0000-0000-000000000000"
-        "@4026531836", "lane": "bench", "run_id": "0123456789ab-1", "token": 1,
-        "acquired_at": now, "heartbeat_at": now, "phase": "write",
-        "fingerprint": {"dev": 1, "ino": 2, "size": 3, "mtime_ns": 4, "ctime_ns": 5},
-        "previous": None, "fence": "stat",
-    }
-    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
-
-
-class RawLock:
-    """The protocol in bare syscalls: open, flock, inode check, pwrite record / unlock, close."""
-
-    def __init__(self, path: str, record: bytes | None) -> None:
-        self.path = path
-        self.record = record
-        self.fd = -1
-
-    def acquire(self) -> None:
-        while True:
-            fd = os.open(self.path, _RAW_FLAGS, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                st = os.fstat(fd)
-                now = os.lstat(self.path)
-            except BaseException:
-                os.close(fd)
-                raise
-            if st.st_ino == now.st_ino and st.st_dev == now.st_dev:
-                break
-            os.close(fd)
-        if self.record is not None:
-            os.pwrite(fd, self.record, 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        fd, self.fd = self.fd, -1
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-class FileLockPeer:
-    """``filelock.FileLock``, blocking acquire (it polls every ``poll_interval``, 0.05 s)."""
-
-    def __init__(self, path: str, record: bytes | None) -> None:
-        assert filelock is not None
-        hook: Callable[[int], None] | None = None
-        if record is not None:
-            data = record
-
-            def hook(fd: int) -> None:
-                os.pwrite(fd, data, 0)
-
-        self.lock = filelock.FileLock(path, on_acquired=hook)
-
-    def acquire(self) -> None:
-        self.lock.acquire()
-
-    def release(self) -> None:
-        self.lock.release()
-
-
-class PortalockerPeer:
-    """``portalocker.Lock``: default flags poll every ``check_interval`` (0.25 s);
-    ``blocking=True`` passes ``LockFlags.EXCLUSIVE`` so the wait sleeps in the kernel."""
-
-    def __init__(self, path: str, record: bytes | None, blocking: bool = False) -> None:
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        self.record = record
-        flags = portalocker.LockFlags.EXCLUSIVE
-        if not blocking:
-            flags |= portalocker.LockFlags.NON_BLOCKING
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # "r+b", not the default "a": pwrite on an O_APPEND descriptor appends on Linux.
-            self.lock = portalocker.Lock(path, "r+b", timeout=60, flags=flags)
-
-    def acquire(self) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fh = self.lock.acquire()
-        if self.record is not None:
-            os.pwrite(fh.fileno(), self.record, 0)
-
-    def release(self) -> None:
-        self.lock.release()
-
-
-class FenceLockPeer:
-    """fencelock's `SessionLock` (``on_contention="wait"``); ``path`` is the session."""
-
-    def __init__(self, path: str, record: bytes | None = None, lane: str = "bench") -> None:
-        self.lock = fencelock.SessionLock(path, lane=lane, on_contention="wait")
-
-    def acquire(self) -> None:
-        self.lock.acquire()
-
-    def release(self) -> None:
-        self.lock.release()
-
-
-_FLOOR_TOKEN = re.compile(rb'"token":(\d+)')
-
-
-class FloorLock:
-    """Protocol v1's floor: only the syscalls a v1 holder must make, in flat code.
-
-    Acquire: open the sidecar, fstat it (a non-regular sidecar is refused), flock,
-    lstat the path (the inode re-check), pread the old record (for the next token),
-    lstat the session (its fingerprint), pwrite the record. A fenced append: open the
-    session, fstat it (the fence check), write, fsync, fstat (the new fence point),
-    close; in the write phase the record need not be rewritten. Release: pwrite the
-    record with ``"released"`` and the last fence point (or only the ``"released"``
-    state when no append moved it), unlock, close. The record's fixed parts are
-    precomputed, in fencelock's layout. There is no
-    registry, no reentrancy, no fork safety, no error handling, and an empty sidecar
-    starts at token 1 (fencelock also consults the session's saved token): this is a
-    lower bound for a Python holder that opens the sidecar per acquire, not a usable
-    lock. ``path`` is the session.
-    """
-
-    def __init__(self, path: str, record: bytes | None = None, fsync: bool = True) -> None:
-        self.session, self.sidecar, self.fsync = path, path + ".holder", fsync
-        self.fd = -1
-        self.head = '{"version":1,"state":"held"    ,"phase":"write" ,"token":'
-        self.released_head = self.head.replace('"held"    ', '"released"')
-        self.middle = (
-            f',"pid":{os.getpid()},"host":{json.dumps(platform.node())}'
-            f',"process_start":"1@boot@ns","session":{json.dumps(path)}'
-            ',"lane":"floor","fence":"stat","acquired_at":'
-        )
-        self.token, self.at, self.fp = 0, 0.0, "null"
-        self.behind = False
-
-    def _write(self, head: str | None = None) -> None:
-        record = (
-            f'{head or self.head}{self.token:<20},"run_id":"{self.token}"{self.middle}{self.at!r}'
-            f',"heartbeat_at":{time.time()!r},"fingerprint":{self.fp},"previous":null}}'
-        )
-        os.pwrite(self.fd, record.encode(), 0)
-
-    @staticmethod
-    def _fp(st: os.stat_result) -> str:
-        return (f'{{"dev":{st.st_dev},"ino":{st.st_ino},"size":{st.st_size},'
-                f'"mtime_ns":{st.st_mtime_ns},"ctime_ns":{st.st_ctime_ns}}}')
-
-    def acquire(self) -> None:
-        while True:
-            fd = os.open(self.sidecar, _RAW_FLAGS, 0o600)
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
-                os.close(fd)
-                raise RuntimeError(f"{self.sidecar}: not a plain regular file")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            now = os.lstat(self.sidecar)
-            if st.st_ino == now.st_ino and st.st_dev == now.st_dev:
-                break
-            os.close(fd)
-        m = _FLOOR_TOKEN.search(os.pread(fd, 4096, 0))
-        self.token = int(m[1]) + 1 if m else 1
-        try:
-            self.fp = self._fp(os.lstat(self.session))
-        except FileNotFoundError:
-            self.fp = "null"
-        self.fd, self.at = fd, time.time()
-        self._write()
-
-    def append(self, line: bytes) -> None:
-        fd = os.open(self.session, _APPEND_FLAGS, 0o600)
-        try:
-            os.fstat(fd)
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view):]
-            if self.fsync:
-                os.fsync(fd)
-            self.fp = self._fp(os.fstat(fd))
-        finally:
-            os.close(fd)
-        self.behind = True
-
-    def release(self) -> None:
-        if self.behind:
-            self.behind = False
-            self._write(self.released_head)
-        else:
-            os.pwrite(self.fd, b'"released"', 21)
-        fd, self.fd = self.fd, -1
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def make_locker(peer: str, path: str, record: bool = True) -> Locker:
-    """A locker for ``peer`` on ``path`` (a lock file; for fencelock the session file)."""
-    if peer == "fencelock":
-        return FenceLockPeer(path)
-    if peer == "floor":
-        return FloorLock(path)
-    data = _record_bytes(path) if record else None
-    if peer == "raw":
-        return RawLock(path, data)
-    if peer == "filelock":
-        return FileLockPeer(path, data)
-    if peer == "portalocker":
-        return PortalockerPeer(path, data)
-    if peer == "portalocker-blocking":
-        return PortalockerPeer(path, data, blocking=True)
-    raise ValueError(f"unknown peer {peer!r}")
-
-
-def _available(peer: str) -> bool:
-    return filelock is not None or peer != "filelock"
 
 
 def _lock_path(base: Path, peer: str) -> str:
@@ -518,7 +306,7 @@ def bench_cycle(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         values: dict[str, float | None] = {}
         fns = {}
         for peer in ("fencelock", *PEERS, "floor"):
-            if not _available(peer):
+            if not available(peer):
                 values[peer] = None
                 continue
             path = _lock_path(base / name, peer)
@@ -535,7 +323,7 @@ def bench_cycle(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         floor = values.pop("floor")
         rows.append(Row(
             row_id, "cycle", f"uncontended acquire+release, {kind}", "us",
-            values.pop("fencelock"), values,
+            fencelock=values.pop("fencelock"), peers=values,
             note="every peer writes a record of fencelock's size on acquire",
         ))
         rows.append(_floor_row(row_id, floor, values))
@@ -546,14 +334,14 @@ def bench_cycle(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
 def _crowd(directory: Path, n: int) -> None:
     """``n`` sessions with released records, made with bare syscalls (as fast as can be)."""
     directory.mkdir(parents=True)
-    record = json.loads(_record_bytes(str(directory / "x.jsonl")))
+    record = json.loads(record_bytes(str(directory / "x.jsonl")))
     record["state"] = "released"
     for i in range(n):
         session = str(directory / f"{i:08x}-0000-4000-8000-000000000000.jsonl")
         record["session"] = session
         held = json.dumps(record, separators=(",", ":")).encode() + b"\n"
         for path, data in ((session, b'{"role":"user"}\n'), (session + ".holder", held)):
-            fd = os.open(path, _APPEND_FLAGS, 0o600)
+            fd = os.open(path, APPEND_FLAGS, 0o600)
             os.write(fd, data)
             os.close(fd)
 
@@ -587,7 +375,7 @@ def bench_first_acquire(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         floor = values.pop("floor")
         rows.append(Row(
             row_id, "cycle", f"first acquire+release of a new session among {n:,} others",
-            "us", values.pop("fencelock"), values,
+            "us", fencelock=values.pop("fencelock"), peers=values,
             note="a new session name each cycle (fresh object, new sidecar)",
         ))
         rows.append(_floor_row(row_id, floor, values))
@@ -600,7 +388,7 @@ def _floor_row(row_id: str, floor: float | None, peers: dict[str, float | None],
     """The same figure for `FloorLock`, in the fencelock column: the protocol's floor."""
     return Row(
         f"{row_id}.floor", row_id.split(".")[0], "  protocol v1 floor (bare syscalls, see notes)",
-        unit or ("turns/s" if not lower_is_better else "us"), floor, dict(peers),
+        unit or ("turns/s" if not lower_is_better else "us"), fencelock=floor, peers=dict(peers),
         lower_is_better=lower_is_better,
         note="not fencelock: only the syscalls protocol v1 requires, in flat code with a "
         "precomputed record and no error handling (FloorLock): a lower bound for a Python "
@@ -660,14 +448,15 @@ def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
     counts = {}
     lats: dict[str, list[float]] = {}
     for peer in ("filelock", "portalocker"):  # polling: their poll interval dominates
-        if not _available(peer):
+        if not available(peer):
             continue
         _progress(quiet, f"hand-off: {peer} x{sizes.handoffs_polling}")
         lats[peer] = handoff_latencies(peer, _lock_path(base / "handoff", peer),
                                        sizes.handoffs_polling, sizes.hold_before_release)
     # Kernel waiters side by side, in chunks taken in turn (a burst of load on a shared
     # machine then lands on every peer alike).
-    kernel = ("fencelock", "raw", "portalocker-blocking", "floor")
+    kernel = tuple(p for p in ("fencelock", "raw", "portalocker-blocking", "floor")
+                   if available(p))
     chunk = 20
     for done in range(0, sizes.handoffs, chunk):
         rounds = min(chunk, sizes.handoffs - done)
@@ -693,14 +482,14 @@ def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
     blocking = "" if pb_p99 is None else f"portalocker blocking p99 {pb_p99:.3f} ms"
     return [
         Row("handoff.median", "handoff", "hand-off to a blocked waiter, median", "ms",
-            f_med, med, note=note),
+            fencelock=f_med, peers=med, note=note),
         _floor_row("handoff.median", floor_med, {**med, "portalocker": pb_med}, unit="ms"),
         Row("handoff.p99", "handoff", "hand-off to a blocked waiter, p99", "ms",
-            f_p99, p99, note=note),
+            fencelock=f_p99, peers=p99, note=note),
         _floor_row("handoff.p99", floor_p99, {**p99, "portalocker": pb_p99}, unit="ms"),
         Row("handoff.median.blocking", "handoff",
             "hand-off median vs portalocker flags=EXCLUSIVE (kernel wait)", "ms",
-            f_med, {"portalocker": pb_med}, note=blocking),
+            fencelock=f_med, peers={"portalocker": pb_med}, note=blocking),
     ]
 
 
@@ -782,7 +571,7 @@ def _append_worker(
 
 def _append_line(session: str, line: bytes, fsync: bool) -> None:
     """What a peer does under its lock: one O_APPEND write of the line, then fsync."""
-    fd = os.open(session, _APPEND_FLAGS, 0o600)
+    fd = os.open(session, APPEND_FLAGS, 0o600)
     try:
         view = memoryview(line)
         while view:
@@ -828,7 +617,7 @@ def bench_appends(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list
         values: dict[str, float | None] = {}
         cpu: dict[str, float | None] = {}
         for peer in ("fencelock", "raw", "filelock", "portalocker-blocking", "floor"):
-            if not _available(peer):
+            if not available(peer):
                 values[peer] = cpu[peer] = None
                 continue
             _progress(quiet, f"appends {'with' if fsync else 'without'} fsync: {peer}")
@@ -854,12 +643,12 @@ def bench_appends(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list
             f"appends.{'fsync' if fsync else 'nofsync'}", "appends",
             f"{sizes.writers} procs x {sizes.turns} fenced appends, "
             f"{'with' if fsync else 'without'} fsync", "turns/s",
-            values.pop("fencelock"), values, lower_is_better=False, note=note,
+            fencelock=values.pop("fencelock"), peers=values, lower_is_better=False, note=note,
         ))
         rows.append(Row(
             f"appends.{'fsync' if fsync else 'nofsync'}.cpu", "appends",
             "  same, CPU time per turn (user+sys, all writers)", "us",
-            cpu.pop("fencelock"), cpu,
+            fencelock=cpu.pop("fencelock"), peers=cpu,
         ))
         rows.append(_floor_row(f"appends.{'fsync' if fsync else 'nofsync'}", floor, values,
                                lower_is_better=False))
@@ -910,7 +699,7 @@ def make_scan_dir(path: Path, n: int) -> ScanDir:
     path.mkdir(parents=True)
     sessions = [str(path / f"{i:08x}-0000-4000-8000-000000000000.jsonl") for i in range(n)]
     for s in sessions:
-        fd = os.open(s, _APPEND_FLAGS, 0o600)
+        fd = os.open(s, APPEND_FLAGS, 0o600)
         os.write(fd, b'{"role":"user","content":"hi"}\n')
         os.close(fd)
     live_n = min(8, n // 100)
@@ -920,7 +709,7 @@ def make_scan_dir(path: Path, n: int) -> ScanDir:
     stale, rest = rest[:stale_n], rest[stale_n:]
     free, released = rest[:free_n], rest[free_n:]
     for s in free:
-        os.close(os.open(s + ".holder", _APPEND_FLAGS, 0o600))
+        os.close(os.open(s + ".holder", APPEND_FLAGS, 0o600))
     for s in released:
         lock = fencelock.SessionLock(s, lane="done")
         lock.acquire()
@@ -1005,7 +794,7 @@ def bench_scan(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Ro
         report.checks["scan"] = {"expected": sd.expected, "found": states,
                                  "ok": states == {k: v for k, v in sd.expected.items() if v}}
         rows = [Row("scan.library", "scan", f"scan of {n} sessions: list(fencelock.scan(dir))",
-                    "s", lib_s, {"raw": raw_s},
+                    "s", fencelock=lib_s, peers={"raw": raw_s},
                     note="raw = scandir + open, flock LOCK_SH|LOCK_NB, pread, close; "
                     "no peer library has a scan")]
         cli = _cli_command()
@@ -1031,7 +820,8 @@ def bench_scan(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Ro
                                      "expected_rows": n, "stderr": outcome["stderr"],
                                      "ok": outcome["code"] in (0, 3) and listed == n}
         rows.append(Row("scan.cli", "scan", f"scan of {n} sessions: fencelock status --json DIR",
-                        "s", cli_s, {"raw": raw_s}, note="includes interpreter start"))
+                        "s", fencelock=cli_s, peers={"raw": raw_s},
+                        note="includes interpreter start"))
         return rows
     finally:
         sd.close()
@@ -1075,10 +865,10 @@ def bench_cold(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Ro
                              and codes["status"] == 0}
     note = "raw = python -c 'import click' (same interpreter); bytecode cached for all"
     return [
-        Row("cold.version", "cold", "cold start: fencelock --version", "ms", med["version"],
-            {"raw": med["click"]}, note=note),
-        Row("cold.status", "cold", "cold start: fencelock status FILE", "ms", med["status"],
-            {"raw": med["click"]}, note=note),
+        Row("cold.version", "cold", "cold start: fencelock --version", "ms",
+            fencelock=med["version"], peers={"raw": med["click"]}, note=note),
+        Row("cold.status", "cold", "cold start: fencelock status FILE", "ms",
+            fencelock=med["status"], peers={"raw": med["click"]}, note=note),
     ]
 
 
@@ -1124,7 +914,7 @@ def bench_scaling(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
                     close()
         rows.append(Row(f"scaling.cycle.sessions.{n}", "scaling",
                         f"cycle, {n} sessions round-robin (one object each)", "us",
-                        values.pop("fencelock"), values))
+                        fencelock=values.pop("fencelock"), peers=values))
         sd = make_scan_dir(d / "scan", n)
         try:
             directory = str(sd.path)
@@ -1134,11 +924,11 @@ def bench_scaling(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         finally:
             sd.close()
         rows.append(Row(f"scaling.scan.sessions.{n}", "scaling", f"scan, {n} sessions", "ms",
-                        lib_s * 1000, {"raw": raw_s * 1000}))
+                        fencelock=lib_s * 1000, peers={"raw": raw_s * 1000}))
     for procs in sizes.process_counts:
         values = {}
         for peer in ("fencelock", "raw", "filelock", "portalocker-blocking"):
-            if not _available(peer):
+            if not available(peer):
                 values[peer] = None
                 continue
             _progress(quiet, f"scaling: {procs} contending processes, {peer}")
@@ -1149,7 +939,7 @@ def bench_scaling(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         values["portalocker"] = values.pop("portalocker-blocking")
         rows.append(Row(f"scaling.cycle.procs.{procs}", "scaling",
                         f"cycle, {procs} processes contending on one session", "us",
-                        values.pop("fencelock"), values,
+                        fencelock=values.pop("fencelock"), peers=values,
                         note="wall time / total cycles; portalocker with flags=EXCLUSIVE"))
     return rows
 
@@ -1159,7 +949,7 @@ def bench_scaling(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
 
 def bench_etcd(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Row]:
     """fencelock's etcd store against its sidecar store, tooz and `etcdctl lock`."""
-    from fencelock import _bench_etcd
+    from fencelock.tools import bench_etcd as _bench_etcd
 
     missing = _bench_etcd.available()
     if missing:
@@ -1169,7 +959,7 @@ def bench_etcd(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Ro
     rounds = max(10, sizes.handoffs // 2)
     found, notes = _bench_etcd.bench(base, cycles, rounds, quiet, _progress)
     report.notes += notes
-    return [Row(r["id"], "etcd", r["figure"], r["unit"], r["fencelock"], r["peers"])
+    return [Row(r["id"], "etcd", r["figure"], r["unit"], fencelock=r["fencelock"], peers=r["peers"])
             for r in found]
 
 
@@ -1177,7 +967,8 @@ def bench_etcd(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Ro
 
 
 def judge(report: Report, sizes: Sizes) -> None:
-    """The issue's goals, judged on a full run only (quick figures are too noisy)."""
+    """The performance goals (README, Performance), judged on a full run only (quick
+    figures are too noisy)."""
 
     def add(goal_id: str, text: str, value: float | None, limit: float | None,
             fmt: str, at_least: bool = False) -> None:
@@ -1322,7 +1113,7 @@ def render(report: Report) -> str:
 
 def _render_etcd(rows: Sequence[Row]) -> list[str]:
     """The etcd rows in a table of their own: their peers are other etcd locks."""
-    from fencelock._bench_etcd import PEERS as ETCD_PEERS
+    from fencelock.tools.bench_etcd import PEERS as ETCD_PEERS
 
     etcd = [r for r in rows if r.section == "etcd"]
     if not etcd:
@@ -1355,9 +1146,10 @@ def run(sizes: Sizes, sections: Sequence[str], directory: str | None, keep: bool
         quiet: bool) -> Report:
     base = Path(tempfile.mkdtemp(prefix="fencelock-bench-", dir=directory))
     report = Report(sizes.name, machine(str(base)))
-    if filelock is None:
-        report.skipped.append("filelock columns: filelock is not installed "
-                              "(pip install 'fencelock[bench]')")
+    for peer in ("filelock", "portalocker"):
+        if not available(peer):
+            report.skipped.append(f"{peer} columns: {peer} is not installed "
+                                  "(pip install 'fencelock[bench]')")
     try:
         if "cycle" in sections:
             report.rows += bench_cycle(base / "cycle", sizes, quiet)
@@ -1382,43 +1174,52 @@ def run(sizes: Sizes, sections: Sequence[str], directory: str | None, keep: bool
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="fencelock-bench",
-        description="Measure fencelock against raw flock, filelock and portalocker.",
-    )
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--quick", action="store_true",
-                        help="small counts for CI (well under a minute); goals not judged")
-    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--only", default=",".join(SECTIONS),
-                        help=f"comma-separated sections to run (default: {','.join(SECTIONS)})")
-    parser.add_argument("--dir", default=None,
-                        help="where to make the temporary directory (default: the system's)")
-    parser.add_argument("--save", metavar="FILE", default=None,
-                        help="also write the JSON figures to FILE")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary files")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    parser.add_argument("--hold", metavar="MS", type=float, default=None,
-                        help="how long the holder holds before each hand-off "
-                        "(default: 30 ms; 2 ms for --smoke)")
-    args = parser.parse_args(argv)
-    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+def _sections(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    sections = [s.strip() for s in value.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
-        parser.error(f"unknown section(s): {', '.join(unknown)}")
-    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
-    if args.hold is not None:
-        if not args.hold >= 0:
-            parser.error("--hold must be a number of milliseconds >= 0")
-        sizes = dataclasses.replace(sizes, hold_before_release=args.hold / 1000)
+        raise click.BadParameter(f"unknown section(s): {', '.join(unknown)}")
+    return sections
+
+
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Measure fencelock against raw flock, filelock and portalocker.",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
+@click.option("--quick", is_flag=True,
+              help="small counts for CI (well under a minute); goals not judged")
+@click.option("--smoke", is_flag=True, hidden=True)
+@click.option("--only", default=",".join(SECTIONS), callback=_sections,
+              help=f"comma-separated sections to run (default: {','.join(SECTIONS)})")
+@click.option("--dir", "directory", default=None,
+              help="where to make the temporary directory (default: the system's)")
+@click.option("--save", metavar="FILE", default=None, help="also write the JSON figures to FILE")
+@click.option("--keep", is_flag=True, help="keep the temporary files")
+@click.option("--quiet", is_flag=True, help="no progress on stderr")
+@click.option("--hold", metavar="MS", type=float, default=None,
+              help="how long the holder holds before each hand-off "
+              "(default: 30 ms; 2 ms for --smoke)")
+def command(as_json: bool, quick: bool, smoke: bool, only: list[str], directory: str | None,
+            save: str | None, keep: bool, quiet: bool, hold: float | None) -> int:
+    sizes = SMOKE if smoke else QUICK if quick else FULL
+    if hold is not None:
+        if not hold >= 0:  # NaN too
+            raise click.BadParameter("must be a number of milliseconds >= 0",
+                                     param_hint="'--hold'")
+        sizes = dataclasses.replace(sizes, hold_before_release=hold / 1000)
     started = time.monotonic()
-    report = run(sizes, sections, args.dir, args.keep, args.quiet)
+    report = run(sizes, only, directory, keep, quiet)
     report.notes.append(f"run took {time.monotonic() - started:.1f} s")
-    if args.save:
-        Path(args.save).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+    if save:
+        Path(save).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
     else:
-        print(render(report))
+        click.echo(render(report))
     return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fencelock-bench``: parse ``argv`` (default: the command line), run, exit code."""
+    return run_command(command, "fencelock-bench", argv)

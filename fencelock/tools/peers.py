@@ -1,0 +1,273 @@
+"""The locks the benchmark measures, each behind one `Locker` interface: fencelock's
+`SessionLock`, raw ``flock(2)`` syscalls, ``filelock.FileLock``, ``portalocker.Lock``
+(polling and kernel-blocking), and `FloorLock`, protocol v1 in bare syscalls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import json
+import os
+import platform
+import re
+import stat
+import time
+import warnings
+from collections.abc import Callable
+from typing import Protocol
+
+import fencelock
+
+# An internal the protocol floor needs, imported deliberately: it writes records in
+# fencelock's own layout, so that fencelock reads them, continues their tokens and
+# releases with the same one-pwrite patch.
+from fencelock._record import RECORD_HEAD, RELEASE_PATCH, STATE_OFFSET, TOKEN_WIDTH, Phase, State
+
+# The peers come with the optional "bench" extra; without it their columns are empty.
+try:
+    import filelock
+except ImportError:
+    filelock = None  # type: ignore[assignment]
+try:
+    import portalocker
+except ImportError:
+    portalocker = None  # type: ignore[assignment]
+
+# The raw peer and the floor are POSIX syscalls by design: they are what flock costs.
+RAW_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+
+class Locker(Protocol):
+    def acquire(self) -> None: ...
+    def release(self) -> None: ...
+
+
+@functools.lru_cache(maxsize=64)
+def record_bytes(path: str) -> bytes:
+    """A record the size of fencelock's, for peers that write one (made once per path)."""
+    now = time.time()
+    record = {
+        "version": 1, "state": "held", "session": path, "pid": os.getpid(),
+        "host": platform.node(), "process_start": "123456@00000000-0000-0000-0000-000000000000"
+        "@4026531836", "lane": "bench", "run_id": "0123456789ab-1", "token": 1,
+        "acquired_at": now, "heartbeat_at": now, "phase": "write",
+        "fingerprint": {"dev": 1, "ino": 2, "size": 3, "mtime_ns": 4, "ctime_ns": 5},
+        "previous": None, "fence": "stat",
+    }
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+class RawLock:
+    """The protocol in bare syscalls: open, flock, inode check, pwrite record / unlock, close."""
+
+    def __init__(self, path: str, record: bytes | None) -> None:
+        self.path = path
+        self.record = record
+        self.fd = -1
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, RAW_FLAGS, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                st = os.fstat(fd)
+                now = os.lstat(self.path)
+            except BaseException:
+                os.close(fd)
+                raise
+            if st.st_ino == now.st_ino and st.st_dev == now.st_dev:
+                break
+            os.close(fd)
+        if self.record is not None:
+            os.pwrite(fd, self.record, 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class FileLockPeer:
+    """``filelock.FileLock``, blocking acquire (it polls every ``poll_interval``, 0.05 s)."""
+
+    def __init__(self, path: str, record: bytes | None) -> None:
+        assert filelock is not None
+        hook: Callable[[int], None] | None = None
+        if record is not None:
+            data = record
+
+            def hook(fd: int) -> None:
+                os.pwrite(fd, data, 0)
+
+        self.lock = filelock.FileLock(path, on_acquired=hook)
+
+    def acquire(self) -> None:
+        self.lock.acquire()
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+class PortalockerPeer:
+    """``portalocker.Lock``: default flags poll every ``check_interval`` (0.25 s);
+    ``blocking=True`` passes ``LockFlags.EXCLUSIVE`` so the wait sleeps in the kernel."""
+
+    def __init__(self, path: str, record: bytes | None, blocking: bool = False) -> None:
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        assert portalocker is not None
+        self.record = record
+        flags = portalocker.LockFlags.EXCLUSIVE
+        if not blocking:
+            flags |= portalocker.LockFlags.NON_BLOCKING
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # "r+b", not the default "a": pwrite on an O_APPEND descriptor appends on Linux.
+            self.lock = portalocker.Lock(path, "r+b", timeout=60, flags=flags)
+
+    def acquire(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fh = self.lock.acquire()
+        if self.record is not None:
+            os.pwrite(fh.fileno(), self.record, 0)
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+class FenceLockPeer:
+    """fencelock's `SessionLock` (``on_contention="wait"``); ``path`` is the session."""
+
+    def __init__(self, path: str, record: bytes | None = None, lane: str = "bench") -> None:
+        self.lock = fencelock.SessionLock(path, lane=lane, on_contention="wait")
+
+    def acquire(self) -> None:
+        self.lock.acquire()
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+_FLOOR_TOKEN = re.compile(rb'"token":(\d+)')
+
+
+class FloorLock:
+    """Protocol v1's floor: only the syscalls a v1 holder must make, in flat code.
+
+    Acquire: open the sidecar, fstat it (a non-regular sidecar is refused), flock,
+    lstat the path (the inode re-check), pread the old record (for the next token),
+    lstat the session (its fingerprint), pwrite the record. A fenced append: open the
+    session, fstat it (the fence check), write, fsync, fstat (the new fence point),
+    close; in the write phase the record need not be rewritten. Release: pwrite the
+    record with ``"released"`` and the last fence point (or only the ``"released"``
+    state when no append moved it), unlock, close. The record's fixed parts are
+    precomputed, in fencelock's layout as `fencelock._record` defines it (`RECORD_HEAD`,
+    `TOKEN_WIDTH`, the in-place release at `STATE_OFFSET`). There is no
+    registry, no reentrancy, no fork safety, no error handling, and an empty sidecar
+    starts at token 1 (fencelock also consults the session's saved token): this is a
+    lower bound for a Python holder that opens the sidecar per acquire, not a usable
+    lock. ``path`` is the session.
+    """
+
+    def __init__(self, path: str, record: bytes | None = None, fsync: bool = True) -> None:
+        self.session, self.sidecar, self.fsync = path, path + ".holder", fsync
+        self.fd = -1
+        self.head = RECORD_HEAD[State.HELD, Phase.WRITE]
+        self.released_head = RECORD_HEAD[State.RELEASED, Phase.WRITE]
+        self.middle = (
+            f',"pid":{os.getpid()},"host":{json.dumps(platform.node())}'
+            f',"process_start":"1@boot@ns","session":{json.dumps(path)}'
+            ',"lane":"floor","fence":"stat","acquired_at":'
+        )
+        self.token, self.at, self.fp = 0, 0.0, "null"
+        self.behind = False
+
+    def _write(self, head: str | None = None) -> None:
+        record = (
+            f'{head or self.head}{self.token:<{TOKEN_WIDTH}},"run_id":"{self.token}"'
+            f'{self.middle}{self.at!r}'
+            f',"heartbeat_at":{time.time()!r},"fingerprint":{self.fp},"previous":null}}'
+        )
+        os.pwrite(self.fd, record.encode(), 0)
+
+    @staticmethod
+    def _fp(st: os.stat_result) -> str:
+        return (f'{{"dev":{st.st_dev},"ino":{st.st_ino},"size":{st.st_size},'
+                f'"mtime_ns":{st.st_mtime_ns},"ctime_ns":{st.st_ctime_ns}}}')
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.sidecar, RAW_FLAGS, 0o600)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+                os.close(fd)
+                raise RuntimeError(f"{self.sidecar}: not a plain regular file")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            now = os.lstat(self.sidecar)
+            if st.st_ino == now.st_ino and st.st_dev == now.st_dev:
+                break
+            os.close(fd)
+        m = _FLOOR_TOKEN.search(os.pread(fd, 4096, 0))
+        self.token = int(m[1]) + 1 if m else 1
+        try:
+            self.fp = self._fp(os.lstat(self.session))
+        except FileNotFoundError:
+            self.fp = "null"
+        self.fd, self.at = fd, time.time()
+        self._write()
+
+    def append(self, line: bytes) -> None:
+        fd = os.open(self.session, APPEND_FLAGS, 0o600)
+        try:
+            os.fstat(fd)
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.fsync:
+                os.fsync(fd)
+            self.fp = self._fp(os.fstat(fd))
+        finally:
+            os.close(fd)
+        self.behind = True
+
+    def release(self) -> None:
+        if self.behind:
+            self.behind = False
+            self._write(self.released_head)
+        else:
+            os.pwrite(self.fd, RELEASE_PATCH, STATE_OFFSET)
+        fd, self.fd = self.fd, -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def make_locker(peer: str, path: str, record: bool = True) -> Locker:
+    """A locker for ``peer`` on ``path`` (a lock file; for fencelock the session file)."""
+    if peer == "fencelock":
+        return FenceLockPeer(path)
+    if peer == "floor":
+        return FloorLock(path)
+    data = record_bytes(path) if record else None
+    if peer == "raw":
+        return RawLock(path, data)
+    if peer == "filelock":
+        return FileLockPeer(path, data)
+    if peer == "portalocker":
+        return PortalockerPeer(path, data)
+    if peer == "portalocker-blocking":
+        return PortalockerPeer(path, data, blocking=True)
+    raise ValueError(f"unknown peer {peer!r}")
+
+
+def available(peer: str) -> bool:
+    """Whether ``peer``'s library is installed (the "bench" extra)."""
+    if peer == "filelock":
+        return filelock is not None
+    if peer.startswith("portalocker"):
+        return portalocker is not None
+    return True
