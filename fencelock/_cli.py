@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -467,26 +467,30 @@ def clear_command(
 # -- run --------------------------------------------------------------------------------
 
 
+def _holding_options(heartbeat_help: str) -> Callable[[Any], Any]:
+    """The options of the commands that hold a session: ``run`` and ``hold``."""
+
+    def apply(f: Any) -> Any:
+        for option in reversed((
+            click.argument("session", type=click.Path(readable=False)),
+            click.option("--lane", required=True,
+                         help="The lane name recorded in the holder record."),
+            click.option("--no-wait", "-n", is_flag=True,
+                         help="Exit 4 at once if the session is held."),
+            click.option("--timeout", "-w", type=SECONDS, metavar="SECONDS",
+                         help="Give up (exit 4) after waiting this long for the holder."),
+            click.option("--heartbeat", type=SECONDS, default=60.0, show_default=True,
+                         metavar="SECONDS", help=heartbeat_help),
+            _backend_option,
+        )):
+            f = option(f)
+        return f
+
+    return apply
+
+
 @main.command(short_help="Hold SESSION while COMMAND runs, like flock(1).")
-@click.argument("session", type=click.Path(readable=False))
-@click.option("--lane", required=True, help="The lane name recorded in the holder record.")
-@click.option("--no-wait", "-n", is_flag=True, help="Exit 4 at once if the session is held.")
-@click.option(
-    "--timeout",
-    "-w",
-    type=SECONDS,
-    metavar="SECONDS",
-    help="Give up (exit 4) after waiting this long for the holder.",
-)
-@click.option(
-    "--heartbeat",
-    type=SECONDS,
-    default=60.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Refresh the record's heartbeat this often while COMMAND runs; 0 never.",
-)
-@_backend_option
+@_holding_options("Refresh the record's heartbeat this often while COMMAND runs; 0 never.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
     session: str,
@@ -536,25 +540,7 @@ def run(
 
 
 @main.command(short_help="Hold SESSION for another process, over JSON lines.")
-@click.argument("session", type=click.Path(readable=False))
-@click.option("--lane", required=True, help="The lane name recorded in the holder record.")
-@click.option("--no-wait", "-n", is_flag=True, help="Exit 4 at once if the session is held.")
-@click.option(
-    "--timeout",
-    "-w",
-    type=SECONDS,
-    metavar="SECONDS",
-    help="Give up (exit 4) after waiting this long for the holder.",
-)
-@click.option(
-    "--heartbeat",
-    type=SECONDS,
-    default=60.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Refresh the record's heartbeat after this long without a request; 0 never.",
-)
-@click.option("--backend", metavar="URL", help="The holder store (etcd://...); default: sidecar.")
+@_holding_options("Refresh the record's heartbeat after this long without a request; 0 never.")
 def hold(
     session: str,
     lane: str,
