@@ -614,15 +614,13 @@ class EtcdHolder:
                 watch.stop()
 
     def probe(self, stuck_after: float) -> HolderStatus:
-        from fencelock._probe import HolderStatus, ProbeState
-
         r = self._cluster.txn([], [_range(self.lock_name + "/", prefix=True, first=True),
                                    _range(self.last_key)], [])
         responses = r.get("responses", [{}, {}])
         owner, last = _kvs(responses[0]), _kvs(responses[1])
         waiters = max(0, _count(responses[0]) - 1)
-        return _status(self.session, self.name, owner, last, waiters, stuck_after,
-                       HolderStatus, ProbeState)
+        return _status(self.session, self.name, owner=owner, last=last, waiters=waiters,
+                       stuck_after=stuck_after)
 
     def clear(self, remove: bool) -> HolderStatus:
         from fencelock._probe import ProbeState
@@ -648,10 +646,13 @@ class EtcdHolder:
                        removed=remove)
 
 
-def _status(session: str, where: str, owner: list[dict[str, Any]],
-            last: list[dict[str, Any]], waiters: int, stuck_after: float,
-            holder_status: Any, states: Any) -> HolderStatus:
+def _status(session: str, where: str, *, owner: list[dict[str, Any]],
+            last: list[dict[str, Any]], waiters: int, stuck_after: float) -> HolderStatus:
+    """A session's state from its owner key (the first in the queue, if any) and its
+    last record."""
     from fencelock import _probe
+    from fencelock._probe import HolderStatus as holder_status
+    from fencelock._probe import ProbeState as states
 
     now = time.time()
     try:
@@ -662,27 +663,29 @@ def _status(session: str, where: str, owner: list[dict[str, Any]],
                     session, where, states.LIVE, reason="held by a holder without a record "
                     "(etcdctl lock, another client's Mutex, or one about to write its record)")
             else:
-                status = _probe._status(session, where, states.LIVE, record, stuck_after, now)
+                status = _probe._status(session, where, states.LIVE, record,
+                                        stuck_after=stuck_after, now=now)
         else:
             record = _decode(_unb64(last[0].get("value", "")), where) if last else None
             if record is None:
                 status = holder_status(session, where, states.FREE, reason="no record")
             else:
                 state = states.STALE if record.state is State.HELD else states.FREE
-                status = _probe._status(session, where, state, record, stuck_after, now)
+                status = _probe._status(session, where, state, record,
+                                        stuck_after=stuck_after, now=now)
                 if state is states.STALE:
                     status = replace(status, reason="no owner key: its lease expired while it "
                                      "held the session (the owner died, was paused or lost "
                                      "etcd)")
     except CorruptRecordError as e:
-        return holder_status(session, where, states.UNREADABLE, reason=str(e))  # type: ignore[no-any-return]
+        return holder_status(session, where, states.UNREADABLE, reason=str(e))
     return replace(status, waiters=waiters)
 
 
 def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
     """Every holder under the URL's prefix: each session with an owner (live), a last
     record that says held (stale) or one that cannot be read; not released ones."""
-    from fencelock._probe import HolderStatus, ProbeState
+    from fencelock._probe import ProbeState
 
     c = cluster(url)
     sessions = f"{url.prefix}/sessions/"
@@ -708,8 +711,8 @@ def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
             if rec is not None:
                 session = rec.session
                 break
-        status = _status(session, where, queue[:1], lst, max(0, len(queue) - 1),
-                         stuck_after, HolderStatus, ProbeState)
+        status = _status(session, where, owner=queue[:1], last=lst,
+                         waiters=max(0, len(queue) - 1), stuck_after=stuck_after)
         if status.state is not ProbeState.FREE:  # a released run holds nothing
             yield status
 

@@ -136,7 +136,8 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
         mine = _registry.held_in_process(_registry.registry_key(session))
         record = mine.info if mine is not None else None
         if record is not None:
-            return _status(session, sidecar, ProbeState.LIVE, record, stuck_after, now)
+            return _status(session, sidecar, ProbeState.LIVE, record,
+                           stuck_after=stuck_after, now=now)
     try:
         fd, st = _sidecar.open_checked(sidecar, create=False)
     except UnsafeSidecarError as e:
@@ -180,7 +181,7 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
                             reason=held)
     if record is None:
         return HolderStatus(session, sidecar, state, reason=corrupt or "no record")
-    return _status(session, sidecar, state, record, stuck_after, now)
+    return _status(session, sidecar, state, record, stuck_after=stuck_after, now=now)
 
 
 def _no_sidecar(session: str) -> str:
@@ -227,6 +228,7 @@ def _status(
     sidecar: str,
     state: ProbeState,
     record: HolderInfo,
+    *,
     stuck_after: float,
     now: float,
 ) -> HolderStatus:
