@@ -40,6 +40,7 @@ import fencelock
 # An internal the benchmark needs, imported deliberately: the no-fsync figure stubs the
 # fence's fsync seam, which has no public knob. Everything else uses the public API.
 from fencelock import _fence
+from fencelock.tools import handoff
 from fencelock.tools._command import run_command
 from fencelock.tools.peers import (
     APPEND_FLAGS,
@@ -399,42 +400,9 @@ def _floor_row(row_id: str, floor: float | None, peers: dict[str, float | None],
 # -- 2. hand-off latency -------------------------------------------------------------
 
 
-def _handoff_waiter(peer: str, path: str, rounds: int, conn: Connection) -> None:
-    lock = make_locker(peer, path)
-    for _ in range(rounds):
-        conn.recv()  # the holder holds the lock now
-        conn.send("waiting")
-        lock.acquire()
-        got = time.monotonic_ns()
-        lock.release()
-        conn.send(got)
-    conn.close()
-
-
 def handoff_latencies(peer: str, path: str, rounds: int, hold: float) -> list[float]:
     """Milliseconds from the holder's release to the blocked waiter's acquire."""
-    lock = make_locker(peer, path)
-    here, there = _CTX.Pipe()
-    child = _CTX.Process(target=_handoff_waiter, args=(peer, path, rounds, there), daemon=True)
-    child.start()
-    there.close()
-    out = []
-    try:
-        for _ in range(rounds):
-            lock.acquire()
-            here.send("held")
-            here.recv()
-            time.sleep(hold)  # let the waiter reach its blocking call
-            released = time.monotonic_ns()
-            lock.release()
-            got = here.recv()
-            out.append((got - released) / 1e6)
-    finally:
-        here.close()
-        child.join(10)
-        if child.is_alive():
-            child.kill()
-    return out
+    return handoff.latencies(functools.partial(make_locker, peer, path), rounds, hold)
 
 
 def _p99(values: Sequence[float]) -> float:

@@ -8,22 +8,21 @@ one process to a waiter blocked in another.
 
 from __future__ import annotations
 
-import multiprocessing
+import functools
 import signal
 import statistics
 import subprocess
 import time
 import uuid
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from fencelock import SessionLock
 from fencelock._etcdserver import EtcdServer, binary
+from fencelock.tools import handoff
 
 PEERS = ("sidecar", "tooz", "etcdctl")
-_CTX = multiprocessing.get_context("fork")
 
 
 class _Peer:
@@ -136,49 +135,10 @@ def _time_per_call(fn: Callable[[], None], n: int) -> float:
     return statistics.median(times)
 
 
-def _waiter(peer: str, server: EtcdServer, path: str, url: str, rounds: int,
-            conn: Connection) -> None:
-    lock = _make(peer, server, path, url)
-    try:
-        for _ in range(rounds):
-            conn.recv()
-            conn.send("waiting")
-            lock.acquire()
-            got = time.monotonic_ns()
-            lock.release()
-            conn.send(got)
-    finally:
-        lock.close()
-        conn.close()
-
-
 def handoffs(peer: str, server: EtcdServer, path: str, url: str, rounds: int,
              hold: float) -> list[float]:
     """Milliseconds from a release to the acquire of a waiter in another process."""
-    lock = _make(peer, server, path, url)
-    here, there = _CTX.Pipe()
-    child = _CTX.Process(target=_waiter, args=(peer, server, path, url, rounds, there),
-                         daemon=True)
-    child.start()
-    there.close()
-    out = []
-    try:
-        for _ in range(rounds):
-            lock.acquire()
-            here.send("held")
-            here.recv()
-            time.sleep(hold)  # let the waiter queue up behind the holder
-            released = time.monotonic_ns()
-            lock.release()
-            got = here.recv()
-            out.append((got - released) / 1e6)
-    finally:
-        lock.close()
-        here.close()
-        child.join(30)
-        if child.is_alive():
-            child.kill()
-    return out
+    return handoff.latencies(functools.partial(_make, peer, server, path, url), rounds, hold)
 
 
 def bench(base: Path, cycles: int, rounds: int, quiet: bool,

@@ -1,0 +1,68 @@
+"""Hand-off latency between two processes, for any lock with ``acquire``/``release``:
+the time from the holder's release to the acquire of a waiter blocked in another
+process. The sidecar and etcd sections of the benchmark both measure with it."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Protocol
+
+_CTX = multiprocessing.get_context("fork")
+
+
+class _Lock(Protocol):
+    def acquire(self) -> None: ...
+    def release(self) -> None: ...
+
+
+def _close(lock: _Lock) -> None:
+    close = getattr(lock, "close", None)
+    if close is not None:
+        close()
+
+
+def _waiter(make: Callable[[], _Lock], rounds: int, conn: Connection) -> None:
+    lock = make()
+    try:
+        for _ in range(rounds):
+            conn.recv()  # the holder holds the lock now
+            conn.send("waiting")
+            lock.acquire()
+            got = time.monotonic_ns()
+            lock.release()
+            conn.send(got)
+    finally:
+        _close(lock)
+        conn.close()
+
+
+def latencies(make: Callable[[], _Lock], rounds: int, hold: float) -> list[float]:
+    """Milliseconds from each release to the other process's acquire, over ``rounds``
+    hand-offs; the holder holds ``hold`` seconds first. ``make`` builds the lock (in
+    each process: the waiter is a fork)."""
+    lock = make()
+    here, there = _CTX.Pipe()
+    child = _CTX.Process(target=_waiter, args=(make, rounds, there), daemon=True)
+    child.start()
+    there.close()
+    out = []
+    try:
+        for _ in range(rounds):
+            lock.acquire()
+            here.send("held")
+            here.recv()
+            time.sleep(hold)  # let the waiter reach its blocking call
+            released = time.monotonic_ns()
+            lock.release()
+            got = here.recv()
+            out.append((got - released) / 1e6)
+    finally:
+        _close(lock)
+        here.close()
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    return out
