@@ -562,7 +562,7 @@ def hold(
     Example:
       coproc HOLD { fencelock hold sessions/4f1c.jsonl --lane cron:nightly; }
     """
-    from fencelock._hold import HoldArgumentError
+    from fencelock._errors import HoldArgumentError
     from fencelock._hold import main as hold_main
 
     try:

@@ -22,7 +22,8 @@ the attributes set since), so it crosses a process pool intact.
           ├── SessionWriteError         a session write or fsync that failed
           ├── NotHeldError              a holder operation without the holder
           ├── ConfigError               a gateway config check cannot read the config
-          └── BadRequestError           a `fencelock hold` request it does not know
+          ├── BadRequestError           a `fencelock hold` request it does not know
+          └── HoldArgumentError         a `fencelock hold` option value it cannot use
 
     UserWarning
      └── FenceLockWarning               works, but unsafe (a world-writable directory)
@@ -343,3 +344,14 @@ def is_coordination_error(exc: BaseException | None) -> bool:
 class BadRequestError(FenceLockError):
     """A `fencelock hold` request that is not one the line protocol knows (not UTF-8,
     not JSON, too long, an unknown op, a bad field). It changes nothing."""
+
+
+class HoldArgumentError(FenceLockError, ValueError):
+    """A command-line value `fencelock hold` cannot use; ``option`` names it."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+    def _init_args(self) -> tuple[Any, ...]:
+        return self.option, str(self)

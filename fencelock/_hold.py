@@ -24,6 +24,7 @@ from fencelock._constants import EXIT_CONTENDED, EXIT_ERROR, EXIT_OK
 from fencelock._errors import (
     BadRequestError,
     FenceLockError,
+    HoldArgumentError,
     SessionContendedError,
     SessionTakeoverError,
     SessionWriteError,
@@ -47,14 +48,6 @@ _QUEUED = 4
 
 OPS = ("append", "prompt_begin", "prompt_end", "touch", "verify", "info", "release")
 
-
-
-class HoldArgumentError(ValueError):
-    """A command-line value `hold` cannot use; ``option`` names it."""
-
-    def __init__(self, option: str, message: str) -> None:
-        super().__init__(message)
-        self.option = option
 
 
 class _Stop(BaseException):

@@ -49,6 +49,7 @@ def samples() -> dict[str, BaseException]:
         "PlantedFileError": _errors.PlantedFileError("/s/a.jsonl", 1001, "/s"),
         "ForeignSymlinkError": _errors.ForeignSymlinkError("/s/agentA", 1001, "/t/agentA"),
         "BadRequestError": _errors.BadRequestError("line 3: not JSON"),
+        "HoldArgumentError": _errors.HoldArgumentError("--lane", "--lane: not UTF-8"),
         "UnsafeSidecarError": _errors.UnsafeSidecarError("/s/a.jsonl.holder", "a symlink"),
         "CorruptRecordError": _errors.CorruptRecordError("/s/a.jsonl.holder", "not JSON"),
         "SidecarAccessError": _errors.SidecarAccessError("/s/a.jsonl.holder", cause, "fix it"),

@@ -952,9 +952,6 @@ def judge(report: Report, sizes: Sizes) -> None:
         if row is not None:
             add(f"cycle.{kind}.raw", f"cycle ({kind}) at most 3x the raw-syscall protocol",
                 row.ratios.get("raw"), 3.0, "{value:.2f}x raw")
-            add(f"cycle.{kind}.portalocker", f"cycle ({kind}) at most half of portalocker.Lock",
-                row.ratios.get("portalocker"), 0.5,
-                "{value:.2f}x portalocker" + _floor_text(report, row.id, "portalocker"))
     row, floor = report.row("cycle.reused.session"), report.row("cycle.reused.session.floor")
     if row is not None and floor is not None and row.fencelock and floor.fencelock:
         add("cycle.session.floor", "cycle (session present) at most 1.5x the protocol floor",
@@ -979,16 +976,16 @@ def judge(report: Report, sizes: Sizes) -> None:
         add("handoff.blocking", "hand-off median at most 1.25x portalocker's kernel wait",
             blocking.ratios.get("portalocker"), 1.25,
             "{value:.2f}x portalocker" + _floor_text(report, "handoff.median", "portalocker"))
-    for kind in ("fsync", "nofsync"):
-        row = report.row(f"appends.{kind}")
-        if row is not None:
-            best = max((v for v in row.peers.values() if v is not None), default=None)
-            floor = report.row(f"appends.{kind}.floor")
-            floor_text = "" if floor is None or floor.fencelock is None else (
-                f"; protocol v1 floor {floor.fencelock:.0f} turns/s")
-            add(f"appends.{kind}", f"appends ({kind}) at least the best peer's throughput",
-                row.fencelock, best, "{value:.0f} vs best peer {limit:.0f} turns/s" + floor_text,
-                at_least=True)
+    row = report.row("appends.fsync")
+    if row is not None:
+        peer = row.peers.get("portalocker")
+        floor = report.row("appends.fsync.floor")
+        floor_text = "" if floor is None or floor.fencelock is None or not peer else (
+            f"; protocol v1 floor {floor.fencelock / peer:.2f}x portalocker")
+        add("appends.fsync", "contended fenced turns with fsync at least 1.0x portalocker's "
+            "lock+append+fsync+unlock", None if not peer or row.fencelock is None
+            else row.fencelock / peer, 1.0, "{value:.2f}x portalocker" + floor_text,
+            at_least=True)
     row = report.row("etcd.handoff.median")
     if row is not None:
         add("etcd.handoff.median", "etcd store hand-off median at most 5 ms",
