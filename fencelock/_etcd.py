@@ -126,11 +126,17 @@ class _Lease:
 
 
 class _Watch:
-    """A watch on one key's deletion, its stream read by a thread of its own: `wake` is
-    set when the key is deleted (`deleted`) or the stream ends (etcd went away)."""
+    """A watch on one key's deletion. `wait` returns once the key is deleted
+    (`deleted`), the stream ends (etcd went away) or the time is up.
+
+    Read by the waiting thread itself (``inline``), a deletion wakes it with no thread
+    in between; a stream whose read timed out cannot be read again, so an inline watch
+    that timed out once answers every later `wait` at once, and the waiter looks again.
+    Otherwise a thread of its own reads the stream and sets `wake`, so that the waiter
+    can also watch a cancellation event."""
 
     def __init__(self, client: Any, key: str, start_revision: int, timeout: float,
-                 display: str) -> None:
+                 display: str, inline: bool) -> None:
         import requests
 
         self.wake = threading.Event()
@@ -151,25 +157,49 @@ class _Watch:
         self._sock = getattr(getattr(self._response.raw, "connection", None), "sock", None)
         if self._sock is not None:
             self._sock.settimeout(None)
-        threading.Thread(target=self._read, name="fencelock-etcd-watch", daemon=True).start()
+        self._chunks = self._response.iter_content(chunk_size=None)
+        self._pending = b""
+        self.inline = inline and self._sock is not None  # an inline read needs its timeout
+        if not self.inline:
+            threading.Thread(target=self._read, name="fencelock-etcd-watch",
+                             daemon=True).start()
+
+    def _until_woken(self) -> None:
+        """Read the stream until the key's deletion, a cancel or the stream's end."""
+        for chunk in self._chunks:
+            self._pending += chunk
+            while b"\n" in self._pending:
+                line, _, self._pending = self._pending.partition(b"\n")
+                result = json.loads(line or b"{}").get("result", {})
+                if result.get("events"):
+                    self.deleted = True
+                    return
+                if result.get("canceled"):
+                    return
 
     def _read(self) -> None:
-        pending = b""
         try:
-            for chunk in self._response.iter_content(chunk_size=None):
-                pending += chunk
-                while b"\n" in pending:
-                    line, _, pending = pending.partition(b"\n")
-                    result = json.loads(line or b"{}").get("result", {})
-                    if result.get("events"):
-                        self.deleted = True
-                        return
-                    if result.get("canceled"):
-                        return
+            self._until_woken()
         except Exception:  # the stream broke: the waiter looks again
             return
         finally:
             self.wake.set()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds; True once woken (see `deleted`)."""
+        if not self.inline:
+            return self.wake.wait(timeout)
+        if self.wake.is_set():
+            return True
+        try:
+            assert self._sock is not None
+            self._sock.settimeout(max(timeout, 0.001))
+            self._until_woken()
+        except Exception:  # timed out, or the stream broke: either way it is spent
+            self.wake.set()
+            return self.deleted
+        self.wake.set()
+        return True
 
     def stop(self) -> None:
         if self._sock is not None:
@@ -245,14 +275,16 @@ class _Cluster:
         return self.call("/kv/txn", {"compare": compare, "success": success,
                                      "failure": failure or []}, deadline)
 
-    def watch(self, key: str, start_revision: int, deadline: float | None) -> _Watch:
+    def watch(self, key: str, start_revision: int, deadline: float | None,
+              inline: bool = False) -> _Watch:
         """A watch for the deletion of ``key`` from ``start_revision``, created within
-        the request timeout (less when ``deadline`` is near)."""
+        the request timeout (less when ``deadline`` is near); ``inline``: read by the
+        waiting thread."""
         client = self._clients()[self._preferred]
         timeout = _REQUEST_TIMEOUT
         if deadline is not None:
             timeout = max(_MIN_REQUEST_TIMEOUT, min(timeout, deadline - time.monotonic()))
-        return _Watch(client, key, start_revision, timeout, self.url.display)
+        return _Watch(client, key, start_revision, timeout, self.url.display, inline)
 
     # -- the lease ---------------------------------------------------------------
 
@@ -461,14 +493,14 @@ class EtcdHolder:
                 return
             key = _unb64(ahead[0]["key"]).decode()
             try:
-                watch = c.watch(key, int(r["header"]["revision"]) + 1, deadline)
+                watch = c.watch(key, int(r["header"]["revision"]) + 1, deadline,
+                                inline=cancel is None)
             except StoreUnavailableError:
                 self._ran_out(deadline, start)
                 raise
-            gone = watch.wake
             try:
                 watched = time.monotonic()
-                while not gone.is_set():
+                while True:
                     now = time.monotonic()
                     if cancel is not None and cancel.is_set():
                         import asyncio
@@ -484,7 +516,8 @@ class EtcdHolder:
                         step = min(step, deadline - now)
                     if cancel is not None:
                         step = min(step, _CANCEL_STEP)
-                    gone.wait(max(step, 0.0))
+                    if watch.wait(max(step, 0.0)):
+                        break
                 assert self._lease is not None
                 if not self._lease.alive():
                     raise StoreUnavailableError(self.url.display, self._lease.lost)
