@@ -256,6 +256,55 @@ def test_a_hung_etcd_gives_store_unavailable_within_the_timeout(
     assert outcome and isinstance(outcome[0], StoreUnavailableError)
 
 
+def _reading_its_watch(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is inside the inline read of an etcd watch stream."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == "_until_woken":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_waiter_reading_its_watch_gives_up_in_time_when_etcd_hangs(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    import time
+
+    url = own_etcd.url("hung-wait")
+    name = _lock_name(url, session)
+    holder = subprocess.Popen(_etcdctl(own_etcd, "lock", name), stdout=subprocess.PIPE,
+                              text=True)  # a holder in another process
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            SessionLock(session, "waiter", backend=url, timeout=2).acquire()
+        except BaseException as e:
+            outcome.append(e)
+
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().startswith(name + "/")
+        t = threading.Thread(target=wait, daemon=True)
+        t.start()
+        give_up = time.monotonic() + 60
+        while not _reading_its_watch(t):  # the waiter's own thread reads the stream
+            assert t.is_alive() and time.monotonic() < give_up, outcome
+            time.sleep(0.005)
+        own_etcd.kill(signal.SIGSTOP)  # the stream stays open and says nothing more
+        t.join(60)  # a guard against a hang, not a measurement
+        assert not t.is_alive(), "a waiter on a hung etcd never gave up"
+        assert outcome and isinstance(outcome[0], (SessionContendedError,
+                                                   StoreUnavailableError)), outcome
+    finally:
+        own_etcd.kill(signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
 def test_second_endpoint_is_used_when_the_first_is_down(
     session: Path, etcd_server: EtcdServer, own_etcd: EtcdServer
 ) -> None:
