@@ -11,6 +11,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,53 @@ def test_fencelock_holder_excludes_etcdctl_lock_until_release(
 
 
 # -- lost leases ---------------------------------------------------------------------
+
+
+def _child_takes_its_own(session: Path, other: Path, url: str, conn: Connection) -> None:
+    """In a forked child: take a session of its own, then try the parent's."""
+    try:
+        with SessionLock(other, "child", backend=url) as lock:
+            assert lock.info is not None
+            conn.send(("own", lock.info.token))
+        try:
+            SessionLock(session, "child", backend=url, on_contention="fail").acquire()
+            conn.send(("parent's", "acquired"))
+        except SessionContendedError as e:
+            conn.send(("parent's", e.holder.pid if e.holder is not None else None))
+    except BaseException as e:  # the parent's assertion shows what went wrong
+        conn.send(("error", repr(e)))
+    finally:
+        conn.close()
+
+
+def test_a_forked_child_takes_sessions_of_its_own_and_leaves_the_parent_s_lease(
+    session: Path, url: str
+) -> None:
+    import multiprocessing
+
+    lock = SessionLock(session, "parent", backend=url)
+    lock.acquire()  # the parent now has a lease, its keeper thread and connections
+    other = session.with_name("other.jsonl")
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_child_takes_its_own, args=(session, other, url, there))
+    child.start()
+    there.close()
+    replies = []
+    while True:
+        try:
+            replies.append(here.recv())
+        except EOFError:
+            break
+    child.join(60)
+    assert child.exitcode == 0, replies
+    assert replies[0][0] == "own" and replies[0][1] > 0, replies
+    assert replies[1] == ("parent's", os.getpid()), replies  # the parent still holds it
+    lock.append({"after": "fork"})  # the child left the parent's lease alone
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.LIVE and status.record is not None
+    assert status.record.pid == os.getpid()
+    lock.release()
 
 
 def test_a_holder_paused_past_its_lease_never_writes_after_the_takeover(
