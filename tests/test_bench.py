@@ -10,10 +10,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from fencelock._etcdserver import EtcdServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bin" / "fencelock-bench"
@@ -47,7 +52,8 @@ def test_rows_have_the_documented_shape(report: dict[str, Any]) -> None:
                      "cycle.reused.session", "cycle.reused.session.floor", "cycle.first.0",
                      "cycle.first.0.floor", "cycle.first.60", "cycle.first.60.floor",
                      "handoff.median.floor", "handoff.p99.floor",
-                     "etcd.cycle", "etcd.handoff.median", "etcd.handoff.p99"):
+                     "etcd.cycle", "etcd.handoff.median", "etcd.handoff.p99",
+                     "etcd.cycle.floor", "etcd.handoff.median.floor", "etcd.handoff.p99.floor"):
         assert expected in ids
     assert any(i.startswith("scaling.cycle.procs.") for i in ids)
     assert any(i.startswith("scaling.scan.sessions.") for i in ids)
@@ -65,6 +71,112 @@ def test_etcd_rows_compare_with_the_sidecar_tooz_and_etcdctl(report: dict[str, A
     for peer, value in {"fencelock": row["fencelock"], **row["peers"]}.items():
         assert isinstance(value, float) or (peer == "tooz" and not tooz and value is None)
     assert not any("etcd" in s for s in report["skipped"])
+
+
+def test_the_etcd_floor_is_measured_beside_fencelock(report: dict[str, Any]) -> None:
+    for row_id in ("etcd.cycle", "etcd.handoff.median", "etcd.handoff.p99"):
+        row = next(r for r in report["rows"] if r["id"] == row_id)
+        floor = next(r for r in report["rows"] if r["id"] == row_id + ".floor")
+        assert isinstance(floor["fencelock"], float)
+        assert floor["peers"] == row["peers"]
+    goal = next(g for g in report["goals"] if g["id"] == "etcd.handoff.median")
+    assert "etcd floor (bare HTTP)" in goal["value"]
+    assert any(n.startswith("etcd write transaction") and "http.client" in n
+               for n in report["notes"])
+
+
+def _wait_for_waiter(session: Path, url: str, holder: int, unless: threading.Event) -> None:
+    """Return once a second contender is queued behind the holder whose token is
+    ``holder`` (it has put its key); fail if the waiter finished first."""
+    import fencelock
+
+    while True:
+        status = fencelock.probe(session, backend=url)
+        assert status.record is not None and status.record.token == holder, status
+        if status.waiters:
+            return
+        assert not unless.is_set(), "the waiter got the session while it was held"
+
+
+def test_the_etcd_floor_and_fencelock_exclude_each_other(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    """The etcd floor rows are a lower bound only if FloorEtcdLock speaks the store's
+    protocol: it must queue behind a fencelock holder and get the session only when
+    that holder releases, and a fencelock waiter must wait for it in turn."""
+    import fencelock
+    from fencelock.tools.etcd_floor import FloorEtcdLock
+
+    url = etcd_server.url(f"floor-{uuid.uuid4().hex[:12]}")
+    session = tmp_path / "s.jsonl"
+    floor = FloorEtcdLock(url, str(session))
+    lock = fencelock.SessionLock(session, "fencelock", backend=url)
+    try:
+        for holder, waiter in ((lock, floor), (floor, lock), (lock, floor)):
+            order: list[str] = []
+            done = threading.Event()
+
+            def wait(waiter: Any = waiter, order: list[str] = order,
+                     done: threading.Event = done) -> None:
+                try:
+                    waiter.acquire()
+                    order.append("waiter")
+                finally:
+                    done.set()
+
+            holder.acquire()
+            held = fencelock.probe(session, backend=url).record
+            assert held is not None and held.state == "held"
+            t = threading.Thread(target=wait)
+            t.start()
+            _wait_for_waiter(session, url, held.token, done)
+            order.append("released")
+            holder.release()
+            t.join(60)
+            assert order == ["released", "waiter"]
+            now = fencelock.probe(session, backend=url)
+            assert now.state == "live" and now.waiters == 0
+            assert now.record is not None and now.record.token > held.token
+            waiter.release()
+        assert fencelock.probe(session, backend=url).state == "free"
+    finally:
+        floor.close()
+
+
+def test_floor_and_fencelock_processes_hammering_etcd_never_overlap(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    """Two FloorEtcdLock and two SessionLock processes take turns on one session: any
+    overlap shows as an interleaved log or a lost increment."""
+    url = etcd_server.url(f"floor-{uuid.uuid4().hex[:12]}", ttl=10)
+    session, log, counter = tmp_path / "s.jsonl", tmp_path / "log", tmp_path / "counter"
+    counter.write_text("0")
+    workers, turns = 4, 15
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "hammer_worker.py"), str(session), str(log),
+             str(counter), str(turns), "-", "0.002"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "FENCELOCK_BACKEND": url,
+                 "FENCELOCK_HAMMER_FLOOR": "1" if i % 2 else ""},
+        )
+        for i in range(workers)
+    ]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.close()
+    for p in procs:
+        assert p.wait(timeout=180) == 0
+        assert p.stdout is not None
+        p.stdout.close()
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 * workers * turns
+    for enter, exit_ in zip(lines[::2], lines[1::2], strict=True):
+        assert enter.startswith("enter ") and exit_ == "exit " + enter.split()[1]
+    assert counter.read_text() == str(workers * turns)
 
 
 def test_no_line_lost_or_interleaved(report: dict[str, Any]) -> None:
