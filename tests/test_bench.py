@@ -11,7 +11,10 @@ import os
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,29 +88,48 @@ def test_the_etcd_floor_is_measured_beside_fencelock(report: dict[str, Any]) -> 
                for n in report["notes"])
 
 
-def _wait_for_waiter(session: Path, url: str, holder: int, unless: threading.Event) -> None:
-    """Return once a second contender is queued behind the holder whose token is
-    ``holder`` (it has put its key); fail if the waiter finished first."""
-    import fencelock
+def _watchers(server: EtcdServer) -> int:
+    """How many watches etcd serves (its ``etcd_debugging_mvcc_watcher_total``)."""
+    with urllib.request.urlopen(f"http://{server.endpoint}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("etcd_debugging_mvcc_watcher_total "):
+                return int(float(line.split()[1]))
+    raise AssertionError("etcd reports no watcher count")
 
-    while True:
-        status = fencelock.probe(session, backend=url)
-        assert status.record is not None and status.record.token == holder, status
-        if status.waiters:
-            return
-        assert not unless.is_set(), "the waiter got the session while it was held"
+
+def _wait_for(what: str, ready: Callable[[], bool], unless: threading.Event | None = None,
+              limit: float = 30.0) -> None:
+    """Return once ``ready()``; fail if ``unless`` is set first. ``limit`` bounds a
+    broken build; it is not a timing claim."""
+    deadline = time.monotonic() + limit
+    while not ready():
+        assert unless is None or not unless.is_set(), f"finished before {what}"
+        assert time.monotonic() < deadline, f"never {what}"
+        time.sleep(0.002)
+
+
+@pytest.fixture
+def own_etcd(etcd_server: EtcdServer) -> Iterator[EtcdServer]:
+    """An etcd of the test's own (after `etcd_server`, which checks etcd is there):
+    no other test's watch counts among its watchers."""
+    from fencelock._etcdserver import EtcdServer
+
+    server = EtcdServer()
+    server.start()
+    yield server
+    server.stop()
 
 
 def test_the_etcd_floor_and_fencelock_exclude_each_other(
-    etcd_server: EtcdServer, tmp_path: Path
+    own_etcd: EtcdServer, tmp_path: Path
 ) -> None:
     """The etcd floor rows are a lower bound only if FloorEtcdLock speaks the store's
-    protocol: it must queue behind a fencelock holder and get the session only when
-    that holder releases, and a fencelock waiter must wait for it in turn."""
+    protocol: it must queue behind a fencelock holder and watch it, and get the session
+    only when that holder releases; a fencelock waiter must wait for it in turn."""
     import fencelock
     from fencelock.tools.etcd_floor import FloorEtcdLock
 
-    url = etcd_server.url(f"floor-{uuid.uuid4().hex[:12]}")
+    url = own_etcd.url("floor")
     session = tmp_path / "s.jsonl"
     floor = FloorEtcdLock(url, str(session))
     lock = fencelock.SessionLock(session, "fencelock", backend=url)
@@ -124,12 +146,17 @@ def test_the_etcd_floor_and_fencelock_exclude_each_other(
                 finally:
                     done.set()
 
+            _wait_for("closed the last round's watch", lambda: _watchers(own_etcd) == 0)
             holder.acquire()
             held = fencelock.probe(session, backend=url).record
             assert held is not None and held.state == "held"
             t = threading.Thread(target=wait)
             t.start()
-            _wait_for_waiter(session, url, held.token, done)
+            # The waiter blocks in a watch on the holder's key; it must not finish first.
+            _wait_for("watched the holder's key", lambda: _watchers(own_etcd) == 1, done)
+            status = fencelock.probe(session, backend=url)
+            assert status.record is not None and status.record.token == held.token
+            assert status.waiters == 1
             order.append("released")
             holder.release()
             t.join(60)
