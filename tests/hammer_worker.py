@@ -1,6 +1,9 @@
 """A worker that hammers one session (tests only):
 ``session log counter turns [timeout [work]]``.
 
+With ``FENCELOCK_HAMMER_FLOOR=1`` in its environment it holds with the benchmark's
+`FloorEtcdLock` on ``$FENCELOCK_BACKEND`` instead of a SessionLock (no timeout).
+
 With a timeout, a turn whose wait runs out is skipped (and leaves the queue); ``work``
 is how long each turn holds the session between its two log lines (simulated work).
 
@@ -24,11 +27,17 @@ def main() -> None:
     work = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
     pid = os.getpid()
     log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    floor = None
+    if os.environ.get("FENCELOCK_HAMMER_FLOOR"):
+        from fencelock.tools.etcd_floor import FloorEtcdLock
+
+        floor = FloorEtcdLock(os.environ["FENCELOCK_BACKEND"], session)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     sys.stdin.readline()
     for _ in range(turns):
-        lock = SessionLock(session, lane=f"worker-{pid}", timeout=timeout)
+        lock: SessionLock | FloorEtcdLock = floor or SessionLock(
+            session, lane=f"worker-{pid}", timeout=timeout)
         try:
             lock.acquire()
         except SessionContendedError:
@@ -46,6 +55,8 @@ def main() -> None:
         finally:
             lock.release()
     os.close(log_fd)
+    if floor is not None:
+        floor.close()
 
 
 if __name__ == "__main__":

@@ -10,10 +10,18 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from fencelock._etcdserver import EtcdServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bin" / "fencelock-bench"
@@ -47,7 +55,8 @@ def test_rows_have_the_documented_shape(report: dict[str, Any]) -> None:
                      "cycle.reused.session", "cycle.reused.session.floor", "cycle.first.0",
                      "cycle.first.0.floor", "cycle.first.60", "cycle.first.60.floor",
                      "handoff.median.floor", "handoff.p99.floor",
-                     "etcd.cycle", "etcd.handoff.median", "etcd.handoff.p99"):
+                     "etcd.cycle", "etcd.handoff.median", "etcd.handoff.p99",
+                     "etcd.cycle.floor", "etcd.handoff.median.floor", "etcd.handoff.p99.floor"):
         assert expected in ids
     assert any(i.startswith("scaling.cycle.procs.") for i in ids)
     assert any(i.startswith("scaling.scan.sessions.") for i in ids)
@@ -65,6 +74,136 @@ def test_etcd_rows_compare_with_the_sidecar_tooz_and_etcdctl(report: dict[str, A
     for peer, value in {"fencelock": row["fencelock"], **row["peers"]}.items():
         assert isinstance(value, float) or (peer == "tooz" and not tooz and value is None)
     assert not any("etcd" in s for s in report["skipped"])
+
+
+def test_the_etcd_floor_is_measured_beside_fencelock(report: dict[str, Any]) -> None:
+    for row_id in ("etcd.cycle", "etcd.handoff.median", "etcd.handoff.p99"):
+        row = next(r for r in report["rows"] if r["id"] == row_id)
+        floor = next(r for r in report["rows"] if r["id"] == row_id + ".floor")
+        assert isinstance(floor["fencelock"], float)
+        assert floor["peers"] == row["peers"]
+    goal = next(g for g in report["goals"] if g["id"] == "etcd.handoff.median")
+    assert "etcd floor (bare HTTP)" in goal["value"]
+    assert any(n.startswith("etcd write transaction") and "http.client" in n
+               for n in report["notes"])
+
+
+def _watchers(server: EtcdServer) -> int:
+    """How many watches etcd serves (its ``etcd_debugging_mvcc_watcher_total``)."""
+    with urllib.request.urlopen(f"http://{server.endpoint}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("etcd_debugging_mvcc_watcher_total "):
+                return int(float(line.split()[1]))
+    raise AssertionError("etcd reports no watcher count")
+
+
+def _wait_for(what: str, ready: Callable[[], bool], unless: threading.Event | None = None,
+              limit: float = 30.0) -> None:
+    """Return once ``ready()``; fail if ``unless`` is set first. ``limit`` bounds a
+    broken build; it is not a timing claim."""
+    deadline = time.monotonic() + limit
+    while not ready():
+        assert unless is None or not unless.is_set(), f"finished before {what}"
+        assert time.monotonic() < deadline, f"never {what}"
+        time.sleep(0.002)
+
+
+@pytest.fixture
+def own_etcd(etcd_server: EtcdServer) -> Iterator[EtcdServer]:
+    """An etcd of the test's own (after `etcd_server`, which checks etcd is there):
+    no other test's watch counts among its watchers."""
+    from fencelock._etcdserver import EtcdServer
+
+    server = EtcdServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_the_etcd_floor_and_fencelock_exclude_each_other(
+    own_etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """The etcd floor rows are a lower bound only if FloorEtcdLock speaks the store's
+    protocol: it must queue behind a fencelock holder and watch it, and get the session
+    only when that holder releases; a fencelock waiter must wait for it in turn."""
+    import fencelock
+    from fencelock.tools.etcd_floor import FloorEtcdLock
+
+    url = own_etcd.url("floor")
+    session = tmp_path / "s.jsonl"
+    floor = FloorEtcdLock(url, str(session))
+    lock = fencelock.SessionLock(session, "fencelock", backend=url)
+    try:
+        for holder, waiter in ((lock, floor), (floor, lock), (lock, floor)):
+            order: list[str] = []
+            done = threading.Event()
+
+            def wait(waiter: Any = waiter, order: list[str] = order,
+                     done: threading.Event = done) -> None:
+                try:
+                    waiter.acquire()
+                    order.append("waiter")
+                finally:
+                    done.set()
+
+            _wait_for("closed the last round's watch", lambda: _watchers(own_etcd) == 0)
+            holder.acquire()
+            held = fencelock.probe(session, backend=url).record
+            assert held is not None and held.state == "held"
+            t = threading.Thread(target=wait)
+            t.start()
+            # The waiter blocks in a watch on the holder's key; it must not finish first.
+            _wait_for("watched the holder's key", lambda: _watchers(own_etcd) == 1, done)
+            status = fencelock.probe(session, backend=url)
+            assert status.record is not None and status.record.token == held.token
+            assert status.waiters == 1
+            order.append("released")
+            holder.release()
+            t.join(60)
+            assert order == ["released", "waiter"]
+            now = fencelock.probe(session, backend=url)
+            assert now.state == "live" and now.waiters == 0
+            assert now.record is not None and now.record.token > held.token
+            waiter.release()
+        assert fencelock.probe(session, backend=url).state == "free"
+    finally:
+        floor.close()
+
+
+def test_floor_and_fencelock_processes_hammering_etcd_never_overlap(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    """Two FloorEtcdLock and two SessionLock processes take turns on one session: any
+    overlap shows as an interleaved log or a lost increment."""
+    url = etcd_server.url(f"floor-{uuid.uuid4().hex[:12]}", ttl=10)
+    session, log, counter = tmp_path / "s.jsonl", tmp_path / "log", tmp_path / "counter"
+    counter.write_text("0")
+    workers, turns = 4, 15
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "hammer_worker.py"), str(session), str(log),
+             str(counter), str(turns), "-", "0.002"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "FENCELOCK_BACKEND": url,
+                 "FENCELOCK_HAMMER_FLOOR": "1" if i % 2 else ""},
+        )
+        for i in range(workers)
+    ]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.close()
+    for p in procs:
+        assert p.wait(timeout=180) == 0
+        assert p.stdout is not None
+        p.stdout.close()
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 * workers * turns
+    for enter, exit_ in zip(lines[::2], lines[1::2], strict=True):
+        assert enter.startswith("enter ") and exit_ == "exit " + enter.split()[1]
+    assert counter.read_text() == str(workers * turns)
 
 
 def test_no_line_lost_or_interleaved(report: dict[str, Any]) -> None:
