@@ -8,6 +8,7 @@ wheel (its ``etcdbin`` directory), or ``PATH`` (Debian's ``etcd-server``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+import uuid
 
 
 def binary(name: str) -> str | None:
@@ -32,6 +34,13 @@ def binary(name: str) -> str | None:
         if os.access(path, os.X_OK):
             return path
     return shutil.which(name)
+
+
+class _PortTaken(Exception):
+    """Another process listens on a port this server was to use."""
+
+
+_TRIES = 5
 
 
 def _free_port() -> int:
@@ -54,6 +63,10 @@ class EtcdServer:
         self.fsync = fsync
         self.client_port = _free_port()
         self.peer_port = _free_port()
+        self.name = f"fencelock-{uuid.uuid4().hex[:12]}"
+        """The member's name, which `start` checks: an answer from another etcd that
+        took the port meanwhile must not pass for this one's."""
+        self._started = False
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = os.path.join(self.data_dir, "etcd.log")
 
@@ -66,35 +79,76 @@ class EtcdServer:
         return f"etcd://{self.endpoint}/{prefix}" + (f"?{query}" if query else "")
 
     def start(self, timeout: float = 30.0) -> None:
+        """Start etcd and wait until it answers as this server's member. A first start
+        whose free ports were taken before etcd could listen on them (by another etcd,
+        or a connection's local port) tries other ports; a restart keeps its ports, since
+        its clients know them."""
+        for _ in range(_TRIES):
+            try:
+                self._start_once(timeout)
+            except _PortTaken:
+                if self._started:
+                    raise RuntimeError(
+                        f"etcd cannot restart on {self.endpoint}: another process took "
+                        "its port meanwhile") from None
+                shutil.rmtree(os.path.join(self.data_dir, "data"), ignore_errors=True)
+                self.client_port, self.peer_port = _free_port(), _free_port()
+                continue
+            self._started = True
+            return
+        raise RuntimeError(f"etcd found no free ports in {_TRIES} tries")
+
+    def _start_once(self, timeout: float) -> None:
         client = f"http://{self.endpoint}"
         peer = f"http://127.0.0.1:{self.peer_port}"
         args = [
-            self.exe, "--name", "fencelock-test",
+            self.exe, "--name", self.name,
             "--data-dir", os.path.join(self.data_dir, "data"),
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"fencelock-test={peer}",
+            "--initial-cluster", f"{self.name}={peer}",
             "--log-level", "error",
         ]
         if not self.fsync:
             args.append("--unsafe-no-fsync")
         with open(self._log, "ab") as log:
+            start = log.tell()
             self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                with open(self._log, errors="replace") as f:
-                    tail = f.read()[-2000:]
+                with open(self._log, "rb") as f:
+                    f.seek(start)
+                    tail = f.read().decode(errors="replace")[-2000:]
+                if "address already in use" in tail:
+                    raise _PortTaken()
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}: {tail}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(
-                client + "/health", timeout=1
-            ) as r:
-                if b'"true"' in r.read():
-                    return
+            if self._answers(client):
+                return
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"etcd did not become healthy on {self.endpoint}")
             time.sleep(0.05)
+
+    def _answers(self, client: str) -> bool:
+        """Whether etcd is healthy at ``client`` and is this server's member; raises
+        `_PortTaken` (after stopping this one) when another etcd answers there."""
+        with contextlib.suppress(OSError, ValueError):
+            with urllib.request.urlopen(client + "/health", timeout=1) as r:
+                if b'"true"' not in r.read():
+                    return False
+            request = urllib.request.Request(
+                client + "/v3/cluster/member/list", data=b"{}",
+                headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=1) as r:
+                members = json.loads(r.read()).get("members", [])
+            if [m.get("name") for m in members] == [self.name]:
+                return True
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait()
+            raise _PortTaken()
+        return False
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:

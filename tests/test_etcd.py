@@ -253,6 +253,43 @@ def own_etcd() -> Iterator[EtcdServer]:
     server.stop()
 
 
+def _member_names(server: EtcdServer) -> list[str]:
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://{server.endpoint}/v3/cluster/member/list", data=b"{}",
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return [m["name"] for m in json.loads(r.read())["members"]]
+
+
+def test_a_throwaway_etcd_whose_port_is_taken_starts_on_other_ports(
+    own_etcd: EtcdServer,
+) -> None:
+    late = EtcdServer()
+    late.client_port = own_etcd.client_port  # as if another etcd took it first
+    try:
+        late.start()
+        assert late.client_port != own_etcd.client_port
+        assert _member_names(late) == [late.name]  # its own member, not the other's
+        assert _member_names(own_etcd) == [own_etcd.name]
+    finally:
+        late.stop()
+
+
+def test_a_throwaway_etcd_never_restarts_onto_another_s_port(own_etcd: EtcdServer) -> None:
+    own_etcd.kill(signal.SIGKILL)
+    squatter = EtcdServer()
+    squatter.client_port = own_etcd.client_port  # free now: the squatter takes it
+    try:
+        squatter.start()
+        assert squatter.client_port == own_etcd.client_port
+        with pytest.raises(RuntimeError, match="another process took its port"):
+            own_etcd.start()
+    finally:
+        squatter.stop()
+
+
 def test_holders_carry_on_through_an_etcd_restart_within_their_lease(
     session: Path, own_etcd: EtcdServer
 ) -> None:
