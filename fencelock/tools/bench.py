@@ -1049,7 +1049,7 @@ def render(report: Report) -> str:
             *(_ratio(r.ratios.get(p)) for p in PEERS),
         ])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    for i, row in enumerate(table):
+    for i, row in enumerate(table if len(table) > 1 else []):  # no sidecar rows: no table
         cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
         cells += [c.rjust(w) for c, w in zip(row[2:], widths[2:], strict=True)]
         out.append("  ".join(cells).rstrip())
