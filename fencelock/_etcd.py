@@ -141,15 +141,23 @@ class _Watch:
 
         self.wake = threading.Event()
         self.deleted = False
-        create = {"key": _b64(key), "start_revision": start_revision, "filters": ["NOPUT"]}
+        create: dict[str, Any] = {"key": _b64(key), "start_revision": start_revision,
+                                  "filters": ["NOPUT"]}
+        # A session of its own: a stream cut off by `stop` leaves its connection in no
+        # state to carry another request, so it must never go back to the pool the
+        # client's requests are sent from.
+        self._session = requests.Session()
+        self._session.verify = client.session.verify
+        self._session.cert = client.session.cert
         try:
             # The timeout bounds the connect and the wait for etcd's first answer (a
             # hung etcd accepts the connection and says nothing)...
-            self._response = client.session.post(
+            self._response = self._session.post(
                 client.get_url("/watch"), json={"create_request": create}, stream=True,
                 timeout=(timeout, timeout))
             self._response.raise_for_status()
-        except Exception as e:  # requests' errors, or etcd3gw's where its session maps them
+        except Exception as e:  # requests' errors
+            self._session.close()
             timed_out = isinstance(e, requests.Timeout) or "Timeout" in type(e).__name__
             raise StoreUnavailableError(display, "no answer in time" if timed_out
                                         else "cannot watch") from None
@@ -207,6 +215,8 @@ class _Watch:
                 self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(Exception):
             self._response.close()
+        with contextlib.suppress(Exception):
+            self._session.close()
 
 
 class _Cluster:

@@ -390,6 +390,33 @@ def test_a_waiter_reading_its_watch_gives_up_in_time_when_etcd_hangs(
             holder.stdout.close()
 
 
+def test_watches_cut_short_never_spoil_the_requests_that_follow(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """A wait that runs out stops its watch mid-stream; the connection it leaves must
+    not be the one the next request is sent on (that request would fail as if etcd
+    could not be reached)."""
+    from fencelock import _etcd
+
+    name = _lock_name(url, session)
+    ctl = subprocess.Popen(_etcdctl(etcd_server, "lock", name), stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        assert ctl.stdout is not None
+        assert ctl.stdout.readline().startswith(name + "/")
+        parsed = parse(url)
+        assert parsed is not None
+        holder = _etcd.EtcdHolder(parsed, str(session))
+        for i in range(300):
+            assert not holder.wait_free(0.002 * (i % 5))  # etcdctl holds it throughout
+            assert probe(session, backend=url).state == ProbeState.LIVE
+    finally:
+        ctl.kill()
+        ctl.wait()
+        if ctl.stdout is not None:
+            ctl.stdout.close()
+
+
 def test_second_endpoint_is_used_when_the_first_is_down(
     session: Path, etcd_server: EtcdServer, own_etcd: EtcdServer
 ) -> None:
