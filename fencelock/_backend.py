@@ -120,8 +120,10 @@ def session_key(session: str, root: str | None) -> str:
     if root is not None:
         base = os.path.realpath(root)
         rel = os.path.relpath(path, base)
-        if rel.startswith(".."):
-            raise ValueError(f"{session}: not under the backend's root {root}")
+        if rel.split(os.sep, 1)[0] == os.pardir:
+            from fencelock._errors import OutsideRootError
+
+            raise OutsideRootError(session, root)
         return rel
     mount = _mount_of(directory)
     return os.path.relpath(path, mount)

@@ -13,6 +13,7 @@ the attributes set since), so it crosses a process pool intact.
           │    └── SessionTakeoverError      something else wrote during the run
           │         └── HolderLostError      an etcd holder could not confirm its lease
           ├── StoreUnavailableError     etcd cannot be reached
+          ├── OutsideRootError          a session outside the etcd backend's root
           ├── UnsafePathError           a path fencelock will not use
           │    ├── PlantedFileError          a file another user placed
           │    │    └── ForeignSymlinkError  a directory symlink another user placed
@@ -133,6 +134,22 @@ class StoreUnavailableError(FenceLockError):
 
     def _init_args(self) -> tuple[Any, ...]:
         return self.endpoint, self.why
+
+
+class OutsideRootError(FenceLockError, ValueError):
+    """A session the etcd store cannot name: it lies outside the ``root`` of the backend
+    URL, under which session keys are taken. (A `ValueError` too: it is a bad argument.)"""
+
+    def __init__(self, session: str, root: str):
+        self.session = session
+        self.root = root
+        super().__init__(
+            f"{session}: not under the backend's root {root}; name a session under "
+            f"{root}, or change root= in the backend URL"
+        )
+
+    def _init_args(self) -> tuple[Any, ...]:
+        return self.session, self.root
 
 
 class UnsafePathError(FenceLockError):

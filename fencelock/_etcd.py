@@ -31,6 +31,7 @@ from fencelock._errors import (
     CorruptRecordError,
     HolderLostError,
     NotHeldError,
+    OutsideRootError,
     SessionContendedError,
     StoreUnavailableError,
 )
@@ -719,7 +720,10 @@ def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
 
 def names_in(url: EtcdURL, directory: str) -> set[str]:
     """Names of the sessions in ``directory`` that etcd has a holder or record for."""
-    base = _backend.session_key(os.path.join(directory, "x"), url.root)[:-1]
+    try:
+        base = _backend.session_key(os.path.join(directory, "x"), url.root)[:-1]
+    except OutsideRootError:
+        raise OutsideRootError(directory, url.root or "/") from None
     found = set()
     for kind in ("sessions", "last"):
         pfx = f"{url.prefix}/{kind}/{base}"

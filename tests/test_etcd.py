@@ -27,6 +27,7 @@ from fencelock import (
     probe,
 )
 from fencelock._backend import EtcdURL, parse, session_key
+from fencelock._errors import OutsideRootError
 from fencelock._etcdserver import EtcdServer, binary
 
 # -- URLs and keys -----------------------------------------------------------------
@@ -270,11 +271,12 @@ def test_second_endpoint_is_used_when_the_first_is_down(
 # -- the command line ----------------------------------------------------------------
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, env: dict[str, str] | None = None,
+         input: str | None = None) -> subprocess.CompletedProcess[str]:
     import sys
 
     return subprocess.run([sys.executable, "-m", "fencelock", *args], capture_output=True,
-                          text=True, check=False, timeout=120, env=env)
+                          text=True, check=False, timeout=120, env=env, input=input)
 
 
 def test_status_with_only_a_backend_lists_every_holder_with_host_and_waiters(
@@ -352,6 +354,41 @@ def test_cli_refuses_a_bad_backend_url_as_usage(session: Path) -> None:
     env = {**os.environ, "FENCELOCK_BACKEND": "zookeeper://x"}
     out = _cli("status", str(session), env=env)
     assert out.returncode == 2 and "FENCELOCK_BACKEND" in out.stderr
+
+
+ROOT_COMMANDS = [
+    ["status", "S"], ["status", "--json", "S"], ["status", "DIR"], ["clear", "S"],
+    ["clear", "--force", "DIR"], ["wait", "S"], ["recover", "S"],
+    ["run", "S", "--lane", "x", "--", "true"], ["hold", "S", "--lane", "x"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args", ROOT_COMMANDS, ids=lambda a: "-".join(a[:2]))
+def test_a_session_outside_the_backends_root_is_one_error_line(
+    session: Path, url: str, tmp_path: Path, args: list[str]
+) -> None:
+    """A session the backend's root= does not contain cannot be keyed in etcd: every
+    command says so in one line naming the session, the root and the fix (exit 1),
+    instead of a ValueError traceback or an error blamed on --lane."""
+    root = tmp_path / "elsewhere"
+    outside = f"{url}&root={root}"
+    argv = [str(session) if a == "S" else str(session.parent) if a == "DIR" else a
+            for a in args]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    out = _cli(*argv[:cut], "--backend", outside, *argv[cut:], input='{"op":"release"}\n')
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    named = str(session.parent) if "DIR" in args else str(session)
+    assert f"{named}: not under the backend's root {root}" in line
+    assert "change root= in the backend URL" in line and "--lane" not in line
+    if args[0] == "hold":  # the caller on the other end of the pipe hears it too
+        answer = json.loads(out.stdout)
+        assert (answer["ok"], answer["error"]) == (False, "OutsideRootError")
+    with pytest.raises(OutsideRootError) as exc:
+        SessionLock(session, backend=outside)
+    assert isinstance(exc.value, ValueError)  # a bad argument, as before
+    assert not os.path.lexists(str(session) + ".holder")
 
 
 def test_a_release_etcd_did_not_hear_gives_the_lease_up(
