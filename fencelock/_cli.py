@@ -40,6 +40,7 @@ from fencelock._output import (
     is_sidecar,
     library_errors,
     os_message,
+    plain_warnings,
     plural,
     shorten,
     status_json,
@@ -123,6 +124,7 @@ def main() -> None:
     Example:
       fencelock status ~/.gateway/sessions
     """
+    plain_warnings()
 
 
 class _Seconds(click.ParamType):  # type: ignore[type-arg]

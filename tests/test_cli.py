@@ -1420,3 +1420,20 @@ def test_a_signal_once_the_record_is_written_never_leaves_it_stale(
     assert not marker.exists()
     st = probe(session)
     assert st.state == "free" and st.record is not None and st.record.state == "released"
+
+
+@pytest.mark.parametrize("args", [["run", "S", "--lane", "a", "--", "true"], ["clear", "S"],
+                                  ["hold", "S", "--lane", "a"]], ids=lambda a: a[0])
+def test_a_fencelock_warning_is_one_plain_line(tmp_path: Path, args: list[str]) -> None:
+    """A FenceLockWarning (here: a world-writable sessions directory) is one line on
+    stderr that names the directory and the fix, not Python's warning with a source
+    file, line number and a line of fencelock's code."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # world-writable, no sticky bit
+    session = shared / "s.jsonl"
+    out = cli(*[str(session) if a == "S" else a for a in args], input='{"op":"release"}\n')
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"Warning: {shared}: ") and "chmod o-w" in line, line
+    assert ".py:" not in out.stderr and "FenceLockWarning" not in out.stderr
