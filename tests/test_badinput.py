@@ -457,6 +457,76 @@ def test_unwritable_session_directory(how: str) -> None:
 
 
 @needs_root
+def test_a_directory_this_user_cannot_enter_is_named_as_the_cause() -> None:
+    """Without search permission on the sessions directory every call fails on the
+    sidecar or the session, and the message names the directory, not the file (which
+    this user could read, could it reach it)."""
+    with open_directory(mode=0o700) as sessions:  # root's, and closed to others
+        session = sessions / "s.jsonl"
+        with SessionLock(session, "root-run") as lock:
+            lock.append({"n": 1})
+        before = {p.name: snapshot(p) for p in sessions.iterdir()}
+        result = as_user("""
+            out = {}
+            for name, call in [("acquire", lambda: SessionLock(args["s"], "x").acquire()),
+                               ("clear", lambda: clear(args["s"])),
+                               ("recover", lambda: recover(args["s"], wait=0)),
+                               ("verify", lambda: verify(args["s"]))]:
+                try:
+                    call()
+                    out[name] = "ok"
+                except FenceLockError as e:
+                    out[name] = str(e)
+            out["probe"] = probe(args["s"]).reason
+            result = out
+        """, s=str(session))
+        for name, message in result.items():
+            assert f"this user cannot enter {sessions} (no search permission)" in message, (
+                name, message)
+        assert {p.name: snapshot(p) for p in sessions.iterdir()} == before
+
+
+def test_a_session_name_too_long_for_its_sidecar_says_how_long_names_may_be(
+    session: Path,
+) -> None:
+    """A 250-byte session name is a valid file name, but its sidecar's (257 bytes) is
+    not: the error says so and how long a session name may be."""
+    long = session.parent / ("n" * 244 + ".jsonl")
+    long.write_text('{"n":1}\n')
+    with pytest.raises(SidecarAccessError) as exc:
+        SessionLock(long, "a").acquire()
+    message = str(exc.value)
+    assert message.startswith(f"{long}.holder: ")
+    assert "its name is 257 bytes" in message and "within 248 bytes" in message
+    status = probe(long)
+    assert status.state == "unreadable" and "within 248 bytes" in status.reason
+    with pytest.raises(SidecarAccessError, match="within 248 bytes"):
+        clear(long)
+    assert verify(long).ok  # the session itself is readable
+    assert long.read_text() == '{"n":1}\n'
+    assert [p.name for p in session.parent.iterdir()] == [long.name]
+
+
+def test_a_path_longer_than_the_system_allows_says_so(tmp_path: Path) -> None:
+    deep = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(17):  # 17 x 251 bytes: past PATH_MAX (4096), no chdir needed
+            os.mkdir("d" * 250, dir_fd=deep)
+            inner = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=deep)
+            os.close(deep)
+            deep = inner
+    finally:
+        os.close(deep)
+    session = os.path.join(tmp_path, *["d" * 250] * 17, "s.jsonl")
+    for call in (SessionLock(session, "a").acquire, lambda: verify(session),
+                 lambda: clear(session)):
+        with pytest.raises(SidecarAccessError) as exc:
+            call()
+        assert f"the path is {len(os.fsencode(str(exc.value.path)))} bytes" in str(exc.value)
+        assert "shorter path" in str(exc.value)
+
+
+@needs_root
 def test_sidecar_without_permission() -> None:
     with open_directory() as sessions:
         session = sessions / "s.jsonl"
