@@ -222,16 +222,20 @@ class UnsafeSidecarError(UnsafePathError):
 class CorruptRecordError(FenceLockError):
     """The sidecar's record cannot be parsed (truncated, oversized, not JSON, bad fields)."""
 
-    def __init__(self, sidecar: str, why: str):
+    def __init__(self, sidecar: str, why: str, command: str | None = None):
         self.sidecar = sidecar
+        """Where the record is: the sidecar, or for the etcd store its key's URL."""
         self.why = why
+        self.command = command
+        """The command that sets it aside (default: ``fencelock clear --force SIDECAR``)."""
         super().__init__(
             f"{sidecar}: holder record is corrupt ({why}); inspect it, then run "
-            f"'fencelock clear --force {sidecar}' to set it aside and start over"
+            f"'{command or f'fencelock clear --force {sidecar}'}' to set it aside and "
+            f"start over"
         )
 
     def _init_args(self) -> tuple[Any, ...]:
-        return self.sidecar, self.why
+        return self.sidecar, self.why, self.command
 
 
 class SidecarAccessError(FenceLockError):

@@ -346,14 +346,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _decode(value: bytes, where: str) -> HolderInfo | None:
+def _decode(value: bytes, where: str, command: str | None = None) -> HolderInfo | None:
     """A record from a key's value: None for an empty or foreign value."""
     if not value.strip():
         return None
     try:
         return _record.decode(value)
     except ValueError as e:
-        raise CorruptRecordError(where, str(e)) from None
+        raise CorruptRecordError(where, str(e), command) from None
+
+
+def _clear_command(url: EtcdURL, session: str) -> str:
+    """The command that sets a corrupt last record in etcd aside."""
+    return f'fencelock clear --force --backend "{url.text}" {session}'
 
 
 def _decode_quietly(value: bytes, where: str) -> HolderInfo | None:
@@ -373,6 +378,7 @@ class EtcdHolder:
         self.lock_name = f"{url.prefix}/sessions/{self.key}"
         self.last_key = f"{url.prefix}/last/{self.key}"
         self.name = f"{url.display}/{self.lock_name}"
+        self.last_name = f"{url.display}/{self.last_key}"
         self._cluster = cluster(url)
         self._lease: _Lease | None = None
         self._my_key = ""
@@ -415,7 +421,7 @@ class EtcdHolder:
             owner = _kvs(responses[1])
             if owner and int(owner[0]["create_revision"]) == revision:
                 if record is not None:
-                    self.write(record(revision, self._last(_kvs(responses[2]))))
+                    self.write(record(revision, self._last_checked(_kvs(responses[2]))))
                 return revision
             if fail:
                 holder = _decode_quietly(_unb64(owner[0].get("value", "")), self.name) \
@@ -429,6 +435,14 @@ class EtcdHolder:
 
     def _last(self, kvs: list[dict[str, Any]]) -> HolderInfo | None:
         return _decode_quietly(_unb64(kvs[0].get("value", "")), self.name) if kvs else None
+
+    def _last_checked(self, kvs: list[dict[str, Any]]) -> HolderInfo | None:
+        """The last record, or `CorruptRecordError`: as with a sidecar, a run does not
+        write over a record nobody could read (``clear --force`` sets it aside)."""
+        if not kvs:
+            return None
+        return _decode(_unb64(kvs[0].get("value", "")), self.last_name,
+                       _clear_command(self.url, self.session))
 
     def _wait_for_turn(
         self,
@@ -458,7 +472,7 @@ class EtcdHolder:
             ahead = _kvs(responses[0])
             if not ahead:
                 if record is not None:
-                    self.write(record(revision, self._last(_kvs(responses[2]))))
+                    self.write(record(revision, self._last_checked(_kvs(responses[2]))))
                 return
             key = _unb64(ahead[0]["key"]).decode()
             try:
@@ -621,9 +635,10 @@ class EtcdHolder:
         owner, last = _kvs(responses[0]), _kvs(responses[1])
         waiters = max(0, _count(responses[0]) - 1)
         return _status(self.session, self.name, owner=owner, last=last, waiters=waiters,
-                       stuck_after=stuck_after)
+                       stuck_after=stuck_after, last_where=self.last_name,
+                       command=_clear_command(self.url, self.session))
 
-    def clear(self, remove: bool) -> HolderStatus:
+    def clear(self, remove: bool, force: bool) -> HolderStatus:
         from fencelock._probe import ProbeState
 
         found = self.probe(0.0)
@@ -632,23 +647,49 @@ class EtcdHolder:
         if found.state is ProbeState.FREE and not remove:
             return found
         self.acquire(True, time.monotonic() + _REQUEST_TIMEOUT * 2, None, None)
-        r = self._cluster.txn([], [_range(self.last_key)], [])
-        old = self._last(_kvs(r.get("responses", [{}])[0]))
         my, token = self._my_key, self._token
         self._my_key, self._token = "", 0
         ops = [_delete(my)]
-        if remove:
+        aside = None
+        try:
+            r = self._cluster.txn([], [_range(self.last_key)], [])
+            kvs = _kvs(r.get("responses", [{}])[0])
+            value = _unb64(kvs[0].get("value", "")) if kvs else b""
+            try:
+                old = _decode(value, self.last_name, _clear_command(self.url, self.session))
+            except CorruptRecordError:
+                if not force:
+                    raise  # kept as it is; the lock is given back below
+                # Set aside, never deleted: a key nobody can guess, created only if new.
+                aside = (f"{self.url.prefix}/corrupt/{self.key}/"
+                         f"{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(8).hex()}")
+                ops[:0] = [_put(aside, value), _delete(self.last_key)]
+                old = None
+        except BaseException:
+            self._cluster.txn([_created(my, token)], [_delete(my)])
+            raise
+        if aside is None and remove:
             ops.insert(0, _delete(self.last_key))
         elif old is not None and old.state is State.HELD:
             ops.insert(0, _put(self.last_key, replace(old, state=State.RELEASED).encode()))
-        self._cluster.txn([_created(my, token)], ops)
+        compare = [_created(my, token)]
+        if aside is not None:
+            compare.append(_created(aside, 0))
+        r = self._cluster.txn(compare, ops, [_delete(my)])
+        if aside is not None:
+            if not r.get("succeeded"):  # the lock is ours, so the new name was taken
+                raise CorruptRecordError(self.last_name, "its set-aside name was taken; "
+                                         "try again", _clear_command(self.url, self.session))
+            where = f"{self.url.display}/{aside}"
+            return replace(found, reason=f"corrupt record moved to {where}", set_aside=where)
         what = "removed" if remove else "cleared"
         return replace(found, reason=f"{what} (was: {found.reason})" if found.reason else what,
                        removed=remove)
 
 
 def _status(session: str, where: str, *, owner: list[dict[str, Any]],
-            last: list[dict[str, Any]], waiters: int, stuck_after: float) -> HolderStatus:
+            last: list[dict[str, Any]], waiters: int, stuck_after: float,
+            last_where: str, command: str) -> HolderStatus:
     """A session's state from its owner key (the first in the queue, if any) and its
     last record."""
     from fencelock import _probe
@@ -667,7 +708,8 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
                 status = _probe._status(session, where, states.LIVE, record,
                                         stuck_after=stuck_after, now=now)
         else:
-            record = _decode(_unb64(last[0].get("value", "")), where) if last else None
+            record = (_decode(_unb64(last[0].get("value", "")), last_where, command)
+                      if last else None)
             if record is None:
                 status = holder_status(session, where, states.FREE, reason="no record")
             else:
@@ -712,8 +754,12 @@ def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
             if rec is not None:
                 session = rec.session
                 break
+        if record is None and url.root is not None and session == key:
+            session = os.path.join(url.root, key)  # a path the clear command can take
         status = _status(session, where, owner=queue[:1], last=lst,
-                         waiters=max(0, len(queue) - 1), stuck_after=stuck_after)
+                         waiters=max(0, len(queue) - 1), stuck_after=stuck_after,
+                         last_where=f"{url.display}/{lasts}{key}",
+                         command=_clear_command(url, session))
         if status.state is not ProbeState.FREE:  # a released run holds nothing
             yield status
 

@@ -369,7 +369,7 @@ def clear(
     _registry.take(key, slot, True, None, None, time.monotonic())  # contended: held here
     try:
         if store is not None:
-            return store.clear(remove)
+            return store.clear(remove, force)
         while True:
             try:
                 fd, st = _sidecar.open_checked(sidecar, create=False, write=True)

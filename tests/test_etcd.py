@@ -17,6 +17,7 @@ import pytest
 from conftest import SpawnHolder, record_of, wait_for_no_owner
 
 from fencelock import (
+    CorruptRecordError,
     HolderLostError,
     ProbeState,
     SessionContendedError,
@@ -389,6 +390,52 @@ def test_a_session_outside_the_backends_root_is_one_error_line(
         SessionLock(session, backend=outside)
     assert isinstance(exc.value, ValueError)  # a bad argument, as before
     assert not os.path.lexists(str(session) + ".holder")
+
+
+def test_a_corrupt_last_record_is_kept_until_clear_force_sets_it_aside(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """As with a sidecar: a corrupt record in etcd is unreadable for every command, no
+    run writes over it, plain `clear` refuses it, and the command the error names (a
+    real one: it was `clear --force etcd://...`, which is no path) sets it aside under
+    PREFIX/corrupt/ instead of deleting it."""
+    parsed = parse(url)
+    assert parsed is not None
+    last = f"{parsed.prefix}/last/{session_key(str(session), None)}"
+    garbage = "{not a record"
+    subprocess.run(_etcdctl(etcd_server, "put", last, garbage), check=True,
+                   capture_output=True)
+
+    def stored(key: str, *more: str) -> list[str]:
+        out = subprocess.run(_etcdctl(etcd_server, "get", key, *more), check=True,
+                             capture_output=True, text=True)
+        return out.stdout.splitlines()
+
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.UNREADABLE
+    assert f"/{last}: holder record is corrupt" in status.reason
+    with pytest.raises(CorruptRecordError):
+        SessionLock(session, "next", on_contention="fail", backend=url).acquire()
+    for args in (["status", str(session)], ["clear", str(session)],
+                 ["clear", "--remove", str(session)], ["wait", str(session)],
+                 ["run", str(session), "--lane", "x", "-n", "--backend", url, "--", "true"]):
+        out = _cli(*args) if args[0] == "run" else _cli(*args, "--backend", url)
+        assert out.returncode == 1, (args, out.stderr)
+        (line,) = out.stderr.strip().splitlines()
+        assert f"/{last}: holder record is corrupt" in line
+    assert stored(last) == [last, garbage]  # nothing wrote over it
+
+    command = line.split("then run '", 1)[1].split("' to set it aside", 1)[0]
+    assert command.startswith("fencelock clear --force --backend ")
+    done = subprocess.run(command.replace("fencelock", f"{sys.executable} -m fencelock", 1),
+                          shell=True, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "corrupt record moved to" in done.stdout
+    assert stored(last) == []
+    aside = stored(f"{parsed.prefix}/corrupt/", "--prefix")
+    assert len(aside) == 2 and aside[1] == garbage
+    with SessionLock(session, "fresh", backend=url) as lock:
+        assert lock.info is not None and lock.info.previous is None
 
 
 def test_a_release_etcd_did_not_hear_gives_the_lease_up(
