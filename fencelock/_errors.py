@@ -163,8 +163,16 @@ class UnsafePathError(FenceLockError):
         self.what = what
         super().__init__(
             f"{path}: is {what}, not a regular file; fencelock neither follows links nor "
-            f"writes to anything else, and left it untouched"
+            f"writes to anything else, and left it untouched. {self._fix(path, what)}"
         )
+
+    @staticmethod
+    def _fix(path: str, what: str) -> str:
+        if path.endswith(".torn"):  # fencelock's own file, not one a user names
+            return "Remove or rename it; fencelock creates it again as a regular file"
+        if what.startswith("a symlink"):
+            return "Give the path of the file it points to instead, or remove the link"
+        return "Give the path of a regular file, or rename or remove it"
 
     def _init_args(self) -> tuple[Any, ...]:
         return self.path, self.what
@@ -213,7 +221,10 @@ class UnsafeSidecarError(UnsafePathError):
     def __init__(self, sidecar: str, what: str):
         self.sidecar = sidecar
         super().__init__(sidecar, what)
-        self.args = (f"{self.args[0]}. Remove or rename it if it is not meant to be there",)
+
+    @staticmethod
+    def _fix(path: str, what: str) -> str:
+        return "Remove or rename it if it is not meant to be there"
 
     def _init_args(self) -> tuple[Any, ...]:
         return self.sidecar, self.what

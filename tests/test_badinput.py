@@ -40,10 +40,12 @@ from fencelock import (
     SessionLock,
     SessionWriteError,
     SidecarAccessError,
+    UnsafePathError,
     UnsafeSidecarError,
     _fence,
     clear,
     probe,
+    recover,
     scan,
     verify,
 )
@@ -405,6 +407,33 @@ def test_session_that_is_a_symlink_is_not_followed(session: Path) -> None:
         assert str(session) in str(exc.value) and "a symlink" in str(exc.value)
     finally:
         assert victim.read_bytes() == before, "the symlink's target was modified"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "dangling-symlink", "socket"])
+def test_an_unusable_session_path_says_what_to_do(session: Path, kind: str) -> None:
+    """The refusal of a session path that is not a regular file names the fix, as the
+    sidecar's does (it said only that the path was left untouched)."""
+    victim = session.parent / "victim.jsonl"
+    if kind == "fifo":
+        os.mkfifo(session)
+    elif kind == "socket":
+        gen = _plant("socket", session, victim)
+        next(gen)
+    else:
+        if kind == "symlink":
+            victim.write_text('{"n":1}\n')
+        session.symlink_to(victim)
+    before = snapshot(session)
+    fix = ("Give the path of the file it points to instead, or remove the link"
+           if "symlink" in kind else "Give the path of a regular file, or rename or remove it")
+    for call in (SessionLock(session, "a").acquire, lambda: verify(session),
+                 lambda: recover(session, wait=0)):
+        with pytest.raises(UnsafePathError) as exc:
+            guarded(call)
+        assert str(exc.value).startswith(f"{session}: is ") and str(exc.value).endswith(fix)
+    assert snapshot(session) == before
+    if kind == "socket":
+        next(gen, None)
 
 
 def test_torn_file_that_is_a_symlink_is_not_followed(session: Path) -> None:
