@@ -265,7 +265,13 @@ def status(
     if as_json:
         # Streamed, one object at a time: a directory of 100,000 sessions must not be
         # held in memory. The text is what json.dumps(rows, indent=2) would print.
-        stale, unreadable = stream_status_json(found())
+        def said(rows: Iterator[HolderStatus]) -> Iterator[HolderStatus]:
+            for st in rows:  # an unreadable row is an error: on stderr too, as in text
+                if st.state is ProbeState.UNREADABLE:
+                    error_line(st.reason)
+                yield st
+
+        stale, unreadable = stream_status_json(said(found()))
         if failed or unreadable:
             sys.exit(EXIT_ERROR)
         if stale:

@@ -376,10 +376,12 @@ def test_permission_denied_exits_1_not_2(command: str) -> None:
 
 def test_status_corrupt_record(session: Path) -> None:
     Path(str(session) + ".holder").write_bytes(b'{"version": 1, "state": ')
-    out = cli("status", str(session))
-    assert out.returncode == 1
-    no_traceback(out.stderr, 1)
-    assert "corrupt" in out.stderr and "--force" in out.stderr
+    for json_flag in ([], ["--json"]):  # with --json, exit 1 was all stderr said
+        out = cli("status", *json_flag, str(session))
+        assert out.returncode == 1
+        no_traceback(out.stderr, 1)
+        assert "corrupt" in out.stderr and "--force" in out.stderr
+        assert f"{session}.holder" in out.stderr
 
 
 def test_status_unlistable_directory_exits_1(tmp_path: Path) -> None:
