@@ -324,7 +324,7 @@ def test_unparsable_files(tmp_path: Path, data: bytes, why: str) -> None:
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read it: No such file.*; check the path"):
+    with pytest.raises(ConfigError, match=r"cannot read it: No such file.*; check the path"):
         load(tmp_path / "missing.json")
     with pytest.raises(ConfigError,
                        match="cannot read it: Is a directory; name the config file itself"):
