@@ -39,6 +39,8 @@ def _escape_char(c: str) -> str:
     o = ord(c)
     if o < 0x100:
         return f"\\x{o:02x}"
+    if 0xDC80 <= o <= 0xDCFF:  # a byte of a name that is not UTF-8 (os.fsdecode's escape)
+        return f"\\x{o - 0xDC00:02x}"
     return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
 
 

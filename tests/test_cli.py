@@ -194,7 +194,8 @@ def test_helpers() -> None:
         "-", "0s", "5s", "3m07s", "2h05m", "3d04h",
     ]  # fmt: skip
     assert clean("plain lane") == "plain lane"
-    assert clean("a\x1b[2Jb\x07\n\u202e\udcff") == "a\\x1b[2Jb\\x07\\x0a\\u202e\\udcff"
+    assert clean("a\x1b[2Jb\x07\n\u202e\udcff") == "a\\x1b[2Jb\\x07\\x0a\\u202e\\xff"
+    assert clean("\ud800") == "\\ud800"  # a lone surrogate that is no escaped byte
 
 
 # -- status -----------------------------------------------------------------------------
@@ -1439,3 +1440,13 @@ def test_a_fencelock_warning_is_one_plain_line(tmp_path: Path, args: list[str]) 
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith(f"Warning: {shared}: ") and "chmod o-w" in line, line
     assert ".py:" not in out.stderr and "FenceLockWarning" not in out.stderr
+
+
+def test_an_error_names_a_non_utf8_path_by_its_bytes(tmp_path: Path) -> None:
+    """A name that is not UTF-8 is shown with its bytes as \\xNN (as --json shows it),
+    not as the lone surrogates Python decodes it to (\\udcff), which name no file."""
+    missing = os.fsencode(tmp_path) + b"/caf\xff/s.jsonl"
+    done = subprocess.run([*FENCELOCK, "verify", missing], capture_output=True, timeout=60)
+    assert done.returncode == 1
+    line = done.stderr.decode("ascii")  # escaped: plain ASCII
+    assert f"{tmp_path}/caf\\xff/s.jsonl: its directory" in line and "udcff" not in line
