@@ -1450,3 +1450,29 @@ def test_an_error_names_a_non_utf8_path_by_its_bytes(tmp_path: Path) -> None:
     assert done.returncode == 1
     line = done.stderr.decode("ascii")  # escaped: plain ASCII
     assert f"{tmp_path}/caf\\xff/s.jsonl: its directory" in line and "udcff" not in line
+
+
+@pytest.mark.parametrize("command", ["status", "clear"])
+def test_a_directory_that_cannot_be_listed_does_not_stop_the_other_paths(
+    command: str,
+) -> None:
+    prefix = _as_unprivileged()
+    with tempfile.TemporaryDirectory(prefix="fencelock-perm-") as top:
+        os.chmod(top, 0o755)
+        private, open_ = Path(top) / "private", Path(top) / "open"
+        for d in (private, open_):
+            d.mkdir()
+            (d / "a.jsonl").write_text("")
+        open_.chmod(0o1777)  # writable for the user clear runs as, and sticky
+        private.chmod(0)
+        try:
+            out = subprocess.run(
+                [*prefix, *FENCELOCK, command, str(private), str(open_ / "a.jsonl")],
+                capture_output=True, text=True, check=False, timeout=60,
+            )  # fmt: skip
+        finally:
+            private.chmod(0o700)
+    assert out.returncode == 1, out.stderr
+    no_traceback(out.stderr, 1)
+    assert f"{private}: Permission denied" in out.stderr
+    assert "a.jsonl" in out.stdout, out.stdout  # the other path was still looked at
