@@ -699,7 +699,12 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
     now = time.time()
     try:
         if owner:
-            record = _decode(_unb64(owner[0].get("value", "")), where)
+            # The owner key alone makes the session live: a value that is no fencelock
+            # record (empty, or another client's) is a holder without a record.
+            try:
+                record = _decode(_unb64(owner[0].get("value", "")), where)
+            except CorruptRecordError:
+                record = None
             if record is None:
                 status: HolderStatus = holder_status(
                     session, where, states.LIVE, reason="held by a holder without a record "

@@ -438,6 +438,29 @@ def test_a_corrupt_last_record_is_kept_until_clear_force_sets_it_aside(
         assert lock.info is not None and lock.info.previous is None
 
 
+def test_an_owner_key_with_another_clients_value_is_a_live_holder(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """A lock key whose value is not a fencelock record (another client's Mutex that
+    stores its own text) is a live holder without a record, as the empty value of
+    `etcdctl lock` is: not `unreadable` with a corrupt-record error, and `wait` waits."""
+    parsed = parse(url)
+    assert parsed is not None
+    key = f"{parsed.prefix}/sessions/{session_key(str(session), None)}/694d71a2"
+    subprocess.run(_etcdctl(etcd_server, "put", key, "owner=node-7"), check=True,
+                   capture_output=True)
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.LIVE and status.record is None, status.reason
+    out = _cli("status", str(session), "--backend", url)
+    assert out.returncode == 0 and "(not fencelock)" in out.stdout, out.stderr
+    out = _cli("wait", str(session), "--timeout", "0.2", "--backend", url)
+    assert out.returncode == 4 and "still held" in out.stderr, out.stderr
+    with pytest.raises(SessionContendedError):
+        SessionLock(session, "x", on_contention="fail", backend=url).acquire()
+    subprocess.run(_etcdctl(etcd_server, "del", key), check=True, capture_output=True)
+    assert _cli("wait", str(session), "--backend", url).returncode == 0
+
+
 def test_a_release_etcd_did_not_hear_gives_the_lease_up(
     session: Path, own_etcd: EtcdServer
 ) -> None:
