@@ -161,9 +161,11 @@ class UnsafePathError(FenceLockError):
     def __init__(self, path: str, what: str):
         self.path = path
         self.what = what
+        # A hard link is a regular file, but one that other names share.
+        kind = "" if what.startswith("a hard link") else ", not a regular file"
         super().__init__(
-            f"{path}: is {what}, not a regular file; fencelock neither follows links nor "
-            f"writes to anything else, and left it untouched. {self._fix(path, what)}"
+            f"{path}: is {what}{kind}; fencelock neither follows links nor writes to "
+            f"anything else, and left it untouched. {self._fix(path, what)}"
         )
 
     @staticmethod
