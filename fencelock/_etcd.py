@@ -208,6 +208,10 @@ class _Cluster:
             self._local.clients = clients
         return clients
 
+    def _not_etcd(self, index: int, detail: str) -> str:
+        host, port = self.url.endpoints[index]
+        return f"{host}:{port} answered, but not as etcd's v3 API does: {detail or 'no detail'}"
+
     def call(self, path: str, payload: dict[str, Any],
              deadline: float | None = None) -> dict[str, Any]:
         """POST one request to the first endpoint that answers (etcd3gw's client, whose
@@ -233,9 +237,16 @@ class _Cluster:
                 continue
             except exceptions.Etcd3Exception as e:
                 detail = (e.detail_text or str(e)).strip()
+                if isinstance(e, exceptions.ApiVersionDiscoveryFailedError) or (
+                        type(e) is exceptions.Etcd3Exception
+                        and not (e.detail_text or "").lstrip().startswith("{")):
+                    # No version API, or an HTTP error without etcd's JSON error body:
+                    # some other server listens there (a wrong port, a proxy).
+                    detail = self._not_etcd(index, detail)
                 raise StoreUnavailableError(self.url.display, detail[:200]) from None
             except Exception as e:  # e.g. a reply that is not JSON: not an etcd there
-                raise StoreUnavailableError(self.url.display, type(e).__name__) from None
+                raise StoreUnavailableError(self.url.display,
+                                            self._not_etcd(index, type(e).__name__)) from None
             self._preferred = index
             return result
         raise StoreUnavailableError(self.url.display, why)

@@ -3,6 +3,7 @@ sides, lost leases (a paused holder), etcd killed and restarted, etcd unreachabl
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SpawnHolder, record_of, wait_for_no_owner
@@ -347,6 +349,41 @@ def test_cli_store_unavailable_is_one_line_and_exit_1(session: Path, own_etcd: E
         assert "Traceback" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert own_etcd.endpoint in out.stderr
+
+
+@pytest.mark.parametrize("answer", [(404, b""), (200, b"<html>hello</html>")],
+                         ids=["404", "html"])
+def test_a_server_that_is_not_etcd_is_named_as_such(
+    session: Path, answer: tuple[int, bytes]
+) -> None:
+    """A URL naming some other HTTP server says that it answered, but not as etcd does,
+    instead of a bare 'Not Found' or 'JSONDecodeError'."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(answer[0])
+            self.send_header("Content-Length", str(len(answer[1])))
+            self.end_headers()
+            self.wfile.write(answer[1])
+
+        do_POST = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"127.0.0.1:{server.server_address[1]}"
+        out = _cli("status", str(session), "--backend", f"etcd://{endpoint}/p")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert f"({endpoint} answered, but not as etcd's v3 API does: " in line, line
+    assert "check that etcd runs there" in line
 
 
 def test_cli_refuses_a_bad_backend_url_as_usage(session: Path) -> None:
