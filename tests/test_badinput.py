@@ -556,6 +556,33 @@ def test_a_path_longer_than_the_system_allows_says_so(tmp_path: Path) -> None:
 
 
 @needs_root
+def test_force_clear_in_a_directory_it_cannot_write_says_why_and_keeps_the_record() -> None:
+    """`clear --force` cannot set a corrupt record aside where it cannot create the new
+    name: it says that the directory is the cause (it said only "move the corrupt
+    sidecar aside by hand"), and the record stays as it was."""
+    with open_directory() as sessions:
+        sidecar = sessions / "s.jsonl.holder"
+        sidecar.write_bytes(b"{not a record")
+        os.chown(sidecar, 65534, 65534)
+        os.chown(sessions, 65534, 65534)
+        sessions.chmod(0o555)
+        before = snapshot(sidecar)
+        result = as_user("""
+            try:
+                clear(args["s"], force=True)
+                result = "cleared"
+            except FenceLockError as e:
+                result = [type(e).__name__, str(e)]
+        """, s=str(sessions / "s.jsonl"))
+        assert result[0] == "SidecarAccessError", result
+        assert result[1].startswith(f"{sidecar}: Permission denied; ")
+        assert f"this user cannot create files in {sessions}; fix its permissions" in result[1]
+        assert result[1].endswith("or move the corrupt sidecar aside by hand")
+        assert snapshot(sidecar) == before and sidecar.read_bytes() == b"{not a record"
+        assert [p.name for p in sessions.iterdir()] == [sidecar.name]
+
+
+@needs_root
 def test_sidecar_without_permission() -> None:
     with open_directory() as sessions:
         session = sessions / "s.jsonl"
