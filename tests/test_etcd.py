@@ -55,6 +55,7 @@ def test_session_key_is_relative_to_root_or_to_the_mount_point(tmp_path: Path) -
     assert session_key(str(s), str(tmp_path)) == "sessions/a.jsonl"
     with pytest.raises(ValueError, match="root"):
         session_key("/elsewhere/a.jsonl", str(tmp_path))
+    assert session_key(str(tmp_path / "..a.jsonl"), str(tmp_path)) == "..a.jsonl"  # inside
     key = session_key(str(s), None)
     assert not key.startswith("/") and key.endswith("sessions/a.jsonl")
     # /proc itself is a mount point: a path under it is keyed relative to it.
