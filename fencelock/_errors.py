@@ -241,10 +241,10 @@ class CorruptRecordError(FenceLockError):
         self.why = why
         self.command = command
         """The command that sets it aside (default: ``fencelock clear --force SIDECAR``)."""
+        # The command comes last, whole and unquoted, so that it can be copied as it is.
         super().__init__(
-            f"{sidecar}: holder record is corrupt ({why}); inspect it, then run "
-            f"'{command or f'fencelock clear --force {sidecar}'}' to set it aside and "
-            f"start over"
+            f"{sidecar}: holder record is corrupt ({why}); inspect it, then set it aside "
+            f"and start over with: {command or f'fencelock clear --force {sidecar}'}"
         )
 
     def _init_args(self) -> tuple[Any, ...]:

@@ -369,7 +369,9 @@ def _decode(value: bytes, where: str, command: str | None = None) -> HolderInfo 
 
 def _clear_command(url: EtcdURL, session: str) -> str:
     """The command that sets a corrupt last record in etcd aside."""
-    return f'fencelock clear --force --backend "{url.text}" {session}'
+    import shlex
+
+    return f"fencelock clear --force --backend {shlex.quote(url.text)} {shlex.quote(session)}"
 
 
 def _decode_quietly(value: bytes, where: str) -> HolderInfo | None:

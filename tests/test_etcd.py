@@ -463,7 +463,7 @@ def test_a_corrupt_last_record_is_kept_until_clear_force_sets_it_aside(
         assert f"/{last}: holder record is corrupt" in line
     assert stored(last) == [last, garbage]  # nothing wrote over it
 
-    command = line.split("then run '", 1)[1].split("' to set it aside", 1)[0]
+    command = line.split("set it aside and start over with: ", 1)[1]
     assert command.startswith("fencelock clear --force --backend ")
     done = subprocess.run(command.replace("fencelock", f"{sys.executable} -m fencelock", 1),
                           shell=True, capture_output=True, text=True, timeout=120)
