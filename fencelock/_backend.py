@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 ENV = "FENCELOCK_BACKEND"
 DEFAULT_PREFIX = "fencelock"
@@ -30,6 +30,13 @@ class EtcdURL:
     def display(self) -> str:
         """The endpoints as messages name them."""
         return "etcd://" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
+
+    @property
+    def text(self) -> str:
+        """A URL naming the same store (endpoints, prefix, root), for commands to print."""
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.endpoints)
+        root = f"?root={quote(self.root, safe='/')}" if self.root is not None else ""
+        return f"etcd://{hosts}/{quote(self.prefix, safe='/')}{root}"
 
 
 # os.environ.get costs about a microsecond (it encodes the key each time), as much as
@@ -120,8 +127,10 @@ def session_key(session: str, root: str | None) -> str:
     if root is not None:
         base = os.path.realpath(root)
         rel = os.path.relpath(path, base)
-        if rel.startswith(".."):
-            raise ValueError(f"{session}: not under the backend's root {root}")
+        if rel.split(os.sep, 1)[0] == os.pardir:
+            from fencelock._errors import OutsideRootError
+
+            raise OutsideRootError(session, root)
         return rel
     mount = _mount_of(directory)
     return os.path.relpath(path, mount)

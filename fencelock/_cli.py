@@ -40,6 +40,7 @@ from fencelock._output import (
     is_sidecar,
     library_errors,
     os_message,
+    plain_warnings,
     plural,
     shorten,
     status_json,
@@ -123,6 +124,7 @@ def main() -> None:
     Example:
       fencelock status ~/.gateway/sessions
     """
+    plain_warnings()
 
 
 class _Seconds(click.ParamType):  # type: ignore[type-arg]
@@ -220,7 +222,7 @@ def status(
       fencelock status sessions/ --stuck-after 300
       fencelock status --json sessions/4f1c.jsonl | jq '.[].state'
     """
-    from fencelock._errors import SidecarAccessError
+    from fencelock._errors import OutsideRootError, SidecarAccessError
     from fencelock._probe import ProbeState, probe, scan
 
     failed = False
@@ -237,28 +239,39 @@ def status(
             with library_errors():
                 yield from _etcd.list_holders(url, stuck_after)
         for path in paths or (() if store else (".",)):
-            if _is_directory_to_scan(path):
-                try:
-                    with library_errors():
-                        yield from scan(path, stuck_after=stuck_after, backend=backend)
-                except SidecarAccessError as e:
-                    error_line(
-                        f"{path}: cannot list it: {e.cause.strerror or type(e.cause).__name__}"
-                    )
-                    failed = True
-                continue
-            problem = _no_directory(path)
-            if problem is not None:
-                error_line(problem)
-                failed = True
-                continue
+            # A path that cannot be listed or named is reported, and the others are
+            # still listed (inside library_errors, which would end the command).
             with library_errors():
-                yield probe(path, stuck_after=stuck_after, backend=backend)
+                if _is_directory_to_scan(path):
+                    try:
+                        yield from scan(path, stuck_after=stuck_after, backend=backend)
+                    except (SidecarAccessError, OutsideRootError) as e:
+                        error_line(str(e))
+                        failed = True
+                    continue
+                problem = _no_directory(path)
+                if problem is not None:
+                    error_line(problem)
+                    failed = True
+                    continue
+                try:
+                    found_status = probe(path, stuck_after=stuck_after, backend=backend)
+                except OutsideRootError as e:
+                    error_line(str(e))
+                    failed = True
+                    continue
+                yield found_status
 
     if as_json:
         # Streamed, one object at a time: a directory of 100,000 sessions must not be
         # held in memory. The text is what json.dumps(rows, indent=2) would print.
-        stale, unreadable = stream_status_json(found())
+        def said(rows: Iterator[HolderStatus]) -> Iterator[HolderStatus]:
+            for st in rows:  # an unreadable row is an error: on stderr too, as in text
+                if st.state is ProbeState.UNREADABLE:
+                    error_line(st.reason)
+                yield st
+
+        stale, unreadable = stream_status_json(said(found()))
         if failed or unreadable:
             sys.exit(EXIT_ERROR)
         if stale:
@@ -417,20 +430,21 @@ def clear_command(
       fencelock clear sessions/4f1c.jsonl
       fencelock clear --remove sessions/
     """
-    from fencelock._errors import SidecarAccessError
+    from fencelock._errors import OutsideRootError, SidecarAccessError
 
     show = PathDisplay()
     report: list[_ClearOutcome] = []
     refused = failed = False
     for path in paths:
         if _is_directory_to_scan(path):
-            try:
-                with library_errors():
+            with library_errors():
+                try:
                     summary = _clear_directory(path, remove, force, backend)
-            except SidecarAccessError as e:
-                error_line(f"{path}: cannot list it: {e.cause.strerror or type(e.cause).__name__}")
-                failed = True
-                continue
+                except (SidecarAccessError, OutsideRootError) as e:
+                    # This directory only: the other paths are still cleared.
+                    error_line(str(e))
+                    failed = True
+                    continue
             outcomes = summary.outcomes
             if not as_json:
                 done = sum(o.cleared for o in outcomes)

@@ -13,6 +13,7 @@ parses and reports; the command line formats what it returns.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -138,6 +139,17 @@ def parse(text: str, path: str = "<config>") -> Any:
         ) from None
 
 
+def _read_fix(e: OSError) -> str:
+    """What to do when the config cannot be opened."""
+    if e.errno == errno.EISDIR:
+        return "name the config file itself"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "run as a user who can read it, or fix its permissions"
+    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+        return "check the path (the gateway's is usually ~/.openclaw/openclaw.json)"
+    return "check the path and try again"
+
+
 def load(path: str | os.PathLike[str]) -> Any:
     """Read and parse a config file; `ConfigError` naming the file for anything wrong."""
     name = os.fspath(path)
@@ -150,7 +162,8 @@ def load(path: str | os.PathLike[str]) -> Any:
                 raise ConfigError(name, "not a regular file; name the config file itself")
             data = f.read(MAX_CONFIG + 1)
     except OSError as e:
-        raise ConfigError(name, f"cannot read it: {e.strerror or type(e).__name__}") from None
+        reason = e.strerror or type(e).__name__
+        raise ConfigError(name, f"cannot read it: {reason}; {_read_fix(e)}") from None
     if len(data) > MAX_CONFIG:
         raise ConfigError(name, f"larger than {MAX_CONFIG >> 20} MiB: not a gateway config")
     try:

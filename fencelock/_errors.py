@@ -13,6 +13,7 @@ the attributes set since), so it crosses a process pool intact.
           │    └── SessionTakeoverError      something else wrote during the run
           │         └── HolderLostError      an etcd holder could not confirm its lease
           ├── StoreUnavailableError     etcd cannot be reached
+          ├── OutsideRootError          a session outside the etcd backend's root
           ├── UnsafePathError           a path fencelock will not use
           │    ├── PlantedFileError          a file another user placed
           │    │    └── ForeignSymlinkError  a directory symlink another user placed
@@ -135,6 +136,22 @@ class StoreUnavailableError(FenceLockError):
         return self.endpoint, self.why
 
 
+class OutsideRootError(FenceLockError, ValueError):
+    """A session the etcd store cannot name: it lies outside the ``root`` of the backend
+    URL, under which session keys are taken. (A `ValueError` too: it is a bad argument.)"""
+
+    def __init__(self, session: str, root: str):
+        self.session = session
+        self.root = root
+        super().__init__(
+            f"{session}: not under the backend's root {root}; name a session under "
+            f"{root}, or change root= in the backend URL"
+        )
+
+    def _init_args(self) -> tuple[Any, ...]:
+        return self.session, self.root
+
+
 class UnsafePathError(FenceLockError):
     """A file fencelock would open is a symlink, directory, FIFO or other non-regular file.
 
@@ -144,10 +161,20 @@ class UnsafePathError(FenceLockError):
     def __init__(self, path: str, what: str):
         self.path = path
         self.what = what
+        # A hard link is a regular file, but one that other names share.
+        kind = "" if what.startswith("a hard link") else ", not a regular file"
         super().__init__(
-            f"{path}: is {what}, not a regular file; fencelock neither follows links nor "
-            f"writes to anything else, and left it untouched"
+            f"{path}: is {what}{kind}; fencelock neither follows links nor writes to "
+            f"anything else, and left it untouched. {self._fix(path, what)}"
         )
+
+    @staticmethod
+    def _fix(path: str, what: str) -> str:
+        if path.endswith(".torn"):  # fencelock's own file, not one a user names
+            return "Remove or rename it; fencelock creates it again as a regular file"
+        if what.startswith("a symlink"):
+            return "Give the path of the file it points to instead, or remove the link"
+        return "Give the path of a regular file, or rename or remove it"
 
     def _init_args(self) -> tuple[Any, ...]:
         return self.path, self.what
@@ -196,7 +223,10 @@ class UnsafeSidecarError(UnsafePathError):
     def __init__(self, sidecar: str, what: str):
         self.sidecar = sidecar
         super().__init__(sidecar, what)
-        self.args = (f"{self.args[0]}. Remove or rename it if it is not meant to be there",)
+
+    @staticmethod
+    def _fix(path: str, what: str) -> str:
+        return "Remove or rename it if it is not meant to be there"
 
     def _init_args(self) -> tuple[Any, ...]:
         return self.sidecar, self.what
@@ -205,16 +235,20 @@ class UnsafeSidecarError(UnsafePathError):
 class CorruptRecordError(FenceLockError):
     """The sidecar's record cannot be parsed (truncated, oversized, not JSON, bad fields)."""
 
-    def __init__(self, sidecar: str, why: str):
+    def __init__(self, sidecar: str, why: str, command: str | None = None):
         self.sidecar = sidecar
+        """Where the record is: the sidecar, or for the etcd store its key's URL."""
         self.why = why
+        self.command = command
+        """The command that sets it aside (default: ``fencelock clear --force SIDECAR``)."""
+        # The command comes last, whole and unquoted, so that it can be copied as it is.
         super().__init__(
-            f"{sidecar}: holder record is corrupt ({why}); inspect it, then run "
-            f"'fencelock clear --force {sidecar}' to set it aside and start over"
+            f"{sidecar}: holder record is corrupt ({why}); inspect it, then set it aside "
+            f"and start over with: {command or f'fencelock clear --force {sidecar}'}"
         )
 
     def _init_args(self) -> tuple[Any, ...]:
-        return self.sidecar, self.why
+        return self.sidecar, self.why, self.command
 
 
 class SidecarAccessError(FenceLockError):

@@ -31,6 +31,7 @@ from fencelock._errors import (
     CorruptRecordError,
     HolderLostError,
     NotHeldError,
+    OutsideRootError,
     SessionContendedError,
     StoreUnavailableError,
 )
@@ -247,6 +248,10 @@ class _Cluster:
             self._local.clients = clients
         return clients
 
+    def _not_etcd(self, index: int, detail: str) -> str:
+        host, port = self.url.endpoints[index]
+        return f"{host}:{port} answered, but not as etcd's v3 API does: {detail or 'no detail'}"
+
     def call(self, path: str, payload: dict[str, Any],
              deadline: float | None = None) -> dict[str, Any]:
         """POST one request to the first endpoint that answers (etcd3gw's client, whose
@@ -272,9 +277,16 @@ class _Cluster:
                 continue
             except exceptions.Etcd3Exception as e:
                 detail = (e.detail_text or str(e)).strip()
+                if isinstance(e, exceptions.ApiVersionDiscoveryFailedError) or (
+                        type(e) is exceptions.Etcd3Exception
+                        and not (e.detail_text or "").lstrip().startswith("{")):
+                    # No version API, or an HTTP error without etcd's JSON error body:
+                    # some other server listens there (a wrong port, a proxy).
+                    detail = self._not_etcd(index, detail)
                 raise StoreUnavailableError(self.url.display, detail[:200]) from None
             except Exception as e:  # e.g. a reply that is not JSON: not an etcd there
-                raise StoreUnavailableError(self.url.display, type(e).__name__) from None
+                raise StoreUnavailableError(self.url.display,
+                                            self._not_etcd(index, type(e).__name__)) from None
             self._preferred = index
             return result
         raise StoreUnavailableError(self.url.display, why)
@@ -387,14 +399,21 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _decode(value: bytes, where: str) -> HolderInfo | None:
+def _decode(value: bytes, where: str, command: str | None = None) -> HolderInfo | None:
     """A record from a key's value: None for an empty or foreign value."""
     if not value.strip():
         return None
     try:
         return _record.decode(value)
     except ValueError as e:
-        raise CorruptRecordError(where, str(e)) from None
+        raise CorruptRecordError(where, str(e), command) from None
+
+
+def _clear_command(url: EtcdURL, session: str) -> str:
+    """The command that sets a corrupt last record in etcd aside."""
+    import shlex
+
+    return f"fencelock clear --force --backend {shlex.quote(url.text)} {shlex.quote(session)}"
 
 
 def _decode_quietly(value: bytes, where: str) -> HolderInfo | None:
@@ -414,6 +433,7 @@ class EtcdHolder:
         self.lock_name = f"{url.prefix}/sessions/{self.key}"
         self.last_key = f"{url.prefix}/last/{self.key}"
         self.name = f"{url.display}/{self.lock_name}"
+        self.last_name = f"{url.display}/{self.last_key}"
         self._cluster = cluster(url)
         self._lease: _Lease | None = None
         self._my_key = ""
@@ -456,7 +476,7 @@ class EtcdHolder:
             owner = _kvs(responses[1])
             if owner and int(owner[0]["create_revision"]) == revision:
                 if record is not None:
-                    self.write(record(revision, self._last(_kvs(responses[2]))))
+                    self.write(record(revision, self._last_checked(_kvs(responses[2]))))
                 return revision
             if fail:
                 holder = _decode_quietly(_unb64(owner[0].get("value", "")), self.name) \
@@ -470,6 +490,14 @@ class EtcdHolder:
 
     def _last(self, kvs: list[dict[str, Any]]) -> HolderInfo | None:
         return _decode_quietly(_unb64(kvs[0].get("value", "")), self.name) if kvs else None
+
+    def _last_checked(self, kvs: list[dict[str, Any]]) -> HolderInfo | None:
+        """The last record, or `CorruptRecordError`: as with a sidecar, a run does not
+        write over a record nobody could read (``clear --force`` sets it aside)."""
+        if not kvs:
+            return None
+        return _decode(_unb64(kvs[0].get("value", "")), self.last_name,
+                       _clear_command(self.url, self.session))
 
     def _wait_for_turn(
         self,
@@ -499,7 +527,7 @@ class EtcdHolder:
             ahead = _kvs(responses[0])
             if not ahead:
                 if record is not None:
-                    self.write(record(revision, self._last(_kvs(responses[2]))))
+                    self.write(record(revision, self._last_checked(_kvs(responses[2]))))
                 return
             key = _unb64(ahead[0]["key"]).decode()
             try:
@@ -663,9 +691,10 @@ class EtcdHolder:
         owner, last = _kvs(responses[0]), _kvs(responses[1])
         waiters = max(0, _count(responses[0]) - 1)
         return _status(self.session, self.name, owner=owner, last=last, waiters=waiters,
-                       stuck_after=stuck_after)
+                       stuck_after=stuck_after, last_where=self.last_name,
+                       command=_clear_command(self.url, self.session))
 
-    def clear(self, remove: bool) -> HolderStatus:
+    def clear(self, remove: bool, force: bool) -> HolderStatus:
         from fencelock._probe import ProbeState
 
         found = self.probe(0.0)
@@ -674,23 +703,49 @@ class EtcdHolder:
         if found.state is ProbeState.FREE and not remove:
             return found
         self.acquire(True, time.monotonic() + _REQUEST_TIMEOUT * 2, None, None)
-        r = self._cluster.txn([], [_range(self.last_key)], [])
-        old = self._last(_kvs(r.get("responses", [{}])[0]))
         my, token = self._my_key, self._token
         self._my_key, self._token = "", 0
         ops = [_delete(my)]
-        if remove:
+        aside = None
+        try:
+            r = self._cluster.txn([], [_range(self.last_key)], [])
+            kvs = _kvs(r.get("responses", [{}])[0])
+            value = _unb64(kvs[0].get("value", "")) if kvs else b""
+            try:
+                old = _decode(value, self.last_name, _clear_command(self.url, self.session))
+            except CorruptRecordError:
+                if not force:
+                    raise  # kept as it is; the lock is given back below
+                # Set aside, never deleted: a key nobody can guess, created only if new.
+                aside = (f"{self.url.prefix}/corrupt/{self.key}/"
+                         f"{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(8).hex()}")
+                ops[:0] = [_put(aside, value), _delete(self.last_key)]
+                old = None
+        except BaseException:
+            self._cluster.txn([_created(my, token)], [_delete(my)])
+            raise
+        if aside is None and remove:
             ops.insert(0, _delete(self.last_key))
         elif old is not None and old.state is State.HELD:
             ops.insert(0, _put(self.last_key, replace(old, state=State.RELEASED).encode()))
-        self._cluster.txn([_created(my, token)], ops)
+        compare = [_created(my, token)]
+        if aside is not None:
+            compare.append(_created(aside, 0))
+        r = self._cluster.txn(compare, ops, [_delete(my)])
+        if aside is not None:
+            if not r.get("succeeded"):  # the lock is ours, so the new name was taken
+                raise CorruptRecordError(self.last_name, "its set-aside name was taken; "
+                                         "try again", _clear_command(self.url, self.session))
+            where = f"{self.url.display}/{aside}"
+            return replace(found, reason=f"corrupt record moved to {where}", set_aside=where)
         what = "removed" if remove else "cleared"
         return replace(found, reason=f"{what} (was: {found.reason})" if found.reason else what,
                        removed=remove)
 
 
 def _status(session: str, where: str, *, owner: list[dict[str, Any]],
-            last: list[dict[str, Any]], waiters: int, stuck_after: float) -> HolderStatus:
+            last: list[dict[str, Any]], waiters: int, stuck_after: float,
+            last_where: str, command: str) -> HolderStatus:
     """A session's state from its owner key (the first in the queue, if any) and its
     last record."""
     from fencelock import _probe
@@ -700,7 +755,12 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
     now = time.time()
     try:
         if owner:
-            record = _decode(_unb64(owner[0].get("value", "")), where)
+            # The owner key alone makes the session live: a value that is no fencelock
+            # record (empty, or another client's) is a holder without a record.
+            try:
+                record = _decode(_unb64(owner[0].get("value", "")), where)
+            except CorruptRecordError:
+                record = None
             if record is None:
                 status: HolderStatus = holder_status(
                     session, where, states.LIVE, reason="held by a holder without a record "
@@ -709,7 +769,8 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
                 status = _probe._status(session, where, states.LIVE, record,
                                         stuck_after=stuck_after, now=now)
         else:
-            record = _decode(_unb64(last[0].get("value", "")), where) if last else None
+            record = (_decode(_unb64(last[0].get("value", "")), last_where, command)
+                      if last else None)
             if record is None:
                 status = holder_status(session, where, states.FREE, reason="no record")
             else:
@@ -754,15 +815,22 @@ def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
             if rec is not None:
                 session = rec.session
                 break
+        if record is None and url.root is not None and session == key:
+            session = os.path.join(url.root, key)  # a path the clear command can take
         status = _status(session, where, owner=queue[:1], last=lst,
-                         waiters=max(0, len(queue) - 1), stuck_after=stuck_after)
+                         waiters=max(0, len(queue) - 1), stuck_after=stuck_after,
+                         last_where=f"{url.display}/{lasts}{key}",
+                         command=_clear_command(url, session))
         if status.state is not ProbeState.FREE:  # a released run holds nothing
             yield status
 
 
 def names_in(url: EtcdURL, directory: str) -> set[str]:
     """Names of the sessions in ``directory`` that etcd has a holder or record for."""
-    base = _backend.session_key(os.path.join(directory, "x"), url.root)[:-1]
+    try:
+        base = _backend.session_key(os.path.join(directory, "x"), url.root)[:-1]
+    except OutsideRootError:
+        raise OutsideRootError(directory, url.root or "/") from None
     found = set()
     for kind in ("sessions", "last"):
         pfx = f"{url.prefix}/{kind}/{base}"

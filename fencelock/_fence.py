@@ -44,12 +44,23 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
                 entry = json.loads(entry)
             except ValueError:
                 raise FenceLockError("a stamped entry must be a JSON object") from None
-    if isinstance(entry, dict):
-        if stamp is not None:
-            entry = {**entry, _tokens.STAMP_KEY: {"token": stamp[0], "run_id": stamp[1]}}
-        return json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-    if isinstance(entry, str):
-        return entry.encode() + b"\n"
+    try:
+        if isinstance(entry, dict):
+            if stamp is not None:
+                entry = {**entry, _tokens.STAMP_KEY: {"token": stamp[0], "run_id": stamp[1]}}
+            # allow_nan=False: NaN and Infinity are not JSON, and strict readers (and
+            # `fencelock hold`'s requests) refuse them.
+            text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"),
+                              allow_nan=False)
+            return text.encode() + b"\n"
+        if isinstance(entry, str):
+            return entry.encode() + b"\n"
+    except UnicodeEncodeError as e:  # a lone surrogate, e.g. from os.fsdecode
+        raise FenceLockError(f"a session entry must be valid Unicode text: {e.reason} at "
+                             f"{e.start}; nothing was written") from None
+    except (TypeError, ValueError, RecursionError) as e:  # sets, NaN, cycles, depth
+        raise FenceLockError(f"a session entry must be JSON: {e}; nothing was "
+                             f"written") from None
     raise FenceLockError(f"a session entry must be a dict or a str, not {type(entry).__name__}")
 
 

@@ -337,6 +337,8 @@ def make_lock(
         return SessionLock(
             session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout, **extra
         )
+    except FenceLockError:
+        raise  # about the session (e.g. outside the backend's root), not an option value
     except ValueError as e:
         raise HoldArgumentError("--backend" if backend and "lane" not in str(e) else "--lane",
                                 str(e)) from None
@@ -455,7 +457,15 @@ def main(
     backend: str | None,
 ) -> int:
     """What ``fencelock hold`` runs once its arguments are parsed."""
-    lock = make_lock(session, lane, no_wait=no_wait, timeout=timeout, backend=backend)
+    try:
+        lock = make_lock(session, lane, no_wait=no_wait, timeout=timeout, backend=backend)
+    except HoldArgumentError:
+        raise
+    except FenceLockError as e:  # answered like a session that cannot be held
+        _stderr(str(e))
+        with contextlib.suppress(_CallerGone):
+            _Out(1).send(error_answer(e))
+        return EXIT_ERROR
     code = hold(lock, heartbeat=heartbeat)
     sys.stdout.flush()
     return code

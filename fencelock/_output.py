@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
@@ -39,6 +39,8 @@ def _escape_char(c: str) -> str:
     o = ord(c)
     if o < 0x100:
         return f"\\x{o:02x}"
+    if 0xDC80 <= o <= 0xDCFF:  # a byte of a name that is not UTF-8 (os.fsdecode's escape)
+        return f"\\x{o - 0xDC00:02x}"
     return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
 
 
@@ -83,6 +85,25 @@ def library_errors() -> Iterator[None]:
         raise CliError(str(e)) from None
     except OSError as e:
         raise CliError(os_message(e)) from None
+
+
+def plain_warnings() -> None:
+    """Print fencelock's own warnings (`FenceLockWarning`) as one plain line on stderr,
+    ``Warning: <message>``, instead of Python's file, line number and source line."""
+    import warnings
+
+    from fencelock._errors import FenceLockWarning
+
+    default = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        if issubclass(category, FenceLockWarning):
+            click.echo(f"Warning: {clean(str(message))}", err=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def echo_json(obj: Any) -> None:

@@ -369,7 +369,7 @@ def clear(
     _registry.take(key, slot, True, None, None, time.monotonic())  # contended: held here
     try:
         if store is not None:
-            return store.clear(remove)
+            return store.clear(remove, force)
         while True:
             try:
                 fd, st = _sidecar.open_checked(sidecar, create=False, write=True)
@@ -421,6 +421,14 @@ def _live_record(sidecar: str) -> HolderInfo | None:
     return record if record is not None and record.state is State.HELD else None
 
 
+def _aside_error(sidecar: str, aside: str, e: OSError) -> SidecarAccessError:
+    """Setting a corrupt record aside failed: why (for the new name, which is what
+    failed), and the way out by hand."""
+    why = _sidecar.path_fix(aside, e, writing=True, sidecar=False)
+    by_hand = "or move the corrupt sidecar aside by hand"
+    return SidecarAccessError(sidecar, e, f"{why}, {by_hand}" if why else by_hand[3:])
+
+
 def _set_aside(sidecar: str) -> str:
     """Move a corrupt sidecar to a new ``<sidecar>.corrupt-<time>-<random>`` name.
 
@@ -437,14 +445,14 @@ def _set_aside(sidecar: str) -> str:
         except FileExistsError:
             continue
         except OSError as e:
-            raise SidecarAccessError(sidecar, e, "move the corrupt sidecar aside by hand") from None
+            raise _aside_error(sidecar, aside, e) from None
         os.close(fd)
         try:
             os.rename(sidecar, aside)
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.unlink(aside)  # the empty name claimed above
-            raise SidecarAccessError(sidecar, e, "move the corrupt sidecar aside by hand") from None
+            raise _aside_error(sidecar, aside, e) from None
         return aside
     raise FenceLockError(f"{sidecar}: no unused name for a set-aside copy; check the directory")
 

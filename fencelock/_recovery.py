@@ -75,7 +75,7 @@ def recover(
     store = _store.open_store(backend, session)
     found = _probe.probe(session, stuck_after=stuck_after, backend=backend)
     if found.state is ProbeState.UNREADABLE:
-        raise FenceLockError(f"{session}: cannot recover: {found.reason}")
+        raise _unreadable(session, sidecar, found, sidecars=store is None)
     waited = 0.0
     if found.state is ProbeState.LIVE:
         _registry.abort(_registry.registry_key(session))
@@ -101,6 +101,24 @@ def recover(
             # run does.
             _probe.clear(session, backend=backend)
     return Recovery(Action.REFIRE, session, found, waited)
+
+
+def _unreadable(session: str, sidecar: str, found: HolderStatus, *,
+                sidecars: bool) -> FenceLockError:
+    """Why ``found`` is unreadable, as the error of its own kind where the sidecar shows
+    it again (`UnsafeSidecarError`, `SidecarAccessError`, `CorruptRecordError`), so that
+    a caller can catch it as it would from `SessionLock`; else a `FenceLockError`."""
+    if sidecars:
+        fd = -1
+        try:
+            fd, _ = _sidecar.open_checked(sidecar, create=False)
+            _sidecar.read(fd, sidecar)
+        except FenceLockError as e:
+            return e
+        finally:
+            if fd >= 0:
+                _sidecar.close(fd)
+    return FenceLockError(f"{session}: cannot recover: {found.reason}")
 
 
 CARRY_CHUNK = 4 * 1024 * 1024

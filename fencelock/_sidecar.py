@@ -58,7 +58,6 @@ def _found_at(path: str) -> str | None:
 
 
 def access_error(path: str, e: OSError, writing: bool) -> Exception:
-    directory = os.path.dirname(path)
     if e.errno == errno.ELOOP:
         return UnsafeSidecarError(path, "a symlink")
     if e.errno == errno.EISDIR:
@@ -70,25 +69,52 @@ def access_error(path: str, e: OSError, writing: bool) -> Exception:
             return UnsafeSidecarError(path, found)
     if e.errno == errno.ENXIO:
         return UnsafeSidecarError(path, "a socket or device")
+    return SidecarAccessError(path, e, path_fix(path, e, writing=writing, sidecar=True)
+                              or "check the path and try again")
+
+
+def path_fix(path: str, e: OSError, *, writing: bool, sidecar: bool) -> str | None:
+    """What to do about ``e`` on ``path`` (a sidecar, or else a session file), for the
+    errors a user can act on; None for others."""
+    directory = os.path.dirname(path)
     if e.errno == errno.ENOENT:
-        fix = f"the directory {directory} does not exist" + ("; create it first" if writing else "")
         if os.path.isdir(directory):
-            fix = "no sidecar there; nothing holds this session"
-        return SidecarAccessError(path, e, fix)
+            return ("no sidecar there; nothing holds this session" if sidecar
+                    else "no such file; check the path")
+        missing = f"the directory {directory} does not exist"
+        return missing + ("; create it first" if writing else "")
     if e.errno in (errno.EACCES, errno.EPERM):
+        if not os.access(directory, os.X_OK):
+            return (f"this user cannot enter {directory} (no search permission); fix its "
+                    f"permissions or run as its owner")
         if writing and not os.path.lexists(path):
-            fix = f"this user cannot create files in {directory}; fix its permissions"
-        else:
-            how = "write" if writing else "read"
-            fix = f"this user cannot {how} it; run as its owner or fix the permissions"
-        return SidecarAccessError(path, e, fix)
+            return f"this user cannot create files in {directory}; fix its permissions"
+        how = "write" if writing else "read"
+        return f"this user cannot {how} it; run as its owner or fix the permissions"
     if e.errno == errno.EROFS:
-        return SidecarAccessError(
-            path, e, "the filesystem is read-only; keep sessions on a writable filesystem"
-        )
+        return "the filesystem is read-only; keep sessions on a writable filesystem"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return SidecarAccessError(path, e, "free some space, then try again")
-    return SidecarAccessError(path, e, "check the path and try again")
+        return "free some space, then try again"
+    if e.errno == errno.ENAMETOOLONG:
+        return _too_long(path)
+    if e.errno == errno.ENOTDIR:
+        return f"a part of {directory} is not a directory; check the path"
+    return None
+
+
+def _too_long(path: str) -> str:
+    """Which limit a path that is too long passes: its last name's, or the whole path's."""
+    size = len(os.fsencode(os.path.basename(path)))
+    try:
+        limit = os.pathconf(os.path.dirname(path) or ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if size > limit:
+        return (f"its name is {size} bytes, more than the {limit} this filesystem allows; "
+                f"a sidecar's name is the session's plus {len(SUFFIX)} bytes, so keep "
+                f"session names within {limit - len(SUFFIX)} bytes")
+    return (f"the path is {len(os.fsencode(path))} bytes, longer than this system allows; "
+            f"keep sessions in a directory with a shorter path")
 
 
 def open_regular(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat_result]:

@@ -110,8 +110,9 @@ class HolderStore(Protocol):
     def probe(self, stuck_after: float) -> HolderStatus:
         """The session's state, as `fencelock.probe` reports it."""
 
-    def clear(self, remove: bool) -> HolderStatus:
-        """Clear a stale record under the lock, as `fencelock.clear` does."""
+    def clear(self, remove: bool, force: bool) -> HolderStatus:
+        """Clear a stale record under the lock, as `fencelock.clear` does: a corrupt one
+        only with ``force``, which sets it aside."""
 
 
 class RemoteStore:

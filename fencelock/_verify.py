@@ -66,14 +66,20 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
     except FileNotFoundError as e:
         if os.path.isdir(os.path.dirname(session)):
             return VerifyReport(session, exists=False)
-        raise SidecarAccessError(session, e, "verify needs to read the session file") from None
+        raise _unreadable(session, e) from None
     except OSError as e:
-        raise SidecarAccessError(session, e, "verify needs to read the session file") from None
+        raise _unreadable(session, e) from None
     try:
         with os.fdopen(fd, "rb") as f:
             return _check(session, f)
     except OSError as e:
-        raise SidecarAccessError(session, e, "verify needs to read the session file") from None
+        raise _unreadable(session, e) from None
+
+
+def _unreadable(session: str, e: OSError) -> SidecarAccessError:
+    return SidecarAccessError(session, e, _sidecar.path_fix(session, e, writing=False,
+                                                            sidecar=False)
+                              or "verify needs to read the session file")
 
 
 def _check(session: str, f: BinaryIO) -> VerifyReport:

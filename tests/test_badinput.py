@@ -40,10 +40,12 @@ from fencelock import (
     SessionLock,
     SessionWriteError,
     SidecarAccessError,
+    UnsafePathError,
     UnsafeSidecarError,
     _fence,
     clear,
     probe,
+    recover,
     scan,
     verify,
 )
@@ -407,6 +409,33 @@ def test_session_that_is_a_symlink_is_not_followed(session: Path) -> None:
         assert victim.read_bytes() == before, "the symlink's target was modified"
 
 
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "dangling-symlink", "socket"])
+def test_an_unusable_session_path_says_what_to_do(session: Path, kind: str) -> None:
+    """The refusal of a session path that is not a regular file names the fix, as the
+    sidecar's does (it said only that the path was left untouched)."""
+    victim = session.parent / "victim.jsonl"
+    if kind == "fifo":
+        os.mkfifo(session)
+    elif kind == "socket":
+        gen = _plant("socket", session, victim)
+        next(gen)
+    else:
+        if kind == "symlink":
+            victim.write_text('{"n":1}\n')
+        session.symlink_to(victim)
+    before = snapshot(session)
+    fix = ("Give the path of the file it points to instead, or remove the link"
+           if "symlink" in kind else "Give the path of a regular file, or rename or remove it")
+    for call in (SessionLock(session, "a").acquire, lambda: verify(session),
+                 lambda: recover(session, wait=0)):
+        with pytest.raises(UnsafePathError) as exc:
+            guarded(call)
+        assert str(exc.value).startswith(f"{session}: is ") and str(exc.value).endswith(fix)
+    assert snapshot(session) == before
+    if kind == "socket":
+        next(gen, None)
+
+
 def test_torn_file_that_is_a_symlink_is_not_followed(session: Path) -> None:
     victim = session.parent / "victim.txt"
     victim.write_bytes(b"precious\n")
@@ -454,6 +483,103 @@ def test_unwritable_session_directory(how: str) -> None:
         assert f"cannot create files in {sessions}" in result["message"]
         assert result["probe"] == "free"  # nothing there, and nothing was created
         assert list(sessions.iterdir()) == []
+
+
+@needs_root
+def test_a_directory_this_user_cannot_enter_is_named_as_the_cause() -> None:
+    """Without search permission on the sessions directory every call fails on the
+    sidecar or the session, and the message names the directory, not the file (which
+    this user could read, could it reach it)."""
+    with open_directory(mode=0o700) as sessions:  # root's, and closed to others
+        session = sessions / "s.jsonl"
+        with SessionLock(session, "root-run") as lock:
+            lock.append({"n": 1})
+        before = {p.name: snapshot(p) for p in sessions.iterdir()}
+        result = as_user("""
+            out = {}
+            for name, call in [("acquire", lambda: SessionLock(args["s"], "x").acquire()),
+                               ("clear", lambda: clear(args["s"])),
+                               ("recover", lambda: recover(args["s"], wait=0)),
+                               ("verify", lambda: verify(args["s"]))]:
+                try:
+                    call()
+                    out[name] = "ok"
+                except FenceLockError as e:
+                    out[name] = str(e)
+            out["probe"] = probe(args["s"]).reason
+            result = out
+        """, s=str(session))
+        for name, message in result.items():
+            assert f"this user cannot enter {sessions} (no search permission)" in message, (
+                name, message)
+        assert {p.name: snapshot(p) for p in sessions.iterdir()} == before
+
+
+def test_a_session_name_too_long_for_its_sidecar_says_how_long_names_may_be(
+    session: Path,
+) -> None:
+    """A 250-byte session name is a valid file name, but its sidecar's (257 bytes) is
+    not: the error says so and how long a session name may be."""
+    long = session.parent / ("n" * 244 + ".jsonl")
+    long.write_text('{"n":1}\n')
+    with pytest.raises(SidecarAccessError) as exc:
+        SessionLock(long, "a").acquire()
+    message = str(exc.value)
+    assert message.startswith(f"{long}.holder: ")
+    assert "its name is 257 bytes" in message and "within 248 bytes" in message
+    status = probe(long)
+    assert status.state == "unreadable" and "within 248 bytes" in status.reason
+    with pytest.raises(SidecarAccessError, match="within 248 bytes"):
+        clear(long)
+    assert verify(long).ok  # the session itself is readable
+    assert long.read_text() == '{"n":1}\n'
+    assert [p.name for p in session.parent.iterdir()] == [long.name]
+
+
+def test_a_path_longer_than_the_system_allows_says_so(tmp_path: Path) -> None:
+    deep = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(17):  # 17 x 251 bytes: past PATH_MAX (4096), no chdir needed
+            os.mkdir("d" * 250, dir_fd=deep)
+            inner = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=deep)
+            os.close(deep)
+            deep = inner
+    finally:
+        os.close(deep)
+    session = os.path.join(tmp_path, *["d" * 250] * 17, "s.jsonl")
+    for call in (SessionLock(session, "a").acquire, lambda: verify(session),
+                 lambda: clear(session)):
+        with pytest.raises(SidecarAccessError) as exc:
+            call()
+        assert f"the path is {len(os.fsencode(str(exc.value.path)))} bytes" in str(exc.value)
+        assert "shorter path" in str(exc.value)
+
+
+@needs_root
+def test_force_clear_in_a_directory_it_cannot_write_says_why_and_keeps_the_record() -> None:
+    """`clear --force` cannot set a corrupt record aside where it cannot create the new
+    name: it says that the directory is the cause (it said only "move the corrupt
+    sidecar aside by hand"), and the record stays as it was."""
+    with open_directory() as sessions:
+        sidecar = sessions / "s.jsonl.holder"
+        sidecar.write_bytes(b"{not a record")
+        os.chown(sidecar, 65534, 65534)
+        os.chown(sessions, 65534, 65534)
+        sessions.chmod(0o555)
+        before = snapshot(sidecar)
+        result = as_user("""
+            try:
+                clear(args["s"], force=True)
+                result = "cleared"
+            except FenceLockError as e:
+                result = [type(e).__name__, str(e)]
+        """, s=str(sessions / "s.jsonl"))
+        assert result[0] == "SidecarAccessError", result
+        assert result[1].startswith(f"{sidecar}: Permission denied; ")
+        assert f"this user cannot create files in {sessions}; fix its permissions" in result[1]
+        assert result[1].endswith("or move the corrupt sidecar aside by hand")
+        assert snapshot(sidecar) == before and sidecar.read_bytes() == b"{not a record"
+        assert [p.name for p in sessions.iterdir()] == [sidecar.name]
 
 
 @needs_root
@@ -718,9 +844,10 @@ def test_hard_linked_sidecar_is_refused(session: Path) -> None:
     other = session.parent / "elsewhere"
     other.write_bytes(b"")
     os.link(other, sidecar_of(session))
-    with pytest.raises(UnsafeSidecarError, match="hard link"):
+    with pytest.raises(UnsafeSidecarError, match="hard link") as exc:
         SessionLock(session, "a").acquire()
     assert other.read_bytes() == b""
+    assert "not a regular file" not in str(exc.value)  # it is one, with two names
 
 
 def test_a_lane_of_emoji_survives_a_takeover(session: Path) -> None:

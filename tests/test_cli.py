@@ -194,7 +194,8 @@ def test_helpers() -> None:
         "-", "0s", "5s", "3m07s", "2h05m", "3d04h",
     ]  # fmt: skip
     assert clean("plain lane") == "plain lane"
-    assert clean("a\x1b[2Jb\x07\n\u202e\udcff") == "a\\x1b[2Jb\\x07\\x0a\\u202e\\udcff"
+    assert clean("a\x1b[2Jb\x07\n\u202e\udcff") == "a\\x1b[2Jb\\x07\\x0a\\u202e\\xff"
+    assert clean("\ud800") == "\\ud800"  # a lone surrogate that is no escaped byte
 
 
 # -- status -----------------------------------------------------------------------------
@@ -376,10 +377,12 @@ def test_permission_denied_exits_1_not_2(command: str) -> None:
 
 def test_status_corrupt_record(session: Path) -> None:
     Path(str(session) + ".holder").write_bytes(b'{"version": 1, "state": ')
-    out = cli("status", str(session))
-    assert out.returncode == 1
-    no_traceback(out.stderr, 1)
-    assert "corrupt" in out.stderr and "--force" in out.stderr
+    for json_flag in ([], ["--json"]):  # with --json, exit 1 was all stderr said
+        out = cli("status", *json_flag, str(session))
+        assert out.returncode == 1
+        no_traceback(out.stderr, 1)
+        assert "corrupt" in out.stderr and "--force" in out.stderr
+        assert f"{session}.holder" in out.stderr
 
 
 def test_status_unlistable_directory_exits_1(tmp_path: Path) -> None:
@@ -1420,3 +1423,56 @@ def test_a_signal_once_the_record_is_written_never_leaves_it_stale(
     assert not marker.exists()
     st = probe(session)
     assert st.state == "free" and st.record is not None and st.record.state == "released"
+
+
+@pytest.mark.parametrize("args", [["run", "S", "--lane", "a", "--", "true"], ["clear", "S"],
+                                  ["hold", "S", "--lane", "a"]], ids=lambda a: a[0])
+def test_a_fencelock_warning_is_one_plain_line(tmp_path: Path, args: list[str]) -> None:
+    """A FenceLockWarning (here: a world-writable sessions directory) is one line on
+    stderr that names the directory and the fix, not Python's warning with a source
+    file, line number and a line of fencelock's code."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # world-writable, no sticky bit
+    session = shared / "s.jsonl"
+    out = cli(*[str(session) if a == "S" else a for a in args], input='{"op":"release"}\n')
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"Warning: {shared}: ") and "chmod o-w" in line, line
+    assert ".py:" not in out.stderr and "FenceLockWarning" not in out.stderr
+
+
+def test_an_error_names_a_non_utf8_path_by_its_bytes(tmp_path: Path) -> None:
+    """A name that is not UTF-8 is shown with its bytes as \\xNN (as --json shows it),
+    not as the lone surrogates Python decodes it to (\\udcff), which name no file."""
+    missing = os.fsencode(tmp_path) + b"/caf\xff/s.jsonl"
+    done = subprocess.run([*FENCELOCK, "verify", missing], capture_output=True, timeout=60)
+    assert done.returncode == 1
+    line = done.stderr.decode("ascii")  # escaped: plain ASCII
+    assert f"{tmp_path}/caf\\xff/s.jsonl: its directory" in line and "udcff" not in line
+
+
+@pytest.mark.parametrize("command", ["status", "clear"])
+def test_a_directory_that_cannot_be_listed_does_not_stop_the_other_paths(
+    command: str,
+) -> None:
+    prefix = _as_unprivileged()
+    with tempfile.TemporaryDirectory(prefix="fencelock-perm-") as top:
+        os.chmod(top, 0o755)
+        private, open_ = Path(top) / "private", Path(top) / "open"
+        for d in (private, open_):
+            d.mkdir()
+            (d / "a.jsonl").write_text("")
+        open_.chmod(0o1777)  # writable for the user clear runs as, and sticky
+        private.chmod(0)
+        try:
+            out = subprocess.run(
+                [*prefix, *FENCELOCK, command, str(private), str(open_ / "a.jsonl")],
+                capture_output=True, text=True, check=False, timeout=60,
+            )  # fmt: skip
+        finally:
+            private.chmod(0o700)
+    assert out.returncode == 1, out.stderr
+    no_traceback(out.stderr, 1)
+    assert f"{private}: Permission denied" in out.stderr
+    assert "a.jsonl" in out.stdout, out.stdout  # the other path was still looked at

@@ -324,10 +324,15 @@ def test_unparsable_files(tmp_path: Path, data: bytes, why: str) -> None:
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read it: No such file"):
+    with pytest.raises(ConfigError, match=r"cannot read it: No such file.*; check the path"):
         load(tmp_path / "missing.json")
-    with pytest.raises(ConfigError, match="cannot read it: Is a directory"):
+    with pytest.raises(ConfigError,
+                       match="cannot read it: Is a directory; name the config file itself"):
         load(tmp_path)
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "nowhere.json")
+    with pytest.raises(ConfigError, match="; check the path"):
+        load(dangling)
 
 
 # -- the command ----------------------------------------------------------------------------

@@ -45,6 +45,7 @@ def samples() -> dict[str, BaseException]:
         "SessionTakeoverError-gone": _errors.SessionTakeoverError("/s/a.jsonl", FP, None),
         "HolderLostError": _errors.HolderLostError("/s/a.jsonl", "lease not confirmed in 3s"),
         "StoreUnavailableError": _errors.StoreUnavailableError("127.0.0.1:2379", "refused"),
+        "OutsideRootError": _errors.OutsideRootError("/s/a.jsonl", "/srv/share"),
         "UnsafePathError": _errors.UnsafePathError("/s/a.jsonl", "a FIFO"),
         "PlantedFileError": _errors.PlantedFileError("/s/a.jsonl", 1001, "/s"),
         "ForeignSymlinkError": _errors.ForeignSymlinkError("/s/agentA", 1001, "/t/agentA"),

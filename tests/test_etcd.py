@@ -3,6 +3,7 @@ sides, lost leases (a paused holder), etcd killed and restarted, etcd unreachabl
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
@@ -13,11 +14,13 @@ import uuid
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SpawnHolder, record_of, wait_for_no_owner
 
 from fencelock import (
+    CorruptRecordError,
     HolderLostError,
     ProbeState,
     SessionContendedError,
@@ -28,6 +31,7 @@ from fencelock import (
     probe,
 )
 from fencelock._backend import EtcdURL, parse, session_key
+from fencelock._errors import OutsideRootError
 from fencelock._etcdserver import EtcdServer, binary
 
 # -- URLs and keys -----------------------------------------------------------------
@@ -52,6 +56,7 @@ def test_session_key_is_relative_to_root_or_to_the_mount_point(tmp_path: Path) -
     assert session_key(str(s), str(tmp_path)) == "sessions/a.jsonl"
     with pytest.raises(ValueError, match="root"):
         session_key("/elsewhere/a.jsonl", str(tmp_path))
+    assert session_key(str(tmp_path / "..a.jsonl"), str(tmp_path)) == "..a.jsonl"  # inside
     key = session_key(str(s), None)
     assert not key.startswith("/") and key.endswith("sessions/a.jsonl")
     # /proc itself is a mount point: a path under it is keyed relative to it.
@@ -431,11 +436,12 @@ def test_second_endpoint_is_used_when_the_first_is_down(
 # -- the command line ----------------------------------------------------------------
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, env: dict[str, str] | None = None,
+         input: str | None = None) -> subprocess.CompletedProcess[str]:
     import sys
 
     return subprocess.run([sys.executable, "-m", "fencelock", *args], capture_output=True,
-                          text=True, check=False, timeout=120, env=env)
+                          text=True, check=False, timeout=120, env=env, input=input)
 
 
 def test_status_with_only_a_backend_lists_every_holder_with_host_and_waiters(
@@ -507,12 +513,151 @@ def test_cli_store_unavailable_is_one_line_and_exit_1(session: Path, own_etcd: E
         assert own_etcd.endpoint in out.stderr
 
 
+@pytest.mark.parametrize("answer", [(404, b""), (200, b"<html>hello</html>")],
+                         ids=["404", "html"])
+def test_a_server_that_is_not_etcd_is_named_as_such(
+    session: Path, answer: tuple[int, bytes]
+) -> None:
+    """A URL naming some other HTTP server says that it answered, but not as etcd does,
+    instead of a bare 'Not Found' or 'JSONDecodeError'."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(answer[0])
+            self.send_header("Content-Length", str(len(answer[1])))
+            self.end_headers()
+            self.wfile.write(answer[1])
+
+        do_POST = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"127.0.0.1:{server.server_address[1]}"
+        out = _cli("status", str(session), "--backend", f"etcd://{endpoint}/p")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert f"({endpoint} answered, but not as etcd's v3 API does: " in line, line
+    assert "check that etcd runs there" in line
+
+
 def test_cli_refuses_a_bad_backend_url_as_usage(session: Path) -> None:
     out = _cli("status", str(session), "--backend", "etcd://x/p")
     assert out.returncode == 2 and "HOST:PORT" in out.stderr
     env = {**os.environ, "FENCELOCK_BACKEND": "zookeeper://x"}
     out = _cli("status", str(session), env=env)
     assert out.returncode == 2 and "FENCELOCK_BACKEND" in out.stderr
+
+
+ROOT_COMMANDS = [
+    ["status", "S"], ["status", "--json", "S"], ["status", "DIR"], ["clear", "S"],
+    ["clear", "--force", "DIR"], ["wait", "S"], ["recover", "S"],
+    ["run", "S", "--lane", "x", "--", "true"], ["hold", "S", "--lane", "x"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args", ROOT_COMMANDS, ids=lambda a: "-".join(a[:2]))
+def test_a_session_outside_the_backends_root_is_one_error_line(
+    session: Path, url: str, tmp_path: Path, args: list[str]
+) -> None:
+    """A session the backend's root= does not contain cannot be keyed in etcd: every
+    command says so in one line naming the session, the root and the fix (exit 1),
+    instead of a ValueError traceback or an error blamed on --lane."""
+    root = tmp_path / "elsewhere"
+    outside = f"{url}&root={root}"
+    argv = [str(session) if a == "S" else str(session.parent) if a == "DIR" else a
+            for a in args]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    out = _cli(*argv[:cut], "--backend", outside, *argv[cut:], input='{"op":"release"}\n')
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    named = str(session.parent) if "DIR" in args else str(session)
+    assert f"{named}: not under the backend's root {root}" in line
+    assert "change root= in the backend URL" in line and "--lane" not in line
+    if args[0] == "hold":  # the caller on the other end of the pipe hears it too
+        answer = json.loads(out.stdout)
+        assert (answer["ok"], answer["error"]) == (False, "OutsideRootError")
+    with pytest.raises(OutsideRootError) as exc:
+        SessionLock(session, backend=outside)
+    assert isinstance(exc.value, ValueError)  # a bad argument, as before
+    assert not os.path.lexists(str(session) + ".holder")
+
+
+def test_a_corrupt_last_record_is_kept_until_clear_force_sets_it_aside(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """As with a sidecar: a corrupt record in etcd is unreadable for every command, no
+    run writes over it, plain `clear` refuses it, and the command the error names (a
+    real one: it was `clear --force etcd://...`, which is no path) sets it aside under
+    PREFIX/corrupt/ instead of deleting it."""
+    parsed = parse(url)
+    assert parsed is not None
+    last = f"{parsed.prefix}/last/{session_key(str(session), None)}"
+    garbage = "{not a record"
+    subprocess.run(_etcdctl(etcd_server, "put", last, garbage), check=True,
+                   capture_output=True)
+
+    def stored(key: str, *more: str) -> list[str]:
+        out = subprocess.run(_etcdctl(etcd_server, "get", key, *more), check=True,
+                             capture_output=True, text=True)
+        return out.stdout.splitlines()
+
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.UNREADABLE
+    assert f"/{last}: holder record is corrupt" in status.reason
+    with pytest.raises(CorruptRecordError):
+        SessionLock(session, "next", on_contention="fail", backend=url).acquire()
+    for args in (["status", str(session)], ["clear", str(session)],
+                 ["clear", "--remove", str(session)], ["wait", str(session)],
+                 ["run", str(session), "--lane", "x", "-n", "--backend", url, "--", "true"]):
+        out = _cli(*args) if args[0] == "run" else _cli(*args, "--backend", url)
+        assert out.returncode == 1, (args, out.stderr)
+        (line,) = out.stderr.strip().splitlines()
+        assert f"/{last}: holder record is corrupt" in line
+    assert stored(last) == [last, garbage]  # nothing wrote over it
+
+    command = line.split("set it aside and start over with: ", 1)[1]
+    assert command.startswith("fencelock clear --force --backend ")
+    done = subprocess.run(command.replace("fencelock", f"{sys.executable} -m fencelock", 1),
+                          shell=True, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "corrupt record moved to" in done.stdout
+    assert stored(last) == []
+    aside = stored(f"{parsed.prefix}/corrupt/", "--prefix")
+    assert len(aside) == 2 and aside[1] == garbage
+    with SessionLock(session, "fresh", backend=url) as lock:
+        assert lock.info is not None and lock.info.previous is None
+
+
+def test_an_owner_key_with_another_clients_value_is_a_live_holder(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """A lock key whose value is not a fencelock record (another client's Mutex that
+    stores its own text) is a live holder without a record, as the empty value of
+    `etcdctl lock` is: not `unreadable` with a corrupt-record error, and `wait` waits."""
+    parsed = parse(url)
+    assert parsed is not None
+    key = f"{parsed.prefix}/sessions/{session_key(str(session), None)}/694d71a2"
+    subprocess.run(_etcdctl(etcd_server, "put", key, "owner=node-7"), check=True,
+                   capture_output=True)
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.LIVE and status.record is None, status.reason
+    out = _cli("status", str(session), "--backend", url)
+    assert out.returncode == 0 and "(not fencelock)" in out.stdout, out.stderr
+    out = _cli("wait", str(session), "--timeout", "0.2", "--backend", url)
+    assert out.returncode == 4 and "still held" in out.stderr, out.stderr
+    with pytest.raises(SessionContendedError):
+        SessionLock(session, "x", on_contention="fail", backend=url).acquire()
+    subprocess.run(_etcdctl(etcd_server, "del", key), check=True, capture_output=True)
+    assert _cli("wait", str(session), "--backend", url).returncode == 0
 
 
 def test_a_release_etcd_did_not_hear_gives_the_lease_up(

@@ -167,6 +167,45 @@ def test_replace_during_prompt_window_raises_takeover(session: Path, tmp_path: P
         assert err.value.expected.ino != err.value.actual.ino
 
 
+def _cycle() -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    d["self"] = d
+    return d
+
+
+BAD_ENTRIES: dict[str, Any] = {
+    "nan": {"x": float("nan")},
+    "infinity": {"x": float("-inf")},
+    "a-set": {"x": {1, 2}},
+    "a-cycle": _cycle(),
+    "lone-surrogate": {"name": "caf\udcff"},
+    "lone-surrogate-str": '{"name": "caf\udcff"}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_ENTRIES))
+@pytest.mark.parametrize("stamp", [False, True], ids=["plain", "stamped"])
+def test_an_entry_that_is_not_json_is_refused_and_nothing_written(
+    session: Path, name: str, stamp: bool
+) -> None:
+    """NaN and Infinity (which json.dumps writes, and strict JSON readers refuse), and
+    what cannot be written at all (a set, a cycle, a lone surrogate), are refused with
+    a FenceLockError, not a raw TypeError or UnicodeEncodeError, and the session and
+    the run go on untouched."""
+    with SessionLock(session, "a", stamp=stamp) as lock:
+        lock.append({"n": 1})
+        before = session.read_bytes()
+        with pytest.raises(FenceLockError, match="a session entry must be") as exc:
+            lock.append(BAD_ENTRIES[name])
+        assert "nothing was written" in str(exc.value)
+        assert session.read_bytes() == before
+        lock.append({"n": 2})
+    for line in session.read_bytes().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in the session"))
+    assert verify(session).ok
+
+
+
 @pytest.mark.parametrize("damage", ["append", "truncate", "delete", "create"])
 def test_append_refuses_after_foreign_change_and_writes_nothing(session: Path, damage: str) -> None:
     with SessionLock(session) as lock:

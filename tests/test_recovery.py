@@ -16,9 +16,11 @@ from marks import needs_proc
 
 from fencelock import (
     Action,
+    CorruptRecordError,
     ProbeState,
     SessionContendedError,
     SessionLock,
+    UnsafeSidecarError,
     fresh_session,
     probe,
     recover,
@@ -196,3 +198,27 @@ def test_carrying_a_session_larger_than_memory_to_a_fresh_one(
     record = probe(new).record
     assert record is not None and record.token == 70001  # above the stamp in the middle
     assert probe(session).state == ProbeState.LIVE
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "symlink", "fifo"])
+def test_an_unreadable_session_raises_the_error_of_its_kind(session: Path, kind: str) -> None:
+    """recover raises what SessionLock would (CorruptRecordError, UnsafeSidecarError),
+    not a bare FenceLockError a caller cannot tell apart, and touches nothing."""
+    sidecar = Path(str(session) + ".holder")
+    victim = session.parent / "victim"
+    victim.write_bytes(b"keep")
+    if kind == "corrupt":
+        sidecar.write_bytes(b"{not a record")
+    elif kind == "symlink":
+        sidecar.symlink_to(victim)
+    else:
+        os.mkfifo(sidecar)
+    before = sorted((p.name, os.lstat(p).st_mtime_ns) for p in session.parent.iterdir())
+    expected = CorruptRecordError if kind == "corrupt" else UnsafeSidecarError
+    with pytest.raises(expected) as exc:
+        recover(session, wait=0)
+    assert str(exc.value).startswith(f"{sidecar}: ")
+    with pytest.raises(expected):
+        SessionLock(session, "a", on_contention="fail").acquire()
+    assert sorted((p.name, os.lstat(p).st_mtime_ns) for p in session.parent.iterdir()) == before
+    assert victim.read_bytes() == b"keep"
