@@ -34,16 +34,32 @@ _write = os.write
 _fsync = os.fsync
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> bytes:
-    """One JSONL line for ``entry``; refuses a str that is not exactly one line."""
+    """One JSONL line for ``entry``: a dict, or a str holding exactly one line of JSON.
+    An entry that carries the reserved stamp key without being stamped is refused: a
+    token there would pass for fencelock's own."""
     if isinstance(entry, str):
         if "\n" in entry or "\r" in entry:
             raise FenceLockError("a session entry must be one line; this one has a line break")
-        if stamp is not None:
-            try:
-                entry = json.loads(entry)
-            except ValueError:
-                raise FenceLockError("a stamped entry must be a JSON object") from None
+        try:
+            parsed = json.loads(entry, parse_constant=_not_json)
+        except (ValueError, RecursionError):
+            raise FenceLockError(
+                "a session entry must be one line of JSON when given as text (pass a dict "
+                "to have it encoded); nothing was written") from None
+        if stamp is not None and not isinstance(parsed, dict):
+            raise FenceLockError("a session entry must be a JSON object to be stamped; nothing "
+                                 "was written")
+        if stamp is not None or (isinstance(parsed, dict) and _tokens.STAMP_KEY in parsed):
+            entry = parsed
+    if stamp is None and isinstance(entry, dict) and _tokens.STAMP_KEY in entry:
+        raise FenceLockError(
+            f"a session entry must not carry the reserved key {_tokens.STAMP_KEY!r} (append "
+            f"with stamp=True to have fencelock stamp it); nothing was written")
     try:
         if isinstance(entry, dict):
             if stamp is not None:

@@ -180,6 +180,9 @@ BAD_ENTRIES: dict[str, Any] = {
     "a-cycle": _cycle(),
     "lone-surrogate": {"name": "caf\udcff"},
     "lone-surrogate-str": '{"name": "caf\udcff"}',
+    "text-not-json": "hello",
+    "text-cut-short": '{"role": "user", "content": "hi"',
+    "text-nan": '{"x": NaN}',
 }
 
 
@@ -204,6 +207,26 @@ def test_an_entry_that_is_not_json_is_refused_and_nothing_written(
         json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in the session"))
     assert verify(session).ok
 
+
+
+@pytest.mark.parametrize("entry", [
+    {"role": "user", STAMP_KEY: {"token": 10**9, "run_id": "forged"}},
+    '{"role": "user", "_fencelock": {"token": 1000000000, "run_id": "forged"}}',
+], ids=["dict", "text"])
+def test_an_unstamped_entry_cannot_carry_a_token_of_its_own(session: Path, entry: Any) -> None:
+    """The stamp key is fencelock's: a forged token would pass for a real one (a new
+    sidecar starts above the stamps in the session's last lines)."""
+    with SessionLock(session, "a") as lock:
+        with pytest.raises(FenceLockError, match="reserved key") as exc:
+            lock.append(entry)
+        assert "nothing was written" in str(exc.value)
+        assert not session.exists() or session.read_bytes() == b""
+    with SessionLock(session, "b", stamp=True) as lock:
+        lock.append(entry)  # stamped: fencelock's own token replaces it
+        assert lock.info is not None
+        token = lock.info.token
+    (line,) = session.read_bytes().splitlines()
+    assert json.loads(line)[STAMP_KEY]["token"] == token
 
 
 @pytest.mark.parametrize("damage", ["append", "truncate", "delete", "create"])
