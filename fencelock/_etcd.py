@@ -53,12 +53,19 @@ _CANCEL_STEP = 0.05
 
 
 def _b64(text: str | bytes) -> str:
-    raw = text.encode() if isinstance(text, str) else text
+    # A session name that is not UTF-8 reaches us as os.fsdecode gives it (lone
+    # surrogates): the key is the name's bytes, as the filesystem has them.
+    raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
     return base64.b64encode(raw).decode("ascii")
 
 
 def _unb64(text: str) -> bytes:
     return base64.b64decode(text)
+
+
+def _key_text(kv: dict[str, Any]) -> str:
+    """A key as text, its bytes that are not UTF-8 as os.fsdecode gives them."""
+    return _unb64(kv["key"]).decode("utf-8", "surrogateescape")
 
 
 def _prefix_end(prefix: str) -> str:
@@ -92,6 +99,10 @@ def _delete(key: str) -> dict[str, Any]:
 def _created(key: str, revision: int) -> dict[str, Any]:
     return {"key": _b64(key), "target": "CREATE", "result": "EQUAL",
             "create_revision": revision}
+
+
+def _holds(key: str, value: bytes) -> dict[str, Any]:
+    return {"key": _b64(key), "target": "VALUE", "result": "EQUAL", "value": _b64(value)}
 
 
 def _kvs(response: dict[str, Any]) -> list[dict[str, Any]]:
@@ -377,6 +388,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _raw(kvs: list[dict[str, Any]]) -> bytes | None:
+    """The value of the first key in ``kvs``, None when there is none."""
+    return _unb64(kvs[0].get("value", "")) if kvs else None
+
+
 def _decode(value: bytes, where: str) -> HolderInfo | None:
     """A record from a key's value: None for an empty or foreign value."""
     if not value.strip():
@@ -404,11 +420,21 @@ class EtcdHolder:
         self.lock_name = f"{url.prefix}/sessions/{self.key}"
         self.last_key = f"{url.prefix}/last/{self.key}"
         self.name = f"{url.display}/{self.lock_name}"
-        self._cluster = cluster(url)
         self._lease: _Lease | None = None
         self._my_key = ""
         self._token = 0
         self._suffix = b""
+        self._before: bytes | None = None
+        """The session's last record (as stored) before this holder's first one."""
+        self._wrote: bytes | None = None
+        """What this holder last put (or tried to put) as the session's last record,
+        since it queued; None while it has written nothing there."""
+
+    @property
+    def _cluster(self) -> _Cluster:
+        # Looked up on each use, not kept: a holder made before a fork must use the
+        # child's own cluster (its own lease and connections), never the parent's.
+        return cluster(self.url)
 
     @property
     def lease_id(self) -> int | None:
@@ -428,24 +454,33 @@ class EtcdHolder:
         lease = c.lease(deadline)
         my = f"{self.lock_name}/{lease.id:x}"
         pfx = self.lock_name + "/"
-        r = c.txn(
-            [_created(my, 0)],
-            [_put(my, b"", lease.id), _range(pfx, prefix=True, first=True),
-             _range(self.last_key)],
-            [_range(my), _range(pfx, prefix=True, first=True), _range(self.last_key)],
-            deadline,
-        )
+        self._lease, self._my_key, self._token = lease, my, 0
+        self._before = self._wrote = None
+        self._suffix = f',"lease":"{lease.id:x}","store":"etcd"}}'.encode()
+        try:
+            r = c.txn(
+                [_created(my, 0)],
+                [_put(my, b"", lease.id), _range(pfx, prefix=True, first=True),
+                 _range(self.last_key)],
+                [_range(my), _range(pfx, prefix=True, first=True), _range(self.last_key)],
+                deadline,
+            )
+        except BaseException:
+            # Unanswered is not undone: etcd may have queued the key, under a lease this
+            # process keeps alive. Take it out (or give the lease up).
+            self._abandon()
+            raise
         responses = r.get("responses", [])
         if r.get("succeeded"):
             revision = int(r["header"]["revision"])
         else:
             revision = int(_kvs(responses[0])[0]["create_revision"])
-        self._lease, self._my_key, self._token = lease, my, revision
-        self._suffix = f',"lease":"{lease.id:x}","store":"etcd"}}'.encode()
+        self._token = revision
         try:
             owner = _kvs(responses[1])
             if owner and int(owner[0]["create_revision"]) == revision:
                 if record is not None:
+                    self._before = _raw(_kvs(responses[2]))
                     self.write(record(revision, self._last(_kvs(responses[2]))))
                 return revision
             if fail:
@@ -491,7 +526,7 @@ class EtcdHolder:
                 if record is not None:
                     self.write(record(revision, self._last(_kvs(responses[2]))))
                 return
-            key = _unb64(ahead[0]["key"]).decode()
+            key = _key_text(ahead[0])
             try:
                 watch = c.watch(key, int(r["header"]["revision"]) + 1, deadline,
                                 inline=cancel is None)
@@ -531,6 +566,7 @@ class EtcdHolder:
                 # Ours if every key left is no older than ours: check and write at once
                 # (before closing the watch, which costs a moment).
                 value = self._value(record(revision, None))
+                self._before, self._wrote = _raw(_kvs(responses[2])), value
                 r = c.txn(
                     [_created(self._my_key, revision),
                      {**_created(pfx, revision - 1), "range_end": _b64(_prefix_end(pfx)),
@@ -542,6 +578,7 @@ class EtcdHolder:
                     look,
                 )
                 if r.get("succeeded"):
+                    self._before = _raw(_kvs(r.get("responses", [{}])[0]))
                     old = self._last(_kvs(r.get("responses", [{}])[0]))
                     if old is not None and old.state is State.HELD:
                         self.write(record(revision, old))  # took over a stale run: say whose
@@ -567,15 +604,27 @@ class EtcdHolder:
         return None
 
     def _abandon(self) -> None:
-        """Take our key out of the queue (a failed or given-up acquire)."""
-        my, lease = self._my_key, self._lease
-        self._my_key, self._token = "", 0
+        """Take our key out of the queue (a failed or given-up acquire). A first record
+        that may have been written is taken back too: the session's last record is again
+        what it was before (unless someone wrote another since), as if this acquire had
+        never happened; otherwise the session would read as stale, its run never ran."""
+        my, lease, token = self._my_key, self._lease, self._token
+        before, wrote = self._before, self._wrote
+        self._my_key, self._token, self._before, self._wrote = "", 0, None, None
         if not my or lease is None:
             return
+        c = self._cluster
         try:
-            self._cluster.txn([], [_delete(my)])
+            if wrote is not None and token:
+                undo = _put(self.last_key, before) if before is not None else \
+                    _delete(self.last_key)
+                r = c.txn([_created(my, token), _holds(self.last_key, wrote)],
+                          [undo, _delete(my)])
+                if r.get("succeeded"):
+                    return
+            c.txn([], [_delete(my)])
         except StoreUnavailableError:
-            self._cluster.drop(lease, "a queued key could not be removed")
+            c.drop(lease, "a queued key could not be removed")
 
     # -- while held --------------------------------------------------------------
 
@@ -593,7 +642,7 @@ class EtcdHolder:
     def write(self, record: bytes) -> None:
         self.check()
         assert self._lease is not None
-        value = self._value(record)
+        value = self._wrote = self._value(record)
         r = self._cluster.txn(
             [_created(self._my_key, self._token)],
             [_put(self._my_key, value, self._lease.id), _put(self.last_key, value)],
@@ -603,13 +652,14 @@ class EtcdHolder:
             raise HolderLostError(self.session, self._lease.lost)
 
     def release(self, record: bytes | None) -> None:
+        if record is None:  # never delivered (a failed or cancelled acquire): undo it
+            self._abandon()
+            return
         my, lease, token = self._my_key, self._lease, self._token
-        self._my_key, self._token = "", 0
+        self._my_key, self._token, self._before, self._wrote = "", 0, None, None
         if not my or lease is None:
             return
-        ops = [_delete(my)]
-        if record is not None:
-            ops.insert(0, _put(self.last_key, self._value(record)))
+        ops = [_put(self.last_key, self._value(record)), _delete(my)]
         try:
             self._cluster.txn([_created(my, token)], ops)
         except StoreUnavailableError:
@@ -629,7 +679,7 @@ class EtcdHolder:
             if not kvs:
                 return True
             try:
-                watch = c.watch(_unb64(kvs[0]["key"]).decode(),
+                watch = c.watch(_key_text(kvs[0]),
                                 int(r["header"]["revision"]) + 1, deadline)
             except StoreUnavailableError:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -664,16 +714,21 @@ class EtcdHolder:
         if found.state is ProbeState.FREE and not remove:
             return found
         self.acquire(True, time.monotonic() + _REQUEST_TIMEOUT * 2, None, None)
-        r = self._cluster.txn([], [_range(self.last_key)], [])
-        old = self._last(_kvs(r.get("responses", [{}])[0]))
-        my, token = self._my_key, self._token
+        try:
+            r = self._cluster.txn([], [_range(self.last_key)], [])
+            old = self._last(_kvs(r.get("responses", [{}])[0]))
+            ops = [_delete(self._my_key)]
+            if remove:
+                ops.insert(0, _delete(self.last_key))
+            elif old is not None and old.state is State.HELD:
+                ops.insert(0, _put(self.last_key,
+                                   replace(old, state=State.RELEASED).encode()))
+            self._cluster.txn([_created(self._my_key, self._token)], ops)
+        except BaseException:
+            # The key must not stay queued under a lease this process keeps alive.
+            self._abandon()
+            raise
         self._my_key, self._token = "", 0
-        ops = [_delete(my)]
-        if remove:
-            ops.insert(0, _delete(self.last_key))
-        elif old is not None and old.state is State.HELD:
-            ops.insert(0, _put(self.last_key, replace(old, state=State.RELEASED).encode()))
-        self._cluster.txn([_created(my, token)], ops)
         what = "removed" if remove else "cleared"
         return replace(found, reason=f"{what} (was: {found.reason})" if found.reason else what,
                        removed=remove)
@@ -727,10 +782,10 @@ def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
     responses = r.get("responses", [{}, {}])
     queues: dict[str, list[dict[str, Any]]] = {}
     for kv in _kvs(responses[0]):
-        name = _unb64(kv["key"]).decode(errors="replace")[len(sessions):]
+        name = _key_text(kv)[len(sessions):]
         key, _, _lease = name.rpartition("/")
         queues.setdefault(key, []).append(kv)
-    last = {_unb64(kv["key"]).decode(errors="replace")[len(lasts):]: kv
+    last = {_key_text(kv)[len(lasts):]: kv
             for kv in _kvs(responses[1])}
     for key in sorted(set(queues) | set(last)):
         queue = sorted(queues.get(key, []), key=lambda kv: int(kv["create_revision"]))
@@ -759,7 +814,7 @@ def names_in(url: EtcdURL, directory: str) -> set[str]:
         r = cluster(url).call("/kv/range", {**_range(pfx, prefix=True)["request_range"],
                                             "keys_only": True})
         for kv in r.get("kvs", []):
-            rest = _unb64(kv["key"]).decode(errors="replace")[len(pfx):]
+            rest = _key_text(kv)[len(pfx):]
             name = rest.split("/", 1)[0] if kind == "sessions" else rest
             if rest.count("/") == (1 if kind == "sessions" else 0):
                 found.add(name)

@@ -203,6 +203,43 @@ def test_a_forked_child_takes_sessions_of_its_own_and_leaves_the_parent_s_lease(
     lock.release()
 
 
+def _child_uses_a_lock_made_before_the_fork(lock: SessionLock, conn: Connection) -> None:
+    """In a forked child: acquire through a SessionLock the parent made (not held)."""
+    try:
+        lock.acquire()
+        conn.send(("acquired", lock.info.token if lock.info is not None else None))
+    except SessionContendedError as e:
+        conn.send(("contended", e.holder.pid if e.holder is not None else None))
+    except BaseException as e:
+        conn.send(("error", repr(e)))
+    finally:
+        conn.close()
+
+
+def test_a_lock_made_before_a_fork_is_the_child_s_own_in_the_child(
+    session: Path, url: str
+) -> None:
+    import multiprocessing
+
+    held = SessionLock(session, "parent", backend=url)
+    held.acquire()
+    made_before = SessionLock(session, "child", backend=url, on_contention="fail")
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_child_uses_a_lock_made_before_the_fork,
+                        args=(made_before, there))
+    child.start()
+    there.close()
+    reply = here.recv()
+    child.join(60)
+    here.close()
+    # Through the parent's lease the child would find the parent's key and take it
+    # for its own: the session held twice.
+    assert reply == ("contended", os.getpid()), reply
+    held.append({"after": "fork"})
+    held.release()
+
+
 def test_a_holder_paused_past_its_lease_never_writes_after_the_takeover(
     session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
