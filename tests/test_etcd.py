@@ -3,6 +3,7 @@ sides, lost leases (a paused holder), etcd killed and restarted, etcd unreachabl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SpawnHolder, record_of, wait_for_no_owner
@@ -681,3 +683,171 @@ def test_run_on_etcd_frees_at_once_or_keeps_what_the_command_left_running(
         f.write("go\n")  # the leftover exits
     with SessionLock(session, "then", backend=url, timeout=60) as then:
         assert then.info is not None and then.info.previous is None  # it was released
+
+
+# -- answers lost on the way back ------------------------------------------------------
+
+
+class _LossyLink:
+    """A TCP relay in front of etcd that can lose one answer, as a network failing at
+    that moment does: it passes the request on, and when etcd's answer comes back it
+    closes the client's connection instead of passing the answer on. etcd did what was
+    asked; the client cannot know."""
+
+    def __init__(self, server: EtcdServer) -> None:
+        import socket
+
+        self._upstream = ("127.0.0.1", server.client_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._mu = threading.Lock()
+        self._marker = b""
+        self._nth = 0
+        self._socks: list[socket.socket] = []
+        self.lost = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, prefix: str, ttl: int = 30) -> str:
+        return f"etcd://127.0.0.1:{self.port}/{prefix}?ttl={ttl}"
+
+    def lose_answer(self, marker: bytes, nth: int = 1) -> None:
+        """Lose the answer to the ``nth`` request from now whose bytes hold ``marker``."""
+        with self._mu:
+            self._marker, self._nth = marker, nth
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._upstream)
+            with self._mu:
+                self._socks += [client, upstream]
+            lose = threading.Event()
+            threading.Thread(target=self._pass_requests, args=(client, upstream, lose),
+                             daemon=True).start()
+            threading.Thread(target=self._pass_answers, args=(upstream, client, lose),
+                             daemon=True).start()
+
+    def _pass_requests(self, client: Any, upstream: Any, lose: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(1 << 16):
+                with self._mu:
+                    if self._nth and self._marker in data:
+                        self._nth -= 1
+                        if not self._nth:
+                            lose.set()  # before etcd can answer
+                upstream.sendall(data)
+        with contextlib.suppress(OSError):
+            upstream.shutdown(2)
+
+    def _pass_answers(self, upstream: Any, client: Any, lose: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := upstream.recv(1 << 16):
+                if lose.is_set():
+                    self.lost.set()
+                    break
+                client.sendall(data)
+        for sock in (client, upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(2)
+            sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        with self._mu:
+            for sock in self._socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(2)
+                sock.close()
+
+
+@pytest.fixture
+def lossy(etcd_server: EtcdServer) -> Iterator[_LossyLink]:
+    link = _LossyLink(etcd_server)
+    yield link
+    link.close()
+
+
+def test_an_acquire_whose_answer_was_lost_leaves_no_key_queued(
+    session: Path, url: str, lossy: _LossyLink
+) -> None:
+    prefix = url.split("/", 3)[3].split("?")[0]
+    through = lossy.url(prefix)
+    lossy.lose_answer(b"/kv/txn")  # the acquire's first transaction: the put of its key
+    with pytest.raises(StoreUnavailableError):
+        SessionLock(session, "unanswered", backend=through, on_contention="fail").acquire()
+    assert lossy.lost.is_set()  # etcd answered: the put happened
+    # Left in etcd, the key would hold the session for as long as this process renews
+    # its lease: a holder without a record that nobody runs.
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.FREE, status
+    with SessionLock(session, "next", backend=url, on_contention="fail") as lock:
+        assert lock.held
+
+
+def test_a_clear_whose_answer_was_lost_leaves_no_key_queued(
+    session: Path, url: str, lossy: _LossyLink
+) -> None:
+    from fencelock import clear
+
+    prefix = url.split("/", 3)[3].split("?")[0]
+    through = lossy.url(prefix)
+    with SessionLock(session, "earlier", backend=url):
+        pass
+    lossy.lose_answer(b"/kv/txn", nth=2)  # clear's read of the last record, once it holds
+    with pytest.raises(StoreUnavailableError):
+        clear(session, remove=True, backend=through)
+    assert lossy.lost.is_set()
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.FREE, status
+    with SessionLock(session, "next", backend=url, on_contention="fail") as lock:
+        assert lock.held
+
+
+def test_a_waiter_whose_taking_over_was_not_answered_leaves_the_record_as_it_was(
+    session: Path, url: str, etcd_server: EtcdServer, lossy: _LossyLink
+) -> None:
+    import time
+
+    prefix = url.split("/", 3)[3].split("?")[0]
+    with SessionLock(session, "earlier", backend=url):
+        pass  # the session's last record: a run that ended cleanly
+    name = _lock_name(url, session)
+    holder = subprocess.Popen(_etcdctl(etcd_server, "lock", name), stdout=subprocess.PIPE,
+                              text=True)  # a holder in another process
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            SessionLock(session, "waiter", backend=lossy.url(prefix)).acquire()
+        except BaseException as e:
+            outcome.append(e)
+
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().startswith(name + "/")
+        t = threading.Thread(target=wait, daemon=True)
+        t.start()
+        give_up = time.monotonic() + 60
+        while not _reading_its_watch(t):  # queued behind the holder, watching its key
+            assert t.is_alive() and time.monotonic() < give_up, outcome
+            time.sleep(0.005)
+        lossy.lose_answer(b"/kv/txn")  # the waiter's turn: check, then write its record
+        holder.send_signal(signal.SIGTERM)  # etcdctl unlocks on SIGTERM
+        t.join(60)
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert not t.is_alive() and lossy.lost.is_set()
+    assert outcome and isinstance(outcome[0], StoreUnavailableError), outcome
+    # Left as it was written, the waiter's record would say held by a run that never
+    # got the session: stale.
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.FREE, status
+    assert status.record is not None and status.record.lane == "earlier"
