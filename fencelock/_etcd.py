@@ -233,6 +233,9 @@ class _Cluster:
         self._wake = threading.Event()
         self._preferred = 0
         self._to_revoke: list[int] = []
+        self._claimed: set[str] = set()
+        """Keys that holders of this process have queued (or hold) under the lease."""
+        self._unclaimed = threading.Condition()
 
     # -- requests ----------------------------------------------------------------
 
@@ -296,6 +299,34 @@ class _Cluster:
         if deadline is not None:
             timeout = max(_MIN_REQUEST_TIMEOUT, min(timeout, deadline - time.monotonic()))
         return _Watch(client, key, start_revision, timeout, self.url.display, inline)
+
+    def claim(self, key: str, fail: bool, deadline: float | None,
+              cancel: threading.Event | None) -> bool:
+        """Reserve ``key`` for one holder of this process, waiting (unless ``fail``) for
+        another holder of it to let it go; False when it stays taken.
+
+        A key is the lock name plus the process's lease: two holders of one process on
+        one lock name (one session seen through two paths, say two mounts of a share)
+        would share one key, and each would take the other's for its own."""
+        with self._unclaimed:
+            while key in self._claimed:
+                if cancel is not None and cancel.is_set():
+                    import asyncio
+
+                    raise asyncio.CancelledError()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if fail or (remaining is not None and remaining <= 0):
+                    return False
+                if cancel is not None:
+                    remaining = min(remaining or _CANCEL_STEP, _CANCEL_STEP)
+                self._unclaimed.wait(remaining)
+            self._claimed.add(key)
+            return True
+
+    def unclaim(self, key: str) -> None:
+        with self._unclaimed:
+            self._claimed.discard(key)
+            self._unclaimed.notify_all()
 
     # -- the lease ---------------------------------------------------------------
 
@@ -454,6 +485,10 @@ class EtcdHolder:
         lease = c.lease(deadline)
         my = f"{self.lock_name}/{lease.id:x}"
         pfx = self.lock_name + "/"
+        start = time.monotonic()
+        if not c.claim(my, fail, deadline, cancel):
+            raise SessionContendedError(self.session, self._owner_record(),
+                                        waited=None if fail else time.monotonic() - start)
         self._lease, self._my_key, self._token = lease, my, 0
         self._before = self._wrote = None
         self._suffix = f',"lease":"{lease.id:x}","store":"etcd"}}'.encode()
@@ -625,6 +660,8 @@ class EtcdHolder:
             c.txn([], [_delete(my)])
         except StoreUnavailableError:
             c.drop(lease, "a queued key could not be removed")
+        finally:
+            c.unclaim(my)
 
     # -- while held --------------------------------------------------------------
 
@@ -666,6 +703,8 @@ class EtcdHolder:
             # The key must not stay behind under a lease this process keeps alive.
             self._cluster.drop(lease, "a release could not be stored")
             raise
+        finally:
+            self._cluster.unclaim(my)
 
     # -- from outside ------------------------------------------------------------
 
@@ -728,6 +767,7 @@ class EtcdHolder:
             # The key must not stay queued under a lease this process keeps alive.
             self._abandon()
             raise
+        self._cluster.unclaim(self._my_key)
         self._my_key, self._token = "", 0
         what = "removed" if remove else "cleared"
         return replace(found, reason=f"{what} (was: {found.reason})" if found.reason else what,

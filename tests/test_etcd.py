@@ -267,6 +267,37 @@ def test_a_holder_paused_past_its_lease_never_writes_after_the_takeover(
     assert whos == ["a1", "b1", "b2"]
 
 
+def test_one_key_reached_through_two_paths_is_held_once_in_one_process(
+    tmp_path: Path, url: str
+) -> None:
+    """Two paths with one session key (one share seen through two mounts; here, two
+    roots) name one lock. Two processes would each queue a key of their own; two
+    holders of one process share its lease, so they must not share its key."""
+    first_dir, second_dir = tmp_path / "mount-a", tmp_path / "mount-b"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    through_a, through_b = f"{url}&root={first_dir}", f"{url}&root={second_dir}"
+    first = SessionLock(first_dir / "s.jsonl", "first", backend=through_a)
+    token = first.acquire().token
+    with pytest.raises(SessionContendedError) as err:
+        SessionLock(second_dir / "s.jsonl", "second", backend=through_b,
+                    on_contention="fail").acquire()
+    assert err.value.holder is not None and err.value.holder.lane == "first"
+    got: list[tuple[int, bool]] = []
+
+    def second() -> None:
+        lock = SessionLock(second_dir / "s.jsonl", "second", backend=through_b)
+        got.append((lock.acquire().token, first.held))
+        lock.release()
+
+    t = threading.Thread(target=second)
+    t.start()
+    first.append({"n": 1})  # still the holder: nobody took its key
+    first.release()
+    t.join(60)
+    assert got and got[0][0] > token and not got[0][1], got
+
+
 def test_holder_lost_error_is_a_takeover_and_a_coordination_error(session: Path) -> None:
     import pickle
 
