@@ -220,6 +220,17 @@ class _Watch:
             self._response.close()
 
 
+def _close_client(client: Any) -> None:
+    """Close an etcd3gw client's connections now (urllib3 2 closes a pool's connections
+    only once the garbage collector finalizes the pool, not on the session's close)."""
+    with contextlib.suppress(Exception):
+        for adapter in client.session.adapters.values():
+            pools = adapter.poolmanager.pools
+            for key in pools.keys():  # noqa: SIM118 (the container refuses iteration)
+                pools[key].close()
+        client.session.close()
+
+
 class _Cluster:
     """Clients for one cluster's endpoints (one per thread), and the process's lease."""
 
@@ -236,6 +247,8 @@ class _Cluster:
         self._claimed: set[str] = set()
         """Keys that holders of this process have queued (or hold) under the lease."""
         self._unclaimed = threading.Condition()
+        self._by_thread: dict[threading.Thread, list[Any]] = {}
+        self._by_thread_mu = threading.Lock()
 
     # -- requests ----------------------------------------------------------------
 
@@ -249,6 +262,16 @@ class _Cluster:
                 for host, port in self.url.endpoints
             ]
             self._local.clients = clients
+            # An ended thread's clients hold their connections open until the garbage
+            # collector finds them (each `acquire_async` waits in a thread of its own):
+            # close them now, so that open descriptors do not pile up meanwhile.
+            with self._by_thread_mu:
+                for thread, old in list(self._by_thread.items()):
+                    if not thread.is_alive():
+                        del self._by_thread[thread]
+                        for client in old:
+                            _close_client(client)
+                self._by_thread[threading.current_thread()] = clients
         return clients
 
     def call(self, path: str, payload: dict[str, Any],

@@ -882,3 +882,62 @@ def test_a_waiter_whose_taking_over_was_not_answered_leaves_the_record_as_it_was
     status = probe(session, backend=url)
     assert status.state == ProbeState.FREE, status
     assert status.record is not None and status.record.lane == "earlier"
+
+
+def _sockets() -> int:
+    """This process's open sockets."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_contended_acquires_that_give_up_leave_no_threads_or_connections_behind(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    import asyncio
+    import gc
+
+    name = _lock_name(url, session)
+    holder = subprocess.Popen(_etcdctl(etcd_server, "lock", name), stdout=subprocess.PIPE,
+                              text=True)  # holds the session throughout
+
+    async def give_up(i: int) -> None:
+        lock = SessionLock(session, "impatient", backend=url, timeout=0.05)
+        if i % 2:  # cancelled by the caller
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(lock.acquire_async(), 0.05)
+        else:  # its own timeout runs out
+            with pytest.raises(SessionContendedError):
+                await lock.acquire_async()
+
+    def attempt(i: int) -> None:
+        if i % 3:
+            asyncio.run(give_up(i))
+        else:
+            with pytest.raises(SessionContendedError):
+                SessionLock(session, "impatient", backend=url, timeout=0.05).acquire()
+        for t in threading.enumerate():  # a waiting thread ends once it gave up
+            if t.name in ("fencelock-acquire", "fencelock-etcd-watch"):
+                t.join(60)
+                assert not t.is_alive(), t
+
+    gc.disable()  # what the garbage collector would close must be closed anyway
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().startswith(name + "/")
+        attempt(1)  # the process's lease, its keeper and this thread's connection
+        threads, sockets = threading.active_count(), _sockets()
+        for i in range(60):
+            attempt(i)
+        assert threading.active_count() <= threads
+        assert _sockets() <= sockets + 2, (sockets, _sockets())  # the last thread's
+        assert probe(session, backend=url).waiters == 0  # nobody left queued
+    finally:
+        gc.enable()
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
