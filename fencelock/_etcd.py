@@ -510,7 +510,7 @@ class EtcdHolder:
         pfx = self.lock_name + "/"
         start = time.monotonic()
         if not c.claim(my, fail, deadline, cancel):
-            raise SessionContendedError(self.session, self._owner_record(),
+            raise SessionContendedError(self.session, self._owner_record(deadline),
                                         waited=None if fail else time.monotonic() - start)
         self._lease, self._my_key, self._token = lease, my, 0
         self._before = self._wrote = None
@@ -600,7 +600,7 @@ class EtcdHolder:
 
                         raise asyncio.CancelledError()
                     if deadline is not None and now >= deadline:
-                        holder = self._owner_record()
+                        holder = self._owner_record(deadline)
                         raise SessionContendedError(self.session, holder, waited=now - start)
                     if now - watched >= recheck:
                         break  # look again: a watch may not survive an etcd restart
@@ -649,13 +649,15 @@ class EtcdHolder:
         `SessionContendedError`, not etcd failing."""
         now = time.monotonic()
         if deadline is not None and now >= deadline:
-            raise SessionContendedError(self.session, self._owner_record(),
+            raise SessionContendedError(self.session, self._owner_record(deadline),
                                         waited=now - start) from None
 
-    def _owner_record(self) -> HolderInfo | None:
+    def _owner_record(self, deadline: float | None) -> HolderInfo | None:
+        """The owner's record, for the message of a wait that ran out: a request like
+        any near the caller's deadline (bounded by the minimum past it)."""
         with contextlib.suppress(StoreUnavailableError):
             r = self._cluster.call("/kv/range", _range(self.lock_name + "/", prefix=True,
-                                                       first=True)["request_range"])
+                                                       first=True)["request_range"], deadline)
             kvs = r.get("kvs", [])
             if kvs:
                 return _decode_quietly(_unb64(kvs[0].get("value", "")), self.name)
