@@ -478,6 +478,8 @@ class EtcdHolder:
         self._my_key = ""
         self._token = 0
         self._suffix = b""
+        self._lost = ""
+        """Why this holder is lost though its lease may not be (its key was deleted)."""
         self._before: bytes | None = None
         """The session's last record (as stored) before this holder's first one."""
         self._wrote: bytes | None = None
@@ -512,7 +514,7 @@ class EtcdHolder:
         if not c.claim(my, fail, deadline, cancel):
             raise SessionContendedError(self.session, self._owner_record(deadline),
                                         waited=None if fail else time.monotonic() - start)
-        self._lease, self._my_key, self._token = lease, my, 0
+        self._lease, self._my_key, self._token, self._lost = lease, my, 0, ""
         self._before = self._wrote = None
         self._suffix = f',"lease":"{lease.id:x}","store":"etcd"}}'.encode()
         try:
@@ -577,8 +579,11 @@ class EtcdHolder:
             responses = r.get("responses", [])
             if not _kvs(responses[1]):
                 assert self._lease is not None
-                self._lease.lost = self._lease.lost or "its key vanished while it waited"
-                raise StoreUnavailableError(self.url.display, "the lease expired while waiting")
+                if self._key_gone_with_lease(self._lease):
+                    raise StoreUnavailableError(self.url.display,
+                                                "the lease expired while waiting")
+                raise StoreUnavailableError(self.url.display,
+                                            "its key was deleted while it waited")
             ahead = _kvs(responses[0])
             if not ahead:
                 if record is not None:
@@ -694,8 +699,23 @@ class EtcdHolder:
         lease = self._lease
         if not self._my_key or lease is None:
             raise NotHeldError(f"{self.session}: this SessionLock does not hold the session")
+        if self._lost:
+            raise HolderLostError(self.session, self._lost)
         if not lease.alive():
             raise HolderLostError(self.session, lease.lost)
+
+    def _key_gone_with_lease(self, lease: _Lease) -> bool:
+        """Our key is gone: whether the lease went with it (then every holder of this
+        process is lost), or only the key was deleted (by hand, say), and only this
+        holder is. When etcd cannot say, the lease counts as gone."""
+        try:
+            r = self._cluster.call("/kv/lease/timetolive", {"ID": lease.id})
+            gone = int(r.get("TTL", -1)) <= 0
+        except StoreUnavailableError:
+            gone = True
+        if gone:
+            lease.lost = lease.lost or "its etcd lease expired"
+        return gone
 
     def _value(self, record: bytes) -> bytes:
         """The record as stored: with the holder's lease and the store's name."""
@@ -710,8 +730,9 @@ class EtcdHolder:
             [_put(self._my_key, value, self._lease.id), _put(self.last_key, value)],
         )
         if not r.get("succeeded"):
-            self._lease.lost = self._lease.lost or "its key in etcd is gone"
-            raise HolderLostError(self.session, self._lease.lost)
+            self._lost = "its key in etcd is gone"
+            self._key_gone_with_lease(self._lease)
+            raise HolderLostError(self.session, self._lost)
 
     def release(self, record: bytes | None) -> None:
         if record is None:  # never delivered (a failed or cancelled acquire): undo it

@@ -298,6 +298,33 @@ def test_one_key_reached_through_two_paths_is_held_once_in_one_process(
     assert got and got[0][0] > token and not got[0][1], got
 
 
+def test_a_key_deleted_by_hand_loses_its_own_holder_not_the_process_s_others(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """Someone deletes one holder's key (``etcdctl del``): that holder is lost, but the
+    lease all holders of the process share is alive, and so are the others."""
+    other = SessionLock(session.with_name("other.jsonl"), "other", backend=url)
+    other.acquire()
+    lock = SessionLock(session, "deleted", backend=url)
+    lock.acquire()
+    deleted = subprocess.run(_etcdctl(etcd_server, "del", "--prefix", _lock_name(url, session)
+                                      + "/"), capture_output=True, text=True, check=True)
+    assert deleted.stdout.strip() == "1"
+    with pytest.raises(HolderLostError):
+        lock.touch()
+    with pytest.raises(HolderLostError):
+        lock.append({"after": "deleted"})
+    lock.release()
+    other.touch()  # still the holder of its session
+    with SessionLock(session.with_name("third.jsonl"), "third", backend=url):
+        pass  # an acquire after the loss: the lease it uses is the same, kept
+    other.append({"still": "held"})
+    status = probe(session.with_name("other.jsonl"), backend=url)
+    assert status.state == ProbeState.LIVE and status.record is not None
+    assert status.record.lane == "other"
+    other.release()
+
+
 def test_holder_lost_error_is_a_takeover_and_a_coordination_error(session: Path) -> None:
     import pickle
 
