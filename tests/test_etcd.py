@@ -955,7 +955,8 @@ def test_contended_acquires_that_give_up_leave_no_threads_or_connections_behind(
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline().startswith(name + "/")
-        attempt(1)  # the process's lease, its keeper and this thread's connection
+        attempt(0)  # the process's lease, its keeper and this thread's connection
+        attempt(1)  # and an ended waiting thread's
         threads, sockets = threading.active_count(), _sockets()
         for i in range(60):
             attempt(i)
