@@ -171,9 +171,11 @@ class _Watch:
         self._chunks = self._response.iter_content(chunk_size=None)
         self._pending = b""
         self.inline = inline and self._sock is not None  # an inline read needs its timeout
+        self._reader: threading.Thread | None = None
         if not self.inline:
-            threading.Thread(target=self._read, name="fencelock-etcd-watch",
-                             daemon=True).start()
+            self._reader = threading.Thread(target=self._read, name="fencelock-etcd-watch",
+                                            daemon=True)
+            self._reader.start()
 
     def _until_woken(self) -> None:
         """Read the stream until the key's deletion, a cancel or the stream's end."""
@@ -216,6 +218,11 @@ class _Watch:
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
+            if self._reader is not None and self._reader is not threading.current_thread():
+                # The stream ends at once now: let its reader finish with the connection
+                # before this thread's next request can take it from the pool again (two
+                # threads on one connection leave a socket that nobody closes).
+                self._reader.join(_REQUEST_TIMEOUT)
         with contextlib.suppress(Exception):
             self._response.close()
 

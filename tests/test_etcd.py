@@ -931,20 +931,23 @@ def test_contended_acquires_that_give_up_leave_no_threads_or_connections_behind(
     holder = subprocess.Popen(_etcdctl(etcd_server, "lock", name), stdout=subprocess.PIPE,
                               text=True)  # holds the session throughout
 
+    # How each attempt ends is not the point (on a loaded machine etcd may answer a
+    # request cut short by the timeout too late: StoreUnavailableError); none succeeds.
+    gave_up = (asyncio.TimeoutError, SessionContendedError, StoreUnavailableError)
+
     async def give_up(i: int) -> None:
         lock = SessionLock(session, "impatient", backend=url, timeout=0.05)
-        if i % 2:  # cancelled by the caller
-            with pytest.raises(asyncio.TimeoutError):
+        with pytest.raises(gave_up):
+            if i % 2:  # cancelled by the caller
                 await asyncio.wait_for(lock.acquire_async(), 0.05)
-        else:  # its own timeout runs out
-            with pytest.raises(SessionContendedError):
+            else:  # its own timeout runs out
                 await lock.acquire_async()
 
     def attempt(i: int) -> None:
         if i % 3:
             asyncio.run(give_up(i))
         else:
-            with pytest.raises(SessionContendedError):
+            with pytest.raises(gave_up):
                 SessionLock(session, "impatient", backend=url, timeout=0.05).acquire()
         for t in threading.enumerate():  # a waiting thread ends once it gave up
             if t.name in ("fencelock-acquire", "fencelock-etcd-watch"):
