@@ -54,12 +54,19 @@ _CANCEL_STEP = 0.05
 
 
 def _b64(text: str | bytes) -> str:
-    raw = text.encode() if isinstance(text, str) else text
+    # A session name that is not UTF-8 reaches us as os.fsdecode gives it (lone
+    # surrogates): the key is the name's bytes, as the filesystem has them.
+    raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
     return base64.b64encode(raw).decode("ascii")
 
 
 def _unb64(text: str) -> bytes:
     return base64.b64decode(text)
+
+
+def _key_text(kv: dict[str, Any]) -> str:
+    """A key as text, its bytes that are not UTF-8 as os.fsdecode gives them."""
+    return _unb64(kv["key"]).decode("utf-8", "surrogateescape")
 
 
 def _prefix_end(prefix: str) -> str:
@@ -93,6 +100,10 @@ def _delete(key: str) -> dict[str, Any]:
 def _created(key: str, revision: int) -> dict[str, Any]:
     return {"key": _b64(key), "target": "CREATE", "result": "EQUAL",
             "create_revision": revision}
+
+
+def _holds(key: str, value: bytes) -> dict[str, Any]:
+    return {"key": _b64(key), "target": "VALUE", "result": "EQUAL", "value": _b64(value)}
 
 
 def _kvs(response: dict[str, Any]) -> list[dict[str, Any]]:
@@ -169,9 +180,11 @@ class _Watch:
         self._chunks = self._response.iter_content(chunk_size=None)
         self._pending = b""
         self.inline = inline and self._sock is not None  # an inline read needs its timeout
+        self._reader: threading.Thread | None = None
         if not self.inline:
-            threading.Thread(target=self._read, name="fencelock-etcd-watch",
-                             daemon=True).start()
+            self._reader = threading.Thread(target=self._read, name="fencelock-etcd-watch",
+                                            daemon=True)
+            self._reader.start()
 
     def _until_woken(self) -> None:
         """Read the stream until the key's deletion, a cancel or the stream's end."""
@@ -214,10 +227,26 @@ class _Watch:
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
+            if self._reader is not None and self._reader is not threading.current_thread():
+                # The stream ends at once now: let its reader finish with the connection
+                # before it is closed under it (two threads on one connection leave a
+                # socket that nobody closes).
+                self._reader.join(_REQUEST_TIMEOUT)
         with contextlib.suppress(Exception):
             self._response.close()
         with contextlib.suppress(Exception):
             self._session.close()
+
+
+def _close_client(client: Any) -> None:
+    """Close an etcd3gw client's connections now (urllib3 2 closes a pool's connections
+    only once the garbage collector finalizes the pool, not on the session's close)."""
+    with contextlib.suppress(Exception):
+        for adapter in client.session.adapters.values():
+            pools = adapter.poolmanager.pools
+            for key in pools.keys():  # noqa: SIM118 (the container refuses iteration)
+                pools[key].close()
+        client.session.close()
 
 
 class _Cluster:
@@ -233,6 +262,11 @@ class _Cluster:
         self._wake = threading.Event()
         self._preferred = 0
         self._to_revoke: list[int] = []
+        self._claimed: set[str] = set()
+        """Keys that holders of this process have queued (or hold) under the lease."""
+        self._unclaimed = threading.Condition()
+        self._by_thread: dict[threading.Thread, list[Any]] = {}
+        self._by_thread_mu = threading.Lock()
 
     # -- requests ----------------------------------------------------------------
 
@@ -246,6 +280,16 @@ class _Cluster:
                 for host, port in self.url.endpoints
             ]
             self._local.clients = clients
+            # An ended thread's clients hold their connections open until the garbage
+            # collector finds them (each `acquire_async` waits in a thread of its own):
+            # close them now, so that open descriptors do not pile up meanwhile.
+            with self._by_thread_mu:
+                for thread, old in list(self._by_thread.items()):
+                    if not thread.is_alive():
+                        del self._by_thread[thread]
+                        for client in old:
+                            _close_client(client)
+                self._by_thread[threading.current_thread()] = clients
         return clients
 
     def _not_etcd(self, index: int, detail: str) -> str:
@@ -307,6 +351,34 @@ class _Cluster:
         if deadline is not None:
             timeout = max(_MIN_REQUEST_TIMEOUT, min(timeout, deadline - time.monotonic()))
         return _Watch(client, key, start_revision, timeout, self.url.display, inline)
+
+    def claim(self, key: str, fail: bool, deadline: float | None,
+              cancel: threading.Event | None) -> bool:
+        """Reserve ``key`` for one holder of this process, waiting (unless ``fail``) for
+        another holder of it to let it go; False when it stays taken.
+
+        A key is the lock name plus the process's lease: two holders of one process on
+        one lock name (one session seen through two paths, say two mounts of a share)
+        would share one key, and each would take the other's for its own."""
+        with self._unclaimed:
+            while key in self._claimed:
+                if cancel is not None and cancel.is_set():
+                    import asyncio
+
+                    raise asyncio.CancelledError()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if fail or (remaining is not None and remaining <= 0):
+                    return False
+                if cancel is not None:
+                    remaining = min(remaining or _CANCEL_STEP, _CANCEL_STEP)
+                self._unclaimed.wait(remaining)
+            self._claimed.add(key)
+            return True
+
+    def unclaim(self, key: str) -> None:
+        with self._unclaimed:
+            self._claimed.discard(key)
+            self._unclaimed.notify_all()
 
     # -- the lease ---------------------------------------------------------------
 
@@ -399,6 +471,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _raw(kvs: list[dict[str, Any]]) -> bytes | None:
+    """The value of the first key in ``kvs``, None when there is none."""
+    return _unb64(kvs[0].get("value", "")) if kvs else None
+
+
 def _decode(value: bytes, where: str, command: str | None = None) -> HolderInfo | None:
     """A record from a key's value: None for an empty or foreign value."""
     if not value.strip():
@@ -434,11 +511,23 @@ class EtcdHolder:
         self.last_key = f"{url.prefix}/last/{self.key}"
         self.name = f"{url.display}/{self.lock_name}"
         self.last_name = f"{url.display}/{self.last_key}"
-        self._cluster = cluster(url)
         self._lease: _Lease | None = None
         self._my_key = ""
         self._token = 0
         self._suffix = b""
+        self._lost = ""
+        """Why this holder is lost though its lease may not be (its key was deleted)."""
+        self._before: bytes | None = None
+        """The session's last record (as stored) before this holder's first one."""
+        self._wrote: bytes | None = None
+        """What this holder last put (or tried to put) as the session's last record,
+        since it queued; None while it has written nothing there."""
+
+    @property
+    def _cluster(self) -> _Cluster:
+        # Looked up on each use, not kept: a holder made before a fork must use the
+        # child's own cluster (its own lease and connections), never the parent's.
+        return cluster(self.url)
 
     @property
     def lease_id(self) -> int | None:
@@ -458,24 +547,37 @@ class EtcdHolder:
         lease = c.lease(deadline)
         my = f"{self.lock_name}/{lease.id:x}"
         pfx = self.lock_name + "/"
-        r = c.txn(
-            [_created(my, 0)],
-            [_put(my, b"", lease.id), _range(pfx, prefix=True, first=True),
-             _range(self.last_key)],
-            [_range(my), _range(pfx, prefix=True, first=True), _range(self.last_key)],
-            deadline,
-        )
+        start = time.monotonic()
+        if not c.claim(my, fail, deadline, cancel):
+            raise SessionContendedError(self.session, self._owner_record(deadline),
+                                        waited=None if fail else time.monotonic() - start)
+        self._lease, self._my_key, self._token, self._lost = lease, my, 0, ""
+        self._before = self._wrote = None
+        self._suffix = f',"lease":"{lease.id:x}","store":"etcd"}}'.encode()
+        try:
+            r = c.txn(
+                [_created(my, 0)],
+                [_put(my, b"", lease.id), _range(pfx, prefix=True, first=True),
+                 _range(self.last_key)],
+                [_range(my), _range(pfx, prefix=True, first=True), _range(self.last_key)],
+                deadline,
+            )
+        except BaseException:
+            # Unanswered is not undone: etcd may have queued the key, under a lease this
+            # process keeps alive. Take it out (or give the lease up).
+            self._abandon()
+            raise
         responses = r.get("responses", [])
         if r.get("succeeded"):
             revision = int(r["header"]["revision"])
         else:
             revision = int(_kvs(responses[0])[0]["create_revision"])
-        self._lease, self._my_key, self._token = lease, my, revision
-        self._suffix = f',"lease":"{lease.id:x}","store":"etcd"}}'.encode()
+        self._token = revision
         try:
             owner = _kvs(responses[1])
             if owner and int(owner[0]["create_revision"]) == revision:
                 if record is not None:
+                    self._before = _raw(_kvs(responses[2]))
                     self.write(record(revision, self._last_checked(_kvs(responses[2]))))
                 return revision
             if fail:
@@ -522,14 +624,17 @@ class EtcdHolder:
             responses = r.get("responses", [])
             if not _kvs(responses[1]):
                 assert self._lease is not None
-                self._lease.lost = self._lease.lost or "its key vanished while it waited"
-                raise StoreUnavailableError(self.url.display, "the lease expired while waiting")
+                if self._key_gone_with_lease(self._lease):
+                    raise StoreUnavailableError(self.url.display,
+                                                "the lease expired while waiting")
+                raise StoreUnavailableError(self.url.display,
+                                            "its key was deleted while it waited")
             ahead = _kvs(responses[0])
             if not ahead:
                 if record is not None:
                     self.write(record(revision, self._last_checked(_kvs(responses[2]))))
                 return
-            key = _unb64(ahead[0]["key"]).decode()
+            key = _key_text(ahead[0])
             try:
                 watch = c.watch(key, int(r["header"]["revision"]) + 1, deadline,
                                 inline=cancel is None)
@@ -545,7 +650,7 @@ class EtcdHolder:
 
                         raise asyncio.CancelledError()
                     if deadline is not None and now >= deadline:
-                        holder = self._owner_record()
+                        holder = self._owner_record(deadline)
                         raise SessionContendedError(self.session, holder, waited=now - start)
                     if now - watched >= recheck:
                         break  # look again: a watch may not survive an etcd restart
@@ -569,6 +674,7 @@ class EtcdHolder:
                 # Ours if every key left is no older than ours: check and write at once
                 # (before closing the watch, which costs a moment).
                 value = self._value(record(revision, None))
+                self._before, self._wrote = _raw(_kvs(responses[2])), value
                 r = c.txn(
                     [_created(self._my_key, revision),
                      {**_created(pfx, revision - 1), "range_end": _b64(_prefix_end(pfx)),
@@ -580,6 +686,7 @@ class EtcdHolder:
                     look,
                 )
                 if r.get("succeeded"):
+                    self._before = _raw(_kvs(r.get("responses", [{}])[0]))
                     old = self._last(_kvs(r.get("responses", [{}])[0]))
                     if old is not None and old.state is State.HELD:
                         self.write(record(revision, old))  # took over a stale run: say whose
@@ -592,28 +699,44 @@ class EtcdHolder:
         `SessionContendedError`, not etcd failing."""
         now = time.monotonic()
         if deadline is not None and now >= deadline:
-            raise SessionContendedError(self.session, self._owner_record(),
+            raise SessionContendedError(self.session, self._owner_record(deadline),
                                         waited=now - start) from None
 
-    def _owner_record(self) -> HolderInfo | None:
+    def _owner_record(self, deadline: float | None) -> HolderInfo | None:
+        """The owner's record, for the message of a wait that ran out: a request like
+        any near the caller's deadline (bounded by the minimum past it)."""
         with contextlib.suppress(StoreUnavailableError):
             r = self._cluster.call("/kv/range", _range(self.lock_name + "/", prefix=True,
-                                                       first=True)["request_range"])
+                                                       first=True)["request_range"], deadline)
             kvs = r.get("kvs", [])
             if kvs:
                 return _decode_quietly(_unb64(kvs[0].get("value", "")), self.name)
         return None
 
     def _abandon(self) -> None:
-        """Take our key out of the queue (a failed or given-up acquire)."""
-        my, lease = self._my_key, self._lease
-        self._my_key, self._token = "", 0
+        """Take our key out of the queue (a failed or given-up acquire). A first record
+        that may have been written is taken back too: the session's last record is again
+        what it was before (unless someone wrote another since), as if this acquire had
+        never happened; otherwise the session would read as stale, its run never ran."""
+        my, lease, token = self._my_key, self._lease, self._token
+        before, wrote = self._before, self._wrote
+        self._my_key, self._token, self._before, self._wrote = "", 0, None, None
         if not my or lease is None:
             return
+        c = self._cluster
         try:
-            self._cluster.txn([], [_delete(my)])
+            if wrote is not None and token:
+                undo = _put(self.last_key, before) if before is not None else \
+                    _delete(self.last_key)
+                r = c.txn([_created(my, token), _holds(self.last_key, wrote)],
+                          [undo, _delete(my)])
+                if r.get("succeeded"):
+                    return
+            c.txn([], [_delete(my)])
         except StoreUnavailableError:
-            self._cluster.drop(lease, "a queued key could not be removed")
+            c.drop(lease, "a queued key could not be removed")
+        finally:
+            c.unclaim(my)
 
     # -- while held --------------------------------------------------------------
 
@@ -621,8 +744,23 @@ class EtcdHolder:
         lease = self._lease
         if not self._my_key or lease is None:
             raise NotHeldError(f"{self.session}: this SessionLock does not hold the session")
+        if self._lost:
+            raise HolderLostError(self.session, self._lost)
         if not lease.alive():
             raise HolderLostError(self.session, lease.lost)
+
+    def _key_gone_with_lease(self, lease: _Lease) -> bool:
+        """Our key is gone: whether the lease went with it (then every holder of this
+        process is lost), or only the key was deleted (by hand, say), and only this
+        holder is. When etcd cannot say, the lease counts as gone."""
+        try:
+            r = self._cluster.call("/kv/lease/timetolive", {"ID": lease.id})
+            gone = int(r.get("TTL", -1)) <= 0
+        except StoreUnavailableError:
+            gone = True
+        if gone:
+            lease.lost = lease.lost or "its etcd lease expired"
+        return gone
 
     def _value(self, record: bytes) -> bytes:
         """The record as stored: with the holder's lease and the store's name."""
@@ -631,29 +769,33 @@ class EtcdHolder:
     def write(self, record: bytes) -> None:
         self.check()
         assert self._lease is not None
-        value = self._value(record)
+        value = self._wrote = self._value(record)
         r = self._cluster.txn(
             [_created(self._my_key, self._token)],
             [_put(self._my_key, value, self._lease.id), _put(self.last_key, value)],
         )
         if not r.get("succeeded"):
-            self._lease.lost = self._lease.lost or "its key in etcd is gone"
-            raise HolderLostError(self.session, self._lease.lost)
+            self._lost = "its key in etcd is gone"
+            self._key_gone_with_lease(self._lease)
+            raise HolderLostError(self.session, self._lost)
 
     def release(self, record: bytes | None) -> None:
+        if record is None:  # never delivered (a failed or cancelled acquire): undo it
+            self._abandon()
+            return
         my, lease, token = self._my_key, self._lease, self._token
-        self._my_key, self._token = "", 0
+        self._my_key, self._token, self._before, self._wrote = "", 0, None, None
         if not my or lease is None:
             return
-        ops = [_delete(my)]
-        if record is not None:
-            ops.insert(0, _put(self.last_key, self._value(record)))
+        ops = [_put(self.last_key, self._value(record)), _delete(my)]
         try:
             self._cluster.txn([_created(my, token)], ops)
         except StoreUnavailableError:
             # The key must not stay behind under a lease this process keeps alive.
             self._cluster.drop(lease, "a release could not be stored")
             raise
+        finally:
+            self._cluster.unclaim(my)
 
     # -- from outside ------------------------------------------------------------
 
@@ -667,7 +809,7 @@ class EtcdHolder:
             if not kvs:
                 return True
             try:
-                watch = c.watch(_unb64(kvs[0]["key"]).decode(),
+                watch = c.watch(_key_text(kvs[0]),
                                 int(r["header"]["revision"]) + 1, deadline)
             except StoreUnavailableError:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -704,13 +846,12 @@ class EtcdHolder:
             return found
         self.acquire(True, time.monotonic() + _REQUEST_TIMEOUT * 2, None, None)
         my, token = self._my_key, self._token
-        self._my_key, self._token = "", 0
-        ops = [_delete(my)]
         aside = None
         try:
             r = self._cluster.txn([], [_range(self.last_key)], [])
             kvs = _kvs(r.get("responses", [{}])[0])
             value = _unb64(kvs[0].get("value", "")) if kvs else b""
+            ops = [_delete(my)]
             try:
                 old = _decode(value, self.last_name, _clear_command(self.url, self.session))
             except CorruptRecordError:
@@ -721,17 +862,21 @@ class EtcdHolder:
                          f"{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(8).hex()}")
                 ops[:0] = [_put(aside, value), _delete(self.last_key)]
                 old = None
+            if aside is None and remove:
+                ops.insert(0, _delete(self.last_key))
+            elif old is not None and old.state is State.HELD:
+                ops.insert(0, _put(self.last_key,
+                                   replace(old, state=State.RELEASED).encode()))
+            compare = [_created(my, token)]
+            if aside is not None:
+                compare.append(_created(aside, 0))
+            r = self._cluster.txn(compare, ops, [_delete(my)])
         except BaseException:
-            self._cluster.txn([_created(my, token)], [_delete(my)])
+            # The key must not stay queued under a lease this process keeps alive.
+            self._abandon()
             raise
-        if aside is None and remove:
-            ops.insert(0, _delete(self.last_key))
-        elif old is not None and old.state is State.HELD:
-            ops.insert(0, _put(self.last_key, replace(old, state=State.RELEASED).encode()))
-        compare = [_created(my, token)]
-        if aside is not None:
-            compare.append(_created(aside, 0))
-        r = self._cluster.txn(compare, ops, [_delete(my)])
+        self._cluster.unclaim(my)
+        self._my_key, self._token = "", 0
         if aside is not None:
             if not r.get("succeeded"):  # the lock is ours, so the new name was taken
                 raise CorruptRecordError(self.last_name, "its set-aside name was taken; "
@@ -798,10 +943,10 @@ def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
     responses = r.get("responses", [{}, {}])
     queues: dict[str, list[dict[str, Any]]] = {}
     for kv in _kvs(responses[0]):
-        name = _unb64(kv["key"]).decode(errors="replace")[len(sessions):]
+        name = _key_text(kv)[len(sessions):]
         key, _, _lease = name.rpartition("/")
         queues.setdefault(key, []).append(kv)
-    last = {_unb64(kv["key"]).decode(errors="replace")[len(lasts):]: kv
+    last = {_key_text(kv)[len(lasts):]: kv
             for kv in _kvs(responses[1])}
     for key in sorted(set(queues) | set(last)):
         queue = sorted(queues.get(key, []), key=lambda kv: int(kv["create_revision"]))
@@ -837,7 +982,7 @@ def names_in(url: EtcdURL, directory: str) -> set[str]:
         r = cluster(url).call("/kv/range", {**_range(pfx, prefix=True)["request_range"],
                                             "keys_only": True})
         for kv in r.get("kvs", []):
-            rest = _unb64(kv["key"]).decode(errors="replace")[len(pfx):]
+            rest = _key_text(kv)[len(pfx):]
             name = rest.split("/", 1)[0] if kind == "sessions" else rest
             if rest.count("/") == (1 if kind == "sessions" else 0):
                 found.add(name)

@@ -3,6 +3,7 @@ sides, lost leases (a paused holder), etcd killed and restarted, etcd unreachabl
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -208,6 +209,43 @@ def test_a_forked_child_takes_sessions_of_its_own_and_leaves_the_parent_s_lease(
     lock.release()
 
 
+def _child_uses_a_lock_made_before_the_fork(lock: SessionLock, conn: Connection) -> None:
+    """In a forked child: acquire through a SessionLock the parent made (not held)."""
+    try:
+        lock.acquire()
+        conn.send(("acquired", lock.info.token if lock.info is not None else None))
+    except SessionContendedError as e:
+        conn.send(("contended", e.holder.pid if e.holder is not None else None))
+    except BaseException as e:
+        conn.send(("error", repr(e)))
+    finally:
+        conn.close()
+
+
+def test_a_lock_made_before_a_fork_is_the_child_s_own_in_the_child(
+    session: Path, url: str
+) -> None:
+    import multiprocessing
+
+    held = SessionLock(session, "parent", backend=url)
+    held.acquire()
+    made_before = SessionLock(session, "child", backend=url, on_contention="fail")
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_child_uses_a_lock_made_before_the_fork,
+                        args=(made_before, there))
+    child.start()
+    there.close()
+    reply = here.recv()
+    child.join(60)
+    here.close()
+    # Through the parent's lease the child would find the parent's key and take it
+    # for its own: the session held twice.
+    assert reply == ("contended", os.getpid()), reply
+    held.append({"after": "fork"})
+    held.release()
+
+
 def test_a_holder_paused_past_its_lease_never_writes_after_the_takeover(
     session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -231,6 +269,64 @@ def test_a_holder_paused_past_its_lease_never_writes_after_the_takeover(
         a.kill(signal.SIGCONT)
     whos = [json.loads(line)["who"] for line in session.read_text().splitlines()]
     assert whos == ["a1", "b1", "b2"]
+
+
+def test_one_key_reached_through_two_paths_is_held_once_in_one_process(
+    tmp_path: Path, url: str
+) -> None:
+    """Two paths with one session key (one share seen through two mounts; here, two
+    roots) name one lock. Two processes would each queue a key of their own; two
+    holders of one process share its lease, so they must not share its key."""
+    first_dir, second_dir = tmp_path / "mount-a", tmp_path / "mount-b"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    through_a, through_b = f"{url}&root={first_dir}", f"{url}&root={second_dir}"
+    first = SessionLock(first_dir / "s.jsonl", "first", backend=through_a)
+    token = first.acquire().token
+    with pytest.raises(SessionContendedError) as err:
+        SessionLock(second_dir / "s.jsonl", "second", backend=through_b,
+                    on_contention="fail").acquire()
+    assert err.value.holder is not None and err.value.holder.lane == "first"
+    got: list[tuple[int, bool]] = []
+
+    def second() -> None:
+        lock = SessionLock(second_dir / "s.jsonl", "second", backend=through_b)
+        got.append((lock.acquire().token, first.held))
+        lock.release()
+
+    t = threading.Thread(target=second)
+    t.start()
+    first.append({"n": 1})  # still the holder: nobody took its key
+    first.release()
+    t.join(60)
+    assert got and got[0][0] > token and not got[0][1], got
+
+
+def test_a_key_deleted_by_hand_loses_its_own_holder_not_the_process_s_others(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """Someone deletes one holder's key (``etcdctl del``): that holder is lost, but the
+    lease all holders of the process share is alive, and so are the others."""
+    other = SessionLock(session.with_name("other.jsonl"), "other", backend=url)
+    other.acquire()
+    lock = SessionLock(session, "deleted", backend=url)
+    lock.acquire()
+    deleted = subprocess.run(_etcdctl(etcd_server, "del", "--prefix", _lock_name(url, session)
+                                      + "/"), capture_output=True, text=True, check=True)
+    assert deleted.stdout.strip() == "1"
+    with pytest.raises(HolderLostError):
+        lock.touch()
+    with pytest.raises(HolderLostError):
+        lock.append({"after": "deleted"})
+    lock.release()
+    other.touch()  # still the holder of its session
+    with SessionLock(session.with_name("third.jsonl"), "third", backend=url):
+        pass  # an acquire after the loss: the lease it uses is the same, kept
+    other.append({"still": "held"})
+    status = probe(session.with_name("other.jsonl"), backend=url)
+    assert status.state == ProbeState.LIVE and status.record is not None
+    assert status.record.lane == "other"
+    other.release()
 
 
 def test_holder_lost_error_is_a_takeover_and_a_coordination_error(session: Path) -> None:
@@ -853,3 +949,234 @@ def test_run_on_etcd_frees_at_once_or_keeps_what_the_command_left_running(
         f.write("go\n")  # the leftover exits
     with SessionLock(session, "then", backend=url, timeout=60) as then:
         assert then.info is not None and then.info.previous is None  # it was released
+
+
+# -- answers lost on the way back ------------------------------------------------------
+
+
+class _LossyLink:
+    """A TCP relay in front of etcd that can lose one answer, as a network failing at
+    that moment does: it passes the request on, and when etcd's answer comes back it
+    closes the client's connection instead of passing the answer on. etcd did what was
+    asked; the client cannot know."""
+
+    def __init__(self, server: EtcdServer) -> None:
+        import socket
+
+        self._upstream = ("127.0.0.1", server.client_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._mu = threading.Lock()
+        self._marker = b""
+        self._nth = 0
+        self._socks: list[socket.socket] = []
+        self.lost = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, prefix: str, ttl: int = 30) -> str:
+        return f"etcd://127.0.0.1:{self.port}/{prefix}?ttl={ttl}"
+
+    def lose_answer(self, marker: bytes, nth: int = 1) -> None:
+        """Lose the answer to the ``nth`` request from now whose bytes hold ``marker``."""
+        with self._mu:
+            self._marker, self._nth = marker, nth
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._upstream)
+            with self._mu:
+                self._socks += [client, upstream]
+            lose = threading.Event()
+            threading.Thread(target=self._pass_requests, args=(client, upstream, lose),
+                             daemon=True).start()
+            threading.Thread(target=self._pass_answers, args=(upstream, client, lose),
+                             daemon=True).start()
+
+    def _pass_requests(self, client: Any, upstream: Any, lose: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(1 << 16):
+                with self._mu:
+                    if self._nth and self._marker in data:
+                        self._nth -= 1
+                        if not self._nth:
+                            lose.set()  # before etcd can answer
+                upstream.sendall(data)
+        with contextlib.suppress(OSError):
+            upstream.shutdown(2)
+
+    def _pass_answers(self, upstream: Any, client: Any, lose: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := upstream.recv(1 << 16):
+                if lose.is_set():
+                    self.lost.set()
+                    break
+                client.sendall(data)
+        for sock in (client, upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(2)
+            sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        with self._mu:
+            for sock in self._socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(2)
+                sock.close()
+
+
+@pytest.fixture
+def lossy(etcd_server: EtcdServer) -> Iterator[_LossyLink]:
+    link = _LossyLink(etcd_server)
+    yield link
+    link.close()
+
+
+def test_an_acquire_whose_answer_was_lost_leaves_no_key_queued(
+    session: Path, url: str, lossy: _LossyLink
+) -> None:
+    prefix = url.split("/", 3)[3].split("?")[0]
+    through = lossy.url(prefix)
+    lossy.lose_answer(b"/kv/txn")  # the acquire's first transaction: the put of its key
+    with pytest.raises(StoreUnavailableError):
+        SessionLock(session, "unanswered", backend=through, on_contention="fail").acquire()
+    assert lossy.lost.is_set()  # etcd answered: the put happened
+    # Left in etcd, the key would hold the session for as long as this process renews
+    # its lease: a holder without a record that nobody runs.
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.FREE, status
+    with SessionLock(session, "next", backend=url, on_contention="fail") as lock:
+        assert lock.held
+
+
+def test_a_clear_whose_answer_was_lost_leaves_no_key_queued(
+    session: Path, url: str, lossy: _LossyLink
+) -> None:
+    from fencelock import clear
+
+    prefix = url.split("/", 3)[3].split("?")[0]
+    through = lossy.url(prefix)
+    with SessionLock(session, "earlier", backend=url):
+        pass
+    lossy.lose_answer(b"/kv/txn", nth=2)  # clear's read of the last record, once it holds
+    with pytest.raises(StoreUnavailableError):
+        clear(session, remove=True, backend=through)
+    assert lossy.lost.is_set()
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.FREE, status
+    with SessionLock(session, "next", backend=url, on_contention="fail") as lock:
+        assert lock.held
+
+
+def test_a_waiter_whose_taking_over_was_not_answered_leaves_the_record_as_it_was(
+    session: Path, url: str, etcd_server: EtcdServer, lossy: _LossyLink
+) -> None:
+    import time
+
+    prefix = url.split("/", 3)[3].split("?")[0]
+    with SessionLock(session, "earlier", backend=url):
+        pass  # the session's last record: a run that ended cleanly
+    name = _lock_name(url, session)
+    holder = subprocess.Popen(_etcdctl(etcd_server, "lock", name), stdout=subprocess.PIPE,
+                              text=True)  # a holder in another process
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            SessionLock(session, "waiter", backend=lossy.url(prefix)).acquire()
+        except BaseException as e:
+            outcome.append(e)
+
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().startswith(name + "/")
+        t = threading.Thread(target=wait, daemon=True)
+        t.start()
+        give_up = time.monotonic() + 60
+        while not _reading_its_watch(t):  # queued behind the holder, watching its key
+            assert t.is_alive() and time.monotonic() < give_up, outcome
+            time.sleep(0.005)
+        lossy.lose_answer(b"/kv/txn")  # the waiter's turn: check, then write its record
+        holder.send_signal(signal.SIGTERM)  # etcdctl unlocks on SIGTERM
+        t.join(60)
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert not t.is_alive() and lossy.lost.is_set()
+    assert outcome and isinstance(outcome[0], StoreUnavailableError), outcome
+    # Left as it was written, the waiter's record would say held by a run that never
+    # got the session: stale.
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.FREE, status
+    assert status.record is not None and status.record.lane == "earlier"
+
+
+def _sockets() -> int:
+    """This process's open sockets."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_contended_acquires_that_give_up_leave_no_threads_or_connections_behind(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    import asyncio
+    import gc
+
+    name = _lock_name(url, session)
+    holder = subprocess.Popen(_etcdctl(etcd_server, "lock", name), stdout=subprocess.PIPE,
+                              text=True)  # holds the session throughout
+
+    # How each attempt ends is not the point (on a loaded machine etcd may answer a
+    # request cut short by the timeout too late: StoreUnavailableError); none succeeds.
+    gave_up = (asyncio.TimeoutError, SessionContendedError, StoreUnavailableError)
+
+    async def give_up(i: int) -> None:
+        lock = SessionLock(session, "impatient", backend=url, timeout=0.05)
+        with pytest.raises(gave_up):
+            if i % 2:  # cancelled by the caller
+                await asyncio.wait_for(lock.acquire_async(), 0.05)
+            else:  # its own timeout runs out
+                await lock.acquire_async()
+
+    def attempt(i: int) -> None:
+        if i % 3:
+            asyncio.run(give_up(i))
+        else:
+            with pytest.raises(gave_up):
+                SessionLock(session, "impatient", backend=url, timeout=0.05).acquire()
+        for t in threading.enumerate():  # a waiting thread ends once it gave up
+            if t.name in ("fencelock-acquire", "fencelock-etcd-watch"):
+                t.join(60)
+                assert not t.is_alive(), t
+
+    gc.disable()  # what the garbage collector would close must be closed anyway
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().startswith(name + "/")
+        attempt(0)  # the process's lease, its keeper and this thread's connection
+        attempt(1)  # and an ended waiting thread's
+        threads, sockets = threading.active_count(), _sockets()
+        for i in range(60):
+            attempt(i)
+        assert threading.active_count() <= threads
+        assert _sockets() <= sockets + 2, (sockets, _sockets())  # the last thread's
+        assert probe(session, backend=url).waiters == 0  # nobody left queued
+    finally:
+        gc.enable()
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()

@@ -254,3 +254,43 @@ def test_hold_coprocess_turn_and_a_second_hold_is_refused(
     status = probe(session, backend=backend)
     assert status.state == ProbeState.FREE and status.record is not None
     assert status.record.state == "released"
+
+
+@pytest.mark.parametrize("before", ["none", "released"])
+def test_an_acquire_cancelled_as_it_gets_the_session_leaves_the_record_as_it_was(
+    session: Path, before: str
+) -> None:
+    """The caller gave up (its cancellation event is set) just as the store gave the
+    session to it: the acquire takes its record back, so the session reads as before,
+    not as stale (a run that never ran did not die mid-run)."""
+    if before == "released":
+        with SessionLock(session, "earlier"):
+            pass
+    was = probe(session)
+    lock = SessionLock(session, "cancelled")
+    gave_up = threading.Event()
+    gave_up.set()  # set before the store's lock is taken: the check after it sees it
+    with pytest.raises(asyncio.CancelledError):
+        lock._acquire(threading.get_ident(), None, gave_up)
+    assert not lock.held
+    now = probe(session)
+    assert now.state == ProbeState.FREE, now
+    assert (now.record is None) == (was.record is None), now
+    if was.record is not None and now.record is not None:
+        assert (now.record.lane, now.record.state, now.record.token) == (
+            "earlier", "released", was.record.token)
+    with SessionLock(session, "next", on_contention="fail") as after:
+        assert after.info is not None and after.info.previous is None
+
+
+def test_a_session_whose_name_is_not_utf8_is_held_probed_and_scanned(session: Path) -> None:
+    import os
+
+    odd = session.with_name(os.fsdecode(b"caf\xe9-4f1c.jsonl"))  # Latin-1, as files come
+    with SessionLock(odd, "odd") as lock:
+        lock.append({"n": 1})
+        assert probe(odd).state == ProbeState.LIVE
+        rows = [(s.session, s.state) for s in scan(odd.parent)]
+        assert rows == [(str(odd), ProbeState.LIVE)], rows
+    assert probe(odd).state == ProbeState.FREE
+    assert [s.session for s in scan(odd.parent)] == [str(odd)]
