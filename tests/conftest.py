@@ -242,9 +242,10 @@ def foreign_holder() -> Iterator[SpawnForeignHolder]:
 # reaches holder processes through FENCELOCK_BACKEND, as it would reach a real run.
 
 STORES = ("sidecar", "etcd")
-TEST_TTL = 4
+TEST_TTL = 6
 """Short, so a killed holder's session turns stale soon; long enough that a loaded
-machine still renews leases in time."""
+machine still renews leases in time (a holder counts itself lost 5 s after its last
+renewal; with 4 s, a run at load average 12 once lost a lease it still had)."""
 
 
 @pytest.fixture(scope="session")
