@@ -332,6 +332,14 @@ def bench_cycle(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
     return rows
 
 
+def settle() -> None:
+    """Write out every dirty page now (``sync``): a figure taken while the kernel
+    flushes thousands of files the benchmark just made or removed would time the flush,
+    on a disk the fsync rows and etcd share."""
+    if hasattr(os, "sync"):
+        os.sync()
+
+
 def _crowd(directory: Path, n: int) -> None:
     """``n`` sessions with released records, made with bare syscalls (as fast as can be)."""
     directory.mkdir(parents=True)
@@ -367,6 +375,7 @@ def bench_first_acquire(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         d = base / f"first-{n}"
         _progress(quiet, f"cycle first acquire among {n} sessions: making them")
         _crowd(d, n)
+        settle()
         _progress(quiet, f"cycle first acquire among {n} sessions: fencelock, raw, floor")
         values: dict[str, float | None] = dict(_time_side_by_side(
             {peer: _first_cycle_fn(peer, d) for peer in ("fencelock", "raw", "floor")},
@@ -381,6 +390,7 @@ def bench_first_acquire(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         ))
         rows.append(_floor_row(row_id, floor, values))
         shutil.rmtree(d, ignore_errors=True)
+        settle()
     return rows
 
 
@@ -689,6 +699,7 @@ def make_scan_dir(path: Path, n: int) -> ScanDir:
         proc = _CTX.Process(target=_make_stale, args=(stale[i : i + 2000],))
         proc.start()
         proc.join()
+    settle()
     result = ScanDir(path, {"free": len(free) + len(released), "stale": len(stale),
                             "live": len(live)})
     if live:
@@ -1119,21 +1130,20 @@ def run(sizes: Sizes, sections: Sequence[str], directory: str | None, keep: bool
         if not available(peer):
             report.skipped.append(f"{peer} columns: {peer} is not installed "
                                   "(pip install 'fencelock[bench]')")
+    steps: list[tuple[str, Callable[[], list[Row]]]] = [
+        ("cycle", lambda: bench_cycle(base / "cycle", sizes, quiet)),
+        ("handoff", lambda: bench_handoff(base, sizes, quiet)),
+        ("appends", lambda: bench_appends(base, sizes, quiet, report)),
+        ("scan", lambda: bench_scan(base, sizes, quiet, report)),
+        ("cold", lambda: bench_cold(base, sizes, quiet, report)),
+        ("scaling", lambda: bench_scaling(base / "scaling", sizes, quiet)),
+        ("etcd", lambda: bench_etcd(base / "etcd", sizes, quiet, report)),
+    ]
     try:
-        if "cycle" in sections:
-            report.rows += bench_cycle(base / "cycle", sizes, quiet)
-        if "handoff" in sections:
-            report.rows += bench_handoff(base, sizes, quiet)
-        if "appends" in sections:
-            report.rows += bench_appends(base, sizes, quiet, report)
-        if "scan" in sections:
-            report.rows += bench_scan(base, sizes, quiet, report)
-        if "cold" in sections:
-            report.rows += bench_cold(base, sizes, quiet, report)
-        if "scaling" in sections:
-            report.rows += bench_scaling(base / "scaling", sizes, quiet)
-        if "etcd" in sections:
-            report.rows += bench_etcd(base / "etcd", sizes, quiet, report)
+        for name, step in steps:
+            if name in sections:
+                settle()  # what the last section wrote must not be flushed during this one
+                report.rows += step()
     finally:
         if keep:
             report.notes.append(f"files kept in {base}")
