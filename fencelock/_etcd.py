@@ -51,6 +51,8 @@ whether the request took effect)."""
 _ASCEND, _DESCEND = 1, 2
 _BY_CREATE = 2  # SortTarget: KEY, VERSION, CREATE, MOD, VALUE
 _CANCEL_STEP = 0.05
+_RETRY_PAUSE = 0.2
+"""How long a waiter that cannot reach etcd pauses before it looks again."""
 
 
 def _b64(text: str | bytes) -> str:
@@ -639,8 +641,8 @@ class EtcdHolder:
                 watch = c.watch(key, int(r["header"]["revision"]) + 1, deadline,
                                 inline=cancel is None)
             except StoreUnavailableError:
-                self._ran_out(deadline, start)
-                raise
+                r = self._look_again(look, deadline, start, cancel, failed=True)
+                continue
             try:
                 watched = time.monotonic()
                 while True:
@@ -665,11 +667,7 @@ class EtcdHolder:
                 if not self._lease.alive():
                     raise StoreUnavailableError(self.url.display, self._lease.lost)
                 if not watch.deleted or record is None:
-                    try:
-                        r = c.txn([], look, [], deadline)
-                    except StoreUnavailableError:
-                        self._ran_out(deadline, start)
-                        raise
+                    r = self._look_again(look, deadline, start, cancel)
                     continue
                 # Ours if every key left is no older than ours: check and write at once
                 # (before closing the watch, which costs a moment).
@@ -693,6 +691,33 @@ class EtcdHolder:
                     return
             finally:
                 watch.stop()
+
+    def _look_again(self, look: list[dict[str, Any]], deadline: float | None, start: float,
+                    cancel: threading.Event | None, failed: bool = False) -> dict[str, Any]:
+        """The waiter's look at the queue, tried again while etcd cannot be reached but
+        the waiter's lease may still be alive (``failed``: the last try already failed).
+        A restarted etcd restores leases and keys, so a waiter rides out a restart as a
+        holder does; past its deadline the wait ran out, and once its lease may have
+        expired etcd counts as unavailable."""
+        while True:
+            if not failed:
+                try:
+                    return self._cluster.txn([], look, [], deadline)
+                except StoreUnavailableError:
+                    pass
+            failed = False
+            self._ran_out(deadline, start)
+            assert self._lease is not None
+            if not self._lease.alive():
+                raise StoreUnavailableError(self.url.display, self._lease.lost)
+            if cancel is not None and cancel.is_set():
+                import asyncio
+
+                raise asyncio.CancelledError()
+            pause = _RETRY_PAUSE
+            if deadline is not None:
+                pause = max(0.0, min(pause, deadline - time.monotonic()))
+            (cancel or threading.Event()).wait(pause)
 
     def _ran_out(self, deadline: float | None, start: float) -> None:
         """A request cut short by the caller's deadline: the wait ran out, which is

@@ -411,6 +411,58 @@ def test_holders_carry_on_through_an_etcd_restart_within_their_lease(
     assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2]
 
 
+_HOLD_UNTIL_TOLD = """
+import sys
+from fencelock import SessionLock
+lock = SessionLock(sys.argv[1], "before-restart", backend=sys.argv[2])
+print(lock.acquire().token, flush=True)
+sys.stdin.readline()
+lock.release()
+print("released", flush=True)
+"""
+
+
+def test_a_waiter_rides_out_an_etcd_restart_and_gets_the_session(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    import time
+
+    url = own_etcd.url("restart-wait", ttl=30)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_UNTIL_TOLD, str(session), url],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    outcome: list[object] = []
+
+    def wait() -> None:
+        try:
+            outcome.append(SessionLock(session, "waiter", backend=url).acquire().token)
+        except BaseException as e:
+            outcome.append(e)
+
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        token = int(holder.stdout.readline())
+        t = threading.Thread(target=wait, daemon=True)
+        t.start()
+        give_up = time.monotonic() + 60
+        while not _reading_its_watch(t):
+            assert t.is_alive() and time.monotonic() < give_up, outcome
+            time.sleep(0.005)
+        own_etcd.kill(signal.SIGKILL)  # the waiter's stream ends; etcd refuses its look
+        own_etcd.start()
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == "released\n"
+        t.join(60)  # a guard against a hang, not a measurement
+        assert not t.is_alive() and len(outcome) == 1
+        assert isinstance(outcome[0], int) and outcome[0] > token, outcome
+    finally:
+        holder.kill()
+        holder.wait()
+        for f in (holder.stdin, holder.stdout):
+            if f is not None:
+                f.close()
+
+
 def test_unreachable_etcd_raises_store_unavailable_instead_of_hanging(
     session: Path, own_etcd: EtcdServer
 ) -> None:
