@@ -227,10 +227,14 @@ class SessionLock:
 
     @staticmethod
     def check_lane(lane: str) -> None:
-        """Raise ValueError for a lane no record can carry: longer than
-        `_record.MAX_TEXT` characters, or not valid UTF-8 text (a name with bytes that
-        are not UTF-8, as ``os.fsdecode`` gives them, would reach the record as escapes
-        of lone surrogates, which strict JSON readers reject)."""
+        """Raise ValueError for a lane no record can carry: empty or blank (status would
+        show no lane), longer than `_record.MAX_TEXT` characters, or not valid UTF-8
+        text (a name with bytes that are not UTF-8, as ``os.fsdecode`` gives them, would
+        reach the record as escapes of lone surrogates, which strict JSON readers
+        reject)."""
+        if not lane.strip():
+            raise ValueError("lane is empty; name the lane (for example 'cron' or "
+                             "'heartbeat')")
         if len(lane) > _record.MAX_TEXT:
             raise ValueError(f"lane is longer than {_record.MAX_TEXT} characters")
         if not lane.isascii():

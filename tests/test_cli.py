@@ -1108,6 +1108,20 @@ def test_a_lane_that_is_not_utf8_is_refused(session: Path) -> None:
     assert not os.path.lexists(str(session) + ".holder")  # nothing written
 
 
+@pytest.mark.parametrize("lane", ["", "   "], ids=["empty", "blank"])
+def test_an_empty_lane_is_refused(session: Path, lane: str) -> None:
+    with pytest.raises(ValueError, match="lane is empty"):
+        SessionLock(session, lane)
+    for args in (["run", str(session), "--lane", lane, "--", "true"],
+                 ["recover", str(session), "--lane", lane],
+                 ["hold", str(session), "--lane", lane]):
+        proc = subprocess.run([*FENCELOCK, *args], capture_output=True, text=True,
+                              timeout=60, check=False, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 2, proc.stderr
+        assert "lane is empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.lexists(str(session) + ".holder")  # nothing written
+
+
 # -- messages a new user reads ----------------------------------------------------------------
 
 
