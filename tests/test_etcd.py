@@ -845,17 +845,28 @@ def test_a_watch_on_a_hung_etcd_gives_store_unavailable_instead_of_hanging(
     def watch() -> None:
         # This thread's client has talked to etcd (and learned its API path) before
         # etcd stops: what hangs is the watch request itself.
-        revision = int(cluster.call("/maintenance/status", {})["header"]["revision"])
-        ready.set()
-        stopped.wait()
         try:
-            cluster.watch("hung-watch/k", revision + 1, time.monotonic() + 1).stop()
+            revision = int(cluster.call("/maintenance/status", {})["header"]["revision"])
         except BaseException as e:
             outcome.append(e)
+            return
+        finally:
+            ready.set()
+        stopped.wait()
+        started = time.monotonic()
+        try:
+            watch = cluster.watch("hung-watch/k", revision + 1, time.monotonic() + 1)
+        except BaseException as e:
+            outcome.append(e)
+        else:
+            watch.stop()
+            outcome.append(AssertionError(
+                f"a watch opened on a stopped etcd after {time.monotonic() - started:.2f} s"))
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     assert ready.wait(60)
+    assert not outcome, outcome  # etcd answered before it was stopped
     own_etcd.kill(signal.SIGSTOP)  # accepts connections, answers nothing
     stopped.set()
     t.join(60)  # a guard against a hang, not a measurement
