@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -129,6 +129,39 @@ def spawn_holder() -> Iterator[SpawnHolder]:
     yield spawn
     for h in started:
         h.close()
+
+
+def hammer(session: Path, log: Path, counter: Path, workers: int, turns: int,
+           args: Callable[[int], list[str]] = lambda i: [],
+           env: Callable[[int], dict[str, str]] = lambda i: {}) -> list[str]:
+    """Run ``workers`` hammer_worker.py processes for ``turns`` turns each on ``session``
+    (``args(i)``, ``env(i)``: worker i's extra arguments and environment), all released
+    at once; wait for them to succeed and return their log's lines, after checking that
+    every turn's "enter" is followed by its own "exit" (no two turns overlapped)."""
+    counter.write_text("0")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "hammer_worker.py"), str(session), str(log),
+             str(counter), str(turns), *args(i)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, **env(i)},
+        )
+        for i in range(workers)
+    ]
+    for p in procs:  # all started and imported: release them together
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.close()
+    for p in procs:
+        assert p.wait(timeout=180) == 0
+        assert p.stdout is not None
+        p.stdout.close()
+    lines = log.read_text().splitlines()
+    for enter, exit_ in zip(lines[::2], lines[1::2], strict=True):
+        assert enter.startswith("enter ") and exit_ == "exit " + enter.split()[1]
+    return lines
 
 
 def wait_for_blocked_waiter(

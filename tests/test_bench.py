@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from conftest import hammer
 
 if TYPE_CHECKING:
     from fencelock._etcdserver import EtcdServer
@@ -177,32 +178,11 @@ def test_floor_and_fencelock_processes_hammering_etcd_never_overlap(
     overlap shows as an interleaved log or a lost increment."""
     url = etcd_server.url(f"floor-{uuid.uuid4().hex[:12]}", ttl=10)
     session, log, counter = tmp_path / "s.jsonl", tmp_path / "log", tmp_path / "counter"
-    counter.write_text("0")
     workers, turns = 4, 15
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "hammer_worker.py"), str(session), str(log),
-             str(counter), str(turns), "-", "0.002"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env={**os.environ, "FENCELOCK_BACKEND": url,
-                 "FENCELOCK_HAMMER_FLOOR": "1" if i % 2 else ""},
-        )
-        for i in range(workers)
-    ]
-    for p in procs:
-        assert p.stdout is not None and p.stdout.readline() == "ready\n"
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write("go\n")
-        p.stdin.close()
-    for p in procs:
-        assert p.wait(timeout=180) == 0
-        assert p.stdout is not None
-        p.stdout.close()
-    lines = log.read_text().splitlines()
+    lines = hammer(session, log, counter, workers, turns, args=lambda i: ["-", "0.002"],
+                   env=lambda i: {"FENCELOCK_BACKEND": url,
+                                  "FENCELOCK_HAMMER_FLOOR": "1" if i % 2 else ""})
     assert len(lines) == 2 * workers * turns
-    for enter, exit_ in zip(lines[::2], lines[1::2], strict=True):
-        assert enter.startswith("enter ") and exit_ == "exit " + enter.split()[1]
     assert counter.read_text() == str(workers * turns)
 
 

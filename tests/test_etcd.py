@@ -86,6 +86,22 @@ def _etcdctl(server: EtcdServer, *args: str) -> list[str]:
     return [exe, f"--endpoints={server.endpoint}", *args]
 
 
+@contextlib.contextmanager
+def _etcdctl_holding(server: EtcdServer, name: str) -> Iterator[subprocess.Popen[str]]:
+    """`etcdctl lock NAME` in a process of its own, holding the lock (its first line
+    names its key) for the block; SIGTERM makes it unlock sooner."""
+    ctl = subprocess.Popen(_etcdctl(server, "lock", name), stdout=subprocess.PIPE, text=True)
+    try:
+        assert ctl.stdout is not None
+        assert ctl.stdout.readline().startswith(name + "/")  # etcdctl holds it now
+        yield ctl
+    finally:
+        ctl.kill()
+        ctl.wait()
+        if ctl.stdout is not None:
+            ctl.stdout.close()
+
+
 def _lock_name(url: str, session: Path) -> str:
     parsed = parse(url)
     assert parsed is not None
@@ -114,11 +130,7 @@ def test_etcdctl_lock_excludes_fencelock_and_then_lets_it_in(
     session: Path, url: str, etcd_server: EtcdServer
 ) -> None:
     name = _lock_name(url, session)
-    ctl = subprocess.Popen(_etcdctl(etcd_server, "lock", name), stdout=subprocess.PIPE,
-                           text=True)
-    try:
-        assert ctl.stdout is not None
-        assert ctl.stdout.readline().startswith(name + "/")  # etcdctl holds it now
+    with _etcdctl_holding(etcd_server, name) as ctl:
         with pytest.raises(SessionContendedError):
             SessionLock(session, backend=url, on_contention="fail").acquire()
         status = probe(session, backend=url)
@@ -131,11 +143,6 @@ def test_etcdctl_lock_excludes_fencelock_and_then_lets_it_in(
         t.join(60)
         assert got and waiter.held
         waiter.release()
-    finally:
-        ctl.kill()
-        ctl.wait()
-        if ctl.stdout is not None:
-            ctl.stdout.close()
 
 
 def test_fencelock_holder_excludes_etcdctl_lock_until_release(
@@ -511,8 +518,6 @@ def test_a_waiter_reading_its_watch_gives_up_in_time_when_etcd_hangs(
 
     url = own_etcd.url("hung-wait")
     name = _lock_name(url, session)
-    holder = subprocess.Popen(_etcdctl(own_etcd, "lock", name), stdout=subprocess.PIPE,
-                              text=True)  # a holder in another process
     outcome: list[BaseException] = []
 
     def wait() -> None:
@@ -521,9 +526,7 @@ def test_a_waiter_reading_its_watch_gives_up_in_time_when_etcd_hangs(
         except BaseException as e:
             outcome.append(e)
 
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().startswith(name + "/")
+    with _etcdctl_holding(own_etcd, name):  # a holder in another process
         t = threading.Thread(target=wait, daemon=True)
         t.start()
         give_up = time.monotonic() + 60
@@ -535,12 +538,6 @@ def test_a_waiter_reading_its_watch_gives_up_in_time_when_etcd_hangs(
         assert not t.is_alive(), "a waiter on a hung etcd never gave up"
         assert outcome and isinstance(outcome[0], (SessionContendedError,
                                                    StoreUnavailableError)), outcome
-    finally:
-        own_etcd.kill(signal.SIGCONT)
-        holder.kill()
-        holder.wait()
-        if holder.stdout is not None:
-            holder.stdout.close()
 
 
 def test_watches_cut_short_never_spoil_the_requests_that_follow(
@@ -552,22 +549,13 @@ def test_watches_cut_short_never_spoil_the_requests_that_follow(
     from fencelock import _etcd
 
     name = _lock_name(url, session)
-    ctl = subprocess.Popen(_etcdctl(etcd_server, "lock", name), stdout=subprocess.PIPE,
-                           text=True)
-    try:
-        assert ctl.stdout is not None
-        assert ctl.stdout.readline().startswith(name + "/")
+    with _etcdctl_holding(etcd_server, name):
         parsed = parse(url)
         assert parsed is not None
         holder = _etcd.EtcdHolder(parsed, str(session))
         for i in range(300):
             assert not holder.wait_free(0.002 * (i % 5))  # etcdctl holds it throughout
             assert probe(session, backend=url).state == ProbeState.LIVE
-    finally:
-        ctl.kill()
-        ctl.wait()
-        if ctl.stdout is not None:
-            ctl.stdout.close()
 
 
 def test_second_endpoint_is_used_when_the_first_is_down(
@@ -1146,8 +1134,6 @@ def test_a_waiter_whose_taking_over_was_not_answered_leaves_the_record_as_it_was
     with SessionLock(session, "earlier", backend=url):
         pass  # the session's last record: a run that ended cleanly
     name = _lock_name(url, session)
-    holder = subprocess.Popen(_etcdctl(etcd_server, "lock", name), stdout=subprocess.PIPE,
-                              text=True)  # a holder in another process
     outcome: list[BaseException] = []
 
     def wait() -> None:
@@ -1156,9 +1142,7 @@ def test_a_waiter_whose_taking_over_was_not_answered_leaves_the_record_as_it_was
         except BaseException as e:
             outcome.append(e)
 
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().startswith(name + "/")
+    with _etcdctl_holding(etcd_server, name) as holder:  # a holder in another process
         t = threading.Thread(target=wait, daemon=True)
         t.start()
         give_up = time.monotonic() + 60
@@ -1168,11 +1152,6 @@ def test_a_waiter_whose_taking_over_was_not_answered_leaves_the_record_as_it_was
         lossy.lose_answer(b"/kv/txn")  # the waiter's turn: check, then write its record
         holder.send_signal(signal.SIGTERM)  # etcdctl unlocks on SIGTERM
         t.join(60)
-    finally:
-        holder.kill()
-        holder.wait()
-        if holder.stdout is not None:
-            holder.stdout.close()
     assert not t.is_alive() and lossy.lost.is_set()
     assert outcome and isinstance(outcome[0], StoreUnavailableError), outcome
     # Left as it was written, the waiter's record would say held by a run that never
@@ -1199,9 +1178,6 @@ def test_contended_acquires_that_give_up_leave_no_threads_or_connections_behind(
     import gc
 
     name = _lock_name(url, session)
-    holder = subprocess.Popen(_etcdctl(etcd_server, "lock", name), stdout=subprocess.PIPE,
-                              text=True)  # holds the session throughout
-
     # How each attempt ends is not the point (on a loaded machine etcd may answer a
     # request cut short by the timeout too late: StoreUnavailableError); none succeeds.
     gave_up = (asyncio.TimeoutError, SessionContendedError, StoreUnavailableError)
@@ -1225,21 +1201,16 @@ def test_contended_acquires_that_give_up_leave_no_threads_or_connections_behind(
                 t.join(60)
                 assert not t.is_alive(), t
 
-    gc.disable()  # what the garbage collector would close must be closed anyway
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().startswith(name + "/")
-        attempt(0)  # the process's lease, its keeper and this thread's connection
-        attempt(1)  # and an ended waiting thread's
-        threads, sockets = threading.active_count(), _sockets()
-        for i in range(60):
-            attempt(i)
-        assert threading.active_count() <= threads
-        assert _sockets() <= sockets + 2, (sockets, _sockets())  # the last thread's
-        assert probe(session, backend=url).waiters == 0  # nobody left queued
-    finally:
-        gc.enable()
-        holder.kill()
-        holder.wait()
-        if holder.stdout is not None:
-            holder.stdout.close()
+    with _etcdctl_holding(etcd_server, name):  # holds the session throughout
+        gc.disable()  # what the garbage collector would close must be closed anyway
+        try:
+            attempt(0)  # the process's lease, its keeper and this thread's connection
+            attempt(1)  # and an ended waiting thread's
+            threads, sockets = threading.active_count(), _sockets()
+            for i in range(60):
+                attempt(i)
+            assert threading.active_count() <= threads
+            assert _sockets() <= sockets + 2, (sockets, _sockets())  # the last thread's
+            assert probe(session, backend=url).waiters == 0  # nobody left queued
+        finally:
+            gc.enable()

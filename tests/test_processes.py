@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SpawnHolder, record_of, wait_for_blocked_waiter
+from conftest import SpawnHolder, hammer, record_of, wait_for_blocked_waiter
 from marks import needs_proc_locks
 
 from fencelock import (
@@ -30,30 +30,9 @@ HERE = Path(__file__).parent
 
 def test_processes_hammering_one_session_never_overlap(session: Path, tmp_path: Path) -> None:
     log, counter = tmp_path / "log", tmp_path / "counter"
-    counter.write_text("0")
     workers, turns = 4, 150
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "hammer_worker.py"), str(session), str(log),
-             str(counter), str(turns)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        for _ in range(workers)
-    ]
-    for p in procs:  # all started and imported: release them together
-        assert p.stdout is not None and p.stdout.readline() == "ready\n"
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write("go\n")
-        p.stdin.close()
-    for p in procs:
-        assert p.wait(timeout=120) == 0
-        assert p.stdout is not None
-        p.stdout.close()
-    lines = log.read_text().splitlines()
+    lines = hammer(session, log, counter, workers, turns)
     assert len(lines) == 2 * workers * turns
-    for enter, exit_ in zip(lines[::2], lines[1::2], strict=True):
-        assert enter.startswith("enter ") and exit_ == "exit " + enter.split()[1]
     assert counter.read_text() == str(workers * turns)
     final = probe(session)
     assert final.state == ProbeState.FREE and final.token == workers * turns

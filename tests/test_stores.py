@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import HERE, SpawnHolder, record_of, wait_for_no_owner
+from conftest import SpawnHolder, hammer, record_of, wait_for_no_owner
 
 from fencelock import (
     Action,
@@ -186,33 +184,13 @@ def test_processes_hammering_one_session_never_overlap(
     """With ``patience``, some waits run out and leave the queue mid-way: a waiter
     behind one that gave up must still wait for the holder, not take over."""
     log, counter = tmp_path / "log", tmp_path / "counter"
-    counter.write_text("0")
     workers, turns = 4, 25
     # Impatient workers hold for a while, so others queue (and give up) behind them.
     extra = [] if patience is None else [str(patience), "0.01"]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "hammer_worker.py"), str(session), str(log),
-             str(counter), str(turns), *(extra if i % 2 else ["-", "0.01"] if extra else [])],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        for i in range(workers)
-    ]
-    for p in procs:
-        assert p.stdout is not None and p.stdout.readline() == "ready\n"
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write("go\n")
-        p.stdin.close()
-    for p in procs:
-        assert p.wait(timeout=180) == 0
-        assert p.stdout is not None
-        p.stdout.close()
-    lines = log.read_text().splitlines()
+    lines = hammer(session, log, counter, workers, turns,
+                   args=lambda i: extra if i % 2 else ["-", "0.01"] if extra else [])
     held = len(lines) // 2
     assert (held == workers * turns) if patience is None else (held >= workers // 2 * turns)
-    for enter, exit_ in zip(lines[::2], lines[1::2], strict=True):
-        assert enter.startswith("enter ") and exit_ == "exit " + enter.split()[1]
     assert counter.read_text() == str(held)
     assert probe(session).state == ProbeState.FREE
 
