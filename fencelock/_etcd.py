@@ -717,7 +717,10 @@ class EtcdHolder:
             pause = _RETRY_PAUSE
             if deadline is not None:
                 pause = max(0.0, min(pause, deadline - time.monotonic()))
-            (cancel or threading.Event()).wait(pause)
+            if cancel is not None:
+                cancel.wait(pause)
+            else:
+                time.sleep(pause)
 
     def _ran_out(self, deadline: float | None, start: float) -> None:
         """A request cut short by the caller's deadline: the wait ran out, which is
