@@ -160,9 +160,7 @@ class _Watch:
         # A session of its own: a stream cut off by `stop` leaves its connection in no
         # state to carry another request, so it must never go back to the pool the
         # client's requests are sent from.
-        self._session = requests.Session()
-        self._session.verify = client.session.verify
-        self._session.cert = client.session.cert
+        self._session = _http_session(client.base_url)
         try:
             # The timeout bounds the connect and the wait for etcd's first answer (a
             # hung etcd accepts the connection and says nothing)...
@@ -240,6 +238,20 @@ class _Watch:
             self._session.close()
 
 
+def _http_session(url: str) -> Any:
+    """A requests session for ``url`` that read the proxy settings from the environment
+    once, now: with ``trust_env`` on, requests looks up the proxy variables and ~/.netrc
+    at every request, about 0.3 ms of a transaction's 1-2 ms on loopback. The proxy in
+    force stays the one the environment names (a netrc login does not apply: etcd's
+    gateway takes none)."""
+    import requests
+
+    session = requests.Session()
+    session.proxies.update(requests.utils.get_environ_proxies(url))
+    session.trust_env = False
+    return session
+
+
 def _close_client(client: Any) -> None:
     """Close an etcd3gw client's connections now (urllib3 2 closes a pool's connections
     only once the garbage collector finalizes the pool, not on the session's close)."""
@@ -278,7 +290,8 @@ class _Cluster:
             import etcd3gw
 
             clients = [
-                etcd3gw.client(host=host, port=port, timeout=_REQUEST_TIMEOUT)
+                etcd3gw.client(host=host, port=port, timeout=_REQUEST_TIMEOUT,
+                               session=_http_session(f"http://{host}:{port}/"))
                 for host, port in self.url.endpoints
             ]
             self._local.clients = clients

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import SpawnHolder, record_of, wait_for_no_owner
@@ -682,6 +683,42 @@ def test_a_server_that_is_not_etcd_is_named_as_such(
     (line,) = out.stderr.strip().splitlines()
     assert f"({endpoint} answered, but not as etcd's v3 API does: " in line, line
     assert "check that etcd runs there" in line
+
+
+def test_the_environment_s_http_proxy_applies_to_etcd_requests(session: Path, url: str) -> None:
+    """The store reads the proxy variables once per client, not per request, and still
+    sends etcd's requests where they say: through the proxy, unless NO_PROXY names the
+    host."""
+    seen: list[str] = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(self.path)
+            self.send_response(502)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    base = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    base["HTTP_PROXY"] = f"http://127.0.0.1:{proxy.server_address[1]}"
+    try:
+        through = _cli("status", str(session), "--backend", url, env=base)
+        bypassed = _cli("status", str(session), "--backend", url,
+                        env={**base, "NO_PROXY": "127.0.0.1"})
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert through.returncode == 1, through.stderr
+    assert seen and all(path.startswith(f"http://{urlsplit(url).netloc}/")
+                        for path in seen), seen
+    assert bypassed.returncode == 0, bypassed.stderr
 
 
 def test_cli_refuses_a_bad_backend_url_as_usage(session: Path) -> None:
