@@ -39,8 +39,9 @@ class FloorEtcdLock:
     compare on create revision 0) and reads the first key by create revision; the first
     key's owner writes its record (a transaction guarded by its key's create revision,
     into its key and ``PREFIX/last/<key>``). A waiter looks up the key just ahead of its
-    own, watches it (NOPUT, from the header revision + 1) on a connection of its own
-    whose chunked stream it reads in the acquiring thread itself, and once that key is
+    own, watches it (NOPUT, from etcd's current revision; if anything was written
+    since the look, it looks at that key once more) on a connection of its own whose
+    chunked stream it reads in the acquiring thread itself, and once that key is
     deleted sends one transaction that checks no older key is left (CREATE on the
     prefix range GREATER than its revision - 1) and writes the record. Release is one
     transaction guarded by its key's create revision: put the released record into
@@ -134,15 +135,21 @@ class FloorEtcdLock:
             watch = http.client.HTTPConnection(self.host, self.port)
             try:
                 watch.request("POST", "/v3/watch", json.dumps({"create_request": {
-                    "key": ahead[0]["key"], "start_revision": int(r["header"]["revision"]) + 1,
-                    "filters": ["NOPUT"]}}).encode(), _HEADERS)
+                    "key": ahead[0]["key"], "filters": ["NOPUT"]}}).encode(), _HEADERS)
                 stream = watch.getresponse()
-                while True:  # the created answer first, then the key's deletion
+                created = json.loads(stream.readline())["result"]
+                gone = False
+                if int(created["header"]["revision"]) > int(r["header"]["revision"]):
+                    # written since the look: the key ahead may be gone already
+                    now = self._post(_TXN, json.dumps({"compare": [], "failure": [], "success": [
+                        {"request_range": {"key": ahead[0]["key"]}}]}).encode())
+                    kvs = _kvs(now["responses"][0])
+                    gone = not kvs or kvs[0]["create_revision"] != ahead[0]["create_revision"]
+                while not gone:  # the key's deletion
                     line = stream.readline()
                     if not line:
                         raise RuntimeError("etcd ended the watch")
-                    if json.loads(line).get("result", {}).get("events"):
-                        break
+                    gone = bool(json.loads(line).get("result", {}).get("events"))
                 value = self._value(self.held)
                 r = self._post(_TXN, json.dumps({
                     "compare": [
