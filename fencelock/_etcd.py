@@ -116,6 +116,15 @@ def _count(response: dict[str, Any]) -> int:
     return int(response.get("response_range", {}).get("count", 0))
 
 
+if hasattr(time, "CLOCK_BOOTTIME"):
+    def _lease_clock() -> float:
+        """Seconds on a clock that goes on counting while the host is suspended (etcd's
+        lease runs out meanwhile): `time.monotonic` stops on Linux."""
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+else:
+    _lease_clock = time.monotonic
+
+
 class _Lease:
     """This process's lease on one etcd cluster, and how long it is known to live."""
 
@@ -123,7 +132,7 @@ class _Lease:
         self.id = lease_id
         self.ttl = ttl
         self.confirmed_until = confirmed_until
-        """Monotonic time before which etcd cannot have expired the lease."""
+        """The `_lease_clock` time before which etcd cannot have expired the lease."""
         self.lost = ""
         """Why the lease counts as lost (empty while it does not)."""
 
@@ -133,7 +142,7 @@ class _Lease:
     def alive(self) -> bool:
         if self.lost:
             return False
-        if time.monotonic() >= self.confirmed_until - self.safety():
+        if _lease_clock() >= self.confirmed_until - self.safety():
             self.lost = "its etcd lease could not be renewed in time"
             return False
         return True
@@ -431,13 +440,22 @@ class _Cluster:
 
     def lease(self, deadline: float | None) -> _Lease:
         """The process's live lease, granted now if there is none (or it was lost)."""
-        with self._mu:
+        lease = self._lease
+        if lease is not None and lease.alive():
+            return lease
+        # Another thread may be granting one: wait for it no longer than a request of
+        # our own would take (on a hung etcd, each waiter gives up at its deadline).
+        wait = -1.0 if deadline is None else max(_MIN_REQUEST_TIMEOUT,
+                                                 deadline - time.monotonic())
+        if not self._mu.acquire(timeout=wait):
+            raise StoreUnavailableError(self.url.display, "no answer in time")
+        try:
             lease = self._lease
             if lease is not None and lease.alive():
                 return lease
             if lease is not None:
                 self._to_revoke.append(lease.id)
-            sent = time.monotonic()
+            sent = _lease_clock()
             ttl = max(1, math.ceil(self.ttl))
             result = self.call("/lease/grant", {"TTL": ttl, "ID": 0}, deadline)
             lease = _Lease(int(result["ID"]), ttl, sent + int(result.get("TTL", ttl)))
@@ -448,6 +466,8 @@ class _Cluster:
                 )
                 self._keeper.start()
             return lease
+        finally:
+            self._mu.release()
 
     def drop(self, lease: _Lease, why: str) -> None:
         """Give a lease up (a release that could not be stored): revoke it when possible,
@@ -471,10 +491,10 @@ class _Cluster:
                     with self._mu:
                         self._to_revoke.append(lease_id)
             if lease is not None and not lease.lost:
-                sent = time.monotonic()
+                sent = _lease_clock()
                 try:
                     result = self.call("/lease/keepalive", {"ID": lease.id},
-                                       deadline=lease.confirmed_until)
+                                       deadline=time.monotonic() + lease.confirmed_until - sent)
                     ttl = int(result.get("result", {}).get("TTL", -1))
                 except StoreUnavailableError:
                     ttl = 0  # unknown: try again soon

@@ -503,6 +503,56 @@ def test_a_hung_etcd_gives_store_unavailable_within_the_timeout(
     assert outcome and isinstance(outcome[0], StoreUnavailableError)
 
 
+def test_runs_that_wait_for_another_s_lease_grant_give_up_at_their_own_deadline(
+    tmp_path: Path, own_etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first acquire of a process grants its lease; others that need it meanwhile
+    wait for that grant no longer than their own deadline, instead of queueing behind it
+    and then sending grants of their own to a hung etcd."""
+    from fencelock import _etcd
+
+    url = own_etcd.url("grant")
+    parsed = parse(url)
+    assert parsed is not None
+    cluster = _etcd.cluster(parsed)
+    cluster.call("/maintenance/status", {})  # learn the API path while etcd answers
+    granting = threading.Event()
+    grants: list[str] = []
+    real_call = cluster.call
+
+    def call(path: str, payload: dict[str, Any], deadline: float | None = None) -> Any:
+        if path == "/lease/grant":
+            grants.append(threading.current_thread().name)
+            granting.set()
+        return real_call(path, payload, deadline)
+
+    monkeypatch.setattr(cluster, "call", call)
+    own_etcd.kill(signal.SIGSTOP)  # accepts connections, answers nothing
+    outcome: dict[str, BaseException | None] = {}
+
+    def run(name: str, timeout: float) -> None:
+        try:
+            SessionLock(tmp_path / "sessions" / f"{name}.jsonl", backend=url,
+                        timeout=timeout).acquire()
+            outcome[name] = None
+        except BaseException as e:
+            outcome[name] = e
+
+    first = threading.Thread(target=run, args=("first", 3.0), name="first", daemon=True)
+    first.start()
+    assert granting.wait(60)
+    others = [threading.Thread(target=run, args=(n, 1.0), name=n, daemon=True)
+              for n in ("second", "third")]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(60)  # a guard against a hang, not a measurement
+        assert not t.is_alive()
+    assert grants == ["first"]
+    assert all(isinstance(e, StoreUnavailableError) for e in outcome.values()), outcome
+    assert "no answer in time" in str(outcome["second"])
+
+
 def _reading_its_watch(thread: threading.Thread) -> bool:
     """Whether ``thread`` is inside the inline read of an etcd watch stream."""
     frame = sys._current_frames().get(thread.ident or -1)
