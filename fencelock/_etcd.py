@@ -527,9 +527,26 @@ def cluster(url: EtcdURL) -> _Cluster:
         return found
 
 
+def _close_inherited(client: Any) -> None:
+    """In a forked child: close this process's copies of a client's idle connections
+    (the parent's stay open), touching no lock a parent's thread may have held."""
+    with contextlib.suppress(Exception):
+        for adapter in client.session.adapters.values():
+            for pool in list(adapter.poolmanager.pools._container.values()):
+                for conn in list(getattr(pool.pool, "queue", None) or ()):
+                    sock = getattr(conn, "sock", None)
+                    if sock is not None:
+                        sock.close()
+
+
 def _after_fork_in_child() -> None:
-    # A child has neither the parent's lease keeper nor a right to its lease.
+    # A child has neither the parent's lease keeper nor a right to its lease, and no
+    # use for the parent's connections.
     global _clusters_lock
+    for found in _clusters.values():
+        for clients in list(found._by_thread.values()):
+            for client in clients:
+                _close_inherited(client)
     _clusters.clear()
     _clusters_lock = threading.Lock()
 

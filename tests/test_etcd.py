@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import marks
 import pytest
 from conftest import SpawnHolder, record_of, wait_for_no_owner
 
@@ -216,6 +217,55 @@ def test_a_forked_child_takes_sessions_of_its_own_and_leaves_the_parent_s_lease(
     assert status.state == ProbeState.LIVE and status.record is not None
     assert status.record.pid == os.getpid()
     lock.release()
+
+
+def _sockets_to(port: int) -> set[int]:
+    """Inodes of this process's open TCP sockets whose far end is port ``port``."""
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                mine.add(int(link[len("socket:["):-1]))
+    to_port = set()
+    with open("/proc/self/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if int(fields[2].rpartition(":")[2], 16) == port:
+                to_port.add(int(fields[9]))
+    return mine & to_port
+
+
+def _child_reports_sockets(port: int, conn: Connection) -> None:
+    conn.send(_sockets_to(port))
+    conn.close()
+
+
+def test_a_forked_child_closes_its_copies_of_the_parent_s_etcd_connections(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    import multiprocessing
+
+    marks.require("proc")
+    url = own_etcd.url("fork-sockets")  # no other test's connections go to this port
+    with SessionLock(session, "parent", backend=url):
+        pass
+    port = own_etcd.client_port
+    parents = _sockets_to(port)
+    assert parents  # kept alive between requests
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_child_reports_sockets, args=(port, there))
+    child.start()
+    there.close()
+    in_child = here.recv()
+    child.join(60)
+    assert child.exitcode == 0
+    assert not (in_child & parents), (in_child, parents)
+    assert _sockets_to(port) >= parents  # the parent's own stay open
+    with SessionLock(session, "parent", backend=url):
+        pass
 
 
 def _child_uses_a_lock_made_before_the_fork(lock: SessionLock, conn: Connection) -> None:
