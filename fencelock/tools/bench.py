@@ -937,7 +937,7 @@ def bench_etcd(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Ro
     cycles = max(20, sizes.cycles // 10)
     rounds = max(10, sizes.handoffs // 2)
     found, notes = _bench_etcd.bench(base, cycles, rounds, quiet, _progress,
-                                     txns=min(50, cycles))
+                                     txns=min(50, cycles), hold=sizes.hold_before_release)
     report.notes += notes
     return [Row(r["id"], "etcd", r["figure"], r["unit"], fencelock=r["fencelock"],
                 peers=r["peers"], note=r.get("note", "")) for r in found]

@@ -178,23 +178,24 @@ def _split(lat: list[float]) -> tuple[float, float]:
 
 def bench(base: Path, cycles: int, rounds: int, quiet: bool,
           progress: Callable[[bool, str], None],
-          txns: int = 50) -> tuple[list[dict[str, Any]], list[str]]:
+          txns: int = 50, hold: float = 0.03) -> tuple[list[dict[str, Any]], list[str]]:
     """(rows as dicts for `_bench.Row`, notes). ``txns``: how many write transactions
-    each transport sends for the cold/hot transaction figures."""
+    each transport sends for the cold/hot transaction figures; ``hold``: seconds the
+    holder holds before each hand-off."""
     base.mkdir(parents=True, exist_ok=True)
     server = EtcdServer(data_dir=str(base / "etcd"), fsync=True)
     (base / "etcd").mkdir(exist_ok=True)
     server.start()
     notes = [f"etcd: one member on 127.0.0.1, fsync on, data in {base / 'etcd'}; "
              "tooz grants a lease per acquire and retries with backoff while the lock is "
-             "taken; etcdctl lock is a process per acquisition"]
+             "taken; etcdctl lock is a process per acquisition; hand-offs: the holder "
+             f"holds {hold * 1000:g} ms before each release, as the sidecar hand-offs do"]
     peers = ["fencelock", "floor", "sidecar", *(["tooz"] if _tooz_ok() else []), "etcdctl"]
     if "tooz" not in peers:
         notes.append("tooz column: tooz is not installed (pip install 'fencelock[bench]')")
     cycle: dict[str, float | None] = {}
     med: dict[str, float | None] = {}
     p99: dict[str, float | None] = {}
-    hold = 0.01
     try:
         url = server.url(f"bench-{uuid.uuid4().hex[:8]}")
         for peer in peers:
