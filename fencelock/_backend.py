@@ -29,12 +29,16 @@ class EtcdURL:
     @property
     def display(self) -> str:
         """The endpoints as messages name them."""
-        return "etcd://" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
+        return f"etcd://{self._hosts}"
+
+    @property
+    def _hosts(self) -> str:
+        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.endpoints)
 
     @property
     def text(self) -> str:
         """A URL naming the same store (endpoints, prefix, root), for commands to print."""
-        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.endpoints)
+        hosts = self._hosts
         root = f"?root={quote(self.root, safe='/')}" if self.root is not None else ""
         return f"etcd://{hosts}/{quote(self.prefix, safe='/')}{root}"
 

@@ -190,8 +190,8 @@ class _Watch:
                                  None)
             self._chunks = self._response.iter_content(chunk_size=None)
             created = self._next_result()
-            if not created.get("created"):
-                raise EOFError
+            if not created.get("created") or created.get("canceled"):
+                raise EOFError  # refused (etcd says why in cancel_reason)
             self.revision = int(created["header"]["revision"])
         except Exception as e:  # requests' errors, or no watch in the answer
             with contextlib.suppress(Exception):
@@ -276,6 +276,10 @@ class _Watch:
             self._session.close()
 
 
+def _base_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def _http_session(url: str) -> Any:
     """A requests session for ``url`` that read the proxy settings from the environment
     once, now: with ``trust_env`` on, requests looks up the proxy variables and ~/.netrc
@@ -333,7 +337,7 @@ class _Cluster:
 
             clients = [
                 etcd3gw.client(host=host, port=port, timeout=_REQUEST_TIMEOUT,
-                               session=_http_session(f"http://{host}:{port}/"))
+                               session=_http_session(_base_url(host, port)))
                 for host, port in self.url.endpoints
             ]
             self._local.clients = clients
@@ -532,11 +536,13 @@ def _close_inherited(client: Any) -> None:
     (the parent's stay open), touching no lock a parent's thread may have held."""
     with contextlib.suppress(Exception):
         for adapter in client.session.adapters.values():
-            for pool in list(adapter.poolmanager.pools._container.values()):
-                for conn in list(getattr(pool.pool, "queue", None) or ()):
-                    sock = getattr(conn, "sock", None)
-                    if sock is not None:
-                        sock.close()
+            # Direct connections, and those through a proxy (a pool manager per proxy).
+            for manager in [adapter.poolmanager, *adapter.proxy_manager.values()]:
+                for pool in list(manager.pools._container.values()):
+                    for conn in list(getattr(pool.pool, "queue", None) or ()):
+                        sock = getattr(conn, "sock", None)
+                        if sock is not None:
+                            sock.close()
 
 
 def _after_fork_in_child() -> None:
@@ -725,7 +731,7 @@ class EtcdHolder:
                 r = self._look_again(look, deadline, start, cancel, failed=True)
                 continue
             try:
-                self._catch_up(watch, ahead[0], int(r["header"]["revision"]), deadline)
+                self._catch_up(watch, ahead[0], int(r["header"]["revision"]), deadline, cancel)
                 watched = time.monotonic()
                 while True:
                     now = time.monotonic()
@@ -775,13 +781,16 @@ class EtcdHolder:
                 watch.stop()
 
     def _catch_up(self, watch: _Watch, seen: dict[str, Any], looked_at: int,
-                  deadline: float | None) -> None:
+                  deadline: float | None, cancel: threading.Event | None = None) -> None:
         """A watch begins at the store's current revision: if anything was written since
         the look at revision ``looked_at`` that found the key ``seen``, that key may have
         gone before the watch began, which would then never see it. Look at it once
         more, and `fire` the watch if it went."""
         if watch.revision <= looked_at:
             return
+        if (cancel is not None and cancel.is_set()) or (
+                deadline is not None and deadline - time.monotonic() < _MIN_REQUEST_TIMEOUT):
+            return  # the wait is ending: no request that would outlast it
         with contextlib.suppress(StoreUnavailableError):  # the watch's own checks remain
             r = self._cluster.txn([], [_range(_key_text(seen))], [], deadline)
             now = _kvs(r.get("responses", [{}])[0])
