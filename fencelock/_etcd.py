@@ -739,6 +739,8 @@ class EtcdHolder:
                         import asyncio
 
                         raise asyncio.CancelledError()
+                    if watch.deleted:
+                        break  # seen, perhaps just as the time ran out: take the turn
                     if deadline is not None and now >= deadline:
                         holder = self._owner_record(deadline)
                         raise SessionContendedError(self.session, holder, waited=now - start)
@@ -788,9 +790,10 @@ class EtcdHolder:
         more, and `fire` the watch if it went."""
         if watch.revision <= looked_at:
             return
-        if (cancel is not None and cancel.is_set()) or (
-                deadline is not None and deadline - time.monotonic() < _MIN_REQUEST_TIMEOUT):
-            return  # the wait is ending: no request that would outlast it
+        if cancel is not None and cancel.is_set():
+            return  # the caller gave up: no request that would outlast it
+        # Near the deadline too: a key ahead that went unseen would have this wait
+        # report the session as held when it was this waiter's turn.
         with contextlib.suppress(StoreUnavailableError):  # the watch's own checks remain
             r = self._cluster.txn([], [_range(_key_text(seen))], [], deadline)
             now = _kvs(r.get("responses", [{}])[0])

@@ -652,12 +652,16 @@ def test_a_waiter_reading_its_watch_gives_up_in_time_when_etcd_hangs(
                                                    StoreUnavailableError)), outcome
 
 
+@pytest.mark.parametrize("timeout", [None, 0.45], ids=["no-timeout", "deadline-near"])
 def test_a_release_just_before_the_waiter_s_watch_begins_wakes_it_at_once(
-    session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+    session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch,
+    timeout: float | None,
 ) -> None:
     """A watch begins at the store's current revision; a release that lands between the
     waiter's look at the queue and the start of its watch is found by one more look,
-    not by the periodic look a third of the lease later."""
+    not by the periodic look a third of the lease later; also when the waiter's time is
+    nearly up (0.45 s: less than one request may take), where it would otherwise report
+    the session as held although it was its turn."""
     from fencelock import _etcd
 
     monkeypatch.setenv("FENCELOCK_BACKEND", url)
@@ -682,7 +686,7 @@ def test_a_release_just_before_the_waiter_s_watch_begins_wakes_it_at_once(
 
     monkeypatch.setattr(cluster, "watch", watch_after_the_release)
     monkeypatch.setattr(_etcd.EtcdHolder, "_look_again", look_again)
-    lock = SessionLock(session, backend=url)
+    lock = SessionLock(session, backend=url, timeout=timeout)
     lock.acquire()
     try:
         assert lock.held and not looked_again
