@@ -774,10 +774,14 @@ class EtcdHolder:
                     look,
                 )
                 if r.get("succeeded"):
-                    self._before = _raw(_kvs(r.get("responses", [{}])[0]))
-                    old = self._last(_kvs(r.get("responses", [{}])[0]))
-                    if old is not None and old.state is State.HELD:
-                        self.write(record(revision, old))  # took over a stale run: say whose
+                    kvs = _kvs(r.get("responses", [{}])[0])
+                    self._before = _raw(kvs)
+                    # Usually a release just wrote it: its head says so, no need to parse.
+                    quick = _record.peek(self._before) if self._before else None
+                    if quick is None or quick[0] is State.HELD:
+                        old = self._last(kvs)
+                        if old is not None and old.state is State.HELD:
+                            self.write(record(revision, old))  # took over a stale run
                     return
             finally:
                 watch.stop()
