@@ -176,6 +176,10 @@ class _Watch:
         # state to carry another request, so it must never go back to the pool the
         # client's requests are sent from.
         self._session = _http_session(client.base_url)
+        # One connection ever: a pool sized for one is quicker to take down (closing a
+        # pool visits every slot it has).
+        self._session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=1,
+                                                                     pool_maxsize=1))
         self._sock: socket.socket | None = None
         self._pending = b""
         try:
