@@ -803,20 +803,19 @@ def test_cli_store_unavailable_is_one_line_and_exit_1(session: Path, own_etcd: E
         assert own_etcd.endpoint in out.stderr
 
 
-@pytest.mark.parametrize("answer", [(404, b""), (200, b"<html>hello</html>")],
-                         ids=["404", "html"])
-def test_a_server_that_is_not_etcd_is_named_as_such(
-    session: Path, answer: tuple[int, bytes]
-) -> None:
-    """A URL naming some other HTTP server says that it answered, but not as etcd does,
-    instead of a bare 'Not Found' or 'JSONDecodeError'."""
+@contextlib.contextmanager
+def _answering(status: int, body: bytes = b"") -> Iterator[tuple[int, list[str]]]:
+    """A local HTTP server that answers every request with ``status`` and ``body``;
+    yields its port and the paths it was asked for (a proxy is asked for whole URLs)."""
+    asked: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            self.send_response(answer[0])
-            self.send_header("Content-Length", str(len(answer[1])))
+            asked.append(self.path)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(answer[1])
+            self.wfile.write(body)
 
         do_POST = do_GET
 
@@ -827,11 +826,23 @@ def test_a_server_that_is_not_etcd_is_named_as_such(
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        endpoint = f"127.0.0.1:{server.server_address[1]}"
-        out = _cli("status", str(session), "--backend", f"etcd://{endpoint}/p")
+        yield server.server_address[1], asked
     finally:
         server.shutdown()
         server.server_close()
+        thread.join(60)
+
+
+@pytest.mark.parametrize("answer", [(404, b""), (200, b"<html>hello</html>")],
+                         ids=["404", "html"])
+def test_a_server_that_is_not_etcd_is_named_as_such(
+    session: Path, answer: tuple[int, bytes]
+) -> None:
+    """A URL naming some other HTTP server says that it answered, but not as etcd does,
+    instead of a bare 'Not Found' or 'JSONDecodeError'."""
+    with _answering(*answer) as (port, _):
+        endpoint = f"127.0.0.1:{port}"
+        out = _cli("status", str(session), "--backend", f"etcd://{endpoint}/p")
     assert out.returncode == 1
     (line,) = out.stderr.strip().splitlines()
     assert f"({endpoint} answered, but not as etcd's v3 API does: " in line, line
@@ -842,32 +853,12 @@ def test_the_environment_s_http_proxy_applies_to_etcd_requests(session: Path, ur
     """The store reads the proxy variables once per client, not per request, and still
     sends etcd's requests where they say: through the proxy, unless NO_PROXY names the
     host."""
-    seen: list[str] = []
-
-    class Proxy(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            seen.append(self.path)
-            self.send_response(502)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_GET = do_POST
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
     base = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    base["HTTP_PROXY"] = f"http://127.0.0.1:{proxy.server_address[1]}"
-    try:
+    with _answering(502) as (port, seen):
+        base["HTTP_PROXY"] = f"http://127.0.0.1:{port}"
         through = _cli("status", str(session), "--backend", url, env=base)
         bypassed = _cli("status", str(session), "--backend", url,
                         env={**base, "NO_PROXY": "127.0.0.1"})
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
     assert through.returncode == 1, through.stderr
     assert seen and all(path.startswith(f"http://{urlsplit(url).netloc}/")
                         for path in seen), seen
