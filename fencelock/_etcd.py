@@ -787,6 +787,12 @@ class EtcdHolder:
                         if old is not None and old.state is State.HELD:
                             self.write(record(revision, old))  # took over a stale run
                     return
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    # Not this waiter's turn after all (an older key is left): only a
+                    # turn taken may outlast the deadline.
+                    raise SessionContendedError(self.session, self._owner_record(deadline),
+                                                waited=now - start)
             finally:
                 watch.stop()
 

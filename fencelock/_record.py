@@ -297,6 +297,11 @@ def peek(data: bytes) -> tuple[State, int] | None:
     m = _HEADER.match(data)
     if m is None or not data.rstrip(b" \t\r\n\x00").endswith(b"}"):
         return None
+    # A key given twice: JSON's last one counts, which the head is not. (A previous
+    # holder carries a token of its own.)
+    if data.count(b'"state":') != 1 or (
+            data.count(b'"token":') != 1 + data.count(b'"previous":{')):
+        return None
     token = int(m[2])
     if token > MAX_TOKEN:
         return None  # the full decoder reports it

@@ -652,16 +652,18 @@ def test_a_waiter_reading_its_watch_gives_up_in_time_when_etcd_hangs(
                                                    StoreUnavailableError)), outcome
 
 
-@pytest.mark.parametrize("timeout", [None, 0.45], ids=["no-timeout", "deadline-near"])
+@pytest.mark.parametrize(("timeout", "late"), [(None, False), (0.45, False), (0.45, True)],
+                         ids=["no-timeout", "deadline-near", "deadline-passed"])
 def test_a_release_just_before_the_waiter_s_watch_begins_wakes_it_at_once(
     session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch,
-    timeout: float | None,
+    timeout: float | None, late: bool,
 ) -> None:
     """A watch begins at the store's current revision; a release that lands between the
     waiter's look at the queue and the start of its watch is found by one more look,
     not by the periodic look a third of the lease later; also when the waiter's time is
-    nearly up (0.45 s: less than one request may take), where it would otherwise report
-    the session as held although it was its turn."""
+    nearly up (0.45 s: less than one request may take) or has run out meanwhile (its
+    turn came within its time), where it would otherwise report the session as held
+    although it was its turn."""
     from fencelock import _etcd
 
     monkeypatch.setenv("FENCELOCK_BACKEND", url)
@@ -675,6 +677,9 @@ def test_a_release_just_before_the_waiter_s_watch_begins_wakes_it_at_once(
     def watch_after_the_release(key: str, deadline: float | None,
                                 inline: bool = False) -> Any:
         assert holder.call("release") == "released"
+        if late:
+            assert timeout is not None
+            time.sleep(timeout)  # the waiter's time runs out before its watch begins
         return real_watch(key, deadline, inline)
 
     looked_again: list[float] = []
@@ -1217,7 +1222,8 @@ class _LossyLink:
         self._threads: list[threading.Thread] = []
         self._closed = False
         self.lost = threading.Event()
-        self._start(self._accept)
+        with self._mu:
+            self._start(self._accept)
 
     def url(self, prefix: str, ttl: int = 30) -> str:
         return f"etcd://127.0.0.1:{self.port}/{prefix}?ttl={ttl}"
@@ -1228,9 +1234,10 @@ class _LossyLink:
             self._marker, self._nth = marker, nth
 
     def _start(self, target: Any, *args: Any) -> None:
+        """Start a thread of the link (call with ``_mu`` held, so that `close` sees
+        every thread started, and started, once it has the lock)."""
         thread = threading.Thread(target=target, args=args, daemon=True)
-        with self._mu:
-            self._threads.append(thread)
+        self._threads.append(thread)
         thread.start()
 
     def _accept(self) -> None:
@@ -1241,16 +1248,20 @@ class _LossyLink:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            try:
+                upstream = socket.create_connection(self._upstream)
+            except OSError:
+                client.close()
+                continue
             with self._mu:
                 if self._closed:  # a client that came as the link was closing
                     client.close()
+                    upstream.close()
                     return
-            upstream = socket.create_connection(self._upstream)
-            with self._mu:
                 self._socks += [client, upstream]
-            lose = threading.Event()
-            self._start(self._pass_requests, client, upstream, lose)
-            self._start(self._pass_answers, upstream, client, lose)
+                lose = threading.Event()
+                self._start(self._pass_requests, client, upstream, lose)
+                self._start(self._pass_answers, upstream, client, lose)
 
     def _pass_requests(self, client: Any, upstream: Any, lose: threading.Event) -> None:
         with contextlib.suppress(OSError):
