@@ -292,15 +292,13 @@ def peek(data: bytes) -> tuple[State, int] | None:
     """(state, token) from a record in fencelock's own layout, None otherwise.
 
     An acquirer taking over a released record needs only these two; anything that
-    does not match (another writer's layout, a torn record) takes the full decoder.
+    does not match (another writer's layout, a torn record) takes the full decoder. A
+    record that gives ``state`` or ``token`` again after the head is read by its head
+    (the decoder would take the last): whoever can write that can write any head, and
+    checking for it would cost every acquire 3% (0.7 µs).
     """
     m = _HEADER.match(data)
     if m is None or not data.rstrip(b" \t\r\n\x00").endswith(b"}"):
-        return None
-    # A key given twice: JSON's last one counts, which the head is not. (A previous
-    # holder carries a token of its own.)
-    if data.count(b'"state":') != 1 or (
-            data.count(b'"token":') != 1 + data.count(b'"previous":{')):
         return None
     token = int(m[2])
     if token > MAX_TOKEN:
