@@ -570,9 +570,9 @@ def _raw(kvs: list[dict[str, Any]]) -> bytes | None:
     return _unb64(kvs[0].get("value", "")) if kvs else None
 
 
-def _decode(value: bytes, where: str, command: str | None = None) -> HolderInfo | None:
-    """A record from a key's value: None for an empty or foreign value."""
-    if not value.strip():
+def _decode(value: bytes | None, where: str, command: str | None = None) -> HolderInfo | None:
+    """A record from a key's value (`_raw`): None for no key, or an empty value."""
+    if value is None or not value.strip():
         return None
     try:
         return _record.decode(value)
@@ -587,7 +587,7 @@ def _clear_command(url: EtcdURL, session: str) -> str:
     return f"fencelock clear --force --backend {shlex.quote(url.text)} {shlex.quote(session)}"
 
 
-def _decode_quietly(value: bytes, where: str) -> HolderInfo | None:
+def _decode_quietly(value: bytes | None, where: str) -> HolderInfo | None:
     try:
         return _decode(value, where)
     except CorruptRecordError:
@@ -675,9 +675,7 @@ class EtcdHolder:
                     self.write(record(revision, self._last_checked(_kvs(responses[2]))))
                 return revision
             if fail:
-                holder = _decode_quietly(_unb64(owner[0].get("value", "")), self.name) \
-                    if owner else None
-                raise SessionContendedError(self.session, holder, waited=None)
+                raise SessionContendedError(self.session, self._last(owner), waited=None)
             self._wait_for_turn(revision, deadline, cancel, record)
             return revision
         except BaseException:
@@ -685,15 +683,13 @@ class EtcdHolder:
             raise
 
     def _last(self, kvs: list[dict[str, Any]]) -> HolderInfo | None:
-        return _decode_quietly(_unb64(kvs[0].get("value", "")), self.name) if kvs else None
+        """The record in the first of ``kvs`` (None for none, or an unreadable one)."""
+        return _decode_quietly(_raw(kvs), self.name)
 
     def _last_checked(self, kvs: list[dict[str, Any]]) -> HolderInfo | None:
         """The last record, or `CorruptRecordError`: as with a sidecar, a run does not
         write over a record nobody could read (``clear --force`` sets it aside)."""
-        if not kvs:
-            return None
-        return _decode(_unb64(kvs[0].get("value", "")), self.last_name,
-                       _clear_command(self.url, self.session))
+        return _decode(_raw(kvs), self.last_name, _clear_command(self.url, self.session))
 
     def _wait_for_turn(
         self,
@@ -728,14 +724,13 @@ class EtcdHolder:
                 if record is not None:
                     self.write(record(revision, self._last_checked(_kvs(responses[2]))))
                 return
-            key = _key_text(ahead[0])
             try:
-                watch = c.watch(key, deadline, inline=cancel is None)
+                watch = self._watch_for_deletion(ahead[0], int(r["header"]["revision"]),
+                                                 deadline, cancel, inline=cancel is None)
             except StoreUnavailableError:
                 r = self._look_again(look, deadline, start, cancel, failed=True)
                 continue
             try:
-                self._catch_up(watch, ahead[0], int(r["header"]["revision"]), deadline, cancel)
                 watched = time.monotonic()
                 while True:
                     now = time.monotonic()
@@ -796,23 +791,32 @@ class EtcdHolder:
             finally:
                 watch.stop()
 
-    def _catch_up(self, watch: _Watch, seen: dict[str, Any], looked_at: int,
-                  deadline: float | None, cancel: threading.Event | None = None) -> None:
-        """A watch begins at the store's current revision: if anything was written since
-        the look at revision ``looked_at`` that found the key ``seen``, that key may have
-        gone before the watch began, which would then never see it. Look at it once
-        more, and `fire` the watch if it went."""
-        if watch.revision <= looked_at:
-            return
-        if cancel is not None and cancel.is_set():
-            return  # the caller gave up: no request that would outlast it
-        # Near the deadline too: a key ahead that went unseen would have this wait
-        # report the session as held when it was this waiter's turn.
-        with contextlib.suppress(StoreUnavailableError):  # the watch's own checks remain
+    def _watch_for_deletion(self, seen: dict[str, Any], looked_at: int,
+                            deadline: float | None, cancel: threading.Event | None,
+                            inline: bool) -> _Watch:
+        """A watch for the deletion of the key ``seen``, found by a look at revision
+        ``looked_at`` (``inline``: read by the waiting thread, see `_Watch`).
+
+        A watch begins at the store's current revision: if anything was written since
+        the look, that key may have gone before the watch began, which would then never
+        see it. So it looks at the key once more, and `fire`s the watch if it went."""
+        watch = self._cluster.watch(_key_text(seen), deadline, inline)
+        # Not once the caller gave up (no request that would outlast it); but near the
+        # deadline too: a key ahead that went unseen would have the wait report the
+        # session as held when it was this waiter's turn.
+        if watch.revision <= looked_at or (cancel is not None and cancel.is_set()):
+            return watch
+        try:
             r = self._cluster.txn([], [_range(_key_text(seen))], [], deadline)
-            now = _kvs(r.get("responses", [{}])[0])
-            if not now or now[0].get("create_revision") != seen.get("create_revision"):
-                watch.fire()
+        except StoreUnavailableError:
+            return watch  # the watch's own checks remain
+        except BaseException:
+            watch.stop()
+            raise
+        now = _kvs(r.get("responses", [{}])[0])
+        if not now or now[0].get("create_revision") != seen.get("create_revision"):
+            watch.fire()
+        return watch
 
     def _look_again(self, look: list[dict[str, Any]], deadline: float | None, start: float,
                     cancel: threading.Event | None, failed: bool = False) -> dict[str, Any]:
@@ -858,9 +862,7 @@ class EtcdHolder:
         with contextlib.suppress(StoreUnavailableError):
             r = self._cluster.call("/kv/range", _range(self.lock_name + "/", prefix=True,
                                                        first=True)["request_range"], deadline)
-            kvs = r.get("kvs", [])
-            if kvs:
-                return _decode_quietly(_unb64(kvs[0].get("value", "")), self.name)
+            return self._last(r.get("kvs", []))
         return None
 
     def _abandon(self) -> None:
@@ -959,14 +961,14 @@ class EtcdHolder:
             if not kvs:
                 return True
             try:
-                watch = c.watch(_key_text(kvs[0]), deadline)
+                watch = self._watch_for_deletion(kvs[0], int(r["header"]["revision"]),
+                                                 deadline, None, inline=False)
             except StoreUnavailableError:
                 if deadline is not None and time.monotonic() >= deadline:
                     return False  # the wait ran out first
                 raise
             gone = watch.wake
             try:
-                self._catch_up(watch, kvs[0], int(r["header"]["revision"]), deadline)
                 remaining = c.ttl / 3
                 if deadline is not None:
                     remaining = min(remaining, deadline - time.monotonic())
@@ -1000,7 +1002,7 @@ class EtcdHolder:
         try:
             r = self._cluster.txn([], [_range(self.last_key)], [])
             kvs = _kvs(r.get("responses", [{}])[0])
-            value = _unb64(kvs[0].get("value", "")) if kvs else b""
+            value = _raw(kvs) or b""
             ops = [_delete(my)]
             try:
                 old = _decode(value, self.last_name, _clear_command(self.url, self.session))
@@ -1053,7 +1055,7 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
             # The owner key alone makes the session live: a value that is no fencelock
             # record (empty, or another client's) is a holder without a record.
             try:
-                record = _decode(_unb64(owner[0].get("value", "")), where)
+                record = _decode(_raw(owner), where)
             except CorruptRecordError:
                 record = None
             if record is None:
@@ -1064,8 +1066,7 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
                 status = _probe._status(session, where, states.LIVE, record,
                                         stuck_after=stuck_after, now=now)
         else:
-            record = (_decode(_unb64(last[0].get("value", "")), last_where, command)
-                      if last else None)
+            record = _decode(_raw(last), last_where, command)
             if record is None:
                 status = holder_status(session, where, states.FREE, reason="no record")
             else:
@@ -1103,9 +1104,8 @@ def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
         where = f"{url.display}/{url.prefix}/sessions/{key}"
         lst = [last[key]] if key in last else []
         session = key
-        record = _decode_quietly(_unb64(lst[0].get("value", "")), where) if lst else None
-        owner_record = (_decode_quietly(_unb64(queue[0].get("value", "")), where)
-                        if queue else None)
+        record = _decode_quietly(_raw(lst), where)
+        owner_record = _decode_quietly(_raw(queue), where)
         for rec in (owner_record, record):
             if rec is not None:
                 session = rec.session

@@ -172,11 +172,9 @@ def _not_regular(path: str, st_mode: int) -> Exception:
 
 
 def _unreadable(path: str, e: OSError) -> Exception:
-    from fencelock._errors import SidecarAccessError
-    from fencelock._sidecar import path_fix
+    from fencelock._sidecar import unreadable_session
 
-    return SidecarAccessError(path, e, path_fix(path, e, writing=False, sidecar=False)
-                              or "the fence needs to stat and read the session file")
+    return unreadable_session(path, e, "the fence needs to stat and read the session file")
 
 
 def detect_mode(directory: str) -> FenceMode:

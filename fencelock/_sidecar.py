@@ -73,6 +73,12 @@ def access_error(path: str, e: OSError, writing: bool) -> Exception:
                               or "check the path and try again")
 
 
+def unreadable_session(session: str, e: OSError, why: str) -> SidecarAccessError:
+    """A session file that cannot be read: what to do about ``e``, else ``why``."""
+    return SidecarAccessError(session, e, path_fix(session, e, writing=False, sidecar=False)
+                              or why)
+
+
 def path_fix(path: str, e: OSError, *, writing: bool, sidecar: bool) -> str | None:
     """What to do about ``e`` on ``path`` (a sidecar, or else a session file), for the
     errors a user can act on; None for others."""

@@ -77,9 +77,7 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
 
 
 def _unreadable(session: str, e: OSError) -> SidecarAccessError:
-    return SidecarAccessError(session, e, _sidecar.path_fix(session, e, writing=False,
-                                                            sidecar=False)
-                              or "verify needs to read the session file")
+    return _sidecar.unreadable_session(session, e, "verify needs to read the session file")
 
 
 def _check(session: str, f: BinaryIO) -> VerifyReport:

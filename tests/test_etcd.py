@@ -480,25 +480,16 @@ def test_holders_carry_on_through_an_etcd_restart_within_their_lease(
     assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2]
 
 
-_HOLD_UNTIL_TOLD = """
-import sys
-from fencelock import SessionLock
-lock = SessionLock(sys.argv[1], "before-restart", backend=sys.argv[2])
-print(lock.acquire().token, flush=True)
-sys.stdin.readline()
-lock.release()
-print("released", flush=True)
-"""
-
-
 def test_a_waiter_rides_out_an_etcd_restart_and_gets_the_session(
-    session: Path, own_etcd: EtcdServer
+    session: Path, own_etcd: EtcdServer, spawn_holder: SpawnHolder,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import time
 
     url = own_etcd.url("restart-wait", ttl=30)
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_UNTIL_TOLD, str(session), url],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    holder = spawn_holder(session, lane="before-restart")
+    token = holder.acquire()
     outcome: list[object] = []
 
     def wait() -> None:
@@ -507,29 +498,18 @@ def test_a_waiter_rides_out_an_etcd_restart_and_gets_the_session(
         except BaseException as e:
             outcome.append(e)
 
-    try:
-        assert holder.stdout is not None and holder.stdin is not None
-        token = int(holder.stdout.readline())
-        t = threading.Thread(target=wait, daemon=True)
-        t.start()
-        give_up = time.monotonic() + 60
-        while not _reading_its_watch(t):
-            assert t.is_alive() and time.monotonic() < give_up, outcome
-            time.sleep(0.005)
-        own_etcd.kill(signal.SIGKILL)  # the waiter's stream ends; etcd refuses its look
-        own_etcd.start()
-        holder.stdin.write("release\n")
-        holder.stdin.flush()
-        assert holder.stdout.readline() == "released\n"
-        t.join(60)  # a guard against a hang, not a measurement
-        assert not t.is_alive() and len(outcome) == 1
-        assert isinstance(outcome[0], int) and outcome[0] > token, outcome
-    finally:
-        holder.kill()
-        holder.wait()
-        for f in (holder.stdin, holder.stdout):
-            if f is not None:
-                f.close()
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    give_up = time.monotonic() + 60
+    while not _reading_its_watch(t):
+        assert t.is_alive() and time.monotonic() < give_up, outcome
+        time.sleep(0.005)
+    own_etcd.kill(signal.SIGKILL)  # the waiter's stream ends; etcd refuses its look
+    own_etcd.start()
+    assert holder.call("release") == "released"
+    t.join(60)  # a guard against a hang, not a measurement
+    assert not t.is_alive() and len(outcome) == 1
+    assert isinstance(outcome[0], int) and outcome[0] > token, outcome
 
 
 def test_unreachable_etcd_raises_store_unavailable_instead_of_hanging(

@@ -415,11 +415,6 @@ def handoff_latencies(peer: str, path: str, rounds: int, hold: float) -> list[fl
     return handoff.latencies(functools.partial(make_locker, peer, path), rounds, hold)
 
 
-def _p99(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-
-
 def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
     med: dict[str, float | None] = {}
     p99: dict[str, float | None] = {}
@@ -449,7 +444,7 @@ def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         if not lat:
             med[peer] = p99[peer] = None
             continue
-        med[peer], p99[peer], counts[peer] = statistics.median(lat), _p99(lat), len(lat)
+        med[peer], p99[peer], counts[peer] = statistics.median(lat), handoff.p99(lat), len(lat)
     floor_med, floor_p99 = med.pop("floor"), p99.pop("floor")
     pb_med, pb_p99 = med.pop("portalocker-blocking"), p99.pop("portalocker-blocking")
     f_med, f_p99 = med.pop("fencelock"), p99.pop("fencelock")

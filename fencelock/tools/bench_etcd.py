@@ -172,8 +172,7 @@ _FLOOR_NOTE = (
 
 def _split(lat: list[float]) -> tuple[float, float]:
     """(median, p99) of hand-off latencies."""
-    ordered = sorted(lat)
-    return statistics.median(lat), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return statistics.median(lat), handoff.p99(lat)
 
 
 def bench(base: Path, cycles: int, rounds: int, quiet: bool,
