@@ -162,6 +162,8 @@ class _Watch:
                  inline: bool) -> None:
         import requests
 
+        from fencelock import _etcdhttp
+
         self.wake = threading.Event()
         self.deleted = False
         self.revision = 0
@@ -175,7 +177,7 @@ class _Watch:
         # A session of its own: a stream cut off by `stop` leaves its connection in no
         # state to carry another request, so it must never go back to the pool the
         # client's requests are sent from.
-        self._session = _http_session(client.base_url)
+        self._session = _etcdhttp.Session(client.base_url)
         # One connection ever: a pool sized for one is quicker to take down (closing a
         # pool visits every slot it has).
         self._session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=1,
@@ -280,37 +282,8 @@ class _Watch:
             self._session.close()
 
 
-def _base_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
-
-
-def _http_session(url: str) -> Any:
-    """A requests session for ``url`` that read the proxy settings from the environment
-    once, now: with ``trust_env`` on, requests looks up the proxy variables and ~/.netrc
-    at every request, about 0.3 ms of a transaction's 1-2 ms on loopback. The proxy in
-    force stays the one the environment names (a netrc login does not apply: etcd's
-    gateway takes none)."""
-    import requests
-
-    session = requests.Session()
-    session.proxies.update(requests.utils.get_environ_proxies(url))
-    session.trust_env = False
-    return session
-
-
 def _eof() -> bytes:
     raise EOFError
-
-
-def _close_client(client: Any) -> None:
-    """Close an etcd3gw client's connections now (urllib3 2 closes a pool's connections
-    only once the garbage collector finalizes the pool, not on the session's close)."""
-    with contextlib.suppress(Exception):
-        for adapter in client.session.adapters.values():
-            pools = adapter.poolmanager.pools
-            for key in pools.keys():  # noqa: SIM118 (the container refuses iteration)
-                pools[key].close()
-        client.session.close()
 
 
 class _Cluster:
@@ -339,9 +312,11 @@ class _Cluster:
         if clients is None:
             import etcd3gw
 
+            from fencelock import _etcdhttp
+
             clients = [
                 etcd3gw.client(host=host, port=port, timeout=_REQUEST_TIMEOUT,
-                               session=_http_session(_base_url(host, port)))
+                               session=_etcdhttp.Session(_etcdhttp.base_url(host, port)))
                 for host, port in self.url.endpoints
             ]
             self._local.clients = clients
@@ -353,7 +328,7 @@ class _Cluster:
                     if not thread.is_alive():
                         del self._by_thread[thread]
                         for client in old:
-                            _close_client(client)
+                            _etcdhttp.close_client(client)
                 self._by_thread[threading.current_thread()] = clients
         return clients
 
@@ -535,28 +510,16 @@ def cluster(url: EtcdURL) -> _Cluster:
         return found
 
 
-def _close_inherited(client: Any) -> None:
-    """In a forked child: close this process's copies of a client's idle connections
-    (the parent's stay open), touching no lock a parent's thread may have held."""
-    with contextlib.suppress(Exception):
-        for adapter in client.session.adapters.values():
-            # Direct connections, and those through a proxy (a pool manager per proxy).
-            for manager in [adapter.poolmanager, *adapter.proxy_manager.values()]:
-                for pool in list(manager.pools._container.values()):
-                    for conn in list(getattr(pool.pool, "queue", None) or ()):
-                        sock = getattr(conn, "sock", None)
-                        if sock is not None:
-                            sock.close()
-
-
 def _after_fork_in_child() -> None:
     # A child has neither the parent's lease keeper nor a right to its lease, and no
     # use for the parent's connections.
     global _clusters_lock
+    if _clusters:
+        from fencelock import _etcdhttp  # imported already: the clusters used it
     for found in _clusters.values():
         for clients in list(found._by_thread.values()):
             for client in clients:
-                _close_inherited(client)
+                _etcdhttp.close_inherited(client)
     _clusters.clear()
     _clusters_lock = threading.Lock()
 

@@ -789,14 +789,21 @@ def test_cli_store_unavailable_is_one_line_and_exit_1(session: Path, own_etcd: E
 
 
 @contextlib.contextmanager
-def _answering(status: int, body: bytes = b"") -> Iterator[tuple[int, list[str]]]:
+def _answering(
+    status: int, body: bytes = b"", received: list[tuple[str, str, dict[str, str], bytes]]
+    | None = None,
+) -> Iterator[tuple[int, list[str]]]:
     """A local HTTP server that answers every request with ``status`` and ``body``;
-    yields its port and the paths it was asked for (a proxy is asked for whole URLs)."""
+    yields its port and the paths it was asked for (a proxy is asked for whole URLs).
+    ``received`` gets each request whole: method, path, headers and body."""
     asked: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             asked.append(self.path)
+            if received is not None:
+                sent = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                received.append((self.command, self.path, dict(self.headers), sent))
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -848,6 +855,30 @@ def test_the_environment_s_http_proxy_applies_to_etcd_requests(session: Path, ur
     assert seen and all(path.startswith(f"http://{urlsplit(url).netloc}/")
                         for path in seen), seen
     assert bypassed.returncode == 0, bypassed.stderr
+
+
+def test_the_store_s_http_session_sends_a_json_post_as_requests_would() -> None:
+    """The store's session sends its JSON POSTs past requests' per-request merging of
+    cookies, hooks and settings: what reaches the server (request line, headers, body)
+    and the answer the caller gets are those of a plain requests session."""
+    import requests
+
+    from fencelock import _etcdhttp
+
+    payload: dict[str, Any] = {
+        "compare": [], "success": [{"request_put": {"key": "a2V5", "value": "dg=="}}],
+        "failure": [], "note": "caf\u00e9"}
+    received: list[tuple[str, str, dict[str, str], bytes]] = []
+    answers = []
+    with _answering(200, b'{"header": {"revision": "7"}}', received) as (port, _):
+        url = f"http://127.0.0.1:{port}/v3/kv/txn"
+        for session in (requests.Session(), _etcdhttp.Session(url)):
+            session.trust_env = False
+            with session:
+                got = session.post(url, json=payload, timeout=5)
+            answers.append((got.status_code, got.reason, got.json(), got.text))
+    assert len(received) == 2 and received[0] == received[1], received
+    assert answers[0] == answers[1] and answers[0][2] == {"header": {"revision": "7"}}
 
 
 def test_an_ipv6_endpoint_with_proxy_variables_set_gives_the_store_s_error(

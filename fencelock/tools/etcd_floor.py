@@ -14,7 +14,6 @@ from typing import Any
 # Internals the floor needs, imported deliberately: it names its keys as fencelock's
 # etcd store does, so that the two queue for the same session.
 from fencelock import _backend
-from fencelock._etcd import _base_url, _http_session
 from fencelock.tools.peers import record_bytes
 
 _TXN = "/v3/kv/txn"
@@ -190,8 +189,10 @@ def transaction_costs(endpoint: str, key: str, n: int, idle: float) -> dict[str,
     two transports take turns."""
     import etcd3gw
 
+    from fencelock import _etcdhttp
+
     host, _, port = endpoint.rpartition(":")
-    session = _http_session(_base_url(host, int(port)))  # as the store has it
+    session = _etcdhttp.Session(_etcdhttp.base_url(host, int(port)))  # as the store has it
     client = etcd3gw.client(host=host, port=int(port), timeout=2.0, session=session)
     conn = http.client.HTTPConnection(host, int(port))
     payload = {"compare": [], "failure": [], "success": [
