@@ -741,7 +741,8 @@ class EtcdHolder:
                     # Usually a release just wrote it: its head says so, no need to parse.
                     quick = _record.peek(self._before) if self._before else None
                     if quick is None or quick[0] is State.HELD:
-                        old = self._last(kvs)
+                        # A corrupt one raises, and the caller's undo puts it back.
+                        old = self._last_checked(kvs)
                         if old is not None and old.state is State.HELD:
                             self.write(record(revision, old))  # took over a stale run
                     return

@@ -982,6 +982,51 @@ def test_a_corrupt_last_record_is_kept_until_clear_force_sets_it_aside(
         assert lock.info is not None and lock.info.previous is None
 
 
+def test_a_waiter_whose_turn_comes_does_not_write_over_a_corrupt_last_record(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """A waiter takes its turn and writes its record in one transaction. When the record
+    it wrote over turns out to be corrupt (written by hand while another client held the
+    lock, which then went without a release), it puts that record back, leaves the queue
+    and raises `CorruptRecordError`, as a run that finds the session free does."""
+    parsed = parse(url)
+    assert parsed is not None
+    skey = session_key(str(session), None)
+    last, owner = f"{parsed.prefix}/last/{skey}", f"{parsed.prefix}/sessions/{skey}/7e57"
+    garbage = "{not a record"
+    for key, value in ((last, garbage), (owner, "")):
+        subprocess.run(_etcdctl(etcd_server, "put", key, value), check=True,
+                       capture_output=True)
+    outcome: list[BaseException | None] = []
+
+    def wait_for_turn() -> None:
+        try:
+            SessionLock(session, "next", timeout=60, backend=url).acquire()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    waiter = threading.Thread(target=wait_for_turn)
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while probe(session, backend=url).waiters < 1 and waiter.is_alive():
+        assert time.monotonic() < deadline, "the waiter never queued"
+        time.sleep(0.01)
+    subprocess.run(_etcdctl(etcd_server, "del", owner), check=True, capture_output=True)
+    waiter.join(60)
+    assert not waiter.is_alive()
+    (error,) = outcome
+    assert isinstance(error, CorruptRecordError), error
+    assert f"/{last}" in str(error) and "clear --force" in str(error)
+    got = subprocess.run(_etcdctl(etcd_server, "get", last), check=True,
+                         capture_output=True, text=True)
+    assert got.stdout.splitlines() == [last, garbage]
+    queue = subprocess.run(_etcdctl(etcd_server, "get", "--prefix", "--keys-only",
+                                    f"{parsed.prefix}/sessions/"),
+                           check=True, capture_output=True, text=True)
+    assert queue.stdout.strip() == ""
+
+
 def test_an_owner_key_with_another_clients_value_is_a_live_holder(
     session: Path, url: str, etcd_server: EtcdServer
 ) -> None:
