@@ -25,11 +25,13 @@ from fencelock._constants import (
     EXIT_INTERRUPTED,
     EXIT_PROBLEMS,
     EXIT_STALE,
+    NO_WORKING_DIRECTORY,
     SIDECAR_SUFFIX,
 )
 from fencelock._output import (
     CliError,
     ContendedCliError,
+    OutputError,
     PathDisplay,
     clean,
     echo_json,
@@ -40,6 +42,8 @@ from fencelock._output import (
     is_sidecar,
     library_errors,
     os_message,
+    out,
+    out_bytes,
     plain_warnings,
     plural,
     shorten,
@@ -72,7 +76,10 @@ def _no_directory(path: str) -> str | None:
     Every command refuses such a path the same way. (A missing session file in an
     existing directory is a session no run has started yet: free and empty.)
     """
-    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        directory = os.path.dirname(os.path.abspath(path))
+    except FileNotFoundError:  # a relative path, and the working directory was removed
+        return f"{path}: No such file or directory; {NO_WORKING_DIRECTORY}"
     try:
         os.stat(directory)
     except (FileNotFoundError, NotADirectoryError) as e:
@@ -111,7 +118,26 @@ Shell completion (add to your shell's startup file):
 """
 
 
+class _Group(click.Group):
+    """The command group, with a last guard: an error writing output that no command
+    turned into a message (``--help`` or ``--version`` into a full disk: click itself
+    handles only a closed pipe) is one line on stderr and exit 1, not a traceback."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, **kwargs)
+        except OSError as e:
+            # The commands turn the library's errors, all of which name a file, into
+            # messages: an OSError naming none that gets here was writing the output.
+            message = os_message(e) if e.filename is not None else (
+                f"cannot write its output: {e.strerror or e}; check where standard "
+                "output goes (a full disk or a closed device)")
+            click.echo(f"Error: {clean(message)}", err=True)
+            sys.exit(EXIT_ERROR)
+
+
 @click.group(
+    cls=_Group,
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog=_MAIN_EPILOG,
 )
@@ -280,9 +306,9 @@ def status(
     rows = list(found())
     now = time.time()
     if rows:
-        click.echo(status_table(rows, now, waiters=store))
+        out(status_table(rows, now, waiters=store))
     elif not failed:
-        click.echo("no sessions found")
+        out("no sessions found")
     for st in rows:
         if st.state is ProbeState.UNREADABLE:
             failed = True
@@ -341,6 +367,20 @@ class _ClearOutcome:
         }
 
 
+def _named(path: str) -> tuple[str, str]:
+    """(session, sidecar) of ``path`` for a report: absolute, unless the working
+    directory is gone (then as given)."""
+    from fencelock._errors import SidecarAccessError
+    from fencelock._sidecar import paths
+
+    try:
+        return paths(path)
+    except SidecarAccessError:
+        if path.endswith(SIDECAR_SUFFIX):
+            return path[: -len(SIDECAR_SUFFIX)], path
+        return path, path + SIDECAR_SUFFIX
+
+
 def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None) -> _ClearOutcome:
     from fencelock._errors import FenceLockError, SessionContendedError
     from fencelock._probe import ProbeState, clear
@@ -356,16 +396,14 @@ def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None)
             holder_text=describe_holder(e.holder, e.lock_owners),
         )
     except (FenceLockError, OSError) as e:
-        from fencelock._sidecar import paths
-
         message = os_message(e) if isinstance(e, OSError) else str(e)
-        session, sidecar = paths(path)
+        session, sidecar = _named(path)
         return _ClearOutcome(session, sidecar, "unreadable", error=message, reason=message)
-    out = _ClearOutcome(st.session, st.sidecar, str(st.state), st.record, reason=st.reason)
-    out.cleared = st.state is ProbeState.STALE
-    out.removed = st.removed
-    out.set_aside = st.set_aside
-    return out
+    done = _ClearOutcome(st.session, st.sidecar, str(st.state), st.record, reason=st.reason)
+    done.cleared = st.state is ProbeState.STALE
+    done.removed = st.removed
+    done.set_aside = st.set_aside
+    return done
 
 
 class _DirSummary:
@@ -393,12 +431,12 @@ def _clear_directory(
             not remove or (not store and not os.path.lexists(st.sidecar))
         ):
             continue
-        out = _clear_one(st.session if store else st.sidecar, remove, force, backend)
-        if out.refused:
+        outcome = _clear_one(st.session if store else st.sidecar, remove, force, backend)
+        if outcome.refused:
             # Taken by a new run since the scan: it is live, not stale, so left alone.
             summary.live += 1
             continue
-        summary.outcomes.append(out)
+        summary.outcomes.append(outcome)
     return summary
 
 
@@ -450,26 +488,24 @@ def clear_command(
                 done = sum(o.cleared for o in outcomes)
                 gone = sum(o.removed for o in outcomes)
                 text = f"{clean(path)}: cleared {done} stale, left {summary.live} live alone"
-                click.echo(text + (f", removed {plural(gone, 'sidecar')}" if remove else ""))
+                out(text + (f", removed {plural(gone, 'sidecar')}" if remove else ""))
         else:
             problem = _no_directory(path)
             if problem is not None:
-                from fencelock._sidecar import paths as _paths
-
-                session, sidecar = _paths(path)
+                session, sidecar = _named(path)
                 outcomes = [_ClearOutcome(session, sidecar, None, error=problem, reason=problem)]
             else:
                 outcomes = [_clear_one(path, remove, force, backend)]
-        for out in outcomes:
-            report.append(out)
-            refused |= out.refused
-            if out.error is not None:
+        for outcome in outcomes:
+            report.append(outcome)
+            refused |= outcome.refused
+            if outcome.error is not None:
                 failed = True
-                error_line(out.error)
-            elif out.refused:
-                error_line(f"{out.session}: not cleared: held by {out.holder_text}")
+                error_line(outcome.error)
+            elif outcome.refused:
+                error_line(f"{outcome.session}: not cleared: held by {outcome.holder_text}")
             elif not as_json:
-                click.echo(f"{show(out.session)}: {clean(out.reason)}")
+                out(f"{show(outcome.session)}: {clean(outcome.reason)}")
     if as_json:
         echo_json([o.to_json() for o in report])
     if failed:
@@ -748,25 +784,28 @@ def recover_command(
                     "holder": status_json(probe(e.session), time.time()),
                 })
             raise
-    if as_json:
-        obj = {
-            "action": str(r.action),
-            "session": r.session,
-            "original": r.holder.session,
-            "waited": round(r.waited, 3),
-            "carried_lines": r.carried_lines,
-            "error": None,
-            "holder": status_json(r.holder, time.time()),
-        }
-        echo_json(obj)
-    elif sys.stdout.isatty():
-        click.echo(clean(r.session))
-    else:
-        # The real bytes for `next=$(fencelock recover S)`: escaping would name a
-        # path that does not exist.
-        sys.stdout.flush()
-        sys.stdout.buffer.write(os.fsencode(r.session) + b"\n")
-        sys.stdout.buffer.flush()
+    try:
+        if as_json:
+            obj = {
+                "action": str(r.action),
+                "session": r.session,
+                "original": r.holder.session,
+                "waited": round(r.waited, 3),
+                "carried_lines": r.carried_lines,
+                "error": None,
+                "holder": status_json(r.holder, time.time()),
+            }
+            echo_json(obj)
+        elif sys.stdout.isatty():
+            out(clean(r.session))
+        else:
+            # The real bytes for `next=$(fencelock recover S)`: escaping would name a
+            # path that does not exist.
+            out_bytes(os.fsencode(r.session) + b"\n")
+    except OutputError as e:
+        # The decision is made (perhaps a fresh session created): it must reach the
+        # caller somehow.
+        raise OutputError(f"{e.message}; the session to use is {r.session}") from None
 
 
 # -- verify -----------------------------------------------------------------------------
@@ -812,10 +851,10 @@ def verify_command(session: str, as_json: bool) -> None:
     else:
         name = clean(session)
         for p in report.problems:
-            click.echo(f"{name}:{p.line}: {p.kind}: {clean(p.detail)}")
+            out(f"{name}:{p.line}: {p.kind}: {clean(p.detail)}")
         verdict = "ok" if report.ok else plural(len(report.problems), "problem")
         missing = "" if report.exists else "no such file yet, "
-        click.echo(
+        out(
             f"{name}: {missing}{plural(report.lines, 'line')}, {report.stamped} stamped, "
             f"max token {report.max_token}: {verdict}"
         )
@@ -849,10 +888,10 @@ def check_config(file: str, strict: bool) -> None:
     warnings = report.warnings
     name = clean(file)
     for w in warnings:
-        click.echo(f"{name}: warning: {clean(w.message)}")
+        out(f"{name}: warning: {clean(w.message)}")
     for n in report.notices:
-        click.echo(f"{name}: notice: {clean(n.message)}")
+        out(f"{name}: notice: {clean(n.message)}")
     if not warnings:
-        click.echo(f"{name}: ok: every agent heartbeat is isolated or off")
+        out(f"{name}: ok: every agent heartbeat is isolated or off")
     elif strict:
         raise CliError(f"{file}: {plural(len(warnings), 'warning')} and --strict")

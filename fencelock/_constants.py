@@ -19,3 +19,7 @@ EXIT_PROBLEMS = 5
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+NO_WORKING_DIRECTORY = ("the working directory no longer exists: change to one that does, "
+                        "or give an absolute path")
+"""The fix for a relative path given after the working directory was removed."""

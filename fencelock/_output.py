@@ -7,7 +7,9 @@ Imported at startup: it loads click and nothing of the library until a function 
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -106,10 +108,44 @@ def plain_warnings() -> None:
     warnings.showwarning = show
 
 
+class OutputError(CliError):
+    """Standard output cannot be written (a full disk, say): one line on stderr, exit 1."""
+
+
+def _output_failed(e: OSError) -> OutputError:
+    return OutputError(f"cannot write its output: {e.strerror or type(e).__name__}; check "
+                       "where standard output goes (a full disk or a closed device)")
+
+
+def out(text: str = "", nl: bool = True) -> None:
+    """Print ``text`` on standard output (`click.echo`, which flushes each time). A
+    write that fails raises `OutputError` instead of a traceback; a closed pipe
+    (EPIPE: ``| head``) is left to click, which ends quietly."""
+    try:
+        click.echo(text, nl=nl)
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            raise
+        raise _output_failed(e) from None
+
+
+def out_bytes(data: bytes) -> None:
+    """`out` for bytes that must reach standard output as they are (a path that is
+    not valid UTF-8)."""
+    try:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            raise
+        raise _output_failed(e) from None
+
+
 def echo_json(obj: Any) -> None:
     import json
 
-    click.echo(json.dumps(json_safe(obj), indent=2))
+    out(json.dumps(json_safe(obj), indent=2))
 
 
 def _utf8(text: str) -> bytes | None:
@@ -343,20 +379,20 @@ def stream_status_json(rows: Iterator[HolderStatus]) -> tuple[bool, bool]:
     from fencelock._probe import ProbeState
 
     encode = json.JSONEncoder(indent=2).encode  # one encoder: json.dumps makes one a call
-    out: list[str] = []
+    chunks: list[str] = []
     stale = unreadable = False
     count = 0
     for st in rows:
         stale = stale or st.state is ProbeState.STALE
         unreadable = unreadable or st.state is ProbeState.UNREADABLE
         text = encode(json_safe(status_json(st, time.time()))).replace("\n", "\n  ")
-        out.append(("[\n  " if count == 0 else ",\n  ") + text)
+        chunks.append(("[\n  " if count == 0 else ",\n  ") + text)
         count += 1
-        if len(out) >= 256:
-            click.echo("".join(out), nl=False)
-            out.clear()
-    out.append("\n]" if count else "[]")
-    click.echo("".join(out))
+        if len(chunks) >= 256:
+            out("".join(chunks), nl=False)
+            chunks.clear()
+    chunks.append("\n]" if count else "[]")
+    out("".join(chunks))
     return stale, unreadable
 
 

@@ -299,7 +299,7 @@ def scan(
 ) -> Iterator[HolderStatus]:
     """Every sidecar and ``*.jsonl`` session in ``directory``, sorted by session name
     (with an etcd ``backend``: every ``*.jsonl`` session, probed in etcd)."""
-    base = os.path.abspath(os.fspath(directory))
+    base = _sidecar.absolute(directory)
     if _backend.selected(backend) is not None:
         yield from _scan_store(base, stuck_after, backend)
         return

@@ -14,7 +14,7 @@ import os
 import stat
 
 from fencelock import _forkguard, _platform
-from fencelock._constants import SIDECAR_SUFFIX
+from fencelock._constants import NO_WORKING_DIRECTORY, SIDECAR_SUFFIX
 from fencelock._errors import (
     CorruptRecordError,
     ForeignSymlinkError,
@@ -34,7 +34,16 @@ def paths(path: str | os.PathLike[str]) -> tuple[str, str]:
     """(session, sidecar) as absolute paths, for a session file or a sidecar path."""
     if type(path) is str and path[:1] == "/":
         return _paths_of_absolute(path)  # does not depend on the working directory
-    return _paths(os.path.abspath(os.fspath(path)))
+    return _paths(absolute(path))
+
+
+def absolute(path: str | os.PathLike[str]) -> str:
+    """``path`` made absolute; `SidecarAccessError` naming it when it is relative and
+    the working directory is gone."""
+    try:
+        return os.path.abspath(os.fspath(path))
+    except FileNotFoundError as e:
+        raise SidecarAccessError(os.fsdecode(os.fspath(path)), e, NO_WORKING_DIRECTORY) from None
 
 
 def _paths(p: str) -> tuple[str, str]:

@@ -60,7 +60,7 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
 
     A session file that does not exist yet, in a directory that does, has no lines.
     """
-    session = os.path.abspath(os.fspath(path))
+    session = _sidecar.absolute(path)
     try:
         fd, _ = _sidecar.open_regular(session, os.O_RDONLY)
     except FileNotFoundError as e:

@@ -1490,3 +1490,99 @@ def test_a_directory_that_cannot_be_listed_does_not_stop_the_other_paths(
     no_traceback(out.stderr, 1)
     assert f"{private}: Permission denied" in out.stderr
     assert "a.jsonl" in out.stdout, out.stdout  # the other path was still looked at
+
+
+# -- output that cannot be written, a working directory that is gone ------------------
+
+
+@marks.needs_linux  # /dev/full: every write fails with ENOSPC
+@pytest.mark.parametrize("args", [
+    ["--version"], ["--help"], ["status", "--help"], ["status"], ["status", "--json"],
+    ["status", "{s}"], ["clear", "{s}"], ["clear", "--json", "{s}"], ["verify", "{s}"],
+    ["verify", "--json", "{s}"], ["check-config", "{c}"],
+], ids=lambda a: " ".join(a))
+def test_output_that_cannot_be_written_is_one_error_line_not_a_traceback(
+    session: Path, args: list[str]
+) -> None:
+    """A full disk behind standard output (click handles only a closed pipe): one line
+    on stderr that says the output could not be written, and exit 1."""
+    session.write_text('{"role":"user"}\n')
+    config = session.parent / "openclaw.json"
+    config.write_text('{"agents": {}}')
+    argv = [a.format(s=session, c=config) for a in args]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*FENCELOCK, *argv], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=60, cwd=session.parent, check=False)
+    assert done.returncode == 1, done.stderr
+    no_traceback(done.stderr, max_lines=1)
+    assert "cannot write its output: No space left on device" in done.stderr
+
+
+@marks.needs_linux
+def test_recover_that_cannot_print_its_fresh_session_names_it_on_stderr(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """recover decided (and made a fresh session beside a live holder's): when stdout
+    cannot take the answer, stderr carries it."""
+    session.write_text('{"role":"user"}\n')
+    spawn_holder(session, lane="busy")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*FENCELOCK, "recover", "--wait", "0", str(session)],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+                              check=False)
+    assert done.returncode == 1
+    no_traceback(done.stderr, max_lines=1)
+    fresh = done.stderr.strip().split("; the session to use is ", 1)[1]
+    assert Path(fresh).parent == session.parent and Path(fresh).read_text() \
+        == session.read_text()
+
+
+@pytest.mark.parametrize("args", [
+    ["status", "s.jsonl"], ["status"], ["clear", "s.jsonl"], ["clear", "--json", "s.jsonl"],
+    ["wait", "s.jsonl"], ["recover", "s.jsonl"], ["verify", "s.jsonl"],
+    ["run", "--lane", "x", "s.jsonl", "--", "true"],
+], ids=lambda a: " ".join(a))
+def test_a_relative_path_in_a_removed_working_directory_is_named_with_the_fix(
+    tmp_path: Path, args: list[str]
+) -> None:
+    """The shell's directory was removed after it entered it: a relative path cannot
+    be made absolute. One line naming the path and what to do, never a traceback."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = ("import os, sys; from fencelock._cli import main; os.chdir(sys.argv[1]); "
+            "os.rmdir(sys.argv[1]); main(sys.argv[2:], prog_name='fencelock')")
+    done = subprocess.run([sys.executable, "-c", code, str(gone), *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr
+    assert "the working directory no longer exists" in line
+    assert ("s.jsonl: " in line) if "s.jsonl" in args else (".: " in line)
+    if "--json" in args:
+        (row,) = json.loads(done.stdout)
+        assert row["session"] == "s.jsonl" and "no longer exists" in row["error"]
+
+
+def test_the_library_names_a_relative_path_in_a_removed_working_directory(
+    tmp_path: Path
+) -> None:
+    code = """
+import os, sys
+from fencelock import FenceLockError, SessionLock, probe, scan, verify
+os.chdir(sys.argv[1]); os.rmdir(sys.argv[1])
+for call in (lambda: SessionLock("s.jsonl"), lambda: probe("s.jsonl"),
+             lambda: list(scan(".")), lambda: verify("s.jsonl")):
+    try:
+        call()
+    except FenceLockError as e:
+        print(type(e).__name__, e)
+"""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    done = subprocess.run([sys.executable, "-c", code, str(gone)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 4, done.stdout
+    for line in lines:
+        assert line.startswith("SidecarAccessError ") and "no longer exists" in line
