@@ -153,6 +153,23 @@ def main() -> None:
     plain_warnings()
 
 
+class _PathArgument(click.Path):
+    """A path argument: the empty string (an unset shell variable, ``"$S"``) is a usage
+    error, not the working directory."""
+
+    def __init__(self) -> None:
+        super().__init__(readable=False)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if value == "":
+            self.fail("an empty path names nothing (is a shell variable unset?)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+PATH = _PathArgument()
+
+
 class _Seconds(click.ParamType):  # type: ignore[type-arg]
     """A number of seconds >= 0; "inf" means no limit. NaN is a usage error."""
 
@@ -208,7 +225,7 @@ def _uses_store(backend: str | None) -> bool:
 
 
 @main.command(short_help="Show who holds each session (default: in .).")
-@click.argument("paths", nargs=-1, type=click.Path(readable=False))
+@click.argument("paths", nargs=-1, type=PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per holder.")
 @click.option(
     "--stuck-after",
@@ -441,7 +458,7 @@ def _clear_directory(
 
 
 @main.command(name="clear", short_help="Clear stale holder records; never live ones.")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False))
+@click.argument("paths", nargs=-1, required=True, type=PATH)
 @click.option(
     "--remove", is_flag=True, help="Also delete the sidecars of free and cleared sessions."
 )
@@ -522,7 +539,7 @@ def _holding_options(heartbeat_help: str) -> Callable[[Any], Any]:
 
     def apply(f: Any) -> Any:
         for option in reversed((
-            click.argument("session", type=click.Path(readable=False)),
+            click.argument("session", type=PATH),
             click.option("--lane", required=True,
                          help="The lane name recorded in the holder record."),
             click.option("--no-wait", "-n", is_flag=True,
@@ -678,7 +695,7 @@ def _wait_with_progress(
 
 
 @main.command(short_help="Wait until SESSION has no live holder.")
-@click.argument("session", type=click.Path(readable=False))
+@click.argument("session", type=PATH)
 @click.option(
     "--timeout",
     "-w",
@@ -729,7 +746,7 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
 
 
 @main.command(name="recover", short_help="Print the session to use after a stuck run.")
-@click.argument("session", type=click.Path(readable=False))
+@click.argument("session", type=PATH)
 @click.option(
     "--wait",
     "wait_s",
@@ -812,7 +829,7 @@ def recover_command(
 
 
 @main.command(name="verify", short_help="Check SESSION for torn lines and bad tokens.")
-@click.argument("session", type=click.Path(readable=False))
+@click.argument("session", type=PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify_command(session: str, as_json: bool) -> None:
     """Check SESSION's lines: torn lines (not JSON, or no final line break) and
@@ -866,7 +883,7 @@ def verify_command(session: str, as_json: bool) -> None:
 
 
 @main.command(name="check-config", short_help="Warn about heartbeats that share sessions.")
-@click.argument("file", type=click.Path(readable=False))
+@click.argument("file", type=PATH)
 @click.option("--strict", is_flag=True, help="Exit 1 when there are warnings.")
 def check_config(file: str, strict: bool) -> None:
     """Warn for each agent whose heartbeat is not `isolatedSession: true` in a

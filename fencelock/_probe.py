@@ -370,6 +370,9 @@ def clear(
     try:
         if store is not None:
             return store.clear(remove, force)
+        # As acquire refuses it and probe calls it unreadable: a session path no run can
+        # use (a directory, say) leaves the sidecar beside it alone.
+        _sidecar.refuse_unusable_session(sidecar)
         while True:
             try:
                 fd, st = _sidecar.open_checked(sidecar, create=False, write=True)

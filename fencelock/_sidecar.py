@@ -248,7 +248,7 @@ def open_checked(
                     raise
                 # Only when the sidecar is missing (a session's first run): nothing is
                 # created beside a session path that no run could use.
-                _refuse_unusable_session(sidecar)
+                refuse_unusable_session(sidecar)
                 fd = os.open(sidecar, flags | os.O_CREAT, mode)
         except OSError as e:
             raise access_error(sidecar, e, create or write) from None
@@ -273,7 +273,7 @@ def open_checked(
     return fd, st
 
 
-def _refuse_unusable_session(sidecar: str) -> None:
+def refuse_unusable_session(sidecar: str) -> None:
     """Raise `UnsafePathError` when the session path a sidecar belongs to is something
     no run can use (a directory, FIFO or symlink, dangling or not)."""
     if not sidecar.endswith(SUFFIX):

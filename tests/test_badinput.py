@@ -371,6 +371,27 @@ def test_session_that_is_a_directory_gives_a_clear_error(session: Path) -> None:
     assert status.state == "unreadable" and "a directory" in status.reason
 
 
+def test_clear_leaves_the_sidecar_of_a_session_path_that_became_a_directory(
+    session: Path
+) -> None:
+    """A sidecar whose session path is now a directory (or was never a session: the
+    directory ``sess`` beside a file ``sess.holder``): clear, even with --remove,
+    refuses as acquire does and probe reports, and the sidecar stays."""
+    with SessionLock(session, "a"):
+        pass
+    session.mkdir()
+    sidecar = sidecar_of(session)
+    before = sidecar.read_bytes()
+    for remove in (False, True):
+        with pytest.raises(UnsafePathError) as exc:
+            clear(session, remove=remove)
+        assert str(exc.value).startswith(f"{session}: is a directory")
+    done = subprocess.run([sys.executable, "-m", "fencelock", "clear", "--remove",
+                           str(sidecar)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "is a directory" in done.stderr, done.stderr
+    assert sidecar.read_bytes() == before
+
+
 _FIFO_SESSION = textwrap.dedent("""
     import json, os, sys
     from fencelock import SessionLock

@@ -1586,3 +1586,23 @@ for call in (lambda: SessionLock("s.jsonl"), lambda: probe("s.jsonl"),
     assert len(lines) == 4, done.stdout
     for line in lines:
         assert line.startswith("SidecarAccessError ") and "no longer exists" in line
+
+
+@pytest.mark.parametrize("args", [
+    ["status", ""], ["clear", "--remove", ""], ["wait", ""], ["recover", ""], ["verify", ""],
+    ["run", "--lane", "x", "", "--", "true"], ["hold", "--lane", "x", ""],
+    ["check-config", ""],
+], ids=lambda a: " ".join(a))
+def test_an_empty_path_is_a_usage_error_not_the_working_directory(
+    tmp_path: Path, args: list[str]
+) -> None:
+    """``fencelock clear --remove "$S"`` with S unset: the empty path named the working
+    directory, whose sidecar beside it (``../DIR.holder``) clear would then remove."""
+    work = tmp_path / "sess"
+    work.mkdir()
+    sidecar = tmp_path / "sess.holder"
+    sidecar.write_text("")
+    done = cli(*args, cwd=work)
+    assert done.returncode == 2, done.stderr
+    assert "an empty path names nothing" in done.stderr and "Traceback" not in done.stderr
+    assert sidecar.exists()
