@@ -151,10 +151,15 @@ class EtcdServer:
         return False
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` and, for SIGKILL, SIGTERM and SIGSTOP, return only once it took
+        effect (a signal is delivered asynchronously: a busy host can let etcd answer a
+        few more requests after `kill` returned)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             if sig in (signal.SIGKILL, signal.SIGTERM):
                 self.proc.wait()
+            elif sig == signal.SIGSTOP:
+                os.waitpid(self.proc.pid, os.WUNTRACED)  # returns once it has stopped
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -385,7 +385,14 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
     served = _Session(lock)
     try:
         try:
-            info = asyncio.run(_acquire_unless_abandoned(lock, inbox))
+            try:
+                # One try first, in this thread: a session that cannot be held (a bad
+                # path, a corrupt record) is reported whether or not stdin has ended.
+                info: HolderInfo | None = lock.acquire(timeout=0)
+            except SessionContendedError:
+                if lock.on_contention == "fail":
+                    raise
+                info = asyncio.run(_acquire_unless_abandoned(lock, inbox))
         except SessionContendedError as e:
             _stderr(str(e))
             with contextlib.suppress(_CallerGone):

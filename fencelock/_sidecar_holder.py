@@ -214,6 +214,8 @@ class SidecarHolder:
             if deadline is None and cancel is None and _platform.CAN_BLOCK:
                 _platform.lock_blocking(fd)
                 return fd, st
+            if deadline is not None and deadline <= time.monotonic():
+                raise self._contended(start)  # a try (timeout 0): no helper to start
         except BaseException:
             _sidecar.close(fd)
             raise

@@ -445,3 +445,30 @@ def test_unsafe_sidecar_is_an_error_line_and_exit_1(session: Path, start_hold: S
     assert h.proc.wait(timeout=60) == 1
     stderr = h.stderr()
     assert "FIFO" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("case", ["missing directory", "session is a directory",
+                                  "corrupt record"])
+def test_a_session_that_cannot_be_held_is_reported_even_with_stdin_already_ended(
+    session: Path, case: str
+) -> None:
+    """A caller that sends nothing and closes stdin at once still hears why the session
+    cannot be held, with exit 1, every time: the end of stdin used to race the failing
+    acquire, and won about half the time (exit 0, nothing said)."""
+    if case == "missing directory":
+        session = session.parent / "nowhere" / session.name
+        error = "SidecarAccessError"
+    elif case == "session is a directory":
+        session.mkdir()
+        error = "UnsafePathError"
+    else:
+        Path(str(session) + ".holder").write_text("{not a record")
+        error = "CorruptRecordError"
+    for _ in range(5):
+        done = subprocess.run(
+            [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "x"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        answer = json.loads(done.stdout)
+        assert answer["ok"] is False and answer["error"] == error, answer
+        assert "Traceback" not in done.stderr

@@ -425,3 +425,20 @@ def test_forks_amid_busy_threads_never_inherit_a_sidecar_descriptor(tmp_path: Pa
             t.join(timeout=30)
     assert errors == []
     assert sum(leaks) == 0, f"children that inherited sidecar descriptors: {leaks}"
+
+
+def test_a_timeout_of_zero_tries_once_and_leaves_no_helper_thread(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """``acquire(timeout=0)`` against a held session is one try: it raises at once and
+    starts no helper thread to wait in the kernel (a timed wait leaves one blocked until
+    the holder lets go)."""
+    other = spawn_holder(session, lane="busy")
+    other.acquire()
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(SessionContendedError):
+        SessionLock(session, "try").acquire(timeout=0)
+    assert {t.name for t in threading.enumerate()} - before == set()
+    assert other.call("release") == "released"
+    with SessionLock(session, "after") as lock:  # and nothing of the try holds it
+        assert lock.info is not None
