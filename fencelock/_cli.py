@@ -773,13 +773,14 @@ def recover_command(
 
     JSON: action (refire or fresh), session, original, waited, carried_lines,
     holder (what was found: an object of the same shape as status --json gives).
-    Still held with --no-fresh: action and session null, and error says why.
+    Still held with --no-fresh, or any other failure: action and session null, and
+    error says why (holder is null when the failure came before it was read).
 
     \b
     Example:
       next=$(fencelock recover sessions/4f1c.jsonl --wait 10)
     """
-    from fencelock._errors import SessionContendedError
+    from fencelock._errors import FenceLockError, SessionContendedError
     from fencelock._lock import SessionLock
     from fencelock._probe import probe
     from fencelock._recovery import recover
@@ -799,6 +800,15 @@ def recover_command(
                     "waited": None if e.waited is None else round(e.waited, 3),
                     "carried_lines": 0, "error": str(e),
                     "holder": status_json(probe(e.session), time.time()),
+                })
+            raise
+        except (FenceLockError, OSError) as e:
+            if as_json:  # the same shape, for a caller that parses stdout
+                echo_json({
+                    "action": None, "session": None, "original": session, "waited": None,
+                    "carried_lines": 0,
+                    "error": os_message(e) if isinstance(e, OSError) else str(e),
+                    "holder": None,
                 })
             raise
     try:

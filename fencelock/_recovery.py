@@ -91,7 +91,7 @@ def recover(
                 raise SessionContendedError(session, held, waited=waited,
                                             lock_owners=found.lock_owners)
             old_token = found.record.token if found.record is not None else 0
-            new, carried = _start_fresh(session, lane, carry, old_token, backend)
+            new, carried = _start_fresh(session, lane, carry, old_token, backend, waited)
             return Recovery(Action.FRESH, new, found, waited, carried)
     now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
     if now.state is ProbeState.STALE:
@@ -135,9 +135,32 @@ _TRAILING_STAMP = re.compile(
 
 
 def _start_fresh(
-    session: str, lane: str, carry: bool, old_token: int, backend: str | None = None
+    session: str, lane: str, carry: bool, old_token: int, backend: str | None, waited: float
 ) -> tuple[str, int]:
+    """The fresh session beside ``session`` and how many lines it carries. When it
+    cannot be made, what was made of it is removed (nobody knows its name yet) and the
+    error says that recover failed, why, and what to do."""
     new = fresh_session(session)
+    try:
+        return new, _fill_fresh(session, new, lane, carry, old_token, backend)
+    except (FenceLockError, OSError) as e:
+        for made in (new, new + _sidecar.SUFFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(made)
+        cause = getattr(e, "cause", e)
+        where = getattr(e, "path", None) or getattr(e, "session", None) or new
+        reason = (f"{where}: {cause.strerror}" if isinstance(cause, OSError) and cause.strerror
+                  else str(e))
+        raise FenceLockError(
+            f"{session}: still held after {waited:.1f} s, and a fresh session could not be "
+            f"started beside it ({reason}); fix that and recover again, or recover without "
+            "a fresh session (--no-fresh, fresh=False) to report the holder instead"
+        ) from e
+
+
+def _fill_fresh(
+    session: str, new: str, lane: str, carry: bool, old_token: int, backend: str | None
+) -> int:
     lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session, backend=backend)
     fd = _open_old(session) if carry else -1
     try:
@@ -162,7 +185,7 @@ def _start_fresh(
     finally:
         if fd >= 0:
             os.close(fd)
-    return new, lines
+    return lines
 
 
 def _open_old(session: str) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 import marks
 import pytest
-from conftest import record_of
+from conftest import SpawnHolder, record_of
 from marks import needs_root, needs_xattr
 from privdrop import as_user, mount_tmpfs, open_directory, remount, umount
 
@@ -688,6 +688,34 @@ def test_real_full_disk(tmpfs_dir: Path) -> None:
         lock.append({"n": 3})  # the holder goes on once space is back
     assert verify(session).ok
     assert [json.loads(x)["n"] for x in session.read_bytes().splitlines()] == [1, 3]
+
+
+def test_recover_that_cannot_make_a_fresh_session_says_so_and_leaves_nothing(
+    tmpfs_dir: Path, spawn_holder: SpawnHolder
+) -> None:
+    """A live holder, and no room for the copy of its transcript: recover's error says
+    that the fresh session could not be started, why, and the way out (--no-fresh), not
+    an append's advice; the half-made fresh session is gone, and --json says it too."""
+    session = tmpfs_dir / "s.jsonl"
+    session.write_bytes(b'{"pad": "' + b"x" * 150_000 + b'"}\n')
+    holder = spawn_holder(session, lane="busy")
+    holder.acquire()
+    before = sorted(os.listdir(tmpfs_dir))
+    with pytest.raises(FenceLockError) as exc:
+        recover(session, wait=0)
+    message = str(exc.value)
+    assert message.startswith(f"{session}: still held after ")
+    assert "a fresh session could not be started" in message
+    assert "No space left on device" in message and "--no-fresh" in message
+    assert "append it again" not in message
+    assert sorted(os.listdir(tmpfs_dir)) == before
+    done = subprocess.run([sys.executable, "-m", "fencelock", "recover", "--wait", "0",
+                           "--json", str(session)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["action"] is None and "could not be started" in answer["error"]
+    assert sorted(os.listdir(tmpfs_dir)) == before
 
 
 # -- injected I/O faults ------------------------------------------------------------
