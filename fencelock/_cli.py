@@ -876,7 +876,8 @@ def verify_command(session: str, as_json: bool) -> None:
         }
         echo_json(obj)
     else:
-        name = clean(session)
+        # As given (relative stays relative), but the session's name for its sidecar's.
+        name = clean(session[: -len(SIDECAR_SUFFIX)] if is_sidecar(session) else session)
         for p in report.problems:
             out(f"{name}:{p.line}: {p.kind}: {clean(p.detail)}")
         verdict = "ok" if report.ok else plural(len(report.problems), "problem")

@@ -56,11 +56,12 @@ MAX_PROBLEMS = 10_000
 
 
 def verify(path: str | os.PathLike[str]) -> VerifyReport:
-    """Read the session line by line and report what is wrong with it.
+    """Read the session line by line and report what is wrong with it. ``path`` is the
+    session file or its sidecar.
 
     A session file that does not exist yet, in a directory that does, has no lines.
     """
-    session = _sidecar.absolute(path)
+    session, _ = _sidecar.paths(path)  # a sidecar's path names its session, as elsewhere
     try:
         fd, _ = _sidecar.open_regular(session, os.O_RDONLY)
     except FileNotFoundError as e:

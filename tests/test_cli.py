@@ -1606,3 +1606,18 @@ def test_an_empty_path_is_a_usage_error_not_the_working_directory(
     assert done.returncode == 2, done.stderr
     assert "an empty path names nothing" in done.stderr and "Traceback" not in done.stderr
     assert sidecar.exists()
+
+
+def test_verify_given_a_sidecar_checks_its_session(session: Path) -> None:
+    """As every other command does, verify takes a sidecar's path for its session's."""
+    session.write_text('{"_fencelock": {"token": 5, "run_id": "a"}}\n'
+                       '{"_fencelock": {"token": 3, "run_id": "b"}}\n')
+    with SessionLock(session, "x"):
+        pass
+    sidecar = f"{session}.holder"
+    out = cli("verify", sidecar)
+    assert out.returncode == 5, out.stderr
+    assert f"{session}:2: token-backwards: token 3 after token 5" in out.stdout
+    assert out.stdout.splitlines()[-1].startswith(f"{session}: 2 lines, 2 stamped")
+    report = json.loads(cli("verify", "--json", sidecar).stdout)
+    assert report["session"] == str(session) and report["max_token"] == 5
