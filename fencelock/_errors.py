@@ -170,14 +170,20 @@ class UnsafePathError(FenceLockError):
 
     @staticmethod
     def _fix(path: str, what: str) -> str:
-        if path.endswith(".torn"):  # fencelock's own file, not one a user names
-            return "Remove or rename it; fencelock creates it again as a regular file"
-        if what.startswith("a symlink"):
-            return "Give the path of the file it points to instead, or remove the link"
-        return "Give the path of a regular file, or rename or remove it"
+        return unsafe_path_fix(path, what)
 
     def _init_args(self) -> tuple[Any, ...]:
         return self.path, self.what
+
+
+def unsafe_path_fix(path: str, what: str) -> str:
+    """What to do about ``path``, which is ``what`` (a symlink, FIFO...), not a regular
+    file: the sentence `UnsafePathError` ends with, and `status` gives too."""
+    if path.endswith(".torn"):  # fencelock's own file, not one a user names
+        return "Remove or rename it; fencelock creates it again as a regular file"
+    if what.startswith("a symlink"):
+        return "Give the path of the file it points to instead, or remove the link"
+    return "Give the path of a regular file, or rename or remove it"
 
 
 class PlantedFileError(UnsafePathError):

@@ -41,6 +41,7 @@ from fencelock._errors import (
     SidecarAccessError,
     UnsafeSidecarError,
     describe_holder,
+    unsafe_path_fix,
 )
 from fencelock._fingerprint import FenceMode
 from fencelock._record import HolderInfo, Phase, State
@@ -126,7 +127,7 @@ def _not_a_session(session: str, sidecar: str, what: str) -> HolderStatus:
     """No run can take a session path that is not a regular file: acquirers refuse it."""
     return HolderStatus(session, sidecar, ProbeState.UNREADABLE,
                         reason=f"{session}: {what}, not a regular file; no run can use it "
-                        "as a session (rename or remove it)")
+                        f"as a session. {unsafe_path_fix(session, what)}")
 
 
 def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> HolderStatus:

@@ -142,14 +142,34 @@ def _spawn(command: Sequence[str], env: dict[str, str], lock_fd: int) -> subproc
     try:
         return subprocess.Popen(list(command), env=env, close_fds=False)
     except FileNotFoundError:
+        found = _found(name, env)
+        if found is not None and os.path.isfile(found):  # the file is there: its #! is not
+            raise CommandNotFoundError(
+                f"{name}: its interpreter was not found (check the #! line of {found})"
+            ) from None
         raise CommandNotFoundError(f"{name}: command not found") from None
     except PermissionError:
+        found = _found(name, env)
+        if found is not None and os.path.isdir(found):
+            raise CommandNotExecutableError(f"{name}: is a directory") from None
         raise CommandNotExecutableError(f"{name}: permission denied") from None
     except OSError as e:
         raise CommandNotExecutableError(f"{name}: cannot run it: {e.strerror}") from None
     finally:
         if lock_fd >= 0:
             os.set_inheritable(lock_fd, False)
+
+
+def _found(name: str, env: dict[str, str]) -> str | None:
+    """What ``name`` names: itself if it has a slash, else the first PATH entry that
+    has it (executable or not: this only says why running it failed)."""
+    if os.sep in name:
+        return name
+    for directory in env.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.exists(candidate):
+            return candidate
+    return None
 
 
 def run_held(

@@ -452,6 +452,8 @@ def test_an_unusable_session_path_says_what_to_do(session: Path, kind: str) -> N
         with pytest.raises(UnsafePathError) as exc:
             guarded(call)
         assert str(exc.value).startswith(f"{session}: is ") and str(exc.value).endswith(fix)
+    status = probe(session)  # status and wait give the same fix
+    assert status.state == "unreadable" and status.reason.endswith(fix), status.reason
     assert snapshot(session) == before
     if kind == "socket":
         next(gen, None)
@@ -927,3 +929,18 @@ def test_tokens_stop_at_their_limit_with_a_clear_error(session: Path) -> None:
     with pytest.raises(fencelock.FenceLockError, match="exhausted"):
         SessionLock(session).acquire()
     assert probe(session).state == "free"  # the record is still a valid one
+
+
+def test_a_write_refused_with_eperm_names_the_immutable_attribute(session: Path) -> None:
+    """Permission bits refuse with EACCES; EPERM on a write to an existing file is an
+    attribute that binds even root (chattr +i or +a): 'run as its owner' would not
+    help, so the fix names lsattr and chattr."""
+    from fencelock import _sidecar
+
+    session.write_text("")
+    eperm = OSError(errno.EPERM, os.strerror(errno.EPERM), str(session))
+    fix = _sidecar.path_fix(str(session), eperm, writing=True, sidecar=False)
+    assert fix is not None and "immutable or append-only" in fix and "lsattr" in fix
+    eacces = OSError(errno.EACCES, os.strerror(errno.EACCES), str(session))
+    fix = _sidecar.path_fix(str(session), eacces, writing=True, sidecar=False)
+    assert fix is not None and "run as its owner" in fix and "immutable" not in fix

@@ -627,6 +627,25 @@ def test_run_not_executable_exits_126(session: Path, tmp_path: Path) -> None:
     assert "permission denied" in result.stderr
 
 
+def test_run_says_why_a_command_that_exists_cannot_run(session: Path, tmp_path: Path) -> None:
+    """A script whose #! interpreter is missing fails with ENOENT, and a directory with
+    EACCES: neither is 'command not found' or a bare 'permission denied'."""
+    script = tmp_path / "fencelock-test-bad-interpreter"
+    script.write_text("#!/nonexistent/interpreter\necho hi\n")
+    script.chmod(0o755)
+    out = cli("run", str(session), "--lane", "x", "--", str(script))
+    assert out.returncode == 127
+    no_traceback(out.stderr, 1)
+    assert f"its interpreter was not found (check the #! line of {script})" in out.stderr
+    on_path = cli("run", str(session), "--lane", "x", "--", script.name,
+                  env={**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"})
+    assert on_path.returncode == 127 and "its interpreter was not found" in on_path.stderr
+    out = cli("run", str(session), "--lane", "x", "--", str(tmp_path))
+    assert out.returncode == 126
+    assert f"{tmp_path}: is a directory" in out.stderr
+    assert probe(session).state == "free"
+
+
 def test_run_killed_by_signal_exits_128_plus_n(session: Path) -> None:
     out = cli("run", str(session), "--lane", "x", "--", "sh", "-c", "kill -KILL $$")
     assert out.returncode == 128 + signal.SIGKILL
