@@ -127,13 +127,24 @@ class _Group(click.Group):
         try:
             return super().main(*args, **kwargs)
         except OSError as e:
-            # The commands turn the library's errors, all of which name a file, into
-            # messages: an OSError naming none that gets here was writing the output.
-            message = os_message(e) if e.filename is not None else (
-                f"cannot write its output: {e.strerror or e}; check where standard "
-                "output goes (a full disk or a closed device)")
+            message = os_message(e)
+            if _raised_by_echo(e):
+                message = (f"cannot write its output: {e.strerror or e}; check where "
+                           "standard output goes (a full disk or a closed device)")
             click.echo(f"Error: {clean(message)}", err=True)
             sys.exit(EXIT_ERROR)
+
+
+def _raised_by_echo(e: BaseException) -> bool:
+    """Whether ``e`` came from click printing (its help or version text)."""
+    tb = e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "echo" and code.co_filename.endswith(("click/utils.py",
+                                                                "click\\utils.py")):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 @click.group(
@@ -805,7 +816,8 @@ def recover_command(
         except (FenceLockError, OSError) as e:
             if as_json:  # the same shape, for a caller that parses stdout
                 echo_json({
-                    "action": None, "session": None, "original": session, "waited": None,
+                    "action": None, "session": None, "original": _named(session)[0],
+                    "waited": None,
                     "carried_lines": 0,
                     "error": os_message(e) if isinstance(e, OSError) else str(e),
                     "holder": None,

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -514,12 +515,14 @@ def _after_fork_in_child() -> None:
     # A child has neither the parent's lease keeper nor a right to its lease, and no
     # use for the parent's connections.
     global _clusters_lock
-    if _clusters:
-        from fencelock import _etcdhttp  # imported already: the clusters used it
+    # Nothing is imported here (the parent may have held an import lock): a client was
+    # made only once its module was.
+    http = sys.modules.get("fencelock._etcdhttp")
     for found in _clusters.values():
         for clients in list(found._by_thread.values()):
             for client in clients:
-                _etcdhttp.close_inherited(client)
+                if http is not None:
+                    http.close_inherited(client)
     _clusters.clear()
     _clusters_lock = threading.Lock()
 

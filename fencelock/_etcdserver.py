@@ -158,8 +158,19 @@ class EtcdServer:
             self.proc.send_signal(sig)
             if sig in (signal.SIGKILL, signal.SIGTERM):
                 self.proc.wait()
-            elif sig == signal.SIGSTOP:
-                os.waitpid(self.proc.pid, os.WUNTRACED)  # returns once it has stopped
+            elif sig == signal.SIGSTOP and not self._stopped():
+                # Returns once it has stopped (taking that report: the next stop makes
+                # its own).
+                os.waitid(os.P_PID, self.proc.pid, os.WSTOPPED)
+
+    def _stopped(self) -> bool:
+        """Whether the process is stopped already (a second SIGSTOP reports nothing)."""
+        assert self.proc is not None
+        try:
+            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+        except (OSError, IndexError):
+            return False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -385,13 +385,17 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
     served = _Session(lock)
     try:
         try:
-            try:
+            info: HolderInfo | None = None
+            if lock._store.tries_in_place:
                 # One try first, in this thread: a session that cannot be held (a bad
                 # path, a corrupt record) is reported whether or not stdin has ended.
-                info: HolderInfo | None = lock.acquire(timeout=0)
-            except SessionContendedError:
-                if lock.on_contention == "fail":
-                    raise
+                # (Not in etcd, where a try joins the queue and leaves it again.)
+                try:
+                    info = lock.acquire(timeout=0)
+                except SessionContendedError:
+                    if lock.on_contention == "fail":
+                        raise
+            if info is None:
                 info = asyncio.run(_acquire_unless_abandoned(lock, inbox))
         except SessionContendedError as e:
             _stderr(str(e))

@@ -138,15 +138,15 @@ def _start_fresh(
     session: str, lane: str, carry: bool, old_token: int, backend: str | None, waited: float
 ) -> tuple[str, int]:
     """The fresh session beside ``session`` and how many lines it carries. When it
-    cannot be made, what was made of it is removed (nobody knows its name yet) and the
-    error says that recover failed, why, and what to do."""
+    cannot be made, the error says that recover failed, why, and what to do; what was
+    made of it is removed first, under its lock (nobody knows its name yet)."""
     new = fresh_session(session)
+    copied: list[int] = []
     try:
-        return new, _fill_fresh(session, new, lane, carry, old_token, backend)
+        _fill_fresh(session, new, lane, carry, old_token, backend, copied)
     except (FenceLockError, OSError) as e:
-        for made in (new, new + _sidecar.SUFFIX):
-            with contextlib.suppress(OSError):
-                os.unlink(made)
+        if copied:
+            raise  # made whole; only giving its lock back failed
         cause = getattr(e, "cause", e)
         where = getattr(e, "path", None) or getattr(e, "session", None) or new
         reason = (f"{where}: {cause.strerror}" if isinstance(cause, OSError) and cause.strerror
@@ -156,11 +156,15 @@ def _start_fresh(
             f"started beside it ({reason}); fix that and recover again, or recover without "
             "a fresh session (--no-fresh, fresh=False) to report the holder instead"
         ) from e
+    return new, copied[0]
 
 
 def _fill_fresh(
-    session: str, new: str, lane: str, carry: bool, old_token: int, backend: str | None
-) -> int:
+    session: str, new: str, lane: str, carry: bool, old_token: int, backend: str | None,
+    copied: list[int],
+) -> None:
+    """Make ``new`` with the old transcript's complete lines; their count goes into
+    ``copied`` once they are all there."""
     lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session, backend=backend)
     fd = _open_old(session) if carry else -1
     try:
@@ -171,21 +175,27 @@ def _fill_fresh(
         # The fresh session continues the old one's tokens: its stamped lines come along.
         lock._token_floor = max(old_token, _tokens.floor(session), highest)
         with lock:
-            if not end:
-                lock._append_bytes(b"")
-            offset = 0
-            while offset < end:
-                chunk = _pread(fd, session, min(CARRY_CHUNK, end - offset), offset)
-                if offset + len(chunk) < end:
-                    cut = chunk.rfind(b"\n") + 1
-                    if cut:  # whole lines per append, unless one line is longer
-                        chunk = chunk[:cut]
-                lock._append_bytes(chunk)
-                offset += len(chunk)
+            try:
+                if not end:
+                    lock._append_bytes(b"")
+                offset = 0
+                while offset < end:
+                    chunk = _pread(fd, session, min(CARRY_CHUNK, end - offset), offset)
+                    if offset + len(chunk) < end:
+                        cut = chunk.rfind(b"\n") + 1
+                        if cut:  # whole lines per append, unless one line is longer
+                            chunk = chunk[:cut]
+                    lock._append_bytes(chunk)
+                    offset += len(chunk)
+            except (FenceLockError, OSError):
+                for made in (new, new + _sidecar.SUFFIX):  # while its lock is ours
+                    with contextlib.suppress(OSError):
+                        os.unlink(made)
+                raise
+            copied.append(lines)
     finally:
         if fd >= 0:
             os.close(fd)
-    return lines
 
 
 def _open_old(session: str) -> int:

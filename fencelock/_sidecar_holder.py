@@ -118,6 +118,7 @@ class SidecarHolder:
     shares_fd = True
     """`fencelock run` can hand the locked descriptor to its command."""
     opens_session = False
+    tries_in_place = True
     """Fence checks stat the session's path: one host, no cached attributes to doubt."""
 
     def __init__(self, session: str, sidecar: str, mode: int) -> None:

@@ -38,6 +38,9 @@ class SessionStore(Protocol):
     """Whether fence checks open the session file rather than stat its path: a store
     for several hosts (etcd) sees a shared filesystem, where only an open revalidates
     cached attributes (close-to-open consistency)."""
+    tries_in_place: bool
+    """Whether ``acquire(timeout=0)`` on a held session only looks (a sidecar's lock
+    tried) rather than joining a queue and leaving it again (etcd)."""
 
     def acquire(
         self,
@@ -122,6 +125,7 @@ class RemoteStore:
 
     shares_fd = False
     opens_session = True
+    tries_in_place = False
 
     def __init__(self, holder: HolderStore) -> None:
         self.holder = holder

@@ -1544,7 +1544,7 @@ def test_recover_that_cannot_print_its_fresh_session_names_it_on_stderr(
     """recover decided (and made a fresh session beside a live holder's): when stdout
     cannot take the answer, stderr carries it."""
     session.write_text('{"role":"user"}\n')
-    spawn_holder(session, lane="busy")
+    spawn_holder(session, lane="busy").acquire()
     with open("/dev/full", "w") as full:
         done = subprocess.run([*FENCELOCK, "recover", "--wait", "0", str(session)],
                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
@@ -1552,8 +1552,8 @@ def test_recover_that_cannot_print_its_fresh_session_names_it_on_stderr(
     assert done.returncode == 1
     no_traceback(done.stderr, max_lines=1)
     fresh = done.stderr.strip().split("; the session to use is ", 1)[1]
-    assert Path(fresh).parent == session.parent and Path(fresh).read_text() \
-        == session.read_text()
+    assert fresh != str(session) and Path(fresh).parent == session.parent
+    assert Path(fresh).read_text() == session.read_text()
 
 
 @pytest.mark.parametrize("args", [

@@ -435,10 +435,10 @@ def test_a_timeout_of_zero_tries_once_and_leaves_no_helper_thread(
     the holder lets go)."""
     other = spawn_holder(session, lane="busy")
     other.acquire()
-    before = {t.name for t in threading.enumerate()}
+    before = set(threading.enumerate())
     with pytest.raises(SessionContendedError):
         SessionLock(session, "try").acquire(timeout=0)
-    assert {t.name for t in threading.enumerate()} - before == set()
+    assert set(threading.enumerate()) - before == set()
     assert other.call("release") == "released"
     with SessionLock(session, "after") as lock:  # and nothing of the try holds it
         assert lock.info is not None
