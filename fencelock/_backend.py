@@ -85,7 +85,10 @@ def parse(url: str) -> EtcdURL | None:
     endpoints = []
     for part in hosts.split(","):
         host, sep, port = part.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        # ASCII digits only ('²' is a digit to str.isdigit, not to int), and a host
+        # with no space or control character in it (requests would refuse the URL).
+        if (not sep or not host or not (port.isascii() and port.isdigit())
+                or not 0 < int(port) < 65536 or any(c.isspace() or ord(c) < 32 for c in host)):
             raise ValueError(f"backend {url!r}: {part!r} is not HOST:PORT")
         endpoints.append((host.strip("[]"), int(port)))
     prefix = unquote(prefix).strip("/") or DEFAULT_PREFIX

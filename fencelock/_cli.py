@@ -810,7 +810,7 @@ def recover_command(
                     "action": None, "session": None, "original": e.session,
                     "waited": None if e.waited is None else round(e.waited, 3),
                     "carried_lines": 0, "error": str(e),
-                    "holder": status_json(probe(e.session), time.time()),
+                    "holder": status_json(probe(e.session, backend=backend), time.time()),
                 })
             raise
         except (FenceLockError, OSError) as e:

@@ -347,6 +347,8 @@ class _Cluster:
         why = "no endpoint"
         n = len(clients)
         for i in range(n):
+            if i and deadline is not None and time.monotonic() >= deadline:
+                break  # the caller's time is up: the next endpoint would outlast it
             index = (self._preferred + i) % n
             client = clients[index]
             timeout = _REQUEST_TIMEOUT
@@ -372,6 +374,11 @@ class _Cluster:
             except Exception as e:  # e.g. a reply that is not JSON: not an etcd there
                 raise StoreUnavailableError(self.url.display,
                                             self._not_etcd(index, type(e).__name__)) from None
+            if not isinstance(result, dict) or not ("header" in result or "result" in result):
+                # etcd heads every answer (a keepalive's sits in "result"): a server that
+                # answers {} is not etcd, and its empty answers must not read as "free".
+                raise StoreUnavailableError(self.url.display,
+                                            self._not_etcd(index, "an answer without a header"))
             self._preferred = index
             return result
         raise StoreUnavailableError(self.url.display, why)

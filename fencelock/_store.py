@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from fencelock import _backend, _fingerprint, _identity, _record
+from fencelock._errors import FenceLockWarning, HolderLostError, StoreUnavailableError
 from fencelock._sidecar_holder import SidecarHolder
 
 if TYPE_CHECKING:
@@ -175,7 +176,17 @@ class RemoteStore:
         self.holder.write(lock._encode())
 
     def appended(self, lock: SessionLock, before: Fingerprint | None) -> None:
-        lock._write_record()
+        # The line is in the session by now: a record that cannot follow it must not
+        # report the append as failed (a caller would write it again). The record
+        # lags until the next write; a holder found lost refuses the next append.
+        try:
+            lock._write_record()
+        except (StoreUnavailableError, HolderLostError) as e:
+            import warnings
+
+            warnings.warn(FenceLockWarning(
+                f"{lock.session}: the line is stored, but its holder record in the store "
+                f"could not follow it ({e})"), stacklevel=4)
 
     def check(self) -> None:
         self.holder.check()

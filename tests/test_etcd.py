@@ -50,7 +50,8 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
     assert named is not None and named.ttl == 10.0
     for bad, word in [("redis://h:1/p", "expected"), ("etcd://h/p", "HOST:PORT"),
                       ("etcd://h:1/p?ttl=0", "ttl"), ("etcd://h:1/p?x=1", "unknown"),
-                      ("etcd://h:1/p?root=rel", "absolute")]:
+                      ("etcd://h:1/p?root=rel", "absolute"), ("etcd://h:\u00b2/p", "HOST:PORT"),
+                      ("etcd://a b:2379/p", "HOST:PORT"), ("etcd://h:\u0661/p", "HOST:PORT")]:
         with pytest.raises(ValueError, match=word):
             parse(bad)
 
@@ -825,20 +826,26 @@ def _answering(
         thread.join(60)
 
 
-@pytest.mark.parametrize("answer", [(404, b""), (200, b"<html>hello</html>")],
-                         ids=["404", "html"])
+@pytest.mark.parametrize("answer", [
+    (404, b""), (200, b"<html>hello</html>"),
+    (200, b'{"etcdserver": "3.5.0", "etcdcluster": "3.5.0"}'),
+], ids=["404", "html", "json-without-header"])
 def test_a_server_that_is_not_etcd_is_named_as_such(
     session: Path, answer: tuple[int, bytes]
 ) -> None:
     """A URL naming some other HTTP server says that it answered, but not as etcd does,
-    instead of a bare 'Not Found' or 'JSONDecodeError'."""
+    instead of a bare 'Not Found' or 'JSONDecodeError'; one that answers every request
+    with etcd's version text neither reads as free nor crashes a run (KeyError)."""
     with _answering(*answer) as (port, _):
         endpoint = f"127.0.0.1:{port}"
-        out = _cli("status", str(session), "--backend", f"etcd://{endpoint}/p")
-    assert out.returncode == 1
-    (line,) = out.stderr.strip().splitlines()
-    assert f"({endpoint} answered, but not as etcd's v3 API does: " in line, line
-    assert "check that etcd runs there" in line
+        backend = ["--backend", f"etcd://{endpoint}/p"]
+        for args in (["status", str(session), *backend], ["wait", str(session), *backend],
+                     ["run", str(session), "--lane", "x", *backend, "--", "true"]):
+            out = _cli(*args)
+            assert out.returncode == 1, (args, out.stdout, out.stderr)
+            (line,) = out.stderr.strip().splitlines()
+            assert f"({endpoint} answered, but not as etcd's v3 API does: " in line, line
+            assert "check that etcd runs there" in line
 
 
 def test_the_environment_s_http_proxy_applies_to_etcd_requests(session: Path, url: str) -> None:
@@ -1497,3 +1504,89 @@ def test_contended_acquires_that_give_up_leave_no_threads_or_connections_behind(
             assert probe(session, backend=url).waiters == 0  # nobody left queued
         finally:
             gc.enable()
+
+
+def test_an_append_whose_record_cannot_follow_it_is_not_reported_as_failed(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    """The line is in the session before the record in etcd is updated. When etcd stops
+    answering in between, the append must not raise (a caller would write the line
+    again): it warns that the record lags, and the line is there once."""
+    import warnings
+
+    from fencelock import FenceLockWarning
+
+    url = own_etcd.url(f"lag-{uuid.uuid4().hex[:8]}", ttl=60)
+    lock = SessionLock(session, "lagging", backend=url)
+    lock.acquire()
+    try:
+        lock.append({"n": 1})
+        own_etcd.kill(signal.SIGSTOP)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lock.append({"n": 2})
+        assert any(issubclass(w.category, FenceLockWarning)
+                   and "the line is stored" in str(w.message) for w in caught), caught
+        assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2]
+    finally:
+        own_etcd.kill(signal.SIGCONT)
+        lock.release()
+    assert probe(session, backend=url).state == ProbeState.FREE
+
+
+def test_recover_no_fresh_json_reports_the_etcd_holder(
+    session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Still held, --no-fresh --json: the holder object is the one in etcd (it was probed
+    in the sidecar store, which said free)."""
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    holder = spawn_holder(session, lane="busy")
+    token = holder.acquire()
+    monkeypatch.delenv("FENCELOCK_BACKEND")
+    out = _cli("recover", "--json", "--no-fresh", "--wait", "0", str(session),
+               "--backend", url)
+    assert out.returncode == 4, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["action"] is None and answer["holder"]["state"] == "live"
+    assert answer["holder"]["lane"] == "busy" and answer["holder"]["token"] == token
+
+
+def test_once_the_callers_time_is_up_no_further_endpoint_is_tried(session: Path) -> None:
+    """Endpoints that accept and never answer: an acquire with a 0.3 s timeout gives up
+    after the first (which gets at least the 0.5 s a request needs) instead of giving
+    each of the others their time too."""
+    import socket
+
+    listeners, asked = [], []
+    try:
+        for _ in range(3):
+            s = socket.create_server(("127.0.0.1", 0))
+            s.settimeout(0.05)
+            listeners.append(s)
+        endpoints = ",".join(f"127.0.0.1:{s.getsockname()[1]}" for s in listeners)
+        done = threading.Event()
+
+        def accept_all() -> None:
+            held = []
+            while not done.is_set():
+                for s in listeners:
+                    with contextlib.suppress(TimeoutError):
+                        conn, _ = s.accept()
+                        held.append(conn)
+                        asked.append(s.getsockname()[1])
+            for conn in held:
+                conn.close()
+
+        thread = threading.Thread(target=accept_all, daemon=True)
+        thread.start()
+        try:
+            with pytest.raises(StoreUnavailableError, match="no answer in time"):
+                SessionLock(session, "x", timeout=0.3,
+                            backend=f"etcd://{endpoints}/p").acquire()
+        finally:
+            done.set()
+            thread.join(30)
+    finally:
+        for s in listeners:
+            s.close()
+    assert len(set(asked)) == 1, asked
