@@ -124,16 +124,18 @@ class HolderLostError(SessionTakeoverError):
 class StoreUnavailableError(FenceLockError):
     """The holder store (etcd) cannot be reached or did not answer in time."""
 
-    def __init__(self, endpoint: str, why: str):
+    def __init__(self, endpoint: str, why: str, fix: str | None = None):
         self.endpoint = endpoint
         self.why = why
+        self.fix = fix
         super().__init__(
-            f"{endpoint}: the etcd holder store is unavailable ({why}); check that etcd "
-            f"runs there, or pick another store with --backend / FENCELOCK_BACKEND"
+            f"{endpoint}: the etcd holder store is unavailable ({why}); " + (
+                fix or "check that etcd runs there, or pick another store with --backend "
+                "/ FENCELOCK_BACKEND")
         )
 
     def _init_args(self) -> tuple[Any, ...]:
-        return self.endpoint, self.why
+        return self.endpoint, self.why, self.fix
 
 
 class OutsideRootError(FenceLockError, ValueError):

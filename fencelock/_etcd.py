@@ -916,10 +916,14 @@ class EtcdHolder:
         ops = [_put(self.last_key, self._value(record)), _delete(my)]
         try:
             self._cluster.txn([_created(my, token)], ops)
-        except StoreUnavailableError:
+        except StoreUnavailableError as e:
             # The key must not stay behind under a lease this process keeps alive.
             self._cluster.drop(lease, "a release could not be stored")
-            raise
+            raise StoreUnavailableError(
+                e.endpoint, f"{e.why}; the release was not stored",
+                f"once its lease ends the session reads as stale until it is cleared "
+                f"({_clear_command(self.url, self.session).replace(' --force', '')})",
+            ) from None
         finally:
             self._cluster.unclaim(my)
 

@@ -1590,3 +1590,23 @@ def test_once_the_callers_time_is_up_no_further_endpoint_is_tried(session: Path)
         for s in listeners:
             s.close()
     assert len(set(asked)) == 1, asked
+
+
+def test_a_release_etcd_does_not_answer_says_what_the_session_will_read_as(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    """Not 'pick another store': the release is lost, the session will read as stale
+    once the lease ends, and the error gives the command that clears it."""
+    url = own_etcd.url(f"rel-{uuid.uuid4().hex[:8]}", ttl=60)
+    lock = SessionLock(session, "unreleased", backend=url)
+    lock.acquire()
+    own_etcd.kill(signal.SIGSTOP)
+    try:
+        with pytest.raises(StoreUnavailableError) as exc:
+            lock.release()
+    finally:
+        own_etcd.kill(signal.SIGCONT)
+    message = str(exc.value)
+    assert "the release was not stored" in message and "pick another store" not in message
+    assert "reads as stale until it is cleared (fencelock clear --backend etcd://" in message
+    assert message.endswith(f" {session})"), message
