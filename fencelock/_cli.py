@@ -727,30 +727,37 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
     """
     from functools import partial
 
+    from fencelock._errors import StoreUnavailableError
     from fencelock._probe import ProbeState, probe
     from fencelock._store import open_store
     from fencelock._wait import wait_until_unlocked
 
     _one_session(session, "wait")
     with library_errors():
-        st = probe(session, backend=backend)
-        if st.state is ProbeState.UNREADABLE:
+        try:
+            st = probe(session, backend=backend)
+        except StoreUnavailableError:
+            if not _uses_store(backend):
+                raise
+            st = None  # etcd restarting, say: the wait below rides that out or says so
+        if st is not None and st.state is ProbeState.UNREADABLE:
             raise CliError(st.reason)
-        if st.state is not ProbeState.LIVE:
+        if st is not None and st.state is not ProbeState.LIVE:
             return
-        store = open_store(backend, st.session)
+        named, sidecar = _named(session)
+        store = open_store(backend, named)
         wait_free = store.wait_free if store is not None else partial(
-            wait_until_unlocked, st.sidecar)
+            wait_until_unlocked, sidecar)
         try:
             if sys.stderr.isatty():
-                free = _wait_with_progress(st.session, wait_free, timeout, backend)
+                free = _wait_with_progress(named, wait_free, timeout, backend)
             else:
                 free = wait_free(timeout)
         except KeyboardInterrupt:
             sys.exit(EXIT_INTERRUPTED)
         if not free:
             holder = holder_text(probe(session, backend=backend))
-            raise ContendedCliError(f"{st.session}: still held by {holder} after {timeout:g}s")
+            raise ContendedCliError(f"{named}: still held by {holder} after {timeout:g}s")
 
 
 # -- recover ----------------------------------------------------------------------------

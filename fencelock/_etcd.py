@@ -933,18 +933,29 @@ class EtcdHolder:
         deadline = None if timeout is None else time.monotonic() + timeout
         c = self._cluster
         pfx = self.lock_name + "/"
+        unreachable_since: float | None = None
         while True:
-            r = c.txn([], [_range(pfx, prefix=True, last=True)], [], deadline)
-            kvs = _kvs(r.get("responses", [{}])[0])
-            if not kvs:
-                return True
             try:
+                r = c.txn([], [_range(pfx, prefix=True, last=True)], [], deadline)
+                kvs = _kvs(r.get("responses", [{}])[0])
+                if not kvs:
+                    return True
                 watch = self._watch_for_deletion(kvs[0], int(r["header"]["revision"]),
                                                  deadline, None, inline=False)
             except StoreUnavailableError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return False  # the wait ran out first
-                raise
+                # Ride out a restart as waiting runs do: the holder's lease (and so the
+                # answer) survives one shorter than its TTL. Past that, or past the
+                # caller's deadline, etcd counts as unavailable.
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since >= c.ttl or (deadline is not None
+                                                        and now >= deadline):
+                    raise
+                pause = _RETRY_PAUSE if deadline is None else min(_RETRY_PAUSE,
+                                                                  deadline - now)
+                time.sleep(max(pause, 0.0))
+                continue
+            unreachable_since = None
             gone = watch.wake
             try:
                 remaining = c.ttl / 3

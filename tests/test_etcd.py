@@ -1610,3 +1610,37 @@ def test_a_release_etcd_does_not_answer_says_what_the_session_will_read_as(
     assert "the release was not stored" in message and "pick another store" not in message
     assert "reads as stale until it is cleared (fencelock clear --backend etcd://" in message
     assert message.endswith(f" {session})"), message
+
+
+def test_wait_rides_out_an_etcd_restart_within_the_holders_lease(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    """`wait` (and `recover --wait`) asked while etcd restarts keeps waiting, as a
+    waiting run does, instead of exiting 1 on the first refused connection. Until
+    etcd is back, a placeholder on its port takes the wait's connection and drops it:
+    the wait has seen the outage before etcd returns."""
+    import socket
+
+    url = own_etcd.url(f"wr-{uuid.uuid4().hex[:8]}", ttl=30)
+    lock = SessionLock(session, "holder", backend=url)
+    lock.acquire()
+    own_etcd.kill(signal.SIGKILL)
+    port = own_etcd.client_port
+    placeholder = socket.create_server(("127.0.0.1", port))
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "wait", str(session), "--timeout", "60",
+         "--backend", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        placeholder.settimeout(60)
+        conn, _ = placeholder.accept()  # the wait asked while etcd was away
+        conn.close()
+        placeholder.close()
+        own_etcd.start()
+        lock.release()
+        out, err = waiter.communicate(timeout=60)
+    finally:
+        placeholder.close()
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.communicate()
+    assert waiter.returncode == 0, err
