@@ -832,12 +832,11 @@ class EtcdHolder:
 
     def _owner_record(self, deadline: float | None) -> HolderInfo | None:
         """The owner's record, for the message of a wait that ran out: a request like
-        any near the caller's deadline (bounded by the minimum past it)."""
-        with contextlib.suppress(StoreUnavailableError):
-            r = self._cluster.call("/kv/range", _range(self.lock_name + "/", prefix=True,
-                                                       first=True)["request_range"], deadline)
-            return self._last(r.get("kvs", []))
-        return None
+        any near the caller's deadline (bounded by the minimum past it). When etcd does
+        not answer it, `StoreUnavailableError`: that, not a holder, is what is known."""
+        r = self._cluster.call("/kv/range", _range(self.lock_name + "/", prefix=True,
+                                                   first=True)["request_range"], deadline)
+        return self._last(r.get("kvs", []))
 
     def _abandon(self) -> None:
         """Take our key out of the queue (a failed or given-up acquire). A first record

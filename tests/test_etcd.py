@@ -1637,10 +1637,46 @@ def test_wait_rides_out_an_etcd_restart_within_the_holders_lease(
         placeholder.close()
         own_etcd.start()
         lock.release()
-        out, err = waiter.communicate(timeout=60)
+        _, err = waiter.communicate(timeout=60)
     finally:
         placeholder.close()
         if waiter.poll() is None:
             waiter.kill()
             waiter.communicate()
     assert waiter.returncode == 0, err
+
+
+def test_a_wait_that_runs_out_while_etcd_hangs_says_etcd_did_not_answer(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    """Queued behind a holder, the waiter's time runs out while etcd answers nothing:
+    what is known is that etcd did not answer, not that a holder 'without a readable
+    record' holds the session (its record was fine)."""
+    url = own_etcd.url(f"hang-{uuid.uuid4().hex[:8]}", ttl=60)
+    parsed = parse(url)
+    assert parsed is not None
+    owner = f"{parsed.prefix}/sessions/{session_key(str(session), None)}/7e57"
+    subprocess.run(_etcdctl(own_etcd, "put", owner, ""), check=True, capture_output=True)
+    outcome: list[BaseException | None] = []
+
+    def wait_for_turn() -> None:
+        try:
+            SessionLock(session, "next", timeout=3, backend=url).acquire()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    waiter = threading.Thread(target=wait_for_turn)
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while probe(session, backend=url).waiters < 1:
+        assert time.monotonic() < deadline and waiter.is_alive(), outcome
+        time.sleep(0.01)
+    own_etcd.kill(signal.SIGSTOP)
+    try:
+        waiter.join(60)
+    finally:
+        own_etcd.kill(signal.SIGCONT)
+    (error,) = outcome
+    assert isinstance(error, StoreUnavailableError), error
+    assert "no answer in time" in str(error)
