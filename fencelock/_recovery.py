@@ -11,14 +11,30 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import math
 import os
 import re
 import time
 from dataclasses import dataclass
 
-from fencelock import _fingerprint, _lock, _probe, _registry, _sidecar, _store, _tokens, _wait
+from fencelock import (
+    _backend,
+    _fingerprint,
+    _lock,
+    _probe,
+    _registry,
+    _sidecar,
+    _store,
+    _tokens,
+    _wait,
+)
 from fencelock._constants import DEFAULT_STUCK_AFTER
-from fencelock._errors import FenceLockError, SessionContendedError, SidecarAccessError
+from fencelock._errors import (
+    FenceLockError,
+    SessionContendedError,
+    SidecarAccessError,
+    StoreUnavailableError,
+)
 from fencelock._fingerprint import FenceMode
 from fencelock._probe import HolderStatus, ProbeState
 from fencelock._record import MAX_TOKEN
@@ -73,7 +89,7 @@ def recover(
     session, sidecar = _sidecar.paths(path)
     _fingerprint.take(session, FenceMode.STAT)  # refuses a directory, FIFO or symlink
     store = _store.open_store(backend, session)
-    found = _probe.probe(session, stuck_after=stuck_after, backend=backend)
+    found = _probe_through_restart(session, stuck_after, backend, limit)
     if found.state is ProbeState.UNREADABLE:
         raise _unreadable(session, sidecar, found, sidecars=store is None)
     waited = 0.0
@@ -103,6 +119,23 @@ def recover(
     return Recovery(Action.REFIRE, session, found, waited)
 
 
+def _probe_through_restart(session: str, stuck_after: float, backend: str | None,
+                           limit: float | None) -> HolderStatus:
+    """The session's state; in a store (etcd) that cannot be reached, asked again for
+    as long as a restart keeps the holder's lease (its TTL), within the wait's limit:
+    recover rides out a restart as a waiting run does."""
+    url = _backend.selected(backend)
+    start = time.monotonic()
+    while True:
+        try:
+            return _probe.probe(session, stuck_after=stuck_after, backend=backend)
+        except StoreUnavailableError:
+            spent = time.monotonic() - start
+            if url is None or spent >= min(url.ttl, math.inf if limit is None else limit):
+                raise
+            time.sleep(_RETRY_PAUSE)
+
+
 def _unreadable(session: str, sidecar: str, found: HolderStatus, *,
                 sidecars: bool) -> FenceLockError:
     """Why ``found`` is unreadable, as the error of its own kind where the sidecar shows
@@ -120,6 +153,9 @@ def _unreadable(session: str, sidecar: str, found: HolderStatus, *,
                 _sidecar.close(fd)
     return FenceLockError(f"{session}: cannot recover: {found.reason}")
 
+
+_RETRY_PAUSE = 0.2
+"""Seconds between looks at a store that cannot be reached."""
 
 CARRY_CHUNK = 4 * 1024 * 1024
 """How much of the old transcript `recover` holds in memory at a time when it carries

@@ -1612,8 +1612,10 @@ def test_a_release_etcd_does_not_answer_says_what_the_session_will_read_as(
     assert message.endswith(f" {session})"), message
 
 
+@pytest.mark.parametrize("command", [["wait", "--timeout", "60"], ["recover", "--wait", "60"]],
+                         ids=["wait", "recover"])
 def test_wait_rides_out_an_etcd_restart_within_the_holders_lease(
-    session: Path, own_etcd: EtcdServer
+    session: Path, own_etcd: EtcdServer, command: list[str]
 ) -> None:
     """`wait` (and `recover --wait`) asked while etcd restarts keeps waiting, as a
     waiting run does, instead of exiting 1 on the first refused connection. Until
@@ -1628,8 +1630,8 @@ def test_wait_rides_out_an_etcd_restart_within_the_holders_lease(
     port = own_etcd.client_port
     placeholder = socket.create_server(("127.0.0.1", port))
     waiter = subprocess.Popen(
-        [sys.executable, "-m", "fencelock", "wait", str(session), "--timeout", "60",
-         "--backend", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "fencelock", *command, str(session), "--backend", url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         placeholder.settimeout(60)
         conn, _ = placeholder.accept()  # the wait asked while etcd was away
@@ -1637,13 +1639,15 @@ def test_wait_rides_out_an_etcd_restart_within_the_holders_lease(
         placeholder.close()
         own_etcd.start()
         lock.release()
-        _, err = waiter.communicate(timeout=60)
+        out, err = waiter.communicate(timeout=60)
     finally:
         placeholder.close()
         if waiter.poll() is None:
             waiter.kill()
             waiter.communicate()
     assert waiter.returncode == 0, err
+    if command[0] == "recover":  # the holder is gone: the session itself is reused
+        assert out.strip() == str(session)
 
 
 def test_a_wait_that_runs_out_while_etcd_hangs_says_etcd_did_not_answer(
