@@ -398,15 +398,13 @@ class _ClearOutcome:
 def _named(path: str) -> tuple[str, str]:
     """(session, sidecar) of ``path`` for a report: absolute, unless the working
     directory is gone (then as given)."""
+    from fencelock import _sidecar
     from fencelock._errors import SidecarAccessError
-    from fencelock._sidecar import paths
 
     try:
-        return paths(path)
+        return _sidecar.paths(path)
     except SidecarAccessError:
-        if path.endswith(SIDECAR_SUFFIX):
-            return path[: -len(SIDECAR_SUFFIX)], path
-        return path, path + SIDECAR_SUFFIX
+        return _sidecar._paths(path)  # the same split, of the path as given
 
 
 def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None) -> _ClearOutcome:

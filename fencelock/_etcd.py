@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fencelock import _backend, _record
 from fencelock._errors import (
@@ -52,6 +52,7 @@ whether the request took effect)."""
 _ASCEND, _DESCEND = 1, 2
 _BY_CREATE = 2  # SortTarget: KEY, VERSION, CREATE, MOD, VALUE
 _CANCEL_STEP = 0.05
+_T = TypeVar("_T")
 _RETRY_PAUSE = 0.2
 """How long a waiter that cannot reach etcd pauses before it looks again."""
 
@@ -505,6 +506,23 @@ class _Cluster:
             self._wake.clear()
 
 
+def through_outage(attempt: Callable[[], _T], ttl: float, deadline: float | None) -> _T:
+    """``attempt()``, asked again every `_RETRY_PAUSE` while etcd cannot be reached: a
+    restart shorter than a holder's lease (``ttl``) keeps the holder, and so the answer.
+    After ``ttl`` of trying, or past ``deadline``, the last `StoreUnavailableError`
+    stands."""
+    start = time.monotonic()
+    while True:
+        try:
+            return attempt()
+        except StoreUnavailableError:
+            now = time.monotonic()
+            if now - start >= ttl or (deadline is not None and now >= deadline):
+                raise
+            pause = _RETRY_PAUSE if deadline is None else min(_RETRY_PAUSE, deadline - now)
+            time.sleep(max(pause, 0.0))
+
+
 _clusters: dict[tuple[tuple[tuple[str, int], ...], float], _Cluster] = {}
 _clusters_lock = threading.Lock()
 
@@ -931,30 +949,11 @@ class EtcdHolder:
     def wait_free(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         c = self._cluster
-        pfx = self.lock_name + "/"
-        unreachable_since: float | None = None
         while True:
-            try:
-                r = c.txn([], [_range(pfx, prefix=True, last=True)], [], deadline)
-                kvs = _kvs(r.get("responses", [{}])[0])
-                if not kvs:
-                    return True
-                watch = self._watch_for_deletion(kvs[0], int(r["header"]["revision"]),
-                                                 deadline, None, inline=False)
-            except StoreUnavailableError:
-                # Ride out a restart as waiting runs do: the holder's lease (and so the
-                # answer) survives one shorter than its TTL. Past that, or past the
-                # caller's deadline, etcd counts as unavailable.
-                now = time.monotonic()
-                unreachable_since = unreachable_since or now
-                if now - unreachable_since >= c.ttl or (deadline is not None
-                                                        and now >= deadline):
-                    raise
-                pause = _RETRY_PAUSE if deadline is None else min(_RETRY_PAUSE,
-                                                                  deadline - now)
-                time.sleep(max(pause, 0.0))
-                continue
-            unreachable_since = None
+            # Rides out a restart as waiting runs do (see `through_outage`).
+            watch = through_outage(lambda: self._watch_holder(deadline), c.ttl, deadline)
+            if watch is None:
+                return True
             gone = watch.wake
             try:
                 remaining = c.ttl / 3
@@ -965,6 +964,16 @@ class EtcdHolder:
                     return False
             finally:
                 watch.stop()
+
+    def _watch_holder(self, deadline: float | None) -> _Watch | None:
+        """A watch for the deletion of the newest key in the queue; None when empty."""
+        r = self._cluster.txn([], [_range(self.lock_name + "/", prefix=True, last=True)], [],
+                              deadline)
+        kvs = _kvs(r.get("responses", [{}])[0])
+        if not kvs:
+            return None
+        return self._watch_for_deletion(kvs[0], int(r["header"]["revision"]), deadline, None,
+                                        inline=False)
 
     def probe(self, stuck_after: float) -> HolderStatus:
         r = self._cluster.txn([], [_range(self.lock_name + "/", prefix=True, first=True),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
-import math
 import os
 import re
 import time
@@ -33,7 +32,6 @@ from fencelock._errors import (
     FenceLockError,
     SessionContendedError,
     SidecarAccessError,
-    StoreUnavailableError,
 )
 from fencelock._fingerprint import FenceMode
 from fencelock._probe import HolderStatus, ProbeState
@@ -121,19 +119,17 @@ def recover(
 
 def _probe_through_restart(session: str, stuck_after: float, backend: str | None,
                            limit: float | None) -> HolderStatus:
-    """The session's state; in a store (etcd) that cannot be reached, asked again for
-    as long as a restart keeps the holder's lease (its TTL), within the wait's limit:
-    recover rides out a restart as a waiting run does."""
+    """The session's state; from a store (etcd) that cannot be reached, asked again
+    within the wait's limit: recover rides out a restart as a waiting run does."""
     url = _backend.selected(backend)
-    start = time.monotonic()
-    while True:
-        try:
-            return _probe.probe(session, stuck_after=stuck_after, backend=backend)
-        except StoreUnavailableError:
-            spent = time.monotonic() - start
-            if url is None or spent >= min(url.ttl, math.inf if limit is None else limit):
-                raise
-            time.sleep(_RETRY_PAUSE)
+    if url is None:
+        return _probe.probe(session, stuck_after=stuck_after, backend=backend)
+    from fencelock import _etcd
+
+    deadline = None if limit is None else time.monotonic() + limit
+    return _etcd.through_outage(
+        lambda: _probe.probe(session, stuck_after=stuck_after, backend=backend), url.ttl,
+        deadline)
 
 
 def _unreadable(session: str, sidecar: str, found: HolderStatus, *,
@@ -153,9 +149,6 @@ def _unreadable(session: str, sidecar: str, found: HolderStatus, *,
                 _sidecar.close(fd)
     return FenceLockError(f"{session}: cannot recover: {found.reason}")
 
-
-_RETRY_PAUSE = 0.2
-"""Seconds between looks at a store that cannot be reached."""
 
 CARRY_CHUNK = 4 * 1024 * 1024
 """How much of the old transcript `recover` holds in memory at a time when it carries

@@ -989,6 +989,28 @@ def test_a_corrupt_last_record_is_kept_until_clear_force_sets_it_aside(
         assert lock.info is not None and lock.info.previous is None
 
 
+def _queued_waiter(session: Path, url: str, timeout: float
+                   ) -> tuple[threading.Thread, list[BaseException | None]]:
+    """A thread acquiring ``session`` (lane "next"), returned once it is queued behind
+    the holder; the list gets None once it holds, or what it raised."""
+    outcome: list[BaseException | None] = []
+
+    def wait_for_turn() -> None:
+        try:
+            SessionLock(session, "next", timeout=timeout, backend=url).acquire()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    waiter = threading.Thread(target=wait_for_turn)
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while probe(session, backend=url).waiters < 1:
+        assert time.monotonic() < deadline and waiter.is_alive(), ("never queued", outcome)
+        time.sleep(0.01)
+    return waiter, outcome
+
+
 def test_a_waiter_whose_turn_comes_does_not_write_over_a_corrupt_last_record(
     session: Path, url: str, etcd_server: EtcdServer
 ) -> None:
@@ -1004,21 +1026,7 @@ def test_a_waiter_whose_turn_comes_does_not_write_over_a_corrupt_last_record(
     for key, value in ((last, garbage), (owner, "")):
         subprocess.run(_etcdctl(etcd_server, "put", key, value), check=True,
                        capture_output=True)
-    outcome: list[BaseException | None] = []
-
-    def wait_for_turn() -> None:
-        try:
-            SessionLock(session, "next", timeout=60, backend=url).acquire()
-            outcome.append(None)
-        except BaseException as e:
-            outcome.append(e)
-
-    waiter = threading.Thread(target=wait_for_turn)
-    waiter.start()
-    deadline = time.monotonic() + 30
-    while probe(session, backend=url).waiters < 1 and waiter.is_alive():
-        assert time.monotonic() < deadline, "the waiter never queued"
-        time.sleep(0.01)
+    waiter, outcome = _queued_waiter(session, url, timeout=60)
     subprocess.run(_etcdctl(etcd_server, "del", owner), check=True, capture_output=True)
     waiter.join(60)
     assert not waiter.is_alive()
@@ -1661,21 +1669,7 @@ def test_a_wait_that_runs_out_while_etcd_hangs_says_etcd_did_not_answer(
     assert parsed is not None
     owner = f"{parsed.prefix}/sessions/{session_key(str(session), None)}/7e57"
     subprocess.run(_etcdctl(own_etcd, "put", owner, ""), check=True, capture_output=True)
-    outcome: list[BaseException | None] = []
-
-    def wait_for_turn() -> None:
-        try:
-            SessionLock(session, "next", timeout=3, backend=url).acquire()
-            outcome.append(None)
-        except BaseException as e:
-            outcome.append(e)
-
-    waiter = threading.Thread(target=wait_for_turn)
-    waiter.start()
-    deadline = time.monotonic() + 30
-    while probe(session, backend=url).waiters < 1:
-        assert time.monotonic() < deadline and waiter.is_alive(), outcome
-        time.sleep(0.01)
+    waiter, outcome = _queued_waiter(session, url, timeout=3)
     own_etcd.kill(signal.SIGSTOP)
     try:
         waiter.join(60)
