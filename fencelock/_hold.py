@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import queue
-import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from fencelock._errors import (
     SessionTakeoverError,
     SessionWriteError,
 )
+from fencelock._signals import PromptHandlers
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -373,12 +373,14 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
     """Serve the line protocol on ``stdin``/``stdout`` for ``lock``; the exit code."""
     import asyncio
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        raise _Stop(signum)
+    stopping: list[int] = []
 
-    previous = {
-        sig: signal.signal(sig, stop) for sig in _platform.stop_signals()
-    }
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if not stopping:  # once: a second signal must not cut the release short
+            stopping.append(signum)
+            raise _Stop(signum)
+
+    handlers = PromptHandlers(stop, _platform.stop_signals())
     out = _Out(stdout)
     inbox = _Inbox(stdin)
     inbox.start()
@@ -422,8 +424,7 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
             served.close()
         except (FenceLockError, OSError) as e:
             _stderr(f"{lock.session}: release: {e}")
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        handlers.close()
 
 
 def _serve(served: _Session, inbox: _Inbox, out: _Out, heartbeat: float) -> None:

@@ -63,15 +63,18 @@ class SignalForwarder:
     def __init__(self) -> None:
         import signal
 
+        from fencelock._signals import PromptHandlers
+
         self.proc: subprocess.Popen[bytes] | None = None
         self.holding = False
         self.pending: list[int] = []
         self.sigint = signal.SIGINT
         forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in forwarded}
+        self.handlers = PromptHandlers(self._handle, forwarded)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if not self.holding:
+            self.holding = True  # one Stopped: a second signal must not cut its unwinding
             raise Stopped(signum)
         if self.proc is None:
             self.pending.append(signum)
@@ -92,11 +95,8 @@ class SignalForwarder:
             proc.send_signal(sig)
 
     def restore(self) -> None:
-        import signal
-
         self.holding = True  # a signal between these calls must not raise any more
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        self.handlers.close()
 
 
 class _Heartbeat:

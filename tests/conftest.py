@@ -197,6 +197,36 @@ def wait_for_blocked_waiter(
     raise AssertionError(f"{who} blocked on the sidecar lock of {session}")
 
 
+def thread_in_syscall(pid: int, name: str, limit: float = 30.0) -> int:
+    """The id of a thread of ``pid``, other than its main thread, that sleeps in system
+    call ``name`` (`marks.SYSCALLS`); ``limit`` bounds a broken build."""
+    marks.require("tgkill")
+    number = str(marks.SYSCALLS[name])
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                call = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+            except OSError:
+                continue  # the thread has just ended
+            if int(tid) != pid and call[:1] == [number]:
+                return int(tid)
+        time.sleep(0.001)
+    raise AssertionError(f"no thread of pid {pid} sleeps in {name}")
+
+
+def tgkill(pid: int, tid: int, signum: int) -> None:
+    """Send ``signum`` to thread ``tid`` of process ``pid`` alone, as the kernel does
+    when it picks that thread for a signal sent to the whole process."""
+    import ctypes
+
+    marks.require("tgkill")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(marks.SYSCALLS["tgkill"], pid, tid, signum) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"tgkill({pid}, {tid}): {os.strerror(err)}")
+
+
 FLOCK = shutil.which("flock")
 """util-linux flock(1): a lock holder outside fencelock."""
 

@@ -61,6 +61,12 @@ def _xattr() -> str | None:
 
 
 LINUX = sys.platform.startswith("linux")
+SYSCALLS = {
+    "x86_64": {"flock": 73, "futex": 202, "tgkill": 234},
+    "aarch64": {"flock": 32, "futex": 98, "tgkill": 131},
+}.get(os.uname().machine if hasattr(os, "uname") else "", {})
+"""Linux system call numbers the tests use (to send one thread of another process a
+signal, and to see which of its threads sleeps where)."""
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 CAPABILITIES: dict[str, Capability] = {
@@ -73,6 +79,9 @@ CAPABILITIES: dict[str, Capability] = {
                        _has(os.path.exists("/proc/self/status"), "no /proc/self/status")),
     "proc_locks": Capability("/proc/locks", "run it on Linux with /proc mounted",
                              _has(os.path.exists("/proc/locks"), "no /proc/locks")),
+    "tgkill": Capability("tgkill(2) (a signal to one thread of another process)",
+                         "run it on Linux on x86_64 or aarch64",
+                         _has(LINUX and bool(SYSCALLS), "not Linux on x86_64 or aarch64")),
     "sigkill": Capability("SIGKILL", "run it on a POSIX system",
                           _has(hasattr(signal, "SIGKILL"), "no signal.SIGKILL")),
     "pidfd": Capability("pidfd_open (Linux 5.3)", "run it on Linux 5.3 or later",
@@ -165,6 +174,7 @@ needs_root = needs("root")
 needs_proc = needs("proc")
 needs_proc_locks = needs("proc_locks")
 needs_sigkill = needs("sigkill")
+needs_tgkill = needs("tgkill", "proc")
 needs_pidfd = needs("pidfd")
 needs_waitid = needs("waitid")
 needs_fork = needs("fork")

@@ -24,8 +24,8 @@ from typing import Any
 import marks
 import pytest
 from click.testing import CliRunner, Result
-from conftest import SpawnHolder, wait_for_blocked_waiter
-from marks import needs_pidfd, needs_proc_locks
+from conftest import SpawnHolder, tgkill, thread_in_syscall, wait_for_blocked_waiter
+from marks import needs_pidfd, needs_proc_locks, needs_tgkill
 
 from fencelock import FenceLockError, SessionContendedError, SessionLock, probe
 from fencelock._cli import main
@@ -666,13 +666,86 @@ def test_run_interrupted_while_waiting_exits_128_plus_n(
         [*FENCELOCK, "run", str(session), "--lane", "second", *how, "--", "true"],
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    wait_for_blocked_waiter(session, proc=proc)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    try:
+        wait_for_blocked_waiter(session, proc=proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # so that a failure here leaves nothing running
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 128 + sig  # 130 for Ctrl-C
     assert "Traceback" not in err
     assert probe(session).pid == h.pid
     assert h.call("release") == "released"
+    assert probe(session).state == "free"
+
+
+@needs_proc_locks
+@needs_tgkill
+@pytest.mark.parametrize("command", ["run", "hold"])
+def test_a_signal_taken_by_the_waiting_thread_stops_the_wait_at_once(
+    session: Path, spawn_holder: SpawnHolder, command: str
+) -> None:
+    """The kernel may hand a signal sent to the process to any of its threads, and a
+    signal lands on the main thread just before it blocks as well as inside the call.
+    Python runs the handler in the main thread only: without a nudge, SIGTERM would
+    wait for the main thread's wait to end (here 300 s). Sending it to the thread that
+    sleeps in flock makes the miss certain, so the test fails without the relay."""
+    h = spawn_holder(session, lane="first")
+    h.acquire()
+    rest = ["--", "true"] if command == "run" else []
+    proc = subprocess.Popen(
+        [*FENCELOCK, command, str(session), "--lane", "second", "--timeout", "300", *rest],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_blocked_waiter(session, proc=proc)
+        tgkill(proc.pid, thread_in_syscall(proc.pid, "flock"), signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # stdin stays open meanwhile
+        assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdin, proc.stderr):
+            assert stream is not None
+            stream.close()
+    assert probe(session).pid == h.pid
+    assert h.call("release") == "released"
+
+
+WAITS_FOR_SIGTERM = """
+import signal, sys
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+print("ready", flush=True)
+while True:
+    signal.pause()
+"""
+
+
+@needs_tgkill
+def test_a_signal_taken_by_the_heartbeat_thread_reaches_the_command(session: Path) -> None:
+    """While the command runs, the main thread sleeps in waitpid and the heartbeat
+    thread in a timed wait: a SIGTERM the kernel gives the heartbeat thread must still
+    be passed on to the command, not kept until the command ends by itself."""
+    proc = subprocess.Popen(
+        [*FENCELOCK, "run", str(session), "--lane", "x", "--heartbeat", "300", "--",
+         sys.executable, "-c", WAITS_FOR_SIGTERM],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        tgkill(proc.pid, thread_in_syscall(proc.pid, "futex"), signal.SIGTERM)
+        assert proc.wait(timeout=60) == 7  # the command's own exit code, passed on
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            assert stream is not None
+            stream.close()
     assert probe(session).state == "free"
 
 

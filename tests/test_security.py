@@ -257,6 +257,9 @@ def test_no_signal_reaches_a_pid_named_in_a_record(
 
 _SENDERS = {("os", "kill"), ("os", "killpg"), ("signal", "pthread_kill"),
             ("signal", "pidfd_send_signal"), ("os", "pidfd_open")}
+_OWN_THREADS = {("_signals.py", "pthread_kill")}
+"""pthread_kill reaches only threads of this process: the signal relay pokes its own
+main thread with it."""
 
 
 def test_the_package_has_no_way_to_signal_an_arbitrary_pid() -> None:
@@ -266,7 +269,7 @@ def test_the_package_has_no_way_to_signal_an_arbitrary_pid() -> None:
             if not isinstance(node, ast.Attribute):
                 continue
             base = node.value.id if isinstance(node.value, ast.Name) else None
-            if (base, node.attr) in _SENDERS:
+            if (base, node.attr) in _SENDERS and (path.name, node.attr) not in _OWN_THREADS:
                 pytest.fail(f"{path.name}:{node.lineno} uses {base}.{node.attr}")
             if node.attr in ("send_signal", "terminate", "kill") and path.name not in _TOOLS:
                 pytest.fail(f"{path.name}:{node.lineno} signals a process ({node.attr})")

@@ -1,0 +1,98 @@
+"""Signal handlers that run promptly, whatever the main thread is blocked in.
+
+CPython runs a Python-level signal handler in the main thread, between bytecodes. A
+signal interrupts a blocking call of the main thread only if the kernel delivers it to
+that thread while it is inside the call. It misses when it lands just before the call
+starts, or on another thread (a waiter blocked in flock, the heartbeat). Its handler
+then waits until the call returns, and for a session wait that can be the whole
+timeout. `fencelock run` and `fencelock hold` would ignore a SIGTERM for that long.
+
+`PromptHandlers` closes the gap. Each signal also writes its number to a pipe
+(`signal.set_wakeup_fd`, done by the C-level handler in whichever thread took it). A
+relay thread reading that pipe interrupts the main thread with SIGURG (which nothing
+else sends a process without sockets of its own, and which is ignored by default) until
+the handler has run. Calls interrupted that way are retried (PEP 475), so the pokes
+cost nothing else. POSIX only: elsewhere the handlers are installed as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any
+
+Handler = Callable[[int, FrameType | None], None]
+
+_POKE: int | None = getattr(signal, "SIGURG", None) if hasattr(signal, "pthread_kill") else None
+_POKE_EVERY = 0.002
+"""Pause between two pokes of a main thread that has not run the handler yet."""
+_POKE_FOR = 2.0
+"""How long to poke before giving up (a handler that already ran for an earlier byte)."""
+
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """SIGURG's handler: nothing, but a Python-level handler, so that it interrupts."""
+
+
+class PromptHandlers:
+    """Installs ``handler`` for ``signals`` and sees that it runs promptly; `close`
+    puts back what was there. Create it in the main thread."""
+
+    def __init__(self, handler: Handler, signals: Iterable[int]) -> None:
+        self._handler = handler
+        self._ran = 0
+        self._previous: dict[int, Any] = {
+            sig: signal.signal(sig, self._run) for sig in signals
+        }
+        self._wakeup = -1
+        self._write = -1
+        if _POKE is None or threading.current_thread() is not threading.main_thread():
+            return
+        read, write = os.pipe()
+        os.set_blocking(write, False)  # the C-level handler must never block on it
+        self._previous[_POKE] = signal.signal(_POKE, _ignore)
+        self._wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._write = write
+        main = threading.main_thread().ident
+        assert main is not None
+        threading.Thread(
+            target=self._relay, args=(read, main), name="fencelock-signals", daemon=True
+        ).start()
+
+    def _run(self, signum: int, frame: FrameType | None) -> None:
+        self._ran += 1
+        self._handler(signum, frame)
+
+    def _relay(self, read: int, main: int) -> None:
+        try:
+            while True:
+                before = self._ran
+                data = os.read(read, 64)
+                if not data:
+                    return  # closed: the handlers are back to what they were
+                if all(sig == _POKE for sig in data):
+                    continue
+                give_up = time.monotonic() + _POKE_FOR
+                while self._ran == before and time.monotonic() < give_up:
+                    assert _POKE is not None
+                    signal.pthread_kill(main, _POKE)
+                    time.sleep(_POKE_EVERY)
+        except OSError:
+            return  # the main thread is gone, or the pipe: nothing left to poke
+        finally:
+            os.close(read)
+
+    def close(self) -> None:
+        """Put the previous handlers back (call it in the main thread)."""
+        if self._write >= 0:
+            signal.set_wakeup_fd(self._wakeup)
+            os.close(self._write)  # the relay reads end of file and stops
+            self._write = -1
+        for sig, previous in self._previous.items():
+            # None: a handler that was not set from Python; the default is what it was.
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
