@@ -370,8 +370,9 @@ class _Cluster:
                         and not (e.detail_text or "").lstrip().startswith("{")):
                     # No version API, or an HTTP error without etcd's JSON error body:
                     # some other server listens there (a wrong port, a proxy).
-                    detail = self._not_etcd(index, detail)
-                raise StoreUnavailableError(self.url.display, detail[:200]) from None
+                    raise StoreUnavailableError(
+                        self.url.display, self._not_etcd(index, detail)[:200]) from None
+                raise _etcd_error(self.url.display, detail) from None
             except Exception as e:  # e.g. a reply that is not JSON: not an etcd there
                 raise StoreUnavailableError(self.url.display,
                                             self._not_etcd(index, type(e).__name__)) from None
@@ -461,6 +462,14 @@ class _Cluster:
         finally:
             self._mu.release()
 
+    def forget(self, lease: _Lease) -> None:
+        """etcd does not know ``lease`` (it lost its data, say): the next `lease` call
+        grants a new one."""
+        lease.lost = lease.lost or "etcd no longer knows its lease"
+        with self._mu:
+            if self._lease is lease:
+                self._lease = None
+
     def drop(self, lease: _Lease, why: str) -> None:
         """Give a lease up (a release that could not be stored): revoke it when possible,
         so that keys it carries do not outlive this process's interest in them."""
@@ -479,7 +488,9 @@ class _Cluster:
             for lease_id in revoke:
                 try:
                     self.call("/kv/lease/revoke", {"ID": lease_id})
-                except StoreUnavailableError:
+                except StoreUnavailableError as e:
+                    if _LEASE_GONE in e.why:
+                        continue  # gone already: nothing left to revoke
                     with self._mu:
                         self._to_revoke.append(lease_id)
             if lease is not None and not lease.lost:
@@ -504,6 +515,33 @@ class _Cluster:
                 step = min(step, 0.2)
             self._wake.wait(step)
             self._wake.clear()
+
+
+_LEASE_GONE = "requested lease not found"
+"""etcd's error for a lease it does not know (expired, revoked, or its data lost)."""
+_AUTH_CODES = (7, 16)
+"""gRPC codes of etcd's answers to a request without the credentials it asks for
+(PermissionDenied, Unauthenticated)."""
+_AUTH_MESSAGES = ("user name is empty", "authentication failed", "auth token")
+"""The same answers under other codes (a request with no user is InvalidArgument)."""
+
+
+def _etcd_error(endpoint: str, detail: str) -> StoreUnavailableError:
+    """The error for etcd's own error answer (JSON: ``error``, ``code``, ``message``):
+    its message rather than the JSON, and for an etcd that wants credentials, what to
+    do about it."""
+    try:
+        body = json.loads(detail)
+        message = str(body.get("message") or body.get("error") or detail)
+        code = body.get("code")
+    except (ValueError, AttributeError):
+        return StoreUnavailableError(endpoint, detail[:200])
+    if code in _AUTH_CODES or any(text in message for text in _AUTH_MESSAGES):
+        return StoreUnavailableError(
+            endpoint, f"{message[:200]}: etcd has authentication on",
+            "fencelock's etcd store does not log in; give it an etcd (or a gateway) "
+            "without authentication, or pick another store with --backend")
+    return StoreUnavailableError(endpoint, message[:200])
 
 
 def through_outage(attempt: Callable[[], _T], ttl: float, deadline: float | None) -> _T:
@@ -622,6 +660,24 @@ class EtcdHolder:
     # -- acquire -----------------------------------------------------------------
 
     def acquire(
+        self,
+        fail: bool,
+        deadline: float | None,
+        cancel: threading.Event | None,
+        record: Callable[[int, HolderInfo | None], bytes] | None,
+    ) -> int:
+        try:
+            return self._acquire(fail, deadline, cancel, record)
+        except StoreUnavailableError as e:
+            lease = self._lease  # the one the failed request named
+            if _LEASE_GONE not in e.why or lease is None:
+                raise
+            # The process's lease is gone before its keeper noticed (etcd restarted
+            # without its data): once more, under a new lease.
+            self._cluster.forget(lease)
+            return self._acquire(fail, deadline, cancel, record)
+
+    def _acquire(
         self,
         fail: bool,
         deadline: float | None,

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from fencelock import _backend, _fingerprint, _identity, _record
+from fencelock import _backend, _fingerprint, _identity, _record, _tokens
 from fencelock._errors import FenceLockWarning, HolderLostError, StoreUnavailableError
 from fencelock._sidecar_holder import SidecarHolder
 
@@ -141,8 +141,13 @@ class RemoteStore:
         start: float,
     ) -> None:
         holder = self.holder
+        # Read before waiting, so that it costs the hand-off nothing: the lines a
+        # holder appends meanwhile carry tokens of this store, below this one's.
+        stamped = _tokens.last_stamped(lock.session)
 
         def first_record(token: int, last: HolderInfo | None) -> bytes:
+            if token <= stamped:
+                raise _tokens.went_backwards(lock.session, token, stamped, holder.name)
             lock._token, lock._run_id = token, lock._run_id or _identity.RUN_IDS.next()
             lock._previous = last.as_previous() if last is not None and last.state is \
                 _record.State.HELD else None

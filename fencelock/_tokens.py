@@ -58,7 +58,8 @@ def stamp_of(entry: object) -> int | None:
     return None
 
 
-def _last_stamped(session: str) -> int:
+def last_stamped(session: str) -> int:
+    """The largest token stamped into the session's last lines (0 for none)."""
     try:
         fd, st = _sidecar.open_regular(session, os.O_RDONLY)
     except (OSError, FenceLockError):
@@ -80,6 +81,19 @@ def _last_stamped(session: str) -> int:
         if token is not None:
             best = max(best, token)
     return best
+
+
+def went_backwards(session: str, token: int, stamped: int, store: str) -> FenceLockError:
+    """The error for a store (etcd) whose new token is not above one the session's
+    lines already carry."""
+    return FenceLockError(
+        f"{session}: {store} issued fencing token {token}, but the session already has "
+        f"lines stamped with token {stamped}; tokens must never go back, so nothing was "
+        f"written. The store lost its data or is another one than the one that issued "
+        f"{stamped} (a session moved from sidecars with larger tokens does this too). "
+        f"Restore its data from a backup, raise its revision past {stamped} (etcdutl "
+        f"snapshot restore --bump-revision), or go on in a new session file"
+    )
 
 
 def _read_mark(target: str | int) -> int:
@@ -157,7 +171,7 @@ def floor(session: str) -> int:
             saved = _read_mark(session)
         except OSError:
             saved = 0
-    best = max(saved, _last_stamped(session))
+    best = max(saved, last_stamped(session))
     if os.path.lexists(os.path.join(os.path.dirname(session), SET_ASIDE_MARKER)):
         best = max(best, _set_aside_tokens(session))
     if best >= MAX_TOKEN:

@@ -25,6 +25,7 @@ from conftest import SpawnHolder, record_of, wait_for_no_owner
 
 from fencelock import (
     CorruptRecordError,
+    FenceLockError,
     HolderLostError,
     ProbeState,
     SessionContendedError,
@@ -479,6 +480,64 @@ def test_holders_carry_on_through_an_etcd_restart_within_their_lease(
     with SessionLock(session, "after", backend=url, on_contention="fail") as after:
         assert after.info is not None and after.info.token > token
     assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2]
+
+
+def _put_filler(server: EtcdServer, count: int) -> None:
+    """Raise the server's revision by ``count`` puts of one key."""
+    import base64
+    import urllib.request
+
+    key = base64.b64encode(b"filler").decode()
+    for _ in range(count):
+        request = urllib.request.Request(
+            f"http://{server.endpoint}/v3/kv/put", data=json.dumps({"key": key}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            r.read()
+
+
+def test_an_etcd_that_lost_its_data_never_hands_out_a_token_below_the_session_s(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    """A wiped etcd starts its revisions again from 1. A holder's token must still
+    never go below one the session's lines carry: the acquire refuses, writes
+    nothing and leaves no key behind."""
+    url = own_etcd.url("lost", ttl=30)
+    _put_filler(own_etcd, 200)
+    with SessionLock(session, "before", backend=url, stamp=True) as lock:
+        lock.append({"n": 1})
+        assert lock.info is not None
+        token = lock.info.token
+    before = session.read_bytes()
+    own_etcd.kill(signal.SIGKILL)
+    import shutil
+
+    shutil.rmtree(os.path.join(own_etcd.data_dir, "data"))  # its data is gone
+    own_etcd.start()
+    with pytest.raises(FenceLockError, match=f"already has lines stamped with token {token}"):
+        SessionLock(session, "after", backend=url, on_contention="fail").acquire()
+    assert session.read_bytes() == before
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.FREE and status.record is None  # nothing left
+    # Once etcd's revision is past the session's stamps, runs go on as before.
+    _put_filler(own_etcd, token)
+    with SessionLock(session, "later", backend=url, on_contention="fail") as later:
+        assert later.info is not None and later.info.token > token
+
+
+def test_an_etcd_with_authentication_on_is_named_with_what_to_do(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    for step in (["user", "add", "root", "--new-user-password", "pw"], ["auth", "enable"]):
+        subprocess.run(_etcdctl(own_etcd, *step), check=True, capture_output=True,
+                       timeout=60)
+    url = own_etcd.url("auth")
+    out = _cli("run", str(session), "--lane", "x", "--backend", url, "--", "true")
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "etcd has authentication on" in out.stderr
+    assert "does not log in" in out.stderr and '{"' not in out.stderr  # no raw JSON
+    assert not session.exists() or session.read_bytes() == b""
 
 
 def test_a_waiter_rides_out_an_etcd_restart_and_gets_the_session(
