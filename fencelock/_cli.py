@@ -723,10 +723,12 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
     Example:
       fencelock wait sessions/4f1c.jsonl --timeout 120 && ./reply.sh
     """
+    import signal
     from functools import partial
 
     from fencelock._errors import StoreUnavailableError
     from fencelock._probe import ProbeState, probe
+    from fencelock._signals import PromptHandlers
     from fencelock._store import open_store
     from fencelock._wait import wait_until_unlocked
 
@@ -746,6 +748,8 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
         store = open_store(backend, named)
         wait_free = store.wait_free if store is not None else partial(
             wait_until_unlocked, sidecar)
+        # Ctrl-C stops the wait even when the kernel hands SIGINT to the waiting thread.
+        handlers = PromptHandlers(signal.default_int_handler, [signal.SIGINT])
         try:
             if sys.stderr.isatty():
                 free = _wait_with_progress(named, wait_free, timeout, backend)
@@ -753,6 +757,8 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
                 free = wait_free(timeout)
         except KeyboardInterrupt:
             sys.exit(EXIT_INTERRUPTED)
+        finally:
+            handlers.close()
         if not free:
             holder = holder_text(probe(session, backend=backend))
             raise ContendedCliError(f"{named}: still held by {holder} after {timeout:g}s")

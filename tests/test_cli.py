@@ -716,6 +716,32 @@ def test_a_signal_taken_by_the_waiting_thread_stops_the_wait_at_once(
     assert h.call("release") == "released"
 
 
+@needs_proc_locks
+@needs_tgkill
+def test_ctrl_c_taken_by_the_waiting_thread_stops_fencelock_wait(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    h = spawn_holder(session, lane="first")
+    h.acquire()
+    proc = subprocess.Popen(
+        [*FENCELOCK, "wait", str(session), "--timeout", "300"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_blocked_waiter(session, proc=proc)
+        tgkill(proc.pid, thread_in_syscall(proc.pid, "flock"), signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert h.call("release") == "released"
+
+
 WAITS_FOR_SIGTERM = """
 import signal, sys
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
