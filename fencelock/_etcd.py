@@ -359,7 +359,10 @@ class _Cluster:
             try:
                 result: dict[str, Any] = client.post(client.get_url(path), json=payload)
             except (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError) as e:
-                why = "connection refused" if "refused" in str(e).lower() else (
+                # etcd's own 503/504 answer ("no leader") carries its reason: keep it.
+                answered = _etcd_error(self.url.display, e.detail_text or "")
+                why = answered.why if (e.detail_text or "").lstrip().startswith("{") else (
+                    "connection refused" if "refused" in str(e).lower() else
                     "no answer in time" if isinstance(e, exceptions.ConnectionTimeoutError)
                     else "cannot connect")
                 continue

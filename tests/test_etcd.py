@@ -885,6 +885,24 @@ def _answering(
         thread.join(60)
 
 
+_NO_LEADER = b'{"error":"etcdserver: no leader","code":14,"message":"etcdserver: no leader"}'
+"""What a member cut off from its cluster answers (HTTP 503, gRPC Unavailable)."""
+
+
+def test_a_member_without_a_leader_is_passed_over_and_named(
+    session: Path, etcd_server: EtcdServer
+) -> None:
+    with _answering(503, _NO_LEADER) as (port, asked):
+        lonely = f"127.0.0.1:{port}"
+        both = f"etcd://{lonely},{etcd_server.endpoint}/p-{uuid.uuid4().hex[:8]}"
+        out = _cli("run", str(session), "--lane", "x", "--backend", both, "--", "true")
+        assert out.returncode == 0, out.stderr
+        assert asked  # it was asked first, and the next member answered
+        alone = _cli("status", str(session), "--backend", f"etcd://{lonely}/p")
+    assert alone.returncode == 1
+    assert "etcdserver: no leader" in alone.stderr and '{"' not in alone.stderr
+
+
 @pytest.mark.parametrize("answer", [
     (404, b""), (200, b"<html>hello</html>"),
     (200, b'{"etcdserver": "3.5.0", "etcdcluster": "3.5.0"}'),
