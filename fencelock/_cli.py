@@ -47,6 +47,7 @@ from fencelock._output import (
     plain_warnings,
     plural,
     shorten,
+    standard_streams,
     status_json,
     status_table,
     stream_status_json,
@@ -124,6 +125,7 @@ class _Group(click.Group):
     handles only a closed pipe) is one line on stderr and exit 1, not a traceback."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        standard_streams()
         try:
             return super().main(*args, **kwargs)
         except OSError as e:

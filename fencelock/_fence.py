@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import warnings
 from typing import Any
@@ -38,6 +39,15 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
+def finite_float(text: str) -> float:
+    """A JSON number as a float; ValueError for one past a double's range (``1e400``),
+    which would come back out as ``Infinity``, and that is not JSON."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range for a double")
+    return value
+
+
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 """What `json.dumps` with these arguments builds at every call (2 µs of an append's 4):
 allow_nan=False, as NaN and Infinity are not JSON, and strict readers (and `fencelock
@@ -52,7 +62,7 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
         if "\n" in entry or "\r" in entry:
             raise FenceLockError("a session entry must be one line; this one has a line break")
         try:
-            parsed = json.loads(entry, parse_constant=_not_json)
+            parsed = json.loads(entry, parse_constant=_not_json, parse_float=finite_float)
         except (ValueError, RecursionError):
             raise FenceLockError(
                 "a session entry must be one line of JSON when given as text (pass a dict "

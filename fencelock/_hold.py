@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import queue
+import select
 import sys
 import threading
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ from fencelock._errors import (
     SessionTakeoverError,
     SessionWriteError,
 )
+from fencelock._fence import finite_float
 from fencelock._signals import PromptHandlers
+from fencelock._tokens import STAMP_KEY
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -59,7 +62,12 @@ class _Stop(BaseException):
 
 
 class _CallerGone(Exception):
-    """stdout is closed: nobody reads the answers any more."""
+    """stdout is closed (EPIPE): nobody reads the answers any more. With ``error``,
+    stdout failed otherwise (a full disk, an I/O error): said on stderr, exit 1."""
+
+    def __init__(self, error: OSError | None = None) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 # -- reading requests --------------------------------------------------------------------
@@ -181,11 +189,15 @@ class _Out:
 
     def send(self, answer: dict[str, Any]) -> None:
         data = memoryview(_encode(answer))
-        try:
-            while data:
+        while data:
+            try:
                 data = data[os.write(self.fd, data) :]
-        except OSError as e:  # EPIPE above all: the caller closed its end
-            raise _CallerGone(str(e)) from None
+            except BlockingIOError:  # the caller made the pipe non-blocking: wait for room
+                select.select([], [self.fd], [])
+            except BrokenPipeError:  # the caller closed its end
+                raise _CallerGone() from None
+            except OSError as e:
+                raise _CallerGone(e) from None
 
 
 def error_answer(e: BaseException) -> dict[str, Any]:
@@ -223,7 +235,7 @@ def parse(item: _Line | _TooLong) -> tuple[dict[str, Any], dict[str, Any]]:
     except UnicodeDecodeError as e:
         raise BadRequestError(f"request is not UTF-8 (byte {e.start})") from None
     try:
-        request = json.loads(text, parse_constant=_no_constant)
+        request = json.loads(text, parse_constant=_no_constant, parse_float=finite_float)
     except RecursionError:
         raise BadRequestError("request is nested too deeply") from None
     except ValueError as e:
@@ -233,7 +245,8 @@ def parse(item: _Line | _TooLong) -> tuple[dict[str, Any], dict[str, Any]]:
     return request, ({"id": request["id"]} if "id" in request else {})
 
 
-def _entry(request: dict[str, Any]) -> dict[str, Any] | str:
+def _entry(request: dict[str, Any], stamp: bool | None) -> dict[str, Any] | str:
+    """The entry to append, checked as the protocol states (`BadRequestError`)."""
     if "entry" not in request:
         raise BadRequestError('append needs "entry": a JSON object or a one-line string')
     entry = request["entry"]
@@ -249,6 +262,24 @@ def _entry(request: dict[str, Any]) -> dict[str, Any] | str:
         raise BadRequestError(
             f'"entry" holds a lone surrogate ({e.object[e.start]!a}), which is not UTF-8'
         ) from None
+    keyed: Any = entry
+    if isinstance(entry, str):
+        try:
+            keyed = json.loads(entry, parse_constant=_no_constant, parse_float=finite_float)
+        except RecursionError:
+            raise BadRequestError('"entry" is nested too deeply') from None
+        except ValueError as e:
+            raise BadRequestError(
+                f'"entry" given as a string must be one line of JSON ({e}); send the '
+                f'object itself to have it encoded'
+            ) from None
+        if stamp and not isinstance(keyed, dict):
+            raise BadRequestError('"stamp": true needs an entry that is a JSON object')
+    if not stamp and isinstance(keyed, dict) and STAMP_KEY in keyed:
+        raise BadRequestError(
+            f'"entry" must not carry the reserved key "{STAMP_KEY}"; send "stamp": true to '
+            f'have fencelock stamp it'
+        )
     return entry
 
 
@@ -266,11 +297,10 @@ class _Session:
         lock = self.lock
         answer: dict[str, Any] = {"ok": True, "op": op}
         if op == "append":
-            entry = _entry(request)
             stamp = request.get("stamp")
             if stamp is not None and not isinstance(stamp, bool):
                 raise BadRequestError('"stamp" must be true or false')
-            lock.append(entry, stamp=stamp)
+            lock.append(_entry(request, lock.stamp if stamp is None else stamp), stamp=stamp)
         elif op == "prompt_begin":
             if self.window is not None:
                 raise BadRequestError("prompt_begin inside the prompt window; prompt_end first")
@@ -414,8 +444,12 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
         try:
             out.send({"ok": True, "event": "held", "record": info.to_json()})
             _serve(served, inbox, out, heartbeat)
-        except _CallerGone:
-            pass  # stdout closed: as for end of stdin, release below and exit 0
+        except _CallerGone as e:
+            if e.error is not None:  # not a caller that left: say so, release, exit 1
+                _stderr(f"cannot write its answers to stdout: {e.error.strerror or e.error}; "
+                        f"the session is released (check where stdout goes: a full disk?)")
+                return EXIT_ERROR
+            # stdout closed: as for end of stdin, release below and exit 0
         return EXIT_OK
     except _Stop as e:
         return 128 + e.signum

@@ -30,6 +30,28 @@ if TYPE_CHECKING:
     from fencelock._record import HolderInfo
 
 
+def standard_streams() -> None:
+    """Give a command started with stdin, stdout or stderr closed (``<&-``, ``>&-``)
+    /dev/null there. Otherwise the next descriptor it opens (a pipe, a sidecar) takes
+    that number and is read or written as the stream: ``hold`` with stdin closed would
+    read its own signal pipe, and hold its session for good."""
+    for fd, flags, name in ((0, os.O_RDONLY, "stdin"), (1, os.O_WRONLY, "stdout"),
+                            (2, os.O_WRONLY, "stderr")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        opened = os.open(os.devnull, flags)  # the lowest free number: this one
+        if opened != fd:
+            os.dup2(opened, fd)
+            os.close(opened)
+        os.set_inheritable(fd, True)  # a command that `run` starts gets it too
+        if getattr(sys, name) is None:  # Python found it closed at startup
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False,  # noqa: SIM115
+                                    errors="backslashreplace" if fd == 2 else "strict"))
+
+
 def clean(text: str) -> str:
     """``text`` with control characters escaped, so record text cannot drive a terminal."""
     if text.isprintable():

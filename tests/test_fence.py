@@ -183,6 +183,7 @@ BAD_ENTRIES: dict[str, Any] = {
     "text-not-json": "hello",
     "text-cut-short": '{"role": "user", "content": "hi"',
     "text-nan": '{"x": NaN}',
+    "text-overflow": '{"x": 1e400}',  # a float past a double's range: Infinity
 }
 
 

@@ -227,6 +227,14 @@ BAD_LINES = [
     (b"\xff\xfe", "not UTF-8"),
     (b"[" * 100_000, "nested too deeply"),
     (b'{"op": "prompt_end"}', "without prompt_begin"),
+    # A number past a double's range would be echoed as Infinity, which is not JSON.
+    (b'{"op": "touch", "id": 1e400}', "out of range"),
+    (b'{"op": "append", "entry": {"x": -1e400}}', "out of range"),
+    (b'{"op": "append", "entry": "{\\"x\\": 1e400}"}', "out of range"),
+    (b'{"op": "append", "entry": "hello"}', "one line of JSON"),
+    (b'{"op": "append", "entry": "[1]", "stamp": true}', "needs an entry that is a JSON"),
+    (b'{"op": "append", "entry": {"_fencelock": {"token": 9}}}', '"stamp": true'),
+    (b'{"op": "append", "entry": "{\\"_fencelock\\": 1}"}', '"stamp": true'),
 ]
 
 
@@ -381,6 +389,82 @@ def test_closed_stdout_releases_and_exits_cleanly(session: Path, start_hold: Sta
     assert "Traceback" not in h.stderr()
     assert probe(session).state == "free"
     assert lines(session) == [{"n": 1}]
+
+
+def test_stdout_that_fails_otherwise_is_said_and_exits_1(session: Path) -> None:
+    """Only a caller that closed its end (EPIPE) is a quiet exit 0: a full disk behind
+    stdout is said on stderr, and the session is still released."""
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "x"],
+            input=b'{"op": "append", "entry": {"n": 1}}\n', stdout=full,
+            stderr=subprocess.PIPE, timeout=60, check=False,
+        )
+    assert proc.returncode == 1
+    assert b"cannot write its answers to stdout" in proc.stderr
+    assert b"Traceback" not in proc.stderr
+    assert probe(session).state == "free"
+
+
+@needs_proc
+def test_a_non_blocking_stdout_that_fills_up_is_waited_for(session: Path) -> None:
+    """A caller (Node does this) may leave the answer pipe non-blocking: a full pipe
+    is waited on, not taken for a caller that left."""
+    import fcntl
+    import termios
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    count = 300
+    requests = b"".join(b'{"op": "info", "id": %d}\n' % i for i in range(count))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "x"],
+        stdin=subprocess.PIPE, stdout=write_end, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    os.close(write_end)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(requests)
+        proc.stdin.close()
+        # Read nothing until the pipe is full (more answers are due than it holds) and
+        # hold sleeps waiting for room, or has exited (as it did, taking EAGAIN for a
+        # caller that left).
+        deadline = time.monotonic() + 60
+        buffered = bytearray(4)
+        while time.monotonic() < deadline and proc.poll() is None:
+            fcntl.ioctl(read_end, termios.FIONREAD, buffered)
+            if int.from_bytes(buffered, sys.byteorder) >= 50_000 and "poll" in Path(
+                    f"/proc/{proc.pid}/wchan").read_text():
+                break
+            time.sleep(0.005)  # polling the pipe's fill level; the deadline bounds it
+        with os.fdopen(read_end, "rb") as answers:
+            got = [json.loads(line) for line in answers]
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert [a.get("id") for a in got[1:]] == list(range(count))  # after "held"
+
+
+@pytest.mark.parametrize("closed", [["stdin"], ["stdin", "stdout"], ["stdout"]])
+def test_hold_started_with_a_standard_stream_closed_neither_hangs_nor_crashes(
+    session: Path, closed: list[str]
+) -> None:
+    """`hold <&-` used to read its own signal pipe (which took descriptor 0) and keep
+    the session for good; `>&-` crashed at exit."""
+    command = f'exec {sys.executable} -m fencelock hold "$1" --lane x'
+    redirects = {"stdin": " <&-", "stdout": " >&-"}
+    script = command + "".join(redirects[name] for name in closed)
+    proc = subprocess.run(
+        ["sh", "-c", script, "sh", str(session)], input=b"" if "stdin" not in closed
+        else None, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert b"Traceback" not in proc.stderr
+    assert probe(session).state == "free"
 
 
 def test_takeover_in_the_prompt_window_is_answered(session: Path, start_hold: StartHold) -> None:
