@@ -804,38 +804,63 @@ def recover_command(
     Example:
       next=$(fencelock recover sessions/4f1c.jsonl --wait 10)
     """
+    import signal
+
     from fencelock._errors import FenceLockError, SessionContendedError
     from fencelock._lock import SessionLock
     from fencelock._probe import probe
     from fencelock._recovery import recover
+    from fencelock._signals import PromptHandlers
+    from fencelock._supervisor import Stopped
 
-    _one_session(session, "recover")
+    def failed(error: str) -> None:
+        if as_json:  # the same shape, for a caller that parses stdout
+            echo_json({"action": None, "session": None, "original": _named(session)[0],
+                       "waited": None, "carried_lines": 0, "error": error, "holder": None})
+
+    try:
+        _one_session(session, "recover")
+    except CliError as e:
+        failed(e.message)
+        raise
     try:
         SessionLock.check_lane(lane)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--lane'") from None
-    with library_errors():
-        try:
-            r = recover(session, wait=wait_s, fresh=not no_fresh, lane=lane, backend=backend)
-        except SessionContendedError as e:
-            if as_json:  # still held with --no-fresh: say so on stdout too
-                echo_json({
-                    "action": None, "session": None, "original": e.session,
-                    "waited": None if e.waited is None else round(e.waited, 3),
-                    "carried_lines": 0, "error": str(e),
-                    "holder": status_json(probe(e.session, backend=backend), time.time()),
-                })
-            raise
-        except (FenceLockError, OSError) as e:
-            if as_json:  # the same shape, for a caller that parses stdout
-                echo_json({
-                    "action": None, "session": None, "original": _named(session)[0],
-                    "waited": None,
-                    "carried_lines": 0,
-                    "error": os_message(e) if isinstance(e, OSError) else str(e),
-                    "holder": None,
-                })
-            raise
+    stopping: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        if not stopping:  # once: a second signal must not cut the clean-up short
+            stopping.append(signum)
+            raise Stopped(signum)
+
+    # A signal while waiting or copying stops recover cleanly: a fresh session it was
+    # making is removed (nobody was given its name), and the signal is seen at once.
+    handlers = PromptHandlers(stop, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+    try:
+        with library_errors():
+            try:
+                r = recover(session, wait=wait_s, fresh=not no_fresh, lane=lane,
+                            backend=backend)
+            except SessionContendedError as e:
+                if as_json:  # still held with --no-fresh: say so on stdout too
+                    echo_json({
+                        "action": None, "session": None, "original": e.session,
+                        "waited": None if e.waited is None else round(e.waited, 3),
+                        "carried_lines": 0, "error": str(e),
+                        "holder": status_json(probe(e.session, backend=backend), time.time()),
+                    })
+                raise
+            except (FenceLockError, OSError) as e:
+                failed(os_message(e) if isinstance(e, OSError) else str(e))
+                raise
+    except Stopped as e:
+        name = signal.Signals(e.signum).name
+        failed(f"interrupted by {name}; nothing was recovered")
+        error_line(f"{session}: recover interrupted by {name}; nothing was recovered")
+        sys.exit(128 + e.signum)
+    finally:
+        handlers.close()
     try:
         if as_json:
             obj = {
@@ -867,9 +892,10 @@ def recover_command(
 @click.argument("session", type=PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify_command(session: str, as_json: bool) -> None:
-    """Check SESSION's lines: torn lines (not JSON, or no final line break) and
-    fencing tokens that went backwards (a write by a run that had lost the session) or
-    were stamped by two runs.
+    """Check SESSION's lines: torn lines (not JSON, or no final line break where no
+    live holder may still be writing) and fencing tokens that went backwards (a write
+    by a run that had lost the session), were stamped by two runs, or lie above the
+    largest token.
     Exit 0 clean, 5 problems found, 1 unreadable.
 
     A session file that does not exist yet (its directory does) has no lines: it is

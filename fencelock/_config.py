@@ -110,6 +110,16 @@ class ConfigReport:
     notices: tuple[ConfigNotice, ...] = ()
 
 
+_LONG_NUMBER = "an integer of more than 100 digits"
+
+
+def _int(text: str) -> int:
+    # Python refuses to convert integers of over 4300 digits; no setting needs 100.
+    if len(text) > 100:
+        raise ValueError(f"{_LONG_NUMBER} ({text[:20]}...)")
+    return int(text)
+
+
 def parse(text: str, path: str = "<config>") -> Any:
     """Parse JSON, or JSON5 when plain JSON fails (comments, trailing commas, bare keys)."""
     if text.startswith("\ufeff"):
@@ -117,18 +127,22 @@ def parse(text: str, path: str = "<config>") -> Any:
     if not text.strip():
         raise ConfigError(path, "the file is empty")
     try:
-        return json.loads(text)
+        return json.loads(text, parse_int=_int)
     except json.JSONDecodeError as e:
         first = e
     except RecursionError:
         raise ConfigError(path, "nested too deeply") from None
+    except ValueError as e:
+        raise ConfigError(path, str(e)) from None
     import json5  # only configs that are not plain JSON pay for it
 
     try:
-        return json5.loads(text)
+        return json5.loads(text, parse_int=_int)
     except RecursionError:
         raise ConfigError(path, "nested too deeply") from None
     except ValueError as e:
+        if str(e).startswith(_LONG_NUMBER):
+            raise ConfigError(path, str(e)) from None
         m = _JSON5_POS.match(str(e))
         if m:
             raise ConfigError(

@@ -216,7 +216,7 @@ def _fill_fresh(
                             chunk = chunk[:cut]
                     lock._append_bytes(chunk)
                     offset += len(chunk)
-            except (FenceLockError, OSError):
+            except BaseException:  # an interrupt (SIGTERM, Ctrl-C) too: nobody has its name
                 for made in (new, new + _sidecar.SUFFIX):  # while its lock is ours
                     with contextlib.suppress(OSError):
                         os.unlink(made)

@@ -78,7 +78,7 @@ def last_stamped(session: str) -> int:
             token = stamp_of(json.loads(line))
         except (ValueError, RecursionError):
             continue
-        if token is not None:
+        if token is not None and token <= MAX_TOKEN:  # a larger one was never issued
             best = max(best, token)
     return best
 

@@ -15,6 +15,7 @@ from typing import BinaryIO
 
 from fencelock import _sidecar
 from fencelock._errors import SidecarAccessError
+from fencelock._record import MAX_TOKEN
 from fencelock._tokens import STAMP_KEY, stamp_of
 
 
@@ -23,9 +24,10 @@ class Problem:
     line: int
     """1-based line number."""
     kind: str
-    """``"torn"`` (not one JSON value, or no final line break), ``"token-backwards"``, or
-    ``"token-repeated"`` (one token stamped by two runs), or ``"stopped"`` (too many
-    problems to go on)."""
+    """``"torn"`` (not one JSON value, or no final line break), ``"token-backwards"``,
+    ``"token-repeated"`` (one token stamped by two runs), ``"token-out-of-range"`` (a
+    stamp above the largest token, 2**63 - 1, that no run was ever given), or
+    ``"stopped"`` (too many problems to go on)."""
     detail: str
 
 
@@ -49,17 +51,27 @@ def _run_of(entry: object) -> object:
     return stamp.get("run_id") if isinstance(stamp, dict) else None
 
 
+_UNTERMINATED = "last line has no line break"
+
 MAX_LINE = 64 * 1024 * 1024
 """A longer line is reported as torn without being held in memory."""
 MAX_PROBLEMS = 10_000
 """After this many problems the check stops (the report says where)."""
 
 
+def _int(text: str) -> int:
+    """A JSON integer; one too long to be a token stays out of range without being
+    converted (Python refuses integers of over 4300 digits)."""
+    return int(text) if len(text) <= 20 else MAX_TOKEN + 1
+
+
 def verify(path: str | os.PathLike[str]) -> VerifyReport:
     """Read the session line by line and report what is wrong with it. ``path`` is the
     session file or its sidecar.
 
-    A session file that does not exist yet, in a directory that does, has no lines.
+    A session file that does not exist yet, in a directory that does, has no lines. A
+    last line without its line break is torn unless a live holder may still be
+    writing it.
     """
     session, _ = _sidecar.paths(path)  # a sidecar's path names its session, as elsewhere
     try:
@@ -72,9 +84,25 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         raise _unreadable(session, e) from None
     try:
         with os.fdopen(fd, "rb") as f:
-            return _check(session, f)
+            report = _check(session, f)
     except OSError as e:
         raise _unreadable(session, e) from None
+    last = report.problems[-1] if report.problems else None
+    if last is not None and last.detail.startswith(_UNTERMINATED) and _held_live(session):
+        # A live holder's append in flight, not a crash's leftover: not (yet) a problem.
+        report = VerifyReport(session, report.lines - 1, report.stamped, report.max_token,
+                              report.problems[:-1])
+    return report
+
+
+def _held_live(session: str) -> bool:
+    from fencelock._errors import FenceLockError
+    from fencelock._probe import ProbeState, probe
+
+    try:
+        return probe(session).state is ProbeState.LIVE
+    except (FenceLockError, OSError):
+        return False
 
 
 def _unreadable(session: str, e: OSError) -> SidecarAccessError:
@@ -94,16 +122,14 @@ def _check(session: str, f: BinaryIO) -> VerifyReport:
         number += 1
         if not raw.endswith(b"\n"):
             if len(raw) < MAX_LINE:  # the last line, with no line break
-                problems.append(
-                    Problem(number, "torn", f"last line has no line break: {raw[:60]!r}")
-                )
+                problems.append(Problem(number, "torn", f"{_UNTERMINATED}: {raw[:60]!r}"))
                 break
             while (more := f.readline(MAX_LINE)) and not more.endswith(b"\n"):
                 pass  # skip the rest of an over-long line
             problems.append(Problem(number, "torn", f"line over {MAX_LINE >> 20} MiB"))
             continue
         try:
-            entry = json.loads(raw)
+            entry = json.loads(raw, parse_int=_int)
         except (ValueError, RecursionError):
             problems.append(Problem(number, "torn", f"not JSON: {raw[:60]!r}"))
             continue
@@ -111,6 +137,11 @@ def _check(session: str, f: BinaryIO) -> VerifyReport:
         if token is None:
             continue
         stamped += 1
+        if token > MAX_TOKEN:  # not a token any run was given: it sets no order
+            problems.append(Problem(
+                number, "token-out-of-range",
+                f"stamped token above the largest token ({MAX_TOKEN}): {raw[:60]!r}"))
+            continue
         run = _run_of(entry)
         if token < best:
             problems.append(

@@ -1156,6 +1156,43 @@ def test_recover_no_fresh_json_says_still_held_on_stdout(
     assert "busy" in out.stderr
 
 
+@pytest.mark.parametrize("where", ["a directory", "a missing directory"])
+def test_recover_json_prints_json_for_a_path_it_refuses(session: Path, where: str) -> None:
+    path = session.parent if where == "a directory" else session.parent / "gone" / "a.jsonl"
+    out = cli("recover", str(path), "--json")
+    assert out.returncode == 1
+    obj = json.loads(out.stdout)  # the promised shape, whatever the failure
+    assert obj["action"] is None and obj["session"] is None and obj["error"]
+    assert out.stderr.startswith("Error:")
+
+
+@needs_proc_locks
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_recover_stopped_while_waiting_exits_128_plus_n_and_makes_nothing(
+    session: Path, spawn_holder: SpawnHolder, sig: int
+) -> None:
+    holder = spawn_holder(session, lane="busy")
+    holder.acquire()
+    before = sorted(p.name for p in session.parent.iterdir())
+    proc = subprocess.Popen(
+        [*FENCELOCK, "recover", str(session), "--wait", "300", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_blocked_waiter(session, proc=proc)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + sig  # 130 for Ctrl-C, as fencelock wait
+    assert json.loads(out)["error"].startswith("interrupted by")
+    assert "Traceback" not in err and "Aborted" not in err
+    assert sorted(p.name for p in session.parent.iterdir()) == before
+    assert holder.call("release") == "released"
+
+
 # -- JSON for any file name; lanes are UTF-8 ------------------------------------------------
 
 

@@ -313,6 +313,9 @@ def test_parse_error_has_line_and_column() -> None:
         (b"   \n", "empty"),
         (b"\xff\xfe{}", "not UTF-8"),
         (b"{" * 100000, "line 1|nested"),
+        # Python converts no integer of over 4300 digits (it raised a bare ValueError).
+        (b'{"a": ' + b"1" * 4301 + b"}", "more than 100 digits"),
+        (b'// JSON5\n{"a": ' + b"1" * 4301 + b"}", "more than 100 digits"),
     ],
 )
 def test_unparsable_files(tmp_path: Path, data: bytes, why: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import record_of
+from conftest import SpawnHolder, record_of
 from marks import needs_xattr
 
 from fencelock import (
@@ -398,6 +398,33 @@ def test_verify_finds_one_token_stamped_by_two_runs(session: Path) -> None:
         f.write(json.dumps({"n": 3, STAMP_KEY: {"token": token, "run_id": "other"}}) + "\n")
     kinds = [(p.line, p.kind) for p in verify(session).problems]
     assert kinds == [(3, "token-repeated")]
+
+
+def test_a_stamp_above_the_largest_token_is_reported_and_blocks_nothing(
+    session: Path,
+) -> None:
+    """A token no run was ever given (a line written past fencelock) is named as such;
+    it neither makes every later line 'backwards' nor keeps new runs out."""
+    huge = {"n": 1, STAMP_KEY: {"token": 10**20, "run_id": "forged"}}
+    session.write_text(json.dumps(huge) + "\n" + '{"big": ' + "7" * 5000 + "}\n")
+    with SessionLock(session, "next", stamp=True, on_contention="fail") as lock:
+        lock.append({"n": 2})
+    report = verify(session)
+    assert [(p.line, p.kind) for p in report.problems] == [(1, "token-out-of-range")]
+    assert report.lines == 3 and report.stamped == 2  # the 5000-digit number is JSON
+
+
+def test_an_unterminated_last_line_is_torn_only_without_a_live_holder(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """A live holder's append in flight is not a torn line; the same bytes left by a
+    run that is gone are."""
+    session.write_text('{"n": 1}\n{"n": 2, "half')  # as an append halfway through
+    h = spawn_holder(session, lane="writing")
+    h.acquire()
+    assert verify(session).ok
+    assert h.call("release") == "released"
+    assert [p.kind for p in verify(session).problems] == ["torn"]
 
 
 @needs_xattr
