@@ -810,7 +810,7 @@ def recover_command(
     from fencelock._lock import SessionLock
     from fencelock._probe import probe
     from fencelock._recovery import recover
-    from fencelock._signals import PromptHandlers
+    from fencelock._signals import PromptHandlers, Seen
     from fencelock._supervisor import Stopped
 
     def failed(error: str) -> None:
@@ -827,21 +827,26 @@ def recover_command(
         SessionLock.check_lane(lane)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--lane'") from None
-    stopping: list[int] = []
+    seen = Seen()
 
     def stop(signum: int, frame: object) -> None:
-        if not stopping:  # once: a second signal must not cut the clean-up short
-            stopping.append(signum)
+        if seen.signum:
+            return  # once: a second signal must not cut the clean-up short
+        seen.signum = signum
+        if not seen.settled:
             raise Stopped(signum)
 
     # A signal while waiting or copying stops recover cleanly: a fresh session it was
     # making is removed (nobody was given its name), and the signal is seen at once.
-    handlers = PromptHandlers(stop, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+    # Once recover has decided, the decision is printed whatever comes.
+    handlers: PromptHandlers | None = None
     try:
+        handlers = PromptHandlers(stop, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
         with library_errors():
             try:
                 r = recover(session, wait=wait_s, fresh=not no_fresh, lane=lane,
                             backend=backend)
+                seen.settled = True
             except SessionContendedError as e:
                 if as_json:  # still held with --no-fresh: say so on stdout too
                     echo_json({
@@ -855,12 +860,15 @@ def recover_command(
                 failed(os_message(e) if isinstance(e, OSError) else str(e))
                 raise
     except Stopped as e:
+        seen.settled = True
         name = signal.Signals(e.signum).name
         failed(f"interrupted by {name}; nothing was recovered")
         error_line(f"{session}: recover interrupted by {name}; nothing was recovered")
         sys.exit(128 + e.signum)
     finally:
-        handlers.close()
+        seen.settled = True  # an attribute store: no handler runs before it
+        if handlers is not None:
+            handlers.close()
     try:
         if as_json:
             obj = {

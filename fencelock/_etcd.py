@@ -556,8 +556,10 @@ def through_outage(attempt: Callable[[], _T], ttl: float, deadline: float | None
     while True:
         try:
             return attempt()
-        except StoreUnavailableError:
+        except StoreUnavailableError as e:
             now = time.monotonic()
+            if e.fix is not None:  # an error that names its own fix (authentication on)
+                raise  # is no outage to wait out
             if now - start >= ttl or (deadline is not None and now >= deadline):
                 raise
             pause = _RETRY_PAUSE if deadline is None else min(_RETRY_PAUSE, deadline - now)

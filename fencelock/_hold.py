@@ -30,7 +30,7 @@ from fencelock._errors import (
     SessionWriteError,
 )
 from fencelock._fence import finite_float
-from fencelock._signals import PromptHandlers
+from fencelock._signals import PromptHandlers, Seen
 from fencelock._tokens import STAMP_KEY
 
 if TYPE_CHECKING:
@@ -129,12 +129,13 @@ class _Inbox:
         self.items.put(item)
 
     def _read(self) -> bytes:
-        try:
-            return os.read(self.fd, _CHUNK)
-        except InterruptedError:  # pragma: no cover - PEP 475 retries it
-            return self._read()
-        except OSError:
-            return b""  # an unreadable stdin ends the conversation like a closed one
+        while True:
+            try:
+                return os.read(self.fd, _CHUNK)
+            except BlockingIOError:  # the caller made the pipe non-blocking: wait for data
+                select.select([self.fd], [], [])
+            except OSError:
+                return b""  # an unreadable stdin ends the conversation like a closed one
 
     def _run(self) -> None:
         buf = bytearray()
@@ -401,64 +402,74 @@ async def _acquire_unless_abandoned(lock: SessionLock, inbox: _Inbox) -> HolderI
 
 def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1) -> int:
     """Serve the line protocol on ``stdin``/``stdout`` for ``lock``; the exit code."""
-    import asyncio
-
-    stopping: list[int] = []
+    seen = Seen()
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        if not stopping:  # once: a second signal must not cut the release short
-            stopping.append(signum)
+        if seen.signum:
+            return  # once: a second signal must not cut the release short
+        seen.signum = signum
+        if not seen.settled:
             raise _Stop(signum)
 
-    handlers = PromptHandlers(stop, _platform.stop_signals())
-    out = _Out(stdout)
-    inbox = _Inbox(stdin)
-    inbox.start()
     served = _Session(lock)
+    handlers: PromptHandlers | None = None
+    code = EXIT_ERROR
     try:
-        try:
-            info: HolderInfo | None = None
-            if lock._store.tries_in_place:
-                # One try first, in this thread: a session that cannot be held (a bad
-                # path, a corrupt record) is reported whether or not stdin has ended.
-                # (Not in etcd, where a try joins the queue and leaves it again.)
-                try:
-                    info = lock.acquire(timeout=0)
-                except SessionContendedError:
-                    if lock.on_contention == "fail":
-                        raise
-            if info is None:
-                info = asyncio.run(_acquire_unless_abandoned(lock, inbox))
-        except SessionContendedError as e:
-            _stderr(str(e))
-            with contextlib.suppress(_CallerGone):
-                out.send(error_answer(e))
-            return EXIT_CONTENDED
-        except (FenceLockError, OSError) as e:
-            _stderr(str(e))
-            with contextlib.suppress(_CallerGone):
-                out.send(error_answer(e))
-            return EXIT_ERROR
-        if info is None:
-            return EXIT_OK  # the caller left before the session was held
-        try:
-            out.send({"ok": True, "event": "held", "record": info.to_json()})
-            _serve(served, inbox, out, heartbeat)
-        except _CallerGone as e:
-            if e.error is not None:  # not a caller that left: say so, release, exit 1
-                _stderr(f"cannot write its answers to stdout: {e.error.strerror or e.error}; "
-                        f"the session is released (check where stdout goes: a full disk?)")
-                return EXIT_ERROR
-            # stdout closed: as for end of stdin, release below and exit 0
-        return EXIT_OK
-    except _Stop as e:
-        return 128 + e.signum
+        handlers = PromptHandlers(stop, _platform.stop_signals())
+        code = _hold(served, heartbeat, _Inbox(stdin), _Out(stdout))
+    except _Stop:
+        pass  # the code is the signal's, below
     finally:
+        seen.settled = True  # from here a signal is noted, never raised
         try:
             served.close()
         except (FenceLockError, OSError) as e:
             _stderr(f"{lock.session}: release: {e}")
-        handlers.close()
+        if handlers is not None:
+            handlers.close()
+    return 128 + seen.signum if seen.signum else code
+
+
+def _hold(served: _Session, heartbeat: float, inbox: _Inbox, out: _Out) -> int:
+    import asyncio
+
+    lock = served.lock
+    inbox.start()
+    try:
+        info: HolderInfo | None = None
+        if lock._store.tries_in_place:
+            # One try first, in this thread: a session that cannot be held (a bad
+            # path, a corrupt record) is reported whether or not stdin has ended.
+            # (Not in etcd, where a try joins the queue and leaves it again.)
+            try:
+                info = lock.acquire(timeout=0)
+            except SessionContendedError:
+                if lock.on_contention == "fail":
+                    raise
+        if info is None:
+            info = asyncio.run(_acquire_unless_abandoned(lock, inbox))
+    except SessionContendedError as e:
+        _stderr(str(e))
+        with contextlib.suppress(_CallerGone):
+            out.send(error_answer(e))
+        return EXIT_CONTENDED
+    except (FenceLockError, OSError) as e:
+        _stderr(str(e))
+        with contextlib.suppress(_CallerGone):
+            out.send(error_answer(e))
+        return EXIT_ERROR
+    if info is None:
+        return EXIT_OK  # the caller left before the session was held
+    try:
+        out.send({"ok": True, "event": "held", "record": info.to_json()})
+        _serve(served, inbox, out, heartbeat)
+    except _CallerGone as e:
+        if e.error is not None:  # not a caller that left: say so, release, exit 1
+            _stderr(f"cannot write its answers to stdout ({e.error.strerror or e.error}); "
+                    f"releasing the session: check where stdout goes")
+            return EXIT_ERROR
+        # stdout closed: as for end of stdin, release (in hold) and exit 0
+    return EXIT_OK
 
 
 def _serve(served: _Session, inbox: _Inbox, out: _Out, heartbeat: float) -> None:

@@ -157,6 +157,9 @@ class SessionLock:
         self._token_floor = 0
         """A new sidecar's first token is above this (`recover` sets it for a fresh
         session that carries another session's stamped lines)."""
+        self._stamped_floor = 0
+        """The largest token stamped in lines that `recover` carries into a fresh
+        session: a store's (etcd's) token must be above it, as above the session's own."""
         self._store = _store.for_lock(self.session, self.sidecar, mode, backend)
         """Where the holder lives: the sidecar, or the store a backend names (etcd)."""
 

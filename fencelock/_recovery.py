@@ -106,7 +106,11 @@ def recover(
                                             lock_owners=found.lock_owners)
             old_token = found.record.token if found.record is not None else 0
             new, carried = _start_fresh(session, lane, carry, old_token, backend, waited)
-            return Recovery(Action.FRESH, new, found, waited, carried)
+            try:
+                return Recovery(Action.FRESH, new, found, waited, carried)
+            except BaseException:  # an interrupt: the caller never learns its name
+                _remove_fresh(new)
+                raise
     now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
     if now.state is ProbeState.STALE:
         with contextlib.suppress(SessionContendedError):
@@ -185,7 +189,17 @@ def _start_fresh(
             f"started beside it ({reason}); fix that and recover again, or recover without "
             "a fresh session (--no-fresh, fresh=False) to report the holder instead"
         ) from e
+    except BaseException:  # an interrupt (SIGTERM, Ctrl-C), whole or not: nobody has its name
+        _remove_fresh(new)
+        raise
     return new, copied[0]
+
+
+def _remove_fresh(new: str) -> None:
+    """Remove a fresh session (and its sidecar) whose name nobody was given."""
+    for made in (new, new + _sidecar.SUFFIX):
+        with contextlib.suppress(OSError):
+            os.unlink(made)
 
 
 def _fill_fresh(
@@ -203,6 +217,7 @@ def _fill_fresh(
         lines, highest = _scan(fd, session, end) if end else (0, 0)
         # The fresh session continues the old one's tokens: its stamped lines come along.
         lock._token_floor = max(old_token, _tokens.floor(session), highest)
+        lock._stamped_floor = highest
         with lock:
             try:
                 if not end:
@@ -217,9 +232,7 @@ def _fill_fresh(
                     lock._append_bytes(chunk)
                     offset += len(chunk)
             except BaseException:  # an interrupt (SIGTERM, Ctrl-C) too: nobody has its name
-                for made in (new, new + _sidecar.SUFFIX):  # while its lock is ours
-                    with contextlib.suppress(OSError):
-                        os.unlink(made)
+                _remove_fresh(new)  # while its lock is ours
                 raise
             copied.append(lines)
     finally:

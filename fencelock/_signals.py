@@ -31,30 +31,34 @@ _POKE: int | None = getattr(signal, "SIGURG", None) if hasattr(signal, "pthread_
 _POKE_EVERY = 0.002
 """Pause between two pokes of a main thread that has not run the handler yet."""
 _POKE_FOR = 2.0
-"""How long to poke before giving up (a handler that already ran for an earlier byte)."""
-
-
-def _ignore(signum: int, frame: FrameType | None) -> None:
-    """SIGURG's handler: nothing, but a Python-level handler, so that it interrupts."""
+"""How long to poke a main thread that never runs its handlers (one stuck in a call
+that does not return on a signal) before giving up."""
 
 
 class PromptHandlers:
     """Installs ``handler`` for ``signals`` and sees that it runs promptly; `close`
-    puts back what was there. Create it in the main thread."""
+    puts back what was there. Create it in the main thread.
+
+    The relay pokes until the main thread has run a SIGURG handler after the signal
+    came: CPython runs pending handlers in the order of their numbers, and SIGURG's is
+    above SIGHUP, SIGINT and SIGTERM, so by then theirs have run too.
+    """
 
     def __init__(self, handler: Handler, signals: Iterable[int]) -> None:
         self._handler = handler
         self._ran = 0
-        self._previous: dict[int, Any] = {
-            sig: signal.signal(sig, self._run) for sig in signals
-        }
+        self._poked = 0
+        self._closing = False
+        self._previous: dict[int, Any] = {}
         self._wakeup = -1
         self._write = -1
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._run)
         if _POKE is None or threading.current_thread() is not threading.main_thread():
             return
         read, write = os.pipe()
         os.set_blocking(write, False)  # the C-level handler must never block on it
-        self._previous[_POKE] = signal.signal(_POKE, _ignore)
+        self._previous[_POKE] = signal.signal(_POKE, self._ack)
         self._wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
         self._write = write
         main = threading.main_thread().ident
@@ -65,19 +69,26 @@ class PromptHandlers:
 
     def _run(self, signum: int, frame: FrameType | None) -> None:
         self._ran += 1
-        self._handler(signum, frame)
+        if not self._closing:  # while the handlers are put back, a signal only ends
+            self._handler(signum, frame)
+
+    def _ack(self, signum: int, frame: FrameType | None) -> None:
+        """SIGURG's handler: nothing but a count, which tells the relay that the main
+        thread has run its pending handlers."""
+        self._poked += 1
 
     def _relay(self, read: int, main: int) -> None:
         try:
             while True:
-                before = self._ran
                 data = os.read(read, 64)
                 if not data:
                     return  # closed: the handlers are back to what they were
                 if all(sig == _POKE for sig in data):
                     continue
+                seen = self._poked
                 give_up = time.monotonic() + _POKE_FOR
-                while self._ran == before and time.monotonic() < give_up:
+                while (self._poked == seen and not self._closing
+                       and time.monotonic() < give_up):
                     assert _POKE is not None
                     signal.pthread_kill(main, _POKE)
                     time.sleep(_POKE_EVERY)
@@ -87,12 +98,25 @@ class PromptHandlers:
             os.close(read)
 
     def close(self) -> None:
-        """Put the previous handlers back (call it in the main thread)."""
-        if self._write >= 0:
-            signal.set_wakeup_fd(self._wakeup)
-            os.close(self._write)  # the relay reads end of file and stops
-            self._write = -1
+        """Put the previous handlers back (call it in the main thread). A signal that
+        lands meanwhile does not run the handler: the caller is on its way out."""
+        self._closing = True
         for sig, previous in self._previous.items():
             # None: a handler that was not set from Python; the default is what it was.
             signal.signal(sig, signal.SIG_DFL if previous is None else previous)
         self._previous = {}
+        if self._write >= 0:
+            signal.set_wakeup_fd(self._wakeup)
+            os.close(self._write)  # the relay reads end of file and stops
+            self._write = -1
+
+
+class Seen:
+    """What a stop signal asked of a command. Set by plain attribute stores, which run
+    no handler in between (CPython runs pending handlers on entering a call), so that
+    the command's clean-up is never cut short."""
+
+    signum = 0
+    """The first stop signal that came (0: none)."""
+    settled = False
+    """From here a signal is noted, never raised (a release or a decision is under way)."""

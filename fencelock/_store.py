@@ -143,7 +143,7 @@ class RemoteStore:
         holder = self.holder
         # Read before waiting, so that it costs the hand-off nothing: the lines a
         # holder appends meanwhile carry tokens of this store, below this one's.
-        stamped = _tokens.last_stamped(lock.session)
+        stamped = max(_tokens.last_stamped(lock.session), lock._stamped_floor)
 
         def first_record(token: int, last: HolderInfo | None) -> bytes:
             if token <= stamped:

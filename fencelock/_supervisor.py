@@ -229,7 +229,10 @@ def supervise(lock: SessionLock, command: Sequence[str], heartbeat: float) -> in
             keeper = _etcdkeeper.start(lock)
             code = run_held(lock, info, command, heartbeat, forwarder, keeper)
         finally:
-            forwarder.hold()
+            # An attribute store, not a call: no handler runs before it (CPython runs
+            # pending handlers on entering a function), so no Stopped can cut the
+            # release below short.
+            forwarder.holding = True
             if keeper is not None and lock.held:
                 try:
                     keeper.release(lock)

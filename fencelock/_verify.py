@@ -62,7 +62,9 @@ MAX_PROBLEMS = 10_000
 def _int(text: str) -> int:
     """A JSON integer; one too long to be a token stays out of range without being
     converted (Python refuses integers of over 4300 digits)."""
-    return int(text) if len(text) <= 20 else MAX_TOKEN + 1
+    if len(text) <= 20:
+        return int(text)
+    return -1 if text.startswith("-") else MAX_TOKEN + 1
 
 
 def verify(path: str | os.PathLike[str]) -> VerifyReport:
@@ -84,48 +86,62 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         raise _unreadable(session, e) from None
     try:
         with os.fdopen(fd, "rb") as f:
-            report = _check(session, f)
+            report, tail = _check(session, f)
     except OSError as e:
         raise _unreadable(session, e) from None
-    last = report.problems[-1] if report.problems else None
-    if last is not None and last.detail.startswith(_UNTERMINATED) and _held_live(session):
-        # A live holder's append in flight, not a crash's leftover: not (yet) a problem.
+    if tail >= 0 and _in_flight(session, tail):
+        # A live holder's append under way, not a crash's leftover: not (yet) a problem.
         report = VerifyReport(session, report.lines - 1, report.stamped, report.max_token,
                               report.problems[:-1])
     return report
 
 
-def _held_live(session: str) -> bool:
+def _in_flight(session: str, start: int) -> bool:
+    """Whether a last line that starts at ``start`` may be an append a live holder is
+    making: it starts where the holder's record says the session ended (its fence
+    point) or later. A torn line from before the holder came starts earlier."""
     from fencelock._errors import FenceLockError
     from fencelock._probe import ProbeState, probe
 
     try:
-        return probe(session).state is ProbeState.LIVE
+        st = probe(session)
     except (FenceLockError, OSError):
         return False
+    if st.state is not ProbeState.LIVE or st.record is None:
+        return False
+    fp = st.record.fingerprint
+    return start >= (0 if fp is None else fp.size)
 
 
 def _unreadable(session: str, e: OSError) -> SidecarAccessError:
     return _sidecar.unreadable_session(session, e, "verify needs to read the session file")
 
 
-def _check(session: str, f: BinaryIO) -> VerifyReport:
+def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
+    """The report, and where its last line starts when that line has no line break
+    (-1 otherwise)."""
     problems: list[Problem] = []
     best = 0
     best_run: object = None
     stamped = 0
     number = 0
+    tail = -1
+    offset = 0  # where the next line starts (counted: tell() would cost a syscall a line)
     while len(problems) < MAX_PROBLEMS:
+        start = offset
         raw = f.readline(MAX_LINE)
         if not raw:
             break
+        offset += len(raw)
         number += 1
         if not raw.endswith(b"\n"):
             if len(raw) < MAX_LINE:  # the last line, with no line break
                 problems.append(Problem(number, "torn", f"{_UNTERMINATED}: {raw[:60]!r}"))
+                tail = start
                 break
             while (more := f.readline(MAX_LINE)) and not more.endswith(b"\n"):
-                pass  # skip the rest of an over-long line
+                offset += len(more)  # skip the rest of an over-long line
+            offset += len(more)
             problems.append(Problem(number, "torn", f"line over {MAX_LINE >> 20} MiB"))
             continue
         try:
@@ -159,4 +175,4 @@ def _check(session: str, f: BinaryIO) -> VerifyReport:
             problems.append(
                 Problem(number, "stopped", f"{MAX_PROBLEMS} problems; not read further")
             )
-    return VerifyReport(session, number, stamped, best, problems)
+    return VerifyReport(session, number, stamped, best, problems), tail

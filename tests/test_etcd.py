@@ -525,6 +525,22 @@ def test_an_etcd_that_lost_its_data_never_hands_out_a_token_below_the_session_s(
         assert later.info is not None and later.info.token > token
 
 
+def test_recover_on_etcd_starts_no_fresh_session_below_the_tokens_it_carries(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """The fresh session carries the old one's stamped lines: etcd's token must be
+    above them too, or the next run on the fresh session would be refused."""
+    from fencelock import recover
+
+    stamp = {"token": 10**15, "run_id": "from-another-store"}
+    session.write_text(json.dumps({"n": 1, "_fencelock": stamp}) + "\n")
+    before = sorted(p.name for p in session.parent.iterdir())
+    with (_etcdctl_holding(etcd_server, _lock_name(url, session)),  # a live holder
+          pytest.raises(FenceLockError, match="stamped with token 1000000000000000")):
+        recover(session, wait=0, backend=url)
+    assert sorted(p.name for p in session.parent.iterdir()) == before  # no fresh one
+
+
 def test_an_etcd_with_authentication_on_is_named_with_what_to_do(
     session: Path, own_etcd: EtcdServer
 ) -> None:

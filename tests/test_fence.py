@@ -406,12 +406,14 @@ def test_a_stamp_above_the_largest_token_is_reported_and_blocks_nothing(
     """A token no run was ever given (a line written past fencelock) is named as such;
     it neither makes every later line 'backwards' nor keeps new runs out."""
     huge = {"n": 1, STAMP_KEY: {"token": 10**20, "run_id": "forged"}}
-    session.write_text(json.dumps(huge) + "\n" + '{"big": ' + "7" * 5000 + "}\n")
+    negative = {"n": 0, STAMP_KEY: {"token": -(10**30), "run_id": "not a stamp"}}
+    session.write_text(json.dumps(huge) + "\n" + '{"big": ' + "7" * 5000 + "}\n"
+                       + json.dumps(negative) + "\n")
     with SessionLock(session, "next", stamp=True, on_contention="fail") as lock:
         lock.append({"n": 2})
     report = verify(session)
     assert [(p.line, p.kind) for p in report.problems] == [(1, "token-out-of-range")]
-    assert report.lines == 3 and report.stamped == 2  # the 5000-digit number is JSON
+    assert report.lines == 4 and report.stamped == 2  # the 5000-digit number is JSON
 
 
 def test_an_unterminated_last_line_is_torn_only_without_a_live_holder(
@@ -419,10 +421,17 @@ def test_an_unterminated_last_line_is_torn_only_without_a_live_holder(
 ) -> None:
     """A live holder's append in flight is not a torn line; the same bytes left by a
     run that is gone are."""
-    session.write_text('{"n": 1}\n{"n": 2, "half')  # as an append halfway through
+    session.write_text('{"n": 1}\n{"n": 2, "half')  # left by a run that died mid-append
     h = spawn_holder(session, lane="writing")
     h.acquire()
-    assert verify(session).ok
+    # The holder came after it: its record's fence point is past the torn line.
+    assert [p.kind for p in verify(session).problems] == ["torn"]
+    assert h.call("release") == "released"
+    session.write_text('{"n": 1}\n')
+    h.acquire()
+    with open(session, "a") as f:
+        f.write('{"n": 2, "half')  # where the holder's next append would start
+    assert verify(session).ok  # an append under way
     assert h.call("release") == "released"
     assert [p.kind for p in verify(session).problems] == ["torn"]
 

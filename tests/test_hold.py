@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import pytest
 from conftest import SpawnHolder, record_of, wait_for_blocked_waiter
-from marks import needs_proc
+from marks import needs_linux, needs_proc
 
 from fencelock import SessionLock, probe
 from fencelock._hold import MAX_REQUEST
@@ -391,6 +391,37 @@ def test_closed_stdout_releases_and_exits_cleanly(session: Path, start_hold: Sta
     assert lines(session) == [{"n": 1}]
 
 
+def test_a_non_blocking_stdin_is_waited_on_not_taken_for_its_end(session: Path) -> None:
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)  # as a caller may leave it (the flag is shared)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "x"],
+        stdin=read_end, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    os.close(read_end)
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["event"] == "held"
+        os.write(write_end, b'{"op": "info", "id": 1}\n')
+        answer = proc.stdout.readline()
+        assert answer and json.loads(answer)["id"] == 1, proc.stderr.read() if \
+            proc.stderr else ""
+        os.close(write_end)
+        write_end = -1
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if write_end >= 0:
+            os.close(write_end)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            assert stream is not None
+            stream.close()
+    assert probe(session).state == "free"
+
+
+@needs_linux
 def test_stdout_that_fails_otherwise_is_said_and_exits_1(session: Path) -> None:
     """Only a caller that closed its end (EPIPE) is a quiet exit 0: a full disk behind
     stdout is said on stderr, and the session is still released."""
