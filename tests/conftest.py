@@ -215,6 +215,31 @@ def thread_in_syscall(pid: int, name: str, limit: float = 30.0) -> int:
     raise AssertionError(f"no thread of pid {pid} sleeps in {name}")
 
 
+def reap(proc: subprocess.Popen[Any]) -> None:
+    """Kill ``proc`` if it still runs, wait for it, and close its pipes: a test that
+    failed midway leaves nothing running or open behind it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None and not stream.closed:
+            stream.close()
+
+
+def interrupt_waiter(
+    session: Path | str, proc: subprocess.Popen[str], signum: int
+) -> tuple[str, str]:
+    """Once ``proc`` waits for the session's lock, send it ``signum``; its stdout and
+    stderr once it has exited (it is killed if it has not within 60 s)."""
+    try:
+        wait_for_blocked_waiter(session, proc=proc)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        reap(proc)
+    return out or "", err or ""
+
+
 def tgkill(pid: int, tid: int, signum: int) -> None:
     """Send ``signum`` to thread ``tid`` of process ``pid`` alone, as the kernel does
     when it picks that thread for a signal sent to the whole process."""

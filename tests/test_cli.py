@@ -24,7 +24,14 @@ from typing import Any
 import marks
 import pytest
 from click.testing import CliRunner, Result
-from conftest import SpawnHolder, tgkill, thread_in_syscall, wait_for_blocked_waiter
+from conftest import (
+    SpawnHolder,
+    interrupt_waiter,
+    reap,
+    tgkill,
+    thread_in_syscall,
+    wait_for_blocked_waiter,
+)
 from marks import needs_pidfd, needs_proc_locks, needs_tgkill
 
 from fencelock import FenceLockError, SessionContendedError, SessionLock, probe
@@ -666,14 +673,7 @@ def test_run_interrupted_while_waiting_exits_128_plus_n(
         [*FENCELOCK, "run", str(session), "--lane", "second", *how, "--", "true"],
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    try:
-        wait_for_blocked_waiter(session, proc=proc)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:  # so that a failure here leaves nothing running
-            proc.kill()
-            proc.communicate()
+    _, err = interrupt_waiter(session, proc, sig)
     assert proc.returncode == 128 + sig  # 130 for Ctrl-C
     assert "Traceback" not in err
     assert probe(session).pid == h.pid
@@ -683,62 +683,34 @@ def test_run_interrupted_while_waiting_exits_128_plus_n(
 
 @needs_proc_locks
 @needs_tgkill
-@pytest.mark.parametrize("command", ["run", "hold"])
+@pytest.mark.parametrize(("command", "sig"), [
+    ("run", signal.SIGTERM), ("hold", signal.SIGTERM), ("wait", signal.SIGINT),
+])
 def test_a_signal_taken_by_the_waiting_thread_stops_the_wait_at_once(
-    session: Path, spawn_holder: SpawnHolder, command: str
+    session: Path, spawn_holder: SpawnHolder, command: str, sig: int
 ) -> None:
     """The kernel may hand a signal sent to the process to any of its threads, and a
     signal lands on the main thread just before it blocks as well as inside the call.
-    Python runs the handler in the main thread only: without a nudge, SIGTERM would
+    Python runs the handler in the main thread only: without a nudge, the signal would
     wait for the main thread's wait to end (here 300 s). Sending it to the thread that
     sleeps in flock makes the miss certain, so the test fails without the relay."""
     h = spawn_holder(session, lane="first")
     h.acquire()
-    rest = ["--", "true"] if command == "run" else []
+    args = {"run": ["--lane", "second", "--timeout", "300", "--", "true"],
+            "hold": ["--lane", "second", "--timeout", "300"], "wait": ["--timeout", "300"]}
     proc = subprocess.Popen(
-        [*FENCELOCK, command, str(session), "--lane", "second", "--timeout", "300", *rest],
+        [*FENCELOCK, command, str(session), *args[command]],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True, start_new_session=True,
     )  # fmt: skip
     try:
         wait_for_blocked_waiter(session, proc=proc)
-        tgkill(proc.pid, thread_in_syscall(proc.pid, "flock"), signal.SIGTERM)
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # stdin stays open meanwhile
+        tgkill(proc.pid, thread_in_syscall(proc.pid, "flock"), sig)
+        assert proc.wait(timeout=60) == 128 + sig  # stdin stays open meanwhile
         assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdin, proc.stderr):
-            assert stream is not None
-            stream.close()
+        reap(proc)
     assert probe(session).pid == h.pid
-    assert h.call("release") == "released"
-
-
-@needs_proc_locks
-@needs_tgkill
-def test_ctrl_c_taken_by_the_waiting_thread_stops_fencelock_wait(
-    session: Path, spawn_holder: SpawnHolder
-) -> None:
-    h = spawn_holder(session, lane="first")
-    h.acquire()
-    proc = subprocess.Popen(
-        [*FENCELOCK, "wait", str(session), "--timeout", "300"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_for_blocked_waiter(session, proc=proc)
-        tgkill(proc.pid, thread_in_syscall(proc.pid, "flock"), signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
-        assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
     assert h.call("release") == "released"
 
 
@@ -768,10 +740,7 @@ def test_a_signal_taken_by_the_heartbeat_thread_reaches_the_command(session: Pat
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            assert stream is not None
-            stream.close()
+        reap(proc)
     assert probe(session).state == "free"
 
 
@@ -1178,14 +1147,7 @@ def test_recover_stopped_while_waiting_exits_128_plus_n_and_makes_nothing(
         [*FENCELOCK, "recover", str(session), "--wait", "300", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    try:
-        wait_for_blocked_waiter(session, proc=proc)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out, err = interrupt_waiter(session, proc, sig)
     assert proc.returncode == 128 + sig  # 130 for Ctrl-C, as fencelock wait
     assert json.loads(out)["error"].startswith("interrupted by")
     assert "Traceback" not in err and "Aborted" not in err

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
-from conftest import SpawnHolder, record_of, wait_for_blocked_waiter
+from conftest import SpawnHolder, reap, record_of, wait_for_blocked_waiter
 from marks import needs_linux, needs_proc
 
 from fencelock import SessionLock, probe
@@ -412,12 +412,7 @@ def test_a_non_blocking_stdin_is_waited_on_not_taken_for_its_end(session: Path) 
     finally:
         if write_end >= 0:
             os.close(write_end)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            assert stream is not None
-            stream.close()
+        reap(proc)
     assert probe(session).state == "free"
 
 
@@ -472,11 +467,7 @@ def test_a_non_blocking_stdout_that_fills_up_is_waited_for(session: Path) -> Non
             got = [json.loads(line) for line in answers]
         assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        reap(proc)
     assert [a.get("id") for a in got[1:]] == list(range(count))  # after "held"
 
 
