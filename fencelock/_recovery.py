@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import json
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
 
 from fencelock import (
@@ -35,7 +37,7 @@ from fencelock._errors import (
 )
 from fencelock._fingerprint import FenceMode
 from fencelock._probe import HolderStatus, ProbeState
-from fencelock._record import MAX_TOKEN
+from fencelock._record import MAX_TOKEN, HolderInfo
 
 
 class Action(enum.StrEnum):
@@ -52,14 +54,14 @@ class Recovery:
     holder: HolderStatus
     waited: float = 0.0
     carried_lines: int = 0
+    """Lines carried into a fresh session; 0 when another recover of the same stuck run
+    made it (it is named after that run)."""
 
 
 def fresh_session(path: str | os.PathLike[str]) -> str:
     """A new, unused ``<uuid>.jsonl`` path beside ``path`` (not created)."""
     session, _ = _sidecar.paths(path)
     directory = os.path.dirname(session)
-    import uuid
-
     while True:
         candidate = os.path.join(directory, f"{uuid.uuid4()}.jsonl")
         if not os.path.lexists(candidate) and not os.path.lexists(candidate + _sidecar.SUFFIX):
@@ -105,11 +107,16 @@ def recover(
                 raise SessionContendedError(session, held, waited=waited,
                                             lock_owners=found.lock_owners)
             old_token = found.record.token if found.record is not None else 0
-            new, carried = _start_fresh(session, lane, carry, old_token, backend, waited)
+            # The holder as it is now (the one waited for may have handed over).
+            stuck = _probe.probe(session, stuck_after=stuck_after,
+                                 backend=backend).record or found.record
+            new, carried, made = _start_fresh(session, lane, carry, old_token, backend,
+                                              waited, _successor(session, stuck))
             try:
                 return Recovery(Action.FRESH, new, found, waited, carried)
             except BaseException:  # an interrupt: the caller never learns its name
-                _remove_fresh(new)
+                if made:
+                    _remove_fresh(new)
                 raise
     now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
     if now.state is ProbeState.STALE:
@@ -167,16 +174,53 @@ _TRAILING_STAMP = re.compile(
 """The stamp `append(..., stamp=True)` puts at the end of a line."""
 
 
+_SUCCESSORS = uuid.UUID("6f1c2a9e-53d1-4e0a-9c1b-f3a2d0e5b7c4")
+"""The namespace of successor session names (`_successor`)."""
+
+
+def _successor(session: str, stuck: HolderInfo | None) -> str | None:
+    """The fresh session that takes over from the stuck run ``stuck``: one name per
+    stuck run (its run id and token, which no other run shares), so that recovers of
+    the same stuck run, at once or later, from any host, agree on it. None for a
+    holder without a record (nothing to name it by)."""
+    if stuck is None or not stuck.run_id:
+        return None
+    # uuid5, with hashlib imported with this module: recover may run in a process
+    # near its memory limit, where loading the hash library late would fail.
+    key = f"{os.path.basename(session)}\n{stuck.run_id}\n{stuck.token}".encode()
+    name = uuid.UUID(bytes=hashlib.sha1(_SUCCESSORS.bytes + key).digest()[:16], version=5)
+    return os.path.join(os.path.dirname(session), f"{name}.jsonl")
+
+
+
+
+
 def _start_fresh(
-    session: str, lane: str, carry: bool, old_token: int, backend: str | None, waited: float
-) -> tuple[str, int]:
-    """The fresh session beside ``session`` and how many lines it carries. When it
+    session: str, lane: str, carry: bool, old_token: int, backend: str | None, waited: float,
+    successor: str | None = None,
+) -> tuple[str, int, bool]:
+    """The fresh session beside ``session``, how many lines it carries, and whether this
+    call made it: ``successor`` when given (0 lines, not made here, when another recover
+    of the same stuck run made it or is making it: whoever takes it waits for that copy
+    under its lock), else a new name. When it
     cannot be made, the error says that recover failed, why, and what to do; what was
     made of it is removed first, under its lock (nobody knows its name yet)."""
-    new = fresh_session(session)
+    if successor is not None and (
+        os.path.lexists(successor) or os.path.lexists(successor + _sidecar.SUFFIX)
+    ):
+        return successor, 0, False
+    new = successor or fresh_session(session)
     copied: list[int] = []
+    held: list[bool] = []
     try:
-        _fill_fresh(session, new, lane, carry, old_token, backend, copied)
+        _fill_fresh(session, new, lane, carry, old_token, backend, copied, held,
+                    successor is not None)
+        if not copied:
+            return new, 0, False  # another recover of the same stuck run made it
+    except SessionContendedError:
+        if successor is None:
+            raise
+        return new, 0, False  # another recover of the same stuck run is making it
     except (FenceLockError, OSError) as e:
         if copied:
             raise  # made whole; only giving its lock back failed
@@ -190,9 +234,10 @@ def _start_fresh(
             "a fresh session (--no-fresh, fresh=False) to report the holder instead"
         ) from e
     except BaseException:  # an interrupt (SIGTERM, Ctrl-C), whole or not: nobody has its name
-        _remove_fresh(new)
+        if held or successor is None:  # (a successor another recover makes is not ours)
+            _remove_fresh(new)
         raise
-    return new, copied[0]
+    return new, copied[0], True
 
 
 def _remove_fresh(new: str) -> None:
@@ -204,10 +249,12 @@ def _remove_fresh(new: str) -> None:
 
 def _fill_fresh(
     session: str, new: str, lane: str, carry: bool, old_token: int, backend: str | None,
-    copied: list[int],
+    copied: list[int], held: list[bool], successor: bool = False,
 ) -> None:
     """Make ``new`` with the old transcript's complete lines; their count goes into
-    ``copied`` once they are all there."""
+    ``copied`` once they are all there (and True into ``held`` once its lock is ours and
+    it is this call's to make). A ``successor`` that exists once its lock is ours was
+    made by another recover: it is left as it is, and ``copied`` stays empty."""
     lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session, backend=backend)
     fd = _open_old(session) if carry else -1
     try:
@@ -219,6 +266,9 @@ def _fill_fresh(
         lock._token_floor = max(old_token, _tokens.floor(session), highest)
         lock._stamped_floor = highest
         with lock:
+            if successor and os.path.lexists(new):
+                return  # another recover of the same stuck run made it meanwhile
+            held.append(True)
             try:
                 if not end:
                     lock._append_bytes(b"")

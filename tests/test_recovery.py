@@ -83,6 +83,34 @@ def test_live_past_the_wait_escalates_to_a_fresh_session(
     assert probe(session).state == ProbeState.LIVE  # its run goes on undisturbed
 
 
+def test_recovers_of_one_stuck_run_agree_on_one_fresh_session(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """Two gateways' recovery lanes, at once or one after the other, must not split a
+    stuck session in two: the fresh session is named after the stuck run, so a second
+    recover answers the first one's (whoever takes it waits for the copy under its
+    lock). Once another run is stuck, its recover starts another."""
+    h = spawn_holder(session, lane="cron")
+    h.acquire()
+    h.call("append " + json.dumps({"n": 1}))
+    command = [sys.executable, "-m", "fencelock", "recover", str(session), "--wait", "0",
+               "--json"]
+    both = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    said = [json.loads(p.communicate(timeout=60)[0]) for p in both]
+    assert [p.returncode for p in both] == [0, 0], said
+    answers = [obj["session"] for obj in said]
+    assert answers[0] == answers[1] != str(session), said
+    again = recover(session, wait=0)
+    assert again.session == answers[0] and again.carried_lines == 0
+    fresh = [p for p in session.parent.iterdir()
+             if p.suffix == ".jsonl" and p != session]
+    assert [str(p) for p in fresh] == [answers[0]]  # one copy, not two
+    assert [json.loads(x) for x in Path(answers[0]).read_text().splitlines()] == [{"n": 1}]
+    assert h.call("release") == "released"
+    h.acquire()  # another run, stuck in turn
+    assert recover(session, wait=0).session not in (answers[0], str(session))
+
+
 def test_a_fresh_session_continues_the_old_one_s_tokens(
     session: Path, spawn_holder: SpawnHolder
 ) -> None:
