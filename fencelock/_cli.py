@@ -903,7 +903,7 @@ def verify_command(session: str, as_json: bool) -> None:
     """Check SESSION's lines: torn lines (not JSON, or no final line break where no
     live holder may still be writing) and fencing tokens that went backwards (a write
     by a run that had lost the session), were stamped by two runs, or lie above the
-    largest token.
+    largest token, and the reserved _fencelock key holding no stamp.
     Exit 0 clean, 5 problems found, 1 unreadable.
 
     A session file that does not exist yet (its directory does) has no lines: it is

@@ -26,7 +26,8 @@ class Problem:
     kind: str
     """``"torn"`` (not one JSON value, or no final line break), ``"token-backwards"``,
     ``"token-repeated"`` (one token stamped by two runs), ``"token-out-of-range"`` (a
-    stamp above the largest token, 2**63 - 1, that no run was ever given), or
+    stamp above the largest token, 2**63 - 1, that no run was ever given),
+    ``"stamp-malformed"`` (the reserved key holding something other than a stamp), or
     ``"stopped"`` (too many problems to go on)."""
     detail: str
 
@@ -151,6 +152,11 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
             continue
         token = stamp_of(entry)
         if token is None:
+            if isinstance(entry, dict) and STAMP_KEY in entry:  # the reserved key, misused
+                problems.append(Problem(
+                    number, "stamp-malformed",
+                    f"{STAMP_KEY!r} is not a stamp fencelock writes (a token >= 0 and a "
+                    f"run_id): {raw[:60]!r}"))
             continue
         stamped += 1
         if token > MAX_TOKEN:  # not a token any run was given: it sets no order

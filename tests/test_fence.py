@@ -412,8 +412,23 @@ def test_a_stamp_above_the_largest_token_is_reported_and_blocks_nothing(
     with SessionLock(session, "next", stamp=True, on_contention="fail") as lock:
         lock.append({"n": 2})
     report = verify(session)
-    assert [(p.line, p.kind) for p in report.problems] == [(1, "token-out-of-range")]
+    assert [(p.line, p.kind) for p in report.problems] == [
+        (1, "token-out-of-range"), (3, "stamp-malformed"),  # a negative token: no stamp
+    ]
     assert report.lines == 4 and report.stamped == 2  # the 5000-digit number is JSON
+
+
+@pytest.mark.parametrize("stamp", [
+    {"token": "4", "run_id": "r"}, {"token": 4.0, "run_id": "r"}, {"token": True},
+    {"token": -1, "run_id": "r"}, "garbage",
+], ids=["string", "float", "bool", "negative", "not-an-object"])
+def test_the_reserved_key_holding_no_stamp_is_reported(session: Path, stamp: Any) -> None:
+    """A line that misuses the reserved key came from outside fencelock: verify names
+    it instead of counting the line as unstamped."""
+    session.write_text(json.dumps({"n": 1, STAMP_KEY: stamp}) + "\n" + '{"n": 2}\n')
+    report = verify(session)
+    assert [(p.line, p.kind) for p in report.problems] == [(1, "stamp-malformed")]
+    assert report.stamped == 0
 
 
 def test_an_unterminated_last_line_is_torn_only_without_a_live_holder(
