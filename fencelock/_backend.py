@@ -91,6 +91,14 @@ def parse(url: str) -> EtcdURL | None:
                 or not 0 < int(port) < 65536 or any(c.isspace() or ord(c) < 32 for c in host)):
             raise ValueError(f"backend {url!r}: {part!r} is not HOST:PORT")
         endpoints.append((host.strip("[]"), int(port)))
+    if "&" in prefix or "=" in prefix:
+        # Most likely a mistyped query ('/p&ttl=3'): it would be taken as the prefix,
+        # and the TTL left at its default, without a word.
+        raise ValueError(
+            f"backend {url!r}: the prefix {prefix!r} has '&' or '='; parameters go after "
+            f"'?' (etcd://HOST:PORT/PREFIX?ttl=S); to have them in a prefix, write %26 "
+            f"or %3D"
+        )
     prefix = unquote(prefix).strip("/") or DEFAULT_PREFIX
     params = parse_qs(query, keep_blank_values=True)
     unknown = set(params) - {"ttl", "root"}

@@ -46,13 +46,17 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
     assert parse("local") is None and parse("") is None
     url = parse("etcd://a:2379,b:2380/team/x?ttl=3&root=/srv/share")
     assert url == EtcdURL((("a", 2379), ("b", 2380)), "team/x", 3.0, "/srv/share")
+    encoded = parse("etcd://h:1/a%26b%3Dc")
+    assert encoded is not None and encoded.prefix == "a&b=c"  # written on purpose
     bare, named = parse("etcd://h:1"), parse("etcd://h:1/p")
     assert bare is not None and bare.prefix == "fencelock"
     assert named is not None and named.ttl == 10.0
     for bad, word in [("redis://h:1/p", "expected"), ("etcd://h/p", "HOST:PORT"),
                       ("etcd://h:1/p?ttl=0", "ttl"), ("etcd://h:1/p?x=1", "unknown"),
                       ("etcd://h:1/p?root=rel", "absolute"), ("etcd://h:\u00b2/p", "HOST:PORT"),
-                      ("etcd://a b:2379/p", "HOST:PORT"), ("etcd://h:\u0661/p", "HOST:PORT")]:
+                      ("etcd://a b:2379/p", "HOST:PORT"), ("etcd://h:\u0661/p", "HOST:PORT"),
+                      ("etcd://h:1/p&ttl=3", "parameters go after '\\?'"),
+                      ("etcd://h:1/p/ttl=3", "parameters go after '\\?'")]:
         with pytest.raises(ValueError, match=word):
             parse(bad)
 
