@@ -810,8 +810,7 @@ def recover_command(
     from fencelock._lock import SessionLock
     from fencelock._probe import probe
     from fencelock._recovery import recover
-    from fencelock._signals import PromptHandlers, Seen
-    from fencelock._supervisor import Stopped
+    from fencelock._signals import PromptHandlers, Seen, Stopped
 
     def failed(error: str) -> None:
         if as_json:  # the same shape, for a caller that parses stdout
@@ -828,20 +827,12 @@ def recover_command(
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--lane'") from None
     seen = Seen()
-
-    def stop(signum: int, frame: object) -> None:
-        if seen.signum:
-            return  # once: a second signal must not cut the clean-up short
-        seen.signum = signum
-        if not seen.settled:
-            raise Stopped(signum)
-
     # A signal while waiting or copying stops recover cleanly: a fresh session it was
     # making is removed (nobody was given its name), and the signal is seen at once.
     # Once recover has decided, the decision is printed whatever comes.
     handlers: PromptHandlers | None = None
     try:
-        handlers = PromptHandlers(stop, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+        handlers = PromptHandlers(seen.stop, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
         with library_errors():
             try:
                 r = recover(session, wait=wait_s, fresh=not no_fresh, lane=lane,

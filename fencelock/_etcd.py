@@ -360,8 +360,8 @@ class _Cluster:
                 result: dict[str, Any] = client.post(client.get_url(path), json=payload)
             except (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError) as e:
                 # etcd's own 503/504 answer ("no leader") carries its reason: keep it.
-                answered = _etcd_error(self.url.display, e.detail_text or "")
-                why = answered.why if (e.detail_text or "").lstrip().startswith("{") else (
+                answer = (e.detail_text or "").lstrip()
+                why = _etcd_error(self.url.display, answer).why if answer.startswith("{") else (
                     "connection refused" if "refused" in str(e).lower() else
                     "no answer in time" if isinstance(e, exceptions.ConnectionTimeoutError)
                     else "cannot connect")

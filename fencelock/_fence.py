@@ -39,13 +39,19 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
-def finite_float(text: str) -> float:
+def _finite_float(text: str) -> float:
     """A JSON number as a float; ValueError for one past a double's range (``1e400``),
     which would come back out as ``Infinity``, and that is not JSON."""
     value = float(text)
     if math.isinf(value):
         raise ValueError(f"number {text[:40]} is out of range for a double")
     return value
+
+
+def strict_loads(text: str) -> Any:
+    """``json.loads`` as strict JSON readers take it: no NaN or Infinity, and no number
+    past a double's range; ValueError (or RecursionError) otherwise."""
+    return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -62,7 +68,7 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
         if "\n" in entry or "\r" in entry:
             raise FenceLockError("a session entry must be one line; this one has a line break")
         try:
-            parsed = json.loads(entry, parse_constant=_not_json, parse_float=finite_float)
+            parsed = strict_loads(entry)
         except (ValueError, RecursionError):
             raise FenceLockError(
                 "a session entry must be one line of JSON when given as text (pass a dict "

@@ -29,14 +29,13 @@ from fencelock._errors import (
     SessionTakeoverError,
     SessionWriteError,
 )
-from fencelock._fence import finite_float
-from fencelock._signals import PromptHandlers, Seen
+from fencelock._fence import strict_loads
+from fencelock._signals import PromptHandlers, Seen, Stopped
 from fencelock._tokens import STAMP_KEY
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from contextlib import AbstractContextManager
-    from types import FrameType
 
     from fencelock._lock import SessionLock
     from fencelock._record import HolderInfo
@@ -51,14 +50,6 @@ _QUEUED = 4
 
 OPS = ("append", "prompt_begin", "prompt_end", "touch", "verify", "info", "release")
 
-
-
-class _Stop(BaseException):
-    """SIGTERM or SIGHUP: release and exit with 128 + the signal number."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
 
 
 class _CallerGone(Exception):
@@ -217,10 +208,6 @@ def error_answer(e: BaseException) -> dict[str, Any]:
 # -- parsing requests --------------------------------------------------------------------
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse(item: _Line | _TooLong) -> tuple[dict[str, Any], dict[str, Any]]:
     """(request, the part of the answer every answer to it carries: its ``id``).
 
@@ -236,7 +223,7 @@ def parse(item: _Line | _TooLong) -> tuple[dict[str, Any], dict[str, Any]]:
     except UnicodeDecodeError as e:
         raise BadRequestError(f"request is not UTF-8 (byte {e.start})") from None
     try:
-        request = json.loads(text, parse_constant=_no_constant, parse_float=finite_float)
+        request = strict_loads(text)
     except RecursionError:
         raise BadRequestError("request is nested too deeply") from None
     except ValueError as e:
@@ -266,7 +253,7 @@ def _entry(request: dict[str, Any], stamp: bool | None) -> dict[str, Any] | str:
     keyed: Any = entry
     if isinstance(entry, str):
         try:
-            keyed = json.loads(entry, parse_constant=_no_constant, parse_float=finite_float)
+            keyed = strict_loads(entry)
         except RecursionError:
             raise BadRequestError('"entry" is nested too deeply') from None
         except ValueError as e:
@@ -403,21 +390,13 @@ async def _acquire_unless_abandoned(lock: SessionLock, inbox: _Inbox) -> HolderI
 def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1) -> int:
     """Serve the line protocol on ``stdin``/``stdout`` for ``lock``; the exit code."""
     seen = Seen()
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        if seen.signum:
-            return  # once: a second signal must not cut the release short
-        seen.signum = signum
-        if not seen.settled:
-            raise _Stop(signum)
-
     served = _Session(lock)
     handlers: PromptHandlers | None = None
     code = EXIT_ERROR
     try:
-        handlers = PromptHandlers(stop, _platform.stop_signals())
+        handlers = PromptHandlers(seen.stop, _platform.stop_signals())
         code = _hold(served, heartbeat, _Inbox(stdin), _Out(stdout))
-    except _Stop:
+    except Stopped:
         pass  # the code is the signal's, below
     finally:
         seen.settled = True  # from here a signal is noted, never raised

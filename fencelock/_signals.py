@@ -46,7 +46,6 @@ class PromptHandlers:
 
     def __init__(self, handler: Handler, signals: Iterable[int]) -> None:
         self._handler = handler
-        self._ran = 0
         self._poked = 0
         self._closing = False
         self._previous: dict[int, Any] = {}
@@ -68,7 +67,6 @@ class PromptHandlers:
         ).start()
 
     def _run(self, signum: int, frame: FrameType | None) -> None:
-        self._ran += 1
         if not self._closing:  # while the handlers are put back, a signal only ends
             self._handler(signum, frame)
 
@@ -111,6 +109,16 @@ class PromptHandlers:
             self._write = -1
 
 
+class Stopped(BaseException):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) ends what the command was doing; the
+    command exits 128 + ``signum`` once its clean-up is done. A BaseException, as
+    KeyboardInterrupt is, so that no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class Seen:
     """What a stop signal asked of a command. Set by plain attribute stores, which run
     no handler in between (CPython runs pending handlers on entering a call), so that
@@ -120,3 +128,12 @@ class Seen:
     """The first stop signal that came (0: none)."""
     settled = False
     """From here a signal is noted, never raised (a release or a decision is under way)."""
+
+    def stop(self, signum: int, frame: FrameType | None) -> None:
+        """The handler: the first signal raises `Stopped` unless settled; later ones
+        only end (a second signal must not cut the first one's clean-up short)."""
+        if self.signum:
+            return
+        self.signum = signum
+        if not self.settled:
+            raise Stopped(signum)

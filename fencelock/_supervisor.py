@@ -18,6 +18,7 @@ from fencelock._output import (
     error_line,
     library_errors,
 )
+from fencelock._signals import PromptHandlers, Stopped
 
 if TYPE_CHECKING:
     import subprocess
@@ -41,14 +42,6 @@ def _in_terminal_foreground() -> bool:
         os.close(fd)
 
 
-class Stopped(BaseException):
-    """SIGINT, SIGTERM or SIGHUP before ``run`` held the session: stop, as with Ctrl-C."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 class SignalForwarder:
     """Owns SIGINT, SIGTERM and SIGHUP for the whole of ``run``, so that no signal ever
     kills it with the default action while it holds the session.
@@ -62,8 +55,6 @@ class SignalForwarder:
 
     def __init__(self) -> None:
         import signal
-
-        from fencelock._signals import PromptHandlers
 
         self.proc: subprocess.Popen[bytes] | None = None
         self.holding = False
