@@ -37,7 +37,7 @@ from fencelock._errors import (
 )
 from fencelock._fingerprint import FenceMode
 from fencelock._probe import HolderStatus, ProbeState
-from fencelock._record import MAX_TOKEN, HolderInfo
+from fencelock._record import MAX_TOKEN, HolderInfo, State
 
 
 class Action(enum.StrEnum):
@@ -200,27 +200,92 @@ def _start_fresh(
     successor: str | None = None,
 ) -> tuple[str, int, bool]:
     """The fresh session beside ``session``, how many lines it carries, and whether this
-    call made it: ``successor`` when given (0 lines, not made here, when another recover
-    of the same stuck run made it or is making it: whoever takes it waits for that copy
-    under its lock), else a new name. When it
-    cannot be made, the error says that recover failed, why, and what to do; what was
-    made of it is removed first, under its lock (nobody knows its name yet)."""
-    if successor is not None and (
-        os.path.lexists(successor) or os.path.lexists(successor + _sidecar.SUFFIX)
-    ):
-        return successor, 0, False
-    new = successor or fresh_session(session)
-    copied: list[int] = []
+    call made it: ``successor`` when given, else a new name.
+
+    A successor that another recover of the same stuck run made is answered with 0
+    lines, not made here. One that another recover is still making is answered once
+    that copy is whole: if that recover fails and removes it, this one makes it, so the
+    name it answers never turns out empty. (Past `SUCCESSOR_WAIT` it is answered as it
+    is; whoever takes it waits for the copy under its lock.)
+
+    When it cannot be made, the error says that recover failed, why, and what to do;
+    what was made of it is removed first, under its lock (nobody knows its name yet)."""
+    deadline = time.monotonic() + SUCCESSOR_WAIT
+    while True:
+        if successor is not None and _made(successor, session, backend, deadline):
+            return successor, 0, False
+        new = successor or fresh_session(session)
+        copied: list[int] = []
+        try:
+            return _make_fresh(session, new, lane, carry, old_token, backend, waited,
+                               copied, successor is not None)
+        except SessionContendedError:
+            if successor is None:
+                raise
+            # Another recover of the same stuck run is making it: wait for that copy.
+            if not _wait_made(successor, backend, deadline):
+                return successor, 0, False
+
+
+SUCCESSOR_WAIT = 300.0
+"""How long `recover` waits for another recover's copy of the same stuck run."""
+
+
+def _made(successor: str, session: str, backend: str | None, deadline: float) -> bool:
+    """Whether ``successor`` is there to answer as it is: made by another recover, whose
+    copy is waited for (until ``deadline``) while it is still being made. False when
+    there is none, or its maker failed and removed it: then this call makes it."""
+    if time.monotonic() >= deadline:
+        return True
+    if not _exists(successor):
+        return False
+    if not _being_made(successor, session, backend):
+        return True
+    return not _wait_made(successor, backend, deadline) or _exists(successor)
+
+
+def _exists(session: str) -> bool:
+    return os.path.lexists(session) or os.path.lexists(session + _sidecar.SUFFIX)
+
+
+def _being_made(successor: str, session: str, backend: str | None) -> bool:
+    """Whether a recover of ``session`` holds ``successor`` (or someone holds it who has
+    not written a record yet): its copy may not be whole, or may yet be removed."""
+    try:
+        found = _probe.probe(successor, backend=backend)
+    except FenceLockError:
+        return False  # the caller's own acquire reports what is wrong with it
+    if found.state is not ProbeState.LIVE:
+        return False
+    record = found.record
+    # By name: recovers on hosts that mount the sessions at other paths agree on it too.
+    return record is None or record.state is not State.HELD or (
+        record.origin is not None
+        and os.path.basename(record.origin) == os.path.basename(session))
+
+
+def _wait_made(successor: str, backend: str | None, deadline: float) -> bool:
+    """Wait (until ``deadline``) for nobody to hold ``successor``; False on timeout."""
+    remaining = max(0.0, deadline - time.monotonic())
+    store = _store.open_store(backend, successor)
+    if store is not None:
+        return store.wait_free(remaining)
+    return _wait.wait_until_unlocked(successor + _sidecar.SUFFIX, remaining)
+
+
+def _make_fresh(
+    session: str, new: str, lane: str, carry: bool, old_token: int, backend: str | None,
+    waited: float, copied: list[int], successor: bool,
+) -> tuple[str, int, bool]:
+    """`_start_fresh`'s making of ``new`` (`SessionContendedError`: a ``successor``
+    another recover holds)."""
     held: list[bool] = []
     try:
-        _fill_fresh(session, new, lane, carry, old_token, backend, copied, held,
-                    successor is not None)
+        _fill_fresh(session, new, lane, carry, old_token, backend, copied, held, successor)
         if not copied:
             return new, 0, False  # another recover of the same stuck run made it
     except SessionContendedError:
-        if successor is None:
-            raise
-        return new, 0, False  # another recover of the same stuck run is making it
+        raise  # (a successor: another recover is making it)
     except (FenceLockError, OSError) as e:
         if copied:
             raise  # made whole; only giving its lock back failed
@@ -234,7 +299,7 @@ def _start_fresh(
             "a fresh session (--no-fresh, fresh=False) to report the holder instead"
         ) from e
     except BaseException:  # an interrupt (SIGTERM, Ctrl-C), whole or not: nobody has its name
-        if held or successor is None:  # (a successor another recover makes is not ours)
+        if held or not successor:  # (a successor another recover makes is not ours)
             _remove_fresh(new)
         raise
     return new, copied[0], True

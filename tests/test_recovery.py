@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SpawnHolder, wait_for_blocked_waiter
+from conftest import SpawnHolder, reap, wait_for_blocked_waiter
 from marks import needs_proc
 
 from fencelock import (
@@ -109,6 +109,42 @@ def test_recovers_of_one_stuck_run_agree_on_one_fresh_session(
     assert h.call("release") == "released"
     h.acquire()  # another run, stuck in turn
     assert recover(session, wait=0).session not in (answers[0], str(session))
+
+
+def test_a_recover_waits_for_another_s_copy_and_makes_it_if_that_one_failed(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """A recover that finds another recover of the same stuck run still copying into
+    the fresh session must not answer it yet: if that copy fails, its recover removes
+    the fresh session, and a caller told its name would start it empty. It waits, and
+    makes the fresh session itself."""
+    from fencelock._recovery import _remove_fresh, _successor
+
+    h = spawn_holder(session, lane="cron")
+    h.acquire()
+    for n in range(3):
+        h.call("append " + json.dumps({"n": n}))
+    successor = _successor(str(session), probe(session).record)
+    assert successor is not None
+    # The other recover, one line into its copy.
+    other = SessionLock(successor, "recovery", on_contention="fail", origin=str(session))
+    other.acquire()
+    other.append({"n": 0})
+    command = [sys.executable, "-m", "fencelock", "recover", str(session), "--wait", "0",
+               "--json"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert wait_for_blocked_waiter(successor, proc=proc)  # waits for that copy
+        _remove_fresh(successor)  # the other recover failed: it removes what it made
+        other.release()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        reap(proc)
+    assert proc.returncode == 0, out
+    said = json.loads(out)
+    assert said["session"] == successor and said["carried_lines"] == 3, said
+    lines = [json.loads(x) for x in Path(successor).read_text().splitlines()]
+    assert lines == [{"n": 0}, {"n": 1}, {"n": 2}]
 
 
 def test_a_fresh_session_continues_the_old_one_s_tokens(
