@@ -4,7 +4,8 @@ One entry is one line written with ``O_APPEND`` (looping on short writes) and
 fsynced; a new file also fsyncs its directory. Before writing, the session's
 fingerprint must match the last fence point, or `SessionTakeoverError` is raised and
 nothing is written. A torn last line left by a crashed writer is cut off and kept in
-``<session>.torn`` so the session stays valid JSONL.
+``<session>.torn`` so the session stays valid JSONL. `publish` makes a new session
+whole or not at all (recover's fresh session).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 from fencelock import _fingerprint, _sidecar, _tokens
@@ -278,6 +280,72 @@ def append(
         return after
     finally:
         os.close(fd)
+
+
+PART = ".part"
+"""`publish` writes a session under its name plus this first."""
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
+
+
+def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int = 0o600) -> None:
+    """Create ``session`` holding ``chunks``, whole or not at all: written, with the token
+    mark for ``token``, and fsynced under ``session`` + `PART` (which only the session's
+    holder writes: call it holding the session), then given its name, which no one sees
+    before it is complete. `SessionTakeoverError` when a file appeared at ``session``;
+    `SessionWriteError` naming the file that could not be written. On any failure,
+    nothing is left at either name."""
+    part = session + PART
+    try:
+        os.unlink(part)  # what a holder that failed or died before its name left behind
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise SessionWriteError(part, e, "remove") from None
+    try:
+        fd, _ = _sidecar.open_regular(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode)
+    except OSError as e:
+        raise SessionWriteError(part, e, "create") from None
+    try:
+        try:
+            if token:
+                _tokens.reserve(fd, token)
+            for chunk in chunks:
+                _write_all(fd, chunk, part)
+            try:
+                _fsync(fd)
+            except OSError as e:
+                raise SessionWriteError(part, e, "fsync") from None
+        finally:
+            os.close(fd)
+        _name(part, session)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise
+    with contextlib.suppress(OSError):
+        os.unlink(part)
+    _fsync_dir(os.path.dirname(session))
+
+
+def _name(part: str, session: str) -> None:
+    """Give the complete ``part`` the name ``session``, which must not exist."""
+    try:
+        os.link(part, session)
+        return
+    except FileExistsError:
+        raise SessionTakeoverError(
+            session, None, _fingerprint.take(session, FenceMode.STAT)) from None
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise SessionWriteError(session, e, "link") from None
+    # A filesystem without hard links: rename, after making sure nothing is there (the
+    # session's lock keeps every fencelock run away meanwhile).
+    if os.path.lexists(session):
+        raise SessionTakeoverError(session, None, _fingerprint.take(session, FenceMode.STAT))
+    try:
+        os.rename(part, session)
+    except OSError as e:
+        raise SessionWriteError(session, e, "rename") from None
 
 
 def _fsync_dir(directory: str) -> None:

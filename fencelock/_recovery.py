@@ -14,12 +14,15 @@ import hashlib
 import json
 import os
 import re
+import stat
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from fencelock import (
     _backend,
+    _fence,
     _fingerprint,
     _lock,
     _probe,
@@ -34,10 +37,12 @@ from fencelock._errors import (
     FenceLockError,
     SessionContendedError,
     SidecarAccessError,
+    UnsafePathError,
 )
 from fencelock._fingerprint import FenceMode
+from fencelock._platform import describe_mode
 from fencelock._probe import HolderStatus, ProbeState
-from fencelock._record import MAX_TOKEN, HolderInfo, State
+from fencelock._record import MAX_TOKEN, HolderInfo
 
 
 class Action(enum.StrEnum):
@@ -110,12 +115,13 @@ def recover(
             # The holder as it is now (the one waited for may have handed over).
             stuck = _probe.probe(session, stuck_after=stuck_after,
                                  backend=backend).record or found.record
+            successor = _successor(session, stuck)
             new, carried, made = _start_fresh(session, lane, carry, old_token, backend,
-                                              waited, _successor(session, stuck))
+                                              waited, successor)
             try:
                 return Recovery(Action.FRESH, new, found, waited, carried)
             except BaseException:  # an interrupt: the caller never learns its name
-                if made:
+                if made and successor is None:  # (another recover may answer a successor)
                     _remove_fresh(new)
                 raise
     now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
@@ -202,66 +208,49 @@ def _start_fresh(
     """The fresh session beside ``session``, how many lines it carries, and whether this
     call made it: ``successor`` when given, else a new name.
 
-    A successor that another recover of the same stuck run made is answered with 0
-    lines, not made here. One that another recover is still making is answered once
-    that copy is whole: if that recover fails and removes it, this one makes it, so the
-    name it answers never turns out empty. (Past `SUCCESSOR_WAIT` it is answered as it
-    is; whoever takes it waits for the copy under its lock.)
+    A fresh session gets its name only once its copy is whole (`_fence.publish`), so a
+    successor that exists was made whole by another recover of the same stuck run: it
+    is answered with 0 lines. While another recover makes it, this one waits for that
+    (up to `SUCCESSOR_WAIT`), and makes it itself if that one failed or died first.
 
     When it cannot be made, the error says that recover failed, why, and what to do;
-    what was made of it is removed first, under its lock (nobody knows its name yet)."""
+    what was made of it is removed first, under its lock."""
     deadline = time.monotonic() + SUCCESSOR_WAIT
     while True:
-        if successor is not None and _made(successor, session, backend, deadline):
+        if successor is not None and _published(successor, session):
             return successor, 0, False
         new = successor or fresh_session(session)
-        copied: list[int] = []
         try:
             return _make_fresh(session, new, lane, carry, old_token, backend, waited,
-                               copied, successor is not None)
+                               successor is not None)
         except SessionContendedError:
             if successor is None:
                 raise
-            # Another recover of the same stuck run is making it: wait for that copy.
-            if not _wait_made(successor, backend, deadline):
-                return successor, 0, False
+        # Another recover of the same stuck run is making it: wait for that.
+        if not _wait_made(successor, backend, deadline):
+            raise FenceLockError(
+                f"{session}: still held after {waited:.1f} s, and another recover has been "
+                f"making its fresh session {successor} for over {SUCCESSOR_WAIT:.0f} s; see "
+                "who holds it (fencelock status) and recover again once it is done"
+            )
 
 
 SUCCESSOR_WAIT = 300.0
 """How long `recover` waits for another recover's copy of the same stuck run."""
 
 
-def _made(successor: str, session: str, backend: str | None, deadline: float) -> bool:
-    """Whether ``successor`` is there to answer as it is: made by another recover, whose
-    copy is waited for (until ``deadline``) while it is still being made. False when
-    there is none, or its maker failed and removed it: then this call makes it."""
-    if time.monotonic() >= deadline:
-        return True
-    if not _exists(successor):
-        return False
-    if not _being_made(successor, session, backend):
-        return True
-    return not _wait_made(successor, backend, deadline) or _exists(successor)
-
-
-def _exists(session: str) -> bool:
-    return os.path.lexists(session) or os.path.lexists(session + _sidecar.SUFFIX)
-
-
-def _being_made(successor: str, session: str, backend: str | None) -> bool:
-    """Whether a recover of ``session`` holds ``successor`` (or someone holds it who has
-    not written a record yet): its copy may not be whole, or may yet be removed."""
+def _published(successor: str, session: str) -> bool:
+    """Whether the fresh session ``successor`` exists (whole: see `_start_fresh`)."""
     try:
-        found = _probe.probe(successor, backend=backend)
-    except FenceLockError:
-        return False  # the caller's own acquire reports what is wrong with it
-    if found.state is not ProbeState.LIVE:
+        mode = os.lstat(successor).st_mode
+    except FileNotFoundError:
         return False
-    record = found.record
-    # By name: recovers on hosts that mount the sessions at other paths agree on it too.
-    return record is None or record.state is not State.HELD or (
-        record.origin is not None
-        and os.path.basename(record.origin) == os.path.basename(session))
+    except OSError as e:
+        raise SidecarAccessError(successor, e, "recover needs to read it") from None
+    if not stat.S_ISREG(mode):
+        # Not one recover made: its name can be worked out from the stuck run's record.
+        raise UnsafePathError(successor, describe_mode(mode))
+    return True
 
 
 def _wait_made(successor: str, backend: str | None, deadline: float) -> bool:
@@ -275,17 +264,17 @@ def _wait_made(successor: str, backend: str | None, deadline: float) -> bool:
 
 def _make_fresh(
     session: str, new: str, lane: str, carry: bool, old_token: int, backend: str | None,
-    waited: float, copied: list[int], successor: bool,
+    waited: float, successor: bool,
 ) -> tuple[str, int, bool]:
     """`_start_fresh`'s making of ``new`` (`SessionContendedError`: a ``successor``
     another recover holds)."""
-    held: list[bool] = []
+    copied: list[int] = []
     try:
-        _fill_fresh(session, new, lane, carry, old_token, backend, copied, held, successor)
+        _fill_fresh(session, new, lane, carry, old_token, backend, copied, successor)
         if not copied:
             return new, 0, False  # another recover of the same stuck run made it
     except SessionContendedError:
-        raise  # (a successor: another recover is making it)
+        raise
     except (FenceLockError, OSError) as e:
         if copied:
             raise  # made whole; only giving its lock back failed
@@ -298,28 +287,29 @@ def _make_fresh(
             f"started beside it ({reason}); fix that and recover again, or recover without "
             "a fresh session (--no-fresh, fresh=False) to report the holder instead"
         ) from e
-    except BaseException:  # an interrupt (SIGTERM, Ctrl-C), whole or not: nobody has its name
-        if held or not successor:  # (a successor another recover makes is not ours)
+    except BaseException:  # an interrupt (SIGTERM, Ctrl-C), whole or not
+        if not successor:  # a new name nobody has; a successor's is left to the next recover
             _remove_fresh(new)
         raise
     return new, copied[0], True
 
 
 def _remove_fresh(new: str) -> None:
-    """Remove a fresh session (and its sidecar) whose name nobody was given."""
-    for made in (new, new + _sidecar.SUFFIX):
+    """Remove a fresh session (its sidecar, and what `_fence.publish` left) whose name
+    nobody was given."""
+    for made in (new, new + _sidecar.SUFFIX, new + _fence.PART):
         with contextlib.suppress(OSError):
             os.unlink(made)
 
 
 def _fill_fresh(
     session: str, new: str, lane: str, carry: bool, old_token: int, backend: str | None,
-    copied: list[int], held: list[bool], successor: bool = False,
+    copied: list[int], successor: bool = False,
 ) -> None:
-    """Make ``new`` with the old transcript's complete lines; their count goes into
-    ``copied`` once they are all there (and True into ``held`` once its lock is ours and
-    it is this call's to make). A ``successor`` that exists once its lock is ours was
-    made by another recover: it is left as it is, and ``copied`` stays empty."""
+    """Make ``new`` with the old transcript's complete lines, under its lock; their count
+    goes into ``copied`` once they are all there. A ``successor`` that exists once its
+    lock is ours was made by another recover: it is left as it is, and ``copied`` stays
+    empty."""
     lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session, backend=backend)
     fd = _open_old(session) if carry else -1
     try:
@@ -333,26 +323,29 @@ def _fill_fresh(
         with lock:
             if successor and os.path.lexists(new):
                 return  # another recover of the same stuck run made it meanwhile
-            held.append(True)
             try:
-                if not end:
-                    lock._append_bytes(b"")
-                offset = 0
-                while offset < end:
-                    chunk = _pread(fd, session, min(CARRY_CHUNK, end - offset), offset)
-                    if offset + len(chunk) < end:
-                        cut = chunk.rfind(b"\n") + 1
-                        if cut:  # whole lines per append, unless one line is longer
-                            chunk = chunk[:cut]
-                    lock._append_bytes(chunk)
-                    offset += len(chunk)
-            except BaseException:  # an interrupt (SIGTERM, Ctrl-C) too: nobody has its name
-                _remove_fresh(new)  # while its lock is ours
+                _fence.publish(new, _chunks(fd, session, end), token=lock._token,
+                               file_mode=lock.mode)
+            except BaseException:  # an interrupt (SIGTERM, Ctrl-C) too
+                if not os.path.lexists(new):
+                    _remove_fresh(new)  # while its lock is ours
                 raise
+            # The published copy is the fence point the record carries.
+            lock._fp = lock._session_fingerprint()
+            lock._write_record()
             copied.append(lines)
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _chunks(fd: int, session: str, end: int) -> Iterator[bytes]:
+    """The old transcript's first ``end`` bytes, `CARRY_CHUNK` at a time."""
+    offset = 0
+    while offset < end:
+        chunk = _pread(fd, session, min(CARRY_CHUNK, end - offset), offset)
+        offset += len(chunk)
+        yield chunk
 
 
 def _open_old(session: str) -> int:

@@ -20,6 +20,7 @@ from fencelock import (
     ProbeState,
     SessionContendedError,
     SessionLock,
+    UnsafePathError,
     UnsafeSidecarError,
     fresh_session,
     probe,
@@ -111,14 +112,10 @@ def test_recovers_of_one_stuck_run_agree_on_one_fresh_session(
     assert recover(session, wait=0).session not in (answers[0], str(session))
 
 
-def test_a_recover_waits_for_another_s_copy_and_makes_it_if_that_one_failed(
-    session: Path, spawn_holder: SpawnHolder
-) -> None:
-    """A recover that finds another recover of the same stuck run still copying into
-    the fresh session must not answer it yet: if that copy fails, its recover removes
-    the fresh session, and a caller told its name would start it empty. It waits, and
-    makes the fresh session itself."""
-    from fencelock._recovery import _remove_fresh, _successor
+def _stuck_with_three_lines(session: Path, spawn_holder: SpawnHolder) -> str:
+    """Hold ``session`` in another process with three lines in it: the fresh session a
+    recover of that stuck run makes."""
+    from fencelock._recovery import _successor
 
     h = spawn_holder(session, lane="cron")
     h.acquire()
@@ -126,25 +123,89 @@ def test_a_recover_waits_for_another_s_copy_and_makes_it_if_that_one_failed(
         h.call("append " + json.dumps({"n": n}))
     successor = _successor(str(session), probe(session).record)
     assert successor is not None
-    # The other recover, one line into its copy.
-    other = SessionLock(successor, "recovery", on_contention="fail", origin=str(session))
-    other.acquire()
-    other.append({"n": 0})
+    return successor
+
+
+def _recover_json(session: Path) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "fencelock", "recover", str(session), "--wait", "0",
                "--json"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _carried_whole(successor: str) -> None:
+    lines = [json.loads(x) for x in Path(successor).read_text().splitlines()]
+    assert lines == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert not os.path.lexists(successor + ".part")
+
+
+def test_a_recover_waits_for_another_s_copy_and_makes_it_if_that_one_failed(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """A recover that finds another recover of the same stuck run still copying must
+    not answer yet: if that copy fails, its recover removes what it made, and a caller
+    told the name would start the fresh session empty. It waits, and makes it."""
+    from fencelock._recovery import _remove_fresh
+
+    successor = _stuck_with_three_lines(session, spawn_holder)
+    # The other recover, one line into its copy (made under a name of its own).
+    other = SessionLock(successor, "recovery", on_contention="fail", origin=str(session))
+    other.acquire()
+    Path(successor + ".part").write_text('{"n": 0}\n')
+    proc = _recover_json(session)
     try:
         assert wait_for_blocked_waiter(successor, proc=proc)  # waits for that copy
         _remove_fresh(successor)  # the other recover failed: it removes what it made
         other.release()
-        out, _ = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
     finally:
         reap(proc)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 0, err
     said = json.loads(out)
     assert said["session"] == successor and said["carried_lines"] == 3, said
-    lines = [json.loads(x) for x in Path(successor).read_text().splitlines()]
-    assert lines == [{"n": 0}, {"n": 1}, {"n": 2}]
+    _carried_whole(successor)
+
+
+@pytest.mark.parametrize("left", ["died-mid-copy", "empty-sidecar"])
+def test_a_recover_makes_whole_what_a_failed_one_left(
+    session: Path, spawn_holder: SpawnHolder, left: str
+) -> None:
+    """What a recover that died mid-copy (SIGKILL: its record stale, part of the copy
+    on disk) or failed to write its first record (a full disk: an empty sidecar) left
+    is never answered as the fresh session: the next recover makes it whole."""
+    successor = _stuck_with_three_lines(session, spawn_holder)
+    if left == "died-mid-copy":
+        copier = spawn_holder(successor, lane="recovery")
+        copier.acquire()
+        Path(successor + ".part").write_text('{"n": 0}\n')
+        copier.kill()
+    else:
+        Path(successor + ".holder").touch()
+    proc = _recover_json(session)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        reap(proc)
+    assert proc.returncode == 0, err
+    said = json.loads(out)
+    assert said["session"] == successor and said["carried_lines"] == 3, said
+    _carried_whole(successor)
+    assert probe(successor).state == ProbeState.FREE
+
+
+def test_a_symlink_at_the_fresh_session_s_name_is_refused(
+    session: Path, spawn_holder: SpawnHolder, tmp_path: Path
+) -> None:
+    """The fresh session's name follows from the stuck run's record: something planted
+    there is not a copy recover made, and is neither answered nor followed."""
+    successor = _stuck_with_three_lines(session, spawn_holder)
+    target = tmp_path / "elsewhere"
+    target.write_text("keep\n")
+    os.symlink(target, successor)
+    with pytest.raises(UnsafePathError) as err:
+        recover(session, wait=0)
+    assert successor in str(err.value)
+    assert target.read_text() == "keep\n" and os.path.islink(successor)
 
 
 def test_a_fresh_session_continues_the_old_one_s_tokens(
