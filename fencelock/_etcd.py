@@ -970,17 +970,41 @@ class EtcdHolder:
         """The record as stored: with the holder's lease and the store's name."""
         return record[:-1] + self._suffix if record.endswith(b"}") else record
 
-    def write(self, record: bytes) -> None:
+    def _ride_out(self, lease: _Lease, attempt: Callable[[], _T]) -> _T:
+        """``attempt()``, asked again while etcd cannot be reached but ``lease`` may still
+        be alive: a holder rides out an etcd restart shorter than its lease, in every
+        request it makes, as its keeper does. Once the lease may have expired, the last
+        `StoreUnavailableError` stands."""
+        while True:
+            try:
+                return attempt()
+            except StoreUnavailableError as e:
+                if e.fix is not None or not lease.alive():
+                    raise
+                left = lease.confirmed_until - lease.safety() - _lease_clock()
+                time.sleep(max(0.0, min(_RETRY_PAUSE, left)))
+
+    def write(self, record: bytes, *, ride_out: bool = True) -> None:
         self.check()
-        assert self._lease is not None
+        lease = self._lease
+        assert lease is not None
         value = self._wrote = self._value(record)
-        r = self._cluster.txn(
-            [_created(self._my_key, self._token)],
-            [_put(self._my_key, value, self._lease.id), _put(self.last_key, value)],
-        )
+
+        def put() -> dict[str, Any]:
+            return self._cluster.txn(
+                [_created(self._my_key, self._token)],
+                [_put(self._my_key, value, lease.id), _put(self.last_key, value)],
+            )
+
+        try:
+            r = self._ride_out(lease, put) if ride_out else put()
+        except StoreUnavailableError:
+            if ride_out and not lease.alive():  # etcd was away past the lease
+                raise HolderLostError(self.session, lease.lost) from None
+            raise
         if not r.get("succeeded"):
             self._lost = "its key in etcd is gone"
-            self._key_gone_with_lease(self._lease)
+            self._key_gone_with_lease(lease)
             raise HolderLostError(self.session, self._lost)
 
     def release(self, record: bytes | None) -> None:
@@ -993,7 +1017,7 @@ class EtcdHolder:
             return
         ops = [_put(self.last_key, self._value(record)), _delete(my)]
         try:
-            self._cluster.txn([_created(my, token)], ops)
+            self._ride_out(lease, lambda: self._cluster.txn([_created(my, token)], ops))
         except StoreUnavailableError as e:
             # The key must not stay behind under a lease this process keeps alive.
             self._cluster.drop(lease, "a release could not be stored")

@@ -99,8 +99,10 @@ class HolderStore(Protocol):
         that run ended cleanly); it may be called more than once. Raises
         `SessionContendedError`, `StoreUnavailableError`, or a cancellation."""
 
-    def write(self, record: bytes) -> None:
-        """Store the holder's record; `HolderLostError` when no longer the holder."""
+    def write(self, record: bytes, *, ride_out: bool = True) -> None:
+        """Store the holder's record; `HolderLostError` when no longer the holder.
+        ``ride_out``: while the store cannot be reached but the holder may still hold
+        the session, keep trying (else `StoreUnavailableError` at once)."""
 
     def check(self) -> None:
         """Raise `HolderLostError` unless the holder is sure it still holds the session."""
@@ -185,7 +187,10 @@ class RemoteStore:
         # report the append as failed (a caller would write it again). The record
         # lags until the next write; a holder found lost refuses the next append.
         try:
-            lock._write_record()
+            with lock._io:
+                lock._info = None
+                # Not waited for: the next write, or the release, carries it.
+                self.holder.write(lock._encode(), ride_out=False)
         except (StoreUnavailableError, HolderLostError) as e:
             import warnings
 

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -484,6 +484,47 @@ def test_holders_carry_on_through_an_etcd_restart_within_their_lease(
     with SessionLock(session, "after", backend=url, on_contention="fail") as after:
         assert after.info is not None and after.info.token > token
     assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2]
+
+
+def _across_a_restart(server: EtcdServer, action: Callable[[], object]) -> None:
+    """Kill etcd, start ``action`` in a thread (its first request meets etcd down:
+    starting etcd takes far longer), start etcd again; ``action`` must then succeed."""
+    server.kill(signal.SIGKILL)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as e:  # reported below
+            failed.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    server.start()
+    t.join(60)
+    assert not t.is_alive() and failed == []
+
+
+def test_a_prompt_window_touch_and_release_ride_out_an_etcd_restart(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    """A holder rides out a restart shorter than its lease in every request it makes:
+    leaving the prompt window (where the reply is appended next), a heartbeat and the
+    release wait for etcd to come back instead of failing with StoreUnavailableError,
+    which a caller would take for a lost session and so drop the reply."""
+    url = own_etcd.url("window", ttl=30)
+    lock = SessionLock(session, "window", backend=url)
+    token = lock.acquire().token
+    window = lock.prompt_window()
+    window.__enter__()
+    _across_a_restart(own_etcd, lambda: window.__exit__(None, None, None))
+    lock.append({"reply": 1})  # the reply lands, fenced, after the window
+    _across_a_restart(own_etcd, lock.touch)
+    _across_a_restart(own_etcd, lock.release)
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.FREE and status.record is not None
+    assert status.record.token == token  # the release was stored
+    assert [json.loads(x) for x in session.read_text().splitlines()] == [{"reply": 1}]
 
 
 def _put_filler(server: EtcdServer, count: int) -> None:
