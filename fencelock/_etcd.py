@@ -334,9 +334,16 @@ class _Cluster:
                 self._by_thread[threading.current_thread()] = clients
         return clients
 
-    def _not_etcd(self, index: int, detail: str) -> str:
+    def _not_etcd(self, index: int, detail: str) -> StoreUnavailableError:
+        """An endpoint that answered, but not as etcd does: a wrong URL, not an outage to
+        wait out (its `fix` says so). ``detail`` (say, an HTML page) on one line."""
         host, port = self.url.endpoints[index]
-        return f"{host}:{port} answered, but not as etcd's v3 API does: {detail or 'no detail'}"
+        shown = f"[{host}]" if ":" in host else host
+        detail = " ".join(detail.split())[:200] or "no detail"
+        return StoreUnavailableError(
+            self.url.display, f"{shown}:{port} answered, but not as etcd's v3 API does: "
+            f"{detail}", "check the backend URL's host and port: it must name etcd's "
+            "client URL (port 2379 by default), not another server")
 
     def call(self, path: str, payload: dict[str, Any],
              deadline: float | None = None) -> dict[str, Any]:
@@ -373,17 +380,14 @@ class _Cluster:
                         and not (e.detail_text or "").lstrip().startswith("{")):
                     # No version API, or an HTTP error without etcd's JSON error body:
                     # some other server listens there (a wrong port, a proxy).
-                    raise StoreUnavailableError(
-                        self.url.display, self._not_etcd(index, detail)[:200]) from None
+                    raise self._not_etcd(index, detail) from None
                 raise _etcd_error(self.url.display, detail) from None
             except Exception as e:  # e.g. a reply that is not JSON: not an etcd there
-                raise StoreUnavailableError(self.url.display,
-                                            self._not_etcd(index, type(e).__name__)) from None
+                raise self._not_etcd(index, type(e).__name__) from None
             if not isinstance(result, dict) or not ("header" in result or "result" in result):
                 # etcd heads every answer (a keepalive's sits in "result"): a server that
                 # answers {} is not etcd, and its empty answers must not read as "free".
-                raise StoreUnavailableError(self.url.display,
-                                            self._not_etcd(index, "an answer without a header"))
+                raise self._not_etcd(index, "an answer without a header")
             self._preferred = index
             return result
         raise StoreUnavailableError(self.url.display, why)
@@ -538,7 +542,8 @@ def _etcd_error(endpoint: str, detail: str) -> StoreUnavailableError:
         message = str(body.get("message") or body.get("error") or detail)
         code = body.get("code")
     except (ValueError, AttributeError):
-        return StoreUnavailableError(endpoint, detail[:200])
+        return StoreUnavailableError(endpoint, " ".join(detail.split())[:200])
+    message = " ".join(message.split())
     if code in _AUTH_CODES or any(text in message for text in _AUTH_MESSAGES):
         return StoreUnavailableError(
             endpoint, f"{message[:200]}: etcd has authentication on",

@@ -965,7 +965,7 @@ def test_a_member_without_a_leader_is_passed_over_and_named(
 
 
 @pytest.mark.parametrize("answer", [
-    (404, b""), (200, b"<html>hello</html>"),
+    (404, b""), (200, b"<html>\n<body>hello</body>\n</html>\n"),
     (200, b'{"etcdserver": "3.5.0", "etcdcluster": "3.5.0"}'),
 ], ids=["404", "html", "json-without-header"])
 def test_a_server_that_is_not_etcd_is_named_as_such(
@@ -973,17 +973,22 @@ def test_a_server_that_is_not_etcd_is_named_as_such(
 ) -> None:
     """A URL naming some other HTTP server says that it answered, but not as etcd does,
     instead of a bare 'Not Found' or 'JSONDecodeError'; one that answers every request
-    with etcd's version text neither reads as free nor crashes a run (KeyError)."""
-    with _answering(*answer) as (port, _):
+    with etcd's version text neither reads as free nor crashes a run (KeyError). It is
+    a wrong URL, not an outage: the commands that ride out a restart (wait, recover)
+    do not ask again for the URL's TTL, and its page is quoted on one line."""
+    with _answering(*answer) as (port, asked):
         endpoint = f"127.0.0.1:{port}"
-        backend = ["--backend", f"etcd://{endpoint}/p"]
+        backend = ["--backend", f"etcd://{endpoint}/p?ttl=600"]
         for args in (["status", str(session), *backend], ["wait", str(session), *backend],
+                     ["recover", str(session), *backend],
                      ["run", str(session), "--lane", "x", *backend, "--", "true"]):
+            asked.clear()
             out = _cli(*args)
             assert out.returncode == 1, (args, out.stdout, out.stderr)
             (line,) = out.stderr.strip().splitlines()
             assert f"({endpoint} answered, but not as etcd's v3 API does: " in line, line
-            assert "check that etcd runs there" in line
+            assert "it must name etcd's client URL" in line and "\\x0a" not in line, line
+            assert len(asked) <= 3, (args, len(asked))  # asked once, not for the TTL
 
 
 def test_the_environment_s_http_proxy_applies_to_etcd_requests(session: Path, url: str) -> None:
