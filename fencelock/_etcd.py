@@ -1197,12 +1197,17 @@ def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
             if rec is not None:
                 session = rec.session
                 break
-        if record is None and url.root is not None and session == key:
-            session = os.path.join(url.root, key)  # a path the clear command can take
+        command = None
+        if record is None and session == key:
+            if url.root is not None:
+                session = os.path.join(url.root, key)  # a path the clear command can take
+            else:  # the path is known only relative to some host's mount point
+                command = (f"{_clear_command(url, 'SESSION')}, SESSION being the session "
+                           f"file whose path under its filesystem's mount point is {key}")
         status = _status(session, where, owner=queue[:1], last=lst,
                          waiters=max(0, len(queue) - 1), stuck_after=stuck_after,
                          last_where=f"{url.display}/{lasts}{key}",
-                         command=_clear_command(url, session))
+                         command=command or _clear_command(url, session))
         if status.state is not ProbeState.FREE:  # a released run holds nothing
             yield status
 

@@ -1118,6 +1118,13 @@ def test_a_corrupt_last_record_is_kept_until_clear_force_sets_it_aside(
         (line,) = out.stderr.strip().splitlines()
         assert f"/{last}: holder record is corrupt" in line
     assert stored(last) == [last, garbage]  # nothing wrote over it
+    # Listed with no path, the session is known only by its key: the command says so
+    # rather than take the key for a path (relative, it named another file).
+    key = session_key(str(session), None)
+    listed = _cli("status", "--backend", url)
+    assert listed.returncode == 1 and key in listed.stdout, listed.stdout
+    assert (f" SESSION, SESSION being the session file whose path under its "
+            f"filesystem's mount point is {key}") in listed.stderr, listed.stderr
 
     command = line.split("set it aside and start over with: ", 1)[1]
     assert command.startswith("fencelock clear --force --backend ")
