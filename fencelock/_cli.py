@@ -736,33 +736,44 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
 
     _one_session(session, "wait")
     with library_errors():
+        named, sidecar = _named(session)
+        store = open_store(backend, named)
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def look() -> HolderStatus:
+            # A store's requests within the wait's deadline (each gets at least 0.5 s).
+            return store.probe(DEFAULT_STUCK_AFTER, deadline) if store is not None else \
+                probe(session, backend=backend)
+
         try:
-            st = probe(session, backend=backend)
+            st: HolderStatus | None = look()
         except StoreUnavailableError:
-            if not _uses_store(backend):
+            if store is None:
                 raise
             st = None  # etcd restarting, say: the wait below rides that out or says so
         if st is not None and st.state is ProbeState.UNREADABLE:
             raise CliError(st.reason)
         if st is not None and st.state is not ProbeState.LIVE:
             return
-        named, sidecar = _named(session)
-        store = open_store(backend, named)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         wait_free = store.wait_free if store is not None else partial(
             wait_until_unlocked, sidecar)
         # Ctrl-C stops the wait even when the kernel hands SIGINT to the waiting thread.
         handlers = PromptHandlers(signal.default_int_handler, [signal.SIGINT])
         try:
             if sys.stderr.isatty():
-                free = _wait_with_progress(named, wait_free, timeout, backend)
+                free = _wait_with_progress(named, wait_free, remaining, backend)
             else:
-                free = wait_free(timeout)
+                free = wait_free(remaining)
         except KeyboardInterrupt:
             sys.exit(EXIT_INTERRUPTED)
         finally:
             handlers.close()
         if not free:
-            holder = holder_text(probe(session, backend=backend))
+            try:
+                holder = holder_text(look())
+            except StoreUnavailableError:
+                holder = "a live holder (etcd did not say which in time)"
             raise ContendedCliError(f"{named}: still held by {holder} after {timeout:g}s")
 
 

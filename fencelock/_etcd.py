@@ -1065,9 +1065,9 @@ class EtcdHolder:
         return self._watch_for_deletion(kvs[0], int(r["header"]["revision"]), deadline, None,
                                         inline=False)
 
-    def probe(self, stuck_after: float) -> HolderStatus:
+    def probe(self, stuck_after: float, deadline: float | None = None) -> HolderStatus:
         r = self._cluster.txn([], [_range(self.lock_name + "/", prefix=True, first=True),
-                                   _range(self.last_key)], [])
+                                   _range(self.last_key)], [], deadline)
         responses = r.get("responses", [{}, {}])
         owner, last = _kvs(responses[0]), _kvs(responses[1])
         waiters = max(0, _count(responses[0]) - 1)

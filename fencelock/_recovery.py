@@ -144,9 +144,9 @@ def _probe_through_restart(session: str, stuck_after: float, backend: str | None
     from fencelock import _etcd
 
     deadline = None if limit is None else time.monotonic() + limit
-    return _etcd.through_outage(
-        lambda: _probe.probe(session, stuck_after=stuck_after, backend=backend), url.ttl,
-        deadline)
+    store = _etcd.EtcdHolder(url, session)
+    # Each request bounded by the wait's deadline too (a request gets at least 0.5 s).
+    return _etcd.through_outage(lambda: store.probe(stuck_after, deadline), url.ttl, deadline)
 
 
 def _unreadable(session: str, sidecar: str, found: HolderStatus, *,

@@ -113,8 +113,9 @@ class HolderStore(Protocol):
     def wait_free(self, timeout: float | None) -> bool:
         """Block until the session has no live holder; False on timeout."""
 
-    def probe(self, stuck_after: float) -> HolderStatus:
-        """The session's state, as `fencelock.probe` reports it."""
+    def probe(self, stuck_after: float, deadline: float | None = None) -> HolderStatus:
+        """The session's state, as `fencelock.probe` reports it; asked within ``deadline``
+        (`time.monotonic`) when given, as a waiting caller's requests are."""
 
     def clear(self, remove: bool, force: bool) -> HolderStatus:
         """Clear a stale record under the lock, as `fencelock.clear` does: a corrupt one
