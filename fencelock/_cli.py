@@ -911,14 +911,17 @@ def verify_command(session: str, as_json: bool) -> None:
     A session file that does not exist yet (its directory does) has no lines: it is
     clean, and the report says it does not exist.
 
+    A line over 64 MiB is not parsed (no problem by that alone): its stamp is read
+    from its end, and the report lists it as unchecked.
+
     JSON: session, exists, lines, stamped, max_token, ok, problems (line, kind,
-    detail).
+    detail), unchecked (line numbers).
 
     \b
     Example:
       fencelock verify sessions/4f1c.jsonl
     """
-    from fencelock._verify import verify
+    from fencelock._verify import MAX_LINE, verify
 
     _one_session(session, "verify")
     with library_errors():
@@ -934,6 +937,7 @@ def verify_command(session: str, as_json: bool) -> None:
             "problems": [
                 {"line": p.line, "kind": p.kind, "detail": p.detail} for p in report.problems
             ],
+            "unchecked": report.unchecked,
         }
         echo_json(obj)
     else:
@@ -941,11 +945,15 @@ def verify_command(session: str, as_json: bool) -> None:
         name = clean(session[: -len(SIDECAR_SUFFIX)] if is_sidecar(session) else session)
         for p in report.problems:
             out(f"{name}:{p.line}: {p.kind}: {clean(p.detail)}")
+        for n in report.unchecked:
+            out(f"{name}:{n}: note: over {MAX_LINE >> 20} MiB, not parsed; its stamp was "
+                "read from its end")
         verdict = "ok" if report.ok else plural(len(report.problems), "problem")
         missing = "" if report.exists else "no such file yet, "
+        unparsed = f", {len(report.unchecked)} too long to parse" if report.unchecked else ""
         out(
             f"{name}: {missing}{plural(report.lines, 'line')}, {report.stamped} stamped, "
-            f"max token {report.max_token}: {verdict}"
+            f"max token {report.max_token}{unparsed}: {verdict}"
         )
     if not report.ok:
         sys.exit(EXIT_PROBLEMS)

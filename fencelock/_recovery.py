@@ -13,7 +13,6 @@ import enum
 import hashlib
 import json
 import os
-import re
 import stat
 import time
 import uuid
@@ -171,13 +170,7 @@ CARRY_CHUNK = 4 * 1024 * 1024
 """How much of the old transcript `recover` holds in memory at a time when it carries
 it to a fresh session: each chunk is one fenced, fsynced append."""
 _LONG_LINE = 1024 * 1024
-"""Lines longer than this are searched for a stamp only in their last `_STAMP_TAIL`."""
-_STAMP_TAIL = 64 * 1024
-_TRAILING_STAMP = re.compile(
-    rb'"%s"\s*:\s*\{\s*"token"\s*:\s*(\d{1,19})\s*,\s*"run_id"\s*:\s*"[^"\\]*"\s*\}\s*\}\s*$'
-    % _tokens.STAMP_KEY.encode()
-)
-"""The stamp `append(..., stamp=True)` puts at the end of a line."""
+"""Lines longer than this are searched for a stamp only in their last `_tokens.TAIL`."""
 
 
 _SUCCESSORS = uuid.UUID("6f1c2a9e-53d1-4e0a-9c1b-f3a2d0e5b7c4")
@@ -375,7 +368,7 @@ def _complete_end(fd: int, session: str) -> int:
     except OSError as e:
         raise SidecarAccessError(session, e, "recover with carry=False to start empty") from None
     while end > 0:
-        start = max(0, end - _STAMP_TAIL)
+        start = max(0, end - _tokens.TAIL)
         block = _pread(fd, session, end - start, start)
         cut = block.rfind(b"\n")
         if cut >= 0:
@@ -399,12 +392,12 @@ def _scan(fd: int, session: str, end: int) -> tuple[int, int]:
             line = partial + piece
             if i == len(pieces) - 1:  # not finished in this chunk
                 if len(line) > _LONG_LINE:
-                    line, long_line = line[-_STAMP_TAIL:], True
+                    line, long_line = line[-_tokens.TAIL:], True
                 partial = line
                 continue
             lines += 1
             if long_line or len(line) > _LONG_LINE:
-                m = _TRAILING_STAMP.search(line[-_STAMP_TAIL:])
+                m = _tokens.TRAILING_STAMP.search(line[-_tokens.TAIL:])
                 token = int(m[1]) if m else 0
                 best = max(best, token if token <= MAX_TOKEN else 0)
             elif key in line:

@@ -42,8 +42,14 @@ SET_ASIDE_MARKER = ".fencelock-set-aside"
 only in its ``.corrupt-*`` copy, so new sidecars in that directory search the copies."""
 RESERVE = 10_000
 """How many tokens a holder reserves on the session file at a time."""
-_TAIL = 64 * 1024
 
+TRAILING_STAMP = re.compile(
+    rb'"%s"\s*:\s*\{\s*"token"\s*:\s*(\d{1,19})\s*,\s*"run_id"\s*:\s*"([^"\\]*)"\s*\}\s*\}\s*$'
+    % STAMP_KEY.encode()
+)
+"""The stamp `append(..., stamp=True)` puts at the end of a line (token, run id): how a
+line too long to parse is read for its token (in its last `TAIL` bytes)."""
+TAIL = 64 * 1024
 
 
 def stamp_of(entry: object) -> int | None:
@@ -65,7 +71,7 @@ def last_stamped(session: str) -> int:
     except (OSError, FenceLockError):
         return 0  # no session, or nothing fencelock would read
     try:
-        tail = os.pread(fd, _TAIL, max(0, st.st_size - _TAIL))
+        tail = os.pread(fd, TAIL, max(0, st.st_size - TAIL))
     except OSError:
         return 0
     finally:
@@ -202,7 +208,7 @@ def _set_aside_tokens(session: str) -> int:
         try:
             # Not one another user planted to push the tokens to their limit.
             _sidecar.refuse_planted(path, st)
-            head = os.pread(fd, _TAIL, 0)
+            head = os.pread(fd, TAIL, 0)
         except FenceLockError:
             head = b""
         except OSError:
@@ -218,7 +224,7 @@ def keep_before_set_aside(session: str, fd: int) -> None:
     in the session file's mark, or else by leaving `SET_ASIDE_MARKER` in its
     directory. Call while holding the sidecar's lock, before it is moved away."""
     try:
-        token = _legible_token(os.pread(fd, _TAIL, 0))
+        token = _legible_token(os.pread(fd, TAIL, 0))
     except OSError as e:
         raise FenceLockError(f"{session}.holder: cannot be read ({e}); nothing was moved") from None
     if not token or (os.path.isfile(session) and _cover(session, token, token) is not None):

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
 from fencelock import _sidecar
 from fencelock._errors import SidecarAccessError
 from fencelock._record import MAX_TOKEN
-from fencelock._tokens import STAMP_KEY, stamp_of
+from fencelock._tokens import STAMP_KEY, TAIL, TRAILING_STAMP, stamp_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,9 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     exists: bool = True
     """False for a session file not created yet (its directory exists): no lines."""
+    unchecked: list[int] = field(default_factory=list)
+    """Lines longer than `MAX_LINE`: not parsed (no problem by that alone), their stamp
+    read from their end."""
 
     @property
     def ok(self) -> bool:
@@ -55,7 +58,7 @@ def _run_of(entry: object) -> object:
 _UNTERMINATED = "last line has no line break"
 
 MAX_LINE = 64 * 1024 * 1024
-"""A longer line is reported as torn without being held in memory."""
+"""A longer line is not parsed (nor held in memory): its stamp is read from its end."""
 MAX_PROBLEMS = 10_000
 """After this many problems the check stops (the report says where)."""
 
@@ -92,8 +95,7 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         raise _unreadable(session, e) from None
     if tail >= 0 and _in_flight(session, tail):
         # A live holder's append under way, not a crash's leftover: not (yet) a problem.
-        report = VerifyReport(session, report.lines - 1, report.stamped, report.max_token,
-                              report.problems[:-1])
+        report = replace(report, lines=report.lines - 1, problems=report.problems[:-1])
     return report
 
 
@@ -122,6 +124,7 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
     """The report, and where its last line starts when that line has no line break
     (-1 otherwise)."""
     problems: list[Problem] = []
+    unchecked: list[int] = []
     best = 0
     best_run: object = None
     stamped = 0
@@ -140,31 +143,38 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
                 problems.append(Problem(number, "torn", f"{_UNTERMINATED}: {raw[:60]!r}"))
                 tail = start
                 break
-            while (more := f.readline(MAX_LINE)) and not more.endswith(b"\n"):
-                offset += len(more)  # skip the rest of an over-long line
-            offset += len(more)
-            problems.append(Problem(number, "torn", f"line over {MAX_LINE >> 20} MiB"))
-            continue
-        try:
-            entry = json.loads(raw, parse_int=_int)
-        except (ValueError, RecursionError):
-            problems.append(Problem(number, "torn", f"not JSON: {raw[:60]!r}"))
-            continue
-        token = stamp_of(entry)
-        if token is None:
-            if isinstance(entry, dict) and STAMP_KEY in entry:  # the reserved key, misused
-                problems.append(Problem(
-                    number, "stamp-malformed",
-                    f"{STAMP_KEY!r} is not a stamp fencelock writes (a token >= 0 and a "
-                    f"run_id): {raw[:60]!r}"))
-            continue
+            end = _rest_of_line(f, raw)
+            offset += end.length
+            if not end.ended:  # the last line, with no line break
+                problems.append(Problem(number, "torn", f"{_UNTERMINATED}: {raw[:60]!r}"))
+                tail = start
+                break
+            unchecked.append(number)  # too long to parse: its stamp, from its end
+            m = TRAILING_STAMP.search(end.last)
+            if m is None:
+                continue
+            token, run = _int(m[1].decode()), m[2].decode("utf-8", "replace")
+        else:
+            try:
+                entry = json.loads(raw, parse_int=_int)
+            except (ValueError, RecursionError):
+                problems.append(Problem(number, "torn", f"not JSON: {raw[:60]!r}"))
+                continue
+            stamp = stamp_of(entry)
+            if stamp is None:
+                if isinstance(entry, dict) and STAMP_KEY in entry:  # the reserved key, misused
+                    problems.append(Problem(
+                        number, "stamp-malformed",
+                        f"{STAMP_KEY!r} is not a stamp fencelock writes (a token >= 0 and a "
+                        f"run_id): {raw[:60]!r}"))
+                continue
+            token, run = stamp, _run_of(entry)
         stamped += 1
         if token > MAX_TOKEN:  # not a token any run was given: it sets no order
             problems.append(Problem(
                 number, "token-out-of-range",
                 f"stamped token above the largest token ({MAX_TOKEN}): {raw[:60]!r}"))
             continue
-        run = _run_of(entry)
         if token < best:
             problems.append(
                 Problem(number, "token-backwards", f"token {token} after token {best}")
@@ -181,4 +191,26 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
             problems.append(
                 Problem(number, "stopped", f"{MAX_PROBLEMS} problems; not read further")
             )
-    return VerifyReport(session, number, stamped, best, problems), tail
+    return VerifyReport(session, number, stamped, best, problems, unchecked=unchecked), tail
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    length: int
+    """Bytes read past the first `MAX_LINE`."""
+    ended: bool
+    """Whether the line ends with a line break (else the file ended first)."""
+    last: bytes
+    """The line's last `TAIL` bytes."""
+
+
+def _rest_of_line(f: BinaryIO, head: bytes) -> _End:
+    """Read on to the end of a line longer than `MAX_LINE` that starts with ``head``,
+    keeping only its last `TAIL` bytes."""
+    last, length = head[-TAIL:], 0
+    while more := f.readline(MAX_LINE):
+        length += len(more)
+        last = (last + more)[-TAIL:]
+        if more.endswith(b"\n"):
+            return _End(length, True, last)
+    return _End(length, False, last)

@@ -690,16 +690,27 @@ def test_threads_appending_through_one_holder_are_not_taken_for_foreign_writers(
     ]
 
 
-def test_verify_streams_an_over_long_line_and_stops_after_many_problems(
+def test_verify_reads_an_over_long_line_s_stamp_from_its_end_and_stops_after_many_problems(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A line too long to parse (over 64 bytes here, 64 MiB in use) is no problem by
+    that alone, not held in memory whole: verify lists it as unchecked and reads its
+    stamp from its end, so a token that goes backwards after it is still found. Cut
+    short at the end of the file it is the last line, and torn."""
     from fencelock import _verify
 
     monkeypatch.setattr(_verify, "MAX_LINE", 64)
-    session.write_bytes(b'{"n":1}\n' + b"x" * 500 + b'\n{"n":2}\n')
+    long = json.dumps({"c": "x" * 500, "_fencelock": {"token": 5, "run_id": "a"}}).encode()
+    after = b'{"n":2,"_fencelock":{"token":3,"run_id":"b"}}\n'
+    session.write_bytes(b'{"n":1}\n' + long + b"\n" + after)
     report = verify(session)
-    assert [(p.line, p.kind) for p in report.problems] == [(2, "torn")]
-    assert report.lines == 3 and "over" in report.problems[0].detail
+    assert report.unchecked == [2] and report.stamped == 2 and report.lines == 3
+    assert [(p.line, p.kind) for p in report.problems] == [(3, "token-backwards")]
+    assert "after token 5" in report.problems[0].detail
+    session.write_bytes(b'{"n":1}\n' + long + b"\n" + long[:-5])
+    report = verify(session)
+    assert [(p.line, p.kind) for p in report.problems] == [(3, "torn")]
+    assert report.unchecked == [2]
     monkeypatch.setattr(_verify, "MAX_PROBLEMS", 3)
     session.write_bytes(b"garbage\n" * 10)
     kinds = [p.kind for p in verify(session).problems]
