@@ -33,6 +33,7 @@ from fencelock._output import (
     ContendedCliError,
     OutputError,
     PathDisplay,
+    answer_goes_to_stdout,
     clean,
     echo_json,
     error_line,
@@ -278,6 +279,7 @@ def status(
       fencelock status sessions/ --stuck-after 300
       fencelock status --json sessions/4f1c.jsonl | jq '.[].state'
     """
+    answer_goes_to_stdout("status")
     from fencelock._errors import OutsideRootError, SidecarAccessError
     from fencelock._probe import ProbeState, probe, scan
 
@@ -496,6 +498,7 @@ def clear_command(
       fencelock clear sessions/4f1c.jsonl
       fencelock clear --remove sessions/
     """
+    answer_goes_to_stdout("clear")
     from fencelock._errors import OutsideRootError, SidecarAccessError
 
     show = PathDisplay()
@@ -815,6 +818,7 @@ def recover_command(
     Example:
       next=$(fencelock recover sessions/4f1c.jsonl --wait 10)
     """
+    answer_goes_to_stdout("recover")
     import signal
 
     from fencelock._errors import FenceLockError, SessionContendedError
@@ -921,6 +925,7 @@ def verify_command(session: str, as_json: bool) -> None:
     Example:
       fencelock verify sessions/4f1c.jsonl
     """
+    answer_goes_to_stdout("verify")
     from fencelock._verify import MAX_LINE, verify
 
     _one_session(session, "verify")
@@ -978,6 +983,7 @@ def check_config(file: str, strict: bool) -> None:
     Example:
       fencelock check-config ~/.openclaw/openclaw.json --strict
     """
+    answer_goes_to_stdout("check-config")
     from fencelock._config import review_file
 
     with library_errors():

@@ -30,18 +30,23 @@ if TYPE_CHECKING:
     from fencelock._record import HolderInfo
 
 
+_closed: set[str] = set()
+"""The standard streams the command was started without (`standard_streams`)."""
+
+
 def standard_streams() -> None:
     """Give a command started with stdin, stdout or stderr closed (``<&-``, ``>&-``)
     /dev/null there. Otherwise the next descriptor it opens (a pipe, a sidecar) takes
     that number and is read or written as the stream: ``hold`` with stdin closed would
-    read its own signal pipe, and hold its session for good."""
+    read its own signal pipe, and hold its session for good. (A command whose answer
+    goes to stdout then refuses to start: `answer_goes_to_stdout`.)"""
     for fd, flags, name in ((0, os.O_RDONLY, "stdin"), (1, os.O_WRONLY, "stdout"),
                             (2, os.O_WRONLY, "stderr")):
         try:
             os.fstat(fd)
             continue
         except OSError:
-            pass
+            _closed.add(name)
         opened = os.open(os.devnull, flags)  # the lowest free number: this one
         if opened != fd:
             os.dup2(opened, fd)
@@ -50,6 +55,16 @@ def standard_streams() -> None:
         if getattr(sys, name) is None:  # Python found it closed at startup
             setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False,  # noqa: SIM115
                                     errors="backslashreplace" if fd == 2 else "strict"))
+
+
+def answer_goes_to_stdout(command: str) -> None:
+    """Refuse to run ``command``, whose answer (a session to use, a report) goes to
+    stdout, when it was started with stdout closed: the answer would be lost, and for
+    ``recover`` the name of the fresh session it made."""
+    if "stdout" in _closed:
+        raise CliError(f"standard output is closed (>&-), and fencelock {command} prints "
+                       "its answer there; give it somewhere to go (>/dev/null to discard "
+                       "it)")
 
 
 def clean(text: str) -> str:

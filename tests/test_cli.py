@@ -1738,3 +1738,24 @@ def test_verify_given_a_sidecar_checks_its_session(session: Path) -> None:
     assert out.stdout.splitlines()[-1].startswith(f"{session}: 2 lines, 2 stamped")
     report = json.loads(cli("verify", "--json", sidecar).stdout)
     assert report["session"] == str(session) and report["max_token"] == 5
+
+
+@pytest.mark.parametrize("command", [["recover", "--wait", "0"], ["status"], ["verify"],
+                                     ["clear"]], ids=lambda c: c[0])
+def test_a_command_whose_answer_goes_to_stdout_refuses_a_closed_stdout(
+    session: Path, spawn_holder: SpawnHolder, command: list[str]
+) -> None:
+    """Started with stdout closed (>&-), a command would print its answer nowhere and
+    exit 0: recover would make a fresh session nobody learns the name of. It says so
+    on stderr, exits 1, and does nothing."""
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    h.call("append " + json.dumps({"n": 1}))
+    before = sorted(p.name for p in session.parent.iterdir())
+    script = f'exec {sys.executable} -m fencelock "$@" >&-'
+    proc = subprocess.run(["sh", "-c", script, "sh", *command, str(session)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "standard output is closed" in line and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in session.parent.iterdir()) == before  # nothing made
