@@ -1218,7 +1218,8 @@ def test_an_owner_key_with_another_clients_value_is_a_live_holder(
 def test_a_release_etcd_did_not_hear_gives_the_lease_up(
     session: Path, own_etcd: EtcdServer
 ) -> None:
-    url = own_etcd.url("lost-release", ttl=30)
+    # A short lease: the release keeps trying while the lease may still be alive.
+    url = own_etcd.url("lost-release", ttl=4)
     keeper = SessionLock(session.with_name("other.jsonl"), "keeps-the-lease", backend=url)
     keeper.acquire()  # another holder of this process keeps the lease alive
     lock = SessionLock(session, "released-while-down", backend=url)
@@ -1755,7 +1756,8 @@ def test_a_release_etcd_does_not_answer_says_what_the_session_will_read_as(
 ) -> None:
     """Not 'pick another store': the release is lost, the session will read as stale
     once the lease ends, and the error gives the command that clears it."""
-    url = own_etcd.url(f"rel-{uuid.uuid4().hex[:8]}", ttl=60)
+    # A short lease: the release keeps trying while the lease may still be alive.
+    url = own_etcd.url(f"rel-{uuid.uuid4().hex[:8]}", ttl=4)
     lock = SessionLock(session, "unreleased", backend=url)
     lock.acquire()
     own_etcd.kill(signal.SIGSTOP)
