@@ -207,7 +207,8 @@ def _start_fresh(
     (up to `SUCCESSOR_WAIT`), and makes it itself if that one failed or died first.
 
     When it cannot be made, the error says that recover failed, why, and what to do;
-    what was made of it is removed first, under its lock."""
+    what was made of it is removed (a successor's sidecar, which the next recover of
+    the stuck run takes, may stay)."""
     deadline = time.monotonic() + SUCCESSOR_WAIT
     while True:
         if successor is not None and _published(successor, session):
@@ -271,6 +272,8 @@ def _make_fresh(
     except (FenceLockError, OSError) as e:
         if copied:
             raise  # made whole; only giving its lock back failed
+        if not successor:  # a new name nobody has: take back what its acquire made
+            _remove_fresh(new)
         cause = getattr(e, "cause", e)
         where = getattr(e, "path", None) or getattr(e, "session", None) or new
         reason = (f"{where}: {cause.strerror}" if isinstance(cause, OSError) and cause.strerror
