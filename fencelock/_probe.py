@@ -381,6 +381,14 @@ def clear(
                 if e.cause.errno == errno.ENOENT and os.path.isdir(os.path.dirname(sidecar)):
                     return HolderStatus(session, sidecar, ProbeState.FREE,
                                         reason=_no_sidecar(session))
+                if e.cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    # Not writable here: a live holder is still the answer that counts
+                    # (as on a writable filesystem); otherwise why it cannot be cleared.
+                    found = _probe(session, sidecar, DEFAULT_STUCK_AFTER, time.time())
+                    if found.state is ProbeState.LIVE:
+                        raise SessionContendedError(
+                            session, found.record if found.held_by is not None else None,
+                            lock_owners=found.lock_owners) from None
                 raise
             try:
                 if not _lock_for_clear(fd, sidecar):

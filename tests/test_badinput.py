@@ -509,6 +509,43 @@ def test_unwritable_session_directory(how: str) -> None:
 
 
 @needs_root
+def test_clearing_a_live_session_one_cannot_write_says_it_is_live(
+    spawn_holder: SpawnHolder,
+) -> None:
+    """`clear` never touches a live holder, and says so (SessionContendedError, exit 4),
+    also where this user could not write the sidecar anyway (a read-only filesystem, a
+    sidecar of another user): a live run is the answer that counts, not the permission
+    error a stale record would get."""
+    with open_directory() as sessions:
+        session = sessions / "s.jsonl"
+        sidecar = sessions / "s.jsonl.holder"
+        sidecar.touch()
+        sidecar.chmod(0o644)  # readable, not writable, by others
+        h = spawn_holder(session, lane="live")
+        h.acquire()
+        before = sidecar.read_bytes()
+        result = as_user("""
+            try:
+                clear(args["session"])
+                result = {"cleared": True}
+            except FenceLockError as e:
+                result = {"error": type(e).__name__, "message": str(e)}
+        """, session=str(session))
+        assert result["error"] == "SessionContendedError", result
+        assert f"pid {h.pid}" in result["message"]
+        assert sidecar.read_bytes() == before
+        assert h.call("release") == "released"
+        result = as_user("""
+            try:
+                clear(args["session"])
+                result = {"cleared": True}
+            except FenceLockError as e:
+                result = {"error": type(e).__name__, "message": str(e)}
+        """, session=str(session))
+        assert result["error"] == "SidecarAccessError", result  # free: why it cannot
+
+
+@needs_root
 def test_a_directory_this_user_cannot_enter_is_named_as_the_cause() -> None:
     """Without search permission on the sessions directory every call fails on the
     sidecar or the session, and the message names the directory, not the file (which
