@@ -868,8 +868,11 @@ def recover_command(
     except Stopped as e:
         seen.settled = True
         name = signal.Signals(e.signum).name
-        failed(f"interrupted by {name}; nothing was recovered")
-        error_line(f"{session}: recover interrupted by {name}; nothing was recovered")
+        # A fresh session named after the stuck run may be whole by now: the next
+        # recover answers it. Nothing else was changed.
+        failed(f"interrupted by {name}; recover again for the session to use")
+        error_line(f"{session}: recover interrupted by {name}; recover again for the "
+                   "session to use")
         sys.exit(128 + e.signum)
     finally:
         seen.settled = True  # an attribute store: no handler runs before it

@@ -55,6 +55,9 @@ _CANCEL_STEP = 0.05
 _T = TypeVar("_T")
 _RETRY_PAUSE = 0.2
 """How long a waiter that cannot reach etcd pauses before it looks again."""
+_NO_SPACE = "database space exceeded"
+"""etcd's answer to writes while its NOSPACE alarm is on ("mvcc: database space
+exceeded"): no outage to wait out."""
 
 
 def _b64(text: str | bytes) -> str:
@@ -544,6 +547,11 @@ def _etcd_error(endpoint: str, detail: str) -> StoreUnavailableError:
     except (ValueError, AttributeError):
         return StoreUnavailableError(endpoint, " ".join(detail.split())[:200])
     message = " ".join(message.split())
+    if _NO_SPACE in message:
+        return StoreUnavailableError(
+            endpoint, f"{message[:200]}: etcd is out of space (its NOSPACE alarm is on)",
+            "compact and defragment etcd, then clear its alarm (etcdctl alarm disarm), as "
+            "etcd's maintenance guide describes")
     if code in _AUTH_CODES or any(text in message for text in _AUTH_MESSAGES):
         return StoreUnavailableError(
             endpoint, f"{message[:200]}: etcd has authentication on",
@@ -980,11 +988,16 @@ class EtcdHolder:
         be alive: a holder rides out an etcd restart shorter than its lease, in every
         request it makes, as its keeper does. Once the lease may have expired, the last
         `StoreUnavailableError` stands."""
+        start = time.monotonic()
         while True:
             try:
                 return attempt()
             except StoreUnavailableError as e:
-                if e.fix is not None or not lease.alive():
+                # Not an error that names its fix (etcd out of space, authentication),
+                # nor past the lease's time to live: an etcd that keeps the lease alive
+                # but refuses every write would hold the caller for good.
+                if e.fix is not None or not lease.alive() or \
+                        time.monotonic() - start >= lease.ttl:
                     raise
                 left = lease.confirmed_until - lease.safety() - _lease_clock()
                 time.sleep(max(0.0, min(_RETRY_PAUSE, left)))

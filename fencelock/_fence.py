@@ -16,7 +16,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fencelock import _fingerprint, _sidecar, _tokens
@@ -287,13 +287,17 @@ PART = ".part"
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
 
 
-def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int = 0o600) -> None:
+def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int = 0o600,
+            check: Callable[[], None] = lambda: None) -> None:
     """Create ``session`` holding ``chunks``, whole or not at all: written, with the token
     mark for ``token``, and fsynced under ``session`` + `PART` (which only the session's
     holder writes: call it holding the session), then given its name, which no one sees
-    before it is complete. `SessionTakeoverError` when a file appeared at ``session``;
-    `SessionWriteError` naming the file that could not be written. On any failure,
-    nothing is left at either name."""
+    before it is complete. ``check`` raises when the caller may no longer hold the
+    session (an etcd lease that may have expired): it runs before each chunk and just
+    before the name is given. `SessionTakeoverError` when a file appeared at
+    ``session``, or another holder replaced the part; `SessionWriteError` naming the
+    file that could not be written. On any failure nothing of this call's is left at
+    either name (and nothing of anyone else's is removed)."""
     part = session + PART
     try:
         os.unlink(part)  # what a holder that failed or died before its name left behind
@@ -302,50 +306,80 @@ def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int
     except OSError as e:
         raise SessionWriteError(part, e, "remove") from None
     try:
-        fd, _ = _sidecar.open_regular(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode)
+        fd, st = _sidecar.open_regular(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode)
     except OSError as e:
         raise SessionWriteError(part, e, "create") from None
+    # Open until the end: while it is, no other file can get its inode number, so
+    # (dev, inode) tells the part this call wrote from anyone else's.
+    mine = (st.st_dev, st.st_ino)
     try:
+        if token:
+            _tokens.reserve(fd, token)
+        for chunk in chunks:
+            check()
+            _write_all(fd, chunk, part)
         try:
-            if token:
-                _tokens.reserve(fd, token)
-            for chunk in chunks:
-                _write_all(fd, chunk, part)
-            try:
-                _fsync(fd)
-            except OSError as e:
-                raise SessionWriteError(part, e, "fsync") from None
-        finally:
-            os.close(fd)
-        _name(part, session)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(part)
-        raise
-    with contextlib.suppress(OSError):
-        os.unlink(part)
+            _fsync(fd)
+        except OSError as e:
+            raise SessionWriteError(part, e, "fsync") from None
+        check()  # still the holder: nobody else can have made or be making it
+        _name(part, session, mine)
+    finally:
+        _unlink_if(part, mine)
+        os.close(fd)
     _fsync_dir(os.path.dirname(session))
 
 
-def _name(part: str, session: str) -> None:
-    """Give the complete ``part`` the name ``session``, which must not exist."""
+def forget_part(session: str) -> None:
+    """Remove ``session`` + `PART` when it is only a second name of the published
+    ``session`` (left by a holder that died between naming it and removing the part)."""
+    named = _identity(session)
+    if named is not None:
+        _unlink_if(session + PART, named)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _unlink_if(path: str, identity: tuple[int, int]) -> None:
+    """Remove ``path`` if it is still the file ``identity`` names."""
+    if _identity(path) == identity:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _name(part: str, session: str, mine: tuple[int, int]) -> None:
+    """Give the complete ``part`` (the file ``mine``) the name ``session``, which must
+    not exist."""
+    if _identity(part) != mine:  # another holder's now: this one lost the session
+        raise SessionTakeoverError(session, None, None)
     try:
         os.link(part, session)
-        return
     except FileExistsError:
         raise SessionTakeoverError(
             session, None, _fingerprint.take(session, FenceMode.STAT)) from None
     except OSError as e:
         if e.errno not in _NO_HARD_LINKS:
             raise SessionWriteError(session, e, "link") from None
-    # A filesystem without hard links: rename, after making sure nothing is there (the
-    # session's lock keeps every fencelock run away meanwhile).
-    if os.path.lexists(session):
-        raise SessionTakeoverError(session, None, _fingerprint.take(session, FenceMode.STAT))
-    try:
-        os.rename(part, session)
-    except OSError as e:
-        raise SessionWriteError(session, e, "rename") from None
+        # A filesystem without hard links: rename, after making sure nothing is there
+        # (the session's lock keeps every fencelock run away meanwhile).
+        if os.path.lexists(session):
+            raise SessionTakeoverError(
+                session, None, _fingerprint.take(session, FenceMode.STAT)) from None
+        try:
+            os.rename(part, session)
+        except OSError as e:
+            raise SessionWriteError(session, e, "rename") from None
+    named = _identity(session)
+    if named != mine:  # the part was replaced between the look and the link
+        if named is not None:
+            _unlink_if(session, named)  # the name this call gave another's file
+        raise SessionTakeoverError(session, None, None)
 
 
 def _fsync_dir(directory: str) -> None:

@@ -11,6 +11,7 @@ record's fields, the fence and the heartbeat.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import stat
@@ -451,7 +452,34 @@ class SessionLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release()
+        if self._store.releases_in_place:
+            self.release()
+            return
+        # It may wait for etcd to come back (up to the lease's time to live): not on the
+        # event loop, nor in the loop's default executor (see `acquire_async`).
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if not done.done():  # (the awaiting task may have been cancelled)
+                if error is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(error)
+
+        def release() -> None:
+            error: BaseException | None = None
+            try:
+                self.release()
+            except BaseException as e:  # handed to the awaiting task
+                error = e
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(settle, error)
+
+        threading.Thread(target=release, name="fencelock-release", daemon=True).start()
+        await done
 
     # -- the fence ---------------------------------------------------------------
 

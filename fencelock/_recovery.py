@@ -34,6 +34,7 @@ from fencelock import (
 from fencelock._constants import DEFAULT_STUCK_AFTER
 from fencelock._errors import (
     FenceLockError,
+    HolderLostError,
     SessionContendedError,
     SidecarAccessError,
     UnsafePathError,
@@ -220,8 +221,12 @@ def _start_fresh(
         except SessionContendedError:
             if successor is None:
                 raise
+            if _published(successor, session):
+                continue  # made meanwhile, and perhaps already in use: answer it
         # Another recover of the same stuck run is making it: wait for that.
         if not _wait_made(successor, backend, deadline):
+            if _published(successor, session):
+                continue
             raise FenceLockError(
                 f"{session}: still held after {waited:.1f} s, and another recover has been "
                 f"making its fresh session {successor} for over {SUCCESSOR_WAIT:.0f} s; see "
@@ -244,6 +249,7 @@ def _published(successor: str, session: str) -> bool:
     if not stat.S_ISREG(mode):
         # Not one recover made: its name can be worked out from the stuck run's record.
         raise UnsafePathError(successor, describe_mode(mode))
+    _fence.forget_part(successor)
     return True
 
 
@@ -291,9 +297,8 @@ def _make_fresh(
 
 
 def _remove_fresh(new: str) -> None:
-    """Remove a fresh session (its sidecar, and what `_fence.publish` left) whose name
-    nobody was given."""
-    for made in (new, new + _sidecar.SUFFIX, new + _fence.PART):
+    """Remove a fresh session (and its sidecar) whose name nobody was given."""
+    for made in (new, new + _sidecar.SUFFIX):
         with contextlib.suppress(OSError):
             os.unlink(made)
 
@@ -321,7 +326,9 @@ def _fill_fresh(
                 return  # another recover of the same stuck run made it meanwhile
             try:
                 _fence.publish(new, _chunks(fd, session, end), token=lock._token,
-                               file_mode=lock.mode)
+                               file_mode=lock.mode, check=lock._store.check)
+            except HolderLostError:
+                raise  # another holder's now: nothing here is this call's to remove
             except BaseException:  # an interrupt (SIGTERM, Ctrl-C) too
                 if not os.path.lexists(new):
                     _remove_fresh(new)  # while its lock is ours

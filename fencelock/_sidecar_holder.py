@@ -120,6 +120,7 @@ class SidecarHolder:
     opens_session = False
     tries_in_place = True
     """Fence checks stat the session's path: one host, no cached attributes to doubt."""
+    releases_in_place = True
 
     def __init__(self, session: str, sidecar: str, mode: int) -> None:
         self.session = session

@@ -42,6 +42,9 @@ class SessionStore(Protocol):
     tries_in_place: bool
     """Whether ``acquire(timeout=0)`` on a held session only looks (a sidecar's lock
     tried) rather than joining a queue and leaving it again (etcd)."""
+    releases_in_place: bool
+    """Whether a release never waits (a sidecar's unlock); an etcd release may ride out
+    an outage, so ``async with`` releases in a worker thread."""
 
     def acquire(
         self,
@@ -130,6 +133,7 @@ class RemoteStore:
     shares_fd = False
     opens_session = True
     tries_in_place = False
+    releases_in_place = False
 
     def __init__(self, holder: HolderStore) -> None:
         self.holder = holder

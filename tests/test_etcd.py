@@ -3,6 +3,7 @@ sides, lost leases (a paused holder), etcd killed and restarted, etcd unreachabl
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.server
 import json
@@ -525,6 +526,76 @@ def test_a_prompt_window_touch_and_release_ride_out_an_etcd_restart(
     assert status.state == ProbeState.FREE and status.record is not None
     assert status.record.token == token  # the release was stored
     assert [json.loads(x) for x in session.read_text().splitlines()] == [{"reply": 1}]
+
+
+def _etcd_post(server: EtcdServer, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://{server.endpoint}{path}", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        answer: dict[str, Any] = json.loads(r.read())
+    return answer
+
+
+def test_an_etcd_out_of_space_is_no_outage_to_ride_out(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    """With its NOSPACE alarm on, etcd refuses every write but keeps leases alive: a
+    holder riding that out as an outage would wait for good. The write fails at once,
+    saying what to do."""
+    url = own_etcd.url("nospace", ttl=30)
+    lock = SessionLock(session, "full", backend=url)
+    lock.acquire()
+    member = _etcd_post(own_etcd, "/v3/maintenance/status", {})["header"]["member_id"]
+    alarm = {"memberID": member, "alarm": "NOSPACE"}
+    _etcd_post(own_etcd, "/v3/maintenance/alarm", {**alarm, "action": "ACTIVATE"})
+    try:
+        with pytest.raises(StoreUnavailableError) as err:
+            lock.touch()
+        assert "out of space" in str(err.value) and "etcdctl alarm disarm" in str(err.value)
+    finally:
+        _etcd_post(own_etcd, "/v3/maintenance/alarm", {**alarm, "action": "DEACTIVATE"})
+    lock.touch()
+    lock.release()
+
+
+def test_async_with_releases_off_the_event_loop_while_etcd_is_away(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    """A release that rides out an etcd restart must not stop the event loop: other
+    tasks run meanwhile (here, the one that brings etcd back)."""
+    url = own_etcd.url("async-release", ttl=30)
+
+    async def main() -> list[int]:
+        ticks: list[int] = []
+        releasing = asyncio.Event()
+
+        async def ticker() -> None:
+            while True:
+                await asyncio.sleep(0.01)
+                if releasing.is_set():
+                    ticks.append(1)
+
+        async def bring_etcd_back() -> None:
+            await releasing.wait()
+            while len(ticks) < 3:  # the loop runs while the release waits for etcd
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(own_etcd.start)
+
+        task = asyncio.create_task(ticker())
+        back = asyncio.create_task(bring_etcd_back())
+        async with SessionLock(session, "async", backend=url):
+            own_etcd.kill(signal.SIGKILL)
+            releasing.set()
+        await asyncio.wait_for(back, 60)
+        task.cancel()
+        return ticks
+
+    assert len(asyncio.run(main())) >= 3
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.FREE and status.record is not None  # stored
 
 
 def _put_filler(server: EtcdServer, count: int) -> None:

@@ -744,3 +744,42 @@ def test_entering_the_prompt_window_records_the_fence_point(session: Path) -> No
             with open(session, "a") as f:
                 f.write('{"intruder": 1}\n')
             assert probe(session).fence_ok is False
+
+
+def test_publish_names_nothing_once_the_holder_may_have_lost_the_session(tmp_path: Path) -> None:
+    """`publish` (a session made whole at once) asks ``check`` before each chunk and
+    before it gives the name: a holder that lost the session meanwhile (an etcd lease
+    that may have expired while it was paused) names nothing, and leaves alone the part
+    the next holder is writing under the same name."""
+    from fencelock import HolderLostError
+    from fencelock._fence import PART, publish
+
+    session = str(tmp_path / "n.jsonl")
+    calls = []
+
+    def lost_after_first_chunk() -> None:
+        calls.append(1)
+        if len(calls) == 2:  # meanwhile the next holder started its own part
+            os.unlink(session + PART)
+            Path(session + PART).write_bytes(b'{"next":1}\n')
+            raise HolderLostError(session, "its etcd lease could not be renewed in time")
+
+    with pytest.raises(HolderLostError):
+        publish(session, [b'{"n":1}\n', b'{"n":2}\n'], token=0, check=lost_after_first_chunk)
+    assert not os.path.lexists(session)
+    assert Path(session + PART).read_bytes() == b'{"next":1}\n'  # the next holder's
+
+    def replaced_unseen() -> None:  # a holder that cannot tell it lost the session
+        calls.append(1)
+        if len(calls) == 3:  # just before the name: another's part is there now
+            os.unlink(session + PART)
+            Path(session + PART).write_bytes(b'{"other":1}\n')
+
+    calls.clear()
+    with pytest.raises(SessionTakeoverError):
+        publish(session, [b'{"n":1}\n', b'{"n":2}\n'], token=0, check=replaced_unseen)
+    assert not os.path.lexists(session)  # another's partial file never gets the name
+    assert Path(session + PART).read_bytes() == b'{"other":1}\n'
+    publish(session, [b'{"n":1}\n', b'{"n":2}\n'], token=0)
+    assert Path(session).read_bytes() == b'{"n":1}\n{"n":2}\n'
+    assert not os.path.lexists(session + PART)

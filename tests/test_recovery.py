@@ -193,6 +193,21 @@ def test_a_recover_makes_whole_what_a_failed_one_left(
     assert probe(successor).state == ProbeState.FREE
 
 
+def test_a_part_left_beside_a_made_fresh_session_is_removed(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """A recover that died between naming the fresh session and removing its part left
+    a second name of the whole copy: the next recover removes it, and answers the
+    fresh session as made."""
+    successor = _stuck_with_three_lines(session, spawn_holder)
+    first = recover(session, wait=0)
+    assert first.session == successor and first.carried_lines == 3
+    os.link(successor, successor + ".part")  # as the died recover left it
+    again = recover(session, wait=0)
+    assert again.session == successor and again.carried_lines == 0
+    _carried_whole(successor)
+
+
 def test_a_symlink_at_the_fresh_session_s_name_is_refused(
     session: Path, spawn_holder: SpawnHolder, tmp_path: Path
 ) -> None:
