@@ -524,24 +524,19 @@ def test_clearing_a_live_session_one_cannot_write_says_it_is_live(
         h = spawn_holder(session, lane="live")
         h.acquire()
         before = sidecar.read_bytes()
-        result = as_user("""
+        clear_it = """
             try:
                 clear(args["session"])
                 result = {"cleared": True}
             except FenceLockError as e:
                 result = {"error": type(e).__name__, "message": str(e)}
-        """, session=str(session))
+        """
+        result = as_user(clear_it, session=str(session))
         assert result["error"] == "SessionContendedError", result
         assert f"pid {h.pid}" in result["message"]
         assert sidecar.read_bytes() == before
         assert h.call("release") == "released"
-        result = as_user("""
-            try:
-                clear(args["session"])
-                result = {"cleared": True}
-            except FenceLockError as e:
-                result = {"error": type(e).__name__, "message": str(e)}
-        """, session=str(session))
+        result = as_user(clear_it, session=str(session))
         assert result["error"] == "SidecarAccessError", result  # free: why it cannot
 
 

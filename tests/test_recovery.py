@@ -139,6 +139,18 @@ def _carried_whole(successor: str) -> None:
     assert not os.path.lexists(successor + ".part")
 
 
+def _answers_a_whole_copy(proc: subprocess.Popen[str], successor: str) -> None:
+    """``proc`` (`_recover_json`) made ``successor`` and answers it, carried whole."""
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        reap(proc)
+    assert proc.returncode == 0, err
+    said = json.loads(out)
+    assert said["session"] == successor and said["carried_lines"] == 3, said
+    _carried_whole(successor)
+
+
 def test_a_recover_waits_for_another_s_copy_and_makes_it_if_that_one_failed(
     session: Path, spawn_holder: SpawnHolder
 ) -> None:
@@ -157,13 +169,10 @@ def test_a_recover_waits_for_another_s_copy_and_makes_it_if_that_one_failed(
         assert wait_for_blocked_waiter(successor, proc=proc)  # waits for that copy
         _remove_fresh(successor)  # the other recover failed: it removes what it made
         other.release()
-        out, err = proc.communicate(timeout=60)
-    finally:
+    except BaseException:
         reap(proc)
-    assert proc.returncode == 0, err
-    said = json.loads(out)
-    assert said["session"] == successor and said["carried_lines"] == 3, said
-    _carried_whole(successor)
+        raise
+    _answers_a_whole_copy(proc, successor)
 
 
 @pytest.mark.parametrize("left", ["died-mid-copy", "empty-sidecar"])
@@ -181,15 +190,7 @@ def test_a_recover_makes_whole_what_a_failed_one_left(
         copier.kill()
     else:
         Path(successor + ".holder").touch()
-    proc = _recover_json(session)
-    try:
-        out, err = proc.communicate(timeout=60)
-    finally:
-        reap(proc)
-    assert proc.returncode == 0, err
-    said = json.loads(out)
-    assert said["session"] == successor and said["carried_lines"] == 3, said
-    _carried_whole(successor)
+    _answers_a_whole_copy(_recover_json(session), successor)
     assert probe(successor).state == ProbeState.FREE
 
 
