@@ -187,7 +187,9 @@ def _successor(session: str, stuck: HolderInfo | None) -> str | None:
         return None
     # uuid5, with hashlib imported with this module: recover may run in a process
     # near its memory limit, where loading the hash library late would fail.
-    key = f"{os.path.basename(session)}\n{stuck.run_id}\n{stuck.token}".encode()
+    # The name's own bytes (a name need not be UTF-8), and a run id as the record has it.
+    key = b"\n".join([os.fsencode(os.path.basename(session)),
+                      stuck.run_id.encode("utf-8", "surrogatepass"), b"%d" % stuck.token])
     name = uuid.UUID(bytes=hashlib.sha1(_SUCCESSORS.bytes + key).digest()[:16], version=5)
     return os.path.join(os.path.dirname(session), f"{name}.jsonl")
 

@@ -209,6 +209,19 @@ def test_a_part_left_beside_a_made_fresh_session_is_removed(
     _carried_whole(successor)
 
 
+def test_a_session_whose_name_is_not_utf8_gets_its_fresh_session(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """A file name need not be UTF-8: the fresh session's name comes from its bytes."""
+    odd = session.parent / os.fsdecode(b"caf\xff.jsonl")
+    h = spawn_holder(odd, lane="cron")
+    h.acquire()
+    h.call("append " + json.dumps({"n": 1}))
+    result = recover(odd, wait=0)
+    assert result.action is Action.FRESH and result.carried_lines == 1
+    assert recover(odd, wait=0).session == result.session  # the same one, made once
+
+
 def test_a_symlink_at_the_fresh_session_s_name_is_refused(
     session: Path, spawn_holder: SpawnHolder, tmp_path: Path
 ) -> None:
