@@ -50,10 +50,11 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def strict_loads(text: str) -> Any:
+def strict_loads(text: str | bytes, parse_int: Callable[[str], Any] | None = None) -> Any:
     """``json.loads`` as strict JSON readers take it: no NaN or Infinity, and no number
     past a double's range; ValueError (or RecursionError) otherwise."""
-    return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
+    return json.loads(text, parse_constant=_not_json, parse_float=_finite_float,
+                      parse_int=parse_int)
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)

@@ -42,7 +42,7 @@ from fencelock._errors import (
 from fencelock._fingerprint import FenceMode
 from fencelock._platform import describe_mode
 from fencelock._probe import HolderStatus, ProbeState
-from fencelock._record import MAX_TOKEN, HolderInfo
+from fencelock._record import MAX_TOKEN, HolderInfo, State
 
 
 class Action(enum.StrEnum):
@@ -108,14 +108,12 @@ def recover(
         waited = time.monotonic() - start
         if not released:
             if not fresh:
-                held = found.record if found.held_by is not None else None
-                raise SessionContendedError(session, held, waited=waited,
+                raise SessionContendedError(session, _holding(found), waited=waited,
                                             lock_owners=found.lock_owners)
             old_token = found.record.token if found.record is not None else 0
             # The holder as it is now (the one waited for may have handed over).
-            stuck = _probe.probe(session, stuck_after=stuck_after,
-                                 backend=backend).record or found.record
-            successor = _successor(session, stuck)
+            now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
+            successor = _successor(session, _holding(now) or _holding(found))
             new, carried, made = _start_fresh(session, lane, carry, old_token, backend,
                                               waited, successor)
             try:
@@ -176,6 +174,16 @@ _LONG_LINE = 1024 * 1024
 
 _SUCCESSORS = uuid.UUID("6f1c2a9e-53d1-4e0a-9c1b-f3a2d0e5b7c4")
 """The namespace of successor session names (`_successor`)."""
+
+
+def _holding(found: HolderStatus) -> HolderInfo | None:
+    """The live holder's record: None for a holder outside fencelock, whose session
+    still shows the record of the last fencelock run (released, or stale)."""
+    record = found.record
+    if found.state is not ProbeState.LIVE or found.lock_owners is not None or \
+            record is None or record.state is not State.HELD:
+        return None
+    return record
 
 
 def _successor(session: str, stuck: HolderInfo | None) -> str | None:

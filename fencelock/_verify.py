@@ -8,13 +8,13 @@ owner still ran): exactly the write a fencing token exists to expose.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
 from fencelock import _sidecar
 from fencelock._errors import SidecarAccessError
+from fencelock._fence import strict_loads
 from fencelock._record import MAX_TOKEN
 from fencelock._tokens import STAMP_KEY, TAIL, TRAILING_STAMP, stamp_of
 
@@ -150,25 +150,33 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
                 tail = start
                 break
             unchecked.append(number)  # too long to parse: its stamp, from its end
-            m = TRAILING_STAMP.search(end.last)
-            if m is None:
+            found = _trailing_stamp(end.last)
+            if found is None:
                 continue
-            token, run = _int(m[1].decode()), m[2].decode("utf-8", "replace")
+            token, run = found
         else:
             try:
-                entry = json.loads(raw, parse_int=_int)
+                # As strict readers (and `append`) take JSON: no NaN, no Infinity.
+                entry = strict_loads(raw, parse_int=_int)
             except (ValueError, RecursionError):
                 problems.append(Problem(number, "torn", f"not JSON: {raw[:60]!r}"))
                 continue
-            stamp = stamp_of(entry)
-            if stamp is None:
-                if isinstance(entry, dict) and STAMP_KEY in entry:  # the reserved key, misused
-                    problems.append(Problem(
-                        number, "stamp-malformed",
-                        f"{STAMP_KEY!r} is not a stamp fencelock writes (a token >= 0 and a "
-                        f"run_id): {raw[:60]!r}"))
-                continue
-            token, run = stamp, _run_of(entry)
+            except MemoryError:  # its values take more memory than there is
+                unchecked.append(number)  # read as an over-long line is
+                found = _trailing_stamp(raw)
+                if found is None:
+                    continue
+                token, run = found
+            else:
+                stamp = stamp_of(entry)
+                if stamp is None:
+                    if isinstance(entry, dict) and STAMP_KEY in entry:  # the key, misused
+                        problems.append(Problem(
+                            number, "stamp-malformed",
+                            f"{STAMP_KEY!r} is not a stamp fencelock writes (a token >= 0 "
+                            f"and a run_id): {raw[:60]!r}"))
+                    continue
+                token, run = stamp, _run_of(entry)
         stamped += 1
         if token > MAX_TOKEN:  # not a token any run was given: it sets no order
             problems.append(Problem(
@@ -192,6 +200,14 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
                 Problem(number, "stopped", f"{MAX_PROBLEMS} problems; not read further")
             )
     return VerifyReport(session, number, stamped, best, problems, unchecked=unchecked), tail
+
+
+def _trailing_stamp(line: bytes) -> tuple[int, object] | None:
+    """(token, run id) of the stamp at the end of a line not parsed, if it has one."""
+    m = TRAILING_STAMP.search(line[-TAIL:])
+    if m is None:
+        return None
+    return _int(m[1].decode()), m[2].decode("utf-8", "replace")
 
 
 @dataclass(frozen=True, slots=True)

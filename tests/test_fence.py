@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import SpawnHolder, record_of
-from marks import needs_xattr
+from marks import needs_proc, needs_xattr
 
 from fencelock import (
     STAMP_KEY,
@@ -783,3 +783,41 @@ def test_publish_names_nothing_once_the_holder_may_have_lost_the_session(tmp_pat
     publish(session, [b'{"n":1}\n', b'{"n":2}\n'], token=0)
     assert Path(session).read_bytes() == b'{"n":1}\n{"n":2}\n'
     assert not os.path.lexists(session + PART)
+
+
+def test_verify_reads_lines_as_strict_json_readers_do(session: Path) -> None:
+    """NaN, Infinity and numbers past a double's range are not JSON: `append` refuses
+    them, strict readers (JSON.parse) cannot read them, and verify calls them torn."""
+    session.write_bytes(b'{"ok":1}\n{"a":NaN}\n{"b":-Infinity}\n{"c":1e999}\n{"d":1.5}\n')
+    report = verify(session)
+    assert [(p.line, p.kind) for p in report.problems] == [(2, "torn"), (3, "torn"), (4, "torn")]
+
+
+@needs_proc
+def test_verify_reads_a_line_it_has_no_memory_to_parse_as_an_over_long_one(
+    tmp_path: Path,
+) -> None:
+    """A line under the 64 MiB limit can still take more memory to parse than there is
+    (a 20 MB array of empty objects takes about 500 MB): verify lists it as unchecked
+    and reads its stamp from its end, instead of ending in a MemoryError traceback."""
+    import subprocess
+    import sys
+
+    session = tmp_path / "s.jsonl"
+    many = (b'{"big":[' + b"{}," * (7 * 1024 * 1024) +
+            b'{}],"_fencelock":{"token":7,"run_id":"r"}}')
+    session.write_bytes(b'{"n":1}\n' + many + b'\n{"n":2,"_fencelock":{"token":3,"run_id":"s"}}\n')
+    code = """
+import json, resource, sys
+from fencelock import verify
+with open("/proc/self/status") as f:
+    size = next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 200 * 1024 * 1024, resource.RLIM_INFINITY))
+r = verify(sys.argv[1])
+print(json.dumps({"unchecked": r.unchecked, "problems": [[p.line, p.kind] for p in r.problems]}))
+"""
+    done = subprocess.run([sys.executable, "-c", code, str(session)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout)
+    assert got == {"unchecked": [2], "problems": [[3, "token-backwards"]]}, got

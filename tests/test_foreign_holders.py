@@ -162,3 +162,30 @@ def test_a_line_the_lock_list_repeats_names_its_owner_once(
     monkeypatch.setattr(_platform, "_PROC_LOCKS", str(listing))
     owners = _platform.lock_owners(str(target))
     assert owners is not None and [o.pid for o in owners] == [os.getpid()]
+
+
+def test_recover_of_a_flock_holder_names_it_and_starts_a_new_fresh_session_each_time(
+    session: Path, foreign_holder: SpawnForeignHolder
+) -> None:
+    """A past run's released record is not the stuck holder's: `recover --no-fresh`
+    names the flock holder, and each time a process outside fencelock is stuck the
+    fresh session is a new one, carrying the lines written since (named after the
+    released run, a second recover answered the first copy, without them)."""
+    from fencelock import recover
+
+    session.write_text('{"a":1}\n')
+    with SessionLock(session, "before"):
+        pass
+    h = foreign_holder(sidecar(session))
+    with pytest.raises(SessionContendedError) as e:
+        recover(session, wait=0, fresh=False)
+    assert e.value.holder is None
+    assert f"held by pid {h.pid} (flock)" in str(e.value) and "'before'" not in str(e.value)
+    first = recover(session, wait=0)
+    h.release()
+    with open(session, "a") as f:
+        f.write('{"b":2}\n')
+    foreign_holder(sidecar(session))
+    second = recover(session, wait=0)
+    assert second.session != first.session and second.carried_lines == 2
+    assert Path(second.session).read_text() == '{"a":1}\n{"b":2}\n'
