@@ -804,7 +804,12 @@ def recover_command(
     """The safe stuck-session recovery step: never re-fire on a session a run still
     holds. Prints the session to use: SESSION itself when it is free (a stale record
     is cleared), or a fresh session beside it carrying the old transcript's complete
-    lines. Exit 0, or 4 when still held and --no-fresh.
+    lines. Exit 0, 4 when still held and --no-fresh, 1 on any other failure.
+
+    The fresh session is named after the stuck run, so every recover of that run
+    answers the same one, copied once; it gets its name only once the copy is whole.
+    A recover that meets another's copy under way waits for it (up to 5 minutes,
+    beyond --wait), and makes it itself if that copy fails.
 
     A session file that does not exist yet (its directory does) is free: it is
     printed as it is (refire).
@@ -918,8 +923,9 @@ def verify_command(session: str, as_json: bool) -> None:
     A session file that does not exist yet (its directory does) has no lines: it is
     clean, and the report says it does not exist.
 
-    A line over 64 MiB is not parsed (no problem by that alone): its stamp is read
-    from its end, and the report lists it as unchecked.
+    A line over 64 MiB, or one whose values take more memory to parse than there
+    is, is not parsed (no problem by that alone): its stamp is read from its end,
+    and the report lists it as unchecked.
 
     JSON: session, exists, lines, stamped, max_token, ok, problems (line, kind,
     detail), unchecked (line numbers).
@@ -954,11 +960,11 @@ def verify_command(session: str, as_json: bool) -> None:
         for p in report.problems:
             out(f"{name}:{p.line}: {p.kind}: {clean(p.detail)}")
         for n in report.unchecked:
-            out(f"{name}:{n}: note: over {MAX_LINE >> 20} MiB, not parsed; its stamp was "
-                "read from its end")
+            out(f"{name}:{n}: note: not parsed (over {MAX_LINE >> 20} MiB, or too large to "
+                "parse in the memory there is); its stamp was read from its end")
         verdict = "ok" if report.ok else plural(len(report.problems), "problem")
         missing = "" if report.exists else "no such file yet, "
-        unparsed = f", {len(report.unchecked)} too long to parse" if report.unchecked else ""
+        unparsed = f", {len(report.unchecked)} not parsed" if report.unchecked else ""
         out(
             f"{name}: {missing}{plural(report.lines, 'line')}, {report.stamped} stamped, "
             f"max token {report.max_token}{unparsed}: {verdict}"

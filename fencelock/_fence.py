@@ -50,6 +50,12 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def loads(text: str | bytes, parse_int: Callable[[str], Any] | None = None) -> Any:
+    """``json.loads`` without Python's extensions to JSON: ``NaN`` and ``Infinity``
+    raise ValueError (as any JSON reader would). Numbers of any size are JSON."""
+    return json.loads(text, parse_constant=_not_json, parse_int=parse_int)
+
+
 def strict_loads(text: str | bytes, parse_int: Callable[[str], Any] | None = None) -> Any:
     """``json.loads`` as strict JSON readers take it: no NaN or Infinity, and no number
     past a double's range; ValueError (or RecursionError) otherwise."""

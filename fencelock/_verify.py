@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from fencelock import _sidecar
 from fencelock._errors import SidecarAccessError
-from fencelock._fence import strict_loads
+from fencelock._fence import loads
 from fencelock._record import MAX_TOKEN
 from fencelock._tokens import STAMP_KEY, TAIL, TRAILING_STAMP, stamp_of
 
@@ -42,8 +42,8 @@ class VerifyReport:
     exists: bool = True
     """False for a session file not created yet (its directory exists): no lines."""
     unchecked: list[int] = field(default_factory=list)
-    """Lines longer than `MAX_LINE`: not parsed (no problem by that alone), their stamp
-    read from their end."""
+    """Lines not parsed (no problem by that alone), their stamp read from their end:
+    longer than `MAX_LINE`, or taking more memory to parse than there is."""
 
     @property
     def ok(self) -> bool:
@@ -156,8 +156,8 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
             token, run = found
         else:
             try:
-                # As strict readers (and `append`) take JSON: no NaN, no Infinity.
-                entry = strict_loads(raw, parse_int=_int)
+                # JSON as any reader takes it: no NaN, no Infinity (Python's own).
+                entry = loads(raw, parse_int=_int)
             except (ValueError, RecursionError):
                 problems.append(Problem(number, "torn", f"not JSON: {raw[:60]!r}"))
                 continue

@@ -785,12 +785,14 @@ def test_publish_names_nothing_once_the_holder_may_have_lost_the_session(tmp_pat
     assert not os.path.lexists(session + PART)
 
 
-def test_verify_reads_lines_as_strict_json_readers_do(session: Path) -> None:
-    """NaN, Infinity and numbers past a double's range are not JSON: `append` refuses
-    them, strict readers (JSON.parse) cannot read them, and verify calls them torn."""
-    session.write_bytes(b'{"ok":1}\n{"a":NaN}\n{"b":-Infinity}\n{"c":1e999}\n{"d":1.5}\n')
+def test_verify_reads_lines_as_json_readers_do(session: Path) -> None:
+    """NaN and Infinity are Python's extensions, not JSON: `append` refuses them, other
+    readers (JSON.parse) cannot read them, and verify calls them torn. A number of any
+    size is JSON."""
+    session.write_bytes(b'{"ok":1}\n{"a":NaN}\n{"b":-Infinity}\n{"c":1e999}\n'
+                        b'{"d":1' + b"0" * 400 + b'}\n')
     report = verify(session)
-    assert [(p.line, p.kind) for p in report.problems] == [(2, "torn"), (3, "torn"), (4, "torn")]
+    assert [(p.line, p.kind) for p in report.problems] == [(2, "torn"), (3, "torn")]
 
 
 @needs_proc
