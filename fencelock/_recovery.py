@@ -343,8 +343,10 @@ def _fill_fresh(
                 if not os.path.lexists(new):
                     _remove_fresh(new)  # while its lock is ours
                 raise
-            # The published copy is the fence point the record carries.
-            lock._fp = lock._session_fingerprint()
+            # The published copy is the fence point the record carries (taken by
+            # opening it where the store is shared by hosts, as its fence checks do).
+            lock._fp = _fingerprint.take(new, lock.fence_mode,
+                                         opened=lock._store.opens_session)
             lock._write_record()
             copied.append(lines)
     finally:
