@@ -316,9 +316,9 @@ def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int
         fd, st = _sidecar.open_regular(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode)
     except OSError as e:
         raise SessionWriteError(part, e, "create") from None
-    # Open until the end: while it is, no other file can get its inode number, so
-    # (dev, inode) tells the part this call wrote from anyone else's.
-    mine = (st.st_dev, st.st_ino)
+    # Open until the end: while it is, no other file can get its inode number, so its
+    # stat (device and inode, `_sidecar.still_at_path`) tells the part this call wrote
+    # from anyone else's.
     try:
         if token:
             _tokens.reserve(fd, token)
@@ -330,9 +330,9 @@ def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int
         except OSError as e:
             raise SessionWriteError(part, e, "fsync") from None
         check()  # still the holder: nobody else can have made or be making it
-        _name(part, session, mine)
+        _name(part, session, st)
     finally:
-        _unlink_if(part, mine)
+        _unlink_if(part, st)
         os.close(fd)
     _fsync_dir(os.path.dirname(session))
 
@@ -340,30 +340,24 @@ def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int
 def forget_part(session: str) -> None:
     """Remove ``session`` + `PART` when it is only a second name of the published
     ``session`` (left by a holder that died between naming it and removing the part)."""
-    named = _identity(session)
-    if named is not None:
-        _unlink_if(session + PART, named)
-
-
-def _identity(path: str) -> tuple[int, int] | None:
     try:
-        st = os.lstat(path)
+        st = os.lstat(session)
     except OSError:
-        return None
-    return st.st_dev, st.st_ino
+        return
+    _unlink_if(session + PART, st)
 
 
-def _unlink_if(path: str, identity: tuple[int, int]) -> None:
-    """Remove ``path`` if it is still the file ``identity`` names."""
-    if _identity(path) == identity:
+def _unlink_if(path: str, st: os.stat_result) -> None:
+    """Remove ``path`` if it is still the file ``st`` describes."""
+    if _sidecar.still_at_path(path, st):
         with contextlib.suppress(OSError):
             os.unlink(path)
 
 
-def _name(part: str, session: str, mine: tuple[int, int]) -> None:
-    """Give the complete ``part`` (the file ``mine``) the name ``session``, which must
-    not exist."""
-    if _identity(part) != mine:  # another holder's now: this one lost the session
+def _name(part: str, session: str, st: os.stat_result) -> None:
+    """Give the complete ``part`` (the file ``st`` describes) the name ``session``, which
+    must not exist."""
+    if not _sidecar.still_at_path(part, st):  # another holder's now: this one lost it
         raise SessionTakeoverError(session, None, None)
     try:
         os.link(part, session)
@@ -382,10 +376,9 @@ def _name(part: str, session: str, mine: tuple[int, int]) -> None:
             os.rename(part, session)
         except OSError as e:
             raise SessionWriteError(session, e, "rename") from None
-    named = _identity(session)
-    if named != mine:  # the part was replaced between the look and the link
-        if named is not None:
-            _unlink_if(session, named)  # the name this call gave another's file
+    if not _sidecar.still_at_path(session, st):  # the part was replaced just before
+        with contextlib.suppress(OSError):
+            os.unlink(session)  # the name this call gave another's file
         raise SessionTakeoverError(session, None, None)
 
 

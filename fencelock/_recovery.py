@@ -419,8 +419,8 @@ def _scan(fd: int, session: str, end: int) -> tuple[int, int]:
                 continue
             lines += 1
             if long_line or len(line) > _LONG_LINE:
-                m = _tokens.TRAILING_STAMP.search(line[-_tokens.TAIL:])
-                token = int(m[1]) if m else 0
+                found = _tokens.trailing_stamp(line)
+                token = found[0] if found else 0
                 best = max(best, token if token <= MAX_TOKEN else 0)
             elif key in line:
                 with contextlib.suppress(ValueError, RecursionError):

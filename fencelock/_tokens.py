@@ -52,6 +52,15 @@ line too long to parse is read for its token (in its last `TAIL` bytes)."""
 TAIL = 64 * 1024
 
 
+def trailing_stamp(line: bytes) -> tuple[int, str] | None:
+    """(token, run id) of the stamp at the end of a line read without parsing it (in
+    its last `TAIL` bytes), if it has one. The token may lie above `MAX_TOKEN`."""
+    m = TRAILING_STAMP.search(line[-TAIL:])
+    if m is None:
+        return None
+    return int(m[1]), m[2].decode("utf-8", "replace")
+
+
 def stamp_of(entry: object) -> int | None:
     """The token stamped into a parsed line, or None when it carries none."""
     if not isinstance(entry, dict):

@@ -16,7 +16,7 @@ from fencelock import _sidecar
 from fencelock._errors import SidecarAccessError
 from fencelock._fence import loads
 from fencelock._record import MAX_TOKEN
-from fencelock._tokens import STAMP_KEY, TAIL, TRAILING_STAMP, stamp_of
+from fencelock._tokens import STAMP_KEY, TAIL, stamp_of, trailing_stamp
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +127,7 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
     unchecked: list[int] = []
     best = 0
     best_run: object = None
+    run: object
     stamped = 0
     number = 0
     tail = -1
@@ -150,7 +151,7 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
                 tail = start
                 break
             unchecked.append(number)  # too long to parse: its stamp, from its end
-            found = _trailing_stamp(end.last)
+            found = trailing_stamp(end.last)
             if found is None:
                 continue
             token, run = found
@@ -163,7 +164,7 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
                 continue
             except MemoryError:  # its values take more memory than there is
                 unchecked.append(number)  # read as an over-long line is
-                found = _trailing_stamp(raw)
+                found = trailing_stamp(raw)
                 if found is None:
                     continue
                 token, run = found
@@ -200,14 +201,6 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
                 Problem(number, "stopped", f"{MAX_PROBLEMS} problems; not read further")
             )
     return VerifyReport(session, number, stamped, best, problems, unchecked=unchecked), tail
-
-
-def _trailing_stamp(line: bytes) -> tuple[int, object] | None:
-    """(token, run id) of the stamp at the end of a line not parsed, if it has one."""
-    m = TRAILING_STAMP.search(line[-TAIL:])
-    if m is None:
-        return None
-    return _int(m[1].decode()), m[2].decode("utf-8", "replace")
 
 
 @dataclass(frozen=True, slots=True)
