@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import math
 import os
@@ -61,10 +62,19 @@ exceeded"): no outage to wait out."""
 
 
 def _b64(text: str | bytes) -> str:
+    if isinstance(text, str):
+        return _b64_key(text)
+    return base64.b64encode(text).decode("ascii")
+
+
+@functools.lru_cache(maxsize=4096)
+def _b64_key(text: str) -> str:
+    """A key as the gateway takes it. Kept: a holder names the same few keys in every
+    request, and a hand-off's requests are built right after a long wait, when each
+    step costs several times more than in a loop."""
     # A session name that is not UTF-8 reaches us as os.fsdecode gives it (lone
     # surrogates): the key is the name's bytes, as the filesystem has them.
-    raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
-    return base64.b64encode(raw).decode("ascii")
+    return base64.b64encode(text.encode("utf-8", "surrogateescape")).decode("ascii")
 
 
 def _unb64(text: str) -> bytes:
@@ -93,11 +103,16 @@ def _range(key: str, *, prefix: bool = False, first: bool = False, last: bool = 
     return {"request_range": req}
 
 
-def _put(key: str, value: bytes, lease: int = 0) -> dict[str, Any]:
-    req: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+def _put(key: str, value: bytes | _Encoded, lease: int = 0) -> dict[str, Any]:
+    req: dict[str, Any] = {"key": _b64(key), "value": value if isinstance(value, _Encoded)
+                           else _b64(value)}
     if lease:
         req["lease"] = lease
     return {"request_put": req}
+
+
+class _Encoded(str):
+    """A value base64-encoded once for the several puts that store it."""
 
 
 def _delete(key: str) -> dict[str, Any]:
@@ -287,6 +302,14 @@ class _Watch:
             self._session.close()
 
 
+@functools.cache
+def _etcd3gw_exceptions() -> Any:
+    """etcd3gw's exceptions (imported once the store is used: it comes with an extra)."""
+    from etcd3gw import exceptions
+
+    return exceptions
+
+
 def _eof() -> bytes:
     raise EOFError
 
@@ -352,9 +375,8 @@ class _Cluster:
              deadline: float | None = None) -> dict[str, Any]:
         """POST one request to the first endpoint that answers (etcd3gw's client, whose
         session keeps its connection alive between requests)."""
-        from etcd3gw import exceptions
-
         clients = self._clients()
+        exceptions = _etcd3gw_exceptions()
         why = "no endpoint"
         n = len(clients)
         for i in range(n):
@@ -663,6 +685,9 @@ class EtcdHolder:
         self._wrote: bytes | None = None
         """What this holder last put (or tried to put) as the session's last record,
         since it queued; None while it has written nothing there."""
+        self._spent: _Watch | None = None
+        """The watch that saw this holder's turn come, stopped once the holder releases:
+        stopping it (and freeing its connection) would cost the hand-off 0.15 ms."""
 
     @property
     def _cluster(self) -> _Cluster:
@@ -827,17 +852,19 @@ class EtcdHolder:
                 # (before closing the watch, which costs a moment).
                 value = self._value(record(revision, None))
                 self._before, self._wrote = _raw(_kvs(responses[2])), value
+                encoded = _Encoded(_b64(value))
                 r = c.txn(
                     [_created(self._my_key, revision),
                      {**_created(pfx, revision - 1), "range_end": _b64(_prefix_end(pfx)),
                       "result": "GREATER"}],
-                    [_range(self.last_key), _put(self._my_key, value, self._lease.id),
-                     _put(self.last_key, value)],
+                    [_range(self.last_key), _put(self._my_key, encoded, self._lease.id),
+                     _put(self.last_key, encoded)],
                     # Not cut short by the caller's deadline: a transaction that
                     # timed out might still have made us the owner, unknown to us.
                     look,
                 )
                 if r.get("succeeded"):
+                    self._spent = watch
                     kvs = _kvs(r.get("responses", [{}])[0])
                     self._before = _raw(kvs)
                     # Usually a release just wrote it: its head says so, no need to parse.
@@ -855,7 +882,8 @@ class EtcdHolder:
                     raise SessionContendedError(self.session, self._owner_record(deadline),
                                                 waited=now - start)
             finally:
-                watch.stop()
+                if self._spent is not watch:
+                    watch.stop()
 
     def _watch_for_deletion(self, seen: dict[str, Any], looked_at: int,
                             deadline: float | None, cancel: threading.Event | None,
@@ -938,6 +966,7 @@ class EtcdHolder:
         my, lease, token = self._my_key, self._lease, self._token
         before, wrote = self._before, self._wrote
         self._my_key, self._token, self._before, self._wrote = "", 0, None, None
+        self._stop_spent()
         if not my or lease is None:
             return
         c = self._cluster
@@ -1007,11 +1036,12 @@ class EtcdHolder:
         lease = self._lease
         assert lease is not None
         value = self._wrote = self._value(record)
+        encoded = _Encoded(_b64(value))
 
         def put() -> dict[str, Any]:
             return self._cluster.txn(
                 [_created(self._my_key, self._token)],
-                [_put(self._my_key, value, lease.id), _put(self.last_key, value)],
+                [_put(self._my_key, encoded, lease.id), _put(self.last_key, encoded)],
             )
 
         try:
@@ -1032,6 +1062,7 @@ class EtcdHolder:
         my, lease, token = self._my_key, self._lease, self._token
         self._my_key, self._token, self._before, self._wrote = "", 0, None, None
         if not my or lease is None:
+            self._stop_spent()
             return
         ops = [_put(self.last_key, self._value(record)), _delete(my)]
         try:
@@ -1046,6 +1077,12 @@ class EtcdHolder:
             ) from None
         finally:
             self._cluster.unclaim(my)
+            self._stop_spent()
+
+    def _stop_spent(self) -> None:
+        watch, self._spent = self._spent, None
+        if watch is not None:
+            watch.stop()
 
     # -- from outside ------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import requests
-from requests.structures import CaseInsensitiveDict
+import urllib3
 
 
 def base_url(host: str, port: int) -> str:
@@ -28,13 +28,16 @@ class Session(requests.Session):
     none).
 
     A plain JSON POST (all the store and etcd3gw's client send, but for a watch's stream)
-    goes as a prepared request straight to the connection adapter: `requests.Session`
-    would merge this session's cookies, hooks, auth and settings into each request and
-    run its redirect and cookie handling on each answer, none of which apply to etcd's
-    gateway. That is 0.4 ms of a transaction's 2-3 ms after an idle pause (measured
-    against a bare ``http.client`` connection, which takes about 0.6 ms less still).
-    What the adapter does is unchanged: the connection pool, the proxy, the timeouts,
-    and requests' exceptions, which etcd3gw maps to its own.
+    goes without a proxy straight to the urllib3 connection pool requests' adapter keeps
+    for the endpoint, and its answer comes back as an `Answer`: requests would merge this
+    session's cookies, hooks, auth and settings into each request, and build a
+    `requests.Response` (a cookie jar, redirect and cookie handling) from each answer,
+    none of which apply to etcd's gateway. Their code runs cold after a pause (a holder
+    that held its session through a model call), when each of these steps costs several
+    times what it costs in a loop: skipping them takes about 0.4 ms off a hand-off's
+    2 ms above the store's protocol floor (fencelock-bench). The pool, its connections,
+    timeouts and retries are requests' own; urllib3's errors reach the caller as
+    requests' exceptions, as the adapter raises them, and etcd3gw maps them to its own.
     """
 
     def __init__(self, url: str) -> None:
@@ -42,23 +45,78 @@ class Session(requests.Session):
         self.proxies.update(requests.utils.get_environ_proxies(url))
         self.trust_env = False
         self._json_headers = {**self.headers, "Content-Type": "application/json"}
+        self._routes: dict[str, tuple[Any, str, Any]] = {}
+        """URL: (its urllib3 pool, the request target, the adapter's retries)."""
+        self._timeouts: dict[Any, urllib3.Timeout] = {}
 
     def post(self, url: str | bytes, data: Any = None, json: Any = None,
-             **kwargs: Any) -> requests.Response:
-        if data is not None or json is None or kwargs.keys() - {"timeout"}:
+             **kwargs: Any) -> Any:
+        if data is not None or json is None or kwargs.keys() - {"timeout"} or self.proxies:
             return super().post(url, data=data, json=json, **kwargs)
+        url = url if isinstance(url, str) else url.decode()
         body = _dumps(json)
-        request = requests.PreparedRequest()
-        request.method = "POST"
-        request.url = url if isinstance(url, str) else url.decode()
-        request.headers = CaseInsensitiveDict(self._json_headers)
-        request.headers["Content-Length"] = str(len(body))
-        request.body = body
-        response = self.get_adapter(request.url).send(
-            request, timeout=kwargs.get("timeout"), proxies=self.proxies, verify=self.verify,
-            cert=self.cert)
-        response.content  # noqa: B018 (read it all: the connection goes back to the pool)
-        return response
+        route = self._routes.get(url)
+        if route is None:
+            adapter = self.get_adapter(url)
+            if not isinstance(adapter, requests.adapters.HTTPAdapter):
+                return super().post(url, json=json, **kwargs)
+            parsed = urllib3.util.parse_url(url)
+            pool = adapter.poolmanager.connection_from_host(
+                parsed.host, parsed.port, parsed.scheme)
+            route = self._routes[url] = (pool, parsed.request_uri, adapter.max_retries)
+        pool, target, retries = route
+        wait = kwargs.get("timeout")
+        timeout = self._timeouts.get(wait)
+        if timeout is None:
+            timeout = self._timeouts[wait] = urllib3.Timeout(connect=wait, read=wait)
+        headers = self._json_headers.copy()
+        headers["Content-Length"] = str(len(body))
+        try:
+            raw = pool.urlopen("POST", target, body=body, headers=headers, redirect=False,
+                               assert_same_host=False, preload_content=True,
+                               retries=retries, timeout=timeout)
+        except Exception as e:
+            raise _as_requests_error(e) from None
+        return Answer(raw.status, raw.reason, raw.data)
+
+
+class Answer:
+    """An answer to a JSON POST: what etcd3gw's client reads of one (``status_code``,
+    ``reason``, ``text``, ``json()``)."""
+
+    __slots__ = ("content", "reason", "status_code")
+
+    def __init__(self, status: int, reason: str | None, content: bytes) -> None:
+        self.status_code = status
+        self.reason = reason
+        self.content = content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+def _as_requests_error(e: Exception) -> Exception:
+    """The exception requests' adapter raises for urllib3's ``e`` (``e`` itself when it
+    raises that unchanged)."""
+    from urllib3 import exceptions as u
+
+    if isinstance(e, u.MaxRetryError):
+        reason = e.reason
+        if isinstance(reason, u.ConnectTimeoutError) and \
+                not isinstance(reason, u.NewConnectionError):
+            return requests.ConnectTimeout(e)
+        if isinstance(reason, u.ProxyError):
+            return requests.exceptions.ProxyError(e)
+        return requests.ConnectionError(e)
+    if isinstance(e, u.ReadTimeoutError):
+        return requests.ReadTimeout(e)
+    if isinstance(e, u.ProtocolError | OSError | u.ClosedPoolError):
+        return requests.ConnectionError(e)
+    return e
 
 
 def _dumps(payload: Any) -> bytes:

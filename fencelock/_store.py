@@ -172,12 +172,10 @@ class RemoteStore:
                 import asyncio
 
                 raise asyncio.CancelledError()
+            # The record's fingerprint was taken once no other run could write any
+            # more (the session's turn had come to this one): a write that lands
+            # after it came from outside the protocol, and the fence reports it.
             lock._count, lock._owner, lock._pid = 1, me, _identity.ME.pid
-            # The record's fingerprint may predate the lock by a moment: the fence
-            # starts from the session as it is now that the lock is ours.
-            fp = _fingerprint.take(lock.session, lock.fence_mode, opened=True)
-            if fp != lock._fp:
-                lock._rewrite(_fp=fp)
         except BaseException:
             lock._count = 0
             holder.release(None)

@@ -871,6 +871,141 @@ def test_a_release_just_before_the_waiter_s_watch_begins_wakes_it_at_once(
         lock.release()
 
 
+def _its_watch(thread: threading.Thread) -> Any:
+    """The watch ``thread`` reads inline (see `_reading_its_watch`), or None."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == "_until_woken":
+            return frame.f_locals["self"]
+        frame = frame.f_back
+    return None
+
+
+def test_the_watch_a_waiter_s_turn_came_through_is_closed_by_its_release(
+    session: Path, own_etcd: EtcdServer, spawn_holder: SpawnHolder,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch that saw the key ahead go is stopped after the hand-off, not during
+    it; its connection must still be gone once the waiter releases (no connection left
+    behind per turn)."""
+    marks.require("proc")
+    url = own_etcd.url("spent-watch")
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    holder = spawn_holder(session, lane="first")
+    holder.acquire()
+    waiter = SessionLock(session, "waiter", backend=url)
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(waiter.acquire().token), daemon=True)
+    t.start()
+    give_up = time.monotonic() + 60
+    watch = _its_watch(t)
+    while watch is None:
+        assert t.is_alive() and time.monotonic() < give_up, got
+        time.sleep(0.005)
+        watch = _its_watch(t)
+    inode = os.fstat(watch._sock.fileno()).st_ino
+    assert inode in _sockets_to(own_etcd.client_port)
+    assert holder.call("release") == "released"
+    t.join(60)  # a guard against a hang, not a measurement
+    assert not t.is_alive() and len(got) == 1 and isinstance(got[0], int), got
+    assert watch.deleted  # the turn came through this watch
+    waiter.release()
+    assert inode not in _sockets_to(own_etcd.client_port)
+
+
+def test_a_write_from_outside_while_the_turn_is_taken_is_reported_by_the_fence(
+    session: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record's fingerprint is taken once no other run can write any more; a write
+    that lands after it, while the turn is being taken (a writer outside the protocol,
+    or a run paused past its lease), is reported by the fence at the first append,
+    never taken in as the session's starting point."""
+    from fencelock import _fingerprint
+
+    session.write_text('{"role": "user"}\n')
+    real = _fingerprint.take
+    armed = [True]
+
+    def take_then_intrude(*args: Any, **kwargs: Any) -> Any:
+        fp = real(*args, **kwargs)
+        if armed[0]:
+            armed[0] = False
+            with open(session, "a") as f:
+                f.write('{"role": "intruder"}\n')
+        return fp
+
+    monkeypatch.setattr(_fingerprint, "take", take_then_intrude)
+    with SessionLock(session, "run", backend=url) as lock:
+        assert not armed[0]  # the write landed during the acquire
+        with pytest.raises(SessionTakeoverError):
+            lock.append({"role": "assistant"})
+    roles = [json.loads(line)["role"] for line in session.read_text().splitlines()]
+    assert roles == ["user", "intruder"]
+
+
+def _refusing_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port  # closed again: nothing listens there
+
+
+@contextlib.contextmanager
+def _silent_server() -> Iterator[int]:
+    """A port that accepts connections and never answers."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("peer", ["refusing", "silent", "closing"])
+def test_the_store_s_http_session_fails_as_requests_would(peer: str) -> None:
+    """The store's session sends a JSON POST straight to requests' connection pool; a
+    connection refused, an answer that never comes and a connection closed without one
+    raise the exceptions requests raises (etcd3gw maps those to its own)."""
+    import socket
+
+    import requests
+
+    from fencelock import _etcdhttp
+
+    raised: list[type[BaseException]] = []
+    with contextlib.ExitStack() as stack:
+        if peer == "refusing":
+            port = _refusing_port()
+        elif peer == "silent":
+            port = stack.enter_context(_silent_server())
+        else:
+            listener = stack.enter_context(socket.socket())
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+            port = listener.getsockname()[1]
+
+            def close_each() -> None:
+                with contextlib.suppress(OSError):
+                    for _ in range(2):
+                        conn, _ = listener.accept()
+                        conn.recv(65536)
+                        conn.close()
+
+            threading.Thread(target=close_each, daemon=True).start()
+        url = f"http://127.0.0.1:{port}/v3/kv/txn"
+        for session in (requests.Session(), _etcdhttp.Session(url)):
+            session.trust_env = False
+            with session, pytest.raises(requests.RequestException) as err:
+                session.post(url, json={"compare": []}, timeout=0.5)
+            raised.append(type(err.value))
+    assert raised[0] is raised[1], raised
+    expected = {"refusing": requests.ConnectionError, "silent": requests.ReadTimeout,
+                "closing": requests.ConnectionError}[peer]
+    assert issubclass(raised[0], expected), raised
+
+
 def test_watches_cut_short_never_spoil_the_requests_that_follow(
     session: Path, url: str, etcd_server: EtcdServer
 ) -> None:
