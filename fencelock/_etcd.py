@@ -14,6 +14,7 @@ nothing, and every record write is also guarded by a compare on its own key.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import functools
@@ -24,6 +25,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -297,6 +299,10 @@ class _Watch:
                 # socket that nobody closes).
                 self._reader.join(_REQUEST_TIMEOUT)
         with contextlib.suppress(Exception):
+            # Now, not when the garbage collector gets to it (perhaps while the
+            # interpreter exits, with the modules its clean-up needs gone).
+            self._chunks.close()
+        with contextlib.suppress(Exception):
             self._response.close()
         with contextlib.suppress(Exception):
             self._session.close()
@@ -308,6 +314,20 @@ def _etcd3gw_exceptions() -> Any:
     from etcd3gw import exceptions
 
     return exceptions
+
+
+_SPENT: weakref.WeakSet[_Watch] = weakref.WeakSet()
+"""The watches of holders that hold now (`EtcdHolder._spent`)."""
+
+
+@atexit.register
+def _stop_spent_watches() -> None:
+    """A process that exits while it holds a session stops those watches first: left
+    to the interpreter's teardown, a stream's reader fails noisily on modules already
+    taken down."""
+    for watch in list(_SPENT):
+        with contextlib.suppress(Exception):
+            watch.stop()
 
 
 def _eof() -> bytes:
@@ -865,6 +885,7 @@ class EtcdHolder:
                 )
                 if r.get("succeeded"):
                     self._spent = watch
+                    _SPENT.add(watch)
                     kvs = _kvs(r.get("responses", [{}])[0])
                     self._before = _raw(kvs)
                     # Usually a release just wrote it: its head says so, no need to parse.
@@ -1082,6 +1103,7 @@ class EtcdHolder:
     def _stop_spent(self) -> None:
         watch, self._spent = self._spent, None
         if watch is not None:
+            _SPENT.discard(watch)
             watch.stop()
 
     # -- from outside ------------------------------------------------------------

@@ -7,11 +7,15 @@ Imported only when an etcd URL is used: ``requests`` comes with the ``etcd`` ext
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
+import select
+import socket
+import threading
+import urllib.parse
 from typing import Any
 
 import requests
-import urllib3
 
 
 def base_url(host: str, port: int) -> str:
@@ -27,57 +31,106 @@ class Session(requests.Session):
     the one the environment names (a netrc login does not apply: etcd's gateway takes
     none).
 
-    A plain JSON POST (all the store and etcd3gw's client send, but for a watch's stream)
-    goes without a proxy straight to the urllib3 connection pool requests' adapter keeps
-    for the endpoint, and its answer comes back as an `Answer`: requests would merge this
-    session's cookies, hooks, auth and settings into each request, and build a
-    `requests.Response` (a cookie jar, redirect and cookie handling) from each answer,
-    none of which apply to etcd's gateway. Their code runs cold after a pause (a holder
-    that held its session through a model call), when each of these steps costs several
-    times what it costs in a loop: skipping them takes about 0.4 ms off a hand-off's
-    2 ms above the store's protocol floor (fencelock-bench). The pool, its connections,
-    timeouts and retries are requests' own; urllib3's errors reach the caller as
-    requests' exceptions, as the adapter raises them, and etcd3gw maps them to its own.
+    A plain JSON POST to the endpoint with no proxy in between (all the store and
+    etcd3gw's client send, but for a watch's stream) goes on a keep-alive
+    ``http.client`` connection of the session's own, and its answer comes back as an
+    `Answer`. requests would merge the session's cookies, hooks, auth and settings into
+    each request, urllib3 would add its pool's bookkeeping and send the headers and
+    the body in two writes, and requests would build a `requests.Response` (a cookie
+    jar, redirect and cookie handling) from each answer: none of it applies to etcd's
+    gateway, and all of it runs cold after a pause (a holder that held its session
+    through a model call), when each step costs several times what it costs in a loop.
+    After 30 ms idle a transaction took 2.45 ms through requests and 2.05 ms this way;
+    a hand-off sends two on its critical path (fencelock-bench).
+
+    What urllib3's pool does for the store is kept: a connection that etcd closed while
+    it was idle is found before it is used again (as urllib3 does, by polling it) and
+    replaced; a connection that fails midway is closed, never reused; the timeout bounds
+    the connect and each read; and the errors reach the caller as requests' exceptions,
+    as its adapter raises them, which etcd3gw maps to its own.
     """
 
     def __init__(self, url: str) -> None:
         super().__init__()
         self.proxies.update(requests.utils.get_environ_proxies(url))
         self.trust_env = False
-        self._json_headers = {**self.headers, "Content-Type": "application/json"}
-        self._routes: dict[str, tuple[Any, str, Any]] = {}
-        """URL: (its urllib3 pool, the request target, the adapter's retries)."""
-        self._timeouts: dict[Any, urllib3.Timeout] = {}
+        parsed = urllib.parse.urlsplit(url)
+        self._origin = f"{parsed.scheme}://{parsed.netloc}"
+        self._host, self._port = parsed.hostname or "", parsed.port or 80
+        self._direct = parsed.scheme == "http" and not self.proxies
+        # etcd's gateway answers uncompressed; saying so keeps it that way.
+        self._json_headers: dict[str, Any] = {**self.headers, "Accept-Encoding": "identity",
+                              "Content-Type": "application/json"}
+        self._conn: http.client.HTTPConnection | None = None
+        self._timeout: float | None = None
+        self._mu = threading.Lock()
 
     def post(self, url: str | bytes, data: Any = None, json: Any = None,
              **kwargs: Any) -> Any:
-        if data is not None or json is None or kwargs.keys() - {"timeout"} or self.proxies:
-            return super().post(url, data=data, json=json, **kwargs)
         url = url if isinstance(url, str) else url.decode()
+        if data is not None or json is None or kwargs.keys() - {"timeout"} or \
+                not self._direct or not url.startswith(self._origin + "/"):
+            return super().post(url, data=data, json=json, **kwargs)
         body = _dumps(json)
-        route = self._routes.get(url)
-        if route is None:
-            adapter = self.get_adapter(url)
-            if not isinstance(adapter, requests.adapters.HTTPAdapter):
-                return super().post(url, json=json, **kwargs)
-            parsed = urllib3.util.parse_url(url)
-            pool = adapter.poolmanager.connection_from_host(
-                parsed.host, parsed.port, parsed.scheme)
-            route = self._routes[url] = (pool, parsed.request_uri, adapter.max_retries)
-        pool, target, retries = route
-        wait = kwargs.get("timeout")
-        timeout = self._timeouts.get(wait)
-        if timeout is None:
-            timeout = self._timeouts[wait] = urllib3.Timeout(connect=wait, read=wait)
         headers = self._json_headers.copy()
         headers["Content-Length"] = str(len(body))
+        with self._mu:
+            return self._send(url[len(self._origin):], body, headers, kwargs.get("timeout"))
+
+    def _send(self, target: str, body: bytes, headers: dict[str, Any],
+              timeout: float | None) -> Answer:
+        conn = self._conn
+        if conn is not None and conn.sock is not None and _dropped(conn.sock):
+            conn.close()
+        if conn is None:
+            conn = self._conn = http.client.HTTPConnection(self._host, self._port)
+        reading = False
         try:
-            raw = pool.urlopen("POST", target, body=body, headers=headers, redirect=False,
-                               assert_same_host=False, preload_content=True,
-                               retries=retries, timeout=timeout)
-        except Exception as e:
-            raise _as_requests_error(e) from None
-        return Answer(raw.status, raw.reason, raw.data)
+            if conn.sock is None:
+                conn.timeout = timeout
+                conn.connect()
+                self._timeout = timeout
+            reading = True
+            if timeout != self._timeout:
+                assert conn.sock is not None
+                conn.sock.settimeout(timeout)
+                self._timeout = timeout
+            conn.request("POST", target, body, headers)
+            answer = conn.getresponse()
+            content = answer.read()
+        except BaseException as e:
+            # Midway, its state is unknown: never reused.
+            self._conn = None
+            conn.close()
+            if isinstance(e, Exception):
+                raise _as_requests_error(e, reading) from None
+            raise
+        return Answer(answer.status, answer.reason, content)
+
+    def close(self) -> None:
+        with self._mu:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        super().close()
+
+    def inherited_socket(self) -> socket.socket | None:
+        """The connection's socket (in a forked child: this process's copy of it)."""
+        conn = self._conn
+        return None if conn is None else conn.sock
+
+
+def _dropped(sock: socket.socket) -> bool:
+    """Whether an idle keep-alive connection was closed by the far end (it reads as
+    ready: at its end, or with bytes nobody asked for) or cannot be polled."""
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 class Answer:
@@ -99,22 +152,12 @@ class Answer:
         return json.loads(self.content)
 
 
-def _as_requests_error(e: Exception) -> Exception:
-    """The exception requests' adapter raises for urllib3's ``e`` (``e`` itself when it
-    raises that unchanged)."""
-    from urllib3 import exceptions as u
-
-    if isinstance(e, u.MaxRetryError):
-        reason = e.reason
-        if isinstance(reason, u.ConnectTimeoutError) and \
-                not isinstance(reason, u.NewConnectionError):
-            return requests.ConnectTimeout(e)
-        if isinstance(reason, u.ProxyError):
-            return requests.exceptions.ProxyError(e)
-        return requests.ConnectionError(e)
-    if isinstance(e, u.ReadTimeoutError):
-        return requests.ReadTimeout(e)
-    if isinstance(e, u.ProtocolError | OSError | u.ClosedPoolError):
+def _as_requests_error(e: Exception, reading: bool) -> Exception:
+    """The exception requests raises where ``e`` ends a request: a time-out while
+    connecting or while waiting for the answer, or a connection that failed."""
+    if isinstance(e, TimeoutError):
+        return requests.ReadTimeout(e) if reading else requests.ConnectTimeout(e)
+    if isinstance(e, OSError | http.client.HTTPException):
         return requests.ConnectionError(e)
     return e
 
@@ -139,7 +182,11 @@ def close_inherited(client: Any) -> None:
     """In a forked child: close this process's copies of a client's idle connections
     (the parent's stay open), touching no lock a parent's thread may have held."""
     with contextlib.suppress(Exception):
-        for adapter in client.session.adapters.values():
+        session = client.session
+        sock = session.inherited_socket() if isinstance(session, Session) else None
+        if sock is not None:
+            sock.close()
+        for adapter in session.adapters.values():
             # Direct connections, and those through a proxy (a pool manager per proxy).
             for manager in [adapter.poolmanager, *adapter.proxy_manager.values()]:
                 for pool in list(manager.pools._container.values()):

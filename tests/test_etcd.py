@@ -265,11 +265,15 @@ def test_a_forked_child_closes_its_copies_of_the_parent_s_etcd_connections(
     assert parsed is not None
     # This thread's connections, idle now that its requests are done (the lease keeper's
     # may be in the middle of one: not counted).
-    idle = {os.fstat(conn.sock.fileno()).st_ino
-            for client in _etcd.cluster(parsed)._clients()
-            for pool in client.session.adapters["http://"].poolmanager.pools._container.values()
-            for conn in pool.pool.queue if conn is not None and conn.sock is not None}
-    assert idle and idle <= _sockets_to(port)  # kept alive between requests
+    clients = _etcd.cluster(parsed)._clients()
+    posts = {os.fstat(sock.fileno()).st_ino for client in clients
+             if (sock := client.session.inherited_socket()) is not None}
+    idle = posts | {
+        os.fstat(conn.sock.fileno()).st_ino
+        for client in clients
+        for pool in client.session.adapters["http://"].poolmanager.pools._container.values()
+        for conn in pool.pool.queue if conn is not None and conn.sock is not None}
+    assert posts and idle <= _sockets_to(port)  # kept alive between requests
     ctx = multiprocessing.get_context("fork")
     here, there = ctx.Pipe()
     child = ctx.Process(target=_child_reports_sockets, args=(port, there))
@@ -913,6 +917,49 @@ def test_the_watch_a_waiter_s_turn_came_through_is_closed_by_its_release(
     assert inode not in _sockets_to(own_etcd.client_port)
 
 
+_EXITS_HOLDING = """
+import sys, threading, time
+from fencelock import SessionLock
+lock = SessionLock(sys.argv[1], "exits-holding", backend=sys.argv[2])
+t = threading.Thread(target=lock.acquire)
+t.start()
+def reading_its_watch():
+    frame = sys._current_frames().get(t.ident)
+    while frame is not None:
+        if frame.f_code.co_name == "_until_woken":
+            return True
+        frame = frame.f_back
+    return False
+while not reading_its_watch():
+    assert t.is_alive()
+    time.sleep(0.005)
+print("watching", flush=True)
+t.join()
+print("held", lock._store.holder._spent is not None, flush=True)
+"""
+
+
+def test_a_process_that_exits_holding_a_session_it_waited_for_exits_quietly(
+    session: Path, url: str
+) -> None:
+    """A run that took its turn through a watch and exits without releasing (a
+    crash-only program, a script's last line) prints nothing on its way out: the watch
+    kept for its release is stopped before the interpreter tears down."""
+    with SessionLock(session, "first", backend=url):
+        child = subprocess.Popen([sys.executable, "-c", _EXITS_HOLDING, str(session), url],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == "watching\n"
+        except BaseException:
+            child.kill()
+            child.communicate()
+            raise
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0 and out == "held True\n", (out, err)
+    assert err == ""
+
+
 def test_a_write_from_outside_while_the_turn_is_taken_is_reported_by_the_fence(
     session: Path, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1214,9 +1261,10 @@ def test_the_environment_s_http_proxy_applies_to_etcd_requests(session: Path, ur
 
 
 def test_the_store_s_http_session_sends_a_json_post_as_requests_would() -> None:
-    """The store's session sends its JSON POSTs past requests' per-request merging of
-    cookies, hooks and settings: what reaches the server (request line, headers, body)
-    and the answer the caller gets are those of a plain requests session."""
+    """The store's session sends its JSON POSTs on a connection of its own, past
+    requests and urllib3: what reaches the server (request line, headers, body) and the
+    answer the caller gets are those of a plain requests session, but that it asks for
+    the answer uncompressed (it does not decompress)."""
     import requests
 
     from fencelock import _etcdhttp
@@ -1233,8 +1281,47 @@ def test_the_store_s_http_session_sends_a_json_post_as_requests_would() -> None:
             with session:
                 got = session.post(url, json=payload, timeout=5)
             answers.append((got.status_code, got.reason, got.json(), got.text))
-    assert len(received) == 2 and received[0] == received[1], received
+    assert len(received) == 2, received
+    asked = [headers.pop("Accept-Encoding") for _, _, headers, _ in received]
+    assert received[0] == received[1] and asked[1] == "identity", (received, asked)
     assert answers[0] == answers[1] and answers[0][2] == {"header": {"revision": "7"}}
+
+
+def test_the_store_s_http_session_replaces_a_connection_closed_while_idle() -> None:
+    """A keep-alive connection the far end closed while it was idle (etcd restarted, a
+    proxy's idle timeout) is found before it is used, and the request goes on a new
+    one: no error for a request etcd would have answered."""
+    import socket
+
+    from fencelock import _etcdhttp
+
+    closed = threading.Event()
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 2\r\n\r\n{}")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+
+        def answer_once_then_close() -> None:
+            for _ in range(2):
+                conn, _ = listener.accept()
+                with conn:
+                    request = b""
+                    while b"\r\n\r\n" not in request:
+                        request += conn.recv(65536)
+                    conn.sendall(answer)
+                closed.set()
+
+        server = threading.Thread(target=answer_once_then_close, daemon=True)
+        server.start()
+        url = f"http://127.0.0.1:{port}/v3/kv/txn"
+        with _etcdhttp.Session(url) as session:
+            assert session.post(url, json={}, timeout=5).json() == {}
+            assert closed.wait(60)  # the server closed the idle connection
+            assert session.post(url, json={}, timeout=5).json() == {}
+        server.join(60)
+        assert not server.is_alive()  # two connections: the second request had its own
 
 
 def test_an_ipv6_endpoint_with_proxy_variables_set_gives_the_store_s_error(
