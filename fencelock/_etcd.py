@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import collections
 import contextlib
 import functools
 import json
@@ -25,7 +26,6 @@ import socket
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -289,6 +289,13 @@ class _Watch:
         self.wake.set()
         return True
 
+    def close_inherited(self) -> None:
+        """In a forked child: close this process's copy of the watch's socket (its
+        descriptor itself: the stream's reader keeps the socket object open)."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._sock.detach())
+
     def stop(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(OSError):
@@ -316,18 +323,51 @@ def _etcd3gw_exceptions() -> Any:
     return exceptions
 
 
-_SPENT: weakref.WeakSet[_Watch] = weakref.WeakSet()
-"""The watches of holders that hold now (`EtcdHolder._spent`)."""
+_retired: collections.deque[_Watch] = collections.deque()
+"""Watches whose waiter's turn came, for `_retirer` to stop."""
+_retired_wake = threading.Event()
+_retirer: threading.Thread | None = None
+_retirer_mu = threading.Lock()
+_inherited: list[collections.deque[_Watch]] = []
+"""In a forked child: the parent's retired watches, kept unstopped (see
+`_after_fork_in_child`)."""
 
 
-@atexit.register
-def _stop_spent_watches() -> None:
-    """A process that exits while it holds a session stops those watches first: left
-    to the interpreter's teardown, a stream's reader fails noisily on modules already
-    taken down."""
-    for watch in list(_SPENT):
+def _retire(watch: _Watch) -> None:
+    """Have ``watch`` stopped soon, by a thread of its own: stopping a watch (and freeing
+    its connection) costs about 0.15 ms, which the waiter whose turn it saw come would
+    otherwise spend before `acquire` returns."""
+    global _retirer
+    _retired.append(watch)
+    if _retirer is None or not _retirer.is_alive():
+        with _retirer_mu:
+            if _retirer is None or not _retirer.is_alive():
+                _retirer = threading.Thread(target=_stop_retired, name="fencelock-etcd-retire",
+                                            daemon=True)
+                _retirer.start()
+    _retired_wake.set()
+
+
+def _stop_retired() -> None:
+    while True:
+        _retired_wake.wait()
+        _retired_wake.clear()
+        _stop_all_retired()
+
+
+def _stop_all_retired() -> None:
+    while True:
+        try:
+            watch = _retired.popleft()
+        except IndexError:
+            return
         with contextlib.suppress(Exception):
             watch.stop()
+
+
+# A process that exits just after a turn came stops that watch first: left to the
+# interpreter's teardown, the stream's reader fails noisily on modules already gone.
+atexit.register(_stop_all_retired)
 
 
 def _eof() -> bytes:
@@ -414,7 +454,7 @@ class _Cluster:
                 # etcd's own 503/504 answer ("no leader") carries its reason: keep it.
                 answer = (e.detail_text or "").lstrip()
                 why = _etcd_error(self.url.display, answer).why if answer.startswith("{") else (
-                    "connection refused" if "refused" in str(e).lower() else
+                    "connection refused" if "refused" in f"{e.detail_text} {e}".lower() else
                     "no answer in time" if isinstance(e, exceptions.ConnectionTimeoutError)
                     else "cannot connect")
                 continue
@@ -640,6 +680,16 @@ def _after_fork_in_child() -> None:
     global _clusters_lock
     # Nothing is imported here (the parent may have held an import lock): a client was
     # made only once its module was.
+    global _retired, _retired_wake, _retirer, _retirer_mu
+    # Its copies of the sockets of watches the parent is about to stop: closed, not shut
+    # down (that would end the parent's connections), and the watches kept, not freed
+    # (freeing one runs its stream's clean-up, which may take a lock a parent's thread
+    # held at the fork).
+    for watch in list(_retired):
+        watch.close_inherited()
+    _inherited.append(_retired)
+    _retired, _retired_wake, _retirer = collections.deque(), threading.Event(), None
+    _retirer_mu = threading.Lock()
     http = sys.modules.get("fencelock._etcdhttp")
     for found in _clusters.values():
         for clients in list(found._by_thread.values()):
@@ -705,9 +755,6 @@ class EtcdHolder:
         self._wrote: bytes | None = None
         """What this holder last put (or tried to put) as the session's last record,
         since it queued; None while it has written nothing there."""
-        self._spent: _Watch | None = None
-        """The watch that saw this holder's turn come, stopped once the holder releases:
-        stopping it (and freeing its connection) would cost the hand-off 0.15 ms."""
 
     @property
     def _cluster(self) -> _Cluster:
@@ -840,6 +887,7 @@ class EtcdHolder:
             except StoreUnavailableError:
                 r = self._look_again(look, deadline, start, cancel, failed=True)
                 continue
+            retired = False
             try:
                 watched = time.monotonic()
                 while True:
@@ -884,8 +932,8 @@ class EtcdHolder:
                     look,
                 )
                 if r.get("succeeded"):
-                    self._spent = watch
-                    _SPENT.add(watch)
+                    _retire(watch)
+                    retired = True
                     kvs = _kvs(r.get("responses", [{}])[0])
                     self._before = _raw(kvs)
                     # Usually a release just wrote it: its head says so, no need to parse.
@@ -895,6 +943,13 @@ class EtcdHolder:
                         old = self._last_checked(kvs)
                         if old is not None and old.state is State.HELD:
                             self.write(record(revision, old))  # took over a stale run
+                            return
+                    if quick is None or quick[1] != int(ahead[0]["create_revision"]):
+                        # The last release is not that of the key this waiter watched
+                        # (a waiter ahead gave up, or an etcdctl lock went): an older
+                        # holder may have written the session after the fingerprint
+                        # was taken, before its release. Take it again, now.
+                        self.write(record(revision, None))
                     return
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
@@ -903,7 +958,7 @@ class EtcdHolder:
                     raise SessionContendedError(self.session, self._owner_record(deadline),
                                                 waited=now - start)
             finally:
-                if self._spent is not watch:
+                if not retired:
                     watch.stop()
 
     def _watch_for_deletion(self, seen: dict[str, Any], looked_at: int,
@@ -987,7 +1042,6 @@ class EtcdHolder:
         my, lease, token = self._my_key, self._lease, self._token
         before, wrote = self._before, self._wrote
         self._my_key, self._token, self._before, self._wrote = "", 0, None, None
-        self._stop_spent()
         if not my or lease is None:
             return
         c = self._cluster
@@ -1083,7 +1137,6 @@ class EtcdHolder:
         my, lease, token = self._my_key, self._lease, self._token
         self._my_key, self._token, self._before, self._wrote = "", 0, None, None
         if not my or lease is None:
-            self._stop_spent()
             return
         ops = [_put(self.last_key, self._value(record)), _delete(my)]
         try:
@@ -1098,13 +1151,6 @@ class EtcdHolder:
             ) from None
         finally:
             self._cluster.unclaim(my)
-            self._stop_spent()
-
-    def _stop_spent(self) -> None:
-        watch, self._spent = self._spent, None
-        if watch is not None:
-            _SPENT.discard(watch)
-            watch.stop()
 
     # -- from outside ------------------------------------------------------------
 

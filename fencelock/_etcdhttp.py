@@ -13,6 +13,8 @@ import select
 import socket
 import threading
 import urllib.parse
+import weakref
+import zlib
 from typing import Any
 
 import requests
@@ -57,33 +59,60 @@ class Session(requests.Session):
         parsed = urllib.parse.urlsplit(url)
         self._origin = f"{parsed.scheme}://{parsed.netloc}"
         self._host, self._port = parsed.hostname or "", parsed.port or 80
-        self._direct = parsed.scheme == "http" and not self.proxies
+        # Proxy variables that name no proxy for this URL (NO_PROXY alone, HTTPS_PROXY
+        # for an http URL) leave it direct.
+        self._direct = parsed.scheme == "http" and \
+            requests.utils.select_proxy(url, self.proxies) is None
         # etcd's gateway answers uncompressed; saying so keeps it that way.
-        self._json_headers: dict[str, Any] = {**self.headers, "Accept-Encoding": "identity",
-                              "Content-Type": "application/json"}
+        self._get_headers: dict[str, Any] = {**self.headers, "Accept-Encoding": "identity"}
+        self._json_headers = {**self._get_headers, "Content-Type": "application/json"}
         self._conn: http.client.HTTPConnection | None = None
         self._timeout: float | None = None
         self._mu = threading.Lock()
+        # A session dropped unclosed (a client of a thread that ended) closes its
+        # connection when it is collected, or at exit, as urllib3's pools do.
+        self._held: list[http.client.HTTPConnection] = []
+        weakref.finalize(self, _close_all, self._held)
+
+    def _own(self, url: str, kwargs: dict[str, Any]) -> bool:
+        """Whether a request for ``url`` goes on the session's own connection: to its
+        endpoint, with no proxy, and no option but a timeout in seconds (or None)."""
+        timeout = kwargs.get("timeout")
+        return self._direct and url.startswith(self._origin + "/") and \
+            not kwargs.keys() - {"timeout"} and \
+            (timeout is None or type(timeout) in (int, float))
 
     def post(self, url: str | bytes, data: Any = None, json: Any = None,
              **kwargs: Any) -> Any:
         url = url if isinstance(url, str) else url.decode()
-        if data is not None or json is None or kwargs.keys() - {"timeout"} or \
-                not self._direct or not url.startswith(self._origin + "/"):
+        if data is not None or json is None or not self._own(url, kwargs):
             return super().post(url, data=data, json=json, **kwargs)
         body = _dumps(json)
         headers = self._json_headers.copy()
         headers["Content-Length"] = str(len(body))
         with self._mu:
-            return self._send(url[len(self._origin):], body, headers, kwargs.get("timeout"))
+            return self._send("POST", url[len(self._origin):], body, headers,
+                              kwargs.get("timeout"))
 
-    def _send(self, target: str, body: bytes, headers: dict[str, Any],
+    def get(self, url: str | bytes, **kwargs: Any) -> Any:
+        """A GET with no parameters (etcd3gw's look at the server's version) goes on
+        the same connection as the POSTs: a second one per client would stay open
+        idle."""
+        url = url if isinstance(url, str) else url.decode()
+        if not self._own(url, kwargs):
+            return super().get(url, **kwargs)
+        with self._mu:
+            return self._send("GET", url[len(self._origin):], None, self._get_headers,
+                              kwargs.get("timeout"))
+
+    def _send(self, method: str, target: str, body: bytes | None, headers: dict[str, Any],
               timeout: float | None) -> Answer:
         conn = self._conn
         if conn is not None and conn.sock is not None and _dropped(conn.sock):
             conn.close()
         if conn is None:
             conn = self._conn = http.client.HTTPConnection(self._host, self._port)
+            self._held[:] = [conn]
         reading = False
         try:
             if conn.sock is None:
@@ -95,9 +124,9 @@ class Session(requests.Session):
                 assert conn.sock is not None
                 conn.sock.settimeout(timeout)
                 self._timeout = timeout
-            conn.request("POST", target, body, headers)
+            conn.request(method, target, body, headers)
             answer = conn.getresponse()
-            content = answer.read()
+            content = _decoded(answer.read(), answer.getheader("Content-Encoding"))
         except BaseException as e:
             # Midway, its state is unknown: never reused.
             self._conn = None
@@ -118,6 +147,20 @@ class Session(requests.Session):
         """The connection's socket (in a forked child: this process's copy of it)."""
         conn = self._conn
         return None if conn is None else conn.sock
+
+
+def _close_all(conns: list[http.client.HTTPConnection]) -> None:
+    for conn in conns:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def _decoded(content: bytes, encoding: str | None) -> bytes:
+    """An answer's body as sent before compression (a proxy in front of etcd may
+    compress although asked not to)."""
+    if encoding and encoding.strip().lower() in ("gzip", "deflate"):
+        return zlib.decompress(content, 47)  # 47: a gzip or a zlib header, either
+    return content
 
 
 def _dropped(sock: socket.socket) -> bool:

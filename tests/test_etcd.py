@@ -713,8 +713,9 @@ def test_unreachable_etcd_raises_store_unavailable_instead_of_hanging(
 ) -> None:
     port = own_etcd.client_port
     own_etcd.stop()  # nothing listens there now
-    with pytest.raises(StoreUnavailableError, match=f"127.0.0.1:{port}"):
+    with pytest.raises(StoreUnavailableError, match=f"127.0.0.1:{port}") as err:
         SessionLock(session, backend=f"etcd://127.0.0.1:{port}/p").acquire()
+    assert "connection refused" in str(err.value)  # named as such, not "cannot connect"
     with pytest.raises(StoreUnavailableError):
         probe(session, backend=f"etcd://127.0.0.1:{port}/p")
 
@@ -885,13 +886,13 @@ def _its_watch(thread: threading.Thread) -> Any:
     return None
 
 
-def test_the_watch_a_waiter_s_turn_came_through_is_closed_by_its_release(
+def test_the_watch_a_waiter_s_turn_came_through_is_closed_after_the_hand_off(
     session: Path, own_etcd: EtcdServer, spawn_holder: SpawnHolder,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The watch that saw the key ahead go is stopped after the hand-off, not during
-    it; its connection must still be gone once the waiter releases (no connection left
-    behind per turn)."""
+    it, by a thread of its own: its connection must be gone soon after, while the
+    session is still held (no connection kept per session held)."""
     marks.require("proc")
     url = own_etcd.url("spent-watch")
     monkeypatch.setenv("FENCELOCK_BACKEND", url)
@@ -913,13 +914,137 @@ def test_the_watch_a_waiter_s_turn_came_through_is_closed_by_its_release(
     t.join(60)  # a guard against a hang, not a measurement
     assert not t.is_alive() and len(got) == 1 and isinstance(got[0], int), got
     assert watch.deleted  # the turn came through this watch
+    while inode in _sockets_to(own_etcd.client_port):  # stopped by another thread
+        assert time.monotonic() < give_up, "the watch's connection stayed open"
+        time.sleep(0.005)
+    assert waiter.held
     waiter.release()
-    assert inode not in _sockets_to(own_etcd.client_port)
+
+
+def test_a_forked_child_leaves_the_parent_s_watches_to_the_parent(
+    session: Path, url: str
+) -> None:
+    """A watch the parent has yet to stop when it forks (its waiter's turn just came):
+    the child closes its copy of the socket and never shuts the connection down, so
+    the parent's watch still reads its stream."""
+    import multiprocessing
+
+    from fencelock import _etcd
+
+    marks.require("proc")
+    parsed = parse(url)
+    assert parsed is not None
+    cluster = _etcd.cluster(parsed)
+    watch = cluster.watch(f"{parsed.prefix}/never-deleted", None)
+    assert watch._sock is not None
+    inode = os.fstat(watch._sock.fileno()).st_ino
+    try:
+        _etcd._retired.append(watch)  # as `_retire` leaves it, before the thread runs
+        ctx = multiprocessing.get_context("fork")
+        here, there = ctx.Pipe()
+        child = ctx.Process(target=_child_reports_open_sockets, args=(there,))
+        child.start()
+        there.close()
+        assert here.poll(60)
+        in_child = here.recv()
+        child.join(60)
+        assert child.exitcode == 0
+        assert inode not in in_child
+        # The parent's stream is intact: it still times out waiting, not at its end.
+        assert watch.wait(0.05) is False and not watch.deleted
+    finally:
+        with contextlib.suppress(ValueError):
+            _etcd._retired.remove(watch)
+        watch.stop()
+
+
+def _child_reports_open_sockets(conn: Connection) -> None:
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                mine.add(int(link[len("socket:["):-1]))
+    conn.send(mine)
+    conn.close()
+
+
+def test_a_client_keeps_one_connection_per_endpoint(session: Path, url: str) -> None:
+    """etcd3gw's look at the server's version goes on the same kept-alive connection as
+    the transactions: none is left idle in requests' pool."""
+    from fencelock import _etcd
+
+    with SessionLock(session, "one-connection", backend=url):
+        pass
+    parsed = parse(url)
+    assert parsed is not None
+    for client in _etcd.cluster(parsed)._clients():
+        pooled = [conn for pool in
+                  client.session.adapters["http://"].poolmanager.pools._container.values()
+                  for conn in pool.pool.queue if conn is not None]
+        assert pooled == [] and client.session.inherited_socket() is not None
+
+
+def test_a_waiter_whose_turn_came_after_an_older_holder_wrote_is_no_takeover(
+    session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiter watches the key just ahead of it, which need not be the owner's: when a
+    waiter ahead gives up, the owner may still append and release before this waiter's
+    turn is confirmed. That line is the protocol's: the fence starts after it, and the
+    new holder's first append goes through."""
+    from fencelock import _etcd, _fingerprint
+
+    session.write_text('{"role": "user"}\n')
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    owner = spawn_holder(session, lane="owner")
+    owner.acquire()
+    parsed = parse(url)
+    assert parsed is not None
+    cluster = _etcd.cluster(parsed)
+    lease = int(cluster.call("/lease/grant", {"TTL": 60, "ID": 0})["ID"])
+    ahead = f"{_etcd.EtcdHolder(parsed, str(session)).lock_name}/{lease:x}"
+    cluster.txn([], [_etcd._put(ahead, b"", lease)])  # a waiter queued behind the owner
+    real = _fingerprint.take
+    armed = [False]
+
+    def owner_writes_and_releases_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        fp = real(*args, **kwargs)
+        if armed[0]:
+            armed[0] = False
+            assert owner.call('append {"role": "assistant", "by": "owner"}') == "ok"
+            assert owner.call("release") == "released"
+        return fp
+
+    monkeypatch.setattr(_fingerprint, "take", owner_writes_and_releases_meanwhile)
+    lock = SessionLock(session, "behind", backend=url)
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(lock.acquire().token), daemon=True)
+    t.start()
+    give_up = time.monotonic() + 60
+    while not _reading_its_watch(t):  # watching the waiter ahead, not the owner
+        assert t.is_alive() and time.monotonic() < give_up, got
+        time.sleep(0.005)
+    armed[0] = True
+    cluster.txn([], [_etcd._delete(ahead)])  # the waiter ahead gives up
+    t.join(60)
+    assert not t.is_alive() and len(got) == 1 and not armed[0], got
+    try:
+        lock.append({"role": "assistant", "by": "behind"})
+    finally:
+        lock.release()
+        cluster.call("/kv/lease/revoke", {"ID": lease})
+    by = [json.loads(line).get("by") for line in session.read_text().splitlines()]
+    assert by == [None, "owner", "behind"]
 
 
 _EXITS_HOLDING = """
 import sys, threading, time
-from fencelock import SessionLock
+from fencelock import SessionLock, _etcd
+class Asleep:  # the exit comes before the thread that stops watches gets to run
+    def set(self): pass
+    def wait(self): threading.Event().wait()
+    def clear(self): pass
+_etcd._retired_wake = Asleep()
 lock = SessionLock(sys.argv[1], "exits-holding", backend=sys.argv[2])
 t = threading.Thread(target=lock.acquire)
 t.start()
@@ -935,7 +1060,7 @@ while not reading_its_watch():
     time.sleep(0.005)
 print("watching", flush=True)
 t.join()
-print("held", lock._store.holder._spent is not None, flush=True)
+print("held", len(_etcd._retired) == 1, flush=True)
 """
 
 
@@ -943,8 +1068,9 @@ def test_a_process_that_exits_holding_a_session_it_waited_for_exits_quietly(
     session: Path, url: str
 ) -> None:
     """A run that took its turn through a watch and exits without releasing (a
-    crash-only program, a script's last line) prints nothing on its way out: the watch
-    kept for its release is stopped before the interpreter tears down."""
+    crash-only program, a script's last line) prints nothing on its way out, even when
+    it exits before the thread that stops spent watches got to its watch: that is
+    stopped before the interpreter tears down."""
     with SessionLock(session, "first", backend=url):
         child = subprocess.Popen([sys.executable, "-c", _EXITS_HOLDING, str(session), url],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -1285,6 +1411,95 @@ def test_the_store_s_http_session_sends_a_json_post_as_requests_would() -> None:
     asked = [headers.pop("Accept-Encoding") for _, _, headers, _ in received]
     assert received[0] == received[1] and asked[1] == "identity", (received, asked)
     assert answers[0] == answers[1] and answers[0][2] == {"header": {"revision": "7"}}
+
+
+@contextlib.contextmanager
+def _raw_answer(answer: bytes) -> Iterator[tuple[int, list[bytes]]]:
+    """A server that answers each request on a connection with the bytes ``answer``;
+    yields its port and the requests it read (each up to its blank line)."""
+    import socket
+
+    requests_seen: list[bytes] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+
+        def serve() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = listener.accept()
+                    with conn:
+                        request = b""
+                        while b"\r\n\r\n" not in request:
+                            request += conn.recv(65536)
+                        requests_seen.append(request)
+                        conn.sendall(answer)
+
+        threading.Thread(target=serve, daemon=True).start()
+        yield listener.getsockname()[1], requests_seen
+
+
+def test_proxy_variables_that_name_no_proxy_for_etcd_leave_its_requests_direct(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NO_PROXY alone, or a proxy for https only, names no proxy for etcd's http URL:
+    the requests still go on the session's own connection (which asks for answers
+    uncompressed), not through requests."""
+    from fencelock import _etcdhttp
+
+    for name in [k for k in os.environ if "proxy" in k.lower()]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("NO_PROXY", "example.com")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    with _raw_answer(answer) as (port, seen):
+        url = f"http://127.0.0.1:{port}/v3/kv/txn"
+        with _etcdhttp.Session(url) as session:
+            assert session.post(url, json={}, timeout=5).json() == {}
+    assert len(seen) == 1 and b"\r\nAccept-Encoding: identity\r\n" in seen[0], seen
+
+
+def test_the_store_s_http_session_reads_a_compressed_answer_and_any_timeout() -> None:
+    """A proxy in front of etcd may compress the answer although asked not to: it is
+    decompressed. A timeout given as (connect, read) goes through requests, as before."""
+    import gzip
+
+    from fencelock import _etcdhttp
+
+    body = gzip.compress(b'{"header": {"revision": "9"}}')
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nConnection: close\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    with _raw_answer(answer) as (port, seen):
+        url = f"http://127.0.0.1:{port}/v3/kv/txn"
+        with _etcdhttp.Session(url) as session:
+            for timeout in (5, (5, 5)):
+                got = session.post(url, json={}, timeout=timeout).json()
+                assert got == {"header": {"revision": "9"}}, timeout
+    assert len(seen) == 2
+
+
+def test_a_session_dropped_unclosed_closes_its_connection() -> None:
+    """The client of a thread that ended is dropped without a close: its connection is
+    closed when it is collected (no descriptor left open, no ResourceWarning), as
+    urllib3's pools do."""
+    import gc
+    import warnings
+
+    from fencelock import _etcdhttp
+
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    with _raw_answer(answer) as (port, _):
+        url = f"http://127.0.0.1:{port}/v3/kv/txn"
+        session = _etcdhttp.Session(url)
+        assert session.post(url, json={}, timeout=5).json() == {}
+        sock = session.inherited_socket()
+        assert sock is not None and sock.fileno() >= 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            del session
+            gc.collect()
+        assert sock.fileno() == -1  # closed
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)], caught
 
 
 def test_the_store_s_http_session_replaces_a_connection_closed_while_idle() -> None:
