@@ -249,10 +249,25 @@ def _child_reports_sockets(port: int, conn: Connection) -> None:
     conn.close()
 
 
+def _sockets_to_in_a_forked_child(port: int) -> set[int]:
+    """`_sockets_to` ``port`` as a child forked now finds them, once fork handlers ran."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_child_reports_sockets, args=(port, there))
+    child.start()
+    there.close()
+    assert here.poll(60)
+    in_child: set[int] = here.recv()
+    child.join(60)
+    assert child.exitcode == 0
+    return in_child
+
+
 def test_a_forked_child_closes_its_copies_of_the_parent_s_etcd_connections(
     session: Path, own_etcd: EtcdServer
 ) -> None:
-    import multiprocessing
 
     marks.require("proc")
     url = own_etcd.url("fork-sockets")  # no other test's connections go to this port
@@ -274,15 +289,7 @@ def test_a_forked_child_closes_its_copies_of_the_parent_s_etcd_connections(
         for pool in client.session.adapters["http://"].poolmanager.pools._container.values()
         for conn in pool.pool.queue if conn is not None and conn.sock is not None}
     assert posts and idle <= _sockets_to(port)  # kept alive between requests
-    ctx = multiprocessing.get_context("fork")
-    here, there = ctx.Pipe()
-    child = ctx.Process(target=_child_reports_sockets, args=(port, there))
-    child.start()
-    there.close()
-    assert here.poll(60)
-    in_child = here.recv()
-    child.join(60)
-    assert child.exitcode == 0
+    in_child = _sockets_to_in_a_forked_child(port)
     assert not (in_child & idle), (in_child, idle)
     assert _sockets_to(port) >= idle  # the parent's own stay open
     with SessionLock(session, "parent", backend=url):
@@ -927,7 +934,6 @@ def test_a_forked_child_leaves_the_parent_s_watches_to_the_parent(
     """A watch the parent has yet to stop when it forks (its waiter's turn just came):
     the child closes its copy of the socket and never shuts the connection down, so
     the parent's watch still reads its stream."""
-    import multiprocessing
 
     from fencelock import _etcd
 
@@ -940,33 +946,14 @@ def test_a_forked_child_leaves_the_parent_s_watches_to_the_parent(
     inode = os.fstat(watch._sock.fileno()).st_ino
     try:
         _etcd._retired.append(watch)  # as `_retire` leaves it, before the thread runs
-        ctx = multiprocessing.get_context("fork")
-        here, there = ctx.Pipe()
-        child = ctx.Process(target=_child_reports_open_sockets, args=(there,))
-        child.start()
-        there.close()
-        assert here.poll(60)
-        in_child = here.recv()
-        child.join(60)
-        assert child.exitcode == 0
-        assert inode not in in_child
+        assert inode in _sockets_to(parsed.endpoints[0][1])
+        assert inode not in _sockets_to_in_a_forked_child(parsed.endpoints[0][1])
         # The parent's stream is intact: it still times out waiting, not at its end.
         assert watch.wait(0.05) is False and not watch.deleted
     finally:
         with contextlib.suppress(ValueError):
             _etcd._retired.remove(watch)
         watch.stop()
-
-
-def _child_reports_open_sockets(conn: Connection) -> None:
-    mine = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/self/fd/{fd}")
-            if link.startswith("socket:["):
-                mine.add(int(link[len("socket:["):-1]))
-    conn.send(mine)
-    conn.close()
 
 
 def test_a_client_keeps_one_connection_per_endpoint(session: Path, url: str) -> None:
@@ -985,6 +972,27 @@ def test_a_client_keeps_one_connection_per_endpoint(session: Path, url: str) -> 
         assert pooled == [] and client.session.inherited_socket() is not None
 
 
+def _once_after_a_fingerprint(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None],
+                              armed: bool = True) -> list[bool]:
+    """Run ``action`` once, just after the next fingerprint of a session is taken
+    while the returned flag is set (``armed``): a write that lands while a turn is
+    being taken. The flag is cleared once it ran."""
+    from fencelock import _fingerprint
+
+    real = _fingerprint.take
+    flag = [armed]
+
+    def take(*args: Any, **kwargs: Any) -> Any:
+        fp = real(*args, **kwargs)
+        if flag[0]:
+            flag[0] = False
+            action()
+        return fp
+
+    monkeypatch.setattr(_fingerprint, "take", take)
+    return flag
+
+
 def test_a_waiter_whose_turn_came_after_an_older_holder_wrote_is_no_takeover(
     session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -992,7 +1000,7 @@ def test_a_waiter_whose_turn_came_after_an_older_holder_wrote_is_no_takeover(
     waiter ahead gives up, the owner may still append and release before this waiter's
     turn is confirmed. That line is the protocol's: the fence starts after it, and the
     new holder's first append goes through."""
-    from fencelock import _etcd, _fingerprint
+    from fencelock import _etcd
 
     session.write_text('{"role": "user"}\n')
     monkeypatch.setenv("FENCELOCK_BACKEND", url)
@@ -1004,18 +1012,12 @@ def test_a_waiter_whose_turn_came_after_an_older_holder_wrote_is_no_takeover(
     lease = int(cluster.call("/lease/grant", {"TTL": 60, "ID": 0})["ID"])
     ahead = f"{_etcd.EtcdHolder(parsed, str(session)).lock_name}/{lease:x}"
     cluster.txn([], [_etcd._put(ahead, b"", lease)])  # a waiter queued behind the owner
-    real = _fingerprint.take
-    armed = [False]
 
-    def owner_writes_and_releases_meanwhile(*args: Any, **kwargs: Any) -> Any:
-        fp = real(*args, **kwargs)
-        if armed[0]:
-            armed[0] = False
-            assert owner.call('append {"role": "assistant", "by": "owner"}') == "ok"
-            assert owner.call("release") == "released"
-        return fp
+    def owner_writes_and_releases() -> None:
+        assert owner.call('append {"role": "assistant", "by": "owner"}') == "ok"
+        assert owner.call("release") == "released"
 
-    monkeypatch.setattr(_fingerprint, "take", owner_writes_and_releases_meanwhile)
+    armed = _once_after_a_fingerprint(monkeypatch, owner_writes_and_releases, armed=False)
     lock = SessionLock(session, "behind", backend=url)
     got: list[object] = []
     t = threading.Thread(target=lambda: got.append(lock.acquire().token), daemon=True)
@@ -1093,21 +1095,13 @@ def test_a_write_from_outside_while_the_turn_is_taken_is_reported_by_the_fence(
     that lands after it, while the turn is being taken (a writer outside the protocol,
     or a run paused past its lease), is reported by the fence at the first append,
     never taken in as the session's starting point."""
-    from fencelock import _fingerprint
-
     session.write_text('{"role": "user"}\n')
-    real = _fingerprint.take
-    armed = [True]
 
-    def take_then_intrude(*args: Any, **kwargs: Any) -> Any:
-        fp = real(*args, **kwargs)
-        if armed[0]:
-            armed[0] = False
-            with open(session, "a") as f:
-                f.write('{"role": "intruder"}\n')
-        return fp
+    def intrude() -> None:
+        with open(session, "a") as f:
+            f.write('{"role": "intruder"}\n')
 
-    monkeypatch.setattr(_fingerprint, "take", take_then_intrude)
+    armed = _once_after_a_fingerprint(monkeypatch, intrude)
     with SessionLock(session, "run", backend=url) as lock:
         assert not armed[0]  # the write landed during the acquire
         with pytest.raises(SessionTakeoverError):
@@ -1414,9 +1408,11 @@ def test_the_store_s_http_session_sends_a_json_post_as_requests_would() -> None:
 
 
 @contextlib.contextmanager
-def _raw_answer(answer: bytes) -> Iterator[tuple[int, list[bytes]]]:
-    """A server that answers each request on a connection with the bytes ``answer``;
-    yields its port and the requests it read (each up to its blank line)."""
+def _raw_answer(answer: bytes, closed: threading.Event | None = None,
+                ) -> Iterator[tuple[int, list[bytes]]]:
+    """A server that answers the first request on each connection with the bytes
+    ``answer``, then closes it (and sets ``closed``); yields its port and the requests
+    it read (each up to its blank line)."""
     import socket
 
     requests_seen: list[bytes] = []
@@ -1434,6 +1430,8 @@ def _raw_answer(answer: bytes) -> Iterator[tuple[int, list[bytes]]]:
                             request += conn.recv(65536)
                         requests_seen.append(request)
                         conn.sendall(answer)
+                    if closed is not None:
+                        closed.set()
 
         threading.Thread(target=serve, daemon=True).start()
         yield listener.getsockname()[1], requests_seen
@@ -1506,37 +1504,19 @@ def test_the_store_s_http_session_replaces_a_connection_closed_while_idle() -> N
     """A keep-alive connection the far end closed while it was idle (etcd restarted, a
     proxy's idle timeout) is found before it is used, and the request goes on a new
     one: no error for a request etcd would have answered."""
-    import socket
 
     from fencelock import _etcdhttp
 
     closed = threading.Event()
     answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
               b"Content-Length: 2\r\n\r\n{}")
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        port = listener.getsockname()[1]
-
-        def answer_once_then_close() -> None:
-            for _ in range(2):
-                conn, _ = listener.accept()
-                with conn:
-                    request = b""
-                    while b"\r\n\r\n" not in request:
-                        request += conn.recv(65536)
-                    conn.sendall(answer)
-                closed.set()
-
-        server = threading.Thread(target=answer_once_then_close, daemon=True)
-        server.start()
+    with _raw_answer(answer, closed) as (port, seen):
         url = f"http://127.0.0.1:{port}/v3/kv/txn"
         with _etcdhttp.Session(url) as session:
             assert session.post(url, json={}, timeout=5).json() == {}
             assert closed.wait(60)  # the server closed the idle connection
             assert session.post(url, json={}, timeout=5).json() == {}
-        server.join(60)
-        assert not server.is_alive()  # two connections: the second request had its own
+    assert len(seen) == 2  # the second request went on a connection of its own
 
 
 def test_an_ipv6_endpoint_with_proxy_variables_set_gives_the_store_s_error(
