@@ -677,10 +677,7 @@ def cluster(url: EtcdURL) -> _Cluster:
 def _after_fork_in_child() -> None:
     # A child has neither the parent's lease keeper nor a right to its lease, and no
     # use for the parent's connections.
-    global _clusters_lock
-    # Nothing is imported here (the parent may have held an import lock): a client was
-    # made only once its module was.
-    global _retired, _retired_wake, _retirer, _retirer_mu
+    global _clusters_lock, _retired, _retired_wake, _retirer, _retirer_mu
     # Its copies of the sockets of watches the parent is about to stop: closed, not shut
     # down (that would end the parent's connections), and the watches kept, not freed
     # (freeing one runs its stream's clean-up, which may take a lock a parent's thread
@@ -690,6 +687,8 @@ def _after_fork_in_child() -> None:
     _inherited.append(_retired)
     _retired, _retired_wake, _retirer = collections.deque(), threading.Event(), None
     _retirer_mu = threading.Lock()
+    # Nothing is imported here (the parent may have held an import lock): a client was
+    # made only once its module was.
     http = sys.modules.get("fencelock._etcdhttp")
     for found in _clusters.values():
         for clients in list(found._by_thread.values()):
