@@ -328,24 +328,34 @@ _retired: collections.deque[_Watch] = collections.deque()
 _retired_wake = threading.Event()
 _retirer: threading.Thread | None = None
 _retirer_mu = threading.Lock()
+_stopping: _Watch | None = None
+"""The watch `_retirer` is stopping now (no longer in `_retired`)."""
 _inherited: list[collections.deque[_Watch]] = []
 """In a forked child: the parent's retired watches, kept unstopped (see
 `_after_fork_in_child`)."""
 
 
-def _retire(watch: _Watch) -> None:
+def _retire(watch: _Watch) -> bool:
     """Have ``watch`` stopped soon, by a thread of its own: stopping a watch (and freeing
     its connection) costs about 0.15 ms, which the waiter whose turn it saw come would
-    otherwise spend before `acquire` returns."""
+    otherwise spend before `acquire` returns. False when no thread can be started: the
+    caller stops it."""
     global _retirer
     _retired.append(watch)
     if _retirer is None or not _retirer.is_alive():
         with _retirer_mu:
             if _retirer is None or not _retirer.is_alive():
-                _retirer = threading.Thread(target=_stop_retired, name="fencelock-etcd-retire",
-                                            daemon=True)
-                _retirer.start()
+                thread = threading.Thread(target=_stop_retired, name="fencelock-etcd-retire",
+                                          daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # no thread to be had: the caller stops it
+                    with contextlib.suppress(ValueError):
+                        _retired.remove(watch)
+                    return False
+                _retirer = thread
     _retired_wake.set()
+    return True
 
 
 def _stop_retired() -> None:
@@ -356,13 +366,15 @@ def _stop_retired() -> None:
 
 
 def _stop_all_retired() -> None:
+    global _stopping
     while True:
         try:
-            watch = _retired.popleft()
+            watch = _stopping = _retired.popleft()
         except IndexError:
             return
         with contextlib.suppress(Exception):
             watch.stop()
+        _stopping = None
 
 
 # A process that exits just after a turn came stops that watch first: left to the
@@ -677,15 +689,18 @@ def cluster(url: EtcdURL) -> _Cluster:
 def _after_fork_in_child() -> None:
     # A child has neither the parent's lease keeper nor a right to its lease, and no
     # use for the parent's connections.
-    global _clusters_lock, _retired, _retired_wake, _retirer, _retirer_mu
+    global _clusters_lock, _retired, _retired_wake, _retirer, _retirer_mu, _stopping
     # Its copies of the sockets of watches the parent is about to stop: closed, not shut
     # down (that would end the parent's connections), and the watches kept, not freed
     # (freeing one runs its stream's clean-up, which may take a lock a parent's thread
     # held at the fork).
+    if _stopping is not None:
+        _retired.appendleft(_stopping)
     for watch in list(_retired):
         watch.close_inherited()
     _inherited.append(_retired)
-    _retired, _retired_wake, _retirer = collections.deque(), threading.Event(), None
+    _retired, _retired_wake, _retirer, _stopping = \
+        collections.deque(), threading.Event(), None, None
     _retirer_mu = threading.Lock()
     # Nothing is imported here (the parent may have held an import lock): a client was
     # made only once its module was.
@@ -931,10 +946,9 @@ class EtcdHolder:
                     look,
                 )
                 if r.get("succeeded"):
-                    _retire(watch)
-                    retired = True
                     kvs = _kvs(r.get("responses", [{}])[0])
                     self._before = _raw(kvs)
+                    retired = _retire(watch)
                     # Usually a release just wrote it: its head says so, no need to parse.
                     quick = _record.peek(self._before) if self._before else None
                     if quick is None or quick[0] is State.HELD:

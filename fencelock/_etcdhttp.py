@@ -157,10 +157,29 @@ def _close_all(conns: list[http.client.HTTPConnection]) -> None:
 
 def _decoded(content: bytes, encoding: str | None) -> bytes:
     """An answer's body as sent before compression (a proxy in front of etcd may
-    compress although asked not to)."""
-    if encoding and encoding.strip().lower() in ("gzip", "deflate"):
-        return zlib.decompress(content, 47)  # 47: a gzip or a zlib header, either
-    return content
+    compress although asked not to): gzip (every member), or deflate with or without
+    its zlib header, as urllib3 reads them. `requests.exceptions.ContentDecodingError`
+    when it does not decompress."""
+    kind = (encoding or "").strip().lower()
+    if not content or kind not in ("gzip", "deflate"):
+        return content
+    try:
+        if kind == "deflate":
+            try:
+                return zlib.decompress(content)
+            except zlib.error:
+                return zlib.decompress(content, -zlib.MAX_WBITS)  # raw, no header
+        parts, rest = [], content
+        while rest:
+            member = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            parts.append(member.decompress(rest))
+            if not member.eof:
+                raise zlib.error("the gzip stream ends early")
+            rest = member.unused_data
+        return b"".join(parts)
+    except zlib.error as e:
+        raise requests.exceptions.ContentDecodingError(
+            f"an answer that says {kind} does not decompress: {e}") from None
 
 
 def _dropped(sock: socket.socket) -> bool:
@@ -198,6 +217,8 @@ class Answer:
 def _as_requests_error(e: Exception, reading: bool) -> Exception:
     """The exception requests raises where ``e`` ends a request: a time-out while
     connecting or while waiting for the answer, or a connection that failed."""
+    if isinstance(e, requests.RequestException):  # one of requests' already
+        return e
     if isinstance(e, TimeoutError):
         return requests.ReadTimeout(e) if reading else requests.ConnectTimeout(e)
     if isinstance(e, OSError | http.client.HTTPException):

@@ -928,13 +928,14 @@ def test_the_watch_a_waiter_s_turn_came_through_is_closed_after_the_hand_off(
     waiter.release()
 
 
+@pytest.mark.parametrize("where", ["queued", "being stopped"])
 def test_a_forked_child_leaves_the_parent_s_watches_to_the_parent(
-    session: Path, url: str
+    session: Path, url: str, where: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A watch the parent has yet to stop when it forks (its waiter's turn just came):
-    the child closes its copy of the socket and never shuts the connection down, so
-    the parent's watch still reads its stream."""
-
+    """A watch the parent has yet to stop when it forks (its waiter's turn just came,
+    or the thread that stops such watches is at it): the child closes its copy of the
+    socket and never shuts the connection down, so the parent's watch still reads its
+    stream."""
     from fencelock import _etcd
 
     marks.require("proc")
@@ -945,7 +946,10 @@ def test_a_forked_child_leaves_the_parent_s_watches_to_the_parent(
     assert watch._sock is not None
     inode = os.fstat(watch._sock.fileno()).st_ino
     try:
-        _etcd._retired.append(watch)  # as `_retire` leaves it, before the thread runs
+        if where == "queued":
+            _etcd._retired.append(watch)  # as `_retire` leaves it, before the thread runs
+        else:
+            monkeypatch.setattr(_etcd, "_stopping", watch)  # taken from the queue
         assert inode in _sockets_to(parsed.endpoints[0][1])
         assert inode not in _sockets_to_in_a_forked_child(parsed.endpoints[0][1])
         # The parent's stream is intact: it still times out waiting, not at its end.
@@ -954,6 +958,49 @@ def test_a_forked_child_leaves_the_parent_s_watches_to_the_parent(
         with contextlib.suppress(ValueError):
             _etcd._retired.remove(watch)
         watch.stop()
+
+
+def test_a_turn_taken_when_no_thread_can_start_is_kept_and_its_watch_stopped(
+    session: Path, own_etcd: EtcdServer, spawn_holder: SpawnHolder,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread that stops spent watches cannot start (a thread or memory limit):
+    the turn this waiter has taken stands, its watch is stopped in place, and the
+    session reads free once it releases (not stale: the run before released)."""
+    from fencelock import _etcd
+
+    marks.require("proc")
+    url = own_etcd.url("no-thread")
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    holder = spawn_holder(session, lane="first")
+    holder.acquire()
+    waiter = SessionLock(session, "waiter", backend=url)
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(waiter.acquire().token), daemon=True)
+    t.start()
+    give_up = time.monotonic() + 60
+    watch = _its_watch(t)
+    while watch is None:
+        assert t.is_alive() and time.monotonic() < give_up, got
+        time.sleep(0.005)
+        watch = _its_watch(t)
+    inode = os.fstat(watch._sock.fileno()).st_ino
+    start = threading.Thread.start
+
+    def refuse_the_retirer(thread: threading.Thread) -> None:
+        if thread.name == "fencelock-etcd-retire":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(_etcd, "_retirer", None)
+    monkeypatch.setattr(threading.Thread, "start", refuse_the_retirer)
+    assert holder.call("release") == "released"
+    t.join(60)  # a guard against a hang, not a measurement
+    assert not t.is_alive() and len(got) == 1 and isinstance(got[0], int), got
+    assert waiter.held and watch not in _etcd._retired
+    assert inode not in _sockets_to(own_etcd.client_port)  # stopped before acquire returned
+    waiter.release()
+    assert probe(session, backend=url).state == ProbeState.FREE
 
 
 def test_a_client_keeps_one_connection_per_endpoint(session: Path, url: str) -> None:
@@ -1457,23 +1504,47 @@ def test_proxy_variables_that_name_no_proxy_for_etcd_leave_its_requests_direct(
     assert len(seen) == 1 and b"\r\nAccept-Encoding: identity\r\n" in seen[0], seen
 
 
-def test_the_store_s_http_session_reads_a_compressed_answer_and_any_timeout() -> None:
-    """A proxy in front of etcd may compress the answer although asked not to: it is
-    decompressed. A timeout given as (connect, read) goes through requests, as before."""
+def _compressed(encoding: str, text: bytes) -> bytes:
     import gzip
+    import zlib
+
+    if encoding == "gzip":  # in two members, as a stream may come
+        return gzip.compress(text[:5]) + gzip.compress(text[5:])
+    if encoding == "deflate":
+        return zlib.compress(text)
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)  # deflate without its zlib header
+    return raw.compress(text) + raw.flush()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "raw deflate"])
+def test_the_store_s_http_session_reads_a_compressed_answer_and_any_timeout(
+    encoding: str
+) -> None:
+    """A proxy in front of etcd may compress the answer although asked not to: it is
+    decompressed, as requests would. A timeout given as (connect, read) goes through
+    requests, as before."""
+    import requests
 
     from fencelock import _etcdhttp
 
-    body = gzip.compress(b'{"header": {"revision": "9"}}')
-    answer = (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nConnection: close\r\n"
-              b"Content-Length: %d\r\n\r\n" % len(body)) + body
-    with _raw_answer(answer) as (port, seen):
-        url = f"http://127.0.0.1:{port}/v3/kv/txn"
-        with _etcdhttp.Session(url) as session:
-            for timeout in (5, (5, 5)):
-                got = session.post(url, json={}, timeout=timeout).json()
-                assert got == {"header": {"revision": "9"}}, timeout
-    assert len(seen) == 2
+    body = _compressed(encoding, b'{"header": {"revision": "9"}}')
+    said = encoding.rpartition(" ")[2]
+    for content, ok in ((body, True), (b"not " + body, False)):
+        answer = (b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nConnection: close\r\n"
+                  b"Content-Length: %d\r\n\r\n" % (said.encode(), len(content))) + content
+        with _raw_answer(answer) as (port, seen):
+            url = f"http://127.0.0.1:{port}/v3/kv/txn"
+            for session in (requests.Session(), _etcdhttp.Session(url)):
+                session.trust_env = False
+                with session:
+                    for timeout in (5, (5, 5)):
+                        if ok:
+                            got = session.post(url, json={}, timeout=timeout).json()
+                            assert got == {"header": {"revision": "9"}}, timeout
+                        else:
+                            with pytest.raises(requests.exceptions.ContentDecodingError):
+                                session.post(url, json={}, timeout=timeout)
+        assert len(seen) == 4
 
 
 def test_a_session_dropped_unclosed_closes_its_connection() -> None:
