@@ -893,15 +893,12 @@ def _its_watch(thread: threading.Thread) -> Any:
     return None
 
 
-def test_the_watch_a_waiter_s_turn_came_through_is_closed_after_the_hand_off(
-    session: Path, own_etcd: EtcdServer, spawn_holder: SpawnHolder,
-    monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The watch that saw the key ahead go is stopped after the hand-off, not during
-    it, by a thread of its own: its connection must be gone soon after, while the
-    session is still held (no connection kept per session held)."""
-    marks.require("proc")
-    url = own_etcd.url("spent-watch")
+def _a_waiter_watching(
+    session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, SessionLock, threading.Thread, list[object], Any]:
+    """A holder process on ``session``, and a waiter in a thread of this process whose
+    acquire is reading its watch on it: (holder, waiter lock, its thread, the list its
+    token goes to, the watch)."""
     monkeypatch.setenv("FENCELOCK_BACKEND", url)
     holder = spawn_holder(session, lane="first")
     holder.acquire()
@@ -915,6 +912,21 @@ def test_the_watch_a_waiter_s_turn_came_through_is_closed_after_the_hand_off(
         assert t.is_alive() and time.monotonic() < give_up, got
         time.sleep(0.005)
         watch = _its_watch(t)
+    return holder, waiter, t, got, watch
+
+
+def test_the_watch_a_waiter_s_turn_came_through_is_closed_after_the_hand_off(
+    session: Path, own_etcd: EtcdServer, spawn_holder: SpawnHolder,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch that saw the key ahead go is stopped after the hand-off, not during
+    it, by a thread of its own: its connection must be gone soon after, while the
+    session is still held (no connection kept per session held)."""
+    marks.require("proc")
+    url = own_etcd.url("spent-watch")
+    holder, waiter, t, got, watch = _a_waiter_watching(session, url, spawn_holder,
+                                                      monkeypatch)
+    give_up = time.monotonic() + 60
     inode = os.fstat(watch._sock.fileno()).st_ino
     assert inode in _sockets_to(own_etcd.client_port)
     assert holder.call("release") == "released"
@@ -971,19 +983,8 @@ def test_a_turn_taken_when_no_thread_can_start_is_kept_and_its_watch_stopped(
 
     marks.require("proc")
     url = own_etcd.url("no-thread")
-    monkeypatch.setenv("FENCELOCK_BACKEND", url)
-    holder = spawn_holder(session, lane="first")
-    holder.acquire()
-    waiter = SessionLock(session, "waiter", backend=url)
-    got: list[object] = []
-    t = threading.Thread(target=lambda: got.append(waiter.acquire().token), daemon=True)
-    t.start()
-    give_up = time.monotonic() + 60
-    watch = _its_watch(t)
-    while watch is None:
-        assert t.is_alive() and time.monotonic() < give_up, got
-        time.sleep(0.005)
-        watch = _its_watch(t)
+    holder, waiter, t, got, watch = _a_waiter_watching(session, url, spawn_holder,
+                                                      monkeypatch)
     inode = os.fstat(watch._sock.fileno()).st_ino
     start = threading.Thread.start
 
