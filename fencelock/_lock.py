@@ -152,6 +152,10 @@ class SessionLock:
         self._previous: PreviousHolder | None = None
         self._static = ""
         self._static_pid = 0
+        self._middle: tuple[str, str, bytes] = ("", "", b"")
+        """(run id, fixed part, `_record.middle` of the two): encoded once a run."""
+        self._fp_bytes: tuple[Fingerprint | None, bytes] = (None, b"null")
+        """(fingerprint, its encoded value): encoded once while it stays the same."""
         self._fp: Fingerprint | None = None
         self._tail_checked = False
         self._abort_callbacks: list[Any] = []
@@ -176,19 +180,48 @@ class SessionLock:
         """The record as last written, while held."""
         if not self.held:
             return None
-        if self._info is None:
-            me = _identity.ME
-            self._info = _record.holder_info(
-                state=State.HELD, session=self.session, pid=me.pid, host=me.host,
-                process_start=me.start, lane=self.lane, run_id=self._run_id, token=self._token,
-                acquired_at=self._acquired_at, heartbeat_at=self._heartbeat_at,
-                phase=self._phase, fingerprint=self._fp, previous=self._previous,
-                fence=str(self.fence_mode), origin=self.origin, version=_record.VERSION,
-                extra={},
-            )
-        return self._info
+        return self._info or self._completed_info(self._info_shell())
+
+    def _info_shell(self) -> _record._Unfinished:
+        """The part of `info` that is the same for every run of this object in this
+        process (`_record.info_shell`)."""
+        me = _identity.ME
+        return _record.info_shell(
+            session=self.session, pid=me.pid, host=me.host, process_start=me.start,
+            lane=self.lane, fence=str(self.fence_mode), origin=self.origin,
+        )
+
+    def _completed_info(self, shell: _record._Unfinished) -> HolderInfo:
+        self._info = info = _record.completed(
+            shell, state=State.HELD, run_id=self._run_id, token=self._token,
+            acquired_at=self._acquired_at, heartbeat_at=self._heartbeat_at,
+            phase=self._phase, fingerprint=self._fp, previous=self._previous,
+        )
+        return info
 
     def _encode(self, state: State = State.HELD) -> bytes:
+        middle, static = self._middle, self._static_part()
+        if middle[0] is not self._run_id or middle[1] is not static:
+            middle = self._middle = (
+                self._run_id, static, _record.middle(self._run_id, static)
+            )
+        fp = self._fp
+        if fp is not self._fp_bytes[0]:
+            self._fp_bytes = (fp, _record.fingerprint_bytes(fp))
+        return _record.assemble(
+            state=state, phase=self._phase, token=self._token, middle=middle[2],
+            acquired_at=self._acquired_at, heartbeat_at=self._heartbeat_at,
+            fingerprint=self._fp_bytes[1], previous=self._previous,
+        )
+
+    def _prepare_record(self, run_id: str) -> None:
+        """Before waiting: encode the record's part that the coming run ``run_id`` will
+        not change (`_record.middle`), so that it costs the hand-off nothing."""
+        static = self._static_part()
+        self._middle = (run_id, static, _record.middle(run_id, static))
+
+    def _static_part(self) -> str:
+        """The record's fixed fields as this process writes them (`_record.static_part`)."""
         pid = _identity.ME.pid
         if self._static_pid != pid:
             me = _identity.ME
@@ -197,11 +230,7 @@ class SessionLock:
                 fence=self.fence_mode, origin=self.origin,
             )
             self._static_pid = pid
-        return _record.encode(
-            state=state, phase=self._phase, token=self._token, run_id=self._run_id,
-            static=self._static, acquired_at=self._acquired_at,
-            heartbeat_at=self._heartbeat_at, fingerprint=self._fp, previous=self._previous,
-        )
+        return self._static
 
     def _rewrite(self, **changes: Any) -> None:
         """Update some record fields and write the record again (or change nothing)."""
@@ -264,10 +293,10 @@ class SessionLock:
         self, *, timeout: float | Literal["default"] | None = "default"
     ) -> HolderInfo:
         """Take the session; returns the record written. Reentrant for the same owner."""
+        # Built before any wait: what is left once the lock comes is quicker to do.
+        shell = self._info_shell()
         self._enter(self.timeout if timeout == "default" else _wait.limit(timeout))
-        info = self.info
-        assert info is not None
-        return info
+        return self._info or self._completed_info(shell)
 
     def _enter(self, wait: float | None) -> None:
         me = _whoami()
@@ -341,8 +370,7 @@ class SessionLock:
         self._require()
         start = _identity.process_start(pid)
         with self._io:
-            self._encode()  # makes self._static this process's fixed part
-            self._static += _record.command_part(pid, start)
+            self._static = self._static_part() + _record.command_part(pid, start)
         self._write_record()
 
     def _release_shared(self, kept: bool = False) -> None:

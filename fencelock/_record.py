@@ -122,13 +122,18 @@ class HolderInfo:
 
 
 _KNOWN = frozenset(HolderInfo.__dataclass_fields__) - {"extra"}
-_INFO_FIELDS = ("state", "session", "pid", "host", "process_start", "lane", "run_id", "token",
-                "acquired_at", "heartbeat_at", "phase", "fingerprint", "previous", "fence",
-                "origin", "version", "extra")
-if set(_INFO_FIELDS) != set(HolderInfo.__dataclass_fields__):  # pragma: no cover
-    raise ImportError("fencelock._record: _INFO_FIELDS does not name HolderInfo's fields")
-_INFO_SETTERS = tuple(getattr(HolderInfo, name).__set__ for name in _INFO_FIELDS)
-"""The slot setter of each field, in `_INFO_FIELDS` order."""
+
+
+class _Unfinished:
+    """A `HolderInfo` being built: the same slots, filled with plain attribute stores,
+    then made a `HolderInfo` by assigning its ``__class__`` (which Python allows between
+    classes with the same slots). A frozen dataclass's ``__init__`` sets each field
+    through ``object.__setattr__``, at about three times the cost, and a holder builds
+    one on every acquire."""
+
+    __slots__ = HolderInfo.__slots__
+
+
 _new = object.__new__
 
 
@@ -152,33 +157,71 @@ def holder_info(
     version: int = VERSION,
     extra: dict[str, Any] | None = None,
 ) -> HolderInfo:
-    """A `HolderInfo` from every field's value.
+    """A `HolderInfo` from every field's value: the object the dataclass constructor
+    makes, built as `_Unfinished` describes."""
+    shell = info_shell(session=session, pid=pid, host=host, process_start=process_start,
+                       lane=lane, fence=fence, origin=origin, version=version, extra=extra)
+    return completed(shell, state=state, run_id=run_id, token=token, acquired_at=acquired_at,
+                     heartbeat_at=heartbeat_at, phase=phase, fingerprint=fingerprint,
+                     previous=previous)
 
-    The same object the dataclass constructor makes, at about 60% of the cost: a frozen
-    dataclass's ``__init__`` sets each field through ``object.__setattr__``; this sets
-    each slot directly, one line a field (a loop over the fields costs as much as the
-    constructor), and a holder builds one on every acquire.
+
+def info_shell(
+    *,
+    session: str,
+    pid: int,
+    host: str,
+    process_start: str,
+    lane: str,
+    fence: str,
+    origin: str | None,
+    version: int = VERSION,
+    extra: dict[str, Any] | None = None,
+) -> _Unfinished:
+    """The first half of `holder_info`: the fields one holder object writes on every
+    acquire set, the others not yet; `completed` sets them.
+
+    A waiter builds it before it waits, so that less is left to do between the lock
+    coming free and ``acquire()`` returning. Completed once, it is a `HolderInfo`,
+    which never changes after that.
     """
-    info = _new(HolderInfo)
-    s = _INFO_SETTERS
-    s[0](info, state)
-    s[1](info, session)
-    s[2](info, pid)
-    s[3](info, host)
-    s[4](info, process_start)
-    s[5](info, lane)
-    s[6](info, run_id)
-    s[7](info, token)
-    s[8](info, acquired_at)
-    s[9](info, heartbeat_at)
-    s[10](info, phase)
-    s[11](info, fingerprint)
-    s[12](info, previous)
-    s[13](info, fence)
-    s[14](info, origin)
-    s[15](info, version)
-    s[16](info, {} if extra is None else extra)
-    return info
+    info: Any = _new(_Unfinished)
+    info.session = session
+    info.pid = pid
+    info.host = host
+    info.process_start = process_start
+    info.lane = lane
+    info.fence = fence
+    info.origin = origin
+    info.version = version
+    info.extra = {} if extra is None else extra
+    return info  # type: ignore[no-any-return]
+
+
+def completed(
+    shell: _Unfinished,
+    *,
+    state: State,
+    run_id: str,
+    token: int,
+    acquired_at: float,
+    heartbeat_at: float,
+    phase: Phase,
+    fingerprint: Fingerprint | None,
+    previous: PreviousHolder | None,
+) -> HolderInfo:
+    """Set the fields `info_shell` left out: ``shell``, now a `HolderInfo`."""
+    info: Any = shell
+    info.state = state
+    info.run_id = run_id
+    info.token = token
+    info.acquired_at = acquired_at
+    info.heartbeat_at = heartbeat_at
+    info.phase = phase
+    info.fingerprint = fingerprint
+    info.previous = previous
+    info.__class__ = HolderInfo
+    return info  # type: ignore[no-any-return]
 
 # The record starts with a fixed-width header so that release can flip ``state`` with
 # one small pwrite, and an acquirer can read the previous token without a full parse.
@@ -193,6 +236,7 @@ RECORD_HEAD = {
     for phase, phase_text in _PHASE_TEXT.items()
 }
 """Every record's fixed-width start, up to its token, for each state and phase."""
+_HEAD_BYTES = {key: head.encode() for key, head in RECORD_HEAD.items()}
 STATE_OFFSET = len('{"version":1,"state":')
 """Where ``state``'s value starts: release overwrites it in place with `RELEASE_PATCH`."""
 RELEASE_PATCH = _STATE_TEXT[State.RELEASED].encode()
@@ -275,17 +319,49 @@ def encode(
     previous: PreviousHolder | None,
 ) -> bytes:
     """A record's bytes, in the fixed layout that `peek` and `RELEASE_PATCH` rely on."""
+    return assemble(
+        state=state, phase=phase, token=token, middle=middle(run_id, static),
+        acquired_at=acquired_at, heartbeat_at=heartbeat_at,
+        fingerprint=fingerprint_bytes(fingerprint), previous=previous,
+    )
+
+
+def middle(run_id: str, static: str) -> bytes:
+    """The encoded fields between a record's token and its ``acquired_at`` value: the run
+    id and the holder's fixed part (`static_part`), the same for every write of a run."""
     rid = _js(run_id) if _PLAIN.search(run_id) else f'"{run_id}"'
-    fp = "null" if fingerprint is None else _fingerprint_text(fingerprint)
-    prev = "null" if previous is None else (
+    return f',"run_id":{rid}{static},"acquired_at":'.encode()
+
+
+def fingerprint_bytes(fingerprint: Fingerprint | None) -> bytes:
+    """The encoded ``fingerprint`` field's value."""
+    return b"null" if fingerprint is None else _fingerprint_text(fingerprint).encode()
+
+
+_LAYOUT = b'%%s%%-%dd%%s%%r,"heartbeat_at":%%r,"fingerprint":%%s,"previous":%%s}' % TOKEN_WIDTH
+"""A record from its head to its end: one ``%`` formats it straight into bytes."""
+
+
+def assemble(
+    *,
+    state: State,
+    phase: Phase,
+    token: int,
+    middle: bytes,
+    acquired_at: float,
+    heartbeat_at: float,
+    fingerprint: bytes,
+    previous: PreviousHolder | None,
+) -> bytes:
+    """`encode` from parts encoded earlier (`middle`, `fingerprint_bytes`): a holder
+    encodes them once and writes its record many times."""
+    prev = b"null" if previous is None else (
         f'{{"pid":{previous.pid},"host":{_js(previous.host)},"lane":{_js(previous.lane)}'
         f',"run_id":{_js(previous.run_id)},"token":{previous.token}}}'
-    )
-    return (
-        f'{RECORD_HEAD[state, phase]}{token:<{TOKEN_WIDTH}},"run_id":{rid}{static}'
-        f',"acquired_at":{acquired_at!r},"heartbeat_at":{heartbeat_at!r}'
-        f',"fingerprint":{fp},"previous":{prev}}}'
     ).encode()
+    return _LAYOUT % (
+        _HEAD_BYTES[state, phase], token, middle, acquired_at, heartbeat_at, fingerprint, prev
+    )
 
 
 def peek(data: bytes) -> tuple[State, int] | None:

@@ -151,11 +151,13 @@ class SidecarHolder:
         start: float,
     ) -> None:
         """Lock the sidecar, write the first record and count ``lock`` as held by ``me``."""
+        run_id = _next_run_id()
+        lock._prepare_record(run_id)
         self._lock_sidecar(lock, deadline, cancel, start)
         try:
             if cancel is not None and cancel.is_set():
                 raise _registry.cancelled()  # got it just as the caller gave up
-            self._write_new_record(lock)
+            self._write_new_record(lock, run_id)
             lock._count, lock._owner, lock._pid = 1, me, _identity.ME.pid
         except BaseException:
             lock._count = 0
@@ -267,7 +269,7 @@ class SidecarHolder:
         owners = _platform.lock_owners(self.sidecar) if record is None else None
         return SessionContendedError(self.session, record, waited=waited, lock_owners=owners)
 
-    def _write_new_record(self, lock: SessionLock) -> None:
+    def _write_new_record(self, lock: SessionLock, run_id: str) -> None:
         fd, previous = self._fd, None
         try:
             data = os.pread(fd, _PEEK_BYTES, 0)
@@ -291,11 +293,13 @@ class SidecarHolder:
                 f"{_tokens.XATTR} attribute, .corrupt-* copies) before resetting them"
             )
         self._record_len = old_len
-        lock._token, lock._run_id, lock._previous = token, _next_run_id(), previous
+        lock._token, lock._run_id, lock._previous = token, run_id, previous
         lock._acquired_at = lock._heartbeat_at = time.time()
         lock._phase = Phase.WRITE
         fp = lock._session_fingerprint()
-        if fp is not None and (token > self._mark or fp != self._mark_fp):
+        if fp is not None and (
+            token > self._mark or (fp is not self._mark_fp and fp != self._mark_fp)
+        ):
             wrote, self._mark = _tokens.reserve_known(self.session, token)
             if wrote:
                 fp = _fingerprint.take(self.session, lock.fence_mode)  # the mark moved ctime

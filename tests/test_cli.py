@@ -1526,8 +1526,8 @@ PAUSED_AFTER_THE_RECORD = """
 import sys
 from fencelock import _cli, _sidecar_holder
 real = _sidecar_holder.SidecarHolder._write_new_record
-def write_new_record(self, lock):
-    real(self, lock)
+def write_new_record(self, *args):
+    real(self, *args)
     print("written", flush=True)
     sys.stdin.readline()
 _sidecar_holder.SidecarHolder._write_new_record = write_new_record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import stat
@@ -15,6 +16,7 @@ from conftest import SpawnHolder
 from fencelock import (
     CoordinationError,
     FenceLockError,
+    HolderInfo,
     NotHeldError,
     ProbeState,
     SessionContendedError,
@@ -47,6 +49,24 @@ def test_acquire_writes_the_record_and_release_keeps_the_sidecar(session: Path) 
     assert not lock.held and lock.info is None
     assert read_record(session)["state"] == "released"
     assert Path(str(session) + ".holder").exists()
+
+
+def test_acquire_returns_the_record_on_disk_as_a_new_frozen_object_each_run(
+    session: Path,
+) -> None:
+    session.write_text('{"role":"user"}\n')
+    lock = SessionLock(session, lane="cron")
+    first = lock.acquire()
+    assert type(first) is HolderInfo and first == probe(session).record
+    lock.release()
+    kept = dataclasses.replace(first)
+    second = lock.acquire()
+    assert type(second) is HolderInfo and second == probe(session).record
+    assert second is not first and second.token == first.token + 1
+    assert first == kept  # an earlier run's info never changes
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        second.token = 0  # type: ignore[misc]
+    lock.release()
 
 
 def test_sidecar_is_created_0600(session: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from typing import Any
 
 import pytest
@@ -124,5 +125,8 @@ def test_the_fast_builder_makes_what_the_constructor_makes() -> None:
     values = [getattr(info, f.name) for f in dataclasses.fields(HolderInfo)]
     built = holder_info(**{f.name: getattr(info, f.name) for f in dataclasses.fields(HolderInfo)})
     assert built == info and hash(built) == hash(info) and repr(built) == repr(info)
+    assert type(built) is HolderInfo and pickle.loads(pickle.dumps(built)) == info
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.lane = "other"  # type: ignore[misc]
     assert all(getattr(built, f.name) == v for f, v in zip(dataclasses.fields(HolderInfo), values,
                                                            strict=True))
