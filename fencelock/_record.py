@@ -240,9 +240,11 @@ _HEAD_BYTES = {key: head.encode() for key, head in RECORD_HEAD.items()}
 STATE_OFFSET = len('{"version":1,"state":')
 """Where ``state``'s value starts: release overwrites it in place with `RELEASE_PATCH`."""
 RELEASE_PATCH = _STATE_TEXT[State.RELEASED].encode()
-_HEADER = re.compile(
-    rb'\{"version":1,"state":"(held|released)" *,"phase":"(?:write|prompt)" *,"token":(\d{1,19}) *,'
-)
+_STATE_OF_HEAD = {head: state for (state, _), head in _HEAD_BYTES.items()}
+_HEAD_LEN = len(RECORD_HEAD[State.HELD, Phase.WRITE])
+_TOKEN_END = _HEAD_LEN + TOKEN_WIDTH
+if {len(head) for head in RECORD_HEAD.values()} != {_HEAD_LEN}:  # pragma: no cover
+    raise ImportError("fencelock._record: record heads differ in length")
 _PLAIN = re.compile(r'[^A-Za-z0-9_.:-]')
 """Finds a character that would need escaping (run ids normally have none)."""
 @functools.lru_cache(maxsize=4096)
@@ -372,14 +374,23 @@ def peek(data: bytes) -> tuple[State, int] | None:
     record that gives ``state`` or ``token`` again after the head is read by its head
     (the decoder would take the last): whoever can write that can write any head, and
     checking for it would cost every acquire 3% (0.7 µs).
+
+    Slices and a dict, not a regular expression: right after a long wait (a waiter's
+    hand-off) the expression cost about 15 µs more.
     """
-    m = _HEADER.match(data)
-    if m is None or not data.rstrip(b" \t\r\n\x00").endswith(b"}"):
+    state = _STATE_OF_HEAD.get(data[:_HEAD_LEN])
+    if state is None or data[_TOKEN_END:_TOKEN_END + 1] != b",":
         return None
-    token = int(m[2])
+    digits = data[_HEAD_LEN:_TOKEN_END].rstrip(b" ")
+    if not digits.isdigit():
+        return None
+    # A record as written ends "}\n"; one padded over a longer old record, in spaces.
+    if not data.endswith(b"}\n") and not data.rstrip(b" \t\r\n\x00").endswith(b"}"):
+        return None
+    token = int(digits)
     if token > MAX_TOKEN:
         return None  # the full decoder reports it
-    return (State.HELD if m[1] == b"held" else State.RELEASED), token
+    return state, token
 
 
 def decode(data: bytes) -> HolderInfo | None:

@@ -10,7 +10,16 @@ from typing import Any
 import pytest
 
 from fencelock import Fingerprint, HolderInfo, Phase, PreviousHolder, State
-from fencelock._record import MAX_RECORD, RELEASE_PATCH, STATE_OFFSET, decode, peek
+from fencelock._record import (
+    MAX_RECORD,
+    MAX_TOKEN,
+    RECORD_HEAD,
+    RELEASE_PATCH,
+    STATE_OFFSET,
+    TOKEN_WIDTH,
+    decode,
+    peek,
+)
 
 
 def make(**changes: Any) -> HolderInfo:
@@ -52,10 +61,20 @@ def test_release_patch_flips_state_in_place() -> None:
 
 def test_peek_reads_state_and_token_and_refuses_foreign_layouts() -> None:
     assert peek(make(token=12345).encode()) == (State.HELD, 12345)
+    record = make(state=State.RELEASED, phase=Phase.PROMPT, token=MAX_TOKEN).encode()
+    for written in (record + b"\n", record + b"\n" + b" " * 40, record):
+        assert peek(written) == (State.RELEASED, MAX_TOKEN)
     foreign = json.dumps(make().to_json()).encode()  # valid, but not our layout
     assert peek(foreign) is None
     assert decode(foreign) == make()
     assert peek(make().encode()[:-5]) is None  # torn
+    assert peek(make().encode() + b"\n{") is None  # torn, as a longer record's tail
+    head = len(RECORD_HEAD[State.HELD, Phase.WRITE])
+    good = make(token=7).encode()
+    for token_field in (b" 7" + b" " * 18, b"7 7" + b" " * 17, b" " * 20, b"+7" + b" " * 18,
+                        b"1" * 20):
+        # Not the fixed-width layout, or a token out of range: the full decoder reads it.
+        assert peek(good[:head] + token_field + good[head + TOKEN_WIDTH:]) is None
 
 
 def test_unknown_fields_are_kept() -> None:
