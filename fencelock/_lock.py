@@ -328,9 +328,10 @@ class SessionLock:
             except OSError:
                 pass  # take() below reports it
             else:
-                last = self._fp
-                if _fence._stat_matches(last, st) and stat.S_ISREG(st.st_mode):
-                    return last
+                if stat.S_ISREG(st.st_mode):
+                    last = self._fp
+                    # The last one's object again if nothing moved, else from this stat.
+                    return last if _fence._stat_matches(last, st) else _fingerprint.from_stat(st)
         return _fingerprint.take(self.session, self.fence_mode)
 
     def release(self) -> None:

@@ -69,6 +69,22 @@ def test_acquire_returns_the_record_on_disk_as_a_new_frozen_object_each_run(
     lock.release()
 
 
+def test_each_acquire_records_the_session_as_it_is_then(session: Path) -> None:
+    session.write_text('{"role":"user"}\n')
+    lock = SessionLock(session)
+    with lock:
+        pass
+    with open(session, "a") as f:  # a line written between two runs
+        f.write('{"role":"assistant"}\n')
+    st = os.lstat(session)
+    info = lock.acquire()
+    assert info.fingerprint is not None
+    assert (info.fingerprint.ino, info.fingerprint.size, info.fingerprint.mtime_ns) == (
+        st.st_ino, st.st_size, st.st_mtime_ns)
+    assert probe(session).fence_ok
+    lock.release()
+
+
 def test_sidecar_is_created_0600(session: Path) -> None:
     old = os.umask(0)
     try:
