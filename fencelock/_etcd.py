@@ -465,10 +465,19 @@ class _Cluster:
             except (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError) as e:
                 # etcd's own 503/504 answer ("no leader") carries its reason: keep it.
                 answer = (e.detail_text or "").lstrip()
-                why = _etcd_error(self.url.display, answer).why if answer.startswith("{") else (
-                    "connection refused" if "refused" in f"{e.detail_text} {e}".lower() else
-                    "no answer in time" if isinstance(e, exceptions.ConnectionTimeoutError)
-                    else "cannot connect")
+                if answer.startswith("{"):
+                    why = _etcd_error(self.url.display, answer).why
+                elif e.args:
+                    # An HTTP answer (etcd3gw adds its reason) that is not etcd's: a proxy
+                    # in front of etcd said 503 or 504. Its status says why, not any
+                    # words on its page.
+                    page = " ".join(answer.split())[:120] or "an empty page"
+                    why = (f"HTTP {e.args[0] or 'error'} from a server other than etcd, which "
+                           f"said: {page}")
+                else:  # no answer: etcd3gw keeps requests' error in detail_text
+                    why = ("connection refused" if "refused" in answer.lower() else
+                           "no answer in time" if isinstance(e, exceptions.ConnectionTimeoutError)
+                           else "cannot connect")
                 continue
             except exceptions.Etcd3Exception as e:
                 detail = (e.detail_text or str(e)).strip()

@@ -1385,6 +1385,20 @@ def test_a_member_without_a_leader_is_passed_over_and_named(
     assert "etcdserver: no leader" in alone.stderr and '{"' not in alone.stderr
 
 
+def test_a_proxy_s_unavailable_page_is_named_by_its_status_not_its_words(
+    session: Path,
+) -> None:
+    """A proxy in front of etcd that answers 503 is an outage named by its status: a
+    page that happens to say "connection refused" is quoted, not taken as the reason."""
+    page = b"<html><body>upstream connect error: connection refused</body></html>"
+    with _answering(503, page) as (port, asked):
+        out = _cli("status", str(session), "--backend", f"etcd://127.0.0.1:{port}/p")
+    assert out.returncode == 1 and asked, out.stderr
+    assert "the etcd holder store is unavailable (HTTP Service Unavailable from a server " \
+        "other than etcd, which said: <html><body>upstream connect error" in out.stderr
+    assert "(connection refused)" not in out.stderr
+
+
 @pytest.mark.parametrize("answer", [
     (404, b""), (200, b"<html>\n<body>hello</body>\n</html>\n"),
     (200, b'{"etcdserver": "3.5.0", "etcdcluster": "3.5.0"}'),
