@@ -35,15 +35,13 @@ def track(fd: int, st: os.stat_result) -> None:
 
 def close(fd: int) -> None:
     """Close a tracked descriptor (which drops any lock held through it alone)."""
-    # Explicit calls, not ``with``: this runs in every release, and right after a long
-    # hold they cost several microseconds less.
-    lock = guard
-    lock.acquire()
-    try:
-        os.close(fd)
-    finally:
-        _open.pop(fd, None)  # after: a fork in between finds it tracked, not leaked
-        lock.release()
+    # ``with``, not explicit acquire/release calls: a signal handler that raises runs
+    # right after a call returns, which would leave the guard held for good.
+    with guard:
+        try:
+            os.close(fd)
+        finally:
+            _open.pop(fd, None)  # after: a fork in between finds it tracked, not leaked
 
 
 def _before_fork() -> None:

@@ -348,14 +348,10 @@ class SessionLock:
         self._count -= 1
         if self._count:
             return
-        # What release does, until the waiter's acquire returns, is the hand-off's cost:
-        # the explicit calls below cost less than ``with`` right after a long hold.
-        io = self._io
-        io.acquire()
         try:
-            self._store.release(self)
+            with self._io:
+                self._store.release(self)
         finally:
-            io.release()
             self._info = None
             _free_slot(self._key, self)
 

@@ -109,15 +109,11 @@ def take(
 
 def free(key: str, lock: SessionLock) -> None:
     """Free ``key``'s slot if ``lock`` has it, waking waiters."""
-    mu = _mu  # explicit calls, not ``with``: cheaper in a release after a long hold
-    mu.acquire()
-    try:
+    with _mu:
         if _held.get(key) is lock:
             del _held[key]
             if _waiters:
                 _cond.notify_all()
-    finally:
-        mu.release()
 
 
 def wake() -> None:

@@ -153,13 +153,12 @@ class SidecarHolder:
         """Lock the sidecar, write the first record and count ``lock`` as held by ``me``."""
         run_id = _next_run_id()
         lock._prepare_record(run_id)
-        # The lock object's ``_io`` is taken before the wait, when it is cheap, and held
-        # until the first record is written: a thread whose `touch` began in the previous
-        # run then writes after it, never into a half-set record. (Explicit calls, not
-        # ``with``: right after a long wait each costs several microseconds less.)
-        io = lock._io
-        io.acquire()
-        try:
+        # The lock object's ``_io`` is taken before the wait and held until the first
+        # record is written: a thread whose `touch` began in the previous run then writes
+        # after it, never into a half-set record, and the first write needs no lock of
+        # its own after the wait. (``with``, not explicit acquire/release calls: a signal
+        # handler that raises runs right after a call returns, and would leave it held.)
+        with lock._io:
             self._lock_sidecar(lock, deadline, cancel, start)
             try:
                 if cancel is not None and cancel.is_set():
@@ -171,8 +170,6 @@ class SidecarHolder:
                 self._unwrite_record(lock)
                 self._close_fd()
                 raise
-        finally:
-            io.release()
 
     def _lock_sidecar(
         self,

@@ -478,3 +478,75 @@ def test_a_timeout_of_zero_tries_once_and_leaves_no_helper_thread(
     assert other.call("release") == "released"
     with SessionLock(session, "after") as lock:  # and nothing of the try holds it
         assert lock.info is not None
+
+
+# A KeyboardInterrupt (or a SIGTERM handler's exception) handled at the first moment it
+# can be after one of fencelock's internal locks was granted. CPython runs a pending
+# signal handler right after a call returns, but not between a ``with`` statement's
+# ``__enter__`` and its block: an explicit ``x.acquire()`` before ``try`` would leave
+# ``x`` held for good. The lock is held by another thread until the main thread is
+# blocked on it (seen in its frame); that thread then makes the signal pending (sent
+# to itself, so the main thread's wait is not cut short) and lets go.
+_INTERRUPT_AFTER_GRANT = """
+import os, signal, sys, threading, time
+from fencelock import SessionLock, _forkguard, _registry, _sidecar_holder
+
+case, session = sys.argv[1], sys.argv[2]
+lock = SessionLock(session)
+if case == "io":
+    target, action, code = lock._io, lock.acquire, _sidecar_holder.SidecarHolder.acquire
+else:
+    lock.acquire()
+    target, action, code = (_registry._mu, lock.release, _registry.free) if case == "mu" \\
+        else (_forkguard.guard, lock.release, _forkguard.close)
+main = threading.get_ident()
+
+def interrupt_once_granted(ready):
+    with target:
+        ready.set()
+        # The main thread's innermost frame is the function that takes the lock: it waits
+        # for this thread there. (Polled: no event says that a thread waits on a lock.)
+        give_up = time.monotonic() + 30
+        while sys._current_frames()[main].f_code is not code.__code__:
+            if time.monotonic() > give_up:
+                print("the main thread never waited in", code.__qualname__, flush=True)
+                os._exit(1)
+            time.sleep(0.001)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+ready = threading.Event()
+helper = threading.Thread(target=interrupt_once_granted, args=(ready,))
+helper.start()
+ready.wait()
+try:
+    action()
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted")
+helper.join()
+leaks = []
+if lock._io.locked():
+    leaks.append("_io")
+if _registry._mu.locked():
+    leaks.append("_registry._mu")
+if _forkguard.guard._is_owned():
+    leaks.append("_forkguard.guard")
+print("held:", ",".join(leaks) or "nothing", flush=True)
+os._exit(0)  # at exit, a lock left held would hang the interpreter's own clean-up
+"""
+
+
+@pytest.mark.parametrize("case", ["io", "mu", "guard"])
+def test_an_interrupt_just_as_an_internal_lock_is_granted_leaves_it_free(
+    session: Path, case: str
+) -> None:
+    import subprocess
+    import sys
+
+    session.write_text("")
+    out = subprocess.run(
+        [sys.executable, "-c", _INTERRUPT_AFTER_GRANT, case, str(session)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["interrupted", "held: nothing"], out.stdout + out.stderr
