@@ -137,35 +137,6 @@ class _Unfinished:
 _new = object.__new__
 
 
-def holder_info(
-    *,
-    state: State,
-    session: str,
-    pid: int,
-    host: str,
-    process_start: str,
-    lane: str,
-    run_id: str,
-    token: int,
-    acquired_at: float,
-    heartbeat_at: float,
-    phase: Phase,
-    fingerprint: Fingerprint | None,
-    previous: PreviousHolder | None,
-    fence: str,
-    origin: str | None,
-    version: int = VERSION,
-    extra: dict[str, Any] | None = None,
-) -> HolderInfo:
-    """A `HolderInfo` from every field's value: the object the dataclass constructor
-    makes, built as `_Unfinished` describes."""
-    shell = info_shell(session=session, pid=pid, host=host, process_start=process_start,
-                       lane=lane, fence=fence, origin=origin, version=version, extra=extra)
-    return completed(shell, state=state, run_id=run_id, token=token, acquired_at=acquired_at,
-                     heartbeat_at=heartbeat_at, phase=phase, fingerprint=fingerprint,
-                     previous=previous)
-
-
 def info_shell(
     *,
     session: str,
@@ -178,8 +149,8 @@ def info_shell(
     version: int = VERSION,
     extra: dict[str, Any] | None = None,
 ) -> _Unfinished:
-    """The first half of `holder_info`: the fields one holder object writes on every
-    acquire set, the others not yet; `completed` sets them.
+    """A `HolderInfo` begun (see `_Unfinished`): the fields one holder object writes on
+    every acquire set, the others not yet; `completed` sets them.
 
     A waiter builds it before it waits, so that less is left to do between the lock
     coming free and ``acquire()`` returning. Completed once, it is a `HolderInfo`,
