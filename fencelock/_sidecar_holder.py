@@ -182,7 +182,12 @@ class SidecarHolder:
         # While acquiring, self._fd names the descriptor this thread owns; while a helper
         # thread waits, the helper owns it. (Either way _forkguard closes a fork's copy.)
         while True:
-            fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode)
+            try:
+                fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode)
+            except SidecarAccessError:
+                if lock.on_contention == "fail":
+                    self._raise_if_held_elsewhere()
+                raise
             self._fd = fd
             try:
                 locked = _platform.try_lock(fd)
@@ -258,6 +263,22 @@ class SidecarHolder:
         except BaseException:
             _sidecar.close(waiter.fd)
             raise
+
+    def _raise_if_held_elsewhere(self) -> None:
+        """For a fail-fast acquire that cannot open the sidecar for writing (another
+        user's, or a read-only filesystem): `SessionContendedError` when a live run holds
+        the session, as for any caller who finds it held; else the caller raises why it
+        cannot take it."""
+        from fencelock._probe import ProbeState, probe  # only on this error path
+
+        try:
+            status = probe(self.session, backend="local")
+        except FenceLockError:
+            return
+        if status.state is ProbeState.LIVE:
+            raise SessionContendedError(
+                self.session, status.record, lock_owners=status.lock_owners
+            ) from None
 
     def _peek(self, fd: int, st: os.stat_result) -> HolderInfo | None:
         try:

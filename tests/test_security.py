@@ -95,6 +95,36 @@ def test_another_user_cannot_hold_a_private_sidecar_hostage() -> None:
 
 
 @needs_root
+def test_a_fail_fast_acquire_by_a_user_who_cannot_write_the_sidecar_names_a_live_holder(
+) -> None:
+    """A user who may read a session's sidecar but not write it (a shared group, mode
+    0640 or 0644) and asks to fail fast is told who holds the session, as any caller
+    who finds it held is, not that the sidecar cannot be written; once nobody holds it,
+    the permission error stands."""
+    with open_directory() as sessions:
+        session = sessions / "s.jsonl"
+        lock = SessionLock(session, "owner", mode=0o644)
+        ask = """
+            out = {}
+            try:
+                SessionLock(args["session"], "other", on_contention="fail").acquire()
+                out["acquire"] = "ok"
+            except FenceLockError as e:
+                out["acquire"] = type(e).__name__
+                holder = getattr(e, "holder", None)
+                out["holder"] = None if holder is None else holder.pid
+            result = out
+        """
+        with lock:
+            held = as_user(ask, session=str(session))
+        free = as_user(ask, session=str(session))
+    # (The command line turns the first into exit 4; the other user cannot start an
+    # interpreter of its own here to run it: the standard library is root's.)
+    assert held == {"acquire": "SessionContendedError", "holder": os.getpid()}
+    assert free == {"acquire": "SidecarAccessError", "holder": None}
+
+
+@needs_root
 def test_a_readable_sidecar_can_be_held_hostage_which_is_why_0600() -> None:
     # The counter-example: a caller that opens the mode up to 0644 lets any user flock
     # the sidecar through a read-only descriptor and block every run.
