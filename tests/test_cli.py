@@ -166,6 +166,33 @@ def test_cli_module_import_stays_light() -> None:
     assert out.stdout.strip() == "[]"
 
 
+_INTERRUPTED_WHILE_LOADING = """
+import signal, sys
+
+class InterruptOnClick:
+    # A real SIGINT, raised while the command line is still being imported.
+    def find_spec(self, name, path=None, target=None):
+        if name == "click":
+            sys.meta_path.remove(self)
+            signal.raise_signal(signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, InterruptOnClick())
+sys.argv = ["fencelock", "hold", sys.argv[1], "--lane", "a"]
+from fencelock._entry import main
+main()
+"""
+
+
+def test_an_interrupt_while_the_command_loads_ends_it_quietly(session: Path) -> None:
+    """A parent that stops `fencelock hold` (or a user who presses Ctrl-C) while it is
+    still importing gets exit 130 and no traceback: nothing was held yet."""
+    out = subprocess.run([sys.executable, "-c", _INTERRUPTED_WHILE_LOADING, str(session)],
+                         capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout, out.stderr) == (130, "", "")
+    assert not Path(str(session) + ".holder").exists()
+
+
 def test_cli_startup_imports_only_what_the_command_needs() -> None:
     """`--version` loads none of the library; `status` loads the probing chain only."""
     code = (
