@@ -200,25 +200,24 @@ class SessionLock:
         return info
 
     def _encode(self, state: State = State.HELD) -> bytes:
-        middle, static = self._middle, self._static_part()
-        if middle[0] is not self._run_id or middle[1] is not static:
-            middle = self._middle = (
-                self._run_id, static, _record.middle(self._run_id, static)
-            )
         fp = self._fp
         if fp is not self._fp_bytes[0]:
             self._fp_bytes = (fp, _record.fingerprint_bytes(fp))
         return _record.assemble(
-            state=state, phase=self._phase, token=self._token, middle=middle[2],
-            acquired_at=self._acquired_at, heartbeat_at=self._heartbeat_at,
-            fingerprint=self._fp_bytes[1], previous=self._previous,
+            state=state, phase=self._phase, token=self._token,
+            middle=self._prepare_record(self._run_id), acquired_at=self._acquired_at,
+            heartbeat_at=self._heartbeat_at, fingerprint=self._fp_bytes[1],
+            previous=self._previous,
         )
 
-    def _prepare_record(self, run_id: str) -> None:
-        """Before waiting: encode the record's part that the coming run ``run_id`` will
-        not change (`_record.middle`), so that it costs the hand-off nothing."""
-        static = self._static_part()
-        self._middle = (run_id, static, _record.middle(run_id, static))
+    def _prepare_record(self, run_id: str) -> bytes:
+        """The record's part that run ``run_id`` does not change (`_record.middle`),
+        encoded once: an acquire calls this before waiting, so that it costs the
+        hand-off nothing."""
+        middle, static = self._middle, self._static_part()
+        if middle[0] is not run_id or middle[1] is not static:
+            middle = self._middle = (run_id, static, _record.middle(run_id, static))
+        return middle[2]
 
     def _static_part(self) -> str:
         """The record's fixed fields as this process writes them (`_record.static_part`)."""
