@@ -44,7 +44,7 @@ RESERVE = 10_000
 """How many tokens a holder reserves on the session file at a time."""
 
 TRAILING_STAMP = re.compile(
-    rb'"%s"\s*:\s*\{\s*"token"\s*:\s*(\d{1,19})\s*,\s*"run_id"\s*:\s*"([^"\\]*)"\s*\}\s*\}\s*$'
+    rb'"%s"\s*:\s*\{\s*"token"\s*:\s*(\d{1,19})\s*,\s*"run_id"\s*:\s*"([^"\\]+)"\s*\}\s*\}\s*$'
     % STAMP_KEY.encode()
 )
 """The stamp `append(..., stamp=True)` puts at the end of a line (token, run id): how a

@@ -169,15 +169,15 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
                     continue
                 token, run = found
             else:
-                stamp = stamp_of(entry)
-                if stamp is None:
+                stamp, run = stamp_of(entry), _run_of(entry)
+                if stamp is None or not (isinstance(run, str) and run):
                     if isinstance(entry, dict) and STAMP_KEY in entry:  # the key, misused
                         problems.append(Problem(
                             number, "stamp-malformed",
                             f"{STAMP_KEY!r} is not a stamp fencelock writes (a token >= 0 "
                             f"and a run_id): {raw[:60]!r}"))
                     continue
-                token, run = stamp, _run_of(entry)
+                token = stamp
         stamped += 1
         if token > MAX_TOKEN:  # not a token any run was given: it sets no order
             problems.append(Problem(

@@ -420,8 +420,10 @@ def test_a_stamp_above_the_largest_token_is_reported_and_blocks_nothing(
 
 @pytest.mark.parametrize("stamp", [
     {"token": "4", "run_id": "r"}, {"token": 4.0, "run_id": "r"}, {"token": True},
-    {"token": -1, "run_id": "r"}, "garbage",
-], ids=["string", "float", "bool", "negative", "not-an-object"])
+    {"token": -1, "run_id": "r"}, "garbage", {"token": 4}, {"token": 4, "run_id": 7},
+    {"token": 4, "run_id": ""},
+], ids=["string", "float", "bool", "negative", "not-an-object", "no-run-id",
+        "run-id-not-a-string", "empty-run-id"])
 def test_the_reserved_key_holding_no_stamp_is_reported(session: Path, stamp: Any) -> None:
     """A line that misuses the reserved key came from outside fencelock: verify names
     it instead of counting the line as unstamped."""
