@@ -316,6 +316,20 @@ class _Watch:
 
 
 @functools.cache
+def _http_status(e: Exception, exceptions: Any) -> str:
+    """The HTTP status behind one of etcd3gw's outage errors, which carry only the reason
+    phrase: 503 raises `ConnectionFailedError`, 408 and 504 `ConnectionTimeoutError`."""
+    reason = str(e.args[0] or "") if e.args else ""
+    if isinstance(e, exceptions.ConnectionFailedError):
+        code = "503"
+    else:
+        code = _TIMEOUT_STATUS.get(reason, "408 or 504")
+    return f"{code} {reason}".rstrip()
+
+
+_TIMEOUT_STATUS = {"Request Timeout": "408", "Gateway Timeout": "504"}
+
+
 def _etcd3gw_exceptions() -> Any:
     """etcd3gw's exceptions (imported once the store is used: it comes with an extra)."""
     from etcd3gw import exceptions
@@ -472,8 +486,8 @@ class _Cluster:
                     # in front of etcd said 503 or 504. Its status says why, not any
                     # words on its page.
                     page = " ".join(answer.split())[:120] or "an empty page"
-                    why = (f"HTTP {e.args[0] or 'error'} from a server other than etcd, which "
-                           f"said: {page}")
+                    why = (f"HTTP {_http_status(e, exceptions)} from a server other than etcd, "
+                           f"which said: {page}")
                 else:  # no answer: etcd3gw keeps requests' error in detail_text
                     why = ("connection refused" if "refused" in answer.lower() else
                            "no answer in time" if isinstance(e, exceptions.ConnectionTimeoutError)

@@ -1333,11 +1333,12 @@ def test_cli_store_unavailable_is_one_line_and_exit_1(session: Path, own_etcd: E
 @contextlib.contextmanager
 def _answering(
     status: int, body: bytes = b"", received: list[tuple[str, str, dict[str, str], bytes]]
-    | None = None,
+    | None = None, reason: str | None = None,
 ) -> Iterator[tuple[int, list[str]]]:
-    """A local HTTP server that answers every request with ``status`` and ``body``;
-    yields its port and the paths it was asked for (a proxy is asked for whole URLs).
-    ``received`` gets each request whole: method, path, headers and body."""
+    """A local HTTP server that answers every request with ``status`` (and ``reason``,
+    the standard phrase by default) and ``body``; yields its port and the paths it was
+    asked for (a proxy is asked for whole URLs). ``received`` gets each request whole:
+    method, path, headers and body."""
     asked: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -1346,7 +1347,7 @@ def _answering(
             if received is not None:
                 sent = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 received.append((self.command, self.path, dict(self.headers), sent))
-            self.send_response(status)
+            self.send_response(status, reason)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -1385,17 +1386,22 @@ def test_a_member_without_a_leader_is_passed_over_and_named(
     assert "etcdserver: no leader" in alone.stderr and '{"' not in alone.stderr
 
 
+@pytest.mark.parametrize(("status", "reason", "named"), [
+    (503, None, "503 Service Unavailable"), (503, "", "503"),
+    (504, None, "504 Gateway Timeout"), (504, "", "408 or 504"),
+], ids=["503", "503-no-reason", "504", "504-no-reason"])
 def test_a_proxy_s_unavailable_page_is_named_by_its_status_not_its_words(
-    session: Path,
+    session: Path, status: int, reason: str | None, named: str
 ) -> None:
-    """A proxy in front of etcd that answers 503 is an outage named by its status: a
-    page that happens to say "connection refused" is quoted, not taken as the reason."""
+    """A proxy in front of etcd that answers 503 or 504 is an outage named by its status
+    (its number, even without a reason phrase): a page that happens to say "connection
+    refused" is quoted, not taken as the reason."""
     page = b"<html><body>upstream connect error: connection refused</body></html>"
-    with _answering(503, page) as (port, asked):
+    with _answering(status, page, reason=reason) as (port, asked):
         out = _cli("status", str(session), "--backend", f"etcd://127.0.0.1:{port}/p")
     assert out.returncode == 1 and asked, out.stderr
-    assert "the etcd holder store is unavailable (HTTP Service Unavailable from a server " \
-        "other than etcd, which said: <html><body>upstream connect error" in out.stderr
+    assert f"the etcd holder store is unavailable (HTTP {named} from a server other than " \
+        "etcd, which said: <html><body>upstream connect error" in out.stderr
     assert "(connection refused)" not in out.stderr
 
 
