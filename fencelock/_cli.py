@@ -570,7 +570,46 @@ def _holding_options(heartbeat_help: str) -> Callable[[Any], Any]:
     return apply
 
 
-@main.command(short_help="Hold SESSION while COMMAND runs, like flock(1).")
+class _CommandLine(click.Command):
+    """A command whose last argument is a command line to start (``run``): as flock(1)
+    does, fencelock reads its own options only up to that command's first word, and
+    every word from there on is the command's, options included."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _mark_command_start(self.get_params(ctx), args))
+
+
+def _mark_command_start(params: list[click.Parameter], args: list[str]) -> list[str]:
+    """``args`` with ``--`` put before the word that starts the command (the one after
+    the positional arguments before it), unless a ``--`` comes first."""
+    takes_value = {
+        name: not (p.is_flag or p.count)
+        for p in params if isinstance(p, click.Option)
+        for name in (*p.opts, *p.secondary_opts)
+    }
+    before = sum(1 for p in params if isinstance(p, click.Argument) and p.nargs == 1)
+    i = 0
+    while i < len(args):
+        word = args[i]
+        i += 1
+        if word == "--":
+            break
+        if word.startswith("--"):
+            if takes_value.get(word) and "=" not in word:
+                i += 1  # its value
+        elif word.startswith("-") and word != "-":
+            for j, letter in enumerate(word[1:], start=2):  # -nw 5, -w5
+                if takes_value.get("-" + letter):
+                    i += j == len(word)  # the value is the next word unless attached
+                    break
+        elif before:
+            before -= 1
+        else:
+            return [*args[:i - 1], "--", *args[i - 1:]]
+    return args
+
+
+@main.command(cls=_CommandLine, short_help="Hold SESSION while COMMAND runs, like flock(1).")
 @_holding_options("Refresh the record's heartbeat this often while COMMAND runs; 0 never.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
@@ -582,7 +621,8 @@ def run(
     backend: str | None,
     command: tuple[str, ...],
 ) -> None:
-    """Hold SESSION while COMMAND runs, like flock(1). Put `--` before COMMAND.
+    """Hold SESSION while COMMAND runs, like flock(1). fencelock's options go before
+    COMMAND; every word from COMMAND on is COMMAND's (`--` before it is optional).
 
     Exits with COMMAND's exit code (128+N when it was killed by signal N, 126 when
     it cannot be executed, 127 when it was not found), or 4 when the session is held

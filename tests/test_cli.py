@@ -607,6 +607,23 @@ def test_run_holds_session_passes_env_and_exit_code(session: Path) -> None:
     assert after.record.state == "released" and after.record.token == seen["token"]
 
 
+ARGV = "import json, os, sys; print(json.dumps([sys.argv[1:], os.environ['FENCELOCK_LANE']]))"
+
+
+@pytest.mark.parametrize("options", [
+    ["--lane", "mine"], ["--lane=mine", "-w", "5"], ["-n", "--lane", "mine"],
+    ["--lane", "mine", "--"],
+], ids=["lane", "attached-value", "flag-first", "with-dashes"])
+def test_run_reads_its_options_only_up_to_the_command(session: Path, options: list[str]) -> None:
+    """As with flock(1), every word from COMMAND's first on is COMMAND's: its options are
+    passed to it, never taken by fencelock (`-n` would turn a wait into exit 4, `--lane`
+    would rename the run, `--help` would print fencelock's help). `--` stays optional."""
+    words = ["-n", "--lane", "other", "--help", "-w", "0", "--", "x"]
+    out = cli("run", str(session), *options, sys.executable, "-c", ARGV, *words)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [words, "mine"]
+
+
 @needs_proc_locks
 def test_run_waits_for_the_holder(session: Path, spawn_holder: SpawnHolder, tmp_path: Path) -> None:
     h = spawn_holder(session, lane="first")
