@@ -105,12 +105,26 @@ _take_slot = _registry.take
 _free_slot = _registry.free
 
 
+def _check_mode(mode: int) -> None:
+    """Raise for a ``mode`` that is not the permission bits of a file its owner can
+    reopen: setuid, setgid and sticky bits (or any higher ones) are refused, as is a
+    mode without the owner's read and write."""
+    if type(mode) is not int:
+        raise TypeError(f"mode must be an int such as 0o600, not {type(mode).__name__}")
+    if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
+        raise ValueError(
+            f"mode {mode:#o} is not the permission bits of a file its owner can read and "
+            "write: give one from 0o600 to 0o777 (for example 0o600, or 0o640 for a group)"
+            if mode >= 0 else f"mode {mode} is negative: give one such as 0o600"
+        )
+
+
 class SessionLock:
     """Holds one session file for a whole run. See the README for the protocol."""
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: _sidecar.AnyPath,
         lane: str = "default",
         *,
         on_contention: OnContention = "wait",
@@ -126,6 +140,7 @@ class SessionLock:
         if timeout is not None:
             timeout = _wait.limit(timeout)
         self.check_lane(lane)
+        _check_mode(mode)
         if origin is not None and len(origin) > _record.MAX_TEXT:
             raise ValueError(f"origin is longer than {_record.MAX_TEXT} characters")
         self.session, self.sidecar = _sidecar.paths(path)
@@ -264,6 +279,8 @@ class SessionLock:
         text (a name with bytes that are not UTF-8, as ``os.fsdecode`` gives them, would
         reach the record as escapes of lone surrogates, which strict JSON readers
         reject)."""
+        if not isinstance(lane, str):
+            raise TypeError(f"lane must be a str, not {type(lane).__name__}")
         if not lane.strip():
             raise ValueError("lane is empty; name the lane (for example 'cron' or "
                              "'heartbeat')")

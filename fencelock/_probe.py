@@ -105,7 +105,7 @@ class HolderStatus:
 
 
 def probe(
-    path: str | os.PathLike[str], *, stuck_after: float = DEFAULT_STUCK_AFTER,
+    path: _sidecar.AnyPath, *, stuck_after: float = DEFAULT_STUCK_AFTER,
     backend: str | None = None,
 ) -> HolderStatus:
     """The state of the session at ``path`` (the session file or its sidecar), in the
@@ -295,7 +295,7 @@ def _reason(state: ProbeState, record: HolderInfo, alive: bool | None, stuck: bo
 
 
 def scan(
-    directory: str | os.PathLike[str], *, stuck_after: float = DEFAULT_STUCK_AFTER,
+    directory: _sidecar.AnyPath, *, stuck_after: float = DEFAULT_STUCK_AFTER,
     backend: str | None = None,
 ) -> Iterator[HolderStatus]:
     """Every sidecar and ``*.jsonl`` session in ``directory``, sorted by session name
@@ -351,7 +351,7 @@ def _what_is(entry: os.DirEntry[str]) -> str:
 
 
 def clear(
-    path: str | os.PathLike[str], *, remove: bool = False, force: bool = False,
+    path: _sidecar.AnyPath, *, remove: bool = False, force: bool = False,
     backend: str | None = None,
 ) -> HolderStatus:
     """Clear a stale record under the sidecar's lock; never touches a live holder.

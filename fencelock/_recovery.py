@@ -63,7 +63,7 @@ class Recovery:
     made it (it is named after that run)."""
 
 
-def fresh_session(path: str | os.PathLike[str]) -> str:
+def fresh_session(path: _sidecar.AnyPath) -> str:
     """A new, unused ``<uuid>.jsonl`` path beside ``path`` (not created)."""
     session, _ = _sidecar.paths(path)
     directory = os.path.dirname(session)
@@ -74,7 +74,7 @@ def fresh_session(path: str | os.PathLike[str]) -> str:
 
 
 def recover(
-    path: str | os.PathLike[str],
+    path: _sidecar.AnyPath,
     *,
     wait: float = 30.0,
     fresh: bool = True,

@@ -12,6 +12,7 @@ import errno
 import functools
 import os
 import stat
+from typing import TypeAlias
 
 from fencelock import _forkguard, _platform
 from fencelock._constants import NO_WORKING_DIRECTORY, SIDECAR_SUFFIX
@@ -30,20 +31,24 @@ _READ_RETRIES = 5
 _PAD_LIMIT = 4096
 
 
-def paths(path: str | os.PathLike[str]) -> tuple[str, str]:
+AnyPath: TypeAlias = "str | bytes | os.PathLike[str] | os.PathLike[bytes]"
+"""A path in any form ``os`` takes; bytes are decoded as ``os.fsdecode`` does."""
+
+
+def paths(path: AnyPath) -> tuple[str, str]:
     """(session, sidecar) as absolute paths, for a session file or a sidecar path."""
     if type(path) is str and path[:1] == "/":
         return _paths_of_absolute(path)  # does not depend on the working directory
     return _paths(absolute(path))
 
 
-def absolute(path: str | os.PathLike[str]) -> str:
+def absolute(path: AnyPath) -> str:
     """``path`` made absolute; `SidecarAccessError` naming it when it is relative and
     the working directory is gone."""
     try:
-        return os.path.abspath(os.fspath(path))
+        return os.path.abspath(os.fsdecode(path))  # bytes too, as os takes them
     except FileNotFoundError as e:
-        raise SidecarAccessError(os.fsdecode(os.fspath(path)), e, NO_WORKING_DIRECTORY) from None
+        raise SidecarAccessError(os.fsdecode(path), e, NO_WORKING_DIRECTORY) from None
 
 
 def _paths(p: str) -> tuple[str, str]:

@@ -71,7 +71,7 @@ def _int(text: str) -> int:
     return -1 if text.startswith("-") else MAX_TOKEN + 1
 
 
-def verify(path: str | os.PathLike[str]) -> VerifyReport:
+def verify(path: _sidecar.AnyPath) -> VerifyReport:
     """Read the session line by line and report what is wrong with it. ``path`` is the
     session file or its sidecar.
 

@@ -976,3 +976,37 @@ def test_a_write_refused_with_eperm_names_the_immutable_attribute(session: Path)
     eacces = OSError(errno.EACCES, os.strerror(errno.EACCES), str(session))
     fix = _sidecar.path_fix(str(session), eacces, writing=True, sidecar=False)
     assert fix is not None and "run as its owner" in fix and "immutable" not in fix
+
+
+@pytest.mark.parametrize("mode", [-1, 0o4600, 0o7777777, 0o400, "600", 1.5, True],
+                         ids=["negative", "setuid", "huge", "owner-cannot-write", "string",
+                              "float", "bool"])
+def test_a_mode_that_is_not_permission_bits_is_refused_before_anything_is_made(
+    session: Path, mode: Any
+) -> None:
+    """``mode`` is the permission bits of the files a holder creates: a value that would
+    make a setuid, setgid or sticky file, or one its owner could not reopen, is refused
+    when the lock is made, not at acquire and not by creating the file."""
+    with pytest.raises((ValueError, TypeError), match="mode"):
+        SessionLock(session, "a", mode=mode)
+    assert os.listdir(session.parent) == []
+
+
+@pytest.mark.parametrize("lane", [None, 5, b"x"], ids=["none", "int", "bytes"])
+def test_a_lane_that_is_not_text_is_refused_by_name(session: Path, lane: Any) -> None:
+    with pytest.raises(TypeError, match="lane must be a str"):
+        SessionLock(session, lane)
+    assert os.listdir(session.parent) == []
+
+
+def test_a_path_given_as_bytes_is_the_same_session(session: Path) -> None:
+    """A path is a path in any of the forms ``os`` takes (str, bytes, ``PathLike``)."""
+    raw = os.fsencode(session)
+    with SessionLock(raw, "bytes") as lock:
+        lock.append({"n": 1})
+        assert lock.session == str(session)
+        assert probe(raw).state == "live"
+        assert [s.session for s in scan(os.fsencode(session.parent))] == [str(session)]
+    assert probe(raw).state == "free"
+    assert clear(raw).state == "free"
+    assert verify(raw).lines == 1
