@@ -362,22 +362,47 @@ def make_lock(
                                 str(e)) from None
 
 
-async def _acquire_unless_abandoned(lock: SessionLock, inbox: _Inbox) -> HolderInfo | None:
-    """The lock's record once held; None if stdin ended first with no request sent."""
+def _acquire_unless_stopped(lock: SessionLock, inbox: _Inbox, seen: Seen) -> HolderInfo | None:
+    """The lock's record once held; None if stdin ended first with no request sent.
+    Raises `Stopped` for a stop signal that came while waiting (the wait has ended then,
+    and nothing is held)."""
+    import asyncio
+
+    seen.deferred = True  # the loop must see the signal, not a callback of it
+    try:
+        info = asyncio.run(_acquire_unless_abandoned(lock, inbox, seen))
+    finally:
+        seen.deferred, seen.wake = False, None
+    if seen.signum:
+        raise Stopped(seen.signum)
+    return info
+
+
+async def _acquire_unless_abandoned(
+    lock: SessionLock, inbox: _Inbox, seen: Seen
+) -> HolderInfo | None:
     import asyncio
 
     loop = asyncio.get_running_loop()
     abandoned = asyncio.Event()
+    stopped = asyncio.Event()
 
-    def wake() -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: held by then
-            loop.call_soon_threadsafe(abandoned.set)
+    def wake(event: asyncio.Event) -> Callable[[], None]:
+        def set_it() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: it ended
+                loop.call_soon_threadsafe(event.set)
 
-    inbox.on_idle_eof(wake)
+        return set_it
+
+    seen.wake = wake(stopped)
+    if seen.signum:
+        stopped.set()
+    inbox.on_idle_eof(wake(abandoned))
     taking = asyncio.ensure_future(lock.acquire_async())
-    gone = asyncio.ensure_future(abandoned.wait())
-    await asyncio.wait({taking, gone}, return_when=asyncio.FIRST_COMPLETED)
-    gone.cancel()
+    ends = {asyncio.ensure_future(abandoned.wait()), asyncio.ensure_future(stopped.wait())}
+    await asyncio.wait({taking, *ends}, return_when=asyncio.FIRST_COMPLETED)
+    for end in ends:
+        end.cancel()
     if not taking.done():
         taking.cancel()  # acquire_async gives back a lock that arrives now
         try:
@@ -395,7 +420,7 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
     code = EXIT_ERROR
     try:
         handlers = PromptHandlers(seen.stop, _platform.stop_signals())
-        code = _hold(served, heartbeat, _Inbox(stdin), _Out(stdout))
+        code = _hold(served, heartbeat, _Inbox(stdin), _Out(stdout), seen)
     except Stopped:
         pass  # the code is the signal's, below
     finally:
@@ -409,9 +434,7 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
     return 128 + seen.signum if seen.signum else code
 
 
-def _hold(served: _Session, heartbeat: float, inbox: _Inbox, out: _Out) -> int:
-    import asyncio
-
+def _hold(served: _Session, heartbeat: float, inbox: _Inbox, out: _Out, seen: Seen) -> int:
     lock = served.lock
     inbox.start()
     try:
@@ -426,7 +449,7 @@ def _hold(served: _Session, heartbeat: float, inbox: _Inbox, out: _Out) -> int:
                 if lock.on_contention == "fail":
                     raise
         if info is None:
-            info = asyncio.run(_acquire_unless_abandoned(lock, inbox))
+            info = _acquire_unless_stopped(lock, inbox, seen)
     except SessionContendedError as e:
         _stderr(str(e))
         with contextlib.suppress(_CallerGone):

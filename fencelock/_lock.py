@@ -446,12 +446,19 @@ class SessionLock:
                 name="fencelock-acquire", daemon=True,
             ).start()
             try:
-                await future
+                await asyncio.shield(future)  # a cancel leaves the attempt to end below
             except asyncio.CancelledError:
-                cancel.set()
+                cancel.set()  # from here deliver() gives back a lock that arrives
                 _registry.wake()
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    self.release()  # cancelled after the lock was delivered: give it back
+                if future.done():
+                    if future.exception() is None:
+                        self.release()  # cancelled after the lock was delivered: give it back
+                    raise
+                # The attempt notices ``cancel`` soon; the caller is told it was cancelled
+                # once it has ended, so that nothing is taken (a record written) after.
+                while not future.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait({future})
                 raise
         info = self.info
         assert info is not None
@@ -473,9 +480,10 @@ class SessionLock:
             error = e
 
         def deliver() -> None:
-            if future.cancelled():
+            if cancel.is_set():  # the task gave up: the attempt is over
                 if error is None:
-                    self.release()  # the task gave up just as the lock arrived
+                    self.release()  # the lock arrived just then
+                future.set_result(None)
             elif error is None:
                 future.set_result(None)
             else:

@@ -128,12 +128,20 @@ class Seen:
     """The first stop signal that came (0: none)."""
     settled = False
     """From here a signal is noted, never raised (a release or a decision is under way)."""
+    deferred = False
+    """While set, a signal is noted and `wake` called, never raised: an event loop runs
+    (asyncio catches and only logs an exception raised inside one of its callbacks)."""
+    wake: Callable[[], None] | None = None
 
     def stop(self, signum: int, frame: FrameType | None) -> None:
-        """The handler: the first signal raises `Stopped` unless settled; later ones
-        only end (a second signal must not cut the first one's clean-up short)."""
+        """The handler: the first signal raises `Stopped` unless settled or deferred;
+        later ones only end (a second signal must not cut the first one's clean-up
+        short)."""
         if self.signum:
             return
         self.signum = signum
-        if not self.settled:
+        if self.deferred:
+            if self.wake is not None:
+                self.wake()
+        elif not self.settled:
             raise Stopped(signum)

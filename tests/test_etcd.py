@@ -2410,3 +2410,37 @@ def test_a_wait_that_runs_out_while_etcd_hangs_says_etcd_did_not_answer(
     (error,) = outcome
     assert isinstance(error, StoreUnavailableError), error
     assert "no answer in time" in str(error)
+
+
+@pytest.mark.parametrize("how", ["end-of-input", "sigterm"])
+def test_a_waiting_hold_that_ends_leaves_nobody_queued(
+    session: Path, url: str, etcd_server: EtcdServer, how: str
+) -> None:
+    """A `hold` waiting in etcd's queue whose caller goes away, or that is stopped,
+    takes its key out of the queue before it exits: a key left behind would hold the
+    session, unrecorded, until its lease ran out."""
+    with _etcdctl_holding(etcd_server, _lock_name(url, session)) as ctl:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "gone",
+             "--backend", url],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        deadline = time.monotonic() + 30
+        while probe(session, backend=url).waiters < 1:
+            assert time.monotonic() < deadline and proc.poll() is None, "never queued"
+            time.sleep(0.01)
+        if how == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        proc.stdin.close()
+        code = proc.wait(timeout=60)
+        out, err = proc.stdout.read(), proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+        assert code == (128 + signal.SIGTERM if how == "sigterm" else 0), err
+        assert out == b"" and b"Traceback" not in err
+        assert probe(session, backend=url).waiters == 0
+        ctl.send_signal(signal.SIGTERM)  # etcdctl lets go
+        ctl.wait(timeout=60)
+    with SessionLock(session, "next", on_contention="fail", backend=url) as lock:
+        assert lock.held

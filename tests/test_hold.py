@@ -194,6 +194,58 @@ def test_sigterm_while_waiting_stops_cleanly_without_holding(
     assert record is not None and record.token == token
 
 
+SIGNAL_IN_A_CALLBACK = """
+import asyncio, os, signal, sys
+from fencelock._cli import main
+
+class Loop(asyncio.SelectorEventLoop):
+    # The event loop that waits for the session sends the signal from inside one of its
+    # callbacks: the handler runs there, as a signal that lands while the loop runs
+    # any callback (the lock's delivery, a wake-up) does.
+    def __init__(self):
+        super().__init__()
+        self.call_soon(os.kill, os.getpid(), int(sys.argv[1]))
+
+class Policy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = Loop
+
+asyncio.set_event_loop_policy(Policy())
+main(sys.argv[2:], prog_name="fencelock")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_that_lands_in_an_event_loop_callback_still_stops_the_wait(
+    session: Path, spawn_holder: SpawnHolder, signum: int
+) -> None:
+    """asyncio catches and logs an exception raised in a callback: a stop signal whose
+    handler raised there was swallowed, and hold went on waiting, then held the session
+    as if nothing had come."""
+    other = spawn_holder(session, lane="channel")
+    token = other.acquire()
+    proc = subprocess.Popen(  # stdin stays open: the caller is still there
+        [sys.executable, "-c", SIGNAL_IN_A_CALLBACK, str(signum), "hold", str(session),
+         "--lane", "stopped"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        proc.wait(timeout=30)  # a bound for a broken build (communicate would close stdin)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    finally:
+        proc.stdin.close()
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    assert proc.returncode == 128 + signum, err
+    assert out == b"" and err == b""
+    assert other.call("release") == "released"
+    record = probe(session).record
+    assert record is not None and record.token == token and record.lane == "channel"
+
+
 @pytest.mark.parametrize("how", [["--no-wait"], ["--timeout", "0.2"]])
 def test_contended_answers_with_the_holder_and_exits_4(
     session: Path, start_hold: StartHold, spawn_holder: SpawnHolder, how: list[str]
