@@ -661,7 +661,7 @@ def run(
 
 
 @main.command(short_help="Hold SESSION for another process, over JSON lines.")
-@_holding_options("Refresh the record's heartbeat after this long without a request; 0 never.")
+@_holding_options("Refresh the record's heartbeat when no request wrote it for this long; 0 never.")
 def hold(
     session: str,
     lane: str,

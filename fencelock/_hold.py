@@ -16,6 +16,7 @@ import queue
 import select
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -474,16 +475,34 @@ def _hold(served: _Session, heartbeat: float, inbox: _Inbox, out: _Out, seen: Se
     return EXIT_OK
 
 
+_BEATING = frozenset({"append", "prompt_begin", "prompt_end", "touch"})
+"""The requests that write the record's heartbeat, and so put off hold's own."""
+_NOTHING = _TooLong(-1)
+"""No request came for a beat (a stand-in no reader puts in the queue)."""
+
+
+def _refresh(lock: SessionLock) -> None:
+    try:
+        lock.touch()
+    except (FenceLockError, OSError) as e:
+        _stderr(f"heartbeat not refreshed: {e}")
+
+
 def _serve(served: _Session, inbox: _Inbox, out: _Out, heartbeat: float) -> None:
     beat = heartbeat if 0 < heartbeat < threading.TIMEOUT_MAX else None
+    due = 0.0 if beat is None else time.monotonic() + beat
+    """When hold refreshes the heartbeat itself, unless a request writes it first."""
     while True:
         try:
-            item = inbox.items.get(timeout=beat)
+            item = inbox.items.get(
+                timeout=None if beat is None else max(0.0, due - time.monotonic())
+            )
         except queue.Empty:
-            try:
-                served.lock.touch()
-            except (FenceLockError, OSError) as e:
-                _stderr(f"heartbeat not refreshed: {e}")
+            item = _NOTHING
+        if beat is not None and time.monotonic() >= due:  # requests came, none wrote it
+            _refresh(served.lock)
+            due = time.monotonic() + beat
+        if item is _NOTHING:
             continue
         if item is _EOF:
             return
@@ -504,6 +523,8 @@ def _serve(served: _Session, inbox: _Inbox, out: _Out, heartbeat: float) -> None
         out.send({**answer, **echo})
         if op == "release":
             return
+        if beat is not None and op in _BEATING and answer["ok"]:
+            due = time.monotonic() + beat
 
 
 def main(

@@ -570,6 +570,21 @@ def test_heartbeat_refreshes_the_record_between_requests(
     assert h.wait() == 0
 
 
+@pytest.mark.parametrize("op", ["verify", "info", "nonsense"])
+def test_requests_that_write_no_heartbeat_do_not_put_it_off(
+    session: Path, start_hold: StartHold, op: str
+) -> None:
+    """A caller that polls (`verify`, `info`) through a long model call is still
+    refreshed: only a request that writes the heartbeat puts off hold's own."""
+    h = start_hold(session, "--heartbeat", "0.05")
+    first = h.held()["record"]["heartbeat_at"]
+    deadline = time.monotonic() + 60  # a bound for a broken build, not a timing claim
+    while record_of(session).heartbeat_at == first:
+        assert time.monotonic() < deadline, "the heartbeat was never refreshed"
+        h.call(op)
+    assert h.wait() == 0
+
+
 def test_bad_lane_is_a_usage_error(session: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "x" * 5000],
