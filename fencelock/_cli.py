@@ -963,9 +963,9 @@ def verify_command(session: str, as_json: bool) -> None:
     A session file that does not exist yet (its directory does) has no lines: it is
     clean, and the report says it does not exist.
 
-    A line over 64 MiB, or one whose values take more memory to parse than there
-    is, is not parsed (no problem by that alone): its stamp is read from its end,
-    and the report lists it as unchecked.
+    A line over 64 MiB, one whose values take more memory to parse than there is,
+    or one nested deeper than Python parses, is not parsed (no problem by that
+    alone): its stamp is read from its end, and the report lists it as unchecked.
 
     JSON: session, exists, lines, stamped, max_token, ok, problems (line, kind,
     detail), unchecked (line numbers).
@@ -1000,8 +1000,9 @@ def verify_command(session: str, as_json: bool) -> None:
         for p in report.problems:
             out(f"{name}:{p.line}: {p.kind}: {clean(p.detail)}")
         for n in report.unchecked:
-            out(f"{name}:{n}: note: not parsed (over {MAX_LINE >> 20} MiB, or too large to "
-                "parse in the memory there is); its stamp was read from its end")
+            out(f"{name}:{n}: note: not parsed (over {MAX_LINE >> 20} MiB, too large to "
+                "parse in the memory there is, or nested too deeply); its stamp was read "
+                "from its end")
         verdict = "ok" if report.ok else plural(len(report.problems), "problem")
         missing = "" if report.exists else "no such file yet, "
         unparsed = f", {len(report.unchecked)} not parsed" if report.unchecked else ""

@@ -78,7 +78,11 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
             raise FenceLockError("a session entry must be one line; this one has a line break")
         try:
             parsed = strict_loads(entry)
-        except (ValueError, RecursionError):
+        except RecursionError:
+            raise FenceLockError(
+                "a session entry is nested too deeply for Python's JSON parser; nothing "
+                "was written") from None
+        except ValueError:
             raise FenceLockError(
                 "a session entry must be one line of JSON when given as text (pass a dict "
                 "to have it encoded); nothing was written") from None

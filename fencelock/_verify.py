@@ -43,7 +43,8 @@ class VerifyReport:
     """False for a session file not created yet (its directory exists): no lines."""
     unchecked: list[int] = field(default_factory=list)
     """Lines not parsed (no problem by that alone), their stamp read from their end:
-    longer than `MAX_LINE`, or taking more memory to parse than there is."""
+    longer than `MAX_LINE`, nested deeper than Python's parser goes, or taking more
+    memory to parse than there is."""
 
     @property
     def ok(self) -> bool:
@@ -159,11 +160,11 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
             try:
                 # JSON as any reader takes it: no NaN, no Infinity (Python's own).
                 entry = loads(raw, parse_int=_int)
-            except (ValueError, RecursionError):
+            except ValueError:
                 problems.append(Problem(number, "torn", f"not JSON: {raw[:60]!r}"))
                 continue
-            except MemoryError:  # its values take more memory than there is
-                unchecked.append(number)  # read as an over-long line is
+            except (MemoryError, RecursionError):  # more memory, or nesting, than Python
+                unchecked.append(number)  # has here: read as an over-long line is
                 found = trailing_stamp(raw)
                 if found is None:
                     continue

@@ -787,6 +787,20 @@ def test_publish_names_nothing_once_the_holder_may_have_lost_the_session(tmp_pat
     assert not os.path.lexists(session + PART)
 
 
+def test_a_line_nested_deeper_than_python_parses_is_unchecked_not_torn(session: Path) -> None:
+    """How deep Python's parser goes depends on its stack at the time: a line `append`
+    accepted may be too deep for `verify` (under the CLI's frames). It is JSON all the
+    same: verify reads its stamp from its end, as for an over-long line."""
+    deep = "[" * 5000 + "]" * 5000
+    stamped = '{"deep":' + "[" * 5000 + "]" * 5000 + ',"_fencelock":{"token":3,"run_id":"r-1"}}'
+    session.write_text('{"n": 1}\n' + deep + "\n" + stamped + "\n")
+    report = verify(session)
+    assert report.problems == [] and report.unchecked == [2, 3]
+    assert report.lines == 3 and report.stamped == 1 and report.max_token == 3
+    with SessionLock(session, "deep") as lock, pytest.raises(FenceLockError, match="deeply"):
+        lock.append(deep)
+
+
 def test_verify_reads_lines_as_json_readers_do(session: Path) -> None:
     """NaN and Infinity are Python's extensions, not JSON: `append` refuses them, other
     readers (JSON.parse) cannot read them, and verify calls them torn. A number of any
