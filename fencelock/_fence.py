@@ -15,6 +15,7 @@ import errno
 import json
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -107,7 +108,11 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
         raise FenceLockError(f"a session entry must be valid Unicode text: {e.reason} at "
                              f"{e.start}; nothing was written") from None
     except (TypeError, ValueError, RecursionError) as e:  # sets, NaN, cycles, depth
-        raise FenceLockError(f"a session entry must be JSON: {e}; nothing was "
+        why = str(e)
+        if "integer string conversion" in why:  # Python's own limit, not JSON's
+            why = (f"it holds an integer of over {sys.get_int_max_str_digits()} digits, "
+                   "which Python does not write as text (write it as a string)")
+        raise FenceLockError(f"a session entry must be JSON: {why}; nothing was "
                              f"written") from None
     raise FenceLockError(f"a session entry must be a dict or a str, not {type(entry).__name__}")
 

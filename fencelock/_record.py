@@ -364,6 +364,15 @@ def peek(data: bytes) -> tuple[State, int] | None:
     return state, token
 
 
+def json_int(text: str) -> int:
+    """A JSON integer as fencelock reads one: one too long for any field (over 20
+    digits) reads as just out of a token's range, never converted (Python refuses to
+    convert integers of over 4300 digits)."""
+    if len(text) <= 20:
+        return int(text)
+    return -1 if text.startswith("-") else MAX_TOKEN + 1
+
+
 def decode(data: bytes) -> HolderInfo | None:
     """Parse a sidecar's bytes. None for an empty (zero-length) sidecar; ValueError when
     corrupt, including a sidecar of nothing but NUL bytes or spaces.
@@ -384,13 +393,13 @@ def decode(data: bytes) -> HolderInfo | None:
     except UnicodeDecodeError as e:
         raise ValueError(f"not UTF-8 at byte {e.start}") from None
     try:
-        obj, _ = json.JSONDecoder().raw_decode(text)
+        obj, _ = _DECODER.raw_decode(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     except json.JSONDecodeError as e:
         if len(data) >= MAX_RECORD:
             raise ValueError(f"larger than {MAX_RECORD} bytes") from None
-        raise ValueError(f"not JSON ({e.msg} at offset {e.pos})") from None
+        raise ValueError(f"not JSON ({e.msg.removesuffix(' at')} at offset {e.pos})") from None
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     return from_json(obj)
@@ -420,9 +429,12 @@ def _float(obj: dict[str, Any], name: str) -> float:
     raise ValueError(f"{name} is not a finite number of seconds")
 
 
+_DECODER = json.JSONDecoder(parse_int=json_int)
+
+
 def from_json(obj: dict[str, Any]) -> HolderInfo:
     version = obj.get("version")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:
         raise ValueError(f"version is {version!r}; this fencelock reads version {VERSION}")
     try:
         state = State(str(obj.get("state")))

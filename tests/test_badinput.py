@@ -1010,3 +1010,30 @@ def test_a_path_given_as_bytes_is_the_same_session(session: Path) -> None:
     assert probe(raw).state == "free"
     assert clear(raw).state == "free"
     assert verify(raw).lines == 1
+
+
+@pytest.mark.parametrize(("record", "named"), [
+    (b'{"version":true,"state":"held","token":3}', "version is True"),
+    (b'{"version":1.0,"state":"held","token":3}', "version is 1.0"),
+    (b'{"version":1,"state":"held","token":' + b"9" * 5000 + b"}", "record is corrupt"),
+    (b'{"version":1,"state":"held","lane":"unterminated', "starting at offset"),
+], ids=["version-true", "version-float", "5000-digit-token", "unterminated-string"])
+def test_a_malformed_record_is_named_in_fencelock_s_words(
+    session: Path, record: bytes, named: str
+) -> None:
+    """A record is corrupt for what it holds, told without Python's own advice (no
+    "sys.set_int_max_str_digits()") and read to the protocol's types (true is no 1)."""
+    sidecar = Path(str(session) + ".holder")
+    sidecar.write_bytes(record)
+    status = probe(session)
+    assert status.state == "unreadable" and status.reason is not None
+    assert named in status.reason, status.reason
+    assert "sys." not in status.reason and "at at" not in status.reason
+    assert sidecar.read_bytes() == record
+
+
+def test_an_integer_python_will_not_write_is_refused_in_plain_words(session: Path) -> None:
+    with SessionLock(session, "big") as lock, pytest.raises(FenceLockError) as exc:
+        lock.append({"n": 10**5000})
+    assert "integer of over" in str(exc.value) and "sys." not in str(exc.value)
+    assert not session.exists() or session.read_bytes() == b""
