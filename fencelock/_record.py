@@ -364,15 +364,6 @@ def peek(data: bytes) -> tuple[State, int] | None:
     return state, token
 
 
-def json_int(text: str) -> int:
-    """A JSON integer as fencelock reads one: one too long for any field (over 20
-    digits) reads as just out of a token's range, never converted (Python refuses to
-    convert integers of over 4300 digits)."""
-    if len(text) <= 20:
-        return int(text)
-    return -1 if text.startswith("-") else MAX_TOKEN + 1
-
-
 def decode(data: bytes) -> HolderInfo | None:
     """Parse a sidecar's bytes. None for an empty (zero-length) sidecar; ValueError when
     corrupt, including a sidecar of nothing but NUL bytes or spaces.
@@ -429,7 +420,15 @@ def _float(obj: dict[str, Any], name: str) -> float:
     raise ValueError(f"{name} is not a finite number of seconds")
 
 
-_DECODER = json.JSONDecoder(parse_int=json_int)
+def _record_int(text: str) -> int | float:
+    """A record's JSON integer: one too long for any of its fields (over 20 digits)
+    reads as an infinity, which no field takes, without being converted."""
+    if len(text) <= 20:
+        return int(text)
+    return -math.inf if text.startswith("-") else math.inf
+
+
+_DECODER = json.JSONDecoder(parse_int=_record_int)
 
 
 def from_json(obj: dict[str, Any]) -> HolderInfo:
