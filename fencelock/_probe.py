@@ -389,6 +389,9 @@ def clear(
                         raise SessionContendedError(
                             session, found.record if found.held_by is not None else None,
                             lock_owners=found.lock_owners) from None
+                    if found.state is ProbeState.FREE and not remove:
+                        return HolderStatus(session, sidecar, ProbeState.FREE,
+                                            record=found.record, reason="was free")
                 raise
             try:
                 if not _lock_for_clear(fd, sidecar):

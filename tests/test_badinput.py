@@ -515,7 +515,8 @@ def test_clearing_a_live_session_one_cannot_write_says_it_is_live(
     """`clear` never touches a live holder, and says so (SessionContendedError, exit 4),
     also where this user could not write the sidecar anyway (a read-only filesystem, a
     sidecar of another user): a live run is the answer that counts, not the permission
-    error a stale record would get."""
+    error a stale record would get. A free one is free (nothing to clear); only
+    removing its sidecar needs the write this user lacks."""
     with open_directory() as sessions:
         session = sessions / "s.jsonl"
         sidecar = sessions / "s.jsonl.holder"
@@ -536,8 +537,14 @@ def test_clearing_a_live_session_one_cannot_write_says_it_is_live(
         assert f"pid {h.pid}" in result["message"]
         assert sidecar.read_bytes() == before
         assert h.call("release") == "released"
+        released = sidecar.read_bytes()
         result = as_user(clear_it, session=str(session))
-        assert result["error"] == "SidecarAccessError", result  # free: why it cannot
+        assert result == {"cleared": True}  # free: nothing to clear, nothing written
+        assert sidecar.read_bytes() == released
+        remove_it = clear_it.replace('clear(args["session"])',
+                                     'clear(args["session"], remove=True)')
+        result = as_user(remove_it, session=str(session))
+        assert result["error"] == "SidecarAccessError", result  # removing: why it cannot
 
 
 @needs_root
@@ -695,6 +702,11 @@ def test_read_only_filesystem(tmpfs_dir: Path) -> None:
         with pytest.raises(SidecarAccessError):
             SessionLock(fresh, "after").acquire()
         assert probe(session).state == "free"  # reading still works
+        # Nothing to clear is an answer, not an error; removing needs the filesystem.
+        cleared = clear(session)
+        assert (cleared.state, cleared.reason) == ("free", "was free")
+        with pytest.raises(SidecarAccessError, match="read-only"):
+            clear(session, remove=True)
         assert sidecar_of(session).read_bytes() == sidecar_before
     finally:
         remount(tmpfs_dir, "rw")
