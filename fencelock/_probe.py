@@ -508,7 +508,7 @@ def _clear_locked(
             try:
                 os.unlink(sidecar)
             except OSError as e:
-                raise _sidecar.access_error(sidecar, e, True) from None
+                raise _sidecar.unlink_error(sidecar, e) from None
             removed = True
             done += "; sidecar removed"
     return HolderStatus(session, sidecar, state, record=record, reason=done, removed=removed)

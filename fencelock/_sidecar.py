@@ -87,6 +87,23 @@ def access_error(path: str, e: OSError, writing: bool) -> Exception:
                               or "check the path and try again")
 
 
+def unlink_error(path: str, e: OSError) -> Exception:
+    """Removing ``path`` failed: a refused removal is its directory's doing (or an
+    attribute of either), not a matter of writing the file."""
+    directory = os.path.dirname(path)
+    if e.errno == errno.EACCES and os.access(directory, os.X_OK):
+        return SidecarAccessError(path, e, (
+            f"this user cannot remove entries from {directory} (removing a file takes "
+            f"write permission on its directory); fix the directory's permissions or run "
+            f"as its owner"))
+    if e.errno == errno.EPERM:
+        return SidecarAccessError(path, e, (
+            f"{directory} or the sidecar may be immutable or append-only (lsattr -d "
+            f"{directory}; lsattr {path}), or {directory} is sticky and the sidecar is "
+            f"another user's: run as the sidecar's owner"))
+    return access_error(path, e, True)
+
+
 def unreadable_session(session: str, e: OSError, why: str) -> SidecarAccessError:
     """A session file that cannot be read: what to do about ``e``, else ``why``."""
     return SidecarAccessError(session, e, path_fix(session, e, writing=False, sidecar=False)

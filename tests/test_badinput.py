@@ -1049,3 +1049,28 @@ def test_an_integer_python_will_not_write_is_refused_in_plain_words(session: Pat
         lock.append({"n": 10**5000})
     assert "integer of over" in str(exc.value) and "sys." not in str(exc.value)
     assert not session.exists() or session.read_bytes() == b""
+
+
+@needs_root
+def test_a_sidecar_the_directory_will_not_let_go_names_the_directory() -> None:
+    """Removing a file is the directory's business: a user who may write the sidecar
+    but not the directory is told so, not that the sidecar cannot be written."""
+    with open_directory(mode=0o755) as sessions:  # root's: others cannot remove entries
+        session = sessions / "s.jsonl"
+        with SessionLock(session, "before"):
+            pass
+        sidecar = sessions / "s.jsonl.holder"
+        sidecar.chmod(0o666)  # anyone may write the sidecar itself
+        before = sidecar.read_bytes()
+        remove_it = """
+            try:
+                clear(args["session"], remove=True)
+                result = {"removed": True}
+            except FenceLockError as e:
+                result = {"error": type(e).__name__, "message": str(e)}
+        """
+        result = as_user(remove_it, session=str(session))
+        assert result["error"] == "SidecarAccessError", result
+        assert f"cannot remove entries from {sessions}" in result["message"], result
+        assert "cannot write it" not in result["message"]
+        assert sidecar.read_bytes() == before
