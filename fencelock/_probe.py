@@ -93,13 +93,20 @@ class HolderStatus:
 
     @property
     def held_by(self) -> int | None:
-        """The pid holding the session now: a live record's, or the one lock owner
-        listed for a holder outside fencelock; None when not held or unknown.
-        (``pid`` is the record's, which for a free or stale session is the last run's.)"""
+        """The pid holding the session now: a live record's (its `fencelock run`
+        command's once the record's own process is gone), or the one lock owner listed
+        for a holder outside fencelock; None when not held or unknown. (``pid`` is the
+        record's, which for a free or stale session is the last run's.)"""
         if self.state is not ProbeState.LIVE:
             return None
-        if self.record is not None and self.record.state is State.HELD:
-            return self.record.pid
+        record = self.record
+        if record is not None and record.state is State.HELD:
+            command = _record.command_of(record)
+            if command is not None and _identity.owner_alive(
+                record.pid, record.host, record.process_start
+            ) is False:
+                return command[0]
+            return record.pid
         owners = self.lock_owners or ()
         return owners[0].pid if len(owners) == 1 and owners[0].command is not None else None
 

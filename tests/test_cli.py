@@ -1459,6 +1459,7 @@ def test_killing_the_run_wrapper_never_frees_a_session_its_command_holds(session
         assert st.pid == proc.pid and f"pid {command_pid}" in st.reason
         row = rows(cli("status", "--json", str(session)))[0]
         assert row["state"] == "live" and row["command_pid"] == command_pid
+        assert st.held_by == row["held_by"] == command_pid  # the pid holding it now
         out = cli("run", str(session), "--lane", "b", "--no-wait", "--", "true")
         assert out.returncode == 4, out.stderr
         assert f"pid {command_pid}" in out.stderr
