@@ -8,6 +8,7 @@ with problems; ``run`` passes its command's own code through.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -857,7 +858,8 @@ def recover_command(
     JSON: action (refire or fresh), session, original, waited, carried_lines,
     holder (what was found: an object of the same shape as status --json gives).
     Still held with --no-fresh, or any other failure: action and session null, and
-    error says why (holder is null when the failure came before it was read).
+    error says why (holder is the session as it is then; null when the failure came
+    before recover read it, such as a bad path).
 
     \b
     Example:
@@ -872,10 +874,15 @@ def recover_command(
     from fencelock._recovery import recover
     from fencelock._signals import PromptHandlers, Seen, Stopped
 
-    def failed(error: str) -> None:
+    def failed(error: str, looked: bool = False) -> None:
+        """``looked``: recover read the holder before it failed; name it again."""
         if as_json:  # the same shape, for a caller that parses stdout
+            holder = None
+            if looked:
+                with contextlib.suppress(FenceLockError, OSError):
+                    holder = status_json(probe(session, backend=backend), time.time())
             echo_json({"action": None, "session": None, "original": _named(session)[0],
-                       "waited": None, "carried_lines": 0, "error": error, "holder": None})
+                       "waited": None, "carried_lines": 0, "error": error, "holder": holder})
 
     try:
         _one_session(session, "recover")
@@ -908,7 +915,7 @@ def recover_command(
                     })
                 raise
             except (FenceLockError, OSError) as e:
-                failed(os_message(e) if isinstance(e, OSError) else str(e))
+                failed(os_message(e) if isinstance(e, OSError) else str(e), looked=True)
                 raise
     except Stopped as e:
         seen.settled = True

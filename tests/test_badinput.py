@@ -761,6 +761,8 @@ def test_recover_that_cannot_make_a_fresh_session_says_so_and_leaves_nothing(
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     answer = json.loads(done.stdout)
     assert answer["action"] is None and "could not be started" in answer["error"]
+    # It read the holder before it failed: --json names it, as for a session still held.
+    assert answer["holder"]["state"] == "live" and answer["holder"]["lane"] == "busy"
     assert sorted(os.listdir(tmpfs_dir)) == before
 
 
