@@ -228,6 +228,10 @@ def parse(item: _Line | _TooLong) -> tuple[dict[str, Any], dict[str, Any]]:
     except RecursionError:
         raise BadRequestError("request is nested too deeply") from None
     except ValueError as e:
+        if "integer string conversion" in str(e):  # Python's limit, not JSON's
+            raise BadRequestError(
+                f"request holds an integer of over {sys.get_int_max_str_digits()} digits, "
+                "more than this reader takes; send it as a string") from None
         raise BadRequestError(f"request is not JSON: {e}") from None
     if not isinstance(request, dict):
         raise BadRequestError("request is not a JSON object")

@@ -287,6 +287,7 @@ BAD_LINES = [
     (b'{"op": "append", "entry": "[1]", "stamp": true}', "needs an entry that is a JSON"),
     (b'{"op": "append", "entry": {"_fencelock": {"token": 9}}}', '"stamp": true'),
     (b'{"op": "append", "entry": "{\\"_fencelock\\": 1}"}', '"stamp": true'),
+    (b'{"op": "touch", "id": ' + b"9" * 5000 + b"}", "integer of over"),
 ]
 
 
@@ -302,13 +303,23 @@ def test_a_bad_request_is_answered_and_changes_nothing(
     h.send_raw(line + b"\n")
     answer = h.read()
     assert answer["ok"] is False and answer["error"] == "BadRequestError", answer
-    assert why in answer["message"]
+    assert why in answer["message"] and "sys." not in answer["message"]
     assert session.read_bytes() == before
     after = h.call("info")["record"]
     assert (after["phase"], after["fingerprint"]) == (record["phase"], record["fingerprint"])
     assert h.call("append", entry={"n": 2})["ok"]  # still serving, still holding
     assert h.wait() == 0
     assert lines(session) == [{"n": 1}, {"n": 2}]
+
+
+def test_a_null_stamp_is_the_holder_s_default(session: Path, start_hold: StartHold) -> None:
+    """`"stamp": null` (what a client sends for a field it has no value for) stamps as
+    the holder does by default: not at all for `hold`."""
+    h = start_hold(session)
+    h.held()
+    assert h.call("append", entry={"n": 1}, stamp=None)["ok"]
+    assert h.wait() == 0
+    assert lines(session) == [{"n": 1}]
 
 
 def test_prompt_begin_twice_is_refused(session: Path, start_hold: StartHold) -> None:
