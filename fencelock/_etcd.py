@@ -315,7 +315,6 @@ class _Watch:
             self._session.close()
 
 
-@functools.cache
 def _http_status(e: Exception, exceptions: Any) -> str:
     """The HTTP status behind one of etcd3gw's outage errors, which carry only the reason
     phrase: 503 raises `ConnectionFailedError`, 408 and 504 `ConnectionTimeoutError`."""
@@ -330,6 +329,7 @@ def _http_status(e: Exception, exceptions: Any) -> str:
 _TIMEOUT_STATUS = {"Request Timeout": "408", "Gateway Timeout": "504"}
 
 
+@functools.cache
 def _etcd3gw_exceptions() -> Any:
     """etcd3gw's exceptions (imported once the store is used: it comes with an extra)."""
     from etcd3gw import exceptions

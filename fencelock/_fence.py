@@ -64,6 +64,15 @@ def strict_loads(text: str | bytes, parse_int: Callable[[str], Any] | None = Non
                       parse_int=parse_int)
 
 
+def digits_problem(e: ValueError) -> str | None:
+    """Python's own limit on turning integers into text and back (not JSON's), in plain
+    words; None for any other error."""
+    if "integer string conversion" not in str(e):
+        return None
+    return (f"it holds an integer of over {sys.get_int_max_str_digits()} digits, which "
+            "Python does not convert (write it as a string)")
+
+
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 """What `json.dumps` with these arguments builds at every call (2 µs of an append's 4):
 allow_nan=False, as NaN and Infinity are not JSON, and strict readers (and `fencelock
@@ -83,8 +92,10 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
             raise FenceLockError(
                 "a session entry is nested too deeply for Python's JSON parser; nothing "
                 "was written") from None
-        except ValueError:
+        except ValueError as e:
             raise FenceLockError(
+                f"a session entry cannot be written: {digits_problem(e)}; nothing was "
+                "written" if digits_problem(e) else
                 "a session entry must be one line of JSON when given as text (pass a dict "
                 "to have it encoded); nothing was written") from None
         if stamp is not None and not isinstance(parsed, dict):
@@ -108,10 +119,7 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
         raise FenceLockError(f"a session entry must be valid Unicode text: {e.reason} at "
                              f"{e.start}; nothing was written") from None
     except (TypeError, ValueError, RecursionError) as e:  # sets, NaN, cycles, depth
-        why = str(e)
-        if "integer string conversion" in why:  # Python's own limit, not JSON's
-            why = (f"it holds an integer of over {sys.get_int_max_str_digits()} digits, "
-                   "which Python does not write as text (write it as a string)")
+        why = (digits_problem(e) if isinstance(e, ValueError) else None) or str(e)
         raise FenceLockError(f"a session entry must be JSON: {why}; nothing was "
                              f"written") from None
     raise FenceLockError(f"a session entry must be a dict or a str, not {type(entry).__name__}")

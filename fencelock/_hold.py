@@ -30,7 +30,7 @@ from fencelock._errors import (
     SessionTakeoverError,
     SessionWriteError,
 )
-from fencelock._fence import strict_loads
+from fencelock._fence import digits_problem, strict_loads
 from fencelock._signals import PromptHandlers, Seen, Stopped
 from fencelock._tokens import STAMP_KEY
 
@@ -228,11 +228,8 @@ def parse(item: _Line | _TooLong) -> tuple[dict[str, Any], dict[str, Any]]:
     except RecursionError:
         raise BadRequestError("request is nested too deeply") from None
     except ValueError as e:
-        if "integer string conversion" in str(e):  # Python's limit, not JSON's
-            raise BadRequestError(
-                f"request holds an integer of over {sys.get_int_max_str_digits()} digits, "
-                "more than this reader takes; send it as a string") from None
-        raise BadRequestError(f"request is not JSON: {e}") from None
+        raise BadRequestError(f"request cannot be read: {digits_problem(e)}" if digits_problem(e)
+                              else f"request is not JSON: {e}") from None
     if not isinstance(request, dict):
         raise BadRequestError("request is not a JSON object")
     return request, ({"id": request["id"]} if "id" in request else {})
@@ -263,6 +260,7 @@ def _entry(request: dict[str, Any], stamp: bool | None) -> dict[str, Any] | str:
             raise BadRequestError('"entry" is nested too deeply') from None
         except ValueError as e:
             raise BadRequestError(
+                f'"entry" cannot be written: {digits_problem(e)}' if digits_problem(e) else
                 f'"entry" given as a string must be one line of JSON ({e}); send the '
                 f'object itself to have it encoded'
             ) from None

@@ -105,11 +105,16 @@ _take_slot = _registry.take
 _free_slot = _registry.free
 
 
+_CANCEL_GRACE = 0.5
+"""How long a cancelled `acquire_async` waits for its attempt to end (a sidecar wait
+notices the cancel within 50 ms; an etcd request may take its whole timeout)."""
+
+
 def _check_mode(mode: int) -> None:
     """Raise for a ``mode`` that is not the permission bits of a file its owner can
     reopen: setuid, setgid and sticky bits (or any higher ones) are refused, as is a
     mode without the owner's read and write."""
-    if type(mode) is not int:
+    if not isinstance(mode, int) or isinstance(mode, bool):
         raise TypeError(f"mode must be an int such as 0o600, not {type(mode).__name__}")
     if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
         raise ValueError(
@@ -455,10 +460,13 @@ class SessionLock:
                         self.release()  # cancelled after the lock was delivered: give it back
                     raise
                 # The attempt notices ``cancel`` soon; the caller is told it was cancelled
-                # once it has ended, so that nothing is taken (a record written) after.
-                while not future.done():
+                # once it has ended, so that nothing is taken (a record written) after,
+                # unless it takes longer than `_CANCEL_GRACE` (an etcd that does not
+                # answer): it then ends on its own, giving back what arrives.
+                ends = loop.time() + _CANCEL_GRACE
+                while not future.done() and (left := ends - loop.time()) > 0:
                     with contextlib.suppress(asyncio.CancelledError):
-                        await asyncio.wait({future})
+                        await asyncio.wait({future}, timeout=left)
                 raise
         info = self.info
         assert info is not None
@@ -481,9 +489,12 @@ class SessionLock:
 
         def deliver() -> None:
             if cancel.is_set():  # the task gave up: the attempt is over
-                if error is None:
-                    self.release()  # the lock arrived just then
-                future.set_result(None)
+                try:
+                    if error is None:
+                        self.release()  # the lock arrived just then
+                finally:
+                    if not future.done():
+                        future.set_result(None)
             elif error is None:
                 future.set_result(None)
             else:

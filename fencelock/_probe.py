@@ -101,12 +101,10 @@ class HolderStatus:
             return None
         record = self.record
         if record is not None and record.state is State.HELD:
-            command = _record.command_of(record)
-            if command is not None and _identity.owner_alive(
-                record.pid, record.host, record.process_start
-            ) is False:
-                return command[0]
-            return record.pid
+            command = _left_holding(record)
+            if command is None:
+                return record.pid
+            return None if command[1] is False else command[0]
         owners = self.lock_owners or ()
         return owners[0].pid if len(owners) == 1 and owners[0].command is not None else None
 
@@ -277,6 +275,17 @@ def _fence_matches(session: str, record: HolderInfo) -> bool | None:
     return record.fingerprint.matches(actual, mode)
 
 
+def _left_holding(record: HolderInfo) -> tuple[int, bool | None] | None:
+    """For a live record whose own process is gone: (the pid of the command its
+    `fencelock run` started, whether that still runs); None otherwise."""
+    command = _record.command_of(record)
+    if command is None or _identity.owner_alive(
+        record.pid, record.host, record.process_start
+    ) is not False:
+        return None
+    return command[0], _identity.owner_alive(command[0], record.host, command[1])
+
+
 def _reason(state: ProbeState, record: HolderInfo, alive: bool | None, stuck: bool) -> str:
     if state is ProbeState.STALE:
         if alive:
@@ -289,10 +298,11 @@ def _reason(state: ProbeState, record: HolderInfo, alive: bool | None, stuck: bo
         if record.state is not State.HELD:
             return ("locked, and the record is not held: an acquirer about to write its "
                     "record, or a process a `fencelock run` command left running")
-        command = _record.command_of(record)
-        if command is not None and _identity.owner_alive(
-            record.pid, record.host, record.process_start
-        ) is False:
+        command = _left_holding(record)
+        if command is not None and command[1] is False:
+            return (f"held by a process that the command (pid {command[0]}) of a "
+                    f"`fencelock run` (pid {record.pid}) left running; both are gone")
+        if command is not None:
             return (f"held by pid {command[0]}, the command of a `fencelock run` whose "
                     f"own process (pid {record.pid}) is gone")
         if stuck:

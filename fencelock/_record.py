@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -420,12 +421,14 @@ def _float(obj: dict[str, Any], name: str) -> float:
     raise ValueError(f"{name} is not a finite number of seconds")
 
 
-def _record_int(text: str) -> int | float:
-    """A record's JSON integer: one too long for any of its fields (over 20 digits)
-    reads as an infinity, which no field takes, without being converted."""
-    if len(text) <= 20:
-        return int(text)
-    return -math.inf if text.startswith("-") else math.inf
+def _record_int(text: str) -> int:
+    """A record's JSON integer, exact (a field fencelock does not know is written back
+    as it was); one of more digits than Python converts makes the record corrupt, in
+    fencelock's words rather than with Python's advice."""
+    limit = sys.get_int_max_str_digits()
+    if limit and len(text.lstrip("-")) > limit:
+        raise ValueError(f"an integer of over {limit} digits")
+    return int(text)
 
 
 _DECODER = json.JSONDecoder(parse_int=_record_int)

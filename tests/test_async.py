@@ -222,3 +222,42 @@ def test_cancelled_just_after_the_lock_was_delivered_leaves_no_lock_behind(
 
     asyncio.run(main())
     assert probe(session).state == ProbeState.FREE
+
+
+def test_a_cancel_returns_even_when_giving_back_a_late_lock_fails(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock arrives just after the cancel, and giving it back reports an error (an
+    EIO writing "released"): the cancel still returns, and the lock is not kept."""
+    import errno
+
+    from fencelock._sidecar_holder import SidecarHolder
+
+    entered, proceed = threading.Event(), threading.Event()
+    write, release = SidecarHolder._write_new_record, SidecarHolder.release
+
+    def slow_write(self: SidecarHolder, lock: SessionLock, run_id: str) -> None:
+        entered.set()  # the lock is taken; its record is being written
+        assert proceed.wait(60)
+        write(self, lock, run_id)
+
+    def failing_release(self: SidecarHolder, lock: SessionLock) -> None:
+        release(self, lock)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(SidecarHolder, "_write_new_record", slow_write)
+    monkeypatch.setattr(SidecarHolder, "release", failing_release)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, _context: None)  # deliver's EIO: expected
+        task = asyncio.create_task(SessionLock(session, lane="late").acquire_async())
+        await asyncio.to_thread(entered.wait, 60)
+        task.cancel()
+        loop.call_soon(proceed.set)  # after the task has taken the cancel
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(task), 30)
+
+    asyncio.run(main())
+    status = probe(session)
+    assert status.state == ProbeState.FREE and status.lane == "late"

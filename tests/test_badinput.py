@@ -1046,10 +1046,15 @@ def test_a_malformed_record_is_named_in_fencelock_s_words(
     assert sidecar.read_bytes() == record
 
 
-def test_an_integer_python_will_not_write_is_refused_in_plain_words(session: Path) -> None:
+@pytest.mark.parametrize("entry", [{"n": 10**5000}, '{"n": ' + "9" * 5000 + "}"],
+                         ids=["object", "text"])
+def test_an_integer_python_will_not_write_is_refused_in_plain_words(
+    session: Path, entry: Any
+) -> None:
     with SessionLock(session, "big") as lock, pytest.raises(FenceLockError) as exc:
-        lock.append({"n": 10**5000})
+        lock.append(entry)
     assert "integer of over" in str(exc.value) and "sys." not in str(exc.value)
+    assert "one line of JSON" not in str(exc.value)
     assert not session.exists() or session.read_bytes() == b""
 
 

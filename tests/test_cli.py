@@ -1483,6 +1483,50 @@ def test_killing_the_run_wrapper_never_frees_a_session_its_command_holds(session
     assert after.record.previous is not None and after.record.previous.pid == proc.pid
 
 
+LEAVES_A_CHILD = NAMED_THEN_WAIT.replace("print(os.getpid(), flush=True)", """
+import signal
+child = os.fork()
+if child == 0:
+    signal.pause()  # keeps every descriptor, the lock's too, until killed
+    os._exit(0)
+print(os.getpid(), child, flush=True)""")
+
+
+@needs_pidfd
+def test_held_by_names_no_process_that_is_gone(session: Path) -> None:
+    """The run's wrapper is killed, then its command exits, leaving a child of its own
+    that keeps the lock's descriptor: the session is live, but neither the run nor its
+    command holds it any more, and neither is named as the holder."""
+    proc = subprocess.Popen(
+        [*FENCELOCK, "run", str(session), "--lane", "a", "--",
+         sys.executable, "-c", LEAVES_A_CHILD],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    child = 0
+    try:
+        command_pid, child = map(int, proc.stdout.readline().split())
+        pidfd = os.pidfd_open(command_pid)
+        proc.kill()
+        proc.wait(timeout=60)
+        proc.stdin.write("\n")  # the command's stdin: let it exit
+        proc.stdin.close()
+        _wait_for_exit(pidfd)
+        os.close(pidfd)
+        st = probe(session)
+        assert st.state == "live" and st.held_by is None, st
+        assert f"held by pid {command_pid}" not in st.reason
+        assert "left running" in st.reason, st.reason
+        assert rows(cli("status", "--json", str(session)))[0]["held_by"] is None
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
 @needs_pidfd
 def test_what_the_command_left_running_keeps_the_session_until_it_exits(session: Path) -> None:
     # A non-interactive shell gives a background job /dev/null as stdin unless told.

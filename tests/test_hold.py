@@ -288,6 +288,7 @@ BAD_LINES = [
     (b'{"op": "append", "entry": {"_fencelock": {"token": 9}}}', '"stamp": true'),
     (b'{"op": "append", "entry": "{\\"_fencelock\\": 1}"}', '"stamp": true'),
     (b'{"op": "touch", "id": ' + b"9" * 5000 + b"}", "integer of over"),
+    (b'{"op": "append", "entry": "{\\"n\\": ' + b"9" * 5000 + b'}"}', "integer of over"),
 ]
 
 

@@ -80,10 +80,13 @@ def test_peek_reads_state_and_token_and_refuses_foreign_layouts() -> None:
 def test_unknown_fields_are_kept() -> None:
     obj = make().to_json()
     obj["future_field"] = {"x": 1}
+    obj["counter"] = 123456789012345678901234567890  # a long integer, kept exact
     info = decode(json.dumps(obj).encode())
-    assert info is not None and info.extra == {"future_field": {"x": 1}}
+    kept = {"future_field": {"x": 1}, "counter": 123456789012345678901234567890}
+    assert info is not None and info.extra == kept
     again = decode(info.encode())
-    assert again is not None and again.extra == {"future_field": {"x": 1}}
+    assert again is not None and again.extra == kept
+    assert b'"counter":123456789012345678901234567890' in info.encode()
 
 
 def test_empty_record_is_none_and_trailing_padding_is_ignored() -> None:
