@@ -9,6 +9,7 @@ owner still ran): exactly the write a fencing token exists to expose.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
@@ -54,6 +55,48 @@ class VerifyReport:
 def _run_of(entry: object) -> object:
     stamp = entry.get(STAMP_KEY) if isinstance(entry, dict) else None
     return stamp.get("run_id") if isinstance(stamp, dict) else None
+
+
+_TOKEN = re.compile(
+    r'[ \t\n\r]*(?:(?P<open>[\[{])|(?P<close>[\]}])|(?P<colon>:)|(?P<comma>,)'
+    r'|(?P<value>"(?:[^"\\\x00-\x1f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*"'
+    r'|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null))'
+)
+"""One JSON token after optional whitespace (NaN and Infinity are not JSON)."""
+
+
+def is_json(raw: bytes) -> bool:
+    """Whether ``raw`` (one line, its line break included) is one JSON value, checked
+    with a stack of its own: for lines nested deeper than Python's parser goes."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    open_: list[str] = []  # the closing bracket of each container still open
+    expect = "value"  # or "value]" (after "["), "key}" (after "{"), "key", ":", "next"
+    pos = 0
+    while (m := _TOKEN.match(text, pos)) is not None:
+        pos, kind, token = m.end(), m.lastgroup, m[m.lastgroup or 0]
+        if kind == "close":
+            empty = "value]" if token == "]" else "key}"  # closing right after opening
+            if not open_ or open_[-1] != token or expect not in ("next", empty):
+                return False
+            open_.pop()
+            expect = "next"
+        elif expect in ("value", "value]") and kind == "open":
+            open_.append("]" if token == "[" else "}")
+            expect = "value]" if token == "[" else "key}"
+        elif expect in ("value", "value]") and kind == "value":
+            expect = "next"
+        elif expect in ("key", "key}") and kind == "value" and token[0] == '"':
+            expect = ":"
+        elif expect == ":" and kind == "colon":
+            expect = "value"
+        elif expect == "next" and kind == "comma" and open_:
+            expect = "value" if open_[-1] == "]" else "key"
+        else:
+            return False
+    return expect == "next" and not open_ and not text[pos:].strip(" \t\n\r")
 
 
 _UNTERMINATED = "last line has no line break"
@@ -160,11 +203,17 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
             try:
                 # JSON as any reader takes it: no NaN, no Infinity (Python's own).
                 entry = loads(raw, parse_int=_int)
-            except ValueError:
-                problems.append(Problem(number, "torn", f"not JSON: {raw[:60]!r}"))
-                continue
-            except (MemoryError, RecursionError):  # more memory, or nesting, than Python
-                unchecked.append(number)  # has here: read as an over-long line is
+            except (ValueError, RecursionError) as e:
+                if isinstance(e, ValueError) or not is_json(raw):
+                    problems.append(Problem(number, "torn", f"not JSON: {raw[:60]!r}"))
+                    continue
+                unchecked.append(number)  # JSON nested deeper than Python's parser goes:
+                found = trailing_stamp(raw)  # read as an over-long line is
+                if found is None:
+                    continue
+                token, run = found
+            except MemoryError:  # its values take more memory than there is
+                unchecked.append(number)  # read as an over-long line is
                 found = trailing_stamp(raw)
                 if found is None:
                     continue

@@ -790,15 +790,52 @@ def test_publish_names_nothing_once_the_holder_may_have_lost_the_session(tmp_pat
 def test_a_line_nested_deeper_than_python_parses_is_unchecked_not_torn(session: Path) -> None:
     """How deep Python's parser goes depends on its stack at the time: a line `append`
     accepted may be too deep for `verify` (under the CLI's frames). It is JSON all the
-    same: verify reads its stamp from its end, as for an over-long line."""
+    same: verify reads its stamp from its end, as for an over-long line. One as deep
+    that is not JSON is torn."""
     deep = "[" * 5000 + "]" * 5000
     stamped = '{"deep":' + "[" * 5000 + "]" * 5000 + ',"_fencelock":{"token":3,"run_id":"r-1"}}'
-    session.write_text('{"n": 1}\n' + deep + "\n" + stamped + "\n")
+    garbage = "[" * 5000 + "xyz not json"
+    unbalanced = "[" * 5000 + "]" * 4999
+    session.write_text("\n".join(['{"n": 1}', deep, stamped, garbage, unbalanced]) + "\n")
     report = verify(session)
-    assert report.problems == [] and report.unchecked == [2, 3]
-    assert report.lines == 3 and report.stamped == 1 and report.max_token == 3
+    assert [(p.line, p.kind) for p in report.problems] == [(4, "torn"), (5, "torn")]
+    assert report.unchecked == [2, 3]
+    assert report.lines == 5 and report.stamped == 1 and report.max_token == 3
     with SessionLock(session, "deep") as lock, pytest.raises(FenceLockError, match="deeply"):
         lock.append(deep)
+
+
+def test_the_deep_line_check_agrees_with_the_json_parser() -> None:
+    """`is_json`, verify's check for lines too deep to parse, says what Python's own
+    parser (as verify uses it: no NaN or Infinity) says, on lines it can parse: valid
+    documents, and each of them cut, doubled and altered at every place."""
+    import random
+
+    from fencelock._fence import loads
+    from fencelock._verify import is_json
+
+    def parses(text: str) -> bool:
+        try:
+            loads(text)
+        except ValueError:
+            return False
+        return True
+
+    docs = ['{"a": [1, -2.5e+3, true, false, null, "x\\"y\\u00e9\\n"], "b": {}}', "[]", "{}",
+            '"plain"', "0", "-0.0", "[[], [{}], {\"k\": [1, {\"m\": null}]}]", " 7 ",
+            '{"\\u12": 1}', "[1,]", "01", "1.", ".5", "NaN", "[Infinity]", '"tab\there"',
+            '{"a" 1}', '{1: 2}', "[1 2]", "tru", "nulls", '"unterminated', "[1}",
+            '{"a": 1]', "[[1]}", '{"a": [}]}', "1.5e", "-", '"\\x"']
+    rng = random.Random(4)  # a fixed corpus: the same checks on every run
+    alphabet = '[]{},:"\\ 0-1.eE+truefalsn\t'
+    cases = set(docs)
+    for doc in docs:
+        cases.update({doc + doc, doc[:-1]})
+        for i in range(len(doc) + 1):
+            cases.update({doc[:i] + doc[i + 1:], doc[:i] + rng.choice(alphabet) + doc[i:]})
+    for case in sorted(cases):
+        assert is_json((case + "\n").encode()) == parses(case), case
+    assert not is_json(b"\xff\n")
 
 
 def test_verify_reads_lines_as_json_readers_do(session: Path) -> None:
