@@ -1435,6 +1435,14 @@ sys.stdin.readline()
 """
 
 
+def _run_python(session: Path, script: str) -> subprocess.Popen[str]:
+    """`fencelock run SESSION --lane a -- python -c SCRIPT`, its stdin and stdout piped."""
+    return subprocess.Popen(
+        [*FENCELOCK, "run", str(session), "--lane", "a", "--", sys.executable, "-c", script],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+
+
 def _wait_for_exit(pidfd: int) -> None:
     """Return once the process is gone (its descriptors, the lock's included, closed)."""
     ready, _, _ = select.select([pidfd], [], [], 60)
@@ -1443,11 +1451,7 @@ def _wait_for_exit(pidfd: int) -> None:
 
 @needs_pidfd
 def test_killing_the_run_wrapper_never_frees_a_session_its_command_holds(session: Path) -> None:
-    proc = subprocess.Popen(
-        [*FENCELOCK, "run", str(session), "--lane", "a", "--",
-         sys.executable, "-c", NAMED_THEN_WAIT],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = _run_python(session, NAMED_THEN_WAIT)
     assert proc.stdin is not None and proc.stdout is not None
     try:
         command_pid = int(proc.stdout.readline())
@@ -1497,11 +1501,7 @@ def test_held_by_names_no_process_that_is_gone(session: Path) -> None:
     """The run's wrapper is killed, then its command exits, leaving a child of its own
     that keeps the lock's descriptor: the session is live, but neither the run nor its
     command holds it any more, and neither is named as the holder."""
-    proc = subprocess.Popen(
-        [*FENCELOCK, "run", str(session), "--lane", "a", "--",
-         sys.executable, "-c", LEAVES_A_CHILD],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = _run_python(session, LEAVES_A_CHILD)
     assert proc.stdin is not None and proc.stdout is not None
     child = 0
     try:
