@@ -69,8 +69,8 @@ def digits_problem(e: ValueError) -> str | None:
     words; None for any other error."""
     if "integer string conversion" not in str(e):
         return None
-    return (f"it holds an integer of over {sys.get_int_max_str_digits()} digits, which "
-            "Python does not convert (write it as a string)")
+    return (f"an integer of over {sys.get_int_max_str_digits()} digits, which Python "
+            "does not convert (send it as a string)")
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -93,11 +93,11 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
                 "a session entry is nested too deeply for Python's JSON parser; nothing "
                 "was written") from None
         except ValueError as e:
-            raise FenceLockError(
-                f"a session entry cannot be written: {digits_problem(e)}; nothing was "
-                "written" if digits_problem(e) else
+            digits = digits_problem(e)
+            why = f"a session entry holds {digits}" if digits else (
                 "a session entry must be one line of JSON when given as text (pass a dict "
-                "to have it encoded); nothing was written") from None
+                "to have it encoded)")
+            raise FenceLockError(f"{why}; nothing was written") from None
         if stamp is not None and not isinstance(parsed, dict):
             raise FenceLockError("a session entry must be a JSON object to be stamped; nothing "
                                  "was written")

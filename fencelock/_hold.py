@@ -228,8 +228,9 @@ def parse(item: _Line | _TooLong) -> tuple[dict[str, Any], dict[str, Any]]:
     except RecursionError:
         raise BadRequestError("request is nested too deeply") from None
     except ValueError as e:
-        raise BadRequestError(f"request cannot be read: {digits_problem(e)}" if digits_problem(e)
-                              else f"request is not JSON: {e}") from None
+        why = digits_problem(e)
+        raise BadRequestError(f"request holds {why}" if why else f"request is not JSON: {e}"
+                              ) from None
     if not isinstance(request, dict):
         raise BadRequestError("request is not a JSON object")
     return request, ({"id": request["id"]} if "id" in request else {})
@@ -259,8 +260,9 @@ def _entry(request: dict[str, Any], stamp: bool | None) -> dict[str, Any] | str:
         except RecursionError:
             raise BadRequestError('"entry" is nested too deeply') from None
         except ValueError as e:
+            why = digits_problem(e)
             raise BadRequestError(
-                f'"entry" cannot be written: {digits_problem(e)}' if digits_problem(e) else
+                f'"entry" holds {why}' if why else
                 f'"entry" given as a string must be one line of JSON ({e}); send the '
                 f'object itself to have it encoded'
             ) from None
@@ -492,8 +494,8 @@ def _refresh(lock: SessionLock) -> None:
 
 def _serve(served: _Session, inbox: _Inbox, out: _Out, heartbeat: float) -> None:
     beat = heartbeat if 0 < heartbeat < threading.TIMEOUT_MAX else None
+    # When hold refreshes the heartbeat itself, unless a request writes it first.
     due = 0.0 if beat is None else time.monotonic() + beat
-    """When hold refreshes the heartbeat itself, unless a request writes it first."""
     while True:
         try:
             item = inbox.items.get(
