@@ -92,7 +92,10 @@ def last_stamped(session: str) -> int:
         try:
             token = stamp_of(json.loads(line))
         except (ValueError, RecursionError):
-            continue
+            # A line that starts before the window (or too deep to parse): its stamp,
+            # which fencelock writes last, is read from its end.
+            found = trailing_stamp(line)
+            token = None if found is None else found[0]
         if token is not None and token <= MAX_TOKEN:  # a larger one was never issued
             best = max(best, token)
     return best

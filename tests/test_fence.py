@@ -531,10 +531,15 @@ def test_tokens_do_not_repeat_after_corrupt_records_are_set_aside(session: Path)
 
 
 @needs_xattr
-def test_token_continues_from_stamps_when_sidecar_deleted_by_hand(session: Path) -> None:
+@pytest.mark.parametrize("size", [10, 100_000], ids=["short-lines", "last-line-over-64k"])
+def test_token_continues_from_stamps_when_sidecar_deleted_by_hand(
+    session: Path, size: int
+) -> None:
+    """The floor counts the stamp of a last line that starts before the session's last
+    64 KiB too (a long tool output): its stamp is at its end."""
     for _ in range(3):
         with SessionLock(session, stamp=True) as lock:
-            lock.append({"a": 1})
+            lock.append({"a": 1, "out": "z" * size})
     Path(str(session) + ".holder").unlink()
     os.removexattr(session, "user.fencelock.token") if "user.fencelock.token" in os.listxattr(
         session
