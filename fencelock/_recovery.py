@@ -123,6 +123,9 @@ def recover(
                     _remove_fresh(new)
                 raise
     now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
+    taken_over = _taken_over(session, now, backend)
+    if taken_over is not None:  # the last run's conversation went on there
+        return Recovery(Action.FRESH, taken_over, found, waited, 0)
     if now.state is ProbeState.STALE:
         with contextlib.suppress(SessionContendedError):
             # Raised only when another run took the session in the meantime: its new
@@ -246,6 +249,25 @@ def _start_fresh(
 
 SUCCESSOR_WAIT = 300.0
 """How long `recover` waits for another recover's copy of the same stuck run."""
+
+
+def _taken_over(session: str, now: HolderStatus, backend: str | None) -> str | None:
+    """The fresh session a recover made for the run that last held ``session``, when
+    that run is gone (``now`` free or stale): every recover of that run answers it, also
+    once the run has ended. It waits for a copy under way; None when no recover made
+    one (or its copy failed)."""
+    if now.state not in (ProbeState.FREE, ProbeState.STALE):
+        return None
+    successor = _successor(session, now.record)
+    if successor is None:
+        return None
+    if _published(successor, session):
+        return successor
+    making = _probe.probe(successor, backend=backend).state is ProbeState.LIVE
+    deadline = time.monotonic() + SUCCESSOR_WAIT
+    if making and _wait_made(successor, backend, deadline) and _published(successor, session):
+        return successor
+    return None
 
 
 def _published(successor: str, session: str) -> bool:

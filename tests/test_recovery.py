@@ -108,8 +108,28 @@ def test_recovers_of_one_stuck_run_agree_on_one_fresh_session(
     assert [str(p) for p in fresh] == [answers[0]]  # one copy, not two
     assert [json.loads(x) for x in Path(answers[0]).read_text().splitlines()] == [{"n": 1}]
     assert h.call("release") == "released"
+    # The stuck run ended after its conversation moved on: a recover of it (a lane that
+    # was late, or came back) still answers the fresh session, not the old one.
+    late = recover(session, wait=0)
+    assert (late.action, late.session, late.carried_lines) == ("fresh", answers[0], 0)
     h.acquire()  # another run, stuck in turn
     assert recover(session, wait=0).session not in (answers[0], str(session))
+
+
+def test_a_stuck_run_that_died_after_its_recover_is_still_answered_by_its_fresh_session(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """The stuck run is killed once a recover has answered its fresh session: another
+    recover finds the session stale, and answers the same fresh session."""
+    h = spawn_holder(session, lane="cron")
+    h.acquire()
+    h.call("append " + json.dumps({"n": 1}))
+    first = recover(session, wait=0)
+    assert first.action == "fresh"
+    h.kill()
+    assert probe(session).state == "stale"
+    late = recover(session, wait=0)
+    assert (late.action, late.session, late.carried_lines) == ("fresh", first.session, 0)
 
 
 def _stuck_with_three_lines(session: Path, spawn_holder: SpawnHolder) -> str:
