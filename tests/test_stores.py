@@ -172,8 +172,17 @@ def test_recover_refires_a_stale_session_and_escalates_past_a_live_one(
     assert probe(fresh.session).state == ProbeState.FREE
     h.kill(signal.SIGKILL)
     wait_for_no_owner(session)
+    # That run's conversation went on in the fresh session: a late recover answers it.
     again = recover(session, wait=0.1)
-    assert again.action == Action.REFIRE and again.session == str(session)
+    assert again.action == Action.FRESH and again.session == fresh.session
+    # A run that dies with no recover made for it: its stale session is re-fired.
+    other = spawn_holder(session, lane="died")
+    other.acquire()
+    other.kill(signal.SIGKILL)
+    wait_for_no_owner(session)
+    assert probe(session).state == ProbeState.STALE
+    last = recover(session, wait=0.1)
+    assert last.action == Action.REFIRE and last.session == str(session)
     assert probe(session).state == ProbeState.FREE
 
 
