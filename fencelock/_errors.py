@@ -32,6 +32,7 @@ the attributes set since), so it crosses a process pool intact.
 
 from __future__ import annotations
 
+import shlex
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -65,9 +66,12 @@ class SessionContendedError(CoordinationError):
         *,
         waited: float | None = None,
         lock_owners: tuple[LockOwner, ...] | None = None,
+        backend: str | None = None,
     ):
         self.session = session
         self.holder = holder
+        self.backend = backend
+        """The holder store's URL (etcd) the session is held in; None for its sidecar."""
         """The live holder's record; None when the lock is held without one."""
         self.waited = waited
         self.lock_owners = lock_owners
@@ -75,14 +79,15 @@ class SessionContendedError(CoordinationError):
         `HolderStatus.lock_owners`), None where it cannot say."""
         who = describe_holder(holder, lock_owners)
         how = f", after waiting {waited:.1f}s" if waited and waited >= 0.05 else ""
+        store = "" if backend is None else f"--backend {shlex.quote(backend)} "
         super().__init__(
             f"{session}: held by {who}{how}; wait for it, or start a fresh session "
-            f"(fencelock recover {session})"
+            f"(fencelock recover {store}{session})"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild_contended, (self.session, self.holder, self.waited,
-                                    self.lock_owners), self.__dict__
+                                    self.lock_owners, self.backend), self.__dict__
 
 
 class SessionTakeoverError(CoordinationError):
@@ -327,8 +332,10 @@ def _rebuild_contended(
     holder: HolderInfo | None,
     waited: float | None,
     lock_owners: tuple[LockOwner, ...] | None,
+    backend: str | None = None,
 ) -> SessionContendedError:
-    return SessionContendedError(session, holder, waited=waited, lock_owners=lock_owners)
+    return SessionContendedError(session, holder, waited=waited, lock_owners=lock_owners,
+                                 backend=backend)
 
 
 def _rebuild_write_error(

@@ -838,7 +838,8 @@ class EtcdHolder:
         start = time.monotonic()
         if not c.claim(my, fail, deadline, cancel):
             raise SessionContendedError(self.session, self._owner_record(deadline),
-                                        waited=None if fail else time.monotonic() - start)
+                                        waited=None if fail else time.monotonic() - start,
+                                        backend=self.url.text)
         self._lease, self._my_key, self._token, self._lost = lease, my, 0, ""
         self._before = self._wrote = None
         self._suffix = f',"lease":"{lease.id:x}","store":"etcd"}}'.encode()
@@ -869,7 +870,8 @@ class EtcdHolder:
                     self.write(record(revision, self._last_checked(_kvs(responses[2]))))
                 return revision
             if fail:
-                raise SessionContendedError(self.session, self._last(owner), waited=None)
+                raise SessionContendedError(self.session, self._last(owner),
+                                            backend=self.url.text)
             self._wait_for_turn(revision, deadline, cancel, record)
             return revision
         except BaseException:
@@ -937,7 +939,8 @@ class EtcdHolder:
                         break  # seen, perhaps just as the time ran out: take the turn
                     if deadline is not None and now >= deadline:
                         holder = self._owner_record(deadline)
-                        raise SessionContendedError(self.session, holder, waited=now - start)
+                        raise SessionContendedError(self.session, holder, waited=now - start,
+                                                    backend=self.url.text)
                     if now - watched >= recheck:
                         break  # look again: a watch may not survive an etcd restart
                     step = recheck - (now - watched)
@@ -992,7 +995,7 @@ class EtcdHolder:
                     # Not this waiter's turn after all (an older key is left): only a
                     # turn taken may outlast the deadline.
                     raise SessionContendedError(self.session, self._owner_record(deadline),
-                                                waited=now - start)
+                                                waited=now - start, backend=self.url.text)
             finally:
                 if not retired:
                     watch.stop()
@@ -1060,7 +1063,7 @@ class EtcdHolder:
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             raise SessionContendedError(self.session, self._owner_record(deadline),
-                                        waited=now - start) from None
+                                        waited=now - start, backend=self.url.text) from None
 
     def _owner_record(self, deadline: float | None) -> HolderInfo | None:
         """The owner's record, for the message of a wait that ran out: a request like
@@ -1234,7 +1237,7 @@ class EtcdHolder:
 
         found = self.probe(0.0)
         if found.state is ProbeState.LIVE:
-            raise SessionContendedError(self.session, found.record)
+            raise SessionContendedError(self.session, found.record, backend=self.url.text)
         if found.state is ProbeState.FREE and not remove:
             return found
         self.acquire(True, time.monotonic() + _REQUEST_TIMEOUT * 2, None, None)

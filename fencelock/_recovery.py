@@ -108,8 +108,10 @@ def recover(
         waited = time.monotonic() - start
         if not released:
             if not fresh:
+                url = _backend.selected(backend)
                 raise SessionContendedError(session, _holding(found), waited=waited,
-                                            lock_owners=found.lock_owners)
+                                            lock_owners=found.lock_owners,
+                                            backend=None if url is None else url.text)
             old_token = found.record.token if found.record is not None else 0
             # The holder as it is now (the one waited for may have handed over).
             now = _probe.probe(session, stuck_after=stuck_after, backend=backend)

@@ -39,6 +39,8 @@ def samples() -> dict[str, BaseException]:
         "CoordinationError": _errors.CoordinationError("/s/a.jsonl: met"),
         "SessionContendedError": _errors.SessionContendedError("/s/a.jsonl", HOLDER,
                                                                waited=1.25),
+        "SessionContendedError-etcd": _errors.SessionContendedError(
+            "/s/a.jsonl", HOLDER, backend="etcd://127.0.0.1:2379/p?ttl=5"),
         "SessionContendedError-foreign": _errors.SessionContendedError(
             "/s/a.jsonl", None, lock_owners=(LockOwner(99, True, "flock"),)),
         "SessionTakeoverError": _errors.SessionTakeoverError("/s/a.jsonl", FP, FP_MOVED),

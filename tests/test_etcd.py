@@ -8,6 +8,7 @@ import contextlib
 import http.server
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -374,6 +375,11 @@ def test_one_key_reached_through_two_paths_is_held_once_in_one_process(
         SessionLock(second_dir / "s.jsonl", "second", backend=through_b,
                     on_contention="fail").acquire()
     assert err.value.holder is not None and err.value.holder.lane == "first"
+    # The way out it names asks the same store: without --backend, recover would look
+    # at a sidecar that holds nothing, and re-fire a live session.
+    assert err.value.backend == through_b
+    assert (f"fencelock recover --backend {shlex.quote(through_b)} "
+            f"{second_dir / 's.jsonl'})") in str(err.value)
     got: list[tuple[int, bool]] = []
 
     def second() -> None:
