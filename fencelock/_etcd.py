@@ -130,6 +130,13 @@ def _holds(key: str, value: bytes) -> dict[str, Any]:
     return {"key": _b64(key), "target": "VALUE", "result": "EQUAL", "value": _b64(value)}
 
 
+def _holds_value(txn: dict[str, Any], value: bytes) -> bool:
+    """Whether a failed transaction's one range found ``value``."""
+    responses = txn.get("responses") or [{}]
+    kvs = _kvs(responses[0])
+    return bool(kvs) and base64.b64decode(kvs[0].get("value", "")) == value
+
+
 def _kvs(response: dict[str, Any]) -> list[dict[str, Any]]:
     return list(response.get("response_range", {}).get("kvs", []))
 
@@ -1177,9 +1184,13 @@ class EtcdHolder:
         self._my_key, self._token, self._before, self._wrote = "", 0, None, None
         if not my or lease is None:
             return
-        ops = [_put(self.last_key, self._value(record)), _delete(my)]
+        value = self._value(record)
+        ops = [_put(self.last_key, value), _delete(my)]
+        told = bool(self._lost) or not lease.alive()  # the loss was reported already
         try:
-            self._ride_out(lease, lambda: self._cluster.txn([_created(my, token)], ops))
+            # On a failed compare, the last record: a retried release finds its own there.
+            r = self._ride_out(lease, lambda: self._cluster.txn(
+                [_created(my, token)], ops, [_range(self.last_key)]))
         except StoreUnavailableError as e:
             # The key must not stay behind under a lease this process keeps alive.
             self._cluster.drop(lease, "a release could not be stored")
@@ -1190,6 +1201,10 @@ class EtcdHolder:
             ) from None
         finally:
             self._cluster.unclaim(my)
+        if not r.get("succeeded") and not told and not _holds_value(r, value):
+            raise HolderLostError(
+                self.session, "its key in etcd was gone at release: its lease ended while "
+                "it held the session")
 
     # -- from outside ------------------------------------------------------------
 

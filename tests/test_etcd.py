@@ -377,8 +377,9 @@ def test_one_key_reached_through_two_paths_is_held_once_in_one_process(
     assert err.value.holder is not None and err.value.holder.lane == "first"
     # The way out it names asks the same store: without --backend, recover would look
     # at a sidecar that holds nothing, and re-fire a live session.
-    assert err.value.backend == through_b
-    assert (f"fencelock recover --backend {shlex.quote(through_b)} "
+    parsed = parse(through_b)
+    assert parsed is not None and err.value.backend == parsed.text
+    assert (f"fencelock recover --backend {shlex.quote(parsed.text)} "
             f"{second_dir / 's.jsonl'})") in str(err.value)
     got: list[tuple[int, bool]] = []
 
@@ -2450,3 +2451,40 @@ def test_a_waiting_hold_that_ends_leaves_nobody_queued(
         ctl.wait(timeout=60)
     with SessionLock(session, "next", on_contention="fail", backend=url) as lock:
         assert lock.held
+
+
+WAIT_FOR_A_LINE = "import sys; print('ready', flush=True); sys.stdin.readline()"
+
+
+def test_a_run_whose_holder_was_lost_meanwhile_says_so_at_its_end(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """The holder's lease ends while the command runs (revoked here; a partition past
+    the TTL does the same): another run may have held the session meanwhile. `run`
+    cannot take that back, but it says so, instead of ending as if all went well."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "long",
+         "--backend", url, "--", sys.executable, "-c", WAIT_FOR_A_LINE],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        record = probe(session, backend=url).record
+        assert record is not None
+        lease = record.extra["lease"]
+        subprocess.run(_etcdctl(etcd_server, "lease", "revoke", lease), check=True,
+                       capture_output=True)
+        assert probe(session, backend=url).state != "live"
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0  # the command's code, as always
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert "its key in etcd was gone at release" in err and "Traceback" not in err, err
+    assert err.count("\n") == 1  # one line
