@@ -281,7 +281,7 @@ def status(
       fencelock status --json sessions/4f1c.jsonl | jq '.[].state'
     """
     answer_goes_to_stdout("status")
-    from fencelock._errors import OutsideRootError, SidecarAccessError
+    from fencelock._errors import OutsideRootError, SidecarAccessError, StoreUnavailableError
     from fencelock._probe import ProbeState, probe, scan
 
     failed = False
@@ -296,7 +296,11 @@ def status(
             url = _backend.selected(backend)
             assert url is not None
             with library_errors():
-                yield from _etcd.list_holders(url, stuck_after)
+                try:
+                    yield from _etcd.list_holders(url, stuck_after)
+                except StoreUnavailableError as e:  # nothing to list: said; an empty list
+                    error_line(str(e))
+                    failed = True
         for path in paths or (() if store else (".",)):
             # A path that cannot be listed or named is reported, and the others are
             # still listed (inside library_errors, which would end the command).
@@ -306,6 +310,9 @@ def status(
                         yield from scan(path, stuck_after=stuck_after, backend=backend)
                     except (SidecarAccessError, OutsideRootError) as e:
                         error_line(str(e))
+                        failed = True
+                    except StoreUnavailableError as e:
+                        error_line(f"{path}: {e}")
                         failed = True
                     continue
                 problem = _no_directory(path)
@@ -319,6 +326,8 @@ def status(
                     error_line(str(e))
                     failed = True
                     continue
+                except StoreUnavailableError as e:  # cannot be probed: an unreadable row
+                    found_status = _unprobed(path, backend, str(e))
                 yield found_status
 
     if as_json:
@@ -350,6 +359,27 @@ def status(
         sys.exit(EXIT_ERROR)
     if any(st.state is ProbeState.STALE for st in rows):
         sys.exit(EXIT_STALE)
+
+
+def _unprobed(path: str, backend: str | None, why: str) -> HolderStatus:
+    """The status row of a session its holder store (etcd) could not be asked about."""
+    from fencelock._probe import HolderStatus, ProbeState
+
+    session, sidecar = _named(path)
+    return HolderStatus(session, _holder_at(session, sidecar, backend),
+                        ProbeState.UNREADABLE, reason=f"{session}: {why}")
+
+
+def _holder_at(session: str, sidecar: str, backend: str | None) -> str:
+    """Where ``session``'s holder lives: its sidecar, or its key in the store (etcd)."""
+    from fencelock._errors import FenceLockError
+    from fencelock._store import open_store
+
+    try:
+        store = open_store(backend, session) if _uses_store(backend) else None
+    except FenceLockError:  # no key for it (outside the backend's root)
+        return sidecar
+    return sidecar if store is None else store.name
 
 
 # -- clear ------------------------------------------------------------------------------
@@ -413,7 +443,7 @@ def _named(path: str) -> tuple[str, str]:
 
 
 def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None) -> _ClearOutcome:
-    from fencelock._errors import FenceLockError, SessionContendedError
+    from fencelock._errors import FenceLockError, SessionContendedError, StoreUnavailableError
     from fencelock._probe import ProbeState, clear
 
     try:
@@ -423,13 +453,16 @@ def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None)
 
         session = e.session
         return _ClearOutcome(
-            session, session + SIDECAR_SUFFIX, "live", e.holder, refused=True, reason=str(e),
-            holder_text=describe_holder(e.holder, e.lock_owners),
+            session, _holder_at(session, session + SIDECAR_SUFFIX, backend), "live", e.holder,
+            refused=True, reason=str(e), holder_text=describe_holder(e.holder, e.lock_owners),
         )
     except (FenceLockError, OSError) as e:
         message = os_message(e) if isinstance(e, OSError) else str(e)
         session, sidecar = _named(path)
-        return _ClearOutcome(session, sidecar, "unreadable", error=message, reason=message)
+        if isinstance(e, StoreUnavailableError):  # about the store: say which session
+            message = f"{session}: {message}"
+        return _ClearOutcome(session, _holder_at(session, sidecar, backend), "unreadable",
+                             error=message, reason=message)
     done = _ClearOutcome(st.session, st.sidecar, str(st.state), st.record, reason=st.reason)
     done.cleared = st.state is ProbeState.STALE
     done.removed = st.removed

@@ -2488,3 +2488,29 @@ def test_a_run_whose_holder_was_lost_meanwhile_says_so_at_its_end(
         proc.stderr.close()
     assert "its key in etcd was gone at release" in err and "Traceback" not in err, err
     assert err.count("\n") == 1  # one line
+
+
+def test_status_of_an_unreachable_etcd_is_still_a_json_array_and_names_the_session(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    """etcd cannot be asked: `status --json` still prints its array (a row that cannot
+    be probed is unreadable, as a sidecar that cannot be read is; nothing to list is
+    `[]`), and the error names the session it is about."""
+    url = own_etcd.url("gone")
+    own_etcd.stop()  # nothing listens there now
+    out = _cli("status", "--json", str(session), "--backend", url)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    (row,) = json.loads(out.stdout)
+    assert (row["session"], row["state"]) == (str(session), "unreadable")
+    assert row["sidecar"].startswith("etcd://") and "unavailable" in row["reason"]
+    assert out.stderr.startswith(f"Error: {session}: "), out.stderr
+    listing = _cli("status", "--json", "--backend", url)
+    assert listing.returncode == 1 and json.loads(listing.stdout) == []
+    assert "unavailable" in listing.stderr and "Traceback" not in listing.stderr
+    other = session.with_name("other.jsonl")
+    cleared = _cli("clear", "--json", str(session), str(other), "--backend", url)
+    assert cleared.returncode == 1 and "Traceback" not in cleared.stderr
+    rows = json.loads(cleared.stdout)
+    assert [r["sidecar"][:7] for r in rows] == ["etcd://"] * 2  # its key, not a sidecar
+    assert [line.split(": ")[1] for line in cleared.stderr.splitlines()] == [
+        str(session), str(other)]
