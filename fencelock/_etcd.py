@@ -794,6 +794,8 @@ class EtcdHolder:
         self._suffix = b""
         self._lost = ""
         """Why this holder is lost though its lease may not be (its key was deleted)."""
+        self._told = False
+        """The caller has been told this holder is lost (a `HolderLostError` raised)."""
         self._before: bytes | None = None
         """The session's last record (as stored) before this holder's first one."""
         self._wrote: bytes | None = None
@@ -848,6 +850,7 @@ class EtcdHolder:
                                         waited=None if fail else time.monotonic() - start,
                                         backend=self.url.text)
         self._lease, self._my_key, self._token, self._lost = lease, my, 0, ""
+        self._told = False
         self._before = self._wrote = None
         self._suffix = f',"lease":"{lease.id:x}","store":"etcd"}}'.encode()
         try:
@@ -1111,10 +1114,9 @@ class EtcdHolder:
         lease = self._lease
         if not self._my_key or lease is None:
             raise NotHeldError(f"{self.session}: this SessionLock does not hold the session")
-        if self._lost:
-            raise HolderLostError(self.session, self._lost)
-        if not lease.alive():
-            raise HolderLostError(self.session, lease.lost)
+        if self._lost or not lease.alive():
+            self._told = True  # the caller has heard of the loss
+            raise HolderLostError(self.session, self._lost or lease.lost)
 
     def _key_gone_with_lease(self, lease: _Lease) -> bool:
         """Our key is gone: whether the lease went with it (then every holder of this
@@ -1174,6 +1176,7 @@ class EtcdHolder:
         if not r.get("succeeded"):
             self._lost = "its key in etcd is gone"
             self._key_gone_with_lease(lease)
+            self._told = True
             raise HolderLostError(self.session, self._lost)
 
     def release(self, record: bytes | None) -> None:
@@ -1186,7 +1189,6 @@ class EtcdHolder:
             return
         value = self._value(record)
         ops = [_put(self.last_key, value), _delete(my)]
-        told = bool(self._lost) or not lease.alive()  # the loss was reported already
         try:
             # On a failed compare, the last record: a retried release finds its own there.
             r = self._ride_out(lease, lambda: self._cluster.txn(
@@ -1201,7 +1203,12 @@ class EtcdHolder:
             ) from None
         finally:
             self._cluster.unclaim(my)
-        if not r.get("succeeded") and not told and not _holds_value(r, value):
+        # A failed compare: our key was gone. Not a loss to report when the caller heard
+        # of it already, when the last record is the one this release wrote (an earlier
+        # try of it that etcd applied), or when the lease lives (an earlier try deleted
+        # the key, and a waiter has written since; or a hand deleted it).
+        if not r.get("succeeded") and not self._told and not _holds_value(r, value) \
+                and self._key_gone_with_lease(lease):
             raise HolderLostError(
                 self.session, "its key in etcd was gone at release: its lease ended while "
                 "it held the session")

@@ -308,6 +308,11 @@ class SessionLock:
         state = "held" if self.held else "not held"
         return f"<SessionLock {self.session!r} lane={self.lane!r} {state}>"
 
+    def _backend_url(self) -> str | None:
+        """The URL of the holder store (etcd) this lock lives in; None for its sidecar."""
+        url = getattr(getattr(self._store, "holder", None), "url", None)
+        return None if url is None else str(url.text)
+
     # -- acquire / release -------------------------------------------------------
 
     def acquire(

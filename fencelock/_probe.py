@@ -382,7 +382,7 @@ def clear(
     # Take the session's in-process slot for the whole clear, as an acquirer would:
     # where flock is emulated with per-process locks (NFS), the OS lock alone would
     # not keep another thread of this process from acquiring meanwhile.
-    slot = _lock.SessionLock(session, "clear", on_contention="fail")
+    slot = _lock.SessionLock(session, "clear", on_contention="fail", backend=backend)
     key = _registry.registry_key(session)
     _registry.take(key, slot, True, None, None, time.monotonic())  # contended: held here
     try:

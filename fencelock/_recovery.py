@@ -265,11 +265,15 @@ def _taken_over(session: str, now: HolderStatus, backend: str | None) -> str | N
         return None
     if _published(successor, session):
         return successor
-    making = _probe.probe(successor, backend=backend).state is ProbeState.LIVE
-    deadline = time.monotonic() + SUCCESSOR_WAIT
-    if making and _wait_made(successor, backend, deadline) and _published(successor, session):
-        return successor
-    return None
+    if _probe.probe(successor, backend=backend).state is not ProbeState.LIVE:
+        return None  # nobody makes it
+    if _wait_made(successor, backend, time.monotonic() + SUCCESSOR_WAIT) or \
+            _published(successor, session):
+        return successor if _published(successor, session) else None  # else: it failed
+    raise FenceLockError(
+        f"{session}: another recover has been making the fresh session {successor} of its "
+        f"last run for over {SUCCESSOR_WAIT:.0f} s; see who holds it (fencelock status) "
+        "and recover again once it is done")
 
 
 def _published(successor: str, session: str) -> bool:

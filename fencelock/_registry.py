@@ -99,7 +99,8 @@ def take(
             remaining = None if deadline is None else deadline - time.monotonic()
             if fail or (remaining is not None and remaining <= 0):
                 waited = time.monotonic() - start
-                raise SessionContendedError(lock.session, other.info, waited=waited)
+                raise SessionContendedError(lock.session, other.info, waited=waited,
+                                            backend=lock._backend_url())
             _waiters += 1
             try:
                 _cond.wait(remaining)

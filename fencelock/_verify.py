@@ -59,10 +59,12 @@ def _run_of(entry: object) -> object:
 
 _TOKEN = re.compile(
     r'[ \t\n\r]*(?:(?P<open>[\[{])|(?P<close>[\]}])|(?P<colon>:)|(?P<comma>,)'
-    r'|(?P<value>"(?:[^"\\\x00-\x1f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*"'
+    r'|(?P<value>"(?:[^"\\\x00-\x1f]++|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*+"'
     r'|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null))'
 )
-"""One JSON token after optional whitespace (NaN and Infinity are not JSON)."""
+"""One JSON token after optional whitespace (NaN and Infinity are not JSON). Possessive
+repeats: a string of millions of characters is matched without a backtracking state for
+each."""
 
 
 def is_json(raw: bytes) -> bool:

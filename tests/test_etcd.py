@@ -34,6 +34,7 @@ from fencelock import (
     SessionLock,
     SessionTakeoverError,
     StoreUnavailableError,
+    clear,
     is_coordination_error,
     probe,
 )
@@ -2514,3 +2515,42 @@ def test_status_of_an_unreachable_etcd_is_still_a_json_array_and_names_the_sessi
     assert [r["sidecar"][:7] for r in rows] == ["etcd://"] * 2  # its key, not a sidecar
     assert [line.split(": ")[1] for line in cleared.stderr.splitlines()] == [
         str(session), str(other)]
+
+
+def test_a_release_after_an_unreported_loss_raises_holder_lost(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    """The process noticed on its own that the lease ended (its keepalive did), but the
+    run was never told (it wrote nothing since): its release says so."""
+    url = own_etcd.url("unreported", ttl=2)
+    lock = SessionLock(session, "quiet", backend=url)
+    lock.acquire()
+    record = probe(session, backend=url).record
+    assert record is not None
+    subprocess.run(_etcdctl(own_etcd, "lease", "revoke", record.extra["lease"]), check=True,
+                   capture_output=True)
+    lease = lock._store.holder._lease  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 60  # a bound for a broken build, not a timing claim
+    while lease.alive():  # the keepalive finds the lease gone within ttl/4
+        assert time.monotonic() < deadline, "the keepalive never noticed"
+        time.sleep(0.01)
+    with pytest.raises(HolderLostError, match="gone at release"):
+        lock.release()
+    assert not lock.held
+
+
+def test_two_runs_of_one_process_name_the_store_in_the_way_out(
+    session: Path, url: str
+) -> None:
+    """Two lanes of one gateway process meet in the process's registry before etcd: the
+    recover their error suggests still asks etcd."""
+    parsed = parse(url)
+    assert parsed is not None
+    with SessionLock(session, "first", backend=url):
+        for contended in (lambda: SessionLock(session, "second", backend=url,
+                                              on_contention="fail").acquire(),
+                          lambda: clear(session, backend=url)):
+            with pytest.raises(SessionContendedError) as err:
+                contended()
+            assert err.value.backend == parsed.text
+            assert f"fencelock recover --backend {shlex.quote(parsed.text)} " in str(err.value)

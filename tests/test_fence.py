@@ -843,6 +843,24 @@ def test_the_deep_line_check_agrees_with_the_json_parser() -> None:
     assert not is_json(b"\xff\n")
 
 
+LONG_STRING_IN_A_DEEP_LINE = """
+import resource, sys
+from fencelock._verify import is_json
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GiB for all of it
+line = b"[" * 3000 + b'"' + b"x" * 20_000_000 + b'"' + b"]" * 3000 + b"\\n"
+print(is_json(line), is_json(line[:-3001] + b"\\n"))
+"""
+
+
+def test_the_deep_line_check_keeps_no_state_per_character() -> None:
+    """A 20 MB string inside a deep line is checked in bounded memory (a repeat that
+    kept a backtracking state per character took about 256 bytes each: 5 GB here)."""
+    done = subprocess.run([sys.executable, "-c", LONG_STRING_IN_A_DEEP_LINE],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "False"]
+
+
 def test_verify_reads_lines_as_json_readers_do(session: Path) -> None:
     """NaN and Infinity are Python's extensions, not JSON: `append` refuses them, other
     readers (JSON.parse) cannot read them, and verify calls them torn. A number of any

@@ -17,6 +17,7 @@ from marks import needs_proc
 from fencelock import (
     Action,
     CorruptRecordError,
+    FenceLockError,
     ProbeState,
     SessionContendedError,
     SessionLock,
@@ -396,3 +397,24 @@ def test_an_unreadable_session_raises_the_error_of_its_kind(session: Path, kind:
         SessionLock(session, "a", on_contention="fail").acquire()
     assert sorted((p.name, os.lstat(p).st_mtime_ns) for p in session.parent.iterdir()) == before
     assert victim.read_bytes() == b"keep"
+
+
+def test_a_late_recover_never_refires_past_a_fresh_session_still_being_made(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last run has ended, and a recover of it is still making its fresh session
+    past the wait for it (held here by another process): a late recover says so, as one
+    that meets it while the run is live does, instead of answering the old session."""
+    from fencelock import _recovery
+    from fencelock._recovery import _successor
+
+    with SessionLock(session, "stuck-then-done") as lock:
+        lock.append({"n": 1})
+    successor = _successor(str(session), probe(session).record)
+    assert successor is not None
+    maker = spawn_holder(Path(successor), lane="making")
+    maker.acquire()
+    monkeypatch.setattr(_recovery, "SUCCESSOR_WAIT", 0.2)
+    with pytest.raises(FenceLockError, match="another recover has been making"):
+        recover(session, wait=0)
+    assert maker.call("release") == "released"
