@@ -2554,3 +2554,36 @@ def test_two_runs_of_one_process_name_the_store_in_the_way_out(
                 contended()
             assert err.value.backend == parsed.text
             assert f"fencelock recover --backend {shlex.quote(parsed.text)} " in str(err.value)
+
+
+def test_a_release_retried_after_a_waiter_took_over_is_no_loss(
+    session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd applied the release but its answer was lost (a restart), and another run
+    took the session before the release was tried again: the retry finds the key gone
+    and another run's record, but the lease alive. Nothing was lost."""
+    from fencelock import _etcd
+
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)  # the other run's store too
+    other = spawn_holder(session, lane="next")
+    holder = SessionLock(session, "releasing", backend=url)
+    holder.acquire()
+    cluster = holder._store.holder._cluster  # type: ignore[attr-defined]
+    real_txn = cluster.txn
+    answers_lost = [True]
+
+    def txn(compare: Any, success: Any, failure: Any = None, deadline: Any = None) -> Any:
+        r = real_txn(compare, success, failure, deadline)
+        if failure and answers_lost:
+            answers_lost.clear()  # the release's first try: applied, its answer lost,
+            other.acquire()  # and the other run takes the session before the retry
+            raise StoreUnavailableError(url, "the answer was lost")
+        return r
+
+    monkeypatch.setattr(cluster, "txn", txn)
+    monkeypatch.setattr(_etcd, "_RETRY_PAUSE", 0.01)
+    holder.release()  # no HolderLostError
+    assert not answers_lost  # the path above was taken
+    status = probe(session, backend=url)
+    assert status.state == "live" and status.lane == "next"
+    assert other.call("release") == "released"
