@@ -365,6 +365,9 @@ def peek(data: bytes) -> tuple[State, int] | None:
     return state, token
 
 
+_DECODER = json.JSONDecoder()
+
+
 def decode(data: bytes) -> HolderInfo | None:
     """Parse a sidecar's bytes. None for an empty (zero-length) sidecar; ValueError when
     corrupt, including a sidecar of nothing but NUL bytes or spaces.
@@ -392,6 +395,8 @@ def decode(data: bytes) -> HolderInfo | None:
         if len(data) >= MAX_RECORD:
             raise ValueError(f"larger than {MAX_RECORD} bytes") from None
         raise ValueError(f"not JSON ({e.msg.removesuffix(' at')} at offset {e.pos})") from None
+    except ValueError:  # Python's own limit on converting long integers, not JSON's
+        raise ValueError(f"an integer of over {sys.get_int_max_str_digits()} digits") from None
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     return from_json(obj)
@@ -419,19 +424,6 @@ def _float(obj: dict[str, Any], name: str) -> float:
     except OverflowError:  # an integer too large for a float
         pass
     raise ValueError(f"{name} is not a finite number of seconds")
-
-
-def _record_int(text: str) -> int:
-    """A record's JSON integer, exact (a field fencelock does not know is written back
-    as it was); one of more digits than Python converts makes the record corrupt, in
-    fencelock's words rather than with Python's advice."""
-    limit = sys.get_int_max_str_digits()
-    if limit and len(text.lstrip("-")) > limit:
-        raise ValueError(f"an integer of over {limit} digits")
-    return int(text)
-
-
-_DECODER = json.JSONDecoder(parse_int=_record_int)
 
 
 def from_json(obj: dict[str, Any]) -> HolderInfo:
