@@ -96,13 +96,13 @@ class Session(requests.Session):
             return self._send("POST", url[len(self._origin):], body, headers,
                               kwargs.get("timeout"))
 
-    def get(self, url: str | bytes, **kwargs: Any) -> Any:
+    def get(self, url: str | bytes, params: Any = None, **kwargs: Any) -> Any:
         """A GET with no parameters (etcd3gw's look at the server's version) goes on
         the same connection as the POSTs: a second one per client would stay open
         idle."""
         url = url if isinstance(url, str) else url.decode()
-        if not self._own(url, kwargs):
-            return super().get(url, **kwargs)
+        if params is not None or not self._own(url, kwargs):
+            return super().get(url, params=params, **kwargs)
         with self._mu:
             return self._send("GET", url[len(self._origin):], None, self._get_headers,
                               kwargs.get("timeout"))

@@ -350,18 +350,25 @@ def _fill_fresh(
     lock is ours was made by another recover: it is left as it is, and ``copied`` stays
     empty."""
     lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session, backend=backend)
-    fd = _open_old(session) if carry else -1
+    # The fresh session continues the old one's tokens: its stamped lines come along.
+    # Its lock is taken before the old transcript is read, so that a recover arriving
+    # meanwhile (the stuck run gone by then) finds this copy under way and answers it.
+    lock._token_floor = lock._stamped_floor = max(
+        old_token, _tokens.floor(session), _tokens.last_stamped(session))
+    fd = -1
     try:
-        # The old transcript up to its last line break (a torn last line stays behind),
-        # as it is now: the live holder may still append while this copies.
-        end = _complete_end(fd, session) if fd >= 0 else 0
-        lines, highest = _scan(fd, session, end) if end else (0, 0)
-        # The fresh session continues the old one's tokens: its stamped lines come along.
-        lock._token_floor = max(old_token, _tokens.floor(session), highest)
-        lock._stamped_floor = highest
         with lock:
             if successor and os.path.lexists(new):
                 return  # another recover of the same stuck run made it meanwhile
+            fd = _open_old(session) if carry else -1
+            # The old transcript up to its last line break (a torn last line stays
+            # behind), as it is now: the live holder may still append while this copies.
+            end = _complete_end(fd, session) if fd >= 0 else 0
+            lines, highest = _scan(fd, session, end) if end else (0, 0)
+            if highest >= lock._token:  # a line above the record and the last lines
+                if isinstance(lock._store, _store.RemoteStore):
+                    raise _tokens.went_backwards(new, lock._token, highest, lock._store.name)
+                lock._token = highest + 1  # its record says so from the copy on
             try:
                 _fence.publish(new, _chunks(fd, session, end), token=lock._token,
                                file_mode=lock.mode, check=lock._store.check)

@@ -172,6 +172,62 @@ def _answers_a_whole_copy(proc: subprocess.Popen[str], successor: str) -> None:
     _carried_whole(successor)
 
 
+PAUSED_RECOVER = """
+import json, sys
+from fencelock import _recovery, recover
+scan = _recovery._scan
+def paused(*args):
+    print("reading the old transcript", flush=True)
+    sys.stdin.readline()
+    return scan(*args)
+_recovery._scan = paused
+r = recover(sys.argv[1], wait=0)
+print(json.dumps({"session": r.session, "carried_lines": r.carried_lines}))
+"""
+
+
+def test_a_recover_while_another_copies_answers_that_copy_once_the_stuck_run_is_gone(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """A recover makes the fresh session of a stuck run, and the run dies while that
+    recover reads the old transcript. A recover arriving then finds the session stale:
+    it answers the fresh session being made (once it is whole), never the old one, or
+    two lanes would go on in two files."""
+    from fencelock._recovery import _successor
+
+    h = spawn_holder(session, lane="cron")
+    h.acquire()
+    for n in range(3):
+        h.call("append " + json.dumps({"n": n}))
+    successor = _successor(str(session), probe(session).record)
+    assert successor is not None
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_RECOVER, str(session)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    second = None
+    try:
+        assert first.stdin is not None and first.stdout is not None
+        assert first.stdout.readline() == "reading the old transcript\n"
+        h.kill()
+        assert probe(session).state == "stale"
+        second = _recover_json(session)
+        assert wait_for_blocked_waiter(successor, proc=second)  # waits for that copy
+        first.stdin.write("\n")
+        first.stdin.flush()
+        out, _ = first.communicate(timeout=60)
+        assert first.returncode == 0
+        assert json.loads(out) == {"session": successor, "carried_lines": 3}
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 0, err
+        said = json.loads(out)
+        assert (said["action"], said["session"], said["carried_lines"]) == (
+            "fresh", successor, 0), said
+    finally:
+        reap(first)
+        if second is not None:
+            reap(second)
+    _carried_whole(successor)
+
+
 def test_a_recover_waits_for_another_s_copy_and_makes_it_if_that_one_failed(
     session: Path, spawn_holder: SpawnHolder
 ) -> None:
