@@ -1008,18 +1008,34 @@ def verify_command(session: str, as_json: bool) -> None:
     alone): its stamp is read from its end, and the report lists it as unchecked.
 
     JSON: session, exists, lines, stamped, max_token, ok, problems (line, kind,
-    detail), unchecked (line numbers).
+    detail), unchecked (line numbers), error (null, or why it could not be read: the
+    counts are then null).
 
     \b
     Example:
       fencelock verify sessions/4f1c.jsonl
     """
     answer_goes_to_stdout("verify")
+    from fencelock._errors import FenceLockError
     from fencelock._verify import MAX_LINE, verify
 
-    _one_session(session, "verify")
+    def failed(error: str) -> None:
+        if as_json:  # the same shape, for a caller that parses stdout
+            echo_json({"session": _named(session)[0], "exists": None, "lines": None,
+                       "stamped": None, "max_token": None, "ok": False, "problems": [],
+                       "unchecked": [], "error": error})
+
+    try:
+        _one_session(session, "verify")
+    except CliError as e:
+        failed(e.message)
+        raise
     with library_errors():
-        report = verify(session)
+        try:
+            report = verify(session)
+        except (FenceLockError, OSError) as e:
+            failed(os_message(e) if isinstance(e, OSError) else str(e))
+            raise
     if as_json:
         obj = {
             "session": report.session,
@@ -1032,6 +1048,7 @@ def verify_command(session: str, as_json: bool) -> None:
                 {"line": p.line, "kind": p.kind, "detail": p.detail} for p in report.problems
             ],
             "unchecked": report.unchecked,
+            "error": None,
         }
         echo_json(obj)
     else:

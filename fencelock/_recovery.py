@@ -353,8 +353,9 @@ def _fill_fresh(
     # The fresh session continues the old one's tokens: its stamped lines come along.
     # Its lock is taken before the old transcript is read, so that a recover arriving
     # meanwhile (the stuck run gone by then) finds this copy under way and answers it.
-    lock._token_floor = lock._stamped_floor = max(
-        old_token, _tokens.floor(session), _tokens.last_stamped(session))
+    last = _tokens.last_stamped(session)
+    lock._token_floor = max(old_token, _tokens.floor(session), last)
+    lock._stamped_floor = last  # the lines' own tokens (a store's may be of another kind)
     fd = -1
     try:
         with lock:

@@ -1029,6 +1029,19 @@ def test_verify_missing_directory_exits_1(tmp_path: Path) -> None:
     assert str(tmp_path / "nope") in out.stderr and "does not exist" in out.stderr
 
 
+@pytest.mark.parametrize("kind", ["missing-directory", "directory"])
+def test_verify_json_that_cannot_read_says_why_on_stdout(tmp_path: Path, kind: str) -> None:
+    """A caller parsing stdout gets the report's shape with the error, not nothing."""
+    target = tmp_path / "nope" / "x.jsonl" if kind == "missing-directory" else tmp_path
+    out = cli("verify", "--json", str(target))
+    assert out.returncode == 1
+    no_traceback(out.stderr, 1)
+    said = json.loads(out.stdout)
+    assert said["ok"] is False and said["lines"] is None and said["session"] == str(target)
+    assert said["error"] and str(target if kind == "directory" else target.parent) in \
+        said["error"]
+
+
 def test_verify_missing_session_file_is_clean_and_says_so(session: Path) -> None:
     out = cli("verify", str(session))
     assert out.returncode == 0, out.stderr
