@@ -136,6 +136,11 @@ def test_a_stuck_run_that_died_after_its_recover_is_still_answered_by_its_fresh_
 def _stuck_with_three_lines(session: Path, spawn_holder: SpawnHolder) -> str:
     """Hold ``session`` in another process with three lines in it: the fresh session a
     recover of that stuck run makes."""
+    return _stuck_run(session, spawn_holder)[1]
+
+
+def _stuck_run(session: Path, spawn_holder: SpawnHolder) -> tuple[Any, str]:
+    """`_stuck_with_three_lines`, with the holder."""
     from fencelock._recovery import _successor
 
     h = spawn_holder(session, lane="cron")
@@ -144,7 +149,7 @@ def _stuck_with_three_lines(session: Path, spawn_holder: SpawnHolder) -> str:
         h.call("append " + json.dumps({"n": n}))
     successor = _successor(str(session), probe(session).record)
     assert successor is not None
-    return successor
+    return h, successor
 
 
 def _recover_json(session: Path) -> subprocess.Popen[str]:
@@ -193,14 +198,7 @@ def test_a_recover_while_another_copies_answers_that_copy_once_the_stuck_run_is_
     recover reads the old transcript. A recover arriving then finds the session stale:
     it answers the fresh session being made (once it is whole), never the old one, or
     two lanes would go on in two files."""
-    from fencelock._recovery import _successor
-
-    h = spawn_holder(session, lane="cron")
-    h.acquire()
-    for n in range(3):
-        h.call("append " + json.dumps({"n": n}))
-    successor = _successor(str(session), probe(session).record)
-    assert successor is not None
+    h, successor = _stuck_run(session, spawn_holder)
     first = subprocess.Popen([sys.executable, "-c", PAUSED_RECOVER, str(session)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     second = None
