@@ -353,7 +353,7 @@ def _fill_fresh(
     # The fresh session continues the old one's tokens: its stamped lines come along.
     # Its lock is taken before the old transcript is read, so that a recover arriving
     # meanwhile (the stuck run gone by then) finds this copy under way and answers it.
-    last = _tokens.last_stamped(session)
+    last = _tokens.last_stamped(session) if carry else 0  # uncarried lines bind nothing
     lock._token_floor = max(old_token, _tokens.floor(session), last)
     lock._stamped_floor = last  # the lines' own tokens (a store's may be of another kind)
     fd = -1
