@@ -8,10 +8,11 @@ Imported at startup: it loads click and nothing of the library until a function 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -416,13 +417,15 @@ def stream_status_json(rows: Iterator[HolderStatus]) -> tuple[bool, bool]:
     from fencelock._probe import ProbeState
 
     encode = json.JSONEncoder(indent=2).encode  # one encoder: json.dumps makes one a call
+    writers = _flat_writers()
     chunks: list[str] = []
     stale = unreadable = False
     count = 0
     for st in rows:
         stale = stale or st.state is ProbeState.STALE
         unreadable = unreadable or st.state is ProbeState.UNREADABLE
-        text = encode(json_safe(status_json(st, time.time()))).replace("\n", "\n  ")
+        row = status_json(st, time.time())
+        text = _flat_row(row, writers) or encode(json_safe(row)).replace("\n", "\n  ")
         chunks.append(("[\n  " if count == 0 else ",\n  ") + text)
         count += 1
         if len(chunks) >= 256:
@@ -431,6 +434,41 @@ def stream_status_json(rows: Iterator[HolderStatus]) -> tuple[bool, bool]:
     chunks.append("\n]" if count else "[]")
     out("".join(chunks))
     return stale, unreadable
+
+
+def _json_float(value: float) -> str | None:
+    return repr(value) if math.isfinite(value) else None
+
+
+_Writers = dict[type, Callable[[Any], str | None]]
+
+
+def _flat_writers() -> _Writers:
+    """How `json.dumps` writes each scalar a status row holds; None: not this way (a
+    string that may need `json_safe`, a float that is not finite)."""
+    from json.encoder import encode_basestring_ascii  # json is not loaded for --version
+
+    return {
+        type(None): lambda _: "null",
+        bool: lambda value: "true" if value else "false",
+        int: int.__repr__,
+        float: _json_float,
+        str: lambda text: encode_basestring_ascii(text) if text.isascii() else None,
+    }
+
+
+def _flat_row(row: dict[str, Any], writers: _Writers) -> str | None:
+    """``row`` as an element of ``json.dumps([row], indent=2)`` (two spaces in), when
+    every value is a scalar and every string is ASCII (the common row); otherwise None,
+    for the general encoder. The same text, without the pure-Python indenting encoder."""
+    parts = []
+    for key, value in row.items():
+        write = writers.get(type(value))
+        text = write(value) if write is not None else None
+        if text is None:
+            return None
+        parts.append(f'\n    "{key}": {text}')
+    return "{" + ",".join(parts) + "\n  }" if parts else "{}"
 
 
 def is_sidecar(path: str) -> bool:

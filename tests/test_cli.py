@@ -322,16 +322,20 @@ def test_status_directory(session: Path, spawn_holder: SpawnHolder) -> None:
 
 
 def test_status_json_is_streamed_in_the_documented_layout(session: Path) -> None:
-    """The array is printed row by row; its text is json.dumps(rows, indent=2)'s."""
+    """The array is printed row by row; its text is json.dumps(rows, indent=2)'s, for
+    rows of plain values and for rows that need the general encoder (a name that is not
+    ASCII, a record field that is not)."""
     d = session.parent
     assert cli("status", "--json", str(d)).stdout == "[]\n"
-    for name in ("a.jsonl", "b.jsonl", "c.jsonl"):
-        with SessionLock(d / name, "l") as lock:
+    names = ("a.jsonl", "b\u00e9.jsonl", "c.jsonl", "d.jsonl")
+    for name in names:
+        with SessionLock(d / name, "l\u00e9" if name == "d.jsonl" else "l") as lock:
             lock.append({"n": name})
     out = cli("status", "--json", str(d))
     assert out.returncode == 0
     assert out.stdout == json.dumps(json.loads(out.stdout), indent=2) + "\n"
-    assert [Path(r["session"]).name for r in rows(out)] == ["a.jsonl", "b.jsonl", "c.jsonl"]
+    assert [Path(r["session"]).name for r in rows(out)] == list(names)
+    assert [r["lane"] for r in rows(out)] == ["l", "l", "l", "l\u00e9"]
 
 
 def test_status_missing_directory_exits_1(tmp_path: Path, session: Path) -> None:
