@@ -54,6 +54,12 @@ this many seconds ago: the record's fingerprint and heartbeat then lag the holde
 appends by at most this much. Entering and leaving the prompt window, `touch` and
 release write them at once."""
 
+HAND_OVER_AFTER = 0.001
+"""A release that ends a hold at least this long (in seconds) yields the CPU right
+after unlocking (`_platform.hand_over`), so that a waiter does not wait for the rest of
+the releaser's work: the yield costs a system call, nothing next to such a hold, and a
+loop of short holds does not pay it."""
+
 _PEEK_BYTES = 4096
 """A first read of the old record; records are far smaller unless something is wrong."""
 
@@ -396,6 +402,8 @@ class SidecarHolder:
         finally:
             try:
                 _platform.unlock(fd)
+                if time.time() - lock._acquired_at >= HAND_OVER_AFTER:
+                    _platform.hand_over()
             finally:
                 _sidecar.close(fd)  # also drops the lock if unlocking failed
 

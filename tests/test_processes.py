@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import marks
 import pytest
 from conftest import SpawnHolder, hammer, record_of, wait_for_blocked_waiter
 from marks import needs_proc_locks
@@ -24,6 +26,7 @@ from fencelock import (
     probe,
 )
 from fencelock._identity import ME
+from fencelock._sidecar_holder import HAND_OVER_AFTER
 
 HERE = Path(__file__).parent
 
@@ -81,6 +84,43 @@ def test_waiter_in_another_process_gets_the_lock_on_release(
         assert record_of(session).lane == "first"
     assert waiter.read() == "acquired 2"
     assert record_of(session).lane == "second"
+
+
+def test_a_release_after_a_long_hold_lets_a_waiter_on_its_cpu_have_the_lock_first(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """Linux may wake a blocked waiter on the releaser's own CPU, and leave it there
+    until the releaser blocks or its time slice ends. A release that ends a hold of
+    `HAND_OVER_AFTER` or more yields the CPU right after unlocking, so the waiter has
+    taken the lock and answered before release() returns. Both processes run on one
+    CPU under SCHED_FIFO at one priority, which makes the order certain either way (and
+    keeps other processes out): a woken task of equal priority never preempts the
+    running one, and sched_yield(2) puts the caller behind it."""
+    marks.require("linux", "root")  # root: real-time scheduling
+    mine = os.sched_getaffinity(0)
+    cpu, fifo = {min(mine)}, os.sched_param(1)
+    os.sched_setaffinity(0, cpu)
+    try:
+        lock = SessionLock(session, lane="first")
+        acquired_at = lock.acquire().acquired_at
+        waiter = spawn_holder(session, lane="second")
+        os.sched_setaffinity(waiter.pid, cpu)
+        os.sched_setscheduler(waiter.pid, os.SCHED_FIFO, fifo)
+        assert waiter.proc.stdout is not None
+        answers = waiter.proc.stdout.fileno()
+        waiter.send("acquire")
+        wait_for_blocked_waiter(session, proc=waiter.proc)
+        assert time.time() - acquired_at >= HAND_OVER_AFTER  # starting it took longer
+        os.sched_setscheduler(0, os.SCHED_FIFO, fifo)
+        try:
+            lock.release()
+            answered = select.select([answers], [], [], 0)[0]
+        finally:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    finally:
+        os.sched_setaffinity(0, mine)
+    assert answered, "the waiter had not taken the lock when release() returned"
+    assert waiter.read() == "acquired 2"
 
 
 def test_clear_never_touches_a_live_holder(session: Path, spawn_holder: SpawnHolder) -> None:
