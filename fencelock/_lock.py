@@ -362,6 +362,8 @@ class SessionLock:
 
     def release(self) -> None:
         """Give the session back (once per acquire). A forked child never releases.
+        With the sidecar store, a release after a hold of a millisecond or more yields
+        the CPU once right after unlocking, so that a waiter woken on this CPU goes first.
 
         Any thread or task of the holding process may call it, as with
         `threading.Lock`: ``await asyncio.wait_for(lock.acquire_async(), t)`` acquires in

@@ -151,12 +151,14 @@ else:
     def unlock(fd: int) -> None:
         _flock(fd, fcntl.LOCK_UN)
 
+    _sched_yield = getattr(os, "sched_yield", lambda: None)
+
     def hand_over() -> None:
         """Right after `unlock` that ends a long hold: let a waiter the unlock woke run
         first. Linux often wakes it on the releaser's own CPU, where it would wait until
         the releaser blocks or its time slice ends; a yield with nothing else to run
         costs one system call."""
-        os.sched_yield()
+        _sched_yield()
 
 
 def describe_mode(mode: int) -> str:
