@@ -205,6 +205,17 @@ def test_goals_are_not_judged_in_smoke_mode(report: dict[str, Any]) -> None:
     assert all(g["met"] is None for g in report["goals"])
 
 
+def test_the_proposed_goals_are_taken_against_the_floor_of_the_same_run(
+    report: dict[str, Any],
+) -> None:
+    rows = {r["id"]: r for r in report["rows"]}
+    goals = {g["id"]: g for g in report["goals"]}
+    over = rows["handoff.median"]["fencelock"] - rows["handoff.median.floor"]["fencelock"]
+    assert goals["handoff.floor"]["value"] == f"{over:+.3f} ms over the floor"
+    turns = rows["appends.fsync"]["fencelock"] / rows["appends.fsync.floor"]["fencelock"]
+    assert goals["appends.fsync.floor"]["value"] == f"{turns:.2f}x floor"
+
+
 def test_the_interleaving_check_catches_loss_and_tearing(tmp_path: Path) -> None:
     from fencelock.tools.bench import check_lines
 

@@ -983,6 +983,10 @@ def judge(report: Report, sizes: Sizes) -> None:
         add("handoff.blocking", "hand-off median at most 1.25x portalocker's kernel wait",
             blocking.ratios.get("portalocker"), 1.25,
             "{value:.2f}x portalocker" + _floor_text(report, "handoff.median", "portalocker"))
+    floor = report.row("handoff.median.floor")
+    if med is not None and med.fencelock and floor is not None and floor.fencelock:
+        add("handoff.floor", "hand-off median at most the protocol floor + 0.1 ms (proposed)",
+            med.fencelock - floor.fencelock, 0.1, "{value:+.3f} ms over the floor")
     row = report.row("appends.fsync")
     if row is not None:
         peer = row.peers.get("portalocker")
@@ -993,6 +997,10 @@ def judge(report: Report, sizes: Sizes) -> None:
             "lock+append+fsync+unlock", None if not peer or row.fencelock is None
             else row.fencelock / peer, 1.0, "{value:.2f}x portalocker" + floor_text,
             at_least=True)
+        if floor is not None and floor.fencelock and row.fencelock:
+            add("appends.fsync.floor", "contended fenced turns with fsync at least 0.6x the "
+                "protocol floor's (proposed)", row.fencelock / floor.fencelock, 0.6,
+                "{value:.2f}x floor", at_least=True)
     row = report.row("etcd.handoff.median")
     if row is not None:
         floor = report.row("etcd.handoff.median.floor")
