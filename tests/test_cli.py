@@ -783,13 +783,40 @@ def test_a_signal_taken_by_the_heartbeat_thread_reaches_the_command(session: Pat
     )  # fmt: skip
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-        tgkill(proc.pid, thread_in_syscall(proc.pid, "futex"), signal.SIGTERM)
-        assert proc.wait(timeout=60) == 7  # the command's own exit code, passed on
+        target = thread_in_syscall(proc.pid, "futex")
+        tgkill(proc.pid, target, signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"SIGTERM to thread {target} was not passed on; threads now: "
+                f"{_threads_of(proc.pid)}"
+            ) from None
+        assert code == 7  # the command's own exit code, passed on
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         reap(proc)
     assert probe(session).state == "free"
+
+
+def _threads_of(pid: int) -> dict[str, str]:
+    """Each thread of ``pid``: its name, the system call it sleeps in, and its signal
+    state (for a failure message)."""
+    threads = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            base = f"/proc/{pid}/task/{tid}"
+            status = dict(line.split(":\t", 1) for line in Path(f"{base}/status")
+                          .read_text().splitlines() if ":\t" in line)
+            threads[tid] = (
+                f"{Path(f'{base}/comm').read_text().strip()} syscall "
+                f"{Path(f'{base}/syscall').read_text().split()[0]} pending "
+                f"{status.get('SigPnd', '?')} blocked {status.get('SigBlk', '?')}"
+            )
+        except OSError as e:
+            threads[tid] = str(e)
+    return threads
 
 
 HEARTBEAT_SEEN = """
