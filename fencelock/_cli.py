@@ -812,7 +812,7 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
     from fencelock._wait import wait_until_unlocked
 
     _one_session(session, "wait")
-    with library_errors():
+    with library_errors(_named(session)[0]):
         named, sidecar = _named(session)
         store = open_store(backend, named)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -933,7 +933,7 @@ def recover_command(
     handlers: PromptHandlers | None = None
     try:
         handlers = PromptHandlers(seen.stop, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
-        with library_errors():
+        with library_errors(_named(session)[0]):
             try:
                 r = recover(session, wait=wait_s, fresh=not no_fresh, lane=lane,
                             backend=backend)

@@ -113,15 +113,19 @@ def os_message(e: OSError) -> str:
 
 
 @contextmanager
-def library_errors() -> Iterator[None]:
-    """Turn the library's expected failures into click errors with the right exit code."""
-    from fencelock._errors import FenceLockError, SessionContendedError
+def library_errors(session: str | None = None) -> Iterator[None]:
+    """Turn the library's expected failures into click errors with the right exit code.
+    ``session``: the one session the command is about, named before a message about the
+    holder store (which names the store, not the session it was asked about)."""
+    from fencelock._errors import FenceLockError, SessionContendedError, StoreUnavailableError
 
     try:
         yield
     except SessionContendedError as e:
         raise ContendedCliError(str(e)) from None
     except FenceLockError as e:
+        if session is not None and isinstance(e, StoreUnavailableError):
+            raise CliError(f"{session}: {e}") from None
         raise CliError(str(e)) from None
     except OSError as e:
         raise CliError(os_message(e)) from None

@@ -213,7 +213,7 @@ def supervise(lock: SessionLock, command: Sequence[str], heartbeat: float) -> in
     try:
         forwarder = SignalForwarder()
         try:
-            with library_errors():
+            with library_errors(lock.session):
                 info = lock.acquire()
             forwarder.hold()
             # A holder in etcd: a keeper process stands in for the shared descriptor.

@@ -1336,6 +1336,8 @@ def test_cli_store_unavailable_is_one_line_and_exit_1(session: Path, own_etcd: E
         assert "Traceback" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert own_etcd.endpoint in out.stderr
+        if len(args) > 1:  # about one session: the line names it
+            assert out.stderr.startswith(f"Error: {session}: "), (args, out.stderr)
 
 
 @contextlib.contextmanager
