@@ -812,8 +812,8 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
     from fencelock._wait import wait_until_unlocked
 
     _one_session(session, "wait")
-    with library_errors(_named(session)[0]):
-        named, sidecar = _named(session)
+    named, sidecar = _named(session)
+    with library_errors(named):
         store = open_store(backend, named)
         deadline = None if timeout is None else time.monotonic() + timeout
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SpawnHolder, reap, wait_for_blocked_waiter
+from conftest import Holder, SpawnHolder, reap, wait_for_blocked_waiter
 from marks import needs_proc
 
 from fencelock import (
@@ -139,7 +139,7 @@ def _stuck_with_three_lines(session: Path, spawn_holder: SpawnHolder) -> str:
     return _stuck_run(session, spawn_holder)[1]
 
 
-def _stuck_run(session: Path, spawn_holder: SpawnHolder) -> tuple[Any, str]:
+def _stuck_run(session: Path, spawn_holder: SpawnHolder) -> tuple[Holder, str]:
     """`_stuck_with_three_lines`, with the holder."""
     from fencelock._recovery import _successor
 
