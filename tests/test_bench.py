@@ -292,3 +292,13 @@ def test_runs_without_the_bench_extra(tmp_path: Path) -> None:
     row = next(r for r in data["rows"] if r["id"] == "cycle.reused")
     assert row["peers"]["portalocker"] is None and row["peers"]["filelock"] is None
     assert isinstance(row["fencelock"], float) and isinstance(row["peers"]["raw"], float)
+
+
+@pytest.mark.parametrize("turns", [1, 3, 4, 20, 1000, 1001])
+def test_append_rounds_cover_every_turn_once_in_order(turns: int) -> None:
+    from fencelock.tools.bench import APPEND_ROUNDS, _append_rounds
+
+    rounds = _append_rounds(turns)
+    assert 1 <= len(rounds) <= APPEND_ROUNDS
+    assert all(len(r) for r in rounds)
+    assert [seq for r in rounds for seq in r] == list(range(turns))

@@ -507,7 +507,7 @@ def _run_workers(
 
 def _append_worker(
     barrier: Barrier, conn: Connection, peer: str, session: str, lockpath: str, writer: int,
-    turns: int, fsync: bool,
+    seqs: range, fsync: bool,
 ) -> None:
     gc.collect()
     if peer == "fencelock":
@@ -516,7 +516,7 @@ def _append_worker(
         lock = fencelock.SessionLock(session, lane=f"writer-{writer}")
         barrier.wait()
         start, cpu = time.monotonic(), _cpu()
-        for seq in range(turns):
+        for seq in seqs:
             with lock:
                 lock.append({"w": writer, "seq": seq, "pad": _PAD})
     else:
@@ -530,7 +530,7 @@ def _append_worker(
             write = functools.partial(_append_line, session, fsync=fsync)
         barrier.wait()
         start, cpu = time.monotonic(), _cpu()
-        for seq in range(turns):
+        for seq in seqs:
             line = json.dumps({"w": writer, "seq": seq, "pad": _PAD},
                               separators=(",", ":")).encode() + b"\n"
             locker.acquire()
@@ -583,32 +583,60 @@ def check_lines(session: str, writers: int, turns: int) -> dict[str, Any]:
             count == writers * turns, "problems": problems}
 
 
+APPEND_ROUNDS = 4
+"""Each peer's turns are run in this many rounds, the peers taking their rounds in
+turn (in a rotating order): the disk's state drifts over a run (the journal, writeback
+of what earlier sections wrote), and one long stretch per peer would hand that drift to
+whichever peer ran last. Rounds after the first append to the session file left by the
+round before, as a gateway does."""
+
+
+def _append_rounds(turns: int) -> list[range]:
+    """``turns`` sequence numbers cut into `APPEND_ROUNDS` consecutive runs."""
+    count = max(1, min(APPEND_ROUNDS, turns))
+    cuts = [turns * i // count for i in range(count + 1)]
+    return [range(a, b) for a, b in itertools.pairwise(cuts)]
+
+
 def bench_appends(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Row]:
     rows = []
     checks = []
+    rounds = _append_rounds(sizes.turns)
     for fsync in (True, False):
         values: dict[str, float | None] = {}
         cpu: dict[str, float | None] = {}
+        peers = [p for p in ("fencelock", "raw", "filelock", "portalocker-blocking", "floor")
+                 if available(p)]
         for peer in ("fencelock", "raw", "filelock", "portalocker-blocking", "floor"):
-            if not available(peer):
-                values[peer] = cpu[peer] = None
-                continue
-            _progress(quiet, f"appends {'with' if fsync else 'without'} fsync: {peer}")
+            values[peer] = cpu[peer] = None
+        paths = {}
+        for peer in peers:
             d = base / f"appends-{int(fsync)}" / peer
             d.mkdir(parents=True)
-            session, lockpath = str(d / "s.jsonl"), str(d / "s.lock")
-            elapsed, used = _run_workers(_append_worker, [
-                (peer, session, lockpath, w, sizes.turns, fsync) for w in range(sizes.writers)
-            ])
-            values[peer] = sizes.writers * sizes.turns / elapsed
-            cpu[peer] = used / (sizes.writers * sizes.turns) * 1e6
-            check = check_lines(session, sizes.writers, sizes.turns)
+            paths[peer] = (str(d / "s.jsonl"), str(d / "s.lock"))
+        elapsed = dict.fromkeys(peers, 0.0)
+        used = dict.fromkeys(peers, 0.0)
+        for number, seqs in enumerate(rounds):
+            _progress(quiet, f"appends {'with' if fsync else 'without'} fsync: round "
+                             f"{number + 1}/{len(rounds)}")
+            for peer in peers[number % len(peers):] + peers[:number % len(peers)]:
+                session, lockpath = paths[peer]
+                took, cpu_s = _run_workers(_append_worker, [
+                    (peer, session, lockpath, w, seqs, fsync) for w in range(sizes.writers)
+                ])
+                elapsed[peer] += took
+                used[peer] += cpu_s
+        for peer in peers:
+            values[peer] = sizes.writers * sizes.turns / elapsed[peer]
+            cpu[peer] = used[peer] / (sizes.writers * sizes.turns) * 1e6
+            check = check_lines(paths[peer][0], sizes.writers, sizes.turns)
             checks.append({"peer": peer, "fsync": fsync, **check})
         values["portalocker"] = values.pop("portalocker-blocking")
         cpu["portalocker"] = cpu.pop("portalocker-blocking")
         floor = values.pop("floor")
         cpu.pop("floor")
-        note = "portalocker with flags=EXCLUSIVE (kernel wait); peers write no record"
+        note = (f"portalocker with flags=EXCLUSIVE (kernel wait); peers write no record; "
+                f"each peer's turns in {len(rounds)} rounds, the peers' rounds taken in turn")
         if not fsync:
             note += ("; fencelock has no public no-fsync knob: measured with its internal "
                      "fsync seam (_fence._fsync) stubbed out")
