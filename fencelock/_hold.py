@@ -293,7 +293,14 @@ class _Session:
             stamp = request.get("stamp")
             if stamp is not None and not isinstance(stamp, bool):
                 raise BadRequestError('"stamp" must be true or false')
-            lock.append(_entry(request, lock.stamp if stamp is None else stamp), stamp=stamp)
+            entry = _entry(request, lock.stamp if stamp is None else stamp)
+            try:
+                # The library's own check decides, once: a string entry parsed again at
+                # another stack depth could pass the check above and fail this one.
+                line = lock._line(entry, stamp)
+            except FenceLockError as e:
+                raise BadRequestError(f'"entry" cannot be written: {e}') from None
+            lock._append_bytes(line)
         elif op == "prompt_begin":
             if self.window is not None:
                 raise BadRequestError("prompt_begin inside the prompt window; prompt_end first")

@@ -561,10 +561,13 @@ class SessionLock:
     def append(self, entry: dict[str, Any] | str, *, stamp: bool | None = None) -> None:
         """Write one fenced, fsynced JSONL line; `SessionTakeoverError` if the fence moved."""
         self._require()
+        self._append_bytes(self._line(entry, stamp))
+
+    def _line(self, entry: dict[str, Any] | str, stamp: bool | None) -> bytes:
+        """The line `append` writes for ``entry`` (held: a stamp takes this run's token);
+        `FenceLockError` for an entry it refuses, before anything is written."""
         use_stamp = self.stamp if stamp is None else stamp
-        self._append_bytes(
-            _fence.encode_entry(entry, (self._token, self._run_id) if use_stamp else None)
-        )
+        return _fence.encode_entry(entry, (self._token, self._run_id) if use_stamp else None)
 
     def _append_bytes(self, data: bytes) -> None:
         # One append at a time per holder: another thread's line landing between this

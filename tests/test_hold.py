@@ -313,6 +313,25 @@ def test_a_bad_request_is_answered_and_changes_nothing(
     assert lines(session) == [{"n": 1}, {"n": 2}]
 
 
+def test_a_string_entry_at_the_parser_s_depth_limit_is_a_bad_request(
+    session: Path, start_hold: StartHold
+) -> None:
+    """Python's JSON parser refuses nesting past a depth that depends on the stack it
+    runs on. Around that depth, every string entry is either appended or answered with
+    `BadRequestError` (nothing written): never another error, whichever check meets it."""
+    h = start_hold(session)
+    h.held()
+    answers = set()
+    for depth in range(850, 1001):
+        answer = h.call("append", entry="[" * depth + "]" * depth)
+        answers.add("ok" if answer["ok"] else answer["error"])
+        if not answer["ok"]:
+            assert "nested too deeply" in answer["message"], answer
+    assert answers == {"ok", "BadRequestError"}  # the range spans the limit
+    assert h.wait() == 0
+    assert all(line.startswith(b"[[") for line in session.read_bytes().splitlines())
+
+
 def test_a_null_stamp_is_the_holder_s_default(session: Path, start_hold: StartHold) -> None:
     """`"stamp": null` (what a client sends for a field it has no value for) stamps as
     the holder does by default: not at all for `hold`."""
