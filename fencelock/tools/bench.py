@@ -603,12 +603,10 @@ def bench_appends(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list
     checks = []
     rounds = _append_rounds(sizes.turns)
     for fsync in (True, False):
-        values: dict[str, float | None] = {}
-        cpu: dict[str, float | None] = {}
-        peers = [p for p in ("fencelock", "raw", "filelock", "portalocker-blocking", "floor")
-                 if available(p)]
-        for peer in ("fencelock", "raw", "filelock", "portalocker-blocking", "floor"):
-            values[peer] = cpu[peer] = None
+        everyone = ("fencelock", "raw", "filelock", "portalocker-blocking", "floor")
+        values: dict[str, float | None] = dict.fromkeys(everyone)
+        cpu: dict[str, float | None] = dict.fromkeys(everyone)
+        peers = [p for p in everyone if available(p)]
         paths = {}
         for peer in peers:
             d = base / f"appends-{int(fsync)}" / peer
@@ -635,7 +633,7 @@ def bench_appends(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list
         cpu["portalocker"] = cpu.pop("portalocker-blocking")
         floor = values.pop("floor")
         cpu.pop("floor")
-        note = (f"portalocker with flags=EXCLUSIVE (kernel wait); peers write no record; "
+        note = ("portalocker with flags=EXCLUSIVE (kernel wait); peers write no record; "
                 f"each peer's turns in {len(rounds)} rounds, the peers' rounds taken in turn")
         if not fsync:
             note += ("; fencelock has no public no-fsync knob: measured with its internal "
