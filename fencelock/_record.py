@@ -426,18 +426,24 @@ def _float(obj: dict[str, Any], name: str) -> float:
     raise ValueError(f"{name} is not a finite number of seconds")
 
 
+_STATES = {state.value: state for state in State}
+_PHASES = {phase.value: phase for phase in Phase}
+
+
 def from_json(obj: dict[str, Any]) -> HolderInfo:
+    """A record's JSON object as a `HolderInfo`; ValueError for the first field that is
+    missing or malformed. Built as `completed` builds one (a scan decodes thousands)."""
     version = obj.get("version")
     if type(version) is not int or version != VERSION:
         raise ValueError(f"version is {version!r}; this fencelock reads version {VERSION}")
-    try:
-        state = State(str(obj.get("state")))
-    except ValueError:
-        raise ValueError(f"state is {obj.get('state')!r}, not 'held' or 'released'") from None
-    try:
-        phase = Phase(str(obj.get("phase", "write")))
-    except ValueError:
-        raise ValueError(f"phase is {obj.get('phase')!r}, not 'write' or 'prompt'") from None
+    v = obj.get("state")
+    state = _STATES.get(v) if type(v) is str else None
+    if state is None:
+        raise ValueError(f"state is {v!r}, not 'held' or 'released'")
+    v = obj.get("phase", "write")
+    phase = _PHASES.get(v) if type(v) is str else None
+    if phase is None:
+        raise ValueError(f"phase is {v!r}, not 'write' or 'prompt'")
     prev_obj = obj.get("previous")
     previous = None
     if prev_obj is not None:
@@ -450,22 +456,26 @@ def from_json(obj: dict[str, Any]) -> HolderInfo:
             run_id=_str(prev_obj, "run_id"),
             token=_int(prev_obj, "token", 0, MAX_TOKEN),
         )
+    info: Any = _new(_Unfinished)
+    info.state = state
+    info.session = _str(obj, "session")
+    info.pid = _int(obj, "pid", 1, _MAX_PID)
+    info.host = _str(obj, "host")
+    info.process_start = _str(obj, "process_start", "")
+    info.lane = _str(obj, "lane")
+    info.run_id = _str(obj, "run_id")
+    info.token = _int(obj, "token", 0, MAX_TOKEN)
+    info.acquired_at = _float(obj, "acquired_at")
+    info.heartbeat_at = _float(obj, "heartbeat_at")
+    info.phase = phase
+    info.fingerprint = Fingerprint.from_json(obj.get("fingerprint"))
+    info.previous = previous
+    info.fence = _str(obj, "fence", "stat")
     origin = obj.get("origin")
-    return HolderInfo(
-        state=state,
-        session=_str(obj, "session"),
-        pid=_int(obj, "pid", 1, _MAX_PID),
-        host=_str(obj, "host"),
-        process_start=_str(obj, "process_start", ""),
-        lane=_str(obj, "lane"),
-        run_id=_str(obj, "run_id"),
-        token=_int(obj, "token", 0, MAX_TOKEN),
-        acquired_at=_float(obj, "acquired_at"),
-        heartbeat_at=_float(obj, "heartbeat_at"),
-        phase=phase,
-        fingerprint=Fingerprint.from_json(obj.get("fingerprint")),
-        previous=previous,
-        fence=_str(obj, "fence", "stat"),
-        origin=origin if isinstance(origin, str) else None,
-        extra={k: v for k, v in obj.items() if k not in _KNOWN},
-    )
+    info.origin = origin if isinstance(origin, str) else None
+    info.version = version
+    info.extra = {} if _KNOWN.issuperset(obj) else {
+        k: v for k, v in obj.items() if k not in _KNOWN
+    }
+    info.__class__ = HolderInfo
+    return info  # type: ignore[no-any-return]
