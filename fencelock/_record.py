@@ -432,7 +432,8 @@ _PHASES = {phase.value: phase for phase in Phase}
 
 def from_json(obj: dict[str, Any]) -> HolderInfo:
     """A record's JSON object as a `HolderInfo`; ValueError for the first field that is
-    missing or malformed. Built as `completed` builds one (a scan decodes thousands)."""
+    missing or malformed. Built with `info_shell` and `completed` (a scan decodes
+    thousands), not the frozen dataclass's slower keyword ``__init__``."""
     version = obj.get("version")
     if type(version) is not int or version != VERSION:
         raise ValueError(f"version is {version!r}; this fencelock reads version {VERSION}")
@@ -456,26 +457,27 @@ def from_json(obj: dict[str, Any]) -> HolderInfo:
             run_id=_str(prev_obj, "run_id"),
             token=_int(prev_obj, "token", 0, MAX_TOKEN),
         )
-    info: Any = _new(_Unfinished)
-    info.state = state
-    info.session = _str(obj, "session")
-    info.pid = _int(obj, "pid", 1, _MAX_PID)
-    info.host = _str(obj, "host")
-    info.process_start = _str(obj, "process_start", "")
-    info.lane = _str(obj, "lane")
-    info.run_id = _str(obj, "run_id")
-    info.token = _int(obj, "token", 0, MAX_TOKEN)
-    info.acquired_at = _float(obj, "acquired_at")
-    info.heartbeat_at = _float(obj, "heartbeat_at")
-    info.phase = phase
-    info.fingerprint = Fingerprint.from_json(obj.get("fingerprint"))
-    info.previous = previous
-    info.fence = _str(obj, "fence", "stat")
+    # Checked in the record's field order, so the first bad field is the one reported.
+    session = _str(obj, "session")
+    pid = _int(obj, "pid", 1, _MAX_PID)
+    host = _str(obj, "host")
+    process_start = _str(obj, "process_start", "")
+    lane = _str(obj, "lane")
+    run_id = _str(obj, "run_id")
+    token = _int(obj, "token", 0, MAX_TOKEN)
+    acquired_at = _float(obj, "acquired_at")
+    heartbeat_at = _float(obj, "heartbeat_at")
+    fingerprint = Fingerprint.from_json(obj.get("fingerprint"))
+    fence = _str(obj, "fence", "stat")
     origin = obj.get("origin")
-    info.origin = origin if isinstance(origin, str) else None
-    info.version = version
-    info.extra = {} if _KNOWN.issuperset(obj) else {
-        k: v for k, v in obj.items() if k not in _KNOWN
-    }
-    info.__class__ = HolderInfo
-    return info  # type: ignore[no-any-return]
+    shell = info_shell(
+        session=session, pid=pid, host=host, process_start=process_start, lane=lane,
+        fence=fence, origin=origin if isinstance(origin, str) else None, version=version,
+        extra={} if _KNOWN.issuperset(obj) else {
+            k: v for k, v in obj.items() if k not in _KNOWN
+        },
+    )
+    return completed(
+        shell, state=state, run_id=run_id, token=token, acquired_at=acquired_at,
+        heartbeat_at=heartbeat_at, phase=phase, fingerprint=fingerprint, previous=previous,
+    )
