@@ -104,6 +104,10 @@ def _whoami() -> object:
 _take_slot = _registry.take
 _free_slot = _registry.free
 
+_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
+"""Whether one thread runs Python code at a time (a free-threaded build may run without
+the GIL): `SessionLock.release` relies on it to skip the lock object's ``_io``."""
+
 
 _CANCEL_GRACE = 0.5
 """How long a cancelled `acquire_async` waits for its attempt to end (a sidecar wait
@@ -158,6 +162,10 @@ class SessionLock:
         self._key, detected = _session_facts(self.session)
         self.fence_mode = detected if fence == FenceMode.AUTO else FenceMode(fence)
         self._io = threading.Lock()
+        self._writable = False
+        """Whether a record write (`_write_record`) may reach the store: True once a
+        run's first record is written, False from the moment its release begins (see
+        `release`)."""
         self._append_mu = threading.Lock()
         self._count = 0
         self._pid = 0
@@ -265,14 +273,17 @@ class SessionLock:
 
     def _write_record(self) -> None:
         # Under the object's own lock, so a heartbeat from another thread can never
-        # write through a descriptor that release() has just closed.
+        # write through a descriptor that release() has just closed; and only while
+        # the run lasts (`release` may not take that lock: see there).
         with self._io:
+            if not self._writable:
+                raise NotHeldError(f"{self.session}: released while the record was updated")
             self._store.write(self)
 
     def _forget_in_child(self) -> None:
         # The inherited descriptor itself is closed by _forkguard's hook.
         self._store.forget_in_child()
-        self._count, self._info = 0, None
+        self._count, self._info, self._writable = 0, None, False
         self._io = threading.Lock()  # another thread may have held it at the fork
         self._append_mu = threading.Lock()
         self._pid = -1  # marks "inherited through fork": release() becomes a no-op
@@ -377,8 +388,22 @@ class SessionLock:
         if self._count:
             return
         try:
-            with self._io:
-                self._store.release(self)
+            self._writable = False
+            quick = False
+            try:
+                # A record write from another thread takes ``_io``, then checks
+                # ``_writable``; this clears ``_writable``, then looks at ``_io``. With
+                # one thread running Python at a time one of the two sees the other: if
+                # ``_io`` is free here, no write can land after the release. Taking the
+                # lock would cost the hand-off to a waiter ~10 us after a long hold
+                # (a mutex cold after a model call), before the unlock.
+                quick = _GIL and self._store.releases_in_place and not self._io.locked()
+            finally:  # released even if an interrupt lands before ``quick`` is set
+                if quick:
+                    self._store.release(self)
+                else:
+                    with self._io:
+                        self._store.release(self)
         finally:
             self._info = None
             _free_slot(self._key, self)
@@ -417,7 +442,7 @@ class SessionLock:
         ):
             self.release()
             return
-        self._count = 0
+        self._count, self._writable = 0, False
         try:
             with self._io:
                 self._store.release_shared(self)

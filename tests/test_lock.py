@@ -9,6 +9,7 @@ import os
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SpawnHolder
@@ -294,6 +295,111 @@ def test_heartbeats_from_another_thread_never_outlive_release(tmp_path: Path) ->
         t.join()
     assert errors == []
     assert probe(b).lane == "B" and probe(a).lane == "A"
+    # No heartbeat landed after the last release: A's record reads released.
+    last = probe(a)
+    assert last.state is ProbeState.FREE and last.record is not None
+    assert last.record.state is State.RELEASED
+
+
+class _IoWithAHook:
+    """A lock object's ``_io`` (a real `threading.Lock` inside) whose ``locked()`` first
+    runs ``hook``: what `SessionLock.release` does between clearing ``_writable`` and
+    looking at ``_io``, another thread or an interrupt can do at just that moment."""
+
+    def __init__(self, real: Any, hook: Any) -> None:
+        self.real, self.hook = real, hook
+
+    def locked(self) -> bool:
+        self.hook()
+        return bool(self.real.locked())
+
+    def __enter__(self) -> bool:
+        return bool(self.real.__enter__())
+
+    def __exit__(self, *exc: object) -> None:
+        self.real.__exit__(*exc)
+
+
+def test_a_heartbeat_that_comes_as_release_begins_writes_nothing(session: Path) -> None:
+    """A release that finds ``_io`` free does not take it: a heartbeat from another
+    thread that gets ``_io`` once the release began must not write the record (it could
+    land after the "released" one, or through the closed descriptor). The heartbeat is
+    `touch`'s write step: its check that the lock is held passed before the release."""
+    lock = SessionLock(session, lane="A")
+    lock.acquire()
+    before = probe(session).record
+    outcome: list[str] = []
+
+    def heartbeat() -> None:
+        try:
+            lock._heartbeat_at += 1.0
+            lock._write_record()
+            outcome.append("wrote")
+        except NotHeldError:
+            outcome.append("not held")
+
+    def run_heartbeat() -> None:
+        t = threading.Thread(target=heartbeat)
+        t.start()
+        t.join()
+
+    lock._io = _IoWithAHook(lock._io, run_heartbeat)  # type: ignore[assignment]
+    lock.release()
+    assert outcome == ["not held"]
+    after = probe(session)
+    assert after.state is ProbeState.FREE and after.record is not None and before is not None
+    assert after.record.state is State.RELEASED
+    assert after.record.heartbeat_at == before.heartbeat_at
+
+
+def test_a_release_waits_for_a_record_write_under_way(session: Path) -> None:
+    """While another thread writes the record (holding ``_io``), release waits for it
+    before it marks the record released and unlocks."""
+    import inspect
+    import sys
+    import time
+
+    lock = SessionLock(session, lane="A")
+    lock.acquire()
+    source, first = inspect.getsourcelines(SessionLock.release)
+    waits_at = {first + i for i, text in enumerate(source) if "with self._io:" in text}
+    with lock._io:  # a record write under way
+        releaser = threading.Thread(target=lock.release)
+        releaser.start()
+        give_up = time.monotonic() + 30
+        while True:  # polled: no event says that a thread waits on a lock
+            frame = sys._current_frames().get(releaser.ident or 0)
+            if frame is not None and frame.f_code is SessionLock.release.__code__ \
+                    and frame.f_lineno in waits_at:
+                break
+            assert releaser.is_alive() and time.monotonic() < give_up, \
+                "release() never waited for the write under way"
+            time.sleep(0.001)
+        assert probe(session).state is ProbeState.LIVE
+    releaser.join(30)
+    assert not releaser.is_alive()
+    assert probe(session).record.state is State.RELEASED  # type: ignore[union-attr]
+
+
+def test_an_interrupt_as_release_looks_at_io_still_releases(session: Path) -> None:
+    """A KeyboardInterrupt (or a signal handler's exception) that lands while release
+    decides whether to take ``_io`` leaves the session released, not locked by a lock
+    object that no longer counts itself as holding it."""
+    lock = SessionLock(session, lane="A")
+    lock.acquire()
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    lock._io = _IoWithAHook(lock._io, interrupt)  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        lock.release()
+    assert not lock.held
+    status = probe(session)
+    assert status.state is ProbeState.FREE and status.record is not None
+    assert status.record.state is State.RELEASED
+    with SessionLock(session, lane="B", timeout=0):
+        assert probe(session).lane == "B"
 
 
 def test_fork_during_a_timed_wait_leaves_no_orphan_lock(
