@@ -388,7 +388,8 @@ class SidecarHolder:
     # -- release -----------------------------------------------------------------
 
     def release(self, lock: SessionLock) -> None:
-        """Mark the record released and drop the lock (under the lock object's ``_io``)."""
+        """Mark the record released and drop the lock (under the lock object's ``_io``,
+        or where no record write can follow: see `SessionLock.release`)."""
         fd, self._fd = self._fd, -1
         try:
             if self._behind:  # the last appends' fence point, with "released"

@@ -68,7 +68,8 @@ class SessionStore(Protocol):
         """Raise `HolderLostError` unless the holder is sure it still holds the session."""
 
     def release(self, lock: SessionLock) -> None:
-        """Leave the record released and give the lock back (under ``lock._io``)."""
+        """Leave the record released and give the lock back (under ``lock._io``, or
+        where no record write can follow: see `SessionLock.release`)."""
 
     def share_fd(self) -> int:
         """The locked descriptor to share with a command; -1 when there is none."""
