@@ -162,10 +162,6 @@ class SessionLock:
         self._key, detected = _session_facts(self.session)
         self.fence_mode = detected if fence == FenceMode.AUTO else FenceMode(fence)
         self._io = threading.Lock()
-        self._writable = False
-        """Whether a record write (`_write_record`) may reach the store: True once a
-        run's first record is written, False from the moment its release begins (see
-        `release`)."""
         self._append_mu = threading.Lock()
         self._count = 0
         self._pid = 0
@@ -274,16 +270,16 @@ class SessionLock:
     def _write_record(self) -> None:
         # Under the object's own lock, so a heartbeat from another thread can never
         # write through a descriptor that release() has just closed; and only while
-        # the run lasts (`release` may not take that lock: see there).
+        # held (`release` may not take that lock: see there).
         with self._io:
-            if not self._writable:
+            if not self._count:
                 raise NotHeldError(f"{self.session}: released while the record was updated")
             self._store.write(self)
 
     def _forget_in_child(self) -> None:
         # The inherited descriptor itself is closed by _forkguard's hook.
         self._store.forget_in_child()
-        self._count, self._info, self._writable = 0, None, False
+        self._count, self._info = 0, None
         self._io = threading.Lock()  # another thread may have held it at the fork
         self._append_mu = threading.Lock()
         self._pid = -1  # marks "inherited through fork": release() becomes a no-op
@@ -388,11 +384,10 @@ class SessionLock:
         if self._count:
             return
         try:
-            self._writable = False
             quick = False
             try:
-                # A record write from another thread takes ``_io``, then checks
-                # ``_writable``; this clears ``_writable``, then looks at ``_io``. With
+                # A record write from another thread takes ``_io``, then checks that the
+                # lock is held; this has set ``_count`` to 0, then looks at ``_io``. With
                 # one thread running Python at a time one of the two sees the other: if
                 # ``_io`` is free here, no write can land after the release. Taking the
                 # lock would cost the hand-off to a waiter ~10 us after a long hold
@@ -442,7 +437,7 @@ class SessionLock:
         ):
             self.release()
             return
-        self._count, self._writable = 0, False
+        self._count = 0
         try:
             with self._io:
                 self._store.release_shared(self)

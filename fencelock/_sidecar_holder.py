@@ -171,9 +171,8 @@ class SidecarHolder:
                     raise _registry.cancelled()  # got it just as the caller gave up
                 self._write_new_record(lock, run_id)
                 lock._count, lock._owner, lock._pid = 1, me, _identity.ME.pid
-                lock._writable = True
             except BaseException:
-                lock._count, lock._writable = 0, False
+                lock._count = 0
                 self._unwrite_record(lock)
                 self._close_fd()
                 raise

@@ -177,9 +177,8 @@ class RemoteStore:
             # more (the session's turn had come to this one): a write that lands
             # after it came from outside the protocol, and the fence reports it.
             lock._count, lock._owner, lock._pid = 1, me, _identity.ME.pid
-            lock._writable = True
         except BaseException:
-            lock._count, lock._writable = 0, False
+            lock._count = 0
             holder.release(None)
             raise
 

@@ -303,8 +303,9 @@ def test_heartbeats_from_another_thread_never_outlive_release(tmp_path: Path) ->
 
 class _IoWithAHook:
     """A lock object's ``_io`` (a real `threading.Lock` inside) whose ``locked()`` first
-    runs ``hook``: what `SessionLock.release` does between clearing ``_writable`` and
-    looking at ``_io``, another thread or an interrupt can do at just that moment."""
+    runs ``hook``: what `SessionLock.release` does between counting itself no longer
+    held and looking at ``_io``, another thread or an interrupt can do at just that
+    moment."""
 
     def __init__(self, real: Any, hook: Any) -> None:
         self.real, self.hook = real, hook
