@@ -93,18 +93,30 @@ class SessionContendedError(CoordinationError):
 class SessionTakeoverError(CoordinationError):
     """Something outside the holder changed the session file since the last fence point."""
 
-    def __init__(self, session: str, expected: Fingerprint | None, actual: Fingerprint | None):
+    def __init__(
+        self,
+        session: str,
+        expected: Fingerprint | None,
+        actual: Fingerprint | None,
+        stored: bool = False,
+    ):
         self.session = session
         self.expected = expected
         self.actual = actual
+        self.stored = stored
+        """True when the append that found the change had already written its line, and
+        the line is whole in the file, fsynced (another writer's bytes came between the
+        fence check and the end of the append): it must not be written elsewhere again."""
         super().__init__(
             f"{session}: changed by a writer outside this run "
             f"(expected {_fp(expected)}, found {_fp(actual)}); the run's history "
             f"is no longer what it wrote, so it stops here"
+            + ("; this append's line is in the file all the same, beside the other "
+               "writer's bytes" if stored else "")
         )
 
     def _init_args(self) -> tuple[Any, ...]:
-        return self.session, self.expected, self.actual
+        return self.session, self.expected, self.actual, self.stored
 
 
 class HolderLostError(SessionTakeoverError):
@@ -115,6 +127,7 @@ class HolderLostError(SessionTakeoverError):
         self.session = session
         self.expected = None
         self.actual = None
+        self.stored = False
         self.why = why
         CoordinationError.__init__(
             self,

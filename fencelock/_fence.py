@@ -101,6 +101,13 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
         if stamp is not None and not isinstance(parsed, dict):
             raise FenceLockError("a session entry must be a JSON object to be stamped; nothing "
                                  "was written")
+        if "\\u" in entry:  # an escape may spell a lone surrogate, which strict readers refuse
+            try:
+                _ENCODER.encode(parsed).encode()
+            except UnicodeEncodeError:
+                raise FenceLockError(
+                    "a session entry must be valid Unicode text: a \\u escape in it spells a "
+                    "lone surrogate; nothing was written") from None
         if stamp is not None or (isinstance(parsed, dict) and _tokens.STAMP_KEY in parsed):
             entry = parsed
     if stamp is None and isinstance(entry, dict) and _tokens.STAMP_KEY in entry:
@@ -110,6 +117,8 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
     try:
         if isinstance(entry, dict):
             if stamp is not None:
+                if _tokens.STAMP_KEY in entry:  # the stamp goes last, where readers look
+                    entry = {k: v for k, v in entry.items() if k != _tokens.STAMP_KEY}
                 entry = {**entry, _tokens.STAMP_KEY: {"token": stamp[0], "run_id": stamp[1]}}
             text = _ENCODER.encode(entry)
             return text.encode() + b"\n"
@@ -226,6 +235,17 @@ def _write_all(fd: int, data: bytes, path: str) -> None:
         done += n
 
 
+def _landed(fd: int, line: bytes) -> bool:
+    """Whether ``line`` is whole in the file where this descriptor's last write put it:
+    an ``O_APPEND`` write leaves the descriptor's offset at the end of what it wrote,
+    whatever other writers appended before or after."""
+    try:
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+        return end >= len(line) and os.pread(fd, len(line), end - len(line)) == line
+    except OSError:
+        return False
+
+
 def append(
     session: str,
     line: bytes,
@@ -292,9 +312,9 @@ def append(
             raise
         after = _fingerprint_fd(fd, mode, session)
         if after.size != size + len(line) or os.pread(fd, len(line), size) != line:
-            # Someone wrote between the fence check and the fsync: our line is stored,
-            # but the session is no longer only this run's.
-            raise SessionTakeoverError(session, expected, after)
+            # Someone wrote between the fence check and the fsync: the session is no
+            # longer only this run's. Our line is in it, unless that writer cut it.
+            raise SessionTakeoverError(session, expected, after, stored=_landed(fd, line))
         if created:
             try:
                 _fsync_dir(os.path.dirname(session))

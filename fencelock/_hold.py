@@ -201,6 +201,7 @@ def error_answer(e: BaseException) -> dict[str, Any]:
     elif isinstance(e, SessionTakeoverError):
         answer["expected"] = None if e.expected is None else e.expected.to_json()
         answer["actual"] = None if e.actual is None else e.actual.to_json()
+        answer["stored"] = e.stored
     elif isinstance(e, SessionWriteError):
         answer["stored"] = e.stored
     return answer
@@ -247,12 +248,6 @@ def _entry(request: dict[str, Any], stamp: bool | None) -> dict[str, Any] | str:
         )
     if isinstance(entry, str) and ("\n" in entry or "\r" in entry):
         raise BadRequestError('"entry" must be one line; this one has a line break')
-    try:
-        json.dumps(entry, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise BadRequestError(
-            f'"entry" holds a lone surrogate ({e.object[e.start]!a}), which is not UTF-8'
-        ) from None
     keyed: Any = entry
     if isinstance(entry, str):
         try:
@@ -268,6 +263,12 @@ def _entry(request: dict[str, Any], stamp: bool | None) -> dict[str, Any] | str:
             ) from None
         if stamp and not isinstance(keyed, dict):
             raise BadRequestError('"stamp": true needs an entry that is a JSON object')
+    try:  # a string entry's value too: its \u escapes may spell a lone surrogate
+        json.dumps(keyed, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequestError(
+            f'"entry" holds a lone surrogate ({e.object[e.start]!a}), which is not UTF-8'
+        ) from None
     if not stamp and isinstance(keyed, dict) and STAMP_KEY in keyed:
         raise BadRequestError(
             f'"entry" must not carry the reserved key "{STAMP_KEY}"; send "stamp": true to '
@@ -409,7 +410,10 @@ async def _acquire_unless_abandoned(
     seen.wake = wake(stopped)
     if seen.signum:
         stopped.set()
-    inbox.on_idle_eof(wake(abandoned))
+    if lock.on_contention != "fail":
+        # A caller gone while hold waits ends the wait. Without a wait (``--no-wait``)
+        # the one try ends on its own, and what it found (an etcd away) is said.
+        inbox.on_idle_eof(wake(abandoned))
     taking = asyncio.ensure_future(lock.acquire_async())
     ends = {asyncio.ensure_future(abandoned.wait()), asyncio.ensure_future(stopped.wait())}
     await asyncio.wait({taking, *ends}, return_when=asyncio.FIRST_COMPLETED)
@@ -521,13 +525,14 @@ def _serve(served: _Session, inbox: _Inbox, out: _Out, heartbeat: float) -> None
         op: Any = None
         try:
             request, echo = parse(item)
-            op = request.get("op")
-            if op not in OPS:
-                shown = repr(op) if len(repr(op)) <= 80 else repr(op)[:77] + "..."
+            asked = request.get("op")
+            if not isinstance(asked, str) or asked not in OPS:
+                shown = repr(asked) if len(repr(asked)) <= 80 else repr(asked)[:77] + "..."
                 raise BadRequestError(
                     f"unknown op {shown}; expected one of {', '.join(OPS)}"
                     if "op" in request else f'request has no "op" (one of {", ".join(OPS)})'
                 )
+            op = asked
             answer = served.handle(op, request)
         except (FenceLockError, OSError) as e:
             answer = error_answer(e)

@@ -45,6 +45,8 @@ def samples() -> dict[str, BaseException]:
             "/s/a.jsonl", None, lock_owners=(LockOwner(99, True, "flock"),)),
         "SessionTakeoverError": _errors.SessionTakeoverError("/s/a.jsonl", FP, FP_MOVED),
         "SessionTakeoverError-gone": _errors.SessionTakeoverError("/s/a.jsonl", FP, None),
+        "SessionTakeoverError-stored": _errors.SessionTakeoverError("/s/a.jsonl", FP, FP_MOVED,
+                                                                    stored=True),
         "HolderLostError": _errors.HolderLostError("/s/a.jsonl", "lease not confirmed in 3s"),
         "StoreUnavailableError": _errors.StoreUnavailableError("127.0.0.1:2379", "refused"),
         "OutsideRootError": _errors.OutsideRootError("/s/a.jsonl", "/srv/share"),

@@ -1175,6 +1175,24 @@ def _refusing_port() -> int:
     return port  # closed again: nothing listens there
 
 
+def test_hold_without_waiting_says_etcd_is_away_even_when_stdin_has_ended(
+    session: Path,
+) -> None:
+    """With ``--no-wait`` there is no wait for the end of stdin to stop: the one try
+    ends on its own, and a store that cannot be reached is said (exit 1), as it is
+    when stdin stays open; it used to race the end of stdin, which won (exit 0)."""
+    url = f"etcd://127.0.0.1:{_refusing_port()}/fencelock?root={session.parent}"
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "x",
+             "--no-wait", "--backend", url],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        answer = json.loads(done.stdout)
+        assert answer["ok"] is False and answer["error"] == "StoreUnavailableError", answer
+        assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
 @contextlib.contextmanager
 def _silent_server() -> Iterator[int]:
     """A port that accepts connections and never answers."""

@@ -31,6 +31,7 @@ from fencelock import (
     verify,
 )
 from fencelock._fence import TORN_SUFFIX
+from fencelock._tokens import trailing_stamp
 
 
 def lines(session: Path) -> list[Any]:
@@ -180,6 +181,7 @@ BAD_ENTRIES: dict[str, Any] = {
     "a-cycle": _cycle(),
     "lone-surrogate": {"name": "caf\udcff"},
     "lone-surrogate-str": '{"name": "caf\udcff"}',
+    "lone-surrogate-escaped": '{"name": "caf\\udcff"}',  # as text: a backslash escape
     "text-not-json": "hello",
     "text-cut-short": '{"role": "user", "content": "hi"',
     "text-nan": '{"x": NaN}',
@@ -213,7 +215,9 @@ def test_an_entry_that_is_not_json_is_refused_and_nothing_written(
 @pytest.mark.parametrize("entry", [
     {"role": "user", STAMP_KEY: {"token": 10**9, "run_id": "forged"}},
     '{"role": "user", "_fencelock": {"token": 1000000000, "run_id": "forged"}}',
-], ids=["dict", "text"])
+    {STAMP_KEY: {"token": 10**9, "run_id": "forged"}, "role": "user"},
+    '{"_fencelock": {"token": 1000000000, "run_id": "forged"}, "role": "user"}',
+], ids=["dict", "text", "dict-key-first", "text-key-first"])
 def test_an_unstamped_entry_cannot_carry_a_token_of_its_own(session: Path, entry: Any) -> None:
     """The stamp key is fencelock's: a forged token would pass for a real one (a new
     sidecar starts above the stamps in the session's last lines)."""
@@ -228,6 +232,9 @@ def test_an_unstamped_entry_cannot_carry_a_token_of_its_own(session: Path, entry
         token = lock.info.token
     (line,) = session.read_bytes().splitlines()
     assert json.loads(line)[STAMP_KEY]["token"] == token
+    # ... and goes last, where a reader of a line too long to parse looks for it.
+    assert list(json.loads(line)) == ["role", STAMP_KEY]
+    assert trailing_stamp(line) == (token, json.loads(line)[STAMP_KEY]["run_id"])
 
 
 @pytest.mark.parametrize("damage", ["append", "truncate", "delete", "create"])
@@ -557,21 +564,49 @@ def test_holders_own_append_inside_the_prompt_window_is_no_takeover(session: Pat
     assert [e["role"] for e in lines(session)] == ["user", "tool", "assistant"]
 
 
+@pytest.mark.parametrize("when", ["before our write", "after our write", "cutting ours"])
 def test_a_foreign_write_during_the_append_is_not_absorbed(
-    session: Path, monkeypatch: pytest.MonkeyPatch
+    session: Path, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
-    real = os.fsync
+    real_fsync, real_write = os.fsync, _fence._write
+    intruder = b'{"intruder": 1}\n'
 
-    def fsync_with_intruder(fd: int) -> None:
-        with open(session, "a") as f:  # lands between our write and our fingerprint
-            f.write('{"intruder": 1}\n')
-        real(fd)
+    def intrude() -> None:
+        with open(session, "ab") as f:
+            if when == "cutting ours":
+                f.truncate(len(b'{"n":1}\n'))
+            f.write(intruder)
+
+    def write_after_intruder(fd: int, data: memoryview) -> int:
+        intrude()  # lands between the fence check and our write
+        return real_write(fd, data)
+
+    def fsync_after_intruder(fd: int) -> None:
+        intrude()  # lands between our write and our fingerprint
+        real_fsync(fd)
 
     with SessionLock(session) as lock:
         lock.append({"n": 1})
-        monkeypatch.setattr(_fence, "_fsync", fsync_with_intruder)
-        with pytest.raises(SessionTakeoverError):
+        if when == "before our write":
+            monkeypatch.setattr(_fence, "_write", write_after_intruder)
+        else:
+            monkeypatch.setattr(_fence, "_fsync", fsync_after_intruder)
+        with pytest.raises(SessionTakeoverError) as caught:
             lock.append({"n": 2})
+        monkeypatch.undo()
+        with pytest.raises(SessionTakeoverError):  # the run's fence point did not move
+            lock.append({"n": 3})
+    ours = b'{"n":2}\n'
+    data = session.read_bytes()
+    expected = {
+        "before our write": b'{"n":1}\n' + intruder + ours,
+        "after our write": b'{"n":1}\n' + ours + intruder,
+        "cutting ours": b'{"n":1}\n' + intruder,
+    }[when]
+    assert data == expected
+    # The caller is told whether the line it could not append cleanly is in the file.
+    assert caught.value.stored is (ours in data)
+    assert ("in the file all the same" in str(caught.value)) is caught.value.stored
 
 
 def test_failed_directory_fsync_says_the_line_is_stored(

@@ -23,9 +23,13 @@ from fencelock._hold import MAX_REQUEST
 class Hold:
     """A ``fencelock hold`` child; requests go to its stdin, answers come from stdout."""
 
-    def __init__(self, session: Path, *args: str, lane: str = "test") -> None:
+    def __init__(
+        self, session: Path, *args: str, lane: str = "test", python: tuple[str, ...] = ()
+    ) -> None:
+        """``python``: how the child runs fencelock (default ``-m fencelock``)."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", lane, *args],
+            [sys.executable, *(python or ("-m", "fencelock")), "hold", str(session),
+             "--lane", lane, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -268,12 +272,15 @@ BAD_LINES = [
     (b"[1, 2]", "not a JSON object"),
     (b'{"entry": {}}', 'no "op"'),
     (b'{"op": "fly"}', "unknown op"),
+    (b'{"op": ["info"]}', "unknown op"),
+    (b'{"op": {"release": 1}}', "unknown op"),
     (b'{"op": "append"}', 'needs "entry"'),
     (b'{"op": "append", "entry": [1]}', "must be a JSON object"),
     (b'{"op": "append", "entry": 5}', "must be a JSON object"),
     (b'{"op": "append", "entry": "two\\nlines"}', "one line"),
     (b'{"op": "append", "entry": {"x": NaN}}', "not JSON"),
     (b'{"op": "append", "entry": {"x": "\\ud800"}}', "lone surrogate"),
+    (b'{"op": "append", "entry": "{\\"x\\": \\"\\\\ud800\\"}"}', "lone surrogate"),
     (b'{"op": "append", "entry": {}, "stamp": "yes"}', "stamp"),
     (b'{"op": "append", "entry": {"x": "caf\xe9"}}', "not UTF-8"),
     (b"\xff\xfe", "not UTF-8"),
@@ -587,6 +594,31 @@ def test_takeover_in_the_prompt_window_is_answered(session: Path, start_hold: St
     assert h.call("release")["ok"]
     assert h.proc.wait(timeout=60) == 0
     assert lines(session) == [{"role": "user"}, {"role": "intruder"}]
+
+
+def test_a_takeover_found_after_the_line_was_written_says_it_is_stored(
+    session: Path, tmp_path: Path
+) -> None:
+    """A caller told of a takeover keeps its reply elsewhere; when the append had already
+    written the line, the answer says so (``stored``), or the reply would be twice."""
+    trigger = tmp_path / "intrude-now"
+    intruding = Path(__file__).parent / "intruding_hold.py"
+    h = Hold(session, python=(str(intruding), str(trigger), str(session)))
+    try:
+        h.held()
+        assert h.call("append", entry={"role": "user"})["ok"]
+        trigger.touch()
+        answer = h.call("append", entry={"role": "assistant"})
+        assert not trigger.exists()
+        assert answer["ok"] is False and answer["error"] == "SessionTakeoverError", answer
+        assert answer["stored"] is True and "in the file all the same" in answer["message"]
+        answer = h.call("append", entry={"role": "assistant", "again": True})
+        assert answer["error"] == "SessionTakeoverError" and answer["stored"] is False
+        assert h.call("release")["ok"]
+        assert h.proc.wait(timeout=60) == 0
+    finally:
+        h.kill()
+    assert lines(session) == [{"role": "user"}, {"role": "assistant"}, {"role": "intruder"}]
 
 
 def test_heartbeat_refreshes_the_record_between_requests(

@@ -191,6 +191,36 @@ def test_takeover_keeps_the_reply_aside_and_exits_3(session: Path, turns: StartT
     assert probe(session).state == "free"
 
 
+def test_a_takeover_after_the_reply_went_in_keeps_no_second_copy(
+    session: Path, node: str, tmp_path: Path
+) -> None:
+    """A takeover found by the reply's own append, after its line was written (another
+    writer appended meanwhile): the reply is in the session, and only there."""
+    trigger = tmp_path / "intrude-now"
+    intruding = Path(__file__).parent / "intruding_hold.py"
+    script = tmp_path / "fencelock-intruding"
+    script.write_text(
+        f'#!/bin/sh\nexec "{sys.executable}" "{intruding}" "{trigger}" "{session}" "$@"\n'
+    )
+    script.chmod(0o755)
+    t = Turns(node, str(script), session, "--gate", "--writer", "A", "--message", "ping")
+    try:
+        t.expect("hold pid=")
+        t.expect("held")
+        t.expect("prompt")
+        trigger.touch()  # the reply's append will meet a writer outside the protocol
+        t.go()
+        assert t.proc.wait(timeout=60) == 3
+        err = t.stderr()
+        assert "SessionTakeoverError" in err and "in the session all the same" in err, err
+    finally:
+        t.close()
+    assert not trigger.exists()
+    assert [e["role"] for e in entries(session)] == ["user", "assistant", "intruder"]
+    assert not Path(str(session) + ".undelivered.jsonl").exists()
+    assert probe(session).state == "free"
+
+
 def test_contended_with_no_wait_exits_4(
     session: Path, turns: StartTurns, spawn_holder: SpawnHolder
 ) -> None:

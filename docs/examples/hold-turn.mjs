@@ -18,8 +18,9 @@
 // the protocol during the turn); 4 the session was held by another run (only with
 // --no-wait or --timeout); 1 anything else (fencelock missing, hold ended early, a
 // write error). Whenever the reply was ready but could not be appended, it is NOT in
-// the session, and rather than drop it silently this program says so on stderr and
-// appends it, marked "undelivered", to SESSION.undelivered.jsonl.
+// the session (unless the answer says "stored": true, and then only there), and rather
+// than drop it silently this program says so on stderr and appends it, marked
+// "undelivered", to SESSION.undelivered.jsonl.
 
 import { spawn } from "node:child_process";
 import { appendFileSync } from "node:fs";
@@ -170,7 +171,16 @@ async function turn(opts, n) {
     await hold.request("append", { entry: reply });
   } catch (e) {
     if (e instanceof HoldError && e.answer.error !== "BadRequestError") {
-      keepUndelivered(opts, reply, e);
+      if (e.answer.stored) {
+        // The line went in before the failure was found: keeping it elsewhere too
+        // would make it twice.
+        process.stderr.write(
+          `hold-turn: ${opts.session}: ${e.message}\n` +
+            `hold-turn: the reply is in the session all the same\n`,
+        );
+      } else {
+        keepUndelivered(opts, reply, e);
+      }
       e.reported = true;
       await hold.release().catch(() => {});
     }
