@@ -67,6 +67,23 @@ def selected(backend: str | None) -> EtcdURL | None:
 
 
 @functools.lru_cache(maxsize=64)
+def _host(url: str, part: str, host: str) -> str:
+    """``host`` of ``part`` (HOST:PORT) as a connection takes it: a name, an IPv4 address,
+    or an IPv6 address, bracketed or not (brackets dropped). ValueError otherwise."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" in bare or "[" in host or "]" in host:
+        import ipaddress
+
+        try:
+            ipaddress.IPv6Address(bare)
+        except ValueError:
+            raise ValueError(
+                f"backend {url!r}: {part!r} is not HOST:PORT (an IPv6 address goes in "
+                f"brackets: etcd://[::1]:2379/PREFIX)"
+            ) from None
+    return bare
+
+
 def parse(url: str) -> EtcdURL | None:
     """Parse a backend URL; None for the sidecar store (``local`` or empty).
 
@@ -90,7 +107,7 @@ def parse(url: str) -> EtcdURL | None:
         if (not sep or not host or not (port.isascii() and port.isdigit())
                 or not 0 < int(port) < 65536 or any(c.isspace() or ord(c) < 32 for c in host)):
             raise ValueError(f"backend {url!r}: {part!r} is not HOST:PORT")
-        endpoints.append((host.strip("[]"), int(port)))
+        endpoints.append((_host(url, part, host), int(port)))
     if "&" in prefix or "=" in prefix:
         # Most likely a mistyped query ('/p&ttl=3'): it would be taken as the prefix,
         # and the TTL left at its default, without a word.

@@ -79,15 +79,17 @@ def _no_directory(path: str) -> str | None:
     Every command refuses such a path the same way. (A missing session file in an
     existing directory is a session no run has started yet: free and empty.)
     """
+    named = path.endswith(("/", os.sep))  # "DIR/" names the directory itself
     try:
-        directory = os.path.dirname(os.path.abspath(path))
+        directory = os.path.abspath(path) if named else os.path.dirname(os.path.abspath(path))
     except FileNotFoundError:  # a relative path, and the working directory was removed
         return f"{path}: No such file or directory; {NO_WORKING_DIRECTORY}"
     try:
         os.stat(directory)
     except (FileNotFoundError, NotADirectoryError) as e:
         what = "does not exist" if isinstance(e, FileNotFoundError) else "is not a directory"
-        return f"{path}: its directory {directory} {what}; check the path, or create it"
+        its = "directory" if named else "its directory"
+        return f"{path}: {its} {directory} {what}; check the path, or create it"
     except OSError:
         return None  # there may be something; let the library name the cause
     return None
@@ -281,7 +283,12 @@ def status(
       fencelock status --json sessions/4f1c.jsonl | jq '.[].state'
     """
     answer_goes_to_stdout("status")
-    from fencelock._errors import OutsideRootError, SidecarAccessError, StoreUnavailableError
+    from fencelock._errors import (
+        OutsideRootError,
+        SidecarAccessError,
+        StoreUnavailableError,
+        UnsafePathError,
+    )
     from fencelock._probe import ProbeState, probe, scan
 
     failed = False
@@ -316,6 +323,9 @@ def status(
                         failed = True
                     continue
                 problem = _no_directory(path)
+                if problem is not None and as_json:  # a row: --json names every path
+                    yield _unreadable(path, None, problem)
+                    continue
                 if problem is not None:
                     error_line(problem)
                     failed = True
@@ -328,6 +338,8 @@ def status(
                     continue
                 except StoreUnavailableError as e:  # cannot be probed: an unreadable row
                     found_status = _unprobed(path, backend, str(e))
+                except UnsafePathError as e:  # a path that names a directory ("DIR/")
+                    found_status = _unreadable(path, None, str(e))
                 yield found_status
 
     if as_json:
@@ -363,11 +375,16 @@ def status(
 
 def _unprobed(path: str, backend: str | None, why: str) -> HolderStatus:
     """The status row of a session its holder store (etcd) could not be asked about."""
+    return _unreadable(path, backend, f"{_named(path)[0]}: {why}")
+
+
+def _unreadable(path: str, backend: str | None, reason: str) -> HolderStatus:
+    """An unreadable status row for ``path``, saying ``reason``."""
     from fencelock._probe import HolderStatus, ProbeState
 
     session, sidecar = _named(path)
     return HolderStatus(session, _holder_at(session, sidecar, backend),
-                        ProbeState.UNREADABLE, reason=f"{session}: {why}")
+                        ProbeState.UNREADABLE, reason=reason)
 
 
 def _holder_at(session: str, sidecar: str, backend: str | None) -> str:
@@ -432,13 +449,14 @@ class _ClearOutcome:
 
 def _named(path: str) -> tuple[str, str]:
     """(session, sidecar) of ``path`` for a report: absolute, unless the working
-    directory is gone (then as given)."""
+    directory is gone or the path names a directory (then as given; the command
+    itself reports the path)."""
     from fencelock import _sidecar
-    from fencelock._errors import SidecarAccessError
+    from fencelock._errors import SidecarAccessError, UnsafePathError
 
     try:
         return _sidecar.paths(path)
-    except SidecarAccessError:
+    except (SidecarAccessError, UnsafePathError):
         return _sidecar._paths(path)  # the same split, of the path as given
 
 

@@ -113,11 +113,12 @@ class ConfigReport:
 _LONG_NUMBER = "an integer of more than 100 digits"
 
 
-def _int(text: str) -> int:
+def _int(text: str, base: int = 10) -> int:
     # Python refuses to convert integers of over 4300 digits; no setting needs 100.
+    # (json5 passes base=16 for a hexadecimal number such as 0x10.)
     if len(text) > 100:
         raise ValueError(f"{_LONG_NUMBER} ({text[:20]}...)")
-    return int(text)
+    return int(text, base)
 
 
 def parse(text: str, path: str = "<config>") -> Any:

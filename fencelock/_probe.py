@@ -519,8 +519,9 @@ def _clear_locked(
     removed = False
     if remove:
         token = record.token if record is not None else 0
-        if token and os.path.exists(session) and not _tokens.save(session, token):
-            done += "; sidecar kept: the session's token cannot be saved on this filesystem"
+        why = _tokens.save(session, token) if token and os.path.exists(session) else None
+        if why is not None:  # without the sidecar, its tokens could start over
+            done += f"; sidecar kept, as the session's token cannot be saved on it: {why}"
         else:
             try:
                 os.unlink(sidecar)

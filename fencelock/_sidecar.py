@@ -35,11 +35,23 @@ AnyPath: TypeAlias = "str | bytes | os.PathLike[str] | os.PathLike[bytes]"
 """A path in any form ``os`` takes; bytes are decoded as ``os.fsdecode`` does."""
 
 
+_SEPARATORS = os.sep + (os.altsep or "")
+
+
 def paths(path: AnyPath) -> tuple[str, str]:
-    """(session, sidecar) as absolute paths, for a session file or a sidecar path."""
+    """(session, sidecar) as absolute paths, for a session file or a sidecar path.
+    `UnsafePathError` for a path that ends in a separator: it names a directory."""
     if type(path) is str and path[:1] == "/":
         return _paths_of_absolute(path)  # does not depend on the working directory
-    return _paths(absolute(path))
+    text = os.fsdecode(path)
+    _refuse_directory_path(text)
+    return _paths(absolute(text))
+
+
+def _refuse_directory_path(path: str) -> None:
+    # abspath() would drop the separator, and a session beside the directory be used.
+    if path.endswith(tuple(_SEPARATORS)):
+        raise UnsafePathError(path, f"a directory's path (it ends in {path[-1]!r})")
 
 
 def absolute(path: AnyPath) -> str:
@@ -59,6 +71,7 @@ def _paths(p: str) -> tuple[str, str]:
 
 @functools.lru_cache(maxsize=4096)
 def _paths_of_absolute(path: str) -> tuple[str, str]:
+    _refuse_directory_path(path)
     return _paths(os.path.abspath(path))
 
 

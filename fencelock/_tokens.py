@@ -252,7 +252,23 @@ def keep_before_set_aside(session: str, fd: int) -> None:
     os.close(fd)
 
 
-def save(session: str, token: int) -> bool:
+def save(session: str, token: int) -> str | None:
     """Make sure the session file's mark covers ``token`` before its sidecar goes
-    (never lowering it). False where that cannot be done."""
-    return _cover(session, token, token) is not None
+    (never lowering it). None when it does; else why it cannot, with what to do."""
+    if not hasattr(os, "setxattr"):
+        return "this system has no extended attributes"
+    try:
+        if _read_mark(session) < token:
+            _write_mark(session, token)
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EACCES):
+            try:
+                owner = f" (it belongs to uid {os.stat(session).st_uid})"
+            except OSError:
+                owner = ""
+            return (f"this user may not set its {XATTR} attribute{owner}; run clear "
+                    f"--remove as the session file's owner")
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return "its filesystem has no extended attributes"
+        return f"its {XATTR} attribute cannot be set: {e.strerror or e}"
+    return None

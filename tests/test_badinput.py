@@ -31,7 +31,7 @@ import marks
 import pytest
 from conftest import SpawnHolder, record_of
 from marks import needs_root, needs_xattr
-from privdrop import as_user, mount_tmpfs, open_directory, remount, umount
+from privdrop import NOBODY, as_user, mount_tmpfs, open_directory, remount, umount
 
 from fencelock import (
     CoordinationError,
@@ -545,6 +545,31 @@ def test_clearing_a_live_session_one_cannot_write_says_it_is_live(
                                      'clear(args["session"], remove=True)')
         result = as_user(remove_it, session=str(session))
         assert result["error"] == "SidecarAccessError", result  # removing: why it cannot
+
+
+@needs_root
+@needs_xattr
+def test_remove_keeps_the_sidecar_and_says_why_when_the_token_cannot_be_kept() -> None:
+    """``clear --remove`` keeps a sidecar whose token it cannot save on the session file
+    (without it, tokens could start over); where this user may not set the attribute on
+    another user's session file, it says that, and whose file it is, not that the
+    filesystem lacks extended attributes."""
+    with open_directory() as sessions:
+        os.chown(sessions, NOBODY, NOBODY)
+        session = sessions / "s.jsonl"
+        session.write_text('{"n": 1}\n')
+        session.chmod(0o644)  # root's, readable by others
+        result = as_user("""
+            with SessionLock(args["session"], "a"):
+                pass
+            st = clear(args["session"], remove=True)
+            result = {"removed": st.removed, "reason": st.reason}
+        """, session=str(session))
+        assert result["removed"] is False, result
+        assert "sidecar kept" in result["reason"]
+        assert "may not set its user.fencelock.token attribute" in result["reason"]
+        assert "uid 0" in result["reason"] and "filesystem" not in result["reason"]
+        assert (sessions / "s.jsonl.holder").exists()
 
 
 @needs_root

@@ -344,7 +344,41 @@ def test_status_missing_directory_exits_1(tmp_path: Path, session: Path) -> None
     assert out.returncode == 1
     no_traceback(out.stderr, 1)
     assert f"its directory {tmp_path / 'nope'} does not exist" in out.stderr
-    assert " free " in out.stdout and "x.jsonl" not in out.stdout  # no row for it
+    assert " free " in out.stdout and "x.jsonl" not in out.stdout  # one error line
+    # --json has a row for every path given: the missing one reads unreadable, and why.
+    out = cli("status", "--json", str(session), str(tmp_path / "nope" / "x.jsonl"))
+    assert out.returncode == 1
+    free, missing = rows(out)
+    assert free["state"] == "free" and missing["state"] == "unreadable"
+    assert missing["session"] == str(tmp_path / "nope" / "x.jsonl")
+    assert f"its directory {tmp_path / 'nope'} does not exist" in missing["reason"]
+
+
+@pytest.mark.parametrize("command", ["status", "clear", "clear --remove", "run", "wait",
+                                     "recover", "verify", "hold"])
+@pytest.mark.parametrize("exists", [True, False], ids=["dir exists", "no dir"])
+def test_a_path_ending_in_a_slash_is_never_a_session_beside_it(
+    tmp_path: Path, command: str, exists: bool
+) -> None:
+    """``x/`` names the directory x: no command takes it as the session ``x`` (``run``
+    made ``x.holder`` in the working directory), and nothing is created; the commands
+    that take a directory (``status``, ``clear``) take it as one."""
+    if exists:
+        (tmp_path / "x").mkdir()
+    words = command.split()
+    extra = {"run": ["--lane", "l", "--", "true"], "hold": ["--lane", "l"]}.get(words[0], [])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = subprocess.run(
+        [sys.executable, "-m", "fencelock", *words, "x/", *extra], cwd=tmp_path,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    if command == "status" and exists:
+        assert out.returncode == 0 and "no sessions found" in out.stdout  # DIR/ is listed
+    elif words[0] == "clear" and exists:
+        assert out.returncode == 0 and "cleared 0 stale" in out.stdout  # DIR/'s stale ones
+    else:
+        assert out.returncode == 1, (out.stdout, out.stderr)
+        assert "x/" in out.stderr and "Traceback" not in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_status_missing_session_file_is_free(tmp_path: Path) -> None:

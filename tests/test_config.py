@@ -292,6 +292,15 @@ def test_json5_with_comments_trailing_commas_and_bom(tmp_path: Path) -> None:
     assert names(check_file(path)) == ["main"]
 
 
+def test_json5_numbers_in_every_form_parse() -> None:
+    """Hexadecimal, signed, leading or trailing dot, Infinity: JSON5 numbers all (json5
+    hands a hexadecimal one to the integer parser with a base)."""
+    text = "{a: 0x1F, b: -0XFF, c: +7, d: .5, e: 5., f: Infinity, g: 1e3}"
+    assert parse(text, "gw.json5") == {
+        "a": 31, "b": -255, "c": 7, "d": 0.5, "e": 5.0, "f": float("inf"), "g": 1000.0
+    }
+
+
 def test_plain_json(tmp_path: Path) -> None:
     path = tmp_path / "openclaw.json"
     path.write_text(json.dumps(cfg(agents={"x": {"heartbeat": {"every": "1m"}}})))

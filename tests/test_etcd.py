@@ -59,9 +59,16 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
                       ("etcd://h:1/p?root=rel", "absolute"), ("etcd://h:\u00b2/p", "HOST:PORT"),
                       ("etcd://a b:2379/p", "HOST:PORT"), ("etcd://h:\u0661/p", "HOST:PORT"),
                       ("etcd://h:1/p&ttl=3", "parameters go after '\\?'"),
-                      ("etcd://h:1/p/ttl=3", "parameters go after '\\?'")]:
+                      ("etcd://h:1/p/ttl=3", "parameters go after '\\?'"),
+                      ("etcd://[::1/p", "in brackets"), ("etcd://]:2379/p", "in brackets"),
+                      ("etcd://[]:2379/p", "in brackets"), ("etcd://[h]:1/p", "in brackets"),
+                      ("etcd://h[1]:1/p", "in brackets")]:
         with pytest.raises(ValueError, match=word):
             parse(bad)
+    for good, host in [("etcd://[::1]:2379/p", "::1"), ("etcd://::1:2379/p", "::1"),
+                       ("etcd://[2001:db8::7]:1/p", "2001:db8::7")]:
+        parsed = parse(good)
+        assert parsed is not None and parsed.endpoints == ((host, parsed.endpoints[0][1]),)
 
 
 def test_session_key_is_relative_to_root_or_to_the_mount_point(tmp_path: Path) -> None:
