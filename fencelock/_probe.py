@@ -519,7 +519,8 @@ def _clear_locked(
     removed = False
     if remove:
         token = record.token if record is not None else 0
-        why = _tokens.save(session, token) if token and os.path.exists(session) else None
+        exists = os.path.exists(session)
+        why = _tokens.save(session, token) if token and exists else None
         if why is not None:  # without the sidecar, its tokens could start over
             done += f"; sidecar kept, as the session's token cannot be saved on it: {why}"
         else:
@@ -528,5 +529,9 @@ def _clear_locked(
             except OSError as e:
                 raise _sidecar.unlink_error(sidecar, e) from None
             removed = True
-            done += "; sidecar removed"
+            done += "; sidecar removed" + (
+                "" if exists or not token else
+                " (there is no session file to keep its token on: a new run of this name "
+                "starts again at token 1)"
+            )
     return HolderStatus(session, sidecar, state, record=record, reason=done, removed=removed)

@@ -115,7 +115,7 @@ def recover(
             old_token = found.record.token if found.record is not None else 0
             # The holder as it is now (the one waited for may have handed over).
             now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
-            successor = _successor(session, _holding(now) or _holding(found))
+            successor = _successor(session, _holding_run(now) or _holding_run(found))
             new, carried, made = _start_fresh(session, lane, carry, old_token, backend,
                                               waited, successor)
             try:
@@ -189,6 +189,23 @@ def _holding(found: HolderStatus) -> HolderInfo | None:
             record is None or record.state is not State.HELD:
         return None
     return record
+
+
+def _holding_run(found: HolderStatus) -> HolderInfo | None:
+    """The record of the fencelock run that holds the session, for naming its fresh
+    session: the live holder's (`_holding`), or that of a `fencelock run` whose command
+    left processes behind. Those hold the session through the descriptor the run's
+    process locked, after the run released its record: the lock the system lists is
+    that process's (which has exited), so the record still names the run."""
+    held = _holding(found)
+    if held is not None or found.state is not ProbeState.LIVE:
+        return held
+    record, owners = found.record, found.lock_owners
+    if record is not None and record.state is State.RELEASED and owners and all(
+        o.pid == record.pid and o.command is None for o in owners
+    ):
+        return record
+    return None
 
 
 def _successor(session: str, stuck: HolderInfo | None) -> str | None:

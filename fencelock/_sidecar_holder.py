@@ -114,6 +114,7 @@ class SidecarHolder:
         "_mark",
         "_mark_fp",
         "_record_len",
+        "_unmarked",
         "_written_at",
         "mode",
         "name",
@@ -139,6 +140,10 @@ class SidecarHolder:
         """`time.monotonic` of the last record write."""
         self._behind = False
         """The record lags the fingerprint and heartbeat of the holder's last append."""
+        self._unmarked = False
+        """The session file did not exist at acquire, so no token mark covers this run's
+        token: if it exists at release (a command under `fencelock run` wrote it), the
+        release sets the mark."""
         self._mark_fp: _fingerprint.Fingerprint | None = None
         self._mark = 0
         """The session's token mark was ``_mark`` (or more) when its stat was
@@ -340,6 +345,7 @@ class SidecarHolder:
             self._mark_fp = fp if aged else None
         lock._fp = fp
         lock._tail_checked = False
+        self._unmarked = fp is None
         self.write(lock)  # under lock._io, which acquire() holds
 
     def _unwrite_record(self, lock: SessionLock) -> None:
@@ -374,6 +380,8 @@ class SidecarHolder:
         """The holder appended, moving the session's fingerprint from ``before`` to
         ``lock._fp``: in the write phase the record follows at most `RECORD_LAG`
         seconds later."""
+        if before is None:
+            self._unmarked = False  # the append created the file, with the mark set
         if self._mark_fp is not None and self._mark_fp == before:
             self._mark_fp = lock._fp  # our own line moved the stat, not a change to the mark
         if lock._phase is Phase.PROMPT or time.monotonic() - self._written_at >= RECORD_LAG:
@@ -389,6 +397,8 @@ class SidecarHolder:
     def release(self, lock: SessionLock) -> None:
         """Mark the record released and drop the lock (under the lock object's ``_io``,
         or where no record write can follow: see `SessionLock.release`)."""
+        if self._unmarked:
+            self._mark_session(lock)
         fd, self._fd = self._fd, -1
         try:
             if self._behind:  # the last appends' fence point, with "released"
@@ -408,6 +418,15 @@ class SidecarHolder:
             finally:
                 _sidecar.close(fd)  # also drops the lock if unlocking failed
 
+    def _mark_session(self, lock: SessionLock) -> None:
+        """Set the token mark on a session file that appeared during the run (by a
+        writer other than `SessionLock.append`, which sets it on the file it creates),
+        while the lock is still held: tokens then never go back for it, even if the
+        sidecar is removed. Quietly nothing where the file is still missing or takes
+        no extended attributes."""
+        self._unmarked = False
+        _tokens.reserve(self.session, lock._token)
+
     def share_fd(self) -> int:
         """The locked descriptor, for `fencelock run` to pass to its command."""
         return self._fd
@@ -416,6 +435,8 @@ class SidecarHolder:
         """Mark the record released and close this process's descriptor without
         unlocking (under the lock object's ``_io``): the processes that share the
         descriptor keep the session until the last of them closes it."""
+        if self._unmarked:
+            self._mark_session(lock)
         fd, self._fd = self._fd, -1
         try:
             os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from fencelock import (
     SessionLock,
     UnsafePathError,
     UnsafeSidecarError,
+    _wait,
     fresh_session,
     probe,
     recover,
@@ -115,6 +117,40 @@ def test_recovers_of_one_stuck_run_agree_on_one_fresh_session(
     assert (late.action, late.session, late.carried_lines) == ("fresh", answers[0], 0)
     h.acquire()  # another run, stuck in turn
     assert recover(session, wait=0).session not in (answers[0], str(session))
+
+
+@needs_proc
+def test_a_run_whose_command_left_processes_holding_gets_one_fresh_session(
+    session: Path, tmp_path: Path
+) -> None:
+    """`fencelock run` whose command left a process behind: the session stays held by
+    it after the run released its record. Every recover, while it holds and after it is
+    gone, answers one fresh session named after that run (they made a new random one
+    each, and once it was gone answered the old session: three places for one
+    conversation)."""
+    session.write_text('{"n": 1}\n')
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    reader = shlex.join([sys.executable, "-c", f"open({str(gate)!r}).read()"])
+    leftover = f"exec 0<&- 1>&- 2>&-; ({reader} &)"
+    out = subprocess.run(
+        [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "cron", "--",
+         "sh", "-c", leftover], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    try:
+        assert probe(session).state == "live"
+        first, second = recover(session, wait=0), recover(session, wait=0)
+        assert first.action == second.action == "fresh"
+        assert first.session == second.session != str(session)
+    finally:
+        fd = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO if the leftover is gone
+        os.write(fd, b"go")  # lets it end
+        os.close(fd)
+    assert _wait.wait_until_unlocked(str(session) + ".holder", 60)  # takes no token
+    third = recover(session, wait=0)
+    assert (third.action, third.session, third.carried_lines) == ("fresh", first.session, 0)
+    fresh = [p for p in session.parent.iterdir() if p.suffix == ".jsonl" and p != session]
+    assert [str(p) for p in fresh] == [first.session]
 
 
 def test_a_stuck_run_that_died_after_its_recover_is_still_answered_by_its_fresh_session(
