@@ -494,27 +494,20 @@ def test_tokens_never_go_back_when_a_sidecar_is_deleted_by_hand(session: Path) -
 
 
 @needs_xattr
-@pytest.mark.parametrize("writer", ["the holder's own process", "fencelock run's command"])
 def test_tokens_never_go_back_for_a_session_file_another_writer_made_during_the_run(
-    session: Path, writer: str
+    session: Path,
 ) -> None:
-    """A run that starts before its session file exists, which something other than
-    `append` then writes (the command under ``fencelock run``), leaves the mark on it
-    at release: a sidecar deleted by hand afterwards does not restart the tokens."""
+    """A ``fencelock run`` that starts before its session file exists, which its command
+    then writes, leaves the mark on it as the run ends: a sidecar deleted by hand
+    afterwards does not restart the tokens."""
     sidecar = Path(str(session) + ".holder")
-    if writer == "fencelock run's command":
-        out = subprocess.run(
-            [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "cron", "--",
-             sys.executable, "-c",
-             "import os; open(os.environ['FENCELOCK_SESSION'], 'a').write('{\"n\": 1}\\n')"],
-            capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        first = record_of(sidecar).token
-    else:
-        with SessionLock(session, "a") as lock:
-            assert lock.info is not None
-            first = lock.info.token
-            session.write_text('{"n": 1}\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "cron", "--",
+         sys.executable, "-c",
+         "import os; open(os.environ['FENCELOCK_SESSION'], 'a').write('{\"n\": 1}\\n')"],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    first = record_of(sidecar).token
     assert session.exists() and first == 1
     sidecar.unlink()
     with SessionLock(session, "b") as lock:
