@@ -124,9 +124,18 @@ Shell completion (add to your shell's startup file):
 
 
 class _Group(click.Group):
-    """The command group, with a last guard: an error writing output that no command
+    """The command group, with two last guards: an error writing output that no command
     turned into a message (``--help`` or ``--version`` into a full disk: click itself
-    handles only a closed pipe) is one line on stderr and exit 1, not a traceback."""
+    handles only a closed pipe) is one line on stderr and exit 1, not a traceback; and
+    a Ctrl-C that no command turned into its signal's exit (one that lands before
+    ``run`` or ``hold`` set their handlers, say) ends it quietly with 130, as one does
+    while the command loads (`fencelock._entry`), not click's "Aborted!" and 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         standard_streams()
@@ -472,7 +481,8 @@ def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None)
         session = e.session
         return _ClearOutcome(
             session, _holder_at(session, session + SIDECAR_SUFFIX, backend), "live", e.holder,
-            refused=True, reason=str(e), holder_text=describe_holder(e.holder, e.lock_owners),
+            refused=True, reason=str(e),
+            holder_text=describe_holder(e.holder, e.lock_owners, e.last),
         )
     except (FenceLockError, OSError) as e:
         message = os_message(e) if isinstance(e, OSError) else str(e)

@@ -67,9 +67,13 @@ class SessionContendedError(CoordinationError):
         waited: float | None = None,
         lock_owners: tuple[LockOwner, ...] | None = None,
         backend: str | None = None,
+        last: HolderInfo | None = None,
     ):
         self.session = session
         self.holder = holder
+        self.last = last
+        """Without a live record: the session's last record, when it names the
+        `fencelock run` whose command left the processes that hold the lock."""
         self.backend = backend
         """The holder store's URL (etcd) the session is held in; None for its sidecar."""
         """The live holder's record; None when the lock is held without one."""
@@ -77,7 +81,7 @@ class SessionContendedError(CoordinationError):
         self.lock_owners = lock_owners
         """Without a record: the processes the system lists as holding the lock (see
         `HolderStatus.lock_owners`), None where it cannot say."""
-        who = describe_holder(holder, lock_owners)
+        who = describe_holder(holder, lock_owners, last)
         how = f", after waiting {waited:.1f}s" if waited and waited >= 0.05 else ""
         store = "" if backend is None else f"--backend {shlex.quote(backend)} "
         super().__init__(
@@ -87,7 +91,7 @@ class SessionContendedError(CoordinationError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild_contended, (self.session, self.holder, self.waited,
-                                    self.lock_owners, self.backend), self.__dict__
+                                    self.lock_owners, self.backend, self.last), self.__dict__
 
 
 class SessionTakeoverError(CoordinationError):
@@ -346,9 +350,10 @@ def _rebuild_contended(
     waited: float | None,
     lock_owners: tuple[LockOwner, ...] | None,
     backend: str | None = None,
+    last: HolderInfo | None = None,
 ) -> SessionContendedError:
     return SessionContendedError(session, holder, waited=waited, lock_owners=lock_owners,
-                                 backend=backend)
+                                 backend=backend, last=last)
 
 
 def _rebuild_write_error(
@@ -358,9 +363,18 @@ def _rebuild_write_error(
 
 
 def describe_holder(
-    holder: HolderInfo | None, lock_owners: tuple[LockOwner, ...] | None = None
+    holder: HolderInfo | None,
+    lock_owners: tuple[LockOwner, ...] | None = None,
+    last: HolderInfo | None = None,
 ) -> str:
-    """Who holds a session, in words: its record, or else the lock's owners."""
+    """Who holds a session, in words: its record, or else the lock's owners; ``last``,
+    the session's last record, names the `fencelock run` whose command left them."""
+    from fencelock._record import left_by_run
+
+    run = None if holder is not None else left_by_run(last, lock_owners)
+    if run is not None:
+        return (f"processes that the command of fencelock run pid {run.pid} (lane "
+                f"{run.lane!r}, token {run.token}) left running after that run ended")
     if holder is not None:
         from fencelock._record import command_of
 

@@ -245,7 +245,7 @@ def holder_text(st: HolderStatus) -> str:
     """Who holds a live session: its record, or the lock's owners outside fencelock."""
     from fencelock._errors import describe_holder
 
-    return describe_holder(held_record(st), st.lock_owners)
+    return describe_holder(held_record(st), st.lock_owners, st.record)
 
 
 def held_record(st: HolderStatus) -> HolderInfo | None:
@@ -343,10 +343,16 @@ _HEADER = ("SESSION", "STATE", "PID", "HOST", "LANE", "AGE", "HEARTBEAT", "TOKEN
 
 def _status_cells(st: HolderStatus, now: float, show: PathDisplay) -> list[str]:
     from fencelock._probe import ProbeState
+    from fencelock._record import left_by_run
 
     rec = st.record
     state = "live (stuck)" if st.stuck else str(st.state)
     if st.state is ProbeState.LIVE and held_record(st) is None:
+        run = left_by_run(rec, st.lock_owners)
+        if run is not None:  # processes a `fencelock run` command left running
+            lane = f"(left by fencelock run pid {run.pid}, lane {run.lane})"
+            return [show(st.session), state, "?", run.host, shorten(clean(lane)), "-", "-",
+                    str(run.token), "-"]
         # Held by a process outside fencelock: name it as lslocks(8) would.
         owners = st.lock_owners or ()
         pids = ",".join(str(o.pid) for o in owners if o.command is not None) or "?"

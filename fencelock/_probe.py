@@ -180,7 +180,7 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
     if state is ProbeState.LIVE and (record is None or record.state is not State.HELD):
         # A lock with no held record behind it, past the grace: a process outside
         # fencelock holds it (a record it may have left is a past run's).
-        held = "held by " + describe_holder(None, owners)
+        held = "held by " + describe_holder(None, owners, record)
         if corrupt:
             held += f"; {corrupt}"
         return HolderStatus(session, sidecar, state, record=record, lock_owners=owners,
@@ -403,18 +403,23 @@ def clear(
                     # (as on a writable filesystem); otherwise why it cannot be cleared.
                     found = _probe(session, sidecar, DEFAULT_STUCK_AFTER, time.time())
                     if found.state is ProbeState.LIVE:
+                        held = found.held_by is not None
                         raise SessionContendedError(
-                            session, found.record if found.held_by is not None else None,
-                            lock_owners=found.lock_owners) from None
+                            session, found.record if held else None,
+                            lock_owners=found.lock_owners,
+                            last=_record.left_by_run(found.record, found.lock_owners)
+                        ) from None
                     if found.state is ProbeState.FREE and not remove:
                         return HolderStatus(session, sidecar, ProbeState.FREE,
                                             record=found.record, reason="was free")
                 raise
             try:
                 if not _lock_for_clear(fd, sidecar):
-                    record = _live_record(sidecar)
+                    last = read_quietly(sidecar)
+                    record = last if last is not None and last.state is State.HELD else None
                     owners = None if record else _platform.lock_owners(sidecar)
-                    raise SessionContendedError(session, record, lock_owners=owners)
+                    raise SessionContendedError(session, record, lock_owners=owners,
+                                                last=_record.left_by_run(last, owners))
                 if not _sidecar.still_at_path(sidecar, st):
                     continue
                 return _clear_locked(fd, st, session, sidecar, remove, force)
@@ -446,11 +451,6 @@ def _lock_for_clear(fd: int, sidecar: str) -> bool:
         return False
     except OSError as e:
         raise SidecarAccessError(sidecar, e, "its lock cannot be taken") from None
-
-
-def _live_record(sidecar: str) -> HolderInfo | None:
-    record = read_quietly(sidecar)
-    return record if record is not None and record.state is State.HELD else None
 
 
 def _aside_error(sidecar: str, aside: str, e: OSError) -> SidecarAccessError:

@@ -8,10 +8,14 @@ import json
 import math
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fencelock._fingerprint import Fingerprint
+
+if TYPE_CHECKING:
+    from fencelock._platform import LockOwner
 
 VERSION = 1
 MAX_RECORD = 64 * 1024
@@ -278,6 +282,19 @@ def command_of(record: HolderInfo) -> tuple[int, str] | None:
     if not isinstance(start, str) or len(start) > MAX_TEXT:
         return None
     return pid, start
+
+
+def left_by_run(
+    last: HolderInfo | None, owners: Sequence[LockOwner] | None
+) -> HolderInfo | None:
+    """``last``, a session's last record, when the processes holding its lock are ones
+    the command of the `fencelock run` that wrote it left running: ``last`` is released
+    (the run has ended), and every lock the system lists (``owners``) is the one that
+    run's own process took, which has exited: its descriptor lives on in what the
+    command started. None otherwise."""
+    if last is None or last.state is not State.RELEASED or not owners:
+        return None
+    return last if all(o.pid == last.pid and o.command is None for o in owners) else None
 
 
 def encode(

@@ -42,7 +42,7 @@ from fencelock._errors import (
 from fencelock._fingerprint import FenceMode
 from fencelock._platform import describe_mode
 from fencelock._probe import HolderStatus, ProbeState
-from fencelock._record import MAX_TOKEN, HolderInfo, State
+from fencelock._record import MAX_TOKEN, HolderInfo, State, left_by_run
 
 
 class Action(enum.StrEnum):
@@ -109,9 +109,12 @@ def recover(
         if not released:
             if not fresh:
                 url = _backend.selected(backend)
-                raise SessionContendedError(session, _holding(found), waited=waited,
+                held = _holding(found)
+                raise SessionContendedError(session, held, waited=waited,
                                             lock_owners=found.lock_owners,
-                                            backend=None if url is None else url.text)
+                                            backend=None if url is None else url.text,
+                                            last=left_by_run(found.record,
+                                                             found.lock_owners))
             old_token = found.record.token if found.record is not None else 0
             # The holder as it is now (the one waited for may have handed over).
             now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
@@ -200,12 +203,7 @@ def _holding_run(found: HolderStatus) -> HolderInfo | None:
     held = _holding(found)
     if held is not None or found.state is not ProbeState.LIVE:
         return held
-    record, owners = found.record, found.lock_owners
-    if record is not None and record.state is State.RELEASED and owners and all(
-        o.pid == record.pid and o.command is None for o in owners
-    ):
-        return record
-    return None
+    return left_by_run(found.record, found.lock_owners)
 
 
 def _successor(session: str, stuck: HolderInfo | None) -> str | None:

@@ -301,12 +301,14 @@ class SidecarHolder:
     def _contended(self, start: float | None, record: HolderInfo | None = None) -> Exception:
         if record is None:
             record = read_quietly(self.sidecar)
+        last = None
         if record is not None and record.state is not State.HELD:
-            record = None  # a record from before the live holder wrote its own
+            last, record = record, None  # a record from before the live holder's
         waited = None if start is None else time.monotonic() - start
         # Without a held record a process outside fencelock has the lock: name it.
         owners = _platform.lock_owners(self.sidecar) if record is None else None
-        return SessionContendedError(self.session, record, waited=waited, lock_owners=owners)
+        return SessionContendedError(self.session, record, waited=waited, lock_owners=owners,
+                                     last=_record.left_by_run(last, owners))
 
     def _write_new_record(self, lock: SessionLock, run_id: str) -> None:
         fd, previous = self._fd, None
@@ -386,7 +388,10 @@ class SidecarHolder:
         if self._mark_fp is not None and self._mark_fp == before:
             self._mark_fp = lock._fp  # our own line moved the stat, not a change to the mark
         if lock._phase is Phase.PROMPT or time.monotonic() - self._written_at >= RECORD_LAG:
-            lock._write_record()
+            try:
+                lock._write_record()
+            except NotHeldError:
+                pass  # released meanwhile (another thread): its record is the last
         else:
             self._behind, lock._info = True, None
 

@@ -193,6 +193,32 @@ def test_an_interrupt_while_the_command_loads_ends_it_quietly(session: Path) -> 
     assert not Path(str(session) + ".holder").exists()
 
 
+_INTERRUPTED_BEFORE_RUN_HANDLES_SIGNALS = """
+import signal, sys
+from fencelock import _lock
+real = _lock.SessionLock.__init__
+def init(self, *args, **kw):
+    signal.raise_signal(signal.SIGINT)  # Ctrl-C, before run has its handlers
+    real(self, *args, **kw)
+_lock.SessionLock.__init__ = init
+sys.argv = ["fencelock", "run", sys.argv[1], "--lane", "a", "--", "true"]
+from fencelock._entry import main
+main()
+"""
+
+
+def test_an_interrupt_after_the_command_loaded_and_before_its_handlers_ends_it_quietly(
+    session: Path,
+) -> None:
+    """Between loading and ``run`` setting its signal handlers, a Ctrl-C ended it with
+    click's "Aborted!" and exit 1: now with 130 and nothing said, as before loading."""
+    out = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_BEFORE_RUN_HANDLES_SIGNALS, str(session)],
+        capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout, out.stderr) == (130, "", ""), out.stderr
+    assert not Path(str(session) + ".holder").exists()
+
+
 def test_cli_startup_imports_only_what_the_command_needs() -> None:
     """`--version` loads none of the library; `status` loads the probing chain only."""
     code = (
@@ -1625,6 +1651,15 @@ def test_what_the_command_left_running_keeps_the_session_until_it_exits(session:
         assert st.record.state == "released"  # the run is over; its descriptor lives on
         out = cli("run", str(session), "--lane", "b", "--no-wait", "--", "true")
         assert out.returncode == 4, out.stderr
+        if st.lock_owners is not None:  # where the system names the lock's taker
+            # Named as what that run left running, never as a holder outside fencelock.
+            left = (f"processes that the command of fencelock run pid {st.record.pid} "
+                    f"(lane 'a', token {token}) left running after that run ended")
+            assert left in out.stderr and "not a fencelock holder" not in out.stderr
+            assert left in cli("clear", str(session)).stderr
+            assert st.reason == f"held by {left}"
+            row = cli("status", str(session)).stdout
+            assert f"(left by fencelock run pid {st.record.pid}, lane a)" in row
         proc.stdin.write("\n")
         proc.stdin.close()
         _wait_for_exit(pidfd)

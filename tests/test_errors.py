@@ -8,6 +8,7 @@ import inspect
 import multiprocessing
 import pickle
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -43,6 +44,9 @@ def samples() -> dict[str, BaseException]:
             "/s/a.jsonl", HOLDER, backend="etcd://127.0.0.1:2379/p?ttl=5"),
         "SessionContendedError-foreign": _errors.SessionContendedError(
             "/s/a.jsonl", None, lock_owners=(LockOwner(99, True, "flock"),)),
+        "SessionContendedError-left": _errors.SessionContendedError(
+            "/s/a.jsonl", None, lock_owners=(LockOwner(HOLDER.pid, False, None),),
+            last=replace(HOLDER, state=State.RELEASED)),
         "SessionTakeoverError": _errors.SessionTakeoverError("/s/a.jsonl", FP, FP_MOVED),
         "SessionTakeoverError-gone": _errors.SessionTakeoverError("/s/a.jsonl", FP, None),
         "SessionTakeoverError-stored": _errors.SessionTakeoverError("/s/a.jsonl", FP, FP_MOVED,

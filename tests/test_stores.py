@@ -281,3 +281,37 @@ def test_a_session_whose_name_is_not_utf8_is_held_probed_and_scanned(session: Pa
         assert rows == [(str(odd), ProbeState.LIVE)], rows
     assert probe(odd).state == ProbeState.FREE
     assert [s.session for s in scan(odd.parent)] == [str(odd)]
+
+
+def test_a_release_from_another_thread_as_an_append_ends_leaves_the_record_released(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread may release (as with `threading.Lock`) while an append finishes:
+    the append's record update then finds the run released and writes nothing. It
+    raised NotHeldError, as if the line (which is in) had not been appended."""
+    import warnings
+    from typing import Any
+
+    from fencelock import _fence, _sidecar_holder
+
+    monkeypatch.setattr(_sidecar_holder, "RECORD_LAG", 0.0)  # every append writes it
+    lock = SessionLock(session, "a")
+    real = _fence.append
+
+    def append_then_released(*args: Any, **kw: Any) -> Any:
+        done = real(*args, **kw)  # the line is in; the record update comes next
+        other = threading.Thread(target=lock.release)
+        other.start()
+        other.join(30)
+        return done
+
+    lock.acquire()
+    monkeypatch.setattr(_fence, "append", append_then_released)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lock.append({"n": 1})
+    assert not lock.held
+    status = probe(session)
+    assert status.state == "free" and status.record is not None
+    assert status.record.state == "released", status
+    assert [json.loads(x) for x in session.read_text().splitlines()] == [{"n": 1}]
