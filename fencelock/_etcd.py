@@ -420,6 +420,9 @@ class _Cluster:
         self._wake = threading.Event()
         self._preferred = 0
         self._to_revoke: list[int] = []
+        self._to_take_back: list[tuple[_Lease, str, Callable[[], None]]] = []
+        """Queued keys a failed acquire could not take out while etcd was away: (lease,
+        key, the requests that do it), retried by the lease's keeper."""
         self._claimed: set[str] = set()
         """Keys that holders of this process have queued (or hold) under the lease."""
         self._unclaimed = threading.Condition()
@@ -604,6 +607,29 @@ class _Cluster:
             if self._lease is lease:
                 self._lease = None
 
+    def take_back_later(self, lease: _Lease, key: str, take_back: Callable[[], None]) -> None:
+        """Have the lease's keeper run ``take_back`` (which takes ``key`` out of its queue)
+        once etcd answers, while ``lease`` lives: giving the lease up instead would lose
+        every holder of this process. ``key`` stays claimed until then."""
+        with self._mu:
+            self._to_take_back.append((lease, key, take_back))
+        self._wake.set()
+
+    def _take_back_pending(self) -> None:
+        with self._mu:
+            pending, self._to_take_back = self._to_take_back, []
+        for lease, key, take_back in pending:
+            if not lease.lost:  # a lost lease takes its keys with it
+                try:
+                    take_back()
+                except StoreUnavailableError:
+                    with self._mu:
+                        self._to_take_back.append((lease, key, take_back))
+                    continue
+                except Exception:  # never the keeper's end; the lease's expiry takes it
+                    pass
+            self.unclaim(key)
+
     def drop(self, lease: _Lease, why: str) -> None:
         """Give a lease up (a release that could not be stored): revoke it when possible,
         so that keys it carries do not outlive this process's interest in them."""
@@ -640,8 +666,9 @@ class _Cluster:
                 elif ttl > 0:
                     lease.confirmed_until = sent + ttl
                 lease.alive()  # marks it lost once the margin has run out
+            self._take_back_pending()
             with self._mu:
-                pending = bool(self._to_revoke)
+                pending = bool(self._to_revoke or self._to_take_back)
             step = self.ttl / 4
             if lease is None or lease.lost or pending:
                 step = min(step, 0.25)
@@ -1094,7 +1121,8 @@ class EtcdHolder:
         if not my or lease is None:
             return
         c = self._cluster
-        try:
+
+        def take_back() -> None:
             if wrote is not None and token:
                 undo = _put(self.last_key, before) if before is not None else \
                     _delete(self.last_key)
@@ -1103,10 +1131,19 @@ class EtcdHolder:
                 if r.get("succeeded"):
                     return
             c.txn([], [_delete(my)])
+
+        try:
+            take_back()
         except StoreUnavailableError:
-            c.drop(lease, "a queued key could not be removed")
-        finally:
+            # etcd is away (a restart, say): take the key out once it answers, keeping
+            # it claimed until then. Revoking the lease would lose this process's other
+            # holders, which ride out a restart shorter than their lease.
+            c.take_back_later(lease, my, take_back)
+            return
+        except BaseException:
             c.unclaim(my)
+            raise
+        c.unclaim(my)
 
     # -- while held --------------------------------------------------------------
 

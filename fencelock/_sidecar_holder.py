@@ -10,6 +10,7 @@ the `fencelock._store.SessionStore` interface, one `SidecarHolder` per lock obje
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -388,10 +389,9 @@ class SidecarHolder:
         if self._mark_fp is not None and self._mark_fp == before:
             self._mark_fp = lock._fp  # our own line moved the stat, not a change to the mark
         if lock._phase is Phase.PROMPT or time.monotonic() - self._written_at >= RECORD_LAG:
-            try:
+            # Released meanwhile (by another thread): the release's record is the last.
+            with contextlib.suppress(NotHeldError):
                 lock._write_record()
-            except NotHeldError:
-                pass  # released meanwhile (another thread): its record is the last
         else:
             self._behind, lock._info = True, None
 

@@ -513,6 +513,32 @@ def test_holders_carry_on_through_an_etcd_restart_within_their_lease(
     assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2]
 
 
+@pytest.mark.parametrize("contention", ["fail", "wait"])
+def test_an_acquire_that_fails_while_etcd_is_away_loses_no_other_holder(
+    session: Path, own_etcd: EtcdServer, contention: str
+) -> None:
+    """One lease per process: an acquire that meets etcd away gives up, and the key it
+    may have queued is taken out once etcd answers. It used to revoke the lease
+    instead, losing every other holder of the process that was riding out the restart."""
+    url = own_etcd.url("blip", ttl=30)
+    held = SessionLock(session, "a", backend=url)
+    token = held.acquire().token
+    held.append({"n": 1})
+    other = session.parent / "other.jsonl"
+    own_etcd.kill(signal.SIGKILL)
+    with pytest.raises(StoreUnavailableError):
+        SessionLock(other, "b", backend=url, on_contention=contention,  # type: ignore[arg-type]
+                    timeout=0.3).acquire()
+    own_etcd.start()
+    held.append({"n": 2})  # still the holder: the lease was kept
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.LIVE and status.token == token
+    with SessionLock(other, "c", backend=url, timeout=30) as later:  # nothing left queued
+        assert later.held
+    held.release()
+    assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2]
+
+
 def _across_a_restart(server: EtcdServer, action: Callable[[], object]) -> None:
     """Kill etcd, start ``action`` in a thread (its first request meets etcd down:
     starting etcd takes far longer), start etcd again; ``action`` must then succeed."""
