@@ -163,6 +163,8 @@ class SessionLock:
         self.fence_mode = detected if fence == FenceMode.AUTO else FenceMode(fence)
         self._io = threading.Lock()
         self._append_mu = threading.Lock()
+        self._appending = 0
+        """The thread ident of an append under way (under ``_append_mu``), else 0."""
         self._count = 0
         self._pid = 0
         self._owner: object = None
@@ -282,6 +284,7 @@ class SessionLock:
         self._count, self._info = 0, None
         self._io = threading.Lock()  # another thread may have held it at the fork
         self._append_mu = threading.Lock()
+        self._appending = 0
         self._pid = -1  # marks "inherited through fork": release() becomes a no-op
 
     @staticmethod
@@ -348,7 +351,10 @@ class SessionLock:
             _take_slot(self._key, self, self.on_contention == "fail", deadline, cancel, start)
             self._store.acquire(self, me, deadline, cancel, start)
         except BaseException:
-            _free_slot(self._key, self)  # only if it is this object's
+            # Only a slot this attempt took: while another owner (thread, task) holds
+            # this object, the slot, the object's one, is that run's.
+            if not self._count:
+                _free_slot(self._key, self)
             raise
 
     def _session_fingerprint(self) -> Fingerprint | None:
@@ -386,6 +392,12 @@ class SessionLock:
         try:
             quick = False
             try:
+                # An append under way in another thread ends before the release, so
+                # that its line is not written after it: it notes itself in
+                # ``_appending``, then checks that the lock is held; this has set
+                # ``_count`` to 0, then looks (the same pairing as ``_io``'s, below).
+                if self._appending or not _GIL:
+                    self._await_append()
                 # A record write from another thread takes ``_io``, then checks that the
                 # lock is held; this has set ``_count`` to 0, then looks at ``_io``. With
                 # one thread running Python at a time one of the two sees the other: if
@@ -402,6 +414,13 @@ class SessionLock:
         finally:
             self._info = None
             _free_slot(self._key, self)
+
+    def _await_append(self) -> None:
+        """Wait for an append under way in another thread (not in this one: a signal
+        handler that releases in the middle of an append cannot wait for it)."""
+        if self._appending != threading.get_ident():
+            with self._append_mu:
+                pass
 
     # -- sharing the lock with a command (`fencelock run`) ---------------------------
 
@@ -593,7 +612,11 @@ class SessionLock:
         # One append at a time per holder: another thread's line landing between this
         # one's fence check and its write would read as a foreign write.
         with self._append_mu:
-            self._append_locked(data)
+            self._appending = threading.get_ident()
+            try:
+                self._append_locked(data)
+            finally:
+                self._appending = 0
 
     def _append_locked(self, data: bytes) -> None:
         self._require()

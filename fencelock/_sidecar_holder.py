@@ -172,8 +172,8 @@ class SidecarHolder:
         # its own after the wait. (``with``, not explicit acquire/release calls: a signal
         # handler that raises runs right after a call returns, and would leave it held.)
         with lock._io:
-            self._lock_sidecar(lock, deadline, cancel, start)
-            try:
+            try:  # from the lock on: an interrupt landing anywhere leaves it not taken
+                self._lock_sidecar(lock, deadline, cancel, start)
                 if cancel is not None and cancel.is_set():
                     raise _registry.cancelled()  # got it just as the caller gave up
                 self._write_new_record(lock, run_id)

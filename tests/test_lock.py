@@ -382,6 +382,70 @@ def test_a_release_waits_for_a_record_write_under_way(session: Path) -> None:
     assert probe(session).record.state is State.RELEASED  # type: ignore[union-attr]
 
 
+def test_a_release_from_another_thread_waits_for_an_append_under_way(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any thread may release: one that does while another thread's append is writing
+    waits for that append, so the line is never written after the release (into the
+    next run's session, where its fence would take it for a foreign write)."""
+    import sys
+    import time
+
+    from fencelock import _fence
+
+    lock = SessionLock(session, lane="A")
+    lock.acquire()
+    order: list[str] = []
+    writing, go = threading.Event(), threading.Event()
+    real = _fence.append
+
+    def held_up(*args: Any, **kw: Any) -> Any:
+        writing.set()
+        go.wait(30)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(_fence, "append", held_up)
+
+    def append() -> None:
+        lock.append({"n": 1})
+        order.append("appended")
+
+    def release() -> None:
+        lock.release()
+        order.append("released")
+
+    appender = threading.Thread(target=append)
+    appender.start()
+    try:
+        assert writing.wait(30)
+        releaser = threading.Thread(target=release)
+        releaser.start()
+        give_up = time.monotonic() + 30
+        while True:  # polled: no event says that a thread waits on a lock
+            frame = sys._current_frames().get(releaser.ident or 0)
+            if frame is not None and frame.f_code is SessionLock._await_append.__code__:
+                break
+            assert releaser.is_alive() and time.monotonic() < give_up, \
+                "release() did not wait for the append under way"
+            time.sleep(0.001)
+    finally:
+        go.set()
+    appender.join(30)
+    releaser.join(30)
+    assert order == ["appended", "released"]
+    status = probe(session)
+    assert status.state is ProbeState.FREE and status.record is not None
+    assert status.record.state is State.RELEASED
+    assert status.record.fingerprint == _fingerprint_of(session)  # the line, then release
+    assert [json.loads(x) for x in session.read_text().splitlines()] == [{"n": 1}]
+
+
+def _fingerprint_of(session: Path) -> Any:
+    from fencelock import _fingerprint
+
+    return _fingerprint.take(str(session), _fingerprint.FenceMode.STAT)
+
+
 def test_an_interrupt_as_release_looks_at_io_still_releases(session: Path) -> None:
     """A KeyboardInterrupt (or a signal handler's exception) that lands while release
     decides whether to take ``_io`` leaves the session released, not locked by a lock
@@ -401,6 +465,69 @@ def test_an_interrupt_as_release_looks_at_io_still_releases(session: Path) -> No
     assert status.record.state is State.RELEASED
     with SessionLock(session, lane="B", timeout=0):
         assert probe(session).lane == "B"
+
+
+@pytest.mark.parametrize("where", ["the inode check", "the record read"])
+def test_an_interrupt_just_after_the_lock_is_taken_leaves_it_not_taken(
+    session: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A KeyboardInterrupt that lands once the sidecar is locked, before the record is
+    written (the inode re-check, the read of the old record), leaves the session free:
+    it left the descriptor open and locked, and the session live for good."""
+    from fencelock import _sidecar
+
+    target, name = (_sidecar, "still_at_path") if where == "the inode check" else (
+        os, "pread")  # the old record's: the first read of an acquire
+    real = getattr(target, name)
+    calls: list[tuple[Any, ...]] = []
+
+    def interrupted(*args: Any) -> Any:
+        if not calls:
+            calls.append(args)
+            raise KeyboardInterrupt
+        return real(*args)
+
+    lock = SessionLock(session, lane="A")
+    monkeypatch.setattr(target, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire()
+    monkeypatch.undo()
+    assert calls and not lock.held
+    assert probe(session).state is ProbeState.FREE
+    with SessionLock(session, lane="B", on_contention="fail"):
+        pass
+    with lock:  # the object itself takes it again
+        assert lock.held
+
+
+def test_a_refused_acquire_by_another_owner_of_the_object_leaves_the_holder_alone(
+    session: Path,
+) -> None:
+    """One object, two owners: the holder's thread, and another thread whose acquire is
+    refused (timeout 0), then times out. Its failure freed the holder's in-process slot,
+    and a later attempt wrote over the holder's descriptor: the release failed (EBADF)
+    and the lock leaked, refusing every later run of the process."""
+    lock = SessionLock(session, lane="A")
+    lock.acquire()
+    errors: list[BaseException] = []
+
+    def other_owner() -> None:
+        for timeout in (0, 0.2):
+            try:
+                lock.acquire(timeout=timeout)
+            except SessionContendedError as e:
+                errors.append(e)
+
+    t = threading.Thread(target=other_owner)
+    t.start()
+    t.join(60)
+    assert len(errors) == 2 and lock.held
+    with pytest.raises(SessionContendedError):  # still this process's: contended here too
+        SessionLock(session, lane="B", on_contention="fail").acquire()
+    lock.release()
+    assert probe(session).state is ProbeState.FREE
+    with SessionLock(session, lane="C", on_contention="fail") as again:
+        assert again.held
 
 
 def test_fork_during_a_timed_wait_leaves_no_orphan_lock(
