@@ -403,9 +403,8 @@ def clear(
                     # (as on a writable filesystem); otherwise why it cannot be cleared.
                     found = _probe(session, sidecar, DEFAULT_STUCK_AFTER, time.time())
                     if found.state is ProbeState.LIVE:
-                        held = found.held_by is not None
                         raise SessionContendedError(
-                            session, found.record if held else None,
+                            session, found.record if found.held_by is not None else None,
                             lock_owners=found.lock_owners,
                             last=_record.left_by_run(found.record, found.lock_owners)
                         ) from None

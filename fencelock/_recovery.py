@@ -109,8 +109,7 @@ def recover(
         if not released:
             if not fresh:
                 url = _backend.selected(backend)
-                held = _holding(found)
-                raise SessionContendedError(session, held, waited=waited,
+                raise SessionContendedError(session, _holding(found), waited=waited,
                                             lock_owners=found.lock_owners,
                                             backend=None if url is None else url.text,
                                             last=left_by_run(found.record,

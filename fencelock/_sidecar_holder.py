@@ -389,7 +389,8 @@ class SidecarHolder:
         if self._mark_fp is not None and self._mark_fp == before:
             self._mark_fp = lock._fp  # our own line moved the stat, not a change to the mark
         if lock._phase is Phase.PROMPT or time.monotonic() - self._written_at >= RECORD_LAG:
-            # Released meanwhile (by another thread): the release's record is the last.
+            # Released meanwhile (by a signal handler in this thread: a release from
+            # another thread waits for the append): the release's record is the last.
             with contextlib.suppress(NotHeldError):
                 lock._write_record()
         else:

@@ -192,8 +192,8 @@ class RemoteStore:
         # lags until the next write; a holder found lost refuses the next append.
         try:
             with lock._io:
-                if not lock._count:
-                    return  # released meanwhile (another thread): its record is the last
+                if not lock._count:  # released meanwhile (a signal handler in this
+                    return  # thread): the release's record is the last
                 lock._info = None
                 # Not waited for: the next write, or the release, carries it.
                 self.holder.write(lock._encode(), ride_out=False)
