@@ -66,7 +66,6 @@ def selected(backend: str | None) -> EtcdURL | None:
     return parse(backend)
 
 
-@functools.lru_cache(maxsize=64)
 def _host(url: str, part: str, host: str) -> str:
     """``host`` of ``part`` (HOST:PORT) as a connection takes it: a name, an IPv4 address,
     or an IPv6 address, bracketed or not (brackets dropped). ValueError otherwise."""
@@ -84,6 +83,7 @@ def _host(url: str, part: str, host: str) -> str:
     return bare
 
 
+@functools.lru_cache(maxsize=64)
 def parse(url: str) -> EtcdURL | None:
     """Parse a backend URL; None for the sidecar store (``local`` or empty).
 

@@ -79,7 +79,9 @@ def _no_directory(path: str) -> str | None:
     Every command refuses such a path the same way. (A missing session file in an
     existing directory is a session no run has started yet: free and empty.)
     """
-    named = path.endswith(("/", os.sep))  # "DIR/" names the directory itself
+    from fencelock._sidecar import names_a_directory
+
+    named = names_a_directory(path)  # "DIR/" names the directory itself
     try:
         directory = os.path.abspath(path) if named else os.path.dirname(os.path.abspath(path))
     except FileNotFoundError:  # a relative path, and the working directory was removed
@@ -333,7 +335,7 @@ def status(
                     continue
                 problem = _no_directory(path)
                 if problem is not None and as_json:  # a row: --json names every path
-                    yield _unreadable(path, None, problem)
+                    yield _unreadable(path, backend, problem)
                     continue
                 if problem is not None:
                     error_line(problem)
@@ -348,7 +350,7 @@ def status(
                 except StoreUnavailableError as e:  # cannot be probed: an unreadable row
                     found_status = _unprobed(path, backend, str(e))
                 except UnsafePathError as e:  # a path that names a directory ("DIR/")
-                    found_status = _unreadable(path, None, str(e))
+                    found_status = _unreadable(path, backend, str(e))
                 yield found_status
 
     if as_json:

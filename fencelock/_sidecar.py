@@ -35,7 +35,7 @@ AnyPath: TypeAlias = "str | bytes | os.PathLike[str] | os.PathLike[bytes]"
 """A path in any form ``os`` takes; bytes are decoded as ``os.fsdecode`` does."""
 
 
-_SEPARATORS = os.sep + (os.altsep or "")
+_SEPARATORS_TUPLE = tuple(os.sep + (os.altsep or ""))
 
 
 def paths(path: AnyPath) -> tuple[str, str]:
@@ -48,9 +48,14 @@ def paths(path: AnyPath) -> tuple[str, str]:
     return _paths(absolute(text))
 
 
+def names_a_directory(path: str) -> bool:
+    """Whether ``path`` ends in a separator: it names a directory, never a file beside it
+    (as ``os.path.abspath``, which drops the separator, would make it)."""
+    return path.endswith(_SEPARATORS_TUPLE)
+
+
 def _refuse_directory_path(path: str) -> None:
-    # abspath() would drop the separator, and a session beside the directory be used.
-    if path.endswith(tuple(_SEPARATORS)):
+    if names_a_directory(path):
         raise UnsafePathError(path, f"a directory's path (it ends in {path[-1]!r})")
 
 

@@ -146,11 +146,16 @@ def _cover(target: str | int, token: int, new_mark: int) -> bool | None:
     if not hasattr(os, "setxattr"):
         return None
     try:
-        if _read_mark(target) >= token:
-            return False
-        _write_mark(target, new_mark)
+        return _raise_mark(target, token, new_mark)
     except OSError:
         return None
+
+
+def _raise_mark(target: str | int, token: int, new_mark: int) -> bool:
+    """`_cover`, raising the OSError of a mark that cannot be read or set."""
+    if _read_mark(target) >= token:
+        return False
+    _write_mark(target, new_mark)
     return True
 
 
@@ -258,8 +263,7 @@ def save(session: str, token: int) -> str | None:
     if not hasattr(os, "setxattr"):
         return "this system has no extended attributes"
     try:
-        if _read_mark(session) < token:
-            _write_mark(session, token)
+        _raise_mark(session, token, token)
     except OSError as e:
         if e.errno in (errno.EPERM, errno.EACCES):
             try:
