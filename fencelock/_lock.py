@@ -658,10 +658,14 @@ class SessionLock:
         try:
             yield self
         finally:
-            if self.held:
+            held = self.held
+            if held:
                 self._rewrite(_phase=Phase.WRITE, _heartbeat_at=time.time())
         # Against the fence point, which the holder's own appends inside the window move.
-        self._fp = _fence.check(self.session, self._fp, self.fence_mode, opened)
+        # A run released inside the window is over: whoever writes the session next is
+        # no intruder into it (and the release wrote the write phase).
+        if held:
+            self._fp = _fence.check(self.session, self._fp, self.fence_mode, opened)
 
     # -- recovery hook -----------------------------------------------------------
 

@@ -406,8 +406,10 @@ class SidecarHolder:
         or where no record write can follow: see `SessionLock.release`)."""
         fd, self._fd = self._fd, -1
         try:
-            if self._behind:  # the last appends' fence point, with "released"
-                self._behind = False
+            # The last appends' fence point with "released"; or a release inside the
+            # prompt window, which ends the window too.
+            if self._behind or lock._phase is Phase.PROMPT:
+                self._behind, lock._phase = False, Phase.WRITE
                 _sidecar.write_bytes(
                     fd, self.sidecar, lock._encode(State.RELEASED), self._record_len
                 )

@@ -220,6 +220,7 @@ class RemoteStore:
 
     @staticmethod
     def _released(lock: SessionLock) -> bytes:
+        lock._phase = _record.Phase.WRITE  # a release inside the prompt window ends it
         data = lock._encode()
         at, patch = _record.STATE_OFFSET, _record.RELEASE_PATCH
         return data[:at] + patch + data[at + len(patch):]

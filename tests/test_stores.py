@@ -118,6 +118,21 @@ def test_append_prompt_window_and_fence(session: Path) -> None:
     assert verify(session).ok
 
 
+def test_a_release_inside_the_prompt_window_ends_the_window_too(session: Path) -> None:
+    lock = SessionLock(session, "a")
+    lock.acquire()
+    lock.append({"role": "user"})
+    with lock.prompt_window():
+        lock.release()
+        assert record_of(session).phase == "write"  # a released record has no window
+        with SessionLock(session, "b") as next_run:
+            next_run.append({"role": "next run"})
+    # The window's end found the next run's line: not a takeover of a run that was over.
+    assert [json.loads(x)["role"] for x in session.read_text().splitlines()] == [
+        "user", "next run"]
+    assert record_of(session).state == "released"
+
+
 def test_tokens_grow_with_every_acquisition(session: Path) -> None:
     tokens = []
     for _ in range(3):
