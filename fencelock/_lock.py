@@ -412,8 +412,7 @@ class SessionLock:
                     with self._io:
                         self._store.release(self)
         finally:
-            self._info = None
-            _free_slot(self._key, self)
+            self._run_ended()
 
     def _await_append(self) -> None:
         """Wait for an append under way in another thread (not in this one: a signal
@@ -461,8 +460,14 @@ class SessionLock:
             with self._io:
                 self._store.release_shared(self)
         finally:
-            self._info = None
-            _free_slot(self._key, self)
+            self._run_ended()
+
+    def _run_ended(self) -> None:
+        """After the last release of a run: its slot is free, its callbacks forgotten."""
+        self._info = None
+        if self._abort_callbacks:
+            self._abort_callbacks = []
+        _free_slot(self._key, self)
 
     def __enter__(self) -> SessionLock:
         self._enter(self.timeout)
@@ -670,10 +675,18 @@ class SessionLock:
     # -- recovery hook -----------------------------------------------------------
 
     def on_abort(self, callback: Any) -> None:
-        """Register a callable that in-process `recover` calls to abort this run."""
+        """Register a callable that in-process `recover` calls to abort this run (the
+        one held now, or else the next): the run's release forgets it."""
         self._abort_callbacks.append(callback)
 
     def _abort(self) -> None:
-        """Called by `fencelock._registry.abort` (in-process `recover`)."""
+        """Called by `fencelock._registry.abort` (in-process `recover`): every callback
+        is called; one that raises is reported as a warning and stops neither the others
+        nor the recovery, which then waits for the run to let go as for any run."""
         for callback in list(self._abort_callbacks):
-            callback()
+            try:
+                callback()
+            except Exception as e:
+                warnings.warn(FenceLockWarning(
+                    f"{self.session}: an on_abort callback ({callback!r}) raised "
+                    f"{type(e).__name__}: {e}"), stacklevel=4)

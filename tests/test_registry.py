@@ -5,8 +5,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import fencelock
-from fencelock import SessionLock, _registry
+from fencelock import FenceLockWarning, SessionLock, _registry
 
 PACKAGE = Path(fencelock.__file__).parent
 
@@ -43,6 +45,32 @@ def test_abort_asks_the_run_that_holds_the_session_and_no_other(
     with a, b:
         assert _registry.abort(_registry.registry_key(str(session)))
     assert asked == ["a"]
+
+
+def test_abort_callbacks_belong_to_one_run(session: Path) -> None:
+    asked: list[int] = []
+    lock = SessionLock(session, "a")
+    with lock:
+        lock.on_abort(lambda: asked.append(1))
+    with lock:  # the next run registered nothing: run 1's callback is not its
+        assert _registry.abort(_registry.registry_key(str(session)))
+    assert asked == []
+
+
+def test_a_raising_abort_callback_stops_neither_the_others_nor_the_abort(
+    session: Path,
+) -> None:
+    asked: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("gone")
+
+    lock = SessionLock(session, "a")
+    lock.on_abort(broken)
+    lock.on_abort(lambda: asked.append("second"))
+    with lock, pytest.warns(FenceLockWarning, match="on_abort callback .* RuntimeError: gone"):
+        assert _registry.abort(_registry.registry_key(str(session)))
+    assert asked == ["second"]
 
 
 def _imports(module: str) -> set[str]:
