@@ -362,6 +362,13 @@ def _rebuild_write_error(
     return SessionWriteError(session, cause, what, stored=stored)
 
 
+def describe_leftovers(run: HolderInfo) -> str:
+    """The processes that the command of `fencelock run` ``run`` (its last, released
+    record) left holding the session, in words."""
+    return (f"processes that the command of fencelock run pid {run.pid} (lane "
+            f"{run.lane!r}, token {run.token}) left running after that run ended")
+
+
 def describe_holder(
     holder: HolderInfo | None,
     lock_owners: tuple[LockOwner, ...] | None = None,
@@ -373,8 +380,7 @@ def describe_holder(
 
     run = None if holder is not None else left_by_run(last, lock_owners)
     if run is not None:
-        return (f"processes that the command of fencelock run pid {run.pid} (lane "
-                f"{run.lane!r}, token {run.token}) left running after that run ended")
+        return describe_leftovers(run)
     if holder is not None:
         from fencelock._record import command_of
 

@@ -38,6 +38,7 @@ from fencelock._errors import (
     OutsideRootError,
     SessionContendedError,
     StoreUnavailableError,
+    describe_leftovers,
 )
 from fencelock._record import HolderInfo, State
 
@@ -1365,6 +1366,12 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
                 status: HolderStatus = holder_status(
                     session, where, states.LIVE, reason="held by a holder without a record "
                     "(etcdctl lock, another client's Mutex, or one about to write its record)")
+            elif record.state is State.RELEASED:
+                # Only `fencelock run` leaves a released record in a live owner key: its
+                # keeper keeps the key for what the command left running.
+                status = holder_status(session, where, states.LIVE, record=record,
+                                       reason="held by " + describe_leftovers(record),
+                                       left_by_run=True)
             else:
                 status = _probe._status(session, where, states.LIVE, record,
                                         stuck_after=stuck_after, now=now)

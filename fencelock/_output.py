@@ -343,12 +343,11 @@ _HEADER = ("SESSION", "STATE", "PID", "HOST", "LANE", "AGE", "HEARTBEAT", "TOKEN
 
 def _status_cells(st: HolderStatus, now: float, show: PathDisplay) -> list[str]:
     from fencelock._probe import ProbeState
-    from fencelock._record import left_by_run
 
     rec = st.record
     state = "live (stuck)" if st.stuck else str(st.state)
     if st.state is ProbeState.LIVE and held_record(st) is None:
-        run = left_by_run(rec, st.lock_owners)
+        run = rec if st.left_by_run else None
         if run is not None:  # processes a `fencelock run` command left running
             lane = f"(left by fencelock run pid {run.pid}, lane {run.lane})"
             return [show(st.session), state, "?", run.host, shorten(clean(lane)), "-", "-",

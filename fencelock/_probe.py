@@ -78,6 +78,9 @@ class HolderStatus:
     namespace). None otherwise, or where the system cannot say."""
     waiters: int = 0
     """Runs queued behind the holder (the etcd store counts them; sidecars do not)."""
+    left_by_run: bool = False
+    """The session is live, held by processes that the command of an ended `fencelock
+    run` left running: ``record`` is that run's last (released) record."""
 
     @property
     def pid(self) -> int | None:
@@ -184,7 +187,8 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
         if corrupt:
             held += f"; {corrupt}"
         return HolderStatus(session, sidecar, state, record=record, lock_owners=owners,
-                            reason=held)
+                            reason=held,
+                            left_by_run=_record.left_by_run(record, owners) is not None)
     if record is None:
         return HolderStatus(session, sidecar, state, reason=corrupt or "no record")
     return _status(session, sidecar, state, record, stuck_after=stuck_after, now=now)

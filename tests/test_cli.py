@@ -1657,7 +1657,7 @@ def test_what_the_command_left_running_keeps_the_session_until_it_exits(session:
                     f"(lane 'a', token {token}) left running after that run ended")
             assert left in out.stderr and "not a fencelock holder" not in out.stderr
             assert left in cli("clear", str(session)).stderr
-            assert st.reason == f"held by {left}"
+            assert st.reason == f"held by {left}" and st.left_by_run
             row = cli("status", str(session)).stdout
             assert f"(left by fencelock run pid {st.record.pid}, lane a)" in row
         proc.stdin.write("\n")

@@ -2055,6 +2055,12 @@ def test_run_on_etcd_frees_at_once_or_keeps_what_the_command_left_running(
     status = probe(session, backend=url)
     assert status.state == ProbeState.LIVE, status
     assert status.record is not None and status.record.state == "released"
+    # Named as what that run left running, never as a holder outside fencelock.
+    assert status.left_by_run and status.reason == (
+        f"held by processes that the command of fencelock run pid {status.record.pid} "
+        f"(lane 'left', token {status.record.token}) left running after that run ended")
+    row = _cli("status", str(session), "--backend", url).stdout
+    assert f"(left by fencelock run pid {status.record.pid}, lane left)" in row, row
     with pytest.raises(SessionContendedError):
         SessionLock(session, "meanwhile", backend=url, on_contention="fail").acquire()
     with open(fifo, "w") as f:
