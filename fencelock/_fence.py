@@ -13,9 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,6 +26,7 @@ from fencelock._errors import (
     SessionWriteError,
 )
 from fencelock._fingerprint import FenceMode, Fingerprint
+from fencelock._json import digits_problem, strict_loads
 from fencelock._platform import O_CLOEXEC
 
 TORN_SUFFIX = ".torn"
@@ -36,41 +35,6 @@ TORN_SUFFIX = ".torn"
 # Seams for fault-injection tests: replaced to simulate short writes and I/O errors.
 _write = os.write
 _fsync = os.fsync
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    """A JSON number as a float; ValueError for one past a double's range (``1e400``),
-    which would come back out as ``Infinity``, and that is not JSON."""
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"number {text[:40]} is out of range for a double")
-    return value
-
-
-def loads(text: str | bytes, parse_int: Callable[[str], Any] | None = None) -> Any:
-    """``json.loads`` without Python's extensions to JSON: ``NaN`` and ``Infinity``
-    raise ValueError (as any JSON reader would). Numbers of any size are JSON."""
-    return json.loads(text, parse_constant=_not_json, parse_int=parse_int)
-
-
-def strict_loads(text: str | bytes, parse_int: Callable[[str], Any] | None = None) -> Any:
-    """``json.loads`` as strict JSON readers take it: no NaN or Infinity, and no number
-    past a double's range; ValueError (or RecursionError) otherwise."""
-    return json.loads(text, parse_constant=_not_json, parse_float=_finite_float,
-                      parse_int=parse_int)
-
-
-def digits_problem(e: ValueError) -> str | None:
-    """Python's own limit on turning integers into text and back (not JSON's), in plain
-    words; None for any other error."""
-    if "integer string conversion" not in str(e):
-        return None
-    return (f"an integer of over {sys.get_int_max_str_digits()} digits, which Python "
-            "does not convert (send it as a string)")
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import stat
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,9 @@ from fencelock import _platform
 
 TAIL_BYTES = 4096
 """How much of the file's end the content fence hashes."""
+
+_TAIL = re.compile(r"[0-9a-f]{32}")
+"""A content fence's ``tail``: the BLAKE2b digest (16 bytes) in lowercase hex."""
 
 # Filesystems whose stat fields are known to flap for an unchanged file.
 _FLAPPING_FS = frozenset({"cifs", "smb3", "smbfs", "smb2"})
@@ -83,8 +87,8 @@ class Fingerprint:
                 raise ValueError(f"fingerprint.{name} is not a valid integer")
             values.append(v)
         tail = data.get("tail")
-        if tail is not None and not isinstance(tail, str):
-            raise ValueError("fingerprint.tail is not a string")
+        if tail is not None and (not isinstance(tail, str) or not _TAIL.fullmatch(tail)):
+            raise ValueError("fingerprint.tail is not 32 hex digits")
         dev, ino, size, mtime_ns, ctime_ns = values
         return cls(dev, ino, size, mtime_ns, ctime_ns, tail)  # positional: see from_stat
 

@@ -30,7 +30,7 @@ from fencelock._errors import (
     SessionTakeoverError,
     SessionWriteError,
 )
-from fencelock._fence import digits_problem, strict_loads
+from fencelock._json import digits_problem, strict_loads
 from fencelock._signals import PromptHandlers, Seen, Stopped
 from fencelock._tokens import STAMP_KEY
 

@@ -496,6 +496,21 @@ _SET_ASIDE_TRIES = 16
 """Random names taken before giving up (a collision of 64 random bits is not luck)."""
 
 
+def _release_stale(fd: int, sidecar: str, record: HolderInfo, size: int) -> None:
+    """Mark a stale record released (in the write phase): over its head, in place, when
+    it is in fencelock's layout, so that every other byte stays as its writer left it;
+    otherwise written anew."""
+    try:
+        in_place = _record.in_layout_held(os.pread(fd, len(_record.RELEASED_HEAD), 0))
+        if in_place:
+            os.pwrite(fd, _record.RELEASED_HEAD, 0)
+    except OSError as e:
+        raise _sidecar.access_error(sidecar, e, True) from None
+    if not in_place:
+        _sidecar.write(fd, sidecar, replace(record, state=State.RELEASED, phase=Phase.WRITE),
+                       size)
+
+
 def _clear_locked(
     fd: int, st: os.stat_result, session: str, sidecar: str, remove: bool, force: bool
 ) -> HolderStatus:
@@ -517,7 +532,7 @@ def _clear_locked(
     state = ProbeState.STALE if was_stale else ProbeState.FREE
     done = "was free"
     if record is not None and was_stale:
-        _sidecar.write(fd, sidecar, replace(record, state=State.RELEASED), st.st_size)
+        _release_stale(fd, sidecar, record, st.st_size)
         done = f"cleared the stale record of pid {record.pid} (lane {record.lane!r})"
     removed = False
     if remove:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fencelock._fingerprint import Fingerprint
+from fencelock._json import NotJSONError, finite_float, not_json
 
 if TYPE_CHECKING:
     from fencelock._platform import LockOwner
@@ -217,6 +218,9 @@ STATE_OFFSET = len('{"version":1,"state":')
 """Where ``state``'s value starts: release overwrites it in place with `RELEASE_PATCH`."""
 RELEASE_PATCH = _STATE_TEXT[State.RELEASED].encode()
 _STATE_OF_HEAD = {head: state for (state, _), head in _HEAD_BYTES.items()}
+RELEASED_HEAD = _HEAD_BYTES[State.RELEASED, Phase.WRITE]
+"""Written over a held record's head in fencelock's layout (`in_layout_held`), it makes
+the record released, in the write phase, leaving every other byte as it was."""
 _HEAD_LEN = len(RECORD_HEAD[State.HELD, Phase.WRITE])
 _TOKEN_END = _HEAD_LEN + TOKEN_WIDTH
 if {len(head) for head in RECORD_HEAD.values()} != {_HEAD_LEN}:  # pragma: no cover
@@ -261,7 +265,18 @@ def static_part(
     if origin is not None:
         text += f',"origin":{_js(origin)}'
     for key, value in extra.items():
-        text += f",{json.dumps(key)}:{json.dumps(value, separators=(',', ':'))}"
+        text += f",{_js(key)}:{_json_value(value)}"
+    return text
+
+
+def _json_value(value: Any) -> str:
+    """An unknown field's value as the record's strings are written (`_js`): UTF-8 as is,
+    escaped only where a string is not valid Unicode."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
     return text
 
 
@@ -355,6 +370,12 @@ def assemble(
     )
 
 
+def in_layout_held(data: bytes) -> bool:
+    """Whether ``data``, a record's first bytes, is the head of a held record in
+    fencelock's fixed layout (2.4 of docs/PROTOCOL.md), so `RELEASED_HEAD` fits over it."""
+    return _STATE_OF_HEAD.get(data[:_HEAD_LEN]) is State.HELD
+
+
 def peek(data: bytes) -> tuple[State, int] | None:
     """(state, token) from a record in fencelock's own layout, None otherwise.
 
@@ -382,7 +403,9 @@ def peek(data: bytes) -> tuple[State, int] | None:
     return state, token
 
 
-_DECODER = json.JSONDecoder()
+_DECODER = json.JSONDecoder(parse_constant=not_json, parse_float=finite_float)
+"""Strict JSON: a record holding ``NaN``, ``Infinity`` or ``1e400`` is corrupt (other
+readers refuse it; a rewrite would carry it on as ``Infinity``)."""
 
 
 def decode(data: bytes) -> HolderInfo | None:
@@ -408,6 +431,8 @@ def decode(data: bytes) -> HolderInfo | None:
         obj, _ = _DECODER.raw_decode(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+    except NotJSONError as e:
+        raise ValueError(f"not JSON ({e})") from None
     except json.JSONDecodeError as e:
         if len(data) >= MAX_RECORD:
             raise ValueError(f"larger than {MAX_RECORD} bytes") from None
@@ -444,6 +469,7 @@ def _float(obj: dict[str, Any], name: str) -> float:
 
 
 _STATES = {state.value: state for state in State}
+_FENCES = frozenset({"stat", "content"})
 _PHASES = {phase.value: phase for phase in Phase}
 
 
@@ -486,10 +512,14 @@ def from_json(obj: dict[str, Any]) -> HolderInfo:
     heartbeat_at = _float(obj, "heartbeat_at")
     fingerprint = Fingerprint.from_json(obj.get("fingerprint"))
     fence = _str(obj, "fence", "stat")
+    if fence not in _FENCES:
+        raise ValueError(f"fence is {fence[:40]!r}, not 'stat' or 'content'")
     origin = obj.get("origin")
+    if origin is not None:
+        origin = _str(obj, "origin")
     shell = info_shell(
         session=session, pid=pid, host=host, process_start=process_start, lane=lane,
-        fence=fence, origin=origin if isinstance(origin, str) else None, version=version,
+        fence=fence, origin=origin, version=version,
         extra={} if _KNOWN.issuperset(obj) else {
             k: v for k, v in obj.items() if k not in _KNOWN
         },

@@ -126,10 +126,16 @@ def _read_mark(target: str | int) -> int:
         if e.errno == errno.ENODATA:
             return 0
         raise
-    try:
-        return max(0, int(raw))
-    except ValueError:
+    return _mark_value(raw)
+
+
+def _mark_value(raw: bytes) -> int:
+    """A mark's value: ASCII decimal digits and nothing else (no sign, space or ``_``,
+    which Python's int() would take), else unparsable: 0. One far past the token limit
+    reads as the limit (`floor` refuses it), without converting thousands of digits."""
+    if not raw.isdigit():  # bytes: ASCII digits only
         return 0
+    return int(raw) if len(raw) <= 20 else MAX_TOKEN
 
 
 def _write_mark(target: str | int, mark: int) -> None:

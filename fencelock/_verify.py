@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 from fencelock import _sidecar
 from fencelock._errors import SidecarAccessError
-from fencelock._fence import loads
+from fencelock._json import loads
 from fencelock._record import MAX_TOKEN
 from fencelock._tokens import STAMP_KEY, TAIL, stamp_of, trailing_stamp
 

@@ -37,9 +37,11 @@ from fencelock import (
     CoordinationError,
     CorruptRecordError,
     FenceLockError,
+    Phase,
     SessionLock,
     SessionWriteError,
     SidecarAccessError,
+    State,
     UnsafePathError,
     UnsafeSidecarError,
     _fence,
@@ -49,7 +51,7 @@ from fencelock import (
     scan,
     verify,
 )
-from fencelock._record import MAX_RECORD
+from fencelock._record import MAX_RECORD, RECORD_HEAD
 
 pytestmark = pytest.mark.torture
 
@@ -274,6 +276,42 @@ def test_empty_record_is_free(session: Path) -> None:
     assert (status.state, status.record) == ("free", None)
     with SessionLock(session, "a") as lock:
         assert lock.info is not None and lock.info.previous is None
+
+
+def test_clear_of_a_stale_record_in_fencelock_layout_changes_only_its_head(
+    session: Path,
+) -> None:
+    record = _valid_record(session).rstrip(b"\n")
+    # A writer's own fields in UTF-8, filling the record to its bound; and the prompt
+    # phase, as a run that died in its model call leaves it.
+    head = record.replace(b'"phase":"write" ', b'"phase":"prompt"', 1)
+    note = ',"note":"' + "é" * 100 + '"}\n'
+    fill = MAX_RECORD - len(head) + 1 - len(note.encode()) - len(b',"pad":""')
+    data = head[:-1] + b',"pad":"' + b"x" * fill + b'"' + note.encode()
+    assert len(data) == MAX_RECORD
+    sidecar_of(session).write_bytes(data)
+    assert probe(session).state == "stale"
+    cleared = clear(session)
+    assert cleared.state == "stale" and "cleared the stale record" in cleared.reason
+    after = sidecar_of(session).read_bytes()
+    head_len = len(RECORD_HEAD[State.RELEASED, Phase.WRITE])
+    assert after[:head_len] == RECORD_HEAD[State.RELEASED, Phase.WRITE].encode()
+    assert after[head_len:] == data[head_len:]  # every other byte as its writer left it
+    assert record_of(session).state == "released" and record_of(session).phase == "write"
+
+
+def test_clear_of_a_stale_record_in_another_layout_keeps_its_fields_in_utf8(
+    session: Path,
+) -> None:
+    obj = json.loads(_valid_record(session))
+    obj.update(phase="prompt", note={"ü": "é😀"})
+    sidecar_of(session).write_bytes(json.dumps(obj, indent=2, ensure_ascii=False).encode())
+    assert clear(session).state == "stale"
+    after = sidecar_of(session).read_bytes()
+    assert '"note":{"ü":"é😀"}'.encode() in after
+    cleared = record_of(session)
+    assert (cleared.state, cleared.phase, cleared.extra) == (
+        "released", "write", {"note": {"ü": "é😀"}})
 
 
 def test_pid_values_in_records_are_bounded(session: Path) -> None:

@@ -515,6 +515,20 @@ def test_tokens_never_go_back_for_a_session_file_another_writer_made_during_the_
 
 
 @needs_xattr
+@pytest.mark.parametrize(
+    ("mark", "first"),
+    [(b"41", 42), (b"1_000", 1), (b" 50\n", 1), (b"+60", 1), (b"0x10", 1), (b"", 1)],
+)
+def test_only_a_mark_of_ascii_digits_counts(session: Path, mark: bytes, first: int) -> None:
+    """The mark is the token in ASCII decimal; anything else is unparsable and reads as
+    0, as another language's reader of it would (Python's int() takes more)."""
+    session.write_bytes(b"")
+    os.setxattr(session, "user.fencelock.token", mark)
+    with SessionLock(session) as lock:
+        assert lock.info is not None and lock.info.token == first
+
+
+@needs_xattr
 @pytest.mark.parametrize("how", ["mark removed by hand", "session rewritten via rename"])
 def test_the_mark_is_read_anew_not_trusted_from_memory(session: Path, how: str) -> None:
     """The session file's mark can vanish under a long-lived process (removed by hand,
@@ -872,7 +886,7 @@ def test_the_deep_line_check_agrees_with_the_json_parser() -> None:
     documents, and each of them cut, doubled and altered at every place."""
     import random
 
-    from fencelock._fence import loads
+    from fencelock._json import loads
     from fencelock._verify import is_json
 
     def parses(text: str) -> bool:

@@ -127,6 +127,44 @@ def test_oversized_record_is_corrupt_not_free() -> None:
         decode(data)
 
 
+@pytest.mark.parametrize("extra", ['"x":NaN', '"x":-Infinity', '"x":{"budget":1e400}'])
+def test_what_strict_json_readers_refuse_is_corrupt(extra: str) -> None:
+    # Python's json would read these (as nan and inf), and a rewrite would carry
+    # them on as NaN or Infinity, which no other language's reader takes.
+    data = make().encode()[:-1] + b"," + extra.encode() + b"}"
+    with pytest.raises(ValueError, match="not JSON"):
+        decode(data)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("fence", "foo", "fence is 'foo'"),
+        ("origin", 5, "origin is not a string"),
+        ("origin", "o" * 4097, "origin is not a string of at most 4096"),
+        ("fingerprint", {"dev": 1, "ino": 2, "size": 3, "mtime_ns": 4, "ctime_ns": 5,
+                         "tail": "zz"}, "tail is not 32 hex digits"),
+    ],
+)
+def test_malformed_fence_origin_and_tail_are_corrupt(field: str, value: Any, why: str) -> None:
+    obj = make().to_json()
+    obj[field] = value
+    with pytest.raises(ValueError, match=why):
+        decode(json.dumps(obj).encode())
+
+
+def test_unknown_fields_are_written_back_in_utf8_not_escaped() -> None:
+    obj = make().to_json()
+    obj["note"] = {"ü": "é😀"}
+    # "odd" is not valid Unicode (a lone surrogate): escaped, as any such string is.
+    text = json.dumps(obj, ensure_ascii=False)[:-1] + r', "odd": "\udc80"}'
+    info = decode(text.encode())
+    assert info is not None and info.extra["odd"] == "\udc80"
+    assert '"note":{"ü":"é😀"}'.encode() in info.encode()
+    assert rb'"odd":"\udc80"' in info.encode()
+    assert decode(info.encode()) == info
+
+
 def test_negative_token_and_bad_fingerprint_are_corrupt() -> None:
     obj = make().to_json()
     obj["token"] = -3

@@ -1,0 +1,51 @@
+"""JSON as strict readers take it: Python's extensions (``NaN``, ``Infinity``, numbers
+past a double's range read as ``inf``) are refused wherever fencelock reads JSON that
+another program wrote or will read (records, requests, session lines)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+class NotJSONError(ValueError):
+    """A constant or number that strict JSON readers refuse."""
+
+
+def not_json(constant: str) -> Any:
+    """For ``parse_constant``: ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON."""
+    raise NotJSONError(f"{constant} is not JSON")
+
+
+def finite_float(text: str) -> float:
+    """For ``parse_float``: a JSON number as a float; `NotJSONError` for one past a
+    double's range (``1e400``), which would come back out as ``Infinity``."""
+    value = float(text)
+    if math.isinf(value):
+        raise NotJSONError(f"number {text[:40]} is out of range for a double")
+    return value
+
+
+def loads(text: str | bytes, parse_int: Callable[[str], Any] | None = None) -> Any:
+    """``json.loads`` without Python's extensions to JSON: ``NaN`` and ``Infinity``
+    raise ValueError (as any JSON reader would). Numbers of any size are JSON."""
+    return json.loads(text, parse_constant=not_json, parse_int=parse_int)
+
+
+def strict_loads(text: str | bytes, parse_int: Callable[[str], Any] | None = None) -> Any:
+    """``json.loads`` as strict JSON readers take it: no NaN or Infinity, and no number
+    past a double's range; ValueError (or RecursionError) otherwise."""
+    return json.loads(text, parse_constant=not_json, parse_float=finite_float,
+                      parse_int=parse_int)
+
+
+def digits_problem(e: ValueError) -> str | None:
+    """Python's own limit on turning integers into text and back (not JSON's), in plain
+    words; None for any other error."""
+    if "integer string conversion" not in str(e):
+        return None
+    return (f"an integer of over {sys.get_int_max_str_digits()} digits, which Python "
+            "does not convert (send it as a string)")
