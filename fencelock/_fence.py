@@ -138,8 +138,12 @@ def _same(expected: Fingerprint | None, actual: Fingerprint | None, mode: FenceM
     return expected.matches(actual, mode)
 
 
-def _cut_torn_tail(fd: int, session: str, size: int) -> int:
-    """If the file does not end in a newline, move its last partial line aside."""
+def _cut_torn_tail(
+    fd: int, session: str, st: os.stat_result, expected: Fingerprint | None, mode: FenceMode
+) -> int:
+    """If the file does not end in a newline, move its last partial line aside.
+    ``st`` is the file's stat at the fence check, which found it ``expected``."""
+    size = st.st_size
     start = max(0, size - 1024 * 1024)
     try:
         if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
@@ -172,6 +176,14 @@ def _cut_torn_tail(fd: int, session: str, size: int) -> int:
     finally:
         os.close(aside)
     try:
+        # Cut only what the fence check saw: a line appended meanwhile (by a writer
+        # outside the protocol) would go with the cut. (A stat that flaps under the
+        # content fence leaves its size to compare.)
+        now = os.fstat(fd)
+        if now.st_size != size or (
+            mode is FenceMode.STAT and not _stat_matches(expected, now)
+        ):
+            raise SessionTakeoverError(session, expected, _fingerprint_fd(fd, mode, session, now))
         os.ftruncate(fd, keep)
     except OSError as e:
         raise SessionWriteError(
@@ -249,7 +261,7 @@ def append(
                 actual = _fingerprint_fd(fd, mode, session, st)
                 if not _same(expected, actual, mode):
                     raise SessionTakeoverError(session, expected, actual)
-            size = _cut_torn_tail(fd, session, st.st_size) if check_tail else st.st_size
+            size = _cut_torn_tail(fd, session, st, expected, mode) if check_tail else st.st_size
         try:
             _write_all(fd, line, session)
             try:

@@ -87,6 +87,26 @@ def test_torn_tail_is_cut_aside_never_glued(session: Path) -> None:
     assert verify(session).ok
 
 
+def test_a_line_written_while_the_torn_tail_is_set_aside_is_not_cut_with_it(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session.write_bytes(b'{"a": 1}\n{"torn":')
+    real = _fence._write
+
+    def foreign_line_meanwhile(fd: int, data: Any) -> int:
+        if bytes(data).startswith(b'{"torn":'):  # the fragment, on its way to .torn
+            with open(session, "ab") as f:
+                f.write(b'{"foreign": "mirror reply"}\n')
+        return real(fd, data)
+
+    monkeypatch.setattr(_fence, "_write", foreign_line_meanwhile)
+    with SessionLock(session) as lock, pytest.raises(SessionTakeoverError) as err:
+        lock.append({"n": 1})
+    assert not err.value.stored
+    # Nothing cut, nothing added: the foreign line stays where its writer put it.
+    assert session.read_bytes() == b'{"a": 1}\n{"torn":{"foreign": "mirror reply"}\n'
+
+
 def test_short_writes_are_looped(session: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = os.write
     calls = []
