@@ -32,6 +32,7 @@ the attributes set since), so it crosses a process pool intact.
 
 from __future__ import annotations
 
+import os
 import shlex
 from typing import TYPE_CHECKING, Any
 
@@ -256,10 +257,24 @@ class UnsafeSidecarError(UnsafePathError):
 
     @staticmethod
     def _fix(path: str, what: str) -> str:
+        if what.startswith("a hard link"):
+            # A run may hold it: removing this name would let the next run create a
+            # new sidecar and take the session while that run still holds the old one.
+            return (f"Remove its other name (a backup's hard link? find "
+                    f"{shlex.quote(_mount_point(path))} -xdev -samefile {shlex.quote(path)}"
+                    f"), not this one: a run may hold it")
         return "Remove or rename it if it is not meant to be there"
 
     def _init_args(self) -> tuple[Any, ...]:
         return self.sidecar, self.what
+
+
+def _mount_point(path: str) -> str:
+    """The mount point of the filesystem ``path`` is on (its hard links are there)."""
+    here = os.path.dirname(os.path.realpath(path))
+    while not os.path.ismount(here):
+        here = os.path.dirname(here)
+    return here
 
 
 class CorruptRecordError(FenceLockError):
