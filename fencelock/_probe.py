@@ -45,7 +45,7 @@ from fencelock._errors import (
 )
 from fencelock._fingerprint import FenceMode
 from fencelock._record import HolderInfo, Phase, State
-from fencelock._sidecar_holder import holder_alive, may_be_live, read_quietly
+from fencelock._sidecar_holder import held_by_others, holder_alive, may_be_live, read_quietly
 
 
 class ProbeState(enum.StrEnum):
@@ -83,6 +83,14 @@ class HolderStatus:
     run` left running: ``record`` is that run's last (released) record."""
 
     @property
+    def _outside(self) -> bool:
+        """Live, and the record (if any) is a past run's: the processes the system lists
+        (`lock_owners`) hold the lock, outside fencelock, or left by a `fencelock run`."""
+        return self.state is ProbeState.LIVE and self.lock_owners is not None and (
+            self.record is None or self.record.state is not State.HELD
+            or self.owner_alive is False)
+
+    @property
     def pid(self) -> int | None:
         return self.record.pid if self.record else None
 
@@ -103,9 +111,13 @@ class HolderStatus:
         if self.state is not ProbeState.LIVE:
             return None
         record = self.record
-        if record is not None and record.state is State.HELD:
+        if record is not None and record.state is State.HELD and not self._outside:
             command = _left_holding(record)
             if command is None:
+                # A pid of this host that cannot be checked (another PID namespace)
+                # names some other process here, or none.
+                if self.owner_alive is None and record.host == _identity.ME.host:
+                    return None
                 return record.pid
             return None if command[1] is False else command[0]
         owners = self.lock_owners or ()
@@ -163,7 +175,7 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
             if not free and not (record is not None and may_be_live(record)):
                 free = _unlocked_within(fd, _sidecar_holder.FAIL_GRACE)
                 record, corrupt = _read(fd, sidecar, None)
-                if not free and (record is None or record.state is not State.HELD):
+                if not free and held_by_others(record):
                     owners = _platform.lock_owners(sidecar)  # only now: it reads a system list
         except OSError as e:  # e.g. ENOLCK: no lock service on this NFS mount
             why = SidecarAccessError(sidecar, e, "its lock cannot be probed here")
@@ -180,14 +192,16 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
         state = ProbeState.STALE
     else:
         state = ProbeState.FREE
-    if state is ProbeState.LIVE and (record is None or record.state is not State.HELD):
-        # A lock with no held record behind it, past the grace: a process outside
-        # fencelock holds it (a record it may have left is a past run's).
+    if state is ProbeState.LIVE and held_by_others(record):
+        # A lock with no live holder's record behind it, past the grace: a process
+        # outside fencelock holds it (a record left there is a past run's, released or
+        # its owner dead).
         held = "held by " + describe_holder(None, owners, record)
         if corrupt:
             held += f"; {corrupt}"
         return HolderStatus(session, sidecar, state, record=record, lock_owners=owners,
-                            reason=held,
+                            reason=held, owner_alive=False if record is not None
+                            and record.state is State.HELD else None,
                             left_by_run=_record.left_by_run(record, owners) is not None)
     if record is None:
         return HolderStatus(session, sidecar, state, reason=corrupt or "no record")

@@ -91,6 +91,16 @@ def may_be_live(record: HolderInfo | None) -> bool:
     ) is not False
 
 
+def held_by_others(record: HolderInfo | None) -> bool:
+    """Whether the lock on a sidecar holding ``record`` is held by processes that are not
+    the record's run, so that they are named from the system's lock list: no record, a
+    released one, or one whose owner is dead (unless a `fencelock run` wrote it: what its
+    command left running holds it on, and the record names them)."""
+    if record is None or record.state is not State.HELD:
+        return True
+    return _record.command_of(record) is None and holder_alive(record) is False
+
+
 def read_quietly(sidecar: str) -> HolderInfo | None:
     """The sidecar's record, or None when there is none or it cannot be read."""
     try:
@@ -303,8 +313,8 @@ class SidecarHolder:
         if record is None:
             record = read_quietly(self.sidecar)
         last = None
-        if record is not None and record.state is not State.HELD:
-            last, record = record, None  # a record from before the live holder's
+        if held_by_others(record):
+            last, record = record, None  # a past run's record: released, or its owner dead
         waited = None if start is None else time.monotonic() - start
         # Without a held record a process outside fencelock has the lock: name it.
         owners = _platform.lock_owners(self.sidecar) if record is None else None

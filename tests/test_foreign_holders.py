@@ -7,17 +7,18 @@ holder as lslocks(8) would, from /proc/locks.
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import SpawnForeignHolder
+from conftest import SpawnForeignHolder, SpawnHolder
 from marks import needs
 from test_cli import FENCELOCK, _read_until, cli, rows
 
-from fencelock import SessionContendedError, SessionLock, probe
+from fencelock import SessionContendedError, SessionLock, _identity, probe
 from fencelock._errors import describe_holder
 
 pytestmark = needs("proc_locks", "flock")
@@ -41,6 +42,42 @@ def test_status_names_a_flock_holder(session: Path, foreign_holder: SpawnForeign
     st = probe(session)
     assert st.state == "live" and st.held_by == h.pid and st.lock_owners is not None
     assert [o.pid for o in st.lock_owners] == [h.pid]
+
+
+def test_a_flock_holder_behind_a_dead_runs_record_is_named_not_the_dead_pid(
+    session: Path, foreign_holder: SpawnForeignHolder, spawn_holder: SpawnHolder
+) -> None:
+    dead = spawn_holder(session, lane="dead")
+    dead.acquire()
+    dead.kill()  # its record still says held
+    h = foreign_holder(sidecar(session))
+    st = probe(session)
+    assert st.state == "live" and st.held_by == h.pid, st
+    assert st.lock_owners is not None and [o.pid for o in st.lock_owners] == [h.pid]
+    promise = f"held by pid {h.pid} (flock), not a fencelock holder"
+    assert promise in st.reason
+    with pytest.raises(SessionContendedError) as e:
+        SessionLock(session, "x", on_contention="fail").acquire()
+    assert e.value.holder is None and promise in str(e.value)
+    assert str(dead.pid) not in cli("status", str(session)).stdout.split()
+
+
+def test_a_holder_in_another_pid_namespace_is_not_named_by_a_pid_of_this_one(
+    session: Path, foreign_holder: SpawnForeignHolder
+) -> None:
+    # A run in a container on this host: its pid (1 there) names another process here.
+    with SessionLock(session, "in-container"):
+        pass
+    record = json.loads(sidecar(session).read_bytes())
+    ticks, boot, ns = _identity.ME.start.split("@")
+    record.update(state="held", pid=1, process_start=f"{ticks}@{boot}@{int(ns) + 1}")
+    sidecar(session).write_text(json.dumps(record))
+    foreign_holder(sidecar(session))  # the lock, as that run holds it
+    st = probe(session)
+    assert st.state == "live" and st.owner_alive is None
+    assert st.held_by is None  # not pid 1 of this namespace
+    (row,) = rows(cli("status", "--json", str(session)))
+    assert row["held_by"] is None and row["pid"] == 1
 
 
 def test_contention_names_a_flock_holder(session: Path, foreign_holder: SpawnForeignHolder) -> None:
