@@ -52,7 +52,10 @@ class PromptHandlers:
         self._wakeup = -1
         self._write = -1
         for sig in signals:
-            self._previous[sig] = signal.signal(sig, self._run)
+            # A signal the caller ignores (nohup, trap '', a script's background job)
+            # stays ignored, here and in a command started from here, as flock(1) does.
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._run)
         if _POKE is None or threading.current_thread() is not threading.main_thread():
             return
         read, write = os.pipe()

@@ -975,6 +975,41 @@ def test_run_forwards_signals_and_releases_after(session: Path, sig: int) -> Non
     assert probe(session).state == "free"
 
 
+IGNORED_THEN_WAIT = """
+import sys
+print(open("/proc/self/status").read().split("SigIgn:")[1].split()[0], flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT])
+def test_a_signal_the_caller_ignores_stays_ignored_for_run_and_its_command(
+    session: Path, sig: int
+) -> None:
+    """``nohup fencelock run ...``: as with flock(1), a signal ignored when run starts
+    neither stops it nor reaches the command, which starts with it ignored too."""
+    proc = subprocess.Popen(
+        [*FENCELOCK, "run", str(session), "--lane", "nohup", "--", sys.executable, "-c",
+         IGNORED_THEN_WAIT],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(sig, signal.SIG_IGN),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        ignored = int(proc.stdout.readline(), 16)
+        assert ignored & (1 << (sig - 1)), f"{ignored:x}"  # the command ignores it too
+        proc.send_signal(sig)  # discarded by the kernel: ignored where it is sent
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert probe(session).state == "free"
+
+
+# -- wait -------------------------------------------------------------------------------
 # -- wait -------------------------------------------------------------------------------
 
 
