@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, TextIO
 
 import click
@@ -56,6 +56,30 @@ def standard_streams() -> None:
         if getattr(sys, name) is None:  # Python found it closed at startup
             setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False,  # noqa: SIM115
                                     errors="backslashreplace" if fd == 2 else "strict"))
+    if sys.stderr is not None and not isinstance(sys.stderr, _BestEffort):
+        sys.stderr = _BestEffort(sys.stderr)
+
+
+class _BestEffort:
+    """stderr, whose write errors (a full disk, a closed pipe) are dropped: a message
+    that cannot be shown has nowhere else to go, and failing to show it must not turn
+    the command's documented exit code (4 contended, 127 not found...) into 1."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self) -> None:
+        with suppress(OSError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def answer_goes_to_stdout(command: str) -> None:

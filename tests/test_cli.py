@@ -975,6 +975,26 @@ def test_run_forwards_signals_and_releases_after(session: Path, sig: int) -> Non
     assert probe(session).state == "free"
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_exit_codes_hold_when_stderr_cannot_be_written(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """A script branches on 4 (contended) or 127 (not found) whether or not the message
+    could be shown: a full disk or a closed pipe on stderr does not turn them into 1."""
+    h = spawn_holder(session, lane="holder")
+    h.acquire()
+    with open("/dev/full", "w") as full:
+        def code(*args: str) -> int:
+            return subprocess.run([*FENCELOCK, *args], stderr=full, stdout=subprocess.DEVNULL,
+                                  timeout=60).returncode
+
+        assert code("run", str(session), "--lane", "t", "--no-wait", "--", "true") == 4
+        assert code("wait", str(session), "--timeout", "0") == 4
+        assert code("clear", str(session)) == 4
+        other = str(session.with_name("other.jsonl"))
+        assert code("run", other, "--lane", "t", "--", "no-such-command-zz") == 127
+
+
 IGNORED_THEN_WAIT = """
 import sys
 print(open("/proc/self/status").read().split("SigIgn:")[1].split()[0], flush=True)
