@@ -24,6 +24,7 @@ from fencelock._errors import (
     FenceLockWarning,
     SessionTakeoverError,
     SessionWriteError,
+    UnsafePathError,
 )
 from fencelock._fingerprint import FenceMode, Fingerprint
 from fencelock._json import digits_problem, strict_loads
@@ -115,10 +116,24 @@ def check(
 ) -> Fingerprint | None:
     """The session's fingerprint now; raises `SessionTakeoverError` if it moved.
     ``opened``: taken from the opened file (see `_fingerprint.take`)."""
-    actual = _fingerprint.take(session, mode, opened)
+    try:
+        actual = _fingerprint.take(session, mode, opened)
+    except UnsafePathError as e:
+        raise _replaced(session, expected) from e
     if not _same(expected, actual, mode):
         raise SessionTakeoverError(session, expected, actual)
     return actual
+
+
+def _replaced(session: str, expected: Fingerprint | None) -> SessionTakeoverError:
+    """The takeover of a run whose session path now holds what no run writes to (a
+    symlink, FIFO or directory put in its place): the run began on a regular file, or
+    on none, so something outside it changed the path."""
+    try:
+        actual: Fingerprint | None = _fingerprint.from_stat(os.lstat(session))
+    except OSError:
+        actual = None
+    return SessionTakeoverError(session, expected, actual)
 
 
 def _stat_matches(expected: Fingerprint | None, st: os.stat_result) -> bool:
@@ -241,7 +256,9 @@ def append(
             session, flags | (os.O_CREAT | os.O_EXCL if created else 0), file_mode
         )
     except FileExistsError:
-        raise SessionTakeoverError(session, None, _fingerprint.take(session, mode)) from None
+        raise _replaced(session, None) from None
+    except UnsafePathError as e:
+        raise _replaced(session, expected) from e
     except FileNotFoundError:
         if created:
             raise SessionWriteError(
@@ -251,8 +268,6 @@ def append(
     except OSError as e:
         raise SessionWriteError(session, e, "open") from None
     try:
-        if not created:
-            _sidecar.refuse_planted(session, st)
         size = 0
         if created and token:
             _tokens.reserve(fd, token)
@@ -261,6 +276,8 @@ def append(
                 actual = _fingerprint_fd(fd, mode, session, st)
                 if not _same(expected, actual, mode):
                     raise SessionTakeoverError(session, expected, actual)
+            # The file the run fenced: another user's from the start, not a swap.
+            _sidecar.refuse_planted(session, st)
             size = _cut_torn_tail(fd, session, st, expected, mode) if check_tail else st.st_size
         try:
             _write_all(fd, line, session)

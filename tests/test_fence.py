@@ -27,6 +27,7 @@ from fencelock import (
     _fence,
     _fingerprint,
     clear,
+    is_coordination_error,
     probe,
     verify,
 )
@@ -105,6 +106,35 @@ def test_a_line_written_while_the_torn_tail_is_set_aside_is_not_cut_with_it(
     assert not err.value.stored
     # Nothing cut, nothing added: the foreign line stays where its writer put it.
     assert session.read_bytes() == b'{"a": 1}\n{"torn":{"foreign": "mirror reply"}\n'
+
+
+@pytest.mark.parametrize("what", ["symlink", "fifo", "directory"])
+@pytest.mark.parametrize("where", ["prompt_window", "append", "verify_fence"])
+def test_a_session_replaced_by_what_no_run_writes_to_is_a_takeover(
+    session: Path, what: str, where: str
+) -> None:
+    """A coordination error, as for any replacement: a model-fallback chain must stop,
+    not retry as it would on a plain error."""
+    with SessionLock(session) as lock:
+        lock.append({"n": 1})
+        copy = session.with_name("copy.jsonl")
+        os.replace(session, copy)
+        if what == "symlink":
+            os.symlink(copy, session)
+        elif what == "fifo":
+            os.mkfifo(session)
+        else:
+            session.mkdir()
+        with pytest.raises(SessionTakeoverError) as err:
+            if where == "prompt_window":
+                with lock.prompt_window():
+                    pass
+            elif where == "append":
+                lock.append({"n": 2})
+            else:
+                lock.verify_fence()
+        assert is_coordination_error(err.value)
+    assert copy.read_bytes() == b'{"n":1}\n'  # nothing written through the link
 
 
 def test_short_writes_are_looped(session: Path, monkeypatch: pytest.MonkeyPatch) -> None:
