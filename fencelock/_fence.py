@@ -73,8 +73,16 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
                 raise FenceLockError(
                     "a session entry must be valid Unicode text: a \\u escape in it spells a "
                     "lone surrogate; nothing was written") from None
-        if stamp is not None or (isinstance(parsed, dict) and _tokens.STAMP_KEY in parsed):
-            entry = parsed
+        if isinstance(parsed, dict) and _tokens.STAMP_KEY in parsed:
+            entry = parsed  # refused below, or its stamp replaced (and put last)
+        elif stamp is not None:
+            # Stamped in the text, which is otherwise written as it is: parsed and
+            # encoded again, its numbers would change (1e2, 19.990000000000000001)
+            # and a repeated key would go.
+            body = entry.strip(" \t")[:-1].rstrip(" \t")
+            comma = "" if body.endswith("{") else ","
+            return (f'{body}{comma}"{_tokens.STAMP_KEY}":'
+                    f"{_ENCODER.encode({'token': stamp[0], 'run_id': stamp[1]})}}}\n").encode()
     if stamp is None and isinstance(entry, dict) and _tokens.STAMP_KEY in entry:
         raise FenceLockError(
             f"a session entry must not carry the reserved key {_tokens.STAMP_KEY!r} (append "

@@ -445,6 +445,26 @@ def test_stamped_lines_carry_the_token_and_verify_finds_backwards_ones(session: 
     assert kinds == [(4, "token-backwards"), (5, "torn")]
 
 
+@pytest.mark.parametrize(
+    ("text", "written"),
+    [
+        ('{"price": 19.990000000000000001, "n": 1e2, "k": 1, "k": 2}',
+         '{"price": 19.990000000000000001, "n": 1e2, "k": 1, "k": 2,'),
+        (" { } ", "{"),
+        ('{"nested": {}}\t', '{"nested": {},'),
+    ],
+)
+def test_a_text_entry_is_stamped_as_it_is_written(session: Path, text: str, written: str) -> None:
+    """A str entry is written as it is: stamping adds the key to its text, without
+    encoding it again (its numbers, spacing and repeated keys stay the caller's)."""
+    with SessionLock(session, stamp=True) as lock:
+        lock.append(text)
+        token, run_id = lock._token, lock._run_id
+    stamp = json.dumps({"token": token, "run_id": run_id}, separators=(",", ":"))
+    assert session.read_text() == f'{written}"{STAMP_KEY}":{stamp}}}\n'
+    assert verify(session).ok and verify(session).max_token == token
+
+
 def test_verify_finds_one_token_stamped_by_two_runs(session: Path) -> None:
     with SessionLock(session, stamp=True) as lock:
         lock.append({"n": 1})
