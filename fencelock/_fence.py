@@ -81,8 +81,9 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
             # and a repeated key would go.
             body = entry.strip(" \t")[:-1].rstrip(" \t")
             comma = "" if body.endswith("{") else ","
-            return (f'{body}{comma}"{_tokens.STAMP_KEY}":'
-                    f"{_ENCODER.encode({'token': stamp[0], 'run_id': stamp[1]})}}}\n").encode()
+            entry = (f'{body}{comma}"{_tokens.STAMP_KEY}":'
+                     f"{_ENCODER.encode({'token': stamp[0], 'run_id': stamp[1]})}}}")
+            stamp = None  # stamped: written as it is now
     if stamp is None and isinstance(entry, dict) and _tokens.STAMP_KEY in entry:
         raise FenceLockError(
             f"a session entry must not carry the reserved key {_tokens.STAMP_KEY!r} (append "
