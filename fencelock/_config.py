@@ -35,7 +35,9 @@ WHY = (
 MAX_CONFIG = 16 * 1024 * 1024
 """The largest config file read."""
 _JSON5_POS = re.compile(r"^<string>:(\d+) (.*) at column (\d+)$", re.DOTALL)
-_ZERO_DURATION = re.compile(r"^\s*0+(?:\.0*)?\s*[a-zA-Z]*\s*$")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)?", re.IGNORECASE)
+"""A heartbeat interval as the gateway reads one (after trimming): a number and an
+optional unit. Linear to match: nothing in it can match the same text two ways."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +131,8 @@ def parse(text: str, path: str = "<config>") -> Any:
         raise ConfigError(path, "the file is empty")
     try:
         return json.loads(text, parse_int=_int)
-    except json.JSONDecodeError as e:
-        first = e
+    except json.JSONDecodeError:
+        pass  # JSON5, then: its errors are the ones to report
     except RecursionError:
         raise ConfigError(path, "nested too deeply") from None
     except ValueError as e:
@@ -149,9 +151,9 @@ def parse(text: str, path: str = "<config>") -> Any:
             raise ConfigError(
                 path, f"not valid JSON5: {m.group(2)}", int(m.group(1)), int(m.group(3))
             ) from None
-        raise ConfigError(
-            path, f"not valid JSON or JSON5: {first.msg}", first.lineno, first.colno
-        ) from None
+        # json5 gave no position (a number it could not convert, say): its own words,
+        # not plain JSON's error, whose position may be a JSON5 comment or bare key.
+        raise ConfigError(path, f"not valid JSON or JSON5: {e}") from None
 
 
 def _read_fix(e: OSError) -> str:
@@ -210,14 +212,30 @@ def _heartbeat(value: object, where: str, path: str) -> dict[str, Any] | bool | 
 
 
 def _disabled(hb: dict[str, Any]) -> bool:
+    """Whether a merged heartbeat setting runs no heartbeat: ``enabled: false``, or an
+    ``every`` the gateway reads as no interval (a missing one is its default, 30m)."""
     if hb.get("enabled") is False:
         return True
     every = hb.get("every")
-    if isinstance(every, bool):
+    return every is not None and not _interval(every)
+
+
+def _interval(every: object) -> bool:
+    """Whether the gateway reads ``every`` as an interval it runs: a false value (false,
+    0, NaN, an empty string) is none, and so is what does not read as a duration
+    (``true``, ``"1h30m"``, ``"soon"``) or reads as one of 0 or less."""
+    if isinstance(every, bool) or not isinstance(every, (int, float, str)):
         return False
-    if isinstance(every, (int, float)):
-        return every == 0
-    return isinstance(every, str) and bool(_ZERO_DURATION.match(every))
+    if isinstance(every, str):
+        text = every.strip()
+        match = _DURATION.fullmatch(text)
+        if match is not None:
+            return float(match[1]) > 0
+        try:
+            every = float(text)  # a bare number in another spelling: "+5", "5e1"
+        except ValueError:
+            return False
+    return every > 0  # NaN is not
 
 
 def _agents(agents: dict[str, Any], path: str) -> list[tuple[str, str, dict[str, Any]]]:
@@ -288,8 +306,9 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
         raise ConfigError(path, f"agents.defaults is {_kind(defaults)}, expected an object")
     base = _heartbeat(defaults.get("heartbeat"), "agents.defaults.heartbeat", path)
     listed = _agents(agents, path)
-    if not listed:  # no agents.list: the gateway runs its implicit default agent
-        listed = [("main", "agents (no agents.list: the implicit default agent)", {})]
+    if not listed:  # no agents.list (or an empty one): the implicit default agent runs
+        why = "no agents.list" if agents.get("list") is None else "agents.list is empty"
+        listed = [("main", f"agents ({why}: the implicit default agent)", {})]
     if base is None and all(entry.get("heartbeat") is None for _, _, entry in listed):
         # Nothing configured: the gateway's built-in heartbeat runs for its default agent.
         name, where = _default_agent(listed)
@@ -302,7 +321,8 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
     notices: list[ConfigNotice] = []
     for (name, where, _), own in zip(listed, owns, strict=True):
         if explicit and not _is_block(own):
-            if own is None and _runs(base):
+            # (An agent listed twice runs the heartbeat of its entry with a block.)
+            if own is None and _runs(base) and name not in explicit:
                 notices.append(ConfigNotice(name, where, explicit))
             continue  # the explicit-only rule: no block of its own, no heartbeat
         if own is False or (own is None and base in (None, False)):
@@ -310,6 +330,8 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
         merged: dict[str, Any] = dict(base) if isinstance(base, dict) else {}
         if isinstance(own, dict):
             merged.update(own)
+            if own.get("every") is None and isinstance(base, dict):
+                merged["every"] = base.get("every")  # the gateway's `??`: null inherits
         if _disabled(merged):
             continue
         isolated = merged.get("isolatedSession")

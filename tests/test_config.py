@@ -127,6 +127,17 @@ def test_explicit_only_rule_agents_without_a_block_run_no_heartbeat() -> None:
     assert "agents 'b', 'c', 'd' and 1 more have one" in many
 
 
+def test_an_agent_listed_twice_with_one_block_gets_no_notice_against_itself() -> None:
+    config = cfg(defaults={"every": "1h"}, agents=[{"id": "a"}, {"id": "a", "heartbeat": {}}])
+    found = review(config)
+    assert names(list(found.warnings)) == ["a"] and found.notices == ()
+
+
+def test_an_empty_agents_list_is_named_as_such() -> None:
+    (only,) = check(cfg(defaults={"isolatedSession": False}, agents=[]))
+    assert only.where == "agents (agents.list is empty: the implicit default agent)"
+
+
 def test_explicit_only_rule_the_blocks_still_merge_over_the_defaults() -> None:
     config = cfg(
         defaults={"every": "30m"},
@@ -186,6 +197,18 @@ def test_agent_can_fix_an_unisolated_default() -> None:
         {"every": "0s"},
         {"every": 0},
         {"every": " 00 "},
+        # What the gateway reads as no interval: false values, and what is no duration
+        # or one of 0 or less.
+        {"every": ""},
+        {"every": "   "},
+        {"every": False},
+        {"every": True},
+        {"every": float("nan")},
+        {"every": -1},
+        {"every": "-0m"},
+        {"every": "0h0m"},
+        {"every": "1h30m"},
+        {"every": "soon"},
     ],
 )
 def test_disabled_heartbeat_gets_no_warning(heartbeat: Any) -> None:
@@ -208,8 +231,21 @@ def test_enabled_false_in_defaults_can_be_reenabled_per_agent() -> None:
     assert names(check(config)) == ["on"]
 
 
+def test_a_null_every_inherits_the_defaults() -> None:
+    config = cfg(defaults={"every": "0m"}, agents=[{"id": "a", "heartbeat": {"every": None}}])
+    assert check(config) == []  # the defaults' 0m: off
+    config = cfg(defaults={"every": "5m"}, agents=[{"id": "a", "heartbeat": {"every": None}}])
+    assert names(check(config)) == ["a"]
+
+
+def test_a_long_every_is_read_in_linear_time() -> None:
+    # A pattern that could match its spaces two ways took minutes on 100 KB of them.
+    every = "0" + " " * 200_000 + "!"
+    assert check(cfg(agents=[{"id": "a", "heartbeat": {"every": every}}])) == []
+
+
 def test_non_zero_every_is_enabled() -> None:
-    for every in ("10m", "1", 5, "0.5h"):
+    for every in ("10m", "1", 5, "0.5h", " 2 H ", "+5", "5e1", "250ms", "1d"):
         assert names(check(cfg(agents=[{"id": "a", "heartbeat": {"every": every}}]))) == ["a"]
 
 
@@ -313,6 +349,14 @@ def test_parse_error_has_line_and_column() -> None:
     e = info.value
     assert (e.line, e.column) == (3, 6)
     assert str(e).startswith("gw.json5: line 3, column 6: ")
+
+
+def test_a_json5_error_without_a_position_is_not_blamed_on_valid_json5() -> None:
+    text = "// gateway config\n{\n  agents: {defaults: {heartbeat: {every: 1e}}},\n}\n"
+    with pytest.raises(ConfigError) as info:
+        parse(text, "gw.json5")
+    assert info.value.line is None  # not line 1, column 1: the comment is valid JSON5
+    assert "could not convert string to float: '1e'" in str(info.value)
 
 
 @pytest.mark.parametrize(
