@@ -340,25 +340,31 @@ def scan(
         yield from _scan_store(base, stuck_after, backend)
         return
     names = set()
-    odd: dict[str, str] = {}
-    """Session names that are not regular files: what they are instead."""
+    odd: dict[str, os.DirEntry[str]] = {}
+    """Entries that are not regular files (from the listing's file types: no system
+    call): a session name among them is what no run can use."""
     try:
         with os.scandir(base) as entries:
             for entry in entries:
                 name = entry.name
                 if name.endswith(_sidecar.SUFFIX):
-                    names.add(name[: -len(_sidecar.SUFFIX)])
+                    names.add(name[: -len(_sidecar.SUFFIX)])  # whatever its session is
                 elif name.endswith(SESSION_SUFFIX):
                     names.add(name)
-                    if not entry.is_file(follow_symlinks=False):
-                        odd[name] = _what_is(entry)
+                if not entry.is_file(follow_symlinks=False):
+                    odd[name] = entry
     except OSError as e:
         raise SidecarAccessError(base, e, "scan needs a directory this user can list") from None
     now = time.time()
     for name in sorted(names):
         session = os.path.join(base, name)
         if name in odd:
-            yield _not_a_session(session, session + _sidecar.SUFFIX, odd[name])
+            yield _not_a_session(session, session + _sidecar.SUFFIX, _what_is(odd[name]))
+            continue
+        if not name:  # a sidecar named only ".holder": no session path is its
+            sidecar = session + _sidecar.SUFFIX
+            yield HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=(
+                f"{sidecar}: a sidecar with no session name; no run uses it. Remove it"))
             continue
         yield _probe(session, session + _sidecar.SUFFIX, stuck_after, now)
 

@@ -1307,6 +1307,23 @@ def test_scan_reports_a_directory_named_like_a_session_as_unreadable(tmp_path: P
     assert str(tmp_path / "odd.jsonl") in reason and "directory" in reason
 
 
+def test_scan_checks_the_sessions_it_infers_from_sidecar_names(tmp_path: Path) -> None:
+    """A sidecar beside a symlink (of any name), or one named only ".holder": scan and
+    probe agree that no run can use it, as for a ``*.jsonl`` entry."""
+    (tmp_path / "target").write_text("")
+    (tmp_path / "notes.txt").symlink_to(tmp_path / "target")
+    (tmp_path / "notes.txt.holder").write_text("")
+    (tmp_path / ".holder").write_text("")
+    result = cli("status", "--json", str(tmp_path))
+    assert result.returncode == 1
+    by_name = {r["sidecar"].rsplit("/", 1)[-1]: r for r in rows(result)}
+    assert by_name["notes.txt.holder"]["state"] == "unreadable"
+    assert "a symlink" in by_name["notes.txt.holder"]["reason"]
+    assert probe(tmp_path / "notes.txt").state == "unreadable"
+    assert by_name[".holder"]["state"] == "unreadable"
+    assert "no session name" in by_name[".holder"]["reason"]
+
+
 def test_clear_json_lists_a_missing_path_too(tmp_path: Path) -> None:
     missing = tmp_path / "missing" / "x.jsonl"
     result = cli("clear", "--json", str(missing))
