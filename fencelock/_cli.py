@@ -709,6 +709,8 @@ def run(
     from fencelock._supervisor import supervise
 
     _one_session(session, "run")
+    if not command[0]:
+        raise click.BadParameter("is empty: no command has that name", param_hint="'COMMAND'")
     try:
         with library_errors():
             lock = SessionLock(

@@ -8,6 +8,7 @@ in the record, refreshes the heartbeat while it runs, and passes its exit code o
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -141,10 +142,20 @@ def _spawn(command: Sequence[str], env: dict[str, str], lock_fd: int) -> subproc
         raise CommandNotFoundError(f"{name}: command not found") from None
     except PermissionError:
         found = _found(name, env)
-        if found is not None and os.path.isdir(found):
+        if found is None:  # only directories of that name on PATH, as a shell says
+            raise CommandNotFoundError(f"{name}: command not found") from None
+        if os.path.isdir(found):
             raise CommandNotExecutableError(f"{name}: is a directory") from None
         raise CommandNotExecutableError(f"{name}: permission denied") from None
     except OSError as e:
+        if e.errno == errno.ENOEXEC:  # no #! line: a shell script, as execvp(3) and
+            script = _found(name, env)  # shells take it (and flock(1) through them)
+            if script is not None and os.path.isfile(script):
+                try:
+                    return subprocess.Popen(["/bin/sh", script, *command[1:]], env=env,
+                                            close_fds=False)
+                except OSError:
+                    pass
         raise CommandNotExecutableError(f"{name}: cannot run it: {e.strerror}") from None
     finally:
         if lock_fd >= 0:
@@ -158,7 +169,7 @@ def _found(name: str, env: dict[str, str]) -> str | None:
         return name
     for directory in env.get("PATH", os.defpath).split(os.pathsep):
         candidate = os.path.join(directory or ".", name)
-        if os.path.exists(candidate):
+        if os.path.exists(candidate) and not os.path.isdir(candidate):
             return candidate
     return None
 

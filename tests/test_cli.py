@@ -761,6 +761,26 @@ def test_run_says_why_a_command_that_exists_cannot_run(session: Path, tmp_path: 
     assert probe(session).state == "free"
 
 
+def test_run_takes_a_script_without_a_shebang_and_names_like_a_shell(
+    session: Path, tmp_path: Path
+) -> None:
+    """As execvp(3), shells and so flock(1) do: a script with no #! line runs under
+    /bin/sh; a name that only directories on PATH have is not found; an empty name is
+    a usage error."""
+    script = tmp_path / "no-shebang"
+    script.write_text('echo "ran with $*"; exit 3\n')
+    script.chmod(0o755)
+    out = cli("run", str(session), "--lane", "x", "--", str(script), "a", "b")
+    assert (out.returncode, out.stdout) == (3, "ran with a b\n"), out.stderr
+    (tmp_path / "bin" / "adir").mkdir(parents=True)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    out = cli("run", str(session), "--lane", "x", "--", "adir", env=env)
+    assert out.returncode == 127 and "adir: command not found" in out.stderr
+    out = cli("run", str(session), "--lane", "x", "--", "")
+    assert out.returncode == 2 and "COMMAND" in out.stderr
+    assert probe(session).state == "free"
+
+
 def test_run_killed_by_signal_exits_128_plus_n(session: Path) -> None:
     out = cli("run", str(session), "--lane", "x", "--", "sh", "-c", "kill -KILL $$")
     assert out.returncode == 128 + signal.SIGKILL
