@@ -203,7 +203,8 @@ class SessionLock:
 
     @property
     def info(self) -> HolderInfo | None:
-        """The record as last written, while held."""
+        """The holder's record as it stands, while held (the sidecar's copy may lag its
+        fingerprint and heartbeat by up to `RECORD_LAG` in the write phase)."""
         if not self.held:
             return None
         return self._info or self._completed_info(self._info_shell())
@@ -659,12 +660,14 @@ class SessionLock:
         # that other hosts write: its fingerprint comes from opening it (close-to-open).
         opened = self._store.opens_session
         _fence.check(self.session, self._fp, self.fence_mode, opened)
-        self._rewrite(_phase=Phase.PROMPT, _heartbeat_at=time.time())
+        inner = self._phase is Phase.PROMPT  # inside an open window: that one ends it
+        if not inner:
+            self._rewrite(_phase=Phase.PROMPT, _heartbeat_at=time.time())
         try:
             yield self
         finally:
             held = self.held
-            if held:
+            if held and not inner:
                 self._rewrite(_phase=Phase.WRITE, _heartbeat_at=time.time())
         # Against the fence point, which the holder's own appends inside the window move.
         # A run released inside the window is over: whoever writes the session next is

@@ -55,6 +55,8 @@ def names_a_directory(path: str) -> bool:
 
 
 def _refuse_directory_path(path: str) -> None:
+    if "\0" in path:  # os would refuse it at the first call, naming nothing
+        raise ValueError(f"{path!r}: a path cannot hold a NUL byte")
     if names_a_directory(path):
         raise UnsafePathError(path, f"a directory's path (it ends in {path[-1]!r})")
 

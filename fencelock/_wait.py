@@ -12,7 +12,6 @@ from __future__ import annotations
 import _thread
 import contextlib
 import errno
-import math
 import os
 import threading
 import time
@@ -124,7 +123,10 @@ def limit(seconds: float | None, what: str = "timeout") -> float | None:
     infinity, or more than the platform can wait); ValueError for NaN or below 0."""
     if seconds is None:
         return None
-    if math.isnan(seconds) or seconds < 0:
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise TypeError(f"{what} must be None or a number of seconds, not "
+                        f"{type(seconds).__name__} {seconds!r}")
+    if seconds != seconds or seconds < 0:  # NaN; an int compares exactly, however large
         raise ValueError(f"{what} must be None or a number >= 0, not {seconds!r}")
     return None if seconds >= threading.TIMEOUT_MAX else float(seconds)
 

@@ -34,7 +34,7 @@ from conftest import (
 )
 from marks import needs_pidfd, needs_proc_locks, needs_tgkill
 
-from fencelock import FenceLockError, SessionContendedError, SessionLock, probe
+from fencelock import FenceLockError, SessionContendedError, SessionLock, probe, recover
 from fencelock._cli import main
 from fencelock._output import clean, human_age
 
@@ -1286,6 +1286,16 @@ def test_the_library_takes_the_same_seconds(session: Path) -> None:
         SessionLock(session, timeout=float("nan"))
     assert SessionLock(session, timeout=float("inf")).timeout is None
     assert _wait.limit(1e308) is None and _wait.limit(2.5) == 2.5
+    # An integer past a float's range is no limit, not an OverflowError; a string or
+    # a bool is refused naming the parameter, not by a math function's message.
+    assert SessionLock(session, timeout=10**400).timeout is None
+    for wrong in ("5", True):
+        with pytest.raises(TypeError, match="timeout must be None or a number of seconds"):
+            SessionLock(session, timeout=wrong)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="NUL byte"):
+        SessionLock(str(session) + "\0x")
+    with pytest.raises(ValueError, match="lane is empty"):
+        recover(session, lane="", wait=30)  # refused before any wait
 
 
 def test_recover_prints_the_real_path_for_command_substitution(tmp_path: Path) -> None:

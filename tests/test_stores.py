@@ -133,6 +133,15 @@ def test_a_release_inside_the_prompt_window_ends_the_window_too(session: Path) -
     assert record_of(session).state == "released"
 
 
+def test_a_nested_prompt_window_leaves_the_outer_one_open(session: Path) -> None:
+    with SessionLock(session, "a") as lock:
+        with lock.prompt_window():
+            with lock.prompt_window():
+                pass
+            assert record_of(session).phase == "prompt"  # the outer window is still open
+        assert record_of(session).phase == "write"
+
+
 def test_tokens_grow_with_every_acquisition(session: Path) -> None:
     tokens = []
     for _ in range(3):
