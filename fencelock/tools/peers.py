@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import fencelock
+from fencelock import _identity
 
 # An internal the protocol floor needs, imported deliberately: it writes records in
 # fencelock's own layout, so that fencelock reads them, continues their tokens and
@@ -181,7 +182,7 @@ class FloorLock:
         self.released_head = RECORD_HEAD[State.RELEASED, Phase.WRITE]
         self.middle = (
             f',"pid":{os.getpid()},"host":{json.dumps(platform.node())}'
-            f',"process_start":"1@boot@ns","session":{json.dumps(path)}'
+            f',"process_start":{json.dumps(_identity.ME.start)},"session":{json.dumps(path)}'
             ',"lane":"floor","fence":"stat","acquired_at":'
         )
         self.token, self.at, self.fp = 0, 0.0, "null"
