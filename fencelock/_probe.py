@@ -565,7 +565,9 @@ def _clear_locked(
             try:
                 os.unlink(sidecar)
             except OSError as e:
-                raise _sidecar.unlink_error(sidecar, e) from None
+                # Say what was done before the removal failed: the record is released.
+                done_first = done if was_stale else ""
+                raise _sidecar.unlink_error(sidecar, e, done_first) from None
             removed = True
             done += "; sidecar removed" + (
                 "" if exists or not token else

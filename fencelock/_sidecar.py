@@ -107,21 +107,24 @@ def access_error(path: str, e: OSError, writing: bool) -> Exception:
                               or "check the path and try again")
 
 
-def unlink_error(path: str, e: OSError) -> Exception:
+def unlink_error(path: str, e: OSError, done: str = "") -> Exception:
     """Removing ``path`` failed: a refused removal is its directory's doing (or an
-    attribute of either), not a matter of writing the file."""
+    attribute of either), not a matter of writing the file. ``done``: what was done to
+    it first (a stale record cleared), said before why it stays."""
     directory = os.path.dirname(path)
+    first = f"{done}, but the sidecar stays: " if done else ""
     if e.errno == errno.EACCES and os.access(directory, os.X_OK):
         return SidecarAccessError(path, e, (
-            f"this user cannot remove entries from {directory} (removing a file takes "
-            f"write permission on its directory); fix the directory's permissions or run "
-            f"as its owner"))
+            f"{first}this user cannot remove entries from {directory} (removing a file "
+            f"takes write permission on its directory); fix the directory's permissions "
+            f"or run as its owner"))
     if e.errno == errno.EPERM:
         return SidecarAccessError(path, e, (
-            f"{directory} or the sidecar may be immutable or append-only (lsattr -d "
+            f"{first}{directory} or the sidecar may be immutable or append-only (lsattr -d "
             f"{directory}; lsattr {path}), or {directory} is sticky and the sidecar is "
             f"another user's: run as the sidecar's owner"))
-    return access_error(path, e, True)
+    error = access_error(path, e, True)
+    return SidecarAccessError(path, e, f"{first}{error}") if first else error
 
 
 def unreadable_session(session: str, e: OSError, why: str) -> SidecarAccessError:

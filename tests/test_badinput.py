@@ -1125,13 +1125,18 @@ def test_an_integer_python_will_not_write_is_refused_in_plain_words(
 
 
 @needs_root
-def test_a_sidecar_the_directory_will_not_let_go_names_the_directory() -> None:
+@pytest.mark.parametrize("stale", [False, True])
+def test_a_sidecar_the_directory_will_not_let_go_names_the_directory(stale: bool) -> None:
     """Removing a file is the directory's business: a user who may write the sidecar
-    but not the directory is told so, not that the sidecar cannot be written."""
+    but not the directory is told so, not that the sidecar cannot be written; and a
+    stale record the clear released first is said to be cleared."""
     with open_directory(mode=0o755) as sessions:  # root's: others cannot remove entries
         session = sessions / "s.jsonl"
-        with SessionLock(session, "before"):
-            pass
+        if stale:
+            _valid_record(session)  # held by a run that died
+        else:
+            with SessionLock(session, "before"):
+                pass
         sidecar = sessions / "s.jsonl.holder"
         sidecar.chmod(0o666)  # anyone may write the sidecar itself
         before = sidecar.read_bytes()
@@ -1146,4 +1151,10 @@ def test_a_sidecar_the_directory_will_not_let_go_names_the_directory() -> None:
         assert result["error"] == "SidecarAccessError", result
         assert f"cannot remove entries from {sessions}" in result["message"], result
         assert "cannot write it" not in result["message"]
-        assert sidecar.read_bytes() == before
+        if stale:
+            assert "cleared the stale record of pid" in result["message"]
+            assert "but the sidecar stays" in result["message"]
+            assert probe(session).state == "free"
+        else:
+            assert "cleared" not in result["message"]
+            assert sidecar.read_bytes() == before
