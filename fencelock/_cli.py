@@ -283,10 +283,11 @@ def status(
 
     JSON objects carry: session, sidecar, state (free, live, stale, unreadable),
     pid, host, lane, run_id, token, phase, acquired_at, heartbeat_at, age,
-    heartbeat_age (seconds), stuck, owner_alive, fence_ok, reason (pid to
-    heartbeat_age are the record's: the last run's unless a run holds the session
-    now), held_by (the pid holding it now, or null), lock_owners (for a holder outside
-    fencelock: pid, command, shared).
+    heartbeat_age (seconds), stuck, owner_alive, command_pid (the command of a
+    `fencelock run` holder), fence_ok, reason (pid to heartbeat_age are the record's:
+    the last run's unless a run holds the session now), held_by (the pid holding it
+    now, or null), lock_owners (for a holder outside fencelock: pid, command, shared),
+    waiters (runs queued behind the holder, etcd store).
 
     \b
     Example:
