@@ -389,13 +389,11 @@ def describe_holder(
     lock_owners: tuple[LockOwner, ...] | None = None,
     last: HolderInfo | None = None,
 ) -> str:
-    """Who holds a session, in words: its record, or else the lock's owners; ``last``,
-    the session's last record, names the `fencelock run` whose command left them."""
-    from fencelock._record import left_by_run
-
-    run = None if holder is not None else left_by_run(last, lock_owners)
-    if run is not None:
-        return describe_leftovers(run)
+    """Who holds a session, in words: its record, or else the lock's owners; or
+    ``last``: the record of the ended `fencelock run` whose command left the processes
+    that hold it (`_record.left_by_run`, or the etcd store's released owner record)."""
+    if holder is None and last is not None:
+        return describe_leftovers(last)
     if holder is not None:
         from fencelock._record import command_of
 

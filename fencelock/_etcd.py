@@ -874,9 +874,8 @@ class EtcdHolder:
         pfx = self.lock_name + "/"
         start = time.monotonic()
         if not c.claim(my, fail, deadline, cancel):
-            raise SessionContendedError(self.session, self._owner_record(deadline),
-                                        waited=None if fail else time.monotonic() - start,
-                                        backend=self.url.text)
+            raise self._contended(self._owner_record(deadline),
+                                  waited=None if fail else time.monotonic() - start)
         self._lease, self._my_key, self._token, self._lost = lease, my, 0, ""
         self._told = False
         self._before = self._wrote = None
@@ -908,8 +907,7 @@ class EtcdHolder:
                     self.write(record(revision, self._last_checked(_kvs(responses[2]))))
                 return revision
             if fail:
-                raise SessionContendedError(self.session, self._last(owner),
-                                            backend=self.url.text)
+                raise self._contended(self._last(owner))
             self._wait_for_turn(revision, deadline, cancel, record)
             return revision
         except BaseException:
@@ -1100,8 +1098,17 @@ class EtcdHolder:
         `SessionContendedError`, not etcd failing."""
         now = time.monotonic()
         if deadline is not None and now >= deadline:
-            raise SessionContendedError(self.session, self._owner_record(deadline),
-                                        waited=now - start, backend=self.url.text) from None
+            raise self._contended(self._owner_record(deadline), waited=now - start) from None
+
+    def _contended(self, owner: HolderInfo | None, waited: float | None = None
+                   ) -> SessionContendedError:
+        """The session is held: by the owner key's run, or, when its record is released,
+        by what that `fencelock run`'s command left running (its keeper keeps the key)."""
+        if owner is not None and owner.state is State.RELEASED:
+            return SessionContendedError(self.session, None, waited=waited,
+                                         backend=self.url.text, last=owner)
+        return SessionContendedError(self.session, owner, waited=waited,
+                                     backend=self.url.text)
 
     def _owner_record(self, deadline: float | None) -> HolderInfo | None:
         """The owner's record, for the message of a wait that ran out: a request like
@@ -1297,7 +1304,7 @@ class EtcdHolder:
 
         found = self.probe(0.0)
         if found.state is ProbeState.LIVE:
-            raise SessionContendedError(self.session, found.record, backend=self.url.text)
+            raise self._contended(found.record)
         if found.state is ProbeState.FREE and not remove:
             return found
         self.acquire(True, time.monotonic() + _REQUEST_TIMEOUT * 2, None, None)

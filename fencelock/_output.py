@@ -269,7 +269,8 @@ def holder_text(st: HolderStatus) -> str:
     """Who holds a live session: its record, or the lock's owners outside fencelock."""
     from fencelock._errors import describe_holder
 
-    return describe_holder(held_record(st), st.lock_owners, st.record)
+    return describe_holder(held_record(st), st.lock_owners,
+                           st.record if st.left_by_run else None)
 
 
 def held_record(st: HolderStatus) -> HolderInfo | None:

@@ -196,13 +196,14 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
         # A lock with no live holder's record behind it, past the grace: a process
         # outside fencelock holds it (a record left there is a past run's, released or
         # its owner dead).
-        held = "held by " + describe_holder(None, owners, record)
+        run = _record.left_by_run(record, owners)
+        held = "held by " + describe_holder(None, owners, run)
         if corrupt:
             held += f"; {corrupt}"
         return HolderStatus(session, sidecar, state, record=record, lock_owners=owners,
                             reason=held, owner_alive=False if record is not None
                             and record.state is State.HELD else None,
-                            left_by_run=_record.left_by_run(record, owners) is not None)
+                            left_by_run=run is not None)
     if record is None:
         return HolderStatus(session, sidecar, state, reason=corrupt or "no record")
     return _status(session, sidecar, state, record, stuck_after=stuck_after, now=now)

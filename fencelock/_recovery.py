@@ -42,7 +42,7 @@ from fencelock._errors import (
 from fencelock._fingerprint import FenceMode
 from fencelock._platform import describe_mode
 from fencelock._probe import HolderStatus, ProbeState
-from fencelock._record import MAX_TOKEN, HolderInfo, State, left_by_run
+from fencelock._record import MAX_TOKEN, HolderInfo, State
 
 
 class Action(enum.StrEnum):
@@ -113,8 +113,8 @@ def recover(
                 raise SessionContendedError(session, _holding(found), waited=waited,
                                             lock_owners=found.lock_owners,
                                             backend=None if url is None else url.text,
-                                            last=left_by_run(found.record,
-                                                             found.lock_owners))
+                                            last=found.record if found.left_by_run
+                                            else None)
             old_token = found.record.token if found.record is not None else 0
             # The holder as it is now (the one waited for may have handed over).
             now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
@@ -203,7 +203,7 @@ def _holding_run(found: HolderStatus) -> HolderInfo | None:
     held = _holding(found)
     if held is not None or found.state is not ProbeState.LIVE:
         return held
-    return left_by_run(found.record, found.lock_owners)
+    return found.record if found.left_by_run else None
 
 
 def _successor(session: str, stuck: HolderInfo | None) -> str | None:

@@ -26,6 +26,7 @@ import pytest
 from conftest import SpawnHolder, record_of, wait_for_no_owner
 
 from fencelock import (
+    Action,
     CorruptRecordError,
     FenceLockError,
     HolderLostError,
@@ -37,6 +38,7 @@ from fencelock import (
     clear,
     is_coordination_error,
     probe,
+    recover,
 )
 from fencelock._backend import EtcdURL, parse, session_key
 from fencelock._errors import OutsideRootError
@@ -2061,8 +2063,15 @@ def test_run_on_etcd_frees_at_once_or_keeps_what_the_command_left_running(
         f"(lane 'left', token {status.record.token}) left running after that run ended")
     row = _cli("status", str(session), "--backend", url).stdout
     assert f"(left by fencelock run pid {status.record.pid}, lane left)" in row, row
-    with pytest.raises(SessionContendedError):
+    with pytest.raises(SessionContendedError) as err:
         SessionLock(session, "meanwhile", backend=url, on_contention="fail").acquire()
+    assert err.value.holder is None and err.value.last == status.record
+    assert "left running after that run ended" in str(err.value)
+    waited = _cli("wait", str(session), "--timeout", "0", "--backend", url)
+    assert waited.returncode == 4 and "left running after that run ended" in waited.stderr
+    # One fresh session for that run, however many recovers ask (no split).
+    first, again = (recover(session, wait=0, backend=url) for _ in range(2))
+    assert first.action is Action.FRESH and again.session == first.session
     with open(fifo, "w") as f:
         f.write("go\n")  # the leftover exits
     with SessionLock(session, "then", backend=url, timeout=60) as then:
