@@ -782,8 +782,9 @@ def _raw(kvs: list[dict[str, Any]]) -> bytes | None:
 
 
 def _decode(value: bytes | None, where: str, command: str | None = None) -> HolderInfo | None:
-    """A record from a key's value (`_raw`): None for no key, or an empty value."""
-    if value is None or not value.strip():
+    """A record from a key's value (`_raw`): None for no key, or an empty value; a value
+    of spaces or NULs is corrupt, as such a sidecar is (fencelock never writes one)."""
+    if not value:
         return None
     try:
         return _record.decode(value)

@@ -105,13 +105,20 @@ class _Heartbeat:
             self.thread.start()
 
     def _run(self) -> None:
-        from fencelock._errors import FenceLockError
+        from fencelock._errors import FenceLockError, HolderLostError
 
+        said = ""  # a failure is said once, not at every beat while it lasts
         while not self.stop.wait(self.every):
             try:
                 self.lock.touch()
             except (FenceLockError, OSError) as e:
-                error_line(f"heartbeat not refreshed: {e}")
+                if str(e) != said:
+                    said = str(e)
+                    error_line(f"heartbeat not refreshed: {e}")
+                if isinstance(e, HolderLostError):
+                    return  # for good: no later beat can refresh a lost holder's record
+            else:
+                said = ""
 
     def close(self) -> None:
         self.stop.set()

@@ -1729,8 +1729,9 @@ def test_a_session_outside_the_backends_root_is_one_error_line(
     assert not os.path.lexists(str(session) + ".holder")
 
 
+@pytest.mark.parametrize("garbage", ["{not a record", "   "])
 def test_a_corrupt_last_record_is_kept_until_clear_force_sets_it_aside(
-    session: Path, url: str, etcd_server: EtcdServer
+    session: Path, url: str, etcd_server: EtcdServer, garbage: str
 ) -> None:
     """As with a sidecar: a corrupt record in etcd is unreadable for every command, no
     run writes over it, plain `clear` refuses it, and the command the error names (a
@@ -1739,7 +1740,6 @@ def test_a_corrupt_last_record_is_kept_until_clear_force_sets_it_aside(
     parsed = parse(url)
     assert parsed is not None
     last = f"{parsed.prefix}/last/{session_key(str(session), None)}"
-    garbage = "{not a record"
     subprocess.run(_etcdctl(etcd_server, "put", last, garbage), check=True,
                    capture_output=True)
 
@@ -2557,6 +2557,30 @@ def test_a_run_whose_holder_was_lost_meanwhile_says_so_at_its_end(
         proc.stderr.close()
     assert "its key in etcd was gone at release" in err and "Traceback" not in err, err
     assert err.count("\n") == 1  # one line
+
+
+def test_run_s_heartbeat_says_a_lost_holder_once_and_stops(
+    session: Path, url: str, etcd_server: EtcdServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A lost holder stays lost: `run`'s heartbeat says so once, not at every beat for
+    the rest of the command's life."""
+    from fencelock._supervisor import _Heartbeat
+
+    lock = SessionLock(session, "long", backend=url)
+    lock.acquire()
+    record = probe(session, backend=url).record
+    assert record is not None
+    subprocess.run(_etcdctl(etcd_server, "lease", "revoke", record.extra["lease"]),
+                   check=True, capture_output=True)
+    beat = _Heartbeat(lock, 0.01)
+    beat.thread.join(timeout=60)  # it ends by itself once the loss is known
+    alive = beat.thread.is_alive()
+    beat.close()
+    with contextlib.suppress(FenceLockError):
+        lock.release()
+    assert not alive
+    err = capfd.readouterr().err
+    assert err.count("heartbeat not refreshed") == 1 and "lost its holder" in err, err
 
 
 def test_status_of_an_unreachable_etcd_is_still_a_json_array_and_names_the_session(
