@@ -13,6 +13,7 @@ import enum
 import hashlib
 import json
 import os
+import shlex
 import stat
 import time
 import uuid
@@ -384,6 +385,13 @@ def _fill_fresh(
             if highest >= lock._token:  # a line above the record and the last lines
                 if isinstance(lock._store, _store.RemoteStore):
                     raise _tokens.went_backwards(new, lock._token, highest, lock._store.name)
+                if highest >= MAX_TOKEN:
+                    _remove_fresh(new)  # while its lock is ours: nothing of it stays
+                    raise FenceLockError(
+                        f"{session}: a line in it is stamped with the largest token "
+                        f"({highest}), so a fresh session carrying it has no token left "
+                        f"above it; nothing was made. Check where that stamp came from "
+                        f"(fencelock verify {shlex.quote(session)})")
                 lock._token = highest + 1  # its record says so from the copy on
             try:
                 _fence.publish(new, _chunks(fd, session, end), token=lock._token,
@@ -475,6 +483,8 @@ def _scan(fd: int, session: str, end: int) -> tuple[int, int]:
                 best = max(best, token if token <= MAX_TOKEN else 0)
             elif key in line:
                 with contextlib.suppress(ValueError, RecursionError):
-                    best = max(best, _tokens.stamp_of(json.loads(line)) or 0)
+                    token = _tokens.stamp_of(json.loads(line)) or 0
+                    # Past the limit it was never issued: no floor (as `last_stamped`).
+                    best = max(best, token if token <= MAX_TOKEN else 0)
             partial, long_line = b"", False
     return lines, best

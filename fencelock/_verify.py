@@ -67,6 +67,10 @@ repeats: a string of millions of characters is matched without a backtracking st
 each."""
 
 
+_NO_STAMP = object()
+"""`_check`'s last stamp's run before any stamp was read."""
+
+
 def is_json(raw: bytes) -> bool:
     """Whether ``raw`` (one line, its line break included) is one JSON value, checked
     with a stack of its own: for lines nested deeper than Python's parser goes."""
@@ -172,7 +176,7 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
     problems: list[Problem] = []
     unchecked: list[int] = []
     best = 0
-    best_run: object = None
+    best_run: object = _NO_STAMP
     run: object
     stamped = 0
     number = 0
@@ -204,7 +208,9 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
         else:
             try:
                 # JSON as any reader takes it: no NaN, no Infinity (Python's own).
-                entry = loads(raw, parse_int=_int)
+                # Decoded first: given bytes, json also takes UTF-16, a BOM and UTF-8
+                # spelling lone surrogates, which strict readers refuse.
+                entry = loads(raw.decode("utf-8"), parse_int=_int)
             except (ValueError, RecursionError) as e:
                 if isinstance(e, ValueError) or not is_json(raw):
                     problems.append(Problem(number, "torn", f"not JSON: {raw[:60]!r}"))
@@ -240,7 +246,7 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
             problems.append(
                 Problem(number, "token-backwards", f"token {token} after token {best}")
             )
-        elif token == best and run != best_run:
+        elif token == best and run != best_run and best_run is not _NO_STAMP:
             problems.append(Problem(
                 number, "token-repeated",
                 f"token {token} stamped by two runs ({best_run!r} and {run!r})",

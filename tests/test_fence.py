@@ -465,6 +465,21 @@ def test_a_text_entry_is_stamped_as_it_is_written(session: Path, text: str, writ
     assert verify(session).ok and verify(session).max_token == token
 
 
+def test_verify_takes_a_first_stamp_of_token_0_as_one_run_s(session: Path) -> None:
+    session.write_text(json.dumps({"n": 1, STAMP_KEY: {"token": 0, "run_id": "a"}}) + "\n")
+    report = verify(session)
+    assert report.ok and report.stamped == 1, report.problems
+
+
+@pytest.mark.parametrize("line", [b'{"a":"\xed\xa0\x80"}', b'\xef\xbb\xbf{"a":1}',
+                                  '{"a":1}'.encode("utf-16")])
+def test_verify_reads_lines_as_utf8_strict_readers_do(session: Path, line: bytes) -> None:
+    """UTF-8 spelling a lone surrogate, a byte-order mark, UTF-16: Python's json takes
+    them from bytes; JSON.parse and other strict readers do not."""
+    session.write_bytes(b'{"ok":1}\n' + line + b"\n")
+    assert [(p.line, p.kind) for p in verify(session).problems] == [(2, "torn")]
+
+
 def test_verify_finds_one_token_stamped_by_two_runs(session: Path) -> None:
     with SessionLock(session, stamp=True) as lock:
         lock.append({"n": 1})

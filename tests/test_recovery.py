@@ -16,6 +16,7 @@ from conftest import Holder, SpawnHolder, reap, wait_for_blocked_waiter
 from marks import needs_proc
 
 from fencelock import (
+    STAMP_KEY,
     Action,
     CorruptRecordError,
     FenceLockError,
@@ -29,6 +30,7 @@ from fencelock import (
     probe,
     recover,
 )
+from fencelock._record import MAX_TOKEN
 
 
 def test_free_session_refires(session: Path) -> None:
@@ -430,6 +432,32 @@ print(json.dumps({"action": str(r.action), "session": r.session, "lines": r.carr
 
 
 @needs_proc
+@pytest.mark.parametrize("stamp", ["past the limit", "at the limit, far from the end"])
+def test_a_carried_stamp_at_or_past_the_token_limit_never_makes_a_corrupt_record(
+    session: Path, spawn_holder: SpawnHolder, stamp: str
+) -> None:
+    """A stamp past 2**63-1 was never issued: it sets no floor for the fresh session's
+    token (it made a record no reader takes). One at the limit leaves no token above
+    it: recover says so and makes nothing."""
+    token = MAX_TOKEN + 1 if stamp == "past the limit" else MAX_TOKEN
+    lines = [json.dumps({"n": 0, STAMP_KEY: {"token": token, "run_id": "x"}})]
+    lines += [json.dumps({"n": i, "pad": "p" * 1000}) for i in range(1, 100)]  # 100 KB on
+    session.write_text("\n".join(lines) + "\n")
+    holder = spawn_holder(session, lane="stuck")
+    holder.acquire()
+    before = set(session.parent.iterdir())
+    if stamp == "past the limit":
+        fresh = recover(session, wait=0)
+        assert fresh.action is Action.FRESH and fresh.carried_lines == 100
+        assert probe(fresh.session).state == "free"  # its record reads
+        with SessionLock(fresh.session, "next") as lock:
+            assert lock.info is not None and lock.info.token < MAX_TOKEN
+    else:
+        with pytest.raises(FenceLockError, match="largest token"):
+            recover(session, wait=0)
+        assert set(session.parent.iterdir()) == before  # nothing made
+
+
 def test_carrying_a_session_larger_than_memory_to_a_fresh_one(
     session: Path, spawn_holder: SpawnHolder
 ) -> None:
