@@ -115,8 +115,11 @@ class HolderStatus:
             command = _left_holding(record)
             if command is None:
                 # A pid of this host that cannot be checked (another PID namespace)
-                # names some other process here, or none.
-                if self.owner_alive is None and record.host == _identity.ME.host:
+                # names some other process here, or none; a dead owner's (etcd: its
+                # lease not expired yet) holds nothing.
+                if self.owner_alive is False or (
+                    self.owner_alive is None and record.host == _identity.ME.host
+                ):
                     return None
                 return record.pid
             return None if command[1] is False else command[0]
@@ -324,6 +327,9 @@ def _reason(state: ProbeState, record: HolderInfo, alive: bool | None, stuck: bo
         if command is not None:
             return (f"held by pid {command[0]}, the command of a `fencelock run` whose "
                     f"own process (pid {record.pid}) is gone")
+        if alive is False:  # a store's lock outlives its owner a while (an etcd lease)
+            return (f"its owner, pid {record.pid}, is gone; the store keeps the lock until "
+                    f"its lease expires")
         if stuck:
             return "live, but its heartbeat is older than the stuck threshold"
         return "held"

@@ -158,6 +158,12 @@ def test_killed_holder_is_stale_then_taken_over_with_previous(
     token = h.acquire()
     assert probe(session).state == ProbeState.LIVE
     h.kill(signal.SIGKILL)
+    # (etcd: live until the lease expires) the dead pid holds nothing: not named
+    meanwhile = probe(session)
+    assert meanwhile.held_by is None
+    if meanwhile.state == ProbeState.LIVE:
+        assert meanwhile.reason.endswith("is gone; the store keeps the lock until its "
+                                         "lease expires"), meanwhile.reason
     wait_for_no_owner(session)
     status = probe(session)
     assert status.state == ProbeState.STALE
