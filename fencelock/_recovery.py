@@ -370,18 +370,24 @@ def _fill_fresh(
     # Its lock is taken before the old transcript is read, so that a recover arriving
     # meanwhile (the stuck run gone by then) finds this copy under way and answers it.
     last = _tokens.last_stamped(session) if carry else 0  # uncarried lines bind nothing
-    lock._token_floor = max(old_token, _tokens.floor(session), last)
+    lock._token_floor = max(old_token, last)
     lock._stamped_floor = last  # the lines' own tokens (a store's may be of another kind)
     fd = -1
     try:
         with lock:
             if successor and os.path.lexists(new):
                 return  # another recover of the same stuck run made it meanwhile
+            # The old session's token floor (its mark; its set-aside copies, which can
+            # take long to read) only now that the lock is taken: the sooner it is, the
+            # sooner a recover arriving after the stuck run ended finds this copy.
+            floor = _tokens.floor(session)
             fd = _open_old(session) if carry else -1
             # The old transcript up to its last line break (a torn last line stays
             # behind), as it is now: the live holder may still append while this copies.
             end = _complete_end(fd, session) if fd >= 0 else 0
             lines, highest = _scan(fd, session, end) if end else (0, 0)
+            if floor >= lock._token and not isinstance(lock._store, _store.RemoteStore):
+                lock._token = floor + 1  # its record says so from the copy on
             if highest >= lock._token:  # a line above the record and the last lines
                 if isinstance(lock._store, _store.RemoteStore):
                     raise _tokens.went_backwards(new, lock._token, highest, lock._store.name)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import Holder, SpawnHolder, reap, wait_for_blocked_waiter
-from marks import needs_proc
+from marks import needs_proc, needs_xattr
 
 from fencelock import (
     STAMP_KEY,
@@ -432,6 +432,23 @@ print(json.dumps({"action": str(r.action), "session": r.session, "lines": r.carr
 
 
 @needs_proc
+@needs_xattr
+def test_a_fresh_session_s_tokens_start_above_the_old_session_s_mark(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """The old session's token floor (its mark, kept by a sidecar removed before) binds
+    the fresh session that carries its lines, as it would bind the old session's next
+    run."""
+    session.write_text('{"n": 1}\n')
+    holder = spawn_holder(session, lane="stuck")
+    holder.acquire()
+    os.setxattr(session, "user.fencelock.token", b"5000")
+    fresh = recover(session, wait=0)
+    assert fresh.action is Action.FRESH
+    with SessionLock(fresh.session, "next") as lock:
+        assert lock.info is not None and lock.info.token > 5000
+
+
 @pytest.mark.parametrize("stamp", ["past the limit", "at the limit, far from the end"])
 def test_a_carried_stamp_at_or_past_the_token_limit_never_makes_a_corrupt_record(
     session: Path, spawn_holder: SpawnHolder, stamp: str
