@@ -975,9 +975,8 @@ class EtcdHolder:
                     if watch.deleted:
                         break  # seen, perhaps just as the time ran out: take the turn
                     if deadline is not None and now >= deadline:
-                        holder = self._owner_record(deadline)
-                        raise SessionContendedError(self.session, holder, waited=now - start,
-                                                    backend=self.url.text)
+                        raise self._contended(self._owner_record(deadline),
+                                              waited=now - start)
                     if now - watched >= recheck:
                         break  # look again: a watch may not survive an etcd restart
                     step = recheck - (now - watched)
@@ -1031,8 +1030,7 @@ class EtcdHolder:
                 if deadline is not None and now >= deadline:
                     # Not this waiter's turn after all (an older key is left): only a
                     # turn taken may outlast the deadline.
-                    raise SessionContendedError(self.session, self._owner_record(deadline),
-                                                waited=now - start, backend=self.url.text)
+                    raise self._contended(self._owner_record(deadline), waited=now - start)
             finally:
                 if not retired:
                     watch.stop()

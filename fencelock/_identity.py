@@ -98,6 +98,20 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=RUN_IDS.reset)
 
 
+def in_other_pid_namespace(host: str, start: str) -> bool:
+    """Whether a process recorded as started ``start`` on ``host`` ran in another PID
+    namespace of this host (a container): its pid names another process here, or none.
+    False where that cannot be told (no start recorded, or none known here)."""
+    if host != ME.host or not start or not ME.start:
+        return False
+    try:
+        _, boot, ns = start.split("@")
+    except ValueError:
+        return False
+    _, my_boot, my_ns = ME.start.split("@")
+    return boot == my_boot and ns != my_ns
+
+
 def owner_alive(pid: int, host: str, start: str) -> bool | None:
     """Is the process named by (pid, host, start) still running?
 

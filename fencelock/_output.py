@@ -79,6 +79,8 @@ class _BestEffort:
             self._stream.flush()
 
     def __getattr__(self, name: str) -> Any:
+        if name == "buffer":  # click would write to it directly, past this wrapper, when
+            raise AttributeError(name)  # it finds the text stream's encoding wanting
         return getattr(self._stream, name)
 
 

@@ -114,11 +114,10 @@ class HolderStatus:
         if record is not None and record.state is State.HELD and not self._outside:
             command = _left_holding(record)
             if command is None:
-                # A pid of this host that cannot be checked (another PID namespace)
-                # names some other process here, or none; a dead owner's (etcd: its
-                # lease not expired yet) holds nothing.
-                if self.owner_alive is False or (
-                    self.owner_alive is None and record.host == _identity.ME.host
+                # A dead owner's pid (etcd: its lease not expired yet) holds nothing; one
+                # from another PID namespace of this host names another process here.
+                if self.owner_alive is False or _identity.in_other_pid_namespace(
+                    record.host, record.process_start
                 ):
                     return None
                 return record.pid
@@ -434,10 +433,12 @@ def clear(
                     # (as on a writable filesystem); otherwise why it cannot be cleared.
                     found = _probe(session, sidecar, DEFAULT_STUCK_AFTER, time.time())
                     if found.state is ProbeState.LIVE:
+                        live = found.record is not None and not found._outside and \
+                            found.record.state is State.HELD
                         raise SessionContendedError(
-                            session, found.record if found.held_by is not None else None,
+                            session, found.record if live else None,
                             lock_owners=found.lock_owners,
-                            last=_record.left_by_run(found.record, found.lock_owners)
+                            last=found.record if found.left_by_run else None
                         ) from None
                     if found.state is ProbeState.FREE and not remove:
                         return HolderStatus(session, sidecar, ProbeState.FREE,

@@ -92,7 +92,8 @@ def recover(
     does (waiting by default), and never races the other.
     """
     limit = _wait.limit(wait, "wait")
-    _lock.SessionLock.check_lane(lane)  # before any wait: a fresh session takes it
+    if fresh:
+        _lock.SessionLock.check_lane(lane)  # before any wait: a fresh session takes it
     session, sidecar = _sidecar.paths(path)
     _fingerprint.take(session, FenceMode.STAT)  # refuses a directory, FIFO or symlink
     store = _store.open_store(backend, session)

@@ -127,7 +127,6 @@ class _Heartbeat:
 
 
 def _spawn(command: Sequence[str], env: dict[str, str], lock_fd: int) -> subprocess.Popen[bytes]:
-    import subprocess
 
     name = command[0]
     # Like flock(1), the command inherits the caller's open descriptors (`3<file`) and
@@ -139,7 +138,15 @@ def _spawn(command: Sequence[str], env: dict[str, str], lock_fd: int) -> subproc
     if lock_fd >= 0:
         os.set_inheritable(lock_fd, True)
     try:
-        return subprocess.Popen(list(command), env=env, close_fds=False)
+        try:
+            return _exec(list(command), env)
+        except PermissionError:
+            # The PATH search stopped at an entry it may not run (a directory, say), as
+            # execvp(3) does not: run the first executable file of that name.
+            found = _executable(name, env)
+            if found is None:
+                raise
+            return _exec(list(command), env, found)
     except FileNotFoundError:
         found = _found(name, env)
         if found is not None and os.path.isfile(found):  # the file is there: its #! is not
@@ -155,18 +162,40 @@ def _spawn(command: Sequence[str], env: dict[str, str], lock_fd: int) -> subproc
             raise CommandNotExecutableError(f"{name}: is a directory") from None
         raise CommandNotExecutableError(f"{name}: permission denied") from None
     except OSError as e:
-        if e.errno == errno.ENOEXEC:  # no #! line: a shell script, as execvp(3) and
-            script = _found(name, env)  # shells take it (and flock(1) through them)
-            if script is not None and os.path.isfile(script):
-                try:
-                    return subprocess.Popen(["/bin/sh", script, *command[1:]], env=env,
-                                            close_fds=False)
-                except OSError:
-                    pass
         raise CommandNotExecutableError(f"{name}: cannot run it: {e.strerror}") from None
     finally:
         if lock_fd >= 0:
             os.set_inheritable(lock_fd, False)
+
+
+def _exec(argv: list[str], env: dict[str, str], path: str | None = None
+          ) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (from ``path`` when given); a file without a #! line runs under
+    /bin/sh, as execvp(3) and shells run it (and flock(1) through them)."""
+    import subprocess
+
+    try:
+        return subprocess.Popen(argv, executable=path, env=env, close_fds=False)
+    except OSError as e:
+        script = path or _found(argv[0], env)
+        if e.errno != errno.ENOEXEC or script is None or not os.path.isfile(script):
+            raise
+        try:
+            return subprocess.Popen(["/bin/sh", script, *argv[1:]], env=env, close_fds=False)
+        except OSError:
+            raise e from None
+
+
+def _executable(name: str, env: dict[str, str]) -> str | None:
+    """The first file on PATH called ``name`` that this user may execute (None for a
+    name with a slash: no search)."""
+    if os.sep in name:
+        return None
+    for directory in env.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def _found(name: str, env: dict[str, str]) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import errno
+import math
 import os
 import threading
 import time
@@ -123,12 +124,18 @@ def limit(seconds: float | None, what: str = "timeout") -> float | None:
     infinity, or more than the platform can wait); ValueError for NaN or below 0."""
     if seconds is None:
         return None
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+    # Any real number (int, float, Decimal, Fraction, numpy's); not a bool or a string,
+    # which float() would take too.
+    if isinstance(seconds, bool | str | bytes) or not hasattr(seconds, "__float__"):
         raise TypeError(f"{what} must be None or a number of seconds, not "
                         f"{type(seconds).__name__} {seconds!r}")
-    if seconds != seconds or seconds < 0:  # NaN; an int compares exactly, however large
+    try:
+        value = float(seconds)
+    except OverflowError:  # an integer past a float's range
+        value = math.inf if seconds > 0 else -math.inf
+    if math.isnan(value) or value < 0:
         raise ValueError(f"{what} must be None or a number >= 0, not {seconds!r}")
-    return None if seconds >= threading.TIMEOUT_MAX else float(seconds)
+    return None if value >= threading.TIMEOUT_MAX else value
 
 
 def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:

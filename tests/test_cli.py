@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -776,6 +778,11 @@ def test_run_takes_a_script_without_a_shebang_and_names_like_a_shell(
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     out = cli("run", str(session), "--lane", "x", "--", "adir", env=env)
     assert out.returncode == 127 and "adir: command not found" in out.stderr
+    # A directory of that name earlier on PATH does not hide the script further on.
+    (tmp_path / "bin" / "no-shebang").mkdir()
+    env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{tmp_path}{os.pathsep}{os.environ['PATH']}"
+    out = cli("run", str(session), "--lane", "x", "--", "no-shebang", "c", env=env)
+    assert (out.returncode, out.stdout) == (3, "ran with c\n"), out.stderr
     out = cli("run", str(session), "--lane", "x", "--", "")
     assert out.returncode == 2 and "COMMAND" in out.stderr
     assert probe(session).state == "free"
@@ -995,18 +1002,20 @@ def test_run_forwards_signals_and_releases_after(session: Path, sig: int) -> Non
     assert probe(session).state == "free"
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("ascii_stderr", [False, True])
 def test_exit_codes_hold_when_stderr_cannot_be_written(
-    session: Path, spawn_holder: SpawnHolder
+    session: Path, spawn_holder: SpawnHolder, ascii_stderr: bool
 ) -> None:
     """A script branches on 4 (contended) or 127 (not found) whether or not the message
     could be shown: a full disk or a closed pipe on stderr does not turn them into 1."""
     h = spawn_holder(session, lane="holder")
     h.acquire()
+    # An ASCII stderr too: click then wraps the stream's buffer in a writer of its own.
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"} if ascii_stderr else None
     with open("/dev/full", "w") as full:
         def code(*args: str) -> int:
             return subprocess.run([*FENCELOCK, *args], stderr=full, stdout=subprocess.DEVNULL,
-                                  timeout=60).returncode
+                                  timeout=60, env=env).returncode
 
         assert code("run", str(session), "--lane", "t", "--no-wait", "--", "true") == 4
         assert code("wait", str(session), "--timeout", "0") == 4
@@ -1289,6 +1298,8 @@ def test_the_library_takes_the_same_seconds(session: Path) -> None:
     # An integer past a float's range is no limit, not an OverflowError; a string or
     # a bool is refused naming the parameter, not by a math function's message.
     assert SessionLock(session, timeout=10**400).timeout is None
+    assert SessionLock(session, timeout=Decimal("1.5")).timeout == 1.5  # type: ignore[arg-type]
+    assert SessionLock(session, timeout=Fraction(3, 2)).timeout == 1.5  # type: ignore[arg-type]
     for wrong in ("5", True):
         with pytest.raises(TypeError, match="timeout must be None or a number of seconds"):
             SessionLock(session, timeout=wrong)  # type: ignore[arg-type]
@@ -1296,6 +1307,7 @@ def test_the_library_takes_the_same_seconds(session: Path) -> None:
         SessionLock(str(session) + "\0x")
     with pytest.raises(ValueError, match="lane is empty"):
         recover(session, lane="", wait=30)  # refused before any wait
+    assert recover(session, lane="", wait=0, fresh=False).action == "refire"  # no fresh one
 
 
 def test_recover_prints_the_real_path_for_command_substitution(tmp_path: Path) -> None:

@@ -2067,6 +2067,9 @@ def test_run_on_etcd_frees_at_once_or_keeps_what_the_command_left_running(
         SessionLock(session, "meanwhile", backend=url, on_contention="fail").acquire()
     assert err.value.holder is None and err.value.last == status.record
     assert "left running after that run ended" in str(err.value)
+    with pytest.raises(SessionContendedError) as timed:  # a wait that runs out says so too
+        SessionLock(session, "meanwhile", backend=url, timeout=0.2).acquire()
+    assert timed.value.holder is None and timed.value.last == status.record
     waited = _cli("wait", str(session), "--timeout", "0", "--backend", url)
     assert waited.returncode == 4 and "left running after that run ended" in waited.stderr
     # One fresh session for that run, however many recovers ask (no split).

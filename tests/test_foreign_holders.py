@@ -80,6 +80,18 @@ def test_a_holder_in_another_pid_namespace_is_not_named_by_a_pid_of_this_one(
     assert row["held_by"] is None and row["pid"] == 1
 
 
+def test_a_holder_that_cannot_be_checked_here_is_still_named_by_its_pid(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where processes cannot be checked at all (no /proc: no start times), a live
+    record's pid is still the best name for the holder."""
+    h = spawn_holder(session, lane="a")
+    h.acquire()
+    monkeypatch.setattr(_identity.ME, "start", "")
+    st = probe(session)
+    assert st.state == "live" and st.owner_alive is None and st.held_by == h.pid
+
+
 def test_contention_names_a_flock_holder(session: Path, foreign_holder: SpawnForeignHolder) -> None:
     h = foreign_holder(sidecar(session))
     promise = f"held by pid {h.pid} (flock), not a fencelock holder"
