@@ -120,15 +120,20 @@ def recover(
             old_token = found.record.token if found.record is not None else 0
             # The holder as it is now (the one waited for may have handed over).
             now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
-            successor = _successor(session, _holding_run(now) or _holding_run(found))
-            new, carried, made = _start_fresh(session, lane, carry, old_token, backend,
-                                              waited, successor)
+            stuck = _holding_run(now) or _holding_run(found)
+            successor = _successor(session, stuck)
             try:
-                return Recovery(Action.FRESH, new, found, waited, carried)
-            except BaseException:  # an interrupt: the caller never learns its name
-                if made and successor is None:  # (another recover may answer a successor)
-                    _remove_fresh(new)
-                raise
+                new, carried, made = _start_fresh(session, lane, carry, old_token, backend,
+                                                  waited, successor, stuck)
+            except _RunEnded:
+                pass  # it let go as the fresh session was begun: re-fire, as below
+            else:
+                try:
+                    return Recovery(Action.FRESH, new, found, waited, carried)
+                except BaseException:  # an interrupt: the caller never learns its name
+                    if made and successor is None:  # (another recover may answer it)
+                        _remove_fresh(new)
+                    raise
     now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
     taken_over = _taken_over(session, now, backend)
     if taken_over is not None:  # the last run's conversation went on there
@@ -196,6 +201,12 @@ def _holding(found: HolderStatus) -> HolderInfo | None:
     return record
 
 
+def _still_holds(session: str, run: HolderInfo, backend: str | None) -> bool:
+    """Whether the run ``run`` still holds ``session``."""
+    now = _holding_run(_probe.probe(session, backend=backend))
+    return now is not None and (now.run_id, now.token) == (run.run_id, run.token)
+
+
 def _holding_run(found: HolderStatus) -> HolderInfo | None:
     """The record of the fencelock run that holds the session, for naming its fresh
     session: the live holder's (`_holding`), or that of a `fencelock run` whose command
@@ -227,9 +238,14 @@ def _successor(session: str, stuck: HolderInfo | None) -> str | None:
 
 
 
+class _RunEnded(Exception):
+    """The stuck run let go of the session before its fresh session was begun: the
+    recover re-fires instead, as every recover coming after it does."""
+
+
 def _start_fresh(
     session: str, lane: str, carry: bool, old_token: int, backend: str | None, waited: float,
-    successor: str | None = None,
+    successor: str | None = None, stuck: HolderInfo | None = None,
 ) -> tuple[str, int, bool]:
     """The fresh session beside ``session``, how many lines it carries, and whether this
     call made it: ``successor`` when given, else a new name.
@@ -249,7 +265,7 @@ def _start_fresh(
         new = successor or fresh_session(session)
         try:
             return _make_fresh(session, new, lane, carry, old_token, backend, waited,
-                               successor is not None)
+                               successor is not None, stuck)
         except SessionContendedError:
             if successor is None:
                 raise
@@ -319,13 +335,13 @@ def _wait_made(successor: str, backend: str | None, deadline: float) -> bool:
 
 def _make_fresh(
     session: str, new: str, lane: str, carry: bool, old_token: int, backend: str | None,
-    waited: float, successor: bool,
+    waited: float, successor: bool, stuck: HolderInfo | None = None,
 ) -> tuple[str, int, bool]:
     """`_start_fresh`'s making of ``new`` (`SessionContendedError`: a ``successor``
     another recover holds)."""
     copied: list[int] = []
     try:
-        _fill_fresh(session, new, lane, carry, old_token, backend, copied, successor)
+        _fill_fresh(session, new, lane, carry, old_token, backend, copied, successor, stuck)
         if not copied:
             return new, 0, False  # another recover of the same stuck run made it
     except SessionContendedError:
@@ -360,7 +376,7 @@ def _remove_fresh(new: str) -> None:
 
 def _fill_fresh(
     session: str, new: str, lane: str, carry: bool, old_token: int, backend: str | None,
-    copied: list[int], successor: bool = False,
+    copied: list[int], successor: bool = False, stuck: HolderInfo | None = None,
 ) -> None:
     """Make ``new`` with the old transcript's complete lines, under its lock; their count
     goes into ``copied`` once they are all there. A ``successor`` that exists once its
@@ -378,6 +394,12 @@ def _fill_fresh(
         with lock:
             if successor and os.path.lexists(new):
                 return  # another recover of the same stuck run made it meanwhile
+            # The decision, taken again under this lock: a recover that found the stuck
+            # run gone re-fired unless it found this fresh session begun (held or made),
+            # so one that begins it only now must re-fire too.
+            if stuck is not None and not _still_holds(session, stuck, backend):
+                _remove_fresh(new)  # while its lock is ours: nothing of it stays
+                raise _RunEnded
             # The old session's token floor (its mark; its set-aside copies, which can
             # take long to read) only now that the lock is taken: the sooner it is, the
             # sooner a recover arriving after the stuck run ended finds this copy.

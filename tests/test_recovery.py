@@ -25,6 +25,7 @@ from fencelock import (
     SessionLock,
     UnsafePathError,
     UnsafeSidecarError,
+    _tokens,
     _wait,
     fresh_session,
     probe,
@@ -432,6 +433,35 @@ print(json.dumps({"action": str(r.action), "session": r.session, "lines": r.carr
 
 
 @needs_proc
+def test_a_stuck_run_that_lets_go_as_its_fresh_session_is_begun_gets_a_refire(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recover that waited out the stuck run, then saw it let go just before it began
+    the fresh session: a recover coming after that finds the run gone and no fresh
+    session begun, and re-fires; so this one must re-fire too, or the conversation goes
+    on in two places. The decision is taken again under the fresh session's lock."""
+    session.write_text('{"n": 1}\n')
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    real = _tokens.last_stamped
+    held = [True]
+
+    def let_go_first(path: str) -> int:
+        if held[0] and path == str(session):
+            held[0] = False
+            assert h.call("release") == "released"  # the stuck run ends right here
+        return real(path)
+
+    monkeypatch.setattr(_tokens, "last_stamped", let_go_first)
+    before = set(session.parent.iterdir())
+    first = recover(session, wait=0)
+    monkeypatch.undo()
+    later = recover(session, wait=0)
+    assert (first.action, first.session) == (Action.REFIRE, str(session))
+    assert (later.action, later.session) == (Action.REFIRE, str(session))
+    assert set(session.parent.iterdir()) == before  # no fresh session, no sidecar of one
+
+
 @needs_xattr
 def test_a_fresh_session_s_tokens_start_above_the_old_session_s_mark(
     session: Path, spawn_holder: SpawnHolder
