@@ -359,7 +359,10 @@ class SessionLock:
             raise
 
     def _session_fingerprint(self) -> Fingerprint | None:
-        """The session's fingerprint now; the last one's object again if nothing moved."""
+        """The session's fingerprint at acquire; the last one's object again if nothing
+        moved. `PlantedFileError` for another user's session file in a directory anyone
+        can write to: the run (or `fencelock run`'s command) would write into it, and
+        the acquire would set its token mark."""
         if self.fence_mode is FenceMode.STAT:
             try:
                 st = os.lstat(self.session)
@@ -369,10 +372,15 @@ class SessionLock:
                 pass  # take() below reports it
             else:
                 if stat.S_ISREG(st.st_mode):
+                    if st.st_uid != _sidecar.OWN_UID and st.st_uid:
+                        _sidecar.refuse_planted(self.session, st)
                     last = self._fp
                     # The last one's object again if nothing moved, else from this stat.
                     return last if _fence._stat_matches(last, st) else _fingerprint.from_stat(st)
-        return _fingerprint.take(self.session, self.fence_mode)
+        fp = _fingerprint.take(self.session, self.fence_mode)
+        if fp is not None:
+            _sidecar.refuse_planted_at(self.session)
+        return fp
 
     def release(self) -> None:
         """Give the session back (once per acquire). A forked child never releases.

@@ -97,6 +97,11 @@ def recover(
     session, sidecar = _sidecar.paths(path)
     _fingerprint.take(session, FenceMode.STAT)  # refuses a directory, FIFO or symlink
     store = _store.open_store(backend, session)
+    if store is None:
+        # Its record names the fresh session every recover answers: one another user
+        # planted (and the fresh session of that name they made) would take the run's
+        # next lines.
+        _sidecar.refuse_planted_at(sidecar)
     found = _probe_through_restart(session, stuck_after, backend, limit)
     if found.state is ProbeState.UNREADABLE:
         raise _unreadable(session, sidecar, found, sidecars=store is None)
@@ -300,6 +305,7 @@ def _taken_over(session: str, now: HolderStatus, backend: str | None) -> str | N
         return successor
     if _probe.probe(successor, backend=backend).state is not ProbeState.LIVE:
         return None  # nobody makes it
+    _sidecar.refuse_planted_at(successor + _sidecar.SUFFIX)  # a lock held to stall us
     if _wait_made(successor, backend, time.monotonic() + SUCCESSOR_WAIT) or \
             _published(successor, session):
         return successor if _published(successor, session) else None  # else: it failed
@@ -320,6 +326,7 @@ def _published(successor: str, session: str) -> bool:
     if not stat.S_ISREG(mode):
         # Not one recover made: its name can be worked out from the stuck run's record.
         raise UnsafePathError(successor, describe_mode(mode))
+    _sidecar.refuse_planted_at(successor)  # nor one another user made in advance
     _fence.forget_part(successor)
     return True
 

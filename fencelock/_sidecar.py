@@ -225,6 +225,19 @@ def refuse_planted(path: str, st: os.stat_result) -> None:
         raise PlantedFileError(path, st.st_uid, directory)
 
 
+def refuse_planted_at(path: str) -> None:
+    """`refuse_planted` for whatever is at ``path`` (nothing there: nothing to refuse)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    refuse_planted(path, st)
+
+
+OWN_UID = _geteuid()
+"""This process's user when fencelock was loaded: a file of theirs needs no planted-file
+check on the hot paths (any other owner gets `refuse_planted`, which asks again)."""
+
 _MAX_LINKS = 40
 
 

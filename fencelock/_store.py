@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from fencelock import _backend, _fingerprint, _identity, _record, _tokens
+from fencelock import _backend, _fingerprint, _identity, _record, _sidecar, _tokens
 from fencelock._errors import FenceLockWarning, HolderLostError, StoreUnavailableError
 from fencelock._sidecar_holder import SidecarHolder
 
@@ -162,6 +162,8 @@ class RemoteStore:
             lock._acquired_at = lock._heartbeat_at = time.time()
             lock._phase = _record.Phase.WRITE
             lock._fp = _fingerprint.take(lock.session, lock.fence_mode, opened=True)
+            if lock._fp is not None:  # as for a sidecar (`SessionLock._session_fingerprint`)
+                _sidecar.refuse_planted_at(lock.session)
             lock._tail_checked = False
             lock._info = None
             return lock._encode()

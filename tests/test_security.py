@@ -393,6 +393,65 @@ def test_files_planted_by_another_user_in_a_shared_directory_are_refused(planted
         assert b"secret" not in target.read_bytes()
 
 
+_PLANT = (
+    "import os\n"
+    "fd = os.open(args['path'], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)\n"
+    "os.fchmod(fd, 0o666)\n"
+    "os.write(fd, args['data'].encode())\n"
+    "result = True"
+)
+
+
+@needs_root
+def test_a_planted_session_file_is_refused_at_acquire_before_anything_touches_it() -> None:
+    """`fencelock run` hands the session to its command, which would write into another
+    user's file; and the acquire would set the token mark on it: both are refused."""
+    from fencelock import PlantedFileError
+
+    with open_directory(0o1777) as sessions:
+        session = sessions / "s.jsonl"
+        as_user(_PLANT, path=str(session), data='{"n":0}\n')
+        with pytest.raises(PlantedFileError):
+            SessionLock(session, "victim").acquire()
+        out = subprocess.run(
+            [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "a", "--",
+             "sh", "-c", 'echo \'{"secret": 1}\' >> "$FENCELOCK_SESSION"'],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert out.returncode == 1 and "planted" in out.stderr, out.stderr
+        assert session.read_bytes() == b'{"n":0}\n'
+        assert "user.fencelock.token" not in os.listxattr(session)
+
+
+@needs_root
+@pytest.mark.parametrize("planted", ["sidecar", "fresh session"])
+def test_recover_follows_no_record_another_user_planted(planted: str) -> None:
+    """The fresh session every recover of a run answers is named from the session's
+    record: another user who planted the record (or the fresh session of that name)
+    would get the run's next lines."""
+    from fencelock import PlantedFileError
+    from fencelock._recovery import _successor
+
+    with open_directory(0o1777) as sessions:
+        session = sessions / "s.jsonl"
+        session.write_text('{"n":0}\n')
+        with SessionLock(session, "before"):
+            pass
+        record = probe(session).record
+        assert record is not None
+        successor = _successor(str(session), record)
+        assert successor is not None
+        if planted == "sidecar":
+            os.unlink(sidecar_of(session))
+            as_user(_PLANT, path=str(sidecar_of(session)), data=record.encode().decode())
+        else:
+            as_user(_PLANT, path=successor, data="")
+        with pytest.raises(PlantedFileError):
+            recover(session, wait=0)
+        if planted == "fresh session":
+            assert Path(successor).read_bytes() == b""  # nothing written into theirs
+
+
 @needs_root
 def test_a_symlink_another_user_planted_above_the_session_is_refused() -> None:
     """Opening with O_NOFOLLOW guards only the last component. In a directory another
