@@ -98,18 +98,26 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=RUN_IDS.reset)
 
 
+def _local_start(host: str, start: str) -> tuple[str, bool, bool] | None:
+    """A process start recorded on this host, against this process's own: (its clock
+    ticks, same boot, same PID namespace); None where that cannot be told (another
+    host, no start recorded, or none known here)."""
+    if host != ME.host or not start or not ME.start:
+        return None
+    try:
+        ticks, boot, ns = start.split("@")
+    except ValueError:
+        return None
+    _, my_boot, my_ns = ME.start.split("@")
+    return ticks, boot == my_boot, ns == my_ns
+
+
 def in_other_pid_namespace(host: str, start: str) -> bool:
     """Whether a process recorded as started ``start`` on ``host`` ran in another PID
     namespace of this host (a container): its pid names another process here, or none.
-    False where that cannot be told (no start recorded, or none known here)."""
-    if host != ME.host or not start or not ME.start:
-        return False
-    try:
-        _, boot, ns = start.split("@")
-    except ValueError:
-        return False
-    _, my_boot, my_ns = ME.start.split("@")
-    return boot == my_boot and ns != my_ns
+    False where that cannot be told."""
+    known = _local_start(host, start)
+    return known is not None and known[1] and not known[2]
 
 
 def owner_alive(pid: int, host: str, start: str) -> bool | None:
@@ -118,16 +126,13 @@ def owner_alive(pid: int, host: str, start: str) -> bool | None:
     None when it cannot be known from here: another host, another PID namespace, or a
     platform without /proc. A zombie counts as dead: it holds no locks.
     """
-    if host != ME.host or not start or not ME.start:
+    known = _local_start(host, start)
+    if known is None:
         return None
-    try:
-        ticks, boot, ns = start.split("@")
-    except ValueError:
-        return None
-    _, my_boot, my_ns = ME.start.split("@")
-    if boot != my_boot:
+    ticks, same_boot, same_ns = known
+    if not same_boot:
         return False  # recorded before the last reboot
-    if ns != my_ns:
+    if not same_ns:
         return None
     fields = _stat_fields(pid)
     if fields is None:
