@@ -209,13 +209,17 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat
 
 _geteuid = getattr(os, "geteuid", lambda: 0)
 
+OWN_UID = _geteuid()
+"""This process's user when fencelock was loaded: its files are this user's, whatever
+the effective user is now (`refuse_planted` also takes the current one's)."""
+
 
 def refuse_planted(path: str, st: os.stat_result) -> None:
     """Raise `PlantedFileError` for a file owned by neither this user nor root in a
     directory anyone can write to: another user could have created it in advance."""
     geteuid = getattr(os, "geteuid", None)
-    if geteuid is None or st.st_uid in (0, geteuid()):
-        return
+    if geteuid is None or st.st_uid in (0, OWN_UID, geteuid()):
+        return  # root's, or this process's user's (now, or when fencelock was loaded)
     directory = os.path.dirname(path) or "."
     try:
         shared = os.stat(directory).st_mode & stat.S_IWOTH
@@ -233,10 +237,6 @@ def refuse_planted_at(path: str) -> None:
         return
     refuse_planted(path, st)
 
-
-OWN_UID = _geteuid()
-"""This process's user when fencelock was loaded: a file of theirs needs no planted-file
-check on the hot paths (any other owner gets `refuse_planted`, which asks again)."""
 
 _MAX_LINKS = 40
 

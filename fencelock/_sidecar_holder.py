@@ -30,6 +30,7 @@ from fencelock._errors import (
     CorruptRecordError,
     FenceLockError,
     NotHeldError,
+    PlantedFileError,
     SessionContendedError,
     SidecarAccessError,
 )
@@ -188,11 +189,22 @@ class SidecarHolder:
                     raise _registry.cancelled()  # got it just as the caller gave up
                 self._write_new_record(lock, run_id)
                 lock._count, lock._owner, lock._pid = 1, me, _identity.ME.pid
-            except BaseException:
+            except BaseException as e:
                 lock._count = 0
                 self._unwrite_record(lock)
+                if isinstance(e, PlantedFileError):
+                    self._remove_if_empty()
                 self._close_fd()
                 raise
+
+    def _remove_if_empty(self) -> None:
+        """After a refusal before any record was written: remove the sidecar if it is
+        empty (this acquire made it, most likely), while its lock is still ours, so that
+        it locks out nobody (the session's owner could not open a sidecar of ours)."""
+        with contextlib.suppress(OSError):
+            st = os.fstat(self._fd)
+            if st.st_size == 0 and _sidecar.still_at_path(self.sidecar, st):
+                os.unlink(self.sidecar)
 
     def _lock_sidecar(
         self,

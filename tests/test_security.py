@@ -413,6 +413,8 @@ def test_a_planted_session_file_is_refused_at_acquire_before_anything_touches_it
         as_user(_PLANT, path=str(session), data='{"n":0}\n')
         with pytest.raises(PlantedFileError):
             SessionLock(session, "victim").acquire()
+        # The refused acquire left no sidecar of ours to lock the file's owner out.
+        assert not sidecar_of(session).exists()
         out = subprocess.run(
             [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "a", "--",
              "sh", "-c", 'echo \'{"secret": 1}\' >> "$FENCELOCK_SESSION"'],
@@ -421,6 +423,27 @@ def test_a_planted_session_file_is_refused_at_acquire_before_anything_touches_it
         assert out.returncode == 1 and "planted" in out.stderr, out.stderr
         assert session.read_bytes() == b'{"n":0}\n'
         assert "user.fencelock.token" not in os.listxattr(session)
+        owner = as_user("from fencelock import SessionLock\n"
+                        "with SessionLock(args['path'], 'owner') as lock:\n"
+                        "    result = lock.info.token", path=str(session))
+        assert owner >= 1  # its owner takes it as ever
+
+
+@needs_root
+@pytest.mark.parametrize("fence", ["stat", "content"])
+def test_the_planted_file_check_takes_the_user_fencelock_was_loaded_as(
+    fence: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that was loaded as one user and runs as another now (seteuid) owns
+    the first user's files too: both fences apply one rule to them."""
+    from fencelock import _sidecar
+
+    with open_directory(0o1777) as sessions:
+        session = sessions / "s.jsonl"
+        as_user(_PLANT, path=str(session), data='{"n":0}\n')
+        monkeypatch.setattr(_sidecar, "OWN_UID", NOBODY)  # as if loaded as that user
+        with SessionLock(session, "same user", fence=fence) as lock:
+            assert lock.held
 
 
 @needs_root
