@@ -432,10 +432,11 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
     """Serve the line protocol on ``stdin``/``stdout`` for ``lock``; the exit code."""
     seen = Seen()
     served = _Session(lock)
-    handlers: PromptHandlers | None = None
     code = EXIT_ERROR
     try:
-        handlers = PromptHandlers(seen.stop, _platform.stop_signals())
+        # Installed for the rest of the process's life (its relay thread keeps it): see
+        # the end of this function.
+        PromptHandlers(seen.stop, _platform.stop_signals())
         code = _hold(served, heartbeat, _Inbox(stdin), _Out(stdout), seen)
     except Stopped:
         pass  # the code is the signal's, below
@@ -445,8 +446,9 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
             served.close()
         except (FenceLockError, OSError) as e:
             _stderr(f"{lock.session}: release: {e}")
-        if handlers is not None:
-            handlers.close()
+        # The handlers stay until the process exits: a signal from here on is only
+        # noted, and the exit is this code (128 + N for one that came before), never
+        # the signal's default action.
     return 128 + seen.signum if seen.signum else code
 
 
@@ -480,7 +482,7 @@ def _hold(served: _Session, heartbeat: float, inbox: _Inbox, out: _Out, seen: Se
         return EXIT_OK  # the caller left before the session was held
     try:
         out.send({"ok": True, "event": "held", "record": info.to_json()})
-        _serve(served, inbox, out, heartbeat)
+        _serve(served, inbox, out, heartbeat, seen)
     except _CallerGone as e:
         if e.error is not None:  # not a caller that left: say so, release, exit 1
             _stderr(f"cannot write its answers to stdout ({e.error.strerror or e.error}); "
@@ -503,7 +505,9 @@ def _refresh(lock: SessionLock) -> None:
         _stderr(f"heartbeat not refreshed: {e}")
 
 
-def _serve(served: _Session, inbox: _Inbox, out: _Out, heartbeat: float) -> None:
+def _serve(
+    served: _Session, inbox: _Inbox, out: _Out, heartbeat: float, seen: Seen
+) -> None:
     beat = heartbeat if 0 < heartbeat < threading.TIMEOUT_MAX else None
     # When hold refreshes the heartbeat itself, unless a request writes it first.
     due = 0.0 if beat is None else time.monotonic() + beat
@@ -533,6 +537,10 @@ def _serve(served: _Session, inbox: _Inbox, out: _Out, heartbeat: float) -> None
                     if "op" in request else f'request has no "op" (one of {", ".join(OPS)})'
                 )
             op = asked
+            if op == "release":
+                # A stop signal from here is noted, not raised: raised in the middle of
+                # the release, it would leave the record saying held (stale).
+                seen.settled = True
             answer = served.handle(op, request)
         except (FenceLockError, OSError) as e:
             answer = error_answer(e)

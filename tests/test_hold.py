@@ -182,6 +182,29 @@ def test_sigterm_releases_cleanly(session: Path, start_hold: StartHold, signum: 
     assert "Traceback" not in h.stderr()
 
 
+SIGNAL_IN_THE_RELEASE = """
+import os, signal, sys
+from fencelock import _cli, _sidecar_holder
+real = _sidecar_holder.SidecarHolder.release
+def release(self, lock):
+    os.kill(os.getpid(), signal.SIGTERM)  # lands in the release, as a late kill can
+    real(self, lock)
+_sidecar_holder.SidecarHolder.release = release
+_cli.main(sys.argv[1:], prog_name="fencelock")
+"""
+
+
+def test_a_stop_signal_during_a_requested_release_leaves_it_released(session: Path) -> None:
+    h = Hold(session, lane="x", python=("-c", SIGNAL_IN_THE_RELEASE))
+    try:
+        h.held()
+        assert h.call("release")["ok"]
+        assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
+        assert probe(session).state == "free"  # released, not stale
+    finally:
+        h.kill()
+
+
 def test_sigterm_while_waiting_stops_cleanly_without_holding(
     session: Path, start_hold: StartHold, spawn_holder: SpawnHolder
 ) -> None:
