@@ -276,10 +276,9 @@ def holder_text(st: HolderStatus) -> str:
 
 
 def held_record(st: HolderStatus) -> HolderInfo | None:
-    """The record, if it says held (a released one describes a past run, and so does
-    a held one whose owner is dead while the system names who holds the lock)."""
-    rec = st.record
-    return rec if rec is not None and str(rec.state) == "held" and not st._outside else None
+    """The live holder's record (a released one, or a dead owner's, describes a past
+    run): `HolderStatus._live_record`."""
+    return st._live_record
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:

@@ -45,7 +45,13 @@ from fencelock._errors import (
 )
 from fencelock._fingerprint import FenceMode
 from fencelock._record import HolderInfo, Phase, State
-from fencelock._sidecar_holder import held_by_others, holder_alive, may_be_live, read_quietly
+from fencelock._sidecar_holder import (
+    contended,
+    held_by_others,
+    holder_alive,
+    may_be_live,
+    read_quietly,
+)
 
 
 class ProbeState(enum.StrEnum):
@@ -83,12 +89,15 @@ class HolderStatus:
     run` left running: ``record`` is that run's last (released) record."""
 
     @property
-    def _outside(self) -> bool:
-        """Live, and the record (if any) is a past run's: the processes the system lists
-        (`lock_owners`) hold the lock, outside fencelock, or left by a `fencelock run`."""
-        return self.state is ProbeState.LIVE and self.lock_owners is not None and (
-            self.record is None or self.record.state is not State.HELD
-            or self.owner_alive is False)
+    def _live_record(self) -> HolderInfo | None:
+        """The live holder's record: None when not live, or when the record is a past
+        run's (released, or its owner dead) and the processes the system lists
+        (`lock_owners`) hold the lock."""
+        record = self.record
+        if self.state is not ProbeState.LIVE or record is None or \
+                record.state is not State.HELD:
+            return None
+        return None if self.lock_owners is not None and self.owner_alive is False else record
 
     @property
     def pid(self) -> int | None:
@@ -110,8 +119,8 @@ class HolderStatus:
         record's, which for a free or stale session is the last run's.)"""
         if self.state is not ProbeState.LIVE:
             return None
-        record = self.record
-        if record is not None and record.state is State.HELD and not self._outside:
+        record = self._live_record
+        if record is not None:
             command = _left_holding(record)
             if command is None:
                 # A dead owner's pid (etcd: its lease not expired yet) holds nothing; one
@@ -433,10 +442,8 @@ def clear(
                     # (as on a writable filesystem); otherwise why it cannot be cleared.
                     found = _probe(session, sidecar, DEFAULT_STUCK_AFTER, time.time())
                     if found.state is ProbeState.LIVE:
-                        live = found.record is not None and not found._outside and \
-                            found.record.state is State.HELD
                         raise SessionContendedError(
-                            session, found.record if live else None,
+                            session, found._live_record,
                             lock_owners=found.lock_owners,
                             last=found.record if found.left_by_run else None
                         ) from None
@@ -446,11 +453,7 @@ def clear(
                 raise
             try:
                 if not _lock_for_clear(fd, sidecar):
-                    last = read_quietly(sidecar)
-                    record = last if last is not None and last.state is State.HELD else None
-                    owners = None if record else _platform.lock_owners(sidecar)
-                    raise SessionContendedError(session, record, lock_owners=owners,
-                                                last=_record.left_by_run(last, owners))
+                    raise contended(session, sidecar)
                 if not _sidecar.still_at_path(sidecar, st):
                     continue
                 return _clear_locked(fd, st, session, sidecar, remove, force)

@@ -43,7 +43,7 @@ from fencelock._errors import (
 from fencelock._fingerprint import FenceMode
 from fencelock._platform import describe_mode
 from fencelock._probe import HolderStatus, ProbeState
-from fencelock._record import MAX_TOKEN, HolderInfo, State
+from fencelock._record import MAX_TOKEN, HolderInfo
 
 
 class Action(enum.StrEnum):
@@ -117,7 +117,7 @@ def recover(
         if not released:
             if not fresh:
                 url = _backend.selected(backend)
-                raise SessionContendedError(session, _holding(found), waited=waited,
+                raise SessionContendedError(session, found._live_record, waited=waited,
                                             lock_owners=found.lock_owners,
                                             backend=None if url is None else url.text,
                                             last=found.record if found.left_by_run
@@ -196,16 +196,6 @@ _SUCCESSORS = uuid.UUID("6f1c2a9e-53d1-4e0a-9c1b-f3a2d0e5b7c4")
 """The namespace of successor session names (`_successor`)."""
 
 
-def _holding(found: HolderStatus) -> HolderInfo | None:
-    """The live holder's record: None for a holder outside fencelock, whose session
-    still shows the record of the last fencelock run (released, or stale)."""
-    record = found.record
-    if found.state is not ProbeState.LIVE or found.lock_owners is not None or \
-            record is None or record.state is not State.HELD:
-        return None
-    return record
-
-
 def _still_holds(session: str, run: HolderInfo, backend: str | None) -> bool:
     """Whether the run ``run`` still holds ``session``."""
     now = _holding_run(_probe.probe(session, backend=backend))
@@ -214,11 +204,12 @@ def _still_holds(session: str, run: HolderInfo, backend: str | None) -> bool:
 
 def _holding_run(found: HolderStatus) -> HolderInfo | None:
     """The record of the fencelock run that holds the session, for naming its fresh
-    session: the live holder's (`_holding`), or that of a `fencelock run` whose command
-    left processes behind. Those hold the session through the descriptor the run's
-    process locked, after the run released its record: the lock the system lists is
-    that process's (which has exited), so the record still names the run."""
-    held = _holding(found)
+    session: the live holder's (`HolderStatus._live_record`), or that of a `fencelock
+    run` whose command left processes behind. Those hold the session through the
+    descriptor the run's process locked, after the run released its record: the lock
+    the system lists is that process's (which has exited), so the record still names
+    the run."""
+    held = found._live_record
     if held is not None or found.state is not ProbeState.LIVE:
         return held
     return found.record if found.left_by_run else None

@@ -102,6 +102,22 @@ def held_by_others(record: HolderInfo | None) -> bool:
     return _record.command_of(record) is None and holder_alive(record) is False
 
 
+def contended(
+    session: str, sidecar: str, record: HolderInfo | None = None, waited: float | None = None
+) -> SessionContendedError:
+    """The error for a session whose sidecar's lock someone else holds: named by its
+    record (read now unless given), or, when that is a past run's, by the processes the
+    system lists (or as the leftovers of the `fencelock run` that record names)."""
+    if record is None:
+        record = read_quietly(sidecar)
+    last = None
+    if held_by_others(record):
+        last, record = record, None  # a past run's record: released, or its owner dead
+    owners = _platform.lock_owners(sidecar) if record is None else None
+    return SessionContendedError(session, record, waited=waited, lock_owners=owners,
+                                 last=_record.left_by_run(last, owners))
+
+
 def read_quietly(sidecar: str) -> HolderInfo | None:
     """The sidecar's record, or None when there is none or it cannot be read."""
     try:
@@ -322,16 +338,8 @@ class SidecarHolder:
             return None
 
     def _contended(self, start: float | None, record: HolderInfo | None = None) -> Exception:
-        if record is None:
-            record = read_quietly(self.sidecar)
-        last = None
-        if held_by_others(record):
-            last, record = record, None  # a past run's record: released, or its owner dead
         waited = None if start is None else time.monotonic() - start
-        # Without a held record a process outside fencelock has the lock: name it.
-        owners = _platform.lock_owners(self.sidecar) if record is None else None
-        return SessionContendedError(self.session, record, waited=waited, lock_owners=owners,
-                                     last=_record.left_by_run(last, owners))
+        return contended(self.session, self.sidecar, record, waited)
 
     def _write_new_record(self, lock: SessionLock, run_id: str) -> None:
         fd, previous = self._fd, None
