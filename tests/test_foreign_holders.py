@@ -60,6 +60,8 @@ def test_a_flock_holder_behind_a_dead_runs_record_is_named_not_the_dead_pid(
         SessionLock(session, "x", on_contention="fail").acquire()
     assert e.value.holder is None and promise in str(e.value)
     assert str(dead.pid) not in cli("status", str(session)).stdout.split()
+    refused = cli("clear", str(session))
+    assert refused.returncode == 4 and promise in refused.stderr, refused.stderr
 
 
 def test_a_holder_in_another_pid_namespace_is_not_named_by_a_pid_of_this_one(
