@@ -217,9 +217,11 @@ the effective user is now (`refuse_planted` also takes the current one's)."""
 def refuse_planted(path: str, st: os.stat_result) -> None:
     """Raise `PlantedFileError` for a file owned by neither this user nor root in a
     directory anyone can write to: another user could have created it in advance."""
+    if st.st_uid in (0, OWN_UID):
+        return  # root's, or this process's user's when fencelock was loaded
     geteuid = getattr(os, "geteuid", None)
-    if geteuid is None or st.st_uid in (0, OWN_UID, geteuid()):
-        return  # root's, or this process's user's (now, or when fencelock was loaded)
+    if geteuid is None or st.st_uid == geteuid():
+        return  # this process's user's now (asked only here: it is a system call)
     directory = os.path.dirname(path) or "."
     try:
         shared = os.stat(directory).st_mode & stat.S_IWOTH
