@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from fencelock._output import (
@@ -191,11 +191,7 @@ def _executable(name: str, env: dict[str, str]) -> str | None:
     name with a slash: no search)."""
     if os.sep in name:
         return None
-    for directory in env.get("PATH", os.defpath).split(os.pathsep):
-        candidate = os.path.join(directory or ".", name)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    return _on_path(name, env, lambda path: os.path.isfile(path) and os.access(path, os.X_OK))
 
 
 def _found(name: str, env: dict[str, str]) -> str | None:
@@ -203,9 +199,14 @@ def _found(name: str, env: dict[str, str]) -> str | None:
     has it (executable or not: this only says why running it failed)."""
     if os.sep in name:
         return name
+    return _on_path(name, env, lambda path: os.path.exists(path) and not os.path.isdir(path))
+
+
+def _on_path(name: str, env: dict[str, str], fits: Callable[[str], bool]) -> str | None:
+    """The first ``name`` on the command's PATH that ``fits``."""
     for directory in env.get("PATH", os.defpath).split(os.pathsep):
         candidate = os.path.join(directory or ".", name)
-        if os.path.exists(candidate) and not os.path.isdir(candidate):
+        if fits(candidate):
             return candidate
     return None
 
