@@ -16,6 +16,7 @@ import errno
 import os
 import stat
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -162,6 +163,20 @@ def _not_a_session(session: str, sidecar: str, what: str) -> HolderStatus:
 
 
 def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> HolderStatus:
+    found = _look(session, sidecar, stuck_after, now)
+    if isinstance(found, HolderStatus):
+        return found
+    while found.result is None:
+        time.sleep(_GRACE_STEP)  # a probe's or a waiter's test lock lasts microseconds
+        found.step()
+    return found.result
+
+
+def _look(
+    session: str, sidecar: str, stuck_after: float, now: float
+) -> HolderStatus | _Watch:
+    """The session's status; or, for a lock found taken with no live record behind it,
+    a `_Watch` that decides it within the grace."""
     if _registry.any_held():
         # A holder in this process answers for itself: opening and locking a second
         # descriptor could disturb its lock where flock is emulated (NFS).
@@ -178,23 +193,109 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
         if e.cause.errno == errno.ENOENT and os.path.isdir(os.path.dirname(sidecar)):
             return HolderStatus(session, sidecar, ProbeState.FREE, reason=_no_sidecar(session))
         return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
-    owners: tuple[_platform.LockOwner, ...] | None = None
+    watch = None
     try:
         try:
             free = _unlocked(fd)
             record, corrupt = _read(fd, sidecar, st.st_size)
-            if not free and not (record is not None and may_be_live(record)):
-                free = _unlocked_within(fd, _sidecar_holder.FAIL_GRACE)
+        except (OSError, SidecarAccessError) as e:
+            return _unprobed(session, sidecar, e)
+        if not free and not (record is not None and may_be_live(record)):
+            watch = _Watch(session, sidecar, fd, stuck_after, now)
+            return watch
+    finally:
+        if watch is None:
+            _sidecar.close(fd)  # also drops the test lock
+    return _conclude(session, sidecar, free, record, corrupt, None, stuck_after, now)
+
+
+def _unprobed(session: str, sidecar: str, e: OSError | SidecarAccessError) -> HolderStatus:
+    if isinstance(e, OSError):  # e.g. ENOLCK: no lock service on this NFS mount
+        e = SidecarAccessError(sidecar, e, "its lock cannot be probed here")
+    return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
+
+
+class _Watch:
+    """A sidecar whose lock was found taken with no live holder's record behind it,
+    watched for the grace fail-fast acquirers give (`_sidecar_holder.FAIL_GRACE`): free
+    within it, the taker was fencelock's own (a probe, an acquirer about to write its
+    record); still taken after it, a process outside fencelock holds it. A holder
+    outside fencelock keeps the lock the same way (exclusive, or shared) all along;
+    fencelock's own test locks last microseconds and come and go, so the grace starts
+    again whenever what blocks the lock changes (at most 20 graces in all). `scan`
+    watches many at once, so that they share their graces."""
+
+    def __init__(
+        self, session: str, sidecar: str, fd: int, stuck_after: float, now: float
+    ) -> None:
+        self.session, self.sidecar, self.fd = session, sidecar, fd
+        self.stuck_after, self.now = stuck_after, now
+        start = time.monotonic()
+        self.deadline, self.cap = start + _GRACE, start + 20 * _GRACE
+        self.next_try = start + _GRACE_STEP
+        self.blocked_by_exclusive: bool | None = None
+        self.result: HolderStatus | None = None
+
+    def step(self) -> None:
+        """Test the lock again if a step has passed since the last test; set ``result``
+        once the lock comes free or the grace is over."""
+        now = time.monotonic()
+        if self.result is not None or now < self.next_try:
+            return
+        self.next_try = now + _GRACE_STEP
+        try:
+            shared = _platform.try_lock(self.fd, shared=True)
+            if shared and _platform.sole_lock(self.fd):
+                self._decide(True)
+                return
+            if self.blocked_by_exclusive is not None and self.blocked_by_exclusive == shared:
+                self.deadline = now + _GRACE  # blocked the other way now: someone came and went
+            self.blocked_by_exclusive = not shared
+            if now >= min(self.deadline, self.cap):
+                self._decide(False)
+        except OSError as e:
+            self.close()
+            self.result = _unprobed(self.session, self.sidecar, e)
+
+    def _decide(self, free: bool) -> None:
+        session, sidecar, fd = self.session, self.sidecar, self.fd
+        owners: tuple[_platform.LockOwner, ...] | None = None
+        try:
+            try:
                 record, corrupt = _read(fd, sidecar, None)
                 if not free and held_by_others(record):
                     owners = _platform.lock_owners(sidecar)  # only now: it reads a system list
-        except OSError as e:  # e.g. ENOLCK: no lock service on this NFS mount
-            why = SidecarAccessError(sidecar, e, "its lock cannot be probed here")
-            return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(why))
-        except SidecarAccessError as e:
-            return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
-    finally:
-        _sidecar.close(fd)  # also drops the test lock
+            except (OSError, SidecarAccessError) as e:
+                self.result = _unprobed(session, sidecar, e)
+                return
+        finally:
+            self.close()
+        self.result = _conclude(
+            session, sidecar, free, record, corrupt, owners, self.stuck_after, self.now
+        )
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            _sidecar.close(fd)  # also drops the test lock
+
+
+_GRACE = _sidecar_holder.FAIL_GRACE
+_GRACE_STEP = 0.001
+"""How often a watched lock is tested again."""
+
+
+def _conclude(
+    session: str,
+    sidecar: str,
+    free: bool,
+    record: HolderInfo | None,
+    corrupt: str,
+    owners: tuple[_platform.LockOwner, ...] | None,
+    stuck_after: float,
+    now: float,
+) -> HolderStatus:
+    """The status from what the probe saw of the lock and the record."""
     if not free:
         state = ProbeState.LIVE
     elif corrupt:
@@ -228,27 +329,6 @@ def _no_sidecar(session: str) -> str:
 def _unlocked(fd: int) -> bool:
     """Whether no other process holds the sidecar's lock, exclusive or shared."""
     return _platform.try_lock(fd, shared=True) and _platform.sole_lock(fd)
-
-
-def _unlocked_within(fd: int, grace: float) -> bool:
-    """Whether the lock comes free within ``grace``. A holder outside fencelock keeps
-    it the same way (exclusive, or shared) all along; fencelock's own test locks last
-    microseconds and come and go, so the grace starts again whenever what blocks the
-    lock changes (at most 20 graces in all)."""
-    start = time.monotonic()
-    deadline, cap = start + grace, start + 20 * grace
-    blocked_by_exclusive: bool | None = None
-    while True:
-        time.sleep(0.001)  # a probe's or a waiter's test lock lasts microseconds
-        shared = _platform.try_lock(fd, shared=True)
-        if shared and _platform.sole_lock(fd):
-            return True
-        now = time.monotonic()
-        if blocked_by_exclusive is not None and blocked_by_exclusive == shared:
-            deadline = now + grace  # blocked the other way now: someone came and went
-        blocked_by_exclusive = not shared
-        if now >= min(deadline, cap):
-            return False
 
 
 def _read(fd: int, sidecar: str, size: int | None) -> tuple[HolderInfo | None, str]:
@@ -371,17 +451,60 @@ def scan(
     except OSError as e:
         raise SidecarAccessError(base, e, "scan needs a directory this user can list") from None
     now = time.time()
-    for name in sorted(names):
-        session = os.path.join(base, name)
-        if name in odd:
-            yield _not_a_session(session, session + _sidecar.SUFFIX, _what_is(odd[name]))
-            continue
-        if not name:  # a sidecar named only ".holder": no session path is its
+    # Rows in order; a lock found taken without a live record is watched for its grace
+    # while the scan goes on, so that such sessions share their graces.
+    rows: deque[HolderStatus | _Watch] = deque()
+    watched: list[_Watch] = []
+    try:
+        for name in sorted(names):
+            session = os.path.join(base, name)
             sidecar = session + _sidecar.SUFFIX
-            yield HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=(
-                f"{sidecar}: a sidecar with no session name; no run uses it. Remove it"))
-            continue
-        yield _probe(session, session + _sidecar.SUFFIX, stuck_after, now)
+            if name in odd:
+                row: HolderStatus | _Watch = _not_a_session(
+                    session, sidecar, _what_is(odd[name]))
+            elif not name:  # a sidecar named only ".holder": no session path is its
+                row = HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=(
+                    f"{sidecar}: a sidecar with no session name; no run uses it. Remove it"))
+            else:
+                row = _look(session, sidecar, stuck_after, now)
+                if isinstance(row, _Watch):
+                    watched.append(row)
+            rows.append(row)
+            yield from _ready(rows, watched, _MAX_WATCHED, _MAX_PENDING_ROWS)
+        yield from _ready(rows, watched, 0, 0)
+    finally:
+        for watch in watched:
+            watch.close()
+
+
+_MAX_WATCHED = 64
+"""Sidecars `scan` watches at once (each an open descriptor)."""
+_MAX_PENDING_ROWS = 1024
+"""Rows `scan` keeps behind a watched one before it waits for that one."""
+
+
+def _ready(
+    rows: deque[HolderStatus | _Watch], watched: list[_Watch], most_watched: int,
+    most_rows: int,
+) -> Iterator[HolderStatus]:
+    """Yield the rows decided at the front of ``rows``; wait (testing the watched
+    locks) while ``watched`` or ``rows`` hold more than ``most_watched`` or
+    ``most_rows`` (0: until every row is out)."""
+    while True:
+        for watch in watched:
+            watch.step()
+        watched[:] = [watch for watch in watched if watch.result is None]
+        while rows:
+            row = rows[0]
+            if isinstance(row, _Watch):
+                if row.result is None:
+                    break
+                row = row.result
+            rows.popleft()
+            yield row
+        if len(watched) < max(most_watched, 1) and len(rows) <= most_rows:
+            return
+        time.sleep(_GRACE_STEP)
 
 
 def _scan_store(base: str, stuck_after: float, backend: str | None) -> Iterator[HolderStatus]:

@@ -11,14 +11,16 @@ import json
 import os
 import pty
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SpawnForeignHolder, SpawnHolder
 from marks import needs
 from test_cli import FENCELOCK, _read_until, cli, rows
 
-from fencelock import SessionContendedError, SessionLock, _identity, probe
+from fencelock import SessionContendedError, SessionLock, _identity, _probe, probe, scan
 from fencelock._errors import describe_holder
 
 pytestmark = needs("proc_locks", "flock")
@@ -240,3 +242,70 @@ def test_recover_of_a_flock_holder_names_it_and_starts_a_new_fresh_session_each_
     second = recover(session, wait=0)
     assert second.session != first.session and second.carried_lines == 2
     assert Path(second.session).read_text() == '{"a":1}\n{"b":2}\n'
+
+
+class _CountingSleep:
+    """``time`` for `fencelock._probe`, counting the pauses a probe makes."""
+
+    def __init__(self) -> None:
+        self.sleeps = 0
+        self.monotonic, self.time = time.monotonic, time.time
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        time.sleep(seconds)
+
+
+def test_scan_waits_out_one_grace_for_many_sessions_held_outside_fencelock(
+    tmp_path: Path, foreign_holder: SpawnForeignHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A lock taken with no record behind it gets a grace before it counts as a holder
+    # outside fencelock (an acquirer may be about to write its record): status of a
+    # directory full of such sessions waits that grace once, not once a session.
+    held = [tmp_path / f"s{i:02d}.jsonl" for i in range(0, 20, 2)]
+    free = [tmp_path / f"s{i:02d}.jsonl" for i in range(1, 20, 2)]
+    holders = {s: foreign_holder(sidecar(s), shared=i % 2 == 1) for i, s in enumerate(held)}
+    for s in free:
+        with SessionLock(s, "done"):
+            pass
+    clock = _CountingSleep()
+    monkeypatch.setattr(_probe, "time", clock)
+    one = probe(held[0])
+    assert one.state == "live" and one.held_by == holders[held[0]].pid
+    one_grace, clock.sleeps = clock.sleeps, 0
+    found = list(scan(tmp_path))
+    assert clock.sleeps < 3 * one_grace, (clock.sleeps, one_grace)
+    assert [Path(st.session) for st in found] == sorted(held + free)
+    for st in found:
+        if Path(st.session) in holders:
+            assert st.state == "live" and st.held_by == holders[Path(st.session)].pid, st
+        else:
+            assert st.state == "free" and st.lane == "done", st
+    # However few sessions it watches at once and rows it keeps back: the same rows.
+    monkeypatch.setattr(_probe, "_MAX_WATCHED", 3)
+    monkeypatch.setattr(_probe, "_MAX_PENDING_ROWS", 2)
+    assert list(scan(tmp_path)) == found
+
+
+def test_a_scan_left_unfinished_closes_the_sidecars_it_watched(
+    tmp_path: Path, foreign_holder: SpawnForeignHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sessions = [tmp_path / f"s{i}.jsonl" for i in range(4)]
+    for s in sessions:
+        foreign_holder(sidecar(s))
+    # The first session's grace is the usual one, the others' long: when the first row
+    # comes out, the scan is still watching the other three sidecars.
+    look = _probe._look
+
+    def first_quick(session: str, *args: Any) -> Any:
+        monkeypatch.setattr(_probe, "_GRACE", 0.05 if session == str(sessions[0]) else 600.0)
+        return look(session, *args)
+
+    monkeypatch.setattr(_probe, "_look", first_quick)
+    before = len(os.listdir("/proc/self/fd"))
+    rows_seen = scan(tmp_path)
+    first = next(rows_seen)
+    assert first.state == "live" and first.session == str(sessions[0])
+    assert len(os.listdir("/proc/self/fd")) == before + 3
+    rows_seen.close()
+    assert len(os.listdir("/proc/self/fd")) == before
