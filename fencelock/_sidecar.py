@@ -92,7 +92,7 @@ def _found_at(path: str) -> str | None:
 
 
 def access_error(path: str, e: OSError, writing: bool) -> Exception:
-    if e.errno == errno.ELOOP:
+    if e.errno == errno.ELOOP and not _loop_on_the_way(path, e):
         return UnsafeSidecarError(path, "a symlink")
     if e.errno == errno.EISDIR:
         return UnsafeSidecarError(path, "a directory")
@@ -164,7 +164,16 @@ def path_fix(path: str, e: OSError, *, writing: bool, sidecar: bool) -> str | No
         return _too_long(path)
     if e.errno == errno.ENOTDIR:
         return f"a part of {directory} is not a directory; check the path"
+    if e.errno == errno.ELOOP:
+        return (f"{directory} cannot be reached: a symlink on the way leads in a loop; fix "
+                f"the path or the symlinks in it")
     return None
+
+
+def _loop_on_the_way(path: str, e: OSError) -> bool:
+    """Whether ``e`` (an open refusing ``path``) is a symlink loop in its directories
+    rather than the symlink at ``path`` itself that the open refused to follow."""
+    return e.errno == errno.ELOOP and _found_at(path) is None
 
 
 def _too_long(path: str) -> str:
@@ -190,7 +199,7 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat
     try:
         fd = os.open(path, flags | _platform.OPEN_FLAGS, mode)
     except OSError as e:
-        what = _UNSAFE_ERRNO.get(e.errno or 0)
+        what = None if _loop_on_the_way(path, e) else _UNSAFE_ERRNO.get(e.errno or 0)
         if e.errno in (errno.ENXIO, errno.EACCES, errno.EPERM):
             what = _found_at(path) or what
         if what is None:

@@ -1158,3 +1158,25 @@ def test_a_sidecar_the_directory_will_not_let_go_names_the_directory(stale: bool
         else:
             assert "cleared" not in result["message"]
             assert sidecar.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", [
+    ["status"], ["clear"], ["wait"], ["recover"], ["run", "--lane", "x", "--", "true"],
+    ["verify"],
+])
+def test_a_symlink_loop_on_the_way_is_named_as_such(tmp_path: Path, command: list[str]) -> None:
+    # loop1 -> loop2 -> loop1: the open fails with ELOOP, as it does for a symlinked
+    # sidecar that O_NOFOLLOW refuses; the fix is the path's, not a file's to remove.
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    session = str(tmp_path / "loop1" / "s.jsonl")
+    out = subprocess.run(
+        [sys.executable, "-m", "fencelock", command[0], session, *command[1:]],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 1, out
+    assert "a symlink on the way leads in a loop" in out.stderr, out.stderr
+    assert "Remove or rename" not in out.stderr and "is a symlink" not in out.stderr
+    with pytest.raises(FenceLockError, match="a symlink on the way leads in a loop"):
+        SessionLock(session, "x").acquire()
+    assert "a symlink on the way leads in a loop" in probe(session).reason
