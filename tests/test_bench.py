@@ -302,3 +302,17 @@ def test_append_rounds_cover_every_turn_once_in_order(turns: int) -> None:
     assert 1 <= len(rounds) <= APPEND_ROUNDS
     assert all(len(r) for r in rounds)
     assert [seq for r in rounds for seq in r] == list(range(turns))
+
+
+def test_the_hold_benchmark_says_so_when_hold_gives_no_answer() -> None:
+    import io
+
+    import click
+
+    from fencelock.tools.bench_hold import _line
+
+    with pytest.raises(click.ClickException, match=r"gave no answer \(it ended\)"):
+        _line(io.BytesIO(b""))
+    with pytest.raises(click.ClickException, match="gave no answer: b'No module"):
+        _line(io.BytesIO(b"No module named fencelock\n"))
+    assert _line(io.BytesIO(b'{"ok": true}\n')) == {"ok": True}

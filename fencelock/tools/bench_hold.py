@@ -54,12 +54,25 @@ def _spawn(session: Path) -> tuple[subprocess.Popen[bytes], IO[bytes], IO[bytes]
     return proc, proc.stdin, proc.stdout
 
 
+def _line(stdout: IO[bytes]) -> dict[str, Any]:
+    """The next line ``fencelock hold`` wrote; a clear error when it wrote none (it
+    could not start, or ended: its own message is on stderr above)."""
+    line = stdout.readline()
+    try:
+        answer: dict[str, Any] = json.loads(line)
+    except ValueError:
+        raise click.ClickException(
+            "fencelock hold gave no answer" + (f": {line!r}" if line else " (it ended)")
+            + f"; check that {sys.executable} -m fencelock runs") from None
+    return answer
+
+
 def _ask(stdin: IO[bytes], stdout: IO[bytes], request: bytes) -> dict[str, Any]:
     stdin.write(request)
     stdin.flush()
-    answer: dict[str, Any] = json.loads(stdout.readline())
+    answer = _line(stdout)
     if not answer.get("ok"):
-        raise RuntimeError(f"fencelock hold refused a request: {answer}")
+        raise click.ClickException(f"fencelock hold refused a request: {answer}")
     return answer
 
 
@@ -78,7 +91,7 @@ def measure(directory: Path, n: int, starts: int) -> dict[str, dict[str, float]]
     held = directory / "hold.jsonl"
     proc, stdin, stdout = _spawn(held)
     try:
-        json.loads(stdout.readline())  # the held line
+        _line(stdout)  # the held line
         _ask(stdin, stdout, request)
         results["append through hold"] = _stats(
             _timed(n, lambda i: _ask(stdin, stdout, request))
@@ -95,7 +108,7 @@ def measure(directory: Path, n: int, starts: int) -> dict[str, dict[str, float]]
 
     def start(i: int) -> None:
         p, to_hold, from_hold = _spawn(directory / "start.jsonl")
-        from_hold.readline()
+        _line(from_hold)
         to_hold.close()
         p.wait()
         from_hold.close()
