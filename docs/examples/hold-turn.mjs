@@ -4,6 +4,7 @@
 //
 //   node hold-turn.mjs SESSION [--lane L] [--message TEXT] [--turns N] [--model-ms MS]
 //                      [--gate] [--writer NAME] [--fencelock PATH]
+//                      [--no-wait | --timeout S]
 //
 // Each turn spawns `fencelock hold`, waits for its "held" line, appends the user's
 // message, opens the prompt window, calls the model (simulated: it waits --model-ms,
@@ -157,7 +158,7 @@ function keepUndelivered(opts, entry, error) {
 
 async function turn(opts, n) {
   const hold = new Hold(opts.fencelock, opts.session, opts.lane, opts.holdArgs);
-  console.log(`hold pid=${hold.child.pid}`);
+  if (hold.child.pid !== undefined) console.log(`hold pid=${hold.child.pid}`);
   const held = await hold.next();
   if (!held.ok) throw new HoldError(held);
   console.log(`held token=${held.record.token}`);
