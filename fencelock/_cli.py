@@ -564,7 +564,7 @@ def clear_command(
       fencelock clear --remove sessions/
     """
     answer_goes_to_stdout("clear")
-    from fencelock._errors import OutsideRootError, SidecarAccessError
+    from fencelock._errors import OutsideRootError, SidecarAccessError, fresh_session_command
 
     show = PathDisplay()
     report: list[_ClearOutcome] = []
@@ -599,7 +599,11 @@ def clear_command(
                 failed = True
                 error_line(outcome.error)
             elif outcome.refused:
-                error_line(f"{outcome.session}: not cleared: held by {outcome.holder_text}")
+                error_line(
+                    f"{outcome.session}: not cleared: held by {outcome.holder_text}; a live "
+                    f"holder is never cleared: wait for it (fencelock wait), or start a "
+                    f"fresh session ({fresh_session_command(outcome.session, backend)})"
+                )
             elif not as_json:
                 out(f"{show(outcome.session)}: {clean(outcome.reason)}")
     if as_json:
@@ -838,7 +842,7 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
     import signal
     from functools import partial
 
-    from fencelock._errors import StoreUnavailableError
+    from fencelock._errors import StoreUnavailableError, fresh_session_command
     from fencelock._probe import ProbeState, probe
     from fencelock._signals import PromptHandlers
     from fencelock._store import open_store
@@ -884,7 +888,10 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
                 holder = holder_text(look())
             except StoreUnavailableError:
                 holder = "a live holder (etcd did not say which in time)"
-            raise ContendedCliError(f"{named}: still held by {holder} after {timeout:g}s")
+            raise ContendedCliError(
+                f"{named}: still held by {holder} after {timeout:g}s; wait longer "
+                f"(--timeout), or start a fresh session ({fresh_session_command(named, backend)})"
+            )
 
 
 # -- recover ----------------------------------------------------------------------------

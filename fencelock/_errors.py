@@ -57,6 +57,12 @@ class CoordinationError(FenceLockError):
     """Two runs met on one session; retrying the same model call will not help."""
 
 
+def fresh_session_command(session: str, backend: str | None) -> str:
+    """The command that starts a fresh session after ``session``'s live run."""
+    store = "" if backend is None else f"--backend {shlex.quote(backend)} "
+    return f"fencelock recover {store}{shlex.quote(session)}"
+
+
 class SessionContendedError(CoordinationError):
     """Another run holds the session (``on_contention="fail"``, or a wait timed out)."""
 
@@ -84,10 +90,9 @@ class SessionContendedError(CoordinationError):
         `HolderStatus.lock_owners`), None where it cannot say."""
         who = describe_holder(holder, lock_owners, last)
         how = f", after waiting {waited:.1f}s" if waited and waited >= 0.05 else ""
-        store = "" if backend is None else f"--backend {shlex.quote(backend)} "
         super().__init__(
             f"{session}: held by {who}{how}; wait for it, or start a fresh session "
-            f"(fencelock recover {store}{session})"
+            f"({fresh_session_command(session, backend)})"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:

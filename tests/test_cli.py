@@ -544,6 +544,7 @@ def test_clear_refuses_live_holder(session: Path, spawn_holder: SpawnHolder) -> 
     assert out.returncode == 4
     no_traceback(out.stderr, 1)
     assert f"pid {h.pid}" in out.stderr and "lane 'busy'" in out.stderr
+    assert f"start a fresh session (fencelock recover {session})" in out.stderr  # the way on
     assert probe(session).state == "live"
     assert h.call("release") == "released"
 
@@ -1075,6 +1076,8 @@ def test_wait_timeout_exits_4_naming_holder(session: Path, spawn_holder: SpawnHo
     assert out.returncode == 4
     no_traceback(out.stderr, 1)
     assert f"pid {h.pid}" in out.stderr and "lane 'slow'" in out.stderr and "0.2s" in out.stderr
+    assert "wait longer (--timeout)" in out.stderr
+    assert f"start a fresh session (fencelock recover {session})" in out.stderr
 
 
 @needs_proc_locks
