@@ -346,16 +346,18 @@ class SessionLock:
         self, me: object, deadline: float | None, cancel: threading.Event | None
     ) -> None:
         start = time.monotonic()
+        attempt = object()
         # Every step inside the try, so that an interrupt (KeyboardInterrupt, a
         # cancellation) landing anywhere leaves neither the slot nor the lock behind.
         try:
-            _take_slot(self._key, self, self.on_contention == "fail", deadline, cancel, start)
+            _take_slot(self._key, self, self.on_contention == "fail", deadline, cancel, start,
+                       attempt)
             self._store.acquire(self, me, deadline, cancel, start)
         except BaseException:
             # Only a slot this attempt took: while another owner (thread, task) holds
-            # this object, the slot, the object's one, is that run's.
+            # this object or is acquiring it, the slot, the object's one, is theirs.
             if not self._count:
-                _free_slot(self._key, self)
+                _free_slot(self._key, self, attempt)
             raise
 
     def _session_fingerprint(self) -> Fingerprint | None:

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from fencelock._lock import SessionLock
 
 _held: dict[str, SessionLock] = {}
+_taken_by: dict[str, object] = {}
+"""The attempt (`take`'s ``attempt``) that took each slot in ``_held``: several owners
+(threads, tasks) may be acquiring one `SessionLock` at once, and an attempt that gives
+up frees only a slot it took itself."""
 _mu = threading.Lock()
 _cond = threading.Condition(_mu)
 """Waited on by acquirers whose session another object of this process holds. The
@@ -84,15 +88,18 @@ def take(
     deadline: float | None,
     cancel: threading.Event | None,
     start: float,
+    attempt: object = None,
 ) -> None:
-    """Take ``key``'s slot for ``lock``, waiting for another holder of this process to
-    free it unless ``fail``; `SessionContendedError` past ``deadline``."""
+    """Take ``key``'s slot for ``lock`` on behalf of ``attempt``, waiting for another
+    holder of this process (or another attempt on ``lock``) to free it unless ``fail``;
+    `SessionContendedError` past ``deadline``."""
     global _waiters
     with _mu:
         while True:
             other = _held.get(key)
             if other is None:
                 _held[key] = lock
+                _taken_by[key] = attempt
                 return
             if cancel is not None and cancel.is_set():
                 raise cancelled()
@@ -108,11 +115,13 @@ def take(
                 _waiters -= 1
 
 
-def free(key: str, lock: SessionLock) -> None:
-    """Free ``key``'s slot if ``lock`` has it, waking waiters."""
+def free(key: str, lock: SessionLock, attempt: object = None) -> None:
+    """Free ``key``'s slot if ``lock`` has it (and, given ``attempt``, if that attempt
+    took it), waking waiters."""
     with _mu:
-        if _held.get(key) is lock:
+        if _held.get(key) is lock and (attempt is None or _taken_by.get(key) is attempt):
             del _held[key]
+            _taken_by.pop(key, None)
             if _waiters:
                 _cond.notify_all()
 
@@ -135,6 +144,7 @@ def _after_fork_in_child() -> None:
     for lock in _held.values():
         lock._forget_in_child()
     _held.clear()
+    _taken_by.clear()
     _mu = threading.Lock()
     _cond = threading.Condition(_mu)
     _waiters = 0

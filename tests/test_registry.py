@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ast
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from conftest import SpawnHolder
 
 import fencelock
-from fencelock import FenceLockWarning, SessionLock, _registry
+from fencelock import FenceLockWarning, SessionContendedError, SessionLock, _registry
 
 PACKAGE = Path(fencelock.__file__).parent
 
@@ -107,3 +110,37 @@ def test_probe_and_recovery_use_the_registry_not_the_lock_internals() -> None:
                 assert not reaches_lock and not private_call, (
                     f"{module}:{node.lineno} reaches into {ast.unparse(node)}"
                 )
+
+
+def test_an_owner_giving_up_leaves_the_slot_to_the_owner_still_acquiring(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    # One object, several threads: A waits for another process's run; B gives up
+    # waiting behind A. The slot stays A's, so nothing else enters the acquire A is in
+    # (a third owner did, lost A's descriptor and left A's release waiting for ever).
+    other = spawn_holder(session, lane="other")
+    other.acquire()
+    key = _registry.registry_key(str(session))
+    lock = SessionLock(session, "shared")
+    took = threading.Event()
+
+    def first() -> None:
+        with lock:
+            took.set()
+
+    a = threading.Thread(target=first, daemon=True)
+    a.start()
+    deadline = time.monotonic() + 30
+    while _registry.held_in_process(key) is not lock:  # A has the slot, waits for the lock
+        assert time.monotonic() < deadline and a.is_alive()
+        time.sleep(0.001)
+    with pytest.raises(SessionContendedError):
+        lock.acquire(timeout=0.05)
+    assert _registry.held_in_process(key) is lock  # still A's
+    assert other.call("release") == "released"
+    assert took.wait(30)
+    a.join(30)
+    assert not a.is_alive(), "A's release never returned"
+    with lock:  # the object works on, in this thread
+        lock.append({"after": True})
+    assert other.acquire() > 0  # and another process takes the session after it
