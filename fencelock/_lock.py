@@ -655,7 +655,17 @@ class SessionLock:
         """Raise `SessionTakeoverError` if the session moved since the last fence point."""
         self._require()
         self._store.check()
-        return _fence.check(self.session, self._fp, self.fence_mode, self._store.opens_session)
+        return self._check_fence(self._store.opens_session)
+
+    def _check_fence(self, opened: bool, *, move: bool = False) -> Fingerprint | None:
+        """`_fence.check` against the fence point (moved to what it found if ``move``),
+        after any append under way in another thread: its line is in the file before it
+        moves the fence point."""
+        with self._append_mu:
+            fp = _fence.check(self.session, self._fp, self.fence_mode, opened)
+            if move:
+                self._fp = fp
+            return fp
 
     def touch(self) -> None:
         """Heartbeat: refresh ``heartbeat_at`` so the holder is not reported stuck."""
@@ -669,7 +679,7 @@ class SessionLock:
         # Where the holder lives in a store (etcd), the session may be on a filesystem
         # that other hosts write: its fingerprint comes from opening it (close-to-open).
         opened = self._store.opens_session
-        _fence.check(self.session, self._fp, self.fence_mode, opened)
+        self._check_fence(opened)
         inner = self._phase is Phase.PROMPT  # inside an open window: that one ends it
         if not inner:
             self._rewrite(_phase=Phase.PROMPT, _heartbeat_at=time.time())
@@ -683,7 +693,7 @@ class SessionLock:
         # A run released inside the window is over: whoever writes the session next is
         # no intruder into it (and the release wrote the write phase).
         if held:
-            self._fp = _fence.check(self.session, self._fp, self.fence_mode, opened)
+            self._check_fence(opened, move=True)
 
     # -- recovery hook -----------------------------------------------------------
 

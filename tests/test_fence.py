@@ -1054,3 +1054,34 @@ print(json.dumps({"unchecked": r.unchecked, "problems": [[p.line, p.kind] for p 
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout)
     assert got == {"unchecked": [2], "problems": [[3, "token-backwards"]]}, got
+
+
+def test_the_holders_own_appends_from_another_thread_are_no_takeover(session: Path) -> None:
+    # A tool's output streamed from a thread while the main thread opens the prompt
+    # window and checks the fence: a line written but not yet counted as the fence
+    # point is the holder's own, not a foreign write.
+    import threading
+
+    lock = SessionLock(session, "only-writer")
+    with lock:
+        lock.append({"role": "user", "content": "hi"})
+        for trial in range(40):
+            stop, started = threading.Event(), threading.Event()
+
+            def stream(trial: int, stop: threading.Event, started: threading.Event) -> None:
+                while not stop.is_set():
+                    lock.append({"role": "tool", "trial": trial})
+                    started.set()
+
+            writer = threading.Thread(target=stream, args=(trial, stop, started))
+            writer.start()
+            try:
+                assert started.wait(30)
+                with lock.prompt_window():
+                    time.sleep(0.002)  # the model call, with the tool still writing
+                lock.verify_fence()
+            finally:
+                stop.set()
+                writer.join()
+        lock.verify_fence()
+    assert verify(session).ok
