@@ -168,20 +168,12 @@ def _cut_torn_tail(
     """If the file does not end in a newline, move its last partial line aside.
     ``st`` is the file's stat at the fence check, which found it ``expected``."""
     size = st.st_size
-    start = max(0, size - 1024 * 1024)
     try:
         if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
             return size
-        chunk = os.pread(fd, size - start, start)
+        keep = last_line_start(fd, size)
     except OSError as e:
         raise SessionWriteError(session, e, "reading its last line") from None
-    cut = chunk.rfind(b"\n")
-    keep = start + cut + 1 if cut >= 0 else 0
-    if cut < 0 and start > 0:
-        raise FenceLockError(
-            f"{session}: its last line is over 1 MiB with no line break; repair it by hand"
-        )
-    fragment = chunk[keep - start :]
     torn = session + TORN_SUFFIX
     try:
         aside, st = _sidecar.open_regular(torn, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
@@ -193,7 +185,13 @@ def _cut_torn_tail(
         os.close(aside)
         raise
     try:
-        _write_all(aside, fragment + b"\n", torn)
+        for at in range(keep, size, _CHUNK):  # a fragment may be larger than memory allows
+            try:
+                part = os.pread(fd, min(_CHUNK, size - at), at)
+            except OSError as e:
+                raise SessionWriteError(session, e, "reading its last line") from None
+            _write_all(aside, part, torn)
+        _write_all(aside, b"\n", torn)
         _fsync(aside)
     except OSError as e:
         raise SessionWriteError(torn, e, "fsync of the torn last line") from None
@@ -214,12 +212,31 @@ def _cut_torn_tail(
             session, e, f"cutting its torn last line (a copy is already in {torn})"
         ) from None
     warnings.warn(
-        f"{session}: its last line was torn ({len(fragment)} bytes without a line break, "
+        f"{session}: its last line was torn ({size - keep} bytes without a line break, "
         f"left by a writer that died mid-append); moved it to {torn}",
         FenceLockWarning,
         stacklevel=6,  # the caller of SessionLock.append
     )
     return keep
+
+
+_CHUNK = 1 << 20
+"""How much of a session file a search for its last line break reads at a time."""
+
+
+def last_line_start(
+    fd: int, size: int, read: Callable[[int, int, int], bytes] = os.pread
+) -> int:
+    """Where the file's last line starts: after its last ``\\n`` before ``size`` (0 when
+    there is none), however far back that is; ``read`` is `os.pread` or a wrapper."""
+    end = size
+    while end > 0:
+        start = max(0, end - _CHUNK)
+        cut = read(fd, end - start, start).rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        end = start
+    return 0
 
 
 def _write_all(fd: int, data: bytes, path: str) -> None:

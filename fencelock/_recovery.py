@@ -475,14 +475,7 @@ def _complete_end(fd: int, session: str) -> int:
         end = os.fstat(fd).st_size
     except OSError as e:
         raise SidecarAccessError(session, e, "recover with carry=False to start empty") from None
-    while end > 0:
-        start = max(0, end - _tokens.TAIL)
-        block = _pread(fd, session, end - start, start)
-        cut = block.rfind(b"\n")
-        if cut >= 0:
-            return start + cut + 1
-        end = start
-    return 0
+    return _fence.last_line_start(fd, end, lambda fd, n, at: _pread(fd, session, n, at))
 
 
 def _scan(fd: int, session: str, end: int) -> tuple[int, int]:

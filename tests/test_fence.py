@@ -88,6 +88,24 @@ def test_torn_tail_is_cut_aside_never_glued(session: Path) -> None:
     assert verify(session).ok
 
 
+@pytest.mark.parametrize("first_line", [True, False])
+def test_a_torn_tail_longer_than_the_search_step_is_cut_aside_whole(
+    session: Path, first_line: bool
+) -> None:
+    # A writer killed while writing an entry of several MiB leaves more of it than one
+    # read looks at: the next run still finds where it starts and sets it all aside.
+    head = '{"role": "user"}\n' if first_line else ""
+    fragment = '{"role": "tool", "content": "' + "x" * (5 * 1024 * 1024 // 2) + "y" * (
+        5 * 1024 * 1024 // 2)
+    session.write_text(head + fragment)
+    with SessionLock(session) as lock, pytest.warns(FenceLockWarning, match="torn"):
+        lock.append({"role": "assistant", "content": "ok"})
+    expected = [{"role": "user"}] if first_line else []
+    assert lines(session) == [*expected, {"role": "assistant", "content": "ok"}]
+    assert Path(str(session) + TORN_SUFFIX).read_text() == fragment + "\n"
+    assert verify(session).ok
+
+
 def test_a_line_written_while_the_torn_tail_is_set_aside_is_not_cut_with_it(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
