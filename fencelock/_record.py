@@ -423,10 +423,29 @@ def decode(data: bytes) -> HolderInfo | None:
     if not text_bytes:
         # fencelock never writes this; a filesystem can leave it after a crash
         raise ValueError(f"{len(data)} bytes of NULs or spaces, no record")
+    not_utf8 = None
     try:
         text = text_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"not UTF-8 at byte {e.start}") from None
+        # Bytes past the record are not its own: a shorter record written over a longer
+        # one is followed by the old one's rest until the file is cut to length, and that
+        # rest may begin mid-character. The record must end before them.
+        not_utf8 = ValueError(f"not UTF-8 at byte {e.start}")
+        text = text_bytes[: e.start].decode("utf-8")
+    try:
+        obj = _first_value(text, len(data))
+    except ValueError:
+        if not_utf8 is not None:
+            raise not_utf8 from None
+        raise
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    return from_json(obj)
+
+
+def _first_value(text: str, size: int) -> object:
+    """The first JSON value in ``text`` (of a sidecar ``size`` bytes long); ValueError
+    saying why there is none."""
     try:
         obj, _ = _DECODER.raw_decode(text)
     except RecursionError:
@@ -434,14 +453,12 @@ def decode(data: bytes) -> HolderInfo | None:
     except NotJSONError as e:
         raise ValueError(f"not JSON ({e})") from None
     except json.JSONDecodeError as e:
-        if len(data) >= MAX_RECORD:
+        if size >= MAX_RECORD:
             raise ValueError(f"larger than {MAX_RECORD} bytes") from None
         raise ValueError(f"not JSON ({e.msg.removesuffix(' at')} at offset {e.pos})") from None
     except ValueError:  # Python's own limit on converting long integers, not JSON's
         raise ValueError(f"an integer of over {sys.get_int_max_str_digits()} digits") from None
-    if not isinstance(obj, dict):
-        raise ValueError("not a JSON object")
-    return from_json(obj)
+    return obj
 
 
 def _int(obj: dict[str, Any], name: str, low: int, high: int) -> int:

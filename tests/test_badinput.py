@@ -1180,3 +1180,27 @@ def test_a_symlink_loop_on_the_way_is_named_as_such(tmp_path: Path, command: lis
     with pytest.raises(FenceLockError, match="a symlink on the way leads in a loop"):
         SessionLock(session, "x").acquire()
     assert "a symlink on the way leads in a loop" in probe(session).reason
+
+
+def test_the_rest_of_a_longer_old_record_after_the_record_is_not_its_own(
+    session: Path,
+) -> None:
+    # A shorter record written over a much longer one is followed by the old one's
+    # rest until the file is cut to length; a holder killed in between leaves that
+    # rest, which may begin mid-character. The record before it still counts.
+    with SessionLock(session, "l" + "\U0001f600" * 2000):
+        pass
+    with SessionLock(session, "short") as lock:
+        token = lock.info.token if lock.info else 0
+    sidecar = Path(str(session) + ".holder")
+    data = sidecar.read_bytes()
+    old_rest = ("\U0001f600" * 2000).encode()[1:]  # begins mid-character
+    sidecar.write_bytes(data + old_rest)
+    st = probe(session)
+    assert st.state == "free" and st.lane == "short", st
+    with SessionLock(session, "next") as lock:
+        assert lock.info is not None and lock.info.token == token + 1
+    # Bytes that are not UTF-8 inside the record itself are corrupt, as before.
+    bad = sidecar.read_bytes().replace(b'"next"', b'"n\xffxt"', 1)
+    sidecar.write_bytes(bad)
+    assert probe(session).state == "unreadable"
