@@ -213,6 +213,8 @@ def unsafe_path_fix(path: str, what: str) -> str:
         return "Remove or rename it; fencelock creates it again as a regular file"
     if what.startswith("a symlink"):
         return "Give the path of the file it points to instead, or remove the link"
+    if what.startswith("a directory's path"):  # the path as typed, not what is there
+        return "Give the session file's path without the trailing '/'"
     return "Give the path of a regular file, or rename or remove it"
 
 

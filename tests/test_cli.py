@@ -409,6 +409,18 @@ def test_a_path_ending_in_a_slash_is_never_a_session_beside_it(
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.parametrize("command", ["verify", "wait", "recover"])
+def test_a_session_file_typed_with_a_slash_is_not_for_removing(
+    tmp_path: Path, command: str
+) -> None:
+    # The file is the user's session: the trailing '/' is the mistake, not the file.
+    (tmp_path / "x.jsonl").write_text('{"a": 1}\n')
+    out = cli(command, str(tmp_path / "x.jsonl") + "/")
+    assert out.returncode == 1, out
+    assert "without the trailing '/'" in out.stderr and "remove" not in out.stderr, out.stderr
+    assert (tmp_path / "x.jsonl").read_text() == '{"a": 1}\n'
+
+
 def test_status_missing_session_file_is_free(tmp_path: Path) -> None:
     """A session no run has started yet, in a directory that exists, is free."""
     out = cli("status", str(tmp_path / "sessions" / "new.jsonl"))
