@@ -28,6 +28,10 @@ _FLAPPING_FS = frozenset({"cifs", "smb3", "smbfs", "smb2"})
 
 
 class FenceMode(enum.StrEnum):
+    """How the fence tells a foreign write: ``STAT`` compares the session's stat
+    (device, inode, size, mtime, ctime); ``CONTENT`` its size and a hash of its last
+    bytes, for filesystems whose stat flaps; ``AUTO`` picks per filesystem."""
+
     STAT = "stat"
     CONTENT = "content"
     AUTO = "auto"
@@ -35,6 +39,8 @@ class FenceMode(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Fingerprint:
+    """The session file's identity and state at a fence point (docs/PROTOCOL.md 2.3)."""
+
     dev: int
     ino: int
     size: int

@@ -56,6 +56,10 @@ from fencelock._sidecar_holder import (
 
 
 class ProbeState(enum.StrEnum):
+    """What a probe found: ``LIVE`` (the lock is held), ``FREE`` (not held; no record,
+    or a released one), ``STALE`` (not held, the record still says held: its run
+    died), ``UNREADABLE`` (the sidecar cannot be probed, or its record is corrupt)."""
+
     FREE = "free"
     LIVE = "live"
     STALE = "stale"

@@ -32,11 +32,15 @@ _PREVIOUS_TEXT = 256
 
 
 class State(enum.StrEnum):
+    """A record's ``state``: written ``HELD`` at acquire, ``RELEASED`` at release."""
+
     HELD = "held"
     RELEASED = "released"
 
 
 class Phase(enum.StrEnum):
+    """A held record's ``phase``: ``PROMPT`` inside the prompt window, else ``WRITE``."""
+
     WRITE = "write"
     PROMPT = "prompt"
 

@@ -47,6 +47,9 @@ from fencelock._record import MAX_TOKEN, HolderInfo
 
 
 class Action(enum.StrEnum):
+    """What `recover` decided: ``REFIRE`` the same session (its run is gone), or use a
+    ``FRESH`` one (its run is still stuck in it)."""
+
     REFIRE = "refire"
     FRESH = "fresh"
 

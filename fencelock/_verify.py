@@ -35,6 +35,8 @@ class Problem:
 
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
+    """What `verify` found in a session file: its lines, stamps and problems."""
+
     session: str
     lines: int = 0
     stamped: int = 0
