@@ -219,11 +219,19 @@ class SessionLock:
         )
 
     def _completed_info(self, shell: _record._Unfinished) -> HolderInfo:
+        run_id, heartbeat_at, phase, fp = self._run_id, self._heartbeat_at, self._phase, self._fp
         self._info = info = _record.completed(
-            shell, state=State.HELD, run_id=self._run_id, token=self._token,
-            acquired_at=self._acquired_at, heartbeat_at=self._heartbeat_at,
-            phase=self._phase, fingerprint=self._fp, previous=self._previous,
+            shell, state=State.HELD, run_id=run_id, token=self._token,
+            acquired_at=self._acquired_at, heartbeat_at=heartbeat_at,
+            phase=phase, fingerprint=fp, previous=self._previous,
         )
+        # A thread asking for the holder's record (an in-process contender, say) may
+        # build it as the holder's thread changes a field and drops the one kept: then
+        # this one is already old, and is not kept. (Every change sets the field first,
+        # then drops the record kept.)
+        if (self._heartbeat_at is not heartbeat_at or self._phase is not phase
+                or self._fp is not fp or self._run_id is not run_id):
+            self._info = None
         return info
 
     def _encode(self, state: State = State.HELD) -> bytes:
@@ -268,6 +276,7 @@ class SessionLock:
         except BaseException:
             for name, value in before.items():
                 setattr(self, name, value)
+            self._info = None  # it may have been built from the changes
             raise
 
     def _write_record(self) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from fencelock import (
     FenceLockError,
     HolderInfo,
     NotHeldError,
+    Phase,
     ProbeState,
     SessionContendedError,
     SessionLock,
@@ -784,3 +786,31 @@ def test_an_interrupt_just_as_an_internal_lock_is_granted_leaves_it_free(
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["interrupted", "held: nothing"], out.stdout + out.stderr
+
+
+def test_a_record_built_as_the_holder_changes_it_is_not_kept(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another thread (an in-process contender naming the holder) builds lock.info just
+    # as the holder's thread enters the prompt window: the record it built is already
+    # old, and must not be what lock.info says for the rest of the window.
+    from fencelock import _record
+
+    lock = SessionLock(session, "holder")
+    with lock:
+        real = _record.completed
+        calls = 0
+
+        def meanwhile(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            info = real(*args, **kwargs)
+            if calls == 1:  # the holder's thread runs here: the window begins
+                lock._rewrite(_phase=Phase.PROMPT, _heartbeat_at=time.time())
+            return info
+
+        lock._info = None
+        monkeypatch.setattr(_record, "completed", meanwhile)
+        assert lock.info is not None  # built with the old phase
+        monkeypatch.setattr(_record, "completed", real)
+        assert lock.info is not None and lock.info.phase is Phase.PROMPT
