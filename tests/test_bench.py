@@ -316,3 +316,14 @@ def test_the_hold_benchmark_says_so_when_hold_gives_no_answer() -> None:
     with pytest.raises(click.ClickException, match="gave no answer: b'No module"):
         _line(io.BytesIO(b"No module named fencelock\n"))
     assert _line(io.BytesIO(b'{"ok": true}\n')) == {"ok": True}
+
+
+def test_a_short_hold_is_not_judged(tmp_path: Path) -> None:
+    import dataclasses
+
+    from fencelock.tools.bench import SMOKE, run
+
+    sizes = dataclasses.replace(SMOKE, judge=True, hold_before_release=0.002)
+    report = run(sizes, ["cycle"], str(tmp_path), keep=False, quiet=True)
+    assert any(n.startswith("goals not judged: --hold under 30 ms") for n in report.notes)
+    assert report.goals and all(g.met is None for g in report.goals)

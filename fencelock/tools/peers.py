@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import functools
 import json
@@ -14,7 +13,6 @@ import platform
 import re
 import stat
 import time
-import warnings
 from collections.abc import Callable
 from typing import Protocol
 
@@ -25,6 +23,7 @@ from fencelock import _identity
 # fencelock's own layout, so that fencelock reads them, continues their tokens and
 # releases with the same one-pwrite patch.
 from fencelock._record import RECORD_HEAD, RELEASE_PATCH, STATE_OFFSET, TOKEN_WIDTH, Phase, State
+from fencelock._sidecar_holder import HAND_OVER_AFTER
 
 # The peers come with the optional "bench" extra; without it their columns are empty.
 try:
@@ -113,27 +112,28 @@ class FileLockPeer:
         self.lock.release()
 
 
+def _open_creating(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_CREAT, 0o600)
+
+
 class PortalockerPeer:
     """``portalocker.Lock``: default flags poll every ``check_interval`` (0.25 s);
     ``blocking=True`` passes ``LockFlags.EXCLUSIVE`` so the wait sleeps in the kernel."""
 
     def __init__(self, path: str, record: bytes | None, blocking: bool = False) -> None:
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         assert portalocker is not None
         self.record = record
         flags = portalocker.LockFlags.EXCLUSIVE
         if not blocking:
             flags |= portalocker.LockFlags.NON_BLOCKING
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # "r+b", not the default "a": pwrite on an O_APPEND descriptor appends on Linux.
-            self.lock = portalocker.Lock(path, "r+b", timeout=60, flags=flags)
+        # "r+b", not the default "a": pwrite on an O_APPEND descriptor appends on Linux;
+        # the opener adds O_CREAT, which "r+b" lacks, to the one open portalocker makes.
+        # No timeout in blocking mode: the kernel waits (portalocker warns if given one).
+        self.lock = portalocker.Lock(path, "r+b", timeout=None if blocking else 60,
+                                     flags=flags, opener=_open_creating)
 
     def acquire(self) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fh = self.lock.acquire()
+        fh = self.lock.acquire()
         if self.record is not None:
             os.pwrite(fh.fileno(), self.record, 0)
 
@@ -166,9 +166,11 @@ class FloorLock:
     session, fstat it (the fence check), write, fsync, fstat (the new fence point),
     close; in the write phase the record need not be rewritten. Release: pwrite the
     record with ``"released"`` and the last fence point (or only the ``"released"``
-    state when no append moved it), unlock, close. The record's fixed parts are
-    precomputed, in fencelock's layout as `fencelock._record` defines it (`RECORD_HEAD`,
-    `TOKEN_WIDTH`, the in-place release at `STATE_OFFSET`). There is no
+    state when no append moved it), unlock, yield the CPU after a hold of 1 ms or more
+    (fencelock's hand-over to a woken waiter, `_platform.hand_over`), close. The
+    record's fixed parts are precomputed, in fencelock's layout as `fencelock._record`
+    defines it (`RECORD_HEAD`, `TOKEN_WIDTH`, the in-place release at `STATE_OFFSET`).
+    There is no
     registry, no reentrancy, no fork safety, no error handling, and an empty sidecar
     starts at token 1 (fencelock also consults the session's saved token): this is a
     lower bound for a Python holder that opens the sidecar per acquire, not a usable
@@ -244,6 +246,8 @@ class FloorLock:
             os.pwrite(self.fd, RELEASE_PATCH, STATE_OFFSET)
         fd, self.fd = self.fd, -1
         fcntl.flock(fd, fcntl.LOCK_UN)
+        if time.time() - self.at >= HAND_OVER_AFTER:
+            os.sched_yield()  # as fencelock hands over after a long hold
         os.close(fd)
 
 
