@@ -471,8 +471,11 @@ def scan(
                     f"{sidecar}: a sidecar with no session name; no run uses it. Remove it"))
             else:
                 row = _look(session, sidecar, stuck_after, now)
-                if isinstance(row, _Watch):
-                    watched.append(row)
+            if isinstance(row, _Watch):
+                watched.append(row)
+            elif not rows:  # nothing held back (the usual case): out at once
+                yield row
+                continue
             rows.append(row)
             yield from _ready(rows, watched, _MAX_WATCHED, _MAX_PENDING_ROWS)
         yield from _ready(rows, watched, 0, 0)
