@@ -1228,7 +1228,7 @@ def _sections(ctx: click.Context, param: click.Parameter, value: str) -> list[st
 )
 @click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
 @click.option("--quick", is_flag=True,
-              help="small counts for CI (well under a minute); goals not judged")
+              help="small counts for CI (about a minute); goals not judged")
 @click.option("--smoke", is_flag=True, hidden=True)
 @click.option("--only", default=",".join(SECTIONS), callback=_sections,
               help=f"comma-separated sections to run (default: {','.join(SECTIONS)})")
