@@ -669,12 +669,25 @@ class SessionLock:
     def _check_fence(self, opened: bool, *, move: bool = False) -> Fingerprint | None:
         """`_fence.check` against the fence point (moved to what it found if ``move``),
         after any append under way in another thread: its line is in the file before it
-        moves the fence point."""
+        moves the fence point. It counts as an append under way itself (``_appending``),
+        so that a signal handler of this thread that releases does not wait for it; and
+        a handler that checks in the middle of this thread's append or check checks
+        at once (waiting would be for itself)."""
+        me = threading.get_ident()
+        if self._appending == me:
+            return self._fence_check(opened, move)
         with self._append_mu:
-            fp = _fence.check(self.session, self._fp, self.fence_mode, opened)
-            if move:
-                self._fp = fp
-            return fp
+            self._appending = me
+            try:
+                return self._fence_check(opened, move)
+            finally:
+                self._appending = 0
+
+    def _fence_check(self, opened: bool, move: bool) -> Fingerprint | None:
+        fp = _fence.check(self.session, self._fp, self.fence_mode, opened)
+        if move:
+            self._fp = fp
+        return fp
 
     def touch(self) -> None:
         """Heartbeat: refresh ``heartbeat_at`` so the holder is not reported stuck."""

@@ -7,6 +7,8 @@ import dataclasses
 import json
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -814,3 +816,47 @@ def test_a_record_built_as_the_holder_changes_it_is_not_kept(
         assert lock.info is not None  # built with the old phase
         monkeypatch.setattr(_record, "completed", real)
         assert lock.info is not None and lock.info.phase is Phase.PROMPT
+
+
+_HANDLER_DURING_CHECK = r"""
+import os, signal, sys, time
+from fencelock import SessionLock, SessionTakeoverError, _fence, _lock
+case, session = sys.argv[1], sys.argv[2]
+lock = SessionLock(session, "main")
+lock.acquire()
+lock.append({"n": 0})
+if case == "release-during-check":
+    _lock._GIL = False  # as on a free-threaded build, where release always waits for appends
+    check = _fence.check
+    _fence.check = lambda *a, **k: (time.sleep(0.1), check(*a, **k))[1]  # a slow stat
+    signal.signal(signal.SIGALRM, lambda *a: lock.release())
+    signal.setitimer(signal.ITIMER_REAL, 0.02)
+    lock.verify_fence()
+    assert not lock.held
+else:  # check-during-append: a handler's own fence check while this thread appends
+    fsync = _fence._fsync
+    _fence._fsync = lambda fd: (time.sleep(0.1), fsync(fd))[1]  # a busy disk
+    seen = []
+    def check(*a):
+        try:
+            lock.verify_fence()
+        except SessionTakeoverError:
+            pass  # this thread's line is half counted: the handler cannot wait for itself
+        seen.append(1)
+    signal.signal(signal.SIGALRM, check)
+    signal.setitimer(signal.ITIMER_REAL, 0.02)
+    lock.append({"n": 1})
+    assert seen
+print("done")
+"""
+
+
+@pytest.mark.parametrize("case", ["release-during-check", "check-during-append"])
+def test_a_signal_handler_of_the_checking_thread_does_not_wait_for_itself(
+    session: Path, case: str
+) -> None:
+    # A fence check waits for appends of other threads; a signal handler that runs in
+    # the middle of this thread's check or append must not wait for it.
+    out = subprocess.run([sys.executable, "-c", _HANDLER_DURING_CHECK, case, str(session)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == "done", out
