@@ -168,19 +168,25 @@ def _not_a_session(session: str, sidecar: str, what: str) -> HolderStatus:
 
 def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> HolderStatus:
     found = _look(session, sidecar, stuck_after, now)
+    assert found is not None  # only a busy scan gets None
     if isinstance(found, HolderStatus):
         return found
-    while found.result is None:
-        time.sleep(_GRACE_STEP)  # a probe's or a waiter's test lock lasts microseconds
-        found.step()
+    try:
+        while found.result is None:
+            time.sleep(_GRACE_STEP)  # a probe's or a waiter's test lock lasts microseconds
+            found.step()
+    finally:
+        found.close()  # also when interrupted (a KeyboardInterrupt, a handler's timeout)
     return found.result
 
 
 def _look(
-    session: str, sidecar: str, stuck_after: float, now: float
-) -> HolderStatus | _Watch:
+    session: str, sidecar: str, stuck_after: float, now: float, *, busy: bool = False
+) -> HolderStatus | _Watch | None:
     """The session's status; or, for a lock found taken with no live record behind it,
-    a `_Watch` that decides it within the grace."""
+    a `_Watch` that decides it within the grace. ``busy``: descriptors are open on
+    watched sidecars, so None when this process is out of descriptors (the caller
+    tries again once a watch is over)."""
     if _registry.any_held():
         # A holder in this process answers for itself: opening and locking a second
         # descriptor could disturb its lock where flock is emulated (NFS).
@@ -196,6 +202,8 @@ def _look(
     except SidecarAccessError as e:
         if e.cause.errno == errno.ENOENT and os.path.isdir(os.path.dirname(sidecar)):
             return HolderStatus(session, sidecar, ProbeState.FREE, reason=_no_sidecar(session))
+        if busy and e.cause.errno in (errno.EMFILE, errno.ENFILE):
+            return None
         return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
     watch = None
     try:
@@ -470,7 +478,11 @@ def scan(
                 row = HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=(
                     f"{sidecar}: a sidecar with no session name; no run uses it. Remove it"))
             else:
-                row = _look(session, sidecar, stuck_after, now)
+                found = _look(session, sidecar, stuck_after, now, busy=bool(watched))
+                while found is None:  # out of descriptors: wait for a watch to end
+                    yield from _ready(rows, watched, len(watched), _MAX_PENDING_ROWS)
+                    found = _look(session, sidecar, stuck_after, now, busy=bool(watched))
+                row = found
             if isinstance(row, _Watch):
                 watched.append(row)
             elif not rows:  # nothing held back (the usual case): out at once
@@ -480,8 +492,9 @@ def scan(
             yield from _ready(rows, watched, _MAX_WATCHED, _MAX_PENDING_ROWS)
         yield from _ready(rows, watched, 0, 0)
     finally:
-        for watch in watched:
-            watch.close()
+        for row in rows:
+            if isinstance(row, _Watch):
+                row.close()
 
 
 _MAX_WATCHED = 64

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import pty
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -297,9 +299,9 @@ def test_a_scan_left_unfinished_closes_the_sidecars_it_watched(
     # comes out, the scan is still watching the other three sidecars.
     look = _probe._look
 
-    def first_quick(session: str, *args: Any) -> Any:
+    def first_quick(session: str, *args: Any, **kwargs: Any) -> Any:
         monkeypatch.setattr(_probe, "_GRACE", 0.05 if session == str(sessions[0]) else 600.0)
-        return look(session, *args)
+        return look(session, *args, **kwargs)
 
     monkeypatch.setattr(_probe, "_look", first_quick)
     before = len(os.listdir("/proc/self/fd"))
@@ -309,3 +311,63 @@ def test_a_scan_left_unfinished_closes_the_sidecars_it_watched(
     assert len(os.listdir("/proc/self/fd")) == before + 3
     del rows_seen  # a loop left early: the generator is closed as it goes
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_probe_interrupted_in_its_grace_leaves_no_descriptor_open(
+    session: Path, foreign_holder: SpawnForeignHolder
+) -> None:
+    # A caller's timeout (a signal handler that raises) lands while the probe waits out
+    # the grace of a lock held without a record.
+    foreign_holder(sidecar(session))
+
+    class GaveUp(Exception):
+        pass
+
+    def give_up(signum: int, frame: object) -> None:
+        raise GaveUp
+
+    before = sorted(os.listdir("/proc/self/fd"))
+    old = signal.signal(signal.SIGALRM, give_up)
+    try:
+        for _ in range(5):
+            signal.setitimer(signal.ITIMER_REAL, 0.01)  # shorter than the 50 ms grace
+            with pytest.raises(GaveUp):
+                probe(session)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+_FEW_DESCRIPTORS = r"""
+import fcntl, os, resource, subprocess, sys
+from collections import Counter
+from fencelock import scan
+directory, count = sys.argv[1], int(sys.argv[2])
+# another process holds every sidecar's lock (no record): each is watched for its grace
+holder = subprocess.Popen([sys.executable, "-c", '''
+import fcntl, os, sys
+fds = [os.open(p, os.O_RDWR) for p in sys.argv[1:]]
+for fd in fds:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+''', *[os.path.join(directory, f"s{i:04d}.jsonl.holder") for i in range(count)]],
+    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+assert holder.stdout.readline() == "held\n"
+# a process with few descriptors to spare (an agent server with its sockets open)
+spare = len(os.listdir("/proc/self/fd")) + 40
+resource.setrlimit(resource.RLIMIT_NOFILE, (spare, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+print(dict(Counter(str(st.state) for st in scan(directory))))
+holder.stdin.close()
+holder.wait()
+"""
+
+
+def test_scan_with_few_descriptors_to_spare_waits_for_its_watches(tmp_path: Path) -> None:
+    for i in range(100):
+        (tmp_path / f"s{i:04d}.jsonl.holder").touch()
+    out = subprocess.run([sys.executable, "-c", _FEW_DESCRIPTORS, str(tmp_path), "100"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "{'live': 100}", out.stdout
