@@ -225,10 +225,11 @@ _CHUNK = 1 << 20
 
 
 def last_line_start(
-    fd: int, size: int, read: Callable[[int, int, int], bytes] = os.pread
+    fd: int, size: int, read: Callable[[int, int, int], bytes] | None = None
 ) -> int:
     """Where the file's last line starts: after its last ``\\n`` before ``size`` (0 when
-    there is none), however far back that is; ``read`` is `os.pread` or a wrapper."""
+    there is none), however far back that is; ``read`` is a wrapper of `os.pread`."""
+    read = read or os.pread
     end = size
     while end > 0:
         start = max(0, end - _CHUNK)
