@@ -173,7 +173,8 @@ class _Lease:
         if self.lost:
             return False
         if _lease_clock() >= self.confirmed_until - self.safety():
-            self.lost = "its etcd lease could not be renewed in time"
+            self.lost = ("its etcd lease could not be renewed in time: etcd did not answer, "
+                         "or this process was paused for longer than the lease's TTL")
             return False
         return True
 
