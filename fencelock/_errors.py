@@ -32,6 +32,7 @@ the attributes set since), so it crosses a process pool intact.
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 from typing import TYPE_CHECKING, Any
@@ -317,6 +318,16 @@ class SidecarAccessError(FenceLockError):
         return self.path, self.cause, self.fix
 
 
+WRITE_FIXES = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space",
+    errno.EROFS: "the filesystem is read-only; keep sessions on a writable filesystem",
+    errno.EACCES: "this user cannot write it; run as its owner or fix the permissions",
+    errno.EPERM: "this user cannot write it; run as its owner or fix the permissions",
+}
+"""What to do about a write that failed with these errors."""
+
+
 class SessionWriteError(FenceLockError):
     """A fenced append could not be written or made durable."""
 
@@ -329,6 +340,9 @@ class SessionWriteError(FenceLockError):
         """The session's new fence point (after the failed line was taken back out, or
         with it when ``stored``), when it could be read."""
         reason = cause.strerror or type(cause).__name__
+        fix = WRITE_FIXES.get(cause.errno or 0)
+        if fix is not None:
+            reason += f" ({fix})"
         outcome = (
             "the entry is in the session but a crash may lose the new file's name"
             if stored

@@ -180,6 +180,8 @@ def _cut_torn_tail(
     except OSError as e:
         raise SessionWriteError(torn, e, "keeping the torn last line aside") from None
     try:
+        if st.st_nlink > 1:  # another name's file would get the fragment
+            raise UnsafePathError(torn, f"a hard link to a file with {st.st_nlink} names")
         _sidecar.refuse_planted(torn, st)
     except FenceLockError:
         os.close(aside)

@@ -17,6 +17,7 @@ from typing import TypeAlias
 from fencelock import _forkguard, _platform
 from fencelock._constants import NO_WORKING_DIRECTORY, SIDECAR_SUFFIX
 from fencelock._errors import (
+    WRITE_FIXES,
     CorruptRecordError,
     ForeignSymlinkError,
     PlantedFileError,
@@ -156,10 +157,8 @@ def path_fix(path: str, e: OSError, *, writing: bool, sidecar: bool) -> str | No
             return (f"it may be immutable or append-only (lsattr {path}; chattr -i or -a "
                     f"clears that), or this user cannot {how} it")
         return f"this user cannot {how} it; run as its owner or fix the permissions"
-    if e.errno == errno.EROFS:
-        return "the filesystem is read-only; keep sessions on a writable filesystem"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "free some space, then try again"
+    if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        return WRITE_FIXES[e.errno] + (", then try again" if e.errno != errno.EROFS else "")
     if e.errno == errno.ENAMETOOLONG:
         return _too_long(path)
     if e.errno == errno.ENOTDIR:

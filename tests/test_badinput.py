@@ -507,6 +507,20 @@ def test_torn_file_that_is_a_symlink_is_not_followed(session: Path) -> None:
     assert victim.read_bytes() == b"precious\n"
 
 
+def test_torn_file_that_is_a_hard_link_is_not_written_through(session: Path) -> None:
+    # Another name of the same file (a backup kept by hand, say) must not get the
+    # fragment: the .torn name is refused, as a hard-linked sidecar is.
+    other = session.parent / "backup.log"
+    other.write_bytes(b"BACKUP LOG\n")
+    os.link(other, str(session) + ".torn")
+    session.write_bytes(b'{"n":0}\n{"torn')
+    with SessionLock(session, "a") as lock, pytest.raises(UnsafePathError) as e:
+        lock.append({"n": 1})
+    assert "a hard link to a file with 2 names" in str(e.value) and ".torn" in str(e.value)
+    assert other.read_bytes() == b"BACKUP LOG\n"
+    assert session.read_bytes() == b'{"n":0}\n{"torn'
+
+
 # -- directories --------------------------------------------------------------------
 
 

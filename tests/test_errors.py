@@ -128,3 +128,14 @@ def test_exceptions_cross_a_process_pool() -> None:
             error = future.exception(timeout=120)
             assert error is not None, name
             check_round_trip(samples()[name], error)
+
+
+@pytest.mark.parametrize(("code", "fix"), [
+    (errno.ENOSPC, "free some space"),
+    (errno.EACCES, "run as its owner or fix the permissions"),
+    (errno.EROFS, "keep sessions on a writable filesystem"),
+])
+def test_a_failed_write_says_what_to_do(code: int, fix: str) -> None:
+    e = _errors.SessionWriteError("/s/a.jsonl", OSError(code, "failed"), "write")
+    assert str(e).startswith("/s/a.jsonl: write failed: failed (") and fix in str(e), str(e)
+    assert "append it again once the cause is fixed" in str(e)
