@@ -13,6 +13,7 @@ parses and reports; the command line formats what it returns.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -179,6 +180,12 @@ def load(path: str | os.PathLike[str]) -> Any:
                 raise ConfigError(name, "not a regular file; name the config file itself")
             data = f.read(MAX_CONFIG + 1)
     except OSError as e:
+        if e.errno == errno.ENXIO:  # a socket cannot be opened at all
+            with contextlib.suppress(OSError):
+                what = _platform.describe_mode(os.stat(name).st_mode)
+                raise ConfigError(
+                    name, f"{what}, not a regular file; name the config file itself"
+                ) from None
         reason = e.strerror or type(e).__name__
         raise ConfigError(name, f"cannot read it: {reason}; {_read_fix(e)}") from None
     if len(data) > MAX_CONFIG:

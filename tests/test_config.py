@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -493,7 +494,14 @@ def test_a_fifo_a_device_or_a_huge_file_is_refused_without_hanging(tmp_path: Pat
     huge = tmp_path / "huge.json"
     with open(huge, "wb") as f:
         f.truncate(MAX_CONFIG + 1)
-    for path, why in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
-                      (huge, "larger than")):
-        with pytest.raises(ConfigError, match=why):
-            load(path)
+    sock = tmp_path / "sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))
+    try:
+        for path, why in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+                          (sock, "a socket, not a regular file; name the config file"),
+                          (huge, "larger than")):
+            with pytest.raises(ConfigError, match=why):
+                load(path)
+    finally:
+        listener.close()
