@@ -93,7 +93,7 @@ def _found_at(path: str) -> str | None:
 
 
 def access_error(path: str, e: OSError, writing: bool) -> Exception:
-    if e.errno == errno.ELOOP and not _loop_on_the_way(path, e):
+    if e.errno == errno.ELOOP and not _loop_on_the_way(path, e):  # the sidecar itself
         return UnsafeSidecarError(path, "a symlink")
     if e.errno == errno.EISDIR:
         return UnsafeSidecarError(path, "a directory")
@@ -157,8 +157,10 @@ def path_fix(path: str, e: OSError, *, writing: bool, sidecar: bool) -> str | No
             return (f"it may be immutable or append-only (lsattr {path}; chattr -i or -a "
                     f"clears that), or this user cannot {how} it")
         return f"this user cannot {how} it; run as its owner or fix the permissions"
-    if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
-        return WRITE_FIXES[e.errno] + (", then try again" if e.errno != errno.EROFS else "")
+    if e.errno == errno.EROFS:
+        return WRITE_FIXES[e.errno]
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return WRITE_FIXES[e.errno] + ", then try again"
     if e.errno == errno.ENAMETOOLONG:
         return _too_long(path)
     if e.errno == errno.ENOTDIR:

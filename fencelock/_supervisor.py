@@ -127,7 +127,6 @@ class _Heartbeat:
 
 
 def _spawn(command: Sequence[str], env: dict[str, str], lock_fd: int) -> subprocess.Popen[bytes]:
-
     name = command[0]
     # Like flock(1), the command inherits the caller's open descriptors (`3<file`) and
     # the lock's own: a flock lock belongs to the open file description, so the
