@@ -115,6 +115,14 @@ class ConfigReport:
 
 _LONG_NUMBER = "an integer of more than 100 digits"
 
+_NOT_A_CONFIG_FIX = "name the gateway's config file (usually ~/.openclaw/openclaw.json)"
+"""What to do about a file that cannot be a gateway config at all."""
+
+_SYNTAX_FIX = "mend the file there (the gateway cannot read it either)"
+"""What to do about a config that does not parse."""
+
+_NUMBER_FIX = "no gateway setting takes one: mend the file"
+
 
 def _int(text: str, base: int = 10) -> int:
     # Python refuses to convert integers of over 4300 digits; no setting needs 100.
@@ -129,32 +137,33 @@ def parse(text: str, path: str = "<config>") -> Any:
     if text.startswith("\ufeff"):
         text = text[1:]
     if not text.strip():
-        raise ConfigError(path, "the file is empty")
+        raise ConfigError(path, f"the file is empty; {_NOT_A_CONFIG_FIX}")
     try:
         return json.loads(text, parse_int=_int)
     except json.JSONDecodeError:
         pass  # JSON5, then: its errors are the ones to report
     except RecursionError:
-        raise ConfigError(path, "nested too deeply") from None
+        raise ConfigError(path, f"nested too deeply; {_NOT_A_CONFIG_FIX}") from None
     except ValueError as e:
-        raise ConfigError(path, str(e)) from None
+        raise ConfigError(path, f"{e}; {_NUMBER_FIX}") from None
     import json5  # only configs that are not plain JSON pay for it
 
     try:
         return json5.loads(text, parse_int=_int)
     except RecursionError:
-        raise ConfigError(path, "nested too deeply") from None
+        raise ConfigError(path, f"nested too deeply; {_NOT_A_CONFIG_FIX}") from None
     except ValueError as e:
         if str(e).startswith(_LONG_NUMBER):
-            raise ConfigError(path, str(e)) from None
+            raise ConfigError(path, f"{e}; {_NUMBER_FIX}") from None
         m = _JSON5_POS.match(str(e))
         if m:
             raise ConfigError(
-                path, f"not valid JSON5: {m.group(2)}", int(m.group(1)), int(m.group(3))
+                path, f"not valid JSON5: {m.group(2)}; {_SYNTAX_FIX}", int(m.group(1)),
+                int(m.group(3)),
             ) from None
         # json5 gave no position (a number it could not convert, say): its own words,
         # not plain JSON's error, whose position may be a JSON5 comment or bare key.
-        raise ConfigError(path, f"not valid JSON or JSON5: {e}") from None
+        raise ConfigError(path, f"not valid JSON or JSON5: {e}; {_SYNTAX_FIX}") from None
 
 
 def _read_fix(e: OSError) -> str:
@@ -193,7 +202,9 @@ def load(path: str | os.PathLike[str]) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(name, f"not UTF-8 text (bad byte at offset {e.start})") from None
+        raise ConfigError(
+            name, f"not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8"
+        ) from None
     return parse(text, name)
 
 

@@ -361,23 +361,26 @@ def test_a_json5_error_without_a_position_is_not_blamed_on_valid_json5() -> None
 
 
 @pytest.mark.parametrize(
-    ("data", "why"),
+    ("data", "why", "fix"),
     [
-        (b"", "empty"),
-        (b"   \n", "empty"),
-        (b"\xff\xfe{}", "not UTF-8"),
-        (b"{" * 100000, "line 1|nested"),
+        (b"", "empty", "name the gateway's config file"),
+        (b"   \n", "empty", "name the gateway's config file"),
+        (b"\xff\xfe{}", "not UTF-8", "save it as UTF-8"),
+        (b"{" * 100000, "line 1|nested", "mend the file there|name the gateway's config"),
+        (b"[" * 100000, "nested", "name the gateway's config file"),
+        (b"{a: 1,,}", "line 1, column 8", "mend the file there"),
         # Python converts no integer of over 4300 digits (it raised a bare ValueError).
-        (b'{"a": ' + b"1" * 4301 + b"}", "more than 100 digits"),
-        (b'// JSON5\n{"a": ' + b"1" * 4301 + b"}", "more than 100 digits"),
+        (b'{"a": ' + b"1" * 4301 + b"}", "more than 100 digits", "no gateway setting"),
+        (b'// JSON5\n{"a": ' + b"1" * 4301 + b"}", "more than 100 digits", "no gateway setting"),
     ],
 )
-def test_unparsable_files(tmp_path: Path, data: bytes, why: str) -> None:
+def test_unparsable_files(tmp_path: Path, data: bytes, why: str, fix: str) -> None:
     path = tmp_path / "gw.json"
     path.write_bytes(data)
     with pytest.raises(ConfigError, match=why) as info:
         load(path)
     assert str(path) in str(info.value)
+    assert re.search(f"; ({fix})", str(info.value)), info.value  # and what to do
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
