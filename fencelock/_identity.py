@@ -12,14 +12,23 @@ import itertools
 import os
 
 _PROC = "/proc"
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)  # no O_CLOEXEC on Windows
 
 
 def _read(path: str) -> str | None:
+    """A small /proc file's text (a few hundred bytes; read in one call, as the kernel
+    generates it), None where it cannot be read. Plain descriptor calls: a scan asks
+    this for every stale record, and a file object costs it twice as much."""
     try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read().strip()
+        fd = os.open(path, _READ_FLAGS)
     except OSError:
         return None
+    try:
+        return os.read(fd, 4096).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _stat_fields(pid: int) -> list[str] | None:
