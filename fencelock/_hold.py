@@ -494,6 +494,9 @@ def _hold(served: _Session, heartbeat: float, inbox: _Inbox, out: _Out, seen: Se
 
 _BEATING = frozenset({"append", "prompt_begin", "prompt_end", "touch"})
 """The requests that write the record's heartbeat, and so put off hold's own."""
+_WRITING = _BEATING | {"release"}
+"""The requests a stop signal does not cut short: each is answered first (`verify` and
+`info` write nothing, and stop at once)."""
 _NOTHING = _TooLong(-1)
 """No request came for a beat (a stand-in no reader puts in the queue)."""
 
@@ -537,9 +540,12 @@ def _serve(
                     if "op" in request else f'request has no "op" (one of {", ".join(OPS)})'
                 )
             op = asked
-            if op == "release":
-                # A stop signal from here is noted, not raised: raised in the middle of
-                # the release, it would leave the record saying held (stale).
+            if op in _WRITING:
+                # A stop signal from here is noted, not raised, until the answer is out:
+                # raised in the middle of an append, it would leave its line in the
+                # session with no answer saying so (a caller would send it again) and
+                # the record with the fence point before it; in the middle of the
+                # release, the record saying held (stale).
                 seen.settled = True
             answer = served.handle(op, request)
         except (FenceLockError, OSError) as e:
@@ -547,6 +553,10 @@ def _serve(
         out.send({**answer, **echo})
         if op == "release":
             return
+        if seen.settled:
+            seen.settled = False  # then look: a signal in between raises by itself
+            if seen.signum:
+                raise Stopped(seen.signum)
         if beat is not None and op in _BEATING and answer["ok"]:
             due = time.monotonic() + beat
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import pytest
 from conftest import SpawnHolder, reap, record_of, wait_for_blocked_waiter
-from marks import needs_linux, needs_proc
+from marks import needs_linux, needs_posix, needs_proc
 
 from fencelock import SessionLock, probe
 from fencelock._hold import MAX_REQUEST
@@ -731,3 +731,27 @@ def test_a_session_that_cannot_be_held_is_reported_even_with_stdin_already_ended
         answer = json.loads(done.stdout)
         assert answer["ok"] is False and answer["error"] == error, answer
         assert "Traceback" not in done.stderr
+
+
+@needs_posix
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_stop_signal_during_an_append_is_answered_first(session: Path, sig: str) -> None:
+    """A stop signal that lands while an append writes its line ends hold only once the
+    append has answered and the record has its fence point: the caller knows the line is
+    in, and the session reads free and unchanged by anyone else, not a foreign write."""
+    signum = int(getattr(signal, sig))
+    helper = Path(__file__).parent / "signalled_hold.py"
+    h = Hold(session, python=(str(helper), str(signum)))
+    try:
+        h.held()
+        assert h.call("append", entry={"role": "user"}, id=1) == {
+            "ok": True, "op": "append", "id": 1
+        }
+        assert h.proc.wait(timeout=60) == 128 + signum, h.stderr()
+    finally:
+        h.kill()
+    assert lines(session) == [{"role": "user"}]
+    status = probe(session)
+    assert status.state == "free" and status.fence_ok is True, status
+    assert status.record is not None and status.record.fingerprint is not None
+    assert status.record.fingerprint.size == session.stat().st_size
