@@ -230,3 +230,25 @@ def test_contended_with_no_wait_exits_4(
     assert t.proc.wait(timeout=60) == 4
     assert "SessionContendedError" in t.stderr()
     assert not session.exists()
+
+
+def test_hold_killed_in_the_model_call_keeps_the_reply_aside(
+    session: Path, turns: StartTurns
+) -> None:
+    """hold gone before the reply's append (killed in the model call): the reply is kept
+    in the undelivered file, never dropped, and the program exits 1."""
+    t = turns(session, "--gate", "--writer", "A", "--message", "ping")
+    hold_pid = int(t.expect("hold pid=").split("=")[1])
+    t.expect("held")
+    t.expect("prompt")
+    os.kill(hold_pid, signal.SIGKILL)  # it runs no more code: the reply meets a dead hold
+    t.go()
+    assert t.proc.wait(timeout=60) == 1
+    err = t.stderr()
+    assert "ended" in err and "undelivered" in err and "check it" in err, err
+    assert [e["role"] for e in entries(session)] == ["user"]
+    kept = entries(Path(str(session) + ".undelivered.jsonl"))
+    assert kept == [{
+        "role": "assistant", "content": "echo: ping", "writer": "A", "turn": 1,
+        "undelivered": "HoldEnded",
+    }]

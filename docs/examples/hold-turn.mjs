@@ -21,7 +21,9 @@
 // write error). Whenever the reply was ready but could not be appended, it is NOT in
 // the session (unless the answer says "stored": true, and then only there), and rather
 // than drop it silently this program says so on stderr and appends it, marked
-// "undelivered", to SESSION.undelivered.jsonl.
+// "undelivered" with the reason, to SESSION.undelivered.jsonl. If hold itself ended
+// before answering (killed, say), the reply may or may not have gone in: it is kept
+// all the same, marked "HoldEnded", and the message says to check the session.
 
 import { spawn } from "node:child_process";
 import { appendFileSync } from "node:fs";
@@ -46,7 +48,9 @@ class Hold {
     this.waiting = [];
     this.ended = null;
     this.nextId = 1;
-    this.exited = new Promise((resolve) => this.child.on("exit", (code) => resolve(code)));
+    this.exited = new Promise((resolve) =>
+      this.child.on("exit", (code, signal) => resolve(code ?? `by ${signal}`)),
+    );
     // A hold that died cannot be written to; its end of file is reported by next().
     this.child.stdin.on("error", () => {});
     this.child.on("error", (e) => this.end(new Error(`cannot run ${fencelock}: ${e.message}`)));
@@ -145,14 +149,20 @@ function model(opts, message) {
 }
 
 function keepUndelivered(opts, entry, error) {
-  // The reply is not in the session: keep it where a person or a retry will find it.
+  // The reply is not in the session (or, when hold ended before it answered, perhaps
+  // not): keep it where a person or a retry will find it.
   const aside = `${opts.session}.undelivered.jsonl`;
-  appendFileSync(aside, JSON.stringify({ ...entry, undelivered: error.answer.error }) + "\n", {
+  const why = error instanceof HoldError ? error.answer.error : "HoldEnded";
+  appendFileSync(aside, JSON.stringify({ ...entry, undelivered: why }) + "\n", {
     mode: 0o600,
   });
+  const fate = error instanceof HoldError
+    ? "the reply was not appended"
+    : "fencelock hold ended before it answered, so the reply may or may not be in the " +
+      "session (check it before sending the kept copy again)";
   process.stderr.write(
     `hold-turn: ${opts.session}: ${error.message}\n` +
-      `hold-turn: the reply was not appended; it is kept in ${aside}\n`,
+      `hold-turn: ${fate}; it is kept in ${aside}\n`,
   );
 }
 
@@ -171,20 +181,20 @@ async function turn(opts, n) {
     await hold.request("prompt_end"); // the fence: did anything else write meanwhile?
     await hold.request("append", { entry: reply });
   } catch (e) {
-    if (e instanceof HoldError && e.answer.error !== "BadRequestError") {
-      if (e.answer.stored) {
-        // The line went in before the failure was found: keeping it elsewhere too
-        // would make it twice.
-        process.stderr.write(
-          `hold-turn: ${opts.session}: ${e.message}\n` +
-            `hold-turn: the reply is in the session all the same\n`,
-        );
-      } else {
-        keepUndelivered(opts, reply, e);
-      }
-      e.reported = true;
-      await hold.release().catch(() => {});
+    // Whatever went wrong (a takeover, a refused request, hold gone), the reply is
+    // never dropped in silence.
+    if (e instanceof HoldError && e.answer.stored) {
+      // The line went in before the failure was found: keeping it elsewhere too
+      // would make it twice.
+      process.stderr.write(
+        `hold-turn: ${opts.session}: ${e.message}\n` +
+          `hold-turn: the reply is in the session all the same\n`,
+      );
+    } else {
+      keepUndelivered(opts, reply, e);
     }
+    e.reported = true;
+    await hold.release().catch(() => {});
     throw e;
   }
   const code = await hold.release();
