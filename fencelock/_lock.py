@@ -35,6 +35,7 @@ from fencelock import (
     _wait,
 )
 from fencelock._errors import (
+    FenceLockError,
     FenceLockWarning,
     NotHeldError,
     SessionWriteError,
@@ -481,6 +482,22 @@ class SessionLock:
                 self._store.release_shared(self)
         finally:
             self._run_ended()
+
+    def _follow_session(self) -> bool:
+        """At the end of a `fencelock run`: its command wrote the session itself, outside
+        the fence, and those writes are the run's own. Take the session as the run leaves
+        it as the fence point, so that the released record's fingerprint is exact (a
+        probe would read them as written by someone else after the release). False when
+        nothing moved, or where the session cannot be read (the record keeps its own)."""
+        try:
+            fp = _fingerprint.take(self.session, self.fence_mode,
+                                   opened=self._store.opens_session)
+        except (OSError, FenceLockError):
+            return False
+        if fp == self._fp:
+            return False
+        self._fp, self._info = fp, None
+        return True
 
     def _run_ended(self) -> None:
         """After the last release of a run: its slot is free, its callbacks forgotten."""

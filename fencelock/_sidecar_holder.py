@@ -436,17 +436,7 @@ class SidecarHolder:
         or where no record write can follow: see `SessionLock.release`)."""
         fd, self._fd = self._fd, -1
         try:
-            # The last appends' fence point with "released"; or a release inside the
-            # prompt window, which ends the window too.
-            if self._behind or lock._phase is Phase.PROMPT:
-                self._behind, lock._phase = False, Phase.WRITE
-                _sidecar.write_bytes(
-                    fd, self.sidecar, lock._encode(State.RELEASED), self._record_len
-                )
-            else:  # flip "held" to "released" in place: one small write
-                os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
-        except OSError as e:
-            raise SidecarAccessError(self.sidecar, e, _RELEASED_NOTE) from None
+            self._write_released(fd, lock)
         finally:
             try:
                 _platform.unlock(fd)
@@ -474,13 +464,28 @@ class SidecarHolder:
         descriptor keep the session until the last of them closes it."""
         if self._unmarked:
             self._mark_session(lock)
+        if lock._follow_session():  # after the mark, which moves the session's ctime
+            self._behind = True
         fd, self._fd = self._fd, -1
         try:
-            os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
-        except OSError as e:
-            raise SidecarAccessError(self.sidecar, e, _RELEASED_NOTE) from None
+            self._write_released(fd, lock)
         finally:
             _sidecar.close(fd)
+
+    def _write_released(self, fd: int, lock: SessionLock) -> None:
+        """Mark the record released, with the last fence point."""
+        try:
+            # The last appends' fence point with "released"; or a release inside the
+            # prompt window, which ends the window too.
+            if self._behind or lock._phase is Phase.PROMPT:
+                self._behind, lock._phase = False, Phase.WRITE
+                _sidecar.write_bytes(
+                    fd, self.sidecar, lock._encode(State.RELEASED), self._record_len
+                )
+            else:  # flip "held" to "released" in place: one small write
+                os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+        except OSError as e:
+            raise SidecarAccessError(self.sidecar, e, _RELEASED_NOTE) from None
 
     def forget_in_child(self) -> None:
         """In a forked child: the inherited descriptor is not this process's (fork

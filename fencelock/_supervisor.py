@@ -271,6 +271,11 @@ def supervise(lock: SessionLock, command: Sequence[str], heartbeat: float) -> in
             # pending handlers on entering a function), so no Stopped can cut the
             # release below short.
             forwarder.holding = True
+            if lock.held and not lock._store.shares_fd:
+                # The command's writes are the run's own: the released record takes the
+                # session as it is now (the sidecar store does so in `_release_shared`,
+                # once it has set the token mark, which moves the session's ctime).
+                lock._follow_session()
             if keeper is not None and lock.held:
                 try:
                     keeper.release(lock)

@@ -686,6 +686,31 @@ def test_run_holds_session_passes_env_and_exit_code(session: Path) -> None:
     assert after.record.state == "released" and after.record.token == seen["token"]
 
 
+APPEND = 'printf \'{"role":"cron"}\\n\' >> "$FENCELOCK_SESSION"'
+
+
+@pytest.mark.parametrize("existed", [True, False], ids=["session-existed", "command-made-it"])
+def test_run_leaves_the_session_its_command_wrote_as_the_released_fence_point(
+    session: Path, existed: bool
+) -> None:
+    """The command's writes are the run's own: the released record's fingerprint is the
+    session as the run left it (exact, as in any released record), so that a probe
+    reports the fence intact, and a later write by anyone else as moved."""
+    if existed:
+        session.write_text('{"role":"user"}\n')
+    out = cli("run", str(session), "--lane", "cron", "--", "sh", "-c", APPEND)
+    assert out.returncode == 0, out.stderr
+    status = probe(session)
+    assert status.state == "free" and status.record is not None, status
+    assert status.record.state == "released"
+    assert status.record.fingerprint is not None
+    assert status.record.fingerprint.size == session.stat().st_size
+    assert status.fence_ok is True, status
+    with open(session, "a") as f:  # a write outside the protocol, after the run
+        f.write('{"role":"intruder"}\n')
+    assert probe(session).fence_ok is False
+
+
 ARGV = "import json, os, sys; print(json.dumps([sys.argv[1:], os.environ['FENCELOCK_LANE']]))"
 
 

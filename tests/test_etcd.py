@@ -2040,6 +2040,22 @@ def test_killing_run_keeps_an_etcd_session_held_while_its_command_runs(
         assert after.info.previous.lane == "kept"
 
 
+def test_run_on_etcd_leaves_the_session_its_command_wrote_as_the_fence_point(
+    session: Path, url: str
+) -> None:
+    """As with the sidecar: the released record carries the session as the run's
+    command left it, so a probe reports the fence intact."""
+    session.write_text('{"role":"user"}\n')
+    append = 'printf \'{"role":"cron"}\\n\' >> "$FENCELOCK_SESSION"'
+    ran = _cli("run", str(session), "--lane", "cron", "--backend", url, "--", "sh", "-c", append)
+    assert ran.returncode == 0, ran.stderr
+    status = probe(session, backend=url)
+    assert status.record is not None and status.record.state == "released", status
+    assert status.record.fingerprint is not None
+    assert status.record.fingerprint.size == session.stat().st_size
+    assert status.fence_ok is True, status
+
+
 def test_run_on_etcd_frees_at_once_or_keeps_what_the_command_left_running(
     session: Path, url: str, tmp_path: Path
 ) -> None:
