@@ -39,6 +39,7 @@ from marks import needs_pidfd, needs_proc_locks, needs_tgkill
 from fencelock import FenceLockError, SessionContendedError, SessionLock, probe, recover
 from fencelock._cli import main
 from fencelock._output import clean, human_age
+from fencelock._record import decode
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = ["status", "clear", "run", "hold", "wait", "recover", "verify", "check-config"]
@@ -709,6 +710,20 @@ def test_run_leaves_the_session_its_command_wrote_as_the_released_fence_point(
     with open(session, "a") as f:  # a write outside the protocol, after the run
         f.write('{"role":"intruder"}\n')
     assert probe(session).fence_ok is False
+
+
+def test_run_whose_command_left_no_readable_session_still_releases(
+    session: Path, tmp_path: Path
+) -> None:
+    """A command that put a symlink where the session was: the run still releases
+    (the record keeps the fence point it had) and exits with the command's code."""
+    session.write_text('{"role":"user"}\n')
+    swap = f'rm "$FENCELOCK_SESSION" && ln -s {tmp_path / "elsewhere"} "$FENCELOCK_SESSION"'
+    out = cli("run", str(session), "--lane", "cron", "--", "sh", "-c", swap)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    record = decode(Path(f"{session}.holder").read_bytes())  # probe refuses the symlink
+    assert record is not None and record.state == "released"
+    assert record.fingerprint is not None and record.fingerprint.size == 16
 
 
 ARGV = "import json, os, sys; print(json.dumps([sys.argv[1:], os.environ['FENCELOCK_LANE']]))"
