@@ -293,7 +293,7 @@ class _Session:
         if op == "append":
             stamp = request.get("stamp")
             if stamp is not None and not isinstance(stamp, bool):
-                raise BadRequestError('"stamp" must be true or false')
+                raise BadRequestError('"stamp" must be true, false or null (the holder\'s default)')
             entry = _entry(request, lock.stamp if stamp is None else stamp)
             try:
                 # The library's own check decides, once: a string entry parsed again at

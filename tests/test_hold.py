@@ -304,7 +304,7 @@ BAD_LINES = [
     (b'{"op": "append", "entry": {"x": NaN}}', "not JSON"),
     (b'{"op": "append", "entry": {"x": "\\ud800"}}', "lone surrogate"),
     (b'{"op": "append", "entry": "{\\"x\\": \\"\\\\ud800\\"}"}', "lone surrogate"),
-    (b'{"op": "append", "entry": {}, "stamp": "yes"}', "stamp"),
+    (b'{"op": "append", "entry": {}, "stamp": "yes"}', '"stamp" must be true, false or null'),
     (b'{"op": "append", "entry": {"x": "caf\xe9"}}', "not UTF-8"),
     (b"\xff\xfe", "not UTF-8"),
     (b"[" * 100_000, "nested too deeply"),

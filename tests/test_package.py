@@ -78,3 +78,16 @@ def test_in_a_fresh_interpreter() -> None:
         "    raise AssertionError('no AttributeError')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("script", ["fencelock", "fencelock-repro", "fencelock-bench",
+                                    "fencelock-bench-hold"])
+def test_a_bin_script_without_its_dependencies_says_what_to_install(script: str) -> None:
+    """bin/ runs a checkout without installing it; under an interpreter that lacks its
+    dependencies (here: no site-packages at all, ``-S``) it says so in one line."""
+    path = Path(__file__).resolve().parent.parent / "bin" / script
+    out = subprocess.run([sys.executable, "-S", str(path), "--help"], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith(f"bin/{script}: click is not installed for "), out.stderr
+    assert "pip install -e " in out.stderr and len(out.stderr.splitlines()) == 1
