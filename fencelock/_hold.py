@@ -176,14 +176,30 @@ def _encode(answer: dict[str, Any]) -> bytes:
     return json.dumps(answer, ensure_ascii=True).encode("ascii") + b"\n"
 
 
+_LAST_ANSWER_WAIT = 1.0
+"""How long the answer to a request that a stop signal came during waits for room in
+stdout before hold stops without it (a caller that stopped reading must not keep hold
+from stopping)."""
+_PIPE_BUF = 4096
+"""A write to a pipe that polls writable never blocks for up to this many bytes."""
+
+
 class _Out:
     def __init__(self, fd: int) -> None:
         self.fd = fd
 
-    def send(self, answer: dict[str, Any]) -> None:
+    def send(self, answer: dict[str, Any], *, wait: float | None = None) -> None:
+        """Write ``answer``'s line. ``wait``: give up, leaving the rest unsent, once no
+        room has come for that long (where the descriptor can be polled)."""
         data = memoryview(_encode(answer))
+        bounded = wait is not None and not _platform.WINDOWS
         while data:
             try:
+                if bounded:
+                    if not select.select([], [self.fd], [], wait)[1]:
+                        return
+                    data = data[os.write(self.fd, data[:_PIPE_BUF]) :]
+                    continue
                 data = data[os.write(self.fd, data) :]
             except BlockingIOError:  # the caller made the pipe non-blocking: wait for room
                 select.select([], [self.fd], [])
@@ -550,13 +566,17 @@ def _serve(
             answer = served.handle(op, request)
         except (FenceLockError, OSError) as e:
             answer = error_answer(e)
-        out.send({**answer, **echo})
         if op == "release":
+            out.send({**answer, **echo})
             return
-        if seen.settled:
-            seen.settled = False  # then look: a signal in between raises by itself
-            if seen.signum:
-                raise Stopped(seen.signum)
+        # The request is done: a signal from here raises, even while the answer waits
+        # for room in stdout. One that came during the request is acted on once its
+        # answer is out, or has waited long enough for a caller that no longer reads.
+        seen.settled = False
+        if seen.signum:
+            out.send({**answer, **echo}, wait=_LAST_ANSWER_WAIT)
+            raise Stopped(seen.signum)
+        out.send({**answer, **echo})
         if beat is not None and op in _BEATING and answer["ok"]:
             due = time.monotonic() + beat
 

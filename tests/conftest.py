@@ -197,9 +197,10 @@ def wait_for_blocked_waiter(
     raise AssertionError(f"{who} blocked on the sidecar lock of {session}")
 
 
-def thread_in_syscall(pid: int, name: str, limit: float = 30.0) -> int:
-    """The id of a thread of ``pid``, other than its main thread, that sleeps in system
-    call ``name`` (`marks.SYSCALLS`); ``limit`` bounds a broken build."""
+def thread_in_syscall(pid: int, name: str, limit: float = 30.0, *, main: bool = False) -> int:
+    """The id of a thread of ``pid``, other than its main thread (with ``main``: its
+    main thread), that sleeps in system call ``name`` (`marks.SYSCALLS`); ``limit``
+    bounds a broken build."""
     marks.require("tgkill")
     number = str(marks.SYSCALLS[name])
     deadline = time.monotonic() + limit
@@ -209,7 +210,7 @@ def thread_in_syscall(pid: int, name: str, limit: float = 30.0) -> int:
                 call = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
             except OSError:
                 continue  # the thread has just ended
-            if int(tid) != pid and call[:1] == [number]:
+            if (int(tid) == pid) == main and call[:1] == [number]:
                 return int(tid)
         time.sleep(0.001)
     raise AssertionError(f"no thread of pid {pid} sleeps in {name}")

@@ -1,6 +1,7 @@
-"""``python signalled_hold.py SIGNUM hold ...``: the fencelock command line, sending
-itself signal SIGNUM once, in the middle of the first fenced append: after the line is
-written and fsynced, before the append has moved the fence point or answered."""
+"""``python signalled_hold.py SIGNUM [NTH] hold ...``: the fencelock command line, sending
+itself signal SIGNUM once, in the middle of the NTH fenced append (default: the first):
+after the line is written and fsynced, before the append has moved the fence point or
+answered."""
 
 from __future__ import annotations
 
@@ -15,15 +16,16 @@ if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike
 
 signum = int(sys.argv.pop(1))
+nth = int(sys.argv.pop(1)) if sys.argv[1].isdigit() else 1
 real = _fence._fsync
-sent = False
+seen = 0
 
 
 def fsync(fd: FileDescriptorLike) -> None:
-    global sent
+    global seen
     real(fd)
-    if not sent:
-        sent = True
+    seen += 1
+    if seen == nth:
         os.kill(os.getpid(), signum)  # its handler runs as soon as this call returns
 
 

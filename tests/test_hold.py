@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
-from conftest import SpawnHolder, reap, record_of, wait_for_blocked_waiter
+from conftest import SpawnHolder, reap, record_of, thread_in_syscall, wait_for_blocked_waiter
 from marks import needs_linux, needs_posix, needs_proc
 
 from fencelock import SessionLock, probe
@@ -755,3 +756,46 @@ def test_a_stop_signal_during_an_append_is_answered_first(session: Path, sig: st
     assert status.state == "free" and status.fence_ok is True, status
     assert status.record is not None and status.record.fingerprint is not None
     assert status.record.fingerprint.size == session.stat().st_size
+
+
+@needs_linux
+def test_a_stop_signal_while_an_answer_waits_for_room_ends_hold(session: Path) -> None:
+    """A caller that stopped reading (hold's stdout full) does not keep hold from
+    stopping: a stop signal while an answer waits for room releases and exits 128+N."""
+    h = Hold(session)
+    try:
+        h.held()
+        assert h.proc.stdout is not None
+        fcntl.fcntl(h.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+        h.send_raw(b'{"op": "append", "entry": {}}\n' * 200)  # 200 answers do not fit
+        thread_in_syscall(h.proc.pid, "write", main=True)  # blocked writing an answer
+        h.proc.send_signal(signal.SIGTERM)
+        assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        h.kill()
+    assert probe(session).state == "free"
+
+
+@needs_linux
+def test_an_answer_owed_after_a_stop_signal_waits_for_room_only_a_while(session: Path) -> None:
+    """A stop signal during an append whose answer then finds stdout full: hold waits a
+    moment for room, then releases and exits 128+N without it. The line is in the
+    session and the record has its fence point."""
+    helper = Path(__file__).parent / "signalled_hold.py"
+    # A pipe of one page polls full (no room) once the first answer is in it, the caller
+    # reading none: the answer to the second append, during which the signal comes,
+    # finds no room.
+    session.write_text("{}\n")  # an append to it makes one fsync (creating it, two)
+    h = Hold(session, python=(str(helper), str(int(signal.SIGTERM)), "2"))
+    try:
+        h.held()
+        assert h.proc.stdout is not None
+        fcntl.fcntl(h.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+        h.send_raw(b'{"op": "append", "entry": {}}\n' * 3)
+        assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
+        assert h.proc.stdout.read() == b'{"ok": true, "op": "append"}\n'
+    finally:
+        h.kill()
+    assert len(lines(session)) == 3
+    status = probe(session)
+    assert status.state == "free" and status.fence_ok is True, status
