@@ -306,7 +306,8 @@ class SidecarHolder:
         if not locked:
             if cancel is not None and cancel.is_set():
                 raise _registry.cancelled()
-            raise self._contended(start)
+            # A fail-fast acquirer's grace is no wait the caller asked for: not reported.
+            raise self._contended(None if lock.on_contention == "fail" else start)
         if waiter.fd == fd:
             return fd, st
         try:
