@@ -181,7 +181,8 @@ _LAST_ANSWER_WAIT = 1.0
 stdout before hold stops without it (a caller that stopped reading must not keep hold
 from stopping)."""
 _PIPE_BUF = 4096
-"""A write to a pipe that polls writable never blocks for up to this many bytes."""
+"""A write to a pipe that polls writable never blocks for up to this many bytes (a
+terminal stopped with XOFF still may: it takes a key press there to resume)."""
 
 
 class _Out:
@@ -557,10 +558,10 @@ def _serve(
                 )
             op = asked
             if op in _WRITING:
-                # A stop signal from here is noted, not raised, until the answer is out:
-                # raised in the middle of an append, it would leave its line in the
-                # session with no answer saying so (a caller would send it again) and
-                # the record with the fence point before it; in the middle of the
+                # A stop signal from here is noted, not raised, until the request is
+                # done: raised in the middle of an append, it would leave its line in
+                # the session with no answer saying so (a caller would send it again)
+                # and the record with the fence point before it; in the middle of the
                 # release, the record saying held (stale).
                 seen.settled = True
             answer = served.handle(op, request)
