@@ -575,8 +575,12 @@ def _serve(
         # answer is out, or has waited long enough for a caller that no longer reads.
         seen.settled = False
         if seen.signum:
+            # Forgotten while the answer waits, so that another signal cuts the wait
+            # short (by raising), as the first one would have without the request.
+            signum, seen.signum = seen.signum, 0
             out.send({**answer, **echo}, wait=_LAST_ANSWER_WAIT)
-            raise Stopped(seen.signum)
+            seen.signum = signum
+            raise Stopped(signum)
         out.send({**answer, **echo})
         if beat is not None and op in _BEATING and answer["ok"]:
             due = time.monotonic() + beat

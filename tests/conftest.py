@@ -197,12 +197,15 @@ def wait_for_blocked_waiter(
     raise AssertionError(f"{who} blocked on the sidecar lock of {session}")
 
 
-def thread_in_syscall(pid: int, name: str, limit: float = 30.0, *, main: bool = False) -> int:
+def thread_in_syscall(
+    pid: int, name: str, limit: float = 30.0, *, main: bool = False, alias: str = ""
+) -> int:
     """The id of a thread of ``pid``, other than its main thread (with ``main``: its
-    main thread), that sleeps in system call ``name`` (`marks.SYSCALLS`); ``limit``
-    bounds a broken build."""
+    main thread), that sleeps in system call ``name`` (`marks.SYSCALLS`), or in
+    ``alias`` (the call a C library may make for it instead); ``limit`` bounds a broken
+    build."""
     marks.require("tgkill")
-    number = str(marks.SYSCALLS[name])
+    numbers = [str(marks.SYSCALLS[n]) for n in (name, alias) if n in marks.SYSCALLS]
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -210,7 +213,7 @@ def thread_in_syscall(pid: int, name: str, limit: float = 30.0, *, main: bool = 
                 call = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
             except OSError:
                 continue  # the thread has just ended
-            if (int(tid) == pid) == main and call[:1] == [number]:
+            if (int(tid) == pid) == main and call[:1] and call[0] in numbers:
                 return int(tid)
         time.sleep(0.001)
     raise AssertionError(f"no thread of pid {pid} sleeps in {name}")

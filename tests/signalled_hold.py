@@ -1,7 +1,8 @@
 """``python signalled_hold.py SIGNUM [NTH] hold ...``: the fencelock command line, sending
 itself signal SIGNUM once, in the middle of the NTH fenced append (default: the first):
 after the line is written and fsynced, before the append has moved the fence point or
-answered."""
+answered. With ``FENCELOCK_TEST_ANSWER_WAIT`` set, the answer owed after such a signal
+waits that many seconds for room in stdout."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from fencelock import _fence
+from fencelock import _fence, _hold
 from fencelock._entry import main
 
 if TYPE_CHECKING:
@@ -30,4 +31,6 @@ def fsync(fd: FileDescriptorLike) -> None:
 
 
 _fence._fsync = fsync
+if "FENCELOCK_TEST_ANSWER_WAIT" in os.environ:
+    _hold._LAST_ANSWER_WAIT = float(os.environ["FENCELOCK_TEST_ANSWER_WAIT"])
 main(prog_name="fencelock")

@@ -799,3 +799,30 @@ def test_an_answer_owed_after_a_stop_signal_waits_for_room_only_a_while(session:
     assert len(lines(session)) == 3
     status = probe(session)
     assert status.state == "free" and status.fence_ok is True, status
+
+
+@needs_linux
+def test_a_second_stop_signal_ends_the_wait_for_room_for_an_owed_answer(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However long the answer owed after a stop signal may wait for room (here an
+    hour), a second stop signal ends hold at once: the caller's supervisor never needs
+    SIGKILL, which would leave the session stale."""
+    helper = Path(__file__).parent / "signalled_hold.py"
+    monkeypatch.setenv("FENCELOCK_TEST_ANSWER_WAIT", "3600")
+    session.write_text("{}\n")  # an append to it makes one fsync (creating it, two)
+    h = Hold(session, python=(str(helper), str(int(signal.SIGTERM)), "2"))
+    try:
+        h.held()
+        assert h.proc.stdout is not None
+        fcntl.fcntl(h.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)  # full at one answer
+        h.send_raw(b'{"op": "append", "entry": {}}\n' * 3)
+        # The owed answer waits for room (select(2), which glibc makes as pselect6).
+        thread_in_syscall(h.proc.pid, "select", main=True, alias="pselect6")
+        h.proc.send_signal(signal.SIGTERM)
+        assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        h.kill()
+    assert len(lines(session)) == 3
+    status = probe(session)
+    assert status.state == "free" and status.fence_ok is True, status
