@@ -409,7 +409,7 @@ def _fill_fresh(
             # The old transcript up to its last line break (a torn last line stays
             # behind), as it is now: the live holder may still append while this copies.
             end = _complete_end(fd, session) if fd >= 0 else 0
-            lines, highest = _scan(fd, session, end) if end else (0, 0)
+            lines, highest, digest = _scan(fd, session, end) if end else (0, 0, b"")
             if floor >= lock._token and not isinstance(lock._store, _store.RemoteStore):
                 lock._token = floor + 1  # its record says so from the copy on
             if highest >= lock._token:  # a line above the record and the last lines
@@ -424,7 +424,7 @@ def _fill_fresh(
                         f"(fencelock verify {shlex.quote(session)})")
                 lock._token = highest + 1  # its record says so from the copy on
             try:
-                _fence.publish(new, _chunks(fd, session, end), token=lock._token,
+                _fence.publish(new, _chunks(fd, session, end, digest), token=lock._token,
                                file_mode=lock.mode, check=lock._store.check)
             except HolderLostError:
                 raise  # another holder's now: nothing here is this call's to remove
@@ -443,13 +443,26 @@ def _fill_fresh(
             os.close(fd)
 
 
-def _chunks(fd: int, session: str, end: int) -> Iterator[bytes]:
-    """The old transcript's first ``end`` bytes, `CARRY_CHUNK` at a time."""
+def _chunks(fd: int, session: str, end: int, digest: bytes) -> Iterator[bytes]:
+    """The old transcript's first ``end`` bytes, `CARRY_CHUNK` at a time; raises, before
+    the copy is published, if they are not the bytes `_scan` read (digest ``digest``):
+    a writer outside the protocol rewrote lines meanwhile, and the copy would mix the
+    two versions (with lines and stamps the scan never saw)."""
     offset = 0
+    copied = _digest()
     while offset < end:
         chunk = _pread(fd, session, min(CARRY_CHUNK, end - offset), offset)
         offset += len(chunk)
+        copied.update(chunk)
         yield chunk
+    if copied.digest() != digest:
+        raise FenceLockError(
+            f"{session}: lines already in it were rewritten while recover copied it (by "
+            f"a writer outside the protocol); nothing was made; recover again")
+
+
+def _digest() -> hashlib.blake2b:
+    return hashlib.blake2b(digest_size=16)
 
 
 def _open_old(session: str) -> int:
@@ -481,9 +494,11 @@ def _complete_end(fd: int, session: str) -> int:
     return _fence.last_line_start(fd, end, lambda fd, n, at: _pread(fd, session, n, at))
 
 
-def _scan(fd: int, session: str, end: int) -> tuple[int, int]:
-    """(lines, highest stamped token) of the first ``end`` bytes, read a chunk at a time."""
+def _scan(fd: int, session: str, end: int) -> tuple[int, int, bytes]:
+    """(lines, highest stamped token, digest) of the first ``end`` bytes, read a chunk at
+    a time."""
     lines = best = 0
+    read = _digest()
     partial = b""
     long_line = False
     key = _tokens.STAMP_KEY.encode()
@@ -491,6 +506,7 @@ def _scan(fd: int, session: str, end: int) -> tuple[int, int]:
     while offset < end:
         chunk = _pread(fd, session, min(CARRY_CHUNK, end - offset), offset)
         offset += len(chunk)
+        read.update(chunk)
         pieces = chunk.split(b"\n")
         for i, piece in enumerate(pieces):
             line = partial + piece
@@ -510,4 +526,4 @@ def _scan(fd: int, session: str, end: int) -> tuple[int, int]:
                     # Past the limit it was never issued: no floor (as `last_stamped`).
                     best = max(best, token if token <= MAX_TOKEN else 0)
             partial, long_line = b"", False
-    return lines, best
+    return lines, best, read.digest()

@@ -25,6 +25,7 @@ from fencelock import (
     SessionLock,
     UnsafePathError,
     UnsafeSidecarError,
+    _recovery,
     _tokens,
     _wait,
     fresh_session,
@@ -583,3 +584,29 @@ def test_a_late_recover_never_refires_past_a_fresh_session_still_being_made(
     with pytest.raises(FenceLockError, match="another recover has been making"):
         recover(session, wait=0)
     assert maker.call("release") == "released"
+
+
+def test_lines_rewritten_while_recover_copies_them_make_no_fresh_session(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer outside the protocol rewrites the old transcript in place between the
+    scan of its lines (their count, their highest stamp) and the copy: the copy would
+    mix both versions, with stamps the scan never saw. Recover refuses, and leaves
+    nothing of the fresh session behind."""
+    session.write_bytes(b'{"role":"user","content":"hi"}\n' * 4)
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    scan = _recovery._scan
+
+    def scan_then_rewrite(fd: int, name: str, end: int) -> tuple[int, int, bytes]:
+        found = scan(fd, name, end)
+        with open(session, "r+b") as f:  # same size, other lines, a higher stamp
+            f.write(b'{"_fencelock":{"token":900000,"run_id":"x"},"c":1}\n'.ljust(end - 1)
+                    + b"\n")
+        return found
+
+    monkeypatch.setattr(_recovery, "_scan", scan_then_rewrite)
+    with pytest.raises(FenceLockError, match="rewritten while recover copied it"):
+        recover(session, wait=0)
+    leftovers = sorted(p.name for p in session.parent.iterdir())
+    assert leftovers == [session.name, session.name + ".holder"], leftovers
