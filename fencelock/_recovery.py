@@ -409,7 +409,7 @@ def _fill_fresh(
             # The old transcript up to its last line break (a torn last line stays
             # behind), as it is now: the live holder may still append while this copies.
             end = _complete_end(fd, session) if fd >= 0 else 0
-            lines, highest, digest = _scan(fd, session, end) if end else (0, 0, b"")
+            lines, highest, digest = _scan(fd, session, end)  # reads nothing when end is 0
             if floor >= lock._token and not isinstance(lock._store, _store.RemoteStore):
                 lock._token = floor + 1  # its record says so from the copy on
             if highest >= lock._token:  # a line above the record and the last lines
