@@ -501,7 +501,6 @@ def _scan(fd: int, session: str, end: int) -> tuple[int, int, bytes]:
     read = _digest()
     partial = b""
     long_line = False
-    key = _tokens.STAMP_KEY.encode()
     offset = 0
     while offset < end:
         chunk = _pread(fd, session, min(CARRY_CHUNK, end - offset), offset)
@@ -520,7 +519,7 @@ def _scan(fd: int, session: str, end: int) -> tuple[int, int, bytes]:
                 found = _tokens.trailing_stamp(line)
                 token = found[0] if found else 0
                 best = max(best, token if token <= MAX_TOKEN else 0)
-            elif key in line:
+            elif _tokens.may_hold_stamp(line):
                 with contextlib.suppress(ValueError, RecursionError):
                     token = _tokens.stamp_of(json.loads(line)) or 0
                     # Past the limit it was never issued: no floor (as `last_stamped`).

@@ -22,6 +22,7 @@ directory each time, which makes filling a directory with sessions quadratic.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import json
@@ -44,11 +45,12 @@ RESERVE = 10_000
 """How many tokens a holder reserves on the session file at a time."""
 
 TRAILING_STAMP = re.compile(
-    rb'"%s"\s*:\s*\{\s*"token"\s*:\s*(\d{1,19})\s*,\s*"run_id"\s*:\s*"([^"\\]+)"\s*\}\s*\}\s*$'
-    % STAMP_KEY.encode()
+    rb'"%s"\s*:\s*\{\s*"token"\s*:\s*(\d{1,4300})\s*,\s*"run_id"\s*:\s*"((?:[^"\\]|\\.)+)"'
+    rb"\s*\}\s*\}\s*$" % STAMP_KEY.encode()
 )
 """The stamp `append(..., stamp=True)` puts at the end of a line (token, run id): how a
-line too long to parse is read for its token (in its last `TAIL` bytes)."""
+line too long to parse is read for its token (in its last `TAIL` bytes). Tokens of any
+length Python converts (4,300 digits), so that one past the largest is seen as such."""
 TAIL = 64 * 1024
 
 
@@ -58,7 +60,11 @@ def trailing_stamp(line: bytes) -> tuple[int, str] | None:
     m = TRAILING_STAMP.search(line[-TAIL:])
     if m is None:
         return None
-    return int(m[1]), m[2].decode("utf-8", "replace")
+    run = m[2].decode("utf-8", "replace")
+    if "\\" in run:  # a JSON string's escapes
+        with contextlib.suppress(ValueError):
+            run = json.loads(f'"{run}"')
+    return int(m[1]), run
 
 
 def stamp_of(entry: object) -> int | None:
@@ -71,6 +77,15 @@ def stamp_of(entry: object) -> int | None:
         if type(token) is int and token >= 0:
             return token
     return None
+
+
+def may_hold_stamp(line: bytes) -> bool:
+    """Whether a line may carry a stamp, as a parse would find it: the key as written,
+    or a JSON escape, which may spell it (``"\\u005ffencelock"``)."""
+    return _STAMP_KEY_BYTES in line or b"\\u" in line
+
+
+_STAMP_KEY_BYTES = STAMP_KEY.encode()
 
 
 def last_stamped(session: str) -> int:
@@ -87,7 +102,7 @@ def last_stamped(session: str) -> int:
         os.close(fd)
     best = 0
     for line in tail.split(b"\n"):
-        if STAMP_KEY.encode() not in line:
+        if not may_hold_stamp(line):
             continue
         try:
             token = stamp_of(json.loads(line))

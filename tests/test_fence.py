@@ -899,6 +899,27 @@ def test_verify_reads_an_over_long_line_s_stamp_from_its_end_and_stops_after_man
     assert [p.kind for p in verify(session).problems] == ["torn"] * 3
 
 
+@pytest.mark.parametrize(("stamp", "kind"), [
+    (b'{"token":10000000000000000000,"run_id":"a"}', "token-out-of-range"),  # 20 digits
+    (b'{"token":9,"run_id":"a\\"b"}', "token-backwards"),  # the next line's 3 is below
+])
+def test_verify_reads_any_stamp_at_an_over_long_line_s_end_as_a_short_line_s(
+    session: Path, monkeypatch: pytest.MonkeyPatch, stamp: bytes, kind: str
+) -> None:
+    """The stamp read from an over-long line's end is the one a parse would give: a
+    token of 20 digits (past the largest) or a run id with an escape is a stamp too."""
+    from fencelock import _verify
+
+    monkeypatch.setattr(_verify, "MAX_LINE", 64)
+    long = b'{"c":"' + b"x" * 500 + b'","_fencelock":' + stamp + b"}\n"
+    session.write_bytes(long + b'{"n":2,"_fencelock":{"token":3,"run_id":"b"}}\n')
+    report = verify(session)
+    assert report.unchecked == [1] and report.stamped == 2, report
+    assert [(p.line, p.kind) for p in report.problems][:1] == [
+        (1 if kind == "token-out-of-range" else 2, kind)
+    ], report.problems
+
+
 def test_release_records_the_last_appends_fence_point(session: Path) -> None:
     """Appends in the write phase may leave the record behind; release writes the
     session's fingerprint as the run left it, so the released record is true."""

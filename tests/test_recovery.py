@@ -610,3 +610,20 @@ def test_lines_rewritten_while_recover_copies_them_make_no_fresh_session(
         recover(session, wait=0)
     leftovers = sorted(p.name for p in session.parent.iterdir())
     assert leftovers == [session.name, session.name + ".holder"], leftovers
+
+
+def test_a_stamp_spelled_with_an_escape_counts_for_the_token_floor(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """A stamp whose key is written with a JSON escape is a stamp to every parser, and to
+    verify: a first acquire, and a fresh session carrying the line, go above it."""
+    session.write_bytes(b'{"\\u005ffencelock":{"token":50000,"run_id":"a"}}\n')
+    with SessionLock(session) as lock:  # no sidecar yet: the floor comes from the lines
+        assert lock.info is not None and lock.info.token > 50000
+    Path(str(session) + ".holder").unlink()
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    result = recover(session, wait=0)
+    assert result.action is Action.FRESH and result.carried_lines == 1
+    fresh = probe(result.session).record
+    assert fresh is not None and fresh.token > 50000
