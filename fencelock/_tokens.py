@@ -60,11 +60,15 @@ def trailing_stamp(line: bytes) -> tuple[int, str] | None:
     m = TRAILING_STAMP.search(line[-TAIL:])
     if m is None:
         return None
+    try:
+        token = int(m[1])
+    except ValueError:  # more digits than this interpreter converts (its own limit)
+        return None
     run = m[2].decode("utf-8", "replace")
     if "\\" in run:  # a JSON string's escapes
         with contextlib.suppress(ValueError):
             run = json.loads(f'"{run}"')
-    return int(m[1]), run
+    return token, run
 
 
 def stamp_of(entry: object) -> int | None:
