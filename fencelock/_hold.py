@@ -576,10 +576,13 @@ def _serve(
         seen.settled = False
         if seen.signum:
             # Forgotten while the answer waits, so that another signal cuts the wait
-            # short (by raising), as the first one would have without the request.
+            # short (by raising), as the first one would have without the request; put
+            # back however the wait ends (the exit code is the first signal's).
             signum, seen.signum = seen.signum, 0
-            out.send({**answer, **echo}, wait=_LAST_ANSWER_WAIT)
-            seen.signum = signum
+            try:
+                out.send({**answer, **echo}, wait=_LAST_ANSWER_WAIT)
+            finally:
+                seen.signum = signum
             raise Stopped(signum)
         out.send({**answer, **echo})
         if beat is not None and op in _BEATING and answer["ok"]:

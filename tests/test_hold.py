@@ -807,7 +807,7 @@ def test_a_second_stop_signal_ends_the_wait_for_room_for_an_owed_answer(
 ) -> None:
     """However long the answer owed after a stop signal may wait for room (here an
     hour), a second stop signal ends hold at once: the caller's supervisor never needs
-    SIGKILL, which would leave the session stale."""
+    SIGKILL, which would leave the session stale. The exit code is the first signal's."""
     helper = Path(__file__).parent / "signalled_hold.py"
     monkeypatch.setenv("FENCELOCK_TEST_ANSWER_WAIT", "3600")
     session.write_text("{}\n")  # an append to it makes one fsync (creating it, two)
@@ -819,10 +819,30 @@ def test_a_second_stop_signal_ends_the_wait_for_room_for_an_owed_answer(
         h.send_raw(b'{"op": "append", "entry": {}}\n' * 3)
         # The owed answer waits for room (select(2), which glibc makes as pselect6).
         thread_in_syscall(h.proc.pid, "select", main=True, alias="pselect6")
-        h.proc.send_signal(signal.SIGTERM)
+        h.proc.send_signal(signal.SIGINT)
         assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
         h.kill()
     assert len(lines(session)) == 3
     status = probe(session)
     assert status.state == "free" and status.fence_ok is True, status
+
+
+@needs_posix
+def test_a_stop_signal_during_an_append_whose_caller_is_gone_still_exits_128_plus_n(
+    session: Path
+) -> None:
+    """The answer owed after a stop signal cannot be written (the caller closed its
+    end): hold still releases and exits with the signal's code, not 0."""
+    helper = Path(__file__).parent / "signalled_hold.py"
+    h = Hold(session, python=(str(helper), str(int(signal.SIGTERM))))
+    try:
+        h.held()
+        assert h.proc.stdout is not None
+        h.proc.stdout.close()  # the caller stops reading before the answer comes
+        h.send_raw(b'{"op": "append", "entry": {}}\n')
+        assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        h.kill()
+    assert len(lines(session)) == 1
+    assert probe(session).state == "free"
