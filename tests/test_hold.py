@@ -776,15 +776,11 @@ def test_a_stop_signal_while_an_answer_waits_for_room_ends_hold(session: Path) -
     assert probe(session).state == "free"
 
 
-@needs_linux
-def test_an_answer_owed_after_a_stop_signal_waits_for_room_only_a_while(session: Path) -> None:
-    """A stop signal during an append whose answer then finds stdout full: hold waits a
-    moment for room, then releases and exits 128+N without it. The line is in the
-    session and the record has its fence point."""
+def _owing_an_answer_with_no_room(session: Path) -> Hold:
+    """A hold that SIGTERM reaches during the second of three appends, whose answer
+    then finds no room: a pipe of one page polls full (no room) once the first answer
+    is in it, the caller reading none."""
     helper = Path(__file__).parent / "signalled_hold.py"
-    # A pipe of one page polls full (no room) once the first answer is in it, the caller
-    # reading none: the answer to the second append, during which the signal comes,
-    # finds no room.
     session.write_text("{}\n")  # an append to it makes one fsync (creating it, two)
     h = Hold(session, python=(str(helper), str(int(signal.SIGTERM)), "2"))
     try:
@@ -792,13 +788,31 @@ def test_an_answer_owed_after_a_stop_signal_waits_for_room_only_a_while(session:
         assert h.proc.stdout is not None
         fcntl.fcntl(h.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
         h.send_raw(b'{"op": "append", "entry": {}}\n' * 3)
-        assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
-        assert h.proc.stdout.read() == b'{"ok": true, "op": "append"}\n'
-    finally:
+    except BaseException:
         h.kill()
+        raise
+    return h
+
+
+def _released_with_three_lines(session: Path) -> None:
     assert len(lines(session)) == 3
     status = probe(session)
     assert status.state == "free" and status.fence_ok is True, status
+
+
+@needs_linux
+def test_an_answer_owed_after_a_stop_signal_waits_for_room_only_a_while(session: Path) -> None:
+    """A stop signal during an append whose answer then finds stdout full: hold waits a
+    moment for room, then releases and exits 128+N without it. The line is in the
+    session and the record has its fence point."""
+    h = _owing_an_answer_with_no_room(session)
+    try:
+        assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
+        assert h.proc.stdout is not None
+        assert h.proc.stdout.read() == b'{"ok": true, "op": "append"}\n'
+    finally:
+        h.kill()
+    _released_with_three_lines(session)
 
 
 @needs_linux
@@ -808,24 +822,16 @@ def test_a_second_stop_signal_ends_the_wait_for_room_for_an_owed_answer(
     """However long the answer owed after a stop signal may wait for room (here an
     hour), a second stop signal ends hold at once: the caller's supervisor never needs
     SIGKILL, which would leave the session stale. The exit code is the first signal's."""
-    helper = Path(__file__).parent / "signalled_hold.py"
     monkeypatch.setenv("FENCELOCK_TEST_ANSWER_WAIT", "3600")
-    session.write_text("{}\n")  # an append to it makes one fsync (creating it, two)
-    h = Hold(session, python=(str(helper), str(int(signal.SIGTERM)), "2"))
+    h = _owing_an_answer_with_no_room(session)
     try:
-        h.held()
-        assert h.proc.stdout is not None
-        fcntl.fcntl(h.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)  # full at one answer
-        h.send_raw(b'{"op": "append", "entry": {}}\n' * 3)
         # The owed answer waits for room (select(2), which glibc makes as pselect6).
         thread_in_syscall(h.proc.pid, "select", main=True, alias="pselect6")
         h.proc.send_signal(signal.SIGINT)
         assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
         h.kill()
-    assert len(lines(session)) == 3
-    status = probe(session)
-    assert status.state == "free" and status.fence_ok is True, status
+    _released_with_three_lines(session)
 
 
 @needs_posix
