@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import hashlib
-import json
 import os
 import shlex
 import stat
@@ -515,14 +514,9 @@ def _scan(fd: int, session: str, end: int) -> tuple[int, int, bytes]:
                 partial = line
                 continue
             lines += 1
-            if long_line or len(line) > _LONG_LINE:
-                found = _tokens.trailing_stamp(line)
-                token = found[0] if found else 0
-                best = max(best, token if token <= MAX_TOKEN else 0)
-            elif _tokens.may_hold_stamp(line):
-                with contextlib.suppress(ValueError, RecursionError):
-                    token = _tokens.stamp_of(json.loads(line)) or 0
-                    # Past the limit it was never issued: no floor (as `last_stamped`).
-                    best = max(best, token if token <= MAX_TOKEN else 0)
+            if long_line or len(line) > _LONG_LINE:  # only its end was kept
+                best = max(best, _tokens.trailing_token(line))
+            else:
+                best = max(best, _tokens.line_token(line))
             partial, long_line = b"", False
     return lines, best, read.digest()

@@ -104,20 +104,28 @@ def last_stamped(session: str) -> int:
         return 0
     finally:
         os.close(fd)
-    best = 0
-    for line in tail.split(b"\n"):
-        if not may_hold_stamp(line):
-            continue
-        try:
-            token = stamp_of(json.loads(line))
-        except (ValueError, RecursionError):
-            # A line that starts before the window (or too deep to parse): its stamp,
-            # which fencelock writes last, is read from its end.
-            found = trailing_stamp(line)
-            token = None if found is None else found[0]
-        if token is not None and token <= MAX_TOKEN:  # a larger one was never issued
-            best = max(best, token)
-    return best
+    # A line that starts before the window is read from its end (`line_token`).
+    return max(line_token(line) for line in tail.split(b"\n"))
+
+
+def line_token(line: bytes) -> int:
+    """The token a line counts for in a floor: its stamp's, parsed; for a line that
+    does not parse (cut off at its start, or too deep), the stamp at its end. 0 for
+    none, and for one above `MAX_TOKEN` (never issued)."""
+    if not may_hold_stamp(line):
+        return 0
+    try:
+        token = stamp_of(json.loads(line))
+    except (ValueError, RecursionError):
+        return trailing_token(line)
+    return token if token is not None and token <= MAX_TOKEN else 0
+
+
+def trailing_token(line: bytes) -> int:
+    """The token of the stamp at a line's end (`trailing_stamp`), as `line_token`
+    counts it: 0 for none, and for one above `MAX_TOKEN`."""
+    found = trailing_stamp(line)
+    return found[0] if found is not None and found[0] <= MAX_TOKEN else 0
 
 
 def went_backwards(session: str, token: int, stamped: int, store: str) -> FenceLockError:
