@@ -21,11 +21,10 @@ from fencelock._errors import FenceLockError, SessionContendedError
 if TYPE_CHECKING:
     from fencelock._lock import SessionLock
 
-_held: dict[str, SessionLock] = {}
-_taken_by: dict[str, object] = {}
-"""The attempt (`take`'s ``attempt``) that took each slot in ``_held``: several owners
-(threads, tasks) may be acquiring one `SessionLock` at once, and an attempt that gives
-up frees only a slot it took itself."""
+_held: dict[str, tuple[SessionLock, object]] = {}
+"""Each taken slot: the lock object holding it, and the attempt (`take`'s ``attempt``)
+that took it. Several owners (threads, tasks) may be acquiring one `SessionLock` at
+once, and an attempt that gives up frees only a slot it took itself."""
 _mu = threading.Lock()
 _cond = threading.Condition(_mu)
 """Waited on by acquirers whose session another object of this process holds. The
@@ -63,7 +62,8 @@ def registry_key(session: str) -> str:
 def held_in_process(session_key: str) -> SessionLock | None:
     """The lock object of this process that holds ``session_key``, if any."""
     with _mu:
-        return _held.get(session_key)
+        slot = _held.get(session_key)
+    return None if slot is None else slot[0]
 
 
 def any_held() -> bool:
@@ -96,17 +96,16 @@ def take(
     global _waiters
     with _mu:
         while True:
-            other = _held.get(key)
-            if other is None:
-                _held[key] = lock
-                _taken_by[key] = attempt
+            slot = _held.get(key)
+            if slot is None:
+                _held[key] = (lock, attempt)
                 return
             if cancel is not None and cancel.is_set():
                 raise cancelled()
             remaining = None if deadline is None else deadline - time.monotonic()
             if fail or (remaining is not None and remaining <= 0):
                 waited = time.monotonic() - start
-                raise SessionContendedError(lock.session, other.info, waited=waited,
+                raise SessionContendedError(lock.session, slot[0].info, waited=waited,
                                             backend=lock._backend_url())
             _waiters += 1
             try:
@@ -119,9 +118,9 @@ def free(key: str, lock: SessionLock, attempt: object = None) -> None:
     """Free ``key``'s slot if ``lock`` has it (and, given ``attempt``, if that attempt
     took it), waking waiters."""
     with _mu:
-        if _held.get(key) is lock and (attempt is None or _taken_by.get(key) is attempt):
+        slot = _held.get(key)
+        if slot is not None and slot[0] is lock and (attempt is None or slot[1] is attempt):
             del _held[key]
-            _taken_by.pop(key, None)
             if _waiters:
                 _cond.notify_all()
 
@@ -141,10 +140,9 @@ def _after_fork_in_child() -> None:
     # A forked child does not hold its parent's sessions: forget them, and close the
     # inherited descriptors (closing never unlocks: the parent's copy keeps the lock).
     global _mu, _cond, _waiters
-    for lock in _held.values():
+    for lock, _ in _held.values():
         lock._forget_in_child()
     _held.clear()
-    _taken_by.clear()
     _mu = threading.Lock()
     _cond = threading.Condition(_mu)
     _waiters = 0
