@@ -199,9 +199,13 @@ PATH = _PathArgument()
 
 
 class _Seconds(click.ParamType):  # type: ignore[type-arg]
-    """A number of seconds >= 0; "inf" means no limit. NaN is a usage error."""
+    """A number of seconds >= 0; "inf" means no limit. NaN is a usage error. With
+    ``least``, a value other than 0 must be at least that."""
 
     name = "seconds"
+
+    def __init__(self, least: float = 0.0) -> None:
+        self.least = least
 
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
@@ -214,10 +218,15 @@ class _Seconds(click.ParamType):  # type: ignore[type-arg]
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
         if math.isnan(seconds) or seconds < 0:
             self.fail(f"{value!r} is not a number of seconds >= 0", param, ctx)
+        if 0 < seconds < self.least:
+            self.fail(f"{value!r} is under {self.least} s: give 0 (never) or at least "
+                      f"{self.least} (each beat writes the record)", param, ctx)
         return seconds
 
 
 SECONDS = _Seconds()
+HEARTBEAT = _Seconds(least=0.01)
+"""A heartbeat interval: a shorter one than 10 ms only keeps a CPU and the disk busy."""
 
 
 def _backend_option(f: Any) -> Any:
@@ -629,7 +638,7 @@ def _holding_options(heartbeat_help: str) -> Callable[[Any], Any]:
                          help="Exit 4 at once if the session is held."),
             click.option("--timeout", "-w", type=SECONDS, metavar="SECONDS",
                          help="Give up (exit 4) after waiting this long for the holder."),
-            click.option("--heartbeat", type=SECONDS, default=60.0, show_default=True,
+            click.option("--heartbeat", type=HEARTBEAT, default=60.0, show_default=True,
                          metavar="SECONDS", help=heartbeat_help),
             _backend_option,
         )):

@@ -1324,6 +1324,19 @@ def test_nan_or_negative_seconds_are_usage_errors(session: Path, args: list[str]
     assert "not a number of seconds" in result.output
 
 
+@pytest.mark.parametrize("command", [["run", "S", "--lane", "x", "--", "true"],
+                                     ["hold", "S", "--lane", "x"]])
+@pytest.mark.parametrize("beat", ["1e-6", "0.009"])
+def test_a_heartbeat_under_10_ms_is_a_usage_error(session: Path, command: list[str],
+                                                   beat: str) -> None:
+    """Each beat writes the record: --heartbeat 1e-6 kept a CPU busy writing it."""
+    args = [str(session) if a == "S" else a for a in command]
+    result = invoke(*args[:4], "--heartbeat", beat, *args[4:])
+    assert result.exit_code == 2, result.output
+    assert f"'{beat}' is under 0.01 s: give 0 (never) or at least 0.01" in result.output
+    assert not session.exists() and not Path(f"{session}.holder").exists()
+
+
 def test_infinite_seconds_mean_no_limit(session: Path, spawn_holder: SpawnHolder) -> None:
     """--timeout inf waits for the holder like no --timeout (it used to overflow), and
     --heartbeat inf never beats."""
