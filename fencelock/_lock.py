@@ -239,9 +239,12 @@ class SessionLock:
         fp = self._fp
         if fp is not self._fp_bytes[0]:
             self._fp_bytes = (fp, _record.fingerprint_bytes(fp))
+        middle = self._middle  # the run's, unless the fixed part changed since
         return _record.assemble(
             state=state, phase=self._phase, token=self._token,
-            middle=self._prepare_record(self._run_id), acquired_at=self._acquired_at,
+            middle=middle[2] if middle[0] is self._run_id else self._prepare_record(
+                self._run_id
+            ), acquired_at=self._acquired_at,
             heartbeat_at=self._heartbeat_at, fingerprint=self._fp_bytes[1],
             previous=self._previous,
         )
@@ -459,6 +462,7 @@ class SessionLock:
         start = _identity.process_start(pid)
         with self._io:
             self._static = self._static_part() + _record.command_part(pid, start)
+            self._middle = ("", "", b"")  # encoded again with the command in it
         self._write_record()
 
     def _release_shared(self, kept: bool = False) -> None:
