@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -524,18 +524,29 @@ class SessionLock:
 
     # -- asyncio -----------------------------------------------------------------
 
-    async def acquire_async(self) -> HolderInfo:
-        """Like `acquire`, but waiting happens off the event loop and can be cancelled."""
+    def acquire_async(self) -> Coroutine[Any, Any, HolderInfo]:
+        """Like `acquire`, but waiting happens off the event loop and can be cancelled.
+
+        The owner (for reentrancy) is the task that calls it, also where the waiting runs
+        in a task of its own: ``asyncio.wait_for`` makes one on Python 3.11, and that
+        task's end would otherwise leave the lock owned by no task, so that the caller's
+        own ``async with lock`` then waited for itself."""
+        return self._acquire_async(_whoami())
+
+    async def _acquire_async(self, caller: object) -> HolderInfo:
         import asyncio
 
-        me = _whoami()
+        # Called outside any task (the coroutine made before a loop runs it): the task
+        # that runs it.
+        me = _whoami() if isinstance(caller, int) else caller
         if self.held and self._owner == me:
             self._count += 1
+            info = self.info
         else:
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
             cancel = threading.Event()
             loop = asyncio.get_running_loop()
-            future: asyncio.Future[None] = loop.create_future()
+            future: asyncio.Future[HolderInfo | None] = loop.create_future()
             # A thread of its own, not the loop's default executor: waits can last
             # minutes, and a few of them would starve to_thread() and getaddrinfo().
             threading.Thread(
@@ -560,21 +571,26 @@ class SessionLock:
                     with contextlib.suppress(asyncio.CancelledError):
                         await asyncio.wait({future}, timeout=left)
                 raise
-        info = self.info
+            # The record as acquired: another task may already have released the lock
+            # (any task of the holding process may) before this one resumed.
+            info = future.result()
         assert info is not None
         return info
 
     def _acquire_for(
         self,
         loop: asyncio.AbstractEventLoop,
-        future: asyncio.Future[None],
+        future: asyncio.Future[HolderInfo | None],
         me: object,
         deadline: float | None,
         cancel: threading.Event,
     ) -> None:
         """Acquire in a helper thread and hand the outcome to the awaiting task."""
+        info = None
         try:
+            shell = self._info_shell()
             self._acquire(me, deadline, cancel)
+            info = self._info or self._completed_info(shell)  # as `acquire` returns it
             error: BaseException | None = None
         except BaseException as e:
             error = e
@@ -588,7 +604,7 @@ class SessionLock:
                     if not future.done():
                         future.set_result(None)
             elif error is None:
-                future.set_result(None)
+                future.set_result(info)
             else:
                 future.set_exception(error)
 
@@ -598,8 +614,11 @@ class SessionLock:
             if error is None:
                 self.release()
 
-    async def __aenter__(self) -> SessionLock:
-        await self.acquire_async()
+    def __aenter__(self) -> Coroutine[Any, Any, SessionLock]:
+        return self._entered(self.acquire_async())  # owned by the caller's task, as there
+
+    async def _entered(self, acquiring: Coroutine[Any, Any, HolderInfo]) -> SessionLock:
+        await acquiring
         return self
 
     async def __aexit__(

@@ -241,3 +241,52 @@ def test_a_cancel_returns_even_when_giving_back_a_late_lock_fails(
     asyncio.run(main())
     status = probe(session)
     assert status.state == ProbeState.FREE and status.lane == "late"
+
+
+def test_reentry_after_wait_for_in_the_same_task(session: Path) -> None:
+    """``asyncio.wait_for(lock.acquire_async(), t)`` then ``async with lock`` in the same
+    task re-enters: on Python 3.11 wait_for waits in a task of its own, which owned the
+    lock once it ended, and the nested ``async with`` waited for itself for ever."""
+
+    async def main() -> int:
+        lock = SessionLock(session, lane="outer")
+        first = await asyncio.wait_for(lock.acquire_async(), 30)
+        async with lock:  # re-entered: bounded below, so a self-wait fails the test
+            pass
+        await asyncio.wait_for(lock.__aenter__(), 30)
+        await lock.__aexit__(None, None, None)
+        assert lock.held
+        lock.release()
+        assert not lock.held
+        return first.token
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == 1
+    assert probe(session).state == ProbeState.FREE
+
+
+def test_a_lock_released_by_another_task_before_the_acquirer_resumes(session: Path) -> None:
+    """Any task of the holding process may release: one that does so right after the
+    lock came, before the acquiring task resumed, leaves that task the record it took
+    (it raised a bare AssertionError)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        lock = SessionLock(session, lane="taken")
+        real = loop.call_soon_threadsafe
+
+        def release_first(callback: Any, *args: Any, **kwargs: Any) -> Any:
+            def released_then_delivered() -> None:
+                lock.release()  # as another task would, before the acquirer resumes
+                callback(*args)
+
+            return real(released_then_delivered, **kwargs)
+
+        loop.call_soon_threadsafe = release_first  # type: ignore[method-assign, assignment]
+        try:
+            info = await asyncio.wait_for(lock.acquire_async(), 30)
+        finally:
+            loop.call_soon_threadsafe = real  # type: ignore[method-assign]
+        assert info.token == 1 and info.lane == "taken" and not lock.held
+
+    asyncio.run(main())
+    assert probe(session).state == ProbeState.FREE
