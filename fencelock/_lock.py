@@ -615,10 +615,10 @@ class SessionLock:
                 self.release()
 
     def __aenter__(self) -> Coroutine[Any, Any, SessionLock]:
-        return self._entered(self.acquire_async())  # owned by the caller's task, as there
+        return self._entered(_whoami())  # owned by the caller's task, as acquire_async
 
-    async def _entered(self, acquiring: Coroutine[Any, Any, HolderInfo]) -> SessionLock:
-        await acquiring
+    async def _entered(self, caller: object) -> SessionLock:
+        await self._acquire_async(caller)
         return self
 
     async def __aexit__(

@@ -290,3 +290,25 @@ def test_a_lock_released_by_another_task_before_the_acquirer_resumes(session: Pa
 
     asyncio.run(main())
     assert probe(session).state == ProbeState.FREE
+
+
+def test_an_async_with_cancelled_before_it_starts_leaves_no_coroutine_unawaited(
+    session: Path,
+) -> None:
+    """``__aenter__`` cancelled before its first step: no inner coroutine made and never
+    awaited (Python warns of one at collection), and no lock taken."""
+    import gc
+    import warnings
+
+    async def main() -> None:
+        task = asyncio.create_task(SessionLock(session, lane="early").__aenter__())
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(main())
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+    assert probe(session).state == ProbeState.FREE
