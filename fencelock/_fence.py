@@ -275,12 +275,9 @@ def append(
     check_tail: bool,
     file_mode: int = 0o600,
     token: int = 0,
-    taken_back: Callable[[Fingerprint | None], None] | None = None,
 ) -> Fingerprint:
     """Append ``line`` if the fence holds; returns the new fence point. A session file
-    this creates gets the token mark for ``token`` (see `_tokens.reserve`). An interrupt
-    in the write or the fsync takes the line back and tells ``taken_back`` the fence
-    point that leaves (None: the file this call made is gone again)."""
+    this creates gets the token mark for ``token`` (see `_tokens.reserve`)."""
     flags = os.O_RDWR | os.O_APPEND
     created = expected is None
     try:
@@ -322,7 +319,10 @@ def append(
             # stays valid JSONL and the run keeps its fence point; but only when
             # nothing past the fence point is anyone else's.
             try:
-                ours = _only_ours_past(fd, size, line)
+                end = os.fstat(fd).st_size
+                ours = end >= size and end - size <= len(line) and line.startswith(
+                    os.pread(fd, end - size, size)
+                )
             except OSError:
                 raise e from None
             if not ours:
@@ -332,18 +332,8 @@ def append(
                 os.ftruncate(fd, size)
                 e.fingerprint = _fingerprint_fd(fd, mode, session)
             raise
-        except BaseException:
-            _take_back_interrupted(fd, st, size, line, created, session, mode, taken_back)
-            raise
-        try:
-            after = _fingerprint_fd(fd, mode, session)
-            whole = after.size == size + len(line) and os.pread(fd, len(line), size) == line
-        except (OSError, FenceLockError):
-            raise
-        except BaseException:
-            _take_back_interrupted(fd, st, size, line, created, session, mode, taken_back)
-            raise
-        if not whole:
+        after = _fingerprint_fd(fd, mode, session)
+        if after.size != size + len(line) or os.pread(fd, len(line), size) != line:
             # Someone wrote between the fence check and the fsync: the session is no
             # longer only this run's. Our line is in it, unless that writer cut it.
             raise SessionTakeoverError(session, expected, after, stored=_landed(fd, line))
@@ -356,35 +346,6 @@ def append(
         return after
     finally:
         os.close(fd)
-
-
-def _take_back_interrupted(
-    fd: int, st: os.stat_result, size: int, line: bytes, created: bool, session: str,
-    mode: FenceMode, taken_back: Callable[[Fingerprint | None], None] | None,
-) -> None:
-    """An interrupt (KeyboardInterrupt, a signal handler's exception) in an append's
-    write, fsync or read-back: the append did not happen, so nothing of it stays, and
-    the run's fence point still holds (its next append read the line as another
-    writer's). A file the append made goes again, so that one can be made anew."""
-    with contextlib.suppress(OSError, FenceLockError):
-        if _only_ours_past(fd, size, line):
-            if created and _sidecar.still_at_path(session, st):
-                os.unlink(session)
-                now = None
-            else:
-                os.ftruncate(fd, size)
-                now = _fingerprint_fd(fd, mode, session)
-            if taken_back is not None:
-                taken_back(now)
-
-
-def _only_ours_past(fd: int, size: int, line: bytes) -> bool:
-    """Whether all the file holds past ``size`` is a beginning of ``line`` (what an
-    append of it from ``size`` left)."""
-    end = os.fstat(fd).st_size
-    return end >= size and end - size <= len(line) and line.startswith(
-        os.pread(fd, end - size, size)
-    )
 
 
 PART = ".part"

@@ -691,7 +691,6 @@ class SessionLock:
             fp = _fence.append(
                 self.session, data, self._fp, self.fence_mode,
                 check_tail=check_tail, file_mode=self.mode, token=self._token,
-                taken_back=self._fence_taken_back,
             )
         except SessionWriteError as e:
             if e.fingerprint is not None:
@@ -700,10 +699,6 @@ class SessionLock:
         self._tail_checked = True
         before, self._fp, self._heartbeat_at = self._fp, fp, time.time()
         self._store.appended(self, before)
-
-    def _fence_taken_back(self, fp: Fingerprint | None) -> None:
-        """An interrupted append took its line back: the session as it left it."""
-        self._fp, self._info = fp, None
 
     def verify_fence(self) -> Fingerprint | None:
         """Raise `SessionTakeoverError` if the session moved since the last fence point."""

@@ -21,7 +21,6 @@ from fencelock import (
     FenceLockError,
     FenceLockWarning,
     FenceMode,
-    ProbeState,
     SessionLock,
     SessionTakeoverError,
     SessionWriteError,
@@ -1125,39 +1124,3 @@ def test_the_holders_own_appends_from_another_thread_are_no_takeover(session: Pa
                 writer.join()
         lock.verify_fence()
     assert verify(session).ok
-
-
-@pytest.mark.parametrize("existed", [True, False], ids=["session-existed", "append-made-it"])
-def test_an_append_interrupted_in_its_fsync_leaves_nothing_and_the_fence_holding(
-    session: Path, monkeypatch: pytest.MonkeyPatch, existed: bool
-) -> None:
-    """A KeyboardInterrupt (or a signal handler's exception) landing in an append's fsync:
-    the append raised, so its line is not left in the session; the run's next append is
-    not read as another writer's (it raised SessionTakeoverError), and the released
-    record's fence point is the session's."""
-    import fencelock._fence as fence
-
-    if existed:
-        session.write_bytes(b'{"role":"user"}\n')
-    before = session.read_bytes() if existed else None
-    real = fence._fsync
-    interrupts = [KeyboardInterrupt()]
-
-    def interrupted(fd: int) -> None:
-        real(fd)
-        if interrupts:
-            raise interrupts.pop()
-
-    monkeypatch.setattr(fence, "_fsync", interrupted)
-    lock = SessionLock(session, lane="interrupted")
-    lock.acquire()
-    with pytest.raises(KeyboardInterrupt):
-        lock.append({"role": "assistant", "content": "lost"})
-    assert (session.read_bytes() if session.exists() else None) == before
-    lock.append({"role": "assistant", "content": "kept"})
-    lock.release()
-    lines = session.read_bytes().splitlines()
-    assert [json.loads(x).get("content") for x in lines][-1] == "kept"
-    assert b"lost" not in session.read_bytes()
-    status = probe(session)
-    assert status.state is ProbeState.FREE and status.fence_ok is True
