@@ -163,8 +163,20 @@ class _Lease:
         self.ttl = ttl
         self.confirmed_until = confirmed_until
         """The `_lease_clock` time before which etcd cannot have expired the lease."""
-        self.lost = ""
+        self._lost = ""
+        self.gone = threading.Event()
+        """Set once the lease counts as lost."""
+
+    @property
+    def lost(self) -> str:
         """Why the lease counts as lost (empty while it does not)."""
+        return self._lost
+
+    @lost.setter
+    def lost(self, why: str) -> None:
+        self._lost = why
+        if why:
+            self.gone.set()
 
     def safety(self) -> float:
         return min(1.0, self.ttl / 4)
@@ -1162,6 +1174,22 @@ class EtcdHolder:
         if self._lost or not lease.alive():
             self._told = True  # the caller has heard of the loss
             raise HolderLostError(self.session, self._lost or lease.lost)
+
+    def lost_within(self, timeout: float) -> str:
+        """Why this holder counts itself lost, as soon as it does within ``timeout``
+        seconds; empty if it does not. Woken when its lease is found lost, and when the
+        time the lease is known to live runs out (no request needed for that)."""
+        lease = self._lease
+        if not self._my_key or lease is None:
+            return ""
+        end = time.monotonic() + timeout
+        while not (self._lost or not lease.alive()):
+            left = end - time.monotonic()
+            if left <= 0:
+                return ""
+            margin = lease.confirmed_until - lease.safety() - _lease_clock()
+            lease.gone.wait(min(left, max(margin, 0.0) + 0.001))
+        return self._lost or lease.lost
 
     def _key_gone_with_lease(self, lease: _Lease) -> bool:
         """Our key is gone: whether the lease went with it (then every holder of this

@@ -239,9 +239,13 @@ def run_held(
     except (FenceLockError, OSError) as e:
         error_line(f"{lock.session}: the record does not name the command: {e}")
     heartbeat = _Heartbeat(lock, beat)
+    if keeper is not None:
+        keeper.guard(proc)
     try:
         code = proc.wait()
     finally:
+        if keeper is not None:
+            keeper.ended()
         heartbeat.close()
     return 128 - code if code < 0 else code
 

@@ -2544,38 +2544,100 @@ def test_a_waiting_hold_that_ends_leaves_nobody_queued(
 WAIT_FOR_A_LINE = "import sys; print('ready', flush=True); sys.stdin.readline()"
 
 
-def test_a_run_whose_holder_was_lost_meanwhile_says_so_at_its_end(
+def _run_waiting(session: Path, url: str, command: str) -> subprocess.Popen[str]:
+    """`fencelock run` of a Python ``command`` that prints ready, once it has."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "long",
+         "--backend", url, "--", sys.executable, "-c", command],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    return proc
+
+
+def _ended(proc: subprocess.Popen[str]) -> tuple[int | None, str]:
+    """Its exit code within a minute (None if it is still running: then killed) and
+    its stderr."""
+    try:
+        code: int | None = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        code = None
+        proc.kill()
+        proc.wait()
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+    return code, err
+
+
+def test_a_run_whose_holder_is_lost_stops_its_command(
     session: Path, url: str, etcd_server: EtcdServer
 ) -> None:
     """The holder's lease ends while the command runs (revoked here; a partition past
-    the TTL does the same): another run may have held the session meanwhile. `run`
-    cannot take that back, but it says so, instead of ending as if all went well."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "long",
-         "--backend", url, "--", sys.executable, "-c", WAIT_FOR_A_LINE],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    the TTL does the same): another run may hold the session now, so the command must
+    not go on writing. `run` stops it (SIGTERM), says why once, and passes its code on."""
+    proc = _run_waiting(session, url, WAIT_FOR_A_LINE)  # never fed a line
+    record = probe(session, backend=url).record
+    assert record is not None
+    subprocess.run(_etcdctl(etcd_server, "lease", "revoke", record.extra["lease"]), check=True,
+                   capture_output=True)
+    code, err = _ended(proc)
+    assert code == 128 + signal.SIGTERM, err
+    assert "lost its holder" in err and "stopping the command" in err, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_a_lost_run_s_command_that_ignores_sigterm_is_killed(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    from fencelock._etcdkeeper import STOP_GRACE
+
+    deaf = f"import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); {WAIT_FOR_A_LINE}"
+    proc = _run_waiting(session, url, deaf)
+    record = probe(session, backend=url).record
+    assert record is not None
+    subprocess.run(_etcdctl(etcd_server, "lease", "revoke", record.extra["lease"]), check=True,
+                   capture_output=True)
+    code, err = _ended(proc)
+    assert code == 128 + signal.SIGKILL, err
+    assert f"did not exit within {STOP_GRACE:g} s of SIGTERM: killed" in err, err
+
+
+def test_a_run_that_counts_its_lease_lost_leaves_nothing_renewing_it(
+    session: Path, own_etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """etcd is away past what the run can vouch for: `run` counts its holder lost and
+    stops its command. Its keeper must then stop renewing the lease too, even for what
+    the command left running with FENCELOCK_FD (which would otherwise keep a holder
+    alive in etcd that its own run has given up): once etcd is back, the session is
+    free to be taken over."""
+    from conftest import TEST_TTL
+
+    url = own_etcd.url("lost", ttl=TEST_TTL)
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    leave_a_child = (
+        "import os, subprocess, sys; fd = int(os.environ['FENCELOCK_FD']); "
+        f"subprocess.Popen([sys.executable, '-c', \"open({str(fifo)!r}).read()\"], "
+        "pass_fds=(fd,), start_new_session=True, stdin=subprocess.DEVNULL, "
+        "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); " + WAIT_FOR_A_LINE
     )
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc = _run_waiting(session, url, leave_a_child)
     try:
-        assert proc.stdout.readline() == "ready\n"
-        record = probe(session, backend=url).record
-        assert record is not None
-        lease = record.extra["lease"]
-        subprocess.run(_etcdctl(etcd_server, "lease", "revoke", lease), check=True,
-                       capture_output=True)
-        assert probe(session, backend=url).state != "live"
-        proc.stdin.write("\n")
-        proc.stdin.close()
-        assert proc.wait(timeout=60) == 0  # the command's code, as always
-        err = proc.stderr.read()
+        own_etcd.kill(signal.SIGKILL)
+        code, err = _ended(proc)  # within the lease's TTL, with etcd still away
+        own_etcd.start()
+        assert code == 128 + signal.SIGTERM, err
+        assert "lost its holder" in err, err
+        with SessionLock(session, "next", backend=url, timeout=60) as nxt:
+            assert nxt.info is not None and nxt.info.previous is not None
+            assert nxt.info.previous.lane == "long"  # taken over, not released
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert "its key in etcd was gone at release" in err and "Traceback" not in err, err
-    assert err.count("\n") == 1  # one line
+        with open(fifo, "w") as f:
+            f.write("go\n")  # the leftover exits
 
 
 def test_run_s_heartbeat_says_a_lost_holder_once_and_stops(
