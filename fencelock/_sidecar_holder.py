@@ -406,10 +406,18 @@ class SidecarHolder:
         if self._fd < 0:
             raise NotHeldError(f"{self.session}: released while the record was updated")
         lock._info = None
-        self._record_len = _sidecar.write_bytes(
-            self._fd, self.sidecar, lock._encode(), self._record_len
-        )
-        self._written_at, self._behind = time.monotonic(), False
+        # Cleared before the record is encoded: an append from another thread that
+        # moves the fence point after that (it sets `_behind` without ``_io``) leaves
+        # the record behind, and the release must then write the last fence point.
+        self._behind = False
+        try:
+            self._record_len = _sidecar.write_bytes(
+                self._fd, self.sidecar, lock._encode(), self._record_len
+            )
+        except BaseException:
+            self._behind = True  # what the record says is unknown
+            raise
+        self._written_at = time.monotonic()
 
     def appended(self, lock: SessionLock, before: _fingerprint.Fingerprint | None) -> None:
         """The holder appended, moving the session's fingerprint from ``before`` to

@@ -860,3 +860,33 @@ def test_a_signal_handler_of_the_checking_thread_does_not_wait_for_itself(
     out = subprocess.run([sys.executable, "-c", _HANDLER_DURING_CHECK, case, str(session)],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout.strip() == "done", out
+
+
+def test_an_append_landing_while_a_touch_writes_the_record_is_not_lost_at_release(
+    session: Path
+) -> None:
+    """A heartbeat thread's `touch()` encodes the record, and an append from another
+    thread moves the fence point before that record is written: the record just
+    written is behind the session, so the release must write the last fence point
+    (not flip the state in place), or the released record reads as a takeover."""
+    session.write_text('{"n":0}\n')
+    lock = SessionLock(session, "raced")
+    lock.acquire()
+    encode = lock._encode
+    appended = []
+
+    def encode_then_append(state: State = State.HELD) -> bytes:
+        data = encode(state)  # the touch's record, with the fence point as it was
+        if not appended:
+            appended.append(True)
+            lock.append({"n": 1})  # another thread's append, in that gap
+        return data
+
+    lock._encode = encode_then_append  # type: ignore[method-assign]
+    lock.touch()
+    del lock._encode
+    lock.release()
+    assert appended
+    status = probe(session)
+    assert status.record is not None and status.record.state == "released"
+    assert status.fence_ok, status
