@@ -873,7 +873,7 @@ def test_an_append_landing_while_a_touch_writes_the_record_is_not_lost_at_releas
     lock = SessionLock(session, "raced")
     lock.acquire()
     encode = lock._encode
-    appended = []
+    appended: list[bool] = []
 
     def encode_then_append(state: State = State.HELD) -> bytes:
         data = encode(state)  # the touch's record, with the fence point as it was
