@@ -1252,6 +1252,9 @@ class EtcdHolder:
             self._told = True
             raise HolderLostError(self.session, self._lost)
 
+    def holding(self) -> bool:
+        return bool(self._my_key)
+
     def release(self, record: bytes | None) -> None:
         if record is None:  # never delivered (a failed or cancelled acquire): undo it
             self._abandon()

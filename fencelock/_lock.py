@@ -430,13 +430,26 @@ class SessionLock:
                 # (a mutex cold after a model call), before the unlock.
                 quick = _GIL and self._store.releases_in_place and not self._io.locked()
             finally:  # released even if an interrupt lands before ``quick`` is set
-                if quick:
-                    self._store.release(self)
-                else:
-                    with self._io:
+                try:
+                    if quick:
                         self._store.release(self)
+                    else:
+                        with self._io:
+                            self._store.release(self)
+                except BaseException:
+                    # An interrupt (KeyboardInterrupt, a signal handler's exception)
+                    # that landed as the store's release began, before it let go:
+                    # nothing else would let go until the process exits.
+                    if self._store.holding():
+                        with self._io, contextlib.suppress(Exception):
+                            self._store.release(self)
+                    raise
         finally:
-            self._run_ended()
+            try:
+                self._run_ended()
+            except BaseException:  # the same, at its start: the slot must be freed
+                _free_slot(self._key, self)
+                raise
 
     def _await_append(self) -> None:
         """Wait for an append under way in another thread (not in this one: a signal

@@ -440,6 +440,9 @@ class SidecarHolder:
 
     # -- release -----------------------------------------------------------------
 
+    def holding(self) -> bool:
+        return self._fd >= 0
+
     def release(self, lock: SessionLock) -> None:
         """Mark the record released and drop the lock (under the lock object's ``_io``,
         or where no record write can follow: see `SessionLock.release`)."""

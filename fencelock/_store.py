@@ -71,6 +71,10 @@ class SessionStore(Protocol):
         """Leave the record released and give the lock back (under ``lock._io``, or
         where no record write can follow: see `SessionLock.release`)."""
 
+    def holding(self) -> bool:
+        """Whether the store still holds the lock: after `release` raised, that it did
+        not get as far as letting go (an interrupt at its start)."""
+
     def share_fd(self) -> int:
         """The locked descriptor to share with a command; -1 when there is none."""
 
@@ -110,6 +114,9 @@ class HolderStore(Protocol):
 
     def check(self) -> None:
         """Raise `HolderLostError` unless the holder is sure it still holds the session."""
+
+    def holding(self) -> bool:
+        """Whether the holder still holds (or waits for) the session."""
 
     def release(self, record: bytes | None) -> None:
         """Give the lock back, leaving ``record`` (the released record) as the last one."""
@@ -211,6 +218,9 @@ class RemoteStore:
 
     def release(self, lock: SessionLock) -> None:
         self.holder.release(self._released(lock))
+
+    def holding(self) -> bool:
+        return self.holder.holding()
 
     def share_fd(self) -> int:
         return -1

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -385,3 +386,25 @@ def wait_for_no_owner(session: Path, timeout: float = 60.0) -> None:
         assert _wait.wait_until_unlocked(str(session) + ".holder", timeout)
     else:
         assert store.wait_free(timeout)
+
+
+@contextmanager
+def interrupted_on_entry(function: Callable[..., Any]) -> Iterator[list[bool]]:
+    """Raise KeyboardInterrupt as ``function`` (a function of this thread) is entered,
+    once: where a signal handler's exception lands when the signal comes at a call.
+    Yields a list that holds True once it was raised."""
+    code = function.__code__
+    raised: list[bool] = []
+    before = sys.gettrace()
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is code and not raised:
+            raised.append(True)
+            raise KeyboardInterrupt
+        return None
+
+    sys.settrace(tracer)
+    try:
+        yield raised
+    finally:
+        sys.settrace(before)

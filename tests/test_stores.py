@@ -8,9 +8,10 @@ import json
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import SpawnHolder, hammer, record_of, wait_for_no_owner
+from conftest import SpawnHolder, hammer, interrupted_on_entry, record_of, wait_for_no_owner
 
 from fencelock import (
     Action,
@@ -321,7 +322,6 @@ def test_a_release_as_an_append_ends_leaves_the_record_released(
     record update then finds the run released and writes nothing. It raised
     NotHeldError, as if the line (which is in) had not been appended."""
     import warnings
-    from typing import Any
 
     from fencelock import _fence, _sidecar_holder
 
@@ -344,3 +344,36 @@ def test_a_release_as_an_append_ends_leaves_the_record_released(
     assert status.state == "free" and status.record is not None
     assert status.record.state == "released", status
     assert [json.loads(x) for x in session.read_text().splitlines()] == [{"n": 1}]
+
+
+def _release_interrupted_at(lock: SessionLock, function: Any) -> None:
+    with interrupted_on_entry(function) as raised, pytest.raises(KeyboardInterrupt):
+        lock.release()
+    assert raised  # the interrupt landed where the test says
+
+
+def test_an_interrupt_as_the_store_s_release_begins_still_lets_the_session_go(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """KeyboardInterrupt (or a signal handler's exception) landing as the store's
+    release is entered, before it let go: the release must let go all the same, or
+    the session stays taken by an object that no longer holds it until the process
+    exits."""
+    lock = SessionLock(session, "interrupted")
+    lock.acquire()
+    _release_interrupted_at(lock, type(lock._store).release)
+    assert not lock.held
+    other = spawn_holder(session, lane="next", on_contention="fail")
+    other.acquire()
+
+
+def test_an_interrupt_as_the_run_ends_still_frees_its_slot_in_the_process(
+    session: Path
+) -> None:
+    """The same at the end of the release, where the run's slot in this process is
+    freed: left taken, no object of this process could take the session again."""
+    lock = SessionLock(session, "interrupted")
+    lock.acquire()
+    _release_interrupted_at(lock, SessionLock._run_ended)
+    with SessionLock(session, "again", on_contention="fail") as again:
+        assert again.held
