@@ -206,14 +206,13 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat
         if what is None:
             raise
         raise UnsafePathError(path, what) from None
-    try:
+    try:  # closed on any exception, an interrupt's (a signal handler's) included
         st = os.fstat(fd)
-    except OSError:
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePathError(path, _platform.describe_mode(st.st_mode))
+    except BaseException:
         os.close(fd)
         raise
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise UnsafePathError(path, _platform.describe_mode(st.st_mode))
     return fd, st
 
 
@@ -327,24 +326,22 @@ def open_checked(
                 fd = os.open(sidecar, flags | os.O_CREAT, mode)
         except OSError as e:
             raise access_error(sidecar, e, create or write) from None
-        try:
-            st = os.fstat(fd)
-        except OSError as e:
-            os.close(fd)
-            raise access_error(sidecar, e, create or write) from None
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise UnsafeSidecarError(sidecar, _platform.describe_mode(st.st_mode))
-        if st.st_nlink > 1:
-            os.close(fd)
-            raise UnsafeSidecarError(sidecar, f"a hard link to a file with {st.st_nlink} names")
-        if (create or write) and st.st_uid and st.st_uid != _geteuid():
+        try:  # closed on any exception, an interrupt's (a signal handler's) included
             try:
+                st = os.fstat(fd)
+            except OSError as e:
+                raise access_error(sidecar, e, create or write) from None
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafeSidecarError(sidecar, _platform.describe_mode(st.st_mode))
+            if st.st_nlink > 1:
+                raise UnsafeSidecarError(
+                    sidecar, f"a hard link to a file with {st.st_nlink} names")
+            if (create or write) and st.st_uid and st.st_uid != _geteuid():
                 refuse_planted(sidecar, st)
-            except PlantedFileError:
-                os.close(fd)
-                raise
-        _forkguard.track(fd, st)
+            _forkguard.track(fd, st)
+        except BaseException:
+            _forkguard.close(fd)  # untracked too, if the interrupt came after `track`
+            raise
     return fd, st
 
 

@@ -390,21 +390,26 @@ def wait_for_no_owner(session: Path, timeout: float = 60.0) -> None:
 
 @contextmanager
 def interrupted_on_entry(function: Callable[..., Any]) -> Iterator[list[bool]]:
-    """Raise KeyboardInterrupt as ``function`` (a function of this thread) is entered,
-    once: where a signal handler's exception lands when the signal comes at a call.
-    Yields a list that holds True once it was raised."""
-    code = function.__code__
+    """Raise KeyboardInterrupt as ``function`` (a Python function or a builtin, called
+    in this thread) is entered, once: where a signal handler's exception lands when
+    the signal comes at a call. Yields a list that holds True once it was raised."""
+    code = getattr(function, "__code__", None)
     raised: list[bool] = []
-    before = sys.gettrace()
 
     def tracer(frame: Any, event: str, arg: Any) -> None:
-        if event == "call" and frame.f_code is code and not raised:
+        if not raised and (
+            (event == "call" and frame.f_code is code)
+            or (event == "c_call" and arg is function)
+        ):
             raised.append(True)
             raise KeyboardInterrupt
         return None
 
-    sys.settrace(tracer)
+    hook, unhook = (sys.settrace, sys.gettrace) if code is not None else \
+        (sys.setprofile, sys.getprofile)
+    before = unhook()
+    hook(tracer)
     try:
         yield raised
     finally:
-        sys.settrace(before)
+        hook(before)

@@ -890,3 +890,40 @@ def test_an_append_landing_while_a_touch_writes_the_record_is_not_lost_at_releas
     status = probe(session)
     assert status.record is not None and status.record.state == "released"
     assert status.fence_ok, status
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
+def test_an_interrupt_while_the_sidecar_is_checked_leaks_no_descriptor(session: Path) -> None:
+    """KeyboardInterrupt (or a signal handler's exception) landing between the
+    sidecar's open and its tracking: the descriptor is closed, not leaked (with the
+    lock it may carry later, and into forked children)."""
+    from conftest import interrupted_on_entry
+
+    from fencelock import _forkguard
+
+    lock = SessionLock(session, "interrupted")
+    before = _open_fds()
+    with interrupted_on_entry(_forkguard.track) as raised, pytest.raises(KeyboardInterrupt):
+        lock.acquire()
+    assert raised and not lock.held
+    assert _open_fds() == before
+    with lock:
+        pass
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
+def test_an_interrupt_while_a_session_file_is_checked_leaks_no_descriptor(session: Path) -> None:
+    from conftest import interrupted_on_entry
+
+    from fencelock import _sidecar
+
+    session.write_text("{}\n")
+    before = _open_fds()
+    with interrupted_on_entry(os.fstat) as raised, pytest.raises(KeyboardInterrupt):
+        _sidecar.open_regular(str(session), os.O_RDONLY)
+    assert raised
+    assert _open_fds() == before
