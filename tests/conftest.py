@@ -405,11 +405,17 @@ def interrupted_on_entry(function: Callable[..., Any]) -> Iterator[list[bool]]:
             raise KeyboardInterrupt
         return None
 
-    hook, unhook = (sys.settrace, sys.gettrace) if code is not None else \
-        (sys.setprofile, sys.getprofile)
-    before = unhook()
-    hook(tracer)
-    try:
-        yield raised
-    finally:
-        hook(before)
+    if code is not None:
+        before_trace = sys.gettrace()
+        sys.settrace(tracer)
+        try:
+            yield raised
+        finally:
+            sys.settrace(before_trace)
+    else:
+        before_profile = sys.getprofile()
+        sys.setprofile(tracer)
+        try:
+            yield raised
+        finally:
+            sys.setprofile(before_profile)
