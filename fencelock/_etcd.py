@@ -918,7 +918,7 @@ class EtcdHolder:
             if owner and int(owner[0]["create_revision"]) == revision:
                 if record is not None:
                     self._before = _raw(_kvs(responses[2]))
-                    self.write(record(revision, self._last_checked(_kvs(responses[2]))))
+                    self._write_first(record(revision, self._last_checked(_kvs(responses[2]))))
                 return revision
             if fail:
                 raise self._contended(self._last(owner))
@@ -927,6 +927,16 @@ class EtcdHolder:
         except BaseException:
             self._abandon()
             raise
+
+    def _write_first(self, record: bytes) -> None:
+        """Write the run's first record. The caller does not hold the session yet: a
+        lease that may have expired meanwhile (etcd away, or this process paused) is an
+        acquire that failed, which may be tried again, not a holder lost."""
+        try:
+            self.write(record)
+        except HolderLostError as e:
+            raise StoreUnavailableError(self.url.display,
+                                        f"{e.why} before the session was taken") from None
 
     def _last(self, kvs: list[dict[str, Any]]) -> HolderInfo | None:
         """The record in the first of ``kvs`` (None for none, or an unreadable one)."""
@@ -968,7 +978,7 @@ class EtcdHolder:
             ahead = _kvs(responses[0])
             if not ahead:
                 if record is not None:
-                    self.write(record(revision, self._last_checked(_kvs(responses[2]))))
+                    self._write_first(record(revision, self._last_checked(_kvs(responses[2]))))
                 return
             try:
                 watch = self._watch_for_deletion(ahead[0], int(r["header"]["revision"]),
@@ -1030,14 +1040,14 @@ class EtcdHolder:
                         # A corrupt one raises, and the caller's undo puts it back.
                         old = self._last_checked(kvs)
                         if old is not None and old.state is State.HELD:
-                            self.write(record(revision, old))  # took over a stale run
+                            self._write_first(record(revision, old))  # took over a stale run
                             return
                     if quick is None or quick[1] != int(ahead[0]["create_revision"]):
                         # The last release is not that of the key this waiter watched
                         # (a waiter ahead gave up, or an etcdctl lock went): an older
                         # holder may have written the session after the fingerprint
                         # was taken, before its release. Take it again, now.
-                        self.write(record(revision, None))
+                        self._write_first(record(revision, None))
                     return
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:

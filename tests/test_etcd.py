@@ -2760,3 +2760,37 @@ def test_a_release_retried_after_a_waiter_took_over_is_no_loss(
     status = probe(session, backend=url)
     assert status.state == "live" and status.lane == "next"
     assert other.call("release") == "released"
+
+
+def test_an_acquire_whose_lease_runs_out_before_its_first_record_is_store_unavailable(
+    session: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session's turn came, but the time the process's lease is known to live ran
+    out before the first record was written (etcd away, or the process paused): the
+    caller never held the session, so the acquire failed and may be tried again
+    (`StoreUnavailableError`), nothing was lost (not `HolderLostError`, a coordination
+    error that says not to retry). Nothing stays queued."""
+    from fencelock import _etcd
+    from fencelock._record import State
+
+    lock = SessionLock(session, "late", backend=url)
+    encode, clock = lock._encode, _etcd._lease_clock
+
+    def encode_then_pause(state: State = State.HELD) -> bytes:
+        data = encode(state)
+        # The process is paused here, past its lease's time to live.
+        monkeypatch.setattr(_etcd, "_lease_clock", lambda: clock() + 3600)
+        return data
+
+    lock._encode = encode_then_pause  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailableError) as err:
+        lock.acquire()
+    assert not isinstance(err.value, HolderLostError)
+    assert "before the session was taken" in str(err.value)
+    monkeypatch.setattr(_etcd, "_lease_clock", clock)
+    del lock._encode
+    assert not lock.held
+    status = probe(session, backend=url)
+    assert status.state != ProbeState.LIVE and status.waiters == 0, status
+    with lock:  # tried again, under a new lease
+        pass
