@@ -303,6 +303,8 @@ class _Session:
     def __init__(self, lock: SessionLock) -> None:
         self.lock = lock
         self.window: AbstractContextManager[SessionLock] | None = None
+        self.release_failed = False
+        """The release raised (not stored, or the holder was lost): hold exits 1."""
 
     def handle(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
         lock = self.lock
@@ -352,7 +354,11 @@ class _Session:
                     window.__exit__(None, None, None)
         finally:
             if self.lock.held:
-                self.lock.release()
+                try:
+                    self.lock.release()
+                except BaseException:
+                    self.release_failed = True
+                    raise
 
 
 def _stderr(message: str) -> None:
@@ -466,7 +472,9 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
         # The handlers stay until the process exits: a signal from here on is only
         # noted, and the exit is this code (128 + N for one that came before), never
         # the signal's default action.
-    return 128 + seen.signum if seen.signum else code
+    if seen.signum:
+        return 128 + seen.signum
+    return EXIT_ERROR if served.release_failed and code == EXIT_OK else code
 
 
 def _hold(served: _Session, heartbeat: float, inbox: _Inbox, out: _Out, seen: Seen) -> int:

@@ -2794,3 +2794,32 @@ def test_an_acquire_whose_lease_runs_out_before_its_first_record_is_store_unavai
     assert status.state != ProbeState.LIVE and status.waiters == 0, status
     with lock:  # tried again, under a new lease
         pass
+
+
+@pytest.mark.parametrize("how", ["request", "end of stdin"])
+def test_hold_exits_1_when_its_release_fails(
+    session: Path, url: str, etcd_server: EtcdServer, how: str
+) -> None:
+    """The holder was lost (its lease revoked here) before `hold` released: the release
+    fails, and `hold` says so in its answer or on stderr, and exits 1, not 0 as for a
+    release that was done."""
+    from test_hold import Hold
+
+    h = Hold(session, "--backend", url, lane="lost")
+    try:
+        h.held()
+        record = probe(session, backend=url).record
+        assert record is not None
+        subprocess.run(_etcdctl(etcd_server, "lease", "revoke", record.extra["lease"]), check=True,
+                       capture_output=True)
+        if how == "request":
+            answer = h.call("release")
+            assert answer["ok"] is False and answer["error"] == "HolderLostError", answer
+        code = h.wait()
+        err = h.stderr()
+        assert code == 1, err
+        if how == "end of stdin":
+            assert "lost its holder" in err and err.count("\n") == 1, err
+        assert "Traceback" not in err
+    finally:
+        h.kill()
