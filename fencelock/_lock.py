@@ -166,6 +166,9 @@ class SessionLock:
         self._append_mu = threading.Lock()
         self._appending = 0
         """The thread ident of an append under way (under ``_append_mu``), else 0."""
+        self._release_deferred = False
+        """A signal handler of the appending thread released in the middle of the
+        append: the release is done as the append ends."""
         self._count = 0
         self._pid = 0
         self._owner: object = None
@@ -298,7 +301,7 @@ class SessionLock:
         self._count, self._info = 0, None
         self._io = threading.Lock()  # another thread may have held it at the fork
         self._append_mu = threading.Lock()
-        self._appending = 0
+        self._appending, self._release_deferred = 0, False
         self._pid = -1  # marks "inherited through fork": release() becomes a no-op
 
     @staticmethod
@@ -412,6 +415,12 @@ class SessionLock:
             raise NotHeldError(f"{self.session}: release() without a matching acquire()")
         self._count -= 1
         if self._count:
+            return
+        if self._appending and self._appending == threading.get_ident():
+            # A signal handler of this thread, in the middle of an append or a fence
+            # check: that cannot be waited for, and its line must not land after the
+            # release. Done as it ends.
+            self._count, self._release_deferred = 1, True
             return
         try:
             quick = False
@@ -689,12 +698,16 @@ class SessionLock:
     def _append_bytes(self, data: bytes) -> None:
         # One append at a time per holder: another thread's line landing between this
         # one's fence check and its write would read as a foreign write.
-        with self._append_mu:
-            self._appending = threading.get_ident()
-            try:
-                self._append_locked(data)
-            finally:
-                self._appending = 0
+        try:
+            with self._append_mu:
+                self._appending = threading.get_ident()
+                try:
+                    self._append_locked(data)
+                finally:
+                    self._appending = 0
+        finally:  # once `_append_mu` is free: the release may wait for other appends
+            if self._release_deferred:
+                self._deferred_release()
 
     def _append_locked(self, data: bytes) -> None:
         self._require()
@@ -723,18 +736,28 @@ class SessionLock:
         """`_fence.check` against the fence point (moved to what it found if ``move``),
         after any append under way in another thread: its line is in the file before it
         moves the fence point. It counts as an append under way itself (``_appending``),
-        so that a signal handler of this thread that releases does not wait for it; and
-        a handler that checks in the middle of this thread's append or check checks
-        at once (waiting would be for itself)."""
+        so that a signal handler of this thread that releases does not wait for it (the
+        release is done as the check ends); and a handler that checks in the middle of
+        this thread's append or check checks at once (waiting would be for itself)."""
         me = threading.get_ident()
         if self._appending == me:
             return self._fence_check(opened, move)
-        with self._append_mu:
-            self._appending = me
-            try:
-                return self._fence_check(opened, move)
-            finally:
-                self._appending = 0
+        try:
+            with self._append_mu:
+                self._appending = me
+                try:
+                    return self._fence_check(opened, move)
+                finally:
+                    self._appending = 0
+        finally:
+            if self._release_deferred:
+                self._deferred_release()
+
+    def _deferred_release(self) -> None:
+        """The release a signal handler asked for in the middle of this thread's append
+        or fence check, now that it has ended."""
+        self._release_deferred = False
+        self.release()
 
     def _fence_check(self, opened: bool, move: bool) -> Fingerprint | None:
         fp = _fence.check(self.session, self._fp, self.fence_mode, opened)

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -389,33 +389,42 @@ def wait_for_no_owner(session: Path, timeout: float = 60.0) -> None:
 
 
 @contextmanager
-def interrupted_on_entry(function: Callable[..., Any]) -> Iterator[list[bool]]:
-    """Raise KeyboardInterrupt as ``function`` (a Python function or a builtin, called
-    in this thread) is entered, once: where a signal handler's exception lands when
-    the signal comes at a call. Yields a list that holds True once it was raised."""
+def on_entry(function: Callable[..., Any], action: Callable[[], object]) -> Iterator[list[bool]]:
+    """Run ``action`` as ``function`` (a Python function or a builtin, called in this
+    thread) is entered, once: what a signal handler does when the signal comes at that
+    call. Yields a list that holds True once it ran."""
     code = getattr(function, "__code__", None)
-    raised: list[bool] = []
+    ran: list[bool] = []
 
     def tracer(frame: Any, event: str, arg: Any) -> None:
-        if not raised and (
+        if not ran and (
             (event == "call" and frame.f_code is code)
             or (event == "c_call" and arg is function)
         ):
-            raised.append(True)
-            raise KeyboardInterrupt
+            ran.append(True)
+            action()
         return None
 
     if code is not None:
         before_trace = sys.gettrace()
         sys.settrace(tracer)
         try:
-            yield raised
+            yield ran
         finally:
             sys.settrace(before_trace)
     else:
         before_profile = sys.getprofile()
         sys.setprofile(tracer)
         try:
-            yield raised
+            yield ran
         finally:
             sys.setprofile(before_profile)
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def interrupted_on_entry(function: Callable[..., Any]) -> AbstractContextManager[list[bool]]:
+    """`on_entry` with a signal handler that raises KeyboardInterrupt."""
+    return on_entry(function, _interrupt)

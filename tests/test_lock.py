@@ -927,3 +927,57 @@ def test_an_interrupt_while_a_session_file_is_checked_leaks_no_descriptor(sessio
         _sidecar.open_regular(str(session), os.O_RDONLY)
     assert raised
     assert _open_fds() == before
+
+
+@pytest.mark.parametrize("gil", [True, False])
+def test_a_signal_handler_that_releases_in_the_middle_of_an_append_releases_after_it(
+    session: Path, monkeypatch: pytest.MonkeyPatch, gil: bool
+) -> None:
+    """A handler (SIGTERM, say) of the appending thread calls ``release()`` between the
+    append's fence check and its write: the handler cannot wait for the append it
+    interrupted, so the release is done as the append ends. Released first, the line
+    would land after the release, outside the run, and the released record would not
+    carry it (a takeover for the next run to see)."""
+    from conftest import on_entry
+
+    from fencelock import _fence, _lock
+
+    monkeypatch.setattr(_lock, "_GIL", gil)  # False: as on a free-threaded build
+    session.write_text('{"n":0}\n')
+    lock = SessionLock(session, "handler")
+    lock.acquire()
+    held_during: list[bool] = []
+
+    def handler() -> None:
+        lock.release()
+        held_during.append(lock.held)
+
+    with on_entry(_fence._write_all, handler) as ran:
+        lock.append({"n": 1})
+    assert ran and held_during == [True] and not lock.held
+    status = probe(session)
+    assert status.record is not None and status.record.state == "released"
+    assert status.fence_ok, status
+    assert status.record.fingerprint is not None
+    assert status.record.fingerprint.size == session.stat().st_size
+    with SessionLock(session, "next", on_contention="fail"):
+        pass
+
+
+def test_a_signal_handler_that_releases_in_the_middle_of_a_fence_check_releases(
+    session: Path
+) -> None:
+    """The same in the middle of `verify_fence`: the release is done as the check
+    ends, never left undone."""
+    from conftest import on_entry
+
+    from fencelock import _fence
+
+    session.write_text('{"n":0}\n')
+    lock = SessionLock(session, "handler")
+    lock.acquire()
+    with on_entry(_fence.check, lock.release) as ran:
+        lock.verify_fence()
+    assert ran and not lock.held
+    with SessionLock(session, "next", on_contention="fail"):
+        pass
