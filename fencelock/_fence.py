@@ -275,9 +275,17 @@ def append(
     check_tail: bool,
     file_mode: int = 0o600,
     token: int = 0,
+    moved: list[Fingerprint | None] | None = None,
 ) -> Fingerprint:
     """Append ``line`` if the fence holds; returns the new fence point. A session file
-    this creates gets the token mark for ``token`` (see `_tokens.reserve`)."""
+    this creates gets the token mark for ``token`` (see `_tokens.reserve`).
+
+    Any other exception than fencelock's own (an interrupt: KeyboardInterrupt, a signal
+    handler's exception) while the line is written, fsynced or named tells the caller
+    that nothing was appended, so nothing is:
+    what reached the file is taken back (a file this created is removed) and the fence
+    point that leaves is put in ``moved``. Call it holding the session: a signal
+    handler's release must wait for the append (`SessionLock` defers it)."""
     flags = os.O_RDWR | os.O_APPEND
     created = expected is None
     try:
@@ -296,8 +304,8 @@ def append(
         raise SessionTakeoverError(session, expected, None) from None
     except OSError as e:
         raise SessionWriteError(session, e, "open") from None
+    size = 0
     try:
-        size = 0
         if created and token:
             _tokens.reserve(fd, token)
         if not created:
@@ -344,8 +352,39 @@ def append(
                 e.fingerprint = after  # the line is in the file; only its name may not be
                 raise
         return after
+    except FenceLockError:
+        raise  # what this function decided, the line's fate said (`stored`, `fingerprint`)
+    except BaseException:  # an interrupt, or an error of the system after the write
+        if moved is not None:
+            _take_back(fd, st, session, size, line, created, mode, moved)
+        raise
     finally:
         os.close(fd)
+
+
+def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes,
+               created: bool, mode: FenceMode, moved: list[Fingerprint | None]) -> None:
+    """After an interrupt in `append`: remove the file it created, or cut what reached
+    the file of ``line`` (written from ``size``), and put the fence point that leaves in
+    ``moved``. Nothing when none of it reached the file (the fence point stands), or
+    when what follows ``size`` is not only ours (the next fence check reports it)."""
+    try:
+        if created:
+            now = os.lstat(session)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(session)
+                moved.append(None)
+            return
+        end = os.fstat(fd).st_size
+        if end == size:
+            return  # nothing written: no truncate, which would move the stat all the same
+        if end > size and end - size <= len(line) and line.startswith(
+            os.pread(fd, end - size, size)
+        ):
+            os.ftruncate(fd, size)
+            moved.append(_fingerprint_fd(fd, mode, session))
+    except (OSError, FenceLockError):
+        pass  # left as it is: the next append's fence check says what it finds
 
 
 PART = ".part"

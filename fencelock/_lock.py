@@ -713,14 +713,20 @@ class SessionLock:
         self._require()
         self._store.check()  # a holder that may be lost writes nothing
         check_tail, self._tail_checked = not self._tail_checked, False
+        moved: list[Fingerprint | None] = []
         try:
             fp = _fence.append(
                 self.session, data, self._fp, self.fence_mode,
-                check_tail=check_tail, file_mode=self.mode, token=self._token,
+                check_tail=check_tail, file_mode=self.mode, token=self._token, moved=moved,
             )
-        except SessionWriteError as e:
-            if e.fingerprint is not None:
-                self._fp = e.fingerprint
+        except BaseException as e:
+            # A line taken back (a failed write, an interrupt) moves the session's stat:
+            # the fence point follows, and so does the record at the release.
+            if isinstance(e, SessionWriteError) and e.fingerprint is not None:
+                moved.append(e.fingerprint)
+            if moved:
+                self._fp = moved[-1]
+                self._store.fence_moved(self)
             raise
         self._tail_checked = True
         before, self._fp, self._heartbeat_at = self._fp, fp, time.time()

@@ -435,6 +435,9 @@ class SidecarHolder:
         else:
             self._behind, lock._info = True, None
 
+    def fence_moved(self, lock: SessionLock) -> None:
+        self._behind, lock._info = True, None
+
     def check(self) -> None:
         """Nothing to confirm: the kernel keeps the lock while the descriptor is open."""
 

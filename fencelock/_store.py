@@ -64,6 +64,10 @@ class SessionStore(Protocol):
         """The holder appended: ``lock._fp`` moved from ``before``; write the record, or
         let it lag as the store allows."""
 
+    def fence_moved(self, lock: SessionLock) -> None:
+        """``lock._fp`` moved without an append (a line taken back): the record must
+        carry it at the release at the latest."""
+
     def check(self) -> None:
         """Raise `HolderLostError` unless the holder is sure it still holds the session."""
 
@@ -212,6 +216,9 @@ class RemoteStore:
             warnings.warn(FenceLockWarning(
                 f"{lock.session}: the line is stored, but its holder record in the store "
                 f"could not follow it ({e})"), stacklevel=4)
+
+    def fence_moved(self, lock: SessionLock) -> None:
+        lock._info = None  # the release writes the whole record
 
     def check(self) -> None:
         self.holder.check()

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from fencelock import (
     FenceLockError,
     FenceLockWarning,
     FenceMode,
+    ProbeState,
     SessionLock,
     SessionTakeoverError,
     SessionWriteError,
@@ -1124,3 +1126,89 @@ def test_the_holders_own_appends_from_another_thread_are_no_takeover(session: Pa
                 writer.join()
         lock.verify_fence()
     assert verify(session).ok
+
+
+def _interrupted_append(lock: SessionLock, at: Any, release_first: bool = False) -> None:
+    """``lock.append`` with KeyboardInterrupt landing as ``at`` is entered; with
+    ``release_first``, a signal handler that releases the lock, then raises."""
+    from conftest import on_entry
+
+    def handler() -> None:
+        if release_first:
+            lock.release()
+        raise KeyboardInterrupt
+
+    with on_entry(at, handler) as ran, pytest.raises(KeyboardInterrupt):
+        lock.append({"role": "assistant", "content": "lost"})
+    assert ran  # it landed where the test says
+
+
+_INTERRUPT_POINTS: dict[str, tuple[bool, Callable[[], Any]]] = {
+    # an existing session: the line written, not yet fsynced; nothing written yet
+    "fsync": (True, lambda: os.fsync),
+    "write": (True, lambda: fence_module()._write_all),
+    # a session the append creates: its token mark; the line in, its name not synced
+    "token mark": (False, lambda: tokens_module().reserve),
+    "directory fsync": (False, lambda: fence_module()._fsync_dir),
+}
+
+
+def fence_module() -> Any:
+    import fencelock._fence
+
+    return fencelock._fence
+
+
+def tokens_module() -> Any:
+    import fencelock._tokens
+
+    return fencelock._tokens
+
+
+@pytest.mark.parametrize("point", list(_INTERRUPT_POINTS))
+def test_an_interrupted_append_leaves_nothing_and_the_fence_holding(
+    session: Path, point: str
+) -> None:
+    """KeyboardInterrupt (or a signal handler's exception) in the middle of an append:
+    the append raised, so its line is not left in the session (a file it created is
+    removed), the run's next append is no takeover, and the released record carries
+    the session as it is. Where nothing was written yet, the file is not touched."""
+    existed, at = _INTERRUPT_POINTS[point]
+    if existed:
+        session.write_bytes(b'{"role":"user"}\n')
+    before = os.stat(session) if existed else None
+    lock = SessionLock(session, lane="interrupted")
+    lock.acquire()
+    _interrupted_append(lock, at())
+    if before is None:
+        assert not session.exists()
+    else:
+        assert session.read_bytes() == b'{"role":"user"}\n'
+        if point == "write":  # no truncate that would move the stat for nothing
+            assert os.stat(session).st_mtime_ns == before.st_mtime_ns
+    lock.append({"role": "assistant", "content": "kept"})
+    lock.release()
+    assert b"lost" not in session.read_bytes()
+    status = probe(session)
+    assert status.state is ProbeState.FREE and status.fence_ok is True, status
+    assert verify(session).ok
+
+
+def test_a_handler_that_releases_then_raises_mid_append_leaves_the_next_run_nothing(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """The handler releases, then raises, after the line was written: the release waits
+    for the append to end (it takes its line back first, while still holding), so the
+    next run finds the session as the interrupted run left it, and nothing of its own
+    is cut."""
+    session.write_bytes(b'{"role":"user"}\n')
+    lock = SessionLock(session, lane="interrupted")
+    lock.acquire()
+    _interrupted_append(lock, os.fsync, release_first=True)
+    assert not lock.held
+    assert session.read_bytes() == b'{"role":"user"}\n'
+    status = probe(session)
+    assert status.state is ProbeState.FREE and status.fence_ok is True, status
+    other = spawn_holder(session, lane="next", on_contention="fail")
+    other.acquire()
+    assert other.call('append {"role": "user", "content": "next"}') == "ok"
