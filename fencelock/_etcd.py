@@ -1243,11 +1243,15 @@ class EtcdHolder:
         assert lease is not None
         value = self._wrote = self._value(record)
         encoded = _Encoded(_b64(value))
+        # Not riding out: one short request (an append's record update must not hold
+        # the append up for a whole request timeout while etcd hangs).
+        deadline = None if ride_out else time.monotonic() + _MIN_REQUEST_TIMEOUT
 
         def put() -> dict[str, Any]:
             return self._cluster.txn(
                 [_created(self._my_key, self._token)],
                 [_put(self._my_key, encoded, lease.id), _put(self.last_key, encoded)],
+                deadline=deadline,
             )
 
         try:

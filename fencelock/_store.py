@@ -114,7 +114,8 @@ class HolderStore(Protocol):
     def write(self, record: bytes, *, ride_out: bool = True) -> None:
         """Store the holder's record; `HolderLostError` when no longer the holder.
         ``ride_out``: while the store cannot be reached but the holder may still hold
-        the session, keep trying (else `StoreUnavailableError` at once)."""
+        the session, keep trying (else one short request, `StoreUnavailableError`
+        when it goes unanswered)."""
 
     def check(self) -> None:
         """Raise `HolderLostError` unless the holder is sure it still holds the session."""
