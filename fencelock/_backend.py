@@ -116,7 +116,19 @@ def parse(url: str) -> EtcdURL | None:
             f"'?' (etcd://HOST:PORT/PREFIX?ttl=S); to have them in a prefix, write %26 "
             f"or %3D"
         )
-    prefix = unquote(prefix).strip("/") or DEFAULT_PREFIX
+    try:
+        decoded = unquote(prefix, errors="strict").strip("/")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"backend {url!r}: the prefix {prefix!r} is not UTF-8 once its %XX escapes are "
+            f"decoded; escape each byte of a UTF-8 character"
+        ) from None
+    if not decoded and prefix.strip("/"):
+        raise ValueError(
+            f"backend {url!r}: the prefix {prefix!r} is only slashes once decoded; name "
+            f"one (or leave it out for the default, {DEFAULT_PREFIX!r})"
+        )
+    prefix = decoded or DEFAULT_PREFIX
     params = parse_qs(query, keep_blank_values=True)
     unknown = set(params) - {"ttl", "root"}
     if unknown:

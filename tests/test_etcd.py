@@ -64,7 +64,9 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
                       ("etcd://h:1/p/ttl=3", "parameters go after '\\?'"),
                       ("etcd://[::1/p", "in brackets"), ("etcd://]:2379/p", "in brackets"),
                       ("etcd://[]:2379/p", "in brackets"), ("etcd://[h]:1/p", "in brackets"),
-                      ("etcd://h[1]:1/p", "in brackets")]:
+                      ("etcd://h[1]:1/p", "in brackets"), ("etcd://h:1/%FF", "not UTF-8"),
+                      ("etcd://h:1/a%FEb", "not UTF-8"), ("etcd://h:1/%2F", "only slashes"),
+                      ("etcd://h:1//%2f/", "only slashes")]:
         with pytest.raises(ValueError, match=word):
             parse(bad)
     for good, host in [("etcd://[::1]:2379/p", "::1"), ("etcd://::1:2379/p", "::1"),
