@@ -1185,6 +1185,18 @@ class EtcdHolder:
             self._told = True  # the caller has heard of the loss
             raise HolderLostError(self.session, self._lost or lease.lost)
 
+    def lease_left(self, deadline: float | None) -> float:
+        """The seconds etcd says this holder's lease has left, asked of etcd rather than
+        counted (this process's clock cannot tell a pause from an expiry); 0 when the
+        lease or the holder's key is gone. `StoreUnavailableError` without an answer."""
+        lease = self._lease
+        if not self._my_key or lease is None or self._lost:
+            return 0.0
+        r = self._cluster.call("/kv/lease/timetolive", {"ID": lease.id, "keys": True},
+                               deadline)
+        ttl = int(r.get("TTL", -1))
+        return float(ttl) if ttl > 0 and _b64(self._my_key) in r.get("keys", []) else 0.0
+
     def lost_within(self, timeout: float) -> str:
         """Why this holder counts itself lost, as soon as it does within ``timeout``
         seconds; empty if it does not. Woken when its lease is found lost, and when the

@@ -9,11 +9,12 @@ lease every ``ttl/4`` seconds until both pipes read end of file: every process t
 could write for the run is gone. Then it revokes the lease, so the session is free
 (released) or stale (the wrapper was killed mid-run) at once, not a TTL later.
 
-A run whose holder counts itself lost (its lease could not be confirmed in time, or
-etcd expired it) no longer holds the session: `fencelock run` stops its command
-(SIGTERM, then SIGKILL after a grace period) and writes a byte to the second pipe, on
-which the keeper stops renewing and revokes the lease, so that nothing keeps a holder
-alive in etcd that its own run counts as lost.
+A run whose holder is lost (etcd says its lease or key is gone, or cannot be asked
+before the lease may have expired) no longer holds the session: `fencelock run` stops
+its command and what holds the first pipe with it (SIGTERM, then SIGKILL after a grace
+period) and writes a byte to the second pipe, on which the keeper stops renewing and
+revokes the lease, so that nothing keeps a holder alive in etcd that its own run gave
+up.
 """
 
 from __future__ import annotations
@@ -39,6 +40,55 @@ STOP_GRACE = 5.0
 and SIGKILL."""
 _GIVE_UP = b"L"
 """What `fencelock run` writes to its pipe when its holder is lost: stop renewing."""
+_ASK = 1.0
+"""How long the guard gives etcd to say whether the run's lease is still there."""
+
+
+def _sharing(pipe: int, besides: set[int]) -> list[int]:
+    """The processes, other than ``besides``, that hold the pipe with inode ``pipe``
+    open (Linux, from /proc; elsewhere none are found)."""
+    found = []
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        if pid not in besides and _holds(pid, pipe):
+            found.append(pid)
+    return found
+
+
+def _holds(pid: int, pipe: int) -> bool:
+    target = f"pipe:[{pipe}]"
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == target
+                   for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False  # gone, or another user's
+
+
+def _signal(pids: list[int], pipe: int, signum: int) -> None:
+    """Send ``signum`` to each of ``pids`` that holds the pipe ``pipe`` when signalled:
+    each is pinned by a pidfd first, so a pid reused since it was found is never hit.
+    Where pidfds are missing, nothing is sent."""
+    if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal"):
+        return
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            continue  # gone
+        try:
+            if _holds(pid, pipe):  # still the process that holds it, pinned by ``fd``
+                signal.pidfd_send_signal(fd, signum)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _pids(pids: list[int]) -> str:
+    return ("pid " if len(pids) == 1 else "pids ") + ", ".join(map(str, pids))
 
 
 class Keeper:
@@ -50,42 +100,100 @@ class Keeper:
         self.holder = holder
         self.command_fd = command_fd
         """The write end the command inherits (``FENCELOCK_FD``)."""
+        self._pipe = os.fstat(command_fd).st_ino
         self._probe_fd = probe_fd
         self._wrapper_fd = wrapper_fd
         self.lost = ""
-        """Why the run's holder was found lost while the command ran (then the command
-        was stopped, and the keeper is told to stop renewing at `close`)."""
+        """Why the command was stopped: the run's holder was lost while it ran (the
+        keeper is then told to stop renewing, at `close`)."""
         self._ended = threading.Event()
+        self._mu = threading.Lock()
+        self._guard: threading.Thread | None = None
 
     def guard(self, command: subprocess.Popen[bytes]) -> None:
-        """Stop ``command`` if the run's holder is lost while it runs: from then on
-        another run may hold the session, and the command's writes go around the fence.
-        `ended` must be called once it has exited."""
-        threading.Thread(target=self._stop_on_loss, args=(command,),
-                         name="fencelock-run-guard", daemon=True).start()
+        """Stop ``command``, and what holds ``FENCELOCK_FD`` with it, if the run's holder
+        is lost while it runs: from then on another run may hold the session, and their
+        writes go around the fence. `ended` must be called once it has exited."""
+        self._guard = threading.Thread(target=self._stop_on_loss, args=(command,),
+                                       name="fencelock-run-guard", daemon=True)
+        self._guard.start()
 
     def ended(self) -> None:
-        """The command has exited (and was waited for)."""
-        self._ended.set()
+        """The command has exited (and was waited for). If the guard is stopping what
+        it left holding ``FENCELOCK_FD``, wait for that first."""
+        with self._mu:
+            self._ended.set()
+            stopping = bool(self.lost)
+        if stopping and self._guard is not None:
+            self._guard.join()
 
     def _stop_on_loss(self, command: subprocess.Popen[bytes]) -> None:
         from fencelock._output import error_line
 
-        why = ""
-        while not why:
-            if self._ended.is_set():
+        why = self._loss()
+        with self._mu:  # decided against `ended`: stopped, or ended, never both
+            if not why or self._ended.is_set():
                 return
-            why = self.holder.lost_within(1.0)
-        self.lost = why
-        if self._ended.is_set():
-            return
+            self.lost = why
+        me = {os.getpid(), self.proc.pid}
+        sharing = _sharing(self._pipe, me | {command.pid})
+        named = f"the command (pid {command.pid})" + (
+            f" and what holds FENCELOCK_FD with it ({_pids(sharing)})" if sharing else "")
         error_line(f"{self.holder.session}: this run lost its holder ({why}); another run may "
-                   f"hold the session now: stopping the command (pid {command.pid})")
+                   f"hold the session now: stopping {named}")
+        end = time.monotonic() + STOP_GRACE
         command.send_signal(signal.SIGTERM)  # nothing once it has been waited for
-        if not self._ended.wait(STOP_GRACE):
-            error_line(f"{self.holder.session}: the command (pid {command.pid}) did not exit "
-                       f"within {STOP_GRACE:g} s of SIGTERM: killed")
-            command.kill()
+        _signal(sharing, self._pipe, signal.SIGTERM)
+        self._ended.wait(STOP_GRACE)
+        left = _sharing(self._pipe, me | {command.pid})
+        while left and time.monotonic() < end:  # the rest of the grace, for those too
+            time.sleep(_RETRY / 4)
+            left = _sharing(self._pipe, me | {command.pid})
+        stubborn = ([] if self._ended.is_set() else [command.pid]) + left
+        if stubborn:
+            error_line(f"{self.holder.session}: still running {STOP_GRACE:g} s after "
+                       f"SIGTERM, killed: {_pids(stubborn)}")
+            if not self._ended.is_set():
+                command.kill()
+            _signal(left, self._pipe, signal.SIGKILL)
+
+    def _loss(self) -> str:
+        """Block until the run's holder is lost (why), or the command ended ("").
+
+        Counted from this process's clock alone (the lease could not be confirmed in
+        time), a pause of this process (Ctrl-Z, a VM migration) looks like an expiry
+        while the keeper kept the lease alive: etcd is asked, and while it answers that
+        the lease and the holder's key are there, nobody else can hold the session."""
+        from fencelock._errors import StoreUnavailableError
+        from fencelock._output import error_line
+
+        holder = self.holder
+        safety = min(1.0, holder.url.ttl / 4)
+        vouched_until = 0.0  # (monotonic) what etcd's last answer vouches for
+        while True:
+            if vouched_until:
+                left = vouched_until - time.monotonic()
+                if self._ended.wait(min(holder.url.ttl / 4, max(_RETRY, left))):
+                    return ""
+            elif not holder.lost_within(1.0):
+                if self._ended.is_set():
+                    return ""
+                continue
+            asked = time.monotonic()
+            try:
+                lease_left = holder.lease_left(asked + _ASK)
+            except StoreUnavailableError:
+                if asked < vouched_until:
+                    continue  # asked again soon, while etcd's last answer still holds
+                return holder.lost_within(0.0) or "etcd cannot confirm its lease"
+            if not lease_left:
+                return "etcd says its lease or its key is gone"
+            if not vouched_until:
+                error_line(f"{holder.session}: this run could not confirm its etcd lease in "
+                           f"time ({holder.lost_within(0.0)}), but etcd still holds the "
+                           f"session for it: the command goes on; the record is no longer "
+                           f"updated")
+            vouched_until = asked + lease_left - safety
 
     def left_running(self) -> bool:
         """Whether a process other than this one still holds the command's descriptor

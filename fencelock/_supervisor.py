@@ -94,11 +94,13 @@ class SignalForwarder:
 class _Heartbeat:
     """Refreshes the record's heartbeat while the command runs, so it is not 'stuck'."""
 
-    def __init__(self, lock: SessionLock, every: float) -> None:
+    def __init__(self, lock: SessionLock, every: float, guarded: bool = False) -> None:
         import threading
 
         self.lock = lock
         self.every = every
+        self.guarded = guarded
+        """A keeper's guard watches for the holder's loss, and says what it finds."""
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="fencelock-heartbeat", daemon=True)
         if 0 < every < threading.TIMEOUT_MAX:  # 0 or inf: never
@@ -112,10 +114,11 @@ class _Heartbeat:
             try:
                 self.lock.touch()
             except (FenceLockError, OSError) as e:
-                if str(e) != said:
+                lost = isinstance(e, HolderLostError)
+                if str(e) != said and not (lost and self.guarded):
                     said = str(e)
                     error_line(f"heartbeat not refreshed: {e}")
-                if isinstance(e, HolderLostError):
+                if lost:
                     return  # for good: no later beat can refresh a lost holder's record
             else:
                 said = ""
@@ -238,7 +241,7 @@ def run_held(
         lock._name_command(proc.pid)
     except (FenceLockError, OSError) as e:
         error_line(f"{lock.session}: the record does not name the command: {e}")
-    heartbeat = _Heartbeat(lock, beat)
+    heartbeat = _Heartbeat(lock, beat, guarded=keeper is not None)
     if keeper is not None:
         keeper.guard(proc)
     try:

@@ -2546,11 +2546,12 @@ def test_a_waiting_hold_that_ends_leaves_nobody_queued(
 WAIT_FOR_A_LINE = "import sys; print('ready', flush=True); sys.stdin.readline()"
 
 
-def _run_waiting(session: Path, url: str, command: str) -> subprocess.Popen[str]:
+def _run_waiting(session: Path, url: str, command: str, *options: str
+                 ) -> subprocess.Popen[str]:
     """`fencelock run` of a Python ``command`` that prints ready, once it has."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "long",
-         "--backend", url, "--", sys.executable, "-c", command],
+         "--backend", url, *options, "--", sys.executable, "-c", command],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None
@@ -2580,8 +2581,9 @@ def test_a_run_whose_holder_is_lost_stops_its_command(
 ) -> None:
     """The holder's lease ends while the command runs (revoked here; a partition past
     the TTL does the same): another run may hold the session now, so the command must
-    not go on writing. `run` stops it (SIGTERM), says why once, and passes its code on."""
-    proc = _run_waiting(session, url, WAIT_FOR_A_LINE)  # never fed a line
+    not go on writing. `run` stops it (SIGTERM), says why once (its heartbeat, which
+    finds the loss too, says nothing more), and passes its code on."""
+    proc = _run_waiting(session, url, WAIT_FOR_A_LINE, "--heartbeat", "0.05")  # never fed
     record = probe(session, backend=url).record
     assert record is not None
     subprocess.run(_etcdctl(etcd_server, "lease", "revoke", record.extra["lease"]), check=True,
@@ -2605,41 +2607,99 @@ def test_a_lost_run_s_command_that_ignores_sigterm_is_killed(
                    capture_output=True)
     code, err = _ended(proc)
     assert code == 128 + signal.SIGKILL, err
-    assert f"did not exit within {STOP_GRACE:g} s of SIGTERM: killed" in err, err
+    assert f"still running {STOP_GRACE:g} s after SIGTERM, killed: pid" in err, err
 
 
-def test_a_run_that_counts_its_lease_lost_leaves_nothing_renewing_it(
+@marks.needs_proc
+def test_a_run_that_counts_its_lease_lost_stops_what_shares_it_and_leaves_nothing_renewing(
     session: Path, own_etcd: EtcdServer, tmp_path: Path
 ) -> None:
     """etcd is away past what the run can vouch for: `run` counts its holder lost and
-    stops its command. Its keeper must then stop renewing the lease too, even for what
-    the command left running with FENCELOCK_FD (which would otherwise keep a holder
-    alive in etcd that its own run has given up): once etcd is back, the session is
-    free to be taken over."""
+    stops its command, and what the command left holding FENCELOCK_FD (a child that
+    would go on writing); its keeper stops renewing the lease, so once etcd is back the
+    session is free to be taken over."""
     from conftest import TEST_TTL
 
     url = own_etcd.url("lost", ttl=TEST_TTL)
-    fifo = tmp_path / "go"
+    fifo, pid_file = tmp_path / "go", tmp_path / "child"
     os.mkfifo(fifo)
     leave_a_child = (
         "import os, subprocess, sys; fd = int(os.environ['FENCELOCK_FD']); "
-        f"subprocess.Popen([sys.executable, '-c', \"open({str(fifo)!r}).read()\"], "
+        f"child = subprocess.Popen([sys.executable, '-c', \"open({str(fifo)!r}).read()\"], "
         "pass_fds=(fd,), start_new_session=True, stdin=subprocess.DEVNULL, "
-        "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); " + WAIT_FOR_A_LINE
+        "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); " + WAIT_FOR_A_LINE
     )
     proc = _run_waiting(session, url, leave_a_child)
+    child = int(pid_file.read_text())
     try:
         own_etcd.kill(signal.SIGKILL)
         code, err = _ended(proc)  # within the lease's TTL, with etcd still away
         own_etcd.start()
         assert code == 128 + signal.SIGTERM, err
-        assert "lost its holder" in err, err
+        assert "lost its holder" in err and f"FENCELOCK_FD with it (pid {child})" in err, err
+        fds = Path(f"/proc/{child}/fd")
+        assert not fds.exists() or not any(fds.iterdir())  # stopped, not writing
         with SessionLock(session, "next", backend=url, timeout=60) as nxt:
             assert nxt.info is not None and nxt.info.previous is not None
             assert nxt.info.previous.lane == "long"  # taken over, not released
     finally:
-        with open(fifo, "w") as f:
-            f.write("go\n")  # the leftover exits
+        with contextlib.suppress(OSError):  # the leftover, if it still reads
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@marks.needs_proc
+def test_a_paused_run_whose_lease_etcd_still_holds_lets_its_command_go_on(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    """`run` and its command are paused (Ctrl-Z, a VM migration) past what the run
+    can vouch for by its own clock, while its keeper kept the lease alive: etcd, asked,
+    says the lease and the run's key are there, so no other run can hold the session.
+    The command goes on (it is not stopped, nothing is revoked), and `run` says so."""
+    import time
+
+    from conftest import TEST_TTL
+
+    url = own_etcd.url("paused", ttl=TEST_TTL)
+    proc = _run_waiting(session, url, WAIT_FOR_A_LINE)
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        paused = [proc.pid] + [
+            int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != proc.pid
+            and _parent_of(int(p)) == proc.pid and "_etcdkeeper" not in _cmdline(int(p))]
+        for pid in paused:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(TEST_TTL + 1)  # the pause the promise is about, not a synchronisation
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
+        said = proc.stderr.readline()
+        assert "etcd still holds the session" in said, said
+        assert probe(session, backend=url).state == ProbeState.LIVE
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        code, err = _ended(proc)
+        assert code == 0, said + err
+        assert "lost its holder" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with SessionLock(session, "next", backend=url, on_contention="fail"):
+        pass  # released as the run ended
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
 
 
 def test_run_s_heartbeat_says_a_lost_holder_once_and_stops(

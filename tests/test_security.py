@@ -33,7 +33,7 @@ from fencelock import (
 )
 
 PACKAGE = Path(fencelock.__file__).parent
-_TOOLS = {"_cli.py", "_supervisor.py", "_etcdserver.py"}
+_TOOLS = {"_cli.py", "_supervisor.py", "_etcdserver.py", "_etcdkeeper.py"}
 """Command-line tools in the package: they start (and may signal) their own children,
 and write their own output files; everything else is the library."""
 
@@ -287,9 +287,12 @@ def test_no_signal_reaches_a_pid_named_in_a_record(
 
 _SENDERS = {("os", "kill"), ("os", "killpg"), ("signal", "pthread_kill"),
             ("signal", "pidfd_send_signal"), ("os", "pidfd_open")}
-_OWN_THREADS = {("_signals.py", "pthread_kill")}
+_OWN_THREADS = {("_signals.py", "pthread_kill"), ("_etcdkeeper.py", "pidfd_open"),
+                ("_etcdkeeper.py", "pidfd_send_signal")}
 """pthread_kill reaches only threads of this process: the signal relay pokes its own
-main thread with it."""
+main thread with it. `fencelock run` with etcd stops what holds its own FENCELOCK_FD
+pipe when its holder is lost: each process is pinned by a pidfd (which names no other
+process once its pid is reused) and checked to hold that pipe before it is signalled."""
 
 
 def test_the_package_has_no_way_to_signal_an_arbitrary_pid() -> None:
