@@ -304,7 +304,7 @@ def append(
         raise SessionTakeoverError(session, expected, None) from None
     except OSError as e:
         raise SessionWriteError(session, e, "open") from None
-    size = 0
+    size = 0 if created else -1  # where the line goes, once the fence check has passed
     try:
         if created and token:
             _tokens.reserve(fd, token)
@@ -375,6 +375,8 @@ def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes
                 os.unlink(session)
                 moved.append(None)
             return
+        if size < 0:
+            return  # before the fence check: nothing of this append is in the file
         end = os.fstat(fd).st_size
         if end == size:
             return  # nothing written: no truncate, which would move the stat all the same

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -1147,6 +1148,8 @@ _INTERRUPT_POINTS: dict[str, tuple[bool, Callable[[], Any]]] = {
     # an existing session: the line written, not yet fsynced; nothing written yet
     "fsync": (True, lambda: os.fsync),
     "write": (True, lambda: fence_module()._write_all),
+    # before the fence check has passed: nothing of the append is in the file yet
+    "fence check": (True, lambda: sidecar_module().refuse_planted),
     # a session the append creates: its token mark; the line in, its name not synced
     "token mark": (False, lambda: tokens_module().reserve),
     "directory fsync": (False, lambda: fence_module()._fsync_dir),
@@ -1157,6 +1160,12 @@ def fence_module() -> Any:
     import fencelock._fence
 
     return fencelock._fence
+
+
+def sidecar_module() -> Any:
+    import fencelock._sidecar
+
+    return fencelock._sidecar
 
 
 def tokens_module() -> Any:
@@ -1174,8 +1183,10 @@ def test_an_interrupted_append_leaves_nothing_and_the_fence_holding(
     removed), the run's next append is no takeover, and the released record carries
     the session as it is. Where nothing was written yet, the file is not touched."""
     existed, at = _INTERRUPT_POINTS[point]
+    # Before the fence check, a session that begins like the line: none of it is ours.
+    first = b'{"' if point == "fence check" else b'{"role":"user"}\n'
     if existed:
-        session.write_bytes(b'{"role":"user"}\n')
+        session.write_bytes(first)
     before = os.stat(session) if existed else None
     lock = SessionLock(session, lane="interrupted")
     lock.acquire()
@@ -1183,10 +1194,13 @@ def test_an_interrupted_append_leaves_nothing_and_the_fence_holding(
     if before is None:
         assert not session.exists()
     else:
-        assert session.read_bytes() == b'{"role":"user"}\n'
-        if point == "write":  # no truncate that would move the stat for nothing
+        assert session.read_bytes() == first
+        if point in ("write", "fence check"):  # no truncate: it would move the stat
             assert os.stat(session).st_mtime_ns == before.st_mtime_ns
-    lock.append({"role": "assistant", "content": "kept"})
+    with contextlib.ExitStack() as torn:
+        if point == "fence check":  # the torn line it began with is set aside now
+            torn.enter_context(pytest.warns(FenceLockWarning, match="torn"))
+        lock.append({"role": "assistant", "content": "kept"})
     lock.release()
     assert b"lost" not in session.read_bytes()
     status = probe(session)
