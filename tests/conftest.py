@@ -405,20 +405,15 @@ def on_entry(function: Callable[..., Any], action: Callable[[], object]) -> Iter
             action()
         return None
 
-    if code is not None:
-        before_trace = sys.gettrace()
-        sys.settrace(tracer)
-        try:
-            yield ran
-        finally:
-            sys.settrace(before_trace)
-    else:
-        before_profile = sys.getprofile()
-        sys.setprofile(tracer)
-        try:
-            yield ran
-        finally:
-            sys.setprofile(before_profile)
+    # A Python function's entry is a trace event; a builtin's call only a profile one.
+    set_hook: Callable[[Any], object] = sys.settrace if code is not None else sys.setprofile
+    get_hook: Callable[[], Any] = sys.gettrace if code is not None else sys.getprofile
+    before = get_hook()
+    set_hook(tracer)
+    try:
+        yield ran
+    finally:
+        set_hook(before)
 
 
 def _interrupt() -> None:

@@ -2559,6 +2559,14 @@ def _run_waiting(session: Path, url: str, command: str, *options: str
     return proc
 
 
+def _revoke_its_lease(session: Path, url: str, server: EtcdServer) -> None:
+    """Revoke the lease of ``session``'s holder, as etcd does when it expires."""
+    record = probe(session, backend=url).record
+    assert record is not None
+    subprocess.run(_etcdctl(server, "lease", "revoke", record.extra["lease"]), check=True,
+                   capture_output=True)
+
+
 def _ended(proc: subprocess.Popen[str]) -> tuple[int | None, str]:
     """Its exit code within a minute (None if it is still running: then killed) and
     its stderr."""
@@ -2584,10 +2592,7 @@ def test_a_run_whose_holder_is_lost_stops_its_command(
     not go on writing. `run` stops it (SIGTERM), says why once (its heartbeat, which
     finds the loss too, says nothing more), and passes its code on."""
     proc = _run_waiting(session, url, WAIT_FOR_A_LINE, "--heartbeat", "0.05")  # never fed
-    record = probe(session, backend=url).record
-    assert record is not None
-    subprocess.run(_etcdctl(etcd_server, "lease", "revoke", record.extra["lease"]), check=True,
-                   capture_output=True)
+    _revoke_its_lease(session, url, etcd_server)
     code, err = _ended(proc)
     assert code == 128 + signal.SIGTERM, err
     assert "lost its holder" in err and "stopping the command" in err, err
@@ -2601,10 +2606,7 @@ def test_a_lost_run_s_command_that_ignores_sigterm_is_killed(
 
     deaf = f"import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); {WAIT_FOR_A_LINE}"
     proc = _run_waiting(session, url, deaf)
-    record = probe(session, backend=url).record
-    assert record is not None
-    subprocess.run(_etcdctl(etcd_server, "lease", "revoke", record.extra["lease"]), check=True,
-                   capture_output=True)
+    _revoke_its_lease(session, url, etcd_server)
     code, err = _ended(proc)
     assert code == 128 + signal.SIGKILL, err
     assert f"still running {STOP_GRACE:g} s after SIGTERM, killed: pid" in err, err
@@ -2870,10 +2872,7 @@ def test_hold_exits_1_when_its_release_fails(
     h = Hold(session, "--backend", url, lane="lost")
     try:
         h.held()
-        record = probe(session, backend=url).record
-        assert record is not None
-        subprocess.run(_etcdctl(etcd_server, "lease", "revoke", record.extra["lease"]), check=True,
-                       capture_output=True)
+        _revoke_its_lease(session, url, etcd_server)
         if how == "request":
             answer = h.call("release")
             assert answer["ok"] is False and answer["error"] == "HolderLostError", answer
