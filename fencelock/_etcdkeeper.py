@@ -160,10 +160,12 @@ class Keeper:
     def _loss(self) -> str:
         """Block until the run's holder is lost (why), or the command ended ("").
 
-        Counted from this process's clock alone (the lease could not be confirmed in
-        time), a pause of this process (Ctrl-Z, a VM migration) looks like an expiry
-        while the keeper kept the lease alive: etcd is asked, and while it answers that
-        the lease and the holder's key are there, nobody else can hold the session."""
+        etcd is asked every ``ttl/4`` whether the lease and the run's key are there (a
+        key deleted by hand frees the session as surely as an expiry). Counted from
+        this process's clock alone (the lease could not be confirmed in time), a pause of
+        this process (Ctrl-Z, a VM migration) looks like an expiry while the keeper kept
+        the lease alive: while etcd answers that both are there, nobody else can hold
+        the session."""
         from fencelock._errors import StoreUnavailableError
         from fencelock._output import error_line
 
@@ -175,19 +177,22 @@ class Keeper:
                 left = vouched_until - time.monotonic()
                 if self._ended.wait(min(holder.url.ttl / 4, max(_RETRY, left))):
                     return ""
-            elif not holder.lost_within(1.0):
+            else:
+                holder.lost_within(holder.url.ttl / 4)  # woken early by a loss
                 if self._ended.is_set():
                     return ""
-                continue
             asked = time.monotonic()
+            counted_lost = holder.lost_within(0.0)
             try:
                 lease_left = holder.lease_left(asked + _ASK)
             except StoreUnavailableError:
-                if asked < vouched_until:
-                    continue  # asked again soon, while etcd's last answer still holds
-                return holder.lost_within(0.0) or "etcd cannot confirm its lease"
+                if asked < vouched_until or not counted_lost:
+                    continue  # asked again soon, while the lease is vouched for
+                return counted_lost
             if not lease_left:
                 return "etcd says its lease or its key is gone"
+            if not counted_lost:
+                continue  # the lease's own renewals vouch for it
             if not vouched_until:
                 error_line(f"{holder.session}: this run could not confirm its etcd lease in "
                            f"time ({holder.lost_within(0.0)}), but etcd still holds the "

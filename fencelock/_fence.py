@@ -351,6 +351,8 @@ def append(
             except SessionWriteError as e:
                 e.fingerprint = after  # the line is in the file; only its name may not be
                 raise
+        if moved is not None:
+            moved.append(after)  # appended: an interrupt from here on keeps the line
         return after
     except FenceLockError:
         raise  # what this function decided, the line's fate said (`stored`, `fingerprint`)
@@ -369,9 +371,15 @@ def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes
     ``moved``. Nothing when none of it reached the file (the fence point stands), or
     when what follows ``size`` is not only ours (the next fence check reports it)."""
     try:
+        if moved:
+            return  # the append was complete: its line stays, the fence point with it
         if created:
+            # Only a file that holds nothing but (part of) this line: a writer outside
+            # the protocol may have appended to it meanwhile.
             now = os.lstat(session)
-            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            end = os.fstat(fd).st_size
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and end <= len(line) \
+                    and line.startswith(os.pread(fd, end, 0)):
                 os.unlink(session)
                 moved.append(None)
             return

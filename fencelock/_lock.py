@@ -698,9 +698,10 @@ class SessionLock:
     def _append_bytes(self, data: bytes) -> None:
         # One append at a time per holder: another thread's line landing between this
         # one's fence check and its write would read as a foreign write.
+        me = threading.get_ident()  # before the mutex: a handler there finds it unset
         try:
             with self._append_mu:
-                self._appending = threading.get_ident()
+                self._appending = me
                 try:
                     self._append_locked(data)
                 finally:
@@ -729,8 +730,13 @@ class SessionLock:
                 self._store.fence_moved(self)
             raise
         self._tail_checked = True
-        before, self._fp, self._heartbeat_at = self._fp, fp, time.time()
-        self._store.appended(self, before)
+        before, self._fp = self._fp, fp  # no call between: an interrupt lands after
+        try:
+            self._heartbeat_at = time.time()
+            self._store.appended(self, before)
+        except BaseException:  # an interrupt before the store heard of it
+            self._store.fence_moved(self)
+            raise
 
     def verify_fence(self) -> Fingerprint | None:
         """Raise `SessionTakeoverError` if the session moved since the last fence point."""

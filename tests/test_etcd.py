@@ -2599,6 +2599,22 @@ def test_a_run_whose_holder_is_lost_stops_its_command(
     assert "Traceback" not in err and err.count("\n") == 1, err
 
 
+def test_a_run_whose_key_is_deleted_by_hand_stops_its_command(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """The run's key deleted (etcdctl del): the session is free for another run though
+    the lease lives. The guard asks etcd every ttl/4, so the command is stopped without
+    waiting for a record write (none comes with --heartbeat 0)."""
+    proc = _run_waiting(session, url, WAIT_FOR_A_LINE, "--heartbeat", "0")
+    record = probe(session, backend=url).record
+    assert record is not None
+    key = f"{_lock_name(url, session)}/{record.extra['lease']}"
+    subprocess.run(_etcdctl(etcd_server, "del", key), check=True, capture_output=True)
+    code, err = _ended(proc)
+    assert code == 128 + signal.SIGTERM, err
+    assert "its key is gone" in err, err
+
+
 def test_a_lost_run_s_command_that_ignores_sigterm_is_killed(
     session: Path, url: str, etcd_server: EtcdServer
 ) -> None:

@@ -1226,3 +1226,50 @@ def test_a_handler_that_releases_then_raises_mid_append_leaves_the_next_run_noth
     other = spawn_holder(session, lane="next", on_contention="fail")
     other.acquire()
     assert other.call('append {"role": "user", "content": "next"}') == "ok"
+
+
+def test_an_interrupted_append_keeps_a_created_file_another_writer_added_to(
+    session: Path
+) -> None:
+    """The append created the session, and a writer outside the protocol appended to it
+    before the interrupt: the file is not only this append's, so it is not removed
+    (nothing of anyone else's is ever taken back)."""
+    lock = SessionLock(session, lane="interrupted")
+    lock.acquire()
+
+    def intrude_then_interrupt() -> None:
+        with open(session, "ab") as f:
+            f.write(b'{"role":"intruder"}\n')
+        raise KeyboardInterrupt
+
+    from conftest import on_entry
+
+    with on_entry(os.fsync, intrude_then_interrupt) as ran, pytest.raises(KeyboardInterrupt):
+        lock.append({"role": "assistant", "content": "mine"})
+    assert ran and b"intruder" in session.read_bytes()
+    lock.release()
+
+
+def test_an_append_interrupted_once_its_line_is_in_keeps_the_line_and_the_fence(
+    session: Path
+) -> None:
+    """An interrupt after the line is in and fsynced (as the run notes the time): the
+    line stays, the run's fence point and its released record follow it."""
+    import time as clock
+
+    from conftest import on_entry
+
+    session.write_bytes(b'{"role":"user"}\n')
+    lock = SessionLock(session, lane="interrupted")
+    lock.acquire()
+    with on_entry(clock.time, _raise_interrupt) as ran, pytest.raises(KeyboardInterrupt):
+        lock.append({"role": "assistant", "content": "in"})
+    assert ran
+    lock.append({"role": "assistant", "content": "next"})
+    lock.release()
+    assert probe(session).fence_ok is True
+    assert verify(session).ok
+
+
+def _raise_interrupt() -> None:
+    raise KeyboardInterrupt
