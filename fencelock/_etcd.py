@@ -1291,6 +1291,7 @@ class EtcdHolder:
             return
         value = self._value(record)
         ops = [_put(self.last_key, value), _delete(my)]
+        queued = False
         try:
             # On a failed compare, the last record: a retried release finds its own there.
             r = self._ride_out(lease, lambda: self._cluster.txn(
@@ -1303,8 +1304,21 @@ class EtcdHolder:
                 f"once its lease ends the session reads as stale until it is cleared "
                 f"({_clear_command(self.url, self.session).replace(' --force', '')})",
             ) from None
+        except BaseException:
+            # An interrupt (KeyboardInterrupt, a signal handler's exception): the key
+            # would stay under a lease this process keeps alive, the session held by
+            # nobody. The lease's keeper makes the release (it keeps the key claimed).
+            c = self._cluster
+
+            def release_later() -> None:
+                c.txn([_created(my, token)], ops)
+
+            c.take_back_later(lease, my, release_later)
+            queued = True
+            raise
         finally:
-            self._cluster.unclaim(my)
+            if not queued:
+                self._cluster.unclaim(my)
         # A failed compare: our key was gone. Not a loss to report when the caller heard
         # of it already, when the last record is the one this release wrote (an earlier
         # try of it that etcd applied), or when the lease lives (an earlier try deleted

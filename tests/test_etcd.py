@@ -2900,3 +2900,24 @@ def test_hold_exits_1_when_its_release_fails(
         assert "Traceback" not in err
     finally:
         h.kill()
+
+
+def test_an_interrupted_release_still_lets_the_session_go(
+    session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KeyboardInterrupt (or a signal handler's exception) in the middle of an etcd
+    release: the key would stay under the lease this process keeps alive, the session
+    held by nobody until the process exits. The lease's keeper makes the release."""
+    from conftest import interrupted_on_entry
+
+    from fencelock._etcd import EtcdHolder
+
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    lock = SessionLock(session, "interrupted", backend=url)
+    lock.acquire()
+    with interrupted_on_entry(EtcdHolder._ride_out) as raised, \
+            pytest.raises(KeyboardInterrupt):
+        lock.release()
+    assert raised and not lock.held
+    other = spawn_holder(session, lane="next", timeout=30)
+    other.acquire()
