@@ -135,8 +135,8 @@ class Keeper:
             if not why or self._ended.is_set():
                 return
             self.lost = why
-        me = {os.getpid(), self.proc.pid}
-        sharing = _sharing(self._pipe, me | {command.pid})
+        besides = {os.getpid(), self.proc.pid, command.pid}  # this run, its keeper, its command
+        sharing = _sharing(self._pipe, besides)
         named = f"the command (pid {command.pid})" + (
             f" and what holds FENCELOCK_FD with it ({_pids(sharing)})" if sharing else "")
         error_line(f"{self.holder.session}: this run lost its holder ({why}); another run may "
@@ -145,10 +145,10 @@ class Keeper:
         command.send_signal(signal.SIGTERM)  # nothing once it has been waited for
         _signal(sharing, self._pipe, signal.SIGTERM)
         self._ended.wait(STOP_GRACE)
-        left = _sharing(self._pipe, me | {command.pid})
+        left = _sharing(self._pipe, besides)
         while left and time.monotonic() < end:  # the rest of the grace, for those too
             time.sleep(_RETRY / 4)
-            left = _sharing(self._pipe, me | {command.pid})
+            left = _sharing(self._pipe, besides)
         stubborn = ([] if self._ended.is_set() else [command.pid]) + left
         if stubborn:
             error_line(f"{self.holder.session}: still running {STOP_GRACE:g} s after "
