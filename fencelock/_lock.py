@@ -423,7 +423,7 @@ class SessionLock:
             self._count, self._release_deferred = 1, True
             return
         try:
-            quick = False
+            quick = waited = False
             try:
                 # An append under way in another thread ends before the release, so
                 # that its line is not written after it: it notes itself in
@@ -431,6 +431,7 @@ class SessionLock:
                 # ``_count`` to 0, then looks (the same pairing as ``_io``'s, below).
                 if self._appending or not _GIL:
                     self._await_append()
+                waited = True
                 # A record write from another thread takes ``_io``, then checks that the
                 # lock is held; this has set ``_count`` to 0, then looks at ``_io``. With
                 # one thread running Python at a time one of the two sees the other: if
@@ -440,6 +441,8 @@ class SessionLock:
                 quick = _GIL and self._store.releases_in_place and not self._io.locked()
             finally:  # released even if an interrupt lands before ``quick`` is set
                 try:
+                    if not waited and (self._appending or not _GIL):
+                        self._await_append()  # an interrupt came first: still after it
                     if quick:
                         self._store.release(self)
                     else:
@@ -462,10 +465,22 @@ class SessionLock:
 
     def _await_append(self) -> None:
         """Wait for an append under way in another thread (not in this one: a signal
-        handler that releases in the middle of an append cannot wait for it)."""
-        if self._appending != threading.get_ident():
-            with self._append_mu:
-                pass
+        handler that releases in the middle of an append cannot wait for it). An
+        interrupt (Ctrl-C) does not cut the wait short, or the line would land after
+        the release: it is raised once the append has ended (an append is bounded: a
+        fence check, a write, an fsync, a record update)."""
+        if self._appending == threading.get_ident():
+            return
+        interrupt: BaseException | None = None
+        while True:
+            try:
+                with self._append_mu:
+                    pass
+                break
+            except BaseException as e:
+                interrupt = interrupt or e
+        if interrupt is not None:
+            raise interrupt
 
     # -- sharing the lock with a command (`fencelock run`) ---------------------------
 

@@ -444,6 +444,81 @@ def test_a_release_from_another_thread_waits_for_an_append_under_way(
     assert [json.loads(x) for x in session.read_text().splitlines()] == [{"n": 1}]
 
 
+def test_ctrl_c_while_a_release_waits_for_an_append_still_releases_after_it(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in the main thread while its `release()` waits for another thread's
+    append: the release still waits for that append to end, then lets go, then the
+    KeyboardInterrupt goes on. Released at once, the line would land after the release
+    (outside the run, a takeover for the next run to see)."""
+    import signal
+
+    from fencelock import _fence
+
+    session.write_text('{"n":0}\n')
+    lock = SessionLock(session, lane="A")
+    lock.acquire()
+    writing, go, interrupted = threading.Event(), threading.Event(), threading.Event()
+    real = _fence.append
+
+    def held_up(*args: Any, **kw: Any) -> Any:
+        writing.set()
+        go.wait(30)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(_fence, "append", held_up)
+    failed: list[BaseException] = []
+
+    def append() -> None:
+        try:
+            lock.append({"n": 1})
+        except BaseException as e:
+            failed.append(e)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    main = threading.get_ident()
+
+    def interrupt_the_wait() -> None:
+        give_up = time.monotonic() + 30
+        while True:  # polled: no event says that a thread waits on a lock
+            frame = sys._current_frames().get(main)
+            if frame is not None and frame.f_code is SessionLock._await_append.__code__:
+                break
+            if time.monotonic() > give_up:
+                go.set()
+                return
+            time.sleep(0.001)
+        signal.pthread_kill(main, signal.SIGINT)
+        interrupted.wait(30)
+        go.set()  # the append goes on only once the interrupt has landed
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    appender = threading.Thread(target=append)
+    appender.start()
+    helper = threading.Thread(target=interrupt_the_wait)
+    try:
+        assert writing.wait(30)
+        helper.start()
+        with pytest.raises(KeyboardInterrupt):
+            lock.release()
+    finally:
+        go.set()
+        signal.signal(signal.SIGINT, old)
+        appender.join(30)
+        helper.join(30)
+    assert interrupted.is_set(), "release() did not wait for the append under way"
+    assert not failed and not lock.held
+    status = probe(session)
+    assert status.record is not None and status.record.state == "released"
+    assert status.fence_ok, status
+    assert status.record.fingerprint is not None
+    assert status.record.fingerprint.size == session.stat().st_size
+    assert session.read_text().count("\n") == 2
+
+
 def _fingerprint_of(session: Path) -> Any:
     from fencelock import _fingerprint
 
