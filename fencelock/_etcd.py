@@ -52,6 +52,8 @@ _MIN_REQUEST_TIMEOUT = 0.5
 """A request is always given this long, even past the caller's deadline: cut shorter, a
 slow answer on a busy machine would read as an unreachable store (and leave unknown
 whether the request took effect)."""
+_TLS_PROBE_TIMEOUT = 1.0
+"""How long a TLS handshake may take when an endpoint closed a request unanswered."""
 
 _ASCEND, _DESCEND = 1, 2
 _BY_CREATE = 2  # SortTarget: KEY, VERSION, CREATE, MOD, VALUE
@@ -481,6 +483,21 @@ class _Cluster:
             f"{detail}", "check the backend URL's host and port: it must name etcd's "
             "client URL (port 2379 by default), not another server")
 
+    def _refuse_tls_only(self, index: int, timeout: float) -> None:
+        """Raise when the endpoint that closed a request without answering speaks TLS:
+        etcd's client port with a certificate serves HTTPS only, and the store speaks
+        plain HTTP (a wrong URL, not an outage to wait out)."""
+        from fencelock._etcdhttp import speaks_tls
+
+        host, port = self.url.endpoints[index]
+        if speaks_tls(host, port, min(timeout, _TLS_PROBE_TIMEOUT)):
+            shown = f"[{host}]" if ":" in host else host
+            raise StoreUnavailableError(
+                self.url.display, f"{shown}:{port} speaks TLS (HTTPS) only, and the etcd "
+                "store speaks plain HTTP", "name a plain-HTTP client URL of etcd's (an "
+                "http:// entry of its --listen-client-urls), or put a TLS-terminating "
+                "proxy in front of it")
+
     def call(self, path: str, payload: dict[str, Any],
              deadline: float | None = None) -> dict[str, Any]:
         """POST one request to the first endpoint that answers (etcd3gw's client, whose
@@ -516,6 +533,8 @@ class _Cluster:
                     why = ("connection refused" if "refused" in answer.lower() else
                            "no answer in time" if isinstance(e, exceptions.ConnectionTimeoutError)
                            else "cannot connect")
+                    if why == "cannot connect":
+                        self._refuse_tls_only(index, timeout)
                 continue
             except exceptions.Etcd3Exception as e:
                 detail = (e.detail_text or str(e)).strip()

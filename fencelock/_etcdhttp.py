@@ -11,6 +11,7 @@ import http.client
 import json
 import select
 import socket
+import ssl
 import threading
 import urllib.parse
 import weakref
@@ -22,6 +23,25 @@ import requests
 
 def base_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether ``host:port`` answers a TLS handshake: asked of an endpoint that closed a
+    plain HTTP request without a word, as etcd's TLS-only client port does. Its
+    certificate is not checked: the handshake completing, or the server's TLS alert
+    (a client certificate wanted, say), is the answer. Not TLS: a refusal, a close, or
+    a reply in another protocol (a wrong version number)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            return True
+    except ssl.SSLError as e:
+        return "ALERT" in (e.reason or "")
+    except OSError:
+        return False
 
 
 class Session(requests.Session):

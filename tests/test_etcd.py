@@ -1497,6 +1497,68 @@ def test_a_server_that_is_not_etcd_is_named_as_such(
             assert len(asked) <= 3, (args, len(asked))  # asked once, not for the TTL
 
 
+def test_an_etcd_port_that_speaks_only_tls_is_named_as_such(
+    session: Path, tmp_path: Path
+) -> None:
+    """etcd's client port with a certificate closes a plain HTTP request without a
+    word: the error says that the port speaks TLS only and names the fix (a plain-HTTP
+    client URL of etcd's), instead of "cannot connect", and the plain-HTTP URL of the
+    same etcd works. The library raises the same."""
+    import trustme
+
+    from fencelock import SessionLock, StoreUnavailableError
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    server = EtcdServer(tls=(str(cert_file), str(key_file)))
+    server.start()
+    try:
+        tls_url = f"etcd://127.0.0.1:{server.tls_port}/p"
+        for args in (["status", str(session), "--backend", tls_url],
+                     ["run", str(session), "--lane", "x", "--backend", tls_url, "--", "true"]):
+            out = _cli(*args)
+            assert out.returncode == 1, (args, out.stdout, out.stderr)
+            (line,) = out.stderr.strip().splitlines()
+            assert f"(127.0.0.1:{server.tls_port} speaks TLS (HTTPS) only" in line, line
+            assert "name a plain-HTTP client URL of etcd's" in line, line
+        with pytest.raises(StoreUnavailableError, match="speaks TLS"):
+            SessionLock(session, lane="x", backend=tls_url).acquire()
+        plain = _cli("run", str(session), "--lane", "x", "--backend", server.url("p"),
+                     "--", "true")
+        assert plain.returncode == 0, plain.stderr
+    finally:
+        server.stop()
+
+
+def test_a_port_that_closes_a_request_unanswered_is_not_taken_for_tls(
+    session: Path
+) -> None:
+    """Only a TLS handshake's answer counts as TLS: a server that closes requests (and
+    handshakes) unanswered stays "cannot connect"."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(4096)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        out = _cli("status", str(session), "--backend", f"etcd://127.0.0.1:{port}/p")
+    finally:
+        listener.close()
+    assert out.returncode == 1, out.stderr
+    assert "(cannot connect)" in out.stderr, out.stderr
+
+
 def test_the_environment_s_http_proxy_applies_to_etcd_requests(session: Path, url: str) -> None:
     """The store reads the proxy variables once per client, not per request, and still
     sends etcd's requests where they say: through the proxy, unless NO_PROXY names the
