@@ -289,11 +289,12 @@ def append(
     flags = os.O_RDWR | os.O_APPEND
     created = expected is None
     try:
-        fd, st = _sidecar.open_regular(
-            session, flags | (os.O_CREAT | os.O_EXCL if created else 0), file_mode
-        )
-    except FileExistsError:
-        raise _replaced(session, None) from None
+        try:
+            fd, st = _sidecar.open_regular(
+                session, flags | (os.O_CREAT | os.O_EXCL if created else 0), file_mode
+            )
+        except FileExistsError:
+            fd, st = _open_empty(session, flags)
     except UnsafePathError as e:
         raise _replaced(session, expected) from e
     except FileNotFoundError:
@@ -362,6 +363,22 @@ def append(
         raise
     finally:
         os.close(fd)
+
+
+def _open_empty(session: str, flags: int) -> tuple[int, os.stat_result]:
+    """A session file that appeared where the run's fence point says there is none: an
+    empty regular file of this user's is taken as if the append had created it (it
+    holds nothing to take over: an interrupt right as this run's own create returned
+    left it, or a program made the file without writing); anything else is a takeover.
+    A write by another after this look is caught as after any fence check."""
+    try:
+        fd, st = _sidecar.open_regular(session, flags)
+    except OSError:
+        raise _replaced(session, None) from None
+    if st.st_size == 0 and st.st_uid == _sidecar.OWN_UID:
+        return fd, st
+    os.close(fd)
+    raise _replaced(session, None)
 
 
 def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes,

@@ -389,17 +389,22 @@ def wait_for_no_owner(session: Path, timeout: float = 60.0) -> None:
 
 
 @contextmanager
-def on_entry(function: Callable[..., Any], action: Callable[[], object]) -> Iterator[list[bool]]:
+def on_entry(
+    function: Callable[..., Any], action: Callable[[], object], *, at_return: bool = False
+) -> Iterator[list[bool]]:
     """Run ``action`` as ``function`` (a Python function or a builtin, called in this
     thread) is entered, once: what a signal handler does when the signal comes at that
-    call. Yields a list that holds True once it ran."""
+    call. With ``at_return`` (builtins only), as it returns instead: its result is then
+    lost, as when a handler raises right after the call. Yields a list that holds True
+    once it ran."""
     code = getattr(function, "__code__", None)
     ran: list[bool] = []
+    c_event = "c_return" if at_return else "c_call"
 
     def tracer(frame: Any, event: str, arg: Any) -> None:
         if not ran and (
             (event == "call" and frame.f_code is code)
-            or (event == "c_call" and arg is function)
+            or (event == c_event and arg is function)
         ):
             ran.append(True)
             action()
@@ -420,6 +425,8 @@ def _interrupt() -> None:
     raise KeyboardInterrupt
 
 
-def interrupted_on_entry(function: Callable[..., Any]) -> AbstractContextManager[list[bool]]:
+def interrupted_on_entry(
+    function: Callable[..., Any], *, at_return: bool = False
+) -> AbstractContextManager[list[bool]]:
     """`on_entry` with a signal handler that raises KeyboardInterrupt."""
-    return on_entry(function, _interrupt)
+    return on_entry(function, _interrupt, at_return=at_return)

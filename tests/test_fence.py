@@ -1250,6 +1250,37 @@ def test_an_interrupted_append_keeps_a_created_file_another_writer_added_to(
     lock.release()
 
 
+def test_an_interrupt_as_the_append_s_create_returns_leaves_no_takeover(
+    session: Path
+) -> None:
+    """An interrupt right as the `open` that creates the session returns (its descriptor
+    lost with the result) leaves an empty file the run knows nothing of: the run's next
+    append takes it as its own creation, since an empty file holds nothing to take
+    over, instead of reporting a takeover. A file that appeared with anything in it
+    still is one."""
+    from conftest import interrupted_on_entry
+
+    lock = SessionLock(session, lane="interrupted")
+    lock.acquire()
+    with interrupted_on_entry(os.open, at_return=True) as raised, \
+            pytest.raises(KeyboardInterrupt):
+        lock.append({"role": "assistant", "content": "first"})
+    assert raised and session.read_bytes() == b""
+    lock.append({"role": "assistant", "content": "again"})
+    lock.release()
+    assert [json.loads(x)["content"] for x in session.read_text().splitlines()] == ["again"]
+    status = probe(session)
+    assert status.state is ProbeState.FREE and status.fence_ok is True, status
+    assert verify(session).ok
+
+    other = session.with_name("4f1c2a9e-0000-4000-8000-0000000000ff.jsonl")
+    with SessionLock(other, lane="next") as second:
+        other.write_bytes(b'{"role":"intruder"}\n')
+        with pytest.raises(SessionTakeoverError):
+            second.append({"role": "assistant", "content": "mine"})
+    assert other.read_bytes() == b'{"role":"intruder"}\n'
+
+
 def test_an_append_interrupted_once_its_line_is_in_keeps_the_line_and_the_fence(
     session: Path
 ) -> None:
