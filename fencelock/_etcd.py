@@ -435,6 +435,9 @@ class _Cluster:
         self._keeper: threading.Thread | None = None
         self._wake = threading.Event()
         self._preferred = 0
+        self._tls_only: dict[int, bool] = {}
+        """Endpoints (by index) asked whether they speak TLS only: asked once, so that an
+        outage's repeated failures do not each pay a handshake."""
         self._to_revoke: list[int] = []
         self._to_take_back: list[tuple[_Lease, str, Callable[[], None]]] = []
         """Queued keys a failed acquire could not take out while etcd was away: (lease,
@@ -490,7 +493,11 @@ class _Cluster:
         from fencelock._etcdhttp import speaks_tls
 
         host, port = self.url.endpoints[index]
-        if speaks_tls(host, port, min(timeout, _TLS_PROBE_TIMEOUT)):
+        tls = self._tls_only.get(index)
+        if tls is None:
+            tls = self._tls_only[index] = speaks_tls(
+                host, port, min(timeout, _TLS_PROBE_TIMEOUT))
+        if tls:
             shown = f"[{host}]" if ":" in host else host
             raise StoreUnavailableError(
                 self.url.display, f"{shown}:{port} speaks TLS (HTTPS) only, and the etcd "
