@@ -19,17 +19,28 @@ LOCAL = ("", "local")
 
 @dataclass(frozen=True, slots=True)
 class EtcdURL:
-    """A parsed ``etcd://HOST:PORT[,HOST:PORT...]/PREFIX[?ttl=S&root=DIR]``."""
+    """A parsed ``etcd://HOST:PORT[,HOST:PORT...]/PREFIX[?ttl=S&root=DIR]``, or
+    ``etcds://`` (HTTPS) with ``ca=``, ``cert=``, ``key=`` among its parameters."""
 
     endpoints: tuple[tuple[str, int], ...]
     prefix: str
     ttl: float
     root: str | None
+    tls: bool = False
+    """HTTPS: etcd's certificate checked against ``ca`` (else the system's CAs)."""
+    ca: str | None = None
+    cert: str | None = None
+    """A client certificate (PEM) to show etcd, its key in ``key`` or in the same file."""
+    key: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "etcds" if self.tls else "etcd"
 
     @property
     def display(self) -> str:
         """The endpoints as messages name them."""
-        return f"etcd://{self._hosts}"
+        return f"{self.scheme}://{self._hosts}"
 
     @property
     def _hosts(self) -> str:
@@ -38,9 +49,23 @@ class EtcdURL:
     @property
     def text(self) -> str:
         """A URL naming the same store (endpoints, prefix, root), for commands to print."""
-        hosts = self._hosts
-        root = f"?root={quote(self.root, safe='/')}" if self.root is not None else ""
-        return f"etcd://{hosts}/{quote(self.prefix, safe='/')}{root}"
+        return f"{self.display}/{quote(self.prefix, safe='/')}" + self._query(
+            ("root", self.root), *self._tls_params)
+
+    @property
+    def connection_text(self) -> str:
+        """A URL naming the same endpoints with the same TLS settings and TTL (for a
+        process that keeps this store's lease alive)."""
+        return f"{self.display}/_" + self._query(("ttl", f"{self.ttl:g}"), *self._tls_params)
+
+    @property
+    def _tls_params(self) -> tuple[tuple[str, str | None], ...]:
+        return ("ca", self.ca), ("cert", self.cert), ("key", self.key)
+
+    @staticmethod
+    def _query(*params: tuple[str, str | None]) -> str:
+        query = "&".join(f"{k}={quote(v, safe='/')}" for k, v in params if v is not None)
+        return f"?{query}" if query else ""
 
 
 # os.environ.get costs about a microsecond (it encodes the key each time), as much as
@@ -92,11 +117,12 @@ def parse(url: str) -> EtcdURL | None:
     text = url.strip()
     if text in LOCAL:
         return None
-    if not text.startswith("etcd://"):
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("etcd", "etcds"):
         raise ValueError(
-            f"backend {url!r}: expected 'local' or etcd://HOST:PORT[,HOST:PORT...]/PREFIX"
+            f"backend {url!r}: expected 'local', etcd://HOST:PORT[,HOST:PORT...]/PREFIX "
+            f"or etcds://... (HTTPS)"
         )
-    rest = text[len("etcd://"):]
     rest, _, query = rest.partition("?")
     hosts, _, prefix = rest.partition("/")
     endpoints = []
@@ -130,9 +156,19 @@ def parse(url: str) -> EtcdURL | None:
         )
     prefix = decoded or DEFAULT_PREFIX
     params = parse_qs(query, keep_blank_values=True)
-    unknown = set(params) - {"ttl", "root"}
+    unknown = set(params) - {"ttl", "root", *_TLS_PARAMS}
     if unknown:
         raise ValueError(f"backend {url!r}: unknown parameter {sorted(unknown)[0]!r}")
+    tls = {name: params[name][-1] for name in _TLS_PARAMS if name in params}
+    if tls and scheme != "etcds":
+        raise ValueError(
+            f"backend {url!r}: {sorted(tls)[0]}= is for HTTPS: write etcds:// instead of "
+            f"etcd://")
+    for name, path in tls.items():
+        if not os.path.isabs(path):
+            raise ValueError(f"backend {url!r}: {name}= must be an absolute file path")
+    if "key" in tls and "cert" not in tls:
+        raise ValueError(f"backend {url!r}: key= goes with cert= (the client certificate)")
     ttl = DEFAULT_TTL
     if "ttl" in params:
         try:
@@ -144,7 +180,11 @@ def parse(url: str) -> EtcdURL | None:
     root = params["root"][-1] if "root" in params else None
     if root is not None and not os.path.isabs(root):
         raise ValueError(f"backend {url!r}: root must be an absolute directory")
-    return EtcdURL(tuple(endpoints), prefix, ttl, root)
+    return EtcdURL(tuple(endpoints), prefix, ttl, root, scheme == "etcds",
+                   tls.get("ca"), tls.get("cert"), tls.get("key"))
+
+
+_TLS_PARAMS = ("ca", "cert", "key")
 
 
 @functools.lru_cache(maxsize=1024)

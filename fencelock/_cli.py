@@ -247,8 +247,9 @@ def _backend_option(f: Any) -> Any:
         "--backend",
         metavar="URL",
         callback=check,
-        help="Holder store: etcd://HOST:PORT[,HOST:PORT...]/PREFIX[?ttl=S&root=DIR], or "
-        "local for sidecars (default: $FENCELOCK_BACKEND, else local).",
+        help="Holder store: etcd://HOST:PORT[,HOST:PORT...]/PREFIX[?ttl=S&root=DIR] "
+        "(etcds:// for HTTPS, with ca=, cert=, key= file paths), or local for sidecars "
+        "(default: $FENCELOCK_BACKEND, else local).",
     )(f)
 
 

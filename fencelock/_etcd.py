@@ -222,11 +222,12 @@ class _Watch:
         # A session of its own: a stream cut off by `stop` leaves its connection in no
         # state to carry another request, so it must never go back to the pool the
         # client's requests are sent from.
-        self._session = _etcdhttp.Session(client.base_url)
+        self._session = _etcdhttp.Session(client.base_url,
+                                          getattr(client.session, "tls", None))
         # One connection ever: a pool sized for one is quicker to take down (closing a
         # pool visits every slot it has).
-        self._session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=1,
-                                                                     pool_maxsize=1))
+        self._session.mount(client.base_url.partition(":")[0] + "://",
+                            requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=1))
         self._sock: socket.socket | None = None
         self._pending = b""
         try:
@@ -435,6 +436,7 @@ class _Cluster:
         self._keeper: threading.Thread | None = None
         self._wake = threading.Event()
         self._preferred = 0
+        self._tls_settings: Any = None
         self._tls_only: dict[int, bool] = {}
         """Endpoints (by index) asked whether they speak TLS only: asked once, so that an
         outage's repeated failures do not each pay a handshake."""
@@ -457,9 +459,12 @@ class _Cluster:
 
             from fencelock import _etcdhttp
 
+            tls = self._tls()
             clients = [
-                etcd3gw.client(host=host, port=port, timeout=_REQUEST_TIMEOUT,
-                               session=_etcdhttp.Session(_etcdhttp.base_url(host, port)))
+                etcd3gw.client(
+                    host=host, port=port, protocol="https" if self.url.tls else "http",
+                    timeout=_REQUEST_TIMEOUT,
+                    session=_etcdhttp.Session(_etcdhttp.base_url(host, port, self.url.tls), tls))
                 for host, port in self.url.endpoints
             ]
             self._local.clients = clients
@@ -474,6 +479,46 @@ class _Cluster:
                             _etcdhttp.close_client(client)
                 self._by_thread[threading.current_thread()] = clients
         return clients
+
+    def _tls(self) -> Any:
+        """The HTTPS settings of an ``etcds://`` URL (`_etcdhttp.TLS`, made once), None
+        for ``etcd://``. `StoreUnavailableError` naming the file that cannot be used."""
+        if not self.url.tls:
+            return None
+        if self._tls_settings is None:
+            from fencelock import _etcdhttp
+
+            try:
+                self._tls_settings = _etcdhttp.TLS(self.url.ca, self.url.cert, self.url.key)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                named = ", ".join(
+                    f"{k}={v}" for k, v in (("ca", self.url.ca), ("cert", self.url.cert),
+                                            ("key", self.url.key)) if v is not None)
+                why = getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)
+                raise StoreUnavailableError(
+                    self.url.display,
+                    f"its TLS files cannot be used ({named or 'the system CAs'}): {why}",
+                    "check ca=, cert= and key= in the backend URL: PEM files this user "
+                    "can read, the key the certificate's") from None
+        return self._tls_settings
+
+    def _tls_failed(self, index: int, error: str) -> StoreUnavailableError:
+        """A TLS handshake that failed (``error``: the `ssl` module's text): a setting to
+        fix, not an outage to wait out."""
+        host, port = self.url.endpoints[index]
+        shown = f"[{host}]" if ":" in host else host
+        reason = error.rpartition("] ")[2].split(" (_ssl.c:")[0].strip() or error
+        if "WRONG_VERSION_NUMBER" in error or "UNEXPECTED_EOF" in error:
+            # It answered the handshake in plain text (HTTP), or closed it unanswered (a
+            # plain port of etcd's does).
+            return StoreUnavailableError(
+                self.url.display, f"{shown}:{port} does not answer in TLS (HTTPS): {reason}",
+                "name it etcd://, not etcds://, if it is etcd's plain-HTTP client URL")
+        return StoreUnavailableError(
+            self.url.display, f"the TLS handshake with {shown}:{port} failed: {reason}",
+            "check ca= in the backend URL (the CA that signed etcd's certificate, which "
+            "must name the host as the URL does) and cert=/key= (a client certificate "
+            "signed by the CA etcd trusts, when etcd asks for one)")
 
     def _not_etcd(self, index: int, detail: str) -> StoreUnavailableError:
         """An endpoint that answered, but not as etcd does: a wrong URL, not an outage to
@@ -500,10 +545,10 @@ class _Cluster:
         if tls:
             shown = f"[{host}]" if ":" in host else host
             raise StoreUnavailableError(
-                self.url.display, f"{shown}:{port} speaks TLS (HTTPS) only, and the etcd "
-                "store speaks plain HTTP", "name a plain-HTTP client URL of etcd's (an "
-                "http:// entry of its --listen-client-urls), or put a TLS-terminating "
-                "proxy in front of it")
+                self.url.display, f"{shown}:{port} speaks TLS (HTTPS) only, and an etcd:// "
+                "URL speaks plain HTTP", "write etcds:// (with ca=, and cert= and key= "
+                "if etcd asks for a client certificate), or name a plain-HTTP client URL "
+                "of etcd's (an http:// entry of its --listen-client-urls)")
 
     def call(self, path: str, payload: dict[str, Any],
              deadline: float | None = None) -> dict[str, Any]:
@@ -536,11 +581,13 @@ class _Cluster:
                     page = " ".join(answer.split())[:120] or "an empty page"
                     why = (f"HTTP {_http_status(e, exceptions)} from a server other than etcd, "
                            f"which said: {page}")
+                elif self.url.tls and "[SSL" in answer:
+                    raise self._tls_failed(index, answer) from None
                 else:  # no answer: etcd3gw keeps requests' error in detail_text
                     why = ("connection refused" if "refused" in answer.lower() else
                            "no answer in time" if isinstance(e, exceptions.ConnectionTimeoutError)
                            else "cannot connect")
-                    if why == "cannot connect":
+                    if why == "cannot connect" and not self.url.tls:
                         self._refuse_tls_only(index, timeout)
                 continue
             except exceptions.Etcd3Exception as e:
@@ -770,12 +817,13 @@ def through_outage(attempt: Callable[[], _T], ttl: float, deadline: float | None
             time.sleep(max(pause, 0.0))
 
 
-_clusters: dict[tuple[tuple[tuple[str, int], ...], float], _Cluster] = {}
+_clusters: dict[tuple[object, ...], _Cluster] = {}
+"""By endpoints, TTL and TLS settings (what of the URL but its prefix and root)."""
 _clusters_lock = threading.Lock()
 
 
 def cluster(url: EtcdURL) -> _Cluster:
-    key = (url.endpoints, url.ttl)
+    key = (url.endpoints, url.ttl, url.tls, url.ca, url.cert, url.key)
     with _clusters_lock:
         found = _clusters.get(key)
         if found is None:

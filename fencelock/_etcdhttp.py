@@ -21,8 +21,27 @@ from typing import Any
 import requests
 
 
-def base_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+def base_url(host: str, port: int, tls: bool = False) -> str:
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}/" if ":" in host else f"{scheme}://{host}:{port}/"
+
+
+class TLS:
+    """What an HTTPS session to etcd uses: the CA file (None: the system's CAs), the
+    client certificate and key (or None), and the `ssl.SSLContext` made from them."""
+
+    def __init__(self, ca: str | None, cert: str | None, key: str | None) -> None:
+        self.ca, self.cert, self.key = ca, cert, key
+        self.context = ssl.create_default_context(cafile=ca)
+        if cert is not None:
+            self.context.load_cert_chain(cert, key)
+
+    @property
+    def requests_cert(self) -> str | tuple[str, str] | None:
+        """The client certificate as requests takes it."""
+        if self.cert is None:
+            return None
+        return self.cert if self.key is None else (self.cert, self.key)
 
 
 def speaks_tls(host: str, port: int, timeout: float) -> bool:
@@ -74,16 +93,24 @@ class Session(requests.Session):
     to its own; and a session dropped unclosed closes its connection when collected.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tls: TLS | None = None) -> None:
         super().__init__()
         self.proxies.update(requests.utils.get_environ_proxies(url))
         self.trust_env = False
         parsed = urllib.parse.urlsplit(url)
         self._origin = f"{parsed.scheme}://{parsed.netloc}"
         self._host, self._port = parsed.hostname or "", parsed.port or 80
+        self.tls = tls
+        self._context = None
+        if parsed.scheme == "https":
+            # requests (a proxy, a watch's stream) checks etcd's certificate as the
+            # session's own connection does, and shows the same client certificate.
+            self._context = (tls or TLS(None, None, None)).context
+            self.verify = True if tls is None or tls.ca is None else tls.ca
+            self.cert = None if tls is None else tls.requests_cert
         # Proxy variables that name no proxy for this URL (NO_PROXY alone, HTTPS_PROXY
         # for an http URL) leave it direct.
-        self._direct = parsed.scheme == "http" and \
+        self._direct = parsed.scheme in ("http", "https") and \
             requests.utils.select_proxy(url, self.proxies) is None
         # etcd's gateway answers uncompressed; saying so keeps it that way.
         self._get_headers: dict[str, Any] = {**self.headers, "Accept-Encoding": "identity"}
@@ -133,7 +160,10 @@ class Session(requests.Session):
         if conn is not None and conn.sock is not None and _dropped(conn.sock):
             conn.close()
         if conn is None:
-            conn = self._conn = http.client.HTTPConnection(self._host, self._port)
+            conn = self._conn = (
+                http.client.HTTPConnection(self._host, self._port) if self._context is None
+                else http.client.HTTPSConnection(self._host, self._port,
+                                                 context=self._context))
             self._held[:] = [conn]
         reading = False
         try:
@@ -243,6 +273,8 @@ def _as_requests_error(e: Exception, reading: bool) -> Exception:
         return e
     if isinstance(e, TimeoutError):
         return requests.ReadTimeout(e) if reading else requests.ConnectTimeout(e)
+    if isinstance(e, ssl.SSLError):
+        return requests.exceptions.SSLError(e)
     if isinstance(e, OSError | http.client.HTTPException):
         return requests.ConnectionError(e)
     return e

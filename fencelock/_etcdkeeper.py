@@ -252,13 +252,11 @@ def start(lock: SessionLock) -> Keeper | None:
     store = getattr(lock._store, "holder", None)  # a RemoteStore's driver
     if not isinstance(store, EtcdHolder) or store.lease_id is None:
         return None
-    url = store.url
-    endpoints = ",".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in url.endpoints)
     probe_r, command_w = os.pipe()
     wrapper_r, wrapper_w = os.pipe()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fencelock._etcdkeeper", endpoints, f"{url.ttl:g}",
+            [sys.executable, "-m", "fencelock._etcdkeeper", store.url.connection_text,
              f"{store.lease_id:x}", str(probe_r), str(wrapper_r)],
             pass_fds=(probe_r, wrapper_r), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -272,15 +270,17 @@ def start(lock: SessionLock) -> Keeper | None:
     return Keeper(proc, store, command_w, probe_r, wrapper_w)
 
 
-def keep(endpoints: str, ttl: float, lease_id: int, command_fd: int, wrapper_fd: int) -> None:
-    """Renew ``lease_id`` until both pipes read end of file, then revoke it. Stops early
+def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int) -> None:
+    """Renew ``lease_id`` (of the store ``backend`` names: its endpoints, TLS settings
+    and TTL) until both pipes read end of file, then revoke it. Stops early
     when the lease is gone (nothing left to keep), and stops renewing at once when
     `fencelock run` says its holder is lost (`_GIVE_UP` on ``wrapper_fd``)."""
     from fencelock import _backend, _etcd
     from fencelock._errors import StoreUnavailableError
 
-    url = _backend.parse(f"etcd://{endpoints}/_?ttl={ttl:g}")
+    url = _backend.parse(backend)
     assert url is not None
+    ttl = url.ttl
     cluster = _etcd.cluster(url)
     poller = select.poll()
     for fd in (command_fd, wrapper_fd):
@@ -324,8 +324,8 @@ def keep(endpoints: str, ttl: float, lease_id: int, command_fd: int, wrapper_fd:
 def main(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
-    endpoints, ttl, lease, command_fd, wrapper_fd = argv
-    keep(endpoints, float(ttl), int(lease, 16), int(command_fd), int(wrapper_fd))
+    backend, lease, command_fd, wrapper_fd = argv
+    keep(backend, int(lease, 16), int(command_fd), int(wrapper_fd))
     return 0
 
 

