@@ -185,23 +185,39 @@ _PIPE_BUF = 4096
 terminal stopped with XOFF still may: it takes a key press there to resume)."""
 
 
+class _Woken(Exception):
+    """Raised by a stop signal's handler into an answer's wait for room in stdout (see
+    `_send_owed`)."""
+
+
+def _woken() -> None:
+    raise _Woken
+
+
 class _Out:
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.unsent = memoryview(b"")
+        """What of the answer being written is not written yet (an exception raised
+        into `send` leaves the rest here)."""
 
     def send(self, answer: dict[str, Any], *, wait: float | None = None) -> None:
         """Write ``answer``'s line. ``wait``: give up, leaving the rest unsent, once no
         room has come for that long (where the descriptor can be polled)."""
-        data = memoryview(_encode(answer))
+        self.unsent = memoryview(_encode(answer))
+        self.send_rest(wait)
+
+    def send_rest(self, wait: float | None = None) -> None:
+        """Write what `send` left unsent (see there)."""
         bounded = wait is not None and not _platform.WINDOWS
-        while data:
+        while self.unsent:
             try:
                 if bounded:
                     if not select.select([], [self.fd], [], wait)[1]:
                         return
-                    data = data[os.write(self.fd, data[:_PIPE_BUF]) :]
+                    self.unsent = self.unsent[os.write(self.fd, self.unsent[:_PIPE_BUF]) :]
                     continue
-                data = data[os.write(self.fd, data) :]
+                self.unsent = self.unsent[os.write(self.fd, self.unsent) :]
             except BlockingIOError:  # the caller made the pipe non-blocking: wait for room
                 select.select([], [self.fd], [])
             except BrokenPipeError:  # the caller closed its end
@@ -575,26 +591,48 @@ def _serve(
             answer = served.handle(op, request)
         except (FenceLockError, OSError) as e:
             answer = error_answer(e)
-        if op == "release":
+        if seen.settled:
+            # The answer of a request that wrote goes out even if a stop signal comes
+            # now: the caller must learn what was stored.
+            _send_owed(out, {**answer, **echo}, seen)
+            seen.settled = op == "release"  # released: nothing is left to cut short
+            if seen.signum:
+                raise Stopped(seen.signum)
+        else:  # nothing written: a signal raises, even while the answer waits for room
             out.send({**answer, **echo})
+        if op == "release":
             return
-        # The request is done: a signal from here raises, even while the answer waits
-        # for room in stdout. One that came during the request is acted on once its
-        # answer is out, or has waited long enough for a caller that no longer reads.
-        seen.settled = False
-        if seen.signum:
-            # Forgotten while the answer waits, so that another signal cuts the wait
-            # short (by raising), as the first one would have without the request; put
-            # back however the wait ends (the exit code is the first signal's).
-            signum, seen.signum = seen.signum, 0
-            try:
-                out.send({**answer, **echo}, wait=_LAST_ANSWER_WAIT)
-            finally:
-                seen.signum = signum
-            raise Stopped(signum)
-        out.send({**answer, **echo})
         if beat is not None and op in _BEATING and answer["ok"]:
             due = time.monotonic() + beat
+
+
+def _send_owed(out: _Out, answer: dict[str, Any], seen: Seen) -> None:
+    """Write the answer of a request that wrote (signals noted, not raised, as during the
+    request). Once a stop signal has come, the answer waits for room in stdout only
+    `_LAST_ANSWER_WAIT`, so that a caller that no longer reads does not keep hold from
+    stopping; a signal that comes while it waits wakes the wait (`_Woken`) to that
+    bound. The caller acts on the signal after."""
+    out.unsent = memoryview(_encode(answer))
+    # Deferred first, then looked at: a signal before this is in ``signum``, one after
+    # it wakes the wait.
+    seen.deferred, seen.wake = True, _woken
+    try:
+        if not seen.signum:
+            out.send_rest()
+    except _Woken:
+        pass  # the rest, below: within the bound
+    finally:
+        seen.deferred, seen.wake = False, None
+    if not seen.signum:
+        return
+    # Forgotten while the answer waits, so that another signal cuts the wait short (by
+    # raising), as the first one would have without the request; put back however the
+    # wait ends (the exit code is the first signal's).
+    signum, seen.signum, seen.settled = seen.signum, 0, False
+    try:
+        out.send_rest(wait=_LAST_ANSWER_WAIT)
+    finally:
+        seen.signum, seen.settled = signum, True
 
 
 def main(

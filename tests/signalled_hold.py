@@ -1,8 +1,10 @@
 """``python signalled_hold.py SIGNUM [NTH] hold ...``: the fencelock command line, sending
 itself signal SIGNUM once, in the middle of the NTH fenced append (default: the first):
 after the line is written and fsynced, before the append has moved the fence point or
-answered. With ``FENCELOCK_TEST_ANSWER_WAIT`` set, the answer owed after such a signal
-waits that many seconds for room in stdout."""
+answered. With ``FENCELOCK_TEST_SIGNAL_AT=answer``, as the NTH append's answer (or
+release's, with ``FENCELOCK_TEST_SIGNAL_OP=release``) is being encoded instead: the
+request done, its answer not yet written. With ``FENCELOCK_TEST_ANSWER_WAIT`` set, the
+answer owed after such a signal waits that many seconds for room in stdout."""
 
 from __future__ import annotations
 
@@ -30,7 +32,20 @@ def fsync(fd: FileDescriptorLike) -> None:
         os.kill(os.getpid(), signum)  # its handler runs as soon as this call returns
 
 
-_fence._fsync = fsync
+def encode(answer: dict[str, object]) -> bytes:
+    global seen
+    if answer.get("op") == os.environ.get("FENCELOCK_TEST_SIGNAL_OP", "append"):
+        seen += 1
+        if seen == nth:
+            os.kill(os.getpid(), signum)
+    return real_encode(answer)
+
+
+real_encode = _hold._encode
+if os.environ.get("FENCELOCK_TEST_SIGNAL_AT") == "answer":
+    _hold._encode = encode
+else:
+    _fence._fsync = fsync
 if "FENCELOCK_TEST_ANSWER_WAIT" in os.environ:
     _hold._LAST_ANSWER_WAIT = float(os.environ["FENCELOCK_TEST_ANSWER_WAIT"])
 main(prog_name="fencelock")

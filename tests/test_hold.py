@@ -758,6 +758,35 @@ def test_a_stop_signal_during_an_append_is_answered_first(session: Path, sig: st
     assert status.record.fingerprint.size == session.stat().st_size
 
 
+@needs_posix
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
+@pytest.mark.parametrize("op", ["append", "release"])
+def test_a_stop_signal_as_a_request_s_answer_is_written_still_lets_it_out(
+    session: Path, sig: str, op: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop signal that lands once an append (or the release) is done, as its answer
+    is about to be written: the answer still goes out (the caller learns that its line
+    is in, and would otherwise send it again), then hold exits 128+N."""
+    signum = int(getattr(signal, sig))
+    monkeypatch.setenv("FENCELOCK_TEST_SIGNAL_AT", "answer")
+    monkeypatch.setenv("FENCELOCK_TEST_SIGNAL_OP", op)
+    helper = Path(__file__).parent / "signalled_hold.py"
+    h = Hold(session, python=(str(helper), str(signum)))
+    try:
+        h.held()
+        assert h.call("append", entry={"role": "user"}, id=1) == {
+            "ok": True, "op": "append", "id": 1
+        }
+        if op == "release":
+            assert h.call("release") == {"ok": True, "op": "release"}
+        assert h.proc.wait(timeout=60) == 128 + signum, h.stderr()
+    finally:
+        h.kill()
+    assert lines(session) == [{"role": "user"}]
+    status = probe(session)
+    assert status.state == "free" and status.fence_ok is True, status
+
+
 @needs_linux
 def test_a_stop_signal_while_an_answer_waits_for_room_ends_hold(session: Path) -> None:
     """A caller that stopped reading (hold's stdout full) does not keep hold from
@@ -774,6 +803,32 @@ def test_a_stop_signal_while_an_answer_waits_for_room_ends_hold(session: Path) -
     finally:
         h.kill()
     assert probe(session).state == "free"
+
+
+@needs_linux
+def test_a_stop_signal_while_the_release_s_answer_waits_for_room_ends_hold(
+    session: Path
+) -> None:
+    """The release is done, and its answer finds stdout full (the caller stopped
+    reading): a stop signal then ends hold after a moment's wait for room, as for any
+    other answer, instead of leaving it blocked until SIGKILL."""
+    h = Hold(session)
+    try:
+        h.held()
+        assert h.proc.stdout is not None
+        h.send({"op": "nope"})
+        size = len(h.proc.stdout.readline())
+        fcntl.fcntl(h.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+        # An answer that fills the pipe to the byte (its "id" echoed), then the release.
+        pad = 4096 - size - len(', "id": ""')
+        h.send({"op": "nope", "id": "x" * pad})
+        h.send({"op": "release"})
+        thread_in_syscall(h.proc.pid, "write", main=True)  # the release's answer waits
+        assert probe(session).state == "free"
+        h.proc.send_signal(signal.SIGTERM)
+        assert h.proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        h.kill()
 
 
 def _owing_an_answer_with_no_room(session: Path) -> Hold:
