@@ -317,6 +317,16 @@ def status(
 
     store = _uses_store(backend)
 
+    def cannot_list(path: str, why: str) -> Iterator[HolderStatus]:
+        """A path that cannot be listed or named: with --json an unreadable row (it
+        names every path), otherwise a line on stderr."""
+        nonlocal failed
+        if as_json:
+            yield _unreadable(path, backend, why)
+        else:
+            error_line(why)
+            failed = True
+
     def found() -> Iterator[HolderStatus]:
         nonlocal failed
         if store and not paths:
@@ -338,11 +348,9 @@ def status(
                     try:
                         yield from scan(path, stuck_after=stuck_after, backend=backend)
                     except (SidecarAccessError, OutsideRootError) as e:
-                        error_line(str(e))
-                        failed = True
+                        yield from cannot_list(path, str(e))
                     except StoreUnavailableError as e:
-                        error_line(f"{path}: {e}")
-                        failed = True
+                        yield from cannot_list(path, f"{path}: {e}")
                     continue
                 problem = _no_directory(path)
                 if problem is not None and as_json:  # a row: --json names every path
@@ -355,8 +363,7 @@ def status(
                 try:
                     found_status = probe(path, stuck_after=stuck_after, backend=backend)
                 except OutsideRootError as e:
-                    error_line(str(e))
-                    failed = True
+                    yield from cannot_list(path, str(e))
                     continue
                 except StoreUnavailableError as e:  # cannot be probed: an unreadable row
                     found_status = _unprobed(path, backend, str(e))
@@ -585,7 +592,11 @@ def clear_command(
                 try:
                     summary = _clear_directory(path, remove, force, backend)
                 except (SidecarAccessError, OutsideRootError) as e:
-                    # This directory only: the other paths are still cleared.
+                    # This directory only: the other paths are still cleared (and
+                    # --json names it, as it names every path).
+                    session, sidecar = _named(path)
+                    report.append(_ClearOutcome(session, sidecar, None, error=str(e),
+                                                reason=str(e)))
                     error_line(str(e))
                     failed = True
                     continue

@@ -378,8 +378,12 @@ class _Session:
 
 
 def _stderr(message: str) -> None:
+    """One line on stderr; control characters and a file name's bytes that are not
+    UTF-8 shown as ``\\xNN``, as every command shows them."""
+    from fencelock._output import clean  # the command line's, loaded with it
+
     with contextlib.suppress(OSError):
-        os.write(2, f"fencelock hold: {message}\n".encode("utf-8", "backslashreplace"))
+        os.write(2, f"fencelock hold: {clean(message)}\n".encode("utf-8", "backslashreplace"))
 
 
 def make_lock(

@@ -488,6 +488,47 @@ def test_permission_denied_exits_1_not_2(command: str) -> None:
     assert expected in out.stderr
 
 
+@pytest.mark.parametrize("command", ["status", "clear"])
+def test_json_has_a_row_for_a_directory_it_cannot_list(command: str) -> None:
+    """``--json`` names every path it was given: a directory the user cannot enter gets
+    an unreadable row (``status``) or an object with its error (``clear``), as a
+    missing directory does, not only a line on stderr."""
+    prefix = _as_unprivileged()
+    with tempfile.TemporaryDirectory(prefix="fencelock-perm-") as top:
+        os.chmod(top, 0o755)
+        private = Path(top) / "private"
+        private.mkdir()
+        private.chmod(0)
+        out = subprocess.run([*prefix, *FENCELOCK, command, "--json", str(private)],
+                             capture_output=True, text=True, check=False, timeout=60)
+        private.chmod(0o700)
+    assert out.returncode == 1, out.stderr
+    no_traceback(out.stderr, 1)
+    (row,) = json.loads(out.stdout)
+    assert row["session"] == str(private) and "Permission denied" in row["reason"], row
+    if command == "status":
+        assert row["state"] == "unreadable", row
+    else:  # nothing found there, as for a missing path
+        assert row["found"] is None and row["error"] == row["reason"], row
+
+
+@pytest.mark.parametrize("directory", [False, True], ids=["session", "directory"])
+def test_status_json_has_a_row_for_a_path_outside_the_backend_s_root(
+    session: Path, directory: bool
+) -> None:
+    """A path outside the etcd backend's root= cannot be named in the store: ``status
+    --json`` gives it an unreadable row saying so (as ``clear --json`` does), where it
+    printed ``[]``. (Known before any request to etcd: none needs to run.)"""
+    session.write_text("")
+    path = str(session.parent if directory else session)
+    out = cli("status", "--json", "--backend", "etcd://127.0.0.1:1/p?root=/srv/elsewhere",
+              path)
+    assert out.returncode == 1, out.stderr
+    no_traceback(out.stderr, 1)
+    (row,) = json.loads(out.stdout)
+    assert row["state"] == "unreadable" and "not under the backend's root" in row["reason"]
+
+
 def test_status_corrupt_record(session: Path) -> None:
     Path(str(session) + ".holder").write_bytes(b'{"version": 1, "state": ')
     for json_flag in ([], ["--json"]):  # with --json, exit 1 was all stderr said

@@ -907,3 +907,21 @@ def test_a_stop_signal_during_an_append_whose_caller_is_gone_still_exits_128_plu
         h.kill()
     assert len(lines(session)) == 1
     assert probe(session).state == "free"
+
+
+@needs_posix
+def test_hold_s_error_lines_escape_a_file_name_s_control_characters_and_bytes(
+    tmp_path: Path
+) -> None:
+    """A session path with a newline, an escape sequence and a byte that is not UTF-8:
+    `hold`'s error on stderr is one line, with each such character or byte shown as
+    ``\\xNN``, as every other command shows it; nothing reaches the terminal raw."""
+    missing = os.fsencode(tmp_path) + b"/no\nd\x1b[2J\xff/x.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "fencelock", "hold", os.fsdecode(missing), "--lane", "x"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    assert done.returncode == 1, done
+    err = done.stderr.decode()
+    assert err.count("\n") == 1 and err.startswith("fencelock hold: "), err
+    assert "no\\x0ad\\x1b[2J\\xff/x.jsonl" in err, err
+    assert "\x1b" not in err
