@@ -736,11 +736,19 @@ def test_a_session_that_cannot_be_held_is_reported_even_with_stdin_already_ended
 
 @needs_posix
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
-def test_a_stop_signal_during_an_append_is_answered_first(session: Path, sig: str) -> None:
-    """A stop signal that lands while an append writes its line ends hold only once the
-    append has answered and the record has its fence point: the caller knows the line is
-    in, and the session reads free and unchanged by anyone else, not a foreign write."""
+@pytest.mark.parametrize("at", ["append's fsync", "append's answer", "release's answer"])
+def test_a_stop_signal_during_an_append_is_answered_first(
+    session: Path, sig: str, at: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop signal that lands while an append writes its line, or once it (or the
+    release) is done, as its answer is about to be written, ends hold only once the
+    answer is out and the record has its fence point: the caller knows the line is in
+    (and would otherwise send it again), and the session reads free and unchanged by
+    anyone else, not a foreign write."""
     signum = int(getattr(signal, sig))
+    if at.endswith("answer"):
+        monkeypatch.setenv("FENCELOCK_TEST_SIGNAL_AT", "answer")
+        monkeypatch.setenv("FENCELOCK_TEST_SIGNAL_OP", at.partition("'")[0])
     helper = Path(__file__).parent / "signalled_hold.py"
     h = Hold(session, python=(str(helper), str(signum)))
     try:
@@ -748,6 +756,8 @@ def test_a_stop_signal_during_an_append_is_answered_first(session: Path, sig: st
         assert h.call("append", entry={"role": "user"}, id=1) == {
             "ok": True, "op": "append", "id": 1
         }
+        if at == "release's answer":
+            assert h.call("release") == {"ok": True, "op": "release"}
         assert h.proc.wait(timeout=60) == 128 + signum, h.stderr()
     finally:
         h.kill()
@@ -756,35 +766,6 @@ def test_a_stop_signal_during_an_append_is_answered_first(session: Path, sig: st
     assert status.state == "free" and status.fence_ok is True, status
     assert status.record is not None and status.record.fingerprint is not None
     assert status.record.fingerprint.size == session.stat().st_size
-
-
-@needs_posix
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
-@pytest.mark.parametrize("op", ["append", "release"])
-def test_a_stop_signal_as_a_request_s_answer_is_written_still_lets_it_out(
-    session: Path, sig: str, op: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A stop signal that lands once an append (or the release) is done, as its answer
-    is about to be written: the answer still goes out (the caller learns that its line
-    is in, and would otherwise send it again), then hold exits 128+N."""
-    signum = int(getattr(signal, sig))
-    monkeypatch.setenv("FENCELOCK_TEST_SIGNAL_AT", "answer")
-    monkeypatch.setenv("FENCELOCK_TEST_SIGNAL_OP", op)
-    helper = Path(__file__).parent / "signalled_hold.py"
-    h = Hold(session, python=(str(helper), str(signum)))
-    try:
-        h.held()
-        assert h.call("append", entry={"role": "user"}, id=1) == {
-            "ok": True, "op": "append", "id": 1
-        }
-        if op == "release":
-            assert h.call("release") == {"ok": True, "op": "release"}
-        assert h.proc.wait(timeout=60) == 128 + signum, h.stderr()
-    finally:
-        h.kill()
-    assert lines(session) == [{"role": "user"}]
-    status = probe(session)
-    assert status.state == "free" and status.fence_ok is True, status
 
 
 @needs_linux

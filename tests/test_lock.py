@@ -386,20 +386,11 @@ def test_a_release_waits_for_a_record_write_under_way(session: Path) -> None:
     assert probe(session).record.state is State.RELEASED  # type: ignore[union-attr]
 
 
-def test_a_release_from_another_thread_waits_for_an_append_under_way(
-    session: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Any thread may release: one that does while another thread's append is writing
-    waits for that append, so the line is never written after the release (into the
-    next run's session, where its fence would take it for a foreign write)."""
-    import sys
-    import time
-
+def _appends_held_up(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make every append wait, before its fence check, until the second event is set;
+    the first is set as one begins to wait."""
     from fencelock import _fence
 
-    lock = SessionLock(session, lane="A")
-    lock.acquire()
-    order: list[str] = []
     writing, go = threading.Event(), threading.Event()
     real = _fence.append
 
@@ -409,6 +400,23 @@ def test_a_release_from_another_thread_waits_for_an_append_under_way(
         return real(*args, **kw)
 
     monkeypatch.setattr(_fence, "append", held_up)
+    return writing, go
+
+
+def test_a_release_from_another_thread_waits_for_an_append_under_way(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any thread may release: one that does while another thread's append is writing
+    waits for that append, so the line is never written after the release (into the
+    next run's session, where its fence would take it for a foreign write)."""
+    import sys
+    import time
+
+
+    lock = SessionLock(session, lane="A")
+    lock.acquire()
+    order: list[str] = []
+    writing, go = _appends_held_up(monkeypatch)
 
     def append() -> None:
         lock.append({"n": 1})
@@ -453,20 +461,12 @@ def test_ctrl_c_while_a_release_waits_for_an_append_still_releases_after_it(
     (outside the run, a takeover for the next run to see)."""
     import signal
 
-    from fencelock import _fence
 
     session.write_text('{"n":0}\n')
     lock = SessionLock(session, lane="A")
     lock.acquire()
-    writing, go, interrupted = threading.Event(), threading.Event(), threading.Event()
-    real = _fence.append
-
-    def held_up(*args: Any, **kw: Any) -> Any:
-        writing.set()
-        go.wait(30)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(_fence, "append", held_up)
+    writing, go = _appends_held_up(monkeypatch)
+    interrupted = threading.Event()
     failed: list[BaseException] = []
 
     def append() -> None:
