@@ -185,45 +185,87 @@ _PIPE_BUF = 4096
 terminal stopped with XOFF still may: it takes a key press there to resume)."""
 
 
-class _Woken(Exception):
-    """Raised by a stop signal's handler into an answer's wait for room in stdout (see
-    `_send_owed`)."""
-
-
-def _woken() -> None:
-    raise _Woken
-
-
 class _Out:
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.unsent = memoryview(b"")
-        """What of the answer being written is not written yet (an exception raised
-        into `send` leaves the rest here)."""
+        self._woken = -1, -1
+        """A pipe a stop signal's handler writes a byte to while an owed answer waits
+        for room (see `send_owed`); made the first time one does."""
 
-    def send(self, answer: dict[str, Any], *, wait: float | None = None) -> None:
-        """Write ``answer``'s line. ``wait``: give up, leaving the rest unsent, once no
-        room has come for that long (where the descriptor can be polled)."""
-        self.unsent = memoryview(_encode(answer))
-        self.send_rest(wait)
-
-    def send_rest(self, wait: float | None = None) -> None:
-        """Write what `send` left unsent (see there)."""
-        bounded = wait is not None and not _platform.WINDOWS
-        while self.unsent:
+    def send(self, answer: dict[str, Any]) -> None:
+        """Write ``answer``'s line, waiting for room as long as it takes."""
+        line = memoryview(_encode(answer))
+        while line:
             try:
-                if bounded:
-                    if not select.select([], [self.fd], [], wait)[1]:
-                        return
-                    self.unsent = self.unsent[os.write(self.fd, self.unsent[:_PIPE_BUF]) :]
-                    continue
-                self.unsent = self.unsent[os.write(self.fd, self.unsent) :]
+                line = line[os.write(self.fd, line) :]
             except BlockingIOError:  # the caller made the pipe non-blocking: wait for room
                 select.select([], [self.fd], [])
-            except BrokenPipeError:  # the caller closed its end
-                raise _CallerGone() from None
             except OSError as e:
-                raise _CallerGone(e) from None
+                raise _gone(e) from None
+
+    def send_owed(self, answer: dict[str, Any], seen: Seen) -> None:
+        """Write the answer of a request that wrote, with stop signals noted, not
+        raised: raised as a write returns, one would leave the line's end unsent, or
+        have it sent twice. Once a stop signal has come, the answer waits for room in
+        stdout only `_LAST_ANSWER_WAIT` more, so that a caller that no longer reads
+        does not keep hold from stopping; a second signal ends the wait at once. The
+        caller acts on the signal after."""
+        if _platform.WINDOWS:  # no select on a pipe: a write there is never interrupted
+            seen.deferred = True
+            try:
+                self.send(answer)
+            finally:
+                seen.deferred = False
+            return
+        if self._woken[0] < 0:
+            self._woken = os.pipe()
+            for end in self._woken:
+                os.set_blocking(end, False)
+        woken, wake = self._woken
+        line = memoryview(_encode(answer))
+        signals, give_up = 0, 0.0
+        # Deferred first, then looked at: a signal before this is in ``signum``, one
+        # after it writes to the pipe.
+        seen.deferred, seen.wake = True, lambda: _poke(wake)
+        try:
+            while line:
+                if seen.signum and not signals:
+                    signals, give_up = 1, time.monotonic() + _LAST_ANSWER_WAIT
+                left = None if not signals else give_up - time.monotonic()
+                if signals > 1 or (left is not None and left <= 0):
+                    return
+                readable, writable, _ = select.select([woken], [self.fd], [], left)
+                if readable:
+                    signals += len(os.read(woken, 64))
+                    continue
+                if writable:
+                    try:
+                        line = line[os.write(self.fd, line[:_PIPE_BUF]) :]
+                    except BlockingIOError:
+                        pass  # another writer took the room: wait again
+                    except OSError as e:
+                        raise _gone(e) from None
+        finally:
+            seen.deferred, seen.wake = False, None
+            with contextlib.suppress(BlockingIOError):
+                os.read(woken, 64)  # wake-ups left over from this answer
+
+    def close(self) -> None:
+        """Close the wake-up pipe, if one was made (``fd`` stays the caller's)."""
+        for end in self._woken:
+            if end >= 0:
+                os.close(end)
+        self._woken = -1, -1
+
+
+def _poke(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending already
+        os.write(fd, b"!")
+
+
+def _gone(e: OSError) -> _CallerGone:
+    """A failed write to stdout: the caller closed its end (EPIPE), or another error."""
+    return _CallerGone(None if isinstance(e, BrokenPipeError) else e)
 
 
 def error_answer(e: BaseException) -> dict[str, Any]:
@@ -475,12 +517,13 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
     """Serve the line protocol on ``stdin``/``stdout`` for ``lock``; the exit code."""
     seen = Seen()
     served = _Session(lock)
+    out = _Out(stdout)
     code = EXIT_ERROR
     try:
         # Installed for the rest of the process's life (its relay thread keeps it): see
         # the end of this function.
         PromptHandlers(seen.stop, _platform.stop_signals())
-        code = _hold(served, heartbeat, _Inbox(stdin), _Out(stdout), seen)
+        code = _hold(served, heartbeat, _Inbox(stdin), out, seen)
     except Stopped:
         pass  # the code is the signal's, below
     finally:
@@ -489,6 +532,7 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
             served.close()
         except (FenceLockError, OSError) as e:
             _stderr(f"{lock.session}: release: {e}")
+        out.close()
         # The handlers stay until the process exits: a signal from here on is only
         # noted, and the exit is this code (128 + N for one that came before), never
         # the signal's default action.
@@ -598,7 +642,7 @@ def _serve(
         if seen.settled:
             # The answer of a request that wrote goes out even if a stop signal comes
             # now: the caller must learn what was stored.
-            _send_owed(out, {**answer, **echo}, seen)
+            out.send_owed({**answer, **echo}, seen)
             seen.settled = op == "release"  # released: nothing is left to cut short
             if seen.signum:
                 raise Stopped(seen.signum)
@@ -608,35 +652,6 @@ def _serve(
             return
         if beat is not None and op in _BEATING and answer["ok"]:
             due = time.monotonic() + beat
-
-
-def _send_owed(out: _Out, answer: dict[str, Any], seen: Seen) -> None:
-    """Write the answer of a request that wrote (signals noted, not raised, as during the
-    request). Once a stop signal has come, the answer waits for room in stdout only
-    `_LAST_ANSWER_WAIT`, so that a caller that no longer reads does not keep hold from
-    stopping; a signal that comes while it waits wakes the wait (`_Woken`) to that
-    bound. The caller acts on the signal after."""
-    out.unsent = memoryview(_encode(answer))
-    # Deferred first, then looked at: a signal before this is in ``signum``, one after
-    # it wakes the wait.
-    seen.deferred, seen.wake = True, _woken
-    try:
-        if not seen.signum:
-            out.send_rest()
-    except _Woken:
-        pass  # the rest, below: within the bound
-    finally:
-        seen.deferred, seen.wake = False, None
-    if not seen.signum:
-        return
-    # Forgotten while the answer waits, so that another signal cuts the wait short (by
-    # raising), as the first one would have without the request; put back however the
-    # wait ends (the exit code is the first signal's).
-    signum, seen.signum, seen.settled = seen.signum, 0, False
-    try:
-        out.send_rest(wait=_LAST_ANSWER_WAIT)
-    finally:
-        seen.signum, seen.settled = signum, True
 
 
 def main(

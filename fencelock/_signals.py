@@ -132,19 +132,21 @@ class Seen:
     settled = False
     """From here a signal is noted, never raised (a release or a decision is under way)."""
     deferred = False
-    """While set, a signal is noted and `wake` called, never raised: an event loop runs
-    (asyncio catches and only logs an exception raised inside one of its callbacks)."""
+    """While set, a signal is noted and `wake` called (for every signal, the first and
+    later ones), never raised: an event loop runs (asyncio catches and only logs an
+    exception raised inside one of its callbacks), or a write whose count must not be
+    lost."""
     wake: Callable[[], None] | None = None
 
     def stop(self, signum: int, frame: FrameType | None) -> None:
         """The handler: the first signal raises `Stopped` unless settled or deferred;
         later ones only end (a second signal must not cut the first one's clean-up
         short)."""
-        if self.signum:
-            return
-        self.signum = signum
+        first = not self.signum
+        if first:
+            self.signum = signum
         if self.deferred:
             if self.wake is not None:
                 self.wake()
-        elif not self.settled:
+        elif first and not self.settled:
             raise Stopped(signum)

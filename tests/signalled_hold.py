@@ -3,8 +3,10 @@ itself signal SIGNUM once, in the middle of the NTH fenced append (default: the 
 after the line is written and fsynced, before the append has moved the fence point or
 answered. With ``FENCELOCK_TEST_SIGNAL_AT=answer``, as the NTH append's answer (or
 release's, with ``FENCELOCK_TEST_SIGNAL_OP=release``) is being encoded instead: the
-request done, its answer not yet written. With ``FENCELOCK_TEST_ANSWER_WAIT`` set, the
-answer owed after such a signal waits that many seconds for room in stdout."""
+request done, its answer not yet written; with ``written``, as the write of that answer
+returns (the answer's bytes in stdout, the count not yet taken in). With
+``FENCELOCK_TEST_ANSWER_WAIT`` set, the answer owed after such a signal waits that many
+seconds for room in stdout."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from fencelock import _fence, _hold
 from fencelock._entry import main
 
 if TYPE_CHECKING:
-    from _typeshed import FileDescriptorLike
+    from _typeshed import FileDescriptorLike, ReadableBuffer
+
 
 signum = int(sys.argv.pop(1))
 nth = int(sys.argv.pop(1)) if sys.argv[1].isdigit() else 1
@@ -41,9 +44,23 @@ def encode(answer: dict[str, object]) -> bytes:
     return real_encode(answer)
 
 
+def write(fd: int, data: ReadableBuffer) -> int:
+    global seen
+    count = real_write(fd, data)
+    op = os.environ.get("FENCELOCK_TEST_SIGNAL_OP", "append")
+    if fd == 1 and f'"op": "{op}"'.encode() in bytes(data):
+        seen += 1
+        if seen == nth:
+            os.kill(os.getpid(), signum)  # its handler runs as this call returns
+    return count
+
+
 real_encode = _hold._encode
+real_write = os.write
 if os.environ.get("FENCELOCK_TEST_SIGNAL_AT") == "answer":
     _hold._encode = encode
+elif os.environ.get("FENCELOCK_TEST_SIGNAL_AT") == "written":
+    os.write = write
 else:
     _fence._fsync = fsync
 if "FENCELOCK_TEST_ANSWER_WAIT" in os.environ:

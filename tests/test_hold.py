@@ -736,18 +736,21 @@ def test_a_session_that_cannot_be_held_is_reported_even_with_stdin_already_ended
 
 @needs_posix
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
-@pytest.mark.parametrize("at", ["append's fsync", "append's answer", "release's answer"])
+@pytest.mark.parametrize("at", [
+    "append's fsync", "append's answer", "release's answer", "append's answer written",
+    "release's answer written",
+])
 def test_a_stop_signal_during_an_append_is_answered_first(
     session: Path, sig: str, at: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stop signal that lands while an append writes its line, or once it (or the
-    release) is done, as its answer is about to be written, ends hold only once the
-    answer is out and the record has its fence point: the caller knows the line is in
-    (and would otherwise send it again), and the session reads free and unchanged by
-    anyone else, not a foreign write."""
+    release) is done, as its answer is about to be written or as the write of it
+    returns, ends hold only once the answer is out, once, and the record has its fence
+    point: the caller knows the line is in (and would otherwise send it again), and the
+    session reads free and unchanged by anyone else, not a foreign write."""
     signum = int(getattr(signal, sig))
-    if at.endswith("answer"):
-        monkeypatch.setenv("FENCELOCK_TEST_SIGNAL_AT", "answer")
+    if "answer" in at:
+        monkeypatch.setenv("FENCELOCK_TEST_SIGNAL_AT", at.rpartition(" ")[2])
         monkeypatch.setenv("FENCELOCK_TEST_SIGNAL_OP", at.partition("'")[0])
     helper = Path(__file__).parent / "signalled_hold.py"
     h = Hold(session, python=(str(helper), str(signum)))
@@ -756,9 +759,11 @@ def test_a_stop_signal_during_an_append_is_answered_first(
         assert h.call("append", entry={"role": "user"}, id=1) == {
             "ok": True, "op": "append", "id": 1
         }
-        if at == "release's answer":
+        if at.startswith("release's"):
             assert h.call("release") == {"ok": True, "op": "release"}
         assert h.proc.wait(timeout=60) == 128 + signum, h.stderr()
+        assert h.proc.stdout is not None
+        assert h.proc.stdout.read() == b""  # no answer sent twice
     finally:
         h.kill()
     assert lines(session) == [{"role": "user"}]
@@ -778,7 +783,8 @@ def test_a_stop_signal_while_an_answer_waits_for_room_ends_hold(session: Path) -
         assert h.proc.stdout is not None
         fcntl.fcntl(h.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
         h.send_raw(b'{"op": "append", "entry": {}}\n' * 200)  # 200 answers do not fit
-        thread_in_syscall(h.proc.pid, "write", main=True)  # blocked writing an answer
+        # Waiting for room for an answer (select(2), which glibc makes as pselect6).
+        thread_in_syscall(h.proc.pid, "select", main=True, alias="pselect6")
         h.proc.send_signal(signal.SIGTERM)
         assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
@@ -804,7 +810,8 @@ def test_a_stop_signal_while_the_release_s_answer_waits_for_room_ends_hold(
         pad = 4096 - size - len(', "id": ""')
         h.send({"op": "nope", "id": "x" * pad})
         h.send({"op": "release"})
-        thread_in_syscall(h.proc.pid, "write", main=True)  # the release's answer waits
+        # The release's answer waits for room.
+        thread_in_syscall(h.proc.pid, "select", main=True, alias="pselect6")
         assert probe(session).state == "free"
         h.proc.send_signal(signal.SIGTERM)
         assert h.proc.wait(timeout=30) == 128 + signal.SIGTERM
