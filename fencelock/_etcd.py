@@ -53,7 +53,8 @@ _MIN_REQUEST_TIMEOUT = 0.5
 slow answer on a busy machine would read as an unreachable store (and leave unknown
 whether the request took effect)."""
 _TLS_PROBE_TIMEOUT = 1.0
-"""How long a TLS handshake may take when an endpoint closed a request unanswered."""
+"""How long the look at an endpoint that closed a request or a TLS handshake unanswered
+may take (a TLS handshake, or a plain GET of etcd's version)."""
 
 _ASCEND, _DESCEND = 1, 2
 _BY_CREATE = 2  # SortTarget: KEY, VERSION, CREATE, MOD, VALUE
@@ -503,22 +504,35 @@ class _Cluster:
         return self._tls_settings
 
     def _tls_failed(self, index: int, error: str) -> StoreUnavailableError:
-        """A TLS handshake that failed (``error``: the `ssl` module's text): a setting to
-        fix, not an outage to wait out."""
+        """A TLS handshake that the other end answered, but failed (``error``: the `ssl`
+        module's text): a setting to fix, not an outage to wait out."""
         host, port = self.url.endpoints[index]
         shown = f"[{host}]" if ":" in host else host
         reason = error.rpartition("] ")[2].split(" (_ssl.c:")[0].strip() or error
-        if "WRONG_VERSION_NUMBER" in error or "UNEXPECTED_EOF" in error:
-            # It answered the handshake in plain text (HTTP), or closed it unanswered (a
-            # plain port of etcd's does).
-            return StoreUnavailableError(
-                self.url.display, f"{shown}:{port} does not answer in TLS (HTTPS): {reason}",
-                "name it etcd://, not etcds://, if it is etcd's plain-HTTP client URL")
+        if "WRONG_VERSION_NUMBER" in error:  # it answered in plain text (HTTP)
+            return self._not_tls(index, reason)
         return StoreUnavailableError(
             self.url.display, f"the TLS handshake with {shown}:{port} failed: {reason}",
             "check ca= in the backend URL (the CA that signed etcd's certificate, which "
             "must name the host as the URL does) and cert=/key= (a client certificate "
             "signed by the CA etcd trusts, when etcd asks for one)")
+
+    def _not_tls(self, index: int, detail: str) -> StoreUnavailableError:
+        host, port = self.url.endpoints[index]
+        shown = f"[{host}]" if ":" in host else host
+        return StoreUnavailableError(
+            self.url.display, f"{shown}:{port} does not answer in TLS (HTTPS): {detail}",
+            "name it etcd://, not etcds://, if it is etcd's plain-HTTP client URL")
+
+    def _refuse_plain(self, index: int, timeout: float) -> None:
+        """Raise when the endpoint that closed a TLS handshake without answering serves
+        etcd in plain HTTP (a wrong URL); a proxy whose etcd is down closes handshakes
+        too, and that is an outage to wait out."""
+        from fencelock._etcdhttp import serves_plain_etcd
+
+        host, port = self.url.endpoints[index]
+        if serves_plain_etcd(host, port, min(timeout, _TLS_PROBE_TIMEOUT)):
+            raise self._not_tls(index, "it serves etcd in plain HTTP")
 
     def _not_etcd(self, index: int, detail: str) -> StoreUnavailableError:
         """An endpoint that answered, but not as etcd does: a wrong URL, not an outage to
@@ -557,6 +571,7 @@ class _Cluster:
         clients = self._clients()
         exceptions = _etcd3gw_exceptions()
         why = "no endpoint"
+        misfit: StoreUnavailableError | None = None
         n = len(clients)
         for i in range(n):
             if i and deadline is not None and time.monotonic() >= deadline:
@@ -581,14 +596,19 @@ class _Cluster:
                     page = " ".join(answer.split())[:120] or "an empty page"
                     why = (f"HTTP {_http_status(e, exceptions)} from a server other than etcd, "
                            f"which said: {page}")
-                elif self.url.tls and "[SSL" in answer:
-                    raise self._tls_failed(index, answer) from None
+                elif self.url.tls and "[SSL" in answer and "EOF" not in answer:
+                    # A handshake answered, but failed: a setting to fix, raised unless
+                    # another endpoint answers.
+                    misfit = self._tls_failed(index, answer)
                 else:  # no answer: etcd3gw keeps requests' error in detail_text
                     why = ("connection refused" if "refused" in answer.lower() else
                            "no answer in time" if isinstance(e, exceptions.ConnectionTimeoutError)
                            else "cannot connect")
-                    if why == "cannot connect" and not self.url.tls:
-                        self._refuse_tls_only(index, timeout)
+                    if why == "cannot connect":  # closed unanswered: a wrong scheme?
+                        if self.url.tls:
+                            self._refuse_plain(index, timeout)
+                        else:
+                            self._refuse_tls_only(index, timeout)
                 continue
             except exceptions.Etcd3Exception as e:
                 detail = (e.detail_text or str(e)).strip()
@@ -607,7 +627,7 @@ class _Cluster:
                 raise self._not_etcd(index, "an answer without a header")
             self._preferred = index
             return result
-        raise StoreUnavailableError(self.url.display, why)
+        raise misfit or StoreUnavailableError(self.url.display, why)
 
     def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
             failure: list[dict[str, Any]] | None = None,

@@ -63,6 +63,21 @@ def speaks_tls(host: str, port: int, timeout: float) -> bool:
         return False
 
 
+def serves_plain_etcd(host: str, port: int, timeout: float) -> bool:
+    """Whether ``host:port`` serves etcd in plain HTTP: asked of an endpoint that closed
+    a TLS handshake without a word, as etcd's plain client port does (and so does a
+    proxy whose etcd is down, which is no such port: it does not answer this either)."""
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request("GET", "/version")
+        answer = connection.getresponse()
+        return answer.status == 200 and b'"etcdserver"' in answer.read(4096)
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
 class Session(requests.Session):
     """A requests session for one etcd endpoint, with the proxy settings read from the
     environment once, when it is made.

@@ -1650,15 +1650,13 @@ def test_a_tls_setting_that_does_not_fit_is_named_with_its_fix(
         assert "cannot connect" not in line, line
 
 
-def test_a_port_that_closes_a_request_unanswered_is_not_taken_for_tls(
-    session: Path
-) -> None:
-    """Only a TLS handshake's answer counts as TLS: a server that closes requests (and
-    handshakes) unanswered stays "cannot connect"."""
+@contextlib.contextmanager
+def _closing_every_connection() -> Iterator[int]:
+    """A port that accepts each connection and closes it unanswered once it has read
+    something (a request, a TLS handshake), as a TCP proxy whose etcd is down does."""
     import socket
 
     listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
 
     def serve() -> None:
         with contextlib.suppress(OSError):
@@ -1669,11 +1667,40 @@ def test_a_port_that_closes_a_request_unanswered_is_not_taken_for_tls(
 
     threading.Thread(target=serve, daemon=True).start()
     try:
-        out = _cli("status", str(session), "--backend", f"etcd://127.0.0.1:{port}/p")
+        yield listener.getsockname()[1]
     finally:
         listener.close()
+
+
+def test_a_port_that_closes_a_request_unanswered_is_not_taken_for_tls(
+    session: Path
+) -> None:
+    """Only a TLS handshake's answer counts as TLS: a server that closes requests (and
+    handshakes) unanswered stays "cannot connect"."""
+    with _closing_every_connection() as port:
+        out = _cli("status", str(session), "--backend", f"etcd://127.0.0.1:{port}/p")
     assert out.returncode == 1, out.stderr
     assert "(cannot connect)" in out.stderr, out.stderr
+
+
+def test_an_etcds_endpoint_that_closes_handshakes_is_an_outage_and_the_next_is_asked(
+    session: Path, tls_etcd: _TLSEtcd
+) -> None:
+    """A TLS handshake closed unanswered (a proxy whose etcd restarts, a node going
+    down) is an outage, not a wrong setting: the next endpoint of the URL is asked, and
+    with none left the error is "cannot connect" with no fix to make, so that the
+    commands that ride out a restart wait it out."""
+    t = tls_etcd
+    files = f"ca={t.ca}&cert={t.cert}&key={t.key}"
+    with _closing_every_connection() as port:
+        both = f"etcds://127.0.0.1:{port},127.0.0.1:{t.server.tls_port}/p?{files}"
+        served = _cli("status", str(session), "--backend", both)
+        alone = _cli("status", str(session), "--backend",
+                     f"etcds://127.0.0.1:{port}/p?{files}")
+    assert served.returncode == 0, served.stderr
+    assert alone.returncode == 1, alone.stderr
+    (line,) = alone.stderr.strip().splitlines()
+    assert "(cannot connect)" in line and "etcd://" not in line.replace("etcds://", ""), line
 
 
 def test_the_environment_s_http_proxy_applies_to_etcd_requests(session: Path, url: str) -> None:
