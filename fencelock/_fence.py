@@ -288,12 +288,14 @@ def append(
     handler's release must wait for the append (`SessionLock` defers it)."""
     flags = os.O_RDWR | os.O_APPEND
     created = expected is None
+    made = created  # the file is this append's own creation (not an empty one found)
     try:
         try:
             fd, st = _sidecar.open_regular(
                 session, flags | (os.O_CREAT | os.O_EXCL if created else 0), file_mode
             )
         except FileExistsError:
+            made = False
             fd, st = _open_empty(session, flags)
     except UnsafePathError as e:
         raise _replaced(session, expected) from e
@@ -359,7 +361,7 @@ def append(
         raise  # what this function decided, the line's fate said (`stored`, `fingerprint`)
     except BaseException:  # an interrupt, or an error of the system after the write
         if moved is not None:
-            _take_back(fd, st, session, size, line, created, mode, moved)
+            _take_back(fd, st, session, size, line, made, mode, moved)
         raise
     finally:
         os.close(fd)
@@ -382,15 +384,17 @@ def _open_empty(session: str, flags: int) -> tuple[int, os.stat_result]:
 
 
 def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes,
-               created: bool, mode: FenceMode, moved: list[Fingerprint | None]) -> None:
-    """After an interrupt in `append`: remove the file it created, or cut what reached
-    the file of ``line`` (written from ``size``), and put the fence point that leaves in
+               made: bool, mode: FenceMode, moved: list[Fingerprint | None]) -> None:
+    """After an interrupt in `append`: remove the file it made, or cut what reached the
+    file of ``line`` (written from ``size``), and put the fence point that leaves in
     ``moved``. Nothing when none of it reached the file (the fence point stands), or
-    when what follows ``size`` is not only ours (the next fence check reports it)."""
+    when what follows ``size`` is not only ours (the next fence check reports it). An
+    empty file that was found, not made, is cut back to empty, never removed: whoever
+    made it may still have it open."""
     try:
         if moved:
             return  # the append was complete: its line stays, the fence point with it
-        if created:
+        if made:
             # Only a file that holds nothing but (part of) this line: a writer outside
             # the protocol may have appended to it meanwhile.
             now = os.lstat(session)

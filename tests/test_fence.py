@@ -1281,6 +1281,29 @@ def test_an_interrupt_as_the_append_s_create_returns_leaves_no_takeover(
     assert other.read_bytes() == b'{"role":"intruder"}\n'
 
 
+def test_an_interrupted_append_cuts_an_empty_file_it_found_back_not_away(
+    session: Path
+) -> None:
+    """An empty session file another program made (and may still have open) is taken
+    by the run's append as if it were its own creation; an interrupt in that append
+    cuts the line back out, leaving the same file, empty, instead of removing it: what
+    that program writes to it afterwards is not lost."""
+    from conftest import interrupted_on_entry
+
+    lock = SessionLock(session, lane="interrupted")
+    lock.acquire()
+    made = os.open(session, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with interrupted_on_entry(os.fsync) as raised, pytest.raises(KeyboardInterrupt):
+            lock.append({"role": "assistant", "content": "first"})
+        assert raised and session.read_bytes() == b""
+        lock.release()
+        os.write(made, b'{"role":"other"}\n')
+    finally:
+        os.close(made)
+    assert session.read_bytes() == b'{"role":"other"}\n'
+
+
 def test_an_append_interrupted_once_its_line_is_in_keeps_the_line_and_the_fence(
     session: Path
 ) -> None:
