@@ -223,28 +223,29 @@ class _Out:
                 os.set_blocking(end, False)
         woken, wake = self._woken
         line = memoryview(_encode(answer))
-        signals, give_up = 0, 0.0
-        # Deferred first, then looked at: a signal before this is in ``signum``, one
-        # after it writes to the pipe.
+        give_up: float | None = None
+        # Deferred first, then looked at: a signal before this is counted, one after it
+        # also writes to the pipe, which wakes the wait to count it.
         seen.deferred, seen.wake = True, lambda: _poke(wake)
         try:
             while line:
-                if seen.signum and not signals:
-                    signals, give_up = 1, time.monotonic() + _LAST_ANSWER_WAIT
-                left = None if not signals else give_up - time.monotonic()
-                if signals > 1 or (left is not None and left <= 0):
+                if seen.count > 1:
                     return
-                readable, writable, _ = select.select([woken], [self.fd], [], left)
-                if readable:
-                    signals += len(os.read(woken, 64))
-                    continue
-                if writable:
-                    try:
+                if seen.count and give_up is None:
+                    give_up = time.monotonic() + _LAST_ANSWER_WAIT
+                left = None if give_up is None else give_up - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                try:
+                    readable, writable, _ = select.select([woken], [self.fd], [], left)
+                    if readable:
+                        os.read(woken, 64)
+                    elif writable:
                         line = line[os.write(self.fd, line[:_PIPE_BUF]) :]
-                    except BlockingIOError:
-                        pass  # another writer took the room: wait again
-                    except OSError as e:
-                        raise _gone(e) from None
+                except BlockingIOError:
+                    pass  # another writer took the room: wait again
+                except OSError as e:
+                    raise _gone(e) from None
         finally:
             seen.deferred, seen.wake = False, None
             with contextlib.suppress(BlockingIOError):

@@ -129,6 +129,8 @@ class Seen:
 
     signum = 0
     """The first stop signal that came (0: none)."""
+    count = 0
+    """How many stop signals came."""
     settled = False
     """From here a signal is noted, never raised (a release or a decision is under way)."""
     deferred = False
@@ -142,6 +144,7 @@ class Seen:
         """The handler: the first signal raises `Stopped` unless settled or deferred;
         later ones only end (a second signal must not cut the first one's clean-up
         short)."""
+        self.count += 1
         first = not self.signum
         if first:
             self.signum = signum

@@ -877,6 +877,37 @@ def test_a_second_stop_signal_ends_the_wait_for_room_for_an_owed_answer(
     _released_with_three_lines(session)
 
 
+@needs_linux
+def test_a_stop_signal_while_an_owed_answer_waits_for_room_still_lets_it_out(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append's answer waits for room in stdout (the caller reads slowly) when the
+    first stop signal comes: the answer still gets the wait for room an owed answer has
+    (here an hour), and goes out once the caller reads; then hold releases and exits
+    128+N."""
+    monkeypatch.setenv("FENCELOCK_TEST_ANSWER_WAIT", "3600")
+    helper = Path(__file__).parent / "signalled_hold.py"
+    h = Hold(session, python=(str(helper), str(int(signal.SIGTERM)), "99"))  # never
+    try:
+        h.held()
+        assert h.proc.stdout is not None
+        h.send({"op": "nope"})
+        size = len(h.proc.stdout.readline())
+        fcntl.fcntl(h.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+        pad = 4096 - size - len(', "id": ""')  # an answer that fills the pipe to the byte
+        h.send({"op": "nope", "id": "x" * pad})
+        h.send({"op": "append", "entry": {"role": "user"}, "id": 2})
+        thread_in_syscall(h.proc.pid, "select", main=True, alias="pselect6")
+        h.proc.send_signal(signal.SIGTERM)
+        assert h.read()["id"] == "x" * pad
+        assert h.read() == {"ok": True, "op": "append", "id": 2}
+        assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        h.kill()
+    assert lines(session) == [{"role": "user"}]
+    assert probe(session).state == "free"
+
+
 @needs_posix
 def test_a_stop_signal_during_an_append_whose_caller_is_gone_still_exits_128_plus_n(
     session: Path
