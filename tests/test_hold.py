@@ -792,6 +792,18 @@ def test_a_stop_signal_while_an_answer_waits_for_room_ends_hold(session: Path) -
     assert probe(session).state == "free"
 
 
+def _fill_the_pipe(h: Hold) -> str:
+    """Shrink hold's stdout pipe to one page and have an answer fill it to the byte (the
+    request's "id", echoed, pads it): the next answer finds no room. Returns that id."""
+    assert h.proc.stdout is not None
+    h.send({"op": "nope"})
+    size = len(h.proc.stdout.readline())
+    fcntl.fcntl(h.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+    pad = "x" * (4096 - size - len(', "id": ""'))
+    h.send({"op": "nope", "id": pad})
+    return pad
+
+
 @needs_linux
 def test_a_stop_signal_while_the_release_s_answer_waits_for_room_ends_hold(
     session: Path
@@ -802,13 +814,7 @@ def test_a_stop_signal_while_the_release_s_answer_waits_for_room_ends_hold(
     h = Hold(session)
     try:
         h.held()
-        assert h.proc.stdout is not None
-        h.send({"op": "nope"})
-        size = len(h.proc.stdout.readline())
-        fcntl.fcntl(h.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
-        # An answer that fills the pipe to the byte (its "id" echoed), then the release.
-        pad = 4096 - size - len(', "id": ""')
-        h.send({"op": "nope", "id": "x" * pad})
+        _fill_the_pipe(h)
         h.send({"op": "release"})
         # The release's answer waits for room.
         thread_in_syscall(h.proc.pid, "select", main=True, alias="pselect6")
@@ -890,16 +896,11 @@ def test_a_stop_signal_while_an_owed_answer_waits_for_room_still_lets_it_out(
     h = Hold(session, python=(str(helper), str(int(signal.SIGTERM)), "99"))  # never
     try:
         h.held()
-        assert h.proc.stdout is not None
-        h.send({"op": "nope"})
-        size = len(h.proc.stdout.readline())
-        fcntl.fcntl(h.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
-        pad = 4096 - size - len(', "id": ""')  # an answer that fills the pipe to the byte
-        h.send({"op": "nope", "id": "x" * pad})
+        pad = _fill_the_pipe(h)
         h.send({"op": "append", "entry": {"role": "user"}, "id": 2})
         thread_in_syscall(h.proc.pid, "select", main=True, alias="pselect6")
         h.proc.send_signal(signal.SIGTERM)
-        assert h.read()["id"] == "x" * pad
+        assert h.read()["id"] == pad
         assert h.read() == {"ok": True, "op": "append", "id": 2}
         assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
