@@ -229,19 +229,19 @@ class _Out:
         seen.deferred, seen.wake = True, lambda: _poke(wake)
         try:
             while line:
-                if seen.count > 1:
-                    return
                 if seen.count and give_up is None:
                     give_up = time.monotonic() + _LAST_ANSWER_WAIT
-                left = None if give_up is None else give_up - time.monotonic()
-                if left is not None and left <= 0:
-                    return
+                left = None  # no signal yet: as long as it takes
+                if give_up is not None:  # after a second signal, only what fits now
+                    left = 0.0 if seen.count > 1 else max(0.0, give_up - time.monotonic())
                 try:
                     readable, writable, _ = select.select([woken], [self.fd], [], left)
-                    if readable:
-                        os.read(woken, 64)
-                    elif writable:
+                    if writable:
                         line = line[os.write(self.fd, line[:_PIPE_BUF]) :]
+                    elif readable:
+                        os.read(woken, 64)  # a signal: look at the count again
+                    else:
+                        return  # no room came in time
                 except BlockingIOError:
                     pass  # another writer took the room: wait again
                 except OSError as e:
@@ -675,5 +675,18 @@ def main(
             _Out(1).send(error_answer(e))
         return EXIT_ERROR
     code = hold(lock, heartbeat=heartbeat)
+    _ignore_stop_signals()
     sys.stdout.flush()
     return code
+
+
+def _ignore_stop_signals() -> None:
+    """The exit code is decided: a stop signal from here on is ignored. (The handlers
+    would only note it, but the interpreter puts the default actions back as it shuts
+    down, and a signal then would end the process as killed by it, not with the code.)
+    Ignored, not default, signals are left as they are at shutdown."""
+    import signal
+
+    for sig in _platform.stop_signals():
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_IGN)

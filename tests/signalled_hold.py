@@ -6,15 +6,19 @@ release's, with ``FENCELOCK_TEST_SIGNAL_OP=release``) is being encoded instead: 
 request done, its answer not yet written; with ``written``, as the write of that answer
 returns (the answer's bytes in stdout, the count not yet taken in). With
 ``FENCELOCK_TEST_ANSWER_WAIT`` set, the answer owed after such a signal waits that many
-seconds for room in stdout."""
+seconds for room in stdout. With ``FENCELOCK_TEST_THEN_SIGNAL=N``, signal N follows
+SIGNUM at once (two stop signals as one moment). With
+``FENCELOCK_TEST_SIGNAL_AT_SHUTDOWN=N``, signal N comes once the command has returned,
+as the interpreter shuts down."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING
 
-from fencelock import _fence, _hold
+from fencelock import _fence, _hold, _platform
 from fencelock._entry import main
 
 if TYPE_CHECKING:
@@ -24,6 +28,14 @@ if TYPE_CHECKING:
 signum = int(sys.argv.pop(1))
 nth = int(sys.argv.pop(1)) if sys.argv[1].isdigit() else 1
 real = _fence._fsync
+
+
+def _signal() -> None:
+    os.kill(os.getpid(), signum)
+    if "FENCELOCK_TEST_THEN_SIGNAL" in os.environ:
+        os.kill(os.getpid(), int(os.environ["FENCELOCK_TEST_THEN_SIGNAL"]))
+
+
 seen = 0
 
 
@@ -32,7 +44,7 @@ def fsync(fd: FileDescriptorLike) -> None:
     real(fd)
     seen += 1
     if seen == nth:
-        os.kill(os.getpid(), signum)  # its handler runs as soon as this call returns
+        _signal()  # its handler runs as soon as this call returns
 
 
 def encode(answer: dict[str, object]) -> bytes:
@@ -40,7 +52,7 @@ def encode(answer: dict[str, object]) -> bytes:
     if answer.get("op") == os.environ.get("FENCELOCK_TEST_SIGNAL_OP", "append"):
         seen += 1
         if seen == nth:
-            os.kill(os.getpid(), signum)
+            _signal()
     return real_encode(answer)
 
 
@@ -51,7 +63,7 @@ def write(fd: int, data: ReadableBuffer) -> int:
     if fd == 1 and f'"op": "{op}"'.encode() in bytes(data):
         seen += 1
         if seen == nth:
-            os.kill(os.getpid(), signum)  # its handler runs as this call returns
+            _signal()  # its handler runs as this call returns
     return count
 
 
@@ -65,4 +77,13 @@ else:
     _fence._fsync = fsync
 if "FENCELOCK_TEST_ANSWER_WAIT" in os.environ:
     _hold._LAST_ANSWER_WAIT = float(os.environ["FENCELOCK_TEST_ANSWER_WAIT"])
-main(prog_name="fencelock")
+try:
+    main(prog_name="fencelock")
+finally:
+    if "FENCELOCK_TEST_SIGNAL_AT_SHUTDOWN" in os.environ:
+        # What the interpreter does as it shuts down: each signal with a Python handler
+        # gets its default action back. Then a stop signal comes.
+        for sig in _platform.stop_signals():
+            if callable(signal.getsignal(sig)):
+                signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), int(os.environ["FENCELOCK_TEST_SIGNAL_AT_SHUTDOWN"]))
