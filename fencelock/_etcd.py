@@ -524,15 +524,16 @@ class _Cluster:
             self.url.display, f"{shown}:{port} does not answer in TLS (HTTPS): {detail}",
             "name it etcd://, not etcds://, if it is etcd's plain-HTTP client URL")
 
-    def _refuse_plain(self, index: int, timeout: float) -> None:
-        """Raise when the endpoint that closed a TLS handshake without answering serves
-        etcd in plain HTTP (a wrong URL); a proxy whose etcd is down closes handshakes
-        too, and that is an outage to wait out."""
+    def _plain_port(self, index: int, timeout: float) -> StoreUnavailableError | None:
+        """The error to raise when the endpoint that closed a TLS handshake without
+        answering serves etcd in plain HTTP (a wrong URL); None when it does not: a
+        proxy whose etcd is down closes handshakes too, and that is an outage."""
         from fencelock._etcdhttp import serves_plain_etcd
 
         host, port = self.url.endpoints[index]
         if serves_plain_etcd(host, port, min(timeout, _TLS_PROBE_TIMEOUT)):
-            raise self._not_tls(index, "it serves etcd in plain HTTP")
+            return self._not_tls(index, "it serves etcd in plain HTTP")
+        return None
 
     def _not_etcd(self, index: int, detail: str) -> StoreUnavailableError:
         """An endpoint that answered, but not as etcd does: a wrong URL, not an outage to
@@ -545,10 +546,10 @@ class _Cluster:
             f"{detail}", "check the backend URL's host and port: it must name etcd's "
             "client URL (port 2379 by default), not another server")
 
-    def _refuse_tls_only(self, index: int, timeout: float) -> None:
-        """Raise when the endpoint that closed a request without answering speaks TLS:
-        etcd's client port with a certificate serves HTTPS only, and the store speaks
-        plain HTTP (a wrong URL, not an outage to wait out)."""
+    def _tls_only_port(self, index: int, timeout: float) -> StoreUnavailableError | None:
+        """The error to raise when the endpoint that closed a request without answering
+        speaks TLS: etcd's client port with a certificate serves HTTPS only, and the
+        store speaks plain HTTP (a wrong URL, not an outage to wait out); else None."""
         from fencelock._etcdhttp import speaks_tls
 
         host, port = self.url.endpoints[index]
@@ -556,13 +557,14 @@ class _Cluster:
         if tls is None:
             tls = self._tls_only[index] = speaks_tls(
                 host, port, min(timeout, _TLS_PROBE_TIMEOUT))
-        if tls:
-            shown = f"[{host}]" if ":" in host else host
-            raise StoreUnavailableError(
-                self.url.display, f"{shown}:{port} speaks TLS (HTTPS) only, and an etcd:// "
-                "URL speaks plain HTTP", "write etcds:// (with ca=, and cert= and key= "
-                "if etcd asks for a client certificate), or name a plain-HTTP client URL "
-                "of etcd's (an http:// entry of its --listen-client-urls)")
+        if not tls:
+            return None
+        shown = f"[{host}]" if ":" in host else host
+        return StoreUnavailableError(
+            self.url.display, f"{shown}:{port} speaks TLS (HTTPS) only, and an etcd:// URL "
+            "speaks plain HTTP", "write etcds:// (with ca=, and cert= and key= if etcd "
+            "asks for a client certificate), or name a plain-HTTP client URL of etcd's "
+            "(an http:// entry of its --listen-client-urls)")
 
     def call(self, path: str, payload: dict[str, Any],
              deadline: float | None = None) -> dict[str, Any]:
@@ -598,17 +600,15 @@ class _Cluster:
                            f"which said: {page}")
                 elif self.url.tls and "[SSL" in answer and "EOF" not in answer:
                     # A handshake answered, but failed: a setting to fix, raised unless
-                    # another endpoint answers.
+                    # another endpoint answers (as is a scheme that does not fit, below).
                     misfit = self._tls_failed(index, answer)
                 else:  # no answer: etcd3gw keeps requests' error in detail_text
                     why = ("connection refused" if "refused" in answer.lower() else
                            "no answer in time" if isinstance(e, exceptions.ConnectionTimeoutError)
                            else "cannot connect")
                     if why == "cannot connect":  # closed unanswered: a wrong scheme?
-                        if self.url.tls:
-                            self._refuse_plain(index, timeout)
-                        else:
-                            self._refuse_tls_only(index, timeout)
+                        misfit = (self._plain_port(index, timeout) if self.url.tls
+                                  else self._tls_only_port(index, timeout)) or misfit
                 continue
             except exceptions.Etcd3Exception as e:
                 detail = (e.detail_text or str(e)).strip()

@@ -211,9 +211,23 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat
         if not stat.S_ISREG(st.st_mode):
             raise UnsafePathError(path, _platform.describe_mode(st.st_mode))
     except BaseException:
+        if flags & os.O_CREAT and flags & os.O_EXCL:
+            _unmake(path, fd)
         os.close(fd)
         raise
     return fd, st
+
+
+def _unmake(path: str, fd: int) -> None:
+    """Remove the file this process has just created at ``path`` (``fd``, opened with
+    O_EXCL) and has not written, as an interrupt ends its open: the caller never had
+    it. Left as it is if the path now names another file, or the file is not empty."""
+    try:
+        st, now = os.fstat(fd), os.lstat(path)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and st.st_size == 0:
+            os.unlink(path)
+    except OSError:
+        pass  # left: the next look at it says what it finds
 
 
 _geteuid = getattr(os, "geteuid", lambda: 0)

@@ -1683,6 +1683,24 @@ def test_a_port_that_closes_a_request_unanswered_is_not_taken_for_tls(
     assert "(cannot connect)" in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize("scheme", ["etcds", "etcd"])
+def test_an_endpoint_whose_scheme_does_not_fit_is_passed_over_for_one_that_answers(
+    session: Path, tls_etcd: _TLSEtcd, scheme: str
+) -> None:
+    """A URL whose first endpoint does not speak its scheme (etcds:// naming etcd's
+    plain port, etcd:// naming its TLS-only one) and whose second does: the second
+    answers, as for any endpoint that is down; the wrong one is an error only when no
+    endpoint answers."""
+    t = tls_etcd
+    plain, tls = t.server.endpoint, f"127.0.0.1:{t.server.tls_port}"
+    if scheme == "etcds":
+        url = f"etcds://{plain},{tls}/p?ca={t.ca}&cert={t.cert}&key={t.key}"
+    else:
+        url = f"etcd://{tls},{plain}/p"
+    out = _cli("status", str(session), "--backend", url)
+    assert out.returncode == 0, out.stderr
+
+
 def test_an_etcds_endpoint_that_closes_handshakes_is_an_outage_and_the_next_is_asked(
     session: Path, tls_etcd: _TLSEtcd
 ) -> None:

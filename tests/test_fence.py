@@ -1281,6 +1281,32 @@ def test_an_interrupt_as_the_append_s_create_returns_leaves_no_takeover(
     assert other.read_bytes() == b'{"role":"intruder"}\n'
 
 
+@pytest.mark.parametrize("at", ["fstat", "S_ISREG"])
+def test_an_interrupt_inside_the_append_s_create_leaves_no_file(
+    session: Path, at: str
+) -> None:
+    """An interrupt once the `open` that creates the session has returned, while the
+    new file is looked at (before the append has it): the file it made is removed, so
+    the fence point "no file" still holds for every check, not just the next append's,
+    and the released record matches the session."""
+    import stat
+
+    from conftest import interrupted_on_entry
+
+    lock = SessionLock(session, lane="interrupted")
+    lock.acquire()
+    with interrupted_on_entry(os.fstat if at == "fstat" else stat.S_ISREG) as raised, \
+            pytest.raises(KeyboardInterrupt) as caught:
+        lock.append({"role": "assistant", "content": "first"})
+    assert raised and any(entry.name == "open_regular" for entry in caught.traceback)
+    assert not session.exists()
+    lock.verify_fence()
+    with lock.prompt_window():
+        pass
+    lock.release()
+    assert probe(session).fence_ok is True
+
+
 def test_an_interrupted_append_cuts_an_empty_file_it_found_back_not_away(
     session: Path
 ) -> None:
