@@ -252,3 +252,24 @@ def test_hold_killed_in_the_model_call_keeps_the_reply_aside(
         "role": "assistant", "content": "echo: ping", "writer": "A", "turn": 1,
         "undelivered": "HoldEnded",
     }]
+
+
+def test_an_answer_cut_short_keeps_the_reply_aside(
+    session: Path, node: str, tmp_path: Path
+) -> None:
+    """hold stopped in the middle of the reply's answer (the caller sees half a line,
+    no newline, then end of file): the example does not crash on the fragment; it keeps
+    the reply aside as for a hold that ended before answering, and exits 1."""
+    helper = Path(__file__).parent / "cutting_hold.py"
+    script = tmp_path / "fencelock"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{helper}" "$@"\n')
+    script.chmod(0o755)
+    t = Turns(node, str(script), session, "--writer", "A", "--message", "ping")
+    try:
+        assert t.proc.wait(timeout=60) == 1
+        err = t.stderr()
+    finally:
+        t.close()
+    assert "SyntaxError" not in err and "undelivered" in err and "check it" in err, err
+    kept = entries(Path(str(session) + ".undelivered.jsonl"))
+    assert [(e["content"], e["undelivered"]) for e in kept] == [("echo: ping", "HoldEnded")]

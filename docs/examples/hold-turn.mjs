@@ -56,7 +56,14 @@ class Hold {
     this.child.on("error", (e) => this.end(new Error(`cannot run ${fencelock}: ${e.message}`)));
     const lines = createInterface({ input: this.child.stdout, crlfDelay: Infinity });
     lines.on("line", (line) => {
-      const answer = JSON.parse(line);
+      let answer;
+      try {
+        answer = JSON.parse(line);
+      } catch {
+        // Half an answer, then end of file: hold was stopped as it wrote it.
+        this.end(new Error("fencelock hold ended in the middle of an answer"));
+        return;
+      }
       const w = this.waiting.shift();
       if (w) w.resolve(answer);
       else this.answers.push(answer);
