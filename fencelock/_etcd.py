@@ -506,22 +506,23 @@ class _Cluster:
     def _tls_failed(self, index: int, error: str) -> StoreUnavailableError:
         """A TLS handshake that the other end answered, but failed (``error``: the `ssl`
         module's text): a setting to fix, not an outage to wait out."""
-        host, port = self.url.endpoints[index]
-        shown = f"[{host}]" if ":" in host else host
         reason = error.rpartition("] ")[2].split(" (_ssl.c:")[0].strip() or error
         if "WRONG_VERSION_NUMBER" in error:  # it answered in plain text (HTTP)
             return self._not_tls(index, reason)
         return StoreUnavailableError(
-            self.url.display, f"the TLS handshake with {shown}:{port} failed: {reason}",
+            self.url.display, f"the TLS handshake with {self._where(index)} failed: {reason}",
             "check ca= in the backend URL (the CA that signed etcd's certificate, which "
             "must name the host as the URL does) and cert=/key= (a client certificate "
             "signed by the CA etcd trusts, when etcd asks for one)")
 
-    def _not_tls(self, index: int, detail: str) -> StoreUnavailableError:
+    def _where(self, index: int) -> str:
+        """Endpoint ``index`` as HOST:PORT ([HOST]:PORT for an IPv6 address)."""
         host, port = self.url.endpoints[index]
-        shown = f"[{host}]" if ":" in host else host
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _not_tls(self, index: int, detail: str) -> StoreUnavailableError:
         return StoreUnavailableError(
-            self.url.display, f"{shown}:{port} does not answer in TLS (HTTPS): {detail}",
+            self.url.display, f"{self._where(index)} does not answer in TLS (HTTPS): {detail}",
             "name it etcd://, not etcds://, if it is etcd's plain-HTTP client URL")
 
     def _plain_port(self, index: int, timeout: float) -> StoreUnavailableError | None:
@@ -538,11 +539,9 @@ class _Cluster:
     def _not_etcd(self, index: int, detail: str) -> StoreUnavailableError:
         """An endpoint that answered, but not as etcd does: a wrong URL, not an outage to
         wait out (its `fix` says so). ``detail`` (say, an HTML page) on one line."""
-        host, port = self.url.endpoints[index]
-        shown = f"[{host}]" if ":" in host else host
         detail = " ".join(detail.split())[:200] or "no detail"
         return StoreUnavailableError(
-            self.url.display, f"{shown}:{port} answered, but not as etcd's v3 API does: "
+            self.url.display, f"{self._where(index)} answered, but not as etcd's v3 API does: "
             f"{detail}", "check the backend URL's host and port: it must name etcd's "
             "client URL (port 2379 by default), not another server")
 
@@ -559,10 +558,9 @@ class _Cluster:
                 host, port, min(timeout, _TLS_PROBE_TIMEOUT))
         if not tls:
             return None
-        shown = f"[{host}]" if ":" in host else host
         return StoreUnavailableError(
-            self.url.display, f"{shown}:{port} speaks TLS (HTTPS) only, and an etcd:// URL "
-            "speaks plain HTTP", "write etcds:// (with ca=, and cert= and key= if etcd "
+            self.url.display, f"{self._where(index)} speaks TLS (HTTPS) only, and an etcd:// "
+            "URL speaks plain HTTP", "write etcds:// (with ca=, and cert= and key= if etcd "
             "asks for a client certificate), or name a plain-HTTP client URL of etcd's "
             "(an http:// entry of its --listen-client-urls)")
 
