@@ -211,9 +211,11 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat
         if not stat.S_ISREG(st.st_mode):
             raise UnsafePathError(path, _platform.describe_mode(st.st_mode))
     except BaseException:
-        if flags & os.O_CREAT and flags & os.O_EXCL:
-            _unmake(path, fd)
-        os.close(fd)
+        try:
+            if flags & os.O_CREAT and flags & os.O_EXCL:
+                _unmake(path, fd)
+        finally:
+            os.close(fd)
         raise
     return fd, st
 
