@@ -2897,7 +2897,9 @@ def test_a_paused_run_whose_lease_etcd_still_holds_lets_its_command_go_on(
     """`run` and its command are paused (Ctrl-Z, a VM migration) past what the run
     can vouch for by its own clock, while its keeper kept the lease alive: etcd, asked,
     says the lease and the run's key are there, so no other run can hold the session.
-    The command goes on (it is not stopped, nothing is revoked), and `run` says so."""
+    The command goes on (it is not stopped, nothing is revoked). `run` says so when its
+    guard counted the lease lost before the run's own renewal, woken with it, got
+    through; whichever comes first, it says nothing else."""
     import time
 
     from conftest import TEST_TTL
@@ -2914,18 +2916,20 @@ def test_a_paused_run_whose_lease_etcd_still_holds_lets_its_command_go_on(
         time.sleep(TEST_TTL + 1)  # the pause the promise is about, not a synchronisation
         for pid in paused:
             os.kill(pid, signal.SIGCONT)
-        said = proc.stderr.readline()
-        assert "etcd still holds the session" in said, said
         assert probe(session, backend=url).state == ProbeState.LIVE
         proc.stdin.write("\n")
         proc.stdin.flush()
         code, err = _ended(proc)
-        assert code == 0, said + err
-        assert "lost its holder" not in err, err
+        assert code == 0, err
+        said = err.strip().splitlines()
+        assert all("etcd still holds the session" in line for line in said), err
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
     with SessionLock(session, "next", backend=url, on_contention="fail"):
         pass  # released as the run ended
 
