@@ -534,9 +534,9 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
         except (FenceLockError, OSError) as e:
             _stderr(f"{lock.session}: release: {e}")
         out.close()
-        # The handlers stay until the process exits: a signal from here on is only
-        # noted, and the exit is this code (128 + N for one that came before), never
-        # the signal's default action.
+        # The handlers stay: a signal from here on is only noted, and the exit is this
+        # code (128 + N for one that came before), never the signal's default action
+        # (`main` then ignores stop signals, which the interpreter's shutdown keeps).
     if seen.signum:
         return 128 + seen.signum
     return EXIT_ERROR if served.release_failed and code == EXIT_OK else code
