@@ -572,6 +572,7 @@ class _Cluster:
         exceptions = _etcd3gw_exceptions()
         why = "no endpoint"
         misfit: StoreUnavailableError | None = None
+        said: str | None = None  # etcd's own reason for not serving ("no leader")
         n = len(clients)
         for i in range(n):
             if i and deadline is not None and time.monotonic() >= deadline:
@@ -588,7 +589,7 @@ class _Cluster:
                 # etcd's own 503/504 answer ("no leader") carries its reason: keep it.
                 answer = (e.detail_text or "").lstrip()
                 if answer.startswith("{"):
-                    why = _etcd_error(self.url.display, answer).why
+                    said = _etcd_error(self.url.display, answer).why
                 elif e.args:
                     # An HTTP answer (etcd3gw adds its reason) that is not etcd's: a proxy
                     # in front of etcd said 503 or 504. Its status says why, not any
@@ -625,7 +626,9 @@ class _Cluster:
                 raise self._not_etcd(index, "an answer without a header")
             self._preferred = index
             return result
-        raise misfit or StoreUnavailableError(self.url.display, why)
+        # A wrong setting is raised only when no endpoint answered: etcd answering "no
+        # leader" makes this an outage, which the waiting commands ride out.
+        raise (None if said else misfit) or StoreUnavailableError(self.url.display, said or why)
 
     def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
             failure: list[dict[str, Any]] | None = None,

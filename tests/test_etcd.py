@@ -1701,6 +1701,25 @@ def test_an_endpoint_whose_scheme_does_not_fit_is_passed_over_for_one_that_answe
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.parametrize("misfit_first", [True, False], ids=["misfit-first", "misfit-last"])
+def test_a_misfit_endpoint_beside_a_member_without_a_leader_is_an_outage(
+    session: Path, tls_etcd: _TLSEtcd, misfit_first: bool
+) -> None:
+    """etcd:// naming a TLS-only port beside a member that answers "no leader": etcd
+    answered, so this is an election to ride out (no fix named), not the wrong setting,
+    which would make `wait` and `recover` give up at once."""
+    tls_only = f"127.0.0.1:{tls_etcd.server.tls_port}"
+    with _answering(503, _NO_LEADER) as (port, asked):
+        lonely = f"127.0.0.1:{port}"
+        both = f"{tls_only},{lonely}" if misfit_first else f"{lonely},{tls_only}"
+        out = _cli("status", str(session), "--backend", f"etcd://{both}/p")
+    assert asked
+    assert out.returncode == 1, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "etcdserver: no leader" in line and "check that etcd runs there" in line, line
+    assert "speaks TLS" not in line and "etcds://" not in line, line
+
+
 def test_an_etcds_endpoint_that_closes_handshakes_is_an_outage_and_the_next_is_asked(
     session: Path, tls_etcd: _TLSEtcd
 ) -> None:
