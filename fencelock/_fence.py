@@ -14,6 +14,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -130,8 +131,26 @@ def check(
     except UnsafePathError as e:
         raise _replaced(session, expected) from e
     if not _same(expected, actual, mode):
+        if expected is None and actual is not None and actual.size == 0 \
+                and _own_empty(session, actual):
+            return None  # what the next append takes as its own creation (`_open_empty`)
         raise SessionTakeoverError(session, expected, actual)
     return actual
+
+
+def _own_empty(session: str, actual: Fingerprint) -> bool:
+    """Whether the file ``actual`` describes is still an empty regular file of this
+    user's at ``session``: it holds nothing to take over, so the fence point "no file"
+    stands (an interrupt right as a create's ``open`` returned leaves one)."""
+    try:
+        st = os.lstat(session)
+    except OSError:
+        return False
+    return _empty_of_mine(st) and st.st_ino == actual.ino and st.st_dev == actual.dev
+
+
+def _empty_of_mine(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0 and st.st_uid == _sidecar.OWN_UID
 
 
 def _replaced(session: str, expected: Fingerprint | None) -> SessionTakeoverError:
@@ -377,7 +396,7 @@ def _open_empty(session: str, flags: int) -> tuple[int, os.stat_result]:
         fd, st = _sidecar.open_regular(session, flags)
     except OSError:
         raise _replaced(session, None) from None
-    if st.st_size == 0 and st.st_uid == _sidecar.OWN_UID:
+    if _empty_of_mine(st):
         return fd, st
     os.close(fd)
     raise _replaced(session, None)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import SpawnHolder, record_of
-from marks import needs_proc, needs_xattr
+from marks import needs_proc, needs_root, needs_xattr
 
 from fencelock import (
     STAMP_KEY,
@@ -1266,6 +1266,9 @@ def test_an_interrupt_as_the_append_s_create_returns_leaves_no_takeover(
             pytest.raises(KeyboardInterrupt):
         lock.append({"role": "assistant", "content": "first"})
     assert raised and session.read_bytes() == b""
+    assert lock.verify_fence() is None  # the fence point "no file" stands, for every check
+    with lock.prompt_window():
+        pass
     lock.append({"role": "assistant", "content": "again"})
     lock.release()
     assert [json.loads(x)["content"] for x in session.read_text().splitlines()] == ["again"]
@@ -1279,6 +1282,28 @@ def test_an_interrupt_as_the_append_s_create_returns_leaves_no_takeover(
         with pytest.raises(SessionTakeoverError):
             second.append({"role": "assistant", "content": "mine"})
     assert other.read_bytes() == b'{"role":"intruder"}\n'
+
+
+@pytest.mark.parametrize("owner", ["mine", pytest.param("another user's", marks=needs_root)])
+def test_an_empty_file_that_appears_in_the_prompt_window_is_a_takeover_only_if_not_mine(
+    session: Path, owner: str
+) -> None:
+    """A run whose fence point is "no file": an empty file of its own user that appears
+    holds nothing to take over, so the window closes and the next append takes the file
+    (as it does the file an interrupted create leaves); another user's is a takeover,
+    and is left as it is."""
+    with SessionLock(session, lane="window") as lock:
+        with contextlib.ExitStack() as outcome:
+            if owner != "mine":
+                outcome.enter_context(pytest.raises(SessionTakeoverError))
+            with lock.prompt_window():
+                session.touch(mode=0o600)
+                if owner != "mine":
+                    os.chown(session, 65534, 65534)
+        if owner == "mine":
+            lock.append({"role": "assistant", "content": "reply"})
+    expected = b"" if owner != "mine" else b'{"role":"assistant","content":"reply"}\n'
+    assert session.read_bytes() == expected
 
 
 @pytest.mark.parametrize("at", ["fstat", "S_ISREG"])
