@@ -1054,7 +1054,8 @@ def recover_command(
 @main.command(name="verify", short_help="Check SESSION for torn lines and bad tokens.")
 @click.argument("session", type=PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify_command(session: str, as_json: bool) -> None:
+@_backend_option
+def verify_command(session: str, as_json: bool, backend: str | None) -> None:
     """Check SESSION's lines: torn lines (not JSON, or no final line break where no
     live holder may still be writing) and fencing tokens that went backwards (a write
     by a run that had lost the session), were stamped by two runs, or lie above the
@@ -1093,7 +1094,7 @@ def verify_command(session: str, as_json: bool) -> None:
         raise
     with library_errors():
         try:
-            report = verify(session)
+            report = verify(session, backend=backend)
         except (FenceLockError, OSError) as e:
             failed(os_message(e) if isinstance(e, OSError) else str(e))
             raise

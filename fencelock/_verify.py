@@ -123,13 +123,13 @@ def _int(text: str) -> int:
     return -1 if text.startswith("-") else MAX_TOKEN + 1
 
 
-def verify(path: _sidecar.AnyPath) -> VerifyReport:
+def verify(path: _sidecar.AnyPath, *, backend: str | None = None) -> VerifyReport:
     """Read the session line by line and report what is wrong with it. ``path`` is the
     session file or its sidecar.
 
     A session file that does not exist yet, in a directory that does, has no lines. A
     last line without its line break is torn unless a live holder may still be
-    writing it.
+    writing it: the holder as the store ``backend`` names it (as for `probe`) says.
     """
     session, _ = _sidecar.paths(path)  # a sidecar's path names its session, as elsewhere
     try:
@@ -145,13 +145,13 @@ def verify(path: _sidecar.AnyPath) -> VerifyReport:
             report, tail = _check(session, f)
     except OSError as e:
         raise _unreadable(session, e) from None
-    if tail >= 0 and _in_flight(session, tail):
+    if tail >= 0 and _in_flight(session, tail, backend):
         # A live holder's append under way, not a crash's leftover: not (yet) a problem.
         report = replace(report, lines=report.lines - 1, problems=report.problems[:-1])
     return report
 
 
-def _in_flight(session: str, start: int) -> bool:
+def _in_flight(session: str, start: int, backend: str | None) -> bool:
     """Whether a last line that starts at ``start`` may be an append a live holder is
     making: it starts where the holder's record says the session ended (its fence
     point) or later. A torn line from before the holder came starts earlier."""
@@ -159,7 +159,7 @@ def _in_flight(session: str, start: int) -> bool:
     from fencelock._probe import ProbeState, probe
 
     try:
-        st = probe(session)
+        st = probe(session, backend=backend)
     except (FenceLockError, OSError):
         return False
     if st.state is not ProbeState.LIVE or st.record is None:

@@ -40,6 +40,7 @@ from fencelock import (
     is_coordination_error,
     probe,
     recover,
+    verify,
 )
 from fencelock._backend import EtcdURL, parse, session_key
 from fencelock._errors import OutsideRootError
@@ -1931,12 +1932,17 @@ def test_an_ipv6_endpoint_with_proxy_variables_set_gives_the_store_s_error(
         SessionLock(session, backend="etcd://[fd00::5]:2379/p", timeout=1).acquire()
 
 
-def test_cli_refuses_a_bad_backend_url_as_usage(session: Path) -> None:
-    out = _cli("status", str(session), "--backend", "etcd://x/p")
-    assert out.returncode == 2 and "HOST:PORT" in out.stderr
+@pytest.mark.parametrize("command", ["status", "verify"])
+def test_cli_refuses_a_bad_backend_url_as_usage(session: Path, command: str) -> None:
+    """Also `verify`, which asks the store only about a last line without its line
+    break (a torn one here)."""
+    session.write_text('{"n": 1}\n{"n": 2, "half')
+    out = _cli(command, str(session), "--backend", "etcd://x/p")
+    assert out.returncode == 2 and "HOST:PORT" in out.stderr, out.stderr
     env = {**os.environ, "FENCELOCK_BACKEND": "zookeeper://x"}
-    out = _cli("status", str(session), env=env)
-    assert out.returncode == 2 and "FENCELOCK_BACKEND" in out.stderr
+    out = _cli(command, str(session), env=env)
+    assert out.returncode == 2 and "FENCELOCK_BACKEND" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 ROOT_COMMANDS = [
@@ -3168,3 +3174,23 @@ def test_an_interrupted_release_still_lets_the_session_go(
     assert raised and not lock.held
     other = spawn_holder(session, lane="next", timeout=30)
     other.acquire()
+
+
+def test_verify_asks_the_store_it_is_given_whether_a_last_line_is_in_flight(
+    session: Path, url: str
+) -> None:
+    """A run held in etcd, its append under way (the last line has no line break yet):
+    `verify` with the backend asks etcd for the holder and reports no torn line; in
+    another process, the sidecar store (the default without it) knows of no holder, and
+    reports it torn."""
+    session.write_text('{"n": 1}\n')
+    with SessionLock(session, "writing", backend=url) as lock:
+        lock.append({"n": 2})
+        with open(session, "a") as f:
+            f.write('{"n": 3, "half')  # where the holder's next append starts
+        assert verify(session, backend=url).ok
+        env = {k: v for k, v in os.environ.items() if k != "FENCELOCK_BACKEND"}
+        given = _cli("verify", str(session), "--backend", url, env=env)
+        assert given.returncode == 0, given.stdout + given.stderr
+        default = _cli("verify", str(session), env=env)
+        assert default.returncode == 5, default.stdout + default.stderr
