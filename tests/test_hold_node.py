@@ -20,7 +20,7 @@ import marks
 import pytest
 from conftest import SpawnHolder, wait_for_blocked_waiter
 
-from fencelock import probe
+from fencelock import probe, scan
 
 EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "hold-turn.mjs"
 
@@ -183,12 +183,14 @@ def test_takeover_keeps_the_reply_aside_and_exits_3(session: Path, turns: StartT
     err = t.stderr()
     assert "SessionTakeoverError" in err and "undelivered" in err
     assert [e["role"] for e in entries(session)] == ["user", "mirror"]
-    kept = entries(Path(str(session) + ".undelivered.jsonl"))
+    kept = entries(Path(str(session) + ".undelivered"))
     assert kept == [{
         "role": "assistant", "content": "echo: ping", "writer": "A", "turn": 1,
         "undelivered": "SessionTakeoverError",
     }]
     assert probe(session).state == "free"
+    # The reply kept aside is no session of its own for `status DIR` and `scan()`.
+    assert [s.session for s in scan(session.parent)] == [str(session)]
 
 
 def test_a_takeover_after_the_reply_went_in_keeps_no_second_copy(
@@ -217,7 +219,7 @@ def test_a_takeover_after_the_reply_went_in_keeps_no_second_copy(
         t.close()
     assert not trigger.exists()
     assert [e["role"] for e in entries(session)] == ["user", "assistant", "intruder"]
-    assert not Path(str(session) + ".undelivered.jsonl").exists()
+    assert not Path(str(session) + ".undelivered").exists()
     assert probe(session).state == "free"
 
 
@@ -247,7 +249,7 @@ def test_hold_killed_in_the_model_call_keeps_the_reply_aside(
     err = t.stderr()
     assert "ended" in err and "undelivered" in err and "check it" in err, err
     assert [e["role"] for e in entries(session)] == ["user"]
-    kept = entries(Path(str(session) + ".undelivered.jsonl"))
+    kept = entries(Path(str(session) + ".undelivered"))
     assert kept == [{
         "role": "assistant", "content": "echo: ping", "writer": "A", "turn": 1,
         "undelivered": "HoldEnded",
@@ -271,5 +273,5 @@ def test_an_answer_cut_short_keeps_the_reply_aside(
     finally:
         t.close()
     assert "SyntaxError" not in err and "undelivered" in err and "check it" in err, err
-    kept = entries(Path(str(session) + ".undelivered.jsonl"))
+    kept = entries(Path(str(session) + ".undelivered"))
     assert [(e["content"], e["undelivered"]) for e in kept] == [("echo: ping", "HoldEnded")]

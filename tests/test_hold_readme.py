@@ -69,3 +69,18 @@ def test_readme_coproc_example_stops_when_held(tmp_path: Path, spawn_holder: Spa
     assert out.returncode == 4, out.stderr
     assert "not held" in out.stderr
     assert not session.exists()
+
+
+def test_readme_coproc_example_exits_with_hold_s_code_when_it_cannot_hold(
+    tmp_path: Path
+) -> None:
+    """hold ends before its first answer (here: the session's path is a directory):
+    the script says so, with hold's own message, and exits with hold's code (1), not
+    as if another run held the session (4)."""
+    session = tmp_path / "sessions" / "4f1c2a9e.jsonl"
+    session.mkdir(parents=True)
+    out = run_snippet(tmp_path, snippet())
+    assert out.returncode == 1, out.stderr
+    assert "not held: " in out.stderr, out.stderr
+    assert "a directory" in out.stderr and "Bad file descriptor" not in out.stderr, out.stderr
+    assert session.is_dir() and not list(session.iterdir())

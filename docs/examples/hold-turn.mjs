@@ -17,11 +17,11 @@
 //
 // Exit codes: 0 every turn done; 3 a takeover (something wrote to the session outside
 // the protocol during the turn); 4 the session was held by another run (only with
-// --no-wait or --timeout); 1 anything else (fencelock missing, hold ended early, a
-// write error). Whenever the reply was ready but could not be appended, it is NOT in
+// --no-wait or --timeout); 2 a usage error (an unknown option, no SESSION); 1 anything
+// else (fencelock missing, hold ended early, a write error). Whenever the reply was ready but could not be appended, it is NOT in
 // the session (unless the answer says "stored": true, and then only there), and rather
 // than drop it silently this program says so on stderr and appends it, marked
-// "undelivered" with the reason, to SESSION.undelivered.jsonl. If hold itself ended
+// "undelivered" with the reason, to SESSION.undelivered. If hold itself ended
 // before answering (killed, say), the reply may or may not have gone in: it is kept
 // all the same, marked "HoldEnded", and the message says to check the session.
 
@@ -158,7 +158,7 @@ function model(opts, message) {
 function keepUndelivered(opts, entry, error) {
   // The reply is not in the session (or, when hold ended before it answered, perhaps
   // not): keep it where a person or a retry will find it.
-  const aside = `${opts.session}.undelivered.jsonl`;
+  const aside = `${opts.session}.undelivered`;
   const why = error instanceof HoldError ? error.answer.error : "HoldEnded";
   appendFileSync(aside, JSON.stringify({ ...entry, undelivered: why }) + "\n", {
     mode: 0o600,
