@@ -113,6 +113,22 @@ def test_corrupt_records_raise_value_error(data: bytes, why: str) -> None:
         decode(data)
 
 
+@pytest.mark.parametrize("extra", ['"state":"released"', '"token":99'])
+def test_a_record_that_repeats_a_head_field_is_corrupt_not_what_one_reader_takes(
+    extra: str
+) -> None:
+    """A held record (its head says so) that gives ``state`` or ``token`` again: a JSON
+    parser keeps the last value, a fixed-layout reader the head's, so one would call
+    the session free and another stale. Corrupt, never free. A takeover's record,
+    whose ``previous`` has a token of its own, is no repeat."""
+    held = make(state=State.HELD, previous=None).encode()
+    assert peek(held + b"\n") == (State.HELD, 7)
+    with pytest.raises(ValueError, match="given twice"):
+        decode(held[:-1] + b"," + extra.encode() + b"}")
+    assert decode(make().encode()) == make()  # "token" in previous too: read as before
+    assert decode(make(lane="state").encode()) == make(lane="state")  # a value, no key
+
+
 @pytest.mark.parametrize("pid", [0, -1, 2**63, "12", 1.5, None])
 def test_impossible_pids_are_corrupt(pid: object) -> None:
     obj = make().to_json()
