@@ -386,8 +386,8 @@ def peek(data: bytes) -> tuple[State, int] | None:
     An acquirer taking over a released record needs only these two; anything that
     does not match (another writer's layout, a torn record) takes the full decoder. A
     record that gives ``state`` or ``token`` again after the head is read by its head
-    (the decoder would take the last): whoever can write that can write any head, and
-    checking for it would cost every acquire 3% (0.7 µs).
+    here (the full decoder calls it corrupt): whoever can write that can write any
+    head, and checking for it would cost every acquire 3% (0.7 µs).
 
     Slices and a dict, not a regular expression: right after a long wait (a waiter's
     hand-off) the expression cost about 15 µs more.
