@@ -328,6 +328,13 @@ WRITE_FIXES = {
 """What to do about a write that failed with these errors."""
 
 
+def attribute_fix(path: str, how: str = "write") -> str:
+    """What to do about EPERM on writing ``path``: permission bits give EACCES, so EPERM
+    is an attribute that binds even root (immutable or append-only, chattr +i / +a)."""
+    return (f"it may be immutable or append-only (lsattr {path}; chattr -i or -a clears "
+            f"that), or this user cannot {how} it")
+
+
 class SessionWriteError(FenceLockError):
     """A fenced append could not be written or made durable."""
 
@@ -340,7 +347,8 @@ class SessionWriteError(FenceLockError):
         """The session's new fence point (after the failed line was taken back out, or
         with it when ``stored``), when it could be read."""
         reason = cause.strerror or type(cause).__name__
-        fix = WRITE_FIXES.get(cause.errno or 0)
+        fix = (attribute_fix(session) if cause.errno == errno.EPERM
+               else WRITE_FIXES.get(cause.errno or 0))
         if fix is not None:
             reason += f" ({fix})"
         outcome = (

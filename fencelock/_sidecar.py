@@ -24,6 +24,7 @@ from fencelock._errors import (
     SidecarAccessError,
     UnsafePathError,
     UnsafeSidecarError,
+    attribute_fix,
 )
 from fencelock._record import MAX_RECORD, HolderInfo, decode
 
@@ -152,10 +153,7 @@ def path_fix(path: str, e: OSError, *, writing: bool, sidecar: bool) -> str | No
             return f"this user cannot create files in {directory}; fix its permissions"
         how = "write" if writing else "read"
         if e.errno == errno.EPERM and writing:
-            # Permission bits give EACCES; EPERM on a write is an attribute that binds
-            # even root: immutable or append-only (chattr +i / +a), or a sealed file.
-            return (f"it may be immutable or append-only (lsattr {path}; chattr -i or -a "
-                    f"clears that), or this user cannot {how} it")
+            return attribute_fix(path, how)
         return f"this user cannot {how} it; run as its owner or fix the permissions"
     if e.errno == errno.EROFS:
         return WRITE_FIXES[e.errno]

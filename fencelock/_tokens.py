@@ -31,7 +31,7 @@ import re
 from typing import Any
 
 from fencelock import _sidecar
-from fencelock._errors import FenceLockError
+from fencelock._errors import FenceLockError, attribute_fix
 from fencelock._record import MAX_TOKEN
 
 STAMP_KEY = "_fencelock"
@@ -300,9 +300,14 @@ def save(session: str, token: int) -> str | None:
     except OSError as e:
         if e.errno in (errno.EPERM, errno.EACCES):
             try:
-                owner = f" (it belongs to uid {os.stat(session).st_uid})"
+                uid: int | None = os.stat(session).st_uid
             except OSError:
-                owner = ""
+                uid = None
+            if e.errno == errno.EPERM and (uid == os.geteuid() or os.geteuid() == 0):
+                # Its owner (or root) refused: an attribute, not the owner, is in the way.
+                return f"the session file's {XATTR} attribute cannot be set: " + attribute_fix(
+                    session, "change")
+            owner = "" if uid is None else f" (it belongs to uid {uid})"
             return (f"this user may not set its {XATTR} attribute{owner}; run clear "
                     f"--remove as the session file's owner")
         if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):

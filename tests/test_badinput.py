@@ -1057,7 +1057,9 @@ def test_tokens_stop_at_their_limit_with_a_clear_error(session: Path) -> None:
     assert probe(session).state == "free"  # the record is still a valid one
 
 
-def test_a_write_refused_with_eperm_names_the_immutable_attribute(session: Path) -> None:
+def test_a_write_refused_with_eperm_names_the_immutable_attribute(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Permission bits refuse with EACCES; EPERM on a write to an existing file is an
     attribute that binds even root (chattr +i or +a): 'run as its owner' would not
     help, so the fix names lsattr and chattr."""
@@ -1070,6 +1072,21 @@ def test_a_write_refused_with_eperm_names_the_immutable_attribute(session: Path)
     eacces = OSError(errno.EACCES, os.strerror(errno.EACCES), str(session))
     fix = _sidecar.path_fix(str(session), eacces, writing=True, sidecar=False)
     assert fix is not None and "run as its owner" in fix and "immutable" not in fix
+    # The same for a fenced append's write, and for the token mark that `clear --remove`
+    # sets on the user's own session file.
+    from fencelock import _tokens
+    from fencelock._errors import SessionWriteError
+
+    message = str(SessionWriteError(str(session), eperm, "write"))
+    assert "immutable or append-only" in message and "run as its owner" not in message
+
+    def refused(*args: object) -> None:
+        raise eperm
+
+    monkeypatch.setattr(_tokens, "_raise_mark", refused)
+    why = _tokens.save(str(session), 5)
+    assert why is not None and "immutable or append-only" in why, why
+    assert "as the session file's owner" not in why, why
 
 
 @pytest.mark.parametrize("mode", [-1, 0o4600, 0o7777777, 0o400, "600", 1.5, True],
