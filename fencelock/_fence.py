@@ -195,7 +195,7 @@ def _cut_torn_tail(
         raise SessionWriteError(session, e, "reading its last line") from None
     torn = session + TORN_SUFFIX
     try:
-        aside, st = _sidecar.open_regular(torn, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        aside, st = _sidecar.open_regular(torn, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     except OSError as e:
         raise SessionWriteError(torn, e, "keeping the torn last line aside") from None
     try:
@@ -206,13 +206,14 @@ def _cut_torn_tail(
         os.close(aside)
         raise
     try:
-        for at in range(keep, size, _CHUNK):  # a fragment may be larger than memory allows
-            try:
-                part = os.pread(fd, min(_CHUNK, size - at), at)
-            except OSError as e:
-                raise SessionWriteError(session, e, "reading its last line") from None
-            _write_all(aside, part, torn)
-        _write_all(aside, b"\n", torn)
+        if not _kept_last(aside, st.st_size, fd, keep, size):
+            for at in range(keep, size, _CHUNK):  # a fragment may be larger than memory
+                try:
+                    part = os.pread(fd, min(_CHUNK, size - at), at)
+                except OSError as e:
+                    raise SessionWriteError(session, e, "reading its last line") from None
+                _write_all(aside, part, torn)
+            _write_all(aside, b"\n", torn)
         _fsync(aside)
     except OSError as e:
         raise SessionWriteError(torn, e, "fsync of the torn last line") from None
@@ -243,6 +244,21 @@ def _cut_torn_tail(
 
 _CHUNK = 1 << 20
 """How much of a session file a search for its last line break reads at a time."""
+
+
+def _kept_last(aside: int, aside_size: int, fd: int, keep: int, size: int) -> bool:
+    """Whether the torn file's last line is already the fragment ``fd[keep:size]``: an
+    earlier append kept it aside but could not cut it from the session (an append-only
+    file, say); it is not kept a second time. Fragments over `_CHUNK` are kept again."""
+    n = size - keep
+    if n > _CHUNK or aside_size < n + 1:
+        return False
+    try:
+        tail = os.pread(aside, n + 2, aside_size - n - 2) if aside_size > n + 1 else (
+            b"\n" + os.pread(aside, n + 1, 0))
+        return tail[:1] == b"\n" and tail[1:] == os.pread(fd, n, keep) + b"\n"
+    except OSError:
+        return False
 
 
 def last_line_start(

@@ -91,6 +91,34 @@ def test_torn_tail_is_cut_aside_never_glued(session: Path) -> None:
     assert verify(session).ok
 
 
+@pytest.mark.parametrize("before", ["", '{"torn": 0}\n', 'x{"role": "assist\n'],
+                         ids=["new", "after-another", "after-one-ending-like-it"])
+def test_a_torn_tail_that_cannot_be_cut_is_kept_aside_once(session: Path, before: str) -> None:
+    """An append that kept the torn tail aside but could not cut it from the session
+    (an append-only file: EPERM) fails; the next one does not keep a second copy, and
+    once the cut can be made it is made, still with one copy kept."""
+    from conftest import on_entry
+
+    torn = Path(str(session) + TORN_SUFFIX)
+    if before:
+        torn.write_text(before)
+    session.write_text('{"role": "user"}\n{"role": "assist')
+
+    def refuse() -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    with SessionLock(session) as lock:
+        for _ in range(2):
+            with on_entry(os.ftruncate, refuse) as ran, \
+                    pytest.raises(SessionWriteError, match="a copy is already in"):
+                lock.append({"role": "assistant", "content": "ok"})
+            assert ran
+        with pytest.warns(FenceLockWarning, match="torn"):
+            lock.append({"role": "assistant", "content": "ok"})
+    assert lines(session) == [{"role": "user"}, {"role": "assistant", "content": "ok"}]
+    assert torn.read_text() == before + '{"role": "assist\n'
+
+
 @pytest.mark.parametrize("first_line", [True, False])
 def test_a_torn_tail_longer_than_the_search_step_is_cut_aside_whole(
     session: Path, first_line: bool
