@@ -437,50 +437,29 @@ def decode(data: bytes) -> HolderInfo | None:
         not_utf8 = ValueError(f"not UTF-8 at byte {e.start}")
         text = text_bytes[: e.start].decode("utf-8")
     try:
-        obj, end = _first_value(text, len(data))
+        obj = _first_value(text, len(data))
     except ValueError:
         if not_utf8 is not None:
             raise not_utf8 from None
         raise
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
-    if text.count('"state"', 0, end) > 1 or text.count('"token"', 0, end) > 1:
-        _refuse_repeated_head_fields(text[:end])
-    return from_json(obj)
+    info = from_json(obj)
+    head = peek(data)
+    if head is not None and head != (info.state, info.token):
+        # A name given twice (perhaps spelled with an escape): a JSON parser keeps the
+        # last, the head holds the first, so one reader would call the session free and
+        # another stale. fencelock never writes one.
+        raise ValueError(f"its head says {head[0].value} with token {head[1]}, its fields "
+                         f"{info.state.value} with token {info.token}: a field is given twice")
+    return info
 
 
-_HEAD_FIELDS = ("state", "token")
-"""The fields a fixed-layout reader takes from a record's head (`peek`)."""
-
-
-def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    names = [name for name, _ in pairs]
-    for name in _HEAD_FIELDS:
-        if names.count(name) > 1:
-            raise _Repeated(f'"{name}" is given twice: readers would disagree on it')
-    return dict(pairs)
-
-
-class _Repeated(Exception):
-    """Raised through the JSON decoder by `_no_repeats` (not a ValueError, which the
-    decoder's callers read as bad JSON)."""
-
-
-def _refuse_repeated_head_fields(text: str) -> None:
-    """ValueError for a record that gives ``state`` or ``token`` twice in one object:
-    JSON parsers keep the last, a fixed-layout reader the first (its head), so one
-    would read the session as free and another as stale. fencelock never writes one."""
+def _first_value(text: str, size: int) -> object:
+    """The first JSON value in ``text`` (of a sidecar ``size`` bytes long); ValueError
+    saying why there is none."""
     try:
-        json.JSONDecoder(object_pairs_hook=_no_repeats).decode(text)
-    except _Repeated as e:
-        raise ValueError(str(e)) from None
-
-
-def _first_value(text: str, size: int) -> tuple[object, int]:
-    """The first JSON value in ``text`` (of a sidecar ``size`` bytes long) and where it
-    ends; ValueError saying why there is none."""
-    try:
-        obj, end = _DECODER.raw_decode(text)
+        obj, _ = _DECODER.raw_decode(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     except NotJSONError as e:
@@ -491,7 +470,7 @@ def _first_value(text: str, size: int) -> tuple[object, int]:
         raise ValueError(f"not JSON ({e.msg.removesuffix(' at')} at offset {e.pos})") from None
     except ValueError:  # Python's own limit on converting long integers, not JSON's
         raise ValueError(f"an integer of over {sys.get_int_max_str_digits()} digits") from None
-    return obj, end
+    return obj
 
 
 def _int(obj: dict[str, Any], name: str, low: int, high: int) -> int:

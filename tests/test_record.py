@@ -113,7 +113,9 @@ def test_corrupt_records_raise_value_error(data: bytes, why: str) -> None:
         decode(data)
 
 
-@pytest.mark.parametrize("extra", ['"state":"released"', '"token":99'])
+@pytest.mark.parametrize("extra", ['"state":"released"', '"token":99',
+                                   '"st\\u0061te":"released"', '"tok\\u0065n":99'],
+                         ids=["state", "token", "escaped-state", "escaped-token"])
 def test_a_record_that_repeats_a_head_field_is_corrupt_not_what_one_reader_takes(
     extra: str
 ) -> None:
