@@ -129,8 +129,13 @@ def verify(path: _sidecar.AnyPath, *, backend: str | None = None) -> VerifyRepor
 
     A session file that does not exist yet, in a directory that does, has no lines. A
     last line without its line break is torn unless a live holder may still be
-    writing it: the holder as the store ``backend`` names it (as for `probe`) says.
+    writing it: the holder as the store ``backend`` names it (as for `probe`) says. A
+    store that cannot be asked then (etcd away, a session outside its ``root=``) raises
+    its error: whether the line is torn cannot be told.
     """
+    from fencelock._backend import selected
+
+    selected(backend)  # ValueError for a bad URL, whatever the file holds
     session, _ = _sidecar.paths(path)  # a sidecar's path names its session, as elsewhere
     try:
         fd, _ = _sidecar.open_regular(session, os.O_RDONLY)
@@ -155,11 +160,13 @@ def _in_flight(session: str, start: int, backend: str | None) -> bool:
     """Whether a last line that starts at ``start`` may be an append a live holder is
     making: it starts where the holder's record says the session ended (its fence
     point) or later. A torn line from before the holder came starts earlier."""
-    from fencelock._errors import FenceLockError
+    from fencelock._errors import FenceLockError, OutsideRootError, StoreUnavailableError
     from fencelock._probe import ProbeState, probe
 
     try:
         st = probe(session, backend=backend)
+    except (StoreUnavailableError, OutsideRootError):
+        raise  # the store cannot say: neither torn nor in flight can be told
     except (FenceLockError, OSError):
         return False
     if st.state is not ProbeState.LIVE or st.record is None:

@@ -3194,3 +3194,11 @@ def test_verify_asks_the_store_it_is_given_whether_a_last_line_is_in_flight(
         assert given.returncode == 0, given.stdout + given.stderr
         default = _cli("verify", str(session), env=env)
         assert default.returncode == 5, default.stdout + default.stderr
+        # A store that cannot be asked, or cannot name the session: no guess either way.
+        for bad in (f"etcd://127.0.0.1:{_refusing_port()}/p", f"{url}&root={session.parent}/x"):
+            out = _cli("verify", str(session), "--backend", bad, env=env)
+            assert out.returncode == 1, out.stdout + out.stderr
+            assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1
+    session.write_text('{"n": 1}\n')
+    with pytest.raises(ValueError, match="expected"):
+        verify(session, backend="zookeeper://x")  # refused up front, whatever the file
