@@ -194,19 +194,24 @@ def _cut_torn_tail(
     except OSError as e:
         raise SessionWriteError(session, e, "reading its last line") from None
     torn = session + TORN_SUFFIX
+    flags = os.O_APPEND | os.O_CREAT
     try:
-        aside, st = _sidecar.open_regular(torn, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+        try:
+            aside, kept = _sidecar.open_regular(torn, flags | os.O_RDWR)
+        except PermissionError:  # writable only: no look at what it holds
+            aside, kept = _sidecar.open_regular(torn, flags | os.O_WRONLY)
     except OSError as e:
         raise SessionWriteError(torn, e, "keeping the torn last line aside") from None
     try:
-        if st.st_nlink > 1:  # another name's file would get the fragment
-            raise UnsafePathError(torn, f"a hard link to a file with {st.st_nlink} names")
-        _sidecar.refuse_planted(torn, st)
+        if kept.st_nlink > 1:  # another name's file would get the fragment
+            raise UnsafePathError(torn, f"a hard link to a file with {kept.st_nlink} names")
+        _sidecar.refuse_planted(torn, kept)
     except FenceLockError:
         os.close(aside)
         raise
     try:
-        if not _kept_last(aside, st.st_size, fd, keep, size):
+        if not (st.st_mtime_ns <= kept.st_mtime_ns  # nothing written since it was kept
+                and _kept_last(aside, kept.st_size, fd, keep, size)):
             for at in range(keep, size, _CHUNK):  # a fragment may be larger than memory
                 try:
                     part = os.pread(fd, min(_CHUNK, size - at), at)
@@ -249,7 +254,8 @@ _CHUNK = 1 << 20
 def _kept_last(aside: int, aside_size: int, fd: int, keep: int, size: int) -> bool:
     """Whether the torn file's last line is already the fragment ``fd[keep:size]``: an
     earlier append kept it aside but could not cut it from the session (an append-only
-    file, say); it is not kept a second time. Fragments over `_CHUNK` are kept again."""
+    file, say), and the session was not written since (the caller compares times), so
+    it is not kept a second time. Fragments over `_CHUNK` are kept again."""
     n = size - keep
     if n > _CHUNK or aside_size < n + 1:
         return False

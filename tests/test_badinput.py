@@ -561,6 +561,29 @@ def test_unwritable_session_directory(how: str) -> None:
 
 
 @needs_root
+def test_a_torn_file_this_user_may_write_but_not_read_still_gets_the_fragment() -> None:
+    """`S.torn` with mode 0200 (write only): the torn tail is kept aside and cut as it
+    was before the check that reads what it holds, not refused."""
+    with open_directory() as sessions:
+        os.chown(sessions, 65534, 65534)
+        session, torn = sessions / "s.jsonl", sessions / "s.jsonl.torn"
+        session.write_text('{"a": 1}\n{"torn')
+        torn.write_text('{"earlier": 1}\n')
+        for path, mode in ((session, 0o600), (torn, 0o200)):
+            os.chown(path, 65534, 65534)
+            path.chmod(mode)
+        result = as_user("""
+            warnings.simplefilter("ignore")
+            with SessionLock(args["session"], "a") as lock:
+                lock.append({"b": 2})
+            result = "appended"
+        """, session=str(session))
+        assert result == "appended", result
+        assert session.read_text() == '{"a": 1}\n{"b":2}\n'
+        assert torn.read_text() == '{"earlier": 1}\n{"torn\n'
+
+
+@needs_root
 def test_clearing_a_live_session_one_cannot_write_says_it_is_live(
     spawn_holder: SpawnHolder,
 ) -> None:

@@ -119,6 +119,20 @@ def test_a_torn_tail_that_cannot_be_cut_is_kept_aside_once(session: Path, before
     assert torn.read_text() == before + '{"role": "assist\n'
 
 
+def test_the_same_bytes_torn_again_later_are_kept_again(session: Path) -> None:
+    """A tail torn, cut aside, and later the same bytes torn again by another crash:
+    the session was written since the first was kept, so the second is kept too."""
+    torn = Path(str(session) + TORN_SUFFIX)
+    for _ in range(2):
+        with open(session, "a") as f:
+            f.write('{"role": "assist')  # a writer killed mid-append
+        with SessionLock(session) as lock, pytest.warns(FenceLockWarning, match="torn"):
+            lock.append({"role": "assistant", "content": "ok"})
+        os.utime(torn, ns=(1, 1))  # kept long before the next crash (whatever the clock)
+    assert torn.read_text() == '{"role": "assist\n' * 2
+    assert lines(session) == [{"role": "assistant", "content": "ok"}] * 2
+
+
 @pytest.mark.parametrize("first_line", [True, False])
 def test_a_torn_tail_longer_than_the_search_step_is_cut_aside_whole(
     session: Path, first_line: bool
