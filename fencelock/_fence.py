@@ -210,7 +210,9 @@ def _cut_torn_tail(
         os.close(aside)
         raise
     try:
-        if not (st.st_mtime_ns <= kept.st_mtime_ns  # nothing written since it was kept
+        # Kept already only if the session is strictly older than S.torn: a tie (a
+        # coarse clock) keeps it again, rather than lose a second tear of the same bytes.
+        if not (st.st_mtime_ns < kept.st_mtime_ns
                 and _kept_last(aside, kept.st_size, fd, keep, size)):
             for at in range(keep, size, _CHUNK):  # a fragment may be larger than memory
                 try:

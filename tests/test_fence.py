@@ -103,6 +103,7 @@ def test_a_torn_tail_that_cannot_be_cut_is_kept_aside_once(session: Path, before
     if before:
         torn.write_text(before)
     session.write_text('{"role": "user"}\n{"role": "assist')
+    os.utime(session, ns=(1, 1))  # torn long before (a coarse clock would tie otherwise)
 
     def refuse() -> None:
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
@@ -119,16 +120,20 @@ def test_a_torn_tail_that_cannot_be_cut_is_kept_aside_once(session: Path, before
     assert torn.read_text() == before + '{"role": "assist\n'
 
 
-def test_the_same_bytes_torn_again_later_are_kept_again(session: Path) -> None:
+@pytest.mark.parametrize("clock", ["later", "same-tick"])
+def test_the_same_bytes_torn_again_later_are_kept_again(session: Path, clock: str) -> None:
     """A tail torn, cut aside, and later the same bytes torn again by another crash:
-    the session was written since the first was kept, so the second is kept too."""
+    the session was written since the first was kept, so the second is kept too; also
+    where a coarse clock gives both files the same time (a tie keeps it again)."""
     torn = Path(str(session) + TORN_SUFFIX)
     for _ in range(2):
         with open(session, "a") as f:
             f.write('{"role": "assist')  # a writer killed mid-append
+        if torn.exists():  # kept long before this crash, or in the same clock tick
+            os.utime(torn, ns=(1, 1) if clock == "later" else (
+                session.stat().st_atime_ns, session.stat().st_mtime_ns))
         with SessionLock(session) as lock, pytest.warns(FenceLockWarning, match="torn"):
             lock.append({"role": "assistant", "content": "ok"})
-        os.utime(torn, ns=(1, 1))  # kept long before the next crash (whatever the clock)
     assert torn.read_text() == '{"role": "assist\n' * 2
     assert lines(session) == [{"role": "assistant", "content": "ok"}] * 2
 

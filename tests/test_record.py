@@ -125,8 +125,11 @@ def test_a_record_that_repeats_a_head_field_is_corrupt_not_what_one_reader_takes
     whose ``previous`` has a token of its own, is no repeat."""
     held = make(state=State.HELD, previous=None).encode()
     assert peek(held + b"\n") == (State.HELD, 7)
-    with pytest.raises(ValueError, match="given twice"):
-        decode(held[:-1] + b"," + extra.encode() + b"}")
+    repeated = held[:-1] + b"," + extra.encode() + b"}"
+    # Also behind leading blanks, or before bytes past the record (which `peek` declines).
+    for data in (repeated, repeated + b"\nx", b"\n " + repeated + b"\n\x01"):
+        with pytest.raises(ValueError, match="given twice"):
+            decode(data)
     assert decode(make().encode()) == make()  # "token" in previous too: read as before
     assert decode(make(lane="state").encode()) == make(lane="state")  # a value, no key
 
