@@ -1093,7 +1093,7 @@ def verify_command(session: str, as_json: bool, backend: str | None) -> None:
     except CliError as e:
         failed(e.message)
         raise
-    with library_errors():
+    with library_errors(_named(session)[0]):
         try:
             report = verify(session, backend=backend)
         except (FenceLockError, OSError) as e:

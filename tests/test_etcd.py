@@ -3199,6 +3199,7 @@ def test_verify_asks_the_store_it_is_given_whether_a_last_line_is_in_flight(
             out = _cli("verify", str(session), "--backend", bad, env=env)
             assert out.returncode == 1, out.stdout + out.stderr
             assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1
+            assert out.stderr.startswith(f"Error: {session}: "), out.stderr  # which one
     session.write_text('{"n": 1}\n')
     with pytest.raises(ValueError, match="expected"):
         verify(session, backend="zookeeper://x")  # refused up front, whatever the file
