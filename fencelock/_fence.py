@@ -27,7 +27,7 @@ from fencelock._errors import (
     SessionWriteError,
     UnsafePathError,
 )
-from fencelock._fingerprint import FenceMode, Fingerprint
+from fencelock._fingerprint import CONTENT, STAT, FenceMode, Fingerprint
 from fencelock._json import digits_problem, strict_loads
 from fencelock._platform import O_CLOEXEC
 
@@ -115,7 +115,7 @@ def _fingerprint_fd(
     try:
         if st is None:
             st = os.fstat(fd)
-        tail = _fingerprint.tail_digest(fd, st.st_size) if mode is FenceMode.CONTENT else None
+        tail = _fingerprint.tail_digest(fd, st.st_size) if mode is CONTENT else None
     except OSError as e:
         raise SessionWriteError(session, e, "reading it for the fence") from None
     return _fingerprint.from_stat(st, tail)
@@ -232,7 +232,7 @@ def _cut_torn_tail(
         # content fence leaves its size to compare.)
         now = os.fstat(fd)
         if now.st_size != size or (
-            mode is FenceMode.STAT and not _stat_matches(expected, now)
+            mode is STAT and not _stat_matches(expected, now)
         ):
             raise SessionTakeoverError(session, expected, _fingerprint_fd(fd, mode, session, now))
         os.ftruncate(fd, keep)
@@ -355,7 +355,7 @@ def append(
         if created and token:
             _tokens.reserve(fd, token)
         if not created:
-            if not (mode is FenceMode.STAT and _stat_matches(expected, st)):
+            if not (mode is STAT and _stat_matches(expected, st)):
                 actual = _fingerprint_fd(fd, mode, session, st)
                 if not _same(expected, actual, mode):
                     raise SessionTakeoverError(session, expected, actual)

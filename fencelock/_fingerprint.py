@@ -37,6 +37,10 @@ class FenceMode(enum.StrEnum):
     AUTO = "auto"
 
 
+STAT, CONTENT = FenceMode.STAT, FenceMode.CONTENT
+"""As module globals for the hot paths (see `fencelock._record.HELD`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Fingerprint:
     """The session file's identity and state at a fence point (docs/PROTOCOL.md 2.3)."""
@@ -52,7 +56,7 @@ class Fingerprint:
     def matches(self, other: Fingerprint | None, mode: FenceMode) -> bool:
         if other is None:
             return False
-        if mode is FenceMode.CONTENT:
+        if mode is CONTENT:
             return self.size == other.size and self.tail == other.tail
         return (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns) == (
             other.dev,
@@ -132,7 +136,7 @@ def take(path: str, mode: FenceMode, opened: bool = False) -> Fingerprint | None
         from fencelock._errors import UnsafePathError
 
         raise UnsafePathError(path, _platform.describe_mode(st.st_mode))
-    if mode is not FenceMode.CONTENT:
+    if mode is not CONTENT:
         return from_stat(st)
     flags = os.O_RDONLY | _platform.O_NOFOLLOW | _platform.O_NONBLOCK | _platform.O_CLOEXEC
     try:
@@ -167,7 +171,7 @@ def _take_opened(path: str, mode: FenceMode) -> Fingerprint | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _not_regular(path, st.st_mode)
-        return from_stat(st, tail_digest(fd, st.st_size) if mode is FenceMode.CONTENT else None)
+        return from_stat(st, tail_digest(fd, st.st_size) if mode is CONTENT else None)
     except OSError as e:
         raise _unreadable(path, e) from None
     finally:

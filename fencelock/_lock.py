@@ -40,8 +40,8 @@ from fencelock._errors import (
     NotHeldError,
     SessionWriteError,
 )
-from fencelock._fingerprint import FenceMode, Fingerprint
-from fencelock._record import HolderInfo, Phase, PreviousHolder, State
+from fencelock._fingerprint import STAT, FenceMode, Fingerprint
+from fencelock._record import HELD, PROMPT, WRITE, HolderInfo, Phase, PreviousHolder, State
 
 if TYPE_CHECKING:
     import asyncio
@@ -225,9 +225,8 @@ class SessionLock:
     def _completed_info(self, shell: _record._Unfinished) -> HolderInfo:
         run_id, heartbeat_at, phase, fp = self._run_id, self._heartbeat_at, self._phase, self._fp
         self._info = info = _record.completed(
-            shell, state=State.HELD, run_id=run_id, token=self._token,
-            acquired_at=self._acquired_at, heartbeat_at=heartbeat_at,
-            phase=phase, fingerprint=fp, previous=self._previous,
+            shell, HELD, run_id, self._token, self._acquired_at, heartbeat_at, phase, fp,
+            self._previous,
         )
         # A thread asking for the holder's record (an in-process contender, say) may
         # build it as the holder's thread changes a field and drops the one kept: then
@@ -244,12 +243,9 @@ class SessionLock:
             self._fp_bytes = (fp, _record.fingerprint_bytes(fp))
         middle = self._middle  # the run's, unless the fixed part changed since
         return _record.assemble(
-            state=state, phase=self._phase, token=self._token,
-            middle=middle[2] if middle[0] is self._run_id else self._prepare_record(
-                self._run_id
-            ), acquired_at=self._acquired_at,
-            heartbeat_at=self._heartbeat_at, fingerprint=self._fp_bytes[1],
-            previous=self._previous,
+            state, self._phase, self._token,
+            middle[2] if middle[0] is self._run_id else self._prepare_record(self._run_id),
+            self._acquired_at, self._heartbeat_at, self._fp_bytes[1], self._previous,
         )
 
     def _prepare_record(self, run_id: str) -> bytes:
@@ -381,7 +377,7 @@ class SessionLock:
         moved. `PlantedFileError` for another user's session file in a directory anyone
         can write to: the run (or `fencelock run`'s command) would write into it, and
         the acquire would set its token mark."""
-        if self.fence_mode is FenceMode.STAT:
+        if self.fence_mode is STAT:
             try:
                 st = os.lstat(self.session)
             except FileNotFoundError:
@@ -805,15 +801,15 @@ class SessionLock:
         # that other hosts write: its fingerprint comes from opening it (close-to-open).
         opened = self._store.opens_session
         self._check_fence(opened)
-        inner = self._phase is Phase.PROMPT  # inside an open window: that one ends it
+        inner = self._phase is PROMPT  # inside an open window: that one ends it
         if not inner:
-            self._rewrite(_phase=Phase.PROMPT, _heartbeat_at=time.time())
+            self._rewrite(_phase=PROMPT, _heartbeat_at=time.time())
         try:
             yield self
         finally:
             held = self.held
             if held and not inner:
-                self._rewrite(_phase=Phase.WRITE, _heartbeat_at=time.time())
+                self._rewrite(_phase=WRITE, _heartbeat_at=time.time())
         # Against the fence point, which the holder's own appends inside the window move.
         # A run released inside the window is over: whoever writes the session next is
         # no intruder into it (and the release wrote the write phase).

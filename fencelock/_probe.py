@@ -45,7 +45,7 @@ from fencelock._errors import (
     unsafe_path_fix,
 )
 from fencelock._fingerprint import FenceMode
-from fencelock._record import HolderInfo, Phase, State
+from fencelock._record import HELD, RELEASED, WRITE, HolderInfo
 from fencelock._sidecar_holder import (
     contended,
     held_by_others,
@@ -100,7 +100,7 @@ class HolderStatus:
         (`lock_owners`) hold the lock."""
         record = self.record
         if self.state is not ProbeState.LIVE or record is None or \
-                record.state is not State.HELD:
+                record.state is not HELD:
             return None
         return None if self.lock_owners is not None and self.owner_alive is False else record
 
@@ -312,7 +312,7 @@ def _conclude(
         state = ProbeState.LIVE
     elif corrupt:
         return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=corrupt)
-    elif record is not None and record.state is State.HELD:
+    elif record is not None and record.state is HELD:
         state = ProbeState.STALE
     else:
         state = ProbeState.FREE
@@ -326,7 +326,7 @@ def _conclude(
             held += f"; {corrupt}"
         return HolderStatus(session, sidecar, state, record=record, lock_owners=owners,
                             reason=held, owner_alive=False if record is not None
-                            and record.state is State.HELD else None,
+                            and record.state is HELD else None,
                             left_by_run=run is not None)
     if record is None:
         return HolderStatus(session, sidecar, state, reason=corrupt or "no record")
@@ -361,7 +361,7 @@ def _status(
     now: float,
 ) -> HolderStatus:
     alive = None
-    if record.state is State.HELD:
+    if record.state is HELD:
         alive = holder_alive(record)
     stuck = state is ProbeState.LIVE and now - record.heartbeat_at > stuck_after
     return HolderStatus(
@@ -378,7 +378,7 @@ def _status(
 
 def _fence_ok(session: str, record: HolderInfo) -> bool | None:
     ok = _fence_matches(session, record)
-    if ok is False and record.state is State.HELD and record.phase is Phase.WRITE:
+    if ok is False and record.state is HELD and record.phase is WRITE:
         return None  # in the write phase the holder's own last appends may be unrecorded
     return ok
 
@@ -417,7 +417,7 @@ def _reason(state: ProbeState, record: HolderInfo, alive: bool | None, stuck: bo
                     f"{record.host}) cannot be checked from here")
         return f"owner pid {record.pid} died while holding it"
     if state is ProbeState.LIVE:
-        if record.state is not State.HELD:
+        if record.state is not HELD:
             return ("locked, and the record is not held: an acquirer about to write its "
                     "record, or a process a `fencelock run` command left running")
         command = _left_holding(record)
@@ -433,7 +433,7 @@ def _reason(state: ProbeState, record: HolderInfo, alive: bool | None, stuck: bo
         if stuck:
             return "live, but its heartbeat is older than the stuck threshold"
         return "held"
-    return "released" if record.state is State.RELEASED else ""
+    return "released" if record.state is RELEASED else ""
 
 
 def scan(
@@ -681,7 +681,7 @@ def _release_stale(fd: int, sidecar: str, record: HolderInfo, size: int) -> None
     except OSError as e:
         raise _sidecar.access_error(sidecar, e, True) from None
     if not in_place:
-        _sidecar.write(fd, sidecar, replace(record, state=State.RELEASED, phase=Phase.WRITE),
+        _sidecar.write(fd, sidecar, replace(record, state=RELEASED, phase=WRITE),
                        size)
 
 
@@ -702,7 +702,7 @@ def _clear_locked(
             reason=f"corrupt record moved to {aside}",
             set_aside=aside,
         )
-    was_stale = record is not None and record.state is State.HELD
+    was_stale = record is not None and record.state is HELD
     state = ProbeState.STALE if was_stale else ProbeState.FREE
     done = "was free"
     if record is not None and was_stale:

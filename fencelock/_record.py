@@ -45,6 +45,13 @@ class Phase(enum.StrEnum):
     PROMPT = "prompt"
 
 
+HELD, RELEASED = State.HELD, State.RELEASED
+WRITE, PROMPT = Phase.WRITE, Phase.PROMPT
+"""The members as module globals, for the acquire, append and release paths: on Python
+3.11 a member read through its class goes through the enum metaclass's attribute hook,
+about 4x a global's cost warm and some microseconds cold (right after a long wait)."""
+
+
 @dataclass(frozen=True, slots=True)
 class PreviousHolder:
     """The stale record a run took over."""
@@ -181,7 +188,6 @@ def info_shell(
 
 def completed(
     shell: _Unfinished,
-    *,
     state: State,
     run_id: str,
     token: int,
@@ -190,8 +196,13 @@ def completed(
     phase: Phase,
     fingerprint: Fingerprint | None,
     previous: PreviousHolder | None,
+    /,
 ) -> HolderInfo:
-    """Set the fields `info_shell` left out: ``shell``, now a `HolderInfo`."""
+    """Set the fields `info_shell` left out: ``shell``, now a `HolderInfo`.
+
+    Positional: a waiter calls it between the lock coming free and ``acquire()``
+    returning, where a call with keywords costs some microseconds more (the interpreter's
+    generic call path, cold after a long wait)."""
     info: Any = shell
     info.state = state
     info.run_id = run_id
@@ -311,7 +322,7 @@ def left_by_run(
     (the run has ended), and every lock the system lists (``owners``) is the one that
     run's own process took, which has exited: its descriptor lives on in what the
     command started. None otherwise."""
-    if last is None or last.state is not State.RELEASED or not owners:
+    if last is None or last.state is not RELEASED or not owners:
         return None
     return last if all(o.pid == last.pid and o.command is None for o in owners) else None
 
@@ -330,9 +341,8 @@ def encode(
 ) -> bytes:
     """A record's bytes, in the fixed layout that `peek` and `RELEASE_PATCH` rely on."""
     return assemble(
-        state=state, phase=phase, token=token, middle=middle(run_id, static),
-        acquired_at=acquired_at, heartbeat_at=heartbeat_at,
-        fingerprint=fingerprint_bytes(fingerprint), previous=previous,
+        state, phase, token, middle(run_id, static), acquired_at, heartbeat_at,
+        fingerprint_bytes(fingerprint), previous,
     )
 
 
@@ -353,7 +363,6 @@ _LAYOUT = b'%%s%%-%dd%%s%%r,"heartbeat_at":%%r,"fingerprint":%%s,"previous":%%s}
 
 
 def assemble(
-    *,
     state: State,
     phase: Phase,
     token: int,
@@ -362,9 +371,10 @@ def assemble(
     heartbeat_at: float,
     fingerprint: bytes,
     previous: PreviousHolder | None,
+    /,
 ) -> bytes:
     """`encode` from parts encoded earlier (`middle`, `fingerprint_bytes`): a holder
-    encodes them once and writes its record many times."""
+    encodes them once and writes its record many times. Positional, as `completed`."""
     prev = b"null" if previous is None else (
         f'{{"pid":{previous.pid},"host":{_js(previous.host)},"lane":{_js(previous.lane)}'
         f',"run_id":{_js(previous.run_id)},"token":{previous.token}}}'
@@ -377,7 +387,7 @@ def assemble(
 def in_layout_held(data: bytes) -> bool:
     """Whether ``data``, a record's first bytes, is the head of a held record in
     fencelock's fixed layout (2.4 of docs/PROTOCOL.md), so `RELEASED_HEAD` fits over it."""
-    return _STATE_OF_HEAD.get(data[:_HEAD_LEN]) is State.HELD
+    return _STATE_OF_HEAD.get(data[:_HEAD_LEN]) is HELD
 
 
 def peek(data: bytes) -> tuple[State, int] | None:
@@ -560,6 +570,5 @@ def from_json(obj: dict[str, Any]) -> HolderInfo:
         },
     )
     return completed(
-        shell, state=state, run_id=run_id, token=token, acquired_at=acquired_at,
-        heartbeat_at=heartbeat_at, phase=phase, fingerprint=fingerprint, previous=previous,
+        shell, state, run_id, token, acquired_at, heartbeat_at, phase, fingerprint, previous
     )

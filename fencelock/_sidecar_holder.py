@@ -34,7 +34,7 @@ from fencelock._errors import (
     SessionContendedError,
     SidecarAccessError,
 )
-from fencelock._record import HolderInfo, Phase, State
+from fencelock._record import HELD, PROMPT, RELEASED, WRITE, HolderInfo
 
 if TYPE_CHECKING:
     from fencelock._lock import SessionLock
@@ -87,7 +87,7 @@ def may_be_live(record: HolderInfo | None) -> bool:
     """Whether a record names a holder that may still run (for a lock found taken: a
     record that is not held, or whose owner is gone, means a probe or an acquirer
     about to write has the lock for a moment)."""
-    return record is not None and record.state is State.HELD and holder_alive(
+    return record is not None and record.state is HELD and holder_alive(
         record
     ) is not False
 
@@ -97,7 +97,7 @@ def held_by_others(record: HolderInfo | None) -> bool:
     the record's run, so that they are named from the system's lock list: no record, a
     released one, or one whose owner is dead (unless a `fencelock run` wrote it: what its
     command left running holds it on, and the record names them)."""
-    if record is None or record.state is not State.HELD:
+    if record is None or record.state is not HELD:
         return True
     return _record.command_of(record) is None and holder_alive(record) is False
 
@@ -350,7 +350,7 @@ class SidecarHolder:
             raise SidecarAccessError(self.sidecar, e, "its record cannot be read") from None
         old_len = len(data) if len(data) < _PEEK_BYTES else os.fstat(fd).st_size
         quick = _record.peek(data) if data and len(data) < _PEEK_BYTES else None
-        if quick is not None and quick[0] is State.RELEASED:
+        if quick is not None and quick[0] is RELEASED:
             token = quick[1] + 1
         else:
             old = _sidecar.read(fd, self.sidecar, old_len)
@@ -358,7 +358,7 @@ class SidecarHolder:
                 token = max(_tokens.floor(self.session), lock._token_floor) + 1
             else:
                 token = old.token + 1
-                previous = old.as_previous() if old.state is State.HELD else None
+                previous = old.as_previous() if old.state is HELD else None
         if token > _record.MAX_TOKEN:
             raise FenceLockError(
                 f"{self.sidecar}: its fencing tokens are exhausted ({token - 1}); check "
@@ -368,7 +368,7 @@ class SidecarHolder:
         self._record_len = old_len
         lock._token, lock._run_id, lock._previous = token, run_id, previous
         lock._acquired_at = lock._heartbeat_at = time.time()
-        lock._phase = Phase.WRITE
+        lock._phase = WRITE
         fp = lock._session_fingerprint()
         if fp is not None and (
             token > self._mark or (fp is not self._mark_fp and fp != self._mark_fp)
@@ -392,7 +392,7 @@ class SidecarHolder:
         try:
             record = _sidecar.read(self._fd, self.sidecar)
             if (
-                record is not None and record.state is State.HELD
+                record is not None and record.state is HELD
                 and record.run_id == lock._run_id and record.token == lock._token
             ):
                 os.pwrite(self._fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
@@ -427,7 +427,7 @@ class SidecarHolder:
             self._unmarked = False  # the append created the file, with the mark set
         if self._mark_fp is not None and self._mark_fp == before:
             self._mark_fp = lock._fp  # our own line moved the stat, not a change to the mark
-        if lock._phase is Phase.PROMPT or time.monotonic() - self._written_at >= RECORD_LAG:
+        if lock._phase is PROMPT or time.monotonic() - self._written_at >= RECORD_LAG:
             # Released meanwhile (by a signal handler in this thread: a release from
             # another thread waits for the append): the release's record is the last.
             with contextlib.suppress(NotHeldError):
@@ -492,10 +492,10 @@ class SidecarHolder:
         try:
             # The last appends' fence point with "released"; or a release inside the
             # prompt window, which ends the window too.
-            if self._behind or lock._phase is Phase.PROMPT:
-                self._behind, lock._phase = False, Phase.WRITE
+            if self._behind or lock._phase is PROMPT:
+                self._behind, lock._phase = False, WRITE
                 _sidecar.write_bytes(
-                    fd, self.sidecar, lock._encode(State.RELEASED), self._record_len
+                    fd, self.sidecar, lock._encode(RELEASED), self._record_len
                 )
             else:  # flip "held" to "released" in place: one small write
                 os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)

@@ -170,9 +170,9 @@ class RemoteStore:
                 raise _tokens.went_backwards(lock.session, token, stamped, holder.name)
             lock._token, lock._run_id = token, lock._run_id or _identity.RUN_IDS.next()
             lock._previous = last.as_previous() if last is not None and last.state is \
-                _record.State.HELD else None
+                _record.HELD else None
             lock._acquired_at = lock._heartbeat_at = time.time()
-            lock._phase = _record.Phase.WRITE
+            lock._phase = _record.WRITE
             lock._fp = _fingerprint.take(lock.session, lock.fence_mode, opened=True)
             if lock._fp is not None:  # as for a sidecar (`SessionLock._session_fingerprint`)
                 _sidecar.refuse_planted_at(lock.session)
@@ -240,7 +240,7 @@ class RemoteStore:
 
     @staticmethod
     def _released(lock: SessionLock) -> bytes:
-        lock._phase = _record.Phase.WRITE  # a release inside the prompt window ends it
+        lock._phase = _record.WRITE  # a release inside the prompt window ends it
         data = lock._encode()
         at, patch = _record.STATE_OFFSET, _record.RELEASE_PATCH
         return data[:at] + patch + data[at + len(patch):]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import pickle
 from typing import Any
@@ -207,9 +208,12 @@ def test_the_fast_builder_makes_what_the_constructor_makes() -> None:
     fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(HolderInfo)}
     fixed = ("session", "pid", "host", "process_start", "lane", "fence", "origin", "version",
              "extra")
-    # Every field goes to one of the two: a field neither takes is an unexpected keyword.
+    # Every field goes to one of the two: a field neither takes is an unexpected keyword
+    # or is left over.
     shell = info_shell(**{name: fields.pop(name) for name in fixed})
-    built = completed(shell, **fields)
+    rest = list(inspect.signature(completed).parameters)[1:]  # positional, in this order
+    built = completed(shell, *(fields.pop(name) for name in rest))
+    assert not fields
     assert built == info and hash(built) == hash(info) and repr(built) == repr(info)
     assert type(built) is HolderInfo and pickle.loads(pickle.dumps(built)) == info
     with pytest.raises(dataclasses.FrozenInstanceError):
