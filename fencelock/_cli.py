@@ -1061,7 +1061,8 @@ def verify_command(session: str, as_json: bool, backend: str | None) -> None:
     by a run that had lost the session), were stamped by two runs, or lie above the
     largest token, and the reserved _fencelock key holding no stamp.
     Exit 0 clean, 5 problems found, 1 unreadable (or, for a last line without its line
-    break, a holder store that cannot be asked whether a live holder is writing it).
+    break, a holder store that cannot be asked whether a live holder is writing it,
+    when no other line has a problem).
 
     A session file that does not exist yet (its directory does) has no lines: it is
     clean, and the report says it does not exist.

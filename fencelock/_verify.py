@@ -14,7 +14,12 @@ from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
 from fencelock import _sidecar
-from fencelock._errors import SidecarAccessError
+from fencelock._errors import (
+    FenceLockError,
+    OutsideRootError,
+    SidecarAccessError,
+    StoreUnavailableError,
+)
 from fencelock._json import loads
 from fencelock._record import MAX_TOKEN
 from fencelock._tokens import STAMP_KEY, TAIL, stamp_of, trailing_stamp
@@ -131,7 +136,9 @@ def verify(path: _sidecar.AnyPath, *, backend: str | None = None) -> VerifyRepor
     last line without its line break is torn unless a live holder may still be
     writing it: the holder as the store ``backend`` names it (as for `probe`) says. A
     store that cannot be asked then (etcd away, a session outside its ``root=``) raises
-    its error: whether the line is torn cannot be told.
+    its error when that line is the only problem: whether it is torn cannot be told.
+    With other problems, the report has them, and the last line's problem says that
+    it may be a live holder's append.
     """
     from fencelock._backend import selected
 
@@ -150,9 +157,21 @@ def verify(path: _sidecar.AnyPath, *, backend: str | None = None) -> VerifyRepor
             report, tail = _check(session, f)
     except OSError as e:
         raise _unreadable(session, e) from None
-    if tail >= 0 and _in_flight(session, tail, backend):
-        # A live holder's append under way, not a crash's leftover: not (yet) a problem.
-        report = replace(report, lines=report.lines - 1, problems=report.problems[:-1])
+    if tail >= 0:
+        try:
+            in_flight = _in_flight(session, tail, backend)
+        except (StoreUnavailableError, OutsideRootError) as e:
+            if len(report.problems) < 2:
+                raise  # the last line is all there is to tell, and it cannot be told
+            # Other lines are wrong whatever the store says: report them, and the last
+            # line as what it may be.
+            last = report.problems[-1]
+            undecided = replace(last, detail=f"{last.detail}, unless a live holder is still "
+                                f"writing it (the holder store cannot be asked: {e})")
+            return replace(report, problems=[*report.problems[:-1], undecided])
+        if in_flight:
+            # A live holder's append under way, not a crash's leftover: not (yet) a problem.
+            report = replace(report, lines=report.lines - 1, problems=report.problems[:-1])
     return report
 
 
@@ -160,7 +179,6 @@ def _in_flight(session: str, start: int, backend: str | None) -> bool:
     """Whether a last line that starts at ``start`` may be an append a live holder is
     making: it starts where the holder's record says the session ended (its fence
     point) or later. A torn line from before the holder came starts earlier."""
-    from fencelock._errors import FenceLockError, OutsideRootError, StoreUnavailableError
     from fencelock._probe import ProbeState, probe
 
     try:

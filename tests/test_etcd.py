@@ -3203,3 +3203,26 @@ def test_verify_asks_the_store_it_is_given_whether_a_last_line_is_in_flight(
     session.write_text('{"n": 1}\n')
     with pytest.raises(ValueError, match="expected"):
         verify(session, backend="zookeeper://x")  # refused up front, whatever the file
+
+
+def test_verify_reports_the_other_problems_when_the_store_cannot_be_asked(
+    session: Path
+) -> None:
+    """With etcd away only the last line (no line break) is in doubt: the lines that
+    are wrong whatever etcd says are still reported (exit 5), and the last line's
+    problem says it may be a live holder's append. With the last line as the only
+    problem there is nothing sure to report: exit 1, as before."""
+    bad = f"etcd://127.0.0.1:{_refusing_port()}/p"
+    env = {k: v for k, v in os.environ.items() if k != "FENCELOCK_BACKEND"}
+    session.write_text('{"n": 1}\nnot json\n{"n": 3, "half')
+    report = verify(session, backend=bad)
+    assert [(p.line, p.kind) for p in report.problems] == [(2, "torn"), (3, "torn")]
+    assert "unless a live holder is still writing it" in report.problems[1].detail
+    assert "live holder" not in report.problems[0].detail
+    out = _cli("verify", str(session), "--backend", bad, "--json", env=env)
+    assert out.returncode == 5, out.stdout + out.stderr
+    assert [p["line"] for p in json.loads(out.stdout)["problems"]] == [2, 3]
+    session.write_text('{"n": 1}\n{"n": 3, "half')
+    with pytest.raises(StoreUnavailableError):
+        verify(session, backend=bad)
+    assert _cli("verify", str(session), "--backend", bad, env=env).returncode == 1
