@@ -29,7 +29,7 @@ from fencelock._errors import (
 )
 from fencelock._fingerprint import CONTENT, STAT, FenceMode, Fingerprint
 from fencelock._json import digits_problem, strict_loads
-from fencelock._platform import O_CLOEXEC
+from fencelock._platform import O_CLOEXEC, set_mode
 
 TORN_SUFFIX = ".torn"
 """Torn fragments cut from a session's end are appended here, one per line, as found."""
@@ -352,6 +352,8 @@ def append(
         raise SessionWriteError(session, e, "open") from None
     size = 0 if created else -1  # where the line goes, once the fence check has passed
     try:
+        if made:
+            set_mode(fd, file_mode)  # before the fence point: it moves ctime
         if created and token:
             _tokens.reserve(fd, token)
         if not created:
@@ -492,6 +494,7 @@ def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int
     # stat (device and inode, `_sidecar.still_at_path`) tells the part this call wrote
     # from anyone else's.
     try:
+        set_mode(fd, file_mode)
         if token:
             _tokens.reserve(fd, token)
         for chunk in chunks:

@@ -15,6 +15,7 @@ process to stop, where the system lists its mounts and its locks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -108,6 +109,9 @@ if WINDOWS:  # pragma: no cover - exercised on Windows only
     def hand_over() -> None:
         """Nothing to do: a waiter here polls (see `lock_blocking`)."""
 
+    def set_mode(fd: int, mode: int) -> None:
+        """Nothing to do: Windows files carry no POSIX permission bits."""
+
 else:
     import fcntl
 
@@ -159,6 +163,14 @@ else:
         the releaser blocks or its time slice ends; a yield with nothing else to run
         costs one system call."""
         _sched_yield()
+
+    def set_mode(fd: int, mode: int) -> None:
+        """Give a file this process has just created exactly ``mode``, which the open's
+        own mode argument gets only as far as the umask lets it (``mode=0o660`` under
+        umask 022 would be 0o640, shutting the group out). Best effort: a filesystem
+        without POSIX permissions (FAT, some SMB mounts) refuses and keeps its own."""
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, mode)
 
 
 def describe_mode(mode: int) -> str:

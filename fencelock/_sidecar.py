@@ -328,16 +328,24 @@ def open_checked(
     access = os.O_RDWR if create or write else os.O_RDONLY
     flags = _platform.OPEN_FLAGS | access
     with _forkguard.guard:  # a forked child must never get a copy it does not know of
+        made = False
         try:
-            try:
-                fd = os.open(sidecar, flags, mode)
-            except FileNotFoundError:
-                if not create:
-                    raise
+            while True:
+                try:
+                    fd = os.open(sidecar, flags, mode)
+                    break
+                except FileNotFoundError:
+                    if not create:
+                        raise
                 # Only when the sidecar is missing (a session's first run): nothing is
                 # created beside a session path that no run could use.
                 refuse_unusable_session(sidecar)
-                fd = os.open(sidecar, flags | os.O_CREAT, mode)
+                try:  # O_EXCL: only a file this open made gets ``mode`` set on it
+                    fd = os.open(sidecar, flags | os.O_CREAT | os.O_EXCL, mode)
+                    made = True
+                    break
+                except FileExistsError:
+                    continue  # another process made it first: open theirs
         except OSError as e:
             raise access_error(sidecar, e, create or write) from None
         try:  # closed on any exception, an interrupt's (a signal handler's) included
@@ -352,6 +360,8 @@ def open_checked(
                     sidecar, f"a hard link to a file with {st.st_nlink} names")
             if (create or write) and st.st_uid and st.st_uid != _geteuid():
                 refuse_planted(sidecar, st)
+            if made:
+                _platform.set_mode(fd, mode)
             _forkguard.track(fd, st)
         except BaseException:
             _forkguard.close(fd)  # untracked too, if the interrupt came after `track`

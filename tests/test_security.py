@@ -124,6 +124,32 @@ def test_a_fail_fast_acquire_by_a_user_who_cannot_write_the_sidecar_names_a_live
     assert free == {"acquire": "SidecarAccessError", "holder": None}
 
 
+@pytest.mark.parametrize("umask", [0o077, 0o022, 0o000])
+@pytest.mark.parametrize("mode", [0o600, 0o660, 0o644])
+def test_files_a_holder_creates_get_exactly_its_mode_whatever_the_umask(
+    tmp_path: Path, umask: int, mode: int
+) -> None:
+    """`mode` is the permission bits of the sidecar and of a session file the first
+    append creates: a daemon's umask of 077 must not shut out the group a mode of 0660
+    lets in (the open's own mode argument is cut down by the umask)."""
+    session = tmp_path / "s.jsonl"
+    old = os.umask(umask)
+    try:
+        with SessionLock(session, "owner", mode=mode) as lock:
+            lock.append({"n": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(sidecar_of(session).stat().st_mode) == mode
+    assert stat.S_IMODE(session.stat().st_mode) == mode
+    # A sidecar or session made earlier (by its owner, with a mode of its own) keeps it.
+    os.chmod(session, 0o640)
+    os.chmod(sidecar_of(session), 0o640)
+    with SessionLock(session, "again", mode=mode) as lock:
+        lock.append({"n": 2})
+    assert stat.S_IMODE(sidecar_of(session).stat().st_mode) == 0o640
+    assert stat.S_IMODE(session.stat().st_mode) == 0o640
+
+
 @needs_root
 def test_a_readable_sidecar_can_be_held_hostage_which_is_why_0600() -> None:
     # The counter-example: a caller that opens the mode up to 0644 lets any user flock
