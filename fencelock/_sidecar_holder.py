@@ -246,9 +246,7 @@ class SidecarHolder:
                 self._close_fd()
                 raise
             if not locked:
-                self._fd = -1
                 fd, st = self._wait_for_lock(lock, fd, st, deadline, cancel, start)
-                self._fd = fd
             if _sidecar.still_at_path(self.sidecar, st):
                 return
             self._close_fd()  # removed or replaced while we waited: lock the new one
@@ -268,26 +266,30 @@ class SidecarHolder:
         start: float,
     ) -> tuple[int, os.stat_result]:
         """Return a locked descriptor of the sidecar (``fd``, or one an earlier wait
-        left blocked) and its stat; otherwise raise, with ``fd`` closed or handed off."""
+        left blocked) and its stat, with ``self._fd`` naming it; otherwise raise.
+
+        ``self._fd`` is ``fd`` on entry, and names at every moment the descriptor this
+        thread must close if an interrupt (KeyboardInterrupt, a signal handler's
+        exception) lands (the caller closes it): ``fd`` until a helper thread takes it,
+        -1 while the helper waits, the locked descriptor once `give_up` hands it back."""
+        if lock.on_contention == "fail":
+            record = self._peek(fd, st)
+            if may_be_live(record):
+                raise self._contended(None, record)
+            # Otherwise the lock is held by a probe, or by an acquirer that has not
+            # yet replaced a released or stale record: give it a moment.
+            deadline = time.monotonic() + FAIL_GRACE
+        if deadline is None and cancel is None and _platform.CAN_BLOCK:
+            _platform.lock_blocking(fd)
+            return fd, st
+        if deadline is not None and deadline <= time.monotonic():
+            raise self._contended(start)  # a try (timeout 0): no helper to start
+        box: list[_wait.Waiter] = []
+        got: list[int] = []
         try:
-            if lock.on_contention == "fail":
-                record = self._peek(fd, st)
-                if may_be_live(record):
-                    raise self._contended(None, record)
-                # Otherwise the lock is held by a probe, or by an acquirer that has not
-                # yet replaced a released or stale record: give it a moment.
-                deadline = time.monotonic() + FAIL_GRACE
-            if deadline is None and cancel is None and _platform.CAN_BLOCK:
-                _platform.lock_blocking(fd)
-                return fd, st
-            if deadline is not None and deadline <= time.monotonic():
-                raise self._contended(start)  # a try (timeout 0): no helper to start
-        except BaseException:
-            _sidecar.close(fd)
-            raise
-        key = (self.sidecar, False)
-        waiter = _wait.Waiter.start(key, fd)
-        try:
+            self._fd = -1  # the helper's once it is in the box (see `Waiter.start`)
+            _wait.Waiter.start((self.sidecar, False), fd, box)
+            waiter = box[0]
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 # With a cancel event, wake every 50 ms to notice it.
@@ -298,23 +300,23 @@ class SidecarHolder:
                     break
                 if cancel is not None and cancel.is_set():
                     break
+            if waiter.give_up(got):
+                self._fd = got[0]
         except BaseException:  # e.g. KeyboardInterrupt, perhaps just as the lock came
-            waiter.give_up_and_close()
+            if got:
+                if self._fd != got[0]:
+                    _sidecar.close(got[0])
+            elif box:
+                box[0].give_up_and_close()
+            elif self._fd == -1:
+                _sidecar.close(fd)  # not handed to a helper yet
             raise
-        # From here the helper thread owns its fd unless give_up() says it is ours.
-        locked = waiter.give_up()
-        if not locked:
+        if not got:
             if cancel is not None and cancel.is_set():
                 raise _registry.cancelled()
             # A fail-fast acquirer's grace is no wait the caller asked for: not reported.
             raise self._contended(None if lock.on_contention == "fail" else start)
-        if waiter.fd == fd:
-            return fd, st
-        try:
-            return waiter.fd, os.fstat(waiter.fd)
-        except BaseException:
-            _sidecar.close(waiter.fd)
-            raise
+        return (fd, st) if got[0] == fd else (got[0], os.fstat(got[0]))
 
     def _raise_if_held_elsewhere(self) -> None:
         """For a fail-fast acquire that cannot open the sidecar for writing (another

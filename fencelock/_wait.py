@@ -50,7 +50,12 @@ class _Done:
 
 
 class Waiter:
-    """A blocking flock on ``fd`` in a helper thread; see the module docstring."""
+    """A blocking flock on ``fd`` in a helper thread; see the module docstring.
+
+    Built by `start`, which puts it in the caller's box before its thread starts, so
+    that an interrupt (KeyboardInterrupt, a signal handler's exception) landing
+    anywhere in the start leaves the caller a waiter to give up, never a helper that
+    takes the lock for nobody."""
 
     def __init__(self, fd: int, key: tuple[str, bool]) -> None:
         self.fd = fd
@@ -59,11 +64,19 @@ class Waiter:
         self.done = _Done()
         self.mutex = threading.Lock()
         self.abandoned = False
+        self.running = False
+        """Its thread has begun: only then can a later wait adopt it."""
         self.finished = False
         self.error: BaseException | None = None
-        threading.Thread(target=self._run, name="fencelock-wait", daemon=True).start()
+
+    def _begin(self) -> None:
+        # The bare thread primitive: `threading.Thread.start` waits for the thread to
+        # come up, a wait an interrupt can cut short with the thread running or not.
+        _thread.start_new_thread(self._run, ())
 
     def _run(self) -> None:
+        with self.mutex:
+            self.running = True
         try:
             _platform.lock_blocking(self.fd, self.shared)
         except BaseException as e:  # handed to the waiting side
@@ -77,28 +90,33 @@ class Waiter:
                 return
             self.done.set()
 
-    def adopt(self) -> bool:
-        """Take over an abandoned waiter that is still blocked; False if it is gone."""
+    def adopt(self, box: list[Waiter]) -> bool:
+        """Take over an abandoned waiter that is still blocked, putting it in ``box``;
+        False if it is gone (or its thread never began)."""
         with self.mutex:
-            if self.finished:
+            if self.finished or not self.running:
                 return False
             self.abandoned = False
+            box.append(self)  # in the box before anything can interrupt the caller
             return True
 
     @staticmethod
-    def start(key: tuple[str, bool], fd: int) -> Waiter:
-        """A waiter for ``fd``'s sidecar: an abandoned one still blocked, or a new one.
-
-        Takes ownership of ``fd`` (closed when an existing waiter is adopted).
-        """
+    def start(key: tuple[str, bool], fd: int, box: list[Waiter]) -> None:
+        """Put in ``box`` a waiter for ``fd``'s sidecar: an abandoned one still
+        blocked, or a new one. An empty ``box`` (an interrupt came first) leaves ``fd``
+        the caller's; once the box holds a waiter, ``fd`` is its (closed when an
+        existing waiter is adopted), and the caller gives the waiter up if it stops."""
         old = _pending.pop(key, None)
-        if old is not None and old.adopt():
+        if old is not None and old.adopt(box):
             _sidecar.close(fd)
-            return old
-        return Waiter(fd, key)
+            return
+        waiter = Waiter(fd, key)
+        box.append(waiter)
+        waiter._begin()
 
-    def give_up(self) -> bool:
-        """Stop waiting: True if the lock arrived meanwhile (the fd is then ours)."""
+    def give_up(self, got: list[int] | None = None) -> bool:
+        """Stop waiting: True if the lock arrived meanwhile (the fd is then ours, and
+        put in ``got`` before anything can interrupt the caller)."""
         with self.mutex:
             if self.done.is_set():  # the descriptor is the caller's from here
                 if self.error is not None:
@@ -107,6 +125,8 @@ class Waiter:
                         self.key[0], self.error if isinstance(self.error, OSError)
                         else OSError(str(self.error)), "waiting for its lock failed"
                     ) from self.error
+                if got is not None:
+                    got.append(self.fd)
                 return True
             self.abandoned = True
             _pending[self.key] = self
@@ -214,18 +234,25 @@ def _shared_lock(
         finally:
             _sidecar.close(fd)
         return st
-    waiter = Waiter.start((sidecar, True), fd)
+    box: list[Waiter] = []
+    got: list[int] = []
     try:
+        Waiter.start((sidecar, True), fd, box)
+        waiter = box[0]
         waiter.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if not waiter.give_up(got):
+            return None
+        return st if got[0] == fd else os.fstat(got[0])
     except BaseException:
-        waiter.give_up_and_close()
+        if not got:
+            if box:
+                box[0].give_up_and_close()
+            else:
+                _sidecar.close(fd)  # not handed to a waiter yet
         raise
-    if not waiter.give_up():
-        return None
-    try:
-        return st if waiter.fd == fd else os.fstat(waiter.fd)
     finally:
-        _sidecar.close(waiter.fd)
+        if got:
+            _sidecar.close(got[0])  # the shared lock was taken: drop it
 
 
 def _after_fork_in_child() -> None:

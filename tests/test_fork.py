@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
+import marks
 import pytest
 from conftest import SpawnHolder
 
@@ -40,10 +43,12 @@ def test_an_interrupt_as_the_lock_arrives_leaves_no_lock_behind(
 
     holder = spawn_holder(session, lane="holder")
     holder.acquire()
-    real_start: Callable[[tuple[str, bool], int], _wait.Waiter] = _wait.Waiter.start
+    real_start: Callable[[tuple[str, bool], int, list[_wait.Waiter]], None] = \
+        _wait.Waiter.start
 
-    def start(key: tuple[str, bool], fd: int) -> _wait.Waiter:
-        waiter = real_start(key, fd)
+    def start(key: tuple[str, bool], fd: int, box: list[_wait.Waiter]) -> None:
+        real_start(key, fd, box)
+        waiter = box[0]
         real_wait = waiter.done.wait
 
         def wait(timeout: float | None = None) -> bool:
@@ -52,7 +57,6 @@ def test_an_interrupt_as_the_lock_arrives_leaves_no_lock_behind(
             return False
 
         waiter.done.wait = wait  # type: ignore[method-assign]
-        return waiter
 
     monkeypatch.setattr(_wait.Waiter, "start", staticmethod(start))
 
@@ -74,3 +78,84 @@ def test_an_interrupt_as_the_lock_arrives_leaves_no_lock_behind(
     assert probe(session).state == ProbeState.FREE
     with SessionLock(session, lane="after", on_contention="fail"):
         pass
+
+
+@contextmanager
+def _interrupted_as_it_returns(function: Callable[..., object]) -> Iterator[list[bool]]:
+    """Raise `Interrupt` as the Python ``function`` returns in this thread, once: what a
+    signal handler does when its signal comes right then."""
+    code = function.__code__
+    ran: list[bool] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+        if event == "return" and not ran:
+            ran.append(True)
+            raise Interrupt
+        return tracer
+
+    before = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        yield ran
+    finally:
+        sys.settrace(before)
+
+
+@pytest.mark.parametrize("how", ["SessionLock timeout", "wait_until_unlocked timeout"])
+@pytest.mark.parametrize("where", ["Waiter._begin", "start_new_thread returns",
+                                   "Waiter.start returns"])
+def test_an_interrupt_as_the_helper_starts_leaves_no_lock_behind(
+    session: Path, spawn_holder: SpawnHolder, how: str, where: str
+) -> None:
+    """A timed wait hands its descriptor to a helper thread. An interrupt landing while
+    that helper is being started must leave the waiting thread a helper to give up:
+    one that nobody gives up takes the lock once the holder lets go, and keeps it
+    until the process exits, with no run holding the session."""
+    import _thread
+
+    from conftest import on_entry
+
+    def interrupt() -> None:
+        raise Interrupt
+
+    holder = spawn_holder(session, lane="holder")
+    holder.acquire()
+    injected: AbstractContextManager[list[bool]] = {
+        "Waiter._begin": lambda: on_entry(_wait.Waiter._begin, interrupt),
+        "start_new_thread returns": lambda: on_entry(_thread.start_new_thread, interrupt,
+                                                     at_return=True),
+        "Waiter.start returns": lambda: _interrupted_as_it_returns(_wait.Waiter.start),
+    }[where]()
+    with injected as ran, pytest.raises(Interrupt):
+        if how == "SessionLock timeout":
+            SessionLock(session, lane="waiter", timeout=60).acquire()
+        else:
+            _wait.wait_until_unlocked(str(session) + ".holder", 60)
+    assert ran
+    holder.call("release")
+    # A helper still blocked takes the lock now: an abandoned one drops it at once, one
+    # that nobody gave up keeps it (a lock of this process's with no run behind it).
+    _until_nobody_blocks_on(session)
+    assert probe(session).state == ProbeState.FREE
+    with SessionLock(session, lane="after", on_contention="fail"):
+        pass
+
+
+def _until_nobody_blocks_on(session: Path, limit: float = 30.0) -> None:
+    """Return once no process is blocked in flock(2) on the session's sidecar (no
+    ``->`` FLOCK line in /proc/locks); ``limit`` bounds a broken build."""
+    import time
+
+    marks.require("proc_locks")
+    inode = str(Path(str(session) + ".holder").stat().st_ino)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with open("/proc/locks") as f:
+            blocked = [line for line in f if "->" in line.split() and "FLOCK" in line
+                       and line.split()[-3].rsplit(":", 1)[-1] == inode]
+        if not blocked:
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"a process stayed blocked on the sidecar lock of {session}")
