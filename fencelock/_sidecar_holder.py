@@ -452,10 +452,18 @@ class SidecarHolder:
         """Mark the record released and drop the lock (under the lock object's ``_io``,
         or where no record write can follow: see `SessionLock.release`)."""
         fd, self._fd = self._fd, -1
+        written = False
         try:
             self._write_released(fd, lock)
+            written = True
         finally:
             try:
+                if not written:
+                    # An interrupt (KeyboardInterrupt, a signal handler's exception) cut
+                    # the write short: once more, or the session reads as stale (its
+                    # record "held", the lock free) though its run ended and lives on.
+                    with contextlib.suppress(Exception):
+                        self._write_released(fd, lock)
                 _platform.unlock(fd)
                 if time.time() - lock._acquired_at >= HAND_OVER_AFTER:
                     _platform.hand_over()
@@ -495,10 +503,12 @@ class SidecarHolder:
             # The last appends' fence point with "released"; or a release inside the
             # prompt window, which ends the window too.
             if self._behind or lock._phase is PROMPT:
-                self._behind, lock._phase = False, WRITE
+                # Behind until written: a second try after an interrupt writes it all.
+                self._behind, lock._phase = True, WRITE
                 _sidecar.write_bytes(
                     fd, self.sidecar, lock._encode(RELEASED), self._record_len
                 )
+                self._behind = False
             else:  # flip "held" to "released" in place: one small write
                 os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
         except OSError as e:

@@ -1004,6 +1004,35 @@ def test_an_interrupt_while_a_session_file_is_checked_leaks_no_descriptor(sessio
     assert _open_fds() == before
 
 
+@pytest.mark.parametrize("where", ["the in-place flip", "the whole record"])
+def test_an_interrupt_as_release_writes_the_record_still_leaves_it_released(
+    session: Path, where: str
+) -> None:
+    """KeyboardInterrupt (or a signal handler's exception) landing as `release()`
+    writes "released": the lock is let go all the same, and the record must say so, or
+    the session reads as stale (a run that died) while its process lives on, and no
+    second `release()` can mend it."""
+    from conftest import interrupted_on_entry
+
+    lock = SessionLock(session, "interrupted")
+    lock.acquire()
+    if where == "the whole record":
+        lock.append({"n": 1})  # the record lags the append: release writes all of it
+        target: Any = SessionLock._encode
+    else:
+        target = os.pwrite  # a held record flipped to "released" in place
+    with interrupted_on_entry(target) as raised, pytest.raises(KeyboardInterrupt):
+        lock.release()
+    assert raised and not lock.held
+    status = probe(session)
+    assert status.state == ProbeState.FREE, status
+    assert status.record is not None and status.record.state == "released"
+    if where == "the whole record":
+        assert status.fence_ok  # the record's fingerprint is the append's
+    with SessionLock(session, "next", on_contention="fail"):
+        pass
+
+
 @pytest.mark.parametrize("gil", [True, False])
 def test_a_signal_handler_that_releases_in_the_middle_of_an_append_releases_after_it(
     session: Path, monkeypatch: pytest.MonkeyPatch, gil: bool
