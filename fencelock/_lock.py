@@ -344,15 +344,29 @@ class SessionLock:
         """Take the session; returns the record written. Reentrant for the same owner."""
         # Built before any wait: what is left once the lock comes is quicker to do.
         shell = self._info_shell()
-        self._enter(self.timeout if timeout == "default" else _wait.limit(timeout))
-        return self._info or self._completed_info(shell)
-
-    def _enter(self, wait: float | None) -> None:
+        wait = self.timeout if timeout == "default" else _wait.limit(timeout)
         me = _whoami()
+        mine = self._count if self._owner == me and self._pid == _identity.ME.pid else 0
+        try:
+            self._enter(me, wait)
+            return self._info or self._completed_info(shell)
+        except BaseException:
+            self._give_back(me, mine)
+            raise
+
+    def _enter(self, me: object, wait: float | None) -> None:
         if self._count and self._owner == me and self._pid == _identity.ME.pid:
             self._count += 1
         else:
             self._acquire(me, None if wait is None else time.monotonic() + wait, None)
+
+    def _give_back(self, me: object, mine: int) -> None:
+        """An exception escaped an acquire that had taken the session (an interrupt:
+        KeyboardInterrupt, a signal handler's exception, landing as it returned): the
+        caller never learns it holds, and ``with`` never runs its exit. Give back what
+        this acquire took: ``mine`` is the owner's count before it."""
+        if self._count > mine and self._owner == me and self._pid == _identity.ME.pid:
+            self.release()
 
     def _acquire(
         self, me: object, deadline: float | None, cancel: threading.Event | None
@@ -544,7 +558,13 @@ class SessionLock:
         _free_slot(self._key, self)
 
     def __enter__(self) -> SessionLock:
-        self._enter(self.timeout)
+        me = _whoami()
+        mine = self._count if self._owner == me and self._pid == _identity.ME.pid else 0
+        try:
+            self._enter(me, self.timeout)
+        except BaseException:
+            self._give_back(me, mine)
+            raise
         return self
 
     def __exit__(

@@ -421,6 +421,30 @@ def on_entry(
         set_hook(before)
 
 
+@contextmanager
+def on_return(function: Callable[..., Any], action: Callable[[], object]) -> Iterator[list[bool]]:
+    """Run ``action`` as the Python ``function`` returns in this thread, once: what a
+    signal handler does when its signal comes right then (an exception from ``action``
+    replaces the return). Yields a list that holds True once it ran."""
+    code = function.__code__
+    ran: list[bool] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+        if event == "return" and not ran:
+            ran.append(True)
+            action()
+        return tracer
+
+    before = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        yield ran
+    finally:
+        sys.settrace(before)
+
+
 def _interrupt() -> None:
     raise KeyboardInterrupt
 

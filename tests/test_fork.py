@@ -5,10 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 import marks
 import pytest
@@ -80,29 +79,6 @@ def test_an_interrupt_as_the_lock_arrives_leaves_no_lock_behind(
         pass
 
 
-@contextmanager
-def _interrupted_as_it_returns(function: Callable[..., object]) -> Iterator[list[bool]]:
-    """Raise `Interrupt` as the Python ``function`` returns in this thread, once: what a
-    signal handler does when its signal comes right then."""
-    code = function.__code__
-    ran: list[bool] = []
-
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        if frame.f_code is not code:
-            return None
-        if event == "return" and not ran:
-            ran.append(True)
-            raise Interrupt
-        return tracer
-
-    before = sys.gettrace()
-    sys.settrace(tracer)
-    try:
-        yield ran
-    finally:
-        sys.settrace(before)
-
-
 @pytest.mark.parametrize("how", ["SessionLock timeout", "wait_until_unlocked timeout"])
 @pytest.mark.parametrize("where", ["Waiter._begin", "start_new_thread returns",
                                    "Waiter.start returns"])
@@ -115,7 +91,7 @@ def test_an_interrupt_as_the_helper_starts_leaves_no_lock_behind(
     until the process exits, with no run holding the session."""
     import _thread
 
-    from conftest import on_entry
+    from conftest import on_entry, on_return
 
     def interrupt() -> None:
         raise Interrupt
@@ -126,7 +102,7 @@ def test_an_interrupt_as_the_helper_starts_leaves_no_lock_behind(
         "Waiter._begin": lambda: on_entry(_wait.Waiter._begin, interrupt),
         "start_new_thread returns": lambda: on_entry(_thread.start_new_thread, interrupt,
                                                      at_return=True),
-        "Waiter.start returns": lambda: _interrupted_as_it_returns(_wait.Waiter.start),
+        "Waiter.start returns": lambda: on_return(_wait.Waiter.start, interrupt),
     }[where]()
     with injected as ran, pytest.raises(Interrupt):
         if how == "SessionLock timeout":

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -1002,6 +1004,49 @@ def test_an_interrupt_while_a_session_file_is_checked_leaks_no_descriptor(sessio
         _sidecar.open_regular(str(session), os.O_RDONLY)
     assert raised
     assert _open_fds() == before
+
+
+@pytest.mark.parametrize(("how", "where"), [
+    ("with", "the store's acquire returns"), ("with", "the count is set"),
+    ("acquire()", "the store's acquire returns"), ("acquire()", "the count is set"),
+    ("acquire()", "the record is built"), ("reentrant acquire()", "the count is set"),
+])
+def test_an_interrupt_as_an_acquire_returns_gives_the_session_back(
+    session: Path, how: str, where: str
+) -> None:
+    """KeyboardInterrupt (or a signal handler's exception) landing once the session is
+    taken but before `acquire()` or ``with`` hands it to the caller: the caller never
+    learns it holds it, and ``with`` never runs its exit. What that acquire took is
+    given back: the session is free again (or, reentrant, held once, as before)."""
+    from conftest import interrupted_on_entry, on_return
+
+    from fencelock._sidecar_holder import SidecarHolder
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    lock = SessionLock(session, "interrupted")
+    if how == "reentrant acquire()":
+        lock.acquire()
+    makers: dict[str, Callable[[], AbstractContextManager[list[bool]]]] = {
+        "the store's acquire returns": lambda: on_return(SidecarHolder.acquire, interrupt),
+        "the count is set": lambda: on_return(SessionLock._enter, interrupt),
+        "the record is built": lambda: interrupted_on_entry(SessionLock._completed_info),
+    }
+    with makers[where]() as raised, pytest.raises(KeyboardInterrupt):
+        if how == "with":
+            with lock:
+                pytest.fail("the body ran")
+        else:
+            lock.acquire()
+    assert raised
+    if how == "reentrant acquire()":
+        assert lock.held and lock._count == 1  # the first acquire's, still held
+        lock.release()
+    assert not lock.held
+    assert probe(session).state == ProbeState.FREE
+    with SessionLock(session, "next", on_contention="fail"):
+        pass
 
 
 @pytest.mark.parametrize("where", ["the in-place flip", "the whole record"])
