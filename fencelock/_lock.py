@@ -92,14 +92,34 @@ def _static_part(
     )
 
 
+class _ThreadOwner:
+    """A thread as the owner of a lock object, for reentrancy: one per thread, for the
+    thread's life. A thread id will not do: the system gives a finished thread's id to
+    a later thread, which would then re-enter a lock the first one left held (handed to
+    another thread to release)."""
+
+    __slots__ = ()
+
+
+_threads = threading.local()
+
+
+def _this_thread() -> _ThreadOwner:
+    try:
+        owner: _ThreadOwner = _threads.owner
+    except AttributeError:
+        owner = _threads.owner = _ThreadOwner()
+    return owner
+
+
 def _whoami() -> object:
     """The owner identity for reentrancy: the asyncio task if any, else the thread."""
     # No task can be running in a process that never imported asyncio.
     aio = sys.modules.get("asyncio")
     if aio is None or aio._get_running_loop() is None:
-        return threading.get_ident()
+        return _this_thread()
     task = aio.current_task()
-    return task if task is not None else threading.get_ident()
+    return task if task is not None else _this_thread()
 
 
 _take_slot = _registry.take
@@ -591,7 +611,7 @@ class SessionLock:
 
         # Called outside any task (the coroutine made before a loop runs it): the task
         # that runs it.
-        me = _whoami() if isinstance(caller, int) else caller
+        me = _whoami() if isinstance(caller, _ThreadOwner) else caller
         if self.held and self._owner == me:
             self._count += 1
             info = self.info

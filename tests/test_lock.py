@@ -181,6 +181,44 @@ def test_same_object_from_another_thread_is_not_reentrant(session: Path) -> None
     assert len(errors) == 1 and isinstance(errors[0], SessionContendedError)
 
 
+def test_a_later_thread_with_a_finished_threads_id_is_not_reentrant(session: Path) -> None:
+    """A thread takes the session and ends, leaving the run to another thread to
+    release (any thread of the process may). A later thread that the system gives the
+    same thread id must contend like any other, not re-enter the finished one's hold."""
+    lock = SessionLock(session, on_contention="fail")
+    first: list[int] = []
+
+    def take() -> None:
+        first.append(threading.get_ident())
+        lock.acquire()
+
+    t = threading.Thread(target=take)
+    t.start()
+    t.join()
+    outcome: list[object] = []
+
+    def again() -> None:
+        if threading.get_ident() != first[0]:
+            return
+        try:
+            outcome.append(lock.acquire())
+        except BaseException as e:
+            outcome.append(e)
+
+    # The C library hands a finished thread's id (its stack) to the next thread made.
+    for _ in range(100):
+        t = threading.Thread(target=again)
+        t.start()
+        t.join()
+        if outcome:
+            break
+    assert outcome, "no later thread got the finished thread's id"
+    assert isinstance(outcome[0], SessionContendedError), outcome
+    assert lock._count == 1
+    lock.release()
+    assert not lock.held
+
+
 def test_release_without_acquire_raises(session: Path) -> None:
     with pytest.raises(NotHeldError):
         SessionLock(session).release()
