@@ -852,7 +852,8 @@ def _wait_with_progress(
 @_backend_option
 def wait(session: str, timeout: float | None, backend: str | None) -> None:
     """Wait until SESSION has no live holder. Exit 0 when free (or stale), 4 when
-    --timeout passes first, naming the holder. On a terminal a progress line shows
+    --timeout passes first, naming the holder, 1 when it cannot be looked at (an
+    unreadable or corrupt sidecar, a missing directory). On a terminal a progress line shows
     who holds it and for how long. A process outside fencelock that holds the
     sidecar's lock, even a shared one (flock -s), is a live holder too.
 
@@ -1000,14 +1001,17 @@ def recover_command(
                             backend=backend)
                 seen.settled = True
             except SessionContendedError as e:
-                if as_json:  # still held with --no-fresh: say so on stdout too
+                # Still held with --no-fresh: the advice is not recover (this command).
+                message = (f"{e.situation()}; wait longer (--wait), or recover without "
+                           "--no-fresh to start a fresh session")
+                if as_json:  # say so on stdout too
                     echo_json({
                         "action": None, "session": None, "original": e.session,
                         "waited": None if e.waited is None else round(e.waited, 3),
-                        "carried_lines": 0, "error": str(e),
+                        "carried_lines": 0, "error": message,
                         "holder": status_json(probe(e.session, backend=backend), time.time()),
                     })
-                raise
+                raise ContendedCliError(message) from None
             except (FenceLockError, OSError) as e:
                 failed(os_message(e) if isinstance(e, OSError) else str(e), looked=True)
                 raise

@@ -79,22 +79,27 @@ class SessionContendedError(CoordinationError):
     ):
         self.session = session
         self.holder = holder
+        """The live holder's record; None when the lock is held without one."""
         self.last = last
         """Without a live record: the session's last record, when it names the
         `fencelock run` whose command left the processes that hold the lock."""
         self.backend = backend
         """The holder store's URL (etcd) the session is held in; None for its sidecar."""
-        """The live holder's record; None when the lock is held without one."""
         self.waited = waited
         self.lock_owners = lock_owners
         """Without a record: the processes the system lists as holding the lock (see
         `HolderStatus.lock_owners`), None where it cannot say."""
-        who = describe_holder(holder, lock_owners, last)
-        how = f", after waiting {waited:.1f}s" if waited and waited >= 0.05 else ""
         super().__init__(
-            f"{session}: held by {who}{how}; wait for it, or start a fresh session "
+            f"{self.situation()}; wait for it, or start a fresh session "
             f"({fresh_session_command(session, backend)})"
         )
+
+    def situation(self) -> str:
+        """The message without its advice: ``SESSION: held by WHO[, after waiting Ns]``."""
+        who = describe_holder(self.holder, self.lock_owners, self.last)
+        waited = self.waited
+        how = f", after waiting {waited:.1f}s" if waited and waited >= 0.05 else ""
+        return f"{self.session}: held by {who}{how}"
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild_contended, (self.session, self.holder, self.waited,

@@ -1252,6 +1252,9 @@ def test_recover_live_goes_fresh_or_exits_4(session: Path, spawn_holder: SpawnHo
     refused = cli("recover", "--wait", "0", "--no-fresh", str(session))
     assert refused.returncode == 4
     assert f"pid {h.pid}" in refused.stderr
+    # The way on is recover without --no-fresh, not the command just given.
+    assert "without --no-fresh" in refused.stderr and "(fencelock recover" not in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1
     out = cli("recover", "--wait", "0", "--json", str(session))
     assert out.returncode == 0, out.stderr
     obj = json.loads(out.stdout)
@@ -1494,6 +1497,7 @@ def test_recover_no_fresh_json_says_still_held_on_stdout(
     assert obj["action"] is None and obj["session"] is None
     assert obj["original"] == str(session) and obj["holder"]["lane"] == "busy"
     assert "busy" in out.stderr
+    assert "without --no-fresh" in obj["error"] and obj["error"] in out.stderr
 
 
 @pytest.mark.parametrize("where", ["a directory", "a missing directory"])
