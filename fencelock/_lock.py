@@ -104,22 +104,17 @@ class _ThreadOwner:
 _threads = threading.local()
 
 
-def _this_thread() -> _ThreadOwner:
-    try:
-        owner: _ThreadOwner = _threads.owner
-    except AttributeError:
-        owner = _threads.owner = _ThreadOwner()
-    return owner
-
-
 def _whoami() -> object:
     """The owner identity for reentrancy: the asyncio task if any, else the thread."""
     # No task can be running in a process that never imported asyncio.
     aio = sys.modules.get("asyncio")
-    if aio is None or aio._get_running_loop() is None:
-        return _this_thread()
-    task = aio.current_task()
-    return task if task is not None else _this_thread()
+    if aio is None or aio._get_running_loop() is None or (task := aio.current_task()) is None:
+        try:
+            return _threads.owner
+        except AttributeError:
+            owner = _threads.owner = _ThreadOwner()
+            return owner
+    return task
 
 
 _take_slot = _registry.take

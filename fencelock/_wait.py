@@ -65,7 +65,10 @@ class Waiter:
         self.mutex = threading.Lock()
         self.abandoned = False
         self.running = False
-        """Its thread has begun: only then can a later wait adopt it."""
+        """Its thread has begun: only then can a later wait adopt it. A waiter given
+        up before that is never pending: its thread closes the descriptor as it
+        begins (an interrupt before the thread was made leaves the descriptor open,
+        with no lock on it)."""
         self.finished = False
         self.error: BaseException | None = None
 
@@ -77,6 +80,10 @@ class Waiter:
     def _run(self) -> None:
         with self.mutex:
             self.running = True
+            if self.abandoned:  # given up before this thread began: nothing to wait for
+                _sidecar.close(self.fd)
+                self.finished = True
+                return
         try:
             _platform.lock_blocking(self.fd, self.shared)
         except BaseException as e:  # handed to the waiting side
@@ -129,7 +136,8 @@ class Waiter:
                     got.append(self.fd)
                 return True
             self.abandoned = True
-            _pending[self.key] = self
+            if self.running:  # else its thread, if it ever begins, ends at once
+                _pending[self.key] = self
             return False
 
     def give_up_and_close(self) -> None:

@@ -117,6 +117,20 @@ def test_an_interrupt_as_the_helper_starts_leaves_no_lock_behind(
     assert probe(session).state == ProbeState.FREE
     with SessionLock(session, lane="after", on_contention="fail"):
         pass
+    # Nor is a waiter left pending for a later wait to adopt: one whose thread never
+    # began would never hand the lock over.
+    _until_not_pending(str(session) + ".holder")
+
+
+def _until_not_pending(sidecar: str, limit: float = 30.0) -> None:
+    """Return once no abandoned waiter of this process is pending on ``sidecar`` (one
+    still blocked ends as soon as it gets the lock); ``limit`` bounds a broken build."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while any(key[0] == sidecar for key in _wait._pending):
+        assert time.monotonic() < deadline, f"a waiter stays pending on {sidecar}"
+        time.sleep(0.001)
 
 
 def _until_nobody_blocks_on(session: Path, limit: float = 30.0) -> None:
