@@ -207,7 +207,7 @@ class SidecarHolder:
                 lock._count, lock._owner, lock._pid = 1, me, _identity.ME.pid
             except BaseException as e:
                 lock._count = 0
-                self._unwrite_record(lock)
+                self._unwrite_record(lock, run_id)
                 if isinstance(e, PlantedFileError):
                     self._remove_if_empty()
                 self._close_fd()
@@ -284,12 +284,13 @@ class SidecarHolder:
             return fd, st
         if deadline is not None and deadline <= time.monotonic():
             raise self._contended(start)  # a try (timeout 0): no helper to start
-        box: list[_wait.Waiter] = []
+        mine: list[int] = [fd]
+        box: list[tuple[_wait.Waiter, object]] = []
         got: list[int] = []
         try:
-            self._fd = -1  # the helper's once it is in the box (see `Waiter.start`)
-            _wait.Waiter.start((self.sidecar, False), fd, box)
-            waiter = box[0]
+            self._fd = -1  # ``mine``'s from here, then the helper's (see `Waiter.start`)
+            _wait.Waiter.start((self.sidecar, False), mine, box)
+            waiter, claim = box[0]
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 # With a cancel event, wake every 50 ms to notice it.
@@ -300,16 +301,12 @@ class SidecarHolder:
                     break
                 if cancel is not None and cancel.is_set():
                     break
-            if waiter.give_up(got):
+            if waiter.give_up(claim, got):
                 self._fd = got[0]
         except BaseException:  # e.g. KeyboardInterrupt, perhaps just as the lock came
-            if got:
-                if self._fd != got[0]:
-                    _sidecar.close(got[0])
-            elif box:
-                box[0].give_up_and_close()
-            elif self._fd == -1:
-                _sidecar.close(fd)  # not handed to a helper yet
+            if got and self._fd != got[0]:
+                _sidecar.close(got[0])
+            _wait.abandon(mine, box, got)
             raise
         if not got:
             if cancel is not None and cancel.is_set():
@@ -385,11 +382,13 @@ class SidecarHolder:
         self._unmarked = fp is None
         self.write(lock)  # under lock._io, which acquire() holds
 
-    def _unwrite_record(self, lock: SessionLock) -> None:
+    def _unwrite_record(self, lock: SessionLock, run_id: str) -> None:
         """An interrupt (KeyboardInterrupt, a signal handler's exception) landed after
-        this acquire wrote its record but before it counted as held: mark the record
-        released, so the session does not read as stale once the lock is dropped."""
-        if self._fd < 0 or not lock._run_id:
+        this acquire (run ``run_id``) wrote its record but before it counted as held:
+        mark the record released, so the session does not read as stale once the lock
+        is dropped. Nothing to do (nothing read) unless this acquire got as far as its
+        record: ``self._fd`` may be a descriptor that never got the lock."""
+        if self._fd < 0 or lock._run_id is not run_id:
             return
         try:
             record = _sidecar.read(self._fd, self.sidecar)

@@ -52,10 +52,12 @@ class _Done:
 class Waiter:
     """A blocking flock on ``fd`` in a helper thread; see the module docstring.
 
-    Built by `start`, which puts it in the caller's box before its thread starts, so
-    that an interrupt (KeyboardInterrupt, a signal handler's exception) landing
-    anywhere in the start leaves the caller a waiter to give up, never a helper that
-    takes the lock for nobody."""
+    Whoever waits on it holds a claim: `start` puts the waiter and the caller's claim in
+    the caller's box before its thread starts, and `give_up` acts for the current claim
+    only, once. So an interrupt (KeyboardInterrupt, a signal handler's exception)
+    landing anywhere leaves the caller a waiter to give up, never a helper that takes
+    the lock for nobody, and a second give-up (the caller's error path, after a later
+    wait adopted the waiter) closes nothing twice and takes nothing back."""
 
     def __init__(self, fd: int, key: tuple[str, bool]) -> None:
         self.fd = fd
@@ -63,12 +65,13 @@ class Waiter:
         self.shared = key[1]
         self.done = _Done()
         self.mutex = threading.Lock()
+        self.claim: object | None = object()
+        """The claim of the wait the waiter serves now; None once given up."""
         self.abandoned = False
         self.running = False
         """Its thread has begun: only then can a later wait adopt it. A waiter given
-        up before that is never pending: its thread closes the descriptor as it
-        begins (an interrupt before the thread was made leaves the descriptor open,
-        with no lock on it)."""
+        up before that is never pending, and its descriptor is closed there and then
+        (its thread, if it ever begins, ends at once)."""
         self.finished = False
         self.error: BaseException | None = None
 
@@ -80,8 +83,7 @@ class Waiter:
     def _run(self) -> None:
         with self.mutex:
             self.running = True
-            if self.abandoned:  # given up before this thread began: nothing to wait for
-                _sidecar.close(self.fd)
+            if self.abandoned:  # given up before this thread began (which closed fd)
                 self.finished = True
                 return
         try:
@@ -97,54 +99,73 @@ class Waiter:
                 return
             self.done.set()
 
-    def adopt(self, box: list[Waiter]) -> bool:
-        """Take over an abandoned waiter that is still blocked, putting it in ``box``;
-        False if it is gone (or its thread never began)."""
+    def adopt(self, box: list[tuple[Waiter, object]]) -> bool:
+        """Take over an abandoned waiter that is still blocked, putting it and a new
+        claim in ``box``; False if it is gone (or its thread never began)."""
         with self.mutex:
-            if self.finished or not self.running:
+            if self.finished or not self.running or not self.abandoned:
                 return False
             self.abandoned = False
-            box.append(self)  # in the box before anything can interrupt the caller
+            self.claim = claim = object()
+            box.append((self, claim))  # in the box before anything can interrupt the caller
             return True
 
     @staticmethod
-    def start(key: tuple[str, bool], fd: int, box: list[Waiter]) -> None:
-        """Put in ``box`` a waiter for ``fd``'s sidecar: an abandoned one still
-        blocked, or a new one. An empty ``box`` (an interrupt came first) leaves ``fd``
-        the caller's; once the box holds a waiter, ``fd`` is its (closed when an
-        existing waiter is adopted), and the caller gives the waiter up if it stops."""
+    def start(key: tuple[str, bool], mine: list[int], box: list[tuple[Waiter, object]]) -> None:
+        """Put in ``box`` a waiter for the sidecar of the descriptor in ``mine``, with
+        the caller's claim: an abandoned waiter still blocked (the descriptor is then
+        closed), or a new one (which takes it). Whoever pops ``mine`` owns that
+        descriptor: what is left in it after an interrupt is still the caller's."""
         old = _pending.pop(key, None)
         if old is not None and old.adopt(box):
-            _sidecar.close(fd)
+            _sidecar.close(mine.pop())
             return
-        waiter = Waiter(fd, key)
-        box.append(waiter)
+        waiter = Waiter(mine.pop(), key)
+        box.append((waiter, waiter.claim))
         waiter._begin()
 
-    def give_up(self, got: list[int] | None = None) -> bool:
-        """Stop waiting: True if the lock arrived meanwhile (the fd is then ours, and
-        put in ``got`` before anything can interrupt the caller)."""
+    def give_up(self, claim: object, got: list[int]) -> bool:
+        """Stop waiting, for ``claim`` (once; any other claim gets False and changes
+        nothing). True if the lock arrived meanwhile: the descriptor is then the
+        caller's, put in ``got`` before anything can interrupt the caller."""
         with self.mutex:
+            if claim is not self.claim:
+                return False  # given up already, or adopted by a later wait since
+            self.claim = None
             if self.done.is_set():  # the descriptor is the caller's from here
                 if self.error is not None:
-                    _sidecar.close(self.fd)
+                    fd, self.fd = self.fd, -1
+                    _sidecar.close(fd)
                     raise SidecarAccessError(
                         self.key[0], self.error if isinstance(self.error, OSError)
                         else OSError(str(self.error)), "waiting for its lock failed"
                     ) from self.error
-                if got is not None:
-                    got.append(self.fd)
+                got.append(self.fd)
                 return True
             self.abandoned = True
-            if self.running:  # else its thread, if it ever begins, ends at once
+            if self.running:
                 _pending[self.key] = self
+            else:  # no thread uses the descriptor yet (it checks `abandoned` first)
+                fd, self.fd = self.fd, -1
+                _sidecar.close(fd)
             return False
 
-    def give_up_and_close(self) -> None:
+    def give_up_and_close(self, claim: object) -> None:
         """Stop waiting because of an error: a lock that arrived meanwhile is dropped."""
+        got: list[int] = []
         with contextlib.suppress(SidecarAccessError):  # its descriptor is closed then
-            if self.give_up():
-                _sidecar.close(self.fd)
+            if self.give_up(claim, got):
+                _sidecar.close(got[0])
+
+
+def abandon(mine: list[int], box: list[tuple[Waiter, object]], got: list[int]) -> None:
+    """After an interrupt or error in a wait that used `Waiter.start`: close or give up
+    whatever of it is still the caller's (a descriptor ``got`` back is the caller's
+    to close, unless it already has)."""
+    if box and not got:
+        box[0][0].give_up_and_close(box[0][1])
+    if mine:
+        _sidecar.close(mine.pop())
 
 
 def limit(seconds: float | None, what: str = "timeout") -> float | None:
@@ -242,21 +263,18 @@ def _shared_lock(
         finally:
             _sidecar.close(fd)
         return st
-    box: list[Waiter] = []
+    mine: list[int] = [fd]  # see `Waiter.start`
+    box: list[tuple[Waiter, object]] = []
     got: list[int] = []
     try:
-        Waiter.start((sidecar, True), fd, box)
-        waiter = box[0]
+        Waiter.start((sidecar, True), mine, box)
+        waiter, claim = box[0]
         waiter.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        if not waiter.give_up(got):
+        if not waiter.give_up(claim, got):
             return None
         return st if got[0] == fd else os.fstat(got[0])
     except BaseException:
-        if not got:
-            if box:
-                box[0].give_up_and_close()
-            else:
-                _sidecar.close(fd)  # not handed to a waiter yet
+        abandon(mine, box, got)
         raise
     finally:
         if got:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import marks
 import pytest
 from conftest import SpawnHolder
 
-from fencelock import ProbeState, SessionLock, _wait, probe
+from fencelock import ProbeState, SessionContendedError, SessionLock, _wait, probe
 
 HERE = Path(__file__).parent
 
@@ -42,12 +45,13 @@ def test_an_interrupt_as_the_lock_arrives_leaves_no_lock_behind(
 
     holder = spawn_holder(session, lane="holder")
     holder.acquire()
-    real_start: Callable[[tuple[str, bool], int, list[_wait.Waiter]], None] = \
-        _wait.Waiter.start
+    real_start: Callable[[tuple[str, bool], list[int], list[tuple[_wait.Waiter, object]]],
+                         None] = _wait.Waiter.start
 
-    def start(key: tuple[str, bool], fd: int, box: list[_wait.Waiter]) -> None:
-        real_start(key, fd, box)
-        waiter = box[0]
+    def start(key: tuple[str, bool], mine: list[int],
+              box: list[tuple[_wait.Waiter, object]]) -> None:
+        real_start(key, mine, box)
+        waiter = box[0][0]
         real_wait = waiter.done.wait
 
         def wait(timeout: float | None = None) -> bool:
@@ -98,6 +102,8 @@ def test_an_interrupt_as_the_helper_starts_leaves_no_lock_behind(
 
     holder = spawn_holder(session, lane="holder")
     holder.acquire()
+    sidecar = str(session) + ".holder"
+    before = _sidecar_fds(sidecar)
     injected: AbstractContextManager[list[bool]] = {
         "Waiter._begin": lambda: on_entry(_wait.Waiter._begin, interrupt),
         "start_new_thread returns": lambda: on_entry(_thread.start_new_thread, interrupt,
@@ -118,8 +124,19 @@ def test_an_interrupt_as_the_helper_starts_leaves_no_lock_behind(
     with SessionLock(session, lane="after", on_contention="fail"):
         pass
     # Nor is a waiter left pending for a later wait to adopt: one whose thread never
-    # began would never hand the lock over.
-    _until_not_pending(str(session) + ".holder")
+    # began would never hand the lock over. Nor a descriptor of the sidecar left open.
+    _until_not_pending(sidecar)
+    assert _sidecar_fds(sidecar) == before
+
+
+def _sidecar_fds(sidecar: str) -> list[str]:
+    """This process's open descriptors of ``sidecar``."""
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == sidecar:
+                fds.append(fd)
+    return sorted(fds)
 
 
 def _until_not_pending(sidecar: str, limit: float = 30.0) -> None:
@@ -149,3 +166,115 @@ def _until_nobody_blocks_on(session: Path, limit: float = 30.0) -> None:
             return
         time.sleep(0.001)
     raise AssertionError(f"a process stayed blocked on the sidecar lock of {session}")
+
+
+@pytest.mark.parametrize("how", ["SessionLock timeout", "wait_until_unlocked timeout"])
+def test_a_helper_whose_lock_call_fails_has_its_descriptor_closed_once(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The helper's blocking lock call fails (ENOLCK: no lock service on an NFS mount):
+    the wait raises `SidecarAccessError` naming the sidecar, having closed its
+    descriptor once. A second close of the same number could close whatever another
+    thread opened meanwhile."""
+    import errno
+
+    from fencelock import SidecarAccessError, _forkguard, _platform
+
+    holder = spawn_holder(session, lane="holder")
+    holder.acquire()
+    sidecar = str(session) + ".holder"
+
+    def no_lock_service(fd: int, shared: bool = False) -> None:  # the helper's call
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    closed: list[int] = []
+    real_close = _forkguard.close
+
+    def close(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(_platform, "lock_blocking", no_lock_service)
+    monkeypatch.setattr(_forkguard, "close", close)
+    monkeypatch.setattr("fencelock._sidecar.close", close)
+    with pytest.raises(SidecarAccessError, match="waiting for its lock failed"):
+        if how == "SessionLock timeout":
+            SessionLock(session, lane="waiter", timeout=30).acquire()
+        else:
+            _wait.wait_until_unlocked(sidecar, 30)
+    assert closed and len(closed) == len(set(closed)), closed
+    assert _sidecar_fds(sidecar) == []
+
+
+def test_an_interrupted_wait_does_not_take_back_a_helper_another_wait_adopted(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """Thread A's timed wait gives its helper up (it stays pending, blocked); an
+    interrupt lands in A as that returns, and before A's error path runs, thread B's
+    wait adopts the helper. A's error path must leave B's helper alone: B then gets
+    the lock as soon as the holder lets go."""
+    import time
+
+    holder = spawn_holder(session, lane="holder")
+    holder.acquire()
+    sidecar = str(session) + ".holder"
+    results: dict[str, tuple[bool, float]] = {}
+    adopted = threading.Event()
+
+    def wait_in_b() -> None:
+        start = time.monotonic()
+        results["B"] = (_wait.wait_until_unlocked(sidecar, 30), time.monotonic() - start)
+
+    code = _wait.Waiter.give_up.__code__
+    fired: list[threading.Thread] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+        if event == "return" and arg is False and not fired:
+            waiter = frame.f_locals["self"]
+            b = threading.Thread(target=wait_in_b)
+            fired.append(b)
+            b.start()
+            deadline = time.monotonic() + 30
+            while waiter.abandoned or (sidecar, True) in _wait._pending:  # B adopts it
+                assert time.monotonic() < deadline, "B never adopted the helper"
+                time.sleep(0.001)
+            adopted.set()
+            raise Interrupt  # A's signal handler, as its give-up returns
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(Interrupt):
+            _wait.wait_until_unlocked(sidecar, 0.2)  # thread A
+    finally:
+        sys.settrace(None)
+    assert adopted.is_set()
+    holder.call("release")
+    fired[0].join(60)
+    got, took = results["B"]
+    assert got is True and took < 25, results
+
+
+def test_a_failed_acquire_writes_nothing_to_the_sidecar(session: Path) -> None:
+    """An acquire that never got the lock (another open of the sidecar holds it: a fail-
+    fast acquire, or a try with timeout 0) writes nothing, even where the record on
+    disk is the lock object's own previous run's, still "held"."""
+    import fcntl
+
+    sidecar = str(session) + ".holder"
+    lock = SessionLock(session, lane="again", on_contention="fail")
+    lock.acquire()
+    held = Path(sidecar).read_bytes()  # this run's record, "held"
+    lock.release()
+    Path(sidecar).write_bytes(held)  # as if the release had not written (it did)
+    fd = os.open(sidecar, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # contends as another process would
+        for attempt in (lock, SessionLock(session, lane="try", timeout=0)):
+            with pytest.raises(SessionContendedError):
+                attempt.acquire()
+            assert Path(sidecar).read_bytes() == held
+    finally:
+        os.close(fd)
