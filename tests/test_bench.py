@@ -223,6 +223,9 @@ def test_the_interleaving_check_catches_loss_and_tearing(tmp_path: Path) -> None
     good = [json.dumps({"w": w, "seq": s}) for s in range(3) for w in range(2)]
     session.write_text("\n".join(good) + "\n")
     assert check_lines(str(session), 2, 3)["ok"]
+    assert check_lines(str(session), 2, 3)["same_writer"] == 0  # strict alternation
+    session.write_text("\n".join(sorted(good, key=lambda line: json.loads(line)["w"])) + "\n")
+    assert check_lines(str(session), 2, 3)["same_writer"] == 4 / 5  # one switch in six
     torn = [*good[:2], '{"w": 0, "se{"w": 1, "seq": 1}', *good[4:]]
     session.write_text("\n".join(torn) + "\n")
     result = check_lines(str(session), 2, 3)

@@ -583,8 +583,14 @@ def _no_fsync(fd: object) -> None:
 
 
 def check_lines(session: str, writers: int, turns: int) -> dict[str, Any]:
-    """No line lost, none interleaved: every line parses, every writer's seqs are complete."""
+    """No line lost, none interleaved: every line parses, every writer's seqs are complete.
+
+    Also how often a writer took the next turn itself (``same_writer``, the share of
+    lines written by the writer of the line before): a lock that hands a released turn
+    to a waiter scores low, one whose releaser takes it back before the woken waiter
+    runs scores high (and starves the others)."""
     problems: list[str] = []
+    last, again = None, 0
     seen: dict[int, list[int]] = {w: [] for w in range(writers)}
     count = 0
     with open(session, "rb") as f:
@@ -595,7 +601,10 @@ def check_lines(session: str, writers: int, turns: int) -> dict[str, Any]:
         count += 1
         try:
             entry = json.loads(raw)
-            seen[int(entry["w"])].append(int(entry["seq"]))
+            writer = int(entry["w"])
+            seen[writer].append(int(entry["seq"]))
+            again += writer == last
+            last = writer
         except (ValueError, KeyError, TypeError):
             if len(problems) < 5:
                 problems.append(f"line {number} is not one whole entry: {raw[:80]!r}")
@@ -603,7 +612,8 @@ def check_lines(session: str, writers: int, turns: int) -> dict[str, Any]:
         if seqs != list(range(turns)):
             problems.append(f"writer {w}: {len(seqs)} lines, sequence not 0..{turns - 1} in order")
     return {"lines": count, "expected": writers * turns, "ok": not problems and
-            count == writers * turns, "problems": problems}
+            count == writers * turns, "problems": problems,
+            "same_writer": again / (count - 1) if count > 1 else None}
 
 
 APPEND_ROUNDS = 4
@@ -1137,8 +1147,11 @@ def render(report: Report) -> str:
             out.append(f"  (not judged in {report.mode} mode)")
     out += ["", "checks:"]
     for a in report.checks.get("appends", []):
+        again = "" if a.get("same_writer") is None else (
+            f"; {a['same_writer']:.0%} of turns taken again by the writer before")
         out.append(f"  appends {a['peer']:<20} fsync={a['fsync']!s:<5} lines {a['lines']}"
-                   f"/{a['expected']}: {'ok' if a['ok'] else 'FAILED ' + '; '.join(a['problems'])}")
+                   f"/{a['expected']}: {'ok' if a['ok'] else 'FAILED ' + '; '.join(a['problems'])}"
+                   f"{again}")
     for key in ("scan", "scan_cli", "cold"):
         c = report.checks.get(key)
         if c is not None:
