@@ -48,9 +48,12 @@ class EtcdURL:
 
     @property
     def text(self) -> str:
-        """A URL naming the same store (endpoints, prefix, root), for commands to print."""
+        """A URL naming the same store (endpoints, prefix, root) with the same settings
+        (a TTL other than the default, TLS), for commands to print: a command run from
+        advice holds as the deployment does."""
+        ttl = None if self.ttl == DEFAULT_TTL else f"{self.ttl:g}"
         return f"{self.display}/{quote(self.prefix, safe='/')}" + self._query(
-            ("root", self.root), *self._tls_params)
+            ("ttl", ttl), ("root", self.root), *self._tls_params)
 
     @property
     def connection_text(self) -> str:

@@ -91,6 +91,10 @@ def _no_directory(path: str) -> str | None:
     except (FileNotFoundError, NotADirectoryError) as e:
         what = "does not exist" if isinstance(e, FileNotFoundError) else "is not a directory"
         its = "directory" if named else "its directory"
+        if named and os.path.isdir(os.path.dirname(directory)):
+            # "sessions/x.jsonl/": the '/' may be the mistake, not a missing directory.
+            return (f"{path}: {its} {directory} {what}; check the path (without the "
+                    "trailing '/' it names a session file), or create the directory")
         return f"{path}: {its} {directory} {what}; check the path, or create it"
     except OSError:
         return None  # there may be something; let the library name the cause

@@ -73,7 +73,11 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
             parse(bad)
     tls = parse("etcds://h:1/p?ca=/c%26a.pem&cert=/c.pem&key=/k.pem&ttl=4&root=/srv")
     assert tls == EtcdURL((("h", 1),), "p", 4.0, "/srv", True, "/c&a.pem", "/c.pem", "/k.pem")
-    assert tls.display == "etcds://h:1" and parse(tls.text) == replace(tls, ttl=10.0)
+    # The URL advice prints keeps every setting: a recover run from it holds its fresh
+    # session with the deployment's lease, not the default one.
+    assert tls.display == "etcds://h:1" and parse(tls.text) == tls
+    assert url is not None and parse(url.text) == url
+    assert "ttl" not in str(named.text)  # the default is not spelled out
     assert parse(tls.connection_text) == replace(tls, prefix="_", root=None)
     for bad, word in [("etcd://h:1/p?ca=/ca.pem", "write etcds://"),
                       ("etcds://h:1/p?cert=c.pem", "absolute"),
