@@ -352,8 +352,14 @@ class SessionWriteError(FenceLockError):
         """The session's new fence point (after the failed line was taken back out, or
         with it when ``stored``), when it could be read."""
         reason = cause.strerror or type(cause).__name__
-        fix = (attribute_fix(session) if cause.errno == errno.EPERM
-               else WRITE_FIXES.get(cause.errno or 0))
+        if what == "create" and cause.errno in (errno.EACCES, errno.EPERM):
+            # No file yet: what refused is its directory.
+            fix: str | None = (f"this user cannot create files in "
+                               f"{os.path.dirname(session) or '.'}; fix its permissions")
+        elif cause.errno == errno.EPERM:
+            fix = attribute_fix(session)
+        else:
+            fix = WRITE_FIXES.get(cause.errno or 0)
         if fix is not None:
             reason += f" ({fix})"
         outcome = (

@@ -349,7 +349,7 @@ def append(
             ) from None
         raise SessionTakeoverError(session, expected, None) from None
     except OSError as e:
-        raise SessionWriteError(session, e, "open") from None
+        raise SessionWriteError(session, e, "create" if made else "open") from None
     size = 0 if created else -1  # where the line goes, once the fence check has passed
     try:
         if made:

@@ -561,6 +561,33 @@ def test_unwritable_session_directory(how: str) -> None:
 
 
 @needs_root
+def test_an_append_that_cannot_create_the_session_names_the_directory() -> None:
+    """The sidecar is there (this user's), the session file is not, and the directory
+    takes no new files: the append says the directory is the cause (it said "this user
+    cannot write it; run as its owner", of a file that does not exist)."""
+    with open_directory() as sessions:
+        sidecar = sessions / "s.jsonl.holder"
+        sidecar.write_bytes(b"")
+        os.chown(sidecar, 65534, 65534)
+        os.chown(sessions, 65534, 65534)
+        sessions.chmod(0o555)
+        result = as_user("""
+            lock = SessionLock(args["session"], "a")
+            lock.acquire()
+            try:
+                lock.append({"role": "user"})
+                result = ["appended"]
+            except FenceLockError as e:
+                result = [type(e).__name__, str(e)]
+            lock.release()
+        """, session=str(sessions / "s.jsonl"))
+        assert result[0] == "SessionWriteError", result
+        assert f"this user cannot create files in {sessions}; fix its permissions" in result[1]
+        assert "the entry was not stored" in result[1]
+        assert not (sessions / "s.jsonl").exists()
+
+
+@needs_root
 def test_a_torn_file_this_user_may_write_but_not_read_still_gets_the_fragment() -> None:
     """`S.torn` with mode 0200 (write only): the torn tail is kept aside and cut as it
     was before the check that reads what it holds, not refused."""
