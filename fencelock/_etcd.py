@@ -354,6 +354,61 @@ def _http_status(e: Exception, exceptions: Any) -> str:
 _TIMEOUT_STATUS = {"Request Timeout": "408", "Gateway Timeout": "504"}
 
 
+def _integer(value: object) -> bool:
+    """Whether ``value`` is an integer as etcd's gateway writes one (int64 as a string)."""
+    if isinstance(value, str):
+        return value.strip().lstrip("-").isdigit()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _objects(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+
+
+def _misshapen(path: str, payload: dict[str, Any], result: dict[str, Any]) -> str | None:
+    """What an answer to ``path`` (asked with ``payload``) lacks of the shape etcd
+    always gives it and the store reads (a lease's ID, one response for each operation
+    of the branch a transaction took, ...); None when it has that shape."""
+    if not isinstance(result.get("header", {}), dict):
+        return "a header object"
+    if path == "/lease/grant" and not (_integer(result.get("ID"))
+                                       and _integer(result.get("TTL", 0))):
+        return "a lease ID and TTL"
+    if path == "/lease/keepalive":
+        kept = result.get("result", {})
+        if not isinstance(kept, dict) or not _integer(kept.get("TTL", -1)):
+            return "a lease TTL"
+    if path == "/kv/lease/timetolive" and not _integer(result.get("TTL", -1)):
+        return "a lease TTL"
+    if not _objects(result.get("kvs", [])):
+        return "a list of keys"
+    responses = result.get("responses", [])
+    if not _objects(responses) or not all(
+        isinstance(part, dict) for response in responses for part in response.values()
+    ):
+        return "a list of responses"
+    if path == "/kv/txn":
+        # etcd leaves out what is empty or false: "succeeded" when the compare failed,
+        # "responses" when the branch taken has no operations.
+        taken = payload.get("success" if result.get("succeeded") else "failure") or []
+        if len(responses) != len(taken):
+            return "a response for each operation"
+    for response in responses:
+        kvs = response.get("response_range", {}).get("kvs", [])
+        if not _objects(kvs):
+            return "a list of keys"
+    return None
+
+
+def _bad_gateway(e: Exception, exceptions: Any) -> bool:
+    """Whether ``e`` is etcd3gw's error for an HTTP 502 answer that is not etcd's (which
+    carries a JSON body): etcd3gw keeps only the reason phrase of a status it does not
+    map, and a proxy's 502 says "Bad Gateway"."""
+    return (type(e) is exceptions.Etcd3Exception and bool(e.args)
+            and str(e.args[0]).strip().lower() == "bad gateway"
+            and not (getattr(e, "detail_text", None) or "").lstrip().startswith("{"))
+
+
 @functools.cache
 def _etcd3gw_exceptions() -> Any:
     """etcd3gw's exceptions (imported once the store is used: it comes with an extra)."""
@@ -611,6 +666,12 @@ class _Cluster:
                 continue
             except exceptions.Etcd3Exception as e:
                 detail = (e.detail_text or str(e)).strip()
+                if _bad_gateway(e, exceptions):
+                    # A proxy in front of etcd whose etcd is down or restarting (nginx,
+                    # haproxy and Envoy say 502): an outage, as its 503 and 504 are.
+                    page = " ".join(detail.split())[:120] or "an empty page"
+                    why = f"HTTP 502 Bad Gateway from a server other than etcd, which said: {page}"
+                    continue
                 if isinstance(e, exceptions.ApiVersionDiscoveryFailedError) or (
                         type(e) is exceptions.Etcd3Exception
                         and not (e.detail_text or "").lstrip().startswith("{")):
@@ -624,6 +685,9 @@ class _Cluster:
                 # etcd heads every answer (a keepalive's sits in "result"): a server that
                 # answers {} is not etcd, and its empty answers must not read as "free".
                 raise self._not_etcd(index, "an answer without a header")
+            lacking = _misshapen(path, payload, result)
+            if lacking is not None:  # a server that imitates etcd, or a proxy's rewrite
+                raise self._not_etcd(index, f"an answer without {lacking}")
             self._preferred = index
             return result
         # A wrong setting is raised only when no endpoint answered: etcd answering "no

@@ -7,12 +7,15 @@ Imported only when an etcd URL is used: ``requests`` comes with the ``etcd`` ext
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
+import io
 import json
 import select
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 import weakref
 import zlib
@@ -191,6 +194,12 @@ class Session(requests.Session):
                 assert conn.sock is not None
                 conn.sock.settimeout(timeout)
                 self._timeout = timeout
+            if timeout is not None:
+                # The whole answer within the timeout, not each read of it: a server
+                # that sends a byte now and then would otherwise hold the caller for good.
+                self._timeout = -1.0  # the reads change it: set again for the next request
+                conn.response_class = functools.partial(  # type: ignore[assignment]
+                    _BoundedResponse, deadline=time.monotonic() + timeout)
             conn.request(method, target, body, headers)
             answer = conn.getresponse()
             content = _decoded(answer.read(), answer.getheader("Content-Encoding"))
@@ -214,6 +223,44 @@ class Session(requests.Session):
         """The connection's socket (in a forked child: this process's copy of it)."""
         conn = self._conn
         return None if conn is None else conn.sock
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, each allowed only what is left of the time for the answer.
+    ``held`` is the socket's own reader, closed with this one: until then it keeps the
+    socket open for the answer (a connection that will close closes its socket as the
+    answer begins, and the socket waits for its readers)."""
+
+    def __init__(self, sock: socket.socket, deadline: float, held: Any) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+        self._held = held
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._held.close()
+        super().close()
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the answer did not come whole in time")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
+class _BoundedResponse(http.client.HTTPResponse):
+    """An answer whose status line, headers and body must all arrive by ``deadline``
+    (`time.monotonic`)."""
+
+    def __init__(self, sock: socket.socket, debuglevel: int = 0, method: str | None = None,
+                 url: str | None = None, *, deadline: float) -> None:
+        super().__init__(sock, debuglevel, method, url)
+        self.fp = io.BufferedReader(_DeadlineReader(sock, deadline, self.fp))
 
 
 def _close_all(conns: list[http.client.HTTPConnection]) -> None:

@@ -1414,12 +1414,13 @@ def test_cli_store_unavailable_is_one_line_and_exit_1(session: Path, own_etcd: E
 @contextlib.contextmanager
 def _answering(
     status: int, body: bytes = b"", received: list[tuple[str, str, dict[str, str], bytes]]
-    | None = None, reason: str | None = None,
+    | None = None, reason: str | None = None, version: bytes | None = None,
 ) -> Iterator[tuple[int, list[str]]]:
     """A local HTTP server that answers every request with ``status`` (and ``reason``,
-    the standard phrase by default) and ``body``; yields its port and the paths it was
-    asked for (a proxy is asked for whole URLs). ``received`` gets each request whole:
-    method, path, headers and body."""
+    the standard phrase by default) and ``body``, but ``/version`` with 200 and
+    ``version`` if given (a server that imitates etcd's); yields its port and the paths
+    it was asked for (a proxy is asked for whole URLs). ``received`` gets each request
+    whole: method, path, headers and body."""
     asked: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -1428,10 +1429,15 @@ def _answering(
             if received is not None:
                 sent = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 received.append((self.command, self.path, dict(self.headers), sent))
-            self.send_response(status, reason)
-            self.send_header("Content-Length", str(len(body)))
+            answer = body
+            if version is not None and self.path.endswith("/version"):
+                self.send_response(200)
+                answer = version
+            else:
+                self.send_response(status, reason)
+            self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(answer)
 
         do_POST = do_GET
 
@@ -1467,14 +1473,29 @@ def test_a_member_without_a_leader_is_passed_over_and_named(
     assert "etcdserver: no leader" in alone.stderr and '{"' not in alone.stderr
 
 
+def test_a_proxy_whose_etcd_is_down_is_passed_over_as_an_outage(
+    session: Path, etcd_server: EtcdServer
+) -> None:
+    """A proxy that answers 502 Bad Gateway (its etcd is down or restarting) is an
+    outage, not a wrong URL: the next endpoint is asked, and a holder there is not
+    lost over it."""
+    page = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+    with _answering(502, page) as (port, asked):
+        both = f"etcd://127.0.0.1:{port},{etcd_server.endpoint}/p-{uuid.uuid4().hex[:8]}"
+        out = _cli("run", str(session), "--lane", "x", "--backend", both, "--", "true")
+        assert out.returncode == 0, out.stderr
+        assert asked  # it was asked first, and the next endpoint answered
+
+
 @pytest.mark.parametrize(("status", "reason", "named"), [
     (503, None, "503 Service Unavailable"), (503, "", "503"),
     (504, None, "504 Gateway Timeout"), (504, "", "408 or 504"),
-], ids=["503", "503-no-reason", "504", "504-no-reason"])
+    (502, None, "502 Bad Gateway"),
+], ids=["503", "503-no-reason", "504", "504-no-reason", "502"])
 def test_a_proxy_s_unavailable_page_is_named_by_its_status_not_its_words(
     session: Path, status: int, reason: str | None, named: str
 ) -> None:
-    """A proxy in front of etcd that answers 503 or 504 is an outage named by its status
+    """A proxy in front of etcd that answers 502, 503 or 504 is an outage named by its status
     (its number, even without a reason phrase): a page that happens to say "connection
     refused" is quoted, not taken as the reason."""
     page = b"<html><body>upstream connect error: connection refused</body></html>"
@@ -1486,24 +1507,90 @@ def test_a_proxy_s_unavailable_page_is_named_by_its_status_not_its_words(
     assert "(connection refused)" not in out.stderr
 
 
+@pytest.mark.parametrize("trickled", ["body", "headers"])
+def test_a_server_that_sends_its_answer_a_byte_at_a_time_cannot_hold_a_command(
+    session: Path, trickled: str
+) -> None:
+    """Each request is bounded as a whole, not each read of its answer: a server that
+    sends a byte every half second (never idle as long as a read's timeout) gets one
+    line and exit 1, as one that answers nothing does, instead of a command that runs
+    on for good (and a `hold` that then waits for it past SIGTERM)."""
+    stop = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 4000\r\n\r\n")
+            body = b"{" + b" " * 3998 + b"}"
+            data = head + body if trickled == "headers" else body
+            if trickled == "body":
+                self.wfile.write(head)
+                self.wfile.flush()
+            for byte in data:
+                if stop.wait(0.5):
+                    return
+                try:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                except OSError:
+                    return
+
+        do_POST = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        backend = ["--backend", f"etcd://127.0.0.1:{server.server_address[1]}/p"]
+        for args in (["status", str(session), *backend],
+                     ["run", str(session), "--lane", "x", "--no-wait", *backend, "--", "true"]):
+            out = _cli(*args)  # a hang is the harness's timeout: a failure
+            assert out.returncode == 1, (args, out.stdout, out.stderr)
+            (line,) = out.stderr.strip().splitlines()
+            assert "the etcd holder store is unavailable (no answer in time" in line, line
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(60)
+
+
+_VERSION = b'{"etcdserver": "3.5.0", "etcdcluster": "3.5.0"}'
+
+
 @pytest.mark.parametrize("answer", [
-    (404, b""), (200, b"<html>\n<body>hello</body>\n</html>\n"),
-    (200, b'{"etcdserver": "3.5.0", "etcdcluster": "3.5.0"}'),
-], ids=["404", "html", "json-without-header"])
+    (404, b""), (200, b"<html>\n<body>hello</body>\n</html>\n"), (200, _VERSION),
+    (200, b'{"header": {"revision": "5"}}', _VERSION),
+    (200, b'{"header": {"revision": "5"}, "responses": "x"}', _VERSION),
+    (200, b'{"header": {"revision": "5"}, "responses": [{"response_range": {"kvs": 1}}]}',
+     _VERSION),
+], ids=["404", "html", "json-without-header", "header-only", "responses-text", "kvs-number"])
 def test_a_server_that_is_not_etcd_is_named_as_such(
-    session: Path, answer: tuple[int, bytes]
+    session: Path, answer: tuple[int, bytes] | tuple[int, bytes, bytes]
 ) -> None:
     """A URL naming some other HTTP server says that it answered, but not as etcd does,
     instead of a bare 'Not Found' or 'JSONDecodeError'; one that answers every request
-    with etcd's version text neither reads as free nor crashes a run (KeyError). It is
-    a wrong URL, not an outage: the commands that ride out a restart (wait, recover)
+    with etcd's version text neither reads as free nor crashes a run (KeyError), nor
+    does one that imitates etcd's version and headers but not the rest of its answers
+    (no lease ID: KeyError; responses that are not a list: AttributeError). It is a
+    wrong URL, not an outage: the commands that ride out a restart (wait, recover)
     do not ask again for the URL's TTL, and its page is quoted on one line."""
-    with _answering(*answer) as (port, asked):
+    status, body, *version = answer
+    with _answering(status, body, version=version[0] if version else None) as (port, asked):
         endpoint = f"127.0.0.1:{port}"
         backend = ["--backend", f"etcd://{endpoint}/p?ttl=600"]
-        for args in (["status", str(session), *backend], ["wait", str(session), *backend],
-                     ["recover", str(session), *backend],
-                     ["run", str(session), "--lane", "x", *backend, "--", "true"]):
+        commands = [["status", str(session), *backend], ["wait", str(session), *backend],
+                    ["recover", str(session), *backend],
+                    ["run", str(session), "--lane", "x", *backend, "--", "true"]]
+        if body == b'{"header": {"revision": "5"}}':
+            # Etcd's own answer to a look at keys there are none of: only holding (a
+            # lease's grant) finds it wanting.
+            commands = commands[3:]
+        for args in commands:
             asked.clear()
             out = _cli(*args)
             assert out.returncode == 1, (args, out.stdout, out.stderr)
@@ -2698,7 +2785,10 @@ def test_a_release_etcd_does_not_answer_says_what_the_session_will_read_as(
         own_etcd.kill(signal.SIGCONT)
     message = str(exc.value)
     assert "the release was not stored" in message and "pick another store" not in message
-    assert "reads as stale until it is cleared (fencelock clear --backend etcd://" in message
+    parsed = parse(url)
+    assert parsed is not None
+    assert ("reads as stale until it is cleared (fencelock clear --backend "
+            f"{shlex.quote(parsed.text)} {shlex.quote(str(session))})") in message, message
     assert message.endswith(f" {session})"), message
 
 
