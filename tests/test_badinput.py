@@ -560,17 +560,24 @@ def test_unwritable_session_directory(how: str) -> None:
         assert list(sessions.iterdir()) == []
 
 
+def _shut_with_a_sidecar(sessions: Path, record: bytes) -> Path:
+    """Make ``sessions`` a directory that takes no new files, holding only the sidecar
+    of ``s.jsonl`` with ``record``, all of it the unprivileged user's (`as_user`)."""
+    sidecar = sessions / "s.jsonl.holder"
+    sidecar.write_bytes(record)
+    os.chown(sidecar, 65534, 65534)
+    os.chown(sessions, 65534, 65534)
+    sessions.chmod(0o555)
+    return sidecar
+
+
 @needs_root
 def test_an_append_that_cannot_create_the_session_names_the_directory() -> None:
     """The sidecar is there (this user's), the session file is not, and the directory
     takes no new files: the append says the directory is the cause (it said "this user
     cannot write it; run as its owner", of a file that does not exist)."""
     with open_directory() as sessions:
-        sidecar = sessions / "s.jsonl.holder"
-        sidecar.write_bytes(b"")
-        os.chown(sidecar, 65534, 65534)
-        os.chown(sessions, 65534, 65534)
-        sessions.chmod(0o555)
+        _shut_with_a_sidecar(sessions, b"")
         result = as_user("""
             lock = SessionLock(args["session"], "a")
             lock.acquire()
@@ -750,11 +757,7 @@ def test_force_clear_in_a_directory_it_cannot_write_says_why_and_keeps_the_recor
     name: it says that the directory is the cause (it said only "move the corrupt
     sidecar aside by hand"), and the record stays as it was."""
     with open_directory() as sessions:
-        sidecar = sessions / "s.jsonl.holder"
-        sidecar.write_bytes(b"{not a record")
-        os.chown(sidecar, 65534, 65534)
-        os.chown(sessions, 65534, 65534)
-        sessions.chmod(0o555)
+        sidecar = _shut_with_a_sidecar(sessions, b"{not a record")
         before = snapshot(sidecar)
         result = as_user("""
             try:
