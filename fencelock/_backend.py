@@ -17,6 +17,12 @@ DEFAULT_TTL = 10.0
 LOCAL = ("", "local")
 
 
+def _seconds(value: float) -> str:
+    """``value`` written so that it reads back the same: short where that is exact."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
 @dataclass(frozen=True, slots=True)
 class EtcdURL:
     """A parsed ``etcd://HOST:PORT[,HOST:PORT...]/PREFIX[?ttl=S&root=DIR]``, or
@@ -51,7 +57,7 @@ class EtcdURL:
         """A URL naming the same store (endpoints, prefix, root) with the same settings
         (a TTL other than the default, TLS), for commands to print: a command run from
         advice holds as the deployment does."""
-        ttl = None if self.ttl == DEFAULT_TTL else f"{self.ttl:g}"
+        ttl = None if self.ttl == DEFAULT_TTL else _seconds(self.ttl)
         return f"{self.display}/{quote(self.prefix, safe='/')}" + self._query(
             ("ttl", ttl), ("root", self.root), *self._tls_params)
 
@@ -59,7 +65,7 @@ class EtcdURL:
     def connection_text(self) -> str:
         """A URL naming the same endpoints with the same TLS settings and TTL (for a
         process that keeps this store's lease alive)."""
-        return f"{self.display}/_" + self._query(("ttl", f"{self.ttl:g}"), *self._tls_params)
+        return f"{self.display}/_" + self._query(("ttl", _seconds(self.ttl)), *self._tls_params)
 
     @property
     def _tls_params(self) -> tuple[tuple[str, str | None], ...]:

@@ -200,6 +200,8 @@ class Session(requests.Session):
                 self._timeout = -1.0  # the reads change it: set again for the next request
                 conn.response_class = functools.partial(  # type: ignore[assignment]
                     _BoundedResponse, deadline=time.monotonic() + timeout)
+            else:
+                conn.response_class = http.client.HTTPResponse
             conn.request(method, target, body, headers)
             answer = conn.getresponse()
             content = _decoded(answer.read(), answer.getheader("Content-Encoding"))
@@ -210,7 +212,11 @@ class Session(requests.Session):
             if isinstance(e, Exception):
                 raise _as_requests_error(e, reading) from None
             raise
-        return Answer(answer.status, answer.reason, content)
+        # etcd3gw keeps only the reason phrase of a status it does not map, and the store
+        # tells a proxy's 502 by it: the standard one, whatever the proxy wrote (Apache
+        # writes "Proxy Error").
+        reason = "Bad Gateway" if answer.status == 502 else answer.reason
+        return Answer(answer.status, reason, content)
 
     def close(self) -> None:
         with self._mu:

@@ -78,6 +78,10 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
     assert tls.display == "etcds://h:1" and parse(tls.text) == tls
     assert url is not None and parse(url.text) == url
     assert "ttl" not in str(named.text)  # the default is not spelled out
+    for ttl in ("2.0000001", "12.3456789", "1234.5678", "3"):  # not rounded
+        odd = parse(f"etcd://h:1/p?ttl={ttl}")
+        assert odd is not None and parse(odd.text) == odd and f"ttl={ttl}" in odd.text
+        assert parse(odd.connection_text) == replace(odd, prefix="_", root=None)
     assert parse(tls.connection_text) == replace(tls, prefix="_", root=None)
     for bad, word in [("etcd://h:1/p?ca=/ca.pem", "write etcds://"),
                       ("etcds://h:1/p?cert=c.pem", "absolute"),
@@ -1480,11 +1484,12 @@ def test_a_proxy_whose_etcd_is_down_is_passed_over_as_an_outage(
     outage, not a wrong URL: the next endpoint is asked, and a holder there is not
     lost over it."""
     page = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
-    with _answering(502, page) as (port, asked):
-        both = f"etcd://127.0.0.1:{port},{etcd_server.endpoint}/p-{uuid.uuid4().hex[:8]}"
-        out = _cli("run", str(session), "--lane", "x", "--backend", both, "--", "true")
-        assert out.returncode == 0, out.stderr
-        assert asked  # it was asked first, and the next endpoint answered
+    for reason in (None, "Proxy Error", ""):  # nginx's, Apache's, none
+        with _answering(502, page, reason=reason) as (port, asked):
+            both = f"etcd://127.0.0.1:{port},{etcd_server.endpoint}/p-{uuid.uuid4().hex[:8]}"
+            out = _cli("run", str(session), "--lane", "x", "--backend", both, "--", "true")
+            assert out.returncode == 0, (reason, out.stderr)
+            assert asked  # it was asked first, and the next endpoint answered
 
 
 @pytest.mark.parametrize(("status", "reason", "named"), [
@@ -1873,6 +1878,20 @@ def test_the_store_s_http_session_sends_a_json_post_as_requests_would() -> None:
     asked = [headers.pop("Accept-Encoding") for _, _, headers, _ in received]
     assert received[0] == received[1] and asked[1] == "identity", (received, asked)
     assert answers[0] == answers[1] and answers[0][2] == {"header": {"revision": "7"}}
+
+
+def test_a_request_without_a_timeout_is_not_held_to_an_earlier_one_s_deadline() -> None:
+    """Each request's answer is bounded by its own timeout: one with none, after a
+    timed one on the same connection, waits as long as its answer takes (it failed
+    at once once the earlier request's deadline had passed)."""
+    from fencelock import _etcdhttp
+
+    with _answering(200, b'{"header": {"revision": "7"}}') as (port, _):
+        url = f"http://127.0.0.1:{port}/v3/kv/range"
+        with _etcdhttp.Session(url) as session:
+            assert session.post(url, json={}, timeout=0.05).status_code == 200
+            time.sleep(0.1)  # the first request's deadline passes: no event marks it
+            assert session.post(url, json={}).status_code == 200
 
 
 @contextlib.contextmanager
