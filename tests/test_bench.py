@@ -237,6 +237,7 @@ def test_the_floor_does_protocol_v1_work(tmp_path: Path) -> None:
     """The floor row is a lower bound only if FloorLock really speaks protocol v1:
     fencelock must read its records, see it live while held, and continue its tokens."""
     import fencelock
+    from fencelock._tokens import floor as token_floor
     from fencelock.tools.peers import FloorLock
 
     directory = tmp_path / "odd %d {0} name"  # no formatting may touch the path
@@ -253,6 +254,8 @@ def test_the_floor_does_protocol_v1_work(tmp_path: Path) -> None:
         else:
             assert status.fence_ok is True  # the record names the session as it is
         floor.append(json.dumps({"turn": turn}).encode() + b"\n")
+        # The session the floor's append made carries the token mark (section 4).
+        assert token_floor(str(session)) >= turn + 1
         status = fencelock.probe(session)
         assert status.record is not None and status.fence_ok is not False
         floor.release()
@@ -260,9 +263,17 @@ def test_the_floor_does_protocol_v1_work(tmp_path: Path) -> None:
         assert status.state == "free" and status.fence_ok is True  # the last fence point
     with fencelock.SessionLock(session, lane="after") as lock:
         assert lock.info is not None and lock.info.token == 4
-        lock.append({"turn": 3})
+        lock.append({"turn": 3}, stamp=True)
     assert fencelock.verify(session).ok
     assert [json.loads(line)["turn"] for line in session.read_text().splitlines()] == [0, 1, 2, 3]
+    # A sidecar with no record: the floor's next token is above the session's floor
+    # (here the stamp of the last line), as fencelock's is.
+    (directory / "s.jsonl.holder").write_bytes(b"")
+    os.removexattr(session, "user.fencelock.token")
+    floor.acquire()
+    status = fencelock.probe(session)
+    assert status.record is not None and status.record.token == 5
+    floor.release()
 
 
 def test_runs_without_the_bench_extra(tmp_path: Path) -> None:
@@ -298,13 +309,24 @@ def test_runs_without_the_bench_extra(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("turns", [1, 3, 4, 20, 1000, 1001])
-def test_append_rounds_cover_every_turn_once_in_order(turns: int) -> None:
-    from fencelock.tools.bench import APPEND_ROUNDS, _append_rounds
+@pytest.mark.parametrize("peers", [3, 5])
+def test_append_rounds_cover_every_turn_once_in_order(turns: int, peers: int) -> None:
+    """As many rounds as peers (so that each peer runs once in each place of the
+    rotating order), fewer only for fewer turns."""
+    from fencelock.tools.bench import _append_rounds
 
-    rounds = _append_rounds(turns)
-    assert 1 <= len(rounds) <= APPEND_ROUNDS
+    rounds = _append_rounds(turns, peers)
+    assert len(rounds) == min(peers, turns)
     assert all(len(r) for r in rounds)
     assert [seq for r in rounds for seq in r] == list(range(turns))
+
+
+def test_p99_is_the_nearest_rank() -> None:
+    from fencelock.tools.handoff import p99
+
+    assert p99(list(range(1, 201))) == 198  # of 200: the 198th, not the 199th
+    assert p99(list(range(1, 101))) == 99
+    assert p99([5.0, 1.0, 3.0]) == 5.0  # fewer than 100: the largest
 
 
 def test_the_hold_benchmark_says_so_when_hold_gives_no_answer() -> None:

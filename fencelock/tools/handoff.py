@@ -42,15 +42,17 @@ def _waiter(make: Callable[[], _Lock], rounds: int, conn: Connection) -> None:
 def latencies(make: Callable[[], _Lock], rounds: int, hold: float) -> list[float]:
     """Milliseconds from each release to the other process's acquire, over ``rounds``
     hand-offs; the holder holds ``hold`` seconds first. ``make`` builds the lock (in
-    each process: the waiter is a fork)."""
+    each process: the waiter is a fork). One hand-off more goes first, untimed: the
+    first after the fork also times the processes' first use of their new lock objects
+    and of the pages the fork shares."""
     lock = make()
     here, there = _CTX.Pipe()
-    child = _CTX.Process(target=_waiter, args=(make, rounds, there), daemon=True)
+    child = _CTX.Process(target=_waiter, args=(make, rounds + 1, there), daemon=True)
     child.start()
     there.close()
     out = []
     try:
-        for _ in range(rounds):
+        for _ in range(rounds + 1):
             lock.acquire()
             here.send("held")
             here.recv()
@@ -65,10 +67,11 @@ def latencies(make: Callable[[], _Lock], rounds: int, hold: float) -> list[float
         child.join(30)
         if child.is_alive():
             child.kill()
-    return out
+    return out[1:]
 
 
 def p99(values: Sequence[float]) -> float:
-    """The 99th percentile of hand-off latencies (the largest for fewer than 100)."""
+    """The 99th percentile of hand-off latencies, by nearest rank (the largest for
+    fewer than 100)."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return ordered[max(0, -(-len(ordered) * 99 // 100) - 1)]  # ceil(n * 0.99) - 1

@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
+import itertools
 import json
 import os
 import platform
@@ -24,6 +26,7 @@ from fencelock import _identity
 # releases with the same one-pwrite patch.
 from fencelock._record import RECORD_HEAD, RELEASE_PATCH, STATE_OFFSET, TOKEN_WIDTH, Phase, State
 from fencelock._sidecar_holder import HAND_OVER_AFTER
+from fencelock._tokens import RESERVE, SET_ASIDE_MARKER, XATTR
 
 # The peers come with the optional "bench" extra; without it their columns are empty.
 try:
@@ -38,6 +41,8 @@ except ImportError:
 # The raw peer and the floor are POSIX syscalls by design: they are what flock costs.
 RAW_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+SESSION_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+"""A holder's open of the session for an append (protocol v1, section 3)."""
 
 
 class Locker(Protocol):
@@ -45,9 +50,33 @@ class Locker(Protocol):
     def release(self) -> None: ...
 
 
+class RecordMaker:
+    """Holder records in fencelock's layout (`fencelock._record`: `RECORD_HEAD`,
+    `TOKEN_WIDTH`), built at each acquire with the time and the next token, as any
+    holder that writes a record must: the floor's, and the peers' records of the same
+    size and cost. Their fixed parts are built once."""
+
+    def __init__(self, session: str, lane: str) -> None:
+        self.held = RECORD_HEAD[State.HELD, Phase.WRITE]
+        self.released = RECORD_HEAD[State.RELEASED, Phase.WRITE]
+        self.middle = (
+            f',"pid":{os.getpid()},"host":{json.dumps(platform.node())}'
+            f',"process_start":{json.dumps(_identity.ME.start)},"session":{json.dumps(session)}'
+            f',"lane":{json.dumps(lane)},"fence":"stat","acquired_at":'
+        )
+
+    def make(self, token: int, at: float, fp: str = "null", head: str | None = None) -> bytes:
+        return (
+            f'{head or self.held}{token:<{TOKEN_WIDTH}},"run_id":"{token}"'
+            f'{self.middle}{at!r}'
+            f',"heartbeat_at":{time.time()!r},"fingerprint":{fp},"previous":null}}'
+        ).encode()
+
+
 @functools.lru_cache(maxsize=64)
 def record_bytes(path: str) -> bytes:
-    """A record the size of fencelock's, for peers that write one (made once per path)."""
+    """A record the size of fencelock's, for the sidecars the benchmark makes in bulk
+    (made once per path)."""
     now = time.time()
     record = {
         "version": 1, "state": "held", "session": path, "pid": os.getpid(),
@@ -63,10 +92,11 @@ def record_bytes(path: str) -> bytes:
 class RawLock:
     """The protocol in bare syscalls: open, flock, inode check, pwrite record / unlock, close."""
 
-    def __init__(self, path: str, record: bytes | None) -> None:
+    def __init__(self, path: str, record: RecordMaker | None) -> None:
         self.path = path
         self.record = record
         self.fd = -1
+        self.token = 0
 
     def acquire(self) -> None:
         while True:
@@ -82,7 +112,8 @@ class RawLock:
                 break
             os.close(fd)
         if self.record is not None:
-            os.pwrite(fd, self.record, 0)
+            self.token += 1
+            os.pwrite(fd, self.record.make(self.token, time.time()), 0)
         self.fd = fd
 
     def release(self) -> None:
@@ -94,14 +125,14 @@ class RawLock:
 class FileLockPeer:
     """``filelock.FileLock``, blocking acquire (it polls every ``poll_interval``, 0.05 s)."""
 
-    def __init__(self, path: str, record: bytes | None) -> None:
+    def __init__(self, path: str, record: RecordMaker | None) -> None:
         assert filelock is not None
         hook: Callable[[int], None] | None = None
         if record is not None:
-            data = record
+            maker, tokens = record, itertools.count(1)
 
             def hook(fd: int) -> None:
-                os.pwrite(fd, data, 0)
+                os.pwrite(fd, maker.make(next(tokens), time.time()), 0)
 
         self.lock = filelock.FileLock(path, on_acquired=hook)
 
@@ -120,9 +151,10 @@ class PortalockerPeer:
     """``portalocker.Lock``: default flags poll every ``check_interval`` (0.25 s);
     ``blocking=True`` passes ``LockFlags.EXCLUSIVE`` so the wait sleeps in the kernel."""
 
-    def __init__(self, path: str, record: bytes | None, blocking: bool = False) -> None:
+    def __init__(self, path: str, record: RecordMaker | None, blocking: bool = False) -> None:
         assert portalocker is not None
         self.record = record
+        self.token = 0
         flags = portalocker.LockFlags.EXCLUSIVE
         if not blocking:
             flags |= portalocker.LockFlags.NON_BLOCKING
@@ -135,7 +167,8 @@ class PortalockerPeer:
     def acquire(self) -> None:
         fh = self.lock.acquire()
         if self.record is not None:
-            os.pwrite(fh.fileno(), self.record, 0)
+            self.token += 1
+            os.pwrite(fh.fileno(), self.record.make(self.token, time.time()), 0)
 
     def release(self) -> None:
         self.lock.release()
@@ -155,53 +188,66 @@ class FenceLockPeer:
 
 
 _FLOOR_TOKEN = re.compile(rb'"token":(\d+)')
+_FLOOR_STAMP = re.compile(rb'"_fencelock":\{"token":(\d+)')
 
 
 class FloorLock:
     """Protocol v1's floor: only the syscalls a v1 holder must make, in flat code.
 
     Acquire: open the sidecar, fstat it (a non-regular sidecar is refused), flock,
-    lstat the path (the inode re-check), pread the old record (for the next token),
-    lstat the session (its fingerprint), pwrite the record. A fenced append: open the
-    session, fstat it (the fence check), write, fsync, fstat (the new fence point),
-    close; in the write phase the record need not be rewritten. Release: pwrite the
-    record with ``"released"`` and the last fence point (or only the ``"released"``
-    state when no append moved it), unlock, yield the CPU after a hold of 1 ms or more
-    (fencelock's hand-over to a woken waiter, `_platform.hand_over`), close. The
-    record's fixed parts are precomputed, in fencelock's layout as `fencelock._record`
-    defines it (`RECORD_HEAD`, `TOKEN_WIDTH`, the in-place release at `STATE_OFFSET`).
-    There is no
-    registry, no reentrancy, no fork safety, no error handling, and an empty sidecar
-    starts at token 1 (fencelock also consults the session's saved token): this is a
-    lower bound for a Python holder that opens the sidecar per acquire, not a usable
-    lock. ``path`` is the session.
+    lstat the path (the inode re-check), pread the old record (for the next token;
+    with no record, the session's token floor: its mark, its last stamps, the
+    directory's set-aside marker), lstat the session (its fingerprint), read the
+    session's token mark when its stat changed since the mark was last read, pwrite
+    the record. A fenced append: open the session, fstat it (the fence check), on the
+    run's first append pread its last byte (the torn-tail check), write, fsync, fstat
+    (the new fence point), pread the line back (the concurrent-write check), close; in
+    the write phase the record need not be rewritten. Release: pwrite the record with
+    ``"released"`` and the last fence point (or only the ``"released"`` state when no
+    append moved it), unlock, yield the CPU after a hold of 1 ms or more (fencelock's
+    hand-over to a woken waiter, `_platform.hand_over`), close. The record's fixed
+    parts are precomputed (`RecordMaker`, in fencelock's layout, with the in-place
+    release at `STATE_OFFSET`). There is no registry, no reentrancy, no fork safety, no
+    error handling, and the mark is trusted whenever the session's stat is unchanged:
+    this is a lower bound for a Python holder that opens the sidecar per acquire, not a
+    usable lock. ``path`` is the session.
     """
 
     def __init__(self, path: str, record: bytes | None = None, fsync: bool = True) -> None:
         self.session, self.sidecar, self.fsync = path, path + ".holder", fsync
+        self.marker = os.path.join(os.path.dirname(path), SET_ASIDE_MARKER)
         self.fd = -1
-        self.head = RECORD_HEAD[State.HELD, Phase.WRITE]
-        self.released_head = RECORD_HEAD[State.RELEASED, Phase.WRITE]
-        self.middle = (
-            f',"pid":{os.getpid()},"host":{json.dumps(platform.node())}'
-            f',"process_start":{json.dumps(_identity.ME.start)},"session":{json.dumps(path)}'
-            ',"lane":"floor","fence":"stat","acquired_at":'
-        )
+        self.records = RecordMaker(path, "floor")
         self.token, self.at, self.fp = 0, 0.0, "null"
         self.behind = False
+        self.first = True
+        self.marked: tuple[str, int] = ("", 0)  # the stat at which the mark was read, and it
 
     def _write(self, head: str | None = None) -> None:
-        record = (
-            f'{head or self.head}{self.token:<{TOKEN_WIDTH}},"run_id":"{self.token}"'
-            f'{self.middle}{self.at!r}'
-            f',"heartbeat_at":{time.time()!r},"fingerprint":{self.fp},"previous":null}}'
-        )
-        os.pwrite(self.fd, record.encode(), 0)
+        os.pwrite(self.fd, self.records.make(self.token, self.at, self.fp, head), 0)
 
     @staticmethod
     def _fp(st: os.stat_result) -> str:
         return (f'{{"dev":{st.st_dev},"ino":{st.st_ino},"size":{st.st_size},'
                 f'"mtime_ns":{st.st_mtime_ns},"ctime_ns":{st.st_ctime_ns}}}')
+
+    def _token_floor(self) -> int:
+        """The session's token floor, for a sidecar with no record: its mark, the
+        stamps in its last lines, and the set-aside marker beside it."""
+        floor = 0
+        with contextlib.suppress(OSError):
+            floor = int(os.getxattr(self.session, XATTR, follow_symlinks=False))
+        try:
+            fd = os.open(self.session, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass
+        else:
+            size = os.fstat(fd).st_size
+            tail = os.pread(fd, 4096, max(0, size - 4096))
+            os.close(fd)
+            floor = max([floor, *(int(t) for t in _FLOOR_STAMP.findall(tail))])
+        os.path.lexists(self.marker)
+        return floor
 
     def acquire(self) -> None:
         while True:
@@ -216,24 +262,42 @@ class FloorLock:
                 break
             os.close(fd)
         m = _FLOOR_TOKEN.search(os.pread(fd, 4096, 0))
-        self.token = int(m[1]) + 1 if m else 1
+        self.token = int(m[1]) + 1 if m else self._token_floor() + 1
         try:
             self.fp = self._fp(os.lstat(self.session))
         except FileNotFoundError:
             self.fp = "null"
-        self.fd, self.at = fd, time.time()
+        else:
+            seen, mark = self.marked
+            if self.fp != seen or self.token > mark:
+                try:
+                    mark = int(os.getxattr(self.session, XATTR, follow_symlinks=False))
+                except OSError:
+                    mark = 0
+                if mark < self.token:  # raise it (a block of tokens): the ctime moves
+                    mark = self.token + RESERVE - 1
+                    os.setxattr(self.session, XATTR, b"%d" % mark, follow_symlinks=False)
+                    self.fp = self._fp(os.lstat(self.session))
+                self.marked = (self.fp, mark)
+        self.fd, self.at, self.first = fd, time.time(), True
         self._write()
 
     def append(self, line: bytes) -> None:
-        fd = os.open(self.session, APPEND_FLAGS, 0o600)
+        fd = os.open(self.session, SESSION_FLAGS, 0o600)
         try:
-            os.fstat(fd)
+            size = os.fstat(fd).st_size
+            if self.fp == "null":  # made by this append: its mark first
+                os.setxattr(fd, XATTR, b"%d" % (self.token + RESERVE - 1))
+            if self.first and size:
+                os.pread(fd, 1, size - 1)
+            self.first = False
             view = memoryview(line)
             while view:
                 view = view[os.write(fd, view):]
             if self.fsync:
                 os.fsync(fd)
             self.fp = self._fp(os.fstat(fd))
+            os.pread(fd, len(line), size)
         finally:
             os.close(fd)
         self.behind = True
@@ -241,7 +305,7 @@ class FloorLock:
     def release(self) -> None:
         if self.behind:
             self.behind = False
-            self._write(self.released_head)
+            self._write(self.records.released)
         else:
             os.pwrite(self.fd, RELEASE_PATCH, STATE_OFFSET)
         fd, self.fd = self.fd, -1
@@ -257,7 +321,7 @@ def make_locker(peer: str, path: str, record: bool = True) -> Locker:
         return FenceLockPeer(path)
     if peer == "floor":
         return FloorLock(path)
-    data = record_bytes(path) if record else None
+    data = RecordMaker(path, "bench") if record else None
     if peer == "raw":
         return RawLock(path, data)
     if peer == "filelock":
