@@ -337,7 +337,7 @@ def bench_cycle(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         rows.append(Row(
             row_id, "cycle", f"uncontended acquire+release, {kind}", "us",
             fencelock=values.pop("fencelock"), peers=values,
-            note="every peer writes a record of fencelock's size on acquire",
+            note="every peer builds a record in fencelock's layout at each acquire and writes it",
         ))
         rows.append(_floor_row(row_id, floor, values))
     rows += bench_first_acquire(base, sizes, quiet)
