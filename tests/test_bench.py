@@ -267,7 +267,9 @@ def test_the_floor_does_protocol_v1_work(tmp_path: Path) -> None:
     assert fencelock.verify(session).ok
     assert [json.loads(line)["turn"] for line in session.read_text().splitlines()] == [0, 1, 2, 3]
     # A sidecar with no record: the floor's next token is above the session's floor
-    # (here the stamp of the last line), as fencelock's is.
+    # (here the stamp of a line that a longer unstamped one follows), as fencelock's is.
+    with open(session, "a") as f:
+        f.write(json.dumps({"pad": "x" * 5000}) + "\n")
     (directory / "s.jsonl.holder").write_bytes(b"")
     os.removexattr(session, "user.fencelock.token")
     floor.acquire()

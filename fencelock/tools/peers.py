@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import functools
 import itertools
@@ -24,9 +23,25 @@ from fencelock import _identity
 # An internal the protocol floor needs, imported deliberately: it writes records in
 # fencelock's own layout, so that fencelock reads them, continues their tokens and
 # releases with the same one-pwrite patch.
-from fencelock._record import RECORD_HEAD, RELEASE_PATCH, STATE_OFFSET, TOKEN_WIDTH, Phase, State
+from fencelock._record import (
+    MAX_TOKEN,
+    RECORD_HEAD,
+    RELEASE_PATCH,
+    STATE_OFFSET,
+    TOKEN_WIDTH,
+    Phase,
+    State,
+)
+from fencelock._sidecar_holder import _MARK_TRUST_AGE_NS as MARK_TRUST_AGE_NS
 from fencelock._sidecar_holder import HAND_OVER_AFTER
-from fencelock._tokens import RESERVE, SET_ASIDE_MARKER, XATTR
+from fencelock._tokens import (
+    RESERVE,
+    SET_ASIDE_MARKER,
+    TAIL,
+    XATTR,
+    _mark_value,
+    _set_aside_tokens,
+)
 
 # The peers come with the optional "bench" extra; without it their columns are empty.
 try:
@@ -41,8 +56,9 @@ except ImportError:
 # The raw peer and the floor are POSIX syscalls by design: they are what flock costs.
 RAW_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-SESSION_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-"""A holder's open of the session for an append (protocol v1, section 3)."""
+SESSION_FLAGS = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+"""A holder's open of the session for an append (protocol v1, section 3), adding
+``O_CREAT | O_EXCL`` where the run's fingerprint is null."""
 
 
 class Locker(Protocol):
@@ -198,19 +214,21 @@ class FloorLock:
     lstat the path (the inode re-check), pread the old record (for the next token;
     with no record, the session's token floor: its mark, its last stamps, the
     directory's set-aside marker), lstat the session (its fingerprint), read the
-    session's token mark when its stat changed since the mark was last read, pwrite
-    the record. A fenced append: open the session, fstat it (the fence check), on the
-    run's first append pread its last byte (the torn-tail check), write, fsync, fstat
-    (the new fence point), pread the line back (the concurrent-write check), close; in
-    the write phase the record need not be rewritten. Release: pwrite the record with
-    ``"released"`` and the last fence point (or only the ``"released"`` state when no
-    append moved it), unlock, yield the CPU after a hold of 1 ms or more (fencelock's
-    hand-over to a woken waiter, `_platform.hand_over`), close. The record's fixed
+    session's token mark unless its stat is the one the mark was last read at (or its
+    own append left) and that stat's ctime was then 20 ms old, pwrite the record. A
+    fenced append: open the session (creating it with ``O_EXCL`` when the run found
+    none, then its mark), fstat it (the fence check), on the run's first append pread
+    its last byte (the torn-tail check), write, fsync, fstat (the new fence point),
+    pread the line back (the concurrent-write check), close, and fsync the directory
+    of a file it created; in the write phase the record need not be rewritten.
+    Release: pwrite the record with ``"released"`` and the last fence point (or only
+    the ``"released"`` state when no append moved it), unlock, yield the CPU after a
+    hold of 1 ms or more (fencelock's hand-over to a woken waiter,
+    `_platform.hand_over`), close. The record's fixed
     parts are precomputed (`RecordMaker`, in fencelock's layout, with the in-place
-    release at `STATE_OFFSET`). There is no registry, no reentrancy, no fork safety, no
-    error handling, and the mark is trusted whenever the session's stat is unchanged:
-    this is a lower bound for a Python holder that opens the sidecar per acquire, not a
-    usable lock. ``path`` is the session.
+    release at `STATE_OFFSET`). There is no registry, no reentrancy, no fork safety and
+    no error handling: this is a lower bound for a Python holder that opens the sidecar
+    per acquire, not a usable lock. ``path`` is the session.
     """
 
     def __init__(self, path: str, record: bytes | None = None, fsync: bool = True) -> None:
@@ -231,22 +249,30 @@ class FloorLock:
         return (f'{{"dev":{st.st_dev},"ino":{st.st_ino},"size":{st.st_size},'
                 f'"mtime_ns":{st.st_mtime_ns},"ctime_ns":{st.st_ctime_ns}}}')
 
+    def _mark(self) -> int:
+        """The session's token mark (0 for none, or one that does not parse)."""
+        try:
+            return _mark_value(os.getxattr(self.session, XATTR, follow_symlinks=False))
+        except OSError:
+            return 0
+
     def _token_floor(self) -> int:
-        """The session's token floor, for a sidecar with no record: its mark, the
-        stamps in its last lines, and the set-aside marker beside it."""
-        floor = 0
-        with contextlib.suppress(OSError):
-            floor = int(os.getxattr(self.session, XATTR, follow_symlinks=False))
+        """The session's token floor, for a sidecar with no record (section 4): its
+        mark, the stamps in its last `TAIL` bytes, and where the set-aside marker is
+        beside it, the corrupt copies."""
+        floor = self._mark()
         try:
             fd = os.open(self.session, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             pass
         else:
             size = os.fstat(fd).st_size
-            tail = os.pread(fd, 4096, max(0, size - 4096))
+            tail = os.pread(fd, TAIL, max(0, size - TAIL))
             os.close(fd)
-            floor = max([floor, *(int(t) for t in _FLOOR_STAMP.findall(tail))])
-        os.path.lexists(self.marker)
+            stamps = (int(t) for t in _FLOOR_STAMP.findall(tail))
+            floor = max([floor, *(t for t in stamps if t <= MAX_TOKEN)])
+        if os.path.lexists(self.marker):
+            floor = max(floor, _set_aside_tokens(self.session))
         return floor
 
     def acquire(self) -> None:
@@ -264,29 +290,33 @@ class FloorLock:
         m = _FLOOR_TOKEN.search(os.pread(fd, 4096, 0))
         self.token = int(m[1]) + 1 if m else self._token_floor() + 1
         try:
-            self.fp = self._fp(os.lstat(self.session))
+            st = os.lstat(self.session)
         except FileNotFoundError:
             self.fp = "null"
         else:
+            self.fp = self._fp(st)
             seen, mark = self.marked
             if self.fp != seen or self.token > mark:
-                try:
-                    mark = int(os.getxattr(self.session, XATTR, follow_symlinks=False))
-                except OSError:
-                    mark = 0
+                mark = self._mark()
                 if mark < self.token:  # raise it (a block of tokens): the ctime moves
                     mark = self.token + RESERVE - 1
                     os.setxattr(self.session, XATTR, b"%d" % mark, follow_symlinks=False)
-                    self.fp = self._fp(os.lstat(self.session))
-                self.marked = (self.fp, mark)
+                    st = os.lstat(self.session)
+                    self.fp = self._fp(st)
+                # An unchanged stat vouches for the mark only once its ctime is old
+                # enough that a change within the clock's tick would have moved it.
+                aged = time.time_ns() - st.st_ctime_ns > MARK_TRUST_AGE_NS
+                self.marked = (self.fp, mark) if aged else ("", 0)
         self.fd, self.at, self.first = fd, time.time(), True
         self._write()
 
     def append(self, line: bytes) -> None:
-        fd = os.open(self.session, SESSION_FLAGS, 0o600)
+        made = self.fp == "null"
+        fd = os.open(self.session, SESSION_FLAGS | (os.O_CREAT | os.O_EXCL if made else 0),
+                     0o600)
         try:
             size = os.fstat(fd).st_size
-            if self.fp == "null":  # made by this append: its mark first
+            if made:  # its mark first
                 os.setxattr(fd, XATTR, b"%d" % (self.token + RESERVE - 1))
             if self.first and size:
                 os.pread(fd, 1, size - 1)
@@ -296,10 +326,16 @@ class FloorLock:
                 view = view[os.write(fd, view):]
             if self.fsync:
                 os.fsync(fd)
-            self.fp = self._fp(os.fstat(fd))
+            before, self.fp = self.fp, self._fp(os.fstat(fd))
             os.pread(fd, len(line), size)
         finally:
             os.close(fd)
+        if made:  # the new name made durable
+            dfd = os.open(os.path.dirname(self.session) or ".", os.O_RDONLY | os.O_CLOEXEC)
+            os.fsync(dfd)
+            os.close(dfd)
+        if self.marked[0] == before:  # its own line moved the stat, not a change to the mark
+            self.marked = (self.fp, self.marked[1])
         self.behind = True
 
     def release(self) -> None:
