@@ -21,6 +21,7 @@ import click
 from fencelock import __version__
 from fencelock._constants import (
     DEFAULT_STUCK_AFTER,
+    EXIT_CLOSED_PIPE,
     EXIT_CONTENDED,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -142,6 +143,15 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt:
             sys.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # Standard output's reader left (`| head`): end quietly, with what a shell
+            # shows for a command SIGPIPE ended, not click's 1 (which `status` gives a
+            # path it cannot read). What is still buffered goes nowhere.
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            sys.exit(EXIT_CLOSED_PIPE)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         standard_streams()

@@ -19,6 +19,7 @@ EXIT_PROBLEMS = 5
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell shows for `cmd | head` that SIGPIPE ended
 
 NO_WORKING_DIRECTORY = ("the working directory no longer exists: change to one that does, "
                         "or give an absolute path")

@@ -424,6 +424,22 @@ def test_a_session_file_typed_with_a_slash_is_not_for_removing(
     assert (tmp_path / "x.jsonl").read_text() == '{"a": 1}\n'
 
 
+def test_a_reader_that_stops_reading_ends_the_listing_with_141_not_1(tmp_path: Path) -> None:
+    """`status --json DIR | head`: the reader leaves mid-listing. The command ends
+    quietly with 141, what a shell shows for a command SIGPIPE ended; not 1, which
+    `status` gives a path it cannot read (and a `set -o pipefail` script would take
+    for one)."""
+    for i in range(400):  # a listing far larger than a pipe holds
+        (tmp_path / f"{i:04d}.jsonl").write_text("{}\n")
+    with subprocess.Popen([*FENCELOCK, "status", "--json", str(tmp_path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.read(10).startswith(b"[")
+        proc.stdout.close()
+        assert proc.wait(timeout=60) == 141
+        assert proc.stderr.read() == b""
+
+
 def test_status_missing_session_file_is_free(tmp_path: Path) -> None:
     """A session no run has started yet, in a directory that exists, is free."""
     out = cli("status", str(tmp_path / "sessions" / "new.jsonl"))
