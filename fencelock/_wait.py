@@ -158,6 +158,12 @@ class Waiter:
                 _sidecar.close(got[0])
 
 
+def abandoned_waits() -> bool:
+    """Whether a wait of this process gave up with its helper still blocked in the
+    kernel (it drops the lock it gets only if a thread of this process can still run)."""
+    return bool(_pending)
+
+
 def abandon(mine: list[int], box: list[tuple[Waiter, object]], got: list[int]) -> None:
     """After an interrupt or error in a wait that used `Waiter.start`: close or give up
     whatever of it is still the caller's (a descriptor ``got`` back is the caller's

@@ -1191,6 +1191,34 @@ def test_wait_timeout_exits_4_naming_holder(session: Path, spawn_holder: SpawnHo
     assert f"start a fresh session (fencelock recover {session})" in out.stderr
 
 
+@pytest.mark.parametrize("held", [True, False], ids=["gave up", "free"])
+def test_a_command_that_gave_up_a_wait_ends_without_a_slow_shutdown(
+    session: Path, spawn_holder: SpawnHolder, tmp_path: Path, held: bool
+) -> None:
+    """`wait --timeout` that gives up leaves its helper blocked in flock: were the
+    holder to let go while the interpreter shuts down, the helper would get the lock
+    and keep it (no thread runs then) until the process was gone, and other commands
+    would read it as a holder outside fencelock. So such a command ends at once, its
+    answer out, skipping the interpreter's shutdown (here: an atexit hook, which does
+    not run); one that did not give up a wait shuts down as usual."""
+    if held:
+        spawn_holder(session, lane="slow").acquire()
+    marker = tmp_path / "shut down"
+    script = (
+        "import atexit, sys\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
+        "from fencelock._entry import main\n"
+        f"sys.argv = ['fencelock', 'wait', {str(session)!r}, '--timeout', '0.2']\n"
+        "main(prog_name='fencelock')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == (4 if held else 0), out.stderr
+    if held:
+        assert "held by" in out.stderr and "wait longer (--timeout)" in out.stderr
+    assert marker.exists() is not held
+
+
 @needs_proc_locks
 @pytest.mark.parametrize("timeout", [[], ["--timeout", "600"]])
 def test_wait_returns_when_released(
