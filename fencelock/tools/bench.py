@@ -634,11 +634,11 @@ def bench_appends(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list
     rows = []
     checks = []
     everyone = ("fencelock", "raw", "filelock", "portalocker-blocking", "floor")
-    rounds = _append_rounds(sizes.turns, sum(1 for p in everyone if available(p)))
+    peers = [p for p in everyone if available(p)]
+    rounds = _append_rounds(sizes.turns, len(peers))
     for fsync in (True, False):
         values: dict[str, float | None] = dict.fromkeys(everyone)
         cpu: dict[str, float | None] = dict.fromkeys(everyone)
-        peers = [p for p in everyone if available(p)]
         paths = {}
         for peer in peers:
             d = base / f"appends-{int(fsync)}" / peer

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import itertools
 import json
 import os
 import platform
@@ -81,6 +80,14 @@ class RecordMaker:
             f',"lane":{json.dumps(lane)},"fence":"stat","acquired_at":'
         )
 
+        self.token = 0
+        """The last token `next_held` gave."""
+
+    def next_held(self) -> bytes:
+        """A held record with the next token, acquired now (a peer's acquire)."""
+        self.token += 1
+        return self.make(self.token, time.time())
+
     def make(self, token: int, at: float, fp: str = "null", head: str | None = None) -> bytes:
         return (
             f'{head or self.held}{token:<{TOKEN_WIDTH}},"run_id":"{token}"'
@@ -112,7 +119,6 @@ class RawLock:
         self.path = path
         self.record = record
         self.fd = -1
-        self.token = 0
 
     def acquire(self) -> None:
         while True:
@@ -128,8 +134,7 @@ class RawLock:
                 break
             os.close(fd)
         if self.record is not None:
-            self.token += 1
-            os.pwrite(fd, self.record.make(self.token, time.time()), 0)
+            os.pwrite(fd, self.record.next_held(), 0)
         self.fd = fd
 
     def release(self) -> None:
@@ -145,10 +150,10 @@ class FileLockPeer:
         assert filelock is not None
         hook: Callable[[int], None] | None = None
         if record is not None:
-            maker, tokens = record, itertools.count(1)
+            maker = record
 
             def hook(fd: int) -> None:
-                os.pwrite(fd, maker.make(next(tokens), time.time()), 0)
+                os.pwrite(fd, maker.next_held(), 0)
 
         self.lock = filelock.FileLock(path, on_acquired=hook)
 
@@ -170,7 +175,6 @@ class PortalockerPeer:
     def __init__(self, path: str, record: RecordMaker | None, blocking: bool = False) -> None:
         assert portalocker is not None
         self.record = record
-        self.token = 0
         flags = portalocker.LockFlags.EXCLUSIVE
         if not blocking:
             flags |= portalocker.LockFlags.NON_BLOCKING
@@ -183,8 +187,7 @@ class PortalockerPeer:
     def acquire(self) -> None:
         fh = self.lock.acquire()
         if self.record is not None:
-            self.token += 1
-            os.pwrite(fh.fileno(), self.record.make(self.token, time.time()), 0)
+            os.pwrite(fh.fileno(), self.record.next_held(), 0)
 
     def release(self) -> None:
         self.lock.release()
