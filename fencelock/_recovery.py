@@ -143,7 +143,7 @@ def recover(
                     raise
     now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
     taken_over = _taken_over(session, now, backend)
-    if taken_over is not None:  # the last run's conversation went on there
+    if taken_over is not None:  # the conversation was moved there
         return Recovery(Action.FRESH, taken_over, found, waited, 0)
     if now.state is ProbeState.STALE:
         with contextlib.suppress(SessionContendedError):
