@@ -170,9 +170,9 @@ class SidecarHolder:
         """The record lags the fingerprint and heartbeat of the holder's last append."""
         self._unmarked = False
         """The session file did not exist at acquire, so no token mark covers this run's
-        token: if it exists when a `fencelock run` command's run ends (the command wrote
-        it), `release_shared` sets the mark. (A plain release does not look: a run of
-        the library creates the file through `SessionLock.append`, which sets it.)"""
+        token: if it exists when the run ends (made by the holder's own writer, a
+        `fencelock run` command, or anything else), the release sets the mark. An
+        append that creates it sets the mark itself and clears this."""
         self._mark_fp: _fingerprint.Fingerprint | None = None
         self._mark = 0
         """The session's token mark was ``_mark`` (or more) when its stat was
@@ -450,6 +450,8 @@ class SidecarHolder:
     def release(self, lock: SessionLock) -> None:
         """Mark the record released and drop the lock (under the lock object's ``_io``,
         or where no record write can follow: see `SessionLock.release`)."""
+        if self._unmarked:
+            self._mark_session(lock)  # a file made during the run, by whatever wrote it
         fd, self._fd = self._fd, -1
         written = False
         try:
@@ -470,11 +472,12 @@ class SidecarHolder:
                 _sidecar.close(fd)  # also drops the lock if unlocking failed
 
     def _mark_session(self, lock: SessionLock) -> None:
-        """Set the token mark on a session file that a `fencelock run` command wrote
-        during the run (`SessionLock.append` sets it on a file it creates), while the
-        lock is still held: tokens then never go back for it, even if the sidecar is
-        removed. Quietly nothing where the file is still missing or takes no extended
-        attributes."""
+        """Set the token mark on a session file that was made during the run by
+        something other than `SessionLock.append` (which sets it on a file it creates):
+        the holder's own writer, a `fencelock run` command, or a write from outside the
+        protocol. While the lock is still held: tokens then never go back for it, even
+        if the sidecar is removed. Quietly nothing where the file is still missing or
+        takes no extended attributes."""
         self._unmarked = False
         _tokens.reserve(self.session, lock._token)
 

@@ -668,6 +668,29 @@ def test_tokens_never_go_back_for_a_session_file_another_writer_made_during_the_
 
 
 @needs_xattr
+def test_tokens_never_go_back_for_a_session_file_the_holders_own_writer_made(
+    session: Path,
+) -> None:
+    """A library run that starts before its session file exists, which something other
+    than `append` then writes (the gateway's own writer, a mirror lane), leaves the mark
+    on it as it releases: a sidecar deleted by hand afterwards does not restart the
+    tokens."""
+    sidecar = Path(str(session) + ".holder")
+    for _ in range(3):
+        with SessionLock(session, "a"):
+            pass
+    with SessionLock(session, "a") as lock:
+        assert lock.info is not None
+        last = lock.info.token
+        with open(session, "a") as f:
+            f.write('{"written": "by the gateway itself"}\n')
+    assert last == 4
+    sidecar.unlink()
+    with SessionLock(session, "b") as lock:
+        assert lock.info is not None and lock.info.token > last
+
+
+@needs_xattr
 @pytest.mark.parametrize(
     ("mark", "first"),
     [(b"41", 42), (b"1_000", 1), (b" 50\n", 1), (b"+60", 1), (b"0x10", 1), (b"", 1)],

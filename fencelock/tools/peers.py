@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
@@ -39,6 +40,7 @@ from fencelock._tokens import (
     TAIL,
     XATTR,
     _mark_value,
+    _read_mark,
     _set_aside_tokens,
 )
 
@@ -224,10 +226,11 @@ class FloorLock:
     its last byte (the torn-tail check), write, fsync, fstat (the new fence point),
     pread the line back (the concurrent-write check), close, and fsync the directory
     of a file it created; in the write phase the record need not be rewritten.
-    Release: pwrite the record with ``"released"`` and the last fence point (or only
-    the ``"released"`` state when no append moved it), unlock, yield the CPU after a
-    hold of 1 ms or more (fencelock's hand-over to a woken waiter,
-    `_platform.hand_over`), close. The record's fixed
+    Release: where the run found no session and made none, set the mark on one made
+    since (its read fails when there is none), pwrite the record with ``"released"``
+    and the last fence point (or only the ``"released"`` state when no append moved
+    it), unlock, yield the CPU after a hold of 1 ms or more (fencelock's hand-over to a
+    woken waiter, `_platform.hand_over`), close. The record's fixed
     parts are precomputed (`RecordMaker`, in fencelock's layout, with the in-place
     release at `STATE_OFFSET`). There is no registry, no reentrancy, no fork safety and
     no error handling: this is a lower bound for a Python holder that opens the sidecar
@@ -342,6 +345,11 @@ class FloorLock:
         self.behind = True
 
     def release(self) -> None:
+        if self.fp == "null":  # no session at acquire, nor made by an append: mark one made since
+            with contextlib.suppress(OSError):
+                if _read_mark(self.session) < self.token:
+                    os.setxattr(self.session, XATTR, b"%d" % (self.token + RESERVE - 1),
+                                follow_symlinks=False)
         if self.behind:
             self.behind = False
             self._write(self.records.released)
