@@ -104,6 +104,16 @@ class HolderStatus:
             return None
         return None if self.lock_owners is not None and self.owner_alive is False else record
 
+    def _contended(
+        self, *, waited: float | None = None, backend: str | None = None
+    ) -> SessionContendedError:
+        """The contention error for a session this status found live: named by its
+        holder's record, or by the processes the system lists as holding the lock (and
+        the ended `fencelock run` that left them)."""
+        return SessionContendedError(self.session, self._live_record, waited=waited,
+                                     lock_owners=self.lock_owners, backend=backend,
+                                     last=self.record if self.left_by_run else None)
+
     @property
     def pid(self) -> int | None:
         return self.record.pid if self.record else None
@@ -585,11 +595,7 @@ def clear(
                     # (as on a writable filesystem); otherwise why it cannot be cleared.
                     found = _probe(session, sidecar, DEFAULT_STUCK_AFTER, time.time())
                     if found.state is ProbeState.LIVE:
-                        raise SessionContendedError(
-                            session, found._live_record,
-                            lock_owners=found.lock_owners,
-                            last=found.record if found.left_by_run else None
-                        ) from None
+                        raise found._contended() from None
                     if found.state is ProbeState.FREE and not remove:
                         return HolderStatus(session, sidecar, ProbeState.FREE,
                                             record=found.record, reason="was free")

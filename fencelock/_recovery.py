@@ -119,11 +119,8 @@ def recover(
         if not released:
             if not fresh:
                 url = _backend.selected(backend)
-                raise SessionContendedError(session, found._live_record, waited=waited,
-                                            lock_owners=found.lock_owners,
-                                            backend=None if url is None else url.text,
-                                            last=found.record if found.left_by_run
-                                            else None)
+                raise found._contended(waited=waited,
+                                       backend=None if url is None else url.text)
             old_token = found.record.token if found.record is not None else 0
             # The holder as it is now (the one waited for may have handed over).
             now = _probe.probe(session, stuck_after=stuck_after, backend=backend)

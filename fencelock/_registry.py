@@ -73,9 +73,11 @@ def any_held() -> bool:
 
 def abort(session_key: str) -> bool:
     """Ask the run of this process that holds ``session_key`` to abort (its `on_abort`
-    callbacks); False when no run here holds it."""
+    callbacks); False when no run here holds it. A lock object whose slot it is but
+    which is still waiting for the session (held by another process) has no run to
+    abort."""
     lock = held_in_process(session_key)
-    if lock is None:
+    if lock is None or not lock.held:
         return False
     lock._abort()
     return True
@@ -104,14 +106,32 @@ def take(
                 raise cancelled()
             remaining = None if deadline is None else deadline - time.monotonic()
             if fail or (remaining is not None and remaining <= 0):
-                waited = time.monotonic() - start
-                raise SessionContendedError(lock.session, slot[0].info, waited=waited,
-                                            backend=lock._backend_url())
+                other, waited = slot[0], time.monotonic() - start
+                break
             _waiters += 1
             try:
                 _cond.wait(remaining)
             finally:
                 _waiters -= 1
+    holder = other.info
+    if holder is None:  # ``other`` waits too: the session is held elsewhere (not under _mu)
+        raise _held_elsewhere(lock, waited)
+    raise SessionContendedError(lock.session, holder, waited=waited, backend=lock._backend_url())
+
+
+def _held_elsewhere(lock: SessionLock, waited: float) -> SessionContendedError:
+    """The contention error naming the session's holder in another process (or host),
+    for an acquirer queued behind a lock object of this process that waits for it."""
+    from fencelock._probe import ProbeState, probe  # only on this error path
+
+    backend = lock._backend_url()
+    try:
+        status = probe(lock.session, backend=backend or "local")
+    except FenceLockError:
+        status = None
+    if status is None or status.state is not ProbeState.LIVE:
+        return SessionContendedError(lock.session, None, waited=waited, backend=backend)
+    return status._contended(waited=waited, backend=backend)
 
 
 def free(key: str, lock: SessionLock, attempt: object = None) -> None:

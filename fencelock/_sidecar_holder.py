@@ -272,13 +272,17 @@ class SidecarHolder:
         thread must close if an interrupt (KeyboardInterrupt, a signal handler's
         exception) lands (the caller closes it): ``fd`` until a helper thread takes it,
         -1 while the helper waits, the locked descriptor once `give_up` hands it back."""
-        if lock.on_contention == "fail":
+        fail = lock.on_contention == "fail"
+        if fail or (deadline is not None and deadline - time.monotonic() < FAIL_GRACE):
             record = self._peek(fd, st)
-            if may_be_live(record):
+            if not may_be_live(record):
+                # The lock is held by a probe, or by an acquirer that has not yet
+                # replaced a released or stale record: give it a moment, also for a
+                # try (timeout 0) or a wait shorter than that moment.
+                grace = time.monotonic() + FAIL_GRACE
+                deadline = grace if fail or deadline is None else max(deadline, grace)
+            elif fail:
                 raise self._contended(None, record)
-            # Otherwise the lock is held by a probe, or by an acquirer that has not
-            # yet replaced a released or stale record: give it a moment.
-            deadline = time.monotonic() + FAIL_GRACE
         if deadline is None and cancel is None and _platform.CAN_BLOCK:
             _platform.lock_blocking(fd)
             return fd, st
@@ -312,7 +316,7 @@ class SidecarHolder:
             if cancel is not None and cancel.is_set():
                 raise _registry.cancelled()
             # A fail-fast acquirer's grace is no wait the caller asked for: not reported.
-            raise self._contended(None if lock.on_contention == "fail" else start)
+            raise self._contended(None if fail else start)
         return (fd, st) if got[0] == fd else (got[0], os.fstat(got[0]))
 
     def _raise_if_held_elsewhere(self) -> None:
@@ -327,9 +331,7 @@ class SidecarHolder:
         except FenceLockError:
             return
         if status.state is ProbeState.LIVE:
-            raise SessionContendedError(
-                self.session, status.record, lock_owners=status.lock_owners
-            ) from None
+            raise status._contended() from None
 
     def _peek(self, fd: int, st: os.stat_result) -> HolderInfo | None:
         try:

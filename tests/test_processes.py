@@ -214,14 +214,15 @@ EX_LOCKER = (
 
 @needs_proc_locks
 @pytest.mark.parametrize("owner", ["dead", "alive"])
-@pytest.mark.parametrize("call", ["acquire", "clear"])
+@pytest.mark.parametrize("call", ["acquire", "try", "clear"])
 def test_fail_fast_grace_only_when_the_record_s_owner_is_gone(
     session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch, owner: str, call: str
 ) -> None:
     """The lock is taken but its record is a `held` one: if the record's owner is dead,
     the lock's taker is an acquirer about to replace that stale record, and a fail-fast
-    acquirer (or clear) gives it the grace and gets the session once it lets go; if the
-    owner lives, that is a live holder: contended at once, naming it."""
+    acquirer (or a try, ``timeout=0``, or clear) gives it the grace and gets the session
+    once it lets go; if the owner lives, that is a live holder: contended at once,
+    naming it."""
     import threading
 
     from fencelock import _sidecar_holder
@@ -263,6 +264,10 @@ def test_fail_fast_grace_only_when_the_record_s_owner_is_gone(
         try:
             if call == "clear":
                 outcome.append(clear(session))
+            elif call == "try":
+                lock = SessionLock(session, lane="try")
+                outcome.append(lock.acquire(timeout=0))
+                lock.release()
             else:
                 outcome.append(lock.acquire())
                 lock.release()

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SpawnHolder
+from conftest import SpawnHolder, wait_for_blocked_waiter
 
 import fencelock
 from fencelock import FenceLockWarning, SessionContendedError, SessionLock, _registry
@@ -144,3 +144,59 @@ def test_an_owner_giving_up_leaves_the_slot_to_the_owner_still_acquiring(
     with lock:  # the object works on, in this thread
         lock.append({"after": True})
     assert other.acquire() > 0  # and another process takes the session after it
+
+
+def _waiting_in_process(session: Path, lock: SessionLock) -> threading.Thread:
+    """A thread in which ``lock`` waits for ``session``, returned once it has taken the
+    session's slot and blocks in flock behind another process's run."""
+    key = _registry.registry_key(str(session))
+    t = threading.Thread(target=lock.acquire, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while _registry.held_in_process(key) is not lock:
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.001)
+    wait_for_blocked_waiter(session)
+    return t
+
+
+def test_abort_leaves_a_run_that_only_waits_for_another_process_alone(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """The run to abort is the one holding the session: a lock object of this process
+    that has the session's slot but still waits for another process's run has nothing
+    to abort, and its callbacks (for the run it is about to start) are left alone."""
+    other = spawn_holder(session, lane="stuck")
+    other.acquire()
+    asked: list[str] = []
+    waiting = SessionLock(session, "queued")
+    waiting.on_abort(lambda: asked.append("queued"))
+    t = _waiting_in_process(session, waiting)
+    assert not _registry.abort(_registry.registry_key(str(session)))
+    assert asked == []
+    assert other.call("release") == "released"
+    t.join(30)
+    assert waiting.held
+    waiting.release()
+
+
+@pytest.mark.parametrize("how", ["fail", "timeout"])
+def test_contention_behind_a_waiting_object_names_the_other_process_s_holder(
+    session: Path, spawn_holder: SpawnHolder, how: str
+) -> None:
+    """An acquirer queued behind a lock object of this process that itself waits is
+    told who holds the session (the other process's run), not that a holder without a
+    record does."""
+    other = spawn_holder(session, lane="other-process")
+    other.acquire()
+    waiting = SessionLock(session, "queued")
+    t = _waiting_in_process(session, waiting)
+    lock = SessionLock(session, "late", on_contention="fail" if how == "fail" else "wait")
+    with pytest.raises(SessionContendedError) as caught:
+        lock.acquire(timeout=0.05) if how == "timeout" else lock.acquire()
+    assert caught.value.holder is not None, str(caught.value)
+    assert (caught.value.holder.lane, caught.value.holder.pid) == ("other-process", other.pid)
+    assert f"held by pid {other.pid}" in str(caught.value)
+    assert other.call("release") == "released"
+    t.join(30)
+    waiting.release()
