@@ -188,6 +188,10 @@ class OutsideRootError(FenceLockError, ValueError):
         return self.session, self.root
 
 
+NO_SESSION_NAME = "a sidecar of no session (named only .holder)"
+"""What `UnsafeSidecarError` calls a file named ``.holder``: no session path is its."""
+
+
 class UnsafePathError(FenceLockError):
     """A file fencelock would open is a symlink, directory, FIFO or other non-regular file.
 
@@ -197,8 +201,9 @@ class UnsafePathError(FenceLockError):
     def __init__(self, path: str, what: str):
         self.path = path
         self.what = what
-        # A hard link is a regular file, but one that other names share.
-        kind = "" if what.startswith("a hard link") else ", not a regular file"
+        # A hard link is a regular file, but one that other names share; so is a
+        # sidecar of no session.
+        kind = "" if what.startswith(("a hard link", NO_SESSION_NAME)) else ", not a regular file"
         super().__init__(
             f"{path}: is {what}{kind}; fencelock neither follows links nor writes to "
             f"anything else, and left it untouched. {self._fix(path, what)}"
@@ -270,6 +275,8 @@ class UnsafeSidecarError(UnsafePathError):
 
     @staticmethod
     def _fix(path: str, what: str) -> str:
+        if what == NO_SESSION_NAME:
+            return "Remove it: no run uses it"
         if what.startswith("a hard link"):
             # A run may hold it: removing this name would let the next run create a
             # new sidecar and take the session while that run still holds the old one.

@@ -32,10 +32,12 @@ from fencelock import (
     _sidecar_holder,
     _store,
     _tokens,
+    _wait,
 )
 from fencelock._constants import DEFAULT_STUCK_AFTER as DEFAULT_STUCK_AFTER
 from fencelock._constants import SESSION_SUFFIX
 from fencelock._errors import (
+    NO_SESSION_NAME,
     CorruptRecordError,
     FenceLockError,
     SessionContendedError,
@@ -156,6 +158,7 @@ def probe(
 ) -> HolderStatus:
     """The state of the session at ``path`` (the session file or its sidecar), in the
     store ``backend`` names (default: ``$FENCELOCK_BACKEND``, else the sidecar)."""
+    stuck_after = _wait.duration(stuck_after, "stuck_after")
     session, sidecar = _sidecar.paths(path)
     store = _store.open_store(backend, session)
     if store is not None:
@@ -452,6 +455,7 @@ def scan(
 ) -> Iterator[HolderStatus]:
     """Every sidecar and ``*.jsonl`` session in ``directory``, sorted by session name
     (with an etcd ``backend``: every ``*.jsonl`` session, probed in etcd)."""
+    stuck_after = _wait.duration(stuck_after, "stuck_after")
     base = _sidecar.absolute(directory)
     if _backend.selected(backend) is not None:
         yield from _scan_store(base, stuck_after, backend)
@@ -485,8 +489,8 @@ def scan(
                 row: HolderStatus | _Watch = _not_a_session(
                     session, sidecar, _what_is(odd[name]))
             elif not name:  # a sidecar named only ".holder": no session path is its
-                row = HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=(
-                    f"{sidecar}: a sidecar with no session name; no run uses it. Remove it"))
+                row = HolderStatus(session, sidecar, ProbeState.UNREADABLE,
+                                   reason=str(UnsafeSidecarError(sidecar, NO_SESSION_NAME)))
             else:
                 found = _look(session, sidecar, stuck_after, now, busy=bool(watched))
                 while found is None:  # out of descriptors: wait for a watch to end

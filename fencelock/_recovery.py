@@ -94,6 +94,7 @@ def recover(
     does (waiting by default), and never races the other.
     """
     limit = _wait.limit(wait, "wait")
+    stuck_after = _wait.duration(stuck_after, "stuck_after")
     if fresh:
         _lock.SessionLock.check_lane(lane)  # before any wait: a fresh session takes it
     session, sidecar = _sidecar.paths(path)
@@ -251,8 +252,8 @@ def _start_fresh(
     (up to `SUCCESSOR_WAIT`), and makes it itself if that one failed or died first.
 
     When it cannot be made, the error says that recover failed, why, and what to do;
-    what was made of it is removed (a successor's sidecar, which the next recover of
-    the stuck run takes, may stay)."""
+    what was made of it is removed, a successor's sidecar included (only an interrupt
+    landing after its lock was given back leaves that sidecar, to the next recover)."""
     deadline = time.monotonic() + SUCCESSOR_WAIT
     while True:
         if successor is not None and _published(successor, session):
@@ -397,36 +398,37 @@ def _fill_fresh(
             if stuck is not None and not _still_holds(session, stuck, backend):
                 _remove_fresh(new)  # while its lock is ours: nothing of it stays
                 raise _RunEnded
-            # The old session's token floor (its mark; its set-aside copies, which can
-            # take long to read) only now that the lock is taken: the sooner it is, the
-            # sooner a recover arriving after the stuck run ended finds this copy.
-            floor = _tokens.floor(session)
-            fd = _open_old(session) if carry else -1
-            # The old transcript up to its last line break (a torn last line stays
-            # behind), as it is now: the live holder may still append while this copies.
-            end = _complete_end(fd, session) if fd >= 0 else 0
-            lines, highest, digest = _scan(fd, session, end)  # reads nothing when end is 0
-            if floor >= lock._token and not isinstance(lock._store, _store.RemoteStore):
-                lock._token = floor + 1  # its record says so from the copy on
-            if highest >= lock._token:  # a line above the record and the last lines
-                if isinstance(lock._store, _store.RemoteStore):
-                    raise _tokens.went_backwards(new, lock._token, highest, lock._store.name)
-                if highest >= MAX_TOKEN:
-                    _remove_fresh(new)  # while its lock is ours: nothing of it stays
-                    raise FenceLockError(
-                        f"{session}: a line in it is stamped with the largest token "
-                        f"({highest}), so a fresh session carrying it has no token left "
-                        f"above it; nothing was made. Check where that stamp came from "
-                        f"(fencelock verify {shlex.quote(session)})")
-                lock._token = highest + 1  # its record says so from the copy on
             try:
+                # The old session's token floor (its mark; its set-aside copies, which can
+                # take long to read) only now that the lock is taken: the sooner it is, the
+                # sooner a recover arriving after the stuck run ended finds this copy.
+                floor = _tokens.floor(session)
+                fd = _open_old(session) if carry else -1
+                # The old transcript up to its last line break (a torn last line stays
+                # behind), as it is now: the live holder may still append while this copies.
+                end = _complete_end(fd, session) if fd >= 0 else 0
+                lines, highest, digest = _scan(fd, session, end)  # reads nothing when end is 0
+                if floor >= lock._token and not isinstance(lock._store, _store.RemoteStore):
+                    lock._token = floor + 1  # its record says so from the copy on
+                if highest >= lock._token:  # a line above the record and the last lines
+                    if isinstance(lock._store, _store.RemoteStore):
+                        raise _tokens.went_backwards(new, lock._token, highest, lock._store.name)
+                    if highest >= MAX_TOKEN:
+                        raise FenceLockError(
+                            f"{session}: a line in it is stamped with the largest token "
+                            f"({highest}), so a fresh session carrying it has no token left "
+                            f"above it; nothing was made. Check where that stamp came from "
+                            f"(fencelock verify {shlex.quote(session)})")
+                    lock._token = highest + 1  # its record says so from the copy on
                 _fence.publish(new, _chunks(fd, session, end, digest), token=lock._token,
                                file_mode=lock.mode, check=lock._store.check)
             except HolderLostError:
                 raise  # another holder's now: nothing here is this call's to remove
             except BaseException:  # an interrupt (SIGTERM, Ctrl-C) too
                 if not os.path.lexists(new):
-                    _remove_fresh(new)  # while its lock is ours
+                    # While its lock is ours, nothing of it stays: not even a successor's
+                    # sidecar, which could keep out the next recover (another user's).
+                    _remove_fresh(new)
                 raise
             # The published copy is the fence point the record carries (taken by
             # opening it where the store is shared by hosts, as its fence checks do).

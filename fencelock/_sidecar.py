@@ -17,6 +17,7 @@ from typing import TypeAlias
 from fencelock import _forkguard, _platform
 from fencelock._constants import NO_WORKING_DIRECTORY, SIDECAR_SUFFIX
 from fencelock._errors import (
+    NO_SESSION_NAME,
     WRITE_FIXES,
     CorruptRecordError,
     ForeignSymlinkError,
@@ -47,7 +48,7 @@ def paths(path: AnyPath) -> tuple[str, str]:
         return _paths_of_absolute(path)  # does not depend on the working directory
     text = os.fsdecode(path)
     _refuse_directory_path(text)
-    return _paths(absolute(text))
+    return _checked_paths(absolute(text))
 
 
 def names_a_directory(path: str) -> bool:
@@ -78,10 +79,18 @@ def _paths(p: str) -> tuple[str, str]:
     return p, p + SUFFIX
 
 
+def _checked_paths(p: str) -> tuple[str, str]:
+    """`_paths`, refusing ``DIR/.holder``: the sidecar of no session."""
+    session, sidecar = _paths(p)
+    if names_a_directory(session):
+        raise UnsafeSidecarError(sidecar, NO_SESSION_NAME)
+    return session, sidecar
+
+
 @functools.lru_cache(maxsize=4096)
 def _paths_of_absolute(path: str) -> tuple[str, str]:
     _refuse_directory_path(path)
-    return _paths(os.path.abspath(path))
+    return _checked_paths(os.path.abspath(path))
 
 
 def _found_at(path: str) -> str | None:

@@ -179,18 +179,25 @@ def limit(seconds: float | None, what: str = "timeout") -> float | None:
     infinity, or more than the platform can wait); ValueError for NaN or below 0."""
     if seconds is None:
         return None
-    # Any real number (int, float, Decimal, Fraction, numpy's); not a bool or a string,
-    # which float() would take too.
+    value = duration(seconds, what, "None or ")
+    return None if value >= threading.TIMEOUT_MAX else value
+
+
+def duration(seconds: float, what: str, alternatives: str = "") -> float:
+    """``seconds`` as a float >= 0 (infinity included): TypeError for anything but a
+    real number (int, float, Decimal, Fraction, numpy's; not a bool or a string, which
+    float() would take too), ValueError for NaN or below 0. ``alternatives`` begins the
+    messages' list of what is accepted ("None or ")."""
     if isinstance(seconds, bool | str | bytes) or not hasattr(seconds, "__float__"):
-        raise TypeError(f"{what} must be None or a number of seconds, not "
+        raise TypeError(f"{what} must be {alternatives}a number of seconds, not "
                         f"{type(seconds).__name__} {seconds!r}")
     try:
         value = float(seconds)
     except OverflowError:  # an integer past a float's range
         value = math.inf if seconds > 0 else -math.inf
     if math.isnan(value) or value < 0:
-        raise ValueError(f"{what} must be None or a number >= 0, not {seconds!r}")
-    return None if value >= threading.TIMEOUT_MAX else value
+        raise ValueError(f"{what} must be {alternatives}a number >= 0, not {seconds!r}")
+    return value
 
 
 def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:

@@ -899,6 +899,35 @@ def test_recover_that_cannot_make_a_fresh_session_says_so_and_leaves_nothing(
 # -- injected I/O faults ------------------------------------------------------------
 
 
+def test_a_recover_that_cannot_read_the_transcript_leaves_no_successor_sidecar(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live holder, and an old transcript this recover cannot read (another user's,
+    say): the fresh session, named after the stuck run so that every recover of it
+    answers the same one, is not begun, and its sidecar is removed too. Left there, it
+    would belong to whoever ran the failed recover and keep out the next recover of
+    the same run (the session owner's)."""
+    from fencelock import _recovery
+
+    session.write_bytes(b'{"n": 1}\n')
+    holder = spawn_holder(session, lane="busy")
+    holder.acquire()
+    before = sorted(os.listdir(session.parent))
+    real_open_old = _recovery._open_old
+
+    def unreadable(path: str) -> int:
+        raise SidecarAccessError(path, OSError(errno.EACCES, os.strerror(errno.EACCES)),
+                                 "recover with carry=False to start empty")
+
+    monkeypatch.setattr(_recovery, "_open_old", unreadable)
+    with pytest.raises(FenceLockError, match="a fresh session could not be started"):
+        recover(session, wait=0)
+    assert sorted(os.listdir(session.parent)) == before
+    monkeypatch.setattr(_recovery, "_open_old", real_open_old)
+    done = recover(session, wait=0)
+    assert done.action == "fresh" and done.carried_lines == 1
+
+
 def _enospc(*_: Any) -> int:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

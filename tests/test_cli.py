@@ -36,7 +36,15 @@ from conftest import (
 )
 from marks import needs_pidfd, needs_proc_locks, needs_tgkill
 
-from fencelock import FenceLockError, SessionContendedError, SessionLock, probe, recover
+from fencelock import (
+    FenceLockError,
+    ProbeState,
+    SessionContendedError,
+    SessionLock,
+    probe,
+    recover,
+    scan,
+)
 from fencelock._cli import main
 from fencelock._output import clean, human_age
 from fencelock._record import decode
@@ -1468,6 +1476,26 @@ def test_the_library_takes_the_same_seconds(session: Path) -> None:
     assert recover(session, lane="", wait=0, fresh=False).action == "refire"  # no fresh one
 
 
+@pytest.mark.parametrize("wrong", [-1, float("nan"), None, "600", True])
+def test_the_library_checks_stuck_after_as_the_cli_does(
+    session: Path, spawn_holder: SpawnHolder, wrong: object
+) -> None:
+    """``stuck_after`` is checked up front, as ``--stuck-after`` is: not only once a
+    live holder's heartbeat is compared with it (a free session passed any value), and
+    a negative one does not make every live holder stuck."""
+    holder = spawn_holder(session, lane="live")
+    holder.acquire()
+    kind = ValueError if isinstance(wrong, float | int) and not isinstance(wrong, bool) \
+        else TypeError
+    for call in (lambda: probe(session, stuck_after=wrong),  # type: ignore[arg-type]
+                 lambda: list(scan(session.parent, stuck_after=wrong)),  # type: ignore[arg-type]
+                 lambda: recover(session, wait=0, stuck_after=wrong)):  # type: ignore[arg-type]
+        with pytest.raises(kind, match="stuck_after must be a number"):
+            call()
+    assert holder.call("release") == "released"
+    assert probe(session, stuck_after=float("inf")).state == ProbeState.FREE
+
+
 def test_recover_prints_the_real_path_for_command_substitution(tmp_path: Path) -> None:
     """`next=$(fencelock recover S)` must name a file that exists, whatever bytes its
     name has: the path is written raw when stdout is not a terminal."""
@@ -1521,7 +1549,27 @@ def test_scan_checks_the_sessions_it_infers_from_sidecar_names(tmp_path: Path) -
     assert "a symlink" in by_name["notes.txt.holder"]["reason"]
     assert probe(tmp_path / "notes.txt").state == "unreadable"
     assert by_name[".holder"]["state"] == "unreadable"
-    assert "no session name" in by_name[".holder"]["reason"]
+    assert "a sidecar of no session" in by_name[".holder"]["reason"]
+
+
+@pytest.mark.parametrize("command", [["clear", "DIR"], ["clear", "DIR/.holder"],
+                                     ["status", "DIR/.holder"], ["wait", "DIR/.holder"],
+                                     ["run", "DIR/.holder", "--lane", "x", "--", "true"],
+                                     ["recover", "DIR/.holder"]])
+def test_a_sidecar_named_only_holder_is_named_with_its_fix(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Every command, and clear of its directory, names the file (not its directory,
+    nor a trailing '/' nobody typed) and says to remove it; it is left as it is."""
+    stray = tmp_path / ".holder"
+    stray.write_text("")
+    before = sorted(os.listdir(tmp_path))
+    result = cli(*(a.replace("DIR", str(tmp_path)) for a in command))
+    assert result.returncode == 1, result.stderr
+    assert f"{stray}: is a sidecar of no session" in result.stderr, result.stderr
+    assert "Remove it" in result.stderr and "trailing" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert stray.read_text() == "" and sorted(os.listdir(tmp_path)) == before
 
 
 def test_clear_json_lists_a_missing_path_too(tmp_path: Path) -> None:

@@ -386,7 +386,7 @@ def test_time_is_not_trusted_for_liveness(session: Path) -> None:
     with SessionLock(session, "slow") as lock:
         obj = json.loads(sidecar_of(session).read_bytes())
         assert lock.held and obj["state"] == "held"
-        status = probe(session, stuck_after=-1.0)  # any heartbeat counts as ancient
+        status = probe(session, stuck_after=0)  # any heartbeat counts as ancient
         assert status.state == "live" and status.stuck
         with pytest.raises(SessionContendedError):
             clear(session)
