@@ -117,14 +117,17 @@ def recover(
         else:
             released = _wait.wait_until_unlocked(sidecar, limit)
         waited = time.monotonic() - start
-        if not released:
+        # The run waited for may have let go with another run taking the session at once
+        # (a queued lane): then the lock was never seen free, yet the stuck run is gone,
+        # and its turn is re-fired (queued in turn), not moved to a fresh session.
+        now = None if released else _probe.probe(session, stuck_after=stuck_after,
+                                                 backend=backend)
+        if now is not None and not _let_go(found, now):
             if not fresh:
                 url = _backend.selected(backend)
                 raise found._contended(waited=waited,
                                        backend=None if url is None else url.text)
             old_token = found.record.token if found.record is not None else 0
-            # The holder as it is now (the one waited for may have handed over).
-            now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
             stuck = _holding_run(now) or _holding_run(found)
             successor = _successor(session, stuck)
             try:
@@ -200,6 +203,17 @@ def _still_holds(session: str, run: HolderInfo, backend: str | None) -> bool:
     """Whether the run ``run`` still holds ``session``."""
     now = _holding_run(_probe.probe(session, backend=backend))
     return now is not None and (now.run_id, now.token) == (run.run_id, run.token)
+
+
+def _let_go(found: HolderStatus, now: HolderStatus) -> bool:
+    """Whether the run that held the session when ``found`` was read no longer holds it
+    ``now`` (free, stale, or another run's): False when ``found`` named no run."""
+    before, after = _holding_run(found), _holding_run(now)
+    if before is None:
+        return False
+    if after is None:  # free or stale (a holder outside fencelock: not known to be gone)
+        return now.state is not ProbeState.LIVE
+    return (after.run_id, after.token) != (before.run_id, before.token)
 
 
 def _holding_run(found: HolderStatus) -> HolderInfo | None:

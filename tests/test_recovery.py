@@ -91,6 +91,38 @@ def test_live_past_the_wait_escalates_to_a_fresh_session(
     assert probe(session).state == ProbeState.LIVE  # its run goes on undisturbed
 
 
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_stuck_run_that_hands_over_to_a_queued_run_during_the_wait_gets_a_refire(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch, fresh: bool
+) -> None:
+    """The stuck run lets go while recover waits, and a run queued behind it takes the
+    session at once, so the lock is never seen free: the stuck run is gone all the same.
+    Its turn is re-fired (queued behind the new run, as any run is), not moved to a
+    fresh session away from a run in progress; nor is that run reported as the holder
+    that would not let go."""
+    from fencelock import _wait
+
+    session.write_text('{"n": 1}\n')
+    stuck, queued = spawn_holder(session, lane="stuck"), spawn_holder(session, lane="queued")
+    stuck.acquire()
+    queued.send("acquire")
+    wait_for_blocked_waiter(session)
+    real = _wait.wait_until_unlocked
+
+    def hand_over_first(sidecar: str, limit: float | None) -> bool:
+        assert stuck.call("release") == "released"  # the queued run takes it at once
+        assert queued.read().startswith("acquired")
+        return real(sidecar, limit)  # held all along by the queued run: times out
+
+    monkeypatch.setattr(_wait, "wait_until_unlocked", hand_over_first)
+    before = set(session.parent.iterdir())
+    result = recover(session, wait=0.05, fresh=fresh)
+    assert (result.action, result.session) == (Action.REFIRE, str(session))
+    assert result.holder.lane == "stuck"
+    assert set(session.parent.iterdir()) == before  # no fresh session, no sidecar of one
+    assert probe(session).record.lane == "queued"  # type: ignore[union-attr]
+
+
 def test_recovers_of_one_stuck_run_agree_on_one_fresh_session(
     session: Path, spawn_holder: SpawnHolder
 ) -> None:
