@@ -30,13 +30,16 @@ if TYPE_CHECKING:
     from fencelock._record import HolderInfo
 
 
-def _in_terminal_foreground() -> bool:
+def _in_terminal_foreground(pid: int) -> bool:
+    """Whether process ``pid`` is in its terminal's foreground process group, to which
+    the terminal sends Ctrl-C's SIGINT (not so a command that moved to a group of its
+    own: ``timeout``, ``setsid``)."""
     try:
         fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        return os.tcgetpgrp(fd) == os.getpgrp()
+        return os.tcgetpgrp(fd) == os.getpgid(pid)
     except OSError:
         return False
     finally:
@@ -71,9 +74,10 @@ class SignalForwarder:
         if self.proc is None:
             self.pending.append(signum)
             return
-        # Ctrl-C goes to the whole foreground process group, the command included;
-        # a second copy could interrupt the command's own clean-up.
-        if signum == self.sigint and _in_terminal_foreground():
+        # Ctrl-C goes to the whole foreground process group, the command included
+        # unless it moved to a group of its own; a second copy could interrupt the
+        # command's own clean-up.
+        if signum == self.sigint and _in_terminal_foreground(self.proc.pid):
             return
         self.proc.send_signal(signum)
 

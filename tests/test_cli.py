@@ -7,6 +7,7 @@ record is a holder killed with SIGKILL while it held the session.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import pty
@@ -1273,6 +1274,47 @@ def test_wait_progress_line_on_a_terminal(session: Path, spawn_holder: SpawnHold
         assert proc.wait(timeout=60) == 0
     finally:
         os.close(master)
+
+
+_OWN_GROUP_COMMAND = """
+import os, signal, sys
+os.setpgid(0, 0)  # as timeout(1) and setsid(1) do: out of the terminal's foreground group
+got = []
+signal.signal(signal.SIGINT, lambda *_: got.append(1))
+print("ready", os.getpid(), "!", flush=True)
+while not got:
+    signal.pause()
+print("got SIGINT", flush=True)
+"""
+
+
+def test_ctrl_c_reaches_a_command_that_left_the_foreground_group(session: Path) -> None:
+    """Ctrl-C on run's terminal: a command in a process group of its own (``timeout``,
+    ``setsid``) never gets the terminal's SIGINT, so run passes it on (it skips only a
+    command that the terminal reached itself); otherwise the run cannot be stopped from
+    its terminal and holds the session."""
+    pid, master = pty.fork()
+    if pid == 0:  # the child: a session of its own, the pty its controlling terminal
+        os.execv(sys.executable, [sys.executable, "-m", "fencelock", "run", str(session),
+                                  "--lane", "x", "--", sys.executable, "-c",
+                                  _OWN_GROUP_COMMAND])
+    command = 0
+    try:
+        command = int(_read_until(master, b"!").split(b"ready ")[1].split()[0])
+        os.write(master, b"\x03")  # Ctrl-C
+        shown = _read_until(master, b"got SIGINT")
+        assert b"got SIGINT" in shown
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        for leftover in (command, pid):  # the command first: in a group of its own
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                if leftover:
+                    os.kill(leftover, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        os.close(master)
+    assert probe(session).state == ProbeState.FREE
 
 
 def test_wait_unreadable_exits_1(session: Path) -> None:

@@ -60,6 +60,7 @@ def _assert_clean_and_reproduced(modes: dict[str, dict[str, Any]]) -> None:
     assert base["turns"] == fl["turns"]  # the same seeded schedule in both modes
     assert sum(base["by_lane"].values()) == base["takeovers"]
     assert base["dropped_replies"] == base["turns"] - base["answered"]
+    assert fl["duplicate_replies"] == 0, fl  # no turn answered twice
 
 
 def _answered_on_disk(root: Path, config: Config) -> int:
@@ -195,16 +196,17 @@ def test_a_reply_counts_only_when_the_files_hold_it(tmp_path: Path) -> None:
         _append_line(session, _entry(lane, t, "r-" + t, "assistant", f"reply to {t}"))
     _append_line(session, _entry(mirror, "mirrored-only", "mirror", "assistant",
                                  "reply to mirrored-only"))  # a copy is not the reply
-    for t in ("ok", "taken-over", "claimed", "mirrored-only"):
+    for t in ("ok", "taken-over", "claimed", "mirrored-only", "ok"):  # "ok" twice
         ledger.deliver(t, "r-" + t, f"reply to {t}")
     takeover = Takeover(session, LaneClass.CHANNEL, LaneClass.MIRROR)
     runs = [RunResult(t.id, LaneClass.CHANNEL, session, False, (), t.id != "taken-over",
                       takeover if t.id == "taken-over" else None) for t in turns]
     assert _replies_in(str(sessions)) == {"ok", "silent", "undelivered"}
-    assert _delivered_in(str(state)) == {"ok", "taken-over", "claimed", "mirrored-only"}
+    assert set(_delivered_in(str(state))) == {"ok", "taken-over", "claimed", "mirrored-only"}
     report = _summarise(Mode.FENCELOCK, [lane, mirror], runs, 1.0,
                         _replies_in(str(sessions)), _delivered_in(str(state)))
     assert (report.turns, report.answered, report.dropped_replies) == (6, 2, 4)
+    assert report.duplicate_replies == 1
     assert report.takeovers == 1
     missing = [e for e in report.errors if "no session file holds it" in e]
     assert sorted(e.split(":")[0] for e in missing) == ["claimed", "mirrored-only"]
@@ -241,7 +243,7 @@ def test_fencelock_runs_hold_the_prompt_window_around_every_model_call(
     assert result.answered and result.error is None and result.fallbacks == 1
     assert phases == ["prompt", "prompt", "prompt"]
     assert _replies_in(str(session.parent)) == {"t"}
-    assert _delivered_in(str(tmp_path / "gateway")) == {"t"}
+    assert set(_delivered_in(str(tmp_path / "gateway"))) == {"t"}
 
 
 def test_an_unlocked_write_in_the_prompt_window_drops_the_reply(tmp_path: Path) -> None:
@@ -280,30 +282,35 @@ def test_an_unlocked_write_in_the_prompt_window_drops_the_reply(tmp_path: Path) 
                .problems())
 
 
-def _mode(mode: Mode, takeovers: int, dropped: int) -> ModeReport:
-    return ModeReport(mode, 10, 10 - dropped, dropped, takeovers, 10, 5, {}, {},
+def _mode(mode: Mode, takeovers: int, dropped: int, twice: int = 0) -> ModeReport:
+    return ModeReport(mode, 10, 10 - dropped, dropped, twice, takeovers, 10, 5, {}, {},
                       _percentiles([]), {}, 0, 2, 0, 0, [], 1.0)
 
 
 @pytest.mark.parametrize(
     ("base", "fl", "ok"),
     [((3, 1), (0, 0), True), ((0, 0), (0, 0), False), ((3, 0), (0, 0), False),
-     ((3, 1), (1, 0), False), ((3, 1), (0, 1), False)],
+     ((3, 1), (1, 0), False), ((3, 1), (0, 1), False), ((3, 1), (0, 0, 1), False),
+     ((3, 1), None, False), (None, (0, 0), False)],
 )
 def test_check_conditions(
-    base: tuple[int, int],
-    fl: tuple[int, int],
+    base: tuple[int, ...] | None,
+    fl: tuple[int, ...] | None,
     ok: bool,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    report = Report(Config.tiny(), {Mode.BASELINE: _mode(Mode.BASELINE, *base),
-                                    Mode.FENCELOCK: _mode(Mode.FENCELOCK, *fl)})
+    """--check passes only when fencelock took no turn over, dropped no reply and sent
+    none twice, and the baseline took turns over and dropped replies; a mode left out
+    (--mode) is a failure, not a pass."""
+    modes = {m: _mode(m, *figures) for m, figures in
+             ((Mode.BASELINE, base), (Mode.FENCELOCK, fl)) if figures is not None}
+    report = Report(Config.tiny(), modes)
     assert (report.problems() == []) is ok
     monkeypatch.setattr("fencelock.tools.repro.run", lambda *a, **k: report)
     assert main(["--quick", "--check"]) == (0 if ok else 1)
     out = capsys.readouterr()
-    assert "baseline" in out.out and "fencelock" in out.out
+    assert all(str(m) in out.out for m in modes)
     assert ("check failed" in out.err) is not ok
 
 
@@ -311,3 +318,30 @@ def test_percentiles_are_nearest_rank_in_ms() -> None:
     p = _percentiles([i / 1000 for i in range(1, 101)])
     assert (p["p50"], p["p90"], p["p99"], p["max"], p["n"]) == (50, 90, 99, 100, 100)
     assert _percentiles([])["p99"] == 0.0
+
+
+def test_a_run_and_its_recovery_never_both_answer(tmp_path: Path) -> None:
+    """Recovery's abort and the run's claim of its reply: the first decides. An aborted
+    run stops as its model stream ends and answers nothing; a run that claimed its
+    reply first is not aborted (recovery must not re-fire it)."""
+    ledger = Ledger(str(tmp_path / "gateway"), "a1")
+    Path(ledger.dir).mkdir(parents=True)
+    assert ledger.claim("r1") and not ledger.abort("r1") and not ledger.aborted("r1")
+    assert ledger.abort("r2") and ledger.abort("r2") and not ledger.claim("r2")
+    assert ledger.aborted("r2")
+    session = tmp_path / "sessions" / "s.jsonl"
+    turn = _turn("t", steps=(Step(0.0), Step(0.0)))
+    lane = Lane("a1/cron", "a1", LaneClass.CRON, "cron", str(session), True, turns=(turn,))
+
+    class AbortedInItsStream(FenceLockRun):
+        def prompt_window(self) -> contextlib.AbstractContextManager[object]:
+            ledger.abort(self.key)  # recovery, while the model call runs
+            return super().prompt_window()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("fencelock.tools.repro.FenceLockRun", AbortedInItsStream)
+        result = run_turn(Mode.FENCELOCK, lane, turn, ledger)
+    assert not result.answered and result.superseded and result.takeover is None
+    assert _replies_in(str(session.parent)) == set()
+    assert not _delivered_in(str(tmp_path / "gateway"))
+    assert [json.loads(x)["role"] for x in session.read_text().splitlines()] == ["user"]

@@ -237,7 +237,9 @@ class ModeReport:
     ``turns`` inbound events scheduled (messages, heartbeats, cron ticks); ``answered``
     those whose reply line (from the turn's own run or its re-fire) is in a session
     file at the end, and in the delivery record when it goes to a user;
-    ``dropped_replies`` the rest. ``takeovers`` takeover errors thrown;
+    ``dropped_replies`` the rest; ``duplicate_replies`` replies a user got again for a
+    turn already answered (a re-fired turn whose first run answered too), from the
+    delivery record. ``takeovers`` takeover errors thrown;
     ``by_lane`` counts them by the lane class whose write tripped the fence (the
     original report's histogram), ``by_victim`` by the lane class of the run that threw.
     ``wait_ms``: p50/p90/p99/max/n of the time each writer waited for the holder
@@ -248,6 +250,7 @@ class ModeReport:
     turns: int
     answered: int
     dropped_replies: int
+    duplicate_replies: int
     takeovers: int
     runs: int
     mirror_writes: int
@@ -281,13 +284,16 @@ class Report:
     def problems(self) -> list[str]:
         """Why CI should fail: fencelock must be clean, the baseline must show the race
         (takeovers, and replies they dropped)."""
-        out = []
+        out = [f"the {m} mode did not run: the check compares both (leave out --mode)"
+               for m in Mode if m not in self.modes]
         fl = self.modes.get(Mode.FENCELOCK)
         if fl is not None:
             if fl.takeovers:
                 out.append(f"fencelock mode showed {fl.takeovers} takeover error(s)")
             if fl.dropped_replies:
                 out.append(f"fencelock mode dropped {fl.dropped_replies} repl(ies)")
+            if fl.duplicate_replies:
+                out.append(f"fencelock mode sent {fl.duplicate_replies} repl(ies) twice")
             if fl.answered != fl.turns:
                 out.append(f"fencelock mode answered {fl.answered} of {fl.turns} turns")
             if fl.errors:
@@ -586,12 +592,38 @@ class Ledger:
         _append_line(os.path.join(self.dir, DELIVERIES), {"turn": turn, "run": run,
                                                            "text": text})
 
-    def abort(self, key: str) -> None:
-        with open(self.path(key, ".abort"), "w"):
-            pass
+    def abort(self, key: str) -> bool:
+        """Stuck-session recovery aborts run ``key``: the run learns of it when its model
+        stream ends (`aborted`). False when the run had already claimed its reply
+        (`claim`): it answers, and a re-fire would answer twice."""
+        return self._decide(key, "abort")
+
+    def claim(self, key: str) -> bool:
+        """Run ``key`` is about to write its reply: False when recovery aborted it first.
+        One of the two wins, never both (the run table's lock, in one gateway process)."""
+        return self._decide(key, "answer")
 
     def aborted(self, key: str) -> bool:
-        return os.path.exists(self.path(key, ".abort"))
+        return self._fate(key) == "abort"
+
+    def _decide(self, key: str, fate: str) -> bool:
+        tmp = self.path(key, f".{fate}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(fate)
+        try:
+            os.link(tmp, self.path(key, ".fate"))  # the first to name it decides
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        return self._fate(key) == fate
+
+    def _fate(self, key: str) -> str | None:
+        try:
+            with open(self.path(key, ".fate"), encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
 
 
 # -- one run ----------------------------------------------------------------------
@@ -615,6 +647,10 @@ def _model_call(run: Run, step: Step) -> int:
     return len(MODELS)
 
 
+class _Aborted(Exception):
+    """Stuck-session recovery aborted the run (`Ledger.abort`)."""
+
+
 def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str | None = None,
              refire: bool = False, mirror: Queue[Any] | None = None) -> RunResult:
     """One embedded run: user entry, model calls with tool entries between, reply."""
@@ -622,8 +658,9 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
     run = _new_run(mode, target, lane)
     run.acquire()
     started = time.time()
-    ledger.write(run.key, turn=turn.id, lane=lane.name, session=target, started=started,
-                 progress=started)
+    facts = {"turn": turn.id, "lane": lane.name, "session": target, "delivers": turn.delivers,
+             "started": started}
+    ledger.write(run.key, **facts, progress=started)
     answered, fallbacks = False, 0
     takeover: Takeover | None = None
     error: str | None = None
@@ -633,11 +670,17 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
         for i, step in enumerate(turn.steps):
             fallbacks += _model_call(run, step)
             last = i == len(turn.steps) - 1
+            # An abort reaches the run as its model stream ends (after the baseline's
+            # fence check); the reply is claimed first, so that recovery never re-fires
+            # a turn this run answers.
+            if ledger.aborted(run.key) or (last and not ledger.claim(run.key)):
+                raise _Aborted
             role, text = ("assistant", _reply(turn.id)) if last else ("tool", f"tool {i}")
             run.append(_entry(lane, turn.id, run.key, role, text))
-            ledger.write(run.key, turn=turn.id, lane=lane.name, session=target,
-                         started=started, progress=time.time())
+            ledger.write(run.key, **facts, progress=time.time())
         answered = True
+    except _Aborted:
+        superseded = True
     except Exception as e:
         thrown = _takeover_in(e)
         if thrown is None:
@@ -648,8 +691,8 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
                                 None if since is None else _intruder(target, since))
             superseded = ledger.aborted(run.key)
     finally:
-        ledger.write(run.key, turn=turn.id, lane=lane.name, session=target, started=started,
-                     progress=time.time(), ended=time.time(), answered=answered)
+        ledger.write(run.key, **facts, progress=time.time(), ended=time.time(),
+                     answered=answered)
         run.release()
     if answered and turn.delivers:
         ledger.deliver(turn.id, run.key, _reply(turn.id))
@@ -733,8 +776,8 @@ def _recovery_lane(job: Job, results: Queue[Any], mirror: Queue[Any], stop: Even
                 found = _fencelock_recovery_step(job, ledger, seen, results)
             if found is None:
                 continue
-            turn_id, session = found
-            turn = Turn(turn_id, 0.0, _steps(rng, job.config, 1, 2, 0.0), True,
+            turn_id, session, delivers = found
+            turn = Turn(turn_id, 0.0, _steps(rng, job.config, 1, 2, 0.0), delivers,
                         rng.uniform(*job.config.mirror_delay))
             results.put(("run", run_turn(job.mode, job.lane, turn, ledger, session=session,
                                          refire=True, mirror=mirror)))
@@ -742,21 +785,28 @@ def _recovery_lane(job: Job, results: Queue[Any], mirror: Queue[Any], stop: Even
         mirror.put(None)
 
 
-def _old_recovery_step(job: Job, ledger: Ledger, seen: set[str]) -> tuple[str, str] | None:
-    """The old path: abort a run that looks stuck and re-fire its turn on the same file."""
+_Refire = tuple[str, str, bool]
+"""A turn to re-fire: its id, the session to run it on, whether its reply goes to a user."""
+
+
+def _old_recovery_step(job: Job, ledger: Ledger, seen: set[str]) -> _Refire | None:
+    """The old path: abort a run that looks stuck and re-fire its turn on the same file
+    (whether or not the run is about to answer: it does not ask)."""
     now = time.time()
     for key, run in ledger.active():
         if key in seen or now - float(run["progress"]) < job.config.stuck_after:
             continue
         seen.add(key)
         ledger.abort(key)  # the abort reaches the run only when its model stream ends
-        return str(run["turn"]), str(run["session"])
+        return str(run["turn"]), str(run["session"]), bool(run["delivers"])
     return None
 
 
 def _fencelock_recovery_step(job: Job, ledger: Ledger, seen: set[str],
-                             results: Queue[Any]) -> tuple[str, str] | None:
-    """fencelock's path: never re-fire on a live session; wait, then go fresh."""
+                             results: Queue[Any]) -> _Refire | None:
+    """fencelock's path: never re-fire on a live session; wait, then go fresh, aborting
+    the stuck run (what `recover` does through ``on_abort`` for a run of its own
+    process; the lanes here are processes of their own)."""
     for session in job.lane.watch:
         status = probe(session, stuck_after=job.config.stuck_after)
         if status.state is not ProbeState.LIVE or not status.stuck or status.record is None:
@@ -765,17 +815,21 @@ def _fencelock_recovery_step(job: Job, ledger: Ledger, seen: set[str],
         if run_id in seen:
             continue
         seen.add(run_id)
-        turn_id = str((ledger.read(run_id) or {}).get("turn", f"unknown:{run_id}"))
+        run = ledger.read(run_id) or {}
+        turn_id = str(run.get("turn", f"unknown:{run_id}"))
+        delivers = bool(run.get("delivers", True))
         outcome = recover(session, wait=job.config.recover_wait, fresh=True,
                           lane=job.lane.label)
-        if outcome.action is Action.FRESH:
+        if outcome.action is Action.FRESH and ledger.abort(run_id):
             results.put(("recovery", RecoveryResult(turn_id, "fresh")))
-            return turn_id, outcome.session
-        if (ledger.read(run_id) or {}).get("answered"):
+            return turn_id, outcome.session, delivers
+        if outcome.action is Action.FRESH or (ledger.read(run_id) or {}).get("answered"):
+            # The holder answered (or claimed its reply before the abort): nothing to
+            # re-fire; in the fresh session, its copy carries what was there.
             results.put(("recovery", RecoveryResult(turn_id, "waited")))
-            return None  # the holder finished its run while we waited: nothing to re-fire
+            return None
         results.put(("recovery", RecoveryResult(turn_id, "refire")))
-        return turn_id, outcome.session
+        return turn_id, outcome.session, delivers
     return None
 
 
@@ -938,9 +992,9 @@ def _replies_in(sessions: str) -> set[str]:
     return found
 
 
-def _delivered_in(state: str) -> set[str]:
-    """The turns in any agent's delivery record under ``state``."""
-    found: set[str] = set()
+def _delivered_in(state: str) -> Counter[str]:
+    """How many replies each turn in any agent's delivery record under ``state`` got."""
+    found: Counter[str] = Counter()
     for agent in os.listdir(state):
         record = os.path.join(state, agent, DELIVERIES)
         if os.path.exists(record):
@@ -949,7 +1003,7 @@ def _delivered_in(state: str) -> set[str]:
 
 
 def _summarise(mode: Mode, lanes: list[Lane], collected: list[Any], elapsed: float,
-               replies: set[str], delivered: set[str]) -> ModeReport:
+               replies: set[str], delivered: Counter[str]) -> ModeReport:
     """One mode's figures; ``replies`` and ``delivered`` are what the files hold."""
     runs = [r for r in collected if isinstance(r, RunResult)]
     mirrors = [r for r in collected if isinstance(r, MirrorResult)]
@@ -979,6 +1033,7 @@ def _summarise(mode: Mode, lanes: list[Lane], collected: list[Any], elapsed: flo
         turns=len(turns),
         answered=len(answered),
         dropped_replies=len(turns) - len(answered),
+        duplicate_replies=sum(n - 1 for t, n in delivered.items() if t in turns and n > 1),
         takeovers=len(takeovers),
         runs=len(runs),
         mirror_writes=len(mirrors),
@@ -1070,6 +1125,7 @@ def format_report(report: Report) -> str:
     row("answered", lambda r: r.answered)
     row("takeover errors", lambda r: r.takeovers)
     row("dropped replies", lambda r: r.dropped_replies)
+    row("replies sent twice", lambda r: r.duplicate_replies)
     row("runs (incl. re-fires)", lambda r: r.runs)
     row("mirror writes", lambda r: r.mirror_writes)
     row("sessions hit / worst", lambda r: f"{r.sessions_hit}/{r.sessions}, {r.worst_session_hits}")
@@ -1132,8 +1188,9 @@ def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 @click.option("--seed", type=int, default=1, show_default=True, help="schedule seed")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--check", is_flag=True,
-              help="exit 1 unless fencelock shows no takeover and no dropped reply "
-              "and the baseline shows at least one of each")
+              help="exit 1 unless fencelock shows no takeover, no dropped reply and no "
+              "reply sent twice, and the baseline shows takeovers and dropped replies "
+              "(both modes must run)")
 @click.option("--agents", type=click.IntRange(min=1),
               help="number of agents (default 3, quick 2)")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True),
@@ -1168,8 +1225,9 @@ def command(quick: bool, seed: int, as_json: bool, check: bool, agents: int | No
         if problems:
             return 1
         if not as_json:
-            click.echo("\ncheck passed: fencelock had no takeover and no dropped reply; "
-                       "the baseline reproduced the race (takeovers and dropped replies)")
+            click.echo("\ncheck passed: fencelock had no takeover, no dropped reply and no "
+                       "reply sent twice; the baseline reproduced the race (takeovers and "
+                       "dropped replies)")
     return 0
 
 
