@@ -977,7 +977,7 @@ def recover_command(
     answer_goes_to_stdout("recover")
     import signal
 
-    from fencelock._errors import FenceLockError, SessionContendedError
+    from fencelock._errors import FenceLockError, HeldByOwnRunError, SessionContendedError
     from fencelock._lock import SessionLock
     from fencelock._probe import probe
     from fencelock._recovery import recover
@@ -1016,8 +1016,9 @@ def recover_command(
                 seen.settled = True
             except SessionContendedError as e:
                 # Still held with --no-fresh: the advice is not recover (this command).
-                message = (f"{e.situation()}; wait longer (--wait), or recover without "
-                           "--no-fresh to start a fresh session")
+                message = str(e) if isinstance(e, HeldByOwnRunError) else (
+                    f"{e.situation()}; wait longer (--wait), or recover without "
+                    "--no-fresh to start a fresh session")
                 if as_json:  # say so on stdout too
                     echo_json({
                         "action": None, "session": None, "original": e.session,

@@ -106,6 +106,29 @@ class SessionContendedError(CoordinationError):
                                     self.lock_owners, self.backend, self.last), self.__dict__
 
 
+class HeldByOwnRunError(SessionContendedError):
+    """The session is held by the `fencelock run` this process runs under: the lock's
+    descriptor it passed on (``FENCELOCK_FD``) is open in this process, so a wait for
+    the session would wait for this process itself, for ever."""
+
+    def __init__(self, session: str, holder: HolderInfo | None, fd: int):
+        self.fd = fd
+        super().__init__(session, holder)
+        who = "" if holder is None else f"; pid {holder.pid}, lane {holder.lane!r}"
+        self.args = (
+            f"{session}: held by the fencelock run this process runs under (its lock's "
+            f"descriptor, FENCELOCK_FD {fd}, is open here{who}), so waiting for it would "
+            "wait for ever. The command already holds the session: use it without taking "
+            "it again, or take another session",
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return HeldByOwnRunError, (self.session, self.holder, self.fd), self.__dict__
+
+
 class SessionTakeoverError(CoordinationError):
     """Something outside the holder changed the session file since the last fence point."""
 

@@ -396,6 +396,21 @@ close = _forkguard.close
 """Close a descriptor `open_checked` returned."""
 
 
+def inherited_lock(st: os.stat_result, own: int) -> int | None:
+    """The descriptor `fencelock run` passed this process (``FENCELOCK_FD``) when it is
+    open here on the sidecar ``st`` is the fstat of, other than ``own`` (this process's
+    own descriptor of it): the lock it carries is the run's, never let go while the
+    descriptor is open, so this process holds the session with that run."""
+    raw = os.environ.get("FENCELOCK_FD", "")
+    if not raw.isdigit() or int(raw) == own:
+        return None
+    try:
+        theirs = os.fstat(int(raw))
+    except (OSError, OverflowError):
+        return None
+    return int(raw) if (theirs.st_dev, theirs.st_ino) == (st.st_dev, st.st_ino) else None
+
+
 def still_at_path(sidecar: str, st: os.stat_result) -> bool:
     """After locking: is the inode we locked still the one at the path?"""
     try:

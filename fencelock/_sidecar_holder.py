@@ -29,6 +29,7 @@ from fencelock import (
 from fencelock._errors import (
     CorruptRecordError,
     FenceLockError,
+    HeldByOwnRunError,
     NotHeldError,
     PlantedFileError,
     SessionContendedError,
@@ -272,6 +273,9 @@ class SidecarHolder:
         thread must close if an interrupt (KeyboardInterrupt, a signal handler's
         exception) lands (the caller closes it): ``fd`` until a helper thread takes it,
         -1 while the helper waits, the locked descriptor once `give_up` hands it back."""
+        inherited = _sidecar.inherited_lock(st, fd)
+        if inherited is not None:
+            raise HeldByOwnRunError(self.session, self._peek(fd, st), inherited)
         fail = lock.on_contention == "fail"
         if fail or (deadline is not None and deadline - time.monotonic() < FAIL_GRACE):
             record = self._peek(fd, st)

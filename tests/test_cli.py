@@ -1317,6 +1317,52 @@ def test_ctrl_c_reaches_a_command_that_left_the_foreground_group(session: Path) 
     assert probe(session).state == ProbeState.FREE
 
 
+_NESTED: dict[str, list[str] | None] = {
+    "run": ["run", "{S}", "--lane", "inner", "--", "true"],
+    "wait": ["wait", "{S}"],
+    "recover": ["recover", "--wait", "600", "{S}"],
+    "library": None,  # SessionLock(S).acquire() in a Python command
+}
+
+
+@pytest.mark.parametrize("inner", sorted(_NESTED))
+def test_taking_the_session_again_under_its_own_run_is_refused_not_a_hang(
+    session: Path, inner: str
+) -> None:
+    """A command of ``fencelock run S`` (or anything it starts) holds S through the
+    descriptor it inherited: taking S again from there would wait for itself for ever.
+    It is refused at once (exit 4, SessionContendedError), naming the run; another
+    session is taken as usual."""
+    other = session.parent / "other.jsonl"
+    for target, refused in ((session, True), (other, False)):
+        command = _NESTED[inner]
+        if command is None:
+            nested = [sys.executable, "-c",
+                      "import sys, fencelock\n"
+                      "try:\n"
+                      "    fencelock.SessionLock(sys.argv[1], 'inner').acquire()\n"
+                      "except fencelock.SessionContendedError as e:\n"
+                      "    print(e, file=sys.stderr); sys.exit(4)\n", str(target)]
+        else:
+            nested = [*FENCELOCK, *(a.replace("{S}", str(target)) for a in command)]
+        proc = subprocess.Popen([*FENCELOCK, "run", str(session), "--lane", "outer", "--",
+                                 *nested], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:  # a hang: the nested command too, which waits for itself for ever
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        if refused:
+            assert proc.returncode == 4, err
+            assert "held by the fencelock run this process runs under" in err
+            assert "FENCELOCK_FD" in err and "Traceback" not in err
+        else:
+            assert proc.returncode == 0, err
+    assert probe(session).state == ProbeState.FREE
+
+
 def test_wait_unreadable_exits_1(session: Path) -> None:
     os.mkdir(str(session) + ".holder")
     out = cli("wait", str(session))

@@ -47,6 +47,8 @@ def samples() -> dict[str, BaseException]:
         "SessionContendedError-left": _errors.SessionContendedError(
             "/s/a.jsonl", None, lock_owners=(LockOwner(HOLDER.pid, False, None),),
             last=replace(HOLDER, state=State.RELEASED)),
+        "HeldByOwnRunError": _errors.HeldByOwnRunError("/s/a.jsonl", HOLDER, 3),
+        "HeldByOwnRunError-unread": _errors.HeldByOwnRunError("/s/a.jsonl", None, 5),
         "SessionTakeoverError": _errors.SessionTakeoverError("/s/a.jsonl", FP, FP_MOVED),
         "SessionTakeoverError-gone": _errors.SessionTakeoverError("/s/a.jsonl", FP, None),
         "SessionTakeoverError-stored": _errors.SessionTakeoverError("/s/a.jsonl", FP, FP_MOVED,
