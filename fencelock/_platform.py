@@ -47,6 +47,22 @@ def stop_signals() -> tuple[int, ...]:
     )
 
 
+def initial_environment(name: str) -> tuple[bool, str | None]:
+    """Variable ``name`` as the process was started with it (None: unset), before the
+    interpreter changed its own copy (Python's locale coercion sets ``LC_CTYPE``, PEP
+    538); (False, None) where the system does not say (``/proc/self/environ``)."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            block = f.read()
+    except OSError:
+        return False, None
+    key = os.fsencode(name) + b"="
+    for entry in block.split(b"\0"):
+        if entry.startswith(key):
+            return True, os.fsdecode(entry[len(key):])
+    return True, None
+
+
 _MOUNTS = "/proc/self/mounts"
 _MOUNTINFO = "/proc/self/mountinfo"
 

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from fencelock import _platform
 from fencelock._output import (
     CommandNotExecutableError,
     CommandNotFoundError,
@@ -229,6 +230,13 @@ def run_held(
 
     lock_fd = lock._shared_fd() if keeper is None else keeper.command_fd
     env = dict(os.environ)
+    # The caller's LC_CTYPE, not the one Python's locale coercion set for this process
+    # (C.UTF-8 where the caller's locale is C): the command runs as the caller asked.
+    known, ctype = _platform.initial_environment("LC_CTYPE")
+    if known and env.get("LC_CTYPE") != ctype:
+        env.pop("LC_CTYPE", None)
+        if ctype is not None:
+            env["LC_CTYPE"] = ctype
     env.update(
         FENCELOCK_SESSION=lock.session,
         FENCELOCK_LANE=lock.lane,

@@ -35,7 +35,7 @@ from conftest import (
     thread_in_syscall,
     wait_for_blocked_waiter,
 )
-from marks import needs_pidfd, needs_proc_locks, needs_tgkill
+from marks import needs_pidfd, needs_proc, needs_proc_locks, needs_tgkill
 
 from fencelock import (
     FenceLockError,
@@ -1361,6 +1361,25 @@ def test_taking_the_session_again_under_its_own_run_is_refused_not_a_hang(
         else:
             assert proc.returncode == 0, err
     assert probe(session).state == ProbeState.FREE
+
+
+@needs_proc
+@pytest.mark.parametrize("caller", [None, "C", "POSIX"])
+def test_the_command_gets_the_caller_s_lc_ctype_not_python_s_coerced_one(
+    session: Path, caller: str | None
+) -> None:
+    """Under a C locale (cron, ``env -i``) Python's interpreter sets LC_CTYPE=C.UTF-8
+    in its own environment (PEP 538); the command must get the caller's, or byte-wise
+    text tools change their results under it."""
+    env = {"PATH": os.environ["PATH"]}
+    if caller is not None:
+        env["LC_CTYPE"] = caller
+    out = subprocess.run(
+        [*FENCELOCK, "run", str(session), "--lane", "x", "--", "sh", "-c",
+         'printf "%s\\n" "${LC_CTYPE-<unset>}"'],  # not Python: it would coerce its own
+        capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (caller or "<unset>")
 
 
 def test_wait_unreadable_exits_1(session: Path) -> None:
