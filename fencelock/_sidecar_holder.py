@@ -456,8 +456,10 @@ class SidecarHolder:
     def release(self, lock: SessionLock) -> None:
         """Mark the record released and drop the lock (under the lock object's ``_io``,
         or where no record write can follow: see `SessionLock.release`)."""
-        if self._unmarked:
-            self._mark_session(lock)  # a file made during the run, by whatever wrote it
+        # A file made during the run, by whatever wrote it (access(2): no exception to
+        # raise and catch where, as most often, none was made).
+        if self._unmarked and os.access(self.session, os.F_OK):
+            self._mark_session(lock)
         fd, self._fd = self._fd, -1
         written = False
         try:

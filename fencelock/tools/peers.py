@@ -227,7 +227,7 @@ class FloorLock:
     pread the line back (the concurrent-write check), close, and fsync the directory
     of a file it created; in the write phase the record need not be rewritten.
     Release: where the run found no session and made none, set the mark on one made
-    since (its read fails when there is none), pwrite the record with ``"released"``
+    since (access(2) says whether there is one), pwrite the record with ``"released"``
     and the last fence point (or only the ``"released"`` state when no append moved
     it), unlock, yield the CPU after a hold of 1 ms or more (fencelock's hand-over to a
     woken waiter, `_platform.hand_over`), close. The record's fixed
@@ -345,7 +345,8 @@ class FloorLock:
         self.behind = True
 
     def release(self) -> None:
-        if self.fp == "null":  # no session at acquire, nor made by an append: mark one made since
+        # No session at acquire, nor made by an append: mark one made since.
+        if self.fp == "null" and os.access(self.session, os.F_OK):
             with contextlib.suppress(OSError):
                 if _read_mark(self.session) < self.token:
                     os.setxattr(self.session, XATTR, b"%d" % (self.token + RESERVE - 1),
