@@ -33,6 +33,11 @@ def track(fd: int, st: os.stat_result) -> None:
     _open[fd] = (st.st_dev, st.st_ino)
 
 
+def tracked(fd: int) -> bool:
+    """Whether ``fd`` is a sidecar descriptor fencelock opened in this process."""
+    return fd in _open
+
+
 def close(fd: int) -> None:
     """Close a tracked descriptor (which drops any lock held through it alone)."""
     # ``with``, not explicit acquire/release calls: a signal handler that raises runs

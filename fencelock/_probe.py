@@ -179,6 +179,21 @@ def _not_a_session(session: str, sidecar: str, what: str) -> HolderStatus:
                         f"as a session. {unsafe_path_fix(session, what)}")
 
 
+def held_error(
+    session: str, backend: str | None = None, waited: float | None = None
+) -> SessionContendedError | None:
+    """The contention error naming ``session``'s live holder as `probe` finds it, in
+    the store ``backend`` names (else the sidecar); None when it is not live, or
+    cannot be read (the caller says why it cannot take the session)."""
+    try:
+        status = probe(session, backend=backend or "local")
+    except FenceLockError:
+        return None
+    if status.state is not ProbeState.LIVE:
+        return None
+    return status._contended(waited=waited, backend=backend)
+
+
 def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> HolderStatus:
     found = _look(session, sidecar, stuck_after, now)
     assert found is not None  # only a busy scan gets None

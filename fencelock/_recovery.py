@@ -201,19 +201,24 @@ _SUCCESSORS = uuid.UUID("6f1c2a9e-53d1-4e0a-9c1b-f3a2d0e5b7c4")
 
 def _still_holds(session: str, run: HolderInfo, backend: str | None) -> bool:
     """Whether the run ``run`` still holds ``session``."""
-    now = _holding_run(_probe.probe(session, backend=backend))
-    return now is not None and (now.run_id, now.token) == (run.run_id, run.token)
+    return _same_run(_holding_run(_probe.probe(session, backend=backend)), run)
+
+
+def _same_run(a: HolderInfo | None, b: HolderInfo) -> bool:
+    return a is not None and (a.run_id, a.token) == (b.run_id, b.token)
 
 
 def _let_go(found: HolderStatus, now: HolderStatus) -> bool:
-    """Whether the run that held the session when ``found`` was read no longer holds it
-    ``now`` (free, stale, or another run's): False when ``found`` named no run."""
+    """Whether the run that held the session when ``found`` was read is known to hold it
+    no longer ``now``: free, stale, or another run's. Not for a holder outside fencelock,
+    nor when ``now`` could not be read (out of descriptors, say): False then, as when
+    ``found`` named no run."""
     before, after = _holding_run(found), _holding_run(now)
     if before is None:
         return False
-    if after is None:  # free or stale (a holder outside fencelock: not known to be gone)
-        return now.state is not ProbeState.LIVE
-    return (after.run_id, after.token) != (before.run_id, before.token)
+    if after is None:
+        return now.state in (ProbeState.FREE, ProbeState.STALE)
+    return not _same_run(after, before)
 
 
 def _holding_run(found: HolderStatus) -> HolderInfo | None:

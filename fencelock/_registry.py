@@ -122,16 +122,11 @@ def take(
 def _held_elsewhere(lock: SessionLock, waited: float) -> SessionContendedError:
     """The contention error naming the session's holder in another process (or host),
     for an acquirer queued behind a lock object of this process that waits for it."""
-    from fencelock._probe import ProbeState, probe  # only on this error path
+    from fencelock._probe import held_error  # only on this error path
 
     backend = lock._backend_url()
-    try:
-        status = probe(lock.session, backend=backend or "local")
-    except FenceLockError:
-        status = None
-    if status is None or status.state is not ProbeState.LIVE:
-        return SessionContendedError(lock.session, None, waited=waited, backend=backend)
-    return status._contended(waited=waited, backend=backend)
+    return held_error(lock.session, backend, waited) or SessionContendedError(
+        lock.session, None, waited=waited, backend=backend)
 
 
 def free(key: str, lock: SessionLock, attempt: object = None) -> None:

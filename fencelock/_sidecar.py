@@ -20,7 +20,9 @@ from fencelock._errors import (
     NO_SESSION_NAME,
     WRITE_FIXES,
     CorruptRecordError,
+    FenceLockError,
     ForeignSymlinkError,
+    HeldByOwnRunError,
     PlantedFileError,
     SidecarAccessError,
     UnsafePathError,
@@ -396,19 +398,25 @@ close = _forkguard.close
 """Close a descriptor `open_checked` returned."""
 
 
-def inherited_lock(st: os.stat_result, own: int) -> int | None:
-    """The descriptor `fencelock run` passed this process (``FENCELOCK_FD``) when it is
-    open here on the sidecar ``st`` is the fstat of, other than ``own`` (this process's
-    own descriptor of it): the lock it carries is the run's, never let go while the
-    descriptor is open, so this process holds the session with that run."""
+def refuse_own_run(sidecar: str, own: int, st: os.stat_result) -> None:
+    """Raise `HeldByOwnRunError` when this process waits for a lock it holds itself:
+    the descriptor `fencelock run` passed it (``FENCELOCK_FD``) is open here on this
+    sidecar (``st`` its fstat), not one fencelock opened (``own``, or another it
+    tracks), and the record names that run (``FENCELOCK_RUN_ID``). Such a lock is never
+    let go while the descriptor is open. (A number that was closed and reused, or a
+    run that passed nothing on, proves nothing: the wait goes on as for any holder.)"""
     raw = os.environ.get("FENCELOCK_FD", "")
-    if not raw.isdigit() or int(raw) == own:
-        return None
+    if not (raw.isascii() and raw.isdigit()) or int(raw) == own or _forkguard.tracked(int(raw)):
+        return
     try:
         theirs = os.fstat(int(raw))
-    except (OSError, OverflowError):
-        return None
-    return int(raw) if (theirs.st_dev, theirs.st_ino) == (st.st_dev, st.st_ino) else None
+        record = read(own, sidecar)
+    except (OSError, OverflowError, FenceLockError):
+        return
+    if (theirs.st_dev, theirs.st_ino) != (st.st_dev, st.st_ino) or record is None \
+            or record.run_id != os.environ.get("FENCELOCK_RUN_ID"):
+        return
+    raise HeldByOwnRunError(sidecar[: -len(SUFFIX)], record, int(raw))
 
 
 def still_at_path(sidecar: str, st: os.stat_result) -> bool:

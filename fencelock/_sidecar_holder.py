@@ -29,7 +29,6 @@ from fencelock import (
 from fencelock._errors import (
     CorruptRecordError,
     FenceLockError,
-    HeldByOwnRunError,
     NotHeldError,
     PlantedFileError,
     SessionContendedError,
@@ -273,10 +272,9 @@ class SidecarHolder:
         thread must close if an interrupt (KeyboardInterrupt, a signal handler's
         exception) lands (the caller closes it): ``fd`` until a helper thread takes it,
         -1 while the helper waits, the locked descriptor once `give_up` hands it back."""
-        inherited = _sidecar.inherited_lock(st, fd)
-        if inherited is not None:
-            raise HeldByOwnRunError(self.session, self._peek(fd, st), inherited)
-        fail = lock.on_contention == "fail"
+        _sidecar.refuse_own_run(self.sidecar, fd, st)
+        # ``graced``: the wait is a moment's grace no caller asked for: not reported.
+        graced = fail = lock.on_contention == "fail"
         if fail or (deadline is not None and deadline - time.monotonic() < FAIL_GRACE):
             record = self._peek(fd, st)
             if not may_be_live(record):
@@ -284,7 +282,8 @@ class SidecarHolder:
                 # replaced a released or stale record: give it a moment, also for a
                 # try (timeout 0) or a wait shorter than that moment.
                 grace = time.monotonic() + FAIL_GRACE
-                deadline = grace if fail or deadline is None else max(deadline, grace)
+                graced = fail or deadline is None or grace > deadline
+                deadline = grace if graced else deadline
             elif fail:
                 raise self._contended(None, record)
         if deadline is None and cancel is None and _platform.CAN_BLOCK:
@@ -319,8 +318,7 @@ class SidecarHolder:
         if not got:
             if cancel is not None and cancel.is_set():
                 raise _registry.cancelled()
-            # A fail-fast acquirer's grace is no wait the caller asked for: not reported.
-            raise self._contended(None if fail else start)
+            raise self._contended(None if graced else start)
         return (fd, st) if got[0] == fd else (got[0], os.fstat(got[0]))
 
     def _raise_if_held_elsewhere(self) -> None:
@@ -328,14 +326,11 @@ class SidecarHolder:
         user's, or a read-only filesystem): `SessionContendedError` when a live run holds
         the session, as for any caller who finds it held; else the caller raises why it
         cannot take it."""
-        from fencelock._probe import ProbeState, probe  # only on this error path
+        from fencelock._probe import held_error  # only on this error path
 
-        try:
-            status = probe(self.session, backend="local")
-        except FenceLockError:
-            return
-        if status.state is ProbeState.LIVE:
-            raise status._contended() from None
+        error = held_error(self.session)
+        if error is not None:
+            raise error from None
 
     def _peek(self, fd: int, st: os.stat_result) -> HolderInfo | None:
         try:
@@ -484,10 +479,18 @@ class SidecarHolder:
         something other than `SessionLock.append` (which sets it on a file it creates):
         the holder's own writer, a `fencelock run` command, or a write from outside the
         protocol. While the lock is still held: tokens then never go back for it, even
-        if the sidecar is removed. Quietly nothing where the file is still missing or
+        if the sidecar is removed. Quietly nothing where the file is still missing, is
+        not a regular file (the mark is set through a descriptor of the file itself), or
         takes no extended attributes."""
         self._unmarked = False
-        _tokens.reserve(self.session, lock._token)
+        try:
+            fd, _ = _sidecar.open_regular(self.session, os.O_RDONLY)
+        except (OSError, FenceLockError):
+            return
+        try:
+            _tokens.reserve(fd, lock._token)
+        finally:
+            os.close(fd)
 
     def share_fd(self) -> int:
         """The locked descriptor, for `fencelock run` to pass to its command."""

@@ -18,7 +18,7 @@ import threading
 import time
 
 from fencelock import _platform, _sidecar
-from fencelock._errors import HeldByOwnRunError, SidecarAccessError
+from fencelock._errors import SidecarAccessError
 
 _pending: dict[tuple[str, bool], Waiter] = {}
 """Abandoned waiters still blocked in the kernel, by (sidecar, shared)."""
@@ -270,10 +270,11 @@ def _shared_lock(
     if _platform.try_lock(fd, shared=True):
         _sidecar.close(fd)
         return st
-    inherited = _sidecar.inherited_lock(st, fd)
-    if inherited is not None:
+    try:
+        _sidecar.refuse_own_run(sidecar, fd, st)
+    except BaseException:
         _sidecar.close(fd)
-        raise HeldByOwnRunError(sidecar[: -len(_sidecar.SUFFIX)], None, inherited)
+        raise
     if deadline is None and _platform.CAN_BLOCK:
         try:
             _platform.lock_blocking(fd, shared=True)

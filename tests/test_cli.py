@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -42,6 +43,7 @@ from fencelock import (
     ProbeState,
     SessionContendedError,
     SessionLock,
+    _sidecar,
     probe,
     recover,
     scan,
@@ -1363,6 +1365,41 @@ def test_taking_the_session_again_under_its_own_run_is_refused_not_a_hang(
     assert probe(session).state == ProbeState.FREE
 
 
+@needs_proc_locks
+@pytest.mark.parametrize("stale", ["fencelock's own descriptor", "another run's id"])
+def test_a_stale_fencelock_fd_does_not_refuse_a_wait(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch, stale: str
+) -> None:
+    """A process that outlived its run keeps FENCELOCK_FD and FENCELOCK_RUN_ID in its
+    environment after closing the descriptor; the number then names something else of
+    its own, perhaps on the same sidecar. Its waits go on as any: only the run's own
+    descriptor, with the record naming that run, proves it waits for itself."""
+    holder = spawn_holder(session, lane="other")
+    holder.acquire()
+    sidecar = str(session) + ".holder"
+    record = probe(session).record
+    assert record is not None
+    with contextlib.ExitStack() as stack:
+        if stale == "fencelock's own descriptor":  # a tracked one: a wait's, say
+            fd, _ = _sidecar.open_checked(sidecar, create=False)
+            stack.callback(_sidecar.close, fd)
+            monkeypatch.setenv("FENCELOCK_RUN_ID", record.run_id)
+        else:  # the program's own open of the sidecar, under a run that has ended
+            fd = os.open(sidecar, os.O_RDONLY)
+            stack.callback(os.close, fd)
+            monkeypatch.setenv("FENCELOCK_RUN_ID", "0123456789ab-7")
+        monkeypatch.setenv("FENCELOCK_FD", str(fd))
+        outcome: list[Any] = []
+        t = threading.Thread(target=lambda: outcome.append(recover(session, wait=60,
+                                                                   fresh=False)))
+        t.start()
+        wait_for_blocked_waiter(session)  # waiting, not refused
+        assert holder.call("release") == "released"
+        t.join(60)
+    [done] = outcome
+    assert done.action == "refire"
+
+
 @needs_proc
 @pytest.mark.parametrize("caller", [None, "C", "POSIX"])
 def test_the_command_gets_the_caller_s_lc_ctype_not_python_s_coerced_one(
@@ -1372,6 +1409,8 @@ def test_the_command_gets_the_caller_s_lc_ctype_not_python_s_coerced_one(
     in its own environment (PEP 538); the command must get the caller's, or byte-wise
     text tools change their results under it."""
     env = {"PATH": os.environ["PATH"]}
+    if "PYTHONPATH" in os.environ:  # the tree under test, where it is not installed
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     if caller is not None:
         env["LC_CTYPE"] = caller
     out = subprocess.run(

@@ -691,6 +691,15 @@ def test_tokens_never_go_back_for_a_session_file_the_holders_own_writer_made(
 
 
 @needs_xattr
+def test_the_release_marks_only_a_regular_file(session: Path) -> None:
+    """A session path that became a directory during a run that found none gets no
+    mark: fencelock writes to nothing but regular files."""
+    with SessionLock(session, "a"):
+        session.mkdir()
+    assert os.listxattr(session) == []
+
+
+@needs_xattr
 @pytest.mark.parametrize(
     ("mark", "first"),
     [(b"41", 42), (b"1_000", 1), (b" 50\n", 1), (b"+60", 1), (b"0x10", 1), (b"", 1)],

@@ -123,6 +123,34 @@ def test_a_stuck_run_that_hands_over_to_a_queued_run_during_the_wait_gets_a_refi
     assert probe(session).record.lane == "queued"  # type: ignore[union-attr]
 
 
+def test_a_session_unreadable_after_the_wait_is_never_taken_for_let_go(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the wait, the session is looked at again; a look that cannot read it (out
+    of descriptors, an unsafe sidecar) says nothing of the stuck run: recover must not
+    re-fire on a session its run may still hold."""
+    from fencelock import _wait
+
+    stuck = spawn_holder(session, lane="stuck")
+    stuck.acquire()
+    sidecar = Path(str(session) + ".holder")
+    moved = sidecar.with_name("moved.holder")
+
+    def timed_out_and_unreadable(path: str, limit: float | None) -> bool:
+        sidecar.rename(moved)  # the run holds it on; what is at the path is unreadable
+        os.mkfifo(sidecar)
+        return False  # the wait ran out
+
+    monkeypatch.setattr(_wait, "wait_until_unlocked", timed_out_and_unreadable)
+    try:
+        with pytest.raises(SessionContendedError):
+            recover(session, wait=0.05, fresh=False)
+    finally:
+        sidecar.unlink()
+        moved.rename(sidecar)
+    assert probe(session).record.lane == "stuck"  # type: ignore[union-attr]
+
+
 def test_recovers_of_one_stuck_run_agree_on_one_fresh_session(
     session: Path, spawn_holder: SpawnHolder
 ) -> None:
