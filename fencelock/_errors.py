@@ -211,8 +211,8 @@ class OutsideRootError(FenceLockError, ValueError):
         return self.session, self.root
 
 
-NO_SESSION_NAME = "a sidecar of no session (named only .holder)"
-"""What `UnsafeSidecarError` calls a file named ``.holder``: no session path is its."""
+NO_SESSION_NAME = "a sidecar of no session (no file name before .holder)"
+"""What `UnsafeSidecarError` calls ``DIR/.holder`` (and `scan`, ``..holder``): no session is its."""
 
 
 class UnsafePathError(FenceLockError):

@@ -503,7 +503,7 @@ def scan(
             if name in odd:
                 row: HolderStatus | _Watch = _not_a_session(
                     session, sidecar, _what_is(odd[name]))
-            elif not name:  # a sidecar named only ".holder": no session path is its
+            elif name in ("", ".", ".."):  # ".holder", "..holder": no session is its
                 row = HolderStatus(session, sidecar, ProbeState.UNREADABLE,
                                    reason=str(UnsafeSidecarError(sidecar, NO_SESSION_NAME)))
             else:

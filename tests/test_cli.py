@@ -1688,14 +1688,16 @@ def test_scan_checks_the_sessions_it_infers_from_sidecar_names(tmp_path: Path) -
     (tmp_path / "notes.txt").symlink_to(tmp_path / "target")
     (tmp_path / "notes.txt.holder").write_text("")
     (tmp_path / ".holder").write_text("")
+    (tmp_path / "..holder").write_text("")
     result = cli("status", "--json", str(tmp_path))
     assert result.returncode == 1
     by_name = {r["sidecar"].rsplit("/", 1)[-1]: r for r in rows(result)}
     assert by_name["notes.txt.holder"]["state"] == "unreadable"
     assert "a symlink" in by_name["notes.txt.holder"]["reason"]
     assert probe(tmp_path / "notes.txt").state == "unreadable"
-    assert by_name[".holder"]["state"] == "unreadable"
-    assert "a sidecar of no session" in by_name[".holder"]["reason"]
+    for stray in (".holder", "..holder"):
+        assert by_name[stray]["state"] == "unreadable"
+        assert "a sidecar of no session" in by_name[stray]["reason"]
 
 
 @pytest.mark.parametrize("command", [["clear", "DIR"], ["clear", "DIR/.holder"],
