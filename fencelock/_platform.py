@@ -63,6 +63,17 @@ def initial_environment(name: str) -> tuple[bool, str | None]:
     return True, None
 
 
+def holds_flock(fd: int) -> bool | None:
+    """Whether the open file description behind ``fd`` holds a flock(2) lock (the
+    system's ``/proc/self/fdinfo`` lists it); None where the system does not say."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
+            info = f.read()
+    except OSError:
+        return None
+    return any(line.startswith("lock:") and " FLOCK " in line for line in info.splitlines())
+
+
 _MOUNTS = "/proc/self/mounts"
 _MOUNTINFO = "/proc/self/mountinfo"
 

@@ -200,25 +200,25 @@ _SUCCESSORS = uuid.UUID("6f1c2a9e-53d1-4e0a-9c1b-f3a2d0e5b7c4")
 
 
 def _still_holds(session: str, run: HolderInfo, backend: str | None) -> bool:
-    """Whether the run ``run`` still holds ``session``."""
-    return _same_run(_holding_run(_probe.probe(session, backend=backend)), run)
-
-
-def _same_run(a: HolderInfo | None, b: HolderInfo) -> bool:
-    return a is not None and (a.run_id, a.token) == (b.run_id, b.token)
+    """Whether the run ``run`` may still hold ``session``: not known to be gone."""
+    return not _gone(run, _probe.probe(session, backend=backend))
 
 
 def _let_go(found: HolderStatus, now: HolderStatus) -> bool:
-    """Whether the run that held the session when ``found`` was read is known to hold it
-    no longer ``now``: free, stale, or another run's. Not for a holder outside fencelock,
-    nor when ``now`` could not be read (out of descriptors, say): False then, as when
-    ``found`` named no run."""
-    before, after = _holding_run(found), _holding_run(now)
-    if before is None:
-        return False
+    """Whether the run that held the session when ``found`` was read is known to be
+    gone ``now``; False when ``found`` named no run."""
+    before = _holding_run(found)
+    return before is not None and _gone(before, now)
+
+
+def _gone(run: HolderInfo, now: HolderStatus) -> bool:
+    """Whether ``now`` shows the run ``run`` gone: the session free, stale, or another
+    run's. Not a holder outside fencelock, nor a look that could not read the session
+    (out of descriptors, a corrupt record): the run may hold it still."""
+    after = _holding_run(now)
     if after is None:
         return now.state in (ProbeState.FREE, ProbeState.STALE)
-    return not _same_run(after, before)
+    return (after.run_id, after.token) != (run.run_id, run.token)
 
 
 def _holding_run(found: HolderStatus) -> HolderInfo | None:

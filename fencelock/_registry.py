@@ -106,7 +106,8 @@ def take(
                 raise cancelled()
             remaining = None if deadline is None else deadline - time.monotonic()
             if fail or (remaining is not None and remaining <= 0):
-                other, waited = slot[0], time.monotonic() - start
+                # A fail-fast acquire waited for nothing: no wait is reported.
+                other, waited = slot[0], None if fail else time.monotonic() - start
                 break
             _waiters += 1
             try:
@@ -119,7 +120,7 @@ def take(
     raise SessionContendedError(lock.session, holder, waited=waited, backend=lock._backend_url())
 
 
-def _held_elsewhere(lock: SessionLock, waited: float) -> SessionContendedError:
+def _held_elsewhere(lock: SessionLock, waited: float | None) -> SessionContendedError:
     """The contention error naming the session's holder in another process (or host),
     for an acquirer queued behind a lock object of this process that waits for it."""
     from fencelock._probe import held_error  # only on this error path

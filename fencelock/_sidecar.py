@@ -401,22 +401,29 @@ close = _forkguard.close
 def refuse_own_run(sidecar: str, own: int, st: os.stat_result) -> None:
     """Raise `HeldByOwnRunError` when this process waits for a lock it holds itself:
     the descriptor `fencelock run` passed it (``FENCELOCK_FD``) is open here on this
-    sidecar (``st`` its fstat), not one fencelock opened (``own``, or another it
-    tracks), and the record names that run (``FENCELOCK_RUN_ID``). Such a lock is never
-    let go while the descriptor is open. (A number that was closed and reused, or a
-    run that passed nothing on, proves nothing: the wait goes on as for any holder.)"""
+    sidecar (``st`` its fstat), is not one fencelock opened (``own``, or another it
+    tracks), and holds the lock (the system says so; where it does not, the record
+    must name that run, ``FENCELOCK_RUN_ID``). Such a lock is never let go while the
+    descriptor is open. (A number that was closed and reused, or a run that passed
+    nothing on, proves nothing: the wait goes on as for any holder.)"""
     raw = os.environ.get("FENCELOCK_FD", "")
-    if not (raw.isascii() and raw.isdigit()) or int(raw) == own or _forkguard.tracked(int(raw)):
+    if not (raw.isascii() and raw.isdigit() and len(raw) < 10):
+        return
+    fd = int(raw)
+    if fd == own or _forkguard.tracked(fd):
         return
     try:
-        theirs = os.fstat(int(raw))
+        theirs = os.fstat(fd)
         record = read(own, sidecar)
-    except (OSError, OverflowError, FenceLockError):
+    except (OSError, FenceLockError):
         return
-    if (theirs.st_dev, theirs.st_ino) != (st.st_dev, st.st_ino) or record is None \
-            or record.run_id != os.environ.get("FENCELOCK_RUN_ID"):
+    if (theirs.st_dev, theirs.st_ino) != (st.st_dev, st.st_ino):
         return
-    raise HeldByOwnRunError(sidecar[: -len(SUFFIX)], record, int(raw))
+    holds = _platform.holds_flock(fd)
+    if holds is False or (holds is None and (
+            record is None or record.run_id != os.environ.get("FENCELOCK_RUN_ID"))):
+        return
+    raise HeldByOwnRunError(sidecar[: -len(SUFFIX)], record, fd)
 
 
 def still_at_path(sidecar: str, st: os.stat_result) -> bool:

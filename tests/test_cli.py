@@ -1366,7 +1366,8 @@ def test_taking_the_session_again_under_its_own_run_is_refused_not_a_hang(
 
 
 @needs_proc_locks
-@pytest.mark.parametrize("stale", ["fencelock's own descriptor", "another run's id"])
+@pytest.mark.parametrize("stale", ["fencelock's own descriptor", "another run's id",
+                                   "its own open, the run live"])
 def test_a_stale_fencelock_fd_does_not_refuse_a_wait(
     session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch, stale: str
 ) -> None:
@@ -1384,10 +1385,11 @@ def test_a_stale_fencelock_fd_does_not_refuse_a_wait(
             fd, _ = _sidecar.open_checked(sidecar, create=False)
             stack.callback(_sidecar.close, fd)
             monkeypatch.setenv("FENCELOCK_RUN_ID", record.run_id)
-        else:  # the program's own open of the sidecar, under a run that has ended
+        else:  # the program's own open of the sidecar: it carries no lock
             fd = os.open(sidecar, os.O_RDONLY)
             stack.callback(os.close, fd)
-            monkeypatch.setenv("FENCELOCK_RUN_ID", "0123456789ab-7")
+            monkeypatch.setenv("FENCELOCK_RUN_ID", "0123456789ab-7" if stale ==
+                               "another run's id" else record.run_id)
         monkeypatch.setenv("FENCELOCK_FD", str(fd))
         outcome: list[Any] = []
         t = threading.Thread(target=lambda: outcome.append(recover(session, wait=60,
@@ -1398,6 +1400,21 @@ def test_a_stale_fencelock_fd_does_not_refuse_a_wait(
         t.join(60)
     [done] = outcome
     assert done.action == "refire"
+
+
+@pytest.mark.parametrize("value", ["7" * 5000, "\u0663", "-3", "abc"])
+def test_a_malformed_fencelock_fd_is_ignored(
+    session: Path, spawn_holder: SpawnHolder, value: str
+) -> None:
+    """FENCELOCK_FD is read only as a descriptor number: anything else (past Python's
+    integer-string limit, non-ASCII digits, a sign) is ignored, and the wait goes on."""
+    holder = spawn_holder(session, lane="other")
+    holder.acquire()
+    out = subprocess.run([*FENCELOCK, "wait", str(session), "--timeout", "0.2"],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "FENCELOCK_FD": value})
+    assert out.returncode == 4 and "still held by" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 @needs_proc

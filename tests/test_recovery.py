@@ -123,12 +123,14 @@ def test_a_stuck_run_that_hands_over_to_a_queued_run_during_the_wait_gets_a_refi
     assert probe(session).record.lane == "queued"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("fresh", [False, True])
 def test_a_session_unreadable_after_the_wait_is_never_taken_for_let_go(
-    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch, fresh: bool
 ) -> None:
-    """After the wait, the session is looked at again; a look that cannot read it (out
-    of descriptors, an unsafe sidecar) says nothing of the stuck run: recover must not
-    re-fire on a session its run may still hold."""
+    """After the wait, the session is looked at again (and once more under the fresh
+    session's lock); a look that cannot read it (out of descriptors, an unsafe sidecar,
+    a corrupt record) says nothing of the stuck run: recover must not re-fire on a
+    session its run may still hold, but report it held or start the fresh session."""
     from fencelock import _wait
 
     stuck = spawn_holder(session, lane="stuck")
@@ -143,8 +145,11 @@ def test_a_session_unreadable_after_the_wait_is_never_taken_for_let_go(
 
     monkeypatch.setattr(_wait, "wait_until_unlocked", timed_out_and_unreadable)
     try:
-        with pytest.raises(SessionContendedError):
-            recover(session, wait=0.05, fresh=False)
+        if fresh:
+            assert recover(session, wait=0.05).action is Action.FRESH
+        else:
+            with pytest.raises(SessionContendedError):
+                recover(session, wait=0.05, fresh=False)
     finally:
         sidecar.unlink()
         moved.rename(sidecar)
