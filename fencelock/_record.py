@@ -358,8 +358,10 @@ def fingerprint_bytes(fingerprint: Fingerprint | None) -> bytes:
     return b"null" if fingerprint is None else _fingerprint_text(fingerprint).encode()
 
 
-_LAYOUT = b'%%s%%-%dd%%s%%r,"heartbeat_at":%%r,"fingerprint":%%s,"previous":%%s}' % TOKEN_WIDTH
-"""A record from its head to its end: one ``%`` formats it straight into bytes."""
+_LAYOUT = b'%%s%%-%dd%%s%%s,"heartbeat_at":%%s,"fingerprint":%%s,"previous":%%s}' % TOKEN_WIDTH
+"""A record from its head to its end: one ``%`` formats it straight into bytes (the
+times as their ``repr``, encoded beforehand: ``%r`` in bytes goes through `ascii`, which
+costs a record write 0.3 us a time)."""
 
 
 def assemble(
@@ -379,9 +381,10 @@ def assemble(
         f'{{"pid":{previous.pid},"host":{_js(previous.host)},"lane":{_js(previous.lane)}'
         f',"run_id":{_js(previous.run_id)},"token":{previous.token}}}'
     ).encode()
-    return _LAYOUT % (
-        _HEAD_BYTES[state, phase], token, middle, acquired_at, heartbeat_at, fingerprint, prev
-    )
+    at = repr(acquired_at).encode()
+    # The first record of a run has one time twice: its repr once.
+    beat = at if heartbeat_at == acquired_at else repr(heartbeat_at).encode()
+    return _LAYOUT % (_HEAD_BYTES[state, phase], token, middle, at, beat, fingerprint, prev)
 
 
 def in_layout_held(data: bytes) -> bool:
