@@ -25,12 +25,19 @@ _held: dict[str, tuple[SessionLock, object]] = {}
 """Each taken slot: the lock object holding it, and the attempt (`take`'s ``attempt``)
 that took it. Several owners (threads, tasks) may be acquiring one `SessionLock` at
 once, and an attempt that gives up frees only a slot it took itself."""
+_lines: dict[str, list[tuple[SessionLock, object]]] = {}
+"""The attempts waiting for each taken slot, longest first (`take`)."""
 _mu = threading.Lock()
 _cond = threading.Condition(_mu)
 """Waited on by acquirers whose session another object of this process holds. The
 uncontended path takes ``_mu`` directly, which costs less than the Condition's own
 context manager."""
 _waiters = 0
+
+SETTLE = 1.0
+"""How long a fail-fast or timed-out acquire waits for a lock object of this process
+that is starting or ending its run (its record writes, on a slow filesystem), before
+it reports the session held."""
 
 
 def cancelled() -> BaseException:
@@ -94,51 +101,116 @@ def take(
 ) -> None:
     """Take ``key``'s slot for ``lock`` on behalf of ``attempt``, waiting for another
     holder of this process (or another attempt on ``lock``) to free it unless ``fail``;
-    `SessionContendedError` past ``deadline``."""
+    `SessionContendedError` past ``deadline``.
+
+    Waiters are served in the order they came: a freed slot goes straight to the one
+    that has waited longest, so a lane that takes the session again right after
+    releasing it cannot keep out a waiter of its own process (between processes, the
+    release's yield does the same). The slot's owner may hold nothing yet, or no more:
+    it is about to hold the session, or has just released it (or waits for a holder
+    elsewhere, who is then named). A fail-fast or timed-out acquire waits for that
+    moment to pass, looking again at each grace a fail-fast acquirer gives a sidecar
+    locked without a live record, for at most `SETTLE` seconds."""
+    asked, settle = deadline, None
+    while True:
+        other = _wait_turn(key, (lock, attempt), fail and settle is None, deadline, cancel)
+        if other is None:
+            return
+        # A fail-fast acquire waited for nothing; a timed one, what it asked for.
+        waited = None if fail or asked is None else min(time.monotonic(), asked) - start
+        holder = other.info
+        if holder is not None:
+            raise SessionContendedError(
+                lock.session, holder, waited=waited, backend=lock._backend_url())
+        # ``other`` is between runs, or waits too: the session may be held elsewhere
+        # (looked up outside ``_mu``).
+        error = _held_elsewhere(lock, waited)
+        if error is not None:
+            raise error
+        now = time.monotonic()
+        if settle is None:
+            settle = now + SETTLE
+        elif now >= settle:
+            raise SessionContendedError(
+                lock.session, None, waited=waited, backend=lock._backend_url())
+        from fencelock._sidecar_holder import FAIL_GRACE  # only on this path
+
+        # Look again after a fail-fast acquirer's grace (or as soon as the slot is ours).
+        deadline = min(now + FAIL_GRACE, settle)
+
+
+def _wait_turn(
+    key: str,
+    entry: tuple[SessionLock, object],
+    fail: bool,
+    deadline: float | None,
+    cancel: threading.Event | None,
+) -> SessionLock | None:
+    """Give ``key``'s slot to ``entry`` (None), waiting in line for it unless ``fail``;
+    the slot's owner when it could not be had (``fail``, or past ``deadline``)."""
     global _waiters
     with _mu:
-        while True:
-            slot = _held.get(key)
-            if slot is None:
-                _held[key] = (lock, attempt)
-                return
-            if cancel is not None and cancel.is_set():
-                raise cancelled()
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if fail or (remaining is not None and remaining <= 0):
-                # A fail-fast acquire waited for nothing: no wait is reported.
-                other, waited = slot[0], None if fail else time.monotonic() - start
-                break
-            _waiters += 1
-            try:
+        slot = _held.get(key)
+        if slot is None:
+            _held[key] = entry
+            return None
+        if cancel is not None and cancel.is_set():
+            raise cancelled()
+        if fail or (deadline is not None and deadline <= time.monotonic()):
+            return slot[0]
+        line = _lines.setdefault(key, [])
+        line.append(entry)
+        _waiters += 1
+        try:
+            while True:
+                slot = _held.get(key)  # not freed while anyone waits in line: handed on
+                if slot is entry:
+                    return None
+                if slot is None:
+                    _held[key] = entry
+                    return None
+                if cancel is not None and cancel.is_set():
+                    raise cancelled()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return slot[0]
                 _cond.wait(remaining)
-            finally:
-                _waiters -= 1
-    holder = other.info
-    if holder is None:  # ``other`` waits too: the session is held elsewhere (not under _mu)
-        raise _held_elsewhere(lock, waited)
-    raise SessionContendedError(lock.session, holder, waited=waited, backend=lock._backend_url())
+        finally:
+            _waiters -= 1
+            _leave_line(key, line, entry)
 
 
-def _held_elsewhere(lock: SessionLock, waited: float | None) -> SessionContendedError:
-    """The contention error naming the session's holder in another process (or host),
-    for an acquirer queued behind a lock object of this process that waits for it."""
+def _leave_line(key: str, line: list[tuple[SessionLock, object]],
+                entry: tuple[SessionLock, object]) -> None:
+    for i, queued in enumerate(line):
+        if queued is entry:
+            del line[i]
+            break
+    if not line and _lines.get(key) is line:
+        del _lines[key]
+
+
+def _held_elsewhere(lock: SessionLock, waited: float | None) -> SessionContendedError | None:
+    """The contention error naming the session's live holder in another process (or
+    host), for an acquirer queued behind a lock object of this process that does not
+    hold it; None when no live holder is found."""
     from fencelock._probe import held_error  # only on this error path
 
-    backend = lock._backend_url()
-    return held_error(lock.session, backend, waited) or SessionContendedError(
-        lock.session, None, waited=waited, backend=backend)
+    return held_error(lock.session, lock._backend_url(), waited)
 
 
 def free(key: str, lock: SessionLock, attempt: object = None) -> None:
     """Free ``key``'s slot if ``lock`` has it (and, given ``attempt``, if that attempt
-    took it), waking waiters."""
+    took it): it goes to the longest waiter, if any."""
     with _mu:
         slot = _held.get(key)
         if slot is not None and slot[0] is lock and (attempt is None or slot[1] is attempt):
-            del _held[key]
-            if _waiters:
+            line = _lines.get(key)
+            if line:
+                _held[key] = line.pop(0)
                 _cond.notify_all()
+            else:
+                del _held[key]
 
 
 def wake() -> None:
@@ -159,6 +231,7 @@ def _after_fork_in_child() -> None:
     for lock, _ in _held.values():
         lock._forget_in_child()
     _held.clear()
+    _lines.clear()
     _mu = threading.Lock()
     _cond = threading.Condition(_mu)
     _waiters = 0

@@ -6,12 +6,20 @@ import ast
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SpawnHolder, wait_for_blocked_waiter
 
 import fencelock
-from fencelock import FenceLockWarning, SessionContendedError, SessionLock, _registry
+from fencelock import (
+    FenceLockWarning,
+    SessionContendedError,
+    SessionLock,
+    _platform,
+    _registry,
+    _sidecar_holder,
+)
 
 PACKAGE = Path(fencelock.__file__).parent
 
@@ -200,3 +208,75 @@ def test_contention_behind_a_waiting_object_names_the_other_process_s_holder(
     assert other.call("release") == "released"
     t.join(30)
     waiting.release()
+
+
+def _until(predicate: Any) -> None:
+    """Wait (polling: another thread's state, with no event to wait on) until
+    ``predicate()`` holds."""
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.001)
+
+
+def test_a_waiter_of_this_process_goes_before_its_holder_takes_the_session_again(
+    session: Path,
+) -> None:
+    """A lane that takes the session again right after releasing it (its next run)
+    does not keep out a lock object of its own process that waits: the waiter has the
+    next turn, as a waiter in another process has (it waited for ever before: the
+    releasing thread took the freed slot back before the woken waiter ran)."""
+    busy, waiter = SessionLock(session, "busy"), SessionLock(session, "waiter")
+    busy.acquire()
+    got = threading.Event()
+
+    def wait_for_it() -> None:
+        waiter.acquire()
+        got.set()
+
+    t = threading.Thread(target=wait_for_it, daemon=True)
+    t.start()
+    _until(lambda: _registry.waiters() == 1)
+    busy.release()
+    with pytest.raises(SessionContendedError) as caught:
+        busy.acquire(timeout=0)  # the lane's next run, at once
+    assert got.wait(30)
+    assert caught.value.holder is not None and caught.value.holder.lane == "waiter"
+    waiter.release()
+    t.join(30)
+    busy.acquire(timeout=0)  # and its turn comes after
+    busy.release()
+
+
+def test_a_fail_fast_acquire_waits_out_a_release_under_way_in_this_process(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fail-fast acquire that finds the session's slot taken by a lock object of this
+    process in the middle of its release (the session free on disk, the record
+    released) takes the session once that release ends, as an acquirer in another
+    process would; it failed before, blaming a holder without a readable record."""
+    paused, resume = threading.Event(), threading.Event()
+
+    def held_up() -> None:  # the release, unlocked, stops before freeing its slot
+        paused.set()
+        resume.wait(30)
+
+    monkeypatch.setattr(_platform, "hand_over", held_up)
+    monkeypatch.setattr(_sidecar_holder, "HAND_OVER_AFTER", 0.0)
+    ending = SessionLock(session, "ending")
+    ending.acquire()
+    t = threading.Thread(target=ending.release, daemon=True)
+    t.start()
+    assert paused.wait(30)
+
+    def let_go() -> None:
+        _until(lambda: _registry.waiters() == 1)
+        resume.set()
+
+    releaser = threading.Thread(target=let_go, daemon=True)
+    releaser.start()
+    eager = SessionLock(session, "eager", on_contention="fail")
+    assert eager.acquire().lane == "eager"
+    eager.release()
+    releaser.join(30)
+    t.join(30)
