@@ -111,6 +111,10 @@ def take(
     elsewhere, who is then named). A fail-fast or timed-out acquire waits for that
     moment to pass, looking again at each grace a fail-fast acquirer gives a sidecar
     locked without a live record, for at most `SETTLE` seconds."""
+    with _mu:  # the common case, in one step
+        if key not in _held:
+            _held[key] = (lock, attempt)
+            return
     asked, settle = deadline, None
     while True:
         other = _wait_turn(key, (lock, attempt), fail and settle is None, deadline, cancel)
