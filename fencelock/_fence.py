@@ -182,10 +182,13 @@ def _same(expected: Fingerprint | None, actual: Fingerprint | None, mode: FenceM
 
 
 def _cut_torn_tail(
-    fd: int, session: str, st: os.stat_result, expected: Fingerprint | None, mode: FenceMode
+    fd: int, session: str, st: os.stat_result, expected: Fingerprint | None, mode: FenceMode,
+    cutting: list[int],
 ) -> int:
-    """If the file does not end in a newline, move its last partial line aside.
-    ``st`` is the file's stat at the fence check, which found it ``expected``."""
+    """If the file does not end in a newline, move its last partial line aside; returns
+    where the file ends after that. ``st`` is the file's stat at the fence check, which
+    found it ``expected``. Where the file is cut goes in ``cutting`` just before the
+    cut, so that an interrupt from there on finds the fence point to move to."""
     size = st.st_size
     try:
         if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
@@ -222,8 +225,14 @@ def _cut_torn_tail(
                 _write_all(aside, part, torn)
             _write_all(aside, b"\n", torn)
         _fsync(aside)
-    except OSError as e:
-        raise SessionWriteError(torn, e, "fsync of the torn last line") from None
+    except BaseException as e:
+        # What part of the fragment reached S.torn goes again: the next append keeps
+        # the whole fragment on a line of its own, not glued to a piece of itself.
+        with contextlib.suppress(OSError):
+            os.ftruncate(aside, kept.st_size)
+        if isinstance(e, OSError):
+            raise SessionWriteError(torn, e, "fsync of the torn last line") from None
+        raise
     finally:
         os.close(aside)
     try:
@@ -235,18 +244,25 @@ def _cut_torn_tail(
             mode is STAT and not _stat_matches(expected, now)
         ):
             raise SessionTakeoverError(session, expected, _fingerprint_fd(fd, mode, session, now))
+        cutting.append(keep)
         os.ftruncate(fd, keep)
     except OSError as e:
         raise SessionWriteError(
             session, e, f"cutting its torn last line (a copy is already in {torn})"
         ) from None
+    return keep
+
+
+def _torn_warning(session: str, cut: int) -> None:
+    """Tell the caller of `SessionLock.append` that its append moved ``cut`` bytes of a
+    torn last line to the session's `TORN_SUFFIX` file (said once the line is in: where
+    warnings are errors, the append has still happened, its fence point kept)."""
     warnings.warn(
-        f"{session}: its last line was torn ({size - keep} bytes without a line break, "
-        f"left by a writer that died mid-append); moved it to {torn}",
+        f"{session}: its last line was torn ({cut} bytes without a line break, left by "
+        f"a writer that died mid-append); moved it to {session + TORN_SUFFIX}",
         FenceLockWarning,
         stacklevel=6,  # the caller of SessionLock.append
     )
-    return keep
 
 
 _CHUNK = 1 << 20
@@ -351,6 +367,7 @@ def append(
     except OSError as e:
         raise SessionWriteError(session, e, "create" if made else "open") from None
     size = 0 if created else -1  # where the line goes, once the fence check has passed
+    cutting: list[int] = []  # where a torn tail is cut off, once it is
     try:
         if made:
             set_mode(fd, file_mode)  # before the fence point: it moves ctime
@@ -363,7 +380,8 @@ def append(
                     raise SessionTakeoverError(session, expected, actual)
             # The file the run fenced: another user's from the start, not a swap.
             _sidecar.refuse_planted(session, st)
-            size = _cut_torn_tail(fd, session, st, expected, mode) if check_tail else st.st_size
+            size = _cut_torn_tail(fd, session, st, expected, mode, cutting) \
+                if check_tail else st.st_size
         try:
             _write_all(fd, line, session)
             try:
@@ -401,12 +419,15 @@ def append(
                 raise
         if moved is not None:
             moved.append(after)  # appended: an interrupt from here on keeps the line
+        if cutting:
+            _torn_warning(session, st.st_size - size)
         return after
     except FenceLockError:
         raise  # what this function decided, the line's fate said (`stored`, `fingerprint`)
     except BaseException:  # an interrupt, or an error of the system after the write
         if moved is not None:
-            _take_back(fd, st, session, size, line, made, mode, moved)
+            _take_back(fd, st, session, size, line, made, mode, moved,
+                       cutting[0] if cutting else None)
         raise
     finally:
         os.close(fd)
@@ -429,13 +450,15 @@ def _open_empty(session: str, flags: int) -> tuple[int, os.stat_result]:
 
 
 def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes,
-               made: bool, mode: FenceMode, moved: list[Fingerprint | None]) -> None:
+               made: bool, mode: FenceMode, moved: list[Fingerprint | None],
+               cut_to: int | None = None) -> None:
     """After an interrupt in `append`: remove the file it made, or cut what reached the
     file of ``line`` (written from ``size``), and put the fence point that leaves in
-    ``moved``. Nothing when none of it reached the file (the fence point stands), or
-    when what follows ``size`` is not only ours (the next fence check reports it). An
-    empty file that was found, not made, is cut back to empty, never removed: whoever
-    made it may still have it open."""
+    ``moved``. Nothing when none of it reached the file (the fence point stands, unless
+    the append cut a torn tail off at ``cut_to``: then the file so cut is the fence
+    point), or when what follows ``size`` is not only ours (the next fence check
+    reports it). An empty file that was found, not made, is cut back to empty, never
+    removed: whoever made it may still have it open."""
     try:
         if moved:
             return  # the append was complete: its line stays, the fence point with it
@@ -449,10 +472,14 @@ def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes
                 os.unlink(session)
                 moved.append(None)
             return
+        if cut_to is not None:
+            size = cut_to  # the interrupt came during the cut of a torn tail, or after it
         if size < 0:
             return  # before the fence check: nothing of this append is in the file
         end = os.fstat(fd).st_size
         if end == size:
+            if cut_to is not None:
+                moved.append(_fingerprint_fd(fd, mode, session))  # the cut is the run's
             return  # nothing written: no truncate, which would move the stat all the same
         if end > size and end - size <= len(line) and line.startswith(
             os.pread(fd, end - size, size)

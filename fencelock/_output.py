@@ -159,7 +159,8 @@ def library_errors(session: str | None = None) -> Iterator[None]:
 
 def plain_warnings() -> None:
     """Print fencelock's own warnings (`FenceLockWarning`) as one plain line on stderr,
-    ``Warning: <message>``, instead of Python's file, line number and source line."""
+    ``Warning: <message>``, instead of Python's file, line number and source line, even
+    where the environment asks for warnings to be errors."""
     import warnings
 
     from fencelock._errors import FenceLockWarning
@@ -174,6 +175,9 @@ def plain_warnings() -> None:
             default(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
+    # Shown, never raised: a command's own warnings are notes (PYTHONWARNINGS=error in
+    # the environment would turn them into tracebacks, in the middle of a request).
+    warnings.simplefilter("default", FenceLockWarning)
 
 
 class OutputError(CliError):

@@ -1457,3 +1457,73 @@ def test_an_append_interrupted_once_its_line_is_in_keeps_the_line_and_the_fence(
 
 def _raise_interrupt() -> None:
     raise KeyboardInterrupt
+
+
+def test_a_torn_tail_warning_raised_as_an_error_leaves_the_append_done_and_fenced(
+    session: Path,
+) -> None:
+    """Where warnings are errors, the torn-tail warning is raised once the entry is in:
+    the run's fence point follows the cut and the entry (the next append read the
+    run's own cut as another writer's before: a takeover nobody caused)."""
+    import warnings
+
+    session.write_bytes(b'{"a": 1}\n{"b":')
+    with SessionLock(session) as lock:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FenceLockWarning)
+            with pytest.raises(FenceLockWarning, match="torn"):
+                lock.append({"n": 1})
+        lock.append({"n": 2})
+        lock.verify_fence()
+    assert lines(session) == [{"a": 1}, {"n": 1}, {"n": 2}]
+    assert Path(str(session) + TORN_SUFFIX).read_bytes() == b'{"b":\n'
+
+
+def test_an_interrupt_right_after_the_torn_tail_cut_leaves_the_run_its_fence(
+    session: Path,
+) -> None:
+    """An interrupt (a signal handler's exception) landing as the cut of a torn tail
+    returns: nothing of the entry is written, and the cut is the run's own, not
+    another writer's."""
+    from conftest import interrupted_on_entry
+
+    session.write_bytes(b'{"a": 1}\n{"b":')
+    with SessionLock(session) as lock:
+        with interrupted_on_entry(os.ftruncate, at_return=True) as ran, \
+                pytest.raises(KeyboardInterrupt):
+            lock.append({"n": 1})
+        assert ran
+        assert session.read_bytes() == b'{"a": 1}\n'
+        lock.append({"n": 2})
+        lock.verify_fence()
+    assert lines(session) == [{"a": 1}, {"n": 2}]
+
+
+def test_a_torn_tail_half_kept_aside_when_the_disk_filled_is_kept_whole_next_time(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write of the fragment to `.torn` that fails part way (a full disk) takes back
+    what reached it: the next append keeps the fragment once, on a line of its own."""
+    real = os.write
+    budget = [10]
+
+    def filling(fd: int, data: Any) -> int:
+        if budget[0] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = real(fd, bytes(data[: budget[0]]))
+        budget[0] -= n
+        return n
+
+    fragment = b'{"role":"assistant","content":"half'
+    session.write_bytes(b'{"a":1}\n' + fragment)
+    torn = Path(str(session) + TORN_SUFFIX)
+    with SessionLock(session) as lock:
+        monkeypatch.setattr(_fence, "_write", filling)
+        with pytest.raises(SessionWriteError, match="No space left"):
+            lock.append({"n": 1})
+        monkeypatch.undo()
+        assert torn.read_bytes() == b""
+        with pytest.warns(FenceLockWarning, match="torn"):
+            lock.append({"n": 2})
+    assert torn.read_bytes() == fragment + b"\n"
+    assert lines(session) == [{"a": 1}, {"n": 2}]

@@ -973,3 +973,24 @@ def test_hold_s_error_lines_escape_a_file_name_s_control_characters_and_bytes(
     assert err.count("\n") == 1 and err.startswith("fencelock hold: "), err
     assert "no\\x0ad\\x1b[2J\\xff/x.jsonl" in err, err
     assert "\x1b" not in err
+
+
+def test_warnings_are_lines_on_stderr_even_where_the_environment_makes_them_errors(
+    session: Path,
+) -> None:
+    """`PYTHONWARNINGS=error` turns no warning of `hold` into a traceback: the append
+    that cut a torn tail is answered, and the warning is one line on stderr."""
+    session.write_bytes(b'{"a":1}\n{"b":')
+    requests = b'{"op":"append","entry":{"x":1}}\n{"op":"release"}\n'
+    done = subprocess.run(
+        [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "L"],
+        input=requests, capture_output=True, timeout=60,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [a.get("op", a.get("event")) for a in answers] == ["held", "append", "release"]
+    assert all(a["ok"] for a in answers)
+    assert done.returncode == 0
+    err = done.stderr.decode()
+    assert "Traceback" not in err and "Warning: " in err and "torn" in err
+    assert lines(session) == [{"a": 1}, {"x": 1}]
