@@ -55,6 +55,9 @@ class ConfigWarning:
     implicit: bool = False
     """No heartbeat is configured anywhere: this is the default agent, which the gateway
     gives its built-in heartbeat (every 30m, in the main session)."""
+    ignored: tuple[str, ...] = ()
+    """Later entries with the same agent id (JSON paths): the gateway reads an agent's
+    settings from its first entry only."""
 
     @property
     def problem(self) -> str:
@@ -71,7 +74,11 @@ class ConfigWarning:
 
     @property
     def message(self) -> str:
-        return f"agent {self.agent!r} ({self.where}): {self.problem}; {WHY}"
+        where = self.where
+        if self.ignored:
+            where += (f"; listed again at {', '.join(self.ignored)}, which the gateway does "
+                      f"not read: it takes an agent's settings from its first entry")
+        return f"agent {self.agent!r} ({where}): {self.problem}; {WHY}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +298,17 @@ def _default_agent(listed: list[tuple[str, str, dict[str, Any]]]) -> tuple[str, 
     return listed[0][0], listed[0][1]
 
 
+def _settings(
+    listed: list[tuple[str, str, dict[str, Any]]], owns: list[dict[str, Any] | bool | None]
+) -> dict[str, tuple[str, dict[str, Any] | bool | None]]:
+    """For each agent id: (where, heartbeat) of the first entry with that id, the one the
+    gateway reads an agent's settings from."""
+    first: dict[str, tuple[str, dict[str, Any] | bool | None]] = {}
+    for (name, where, _), own in zip(listed, owns, strict=True):
+        first.setdefault(name, (where, own))
+    return first
+
+
 def _is_block(value: object) -> bool:
     """Whether an agent's ``heartbeat`` counts as a block of its own for the explicit-only
     rule: any object (even an empty one) or ``true``, as the gateway tests it."""
@@ -327,24 +345,35 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
     if not listed:  # no agents.list (or an empty one): the implicit default agent runs
         why = "no agents.list" if agents.get("list") is None else "agents.list is empty"
         listed = [("main", f"agents ({why}: the implicit default agent)", {})]
-    if base is None and all(entry.get("heartbeat") is None for _, _, entry in listed):
-        # Nothing configured: the gateway's built-in heartbeat runs for its default agent.
-        name, where = _default_agent(listed)
-        return ConfigReport((ConfigWarning(name, where, None, False, implicit=True),))
     owns = [_heartbeat(entry.get("heartbeat"), f"{where}.heartbeat", path)
             for _, where, entry in listed]
-    explicit = tuple(name for (name, _, _), own in zip(listed, owns, strict=True)
-                     if _is_block(own))
+    explicit = tuple(dict.fromkeys(
+        name for (name, _, _), own in zip(listed, owns, strict=True) if _is_block(own)))
+    if base is None and not explicit:
+        # Nothing configured (an agent's `false` turns off that agent alone): the
+        # gateway's built-in heartbeat runs for its default agent.
+        name, where = _default_agent(listed)
+        if _settings(listed, owns)[name][1] is False:
+            return ConfigReport(())
+        return ConfigReport((ConfigWarning(name, where, None, False, implicit=True),))
+    # The gateway reads an agent's settings from the first entry with its id: an id
+    # listed twice is judged once, by that entry.
+    first = _settings(listed, owns)
     warnings: list[ConfigWarning] = []
     notices: list[ConfigNotice] = []
-    for (name, where, _), own in zip(listed, owns, strict=True):
-        if explicit and not _is_block(own):
-            # (An agent listed twice runs the heartbeat of its entry with a block.)
-            if own is None and _runs(base) and name not in explicit:
+    seen: set[str] = set()
+    for (name, _, _), own in zip(listed, owns, strict=True):
+        if name in seen:
+            continue
+        seen.add(name)
+        where, own_block = first[name]
+        if explicit and name not in explicit:
+            if own_block is None and _runs(base):
                 notices.append(ConfigNotice(name, where, explicit))
             continue  # the explicit-only rule: no block of its own, no heartbeat
-        if own is False or (own is None and base in (None, False)):
-            continue  # switched off, or no heartbeat at all: nothing shares the file
+        own = own_block
+        if own is False or (own is None and not explicit and base is False):
+            continue  # switched off: nothing shares the file
         merged: dict[str, Any] = dict(base) if isinstance(base, dict) else {}
         if isinstance(own, dict):
             merged.update(own)
@@ -357,7 +386,8 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
             continue
         own_sets = isinstance(own, dict) and "isolatedSession" in own
         inherited = not own_sets and isinstance(base, dict) and "isolatedSession" in base
-        warnings.append(ConfigWarning(name, where, isolated, inherited))
+        ignored = tuple(w for (n, w, _) in listed if n == name and w != where)
+        warnings.append(ConfigWarning(name, where, isolated, inherited, ignored=ignored))
     return ConfigReport(tuple(warnings), tuple(notices))
 
 

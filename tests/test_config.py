@@ -508,3 +508,29 @@ def test_a_fifo_a_device_or_a_huge_file_is_refused_without_hanging(tmp_path: Pat
                 load(path)
     finally:
         listener.close()
+
+
+def test_an_agent_switched_off_leaves_the_built_in_heartbeat_of_the_default_agent() -> None:
+    """`heartbeat: false` turns off that agent only: with nothing else configured the
+    default agent still runs the gateway's built-in heartbeat (it read as "all off")."""
+    off_other = check(cfg(agents=[{"id": "main"}, {"id": "ops", "heartbeat": False}]))
+    assert [(w.agent, w.implicit) for w in off_other] == [("main", True)]
+    assert check(cfg(agents=[{"id": "main", "heartbeat": False}, {"id": "ops"}])) == []
+
+
+def test_an_agent_listed_twice_is_judged_by_its_first_entry_as_the_gateway_reads_it() -> None:
+    """The gateway takes an agent's settings from the first entry with its id: an
+    isolated block in a later entry does not isolate it, a shared one does not share
+    it; the agent is reported once, naming the entries the gateway does not read."""
+    shared_first = check(cfg(agents=[
+        {"id": "main"}, {"id": "main", "heartbeat": {"isolatedSession": True}}]))
+    assert [(w.agent, w.where, w.ignored) for w in shared_first] == [
+        ("main", "agents.list[0]", ("agents.list[1]",))]
+    assert "listed again at agents.list[1], which the gateway does not read" in (
+        shared_first[0].message)
+    isolated_first = check(cfg(defaults={"every": "30m", "isolatedSession": True}, agents=[
+        {"id": "main", "heartbeat": {"every": "1h"}},
+        {"id": "main", "heartbeat": {"isolatedSession": False}}]))
+    assert isolated_first == []
+    twice = check(cfg(agents=[{"id": "a", "heartbeat": {}}, {"id": "a", "heartbeat": {}}]))
+    assert [(w.agent, w.ignored) for w in twice] == [("a", ("agents.list[1]",))]
