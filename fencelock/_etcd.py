@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fencelock import _backend, _record
 from fencelock._errors import (
     CorruptRecordError,
+    FenceLockError,
     HolderLostError,
     NotHeldError,
     OutsideRootError,
@@ -993,6 +994,8 @@ class EtcdHolder:
         self._my_key = ""
         self._token = 0
         self._suffix = b""
+        self.record_extra: dict[str, Any] | None = None
+        """The fields `_value` adds to the run's record, as the `HolderInfo` shows them."""
         self._lost = ""
         """Why this holder is lost though its lease may not be (its key was deleted)."""
         self._told = False
@@ -1053,6 +1056,7 @@ class EtcdHolder:
         self._told = False
         self._before = self._wrote = None
         self._suffix = f',"lease":"{lease.id:x}","store":"etcd"}}'.encode()
+        self.record_extra = {"lease": f"{lease.id:x}", "store": "etcd"}
         try:
             r = c.txn(
                 [_created(my, 0)],
@@ -1535,8 +1539,8 @@ class EtcdHolder:
         found = self.probe(0.0)
         if found.state is ProbeState.LIVE:
             raise self._contended(found.record)
-        if found.state is ProbeState.FREE and not remove:
-            return found
+        if found.state is ProbeState.FREE and (not remove or found.record is None):
+            return found  # nothing to clear, or (no record) nothing to remove
         self.acquire(True, time.monotonic() + _REQUEST_TIMEOUT * 2, None, None)
         my, token = self._my_key, self._token
         aside = None
@@ -1583,9 +1587,10 @@ class EtcdHolder:
 
 def _status(session: str, where: str, *, owner: list[dict[str, Any]],
             last: list[dict[str, Any]], waiters: int, stuck_after: float,
-            last_where: str, command: str) -> HolderStatus:
+            last_where: str, command: str, fence: bool = True) -> HolderStatus:
     """A session's state from its owner key (the first in the queue, if any) and its
-    last record."""
+    last record; ``fence``: whether ``session`` is its file on this host (see
+    `fencelock._probe._status`)."""
     from fencelock import _probe
     from fencelock._probe import HolderStatus as holder_status
     from fencelock._probe import ProbeState as states
@@ -1611,7 +1616,7 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
                                        left_by_run=True)
             else:
                 status = _probe._status(session, where, states.LIVE, record,
-                                        stuck_after=stuck_after, now=now)
+                                        stuck_after=stuck_after, now=now, fence=fence)
         else:
             record = _decode(_raw(last), last_where, command)
             if record is None:
@@ -1619,7 +1624,7 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
             else:
                 state = states.STALE if record.state is State.HELD else states.FREE
                 status = _probe._status(session, where, state, record,
-                                        stuck_after=stuck_after, now=now)
+                                        stuck_after=stuck_after, now=now, fence=fence)
                 if state is states.STALE:
                     status = replace(status, reason="no owner key: its lease expired while it "
                                      "held the session (the owner died, was paused or lost "
@@ -1627,6 +1632,21 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
     except CorruptRecordError as e:
         return holder_status(session, where, states.UNREADABLE, reason=str(e))
     return replace(status, waiters=waiters)
+
+
+def _local_path(url: EtcdURL, key: str, record: HolderInfo | None) -> str | None:
+    """The path on this host of the session stored under ``key``: under the URL's
+    ``root``; else the record's own path when it names that key here too (a host that
+    mounts the share elsewhere wrote another); None when not known."""
+    if url.root is not None:
+        return os.path.join(os.path.realpath(url.root), key)
+    if record is None:
+        return None
+    try:
+        here = _backend.session_key(record.session, None) == key
+    except (OSError, FenceLockError):
+        return None
+    return record.session if here else None
 
 
 def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
@@ -1650,24 +1670,18 @@ def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
         queue = sorted(queues.get(key, []), key=lambda kv: int(kv["create_revision"]))
         where = f"{url.display}/{url.prefix}/sessions/{key}"
         lst = [last[key]] if key in last else []
-        session = key
         record = _decode_quietly(_raw(lst), where)
         owner_record = _decode_quietly(_raw(queue), where)
-        for rec in (owner_record, record):
-            if rec is not None:
-                session = rec.session
-                break
+        session = _local_path(url, key, owner_record or record)
         command = None
-        if record is None and session == key:
-            if url.root is not None:
-                session = os.path.join(url.root, key)  # a path the clear command can take
-            else:  # the path is known only relative to some host's mount point
-                command = (f"{_clear_command(url, 'SESSION')}, SESSION being the session "
-                           f"file whose path under its filesystem's mount point is {key}")
-        status = _status(session, where, owner=queue[:1], last=lst,
+        if session is None:  # the path is known only relative to some host's mount point
+            command = (f"{_clear_command(url, 'SESSION')}, SESSION being the session "
+                       f"file whose path under its filesystem's mount point is {key}")
+        status = _status(session or key, where, owner=queue[:1], last=lst,
                          waiters=max(0, len(queue) - 1), stuck_after=stuck_after,
                          last_where=f"{url.display}/{lasts}{key}",
-                         command=command or _clear_command(url, session))
+                         command=command or _clear_command(url, session or key),
+                         fence=session is not None)
         if status.state is not ProbeState.FREE:  # a released run holds nothing
             yield status
 

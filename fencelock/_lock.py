@@ -239,6 +239,10 @@ class SessionLock:
 
     def _completed_info(self, shell: _record._Unfinished) -> HolderInfo:
         run_id, heartbeat_at, phase, fp = self._run_id, self._heartbeat_at, self._phase, self._fp
+        extra = self._store.record_extra
+        if extra is not None:
+            unfinished: Any = shell
+            unfinished.extra = dict(extra)
         self._info = info = _record.completed(
             shell, HELD, run_id, self._token, self._acquired_at, heartbeat_at, phase, fp,
             self._previous,

@@ -387,7 +387,11 @@ def _status(
     *,
     stuck_after: float,
     now: float,
+    fence: bool = True,
 ) -> HolderStatus:
+    """The status of a session whose record is ``record``; ``fence``: whether
+    ``session`` names the record's session file on this host (else `fence_ok` is
+    None: it is not known here)."""
     alive = None
     if record.state is HELD:
         alive = holder_alive(record)
@@ -399,7 +403,7 @@ def _status(
         record=record,
         owner_alive=alive,
         stuck=stuck,
-        fence_ok=_fence_ok(session, record),
+        fence_ok=_fence_ok(session, record) if fence else None,
         reason=_reason(state, record, alive, stuck),
     )
 
@@ -420,9 +424,14 @@ def _fence_matches(session: str, record: HolderInfo) -> bool | None:
         actual = _fingerprint.take(session, mode)
     except (OSError, FenceLockError):
         return None
-    if record.fingerprint is None:
+    expected = record.fingerprint
+    if expected is None:
         return actual is None
-    return record.fingerprint.matches(actual, mode)
+    if actual is not None and record.host != _identity.ME.host:
+        # Another host's holder (a shared store): a network filesystem has another
+        # device number on each host that mounts it; the rest of the stat is the file's.
+        actual = replace(actual, dev=expected.dev)
+    return expected.matches(actual, mode)
 
 
 def _left_holding(record: HolderInfo) -> tuple[int, bool | None] | None:

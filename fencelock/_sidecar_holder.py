@@ -14,7 +14,7 @@ import contextlib
 import os
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fencelock import (
     _fingerprint,
@@ -156,6 +156,8 @@ class SidecarHolder:
     tries_in_place = True
     """Fence checks stat the session's path: one host, no cached attributes to doubt."""
     releases_in_place = True
+    record_extra: dict[str, Any] | None = None
+    """The record is fencelock's own fields only."""
 
     def __init__(self, session: str, sidecar: str, mode: int) -> None:
         self.session = session

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fencelock import _backend, _fingerprint, _identity, _record, _sidecar, _tokens
 from fencelock._errors import FenceLockWarning, HolderLostError, StoreUnavailableError
@@ -45,6 +45,10 @@ class SessionStore(Protocol):
     releases_in_place: bool
     """Whether a release never waits (a sidecar's unlock); an etcd release may ride out
     an outage, so ``async with`` releases in a worker thread."""
+    @property
+    def record_extra(self) -> dict[str, Any] | None:
+        """Fields the store adds to the holder's record (etcd: ``lease``, ``store``),
+        for the `HolderInfo` that `SessionLock` gives out; None when it adds none."""
 
     def acquire(
         self,
@@ -96,6 +100,9 @@ class HolderStore(Protocol):
 
     name: str
     """Where the holder lives, as messages and `HolderStatus.sidecar` show it."""
+    @property
+    def record_extra(self) -> dict[str, Any] | None:
+        """As `SessionStore.record_extra`, for the run this holder holds."""
 
     def acquire(
         self,
@@ -151,6 +158,10 @@ class RemoteStore:
     def __init__(self, holder: HolderStore) -> None:
         self.holder = holder
         self.name = holder.name
+
+    @property
+    def record_extra(self) -> dict[str, Any] | None:
+        return self.holder.record_extra
 
     def acquire(
         self,

@@ -3339,3 +3339,75 @@ def test_verify_reports_the_other_problems_when_the_store_cannot_be_asked(
     with pytest.raises(StoreUnavailableError):
         verify(session, backend=bad)
     assert _cli("verify", str(session), "--backend", bad, env=env).returncode == 1
+
+
+def test_status_of_a_whole_prefix_names_each_session_under_this_host_s_root(
+    tmp_path: Path, url: str
+) -> None:
+    """A holder that reaches the share through another mount point (another root=)
+    wrote its own path in its record: `status --backend URL` with no path names the
+    session where this host sees it, under its own root (it named the other host's
+    path, and took the fence of whatever file that path named here)."""
+    here, there = tmp_path / "mount-here", tmp_path / "mount-there"
+    here.mkdir()
+    there.mkdir()
+    holder = SessionLock(there / "s.jsonl", "far", backend=f"{url}&root={there}")
+    holder.acquire()
+    try:
+        out = _cli("status", "--backend", f"{url}&root={here}", "--json")
+        assert out.returncode == 0, out.stderr
+        (row,) = json.loads(out.stdout)
+        assert row["session"] == str(here / "s.jsonl") and row["lane"] == "far"
+    finally:
+        holder.release()
+
+
+def test_the_record_an_etcd_holder_is_given_is_the_one_it_stored(session: Path, url: str) -> None:
+    """`acquire()`, `info` and a contender's error carry the `lease` and `store` fields
+    the stored record has (they were only in what other processes read)."""
+    lock = SessionLock(session, "etcd-run", backend=url)
+    info = lock.acquire()
+    try:
+        stored = probe(session, backend=url).record
+        assert stored is not None and stored.extra["store"] == "etcd"
+        assert info.extra == stored.extra and info.to_json()["lease"] == stored.extra["lease"]
+        assert lock.info is not None and lock.info.extra == stored.extra
+        with pytest.raises(SessionContendedError) as err:
+            SessionLock(session, "second", backend=url, on_contention="fail").acquire()
+        assert err.value.holder is not None and err.value.holder.extra == stored.extra
+    finally:
+        lock.release()
+
+
+def test_clear_remove_of_a_session_etcd_never_saw_removes_nothing(
+    session: Path, url: str
+) -> None:
+    """As with the sidecar: nothing to remove is not reported as removed."""
+    for backend in (url, "local"):
+        out = _cli("clear", str(session), "--remove", "--json", "--backend", backend)
+        assert out.returncode == 0, out.stderr
+        (obj,) = json.loads(out.stdout)
+        assert obj["removed"] is False and obj["found"] == "free", (backend, obj)
+
+
+def test_the_fence_of_another_host_s_holder_is_read_without_its_device_number(
+    session: Path, url: str
+) -> None:
+    """A network filesystem has another device number on each host that mounts it: a
+    record another host wrote in its prompt window is compared on the rest of the
+    stat (it read as "fence moved" on every other host)."""
+    from fencelock import _probe
+
+    lock = SessionLock(session, "far", backend=url)
+    with lock:
+        lock.append({"n": 1})
+        with pytest.raises(SessionTakeoverError), lock.prompt_window():
+            here = probe(session, backend=url).record
+            assert here is not None and here.fingerprint is not None
+            far = replace(here, host=here.host + "-elsewhere",
+                          fingerprint=replace(here.fingerprint, dev=here.fingerprint.dev + 1))
+            assert _probe._fence_ok(str(session), far) is True
+            assert _probe._fence_ok(str(session), replace(far, host=here.host)) is False
+            with open(session, "a") as f:
+                f.write('{"outside": true}\n')
+            assert _probe._fence_ok(str(session), far) is False  # a write is still seen
