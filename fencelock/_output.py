@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import select
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -190,24 +191,48 @@ def _output_failed(e: OSError) -> OutputError:
 
 
 def out(text: str = "", nl: bool = True) -> None:
-    """Print ``text`` on standard output (`click.echo`, which flushes each time). A
-    write that fails raises `OutputError` instead of a traceback; a closed pipe
-    (EPIPE: ``| head``) is left to click, which ends quietly."""
-    try:
-        click.echo(text, nl=nl)
-    except OSError as e:
-        if e.errno == errno.EPIPE:
-            raise
-        raise _output_failed(e) from None
+    """Print ``text`` on standard output and flush, its styles stripped where it is not a
+    terminal (as `click.echo` does). A write that fails raises `OutputError` instead of
+    a traceback; a closed pipe (EPIPE: ``| head``) is left to the command group, which
+    ends quietly with 141."""
+    stream = sys.stdout
+    if os.name == "nt" or getattr(stream, "buffer", None) is None:
+        try:  # click's console handling (Windows), or a stream of text only
+            click.echo(text, nl=nl)
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise
+            raise _output_failed(e) from None
+        return
+    if nl:
+        text += "\n"
+    # As click.echo decides (its test runner replaces this decision: look it up now).
+    color = click.globals.resolve_color_default()
+    decide = getattr(click.utils, "should_strip_ansi", None)
+    if decide(stream, color) if decide is not None else not (
+            stream.isatty() if color is None else color):
+        text = click.unstyle(text)
+    out_bytes(text.encode(stream.encoding, stream.errors or "strict"))
 
 
 def out_bytes(data: bytes) -> None:
-    """`out` for bytes that must reach standard output as they are (a path that is
-    not valid UTF-8)."""
+    """Write ``data`` on standard output as it is (a path that is not valid UTF-8, say),
+    and flush. Every byte is written or an error raised: a pipe whose reader leaves in
+    the middle of a write takes part of it and answers the rest with EPIPE (Python's
+    buffered writer reports such a short write by its count alone, which a text stream
+    drops: the rest of the output was lost, and the command ended 0)."""
     try:
         sys.stdout.flush()
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        buffer = sys.stdout.buffer
+        view = memoryview(data)
+        while view:
+            try:
+                done = buffer.write(view)
+            except BlockingIOError as e:  # the reader made the pipe non-blocking: wait
+                done = e.characters_written
+                select.select([], [buffer], [])
+            view = view[done or 0:]
+        buffer.flush()
     except OSError as e:
         if e.errno == errno.EPIPE:
             raise
@@ -381,7 +406,8 @@ def _status_cells(st: HolderStatus, now: float, show: PathDisplay) -> list[str]:
         run = rec if st.left_by_run else None
         if run is not None:  # processes a `fencelock run` command left running
             lane = f"(left by fencelock run pid {run.pid}, lane {run.lane})"
-            return [show(st.session), state, "?", run.host, shorten(clean(lane)), "-", "-",
+            return [show(st.session), state, "?", shorten(clean(run.host), 24),
+                    shorten(clean(lane)), "-", "-",
                     str(run.token), "-"]
         # Held by a process outside fencelock: name it as lslocks(8) would.
         owners = st.lock_owners or ()

@@ -451,6 +451,27 @@ def test_a_reader_that_stops_reading_ends_the_listing_with_141_not_1(tmp_path: P
         assert proc.stderr.read() == b""
 
 
+@pytest.mark.parametrize("args", [["status"], ["clear", "--json"]], ids=["table", "clear-json"])
+def test_a_reader_that_leaves_during_one_large_write_ends_it_with_141_not_0(
+    tmp_path: Path, args: list[str]
+) -> None:
+    """Output printed in one piece larger than a pipe holds (the status table, `clear
+    --json`), whose reader leaves after its first bytes: the command ends with 141 as
+    for a streamed listing. (The pipe took part of the write and the rest was dropped
+    without an error: the command ended 0, the output cut short.)"""
+    for i in range(3000):  # a table of some 200 KB
+        (tmp_path / f"{i:04d}.jsonl").write_text("{}\n")
+    paths = [str(tmp_path)] if args == ["status"] else sorted(
+        str(p) for p in tmp_path.iterdir())
+    with subprocess.Popen([*FENCELOCK, *args, *paths],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.read(10)  # the one write is under way
+        proc.stdout.close()
+        assert proc.wait(timeout=60) == 141
+        assert proc.stderr.read() == b""
+
+
 def test_status_missing_session_file_is_free(tmp_path: Path) -> None:
     """A session no run has started yet, in a directory that exists, is free."""
     out = cli("status", str(tmp_path / "sessions" / "new.jsonl"))
@@ -2447,3 +2468,26 @@ def test_a_command_whose_answer_goes_to_stdout_refuses_a_closed_stdout(
     (line,) = proc.stderr.strip().splitlines()
     assert "standard output is closed" in line and "Traceback" not in proc.stderr
     assert sorted(p.name for p in session.parent.iterdir()) == before  # nothing made
+
+
+def test_a_row_for_what_a_run_left_running_escapes_the_record_s_host(session: Path) -> None:
+    """The status row of a session held by what a `fencelock run` command left running
+    shows the ended run's host escaped, as every other row does (it went out raw: a
+    record's host could clear the screen or split the row)."""
+    from dataclasses import replace
+
+    import click
+
+    from fencelock import HolderStatus, ProbeState, SessionLock
+    from fencelock._output import status_table
+    from fencelock._record import RELEASED
+
+    with SessionLock(session, lane="a") as lock:
+        info = lock.info
+    assert info is not None
+    ended = replace(info, state=RELEASED, host="v\x1b[2J\x1b[31mEVIL\nm")
+    row = HolderStatus(str(session), str(session) + ".holder", ProbeState.LIVE,
+                       record=ended, left_by_run=True)
+    table = click.unstyle(status_table([row], time.time()))  # its own styles off
+    assert "\x1b" not in table and "\nm " not in table
+    assert "v\\x1b[2J" in table and "left by fencelock run" in table
