@@ -347,18 +347,19 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
         listed = [("main", f"agents ({why}: the implicit default agent)", {})]
     owns = [_heartbeat(entry.get("heartbeat"), f"{where}.heartbeat", path)
             for _, where, entry in listed]
+    # Any entry with a block makes the explicit-only rule apply (a later entry of an id
+    # listed twice too), but the gateway reads an agent's settings from the first entry
+    # with its id: an id listed twice is judged once, by that entry.
     explicit = tuple(dict.fromkeys(
         name for (name, _, _), own in zip(listed, owns, strict=True) if _is_block(own)))
+    first = _settings(listed, owns)
     if base is None and not explicit:
         # Nothing configured (an agent's `false` turns off that agent alone): the
         # gateway's built-in heartbeat runs for its default agent.
         name, where = _default_agent(listed)
-        if _settings(listed, owns)[name][1] is False:
+        if first[name][1] is False:
             return ConfigReport(())
         return ConfigReport((ConfigWarning(name, where, None, False, implicit=True),))
-    # The gateway reads an agent's settings from the first entry with its id: an id
-    # listed twice is judged once, by that entry.
-    first = _settings(listed, owns)
     warnings: list[ConfigWarning] = []
     notices: list[ConfigNotice] = []
     seen: set[str] = set()

@@ -423,6 +423,9 @@ def append(
             _torn_warning(session, st.st_size - size)
         return after
     except FenceLockError:
+        if cutting:  # the cut stands though the entry failed: still said, never instead
+            with contextlib.suppress(Warning):
+                _torn_warning(session, st.st_size - cutting[0])
         raise  # what this function decided, the line's fate said (`stored`, `fingerprint`)
     except BaseException:  # an interrupt, or an error of the system after the write
         if moved is not None:

@@ -237,23 +237,32 @@ class SessionLock:
             lane=self.lane, fence=str(self.fence_mode), origin=self.origin,
         )
 
-    def _completed_info(self, shell: _record._Unfinished) -> HolderInfo:
+    def _record_now(self) -> HolderInfo | None:
+        """The record of the run this object is starting or ending (None before its
+        first), for a contender of this process that finds it neither held nor free;
+        not kept (`info` is the held run's)."""
+        return self._completed_info(self._info_shell(), keep=False) if self._run_id else None
+
+    def _completed_info(self, shell: _record._Unfinished, keep: bool = True) -> HolderInfo:
         run_id, heartbeat_at, phase, fp = self._run_id, self._heartbeat_at, self._phase, self._fp
         extra = self._store.record_extra
         if extra is not None:
             unfinished: Any = shell
             unfinished.extra = dict(extra)
-        self._info = info = _record.completed(
+        info = _record.completed(
             shell, HELD, run_id, self._token, self._acquired_at, heartbeat_at, phase, fp,
             self._previous,
         )
-        # A thread asking for the holder's record (an in-process contender, say) may
-        # build it as the holder's thread changes a field and drops the one kept: then
-        # this one is already old, and is not kept. (Every change sets the field first,
-        # then drops the record kept.)
-        if (self._heartbeat_at is not heartbeat_at or self._phase is not phase
-                or self._fp is not fp or self._run_id is not run_id):
-            self._info = None
+        if keep:
+            self._info = info
+            # A thread asking for the holder's record (an in-process contender, say) may
+            # build it as the holder's thread changes a field and drops the one kept:
+            # then this one is already old, and is not kept. (Every change sets the
+            # field first, then drops the record kept; so this keeps it first, then
+            # looks.)
+            if (self._heartbeat_at is not heartbeat_at or self._phase is not phase
+                    or self._fp is not fp or self._run_id is not run_id):
+                self._info = None
         return info
 
     def _encode(self, state: State = State.HELD) -> bytes:

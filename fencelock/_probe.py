@@ -604,8 +604,8 @@ def clear(
     # not keep another thread of this process from acquiring meanwhile.
     slot = _lock.SessionLock(session, "clear", on_contention="fail", backend=backend)
     key = _registry.registry_key(session)
-    _registry.take(key, slot, True, None, None, time.monotonic())  # contended: held here
-    try:
+    try:  # the take too: an interrupt as it is handed the slot must not keep it
+        _registry.take(key, slot, True, None, None, time.monotonic())  # contended: held here
         if store is not None:
             return store.clear(remove, force)
         # As acquire refuses it and probe calls it unreadable: a session path no run can

@@ -34,11 +34,6 @@ uncontended path takes ``_mu`` directly, which costs less than the Condition's o
 context manager."""
 _waiters = 0
 
-SETTLE = 1.0
-"""How long a fail-fast or timed-out acquire waits for a lock object of this process
-that is starting or ending its run (its record writes, on a slow filesystem), before
-it reports the session held."""
-
 
 def cancelled() -> BaseException:
     """The exception a cancelled acquire raises (asyncio's, imported only then)."""
@@ -108,20 +103,19 @@ def take(
     releasing it cannot keep out a waiter of its own process (between processes, the
     release's yield does the same). The slot's owner may hold nothing yet, or no more:
     it is about to hold the session, or has just released it (or waits for a holder
-    elsewhere, who is then named). A fail-fast or timed-out acquire waits for that
-    moment to pass, looking again at each grace a fail-fast acquirer gives a sidecar
-    locked without a live record, for at most `SETTLE` seconds."""
+    elsewhere, who is then named). A fail-fast or timed-out acquire gives that moment
+    the grace a fail-fast acquirer gives a sidecar locked without a live record."""
     with _mu:  # the common case, in one step
         if key not in _held:
             _held[key] = (lock, attempt)
             return
-    asked, settle = deadline, None
+    graced = False
     while True:
-        other = _wait_turn(key, (lock, attempt), fail and settle is None, deadline, cancel)
+        other = _wait_turn(key, (lock, attempt), fail and not graced, deadline, cancel)
         if other is None:
             return
-        # A fail-fast acquire waited for nothing; a timed one, what it asked for.
-        waited = None if fail or asked is None else min(time.monotonic(), asked) - start
+        # A fail-fast acquire waited for nothing (its grace is not reported).
+        waited = None if fail else time.monotonic() - start
         holder = other.info
         if holder is not None:
             raise SessionContendedError(
@@ -131,16 +125,12 @@ def take(
         error = _held_elsewhere(lock, waited)
         if error is not None:
             raise error
-        now = time.monotonic()
-        if settle is None:
-            settle = now + SETTLE
-        elif now >= settle:
-            raise SessionContendedError(
-                lock.session, None, waited=waited, backend=lock._backend_url())
+        if graced:  # still starting or ending its run: named by that run
+            raise SessionContendedError(lock.session, other._record_now(), waited=waited,
+                                        backend=lock._backend_url())
         from fencelock._sidecar_holder import FAIL_GRACE  # only on this path
 
-        # Look again after a fail-fast acquirer's grace (or as soon as the slot is ours).
-        deadline = min(now + FAIL_GRACE, settle)
+        graced, deadline = True, time.monotonic() + FAIL_GRACE
 
 
 def _wait_turn(

@@ -1527,3 +1527,29 @@ def test_a_torn_tail_half_kept_aside_when_the_disk_filled_is_kept_whole_next_tim
             lock.append({"n": 2})
     assert torn.read_bytes() == fragment + b"\n"
     assert lines(session) == [{"a": 1}, {"n": 2}]
+
+
+def test_a_torn_tail_cut_by_an_append_that_then_fails_is_still_told(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cut stands when the entry after it fails (an fsync error): the warning
+    that says where the fragment went is given all the same."""
+    synced: list[int] = []
+
+    def eio(fd: int) -> None:  # the fragment's copy is fsynced first, then the entry
+        synced.append(fd)
+        if len(synced) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        os.fsync(fd)
+
+    session.write_bytes(b'{"a": 1}\n{"b":')
+    with SessionLock(session) as lock:
+        monkeypatch.setattr(_fence, "_fsync", eio)
+        with pytest.warns(FenceLockWarning, match="torn") as caught, \
+                pytest.raises(SessionWriteError, match="fsync"):
+            lock.append({"n": 1})
+        assert caught[0].filename == __file__
+        monkeypatch.undo()
+        lock.append({"n": 2})
+    assert lines(session) == [{"a": 1}, {"n": 2}]
+    assert Path(str(session) + TORN_SUFFIX).read_bytes() == b'{"b":\n'

@@ -994,3 +994,15 @@ def test_warnings_are_lines_on_stderr_even_where_the_environment_makes_them_erro
     err = done.stderr.decode()
     assert "Traceback" not in err and "Warning: " in err and "torn" in err
     assert lines(session) == [{"a": 1}, {"x": 1}]
+
+
+def test_warnings_the_environment_ignores_stay_ignored(session: Path) -> None:
+    """Only an "error" filter is overridden: `PYTHONWARNINGS=ignore` silences them."""
+    session.write_bytes(b'{"a":1}\n{"b":')
+    done = subprocess.run(
+        [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "L"],
+        input=b'{"op":"append","entry":{"x":1}}\n', capture_output=True, timeout=60,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert done.returncode == 0 and done.stderr == b"", done.stderr
+    assert lines(session) == [{"a": 1}, {"x": 1}]

@@ -263,6 +263,7 @@ def test_a_fail_fast_acquire_waits_out_a_release_under_way_in_this_process(
 
     monkeypatch.setattr(_platform, "hand_over", held_up)
     monkeypatch.setattr(_sidecar_holder, "HAND_OVER_AFTER", 0.0)
+    monkeypatch.setattr(_sidecar_holder, "FAIL_GRACE", 60.0)  # timing cannot decide this
     ending = SessionLock(session, "ending")
     ending.acquire()
     t = threading.Thread(target=ending.release, daemon=True)
@@ -280,3 +281,82 @@ def test_a_fail_fast_acquire_waits_out_a_release_under_way_in_this_process(
     eager.release()
     releaser.join(30)
     t.join(30)
+
+
+def test_a_release_of_this_process_longer_than_the_grace_is_named_by_its_run(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its grace, a fail-fast acquire behind a lock object of this process still
+    ending its run names that run (it blamed a holder without a readable record)."""
+    paused, resume = threading.Event(), threading.Event()
+
+    def held_up() -> None:
+        paused.set()
+        resume.wait(30)
+
+    monkeypatch.setattr(_platform, "hand_over", held_up)
+    monkeypatch.setattr(_sidecar_holder, "HAND_OVER_AFTER", 0.0)
+    monkeypatch.setattr(_sidecar_holder, "FAIL_GRACE", 0.0)
+    ending = SessionLock(session, "ending")
+    token = ending.acquire().token
+    t = threading.Thread(target=ending.release, daemon=True)
+    t.start()
+    try:
+        assert paused.wait(30)
+        with pytest.raises(SessionContendedError) as caught:
+            SessionLock(session, "eager", on_contention="fail").acquire()
+        holder = caught.value.holder
+        assert holder is not None and (holder.lane, holder.token) == ("ending", token)
+        assert "without a readable" not in str(caught.value)
+    finally:
+        resume.set()
+        t.join(30)
+
+
+def test_an_interrupt_as_clear_is_handed_the_slot_leaves_the_session_free_here(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`clear` waits out a release of this process and is handed the slot; an interrupt
+    (a signal handler's exception) landing right then leaves the slot free, not taken
+    for good by a clear that never ran (every later acquire here waited on it)."""
+    import sys
+
+    paused, resume = threading.Event(), threading.Event()
+
+    def held_up() -> None:
+        paused.set()
+        resume.wait(30)
+
+    monkeypatch.setattr(_platform, "hand_over", held_up)
+    monkeypatch.setattr(_sidecar_holder, "HAND_OVER_AFTER", 0.0)
+    monkeypatch.setattr(_sidecar_holder, "FAIL_GRACE", 60.0)
+    ending = SessionLock(session, "ending")
+    ending.acquire()
+    t = threading.Thread(target=ending.release, daemon=True)
+    t.start()
+    assert paused.wait(30)
+
+    def let_go() -> None:
+        _until(lambda: _registry.waiters() == 1)
+        resume.set()
+
+    releaser = threading.Thread(target=let_go, daemon=True)
+    releaser.start()
+    code = _registry._wait_turn.__code__
+
+    def interrupt_when_handed(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is code and event == "return" and arg is None:
+            raise KeyboardInterrupt  # the slot is this clear's now
+        return interrupt_when_handed if frame.f_code is code else None
+
+    sys.settrace(interrupt_when_handed)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fencelock.clear(session)
+    finally:
+        sys.settrace(None)
+    releaser.join(30)
+    t.join(30)
+    assert _registry.held_in_process(_registry.registry_key(str(session))) is None
+    with SessionLock(session, "after", on_contention="fail"):
+        pass
