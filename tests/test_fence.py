@@ -238,11 +238,11 @@ def test_fsync_error_is_raised_not_retried(session: Path, monkeypatch: pytest.Mo
     assert lines(session) == [{"a": 1}, {"c": 3}]
 
 
-def test_enospc_mid_line_leaves_no_partial_line(
-    session: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _filling_disk(room: int) -> Callable[[int, Any], int]:
+    """A `_fence._write` for a disk with ``room`` bytes left: short writes until it is
+    full, then ENOSPC."""
     real = os.write
-    budget = [10]
+    budget = [room]
 
     def filling(fd: int, data: Any) -> int:
         if budget[0] <= 0:
@@ -250,6 +250,14 @@ def test_enospc_mid_line_leaves_no_partial_line(
         n = real(fd, bytes(data[: budget[0]]))
         budget[0] -= n
         return n
+
+    return filling
+
+
+def test_enospc_mid_line_leaves_no_partial_line(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    filling = _filling_disk(10)
 
     with SessionLock(session) as lock:
         lock.append({"a": 1})
@@ -1504,15 +1512,7 @@ def test_a_torn_tail_half_kept_aside_when_the_disk_filled_is_kept_whole_next_tim
 ) -> None:
     """A write of the fragment to `.torn` that fails part way (a full disk) takes back
     what reached it: the next append keeps the fragment once, on a line of its own."""
-    real = os.write
-    budget = [10]
-
-    def filling(fd: int, data: Any) -> int:
-        if budget[0] <= 0:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        n = real(fd, bytes(data[: budget[0]]))
-        budget[0] -= n
-        return n
+    filling = _filling_disk(10)
 
     fragment = b'{"role":"assistant","content":"half'
     session.write_bytes(b'{"a":1}\n' + fragment)

@@ -248,6 +248,42 @@ def test_a_waiter_of_this_process_goes_before_its_holder_takes_the_session_again
     busy.release()
 
 
+class _PausedRelease:
+    """A lock object of this process whose release stops once it has unlocked, before
+    it frees its slot in the process (the session free on disk, its record released),
+    until `resume`; `resume_once_queued` lets it go as soon as another acquire of this
+    process waits in line for the slot."""
+
+    def __init__(self, session: Path, monkeypatch: pytest.MonkeyPatch, grace: float) -> None:
+        self.paused, self.resumed = threading.Event(), threading.Event()
+
+        def held_up() -> None:
+            self.paused.set()
+            self.resumed.wait(30)
+
+        monkeypatch.setattr(_platform, "hand_over", held_up)
+        monkeypatch.setattr(_sidecar_holder, "HAND_OVER_AFTER", 0.0)
+        monkeypatch.setattr(_sidecar_holder, "FAIL_GRACE", grace)
+        self.lock = SessionLock(session, "ending")
+        self.token = self.lock.acquire().token
+        self.threads = [threading.Thread(target=self.lock.release, daemon=True)]
+        self.threads[0].start()
+        assert self.paused.wait(30)
+
+    def resume_once_queued(self) -> None:
+        def let_go() -> None:
+            _until(lambda: _registry.waiters() == 1)
+            self.resumed.set()
+
+        self.threads.append(threading.Thread(target=let_go, daemon=True))
+        self.threads[-1].start()
+
+    def join(self) -> None:
+        self.resumed.set()
+        for t in self.threads:
+            t.join(30)
+
+
 def test_a_fail_fast_acquire_waits_out_a_release_under_way_in_this_process(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -255,32 +291,12 @@ def test_a_fail_fast_acquire_waits_out_a_release_under_way_in_this_process(
     process in the middle of its release (the session free on disk, the record
     released) takes the session once that release ends, as an acquirer in another
     process would; it failed before, blaming a holder without a readable record."""
-    paused, resume = threading.Event(), threading.Event()
-
-    def held_up() -> None:  # the release, unlocked, stops before freeing its slot
-        paused.set()
-        resume.wait(30)
-
-    monkeypatch.setattr(_platform, "hand_over", held_up)
-    monkeypatch.setattr(_sidecar_holder, "HAND_OVER_AFTER", 0.0)
-    monkeypatch.setattr(_sidecar_holder, "FAIL_GRACE", 60.0)  # timing cannot decide this
-    ending = SessionLock(session, "ending")
-    ending.acquire()
-    t = threading.Thread(target=ending.release, daemon=True)
-    t.start()
-    assert paused.wait(30)
-
-    def let_go() -> None:
-        _until(lambda: _registry.waiters() == 1)
-        resume.set()
-
-    releaser = threading.Thread(target=let_go, daemon=True)
-    releaser.start()
+    ending = _PausedRelease(session, monkeypatch, grace=60.0)  # timing cannot decide it
+    ending.resume_once_queued()
     eager = SessionLock(session, "eager", on_contention="fail")
     assert eager.acquire().lane == "eager"
     eager.release()
-    releaser.join(30)
-    t.join(30)
+    ending.join()
 
 
 def test_a_release_of_this_process_longer_than_the_grace_is_named_by_its_run(
@@ -288,29 +304,15 @@ def test_a_release_of_this_process_longer_than_the_grace_is_named_by_its_run(
 ) -> None:
     """Past its grace, a fail-fast acquire behind a lock object of this process still
     ending its run names that run (it blamed a holder without a readable record)."""
-    paused, resume = threading.Event(), threading.Event()
-
-    def held_up() -> None:
-        paused.set()
-        resume.wait(30)
-
-    monkeypatch.setattr(_platform, "hand_over", held_up)
-    monkeypatch.setattr(_sidecar_holder, "HAND_OVER_AFTER", 0.0)
-    monkeypatch.setattr(_sidecar_holder, "FAIL_GRACE", 0.0)
-    ending = SessionLock(session, "ending")
-    token = ending.acquire().token
-    t = threading.Thread(target=ending.release, daemon=True)
-    t.start()
+    ending = _PausedRelease(session, monkeypatch, grace=0.0)
     try:
-        assert paused.wait(30)
         with pytest.raises(SessionContendedError) as caught:
             SessionLock(session, "eager", on_contention="fail").acquire()
         holder = caught.value.holder
-        assert holder is not None and (holder.lane, holder.token) == ("ending", token)
+        assert holder is not None and (holder.lane, holder.token) == ("ending", ending.token)
         assert "without a readable" not in str(caught.value)
     finally:
-        resume.set()
-        t.join(30)
+        ending.join()
 
 
 def test_an_interrupt_as_clear_is_handed_the_slot_leaves_the_session_free_here(
@@ -321,27 +323,8 @@ def test_an_interrupt_as_clear_is_handed_the_slot_leaves_the_session_free_here(
     for good by a clear that never ran (every later acquire here waited on it)."""
     import sys
 
-    paused, resume = threading.Event(), threading.Event()
-
-    def held_up() -> None:
-        paused.set()
-        resume.wait(30)
-
-    monkeypatch.setattr(_platform, "hand_over", held_up)
-    monkeypatch.setattr(_sidecar_holder, "HAND_OVER_AFTER", 0.0)
-    monkeypatch.setattr(_sidecar_holder, "FAIL_GRACE", 60.0)
-    ending = SessionLock(session, "ending")
-    ending.acquire()
-    t = threading.Thread(target=ending.release, daemon=True)
-    t.start()
-    assert paused.wait(30)
-
-    def let_go() -> None:
-        _until(lambda: _registry.waiters() == 1)
-        resume.set()
-
-    releaser = threading.Thread(target=let_go, daemon=True)
-    releaser.start()
+    ending = _PausedRelease(session, monkeypatch, grace=60.0)
+    ending.resume_once_queued()
     code = _registry._wait_turn.__code__
 
     def interrupt_when_handed(frame: Any, event: str, arg: Any) -> Any:
@@ -355,8 +338,7 @@ def test_an_interrupt_as_clear_is_handed_the_slot_leaves_the_session_free_here(
             fencelock.clear(session)
     finally:
         sys.settrace(None)
-    releaser.join(30)
-    t.join(30)
+    ending.join()
     assert _registry.held_in_process(_registry.registry_key(str(session))) is None
     with SessionLock(session, "after", on_contention="fail"):
         pass
