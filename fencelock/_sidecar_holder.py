@@ -453,10 +453,14 @@ class SidecarHolder:
     def release(self, lock: SessionLock) -> None:
         """Mark the record released and drop the lock (under the lock object's ``_io``,
         or where no record write can follow: see `SessionLock.release`)."""
+        long = time.time() - lock._acquired_at >= HAND_OVER_AFTER
         # A file made during the run, by whatever wrote it (access(2): no exception to
         # raise and catch where, as most often, none was made).
-        if self._unmarked and os.access(self.session, os.F_OK):
-            self._mark_session(lock)
+        if self._unmarked:
+            if os.access(self.session, os.F_OK):
+                self._mark_session(lock)
+        elif long:  # a run's length (not a loop of short ones): one lstat is nothing
+            self._mark_if_replaced(lock)
         fd, self._fd = self._fd, -1
         written = False
         try:
@@ -471,10 +475,23 @@ class SidecarHolder:
                     with contextlib.suppress(Exception):
                         self._write_released(fd, lock)
                 _platform.unlock(fd)
-                if time.time() - lock._acquired_at >= HAND_OVER_AFTER:
+                if long:
                     _platform.hand_over()
             finally:
                 _sidecar.close(fd)  # also drops the lock if unlocking failed
+
+    def _mark_if_replaced(self, lock: SessionLock) -> None:
+        """Mark the session file if it is no longer the one the run began with: written
+        anew and renamed over it (a compaction, ``sed -i``), whose new inode carries no
+        mark, so that tokens never go back even if the sidecar is then removed by hand.
+        Quietly nothing where it cannot be looked at."""
+        fp = lock._fp
+        try:
+            st = os.lstat(self.session)
+        except OSError:
+            return
+        if fp is None or (st.st_ino, st.st_dev) != (fp.ino, fp.dev):
+            self._mark_session(lock)
 
     def _mark_session(self, lock: SessionLock) -> None:
         """Set the token mark on a session file that was made during the run by
@@ -504,6 +521,8 @@ class SidecarHolder:
         descriptor keep the session until the last of them closes it."""
         if self._unmarked:
             self._mark_session(lock)
+        else:
+            self._mark_if_replaced(lock)  # `fencelock run`'s command ran for a while
         if lock._follow_session():  # after the mark, which moves the session's ctime
             self._behind = True
         fd, self._fd = self._fd, -1

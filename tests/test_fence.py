@@ -1553,3 +1553,40 @@ def test_a_torn_tail_cut_by_an_append_that_then_fails_is_still_told(
         lock.append({"n": 2})
     assert lines(session) == [{"a": 1}, {"n": 2}]
     assert Path(str(session) + TORN_SUFFIX).read_bytes() == b'{"b":\n'
+
+
+@needs_xattr
+@pytest.mark.parametrize("how", ["library", "run"])
+def test_tokens_never_go_back_for_a_session_file_renamed_over_during_its_runs(
+    session: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A run that rewrites its session through a temporary file renamed over it (a
+    compaction, `sed -i`) leaves a file whose new inode has no mark: the release marks
+    it, so that a sidecar removed by hand after such runs does not start tokens again
+    at 1 (a gateway that compacts every run left its session unmarked for good)."""
+    from fencelock import _sidecar_holder
+
+    monkeypatch.setattr(_sidecar_holder, "HAND_OVER_AFTER", 0.0)  # every run "long"
+    session.write_text('{"a": 1}\n')
+    issued = []
+    for i in range(3):
+        if how == "run":
+            script = ('echo "$FENCELOCK_TOKEN"; cp "$0" "$0.tmp"; echo "{}" >> "$0.tmp"; '
+                      'mv "$0.tmp" "$0"')
+            out = subprocess.run(
+                [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "compact",
+                 "--", "sh", "-c", script, str(session)],
+                capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            issued.append(int(out.stdout))
+        else:
+            with SessionLock(session, lane="compact") as lock:
+                assert lock.info is not None
+                issued.append(lock.info.token)
+                tmp = session.with_name("compacted.tmp")
+                tmp.write_text(session.read_text() + f'{{"n": {i}}}\n')
+                os.replace(tmp, session)
+    Path(str(session) + ".holder").unlink()
+    with SessionLock(session, lane="after") as lock:
+        assert lock.info is not None
+        assert lock.info.token > max(issued), (issued, lock.info.token)

@@ -345,12 +345,18 @@ class FloorLock:
         self.behind = True
 
     def release(self) -> None:
-        # No session at acquire, nor made by an append: mark one made since.
+        long = time.time() - self.at >= HAND_OVER_AFTER
+        # No session at acquire, nor made by an append: mark one made since. After a
+        # run's length, a session file renamed over the one the run began with too
+        # (one lstat; here it is found the same).
         if self.fp == "null" and os.access(self.session, os.F_OK):
             with contextlib.suppress(OSError):
                 if _read_mark(self.session) < self.token:
                     os.setxattr(self.session, XATTR, b"%d" % (self.token + RESERVE - 1),
                                 follow_symlinks=False)
+        elif long and self.fp != "null":
+            with contextlib.suppress(OSError):
+                os.lstat(self.session)
         if self.behind:
             self.behind = False
             self._write(self.records.released)
@@ -358,7 +364,7 @@ class FloorLock:
             os.pwrite(self.fd, RELEASE_PATCH, STATE_OFFSET)
         fd, self.fd = self.fd, -1
         fcntl.flock(fd, fcntl.LOCK_UN)
-        if time.time() - self.at >= HAND_OVER_AFTER:
+        if long:
             os.sched_yield()  # as fencelock hands over after a long hold
         os.close(fd)
 
