@@ -125,6 +125,10 @@ _GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 the GIL): `SessionLock.release` relies on it to skip the lock object's ``_io``."""
 
 
+_CLOSED_LOOP_POLL = 0.05
+"""How often a helper whose lock the awaiting task has not yet taken looks whether the
+task's event loop was closed meanwhile (then it releases the lock itself)."""
+
 _CANCEL_GRACE = 0.5
 """How long a cancelled `acquire_async` waits for its attempt to end (a sidecar wait
 notices the cancel within 50 ms; an etcd request may take its whole timeout)."""
@@ -637,11 +641,11 @@ class SessionLock:
             try:
                 await asyncio.shield(future)  # a cancel leaves the attempt to end below
             except asyncio.CancelledError:
-                cancel.set()  # from here deliver() gives back a lock that arrives
+                cancel.set()  # from here the attempt gives back a lock that arrives
                 _registry.wake()
                 if future.done():
-                    if future.exception() is None:
-                        self.release()  # cancelled after the lock was delivered: give it back
+                    if future.exception() is None and future.result() is not None:
+                        self._give_back_delivered()  # cancelled as it was delivered
                     raise
                 # The attempt notices ``cancel`` soon; the caller is told it was cancelled
                 # once it has ended, so that nothing is taken (a record written) after,
@@ -666,7 +670,10 @@ class SessionLock:
         deadline: float | None,
         cancel: threading.Event,
     ) -> None:
-        """Acquire in a helper thread and hand the outcome to the awaiting task."""
+        """Acquire in a helper thread and hand the outcome to the awaiting task. A lock
+        the task does not take (it gave up as the lock came, or its loop was closed
+        before it could be told) is given back here, off the event loop: a release
+        may wait for its store (etcd)."""
         info = None
         try:
             shell = self._info_shell()
@@ -675,25 +682,68 @@ class SessionLock:
             error: BaseException | None = None
         except BaseException as e:
             error = e
+        taken: list[bool] = []
+        told = threading.Event()
 
         def deliver() -> None:
-            if cancel.is_set():  # the task gave up: the attempt is over
-                try:
-                    if error is None:
-                        self.release()  # the lock arrived just then
-                finally:
-                    if not future.done():
-                        future.set_result(None)
-            elif error is None:
-                future.set_result(info)
-            else:
-                future.set_exception(error)
+            try:
+                if cancel.is_set():  # the task gave up: the attempt is over
+                    taken.append(False)
+                    if error is not None and not future.done():
+                        future.set_result(None)  # (with a lock, once it is given back)
+                elif error is None:
+                    future.set_result(info)
+                    taken.append(True)
+                else:
+                    future.set_exception(error)
+            finally:
+                told.set()
 
         try:
             loop.call_soon_threadsafe(deliver)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
-            if error is None:
-                self.release()
+            pass
+        else:
+            if error is not None:
+                return
+            # Until the task has it: a loop stopped and closed before it ran `deliver`
+            # (a program that drives its own loop) leaves nobody to release the lock.
+            while not told.wait(_CLOSED_LOOP_POLL):
+                if loop.is_closed() and not told.is_set():
+                    break
+            if taken and taken[0]:
+                return
+        if error is not None:
+            return
+        self._release_unwanted()
+
+        def settle() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle)  # the cancelled task ends now, not before
+
+    def _give_back_delivered(self) -> None:
+        """Release a lock delivered to a task that was cancelled before it resumed; in a
+        thread of its own where the store's release may wait (etcd), so that the event
+        loop runs on and the task ends cancelled at once."""
+        if self._store.releases_in_place:
+            self._release_unwanted()
+        else:
+            threading.Thread(target=self._release_unwanted, name="fencelock-release",
+                             daemon=True).start()
+
+    def _release_unwanted(self) -> None:
+        """Release a lock that a cancelled task did not take (nor its event loop, closed).
+        A release that fails is reported as a warning: the task's answer is its
+        cancellation."""
+        try:
+            self.release()
+        except Exception as e:
+            warnings.warn(FenceLockWarning(
+                f"{self.session}: the session that came to a cancelled task could not be "
+                f"given back cleanly: {e}"), stacklevel=1)
 
     def __aenter__(self) -> Coroutine[Any, Any, SessionLock]:
         return self._entered(_whoami())  # owned by the caller's task, as acquire_async
