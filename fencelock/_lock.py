@@ -125,6 +125,24 @@ _GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 the GIL): `SessionLock.release` relies on it to skip the lock object's ``_io``."""
 
 
+def _settle(future: asyncio.Future[Any]) -> None:
+    """End ``future`` with None unless it has ended (its task may have moved on)."""
+    if not future.done():
+        future.set_result(None)
+
+
+async def _briefly(future: asyncio.Future[Any]) -> None:
+    """For a cancelled task: wait for ``future`` (the attempt, or the giving back, it
+    leaves behind) for at most `_CANCEL_GRACE`, through further cancels."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    ends = loop.time() + _CANCEL_GRACE
+    while not future.done() and (left := ends - loop.time()) > 0:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({future}, timeout=left)
+
+
 _CLOSED_LOOP_POLL = 0.05
 """How often a helper whose lock the awaiting task has not yet taken looks whether the
 task's event loop was closed meanwhile (then it releases the lock itself)."""
@@ -645,16 +663,14 @@ class SessionLock:
                 _registry.wake()
                 if future.done():
                     if future.exception() is None and future.result() is not None:
-                        self._give_back_delivered()  # cancelled as it was delivered
+                        # Cancelled as it was delivered: given back before the task ends.
+                        await _briefly(self._give_back_delivered(loop))
                     raise
                 # The attempt notices ``cancel`` soon; the caller is told it was cancelled
                 # once it has ended, so that nothing is taken (a record written) after,
                 # unless it takes longer than `_CANCEL_GRACE` (an etcd that does not
                 # answer): it then ends on its own, giving back what arrives.
-                ends = loop.time() + _CANCEL_GRACE
-                while not future.done() and (left := ends - loop.time()) > 0:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await asyncio.wait({future}, timeout=left)
+                await _briefly(future)
                 raise
             # The record as acquired: another task may already have released the lock
             # (any task of the holding process may) before this one resumed.
@@ -717,22 +733,29 @@ class SessionLock:
             return
         self._release_unwanted()
 
-        def settle() -> None:
-            if not future.done():
-                future.set_result(None)
-
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(settle)  # the cancelled task ends now, not before
+            loop.call_soon_threadsafe(_settle, future)  # the cancelled task ends now
 
-    def _give_back_delivered(self) -> None:
-        """Release a lock delivered to a task that was cancelled before it resumed; in a
-        thread of its own where the store's release may wait (etcd), so that the event
-        loop runs on and the task ends cancelled at once."""
+    def _give_back_delivered(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """Release a lock delivered to a task that was cancelled before it resumed; where
+        the store's release may wait (etcd), in a thread of its own (not a daemon: the
+        process does not end in the middle of it), so that the event loop runs on. The
+        future is done once it is given back."""
+        done: asyncio.Future[None] = loop.create_future()
         if self._store.releases_in_place:
             self._release_unwanted()
-        else:
-            threading.Thread(target=self._release_unwanted, name="fencelock-release",
-                             daemon=True).start()
+            done.set_result(None)
+            return done
+
+        def give_back() -> None:
+            try:
+                self._release_unwanted()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(_settle, done)
+
+        threading.Thread(target=give_back, name="fencelock-release").start()
+        return done
 
     def _release_unwanted(self) -> None:
         """Release a lock that a cancelled task did not take (nor its event loop, closed).

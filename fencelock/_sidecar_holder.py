@@ -490,24 +490,33 @@ class SidecarHolder:
             st = os.lstat(self.session)
         except OSError:
             return
-        if fp is None or (st.st_ino, st.st_dev) != (fp.ino, fp.dev):
-            self._mark_session(lock)
+        # The ctime too: a file made anew may get the freed inode's number at once (ext4),
+        # and only the holder's own appends move the ctime the run knows.
+        if fp is not None and (st.st_ino, st.st_dev, st.st_ctime_ns) == (
+                fp.ino, fp.dev, fp.ctime_ns):
+            return
+        self._mark_session(lock)
 
     def _mark_session(self, lock: SessionLock) -> None:
         """Set the token mark on a session file that was made during the run by
         something other than `SessionLock.append` (which sets it on a file it creates):
         the holder's own writer, a `fencelock run` command, or a write from outside the
-        protocol. While the lock is still held: tokens then never go back for it, even
-        if the sidecar is removed. Quietly nothing where the file is still missing, is
-        not a regular file (the mark is set through a descriptor of the file itself), or
-        takes no extended attributes."""
+        protocol; or one renamed over the session during the run. While the lock is
+        still held: tokens then never go back for it, even if the sidecar is removed.
+        Quietly nothing where the file is still missing, is not a regular file (the mark
+        is set through a descriptor of the file itself), is another user's in a
+        directory anyone can write to (planted: an acquire refuses it, and leaves it
+        untouched), or takes no extended attributes."""
         self._unmarked = False
         try:
-            fd, _ = _sidecar.open_regular(self.session, os.O_RDONLY)
+            fd, st = _sidecar.open_regular(self.session, os.O_RDONLY)
         except (OSError, FenceLockError):
             return
         try:
+            _sidecar.refuse_planted(self.session, st)
             _tokens.reserve(fd, lock._token)
+        except PlantedFileError:
+            pass
         finally:
             os.close(fd)
 

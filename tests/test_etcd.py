@@ -3411,3 +3411,49 @@ def test_the_fence_of_another_host_s_holder_is_read_without_its_device_number(
             with open(session, "a") as f:
                 f.write('{"outside": true}\n')
             assert _probe._fence_ok(str(session), far) is False  # a write is still seen
+
+
+def _told_soon(helper: threading.Thread) -> bool:
+    """Whether the acquire helper ``helper`` has handed its outcome to the event loop
+    and waits to hear that the task took it (an `Event.wait` called by `_acquire_for`)."""
+    frame = sys._current_frames().get(helper.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == "_acquire_for":
+            return False  # reached without passing through the wait below it
+        if frame.f_code.co_name == "wait" and frame.f_back is not None and (
+                frame.f_back.f_code.co_name == "_acquire_for"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_lock_delivered_to_a_task_cancelled_before_it_resumed_is_given_back_first(
+    session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock reaches the task, which is cancelled before it resumes (a timeout firing
+    just then): the task ends cancelled only once the lock is given back, in a thread
+    of its own (an etcd release may wait: it ran on the event loop, then in a daemon
+    thread the task did not wait for, so the session read live after the cancel, and
+    stayed held if the program ended then)."""
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    other = spawn_holder(session, lane="other")
+    other.acquire()
+    monkeypatch.delenv("FENCELOCK_BACKEND")
+    lock = SessionLock(session, lane="cancelled", backend=url)
+
+    async def main() -> None:
+        task = asyncio.create_task(lock.acquire_async())
+        await asyncio.sleep(0)  # the task starts its helper
+        (helper,) = [t for t in threading.enumerate() if t.name == "fencelock-acquire"]
+        assert other.call("release") == "released"
+        deadline = time.monotonic() + 30
+        while not _told_soon(helper):  # the loop is busy: the outcome waits in its queue
+            assert time.monotonic() < deadline and helper.is_alive()
+            time.sleep(0.001)
+        task.cancel()  # before the task resumes with the lock delivered to it
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert not lock.held
+    assert probe(session, backend=url).state == ProbeState.FREE

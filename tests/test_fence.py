@@ -1590,3 +1590,52 @@ def test_tokens_never_go_back_for_a_session_file_renamed_over_during_its_runs(
     with SessionLock(session, lane="after") as lock:
         assert lock.info is not None
         assert lock.info.token > max(issued), (issued, lock.info.token)
+
+
+@needs_xattr
+def test_a_session_file_made_anew_under_the_same_inode_number_is_marked_at_release(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file replaced during the run may get the freed inode's number again (ext4 hands
+    it back at once: two `sed -i` in one run): its changed ctime says so, and the
+    release marks it (the inode alone said "the same file")."""
+    from fencelock import _sidecar_holder
+
+    monkeypatch.setattr(_sidecar_holder, "HAND_OVER_AFTER", 0.0)
+    session.write_text('{"a": 1}\n')
+    with SessionLock(session, lane="first") as lock:
+        assert lock.info is not None
+        first = lock.info.token
+        # What a file made anew under the old number has: no mark, a new ctime.
+        os.removexattr(session, "user.fencelock.token")
+    Path(str(session) + ".holder").unlink()
+    with SessionLock(session, lane="after") as lock:
+        assert lock.info is not None and lock.info.token > first
+
+
+@needs_root
+@needs_xattr
+def test_the_release_leaves_a_planted_file_renamed_over_the_session_unmarked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another user's file renamed over the session during a run, in a directory anyone
+    can write to, is what an acquire refuses and leaves untouched: the release does not
+    mark it either."""
+    from fencelock import PlantedFileError, _sidecar_holder
+
+    monkeypatch.setattr(_sidecar_holder, "HAND_OVER_AFTER", 0.0)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    session = shared / "s.jsonl"
+    session.write_text('{"a": 1}\n')
+    with pytest.warns(FenceLockWarning, match="world-writable"), \
+            SessionLock(session, lane="run"):
+        planted = shared / "planted"
+        planted.write_text('{"planted": true}\n')
+        os.chown(planted, 65534, 65534)
+        os.replace(planted, session)
+    with pytest.raises(OSError):
+        os.getxattr(session, "user.fencelock.token")
+    with pytest.raises(PlantedFileError):  # (the directory's warning was given once)
+        SessionLock(session, lane="next").acquire()
