@@ -80,11 +80,11 @@ def _no_directory(path: str) -> str | None:
     Every command refuses such a path the same way. (A missing session file in an
     existing directory is a session no run has started yet: free and empty.)
     """
-    from fencelock._sidecar import names_a_directory
+    from fencelock._sidecar import names_a_directory, normal
 
     named = names_a_directory(path)  # "DIR/" names the directory itself
     try:
-        directory = os.path.abspath(path) if named else os.path.dirname(os.path.abspath(path))
+        directory = normal(path) if named else os.path.dirname(normal(path))
     except FileNotFoundError:  # a relative path, and the working directory was removed
         return f"{path}: No such file or directory; {NO_WORKING_DIRECTORY}"
     try:

@@ -46,7 +46,7 @@ _SEPARATORS_TUPLE = tuple(os.sep + (os.altsep or ""))
 def paths(path: AnyPath) -> tuple[str, str]:
     """(session, sidecar) as absolute paths, for a session file or a sidecar path.
     `UnsafePathError` for a path that ends in a separator: it names a directory."""
-    if type(path) is str and path[:1] == "/":
+    if type(path) is str and path[:1] == "/" and "/.." not in path:
         return _paths_of_absolute(path)  # does not depend on the working directory
     text = os.fsdecode(path)
     _refuse_directory_path(text)
@@ -67,12 +67,30 @@ def _refuse_directory_path(path: str) -> None:
 
 
 def absolute(path: AnyPath) -> str:
-    """``path`` made absolute; `SidecarAccessError` naming it when it is relative and
-    the working directory is gone."""
+    """``path`` made absolute (`normal`); `SidecarAccessError` naming it when it is
+    relative and the working directory is gone."""
     try:
-        return os.path.abspath(os.fsdecode(path))  # bytes too, as os takes them
+        return normal(os.fsdecode(path))  # bytes too, as os takes them
     except FileNotFoundError as e:
         raise SidecarAccessError(os.fsdecode(path), e, NO_WORKING_DIRECTORY) from None
+
+
+def normal(path: str) -> str:
+    """``path`` made absolute against the working directory, naming the file the system
+    opens for it: ``.`` and repeated separators collapsed, and a ``..`` taken as the
+    system takes it, from the directory a symlink before it leads to (collapsed as text,
+    as ``os.path.abspath`` does, ``link/../s.jsonl`` named another file than the one a
+    program opening that path writes). Other symlinks are kept as given."""
+    if os.name == "nt":  # (Windows resolves ``..`` in the text of the path)
+        return os.path.abspath(path)
+    if not path.startswith(os.sep):
+        path = os.path.join(os.getcwd(), path)
+    parts = path.split(os.sep)
+    if os.pardir not in parts:
+        return os.path.normpath(path)
+    last = len(parts) - parts[::-1].index(os.pardir)
+    head = os.path.realpath(os.sep.join(parts[:last]))
+    return os.path.normpath(os.path.join(head, *parts[last:]))
 
 
 def _paths(p: str) -> tuple[str, str]:
@@ -92,7 +110,7 @@ def _checked_paths(p: str) -> tuple[str, str]:
 @functools.lru_cache(maxsize=4096)
 def _paths_of_absolute(path: str) -> tuple[str, str]:
     _refuse_directory_path(path)
-    return _checked_paths(os.path.abspath(path))
+    return _checked_paths(normal(path))
 
 
 def _found_at(path: str) -> str | None:

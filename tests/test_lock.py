@@ -1168,3 +1168,31 @@ def test_a_signal_handler_that_releases_in_the_middle_of_a_fence_check_releases(
     assert ran and not lock.held
     with SessionLock(session, "next", on_contention="fail"):
         pass
+
+
+def test_a_dotdot_after_a_symlinked_directory_names_the_file_the_system_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`link/../s.jsonl` with `link -> real/sub` is `real/s.jsonl` to the system (and to
+    the gateway that writes it): the session, its sidecar and its fence are that file's.
+    (The path was collapsed as text, to `s.jsonl` beside `link`: another sidecar, which a
+    holder that opened the path as given did not contend with.)"""
+    import fcntl
+
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to("real/sub")
+    monkeypatch.chdir(tmp_path)
+    lock = SessionLock("link/../s.jsonl", lane="dotdot")
+    assert lock.session == str(tmp_path / "real" / "s.jsonl")
+    with lock:
+        lock.append({"n": 1})
+        fd = os.open("link/../s.jsonl.holder", os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the one fencelock holds
+        finally:
+            os.close(fd)
+    assert (tmp_path / "real" / "s.jsonl").read_text() == '{"n":1}\n'
+    assert not (tmp_path / "s.jsonl").exists()
+    assert SessionLock(f"{tmp_path}/link/../s.jsonl", lane="x").session == lock.session
+    assert SessionLock(f"{tmp_path}/./real//sub/../s.jsonl", lane="x").session == lock.session
