@@ -105,13 +105,15 @@ def take(
     it is about to hold the session, or has just released it (or waits for a holder
     elsewhere, who is then named). A fail-fast or timed-out acquire gives that moment
     the grace a fail-fast acquirer gives a sidecar locked without a live record."""
-    with _mu:  # the common case, in one step
-        if key not in _held:
-            _held[key] = (lock, attempt)
-            return
+    entry = (lock, attempt)
+    # The common case in one step, with no mutex: a dict's setdefault is atomic, and
+    # every other change to a slot is made under ``_mu`` (`free` hands a slot on, or
+    # deletes it when nobody waits).
+    if _held.setdefault(key, entry) is entry:
+        return
     graced = False
     while True:
-        other = _wait_turn(key, (lock, attempt), fail and not graced, deadline, cancel)
+        other = _wait_turn(key, entry, fail and not graced, deadline, cancel)
         if other is None:
             return
         # A fail-fast acquire waited for nothing (its grace is not reported).
@@ -144,9 +146,8 @@ def _wait_turn(
     the slot's owner when it could not be had (``fail``, or past ``deadline``)."""
     global _waiters
     with _mu:
-        slot = _held.get(key)
-        if slot is None:
-            _held[key] = entry
+        slot = _held.setdefault(key, entry)
+        if slot is entry:
             return None
         if cancel is not None and cancel.is_set():
             raise cancelled()
@@ -157,11 +158,9 @@ def _wait_turn(
         _waiters += 1
         try:
             while True:
-                slot = _held.get(key)  # not freed while anyone waits in line: handed on
+                # Not freed while anyone waits in line (handed on), but taken if free.
+                slot = _held.setdefault(key, entry)
                 if slot is entry:
-                    return None
-                if slot is None:
-                    _held[key] = entry
                     return None
                 if cancel is not None and cancel.is_set():
                     raise cancelled()
