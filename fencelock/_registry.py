@@ -145,17 +145,8 @@ def _wait_turn(
     """Give ``key``'s slot to ``entry`` (None), waiting in line for it unless ``fail``;
     the slot's owner when it could not be had (``fail``, or past ``deadline``)."""
     global _waiters
+    line: list[tuple[SessionLock, object]] | None = None
     with _mu:
-        slot = _held.setdefault(key, entry)
-        if slot is entry:
-            return None
-        if cancel is not None and cancel.is_set():
-            raise cancelled()
-        if fail or (deadline is not None and deadline <= time.monotonic()):
-            return slot[0]
-        line = _lines.setdefault(key, [])
-        line.append(entry)
-        _waiters += 1
         try:
             while True:
                 # Not freed while anyone waits in line (handed on), but taken if free.
@@ -165,12 +156,17 @@ def _wait_turn(
                 if cancel is not None and cancel.is_set():
                     raise cancelled()
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                if fail or (remaining is not None and remaining <= 0):
                     return slot[0]
+                if line is None:  # in line from the first wait on
+                    line = _lines.setdefault(key, [])
+                    line.append(entry)
+                    _waiters += 1
                 _cond.wait(remaining)
         finally:
-            _waiters -= 1
-            _leave_line(key, line, entry)
+            if line is not None:
+                _waiters -= 1
+                _leave_line(key, line, entry)
 
 
 def _leave_line(key: str, line: list[tuple[SessionLock, object]],
