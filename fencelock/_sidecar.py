@@ -80,7 +80,10 @@ def normal(path: str) -> str:
     opens for it: ``.`` and repeated separators collapsed, and a ``..`` taken as the
     system takes it, from the directory a symlink before it leads to (collapsed as text,
     as ``os.path.abspath`` does, ``link/../s.jsonl`` named another file than the one a
-    program opening that path writes). Other symlinks are kept as given."""
+    program opening that path writes). The part up to the last ``..`` is resolved as
+    `real_directory` resolves it (refusing another user's symlink on the way); the rest
+    is kept as given. A part that cannot be resolved (a missing directory) is left as it
+    is, so that opening the path fails as the system's open does."""
     if os.name == "nt":  # (Windows resolves ``..`` in the text of the path)
         return os.path.abspath(path)
     if not path.startswith(os.sep):
@@ -89,7 +92,9 @@ def normal(path: str) -> str:
     if os.pardir not in parts:
         return os.path.normpath(path)
     last = len(parts) - parts[::-1].index(os.pardir)
-    head = os.path.realpath(os.sep.join(parts[:last]))
+    head = real_directory(os.sep.join(parts[:last]))
+    if os.pardir in head.split(os.sep):  # the walk stopped short of it
+        return os.path.join(head, *parts[last:])
     return os.path.normpath(os.path.join(head, *parts[last:]))
 
 

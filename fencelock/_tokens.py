@@ -44,9 +44,13 @@ only in its ``.corrupt-*`` copy, so new sidecars in that directory search the co
 RESERVE = 10_000
 """How many tokens a holder reserves on the session file at a time."""
 
+_WS = rb"[ \t\r\n]*"
+"""JSON's whitespace (a regular expression's whitespace class also takes \\x0b and \\x0c)."""
+_JSON_STRING_BODY = rb'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})+'
 TRAILING_STAMP = re.compile(
-    rb'"%s"\s*:\s*\{\s*"token"\s*:\s*(\d{1,4300})\s*,\s*"run_id"\s*:\s*"((?:[^"\\]|\\.)+)"'
-    rb"\s*\}\s*\}\s*$" % STAMP_KEY.encode()
+    rb'"%s"%s:%s\{%s"token"%s:%s(\d{1,4300})%s,%s"run_id"%s:%s"(%s)"%s\}%s\}%s$' % (
+        STAMP_KEY.encode(), _WS, _WS, _WS, _WS, _WS, _WS, _WS, _WS, _WS, _JSON_STRING_BODY,
+        _WS, _WS, _WS)
 )
 """The stamp `append(..., stamp=True)` puts at the end of a line (token, run id): how a
 line too long to parse is read for its token (in its last `TAIL` bytes). Tokens of any

@@ -534,6 +534,14 @@ def test_a_symlink_another_user_planted_above_the_session_is_refused() -> None:
         assert out.returncode == 1 and "Traceback" not in out.stderr
         assert str(link) in out.stderr and "symlink owned by uid" in out.stderr
         assert list(theirs.iterdir()) == []  # nothing was created in their directory
+        # Nor through a `..` after it (the part before the `..` is resolved as the
+        # system resolves it, with the same check of whose symlinks lead there).
+        (theirs / "sub").mkdir()
+        for through in (link / "sub" / ".." / "s.jsonl", link / ".." / "s.jsonl"):
+            with pytest.raises(PlantedFileError):
+                SessionLock(through, "victim")
+        assert list(theirs.iterdir()) == [theirs / "sub"]
+        assert not (theirs.parent / "s.jsonl.holder").exists()
         # A symlink of this user's own is followed as before.
         own = sessions / "agentB"
         own.symlink_to(mine)
