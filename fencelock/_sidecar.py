@@ -82,8 +82,8 @@ def normal(path: str) -> str:
     as ``os.path.abspath`` does, ``link/../s.jsonl`` named another file than the one a
     program opening that path writes). The part up to the last ``..`` is resolved as
     `real_directory` resolves it (refusing another user's symlink on the way); the rest
-    is kept as given. A part that cannot be resolved (a missing directory) is left as it
-    is, so that opening the path fails as the system's open does."""
+    is kept as given. A path with a ``..`` after what is not a directory (a missing
+    one, a file) is left as it is, so that opening it fails as the system's open does."""
     if os.name == "nt":  # (Windows resolves ``..`` in the text of the path)
         return os.path.abspath(path)
     if not path.startswith(os.sep):
@@ -91,6 +91,11 @@ def normal(path: str) -> str:
     parts = path.split(os.sep)
     if os.pardir not in parts:
         return os.path.normpath(path)
+    for at, part in enumerate(parts):
+        # A `..` after what is not a directory (missing, a file): the system's open
+        # fails there (ENOENT, ENOTDIR), and so will this path's.
+        if part == os.pardir and not os.path.isdir(os.sep.join(parts[:at]) or os.sep):
+            return path
     last = len(parts) - parts[::-1].index(os.pardir)
     head = real_directory(os.sep.join(parts[:last]))
     if os.pardir in head.split(os.sep):  # the walk stopped short of it

@@ -1198,8 +1198,11 @@ def test_a_dotdot_after_a_symlinked_directory_names_the_file_the_system_opens(
     assert SessionLock(f"{tmp_path}/./real//sub/../s.jsonl", lane="x").session == lock.session
     # Through a directory that does not exist the path is left as it is: its open
     # fails as the system's does, rather than naming a file beside it.
-    lost = SessionLock(f"{tmp_path}/missing/../s.jsonl", lane="x")
-    assert lost.session == f"{tmp_path}/missing/../s.jsonl"
-    with pytest.raises(FenceLockError):
-        lost.acquire()
-    assert not (tmp_path / "s.jsonl.holder").exists()
+    (tmp_path / "real" / "file").write_text("")
+    for through in ("missing", "real/file"):  # ENOENT, ENOTDIR
+        lost = SessionLock(f"{tmp_path}/{through}/../lost.jsonl", lane="x")
+        assert lost.session == f"{tmp_path}/{through}/../lost.jsonl"
+        with pytest.raises(FenceLockError):
+            lost.acquire()
+    assert not (tmp_path / "lost.jsonl.holder").exists()
+    assert not (tmp_path / "real" / "lost.jsonl.holder").exists()
