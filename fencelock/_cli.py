@@ -80,6 +80,7 @@ def _no_directory(path: str) -> str | None:
     Every command refuses such a path the same way. (A missing session file in an
     existing directory is a session no run has started yet: free and empty.)
     """
+    from fencelock._errors import FenceLockError
     from fencelock._sidecar import names_a_directory, normal
 
     named = names_a_directory(path)  # "DIR/" names the directory itself
@@ -87,6 +88,8 @@ def _no_directory(path: str) -> str | None:
         directory = normal(path) if named else os.path.dirname(normal(path))
     except FileNotFoundError:  # a relative path, and the working directory was removed
         return f"{path}: No such file or directory; {NO_WORKING_DIRECTORY}"
+    except FenceLockError as e:  # a `..` through another user's symlink, say
+        return str(e)
     try:
         os.stat(directory)
     except (FileNotFoundError, NotADirectoryError) as e:

@@ -177,13 +177,16 @@ def plain_warnings() -> None:
 
     warnings.showwarning = show
     # Shown, never raised: a command's own warnings are notes (PYTHONWARNINGS=error in
-    # the environment would turn them into tracebacks, in the middle of a request). A
-    # filter that ignores them is left as it is.
+    # the environment, for all warnings or for a module or message, would turn them into
+    # tracebacks, in the middle of a request). A filter that ignores them all is left as
+    # it is: the first that applies to every FenceLockWarning decides.
     for action, message, category, module, lineno in warnings.filters:
-        if message is None and module is None and not lineno and issubclass(
-                FenceLockWarning, category):
-            if action == "error":
-                warnings.simplefilter("default", FenceLockWarning)
+        if not issubclass(FenceLockWarning, category):
+            continue
+        if action == "error":
+            warnings.simplefilter("default", FenceLockWarning)
+            break
+        if message is None and module is None and not lineno:
             break
 
 

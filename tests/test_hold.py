@@ -975,17 +975,19 @@ def test_hold_s_error_lines_escape_a_file_name_s_control_characters_and_bytes(
     assert "\x1b" not in err
 
 
+@pytest.mark.parametrize("filters", ["error", "error:::fencelock._hold", "error:/"])
 def test_warnings_are_lines_on_stderr_even_where_the_environment_makes_them_errors(
-    session: Path,
+    session: Path, filters: str
 ) -> None:
-    """`PYTHONWARNINGS=error` turns no warning of `hold` into a traceback: the append
-    that cut a torn tail is answered, and the warning is one line on stderr."""
+    """`PYTHONWARNINGS=error` (for every warning, or for a module or a message) turns no
+    warning of `hold` into a traceback: the append that cut a torn tail is answered,
+    and the warning is one line on stderr."""
     session.write_bytes(b'{"a":1}\n{"b":')
     requests = b'{"op":"append","entry":{"x":1}}\n{"op":"release"}\n'
     done = subprocess.run(
         [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "L"],
         input=requests, capture_output=True, timeout=60,
-        env={**os.environ, "PYTHONWARNINGS": "error"},
+        env={**os.environ, "PYTHONWARNINGS": filters},
     )
     answers = [json.loads(line) for line in done.stdout.splitlines()]
     assert [a.get("op", a.get("event")) for a in answers] == ["held", "append", "release"]

@@ -540,6 +540,12 @@ def test_a_symlink_another_user_planted_above_the_session_is_refused() -> None:
         for through in (link / "sub" / ".." / "s.jsonl", link / ".." / "s.jsonl"):
             with pytest.raises(PlantedFileError):
                 SessionLock(through, "victim")
+            for command in (["run", str(through), "--lane", "a", "--", "true"],
+                            ["verify", str(through)], ["clear", str(through)]):
+                out = subprocess.run([sys.executable, "-m", "fencelock", *command],
+                                     capture_output=True, text=True, timeout=60)
+                assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+                assert "symlink owned by uid" in out.stderr
         assert list(theirs.iterdir()) == [theirs / "sub"]
         assert not (theirs.parent / "s.jsonl.holder").exists()
         # A symlink of this user's own is followed as before.
