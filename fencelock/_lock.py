@@ -738,9 +738,11 @@ class SessionLock:
 
     def _give_back_delivered(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         """Release a lock delivered to a task that was cancelled before it resumed; where
-        the store's release may wait (etcd), in a thread of its own (not a daemon: the
-        process does not end in the middle of it), so that the event loop runs on. The
-        future is done once it is given back."""
+        the store's release may wait (etcd), in a thread of its own, so that the event
+        loop runs on. The future is done once it is given back: the task waits for it
+        (at most `_CANCEL_GRACE`), as ``async with`` waits for its release. (A daemon, as
+        that one: a process that ends while etcd is away does not wait for a lease the
+        store lets expire anyway.)"""
         done: asyncio.Future[None] = loop.create_future()
         if self._store.releases_in_place:
             self._release_unwanted()
@@ -754,7 +756,7 @@ class SessionLock:
                 with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                     loop.call_soon_threadsafe(_settle, done)
 
-        threading.Thread(target=give_back, name="fencelock-release").start()
+        threading.Thread(target=give_back, name="fencelock-release", daemon=True).start()
         return done
 
     def _release_unwanted(self) -> None:
