@@ -362,17 +362,11 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
         return ConfigReport((ConfigWarning(name, where, None, False, implicit=True),))
     warnings: list[ConfigWarning] = []
     notices: list[ConfigNotice] = []
-    seen: set[str] = set()
-    for (name, _, _), own in zip(listed, owns, strict=True):
-        if name in seen:
-            continue
-        seen.add(name)
-        where, own_block = first[name]
+    for name, (where, own) in first.items():  # each id once, in file order
         if explicit and name not in explicit:
-            if own_block is None and _runs(base):
+            if own is None and _runs(base):
                 notices.append(ConfigNotice(name, where, explicit))
             continue  # the explicit-only rule: no block of its own, no heartbeat
-        own = own_block
         if own is False or (own is None and not explicit and base is False):
             continue  # switched off: nothing shares the file
         merged: dict[str, Any] = dict(base) if isinstance(base, dict) else {}

@@ -420,7 +420,7 @@ def append(
         if moved is not None:
             moved.append(after)  # appended: an interrupt from here on keeps the line
         if cutting:
-            _torn_warning(session, st.st_size - size)
+            _torn_warning(session, st.st_size - cutting[0])
         return after
     except FenceLockError:
         if cutting:  # the cut stands though the entry failed: still said, never instead

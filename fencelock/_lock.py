@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -123,6 +123,34 @@ _free_slot = _registry.free
 _GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 """Whether one thread runs Python code at a time (a free-threaded build may run without
 the GIL): `SessionLock.release` relies on it to skip the lock object's ``_io``."""
+
+
+def _in_a_thread(loop: asyncio.AbstractEventLoop, work: Callable[[], None]
+                 ) -> asyncio.Future[None]:
+    """Run ``work`` (a release that may wait for its store) in a daemon thread of its
+    own, not on the event loop nor in its default executor (see `acquire_async`); the
+    future ends as it does, with its exception if it raises. A daemon: a process that
+    ends while etcd is away does not wait for a lease the store lets expire anyway."""
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():  # (the awaiting task may have been cancelled)
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            work()
+        except BaseException as e:  # handed to the awaiting task
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="fencelock-release", daemon=True).start()
+    return done
 
 
 def _settle(future: asyncio.Future[Any]) -> None:
@@ -738,25 +766,14 @@ class SessionLock:
 
     def _give_back_delivered(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         """Release a lock delivered to a task that was cancelled before it resumed; where
-        the store's release may wait (etcd), in a thread of its own, so that the event
-        loop runs on. The future is done once it is given back: the task waits for it
-        (at most `_CANCEL_GRACE`), as ``async with`` waits for its release. (A daemon, as
-        that one: a process that ends while etcd is away does not wait for a lease the
-        store lets expire anyway.)"""
+        the store's release may wait (etcd), in a thread of its own (`_in_a_thread`), so
+        that the event loop runs on. The future is done once it is given back: the task
+        waits for it (at most `_CANCEL_GRACE`), as ``async with`` waits for its release."""
+        if not self._store.releases_in_place:
+            return _in_a_thread(loop, self._release_unwanted)
+        self._release_unwanted()
         done: asyncio.Future[None] = loop.create_future()
-        if self._store.releases_in_place:
-            self._release_unwanted()
-            done.set_result(None)
-            return done
-
-        def give_back() -> None:
-            try:
-                self._release_unwanted()
-            finally:
-                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                    loop.call_soon_threadsafe(_settle, done)
-
-        threading.Thread(target=give_back, name="fencelock-release", daemon=True).start()
+        done.set_result(None)
         return done
 
     def _release_unwanted(self) -> None:
@@ -790,27 +807,7 @@ class SessionLock:
         # event loop, nor in the loop's default executor (see `acquire_async`).
         import asyncio
 
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def settle(error: BaseException | None) -> None:
-            if not done.done():  # (the awaiting task may have been cancelled)
-                if error is None:
-                    done.set_result(None)
-                else:
-                    done.set_exception(error)
-
-        def release() -> None:
-            error: BaseException | None = None
-            try:
-                self.release()
-            except BaseException as e:  # handed to the awaiting task
-                error = e
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(settle, error)
-
-        threading.Thread(target=release, name="fencelock-release", daemon=True).start()
-        await done
+        await _in_a_thread(asyncio.get_running_loop(), self.release)
 
     # -- the fence ---------------------------------------------------------------
 

@@ -454,13 +454,8 @@ class SidecarHolder:
         """Mark the record released and drop the lock (under the lock object's ``_io``,
         or where no record write can follow: see `SessionLock.release`)."""
         long = time.time() - lock._acquired_at >= HAND_OVER_AFTER
-        # A file made during the run, by whatever wrote it (access(2): no exception to
-        # raise and catch where, as most often, none was made).
-        if self._unmarked:
-            if os.access(self.session, os.F_OK):
-                self._mark_session(lock)
-        elif long:  # a run's length (not a loop of short ones): one lstat is nothing
-            self._mark_if_replaced(lock)
+        # After a run's length (not a loop of short ones) one lstat is nothing.
+        self._mark_what_the_run_left(lock, look=long)
         fd, self._fd = self._fd, -1
         written = False
         try:
@@ -479,6 +474,16 @@ class SidecarHolder:
                     _platform.hand_over()
             finally:
                 _sidecar.close(fd)  # also drops the lock if unlocking failed
+
+    def _mark_what_the_run_left(self, lock: SessionLock, *, look: bool) -> None:
+        """Before letting go: mark a session file the run made without `append` (found
+        with access(2): no exception to raise and catch where, as most often, none was
+        made); else, given ``look``, one renamed over the file the run began with."""
+        if self._unmarked:
+            if os.access(self.session, os.F_OK):
+                self._mark_session(lock)
+        elif look:
+            self._mark_if_replaced(lock)
 
     def _mark_if_replaced(self, lock: SessionLock) -> None:
         """Mark the session file if it is no longer the one the run began with: written
@@ -528,10 +533,7 @@ class SidecarHolder:
         """Mark the record released and close this process's descriptor without
         unlocking (under the lock object's ``_io``): the processes that share the
         descriptor keep the session until the last of them closes it."""
-        if self._unmarked:
-            self._mark_session(lock)
-        else:
-            self._mark_if_replaced(lock)  # `fencelock run`'s command ran for a while
+        self._mark_what_the_run_left(lock, look=True)  # `run`'s command ran a while
         if lock._follow_session():  # after the mark, which moves the session's ctime
             self._behind = True
         fd, self._fd = self._fd, -1
