@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from fencelock import __version__
+from fencelock import __version__, _platform
 from fencelock._constants import (
     DEFAULT_STUCK_AFTER,
     EXIT_CLOSED_PIPE,
@@ -1011,7 +1011,7 @@ def recover_command(
     # Once recover has decided, the decision is printed whatever comes.
     handlers: PromptHandlers | None = None
     try:
-        handlers = PromptHandlers(seen.stop, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+        handlers = PromptHandlers(seen.stop, _platform.stop_signals())
         with library_errors(_named(session)[0]):
             try:
                 r = recover(session, wait=wait_s, fresh=not no_fresh, lane=lane,

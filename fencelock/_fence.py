@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from fencelock import _fingerprint, _sidecar, _tokens
+from fencelock import _fingerprint, _platform, _sidecar, _tokens
 from fencelock._errors import (
     FenceLockError,
     FenceLockWarning,
@@ -191,7 +191,7 @@ def _cut_torn_tail(
     cut, so that an interrupt from there on finds the fence point to move to."""
     size = st.st_size
     try:
-        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        if size == 0 or _platform.pread(fd, 1, size - 1) == b"\n":
             return size
         keep = last_line_start(fd, size)
     except OSError as e:
@@ -219,7 +219,7 @@ def _cut_torn_tail(
                 and _kept_last(aside, kept.st_size, fd, keep, size)):
             for at in range(keep, size, _CHUNK):  # a fragment may be larger than memory
                 try:
-                    part = os.pread(fd, min(_CHUNK, size - at), at)
+                    part = _platform.pread(fd, min(_CHUNK, size - at), at)
                 except OSError as e:
                     raise SessionWriteError(session, e, "reading its last line") from None
                 _write_all(aside, part, torn)
@@ -278,9 +278,9 @@ def _kept_last(aside: int, aside_size: int, fd: int, keep: int, size: int) -> bo
     if n > _CHUNK or aside_size < n + 1:
         return False
     try:
-        tail = os.pread(aside, n + 2, aside_size - n - 2) if aside_size > n + 1 else (
-            b"\n" + os.pread(aside, n + 1, 0))
-        return tail[:1] == b"\n" and tail[1:] == os.pread(fd, n, keep) + b"\n"
+        tail = _platform.pread(aside, n + 2, aside_size - n - 2) if aside_size > n + 1 else (
+            b"\n" + _platform.pread(aside, n + 1, 0))
+        return tail[:1] == b"\n" and tail[1:] == _platform.pread(fd, n, keep) + b"\n"
     except OSError:
         return False
 
@@ -289,8 +289,8 @@ def last_line_start(
     fd: int, size: int, read: Callable[[int, int, int], bytes] | None = None
 ) -> int:
     """Where the file's last line starts: after its last ``\\n`` before ``size`` (0 when
-    there is none), however far back that is; ``read`` is a wrapper of `os.pread`."""
-    read = read or os.pread
+    there is none), however far back that is; ``read`` is a wrapper of `_platform.pread`."""
+    read = read or _platform.pread
     end = size
     while end > 0:
         start = max(0, end - _CHUNK)
@@ -320,7 +320,7 @@ def _landed(fd: int, line: bytes) -> bool:
     whatever other writers appended before or after."""
     try:
         end = os.lseek(fd, 0, os.SEEK_CUR)
-        return end >= len(line) and os.pread(fd, len(line), end - len(line)) == line
+        return end >= len(line) and _platform.pread(fd, len(line), end - len(line)) == line
     except OSError:
         return False
 
@@ -395,7 +395,7 @@ def append(
             try:
                 end = os.fstat(fd).st_size
                 ours = end >= size and end - size <= len(line) and line.startswith(
-                    os.pread(fd, end - size, size)
+                    _platform.pread(fd, end - size, size)
                 )
             except OSError:
                 raise e from None
@@ -407,7 +407,7 @@ def append(
                 e.fingerprint = _fingerprint_fd(fd, mode, session)
             raise
         after = _fingerprint_fd(fd, mode, session)
-        if after.size != size + len(line) or os.pread(fd, len(line), size) != line:
+        if after.size != size + len(line) or _platform.pread(fd, len(line), size) != line:
             # Someone wrote between the fence check and the fsync: the session is no
             # longer only this run's. Our line is in it, unless that writer cut it.
             raise SessionTakeoverError(session, expected, after, stored=_landed(fd, line))
@@ -471,7 +471,7 @@ def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes
             now = os.lstat(session)
             end = os.fstat(fd).st_size
             if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and end <= len(line) \
-                    and line.startswith(os.pread(fd, end, 0)):
+                    and line.startswith(_platform.pread(fd, end, 0)):
                 os.unlink(session)
                 moved.append(None)
             return
@@ -485,7 +485,7 @@ def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes
                 moved.append(_fingerprint_fd(fd, mode, session))  # the cut is the run's
             return  # nothing written: no truncate, which would move the stat all the same
         if end > size and end - size <= len(line) and line.startswith(
-            os.pread(fd, end - size, size)
+            _platform.pread(fd, end - size, size)
         ):
             os.ftruncate(fd, size)
             moved.append(_fingerprint_fd(fd, mode, session))

@@ -111,7 +111,7 @@ def from_stat(st: os.stat_result, tail: str | None = None) -> Fingerprint:
 
 def tail_digest(fd: int, size: int) -> str:
     start = max(0, size - TAIL_BYTES)
-    data = os.pread(fd, size - start, start)
+    data = _platform.pread(fd, size - start, start)
     import hashlib  # only the content fence needs it; keep it off the start-up path
 
     return hashlib.blake2b(data, digest_size=16).hexdigest()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from typing import NamedTuple
 
@@ -37,6 +38,30 @@ CAN_BLOCK = not WINDOWS
 """Whether a waiter can sleep in the kernel until the lock is released."""
 
 
+def _seek_pread(fd: int, size: int, offset: int) -> bytes:
+    """`os.pread` where the system has none (Windows): a seek and a read, one thread
+    at a time (the seek moves the descriptor's one position)."""
+    with _POSITIONED:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, size)
+
+
+def _seek_pwrite(fd: int, data: bytes, offset: int) -> int:
+    """`os.pwrite` where the system has none (Windows), as `_seek_pread`."""
+    with _POSITIONED:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
+
+
+_POSITIONED = threading.Lock()
+
+pread = getattr(os, "pread", _seek_pread)
+"""Read ``size`` bytes at ``offset`` without moving the descriptor's position (POSIX
+``pread(2)``; Python has it only on POSIX)."""
+pwrite = getattr(os, "pwrite", _seek_pwrite)
+"""Write ``data`` at ``offset`` (POSIX ``pwrite(2)``; Python has it only on POSIX)."""
+
+
 def stop_signals() -> tuple[int, ...]:
     """The signals that ask a process to stop (Windows has no SIGHUP). A function, so
     that taking a lock never imports `signal`."""
@@ -45,6 +70,22 @@ def stop_signals() -> tuple[int, ...]:
     return tuple(
         getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, name)
     )
+
+
+def in_terminal_foreground(pid: int) -> bool:
+    """Whether process ``pid`` is in its terminal's foreground process group, to which
+    the terminal sends Ctrl-C's SIGINT (not so a command that moved to a group of its
+    own: ``timeout``, ``setsid``). False where the system has no such groups (Windows)."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | getattr(os, "O_NOCTTY", 0) | O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return bool(os.tcgetpgrp(fd) == os.getpgid(pid))
+    except (OSError, AttributeError):
+        return False
+    finally:
+        os.close(fd)
 
 
 def initial_environment(name: str) -> tuple[bool, str | None]:

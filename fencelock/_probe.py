@@ -709,9 +709,9 @@ def _release_stale(fd: int, sidecar: str, record: HolderInfo, size: int) -> None
     it is in fencelock's layout, so that every other byte stays as its writer left it;
     otherwise written anew."""
     try:
-        in_place = _record.in_layout_held(os.pread(fd, len(_record.RELEASED_HEAD), 0))
+        in_place = _record.in_layout_held(_platform.pread(fd, len(_record.RELEASED_HEAD), 0))
         if in_place:
-            os.pwrite(fd, _record.RELEASED_HEAD, 0)
+            _platform.pwrite(fd, _record.RELEASED_HEAD, 0)
     except OSError as e:
         raise _sidecar.access_error(sidecar, e, True) from None
     if not in_place:

@@ -24,6 +24,7 @@ from fencelock import (
     _fence,
     _fingerprint,
     _lock,
+    _platform,
     _probe,
     _registry,
     _sidecar,
@@ -494,7 +495,7 @@ def _open_old(session: str) -> int:
 
 def _pread(fd: int, session: str, size: int, offset: int) -> bytes:
     try:
-        data = os.pread(fd, size, offset)
+        data = _platform.pread(fd, size, offset)
     except OSError as e:
         raise SidecarAccessError(session, e, "recover with carry=False to start empty") from None
     if not data:

@@ -469,7 +469,7 @@ def read(fd: int, sidecar: str, size_hint: int | None = None) -> HolderInfo | No
     why = ""
     for _ in range(_READ_RETRIES):
         try:
-            data = os.pread(fd, want, 0)
+            data = _platform.pread(fd, want, 0)
         except OSError as e:
             raise access_error(sidecar, e, False) from None
         if len(data) == want and want <= MAX_RECORD:
@@ -498,9 +498,9 @@ def write_bytes(fd: int, sidecar: str, record: bytes, old_len: int) -> int:
     if len(data) < old_len and not cut:
         data = data + b" " * (old_len - len(data))
     try:
-        done = os.pwrite(fd, data, 0)
+        done = _platform.pwrite(fd, data, 0)
         while done < len(data):  # short writes are rare on regular files, but legal
-            done += os.pwrite(fd, data[done:], done)
+            done += _platform.pwrite(fd, data[done:], done)
         if cut:
             os.ftruncate(fd, len(data))
     except OSError as e:

@@ -347,7 +347,7 @@ class SidecarHolder:
     def _write_new_record(self, lock: SessionLock, run_id: str) -> None:
         fd, previous = self._fd, None
         try:
-            data = os.pread(fd, _PEEK_BYTES, 0)
+            data = _platform.pread(fd, _PEEK_BYTES, 0)
         except OSError as e:
             raise SidecarAccessError(self.sidecar, e, "its record cannot be read") from None
         old_len = len(data) if len(data) < _PEEK_BYTES else os.fstat(fd).st_size
@@ -399,7 +399,7 @@ class SidecarHolder:
                 record is not None and record.state is HELD
                 and record.run_id == lock._run_id and record.token == lock._token
             ):
-                os.pwrite(self._fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+                _platform.pwrite(self._fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
         except (OSError, FenceLockError):
             pass  # it reads as stale: no worse than before
 
@@ -555,7 +555,7 @@ class SidecarHolder:
                 )
                 self._behind = False
             else:  # flip "held" to "released" in place: one small write
-                os.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+                _platform.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
         except OSError as e:
             raise SidecarAccessError(self.sidecar, e, _RELEASED_NOTE) from None
 

@@ -31,22 +31,6 @@ if TYPE_CHECKING:
     from fencelock._record import HolderInfo
 
 
-def _in_terminal_foreground(pid: int) -> bool:
-    """Whether process ``pid`` is in its terminal's foreground process group, to which
-    the terminal sends Ctrl-C's SIGINT (not so a command that moved to a group of its
-    own: ``timeout``, ``setsid``)."""
-    try:
-        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        return os.tcgetpgrp(fd) == os.getpgid(pid)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
 class SignalForwarder:
     """Owns SIGINT, SIGTERM and SIGHUP for the whole of ``run``, so that no signal ever
     kills it with the default action while it holds the session.
@@ -65,7 +49,7 @@ class SignalForwarder:
         self.holding = False
         self.pending: list[int] = []
         self.sigint = signal.SIGINT
-        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        forwarded = _platform.stop_signals()
         self.handlers = PromptHandlers(self._handle, forwarded)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -78,7 +62,7 @@ class SignalForwarder:
         # Ctrl-C goes to the whole foreground process group, the command included
         # unless it moved to a group of its own; a second copy could interrupt the
         # command's own clean-up.
-        if signum == self.sigint and _in_terminal_foreground(self.proc.pid):
+        if signum == self.sigint and _platform.in_terminal_foreground(self.proc.pid):
             return
         self.proc.send_signal(signum)
 

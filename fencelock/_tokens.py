@@ -30,7 +30,7 @@ import os
 import re
 from typing import Any
 
-from fencelock import _sidecar
+from fencelock import _platform, _sidecar
 from fencelock._errors import FenceLockError, attribute_fix
 from fencelock._record import MAX_TOKEN
 
@@ -103,7 +103,7 @@ def last_stamped(session: str) -> int:
     except (OSError, FenceLockError):
         return 0  # no session, or nothing fencelock would read
     try:
-        tail = os.pread(fd, TAIL, max(0, st.st_size - TAIL))
+        tail = _platform.pread(fd, TAIL, max(0, st.st_size - TAIL))
     except OSError:
         return 0
     finally:
@@ -262,7 +262,7 @@ def _set_aside_tokens(session: str) -> int:
         try:
             # Not one another user planted to push the tokens to their limit.
             _sidecar.refuse_planted(path, st)
-            head = os.pread(fd, TAIL, 0)
+            head = _platform.pread(fd, TAIL, 0)
         except FenceLockError:
             head = b""
         except OSError:
@@ -278,7 +278,7 @@ def keep_before_set_aside(session: str, fd: int) -> None:
     in the session file's mark, or else by leaving `SET_ASIDE_MARKER` in its
     directory. Call while holding the sidecar's lock, before it is moved away."""
     try:
-        token = _legible_token(os.pread(fd, TAIL, 0))
+        token = _legible_token(_platform.pread(fd, TAIL, 0))
     except OSError as e:
         raise FenceLockError(f"{session}.holder: cannot be read ({e}); nothing was moved") from None
     if not token or (os.path.isfile(session) and _cover(session, token, token) is not None):

@@ -137,6 +137,85 @@ def test_windows_branch_locks_one_byte_past_the_record() -> None:
     ]
 
 
+_NO_POSITIONAL_IO = textwrap.dedent("""
+    import json, os, sys
+    del os.pread, os.pwrite  # as on Windows: Python has them only on POSIX
+    from fencelock import SessionLock, _platform, clear, probe, verify
+    session = sys.argv[1]
+    with SessionLock(session, lane="a", stamp=True) as lock:
+        lock.append({"role": "user", "content": "hi"})
+        held = probe(session).state
+    with SessionLock(session, lane="b") as lock:
+        token = lock.info.token
+        lock.append({"role": "assistant", "content": "hello"})
+    after = probe(session)
+    print(json.dumps({
+        "fallback": _platform.pread is _platform._seek_pread
+                    and _platform.pwrite is _platform._seek_pwrite,
+        "held": str(held), "after": str(after.state), "fence_ok": after.fence_ok,
+        "token": token, "verified": verify(session).ok,
+        "cleared": str(clear(session).state),
+    }))
+""")
+
+
+def test_without_positional_io_a_session_is_taken_appended_and_released(
+    session: Path,
+) -> None:
+    """Where Python has no ``os.pread``/``os.pwrite`` (Windows), fencelock reads and
+    writes records and sessions through its seek-and-read stand-ins: a whole run, the
+    token carried on, the fence kept."""
+    out = subprocess.run([sys.executable, "-c", _NO_POSITIONAL_IO, str(session)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {
+        "fallback": True, "held": "live", "after": "free", "fence_ok": True, "token": 2,
+        "verified": True, "cleared": "free",
+    }
+    lines = session.read_bytes().splitlines()
+    assert [json.loads(line)["role"] for line in lines] == ["user", "assistant"]
+
+
+def test_the_positional_io_stand_ins_ignore_the_descriptor_position(tmp_path: Path) -> None:
+    """The stand-ins for ``pread``/``pwrite`` read and write at the offset given, wherever
+    the descriptor's position was left (by a lock call that seeks, say)."""
+    path = tmp_path / "f"
+    path.write_bytes(b"0123456789")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.lseek(fd, 7, os.SEEK_SET)
+        assert _platform._seek_pread(fd, 3, 2) == b"234"
+        assert _platform._seek_pwrite(fd, b"ab", 0) == 2
+        os.lseek(fd, 1 << 20, os.SEEK_SET)  # where the Windows lock byte lies
+        assert _platform._seek_pread(fd, 100, 0) == b"ab23456789"
+        assert _platform._seek_pread(fd, 4, 9) == b"9"
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"ab23456789"
+    if hasattr(os, "pread"):
+        assert _platform.pread is os.pread and _platform.pwrite is os.pwrite
+
+
+def test_library_calls_posix_only_functions_through_the_platform_layer() -> None:
+    """``os.pread``, ``os.pwrite`` and SIGHUP do not exist on Windows: the library
+    reaches them through `_platform` only. (The etcd store's processes are POSIX only,
+    docs/PORTABILITY.md.)"""
+    import ast
+
+    posix_only = {("os", "pread"), ("os", "pwrite"), ("signal", "SIGHUP"),
+                  ("os", "O_NOCTTY"), ("os", "tcgetpgrp"), ("os", "getpgid")}
+    package = Path(fencelock.__file__).parent
+    found = []
+    for path in sorted(package.glob("*.py")):
+        if path.name in ("_platform.py", "_etcdkeeper.py", "_etcdserver.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and (node.value.id, node.attr) in posix_only):
+                found.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert found == []
+
+
 def test_coarse_timestamps_need_the_content_fence() -> None:
     # On a filesystem with coarse timestamps, a same-size rewrite within one tick
     # leaves every stat field equal: the stat fence cannot see it, the content fence can.
