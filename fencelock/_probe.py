@@ -509,9 +509,9 @@ def scan(
         for name in sorted(names):
             session = os.path.join(base, name)
             sidecar = session + _sidecar.SUFFIX
-            if name in odd:
-                row: HolderStatus | _Watch = _not_a_session(
-                    session, sidecar, _what_is(odd[name]))
+            what = _what_is(odd[name]) if name in odd else None
+            if what is not None:
+                row: HolderStatus | _Watch = _not_a_session(session, sidecar, what)
             elif name in ("", ".", ".."):  # ".holder", "..holder": no session is its
                 row = HolderStatus(session, sidecar, ProbeState.UNREADABLE,
                                    reason=str(UnsafeSidecarError(sidecar, NO_SESSION_NAME)))
@@ -580,11 +580,14 @@ def _scan_store(base: str, stuck_after: float, backend: str | None) -> Iterator[
         yield store.probe(stuck_after)
 
 
-def _what_is(entry: os.DirEntry[str]) -> str:
+def _what_is(entry: os.DirEntry[str]) -> str | None:
+    """What a session name the listing found not a regular file is now; None when it is
+    gone or a regular file by now (then it is looked at as any session is)."""
     try:
-        return _platform.describe_mode(entry.stat(follow_symlinks=False).st_mode)
+        mode = entry.stat(follow_symlinks=False).st_mode
     except OSError:
-        return "gone"
+        return None
+    return None if stat.S_ISREG(mode) else _platform.describe_mode(mode)
 
 
 def clear(

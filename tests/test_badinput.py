@@ -456,6 +456,21 @@ def test_session_that_is_a_fifo_does_not_hang(session: Path) -> None:
     assert stat.S_ISFIFO(os.lstat(session).st_mode)
 
 
+def test_a_session_name_gone_during_a_scan_is_not_called_unreadable(session: Path) -> None:
+    """A session name the listing found as a FIFO, and which is gone by the time the
+    scan comes to it, is looked at as any session, not reported "gone, not a regular
+    file" (unreadable, exit 1 from `fencelock status`)."""
+    first = session.parent / "0.jsonl"  # sorted before the FIFO: the scan yields it first
+    first.write_text('{"n":1}\n')
+    os.mkfifo(session)
+    rows = scan(session.parent)
+    assert next(rows).session == str(first)  # the directory is listed by now
+    os.unlink(session)
+    row = next(rows)
+    assert row.session == str(session) and row.state == "free", row.reason
+    assert next(rows, None) is None
+
+
 def test_session_that_is_a_symlink_is_not_followed(session: Path) -> None:
     victim = session.parent / "victim.txt"
     victim.write_bytes(b"precious line\nlast line without a break")

@@ -593,10 +593,10 @@ def test_an_interrupt_just_after_the_lock_is_taken_leaves_it_not_taken(
     """A KeyboardInterrupt that lands once the sidecar is locked, before the record is
     written (the inode re-check, the read of the old record), leaves the session free:
     it left the descriptor open and locked, and the session live for good."""
-    from fencelock import _sidecar
+    from fencelock import _platform, _sidecar
 
     target, name = (_sidecar, "still_at_path") if where == "the inode check" else (
-        os, "pread")  # the old record's: the first read of an acquire
+        _platform, "pread")  # the old record's: the first read of an acquire
     real = getattr(target, name)
     calls: list[tuple[Any, ...]] = []
 
@@ -1097,13 +1097,15 @@ def test_an_interrupt_as_release_writes_the_record_still_leaves_it_released(
     second `release()` can mend it."""
     from conftest import interrupted_on_entry
 
+    from fencelock import _platform
+
     lock = SessionLock(session, "interrupted")
     lock.acquire()
     if where == "the whole record":
         lock.append({"n": 1})  # the record lags the append: release writes all of it
         target: Any = SessionLock._encode
     else:
-        target = os.pwrite  # a held record flipped to "released" in place
+        target = _platform.pwrite  # a held record flipped to "released" in place
     with interrupted_on_entry(target) as raised, pytest.raises(KeyboardInterrupt):
         lock.release()
     assert raised and not lock.held
