@@ -39,21 +39,32 @@ CAN_BLOCK = not WINDOWS
 
 
 def _seek_pread(fd: int, size: int, offset: int) -> bytes:
-    """`os.pread` where the system has none (Windows): a seek and a read, one thread
-    at a time (the seek moves the descriptor's one position)."""
+    """`os.pread` where the system has none (Windows): a seek and a read, then the
+    descriptor's position put back (an append reads it to find where its line went),
+    one thread at a time."""
     with _POSITIONED:
-        os.lseek(fd, offset, os.SEEK_SET)
-        return os.read(fd, size)
+        was = os.lseek(fd, 0, os.SEEK_CUR)
+        try:
+            os.lseek(fd, offset, os.SEEK_SET)
+            return os.read(fd, size)
+        finally:
+            os.lseek(fd, was, os.SEEK_SET)
 
 
 def _seek_pwrite(fd: int, data: bytes, offset: int) -> int:
     """`os.pwrite` where the system has none (Windows), as `_seek_pread`."""
     with _POSITIONED:
-        os.lseek(fd, offset, os.SEEK_SET)
-        return os.write(fd, data)
+        was = os.lseek(fd, 0, os.SEEK_CUR)
+        try:
+            os.lseek(fd, offset, os.SEEK_SET)
+            return os.write(fd, data)
+        finally:
+            os.lseek(fd, was, os.SEEK_SET)
 
 
-_POSITIONED = threading.Lock()
+_POSITIONED = threading.RLock()
+"""Reentrant: a signal handler may release a session (a record write) while its thread
+is inside a positioned read; each call puts back the position it found."""
 
 pread = getattr(os, "pread", _seek_pread)
 """Read ``size`` bytes at ``offset`` without moving the descriptor's position (POSIX
@@ -75,7 +86,11 @@ def stop_signals() -> tuple[int, ...]:
 def in_terminal_foreground(pid: int) -> bool:
     """Whether process ``pid`` is in its terminal's foreground process group, to which
     the terminal sends Ctrl-C's SIGINT (not so a command that moved to a group of its
-    own: ``timeout``, ``setsid``). False where the system has no such groups (Windows)."""
+    own: ``timeout``, ``setsid``). On Windows, True: the console sends Ctrl-C to every
+    process attached to it (a child started without a process group of its own, as
+    `fencelock run`'s command is), and a child can be sent no SIGINT."""
+    if WINDOWS:
+        return True
     try:
         fd = os.open("/dev/tty", os.O_RDONLY | getattr(os, "O_NOCTTY", 0) | O_CLOEXEC)
     except OSError:

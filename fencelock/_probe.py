@@ -509,7 +509,7 @@ def scan(
         for name in sorted(names):
             session = os.path.join(base, name)
             sidecar = session + _sidecar.SUFFIX
-            what = _what_is(odd[name]) if name in odd else None
+            what = _what_is(session) if name in odd else None
             if what is not None:
                 row: HolderStatus | _Watch = _not_a_session(session, sidecar, what)
             elif name in ("", ".", ".."):  # ".holder", "..holder": no session is its
@@ -580,11 +580,12 @@ def _scan_store(base: str, stuck_after: float, backend: str | None) -> Iterator[
         yield store.probe(stuck_after)
 
 
-def _what_is(entry: os.DirEntry[str]) -> str | None:
-    """What a session name the listing found not a regular file is now; None when it is
-    gone or a regular file by now (then it is looked at as any session is)."""
+def _what_is(session: str) -> str | None:
+    """What a session name the listing found not a regular file is now (a fresh
+    ``lstat``: a listing entry may hold one from the listing); None when it is gone or
+    a regular file by now (then it is looked at as any session is)."""
     try:
-        mode = entry.stat(follow_symlinks=False).st_mode
+        mode = os.lstat(session).st_mode
     except OSError:
         return None
     return None if stat.S_ISREG(mode) else _platform.describe_mode(mode)

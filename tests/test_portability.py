@@ -178,7 +178,8 @@ def test_without_positional_io_a_session_is_taken_appended_and_released(
 
 def test_the_positional_io_stand_ins_ignore_the_descriptor_position(tmp_path: Path) -> None:
     """The stand-ins for ``pread``/``pwrite`` read and write at the offset given, wherever
-    the descriptor's position was left (by a lock call that seeks, say)."""
+    the descriptor's position was left (by a lock call that seeks, say), and leave the
+    position where it was."""
     path = tmp_path / "f"
     path.write_bytes(b"0123456789")
     fd = os.open(path, os.O_RDWR)
@@ -186,9 +187,14 @@ def test_the_positional_io_stand_ins_ignore_the_descriptor_position(tmp_path: Pa
         os.lseek(fd, 7, os.SEEK_SET)
         assert _platform._seek_pread(fd, 3, 2) == b"234"
         assert _platform._seek_pwrite(fd, b"ab", 0) == 2
+        # The position is put back: an append reads it to find where its line went.
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 7
         os.lseek(fd, 1 << 20, os.SEEK_SET)  # where the Windows lock byte lies
         assert _platform._seek_pread(fd, 100, 0) == b"ab23456789"
-        assert _platform._seek_pread(fd, 4, 9) == b"9"
+        # A signal handler's record write inside a read of its own thread: no deadlock.
+        with _platform._POSITIONED:
+            assert _platform._seek_pread(fd, 4, 9) == b"9"
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 1 << 20
     finally:
         os.close(fd)
     assert path.read_bytes() == b"ab23456789"
