@@ -20,7 +20,8 @@ import os
 import sys
 import threading
 import time
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 WINDOWS = sys.platform == "win32"
 WINDOWS_LOCK_OFFSET = 1 << 20
@@ -42,22 +43,24 @@ def _seek_pread(fd: int, size: int, offset: int) -> bytes:
     """`os.pread` where the system has none (Windows): a seek and a read, then the
     descriptor's position put back (an append reads it to find where its line went),
     one thread at a time."""
-    with _POSITIONED:
-        was = os.lseek(fd, 0, os.SEEK_CUR)
-        try:
-            os.lseek(fd, offset, os.SEEK_SET)
-            return os.read(fd, size)
-        finally:
-            os.lseek(fd, was, os.SEEK_SET)
+    return _at(fd, offset, lambda: os.read(fd, size))
 
 
 def _seek_pwrite(fd: int, data: bytes, offset: int) -> int:
     """`os.pwrite` where the system has none (Windows), as `_seek_pread`."""
+    return _at(fd, offset, lambda: os.write(fd, data))
+
+
+_T = TypeVar("_T")
+
+
+def _at(fd: int, offset: int, io: Callable[[], _T]) -> _T:
+    """``io`` with ``fd`` at ``offset``, its position then put back."""
     with _POSITIONED:
         was = os.lseek(fd, 0, os.SEEK_CUR)
         try:
             os.lseek(fd, offset, os.SEEK_SET)
-            return os.write(fd, data)
+            return io()
         finally:
             os.lseek(fd, was, os.SEEK_SET)
 
