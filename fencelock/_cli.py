@@ -9,6 +9,7 @@ with problems; ``run`` passes its command's own code through.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import sys
@@ -35,6 +36,7 @@ from fencelock._output import (
     ContendedCliError,
     OutputError,
     PathDisplay,
+    StatusTable,
     answer_goes_to_stdout,
     clean,
     echo_json,
@@ -52,7 +54,6 @@ from fencelock._output import (
     shorten,
     standard_streams,
     status_json,
-    status_table,
     stream_status_json,
 )
 
@@ -118,6 +119,9 @@ def _one_session(path: str, command: str) -> None:
 
 
 # -- the group ------------------------------------------------------------------------
+
+_TABLE_CHUNK = 1000
+"""Lines of `status`'s table printed at a time."""
 
 _MAIN_EPILOG = """\b
 Exit codes: 0 fine, 1 error, 2 usage, 3 stale holders found (status),
@@ -403,19 +407,26 @@ def status(
         if stale:
             sys.exit(EXIT_STALE)
         return
-    rows = list(found())
-    now = time.time()
-    if rows:
-        out(status_table(rows, now, waiters=store))
+    # The table is aligned, so it is printed once every row is in; each row is kept as
+    # its cells only, its ages as of when it was found.
+    table = StatusTable(waiters=store)
+    stale, reasons = False, []
+    for st in found():
+        table.add(st, time.time())
+        if st.state is ProbeState.UNREADABLE:
+            reasons.append(st.reason)
+        stale = stale or st.state is ProbeState.STALE
+    if table.rows:
+        lines = table.lines()
+        while chunk := list(itertools.islice(lines, _TABLE_CHUNK)):
+            out("\n".join(chunk))
     elif not failed:
         out("no sessions found")
-    for st in rows:
-        if st.state is ProbeState.UNREADABLE:
-            failed = True
-            error_line(st.reason)
-    if failed:
+    for reason in reasons:
+        error_line(reason)
+    if failed or reasons:
         sys.exit(EXIT_ERROR)
-    if any(st.state is ProbeState.STALE for st in rows):
+    if stale:
         sys.exit(EXIT_STALE)
 
 

@@ -283,6 +283,23 @@ def test_status_free_session_without_sidecar(session: Path) -> None:
     assert row["state"] == "free" and row["pid"] is None
 
 
+def test_status_of_a_directory_prints_every_row_once_across_its_printed_pieces(
+    tmp_path: Path,
+) -> None:
+    """The table is printed a thousand lines at a time: every session's row comes once,
+    in order, aligned with the header, with no line lost or blank between pieces."""
+    names = [f"{i:05d}-{'x' * (i % 7)}.jsonl" for i in range(2503)]
+    for name in names:
+        (tmp_path / name).touch()
+    done = cli("status", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("SESSION ") and len(lines) == 1 + len(names)
+    assert [line.split()[0].rsplit("/", 1)[-1] for line in lines[1:]] == names
+    state_at = lines[0].index("STATE")
+    assert all(line[state_at:].startswith("free") for line in lines[1:])
+
+
 def test_status_live_holder_table_and_json(session: Path, spawn_holder: SpawnHolder) -> None:
     h = spawn_holder(session, lane="session:agent:main:telegram:channel:42")
     token = h.acquire()
