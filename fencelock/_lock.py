@@ -72,12 +72,28 @@ def _directory_facts(directory: str, real: str) -> FenceMode:
     return _fingerprint.detect_mode(real)
 
 
-@functools.lru_cache(maxsize=4096)
-def _session_facts(session: str) -> tuple[str, FenceMode]:
-    """(registry key, detected fence mode) of an absolute session path. Raises
-    `ForeignSymlinkError` when the path goes through another user's symlink."""
-    key = _registry.real_key(session)
-    return key, _directory_facts(os.path.dirname(session), os.path.dirname(key))
+_FACTS: dict[str, tuple[str, FenceMode]] = {}
+"""`_session_facts` of session paths whose directory was walked whole."""
+_FACTS_KEPT = 4096
+
+
+def _session_facts(session: str) -> tuple[str, FenceMode, bool]:
+    """(registry key, detected fence mode, whether the key's directory was walked
+    whole) of an absolute session path. Raises `ForeignSymlinkError` when the path goes
+    through another user's symlink. Kept only when walked whole: a directory with a
+    missing component (not made yet) is walked again next time, as another user may
+    make the missing name meanwhile, as a symlink to a directory of theirs."""
+    facts = _FACTS.get(session)
+    if facts is not None:
+        return facts[0], facts[1], True
+    key, whole = _registry.walked_key(session)
+    detect = _directory_facts if whole else _directory_facts.__wrapped__  # not kept either
+    facts = key, detect(os.path.dirname(session), os.path.dirname(key))
+    if whole:
+        if len(_FACTS) >= _FACTS_KEPT:
+            _FACTS.clear()
+        _FACTS[session] = facts
+    return facts[0], facts[1], whole
 
 
 @functools.lru_cache(maxsize=1024)
@@ -225,7 +241,7 @@ class SessionLock:
         self.stamp = stamp
         self.mode = mode
         self.origin = origin
-        self._key, detected = _session_facts(self.session)
+        self._key, detected, self._walked = _session_facts(self.session)
         self.fence_mode = detected if fence == FenceMode.AUTO else FenceMode(fence)
         self._io = threading.Lock()
         self._append_mu = threading.Lock()
@@ -451,6 +467,10 @@ class SessionLock:
     ) -> None:
         start = time.monotonic()
         attempt = object()
+        if not self._walked and not self._count:
+            # Made while the session's directory had a missing component: walk it again
+            # (another user may have made that name since, as a symlink of theirs).
+            self._key, _, self._walked = _session_facts(self.session)
         # Every step inside the try, so that an interrupt (KeyboardInterrupt, a
         # cancellation) landing anywhere leaves neither the slot nor the lock behind.
         try:

@@ -9,7 +9,6 @@ here (`held_in_process`) and asks that run to stop (`abort`).
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import time
@@ -41,14 +40,32 @@ def cancelled() -> BaseException:
     return asyncio.CancelledError()
 
 
-@functools.lru_cache(maxsize=4096)
 def real_key(session: str) -> str:
     """The registry key of an absolute session path: its real directory plus its name.
 
     Raises `ForeignSymlinkError` when the directory goes through another user's symlink.
     """
-    real = _sidecar.real_directory(os.path.dirname(session))
-    return os.path.join(real, os.path.basename(session))
+    return walked_key(session)[0]
+
+
+_KEYS: dict[str, str] = {}
+"""`walked_key`'s keys of paths walked whole (the walk costs a system call a component)."""
+_KEYS_KEPT = 4096
+
+
+def walked_key(session: str) -> tuple[str, bool]:
+    """`real_key`, and whether its directory was walked whole (`_sidecar.walk`): a key
+    of a directory with a missing component is not kept, and is walked again next time."""
+    key = _KEYS.get(session)
+    if key is not None:
+        return key, True
+    real, whole = _sidecar.walk(os.path.dirname(session))
+    key = os.path.join(real, os.path.basename(session))
+    if whole:
+        if len(_KEYS) >= _KEYS_KEPT:
+            _KEYS.clear()
+        _KEYS[session] = key
+    return key, whole
 
 
 def registry_key(session: str) -> str:

@@ -313,8 +313,15 @@ def real_directory(directory: str) -> str:
     symlink another user planted higher up would lead runs into a directory of theirs.
     A component that cannot be looked at ends the walk (the open that follows says why).
     """
+    return walk(directory)[0]
+
+
+def walk(directory: str) -> tuple[str, bool]:
+    """`real_directory`, and whether every component was looked at: not so where one is
+    missing (or cannot be looked at), and the rest is left as given. Such a result must
+    not be kept: another user may make the missing name later, as a symlink of theirs."""
     if _platform.WINDOWS:  # pragma: no cover - symlinks there need privileges to make
-        return os.path.realpath(directory)
+        return os.path.realpath(directory), True
     me = _geteuid()
     todo = [p for p in directory.split(os.sep) if p][::-1]
     path = os.sep
@@ -330,7 +337,7 @@ def real_directory(directory: str) -> str:
         try:
             st = os.lstat(candidate)
         except OSError:
-            return os.path.join(candidate, *todo[::-1])
+            return os.path.join(candidate, *todo[::-1]), False
         if not stat.S_ISLNK(st.st_mode):
             path = candidate
             continue
@@ -340,13 +347,13 @@ def real_directory(directory: str) -> str:
         try:
             target = os.readlink(candidate)
         except OSError:
-            return os.path.join(candidate, *todo[::-1])
-        if links > _MAX_LINKS:
-            return os.path.realpath(directory)  # a loop: opening it will fail with ELOOP
+            return os.path.join(candidate, *todo[::-1]), False
+        if links > _MAX_LINKS:  # a loop: opening it will fail with ELOOP
+            return os.path.realpath(directory), True
         if target.startswith(os.sep):
             path = os.sep
         todo.extend(p for p in target.split(os.sep)[::-1] if p)
-    return path
+    return path, True
 
 
 _UNSAFE_ERRNO = {

@@ -432,6 +432,32 @@ _PLANT = (
 
 
 @needs_root
+def test_a_lock_made_before_its_directory_exists_walks_it_again_at_acquire() -> None:
+    """A lock made while its sessions directory is not there yet (a gateway that makes
+    it later) does not keep that unfinished walk: another user who then makes the
+    missing name, as a symlink to a directory of theirs, is refused at acquire, by that
+    lock object and a new one alike, and nothing is made in their directory."""
+    from fencelock import FenceLockError
+    from fencelock._errors import ForeignSymlinkError
+
+    with open_directory(0o1777) as pub:
+        session = pub / "sessions" / "s.jsonl"
+        lock = SessionLock(session, "victim")
+        with pytest.raises(FenceLockError) as missing:  # no such directory yet
+            lock.acquire()
+        assert not isinstance(missing.value, ForeignSymlinkError)
+        as_user("import os\n"
+                "os.mkdir(args['theirs'], 0o777)\n"
+                "os.symlink(args['theirs'], args['link'])\n"
+                "result = True", theirs=str(pub / "theirs"), link=str(pub / "sessions"))
+        with pytest.raises(ForeignSymlinkError):
+            lock.acquire()
+        with pytest.raises(ForeignSymlinkError):  # a new object: as it is made
+            SessionLock(session, "victim").acquire()
+        assert os.listdir(pub / "theirs") == []
+
+
+@needs_root
 def test_a_planted_session_file_is_refused_at_acquire_before_anything_touches_it() -> None:
     """`fencelock run` hands the session to its command, which would write into another
     user's file; and the acquire would set the token mark on it: both are refused."""
