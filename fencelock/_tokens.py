@@ -28,6 +28,7 @@ import glob
 import json
 import os
 import re
+import stat
 from typing import Any
 
 from fencelock import _platform, _sidecar
@@ -284,6 +285,15 @@ def keep_before_set_aside(session: str, fd: int) -> None:
     if not token or (os.path.isfile(session) and _cover(session, token, token) is not None):
         return
     marker = os.path.join(os.path.dirname(session), SET_ASIDE_MARKER)
+    try:
+        st: os.stat_result | None = os.lstat(marker)
+    except OSError:
+        st = None  # the create below says why, if it fails
+    if st is not None and stat.S_ISREG(st.st_mode):
+        # There already: that is all it takes, unless another user left it where anyone
+        # may write (they could remove it, and the token with it: refused).
+        _sidecar.refuse_planted(marker, st)
+        return
     try:
         fd, _ = _sidecar.open_regular(marker, os.O_WRONLY | os.O_CREAT)
     except (OSError, FenceLockError) as e:

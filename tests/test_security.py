@@ -432,6 +432,33 @@ _PLANT = (
 
 
 @needs_root
+def test_clear_force_names_a_set_aside_marker_another_user_left() -> None:
+    """Setting a corrupt record aside with no session file to keep its token on leaves
+    the directory's set-aside marker. One another user made first, where anyone may
+    write, is refused as planted (they could remove it, and the token with it), naming
+    it; it said "cannot be created (Permission denied) ... fix the directory's
+    permissions". One of this user's own is used as it is."""
+    from fencelock import PlantedFileError
+    from fencelock._tokens import SET_ASIDE_MARKER
+
+    with open_directory(0o1777) as pub:
+        session = pub / "c.jsonl"  # no session file: the token goes to the marker
+        sidecar_of(session).write_bytes(b'{"version":1,"state":"held","token":7,')
+        marker = pub / SET_ASIDE_MARKER
+        as_user("import os\n"
+                "os.close(os.open(args['path'], os.O_WRONLY | os.O_CREAT, 0o644))\n"
+                "result = True", path=str(marker))
+        with pytest.raises(PlantedFileError) as exc:
+            clear(session, force=True)
+        assert str(exc.value).startswith(f"{marker}: owned by uid {NOBODY}")
+        assert sidecar_of(session).exists()  # nothing moved
+        as_user("import os\nos.unlink(args['path'])\nresult = True", path=str(marker))
+        marker.touch()  # this user's own: used as it is
+        assert clear(session, force=True).set_aside is not None
+        assert not sidecar_of(session).exists()
+
+
+@needs_root
 def test_a_lock_made_before_its_directory_exists_walks_it_again_at_acquire() -> None:
     """A lock made while its sessions directory is not there yet (a gateway that makes
     it later) does not keep that unfinished walk: another user who then makes the
