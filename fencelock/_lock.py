@@ -486,9 +486,9 @@ class SessionLock:
 
     def _session_fingerprint(self) -> Fingerprint | None:
         """The session's fingerprint at acquire; the last one's object again if nothing
-        moved. `PlantedFileError` for another user's session file in a directory anyone
-        can write to: the run (or `fencelock run`'s command) would write into it, and
-        the acquire would set its token mark."""
+        moved. `PlantedFileError` for another user's session file, or one with other names
+        (a hard link), in a directory anyone can write to: the run (or `fencelock run`'s
+        command) would write into it, and the acquire would set its token mark."""
         if self.fence_mode is STAT:
             try:
                 st = os.lstat(self.session)
@@ -498,7 +498,7 @@ class SessionLock:
                 pass  # take() below reports it
             else:
                 if stat.S_ISREG(st.st_mode):
-                    if st.st_uid != _sidecar.OWN_UID and st.st_uid:
+                    if st.st_nlink > 1 or (st.st_uid != _sidecar.OWN_UID and st.st_uid):
                         _sidecar.refuse_planted(self.session, st)
                     last = self._fp
                     # The last one's object again if nothing moved, else from this stat.

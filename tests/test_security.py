@@ -431,6 +431,37 @@ _PLANT = (
 )
 
 
+def test_a_hard_linked_session_in_a_directory_anyone_can_write_to_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Where the system lets a user link another's file (``fs.protected_hardlinks=0``,
+    macOS), a session name in a directory anyone can write to may be a second name of a
+    file of this user's elsewhere: the acquire refuses it, naming it, and writes
+    neither name (its append would have cut the file's last line aside and written the
+    transcript into it). In a directory of this user's a hard link is taken as ever
+    (backups that link unchanged files)."""
+    from fencelock import PlantedFileError
+    from fencelock._tokens import XATTR
+
+    private = tmp_path / "private.log"
+    private.write_bytes(b"line1\nprivate-tail-no-newline")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    session = shared / "s.jsonl"
+    os.link(private, session)  # as another user could, where the system lets them
+    with pytest.raises(PlantedFileError) as exc:
+        SessionLock(session, "victim").acquire()
+    assert str(exc.value).startswith(f"{session}: a file with 2 names (a hard link)")
+    assert private.read_bytes() == b"line1\nprivate-tail-no-newline"
+    assert XATTR not in os.listxattr(private) and not sidecar_of(session).exists()
+    own = tmp_path / "own"
+    own.mkdir(mode=0o700)
+    os.link(private, own / "s.jsonl")
+    with SessionLock(own / "s.jsonl", "owner") as lock:
+        assert lock.held
+
+
 @needs_root
 def test_clear_force_names_a_set_aside_marker_another_user_left() -> None:
     """Setting a corrupt record aside with no session file to keep its token on leaves
