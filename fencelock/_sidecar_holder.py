@@ -357,6 +357,9 @@ class SidecarHolder:
         else:
             old = _sidecar.read(fd, self.sidecar, old_len)
             if old is None:
+                # A planted session file is refused as planted before its mark is read
+                # (one at the limit would refuse the acquire with a fix for its owner).
+                _sidecar.refuse_planted_at(self.session)
                 token = max(_tokens.floor(self.session), lock._token_floor) + 1
             else:
                 token = old.token + 1

@@ -463,6 +463,25 @@ def test_a_hard_linked_session_in_a_directory_anyone_can_write_to_is_refused(
 
 
 @needs_root
+def test_a_planted_session_with_its_mark_at_the_limit_is_refused_as_planted() -> None:
+    """Another user's session file whose token mark is at the limit is refused as
+    planted, naming its owner, not as "tokens exhausted ... remove the attribute" (which
+    this user cannot do), and the empty sidecar the acquire made is removed."""
+    from fencelock import PlantedFileError
+    from fencelock._record import MAX_TOKEN
+    from fencelock._tokens import XATTR
+
+    with open_directory(0o1777) as sessions:
+        session = sessions / "s.jsonl"
+        as_user(_PLANT + "\nos.setxattr(args['path'], args['xattr'], args['mark'].encode())",
+                path=str(session), data='{"n":0}\n', xattr=XATTR, mark=str(MAX_TOKEN))
+        with pytest.raises(PlantedFileError):
+            SessionLock(session, "victim").acquire()
+        assert not sidecar_of(session).exists()
+        assert session.read_bytes() == b'{"n":0}\n'
+
+
+@needs_root
 def test_clear_force_names_a_set_aside_marker_another_user_left() -> None:
     """Setting a corrupt record aside with no session file to keep its token on leaves
     the directory's set-aside marker. One another user made first, where anyone may
