@@ -289,28 +289,6 @@ class ForeignSymlinkError(PlantedFileError):
         self.directory = directory
 
 
-class PlantedLinkError(PlantedFileError):
-    """A file fencelock would write has other names (a hard link), in a directory where
-    anyone can create files: another user may have linked a file of this user's there."""
-
-    def __init__(self, path: str, uid: int, directory: str, links: int = 2):
-        self.path = path
-        self.what = f"a hard link ({links} names)"
-        self.uid = uid
-        self.links = links
-        FenceLockError.__init__(
-            self,
-            f"{path}: a file with {links} names (a hard link), in {directory}, where anyone "
-            f"can create files; another user may have linked a file of yours there. Left "
-            f"untouched: remove this name if it is not expected, and give the sessions "
-            f"directory mode 0700 or 0750",
-        )
-        self.directory = directory
-
-    def _init_args(self) -> tuple[Any, ...]:
-        return self.path, self.uid, self.directory, self.links
-
-
 class UnsafeSidecarError(UnsafePathError):
     """The sidecar is a symlink, directory, FIFO or other non-regular file."""
 

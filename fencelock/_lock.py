@@ -454,6 +454,13 @@ class SessionLock:
         else:
             self._acquire(me, None if wait is None else time.monotonic() + wait, None)
 
+    def _walk_again(self) -> None:
+        """This object was made while the session's directory had a missing component:
+        walk the path again (`ForeignSymlinkError` if another user has made that name
+        since, as a symlink of theirs). The object keeps the key it was made with: a
+        thread of it may be waiting for the session under that key."""
+        self._walked = _session_facts(self.session)[2]
+
     def _give_back(self, me: object, mine: int) -> None:
         """An exception escaped an acquire that had taken the session (an interrupt:
         KeyboardInterrupt, a signal handler's exception, landing as it returned): the
@@ -467,10 +474,8 @@ class SessionLock:
     ) -> None:
         start = time.monotonic()
         attempt = object()
-        if not self._walked and not self._count:
-            # Made while the session's directory had a missing component: walk it again
-            # (another user may have made that name since, as a symlink of theirs).
-            self._key, _, self._walked = _session_facts(self.session)
+        if not self._walked:
+            self._walk_again()
         # Every step inside the try, so that an interrupt (KeyboardInterrupt, a
         # cancellation) landing anywhere leaves neither the slot nor the lock behind.
         try:
@@ -486,9 +491,9 @@ class SessionLock:
 
     def _session_fingerprint(self) -> Fingerprint | None:
         """The session's fingerprint at acquire; the last one's object again if nothing
-        moved. `PlantedFileError` for another user's session file, or one with other names
-        (a hard link), in a directory anyone can write to: the run (or `fencelock run`'s
-        command) would write into it, and the acquire would set its token mark."""
+        moved. `PlantedFileError` for another user's session file in a directory anyone
+        can write to: the run (or `fencelock run`'s command) would write into it, and
+        the acquire would set its token mark."""
         if self.fence_mode is STAT:
             try:
                 st = os.lstat(self.session)
@@ -498,7 +503,7 @@ class SessionLock:
                 pass  # take() below reports it
             else:
                 if stat.S_ISREG(st.st_mode):
-                    if st.st_nlink > 1 or (st.st_uid != _sidecar.OWN_UID and st.st_uid):
+                    if st.st_uid != _sidecar.OWN_UID and st.st_uid:
                         _sidecar.refuse_planted(self.session, st)
                     last = self._fp
                     # The last one's object again if nothing moved, else from this stat.
@@ -864,6 +869,8 @@ class SessionLock:
     def _append_locked(self, data: bytes) -> None:
         self._require()
         self._store.check()  # a holder that may be lost writes nothing
+        if not self._walked:  # held (in etcd) while the session's directory is missing
+            self._walk_again()
         check_tail, self._tail_checked = not self._tail_checked, False
         moved: list[Fingerprint | None] = []
         try:

@@ -24,7 +24,6 @@ from fencelock._errors import (
     ForeignSymlinkError,
     HeldByOwnRunError,
     PlantedFileError,
-    PlantedLinkError,
     SidecarAccessError,
     UnsafePathError,
     UnsafeSidecarError,
@@ -279,25 +278,18 @@ the effective user is now (`refuse_planted` also takes the current one's)."""
 
 def refuse_planted(path: str, st: os.stat_result) -> None:
     """Raise `PlantedFileError` for a file owned by neither this user nor root in a
-    directory anyone can write to: another user could have created it in advance; and
-    `PlantedLinkError` for one with other names there (whoever owns it): another user
-    could have linked a file of this user's there (where the system lets them:
-    ``fs.protected_hardlinks=0``, macOS)."""
-    linked = st.st_nlink > 1
-    if not linked:
-        if st.st_uid in (0, OWN_UID):
-            return  # root's, or this process's user's when fencelock was loaded
-        geteuid = getattr(os, "geteuid", None)
-        if geteuid is None or st.st_uid == geteuid():
-            return  # this process's user's now (asked only here: it is a system call)
+    directory anyone can write to: another user could have created it in advance."""
+    if st.st_uid in (0, OWN_UID):
+        return  # root's, or this process's user's when fencelock was loaded
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is None or st.st_uid == geteuid():
+        return  # this process's user's now (asked only here: it is a system call)
     directory = os.path.dirname(path) or "."
     try:
         shared = os.stat(directory).st_mode & stat.S_IWOTH
     except OSError:
         return
     if shared:
-        if linked:
-            raise PlantedLinkError(path, st.st_uid, directory, st.st_nlink)
         raise PlantedFileError(path, st.st_uid, directory)
 
 

@@ -59,7 +59,6 @@ def samples() -> dict[str, BaseException]:
         "UnsafePathError": _errors.UnsafePathError("/s/a.jsonl", "a FIFO"),
         "PlantedFileError": _errors.PlantedFileError("/s/a.jsonl", 1001, "/s"),
         "ForeignSymlinkError": _errors.ForeignSymlinkError("/s/agentA", 1001, "/t/agentA"),
-        "PlantedLinkError": _errors.PlantedLinkError("/s/a.jsonl", 1001, "/s", 3),
         "BadRequestError": _errors.BadRequestError("line 3: not JSON"),
         "HoldArgumentError": _errors.HoldArgumentError("--lane", "--lane: not UTF-8"),
         "UnsafeSidecarError": _errors.UnsafeSidecarError("/s/a.jsonl.holder", "a symlink"),

@@ -15,6 +15,7 @@ import textwrap
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SpawnHolder
@@ -431,35 +432,28 @@ _PLANT = (
 )
 
 
-def test_a_hard_linked_session_in_a_directory_anyone_can_write_to_is_refused(
-    tmp_path: Path,
+@needs_root
+def test_an_etcd_run_held_before_its_directory_exists_walks_it_again_at_append(
+    etcd_server: Any,
 ) -> None:
-    """Where the system lets a user link another's file (``fs.protected_hardlinks=0``,
-    macOS), a session name in a directory anyone can write to may be a second name of a
-    file of this user's elsewhere: the acquire refuses it, naming it, and writes
-    neither name (its append would have cut the file's last line aside and written the
-    transcript into it). In a directory of this user's a hard link is taken as ever
-    (backups that link unchanged files)."""
-    from fencelock import PlantedFileError
-    from fencelock._tokens import XATTR
+    """With the etcd store a run can hold a session whose directory is not made yet:
+    another user who then makes the missing name, as a symlink to a directory of
+    theirs, is refused at the run's append, and nothing is written there."""
+    import uuid
 
-    private = tmp_path / "private.log"
-    private.write_bytes(b"line1\nprivate-tail-no-newline")
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o1777)
-    session = shared / "s.jsonl"
-    os.link(private, session)  # as another user could, where the system lets them
-    with pytest.raises(PlantedFileError) as exc:
-        SessionLock(session, "victim").acquire()
-    assert str(exc.value).startswith(f"{session}: a file with 2 names (a hard link)")
-    assert private.read_bytes() == b"line1\nprivate-tail-no-newline"
-    assert XATTR not in os.listxattr(private) and not sidecar_of(session).exists()
-    own = tmp_path / "own"
-    own.mkdir(mode=0o700)
-    os.link(private, own / "s.jsonl")
-    with SessionLock(own / "s.jsonl", "owner") as lock:
-        assert lock.held
+    from fencelock._errors import ForeignSymlinkError
+
+    url = etcd_server.url(f"t-{uuid.uuid4().hex[:12]}", ttl=6)
+    with open_directory(0o1777) as pub:
+        session = pub / "sessions" / "s.jsonl"
+        with SessionLock(session, "victim", backend=url) as lock:
+            as_user("import os\n"
+                    "os.mkdir(args['theirs'], 0o777)\n"
+                    "os.symlink(args['theirs'], args['link'])\n"
+                    "result = True", theirs=str(pub / "theirs"), link=str(pub / "sessions"))
+            with pytest.raises(ForeignSymlinkError):
+                lock.append({"role": "user", "content": "secret"})
+        assert os.listdir(pub / "theirs") == []
 
 
 @needs_root
