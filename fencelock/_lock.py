@@ -72,28 +72,15 @@ def _directory_facts(directory: str, real: str) -> FenceMode:
     return _fingerprint.detect_mode(real)
 
 
-_FACTS: dict[str, tuple[str, FenceMode]] = {}
-"""`_session_facts` of session paths whose directory was walked whole."""
-_FACTS_KEPT = 4096
-
-
 def _session_facts(session: str) -> tuple[str, FenceMode, bool]:
     """(registry key, detected fence mode, whether the key's directory was walked
     whole) of an absolute session path. Raises `ForeignSymlinkError` when the path goes
-    through another user's symlink. Kept only when walked whole: a directory with a
-    missing component (not made yet) is walked again next time, as another user may
-    make the missing name meanwhile, as a symlink to a directory of theirs."""
-    facts = _FACTS.get(session)
-    if facts is not None:
-        return facts[0], facts[1], True
+    through another user's symlink. Both are kept only when walked whole: a directory
+    with a missing component (not made yet) is walked again next time, as another user
+    may make the missing name meanwhile, as a symlink to a directory of theirs."""
     key, whole = _registry.walked_key(session)
-    detect = _directory_facts if whole else _directory_facts.__wrapped__  # not kept either
-    facts = key, detect(os.path.dirname(session), os.path.dirname(key))
-    if whole:
-        if len(_FACTS) >= _FACTS_KEPT:
-            _FACTS.clear()
-        _FACTS[session] = facts
-    return facts[0], facts[1], whole
+    detect = _directory_facts if whole else _directory_facts.__wrapped__
+    return key, detect(os.path.dirname(session), os.path.dirname(key)), whole
 
 
 @functools.lru_cache(maxsize=1024)
