@@ -99,6 +99,7 @@ def recover(
     if fresh:
         _lock.SessionLock.check_lane(lane)  # before any wait: a fresh session takes it
     session, sidecar = _sidecar.paths(path)
+    _registry.real_key(session)  # refuses a path through another user's symlink
     _fingerprint.take(session, FenceMode.STAT)  # refuses a directory, FIFO or symlink
     store = _store.open_store(backend, session)
     if store is None:

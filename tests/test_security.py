@@ -630,6 +630,12 @@ def test_a_symlink_another_user_planted_above_the_session_is_refused() -> None:
         )  # fmt: skip
         assert out.returncode == 1 and "Traceback" not in out.stderr
         assert str(link) in out.stderr and "symlink owned by uid" in out.stderr
+        # recover too, of a free session (it answered "refire" through their symlink)
+        with pytest.raises(PlantedFileError):
+            recover(session, wait=0)
+        out = subprocess.run([sys.executable, "-m", "fencelock", "recover", str(session),
+                              "--wait", "0"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "symlink owned by uid" in out.stderr, out.stderr
         assert list(theirs.iterdir()) == []  # nothing was created in their directory
         # Nor through a `..` after it (the part before the `..` is resolved as the
         # system resolves it, with the same check of whose symlinks lead there).
