@@ -40,6 +40,7 @@ from fencelock._errors import (
     NO_SESSION_NAME,
     CorruptRecordError,
     FenceLockError,
+    PlantedFileError,
     SessionContendedError,
     SidecarAccessError,
     UnsafeSidecarError,
@@ -372,10 +373,17 @@ def _unlocked(fd: int) -> bool:
 
 
 def _read(fd: int, sidecar: str, size: int | None) -> tuple[HolderInfo | None, str]:
-    """The record and, when it is corrupt, why (the record is then None)."""
+    """The record and, when it is corrupt, why (the record is then None): for one
+    another user planted where anyone may write, that (`clear --force` refuses it)."""
     try:
         return _sidecar.read(fd, sidecar, size), ""
     except CorruptRecordError as e:
+        try:
+            _sidecar.refuse_planted(sidecar, os.fstat(fd))
+        except PlantedFileError as planted:
+            return None, str(planted)
+        except OSError:
+            pass
         return None, str(e)
 
 

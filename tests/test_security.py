@@ -457,6 +457,22 @@ def test_an_etcd_run_held_before_its_directory_exists_walks_it_again_at_append(
 
 
 @needs_root
+def test_status_names_a_corrupt_sidecar_another_user_planted_as_planted() -> None:
+    """A corrupt sidecar another user left where anyone may write is shown as planted,
+    naming its owner: the fix corrupt records get (`clear --force`) refuses it."""
+    from fencelock import PlantedFileError
+
+    with open_directory(0o1777) as sessions:
+        session = sessions / "s.jsonl"
+        as_user(_PLANT, path=str(sidecar_of(session)), data="   \n")
+        status = probe(session)
+        assert status.state == "unreadable" and f"owned by uid {NOBODY}" in status.reason
+        assert "clear --force" not in status.reason
+        with pytest.raises(PlantedFileError):
+            clear(session, force=True)
+
+
+@needs_root
 def test_a_planted_session_with_its_mark_at_the_limit_is_refused_as_planted() -> None:
     """Another user's session file whose token mark is at the limit is refused as
     planted, naming its owner, not as "tokens exhausted ... remove the attribute" (which
