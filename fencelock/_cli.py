@@ -307,7 +307,7 @@ def status(
     session's PID column names the run that last held it ("last N"); a session held by
     a process outside fencelock (e.g. flock(1)) shows that process, as lslocks does.
     With an etcd backend and no PATH: every holder under its prefix, and how many
-    runs wait behind each.
+    processes wait behind each.
 
     Exit 0 when nothing is stale, 3 when a stale holder (owner died mid-run) is
     found, 1 when a path cannot be read (this wins over 3).
@@ -318,7 +318,7 @@ def status(
     `fencelock run` holder), fence_ok, reason (pid to heartbeat_age are the record's:
     the last run's unless a run holds the session now), held_by (the pid holding it
     now, or null), lock_owners (for a holder outside fencelock: pid, command, shared),
-    waiters (runs queued behind the holder, etcd store).
+    waiters (processes queued behind the holder, etcd store).
 
     \b
     Example:

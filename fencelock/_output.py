@@ -453,8 +453,8 @@ def _status_cells(st: HolderStatus, now: float, show: PathDisplay) -> list[str]:
 
 class StatusTable:
     """An aligned table of status rows, the state column coloured (click.echo strips it
-    off a terminal). ``waiters`` adds a WAITING column (runs queued behind each holder,
-    etcd only). Rows are kept as their cells only, not as `HolderStatus` objects: a
+    off a terminal). ``waiters`` adds a WAITING column (processes queued behind each
+    holder, etcd only). Rows are kept as their cells only, not as `HolderStatus` objects: a
     directory of 100,000 sessions is listed in half the memory."""
 
     def __init__(self, *, waiters: bool = False) -> None:

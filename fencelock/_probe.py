@@ -91,7 +91,8 @@ class HolderStatus:
     ``/proc/locks``); an empty tuple when none is listed (another host or PID
     namespace). None otherwise, or where the system cannot say."""
     waiters: int = 0
-    """Runs queued behind the holder (the etcd store counts them; sidecars do not)."""
+    """Processes queued behind the holder, one each whatever its runs (the etcd store
+    counts them; sidecars do not)."""
     left_by_run: bool = False
     """The session is live, held by processes that the command of an ended `fencelock
     run` left running: ``record`` is that run's last (released) record."""
