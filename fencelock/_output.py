@@ -13,7 +13,7 @@ import os
 import select
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -491,14 +491,6 @@ class StatusTable:
             if colour:
                 parts[1] = click.style(parts[1], fg=colour, bold=bold)
             yield "  ".join(parts)
-
-
-def status_table(rows: Sequence[HolderStatus], now: float, *, waiters: bool = False) -> str:
-    """`StatusTable` of ``rows`` as one text."""
-    table = StatusTable(waiters=waiters)
-    for st in rows:
-        table.add(st, now)
-    return "\n".join(table.lines())
 
 
 def stream_status_json(rows: Iterator[HolderStatus]) -> tuple[bool, bool]:

@@ -2496,7 +2496,7 @@ def test_a_row_for_what_a_run_left_running_escapes_the_record_s_host(session: Pa
     import click
 
     from fencelock import HolderStatus, ProbeState, SessionLock
-    from fencelock._output import status_table
+    from fencelock._output import StatusTable
     from fencelock._record import RELEASED
 
     with SessionLock(session, lane="a") as lock:
@@ -2505,6 +2505,8 @@ def test_a_row_for_what_a_run_left_running_escapes_the_record_s_host(session: Pa
     ended = replace(info, state=RELEASED, host="v\x1b[2J\x1b[31mEVIL\nm")
     row = HolderStatus(str(session), str(session) + ".holder", ProbeState.LIVE,
                        record=ended, left_by_run=True)
-    table = click.unstyle(status_table([row], time.time()))  # its own styles off
+    status = StatusTable()
+    status.add(row, time.time())
+    table = click.unstyle("\n".join(status.lines()))  # its own styles off
     assert "\x1b" not in table and "\nm " not in table
     assert "v\\x1b[2J" in table and "left by fencelock run" in table
