@@ -17,7 +17,7 @@ import os
 import stat
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 
 from fencelock import (
@@ -166,12 +166,27 @@ def probe(
     if store is not None:
         return store.probe(stuck_after)
     try:
-        mode = os.lstat(session).st_mode
+        st: os.stat_result | None = os.lstat(session)
     except OSError:
-        mode = 0  # missing (or unreachable: the sidecar's probe says so)
-    if mode and not stat.S_ISREG(mode):
-        return _not_a_session(session, sidecar, _platform.describe_mode(mode))
-    return _probe(session, sidecar, stuck_after, time.time())
+        st = None  # missing (or unreachable: the sidecar's probe says so)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        return _not_a_session(session, sidecar, _platform.describe_mode(st.st_mode))
+    found = _probe(session, sidecar, stuck_after, time.time())
+    return found if st is None else _unless_planted(found, st)
+
+
+def _unless_planted(status: HolderStatus, st: os.stat_result) -> HolderStatus:
+    """``status``, unless it is free or stale and its session file (``st``) belongs to
+    another user in a directory anyone can create files in: no run of this user takes
+    that session (`PlantedFileError`), so it is shown unreadable, saying why, not free
+    to use. (A held one is shown held, naming its holder.)"""
+    if status.state is not ProbeState.FREE and status.state is not ProbeState.STALE:
+        return status
+    try:
+        _sidecar.refuse_planted(status.session, st)
+    except PlantedFileError as e:
+        return replace(status, state=ProbeState.UNREADABLE, reason=str(e))
+    return status
 
 
 def _not_a_session(session: str, sidecar: str, what: str) -> HolderStatus:
@@ -509,6 +524,32 @@ def scan(
                     odd[name] = entry
     except OSError as e:
         raise SidecarAccessError(base, e, "scan needs a directory this user can list") from None
+    rows = _scan_rows(base, names, odd, stuck_after)
+    if not _anyone_may_create(base):
+        yield from rows
+        return
+    with contextlib.closing(rows):  # closed at once if the caller stops early
+        for row in rows:
+            if row.state is ProbeState.FREE or row.state is ProbeState.STALE:
+                with contextlib.suppress(OSError):
+                    row = _unless_planted(row, os.lstat(row.session))
+            yield row
+
+
+def _anyone_may_create(directory: str) -> bool:
+    """Whether anyone may create files in ``directory`` (where a file of another user's
+    may have been planted)."""
+    try:
+        return bool(os.stat(directory).st_mode & stat.S_IWOTH)
+    except OSError:
+        return False
+
+
+def _scan_rows(
+    base: str, names: set[str], odd: dict[str, os.DirEntry[str]], stuck_after: float
+) -> Generator[HolderStatus, None, None]:
+    """`scan`'s rows for the session ``names`` found in ``base`` (``odd``: the
+    entries that are not regular files)."""
     now = time.time()
     # Rows in order; a lock found taken without a live record is watched for its grace
     # while the scan goes on, so that such sessions share their graces.

@@ -101,6 +101,7 @@ def recover(
     session, sidecar = _sidecar.paths(path)
     _registry.real_key(session)  # refuses a path through another user's symlink
     _fingerprint.take(session, FenceMode.STAT)  # refuses a directory, FIFO or symlink
+    _sidecar.refuse_planted_at(session)  # another user's, where anyone may create files
     store = _store.open_store(backend, session)
     if store is None:
         # Its record names the fresh session every recover answers: one another user

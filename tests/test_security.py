@@ -473,6 +473,44 @@ def test_status_names_a_corrupt_sidecar_another_user_planted_as_planted() -> Non
 
 
 @needs_root
+def test_status_and_recover_name_a_free_session_another_user_planted() -> None:
+    """A session file another user left where anyone may create files is one no run of
+    this user takes: `status` shows it unreadable, naming its owner (not free to use),
+    and `recover` refuses it as `run` does (it answered "refire"). Held by its owner, it
+    is shown held; this user's own session beside it is free."""
+    from fencelock import PlantedFileError
+
+    with open_directory(0o1777) as sessions:
+        session, mine = sessions / "s.jsonl", sessions / "mine.jsonl"
+        as_user(_PLANT, path=str(session), data='{"n":0}\n')
+        mine.write_text('{"n":0}\n')
+        status = probe(session)
+        assert status.state == "unreadable" and f"owned by uid {NOBODY}" in status.reason
+        rows = {Path(row.session).name: row for row in scan(sessions)}
+        assert rows["s.jsonl"].state == "unreadable" and rows["mine.jsonl"].state == "free"
+        out = subprocess.run([sys.executable, "-m", "fencelock", "status", str(sessions)],
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert out.returncode == 1 and "planted" in out.stderr, out.stderr
+        with pytest.raises(PlantedFileError):
+            recover(session, wait=0)
+        assert sorted(os.listdir(sessions)) == ["mine.jsonl", "s.jsonl"]  # nothing made
+        owner = spawn_as_user("""
+            from fencelock import SessionLock
+            with SessionLock(args["path"], "owner"):
+                print("held", flush=True)
+                sys.stdin.read()
+            result = "done"
+        """, path=str(session))
+        try:
+            assert owner.stdout is not None
+            assert owner.stdout.readline().strip() == "held"
+            assert probe(session).state == "live"
+            assert {Path(r.session).name: r.state for r in scan(sessions)}["s.jsonl"] == "live"
+        finally:
+            owner.communicate("", timeout=30)  # its stdin closed: it lets go and exits
+
+
+@needs_root
 def test_a_planted_session_with_its_mark_at_the_limit_is_refused_as_planted() -> None:
     """Another user's session file whose token mark is at the limit is refused as
     planted, naming its owner, not as "tokens exhausted ... remove the attribute" (which
