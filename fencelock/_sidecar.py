@@ -8,6 +8,7 @@ spaces rather than truncated, so a reader never sees an empty file mid-update.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -505,11 +506,30 @@ def write_bytes(fd: int, sidecar: str, record: bytes, old_len: int) -> int:
     if len(data) < old_len and not cut:
         data = data + b" " * (old_len - len(data))
     try:
-        done = _platform.pwrite(fd, data, 0)
-        while done < len(data):  # short writes are rare on regular files, but legal
-            done += _platform.pwrite(fd, data[done:], done)
+        if len(data) > old_len > 0:
+            # A longer record: its part past the old one first, so that a full disk
+            # (which a write within the file's blocks does not meet) refuses it before
+            # the old record is touched; cut off again if refused.
+            try:
+                _write_from(fd, data, old_len)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, old_len)
+                raise
+            _write_from(fd, data[:old_len], 0)
+        else:
+            done = _platform.pwrite(fd, data, 0)
+            if done < len(data):
+                _write_from(fd, data, done)
         if cut:
             os.ftruncate(fd, len(data))
     except OSError as e:
         raise access_error(sidecar, e, True) from None
     return len(data)
+
+
+def _write_from(fd: int, data: bytes, start: int) -> None:
+    """Write ``data[start:]`` at offset ``start`` (short writes are rare on regular
+    files, but legal)."""
+    while start < len(data):
+        start += _platform.pwrite(fd, data[start:], start)

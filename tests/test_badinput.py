@@ -882,6 +882,38 @@ def test_real_full_disk(tmpfs_dir: Path) -> None:
     assert [json.loads(x)["n"] for x in session.read_bytes().splitlines()] == [1, 3]
 
 
+def test_a_full_disk_leaves_the_old_record_whole(tmpfs_dir: Path) -> None:
+    """A record longer than the one before it needs more of the disk: on a full disk the
+    acquire fails naming the sidecar and the cause, and the old record is left exactly as
+    it was (it was half overwritten, and every later run read it as corrupt until
+    `clear --force`); once there is space again the next run takes its token."""
+    session = tmpfs_dir / "s.jsonl"
+    lock = SessionLock(session, "a")
+    first = lock.acquire().token
+    lock.release()
+    before = sidecar_of(session).read_bytes()
+    filler = tmpfs_dir / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:  # fill the filesystem to the last byte
+        for chunk in (65536, 4096, 1):
+            try:
+                while os.write(fd, b"\0" * chunk):
+                    pass
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    with pytest.raises(SidecarAccessError) as exc:
+        SessionLock(session, "L" * 4000).acquire()  # a record past the sidecar's page
+    assert str(sidecar_of(session)) in str(exc.value) and "space" in str(exc.value)
+    assert sidecar_of(session).read_bytes() == before
+    assert probe(session).state == "free"
+    filler.unlink()
+    lock = SessionLock(session, "L" * 4000)
+    assert lock.acquire().token == first + 1
+    lock.release()
+
+
 def test_recover_that_cannot_make_a_fresh_session_says_so_and_leaves_nothing(
     tmpfs_dir: Path, spawn_holder: SpawnHolder
 ) -> None:
