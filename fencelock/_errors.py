@@ -373,14 +373,18 @@ def attribute_fix(path: str, how: str = "write") -> str:
 class SessionWriteError(FenceLockError):
     """A fenced append could not be written or made durable."""
 
-    def __init__(self, session: str, cause: OSError, what: str, *, stored: bool = False):
+    def __init__(self, session: str, cause: OSError, what: str, *,
+                 stored: bool | None = False, kept: OSError | None = None):
         self.session = session
         self.cause = cause
         self.stored = stored
-        """True when the line is in the file but may not survive a crash."""
+        """True when the line is in the file but may not survive a crash; None when the
+        line could not be taken back out (``kept``: why), so that it may be in the file
+        now, and whether it lasts is not known."""
+        self.kept = kept
         self.fingerprint: Fingerprint | None = None
         """The session's new fence point (after the failed line was taken back out, or
-        with it when ``stored``), when it could be read."""
+        with it when it was not: ``stored`` True or None), when it could be read."""
         reason = cause.strerror or type(cause).__name__
         if what == "create" and cause.errno in (errno.EACCES, errno.EPERM):
             # No file yet: what refused is its directory.
@@ -392,17 +396,20 @@ class SessionWriteError(FenceLockError):
             fix = WRITE_FIXES.get(cause.errno or 0)
         if fix is not None:
             reason += f" ({fix})"
-        outcome = (
-            "the entry is in the session but a crash may lose the new file's name"
-            if stored
-            else "the entry was not stored, append it again once the cause is fixed"
-        )
+        if stored is None:
+            why = kept.strerror if kept is not None and kept.strerror else "cause unknown"
+            outcome = (f"the entry could not be taken back out either ({why}), so it may "
+                       f"be in the session: read the session before appending it again")
+        elif stored:
+            outcome = "the entry is in the session but a crash may lose the new file's name"
+        else:
+            outcome = "the entry was not stored, append it again once the cause is fixed"
         self.what = what
         super().__init__(f"{session}: {what} failed: {reason}; {outcome}")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild_write_error, (self.session, self.cause, self.what,
-                                      self.stored), self.__dict__
+                                      self.stored, self.kept), self.__dict__
 
 
 class FenceLockWarning(UserWarning):
@@ -442,9 +449,9 @@ def _rebuild_contended(
 
 
 def _rebuild_write_error(
-    session: str, cause: OSError, what: str, stored: bool
+    session: str, cause: OSError, what: str, stored: bool | None, kept: OSError | None = None
 ) -> SessionWriteError:
-    return SessionWriteError(session, cause, what, stored=stored)
+    return SessionWriteError(session, cause, what, stored=stored, kept=kept)
 
 
 def describe_leftovers(run: HolderInfo) -> str:

@@ -402,10 +402,16 @@ def append(
             if not ours:
                 now = _fingerprint_fd(fd, mode, session)
                 raise SessionTakeoverError(session, expected, now) from e
-            with contextlib.suppress(OSError, SessionWriteError):
+            try:
                 os.ftruncate(fd, size)
+            except OSError as cut:
+                # The line may be in the file now (a filesystem that has turned
+                # read-only after the failed fsync): say so, and keep the fence point
+                # on the file as it is, so the run's next append is not a takeover.
+                e = SessionWriteError(session, e.cause, e.what, stored=None, kept=cut)
+            with contextlib.suppress(OSError, SessionWriteError):
                 e.fingerprint = _fingerprint_fd(fd, mode, session)
-            raise
+            raise e from None
         after = _fingerprint_fd(fd, mode, session)
         if after.size != size + len(line) or _platform.pread(fd, len(line), size) != line:
             # Someone wrote between the fence check and the fsync: the session is no

@@ -912,6 +912,35 @@ def test_new_sidecars_search_no_set_aside_copies_without_the_marker(session: Pat
         assert lock.info is not None and lock.info.token == 501
 
 
+def test_a_failed_fsync_whose_line_cannot_be_taken_back_says_it_may_be_stored(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsync fails, and so does the cut that takes the line back (a filesystem that
+    turned read-only after the I/O error): the error cannot say "not stored" (the line
+    is in the file for every reader), so ``stored`` is None and the message says to read
+    the session first; the fence point follows the file, so the run's next append is not
+    taken for a takeover."""
+
+    def eio(fd: int) -> None:
+        monkeypatch.setattr(os, "ftruncate", cannot_cut)
+        raise OSError(errno.EIO, "Input/output error")
+
+    def cannot_cut(fd: int, length: int) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with SessionLock(session) as lock:
+        lock.append({"n": 1})
+        monkeypatch.setattr(_fence, "_fsync", eio)
+        with pytest.raises(SessionWriteError) as exc:
+            lock.append({"n": 2})
+        assert exc.value.stored is None and exc.value.kept is not None
+        assert "may be in the session" in str(exc.value)
+        assert "append it again once" not in str(exc.value)
+        monkeypatch.undo()
+        lock.append({"n": 3})
+    assert [e["n"] for e in lines(session)] == [1, 2, 3]
+
+
 def test_a_failed_append_never_cuts_off_a_foreign_line(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
