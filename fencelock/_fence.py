@@ -213,10 +213,17 @@ def _cut_torn_tail(
         os.close(aside)
         raise
     try:
+        end = kept.st_size
+        if end and not _ends_a_line(aside, end):
+            # A copy cut short (a holder killed in the middle of one; the fragment is
+            # still in the session, which is cut only once its copy is whole): ended
+            # here, so that what follows is a line of its own, never glued to it.
+            _write_all(aside, b"\n", torn)
+            end += 1
         # Kept already only if the session is strictly older than S.torn: a tie (a
         # coarse clock) keeps it again, rather than lose a second tear of the same bytes.
         if not (st.st_mtime_ns < kept.st_mtime_ns
-                and _kept_last(aside, kept.st_size, fd, keep, size)):
+                and _kept_last(aside, end, fd, keep, size)):
             for at in range(keep, size, _CHUNK):  # a fragment may be larger than memory
                 try:
                     part = _platform.pread(fd, min(_CHUNK, size - at), at)
@@ -267,6 +274,15 @@ def _torn_warning(session: str, cut: int) -> None:
 
 _CHUNK = 1 << 20
 """How much of a session file a search for its last line break reads at a time."""
+
+
+def _ends_a_line(aside: int, size: int) -> bool:
+    """Whether the torn file (``size`` bytes) ends in a newline; True where it cannot
+    be read (opened write-only: nothing is added to it then)."""
+    try:
+        return _platform.pread(aside, 1, size - 1) == b"\n"
+    except OSError:
+        return True
 
 
 def _kept_last(aside: int, aside_size: int, fd: int, keep: int, size: int) -> bool:

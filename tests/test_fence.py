@@ -1558,6 +1558,45 @@ def test_a_torn_tail_half_kept_aside_when_the_disk_filled_is_kept_whole_next_tim
     assert lines(session) == [{"a": 1}, {"n": 2}]
 
 
+_KILLED_MID_COPY = """
+import os, sys
+from fencelock import SessionLock, _fence
+
+def write(fd, data):
+    done = os.write(fd, bytes(data)[:5])  # part of the fragment reaches S.torn
+    os.write(1, b"partial\\n")
+    sys.stdin.read()  # until killed
+    return done
+
+with SessionLock(sys.argv[1], "killed") as lock:
+    _fence._write = write
+    lock.append({"n": 1})
+"""
+
+
+def test_a_holder_killed_while_keeping_a_torn_tail_aside_leaves_no_glued_copy(
+    session: Path,
+) -> None:
+    """A holder killed (SIGKILL: no clean-up runs) in the middle of copying a torn tail
+    to `.torn`: the next append keeps the whole fragment on a line of its own, not glued
+    to the part the killed one wrote."""
+    fragment = b'{"role":"assistant","content":"half'
+    session.write_bytes(b'{"a":1}\n' + fragment)
+    torn = Path(str(session) + TORN_SUFFIX)
+    killed = subprocess.Popen([sys.executable, "-c", _KILLED_MID_COPY, str(session)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert killed.stdout is not None and killed.stdout.readline() == b"partial\n"
+    finally:
+        killed.kill()
+        killed.communicate(timeout=30)
+    assert torn.read_bytes() == fragment[:5]
+    with SessionLock(session) as lock, pytest.warns(FenceLockWarning, match="torn"):
+        lock.append({"n": 2})
+    assert torn.read_bytes() == fragment[:5] + b"\n" + fragment + b"\n"
+    assert lines(session) == [{"a": 1}, {"n": 2}]
+
+
 def test_a_torn_tail_cut_by_an_append_that_then_fails_is_still_told(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
