@@ -277,12 +277,12 @@ _CHUNK = 1 << 20
 
 
 def _ends_a_line(aside: int, size: int) -> bool:
-    """Whether the torn file (``size`` bytes) ends in a newline; True where it cannot
-    be read (opened write-only: nothing is added to it then)."""
+    """Whether the torn file (``size`` bytes) ends in a newline; False where it cannot
+    be read (opened write-only): a newline too many only makes an empty line there."""
     try:
         return _platform.pread(aside, 1, size - 1) == b"\n"
     except OSError:
-        return True
+        return False
 
 
 def _kept_last(aside: int, aside_size: int, fd: int, keep: int, size: int) -> bool:

@@ -509,14 +509,15 @@ def write_bytes(fd: int, sidecar: str, record: bytes, old_len: int) -> int:
         if len(data) > old_len > 0:
             # A longer record: its part past the old one first, so that a full disk
             # (which a write within the file's blocks does not meet) refuses it before
-            # the old record is touched; cut off again if refused.
+            # the old record is touched; cut off again if refused (also where writing
+            # over the old one needs space too: a copy-on-write filesystem).
             try:
                 _write_from(fd, data, old_len)
+                _write_from(fd, data[:old_len], 0)
             except OSError:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, old_len)
                 raise
-            _write_from(fd, data[:old_len], 0)
         else:
             done = _platform.pwrite(fd, data, 0)
             if done < len(data):

@@ -611,14 +611,19 @@ def test_an_append_that_cannot_create_the_session_names_the_directory() -> None:
 
 
 @needs_root
-def test_a_torn_file_this_user_may_write_but_not_read_still_gets_the_fragment() -> None:
+@pytest.mark.parametrize("earlier", ['{"earlier": 1}\n', '{"earl'])
+def test_a_torn_file_this_user_may_write_but_not_read_still_gets_the_fragment(
+    earlier: str,
+) -> None:
     """`S.torn` with mode 0200 (write only): the torn tail is kept aside and cut as it
-    was before the check that reads what it holds, not refused."""
+    was before the check that reads what it holds, not refused; on a line of its own
+    even after a copy cut short (its end cannot be read: a newline goes first, an empty
+    line at worst)."""
     with open_directory() as sessions:
         os.chown(sessions, 65534, 65534)
         session, torn = sessions / "s.jsonl", sessions / "s.jsonl.torn"
         session.write_text('{"a": 1}\n{"torn')
-        torn.write_text('{"earlier": 1}\n')
+        torn.write_text(earlier)
         for path, mode in ((session, 0o600), (torn, 0o200)):
             os.chown(path, 65534, 65534)
             path.chmod(mode)
@@ -630,7 +635,7 @@ def test_a_torn_file_this_user_may_write_but_not_read_still_gets_the_fragment() 
         """, session=str(session))
         assert result == "appended", result
         assert session.read_text() == '{"a": 1}\n{"b":2}\n'
-        assert torn.read_text() == '{"earlier": 1}\n{"torn\n'
+        assert torn.read_text() == earlier + '\n{"torn\n'
 
 
 @needs_root
@@ -912,6 +917,31 @@ def test_a_full_disk_leaves_the_old_record_whole(tmpfs_dir: Path) -> None:
     lock = SessionLock(session, "L" * 4000)
     assert lock.acquire().token == first + 1
     lock.release()
+
+
+def test_a_longer_record_refused_over_the_old_one_is_cut_back_off(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where writing over the old record needs space too (a copy-on-write filesystem,
+    full), the new record's end, already written past the old one, is cut off again:
+    the sidecar is left exactly as it was."""
+    from fencelock import _platform
+
+    with SessionLock(session, "a"):
+        pass
+    before = sidecar_of(session).read_bytes()
+    real = _platform.pwrite
+
+    def full_at_start(fd: int, data: bytes, offset: int) -> int:
+        if offset == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(_platform, "pwrite", full_at_start)
+    with pytest.raises(SidecarAccessError, match="space"):
+        SessionLock(session, "L" * 4000).acquire()
+    monkeypatch.undo()
+    assert sidecar_of(session).read_bytes() == before
 
 
 def test_recover_that_cannot_make_a_fresh_session_says_so_and_leaves_nothing(

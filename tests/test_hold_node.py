@@ -223,6 +223,35 @@ def test_a_takeover_after_the_reply_went_in_keeps_no_second_copy(
     assert probe(session).state == "free"
 
 
+def test_a_reply_that_may_be_in_the_session_is_kept_with_a_warning_to_check(
+    session: Path, node: str, tmp_path: Path
+) -> None:
+    """The reply's append failed and its line could not be taken back out (hold answers
+    ``"stored": null``): the reply is kept aside, and the message says it may be in the
+    session already and to check, not that it was not appended."""
+    trigger = tmp_path / "fail-now"
+    failing = Path(__file__).parent / "stuck_line_hold.py"
+    script = tmp_path / "fencelock-failing"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{failing}" "{trigger}" "$@"\n')
+    script.chmod(0o755)
+    t = Turns(node, str(script), session, "--gate", "--writer", "A", "--message", "ping")
+    try:
+        t.expect("hold pid=")
+        t.expect("held")
+        t.expect("prompt")
+        trigger.touch()  # the reply's append fails, its line left in
+        t.go()
+        assert t.proc.wait(timeout=60) == 1
+        err = t.stderr()
+        assert "may or may not be in the session" in err and "check it" in err, err
+        assert "was not appended" not in err, err
+    finally:
+        t.close()
+    assert [e["role"] for e in entries(session)] == ["user", "assistant"]
+    kept = entries(Path(str(session) + ".undelivered"))
+    assert [k["undelivered"] for k in kept] == ["SessionWriteError"]
+
+
 def test_contended_with_no_wait_exits_4(
     session: Path, turns: StartTurns, spawn_holder: SpawnHolder
 ) -> None:

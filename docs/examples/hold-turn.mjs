@@ -22,8 +22,9 @@
 // the session (unless the answer says "stored": true, and then only there), and rather
 // than drop it silently this program says so on stderr and appends it, marked
 // "undelivered" with the reason, to SESSION.undelivered. If hold itself ended
-// before answering (killed, say), the reply may or may not have gone in: it is kept
-// all the same, marked "HoldEnded", and the message says to check the session.
+// before answering (killed, say), or answered "stored": null (a failed write it could
+// not take back), the reply may or may not have gone in: it is kept all the same
+// (marked "HoldEnded", or with the error), and the message says to check the session.
 
 import { spawn } from "node:child_process";
 import { appendFileSync } from "node:fs";
@@ -156,17 +157,21 @@ function model(opts, message) {
 }
 
 function keepUndelivered(opts, entry, error) {
-  // The reply is not in the session (or, when hold ended before it answered, perhaps
-  // not): keep it where a person or a retry will find it.
+  // The reply is not in the session (or, when hold ended before it answered or could
+  // not take a failed line back, perhaps not): keep it where a person or a retry will
+  // find it.
   const aside = `${opts.session}.undelivered`;
   const why = error instanceof HoldError ? error.answer.error : "HoldEnded";
   appendFileSync(aside, JSON.stringify({ ...entry, undelivered: why }) + "\n", {
     mode: 0o600,
   });
-  const fate = error instanceof HoldError
-    ? "the reply was not appended"
-    : "fencelock hold ended before it answered, so the reply may or may not be in the " +
-      "session (check it before sending the kept copy again)";
+  const fate = !(error instanceof HoldError)
+    ? "fencelock hold ended before it answered, so the reply may or may not be in the " +
+      "session (check it before sending the kept copy again)"
+    : error.answer.stored === null
+    ? "the reply could not be taken back out after a failed write, so it may or may not " +
+      "be in the session (check it before sending the kept copy again)"
+    : "the reply was not appended";
   process.stderr.write(
     `hold-turn: ${opts.session}: ${error.message}\n` +
       `hold-turn: ${fate}; it is kept in ${aside}\n`,
