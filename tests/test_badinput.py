@@ -863,21 +863,27 @@ def test_read_only_filesystem(tmpfs_dir: Path) -> None:
         remount(tmpfs_dir, "rw")
 
 
+def fill(directory: Path) -> Path:
+    """Fill the filesystem of ``directory`` to the last byte; the file that does it."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (65536, 4096, 1):
+            try:
+                while os.write(fd, b"\0" * chunk):
+                    pass
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
 def test_real_full_disk(tmpfs_dir: Path) -> None:
     session = tmpfs_dir / "s.jsonl"
     with SessionLock(session, "a") as lock:
         lock.append({"n": 1})
-        filler = tmpfs_dir / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:  # fill the filesystem to the last byte
-            for chunk in (65536, 4096, 1):
-                try:
-                    while os.write(fd, b"\0" * chunk):
-                        pass
-                except OSError as e:
-                    assert e.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
+        filler = fill(tmpfs_dir)
         with pytest.raises(SessionWriteError) as exc:
             lock.append({"n": 2, "pad": "y" * 8192})
         assert str(session) in str(exc.value) and "space" in str(exc.value)
@@ -897,17 +903,7 @@ def test_a_full_disk_leaves_the_old_record_whole(tmpfs_dir: Path) -> None:
     first = lock.acquire().token
     lock.release()
     before = sidecar_of(session).read_bytes()
-    filler = tmpfs_dir / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:  # fill the filesystem to the last byte
-        for chunk in (65536, 4096, 1):
-            try:
-                while os.write(fd, b"\0" * chunk):
-                    pass
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
+    filler = fill(tmpfs_dir)
     with pytest.raises(SidecarAccessError) as exc:
         SessionLock(session, "L" * 4000).acquire()  # a record past the sidecar's page
     assert str(sidecar_of(session)) in str(exc.value) and "space" in str(exc.value)

@@ -193,19 +193,24 @@ def test_takeover_keeps_the_reply_aside_and_exits_3(session: Path, turns: StartT
     assert [s.session for s in scan(session.parent)] == [str(session)]
 
 
+def wrapped(tmp_path: Path, name: str, *args: Path) -> str:
+    """A ``fencelock`` that runs the test script ``name`` (the command line with a fault
+    made to order) with ``args`` before the command line's own."""
+    script = tmp_path / f"fencelock-{Path(name).stem}"
+    words = " ".join(f'"{a}"' for a in (sys.executable, Path(__file__).parent / name, *args))
+    script.write_text(f'#!/bin/sh\nexec {words} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
 def test_a_takeover_after_the_reply_went_in_keeps_no_second_copy(
     session: Path, node: str, tmp_path: Path
 ) -> None:
     """A takeover found by the reply's own append, after its line was written (another
     writer appended meanwhile): the reply is in the session, and only there."""
     trigger = tmp_path / "intrude-now"
-    intruding = Path(__file__).parent / "intruding_hold.py"
-    script = tmp_path / "fencelock-intruding"
-    script.write_text(
-        f'#!/bin/sh\nexec "{sys.executable}" "{intruding}" "{trigger}" "{session}" "$@"\n'
-    )
-    script.chmod(0o755)
-    t = Turns(node, str(script), session, "--gate", "--writer", "A", "--message", "ping")
+    t = Turns(node, wrapped(tmp_path, "intruding_hold.py", trigger, session), session,
+              "--gate", "--writer", "A", "--message", "ping")
     try:
         t.expect("hold pid=")
         t.expect("held")
@@ -230,11 +235,8 @@ def test_a_reply_that_may_be_in_the_session_is_kept_with_a_warning_to_check(
     ``"stored": null``): the reply is kept aside, and the message says it may be in the
     session already and to check, not that it was not appended."""
     trigger = tmp_path / "fail-now"
-    failing = Path(__file__).parent / "stuck_line_hold.py"
-    script = tmp_path / "fencelock-failing"
-    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{failing}" "{trigger}" "$@"\n')
-    script.chmod(0o755)
-    t = Turns(node, str(script), session, "--gate", "--writer", "A", "--message", "ping")
+    t = Turns(node, wrapped(tmp_path, "stuck_line_hold.py", trigger), session,
+              "--gate", "--writer", "A", "--message", "ping")
     try:
         t.expect("hold pid=")
         t.expect("held")
