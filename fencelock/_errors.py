@@ -362,6 +362,18 @@ WRITE_FIXES = {
 }
 """What to do about a write that failed with these errors."""
 
+LIMIT_FIXES = {
+    errno.EMFILE: "this process has as many files open as its limit allows; raise the "
+                  "limit (ulimit -n) and try again",
+    errno.ENFILE: "the system has as many files open as it allows; try again once others "
+                  "have closed some",
+    errno.EFBIG: "the file would pass this process's file size limit; raise the limit "
+                 "(ulimit -f) and try again",
+}
+"""What to do about an open or a write that a limit of the process or the system
+refused."""
+WRITE_FIXES.update(LIMIT_FIXES)
+
 
 def attribute_fix(path: str, how: str = "write") -> str:
     """What to do about EPERM on writing ``path``: permission bits give EACCES, so EPERM

@@ -221,7 +221,10 @@ def out(text: str = "", nl: bool = True) -> None:
     if decide(stream, color) if decide is not None else not (
             stream.isatty() if color is None else color):
         text = click.unstyle(text)
-    out_bytes(text.encode(stream.encoding, stream.errors or "strict"))
+    # A name the stream's encoding cannot show (``é`` on an ASCII or Latin-1 terminal)
+    # is shown escaped, as standard error does, never a UnicodeEncodeError.
+    errors = stream.errors if stream.errors not in (None, "strict") else "backslashreplace"
+    out_bytes(text.encode(stream.encoding, errors))
 
 
 def out_bytes(data: bytes) -> None:

@@ -18,6 +18,7 @@ from typing import TypeAlias
 from fencelock import _forkguard, _platform
 from fencelock._constants import NO_WORKING_DIRECTORY, SIDECAR_SUFFIX
 from fencelock._errors import (
+    LIMIT_FIXES,
     NO_SESSION_NAME,
     WRITE_FIXES,
     CorruptRecordError,
@@ -201,6 +202,8 @@ def path_fix(path: str, e: OSError, *, writing: bool, sidecar: bool) -> str | No
         return WRITE_FIXES[e.errno] + ", then try again"
     if e.errno == errno.ENAMETOOLONG:
         return _too_long(path)
+    if e.errno in LIMIT_FIXES:
+        return LIMIT_FIXES[e.errno]
     if e.errno == errno.ENOTDIR:
         return f"a part of {directory} is not a directory; check the path"
     if e.errno == errno.ELOOP:
@@ -506,14 +509,18 @@ def write_bytes(fd: int, sidecar: str, record: bytes, old_len: int) -> int:
     if len(data) < old_len and not cut:
         data = data + b" " * (old_len - len(data))
     try:
-        if len(data) > old_len > 0:
-            # A longer record: its part past the old one first, so that a full disk
-            # (which a write within the file's blocks does not meet) refuses it before
-            # the old record is touched; cut off again if refused (also where writing
-            # over the old one needs space too: a copy-on-write filesystem).
+        if len(data) > old_len:
+            # A longer record (or the first): its part past the old one first, so that a
+            # full disk (which a write within the file's blocks does not meet) refuses it
+            # before the old record is touched. What was written is cut off again if the
+            # write is refused (part way: the file size limit, a full disk at a page's
+            # end; or over the old record, which needs space too on a copy-on-write
+            # filesystem): the old record stays whole, and a first one leaves the sidecar
+            # empty (no record), not a fragment every run would read as corrupt.
             try:
                 _write_from(fd, data, old_len)
-                _write_from(fd, data[:old_len], 0)
+                if old_len:
+                    _write_from(fd, data[:old_len], 0)
             except OSError:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, old_len)

@@ -940,6 +940,30 @@ def test_a_longer_record_refused_over_the_old_one_is_cut_back_off(
     assert sidecar_of(session).read_bytes() == before
 
 
+def test_a_first_record_cut_short_by_the_file_size_limit_leaves_no_fragment(
+    session: Path,
+) -> None:
+    """A run under a file size limit smaller than its record (``ulimit -f``): the first
+    record's write stops part way. The fragment is cut off again, so the sidecar holds
+    no record (free), not a corrupt one that every later run would refuse until
+    `clear --force`; the error names the limit."""
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "x", "--", "true"],
+        capture_output=True, text=True, timeout=60, check=False, preexec_fn=small_files,
+    )
+    assert done.returncode == 1 and "ulimit -f" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert sidecar_of(session).read_bytes() == b""
+    assert probe(session).state == "free"
+    with SessionLock(session, "after") as lock:
+        assert lock.held
+
+
 def test_recover_that_cannot_make_a_fresh_session_says_so_and_leaves_nothing(
     tmpfs_dir: Path, spawn_holder: SpawnHolder
 ) -> None:

@@ -1185,6 +1185,21 @@ def test_exit_codes_hold_when_stderr_cannot_be_written(
         assert code("run", other, "--lane", "t", "--", "no-such-command-zz") == 127
 
 
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_a_name_the_terminal_cannot_show_is_escaped_not_a_traceback(
+    tmp_path: Path, encoding: str
+) -> None:
+    """Standard output in an encoding that lacks a character of a session's name (an
+    ASCII or Latin-1 terminal): the name is shown escaped, the command does its job."""
+    session = tmp_path / "caf\u00e9\u0301.jsonl"  # é, then a combining accent
+    session.write_text('{"n":0}\n')
+    env = {**os.environ, "PYTHONIOENCODING": encoding}
+    for args in (("status", str(tmp_path)), ("verify", str(session)), ("clear", str(session))):
+        done = cli(*args, env=env, encoding=encoding)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (args, done.stderr)
+        assert "\\u0301" in done.stdout, (args, done.stdout)
+
+
 IGNORED_THEN_WAIT = """
 import sys
 print(open("/proc/self/status").read().split("SigIgn:")[1].split()[0], flush=True)
