@@ -612,7 +612,11 @@ def _name(part: str, session: str, st: os.stat_result) -> None:
 def _fsync_dir(directory: str) -> None:
     try:
         dfd = os.open(directory or ".", os.O_RDONLY | O_CLOEXEC)
-    except OSError:
+    except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):  # a limit: said
+            raise SessionWriteError(
+                directory, e, "opening the directory for its fsync", stored=True
+            ) from None
         return  # Windows and some filesystems cannot open a directory
     try:
         _fsync(dfd)

@@ -190,7 +190,18 @@ class _Out:
         self.fd = fd
         self._woken = -1, -1
         """A pipe a stop signal's handler writes a byte to while an owed answer waits
-        for room (see `send_owed`); made the first time one does."""
+        for room (see `send_owed`); made by `prepare`."""
+
+    def prepare(self) -> None:
+        """Make the wake-up pipe, before any request is served: made when an append's
+        answer is owed, a descriptor limit reached then would lose that answer though
+        the line is in. (None to be had: answers wait as long as it takes, as on
+        Windows.)"""
+        if not _platform.WINDOWS:
+            with contextlib.suppress(OSError):
+                self._woken = os.pipe()
+                for end in self._woken:
+                    os.set_blocking(end, False)
 
     def send(self, answer: dict[str, Any]) -> None:
         """Write ``answer``'s line, waiting for room as long as it takes."""
@@ -210,17 +221,15 @@ class _Out:
         stdout only `_LAST_ANSWER_WAIT` more, so that a caller that no longer reads
         does not keep hold from stopping; a second signal ends the wait at once. The
         caller acts on the signal after."""
-        if _platform.WINDOWS:  # no select on a pipe: a write there is never interrupted
+        if self._woken[0] < 0:
+            # No wake-up pipe (Windows, where select takes no pipe and a write there is
+            # never interrupted; or none could be made): as long as it takes.
             seen.deferred = True
             try:
                 self.send(answer)
             finally:
                 seen.deferred = False
             return
-        if self._woken[0] < 0:
-            self._woken = os.pipe()
-            for end in self._woken:
-                os.set_blocking(end, False)
         woken, wake = self._woken
         line = memoryview(_encode(answer))
         give_up: float | None = None
@@ -519,6 +528,7 @@ def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1
     seen = Seen()
     served = _Session(lock)
     out = _Out(stdout)
+    out.prepare()
     code = EXIT_ERROR
     try:
         # Installed for the rest of the process's life (its relay thread keeps it): see

@@ -211,17 +211,33 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
     offset = 0  # where the next line starts (counted: tell() would cost a syscall a line)
     while len(problems) < MAX_PROBLEMS:
         start = offset
-        raw = f.readline(MAX_LINE)
-        if not raw:
-            break
-        offset += len(raw)
+        try:
+            raw = f.readline(MAX_LINE)
+        except MemoryError:  # a line too long for the memory there is: read as one
+            f.seek(start)    # longer than MAX_LINE is, a step at a time
+            raw = f.read(60)
+            f.seek(start)
+            first, last, over = raw, b"", True
+        else:
+            if not raw:
+                break
+            offset += len(raw)
+            over = not raw.endswith(b"\n") and len(raw) >= MAX_LINE
+            if over:
+                # Its first bytes (for a message) and its last (for a stamp) kept, the
+                # rest let go before the rest of the line is read.
+                first, last, raw = raw[:60], raw[-TAIL:], b""
         number += 1
-        if not raw.endswith(b"\n"):
-            if len(raw) < MAX_LINE:  # the last line, with no line break
+        if over or not raw.endswith(b"\n"):
+            if not over:  # the last line, with no line break
                 problems.append(Problem(number, "torn", f"{_UNTERMINATED}: {raw[:60]!r}"))
                 tail = start
                 break
-            end = _rest_of_line(f, raw)
+            try:
+                end = _rest_of_line(f, last)
+            except MemoryError:
+                raise _no_memory(session, number) from None
+            raw = first
             offset += end.length
             if not end.ended:  # the last line, with no line break
                 problems.append(Problem(number, "torn", f"{_UNTERMINATED}: {raw[:60]!r}"))
@@ -298,11 +314,22 @@ class _End:
     """The line's last `TAIL` bytes."""
 
 
+_REST_STEP = 1024 * 1024
+"""How much of a line past its first `MAX_LINE` bytes is read at a time."""
+
+
+def _no_memory(session: str, number: int) -> FenceLockError:
+    return FenceLockError(
+        f"{session}: line {number}: not enough memory to read it (verify reads a line "
+        f"up to {MAX_LINE // (1024 * 1024)} MiB at a time); raise the process's memory "
+        f"limit and verify again")
+
+
 def _rest_of_line(f: BinaryIO, head: bytes) -> _End:
-    """Read on to the end of a line longer than `MAX_LINE` that starts with ``head``,
-    keeping only its last `TAIL` bytes."""
+    """Read on to the end of a line longer than `MAX_LINE` whose first bytes were read
+    already (the last `TAIL` of them in ``head``), keeping only its last `TAIL` bytes."""
     last, length = head[-TAIL:], 0
-    while more := f.readline(MAX_LINE):
+    while more := f.readline(_REST_STEP):
         length += len(more)
         last = (last + more)[-TAIL:]
         if more.endswith(b"\n"):

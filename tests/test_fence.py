@@ -858,6 +858,28 @@ def test_failed_directory_fsync_says_the_line_is_stored(
     assert lines(session) == [{"n": 1}, {"n": 2}]
 
 
+def test_no_descriptor_left_for_the_directory_s_fsync_is_said(session: Path) -> None:
+    """The descriptor limit reached just as an append that made the session file opens
+    its directory for the fsync that makes the new name durable (EMFILE): said, as a
+    failed fsync of the directory is (the line is in the session), not skipped as on a
+    filesystem that cannot open directories."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with SessionLock(session) as lock:
+        lowest = os.dup(0)  # the session file gets this number, its directory the next
+        os.close(lowest)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest + 1, hard))
+        try:
+            with pytest.raises(SessionWriteError, match="ulimit -n") as err:
+                lock.append({"n": 1})
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert err.value.stored
+        lock.append({"n": 2})
+    assert lines(session) == [{"n": 1}, {"n": 2}]
+
+
 def test_session_with_an_mtime_before_1970_works(session: Path) -> None:
     session.write_text('{"n": 0}\n')
     os.utime(session, ns=(-10**9, -10**9))
@@ -987,6 +1009,33 @@ def test_threads_appending_through_one_holder_are_not_taken_for_foreign_writers(
     assert sorted((e["w"], e["seq"]) for e in lines(session)) == [
         (w, s) for w in range(2) for s in range(100)
     ]
+
+
+_VERIFY_IN_LITTLE_MEMORY = """
+import resource, sys
+from fencelock import verify
+size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (24 << 20), resource.RLIM_INFINITY))
+report = verify(sys.argv[1])
+print(report.ok, report.lines, report.max_token, report.unchecked)
+"""
+
+
+@needs_proc
+def test_verify_reads_a_line_too_long_for_the_memory_there_is_as_an_over_long_one(
+    session: Path,
+) -> None:
+    """A 40 MiB line where the process may use 24 MiB more (a memory limit): reading it
+    whole fails (MemoryError), so it is read a step at a time as a line over the parse
+    bound is, its stamp taken from its end; the lines after it are read as ever."""
+    stamp = b'"_fencelock":{"token":5,"run_id":"r"}'
+    with session.open("wb") as f:
+        f.write(b'{"a":1}\n{"pad":"' + b"x" * (40 << 20) + b'",' + stamp + b"}\n"
+                + b'{"b":2,' + stamp.replace(b"5", b"6") + b"}\n")
+    done = subprocess.run([sys.executable, "-c", _VERIFY_IN_LITTLE_MEMORY, str(session)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "3", "6", "[2]"]
 
 
 def test_verify_reads_an_over_long_line_s_stamp_from_its_end_and_stops_after_many_problems(

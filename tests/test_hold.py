@@ -1008,3 +1008,32 @@ def test_warnings_the_environment_ignores_stay_ignored(session: Path) -> None:
     )
     assert done.returncode == 0 and done.stderr == b"", done.stderr
     assert lines(session) == [{"a": 1}, {"x": 1}]
+
+
+@needs_posix
+def test_an_append_whose_line_went_in_is_answered_at_every_descriptor_limit(
+    tmp_path: Path,
+) -> None:
+    """At every limit on open descriptors (`ulimit -n`), an append whose line reached
+    the session gets its answer (ok, or an error saying the line is stored): the pipe
+    an owed answer waits with was made after the write, and its EMFILE went out in
+    place of the answer, leaving the caller with a line it was never told of."""
+    import resource
+
+    for limit in range(5, 12):
+        session = tmp_path / f"{limit}.jsonl"
+
+        def few(limit: int = limit) -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+        done = subprocess.run(
+            [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "x"],
+            input='{"op":"append","entry":{"a":1}}\n{"op":"release"}\n',
+            capture_output=True, text=True, timeout=60, check=False, preexec_fn=few,
+        )
+        assert "Traceback" not in done.stderr, (limit, done.stderr)
+        if session.exists() and session.read_bytes() == b'{"a":1}\n':
+            answers = [json.loads(line) for line in done.stdout.splitlines()]
+            told = [a for a in answers if a.get("op") == "append"
+                    or a.get("stored") in (True, None) and "error" in a]
+            assert told, (limit, done.stdout, done.stderr)
