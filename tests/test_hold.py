@@ -1035,5 +1035,5 @@ def test_an_append_whose_line_went_in_is_answered_at_every_descriptor_limit(
         if session.exists() and session.read_bytes() == b'{"a":1}\n':
             answers = [json.loads(line) for line in done.stdout.splitlines()]
             told = [a for a in answers if a.get("op") == "append"
-                    or a.get("stored") in (True, None) and "error" in a]
+                    or (a.get("stored") in (True, None) and "error" in a)]
             assert told, (limit, done.stdout, done.stderr)
