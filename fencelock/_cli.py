@@ -164,6 +164,11 @@ class _Group(click.Group):
         standard_streams()
         try:
             return super().main(*args, **kwargs)
+        except RuntimeError as e:
+            if "can't start new thread" not in str(e):
+                raise
+            click.echo(f"Error: cannot start a thread: {_NO_THREAD}", err=True)
+            sys.exit(EXIT_ERROR)
         except OSError as e:
             message = os_message(e)
             if _raised_by_echo(e):
@@ -171,6 +176,10 @@ class _Group(click.Group):
                            "standard output goes (a full disk or a closed device)")
             click.echo(f"Error: {clean(message)}", err=True)
             sys.exit(EXIT_ERROR)
+
+
+_NO_THREAD = ("this user has as many processes and threads running as its limit "
+              "allows; raise the limit (ulimit -u) or end some, and try again")
 
 
 def _raised_by_echo(e: BaseException) -> bool:

@@ -328,9 +328,13 @@ def plural(n: int, word: str, many: str | None = None) -> str:
 
 
 def human_age(seconds: float | None) -> str:
-    """A duration a person reads at a glance: ``42s``, ``3m07s``, ``2h05m``, ``3d04h``."""
+    """A duration a person reads at a glance: ``42s``, ``3m07s``, ``2h05m``, ``3d04h``;
+    one over a second below zero with a minus sign (``-29m56s``: a time written by a
+    clock ahead of this one, or before this host's clock was set back)."""
     if seconds is None:
         return "-"
+    if seconds <= -1:
+        return "-" + human_age(-seconds)
     s = max(0, int(seconds))
     if s < 60:
         return f"{s}s"

@@ -456,7 +456,8 @@ class SidecarHolder:
     def release(self, lock: SessionLock) -> None:
         """Mark the record released and drop the lock (under the lock object's ``_io``,
         or where no record write can follow: see `SessionLock.release`)."""
-        long = time.time() - lock._acquired_at >= HAND_OVER_AFTER
+        held = time.time() - lock._acquired_at
+        long = not 0 <= held < HAND_OVER_AFTER  # a clock set back meanwhile: as long
         # After a run's length (not a loop of short ones) one lstat is nothing.
         self._mark_what_the_run_left(lock, look=long)
         fd, self._fd = self._fd, -1

@@ -264,9 +264,11 @@ def test_cli_startup_imports_only_what_the_command_needs() -> None:
 
 
 def test_helpers() -> None:
-    assert [human_age(s) for s in (None, -3, 5, 187, 7500, 3 * 86400 + 4 * 3600)] == [
+    assert [human_age(s) for s in (None, -0.5, 5, 187, 7500, 3 * 86400 + 4 * 3600)] == [
         "-", "0s", "5s", "3m07s", "2h05m", "3d04h",
     ]  # fmt: skip
+    # A time from a clock ahead of this one is shown so, not as 0s.
+    assert [human_age(s) for s in (-3, -1796.8)] == ["-3s", "-29m56s"]
     assert clean("plain lane") == "plain lane"
     assert clean("a\x1b[2Jb\x07\n\u202e\udcff") == "a\\x1b[2Jb\\x07\\x0a\\u202e\\xff"
     assert clean("\ud800") == "\\ud800"  # a lone surrogate that is no escaped byte
@@ -1198,6 +1200,43 @@ def test_a_name_the_terminal_cannot_show_is_escaped_not_a_traceback(
         done = cli(*args, env=env, encoding=encoding)
         assert done.returncode == 0 and "Traceback" not in done.stderr, (args, done.stderr)
         assert "\\u0301" in done.stdout, (args, done.stdout)
+
+
+_NO_THREADS = """
+import importlib, os, pkgutil, resource, sys
+import fencelock
+for m in pkgutil.iter_modules(fencelock.__path__):  # loaded while they can be read
+    if m.name.startswith("_") and m.name != "__main__":
+        importlib.import_module("fencelock." + m.name)
+from fencelock._entry import main
+resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))  # no second thread, no child
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)  # root is not held to the limit
+sys.argv = ["fencelock", *sys.argv[1:]]
+main(prog_name="fencelock")
+"""
+
+
+@marks.needs_root
+@pytest.mark.parametrize("command", ["run", "hold"])
+def test_no_thread_to_be_had_is_one_line_naming_the_limit(command: str) -> None:
+    """`run` and `hold` start threads (signal relays, the stdin reader): where the
+    user's limit on processes and threads (`ulimit -u`) leaves none, one line says so
+    and what to raise, not a traceback; nothing is left held."""
+    from privdrop import open_directory
+
+    with open_directory(0o1777) as sessions:
+        session = sessions / "s.jsonl"
+        args = ["--", "true"] if command == "run" else []
+        done = subprocess.run(
+            [sys.executable, "-c", _NO_THREADS, command, str(session), "--lane", "x", *args],
+            input='{"op":"release"}\n', capture_output=True, text=True, timeout=60,
+            check=False,
+        )
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr and "ulimit -u" in done.stderr, done.stderr
+        assert probe(session).state == "free"
 
 
 IGNORED_THEN_WAIT = """

@@ -1710,6 +1710,31 @@ def test_tokens_never_go_back_for_a_session_file_renamed_over_during_its_runs(
 
 
 @needs_xattr
+def test_a_clock_set_back_during_the_run_does_not_skip_the_release_s_look(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wall clock set back an hour while a run held the session (NTP stepping a
+    fast clock): the run still counts as long at its release, and marks a file renamed
+    over its session (the hold measured by the wall clock came out below zero, the look
+    was skipped, and a sidecar removed by hand then took the tokens back to 1)."""
+    import time as clock
+
+    session.write_text('{"a": 1}\n')
+    with SessionLock(session, lane="compact") as lock:
+        assert lock.info is not None
+        first = lock.info.token
+        tmp = session.with_name("compacted.tmp")
+        tmp.write_text(session.read_text() + '{"n": 1}\n')
+        os.replace(tmp, session)
+        real = clock.time
+        monkeypatch.setattr(clock, "time", lambda: real() - 3600)
+    monkeypatch.undo()
+    Path(str(session) + ".holder").unlink()
+    with SessionLock(session, lane="after") as lock:
+        assert lock.info is not None and lock.info.token > first
+
+
+@needs_xattr
 def test_a_session_file_made_anew_under_the_same_inode_number_is_marked_at_release(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
