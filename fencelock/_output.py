@@ -359,7 +359,7 @@ class PathDisplay:
 
     def __call__(self, path: str) -> str:
         shown = path[len(self.prefix) :] if path.startswith(self.prefix) else path
-        return clean(shown)
+        return clean(shown or "./")  # the working directory itself ("<dir>/.holder")
 
 
 _MAX_CELL = 48

@@ -722,6 +722,14 @@ def _aside_error(sidecar: str, aside: str, e: OSError) -> SidecarAccessError:
     """Setting a corrupt record aside failed: why (for the new name, which is what
     failed), and the way out by hand."""
     why = _sidecar.path_fix(aside, e, writing=True, sidecar=False)
+    name = len(os.fsencode(os.path.basename(aside)))
+    limit = _sidecar.name_max(os.path.dirname(aside))
+    if e.errno == errno.ENAMETOOLONG and name > limit:
+        added = name - len(os.fsencode(os.path.basename(sidecar))) + len(_sidecar.SUFFIX)
+        why = (f"the name it would be moved to ({os.path.basename(aside)}) is {name} "
+               f"bytes, more than the {limit} this filesystem allows; `clear --force` "
+               f"adds {added} bytes to the session's name, so it takes session names "
+               f"within {limit - added} bytes")
     by_hand = "or move the corrupt sidecar aside by hand"
     return SidecarAccessError(sidecar, e, f"{why}, {by_hand}" if why else by_hand[3:])
 

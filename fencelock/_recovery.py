@@ -335,7 +335,8 @@ def _published(successor: str, session: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError as e:
-        raise SidecarAccessError(successor, e, "recover needs to read it") from None
+        raise SidecarAccessError(successor, e, _sidecar.path_fix(
+            successor, e, writing=True, sidecar=False) or "recover needs to read it") from None
     if not stat.S_ISREG(mode):
         # Not one recover made: its name can be worked out from the stuck run's record.
         raise UnsafePathError(successor, describe_mode(mode))

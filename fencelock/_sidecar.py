@@ -201,7 +201,7 @@ def path_fix(path: str, e: OSError, *, writing: bool, sidecar: bool) -> str | No
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return WRITE_FIXES[e.errno] + ", then try again"
     if e.errno == errno.ENAMETOOLONG:
-        return _too_long(path)
+        return _too_long(path, sidecar)
     if e.errno in LIMIT_FIXES:
         return LIMIT_FIXES[e.errno]
     if e.errno == errno.ENOTDIR:
@@ -218,14 +218,22 @@ def _loop_on_the_way(path: str, e: OSError) -> bool:
     return e.errno == errno.ELOOP and _found_at(path) is None
 
 
-def _too_long(path: str) -> str:
+def name_max(directory: str) -> int:
+    """The longest file name, in bytes, that ``directory``'s filesystem allows."""
+    try:
+        return os.pathconf(directory or ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _too_long(path: str, sidecar: bool = True) -> str:
     """Which limit a path that is too long passes: its last name's, or the whole path's."""
     size = len(os.fsencode(os.path.basename(path)))
-    try:
-        limit = os.pathconf(os.path.dirname(path) or ".", "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
+    limit = name_max(os.path.dirname(path))
     if size > limit:
+        if not sidecar:
+            return (f"its name is {size} bytes, more than the {limit} this filesystem "
+                    f"allows; use a shorter name")
         return (f"its name is {size} bytes, more than the {limit} this filesystem allows; "
                 f"a sidecar's name is the session's plus {len(SUFFIX)} bytes, so keep "
                 f"session names within {limit - len(SUFFIX)} bytes")

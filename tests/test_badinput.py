@@ -753,6 +753,47 @@ def test_a_session_name_too_long_for_its_sidecar_says_how_long_names_may_be(
     assert [p.name for p in session.parent.iterdir()] == [long.name]
 
 
+def test_clear_force_of_a_name_too_long_for_its_corrupt_copy_says_how_long_names_may_be(
+    session: Path,
+) -> None:
+    """A 248-byte session name (its sidecar, 255 bytes, fits) whose corrupt record
+    `clear --force` would move aside under a longer name: the error names that name and
+    how long a session name may be for it, not the sidecar's rule it already meets."""
+    long = session.parent / ("c" * 242 + ".jsonl")
+    sidecar = Path(f"{long}.holder")
+    sidecar.write_bytes(b"garbage{")
+    with pytest.raises(SidecarAccessError) as exc:
+        clear(long, force=True)
+    message = str(exc.value)
+    assert ".corrupt-" in message and "within 207 bytes" in message, message
+    assert "within 248 bytes" not in message
+    assert sidecar.read_bytes() == b"garbage{"
+
+
+def test_recover_whose_fresh_session_s_path_would_be_too_long_says_so(
+    tmp_path: Path, spawn_holder: SpawnHolder
+) -> None:
+    """A session whose path fits, in a directory so deep that the fresh session recover
+    would make (a 42-byte name) passes the system's path limit: the error says the
+    path is too long and what to do, not that recover "needs to read it"."""
+    base = len(os.fsencode(str(tmp_path)))
+    deep = tmp_path
+    while len(os.fsencode(str(deep))) < 4060 - 250:
+        deep = deep / ("d" * 250)
+    deep = deep / ("e" * (4060 - len(os.fsencode(str(deep))) - 1))
+    assert base < 4060 and len(os.fsencode(str(deep))) == 4060
+    deep.mkdir(parents=True)
+    session = deep / "x.jsonl"
+    session.write_text('{"n":1}\n')
+    holder = spawn_holder(session, lane="stuck")
+    holder.acquire()
+    with pytest.raises(FenceLockError) as exc:
+        recover(session, wait=0)
+    message = str(exc.value)
+    assert "longer than this system allows" in message and "shorter path" in message, message
+    assert "needs to read it" not in message
+
+
 def test_a_path_longer_than_the_system_allows_says_so(tmp_path: Path) -> None:
     deep = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:

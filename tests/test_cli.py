@@ -1202,6 +1202,16 @@ def test_a_name_the_terminal_cannot_show_is_escaped_not_a_traceback(
         assert "\\u0301" in done.stdout, (args, done.stdout)
 
 
+def test_a_sidecar_of_no_session_has_a_row_a_script_can_split(tmp_path: Path) -> None:
+    """A stray ``.holder`` in the working directory: its row's SESSION cell is ``./``,
+    not empty, so that splitting the row on blanks still gives the state second."""
+    (tmp_path / ".holder").touch()
+    (tmp_path / "a.jsonl").touch()
+    done = cli("status", ".", cwd=tmp_path)
+    rows = [line.split() for line in done.stdout.splitlines()[1:]]
+    assert [row[:2] for row in rows] == [["./", "unreadable"], ["a.jsonl", "free"]], done.stdout
+
+
 _NO_THREADS = """
 import importlib, os, pkgutil, resource, sys
 import fencelock
