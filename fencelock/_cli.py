@@ -178,8 +178,9 @@ class _Group(click.Group):
             sys.exit(EXIT_ERROR)
 
 
-_NO_THREAD = ("this user has as many processes and threads running as its limit "
-              "allows; raise the limit (ulimit -u) or end some, and try again")
+_NO_THREAD = ("the system refused (a limit reached: this user's processes and threads, "
+              "ulimit -u, or this process's memory); raise the limit or end some "
+              "processes, and try again")
 
 
 def _raised_by_echo(e: BaseException) -> bool:

@@ -109,30 +109,43 @@ class Keeper:
         self._ended = threading.Event()
         self._mu = threading.Lock()
         self._guard: threading.Thread | None = None
+        self._command: subprocess.Popen[bytes] | None = None
+        self._started = threading.Event()
 
-    def guard(self, command: subprocess.Popen[bytes]) -> None:
-        """Stop ``command``, and what holds ``FENCELOCK_FD`` with it, if the run's holder
-        is lost while it runs: from then on another run may hold the session, and their
-        writes go around the fence. `ended` must be called once it has exited."""
-        self._guard = threading.Thread(target=self._stop_on_loss, args=(command,),
+    def guard(self) -> None:
+        """Start the guard that stops the command (handed to it by `watch`), and what
+        holds ``FENCELOCK_FD`` with it, if the run's holder is lost while it runs: from
+        then on another run may hold the session, and their writes go around the fence.
+        Started before the command is: a thread that cannot be started then leaves no
+        command running unguarded. `ended` must be called once the command has exited,
+        or was not started."""
+        self._guard = threading.Thread(target=self._stop_on_loss,
                                        name="fencelock-run-guard", daemon=True)
         self._guard.start()
 
+    def watch(self, command: subprocess.Popen[bytes]) -> None:
+        """The command the guard stops, now that it runs."""
+        self._command = command
+        self._started.set()
+
     def ended(self) -> None:
-        """The command has exited (and was waited for). If the guard is stopping what
-        it left holding ``FENCELOCK_FD``, wait for that first."""
+        """The command has exited (and was waited for), or was never started. If the
+        guard is stopping what it left holding ``FENCELOCK_FD``, wait for that first."""
         with self._mu:
             self._ended.set()
             stopping = bool(self.lost)
+        self._started.set()  # a guard still waiting for a command: there is none
         if stopping and self._guard is not None:
             self._guard.join()
 
-    def _stop_on_loss(self, command: subprocess.Popen[bytes]) -> None:
+    def _stop_on_loss(self) -> None:
         from fencelock._output import error_line
 
         why = self._loss()
+        self._started.wait()  # a loss before the command started stops it all the same
+        command = self._command
         with self._mu:  # decided against `ended`: stopped, or ended, never both
-            if not why or self._ended.is_set():
+            if not why or self._ended.is_set() or command is None:
                 return
             self.lost = why
         besides = {os.getpid(), self.proc.pid, command.pid}  # this run, its keeper, its command

@@ -223,7 +223,10 @@ def out(text: str = "", nl: bool = True) -> None:
         text = click.unstyle(text)
     # A name the stream's encoding cannot show (``é`` on an ASCII or Latin-1 terminal)
     # is shown escaped, as standard error does, never a UnicodeEncodeError.
-    errors = stream.errors if stream.errors not in (None, "strict") else "backslashreplace"
+    # (Text here has no lone surrogates for ``surrogateescape`` to take: `clean` escapes
+    # them. That handler, a C locale's, raises on anything else.)
+    errors = stream.errors if stream.errors not in (
+        None, "strict", "surrogateescape") else "backslashreplace"
     out_bytes(text.encode(stream.encoding, errors))
 
 

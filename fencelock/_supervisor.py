@@ -231,16 +231,21 @@ def run_held(
         env["FENCELOCK_FD"] = str(lock_fd)
     if forwarder.pending:
         return 128 + forwarder.pending[0]
-    proc = _spawn(command, env, lock_fd)
-    forwarder.attach(proc)
-    try:
-        lock._name_command(proc.pid)
-    except (FenceLockError, OSError) as e:
-        error_line(f"{lock.session}: the record does not name the command: {e}")
+    # The threads first: one that cannot be started (a limit on threads, or memory)
+    # then stops the run before its command starts, never leaves the command running
+    # while `run` reports a failure and exits.
     heartbeat = _Heartbeat(lock, beat, guarded=keeper is not None)
-    if keeper is not None:
-        keeper.guard(proc)
     try:
+        if keeper is not None:
+            keeper.guard()
+        proc = _spawn(command, env, lock_fd)
+        forwarder.attach(proc)
+        if keeper is not None:
+            keeper.watch(proc)
+        try:
+            lock._name_command(proc.pid)
+        except (FenceLockError, OSError) as e:
+            error_line(f"{lock.session}: the record does not name the command: {e}")
         code = proc.wait()
     finally:
         if keeper is not None:

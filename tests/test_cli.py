@@ -1187,7 +1187,7 @@ def test_exit_codes_hold_when_stderr_cannot_be_written(
         assert code("run", other, "--lane", "t", "--", "no-such-command-zz") == 127
 
 
-@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1", "ascii:surrogateescape"])
 def test_a_name_the_terminal_cannot_show_is_escaped_not_a_traceback(
     tmp_path: Path, encoding: str
 ) -> None:
@@ -1197,7 +1197,7 @@ def test_a_name_the_terminal_cannot_show_is_escaped_not_a_traceback(
     session.write_text('{"n":0}\n')
     env = {**os.environ, "PYTHONIOENCODING": encoding}
     for args in (("status", str(tmp_path)), ("verify", str(session)), ("clear", str(session))):
-        done = cli(*args, env=env, encoding=encoding)
+        done = cli(*args, env=env, encoding=encoding.split(":")[0])
         assert done.returncode == 0 and "Traceback" not in done.stderr, (args, done.stderr)
         assert "\\u0301" in done.stdout, (args, done.stdout)
 
@@ -1247,6 +1247,39 @@ def test_no_thread_to_be_had_is_one_line_naming_the_limit(command: str) -> None:
         assert done.returncode == 1, done.stderr
         assert "Traceback" not in done.stderr and "ulimit -u" in done.stderr, done.stderr
         assert probe(session).state == "free"
+
+
+_LITTLE_MEMORY = """
+import importlib, os, pkgutil, resource, sys
+import fencelock
+for m in pkgutil.iter_modules(fencelock.__path__):  # loaded before the limit
+    if m.name.startswith("_") and m.name != "__main__":
+        importlib.import_module("fencelock." + m.name)
+from fencelock._entry import main
+size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+# Room for one thread's stack (8 MiB), not two: `run`'s first thread starts, a later
+# one cannot.
+resource.setrlimit(resource.RLIMIT_AS, (size + (12 << 20), resource.RLIM_INFINITY))
+sys.argv = ["fencelock", *sys.argv[1:]]
+main(prog_name="fencelock")
+"""
+
+
+@needs_proc
+def test_a_thread_run_cannot_start_stops_it_before_its_command_runs(tmp_path: Path) -> None:
+    """Memory for one more thread but not two: `run` fails, saying why, and its command
+    never ran (the heartbeat's thread was started after the command: `run` exited 1
+    while the command ran on, holding the session, its exit code lost)."""
+    session, marker = tmp_path / "s.jsonl", tmp_path / "ran"
+    done = subprocess.run(
+        [sys.executable, "-c", _LITTLE_MEMORY, "run", str(session), "--lane", "x", "--",
+         "sh", "-c", 'touch "$0"', str(marker)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 1 and "cannot start a thread" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert cli("wait", str(session), "--timeout", "30").returncode == 0  # nothing holds it
+    assert not marker.exists()
 
 
 IGNORED_THEN_WAIT = """
