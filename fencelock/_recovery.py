@@ -193,7 +193,7 @@ def _unreadable(session: str, sidecar: str, found: HolderStatus, *,
 
 CARRY_CHUNK = 4 * 1024 * 1024
 """How much of the old transcript `recover` holds in memory at a time when it carries
-it to a fresh session: each chunk is one fenced, fsynced append."""
+it to a fresh session (the chunks written one after the other, fsynced once whole)."""
 _LONG_LINE = 1024 * 1024
 """Lines longer than this are searched for a stamp only in their last `_tokens.TAIL`."""
 
