@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SpawnHolder, record_of
+from conftest import SpawnHolder, json_depth_limit, record_of
 from marks import needs_proc, needs_root, needs_xattr
 
 from fencelock import (
@@ -1159,10 +1159,11 @@ def test_a_line_nested_deeper_than_python_parses_is_unchecked_not_torn(session: 
     accepted may be too deep for `verify` (under the CLI's frames). It is JSON all the
     same: verify reads its stamp from its end, as for an over-long line. One as deep
     that is not JSON is torn."""
-    deep = "[" * 5000 + "]" * 5000
-    stamped = '{"deep":' + "[" * 5000 + "]" * 5000 + ',"_fencelock":{"token":3,"run_id":"r-1"}}'
-    garbage = "[" * 5000 + "xyz not json"
-    unbalanced = "[" * 5000 + "]" * 4999
+    n = 5 * json_depth_limit()  # too deep for this interpreter's parser, whatever stack
+    deep = "[" * n + "]" * n
+    stamped = '{"deep":' + "[" * n + "]" * n + ',"_fencelock":{"token":3,"run_id":"r-1"}}'
+    garbage = "[" * n + "xyz not json"
+    unbalanced = "[" * n + "]" * (n - 1)
     session.write_text("\n".join(['{"n": 1}', deep, stamped, garbage, unbalanced]) + "\n")
     report = verify(session)
     assert [(p.line, p.kind) for p in report.problems] == [(4, "torn"), (5, "torn")]
