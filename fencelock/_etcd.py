@@ -913,8 +913,21 @@ def cluster(url: EtcdURL) -> _Cluster:
     with _clusters_lock:
         found = _clusters.get(key)
         if found is None:
+            _require_client(url)
             found = _clusters[key] = _Cluster(url)
         return found
+
+
+def _require_client(url: EtcdURL) -> None:
+    """`StoreUnavailableError` saying which extra to install where the etcd client
+    (etcd3gw, and requests under it) is not installed."""
+    import importlib.util
+
+    missing = [name for name in ("etcd3gw", "requests") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise StoreUnavailableError(
+            url.text, f"its client, {' and '.join(missing)}, is not installed",
+            "install fencelock with the etcd extra: pip install 'fencelock[etcd]'")
 
 
 def _after_fork_in_child() -> None:

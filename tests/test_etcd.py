@@ -107,6 +107,32 @@ def test_session_key_is_relative_to_root_or_to_the_mount_point(tmp_path: Path) -
     assert session_key("/proc/x/a.jsonl", None) == "x/a.jsonl"
 
 
+_WITHOUT_CLIENT = """
+import sys
+sys.modules["etcd3gw"] = None  # as where fencelock was installed without its etcd extra
+from fencelock._entry import main
+main(prog_name="fencelock")
+"""
+
+
+@pytest.mark.parametrize("args", [["status"], ["run", "--lane", "x", "--", "true"]])
+def test_the_etcd_store_without_its_client_says_which_extra_to_install(
+    session: Path, args: list[str]
+) -> None:
+    """fencelock installed without the `etcd` extra, asked for the etcd store: one line
+    naming the extra to install (exit 1), not a ModuleNotFoundError traceback; nothing
+    is made."""
+    command, *rest = args
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_CLIENT, command, "--backend",
+         "etcd://127.0.0.1:1/x", str(session), *rest],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "fencelock[etcd]" in done.stderr, done.stderr
+    assert not session.exists() and not Path(f"{session}.holder").exists()
+
+
 def test_a_bad_backend_url_is_refused_up_front(session: Path) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
         SessionLock(session, backend="etcd://nowhere/p")
