@@ -667,16 +667,20 @@ class SessionLock:
 
     # -- asyncio -----------------------------------------------------------------
 
-    def acquire_async(self) -> Coroutine[Any, Any, HolderInfo]:
-        """Like `acquire`, but waiting happens off the event loop and can be cancelled.
+    def acquire_async(
+        self, *, timeout: float | Literal["default"] | None = "default"
+    ) -> Coroutine[Any, Any, HolderInfo]:
+        """Like `acquire` (``timeout`` too), but waiting happens off the event loop and
+        can be cancelled.
 
         The owner (for reentrancy) is the task that calls it, also where the waiting runs
         in a task of its own: ``asyncio.wait_for`` makes one on Python 3.11, and that
         task's end would otherwise leave the lock owned by no task, so that the caller's
         own ``async with lock`` then waited for itself."""
-        return self._acquire_async(_whoami())
+        wait = self.timeout if timeout == "default" else _wait.limit(timeout)
+        return self._acquire_async(_whoami(), wait)
 
-    async def _acquire_async(self, caller: object) -> HolderInfo:
+    async def _acquire_async(self, caller: object, wait: float | None) -> HolderInfo:
         import asyncio
 
         # Called outside any task (the coroutine made before a loop runs it): the task
@@ -686,7 +690,7 @@ class SessionLock:
             self._count += 1
             info = self.info
         else:
-            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            deadline = None if wait is None else time.monotonic() + wait
             cancel = threading.Event()
             loop = asyncio.get_running_loop()
             future: asyncio.Future[HolderInfo | None] = loop.create_future()
@@ -803,7 +807,7 @@ class SessionLock:
         return self._entered(_whoami())  # owned by the caller's task, as acquire_async
 
     async def _entered(self, caller: object) -> SessionLock:
-        await self._acquire_async(caller)
+        await self._acquire_async(caller, self.timeout)
         return self
 
     async def __aexit__(

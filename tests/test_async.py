@@ -126,6 +126,34 @@ def test_async_timeout_raises_contended(session: Path, spawn_holder: SpawnHolder
     asyncio.run(main())
 
 
+def test_acquire_async_takes_a_timeout_as_acquire_does(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """`acquire_async(timeout=...)` overrides the object's timeout for this call, as
+    `acquire(timeout=...)` does: 0.1 s on an object that would wait for good; 0 fails at
+    once; None waits for good on an object with a timeout (it gets the session once
+    the holder lets go)."""
+    holder = spawn_holder(session, lane="busy")
+    holder.acquire()
+
+    async def main() -> None:
+        for timeout in (0.1, 0):
+            with pytest.raises(SessionContendedError) as err:
+                await SessionLock(session).acquire_async(timeout=timeout)
+            assert err.value.holder is not None and err.value.holder.lane == "busy"
+        patient = SessionLock(session, timeout=0.1)
+        waiting = asyncio.create_task(patient.acquire_async(timeout=None))
+        await until(lambda: _registry.any_held())
+        await asyncio.sleep(0.3)  # past the object's own timeout: still waiting
+        assert not waiting.done()
+        assert await asyncio.to_thread(holder.call, "release") == "released"
+        info = await waiting
+        assert info.lane == "default"
+        patient.release()
+
+    asyncio.run(main())
+
+
 def test_cancelled_waiter_leaves_no_lock_behind(session: Path, spawn_holder: SpawnHolder) -> None:
     """Once the cancelled task has raised CancelledError, its attempt is over: nothing
     still waits for the lock (it could take it, write a "held" record, and be cut off
