@@ -164,7 +164,7 @@ def probe(
     session, sidecar = _sidecar.paths(path)
     store = _store.open_store(backend, session)
     if store is not None:
-        return store.probe(stuck_after)
+        return _unless_planted_at(store.probe(stuck_after))
     try:
         st: os.stat_result | None = os.lstat(session)
     except OSError:
@@ -187,6 +187,17 @@ def _unless_planted(status: HolderStatus, st: os.stat_result) -> HolderStatus:
     except PlantedFileError as e:
         return replace(status, state=ProbeState.UNREADABLE, reason=str(e))
     return status
+
+
+def _unless_planted_at(status: HolderStatus) -> HolderStatus:
+    """`_unless_planted` for the session file at ``status.session``, if there is one."""
+    if status.state is not ProbeState.FREE and status.state is not ProbeState.STALE:
+        return status
+    try:
+        st = os.lstat(status.session)
+    except OSError:
+        return status
+    return _unless_planted(status, st)
 
 
 def _not_a_session(session: str, sidecar: str, what: str) -> HolderStatus:
@@ -506,7 +517,9 @@ def scan(
     stuck_after = _wait.duration(stuck_after, "stuck_after")
     base = _sidecar.absolute(directory)
     if _backend.selected(backend) is not None:
-        yield from _scan_store(base, stuck_after, backend)
+        shared = _anyone_may_create(base)
+        for row in _scan_store(base, stuck_after, backend):
+            yield _unless_planted_at(row) if shared else row
         return
     names = set()
     odd: dict[str, os.DirEntry[str]] = {}
@@ -530,10 +543,7 @@ def scan(
         return
     with contextlib.closing(rows):  # closed at once if the caller stops early
         for row in rows:
-            if row.state is ProbeState.FREE or row.state is ProbeState.STALE:
-                with contextlib.suppress(OSError):
-                    row = _unless_planted(row, os.lstat(row.session))
-            yield row
+            yield _unless_planted_at(row)
 
 
 def _anyone_may_create(directory: str) -> bool:

@@ -472,12 +472,31 @@ def test_status_names_a_corrupt_sidecar_another_user_planted_as_planted() -> Non
             clear(session, force=True)
 
 
+_HOLD_AS_OWNER = """
+from fencelock import SessionLock
+with SessionLock(args["path"], "owner"):
+    print("held", flush=True)
+    sys.stdin.read()
+result = "done"
+"""
+_HOLD_AS_LOADED_BY_OWNER = """
+import sys
+from fencelock import SessionLock, _sidecar
+_sidecar.OWN_UID = 65534  # loaded as the file's owner: the file is its own
+with SessionLock(sys.argv[1], "owner"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
 @needs_root
-def test_status_and_recover_name_a_free_session_another_user_planted() -> None:
+def test_status_and_recover_name_a_free_session_another_user_planted(
+    store: str | None,
+) -> None:
     """A session file another user left where anyone may create files is one no run of
     this user takes: `status` shows it unreadable, naming its owner (not free to use),
     and `recover` refuses it as `run` does (it answered "refire"). Held by its owner, it
-    is shown held; this user's own session beside it is free."""
+    is shown held; this user's own session beside it is free. In either store."""
     from fencelock import PlantedFileError
 
     with open_directory(0o1777) as sessions:
@@ -494,13 +513,10 @@ def test_status_and_recover_name_a_free_session_another_user_planted() -> None:
         with pytest.raises(PlantedFileError):
             recover(session, wait=0)
         assert sorted(os.listdir(sessions)) == ["mine.jsonl", "s.jsonl"]  # nothing made
-        owner = spawn_as_user("""
-            from fencelock import SessionLock
-            with SessionLock(args["path"], "owner"):
-                print("held", flush=True)
-                sys.stdin.read()
-            result = "done"
-        """, path=str(session))
+        owner = spawn_as_user(_HOLD_AS_OWNER, path=str(session)) if store is None else \
+            subprocess.Popen(  # as its owner would (the etcd client loads after a setuid)
+                [sys.executable, "-c", _HOLD_AS_LOADED_BY_OWNER, str(session)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert owner.stdout is not None
             assert owner.stdout.readline().strip() == "held"
