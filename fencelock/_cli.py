@@ -361,13 +361,13 @@ def status(
     def found() -> Iterator[HolderStatus]:
         nonlocal failed
         if store and not paths:
-            from fencelock import _backend, _etcd
+            from fencelock import _backend, _probe
 
             url = _backend.selected(backend)
             assert url is not None
             with library_errors():
                 try:
-                    yield from _etcd.list_holders(url, stuck_after)
+                    yield from _probe.list_store(url, stuck_after)
                 except StoreUnavailableError as e:  # nothing to list: said; an empty list
                     error_line(str(e))
                     failed = True

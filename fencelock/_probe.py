@@ -625,6 +625,16 @@ def _ready(
         time.sleep(_GRACE_STEP)
 
 
+def list_store(url: _backend.EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
+    """Every session the etcd store ``url`` has a holder or record for (`fencelock
+    status --backend URL` with no path), a session file another user planted where
+    anyone may create files shown as `probe` shows it."""
+    from fencelock import _etcd
+
+    for row in _etcd.list_holders(url, stuck_after):
+        yield _unless_planted_at(row)
+
+
 def _scan_store(base: str, stuck_after: float, backend: str | None) -> Iterator[HolderStatus]:
     try:
         names = sorted(n for n in os.listdir(base) if n.endswith(SESSION_SUFFIX))

@@ -124,8 +124,9 @@ def _spawn(command: Sequence[str], env: dict[str, str], lock_fd: int) -> subproc
     # the lock's own: a flock lock belongs to the open file description, so the
     # session stays held while the command (or anything it leaves running with the
     # descriptor) lives, even if this process is killed. fencelock's other
-    # descriptors are close-on-exec. Nothing else runs in this process meanwhile (the
-    # heartbeat starts after), so no other child can inherit the lock by accident.
+    # descriptors are close-on-exec. The threads running meanwhile (the heartbeat, an
+    # etcd run's guard) start no processes, so no other child can inherit the lock by
+    # accident.
     if lock_fd >= 0:
         os.set_inheritable(lock_fd, True)
     try:

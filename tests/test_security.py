@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -523,7 +524,20 @@ def test_status_and_recover_name_a_free_session_another_user_planted(
             assert probe(session).state == "live"
             assert {Path(r.session).name: r.state for r in scan(sessions)}["s.jsonl"] == "live"
         finally:
+            if store is not None:
+                owner.kill()  # its run dies holding: stale once its lease expires
             owner.communicate("", timeout=30)  # its stdin closed: it lets go and exits
+        if store is not None:  # the store's own list, which names it by its record
+            deadline = time.monotonic() + 60
+            while True:
+                listed = subprocess.run(
+                    [sys.executable, "-m", "fencelock", "status", "--json", "--backend",
+                     store], capture_output=True, text=True, timeout=60, check=False)
+                states = {Path(r["session"]).name: r["state"]
+                          for r in json.loads(listed.stdout)}
+                if states.get("s.jsonl") not in (None, "live") or time.monotonic() > deadline:
+                    break
+            assert states == {"s.jsonl": "unreadable"} and listed.returncode == 1, listed
 
 
 @needs_root
