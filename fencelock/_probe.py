@@ -164,7 +164,7 @@ def probe(
     session, sidecar = _sidecar.paths(path)
     store = _store.open_store(backend, session)
     if store is not None:
-        return _unless_planted_at(store.probe(stuck_after))
+        return _unless_planted(store.probe(stuck_after))
     try:
         st: os.stat_result | None = os.lstat(session)
     except OSError:
@@ -175,29 +175,20 @@ def probe(
     return found if st is None else _unless_planted(found, st)
 
 
-def _unless_planted(status: HolderStatus, st: os.stat_result) -> HolderStatus:
-    """``status``, unless it is free or stale and its session file (``st``) belongs to
-    another user in a directory anyone can create files in: no run of this user takes
-    that session (`PlantedFileError`), so it is shown unreadable, saying why, not free
-    to use. (A held one is shown held, naming its holder.)"""
+def _unless_planted(status: HolderStatus, st: os.stat_result | None = None) -> HolderStatus:
+    """``status``, unless it is free or stale and its session file (``st``, else looked
+    at here) belongs to another user in a directory anyone can create files in: no run
+    of this user takes that session (`PlantedFileError`), so it is shown unreadable,
+    saying why, not free to use. (A held one is shown held, naming its holder.)"""
     if status.state is not ProbeState.FREE and status.state is not ProbeState.STALE:
         return status
     try:
-        _sidecar.refuse_planted(status.session, st)
+        _sidecar.refuse_planted(status.session, st or os.lstat(status.session))
     except PlantedFileError as e:
         return replace(status, state=ProbeState.UNREADABLE, reason=str(e))
-    return status
-
-
-def _unless_planted_at(status: HolderStatus) -> HolderStatus:
-    """`_unless_planted` for the session file at ``status.session``, if there is one."""
-    if status.state is not ProbeState.FREE and status.state is not ProbeState.STALE:
-        return status
-    try:
-        st = os.lstat(status.session)
     except OSError:
-        return status
-    return _unless_planted(status, st)
+        pass  # no session file there: nothing planted
+    return status
 
 
 def _not_a_session(session: str, sidecar: str, what: str) -> HolderStatus:
@@ -516,11 +507,27 @@ def scan(
     (with an etcd ``backend``: every ``*.jsonl`` session, probed in etcd)."""
     stuck_after = _wait.duration(stuck_after, "stuck_after")
     base = _sidecar.absolute(directory)
-    if _backend.selected(backend) is not None:
-        shared = _anyone_may_create(base)
-        for row in _scan_store(base, stuck_after, backend):
-            yield _unless_planted_at(row) if shared else row
+    rows = (_scan_store(base, stuck_after, backend) if _backend.selected(backend) is not None
+            else _scan_rows(base, stuck_after))
+    if not _anyone_may_create(base):
+        yield from rows
         return
+    with contextlib.closing(rows):  # closed at once if the caller stops early
+        for row in rows:
+            yield _unless_planted(row)
+
+
+def _anyone_may_create(directory: str) -> bool:
+    """Whether anyone may create files in ``directory`` (where a file of another user's
+    may have been planted)."""
+    try:
+        return bool(os.stat(directory).st_mode & stat.S_IWOTH)
+    except OSError:
+        return False
+
+
+def _scan_rows(base: str, stuck_after: float) -> Generator[HolderStatus, None, None]:
+    """`scan`'s rows for the sidecars and sessions in ``base``."""
     names = set()
     odd: dict[str, os.DirEntry[str]] = {}
     """Entries that are not regular files (from the listing's file types: no system
@@ -537,29 +544,6 @@ def scan(
                     odd[name] = entry
     except OSError as e:
         raise SidecarAccessError(base, e, "scan needs a directory this user can list") from None
-    rows = _scan_rows(base, names, odd, stuck_after)
-    if not _anyone_may_create(base):
-        yield from rows
-        return
-    with contextlib.closing(rows):  # closed at once if the caller stops early
-        for row in rows:
-            yield _unless_planted_at(row)
-
-
-def _anyone_may_create(directory: str) -> bool:
-    """Whether anyone may create files in ``directory`` (where a file of another user's
-    may have been planted)."""
-    try:
-        return bool(os.stat(directory).st_mode & stat.S_IWOTH)
-    except OSError:
-        return False
-
-
-def _scan_rows(
-    base: str, names: set[str], odd: dict[str, os.DirEntry[str]], stuck_after: float
-) -> Generator[HolderStatus, None, None]:
-    """`scan`'s rows for the session ``names`` found in ``base`` (``odd``: the
-    entries that are not regular files)."""
     now = time.time()
     # Rows in order; a lock found taken without a live record is watched for its grace
     # while the scan goes on, so that such sessions share their graces.
@@ -632,10 +616,12 @@ def list_store(url: _backend.EtcdURL, stuck_after: float) -> Iterator[HolderStat
     from fencelock import _etcd
 
     for row in _etcd.list_holders(url, stuck_after):
-        yield _unless_planted_at(row)
+        yield _unless_planted(row)
 
 
-def _scan_store(base: str, stuck_after: float, backend: str | None) -> Iterator[HolderStatus]:
+def _scan_store(
+    base: str, stuck_after: float, backend: str | None
+) -> Generator[HolderStatus, None, None]:
     try:
         names = sorted(n for n in os.listdir(base) if n.endswith(SESSION_SUFFIX))
     except OSError as e:
@@ -743,8 +729,8 @@ def _aside_error(sidecar: str, aside: str, e: OSError) -> SidecarAccessError:
     failed), and the way out by hand."""
     why = _sidecar.path_fix(aside, e, writing=True, sidecar=False)
     name = len(os.fsencode(os.path.basename(aside)))
-    limit = _sidecar.name_max(os.path.dirname(aside))
-    if e.errno == errno.ENAMETOOLONG and name > limit:
+    limit = _sidecar.name_max(os.path.dirname(aside)) if e.errno == errno.ENAMETOOLONG else 0
+    if limit and name > limit:
         added = name - len(os.fsencode(os.path.basename(sidecar))) + len(_sidecar.SUFFIX)
         why = (f"the name it would be moved to ({os.path.basename(aside)}) is {name} "
                f"bytes, more than the {limit} this filesystem allows; `clear --force` "

@@ -1212,20 +1212,25 @@ def test_a_sidecar_of_no_session_has_a_row_a_script_can_split(tmp_path: Path) ->
     assert [row[:2] for row in rows] == [["./", "unreadable"], ["a.jsonl", "free"]], done.stdout
 
 
-_NO_THREADS = """
+_UNDER_A_LIMIT = """
 import importlib, os, pkgutil, resource, sys
 import fencelock
-for m in pkgutil.iter_modules(fencelock.__path__):  # loaded while they can be read
+for m in pkgutil.iter_modules(fencelock.__path__):  # loaded before the limit is set
     if m.name.startswith("_") and m.name != "__main__":
         importlib.import_module("fencelock." + m.name)
 from fencelock._entry import main
+{limit}
+sys.argv = ["fencelock", *sys.argv[1:]]
+main(prog_name="fencelock")
+"""
+"""The command line, with every fencelock module loaded, run once ``limit`` is set."""
+
+_NO_THREADS = _UNDER_A_LIMIT.format(limit="""
 resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))  # no second thread, no child
 os.setgroups([])
 os.setgid(65534)
 os.setuid(65534)  # root is not held to the limit
-sys.argv = ["fencelock", *sys.argv[1:]]
-main(prog_name="fencelock")
-"""
+""")
 
 
 @marks.needs_root
@@ -1249,20 +1254,12 @@ def test_no_thread_to_be_had_is_one_line_naming_the_limit(command: str) -> None:
         assert probe(session).state == "free"
 
 
-_LITTLE_MEMORY = """
-import importlib, os, pkgutil, resource, sys
-import fencelock
-for m in pkgutil.iter_modules(fencelock.__path__):  # loaded before the limit
-    if m.name.startswith("_") and m.name != "__main__":
-        importlib.import_module("fencelock." + m.name)
-from fencelock._entry import main
+_LITTLE_MEMORY = _UNDER_A_LIMIT.format(limit="""
 size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
 # Room for one thread's stack (8 MiB), not two: `run`'s first thread starts, a later
 # one cannot.
 resource.setrlimit(resource.RLIMIT_AS, (size + (12 << 20), resource.RLIM_INFINITY))
-sys.argv = ["fencelock", *sys.argv[1:]]
-main(prog_name="fencelock")
-"""
+""")
 
 
 @needs_proc
