@@ -417,8 +417,8 @@ def status(
         if stale:
             sys.exit(EXIT_STALE)
         return
-    # The table is aligned, so it is printed once every row is in; each row is kept as
-    # its cells only, its ages as of when it was found.
+    # The table is aligned, so it is printed once every row is in (StatusTable keeps
+    # them), each row's ages as of when it was found.
     table = StatusTable(waiters=store)
     stale, reasons = False, []
     for st in found():
@@ -426,10 +426,13 @@ def status(
         if st.state is ProbeState.UNREADABLE:
             reasons.append(st.reason)
         stale = stale or st.state is ProbeState.STALE
-    if table.rows:
-        lines = table.lines()
-        while chunk := list(itertools.islice(lines, _TABLE_CHUNK)):
-            out("\n".join(chunk))
+    if table.count:
+        try:
+            lines = table.lines()
+            while chunk := list(itertools.islice(lines, _TABLE_CHUNK)):
+                out("\n".join(chunk))
+        finally:
+            table.close()
     elif not failed:
         out("no sessions found")
     for reason in reasons:

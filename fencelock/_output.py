@@ -12,10 +12,11 @@ import math
 import os
 import select
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import IO, TYPE_CHECKING, Any, TextIO
 
 import click
 
@@ -464,15 +465,26 @@ def _status_cells(st: HolderStatus, now: float, show: PathDisplay) -> list[str]:
 class StatusTable:
     """An aligned table of status rows, the state column coloured (click.echo strips it
     off a terminal). ``waiters`` adds a WAITING column (processes queued behind each
-    holder, etcd only). Rows are kept as their cells only, not as `HolderStatus` objects: a
-    directory of 100,000 sessions is listed in half the memory."""
+    holder, etcd only).
+
+    The widths are known only once every row is in, so rows are kept until then: each
+    as one line of text (its cells are escaped, so they hold no control character to
+    split on), the first `SPILL_AFTER` in memory and the rest in a temporary file, so
+    that listing a directory of 100,000 sessions or more takes flat memory. Where no
+    temporary file can be made, the rest stay in memory."""
+
+    SPILL_AFTER = 2000
 
     def __init__(self, *, waiters: bool = False) -> None:
         self.header: tuple[str, ...] = (
             (*_HEADER[:-1], "WAITING", _HEADER[-1]) if waiters else _HEADER)
         self.waiters = waiters
         self.widths = [len(h) for h in self.header]
-        self.rows: list[tuple[tuple[str, ...], str | None, bool]] = []
+        self.rows: list[str] = []
+        self.count = 0
+        self._spill: IO[bytes] | None = None
+        self._spilled = 0
+        """Bytes of whole batches in the temporary file."""
         self._show = PathDisplay()
 
     def add(self, st: HolderStatus, now: float) -> None:
@@ -486,8 +498,30 @@ class StatusTable:
         for i, cell in enumerate(cells):
             if len(cell) > widths[i]:
                 widths[i] = len(cell)
-        colour = "yellow" if st.stuck else _STATE_COLOURS.get(str(st.state))
-        self.rows.append((tuple(cells), colour, st.state is ProbeState.STALE))
+        colour = ("yellow" if st.stuck else _STATE_COLOURS.get(str(st.state))) or ""
+        bold = "b" if st.state is ProbeState.STALE else ""
+        self.rows.append(_ROW_SEP.join((*cells, colour, bold)))
+        self.count += 1
+        if len(self.rows) >= self.SPILL_AFTER:
+            self._spill_rows()
+
+    def _spill_rows(self) -> None:
+        """Move the rows in memory to the end of the temporary file. On an error (no
+        temporary file, a full disk) they stay, and so do all later ones: the file is
+        read only as far as its last whole batch."""
+        data = "".join(row + "\n" for row in self.rows).encode("utf-8", "surrogatepass")
+        try:
+            if self._spill is None:
+                # Open across calls (closed by `close`); removed from its directory already.
+                self._spill = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115
+            view = memoryview(data)
+            while view:
+                view = view[self._spill.write(view) or 0:]
+        except OSError:
+            self.SPILL_AFTER = sys.maxsize
+            return
+        self._spilled += len(data)
+        self.rows.clear()
 
     def lines(self) -> Iterator[str]:
         """The header, then a line per row."""
@@ -496,11 +530,39 @@ class StatusTable:
             "  ".join(h.ljust(widths[i]) if i < last else h for i, h in enumerate(self.header)),
             bold=True,
         )
-        for cells, colour, bold in self.rows:
+        for row in self._rows():
+            *cells, colour, bold = row.split(_ROW_SEP)
             parts = [c.ljust(widths[i]) if i < last else c for i, c in enumerate(cells)]
             if colour:
-                parts[1] = click.style(parts[1], fg=colour, bold=bold)
+                parts[1] = click.style(parts[1], fg=colour, bold=bool(bold))
             yield "  ".join(parts)
+
+    def _rows(self) -> Iterator[str]:
+        """Every row, in the order added: the spilled ones first."""
+        left = self._spilled
+        if left:
+            assert self._spill is not None
+            try:
+                self._spill.seek(0)
+                for raw in open(self._spill.fileno(), "rb", closefd=False):  # noqa: SIM115
+                    left -= len(raw)
+                    if left < 0:
+                        break
+                    yield raw[:-1].decode("utf-8", "surrogatepass")
+            except OSError as e:
+                raise CliError(
+                    f"the status rows kept in a temporary file cannot be read back "
+                    f"({os_message(e)}); list with --json, which keeps none") from None
+        yield from self.rows
+
+    def close(self) -> None:
+        """Drop the temporary file (it has no name: closing it frees its space)."""
+        if self._spill is not None:
+            self._spill.close()
+
+
+_ROW_SEP = "\x1f"
+"""Between a kept row's cells: a control character, so no escaped cell holds it."""
 
 
 def stream_status_json(rows: Iterator[HolderStatus]) -> tuple[bool, bool]:

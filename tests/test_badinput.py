@@ -919,6 +919,36 @@ def fill(directory: Path) -> Path:
     return filler
 
 
+def test_a_status_table_whose_temporary_file_fills_the_disk_keeps_its_rows(
+    tmpfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`status`'s text table keeps rows past its memory share in a temporary file; when
+    the disk that file is on fills up, the rest stay in memory and none is lost."""
+    import tempfile
+
+    from fencelock import HolderStatus, ProbeState
+    from fencelock._output import StatusTable
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpfs_dir))
+    # Rows of about 300 bytes: the first batch takes the file's first page, and the
+    # batches after the disk is full go into that page until one is cut short.
+    sessions = [str(tmp_path / f"{i:03d}-{'x' * 240}.jsonl") for i in range(60)]
+    rows = [HolderStatus(s, s + ".holder", ProbeState.FREE) for s in sessions]
+    whole = StatusTable()
+    table = StatusTable()
+    table.SPILL_AFTER = 3
+    for i, row in enumerate(rows):
+        if i == 3:
+            fill(tmpfs_dir)
+        whole.add(row, 0.0)
+        table.add(row, 0.0)
+    assert table._spill is not None
+    assert 0 < table._spilled < os.fstat(table._spill.fileno()).st_size  # one cut short
+    assert list(table.lines()) == list(whole.lines())
+    assert len(list(table.lines())) == 61
+    table.close()
+
+
 def test_real_full_disk(tmpfs_dir: Path) -> None:
     session = tmpfs_dir / "s.jsonl"
     with SessionLock(session, "a") as lock:

@@ -2581,6 +2581,86 @@ def test_a_command_whose_answer_goes_to_stdout_refuses_a_closed_stdout(
     assert sorted(p.name for p in session.parent.iterdir()) == before  # nothing made
 
 
+def table_rows(directory: Path, spawn_holder: SpawnHolder) -> list[Any]:
+    """Status rows of a directory with released sessions (one named in bytes that are
+    not UTF-8), a free one and a stale one."""
+    from fencelock import scan
+
+    for name in [*(f"s{i:02d}.jsonl" for i in range(8)), "caf\udcff.jsonl"]:
+        with SessionLock(directory / name, lane=f"lane-{name[:3]}"):
+            pass
+    (directory / "new.jsonl.holder").touch()
+    make_stale(spawn_holder, directory / "stale.jsonl")
+    return list(scan(directory))
+
+
+def table_lines(rows: list[Any], now: float, spill_after: int | None) -> tuple[list[str], Any]:
+    """The lines of a status table of ``rows``, colours on; and the table."""
+    from fencelock._output import StatusTable
+
+    table = StatusTable()
+    if spill_after is not None:
+        table.SPILL_AFTER = spill_after
+    for st in rows:
+        table.add(st, now)
+    try:
+        return list(table.lines()), table
+    finally:
+        table.close()
+
+
+@pytest.mark.parametrize("spill_after", [1, 3, 4])
+def test_a_long_status_table_keeps_its_rows_in_a_temporary_file(
+    tmp_path: Path, spawn_holder: SpawnHolder, spill_after: int
+) -> None:
+    """Past `StatusTable.SPILL_AFTER` rows the text table keeps them in a temporary file
+    (memory stays flat for 100,000 sessions), and prints the same lines in the same
+    order: a name that is not UTF-8, the stale row's colour and a last part batch."""
+    rows = table_rows(tmp_path, spawn_holder)
+    now = time.time()
+    whole, _ = table_lines(rows, now, None)
+    lines, table = table_lines(rows, now, spill_after)
+    assert lines == whole and len(lines) == len(rows) + 1 == 12
+    assert table._spilled and len(table.rows) < spill_after
+    assert "\x1b[" in "".join(lines) and "caf\\xff.jsonl" in "".join(lines)
+
+
+def test_a_status_table_with_no_temporary_file_keeps_its_rows(
+    tmp_path: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = table_rows(tmp_path, spawn_holder)
+    now = time.time()
+    whole, _ = table_lines(rows, now, None)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no such directory"))
+    lines, table = table_lines(rows, now, 3)
+    assert lines == whole and not table._spilled and len(table.rows) == len(rows)
+
+
+def test_status_of_a_directory_past_the_table_s_memory_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fencelock._output import StatusTable
+
+    for i in range(7):
+        with SessionLock(tmp_path / f"s{i}.jsonl"):
+            pass
+    whole = invoke("status", str(tmp_path))
+    monkeypatch.setattr(StatusTable, "SPILL_AFTER", 2)
+    made = []
+    real = tempfile.TemporaryFile
+
+    def temporary_file(*args: Any, **kwargs: Any) -> Any:
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
+    spilled = invoke("status", str(tmp_path))
+    assert (spilled.exit_code, spilled.stdout) == (whole.exit_code, whole.stdout) == (
+        0, whole.stdout)
+    assert len(whole.stdout.splitlines()) == 8
+    assert len(made) == 1 and made[0].closed  # and closed once printed
+
+
 def test_a_row_for_what_a_run_left_running_escapes_the_record_s_host(session: Path) -> None:
     """The status row of a session held by what a `fencelock run` command left running
     shows the ended run's host escaped, as every other row does (it went out raw: a
