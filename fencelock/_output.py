@@ -12,7 +12,6 @@ import math
 import os
 import select
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -509,6 +508,8 @@ class StatusTable:
         """Move the rows in memory to the end of the temporary file. On an error (no
         temporary file, a full disk) they stay, and so do all later ones: the file is
         read only as far as its last whole batch."""
+        import tempfile  # only for a long table: not at startup
+
         data = "".join(row + "\n" for row in self.rows).encode("utf-8", "surrogatepass")
         try:
             if self._spill is None:
