@@ -178,6 +178,21 @@ def _take_opened(path: str, mode: FenceMode) -> Fingerprint | None:
         os.close(fd)
 
 
+def copy_up(path: str) -> None:
+    """On overlayfs (a container's filesystem): open the session file for writing and
+    close it, writing nothing. A file that so far is only in a lower layer (an image
+    shipped it) is copied up to the upper layer then, which moves its ctime (and with
+    ``metacopy=on`` its mtime): done by the first append's open instead, after the
+    fence point was taken, the stat fence would read it as a write by someone else. A
+    file already copied up is not changed. An error is left to the append to report."""
+    flags = os.O_WRONLY | os.O_APPEND | _platform.O_NOFOLLOW | _platform.O_NONBLOCK
+    try:
+        fd = os.open(path, flags | _platform.O_CLOEXEC)
+    except OSError:
+        return
+    os.close(fd)
+
+
 def _not_regular(path: str, st_mode: int) -> Exception:
     from fencelock._errors import UnsafePathError
     from fencelock._platform import describe_mode

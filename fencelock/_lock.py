@@ -50,9 +50,10 @@ OnContention = Literal["wait", "fail"]
 
 
 @functools.lru_cache(maxsize=256)
-def _directory_facts(directory: str, real: str) -> FenceMode:
-    """The fence mode of a sessions directory (``real`` is its real path); cached, as
-    detecting it costs syscalls.
+def _directory_facts(directory: str, real: str) -> tuple[FenceMode, bool]:
+    """The fence mode of a sessions directory (``real`` is its real path), and whether
+    it is on overlayfs (`_fingerprint.copy_up`); cached, as detecting them costs
+    syscalls.
 
     Also warns, once per directory, when anyone may create files in the real directory:
     another user could then plant a sidecar or session of their own there.
@@ -69,12 +70,13 @@ def _directory_facts(directory: str, real: str) -> FenceMode:
             FenceLockWarning,
             stacklevel=4,
         )
-    return _fingerprint.detect_mode(real)
+    fstype = _fingerprint.filesystem_type(real)
+    return _fingerprint.mode_for(fstype), fstype == "overlay"
 
 
-def _session_facts(session: str) -> tuple[str, FenceMode, bool]:
-    """(registry key, detected fence mode, whether the key's directory was walked
-    whole) of an absolute session path. Raises `ForeignSymlinkError` when the path goes
+def _session_facts(session: str) -> tuple[str, tuple[FenceMode, bool], bool]:
+    """(registry key, (detected fence mode, on overlayfs), whether the key's directory
+    was walked whole) of an absolute session path. Raises `ForeignSymlinkError` when the path goes
     through another user's symlink. Both are kept only when walked whole: a directory
     with a missing component (not made yet) is walked again next time, as another user
     may make the missing name meanwhile, as a symlink to a directory of theirs."""
@@ -228,8 +230,10 @@ class SessionLock:
         self.stamp = stamp
         self.mode = mode
         self.origin = origin
-        self._key, detected, self._walked = _session_facts(self.session)
+        self._key, (detected, overlay), self._walked = _session_facts(self.session)
         self.fence_mode = detected if fence == FenceMode.AUTO else FenceMode(fence)
+        self._copies_up = overlay and self.fence_mode is STAT
+        """The session's fingerprint is taken after `_fingerprint.copy_up`."""
         self._io = threading.Lock()
         self._append_mu = threading.Lock()
         self._appending = 0
@@ -492,6 +496,9 @@ class SessionLock:
                 if stat.S_ISREG(st.st_mode):
                     if st.st_uid != _sidecar.OWN_UID and st.st_uid:
                         _sidecar.refuse_planted(self.session, st)
+                    if self._copies_up:
+                        _fingerprint.copy_up(self.session)
+                        return _fingerprint.take(self.session, STAT)
                     last = self._fp
                     # The last one's object again if nothing moved, else from this stat.
                     return last if _fence._stat_matches(last, st) else _fingerprint.from_stat(st)

@@ -187,6 +187,9 @@ class RemoteStore:
             lock._fp = _fingerprint.take(lock.session, lock.fence_mode, opened=True)
             if lock._fp is not None:  # as for a sidecar (`SessionLock._session_fingerprint`)
                 _sidecar.refuse_planted_at(lock.session)
+                if lock._copies_up:
+                    _fingerprint.copy_up(lock.session)
+                    lock._fp = _fingerprint.take(lock.session, lock.fence_mode, opened=True)
             lock._tail_checked = False
             lock._info = None
             return lock._encode()

@@ -94,6 +94,22 @@ def mount_tmpfs(target: Path, size: str, ro: bool = False) -> str | None:
     return None
 
 
+def mount_overlay(base: Path, options: str = "") -> tuple[Path, Path] | str:
+    """Under ``base``: an overlayfs (``options`` added to its mount options) merging the
+    ``lower`` directory (an image's layer, made if missing) into ``merged``; (lower,
+    merged), or why it cannot be mounted. Unmount ``merged`` with `umount`."""
+    lower, upper, work, merged = (base / name for name in ("lower", "upper", "work", "merged"))
+    for directory in (lower, upper, work, merged):
+        directory.mkdir(exist_ok=True)
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}" + (
+        f",{options}" if options else "")
+    done = subprocess.run(["mount", "-t", "overlay", "-o", opts, "overlay", str(merged)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"cannot mount an overlayfs here: {done.stderr.strip()}"
+    return lower, merged
+
+
 def remount(target: Path, opts: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{opts}", str(target)], check=True)
 

@@ -4,14 +4,18 @@ etcd (the `store` fixture), with real processes where it says so."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
+import marks
 import pytest
 from conftest import SpawnHolder, hammer, interrupted_on_entry, record_of, wait_for_no_owner
+from privdrop import mount_overlay, mount_tmpfs, umount
 
 from fencelock import (
     Action,
@@ -377,3 +381,49 @@ def test_an_interrupt_as_the_run_ends_still_frees_its_slot_in_the_process(
     _release_interrupted_at(lock, SessionLock._run_ended)
     with SessionLock(session, "again", on_contention="fail") as again:
         assert again.held
+
+
+@pytest.mark.parametrize("options", ["", "metacopy=on"])
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
+def test_a_session_file_an_image_shipped_takes_appends_on_overlayfs(
+    tmp_path: Path, options: str, marked: bool
+) -> None:
+    """A session file only in an overlayfs lower layer (a container image shipped it)
+    is copied up by the first open for writing, which moves its ctime (with
+    ``metacopy=on`` its mtime too). The acquire copies it up before it takes the fence
+    point: the first append was refused as a takeover, the run's reply undelivered.
+    ``marked``: the image holds the sidecar and the token mark (fencelock ran at build
+    time), so the acquire does not set the mark, which copies the file up (without
+    ``metacopy``) as a side effect."""
+    marks.require("linux", "root", "mount")
+    base = tmp_path / "base"
+    base.mkdir()
+    why = mount_tmpfs(base, "8m")
+    if why:
+        marks.unavailable("mount", why, fix="run the suite where root may mount")
+    try:
+        lower = base / "lower"
+        lower.mkdir()
+        with SessionLock(lower / "s.jsonl", lane="image") as lock:  # the image's layer
+            lock.append({"n": 0})
+        if not marked:
+            (lower / "s.jsonl.holder").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.removexattr(lower / "s.jsonl", "user.fencelock.token")
+        made = mount_overlay(base, options)
+        if isinstance(made, str):
+            marks.unavailable("mount", made, fix="a kernel with overlayfs (and metacopy)")
+        merged = made[1]
+        session = merged / "s.jsonl"
+        try:
+            with SessionLock(session, lane="container") as lock:
+                lock.append({"n": 1})
+                lock.append({"n": 2})
+            assert [json.loads(line)["n"] for line in session.read_bytes().splitlines()] == [
+                0, 1, 2]
+            assert verify(session).ok
+            assert (lower / "s.jsonl").read_bytes().count(b"\n") == 1  # the layer as shipped
+        finally:
+            umount(merged)
+    finally:
+        umount(base)
