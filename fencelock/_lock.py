@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from fencelock import (
+    _cleanup,
     _fence,
     _fingerprint,
     _identity,
@@ -477,7 +478,7 @@ class SessionLock:
             # Only a slot this attempt took: while another owner (thread, task) holds
             # this object or is acquiring it, the slot, the object's one, is theirs.
             if not self._count:
-                _free_slot(self._key, self, attempt)
+                _cleanup.to_the_end(lambda: _registry.free_surely(self._key, self, attempt))
             raise
 
     def _session_fingerprint(self) -> Fingerprint | None:
@@ -567,7 +568,7 @@ class SessionLock:
             try:
                 self._run_ended()
             except BaseException:  # the same, at its start: the slot must be freed
-                _free_slot(self._key, self)
+                _cleanup.to_the_end(lambda: _registry.free_surely(self._key, self))
                 raise
 
     def _await_append(self) -> None:

@@ -212,10 +212,21 @@ def free(key: str, lock: SessionLock, attempt: object = None) -> None:
         if slot is not None and slot[0] is lock and (attempt is None or slot[1] is attempt):
             line = _lines.get(key)
             if line:
-                _held[key] = line.pop(0)
+                # Handed on with no call between the two steps (an interrupt lands at a
+                # call): a waiter popped but not yet given the slot would be lost.
+                _held[key] = line[0]
+                del line[0]
                 _cond.notify_all()
             else:
                 del _held[key]
+
+
+def free_surely(key: str, lock: SessionLock, attempt: object = None) -> None:
+    """`free`, then wake every waiter: run again after an interrupt cut it short
+    (`_cleanup.to_the_end`), it also wakes a waiter handed the slot whose wake-up the
+    interrupt cut short."""
+    free(key, lock, attempt)
+    wake()
 
 
 def wake() -> None:

@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from fencelock import (
+    _cleanup,
     _fingerprint,
     _identity,
     _platform,
@@ -68,6 +69,10 @@ _PEEK_BYTES = 4096
 _RELEASED_NOTE = (
     "the session is released, but its record still says held (it will read as stale)"
 )
+
+
+def _nothing() -> None:
+    pass
 
 
 def holder_alive(record: HolderInfo) -> bool | None:
@@ -209,10 +214,12 @@ class SidecarHolder:
                 lock._count, lock._owner, lock._pid = 1, me, _identity.ME.pid
             except BaseException as e:
                 lock._count = 0
-                self._unwrite_record(lock, run_id)
-                if isinstance(e, PlantedFileError):
-                    self._remove_if_empty()
-                self._close_fd()
+                _cleanup.to_the_end(
+                    lambda: self._unwrite_record(lock, run_id),
+                    # A refused planted file: no record of ours was written in it.
+                    self._remove_if_empty if isinstance(e, PlantedFileError) else _nothing,
+                    self._close_fd,
+                )
                 raise
 
     def _remove_if_empty(self) -> None:

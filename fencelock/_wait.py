@@ -120,8 +120,12 @@ class Waiter:
         if old is not None and old.adopt(box):
             _sidecar.close(mine.pop())
             return
-        waiter = Waiter(mine.pop(), key)
+        waiter = Waiter(-1, key)
         box.append((waiter, waiter.claim))
+        # Handed over with no call between the two steps (an interrupt lands at a call):
+        # ``mine``'s until the first, the waiter's from the second.
+        waiter.fd = mine[-1]
+        del mine[-1]
         waiter._begin()
 
     def give_up(self, claim: object, got: list[int]) -> bool:
@@ -147,7 +151,8 @@ class Waiter:
                 _pending[self.key] = self
             else:  # no thread uses the descriptor yet (it checks `abandoned` first)
                 fd, self.fd = self.fd, -1
-                _sidecar.close(fd)
+                if fd >= 0:  # -1: given up before the descriptor was handed to it
+                    _sidecar.close(fd)
             return False
 
     def give_up_and_close(self, claim: object) -> None:

@@ -1030,6 +1030,62 @@ def test_an_interrupt_while_the_sidecar_is_checked_leaks_no_descriptor(session: 
         pass
 
 
+def _interrupt_a_contended_acquire(session: Path, spawn_holder: SpawnHolder,
+                                   function: Callable[..., Any], **kwargs: Any) -> SessionLock:
+    """Interrupt (KeyboardInterrupt, as a signal handler raises) an acquire of
+    ``session``, held by another process, as it enters ``function``; the lock object."""
+    from conftest import interrupted_on_entry
+
+    holder = spawn_holder(session, lane="holder")
+    holder.acquire()
+    lock = SessionLock(session, "interrupted", **kwargs)
+    with interrupted_on_entry(function) as raised, pytest.raises(KeyboardInterrupt):
+        lock.acquire()
+    assert raised and not lock.held
+    assert holder.call("release") == "released"
+    return lock
+
+
+@pytest.mark.parametrize("where", ["the slot is freed", "the waiter is woken"])
+def test_an_interrupt_in_a_failed_acquire_s_cleanup_frees_its_slot(
+    session: Path, spawn_holder: SpawnHolder, where: str
+) -> None:
+    """A fail-fast acquire meets a holder in another process; an interrupt lands in its
+    cleanup, as the in-process slot it took is freed. The slot was left taken: every
+    later acquire of the session in this process was refused as held (one that waits
+    for good waited for good)."""
+    from fencelock import _registry
+
+    step = _registry.free if where == "the slot is freed" else _registry.wake
+    lock = _interrupt_a_contended_acquire(session, spawn_holder, step, on_contention="fail")
+    assert lock._key not in _registry._held
+    with SessionLock(session, "next", timeout=30):
+        pass
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
+@pytest.mark.parametrize("where", ["its waiter is made", "its record is taken back"])
+def test_an_interrupt_in_a_contended_acquire_leaks_no_descriptor(
+    session: Path, spawn_holder: SpawnHolder, where: str
+) -> None:
+    """A timed acquire meets a holder in another process; an interrupt lands as the
+    helper that waits in the kernel is made (the descriptor was between the acquire and
+    the helper, owned by neither), or in the cleanup of the failed acquire (which then
+    skipped closing it)."""
+    from fencelock import _sidecar_holder, _wait
+
+    if where == "its waiter is made":
+        _interrupt_a_contended_acquire(session, spawn_holder, _wait.Waiter.__init__,
+                                       timeout=5)
+    else:
+        _interrupt_a_contended_acquire(session, spawn_holder,
+                                       _sidecar_holder.SidecarHolder._unwrite_record,
+                                       on_contention="fail")
+    assert _fds_naming(f"{session}.holder") == []
+    with SessionLock(session, "next", timeout=30):
+        pass
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
 def test_an_interrupt_while_a_session_file_is_checked_leaks_no_descriptor(session: Path) -> None:
     from conftest import interrupted_on_entry
