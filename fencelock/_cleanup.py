@@ -5,9 +5,8 @@ also inside the ``except`` block that gives back what a failed acquire took. A s
 the in-process registry left taken there would keep every later acquire of the process
 out of the session for good, and a descriptor left open would leak (with any lock it
 carries). `to_the_end` runs such steps again when one is cut short, then raises the
-first interrupt. (One point is left: an interrupt landing as `to_the_end` itself is
-entered. Python offers no way to close it; the window is one bytecode instead of every
-call the steps make.)
+first interrupt. Python offers no way to close every point: an interrupt can still land
+as `to_the_end` is entered, or a second one right after it caught a first.
 """
 
 from __future__ import annotations
@@ -15,20 +14,24 @@ from __future__ import annotations
 from collections.abc import Callable
 
 _TRIES = 8
-"""How many interrupts one step may take before it is given up (a step that keeps
-failing for another reason must not loop for good)."""
+"""How many interrupts one call may take before it gives up (a step that keeps failing
+for another reason must not loop for good)."""
 
 
 def to_the_end(*steps: Callable[[], object]) -> None:
-    """Run each of ``steps`` (each safe to run again after being cut short) to its end,
-    again when an exception cuts it short; then raise the first such exception."""
+    """Run ``steps`` in order (each safe to run again after being cut short), each to
+    its end, again when an exception cuts it short; then raise the first such
+    exception. Everything between two steps happens inside the ``try``."""
     first: BaseException | None = None
-    for step in steps:
-        for _ in range(_TRIES):
-            try:
-                step()
-                break
-            except BaseException as e:  # an interrupt, landing in the step
-                first = first or e
+    done = tries = 0
+    while tries < _TRIES:
+        try:
+            while done < len(steps):
+                steps[done]()
+                done += 1
+            break
+        except BaseException as e:  # an interrupt, landing in a step
+            first = first or e
+            tries += 1
     if first is not None:
         raise first

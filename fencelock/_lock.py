@@ -262,6 +262,10 @@ class SessionLock:
         self._fp: Fingerprint | None = None
         self._tail_checked = False
         self._abort_callbacks: list[Any] = []
+        self._slot_attempt: object = None
+        """The acquire attempt that took the in-process slot the run holds
+        (`_registry.take`): its release frees that slot only, never one handed on to
+        another owner of this object since (which a release run again would free)."""
         self._token_floor = 0
         """A new sidecar's first token is above this (`recover` sets it for a fresh
         session that carries another session's stamped lines)."""
@@ -473,6 +477,7 @@ class SessionLock:
         try:
             _take_slot(self._key, self, self.on_contention == "fail", deadline, cancel, start,
                        attempt)
+            self._slot_attempt = attempt
             self._store.acquire(self, me, deadline, cancel, start)
         except BaseException:
             # Only a slot this attempt took: while another owner (thread, task) holds
@@ -565,10 +570,11 @@ class SessionLock:
                             self._store.release(self)
                     raise
         finally:
+            attempt = self._slot_attempt  # the run's: its slot is handed on to a later one
             try:
-                self._run_ended()
+                self._run_ended(attempt)
             except BaseException:  # the same, at its start: the slot must be freed
-                _cleanup.to_the_end(lambda: _registry.free_surely(self._key, self))
+                _cleanup.to_the_end(lambda: _registry.free_surely(self._key, self, attempt))
                 raise
 
     def _await_append(self) -> None:
@@ -630,7 +636,7 @@ class SessionLock:
             with self._io:
                 self._store.release_shared(self)
         finally:
-            self._run_ended()
+            self._run_ended(self._slot_attempt)
 
     def _follow_session(self) -> bool:
         """At the end of a `fencelock run`: its command wrote the session itself, outside
@@ -648,12 +654,13 @@ class SessionLock:
         self._fp, self._info = fp, None
         return True
 
-    def _run_ended(self) -> None:
-        """After the last release of a run: its slot is free, its callbacks forgotten."""
+    def _run_ended(self, attempt: object) -> None:
+        """After the last release of a run (its acquire ``attempt``): its slot is free,
+        its callbacks forgotten."""
         self._info = None
         if self._abort_callbacks:
             self._abort_callbacks = []
-        _free_slot(self._key, self)
+        _free_slot(self._key, self, attempt)
 
     def __enter__(self) -> SessionLock:
         me = _whoami()

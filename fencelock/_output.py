@@ -468,9 +468,10 @@ class StatusTable:
 
     The widths are known only once every row is in, so rows are kept until then: each
     as one line of text (its cells are escaped, so they hold no control character to
-    split on), the first `SPILL_AFTER` in memory and the rest in a temporary file, so
-    that listing a directory of 100,000 sessions or more takes flat memory. Where no
-    temporary file can be made, the rest stay in memory."""
+    split on), at most `SPILL_AFTER` in memory, each full batch moved to a temporary
+    file, so that listing a directory of 100,000 sessions or more takes flat memory.
+    Where no temporary file can be made, or a batch cannot be written, the rest stay
+    in memory."""
 
     SPILL_AFTER = 2000
 

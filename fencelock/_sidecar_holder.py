@@ -71,10 +71,6 @@ _RELEASED_NOTE = (
 )
 
 
-def _nothing() -> None:
-    pass
-
-
 def holder_alive(record: HolderInfo) -> bool | None:
     """Whether the record's owner still runs, or the command a `fencelock run` owner
     started (which shares its lock); None when that cannot be known from here."""
@@ -214,10 +210,13 @@ class SidecarHolder:
                 lock._count, lock._owner, lock._pid = 1, me, _identity.ME.pid
             except BaseException as e:
                 lock._count = 0
+
+                def remove_if_planted(error: BaseException = e) -> None:
+                    if isinstance(error, PlantedFileError):  # no record of ours was written
+                        self._remove_if_empty()
+
                 _cleanup.to_the_end(
-                    lambda: self._unwrite_record(lock, run_id),
-                    # A refused planted file: no record of ours was written in it.
-                    self._remove_if_empty if isinstance(e, PlantedFileError) else _nothing,
+                    lambda: self._unwrite_record(lock, run_id), remove_if_planted,
                     self._close_fd,
                 )
                 raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import stat
@@ -1061,6 +1062,100 @@ def test_an_interrupt_in_a_failed_acquire_s_cleanup_frees_its_slot(
     assert lock._key not in _registry._held
     with SessionLock(session, "next", timeout=30):
         pass
+
+
+def _interrupt_at_opcode(code: Any, offset: int) -> Callable[..., Any]:
+    """A tracer that raises KeyboardInterrupt once, before the instruction at
+    ``offset`` of ``code`` runs (a signal handler can raise at far fewer points)."""
+    fired: list[bool] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+        frame.f_trace_opcodes = True
+        if event == "opcode" and frame.f_lasti == offset and not fired:
+            fired.append(True)
+            raise KeyboardInterrupt
+        return tracer
+
+    return tracer
+
+
+def test_a_cleanup_runs_every_step_whatever_instruction_an_interrupt_lands_at() -> None:
+    """`_cleanup.to_the_end` gives back what a failed acquire took (its slot, its
+    descriptor): an interrupt landing at any instruction inside its ``try`` (between
+    steps too) cuts no step out; the interrupt is raised once every step has run."""
+    import dis
+    import inspect
+
+    from fencelock import _cleanup
+
+    code = _cleanup.to_the_end.__code__
+    lines, first_line = inspect.getsourcelines(_cleanup.to_the_end)
+    try_line = first_line + next(i for i, text in enumerate(lines) if text.strip() == "try:")
+    offsets = [i.offset for i in dis.get_instructions(code)
+               if i.positions is not None and (i.positions.lineno or 0) > try_line]
+    assert len(offsets) > 10
+    for offset in offsets:
+        done: list[str] = []
+        sys.settrace(_interrupt_at_opcode(code, offset))
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                _cleanup.to_the_end(*(functools.partial(done.append, name)
+                                      for name in ("slot", "record", "descriptor")))
+        finally:
+            sys.settrace(None)
+        assert sorted(set(done)) == ["descriptor", "record", "slot"], (offset, done)
+        assert done[0] == "slot" and done[-1] == "descriptor", (offset, done)
+
+
+def test_two_interrupts_in_a_release_leave_the_slot_with_the_owner_it_went_to(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release's cleanup frees the run's in-process slot again after an interrupt cut
+    it short. Run again, it freed the slot it had just handed to another thread waiting
+    on the same lock object: that thread, no longer in line, was never woken (the
+    session free, it waited for good)."""
+    from fencelock import _lock, _registry
+
+    lock, other = SessionLock(session, "a"), SessionLock(session, "c")
+    lock.acquire()
+    key = lock._key
+    got: list[str] = []
+
+    def take(which: SessionLock, name: str) -> None:
+        with which:
+            got.append(name)
+
+    waiters = []
+    for which, name in ((lock, "same object"), (other, "other object")):
+        waiters.append(threading.Thread(target=take, args=(which, name), daemon=True))
+        waiters[-1].start()
+        deadline = time.monotonic() + 30
+        while len(_registry._lines.get(key, ())) < len(waiters):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    hits: list[str] = []
+
+    def interrupted_once(function: Callable[..., Any]) -> Callable[..., Any]:
+        """``function``, with an interrupt landing as it is entered the first time."""
+        def entered(*args: Any) -> Any:
+            if function.__name__ not in hits:
+                hits.append(function.__name__)
+                raise KeyboardInterrupt
+            return function(*args)
+        return entered
+
+    # As the run's end begins, then as the cleanup that frees its slot wakes the waiters.
+    monkeypatch.setattr(_lock.SessionLock, "_run_ended",
+                        interrupted_once(_lock.SessionLock._run_ended))
+    monkeypatch.setattr(_registry, "wake", interrupted_once(_registry.wake))
+    with pytest.raises(KeyboardInterrupt):
+        lock.release()
+    assert hits == ["_run_ended", "wake"]
+    for waiter in waiters:
+        waiter.join(30)
+    assert sorted(got) == ["other object", "same object"]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
