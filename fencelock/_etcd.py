@@ -56,6 +56,9 @@ whether the request took effect)."""
 _TLS_PROBE_TIMEOUT = 1.0
 """How long the look at an endpoint that closed a request or a TLS handshake unanswered
 may take (a TLS handshake, or a plain GET of etcd's version)."""
+_LEADER_PROBE_TIMEOUT = 0.5
+"""How long the question whether a member that did not answer in time has a leader may
+take."""
 
 _ASCEND, _DESCEND = 1, 2
 _BY_CREATE = 2  # SortTarget: KEY, VERSION, CREATE, MOD, VALUE
@@ -629,6 +632,7 @@ class _Cluster:
         why = "no endpoint"
         misfit: StoreUnavailableError | None = None
         said: str | None = None  # etcd's own reason for not serving ("no leader")
+        reasons: dict[int, str] = {}  # each endpoint's, for the error
         n = len(clients)
         for i in range(n):
             if i and deadline is not None and time.monotonic() >= deadline:
@@ -645,8 +649,9 @@ class _Cluster:
                 # etcd's own 503/504 answer ("no leader") carries its reason: keep it.
                 answer = (e.detail_text or "").lstrip()
                 if answer.startswith("{"):
-                    said = _etcd_error(self.url.display, answer).why
-                elif e.args:
+                    said = reasons[index] = _etcd_error(self.url.display, answer).why
+                    continue
+                if e.args:
                     # An HTTP answer (etcd3gw adds its reason) that is not etcd's: a proxy
                     # in front of etcd said 503 or 504. Its status says why, not any
                     # words on its page.
@@ -657,6 +662,7 @@ class _Cluster:
                     # A handshake answered, but failed: a setting to fix, raised unless
                     # another endpoint answers (as is a scheme that does not fit, below).
                     misfit = self._tls_failed(index, answer)
+                    why = misfit.why
                 else:  # no answer: etcd3gw keeps requests' error in detail_text
                     why = ("connection refused" if "refused" in answer.lower() else
                            "no answer in time" if isinstance(e, exceptions.ConnectionTimeoutError)
@@ -664,6 +670,7 @@ class _Cluster:
                     if why == "cannot connect":  # closed unanswered: a wrong scheme?
                         misfit = (self._plain_port(index, timeout) if self.url.tls
                                   else self._tls_only_port(index, timeout)) or misfit
+                reasons[index] = why
                 continue
             except exceptions.Etcd3Exception as e:
                 detail = (e.detail_text or str(e)).strip()
@@ -672,6 +679,7 @@ class _Cluster:
                     # haproxy and Envoy say 502): an outage, as its 503 and 504 are.
                     page = " ".join(detail.split())[:120] or "an empty page"
                     why = f"HTTP 502 Bad Gateway from a server other than etcd, which said: {page}"
+                    reasons[index] = why
                     continue
                 if isinstance(e, exceptions.ApiVersionDiscoveryFailedError) or (
                         type(e) is exceptions.Etcd3Exception
@@ -693,7 +701,35 @@ class _Cluster:
             return result
         # A wrong setting is raised only when no endpoint answered: etcd answering "no
         # leader" makes this an outage, which the waiting commands ride out.
-        raise (None if said else misfit) or StoreUnavailableError(self.url.display, said or why)
+        raise (None if said else misfit) or self._unavailable(reasons, said or why)
+
+    def _unavailable(self, reasons: dict[int, str], why: str) -> StoreUnavailableError:
+        """The error for a request no endpoint served (``why``: the last reason, or
+        etcd's own). Where the URL names several endpoints, each one's reason; where one
+        that is up has no leader, that the cluster lost its quorum, and what to do."""
+        lost = False
+        for index, reason in reasons.items():
+            if reason in ("no answer in time", "etcdserver: request timed out") and \
+                    self._without_leader(index):
+                reasons[index], lost = "up, without a leader", True
+        if len(self.url.endpoints) > 1 and reasons:
+            why = "; ".join(f"{self._where(i)} {r}" for i, r in sorted(reasons.items()))
+        elif lost:
+            why = "etcd is up, without a leader"
+        return StoreUnavailableError(self.url.display, why, (
+            "the etcd cluster has lost its quorum: start its members that are down (a "
+            "majority of them must run)") if lost else None)
+
+    def _without_leader(self, index: int) -> bool:
+        """Whether endpoint ``index`` answers that its member knows no leader (a
+        cluster that lost its quorum: a member serves this question on its own)."""
+        client = self._clients()[index]
+        client.timeout = _LEADER_PROBE_TIMEOUT
+        try:
+            status = client.post(client.get_url("/maintenance/status"), json={})
+        except Exception:  # no answer, or not one to read: nothing to say
+            return False
+        return isinstance(status, dict) and str(status.get("leader") or "0") == "0"
 
     def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
             failure: list[dict[str, Any]] | None = None,
@@ -1477,8 +1513,9 @@ class EtcdHolder:
             self._cluster.drop(lease, "a release could not be stored")
             raise StoreUnavailableError(
                 e.endpoint, f"{e.why}; the release was not stored",
-                f"once its lease ends the session reads as stale until it is cleared "
-                f"({_clear_command(self.url, self.session).replace(' --force', '')})",
+                f"once its lease ends the session reads as stale, and the next run takes "
+                f"it over (or clear it now: "
+                f"{_clear_command(self.url, self.session).replace(' --force', '')})",
             ) from None
         except BaseException:
             # An interrupt (KeyboardInterrupt, a signal handler's exception): the key

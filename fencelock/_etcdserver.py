@@ -77,6 +77,8 @@ class EtcdServer:
         self._started = False
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = os.path.join(self.data_dir, "etcd.log")
+        self._cluster: list[EtcdServer] = [self]
+        """The cluster's members (`cluster` makes one of several)."""
 
     @property
     def endpoint(self) -> str:
@@ -109,6 +111,11 @@ class EtcdServer:
         raise RuntimeError(f"etcd found no free ports in {_TRIES} tries")
 
     def _start_once(self, timeout: float) -> None:
+        start = self._spawn()
+        self._wait_ready(time.monotonic() + timeout, start)
+
+    def _spawn(self) -> int:
+        """Start the process; the log's length before it."""
         client = f"http://{self.endpoint}"
         peer = f"http://127.0.0.1:{self.peer_port}"
         listen = client
@@ -119,7 +126,8 @@ class EtcdServer:
             "--data-dir", os.path.join(self.data_dir, "data"),
             "--listen-client-urls", listen, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self.name}={peer}",
+            "--initial-cluster", ",".join(
+                f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self._cluster),
             "--log-level", "error",
         ]
         if self.tls:
@@ -131,7 +139,13 @@ class EtcdServer:
         with open(self._log, "ab") as log:
             start = log.tell()
             self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
+        return start
+
+    def _wait_ready(self, deadline: float, start: int) -> None:
+        """Wait until it answers healthy as this server's member (``start``: where its
+        log began, to quote it if it exits)."""
+        assert self.proc is not None
+        client = f"http://{self.endpoint}"
         while True:
             if self.proc.poll() is not None:
                 with open(self._log, "rb") as f:
@@ -159,7 +173,7 @@ class EtcdServer:
                 headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=1) as r:
                 members = json.loads(r.read()).get("members", [])
-            if [m.get("name") for m in members] == [self.name]:
+            if sorted(m.get("name") for m in members) == sorted(m.name for m in self._cluster):
                 return True
             assert self.proc is not None
             self.proc.kill()
@@ -199,3 +213,22 @@ class EtcdServer:
                 self.proc.wait()
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def cluster(size: int = 3, timeout: float = 30.0) -> list[EtcdServer]:
+    """A new etcd cluster of ``size`` members on loopback, every one started and
+    healthy (each is stopped with its `stop`; `kill` some to take its quorum away)."""
+    members = [EtcdServer() for _ in range(size)]
+    for member in members:
+        member._cluster = members
+    try:
+        starts = [member._spawn() for member in members]  # none is healthy alone
+        deadline = time.monotonic() + timeout
+        for member, start in zip(members, starts, strict=True):
+            member._wait_ready(deadline, start)
+            member._started = True
+    except BaseException:
+        for member in members:
+            member.stop()
+        raise
+    return members
