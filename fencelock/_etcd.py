@@ -662,7 +662,7 @@ class _Cluster:
                     # A handshake answered, but failed: a setting to fix, raised unless
                     # another endpoint answers (as is a scheme that does not fit, below).
                     misfit = self._tls_failed(index, answer)
-                    why = misfit.why
+                    why = "TLS handshake failed"
                 else:  # no answer: etcd3gw keeps requests' error in detail_text
                     why = ("connection refused" if "refused" in answer.lower() else
                            "no answer in time" if isinstance(e, exceptions.ConnectionTimeoutError)
@@ -701,30 +701,39 @@ class _Cluster:
             return result
         # A wrong setting is raised only when no endpoint answered: etcd answering "no
         # leader" makes this an outage, which the waiting commands ride out.
-        raise (None if said else misfit) or self._unavailable(reasons, said or why)
+        raise (None if said else misfit) or self._unavailable(reasons, said or why, deadline)
 
-    def _unavailable(self, reasons: dict[int, str], why: str) -> StoreUnavailableError:
+    def _unavailable(self, reasons: dict[int, str], why: str,
+                     deadline: float | None) -> StoreUnavailableError:
         """The error for a request no endpoint served (``why``: the last reason, or
-        etcd's own). Where the URL names several endpoints, each one's reason; where one
-        that is up has no leader, that the cluster lost its quorum, and what to do."""
+        etcd's own): an outage, which holders and waiters ride out. Where the URL names
+        several endpoints, each one asked with its reason; where one that is up knows no
+        leader (asked within ``deadline``), that the cluster lost its quorum."""
         lost = False
         for index, reason in reasons.items():
             if reason in ("no answer in time", "etcdserver: request timed out") and \
-                    self._without_leader(index):
+                    self._without_leader(index, deadline):
                 reasons[index], lost = "up, without a leader", True
+                break  # one says it for the cluster
         if len(self.url.endpoints) > 1 and reasons:
             why = "; ".join(f"{self._where(i)} {r}" for i, r in sorted(reasons.items()))
         elif lost:
             why = "etcd is up, without a leader"
-        return StoreUnavailableError(self.url.display, why, (
-            "the etcd cluster has lost its quorum: start its members that are down (a "
-            "majority of them must run)") if lost else None)
+        if lost:
+            why = f"the cluster has lost its quorum, start its members that are down: {why}"
+        return StoreUnavailableError(self.url.display, why)
 
-    def _without_leader(self, index: int) -> bool:
-        """Whether endpoint ``index`` answers that its member knows no leader (a
-        cluster that lost its quorum: a member serves this question on its own)."""
+    def _without_leader(self, index: int, deadline: float | None) -> bool:
+        """Whether endpoint ``index`` answers, before ``deadline``, that its member
+        knows no leader (a cluster that lost its quorum: a member serves this question
+        on its own)."""
+        timeout = _LEADER_PROBE_TIMEOUT
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                return False
         client = self._clients()[index]
-        client.timeout = _LEADER_PROBE_TIMEOUT
+        client.timeout = timeout
         try:
             status = client.post(client.get_url("/maintenance/status"), json={})
         except Exception:  # no answer, or not one to read: nothing to say

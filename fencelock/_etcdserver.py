@@ -157,7 +157,11 @@ class EtcdServer:
             if self._answers(client):
                 return
             if time.monotonic() > deadline:
-                self.stop()
+                # A restarted member keeps its data (its cluster may come back yet).
+                if self._started:
+                    self.kill()
+                else:
+                    self.stop()
                 raise RuntimeError(f"etcd did not become healthy on {self.endpoint}")
             time.sleep(0.05)
 
@@ -218,17 +222,21 @@ class EtcdServer:
 def cluster(size: int = 3, timeout: float = 30.0) -> list[EtcdServer]:
     """A new etcd cluster of ``size`` members on loopback, every one started and
     healthy (each is stopped with its `stop`; `kill` some to take its quorum away)."""
-    members = [EtcdServer() for _ in range(size)]
-    for member in members:
-        member._cluster = members
-    try:
-        starts = [member._spawn() for member in members]  # none is healthy alone
-        deadline = time.monotonic() + timeout
-        for member, start in zip(members, starts, strict=True):
-            member._wait_ready(deadline, start)
-            member._started = True
-    except BaseException:
+    for _ in range(_TRIES):
+        members = [EtcdServer() for _ in range(size)]
         for member in members:
-            member.stop()
-        raise
-    return members
+            member._cluster = members
+        try:
+            starts = [member._spawn() for member in members]  # none is healthy alone
+            deadline = time.monotonic() + timeout
+            for member, start in zip(members, starts, strict=True):
+                member._wait_ready(deadline, start)
+                member._started = True
+        except BaseException as e:
+            for member in members:
+                member.stop()
+            if isinstance(e, _PortTaken):
+                continue  # a port was taken before etcd listened on it: other ports
+            raise
+        return members
+    raise RuntimeError(f"an etcd cluster found no free ports in {_TRIES} tries")
