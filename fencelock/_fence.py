@@ -384,6 +384,7 @@ def append(
         raise SessionWriteError(session, e, "create" if made else "open") from None
     size = 0 if created else -1  # where the line goes, once the fence check has passed
     cutting: list[int] = []  # where a torn tail is cut off, once it is
+    taking_back = False  # a failed write's line is being cut off (the stat moves)
     try:
         if made:
             set_mode(fd, file_mode)  # before the fence point: it moves ctime
@@ -418,6 +419,7 @@ def append(
             if not ours:
                 now = _fingerprint_fd(fd, mode, session)
                 raise SessionTakeoverError(session, expected, now) from e
+            taking_back = True
             try:
                 os.ftruncate(fd, size)
             except OSError as cut:
@@ -427,6 +429,8 @@ def append(
                 e = SessionWriteError(session, e.cause, e.what, stored=None, kept=cut)
             with contextlib.suppress(OSError, SessionWriteError):
                 e.fingerprint = _fingerprint_fd(fd, mode, session)
+            if moved is not None and e.fingerprint is not None:
+                moved.append(e.fingerprint)  # the fence point follows the file
             raise e from None
         after = _fingerprint_fd(fd, mode, session)
         if after.size != size + len(line) or _platform.pread(fd, len(line), size) != line:
@@ -438,6 +442,8 @@ def append(
                 _fsync_dir(os.path.dirname(session))
             except SessionWriteError as e:
                 e.fingerprint = after  # the line is in the file; only its name may not be
+                if moved is not None:
+                    moved.append(after)
                 raise
         if moved is not None:
             moved.append(after)  # appended: an interrupt from here on keeps the line
@@ -452,7 +458,7 @@ def append(
     except BaseException:  # an interrupt, or an error of the system after the write
         if moved is not None:
             _take_back(fd, st, session, size, line, made, mode, moved,
-                       cutting[0] if cutting else None)
+                       cutting[0] if cutting else None, taking_back)
         raise
     finally:
         os.close(fd)
@@ -476,14 +482,15 @@ def _open_empty(session: str, flags: int) -> tuple[int, os.stat_result]:
 
 def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes,
                made: bool, mode: FenceMode, moved: list[Fingerprint | None],
-               cut_to: int | None = None) -> None:
+               cut_to: int | None = None, taken_back: bool = False) -> None:
     """After an interrupt in `append`: remove the file it made, or cut what reached the
     file of ``line`` (written from ``size``), and put the fence point that leaves in
     ``moved``. Nothing when none of it reached the file (the fence point stands, unless
-    the append cut a torn tail off at ``cut_to``: then the file so cut is the fence
-    point), or when what follows ``size`` is not only ours (the next fence check
-    reports it). An empty file that was found, not made, is cut back to empty, never
-    removed: whoever made it may still have it open."""
+    the append cut a torn tail off at ``cut_to``, or ``taken_back``: a failed write's
+    line was being cut off; then the file so cut is the fence point), or when what
+    follows ``size`` is not only ours (the next fence check reports it). An empty file
+    that was found, not made, is cut back to empty, never removed: whoever made it may
+    still have it open."""
     try:
         if moved:
             return  # the append was complete: its line stays, the fence point with it
@@ -503,7 +510,7 @@ def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes
             return  # before the fence check: nothing of this append is in the file
         end = os.fstat(fd).st_size
         if end == size:
-            if cut_to is not None:
+            if cut_to is not None or taken_back:
                 moved.append(_fingerprint_fd(fd, mode, session))  # the cut is the run's
             return  # nothing written: no truncate, which would move the stat all the same
         if end > size and end - size <= len(line) and line.startswith(

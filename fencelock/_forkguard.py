@@ -49,6 +49,16 @@ def close(fd: int) -> None:
             _open.pop(fd, None)  # after: a fork in between finds it tracked, not leaked
 
 
+def close_if_open(fd: int) -> None:
+    """`close` ``fd`` unless it is closed already: for a cleanup that runs again after
+    an interrupt (KeyboardInterrupt, a signal handler's exception) cut it short. Closed
+    exactly once: under `guard`, which every sidecar open holds until its descriptor is
+    tracked, ``fd`` is tracked until it is closed, and only then."""
+    with guard:
+        if fd in _open:
+            close(fd)
+
+
 def _before_fork() -> None:
     _forking.took = False
     guard.acquire()  # if a signal handler raises here, fork goes on without it

@@ -39,7 +39,6 @@ from fencelock._errors import (
     FenceLockError,
     FenceLockWarning,
     NotHeldError,
-    SessionWriteError,
 )
 from fencelock._fingerprint import STAT, FenceMode, Fingerprint
 from fencelock._record import HELD, PROMPT, WRITE, HolderInfo, Phase, PreviousHolder, State
@@ -252,6 +251,10 @@ class SessionLock:
         self._acquired_at = 0.0
         self._heartbeat_at = 0.0
         self._phase = Phase.WRITE
+        self._phase_said = True
+        """The record last written says ``_phase``: a record write sets it; a prompt
+        window's end clears it (the store writes the record at the next append, and the
+        release writes it whole, until it says the write phase)."""
         self._previous: PreviousHolder | None = None
         self._static = ""
         self._static_pid = 0
@@ -362,9 +365,9 @@ class SessionLock:
     def _rewrite(self, **changes: Any) -> None:
         """Update some record fields and write the record again (or change nothing)."""
         before = {name: getattr(self, name) for name in changes}
-        for name, value in changes.items():
-            setattr(self, name, value)
-        try:
+        try:  # an interrupt among the changes puts them back too
+            for name, value in changes.items():
+                setattr(self, name, value)
             self._write_record()
         except BaseException:
             for name, value in before.items():
@@ -884,11 +887,10 @@ class SessionLock:
                 self.session, data, self._fp, self.fence_mode,
                 check_tail=check_tail, file_mode=self.mode, token=self._token, moved=moved,
             )
-        except BaseException as e:
+        except BaseException:
             # A line taken back (a failed write, an interrupt) moves the session's stat:
-            # the fence point follows, and so does the record at the release.
-            if isinstance(e, SessionWriteError) and e.fingerprint is not None:
-                moved.append(e.fingerprint)
+            # the fence point follows (`_fence.append` put it in ``moved``; no call
+            # before it here, where an interrupt could land), and so does the record.
             if moved:
                 self._fp = moved[-1]
                 self._store.fence_moved(self)
@@ -960,9 +962,14 @@ class SessionLock:
         try:
             yield self
         finally:
+            if not inner:
+                # The window is over whatever lands next (no call before this): the
+                # record, until written, says prompt while the run writes (`_phase_said`).
+                self._phase, self._info, self._phase_said = WRITE, None, False
             held = self.held
             if held and not inner:
-                self._rewrite(_phase=WRITE, _heartbeat_at=time.time())
+                self._heartbeat_at = time.time()
+                self._write_record()
         # Against the fence point, which the holder's own appends inside the window move.
         # A run released inside the window is over: whoever writes the session next is
         # no intruder into it (and the release wrote the write phase).

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fencelock import (
     _cleanup,
     _fingerprint,
+    _forkguard,
     _identity,
     _platform,
     _record,
@@ -428,8 +429,10 @@ class SidecarHolder:
                 self._fd, self.sidecar, lock._encode(), self._record_len
             )
         except BaseException:
-            self._behind = True  # what the record says is unknown
+            # What the record says is unknown: the next append or the release writes it.
+            self._behind, lock._phase_said = True, False
             raise
+        lock._phase_said = True
         self._written_at = time.monotonic()
 
     def appended(self, lock: SessionLock, before: _fingerprint.Fingerprint | None) -> None:
@@ -440,7 +443,8 @@ class SidecarHolder:
             self._unmarked = False  # the append created the file, with the mark set
         if self._mark_fp is not None and self._mark_fp == before:
             self._mark_fp = lock._fp  # our own line moved the stat, not a change to the mark
-        if lock._phase is PROMPT or time.monotonic() - self._written_at >= RECORD_LAG:
+        if lock._phase is PROMPT or not lock._phase_said or \
+                time.monotonic() - self._written_at >= RECORD_LAG:
             # Released meanwhile (by a signal handler in this thread: a release from
             # another thread waits for the append): the release's record is the last.
             with contextlib.suppress(NotHeldError):
@@ -483,7 +487,17 @@ class SidecarHolder:
                 if long:
                     _platform.hand_over()
             finally:
-                _sidecar.close(fd)  # also drops the lock if unlocking failed
+                # Also drops the lock if unlocking failed; run again if an interrupt
+                # cuts it short (its first step inside the ``try``), then raised.
+                first: BaseException | None = None
+                while True:
+                    try:
+                        _forkguard.close_if_open(fd)
+                        break
+                    except BaseException as e:
+                        first = first or e
+                if first is not None:
+                    raise first
 
     def _mark_what_the_run_left(self, lock: SessionLock, *, look: bool) -> None:
         """Before letting go: mark a session file the run made without `append` (found
@@ -557,7 +571,7 @@ class SidecarHolder:
         try:
             # The last appends' fence point with "released"; or a release inside the
             # prompt window, which ends the window too.
-            if self._behind or lock._phase is PROMPT:
+            if self._behind or lock._phase is PROMPT or not lock._phase_said:
                 # Behind until written: a second try after an interrupt writes it all.
                 self._behind, lock._phase = True, WRITE
                 _sidecar.write_bytes(

@@ -213,6 +213,7 @@ class RemoteStore:
     def write(self, lock: SessionLock) -> None:
         lock._info = None
         self.holder.write(lock._encode())
+        lock._phase_said = True
 
     def appended(self, lock: SessionLock, before: Fingerprint | None) -> None:
         # The line is in the session by now: a record that cannot follow it must not

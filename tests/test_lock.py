@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SpawnHolder
+from conftest import SpawnHolder, record_of
 
+import fencelock
 from fencelock import (
     CoordinationError,
     FenceLockError,
@@ -852,7 +854,7 @@ if case == "io":
 else:
     lock.acquire()
     target, action, code = (_registry._mu, lock.release, _registry.free) if case == "mu" \\
-        else (_forkguard.guard, lock.release, _forkguard.close)
+        else (_forkguard.guard, lock.release, _forkguard.close_if_open)
 main = threading.get_ident()
 
 def interrupt_once_granted(ready):
@@ -1156,6 +1158,88 @@ def test_two_interrupts_in_a_release_leave_the_slot_with_the_owner_it_went_to(
     for waiter in waiters:
         waiter.join(30)
     assert sorted(got) == ["other object", "same object"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
+def test_an_interrupt_as_a_release_closes_the_sidecar_leaks_no_descriptor(session: Path) -> None:
+    """The release has unlocked; an interrupt lands as it closes the descriptor. It was
+    left open (and tracked, so forks closed it again): one descriptor per such Ctrl-C."""
+    from conftest import interrupted_on_entry
+
+    from fencelock import _forkguard
+
+    lock = SessionLock(session, "closing")
+    lock.acquire()
+    with interrupted_on_entry(_forkguard.close) as raised, pytest.raises(KeyboardInterrupt):
+        lock.release()
+    assert raised and not lock.held
+    assert _fds_naming(f"{session}.holder") == [] and not _forkguard._open
+    with SessionLock(session, "next", on_contention="fail"):
+        pass
+
+
+def test_an_interrupt_as_a_failed_append_is_taken_back_keeps_the_fence_point(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append's fsync fails (EIO); as its line is cut off again, an interrupt lands.
+    The cut moved the session's stat, and the run's fence point stayed before it: the
+    run's next append was refused as a takeover by someone else."""
+    from conftest import interrupted_on_entry
+
+    from fencelock import _fence
+
+    with SessionLock(session, "failing") as lock:
+        lock.append({"n": 1})
+        real = _fence._fsync
+        calls: list[int] = []
+
+        def fsync_failing_once(fd: int) -> None:
+            calls.append(fd)
+            if len(calls) == 1:
+                raise OSError(errno.EIO, "Input/output error")
+            real(fd)
+
+        monkeypatch.setattr(_fence, "_fsync", fsync_failing_once)
+        with interrupted_on_entry(os.ftruncate, at_return=True) as raised, \
+                pytest.raises(KeyboardInterrupt):
+            lock.append({"n": 2})
+        assert raised
+        lock.append({"n": 3})
+    assert [json.loads(line)["n"] for line in session.read_bytes().splitlines()] == [1, 3]
+    assert fencelock.verify(session).ok and probe(session).fence_ok
+
+
+@pytest.mark.parametrize("where", ["the window ends", "its end is written"])
+def test_an_interrupt_as_a_prompt_window_ends_leaves_the_write_phase(
+    session: Path, where: str
+) -> None:
+    """An interrupt lands as the prompt window ends. The run stayed in the prompt phase
+    for the rest of its life: every later window counted as nested and never wrote the
+    write phase, and status showed the run in a model call. Or the record kept saying
+    prompt (exact) after the run's next appends, which status read as a moved fence."""
+    from conftest import interrupted_on_entry, on_return
+
+    from fencelock import _sidecar
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    held: Any = SessionLock.held  # a property: its getter is entered
+    hook = (interrupted_on_entry(held.fget) if where == "the window ends"
+            else on_return(_sidecar.write_bytes, interrupt))
+    with SessionLock(session, "model") as lock:
+        lock.append({"n": 1})
+        with contextlib.ExitStack() as stack, pytest.raises(KeyboardInterrupt), \
+                lock.prompt_window():
+            raised = stack.enter_context(hook)  # from here: the window's end
+        assert raised and lock._phase == "write"
+        lock.append({"n": 2})
+        assert record_of(session).phase == "write"
+        status = probe(session)
+        assert status.record is not None and status.record.phase == "write" and status.fence_ok
+        with lock.prompt_window():
+            assert record_of(session).phase == "prompt"
+        assert record_of(session).phase == "write"
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
