@@ -54,9 +54,12 @@ def close_if_open(fd: int) -> None:
     an interrupt (KeyboardInterrupt, a signal handler's exception) cut it short. Closed
     exactly once: under `guard`, which every sidecar open holds until its descriptor is
     tracked, ``fd`` is tracked until it is closed, and only then."""
-    with guard:
+    with guard:  # as `close` does, in one step (a release makes this call every time)
         if fd in _open:
-            close(fd)
+            try:
+                os.close(fd)
+            finally:
+                _open.pop(fd, None)
 
 
 def _before_fork() -> None:
