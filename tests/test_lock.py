@@ -1164,14 +1164,24 @@ def test_two_interrupts_in_a_release_leave_the_slot_with_the_owner_it_went_to(
 def test_an_interrupt_as_a_release_closes_the_sidecar_leaks_no_descriptor(session: Path) -> None:
     """The release has unlocked; an interrupt lands as it closes the descriptor. It was
     left open (and tracked, so forks closed it again): one descriptor per such Ctrl-C."""
-    from conftest import interrupted_on_entry
-
     from fencelock import _forkguard
+
+    closers = {_forkguard.close.__code__, _forkguard.close_if_open.__code__}
+    raised: list[bool] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code in closers and not raised:
+            raised.append(True)
+            raise KeyboardInterrupt  # as the release's close is entered
 
     lock = SessionLock(session, "closing")
     lock.acquire()
-    with interrupted_on_entry(_forkguard.close) as raised, pytest.raises(KeyboardInterrupt):
-        lock.release()
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lock.release()
+    finally:
+        sys.settrace(None)
     assert raised and not lock.held
     assert _fds_naming(f"{session}.holder") == [] and not _forkguard._open
     with SessionLock(session, "next", on_contention="fail"):
