@@ -49,17 +49,19 @@ def close(fd: int) -> None:
             _open.pop(fd, None)  # after: a fork in between finds it tracked, not leaked
 
 
-def close_if_open(fd: int) -> None:
-    """`close` ``fd`` unless it is closed already: for a cleanup that runs again after
-    an interrupt (KeyboardInterrupt, a signal handler's exception) cut it short. Closed
-    exactly once: under `guard`, which every sidecar open holds until its descriptor is
-    tracked, ``fd`` is tracked until it is closed, and only then."""
-    with guard:  # as `close` does, in one step (a release makes this call every time)
-        if fd in _open:
-            try:
-                os.close(fd)
-            finally:
-                _open.pop(fd, None)
+def entry(fd: int) -> object:
+    """The tracking entry of ``fd`` (an object of this open alone: see `close_if_still`)."""
+    return _open.get(fd)
+
+
+def close_if_still(fd: int, opened: object) -> None:
+    """`close` ``fd`` if it is still the descriptor whose tracking entry was ``opened``
+    (`entry`): for a cleanup run again after an interrupt (KeyboardInterrupt, a signal
+    handler's exception) cut a `close` short. A close that got as far as closing it
+    untracked it, and the number may be another open's by now: that one is left alone."""
+    with guard:
+        if opened is not None and _open.get(fd) is opened:
+            close(fd)
 
 
 def _before_fork() -> None:

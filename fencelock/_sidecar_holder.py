@@ -143,6 +143,7 @@ class SidecarHolder:
         "_fd",
         "_mark",
         "_mark_fp",
+        "_opened",
         "_record_len",
         "_unmarked",
         "_written_at",
@@ -167,6 +168,8 @@ class SidecarHolder:
         self.name = sidecar
         self.mode = mode
         self._fd = -1
+        self._opened: object = None
+        """``_fd``'s tracking entry (`_forkguard.entry`), for the release's close."""
         self._record_len = 0
         self._written_at = 0.0
         """`time.monotonic` of the last record write."""
@@ -257,6 +260,7 @@ class SidecarHolder:
             if not locked:
                 fd, st = self._wait_for_lock(lock, fd, st, deadline, cancel, start)
             if _sidecar.still_at_path(self.sidecar, st):
+                self._opened = _forkguard.entry(fd)
                 return
             self._close_fd()  # removed or replaced while we waited: lock the new one
 
@@ -470,7 +474,7 @@ class SidecarHolder:
         long = not 0 <= held < HAND_OVER_AFTER  # a clock set back meanwhile: as long
         # After a run's length (not a loop of short ones) one lstat is nothing.
         self._mark_what_the_run_left(lock, look=long)
-        fd, self._fd = self._fd, -1
+        fd, self._fd, opened = self._fd, -1, self._opened
         written = False
         try:
             self._write_released(fd, lock)
@@ -487,17 +491,13 @@ class SidecarHolder:
                 if long:
                     _platform.hand_over()
             finally:
-                # Also drops the lock if unlocking failed; run again if an interrupt
-                # cuts it short (its first step inside the ``try``), then raised.
-                first: BaseException | None = None
-                while True:
-                    try:
-                        _forkguard.close_if_open(fd)
-                        break
-                    except BaseException as e:
-                        first = first or e
-                if first is not None:
-                    raise first
+                try:
+                    _sidecar.close(fd)  # also drops the lock if unlocking failed
+                except BaseException:
+                    # Cut short (an interrupt as it began, or an error of the close
+                    # itself): closed again, only if still this open's (`close_if_still`).
+                    _cleanup.to_the_end(lambda: _forkguard.close_if_still(fd, opened))
+                    raise
 
     def _mark_what_the_run_left(self, lock: SessionLock, *, look: bool) -> None:
         """Before letting go: mark a session file the run made without `append` (found

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import functools
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SpawnHolder, record_of
+from conftest import SpawnHolder
 
 import fencelock
 from fencelock import (
@@ -854,7 +855,7 @@ if case == "io":
 else:
     lock.acquire()
     target, action, code = (_registry._mu, lock.release, _registry.free) if case == "mu" \\
-        else (_forkguard.guard, lock.release, _forkguard.close_if_open)
+        else (_forkguard.guard, lock.release, _forkguard.close)
 main = threading.get_ident()
 
 def interrupt_once_granted(ready):
@@ -1166,7 +1167,7 @@ def test_an_interrupt_as_a_release_closes_the_sidecar_leaks_no_descriptor(sessio
     left open (and tracked, so forks closed it again): one descriptor per such Ctrl-C."""
     from fencelock import _forkguard
 
-    closers = {_forkguard.close.__code__, _forkguard.close_if_open.__code__}
+    closers = {_forkguard.close.__code__}
     raised: list[bool] = []
 
     def tracer(frame: Any, event: str, arg: Any) -> None:
@@ -1186,6 +1187,49 @@ def test_an_interrupt_as_a_release_closes_the_sidecar_leaks_no_descriptor(sessio
     assert _fds_naming(f"{session}.holder") == [] and not _forkguard._open
     with SessionLock(session, "next", on_contention="fail"):
         pass
+
+
+def test_a_close_run_again_never_closes_another_open_s_descriptor(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release's close fails after closing (EIO, as NFS may say); meanwhile another
+    lock of this process opened its sidecar under the same descriptor number. Running
+    the close again (as after an interrupt) closed that one: its session's lock dropped
+    while it still held it."""
+    import types
+
+    from fencelock import _forkguard
+
+    first, second = SessionLock(session, "first"), SessionLock(session.with_name("b.jsonl"))
+    first.acquire()
+    failing: list[int] = [first._store._fd]  # type: ignore[attr-defined]
+
+    def close(fd: int) -> None:
+        os.close(fd)
+        if fd in failing:
+            failing.clear()
+            raise OSError(errno.EIO, "Input/output error")
+
+    again = _forkguard.close_if_still
+
+    def meanwhile_then_again(fd: int, opened: object) -> None:
+        second.acquire()  # another thread's open gets the number just freed
+        assert second._store._fd == fd  # type: ignore[attr-defined]
+        again(fd, opened)
+
+    monkeypatch.setattr(_forkguard, "os", types.SimpleNamespace(close=close))
+    monkeypatch.setattr(_forkguard, "close_if_still", meanwhile_then_again)
+    with pytest.raises(OSError):
+        first.release()
+    monkeypatch.undo()
+    assert second.held
+    fd = os.open(f"{session.with_name('b.jsonl')}.holder", os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):  # its lock is still there
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+    second.release()
 
 
 def test_an_interrupt_as_a_failed_append_is_taken_back_keeps_the_fence_point(
@@ -1219,14 +1263,23 @@ def test_an_interrupt_as_a_failed_append_is_taken_back_keeps_the_fence_point(
     assert fencelock.verify(session).ok and probe(session).fence_ok
 
 
+def _sidecar_record(session: Path) -> dict[str, Any]:
+    """The record in ``session``'s sidecar file as it is on disk (`probe` in the
+    holding process gives the holder's own, built from memory)."""
+    record: dict[str, Any] = json.loads(Path(f"{session}.holder").read_bytes())
+    return record
+
+
+@pytest.mark.parametrize("then", ["append", "release"])
 @pytest.mark.parametrize("where", ["the window ends", "its end is written"])
 def test_an_interrupt_as_a_prompt_window_ends_leaves_the_write_phase(
-    session: Path, where: str
+    session: Path, where: str, then: str
 ) -> None:
     """An interrupt lands as the prompt window ends. The run stayed in the prompt phase
     for the rest of its life: every later window counted as nested and never wrote the
-    write phase, and status showed the run in a model call. Or the record kept saying
-    prompt (exact) after the run's next appends, which status read as a moved fence."""
+    write phase, and status showed the run in a model call. Or the sidecar's record
+    kept saying prompt (where its fingerprint is exact) after the run's next appends,
+    or after its release."""
     from conftest import interrupted_on_entry, on_return
 
     from fencelock import _sidecar
@@ -1237,19 +1290,25 @@ def test_an_interrupt_as_a_prompt_window_ends_leaves_the_write_phase(
     held: Any = SessionLock.held  # a property: its getter is entered
     hook = (interrupted_on_entry(held.fget) if where == "the window ends"
             else on_return(_sidecar.write_bytes, interrupt))
-    with SessionLock(session, "model") as lock:
+    lock = SessionLock(session, "model")
+    with lock:
         lock.append({"n": 1})
         with contextlib.ExitStack() as stack, pytest.raises(KeyboardInterrupt), \
                 lock.prompt_window():
             raised = stack.enter_context(hook)  # from here: the window's end
         assert raised and lock._phase == "write"
+        if then == "release":
+            lock.release()
+            assert (_sidecar_record(session)["state"], _sidecar_record(session)["phase"]) \
+                == ("released", "write")
+            lock.acquire()
         lock.append({"n": 2})
-        assert record_of(session).phase == "write"
-        status = probe(session)
-        assert status.record is not None and status.record.phase == "write" and status.fence_ok
+        assert _sidecar_record(session)["phase"] == "write"
         with lock.prompt_window():
-            assert record_of(session).phase == "prompt"
-        assert record_of(session).phase == "write"
+            assert _sidecar_record(session)["phase"] == "prompt"
+        assert _sidecar_record(session)["phase"] == "write"
+    status = probe(session)
+    assert status.record is not None and status.record.phase == "write" and status.fence_ok
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
