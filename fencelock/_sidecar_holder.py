@@ -251,7 +251,8 @@ class SidecarHolder:
                 if lock.on_contention == "fail":
                     self._raise_if_held_elsewhere()
                 raise
-            self._fd = fd
+            opened = _forkguard.entry(fd)
+            self._fd, self._opened = fd, opened  # together, with no call between
             try:
                 locked = _platform.try_lock(fd)
             except BaseException:
@@ -260,14 +261,16 @@ class SidecarHolder:
             if not locked:
                 fd, st = self._wait_for_lock(lock, fd, st, deadline, cancel, start)
             if _sidecar.still_at_path(self.sidecar, st):
-                self._opened = _forkguard.entry(fd)
                 return
             self._close_fd()  # removed or replaced while we waited: lock the new one
 
     def _close_fd(self) -> None:
-        fd, self._fd = self._fd, -1
+        """Close ``_fd``; safe to run again after an interrupt cut it short
+        (`_cleanup.to_the_end`): only while it is still the open ``_opened`` names."""
+        fd, opened = self._fd, self._opened
         if fd >= 0:
-            _sidecar.close(fd)
+            _forkguard.close_if_still(fd, opened)
+            self._fd = -1
 
     def _wait_for_lock(
         self,
@@ -322,7 +325,8 @@ class SidecarHolder:
                 if cancel is not None and cancel.is_set():
                     break
             if waiter.give_up(claim, got):
-                self._fd = got[0]
+                opened = _forkguard.entry(got[0])
+                self._fd, self._opened = got[0], opened
         except BaseException:  # e.g. KeyboardInterrupt, perhaps just as the lock came
             if got and self._fd != got[0]:
                 _sidecar.close(got[0])
@@ -424,6 +428,7 @@ class SidecarHolder:
         if self._fd < 0:
             raise NotHeldError(f"{self.session}: released while the record was updated")
         lock._info = None
+        phase = lock._phase  # what the record says, unless a window ends meanwhile
         # Cleared before the record is encoded: an append from another thread that
         # moves the fence point after that (it sets `_behind` without ``_io``) leaves
         # the record behind, and the release must then write the last fence point.
@@ -436,7 +441,7 @@ class SidecarHolder:
             # What the record says is unknown: the next append or the release writes it.
             self._behind, lock._phase_said = True, False
             raise
-        lock._phase_said = True
+        lock._phase_said = lock._phase is phase
         self._written_at = time.monotonic()
 
     def appended(self, lock: SessionLock, before: _fingerprint.Fingerprint | None) -> None:

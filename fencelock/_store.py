@@ -212,8 +212,9 @@ class RemoteStore:
 
     def write(self, lock: SessionLock) -> None:
         lock._info = None
+        phase = lock._phase  # what the record says, unless a window ends meanwhile
         self.holder.write(lock._encode())
-        lock._phase_said = True
+        lock._phase_said = lock._phase is phase
 
     def appended(self, lock: SessionLock, before: Fingerprint | None) -> None:
         # The line is in the session by now: a record that cannot follow it must not

@@ -1189,6 +1189,60 @@ def test_an_interrupt_as_a_release_closes_the_sidecar_leaks_no_descriptor(sessio
         pass
 
 
+def test_a_failed_acquire_s_close_cut_short_is_run_again(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """A fail-fast acquire meets a holder in another process; as its cleanup closes the
+    sidecar's descriptor, an interrupt lands. The cleanup ran the close again, but the
+    descriptor was forgotten by then: it stayed open (locked, where the acquire had got
+    as far as the lock)."""
+    from fencelock import _forkguard
+
+    closers = {_forkguard.close.__code__, _forkguard.close_if_still.__code__}
+    raised: list[bool] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code in closers and not raised:
+            raised.append(True)
+            raise KeyboardInterrupt
+
+    holder = spawn_holder(session, lane="holder")
+    holder.acquire()
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            SessionLock(session, "failing", on_contention="fail").acquire()
+    finally:
+        sys.settrace(None)
+    assert raised and _fds_naming(f"{session}.holder") == []
+
+
+def test_a_record_written_as_a_window_ends_elsewhere_is_written_again(session: Path) -> None:
+    """Another thread's record write (a heartbeat) encodes the prompt phase; the window
+    ends meanwhile in the holder's thread, whose own write an interrupt cuts off. The
+    heartbeat's write counted as saying the write phase: the release then patched the
+    record in place, leaving it released in the prompt phase."""
+    from fencelock._record import Phase
+
+    lock = SessionLock(session, "model")
+    lock.acquire()
+    with lock.prompt_window():
+        encode = lock._encode
+
+        def encoded_as_the_window_ends(*args: Any) -> bytes:
+            data = encode(*args)
+            lock._phase, lock._phase_said = Phase.WRITE, False  # the holder's thread
+            return data
+
+        lock._encode = encoded_as_the_window_ends  # type: ignore[method-assign,assignment]
+        lock.touch()
+        lock._encode = encode  # type: ignore[method-assign]
+        assert _sidecar_record(session)["phase"] == "prompt"
+        lock.release()
+    assert (_sidecar_record(session)["state"], _sidecar_record(session)["phase"]) == (
+        "released", "write")
+
+
 def test_a_close_run_again_never_closes_another_open_s_descriptor(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
