@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 
 guard = threading.RLock()
 """Held while a sidecar descriptor is opened or closed; fork() takes it first.
@@ -49,9 +50,10 @@ def close(fd: int) -> None:
             _open.pop(fd, None)  # after: a fork in between finds it tracked, not leaked
 
 
-def entry(fd: int) -> object:
-    """The tracking entry of ``fd`` (an object of this open alone: see `close_if_still`)."""
-    return _open.get(fd)
+entry: Callable[[int], object] = _open.get
+"""The tracking entry of a descriptor (an object of its open alone: see
+`close_if_still`), or None. (The dict's own method: an acquire asks it every time.
+`_open` is only ever cleared, never replaced.)"""
 
 
 def close_if_still(fd: int, opened: object) -> None:
