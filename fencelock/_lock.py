@@ -372,7 +372,9 @@ class SessionLock:
         except BaseException:
             for name, value in before.items():
                 setattr(self, name, value)
-            self._info = None  # it may have been built from the changes
+            # It may have been built from the changes, which the record may hold: the
+            # next append or the release writes the record as it now is.
+            self._info, self._phase_said = None, False
             raise
 
     def _write_record(self) -> None:

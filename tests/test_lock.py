@@ -1217,6 +1217,26 @@ def test_a_failed_acquire_s_close_cut_short_is_run_again(
     assert raised and _fds_naming(f"{session}.holder") == []
 
 
+def test_an_interrupt_as_a_prompt_window_s_start_is_written_leaves_no_prompt_record(
+    session: Path,
+) -> None:
+    """The window's start wrote the prompt phase; an interrupt lands just after, so the
+    window never opens and the run stays in the write phase. The record kept saying
+    prompt (where its fingerprint is exact) through the run's next appends."""
+    from conftest import interrupted_on_entry
+
+    with SessionLock(session, "model") as lock:
+        lock.append({"n": 1})
+        with interrupted_on_entry(time.monotonic, at_return=True) as raised, \
+                pytest.raises(KeyboardInterrupt), lock.prompt_window():
+            pass
+        assert raised and lock._phase == "write"
+        lock.append({"n": 2})
+        assert _sidecar_record(session)["phase"] == "write"
+    assert (_sidecar_record(session)["state"], _sidecar_record(session)["phase"]) == (
+        "released", "write")
+
+
 def test_a_record_written_as_a_window_ends_elsewhere_is_written_again(session: Path) -> None:
     """Another thread's record write (a heartbeat) encodes the prompt phase; the window
     ends meanwhile in the holder's thread, whose own write an interrupt cuts off. The
