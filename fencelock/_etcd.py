@@ -56,6 +56,8 @@ whether the request took effect)."""
 _TLS_PROBE_TIMEOUT = 1.0
 """How long the look at an endpoint that closed a request or a TLS handshake unanswered
 may take (a TLS handshake, or a plain GET of etcd's version)."""
+_NO_ANSWER = "no answer in time"
+"""An endpoint's reason when a request timed out (asked then whether it has a leader)."""
 _LEADER_PROBE_TIMEOUT = 0.5
 """How long the question whether a member that did not answer in time has a leader may
 take."""
@@ -665,7 +667,7 @@ class _Cluster:
                     why = "TLS handshake failed"
                 else:  # no answer: etcd3gw keeps requests' error in detail_text
                     why = ("connection refused" if "refused" in answer.lower() else
-                           "no answer in time" if isinstance(e, exceptions.ConnectionTimeoutError)
+                           _NO_ANSWER if isinstance(e, exceptions.ConnectionTimeoutError)
                            else "cannot connect")
                     if why == "cannot connect":  # closed unanswered: a wrong scheme?
                         misfit = (self._plain_port(index, timeout) if self.url.tls
@@ -711,7 +713,7 @@ class _Cluster:
         leader (asked within ``deadline``), that the cluster lost its quorum."""
         lost = False
         for index, reason in reasons.items():
-            if reason in ("no answer in time", "etcdserver: request timed out") and \
+            if reason in (_NO_ANSWER, "etcdserver: request timed out") and \
                     self._without_leader(index, deadline):
                 reasons[index], lost = "up, without a leader", True
                 break  # one says it for the cluster

@@ -25,6 +25,8 @@ _TAIL = re.compile(r"[0-9a-f]{32}")
 
 # Filesystems whose stat fields are known to flap for an unchanged file.
 _FLAPPING_FS = frozenset({"cifs", "smb3", "smbfs", "smb2"})
+_COPYING_UP_FS = frozenset({"overlay"})
+"""Filesystems whose first open for writing of a lower layer's file moves its stat."""
 
 
 class FenceMode(enum.StrEnum):
@@ -206,9 +208,12 @@ def _unreadable(path: str, e: OSError) -> Exception:
     return unreadable_session(path, e, "the fence needs to stat and read the session file")
 
 
-def detect_mode(directory: str) -> FenceMode:
-    """The fence to use for files in ``directory``: content on SMB/CIFS, else stat."""
-    return mode_for(filesystem_type(directory))
+def detect(directory: str) -> tuple[FenceMode, bool]:
+    """The fence to use for files in ``directory`` (content on SMB/CIFS, else stat), and
+    whether a file there is copied up (`copy_up`) before its fingerprint is taken
+    (overlayfs)."""
+    fstype = filesystem_type(directory)
+    return mode_for(fstype), fstype in _COPYING_UP_FS
 
 
 def mode_for(fstype: str | None) -> FenceMode:

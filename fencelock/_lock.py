@@ -70,8 +70,7 @@ def _directory_facts(directory: str, real: str) -> tuple[FenceMode, bool]:
             FenceLockWarning,
             stacklevel=4,
         )
-    fstype = _fingerprint.filesystem_type(real)
-    return _fingerprint.mode_for(fstype), fstype == "overlay"
+    return _fingerprint.detect(real)
 
 
 def _session_facts(session: str) -> tuple[str, tuple[FenceMode, bool], bool]:

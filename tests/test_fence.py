@@ -499,7 +499,7 @@ def test_fence_mode_is_detected_from_the_filesystem() -> None:
     assert _fingerprint.mode_for("cifs") is FenceMode.CONTENT
     assert _fingerprint.mode_for("smb3") is FenceMode.CONTENT
     assert _fingerprint.mode_for("ext4") is FenceMode.STAT
-    assert _fingerprint.detect_mode("/tmp") is FenceMode.STAT
+    assert _fingerprint.detect("/tmp")[0] is FenceMode.STAT
 
 
 def test_stamped_lines_carry_the_token_and_verify_finds_backwards_ones(session: Path) -> None:

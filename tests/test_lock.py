@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -1161,28 +1161,36 @@ def test_two_interrupts_in_a_release_leave_the_slot_with_the_owner_it_went_to(
     assert sorted(got) == ["other object", "same object"]
 
 
+@contextlib.contextmanager
+def _interrupted_entering(*functions: Callable[..., Any]) -> Iterator[list[bool]]:
+    """KeyboardInterrupt raised as whichever of the Python ``functions`` is entered
+    first in this thread, once (as a signal handler raises there); yields a list that
+    holds True once it was."""
+    codes = {function.__code__ for function in functions}
+    raised: list[bool] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code in codes and not raised:
+            raised.append(True)
+            raise KeyboardInterrupt
+
+    sys.settrace(tracer)
+    try:
+        yield raised
+    finally:
+        sys.settrace(None)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
 def test_an_interrupt_as_a_release_closes_the_sidecar_leaks_no_descriptor(session: Path) -> None:
     """The release has unlocked; an interrupt lands as it closes the descriptor. It was
     left open (and tracked, so forks closed it again): one descriptor per such Ctrl-C."""
     from fencelock import _forkguard
 
-    closers = {_forkguard.close.__code__}
-    raised: list[bool] = []
-
-    def tracer(frame: Any, event: str, arg: Any) -> None:
-        if event == "call" and frame.f_code in closers and not raised:
-            raised.append(True)
-            raise KeyboardInterrupt  # as the release's close is entered
-
     lock = SessionLock(session, "closing")
     lock.acquire()
-    sys.settrace(tracer)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            lock.release()
-    finally:
-        sys.settrace(None)
+    with _interrupted_entering(_forkguard.close) as raised, pytest.raises(KeyboardInterrupt):
+        lock.release()
     assert raised and not lock.held
     assert _fds_naming(f"{session}.holder") == [] and not _forkguard._open
     with SessionLock(session, "next", on_contention="fail"):
@@ -1198,22 +1206,11 @@ def test_a_failed_acquire_s_close_cut_short_is_run_again(
     as far as the lock)."""
     from fencelock import _forkguard
 
-    closers = {_forkguard.close.__code__, _forkguard.close_if_still.__code__}
-    raised: list[bool] = []
-
-    def tracer(frame: Any, event: str, arg: Any) -> None:
-        if event == "call" and frame.f_code in closers and not raised:
-            raised.append(True)
-            raise KeyboardInterrupt
-
     holder = spawn_holder(session, lane="holder")
     holder.acquire()
-    sys.settrace(tracer)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            SessionLock(session, "failing", on_contention="fail").acquire()
-    finally:
-        sys.settrace(None)
+    with _interrupted_entering(_forkguard.close, _forkguard.close_if_still) as raised, \
+            pytest.raises(KeyboardInterrupt):
+        SessionLock(session, "failing", on_contention="fail").acquire()
     assert raised and _fds_naming(f"{session}.holder") == []
 
 
