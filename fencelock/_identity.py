@@ -4,6 +4,11 @@ The start token is ``<starttime>@<boot id>@<pid namespace>`` on Linux: field 22 
 ``/proc/<pid>/stat`` (clock ticks since boot, immune to wall-clock changes), the
 kernel's boot id, and the PID namespace inode. Elsewhere it is empty and liveness is
 unknowable (None). Nothing here ever sends a signal.
+
+The kernel shows field 22 shifted by the *reader's* time namespace boottime offset
+(a checkpoint-restored container, ``unshare --time``), so each process takes its own
+offset off what it reads: start ticks are counted from the host's boot everywhere,
+and a holder in one time namespace is known as alive from another.
 """
 
 from __future__ import annotations
@@ -53,13 +58,56 @@ def pid_namespace(pid: int | str = "self") -> str:
     return link[link.find("[") + 1 : -1] if "[" in link else link
 
 
+def _boottime_offset() -> tuple[int, bool] | None:
+    """This process's time namespace's boottime offset, as (whole clock ticks, whether
+    there is a part tick left over); (0, False) in the host's namespace or where there
+    are none. None where it cannot be told: the process has entered a time namespace
+    for its children only (``/proc/self/timens_offsets`` shows theirs, not its own)."""
+    text = _read(f"{_PROC}/self/timens_offsets")
+    if text is None:
+        return 0, False
+    try:
+        if os.readlink(f"{_PROC}/self/ns/time") != os.readlink(
+                f"{_PROC}/self/ns/time_for_children"):
+            return None
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if name == "boottime":
+            try:
+                seconds, nanoseconds = (int(n) for n in rest.split())
+                tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+            except (ValueError, OSError):
+                return None
+            ticks, part = divmod(seconds * 1_000_000_000 + nanoseconds, tick_ns)
+            return ticks, part != 0
+    return 0, False
+
+
+_OFFSET: tuple[int, bool] | None = (0, False)
+"""`_boottime_offset`, read as `ME` is made and again after fork (`_Self.refresh`): a
+child forked after ``unshare(CLONE_NEWTIME)`` lives in the new namespace."""
+
+
+def _start_ticks(fields: list[str]) -> int | None:
+    """Field 22 of a /proc stat (``fields`` after the command name), counted from the
+    host's boot: the kernel adds this reader's time namespace offset, taken off here.
+    None where that offset cannot be told."""
+    if _OFFSET is None or len(fields) < 20 or not fields[19].isascii() \
+            or not fields[19].isdigit():
+        return None
+    # Field 22 overall is index 19 once pid and comm are dropped.
+    return int(fields[19]) - _OFFSET[0]
+
+
 def process_start(pid: int) -> str:
     """The start token of ``pid`` as seen from here, "" where it cannot be read."""
     fields = _stat_fields(pid)
-    if fields is None or len(fields) < 20:
+    ticks = None if fields is None else _start_ticks(fields)
+    if ticks is None:
         return ""
-    # Field 22 overall is index 19 once pid and comm are dropped.
-    return f"{fields[19]}@{boot_id()}@{pid_namespace()}"
+    return f"{ticks}@{boot_id()}@{pid_namespace()}"
 
 
 def _gethostname() -> str:
@@ -75,6 +123,8 @@ class _Self:
         self.refresh()
 
     def refresh(self) -> None:
+        global _OFFSET
+        _OFFSET = _boottime_offset()
         self.pid = os.getpid()
         # os.uname().nodename is what gethostname() returns on POSIX, without
         # importing socket at start-up.
@@ -148,4 +198,15 @@ def owner_alive(pid: int, host: str, start: str) -> bool | None:
         return False
     if fields[0] in ("Z", "X", "x"):
         return False
-    return len(fields) > 19 and fields[19] == ticks
+    now = _start_ticks(fields)
+    if now is None:
+        return None
+    if not (ticks.isascii() and ticks.isdigit() and len(ticks) < 20):
+        return False  # no start this process could have had
+    # Where a time namespace's offset is not a whole number of ticks, the kernel's
+    # rounding puts the start one tick later for a reader in it: the writer's count
+    # may be one more than this reader's, or (this reader's offset being such) one less.
+    # A reused PID started later than the owner did, never earlier: only the count one
+    # less could be that, and one tick after the owner's start it cannot be.
+    behind = int(ticks) - now
+    return behind == 0 or behind == 1 or (behind == -1 and bool(_OFFSET and _OFFSET[1]))

