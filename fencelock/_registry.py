@@ -116,8 +116,9 @@ def take(
 
     Waiters are served in the order they came: a freed slot goes straight to the one
     that has waited longest, so a lane that takes the session again right after
-    releasing it cannot keep out a waiter of its own process (between processes, the
-    release's yield does the same). The slot's owner may hold nothing yet, or no more:
+    releasing it cannot keep out a waiter of its own process. (Between processes the
+    kernel keeps no order: the release's yield gives a woken waiter the first chance,
+    which a machine with every CPU busy may not let it take.) The slot's owner may hold nothing yet, or no more:
     it is about to hold the session, or has just released it (or waits for a holder
     elsewhere, who is then named). A fail-fast or timed-out acquire gives that moment
     the grace a fail-fast acquirer gives a sidecar locked without a live record."""
