@@ -224,13 +224,14 @@ def _cut_torn_tail(
         # coarse clock) keeps it again, rather than lose a second tear of the same bytes.
         if not (st.st_mtime_ns < kept.st_mtime_ns
                 and _kept_last(aside, end, fd, keep, size)):
+            what = f"keeping the session's torn last line ({size - keep:,} bytes) aside"
             for at in range(keep, size, _CHUNK):  # a fragment may be larger than memory
                 try:
                     part = _platform.pread(fd, min(_CHUNK, size - at), at)
                 except OSError as e:
                     raise SessionWriteError(session, e, "reading its last line") from None
-                _write_all(aside, part, torn)
-            _write_all(aside, b"\n", torn)
+                _write_all(aside, part, torn, what)
+            _write_all(aside, b"\n", torn, what)
         _fsync(aside)
     except BaseException as e:
         # What part of the fragment reached S.torn goes again: the next append keeps
@@ -289,14 +290,19 @@ def _kept_last(aside: int, aside_size: int, fd: int, keep: int, size: int) -> bo
     """Whether the torn file's last line is already the fragment ``fd[keep:size]``: an
     earlier append kept it aside but could not cut it from the session (an append-only
     file, say), and the session was not written since (the caller compares times), so
-    it is not kept a second time. Fragments over `_CHUNK` are kept again."""
-    n = size - keep
-    if n > _CHUNK or aside_size < n + 1:
+    it is not kept a second time (however large: compared a chunk at a time). The torn
+    file ends in a newline (the caller has seen to it)."""
+    at = aside_size - (size - keep) - 1  # where the fragment's copy would start
+    if at < 0:
         return False
     try:
-        tail = _platform.pread(aside, n + 2, aside_size - n - 2) if aside_size > n + 1 else (
-            b"\n" + _platform.pread(aside, n + 1, 0))
-        return tail[:1] == b"\n" and tail[1:] == _platform.pread(fd, n, keep) + b"\n"
+        if at and _platform.pread(aside, 1, at - 1) != b"\n":
+            return False  # the end of a longer line
+        for done in range(0, size - keep, _CHUNK):
+            n = min(_CHUNK, size - keep - done)
+            if _platform.pread(aside, n, at + done) != _platform.pread(fd, n, keep + done):
+                return False
+        return True
     except OSError:
         return False
 
@@ -317,17 +323,32 @@ def last_line_start(
     return 0
 
 
-def _write_all(fd: int, data: bytes, path: str) -> None:
+def _write_all(fd: int, data: bytes, path: str, what: str = "write") -> None:
     view = memoryview(data)
     done = 0
     while done < len(data):
         try:
             n = _write(fd, view[done:])
         except OSError as e:
-            raise SessionWriteError(path, e, "write") from None
+            raise SessionWriteError(path, e, what) from None
         if n <= 0:
-            raise SessionWriteError(path, OSError(errno.EIO, "write returned 0"), "write")
+            raise SessionWriteError(path, OSError(errno.EIO, "write returned 0"), what)
         done += n
+
+
+def _holds(fd: int, data: bytes | memoryview, at: int) -> bool:
+    """Whether the file holds ``data`` from offset ``at`` (raises OSError). Read back a
+    chunk at a time, as long as reads return part of what was asked: one returns at
+    most 2 GiB on Linux, and a line may be large enough that a second copy of it in
+    memory matters."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        part = _platform.pread(fd, min(_CHUNK, len(view) - done), at + done)
+        if not part or part != view[done:done + len(part)]:
+            return False
+        done += len(part)
+    return True
 
 
 def _landed(fd: int, line: bytes) -> bool:
@@ -336,7 +357,7 @@ def _landed(fd: int, line: bytes) -> bool:
     whatever other writers appended before or after."""
     try:
         end = os.lseek(fd, 0, os.SEEK_CUR)
-        return end >= len(line) and _platform.pread(fd, len(line), end - len(line)) == line
+        return end >= len(line) and _holds(fd, line, end - len(line))
     except OSError:
         return False
 
@@ -411,9 +432,8 @@ def append(
             # nothing past the fence point is anyone else's.
             try:
                 end = os.fstat(fd).st_size
-                ours = end >= size and end - size <= len(line) and line.startswith(
-                    _platform.pread(fd, end - size, size)
-                )
+                ours = end >= size and end - size <= len(line) and _holds(
+                    fd, memoryview(line)[:end - size], size)
             except OSError:
                 raise e from None
             if not ours:
@@ -433,7 +453,7 @@ def append(
                 moved.append(e.fingerprint)  # the fence point follows the file
             raise e from None
         after = _fingerprint_fd(fd, mode, session)
-        if after.size != size + len(line) or _platform.pread(fd, len(line), size) != line:
+        if after.size != size + len(line) or not _holds(fd, line, size):
             # Someone wrote between the fence check and the fsync: the session is no
             # longer only this run's. Our line is in it, unless that writer cut it.
             raise SessionTakeoverError(session, expected, after, stored=_landed(fd, line))
@@ -500,7 +520,7 @@ def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes
             now = os.lstat(session)
             end = os.fstat(fd).st_size
             if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and end <= len(line) \
-                    and line.startswith(_platform.pread(fd, end, 0)):
+                    and _holds(fd, memoryview(line)[:end], 0):
                 os.unlink(session)
                 moved.append(None)
             return
@@ -513,9 +533,8 @@ def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes
             if cut_to is not None or taken_back:
                 moved.append(_fingerprint_fd(fd, mode, session))  # the cut is the run's
             return  # nothing written: no truncate, which would move the stat all the same
-        if end > size and end - size <= len(line) and line.startswith(
-            _platform.pread(fd, end - size, size)
-        ):
+        if end > size and end - size <= len(line) and _holds(
+                fd, memoryview(line)[:end - size], size):
             os.ftruncate(fd, size)
             moved.append(_fingerprint_fd(fd, mode, session))
     except (OSError, FenceLockError):

@@ -118,10 +118,11 @@ def take(
     that has waited longest, so a lane that takes the session again right after
     releasing it cannot keep out a waiter of its own process. (Between processes the
     kernel keeps no order: the release's yield gives a woken waiter the first chance,
-    which a machine with every CPU busy may not let it take.) The slot's owner may hold nothing yet, or no more:
-    it is about to hold the session, or has just released it (or waits for a holder
-    elsewhere, who is then named). A fail-fast or timed-out acquire gives that moment
-    the grace a fail-fast acquirer gives a sidecar locked without a live record."""
+    which a machine with every CPU busy may not let it take.) The slot's owner may hold
+    nothing yet, or no more: it is about to hold the session, or has just released it
+    (or waits for a holder elsewhere, who is then named). A fail-fast or timed-out
+    acquire gives that moment the grace a fail-fast acquirer gives a sidecar locked
+    without a live record."""
     entry = (lock, attempt)
     # The common case in one step, with no mutex: a dict's setdefault is atomic, and
     # every other change to a slot is made under ``_mu`` (`free` hands a slot on, or

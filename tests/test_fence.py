@@ -91,18 +91,25 @@ def test_torn_tail_is_cut_aside_never_glued(session: Path) -> None:
     assert verify(session).ok
 
 
-@pytest.mark.parametrize("before", ["", '{"torn": 0}\n', 'x{"role": "assist\n'],
+@pytest.mark.parametrize("before", ["", '{"torn": 0}\n', "xFRAGMENT\n"],
                          ids=["new", "after-another", "after-one-ending-like-it"])
-def test_a_torn_tail_that_cannot_be_cut_is_kept_aside_once(session: Path, before: str) -> None:
+@pytest.mark.parametrize("extra", [0, 3 * 1024 * 1024 + 5], ids=["small", "several-MiB"])
+def test_a_torn_tail_that_cannot_be_cut_is_kept_aside_once(
+    session: Path, before: str, extra: int
+) -> None:
     """An append that kept the torn tail aside but could not cut it from the session
     (an append-only file: EPERM) fails; the next one does not keep a second copy, and
-    once the cut can be made it is made, still with one copy kept."""
+    once the cut can be made it is made, still with one copy kept. Also a fragment of
+    several MiB (a pasted file's line): a gateway retrying its append must not add a
+    copy of it each time."""
     from conftest import on_entry
 
+    fragment = '{"role": "assist' + "x" * extra
+    before = before.replace("FRAGMENT", fragment)
     torn = Path(str(session) + TORN_SUFFIX)
     if before:
         torn.write_text(before)
-    session.write_text('{"role": "user"}\n{"role": "assist')
+    session.write_text('{"role": "user"}\n' + fragment)
     os.utime(session, ns=(1, 1))  # torn long before (a coarse clock would tie otherwise)
 
     def refuse() -> None:
@@ -117,7 +124,7 @@ def test_a_torn_tail_that_cannot_be_cut_is_kept_aside_once(session: Path, before
         with pytest.warns(FenceLockWarning, match="torn"):
             lock.append({"role": "assistant", "content": "ok"})
     assert lines(session) == [{"role": "user"}, {"role": "assistant", "content": "ok"}]
-    assert torn.read_text() == before + '{"role": "assist\n'
+    assert torn.read_text() == before + fragment + "\n"
 
 
 @pytest.mark.parametrize("clock", ["later", "same-tick"])
@@ -154,6 +161,51 @@ def test_a_torn_tail_longer_than_the_search_step_is_cut_aside_whole(
     assert lines(session) == [*expected, {"role": "assistant", "content": "ok"}]
     assert Path(str(session) + TORN_SUFFIX).read_text() == fragment + "\n"
     assert verify(session).ok
+
+
+def test_a_line_longer_than_one_read_returns_is_read_back_whole(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One read returns at most 2 GiB on Linux (0x7ffff000 bytes), and any read may
+    # legally return less than asked: the check that the line landed whole reads on,
+    # instead of calling a short read a write by someone else.
+    from fencelock import _platform
+
+    real = _platform.pread
+
+    def capped(fd: int, n: int, offset: int) -> bytes:
+        return real(fd, min(n, 1000), offset)
+
+    session.write_text('{"role": "user"}\n')
+    entry = {"role": "tool", "content": "x" * 5000}
+    with SessionLock(session) as lock:
+        monkeypatch.setattr(_platform, "pread", capped)
+        lock.append(entry)
+        lock.append(entry)
+        monkeypatch.undo()
+    assert lines(session) == [{"role": "user"}, entry, entry]
+    assert verify(session).ok
+
+
+def test_a_read_back_that_meets_the_end_of_the_file_does_not_hold_the_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file cut by another writer between the write and its check ends before the
+    # line does: not the line (and no endless reading of nothing), in one read or many.
+    from fencelock._fence import _holds
+
+    path = tmp_path / "cut"
+    path.write_bytes(b"0123456789")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for chunk in (1 << 20, 4):
+            monkeypatch.setattr(_fence, "_CHUNK", chunk)
+            assert _holds(fd, b"3456789", 3)
+            assert not _holds(fd, b"3456789A", 3)
+            assert not _holds(fd, b"3456780", 3)
+            assert not _holds(fd, b"x", 10)
+    finally:
+        os.close(fd)
 
 
 def test_a_line_written_while_the_torn_tail_is_set_aside_is_not_cut_with_it(
@@ -1598,7 +1650,11 @@ def test_a_torn_tail_half_kept_aside_when_the_disk_filled_is_kept_whole_next_tim
     torn = Path(str(session) + TORN_SUFFIX)
     with SessionLock(session) as lock:
         monkeypatch.setattr(_fence, "_write", filling)
-        with pytest.raises(SessionWriteError, match="No space left"):
+        # Naming what could not be written, and how much: freeing room for the entry
+        # alone would not do.
+        with pytest.raises(SessionWriteError, match=(
+                f"keeping the session's torn last line \\({len(fragment)} bytes\\) aside "
+                f"failed: No space left")):
             lock.append({"n": 1})
         monkeypatch.undo()
         assert torn.read_bytes() == b""
