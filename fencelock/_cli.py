@@ -707,12 +707,17 @@ class _CommandLine(click.Command):
     every word from there on is the command's, options included."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, _mark_command_start(self.get_params(ctx), args))
+        return super().parse_args(ctx, _mark_command_start(self.get_params(ctx), args, ctx))
 
 
-def _mark_command_start(params: list[click.Parameter], args: list[str]) -> list[str]:
+def _mark_command_start(
+    params: list[click.Parameter], args: list[str], ctx: click.Context
+) -> list[str]:
     """``args`` with ``--`` put before the word that starts the command (the one after
-    the positional arguments before it), unless a ``--`` comes first."""
+    the positional arguments before it), unless a ``--`` comes first. A ``--`` before
+    the positional arguments is a usage error: their words would be taken from the
+    command (``run --lane x -- ./job.sh`` would hold a session named ./job.sh and run
+    nothing of the job)."""
     takes_value = {
         name: not (p.is_flag or p.count)
         for p in params if isinstance(p, click.Option)
@@ -724,6 +729,12 @@ def _mark_command_start(params: list[click.Parameter], args: list[str]) -> list[
         word = args[i]
         i += 1
         if word == "--":
+            if before:
+                names = [p.human_readable_name for p in params
+                         if isinstance(p, click.Argument) and p.nargs == 1]
+                raise click.UsageError(
+                    f"Missing argument {names[-before]!r}: give it before the command "
+                    f"(everything after '--' is the command's)", ctx)
             break
         if word.startswith("--"):
             if takes_value.get(word) and "=" not in word:

@@ -853,6 +853,27 @@ def test_run_reads_its_options_only_up_to_the_command(session: Path, options: li
     assert json.loads(out.stdout) == [words, "mine"]
 
 
+@pytest.mark.parametrize("words", [
+    ["--lane", "cron", "--", "./job.sh", "echo", "hello"],
+    ["--lane", "cron", "--timeout", "30", "--", "sh", "-c", "echo job ran"],
+    ["--", "s.jsonl", "./job.sh"],
+], ids=["script", "shell", "session-after-dashes"])
+def test_run_with_no_session_before_the_command_is_a_usage_error(
+    tmp_path: Path, words: list[str]
+) -> None:
+    """SESSION forgotten: the command's first word would be taken for it, a sidecar
+    made beside it, and the rest run as the command (``echo hello`` in place of the
+    job, exit 0). The contract's form is ``run SESSION --lane L -- CMD...``."""
+    job = tmp_path / "job.sh"
+    job.write_text("#!/bin/sh\necho job\n")
+    job.chmod(0o755)
+    out = cli("run", *words, cwd=tmp_path)
+    assert out.returncode == 2, out
+    assert "Missing argument 'SESSION': give it before the command" in out.stderr
+    assert out.stdout == "" and "Traceback" not in out.stderr
+    assert sorted(os.listdir(tmp_path)) == ["job.sh", "sessions"]
+
+
 @needs_proc_locks
 def test_run_waits_for_the_holder(session: Path, spawn_holder: SpawnHolder, tmp_path: Path) -> None:
     h = spawn_holder(session, lane="first")

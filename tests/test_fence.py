@@ -1119,6 +1119,29 @@ def test_verify_reads_an_over_long_line_s_stamp_from_its_end_and_stops_after_man
     assert [p.kind for p in verify(session).problems] == ["torn"] * 3
 
 
+@pytest.mark.parametrize("at", [10, 63, 64, 300], ids=["head", "head-end", "rest", "rest-later"])
+def test_verify_finds_a_byte_no_json_holds_in_an_over_long_line(
+    session: Path, monkeypatch: pytest.MonkeyPatch, at: int
+) -> None:
+    """A line too long to parse is still searched for a control character other than
+    JSON's whitespace, which neither a string nor the space between tokens may hold: a
+    run of NUL bytes where a crash left blocks allocated but never written is torn,
+    wherever in the line it is (in the first `MAX_LINE` bytes or after)."""
+    from fencelock import _verify
+
+    monkeypatch.setattr(_verify, "MAX_LINE", 64)
+    monkeypatch.setattr(_verify, "_REST_STEP", 100)
+    line = bytearray(b'{"c":"' + b"x" * 500 + b'"}\n')
+    fine = bytes(line).replace(b'{"c"', b'{\t\r"c"')  # JSON's whitespace: no problem
+    line[at:at + 20] = b"\x00" * 20
+    session.write_bytes(b'{"n":1}\n' + bytes(line) + fine)
+    report = verify(session)
+    assert [(p.line, p.kind) for p in report.problems] == [(2, "torn")], report
+    assert f"control character at byte {at:,} of a line of {len(line):,} bytes" in \
+        report.problems[0].detail
+    assert report.unchecked == [3] and report.lines == 3
+
+
 @pytest.mark.parametrize(("stamp", "kind"), [
     (b'{"token":10000000000000000000,"run_id":"a"}', "token-out-of-range"),  # 20 digits
     (b'{"token":9,"run_id":"a\\"b"}', "token-backwards"),  # the next line's 3 is below
