@@ -210,6 +210,9 @@ def main() -> None:
       fencelock status ~/.gateway/sessions
     """
     plain_warnings()
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        # No colour even on a terminal: asked for (no-color.org), or one that shows none.
+        click.get_current_context().color = False
 
 
 class _PathArgument(click.Path):

@@ -334,6 +334,37 @@ def test_status_colour_only_on_request_of_a_terminal(
     assert "\x1b[" not in plain
 
 
+@pytest.mark.parametrize("env", [{}, {"NO_COLOR": "1"}, {"TERM": "dumb"}, {"NO_COLOR": ""}],
+                         ids=["terminal", "no-color", "dumb-terminal", "no-color-empty"])
+def test_status_on_a_terminal_is_coloured_unless_asked_not_to_be(
+    session: Path, spawn_holder: SpawnHolder, env: dict[str, str]
+) -> None:
+    """On a terminal the table is coloured, except under NO_COLOR set to anything but
+    the empty string (no-color.org), or on a terminal that shows none (TERM=dumb)."""
+    spawn_holder(session).acquire()
+    master, slave = pty.openpty()
+    try:
+        environ = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")}
+        proc = subprocess.Popen([*FENCELOCK, "status", str(session)], stdout=slave,
+                                env={**environ, "TERM": "xterm", **env})
+        os.close(slave)
+        assert proc.wait(timeout=60) == 0
+        shown = b""
+        while select.select([master], [], [], 0)[0]:  # all it wrote, now it has exited
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's other end is closed, all read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    coloured = env in ({}, {"NO_COLOR": ""})
+    assert (click_style_green("live").encode() in shown) is coloured, shown
+    assert (b"\x1b[" in shown) is coloured, shown
+
+
 def click_style_green(text: str) -> str:
     import click
 
