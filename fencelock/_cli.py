@@ -100,6 +100,9 @@ def _no_directory(path: str) -> str | None:
             # "sessions/x.jsonl/": the '/' may be the mistake, not a missing directory.
             return (f"{path}: {its} {directory} {what}; check the path (without the "
                     "trailing '/' it names a session file), or create the directory")
+        if path.startswith("~"):  # from a unit file or a config, where no shell expands it
+            return (f"{path}: {its} {directory} {what}; '~' is the shell's to expand: "
+                    f"give the home directory's path")
         return f"{path}: {its} {directory} {what}; check the path, or create it"
     except OSError:
         return None  # there may be something; let the library name the cause

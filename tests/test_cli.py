@@ -444,6 +444,19 @@ def test_status_missing_directory_exits_1(tmp_path: Path, session: Path) -> None
     assert f"its directory {tmp_path / 'nope'} does not exist" in missing["reason"]
 
 
+@pytest.mark.parametrize("command", ["status", "verify", "wait"])
+def test_a_tilde_no_shell_expanded_is_named_in_the_error(tmp_path: Path, command: str) -> None:
+    """``~/sessions/s.jsonl`` from a unit file or a config reaches fencelock as it is:
+    the error says that '~' is the shell's to expand, not only that the directory
+    is missing."""
+    out = cli(command, "~/sessions/s.jsonl", cwd=tmp_path)
+    assert out.returncode == 1, out
+    no_traceback(out.stderr, 1)
+    assert f"its directory {tmp_path / '~' / 'sessions'} does not exist; '~' is the " \
+        "shell's to expand: give the home directory's path" in out.stderr
+    assert not (tmp_path / "~").exists()
+
+
 @pytest.mark.parametrize("command", ["status", "clear", "clear --remove", "run", "wait",
                                      "recover", "verify", "hold"])
 @pytest.mark.parametrize("exists", [True, False], ids=["dir exists", "no dir"])
