@@ -461,6 +461,23 @@ def _status_cells(st: HolderStatus, now: float, show: PathDisplay) -> list[str]:
     ]
 
 
+def cell_width(text: str) -> int:
+    """The columns ``text`` takes on a terminal: two for a wide character (CJK, most
+    emoji), none for a combining mark, one for the rest."""
+    if text.isascii():
+        return len(text)
+    import unicodedata  # only for a name that is not ASCII: not at startup
+
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
+    )
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - cell_width(text))
+
+
 class StatusTable:
     """An aligned table of status rows, the state column coloured (click.echo strips it
     off a terminal). ``waiters`` adds a WAITING column (processes queued behind each
@@ -496,8 +513,8 @@ class StatusTable:
             cells.insert(len(cells) - 1, str(st.waiters))
         widths = self.widths
         for i, cell in enumerate(cells):
-            if len(cell) > widths[i]:
-                widths[i] = len(cell)
+            if (n := cell_width(cell)) > widths[i]:
+                widths[i] = n
         colour = ("yellow" if st.stuck else _STATE_COLOURS.get(str(st.state))) or ""
         bold = "b" if st.state is ProbeState.STALE else ""
         self.rows.append(_ROW_SEP.join((*cells, colour, bold)))
@@ -534,7 +551,7 @@ class StatusTable:
         )
         for row in self._rows():
             *cells, colour, bold = row.split(_ROW_SEP)
-            parts = [c.ljust(widths[i]) if i < last else c for i, c in enumerate(cells)]
+            parts = [_pad(c, widths[i]) if i < last else c for i, c in enumerate(cells)]
             if colour:
                 parts[1] = click.style(parts[1], fg=colour, bold=bool(bold))
             yield "  ".join(parts)

@@ -2726,6 +2726,32 @@ def test_status_of_a_directory_past_the_table_s_memory_rows(
     assert len(made) == 1 and made[0].closed  # and closed once printed
 
 
+@pytest.mark.parametrize("name", ["caf\u00e9-\u65e5\u672c", "e\u0301t\u00e9", "\U0001f600x"],
+                         ids=["wide", "combining", "emoji"])
+def test_status_table_lines_up_names_by_the_columns_they_take(
+    tmp_path: Path, name: str
+) -> None:
+    """A wide character (CJK, emoji) takes two columns on a terminal and a combining
+    mark none: the STATE column starts in the same terminal column on every row."""
+    import unicodedata
+
+    for stem in (name, "plain"):
+        with SessionLock(tmp_path / f"{stem}.jsonl"):
+            pass
+    out = invoke("status", str(tmp_path))
+    assert out.exit_code == 0, out.output
+
+    def columns(text: str) -> int:
+        return sum(0 if unicodedata.combining(c) else
+                   2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+    assert columns(name) == {"wide": 9, "combining": 3, "emoji": 3}[
+        "wide" if "\u65e5" in name else "combining" if "\u0301" in name else "emoji"]
+    starts = {columns(line[:line.index("free")]) for line in out.stdout.splitlines()[1:]}
+    assert len(starts) == 1, out.stdout
+    assert columns(out.stdout.splitlines()[0].split("STATE")[0]) in starts
+
+
 def test_a_row_for_what_a_run_left_running_escapes_the_record_s_host(session: Path) -> None:
     """The status row of a session held by what a `fencelock run` command left running
     shows the ended run's host escaped, as every other row does (it went out raw: a
