@@ -306,3 +306,15 @@ def test_an_answer_cut_short_keeps_the_reply_aside(
     assert "SyntaxError" not in err and "undelivered" in err and "check it" in err, err
     kept = entries(Path(str(session) + ".undelivered"))
     assert [(e["content"], e["undelivered"]) for e in kept] == [("echo: ping", "HoldEnded")]
+
+
+@pytest.mark.parametrize("args", [[], ["a.jsonl", "b.jsonl"], ["a.jsonl", "--bogus"]],
+                         ids=["no-session", "two-sessions", "unknown-option"])
+def test_a_usage_error_shows_the_usage(node: str, tmp_path: Path, args: list[str]) -> None:
+    out = subprocess.run([node, str(EXAMPLE), *args], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert out.returncode == 2, out
+    first, usage = out.stderr.splitlines()
+    assert first.startswith("hold-turn: ")
+    assert usage.startswith("usage: node hold-turn.mjs SESSION [--lane L]")
+    assert out.stdout == "" and os.listdir(tmp_path) == ["sessions"]

@@ -130,7 +130,11 @@ function parseArgs(argv) {
 }
 
 function usage(message) {
-  process.stderr.write(`hold-turn: ${message}\n`);
+  process.stderr.write(
+    `hold-turn: ${message}\n` +
+      "usage: node hold-turn.mjs SESSION [--lane L] [--message TEXT] [--turns N] " +
+      "[--model-ms MS] [--gate] [--writer NAME] [--fencelock PATH] [--no-wait | --timeout S]\n",
+  );
   process.exit(2);
 }
 
