@@ -1610,7 +1610,7 @@ def test_a_malformed_fencelock_fd_is_ignored(
     out = subprocess.run([*FENCELOCK, "wait", str(session), "--timeout", "0.2"],
                          capture_output=True, text=True, timeout=60,
                          env={**os.environ, "FENCELOCK_FD": value})
-    assert out.returncode == 4 and "still held by" in out.stderr, out.stderr
+    assert out.returncode == 4 and "still held after 0.2s, by pid " in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
 
 
