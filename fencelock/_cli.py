@@ -970,7 +970,7 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
             except StoreUnavailableError:
                 holder = "a live holder (etcd did not say which in time)"
             raise ContendedCliError(
-                f"{named}: still held after {timeout:g}s, by {holder}; wait longer "
+                f"{named}: after {timeout:g}s, still held by {holder}; wait longer "
                 f"(--timeout), or start a fresh session ({fresh_session_command(named, backend)})"
             )
 

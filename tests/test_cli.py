@@ -1423,7 +1423,7 @@ def test_a_command_that_gave_up_a_wait_ends_without_a_slow_shutdown(
                          timeout=60, check=False)
     assert out.returncode == (4 if held else 0), out.stderr
     if held:
-        assert "still held after 0.2s, by " in out.stderr and "wait longer (--timeout)" in out.stderr
+        assert "after 0.2s, still held by " in out.stderr and "wait longer (--timeout)" in out.stderr
     assert marker.exists() is not held
 
 
@@ -1610,7 +1610,7 @@ def test_a_malformed_fencelock_fd_is_ignored(
     out = subprocess.run([*FENCELOCK, "wait", str(session), "--timeout", "0.2"],
                          capture_output=True, text=True, timeout=60,
                          env={**os.environ, "FENCELOCK_FD": value})
-    assert out.returncode == 4 and "still held after 0.2s, by pid " in out.stderr, out.stderr
+    assert out.returncode == 4 and "after 0.2s, still held by pid " in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
 
 
