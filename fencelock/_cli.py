@@ -990,11 +990,14 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
     help="How long to wait for a live holder to let go.",
 )
 @click.option("--no-fresh", is_flag=True, help="Exit 4 instead of starting a fresh session.")
+@click.option("--no-carry", is_flag=True,
+              help="Start a fresh session empty, not carrying the old transcript's lines.")
 @click.option("--lane", default="recovery", show_default=True, help="Lane of a fresh session.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was decided as JSON.")
 @_backend_option
 def recover_command(
-    session: str, wait_s: float, no_fresh: bool, lane: str, as_json: bool, backend: str | None
+    session: str, wait_s: float, no_fresh: bool, no_carry: bool, lane: str, as_json: bool,
+    backend: str | None,
 ) -> None:
     """The safe stuck-session recovery step: never re-fire on a session a run still
     holds. Prints the session to use: SESSION itself when it is free (a stale record
@@ -1057,7 +1060,7 @@ def recover_command(
         with library_errors(_named(session)[0]):
             try:
                 r = recover(session, wait=wait_s, fresh=not no_fresh, lane=lane,
-                            backend=backend)
+                            carry=not no_carry, backend=backend)
                 seen.settled = True
             except SessionContendedError as e:
                 # Still held with --no-fresh: the advice is not recover (this command).

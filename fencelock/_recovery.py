@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import hashlib
 import os
 import shlex
@@ -376,10 +377,12 @@ def _make_fresh(
         where = getattr(e, "path", None) or getattr(e, "session", None) or new
         reason = (f"{where}: {cause.strerror}" if isinstance(cause, OSError) and cause.strerror
                   else str(e))
+        empty = ("" if not carry or not isinstance(cause, OSError) or cause.errno not in (
+            errno.ENOSPC, errno.EDQUOT) else ", or start it empty (--no-carry, carry=False)")
         raise FenceLockError(
             f"{session}: still held after {waited:.1f} s, and a fresh session could not be "
-            f"started beside it ({reason}); fix that and recover again, or recover without "
-            "a fresh session (--no-fresh, fresh=False) to report the holder instead"
+            f"started beside it ({reason}); fix that and recover again{empty}, or recover "
+            "without a fresh session (--no-fresh, fresh=False) to report the holder instead"
         ) from e
     except BaseException:  # an interrupt (SIGTERM, Ctrl-C), whole or not
         if not successor:  # a new name nobody has; a successor's is left to the next recover
@@ -486,13 +489,16 @@ def _digest() -> hashlib.blake2b:
     return hashlib.blake2b(digest_size=16)
 
 
+_START_EMPTY = "recover with carry=False (fencelock recover --no-carry) to start empty"
+
+
 def _open_old(session: str) -> int:
     try:
         fd, _ = _sidecar.open_regular(session, os.O_RDONLY)
     except FileNotFoundError:
         return -1
     except OSError as e:
-        raise SidecarAccessError(session, e, "recover with carry=False to start empty") from None
+        raise SidecarAccessError(session, e, _START_EMPTY) from None
     return fd
 
 
@@ -500,7 +506,7 @@ def _pread(fd: int, session: str, size: int, offset: int) -> bytes:
     try:
         data = _platform.pread(fd, size, offset)
     except OSError as e:
-        raise SidecarAccessError(session, e, "recover with carry=False to start empty") from None
+        raise SidecarAccessError(session, e, _START_EMPTY) from None
     if not data:
         raise FenceLockError(f"{session}: it shrank while recover copied it; recover again")
     return data
@@ -511,7 +517,7 @@ def _complete_end(fd: int, session: str) -> int:
     try:
         end = os.fstat(fd).st_size
     except OSError as e:
-        raise SidecarAccessError(session, e, "recover with carry=False to start empty") from None
+        raise SidecarAccessError(session, e, _START_EMPTY) from None
     return _fence.last_line_start(fd, end, lambda fd, n, at: _pread(fd, session, n, at))
 
 

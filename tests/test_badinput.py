@@ -1051,6 +1051,7 @@ def test_recover_that_cannot_make_a_fresh_session_says_so_and_leaves_nothing(
     assert message.startswith(f"{session}: still held after ")
     assert "a fresh session could not be started" in message
     assert "No space left on device" in message and "--no-fresh" in message
+    assert "or start it empty (--no-carry, carry=False)" in message
     assert "append it again" not in message
     assert sorted(os.listdir(tmpfs_dir)) == before
     done = subprocess.run([sys.executable, "-m", "fencelock", "recover", "--wait", "0",
@@ -1062,6 +1063,14 @@ def test_recover_that_cannot_make_a_fresh_session_says_so_and_leaves_nothing(
     # It read the holder before it failed: --json names it, as for a session still held.
     assert answer["holder"]["state"] == "live" and answer["holder"]["lane"] == "busy"
     assert sorted(os.listdir(tmpfs_dir)) == before
+    # The way out it offers: a fresh session that carries nothing fits.
+    done = subprocess.run([sys.executable, "-m", "fencelock", "recover", "--wait", "0",
+                           "--no-carry", "--json", str(session)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["action"] == "fresh" and answer["carried_lines"] == 0
+    assert Path(answer["session"]).read_bytes() == b""
 
 
 # -- injected I/O faults ------------------------------------------------------------
@@ -1085,7 +1094,7 @@ def test_a_recover_that_cannot_read_the_transcript_leaves_no_successor_sidecar(
 
     def unreadable(path: str) -> int:
         raise SidecarAccessError(path, OSError(errno.EACCES, os.strerror(errno.EACCES)),
-                                 "recover with carry=False to start empty")
+                                 _recovery._START_EMPTY)
 
     monkeypatch.setattr(_recovery, "_open_old", unreadable)
     with pytest.raises(FenceLockError, match="a fresh session could not be started"):

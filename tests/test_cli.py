@@ -1423,7 +1423,8 @@ def test_a_command_that_gave_up_a_wait_ends_without_a_slow_shutdown(
                          timeout=60, check=False)
     assert out.returncode == (4 if held else 0), out.stderr
     if held:
-        assert "after 0.2s, still held by " in out.stderr and "wait longer (--timeout)" in out.stderr
+        assert "after 0.2s, still held by " in out.stderr
+        assert "wait longer (--timeout)" in out.stderr
     assert marker.exists() is not held
 
 
