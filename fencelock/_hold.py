@@ -303,7 +303,9 @@ def parse(item: _Line | _TooLong) -> tuple[dict[str, Any], dict[str, Any]]:
     if isinstance(item, _TooLong):
         raise BadRequestError(
             f"request line of {item.length} bytes is longer than the {MAX_REQUEST}-byte "
-            f"bound; it was dropped"
+            f"bound; it was dropped, and nothing was written: keep content that large in a "
+            f"file of its own and put its path in the entry, or append it through the "
+            f"Python library (SessionLock.append), which has no such bound"
         )
     try:
         text = item.data.decode("utf-8")

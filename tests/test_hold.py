@@ -398,6 +398,7 @@ def test_a_line_over_the_bound_is_dropped_whole(session: Path, start_hold: Start
     h.send_raw(big + b"\n" + b'{"op": "info", "id": 2}\n')
     answer = h.read()
     assert answer["error"] == "BadRequestError" and str(MAX_REQUEST) in answer["message"]
+    assert "nothing was written: keep content that large in a file" in answer["message"]
     assert str(len(big)) in answer["message"]
     assert h.read()["id"] == 2
     assert not session.exists()
