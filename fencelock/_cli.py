@@ -213,9 +213,6 @@ def main() -> None:
       fencelock status ~/.gateway/sessions
     """
     plain_warnings()
-    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
-        # No colour even on a terminal: asked for (no-color.org), or one that shows none.
-        click.get_current_context().color = False
 
 
 class _PathArgument(click.Path):
@@ -740,7 +737,8 @@ def _mark_command_start(
                          if isinstance(p, click.Argument) and p.nargs == 1]
                 raise click.UsageError(
                     f"Missing argument {names[-before]!r}: give it before the command "
-                    f"(everything after '--' is the command's)", ctx)
+                    f"(everything after '--' is the command's; a path that starts with "
+                    f"'-' is written ./-NAME)", ctx)
             break
         if word.startswith("--"):
             if takes_value.get(word) and "=" not in word:
@@ -956,7 +954,8 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
         # Ctrl-C stops the wait even when the kernel hands SIGINT to the waiting thread.
         handlers = PromptHandlers(signal.default_int_handler, [signal.SIGINT])
         try:
-            if sys.stderr.isatty():
+            if sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
+                # A line redrawn in place, which a terminal that moves no cursor cannot.
                 free = _wait_with_progress(named, wait_free, remaining, backend)
             else:
                 free = wait_free(remaining)

@@ -336,16 +336,17 @@ def _write_all(fd: int, data: bytes, path: str, what: str = "write") -> None:
         done += n
 
 
-def _holds(fd: int, data: bytes | memoryview, at: int) -> bool:
-    """Whether the file holds ``data`` from offset ``at`` (raises OSError). Read back a
-    chunk at a time, as long as reads return part of what was asked: one returns at
-    most 2 GiB on Linux, and a line may be large enough that a second copy of it in
-    memory matters."""
-    view = memoryview(data)
+def _holds(fd: int, data: bytes, at: int, length: int | None = None) -> bool:
+    """Whether the file holds ``data`` (its first ``length`` bytes: all by default) from
+    offset ``at`` (raises OSError). Read back a chunk at a time, as long as reads return
+    part of what was asked: one returns at most 2 GiB on Linux, and a line may be large
+    enough that a second copy of it in memory matters. (``startswith`` at an offset
+    compares bytes as memory, with no copy of ``data``.)"""
+    length = len(data) if length is None else length
     done = 0
-    while done < len(view):
-        part = _platform.pread(fd, min(_CHUNK, len(view) - done), at + done)
-        if not part or part != view[done:done + len(part)]:
+    while done < length:
+        part = _platform.pread(fd, min(_CHUNK, length - done), at + done)
+        if not part or not data.startswith(part, done):
             return False
         done += len(part)
     return True
@@ -433,7 +434,7 @@ def append(
             try:
                 end = os.fstat(fd).st_size
                 ours = end >= size and end - size <= len(line) and _holds(
-                    fd, memoryview(line)[:end - size], size)
+                    fd, line, size, end - size)
             except OSError:
                 raise e from None
             if not ours:
@@ -520,7 +521,7 @@ def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes
             now = os.lstat(session)
             end = os.fstat(fd).st_size
             if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and end <= len(line) \
-                    and _holds(fd, memoryview(line)[:end], 0):
+                    and _holds(fd, line, 0, end):
                 os.unlink(session)
                 moved.append(None)
             return
@@ -533,8 +534,7 @@ def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes
             if cut_to is not None or taken_back:
                 moved.append(_fingerprint_fd(fd, mode, session))  # the cut is the run's
             return  # nothing written: no truncate, which would move the stat all the same
-        if end > size and end - size <= len(line) and _holds(
-                fd, memoryview(line)[:end - size], size):
+        if end > size and end - size <= len(line) and _holds(fd, line, size, end - size):
             os.ftruncate(fd, size)
             moved.append(_fingerprint_fd(fd, mode, session))
     except (OSError, FenceLockError):

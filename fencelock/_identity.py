@@ -58,6 +58,17 @@ def pid_namespace(pid: int | str = "self") -> str:
     return link[link.find("[") + 1 : -1] if "[" in link else link
 
 
+def _tick_ns() -> int:
+    """A clock tick of /proc's process start times, in nanoseconds (10 ms most often)."""
+    try:
+        return 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    except (AttributeError, ValueError, OSError, ZeroDivisionError):
+        return 10_000_000  # no sysconf (Windows): no /proc either
+
+
+_TICK_NS = _tick_ns()
+
+
 def _boottime_offset() -> tuple[int, bool] | None:
     """This process's time namespace's boottime offset, as (whole clock ticks, whether
     there is a part tick left over); (0, False) in the host's namespace or where there
@@ -77,10 +88,9 @@ def _boottime_offset() -> tuple[int, bool] | None:
         if name == "boottime":
             try:
                 seconds, nanoseconds = (int(n) for n in rest.split())
-                tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-            except (ValueError, OSError):
+            except ValueError:
                 return None
-            ticks, part = divmod(seconds * 1_000_000_000 + nanoseconds, tick_ns)
+            ticks, part = divmod(seconds * 1_000_000_000 + nanoseconds, _TICK_NS)
             return ticks, part != 0
     return 0, False
 
@@ -90,15 +100,22 @@ _OFFSET: tuple[int, bool] | None = (0, False)
 child forked after ``unshare(CLONE_NEWTIME)`` lives in the new namespace."""
 
 
+_WRAPPED = 2**63 // _TICK_NS
+"""Field 22 at or past this many ticks has wrapped: a process that started before this
+reader's time namespace's zero (an offset below zero), which the kernel's unsigned sum
+of nanoseconds makes a count near 2**64 ns."""
+
+
 def _start_ticks(fields: list[str]) -> int | None:
     """Field 22 of a /proc stat (``fields`` after the command name), counted from the
     host's boot: the kernel adds this reader's time namespace offset, taken off here.
-    None where that offset cannot be told."""
+    None where that cannot be told: the offset unknown, or the sum wrapped."""
     if _OFFSET is None or len(fields) < 20 or not fields[19].isascii() \
-            or not fields[19].isdigit():
+            or not fields[19].isdigit() or len(fields[19]) > 19:
         return None
     # Field 22 overall is index 19 once pid and comm are dropped.
-    return int(fields[19]) - _OFFSET[0]
+    ticks = int(fields[19])
+    return None if ticks >= _WRAPPED else ticks - _OFFSET[0]
 
 
 def process_start(pid: int) -> str:

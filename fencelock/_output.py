@@ -461,17 +461,32 @@ def _status_cells(st: HolderStatus, now: float, show: PathDisplay) -> list[str]:
     ]
 
 
+def colour_wanted() -> bool:
+    """False where the user asked for no colour (``NO_COLOR`` set and not empty, as
+    no-color.org has it) or the terminal shows none (``TERM=dumb``)."""
+    return not (os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb")
+
+
+def _plain(text: str, **_: Any) -> str:
+    return text
+
+
 def cell_width(text: str) -> int:
-    """The columns ``text`` takes on a terminal: two for a wide character (CJK, most
-    emoji), none for a combining mark, one for the rest."""
+    """The columns ``text`` (a cell, `clean` already: no control or format characters)
+    takes on a terminal: two for a wide character (CJK, most emoji), none for a mark
+    drawn on the one before it (a combining accent, Thai and Devanagari vowel signs, a
+    variation selector) or a Hangul vowel or final consonant jamo; one for the rest."""
     if text.isascii():
         return len(text)
     import unicodedata  # only for a name that is not ASCII: not at startup
 
-    return sum(
-        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
-        for c in text
-    )
+    width = 0
+    for c in text:
+        if "\u1160" <= c <= "\u11ff" or "\ud7b0" <= c <= "\ud7ff" or \
+                unicodedata.category(c) in ("Mn", "Me"):
+            continue
+        width += 2 if unicodedata.east_asian_width(c) in "WF" else 1
+    return width
 
 
 def _pad(text: str, width: int) -> str:
@@ -543,9 +558,11 @@ class StatusTable:
         self.rows.clear()
 
     def lines(self) -> Iterator[str]:
-        """The header, then a line per row."""
+        """The header, then a line per row; coloured unless asked not to be (off a
+        terminal `out` takes colour off)."""
         widths, last = self.widths, len(self.header) - 1
-        yield click.style(
+        style = click.style if colour_wanted() else _plain
+        yield style(
             "  ".join(h.ljust(widths[i]) if i < last else h for i, h in enumerate(self.header)),
             bold=True,
         )
@@ -553,7 +570,7 @@ class StatusTable:
             *cells, colour, bold = row.split(_ROW_SEP)
             parts = [_pad(c, widths[i]) if i < last else c for i, c in enumerate(cells)]
             if colour:
-                parts[1] = click.style(parts[1], fg=colour, bold=bool(bold))
+                parts[1] = style(parts[1], fg=colour, bold=bool(bold))
             yield "  ".join(parts)
 
     def _rows(self) -> Iterator[str]:

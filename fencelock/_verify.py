@@ -233,8 +233,8 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
         except MemoryError:  # a line too long for the memory there is: read as one
             f.seek(start)    # longer than MAX_LINE is, a step at a time
             raw = f.read(60)
-            f.seek(start)
-            first, last, over, control = raw, b"", True, -1
+            f.seek(start)  # the whole line is read below: none of it read yet
+            first, last, over, control, read = raw, b"", True, -1, 0
         else:
             if not raw:
                 break
@@ -243,7 +243,7 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
             if over:
                 # Its first bytes (for a message) and its last (for a stamp) kept, the
                 # rest let go before the rest of the line is read.
-                control = _control_at(raw)
+                control, read = _control_at(raw), len(raw)
                 first, last, raw = raw[:60], raw[-TAIL:], b""
         number += 1
         if over or not raw.endswith(b"\n"):
@@ -252,7 +252,7 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
                 tail = start
                 break
             try:
-                end = _rest_of_line(f, last, control)
+                end = _rest_of_line(f, last, control, read)
             except MemoryError:
                 raise _no_memory(session, number) from None
             raw = first
@@ -264,7 +264,7 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
             if end.control >= 0:
                 problems.append(Problem(number, "torn", (
                     f"not JSON: a control character at byte {end.control:,} of a line of "
-                    f"{MAX_LINE + end.length:,} bytes: {raw[:60]!r}")))
+                    f"{read + end.length:,} bytes: {raw[:60]!r}")))
                 continue
             unchecked.append(number)  # too long to parse: its stamp, from its end
             found = trailing_stamp(end.last)
@@ -330,7 +330,7 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
 @dataclass(frozen=True, slots=True)
 class _End:
     length: int
-    """Bytes read past the first `MAX_LINE`."""
+    """Bytes read past those read before (the first `MAX_LINE`, or none)."""
     ended: bool
     """Whether the line ends with a line break (else the file ended first)."""
     last: bytes
@@ -350,14 +350,14 @@ def _no_memory(session: str, number: int) -> FenceLockError:
         f"limit and verify again")
 
 
-def _rest_of_line(f: BinaryIO, head: bytes, control: int = -1) -> _End:
-    """Read on to the end of a line longer than `MAX_LINE` whose first bytes were read
-    already (the last `TAIL` of them in ``head``; ``control``, where in them a byte no
-    JSON holds is, or -1), keeping only its last `TAIL` bytes."""
+def _rest_of_line(f: BinaryIO, head: bytes, control: int = -1, read: int = 0) -> _End:
+    """Read on to the end of a line longer than `MAX_LINE` whose first ``read`` bytes
+    were read already (the last `TAIL` of them in ``head``; ``control``, where in them a
+    byte no JSON holds is, or -1), keeping only its last `TAIL` bytes."""
     last, length = head[-TAIL:], 0
     while more := f.readline(_REST_STEP):
         if control < 0 and (at := _control_at(more)) >= 0:
-            control = MAX_LINE + length + at
+            control = read + length + at
         length += len(more)
         last = (last + more)[-TAIL:]
         if more.endswith(b"\n"):

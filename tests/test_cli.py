@@ -914,6 +914,7 @@ def test_run_with_no_session_before_the_command_is_a_usage_error(
     out = cli("run", *words, cwd=tmp_path)
     assert out.returncode == 2, out
     assert "Missing argument 'SESSION': give it before the command" in out.stderr
+    assert "a path that starts with '-' is written ./-NAME" in out.stderr
     assert out.stdout == "" and "Traceback" not in out.stderr
     assert sorted(os.listdir(tmp_path)) == ["job.sh", "sessions"]
 
@@ -1474,6 +1475,32 @@ def test_wait_progress_line_on_a_terminal(session: Path, spawn_holder: SpawnHold
         assert proc.wait(timeout=60) == 0
     finally:
         os.close(master)
+
+
+@pytest.mark.parametrize("env", [{"NO_COLOR": "1"}, {"TERM": "dumb"}],
+                         ids=["no-color", "dumb-terminal"])
+def test_wait_progress_line_without_colour_or_cursor(
+    session: Path, spawn_holder: SpawnHolder, env: dict[str, str]
+) -> None:
+    """NO_COLOR takes colour away, not the line's redrawing in place (a line left
+    uncleared shows the old text after a shorter one); a terminal that moves no cursor
+    (TERM=dumb) gets no progress line, only the outcome."""
+    h = spawn_holder(session, lane="slow-lane")
+    h.acquire()
+    master, slave = pty.openpty()
+    try:
+        environ = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")}
+        proc = subprocess.Popen([*FENCELOCK, "wait", "--timeout", "1.5", str(session)],
+                                stderr=slave, env={**environ, "TERM": "xterm", **env})
+        os.close(slave)
+        shown = _read_until(master, b"wait longer")
+        assert proc.wait(timeout=60) == 4
+    finally:
+        os.close(master)
+    if "TERM" in env:
+        assert b"\r" not in shown.replace(b"\r\n", b"") and b"waited" not in shown, shown
+    else:
+        assert b"\r\x1b[K" in shown and b"waited" in shown, shown
 
 
 _OWN_GROUP_COMMAND = """
@@ -2727,30 +2754,36 @@ def test_status_of_a_directory_past_the_table_s_memory_rows(
     assert len(made) == 1 and made[0].closed  # and closed once printed
 
 
-@pytest.mark.parametrize("name", ["caf\u00e9-\u65e5\u672c", "e\u0301t\u00e9", "\U0001f600x"],
-                         ids=["wide", "combining", "emoji"])
-def test_status_table_lines_up_names_by_the_columns_they_take(
-    tmp_path: Path, name: str
-) -> None:
-    """A wide character (CJK, emoji) takes two columns on a terminal and a combining
-    mark none: the STATE column starts in the same terminal column on every row."""
-    import unicodedata
+# Names and the columns a terminal gives them: wide characters take two; a combining
+# accent, a Thai or Devanagari vowel sign, a variation selector, an enclosing mark and
+# Hangul vowel and final jamo take none.
+NAME_COLUMNS = {
+    "caf\u00e9-\u65e5\u672c": 9, "e\u0301t\u00e9": 3, "\U0001f600x": 3,
+    "\u0e01\u0e34\u0e19": 2, "\u0915\u0941\u091b": 2, "a\ufe0fb1\u20dd": 3,
+    "\u1100\u1161\u11a8": 2,
+}
 
-    for stem in (name, "plain"):
+
+def test_status_table_lines_up_names_by_the_columns_they_take(tmp_path: Path) -> None:
+    """The STATE column starts in the same terminal column on every row, whatever
+    columns the names before it take."""
+    for stem in (*NAME_COLUMNS, "plain"):
         with SessionLock(tmp_path / f"{stem}.jsonl"):
             pass
     out = invoke("status", str(tmp_path))
     assert out.exit_code == 0, out.output
-
-    def columns(text: str) -> int:
-        return sum(0 if unicodedata.combining(c) else
-                   2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
-
-    assert columns(name) == {"wide": 9, "combining": 3, "emoji": 3}[
-        "wide" if "\u65e5" in name else "combining" if "\u0301" in name else "emoji"]
-    starts = {columns(line[:line.index("free")]) for line in out.stdout.splitlines()[1:]}
-    assert len(starts) == 1, out.stdout
-    assert columns(out.stdout.splitlines()[0].split("STATE")[0]) in starts
+    header, *rows = out.stdout.splitlines()
+    state_at = header.index("STATE")
+    seen = set()
+    for line in rows:
+        stem = next(s for s in (*NAME_COLUMNS, "plain") if line.startswith(
+            f"{tmp_path}/{s}.jsonl "))
+        shown = f"{tmp_path}/{stem}.jsonl"
+        gap = len(line[len(shown):]) - len(line[len(shown):].lstrip(" "))
+        columns = len(f"{tmp_path}/.jsonl") + NAME_COLUMNS.get(stem, len(stem)) + gap
+        assert columns == state_at, (stem, line)
+        seen.add(stem)
+    assert seen == {*NAME_COLUMNS, "plain"}
 
 
 def test_a_row_for_what_a_run_left_running_escapes_the_record_s_host(session: Path) -> None:

@@ -1070,6 +1070,8 @@ size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 10
 resource.setrlimit(resource.RLIMIT_AS, (size + (24 << 20), resource.RLIM_INFINITY))
 report = verify(sys.argv[1])
 print(report.ok, report.lines, report.max_token, report.unchecked)
+for problem in report.problems:
+    print(problem.detail)
 """
 
 
@@ -1088,6 +1090,24 @@ def test_verify_reads_a_line_too_long_for_the_memory_there_is_as_an_over_long_on
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["True", "3", "6", "[2]"]
+
+
+@needs_proc
+def test_verify_places_a_nul_in_a_line_too_long_for_the_memory_there_is(
+    session: Path,
+) -> None:
+    """The same line, with a run of NUL bytes in it: torn, and the message says where
+    in the line, and how long the line is, though it was read a step at a time from its
+    start rather than past its first 64 MiB."""
+    line = b'{"pad":"' + b"x" * 1000 + b"\x00" * 16 + b"x" * (40 << 20) + b'"}\n'
+    session.write_bytes(b'{"a":1}\n' + line + b'{"b":2}\n')
+    done = subprocess.run([sys.executable, "-c", _VERIFY_IN_LITTLE_MEMORY, str(session)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts, detail = done.stdout.splitlines()
+    assert counts.split() == ["False", "3", "0", "[]"]
+    assert detail.startswith(
+        f"not JSON: a control character at byte 1,008 of a line of {len(line):,} bytes")
 
 
 def test_verify_reads_an_over_long_line_s_stamp_from_its_end_and_stops_after_many_problems(

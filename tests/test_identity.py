@@ -154,6 +154,23 @@ def test_holder_is_alive_seen_from_another_time_namespace(
         str(int(process_start(inside.pid).split("@")[0]) + d) for d in (0, 1)}
 
 
+@needs_timens
+def test_a_holder_older_than_a_time_namespace_s_zero_is_unknown_there_not_dead(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    # A namespace whose boottime clock starts after the holder did (an offset below
+    # zero) sees the holder's start wrap around in the kernel's unsigned sum: the
+    # owner cannot be told from there (None), and is never called dead.
+    holder = spawn_holder(session, "cron")
+    holder.acquire()
+    fields = _identity._stat_fields(holder.pid)
+    assert fields is not None
+    started_ns = int(fields[19]) * _identity._TICK_NS  # host's boot clock, to a tick
+    offset = divmod(-(started_ns + 2 * _identity._TICK_NS), 1_000_000_000)
+    row = _status_from(_in_time_namespace(offset), session)
+    assert (row["state"], row["owner_alive"], row["lane"]) == ("live", None, "cron")
+
+
 def test_start_one_tick_apart_is_the_owner_only_as_time_namespaces_round(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
