@@ -186,7 +186,12 @@ async function turn(opts, n) {
   const hold = new Hold(opts.fencelock, opts.session, opts.lane, opts.holdArgs);
   if (hold.child.pid !== undefined) console.log(`hold pid=${hold.child.pid}`);
   const held = await hold.next();
-  if (!held.ok) throw new HoldError(held);
+  if (!held.ok) {
+    // hold has said why on its own stderr (which this program shares) as it exits.
+    const e = new HoldError(held);
+    e.reported = true;
+    throw e;
+  }
   console.log(`held token=${held.record.token}`);
   const who = { writer: opts.writer, turn: n };
   await hold.request("append", { entry: { role: "user", content: opts.message, ...who } });
