@@ -682,13 +682,21 @@ def clear_command(
 # -- run --------------------------------------------------------------------------------
 
 
+def _lane_text(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A lane as UTF-8 text: under a locale Python reads arguments in as ASCII (its
+    locale coercion turned off), a lane's UTF-8 bytes arrive as escapes of single bytes;
+    read them again as UTF-8 (bytes that are not UTF-8 stay escaped: the lock refuses
+    them by name)."""
+    return os.fsencode(value).decode("utf-8", "surrogateescape")
+
+
 def _holding_options(heartbeat_help: str) -> Callable[[Any], Any]:
     """The options of the commands that hold a session: ``run`` and ``hold``."""
 
     def apply(f: Any) -> Any:
         for option in reversed((
             click.argument("session", type=PATH),
-            click.option("--lane", required=True,
+            click.option("--lane", required=True, callback=_lane_text,
                          help="The lane name recorded in the holder record."),
             click.option("--no-wait", "-n", is_flag=True,
                          help="Exit 4 at once if the session is held."),
@@ -991,7 +999,8 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
 @click.option("--no-fresh", is_flag=True, help="Exit 4 instead of starting a fresh session.")
 @click.option("--no-carry", is_flag=True,
               help="Start a fresh session empty, not carrying the old transcript's lines.")
-@click.option("--lane", default="recovery", show_default=True, help="Lane of a fresh session.")
+@click.option("--lane", default="recovery", show_default=True, callback=_lane_text,
+              help="Lane of a fresh session.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was decided as JSON.")
 @_backend_option
 def recover_command(

@@ -224,7 +224,10 @@ def run_held(
             env["LC_CTYPE"] = ctype
     env.update(
         FENCELOCK_SESSION=lock.session,
-        FENCELOCK_LANE=lock.lane,
+        # The lane's UTF-8 bytes, whatever encoding this process gives the environment
+        # (ASCII where Python's locale coercion is off, and a lane like "lané" would not
+        # encode).
+        FENCELOCK_LANE=os.fsdecode(lock.lane.encode("utf-8")),
         FENCELOCK_TOKEN=str(info.token),
         FENCELOCK_RUN_ID=info.run_id,
     )

@@ -1663,6 +1663,41 @@ def test_the_command_gets_the_caller_s_lc_ctype_not_python_s_coerced_one(
     assert out.stdout.strip() == (caller or "<unset>")
 
 
+@pytest.mark.parametrize("command", ["run", "recover"])
+def test_a_utf8_lane_under_an_ascii_locale_is_the_lane(session: Path, command: str) -> None:
+    """With Python's locale coercion and UTF-8 mode off under the C locale, arguments
+    are read in as ASCII with their other bytes escaped: a lane given in UTF-8 is still
+    that lane (in the record, and in the command's FENCELOCK_LANE), not refused as
+    "not valid UTF-8", and no traceback where the environment is encoded."""
+    lane = "lan\u00e9\u2192y"
+    env = {**os.environ, "LC_ALL": "POSIX", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    if command == "recover":
+        session.write_text("")
+        holder = subprocess.Popen([*FENCELOCK, "run", str(session), "--lane", "busy", "--",
+                                   "sh", "-c", "echo held; read line"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == b"held\n"
+        out = subprocess.run([*FENCELOCK, "recover", str(session), "--wait", "0",
+                              "--lane", lane, "--json"], capture_output=True, env=env,
+                             timeout=60)
+        holder.stdin.close()
+        holder.wait(timeout=60)
+        holder.stdout.close()
+        assert out.returncode == 0, out.stderr
+        fresh = json.loads(out.stdout)["session"]
+        made = probe(fresh).record
+        assert made is not None and made.lane == lane
+        return
+    out = subprocess.run([*FENCELOCK, "run", str(session), "--lane", lane, "--", "sh", "-c",
+                          'printf "%s" "$FENCELOCK_LANE"'], capture_output=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == lane.encode()
+    record = probe(session).record
+    assert record is not None and record.lane == lane
+
+
 def test_wait_unreadable_exits_1(session: Path) -> None:
     os.mkdir(str(session) + ".holder")
     out = cli("wait", str(session))
