@@ -21,6 +21,7 @@ from fencelock._errors import (
     StoreUnavailableError,
 )
 from fencelock._json import loads
+from fencelock._jsoncheck import JsonStream, is_json
 from fencelock._record import MAX_TOKEN
 from fencelock._tokens import STAMP_KEY, TAIL, stamp_of, trailing_stamp
 
@@ -64,52 +65,8 @@ def _run_of(entry: object) -> object:
     return stamp.get("run_id") if isinstance(stamp, dict) else None
 
 
-_TOKEN = re.compile(
-    r'[ \t\n\r]*(?:(?P<open>[\[{])|(?P<close>[\]}])|(?P<colon>:)|(?P<comma>,)'
-    r'|(?P<value>"(?:[^"\\\x00-\x1f]++|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*+"'
-    r'|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null))'
-)
-"""One JSON token after optional whitespace (NaN and Infinity are not JSON). Possessive
-repeats: a string of millions of characters is matched without a backtracking state for
-each."""
-
-
 _NO_STAMP = object()
 """`_check`'s last stamp's run before any stamp was read."""
-
-
-def is_json(raw: bytes) -> bool:
-    """Whether ``raw`` (one line, its line break included) is one JSON value, checked
-    with a stack of its own: for lines nested deeper than Python's parser goes."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    open_: list[str] = []  # the closing bracket of each container still open
-    expect = "value"  # or "value]" (after "["), "key}" (after "{"), "key", ":", "next"
-    pos = 0
-    while (m := _TOKEN.match(text, pos)) is not None:
-        pos, kind, token = m.end(), m.lastgroup, m[m.lastgroup or 0]
-        if kind == "close":
-            empty = "value]" if token == "]" else "key}"  # closing right after opening
-            if not open_ or open_[-1] != token or expect not in ("next", empty):
-                return False
-            open_.pop()
-            expect = "next"
-        elif expect in ("value", "value]") and kind == "open":
-            open_.append("]" if token == "[" else "}")
-            expect = "value]" if token == "[" else "key}"
-        elif expect in ("value", "value]") and kind == "value":
-            expect = "next"
-        elif expect in ("key", "key}") and kind == "value" and token[0] == '"':
-            expect = ":"
-        elif expect == ":" and kind == "colon":
-            expect = "value"
-        elif expect == "next" and kind == "comma" and open_:
-            expect = "value" if open_[-1] == "]" else "key"
-        else:
-            return False
-    return expect == "next" and not open_ and not text[pos:].strip(" \t\n\r")
 
 
 _UNTERMINATED = "last line has no line break"
@@ -235,6 +192,7 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
             raw = f.read(60)
             f.seek(start)  # the whole line is read below: none of it read yet
             first, last, over, control, read = raw, b"", True, -1, 0
+            stream = JsonStream()
         else:
             if not raw:
                 break
@@ -244,6 +202,11 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
                 # Its first bytes (for a message) and its last (for a stamp) kept, the
                 # rest let go before the rest of the line is read.
                 control, read = _control_at(raw), len(raw)
+                stream = JsonStream()
+                view = memoryview(raw)
+                for at in range(0, read, _REST_STEP):  # a step at a time: one in memory
+                    stream.feed(view[at:at + _REST_STEP])
+                view.release()
                 first, last, raw = raw[:60], raw[-TAIL:], b""
         number += 1
         if over or not raw.endswith(b"\n"):
@@ -252,7 +215,7 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
                 tail = start
                 break
             try:
-                end = _rest_of_line(f, last, control, read)
+                end = _rest_of_line(f, last, control, read, stream)
             except MemoryError:
                 raise _no_memory(session, number) from None
             raw = first
@@ -265,6 +228,11 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
                 problems.append(Problem(number, "torn", (
                     f"not JSON: a control character at byte {end.control:,} of a line of "
                     f"{read + end.length:,} bytes: {raw[:60]!r}")))
+                continue
+            if stream.end() is False:
+                problems.append(Problem(number, "torn", (
+                    f"not JSON (a line of {read + end.length:,} bytes, checked as it was "
+                    f"read): {raw[:60]!r}")))
                 continue
             unchecked.append(number)  # too long to parse: its stamp, from its end
             found = trailing_stamp(end.last)
@@ -350,12 +318,18 @@ def _no_memory(session: str, number: int) -> FenceLockError:
         f"limit and verify again")
 
 
-def _rest_of_line(f: BinaryIO, head: bytes, control: int = -1, read: int = 0) -> _End:
+def _rest_of_line(
+    f: BinaryIO, head: bytes, control: int = -1, read: int = 0,
+    stream: JsonStream | None = None,
+) -> _End:
     """Read on to the end of a line longer than `MAX_LINE` whose first ``read`` bytes
     were read already (the last `TAIL` of them in ``head``; ``control``, where in them a
-    byte no JSON holds is, or -1), keeping only its last `TAIL` bytes."""
+    byte no JSON holds is, or -1), keeping only its last `TAIL` bytes, and feeding what
+    it reads to ``stream``."""
     last, length = head[-TAIL:], 0
     while more := f.readline(_REST_STEP):
+        if stream is not None:
+            stream.feed(more)
         if control < 0 and (at := _control_at(more)) >= 0:
             control = read + length + at
         length += len(more)

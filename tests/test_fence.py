@@ -1162,6 +1162,26 @@ def test_verify_finds_a_byte_no_json_holds_in_an_over_long_line(
     assert report.unchecked == [3] and report.lines == 3
 
 
+@pytest.mark.parametrize("cut", [40, 70, 400], ids=["in-head", "past-head", "far-past"])
+def test_verify_finds_a_torn_line_glued_to_the_next_inside_an_over_long_line(
+    session: Path, monkeypatch: pytest.MonkeyPatch, cut: int
+) -> None:
+    """A writer outside the protocol killed mid-line, and the next line glued to its
+    fragment: too long to parse (over 64 bytes here, 64 MiB in use), the line is still
+    checked as JSON as it is read, a step at a time, wherever the glue is."""
+    from fencelock import _verify
+
+    monkeypatch.setattr(_verify, "MAX_LINE", 64)
+    monkeypatch.setattr(_verify, "_REST_STEP", 100)
+    whole = b'{"role":"user","content":"' + b"A" * 500 + b'"}'
+    glued = whole[:cut] + b'{"role":"assistant","content":"ok"}\n'
+    session.write_bytes(b'{"n":1}\n' + whole + b"\n" + glued + b'{"n":2}\n')
+    report = verify(session)
+    assert [(p.line, p.kind) for p in report.problems] == [(3, "torn")], report
+    assert "checked as it was read" in report.problems[0].detail
+    assert report.unchecked == [2] and report.lines == 4
+
+
 @pytest.mark.parametrize(("stamp", "kind"), [
     (b'{"token":10000000000000000000,"run_id":"a"}', "token-out-of-range"),  # 20 digits
     (b'{"token":9,"run_id":"a\\"b"}', "token-backwards"),  # the next line's 3 is below
@@ -1269,13 +1289,20 @@ def test_a_line_nested_deeper_than_python_parses_is_unchecked_not_torn(session: 
 
 
 def test_the_deep_line_check_agrees_with_the_json_parser() -> None:
-    """`is_json`, verify's check for lines too deep to parse, says what Python's own
-    parser (as verify uses it: no NaN or Infinity) says, on lines it can parse: valid
-    documents, and each of them cut, doubled and altered at every place."""
+    """`is_json`, verify's check for lines too deep to parse, and `JsonStream`, its
+    check of lines too long to parse, fed in chunks of every small size, say what
+    Python's own parser (as verify uses it: no NaN or Infinity) says, on lines it can
+    parse: valid documents, and each of them cut, doubled and altered at every place."""
     import random
 
     from fencelock._json import loads
-    from fencelock._verify import is_json
+    from fencelock._jsoncheck import JsonStream, is_json
+
+    def streamed(line: bytes, step: int) -> bool | None:
+        stream = JsonStream()
+        for at in range(0, len(line), step):
+            stream.feed(line[at:at + step])
+        return stream.end()
 
     def parses(text: str) -> bool:
         try:
@@ -1297,13 +1324,18 @@ def test_the_deep_line_check_agrees_with_the_json_parser() -> None:
         for i in range(len(doc) + 1):
             cases.update({doc[:i] + doc[i + 1:], doc[:i] + rng.choice(alphabet) + doc[i:]})
     for case in sorted(cases):
-        assert is_json((case + "\n").encode()) == parses(case), case
+        line = (case + "\n").encode()
+        assert is_json(line) == parses(case), case
+        for step in (1, 2, 3, 5, len(line)):
+            assert streamed(line, step) == parses(case), (case, step)
     assert not is_json(b"\xff\n")
+    for line in (b"\xff\n", b'"\xc3\n', b'"\xed\xa0\x80"\n'):  # not UTF-8, whole or cut
+        assert streamed(line, 1) is False and streamed(line, len(line)) is False
 
 
 LONG_STRING_IN_A_DEEP_LINE = """
 import resource, sys
-from fencelock._verify import is_json
+from fencelock._jsoncheck import is_json
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GiB for all of it
 line = b"[" * 3000 + b'"' + b"x" * 20_000_000 + b'"' + b"]" * 3000 + b"\\n"
 print(is_json(line), is_json(line[:-3001] + b"\\n"))
