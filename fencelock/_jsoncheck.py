@@ -22,6 +22,13 @@ _STRING_BODY = re.compile(r'(?:[^"\\\x00-\x1f]++|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
+_ARRAY_RUN = re.compile(
+    r'(?:[ \t\n\r]*(?:"(?:[^"\\\x00-\x1f]++|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*+"'
+    r'|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null)[ \t\n\r]*,)++'
+)
+"""Array elements that are plain values, each with its comma: an array of a million
+numbers (an embedding, say) is taken in one match, not a token at a time."""
+
 _TOKEN_START = re.compile(
     r"-?(?:0|[1-9][0-9]*)?(?:\.[0-9]*)?(?:[eE][+-]?[0-9]*)?"
     r"|t(?:r(?:ue?)?)?|f(?:a(?:l(?:se?)?)?)?|n(?:u(?:ll?)?)?"
@@ -29,6 +36,7 @@ _TOKEN_START = re.compile(
 """What the start of a number or literal cut by a chunk's end can look like."""
 
 _OPENS = {"[": ord("]"), "{": ord("}")}
+_CLOSE_ARRAY = ord("]")
 
 
 class _Grammar:
@@ -93,17 +101,22 @@ class JsonStream:
     """`is_json` for a line fed a chunk at a time (``feed``, then ``end``), keeping in
     memory only what one token needs: a string is checked as it goes, however long.
     ``ok`` is False once the line cannot be JSON; None where the check gave up (a
-    number or literal longer than `MAX_CARRY`, or containers nested deeper than
-    `MAX_DEPTH`), which says nothing either way."""
+    number or literal longer than `MAX_CARRY`, containers nested deeper than
+    `MAX_DEPTH`, or more than `MAX_TOKENS` tokens), which says nothing either way."""
 
     MAX_CARRY = 1 << 20
     MAX_DEPTH = 1 << 24
+    MAX_TOKENS = 2_000_000
+    """Tokens are taken one at a time in Python (about 1 us each), but for a string of
+    any length and a run of plain array elements (a long list of numbers or strings),
+    which are one step each: past this many, a check would take seconds a line."""
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._grammar = _Grammar()
         self._text = ""  # decoded, not yet checked
         self._in_string = False
+        self._tokens = 0
         self.ok: bool | None = True
 
     def feed(self, data: bytes | memoryview) -> None:
@@ -141,6 +154,14 @@ class JsonStream:
             pos = _WHITESPACE.match(text, pos).end()  # type: ignore[union-attr]
             if pos == end:
                 break
+            self._tokens += 1  # a step: a token, a string, or a run of array elements
+            if self._tokens > self.MAX_TOKENS:
+                self.ok = None
+                return
+            if grammar.expect in ("value", "value]") and grammar.open and \
+                    grammar.open[-1] == _CLOSE_ARRAY and (m := _ARRAY_RUN.match(text, pos)):
+                pos, grammar.expect = m.end(), "value"  # after a comma: a value next
+                continue
             if text[pos] == '"':  # a string: whole here, or checked as it comes
                 m = _TOKEN.match(text, pos)
                 whole = m is not None and m.lastgroup == "value"

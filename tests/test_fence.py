@@ -1333,6 +1333,31 @@ def test_the_deep_line_check_agrees_with_the_json_parser() -> None:
         assert streamed(line, 1) is False and streamed(line, len(line)) is False
 
 
+@pytest.mark.parametrize(("line", "bound", "value"), [
+    (b"[" + b'{"a":1},' * 20 + b'{"a":1}]\n', "MAX_TOKENS", 30),
+    (b'{"n":' + b"7" * 40 + b"}\n", "MAX_CARRY", 16),
+    (b"[" * 40 + b"]" * 40 + b"\n", "MAX_DEPTH", 30),
+], ids=["tokens", "number", "depth"])
+def test_the_streamed_check_gives_no_verdict_past_its_bounds(
+    monkeypatch: pytest.MonkeyPatch, line: bytes, bound: str, value: int
+) -> None:
+    """Past its bounds (tokens taken one at a time, a number or literal kept whole
+    across chunks, depth) the streamed check says nothing (None), never torn; a fault
+    met before them is still one."""
+    from fencelock._jsoncheck import JsonStream
+
+    def streamed(data: bytes) -> bool | None:
+        stream = JsonStream()
+        for at in range(0, len(data), 8):
+            stream.feed(data[at:at + 8])
+        return stream.end()
+
+    assert streamed(line) is True
+    monkeypatch.setattr(JsonStream, bound, value)
+    assert streamed(line) is None
+    assert streamed(b"}" + line) is False
+
+
 LONG_STRING_IN_A_DEEP_LINE = """
 import resource, sys
 from fencelock._jsoncheck import is_json
