@@ -256,20 +256,25 @@ class PlantedFileError(UnsafePathError):
     """A file fencelock would write is owned by another user, in a directory where
     anyone can create files: it may have been planted to read or steer a session."""
 
-    def __init__(self, path: str, uid: int, directory: str):
+    def __init__(self, path: str, uid: int, directory: str, sticky: bool = False):
         self.path = path
         self.what = f"owned by uid {uid}"
         self.uid = uid
+        # In a sticky directory (/tmp's mode) only the file's owner or root may remove it.
+        remove = (f"uid {uid} or root can remove it, as the directory is sticky: ask them "
+                  f"to, or move the sessions to a directory of their own" if sticky
+                  else "remove it if it is not expected")
         FenceLockError.__init__(
             self,
             f"{path}: owned by uid {uid}, not this user, in {directory}, where anyone can "
-            f"create files; another user may have planted it. Left untouched: remove it if "
-            f"it is not expected, and give the sessions directory mode 0700 or 0750",
+            f"create files; another user may have planted it. Left untouched: {remove}, "
+            f"and give the sessions directory mode 0700 or 0750",
         )
         self.directory = directory
+        self.sticky = sticky
 
     def _init_args(self) -> tuple[Any, ...]:
-        return self.path, self.uid, self.directory
+        return self.path, self.uid, self.directory, self.sticky
 
 
 class ForeignSymlinkError(PlantedFileError):
@@ -287,6 +292,9 @@ class ForeignSymlinkError(PlantedFileError):
             f"untouched: use the real path, or replace the symlink with one of your own",
         )
         self.directory = directory
+
+    def _init_args(self) -> tuple[Any, ...]:
+        return self.path, self.uid, self.directory
 
 
 class UnsafeSidecarError(UnsafePathError):

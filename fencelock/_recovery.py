@@ -416,8 +416,11 @@ def _fill_fresh(
     fd = -1
     try:
         with lock:
-            if successor and os.path.lexists(new):
-                return  # another recover of the same stuck run made it meanwhile
+            # Another recover of the same stuck run made it meanwhile; but not what
+            # another user put at its name in advance, nor anything but a regular file
+            # (`_published` refuses those): a recover must never answer one.
+            if successor and _published(new, session):
+                return
             # The decision, taken again under this lock: a recover that found the stuck
             # run gone re-fired unless it found this fresh session begun (held or made),
             # so one that begins it only now must re-fire too.

@@ -298,11 +298,11 @@ def refuse_planted(path: str, st: os.stat_result) -> None:
         return  # this process's user's now (asked only here: it is a system call)
     directory = os.path.dirname(path) or "."
     try:
-        shared = os.stat(directory).st_mode & stat.S_IWOTH
+        mode = os.stat(directory).st_mode
     except OSError:
         return
-    if shared:
-        raise PlantedFileError(path, st.st_uid, directory)
+    if mode & stat.S_IWOTH:
+        raise PlantedFileError(path, st.st_uid, directory, sticky=bool(mode & stat.S_ISVTX))
 
 
 def refuse_planted_at(path: str) -> None:

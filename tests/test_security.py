@@ -420,6 +420,9 @@ def test_files_planted_by_another_user_in_a_shared_directory_are_refused(planted
         with pytest.raises(PlantedFileError) as caught, SessionLock(session, "victim") as lock:
             lock.append({"secret": "not for another user"})
         assert str(target) in str(caught.value) and "planted" in str(caught.value)
+        # Not "remove it": in a sticky directory only its owner (or root) can.
+        assert f"uid {NOBODY} or root can remove it, as the directory is sticky" in \
+            str(caught.value)
         assert target.read_bytes() == before
         assert b"secret" not in target.read_bytes()
 
@@ -683,6 +686,49 @@ def test_recover_follows_no_record_another_user_planted(planted: str) -> None:
             recover(session, wait=0)
         if planted == "fresh session":
             assert Path(successor).read_bytes() == b""  # nothing written into theirs
+
+
+@needs_root
+@pytest.mark.parametrize("kind", ["file", "symlink", "fifo"])
+def test_recover_never_answers_a_fresh_session_planted_while_it_makes_it(
+    spawn_holder: SpawnHolder, kind: str
+) -> None:
+    """Another user who learns the fresh session's name (its sidecar appears as recover
+    takes its lock) and puts a file, a symlink or a FIFO there first: recover refuses
+    it, says why, and answers nothing; it answered theirs, with nothing carried."""
+    from conftest import on_entry
+
+    from fencelock import FenceLockError
+    from fencelock._recovery import _successor
+    from fencelock._sidecar_holder import SidecarHolder
+
+    with open_directory(0o1777) as sessions:
+        session = sessions / "s.jsonl"
+        session.write_text('{"n":0}\n')
+        spawn_holder(session, lane="stuck").acquire()
+        record = probe(session).record
+        assert record is not None
+        successor = _successor(str(session), record)
+        assert successor is not None
+        loot = sessions.parent / "loot"
+        loot.write_text("theirs\n")
+
+        def plant() -> None:  # as their look at the directory would, once it is held
+            body = {"file": _PLANT, "symlink": "import os\nos.symlink(args['to'], args['path'])"
+                    "\nresult = True", "fifo": "import os\nos.mkfifo(args['path'], 0o666)\n"
+                    "result = True"}[kind]
+            as_user(body, path=successor, to=str(loot), data="theirs\n")
+
+        # As the fresh session's acquire writes its first record: after its checks.
+        with on_entry(SidecarHolder.write, plant) as ran, \
+                pytest.raises(FenceLockError, match="a fresh session could not be started") \
+                as caught:
+            recover(session, wait=0)
+        assert ran
+        assert successor in str(caught.value)
+        assert loot.read_text() == "theirs\n"
+        if kind == "file":
+            assert Path(successor).read_text() == "theirs\n"
 
 
 @needs_root
