@@ -563,6 +563,8 @@ def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int
     except FileNotFoundError:
         pass
     except OSError as e:
+        if e.errno in (errno.EPERM, errno.EACCES):
+            _sidecar.refuse_planted_at(part)  # another user's, in a sticky shared directory
         raise SessionWriteError(part, e, "remove") from None
     try:
         fd, st = _sidecar.open_regular(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode)

@@ -731,6 +731,50 @@ def test_recover_never_answers_a_fresh_session_planted_while_it_makes_it(
             assert Path(successor).read_text() == "theirs\n"
 
 
+_HOLD_AS_USER = """
+with open(args['session'], 'w') as f:
+    f.write('{"n": 0}\\n')
+lock = SessionLock(args['session'], 'stuck')
+lock.acquire()
+print('held', flush=True)
+sys.stdin.readline()
+lock.release()
+result = True
+"""
+
+
+@needs_root
+def test_recover_names_a_part_file_another_user_planted_in_a_sticky_directory() -> None:
+    """The fresh session's `.part`, made in advance by another user in a sticky
+    directory, cannot be removed by this one (not root): recover says whose it is and
+    whom to ask, not only "Operation not permitted", and leaves it as it is."""
+    from fencelock._recovery import _successor
+
+    gateway = 4242  # the gateway's user; the other is NOBODY
+    with open_directory(0o1777) as sessions:
+        session = sessions / "s.jsonl"
+        holder = spawn_as_user(_HOLD_AS_USER, uid=gateway, session=str(session))
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            assert holder.stdout.readline() == "held\n"
+            record = probe(session).record
+            assert record is not None
+            successor = _successor(str(session), record)
+            assert successor is not None
+            as_user(_PLANT, path=successor + ".part", data="theirs\n")
+            answer = as_user("result = recover(args['session'], wait=0).session",
+                             uid=gateway, session=str(session))
+        finally:
+            holder.communicate("go\n", timeout=60)
+        assert isinstance(answer, dict) and answer["error"] == "FenceLockError", answer
+        message = answer["message"]
+        assert "a fresh session could not be started" in message
+        assert f"{successor}.part: owned by uid {NOBODY}" in message, message
+        assert "or root can remove it, as the directory is sticky" in message
+        assert Path(successor + ".part").read_text() == "theirs\n"
+        assert not os.path.lexists(successor)
+
+
 @needs_root
 def test_a_symlink_another_user_planted_above_the_session_is_refused() -> None:
     """Opening with O_NOFOLLOW guards only the last component. In a directory another
