@@ -35,6 +35,12 @@ _TOKEN_START = re.compile(
 )
 """What the start of a number or literal cut by a chunk's end can look like."""
 
+RELIABLE = (_STRING_BODY.match("\\u").end() == 0  # type: ignore[union-attr]
+            and _ARRAY_RUN.match('"\\n",1').end() == 5)  # type: ignore[union-attr]
+"""Whether this Python's regular expressions match a possessive repeat of a group with
+alternatives as written: 3.11.0 to 3.11.4 do not (CPython gh-106052, fixed in 3.11.5),
+and would call valid lines torn. Where they do not, no check here gives a verdict."""
+
 _OPENS = {"[": ord("]"), "{": ord("}")}
 _CLOSE_ARRAY = ord("]")
 
@@ -81,9 +87,12 @@ class _Grammar:
         return self.expect == "next" and not self.open
 
 
-def is_json(raw: bytes) -> bool:
+def is_json(raw: bytes) -> bool | None:
     """Whether ``raw`` (one line, its line break included) is one JSON value, checked
-    with a stack of its own: for lines nested deeper than Python's parser goes."""
+    with a stack of its own: for lines nested deeper than Python's parser goes. None
+    where this Python cannot tell (`RELIABLE`)."""
+    if not RELIABLE:
+        return None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -117,7 +126,7 @@ class JsonStream:
         self._text = ""  # decoded, not yet checked
         self._in_string = False
         self._tokens = 0
-        self.ok: bool | None = True
+        self.ok: bool | None = True if RELIABLE else None
 
     def feed(self, data: bytes | memoryview) -> None:
         if self.ok:

@@ -246,10 +246,11 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
                 # spelling lone surrogates, which strict readers refuse.
                 entry = loads(raw.decode("utf-8"), parse_int=_int)
             except (ValueError, RecursionError) as e:
-                if isinstance(e, ValueError) or not is_json(raw):
+                if isinstance(e, ValueError) or is_json(raw) is False:
                     problems.append(Problem(number, "torn", f"not JSON: {raw[:60]!r}"))
                     continue
-                unchecked.append(number)  # JSON nested deeper than Python's parser goes:
+                unchecked.append(number)  # nested deeper than Python's parser goes (JSON,
+                # or not known here: `_jsoncheck.RELIABLE`):
                 found = trailing_stamp(raw)  # read as an over-long line is
                 if found is None:
                     continue

@@ -1358,6 +1358,28 @@ def test_the_streamed_check_gives_no_verdict_past_its_bounds(
     assert streamed(b"}" + line) is False
 
 
+def test_where_python_s_regular_expressions_are_unreliable_no_line_is_called_torn_unparsed(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.11.0 to 3.11.4 mis-match a possessive repeat of a group with alternatives
+    (gh-106052): there, a line too deep or too long to parse gets no verdict (listed
+    unchecked), rather than one those expressions would get wrong."""
+    from fencelock import _jsoncheck, _verify
+
+    assert _jsoncheck.RELIABLE  # the Python running the tests matches as written
+    deep = b"[" * 5000 + b"]" * 5000 + b"\n"  # too deep to parse: the is_json path
+    session.write_bytes(b'{"n":0}\n' + deep + b"[" * 5000 + b"\n" + b'{"n":2}\n')
+    assert [(p.line, p.kind) for p in verify(session).problems] == [(3, "torn")]
+    monkeypatch.setattr(_jsoncheck, "RELIABLE", False)
+    report = verify(session)
+    assert report.problems == [] and report.unchecked == [2, 3], report
+    assert _jsoncheck.is_json(deep) is None and _jsoncheck.JsonStream().end() is None
+    monkeypatch.setattr(_verify, "MAX_LINE", 64)  # too long to parse: the streamed check
+    session.write_bytes(b'{"role":"user","content":"' + b"A" * 100 + b'{"n":1}\n')
+    report = verify(session)
+    assert report.problems == [] and report.unchecked == [1], report
+
+
 LONG_STRING_IN_A_DEEP_LINE = """
 import resource, sys
 from fencelock._jsoncheck import is_json
