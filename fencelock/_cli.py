@@ -686,8 +686,12 @@ def _lane_text(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """A lane as UTF-8 text: under a locale Python reads arguments in as ASCII (its
     locale coercion turned off), a lane's UTF-8 bytes arrive as escapes of single bytes;
     read them again as UTF-8 (bytes that are not UTF-8 stay escaped: the lock refuses
-    them by name)."""
-    return os.fsencode(value).decode("utf-8", "surrogateescape")
+    them by name). A lane the locale read in whole (Latin-1's, say) stays as it is."""
+    if not any("\udc80" <= c <= "\udcff" for c in value):
+        return value
+    # The bytes as given (os.fsencode's reading back), read as UTF-8.
+    raw = value.encode(sys.getfilesystemencoding(), "surrogateescape")
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _holding_options(heartbeat_help: str) -> Callable[[Any], Any]:

@@ -292,6 +292,7 @@ class ForeignSymlinkError(PlantedFileError):
             f"untouched: use the real path, or replace the symlink with one of your own",
         )
         self.directory = directory
+        self.sticky = False
 
     def _init_args(self) -> tuple[Any, ...]:
         return self.path, self.uid, self.directory

@@ -110,15 +110,15 @@ class JsonStream:
     """`is_json` for a line fed a chunk at a time (``feed``, then ``end``), keeping in
     memory only what one token needs: a string is checked as it goes, however long.
     ``ok`` is False once the line cannot be JSON; None where the check gave up (a
-    number or literal longer than `MAX_CARRY`, containers nested deeper than
-    `MAX_DEPTH`, or more than `MAX_TOKENS` tokens), which says nothing either way."""
+    number or literal longer than `MAX_CARRY`, or more than `MAX_TOKENS` steps), which
+    says nothing either way."""
 
     MAX_CARRY = 1 << 20
-    MAX_DEPTH = 1 << 24
     MAX_TOKENS = 2_000_000
     """Tokens are taken one at a time in Python (about 1 us each), but for a string of
     any length and a run of plain array elements (a long list of numbers or strings),
-    which are one step each: past this many, a check would take seconds a line."""
+    which are one step each: past this many, a check would take seconds a line. (Each
+    opening bracket is a step: this bounds the depth kept too, at a byte a level.)"""
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")()
@@ -196,9 +196,6 @@ class JsonStream:
             kind = m.lastgroup or ""
             if not grammar.take(kind, m[kind][0]):
                 self.ok = False
-                return
-            if len(grammar.open) > self.MAX_DEPTH:
-                self.ok = None
                 return
             pos = m.end()
         self._text = text[pos:]

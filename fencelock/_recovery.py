@@ -338,10 +338,10 @@ def _published(successor: str, session: str) -> bool:
     except OSError as e:
         raise SidecarAccessError(successor, e, _sidecar.path_fix(
             successor, e, writing=True, sidecar=False) or "recover needs to read it") from None
+    # Not one recover made: its name can be worked out from the stuck run's record.
+    _sidecar.refuse_planted_at(successor)  # another user's, made in advance: named so
     if not stat.S_ISREG(mode):
-        # Not one recover made: its name can be worked out from the stuck run's record.
         raise UnsafePathError(successor, describe_mode(mode))
-    _sidecar.refuse_planted_at(successor)  # nor one another user made in advance
     _fence.forget_part(successor)
     return True
 
@@ -419,8 +419,15 @@ def _fill_fresh(
             # Another recover of the same stuck run made it meanwhile; but not what
             # another user put at its name in advance, nor anything but a regular file
             # (`_published` refuses those): a recover must never answer one.
-            if successor and _published(new, session):
-                return
+            try:
+                if successor and _published(new, session):
+                    return
+            except BaseException:
+                # Refused: this acquire's sidecar goes (it could keep out the next
+                # recover, another user's), while its lock is ours; never theirs.
+                with contextlib.suppress(OSError):
+                    os.unlink(new + _sidecar.SUFFIX)
+                raise
             # The decision, taken again under this lock: a recover that found the stuck
             # run gone re-fired unless it found this fresh session begun (held or made),
             # so one that begins it only now must re-fire too.

@@ -49,6 +49,13 @@ def _etcd() -> str | None:
     return f"no {' or '.join(missing)} binary" if missing else None
 
 
+def _regex() -> str | None:
+    from fencelock._jsoncheck import RELIABLE
+
+    return None if RELIABLE else (f"Python {sys.version.split()[0]}'s regular expressions "
+                                  "mis-match possessive repeats (gh-106052)")
+
+
 def _xattr() -> str | None:
     with tempfile.NamedTemporaryFile(prefix="fencelock-xattr-") as f:
         try:
@@ -105,6 +112,8 @@ CAPABILITIES: dict[str, Capability] = {
                          "run the suite as root on Linux 5.6 or later",
                          _has(ROOT and os.path.exists("/proc/self/timens_offsets"),
                               "not root, or no /proc/self/timens_offsets")),
+    "regex": Capability("regular expressions that match possessive repeats as written",
+                        "run it on Python 3.11.5 or later", _regex),
     "xattr": Capability("user.* extended attributes", "use a filesystem with user xattrs "
                         "for the temporary directory (ext4, xfs, btrfs, tmpfs on Linux 6.6+)",
                         _xattr),
@@ -188,5 +197,7 @@ needs_node = needs("node")
 needs_etcd = needs("etcd")
 needs_xattr = needs("xattr")
 needs_timens = needs("timens")
+needs_regex = needs("regex")
+"""The JSON checks of lines too deep or too long to parse give verdicts (`RELIABLE`)."""
 needs_tmpfs = needs("linux", "root", "mount")
 """Mounting a tmpfs; a container without CAP_SYS_ADMIN still refuses it at mount time."""

@@ -1698,6 +1698,26 @@ def test_a_utf8_lane_under_an_ascii_locale_is_the_lane(session: Path, command: s
     assert record is not None and record.lane == lane
 
 
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1", "utf-8"])
+def test_a_lane_a_non_utf8_locale_read_whole_stays_as_it_is(
+    monkeypatch: pytest.MonkeyPatch, encoding: str
+) -> None:
+    """Only a lane that arrived as escaped bytes (an ASCII locale's reading of UTF-8) is
+    read again as UTF-8; one a Latin-1 locale read in whole ("lan\u00e9") is the lane."""
+    import click
+
+    from fencelock._cli import _lane_text
+
+    monkeypatch.setattr(sys, "getfilesystemencoding", lambda: encoding)
+    ctx = click.Context(main)
+    param = click.Option(["--lane"])
+    given = "lan\u00e9".encode().decode(encoding, "surrogateescape")  # as Python reads it
+    assert _lane_text(ctx, param, given) == (
+        "lan\u00c3\u00a9" if encoding == "latin-1" else "lan\u00e9")  # Latin-1: its letters
+    assert _lane_text(ctx, param, "lan\u00e9") == "lan\u00e9"  # read whole: the lane
+    assert _lane_text(ctx, param, "lan\udce9") == "lan\udce9"  # not UTF-8: refused later
+
+
 def test_wait_unreadable_exits_1(session: Path) -> None:
     os.mkdir(str(session) + ".holder")
     out = cli("wait", str(session))

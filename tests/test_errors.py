@@ -58,6 +58,8 @@ def samples() -> dict[str, BaseException]:
         "OutsideRootError": _errors.OutsideRootError("/s/a.jsonl", "/srv/share"),
         "UnsafePathError": _errors.UnsafePathError("/s/a.jsonl", "a FIFO"),
         "PlantedFileError": _errors.PlantedFileError("/s/a.jsonl", 1001, "/s"),
+        "PlantedFileError-sticky": _errors.PlantedFileError("/s/a.jsonl", 1001, "/s",
+                                                            sticky=True),
         "ForeignSymlinkError": _errors.ForeignSymlinkError("/s/agentA", 1001, "/t/agentA"),
         "BadRequestError": _errors.BadRequestError("line 3: not JSON"),
         "HoldArgumentError": _errors.HoldArgumentError("--lane", "--lane: not UTF-8"),
@@ -141,3 +143,14 @@ def test_a_failed_write_says_what_to_do(code: int, fix: str) -> None:
     e = _errors.SessionWriteError("/s/a.jsonl", OSError(code, "failed"), "write")
     assert str(e).startswith("/s/a.jsonl: write failed: failed (") and fix in str(e), str(e)
     assert "append it again once the cause is fixed" in str(e)
+
+
+def test_every_planted_file_error_says_whether_its_directory_is_sticky() -> None:
+    """`sticky` is there on every `PlantedFileError`, a foreign symlink's included (False:
+    its advice is to use the real path), and says who can remove the file."""
+    for error in (samples()["PlantedFileError"], samples()["ForeignSymlinkError"]):
+        assert isinstance(error, _errors.PlantedFileError) and error.sticky is False
+    sticky = samples()["PlantedFileError-sticky"]
+    assert isinstance(sticky, _errors.PlantedFileError)
+    assert sticky.sticky is True and "uid 1001 or root can remove it" in str(sticky)
+    assert "remove it if it is not expected" in str(samples()["PlantedFileError"])

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import SpawnHolder, json_depth_limit, record_of
-from marks import needs_proc, needs_root, needs_xattr
+from marks import needs_proc, needs_regex, needs_root, needs_xattr
 
 from fencelock import (
     STAMP_KEY,
@@ -1162,6 +1162,7 @@ def test_verify_finds_a_byte_no_json_holds_in_an_over_long_line(
     assert report.unchecked == [3] and report.lines == 3
 
 
+@needs_regex
 @pytest.mark.parametrize("cut", [40, 70, 400], ids=["in-head", "past-head", "far-past"])
 def test_verify_finds_a_torn_line_glued_to_the_next_inside_an_over_long_line(
     session: Path, monkeypatch: pytest.MonkeyPatch, cut: int
@@ -1288,6 +1289,7 @@ def test_a_line_nested_deeper_than_python_parses_is_unchecked_not_torn(session: 
         lock.append(deep)
 
 
+@needs_regex
 def test_the_deep_line_check_agrees_with_the_json_parser() -> None:
     """`is_json`, verify's check for lines too deep to parse, and `JsonStream`, its
     check of lines too long to parse, fed in chunks of every small size, say what
@@ -1333,17 +1335,18 @@ def test_the_deep_line_check_agrees_with_the_json_parser() -> None:
         assert streamed(line, 1) is False and streamed(line, len(line)) is False
 
 
+@needs_regex
 @pytest.mark.parametrize(("line", "bound", "value"), [
     (b"[" + b'{"a":1},' * 20 + b'{"a":1}]\n', "MAX_TOKENS", 30),
     (b'{"n":' + b"7" * 40 + b"}\n", "MAX_CARRY", 16),
-    (b"[" * 40 + b"]" * 40 + b"\n", "MAX_DEPTH", 30),
+    (b"[" * 40 + b"]" * 40 + b"\n", "MAX_TOKENS", 30),
 ], ids=["tokens", "number", "depth"])
 def test_the_streamed_check_gives_no_verdict_past_its_bounds(
     monkeypatch: pytest.MonkeyPatch, line: bytes, bound: str, value: int
 ) -> None:
-    """Past its bounds (tokens taken one at a time, a number or literal kept whole
-    across chunks, depth) the streamed check says nothing (None), never torn; a fault
-    met before them is still one."""
+    """Past its bounds (steps taken one at a time, each opening bracket one; a number or
+    literal kept whole across chunks) the streamed check says nothing (None), never
+    torn; a fault met before them is still one."""
     from fencelock._jsoncheck import JsonStream
 
     def streamed(data: bytes) -> bool | None:
@@ -1358,6 +1361,7 @@ def test_the_streamed_check_gives_no_verdict_past_its_bounds(
     assert streamed(b"}" + line) is False
 
 
+@needs_regex
 def test_where_python_s_regular_expressions_are_unreliable_no_line_is_called_torn_unparsed(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1389,6 +1393,7 @@ print(is_json(line), is_json(line[:-3001] + b"\\n"))
 """
 
 
+@needs_regex
 def test_the_deep_line_check_keeps_no_state_per_character() -> None:
     """A 20 MB string inside a deep line is checked in bounded memory (a repeat that
     kept a backtracking state per character took about 256 bytes each: 5 GB here)."""

@@ -726,7 +726,12 @@ def test_recover_never_answers_a_fresh_session_planted_while_it_makes_it(
             recover(session, wait=0)
         assert ran
         assert successor in str(caught.value)
+        # Named as theirs, whatever it is, with whom to ask: the name is sticky's.
+        assert f"owned by uid {NOBODY}" in str(caught.value)
+        assert "or root can remove it, as the directory is sticky" in str(caught.value)
         assert loot.read_text() == "theirs\n"
+        # Nothing of this recover's stays: its sidecar would keep out the next one.
+        assert not os.path.lexists(successor + ".holder")
         if kind == "file":
             assert Path(successor).read_text() == "theirs\n"
 
