@@ -1371,8 +1371,9 @@ def test_where_python_s_regular_expressions_are_unreliable_no_line_is_called_tor
     from fencelock import _jsoncheck, _verify
 
     assert _jsoncheck.RELIABLE  # the Python running the tests matches as written
-    deep = b"[" * 5000 + b"]" * 5000 + b"\n"  # too deep to parse: the is_json path
-    session.write_bytes(b'{"n":0}\n' + deep + b"[" * 5000 + b"\n" + b'{"n":2}\n')
+    n = 5 * json_depth_limit()  # too deep for this interpreter's parser: the is_json path
+    deep = b"[" * n + b"]" * n + b"\n"
+    session.write_bytes(b'{"n":0}\n' + deep + b"[" * n + b"\n" + b'{"n":2}\n')
     assert [(p.line, p.kind) for p in verify(session).problems] == [(3, "torn")]
     monkeypatch.setattr(_jsoncheck, "RELIABLE", False)
     report = verify(session)
