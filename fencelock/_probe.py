@@ -265,7 +265,13 @@ def _look(
     finally:
         if watch is None:
             _sidecar.close(fd)  # also drops the test lock
-    return _conclude(session, sidecar, free, record, corrupt, None, stuck_after, now)
+    status = _conclude(session, sidecar, free, record, corrupt, None, stuck_after, now)
+    if status.state is ProbeState.FREE or status.state is ProbeState.STALE:
+        try:  # another user's sidecar where anyone may create files: no run takes it
+            _sidecar.refuse_planted(sidecar, st)
+        except PlantedFileError as e:
+            return replace(status, state=ProbeState.UNREADABLE, reason=str(e))
+    return status
 
 
 def _unprobed(session: str, sidecar: str, e: OSError | SidecarAccessError) -> HolderStatus:

@@ -660,6 +660,29 @@ def test_the_planted_file_check_takes_the_user_fencelock_was_loaded_as(
 
 
 @needs_root
+@pytest.mark.parametrize("data", ["", "record"], ids=["empty", "with-a-record"])
+def test_status_names_a_sidecar_another_user_planted_not_free(data: str) -> None:
+    """A sidecar another user made in advance in a directory anyone can create files
+    in: no run of this user takes the session (its acquire refuses the sidecar), so
+    status shows it unreadable, naming its owner, not free to use."""
+    with open_directory(0o1777) as sessions:
+        session = sessions / "s.jsonl"
+        record = ""
+        if data:
+            with SessionLock(session, "earlier"):
+                pass
+            record = sidecar_of(session).read_text()
+            os.unlink(sidecar_of(session))
+        as_user(_PLANT, path=str(sidecar_of(session)), data=record)
+        found = probe(session)
+        assert found.state == "unreadable", found
+        assert f"owned by uid {NOBODY}" in found.reason and "planted" in found.reason
+        assert [row.state for row in scan(sessions)] == ["unreadable"]
+        with pytest.raises(fencelock.PlantedFileError):
+            SessionLock(session, "mine").acquire()
+
+
+@needs_root
 @pytest.mark.parametrize("planted", ["sidecar", "fresh session"])
 def test_recover_follows_no_record_another_user_planted(planted: str) -> None:
     """The fresh session every recover of a run answers is named from the session's
