@@ -106,16 +106,21 @@ reader's time namespace's zero (an offset below zero), which the kernel's unsign
 of nanoseconds makes a count near 2**64 ns."""
 
 
+def _count(text: str) -> int | None:
+    """A count of clock ticks written in ASCII digits (at most 19), else None."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 20 else None
+
+
 def _start_ticks(fields: list[str]) -> int | None:
     """Field 22 of a /proc stat (``fields`` after the command name), counted from the
     host's boot: the kernel adds this reader's time namespace offset, taken off here.
     None where that cannot be told: the offset unknown, or the sum wrapped."""
-    if _OFFSET is None or len(fields) < 20 or not fields[19].isascii() \
-            or not fields[19].isdigit() or len(fields[19]) > 19:
-        return None
+    offset = _OFFSET
     # Field 22 overall is index 19 once pid and comm are dropped.
-    ticks = int(fields[19])
-    return None if ticks >= _WRAPPED else ticks - _OFFSET[0]
+    ticks = _count(fields[19]) if offset is not None and len(fields) >= 20 else None
+    if offset is None or ticks is None or ticks >= _WRAPPED:
+        return None
+    return ticks - offset[0]
 
 
 def process_start(pid: int) -> str:
@@ -218,12 +223,13 @@ def owner_alive(pid: int, host: str, start: str) -> bool | None:
     now = _start_ticks(fields)
     if now is None:
         return None
-    if not (ticks.isascii() and ticks.isdigit() and len(ticks) < 20):
+    recorded = _count(ticks)
+    if recorded is None:
         return False  # no start this process could have had
     # Where a time namespace's offset is not a whole number of ticks, the kernel's
     # rounding puts the start one tick later for a reader in it: the writer's count
     # may be one more than this reader's, or (this reader's offset being such) one less.
     # A reused PID started later than the owner did, never earlier: only the count one
     # less could be that, and one tick after the owner's start it cannot be.
-    behind = int(ticks) - now
+    behind = recorded - now
     return behind == 0 or behind == 1 or (behind == -1 and bool(_OFFSET and _OFFSET[1]))

@@ -8,24 +8,25 @@ from __future__ import annotations
 import codecs
 import re
 
-_TOKEN = re.compile(
-    r'[ \t\n\r]*(?:(?P<open>[\[{])|(?P<close>[\]}])|(?P<colon>:)|(?P<comma>,)'
-    r'|(?P<value>"(?:[^"\\\x00-\x1f]++|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*+"'
-    r'|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null))'
-)
-"""One JSON token after optional whitespace (NaN and Infinity are not JSON). Possessive
-repeats: a string of millions of characters is matched without a backtracking state for
-each."""
+_WS = r"[ \t\n\r]*"
+_BODY = r'(?:[^"\\\x00-\x1f]++|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*+'
+"""A string's inside: characters JSON allows there, and its escapes."""
+_SCALAR = (rf'"{_BODY}"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?'
+           r"|true|false|null")
+"""A string, number or literal (NaN and Infinity are not JSON)."""
 
-_STRING_BODY = re.compile(r'(?:[^"\\\x00-\x1f]++|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*+')
+_TOKEN = re.compile(
+    rf"{_WS}(?:(?P<open>[\[{{])|(?P<close>[\]}}])|(?P<colon>:)|(?P<comma>,)|(?P<value>{_SCALAR}))"
+)
+"""One JSON token after optional whitespace. Possessive repeats: a string of millions
+of characters is matched without a backtracking state for each."""
+
+_STRING_BODY = re.compile(_BODY)
 """The inside of a string up to its closing quote (or whatever is not allowed there)."""
 
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_WHITESPACE = re.compile(_WS)
 
-_ARRAY_RUN = re.compile(
-    r'(?:[ \t\n\r]*(?:"(?:[^"\\\x00-\x1f]++|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*+"'
-    r'|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null)[ \t\n\r]*,)++'
-)
+_ARRAY_RUN = re.compile(rf"(?:{_WS}(?:{_SCALAR}){_WS},)++")
 """Array elements that are plain values, each with its comma: an array of a million
 numbers (an embedding, say) is taken in one match, not a token at a time."""
 

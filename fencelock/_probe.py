@@ -175,19 +175,23 @@ def probe(
     return found if st is None else _unless_planted(found, st)
 
 
-def _unless_planted(status: HolderStatus, st: os.stat_result | None = None) -> HolderStatus:
-    """``status``, unless it is free or stale and its session file (``st``, else looked
-    at here) belongs to another user in a directory anyone can create files in: no run
-    of this user takes that session (`PlantedFileError`), so it is shown unreadable,
-    saying why, not free to use. (A held one is shown held, naming its holder.)"""
+def _unless_planted(
+    status: HolderStatus, st: os.stat_result | None = None, path: str | None = None
+) -> HolderStatus:
+    """``status``, unless it is free or stale and its session file (or ``path``, its
+    sidecar; ``st``, else looked at here) belongs to another user in a directory anyone
+    can create files in: no run of this user takes that session (`PlantedFileError`),
+    so it is shown unreadable, saying why, not free to use. (A held one is shown held,
+    naming its holder.)"""
     if status.state is not ProbeState.FREE and status.state is not ProbeState.STALE:
         return status
+    path = path or status.session
     try:
-        _sidecar.refuse_planted(status.session, st or os.lstat(status.session))
+        _sidecar.refuse_planted(path, st or os.lstat(path))
     except PlantedFileError as e:
         return replace(status, state=ProbeState.UNREADABLE, reason=str(e))
     except OSError:
-        pass  # no session file there: nothing planted
+        pass  # no file there: nothing planted
     return status
 
 
@@ -265,13 +269,8 @@ def _look(
     finally:
         if watch is None:
             _sidecar.close(fd)  # also drops the test lock
-    status = _conclude(session, sidecar, free, record, corrupt, None, stuck_after, now)
-    if status.state is ProbeState.FREE or status.state is ProbeState.STALE:
-        try:  # another user's sidecar where anyone may create files: no run takes it
-            _sidecar.refuse_planted(sidecar, st)
-        except PlantedFileError as e:
-            return replace(status, state=ProbeState.UNREADABLE, reason=str(e))
-    return status
+    return _unless_planted(
+        _conclude(session, sidecar, free, record, corrupt, None, stuck_after, now), st, sidecar)
 
 
 def _unprobed(session: str, sidecar: str, e: OSError | SidecarAccessError) -> HolderStatus:
