@@ -60,20 +60,6 @@ def test_killed_holder_is_stale_then_taken_over_with_previous(
         assert info.previous.lane == "session:agent:main:heartbeat"
 
 
-def test_fail_mode_across_processes_names_the_live_holder(
-    session: Path, spawn_holder: SpawnHolder
-) -> None:
-    h = spawn_holder(session, lane="cron")
-    h.acquire()
-    with pytest.raises(SessionContendedError) as err:
-        SessionLock(session, on_contention="fail").acquire()
-    assert err.value.holder is not None
-    assert (err.value.holder.pid, err.value.holder.lane) == (h.pid, "cron")
-    with pytest.raises(SessionContendedError) as timed:
-        SessionLock(session, timeout=0.1).acquire()
-    assert timed.value.waited is not None and timed.value.waited >= 0.1
-
-
 def test_waiter_in_another_process_gets_the_lock_on_release(
     session: Path, spawn_holder: SpawnHolder
 ) -> None:

@@ -45,6 +45,8 @@ def test_fail_and_timeout_across_processes_name_the_live_holder(
     with pytest.raises(SessionContendedError) as timed:
         SessionLock(session, timeout=0.2).acquire()
     assert timed.value.holder is not None and timed.value.holder.pid == h.pid
+    assert err.value.waited is None  # a fail-fast refusal waited for nothing
+    assert timed.value.waited is not None and timed.value.waited >= 0.2
     assert probe(session).state == ProbeState.LIVE
 
 
