@@ -2305,25 +2305,45 @@ sys.stdin.readline()
 """
 
 
-def _run_python(session: Path, script: str) -> subprocess.Popen[str]:
-    """`fencelock run SESSION --lane a -- python -c SCRIPT`, its stdin and stdout piped."""
-    return subprocess.Popen(
-        [*FENCELOCK, "run", str(session), "--lane", "a", "--", sys.executable, "-c", script],
+@contextlib.contextmanager
+def _run_piped(session: Path, *command: str) -> Iterator[subprocess.Popen[str]]:
+    """`fencelock run SESSION --lane a -- COMMAND...`, its stdin and stdout piped; killed
+    if still running when the block ends."""
+    proc = subprocess.Popen(
+        [*FENCELOCK, "run", str(session), "--lane", "a", "--", *command],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
-def _wait_for_exit(pidfd: int) -> None:
-    """Return once the process is gone (its descriptors, the lock's included, closed)."""
+def _run_python(session: Path, script: str) -> contextlib.AbstractContextManager[
+        subprocess.Popen[str]]:
+    """`_run_piped` with ``python -c SCRIPT``."""
+    return _run_piped(session, sys.executable, "-c", script)
+
+
+def _let_exit(proc: subprocess.Popen[str], pidfd: int) -> None:
+    """Give the command (through the run's stdin) the line it waits for, and return once
+    it is gone (its descriptors, the lock's included, closed)."""
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.close()
     ready, _, _ = select.select([pidfd], [], [], 60)
     assert ready, "the process did not exit"
+    os.close(pidfd)
 
 
 @needs_pidfd
 def test_killing_the_run_wrapper_never_frees_a_session_its_command_holds(session: Path) -> None:
-    proc = _run_python(session, NAMED_THEN_WAIT)
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
+    with _run_python(session, NAMED_THEN_WAIT) as proc:
+        assert proc.stdout is not None
         command_pid = int(proc.stdout.readline())
         pidfd = os.pidfd_open(command_pid)
         proc.kill()
@@ -2339,15 +2359,7 @@ def test_killing_the_run_wrapper_never_frees_a_session_its_command_holds(session
         assert f"pid {command_pid}" in out.stderr
         with pytest.raises(SessionContendedError):
             SessionLock(session, "c", on_contention="fail").acquire()
-        proc.stdin.write("\n")  # the command's stdin too: let it finish
-        proc.stdin.close()
-        _wait_for_exit(pidfd)
-        os.close(pidfd)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
+        _let_exit(proc, pidfd)  # the command's stdin too: let it finish
     st = probe(session)
     assert st.state == "stale" and st.owner_alive is False, st
     out = cli("run", str(session), "--lane", "b", "--no-wait", "--", "true")
@@ -2371,43 +2383,27 @@ def test_held_by_names_no_process_that_is_gone(session: Path) -> None:
     """The run's wrapper is killed, then its command exits, leaving a child of its own
     that keeps the lock's descriptor: the session is live, but neither the run nor its
     command holds it any more, and neither is named as the holder."""
-    proc = _run_python(session, LEAVES_A_CHILD)
-    assert proc.stdin is not None and proc.stdout is not None
-    child = 0
-    try:
+    with _run_python(session, LEAVES_A_CHILD) as proc, contextlib.ExitStack() as later:
+        assert proc.stdout is not None
         command_pid, child = map(int, proc.stdout.readline().split())
+        later.callback(os.kill, child, signal.SIGKILL)
         pidfd = os.pidfd_open(command_pid)
         proc.kill()
         proc.wait(timeout=60)
-        proc.stdin.write("\n")  # the command's stdin: let it exit
-        proc.stdin.close()
-        _wait_for_exit(pidfd)
-        os.close(pidfd)
+        _let_exit(proc, pidfd)  # the command's stdin: let it exit
         st = probe(session)
         assert st.state == "live" and st.held_by is None, st
         assert f"held by pid {command_pid}" not in st.reason
         assert "left running" in st.reason, st.reason
         assert rows(cli("status", "--json", str(session)))[0]["held_by"] is None
-    finally:
-        if child:
-            os.kill(child, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
 
 
 @needs_pidfd
 def test_what_the_command_left_running_keeps_the_session_until_it_exits(session: Path) -> None:
     # A non-interactive shell gives a background job /dev/null as stdin unless told.
     script = 'exec 9<&0; "$0" -c "$1" <&9 9<&- & exit 7'
-    proc = subprocess.Popen(
-        [*FENCELOCK, "run", str(session), "--lane", "a", "--",
-         "sh", "-c", script, sys.executable, PID_THEN_WAIT],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
+    with _run_piped(session, "sh", "-c", script, sys.executable, PID_THEN_WAIT) as proc:
+        assert proc.stdout is not None
         background = int(proc.stdout.readline())
         pidfd = os.pidfd_open(background)
         assert proc.wait(timeout=60) == 7  # fencelock ends with its command
@@ -2426,15 +2422,7 @@ def test_what_the_command_left_running_keeps_the_session_until_it_exits(session:
             assert st.reason == f"held by {left}" and st.left_by_run
             row = cli("status", str(session)).stdout
             assert f"(left by fencelock run pid {st.record.pid}, lane a)" in row
-        proc.stdin.write("\n")
-        proc.stdin.close()
-        _wait_for_exit(pidfd)
-        os.close(pidfd)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
+        _let_exit(proc, pidfd)
     st = probe(session)
     assert st.state == "free", st
     out = cli("run", str(session), "--lane", "b", "--no-wait", "--", "true")
