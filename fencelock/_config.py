@@ -139,6 +139,15 @@ def _int(text: str, base: int = 10) -> int:
     return int(text, base)
 
 
+def _json_lines(text: str) -> bool:
+    """Whether ``text`` is JSON lines: every non-blank line a JSON object."""
+    try:
+        return all(isinstance(json.loads(line), dict) for line in text.splitlines()
+                   if line.strip())
+    except (ValueError, RecursionError):
+        return False
+
+
 def parse(text: str, path: str = "<config>") -> Any:
     """Parse JSON, or JSON5 when plain JSON fails (comments, trailing commas, bare keys)."""
     if text.startswith("\ufeff"):
@@ -147,8 +156,14 @@ def parse(text: str, path: str = "<config>") -> Any:
         raise ConfigError(path, f"the file is empty; {_NOT_A_CONFIG_FIX}")
     try:
         return json.loads(text, parse_int=_int)
-    except json.JSONDecodeError:
-        pass  # JSON5, then: its errors are the ones to report
+    except json.JSONDecodeError as e:
+        # Several JSON objects, one a line: a session file named by mistake, which the
+        # syntax error's advice ("mend the file") must not send anyone to edit.
+        if e.msg == "Extra data" and _json_lines(text):
+            raise ConfigError(path, f"JSON lines (one object a line), as in a session "
+                                    f"file, not a gateway config; {_NOT_A_CONFIG_FIX}"
+                              ) from None
+        # Otherwise JSON5: its errors are the ones to report
     except RecursionError:
         raise ConfigError(path, f"nested too deeply; {_NOT_A_CONFIG_FIX}") from None
     except ValueError as e:

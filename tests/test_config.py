@@ -369,6 +369,12 @@ def test_a_json5_error_without_a_position_is_not_blamed_on_valid_json5() -> None
         (b"{" * 100000, "line 1|nested", "mend the file there|name the gateway's config"),
         (b"[" * 100000, "nested", "name the gateway's config file"),
         (b"{a: 1,,}", "line 1, column 8", "mend the file there"),
+        # A session file named by mistake: never advice to edit it.
+        (b'{"type": "message"}\n\n{"role": "user"}\n', "JSON lines",
+         "name the gateway's config file"),
+        # One object a line, then a line that is not one: a config to mend.
+        (b'{"a": 1}\n{"b": 2}\nnope\n', "line 2, column 1", "mend the file there"),
+        (b'{"a": 1}\n[2]\n', "line 2, column 1", "mend the file there"),
         # Python converts no integer of over 4300 digits (it raised a bare ValueError).
         (b'{"a": ' + b"1" * 4301 + b"}", "more than 100 digits", "no gateway setting"),
         (b'// JSON5\n{"a": ' + b"1" * 4301 + b"}", "more than 100 digits", "no gateway setting"),
