@@ -570,6 +570,11 @@ def _hold(served: _Session, heartbeat: float, inbox: _Inbox, out: _Out, seen: Se
                     raise
         if info is None:
             info = _acquire_unless_stopped(lock, inbox, seen)
+            if info is None:
+                # stdin ended first, with nothing asked: the wait ends here, and says
+                # what it found, as --no-wait's try does (a contended session exits 4;
+                # one free by now is held, then released at once, exit 0).
+                info = lock.acquire(timeout=0)
     except SessionContendedError as e:
         _stderr(str(e))
         with contextlib.suppress(_CallerGone):
@@ -580,8 +585,6 @@ def _hold(served: _Session, heartbeat: float, inbox: _Inbox, out: _Out, seen: Se
         with contextlib.suppress(_CallerGone):
             out.send(error_answer(e))
         return EXIT_ERROR
-    if info is None:
-        return EXIT_OK  # the caller left before the session was held
     try:
         out.send({"ok": True, "event": "held", "record": info.to_json()})
         _serve(served, inbox, out, heartbeat, seen)

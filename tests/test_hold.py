@@ -495,8 +495,13 @@ def test_caller_gone_while_waiting_stops_the_wait(
     token = other.acquire()
     h = start_hold(session)
     wait_for_blocked_waiter(session)
-    assert h.wait() == 0  # stdin closed with nothing asked: it stops waiting
-    assert h.proc.stdout is not None and h.proc.stdout.read() == b""
+    # stdin closed with nothing asked: it stops waiting, and says what it found, as a
+    # --no-wait try does (it exited 0, which a script read as held).
+    assert h.wait() == 4
+    assert h.proc.stdout is not None
+    answer = json.loads(h.proc.stdout.read())
+    assert (answer["ok"], answer["error"]) == (False, "SessionContendedError"), answer
+    assert answer["holder"]["pid"] == other.pid
     assert other.call("release") == "released"
     record = probe(session).record
     assert record is not None and record.token == token  # hold never took it
