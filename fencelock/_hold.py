@@ -449,21 +449,12 @@ def make_lock(
     backend: str | None,
 ) -> SessionLock:
     """The `SessionLock` `hold` takes; `HoldArgumentError` for a value it cannot use."""
-    import inspect
-
     from fencelock._lock import SessionLock
 
-    extra: dict[str, Any] = {}
-    if backend is not None:
-        if "backend" not in inspect.signature(SessionLock).parameters:
-            raise HoldArgumentError(
-                "--backend", "this fencelock has no holder stores other than the sidecar; "
-                "leave --backend out"
-            )
-        extra["backend"] = backend
     try:
         return SessionLock(
-            session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout, **extra
+            session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout,
+            backend=backend,
         )
     except FenceLockError:
         raise  # about the session (e.g. outside the backend's root), not an option value

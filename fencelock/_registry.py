@@ -48,23 +48,35 @@ def real_key(session: str) -> str:
     return walked_key(session)[0]
 
 
-_KEYS: dict[str, str] = {}
-"""`walked_key`'s keys of paths walked whole (the walk costs a system call a component)."""
+_KEYS: dict[str, tuple[str, int, int]] = {}
+"""`walked_key`'s keys of paths walked whole (the walk costs a system call a component),
+each with the device and inode its directory was then."""
 _KEYS_KEPT = 4096
+
+
+def _directory_id(directory: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def walked_key(session: str) -> tuple[str, bool]:
     """`real_key`, and whether its directory was walked whole (`_sidecar.walk`): a key
-    of a directory with a missing component is not kept, and is walked again next time."""
-    key = _KEYS.get(session)
-    if key is not None:
-        return key, True
-    real, whole = _sidecar.walk(os.path.dirname(session))
+    of a directory with a missing component is not kept, and is walked again next time.
+    A kept key serves while the path still leads to the directory it was walked to (one
+    stat): a symlink on the way may be pointed elsewhere since."""
+    directory = os.path.dirname(session)
+    kept = _KEYS.get(session)
+    if kept is not None and _directory_id(directory) == kept[1:]:
+        return kept[0], True
+    real, whole = _sidecar.walk(directory)
     key = os.path.join(real, os.path.basename(session))
-    if whole:
+    if whole and (found := _directory_id(real)) is not None:
         if len(_KEYS) >= _KEYS_KEPT:
             _KEYS.clear()
-        _KEYS[session] = key
+        _KEYS[session] = (key, *found)
     return key, whole
 
 

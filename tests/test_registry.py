@@ -34,6 +34,24 @@ def test_registry_key_is_the_real_path_through_a_symlinked_directory(
     assert _registry.registry_key(str(session)) == real
 
 
+def test_a_symlink_pointed_elsewhere_gives_its_new_directory_s_key(tmp_path: Path) -> None:
+    """A directory symlink pointed at another directory while a run holds a session
+    through it: a new lock object on the same path locks the session it now leads to,
+    which is free (it was refused as held, by the run in the old directory)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "a")
+    with SessionLock(link / "s.jsonl", "first"):
+        link.unlink()
+        link.symlink_to(tmp_path / "b")
+        assert _registry.registry_key(str(link / "s.jsonl")) == str(
+            (tmp_path / "b").resolve() / "s.jsonl")
+        with SessionLock(link / "s.jsonl", "second", on_contention="fail") as second:
+            assert second.held
+        assert (tmp_path / "b" / "s.jsonl.holder").exists()
+
+
 def test_held_in_process_names_the_holding_object_only_while_it_holds(session: Path) -> None:
     key = _registry.registry_key(str(session))
     lock = SessionLock(session, "a")
