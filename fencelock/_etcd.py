@@ -127,6 +127,11 @@ class _Encoded(str):
     """A value base64-encoded once for the several puts that store it."""
 
 
+_QUEUE_TRIES = 3
+"""How many times an acquire puts its key in the queue after finding one there left by
+etcd's past (`EtcdHolder._queue`)."""
+
+
 def _delete(key: str) -> dict[str, Any]:
     return {"request_delete_range": {"key": _b64(key)}}
 
@@ -860,7 +865,26 @@ class _Cluster:
             self._to_revoke.append(lease.id)
         self._wake.set()
 
+    def _sweep(self, lease: _Lease) -> None:
+        """Delete the keys under ``lease`` that no holder of this process has claimed:
+        keys etcd brought back with the lease (a snapshot restore revives both), which
+        would hold or queue for their sessions for as long as this process keeps the
+        lease alive. Each is deleted only at the revision seen while it was unclaimed:
+        a holder that claims it meanwhile puts it anew, at a later one."""
+        answer = self.call("/kv/lease/timetolive", {"ID": lease.id, "keys": True})
+        for key in answer.get("keys") or []:
+            name = _unb64(key).decode("utf-8", "surrogateescape")
+            with self._unclaimed:
+                if name in self._claimed:
+                    continue
+            found = _kvs(self.txn([], [_range(name)])["responses"][0])
+            with self._unclaimed:
+                if not found or name in self._claimed:
+                    continue
+            self.txn([_created(name, int(found[0]["create_revision"]))], [_delete(name)])
+
     def _keep_alive(self) -> None:
+        sweep_at = 0.0
         while True:
             with self._mu:
                 lease = self._lease
@@ -885,6 +909,10 @@ class _Cluster:
                     lease.lost = "its etcd lease expired"
                 elif ttl > 0:
                     lease.confirmed_until = sent + ttl
+                    if sent >= sweep_at:  # once a TTL
+                        sweep_at = sent + lease.ttl
+                        with contextlib.suppress(Exception):  # never the keeper's end
+                            self._sweep(lease)
                 lease.alive()  # marks it lost once the margin has run out
             self._take_back_pending()
             with self._mu:
@@ -1118,23 +1146,14 @@ class EtcdHolder:
         self._suffix = f',"lease":"{lease.id:x}","store":"etcd"}}'.encode()
         self.record_extra = {"lease": f"{lease.id:x}", "store": "etcd"}
         try:
-            r = c.txn(
-                [_created(my, 0)],
-                [_put(my, b"", lease.id), _range(pfx, prefix=True, first=True),
-                 _range(self.last_key)],
-                [_range(my), _range(pfx, prefix=True, first=True), _range(self.last_key)],
-                deadline,
-            )
+            r = self._queue(my, lease, pfx, deadline)
         except BaseException:
             # Unanswered is not undone: etcd may have queued the key, under a lease this
             # process keeps alive. Take it out (or give the lease up).
             self._abandon()
             raise
         responses = r.get("responses", [])
-        if r.get("succeeded"):
-            revision = int(r["header"]["revision"])
-        else:
-            revision = int(_kvs(responses[0])[0]["create_revision"])
+        revision = int(r["header"]["revision"])
         self._token = revision
         try:
             owner = _kvs(responses[1])
@@ -1150,6 +1169,35 @@ class EtcdHolder:
         except BaseException:
             self._abandon()
             raise
+
+    def _queue(self, my: str, lease: _Lease, pfx: str, deadline: float | None
+               ) -> dict[str, Any]:
+        """Put our key ``my`` in the session's queue; the answer also gives the queue's
+        first key and the last record.
+
+        A key ``my`` there already (this process lets one holder at a time claim it) was
+        left by etcd's past: brought back with the lease by a snapshot restore, or put
+        by an earlier try of this request whose answer was lost. Its revision is no
+        token to give out now (others may have been given higher ones since): it is
+        deleted, and the key queued anew."""
+        c = self._cluster
+        for _ in range(_QUEUE_TRIES):
+            r = c.txn(
+                [_created(my, 0)],
+                [_put(my, b"", lease.id), _range(pfx, prefix=True, first=True),
+                 _range(self.last_key)],
+                [_range(my)],
+                deadline,
+            )
+            if r.get("succeeded"):
+                return r
+            found = _kvs(r.get("responses", [{}])[0])
+            if found:
+                c.txn([_created(my, int(found[0]["create_revision"]))], [_delete(my)], [],
+                      deadline)
+        raise StoreUnavailableError(self.url.display,
+                                    f"a key of this process's lease, {my}, came back each "
+                                    f"time it was deleted")
 
     def _write_first(self, record: bytes) -> None:
         """Write the run's first record. The caller does not hold the session yet: a

