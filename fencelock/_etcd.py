@@ -1118,11 +1118,18 @@ class EtcdHolder:
             return self._acquire(fail, deadline, cancel, record)
         except StoreUnavailableError as e:
             lease = self._lease  # the one the failed request named
-            if _LEASE_GONE not in e.why or lease is None:
+            if lease is None:
                 raise
-            # The process's lease is gone before its keeper noticed (etcd restarted
-            # without its data): once more, under a new lease.
-            self._cluster.forget(lease)
+            if _LEASE_GONE in e.why:
+                # The process's lease is gone before its keeper noticed (etcd restarted
+                # without its data): once more, under a new lease.
+                self._cluster.forget(lease)
+            elif not lease.lost:
+                raise
+            # Otherwise the lease lapsed while this acquire waited (this process was
+            # paused, or etcd was away, for longer than the TTL): its key left the queue,
+            # but nothing was held. It queues again under a new lease (one etcd cannot
+            # grant now says why).
             return self._acquire(fail, deadline, cancel, record)
 
     def _acquire(

@@ -8,6 +8,7 @@ import contextlib
 import http.server
 import json
 import os
+import select
 import shlex
 import signal
 import subprocess
@@ -811,6 +812,43 @@ def test_a_key_brought_back_by_a_snapshot_restore_does_not_hold_the_session(
     _restore(own_etcd, snapshot)
     _put_filler(own_etcd, issued)
     assert _taken_and_given_back_elsewhere(session, url) > issued  # it waits up to 30 s
+
+
+def test_a_waiter_paused_past_its_lease_queues_again(session: Path, own_etcd: EtcdServer
+                                                     ) -> None:
+    """A waiter (here `hold`) paused for longer than its lease's TTL, etcd healthy all
+    along: its key left the queue with the lease, but it held nothing. Once it runs
+    again it queues anew and gets the session when the holder lets go (it gave up,
+    saying to check that etcd runs)."""
+    url = own_etcd.url("paused", ttl=2)
+    lock = SessionLock(session, "first", backend=url)
+    lock.acquire()
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "paused",
+         "--backend", url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert waiter.stdin is not None and waiter.stdout is not None
+    try:
+        deadline = time.monotonic() + 30
+        while probe(session, backend=url).waiters != 1:
+            assert time.monotonic() < deadline, "never queued"
+            time.sleep(0.02)
+        waiter.send_signal(signal.SIGSTOP)
+        while probe(session, backend=url).waiters:  # its lease ran out, its key with it
+            assert time.monotonic() < deadline, "its key outlived its lease"
+            time.sleep(0.05)
+        waiter.send_signal(signal.SIGCONT)
+        lock.release()
+        ready, _, _ = select.select([waiter.stdout], [], [], 30)
+        assert ready, "no answer"
+        answer = json.loads(waiter.stdout.readline())
+        assert answer.get("event") == "held", answer
+        waiter.stdin.close()
+        assert waiter.wait(timeout=60) == 0
+    finally:
+        waiter.kill()
+        waiter.wait()
+        waiter.stdin.close()
+        waiter.stdout.close()
 
 
 def test_recover_on_etcd_starts_no_fresh_session_below_the_tokens_it_carries(
