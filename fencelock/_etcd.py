@@ -1113,9 +1113,11 @@ class EtcdHolder:
         deadline: float | None,
         cancel: threading.Event | None,
         record: Callable[[int, HolderInfo | None], bytes] | None,
+        start: float | None = None,
     ) -> int:
+        start = time.monotonic() if start is None else start
         try:
-            return self._acquire(fail, deadline, cancel, record)
+            return self._acquire(fail, deadline, cancel, record, start)
         except StoreUnavailableError as e:
             lease = self._lease  # the one the failed request named
             if lease is None:
@@ -1130,7 +1132,7 @@ class EtcdHolder:
             # paused, or etcd was away, for longer than the TTL): its key left the queue,
             # but nothing was held. It queues again under a new lease (one etcd cannot
             # grant now says why).
-            return self._acquire(fail, deadline, cancel, record)
+            return self._acquire(fail, deadline, cancel, record, start)
 
     def _acquire(
         self,
@@ -1138,12 +1140,12 @@ class EtcdHolder:
         deadline: float | None,
         cancel: threading.Event | None,
         record: Callable[[int, HolderInfo | None], bytes] | None,
+        start: float,
     ) -> int:
         c = self._cluster
         lease = c.lease(deadline)
         my = f"{self.lock_name}/{lease.id:x}"
         pfx = self.lock_name + "/"
-        start = time.monotonic()
         if not c.claim(my, fail, deadline, cancel):
             raise self._contended(self._owner_record(deadline),
                                   waited=None if fail else time.monotonic() - start)
@@ -1171,7 +1173,7 @@ class EtcdHolder:
                 return revision
             if fail:
                 raise self._contended(self._last(owner))
-            self._wait_for_turn(revision, deadline, cancel, record)
+            self._wait_for_turn(revision, deadline, cancel, record, start)
             return revision
         except BaseException:
             self._abandon()
@@ -1231,6 +1233,7 @@ class EtcdHolder:
         deadline: float | None,
         cancel: threading.Event | None,
         record: Callable[[int, HolderInfo | None], bytes] | None,
+        start: float,
     ) -> None:
         """Wait until no key older than ours is left, then write the first record.
 
@@ -1239,7 +1242,6 @@ class EtcdHolder:
         """
         c = self._cluster
         pfx = self.lock_name + "/"
-        start = time.monotonic()
         recheck = c.ttl / 3
         look = [_range(pfx, prefix=True, last=True, max_create=revision - 1),
                 _range(self._my_key), _range(self.last_key)]

@@ -110,13 +110,16 @@ class HolderStore(Protocol):
         deadline: float | None,
         cancel: threading.Event | None,
         record: Callable[[int, HolderInfo | None], bytes] | None,
+        start: float | None = None,
     ) -> int:
         """Take the session's lock (waiting unless ``fail``) and return the fencing token.
 
         Once the lock is this holder's, ``record(token, last)`` gives the first record to
         store, where ``last`` is the session's last record (its ``state`` says whether
-        that run ended cleanly); it may be called more than once. Raises
-        `SessionContendedError`, `StoreUnavailableError`, or a cancellation."""
+        that run ended cleanly); it may be called more than once. ``start``: when the
+        caller's acquire began (`time.monotonic`), which a contention error's ``waited``
+        counts from. Raises `SessionContendedError`, `StoreUnavailableError`, or a
+        cancellation."""
 
     def write(self, record: bytes, *, ride_out: bool = True) -> None:
         """Store the holder's record; `HolderLostError` when no longer the holder.
@@ -195,7 +198,7 @@ class RemoteStore:
             return lock._encode()
 
         lock._run_id = ""
-        holder.acquire(lock.on_contention == "fail", deadline, cancel, first_record)
+        holder.acquire(lock.on_contention == "fail", deadline, cancel, first_record, start)
         try:
             if cancel is not None and cancel.is_set():
                 import asyncio

@@ -3453,33 +3453,42 @@ def test_an_acquire_whose_lease_runs_out_before_its_first_record_is_store_unavai
 ) -> None:
     """The session's turn came, but the time the process's lease is known to live ran
     out before the first record was written (etcd away, or the process paused): the
-    caller never held the session, so the acquire failed and may be tried again
-    (`StoreUnavailableError`), nothing was lost (not `HolderLostError`, a coordination
+    caller never held the session. The acquire queues once more, under a new lease;
+    when that runs out the same way, it fails and may be tried again
+    (`StoreUnavailableError`): nothing was lost (not `HolderLostError`, a coordination
     error that says not to retry). Nothing stays queued."""
     from fencelock import _etcd
     from fencelock._record import State
 
     lock = SessionLock(session, "late", backend=url)
     encode, clock = lock._encode, _etcd._lease_clock
+    pauses: list[int] = []
 
     def encode_then_pause(state: State = State.HELD) -> bytes:
         data = encode(state)
-        # The process is paused here, past its lease's time to live.
-        monkeypatch.setattr(_etcd, "_lease_clock", lambda: clock() + 3600)
+        if len(pauses) < allowed:
+            # The process is paused here, past its lease's time to live.
+            pauses.append(1)
+            offset = 3600 * len(pauses)
+            monkeypatch.setattr(_etcd, "_lease_clock", lambda: clock() + offset)
         return data
 
     lock._encode = encode_then_pause  # type: ignore[method-assign]
+    allowed = 2
     with pytest.raises(StoreUnavailableError) as err:
         lock.acquire()
+    assert len(pauses) == 2  # queued again once
     assert not isinstance(err.value, HolderLostError)
     assert "before the session was taken" in str(err.value)
-    monkeypatch.setattr(_etcd, "_lease_clock", clock)
-    del lock._encode
     assert not lock.held
     status = probe(session, backend=url)
     assert status.state != ProbeState.LIVE and status.waiters == 0, status
-    with lock:  # tried again, under a new lease
-        pass
+    pauses.clear()
+    allowed = 1
+    with lock:  # one pause: queued again under a new lease, and held
+        assert len(pauses) == 1
+        assert probe(session, backend=url).state == ProbeState.LIVE
+    monkeypatch.setattr(_etcd, "_lease_clock", clock)
 
 
 @pytest.mark.parametrize("how", ["request", "end of stdin"])
