@@ -1767,41 +1767,77 @@ def _local_path(url: EtcdURL, key: str, record: HolderInfo | None) -> str | None
     return record.session if here else None
 
 
-def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
-    """Every holder under the URL's prefix: each session with an owner (live), a last
-    record that says held (stale) or one that cannot be read; not released ones."""
-    from fencelock._probe import ProbeState
+_PAGE = 1000
+"""Keys a listing asks etcd for at a time: every session ever held keeps its last
+record, so a prefix may hold more than one answer should carry."""
 
+
+def _paged(c: _Cluster, prefix: str, *, keys_only: bool = False
+           ) -> Iterator[dict[str, Any]]:
+    """Every key under ``prefix`` in key order, read `_PAGE` keys a request. Each page
+    is read as it is then: a listing, not a snapshot."""
+    start, end = _b64(prefix), _b64(_prefix_end(prefix))
+    while True:
+        request: dict[str, Any] = {"key": start, "range_end": end, "limit": _PAGE}
+        if keys_only:
+            request["keys_only"] = True
+        r = c.call("/kv/range", request)
+        kvs = r.get("kvs", [])
+        yield from kvs
+        if not kvs or not r.get("more"):
+            return
+        start = base64.b64encode(_unb64(kvs[-1]["key"]) + b"\0").decode("ascii")
+
+
+def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
+    """Every holder under the URL's prefix, in key order: each session with an owner
+    (live), a last record that says held (stale) or one that cannot be read; not
+    released ones. The last records are read a page at a time, and not kept."""
     c = cluster(url)
     sessions = f"{url.prefix}/sessions/"
     lasts = f"{url.prefix}/last/"
-    r = c.txn([], [_range(sessions, prefix=True), _range(lasts, prefix=True)], [])
-    responses = r.get("responses", [{}, {}])
-    queues: dict[str, list[dict[str, Any]]] = {}
-    for kv in _kvs(responses[0]):
-        name = _key_text(kv)[len(sessions):]
-        key, _, _lease = name.rpartition("/")
-        queues.setdefault(key, []).append(kv)
-    last = {_key_text(kv)[len(lasts):]: kv
-            for kv in _kvs(responses[1])}
-    for key in sorted(set(queues) | set(last)):
-        queue = sorted(queues.get(key, []), key=lambda kv: int(kv["create_revision"]))
-        where = f"{url.display}/{url.prefix}/sessions/{key}"
-        lst = [last[key]] if key in last else []
-        record = _decode_quietly(_raw(lst), where)
-        owner_record = _decode_quietly(_raw(queue), where)
-        session = _local_path(url, key, owner_record or record)
-        command = None
-        if session is None:  # the path is known only relative to some host's mount point
-            command = (f"{_clear_command(url, 'SESSION')}, SESSION being the session "
-                       f"file whose path under its filesystem's mount point is {key}")
-        status = _status(session or key, where, owner=queue[:1], last=lst,
-                         waiters=max(0, len(queue) - 1), stuck_after=stuck_after,
-                         last_where=f"{url.display}/{lasts}{key}",
-                         command=command or _clear_command(url, session or key),
-                         fence=session is not None)
-        if status.state is not ProbeState.FREE:  # a released run holds nothing
-            yield status
+    queues: dict[bytes, list[dict[str, Any]]] = {}  # the queued keys: the runs under way
+    for kv in _paged(c, sessions):
+        key = _unb64(kv["key"])[len(sessions.encode("utf-8", "surrogateescape")):]
+        queues.setdefault(key.rpartition(b"/")[0], []).append(kv)
+    queued = sorted(queues)
+    i = 0
+    skip = len(lasts.encode("utf-8", "surrogateescape"))
+    for kv in _paged(c, lasts):
+        key = _unb64(kv["key"])[skip:]
+        while i < len(queued) and queued[i] < key:
+            yield from _listed(url, queued[i], queues[queued[i]], None, stuck_after)
+            i += 1
+        if i < len(queued) and queued[i] == key:
+            i += 1
+        yield from _listed(url, key, queues.get(key, []), kv, stuck_after)
+    for key in queued[i:]:
+        yield from _listed(url, key, queues[key], None, stuck_after)
+
+
+def _listed(url: EtcdURL, name: bytes, queued: list[dict[str, Any]],
+            last: dict[str, Any] | None, stuck_after: float) -> Iterator[HolderStatus]:
+    """`list_holders`'s row of the session whose key is ``name``, unless released."""
+    from fencelock._probe import ProbeState
+
+    key = name.decode("utf-8", "surrogateescape")
+    queue = sorted(queued, key=lambda kv: int(kv["create_revision"]))
+    where = f"{url.display}/{url.prefix}/sessions/{key}"
+    lst = [] if last is None else [last]
+    record = _decode_quietly(_raw(lst), where)
+    owner_record = _decode_quietly(_raw(queue), where)
+    session = _local_path(url, key, owner_record or record)
+    command = None
+    if session is None:  # the path is known only relative to some host's mount point
+        command = (f"{_clear_command(url, 'SESSION')}, SESSION being the session "
+                   f"file whose path under its filesystem's mount point is {key}")
+    status = _status(session or key, where, owner=queue[:1], last=lst,
+                     waiters=max(0, len(queue) - 1), stuck_after=stuck_after,
+                     last_where=f"{url.display}/{url.prefix}/last/{key}",
+                     command=command or _clear_command(url, session or key),
+                     fence=session is not None)
+    if status.state is not ProbeState.FREE:  # a released run holds nothing
+        yield status
 
 
 def names_in(url: EtcdURL, directory: str) -> set[str]:
@@ -1813,9 +1849,7 @@ def names_in(url: EtcdURL, directory: str) -> set[str]:
     found = set()
     for kind in ("sessions", "last"):
         pfx = f"{url.prefix}/{kind}/{base}"
-        r = cluster(url).call("/kv/range", {**_range(pfx, prefix=True)["request_range"],
-                                            "keys_only": True})
-        for kv in r.get("kvs", []):
+        for kv in _paged(cluster(url), pfx, keys_only=True):
             rest = _key_text(kv)[len(pfx):]
             name = rest.split("/", 1)[0] if kind == "sessions" else rest
             if rest.count("/") == (1 if kind == "sessions" else 0):

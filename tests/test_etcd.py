@@ -1603,6 +1603,37 @@ def test_status_with_only_a_backend_lists_every_holder_with_host_and_waiters(
     assert waiter.read().startswith("acquired")
 
 
+def test_the_listing_of_a_store_reads_its_records_a_page_at_a_time(
+    session: Path, url: str, etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`status --backend URL` lists every holder, in key order, whatever the number of
+    records kept for sessions that ran once: they are read a page at a time (here two
+    keys a page), and holders found only in the queue (`etcdctl lock`, which writes no
+    record) fall between them in order."""
+    from fencelock import _etcd
+    from fencelock._backend import parse as parse_url
+    from fencelock._probe import list_store
+
+    monkeypatch.setattr(_etcd, "_PAGE", 2)
+    d = session.parent
+    for name in ("b", "d", "f", "h"):  # ran once: a record each, released
+        with SessionLock(d / f"{name}.jsonl", "done", backend=url):
+            pass
+    held = [SessionLock(d / f"{name}.jsonl", "live", backend=url) for name in ("a", "e")]
+    parsed = parse_url(url)
+    assert parsed is not None
+    with contextlib.ExitStack() as stack:
+        for lock in held:
+            stack.enter_context(lock)
+        for name in ("c", "g", "z"):  # held by etcdctl: no record
+            stack.enter_context(_etcdctl_holding(etcd_server,
+                                                 _lock_name(url, d / f"{name}.jsonl")))
+        rows = list(list_store(parsed, 600.0))
+    assert [(Path(r.session).name, r.state) for r in rows] == [
+        (f"{name}.jsonl", ProbeState.LIVE) for name in ("a", "c", "e", "g", "z")]
+    assert [r.lane for r in rows] == ["live", None, "live", None, None]
+
+
 def test_cli_commands_take_the_backend(session: Path, url: str, spawn_holder: SpawnHolder,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     ran = _cli("run", str(session), "--lane", "cli", "--backend", url, "--",
