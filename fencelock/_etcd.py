@@ -865,23 +865,27 @@ class _Cluster:
             self._to_revoke.append(lease.id)
         self._wake.set()
 
-    def _sweep(self, lease: _Lease) -> None:
+    def _sweep(self, lease: _Lease, deadline: float) -> None:
         """Delete the keys under ``lease`` that no holder of this process has claimed:
         keys etcd brought back with the lease (a snapshot restore revives both), which
         would hold or queue for their sessions for as long as this process keeps the
         lease alive. Each is deleted only at the revision seen while it was unclaimed:
-        a holder that claims it meanwhile puts it anew, at a later one."""
-        answer = self.call("/kv/lease/timetolive", {"ID": lease.id, "keys": True})
+        a holder that claims it meanwhile puts it anew, at a later one. No request is
+        begun past ``deadline``: the lease's next renewal must not wait for it."""
+        answer = self.call("/kv/lease/timetolive", {"ID": lease.id, "keys": True}, deadline)
         for key in answer.get("keys") or []:
             name = _unb64(key).decode("utf-8", "surrogateescape")
             with self._unclaimed:
                 if name in self._claimed:
                     continue
-            found = _kvs(self.txn([], [_range(name)])["responses"][0])
+            if time.monotonic() >= deadline:
+                return  # the rest next time
+            found = _kvs(self.txn([], [_range(name)], [], deadline)["responses"][0])
             with self._unclaimed:
                 if not found or name in self._claimed:
                     continue
-            self.txn([_created(name, int(found[0]["create_revision"]))], [_delete(name)])
+            self.txn([_created(name, int(found[0]["create_revision"]))], [_delete(name)],
+                     [], deadline)
 
     def _keep_alive(self) -> None:
         sweep_at = 0.0
@@ -909,10 +913,10 @@ class _Cluster:
                     lease.lost = "its etcd lease expired"
                 elif ttl > 0:
                     lease.confirmed_until = sent + ttl
-                    if sent >= sweep_at:  # once a TTL
+                    if sent >= sweep_at:  # once a TTL, in the time to the next renewal
                         sweep_at = sent + lease.ttl
                         with contextlib.suppress(Exception):  # never the keeper's end
-                            self._sweep(lease)
+                            self._sweep(lease, time.monotonic() + self.ttl / 4)
                 lease.alive()  # marks it lost once the margin has run out
             self._take_back_pending()
             with self._mu:
