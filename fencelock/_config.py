@@ -140,9 +140,11 @@ def _int(text: str, base: int = 10) -> int:
 
 
 def _json_lines(text: str) -> bool:
-    """Whether ``text`` is JSON lines: every non-blank line a JSON object."""
+    """Whether ``text`` is JSON lines: every non-blank line a JSON object. (Lines end
+    at ``\n`` alone: a string may hold U+2028 or U+0085 unescaped, which
+    `str.splitlines` would break at.)"""
     try:
-        return all(isinstance(json.loads(line), dict) for line in text.splitlines()
+        return all(isinstance(json.loads(line), dict) for line in text.split("\n")
                    if line.strip())
     except (ValueError, RecursionError):
         return False

@@ -372,6 +372,9 @@ def test_a_json5_error_without_a_position_is_not_blamed_on_valid_json5() -> None
         # A session file named by mistake: never advice to edit it.
         (b'{"type": "message"}\n\n{"role": "user"}\n', "JSON lines",
          "name the gateway's config file"),
+        # Characters a JSON string holds unescaped that are line breaks to Python.
+        ('{"a": 1}\r\n{"text": "x\u2028y\u0085z"}\n'.encode(), "JSON lines",
+         "name the gateway's config file"),
         # One object a line, then a line that is not one: a config to mend.
         (b'{"a": 1}\n{"b": 2}\nnope\n', "line 2, column 1", "mend the file there"),
         (b'{"a": 1}\n[2]\n', "line 2, column 1", "mend the file there"),
