@@ -1083,6 +1083,8 @@ class EtcdHolder:
         self.name = f"{url.display}/{self.lock_name}"
         self.last_name = f"{url.display}/{self.last_key}"
         self._lease: _Lease | None = None
+        self._trying: _Lease | None = None
+        """The lease the acquire under way queued (or tries to queue) its key under."""
         self._my_key = ""
         self._token = 0
         self._suffix = b""
@@ -1120,17 +1122,18 @@ class EtcdHolder:
         start: float | None = None,
     ) -> int:
         start = time.monotonic() if start is None else start
+        self._trying = None
         try:
             return self._acquire(fail, deadline, cancel, record, start)
         except StoreUnavailableError as e:
-            lease = self._lease  # the one the failed request named
+            lease = self._trying  # the one the failed request named (None: none yet)
             if lease is None:
                 raise
             if _LEASE_GONE in e.why:
                 # The process's lease is gone before its keeper noticed (etcd restarted
                 # without its data): once more, under a new lease.
                 self._cluster.forget(lease)
-            elif not lease.lost:
+            elif not lease.lost or (deadline is not None and time.monotonic() >= deadline):
                 raise
             # Otherwise the lease lapsed while this acquire waited (this process was
             # paused, or etcd was away, for longer than the TTL): its key left the queue,
@@ -1148,6 +1151,7 @@ class EtcdHolder:
     ) -> int:
         c = self._cluster
         lease = c.lease(deadline)
+        self._trying = lease
         my = f"{self.lock_name}/{lease.id:x}"
         pfx = self.lock_name + "/"
         if not c.claim(my, fail, deadline, cancel):

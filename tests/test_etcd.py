@@ -3479,6 +3479,41 @@ def test_a_release_retried_after_a_waiter_took_over_is_no_loss(
     assert other.call("release") == "released"
 
 
+def test_an_earlier_run_s_lost_lease_is_no_reason_to_queue_again(
+    session: Path, own_etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock object whose last run's lease was lost (etcd did not answer for longer
+    than the TTL), tried again while etcd still does not answer: the acquire fails once.
+    Queueing again is for a lease lost while this acquire waited; trying twice took
+    twice as long, and ran past the timeout."""
+    from fencelock import _etcd
+
+    url = own_etcd.url("earlier", ttl=2)
+    lock = SessionLock(session, "again", backend=url)
+    with lock:
+        pass
+    parsed = parse(url)
+    assert parsed is not None
+    lease = _etcd.cluster(parsed)._lease
+    assert lease is not None
+    tries: list[int] = []
+    acquire = _etcd.EtcdHolder._acquire
+
+    def counted(self: _etcd.EtcdHolder, *args: Any) -> int:
+        tries.append(1)
+        return acquire(self, *args)
+
+    monkeypatch.setattr(_etcd.EtcdHolder, "_acquire", counted)
+    own_etcd.kill(signal.SIGSTOP)
+    try:
+        assert lease.gone.wait(30), "the lease was never counted lost"
+        with pytest.raises(StoreUnavailableError):
+            lock.acquire(timeout=1)
+    finally:
+        own_etcd.kill(signal.SIGCONT)
+    assert len(tries) == 1
+
+
 def test_an_acquire_whose_lease_runs_out_before_its_first_record_is_store_unavailable(
     session: Path, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
