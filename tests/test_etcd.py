@@ -820,7 +820,7 @@ def test_a_waiter_paused_past_its_lease_queues_again(session: Path, own_etcd: Et
     along: its key left the queue with the lease, but it held nothing. Once it runs
     again it queues anew and gets the session when the holder lets go (it gave up,
     saying to check that etcd runs)."""
-    url = own_etcd.url("paused", ttl=2)
+    url = own_etcd.url("paused", ttl=4)  # 2 may lose the holder's lease on a loaded host
     lock = SessionLock(session, "first", backend=url)
     lock.acquire()
     waiter = subprocess.Popen(
