@@ -196,24 +196,44 @@ def parse(url: str) -> EtcdURL | None:
 _TLS_PARAMS = ("ca", "cert", "key")
 
 
-@functools.lru_cache(maxsize=1024)
-def _mount_of(directory: str) -> str:
-    from fencelock._platform import mount_points
+_MOUNT_OF: dict[str, tuple[tuple[int, int], str, str]] = {}
+"""`_mount_of`'s answers, each with the device and inode its directory had then."""
 
-    for point in mount_points():
+
+def _mount_of(directory: str) -> tuple[str, str]:
+    """(mount point, the directory of its filesystem mounted there) of the mount that
+    holds ``directory`` (a real path). Kept while the directory stays the one found (a
+    stat): a filesystem mounted on it or above it since gives it another key."""
+    try:
+        st = os.stat(directory)
+        seen = (st.st_dev, st.st_ino)
+    except OSError:
+        seen = (-1, -1)
+    kept = _MOUNT_OF.get(directory)
+    if kept is not None and kept[0] == seen:
+        return kept[1], kept[2]
+    from fencelock._platform import mounts
+
+    found = ("/", "/")
+    for point, root in mounts():
         if directory == point or directory.startswith(point.rstrip("/") + "/"):
-            return point
-    return "/"
+            found = (point, root)
+            break
+    if len(_MOUNT_OF) >= 1024:
+        _MOUNT_OF.clear()
+    _MOUNT_OF[directory] = (seen, *found)
+    return found
 
 
 def session_key(session: str, root: str | None) -> str:
     """The key that names a session in a shared store.
 
-    With ``root``: the session's path relative to it. Without: its path relative to the
-    mount point of the filesystem that holds it, so that hosts mounting one share at
-    different places agree (``/mnt/a/sessions/x.jsonl`` and ``/srv/b/sessions/x.jsonl``
-    both become ``sessions/x.jsonl`` when the share is mounted at ``/mnt/a`` and
-    ``/srv/b``).
+    With ``root``: the session's path relative to it. Without: its path in the
+    filesystem that holds it, relative to that filesystem's top, so that hosts
+    mounting one share at different places agree (``/mnt/a/sessions/x.jsonl`` and
+    ``/srv/b/sessions/x.jsonl`` both become ``sessions/x.jsonl`` when the share is
+    mounted at ``/mnt/a`` and ``/srv/b``), and so does a bind mount of one of its
+    directories (a container's volume).
     """
     directory = os.path.realpath(os.path.dirname(session))
     path = os.path.join(directory, os.path.basename(session))
@@ -225,5 +245,7 @@ def session_key(session: str, root: str | None) -> str:
 
             raise OutsideRootError(session, root)
         return rel
-    mount = _mount_of(directory)
-    return os.path.relpath(path, mount)
+    # Under a bind mount of a subdirectory, the key is that subdirectory's path in the
+    # filesystem (as for the same file seen through the filesystem's own mount point).
+    mount, within = _mount_of(directory)
+    return os.path.normpath(os.path.join(within, os.path.relpath(path, mount))).lstrip("/")

@@ -137,20 +137,30 @@ _MOUNTS = "/proc/self/mounts"
 _MOUNTINFO = "/proc/self/mountinfo"
 
 
-def mount_points() -> list[str]:
-    """Mount points of this process's mount namespace (``/proc/self/mountinfo``),
-    longest first; only ``/`` where the system does not list them."""
-    points = []
+def _unescaped(field: bytes) -> str:
+    """A mountinfo path as the filesystem names it: the kernel writes a space, tab,
+    newline and backslash as octal escapes (``\\040``), and every other byte as it is."""
+    import re  # only where mounts are looked up
+
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field))
+
+
+def mounts() -> list[tuple[str, str]]:
+    """(mount point, the directory of its filesystem mounted there: ``/`` but for a
+    bind mount of a subdirectory) of each mount of this process's mount namespace
+    (``/proc/self/mountinfo``), the visible one of mounts stacked on one point, longest
+    point first; only ``("/", "/")`` where the system does not list them."""
     try:
-        with open(_MOUNTINFO, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split(" ")
-                if len(fields) > 4:
-                    # Octal escapes (\040 for a space) as the kernel writes them.
-                    points.append(fields[4].encode().decode("unicode_escape"))
+        with open(_MOUNTINFO, "rb") as f:
+            lines = f.read().split(b"\n")  # a \r in a path is written as it is
     except OSError:
-        return ["/"]
-    return sorted(set(points), key=len, reverse=True)
+        return [("/", "/")]
+    found = {}
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) > 4:
+            found[_unescaped(fields[4])] = _unescaped(fields[3])  # the last one is on top
+    return sorted(found.items(), key=lambda mount: len(mount[0]), reverse=True)
 
 
 def mounts_table() -> str | None:

@@ -1634,6 +1634,49 @@ def test_the_listing_of_a_store_reads_its_records_a_page_at_a_time(
     assert [r.lane for r in rows] == ["live", None, "live", None, None]
 
 
+def test_one_file_through_bind_mounts_and_odd_mount_names_has_one_key(
+    tmp_path: Path, url: str
+) -> None:
+    """A session's key is its path in its filesystem, however that is mounted here: a
+    bind mount of one of its directories (a container's volume), a mount point whose
+    name mountinfo escapes or that is not ASCII, a filesystem mounted on the sessions
+    directory after this process first looked at it. Two keys for one file would let
+    two runs hold it at once."""
+    marks.require("linux", "root", "mount")
+    from privdrop import mount_tmpfs, umount
+
+    from fencelock._backend import session_key
+
+    base, bound, named, late = (tmp_path / n for n in ("base", "bound", "m ü\\2", "late"))
+    for directory in (base, bound, named, late / "sess"):
+        directory.mkdir(parents=True)
+    why = mount_tmpfs(base, "8m")
+    if why:
+        marks.unavailable("mount", why, fix="run the suite where root may mount")
+    mounted = [base]
+    try:
+        (base / "src" / "sess").mkdir(parents=True)
+        for source, target in ((base / "src", bound), (base, named)):
+            subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+            mounted.insert(0, target)
+        paths = [base / "src/sess/x.jsonl", bound / "sess/x.jsonl",
+                 named / "src/sess/x.jsonl"]
+        assert [session_key(str(p), None) for p in paths] == ["src/sess/x.jsonl"] * 3
+        with SessionLock(paths[0], "here", backend=url):
+            for other in paths[1:]:
+                with pytest.raises(SessionContendedError):
+                    SessionLock(other, "there", backend=url, on_contention="fail").acquire()
+        before = session_key(str(late / "sess/z.jsonl"), None)
+        assert before.endswith("late/sess/z.jsonl")
+        why = mount_tmpfs(late, "1m")
+        assert why is None, why
+        mounted.insert(0, late)
+        assert session_key(str(late / "sess/z.jsonl"), None) == "sess/z.jsonl"
+    finally:
+        for target in mounted:
+            umount(target)
+
+
 def test_cli_commands_take_the_backend(session: Path, url: str, spawn_holder: SpawnHolder,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     ran = _cli("run", str(session), "--lane", "cli", "--backend", url, "--",
