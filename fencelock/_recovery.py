@@ -112,7 +112,7 @@ def recover(
     found = _probe_through_restart(session, stuck_after, backend, limit)
     if found.state is ProbeState.UNREADABLE:
         raise _unreadable(session, sidecar, found, sidecars=store is None)
-    waited = 0.0
+    waited, released = 0.0, False
     if found.state is ProbeState.LIVE:
         _registry.abort(_registry.registry_key(session))
         start = time.monotonic()
@@ -147,7 +147,11 @@ def recover(
                         _remove_fresh(new)
                     raise
     now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
-    taken_over = _taken_over(session, now, backend)
+    # The run waited for was seen letting go (``released``): a look that still shows it
+    # holding met the lock taken for an instant (another recover's test of it, a clear
+    # of its stale record) while the run's process was still exiting.
+    ended = _holding_run(found) if released and not _let_go(found, now) else None
+    taken_over = _taken_over(session, now, backend, ended)
     if taken_over is not None:  # the conversation was moved there
         return Recovery(Action.FRESH, taken_over, found, waited, 0)
     if now.state is ProbeState.STALE:
@@ -305,14 +309,15 @@ SUCCESSOR_WAIT = 300.0
 """How long `recover` waits for another recover's copy of the same stuck run."""
 
 
-def _taken_over(session: str, now: HolderStatus, backend: str | None) -> str | None:
+def _taken_over(session: str, now: HolderStatus, backend: str | None,
+                ended: HolderInfo | None = None) -> str | None:
     """The fresh session a recover made for the run that last held ``session``, when
-    that run is gone (``now`` free or stale): every recover of that run answers it, also
-    once the run has ended. It waits for a copy under way; None when no recover made
-    one (or its copy failed)."""
-    if now.state not in (ProbeState.FREE, ProbeState.STALE):
+    that run is gone (``now`` free or stale; or it is ``ended``, known to have let go):
+    every recover of that run answers it, also once the run has ended. It waits for a
+    copy under way; None when no recover made one (or its copy failed)."""
+    if ended is None and now.state not in (ProbeState.FREE, ProbeState.STALE):
         return None
-    successor = _successor(session, now.record)
+    successor = _successor(session, ended or now.record)
     if successor is None:
         return None
     if _published(successor, session):

@@ -2,7 +2,8 @@
 
 Prints ``ready`` once started, then answers each command with one line:
 ``acquire`` -> ``acquired <token>`` or ``contended``; ``append <json>``; ``prompt``
-(enter the prompt window); ``endprompt``; ``release``; ``touch``; ``exit``.
+(enter the prompt window); ``endprompt``; ``release``; ``touch``; ``drop`` (close the
+sidecar's descriptor behind the lock's back); ``exit``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def main() -> None:
             elif cmd == "release":
                 lock.release()
                 reply = "released"
+            elif cmd == "drop":
+                # The lock let go as a dying process's is, the record left "held" and
+                # the process running (for a moment, as it exits).
+                os.close(lock._store._fd)  # type: ignore[attr-defined]
+                reply = "dropped"
             elif cmd == "exit":
                 return
             else:

@@ -692,3 +692,59 @@ def test_a_stamp_spelled_with_an_escape_counts_for_the_token_floor(
     assert result.action is Action.FRESH and result.carried_lines == 1
     fresh = probe(result.session).record
     assert fresh is not None and fresh.token > 50000
+
+
+LOCK_WHEN_TOLD = """
+import fcntl, os, sys
+sys.stdin.readline()
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_recover_that_saw_the_run_let_go_answers_its_fresh_session(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """Recovers wait on a stuck run that another recover has already moved to a fresh
+    session; the run's process dies. A recover whose wait saw the lock let go, and whose
+    next look meets the lock taken for an instant (another recover's test of it, or its
+    clear of the stale record) while the dead run's record still names it and its
+    process is still exiting, answers that fresh session too: it re-fired the old
+    session, splitting the conversation in two."""
+    from fencelock import _wait
+
+    stuck = spawn_holder(session, lane="stuck")
+    stuck.acquire()
+    first = recover(session, wait=0)
+    assert first.action is Action.FRESH
+    sidecar = str(session) + ".holder"
+    locker = subprocess.Popen([sys.executable, "-c", LOCK_WHEN_TOLD, sidecar],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert locker.stdin is not None and locker.stdout is not None
+    waited = _wait.wait_until_unlocked.__code__
+
+    def lock_as_the_wait_returns(frame: Any, event: str, arg: Any) -> None:
+        if event == "return" and frame.f_code is waited and arg:
+            assert locker.stdin is not None and locker.stdout is not None
+            locker.stdin.write("lock\n")
+            locker.stdin.flush()
+            assert locker.stdout.readline() == "locked\n"
+
+    def drop_once_waited() -> None:
+        assert wait_for_blocked_waiter(session)
+        assert stuck.call("drop") == "dropped"
+
+    dropper = threading.Thread(target=drop_once_waited)
+    dropper.start()
+    sys.setprofile(lock_as_the_wait_returns)
+    try:
+        again = recover(session, wait=60)
+    finally:
+        sys.setprofile(None)
+        dropper.join()
+        locker.stdin.close()
+        locker.wait()
+        locker.stdout.close()
+    assert (again.action, again.session) == (Action.FRESH, first.session)
