@@ -50,9 +50,16 @@ def paths(path: AnyPath) -> tuple[str, str]:
     `UnsafePathError` for a path that ends in a separator: it names a directory."""
     if type(path) is str and path[:1] == "/" and "/.." not in path:
         return _paths_of_absolute(path)  # does not depend on the working directory
-    text = os.fsdecode(path)
+    text = _canonical(path)
     _refuse_directory_path(text)
     return _checked_paths(absolute(text))
+
+
+def _canonical(path: AnyPath) -> str:
+    """``path`` as text in the one spelling this system gives its bytes: a name that
+    is not UTF-8 can also be written with its UTF-8 bytes escaped (``"caf\\udcc3\\udca9"``
+    is ``"café"``), which would give one file two registry keys and two etcd claims."""
+    return os.fsdecode(os.fsencode(path))
 
 
 def names_a_directory(path: str) -> bool:
@@ -121,6 +128,7 @@ def _checked_paths(p: str) -> tuple[str, str]:
 
 @functools.lru_cache(maxsize=4096)
 def _paths_of_absolute(path: str) -> tuple[str, str]:
+    path = _canonical(path)
     _refuse_directory_path(path)
     return _checked_paths(normal(path))
 

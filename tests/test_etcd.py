@@ -1677,6 +1677,22 @@ def test_one_file_through_bind_mounts_and_odd_mount_names_has_one_key(
             umount(target)
 
 
+def test_a_name_spelled_with_its_bytes_escaped_is_the_same_session(
+    session: Path, url: str
+) -> None:
+    """``"café"`` and ``"caf\\udcc3\\udca9"`` (its UTF-8 bytes escaped, as a non-UTF-8
+    locale decodes them) name one file and one etcd key: in one process they contend
+    (they got two registry keys and two claims of one key, both held, and the second
+    one's release took the first one's key away)."""
+    plain = str(session.parent / "caf\u00e9.jsonl")
+    escaped = str(session.parent / "caf\udcc3\udca9.jsonl")
+    assert os.fsencode(plain) == os.fsencode(escaped)
+    with SessionLock(plain, "one", backend=url) as lock:
+        with pytest.raises(SessionContendedError):
+            SessionLock(escaped, "two", backend=url, on_contention="fail").acquire()
+        assert SessionLock(escaped, "two", backend=url).session == lock.session == plain
+
+
 def test_cli_commands_take_the_backend(session: Path, url: str, spawn_holder: SpawnHolder,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     ran = _cli("run", str(session), "--lane", "cli", "--backend", url, "--",
