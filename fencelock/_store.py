@@ -11,13 +11,19 @@ backend URL.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fencelock import _backend, _fingerprint, _identity, _record, _sidecar, _tokens
-from fencelock._errors import FenceLockWarning, HolderLostError, StoreUnavailableError
+from fencelock._errors import (
+    FenceLockError,
+    FenceLockWarning,
+    HolderLostError,
+    StoreUnavailableError,
+)
 from fencelock._sidecar_holder import SidecarHolder
 
 if TYPE_CHECKING:
@@ -175,6 +181,12 @@ class RemoteStore:
         start: float,
     ) -> None:
         holder = self.holder
+        directory = os.path.dirname(lock.session)
+        if not os.path.isdir(directory):
+            # As a sidecar's acquire refuses it (its sidecar cannot be made): no run can
+            # write there, and a holder taken would hold nothing but the store's key.
+            raise FenceLockError(f"{lock.session}: its directory {directory} does not "
+                                 f"exist; check the path, or create it")
         # Read before waiting, so that it costs the hand-off nothing: the lines a
         # holder appends meanwhile carry tokens of this store, below this one's.
         stamped = max(_tokens.last_stamped(lock.session), lock._stamped_floor)

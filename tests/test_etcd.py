@@ -1693,6 +1693,27 @@ def test_a_name_spelled_with_its_bytes_escaped_is_the_same_session(
         assert SessionLock(escaped, "two", backend=url).session == lock.session == plain
 
 
+def test_a_session_whose_directory_is_missing_is_refused_with_nothing_queued(
+    tmp_path: Path, url: str
+) -> None:
+    """As a sidecar's acquire refuses it: the run could write nothing there (it was held,
+    and its first append failed)."""
+    import base64
+
+    from fencelock._etcd import cluster
+
+    missing = tmp_path / "sesions" / "a.jsonl"
+    with pytest.raises(FenceLockError, match=r"its directory .* does not exist; check the path"):
+        SessionLock(missing, "typo", backend=url).acquire()
+    parsed = parse(url)
+    assert parsed is not None
+    prefix = parsed.prefix + "/"
+    everything = {"key": base64.b64encode(prefix.encode()).decode(),
+                  "range_end": base64.b64encode(prefix[:-1].encode() + b"0").decode(),
+                  "count_only": True}
+    assert int(cluster(parsed).call("/kv/range", everything).get("count", 0)) == 0
+
+
 def test_cli_commands_take_the_backend(session: Path, url: str, spawn_holder: SpawnHolder,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     ran = _cli("run", str(session), "--lane", "cli", "--backend", url, "--",
