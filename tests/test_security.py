@@ -437,26 +437,30 @@ _PLANT = (
 
 
 @needs_root
-def test_an_etcd_run_held_before_its_directory_exists_walks_it_again_at_append(
+def test_an_etcd_lock_made_before_its_directory_exists_walks_it_again_at_acquire(
     etcd_server: Any,
 ) -> None:
-    """With the etcd store a run can hold a session whose directory is not made yet:
-    another user who then makes the missing name, as a symlink to a directory of
-    theirs, is refused at the run's append, and nothing is written there."""
+    """A lock object (etcd store) made while its session's directory is not made yet:
+    its acquire is refused while the directory is missing, and once another user has
+    made the missing name, as a symlink to a directory of theirs, it is refused as
+    theirs, and nothing is written there."""
     import uuid
 
-    from fencelock._errors import ForeignSymlinkError
+    from fencelock._errors import FenceLockError, ForeignSymlinkError
 
     url = etcd_server.url(f"t-{uuid.uuid4().hex[:12]}", ttl=6)
     with open_directory(0o1777) as pub:
         session = pub / "sessions" / "s.jsonl"
-        with SessionLock(session, "victim", backend=url) as lock:
-            as_user("import os\n"
-                    "os.mkdir(args['theirs'], 0o777)\n"
-                    "os.symlink(args['theirs'], args['link'])\n"
-                    "result = True", theirs=str(pub / "theirs"), link=str(pub / "sessions"))
-            with pytest.raises(ForeignSymlinkError):
-                lock.append({"role": "user", "content": "secret"})
+        lock = SessionLock(session, "victim", backend=url)
+        with pytest.raises(FenceLockError, match="does not exist"):
+            lock.acquire()
+        as_user("import os\n"
+                "os.mkdir(args['theirs'], 0o777)\n"
+                "os.symlink(args['theirs'], args['link'])\n"
+                "result = True", theirs=str(pub / "theirs"), link=str(pub / "sessions"))
+        with pytest.raises(ForeignSymlinkError):
+            lock.acquire()
+        assert not lock.held
         assert os.listdir(pub / "theirs") == []
 
 
