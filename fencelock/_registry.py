@@ -48,9 +48,9 @@ def real_key(session: str) -> str:
     return walked_key(session)[0]
 
 
-_KEYS: dict[str, tuple[str, int, int]] = {}
+_KEYS: dict[str, tuple[str, tuple[int, int] | None]] = {}
 """`walked_key`'s keys of paths walked whole (the walk costs a system call a component),
-each with the device and inode its directory was then."""
+each with the device and inode its directory had then if a symlink led there."""
 _KEYS_KEPT = 4096
 
 
@@ -65,18 +65,19 @@ def _directory_id(directory: str) -> tuple[int, int] | None:
 def walked_key(session: str) -> tuple[str, bool]:
     """`real_key`, and whether its directory was walked whole (`_sidecar.walk`): a key
     of a directory with a missing component is not kept, and is walked again next time.
-    A kept key serves while the path still leads to the directory it was walked to (one
-    stat): a symlink on the way may be pointed elsewhere since."""
+    A kept key that a symlink led to serves while the path still leads to the directory
+    it was walked to (one stat): the symlink may be pointed elsewhere since."""
     directory = os.path.dirname(session)
     kept = _KEYS.get(session)
-    if kept is not None and _directory_id(directory) == kept[1:]:
+    if kept is not None and (kept[1] is None or _directory_id(directory) == kept[1]):
         return kept[0], True
     real, whole = _sidecar.walk(directory)
     key = os.path.join(real, os.path.basename(session))
-    if whole and (found := _directory_id(real)) is not None:
+    found = None if real == directory else _directory_id(real)
+    if whole and (found is not None or real == directory):
         if len(_KEYS) >= _KEYS_KEPT:
             _KEYS.clear()
-        _KEYS[session] = (key, *found)
+        _KEYS[session] = (key, found)
     return key, whole
 
 
