@@ -202,27 +202,30 @@ _MOUNT_OF: dict[str, tuple[tuple[int, int], str, str]] = {}
 
 def _mount_of(directory: str) -> tuple[str, str]:
     """(mount point, the directory of its filesystem mounted there) of the mount that
-    holds ``directory`` (a real path). Kept while the directory stays the one found (a
-    stat): a filesystem mounted on it or above it since gives it another key."""
+    holds ``directory`` (a real path): the longest mount point above it whose device
+    is the directory's (a mount hidden under a later one on a point above is not), else
+    the longest. Kept while the directory stays the one found (a stat): a filesystem
+    mounted on it or above it since gives it another key."""
     try:
         st = os.stat(directory)
         seen = (st.st_dev, st.st_ino)
     except OSError:
-        seen = (-1, -1)
+        st, seen = None, (-1, -1)
     kept = _MOUNT_OF.get(directory)
     if kept is not None and kept[0] == seen:
         return kept[1], kept[2]
     from fencelock._platform import mounts
 
-    found = ("/", "/")
-    for point, root in mounts():
-        if directory == point or directory.startswith(point.rstrip("/") + "/"):
-            found = (point, root)
-            break
+    above = [m for m in mounts()
+             if directory == m.point or directory.startswith(m.point.rstrip("/") + "/")]
+    device = None if st is None else (os.major(st.st_dev), os.minor(st.st_dev))
+    same = [m for m in above if m.device == device]
+    found = (same or above)[0] if above else None
+    answer = ("/", "/") if found is None else (found.point, found.root)
     if len(_MOUNT_OF) >= 1024:
         _MOUNT_OF.clear()
-    _MOUNT_OF[directory] = (seen, *found)
-    return found
+    _MOUNT_OF[directory] = (seen, *answer)
+    return answer
 
 
 def session_key(session: str, root: str | None) -> str:

@@ -1077,7 +1077,14 @@ class EtcdHolder:
     def __init__(self, url: EtcdURL, session: str) -> None:
         self.url = url
         self.session = session
-        self.key = _backend.session_key(session, url.root)
+        self.rekey()
+
+    def rekey(self) -> None:
+        """Take the session's key (`_backend.session_key`) as it is now: an acquire does,
+        while it holds nothing, for a lock object made before its sessions directory
+        was made, or before a filesystem was mounted on or above it."""
+        url = self.url
+        self.key = _backend.session_key(self.session, url.root)
         self.lock_name = f"{url.prefix}/sessions/{self.key}"
         self.last_key = f"{url.prefix}/last/{self.key}"
         self.name = f"{url.display}/{self.lock_name}"
@@ -1838,7 +1845,7 @@ def _listed(url: EtcdURL, name: bytes, queued: list[dict[str, Any]],
     command = None
     if session is None:  # the path is known only relative to some host's mount point
         command = (f"{_clear_command(url, 'SESSION')}, SESSION being the session "
-                   f"file whose path under its filesystem's mount point is {key}")
+                   f"file whose path in its filesystem, from the filesystem's top, is {key}")
     status = _status(session or key, where, owner=queue[:1], last=lst,
                      waiters=max(0, len(queue) - 1), stuck_after=stuck_after,
                      last_where=f"{url.display}/{url.prefix}/last/{key}",

@@ -145,22 +145,47 @@ def _unescaped(field: bytes) -> str:
     return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field))
 
 
-def mounts() -> list[tuple[str, str]]:
-    """(mount point, the directory of its filesystem mounted there: ``/`` but for a
-    bind mount of a subdirectory) of each mount of this process's mount namespace
-    (``/proc/self/mountinfo``), the visible one of mounts stacked on one point, longest
-    point first; only ``("/", "/")`` where the system does not list them."""
+class Mount(NamedTuple):
+    """One mount of this process's mount namespace."""
+
+    point: str
+    root: str
+    """The directory of its filesystem mounted there: ``/``, or a bind-mounted
+    subdirectory's path in its filesystem."""
+    device: tuple[int, int]
+    """Its filesystem's (major, minor) device numbers."""
+
+
+def mounts() -> list[Mount]:
+    """The mounts of this process's mount namespace (``/proc/self/mountinfo``), the
+    visible one of mounts stacked on one point, longest point first; only ``/`` where
+    the system does not list them."""
     try:
         with open(_MOUNTINFO, "rb") as f:
             lines = f.read().split(b"\n")  # a \r in a path is written as it is
     except OSError:
-        return [("/", "/")]
-    found = {}
+        return [Mount("/", "/", (-1, -1))]
+    stacked: dict[str, list[tuple[bytes, bytes, Mount]]] = {}
     for line in lines:
         fields = line.split(b" ")
         if len(fields) > 4:
-            found[_unescaped(fields[4])] = _unescaped(fields[3])  # the last one is on top
-    return sorted(found.items(), key=lambda mount: len(mount[0]), reverse=True)
+            major, _, minor = fields[2].partition(b":")
+            root = _unescaped(fields[3])
+            if root.endswith("//deleted"):  # the bind-mounted directory was removed
+                root = root[: -len("//deleted")]
+            point = _unescaped(fields[4])
+            device = (int(major), int(minor)) if major.isdigit() and minor.isdigit() \
+                else (-1, -1)
+            stacked.setdefault(point, []).append(
+                (fields[0], fields[1], Mount(point, root, device)))
+    found = []
+    for group in stacked.values():
+        # On top: the one no other mount at that point is mounted on (mountinfo's order
+        # is not the stacking order: `mount --move` and mounts made beneath reorder it).
+        parents = {parent for _, parent, _ in group}
+        tops = [mount for mount_id, _, mount in group if mount_id not in parents]
+        found.append(tops[-1] if tops else group[-1][2])
+    return sorted(found, key=lambda mount: len(mount.point), reverse=True)
 
 
 def mounts_table() -> str | None:

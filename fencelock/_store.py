@@ -110,6 +110,10 @@ class HolderStore(Protocol):
     def record_extra(self) -> dict[str, Any] | None:
         """As `SessionStore.record_extra`, for the run this holder holds."""
 
+    def rekey(self) -> None:
+        """Name the session as the store names it now (before an acquire: the path may
+        lead elsewhere than when the holder was made); `name` follows."""
+
     def acquire(
         self,
         fail: bool,
@@ -182,11 +186,17 @@ class RemoteStore:
     ) -> None:
         holder = self.holder
         directory = os.path.dirname(lock.session)
-        if not os.path.isdir(directory):
+        try:
+            os.stat(directory)
+        except (FileNotFoundError, NotADirectoryError):
             # As a sidecar's acquire refuses it (its sidecar cannot be made): no run can
             # write there, and a holder taken would hold nothing but the store's key.
             raise FenceLockError(f"{lock.session}: its directory {directory} does not "
-                                 f"exist; check the path, or create it")
+                                 f"exist; check the path, or create it") from None
+        except OSError:
+            pass  # there is something there: the run's own writes say what is wrong
+        holder.rekey()
+        self.name = holder.name
         # Read before waiting, so that it costs the hand-off nothing: the lines a
         # holder appends meanwhile carry tokens of this store, below this one's.
         stamped = max(_tokens.last_stamped(lock.session), lock._stamped_floor)

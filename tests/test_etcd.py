@@ -1668,10 +1668,36 @@ def test_one_file_through_bind_mounts_and_odd_mount_names_has_one_key(
                     SessionLock(other, "there", backend=url, on_contention="fail").acquire()
         before = session_key(str(late / "sess/z.jsonl"), None)
         assert before.endswith("late/sess/z.jsonl")
+        lock = SessionLock(late / "sess/z.jsonl", "early", backend=url)  # made before
         why = mount_tmpfs(late, "1m")
         assert why is None, why
         mounted.insert(0, late)
+        (late / "sess").mkdir()
         assert session_key(str(late / "sess/z.jsonl"), None) == "sess/z.jsonl"
+        with lock:  # keyed at its acquire, as another process's lock object is
+            assert _cli("run", str(late / "sess/z.jsonl"), "--lane", "now", "--backend",
+                        url, "--no-wait", "--", "true").returncode == 4
+        # Stacked on one point in another order than mountinfo lists them: an older
+        # bind mount moved on top of a newer tmpfs is the one seen.
+        (base / "src" / "moved").mkdir()
+        moving, stack = tmp_path / "moving", tmp_path / "stack"
+        for directory in (moving, stack):
+            directory.mkdir()
+        subprocess.run(["mount", "--bind", str(base / "src/moved"), str(moving)], check=True)
+        mounted.insert(0, moving)
+        assert mount_tmpfs(stack, "1m") is None
+        mounted.insert(0, stack)
+        subprocess.run(["mount", "--move", str(moving), str(stack)], check=True)
+        mounted.insert(0, stack)
+        assert session_key(str(stack / "y.jsonl"), None) == "src/moved/y.jsonl"
+        # A bind-mounted directory removed: mountinfo says "//deleted", which is no path.
+        (base / "gone").mkdir()
+        subprocess.run(["mount", "--bind", str(base / "gone"), str(bound)], check=True)
+        mounted.insert(0, bound)
+        (base / "gone").rmdir()
+        (base / "gone" / "deleted").mkdir(parents=True)
+        assert session_key(str(bound / "x.jsonl"), None) == "gone/x.jsonl"
+        assert session_key(str(base / "gone/deleted/x.jsonl"), None) == "gone/deleted/x.jsonl"
     finally:
         for target in mounted:
             umount(target)
@@ -2469,8 +2495,8 @@ def test_a_corrupt_last_record_is_kept_until_clear_force_sets_it_aside(
     key = session_key(str(session), None)
     listed = _cli("status", "--backend", url)
     assert listed.returncode == 1 and key in listed.stdout, listed.stdout
-    assert (f" SESSION, SESSION being the session file whose path under its "
-            f"filesystem's mount point is {key}") in listed.stderr, listed.stderr
+    assert (f" SESSION, SESSION being the session file whose path in its filesystem, "
+            f"from the filesystem's top, is {key}") in listed.stderr, listed.stderr
 
     command = line.split("set it aside and start over with: ", 1)[1]
     assert command.startswith("fencelock clear --force --backend ")
