@@ -1446,12 +1446,12 @@ class EtcdHolder:
         if not my or lease is None:
             return
         c = self._cluster
+        last_key = self.last_key  # this run's: a later acquire may take the key anew
 
         def take_back() -> None:
             if wrote is not None and token:
-                undo = _put(self.last_key, before) if before is not None else \
-                    _delete(self.last_key)
-                r = c.txn([_created(my, token), _holds(self.last_key, wrote)],
+                undo = _put(last_key, before) if before is not None else _delete(last_key)
+                r = c.txn([_created(my, token), _holds(last_key, wrote)],
                           [undo, _delete(my)])
                 if r.get("succeeded"):
                     return

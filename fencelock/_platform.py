@@ -157,9 +157,9 @@ class Mount(NamedTuple):
 
 
 def mounts() -> list[Mount]:
-    """The mounts of this process's mount namespace (``/proc/self/mountinfo``), the
-    visible one of mounts stacked on one point, longest point first; only ``/`` where
-    the system does not list them."""
+    """The mounts of this process's mount namespace (``/proc/self/mountinfo``), longest
+    point first, and of mounts stacked on one point the ones on top first; only ``/``
+    where the system does not list them."""
     try:
         with open(_MOUNTINFO, "rb") as f:
             lines = f.read().split(b"\n")  # a \r in a path is written as it is
@@ -178,14 +178,14 @@ def mounts() -> list[Mount]:
                 else (-1, -1)
             stacked.setdefault(point, []).append(
                 (fields[0], fields[1], Mount(point, root, device)))
-    found = []
+    found: list[Mount] = []
     for group in stacked.values():
-        # On top: the one no other mount at that point is mounted on (mountinfo's order
+        # On top: a mount no other mount at that point is mounted on (mountinfo's order
         # is not the stacking order: `mount --move` and mounts made beneath reorder it).
         parents = {parent for _, parent, _ in group}
-        tops = [mount for mount_id, _, mount in group if mount_id not in parents]
-        found.append(tops[-1] if tops else group[-1][2])
-    return sorted(found, key=lambda mount: len(mount.point), reverse=True)
+        found += reversed([mount for mount_id, _, mount in group if mount_id not in parents])
+        found += reversed([mount for mount_id, _, mount in group if mount_id in parents])
+    return sorted(found, key=lambda mount: len(mount.point), reverse=True)  # stable
 
 
 def mounts_table() -> str | None:

@@ -12,6 +12,7 @@ backend URL.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -187,14 +188,17 @@ class RemoteStore:
         holder = self.holder
         directory = os.path.dirname(lock.session)
         try:
-            os.stat(directory)
+            missing = "is not a directory" if not stat.S_ISDIR(os.stat(directory).st_mode) \
+                else ""
         except (FileNotFoundError, NotADirectoryError):
+            missing = "does not exist"
+        except OSError:
+            missing = ""  # there is something there: the run's own writes say what is wrong
+        if missing:
             # As a sidecar's acquire refuses it (its sidecar cannot be made): no run can
             # write there, and a holder taken would hold nothing but the store's key.
-            raise FenceLockError(f"{lock.session}: its directory {directory} does not "
-                                 f"exist; check the path, or create it") from None
-        except OSError:
-            pass  # there is something there: the run's own writes say what is wrong
+            raise FenceLockError(f"{lock.session}: its directory {directory} {missing}; "
+                                 f"check the path, or create it")
         holder.rekey()
         self.name = holder.name
         # Read before waiting, so that it costs the hand-off nothing: the lines a

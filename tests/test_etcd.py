@@ -1731,6 +1731,9 @@ def test_a_session_whose_directory_is_missing_is_refused_with_nothing_queued(
     missing = tmp_path / "sesions" / "a.jsonl"
     with pytest.raises(FenceLockError, match=r"its directory .* does not exist; check the path"):
         SessionLock(missing, "typo", backend=url).acquire()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FenceLockError, match=r"its directory .* is not a directory; check"):
+        SessionLock(tmp_path / "file" / "a.jsonl", "typo", backend=url).acquire()
     parsed = parse(url)
     assert parsed is not None
     prefix = parsed.prefix + "/"
