@@ -16,7 +16,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import SpawnHolder
@@ -437,34 +436,6 @@ _PLANT = (
 
 
 @needs_root
-def test_an_etcd_lock_made_before_its_directory_exists_walks_it_again_at_acquire(
-    etcd_server: Any,
-) -> None:
-    """A lock object (etcd store) made while its session's directory is not made yet:
-    its acquire is refused while the directory is missing, and once another user has
-    made the missing name, as a symlink to a directory of theirs, it is refused as
-    theirs, and nothing is written there."""
-    import uuid
-
-    from fencelock._errors import FenceLockError, ForeignSymlinkError
-
-    url = etcd_server.url(f"t-{uuid.uuid4().hex[:12]}", ttl=6)
-    with open_directory(0o1777) as pub:
-        session = pub / "sessions" / "s.jsonl"
-        lock = SessionLock(session, "victim", backend=url)
-        with pytest.raises(FenceLockError, match="does not exist"):
-            lock.acquire()
-        as_user("import os\n"
-                "os.mkdir(args['theirs'], 0o777)\n"
-                "os.symlink(args['theirs'], args['link'])\n"
-                "result = True", theirs=str(pub / "theirs"), link=str(pub / "sessions"))
-        with pytest.raises(ForeignSymlinkError):
-            lock.acquire()
-        assert not lock.held
-        assert os.listdir(pub / "theirs") == []
-
-
-@needs_root
 def test_status_names_a_corrupt_sidecar_another_user_planted_as_planted() -> None:
     """A corrupt sidecar another user left where anyone may write is shown as planted,
     naming its owner: the fix corrupt records get (`clear --force`) refuses it."""
@@ -594,9 +565,10 @@ def test_clear_force_names_a_set_aside_marker_another_user_left() -> None:
 
 
 @needs_root
+@pytest.mark.usefixtures("store")
 def test_a_lock_made_before_its_directory_exists_walks_it_again_at_acquire() -> None:
     """A lock made while its sessions directory is not there yet (a gateway that makes
-    it later) does not keep that unfinished walk: another user who then makes the
+    it later; either store) does not keep that unfinished walk: another user who then makes the
     missing name, as a symlink to a directory of theirs, is refused at acquire, by that
     lock object and a new one alike, and nothing is made in their directory."""
     from fencelock import FenceLockError
