@@ -206,11 +206,9 @@ def _mount_of(directory: str) -> tuple[str, str]:
     is the directory's (a mount hidden under a later one on a point above is not), else
     the longest. Kept while the directory stays the one found (a stat): a filesystem
     mounted on it or above it since gives it another key."""
-    try:
-        st = os.stat(directory)
-        seen = (st.st_dev, st.st_ino)
-    except OSError:
-        st, seen = None, (-1, -1)
+    from fencelock._sidecar import directory_id
+
+    seen = directory_id(directory) or (-1, -1)
     kept = _MOUNT_OF.get(directory)
     if kept is not None and kept[0] == seen:
         return kept[1], kept[2]
@@ -218,7 +216,7 @@ def _mount_of(directory: str) -> tuple[str, str]:
 
     above = [m for m in mounts()
              if directory == m.point or directory.startswith(m.point.rstrip("/") + "/")]
-    device = None if st is None else (os.major(st.st_dev), os.minor(st.st_dev))
+    device = None if seen[0] < 0 else (os.major(seen[0]), os.minor(seen[0]))
     same = [m for m in above if m.device == device]
     found = (same or above)[0] if above else None
     answer = ("/", "/") if found is None else (found.point, found.root)

@@ -1812,8 +1812,9 @@ def list_holders(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
     sessions = f"{url.prefix}/sessions/"
     lasts = f"{url.prefix}/last/"
     queues: dict[bytes, list[dict[str, Any]]] = {}  # the queued keys: the runs under way
+    skip = len(sessions.encode("utf-8", "surrogateescape"))
     for kv in _paged(c, sessions):
-        key = _unb64(kv["key"])[len(sessions.encode("utf-8", "surrogateescape")):]
+        key = _unb64(kv["key"])[skip:]
         queues.setdefault(key.rpartition(b"/")[0], []).append(kv)
     queued = sorted(queues)
     i = 0

@@ -54,14 +54,6 @@ each with the device and inode its directory had then if a symlink led there."""
 _KEYS_KEPT = 4096
 
 
-def _directory_id(directory: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(directory)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 def walked_key(session: str) -> tuple[str, bool]:
     """`real_key`, and whether its directory was walked whole (`_sidecar.walk`): a key
     of a directory with a missing component is not kept, and is walked again next time.
@@ -69,15 +61,16 @@ def walked_key(session: str) -> tuple[str, bool]:
     it was walked to (one stat): the symlink may be pointed elsewhere since."""
     directory = os.path.dirname(session)
     kept = _KEYS.get(session)
-    if kept is not None and (kept[1] is None or _directory_id(directory) == kept[1]):
+    if kept is not None and (kept[1] is None or _sidecar.directory_id(directory) == kept[1]):
         return kept[0], True
     real, whole = _sidecar.walk(directory)
     key = os.path.join(real, os.path.basename(session))
-    found = None if real == directory else _directory_id(real)
-    if whole and (found is not None or real == directory):
-        if len(_KEYS) >= _KEYS_KEPT:
-            _KEYS.clear()
-        _KEYS[session] = (key, found)
+    if whole:
+        found = None if real == directory else _sidecar.directory_id(real)
+        if found is not None or real == directory:
+            if len(_KEYS) >= _KEYS_KEPT:
+                _KEYS.clear()
+            _KEYS[session] = (key, found)
     return key, whole
 
 

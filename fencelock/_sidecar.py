@@ -62,6 +62,16 @@ def _canonical(path: AnyPath) -> str:
     return os.fsdecode(os.fsencode(path))
 
 
+def directory_id(directory: str) -> tuple[int, int] | None:
+    """The (device, inode) ``directory`` leads to now (symlinks followed); None where it
+    cannot be looked at. What a kept answer about a path is checked against."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def names_a_directory(path: str) -> bool:
     """Whether ``path`` ends in a separator: it names a directory, never a file beside it
     (as ``os.path.abspath``, which drops the separator, would make it)."""
