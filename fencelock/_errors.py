@@ -363,8 +363,8 @@ class SidecarAccessError(FenceLockError):
 
 
 WRITE_FIXES = {
-    errno.ENOSPC: "free some space",
-    errno.EDQUOT: "free some space",
+    errno.ENOSPC: "free some space, or inodes where df -i shows none left",
+    errno.EDQUOT: "free some space under this user's disk quota",
     errno.EROFS: "the filesystem is read-only; keep sessions on a writable filesystem",
     errno.EACCES: "this user cannot write it; run as its owner or fix the permissions",
     errno.EPERM: "this user cannot write it; run as its owner or fix the permissions",

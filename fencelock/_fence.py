@@ -235,9 +235,12 @@ def _cut_torn_tail(
         _fsync(aside)
     except BaseException as e:
         # What part of the fragment reached S.torn goes again: the next append keeps
-        # the whole fragment on a line of its own, not glued to a piece of itself.
+        # the whole fragment on a line of its own, not glued to a piece of itself. An
+        # empty S.torn (made for this copy, most likely) goes altogether.
         with contextlib.suppress(OSError):
             os.ftruncate(aside, kept.st_size)
+            if not kept.st_size:
+                _unlink_if_still(torn, kept)
         if isinstance(e, OSError):
             raise SessionWriteError(torn, e, "fsync of the torn last line") from None
         raise
@@ -448,6 +451,9 @@ def append(
                 # read-only after the failed fsync): say so, and keep the fence point
                 # on the file as it is, so the run's next append is not a takeover.
                 e = SessionWriteError(session, e.cause, e.what, stored=None, kept=cut)
+            else:
+                if made and _unlink_if_still(session, st):
+                    raise e from None  # as before the append: no file, no fence point
             with contextlib.suppress(OSError, SessionWriteError):
                 e.fingerprint = _fingerprint_fd(fd, mode, session)
             if moved is not None and e.fingerprint is not None:
@@ -483,6 +489,17 @@ def append(
         raise
     finally:
         os.close(fd)
+
+
+def _unlink_if_still(path: str, st: os.stat_result) -> bool:
+    """Remove ``path`` if it is still the file ``st`` describes; whether it was."""
+    try:
+        if _sidecar.still_at_path(path, st):
+            os.unlink(path)
+            return True
+    except OSError:
+        pass
+    return False
 
 
 def _open_empty(session: str, flags: int) -> tuple[int, os.stat_result]:

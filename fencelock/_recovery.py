@@ -382,8 +382,11 @@ def _make_fresh(
         where = getattr(e, "path", None) or getattr(e, "session", None) or new
         reason = (f"{where}: {cause.strerror}" if isinstance(cause, OSError) and cause.strerror
                   else str(e))
-        empty = ("" if not carry or not isinstance(cause, OSError) or cause.errno not in (
-            errno.ENOSPC, errno.EDQUOT) else ", or start it empty (--no-carry, carry=False)")
+        # Starting it empty helps where the copy did not fit, not where its record did not.
+        empty = ("" if not carry or isinstance(e, SidecarAccessError)
+                 or not isinstance(cause, OSError) or cause.errno not in (
+                     errno.ENOSPC, errno.EDQUOT)
+                 else ", or start it empty (--no-carry, carry=False)")
         raise FenceLockError(
             f"{session}: still held after {waited:.1f} s, and a fresh session could not be "
             f"started beside it ({reason}); fix that and recover again{empty}, or recover "

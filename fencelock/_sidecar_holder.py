@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -67,9 +68,11 @@ loop of short holds does not pay it."""
 _PEEK_BYTES = 4096
 """A first read of the old record; records are far smaller unless something is wrong."""
 
-_RELEASED_NOTE = (
-    "the session is released, but its record still says held (it will read as stale)"
-)
+def _released_note(session: str) -> str:
+    """The fix of a release whose record could not be marked released."""
+    return ("the session is released, but its record still says held, so it reads as "
+            f"stale; once the sidecar can be written, fencelock clear {shlex.quote(session)} "
+            "marks it released")
 
 
 def holder_alive(record: HolderInfo) -> bool | None:
@@ -206,29 +209,33 @@ class SidecarHolder:
         # its own after the wait. (``with``, not explicit acquire/release calls: a signal
         # handler that raises runs right after a call returns, and would leave it held.)
         with lock._io:
+            locked = False
             try:  # from the lock on: an interrupt landing anywhere leaves it not taken
                 self._lock_sidecar(lock, deadline, cancel, start)
+                locked = True
                 if cancel is not None and cancel.is_set():
                     raise _registry.cancelled()  # got it just as the caller gave up
                 self._write_new_record(lock, run_id)
                 lock._count, lock._owner, lock._pid = 1, me, _identity.ME.pid
-            except BaseException as e:
+            except BaseException:
                 lock._count = 0
 
-                def remove_if_planted(error: BaseException = e) -> None:
-                    if isinstance(error, PlantedFileError):  # no record of ours was written
+                def remove_if_empty() -> None:
+                    if locked:
                         self._remove_if_empty()
 
                 _cleanup.to_the_end(
-                    lambda: self._unwrite_record(lock, run_id), remove_if_planted,
+                    lambda: self._unwrite_record(lock, run_id), remove_if_empty,
                     self._close_fd,
                 )
                 raise
 
     def _remove_if_empty(self) -> None:
-        """After a refusal before any record was written: remove the sidecar if it is
-        empty (this acquire made it, most likely), while its lock is still ours, so that
-        it locks out nobody (the session's owner could not open a sidecar of ours)."""
+        """After a failure with the lock taken and no record written (a planted session
+        refused; a full disk refused the first record; an interrupt): remove the sidecar
+        if it is empty (this acquire made it, most likely), while its lock is still ours,
+        so that it is not left behind as a session of its own, nor locks anyone out (the
+        session's owner could not open a planted sidecar of ours)."""
         with contextlib.suppress(OSError):
             st = os.fstat(self._fd)
             if st.st_size == 0 and _sidecar.still_at_path(self.sidecar, st):
@@ -409,17 +416,23 @@ class SidecarHolder:
         mark the record released, so the session does not read as stale once the lock
         is dropped. Nothing to do (nothing read) unless this acquire got as far as its
         record: ``self._fd`` may be a descriptor that never got the lock."""
-        if self._fd < 0 or lock._run_id is not run_id:
-            return
+        if self._fd >= 0 and lock._run_id is run_id:
+            self._flip_if_ours(self._fd, lock)  # else it reads as stale: no worse than before
+
+    def _flip_if_ours(self, fd: int, lock: SessionLock) -> bool:
+        """Flip "held" to "released" in place in the record on disk, if it is this run's;
+        whether it now says released."""
         try:
-            record = _sidecar.read(self._fd, self.sidecar)
+            record = _sidecar.read(fd, self.sidecar)
             if (
                 record is not None and record.state is HELD
                 and record.run_id == lock._run_id and record.token == lock._token
             ):
-                _platform.pwrite(self._fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+                _platform.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+                return True
         except (OSError, FenceLockError):
-            pass  # it reads as stale: no worse than before
+            pass
+        return False
 
     # -- while held --------------------------------------------------------------
 
@@ -572,21 +585,31 @@ class SidecarHolder:
             _sidecar.close(fd)
 
     def _write_released(self, fd: int, lock: SessionLock) -> None:
-        """Mark the record released, with the last fence point."""
+        """Mark the record released, with the last fence point. Where the whole record
+        cannot be written (a full disk: a longer record may need a new block), "held" is
+        flipped in place, and the record keeps the fence point of its last write (status
+        shows the fence as moved); only where that fails too does the session read as
+        stale, which the error says."""
         try:
             # The last appends' fence point with "released"; or a release inside the
             # prompt window, which ends the window too.
             if self._behind or lock._phase is PROMPT or not lock._phase_said:
                 # Behind until written: a second try after an interrupt writes it all.
                 self._behind, lock._phase = True, WRITE
-                _sidecar.write_bytes(
-                    fd, self.sidecar, lock._encode(RELEASED), self._record_len
-                )
+                try:
+                    _sidecar.write_bytes(
+                        fd, self.sidecar, lock._encode(RELEASED), self._record_len
+                    )
+                except SidecarAccessError as e:
+                    if not self._flip_if_ours(fd, lock):
+                        raise SidecarAccessError(
+                            self.sidecar, e.cause, _released_note(self.session)
+                        ) from None
                 self._behind = False
             else:  # flip "held" to "released" in place: one small write
                 _platform.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
         except OSError as e:
-            raise SidecarAccessError(self.sidecar, e, _RELEASED_NOTE) from None
+            raise SidecarAccessError(self.sidecar, e, _released_note(self.session)) from None
 
     def forget_in_child(self) -> None:
         """In a forked child: the inherited descriptor is not this process's (fork

@@ -985,6 +985,107 @@ def test_a_full_disk_leaves_the_old_record_whole(tmpfs_dir: Path) -> None:
     lock.release()
 
 
+def test_a_first_acquire_on_a_full_disk_leaves_no_sidecar(tmpfs_dir: Path) -> None:
+    """A new session's first record refused for want of space: the empty sidecar the
+    acquire made is removed (while its lock is still held), not left to be listed as a
+    session of its own; the acquire names the sidecar and the cause."""
+    session = tmpfs_dir / "s.jsonl"
+    filler = fill(tmpfs_dir)
+    with pytest.raises(SidecarAccessError) as exc:
+        SessionLock(session, "a").acquire()
+    assert str(sidecar_of(session)) in str(exc.value) and "space" in str(exc.value)
+    assert sorted(os.listdir(tmpfs_dir)) == ["filler"]
+    filler.unlink()
+    with SessionLock(session, "a") as lock:
+        lock.append({"n": 1})
+
+
+def test_a_recover_on_a_full_disk_leaves_no_successor_sidecar(
+    tmpfs_dir: Path, spawn_holder: SpawnHolder
+) -> None:
+    """A recover of a stuck run that cannot start the fresh session (no space for its
+    first record) leaves nothing of it: the successor's name is the same for every
+    recover of that run, and an empty sidecar left at it was listed as a session of its
+    own for good once the run ended and recovers re-fired the old session."""
+    session = tmpfs_dir / "s.jsonl"
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    filler = fill(tmpfs_dir)
+    before = sorted(os.listdir(tmpfs_dir))
+    with pytest.raises(FenceLockError, match="a fresh session could not be started") as exc:
+        recover(session, wait=0)
+    assert "--no-carry" not in str(exc.value)  # the record did not fit, not the copy
+    assert sorted(os.listdir(tmpfs_dir)) == before
+    filler.unlink()
+    h.kill()
+    assert recover(session, wait=0).action == "refire"
+    assert sorted(os.listdir(tmpfs_dir)) == sorted(n for n in before if n != "filler")
+
+
+def _lane_for_a_page_edge(session: Path) -> str:
+    """A lane whose held record, written with no session file (fingerprint null), ends
+    just short of the sidecar's first page: the fence point a release adds takes it past."""
+    with SessionLock(session, "a"):
+        pass
+    base = sidecar_of(session).stat().st_size
+    return "L" * (4096 - 32 - base + 1)
+
+
+def test_a_full_disk_at_release_still_marks_the_session_released(tmpfs_dir: Path) -> None:
+    """A release whose record grows past the sidecar's page (its first append's fence
+    point added) on a full disk flips "held" to "released" in place: the session reads
+    as released, not as stale (owner died mid-run), and the release raises nothing. The
+    record keeps the fence point of its last write, so status shows the fence as moved."""
+    session = tmpfs_dir / "s.jsonl"
+    lock = SessionLock(session, _lane_for_a_page_edge(session))
+    token = lock.acquire().token
+    assert sidecar_of(session).stat().st_size <= 4096
+    lock.append({"n": 1})
+    filler = fill(tmpfs_dir)
+    lock.release()
+    st = probe(session)
+    assert st.record is not None
+    assert (st.state, st.record.state, st.record.token) == ("free", "released", token)
+    assert st.fence_ok is False and st.record.fingerprint is None
+    filler.unlink()
+    assert lock.acquire().token == token + 1
+    lock.append({"n": 2})
+    lock.release()
+    assert probe(session).fence_ok is True
+    assert [json.loads(x)["n"] for x in session.read_bytes().splitlines()] == [1, 2]
+
+
+def test_a_release_that_cannot_mark_the_record_says_it_reads_as_stale(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where neither the whole record nor the one-word flip can be written (the
+    filesystem turned read-only during the run), the release still lets go, and its
+    error says that the session reads as stale and how to mark it released; no "try
+    again" (a second release has nothing to release)."""
+    from fencelock import _platform
+
+    lock = SessionLock(session, "a")
+    lock.acquire()
+    lock.append({"n": 1})
+    monkeypatch.setattr(_platform, "pwrite", functools.partial(_fail, errno.EROFS))
+    with pytest.raises(SidecarAccessError) as exc:
+        lock.release()
+    monkeypatch.undo()
+    message = str(exc.value)
+    assert str(sidecar_of(session)) in message and "writable filesystem" not in message
+    assert "reads as stale" in message and f"fencelock clear {session}" in message
+    assert "try again" not in message
+    assert probe(session).state == "stale"
+    assert not lock.held
+    clear(session)
+    record = probe(session).record
+    assert probe(session).state == "free" and record is not None and record.state == "released"
+
+
+def _fail(code: int, *_: Any) -> int:
+    raise OSError(code, os.strerror(code))
+
+
 def test_a_longer_record_refused_over_the_old_one_is_cut_back_off(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1014,9 +1115,9 @@ def test_a_first_record_cut_short_by_the_file_size_limit_leaves_no_fragment(
     session: Path,
 ) -> None:
     """A run under a file size limit smaller than its record (``ulimit -f``): the first
-    record's write stops part way. The fragment is cut off again, so the sidecar holds
-    no record (free), not a corrupt one that every later run would refuse until
-    `clear --force`; the error names the limit."""
+    record's write stops part way. The fragment is cut off again and the empty sidecar
+    removed, so the session is free, not held by a corrupt record that every later run
+    would refuse until `clear --force`; the error names the limit."""
     import resource
 
     def small_files() -> None:
@@ -1028,7 +1129,7 @@ def test_a_first_record_cut_short_by_the_file_size_limit_leaves_no_fragment(
     )
     assert done.returncode == 1 and "ulimit -f" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
-    assert sidecar_of(session).read_bytes() == b""
+    assert not sidecar_of(session).exists()
     assert probe(session).state == "free"
     with SessionLock(session, "after") as lock:
         assert lock.held
@@ -1127,11 +1228,18 @@ def test_enospc_on_write_is_a_write_error_and_the_holder_goes_on(
 
 
 def test_enospc_creating_the_session(session: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new session's first line refused: the file that append made for it is removed
+    again (no empty session left behind, as an interrupt leaves none), and the run's
+    next append makes it anew."""
     with SessionLock(session, "a") as lock:
         monkeypatch.setattr(_fence, "_write", _enospc)
-        with pytest.raises(SessionWriteError):
+        with pytest.raises(SessionWriteError) as exc:
             lock.append({"n": 1})
-    assert probe(session).state == "free"
+        assert exc.value.stored is False and not session.exists()
+        monkeypatch.undo()
+        lock.append({"n": 2})
+    assert probe(session).state == "free" and probe(session).fence_ok is True
+    assert session.read_bytes() == b'{"n":2}\n'
 
 
 def test_short_write_then_enospc_leaves_no_torn_line(
