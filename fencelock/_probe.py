@@ -242,7 +242,8 @@ def _look(
         # A holder in this process answers for itself: opening and locking a second
         # descriptor could disturb its lock where flock is emulated (NFS).
         mine = _registry.held_in_process(_registry.registry_key(session))
-        record = mine.info if mine is not None else None
+        # Only a holder of the sidecar's: one in another store (etcd) holds no sidecar.
+        record = mine.info if mine is not None and mine._backend_url() is None else None
         if record is not None:
             return _status(session, sidecar, ProbeState.LIVE, record,
                            stuck_after=stuck_after, now=now)

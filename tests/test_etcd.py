@@ -198,6 +198,19 @@ def _revision(server: EtcdServer) -> int:
     return int(client.status()["header"]["revision"])
 
 
+def test_a_holder_in_etcd_is_not_seen_in_the_sidecar_by_its_own_process(
+    session: Path, url: str
+) -> None:
+    """A probe of the sidecar store, from the process that holds the session in etcd,
+    finds the sidecar as it is (there is none: free), not this process's etcd run,
+    which another process looking at the sidecar would not see either."""
+    with SessionLock(session, "in-etcd", backend=url) as lock:
+        assert probe(session, backend=url).state == ProbeState.LIVE
+        local = probe(session, backend="local")
+        assert (local.state, local.record) == (ProbeState.FREE, None)
+        assert lock.held
+
+
 def test_etcdctl_lock_excludes_fencelock_and_then_lets_it_in(
     session: Path, url: str, etcd_server: EtcdServer
 ) -> None:
