@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from urllib.parse import parse_qs, quote, unquote
+from urllib.parse import quote, unquote
 
 ENV = "FENCELOCK_BACKEND"
 DEFAULT_PREFIX = "fencelock"
@@ -164,11 +164,8 @@ def parse(url: str) -> EtcdURL | None:
             f"one (or leave it out for the default, {DEFAULT_PREFIX!r})"
         )
     prefix = decoded or DEFAULT_PREFIX
-    params = parse_qs(query, keep_blank_values=True)
-    unknown = set(params) - {"ttl", "root", *_TLS_PARAMS}
-    if unknown:
-        raise ValueError(f"backend {url!r}: unknown parameter {sorted(unknown)[0]!r}")
-    tls = {name: params[name][-1] for name in _TLS_PARAMS if name in params}
+    params = _query(url, query)
+    tls = {name: params[name] for name in _TLS_PARAMS if name in params}
     if tls and scheme != "etcds":
         raise ValueError(
             f"backend {url!r}: {sorted(tls)[0]}= is for HTTPS: write etcds:// instead of "
@@ -181,12 +178,12 @@ def parse(url: str) -> EtcdURL | None:
     ttl = DEFAULT_TTL
     if "ttl" in params:
         try:
-            ttl = float(params["ttl"][-1])
+            ttl = float(params["ttl"])
         except ValueError:
             ttl = -1.0
         if not 1 <= ttl <= 3600:
             raise ValueError(f"backend {url!r}: ttl must be a number of seconds, 1 to 3600")
-    root = params["root"][-1] if "root" in params else None
+    root = params.get("root")
     if root is not None and not os.path.isabs(root):
         raise ValueError(f"backend {url!r}: root must be an absolute directory")
     return EtcdURL(tuple(endpoints), prefix, ttl, root, scheme == "etcds",
@@ -194,6 +191,25 @@ def parse(url: str) -> EtcdURL | None:
 
 
 _TLS_PARAMS = ("ca", "cert", "key")
+
+
+def _query(url: str, query: str) -> dict[str, str]:
+    """The URL's parameters, each %XX-decoded as UTF-8; a ``+`` is a ``+`` (a path's,
+    as in ``root=/srv/c++``), not a space as in an HTML form's query."""
+    params: dict[str, str] = {}
+    for item in query.split("&") if query else ():
+        name, _, value = item.partition("=")
+        if name not in ("ttl", "root", *_TLS_PARAMS):
+            raise ValueError(f"backend {url!r}: unknown parameter {name!r}")
+        if name in params:
+            raise ValueError(f"backend {url!r}: {name}= is given twice")
+        try:
+            params[name] = unquote(value, errors="strict")
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"backend {url!r}: {name}= is not UTF-8 once its %XX escapes are decoded"
+            ) from None
+    return params
 
 
 _MOUNT_OF: dict[str, tuple[tuple[int, int], str, str]] = {}

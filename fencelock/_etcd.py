@@ -58,6 +58,8 @@ _TLS_PROBE_TIMEOUT = 1.0
 may take (a TLS handshake, or a plain GET of etcd's version)."""
 _NO_ANSWER = "no answer in time"
 """An endpoint's reason when a request timed out (asked then whether it has a leader)."""
+_NOT_ETCD = "answered, but not as etcd's v3 API does"
+"""An endpoint's reason when it answered as some other server (`_not_etcd`)."""
 _LEADER_PROBE_TIMEOUT = 0.5
 """How long the question whether a member that did not answer in time has a leader may
 take."""
@@ -688,26 +690,35 @@ class _Cluster:
                     why = f"HTTP 502 Bad Gateway from a server other than etcd, which said: {page}"
                     reasons[index] = why
                     continue
-                if isinstance(e, exceptions.ApiVersionDiscoveryFailedError) or (
-                        type(e) is exceptions.Etcd3Exception
-                        and not (e.detail_text or "").lstrip().startswith("{")):
-                    # No version API, or an HTTP error without etcd's JSON error body:
-                    # some other server listens there (a wrong port, a proxy).
-                    raise self._not_etcd(index, detail) from None
+                if isinstance(e, exceptions.ApiVersionDiscoveryFailedError) or \
+                        not (e.detail_text or "").lstrip().startswith("{"):
+                    # No version API, or an HTTP error (a 500 too) without etcd's JSON
+                    # error body: some other server listens there (a wrong port, a proxy
+                    # that refuses or fails). Another endpoint may serve.
+                    misfit = self._not_etcd(index, detail)
+                    reasons[index] = why = _NOT_ETCD
+                    continue
                 raise _etcd_error(self.url.display, detail) from None
             except Exception as e:  # e.g. a reply that is not JSON: not an etcd there
-                raise self._not_etcd(index, type(e).__name__) from None
-            if not isinstance(result, dict) or not ("header" in result or "result" in result):
+                misfit = self._not_etcd(index, type(e).__name__)
+                reasons[index] = why = _NOT_ETCD
+                continue
+            lacking = (
                 # etcd heads every answer (a keepalive's sits in "result"): a server that
                 # answers {} is not etcd, and its empty answers must not read as "free".
-                raise self._not_etcd(index, "an answer without a header")
-            lacking = _misshapen(path, payload, result)
-            if lacking is not None:  # a server that imitates etcd, or a proxy's rewrite
-                raise self._not_etcd(index, f"an answer without {lacking}")
+                "a header" if not isinstance(result, dict)
+                or not ("header" in result or "result" in result)
+                # A server that imitates etcd, or a proxy's rewrite.
+                else _misshapen(path, payload, result))
+            if lacking is not None:
+                misfit = self._not_etcd(index, f"an answer without {lacking}")
+                reasons[index] = why = _NOT_ETCD
+                continue
             self._preferred = index
             return result
-        # A wrong setting is raised only when no endpoint answered: etcd answering "no
-        # leader" makes this an outage, which the waiting commands ride out.
+        # A wrong setting (or a server other than etcd) is raised only when no endpoint
+        # served: etcd answering "no leader" makes this an outage, which the waiting
+        # commands ride out.
         raise (None if said else misfit) or self._unavailable(reasons, said or why, deadline)
 
     def _unavailable(self, reasons: dict[int, str], why: str,

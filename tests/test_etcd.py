@@ -71,9 +71,14 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
                       ("etcd://[]:2379/p", "in brackets"), ("etcd://[h]:1/p", "in brackets"),
                       ("etcd://h[1]:1/p", "in brackets"), ("etcd://h:1/%FF", "not UTF-8"),
                       ("etcd://h:1/a%FEb", "not UTF-8"), ("etcd://h:1/%2F", "only slashes"),
-                      ("etcd://h:1//%2f/", "only slashes")]:
+                      ("etcd://h:1//%2f/", "only slashes"),
+                      ("etcd://h:1/p?ttl=3&ttl=4", "ttl= is given twice"),
+                      ("etcd://h:1/p?root=/a%FF", "root= is not UTF-8")]:
         with pytest.raises(ValueError, match=word):
             parse(bad)
+    # A '+' in root= is a '+' (a path's), not a form's space; the URL's text keeps it.
+    plus = parse("etcd://h:1/p?root=/srv/c++%20x")
+    assert plus is not None and plus.root == "/srv/c++ x" and parse(plus.text) == plus
     tls = parse("etcds://h:1/p?ca=/c%26a.pem&cert=/c.pem&key=/k.pem&ttl=4&root=/srv")
     assert tls == EtcdURL((("h", 1),), "p", 4.0, "/srv", True, "/c&a.pem", "/c.pem", "/k.pem")
     # The URL advice prints keeps every setting: a recover run from it holds its fresh
@@ -1876,6 +1881,24 @@ def test_a_proxy_whose_etcd_is_down_is_passed_over_as_an_outage(
             assert asked  # it was asked first, and the next endpoint answered
 
 
+@pytest.mark.parametrize(("status", "body"), [
+    (500, b"<html><body><h1>500 Server Error</h1></body></html>"), (403, b"Forbidden"),
+    (404, b""), (200, b"<html><body>hello</body></html>"),
+], ids=["500", "403", "404", "200-html"])
+def test_a_server_that_is_not_etcd_is_passed_over_for_an_endpoint_that_is(
+    session: Path, etcd_server: EtcdServer, status: int, body: bytes
+) -> None:
+    """An endpoint that answers as some other server (a proxy in front of a member that
+    fails or refuses, a wrong port) while another endpoint of the URL is etcd: that one
+    serves, as it does when the first is down, and a run there is not lost over it. The
+    odd one is named only when no endpoint serves."""
+    with _answering(status, body) as (port, asked):
+        both = f"etcd://127.0.0.1:{port},{etcd_server.endpoint}/p-{uuid.uuid4().hex[:8]}"
+        out = _cli("run", str(session), "--lane", "x", "--backend", both, "--", "true")
+        assert out.returncode == 0, out.stderr
+        assert asked  # it was asked first, and the next endpoint answered
+
+
 @pytest.mark.parametrize(("status", "reason", "named"), [
     (503, None, "503 Service Unavailable"), (503, "", "503"),
     (504, None, "504 Gateway Timeout"), (504, "", "408 or 504"),
@@ -1952,12 +1975,14 @@ _VERSION = b'{"etcdserver": "3.5.0", "etcdcluster": "3.5.0"}'
 
 
 @pytest.mark.parametrize("answer", [
-    (404, b""), (200, b"<html>\n<body>hello</body>\n</html>\n"), (200, _VERSION),
+    (404, b""), (500, b"<html><body><h1>500 Server Error</h1></body></html>"),
+    (200, b"<html>\n<body>hello</body>\n</html>\n"), (200, _VERSION),
     (200, b'{"header": {"revision": "5"}}', _VERSION),
     (200, b'{"header": {"revision": "5"}, "responses": "x"}', _VERSION),
     (200, b'{"header": {"revision": "5"}, "responses": [{"response_range": {"kvs": 1}}]}',
      _VERSION),
-], ids=["404", "html", "json-without-header", "header-only", "responses-text", "kvs-number"])
+], ids=["404", "500-html", "html", "json-without-header", "header-only", "responses-text",
+        "kvs-number"])
 def test_a_server_that_is_not_etcd_is_named_as_such(
     session: Path, answer: tuple[int, bytes] | tuple[int, bytes, bytes]
 ) -> None:
