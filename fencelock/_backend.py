@@ -197,7 +197,9 @@ def _query(url: str, query: str) -> dict[str, str]:
     """The URL's parameters, each %XX-decoded as UTF-8; a ``+`` is a ``+`` (a path's,
     as in ``root=/srv/c++``), not a space as in an HTML form's query."""
     params: dict[str, str] = {}
-    for item in query.split("&") if query else ():
+    for item in query.split("&"):
+        if not item:
+            continue  # '?ttl=5&', '&&': nothing there
         name, _, value = item.partition("=")
         if name not in ("ttl", "root", *_TLS_PARAMS):
             raise ValueError(f"backend {url!r}: unknown parameter {name!r}")

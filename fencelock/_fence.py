@@ -452,8 +452,10 @@ def append(
                 # on the file as it is, so the run's next append is not a takeover.
                 e = SessionWriteError(session, e.cause, e.what, stored=None, kept=cut)
             else:
-                if made and _unlink_if_still(session, st):
-                    raise e from None  # as before the append: no file, no fence point
+                # A file this append made, empty again: removed, as an interrupt's is;
+                # the run's fence point stays "no file".
+                if made and _unlink_if_still(session, st, fd):
+                    raise e from None
             with contextlib.suppress(OSError, SessionWriteError):
                 e.fingerprint = _fingerprint_fd(fd, mode, session)
             if moved is not None and e.fingerprint is not None:
@@ -491,10 +493,12 @@ def append(
         os.close(fd)
 
 
-def _unlink_if_still(path: str, st: os.stat_result) -> bool:
-    """Remove ``path`` if it is still the file ``st`` describes; whether it was."""
+def _unlink_if_still(path: str, st: os.stat_result, fd: int = -1) -> bool:
+    """Remove ``path`` if it is still the file ``st`` describes (and, given its ``fd``,
+    still empty: a writer outside the protocol may have opened it meanwhile); whether
+    it was removed. (Not on Windows, where an open file cannot be removed.)"""
     try:
-        if _sidecar.still_at_path(path, st):
+        if (fd < 0 or not os.fstat(fd).st_size) and _sidecar.still_at_path(path, st):
             os.unlink(path)
             return True
     except OSError:

@@ -268,6 +268,10 @@ class SessionLock:
         """The acquire attempt that took the in-process slot the run holds
         (`_registry.take`): its release frees that slot only, never one handed on to
         another owner of this object since (which a release run again would free)."""
+        self._sole_name = False
+        """Only fencelock's own acquirers lock this session's sidecar (`recover`'s fresh
+        session, whose name only recovers know): an acquire that fails before its first
+        record removes an empty sidecar, under its lock."""
         self._token_floor = 0
         """A new sidecar's first token is above this (`recover` sets it for a fresh
         session that carries another session's stamped lines)."""
@@ -276,6 +280,7 @@ class SessionLock:
         session: a store's (etcd's) token must be above it, as above the session's own."""
         self._store = _store.for_lock(self.session, self.sidecar, mode, backend)
         """Where the holder lives: the sidecar, or the store a backend names (etcd)."""
+        self._key = _registry.in_store(self._key, isinstance(self._store, _store.RemoteStore))
 
     # -- state -------------------------------------------------------------------
 

@@ -242,8 +242,7 @@ def _look(
         # A holder in this process answers for itself: opening and locking a second
         # descriptor could disturb its lock where flock is emulated (NFS).
         mine = _registry.held_in_process(_registry.registry_key(session))
-        # Only a holder of the sidecar's: one in another store (etcd) holds no sidecar.
-        record = mine.info if mine is not None and mine._backend_url() is None else None
+        record = mine.info if mine is not None else None
         if record is not None:
             return _status(session, sidecar, ProbeState.LIVE, record,
                            stuck_after=stuck_after, now=now)
@@ -669,7 +668,7 @@ def clear(
     # where flock is emulated with per-process locks (NFS), the OS lock alone would
     # not keep another thread of this process from acquiring meanwhile.
     slot = _lock.SessionLock(session, "clear", on_contention="fail", backend=backend)
-    key = _registry.registry_key(session)
+    key = slot._key
     try:  # the take too: an interrupt as it is handed the slot must not keep it
         _registry.take(key, slot, True, None, None, time.monotonic())  # contended: held here
         if store is not None:

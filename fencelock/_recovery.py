@@ -114,7 +114,7 @@ def recover(
         raise _unreadable(session, sidecar, found, sidecars=store is None)
     waited, released = 0.0, False
     if found.state is ProbeState.LIVE:
-        _registry.abort(_registry.registry_key(session))
+        _registry.abort(_registry.in_store(_registry.registry_key(session), store is not None))
         start = time.monotonic()
         if store is not None:
             released = store.wait_free(limit)
@@ -415,6 +415,7 @@ def _fill_fresh(
     lock is ours was made by another recover: it is left as it is, and ``copied`` stays
     empty."""
     lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session, backend=backend)
+    lock._sole_name = True  # a sidecar a failed acquire leaves would list as a session
     # The fresh session continues the old one's tokens: its stamped lines come along.
     # Its lock is taken before the old transcript is read, so that a recover arriving
     # meanwhile (the stuck run gone by then) finds this copy under way and answers it.

@@ -15,6 +15,7 @@ import os
 import shlex
 import threading
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from fencelock import (
@@ -32,6 +33,7 @@ from fencelock import (
 from fencelock._errors import (
     CorruptRecordError,
     FenceLockError,
+    FenceLockWarning,
     NotHeldError,
     PlantedFileError,
     SessionContendedError,
@@ -217,11 +219,16 @@ class SidecarHolder:
                     raise _registry.cancelled()  # got it just as the caller gave up
                 self._write_new_record(lock, run_id)
                 lock._count, lock._owner, lock._pid = 1, me, _identity.ME.pid
-            except BaseException:
+            except BaseException as e:
                 lock._count = 0
 
-                def remove_if_empty() -> None:
-                    if locked:
+                def remove_if_empty(error: BaseException = e) -> None:
+                    # No record of ours was written. Only where no process outside
+                    # fencelock may wait on the sidecar (flock(1) would not look again
+                    # at the path, and would hold a removed file): a planted session
+                    # (refused: its owner could not open a sidecar of ours), and a
+                    # fresh session of recover's, whose name only recovers know.
+                    if locked and (lock._sole_name or isinstance(error, PlantedFileError)):
                         self._remove_if_empty()
 
                 _cleanup.to_the_end(
@@ -231,11 +238,9 @@ class SidecarHolder:
                 raise
 
     def _remove_if_empty(self) -> None:
-        """After a failure with the lock taken and no record written (a planted session
-        refused; a full disk refused the first record; an interrupt): remove the sidecar
-        if it is empty (this acquire made it, most likely), while its lock is still ours,
-        so that it is not left behind as a session of its own, nor locks anyone out (the
-        session's owner could not open a planted sidecar of ours)."""
+        """After a failure with the lock taken and no record written: remove the sidecar
+        if it is empty (this acquire made it, most likely), while its lock is still ours
+        (a waiter of fencelock's looks at the path again once it has the lock)."""
         with contextlib.suppress(OSError):
             st = os.fstat(self._fd)
             if st.st_size == 0 and _sidecar.still_at_path(self.sidecar, st):
@@ -420,15 +425,16 @@ class SidecarHolder:
             self._flip_if_ours(self._fd, lock)  # else it reads as stale: no worse than before
 
     def _flip_if_ours(self, fd: int, lock: SessionLock) -> bool:
-        """Flip "held" to "released" in place in the record on disk, if it is this run's;
-        whether it now says released."""
+        """Mark the record on disk released, in the write phase, over its head in place
+        (no new space needed), if it is this run's; whether it now says released."""
         try:
             record = _sidecar.read(fd, self.sidecar)
-            if (
-                record is not None and record.state is HELD
-                and record.run_id == lock._run_id and record.token == lock._token
-            ):
-                _platform.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
+            if record is None or (record.run_id, record.token) != (lock._run_id, lock._token):
+                return False
+            if record.state is RELEASED:
+                return True  # written whole, and only cutting the file after it failed
+            if _record.in_layout_held(_platform.pread(fd, len(_record.RELEASED_HEAD), 0)):
+                _platform.pwrite(fd, _record.RELEASED_HEAD, 0)
                 return True
         except (OSError, FenceLockError):
             pass
@@ -467,10 +473,19 @@ class SidecarHolder:
             self._mark_fp = lock._fp  # our own line moved the stat, not a change to the mark
         if lock._phase is PROMPT or not lock._phase_said or \
                 time.monotonic() - self._written_at >= RECORD_LAG:
-            # Released meanwhile (by a signal handler in this thread: a release from
-            # another thread waits for the append): the release's record is the last.
-            with contextlib.suppress(NotHeldError):
+            try:
                 lock._write_record()
+            except NotHeldError:
+                # Released meanwhile (by a signal handler in this thread: a release
+                # from another thread waits for the append): its record is the last.
+                pass
+            except SidecarAccessError as e:
+                # The line is in the session: a record that cannot follow it (a full
+                # disk) must not report the append as failed (a caller would write it
+                # again). It follows at the next write, or the release.
+                warnings.warn(FenceLockWarning(
+                    f"{lock.session}: the line is stored, but its holder record could not "
+                    f"follow it ({e})"), stacklevel=5)
         else:
             self._behind, lock._info = True, None
 
@@ -586,9 +601,9 @@ class SidecarHolder:
 
     def _write_released(self, fd: int, lock: SessionLock) -> None:
         """Mark the record released, with the last fence point. Where the whole record
-        cannot be written (a full disk: a longer record may need a new block), "held" is
-        flipped in place, and the record keeps the fence point of its last write (status
-        shows the fence as moved); only where that fails too does the session read as
+        cannot be written (a full disk: a longer record may need a new block), its head
+        is marked released in place, and the record keeps the fence point of its last
+        write (a probe finds the fence moved); only where that fails too does the session read as
         stale, which the error says."""
         try:
             # The last appends' fence point with "released"; or a release inside the

@@ -261,7 +261,7 @@ class RemoteStore:
 
             warnings.warn(FenceLockWarning(
                 f"{lock.session}: the line is stored, but its holder record in the store "
-                f"could not follow it ({e})"), stacklevel=4)
+                f"could not follow it ({e})"), stacklevel=5)  # append's caller
 
     def fence_moved(self, lock: SessionLock) -> None:
         lock._info = None  # the release writes the whole record

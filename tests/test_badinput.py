@@ -985,16 +985,20 @@ def test_a_full_disk_leaves_the_old_record_whole(tmpfs_dir: Path) -> None:
     lock.release()
 
 
-def test_a_first_acquire_on_a_full_disk_leaves_no_sidecar(tmpfs_dir: Path) -> None:
-    """A new session's first record refused for want of space: the empty sidecar the
-    acquire made is removed (while its lock is still held), not left to be listed as a
-    session of its own; the acquire names the sidecar and the cause."""
+def test_a_first_acquire_on_a_full_disk_leaves_its_sidecar_in_place_and_empty(
+    tmpfs_dir: Path,
+) -> None:
+    """A new session's first record refused for want of space: the acquire names the
+    sidecar and the cause, and leaves the sidecar as an empty file (no record: free),
+    in place. Not removed: a process outside fencelock may be waiting on it (flock(1)
+    locks what it opened, and would then hold a removed file while a run takes a new
+    sidecar at the name)."""
     session = tmpfs_dir / "s.jsonl"
     filler = fill(tmpfs_dir)
     with pytest.raises(SidecarAccessError) as exc:
         SessionLock(session, "a").acquire()
     assert str(sidecar_of(session)) in str(exc.value) and "space" in str(exc.value)
-    assert sorted(os.listdir(tmpfs_dir)) == ["filler"]
+    assert sidecar_of(session).read_bytes() == b"" and probe(session).state == "free"
     filler.unlink()
     with SessionLock(session, "a") as lock:
         lock.append({"n": 1})
@@ -1006,7 +1010,8 @@ def test_a_recover_on_a_full_disk_leaves_no_successor_sidecar(
     """A recover of a stuck run that cannot start the fresh session (no space for its
     first record) leaves nothing of it: the successor's name is the same for every
     recover of that run, and an empty sidecar left at it was listed as a session of its
-    own for good once the run ended and recovers re-fired the old session."""
+    own for good once the run ended and recovers re-fired the old session. (Removed
+    under its lock: only recovers know that name.)"""
     session = tmpfs_dir / "s.jsonl"
     h = spawn_holder(session, lane="stuck")
     h.acquire()
@@ -1082,6 +1087,52 @@ def test_a_release_that_cannot_mark_the_record_says_it_reads_as_stale(
     assert probe(session).state == "free" and record is not None and record.state == "released"
 
 
+def _no_room(*_: Any) -> int:
+    raise SidecarAccessError("sidecar", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                             "free some space")
+
+
+def test_a_release_in_the_prompt_window_on_a_full_disk_ends_the_window_too(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-place release of a full disk marks the record released in the write
+    phase, as the whole record would have, not released in the prompt phase."""
+    from fencelock import _sidecar
+
+    lock = SessionLock(session, "a")
+    lock.acquire()
+    lock.append({"n": 1})
+    window = lock.prompt_window()
+    window.__enter__()
+    monkeypatch.setattr(_sidecar, "write_bytes", _no_room)
+    lock.release()
+    monkeypatch.undo()
+    record = probe(session).record
+    assert record is not None and (record.state, record.phase) == ("released", "write")
+    assert sidecar_of(session).read_text().startswith(RECORD_HEAD[State.RELEASED, Phase.WRITE])
+
+
+def test_an_append_whose_record_cannot_follow_is_stored_and_said_so(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the prompt window an append writes the record at once; when that write fails
+    (a full disk) the line is in the session all the same, so the append does not
+    raise (a caller would append it again: twice in the file) but warns; the release
+    writes the record whole once it can."""
+    from fencelock import FenceLockWarning, _sidecar
+
+    with SessionLock(session, "a") as lock:
+        lock.append({"n": 1})
+        with lock.prompt_window():
+            monkeypatch.setattr(_sidecar, "write_bytes", _no_room)
+            with pytest.warns(FenceLockWarning, match="the line is stored, but its holder "
+                                                      "record could not follow it"):
+                lock.append({"n": 2})
+            monkeypatch.undo()
+    assert [json.loads(x)["n"] for x in session.read_bytes().splitlines()] == [1, 2]
+    assert probe(session).fence_ok is True
+
+
 def _fail(code: int, *_: Any) -> int:
     raise OSError(code, os.strerror(code))
 
@@ -1115,9 +1166,9 @@ def test_a_first_record_cut_short_by_the_file_size_limit_leaves_no_fragment(
     session: Path,
 ) -> None:
     """A run under a file size limit smaller than its record (``ulimit -f``): the first
-    record's write stops part way. The fragment is cut off again and the empty sidecar
-    removed, so the session is free, not held by a corrupt record that every later run
-    would refuse until `clear --force`; the error names the limit."""
+    record's write stops part way. The fragment is cut off again, so the sidecar holds
+    no record (free), not a corrupt one that every later run would refuse until
+    `clear --force`; the error names the limit."""
     import resource
 
     def small_files() -> None:
@@ -1129,7 +1180,7 @@ def test_a_first_record_cut_short_by_the_file_size_limit_leaves_no_fragment(
     )
     assert done.returncode == 1 and "ulimit -f" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
-    assert not sidecar_of(session).exists()
+    assert sidecar_of(session).read_bytes() == b""
     assert probe(session).state == "free"
     with SessionLock(session, "after") as lock:
         assert lock.held

@@ -77,6 +77,7 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
         with pytest.raises(ValueError, match=word):
             parse(bad)
     # A '+' in root= is a '+' (a path's), not a form's space; the URL's text keeps it.
+    assert parse("etcd://h:1/p?&ttl=5&&") == parse("etcd://h:1/p?ttl=5")
     plus = parse("etcd://h:1/p?root=/srv/c++%20x")
     assert plus is not None and plus.root == "/srv/c++ x" and parse(plus.text) == plus
     tls = parse("etcds://h:1/p?ca=/c%26a.pem&cert=/c.pem&key=/k.pem&ttl=4&root=/srv")
@@ -206,14 +207,25 @@ def _revision(server: EtcdServer) -> int:
 def test_a_holder_in_etcd_is_not_seen_in_the_sidecar_by_its_own_process(
     session: Path, url: str
 ) -> None:
-    """A probe of the sidecar store, from the process that holds the session in etcd,
-    finds the sidecar as it is (there is none: free), not this process's etcd run,
-    which another process looking at the sidecar would not see either."""
+    """The sidecar store, from the process that holds the session in etcd, is what
+    another process finds there: a probe reads the sidecar (none: free), not this
+    process's etcd run, and a clear and an acquire there go through, as they would in
+    another process (two stores of one session do not exclude each other: the README
+    says to keep each session in one). The other way round too."""
     with SessionLock(session, "in-etcd", backend=url) as lock:
         assert probe(session, backend=url).state == ProbeState.LIVE
         local = probe(session, backend="local")
         assert (local.state, local.record) == (ProbeState.FREE, None)
-        assert lock.held
+        assert clear(session, backend="local").state == ProbeState.FREE
+        with SessionLock(session, "here", backend="local", on_contention="fail") as other:
+            assert other.held and lock.held
+            assert probe(session, backend="local").state == ProbeState.LIVE
+            with pytest.raises(SessionContendedError):
+                SessionLock(session, "there", backend=url, on_contention="fail").acquire()
+    with SessionLock(session, "local", backend="local"):
+        assert probe(session, backend=url).state == ProbeState.FREE
+        with SessionLock(session, "etcd", backend=url, on_contention="fail"):
+            pass
 
 
 def test_etcdctl_lock_excludes_fencelock_and_then_lets_it_in(

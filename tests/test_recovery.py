@@ -457,8 +457,10 @@ def test_stuck_holder_is_reported_stuck_and_never_refired(
     assert probe(session).state == ProbeState.LIVE
 
 
-def test_in_process_run_is_asked_to_abort_before_the_wait(session: Path) -> None:
-    lock = SessionLock(session, lane="stuck-run")
+def test_in_process_run_is_asked_to_abort_before_the_wait(
+    session: Path, store: str | None
+) -> None:
+    lock = SessionLock(session, lane="stuck-run")  # in the store under test
     lock.acquire()
     aborted = threading.Event()
 
