@@ -170,7 +170,9 @@ class _Group(click.Group):
         except RuntimeError as e:
             if "can't start new thread" not in str(e):
                 raise
-            click.echo(f"Error: cannot start a thread: {_NO_THREAD}", err=True)
+            from fencelock._errors import NO_THREAD
+
+            click.echo(f"Error: cannot start a thread: {NO_THREAD}", err=True)
             sys.exit(EXIT_ERROR)
         except OSError as e:
             message = os_message(e)
@@ -179,11 +181,6 @@ class _Group(click.Group):
                            "standard output goes (a full disk or a closed device)")
             click.echo(f"Error: {clean(message)}", err=True)
             sys.exit(EXIT_ERROR)
-
-
-_NO_THREAD = ("the system refused (a limit reached: this user's processes and threads, "
-              "ulimit -u, or this process's memory); raise the limit or end some "
-              "processes, and try again")
 
 
 def _raised_by_echo(e: BaseException) -> bool:

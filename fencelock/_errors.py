@@ -384,6 +384,18 @@ refused."""
 WRITE_FIXES.update(LIMIT_FIXES)
 
 
+NO_THREAD = ("the system refused (a limit reached: this user's processes and threads, "
+             "ulimit -u, or this process's memory); raise the limit or end some "
+             "processes, and try again")
+"""What to do when a thread cannot be started."""
+
+
+def no_thread(path: str, what: str) -> FenceLockError:
+    """The error for a thread that could not be started to ``what`` (for ``path``):
+    `threading` raises a bare RuntimeError that names neither."""
+    return FenceLockError(f"{path}: cannot start a thread to {what}: {NO_THREAD}")
+
+
 def attribute_fix(path: str, how: str = "write") -> str:
     """What to do about EPERM on writing ``path``: permission bits give EACCES, so EPERM
     is an attribute that binds even root (immutable or append-only, chattr +i / +a)."""

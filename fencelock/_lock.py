@@ -39,6 +39,7 @@ from fencelock._errors import (
     FenceLockError,
     FenceLockWarning,
     NotHeldError,
+    no_thread,
 )
 from fencelock._fingerprint import STAT, FenceMode, Fingerprint
 from fencelock._record import HELD, PROMPT, WRITE, HolderInfo, Phase, PreviousHolder, State
@@ -110,15 +111,21 @@ _threads = threading.local()
 
 def _whoami() -> object:
     """The owner identity for reentrancy: the asyncio task if any, else the thread."""
-    # No task can be running in a process that never imported asyncio.
+    # No task can be running in a process that never imported asyncio, nor in this
+    # thread while another thread is still importing it (a module half made, which
+    # lacks the functions: an acquire then raised AttributeError).
     aio = sys.modules.get("asyncio")
-    if aio is None or aio._get_running_loop() is None or (task := aio.current_task()) is None:
-        try:
-            return _threads.owner
-        except AttributeError:
-            owner = _threads.owner = _ThreadOwner()
-            return owner
-    return task
+    try:
+        if aio is not None and aio._get_running_loop() is not None and \
+                (task := aio.current_task()) is not None:
+            return task
+    except AttributeError:
+        pass
+    try:
+        return _threads.owner
+    except AttributeError:
+        owner = _threads.owner = _ThreadOwner()
+        return owner
 
 
 _take_slot = _registry.take
@@ -153,7 +160,10 @@ def _in_a_thread(loop: asyncio.AbstractEventLoop, work: Callable[[], None]
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(settle, error)
 
-    threading.Thread(target=run, name="fencelock-release", daemon=True).start()
+    try:
+        threading.Thread(target=run, name="fencelock-release", daemon=True).start()
+    except RuntimeError:  # no thread to be had (a limit reached): released on the loop
+        run()
     return done
 
 
@@ -720,10 +730,13 @@ class SessionLock:
             future: asyncio.Future[HolderInfo | None] = loop.create_future()
             # A thread of its own, not the loop's default executor: waits can last
             # minutes, and a few of them would starve to_thread() and getaddrinfo().
-            threading.Thread(
-                target=self._acquire_for, args=(loop, future, me, deadline, cancel),
-                name="fencelock-acquire", daemon=True,
-            ).start()
+            try:
+                threading.Thread(
+                    target=self._acquire_for, args=(loop, future, me, deadline, cancel),
+                    name="fencelock-acquire", daemon=True,
+                ).start()
+            except RuntimeError:  # "can't start new thread": a limit reached
+                raise no_thread(self.session, "acquire in") from None
             try:
                 await asyncio.shield(future)  # a cancel leaves the attempt to end below
             except asyncio.CancelledError:

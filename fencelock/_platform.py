@@ -335,22 +335,38 @@ def lock_owners(path: str) -> tuple[LockOwner, ...] | None:
     None where the system does not say (not Linux, no ``/proc``); an empty tuple when
     no listed lock matches: the holder is on another host (NFS) or in another PID
     namespace, which ``/proc/locks`` does not show. Reads a system-wide list, so it is
-    for diagnosis only, never for deciding whether a lock is held.
+    for diagnosis only, never for deciding whether a lock is held. The list read is
+    kept for a moment (`_LOCKS_KEPT`): a scan that names many holders decides them in
+    bursts, and reads it once a burst, not once a row.
     """
     if not sys.platform.startswith("linux"):
         return None
     try:
         st = os.stat(path, follow_symlinks=False)
-        with open(_PROC_LOCKS, "rb") as f:
-            listing = f.read()
+        where = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+        at, listed = _locks
+        if time.monotonic() - at >= _LOCKS_KEPT:
+            listed = _read_locks()
     except OSError:
         return None
-    dev = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-    needle = b":%d " % st.st_ino
-    owners: list[LockOwner] = []
+    return tuple(LockOwner(pid, shared, _command(pid)) for pid, shared in listed.get(where, ()))
+
+
+_LOCKS_KEPT = 0.02
+"""Seconds `lock_owners` answers from the list it read last (a lock may change hands
+within them, as it may between any read of the list and its use)."""
+_locks: tuple[float, dict[tuple[int, int, int], list[tuple[int, bool]]]] = (-1e9, {})
+"""When ``/proc/locks`` was read last, and its flock entries: (major, minor, inode) to
+(pid, shared) pairs."""
+
+
+def _read_locks() -> dict[tuple[int, int, int], list[tuple[int, bool]]]:
+    global _locks
+    at = time.monotonic()
+    with open(_PROC_LOCKS, "rb") as f:
+        listing = f.read()
+    listed: dict[tuple[int, int, int], list[tuple[int, bool]]] = {}
     for line in listing.splitlines():
-        if needle not in line + b" ":
-            continue
         # "1: FLOCK  ADVISORY  WRITE 6961 fe:00:2157137 0 EOF"; a waiter's line has "->"
         parts = line.split()
         if len(parts) < 6 or parts[1] != b"FLOCK":
@@ -361,13 +377,14 @@ def lock_owners(path: str) -> tuple[LockOwner, ...] | None:
             where = (int(major, 16), int(minor, 16), int(ino))
         except ValueError:
             continue
-        if where != dev or pid <= 0:  # 0 or -1: an owner this namespace cannot name
+        if pid <= 0:  # 0 or -1: an owner this namespace cannot name
             continue
-        shared = parts[3] == b"READ"
-        if any(o.pid == pid and o.shared == shared for o in owners):
-            continue  # the list is read in pieces: one changing meanwhile can repeat a line
-        owners.append(LockOwner(pid, shared, _command(pid)))
-    return tuple(owners)
+        owner = (pid, parts[3] == b"READ")
+        owners = listed.setdefault(where, [])
+        if owner not in owners:  # the list is read in pieces: one changing meanwhile can
+            owners.append(owner)  # repeat a line
+    _locks = (at, listed)
+    return listed
 
 
 def _command(pid: int) -> str | None:

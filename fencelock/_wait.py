@@ -18,7 +18,7 @@ import threading
 import time
 
 from fencelock import _platform, _sidecar
-from fencelock._errors import SidecarAccessError
+from fencelock._errors import SidecarAccessError, no_thread
 
 _pending: dict[tuple[str, bool], Waiter] = {}
 """Abandoned waiters still blocked in the kernel, by (sidecar, shared)."""
@@ -78,7 +78,10 @@ class Waiter:
     def _begin(self) -> None:
         # The bare thread primitive: `threading.Thread.start` waits for the thread to
         # come up, a wait an interrupt can cut short with the thread running or not.
-        _thread.start_new_thread(self._run, ())
+        try:
+            _thread.start_new_thread(self._run, ())
+        except RuntimeError:  # "can't start new thread": a limit reached
+            raise no_thread(self.key[0], "wait for its lock in") from None
 
     def _run(self) -> None:
         with self.mutex:

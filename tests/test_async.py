@@ -416,3 +416,31 @@ def test_a_lock_that_comes_after_its_event_loop_stopped_is_given_back_when_it_cl
     assert not helpers[0].is_alive() and not lock.held
     assert probe(session).state == ProbeState.FREE
     del task
+
+
+HALF_IMPORTED = """
+import sys, types
+from fencelock import SessionLock
+
+# What sys.modules holds while another thread is part way through `import asyncio`: the
+# module, without the functions its import has not reached yet.
+sys.modules["asyncio"] = types.ModuleType("asyncio")
+lock = SessionLock(sys.argv[1], "t")
+with lock:
+    lock.append({"n": 1})
+print(lock.acquire().token > 0)
+lock.release()
+"""
+
+
+def test_an_acquire_while_another_thread_imports_asyncio(session: Path) -> None:
+    """No task runs in a thread while asyncio is still being imported: an acquire then
+    owns the session as its thread (it raised AttributeError; the etcd store's client
+    imports asyncio on the first etcd acquire, so its first acquire set this off in a
+    process's other threads)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", HALF_IMPORTED, str(session)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "True\n", done.stderr

@@ -1653,3 +1653,67 @@ def test_the_rest_of_a_longer_old_record_after_the_record_is_not_its_own(
     bad = sidecar.read_bytes().replace(b'"next"', b'"n\xffxt"', 1)
     sidecar.write_bytes(bad)
     assert probe(session).state == "unreadable"
+
+
+NO_THREADS = """
+import asyncio, resource, sys, threading
+from fencelock import FenceLockError, SessionLock, probe
+
+def vm():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+def no_more_threads():
+    threading.stack_size(256 * 1024 * 1024)  # a thread's stack no longer fits in memory
+    resource.setrlimit(resource.RLIMIT_AS, (vm() + 64 * 1024 * 1024, resource.RLIM_INFINITY))
+
+async def release_without_threads():
+    async with SessionLock(sys.argv[3], "t", backend=sys.argv[4]):  # acquired in a thread
+        no_more_threads()  # released on the event loop itself (etcd's, in a thread else)
+
+if sys.argv[4] == "local":
+    no_more_threads()
+else:
+    asyncio.run(release_without_threads())
+    print(probe(sys.argv[3], backend=sys.argv[4]).state)
+    sys.exit()
+
+try:  # held in another process: a timed wait waits in a thread of its own
+    SessionLock(sys.argv[1], "t", timeout=30).acquire()
+except FenceLockError as e:
+    print(e)
+
+async def main():
+    try:  # free: acquire_async acquires in a thread of its own
+        async with SessionLock(sys.argv[2], "t"):
+            pass
+    except FenceLockError as e:
+        print(e)
+
+asyncio.run(main())
+"""
+
+
+@marks.needs_linux  # /proc/self/status, RLIMIT_AS
+def test_a_thread_that_cannot_be_started_is_a_fencelock_error(
+    tmp_path: Path, spawn_holder: SpawnHolder, store: str | None
+) -> None:
+    """Where no thread can be started (this user's thread limit, or memory), a timed
+    wait and an `async with` fail with a `FenceLockError` naming the file and what to
+    do, not `threading`'s bare RuntimeError, and leave nothing held; an `async with`
+    whose release finds no thread releases on the event loop."""
+    held, free, other = (tmp_path / f"{name}.jsonl" for name in ("held", "free", "other"))
+    done = subprocess.run([sys.executable, "-c", NO_THREADS, str(held), str(free), str(other),
+                           store or "local"], capture_output=True, text=True, timeout=60)
+    if store is not None:  # etcd: `async with`'s release, with no thread to release in
+        assert done.returncode == 0 and done.stdout == "free\n", done.stderr
+        return
+    spawn_holder(held).acquire()
+    done = subprocess.run([sys.executable, "-c", NO_THREADS, str(held), str(free), str(other),
+                           "local"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    waited, acquired = done.stdout.splitlines()
+    assert waited.startswith(f"{held}.holder: cannot start a thread to wait for its lock in")
+    assert acquired.startswith(f"{free}: cannot start a thread to acquire in")
+    assert "ulimit -u" in waited and "ulimit -u" in acquired
+    assert probe(free).state == "free"
