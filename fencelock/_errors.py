@@ -162,20 +162,24 @@ class HolderLostError(SessionTakeoverError):
     """The holder's etcd lease may have expired (a pause, a partition, etcd down): another
     run may hold the session now, so this one writes nothing more."""
 
-    def __init__(self, session: str, why: str):
+    def __init__(self, session: str, why: str, stored: bool = False):
         self.session = session
         self.expected = None
         self.actual = None
-        self.stored = False
+        self.stored = stored
+        """The append that found the loss had written its line: it is in the session
+        (keep it nowhere else, or it is there twice)."""
         self.why = why
         CoordinationError.__init__(
             self,
             f"{session}: this run lost its holder ({why}); another run may hold the "
-            f"session now, so it writes nothing more. Start the run again",
+            f"session now, so it writes nothing more"
+            + ("; its last line was written all the same, as another run's may be"
+               if stored else "") + ". Start the run again",
         )
 
     def _init_args(self) -> tuple[Any, ...]:
-        return self.session, self.why
+        return self.session, self.why, self.stored
 
 
 class StoreUnavailableError(FenceLockError):

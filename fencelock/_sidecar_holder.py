@@ -150,6 +150,7 @@ class SidecarHolder:
         "_mark_fp",
         "_opened",
         "_record_len",
+        "_since",
         "_unmarked",
         "_written_at",
         "mode",
@@ -178,6 +179,9 @@ class SidecarHolder:
         self._record_len = 0
         self._written_at = 0.0
         """`time.monotonic` of the last record write."""
+        self._since = 0.0
+        """`time.monotonic` of the run's first record write: how long it holds is told
+        by it, not by the record's wall-clock time, which a clock set back shortens."""
         self._behind = False
         """The record lags the fingerprint and heartbeat of the holder's last append."""
         self._unmarked = False
@@ -414,6 +418,7 @@ class SidecarHolder:
         lock._tail_checked = False
         self._unmarked = fp is None
         self.write(lock)  # under lock._io, which acquire() holds
+        self._since = self._written_at
 
     def _unwrite_record(self, lock: SessionLock, run_id: str) -> None:
         """An interrupt (KeyboardInterrupt, a signal handler's exception) landed after
@@ -503,8 +508,7 @@ class SidecarHolder:
     def release(self, lock: SessionLock) -> None:
         """Mark the record released and drop the lock (under the lock object's ``_io``,
         or where no record write can follow: see `SessionLock.release`)."""
-        held = time.time() - lock._acquired_at
-        long = not 0 <= held < HAND_OVER_AFTER  # a clock set back meanwhile: as long
+        long = time.monotonic() - self._since >= HAND_OVER_AFTER
         # After a run's length (not a loop of short ones) one lstat is nothing.
         self._mark_what_the_run_left(lock, look=long)
         fd, self._fd, opened = self._fd, -1, self._opened

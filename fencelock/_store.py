@@ -248,7 +248,9 @@ class RemoteStore:
     def appended(self, lock: SessionLock, before: Fingerprint | None) -> None:
         # The line is in the session by now: a record that cannot follow it must not
         # report the append as failed (a caller would write it again). The record
-        # lags until the next write; a holder found lost refuses the next append.
+        # lags until the next write. A holder found lost is said at once, the line
+        # stored: the run may have written it after another took the session (paused
+        # between its check and its write), and must not go on as if it held.
         try:
             with lock._io:
                 if not lock._count:  # released meanwhile (a signal handler in this
@@ -256,7 +258,9 @@ class RemoteStore:
                 lock._info = None
                 # Not waited for: the next write, or the release, carries it.
                 self.holder.write(lock._encode(), ride_out=False)
-        except (StoreUnavailableError, HolderLostError) as e:
+        except HolderLostError as e:
+            raise HolderLostError(lock.session, e.why, stored=True) from None
+        except StoreUnavailableError as e:
             import warnings
 
             warnings.warn(FenceLockWarning(

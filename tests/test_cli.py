@@ -269,6 +269,9 @@ def test_helpers() -> None:
     ]  # fmt: skip
     # A time from a clock ahead of this one is shown so, not as 0s.
     assert [human_age(s) for s in (-3, -1796.8)] == ["-3s", "-29m56s"]
+    # A time edited by hand into a record (1e30, 0: 1970) is no column of 300 digits.
+    assert [human_age(s) for s in (1e308, -1e30, 99 * 365.25 * 86400)] == [
+        ">100y", "->100y", "36159d18h"]
     assert clean("plain lane") == "plain lane"
     assert clean("a\x1b[2Jb\x07\n\u202e\udcff") == "a\\x1b[2Jb\\x07\\x0a\\u202e\\xff"
     assert clean("\ud800") == "\\ud800"  # a lone surrogate that is no escaped byte

@@ -8,6 +8,7 @@ import contextlib
 import http.server
 import json
 import os
+import pickle
 import select
 import shlex
 import signal
@@ -512,6 +513,39 @@ def test_a_key_deleted_by_hand_loses_its_own_holder_not_the_process_s_others(
     assert status.state == ProbeState.LIVE and status.record is not None
     assert status.record.lane == "other"
     other.release()
+
+
+def test_an_append_that_finds_its_holder_lost_after_writing_raises_with_the_line_stored(
+    session: Path, url: str, etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run paused between its check and its write (a VM pause, SIGSTOP) past its
+    lease writes its line after another run may have taken the session. The record
+    write after it finds the holder lost: the append raises `HolderLostError` with
+    ``stored`` True (the line is in the file: not to be written again), not a warning
+    a server's filters hide while the run goes on as if it held."""
+    from fencelock import _fence
+
+    real = _fence.append
+
+    def paused_past_the_lease(*args: Any, **kwargs: Any) -> Any:
+        done = real(*args, **kwargs)
+        _revoke_its_lease(session, url, etcd_server)  # as etcd does when it expires
+        return done
+
+    lock = SessionLock(session, "paused", backend=url)
+    lock.acquire()
+    lock.append({"n": 1})
+    monkeypatch.setattr(_fence, "append", paused_past_the_lease)
+    with pytest.raises(HolderLostError) as e:
+        lock.append({"n": 2})
+    monkeypatch.undo()
+    assert e.value.stored is True and "written all the same" in str(e.value)
+    assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2]
+    with pytest.raises(HolderLostError):
+        lock.append({"n": 3})
+    lock.release()
+    again = pickle.loads(pickle.dumps(e.value))
+    assert again.stored is True and str(again) == str(e.value)
 
 
 def test_holder_lost_error_is_a_takeover_and_a_coordination_error(session: Path) -> None:

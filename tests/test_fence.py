@@ -1896,12 +1896,14 @@ def test_tokens_never_go_back_for_a_session_file_renamed_over_during_its_runs(
 
 
 @needs_xattr
+@pytest.mark.parametrize("back", ["an-hour", "to-its-start"])
 def test_a_clock_set_back_during_the_run_does_not_skip_the_release_s_look(
-    session: Path, monkeypatch: pytest.MonkeyPatch
+    session: Path, monkeypatch: pytest.MonkeyPatch, back: str
 ) -> None:
-    """The wall clock set back an hour while a run held the session (NTP stepping a
-    fast clock): the run still counts as long at its release, and marks a file renamed
-    over its session (the hold measured by the wall clock came out below zero, the look
+    """The wall clock set back while a run held the session 20 ms (NTP stepping a fast
+    clock), an hour or to just after the run began: the run still counts as long at
+    its release, and marks a file renamed over its session (the hold measured by the
+    wall clock came out below zero, or below the 1 ms that makes a run long, the look
     was skipped, and a sidecar removed by hand then took the tokens back to 1)."""
     import time as clock
 
@@ -1912,8 +1914,10 @@ def test_a_clock_set_back_during_the_run_does_not_skip_the_release_s_look(
         tmp = session.with_name("compacted.tmp")
         tmp.write_text(session.read_text() + '{"n": 1}\n')
         os.replace(tmp, session)
-        real = clock.time
-        monkeypatch.setattr(clock, "time", lambda: real() - 3600)
+        real, began = clock.time, lock.info.acquired_at
+        monkeypatch.setattr(clock, "time", (lambda: real() - 3600) if back == "an-hour"
+                            else (lambda: began + 0.0005))
+        clock.sleep(0.021)  # a hold of 20 ms and more, as the monotonic clock counts it
     monkeypatch.undo()
     Path(str(session) + ".holder").unlink()
     with SessionLock(session, lane="after") as lock:
