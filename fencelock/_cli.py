@@ -172,7 +172,8 @@ class _Group(click.Group):
                 raise
             from fencelock._errors import NO_THREAD
 
-            click.echo(f"Error: cannot start a thread: {NO_THREAD}", err=True)
+            click.echo(f"Error: cannot start a thread: the system refused {NO_THREAD}",
+                       err=True)
             sys.exit(EXIT_ERROR)
         except OSError as e:
             message = os_message(e)

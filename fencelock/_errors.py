@@ -388,16 +388,16 @@ refused."""
 WRITE_FIXES.update(LIMIT_FIXES)
 
 
-NO_THREAD = ("the system refused (a limit reached: this user's processes and threads, "
-             "ulimit -u, or this process's memory); raise the limit or end some "
-             "processes, and try again")
-"""What to do when a thread cannot be started."""
+NO_THREAD = ("(a limit reached: this user's processes and threads, ulimit -u, or this "
+             "process's memory); raise the limit or end some processes, and try again")
+"""Why a thread could not be started, and what to do."""
 
 
 def no_thread(path: str, what: str) -> FenceLockError:
-    """The error for a thread that could not be started to ``what`` (for ``path``):
-    `threading` raises a bare RuntimeError that names neither."""
-    return FenceLockError(f"{path}: cannot start a thread to {what}: {NO_THREAD}")
+    """The error for ``what`` (for ``path``) that needed a thread the system would not
+    start: `threading` raises a bare RuntimeError that names neither."""
+    return FenceLockError(f"{path}: {what} needs a thread, and the system would not "
+                          f"start one {NO_THREAD}")
 
 
 def attribute_fix(path: str, how: str = "write") -> str:

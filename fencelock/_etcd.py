@@ -40,6 +40,7 @@ from fencelock._errors import (
     SessionContendedError,
     StoreUnavailableError,
     describe_leftovers,
+    no_thread,
 )
 from fencelock._record import HolderInfo, State
 
@@ -273,9 +274,16 @@ class _Watch:
         self.inline = inline and self._sock is not None  # an inline read needs its timeout
         self._reader: threading.Thread | None = None
         if not self.inline:
-            self._reader = threading.Thread(target=self._read, name="fencelock-etcd-watch",
-                                            daemon=True)
-            self._reader.start()
+            reader = threading.Thread(target=self._read, name="fencelock-etcd-watch",
+                                      daemon=True)
+            try:
+                reader.start()
+            except RuntimeError:  # "can't start new thread": a limit reached
+                with contextlib.suppress(Exception):
+                    self._response.close()
+                self._session.close()
+                raise no_thread(display, "watching etcd") from None
+            self._reader = reader
 
     def fire(self) -> None:
         """Count the key as deleted (seen otherwise), waking the waiter at once."""
@@ -827,10 +835,17 @@ class _Cluster:
             lease = _Lease(int(result["ID"]), ttl, sent + int(result.get("TTL", ttl)))
             self._lease = lease
             if self._keeper is None or not self._keeper.is_alive():
-                self._keeper = threading.Thread(
+                keeper = threading.Thread(
                     target=self._keep_alive, name="fencelock-etcd-lease", daemon=True
                 )
-                self._keeper.start()
+                try:
+                    keeper.start()
+                except RuntimeError:  # "can't start new thread": no lease without its keeper
+                    self._lease = None
+                    with contextlib.suppress(StoreUnavailableError):
+                        self.call("/kv/lease/revoke", {"ID": lease.id}, deadline)
+                    raise no_thread(self.url.display, "keeping an etcd lease alive") from None
+                self._keeper = keeper
             return lease
         finally:
             self._mu.release()
@@ -1088,6 +1103,7 @@ class EtcdHolder:
     def __init__(self, url: EtcdURL, session: str) -> None:
         self.url = url
         self.session = session
+        self.space = f"\0etcd\0{url.prefix}\0"
         self.rekey()
 
     def rekey(self) -> None:

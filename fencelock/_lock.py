@@ -290,7 +290,7 @@ class SessionLock:
         session: a store's (etcd's) token must be above it, as above the session's own."""
         self._store = _store.for_lock(self.session, self.sidecar, mode, backend)
         """Where the holder lives: the sidecar, or the store a backend names (etcd)."""
-        self._key = _registry.in_store(self._key, isinstance(self._store, _store.RemoteStore))
+        self._key = _registry.in_store(self._key, self._store.space)
 
     # -- state -------------------------------------------------------------------
 
@@ -736,7 +736,7 @@ class SessionLock:
                     name="fencelock-acquire", daemon=True,
                 ).start()
             except RuntimeError:  # "can't start new thread": a limit reached
-                raise no_thread(self.session, "acquire in") from None
+                raise no_thread(self.session, "acquire_async") from None
             try:
                 await asyncio.shield(future)  # a cancel leaves the attempt to end below
             except asyncio.CancelledError:
@@ -978,8 +978,10 @@ class SessionLock:
         inner = self._phase is PROMPT  # inside an open window: that one ends it
         if not inner:
             self._rewrite(_phase=PROMPT, _heartbeat_at=time.time())
+        failed = True
         try:
             yield self
+            failed = False
         finally:
             if not inner:
                 # The window is over whatever lands next (no call before this): the
@@ -988,7 +990,13 @@ class SessionLock:
             held = self.held
             if held and not inner:
                 self._heartbeat_at = time.time()
-                self._write_record()
+                if failed:
+                    # The body's error goes on: this write's own (the holder found lost
+                    # again, without the body's ``stored``) must not take its place.
+                    with contextlib.suppress(FenceLockError):
+                        self._write_record()
+                else:
+                    self._write_record()
         # Against the fence point, which the holder's own appends inside the window move.
         # A run released inside the window is over: whoever writes the session next is
         # no intruder into it (and the release wrote the write phase).

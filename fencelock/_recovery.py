@@ -114,7 +114,8 @@ def recover(
         raise _unreadable(session, sidecar, found, sidecars=store is None)
     waited, released = 0.0, False
     if found.state is ProbeState.LIVE:
-        _registry.abort(_registry.in_store(_registry.registry_key(session), store is not None))
+        _registry.abort(_registry.in_store(_registry.registry_key(session),
+                                           "" if store is None else store.space))
         start = time.monotonic()
         if store is not None:
             released = store.wait_free(limit)

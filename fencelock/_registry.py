@@ -83,16 +83,11 @@ def registry_key(session: str) -> str:
         return session
 
 
-REMOTE = "\0remote\0"
-"""Put before the key of a session held in a store of its own (etcd): a run there and
-one of the sidecar store's do not exclude each other in one process, as in two they do
-not (a NUL is in no path)."""
-
-
-def in_store(session_key: str, remote: bool) -> str:
-    """The registry's key for ``session_key`` in a store of its own (``remote``) or in
-    the sidecar store."""
-    return REMOTE + session_key if remote else session_key
+def in_store(session_key: str, space: str) -> str:
+    """The registry's key for ``session_key`` in the store whose `space` is ``space``
+    ("" for the sidecar store): runs in two stores, or under two etcd prefixes, do not
+    exclude each other in one process, as in two processes they do not."""
+    return space + session_key
 
 
 def held_in_process(session_key: str) -> SessionLock | None:

@@ -165,6 +165,7 @@ class SidecarHolder:
     tries_in_place = True
     """Fence checks stat the session's path: one host, no cached attributes to doubt."""
     releases_in_place = True
+    space = ""
     record_extra: dict[str, Any] | None = None
     """The record is fencelock's own fields only."""
 

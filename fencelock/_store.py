@@ -52,6 +52,9 @@ class SessionStore(Protocol):
     releases_in_place: bool
     """Whether a release never waits (a sidecar's unlock); an etcd release may ride out
     an outage, so ``async with`` releases in a worker thread."""
+    space: str
+    """What the in-process registry puts before the session's key for this store
+    (`_registry.in_store`): "" for the sidecar store."""
     @property
     def record_extra(self) -> dict[str, Any] | None:
         """Fields the store adds to the holder's record (etcd: ``lease``, ``store``),
@@ -107,6 +110,8 @@ class HolderStore(Protocol):
 
     name: str
     """Where the holder lives, as messages and `HolderStatus.sidecar` show it."""
+    space: str
+    """As `SessionStore.space`: one for each etcd prefix (a NUL is in no path)."""
     @property
     def record_extra(self) -> dict[str, Any] | None:
         """As `SessionStore.record_extra`, for the run this holder holds."""
@@ -162,7 +167,7 @@ class HolderStore(Protocol):
 class RemoteStore:
     """A `SessionStore` over a `HolderStore` driver (a store outside this host)."""
 
-    __slots__ = ("holder", "name")
+    __slots__ = ("holder", "name", "space")
 
     shares_fd = False
     opens_session = True
@@ -172,6 +177,7 @@ class RemoteStore:
     def __init__(self, holder: HolderStore) -> None:
         self.holder = holder
         self.name = holder.name
+        self.space = holder.space
 
     @property
     def record_extra(self) -> dict[str, Any] | None:

@@ -81,7 +81,7 @@ class Waiter:
         try:
             _thread.start_new_thread(self._run, ())
         except RuntimeError:  # "can't start new thread": a limit reached
-            raise no_thread(self.key[0], "wait for its lock in") from None
+            raise no_thread(self.key[0], "waiting for its lock") from None
 
     def _run(self) -> None:
         with self.mutex:

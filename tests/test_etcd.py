@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import marks
 import pytest
-from conftest import SpawnHolder, record_of, wait_for_no_owner
+from conftest import TEST_TTL, SpawnHolder, record_of, wait_for_no_owner
 
 from fencelock import (
     Action,
@@ -227,6 +227,20 @@ def test_a_holder_in_etcd_is_not_seen_in_the_sidecar_by_its_own_process(
         assert probe(session, backend=url).state == ProbeState.FREE
         with SessionLock(session, "etcd", backend=url, on_contention="fail"):
             pass
+
+
+def test_one_session_under_two_etcd_prefixes_in_one_process(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """Two prefixes are two stores: a run under one does not keep out a run under the
+    other in the holding process, as it does not in another process; under one prefix
+    a second run is kept out in one process as in two."""
+    other = etcd_server.url(f"other-{uuid.uuid4().hex[:8]}", ttl=TEST_TTL)
+    with SessionLock(session, "one", backend=url):
+        assert probe(session, backend=other).state == ProbeState.FREE
+        with SessionLock(session, "two", backend=other, on_contention="fail"), \
+                pytest.raises(SessionContendedError):
+            SessionLock(session, "three", backend=url, on_contention="fail").acquire()
 
 
 def test_etcdctl_lock_excludes_fencelock_and_then_lets_it_in(
@@ -515,14 +529,18 @@ def test_a_key_deleted_by_hand_loses_its_own_holder_not_the_process_s_others(
     other.release()
 
 
+@pytest.mark.parametrize("where", ["write-phase", "prompt-window"])
 def test_an_append_that_finds_its_holder_lost_after_writing_raises_with_the_line_stored(
-    session: Path, url: str, etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+    session: Path, url: str, etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch,
+    where: str,
 ) -> None:
     """A run paused between its check and its write (a VM pause, SIGSTOP) past its
     lease writes its line after another run may have taken the session. The record
     write after it finds the holder lost: the append raises `HolderLostError` with
     ``stored`` True (the line is in the file: not to be written again), not a warning
-    a server's filters hide while the run goes on as if it held."""
+    a server's filters hide while the run goes on as if it held. Inside a prompt window
+    too, whose end (its record write finding the loss again) does not put an error
+    without ``stored`` in its place."""
     from fencelock import _fence
 
     real = _fence.append
@@ -537,7 +555,11 @@ def test_an_append_that_finds_its_holder_lost_after_writing_raises_with_the_line
     lock.append({"n": 1})
     monkeypatch.setattr(_fence, "append", paused_past_the_lease)
     with pytest.raises(HolderLostError) as e:
-        lock.append({"n": 2})
+        if where == "prompt-window":
+            with lock.prompt_window():
+                lock.append({"n": 2})
+        else:
+            lock.append({"n": 2})
     monkeypatch.undo()
     assert e.value.stored is True and "written all the same" in str(e.value)
     assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2]
