@@ -253,6 +253,9 @@ def unsafe_path_fix(path: str, what: str) -> str:
         return "Give the path of the file it points to instead, or remove the link"
     if what.startswith("a directory's path"):  # the path as typed, not what is there
         return "Give the session file's path without the trailing '/'"
+    if what == "a directory" and not path.endswith(".holder"):  # a sessions directory
+        return (f"Give the path of one session file in it (fencelock status "
+                f"{shlex.quote(path)} lists them)")
     return "Give the path of a regular file, or rename or remove it"
 
 

@@ -483,13 +483,17 @@ def test_session_that_is_a_symlink_is_not_followed(session: Path) -> None:
         assert victim.read_bytes() == before, "the symlink's target was modified"
 
 
-@pytest.mark.parametrize("kind", ["fifo", "symlink", "dangling-symlink", "socket"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "dangling-symlink", "socket",
+                                  "directory"])
 def test_an_unusable_session_path_says_what_to_do(session: Path, kind: str) -> None:
     """The refusal of a session path that is not a regular file names the fix, as the
-    sidecar's does (it said only that the path was left untouched)."""
+    sidecar's does (it said only that the path was left untouched); for a directory
+    (a sessions directory named by mistake, as `hold` takes it) not to remove it."""
     victim = session.parent / "victim.jsonl"
     if kind == "fifo":
         os.mkfifo(session)
+    elif kind == "directory":
+        session.mkdir()
     elif kind == "socket":
         gen = _plant("socket", session, victim)
         next(gen)
@@ -499,7 +503,9 @@ def test_an_unusable_session_path_says_what_to_do(session: Path, kind: str) -> N
         session.symlink_to(victim)
     before = snapshot(session)
     fix = ("Give the path of the file it points to instead, or remove the link"
-           if "symlink" in kind else "Give the path of a regular file, or rename or remove it")
+           if "symlink" in kind else
+           f"Give the path of one session file in it (fencelock status {session} lists them)"
+           if kind == "directory" else "Give the path of a regular file, or rename or remove it")
     for call in (SessionLock(session, "a").acquire, lambda: verify(session),
                  lambda: recover(session, wait=0)):
         with pytest.raises(UnsafePathError) as exc:
