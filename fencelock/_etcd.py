@@ -833,19 +833,22 @@ class _Cluster:
             ttl = max(1, math.ceil(self.ttl))
             result = self.call("/lease/grant", {"TTL": ttl, "ID": 0}, deadline)
             lease = _Lease(int(result["ID"]), ttl, sent + int(result.get("TTL", ttl)))
-            self._lease = lease
             if self._keeper is None or not self._keeper.is_alive():
+                # Started before the lease is published (another thread may take a
+                # published one without ``_mu``): it reads the lease under ``_mu``, once
+                # this call lets go of it. No lease is kept without its keeper.
                 keeper = threading.Thread(
                     target=self._keep_alive, name="fencelock-etcd-lease", daemon=True
                 )
                 try:
                     keeper.start()
-                except RuntimeError:  # "can't start new thread": no lease without its keeper
-                    self._lease = None
+                except RuntimeError:  # "can't start new thread": a limit reached
+                    lease.lost = "no thread could be started to keep it alive"
                     with contextlib.suppress(StoreUnavailableError):
                         self.call("/kv/lease/revoke", {"ID": lease.id}, deadline)
                     raise no_thread(self.url.display, "keeping an etcd lease alive") from None
                 self._keeper = keeper
+            self._lease = lease
             return lease
         finally:
             self._mu.release()
@@ -1103,7 +1106,8 @@ class EtcdHolder:
     def __init__(self, url: EtcdURL, session: str) -> None:
         self.url = url
         self.session = session
-        self.space = f"\0etcd\0{url.prefix}\0"
+        # The cluster, the prefix and the root: what names its keys (a NUL is in no path).
+        self.space = f"\0{url.connection_text}\0{url.prefix}\0{url.root or ''}\0"
         self.rekey()
 
     def rekey(self) -> None:

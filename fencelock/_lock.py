@@ -978,10 +978,12 @@ class SessionLock:
         inner = self._phase is PROMPT  # inside an open window: that one ends it
         if not inner:
             self._rewrite(_phase=PROMPT, _heartbeat_at=time.time())
-        failed = True
+        ours = False  # the body raised a fencelock error (a `HolderLostError` with `stored`)
         try:
             yield self
-            failed = False
+        except FenceLockError:
+            ours = True
+            raise
         finally:
             if not inner:
                 # The window is over whatever lands next (no call before this): the
@@ -990,9 +992,10 @@ class SessionLock:
             held = self.held
             if held and not inner:
                 self._heartbeat_at = time.time()
-                if failed:
+                if ours:
                     # The body's error goes on: this write's own (the holder found lost
-                    # again, without the body's ``stored``) must not take its place.
+                    # again, without the body's ``stored``) must not take its place. Any
+                    # other error of the body's is the context of this write's.
                     with contextlib.suppress(FenceLockError):
                         self._write_record()
                 else:

@@ -337,8 +337,10 @@ def lock_owners(path: str) -> tuple[LockOwner, ...] | None:
     namespace, which ``/proc/locks`` does not show. Reads a system-wide list, so it is
     for diagnosis only, never for deciding whether a lock is held. The list read is
     kept for a moment (`_LOCKS_KEPT`): a scan that names many holders decides them in
-    bursts, and reads it once a burst, not once a row. A file it does not list has it
-    read again: its holder may have come since.
+    bursts, and reads it once a burst, not once a row. Its callers ask once they have
+    seen the lock held for a probe's grace (50 ms), longer than the list is kept: a
+    holder that held it through the grace is in the list (one that took it over from
+    another within the grace may not be).
     """
     if not sys.platform.startswith("linux"):
         return None
@@ -346,7 +348,7 @@ def lock_owners(path: str) -> tuple[LockOwner, ...] | None:
         st = os.stat(path, follow_symlinks=False)
         where = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
         at, listed = _locks
-        if time.monotonic() - at >= _LOCKS_KEPT or where not in listed:
+        if time.monotonic() - at >= _LOCKS_KEPT:
             listed = _read_locks()
     except OSError:
         return None

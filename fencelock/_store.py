@@ -111,7 +111,7 @@ class HolderStore(Protocol):
     name: str
     """Where the holder lives, as messages and `HolderStatus.sidecar` show it."""
     space: str
-    """As `SessionStore.space`: one for each etcd prefix (a NUL is in no path)."""
+    """As `SessionStore.space`: one for each cluster, prefix and root of etcd's."""
     @property
     def record_extra(self) -> dict[str, Any] | None:
         """As `SessionStore.record_extra`, for the run this holder holds."""

@@ -229,13 +229,21 @@ def test_a_holder_in_etcd_is_not_seen_in_the_sidecar_by_its_own_process(
             pass
 
 
+@pytest.mark.parametrize("differs", ["prefix", "root"])
 def test_one_session_under_two_etcd_prefixes_in_one_process(
-    session: Path, url: str, etcd_server: EtcdServer
+    session: Path, url: str, etcd_server: EtcdServer, differs: str
 ) -> None:
-    """Two prefixes are two stores: a run under one does not keep out a run under the
-    other in the holding process, as it does not in another process; under one prefix
-    a second run is kept out in one process as in two."""
-    other = etcd_server.url(f"other-{uuid.uuid4().hex[:8]}", ttl=TEST_TTL)
+    """Two prefixes, or two roots (which name a session by two keys), are two stores: a
+    run under one does not keep out a run under the other in the holding process, as
+    it does not in another process; under one, a second run is kept out in one process
+    as in two."""
+    prefix = f"other-{uuid.uuid4().hex[:8]}"
+    if differs == "root":
+        prefix = url.split("/")[3].split("?")[0]
+        url = etcd_server.url(prefix, ttl=TEST_TTL, root=str(session.parent.parent))
+        other = etcd_server.url(prefix, ttl=TEST_TTL, root=str(session.parent))
+    else:
+        other = etcd_server.url(prefix, ttl=TEST_TTL)
     with SessionLock(session, "one", backend=url):
         assert probe(session, backend=other).state == ProbeState.FREE
         with SessionLock(session, "two", backend=other, on_contention="fail"), \
@@ -568,6 +576,21 @@ def test_an_append_that_finds_its_holder_lost_after_writing_raises_with_the_line
     lock.release()
     again = pickle.loads(pickle.dumps(e.value))
     assert again.stored is True and str(again) == str(e.value)
+
+
+def test_a_prompt_window_whose_body_raised_still_says_its_holder_was_lost(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """A window whose body raised an error of its own (not fencelock's) while the etcd
+    holder was lost: the window's end says the loss (`HolderLostError`, the body's error
+    its context), which would otherwise go unsaid, the release finding it told."""
+    lock = SessionLock(session, "lost-in-the-window", backend=url)
+    lock.acquire()
+    with pytest.raises(HolderLostError) as e, lock.prompt_window():
+        _revoke_its_lease(session, url, etcd_server)
+        raise ValueError("the model call failed")
+    assert isinstance(e.value.__context__, ValueError)
+    lock.release()
 
 
 def test_holder_lost_error_is_a_takeover_and_a_coordination_error(session: Path) -> None:
