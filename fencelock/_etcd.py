@@ -1749,6 +1749,11 @@ class EtcdHolder:
                        removed=remove)
 
 
+def _owner_of(owner: list[dict[str, Any]]) -> str:
+    """The owner key's name and create revision: one acquisition's, whatever its value."""
+    return f"{owner[0].get('key', '')}@{owner[0].get('create_revision', '')}"
+
+
 def _status(session: str, where: str, *, owner: list[dict[str, Any]],
             last: list[dict[str, Any]], waiters: int, stuck_after: float,
             last_where: str, command: str, fence: bool = True) -> HolderStatus:
@@ -1771,16 +1776,18 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
             if record is None:
                 status: HolderStatus = holder_status(
                     session, where, states.LIVE, reason="held by a holder without a record "
-                    "(etcdctl lock, another client's Mutex, or one about to write its record)")
+                    "(etcdctl lock, another client's Mutex, or one about to write its record)",
+                    _owner=_owner_of(owner))
             elif record.state is State.RELEASED:
                 # Only `fencelock run` leaves a released record in a live owner key: its
                 # keeper keeps the key for what the command left running.
                 status = holder_status(session, where, states.LIVE, record=record,
                                        reason="held by " + describe_leftovers(record),
-                                       left_by_run=True)
+                                       left_by_run=True, _owner=_owner_of(owner))
             else:
-                status = _probe._status(session, where, states.LIVE, record,
-                                        stuck_after=stuck_after, now=now, fence=fence)
+                status = replace(_probe._status(session, where, states.LIVE, record,
+                                                stuck_after=stuck_after, now=now, fence=fence),
+                                 _owner=_owner_of(owner))
         else:
             record = _decode(_raw(last), last_where, command)
             if record is None:

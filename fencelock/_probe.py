@@ -18,7 +18,7 @@ import stat
 import time
 from collections import deque
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from fencelock import (
     _backend,
@@ -96,6 +96,9 @@ class HolderStatus:
     left_by_run: bool = False
     """The session is live, held by processes that the command of an ended `fencelock
     run` left running: ``record`` is that run's last (released) record."""
+    _owner: str = field(default="", repr=False, compare=False)
+    """etcd: the live owner key and its create revision, which tell one holder from the
+    next also where it has written no record (yet). Private: not for callers."""
 
     @property
     def _live_record(self) -> HolderInfo | None:

@@ -127,6 +127,8 @@ def recover(
         # and its turn is re-fired (queued in turn), not moved to a fresh session.
         now = None if released else _probe.probe(session, stuck_after=stuck_after,
                                                  backend=backend)
+        if now is not None and now._owner and now.record is None:
+            now = _record_or_gone(session, now, stuck_after, backend)
         if now is not None and not _let_go(found, now):
             if not fresh:
                 url = _backend.selected(backend)
@@ -215,9 +217,37 @@ def _still_holds(session: str, run: HolderInfo, backend: str | None) -> bool:
 
 def _let_go(found: HolderStatus, now: HolderStatus) -> bool:
     """Whether the run that held the session when ``found`` was read is known to be
-    gone ``now``; False when ``found`` named no run."""
+    gone ``now``; False when ``found`` named no run (but an etcd owner key without a
+    record is told by its revision: gone once another key owns the session, or none)."""
     before = _holding_run(found)
-    return before is not None and _gone(before, now)
+    if before is None:
+        return bool(found._owner) and found.record is None and (
+            now.state is not ProbeState.LIVE or now._owner != found._owner)
+    return _gone(before, now)
+
+
+_RECORD_POLL = 0.05
+"""How often `_record_or_gone` looks again (a request to etcd each time)."""
+
+
+def _record_or_gone(session: str, now: HolderStatus, stuck_after: float,
+                    backend: str | None) -> HolderStatus:
+    """``now`` shows an etcd owner key without a record: a waiter whose turn came and
+    that is about to write its record, or one that died (or was paused) while it
+    queued, whose key owns the session until its lease runs out. Every recover must
+    name one fresh session for the run that holds, which only a record names: the
+    session as it is once that owner has written its record or is gone, or, for a
+    holder outside fencelock (etcdctl lock, which writes none), after the lease's TTL
+    and a second."""
+    url = _backend.selected(backend)
+    deadline = time.monotonic() + (0.0 if url is None else url.ttl + 1.0)
+    while time.monotonic() < deadline:
+        time.sleep(_RECORD_POLL)
+        later = _probe.probe(session, stuck_after=stuck_after, backend=backend)
+        if later.state is not ProbeState.LIVE or later._owner != now._owner or \
+                later.record is not None:
+            return later
+    return now
 
 
 def _gone(run: HolderInfo, now: HolderStatus) -> bool:

@@ -2958,6 +2958,90 @@ def test_run_on_etcd_frees_at_once_or_keeps_what_the_command_left_running(
         assert then.info is not None and then.info.previous is None  # it was released
 
 
+def test_recovers_of_an_owner_key_that_never_writes_a_record_do_not_split(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """A waiter that died while it queued (its lease not yet run out) owns the session
+    once the run ahead releases, and never writes its record. Recovers then found a
+    holder without a record and each made a fresh session of its own name: two copies
+    of one conversation. They now give such an owner its lease's time to write a
+    record or go: here it goes, and every recover re-fires the session."""
+    name = _lock_name(url, session)
+    with SessionLock(session, "ahead", backend=url):
+        granted = subprocess.run(_etcdctl(etcd_server, "lease", "grant", "2"), check=True,
+                                 capture_output=True, text=True)
+        lease = granted.stdout.split()[1]  # "lease 694d... granted with TTL(2s)"
+        # What a waiter leaves queued when it is killed: its key, empty, under a lease
+        # that no process renews any more.
+        subprocess.run(_etcdctl(etcd_server, "put", f"--lease={lease}", f"{name}/{lease}", ""),
+                       check=True, capture_output=True)
+        assert probe(session, backend=url).waiters == 1
+    status = probe(session, backend=url)
+    assert status.state == ProbeState.LIVE and status.record is None  # the dead waiter's
+    recovers = [subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "recover", "--wait", "0", "--json",
+         "--backend", url, str(session)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for _ in range(2)]
+    answers = []
+    for proc in recovers:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        answers.append(json.loads(out))
+    assert [(a["action"], a["session"]) for a in answers] == [("refire", str(session))] * 2
+    assert sorted(p.name for p in session.parent.iterdir()) == []  # no fresh session
+
+
+def test_recovers_of_a_waiter_paused_as_its_turn_came_agree_on_one_fresh_session(
+    session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiter paused (SIGSTOP, a load spike) as its turn came owns the session
+    without a record until it runs again and writes one: recovers meanwhile each made a
+    fresh session of its own name. They now wait for its record, which names the one
+    fresh session they all answer."""
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    session.write_text('{"n": 1}\n')
+    ahead = SessionLock(session, "ahead", backend=url)
+    ahead.acquire()
+    waiter = spawn_holder(session, lane="paused")
+    waiter.send("acquire")  # answered once it holds
+    deadline = time.monotonic() + 30
+    while probe(session, backend=url).waiters < 1:
+        assert time.monotonic() < deadline, "the waiter never queued"
+        time.sleep(0.01)
+    waiter.kill(signal.SIGSTOP)
+    ahead.release()
+    assert probe(session, backend=url).record is None  # its turn, and no record yet
+    # Two recovers (threads here), the waiter let run on once each has looked and found
+    # its key without a record.
+    from fencelock import _probe
+
+    real, looked, both = _probe.probe, set(), threading.Event()
+
+    def look(*args: Any, **kwargs: Any) -> Any:
+        found = real(*args, **kwargs)
+        if found.state == ProbeState.LIVE and found.record is None:
+            looked.add(threading.get_ident())
+            if len(looked) == 2:
+                both.set()
+        return found
+
+    monkeypatch.setattr(_probe, "probe", look)
+    answers: list[Any] = []
+    recovers = [threading.Thread(target=lambda: answers.append(recover(session, wait=0)))
+                for _ in range(2)]
+    for t in recovers:
+        t.start()
+    assert both.wait(60)
+    waiter.kill(signal.SIGCONT)
+    assert waiter.read().startswith("acquired")
+    for t in recovers:
+        t.join(60)
+    assert [a.action for a in answers] == [Action.FRESH, Action.FRESH], answers
+    assert answers[0].session == answers[1].session != str(session)
+    made = [p.name for p in session.parent.iterdir() if p.name.endswith(".jsonl")]
+    assert sorted(made) == sorted([session.name, Path(answers[0].session).name])
+
+
 # -- answers lost on the way back ------------------------------------------------------
 
 
