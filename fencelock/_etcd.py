@@ -1687,6 +1687,19 @@ class EtcdHolder:
         return self._watch_for_deletion(kvs[0], int(r["header"]["revision"]), deadline, None,
                                         inline=False)
 
+    def owner_lease_left(self, deadline: float | None = None) -> float | None:
+        """The seconds the lease of the session's owner key has left (as etcd counts
+        them, whole seconds); None when no key owns the session, or its lease is gone."""
+        r = self._cluster.txn([], [_range(self.lock_name + "/", prefix=True, first=True)], [],
+                              deadline)
+        kvs = _kvs(r.get("responses", [{}])[0])
+        lease = kvs[0].get("lease") if kvs else None
+        if not lease:
+            return None
+        answer = self._cluster.call("/kv/lease/timetolive", {"ID": int(lease)}, deadline)
+        left = int(answer.get("TTL", -1))
+        return None if left < 0 else float(left)
+
     def probe(self, stuck_after: float, deadline: float | None = None) -> HolderStatus:
         r = self._cluster.txn([], [_range(self.lock_name + "/", prefix=True, first=True),
                                    _range(self.last_key)], [], deadline)
@@ -1776,7 +1789,9 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
             if record is None:
                 status: HolderStatus = holder_status(
                     session, where, states.LIVE, reason="held by a holder without a record "
-                    "(etcdctl lock, another client's Mutex, or one about to write its record)",
+                    "(etcdctl lock, another client's Mutex, one about to write its record, "
+                    "or a waiter that died or was paused in the queue, until its lease runs "
+                    "out)",
                     _owner=_owner_of(owner))
             elif record.state is State.RELEASED:
                 # Only `fencelock run` leaves a released record in a live owner key: its

@@ -98,7 +98,8 @@ class HolderStatus:
     run` left running: ``record`` is that run's last (released) record."""
     _owner: str = field(default="", repr=False, compare=False)
     """etcd: the live owner key and its create revision, which tell one holder from the
-    next also where it has written no record (yet). Private: not for callers."""
+    next also where it has written no record (yet). Private: not for callers (though
+    ``dataclasses.asdict`` and pickling carry it, as any field)."""
 
     @property
     def _live_record(self) -> HolderInfo | None:

@@ -89,7 +89,9 @@ def recover(
     backend: str | None = None,
 ) -> Recovery:
     """The stuck-session recovery step. Raises `SessionContendedError` when the
-    session is still held after ``wait`` and ``fresh`` is False.
+    session is still held after ``wait`` and ``fresh`` is False. On etcd, an owner key
+    without a record gets up to the URL's TTL and a half more to write one or go
+    (`_record_or_gone`); ``waited`` counts that too.
 
     ``"refire"`` means the stuck run is gone, not that the session is reserved: another
     lane may take it before the re-fired run does, so that run acquires it as any run
@@ -127,8 +129,9 @@ def recover(
         # and its turn is re-fired (queued in turn), not moved to a fresh session.
         now = None if released else _probe.probe(session, stuck_after=stuck_after,
                                                  backend=backend)
-        if now is not None and now._owner and now.record is None:
-            now = _record_or_gone(session, now, stuck_after, backend)
+        if now is not None and now._owner and now.record is None and store is not None:
+            now = _record_or_gone(session, now, stuck_after, backend, store)
+            waited = time.monotonic() - start
         if now is not None and not _let_go(found, now):
             if not fresh:
                 url = _backend.selected(backend)
@@ -136,7 +139,7 @@ def recover(
                                        backend=None if url is None else url.text)
             old_token = found.record.token if found.record is not None else 0
             stuck = _holding_run(now) or _holding_run(found)
-            successor = _successor(session, stuck)
+            successor = _successor(session, stuck) or _owner_successor(session, now)
             try:
                 new, carried, made = _start_fresh(session, lane, carry, old_token, backend,
                                                   waited, successor, stuck)
@@ -220,33 +223,59 @@ def _let_go(found: HolderStatus, now: HolderStatus) -> bool:
     gone ``now``; False when ``found`` named no run (but an etcd owner key without a
     record is told by its revision: gone once another key owns the session, or none)."""
     before = _holding_run(found)
-    if before is None:
+    if before is None:  # as `_gone`: a look that could not read the session is no sign
         return bool(found._owner) and found.record is None and (
-            now.state is not ProbeState.LIVE or now._owner != found._owner)
+            now.state in (ProbeState.FREE, ProbeState.STALE)
+            or (now.state is ProbeState.LIVE and now._owner != found._owner))
     return _gone(before, now)
 
 
 _RECORD_POLL = 0.05
 """How often `_record_or_gone` looks again (a request to etcd each time)."""
+_LEASE_LOOK = 1.0
+"""How often it asks how long the owner's lease has left."""
+_LEASE_SLACK = 2.0
+"""Seconds past a lease's end within which etcd has let it go, at least (half the
+URL's TTL where that is more)."""
 
 
 def _record_or_gone(session: str, now: HolderStatus, stuck_after: float,
-                    backend: str | None) -> HolderStatus:
+                    backend: str | None, store: _store.HolderStore) -> HolderStatus:
     """``now`` shows an etcd owner key without a record: a waiter whose turn came and
     that is about to write its record, or one that died (or was paused) while it
     queued, whose key owns the session until its lease runs out. Every recover must
     name one fresh session for the run that holds, which only a record names: the
-    session as it is once that owner has written its record or is gone, or, for a
-    holder outside fencelock (etcdctl lock, which writes none), after the lease's TTL
-    and a second."""
+    session as it is once that owner has written its record or is gone. The owner's
+    lease bounds the wait: a dead or paused waiter renews it no more, and one renewed
+    meanwhile is a live holder's that writes no record (a waiter whose turn came
+    writes its own at once): one outside fencelock (etcdctl lock), answered at once.
+    etcd lets a lease go some time after it ran out (later on a busy host): what it
+    had left is given `_LEASE_SLACK` more, or half the URL's TTL. A lease longer than
+    the URL's TTL (another client's, etcdctl lock's 60 s) is waited for only that TTL:
+    its holder is then taken for one outside fencelock, and its fresh session named
+    by its key (`_owner_successor`), which every recover of it answers. Rides out an
+    etcd restart, as the look before the wait does."""
+    from fencelock._etcd import through_outage
+
     url = _backend.selected(backend)
-    deadline = time.monotonic() + (0.0 if url is None else url.ttl + 1.0)
+    ttl = 0.0 if url is None else url.ttl
+    begun = time.monotonic()
+    left = through_outage(store.owner_lease_left, ttl, None)
+    if left is None:  # gone meanwhile
+        return _probe_through_restart(session, stuck_after, backend, ttl)
+    deadline, looked = begun + min(left, ttl) + max(_LEASE_SLACK, ttl / 2), begun
     while time.monotonic() < deadline:
         time.sleep(_RECORD_POLL)
-        later = _probe.probe(session, stuck_after=stuck_after, backend=backend)
+        later = _probe_through_restart(session, stuck_after, backend,
+                                       max(0.0, deadline - time.monotonic()))
         if later.state is not ProbeState.LIVE or later._owner != now._owner or \
                 later.record is not None:
             return later
+        if time.monotonic() - looked >= _LEASE_LOOK:
+            looked = time.monotonic()
+            again = through_outage(store.owner_lease_left, ttl, deadline)
+            if again is not None and again > left - (looked - begun) + 1.5:
+                return later  # renewed: a live holder outside fencelock
     return now
 
 
@@ -280,16 +309,30 @@ def _successor(session: str, stuck: HolderInfo | None) -> str | None:
     holder without a record (nothing to name it by)."""
     if stuck is None or not stuck.run_id:
         return None
-    # uuid5, with hashlib imported with this module: recover may run in a process
-    # near its memory limit, where loading the hash library late would fail.
-    # The name's own bytes (a name need not be UTF-8), and a run id as the record has it.
-    key = b"\n".join([os.fsencode(os.path.basename(session)),
-                      stuck.run_id.encode("utf-8", "surrogatepass"), b"%d" % stuck.token])
+    # A run id as the record has it.
+    return _named(session, stuck.run_id.encode("utf-8", "surrogatepass"), b"%d" % stuck.token)
+
+
+def _named(session: str, *parts: bytes) -> str:
+    """A fresh session beside ``session`` named by ``parts``: uuid5, with hashlib
+    imported with this module (recover may run in a process near its memory limit,
+    where loading the hash library late would fail), over the name's own bytes (a name
+    need not be UTF-8) and the parts."""
+    key = b"\n".join([os.fsencode(os.path.basename(session)), *parts])
     name = uuid.UUID(bytes=hashlib.sha1(_SUCCESSORS.bytes + key).digest()[:16], version=5)
     return os.path.join(os.path.dirname(session), f"{name}.jsonl")
 
 
 
+
+
+def _owner_successor(session: str, now: HolderStatus) -> str | None:
+    """For an etcd owner key that writes no record (a holder outside fencelock, etcdctl
+    lock): a fresh session named by the key and its revision, so that the recovers of
+    that one acquisition agree on it; None elsewhere (a holder a random name is given)."""
+    if now.record is not None or not now._owner:
+        return None
+    return _named(session, b"owner", now._owner.encode("utf-8", "surrogatepass"))
 
 
 class _RunEnded(Exception):

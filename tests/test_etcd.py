@@ -166,10 +166,12 @@ def _etcdctl(server: EtcdServer, *args: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def _etcdctl_holding(server: EtcdServer, name: str) -> Iterator[subprocess.Popen[str]]:
-    """`etcdctl lock NAME` in a process of its own, holding the lock (its first line
-    names its key) for the block; SIGTERM makes it unlock sooner."""
-    ctl = subprocess.Popen(_etcdctl(server, "lock", name), stdout=subprocess.PIPE, text=True)
+def _etcdctl_holding(server: EtcdServer, name: str, *args: str
+                     ) -> Iterator[subprocess.Popen[str]]:
+    """`etcdctl lock NAME` (with ``args``) in a process of its own, holding the lock
+    (its first line names its key) for the block; SIGTERM makes it unlock sooner."""
+    ctl = subprocess.Popen(_etcdctl(server, "lock", *args, name), stdout=subprocess.PIPE,
+                           text=True)
     try:
         assert ctl.stdout is not None
         assert ctl.stdout.readline().startswith(name + "/")  # etcdctl holds it now
@@ -2989,6 +2991,26 @@ def test_recovers_of_an_owner_key_that_never_writes_a_record_do_not_split(
         answers.append(json.loads(out))
     assert [(a["action"], a["session"]) for a in answers] == [("refire", str(session))] * 2
     assert sorted(p.name for p in session.parent.iterdir()) == []  # no fresh session
+
+
+def test_recovers_of_a_holder_outside_fencelock_agree_on_one_fresh_session(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """`etcdctl lock` holds the session (no record, its lease renewed): each recover
+    made a fresh session of a random name. Once the renewal shows it is no waiter of
+    fencelock's that died, they answer one, named by its key and revision."""
+    with _etcdctl_holding(etcd_server, _lock_name(url, session), "--ttl", "2"):
+        recovers = [subprocess.Popen(
+            [sys.executable, "-m", "fencelock", "recover", "--wait", "0", "--json",
+             "--backend", url, str(session)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True) for _ in range(2)]
+        answers = []
+        for proc in recovers:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            answers.append(json.loads(out))
+    assert [a["action"] for a in answers] == ["fresh", "fresh"], answers
+    assert answers[0]["session"] == answers[1]["session"] != str(session)
 
 
 def test_recovers_of_a_waiter_paused_as_its_turn_came_agree_on_one_fresh_session(
