@@ -1687,18 +1687,22 @@ class EtcdHolder:
         return self._watch_for_deletion(kvs[0], int(r["header"]["revision"]), deadline, None,
                                         inline=False)
 
-    def owner_lease_left(self, deadline: float | None = None) -> float | None:
+    def owner_lease_left(self, deadline: float | None = None) -> tuple[float | None, int]:
         """The seconds the lease of the session's owner key has left (as etcd counts
-        them, whole seconds); None when no key owns the session, or its lease is gone."""
+        them, whole seconds), None when no key owns the session or its lease is gone;
+        and etcd's raft term (a restart begins a new one, and gives every lease its
+        whole TTL again)."""
         r = self._cluster.txn([], [_range(self.lock_name + "/", prefix=True, first=True)], [],
                               deadline)
+        term = int(r.get("header", {}).get("raft_term", 0))
         kvs = _kvs(r.get("responses", [{}])[0])
         lease = kvs[0].get("lease") if kvs else None
         if not lease:
-            return None
+            return None, term
         answer = self._cluster.call("/kv/lease/timetolive", {"ID": int(lease)}, deadline)
-        left = int(answer.get("TTL", -1))
-        return None if left < 0 else float(left)
+        # etcd's JSON leaves a TTL of 0 out (its last second); -1 for a lease it has not.
+        left = int(answer.get("TTL", 0))
+        return (None if left < 0 else float(left)), term
 
     def probe(self, stuck_after: float, deadline: float | None = None) -> HolderStatus:
         r = self._cluster.txn([], [_range(self.lock_name + "/", prefix=True, first=True),

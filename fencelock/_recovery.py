@@ -158,6 +158,11 @@ def recover(
     # of its stale record) while the run's process was still exiting.
     ended = _holding_run(found) if released and not _let_go(found, now) else None
     taken_over = _taken_over(session, now, backend, ended)
+    if taken_over is None and found._owner and found.record is None and \
+            now._owner != found._owner:
+        # An owner key without a record, gone since: a recover that took it for a holder
+        # outside fencelock named its fresh session by that key.
+        taken_over = _made_for(session, _owner_successor(session, found), backend)
     if taken_over is not None:  # the conversation was moved there
         return Recovery(Action.FRESH, taken_over, found, waited, 0)
     if now.state is ProbeState.STALE:
@@ -259,11 +264,11 @@ def _record_or_gone(session: str, now: HolderStatus, stuck_after: float,
 
     url = _backend.selected(backend)
     ttl = 0.0 if url is None else url.ttl
+    slack = max(_LEASE_SLACK, ttl / 2)
     begun = time.monotonic()
-    left = through_outage(store.owner_lease_left, ttl, None)
-    if left is None:  # gone meanwhile
-        return _probe_through_restart(session, stuck_after, backend, ttl)
-    deadline, looked = begun + min(left, ttl) + max(_LEASE_SLACK, ttl / 2), begun
+    # None: the lease is gone, its key not yet (etcd deletes it a moment later).
+    left, term = through_outage(store.owner_lease_left, ttl, None)
+    deadline, looked = begun + min(left or 0.0, ttl) + slack, begun
     while time.monotonic() < deadline:
         time.sleep(_RECORD_POLL)
         later = _probe_through_restart(session, stuck_after, backend,
@@ -271,10 +276,15 @@ def _record_or_gone(session: str, now: HolderStatus, stuck_after: float,
         if later.state is not ProbeState.LIVE or later._owner != now._owner or \
                 later.record is not None:
             return later
-        if time.monotonic() - looked >= _LEASE_LOOK:
+        if left is not None and time.monotonic() - looked >= _LEASE_LOOK:
             looked = time.monotonic()
-            again = through_outage(store.owner_lease_left, ttl, deadline)
-            if again is not None and again > left - (looked - begun) + 1.5:
+            again, now_term = through_outage(store.owner_lease_left, ttl, deadline)
+            if again is not None and now_term != term:
+                # etcd restarted (a new term): it gave every lease its whole TTL again,
+                # a dead waiter's too. Counted anew from here.
+                left, term, begun = again, now_term, looked
+                deadline = max(deadline, looked + min(again, ttl) + slack)
+            elif again is not None and again > left - (looked - begun) + 1.5:
                 return later  # renewed: a live holder outside fencelock
     return now
 
@@ -391,7 +401,12 @@ def _taken_over(session: str, now: HolderStatus, backend: str | None,
     copy under way; None when no recover made one (or its copy failed)."""
     if ended is None and now.state not in (ProbeState.FREE, ProbeState.STALE):
         return None
-    successor = _successor(session, ended or now.record)
+    return _made_for(session, _successor(session, ended or now.record), backend)
+
+
+def _made_for(session: str, successor: str | None, backend: str | None) -> str | None:
+    """``successor`` (a stuck run's fresh session) once a recover has made it whole,
+    waiting for a copy under way; None when none is made (or its copy failed)."""
     if successor is None:
         return None
     if _published(successor, session):

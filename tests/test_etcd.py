@@ -2967,7 +2967,9 @@ def test_recovers_of_an_owner_key_that_never_writes_a_record_do_not_split(
     once the run ahead releases, and never writes its record. Recovers then found a
     holder without a record and each made a fresh session of its own name: two copies
     of one conversation. They now give such an owner its lease's time to write a
-    record or go: here it goes, and every recover re-fires the session."""
+    record or go: here it goes, and every recover re-fires the session (also one that
+    looks in the lease's last second, which etcd reports as no TTL at all, or after it
+    ran out and before etcd deletes its key: waits of 0 to 2.4 s spread over both)."""
     name = _lock_name(url, session)
     with SessionLock(session, "ahead", backend=url):
         granted = subprocess.run(_etcdctl(etcd_server, "lease", "grant", "2"), check=True,
@@ -2980,16 +2982,18 @@ def test_recovers_of_an_owner_key_that_never_writes_a_record_do_not_split(
         assert probe(session, backend=url).waiters == 1
     status = probe(session, backend=url)
     assert status.state == ProbeState.LIVE and status.record is None  # the dead waiter's
+    waits = ["0", "0.4", "0.8", "1.2", "1.6", "2.0", "2.4"]
     recovers = [subprocess.Popen(
-        [sys.executable, "-m", "fencelock", "recover", "--wait", "0", "--json",
+        [sys.executable, "-m", "fencelock", "recover", "--wait", wait, "--json",
          "--backend", url, str(session)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for _ in range(2)]
+        text=True) for wait in waits]
     answers = []
     for proc in recovers:
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         answers.append(json.loads(out))
-    assert [(a["action"], a["session"]) for a in answers] == [("refire", str(session))] * 2
+    assert [(a["action"], a["session"]) for a in answers] == \
+        [("refire", str(session))] * len(waits)
     assert sorted(p.name for p in session.parent.iterdir()) == []  # no fresh session
 
 
@@ -3011,6 +3015,35 @@ def test_recovers_of_a_holder_outside_fencelock_agree_on_one_fresh_session(
             answers.append(json.loads(out))
     assert [a["action"] for a in answers] == ["fresh", "fresh"], answers
     assert answers[0]["session"] == answers[1]["session"] != str(session)
+
+
+def test_a_recover_that_saw_a_holder_outside_fencelock_go_answers_its_fresh_session(
+    session: Path, url: str, etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recover waiting on an `etcdctl lock` holder that another recover already moved
+    to a fresh session (named by the holder's key) answers that session once the
+    holder goes, as for a run with a record, instead of re-firing the old one."""
+    from fencelock import _recovery
+
+    real, looked = _recovery._probe_through_restart, threading.Event()
+
+    def first_look(*args: Any, **kwargs: Any) -> Any:
+        found = real(*args, **kwargs)
+        looked.set()
+        return found
+
+    with _etcdctl_holding(etcd_server, _lock_name(url, session), "--ttl", "2") as ctl:
+        moved = recover(session, wait=0, backend=url)
+        assert moved.action is Action.FRESH
+        monkeypatch.setattr(_recovery, "_probe_through_restart", first_look)
+        later: list[Any] = []
+        waiting = threading.Thread(
+            target=lambda: later.append(recover(session, wait=60, backend=url)))
+        waiting.start()
+        assert looked.wait(60)  # it has seen the holder: it waits for it to go
+        ctl.send_signal(signal.SIGTERM)  # etcdctl unlocks on SIGTERM
+        waiting.join(60)
+    assert [(r.action, r.session) for r in later] == [(Action.FRESH, moved.session)]
 
 
 def test_recovers_of_a_waiter_paused_as_its_turn_came_agree_on_one_fresh_session(
