@@ -333,9 +333,6 @@ def _named(session: str, *parts: bytes) -> str:
     return os.path.join(os.path.dirname(session), f"{name}.jsonl")
 
 
-
-
-
 def _owner_successor(session: str, now: HolderStatus) -> str | None:
     """For an etcd owner key that writes no record (a holder outside fencelock, etcdctl
     lock): a fresh session named by the key and its revision, so that the recovers of

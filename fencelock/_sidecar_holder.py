@@ -70,6 +70,7 @@ loop of short holds does not pay it."""
 _PEEK_BYTES = 4096
 """A first read of the old record; records are far smaller unless something is wrong."""
 
+
 def _released_note(session: str) -> str:
     """The fix of a release whose record could not be marked released."""
     return ("the session is released, but its record still says held, so it reads as "
