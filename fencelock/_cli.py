@@ -998,7 +998,7 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
     show_default=True,
     metavar="SECONDS",
     help="How long to wait for a live holder to let go (on etcd, one without a record "
-         "gets up to the URL's TTL and a half more: see the README).",
+         "gets up to the URL's TTL and a margin more: see the README).",
 )
 @click.option("--no-fresh", is_flag=True, help="Exit 4 instead of starting a fresh session.")
 @click.option("--no-carry", is_flag=True,

@@ -90,8 +90,9 @@ def recover(
 ) -> Recovery:
     """The stuck-session recovery step. Raises `SessionContendedError` when the
     session is still held after ``wait`` and ``fresh`` is False. On etcd, an owner key
-    without a record gets up to the URL's TTL and a half more to write one or go
-    (`_record_or_gone`); ``waited`` counts that too.
+    without a record gets up to the URL's TTL and a margin (2 s, or half the TTL) more
+    to write one or go, longer across an etcd restart (`_record_or_gone`); ``waited``
+    counts that too.
 
     ``"refire"`` means the stuck run is gone, not that the session is reserved: another
     lane may take it before the re-fired run does, so that run acquires it as any run
@@ -258,8 +259,9 @@ def _record_or_gone(session: str, now: HolderStatus, stuck_after: float,
     had left is given `_LEASE_SLACK` more, or half the URL's TTL. A lease longer than
     the URL's TTL (another client's, etcdctl lock's 60 s) is waited for only that TTL:
     its holder is then taken for one outside fencelock, and its fresh session named
-    by its key (`_owner_successor`), which every recover of it answers. Rides out an
-    etcd restart, as the look before the wait does."""
+    by its key (`_owner_successor`), which every recover that sees it answers (one
+    that starts after it went finds no trace of it, and re-fires). Rides out an etcd
+    restart, as the look before the wait does, each restart moving the end out."""
     from fencelock._etcd import through_outage
 
     url = _backend.selected(backend)
@@ -271,14 +273,16 @@ def _record_or_gone(session: str, now: HolderStatus, stuck_after: float,
     deadline, looked = begun + min(left or 0.0, ttl) + slack, begun
     while time.monotonic() < deadline:
         time.sleep(_RECORD_POLL)
+        # An outage is ridden out past the deadline (up to the TTL): a restart gives
+        # the lease its whole TTL again, which the term says once etcd answers.
         later = _probe_through_restart(session, stuck_after, backend,
-                                       max(0.0, deadline - time.monotonic()))
+                                       max(ttl, deadline - time.monotonic()))
         if later.state is not ProbeState.LIVE or later._owner != now._owner or \
                 later.record is not None:
             return later
         if left is not None and time.monotonic() - looked >= _LEASE_LOOK:
             looked = time.monotonic()
-            again, now_term = through_outage(store.owner_lease_left, ttl, deadline)
+            again, now_term = through_outage(store.owner_lease_left, ttl, None)
             if again is not None and now_term != term:
                 # etcd restarted (a new term): it gave every lease its whole TTL again,
                 # a dead waiter's too. Counted anew from here.
