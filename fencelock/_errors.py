@@ -391,6 +391,14 @@ refused."""
 WRITE_FIXES.update(LIMIT_FIXES)
 
 
+def record_lags(session: str, e: Exception) -> FenceLockWarning:
+    """The warning for an append whose line is stored but whose holder record could
+    not follow it (``e``: a full disk, etcd not answering): not an error, or a caller
+    would write the line again."""
+    return FenceLockWarning(
+        f"{session}: the line is stored, but its holder record could not follow it ({e})")
+
+
 NO_THREAD = ("(a limit reached: this user's processes and threads, ulimit -u, or this "
              "process's memory); raise the limit or end some processes, and try again")
 """Why a thread could not be started, and what to do."""

@@ -240,7 +240,7 @@ def _cut_torn_tail(
         with contextlib.suppress(OSError):
             os.ftruncate(aside, kept.st_size)
             if not kept.st_size:
-                _unlink_if_still(torn, kept)
+                _sidecar.unlink_if_still(torn, kept)
         if isinstance(e, OSError):
             raise SessionWriteError(torn, e, "fsync of the torn last line") from None
         raise
@@ -454,7 +454,7 @@ def append(
             else:
                 # A file this append made, empty again: removed, as an interrupt's is;
                 # the run's fence point stays "no file".
-                if made and _unlink_if_still(session, st, fd):
+                if made and _sidecar.unlink_if_still(session, st, fd):
                     raise e from None
             with contextlib.suppress(OSError, SessionWriteError):
                 e.fingerprint = _fingerprint_fd(fd, mode, session)
@@ -491,19 +491,6 @@ def append(
         raise
     finally:
         os.close(fd)
-
-
-def _unlink_if_still(path: str, st: os.stat_result, fd: int = -1) -> bool:
-    """Remove ``path`` if it is still the file ``st`` describes (and, given its ``fd``,
-    still empty: a writer outside the protocol may have opened it meanwhile); whether
-    it was removed. (Not on Windows, where an open file cannot be removed.)"""
-    try:
-        if (fd < 0 or not os.fstat(fd).st_size) and _sidecar.still_at_path(path, st):
-            os.unlink(path)
-            return True
-    except OSError:
-        pass
-    return False
 
 
 def _open_empty(session: str, flags: int) -> tuple[int, os.stat_result]:

@@ -500,6 +500,19 @@ def still_at_path(sidecar: str, st: os.stat_result) -> bool:
     return now.st_ino == st.st_ino and now.st_dev == st.st_dev
 
 
+def unlink_if_still(path: str, st: os.stat_result, fd: int = -1) -> bool:
+    """Remove ``path`` if it is still the file ``st`` describes (and, given its ``fd``,
+    still empty: a writer outside the protocol may have opened it meanwhile); whether
+    it was removed. (Not on Windows, where an open file cannot be removed.)"""
+    try:
+        if (fd < 0 or not os.fstat(fd).st_size) and still_at_path(path, st):
+            os.unlink(path)
+            return True
+    except OSError:
+        pass
+    return False
+
+
 def read(fd: int, sidecar: str, size_hint: int | None = None) -> HolderInfo | None:
     """The record in ``fd``, None if empty. Retries a half-written one, then raises."""
     want = MAX_RECORD + 1 if size_hint is None else min(size_hint + 1, MAX_RECORD + 1)

@@ -33,11 +33,11 @@ from fencelock import (
 from fencelock._errors import (
     CorruptRecordError,
     FenceLockError,
-    FenceLockWarning,
     NotHeldError,
     PlantedFileError,
     SessionContendedError,
     SidecarAccessError,
+    record_lags,
 )
 from fencelock._record import HELD, PROMPT, RELEASED, WRITE, HolderInfo
 
@@ -248,9 +248,7 @@ class SidecarHolder:
         if it is empty (this acquire made it, most likely), while its lock is still ours
         (a waiter of fencelock's looks at the path again once it has the lock)."""
         with contextlib.suppress(OSError):
-            st = os.fstat(self._fd)
-            if st.st_size == 0 and _sidecar.still_at_path(self.sidecar, st):
-                os.unlink(self.sidecar)
+            _sidecar.unlink_if_still(self.sidecar, os.fstat(self._fd), self._fd)
 
     def _lock_sidecar(
         self,
@@ -490,9 +488,7 @@ class SidecarHolder:
                 # The line is in the session: a record that cannot follow it (a full
                 # disk) must not report the append as failed (a caller would write it
                 # again). It follows at the next write, or the release.
-                warnings.warn(FenceLockWarning(
-                    f"{lock.session}: the line is stored, but its holder record could not "
-                    f"follow it ({e})"), stacklevel=5)
+                warnings.warn(record_lags(lock.session, e), stacklevel=5)
         else:
             self._behind, lock._info = True, None
 

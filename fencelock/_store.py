@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fencelock import _backend, _fingerprint, _identity, _record, _sidecar, _tokens
 from fencelock._errors import (
     FenceLockError,
-    FenceLockWarning,
     HolderLostError,
     StoreUnavailableError,
+    record_lags,
 )
 from fencelock._sidecar_holder import SidecarHolder
 
@@ -273,9 +273,7 @@ class RemoteStore:
         except StoreUnavailableError as e:
             import warnings
 
-            warnings.warn(FenceLockWarning(
-                f"{lock.session}: the line is stored, but its holder record in the store "
-                f"could not follow it ({e})"), stacklevel=5)  # append's caller
+            warnings.warn(record_lags(lock.session, e), stacklevel=5)  # append's caller
 
     def fence_moved(self, lock: SessionLock) -> None:
         lock._info = None  # the release writes the whole record
