@@ -216,6 +216,28 @@ def test_the_proposed_goals_are_taken_against_the_floor_of_the_same_run(
     assert goals["appends.fsync.floor"]["value"] == f"{turns:.2f}x floor"
 
 
+@pytest.mark.parametrize(("raw_crowded", "said"), [(36.4, False), (320.3, True), (12.0, True)])
+def test_the_crowded_directory_goal_says_when_the_filesystem_moved(
+    raw_crowded: float, said: bool,
+) -> None:
+    """Raw syscalls' own growth stands beside the goal, and a filesystem whose file
+    creation itself moved is named as the cause."""
+    from fencelock.tools.bench import FULL, Report, Row, judge
+
+    report = Report("full", {})
+    report.rows = [
+        Row("cycle.first.0", "cycle", "first acquire among 0 others", "us",
+            fencelock=124.5, peers={"raw": 34.8}),
+        Row("cycle.first.100000", "cycle", "first acquire among 100,000 others", "us",
+            fencelock=413.6, peers={"raw": raw_crowded}),
+    ]
+    judge(report, FULL)
+    goal = next(g for g in report.goals if g.id == "cycle.first.crowd")
+    assert goal.value.startswith(f"3.32x empty directory; bare syscalls {raw_crowded / 34.8:.2f}x")
+    assert ("the filesystem's own file creation changed" in goal.value) is said
+    assert goal.met is False
+
+
 def test_the_interleaving_check_catches_loss_and_tearing(tmp_path: Path) -> None:
     from fencelock.tools.bench import check_lines
 
