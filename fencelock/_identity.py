@@ -158,7 +158,9 @@ ME = _Self()
 
 
 class _RunIds:
-    """Unique run ids without a syscall each: a random per-process prefix and a counter."""
+    """Unique run ids without a syscall each: a random per-process prefix and a counter,
+    in hex digits, '-' and digits only, which a record writes with no escaping
+    (`_record.middle_of`)."""
 
     def __init__(self) -> None:
         self.reset()

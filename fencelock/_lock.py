@@ -269,6 +269,11 @@ class SessionLock:
         self._static_pid = 0
         self._middle: tuple[str, str, bytes] = ("", "", b"")
         """(run id, fixed part, `_record.middle` of the two): encoded once a run."""
+        self._shell_fixed: tuple[str, int, str, str, str, str, str | None] = (
+            "", 0, "", "", "", "", None)
+        """`_info_shell`'s arguments, taken again only in a forked child."""
+        self._tail: tuple[str, bytes] = ("", b"")
+        """(fixed part, its `_record.middle_tail`): encoded once while it stays the same."""
         self._fp_bytes: tuple[Fingerprint | None, bytes] = (None, b"null")
         """(fingerprint, its encoded value): encoded once while it stays the same."""
         self._fp: Fingerprint | None = None
@@ -311,10 +316,13 @@ class SessionLock:
         """The part of `info` that is the same for every run of this object in this
         process (`_record.info_shell`)."""
         me = _identity.ME
-        return _record.info_shell(
-            session=self.session, pid=me.pid, host=me.host, process_start=me.start,
-            lane=self.lane, fence=str(self.fence_mode), origin=self.origin,
-        )
+        fixed = self._shell_fixed
+        if fixed[1] != me.pid:  # a forked child's are its own
+            fixed = self._shell_fixed = (
+                self.session, me.pid, me.host, me.start, self.lane, str(self.fence_mode),
+                self.origin,
+            )
+        return _record.info_shell(*fixed)
 
     def _record_now(self) -> HolderInfo | None:
         """The record of the run this object is starting or ending (None before its
@@ -361,7 +369,10 @@ class SessionLock:
         hand-off nothing."""
         middle, static = self._middle, self._static_part()
         if middle[0] is not run_id or middle[1] is not static:
-            middle = self._middle = (run_id, static, _record.middle(run_id, static))
+            tail = self._tail
+            if tail[0] is not static:
+                tail = self._tail = (static, _record.middle_tail(static))
+            middle = self._middle = (run_id, static, _record.middle_of(run_id, tail[1]))
         return middle[2]
 
     def _static_part(self) -> str:

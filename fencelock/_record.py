@@ -155,7 +155,6 @@ _new = object.__new__
 
 
 def info_shell(
-    *,
     session: str,
     pid: int,
     host: str,
@@ -351,6 +350,17 @@ def middle(run_id: str, static: str) -> bytes:
     id and the holder's fixed part (`static_part`), the same for every write of a run."""
     rid = _js(run_id) if _PLAIN.search(run_id) else f'"{run_id}"'
     return f',"run_id":{rid}{static},"acquired_at":'.encode()
+
+
+def middle_tail(static: str) -> bytes:
+    """What `middle` puts after the run id's opening quote and value, for `middle_of`."""
+    return f'"{static},"acquired_at":'.encode()
+
+
+def middle_of(run_id: str, tail: bytes) -> bytes:
+    """`middle` from its `middle_tail`, encoded once for all runs of a holder, for a run
+    id that needs no escaping (`_identity.RUN_IDS` makes only such ids)."""
+    return b',"run_id":"' + run_id.encode() + tail
 
 
 def fingerprint_bytes(fingerprint: Fingerprint | None) -> bytes:

@@ -508,7 +508,8 @@ class SidecarHolder:
         or where no record write can follow: see `SessionLock.release`)."""
         long = time.monotonic() - self._since >= HAND_OVER_AFTER
         # After a run's length (not a loop of short ones) one lstat is nothing.
-        self._mark_what_the_run_left(lock, look=long)
+        if self._unmarked or long:  # (a loop of short runs on one file makes no call)
+            self._mark_what_the_run_left(lock, look=long)
         fd, self._fd, opened = self._fd, -1, self._opened
         written = False
         try:

@@ -220,3 +220,19 @@ def test_the_fast_builder_makes_what_the_constructor_makes() -> None:
         built.lane = "other"  # type: ignore[misc]
     assert all(getattr(built, f.name) == v for f, v in zip(dataclasses.fields(HolderInfo), values,
                                                            strict=True))
+
+
+def test_a_run_id_of_this_process_needs_no_escaping_in_the_record() -> None:
+    """A holder encodes its run id with no escaping (`middle_of`): every id it makes
+    must read back as itself, as `middle` writes it."""
+    from fencelock import _identity, _record
+
+    static = _record.static_part(
+        pid=1, host="h\u00e9", process_start="1", session='/s/"x".jsonl', lane="l",
+        fence="stat", origin=None, extra={},
+    )
+    tail = _record.middle_tail(static)
+    for _ in range(3):
+        run_id = _identity.RUN_IDS.next()
+        assert _record.middle_of(run_id, tail) == _record.middle(run_id, static)
+        assert json.loads(b"{" + _record.middle_of(run_id, tail)[1:] + b"0}")["run_id"] == run_id
