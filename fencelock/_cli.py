@@ -115,9 +115,11 @@ def _one_session(path: str, command: str) -> None:
     if problem is not None:
         raise CliError(problem)
     if _is_directory_to_scan(path):
+        from fencelock._errors import shell_word
+
         raise CliError(
             f"{path}: is a directory; {command} takes one session file "
-            f"(fencelock status {path} lists the sessions in it)"
+            f"(fencelock status {shell_word(path)} lists the sessions in it)"
         )
 
 

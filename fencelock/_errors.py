@@ -58,10 +58,28 @@ class CoordinationError(FenceLockError):
     """Two runs met on one session; retrying the same model call will not help."""
 
 
+def shell_word(text: str) -> str:
+    """``text`` (a path, a URL) as one word that a shell reads back as the same bytes,
+    for a command an error suggests: `shlex.quote`'s form, or where the text holds
+    control characters or bytes that are not UTF-8 (which the message shows escaped,
+    `_output.clean`), bash's ``$'...'`` with those bytes as ``\\xNN``."""
+    if text.isprintable():  # (a byte that is not UTF-8, os.fsdecode's escape, is not)
+        return shlex.quote(text)
+    out = []
+    for byte in os.fsencode(text):
+        if byte in b"\\'":
+            out.append("\\" + chr(byte))
+        elif 0x20 <= byte < 0x7F:
+            out.append(chr(byte))
+        else:
+            out.append(f"\\x{byte:02x}")
+    return "$'" + "".join(out) + "'"
+
+
 def fresh_session_command(session: str, backend: str | None) -> str:
     """The command that starts a fresh session after ``session``'s live run."""
-    store = "" if backend is None else f"--backend {shlex.quote(backend)} "
-    return f"fencelock recover {store}{shlex.quote(session)}"
+    store = "" if backend is None else f"--backend {shell_word(backend)} "
+    return f"fencelock recover {store}{shell_word(session)}"
 
 
 class SessionContendedError(CoordinationError):
@@ -255,7 +273,7 @@ def unsafe_path_fix(path: str, what: str) -> str:
         return "Give the session file's path without the trailing '/'"
     if what == "a directory" and not path.endswith(".holder"):  # a sessions directory
         return (f"Give the path of one session file in it (fencelock status "
-                f"{shlex.quote(path)} lists them)")
+                f"{shell_word(path)} lists them)")
     return "Give the path of a regular file, or rename or remove it"
 
 
@@ -320,7 +338,7 @@ class UnsafeSidecarError(UnsafePathError):
             # A run may hold it: removing this name would let the next run create a
             # new sidecar and take the session while that run still holds the old one.
             return (f"Remove its other name (a backup's hard link? find "
-                    f"{shlex.quote(_mount_point(path))} -xdev -samefile {shlex.quote(path)}"
+                    f"{shell_word(_mount_point(path))} -xdev -samefile {shell_word(path)}"
                     f"), not this one: a run may hold it")
         return "Remove or rename it if it is not meant to be there"
 
@@ -345,10 +363,11 @@ class CorruptRecordError(FenceLockError):
         self.why = why
         self.command = command
         """The command that sets it aside (default: ``fencelock clear --force SIDECAR``)."""
-        # The command comes last, whole and unquoted, so that it can be copied as it is.
+        # The command comes last, whole, so that it can be copied as it is.
+        command = command or f"fencelock clear --force {shell_word(sidecar)}"
         super().__init__(
             f"{sidecar}: holder record is corrupt ({why}); inspect it, then set it aside "
-            f"and start over with: {command or f'fencelock clear --force {sidecar}'}"
+            f"and start over with: {command}"
         )
 
     def _init_args(self) -> tuple[Any, ...]:

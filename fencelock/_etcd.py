@@ -41,6 +41,7 @@ from fencelock._errors import (
     StoreUnavailableError,
     describe_leftovers,
     no_thread,
+    shell_word,
 )
 from fencelock._record import HolderInfo, State
 
@@ -1088,9 +1089,7 @@ def _decode(value: bytes | None, where: str, command: str | None = None) -> Hold
 
 def _clear_command(url: EtcdURL, session: str) -> str:
     """The command that sets a corrupt last record in etcd aside."""
-    import shlex
-
-    return f"fencelock clear --force --backend {shlex.quote(url.text)} {shlex.quote(session)}"
+    return f"fencelock clear --force --backend {shell_word(url.text)} {shell_word(session)}"
 
 
 def _decode_quietly(value: bytes | None, where: str) -> HolderInfo | None:

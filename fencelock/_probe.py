@@ -552,7 +552,7 @@ def _scan_rows(base: str, stuck_after: float) -> Generator[HolderStatus, None, N
                 if not entry.is_file(follow_symlinks=False):
                     odd[name] = entry
     except OSError as e:
-        raise SidecarAccessError(base, e, "scan needs a directory this user can list") from None
+        raise SidecarAccessError(base, e, _sidecar.listing_fix(base, e)) from None
     now = time.time()
     # Rows in order; a lock found taken without a live record is watched for its grace
     # while the scan goes on, so that such sessions share their graces.
@@ -634,7 +634,7 @@ def _scan_store(
     try:
         names = sorted(n for n in os.listdir(base) if n.endswith(SESSION_SUFFIX))
     except OSError as e:
-        raise SidecarAccessError(base, e, "scan needs a directory this user can list") from None
+        raise SidecarAccessError(base, e, _sidecar.listing_fix(base, e)) from None
     from fencelock import _etcd
 
     url = _backend.selected(backend)

@@ -13,7 +13,6 @@ import enum
 import errno
 import hashlib
 import os
-import shlex
 import stat
 import time
 import uuid
@@ -40,6 +39,7 @@ from fencelock._errors import (
     SessionContendedError,
     SidecarAccessError,
     UnsafePathError,
+    shell_word,
 )
 from fencelock._fingerprint import FenceMode
 from fencelock._platform import describe_mode
@@ -431,6 +431,8 @@ def _published(successor: str, session: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return False  # no such file can be there (making one is refused in its turn)
         raise SidecarAccessError(successor, e, _sidecar.path_fix(
             successor, e, writing=True, sidecar=False) or "recover needs to read it") from None
     # Not one recover made: its name can be worked out from the stuck run's record.
@@ -472,6 +474,8 @@ def _make_fresh(
         where = getattr(e, "path", None) or getattr(e, "session", None) or new
         reason = (f"{where}: {cause.strerror}" if isinstance(cause, OSError) and cause.strerror
                   else str(e))
+        if isinstance(cause, OSError) and cause.errno == errno.ENAMETOOLONG:
+            reason = f"{where}: {_sidecar.path_fix(where, cause, writing=True, sidecar=False)}"
         # Starting it empty helps where the copy did not fit, not where its record did not.
         empty = ("" if not carry or isinstance(e, SidecarAccessError)
                  or not isinstance(cause, OSError) or cause.errno not in (
@@ -553,7 +557,7 @@ def _fill_fresh(
                             f"{session}: a line in it is stamped with the largest token "
                             f"({highest}), so a fresh session carrying it has no token left "
                             f"above it; nothing was made. Check where that stamp came from "
-                            f"(fencelock verify {shlex.quote(session)})")
+                            f"(fencelock verify {shell_word(session)})")
                     lock._token = highest + 1  # its record says so from the copy on
                 _fence.publish(new, _chunks(fd, session, end, digest), token=lock._token,
                                file_mode=lock.mode, check=lock._store.check)

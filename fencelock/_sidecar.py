@@ -230,6 +230,17 @@ def path_fix(path: str, e: OSError, *, writing: bool, sidecar: bool) -> str | No
     return None
 
 
+def listing_fix(directory: str, e: OSError) -> str:
+    """What to do about ``e``, raised listing ``directory`` for a scan."""
+    if e.errno == errno.ENAMETOOLONG:
+        return _too_long(directory, sidecar=False)
+    if e.errno in LIMIT_FIXES:
+        return LIMIT_FIXES[e.errno]
+    if e.errno == errno.ELOOP:
+        return "a symlink on its path leads in a loop; fix the path or the symlinks in it"
+    return "scan needs a directory this user can list"
+
+
 def _loop_on_the_way(path: str, e: OSError) -> bool:
     """Whether ``e`` (an open refusing ``path``) is a symlink loop in its directories
     rather than the symlink at ``path`` itself that the open refused to follow."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import threading
 import time
 import warnings
@@ -38,6 +37,7 @@ from fencelock._errors import (
     SessionContendedError,
     SidecarAccessError,
     record_lags,
+    shell_word,
 )
 from fencelock._record import HELD, PROMPT, RELEASED, WRITE, HolderInfo
 
@@ -74,7 +74,7 @@ _PEEK_BYTES = 4096
 def _released_note(session: str) -> str:
     """The fix of a release whose record could not be marked released."""
     return ("the session is released, but its record still says held, so it reads as "
-            f"stale; once the sidecar can be written, fencelock clear {shlex.quote(session)} "
+            f"stale; once the sidecar can be written, fencelock clear {shell_word(session)} "
             "marks it released")
 
 

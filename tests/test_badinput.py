@@ -1742,3 +1742,81 @@ def test_a_thread_that_cannot_be_started_is_a_fencelock_error(
     assert acquired.startswith(f"{free}: acquire_async needs a thread")
     assert "ulimit -u" in waited and "ulimit -u" in acquired
     assert probe(free).state == "free"
+
+
+@pytest.mark.parametrize("name", [
+    "my session.jsonl", "$(touch PWNED).jsonl", "it's.jsonl", "a\nb.jsonl",
+    "caf\u00e9 \\x.jsonl", os.fsdecode(b"\xff\xfe-odd.jsonl"),
+])
+def test_a_suggested_command_names_the_file_it_was_written_for(
+    name: str, tmp_path: Path,
+) -> None:
+    """The command an error suggests (here corrupt record's `clear --force`), pasted into
+    a shell, acts on that file: no word split, nothing run, every byte kept."""
+    tmp_path = tmp_path / "odd"
+    tmp_path.mkdir()
+    session = tmp_path / name
+    session.write_bytes(b"{}\n")
+    sidecar_of(session).write_bytes(b"garbage\n")
+    status = subprocess.run([sys.executable, "-m", "fencelock", "status", str(session)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    command = status.stderr.strip().split("start over with: ", 1)[1]
+    assert command.startswith("fencelock clear --force ")
+    shell = f'fencelock() {{ "{sys.executable}" -m fencelock "$@"; }}; {command}'
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True,
+                          timeout=60, check=False, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert not sidecar_of(session).exists()  # set aside, under a name beside it
+    assert [p.name.split(".corrupt-")[0] for p in tmp_path.glob("*.corrupt-*")] == [
+        sidecar_of(session).name]
+    assert sorted(p.name for p in tmp_path.iterdir() if ".corrupt-" not in p.name) == [name]
+
+
+def _deep(tmp_path: Path, length: int) -> int:
+    """A descriptor of a directory under ``tmp_path`` whose absolute path is ``length``
+    bytes, made one short name at a time (no single call is given the whole path)."""
+    fd = os.open(tmp_path, os.O_RDONLY)
+    here = len(os.fsencode(str(tmp_path)))
+    while here < length:
+        name = "d" * min(200, length - here - 1)
+        os.mkdir(name, dir_fd=fd)
+        inner = os.open(name, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd, here = inner, here + 1 + len(name)
+    return fd
+
+
+def _fencelock_in(fd: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fencelock", *args], capture_output=True,
+                          text=True, timeout=60, check=False, preexec_fn=lambda: os.fchdir(fd))
+
+
+def test_a_scan_of_a_directory_past_path_max_says_the_path_is_too_long(
+    tmp_path: Path,
+) -> None:
+    fd = _deep(tmp_path, 4300)
+    try:
+        for args in (["status"], ["status", "--json"], ["clear", "."]):
+            done = _fencelock_in(fd, *args)
+            assert done.returncode == 1 and "Traceback" not in done.stderr
+            assert "longer than this system allows" in done.stderr, done.stderr
+            assert "this user can list" not in done.stderr
+    finally:
+        os.close(fd)
+
+
+def test_recover_refires_a_free_session_where_a_fresh_one_could_not_be_named(
+    tmp_path: Path,
+) -> None:
+    """Its directory's path leaves room for the session and its sidecar, not for a fresh
+    session's longer name: a free session needs none, and recover refires it."""
+    fd = _deep(tmp_path, 4060)
+    try:
+        with open("s.jsonl", "w", opener=lambda p, f: os.open(p, f, 0o600, dir_fd=fd)) as f:
+            f.write('{"a":1}\n')
+        assert _fencelock_in(fd, "run", "--lane", "x", "s.jsonl", "--", "true").returncode == 0
+        done = _fencelock_in(fd, "recover", "--json", "s.jsonl")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["action"] == "refire"
+    finally:
+        os.close(fd)
