@@ -62,18 +62,18 @@ def shell_word(text: str) -> str:
     """``text`` (a path, a URL) as one word that a shell reads back as the same bytes,
     for a command an error suggests: `shlex.quote`'s form, or where the text holds
     control characters or bytes that are not UTF-8 (which the message shows escaped,
-    `_output.clean`), bash's ``$'...'`` with those bytes as ``\\xNN``."""
+    `_output.clean`), bash's ``$'...'`` with those bytes as ``\\xNN``. In that form a
+    quote and a backslash are ``\\x27`` and ``\\x5c`` too: a shell without ``$'...'``
+    (dash) then reads one inert word, never the rest of a name as code. A relative path
+    that starts with '-' gets './' before it, so that no command takes it for an option."""
+    if text.startswith("-"):
+        text = "./" + text
     if text.isprintable():  # (a byte that is not UTF-8, os.fsdecode's escape, is not)
         return shlex.quote(text)
-    out = []
-    for byte in os.fsencode(text):
-        if byte in b"\\'":
-            out.append("\\" + chr(byte))
-        elif 0x20 <= byte < 0x7F:
-            out.append(chr(byte))
-        else:
-            out.append(f"\\x{byte:02x}")
-    return "$'" + "".join(out) + "'"
+    return "$'" + "".join(
+        chr(byte) if 0x20 <= byte < 0x7F and byte not in b"\\'" else f"\\x{byte:02x}"
+        for byte in os.fsencode(text)
+    ) + "'"
 
 
 def fresh_session_command(session: str, backend: str | None) -> str:

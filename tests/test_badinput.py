@@ -1746,7 +1746,8 @@ def test_a_thread_that_cannot_be_started_is_a_fencelock_error(
 
 @pytest.mark.parametrize("name", [
     "my session.jsonl", "$(touch PWNED).jsonl", "it's.jsonl", "a\nb.jsonl",
-    "caf\u00e9 \\x.jsonl", os.fsdecode(b"\xff\xfe-odd.jsonl"),
+    "caf\u00e9 \\x.jsonl", os.fsdecode(b"\xff\xfe-odd.jsonl"), "x\x01'; touch PWNED #.jsonl",
+    "-dash.jsonl",
 ])
 def test_a_suggested_command_names_the_file_it_was_written_for(
     name: str, tmp_path: Path,
@@ -1762,6 +1763,10 @@ def test_a_suggested_command_names_the_file_it_was_written_for(
                             capture_output=True, text=True, timeout=60, check=False)
     command = status.stderr.strip().split("start over with: ", 1)[1]
     assert command.startswith("fencelock clear --force ")
+    # A shell without bash's $'...' (dash) may read other bytes, but never runs a part.
+    subprocess.run(["sh", "-c", f"fencelock() {{ :; }}; {command}"], capture_output=True,
+                   timeout=60, check=False, cwd=tmp_path)
+    assert not (tmp_path / "PWNED").exists()
     shell = f'fencelock() {{ "{sys.executable}" -m fencelock "$@"; }}; {command}'
     done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True,
                           timeout=60, check=False, cwd=tmp_path)
@@ -1820,3 +1825,19 @@ def test_recover_refires_a_free_session_where_a_fresh_one_could_not_be_named(
         assert json.loads(done.stdout)["action"] == "refire"
     finally:
         os.close(fd)
+
+
+def test_a_suggested_status_of_a_directory_named_like_an_option_lists_it(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "-d").mkdir()
+    done = subprocess.run([sys.executable, "-m", "fencelock", "wait", "--", "-d"],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          cwd=tmp_path)
+    assert done.returncode == 1
+    command = re.search(r"\((fencelock status .*) lists the sessions in it\)", done.stderr)
+    assert command is not None, done.stderr
+    shell = f'fencelock() {{ "{sys.executable}" -m fencelock "$@"; }}; {command[1]}'
+    listed = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, timeout=60,
+                            check=False, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
