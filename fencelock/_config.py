@@ -19,10 +19,15 @@ import json
 import os
 import re
 import stat
+import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from fencelock import _platform
+from fencelock._constants import SESSION_SUFFIX as _SESSION_SUFFIX
+from fencelock._constants import SIDECAR_SUFFIX as _SIDECAR_SUFFIX
 
 # ConfigError lives with the other exceptions; it is still importable from here.
 from fencelock._errors import ConfigError as ConfigError
@@ -173,7 +178,8 @@ def parse(text: str, path: str = "<config>") -> Any:
     import json5  # only configs that are not plain JSON pay for it
 
     try:
-        return json5.loads(text, parse_int=_int)
+        with _deep_enough():
+            return json5.loads(text, parse_int=_int)
     except RecursionError:
         raise ConfigError(path, f"nested too deeply; {_NOT_A_CONFIG_FIX}") from None
     except ValueError as e:
@@ -190,6 +196,28 @@ def parse(text: str, path: str = "<config>") -> Any:
         raise ConfigError(path, f"not valid JSON or JSON5: {e}; {_SYNTAX_FIX}") from None
 
 
+_JSON5_FRAMES = 25
+"""Python frames the json5 parser takes for each level a value nests (pure Python: about
+25 a level, where the json module takes one); see `_deep_enough`."""
+
+_deep_mu = threading.Lock()
+
+
+@contextlib.contextmanager
+def _deep_enough() -> Iterator[None]:
+    """Let JSON5 nest as deep as plain JSON does (the recursion limit, in levels):
+    without it a config of some 40 levels (JSON schemas of tools, say) failed as
+    "nested too deeply" once it held a comment. One parse at a time raises the
+    limit, which it puts back after (it is the interpreter's)."""
+    with _deep_mu:
+        before = sys.getrecursionlimit()
+        sys.setrecursionlimit(before * _JSON5_FRAMES)
+        try:
+            yield
+        finally:
+            sys.setrecursionlimit(before)
+
+
 def _read_fix(e: OSError) -> str:
     """What to do when the config cannot be opened."""
     if e.errno == errno.EISDIR:
@@ -204,6 +232,15 @@ def _read_fix(e: OSError) -> str:
 def load(path: str | os.PathLike[str]) -> Any:
     """Read and parse a config file; `ConfigError` naming the file for anything wrong."""
     name = os.fspath(path)
+    # Named by mistake, whatever they hold: a one-line session file or a holder record
+    # parses as a config with no agents (the gateway's default heartbeat, warned of),
+    # and a session file's torn last line must not be "mended" on the linter's word.
+    if name.lower().endswith(_SESSION_SUFFIX):
+        raise ConfigError(name, f"a session file (JSON lines), not a gateway config; "
+                                f"{_NOT_A_CONFIG_FIX}")
+    if name.endswith(_SIDECAR_SUFFIX):
+        raise ConfigError(name, f"a session's holder record (fencelock's sidecar), not a "
+                                f"gateway config; {_NOT_A_CONFIG_FIX}")
     try:
         # O_NONBLOCK: a FIFO named as the config must not hang the check.
         flags = os.O_RDONLY | _platform.O_NONBLOCK | _platform.O_CLOEXEC
@@ -379,6 +416,9 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
         return ConfigReport((ConfigWarning(name, where, None, False, implicit=True),))
     warnings: list[ConfigWarning] = []
     notices: list[ConfigNotice] = []
+    wheres: dict[str, list[str]] = {}  # every entry of each id (once: the list may be long)
+    for name, where, _ in listed:
+        wheres.setdefault(name, []).append(where)
     for name, (where, own) in first.items():  # each id once, in file order
         if explicit and name not in explicit:
             if own is None and _runs(base):
@@ -398,7 +438,7 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
             continue
         own_sets = isinstance(own, dict) and "isolatedSession" in own
         inherited = not own_sets and isinstance(base, dict) and "isolatedSession" in base
-        ignored = tuple(w for (n, w, _) in listed if n == name and w != where)
+        ignored = tuple(w for w in wheres[name] if w != where)
         warnings.append(ConfigWarning(name, where, isolated, inherited, ignored=ignored))
     return ConfigReport(tuple(warnings), tuple(notices))
 

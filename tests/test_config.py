@@ -543,3 +543,35 @@ def test_an_agent_listed_twice_is_judged_by_its_first_entry_as_the_gateway_reads
     assert isolated_first == []
     twice = check(cfg(agents=[{"id": "a", "heartbeat": {}}, {"id": "a", "heartbeat": {}}]))
     assert [(w.agent, w.ignored) for w in twice] == [("a", ("agents.list[1]",))]
+
+
+@pytest.mark.parametrize("data", [
+    b'{"role":"user","content":"hi"}\n',  # one line: it parses as a config with no agents
+    b'{"role":"user","content":"hi"}\n{"role":"assi',  # a torn last line: never "mend it"
+])
+def test_a_session_file_and_its_sidecar_named_by_mistake_are_refused(
+    tmp_path: Path, data: bytes,
+) -> None:
+    from fencelock import SessionLock
+
+    session = tmp_path / "0d6f6a7e-1b8e-4c55-9d35-8c3c1bd0c0a1.jsonl"
+    session.write_bytes(data)
+    with SessionLock(session, lane="hb"):
+        pass
+    for path, what in ((session, "a session file"),
+                       (Path(f"{session}.holder"), "a session's holder record")):
+        with pytest.raises(ConfigError, match=what) as info:
+            load(path)
+        assert "name the gateway's config file" in str(info.value)
+
+
+@pytest.mark.parametrize("depth", [40, 900])
+def test_json5_nests_as_deep_as_json(tmp_path: Path, depth: int) -> None:
+    """A config with a comment (JSON5) nesting as deep as one plain JSON reads (tools'
+    JSON schemas, say): not "nested too deeply"."""
+    deep = "{a:" * depth + "1" + "}" * depth
+    path = tmp_path / "gw.json5"
+    path.write_text("// gateway\n{agents: {list: [{id: 'a', heartbeat: "
+                    "{isolatedSession: true}, tools: " + deep + "}]}}\n")
+    assert check_file(path) == []
+    assert sys.getrecursionlimit() < 10_000  # put back
