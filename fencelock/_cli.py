@@ -260,6 +260,29 @@ class _Seconds(click.ParamType):  # type: ignore[type-arg]
 
 SECONDS = _Seconds()
 HEARTBEAT = _Seconds(least=0.01)
+
+
+class _Mode(click.ParamType):  # type: ignore[type-arg]
+    """Permission bits in octal, as chmod(1) takes them: 660, 0660 or 0o660."""
+
+    name = "mode"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).lower().removeprefix("0o")
+        if not text or not text.isascii() or not text.isdigit() or "8" in text or "9" in text:
+            self.fail(f"{value!r} is not an octal mode such as 600 or 660", param, ctx)
+        mode = int(text, 8)
+        if not 0o600 <= mode <= 0o777 or mode & 0o600 != 0o600:
+            self.fail(f"{value!r} is not a mode its owner can read and write: give one "
+                      "from 600 to 777 (660 for a group that shares the sessions)", param, ctx)
+        return mode
+
+
+MODE = _Mode()
 """A heartbeat interval: a shorter one than 10 ms only keeps a CPU and the disk busy."""
 
 
@@ -708,6 +731,9 @@ def _holding_options(heartbeat_help: str) -> Callable[[Any], Any]:
                          help="Give up (exit 4) after waiting this long for the holder."),
             click.option("--heartbeat", type=HEARTBEAT, default=60.0, show_default=True,
                          metavar="SECONDS", help=heartbeat_help),
+            click.option("--mode", type=MODE, default="600", show_default=True,
+                         help="Permission bits of the sidecar and session files it makes "
+                              "(660 where a group shares the sessions directory)."),
             _backend_option,
         )):
             f = option(f)
@@ -776,6 +802,7 @@ def run(
     no_wait: bool,
     timeout: float | None,
     heartbeat: float,
+    mode: int,
     backend: str | None,
     command: tuple[str, ...],
 ) -> None:
@@ -810,7 +837,7 @@ def run(
         with library_errors():
             lock = SessionLock(
                 session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout,
-                backend=backend,
+                backend=backend, mode=mode,
             )
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--lane'") from None
@@ -829,6 +856,7 @@ def hold(
     no_wait: bool,
     timeout: float | None,
     heartbeat: float,
+    mode: int,
     backend: str | None,
 ) -> None:
     """Hold SESSION for the process at the other end of stdin and stdout.
@@ -851,7 +879,7 @@ def hold(
     try:
         code = hold_main(
             session, lane, no_wait=no_wait, timeout=timeout, heartbeat=heartbeat,
-            backend=backend,
+            backend=backend, mode=mode,
         )
     except HoldArgumentError as e:
         raise click.BadParameter(str(e), param_hint=f"'{e.option}'") from None

@@ -181,14 +181,37 @@ def _same(expected: Fingerprint | None, actual: Fingerprint | None, mode: FenceM
     return expected.matches(actual, mode)
 
 
+def _open_torn(torn: str, file_mode: int) -> tuple[int, os.stat_result, bool]:
+    """Open ``<session>.torn`` to append to it, made with ``file_mode`` if missing;
+    (descriptor, its stat, whether this made it)."""
+    while True:
+        for flags in (os.O_APPEND | os.O_CREAT | os.O_EXCL, os.O_APPEND):
+            try:
+                try:
+                    fd, st = _sidecar.open_regular(torn, flags | os.O_RDWR, file_mode)
+                except PermissionError:  # writable only: no look at what it holds
+                    fd, st = _sidecar.open_regular(torn, flags | os.O_WRONLY, file_mode)
+            except FileExistsError:
+                continue  # kept from before: appended to as it is
+            except FileNotFoundError:
+                if flags & os.O_CREAT:
+                    raise  # its directory is gone
+                break  # removed since the exclusive create failed: make it after all
+            made = bool(flags & os.O_CREAT)
+            if made:
+                set_mode(fd, file_mode, torn)
+            return fd, st, made
+
+
 def _cut_torn_tail(
     fd: int, session: str, st: os.stat_result, expected: Fingerprint | None, mode: FenceMode,
-    cutting: list[int],
+    cutting: list[int], file_mode: int = 0o600,
 ) -> int:
     """If the file does not end in a newline, move its last partial line aside; returns
     where the file ends after that. ``st`` is the file's stat at the fence check, which
     found it ``expected``. Where the file is cut goes in ``cutting`` just before the
-    cut, so that an interrupt from there on finds the fence point to move to."""
+    cut, so that an interrupt from there on finds the fence point to move to. A
+    ``.torn`` this makes gets ``file_mode``, as the session and its sidecar do."""
     size = st.st_size
     try:
         if size == 0 or _platform.pread(fd, 1, size - 1) == b"\n":
@@ -197,12 +220,8 @@ def _cut_torn_tail(
     except OSError as e:
         raise SessionWriteError(session, e, "reading its last line") from None
     torn = session + TORN_SUFFIX
-    flags = os.O_APPEND | os.O_CREAT
     try:
-        try:
-            aside, kept = _sidecar.open_regular(torn, flags | os.O_RDWR)
-        except PermissionError:  # writable only: no look at what it holds
-            aside, kept = _sidecar.open_regular(torn, flags | os.O_WRONLY)
+        aside, kept, _ = _open_torn(torn, file_mode)
     except OSError as e:
         raise SessionWriteError(torn, e, "keeping the torn last line aside") from None
     try:
@@ -412,7 +431,7 @@ def append(
     taking_back = False  # a failed write's line is being cut off (the stat moves)
     try:
         if made:
-            set_mode(fd, file_mode)  # before the fence point: it moves ctime
+            set_mode(fd, file_mode, session)  # before the fence point: it moves ctime
         if created and token:
             _tokens.reserve(fd, token)
         if not created:
@@ -422,7 +441,7 @@ def append(
                     raise SessionTakeoverError(session, expected, actual)
             # The file the run fenced: another user's from the start, not a swap.
             _sidecar.refuse_planted(session, st)
-            size = _cut_torn_tail(fd, session, st, expected, mode, cutting) \
+            size = _cut_torn_tail(fd, session, st, expected, mode, cutting, file_mode) \
                 if check_tail else st.st_size
         try:
             _write_all(fd, line, session)
@@ -582,7 +601,7 @@ def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int
     # stat (device and inode, `_sidecar.still_at_path`) tells the part this call wrote
     # from anyone else's.
     try:
-        set_mode(fd, file_mode)
+        set_mode(fd, file_mode, part)
         if token:
             _tokens.reserve(fd, token)
         for chunk in chunks:

@@ -447,6 +447,7 @@ def make_lock(
     no_wait: bool,
     timeout: float | None,
     backend: str | None,
+    mode: int = 0o600,
 ) -> SessionLock:
     """The `SessionLock` `hold` takes; `HoldArgumentError` for a value it cannot use."""
     from fencelock._lock import SessionLock
@@ -454,7 +455,7 @@ def make_lock(
     try:
         return SessionLock(
             session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout,
-            backend=backend,
+            backend=backend, mode=mode,
         )
     except FenceLockError:
         raise  # about the session (e.g. outside the backend's root), not an option value
@@ -669,10 +670,12 @@ def main(
     timeout: float | None,
     heartbeat: float,
     backend: str | None,
+    mode: int = 0o600,
 ) -> int:
     """What ``fencelock hold`` runs once its arguments are parsed."""
     try:
-        lock = make_lock(session, lane, no_wait=no_wait, timeout=timeout, backend=backend)
+        lock = make_lock(session, lane, no_wait=no_wait, timeout=timeout, backend=backend,
+                         mode=mode)
     except HoldArgumentError:
         raise
     except FenceLockError as e:  # answered like a session that cannot be held

@@ -230,13 +230,14 @@ if WINDOWS:  # pragma: no cover - exercised on Windows only
     def hand_over() -> None:
         """Nothing to do: a waiter here polls (see `lock_blocking`)."""
 
-    def set_mode(fd: int, mode: int) -> None:
+    def set_mode(fd: int, mode: int, path: str = "") -> None:
         """Nothing to do: Windows files carry no POSIX permission bits."""
 
 else:
     import fcntl
 
     _flock = fcntl.flock
+    _geteuid = os.geteuid
     _EX_NB = fcntl.LOCK_EX | fcntl.LOCK_NB
     _SH_NB = fcntl.LOCK_SH | fcntl.LOCK_NB
 
@@ -285,13 +286,24 @@ else:
         costs one system call."""
         _sched_yield()
 
-    def set_mode(fd: int, mode: int) -> None:
-        """Give a file this process has just created exactly ``mode``, which the open's
-        own mode argument gets only as far as the umask lets it (``mode=0o660`` under
-        umask 022 would be 0o640, shutting the group out). Best effort: a filesystem
-        without POSIX permissions (FAT, some SMB mounts) refuses and keeps its own."""
+    def set_mode(fd: int, mode: int, path: str = "") -> None:
+        """Give a file this process has just created (at ``path``) exactly ``mode``,
+        which the open's own mode argument gets only as far as the umask lets it
+        (``mode=0o660`` under umask 022 would be 0o640, shutting the group out). Best
+        effort: a filesystem without POSIX permissions (FAT, some SMB mounts) refuses
+        and keeps its own.
+
+        Run as root (an operator's ``sudo fencelock run``, ``hold`` or ``recover``), the
+        file also goes to the owner and group of its directory, unless that is root's
+        or anyone may write to it: a sidecar, session or ``.torn`` left root's 0600
+        kept the gateway that owns the sessions out of that session for good."""
         with contextlib.suppress(OSError):
             os.fchmod(fd, mode)
+        if path and _geteuid() == 0:
+            with contextlib.suppress(OSError):
+                where = os.stat(os.path.dirname(path) or ".")
+                if (where.st_uid, where.st_gid) != (0, 0) and not where.st_mode & 0o002:
+                    os.fchown(fd, where.st_uid, where.st_gid)
 
 
 def describe_mode(mode: int) -> str:

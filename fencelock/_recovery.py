@@ -500,6 +500,19 @@ def _remove_fresh(new: str) -> None:
             os.unlink(made)
 
 
+def _fresh_mode(session: str) -> int:
+    """The mode of a fresh session and its sidecar: 0o600, or 0o660 where the session
+    is shared with its group (it can read and write it), as a gateway made it with
+    ``mode=0o660``, so that the group keeps the conversation. Never wider: a sidecar
+    others can read, they can lock and hold."""
+    try:
+        st = os.lstat(session)
+    except OSError:
+        return 0o600
+    shared = stat.S_ISREG(st.st_mode) and st.st_mode & 0o060 == 0o060
+    return 0o660 if shared else 0o600
+
+
 def _fill_fresh(
     session: str, new: str, lane: str, carry: bool, old_token: int, backend: str | None,
     copied: list[int], successor: bool = False, stuck: HolderInfo | None = None,
@@ -508,7 +521,8 @@ def _fill_fresh(
     goes into ``copied`` once they are all there. A ``successor`` that exists once its
     lock is ours was made by another recover: it is left as it is, and ``copied`` stays
     empty."""
-    lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session, backend=backend)
+    lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session, backend=backend,
+                             mode=_fresh_mode(session))
     lock._sole_name = True  # a sidecar a failed acquire leaves would list as a session
     # The fresh session continues the old one's tokens: its stamped lines come along.
     # Its lock is taken before the old transcript is read, so that a recover arriving

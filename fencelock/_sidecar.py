@@ -448,7 +448,7 @@ def open_checked(
             if (create or write) and st.st_uid and st.st_uid != _geteuid():
                 refuse_planted(sidecar, st)
             if made:
-                _platform.set_mode(fd, mode)
+                _platform.set_mode(fd, mode, sidecar)
             _forkguard.track(fd, st)
         except BaseException:
             _forkguard.close(fd)  # untracked too, if the interrupt came after `track`

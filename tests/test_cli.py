@@ -14,6 +14,7 @@ import pty
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -2855,3 +2856,18 @@ def test_a_row_for_what_a_run_left_running_escapes_the_record_s_host(session: Pa
     table = click.unstyle("\n".join(status.lines()))  # its own styles off
     assert "\x1b" not in table and "\nm " not in table
     assert "v\\x1b[2J" in table and "left by fencelock run" in table
+
+
+def test_run_and_hold_make_their_files_with_the_mode_given(tmp_path: Path) -> None:
+    ran, held = tmp_path / "r.jsonl", tmp_path / "h.jsonl"
+    assert cli("run", "--mode", "660", str(ran), "--lane", "x", "--", "true").returncode == 0
+    done = subprocess.run(
+        [*FENCELOCK, "hold", "--mode", "0o660", str(held), "--lane", "x"],
+        input='{"op": "append", "entry": {"x": 1}}\n{"op": "release"}\n',
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    made = [f"{ran}.holder", str(held), f"{held}.holder"]
+    assert {p: stat.S_IMODE(os.stat(p).st_mode) for p in made} == {p: 0o660 for p in made}
+    for bad in ("644x", "400", "1777", ""):
+        refused = cli("run", "--mode", bad, str(ran), "--lane", "x", "--", "true")
+        assert refused.returncode == 2 and "'--mode'" in refused.stderr, refused.stderr

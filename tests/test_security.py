@@ -856,3 +856,72 @@ def test_the_planted_file_check_looks_through_a_symlink_of_our_own() -> None:
         with pytest.raises(PlantedFileError), SessionLock(link / "s.jsonl", "victim"):
             pass
         assert (shared / "s.jsonl.holder").read_bytes() == b""
+
+
+@needs_root
+def test_files_root_makes_in_a_users_sessions_directory_stay_usable_by_that_user(
+    spawn_holder: SpawnHolder,
+) -> None:
+    """An operator's ``sudo`` (run, hold, recover) makes a sidecar, a session file, a
+    ``.torn`` and a fresh session in the gateway's directory: they go to the directory's
+    owner and group, so the gateway's next run is not locked out of them."""
+    with open_directory(0o700) as sessions:
+        os.chown(sessions, NOBODY, NOBODY)
+        new, torn, stuck = (str(sessions / f"{n}.jsonl") for n in ("new", "torn", "stuck"))
+        with SessionLock(new, "ops") as lock:  # sidecar and session file made as root
+            lock.append({"x": 1})
+        for path in (torn, stuck):
+            as_user("open(args['p'], 'w').write('{\"a\":1}\\n{\"b\"')\n", p=path)
+        with SessionLock(torn, "ops") as lock, \
+                pytest.warns(fencelock.FenceLockWarning, match="torn"):
+            lock.append({"x": 2})  # the torn tail set aside as root
+        holder = spawn_holder(Path(stuck), lane="stuck")
+        holder.acquire()
+        fresh = fencelock.recover(stuck, wait=0).session  # as root
+        made = [new, new + ".holder", torn + ".holder", torn + ".torn", fresh,
+                fresh + ".holder"]
+        assert {p: (os.stat(p).st_uid, os.stat(p).st_gid) for p in made} == {
+            p: (NOBODY, NOBODY) for p in made}
+        for path in (new, torn, fresh):  # and the gateway's own run goes on in each
+            assert as_user("with SessionLock(args['p'], 'gw') as lock:\n"
+                           "    lock.append({'y': 1})\n"
+                           "    result = 'ok'\n", p=path) == "ok"
+
+
+@needs_root
+def test_root_leaves_its_files_as_they_are_where_anyone_may_write() -> None:
+    """In a directory anyone may write to (a sticky /tmp), another user's file is
+    refused as planted: root's files stay root's there."""
+    with open_directory(0o1777) as sessions:
+        os.chown(sessions, NOBODY, NOBODY)
+        session = str(sessions / "s.jsonl")
+        with SessionLock(session, "ops") as lock:
+            lock.append({"x": 1})
+        assert os.stat(session + ".holder").st_uid == 0 == os.stat(session).st_uid
+
+
+def test_a_torn_line_kept_aside_gets_the_locks_mode(tmp_path: Path) -> None:
+    session = tmp_path / "s.jsonl"
+    session.write_bytes(b'{"a":1}\n{"b"')
+    with SessionLock(session, "gw", mode=0o660) as lock, \
+            pytest.warns(fencelock.FenceLockWarning, match="torn"):
+        lock.append({"x": 1})
+    assert stat.S_IMODE(os.stat(f"{session}.torn").st_mode) == 0o660
+
+
+@pytest.mark.parametrize(("mode", "fresh_mode"), [(0o660, 0o660), (0o600, 0o600),
+                                                  (0o644, 0o600), (0o640, 0o600)])
+def test_a_fresh_session_keeps_a_group_shared_sessions_mode(
+    tmp_path: Path, spawn_holder: SpawnHolder, mode: int, fresh_mode: int,
+) -> None:
+    """Recover's fresh session and its sidecar are the group's where the stuck session
+    was (read and write); never wider than that, nor readable by others."""
+    session = tmp_path / "s.jsonl"
+    session.write_bytes(b'{"a":1}\n')
+    session.chmod(mode)
+    holder = spawn_holder(session, lane="stuck")
+    holder.acquire()
+    fresh = fencelock.recover(session, wait=0).session
+    assert fresh != str(session)
+    assert {stat.S_IMODE(os.stat(p).st_mode) for p in (fresh, fresh + ".holder")} == {
+        fresh_mode}
