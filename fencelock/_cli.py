@@ -1264,10 +1264,17 @@ def check_config(file: str, strict: bool) -> None:
       fencelock check-config ~/.openclaw/openclaw.json --strict
     """
     answer_goes_to_stdout("check-config")
-    from fencelock._config import review_file
+    from fencelock._config import JSON5_FRAMES, review_file
 
-    with library_errors():
-        report = review_file(file)
+    # A JSON5 config nests as deep as a plain JSON one (the json5 parser takes some 25
+    # frames a level): the command parses one file, in one thread.
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(before * JSON5_FRAMES)
+    try:
+        with library_errors():
+            report = review_file(file)
+    finally:
+        sys.setrecursionlimit(before)
     warnings = report.warnings
     name = clean(file)
     for w in warnings:

@@ -19,9 +19,6 @@ import json
 import os
 import re
 import stat
-import sys
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,8 +175,7 @@ def parse(text: str, path: str = "<config>") -> Any:
     import json5  # only configs that are not plain JSON pay for it
 
     try:
-        with _deep_enough():
-            return json5.loads(text, parse_int=_int)
+        return json5.loads(text, parse_int=_int)
     except RecursionError:
         raise ConfigError(path, f"nested too deeply; {_NOT_A_CONFIG_FIX}") from None
     except ValueError as e:
@@ -196,26 +192,11 @@ def parse(text: str, path: str = "<config>") -> Any:
         raise ConfigError(path, f"not valid JSON or JSON5: {e}; {_SYNTAX_FIX}") from None
 
 
-_JSON5_FRAMES = 25
+JSON5_FRAMES = 25
 """Python frames the json5 parser takes for each level a value nests (pure Python: about
-25 a level, where the json module takes one); see `_deep_enough`."""
-
-_deep_mu = threading.Lock()
-
-
-@contextlib.contextmanager
-def _deep_enough() -> Iterator[None]:
-    """Let JSON5 nest as deep as plain JSON does (the recursion limit, in levels):
-    without it a config of some 40 levels (JSON schemas of tools, say) failed as
-    "nested too deeply" once it held a comment. One parse at a time raises the
-    limit, which it puts back after (it is the interpreter's)."""
-    with _deep_mu:
-        before = sys.getrecursionlimit()
-        sys.setrecursionlimit(before * _JSON5_FRAMES)
-        try:
-            yield
-        finally:
-            sys.setrecursionlimit(before)
+25 a level, where the json module takes one). The recursion limit is the interpreter's,
+so the library leaves it alone (a config with a comment nests some 40 levels under the
+default); ``fencelock check-config``, a process of its own, raises it this many times."""
 
 
 def _read_fix(e: OSError) -> str:
@@ -232,15 +213,6 @@ def _read_fix(e: OSError) -> str:
 def load(path: str | os.PathLike[str]) -> Any:
     """Read and parse a config file; `ConfigError` naming the file for anything wrong."""
     name = os.fspath(path)
-    # Named by mistake, whatever they hold: a one-line session file or a holder record
-    # parses as a config with no agents (the gateway's default heartbeat, warned of),
-    # and a session file's torn last line must not be "mended" on the linter's word.
-    if name.lower().endswith(_SESSION_SUFFIX):
-        raise ConfigError(name, f"a session file (JSON lines), not a gateway config; "
-                                f"{_NOT_A_CONFIG_FIX}")
-    if name.endswith(_SIDECAR_SUFFIX):
-        raise ConfigError(name, f"a session's holder record (fencelock's sidecar), not a "
-                                f"gateway config; {_NOT_A_CONFIG_FIX}")
     try:
         # O_NONBLOCK: a FIFO named as the config must not hang the check.
         flags = os.O_RDONLY | _platform.O_NONBLOCK | _platform.O_CLOEXEC
@@ -260,6 +232,16 @@ def load(path: str | os.PathLike[str]) -> Any:
         raise ConfigError(name, f"cannot read it: {reason}; {_read_fix(e)}") from None
     if len(data) > MAX_CONFIG:
         raise ConfigError(name, f"larger than {MAX_CONFIG >> 20} MiB: not a gateway config")
+    # Named by mistake, whatever they hold: a one-line session file or a holder record
+    # parses as a config with no agents (the gateway's default heartbeat, warned of),
+    # and a session file's torn last line must not be "mended" on the linter's word.
+    # (Either case: a case-insensitive filesystem takes S.JSONL.HOLDER for S.jsonl's.)
+    if name.lower().endswith(_SESSION_SUFFIX):
+        raise ConfigError(name, f"a session file (JSON lines), not a gateway config; "
+                                f"{_NOT_A_CONFIG_FIX}")
+    if name.lower().endswith(_SIDECAR_SUFFIX):
+        raise ConfigError(name, f"a session's holder record (fencelock's sidecar), not a "
+                                f"gateway config; {_NOT_A_CONFIG_FIX}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -199,7 +199,7 @@ def _open_torn(torn: str, file_mode: int) -> tuple[int, os.stat_result, bool]:
                 break  # removed since the exclusive create failed: make it after all
             made = bool(flags & os.O_CREAT)
             if made:
-                set_mode(fd, file_mode, torn)
+                set_mode(fd, file_mode, torn[: -len(TORN_SUFFIX)])  # as root, its session's
             return fd, st, made
 
 
@@ -431,7 +431,8 @@ def append(
     taking_back = False  # a failed write's line is being cut off (the stat moves)
     try:
         if made:
-            set_mode(fd, file_mode, session)  # before the fence point: it moves ctime
+            # Before the fence point (it moves ctime); as root, its sidecar's owner's.
+            set_mode(fd, file_mode, session + _sidecar.SUFFIX)
         if created and token:
             _tokens.reserve(fd, token)
         if not created:
@@ -574,7 +575,7 @@ _NO_HARD_LINKS = {errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, er
 
 
 def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int = 0o600,
-            check: Callable[[], None] = lambda: None) -> None:
+            check: Callable[[], None] = lambda: None, like: str = "") -> None:
     """Create ``session`` holding ``chunks``, whole or not at all: written, with the token
     mark for ``token``, and fsynced under ``session`` + `PART` (which only the session's
     holder writes: call it holding the session), then given its name, which no one sees
@@ -601,7 +602,7 @@ def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int
     # stat (device and inode, `_sidecar.still_at_path`) tells the part this call wrote
     # from anyone else's.
     try:
-        set_mode(fd, file_mode, part)
+        set_mode(fd, file_mode, like or session)  # as root, the owner of ``like``'s
         if token:
             _tokens.reserve(fd, token)
         for chunk in chunks:

@@ -287,6 +287,10 @@ class SessionLock:
         """Only fencelock's own acquirers lock this session's sidecar (`recover`'s fresh
         session, whose name only recovers know): an acquire that fails before its first
         record removes an empty sidecar, under its lock."""
+        self._like = ""
+        """The session file whose owner the files this makes as root take
+        (`_platform.set_mode`), where not its own: recover's fresh session takes the stuck
+        one's."""
         self._token_floor = 0
         """A new sidecar's first token is above this (`recover` sets it for a fresh
         session that carries another session's stamped lines)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import threading
 import time
@@ -230,7 +231,7 @@ if WINDOWS:  # pragma: no cover - exercised on Windows only
     def hand_over() -> None:
         """Nothing to do: a waiter here polls (see `lock_blocking`)."""
 
-    def set_mode(fd: int, mode: int, path: str = "") -> None:
+    def set_mode(fd: int, mode: int, like: str = "") -> None:
         """Nothing to do: Windows files carry no POSIX permission bits."""
 
 else:
@@ -286,24 +287,38 @@ else:
         costs one system call."""
         _sched_yield()
 
-    def set_mode(fd: int, mode: int, path: str = "") -> None:
-        """Give a file this process has just created (at ``path``) exactly ``mode``,
-        which the open's own mode argument gets only as far as the umask lets it
-        (``mode=0o660`` under umask 022 would be 0o640, shutting the group out). Best
-        effort: a filesystem without POSIX permissions (FAT, some SMB mounts) refuses
-        and keeps its own.
+    def set_mode(fd: int, mode: int, like: str = "") -> None:
+        """Give a file this process has just created exactly ``mode``, which the open's
+        own mode argument gets only as far as the umask lets it (``mode=0o660`` under
+        umask 022 would be 0o640, shutting the group out). Best effort: a filesystem
+        without POSIX permissions (FAT, some SMB mounts) refuses and keeps its own.
 
         Run as root (an operator's ``sudo fencelock run``, ``hold`` or ``recover``), the
-        file also goes to the owner and group of its directory, unless that is root's
-        or anyone may write to it: a sidecar, session or ``.torn`` left root's 0600
-        kept the gateway that owns the sessions out of that session for good."""
+        file also goes to the owner and group of the session file it belongs with,
+        ``like`` (for a fresh session, the stuck one it continues): a sidecar, session
+        or ``.torn`` left root's 0600 kept the gateway that owns the session out of it
+        for good. Where ``like`` is no regular file yet (a new session), to those of
+        its directory, unless that is root's or anyone may write to it (another user's
+        file is refused there as planted)."""
         with contextlib.suppress(OSError):
             os.fchmod(fd, mode)
-        if path and _geteuid() == 0:
+        if like and _geteuid() == 0:
             with contextlib.suppress(OSError):
-                where = os.stat(os.path.dirname(path) or ".")
-                if (where.st_uid, where.st_gid) != (0, 0) and not where.st_mode & 0o002:
-                    os.fchown(fd, where.st_uid, where.st_gid)
+                owner = _owner_for(like)
+                if owner is not None:
+                    os.fchown(fd, *owner)
+
+    def _owner_for(like: str) -> tuple[int, int] | None:
+        try:
+            st = os.lstat(like)
+        except FileNotFoundError:
+            pass
+        else:
+            return (st.st_uid, st.st_gid) if stat.S_ISREG(st.st_mode) else None
+        where = os.stat(os.path.dirname(like) or ".")
+        if (where.st_uid, where.st_gid) == (0, 0) or where.st_mode & 0o002:
+            return None
+        return where.st_uid, where.st_gid
 
 
 def describe_mode(mode: int) -> str:

@@ -524,6 +524,7 @@ def _fill_fresh(
     lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session, backend=backend,
                              mode=_fresh_mode(session))
     lock._sole_name = True  # a sidecar a failed acquire leaves would list as a session
+    lock._like = session  # made as root, its files are the stuck session's owner's
     # The fresh session continues the old one's tokens: its stamped lines come along.
     # Its lock is taken before the old transcript is read, so that a recover arriving
     # meanwhile (the stuck run gone by then) finds this copy under way and answers it.
@@ -574,7 +575,7 @@ def _fill_fresh(
                             f"(fencelock verify {shell_word(session)})")
                     lock._token = highest + 1  # its record says so from the copy on
                 _fence.publish(new, _chunks(fd, session, end, digest), token=lock._token,
-                               file_mode=lock.mode, check=lock._store.check)
+                               file_mode=lock.mode, check=lock._store.check, like=session)
             except HolderLostError:
                 raise  # another holder's now: nothing here is this call's to remove
             except BaseException:  # an interrupt (SIGTERM, Ctrl-C) too

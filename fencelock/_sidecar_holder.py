@@ -262,7 +262,8 @@ class SidecarHolder:
         # thread waits, the helper owns it. (Either way _forkguard closes a fork's copy.)
         while True:
             try:
-                fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode)
+                fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode,
+                                               like=lock._like)
             except SidecarAccessError:
                 if lock.on_contention == "fail":
                     self._raise_if_held_elsewhere()

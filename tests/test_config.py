@@ -558,11 +558,20 @@ def test_a_session_file_and_its_sidecar_named_by_mistake_are_refused(
     session.write_bytes(data)
     with SessionLock(session, lane="hb"):
         pass
+    upper = tmp_path / "S.JSONL.HOLDER"  # a case-insensitive filesystem's sidecar
+    upper.write_bytes(Path(f"{session}.holder").read_bytes())
     for path, what in ((session, "a session file"),
-                       (Path(f"{session}.holder"), "a session's holder record")):
+                       (Path(f"{session}.holder"), "a session's holder record"),
+                       (upper, "a session's holder record")):
         with pytest.raises(ConfigError, match=what) as info:
             load(path)
         assert "name the gateway's config file" in str(info.value)
+    # What is not a file there is named as such.
+    (tmp_path / "d.jsonl").mkdir()
+    with pytest.raises(ConfigError, match="Is a directory"):
+        load(tmp_path / "d.jsonl")
+    with pytest.raises(ConfigError, match="No such file"):
+        load(tmp_path / "missing.jsonl")
 
 
 @pytest.mark.parametrize("depth", [40, 900])
@@ -573,5 +582,16 @@ def test_json5_nests_as_deep_as_json(tmp_path: Path, depth: int) -> None:
     path = tmp_path / "gw.json5"
     path.write_text("// gateway\n{agents: {list: [{id: 'a', heartbeat: "
                     "{isolatedSession: true}, tools: " + deep + "}]}}\n")
-    assert check_file(path) == []
-    assert sys.getrecursionlimit() < 10_000  # put back
+    done = subprocess.run([*_fencelock(), "check-config", str(path)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0 and "ok:" in done.stdout, done.stderr
+
+
+def test_the_library_leaves_the_recursion_limit_alone(tmp_path: Path) -> None:
+    before = sys.getrecursionlimit()
+    path = tmp_path / "gw.json5"
+    path.write_text("// gateway\n{agents: {}, x: " + "{a:" * 20 + "1" + "}" * 20 + "}\n")
+    check_file(path)
+    assert sys.getrecursionlimit() == before
+    assert CliRunner().invoke(main, ["check-config", str(path)]).exit_code == 0  # put back
+    assert sys.getrecursionlimit() == before

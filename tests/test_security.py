@@ -925,3 +925,29 @@ def test_a_fresh_session_keeps_a_group_shared_sessions_mode(
     assert fresh != str(session)
     assert {stat.S_IMODE(os.stat(p).st_mode) for p in (fresh, fresh + ".holder")} == {
         fresh_mode}
+
+
+@needs_root
+def test_root_gives_a_sessions_files_to_its_owner_not_to_the_directorys(
+    spawn_holder: SpawnHolder,
+) -> None:
+    """In a directory one user owns and a group shares, another member's session: what
+    root makes for it (its fresh session and sidecar, its .torn) is that member's, with
+    the session's group; never the directory owner's, who could read it."""
+    member = (12345, 12346)  # ids need no account to own files
+    with open_directory(0o2770) as sessions:
+        os.chown(sessions, NOBODY, NOBODY)
+        stuck, torn = (sessions / f"{n}.jsonl" for n in ("stuck", "torn"))
+        for path in (stuck, torn):
+            path.write_bytes(b'{"secret":1}\n{"b"')
+            os.chown(path, *member)
+            path.chmod(0o660)
+        with SessionLock(torn, "ops") as lock, \
+                pytest.warns(fencelock.FenceLockWarning, match="torn"):
+            lock.append({"x": 2})
+        holder = spawn_holder(stuck, lane="stuck")
+        holder.acquire()
+        fresh = fencelock.recover(stuck, wait=0).session
+        made = [f"{torn}.holder", f"{torn}.torn", fresh, f"{fresh}.holder"]
+        assert {p: (os.stat(p).st_uid, os.stat(p).st_gid) for p in made} == {
+            p: member for p in made}
