@@ -29,7 +29,7 @@ from fencelock._errors import (
 )
 from fencelock._fingerprint import CONTENT, STAT, FenceMode, Fingerprint
 from fencelock._json import digits_problem, strict_loads
-from fencelock._platform import O_CLOEXEC, set_mode
+from fencelock._platform import O_CLOEXEC, owner_for, set_mode
 
 TORN_SUFFIX = ".torn"
 """Torn fragments cut from a session's end are appended here, one per line, as found."""
@@ -181,9 +181,12 @@ def _same(expected: Fingerprint | None, actual: Fingerprint | None, mode: FenceM
     return expected.matches(actual, mode)
 
 
-def _open_torn(torn: str, file_mode: int) -> tuple[int, os.stat_result, bool]:
-    """Open ``<session>.torn`` to append to it, made with ``file_mode`` if missing;
-    (descriptor, its stat, whether this made it)."""
+def _open_torn(
+    torn: str, file_mode: int, session_st: os.stat_result
+) -> tuple[int, os.stat_result, bool]:
+    """Open ``<session>.torn`` to append to it, made with ``file_mode`` if missing (as
+    root, the session's owner's: ``session_st``, its descriptor's stat); (descriptor,
+    its stat, whether this made it)."""
     while True:
         for flags in (os.O_APPEND | os.O_CREAT | os.O_EXCL, os.O_APPEND):
             try:
@@ -199,7 +202,7 @@ def _open_torn(torn: str, file_mode: int) -> tuple[int, os.stat_result, bool]:
                 break  # removed since the exclusive create failed: make it after all
             made = bool(flags & os.O_CREAT)
             if made:
-                set_mode(fd, file_mode, torn[: -len(TORN_SUFFIX)])  # as root, its session's
+                set_mode(fd, file_mode, owner_for(torn, st=session_st))
             return fd, st, made
 
 
@@ -221,7 +224,7 @@ def _cut_torn_tail(
         raise SessionWriteError(session, e, "reading its last line") from None
     torn = session + TORN_SUFFIX
     try:
-        aside, kept, _ = _open_torn(torn, file_mode)
+        aside, kept, _ = _open_torn(torn, file_mode, st)
     except OSError as e:
         raise SessionWriteError(torn, e, "keeping the torn last line aside") from None
     try:
@@ -431,8 +434,8 @@ def append(
     taking_back = False  # a failed write's line is being cut off (the stat moves)
     try:
         if made:
-            # Before the fence point (it moves ctime); as root, its sidecar's owner's.
-            set_mode(fd, file_mode, session + _sidecar.SUFFIX)
+            # Before the fence point (it moves ctime); as root, its directory's owner's.
+            set_mode(fd, file_mode, owner_for(session))
         if created and token:
             _tokens.reserve(fd, token)
         if not created:
@@ -575,7 +578,8 @@ _NO_HARD_LINKS = {errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, er
 
 
 def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int = 0o600,
-            check: Callable[[], None] = lambda: None, like: str = "") -> None:
+            check: Callable[[], None] = lambda: None,
+            owner: tuple[int, int] | None = None) -> None:
     """Create ``session`` holding ``chunks``, whole or not at all: written, with the token
     mark for ``token``, and fsynced under ``session`` + `PART` (which only the session's
     holder writes: call it holding the session), then given its name, which no one sees
@@ -602,7 +606,7 @@ def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int
     # stat (device and inode, `_sidecar.still_at_path`) tells the part this call wrote
     # from anyone else's.
     try:
-        set_mode(fd, file_mode, like or session)  # as root, the owner of ``like``'s
+        set_mode(fd, file_mode, owner)
         if token:
             _tokens.reserve(fd, token)
         for chunk in chunks:

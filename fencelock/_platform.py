@@ -231,8 +231,14 @@ if WINDOWS:  # pragma: no cover - exercised on Windows only
     def hand_over() -> None:
         """Nothing to do: a waiter here polls (see `lock_blocking`)."""
 
-    def set_mode(fd: int, mode: int, like: str = "") -> None:
+    def set_mode(fd: int, mode: int, owner: tuple[int, int] | None = None) -> None:
         """Nothing to do: Windows files carry no POSIX permission bits."""
+
+    def owner_for(
+        path: str, like: str = "", st: os.stat_result | None = None
+    ) -> tuple[int, int] | None:
+        """Nobody: Windows files carry no POSIX owners to give."""
+        return None
 
 else:
     import fcntl
@@ -287,36 +293,46 @@ else:
         costs one system call."""
         _sched_yield()
 
-    def set_mode(fd: int, mode: int, like: str = "") -> None:
+    def set_mode(fd: int, mode: int, owner: tuple[int, int] | None = None) -> None:
         """Give a file this process has just created exactly ``mode``, which the open's
         own mode argument gets only as far as the umask lets it (``mode=0o660`` under
-        umask 022 would be 0o640, shutting the group out). Best effort: a filesystem
-        without POSIX permissions (FAT, some SMB mounts) refuses and keeps its own.
-
-        Run as root (an operator's ``sudo fencelock run``, ``hold`` or ``recover``), the
-        file also goes to the owner and group of the session file it belongs with,
-        ``like`` (for a fresh session, the stuck one it continues): a sidecar, session
-        or ``.torn`` left root's 0600 kept the gateway that owns the session out of it
-        for good. Where ``like`` is no regular file yet (a new session), to those of
-        its directory, unless that is root's or anyone may write to it (another user's
-        file is refused there as planted)."""
+        umask 022 would be 0o640, shutting the group out), and ``owner`` (uid, gid):
+        see `owner_for`. Best effort: a filesystem without POSIX permissions (FAT, some
+        SMB mounts) refuses and keeps its own."""
         with contextlib.suppress(OSError):
             os.fchmod(fd, mode)
-        if like and _geteuid() == 0:
+        if owner is not None:
             with contextlib.suppress(OSError):
-                owner = _owner_for(like)
-                if owner is not None:
-                    os.fchown(fd, *owner)
+                os.fchown(fd, *owner)
 
-    def _owner_for(like: str) -> tuple[int, int] | None:
+    def owner_for(
+        path: str, like: str = "", st: os.stat_result | None = None
+    ) -> tuple[int, int] | None:
+        """Who a file fencelock makes at ``path`` should belong to when it runs as root
+        (an operator's ``sudo fencelock run``, ``hold`` or ``recover``), so that the
+        user whose session it is is not locked out of it by a root-owned 0600 file:
+        the owner and group of the session file it is made for (``st``, its stat taken
+        through the descriptor its data is read from; else ``like``'s, if a regular
+        file is there), or where there is none, of its directory (unless that is
+        root's). None (root's it stays) when not root, and in a directory anyone may
+        write to, where another user's file is refused as planted."""
+        if _geteuid() != 0:
+            return None
         try:
-            st = os.lstat(like)
-        except FileNotFoundError:
-            pass
-        else:
-            return (st.st_uid, st.st_gid) if stat.S_ISREG(st.st_mode) else None
-        where = os.stat(os.path.dirname(like) or ".")
-        if (where.st_uid, where.st_gid) == (0, 0) or where.st_mode & 0o002:
+            where = os.stat(os.path.dirname(path) or ".")
+            if where.st_mode & 0o002:
+                return None
+            if st is None and like:
+                with contextlib.suppress(FileNotFoundError):
+                    found = os.lstat(like)
+                    if not stat.S_ISREG(found.st_mode):
+                        return None
+                    st = found
+        except OSError:
+            return None
+        if st is not None:
+            return st.st_uid, st.st_gid
+        if (where.st_uid, where.st_gid) == (0, 0):
             return None
         return where.st_uid, where.st_gid
 

@@ -574,8 +574,11 @@ def _fill_fresh(
                             f"above it; nothing was made. Check where that stamp came from "
                             f"(fencelock verify {shell_word(session)})")
                     lock._token = highest + 1  # its record says so from the copy on
+                # As root, the stuck session's owner's: the file copied (its descriptor),
+                # never whatever is at its name by now.
+                owner = _platform.owner_for(new, session, os.fstat(fd) if fd >= 0 else None)
                 _fence.publish(new, _chunks(fd, session, end, digest), token=lock._token,
-                               file_mode=lock.mode, check=lock._store.check, like=session)
+                               file_mode=lock.mode, check=lock._store.check, owner=owner)
             except HolderLostError:
                 raise  # another holder's now: nothing here is this call's to remove
             except BaseException:  # an interrupt (SIGTERM, Ctrl-C) too

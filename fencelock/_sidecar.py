@@ -407,7 +407,7 @@ def open_checked(
 ) -> tuple[int, os.stat_result]:
     """Open a sidecar for locking; (fd, fstat). Raises for anything but a regular file.
     One it makes gets ``mode``, and run as root the owner of its session, or of ``like``
-    (`_platform.set_mode`).
+    (`_platform.owner_for`).
 
     Close the descriptor with `close`: it is tracked so that a forked child closes its copy.
 
@@ -450,7 +450,8 @@ def open_checked(
             if (create or write) and st.st_uid and st.st_uid != _geteuid():
                 refuse_planted(sidecar, st)
             if made:
-                _platform.set_mode(fd, mode, like or sidecar[: -len(SUFFIX)])
+                _platform.set_mode(fd, mode, _platform.owner_for(
+                    sidecar, like or sidecar[: -len(SUFFIX)]))
             _forkguard.track(fd, st)
         except BaseException:
             _forkguard.close(fd)  # untracked too, if the interrupt came after `track`

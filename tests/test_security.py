@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SpawnHolder
@@ -951,3 +952,48 @@ def test_root_gives_a_sessions_files_to_its_owner_not_to_the_directorys(
         made = [f"{torn}.holder", f"{torn}.torn", fresh, f"{fresh}.holder"]
         assert {p: (os.stat(p).st_uid, os.stat(p).st_gid) for p in made} == {
             p: member for p in made}
+
+
+@needs_root
+def test_a_sidecar_another_member_made_does_not_get_roots_new_session() -> None:
+    """A group member's file at a new session's sidecar name decides nothing about who
+    gets the session root's append makes: its directory's owner does."""
+    with open_directory(0o2770) as sessions:
+        os.chown(sessions, NOBODY, NOBODY)
+        session = sessions / "new.jsonl"
+        Path(f"{session}.holder").touch()
+        os.chown(f"{session}.holder", 12347, NOBODY)
+        with SessionLock(session, "ops") as lock:
+            lock.append({"content": "the operator's"})
+        assert (os.stat(session).st_uid, os.stat(session).st_gid) == (NOBODY, NOBODY)
+
+
+@needs_root
+def test_a_fresh_session_belongs_to_the_owner_of_the_file_it_copied(
+    spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stuck session renamed away and another member's file put at its name while
+    recover copies it: the copy still goes to the owner of what was copied."""
+    from fencelock import _recovery
+
+    member, other = (12345, 12346), (12347, 12346)
+    with open_directory(0o2770) as sessions:
+        os.chown(sessions, NOBODY, 12346)
+        stuck = sessions / "stuck.jsonl"
+        stuck.write_bytes(b'{"secret":1}\n')
+        os.chown(stuck, *member)
+        holder = spawn_holder(stuck, lane="stuck")
+        holder.acquire()
+        scan = _recovery._scan
+
+        def swapped(*args: Any) -> Any:  # the copy is read: now the name changes hands
+            result = scan(*args)
+            if not stuck.with_suffix(".gone").exists():
+                stuck.rename(stuck.with_suffix(".gone"))
+                stuck.write_bytes(b"")
+                os.chown(stuck, *other)
+            return result
+
+        monkeypatch.setattr(_recovery, "_scan", swapped)
+        fresh = fencelock.recover(stuck, wait=0).session
+        assert (os.stat(fresh).st_uid, os.stat(fresh).st_gid) == member
