@@ -267,6 +267,8 @@ def unsafe_path_fix(path: str, what: str) -> str:
     file: the sentence `UnsafePathError` ends with, and `status` gives too."""
     if path.endswith(".torn"):  # fencelock's own file, not one a user names
         return "Remove or rename it; fencelock creates it again as a regular file"
+    if what.endswith("leads in a loop"):  # `_platform.describe_mode`
+        return "Fix or remove the symlink: nothing can be reached through it"
     if what.startswith("a symlink"):
         return "Give the path of the file it points to instead, or remove the link"
     if what.startswith("a directory's path"):  # the path as typed, not what is there

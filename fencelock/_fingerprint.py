@@ -137,7 +137,7 @@ def take(path: str, mode: FenceMode, opened: bool = False) -> Fingerprint | None
     if not stat.S_ISREG(st.st_mode):
         from fencelock._errors import UnsafePathError
 
-        raise UnsafePathError(path, _platform.describe_mode(st.st_mode))
+        raise UnsafePathError(path, _platform.describe_mode(st.st_mode, path))
     if mode is not CONTENT:
         return from_stat(st)
     flags = os.O_RDONLY | _platform.O_NOFOLLOW | _platform.O_NONBLOCK | _platform.O_CLOEXEC
@@ -199,7 +199,7 @@ def _not_regular(path: str, st_mode: int) -> Exception:
     from fencelock._errors import UnsafePathError
     from fencelock._platform import describe_mode
 
-    return UnsafePathError(path, describe_mode(st_mode))
+    return UnsafePathError(path, describe_mode(st_mode, path))
 
 
 def _unreadable(path: str, e: OSError) -> Exception:

@@ -16,6 +16,7 @@ process to stop, where the system lists its mounts and its locks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import sys
@@ -337,10 +338,13 @@ else:
         return where.st_uid, where.st_gid
 
 
-def describe_mode(mode: int) -> str:
-    """What a non-regular file is, in words for an error message."""
+def describe_mode(mode: int, path: str = "") -> str:
+    """What a non-regular file is, in words for an error message; a symlink at ``path``
+    that leads nowhere but round a loop is named as such."""
     import stat
 
+    if path and stat.S_ISLNK(mode) and leads_in_a_loop(path):
+        return "a symlink that leads in a loop"
     for test, name in (
         (stat.S_ISLNK, "a symlink"),
         (stat.S_ISDIR, "a directory"),
@@ -353,6 +357,15 @@ def describe_mode(mode: int) -> str:
             return name
     return "not a regular file"
 
+
+
+def leads_in_a_loop(path: str) -> bool:
+    """Whether following ``path`` goes round a loop of symlinks."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
 
 
 class LockOwner(NamedTuple):

@@ -174,7 +174,7 @@ def probe(
     except OSError:
         st = None  # missing (or unreachable: the sidecar's probe says so)
     if st is not None and not stat.S_ISREG(st.st_mode):
-        return _not_a_session(session, sidecar, _platform.describe_mode(st.st_mode))
+        return _not_a_session(session, sidecar, _platform.describe_mode(st.st_mode, session))
     found = _probe(session, sidecar, stuck_after, time.time())
     return found if st is None else _unless_planted(found, st)
 
@@ -562,7 +562,9 @@ def _scan_rows(base: str, stuck_after: float) -> Generator[HolderStatus, None, N
         for name in sorted(names):
             session = os.path.join(base, name)
             sidecar = session + _sidecar.SUFFIX
-            what = _what_is(session) if name in odd else None
+            # What it is now (the listing's entry may be old); a regular file by now is
+            # looked at as any session is.
+            what = _sidecar.found_at(session) if name in odd else None
             if what is not None:
                 row: HolderStatus | _Watch = _not_a_session(session, sidecar, what)
             elif name in ("", ".", ".."):  # ".holder", "..holder": no session is its
@@ -643,17 +645,6 @@ def _scan_store(
         store = _store.open_store(backend, os.path.join(base, name))
         assert store is not None
         yield store.probe(stuck_after)
-
-
-def _what_is(session: str) -> str | None:
-    """What a session name the listing found not a regular file is now (a fresh
-    ``lstat``: a listing entry may hold one from the listing); None when it is gone or
-    a regular file by now (then it is looked at as any session is)."""
-    try:
-        mode = os.lstat(session).st_mode
-    except OSError:
-        return None
-    return None if stat.S_ISREG(mode) else _platform.describe_mode(mode)
 
 
 def clear(

@@ -438,7 +438,7 @@ def _published(successor: str, session: str) -> bool:
     # Not one recover made: its name can be worked out from the stuck run's record.
     _sidecar.refuse_planted_at(successor)  # another user's, made in advance: named so
     if not stat.S_ISREG(mode):
-        raise UnsafePathError(successor, describe_mode(mode))
+        raise UnsafePathError(successor, describe_mode(mode, successor))
     _fence.forget_part(successor)
     return True
 

@@ -82,6 +82,8 @@ def _refuse_directory_path(path: str) -> None:
     if "\0" in path:  # os would refuse it at the first call, naming nothing
         raise ValueError(f"{path!r}: a path cannot hold a NUL byte")
     if names_a_directory(path):
+        if _platform.leads_in_a_loop(path):
+            raise UnsafePathError(path, "a path through a symlink that leads in a loop")
         raise UnsafePathError(path, f"a directory's path (it ends in {path[-1]!r})")
 
 
@@ -143,13 +145,13 @@ def _paths_of_absolute(path: str) -> tuple[str, str]:
     return _checked_paths(normal(path))
 
 
-def _found_at(path: str) -> str | None:
+def found_at(path: str) -> str | None:
     """What is at ``path`` when it is not a regular file (a symlink, FIFO, ...)."""
     try:
         mode = os.lstat(path).st_mode
     except OSError:
         return None
-    return None if stat.S_ISREG(mode) else _platform.describe_mode(mode)
+    return None if stat.S_ISREG(mode) else _platform.describe_mode(mode, path)
 
 
 def access_error(path: str, e: OSError, writing: bool) -> Exception:
@@ -159,7 +161,7 @@ def access_error(path: str, e: OSError, writing: bool) -> Exception:
         return UnsafeSidecarError(path, "a directory")
     if e.errno in (errno.ENXIO, errno.EACCES, errno.EPERM):
         # A planted symlink in a sticky directory, or a FIFO or socket, can fail this way.
-        found = _found_at(path)
+        found = found_at(path)
         if found is not None:
             return UnsafeSidecarError(path, found)
     if e.errno == errno.ENXIO:
@@ -244,7 +246,7 @@ def listing_fix(directory: str, e: OSError) -> str:
 def _loop_on_the_way(path: str, e: OSError) -> bool:
     """Whether ``e`` (an open refusing ``path``) is a symlink loop in its directories
     rather than the symlink at ``path`` itself that the open refused to follow."""
-    return e.errno == errno.ELOOP and _found_at(path) is None
+    return e.errno == errno.ELOOP and found_at(path) is None
 
 
 def name_max(directory: str) -> int:
@@ -279,15 +281,15 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat
         fd = os.open(path, flags | _platform.OPEN_FLAGS, mode)
     except OSError as e:
         what = None if _loop_on_the_way(path, e) else _UNSAFE_ERRNO.get(e.errno or 0)
-        if e.errno in (errno.ENXIO, errno.EACCES, errno.EPERM):
-            what = _found_at(path) or what
+        if e.errno in (errno.ENXIO, errno.EACCES, errno.EPERM, errno.ELOOP):
+            what = found_at(path) or what
         if what is None:
             raise
         raise UnsafePathError(path, what) from None
     try:  # closed on any exception, an interrupt's (a signal handler's) included
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise UnsafePathError(path, _platform.describe_mode(st.st_mode))
+            raise UnsafePathError(path, _platform.describe_mode(st.st_mode, path))
     except BaseException:
         try:
             if flags & os.O_CREAT and flags & os.O_EXCL:
@@ -443,7 +445,7 @@ def open_checked(
             except OSError as e:
                 raise access_error(sidecar, e, create or write) from None
             if not stat.S_ISREG(st.st_mode):
-                raise UnsafeSidecarError(sidecar, _platform.describe_mode(st.st_mode))
+                raise UnsafeSidecarError(sidecar, _platform.describe_mode(st.st_mode, sidecar))
             if st.st_nlink > 1:
                 raise UnsafeSidecarError(
                     sidecar, f"a hard link to a file with {st.st_nlink} names")
@@ -470,7 +472,7 @@ def refuse_unusable_session(sidecar: str) -> None:
     except OSError:
         return  # missing (a new session), or unreachable: the open says why
     if not stat.S_ISREG(mode):
-        raise UnsafePathError(session, _platform.describe_mode(mode))
+        raise UnsafePathError(session, _platform.describe_mode(mode, session))
 
 
 close = _forkguard.close

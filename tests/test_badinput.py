@@ -1841,3 +1841,18 @@ def test_a_suggested_status_of_a_directory_named_like_an_option_lists_it(
     listed = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, timeout=60,
                             check=False, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
+
+
+def test_a_session_path_through_a_symlink_loop_is_named_as_a_loop(tmp_path: Path) -> None:
+    tmp_path = tmp_path / "loop"
+    tmp_path.mkdir()
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    for args in (["status", "a"], ["status", "a/"], ["run", "a", "--lane", "x", "--", "true"],
+                 ["clear", "a"]):
+        done = subprocess.run([sys.executable, "-m", "fencelock", *args], capture_output=True,
+                              text=True, timeout=60, check=False, cwd=tmp_path)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "leads in a loop" in done.stderr and "Fix or remove the symlink" in done.stderr
+        assert "trailing '/'" not in done.stderr and "points to" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # nothing made
