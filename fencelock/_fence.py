@@ -183,10 +183,10 @@ def _same(expected: Fingerprint | None, actual: Fingerprint | None, mode: FenceM
 
 def _open_torn(
     torn: str, file_mode: int, session_st: os.stat_result
-) -> tuple[int, os.stat_result, bool]:
+) -> tuple[int, os.stat_result]:
     """Open ``<session>.torn`` to append to it, made with ``file_mode`` if missing (as
     root, the session's owner's: ``session_st``, its descriptor's stat); (descriptor,
-    its stat, whether this made it)."""
+    its stat)."""
     while True:
         for flags in (os.O_APPEND | os.O_CREAT | os.O_EXCL, os.O_APPEND):
             try:
@@ -200,10 +200,9 @@ def _open_torn(
                 if flags & os.O_CREAT:
                     raise  # its directory is gone
                 break  # removed since the exclusive create failed: make it after all
-            made = bool(flags & os.O_CREAT)
-            if made:
+            if flags & os.O_CREAT:
                 set_mode(fd, file_mode, owner_for(torn, st=session_st))
-            return fd, st, made
+            return fd, st
 
 
 def _cut_torn_tail(
@@ -224,7 +223,7 @@ def _cut_torn_tail(
         raise SessionWriteError(session, e, "reading its last line") from None
     torn = session + TORN_SUFFIX
     try:
-        aside, kept, _ = _open_torn(torn, file_mode, st)
+        aside, kept = _open_torn(torn, file_mode, st)
     except OSError as e:
         raise SessionWriteError(torn, e, "keeping the torn last line aside") from None
     try:

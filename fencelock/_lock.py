@@ -288,9 +288,9 @@ class SessionLock:
         session, whose name only recovers know): an acquire that fails before its first
         record removes an empty sidecar, under its lock."""
         self._like = ""
-        """The session file whose owner the files this makes as root take
-        (`_platform.set_mode`), where not its own: recover's fresh session takes the stuck
-        one's."""
+        """The session file whose owner the sidecar this makes as root takes
+        (`_platform.owner_for`), where not its own: recover's fresh session takes the
+        stuck one's."""
         self._token_floor = 0
         """A new sidecar's first token is above this (`recover` sets it for a fresh
         session that carries another session's stamped lines)."""

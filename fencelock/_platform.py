@@ -341,8 +341,6 @@ else:
 def describe_mode(mode: int, path: str = "") -> str:
     """What a non-regular file is, in words for an error message; a symlink at ``path``
     that leads nowhere but round a loop is named as such."""
-    import stat
-
     if path and stat.S_ISLNK(mode) and leads_in_a_loop(path):
         return "a symlink that leads in a loop"
     for test, name in (
