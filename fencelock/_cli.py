@@ -275,10 +275,13 @@ class _Mode(click.ParamType):  # type: ignore[type-arg]
         text = str(value).lower().removeprefix("0o")
         if not text or not text.isascii() or not text.isdigit() or "8" in text or "9" in text:
             self.fail(f"{value!r} is not an octal mode such as 600 or 660", param, ctx)
+        from fencelock._lock import _check_mode  # the library's rule, not a copy of it
+
         mode = int(text, 8)
-        if not 0o600 <= mode <= 0o777 or mode & 0o600 != 0o600:
-            self.fail(f"{value!r} is not a mode its owner can read and write: give one "
-                      "from 600 to 777 (660 for a group that shares the sessions)", param, ctx)
+        try:
+            _check_mode(mode)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
         return mode
 
 
