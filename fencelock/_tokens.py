@@ -109,8 +109,49 @@ def last_stamped(session: str) -> int:
         return 0
     finally:
         os.close(fd)
+    return largest_token(tail)
+
+
+_STAMP_AS_WRITTEN = re.compile(
+    rb'"%s":\{"token":(\d{1,4300}),"run_id":"[^"\\\x00-\x1f]*"\}' % STAMP_KEY.encode()
+)
+"""A stamp as fencelock writes it, its token in group 1: the key, then an object of
+``token`` and a run id that needs no escaping (`_identity.RUN_IDS` makes only such ids),
+and nothing else (so no second ``token``)."""
+_KEY_ESCAPE = re.compile(rb"\\u00[56][0-9a-fA-F]")
+"""A JSON escape of one of the key's characters (all in U+005F..U+006F): a parse may read
+a key spelled with it."""
+
+
+def largest_token(tail: bytes) -> int:
+    """``max(line_token(line) for line in tail.split(b"\\n"))`` (``tail``: the session's
+    last lines, read at each acquire with the etcd store). Where every mention of the
+    key in ``tail`` is a stamp as fencelock writes it and no escape may spell the key,
+    no line counts for more than the largest of those stamps' tokens (its parse, or
+    a line that does not parse read from its end, finds one of them): only the line
+    holding the largest is parsed, not each of hundreds of stamped lines. Anything
+    else (or a largest stamp its line does not count for) takes every line."""
+    if _STAMP_KEY_BYTES not in tail and b"\\u" not in tail:
+        return 0  # no line may hold a stamp (`may_hold_stamp`)
+    found = _STAMP_AS_WRITTEN.findall(tail)
+    if found and len(found) == tail.count(_STAMP_KEY_BYTES) and not _KEY_ESCAPE.search(tail):
+        try:
+            digits = max(found, key=int)
+        except ValueError:  # more digits than this interpreter converts (its own limit)
+            digits = b""
+        at = tail.find(b'"%s":{"token":%s,' % (_STAMP_KEY_BYTES, digits)) if digits else -1
+        if at >= 0:
+            start = tail.rfind(b"\n", 0, at) + 1
+            token = line_token(_line_at(tail, start))
+            if token == int(digits):
+                return token
     # A line that starts before the window is read from its end (`line_token`).
     return max(line_token(line) for line in tail.split(b"\n"))
+
+
+def _line_at(tail: bytes, start: int) -> bytes:
+    end = tail.find(b"\n", start)
+    return tail[start:] if end < 0 else tail[start:end]
 
 
 def line_token(line: bytes) -> int:

@@ -35,7 +35,7 @@ from fencelock import (
     verify,
 )
 from fencelock._fence import TORN_SUFFIX
-from fencelock._tokens import trailing_stamp
+from fencelock._tokens import TAIL, largest_token, line_token, trailing_stamp
 
 
 def lines(session: Path) -> list[Any]:
@@ -833,6 +833,68 @@ def test_token_continues_from_stamps_when_sidecar_deleted_by_hand(
     ) else None
     with SessionLock(session) as last:
         assert last.info is not None and last.info.token == 4
+
+
+def _stamped(token: object, run: str = "r1", **extra: Any) -> bytes:
+    return json.dumps({**extra, STAMP_KEY: {"token": token, "run_id": run}},
+                      separators=(",", ":")).encode()
+
+
+_ODD_LINES = [
+    # The largest stamp as written, but nested in the entry: the line counts for its own.
+    b'{"copy":' + _stamped(9_000) + b"," + _stamped(5)[1:],
+    # The key spelled with an escape, after one as written: a parse takes the last.
+    _stamped(6)[:-1] + b',"\\u005ffencelock":{"token":8000,"run_id":"r"}}',
+    _stamped(7)[:-1] + b',"_fenc\\u0065lock":{"token":8001,"run_id":"r"}}',
+    # Spaces in the stamp, a second token in it, a run id with an escape.
+    b'{"_fencelock": {"token": 8002, "run_id": "r"}}',
+    b'{"_fencelock":{"token":3,"run_id":"r","token":8003}}',
+    b'{"_fencelock":{"token":8004,"run_id":"a\\"b"}}',
+    # Not JSON, its stamp at its end (read from there); leading zeros; past the limit.
+    b'{"a": nope,' + _stamped(8005)[1:],
+    b'{"_fencelock":{"token":08006,"run_id":"r"}}',
+    _stamped(2**63),
+    b'{"_fencelock":{"token":' + b"9" * 5000 + b',"run_id":"r"}}',
+    # The key's name in text, in a run id, or as a longer key.
+    b'{"text":"_fencelock","n":1}',
+    b'{"__fencelock":{"token":8007,"run_id":"r"}}',
+    _stamped(8008, run="_fencelock"),
+    b'{"content":"caf\\u00e9",' + _stamped(11)[1:],
+    b"[1, 2]",
+    b"",
+]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_largest_stamp_in_a_session_s_tail_is_what_parsing_every_line_finds(
+    seed: int,
+) -> None:
+    """The etcd store's floor reads it at each acquire: it parses only the line with the
+    largest stamp as fencelock writes it, and must find what a parse of every line finds,
+    whatever else the lines hold."""
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for n in range(rng.randrange(0, 60)):
+        pick = rng.random()
+        if pick < 0.7:
+            text = "x" * rng.randrange(80)
+            lines.append(_stamped(rng.randrange(0, 10_000), run=f"r{n}", text=text))
+        elif pick < 0.85:
+            lines.append(json.dumps({"text": "y" * rng.randrange(80)}).encode())
+        else:
+            lines.append(rng.choice(_ODD_LINES))
+    tail = b"\n".join(lines) + b"\n" * rng.randrange(2)
+    # The window may begin inside a line (the session is longer than it).
+    tail = tail[rng.randrange(len(tail) // 3 + 1):][-TAIL:]
+    assert largest_token(tail) == max(line_token(line) for line in tail.split(b"\n"))
+
+
+@pytest.mark.parametrize("odd", _ODD_LINES, ids=range(len(_ODD_LINES)))
+def test_a_line_a_stamp_as_written_does_not_bound_is_parsed(odd: bytes) -> None:
+    tail = b"\n".join([_stamped(4), _stamped(9), odd, _stamped(10)[1:], b""])
+    assert largest_token(tail) == max(line_token(line) for line in tail.split(b"\n"))
 
 
 def test_holders_own_append_inside_the_prompt_window_is_no_takeover(session: Path) -> None:
