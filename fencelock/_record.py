@@ -235,7 +235,7 @@ _STATE_OF_HEAD = {head: state for (state, _), head in _HEAD_BYTES.items()}
 RELEASED_HEAD = _HEAD_BYTES[State.RELEASED, Phase.WRITE]
 """Written over a held record's head in fencelock's layout (`in_layout_held`), it makes
 the record released, in the write phase, leaving every other byte as it was."""
-_HEAD_LEN = len(RECORD_HEAD[State.HELD, Phase.WRITE])
+_HEAD_LEN = HEAD_LEN = len(RECORD_HEAD[State.HELD, Phase.WRITE])
 _TOKEN_END = _HEAD_LEN + TOKEN_WIDTH
 if {len(head) for head in RECORD_HEAD.values()} != {_HEAD_LEN}:  # pragma: no cover
     raise ImportError("fencelock._record: record heads differ in length")

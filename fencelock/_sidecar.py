@@ -550,11 +550,12 @@ def read(fd: int, sidecar: str, size_hint: int | None = None) -> HolderInfo | No
 
 def write(fd: int, sidecar: str, info: HolderInfo, old_len: int) -> int:
     """Write ``info`` at offset 0, padding over a longer old record. Returns its length."""
-    return write_bytes(fd, sidecar, info.encode(), old_len)
+    return len(write_bytes(fd, sidecar, info.encode(), old_len))
 
 
-def write_bytes(fd: int, sidecar: str, record: bytes, old_len: int) -> int:
-    """Write an encoded record at offset 0, padding over a longer old one."""
+def write_bytes(fd: int, sidecar: str, record: bytes, old_len: int) -> bytes:
+    """Write an encoded record at offset 0, padding over a longer old one. Returns the
+    sidecar's bytes as they now are."""
     data = record + b"\n"
     if len(data) > MAX_RECORD:
         raise CorruptRecordError(sidecar, f"a record of {len(data)} bytes is over the bound")
@@ -588,7 +589,7 @@ def write_bytes(fd: int, sidecar: str, record: bytes, old_len: int) -> int:
             os.ftruncate(fd, len(data))
     except OSError as e:
         raise access_error(sidecar, e, True) from None
-    return len(data)
+    return data
 
 
 def _write_from(fd: int, data: bytes, start: int) -> None:

@@ -153,7 +153,9 @@ class SidecarHolder:
         "_record_len",
         "_since",
         "_unmarked",
+        "_written",
         "_written_at",
+        "_written_token",
         "mode",
         "name",
         "session",
@@ -179,6 +181,12 @@ class SidecarHolder:
         self._opened: object = None
         """``_fd``'s tracking entry (`_forkguard.entry`), for the release's close."""
         self._record_len = 0
+        self._written = b""
+        self._written_token = 0
+        """The sidecar's bytes after this holder's last record write, and that record's
+        token. A release leaves them with the head released in place, or writes them
+        released: the next acquire that reads back exactly that takes the token from
+        here (no parse)."""
         self._written_at = 0.0
         """`time.monotonic` of the last record write."""
         self._since = 0.0
@@ -383,8 +391,12 @@ class SidecarHolder:
         except OSError as e:
             raise SidecarAccessError(self.sidecar, e, "its record cannot be read") from None
         old_len = len(data) if len(data) < _PEEK_BYTES else os.fstat(fd).st_size
-        quick = _record.peek(data) if data and len(data) < _PEEK_BYTES else None
-        if quick is not None and quick[0] is RELEASED:
+        written = self._written
+        if len(data) == len(written) and data.startswith(_record.RELEASED_HEAD) and \
+                data[_record.HEAD_LEN:] == written[_record.HEAD_LEN:]:
+            token = self._written_token + 1  # the record this holder left, as it left it
+        elif (quick := _record.peek(data) if data and len(data) < _PEEK_BYTES else None) \
+                is not None and quick[0] is RELEASED:
             token = quick[1] + 1
         else:
             old = _sidecar.read(fd, self.sidecar, old_len)
@@ -459,9 +471,11 @@ class SidecarHolder:
         # the record behind, and the release must then write the last fence point.
         self._behind = False
         try:
-            self._record_len = _sidecar.write_bytes(
+            written = _sidecar.write_bytes(
                 self._fd, self.sidecar, lock._encode(), self._record_len
             )
+            self._written, self._written_token = written, lock._token
+            self._record_len = len(written)
         except BaseException:
             # What the record says is unknown: the next append or the release writes it.
             self._behind, lock._phase_said = True, False
@@ -616,9 +630,10 @@ class SidecarHolder:
                 # Behind until written: a second try after an interrupt writes it all.
                 self._behind, lock._phase = True, WRITE
                 try:
-                    _sidecar.write_bytes(
+                    self._written = _sidecar.write_bytes(
                         fd, self.sidecar, lock._encode(RELEASED), self._record_len
                     )
+                    self._written_token = lock._token
                 except SidecarAccessError as e:
                     if not self._flip_if_ours(fd, lock):
                         raise SidecarAccessError(

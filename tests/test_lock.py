@@ -118,6 +118,39 @@ def test_tokens_increase_by_one_per_acquisition(session: Path) -> None:
         assert last.info is not None and last.info.token == 4
 
 
+@pytest.mark.parametrize("since", ["taken by another holder", "its end torn", "rewritten"])
+def test_an_object_reads_its_sidecar_again_after_its_own_release(
+    session: Path, since: str
+) -> None:
+    """An acquire takes the token from what it reads, not from what the same object
+    left there: the record may have changed since, in a way that keeps its length."""
+    lock = SessionLock(session, lane="a")
+    for _ in range(2):
+        with lock:
+            pass
+    sidecar = Path(str(session) + ".holder")
+    if since == "taken by another holder":
+        with SessionLock(session, lane="b"):
+            pass
+        assert lock.acquire().token == 4
+        lock.release()
+        return
+    left = sidecar.read_bytes()
+    if since == "its end torn":  # what a crash can leave: NULs in place of the last bytes
+        changed = left[:-12] + b"\0" * 12
+    else:  # another writer's record of the same length, with a larger token
+        changed = left.replace(b'"token":2 ', b'"token":70', 1)
+    assert len(changed) == len(left) and changed != left
+    sidecar.write_bytes(changed)
+    if since == "its end torn":
+        with pytest.raises(fencelock.CorruptRecordError):
+            lock.acquire()
+        assert sidecar.read_bytes() == changed
+    else:
+        assert lock.acquire().token == 71
+        lock.release()
+
+
 def test_with_gives_the_lock_itself(session: Path) -> None:
     lock = SessionLock(session)
     with lock as entered:
