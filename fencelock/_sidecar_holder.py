@@ -630,10 +630,9 @@ class SidecarHolder:
                 # Behind until written: a second try after an interrupt writes it all.
                 self._behind, lock._phase = True, WRITE
                 try:
-                    self._written = _sidecar.write_bytes(
+                    self._written, self._written_token = _sidecar.write_bytes(
                         fd, self.sidecar, lock._encode(RELEASED), self._record_len
-                    )
-                    self._written_token = lock._token
+                    ), lock._token
                 except SidecarAccessError as e:
                     if not self._flip_if_ours(fd, lock):
                         raise SidecarAccessError(

@@ -126,15 +126,19 @@ a key spelled with it."""
 def largest_token(tail: bytes) -> int:
     """``max(line_token(line) for line in tail.split(b"\\n"))`` (``tail``: the session's
     last lines, read at each acquire with the etcd store). Where every mention of the
-    key in ``tail`` is a stamp as fencelock writes it and no escape may spell the key,
-    no line counts for more than the largest of those stamps' tokens (its parse, or
+    key in ``tail`` is a stamp as fencelock writes it, with no escape that may spell the
+    key and no line that may be UTF-16 or UTF-32 (which a parse decodes too), no line
+    counts for more than the largest of those stamps' tokens (its parse, or
     a line that does not parse read from its end, finds one of them): only the line
     holding the largest is parsed, not each of hundreds of stamped lines. Anything
     else (or a largest stamp its line does not count for) takes every line."""
     if _STAMP_KEY_BYTES not in tail and b"\\u" not in tail:
         return 0  # no line may hold a stamp (`may_hold_stamp`)
     found = _STAMP_AS_WRITTEN.findall(tail)
-    if found and len(found) == tail.count(_STAMP_KEY_BYTES) and not _KEY_ESCAPE.search(tail):
+    # A NUL may belong to a UTF-16 or UTF-32 line, which a parse decodes as such (and
+    # whose key is neither those bytes nor such an escape).
+    if found and len(found) == tail.count(_STAMP_KEY_BYTES) and b"\0" not in tail and \
+            not _KEY_ESCAPE.search(tail):
         try:
             digits = max(found, key=int)
         except ValueError:  # more digits than this interpreter converts (its own limit)

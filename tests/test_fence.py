@@ -862,6 +862,10 @@ _ODD_LINES = [
     b'{"content":"caf\\u00e9",' + _stamped(11)[1:],
     b"[1, 2]",
     b"",
+    # UTF-16 and UTF-32, which a parse decodes too (a NUL or a BOM tells it).
+    '{"_fencelock":{"token":8009,"run_id":"r"},"t":"\u755c"}'.encode("utf-16-le"),
+    '{"_fencelock":{"token":8010,"run_id":"r"}}'.encode("utf-16"),
+    '{"_fencelock":{"token":8011,"run_id":"r"}}'.encode("utf-32-be"),
 ]
 
 
