@@ -654,7 +654,9 @@ def _complete_end(fd: int, session: str) -> int:
 
 def _scan(fd: int, session: str, end: int) -> tuple[int, int, bytes]:
     """(lines, highest stamped token, digest) of the first ``end`` bytes, read a chunk at
-    a time."""
+    a time. A line longer than `_LONG_LINE` counts for the stamp at its end; the lines of
+    a chunk that are all shorter go to `_tokens.largest_token`, which parses only those
+    that may hold the highest stamp (a stamped session has one on every line)."""
     lines = best = 0
     read = _digest()
     partial = b""
@@ -665,17 +667,26 @@ def _scan(fd: int, session: str, end: int) -> tuple[int, int, bytes]:
         offset += len(chunk)
         read.update(chunk)
         pieces = chunk.split(b"\n")
-        for i, piece in enumerate(pieces):
-            line = partial + piece
-            if i == len(pieces) - 1:  # not finished in this chunk
-                if len(line) > _LONG_LINE:
-                    line, long_line = line[-_tokens.TAIL:], True
-                partial = line
-                continue
-            lines += 1
-            if long_line or len(line) > _LONG_LINE:  # only its end was kept
-                best = max(best, _tokens.trailing_token(line))
-            else:
-                best = max(best, _tokens.line_token(line))
+        if len(pieces) > 1:  # the line begun before this chunk ends in it
+            best = max(best, _line_token(partial + pieces[0], long_line))
+            lines += len(pieces) - 1
             partial, long_line = b"", False
+            middle = pieces[1:-1]
+            if middle and max(map(len, middle)) <= _LONG_LINE:
+                best = max(best, _tokens.largest_token(
+                    chunk[len(pieces[0]) + 1:len(chunk) - len(pieces[-1]) - 1]))
+            else:
+                for line in middle:
+                    best = max(best, _line_token(line, False))
+        line = partial + pieces[-1]  # not finished in this chunk
+        if len(line) > _LONG_LINE:
+            line, long_line = line[-_tokens.TAIL:], True
+        partial = line
     return lines, best, read.digest()
+
+
+def _line_token(line: bytes, long_line: bool) -> int:
+    """A whole line's token for `_scan` (``long_line``: only its end was kept)."""
+    if long_line or len(line) > _LONG_LINE:
+        return _tokens.trailing_token(line)
+    return _tokens.line_token(line)

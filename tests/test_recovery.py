@@ -750,3 +750,56 @@ def test_a_recover_that_saw_the_run_let_go_answers_its_fresh_session(
         locker.wait()
         locker.stdout.close()
     assert (again.action, again.session) == (Action.FRESH, first.session)
+
+
+def _scan_line_by_line(data: bytes) -> tuple[int, int]:
+    """What `_recovery._scan` must find: each whole line's token, a line longer than
+    `_LONG_LINE` read from its end."""
+    whole = data.split(b"\n")[:-1]
+    return len(whole), max([
+        _tokens.trailing_token(line) if len(line) > _recovery._LONG_LINE
+        else _tokens.line_token(line) for line in whole
+    ], default=0)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_recover_s_scan_finds_each_line_s_token_whatever_the_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """The scan of the transcript recover carries reads it a chunk at a time and hands
+    the chunk's short lines to `_tokens.largest_token` together: line counts and the
+    highest token must be those of a scan line by line, wherever the chunks end and
+    whatever the lines hold (long lines, odd stamps, no newline at the end)."""
+    import hashlib
+    import random
+
+    rng = random.Random(seed)
+    monkeypatch.setattr(_recovery, "CARRY_CHUNK", rng.choice([7, 64, 300, 4096]))
+    monkeypatch.setattr(_recovery, "_LONG_LINE", rng.choice([20, 200, 5000]))
+    lines = []
+    for n in range(rng.randrange(0, 40)):
+        pick = rng.random()
+        text = "x" * rng.choice([0, 5, 100, 400])
+        stamp = {"token": rng.randrange(1, 500), "run_id": f"r{n}"}
+        if pick < 0.6:
+            lines.append(json.dumps({"t": text, STAMP_KEY: stamp}, separators=(",", ":")))
+        elif pick < 0.7:  # the largest stamp nested: the line counts for its own
+            lines.append(json.dumps({"copy": {STAMP_KEY: {"token": 999, "run_id": "c"}},
+                                     STAMP_KEY: stamp}, separators=(",", ":")))
+        elif pick < 0.8:  # not JSON: read from its end
+            lines.append('{"cut' + json.dumps({STAMP_KEY: stamp}, separators=(",", ":")))
+        elif pick < 0.9:  # the key spelled with an escape: a long line's end shows none
+            lines.append(f'{{"t":"{text}","\\u005ffencelock":'
+                         f'{{"token":{1000 + n},"run_id":"e"}}}}')
+        else:
+            lines.append(json.dumps({"t": text}))
+    data = "\n".join(lines).encode() + rng.choice([b"", b"\n", b'{"torn":'])
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        found = _recovery._scan(fd, str(path), len(data))
+    finally:
+        os.close(fd)
+    assert found[:2] == _scan_line_by_line(data)
+    assert found[2] == hashlib.blake2b(data, digest_size=16).digest()
