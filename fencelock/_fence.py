@@ -54,6 +54,8 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
             raise FenceLockError("a session entry must be one line; this one has a line break")
         try:
             parsed = strict_loads(entry)
+        except MemoryError:  # its objects, many times the text's size, freed by now
+            raise _too_large(len(entry), "parsed to check it") from None
         except RecursionError:
             raise FenceLockError(
                 "a session entry is nested too deeply for Python's JSON parser; nothing "
@@ -102,11 +104,21 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
     except UnicodeEncodeError as e:  # a lone surrogate, e.g. from os.fsdecode
         raise FenceLockError(f"a session entry must be valid Unicode text: {e.reason} at "
                              f"{e.start}; nothing was written") from None
+    except MemoryError:
+        raise _too_large(None, "encoded") from None
     except (TypeError, ValueError, RecursionError) as e:  # sets, NaN, cycles, depth
         why = (digits_problem(e) if isinstance(e, ValueError) else None) or str(e)
         raise FenceLockError(f"a session entry must be JSON: {why}; nothing was "
                              f"written") from None
     raise FenceLockError(f"a session entry must be a dict or a str, not {type(entry).__name__}")
+
+
+def _too_large(characters: int | None, done: str) -> FenceLockError:
+    size = "" if characters is None else f" of {characters:,} characters"
+    return FenceLockError(
+        f"a session entry{size} is too large to be {done} in this process's memory; "
+        f"nothing was written (write it in smaller entries, or give the process more "
+        f"memory)")
 
 
 def _fingerprint_fd(
@@ -246,12 +258,7 @@ def _cut_torn_tail(
         if not (st.st_mtime_ns < kept.st_mtime_ns
                 and _kept_last(aside, end, fd, keep, size)):
             what = f"keeping the session's torn last line ({size - keep:,} bytes) aside"
-            for at in range(keep, size, _CHUNK):  # a fragment may be larger than memory
-                try:
-                    part = _platform.pread(fd, min(_CHUNK, size - at), at)
-                except OSError as e:
-                    raise SessionWriteError(session, e, "reading its last line") from None
-                _write_all(aside, part, torn, what)
+            _copy_sparsely(fd, keep, size, aside, session, torn, what)
             _write_all(aside, b"\n", torn, what)
         _fsync(aside)
     except BaseException as e:
@@ -283,6 +290,51 @@ def _cut_torn_tail(
             session, e, f"cutting its torn last line (a copy is already in {torn})"
         ) from None
     return keep
+
+
+def _copy_sparsely(
+    fd: int, start: int, stop: int, aside: int, session: str, torn: str, what: str
+) -> None:
+    """Append bytes ``start``..``stop`` of the session (``fd``) to S.torn (``aside``) a
+    chunk at a time: a fragment may be larger than memory. A hole, or a chunk of
+    nothing but NULs (what a crash, or a file extended past its end, leaves), is not
+    written: S.torn is extended over it, which reads back the same NULs and takes no
+    space; a hole is not even read."""
+    at = start
+    while at < stop:
+        try:
+            data = _next_data(fd, at, stop)
+            part = b"" if data > at else _platform.pread(fd, min(_CHUNK, stop - at), at)
+        except OSError as e:
+            raise SessionWriteError(session, e, "reading its last line") from None
+        if data == at and not part:
+            return  # the file ended early: the size check before the cut reports it
+        if part and part.count(0) < len(part):
+            _write_all(aside, part, torn, what)
+            at += len(part)
+            continue
+        grown = len(part) or data - at
+        try:
+            os.ftruncate(aside, os.fstat(aside).st_size + grown)
+        except OSError as e:
+            raise SessionWriteError(torn, e, what) from None
+        at += grown
+
+
+_SEEK_DATA = getattr(os, "SEEK_DATA", None)
+
+
+def _next_data(fd: int, at: int, stop: int) -> int:
+    """Where the file's next data at or after ``at`` begins (at most ``stop``): past a
+    hole, where the system says where holes are; ``at`` otherwise."""
+    if _SEEK_DATA is None:
+        return at
+    try:
+        return min(os.lseek(fd, at, _SEEK_DATA), stop)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # nothing but a hole from here to the end
+            return stop
+        return at  # not known on this filesystem
 
 
 def _torn_warning(session: str, cut: int) -> None:
@@ -340,6 +392,9 @@ def last_line_start(
     end = size
     while end > 0:
         start = max(0, end - _CHUNK)
+        if _next_data(fd, start, end) == end:
+            end = start  # a hole (a file extended past its end): no line break to read
+            continue
         cut = read(fd, end - start, start).rfind(b"\n")
         if cut >= 0:
             return start + cut + 1

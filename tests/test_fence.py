@@ -163,6 +163,29 @@ def test_a_torn_tail_longer_than_the_search_step_is_cut_aside_whole(
     assert verify(session).ok
 
 
+@pytest.mark.parametrize("hole", [0, 64 * 1024 * 1024], ids=["nuls", "nuls-and-a-hole"])
+def test_a_torn_tail_of_nuls_is_kept_aside_without_taking_their_space(
+    session: Path, hole: int
+) -> None:
+    """A crash (or a file extended past its end) can leave a torn tail of NULs, or a
+    hole: S.torn holds the same bytes, but is extended over them rather than written,
+    so that a tail of gigabytes does not fill the disk at every append."""
+    nuls = 16 * 1024 * 1024 + 7
+    with open(session, "wb") as f:
+        f.write(b'{"role": "user"}\n{"role": "tool", "content": "')
+        f.write(b"\0" * nuls)
+        f.seek(hole, os.SEEK_CUR)
+        f.write(b"end")
+    fragment = session.read_bytes()[len(b'{"role": "user"}\n'):]
+    with SessionLock(session) as lock, pytest.warns(FenceLockWarning, match="torn"):
+        lock.append({"role": "assistant", "content": "ok"})
+    assert lines(session) == [{"role": "user"}, {"role": "assistant", "content": "ok"}]
+    torn = Path(str(session) + TORN_SUFFIX)
+    assert torn.read_bytes() == fragment + b"\n"
+    # Chunks holding other bytes too are written whole (two here, of 1 MiB at most).
+    assert os.stat(torn).st_blocks * 512 < 4 * 1024 * 1024, "the NULs were written out"
+
+
 def test_a_line_longer_than_one_read_returns_is_read_back_whole(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -973,6 +996,38 @@ def test_failed_directory_fsync_says_the_line_is_stored(
             lock.append({"n": 1})
         assert err.value.stored
         lock.append({"n": 2})  # the holder's own line is its fence point: no takeover
+    assert lines(session) == [{"n": 1}, {"n": 2}]
+
+
+_TOO_LARGE_TO_PARSE = """
+import resource, sys
+from fencelock import FenceLockError, SessionLock
+entry = '[' + '{},' * 4_000_000 + '{}]'  # 12 MB of text, hundreds of MB once parsed
+with SessionLock(sys.argv[1]) as lock:
+    lock.append({"n": 1})
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        size = int(f.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (size + 150 * 1024 * 1024, hard))
+    try:
+        lock.append(entry)
+        print("not raised")
+    except FenceLockError as e:
+        print("too large" in str(e) and "nothing was written" in str(e))
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    lock.append({"n": 2})
+"""
+
+
+@needs_proc
+def test_an_entry_too_large_to_check_in_memory_is_refused_clearly(session: Path) -> None:
+    """A text entry is parsed to check it, which takes many times its size: where that
+    does not fit, the append says so and writes nothing (no bare MemoryError from the
+    JSON parser). In a process of its own, with its address space capped."""
+    done = subprocess.run([sys.executable, "-c", _TOO_LARGE_TO_PARSE, str(session)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert (done.returncode, done.stdout) == (0, "True\n"), done.stderr
     assert lines(session) == [{"n": 1}, {"n": 2}]
 
 
