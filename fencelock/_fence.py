@@ -55,7 +55,7 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
         try:
             parsed = strict_loads(entry)
         except MemoryError:  # its objects, many times the text's size, freed by now
-            raise _too_large(len(entry), "parsed to check it") from None
+            raise _too_large(len(entry), "checked") from None
         except RecursionError:
             raise FenceLockError(
                 "a session entry is nested too deeply for Python's JSON parser; nothing "
@@ -76,6 +76,8 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
                 raise FenceLockError(
                     "a session entry must be valid Unicode text: a \\u escape in it spells a "
                     "lone surrogate; nothing was written") from None
+            except MemoryError:
+                raise _too_large(len(entry), "checked") from None
         if isinstance(parsed, dict) and _tokens.STAMP_KEY in parsed:
             entry = parsed  # refused below, or its stamp replaced (and put last)
         elif stamp is not None:
@@ -298,17 +300,23 @@ def _copy_sparsely(
     """Append bytes ``start``..``stop`` of the session (``fd``) to S.torn (``aside``) a
     chunk at a time: a fragment may be larger than memory. A hole, or a chunk of
     nothing but NULs (what a crash, or a file extended past its end, leaves), is not
-    written: S.torn is extended over it, which reads back the same NULs and takes no
-    space; a hole is not even read."""
+    written where S.torn can be extended over it instead (not an append-only file),
+    which reads back the same NULs and takes no space; a hole is not even read. A
+    session that ended early ends the copy there (the size check before the cut
+    reports it)."""
     at = start
     while at < stop:
         try:
             data = _next_data(fd, at, stop)
+            if data > at:  # a hole: no further than the file now goes
+                data = min(data, os.fstat(fd).st_size)
+                if data <= at:
+                    return
             part = b"" if data > at else _platform.pread(fd, min(_CHUNK, stop - at), at)
         except OSError as e:
             raise SessionWriteError(session, e, "reading its last line") from None
         if data == at and not part:
-            return  # the file ended early: the size check before the cut reports it
+            return
         if part and part.count(0) < len(part):
             _write_all(aside, part, torn, what)
             at += len(part)
@@ -316,8 +324,9 @@ def _copy_sparsely(
         grown = len(part) or data - at
         try:
             os.ftruncate(aside, os.fstat(aside).st_size + grown)
-        except OSError as e:
-            raise SessionWriteError(torn, e, what) from None
+        except OSError:  # written out instead, a chunk at a time
+            for done in range(0, grown, _CHUNK):
+                _write_all(aside, bytes(min(_CHUNK, grown - done)), torn, what)
         at += grown
 
 

@@ -10,13 +10,14 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import SpawnHolder, json_depth_limit, record_of
-from marks import needs_proc, needs_regex, needs_root, needs_xattr
+from marks import needs_linux, needs_proc, needs_regex, needs_root, needs_xattr
 
 from fencelock import (
     STAMP_KEY,
@@ -184,6 +185,65 @@ def test_a_torn_tail_of_nuls_is_kept_aside_without_taking_their_space(
     assert torn.read_bytes() == fragment + b"\n"
     # Chunks holding other bytes too are written whole (two here, of 1 MiB at most).
     assert os.stat(torn).st_blocks * 512 < 4 * 1024 * 1024, "the NULs were written out"
+
+
+@needs_root
+@needs_linux
+def test_an_append_only_torn_file_gets_the_nuls_written(session: Path) -> None:
+    """S.torn marked append-only (chattr +a) cannot be extended over a run of NULs: they
+    are written out, as any fragment is, rather than every append failing on it."""
+    import fcntl
+    import struct
+
+    get_flags, set_flags, append_only = 0x80086601, 0x40086602, 0x20  # linux/fs.h
+    fragment = b'{"b":' + b"\0" * (2 * 1024 * 1024) + b"2"
+    session.write_bytes(b'{"a":1}\n' + fragment)
+    torn = Path(str(session) + TORN_SUFFIX)
+    torn.write_bytes(b'{"earlier":"fragment"}\n')
+    fd = os.open(torn, os.O_RDONLY)
+    try:
+        flags = struct.unpack("i", fcntl.ioctl(fd, get_flags, struct.pack("i", 0)))[0]
+        fcntl.ioctl(fd, set_flags, struct.pack("i", flags | append_only))
+        try:
+            for turn in range(2):
+                with SessionLock(session) as lock, warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FenceLockWarning)
+                    lock.append({"turn": turn})
+        finally:
+            fcntl.ioctl(fd, set_flags, struct.pack("i", flags))
+    finally:
+        os.close(fd)
+    assert lines(session) == [{"a": 1}, {"turn": 0}, {"turn": 1}]
+    assert torn.read_bytes() == b'{"earlier":"fragment"}\n' + fragment + b"\n"
+
+
+def test_a_session_cut_short_while_its_torn_tail_is_copied_gets_no_nuls_kept(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer outside the protocol cuts the session while the append copies its torn
+    tail (a fragment, then a hole) to S.torn: the copy ends where the file now ends,
+    never padding S.torn with NULs the session no longer holds; the append reports the
+    takeover."""
+    from fencelock import _platform
+
+    head = b'{"a":1}\n'
+    with open(session, "wb") as f:
+        f.write(head + b"x" * (1024 * 1024))
+        f.seek(3 * 1024 * 1024, os.SEEK_CUR)
+        f.write(b"y")
+    real = _platform.pread
+
+    def cut_after_the_first_chunk(fd: int, n: int, at: int) -> bytes:
+        data = real(fd, n, at)
+        if at == len(head) and n == 1024 * 1024:
+            os.truncate(session, len(head) + 1000)
+        return data
+
+    with SessionLock(session) as lock:
+        monkeypatch.setattr(_platform, "pread", cut_after_the_first_chunk)
+        with pytest.raises(SessionTakeoverError):
+            lock.append({"n": 1})
+    assert b"\0" not in Path(str(session) + TORN_SUFFIX).read_bytes()
 
 
 def test_a_line_longer_than_one_read_returns_is_read_back_whole(
@@ -1002,7 +1062,10 @@ def test_failed_directory_fsync_says_the_line_is_stored(
 _TOO_LARGE_TO_PARSE = """
 import resource, sys
 from fencelock import FenceLockError, SessionLock
-entry = '[' + '{},' * 4_000_000 + '{}]'  # 12 MB of text, hundreds of MB once parsed
+if sys.argv[2] == "objects":
+    entry = '[' + '{},' * 4_000_000 + '{}]'  # 12 MB of text, hundreds of MB once parsed
+else:  # an escape: the parsed entry is encoded again to look for lone surrogates
+    entry = '{"k":"\\\\u0041' + 'A' * 100_000_000 + '"}'
 with SessionLock(sys.argv[1]) as lock:
     lock.append({"n": 1})
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -1021,11 +1084,14 @@ with SessionLock(sys.argv[1]) as lock:
 
 
 @needs_proc
-def test_an_entry_too_large_to_check_in_memory_is_refused_clearly(session: Path) -> None:
+@pytest.mark.parametrize("kind", ["objects", "escape"])
+def test_an_entry_too_large_to_check_in_memory_is_refused_clearly(
+    session: Path, kind: str
+) -> None:
     """A text entry is parsed to check it, which takes many times its size: where that
     does not fit, the append says so and writes nothing (no bare MemoryError from the
     JSON parser). In a process of its own, with its address space capped."""
-    done = subprocess.run([sys.executable, "-c", _TOO_LARGE_TO_PARSE, str(session)],
+    done = subprocess.run([sys.executable, "-c", _TOO_LARGE_TO_PARSE, str(session), kind],
                           capture_output=True, text=True, timeout=120, check=False)
     assert (done.returncode, done.stdout) == (0, "True\n"), done.stderr
     assert lines(session) == [{"n": 1}, {"n": 2}]
