@@ -24,7 +24,6 @@ from fencelock import (
     _backend,
     _fingerprint,
     _identity,
-    _lock,
     _platform,
     _record,
     _registry,
@@ -662,7 +661,9 @@ def clear(
     # Take the session's in-process slot for the whole clear, as an acquirer would:
     # where flock is emulated with per-process locks (NFS), the OS lock alone would
     # not keep another thread of this process from acquiring meanwhile.
-    slot = _lock.SessionLock(session, "clear", on_contention="fail", backend=backend)
+    from fencelock._lock import SessionLock  # here: `status` starts without the lock's code
+
+    slot = SessionLock(session, "clear", on_contention="fail", backend=backend)
     key = slot._key
     try:  # the take too: an interrupt as it is handed the slot must not keep it
         _registry.take(key, slot, True, None, None, time.monotonic())  # contended: held here

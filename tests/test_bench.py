@@ -376,3 +376,22 @@ def test_a_short_hold_is_not_judged(tmp_path: Path) -> None:
     report = run(sizes, ["cycle"], str(tmp_path), keep=False, quiet=True)
     assert any(n.startswith("goals not judged: --hold under 30 ms") for n in report.notes)
     assert report.goals and all(g.met is None for g in report.goals)
+
+
+def test_the_cold_start_interpreter_imports_as_a_regular_install(tmp_path: Path) -> None:
+    """The cold-start rows time the command as a regular install starts: fencelock and
+    click from where this process has them, without an editable install's import
+    finder, which costs every start of this environment's interpreter some
+    milliseconds and would be timed in both columns."""
+    import click
+
+    import fencelock
+    from fencelock.tools import bench as bench_module
+
+    python = bench_module._plain_python(tmp_path)
+    done = subprocess.run(
+        [python, "-c", "import sys, fencelock, click; print(fencelock.__file__); "
+         "print(click.__file__); print(any('__editable__' in m for m in sys.modules))"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.stdout.split("\n")[:3] == [fencelock.__file__, click.__file__, "False"], \
+        done.stderr
