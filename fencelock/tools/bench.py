@@ -1061,6 +1061,9 @@ def judge(report: Report, sizes: Sizes) -> None:
         add("cycle.session.portalocker", "cycle (session present) at most 1.0x portalocker.Lock",
             row.ratios.get("portalocker"), 1.0,
             "{value:.2f}x portalocker" + _floor_text(report, row.id, "portalocker"))
+        add("cycle.session.parity", "cycle (session present) at most 1.05x portalocker.Lock, "
+            "parity within a run's noise (proposed)", row.ratios.get("portalocker"), 1.05,
+            "{value:.2f}x portalocker")
     empty, crowd = report.row("cycle.first.0"), next(
         (r for r in report.rows if r.id.startswith("cycle.first.") and r.id != "cycle.first.0"
          and not r.id.endswith(".floor")), None)
