@@ -48,14 +48,21 @@ hold`'s requests) refuse them."""
 def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> bytes:
     """One JSONL line for ``entry``: a dict, or a str holding exactly one line of JSON.
     An entry that carries the reserved stamp key without being stamped is refused: a
-    token there would pass for fencelock's own."""
+    token there would pass for fencelock's own. One too large to check, stamp or encode
+    in this process's memory (a text entry's parse takes many times its size) is
+    refused too, rather than a bare MemoryError raised from the middle of it."""
+    try:
+        return _encode_entry(entry, stamp)
+    except MemoryError:  # what was built for it is freed by now
+        raise _too_large(len(entry) if isinstance(entry, str) else None) from None
+
+
+def _encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> bytes:
     if isinstance(entry, str):
         if "\n" in entry or "\r" in entry:
             raise FenceLockError("a session entry must be one line; this one has a line break")
         try:
             parsed = strict_loads(entry)
-        except MemoryError:  # its objects, many times the text's size, freed by now
-            raise _too_large(len(entry), "checked") from None
         except RecursionError:
             raise FenceLockError(
                 "a session entry is nested too deeply for Python's JSON parser; nothing "
@@ -76,8 +83,6 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
                 raise FenceLockError(
                     "a session entry must be valid Unicode text: a \\u escape in it spells a "
                     "lone surrogate; nothing was written") from None
-            except MemoryError:
-                raise _too_large(len(entry), "checked") from None
         if isinstance(parsed, dict) and _tokens.STAMP_KEY in parsed:
             entry = parsed  # refused below, or its stamp replaced (and put last)
         elif stamp is not None:
@@ -106,8 +111,6 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
     except UnicodeEncodeError as e:  # a lone surrogate, e.g. from os.fsdecode
         raise FenceLockError(f"a session entry must be valid Unicode text: {e.reason} at "
                              f"{e.start}; nothing was written") from None
-    except MemoryError:
-        raise _too_large(None, "encoded") from None
     except (TypeError, ValueError, RecursionError) as e:  # sets, NaN, cycles, depth
         why = (digits_problem(e) if isinstance(e, ValueError) else None) or str(e)
         raise FenceLockError(f"a session entry must be JSON: {why}; nothing was "
@@ -115,12 +118,12 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
     raise FenceLockError(f"a session entry must be a dict or a str, not {type(entry).__name__}")
 
 
-def _too_large(characters: int | None, done: str) -> FenceLockError:
+def _too_large(characters: int | None) -> FenceLockError:
     size = "" if characters is None else f" of {characters:,} characters"
     return FenceLockError(
-        f"a session entry{size} is too large to be {done} in this process's memory; "
-        f"nothing was written (write it in smaller entries, or give the process more "
-        f"memory)")
+        f"a session entry{size} is too large to be checked and encoded in this "
+        f"process's memory; nothing was written (write it in smaller entries, or give the "
+        f"process more memory)")
 
 
 def _fingerprint_fd(
