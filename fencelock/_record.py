@@ -235,9 +235,9 @@ _STATE_OF_HEAD = {head: state for (state, _), head in _HEAD_BYTES.items()}
 RELEASED_HEAD = _HEAD_BYTES[State.RELEASED, Phase.WRITE]
 """Written over a held record's head in fencelock's layout (`in_layout_held`), it makes
 the record released, in the write phase, leaving every other byte as it was."""
-_HEAD_LEN = HEAD_LEN = len(RECORD_HEAD[State.HELD, Phase.WRITE])
-_TOKEN_END = _HEAD_LEN + TOKEN_WIDTH
-if {len(head) for head in RECORD_HEAD.values()} != {_HEAD_LEN}:  # pragma: no cover
+HEAD_LEN = len(RECORD_HEAD[State.HELD, Phase.WRITE])
+_TOKEN_END = HEAD_LEN + TOKEN_WIDTH
+if {len(head) for head in RECORD_HEAD.values()} != {HEAD_LEN}:  # pragma: no cover
     raise ImportError("fencelock._record: record heads differ in length")
 _PLAIN = re.compile(r'[^A-Za-z0-9_.:-]')
 """Finds a character that would need escaping (run ids normally have none)."""
@@ -400,7 +400,7 @@ def assemble(
 def in_layout_held(data: bytes) -> bool:
     """Whether ``data``, a record's first bytes, is the head of a held record in
     fencelock's fixed layout (2.4 of docs/PROTOCOL.md), so `RELEASED_HEAD` fits over it."""
-    return _STATE_OF_HEAD.get(data[:_HEAD_LEN]) is HELD
+    return _STATE_OF_HEAD.get(data[:HEAD_LEN]) is HELD
 
 
 def peek(data: bytes) -> tuple[State, int] | None:
@@ -429,10 +429,10 @@ def peek(data: bytes) -> tuple[State, int] | None:
 def _head(data: bytes) -> tuple[State, int] | None:
     """(state, token) as a fixed-layout reader takes them from the head of ``data``,
     whatever follows it; None when the head is not in fencelock's layout."""
-    state = _STATE_OF_HEAD.get(data[:_HEAD_LEN])
+    state = _STATE_OF_HEAD.get(data[:HEAD_LEN])
     if state is None or data[_TOKEN_END:_TOKEN_END + 1] != b",":
         return None
-    digits = data[_HEAD_LEN:_TOKEN_END].rstrip(b" ")
+    digits = data[HEAD_LEN:_TOKEN_END].rstrip(b" ")
     return (state, int(digits)) if digits.isdigit() else None
 
 
