@@ -46,7 +46,7 @@ from fencelock._errors import (
 from fencelock._record import HolderInfo, State
 
 if TYPE_CHECKING:
-    from fencelock._backend import EtcdURL
+    from fencelock._etcdurl import EtcdURL
     from fencelock._probe import HolderStatus
 
 _REQUEST_TIMEOUT = 2.0

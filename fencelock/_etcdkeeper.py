@@ -288,10 +288,10 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int) -> None:
     and TTL) until both pipes read end of file, then revoke it. Stops early
     when the lease is gone (nothing left to keep), and stops renewing at once when
     `fencelock run` says its holder is lost (`_GIVE_UP` on ``wrapper_fd``)."""
-    from fencelock import _backend, _etcd
+    from fencelock import _etcd, _etcdurl
     from fencelock._errors import StoreUnavailableError
 
-    url = _backend.parse(backend)
+    url = _etcdurl.parse(backend)
     assert url is not None
     ttl = url.ttl
     cluster = _etcd.cluster(url)

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from fencelock import (
     _backend,
@@ -55,6 +56,9 @@ from fencelock._sidecar_holder import (
     may_be_live,
     read_quietly,
 )
+
+if TYPE_CHECKING:
+    from fencelock._etcdurl import EtcdURL
 
 
 class ProbeState(enum.StrEnum):
@@ -619,7 +623,7 @@ def _ready(
         time.sleep(_GRACE_STEP)
 
 
-def list_store(url: _backend.EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
+def list_store(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
     """Every session the etcd store ``url`` has a holder or record for (`fencelock
     status --backend URL` with no path), a session file another user planted where
     anyone may create files shown as `probe` shows it."""

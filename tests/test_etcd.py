@@ -46,9 +46,10 @@ from fencelock import (
     recover,
     verify,
 )
-from fencelock._backend import EtcdURL, parse, session_key
+from fencelock._backend import session_key
 from fencelock._errors import OutsideRootError
 from fencelock._etcdserver import EtcdServer, binary
+from fencelock._etcdurl import EtcdURL, parse
 
 # -- URLs and keys -----------------------------------------------------------------
 
@@ -1722,7 +1723,7 @@ def test_the_listing_of_a_store_reads_its_records_a_page_at_a_time(
     keys a page), and holders found only in the queue (`etcdctl lock`, which writes no
     record) fall between them in order."""
     from fencelock import _etcd
-    from fencelock._backend import parse as parse_url
+    from fencelock._etcdurl import parse as parse_url
     from fencelock._probe import list_store
 
     monkeypatch.setattr(_etcd, "_PAGE", 2)

@@ -117,7 +117,7 @@ def test_session_lock_does_not_know_which_store_holds_it() -> None:
     """`SessionLock` reaches the sidecar (and any other store) only through the store
     object: no sidecar protocol, OS lock, token mark or etcd code in `_lock`."""
     assert not _imports("_lock.py") & {
-        "_sidecar_holder", "_platform", "_tokens", "_etcd", "_backend",
+        "_sidecar_holder", "_platform", "_tokens", "_etcd", "_backend", "_etcdurl",
     }
     source = (PACKAGE / "_lock.py").read_text()
     assert "_store is not None" not in source

@@ -13,7 +13,7 @@ from typing import Any
 
 # Internals the floor needs, imported deliberately: it names its keys as fencelock's
 # etcd store does, so that the two queue for the same session.
-from fencelock import _backend
+from fencelock import _backend, _etcdurl
 from fencelock.tools.peers import record_bytes
 
 _TXN = "/v3/kv/txn"
@@ -54,7 +54,7 @@ class FloorEtcdLock:
     """
 
     def __init__(self, url: str, session: str, ttl: int = 60) -> None:
-        parsed = _backend.parse(url)
+        parsed = _etcdurl.parse(url)
         assert parsed is not None, "an etcd:// URL"
         self.host, self.port = parsed.endpoints[0]
         key = _backend.session_key(session, parsed.root)

@@ -1,0 +1,188 @@
+"""An etcd holder store's URL, parsed: ``etcd://HOST:PORT[,HOST:PORT...]/PREFIX[?ttl=S&
+root=DIR]``, or ``etcds://`` (HTTPS). Imported only where a URL is given: the class's
+making costs a command that uses none about a millisecond of its start."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+DEFAULT_PREFIX = "fencelock"
+DEFAULT_TTL = 10.0
+LOCAL = ("", "local")
+
+
+def _seconds(value: float) -> str:
+    """``value`` written so that it reads back the same: short where that is exact."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdURL:
+    """A parsed ``etcd://HOST:PORT[,HOST:PORT...]/PREFIX[?ttl=S&root=DIR]``, or
+    ``etcds://`` (HTTPS) with ``ca=``, ``cert=``, ``key=`` among its parameters."""
+
+    endpoints: tuple[tuple[str, int], ...]
+    prefix: str
+    ttl: float
+    root: str | None
+    tls: bool = False
+    """HTTPS: etcd's certificate checked against ``ca`` (else the system's CAs)."""
+    ca: str | None = None
+    cert: str | None = None
+    """A client certificate (PEM) to show etcd, its key in ``key`` or in the same file."""
+    key: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "etcds" if self.tls else "etcd"
+
+    @property
+    def display(self) -> str:
+        """The endpoints as messages name them."""
+        return f"{self.scheme}://{self._hosts}"
+
+    @property
+    def _hosts(self) -> str:
+        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.endpoints)
+
+    @property
+    def text(self) -> str:
+        """A URL naming the same store (endpoints, prefix, root) with the same settings
+        (a TTL other than the default, TLS), for commands to print: a command run from
+        advice holds as the deployment does."""
+        ttl = None if self.ttl == DEFAULT_TTL else _seconds(self.ttl)
+        return f"{self.display}/{quote(self.prefix, safe='/')}" + self._query(
+            ("ttl", ttl), ("root", self.root), *self._tls_params)
+
+    @property
+    def connection_text(self) -> str:
+        """A URL naming the same endpoints with the same TLS settings and TTL (for a
+        process that keeps this store's lease alive)."""
+        return f"{self.display}/_" + self._query(("ttl", _seconds(self.ttl)), *self._tls_params)
+
+    @property
+    def _tls_params(self) -> tuple[tuple[str, str | None], ...]:
+        return ("ca", self.ca), ("cert", self.cert), ("key", self.key)
+
+    @staticmethod
+    def _query(*params: tuple[str, str | None]) -> str:
+        query = "&".join(f"{k}={quote(v, safe='/')}" for k, v in params if v is not None)
+        return f"?{query}" if query else ""
+
+
+def _host(url: str, part: str, host: str) -> str:
+    """``host`` of ``part`` (HOST:PORT) as a connection takes it: a name, an IPv4 address,
+    or an IPv6 address, bracketed or not (brackets dropped). ValueError otherwise."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" in bare or "[" in host or "]" in host:
+        import ipaddress
+
+        try:
+            ipaddress.IPv6Address(bare)
+        except ValueError:
+            raise ValueError(
+                f"backend {url!r}: {part!r} is not HOST:PORT (an IPv6 address goes in "
+                f"brackets: etcd://[::1]:2379/PREFIX)"
+            ) from None
+    return bare
+
+
+@functools.lru_cache(maxsize=64)
+def parse(url: str) -> EtcdURL | None:
+    """Parse a backend URL; None for the sidecar store (``local`` or empty).
+
+    Raises ValueError naming what is wrong.
+    """
+    text = url.strip()
+    if text in LOCAL:
+        return None
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("etcd", "etcds"):
+        raise ValueError(
+            f"backend {url!r}: expected 'local', etcd://HOST:PORT[,HOST:PORT...]/PREFIX "
+            f"or etcds://... (HTTPS)"
+        )
+    rest, _, query = rest.partition("?")
+    hosts, _, prefix = rest.partition("/")
+    endpoints = []
+    for part in hosts.split(","):
+        host, sep, port = part.rpartition(":")
+        # ASCII digits only ('²' is a digit to str.isdigit, not to int), and a host
+        # with no space or control character in it (requests would refuse the URL).
+        if (not sep or not host or not (port.isascii() and port.isdigit())
+                or not 0 < int(port) < 65536 or any(c.isspace() or ord(c) < 32 for c in host)):
+            raise ValueError(f"backend {url!r}: {part!r} is not HOST:PORT")
+        endpoints.append((_host(url, part, host), int(port)))
+    if "&" in prefix or "=" in prefix:
+        # Most likely a mistyped query ('/p&ttl=3'): it would be taken as the prefix,
+        # and the TTL left at its default, without a word.
+        raise ValueError(
+            f"backend {url!r}: the prefix {prefix!r} has '&' or '='; parameters go after "
+            f"'?' (etcd://HOST:PORT/PREFIX?ttl=S); to have them in a prefix, write %26 "
+            f"or %3D"
+        )
+    try:
+        decoded = unquote(prefix, errors="strict").strip("/")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"backend {url!r}: the prefix {prefix!r} is not UTF-8 once its %XX escapes are "
+            f"decoded; escape each byte of a UTF-8 character"
+        ) from None
+    if not decoded and prefix.strip("/"):
+        raise ValueError(
+            f"backend {url!r}: the prefix {prefix!r} is only slashes once decoded; name "
+            f"one (or leave it out for the default, {DEFAULT_PREFIX!r})"
+        )
+    prefix = decoded or DEFAULT_PREFIX
+    params = _query(url, query)
+    tls = {name: params[name] for name in _TLS_PARAMS if name in params}
+    if tls and scheme != "etcds":
+        raise ValueError(
+            f"backend {url!r}: {sorted(tls)[0]}= is for HTTPS: write etcds:// instead of "
+            f"etcd://")
+    for name, path in tls.items():
+        if not os.path.isabs(path):
+            raise ValueError(f"backend {url!r}: {name}= must be an absolute file path")
+    if "key" in tls and "cert" not in tls:
+        raise ValueError(f"backend {url!r}: key= goes with cert= (the client certificate)")
+    ttl = DEFAULT_TTL
+    if "ttl" in params:
+        try:
+            ttl = float(params["ttl"])
+        except ValueError:
+            ttl = -1.0
+        if not 1 <= ttl <= 3600:
+            raise ValueError(f"backend {url!r}: ttl must be a number of seconds, 1 to 3600")
+    root = params.get("root")
+    if root is not None and not os.path.isabs(root):
+        raise ValueError(f"backend {url!r}: root must be an absolute directory")
+    return EtcdURL(tuple(endpoints), prefix, ttl, root, scheme == "etcds",
+                   tls.get("ca"), tls.get("cert"), tls.get("key"))
+
+
+_TLS_PARAMS = ("ca", "cert", "key")
+
+
+def _query(url: str, query: str) -> dict[str, str]:
+    """The URL's parameters, each %XX-decoded as UTF-8; a ``+`` is a ``+`` (a path's,
+    as in ``root=/srv/c++``), not a space as in an HTML form's query."""
+    params: dict[str, str] = {}
+    for item in query.split("&"):
+        if not item:
+            continue  # '?ttl=5&', '&&': nothing there
+        name, _, value = item.partition("=")
+        if name not in ("ttl", "root", *_TLS_PARAMS):
+            raise ValueError(f"backend {url!r}: unknown parameter {name!r}")
+        if name in params:
+            raise ValueError(f"backend {url!r}: {name}= is given twice")
+        try:
+            params[name] = unquote(value, errors="strict")
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"backend {url!r}: {name}= is not UTF-8 once its %XX escapes are decoded"
+            ) from None
+    return params
