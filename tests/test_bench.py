@@ -395,3 +395,46 @@ def test_the_cold_start_interpreter_imports_as_a_regular_install(tmp_path: Path)
         capture_output=True, text=True, timeout=60, check=False)
     assert done.stdout.split("\n")[:3] == [fencelock.__file__, click.__file__, "False"], \
         done.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["--dir", "{tmp}/missing"], ["--dir", "{tmp}/file"], ["--save", "{tmp}/missing/x.json"],
+    ["--save", "{tmp}"],
+], ids=["dir-missing", "dir-a-file", "save-no-directory", "save-a-directory"])
+def test_a_bad_dir_or_save_path_is_refused_before_the_run(
+    tmp_path: Path, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --dir or --save that cannot be used is a usage error naming it, before minutes
+    of measuring (a --save that failed after the run lost its figures)."""
+    from fencelock.tools import bench as bench_module
+
+    (tmp_path / "file").write_text("")
+    argv = ["--only", "cold", "--quiet", *(a.format(tmp=tmp_path) for a in args)]
+    assert bench_module.main(argv) == 2
+    err = capsys.readouterr().err
+    assert args[0] in err and "Traceback" not in err, err
+
+
+def test_ctrl_c_ends_the_benchmark_with_one_line_and_exit_130(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group, the forked workers of a hand-off too:
+    the parent says "Aborted!" once and exits 130 (as a shell tells an interrupt from a
+    failure), no worker prints a traceback, and the temporary directory goes."""
+    import signal
+
+    with subprocess.Popen(
+        [sys.executable, str(ROOT / "bin" / "fencelock-bench"), "--quick", "--only",
+         "handoff", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    ) as proc:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # the kernel hand-offs' first batch has begun
+            seen.append(line)
+            if "hand-off: fencelock, raw" in line:
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 130, "".join(seen) + rest
+    assert "Aborted!" in rest and "Traceback" not in rest, rest
+    assert not list(tmp_path.glob("fencelock-bench-*"))

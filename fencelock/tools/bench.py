@@ -43,7 +43,7 @@ import fencelock
 # fence's fsync seam, which has no public knob. Everything else uses the public API.
 from fencelock import _fence
 from fencelock.tools import handoff
-from fencelock.tools._command import run_command
+from fencelock.tools._command import quietly, run_command, start_worker
 from fencelock.tools.peers import (
     APPEND_FLAGS,
     FloorLock,
@@ -512,8 +512,8 @@ def _run_workers(
     procs = []
     for args in argsets:
         here, there = _CTX.Pipe(duplex=False)
-        proc = _CTX.Process(target=target, args=(barrier, there, *args), daemon=True)
-        proc.start()
+        proc = _CTX.Process(target=quietly, args=(target, barrier, there, *args), daemon=True)
+        start_worker(proc)
         there.close()
         pipes.append(here)
         procs.append(proc)
@@ -751,16 +751,17 @@ def make_scan_dir(path: Path, n: int) -> ScanDir:
         if close is not None:
             close()
     for i in range(0, len(stale), 2000):
-        proc = _CTX.Process(target=_make_stale, args=(stale[i : i + 2000],))
-        proc.start()
+        proc = _CTX.Process(target=quietly, args=(_make_stale, stale[i : i + 2000]))
+        start_worker(proc)
         proc.join()
     settle()
     result = ScanDir(path, {"free": len(free) + len(released), "stale": len(stale),
                             "live": len(live)})
     if live:
         here, there = _CTX.Pipe()
-        result.helper = _CTX.Process(target=_live_helper, args=(live, there), daemon=True)
-        result.helper.start()
+        result.helper = _CTX.Process(target=quietly, args=(_live_helper, live, there),
+                                     daemon=True)
+        start_worker(result.helper)
         there.close()
         result.conn = here
         here.recv()
@@ -1303,6 +1304,20 @@ def _sections(ctx: click.Context, param: click.Parameter, value: str) -> list[st
     return sections
 
 
+def _save_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--save FILE``, checked before the run: its directory must be there and writable."""
+    if value is None:
+        return None
+    where = os.path.dirname(os.path.abspath(value))
+    if os.path.isdir(value):
+        raise click.BadParameter(f"{value} is a directory; give a file name")
+    if not os.path.isdir(where):
+        raise click.BadParameter(f"no directory {where} to write {value} in")
+    if not os.access(where, os.W_OK) or (os.path.exists(value) and not os.access(value, os.W_OK)):
+        raise click.BadParameter(f"{value} cannot be written by this user")
+    return value
+
+
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Measure fencelock against raw flock, filelock and portalocker.",
@@ -1314,8 +1329,10 @@ def _sections(ctx: click.Context, param: click.Parameter, value: str) -> list[st
 @click.option("--only", default=",".join(SECTIONS), callback=_sections,
               help=f"comma-separated sections to run (default: {','.join(SECTIONS)})")
 @click.option("--dir", "directory", default=None,
+              type=click.Path(exists=True, file_okay=False, writable=True),
               help="where to make the temporary directory (default: the system's)")
-@click.option("--save", metavar="FILE", default=None, help="also write the JSON figures to FILE")
+@click.option("--save", metavar="FILE", default=None, callback=_save_path,
+              help="also write the JSON figures to FILE")
 @click.option("--keep", is_flag=True, help="keep the temporary files")
 @click.option("--quiet", is_flag=True, help="no progress on stderr")
 @click.option("--hold", metavar="MS", type=float, default=None,
@@ -1332,12 +1349,16 @@ def command(as_json: bool, quick: bool, smoke: bool, only: list[str], directory:
     started = time.monotonic()
     report = run(sizes, only, directory, keep, quiet)
     report.notes.append(f"run took {time.monotonic() - started:.1f} s")
-    if save:
-        Path(save).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
         click.echo(render(report))
+    if save:  # after printing: a run of minutes is not lost to a file that cannot be written
+        try:
+            Path(save).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        except OSError as e:
+            raise click.ClickException(f"--save {save}: {e.strerror or e}; the figures are "
+                                       f"printed above") from None
     return 0 if report.ok else 1
 
 

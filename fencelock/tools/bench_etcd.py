@@ -10,10 +10,12 @@ fencelock's.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import statistics
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -170,6 +172,16 @@ _FLOOR_NOTE = (
 )
 
 
+def _close(lock: _Peer | FloorEtcdLock) -> None:
+    """Close ``lock`` after its figures; after an interrupt (Ctrl-C) cut a request short,
+    its connection may refuse another: that must not take the interrupt's place."""
+    if sys.exc_info()[0] is None:
+        lock.close()
+        return
+    with contextlib.suppress(Exception):
+        lock.close()
+
+
 def _split(lat: list[float]) -> tuple[float, float]:
     """(median, p99) of hand-off latencies."""
     return statistics.median(lat), handoff.p99(lat)
@@ -210,7 +222,7 @@ def bench(base: Path, cycles: int, rounds: int, quiet: bool,
                                         cycles))
         finally:
             for lock in locks.values():
-                lock.close()
+                _close(lock)
         lats: dict[str, list[float]] = {peer: [] for peer in paired}
         chunk = 20
         for done in range(0, rounds, chunk):
@@ -229,7 +241,7 @@ def bench(base: Path, cycles: int, rounds: int, quiet: bool,
             try:
                 cycle[peer] = _time_per_call({peer: _one_cycle(lock)}, n)[peer]
             finally:
-                lock.close()
+                _close(lock)
             r = rounds if peer == "sidecar" else max(3, rounds // 3)
             progress(quiet, f"etcd hand-off: {peer} x{r}")
             med[peer], p99[peer] = _split(handoffs(

@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Protocol
 
+from fencelock.tools._command import quietly, start_worker
+
 _CTX = multiprocessing.get_context("fork")
 
 
@@ -47,8 +49,8 @@ def latencies(make: Callable[[], _Lock], rounds: int, hold: float) -> list[float
     and of the pages the fork shares."""
     lock = make()
     here, there = _CTX.Pipe()
-    child = _CTX.Process(target=_waiter, args=(make, rounds + 1, there), daemon=True)
-    child.start()
+    child = _CTX.Process(target=quietly, args=(_waiter, make, rounds + 1, there), daemon=True)
+    start_worker(child)
     there.close()
     out = []
     try:
