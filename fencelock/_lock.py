@@ -500,8 +500,13 @@ class SessionLock:
             self.release()
 
     def _acquire(
-        self, me: object, deadline: float | None, cancel: threading.Event | None
-    ) -> None:
+        self, me: object, deadline: float | None, cancel: threading.Event | None,
+        only_if_free: bool = False,
+    ) -> bool:
+        """Take the session for ``me``: True once taken. With ``only_if_free``, only if
+        nothing holds it this moment, in this process or another (`acquire_async` tries
+        so before it starts a thread to wait in): False, having waited for nothing, when
+        something does or the store cannot tell without waiting (etcd)."""
         start = time.monotonic()
         attempt = object()
         if not self._walked:
@@ -509,16 +514,22 @@ class SessionLock:
         # Every step inside the try, so that an interrupt (KeyboardInterrupt, a
         # cancellation) landing anywhere leaves neither the slot nor the lock behind.
         try:
-            _take_slot(self._key, self, self.on_contention == "fail", deadline, cancel, start,
-                       attempt)
+            if not only_if_free:
+                _take_slot(self._key, self, self.on_contention == "fail", deadline, cancel,
+                           start, attempt)
+            elif not _registry.take_if_free(self._key, self, attempt):
+                return False
             self._slot_attempt = attempt
-            self._store.acquire(self, me, deadline, cancel, start)
+            if self._store.acquire(self, me, deadline, cancel, start, only_if_free):
+                return True
         except BaseException:
             # Only a slot this attempt took: while another owner (thread, task) holds
             # this object or is acquiring it, the slot, the object's one, is theirs.
             if not self._count:
                 _cleanup.to_the_end(lambda: _registry.free_surely(self._key, self, attempt))
             raise
+        _free_slot(self._key, self, attempt)  # held elsewhere: nothing was taken
+        return False
 
     def _session_fingerprint(self) -> Fingerprint | None:
         """The session's fingerprint at acquire; the last one's object again if nothing
@@ -720,7 +731,9 @@ class SessionLock:
         self, *, timeout: float | Literal["default"] | None = "default"
     ) -> Coroutine[Any, Any, HolderInfo]:
         """Like `acquire` (``timeout`` too), but waiting happens off the event loop and
-        can be cancelled.
+        can be cancelled. A session nothing holds is taken on the loop, with the sidecar
+        store's few system calls (its release makes them there too); waiting for it, or
+        any acquire from etcd, runs in a thread of its own.
 
         The owner (for reentrancy) is the task that calls it, also where the waiting runs
         in a task of its own: ``asyncio.wait_for`` makes one on Python 3.11, and that
@@ -738,6 +751,14 @@ class SessionLock:
         if self.held and self._owner == me:
             self._count += 1
             info = self.info
+        elif self._store.tries_in_place and self._acquire(me, None, None, only_if_free=True):
+            # Free: taken here, on the loop, with the sidecar's few system calls (as its
+            # release makes them there); a thread only to wait.
+            try:
+                info = self._info or self._completed_info(self._info_shell())
+            except BaseException:  # an interrupt: the caller never learns it holds
+                self._give_back(me, 0)
+                raise
         else:
             deadline = None if wait is None else time.monotonic() + wait
             cancel = threading.Event()
@@ -754,11 +775,21 @@ class SessionLock:
                 raise no_thread(self.session, "acquire_async") from None
             try:
                 await asyncio.shield(future)  # a cancel leaves the attempt to end below
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit) as stop:
                 cancel.set()  # from here the attempt gives back a lock that arrives
                 _registry.wake()
+                delivered = future.done() and future.exception() is None \
+                    and future.result() is not None
+                if isinstance(stop, GeneratorExit):
+                    # Closed, not cancelled (``coro.close()``, or a task dropped while
+                    # pending): nothing can be awaited any more. A lock delivered meanwhile
+                    # is given back (in its thread, for etcd, not waited for); a later
+                    # one the attempt gives back itself.
+                    if delivered:
+                        self._give_back_delivered(loop)
+                    raise
                 if future.done():
-                    if future.exception() is None and future.result() is not None:
+                    if delivered:
                         # Cancelled as it was delivered: given back before the task ends.
                         await _briefly(self._give_back_delivered(loop))
                     raise

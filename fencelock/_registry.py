@@ -166,6 +166,14 @@ def take(
         graced, deadline = True, time.monotonic() + FAIL_GRACE
 
 
+def take_if_free(key: str, lock: SessionLock, attempt: object) -> bool:
+    """Take ``key``'s slot for ``lock`` on behalf of ``attempt`` if it is free this
+    moment (nobody of this process holds or waits for it: a freed slot goes straight to
+    its longest waiter); False, having waited for nothing, when it is not."""
+    entry = (lock, attempt)
+    return _held.setdefault(key, entry) is entry
+
+
 def _wait_turn(
     key: str,
     entry: tuple[SessionLock, object],

@@ -165,8 +165,8 @@ class SidecarHolder:
     shares_fd = True
     """`fencelock run` can hand the locked descriptor to its command."""
     opens_session = False
-    tries_in_place = True
     """Fence checks stat the session's path: one host, no cached attributes to doubt."""
+    tries_in_place = True
     releases_in_place = True
     space = ""
     record_extra: dict[str, Any] | None = None
@@ -215,8 +215,10 @@ class SidecarHolder:
         deadline: float | None,
         cancel: threading.Event | None,
         start: float,
-    ) -> None:
-        """Lock the sidecar, write the first record and count ``lock`` as held by ``me``."""
+        only_if_free: bool = False,
+    ) -> bool:
+        """Lock the sidecar, write the first record and count ``lock`` as held by ``me``
+        (`SessionStore.acquire`)."""
         run_id = _next_run_id()
         lock._prepare_record(run_id)
         # The lock object's ``_io`` is taken before the wait and held until the first
@@ -227,12 +229,14 @@ class SidecarHolder:
         with lock._io:
             locked = False
             try:  # from the lock on: an interrupt landing anywhere leaves it not taken
-                self._lock_sidecar(lock, deadline, cancel, start)
+                if not self._lock_sidecar(lock, deadline, cancel, start, only_if_free):
+                    return False
                 locked = True
                 if cancel is not None and cancel.is_set():
                     raise _registry.cancelled()  # got it just as the caller gave up
                 self._write_new_record(lock, run_id)
                 lock._count, lock._owner, lock._pid = 1, me, _identity.ME.pid
+                return True
             except BaseException as e:
                 lock._count = 0
 
@@ -264,8 +268,10 @@ class SidecarHolder:
         deadline: float | None,
         cancel: threading.Event | None,
         start: float,
-    ) -> None:
-        """Leave ``self._fd`` open and locked on the sidecar now at the path."""
+        only_if_free: bool,
+    ) -> bool:
+        """Leave ``self._fd`` open and locked on the sidecar now at the path: True. With
+        ``only_if_free``, where it is locked: closed, and False."""
         # While acquiring, self._fd names the descriptor this thread owns; while a helper
         # thread waits, the helper owns it. (Either way _forkguard closes a fork's copy.)
         while True:
@@ -284,9 +290,12 @@ class SidecarHolder:
                 self._close_fd()
                 raise
             if not locked:
+                if only_if_free:
+                    self._close_fd()
+                    return False
                 fd, st = self._wait_for_lock(lock, fd, st, deadline, cancel, start)
             if _sidecar.still_at_path(self.sidecar, st):
-                return
+                return True
             self._close_fd()  # removed or replaced while we waited: lock the new one
 
     def _close_fd(self) -> None:

@@ -67,9 +67,13 @@ class SessionStore(Protocol):
         deadline: float | None,
         cancel: threading.Event | None,
         start: float,
-    ) -> None:
+        only_if_free: bool = False,
+    ) -> bool:
         """Take the session, write the first record (setting the lock's record fields)
-        and count ``lock`` as held by ``me``; on any failure leave nothing held."""
+        and count ``lock`` as held by ``me``: True. On any failure leave nothing held.
+        With ``only_if_free``: False, having waited for nothing and taken nothing, where
+        the session is held this moment or the store cannot tell without waiting (one
+        whose ``tries_in_place`` is False)."""
 
     def write(self, lock: SessionLock) -> None:
         """Store the lock's record now (called under ``lock._io``)."""
@@ -194,7 +198,10 @@ class RemoteStore:
         deadline: float | None,
         cancel: threading.Event | None,
         start: float,
-    ) -> None:
+        only_if_free: bool = False,
+    ) -> bool:
+        if only_if_free:
+            return False  # etcd tells only by queueing (`tries_in_place`)
         holder = self.holder
         directory = os.path.dirname(lock.session)
         try:
@@ -248,6 +255,7 @@ class RemoteStore:
             lock._count = 0
             holder.release(None)
             raise
+        return True
 
     def write(self, lock: SessionLock) -> None:
         lock._info = None

@@ -1702,8 +1702,10 @@ except FenceLockError as e:
     print(e)
 
 async def main():
-    try:  # free: acquire_async acquires in a thread of its own
-        async with SessionLock(sys.argv[2], "t"):
+    async with SessionLock(sys.argv[2], "t") as lock:  # free: taken on the loop, no thread
+        print("taken" if lock.held else "not taken")
+    try:  # held in another process: acquire_async waits in a thread of its own
+        async with SessionLock(sys.argv[1], "t", timeout=30):
             pass
     except FenceLockError as e:
         print(e)
@@ -1717,9 +1719,10 @@ def test_a_thread_that_cannot_be_started_is_a_fencelock_error(
     tmp_path: Path, spawn_holder: SpawnHolder, store: str | None
 ) -> None:
     """Where no thread can be started (this user's thread limit, or memory), a timed
-    wait and an `async with` fail with a `FenceLockError` naming the file and what to
-    do, not `threading`'s bare RuntimeError, and leave nothing held; an `async with`
-    whose release finds no thread releases on the event loop."""
+    wait and an `async with` that must wait fail with a `FenceLockError` naming the file
+    and what to do, not `threading`'s bare RuntimeError, and leave nothing held; an
+    `async with` on a free session needs no thread; one whose release finds no thread
+    releases on the event loop."""
     held, free, other = (tmp_path / f"{name}.jsonl" for name in ("held", "free", "other"))
     done = subprocess.run([sys.executable, "-c", NO_THREADS, str(held), str(free), str(other),
                            store or "local"], capture_output=True, text=True, timeout=60)
@@ -1736,12 +1739,13 @@ def test_a_thread_that_cannot_be_started_is_a_fencelock_error(
     done = subprocess.run([sys.executable, "-c", NO_THREADS, str(held), str(free), str(other),
                            "local"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    waited, acquired = done.stdout.splitlines()
+    waited, taken, acquired = done.stdout.splitlines()
     assert waited.startswith(f"{held}.holder: waiting for its lock needs a thread, and the "
                              "system would not start one")
-    assert acquired.startswith(f"{free}: acquire_async needs a thread")
+    assert taken == "taken"
+    assert acquired.startswith(f"{held}: acquire_async needs a thread")
     assert "ulimit -u" in waited and "ulimit -u" in acquired
-    assert probe(free).state == "free"
+    assert probe(free).state == "free" and probe(held).state == "live"
 
 
 @pytest.mark.parametrize("name", [
