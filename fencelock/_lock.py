@@ -522,14 +522,14 @@ class SessionLock:
             self._slot_attempt = attempt
             if self._store.acquire(self, me, deadline, cancel, start, only_if_free):
                 return True
+            _free_slot(self._key, self, attempt)  # held elsewhere: nothing was taken
+            return False
         except BaseException:
             # Only a slot this attempt took: while another owner (thread, task) holds
             # this object or is acquiring it, the slot, the object's one, is theirs.
             if not self._count:
                 _cleanup.to_the_end(lambda: _registry.free_surely(self._key, self, attempt))
             raise
-        _free_slot(self._key, self, attempt)  # held elsewhere: nothing was taken
-        return False
 
     def _session_fingerprint(self) -> Fingerprint | None:
         """The session's fingerprint at acquire; the last one's object again if nothing
@@ -751,14 +751,8 @@ class SessionLock:
         if self.held and self._owner == me:
             self._count += 1
             info = self.info
-        elif self._store.tries_in_place and self._acquire(me, None, None, only_if_free=True):
-            # Free: taken here, on the loop, with the sidecar's few system calls (as its
-            # release makes them there); a thread only to wait.
-            try:
-                info = self._info or self._completed_info(self._info_shell())
-            except BaseException:  # an interrupt: the caller never learns it holds
-                self._give_back(me, 0)
-                raise
+        elif self._store.tries_in_place and self._taken_if_free(me):
+            info = self._info or self._completed_info(self._info_shell())
         else:
             deadline = None if wait is None else time.monotonic() + wait
             cancel = threading.Event()
@@ -777,21 +771,23 @@ class SessionLock:
                 await asyncio.shield(future)  # a cancel leaves the attempt to end below
             except (asyncio.CancelledError, GeneratorExit) as stop:
                 cancel.set()  # from here the attempt gives back a lock that arrives
-                _registry.wake()
-                delivered = future.done() and future.exception() is None \
-                    and future.result() is not None
+                delivered = future.result() if future.done() and \
+                    future.exception() is None else None
                 if isinstance(stop, GeneratorExit):
-                    # Closed, not cancelled (``coro.close()``, or a task dropped while
-                    # pending): nothing can be awaited any more. A lock delivered meanwhile
-                    # is given back (in its thread, for etcd, not waited for); a later
-                    # one the attempt gives back itself.
-                    if delivered:
-                        self._give_back_delivered(loop)
+                    # Closed, not cancelled (``coro.close()``, or a dropped task's
+                    # coroutine finalized by the garbage collector, in any thread, perhaps
+                    # one inside the registry's mutex): nothing can be awaited, nor the
+                    # mutex waited for. A lock delivered meanwhile is given back in a
+                    # thread; a later one the attempt gives back itself.
+                    _registry.wake(blocking=False)
+                    if delivered is not None:
+                        self._give_back_closed(delivered.run_id)
                     raise
+                _registry.wake()
                 if future.done():
-                    if delivered:
+                    if delivered is not None:
                         # Cancelled as it was delivered: given back before the task ends.
-                        await _briefly(self._give_back_delivered(loop))
+                        await _briefly(self._give_back_delivered(loop, delivered.run_id))
                     raise
                 # The attempt notices ``cancel`` soon; the caller is told it was cancelled
                 # once it has ended, so that nothing is taken (a record written) after,
@@ -804,6 +800,16 @@ class SessionLock:
             info = future.result()
         assert info is not None
         return info
+
+    def _taken_if_free(self, me: object) -> bool:
+        """For `acquire_async`: take the session here, on the event loop, if nothing
+        holds it (the sidecar's few system calls, as its release makes there); False, with
+        nothing waited for, when something does: a thread then waits for it."""
+        try:
+            return self._acquire(me, None, None, only_if_free=True)
+        except BaseException:  # an interrupt as it was taken: the caller never learns it
+            self._give_back(me, 0)
+            raise
 
     def _acquire_for(
         self,
@@ -863,22 +869,39 @@ class SessionLock:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(_settle, future)  # the cancelled task ends now
 
-    def _give_back_delivered(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """Release a lock delivered to a task that was cancelled before it resumed; where
-        the store's release may wait (etcd), in a thread of its own (`_in_a_thread`), so
-        that the event loop runs on. The future is done once it is given back: the task
-        waits for it (at most `_CANCEL_GRACE`), as ``async with`` waits for its release."""
+    def _give_back_delivered(
+        self, loop: asyncio.AbstractEventLoop, run_id: str
+    ) -> asyncio.Future[None]:
+        """Release run ``run_id``, delivered to a task that was cancelled before it
+        resumed; where the store's release may wait (etcd), in a thread of its own
+        (`_in_a_thread`), so that the event loop runs on. The future is done once it is
+        given back: the task waits for it (at most `_CANCEL_GRACE`), as ``async with``
+        waits for its release."""
         if not self._store.releases_in_place:
-            return _in_a_thread(loop, self._release_unwanted)
-        self._release_unwanted()
+            return _in_a_thread(loop, lambda: self._release_unwanted(run_id))
+        self._release_unwanted(run_id)
         done: asyncio.Future[None] = loop.create_future()
         done.set_result(None)
         return done
 
-    def _release_unwanted(self) -> None:
-        """Release a lock that a cancelled task did not take (nor its event loop, closed).
+    def _give_back_closed(self, run_id: str) -> None:
+        """Release run ``run_id``, delivered to an `acquire_async` closed before it
+        resumed, in a thread: the closing thread may hold the registry's mutex, which
+        the release takes. Where no thread can be had, here (nothing else would)."""
+        try:
+            threading.Thread(target=self._release_unwanted, args=(run_id,),
+                             name="fencelock-release", daemon=True).start()
+        except RuntimeError:
+            self._release_unwanted(run_id)
+
+    def _release_unwanted(self, run_id: str | None = None) -> None:
+        """Release a lock that a cancelled task did not take (nor its event loop, closed):
+        given ``run_id``, only while that run holds (another task of this process may
+        have released it, and the object been taken again, since it was delivered).
         A release that fails is reported as a warning: the task's answer is its
         cancellation."""
+        if run_id is not None and (not self.held or self._run_id != run_id):
+            return
         try:
             self.release()
         except Exception as e:

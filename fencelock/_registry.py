@@ -252,10 +252,15 @@ def free_surely(key: str, lock: SessionLock, attempt: object = None) -> None:
     wake()
 
 
-def wake() -> None:
-    """Wake every waiter, so that a cancelled one notices."""
-    with _cond:
-        _cond.notify_all()
+def wake(blocking: bool = True) -> None:
+    """Wake every waiter, so that a cancelled one notices. Not ``blocking``: only if the
+    mutex is free this moment (the caller may be a thread inside it); a waiter left
+    asleep still gives up once its turn comes."""
+    if _mu.acquire(blocking):
+        try:
+            _cond.notify_all()
+        finally:
+            _mu.release()
 
 
 def waiters() -> int:

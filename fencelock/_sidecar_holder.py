@@ -279,6 +279,8 @@ class SidecarHolder:
                 fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode,
                                                like=lock._like)
             except SidecarAccessError:
+                if only_if_free:
+                    return False  # the wait's thread says why (a probe may wait a moment)
                 if lock.on_contention == "fail":
                     self._raise_if_held_elsewhere()
                 raise

@@ -140,6 +140,56 @@ def test_an_acquire_closed_while_it_waits_leaves_no_lock_behind(
     assert probe(session).state == ProbeState.FREE
 
 
+def test_an_acquire_closed_as_its_lock_was_delivered_gives_it_back(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """The helper has delivered the lock, and the coroutine is closed before it resumes:
+    the lock goes back (in a thread: a garbage collector closing it may run in one that
+    holds the registry's mutex), not kept by nobody."""
+    other = spawn_holder(session, lane="other")
+    other.acquire()
+
+    async def main() -> None:
+        lock = SessionLock(session, lane="closed-late")
+        step = lock.acquire_async()
+        suspended = step.send(None)
+        assert isinstance(suspended, asyncio.Future)
+        await hand_over(session, other)
+        await until(suspended.done)  # delivered: the coroutine would resume next
+        assert lock.held
+        step.close()
+        await until(lambda: not lock.held)
+        after = SessionLock(session, lane="after", on_contention="fail")
+        assert (await after.acquire_async()).token == 3
+        after.release()
+
+    asyncio.run(main())
+    assert probe(session).state == ProbeState.FREE
+
+
+def test_reentry_after_wait_for_a_held_session_in_the_same_task(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """As below, for a lock that comes to the waiting thread: the caller's task owns it
+    (`asyncio.wait_for` runs the acquire in a task of its own on Python 3.11)."""
+    other = spawn_holder(session, lane="other")
+    other.acquire()
+
+    async def main() -> int:
+        lock = SessionLock(session, lane="outer")
+        acquiring = asyncio.ensure_future(asyncio.wait_for(lock.acquire_async(), 30))
+        await hand_over(session, other)
+        first = await acquiring
+        async with lock:  # re-entered: bounded below, so a self-wait fails the test
+            pass
+        assert lock.held
+        lock.release()
+        return first.token
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == 2
+    assert probe(session).state == ProbeState.FREE
+
+
 def test_loop_keeps_ticking_while_a_task_waits(session: Path, spawn_holder: SpawnHolder) -> None:
     holder = spawn_holder(session, lane="other-process")
     holder.acquire()

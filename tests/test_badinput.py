@@ -883,6 +883,37 @@ def tmpfs_dir(tmp_path: Path) -> Iterator[Path]:
         umount(target)
 
 
+def test_read_only_filesystem_an_async_try_looks_off_the_loop(
+    tmpfs_dir: Path, foreign_holder: Any
+) -> None:
+    """On a read-only filesystem, a fail-fast `acquire_async` of a session whose sidecar
+    a lock outside fencelock holds finds out who holds it in its thread, not on the
+    event loop (that look gives a lock with no live record a moment's grace): the first
+    step suspends, and the answer is still `SessionContendedError`."""
+    import asyncio
+
+    from fencelock import SessionContendedError
+
+    session = tmpfs_dir / "s.jsonl"
+    with SessionLock(session, "before"):
+        pass
+    remount(tmpfs_dir, "ro")
+    try:
+        holder = foreign_holder(sidecar_of(session))
+
+        async def main() -> None:
+            lock = SessionLock(session, "after", on_contention="fail")
+            step = lock.acquire_async()
+            assert isinstance(step.send(None), asyncio.Future)  # the look's not done here
+            step.close()
+            with pytest.raises(SessionContendedError, match="flock"):
+                await lock.acquire_async()
+
+        asyncio.run(main())
+        holder.release()
+    finally:
+        remount(tmpfs_dir, "rw")
+
 def test_read_only_filesystem(tmpfs_dir: Path) -> None:
     session = tmpfs_dir / "s.jsonl"
     with SessionLock(session, "before") as lock:
@@ -1663,7 +1694,7 @@ def test_the_rest_of_a_longer_old_record_after_the_record_is_not_its_own(
 
 NO_THREADS = """
 import asyncio, resource, sys, threading
-from fencelock import FenceLockError, SessionLock, probe
+from fencelock import FenceLockError, SessionLock, _registry, probe
 
 def vm():
     with open("/proc/self/status") as f:
@@ -1709,6 +1740,7 @@ async def main():
             pass
     except FenceLockError as e:
         print(e)
+    print("left held" if _registry.any_held() else "nothing held")
 
 asyncio.run(main())
 """
@@ -1739,10 +1771,10 @@ def test_a_thread_that_cannot_be_started_is_a_fencelock_error(
     done = subprocess.run([sys.executable, "-c", NO_THREADS, str(held), str(free), str(other),
                            "local"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    waited, taken, acquired = done.stdout.splitlines()
+    waited, taken, acquired, left = done.stdout.splitlines()
     assert waited.startswith(f"{held}.holder: waiting for its lock needs a thread, and the "
                              "system would not start one")
-    assert taken == "taken"
+    assert taken == "taken" and left == "nothing held"
     assert acquired.startswith(f"{held}: acquire_async needs a thread")
     assert "ulimit -u" in waited and "ulimit -u" in acquired
     assert probe(free).state == "free" and probe(held).state == "live"
