@@ -158,9 +158,9 @@ def test_an_acquire_closed_as_its_lock_was_delivered_gives_it_back(
         await until(suspended.done)  # delivered: the coroutine would resume next
         assert lock.held
         step.close()
-        await until(lambda: not lock.held)
-        after = SessionLock(session, lane="after", on_contention="fail")
-        assert (await after.acquire_async()).token == 3
+        await until(lambda: not lock.held)  # given back (its thread may still be at it)
+        after = SessionLock(session, lane="after")
+        assert (await asyncio.wait_for(after.acquire_async(), 30)).token == 3
         after.release()
 
     asyncio.run(main())
