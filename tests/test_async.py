@@ -97,7 +97,7 @@ def test_a_held_session_is_waited_for_off_the_loop(
         step = lock.acquire_async(timeout=None)
         waiting = step.send(None)  # suspends: no SessionContendedError, no wait here
         assert isinstance(waiting, asyncio.Future) and not lock.held
-        step.close()  # a cancel: the helper gives up (the session stays the holder's)
+        step.close()  # closed: the helper gives up (the session stays the holder's)
         lock = SessionLock(session, lane="waiting")
         task = asyncio.create_task(lock.acquire_async())
         await asyncio.sleep(0)
@@ -128,9 +128,9 @@ def test_an_acquire_closed_while_it_waits_leaves_no_lock_behind(
     async def main() -> int:
         step = SessionLock(session, lane="closed").acquire_async()
         assert isinstance(step.send(None), asyncio.Future)
-        await asyncio.to_thread(wait_for_blocked_waiter, session)
+        await asyncio.to_thread(wait_for_blocked_waiter, session)  # its helper waits
         step.close()
-        assert await asyncio.to_thread(other.call, "release") == "released"
+        await hand_over(session, other)  # (the closed attempt's helper is the waiter)
         after = SessionLock(session, lane="after")
         info = await asyncio.wait_for(after.acquire_async(), 30)
         after.release()

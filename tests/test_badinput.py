@@ -914,6 +914,7 @@ def test_read_only_filesystem_an_async_try_looks_off_the_loop(
     finally:
         remount(tmpfs_dir, "rw")
 
+
 def test_read_only_filesystem(tmpfs_dir: Path) -> None:
     session = tmpfs_dir / "s.jsonl"
     with SessionLock(session, "before") as lock:
