@@ -55,7 +55,8 @@ def test_rows_have_the_documented_shape(report: dict[str, Any]) -> None:
                      "cycle.fresh.floor", "appends.fsync.floor", "appends.nofsync.floor",
                      "cycle.reused.session", "cycle.reused.session.floor", "cycle.first.0",
                      "cycle.first.0.floor", "cycle.first.60", "cycle.first.60.floor",
-                     "handoff.median.floor", "handoff.p99.floor",
+                     "handoff.median.floor", "handoff.p99.floor", "handoff.median.timed",
+                     "handoff.median.timed.floor", "handoff.p99.timed", "handoff.p99.timed.floor",
                      "etcd.cycle", "etcd.handoff.median", "etcd.handoff.p99",
                      "etcd.cycle.floor", "etcd.handoff.median.floor", "etcd.handoff.p99.floor"):
         assert expected in ids
@@ -66,6 +67,23 @@ def test_rows_have_the_documented_shape(report: dict[str, Any]) -> None:
         assert set(row["ratios"]) == set(row["peers"])
         for value in (row["fencelock"], *row["peers"].values()):
             assert value is None or isinstance(value, (int, float))
+
+
+def test_the_timed_hand_off_is_fencelock_with_a_timeout_against_the_polling_peers(
+    report: dict[str, Any], tmp_path: Path,
+) -> None:
+    from fencelock.tools.peers import TIMED_WAIT, make_locker
+
+    locker = make_locker("fencelock-timed", str(tmp_path / "s.jsonl"))
+    assert locker.lock.timeout == TIMED_WAIT  # type: ignore[attr-defined]
+    rows = {row["id"]: row for row in report["rows"]}
+    timed, untimed = rows["handoff.median.timed"], rows["handoff.median"]
+    assert timed["fencelock"] > 0 and timed["fencelock"] != untimed["fencelock"]
+    # The peers' polled waits (the untimed row's polling figures), no kernel wait.
+    assert timed["peers"]["filelock"] == untimed["peers"]["filelock"]
+    assert timed["peers"]["raw"] is None
+    assert rows["handoff.median.timed.floor"]["fencelock"] == \
+        rows["handoff.median.floor"]["fencelock"]
 
 
 def test_etcd_rows_compare_with_the_sidecar_tooz_and_etcdctl(report: dict[str, Any]) -> None:

@@ -46,6 +46,7 @@ from fencelock.tools import handoff
 from fencelock.tools._command import quietly, run_command, start_worker
 from fencelock.tools.peers import (
     APPEND_FLAGS,
+    TIMED_WAIT,
     FloorLock,
     Locker,
     available,
@@ -448,8 +449,8 @@ def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
                                        sizes.handoffs_polling, sizes.hold_before_release)
     # Kernel waiters side by side, in chunks taken in turn (a burst of load on a shared
     # machine then lands on every peer alike).
-    kernel = tuple(p for p in ("fencelock", "raw", "portalocker-blocking", "floor")
-                   if available(p))
+    kernel = tuple(p for p in ("fencelock", "raw", "portalocker-blocking", "floor",
+                               "fencelock-timed") if available(p))
     chunk = 20
     for done in range(0, sizes.handoffs, chunk):
         rounds = min(chunk, sizes.handoffs - done)
@@ -459,7 +460,7 @@ def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
                 peer, _lock_path(base / "handoff", peer), rounds, sizes.hold_before_release
             ))
     for peer in ("fencelock", "raw", "filelock", "portalocker", "portalocker-blocking",
-                 "floor"):
+                 "floor", "fencelock-timed"):
         lat = lats.get(peer)
         if not lat:
             med[peer] = p99[peer] = None
@@ -468,6 +469,7 @@ def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
     floor_med, floor_p99 = med.pop("floor"), p99.pop("floor")
     pb_med, pb_p99 = med.pop("portalocker-blocking"), p99.pop("portalocker-blocking")
     f_med, f_p99 = med.pop("fencelock"), p99.pop("fencelock")
+    t_med, t_p99 = med.pop("fencelock-timed"), p99.pop("fencelock-timed")
     how = ", ".join(f"{k} {v}" for k, v in counts.items())
     polled = ("" if med["portalocker"] is None else
               f"; portalocker with its default flags (polling): median "
@@ -477,6 +479,23 @@ def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
             f"{polled}; hand-offs: {how}; the holder holds "
             f"{sizes.hold_before_release * 1000:g} ms before each release")
     blocking = "" if pb_p99 is None else f"portalocker blocking p99 {pb_p99:.3f} ms"
+    # A waiter with a time limit: the polling peers' waits (portalocker's timeout, which
+    # its kernel wait cannot take; filelock's poll) against fencelock's timed wait.
+    timed_note = ("fencelock with timeout= (its wait blocks in a helper thread, which then "
+                  "wakes the caller); filelock and portalocker poll (portalocker's default "
+                  "flags with its timeout); raw flock(2) cannot wait with a time limit; the "
+                  "floor waits in the kernel with none")
+    timed = []
+    for stat, value, peers, floor in (("median", t_med, med, floor_med),
+                                      ("p99", t_p99, p99, floor_p99)):
+        polling = {"raw": None, "filelock": peers["filelock"],
+                   "portalocker": peers["portalocker"]}
+        timed += [
+            Row(f"handoff.{stat}.timed", "handoff", f"hand-off to a waiter with a time "
+                f"limit ({TIMED_WAIT:g} s), {stat}", "ms", fencelock=value, peers=polling,
+                note=timed_note),
+            _floor_row(f"handoff.{stat}.timed", floor, polling, unit="ms"),
+        ]
     med["portalocker"], p99["portalocker"] = pb_med, pb_p99
     return [
         Row("handoff.median", "handoff", "hand-off to a blocked waiter, median", "ms",
@@ -488,6 +507,7 @@ def bench_handoff(base: Path, sizes: Sizes, quiet: bool) -> list[Row]:
         Row("handoff.median.blocking", "handoff",
             "hand-off median vs portalocker flags=EXCLUSIVE (kernel wait)", "ms",
             fencelock=f_med, peers={"portalocker": pb_med}, note=blocking),
+        *timed,
     ]
 
 
@@ -1250,7 +1270,10 @@ def _render_etcd(rows: Sequence[Row]) -> list[str]:
 
 
 def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+    if value is None:
+        return "-"
+    # Two significant digits below 0.01 (a timed wait against a poll): not "0.00".
+    return f"{value:.2f}" if value >= 0.01 else f"{value:.2g}"
 
 
 # -- main ----------------------------------------------------------------------------

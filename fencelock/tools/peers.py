@@ -170,6 +170,11 @@ def _open_creating(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_CREAT, 0o600)
 
 
+TIMED_WAIT = 60.0
+"""The time limit of the timed waits the benchmark measures (fencelock's, and the
+polling peers' own: portalocker's ``timeout``)."""
+
+
 class PortalockerPeer:
     """``portalocker.Lock``: default flags poll every ``check_interval`` (0.25 s);
     ``blocking=True`` passes ``LockFlags.EXCLUSIVE`` so the wait sleeps in the kernel."""
@@ -183,7 +188,7 @@ class PortalockerPeer:
         # "r+b", not the default "a": pwrite on an O_APPEND descriptor appends on Linux;
         # the opener adds O_CREAT, which "r+b" lacks, to the one open portalocker makes.
         # No timeout in blocking mode: the kernel waits (portalocker warns if given one).
-        self.lock = portalocker.Lock(path, "r+b", timeout=None if blocking else 60,
+        self.lock = portalocker.Lock(path, "r+b", timeout=None if blocking else TIMED_WAIT,
                                      flags=flags, opener=_open_creating)
 
     def acquire(self) -> None:
@@ -196,10 +201,14 @@ class PortalockerPeer:
 
 
 class FenceLockPeer:
-    """fencelock's `SessionLock` (``on_contention="wait"``); ``path`` is the session."""
+    """fencelock's `SessionLock` (``on_contention="wait"``); ``path`` is the session.
+    With ``timeout``, every acquire waits at most that long (as a caller passing a
+    timeout does: the wait then blocks in a helper thread)."""
 
-    def __init__(self, path: str, record: bytes | None = None, lane: str = "bench") -> None:
-        self.lock = fencelock.SessionLock(path, lane=lane, on_contention="wait")
+    def __init__(self, path: str, record: bytes | None = None, lane: str = "bench",
+                 timeout: float | None = None) -> None:
+        self.lock = fencelock.SessionLock(path, lane=lane, on_contention="wait",
+                                          timeout=timeout)
 
     def acquire(self) -> None:
         self.lock.acquire()
@@ -373,6 +382,8 @@ def make_locker(peer: str, path: str, record: bool = True) -> Locker:
     """A locker for ``peer`` on ``path`` (a lock file; for fencelock the session file)."""
     if peer == "fencelock":
         return FenceLockPeer(path)
+    if peer == "fencelock-timed":
+        return FenceLockPeer(path, timeout=TIMED_WAIT)
     if peer == "floor":
         return FloorLock(path)
     data = RecordMaker(path, "bench") if record else None
