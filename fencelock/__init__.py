@@ -43,7 +43,7 @@ _SOURCES = {
         "probe",
         "scan",
     ),
-    "fencelock._record": ("HolderInfo", "Phase", "PreviousHolder", "State"),
+    "fencelock._record": ("HolderInfo", "Phase", "PreviousHolder", "RunCommand", "State"),
     "fencelock._recovery": ("Action", "Recovery", "fresh_session", "recover"),
     "fencelock._tokens": ("STAMP_KEY",),
     "fencelock._verify": ("VerifyReport", "verify"),
@@ -95,6 +95,7 @@ if TYPE_CHECKING:
         HolderInfo as HolderInfo,
         Phase as Phase,
         PreviousHolder as PreviousHolder,
+        RunCommand as RunCommand,
         State as State,
     )
     from fencelock._recovery import (

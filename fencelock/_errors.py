@@ -541,10 +541,8 @@ def describe_holder(
     if holder is None and last is not None:
         return describe_leftovers(last)
     if holder is not None:
-        from fencelock._record import command_of
-
-        command = command_of(holder)
-        shared = f"; shared with its command, pid {command[0]}" if command is not None else ""
+        command = holder.command
+        shared = f"; shared with its command, pid {command.pid}" if command is not None else ""
         return (f"pid {holder.pid} on {holder.host} (lane {holder.lane!r}, token "
                 f"{holder.token}{shared})")
     if lock_owners is None:

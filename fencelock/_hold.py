@@ -278,9 +278,24 @@ def _gone(e: OSError) -> _CallerGone:
     return _CallerGone(None if isinstance(e, BrokenPipeError) else e)
 
 
+def error_name(e: BaseException) -> str:
+    """The name a caller matches on: fencelock's class as the package exports it. A
+    class of its own that is not exported (`HeldByOwnRunError`) answers as the
+    exported class it refines (`SessionContendedError`); `BadRequestError` is the
+    protocol's own. Any other error (an `OSError`) by its class name."""
+    if not isinstance(e, FenceLockError):
+        return type(e).__name__
+    import fencelock  # the package itself: what it exports
+
+    for cls in type(e).__mro__:
+        if cls is BadRequestError or getattr(fencelock, cls.__name__, None) is cls:
+            return cls.__name__
+    return FenceLockError.__name__  # unreachable: FenceLockError is exported
+
+
 def error_answer(e: BaseException) -> dict[str, Any]:
     """``{"ok": false, "error": <class name>, "message": ...}`` plus what the class carries."""
-    answer: dict[str, Any] = {"ok": False, "error": type(e).__name__, "message": str(e)}
+    answer: dict[str, Any] = {"ok": False, "error": error_name(e), "message": str(e)}
     if isinstance(e, SessionContendedError):
         answer["holder"] = None if e.holder is None else e.holder.to_json()
     elif isinstance(e, SessionTakeoverError):

@@ -410,10 +410,8 @@ def status_json(st: HolderStatus, now: float) -> dict[str, Any]:
 
 def _command_pid(rec: HolderInfo | None) -> int | None:
     """The pid of the command a `fencelock run` holder started (it shares the lock)."""
-    from fencelock._record import command_of
-
-    command = command_of(rec) if rec is not None else None
-    return command[0] if command is not None else None
+    command = rec.command if rec is not None else None
+    return command.pid if command is not None else None
 
 
 _STATE_COLOURS = {"live": "green", "stale": "red", "unreadable": "magenta"}

@@ -475,12 +475,12 @@ def _fence_matches(session: str, record: HolderInfo) -> bool | None:
 def _left_holding(record: HolderInfo) -> tuple[int, bool | None] | None:
     """For a live record whose own process is gone: (the pid of the command its
     `fencelock run` started, whether that still runs); None otherwise."""
-    command = _record.command_of(record)
+    command = record.command
     if command is None or _identity.owner_alive(
         record.pid, record.host, record.process_start
     ) is not False:
         return None
-    return command[0], _identity.owner_alive(command[0], record.host, command[1])
+    return command.pid, _identity.owner_alive(command.pid, record.host, command.process_start)
 
 
 def _reason(state: ProbeState, record: HolderInfo, alive: bool | None, stuck: bool) -> str:

@@ -10,7 +10,7 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fencelock._fingerprint import Fingerprint
 from fencelock._json import NotJSONError, finite_float, not_json
@@ -72,6 +72,14 @@ class PreviousHolder:
         }
 
 
+class RunCommand(NamedTuple):
+    """The command a `fencelock run` holder started, which shares its lock (the record's
+    ``command``): while that process lives, the holder is live even when ``pid`` is gone."""
+
+    pid: int
+    process_start: str
+
+
 @dataclass(frozen=True, slots=True)
 class HolderInfo:
     """One holder record as written in a sidecar."""
@@ -95,6 +103,20 @@ class HolderInfo:
     version: int = VERSION
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Fields this version does not know, kept so they survive a rewrite."""
+
+    @property
+    def command(self) -> RunCommand | None:
+        """For a record written by `fencelock run`: the command it started (`RunCommand`:
+        ``pid``, ``process_start``); None otherwise, or where the record names it badly."""
+        command = self.extra.get("command")
+        if not isinstance(command, dict):
+            return None
+        pid, start = command.get("pid"), command.get("process_start", "")
+        if type(pid) is not int or not 1 <= pid <= _MAX_PID:
+            return None
+        if not isinstance(start, str) or len(start) > MAX_TEXT:
+            return None
+        return RunCommand(pid, start)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.extra)
@@ -297,20 +319,6 @@ def _json_value(value: Any) -> str:
 def command_part(pid: int, process_start: str) -> str:
     """The ``command`` field, appended to a record's fixed part by `fencelock run`."""
     return f',"command":{{"pid":{pid},"process_start":{_js(process_start)}}}'
-
-
-def command_of(record: HolderInfo) -> tuple[int, str] | None:
-    """(pid, process_start) of the command a `fencelock run` holder started, which
-    shares its lock; None when the record names none (or names it badly)."""
-    command = record.extra.get("command")
-    if not isinstance(command, dict):
-        return None
-    pid, start = command.get("pid"), command.get("process_start", "")
-    if type(pid) is not int or not 1 <= pid <= _MAX_PID:
-        return None
-    if not isinstance(start, str) or len(start) > MAX_TEXT:
-        return None
-    return pid, start
 
 
 def left_by_run(

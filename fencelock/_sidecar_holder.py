@@ -82,10 +82,10 @@ def holder_alive(record: HolderInfo) -> bool | None:
     """Whether the record's owner still runs, or the command a `fencelock run` owner
     started (which shares its lock); None when that cannot be known from here."""
     alive = _identity.owner_alive(record.pid, record.host, record.process_start)
-    command = _record.command_of(record) if not alive else None
+    command = record.command if not alive else None
     if command is None:
         return alive
-    other = _identity.owner_alive(command[0], record.host, command[1])
+    other = _identity.owner_alive(command.pid, record.host, command.process_start)
     if other or alive is None or other is None:
         return other or None
     return False
@@ -107,7 +107,7 @@ def held_by_others(record: HolderInfo | None) -> bool:
     command left running holds it on, and the record names them)."""
     if record is None or record.state is not HELD:
         return True
-    return _record.command_of(record) is None and holder_alive(record) is False
+    return record.command is None and holder_alive(record) is False
 
 
 def contended(

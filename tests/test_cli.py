@@ -2294,11 +2294,10 @@ def test_run_on_an_unusable_session_path_creates_nothing(session: Path, kind: st
 
 NAMED_THEN_WAIT = """
 import os, sys, time, fencelock
-from fencelock._record import command_of
 deadline = time.monotonic() + 30
 while time.monotonic() < deadline:  # polling the record for the wrapper's naming write
     rec = fencelock.probe(os.environ["FENCELOCK_SESSION"]).record
-    if rec is not None and command_of(rec) is not None:
+    if rec is not None and rec.command is not None:
         break
     time.sleep(0.005)
 print(os.getpid(), flush=True)

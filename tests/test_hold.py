@@ -297,6 +297,22 @@ def test_contended_answers_with_the_holder_and_exits_4(
     assert probe(session).state == "live"
 
 
+@needs_posix
+def test_hold_under_its_own_run_answers_with_the_documented_name(session: Path) -> None:
+    """A hold inside the `fencelock run` that holds the session is refused at once, under
+    the name callers match on (the refusal's own class is not exported)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "outer", "--",
+         sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "inner"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 4, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert answer["ok"] is False and answer["error"] == "SessionContendedError", answer
+    assert "runs under" in answer["message"] and answer["holder"]["lane"] == "outer"
+    assert b"Traceback" not in proc.stderr
+
+
 BAD_LINES = [
     (b"not json", "not JSON"),
     (b"", "not JSON"),

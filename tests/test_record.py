@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fencelock import Fingerprint, HolderInfo, Phase, PreviousHolder, State
+from fencelock import Fingerprint, HolderInfo, Phase, PreviousHolder, RunCommand, State
 from fencelock._record import (
     MAX_RECORD,
     MAX_TOKEN,
@@ -88,6 +88,29 @@ def test_unknown_fields_are_kept() -> None:
     again = decode(info.encode())
     assert again is not None and again.extra == kept
     assert b'"counter":123456789012345678901234567890' in info.encode()
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ({"pid": 31337, "process_start": "9@boot@ns"}, RunCommand(31337, "9@boot@ns")),
+    ({"pid": 31337}, RunCommand(31337, "")),
+    (None, None),
+    ({"pid": "31337", "process_start": ""}, None),
+    ({"pid": 0, "process_start": ""}, None),
+    ({"pid": 31337, "process_start": 5}, None),
+    ([31337, ""], None),
+])
+def test_the_run_command_is_an_attribute(command: Any, expected: RunCommand | None) -> None:
+    """`fencelock run`'s ``command`` field reads as ``HolderInfo.command`` (None where
+    absent or named badly: a record stays readable), and is written back as it was."""
+    obj = make().to_json()
+    if command is not None:
+        obj["command"] = command
+    info = decode(json.dumps(obj).encode())
+    assert info is not None and info.command == expected
+    if expected is not None:
+        assert (info.command.pid, info.command.process_start) == tuple(expected)
+    again = decode(info.encode())
+    assert again is not None and again.to_json().get("command") == command
 
 
 def test_empty_record_is_none_and_trailing_padding_is_ignored() -> None:
