@@ -2584,9 +2584,10 @@ def test_a_session_outside_the_backends_root_is_one_error_line(
     named = str(session.parent) if "DIR" in args else str(session)
     assert f"{named}: not under the backend's root {root}" in line
     assert "change root= in the backend URL" in line and "--lane" not in line
-    if args[0] == "hold":  # the caller on the other end of the pipe hears it too
-        answer = json.loads(out.stdout)
-        assert (answer["ok"], answer["error"]) == (False, "OutsideRootError")
+    if args[0] == "hold":  # the caller on the other end of the pipe hears it too, under
+        answer = json.loads(out.stdout)  # an exported name: the package's own error
+        assert (answer["ok"], answer["error"]) == (False, "FenceLockError")
+        assert "not under the backend's root" in answer["message"]
     with pytest.raises(OutsideRootError) as exc:
         SessionLock(session, backend=outside)
     assert isinstance(exc.value, ValueError)  # a bad argument, as before
