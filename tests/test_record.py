@@ -108,7 +108,8 @@ def test_the_run_command_is_an_attribute(command: Any, expected: RunCommand | No
     info = decode(json.dumps(obj).encode())
     assert info is not None and info.command == expected
     if expected is not None:
-        assert (info.command.pid, info.command.process_start) == tuple(expected)
+        read = info.command
+        assert read is not None and (read.pid, read.process_start) == tuple(expected)
     again = decode(info.encode())
     assert again is not None and again.to_json().get("command") == command
 
