@@ -1148,6 +1148,11 @@ class EtcdHolder:
         """The lease the holder's key lives under, while it holds or waits."""
         return self._lease.id if self._my_key and self._lease is not None else None
 
+    @property
+    def run_key(self) -> str:
+        """The holder's key in the session's queue (empty while it has none)."""
+        return self._my_key
+
     # -- acquire -----------------------------------------------------------------
 
     def acquire(

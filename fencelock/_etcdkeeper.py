@@ -14,7 +14,10 @@ before the lease may have expired) no longer holds the session: `fencelock run` 
 its command and what holds the first pipe with it (SIGTERM, then SIGKILL after a grace
 period) and writes a byte to the second pipe, on which the keeper stops renewing and
 revokes the lease, so that nothing keeps a holder alive in etcd that its own run gave
-up.
+up. Once `fencelock run` is gone (killed, or ended with what its command left running
+still holding the first pipe), that guard is the keeper's: it checks the run's key
+with each renewal, and stops what holds the first pipe in the same way when the lease
+or the key is gone, or when no renewal has vouched for the lease in time.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fencelock._etcd import EtcdHolder
+    from fencelock._etcd import EtcdHolder, _Cluster
     from fencelock._lock import SessionLock
 
 _RETRY = 0.2
@@ -85,6 +88,20 @@ def _signal(pids: list[int], pipe: int, signum: int) -> None:
             pass
         finally:
             os.close(fd)
+
+
+def _stop_writers(command_fd: int) -> None:
+    """Stop every process but this one that holds the pipe of ``command_fd`` (the
+    command of a run whose holder is lost, and what it left running): SIGTERM, then
+    SIGKILL for what is left after `STOP_GRACE`."""
+    pipe, me = os.fstat(command_fd).st_ino, {os.getpid()}
+    _signal(_sharing(pipe, me), pipe, signal.SIGTERM)
+    end = time.monotonic() + STOP_GRACE
+    left = _sharing(pipe, me)
+    while left and time.monotonic() < end:
+        time.sleep(_RETRY / 4)
+        left = _sharing(pipe, me)
+    _signal(left, pipe, signal.SIGKILL)
 
 
 def _pids(pids: list[int]) -> str:
@@ -270,7 +287,7 @@ def start(lock: SessionLock) -> Keeper | None:
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "fencelock._etcdkeeper", store.url.connection_text,
-             f"{store.lease_id:x}", str(probe_r), str(wrapper_r)],
+             f"{store.lease_id:x}", str(probe_r), str(wrapper_r), store.run_key],
             pass_fds=(probe_r, wrapper_r), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # not the terminal's: Ctrl-C is for the command
@@ -283,25 +300,37 @@ def start(lock: SessionLock) -> Keeper | None:
     return Keeper(proc, store, command_w, probe_r, wrapper_w)
 
 
-def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int) -> None:
+def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str) -> None:
     """Renew ``lease_id`` (of the store ``backend`` names: its endpoints, TLS settings
     and TTL) until both pipes read end of file, then revoke it. Stops early
     when the lease is gone (nothing left to keep), and stops renewing at once when
-    `fencelock run` says its holder is lost (`_GIVE_UP` on ``wrapper_fd``)."""
+    `fencelock run` says its holder is lost (`_GIVE_UP` on ``wrapper_fd``). Once
+    `fencelock run` is gone, guards the run as it did: when etcd says the lease or the
+    run's ``key`` is gone, or no renewal vouched for the lease before it may have
+    expired (less the margin a holder keeps), another run may hold the session, and
+    what still holds the command's pipe is stopped (`_stop_writers`)."""
     from fencelock import _etcd, _etcdurl
     from fencelock._errors import StoreUnavailableError
 
     url = _etcdurl.parse(backend)
     assert url is not None
     ttl = url.ttl
+    safety = min(1.0, ttl / 4)
+    clock = _etcd._lease_clock  # counts on while the host is suspended, as etcd's lease
     cluster = _etcd.cluster(url)
     poller = select.poll()
     for fd in (command_fd, wrapper_fd):
         poller.register(fd, select.POLLIN)
     open_fds = {command_fd, wrapper_fd}
+    guarding = False  # `fencelock run` is gone: stopping what writes for the run is ours
+    # Until when (on ``clock``) the lease cannot have expired: `fencelock run` renewed
+    # it at most ttl/4 before it started this process, which renews it at once.
+    vouched = clock() + ttl / 2
     due = time.monotonic()
     while open_fds:
         wait = max(0.0, due - time.monotonic())
+        if guarding:
+            wait = min(wait, max(0.0, vouched - safety - clock()))
         for fd, ev in poller.poll(wait * 1000):
             data = b""
             if ev & select.POLLIN:
@@ -312,15 +341,29 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int) -> None:
             elif not data:  # end of file: every write end is closed
                 poller.unregister(fd)
                 open_fds.discard(fd)
-        if not open_fds or time.monotonic() < due:
+                guarding = guarding or fd == wrapper_fd
+        lapsing = guarding and clock() >= vouched - safety
+        if not open_fds or (time.monotonic() < due and not lapsing):
             continue
+        sent = clock()
+        # While guarding, a request is cut short where the lease may lapse meanwhile.
+        deadline = None if not guarding else \
+            time.monotonic() + max(0.0, vouched - safety - sent)
         try:
-            r = cluster.call("/lease/keepalive", {"ID": lease_id})
+            left = _renew(cluster, lease_id, key if guarding else "", deadline)
         except StoreUnavailableError:
+            if guarding and clock() >= vouched - safety:
+                _stop_writers(command_fd)  # nothing vouches for the lease any more
+                break
             due = time.monotonic() + _RETRY
             continue
-        if int(r.get("result", {}).get("TTL", -1)) <= 0:
-            return  # expired or revoked: nothing holds the session any more
+        if left <= 0:  # expired or revoked, or the run's key deleted
+            if guarding:
+                _stop_writers(command_fd)
+            if left < 0:
+                return  # nothing holds the session any more
+            break  # only the key: the lease is revoked below
+        vouched = sent + left
         due = time.monotonic() + ttl / 4
     # Revoked now, or expired within its TTL once etcd answers again: nobody renews it.
     end = time.monotonic() + ttl
@@ -334,11 +377,29 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int) -> None:
             time.sleep(_RETRY)
 
 
+def _renew(cluster: _Cluster, lease_id: int, key: str, deadline: float | None) -> float:
+    """Renew the lease: the seconds etcd gives it now; -1 when it is gone, 0 when
+    ``key`` (if given) is gone from it though it lives."""
+    r = cluster.call("/lease/keepalive", {"ID": lease_id}, deadline)
+    left = int(r.get("result", {}).get("TTL", -1))
+    if left <= 0:
+        return -1.0
+    if key:
+        from fencelock._etcd import _b64
+
+        r = cluster.call("/kv/lease/timetolive", {"ID": lease_id, "keys": True}, deadline)
+        if int(r.get("TTL", -1)) <= 0:
+            return -1.0
+        if _b64(key) not in r.get("keys", []):
+            return 0.0
+    return float(left)
+
+
 def main(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
-    backend, lease, command_fd, wrapper_fd = argv
-    keep(backend, int(lease, 16), int(command_fd), int(wrapper_fd))
+    backend, lease, command_fd, wrapper_fd, key = argv
+    keep(backend, int(lease, 16), int(command_fd), int(wrapper_fd), key)
     return 0
 
 

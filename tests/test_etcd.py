@@ -2905,6 +2905,51 @@ def test_killing_run_keeps_an_etcd_session_held_while_its_command_runs(
         assert after.info.previous.lane == "kept"
 
 
+PID_THEN_WAIT = "import os, sys; print(os.getpid(), flush=True); sys.stdin.readline()"
+
+
+@marks.needs_linux  # the keeper finds what holds the command's pipe in /proc
+@pytest.mark.parametrize("loss", ["etcd paused past the lease", "key deleted"])
+def test_a_killed_run_s_command_is_stopped_when_its_holder_is_lost(
+    session: Path, own_etcd: EtcdServer, loss: str
+) -> None:
+    """`fencelock run` killed: its command goes on holding the session (the keeper
+    renews the lease). If the holder is then lost (etcd unreachable until the lease
+    may have expired, or the run's key deleted), another run may take the session, so
+    the keeper stops the command, as the run's own guard would have: while etcd is
+    still paused, before any other run could take over."""
+    url = own_etcd.url(f"orphan-{uuid.uuid4().hex[:8]}", ttl=2)
+    wrapper = subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "orphan",
+         "--backend", url, "--", sys.executable, "-c", PID_THEN_WAIT],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert wrapper.stdin is not None and wrapper.stdout is not None
+    command = int(wrapper.stdout.readline())
+    exited = os.pidfd_open(command)
+    try:
+        record = probe(session, backend=url).record
+        assert record is not None and record.lane == "orphan"
+        wrapper.kill()  # SIGKILL: the command and the keeper go on
+        wrapper.wait()
+        if loss == "key deleted":
+            key = f"{_lock_name(url, session)}/{record.extra['lease']}"
+            subprocess.run(_etcdctl(own_etcd, "del", key), check=True, capture_output=True)
+        else:
+            own_etcd.kill(signal.SIGSTOP)
+        # Readable once it has exited; for the pause, before etcd is let go (below).
+        stopped = select.select([exited], [], [], 30)[0]
+        assert stopped, "the command still runs: nothing stops it after its holder is lost"
+    finally:
+        own_etcd.kill(signal.SIGCONT)
+        os.close(exited)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(wrapper.pid, signal.SIGKILL)
+        wrapper.stdin.close()
+        wrapper.stdout.close()
+    with SessionLock(session, "next", backend=url, timeout=60) as lock:
+        assert lock.held
+
+
 def test_run_on_etcd_leaves_the_session_its_command_wrote_as_the_fence_point(
     session: Path, url: str
 ) -> None:
