@@ -1168,20 +1168,46 @@ class EtcdHolder:
         try:
             return self._acquire(fail, deadline, cancel, record, start)
         except StoreUnavailableError as e:
-            lease = self._trying  # the one the failed request named (None: none yet)
-            if lease is None:
-                raise
-            if _LEASE_GONE in e.why:
-                # The process's lease is gone before its keeper noticed (etcd restarted
-                # without its data): once more, under a new lease.
-                self._cluster.forget(lease)
-            elif not lease.lost or (deadline is not None and time.monotonic() >= deadline):
-                raise
-            # Otherwise the lease lapsed while this acquire waited (this process was
-            # paused, or etcd was away, for longer than the TTL): its key left the queue,
-            # but nothing was held. It queues again under a new lease (one etcd cannot
-            # grant now says why).
-            return self._acquire(fail, deadline, cancel, record, start)
+            if self._trying is None or not self._lapsed(e, deadline):
+                raise  # etcd unreachable from the start, or the wait's own end
+        # The lease lapsed while this acquire waited (this process was paused, or etcd
+        # was away, for longer than the TTL): its key left the queue, but nothing was
+        # held. It queues again under a new lease once etcd answers: a timed acquire
+        # until its deadline; one with none while etcd is away for up to one more TTL,
+        # and once more only if the new lease lapses too; a fail-fast acquire, once.
+        until = deadline if deadline is not None else time.monotonic() + self.url.ttl
+        while True:
+            self._trying = None
+            try:
+                return self._acquire(fail, deadline, cancel, record, start)
+            except StoreUnavailableError as e:
+                # No lease granted (etcd still away), or, for a timed acquire, one that
+                # lapsed again: tried again.
+                if fail or time.monotonic() >= until or (self._trying is not None and (
+                        deadline is None or not self._lapsed(e, deadline))):
+                    raise
+            if cancel is not None and cancel.is_set():
+                import asyncio
+
+                raise asyncio.CancelledError()
+            pause = max(0.0, min(_RETRY_PAUSE, until - time.monotonic()))
+            if cancel is not None:
+                cancel.wait(pause)
+            else:
+                time.sleep(pause)
+
+    def _lapsed(self, e: StoreUnavailableError, deadline: float | None) -> bool:
+        """Whether the lease the failed request named (``_trying``) is gone or lapsed,
+        so that nothing was held and the acquire may queue again under a new one (not
+        past ``deadline``)."""
+        lease = self._trying
+        assert lease is not None
+        if _LEASE_GONE in e.why:
+            # The process's lease is gone before its keeper noticed (etcd restarted
+            # without its data).
+            self._cluster.forget(lease)
+            return True
+        return bool(lease.lost) and (deadline is None or time.monotonic() < deadline)
 
     def _acquire(
         self,
@@ -1484,13 +1510,16 @@ class EtcdHolder:
         last_key = self.last_key  # this run's: a later acquire may take the key anew
 
         def take_back() -> None:
+            # One request's time in all, the check for a lost quorum that follows an
+            # unanswered request included (a caller whose wait ran out waits for this).
+            deadline = time.monotonic() + _REQUEST_TIMEOUT
             if wrote is not None and token:
                 undo = _put(last_key, before) if before is not None else _delete(last_key)
                 r = c.txn([_created(my, token), _holds(last_key, wrote)],
-                          [undo, _delete(my)])
+                          [undo, _delete(my)], None, deadline)
                 if r.get("succeeded"):
                     return
-            c.txn([], [_delete(my)])
+            c.txn([], [_delete(my)], None, deadline)
 
         try:
             take_back()

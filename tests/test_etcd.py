@@ -1026,6 +1026,45 @@ def test_a_waiter_rides_out_an_etcd_restart_and_gets_the_session(
     assert isinstance(outcome[0], int) and outcome[0] > token, outcome
 
 
+def test_a_waiter_whose_lease_lapsed_in_an_outage_queues_again_once_etcd_answers(
+    session: Path, own_etcd: EtcdServer, spawn_holder: SpawnHolder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """etcd away for longer than the waiter's lease: its key left the queue, but it held
+    nothing, and its time is not up. It tries to queue again until etcd answers (it
+    gave up at the first refused grant, with most of its timeout left), and gets the
+    session once the holder is gone."""
+    import time
+
+    url = own_etcd.url(f"lapse-{uuid.uuid4().hex[:8]}", ttl=2)
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    holder = spawn_holder(session, lane="before-outage")
+    token = holder.acquire()
+    outcome: list[object] = []
+
+    def wait() -> None:
+        try:
+            outcome.append(SessionLock(session, "waiter", backend=url, timeout=60)
+                           .acquire().token)
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    give_up = time.monotonic() + 60
+    while not _reading_its_watch(t):
+        assert t.is_alive() and time.monotonic() < give_up, outcome
+        time.sleep(0.005)
+    own_etcd.kill(signal.SIGKILL)
+    time.sleep(2 * 2)  # the span the promise is about: past the waiter's 2 s lease
+    assert t.is_alive(), f"gave up during the outage: {outcome}"
+    own_etcd.start()
+    holder.kill()  # its lease ends within its TTL
+    t.join(60)  # a guard against a hang, not a measurement
+    assert not t.is_alive() and len(outcome) == 1
+    assert isinstance(outcome[0], int) and outcome[0] > token, outcome
+
+
 def _until_without_leader(member: EtcdServer, limit: float = 30.0) -> None:
     """Return once ``member`` says it has no leader (its cluster lost its quorum: it
     takes an election timeout to notice); ``limit`` bounds a broken cluster."""
