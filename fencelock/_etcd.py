@@ -652,10 +652,12 @@ class _Cluster:
         said: str | None = None  # etcd's own reason for not serving ("no leader")
         reasons: dict[int, str] = {}  # each endpoint's, for the error
         n = len(clients)
+        first, tried = self._preferred, 0
         for i in range(n):
             if i and deadline is not None and time.monotonic() >= deadline:
                 break  # the caller's time is up: the next endpoint would outlast it
-            index = (self._preferred + i) % n
+            index = (first + i) % n
+            tried = i + 1
             client = clients[index]
             timeout = _REQUEST_TIMEOUT
             if deadline is not None:
@@ -725,6 +727,10 @@ class _Cluster:
                 continue
             self._preferred = index
             return result
+        # The next request starts with the first endpoint this one did not ask: one that
+        # hangs would otherwise be asked first, and alone, by every request whose
+        # deadline is short (a lease's renewal near its end), while others would serve.
+        self._preferred = (first + tried) % n
         # A wrong setting (or a server other than etcd) is raised only when no endpoint
         # served: etcd answering "no leader" makes this an outage, which the waiting
         # commands ride out.
@@ -1182,10 +1188,13 @@ class EtcdHolder:
                 return self._acquire(fail, deadline, cancel, record, start)
             except StoreUnavailableError as e:
                 # No lease granted (etcd still away), or, for a timed acquire, one that
-                # lapsed again: tried again.
-                if fail or time.monotonic() >= until or (self._trying is not None and (
-                        deadline is None or not self._lapsed(e, deadline))):
+                # lapsed again: tried again. Not an error that names its own fix
+                # (authentication on, etcd out of space): no outage to wait out.
+                lapsed = self._trying is not None and self._lapsed(e, deadline)
+                if fail or e.fix is not None or time.monotonic() >= until or (
+                        self._trying is not None and (deadline is None or not lapsed)):
                     raise
+                failed = e
             if cancel is not None and cancel.is_set():
                 import asyncio
 
@@ -1195,6 +1204,8 @@ class EtcdHolder:
                 cancel.wait(pause)
             else:
                 time.sleep(pause)
+            if time.monotonic() >= until:
+                raise failed  # no try begun past the caller's time
 
     def _lapsed(self, e: StoreUnavailableError, deadline: float | None) -> bool:
         """Whether the lease the failed request named (``_trying``) is gone or lapsed,
@@ -1206,8 +1217,9 @@ class EtcdHolder:
             # The process's lease is gone before its keeper noticed (etcd restarted
             # without its data).
             self._cluster.forget(lease)
-            return True
-        return bool(lease.lost) and (deadline is None or time.monotonic() < deadline)
+        elif not lease.lost:
+            return False
+        return deadline is None or time.monotonic() < deadline
 
     def _acquire(
         self,
@@ -1339,8 +1351,8 @@ class EtcdHolder:
             try:
                 watch = self._watch_for_deletion(ahead[0], int(r["header"]["revision"]),
                                                  deadline, cancel, inline=cancel is None)
-            except StoreUnavailableError:
-                r = self._look_again(look, deadline, start, cancel, failed=True)
+            except StoreUnavailableError as e:
+                r = self._look_again(look, deadline, start, cancel, failed=e)
                 continue
             retired = False
             try:
@@ -1442,20 +1454,21 @@ class EtcdHolder:
         return watch
 
     def _look_again(self, look: list[dict[str, Any]], deadline: float | None, start: float,
-                    cancel: threading.Event | None, failed: bool = False) -> dict[str, Any]:
+                    cancel: threading.Event | None,
+                    failed: StoreUnavailableError | None = None) -> dict[str, Any]:
         """The waiter's look at the queue, tried again while etcd cannot be reached but
-        the waiter's lease may still be alive (``failed``: the last try already failed).
+        the waiter's lease may still be alive (``failed``: how the last try failed).
         A restarted etcd restores leases and keys, so a waiter rides out a restart as a
         holder does; past its deadline the wait ran out, and once its lease may have
         expired etcd counts as unavailable."""
         while True:
-            if not failed:
+            if failed is None:
                 try:
                     return self._cluster.txn([], look, [], deadline)
-                except StoreUnavailableError:
-                    pass
-            failed = False
-            self._ran_out(deadline, start)
+                except StoreUnavailableError as e:
+                    failed = e
+            self._ran_out(deadline, start, failed)
+            failed = None
             assert self._lease is not None
             if not self._lease.alive():
                 raise StoreUnavailableError(self.url.display, self._lease.lost)
@@ -1471,11 +1484,16 @@ class EtcdHolder:
             else:
                 time.sleep(pause)
 
-    def _ran_out(self, deadline: float | None, start: float) -> None:
-        """A request cut short by the caller's deadline: the wait ran out, which is
-        `SessionContendedError`, not etcd failing."""
+    def _ran_out(self, deadline: float | None, start: float,
+                 failed: StoreUnavailableError) -> None:
+        """A request cut short by the caller's deadline (it ``failed``): the wait ran out,
+        which is `SessionContendedError`, not etcd failing, unless etcd did not answer
+        at all: then that is what is known (the owner's record, asked for the message,
+        would wait as long again)."""
         now = time.monotonic()
         if deadline is not None and now >= deadline:
+            if _NO_ANSWER in failed.why:
+                raise failed from None
             raise self._contended(self._owner_record(deadline), waited=now - start) from None
 
     def _contended(self, owner: HolderInfo | None, waited: float | None = None

@@ -346,25 +346,30 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
         if not open_fds or (time.monotonic() < due and not lapsing):
             continue
         sent = clock()
-        # While guarding, a request is cut short where the lease may lapse meanwhile.
-        deadline = None if not guarding else \
-            time.monotonic() + max(0.0, vouched - safety - sent)
+        # A request gets half the time left before the lease may lapse (at least the
+        # minimum a request gets): `fencelock run` may be killed while it waits, and
+        # the guard is then this process's; and an endpoint that does not answer leaves
+        # time to ask the next one (a request that fails starts the next at it).
+        deadline = time.monotonic() + max(0.0, vouched - safety - sent) / 2
         try:
-            left = _renew(cluster, lease_id, key if guarding else "", deadline)
+            r = cluster.call("/lease/keepalive", {"ID": lease_id}, deadline)
         except StoreUnavailableError:
             if guarding and clock() >= vouched - safety:
                 _stop_writers(command_fd)  # nothing vouches for the lease any more
                 break
             due = time.monotonic() + _RETRY
             continue
-        if left <= 0:  # expired or revoked, or the run's key deleted
+        left = int(r.get("result", {}).get("TTL", -1))
+        if left <= 0:  # expired or revoked: nothing holds the session any more
             if guarding:
                 _stop_writers(command_fd)
-            if left < 0:
-                return  # nothing holds the session any more
-            break  # only the key: the lease is revoked below
+            return
         vouched = sent + left
         due = time.monotonic() + ttl / 4
+        if guarding and _key_gone(cluster, lease_id, key,
+                                  time.monotonic() + max(0.0, vouched - safety - clock()) / 2):
+            _stop_writers(command_fd)  # deleted by hand: the session is free to others
+            break  # the lease is revoked below
     # Revoked now, or expired within its TTL once etcd answers again: nobody renews it.
     end = time.monotonic() + ttl
     while True:
@@ -377,22 +382,20 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
             time.sleep(_RETRY)
 
 
-def _renew(cluster: _Cluster, lease_id: int, key: str, deadline: float | None) -> float:
-    """Renew the lease: the seconds etcd gives it now; -1 when it is gone, 0 when
-    ``key`` (if given) is gone from it though it lives."""
-    r = cluster.call("/lease/keepalive", {"ID": lease_id}, deadline)
-    left = int(r.get("result", {}).get("TTL", -1))
-    if left <= 0:
-        return -1.0
-    if key:
-        from fencelock._etcd import _b64
+def _key_gone(cluster: _Cluster, lease_id: int, key: str, deadline: float) -> bool:
+    """Whether etcd says the run's ``key`` is no longer under the lease (deleted by
+    hand: the session is free to another run though the lease lives). Not when etcd
+    does not answer: the lease's renewal just vouched for the run, as the run's own
+    guard takes it."""
+    from fencelock._errors import StoreUnavailableError
 
+    try:
         r = cluster.call("/kv/lease/timetolive", {"ID": lease_id, "keys": True}, deadline)
-        if int(r.get("TTL", -1)) <= 0:
-            return -1.0
-        if _b64(key) not in r.get("keys", []):
-            return 0.0
-    return float(left)
+    except StoreUnavailableError:
+        return False
+    from fencelock._etcd import _b64
+
+    return int(r.get("TTL", -1)) <= 0 or _b64(key) not in r.get("keys", [])
 
 
 def main(argv: list[str]) -> int:

@@ -3471,6 +3471,44 @@ def test_recover_no_fresh_json_reports_the_etcd_holder(
     assert answer["holder"]["lane"] == "busy" and answer["holder"]["token"] == token
 
 
+def test_an_endpoint_that_did_not_answer_is_not_asked_first_again(
+    session: Path, etcd_server: EtcdServer
+) -> None:
+    """A member that accepts and never answers, listed first: a request whose time ran
+    out there (a short deadline: a lease renewal near its end) asked nobody else, and
+    the next one asked it first again, and alone, so a holder lost a lease two healthy
+    members would have kept. The next request starts with the next endpoint."""
+    import socket
+
+    hung = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        hung.settimeout(0.05)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(hung.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        url = (f"etcd://127.0.0.1:{hung.getsockname()[1]},{etcd_server.endpoint}/"
+               f"hung-{uuid.uuid4().hex[:8]}")
+        with pytest.raises(StoreUnavailableError, match="no answer in time"):
+            SessionLock(session, "first", timeout=0.3, backend=url).acquire()
+        asked = len(held)
+        with SessionLock(session, "next", timeout=0.3, backend=url) as lock:
+            assert lock.held
+        assert len(held) == asked  # the hung one was not asked again
+    finally:
+        stop.set()
+        thread.join(30)
+        for conn in held:
+            conn.close()
+        hung.close()
+
+
 def test_once_the_callers_time_is_up_no_further_endpoint_is_tried(session: Path) -> None:
     """Endpoints that accept and never answer: an acquire with a 0.3 s timeout gives up
     after the first (which gets at least the 0.5 s a request needs) instead of giving

@@ -1272,8 +1272,11 @@ def _render_etcd(rows: Sequence[Row]) -> list[str]:
 def _ratio(value: float | None) -> str:
     if value is None:
         return "-"
-    # Two significant digits below 0.01 (a timed wait against a poll): not "0.00".
-    return f"{value:.2f}" if value >= 0.01 else f"{value:.2g}"
+    if value >= 0.01:
+        return f"{value:.2f}"
+    # Two significant digits below 0.01 (a timed wait against a poll), not "0.00", and
+    # in plain digits (not "1e-05").
+    return f"{float(f'{value:.2g}'):.12f}".rstrip("0").rstrip(".")
 
 
 # -- main ----------------------------------------------------------------------------
