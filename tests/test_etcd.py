@@ -998,26 +998,11 @@ def test_a_waiter_rides_out_an_etcd_restart_and_gets_the_session(
     session: Path, own_etcd: EtcdServer, spawn_holder: SpawnHolder,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import time
-
     url = own_etcd.url("restart-wait", ttl=30)
     monkeypatch.setenv("FENCELOCK_BACKEND", url)
     holder = spawn_holder(session, lane="before-restart")
     token = holder.acquire()
-    outcome: list[object] = []
-
-    def wait() -> None:
-        try:
-            outcome.append(SessionLock(session, "waiter", backend=url).acquire().token)
-        except BaseException as e:
-            outcome.append(e)
-
-    t = threading.Thread(target=wait, daemon=True)
-    t.start()
-    give_up = time.monotonic() + 60
-    while not _reading_its_watch(t):
-        assert t.is_alive() and time.monotonic() < give_up, outcome
-        time.sleep(0.005)
+    t, outcome = _waiter_watching(session, url, None)
     own_etcd.kill(signal.SIGKILL)  # the waiter's stream ends; etcd refuses its look
     own_etcd.start()
     assert holder.call("release") == "released"
@@ -1034,27 +1019,11 @@ def test_a_waiter_whose_lease_lapsed_in_an_outage_queues_again_once_etcd_answers
     nothing, and its time is not up. It tries to queue again until etcd answers (it
     gave up at the first refused grant, with most of its timeout left), and gets the
     session once the holder is gone."""
-    import time
-
     url = own_etcd.url(f"lapse-{uuid.uuid4().hex[:8]}", ttl=2)
     monkeypatch.setenv("FENCELOCK_BACKEND", url)
     holder = spawn_holder(session, lane="before-outage")
     token = holder.acquire()
-    outcome: list[object] = []
-
-    def wait() -> None:
-        try:
-            outcome.append(SessionLock(session, "waiter", backend=url, timeout=60)
-                           .acquire().token)
-        except BaseException as e:
-            outcome.append(e)
-
-    t = threading.Thread(target=wait, daemon=True)
-    t.start()
-    give_up = time.monotonic() + 60
-    while not _reading_its_watch(t):
-        assert t.is_alive() and time.monotonic() < give_up, outcome
-        time.sleep(0.005)
+    t, outcome = _waiter_watching(session, url, 60)
     own_etcd.kill(signal.SIGKILL)
     time.sleep(2 * 2)  # the span the promise is about: past the waiter's 2 s lease
     assert t.is_alive(), f"gave up during the outage: {outcome}"
@@ -1242,6 +1211,28 @@ def test_runs_that_wait_for_another_s_lease_grant_give_up_at_their_own_deadline(
     assert grants == ["first"]
     assert all(isinstance(e, StoreUnavailableError) for e in outcome.values()), outcome
     assert "no answer in time" in str(outcome["second"])
+
+
+def _waiter_watching(session: Path, url: str, timeout: float | None
+                     ) -> tuple[threading.Thread, list[object]]:
+    """A thread acquiring ``session`` (lane "waiter"), returned once it reads its watch
+    behind the holder; the list gets the token once it holds, or what it raised."""
+    outcome: list[object] = []
+
+    def wait() -> None:
+        try:
+            outcome.append(SessionLock(session, "waiter", backend=url, timeout=timeout)
+                           .acquire().token)
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    give_up = time.monotonic() + 60
+    while not _reading_its_watch(t):
+        assert t.is_alive() and time.monotonic() < give_up, outcome
+        time.sleep(0.005)
+    return t, outcome
 
 
 def _reading_its_watch(thread: threading.Thread) -> bool:
