@@ -33,6 +33,8 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from fencelock._etcd import EtcdHolder, _Cluster
     from fencelock._lock import SessionLock
 
@@ -300,6 +302,64 @@ def start(lock: SessionLock) -> Keeper | None:
     return Keeper(proc, store, command_w, probe_r, wrapper_w)
 
 
+class _Renewer:
+    """The keeper's renewals of the lease, in a thread of their own: a request that
+    hangs (an etcd member that does not answer) never keeps the keeper from seeing
+    `fencelock run` go, nor from counting the time its lease may have left."""
+
+    def __init__(self, cluster: _Cluster, lease_id: int, key: str, ttl: float,
+                 clock: Callable[[], float]) -> None:
+        self.cluster, self.lease_id, self.key, self.ttl = cluster, lease_id, key, ttl
+        self.clock = clock
+        # Until when (on ``clock``) the lease cannot have expired: `fencelock run`
+        # renewed it at most ttl/4 before it started this process, which renews at once.
+        self.vouched = clock() + ttl / 2
+        self.lost = ""
+        """Why the run's holder is gone for sure ("lease": the lease itself)."""
+        self.guarding = threading.Event()
+        """`fencelock run` is gone: the run's key is checked with each renewal."""
+        self.stop = threading.Event()
+        self._wake = threading.Event()
+        self._tried = threading.Condition()
+        self._tries = 0
+
+    def run(self) -> None:
+        from fencelock._errors import StoreUnavailableError
+
+        while not self.stop.is_set():
+            sent = self.clock()
+            try:
+                # The request's own bounds (2 s an endpoint): a slow etcd still renews.
+                r = self.cluster.call("/lease/keepalive", {"ID": self.lease_id})
+                left = int(r.get("result", {}).get("TTL", -1))
+                if left <= 0:
+                    self.lost = "lease"  # expired or revoked
+                else:
+                    self.vouched = max(self.vouched, sent + left)
+                    if self.guarding.is_set() and _key_gone(self.cluster, self.lease_id,
+                                                            self.key):
+                        self.lost = "key"  # deleted by hand: the session is free
+                pause = self.ttl / 4
+            except StoreUnavailableError:
+                pause = _RETRY
+            with self._tried:
+                self._tries += 1
+                self._tried.notify_all()
+            if self.lost:
+                return
+            self._wake.wait(pause)
+            self._wake.clear()
+
+    def renewed_within(self, timeout: float) -> bool:
+        """Have a renewal tried now (or wait for the one under way) and say, within
+        ``timeout``, whether the lease is vouched for again."""
+        with self._tried:
+            tries = self._tries
+            self._wake.set()
+            self._tried.wait_for(lambda: self._tries > tries, timeout)
+        return not self.lost and self.clock() < self.vouched - min(1.0, self.ttl / 4)
+
+
 def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str) -> None:
     """Renew ``lease_id`` (of the store ``backend`` names: its endpoints, TLS settings
     and TTL) until both pipes read end of file, then revoke it. Stops early
@@ -316,60 +376,51 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
     assert url is not None
     ttl = url.ttl
     safety = min(1.0, ttl / 4)
-    clock = _etcd._lease_clock  # counts on while the host is suspended, as etcd's lease
     cluster = _etcd.cluster(url)
+    # A clock that counts on while the host is suspended, as etcd's lease does.
+    renewer = _Renewer(cluster, lease_id, key, ttl, _etcd._lease_clock)
+    threading.Thread(target=renewer.run, name="fencelock-keeper-renew", daemon=True).start()
     poller = select.poll()
     for fd in (command_fd, wrapper_fd):
         poller.register(fd, select.POLLIN)
     open_fds = {command_fd, wrapper_fd}
-    guarding = False  # `fencelock run` is gone: stopping what writes for the run is ours
-    # Until when (on ``clock``) the lease cannot have expired: `fencelock run` renewed
-    # it at most ttl/4 before it started this process, which renews it at once.
-    vouched = clock() + ttl / 2
-    due = time.monotonic()
-    while open_fds:
-        wait = max(0.0, due - time.monotonic())
-        if guarding:
-            wait = min(wait, max(0.0, vouched - safety - clock()))
-        for fd, ev in poller.poll(wait * 1000):
-            data = b""
-            if ev & select.POLLIN:
-                with contextlib.suppress(OSError):
-                    data = os.read(fd, 4096)  # what a command wrote there is dropped
-            if fd == wrapper_fd and _GIVE_UP in data:
-                open_fds.clear()
-            elif not data:  # end of file: every write end is closed
-                poller.unregister(fd)
-                open_fds.discard(fd)
-                guarding = guarding or fd == wrapper_fd
-        lapsing = guarding and clock() >= vouched - safety
-        if not open_fds or (time.monotonic() < due and not lapsing):
-            continue
-        sent = clock()
-        # A request gets half the time left before the lease may lapse (at least the
-        # minimum a request gets): `fencelock run` may be killed while it waits, and
-        # the guard is then this process's; and an endpoint that does not answer leaves
-        # time to ask the next one (a request that fails starts the next at it).
-        deadline = time.monotonic() + max(0.0, vouched - safety - sent) / 2
-        try:
-            r = cluster.call("/lease/keepalive", {"ID": lease_id}, deadline)
-        except StoreUnavailableError:
-            if guarding and clock() >= vouched - safety:
-                _stop_writers(command_fd)  # nothing vouches for the lease any more
+    try:
+        while open_fds:
+            # How soon what the renewals found is acted on: guarding, at once; else
+            # only the lease's end matters (nothing left to keep), at renewal pace.
+            wait = ttl / 4
+            if renewer.guarding.is_set():
+                wait = min(_RETRY, max(0.0, renewer.vouched - safety - renewer.clock()))
+            for fd, ev in poller.poll(wait * 1000):
+                data = b""
+                if ev & select.POLLIN:
+                    with contextlib.suppress(OSError):
+                        data = os.read(fd, 4096)  # what a command wrote there is dropped
+                if fd == wrapper_fd and _GIVE_UP in data:
+                    open_fds.clear()
+                elif not data:  # end of file: every write end is closed
+                    poller.unregister(fd)
+                    open_fds.discard(fd)
+                    if fd == wrapper_fd:
+                        renewer.guarding.set()
+            if not open_fds:
                 break
-            due = time.monotonic() + _RETRY
-            continue
-        left = int(r.get("result", {}).get("TTL", -1))
-        if left <= 0:  # expired or revoked: nothing holds the session any more
-            if guarding:
+            if renewer.lost == "lease":  # nothing holds the session any more
+                if renewer.guarding.is_set():
+                    _stop_writers(command_fd)
+                return
+            if not renewer.guarding.is_set():
+                continue
+            if renewer.lost or (renewer.clock() >= renewer.vouched - safety and
+                                not renewer.renewed_within(_etcd._MIN_REQUEST_TIMEOUT)):
+                # The key deleted, or nothing vouches for the lease any more (a pause of
+                # this process looks so too: one renewal, or the one under way, first).
                 _stop_writers(command_fd)
-            return
-        vouched = sent + left
-        due = time.monotonic() + ttl / 4
-        if guarding and _key_gone(cluster, lease_id, key,
-                                  time.monotonic() + max(0.0, vouched - safety - clock()) / 2):
-            _stop_writers(command_fd)  # deleted by hand: the session is free to others
-            break  # the lease is revoked below
+                if renewer.lost == "lease":
+                    return
+                break
+    finally:
+        renewer.stop.set()
     # Revoked now, or expired within its TTL once etcd answers again: nobody renews it.
     end = time.monotonic() + ttl
     while True:
@@ -382,7 +433,7 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
             time.sleep(_RETRY)
 
 
-def _key_gone(cluster: _Cluster, lease_id: int, key: str, deadline: float) -> bool:
+def _key_gone(cluster: _Cluster, lease_id: int, key: str) -> bool:
     """Whether etcd says the run's ``key`` is no longer under the lease (deleted by
     hand: the session is free to another run though the lease lives). Not when etcd
     does not answer: the lease's renewal just vouched for the run, as the run's own
@@ -390,7 +441,7 @@ def _key_gone(cluster: _Cluster, lease_id: int, key: str, deadline: float) -> bo
     from fencelock._errors import StoreUnavailableError
 
     try:
-        r = cluster.call("/kv/lease/timetolive", {"ID": lease_id, "keys": True}, deadline)
+        r = cluster.call("/kv/lease/timetolive", {"ID": lease_id, "keys": True})
     except StoreUnavailableError:
         return False
     from fencelock._etcd import _b64
