@@ -1487,12 +1487,12 @@ class EtcdHolder:
     def _ran_out(self, deadline: float | None, start: float,
                  failed: StoreUnavailableError) -> None:
         """A request cut short by the caller's deadline (it ``failed``): the wait ran out,
-        which is `SessionContendedError`, not etcd failing, unless etcd did not answer
-        at all: then that is what is known (the owner's record, asked for the message,
-        would wait as long again)."""
+        which is `SessionContendedError`, not etcd failing, unless the one etcd endpoint
+        did not answer at all: then that is what is known (the owner's record, asked for
+        the message, would wait as long again; with several endpoints, the next may)."""
         now = time.monotonic()
         if deadline is not None and now >= deadline:
-            if _NO_ANSWER in failed.why:
+            if _NO_ANSWER in failed.why and len(self.url.endpoints) == 1:
                 raise failed from None
             raise self._contended(self._owner_record(deadline), waited=now - start) from None
 
