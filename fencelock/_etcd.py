@@ -173,6 +173,12 @@ else:
     _lease_clock = time.monotonic
 
 
+def margin(ttl: float) -> float:
+    """How long before a lease may have expired its holder counts it lost: what a
+    renewal's answer may take to arrive, and clocks may drift, within one TTL."""
+    return min(1.0, ttl / 4)
+
+
 class _Lease:
     """This process's lease on one etcd cluster, and how long it is known to live."""
 
@@ -197,7 +203,7 @@ class _Lease:
             self.gone.set()
 
     def safety(self) -> float:
-        return min(1.0, self.ttl / 4)
+        return margin(self.ttl)
 
     def alive(self) -> bool:
         if self.lost:
@@ -999,6 +1005,14 @@ def _etcd_error(endpoint: str, detail: str) -> StoreUnavailableError:
     return StoreUnavailableError(endpoint, message[:200])
 
 
+def lease_left(cluster: _Cluster, lease_id: int, key: str, deadline: float | None) -> float:
+    """The seconds etcd says lease ``lease_id`` has left; 0 when it or ``key`` under it
+    is gone. `StoreUnavailableError` without an answer."""
+    r = cluster.call("/kv/lease/timetolive", {"ID": lease_id, "keys": True}, deadline)
+    ttl = int(r.get("TTL", -1))
+    return float(ttl) if ttl > 0 and _b64(key) in r.get("keys", []) else 0.0
+
+
 def through_outage(attempt: Callable[[], _T], ttl: float, deadline: float | None) -> _T:
     """``attempt()``, asked again every `_RETRY_PAUSE` while etcd cannot be reached: a
     restart shorter than a holder's lease (``ttl``) keeps the holder, and so the answer.
@@ -1190,9 +1204,10 @@ class EtcdHolder:
                 # No lease granted (etcd still away), or, for a timed acquire, one that
                 # lapsed again: tried again. Not an error that names its own fix
                 # (authentication on, etcd out of space): no outage to wait out.
-                lapsed = self._trying is not None and self._lapsed(e, deadline)
-                if fail or e.fix is not None or time.monotonic() >= until or (
-                        self._trying is not None and (deadline is None or not lapsed)):
+                # (`_lapsed` first: it forgets a lease etcd lost, whatever follows.)
+                retry = self._trying is None or (
+                    self._lapsed(e, deadline) and deadline is not None)
+                if not retry or fail or e.fix is not None or time.monotonic() >= until:
                     raise
                 failed = e
             if cancel is not None and cancel.is_set():
@@ -1569,10 +1584,7 @@ class EtcdHolder:
         lease = self._lease
         if not self._my_key or lease is None or self._lost:
             return 0.0
-        r = self._cluster.call("/kv/lease/timetolive", {"ID": lease.id, "keys": True},
-                               deadline)
-        ttl = int(r.get("TTL", -1))
-        return float(ttl) if ttl > 0 and _b64(self._my_key) in r.get("keys", []) else 0.0
+        return lease_left(self._cluster, lease.id, self._my_key, deadline)
 
     def lost_within(self, timeout: float) -> str:
         """Why this holder counts itself lost, as soon as it does within ``timeout``

@@ -98,12 +98,16 @@ def _stop_writers(command_fd: int) -> None:
     SIGKILL for what is left after `STOP_GRACE`."""
     pipe, me = os.fstat(command_fd).st_ino, {os.getpid()}
     _signal(_sharing(pipe, me), pipe, signal.SIGTERM)
-    end = time.monotonic() + STOP_GRACE
-    left = _sharing(pipe, me)
+    _signal(_still_sharing(pipe, me, time.monotonic() + STOP_GRACE), pipe, signal.SIGKILL)
+
+
+def _still_sharing(pipe: int, besides: set[int], end: float) -> list[int]:
+    """`_sharing`, once none are left or at ``end`` (monotonic): what is still there."""
+    left = _sharing(pipe, besides)
     while left and time.monotonic() < end:
         time.sleep(_RETRY / 4)
-        left = _sharing(pipe, me)
-    _signal(left, pipe, signal.SIGKILL)
+        left = _sharing(pipe, besides)
+    return left
 
 
 def _pids(pids: list[int]) -> str:
@@ -177,10 +181,7 @@ class Keeper:
         command.send_signal(signal.SIGTERM)  # nothing once it has been waited for
         _signal(sharing, self._pipe, signal.SIGTERM)
         self._ended.wait(STOP_GRACE)
-        left = _sharing(self._pipe, besides)
-        while left and time.monotonic() < end:  # the rest of the grace, for those too
-            time.sleep(_RETRY / 4)
-            left = _sharing(self._pipe, besides)
+        left = _still_sharing(self._pipe, besides, end)  # the rest of the grace, for those too
         stubborn = ([] if self._ended.is_set() else [command.pid]) + left
         if stubborn:
             error_line(f"{self.holder.session}: still running {STOP_GRACE:g} s after "
@@ -199,10 +200,11 @@ class Keeper:
         the lease alive: while etcd answers that both are there, nobody else can hold
         the session."""
         from fencelock._errors import StoreUnavailableError
+        from fencelock._etcd import margin
         from fencelock._output import error_line
 
         holder = self.holder
-        safety = min(1.0, holder.url.ttl / 4)
+        safety = margin(holder.url.ttl)
         vouched_until = 0.0  # (monotonic) what etcd's last answer vouches for
         while True:
             if vouched_until:
@@ -308,9 +310,9 @@ class _Renewer:
     `fencelock run` go, nor from counting the time its lease may have left."""
 
     def __init__(self, cluster: _Cluster, lease_id: int, key: str, ttl: float,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], safety: float) -> None:
         self.cluster, self.lease_id, self.key, self.ttl = cluster, lease_id, key, ttl
-        self.clock = clock
+        self.clock, self.safety = clock, safety
         # Until when (on ``clock``) the lease cannot have expired: `fencelock run`
         # renewed it at most ttl/4 before it started this process, which renews at once.
         self.vouched = clock() + ttl / 2
@@ -357,7 +359,11 @@ class _Renewer:
             tries = self._tries
             self._wake.set()
             self._tried.wait_for(lambda: self._tries > tries, timeout)
-        return not self.lost and self.clock() < self.vouched - min(1.0, self.ttl / 4)
+        return not self.lost and not self.lapsing()
+
+    def lapsing(self) -> bool:
+        """Whether no renewal vouches for the lease any more (less the margin)."""
+        return self.clock() >= self.vouched - self.safety
 
 
 def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str) -> None:
@@ -375,10 +381,9 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
     url = _etcdurl.parse(backend)
     assert url is not None
     ttl = url.ttl
-    safety = min(1.0, ttl / 4)
     cluster = _etcd.cluster(url)
     # A clock that counts on while the host is suspended, as etcd's lease does.
-    renewer = _Renewer(cluster, lease_id, key, ttl, _etcd._lease_clock)
+    renewer = _Renewer(cluster, lease_id, key, ttl, _etcd._lease_clock, _etcd.margin(ttl))
     threading.Thread(target=renewer.run, name="fencelock-keeper-renew", daemon=True).start()
     poller = select.poll()
     for fd in (command_fd, wrapper_fd):
@@ -390,7 +395,7 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
             # only the lease's end matters (nothing left to keep), at renewal pace.
             wait = ttl / 4
             if renewer.guarding.is_set():
-                wait = min(_RETRY, max(0.0, renewer.vouched - safety - renewer.clock()))
+                wait = min(_RETRY, max(0.0, renewer.vouched - renewer.safety - renewer.clock()))
             for fd, ev in poller.poll(wait * 1000):
                 data = b""
                 if ev & select.POLLIN:
@@ -411,7 +416,7 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
                 return
             if not renewer.guarding.is_set():
                 continue
-            if renewer.lost or (renewer.clock() >= renewer.vouched - safety and
+            if renewer.lost or (renewer.lapsing() and
                                 not renewer.renewed_within(_etcd._MIN_REQUEST_TIMEOUT)):
                 # The key deleted, or nothing vouches for the lease any more (a pause of
                 # this process looks so too: one renewal, or the one under way, first).
@@ -439,14 +444,12 @@ def _key_gone(cluster: _Cluster, lease_id: int, key: str) -> bool:
     does not answer: the lease's renewal just vouched for the run, as the run's own
     guard takes it."""
     from fencelock._errors import StoreUnavailableError
+    from fencelock._etcd import lease_left
 
     try:
-        r = cluster.call("/kv/lease/timetolive", {"ID": lease_id, "keys": True})
+        return lease_left(cluster, lease_id, key, None) == 0
     except StoreUnavailableError:
         return False
-    from fencelock._etcd import _b64
-
-    return int(r.get("TTL", -1)) <= 0 or _b64(key) not in r.get("keys", [])
 
 
 def main(argv: list[str]) -> int:
