@@ -173,13 +173,14 @@ def _settle(future: asyncio.Future[Any]) -> None:
         future.set_result(None)
 
 
-async def _briefly(future: asyncio.Future[Any]) -> None:
+async def _briefly(future: asyncio.Future[Any], grace: float) -> None:
     """For a cancelled task: wait for ``future`` (the attempt, or the giving back, it
-    leaves behind) for at most `_CANCEL_GRACE`, through further cancels."""
+    leaves behind) for at most ``grace`` seconds (the store's ``cancel_grace``), through
+    further cancels."""
     import asyncio
 
     loop = asyncio.get_running_loop()
-    ends = loop.time() + _CANCEL_GRACE
+    ends = loop.time() + grace
     while not future.done() and (left := ends - loop.time()) > 0:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait({future}, timeout=left)
@@ -188,10 +189,6 @@ async def _briefly(future: asyncio.Future[Any]) -> None:
 _CLOSED_LOOP_POLL = 0.05
 """How often a helper whose lock the awaiting task has not yet taken looks whether the
 task's event loop was closed meanwhile (then it releases the lock itself)."""
-
-_CANCEL_GRACE = 0.5
-"""How long a cancelled `acquire_async` waits for its attempt to end (a sidecar wait
-notices the cancel within 50 ms; an etcd request may take its whole timeout)."""
 
 
 def _check_mode(mode: int) -> None:
@@ -787,13 +784,14 @@ class SessionLock:
                 if future.done():
                     if delivered is not None:
                         # Cancelled as it was delivered: given back before the task ends.
-                        await _briefly(self._give_back_delivered(loop, delivered.run_id))
+                        await _briefly(self._give_back_delivered(loop, delivered.run_id),
+                                       self._store.cancel_grace)
                     raise
                 # The attempt notices ``cancel`` soon; the caller is told it was cancelled
                 # once it has ended, so that nothing is taken (a record written) after,
-                # unless it takes longer than `_CANCEL_GRACE` (an etcd that does not
-                # answer): it then ends on its own, giving back what arrives.
-                await _briefly(future)
+                # unless it takes longer than the store's ``cancel_grace`` (an etcd
+                # that does not answer): it then ends on its own, giving back what arrives.
+                await _briefly(future, self._store.cancel_grace)
                 raise
             # The record as acquired: another task may already have released the lock
             # (any task of the holding process may) before this one resumed.
@@ -875,8 +873,8 @@ class SessionLock:
         """Release run ``run_id``, delivered to a task that was cancelled before it
         resumed; where the store's release may wait (etcd), in a thread of its own
         (`_in_a_thread`), so that the event loop runs on. The future is done once it is
-        given back: the task waits for it (at most `_CANCEL_GRACE`), as ``async with``
-        waits for its release."""
+        given back: the task waits for it (at most the store's ``cancel_grace``), as
+        ``async with`` waits for its release."""
         if not self._store.releases_in_place:
             return _in_a_thread(loop, lambda: self._release_unwanted(run_id))
         self._release_unwanted(run_id)

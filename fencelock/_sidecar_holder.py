@@ -168,6 +168,10 @@ class SidecarHolder:
     """Fence checks stat the session's path: one host, no cached attributes to doubt."""
     tries_in_place = True
     releases_in_place = True
+    cancel_grace = 10.0
+    """A waiting attempt notices a cancel within 50 ms (`_CANCEL_POLL`); only a host that
+    does not run its thread takes longer, and the cancelled task waits for it rather
+    than end while the attempt may still take the lock."""
     space = ""
     record_extra: dict[str, Any] | None = None
     """The record is fencelock's own fields only."""

@@ -52,6 +52,9 @@ class SessionStore(Protocol):
     releases_in_place: bool
     """Whether a release never waits (a sidecar's unlock); an etcd release may ride out
     an outage, so ``async with`` releases in a worker thread."""
+    cancel_grace: float
+    """How long a cancelled `acquire_async` waits, in seconds, for its attempt to end
+    before it raises CancelledError (the attempt ends on its own after that)."""
     space: str
     """What the in-process registry puts before the session's key for this store
     (`_registry.in_store`): "" for the sidecar store."""
@@ -181,6 +184,9 @@ class RemoteStore:
     opens_session = True
     tries_in_place = False
     releases_in_place = False
+    cancel_grace = 0.5
+    """An etcd request under way may take its whole timeout: the cancelled task does
+    not wait for it longer than this."""
 
     def __init__(self, holder: HolderStore) -> None:
         self.holder = holder
