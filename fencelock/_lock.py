@@ -353,13 +353,13 @@ class SessionLock:
                 self._info = None
         return info
 
-    def _encode(self, state: State = State.HELD) -> bytes:
+    def _encode(self, state: State = State.HELD, phase: Phase | None = None) -> bytes:
         fp = self._fp
         if fp is not self._fp_bytes[0]:
             self._fp_bytes = (fp, _record.fingerprint_bytes(fp))
         middle = self._middle  # the run's, unless the fixed part changed since
         return _record.assemble(
-            state, self._phase, self._token,
+            state, self._phase if phase is None else phase, self._token,
             middle[2] if middle[0] is self._run_id else self._prepare_record(self._run_id),
             self._acquired_at, self._heartbeat_at, self._fp_bytes[1], self._previous,
         )
@@ -968,6 +968,11 @@ class SessionLock:
             self._walk_again()
         check_tail, self._tail_checked = not self._tail_checked, False
         moved: list[Fingerprint | None] = []
+        # A record that says the prompt phase says its fingerprint is exact (PROTOCOL
+        # 2.4): it stops saying so while the line goes in, until the record follows it.
+        prompt_said = self._phase is PROMPT and self._phase_said
+        if prompt_said:
+            self._store.leave_prompt_said(self)
         try:
             fp = _fence.append(
                 self.session, data, self._fp, self.fence_mode,
@@ -980,6 +985,11 @@ class SessionLock:
             if moved:
                 self._fp = moved[-1]
                 self._store.fence_moved(self)
+            elif prompt_said and not self._phase_said and self._phase is PROMPT:
+                # Nothing written (a takeover found, say): the record says the prompt
+                # phase again, with the fence point a reader compares the session with.
+                with contextlib.suppress(FenceLockError):
+                    self._write_record()
             raise
         self._tail_checked = True
         before, self._fp = self._fp, fp  # no call between: an interrupt lands after

@@ -257,6 +257,9 @@ _STATE_OF_HEAD = {head: state for (state, _), head in _HEAD_BYTES.items()}
 RELEASED_HEAD = _HEAD_BYTES[State.RELEASED, Phase.WRITE]
 """Written over a held record's head in fencelock's layout (`in_layout_held`), it makes
 the record released, in the write phase, leaving every other byte as it was."""
+HELD_WRITE_HEAD = _HEAD_BYTES[State.HELD, Phase.WRITE]
+"""Written over a held record's head in the prompt phase, it makes the record say the
+write phase, leaving every other byte as it was."""
 HEAD_LEN = len(RECORD_HEAD[State.HELD, Phase.WRITE])
 _TOKEN_END = HEAD_LEN + TOKEN_WIDTH
 if {len(head) for head in RECORD_HEAD.values()} != {HEAD_LEN}:  # pragma: no cover

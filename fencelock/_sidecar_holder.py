@@ -208,7 +208,10 @@ class SidecarHolder:
         """The session's token mark was ``_mark`` (or more) when its stat was
         ``_mark_fp``: while the stat is unchanged, the mark need not be read again. Any
         change to the mark moves ctime; ctime is coarse (a clock tick), so only a stat
-        whose ctime was `_MARK_TRUST_AGE_NS` old when the mark was read is trusted."""
+        whose ctime was `_MARK_TRUST_AGE_NS` old when the mark was read is trusted. Not
+        carried over the holder's own appends: a change to the mark made while a line
+        was being written (or under the content fence, which does not compare ctime,
+        any time in the run) is taken into the stat the append leaves."""
 
     # -- acquire -----------------------------------------------------------------
 
@@ -504,8 +507,6 @@ class SidecarHolder:
         seconds later."""
         if before is None:
             self._unmarked = False  # the append created the file, with the mark set
-        if self._mark_fp is not None and self._mark_fp == before:
-            self._mark_fp = lock._fp  # our own line moved the stat, not a change to the mark
         if lock._phase is PROMPT or not lock._phase_said or \
                 time.monotonic() - self._written_at >= RECORD_LAG:
             try:
@@ -521,6 +522,18 @@ class SidecarHolder:
                 warnings.warn(record_lags(lock.session, e), stacklevel=5)
         else:
             self._behind, lock._info = True, None
+
+    def leave_prompt_said(self, lock: SessionLock) -> None:
+        """Over the record's head in place (one small pwrite: the record is this
+        holder's, in fencelock's layout)."""
+        with lock._io:
+            if self._fd < 0:
+                return
+            try:
+                _platform.pwrite(self._fd, _record.HELD_WRITE_HEAD, 0)
+            except OSError:
+                return  # the record may lag this one append, as before
+            lock._phase_said = False
 
     def fence_moved(self, lock: SessionLock) -> None:
         self._behind, lock._info = True, None
@@ -576,21 +589,15 @@ class SidecarHolder:
             self._mark_if_replaced(lock)
 
     def _mark_if_replaced(self, lock: SessionLock) -> None:
-        """Mark the session file if it is no longer the one the run began with: written
-        anew and renamed over it (a compaction, ``sed -i``), whose new inode carries no
-        mark, so that tokens never go back even if the sidecar is then removed by hand.
-        Quietly nothing where it cannot be looked at."""
-        fp = lock._fp
-        try:
-            st = os.lstat(self.session)
-        except OSError:
-            return
-        # The ctime too: a file made anew may get the freed inode's number at once (ext4),
-        # and only the holder's own appends move the ctime the run knows.
-        if fp is not None and (st.st_ino, st.st_dev, st.st_ctime_ns) == (
-                fp.ino, fp.dev, fp.ctime_ns):
-            return
-        self._mark_session(lock)
+        """Mark the session file again if its mark no longer covers the run's token:
+        a file written anew and renamed over it (a compaction, ``sed -i``), whose new
+        inode carries no mark, or the mark removed during the run, so that tokens never
+        go back even if the sidecar is then removed by hand. The mark itself is read
+        (one call, as a stat would be): under the content fence, and for a change made
+        while one of the run's own lines was being written, the fence point has taken
+        the new file in. Quietly nothing where it cannot be read."""
+        if _tokens.needs_mark(self.session, lock._token):
+            self._mark_session(lock)
 
     def _mark_session(self, lock: SessionLock) -> None:
         """Set the token mark on a session file that was made during the run by

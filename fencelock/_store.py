@@ -85,6 +85,13 @@ class SessionStore(Protocol):
         """The holder appended: ``lock._fp`` moved from ``before``; write the record, or
         let it lag as the store allows."""
 
+    def leave_prompt_said(self, lock: SessionLock) -> None:
+        """An append in the prompt phase is about to move the fence point: make the
+        record say the write phase until `appended` writes it again, so that a holder
+        that dies between its line and that record leaves one whose fingerprint readers
+        know may lag (docs/PROTOCOL.md 2.4). Sets ``lock._phase_said`` False once it
+        does; where it cannot be written, the append goes on."""
+
     def fence_moved(self, lock: SessionLock) -> None:
         """``lock._fp`` moved without an append (a line taken back): the record must
         carry it at the release at the latest."""
@@ -288,6 +295,16 @@ class RemoteStore:
             import warnings
 
             warnings.warn(record_lags(lock.session, e), stacklevel=5)  # append's caller
+
+    def leave_prompt_said(self, lock: SessionLock) -> None:
+        with lock._io:
+            if not lock._count:
+                return
+            try:
+                self.holder.write(lock._encode(phase=_record.WRITE), ride_out=False)
+            except StoreUnavailableError:
+                return  # the record may lag this one append, as before
+            lock._phase_said = False
 
     def fence_moved(self, lock: SessionLock) -> None:
         lock._info = None  # the release writes the whole record

@@ -242,6 +242,17 @@ def _raise_mark(target: str | int, token: int, new_mark: int) -> bool:
     return True
 
 
+def needs_mark(session: str, token: int) -> bool:
+    """Whether the mark on the session file (its path, not followed if a symlink) is
+    below ``token``; False where it cannot be read (no file, no extended attributes)."""
+    if not hasattr(os, "getxattr"):
+        return False
+    try:
+        return _read_mark(session) < token
+    except OSError:
+        return False
+
+
 def reserve(target: str | int, token: int) -> bool:
     """Make sure the session file's mark covers ``token``, raising it by `RESERVE` when
     it does not. Call while holding the session. True when it wrote (which moves the

@@ -2171,3 +2171,123 @@ def test_the_release_leaves_a_planted_file_renamed_over_the_session_unmarked(
         os.getxattr(session, "user.fencelock.token")
     with pytest.raises(PlantedFileError):  # (the directory's warning was given once)
         SessionLock(session, lane="next").acquire()
+
+
+@needs_xattr
+@pytest.mark.parametrize("how", ["mark removed", "session rewritten via rename"])
+def test_a_mark_lost_during_a_run_is_not_trusted_past_the_runs_appends(
+    session: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A holder object skips reading the mark while the session's stat is what it was
+    when it read it. Under the content fence (which does not compare ctime), the mark
+    removed, or the file replaced by a copy without it, during a run is taken into the
+    fence point by the run's next append: the same object's next acquire must read the
+    mark again, or a sidecar removed by hand afterwards takes the tokens back to 1."""
+    from fencelock import _sidecar_holder
+
+    monkeypatch.setattr(_sidecar_holder, "_MARK_TRUST_AGE_NS", 0)  # trusted at once
+    monkeypatch.setattr(_sidecar_holder, "HAND_OVER_AFTER", 3600.0)  # no release looks
+    session.write_text('{"a": 1}\n')
+    lock = SessionLock(session, lane="reused", fence=FenceMode.CONTENT)
+    for _ in range(3):
+        with lock:
+            pass
+    with lock:
+        if how == "mark removed":
+            os.removexattr(session, "user.fencelock.token")
+        else:
+            copy = session.with_name("compacted.tmp")
+            copy.write_bytes(session.read_bytes())
+            os.replace(copy, session)
+        lock.append({"n": 1})
+    with lock:
+        assert lock.info is not None
+        last = lock.info.token
+    Path(str(session) + ".holder").unlink()
+    with SessionLock(session, lane="after") as after:
+        assert after.info is not None and after.info.token > last, last
+
+
+@needs_xattr
+@pytest.mark.parametrize("how", ["mark removed", "session rewritten via rename"])
+def test_the_release_reads_the_mark_again_after_a_run(
+    session: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A run of a millisecond or more looks at its release whether the session's mark
+    still covers its token. Under the content fence the run's own append takes a file
+    renamed over the session (or its mark removed) into the fence point, so the look
+    must read the mark itself, not compare the file with the fence point: else a
+    sidecar removed by hand right after that run takes the tokens back to 1."""
+    from fencelock import _sidecar_holder
+
+    monkeypatch.setattr(_sidecar_holder, "HAND_OVER_AFTER", 0.0)  # every run "long"
+    session.write_text('{"a": 1}\n')
+    with SessionLock(session, lane="run", fence=FenceMode.CONTENT) as lock:
+        assert lock.info is not None
+        last = lock.info.token
+        if how == "mark removed":
+            os.removexattr(session, "user.fencelock.token")
+        else:
+            copy = session.with_name("compacted.tmp")
+            copy.write_bytes(session.read_bytes())
+            os.replace(copy, session)
+        lock.append({"n": 1})
+    Path(str(session) + ".holder").unlink()
+    with SessionLock(session, lane="after") as after:
+        assert after.info is not None and after.info.token > last, last
+
+
+_DIES_MID_PROMPT_APPEND = """
+import os, signal, sys
+from fencelock import SessionLock, _fence
+real = _fence._fsync
+def fsync(fd):
+    real(fd)
+    os.kill(os.getpid(), signal.SIGKILL)  # the line is in; the record not yet after it
+lock = SessionLock(sys.argv[1], lane="dies")
+lock.acquire()
+lock.append({"n": 0})
+with lock.prompt_window():
+    _fence._fsync = fsync
+    lock.append({"n": 1})
+"""
+
+
+def test_a_holder_killed_in_a_prompt_window_append_leaves_no_false_takeover(
+    session: Path,
+) -> None:
+    """A record in the prompt phase says its fingerprint is exact, so a probe reads a
+    difference from the session as a write by someone else. A holder killed between
+    writing a line in the prompt window and the record that follows it must not leave
+    such a record: nobody else wrote ("moved" would send `recover` and people looking
+    for an intruder)."""
+    done = subprocess.run([sys.executable, "-c", _DIES_MID_PROMPT_APPEND, str(session)],
+                          timeout=60)
+    assert done.returncode == -9
+    assert session.read_text().splitlines()[-1] == '{"n":1}'  # the line went in
+    status = probe(session)
+    assert status.state == ProbeState.STALE
+    assert status.fence_ok is None, status
+
+
+def test_a_takeover_found_by_a_prompt_window_append_leaves_the_record_saying_so(
+    session: Path,
+) -> None:
+    """The record stops saying the prompt phase while an append in the window writes,
+    and says it again when the append writes nothing (a write from outside found
+    first): a probe then still reads the intruder's line as a takeover."""
+    with SessionLock(session, lane="run") as lock:
+        lock.append({"n": 0})
+        with pytest.raises(SessionTakeoverError), lock.prompt_window():
+            with session.open("a") as f:
+                f.write('{"role": "intruder"}\n')
+            with pytest.raises(SessionTakeoverError):
+                lock.append({"n": 1})
+            on_disk = Path(str(session) + ".holder").read_text()
+            assert json.JSONDecoder().raw_decode(on_disk)[0]["phase"] == "prompt"
+            # Probed from another process (this one's probe asks the holder object).
+            seen = subprocess.run(
+                [sys.executable, "-c", "import sys; from fencelock import probe; "
+                 "s = probe(sys.argv[1]); print(s.state.value, s.fence_ok)", str(session)],
+                capture_output=True, text=True, timeout=60)
+            assert seen.stdout.split() == ["live", "False"], seen
