@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import math
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -70,9 +71,27 @@ def _is_directory_to_scan(path: str) -> bool:
     """A directory whose sessions to scan. A symlink named like a session or sidecar
     is not followed into a directory: another user may have planted it (`*.jsonl` in a
     shared directory expands to it), and it is reported as the session path it names."""
-    if not os.path.isdir(path) or is_sidecar(path):
+    if not _is_dir(path) or is_sidecar(path):
         return False
     return not (path.rstrip("/").endswith(".jsonl") and os.path.islink(path.rstrip("/")))
+
+
+def _is_dir(path: str) -> bool:
+    """`os.path.isdir`, also for a relative path in a working directory this user may
+    not search (``.`` itself needs that): looked at from the root, where only the
+    directories above it must be searchable, so that ``status`` there says it cannot
+    list the directory instead of taking it for a session file."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except PermissionError:
+        if os.path.isabs(path) or ".." in path.split(os.sep):
+            return False  # ('..' after a symlink is not what a lexical join makes of it)
+        try:
+            return os.path.isdir(os.path.normpath(os.path.join(os.getcwd(), path)))
+        except OSError:
+            return False
+    except (OSError, ValueError):
+        return False
 
 
 def _no_directory(path: str) -> str | None:

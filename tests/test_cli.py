@@ -608,6 +608,28 @@ def test_permission_denied_exits_1_not_2(command: str) -> None:
     assert expected in out.stderr
 
 
+@pytest.mark.parametrize("args", [["status"], ["status", "."], ["clear", "."]],
+                         ids=["status", "status-dot", "clear-dot"])
+def test_a_working_directory_it_cannot_search_is_a_directory_it_cannot_list(
+    args: list[str],
+) -> None:
+    """Run in a working directory this user may not search (``.`` needs that), the
+    directory is still a directory: the error says it cannot be listed, not that it
+    is "a directory, not a regular file" with a fix that fails the same way."""
+    prefix = _as_unprivileged()
+    with tempfile.TemporaryDirectory(prefix="fencelock-perm-") as top:
+        os.chmod(top, 0o755)
+        private = Path(top) / "private"
+        private.mkdir()
+        (private / "a.jsonl").write_text("")
+        private.chmod(0o700)  # root's: the unprivileged user may not search it
+        out = subprocess.run([*prefix, *FENCELOCK, *args], cwd=private,
+                             capture_output=True, text=True, check=False, timeout=60)
+    assert out.returncode == 1, out.stderr
+    no_traceback(out.stderr, 1)
+    assert f"{private}: Permission denied; scan needs a directory" in out.stderr, out.stderr
+
+
 @pytest.mark.parametrize("command", ["status", "clear"])
 def test_json_has_a_row_for_a_directory_it_cannot_list(command: str) -> None:
     """``--json`` names every path it was given: a directory the user cannot enter gets
