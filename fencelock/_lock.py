@@ -39,6 +39,7 @@ from fencelock._errors import (
     FenceLockError,
     FenceLockWarning,
     NotHeldError,
+    SessionTakeoverError,
     no_thread,
 )
 from fencelock._fingerprint import STAT, FenceMode, Fingerprint
@@ -257,6 +258,10 @@ class SessionLock:
         self._acquired_at = 0.0
         self._heartbeat_at = 0.0
         self._phase = Phase.WRITE
+        self._line_going_in = False
+        """An append in the prompt phase is writing its line: a record written meanwhile
+        (a `touch` from another thread) says the write phase, whose fingerprint readers
+        know may lag (docs/PROTOCOL.md 2.4)."""
         self._phase_said = True
         """The record last written says ``_phase``: a record write sets it; a prompt
         window's end clears it (the store writes the record at the next append, and the
@@ -353,13 +358,13 @@ class SessionLock:
                 self._info = None
         return info
 
-    def _encode(self, state: State = State.HELD, phase: Phase | None = None) -> bytes:
+    def _encode(self, state: State = State.HELD) -> bytes:
         fp = self._fp
         if fp is not self._fp_bytes[0]:
             self._fp_bytes = (fp, _record.fingerprint_bytes(fp))
         middle = self._middle  # the run's, unless the fixed part changed since
         return _record.assemble(
-            state, self._phase if phase is None else phase, self._token,
+            state, WRITE if self._line_going_in else self._phase, self._token,
             middle[2] if middle[0] is self._run_id else self._prepare_record(self._run_id),
             self._acquired_at, self._heartbeat_at, self._fp_bytes[1], self._previous,
         )
@@ -968,29 +973,33 @@ class SessionLock:
             self._walk_again()
         check_tail, self._tail_checked = not self._tail_checked, False
         moved: list[Fingerprint | None] = []
-        # A record that says the prompt phase says its fingerprint is exact (PROTOCOL
-        # 2.4): it stops saying so while the line goes in, until the record follows it.
-        prompt_said = self._phase is PROMPT and self._phase_said
-        if prompt_said:
-            self._store.leave_prompt_said(self)
+        # A record in the prompt phase says its fingerprint is exact (PROTOCOL 2.4): it
+        # says the write phase while the line goes in, until the record follows it.
+        prompt = self._phase is PROMPT
         try:
+            if prompt:
+                self._line_going_in = True
+                self._store.leave_prompt_said(self)
             fp = _fence.append(
                 self.session, data, self._fp, self.fence_mode,
                 check_tail=check_tail, file_mode=self.mode, token=self._token, moved=moved,
             )
-        except BaseException:
+        except BaseException as e:
+            self._line_going_in = False
             # A line taken back (a failed write, an interrupt) moves the session's stat:
             # the fence point follows (`_fence.append` put it in ``moved``; no call
             # before it here, where an interrupt could land), and so does the record.
             if moved:
                 self._fp = moved[-1]
                 self._store.fence_moved(self)
-            elif prompt_said and not self._phase_said and self._phase is PROMPT:
-                # Nothing written (a takeover found, say): the record says the prompt
-                # phase again, with the fence point a reader compares the session with.
+            elif prompt and isinstance(e, SessionTakeoverError) and self._phase is PROMPT:
+                # Another's write found: the record says the prompt phase again, with
+                # the fence point a reader compares the session with. (After any other
+                # failure it stays in the write phase until the window's end.)
                 with contextlib.suppress(FenceLockError):
                     self._write_record()
             raise
+        self._line_going_in = False
         self._tail_checked = True
         before, self._fp = self._fp, fp  # no call between: an interrupt lands after
         try:

@@ -529,11 +529,8 @@ class SidecarHolder:
         with lock._io:
             if self._fd < 0:
                 return
-            try:
+            with contextlib.suppress(OSError):  # the append goes on
                 _platform.pwrite(self._fd, _record.HELD_WRITE_HEAD, 0)
-            except OSError:
-                return  # the record may lag this one append, as before
-            lock._phase_said = False
 
     def fence_moved(self, lock: SessionLock) -> None:
         self._behind, lock._info = True, None
@@ -550,7 +547,7 @@ class SidecarHolder:
         """Mark the record released and drop the lock (under the lock object's ``_io``,
         or where no record write can follow: see `SessionLock.release`)."""
         long = time.monotonic() - self._since >= HAND_OVER_AFTER
-        # After a run's length (not a loop of short ones) one lstat is nothing.
+        # After a run's length (not a loop of short ones) one getxattr is nothing.
         if self._unmarked or long:  # (a loop of short runs on one file makes no call)
             self._mark_what_the_run_left(lock, look=long)
         fd, self._fd, opened = self._fd, -1, self._opened
@@ -581,7 +578,8 @@ class SidecarHolder:
     def _mark_what_the_run_left(self, lock: SessionLock, *, look: bool) -> None:
         """Before letting go: mark a session file the run made without `append` (found
         with access(2): no exception to raise and catch where, as most often, none was
-        made); else, given ``look``, one renamed over the file the run began with."""
+        made); else, given ``look``, one whose mark no longer covers the run's token
+        (renamed over the file the run began with, or its mark removed)."""
         if self._unmarked:
             if os.access(self.session, os.F_OK):
                 self._mark_session(lock)

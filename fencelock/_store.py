@@ -11,6 +11,7 @@ backend URL.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -86,11 +87,11 @@ class SessionStore(Protocol):
         let it lag as the store allows."""
 
     def leave_prompt_said(self, lock: SessionLock) -> None:
-        """An append in the prompt phase is about to move the fence point: make the
-        record say the write phase until `appended` writes it again, so that a holder
-        that dies between its line and that record leaves one whose fingerprint readers
-        know may lag (docs/PROTOCOL.md 2.4). Sets ``lock._phase_said`` False once it
-        does; where it cannot be written, the append goes on."""
+        """An append in the prompt phase is about to move the fence point (with
+        ``lock._line_going_in`` set): make the record say the write phase until
+        `appended` writes it again, so that a holder that dies between its line and
+        that record leaves one whose fingerprint readers know may lag
+        (docs/PROTOCOL.md 2.4). Where it cannot be written, the append goes on."""
 
     def fence_moved(self, lock: SessionLock) -> None:
         """``lock._fp`` moved without an append (a line taken back): the record must
@@ -287,8 +288,10 @@ class RemoteStore:
                 if not lock._count:  # released meanwhile (a signal handler in this
                     return  # thread): the release's record is the last
                 lock._info = None
+                phase = lock._phase
                 # Not waited for: the next write, or the release, carries it.
                 self.holder.write(lock._encode(), ride_out=False)
+                lock._phase_said = lock._phase is phase
         except HolderLostError as e:
             raise HolderLostError(lock.session, e.why, stored=True) from None
         except StoreUnavailableError as e:
@@ -300,11 +303,8 @@ class RemoteStore:
         with lock._io:
             if not lock._count:
                 return
-            try:
-                self.holder.write(lock._encode(phase=_record.WRITE), ride_out=False)
-            except StoreUnavailableError:
-                return  # the record may lag this one append, as before
-            lock._phase_said = False
+            with contextlib.suppress(StoreUnavailableError):  # the append goes on
+                self.holder.write(lock._encode(), ride_out=False)  # the write phase
 
     def fence_moved(self, lock: SessionLock) -> None:
         lock._info = None  # the release writes the whole record

@@ -2237,34 +2237,47 @@ def test_the_release_reads_the_mark_again_after_a_run(
         assert after.info is not None and after.info.token > last, last
 
 
-_DIES_MID_PROMPT_APPEND = """
-import os, signal, sys
+DIES_MID_PROMPT_APPEND = """
+import os, signal, sys, threading
 from fencelock import SessionLock, _fence
+session, backend, dies_at, touch = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), sys.argv[4]
 real = _fence._fsync
 def fsync(fd):
     real(fd)
+    if touch == "touch":  # a heartbeat from another thread as the line goes in
+        toucher = threading.Thread(target=lock.touch)
+        toucher.start()
+        toucher.join()
     os.kill(os.getpid(), signal.SIGKILL)  # the line is in; the record not yet after it
-lock = SessionLock(sys.argv[1], lane="dies")
+lock = SessionLock(session, lane="dies", backend=backend)
 lock.acquire()
 lock.append({"n": 0})
 with lock.prompt_window():
-    _fence._fsync = fsync
-    lock.append({"n": 1})
+    for n in range(1, dies_at + 1):
+        if n == dies_at:
+            _fence._fsync = fsync
+        lock.append({"n": n})
 """
+"""A holder killed inside the prompt window, between the line of its ``dies_at``-th
+append there and the record that follows it (argv: session, backend or "", dies_at,
+"touch" to have another thread touch the record meanwhile, else "no-touch")."""
 
 
+@pytest.mark.parametrize(("dies_at", "touch"), [(1, "no-touch"), (2, "no-touch"), (1, "touch")])
 def test_a_holder_killed_in_a_prompt_window_append_leaves_no_false_takeover(
-    session: Path,
+    session: Path, dies_at: int, touch: str
 ) -> None:
     """A record in the prompt phase says its fingerprint is exact, so a probe reads a
     difference from the session as a write by someone else. A holder killed between
-    writing a line in the prompt window and the record that follows it must not leave
+    writing a line in the prompt window (its first there or a later one, with a `touch`
+    from another thread meanwhile or not) and the record that follows it must not leave
     such a record: nobody else wrote ("moved" would send `recover` and people looking
     for an intruder)."""
-    done = subprocess.run([sys.executable, "-c", _DIES_MID_PROMPT_APPEND, str(session)],
-                          timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", DIES_MID_PROMPT_APPEND, str(session), "", str(dies_at), touch],
+        timeout=60)
     assert done.returncode == -9
-    assert session.read_text().splitlines()[-1] == '{"n":1}'  # the line went in
+    assert session.read_text().splitlines()[-1] == f'{{"n":{dies_at}}}'  # the line went in
     status = probe(session)
     assert status.state == ProbeState.STALE
     assert status.fence_ok is None, status

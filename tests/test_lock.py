@@ -1027,8 +1027,8 @@ def test_an_append_landing_while_a_touch_writes_the_record_is_not_lost_at_releas
     encode = lock._encode
     appended: list[bool] = []
 
-    def encode_then_append(state: State = State.HELD, phase: Phase | None = None) -> bytes:
-        data = encode(state, phase)  # the touch's record, with the fence point as it was
+    def encode_then_append(state: State = State.HELD) -> bytes:
+        data = encode(state)  # the touch's record, with the fence point as it was
         if not appended:
             appended.append(True)
             lock.append({"n": 1})  # another thread's append, in that gap
