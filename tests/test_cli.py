@@ -585,21 +585,32 @@ def _as_unprivileged() -> list[str]:
     return prefix
 
 
-@pytest.mark.parametrize("command", ["status", "clear", "verify", "check-config"])
-def test_permission_denied_exits_1_not_2(command: str) -> None:
-    prefix = _as_unprivileged()
-    # Not under tmp_path: an unprivileged user must be able to reach the parent.
+@contextlib.contextmanager
+def _private_directory(mode: int, *files: str) -> Iterator[Path]:
+    """A directory holding empty ``files``, with ``mode`` (0o700 again after, for its
+    removal), in one an unprivileged user can reach (not under tmp_path, whose parents
+    may be private)."""
     with tempfile.TemporaryDirectory(prefix="fencelock-perm-") as top:
         os.chmod(top, 0o755)
         private = Path(top) / "private"
         private.mkdir()
-        (private / "a.jsonl").write_text("")
-        private.chmod(0)
+        for name in files:
+            (private / name).write_text("")
+        try:
+            private.chmod(mode)
+            yield private
+        finally:
+            private.chmod(0o700)
+
+
+@pytest.mark.parametrize("command", ["status", "clear", "verify", "check-config"])
+def test_permission_denied_exits_1_not_2(command: str) -> None:
+    prefix = _as_unprivileged()
+    with _private_directory(0, "a.jsonl") as private:
         out = subprocess.run(
             [*prefix, *FENCELOCK, command, str(private)],
             capture_output=True, text=True, check=False, timeout=60,
         )  # fmt: skip
-        private.chmod(0o700)
     assert out.returncode == 1, out.stderr
     no_traceback(out.stderr, 1)
     assert f"{private}: " in out.stderr
@@ -617,12 +628,7 @@ def test_a_working_directory_it_cannot_search_is_a_directory_it_cannot_list(
     directory is still a directory: the error says it cannot be listed, not that it
     is "a directory, not a regular file" with a fix that fails the same way."""
     prefix = _as_unprivileged()
-    with tempfile.TemporaryDirectory(prefix="fencelock-perm-") as top:
-        os.chmod(top, 0o755)
-        private = Path(top) / "private"
-        private.mkdir()
-        (private / "a.jsonl").write_text("")
-        private.chmod(0o700)  # root's: the unprivileged user may not search it
+    with _private_directory(0o700, "a.jsonl") as private:  # root's: not the user's
         out = subprocess.run([*prefix, *FENCELOCK, *args], cwd=private,
                              capture_output=True, text=True, check=False, timeout=60)
     assert out.returncode == 1, out.stderr
@@ -636,14 +642,9 @@ def test_json_has_a_row_for_a_directory_it_cannot_list(command: str) -> None:
     an unreadable row (``status``) or an object with its error (``clear``), as a
     missing directory does, not only a line on stderr."""
     prefix = _as_unprivileged()
-    with tempfile.TemporaryDirectory(prefix="fencelock-perm-") as top:
-        os.chmod(top, 0o755)
-        private = Path(top) / "private"
-        private.mkdir()
-        private.chmod(0)
+    with _private_directory(0) as private:
         out = subprocess.run([*prefix, *FENCELOCK, command, "--json", str(private)],
                              capture_output=True, text=True, check=False, timeout=60)
-        private.chmod(0o700)
     assert out.returncode == 1, out.stderr
     no_traceback(out.stderr, 1)
     (row,) = json.loads(out.stdout)

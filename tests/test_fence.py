@@ -856,8 +856,26 @@ def test_only_a_mark_of_ascii_digits_counts(session: Path, mark: bytes, first: i
         assert lock.info is not None and lock.info.token == first
 
 
+def lose_the_mark(session: Path, how: str) -> None:
+    """Take the token mark off the session file: removed ("mark removed"), or the file
+    replaced by a copy without it (a compaction, "session rewritten via rename")."""
+    if how == "mark removed":
+        os.removexattr(session, "user.fencelock.token")
+    else:
+        copy = session.with_name("compacted.tmp")
+        copy.write_bytes(session.read_bytes())
+        os.replace(copy, session)
+
+
+def assert_tokens_go_on_without_the_sidecar(session: Path, last: int) -> None:
+    """Remove the sidecar by hand: the next token must still be above ``last``."""
+    Path(str(session) + ".holder").unlink()
+    with SessionLock(session, lane="after") as after:
+        assert after.info is not None and after.info.token > last, last
+
+
 @needs_xattr
-@pytest.mark.parametrize("how", ["mark removed by hand", "session rewritten via rename"])
+@pytest.mark.parametrize("how", ["mark removed", "session rewritten via rename"])
 def test_the_mark_is_read_anew_not_trusted_from_memory(session: Path, how: str) -> None:
     """The session file's mark can vanish under a long-lived process (removed by hand,
     or the file replaced by a copy without it): the next holder must notice and write
@@ -867,18 +885,11 @@ def test_the_mark_is_read_anew_not_trusted_from_memory(session: Path, how: str) 
     for _ in range(3):
         with SessionLock(session):
             pass
-    if how == "mark removed by hand":
-        os.removexattr(session, "user.fencelock.token")
-    else:
-        copy = session.with_name("compacted.tmp")
-        copy.write_bytes(session.read_bytes())
-        os.replace(copy, session)
+    lose_the_mark(session, how)
     with SessionLock(session, on_contention="fail") as lock:
         assert lock.info is not None
         last = lock.info.token
-    Path(str(session) + ".holder").unlink()
-    with SessionLock(session) as lock:
-        assert lock.info is not None and lock.info.token > last
+    assert_tokens_go_on_without_the_sidecar(session, last)
 
 
 def test_tokens_do_not_repeat_after_corrupt_records_are_set_aside(session: Path) -> None:
@@ -2193,19 +2204,12 @@ def test_a_mark_lost_during_a_run_is_not_trusted_past_the_runs_appends(
         with lock:
             pass
     with lock:
-        if how == "mark removed":
-            os.removexattr(session, "user.fencelock.token")
-        else:
-            copy = session.with_name("compacted.tmp")
-            copy.write_bytes(session.read_bytes())
-            os.replace(copy, session)
+        lose_the_mark(session, how)
         lock.append({"n": 1})
     with lock:
         assert lock.info is not None
         last = lock.info.token
-    Path(str(session) + ".holder").unlink()
-    with SessionLock(session, lane="after") as after:
-        assert after.info is not None and after.info.token > last, last
+    assert_tokens_go_on_without_the_sidecar(session, last)
 
 
 @needs_xattr
@@ -2225,16 +2229,9 @@ def test_the_release_reads_the_mark_again_after_a_run(
     with SessionLock(session, lane="run", fence=FenceMode.CONTENT) as lock:
         assert lock.info is not None
         last = lock.info.token
-        if how == "mark removed":
-            os.removexattr(session, "user.fencelock.token")
-        else:
-            copy = session.with_name("compacted.tmp")
-            copy.write_bytes(session.read_bytes())
-            os.replace(copy, session)
+        lose_the_mark(session, how)
         lock.append({"n": 1})
-    Path(str(session) + ".holder").unlink()
-    with SessionLock(session, lane="after") as after:
-        assert after.info is not None and after.info.token > last, last
+    assert_tokens_go_on_without_the_sidecar(session, last)
 
 
 DIES_MID_PROMPT_APPEND = """
