@@ -1768,14 +1768,26 @@ class EtcdHolder:
         return (None if left < 0 else float(left)), term
 
     def probe(self, stuck_after: float, deadline: float | None = None) -> HolderStatus:
-        r = self._cluster.txn([], [_range(self.lock_name + "/", prefix=True, first=True),
-                                   _range(self.last_key)], [], deadline)
-        responses = r.get("responses", [{}, {}])
-        owner, last = _kvs(responses[0]), _kvs(responses[1])
-        waiters = max(0, _count(responses[0]) - 1)
+        def look() -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+            r = self._cluster.txn([], [_range(self.lock_name + "/", prefix=True, first=True),
+                                       _range(self.last_key)], [], deadline)
+            responses = r.get("responses", [{}, {}])
+            return _kvs(responses[0]), _kvs(responses[1]), max(0, _count(responses[0]) - 1)
+
+        def reread() -> HolderInfo | None:
+            """The record read again, where the first look found it (`_probe._fence_ok`)."""
+            again, last_again, _ = look()
+            try:
+                if owner:
+                    return _decode(_raw(again), self.name) if again else None
+                return _decode(_raw(last_again), self.last_name) if last_again else None
+            except CorruptRecordError:
+                return None
+
+        owner, last, waiters = look()
         return _status(self.session, self.name, owner=owner, last=last, waiters=waiters,
                        stuck_after=stuck_after, last_where=self.last_name,
-                       command=_clear_command(self.url, self.session))
+                       command=_clear_command(self.url, self.session), reread=reread)
 
     def clear(self, remove: bool, force: bool) -> HolderStatus:
         from fencelock._probe import ProbeState
@@ -1836,10 +1848,11 @@ def _owner_of(owner: list[dict[str, Any]]) -> str:
 
 def _status(session: str, where: str, *, owner: list[dict[str, Any]],
             last: list[dict[str, Any]], waiters: int, stuck_after: float,
-            last_where: str, command: str, fence: bool = True) -> HolderStatus:
+            last_where: str, command: str, fence: bool = True,
+            reread: Callable[[], HolderInfo | None] | None = None) -> HolderStatus:
     """A session's state from its owner key (the first in the queue, if any) and its
-    last record; ``fence``: whether ``session`` is its file on this host (see
-    `fencelock._probe._status`)."""
+    last record; ``fence``: whether ``session`` is its file on this host, and
+    ``reread`` (see `fencelock._probe._status`)."""
     from fencelock import _probe
     from fencelock._probe import HolderStatus as holder_status
     from fencelock._probe import ProbeState as states
@@ -1868,7 +1881,8 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
                                        left_by_run=True, _owner=_owner_of(owner))
             else:
                 status = replace(_probe._status(session, where, states.LIVE, record,
-                                                stuck_after=stuck_after, now=now, fence=fence),
+                                                stuck_after=stuck_after, now=now, fence=fence,
+                                                reread=reread),
                                  _owner=_owner_of(owner))
         else:
             record = _decode(_raw(last), last_where, command)
@@ -1877,7 +1891,8 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
             else:
                 state = states.STALE if record.state is State.HELD else states.FREE
                 status = _probe._status(session, where, state, record,
-                                        stuck_after=stuck_after, now=now, fence=fence)
+                                        stuck_after=stuck_after, now=now, fence=fence,
+                                        reread=reread)
                 if state is states.STALE:
                     status = replace(status, reason="no owner key: its lease expired while it "
                                      "held the session (the owner died, was paused or lost "

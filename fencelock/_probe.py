@@ -17,7 +17,7 @@ import os
 import stat
 import time
 from collections import deque
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -250,9 +250,10 @@ def _look(
         # descriptor could disturb its lock where flock is emulated (NFS).
         mine = _registry.held_in_process(_registry.registry_key(session))
         record = mine.info if mine is not None else None
-        if record is not None:
+        if mine is not None and record is not None:
+            holder = mine
             return _status(session, sidecar, ProbeState.LIVE, record,
-                           stuck_after=stuck_after, now=now)
+                           stuck_after=stuck_after, now=now, reread=lambda: holder.info)
     try:
         fd, st = _sidecar.open_checked(sidecar, create=False)
     except UnsafeSidecarError as e:
@@ -389,7 +390,8 @@ def _conclude(
                             left_by_run=run is not None)
     if record is None:
         return HolderStatus(session, sidecar, state, reason=corrupt or "no record")
-    return _status(session, sidecar, state, record, stuck_after=stuck_after, now=now)
+    return _status(session, sidecar, state, record, stuck_after=stuck_after, now=now,
+                   reread=lambda: _record_at(sidecar))
 
 
 def _no_sidecar(session: str) -> str:
@@ -426,10 +428,11 @@ def _status(
     stuck_after: float,
     now: float,
     fence: bool = True,
+    reread: Callable[[], HolderInfo | None] | None = None,
 ) -> HolderStatus:
     """The status of a session whose record is ``record``; ``fence``: whether
     ``session`` names the record's session file on this host (else `fence_ok` is
-    None: it is not known here)."""
+    None: it is not known here); ``reread`` reads the record again (`_fence_ok`)."""
     alive = None
     if record.state is HELD:
         alive = holder_alive(record)
@@ -441,16 +444,53 @@ def _status(
         record=record,
         owner_alive=alive,
         stuck=stuck,
-        fence_ok=_fence_ok(session, record) if fence else None,
+        fence_ok=_fence_ok(session, record, reread) if fence else None,
         reason=_reason(state, record, alive, stuck),
     )
 
 
-def _fence_ok(session: str, record: HolderInfo) -> bool | None:
-    ok = _fence_matches(session, record)
-    if ok is False and record.state is HELD and record.phase is WRITE:
-        return None  # in the write phase the holder's own last appends may be unrecorded
-    return ok
+def _fence_ok(
+    session: str, record: HolderInfo, reread: Callable[[], HolderInfo | None] | None = None
+) -> bool | None:
+    """Whether the session is as ``record`` says its run left it. The record is read
+    before the session's fingerprint is taken, so a live holder's append may land
+    between the two (in the prompt phase its record follows at once): a difference
+    counts only once the record, read again (``reread``), is still the same."""
+    for _ in range(_FENCE_LOOKS):
+        ok = _fence_matches(session, record)
+        if ok is not False:
+            return ok
+        if record.state is HELD and record.phase is WRITE:
+            return None  # in the write phase the holder's own last appends may be unrecorded
+        if reread is None:
+            return False
+        try:
+            again = reread()
+        except (OSError, FenceLockError):
+            return None
+        if again is None or again.run_id != record.run_id:
+            return None  # another run's record by now: not known for this one
+        if (again.state, again.phase, again.fingerprint, again.heartbeat_at) == (
+                record.state, record.phase, record.fingerprint, record.heartbeat_at):
+            return False
+        record = again
+    return None  # the holder keeps writing: not known
+
+
+_FENCE_LOOKS = 3
+"""How many times `_fence_ok` reads a record that keeps changing before it gives up."""
+
+
+def _record_at(sidecar: str) -> HolderInfo | None:
+    """The sidecar's record read again (None when it cannot be read: not known)."""
+    try:
+        fd, st = _sidecar.open_checked(sidecar, create=False)
+    except FenceLockError:
+        return None
+    try:
+        return _read(fd, sidecar, st.st_size)[0]
+    finally:
+        _sidecar.close(fd)
 
 
 def _fence_matches(session: str, record: HolderInfo) -> bool | None:

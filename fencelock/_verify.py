@@ -118,20 +118,11 @@ def verify(path: _sidecar.AnyPath, *, backend: str | None = None) -> VerifyRepor
 
     selected(backend)  # ValueError for a bad URL, whatever the file holds
     session, _ = _sidecar.paths(path)  # a sidecar's path names its session, as elsewhere
-    try:
-        fd, _ = _sidecar.open_regular(session, os.O_RDONLY)
-    except FileNotFoundError as e:
-        if os.path.isdir(os.path.dirname(session)):
-            return VerifyReport(session, exists=False)
-        raise _unreadable(session, e) from None
-    except OSError as e:
-        raise _unreadable(session, e) from None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            report, tail = _check(session, f)
-    except OSError as e:
-        raise _unreadable(session, e) from None
-    if tail >= 0:
+    torn_at = -1
+    for _ in range(_LOOKS):
+        report, tail = _look(session)
+        if tail < 0:
+            return report
         try:
             in_flight = _in_flight(session, tail, backend)
         except (StoreUnavailableError, OutsideRootError) as e:
@@ -145,8 +136,37 @@ def verify(path: _sidecar.AnyPath, *, backend: str | None = None) -> VerifyRepor
             return replace(report, problems=[*report.problems[:-1], undecided])
         if in_flight:
             # A live holder's append under way, not a crash's leftover: not (yet) a problem.
-            report = replace(report, lines=report.lines - 1, problems=report.problems[:-1])
+            return replace(report, lines=report.lines - 1, problems=report.problems[:-1])
+        # The holder was asked after the file was read: its append may have ended, and
+        # its record moved past the line, meanwhile. Torn is a line read again still
+        # without its break; one that has ended (or is no longer last) was not.
+        if tail == torn_at:
+            break
+        torn_at = tail
     return report
+
+
+def _look(session: str) -> tuple[VerifyReport, int]:
+    """`_check` of the session file as it is now (a report that it does not exist, in
+    a directory that does, and -1)."""
+    try:
+        fd, _ = _sidecar.open_regular(session, os.O_RDONLY)
+    except FileNotFoundError as e:
+        if os.path.isdir(os.path.dirname(session)):
+            return VerifyReport(session, exists=False), -1
+        raise _unreadable(session, e) from None
+    except OSError as e:
+        raise _unreadable(session, e) from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return _check(session, f)
+    except OSError as e:
+        raise _unreadable(session, e) from None
+
+
+_LOOKS = 3
+"""How many times `verify` reads a session whose last line it finds torn: the last
+look's report stands."""
 
 
 def _in_flight(session: str, start: int, backend: str | None) -> bool:

@@ -2301,3 +2301,58 @@ def test_a_takeover_found_by_a_prompt_window_append_leaves_the_record_saying_so(
                  "s = probe(sys.argv[1]); print(s.state.value, s.fence_ok)", str(session)],
                 capture_output=True, text=True, timeout=60)
             assert seen.stdout.split() == ["live", "False"], seen
+
+
+def test_verify_does_not_call_torn_a_line_a_live_holder_ended_as_it_looked(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`verify` reads the file, then asks the holder whether a last line without its
+    break is an append under way. An append that ends in between moves the holder's
+    record past the line: read again, the line has its break, and it is no problem."""
+    import threading
+
+    from fencelock import _fence, _verify
+
+    lock = SessionLock(session, lane="writer")
+    lock.acquire()
+    lock.append({"n": 0})
+    half_in, go_on = threading.Event(), threading.Event()
+    write = _fence._write
+
+    def half_then_wait(fd: int, data: Any) -> int:
+        if half_in.is_set():
+            return write(fd, data)
+        written = write(fd, data[: len(data) // 2])  # a short write: the rest follows
+        half_in.set()
+        go_on.wait(30)
+        return written
+
+    monkeypatch.setattr(_fence, "_write", half_then_wait)
+    with lock.prompt_window():
+        appending = threading.Thread(target=lock.append, args=({"n": 1, "pad": "x" * 999},))
+        appending.start()
+        assert half_in.wait(30)
+        in_flight = _verify._in_flight
+
+        def ended_meanwhile(*args: Any) -> bool:
+            go_on.set()
+            appending.join(30)  # the line ends, and the record follows it
+            return in_flight(*args)
+
+        monkeypatch.setattr(_verify, "_in_flight", ended_meanwhile)
+        report = verify(session)
+    lock.release()
+    assert not appending.is_alive()
+    assert report.problems == [] and report.lines == 2, report
+
+
+def test_verify_still_finds_a_torn_line_under_a_live_holder(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """Read again, a torn line from before the holder came is still torn (the look
+    again is only for a line that has ended meanwhile)."""
+    session.write_bytes(b'{"n": 0}\n{"n": 1, "cut sho')
+    holder = spawn_holder(session, lane="came-after")
+    holder.acquire()
+    report = verify(session)
+    assert [p.kind for p in report.problems] == ["torn"], report

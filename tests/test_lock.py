@@ -1616,3 +1616,43 @@ def test_a_dotdot_after_a_symlinked_directory_names_the_file_the_system_opens(
             lost.acquire()
     assert not (tmp_path / "lost.jsonl.holder").exists()
     assert not (tmp_path / "real" / "lost.jsonl.holder").exists()
+
+
+def test_a_probe_is_not_fooled_by_the_holder_s_own_append_in_the_prompt_window(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A probe reads the record, then takes the session's fingerprint: the holder's own
+    append in the prompt window may land in between (its record follows the line at
+    once). The record read again says so: no false "moved"."""
+    from fencelock import _fingerprint
+
+    holder = spawn_holder(session, lane="in-the-window")
+    holder.acquire()
+    assert holder.call('append {"n": 0}') == "ok"
+    assert holder.call("prompt") == "ok"
+    take = _fingerprint.take
+    appended: list[str] = []
+
+    def holder_appends_first(*args: Any) -> Any:
+        if not appended:
+            appended.append(holder.call('append {"n": 1}'))
+        return take(*args)
+
+    monkeypatch.setattr(_fingerprint, "take", holder_appends_first)
+    status = probe(session)
+    assert appended == ["ok"]
+    assert status.state == ProbeState.LIVE and status.fence_ok is True, status
+
+
+def test_a_probe_still_reads_a_write_in_the_prompt_window_as_moved(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """The record read again is the same when someone else wrote: still "moved"."""
+    holder = spawn_holder(session, lane="in-the-window")
+    holder.acquire()
+    assert holder.call('append {"n": 0}') == "ok"
+    assert holder.call("prompt") == "ok"
+    with session.open("a") as f:
+        f.write('{"role": "intruder"}\n')
+    status = probe(session)
+    assert status.state == ProbeState.LIVE and status.fence_ok is False, status
