@@ -9,12 +9,14 @@ here (`held_in_process`) and asks that run to stop (`abort`).
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import os
 import threading
 import time
 from typing import TYPE_CHECKING
 
-from fencelock import _sidecar
+from fencelock import _cleanup, _sidecar
 from fencelock._errors import FenceLockError, SessionContendedError
 
 if TYPE_CHECKING:
@@ -27,9 +29,15 @@ once, and an attempt that gives up frees only a slot it took itself."""
 _lines: dict[str, list[tuple[SessionLock, object]]] = {}
 """The attempts waiting for each taken slot, longest first (`take`)."""
 _mu = threading.Lock()
-_cond = threading.Condition(_mu)
-"""Waited on by acquirers whose session another object of this process holds. The
-uncontended path takes a free slot with one atomic ``setdefault``, without ``_mu``."""
+"""Guards every change to a taken slot and its line. The uncontended path takes a free
+slot with one atomic ``setdefault``, without it."""
+_sleepers: list[_thread.LockType] = []
+"""One locked lock per acquirer asleep until a slot changes hands (under ``_mu``): the
+waker releases each. Not `threading.Condition`, whose wait takes the mutex back in a
+step an interrupt (Ctrl-C's KeyboardInterrupt, a signal handler's exception) can cut
+short, leaving the waiter's ``with _mu`` to release a mutex another thread holds: the
+registry then wedged every acquire and release of the process. Here the mutex is only
+ever taken by ``with`` blocks, and the sleep is outside them."""
 _waiters = 0
 
 
@@ -185,9 +193,22 @@ def _wait_turn(
     the slot's owner when it could not be had (``fail``, or past ``deadline``)."""
     global _waiters
     line: list[tuple[SessionLock, object]] | None = None
-    with _mu:
-        try:
-            while True:
+    sleeper: _thread.LockType | None = None
+
+    def leave() -> None:  # safe to run again (`_cleanup.to_the_end`)
+        global _waiters
+        nonlocal line
+        with _mu:
+            _forget(sleeper)
+            if line is not None:
+                _waiters -= 1
+                _leave_line(key, line, entry)
+                line = None
+
+    try:
+        while True:
+            with _mu:
+                _forget(sleeper)  # (one whose sleep timed out is still listed)
                 # Not freed while anyone waits in line (handed on), but taken if free.
                 slot = _held.setdefault(key, entry)
                 if slot is entry:
@@ -201,11 +222,13 @@ def _wait_turn(
                     line = _lines.setdefault(key, [])
                     line.append(entry)
                     _waiters += 1
-                _cond.wait(remaining)
-        finally:
-            if line is not None:
-                _waiters -= 1
-                _leave_line(key, line, entry)
+                sleeper = _thread.allocate_lock()
+                sleeper.acquire()
+                _sleepers.append(sleeper)
+            # Woken when a slot changes hands (or by `wake`), then looks again.
+            sleeper.acquire(True, -1 if remaining is None else remaining)
+    finally:
+        _cleanup.to_the_end(leave)
 
 
 def _leave_line(key: str, line: list[tuple[SessionLock, object]],
@@ -239,7 +262,7 @@ def free(key: str, lock: SessionLock, attempt: object = None) -> None:
                 # call): a waiter popped but not yet given the slot would be lost.
                 _held[key] = line[0]
                 del line[0]
-                _cond.notify_all()
+                _wake_sleepers()
             else:
                 del _held[key]
 
@@ -256,11 +279,33 @@ def wake(blocking: bool = True) -> None:
     """Wake every waiter, so that a cancelled one notices. Not ``blocking``: only if the
     mutex is free this moment (the caller may be a thread inside it); a waiter left
     asleep still gives up once its turn comes."""
-    if _mu.acquire(blocking):
+    if blocking:
+        # ``with``: an interrupt can land as a call returns (``_mu.acquire()``'s too,
+        # before a ``try`` begins), which would leave the mutex taken for good.
+        with _mu:
+            _wake_sleepers()
+    elif _mu.acquire(False):  # (the one window left: a coroutine closed, rarely)
         try:
-            _cond.notify_all()
+            _wake_sleepers()
         finally:
             _mu.release()
+
+
+def _forget(sleeper: _thread.LockType | None) -> None:
+    """Take ``sleeper`` off `_sleepers` if it is there (under ``_mu``)."""
+    if sleeper is not None:
+        with contextlib.suppress(ValueError):
+            _sleepers.remove(sleeper)
+
+
+def _wake_sleepers() -> None:
+    """Wake every acquirer asleep in `_wait_turn` (under ``_mu``)."""
+    # Each taken off the list only once it is woken: an interrupt that cuts this
+    # short leaves the rest listed, for the caller's cleanup to wake (`free_surely`).
+    while _sleepers:
+        with contextlib.suppress(RuntimeError):  # woken already (an interrupt after it)
+            _sleepers[-1].release()
+        _sleepers.pop()
 
 
 def waiters() -> int:
@@ -271,13 +316,13 @@ def waiters() -> int:
 def _after_fork_in_child() -> None:
     # A forked child does not hold its parent's sessions: forget them, and close the
     # inherited descriptors (closing never unlocks: the parent's copy keeps the lock).
-    global _mu, _cond, _waiters
+    global _mu, _waiters
     for lock, _ in _held.values():
         lock._forget_in_child()
     _held.clear()
     _lines.clear()
     _mu = threading.Lock()
-    _cond = threading.Condition(_mu)
+    _sleepers.clear()
     _waiters = 0
 
 
