@@ -391,7 +391,7 @@ def _conclude(
     if record is None:
         return HolderStatus(session, sidecar, state, reason=corrupt or "no record")
     return _status(session, sidecar, state, record, stuck_after=stuck_after, now=now,
-                   reread=lambda: _record_at(sidecar))
+                   reread=lambda: _sidecar_holder.read_quietly(sidecar))
 
 
 def _no_sidecar(session: str) -> str:
@@ -479,18 +479,6 @@ def _fence_ok(
 
 _FENCE_LOOKS = 3
 """How many times `_fence_ok` reads a record that keeps changing before it gives up."""
-
-
-def _record_at(sidecar: str) -> HolderInfo | None:
-    """The sidecar's record read again (None when it cannot be read: not known)."""
-    try:
-        fd, st = _sidecar.open_checked(sidecar, create=False)
-    except FenceLockError:
-        return None
-    try:
-        return _read(fd, sidecar, st.st_size)[0]
-    finally:
-        _sidecar.close(fd)
 
 
 def _fence_matches(session: str, record: HolderInfo) -> bool | None:
