@@ -775,17 +775,16 @@ class SessionLock:
                 cancel.set()  # from here the attempt gives back a lock that arrives
                 delivered = future.result() if future.done() and \
                     future.exception() is None else None
+                _registry.wake()  # (takes no mutex: this may be a thread inside it)
                 if isinstance(stop, GeneratorExit):
                     # Closed, not cancelled (``coro.close()``, or a dropped task's
                     # coroutine finalized by the garbage collector, in any thread, perhaps
-                    # one inside the registry's mutex): nothing can be awaited, nor the
-                    # mutex waited for. A lock delivered meanwhile is given back in a
-                    # thread; a later one the attempt gives back itself.
-                    _registry.wake(blocking=False)
+                    # one inside the registry's mutex): nothing can be awaited. A lock
+                    # delivered meanwhile is given back in a thread; a later one the
+                    # attempt gives back itself.
                     if delivered is not None:
                         self._give_back_closed(delivered.run_id)
                     raise
-                _registry.wake()
                 if future.done():
                     if delivered is not None:
                         # Cancelled as it was delivered: given back before the task ends.

@@ -38,7 +38,6 @@ step an interrupt (Ctrl-C's KeyboardInterrupt, a signal handler's exception) can
 short, leaving the waiter's ``with _mu`` to release a mutex another thread holds: the
 registry then wedged every acquire and release of the process. Here the mutex is only
 ever taken by ``with`` blocks, and the sleep is outside them."""
-_waiters = 0
 
 
 def cancelled() -> BaseException:
@@ -191,19 +190,15 @@ def _wait_turn(
 ) -> SessionLock | None:
     """Give ``key``'s slot to ``entry`` (None), waiting in line for it unless ``fail``;
     the slot's owner when it could not be had (``fail``, or past ``deadline``)."""
-    global _waiters
-    line: list[tuple[SessionLock, object]] | None = None
+    queued = False
     sleeper: _thread.LockType | None = None
 
     def leave() -> None:  # safe to run again (`_cleanup.to_the_end`)
-        global _waiters
-        nonlocal line
+        # What to undo is looked up, not remembered: an interrupt can land between a
+        # step and the note that it was taken.
         with _mu:
             _forget(sleeper)
-            if line is not None:
-                _waiters -= 1
-                _leave_line(key, line, entry)
-                line = None
+            _leave_line(key, entry)
 
     try:
         while True:
@@ -218,10 +213,9 @@ def _wait_turn(
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if fail or (remaining is not None and remaining <= 0):
                     return slot[0]
-                if line is None:  # in line from the first wait on
-                    line = _lines.setdefault(key, [])
-                    line.append(entry)
-                    _waiters += 1
+                if not queued:  # in line from the first wait on
+                    _lines.setdefault(key, []).append(entry)
+                    queued = True
                 sleeper = _thread.allocate_lock()
                 sleeper.acquire()
                 _sleepers.append(sleeper)
@@ -231,13 +225,16 @@ def _wait_turn(
         _cleanup.to_the_end(leave)
 
 
-def _leave_line(key: str, line: list[tuple[SessionLock, object]],
-                entry: tuple[SessionLock, object]) -> None:
+def _leave_line(key: str, entry: tuple[SessionLock, object]) -> None:
+    """Take ``entry`` out of ``key``'s line, if it is in it (under ``_mu``)."""
+    line = _lines.get(key)
+    if line is None:
+        return
     for i, queued in enumerate(line):
         if queued is entry:
             del line[i]
             break
-    if not line and _lines.get(key) is line:
+    if not line:
         del _lines[key]
 
 
@@ -275,20 +272,14 @@ def free_surely(key: str, lock: SessionLock, attempt: object = None) -> None:
     wake()
 
 
-def wake(blocking: bool = True) -> None:
-    """Wake every waiter, so that a cancelled one notices. Not ``blocking``: only if the
-    mutex is free this moment (the caller may be a thread inside it); a waiter left
-    asleep still gives up once its turn comes."""
-    if blocking:
-        # ``with``: an interrupt can land as a call returns (``_mu.acquire()``'s too,
-        # before a ``try`` begins), which would leave the mutex taken for good.
-        with _mu:
-            _wake_sleepers()
-    elif _mu.acquire(False):  # (the one window left: a coroutine closed, rarely)
-        try:
-            _wake_sleepers()
-        finally:
-            _mu.release()
+def wake() -> None:
+    """Wake every waiter, so that a cancelled one notices. Without the mutex: the caller
+    may be a thread inside it (a coroutine closed by the garbage collector), and an
+    interrupt cannot leave taken what is not taken. A sleeper woken twice, or before it
+    sleeps, only looks again; each waiter takes its own off the list."""
+    for sleeper in list(_sleepers):
+        with contextlib.suppress(RuntimeError):  # woken already
+            sleeper.release()
 
 
 def _forget(sleeper: _thread.LockType | None) -> None:
@@ -310,20 +301,20 @@ def _wake_sleepers() -> None:
 
 def waiters() -> int:
     """How many acquirers of this process wait for a slot."""
-    return _waiters
+    with _mu:
+        return sum(len(line) for line in _lines.values())
 
 
 def _after_fork_in_child() -> None:
     # A forked child does not hold its parent's sessions: forget them, and close the
     # inherited descriptors (closing never unlocks: the parent's copy keeps the lock).
-    global _mu, _waiters
+    global _mu
     for lock, _ in _held.values():
         lock._forget_in_child()
     _held.clear()
     _lines.clear()
     _mu = threading.Lock()
     _sleepers.clear()
-    _waiters = 0
 
 
 if hasattr(os, "register_at_fork"):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
 import ast
+import dis
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -339,8 +343,6 @@ def test_an_interrupt_as_clear_is_handed_the_slot_leaves_the_session_free_here(
     """`clear` waits out a release of this process and is handed the slot; an interrupt
     (a signal handler's exception) landing right then leaves the slot free, not taken
     for good by a clear that never ran (every later acquire here waited on it)."""
-    import sys
-
     ending = _PausedRelease(session, monkeypatch, grace=60.0)
     ending.resume_once_queued()
     code = _registry._wait_turn.__code__
@@ -360,3 +362,164 @@ def test_an_interrupt_as_clear_is_handed_the_slot_leaves_the_session_free_here(
     assert _registry.held_in_process(_registry.registry_key(str(session))) is None
     with SessionLock(session, "after", on_contention="fail"):
         pass
+
+
+def _signal_points(code: Any) -> frozenset[int]:
+    """The offsets of ``code`` at which CPython runs a signal handler (whose exception,
+    Ctrl-C's KeyboardInterrupt, then surfaces there): a function's start, right after a
+    call returns, a loop's backward jump. Not between any two instructions: a ``with``
+    block's end, for one, cannot be cut from the call to its ``__exit__``."""
+    points = {0}
+    after_call = False
+    for instruction in dis.get_instructions(code):
+        if after_call or instruction.opname.startswith("JUMP_BACKWARD"):
+            points.add(instruction.offset)
+        after_call = instruction.opname in ("CALL", "CALL_FUNCTION_EX")
+    return frozenset(points)
+
+
+def _interrupted_at(number: int, call: Callable[[], object]) -> tuple[bool, BaseException | None]:
+    """Run ``call`` with an interrupt (KeyboardInterrupt) raised at the ``number``-th
+    point where a signal handler could run (`_signal_points`) in the registry's code or
+    `threading`'s (which the registry must not depend on), by this thread: whether it
+    fired (``number`` is past the last point when not), and what ``call`` raised."""
+    files = (_registry.__file__, threading.__file__)
+    seen = [0]
+    fired: list[bool] = []
+    points: dict[Any, frozenset[int]] = {}
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        code = frame.f_code
+        if code.co_filename not in files:
+            return None
+        frame.f_trace_opcodes = True
+        if event == "opcode" and not fired:
+            if code not in points:
+                points[code] = _signal_points(code)
+            if frame.f_lasti in points[code]:
+                if seen[0] == number:
+                    fired.append(True)
+                    raise KeyboardInterrupt
+                seen[0] += 1
+        return tracer
+
+    outcome: BaseException | None = None
+    sys.settrace(tracer)
+    try:
+        call()
+    except BaseException as error:
+        outcome = error
+    finally:
+        sys.settrace(None)
+    assert outcome is None or (fired and type(outcome) is KeyboardInterrupt), (number, outcome)
+    return bool(fired), outcome
+
+
+def _assert_registry_at_rest(session: Path) -> None:
+    """Nothing of the registry left taken: its mutex, a slot, a line, a sleeper; and a
+    new acquire of ``session`` in this process is not kept waiting."""
+    assert not _registry._mu.locked()
+    with SessionLock(session, "after", on_contention="fail"):
+        pass
+    key = _registry.registry_key(str(session))
+    assert key not in _registry._held and key not in _registry._lines
+    assert _registry._sleepers == [] and _registry.waiters() == 0
+
+
+@pytest.mark.timeout(300)
+def test_an_interrupt_at_any_point_of_an_in_process_wait_wedges_nothing(
+    session: Path,
+) -> None:
+    """An acquire waits for a holder of this process; an interrupt (a signal handler's
+    exception) lands at one point of the registry's code, each in turn. The interrupt
+    comes out as itself, the holder's release and every later acquire go on: the
+    registry's mutex, taken back by a wait the interrupt cut short, once released a
+    mutex another thread held (every acquire and release of the process then hung), or
+    raised RuntimeError ('release unlocked lock') in place of the interrupt."""
+    number = 0
+    while True:
+        holder = SessionLock(session, "holder")
+        holder.acquire()
+        waiter = SessionLock(session, "waiter", timeout=60)
+        waited = threading.Event()
+
+        def release_once_waited(holder: SessionLock = holder, key: str = holder._key,
+                                waited: threading.Event = waited) -> None:
+            _until(lambda: bool(_registry._lines.get(key)) or waited.is_set())
+            holder.release()
+
+        releaser = threading.Thread(target=release_once_waited, daemon=True)
+        releaser.start()
+        try:
+            fired, _ = _interrupted_at(number, waiter.acquire)
+        finally:
+            waited.set()
+        releaser.join(30)
+        assert not releaser.is_alive(), f"the holder's release hung (point {number})"
+        if waiter.held:
+            waiter.release()
+        _assert_registry_at_rest(session)
+        if not fired:
+            break
+        number += 1
+    assert number > 20  # the wait ran the registry's code
+
+
+@pytest.mark.timeout(300)
+def test_an_interrupt_at_any_point_of_a_release_with_waiters_wedges_nothing(
+    session: Path,
+) -> None:
+    """A holder releases with two acquirers of this process in line; an interrupt lands
+    at one point of the registry's code, each in turn. Each waiter still gets the
+    session in turn, and the registry is left at rest."""
+    number = 0
+    while True:
+        holder = SessionLock(session, "holder")
+        holder.acquire()
+        got: list[str] = []
+
+        def take(name: str, got: list[str] = got) -> None:
+            with SessionLock(session, name, timeout=60):
+                got.append(name)
+
+        waiters = []
+        for name in ("first", "second"):
+            waiters.append(threading.Thread(target=take, args=(name,), daemon=True))
+            waiters[-1].start()
+            count = len(waiters)
+            _until(lambda count=count: _registry.waiters() == count)
+        fired, _ = _interrupted_at(number, holder.release)
+        assert not holder.held
+        for waiter in waiters:
+            waiter.join(30)
+            assert not waiter.is_alive(), f"a waiter waited for good (point {number})"
+        assert got == ["first", "second"], (number, got)
+        _assert_registry_at_rest(session)
+        if not fired:
+            break
+        number += 1
+    assert number > 10  # the release ran the registry's code
+
+
+def test_an_interrupt_at_any_point_of_a_wake_up_leaves_the_registry_s_mutex_free() -> None:
+    """A cancelled acquire wakes every waiter of the process (`_registry.wake`); an
+    interrupt landing at any point of it leaves the registry's mutex free (taken by a
+    bare ``acquire()`` before a ``try``, it stayed taken for good after an interrupt
+    there), and a wake-up that ran whole woke every sleeper."""
+    number = 0
+    while True:
+        asleep = [_thread.allocate_lock() for _ in range(2)]
+        for sleeper in asleep:
+            sleeper.acquire()
+        with _registry._mu:  # two waiters asleep
+            _registry._sleepers.extend(asleep)
+        fired, _ = _interrupted_at(number, _registry.wake)
+        assert not _registry._mu.locked(), number
+        with _registry._mu:  # each waiter takes its own sleeper off, once awake
+            for sleeper in asleep:
+                _registry._forget(sleeper)
+        if not fired:
+            assert not any(sleeper.locked() for sleeper in asleep)
+            break
+        number += 1
+    assert number >= 6  # the wake-up ran the registry's code
