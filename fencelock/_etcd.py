@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 
 _REQUEST_TIMEOUT = 2.0
 """The longest one request to etcd may take (less when the caller's deadline is near)."""
+_QUICK_FAILURE = 0.1
+"""An endpoint that failed faster than this (refused the connection) took none of the
+caller's time: the next is asked even past the caller's deadline."""
 _MIN_REQUEST_TIMEOUT = 0.5
 """A request is always given this long, even past the caller's deadline: cut shorter, a
 slow answer on a busy machine would read as an unreachable store (and leave unknown
@@ -659,16 +662,23 @@ class _Cluster:
         reasons: dict[int, str] = {}  # each endpoint's, for the error
         n = len(clients)
         first, tried = self._preferred, 0
+        asked_at = 0.0  # when the last endpoint was asked
         for i in range(n):
-            if i and deadline is not None and time.monotonic() >= deadline:
-                break  # the caller's time is up: the next endpoint would outlast it
             index = (first + i) % n
-            tried = i + 1
             client = clients[index]
             timeout = _REQUEST_TIMEOUT
             if deadline is not None:
-                timeout = max(_MIN_REQUEST_TIMEOUT, min(timeout, deadline - time.monotonic()))
+                now = time.monotonic()
+                left = deadline - now
+                if i and left <= 0 and now - asked_at >= _QUICK_FAILURE:
+                    break  # the caller's time is up, spent on endpoints that did not answer
+                # The time left is shared among the endpoints not yet asked: one that
+                # hangs must not take it all from the next, which may serve. (One that
+                # refused took none: the next is asked past the deadline too.)
+                timeout = max(_MIN_REQUEST_TIMEOUT, min(timeout, left / (n - i)))
             client.timeout = timeout
+            tried = i + 1
+            asked_at = time.monotonic()
             try:
                 result: dict[str, Any] = client.post(client.get_url(path), json=payload)
             except (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError) as e:

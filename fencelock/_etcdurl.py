@@ -132,6 +132,9 @@ def parse(url: str) -> EtcdURL | None:
             f"backend {url!r}: the prefix {prefix!r} is not UTF-8 once its %XX escapes are "
             f"decoded; escape each byte of a UTF-8 character"
         ) from None
+    if "\0" in decoded:
+        # A key may hold one, but the lease keeper is given the prefix as an argument.
+        raise ValueError(f"backend {url!r}: the prefix holds a NUL byte (%00); leave it out")
     if not decoded and prefix.strip("/"):
         raise ValueError(
             f"backend {url!r}: the prefix {prefix!r} is only slashes once decoded; name "
@@ -185,4 +188,7 @@ def _query(url: str, query: str) -> dict[str, str]:
             raise ValueError(
                 f"backend {url!r}: {name}= is not UTF-8 once its %XX escapes are decoded"
             ) from None
+        if "\0" in params[name]:
+            raise ValueError(f"backend {url!r}: {name}= holds a NUL byte (%00), which no "
+                             f"{'number' if name == 'ttl' else 'path'} holds; leave it out")
     return params

@@ -555,6 +555,11 @@ def append(
             # Someone wrote between the fence check and the fsync: the session is no
             # longer only this run's. Our line is in it, unless that writer cut it.
             raise SessionTakeoverError(session, expected, after, stored=_landed(fd, line))
+        named = _named_now(session, after, mode)
+        if named is not after:
+            # Renamed over or removed since the open: the line went into a file that is
+            # no longer the session.
+            raise SessionTakeoverError(session, expected, named, stored=False)
         if created:
             try:
                 _fsync_dir(os.path.dirname(session))
@@ -580,6 +585,24 @@ def append(
         raise
     finally:
         os.close(fd)
+
+
+def _named_now(session: str, written: Fingerprint, mode: FenceMode) -> Fingerprint | None:
+    """``written`` (the file an append just wrote) if ``session`` still names it; else
+    what the path holds now (None: nothing). One ``lstat``. The content fence, for file
+    systems whose inode numbers flap, asks only that the file be no shorter: a copy taken
+    before the write, renamed over it, is. (A foreign append after the write is no
+    replacement: the next fence check reports it.)"""
+    try:
+        st = os.lstat(session)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return written  # not known to be replaced: the next fence check looks again
+    if (st.st_size >= written.size) if mode is CONTENT else \
+            (st.st_ino == written.ino and st.st_dev == written.dev):
+        return written
+    return _fingerprint.from_stat(st)
 
 
 def _open_empty(session: str, flags: int) -> tuple[int, os.stat_result]:

@@ -482,6 +482,7 @@ class SessionLock:
 
     def _enter(self, me: object, wait: float | None) -> None:
         if self._count and self._owner == me and self._pid == _identity.ME.pid:
+            self._store.check()  # a holder known lost (an etcd lease) is not taken again
             self._count += 1
         else:
             self._acquire(me, None if wait is None else time.monotonic() + wait, None)

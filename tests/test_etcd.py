@@ -75,7 +75,11 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
                       ("etcd://h:1/a%FEb", "not UTF-8"), ("etcd://h:1/%2F", "only slashes"),
                       ("etcd://h:1//%2f/", "only slashes"),
                       ("etcd://h:1/p?ttl=3&ttl=4", "ttl= is given twice"),
-                      ("etcd://h:1/p?root=/a%FF", "root= is not UTF-8")]:
+                      ("etcd://h:1/p?root=/a%FF", "root= is not UTF-8"),
+                      # (once a traceback from the path's use, or the keeper's start)
+                      ("etcd://h:1/p?root=/a%00b", "root= holds a NUL byte"),
+                      ("etcd://h:1/p%00q", "prefix holds a NUL byte"),
+                      ("etcds://h:1/p?ca=/c%00.pem", "ca= holds a NUL byte")]:
         with pytest.raises(ValueError, match=word):
             parse(bad)
     # A '+' in root= is a '+' (a path's), not a form's space; the URL's text keeps it.
@@ -1713,13 +1717,17 @@ def test_watches_cut_short_never_spoil_the_requests_that_follow(
             assert probe(session, backend=url).state == ProbeState.LIVE
 
 
+@pytest.mark.parametrize("timeout", [None, 0])
 def test_second_endpoint_is_used_when_the_first_is_down(
-    session: Path, etcd_server: EtcdServer, own_etcd: EtcdServer
+    session: Path, etcd_server: EtcdServer, own_etcd: EtcdServer, timeout: float | None
 ) -> None:
+    """Also for an acquire that does not wait (``timeout=0``): a first endpoint that
+    refuses takes none of its time (it failed as etcd unreachable, the caller's time
+    being up, though the next member served)."""
     dead = own_etcd.client_port
     own_etcd.stop()
     url = f"etcd://127.0.0.1:{dead},{etcd_server.endpoint}/t-{uuid.uuid4().hex[:8]}"
-    with SessionLock(session, backend=url) as lock:
+    with SessionLock(session, backend=url, timeout=timeout) as lock:
         assert probe(session, backend=url).state == ProbeState.LIVE
         assert lock.held
 
@@ -2953,6 +2961,28 @@ def test_killing_run_keeps_an_etcd_session_held_while_its_command_runs(
         assert after.info.previous.lane == "kept"
 
 
+def test_a_run_that_lost_its_holder_is_not_taken_again_by_its_owner(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """The run's key deleted (as a lease that expired in a pause takes it): the append
+    raises `HolderLostError`. The same owner's next acquire of the object counted one
+    more and returned the old record, as if the run still held the session."""
+    lock = SessionLock(session, "lost", backend=url)
+    lock.acquire()
+    record = probe(session, backend=url).record
+    assert record is not None
+    key = f"{_lock_name(url, session)}/{record.extra['lease']}"
+    subprocess.run(_etcdctl(etcd_server, "del", key), check=True, capture_output=True)
+    with pytest.raises(HolderLostError):
+        lock.append({"role": "assistant"})
+    with pytest.raises(HolderLostError):
+        lock.acquire()
+    lock.release()
+    assert not lock.held
+    with SessionLock(session, "next", backend=url, timeout=30) as again:
+        assert again.held
+
+
 PID_THEN_WAIT = "import os, sys; print(os.getpid(), flush=True); sys.stdin.readline()"
 
 
@@ -3515,6 +3545,24 @@ def test_an_endpoint_that_did_not_answer_is_not_asked_first_again(
         thread.join(30)
         for conn in held:
             conn.close()
+        hung.close()
+
+
+def test_an_endpoint_that_does_not_answer_leaves_time_for_the_next(
+    session: Path, etcd_server: EtcdServer
+) -> None:
+    """A member that accepts and never answers, listed first, and a waiter with a 1.2 s
+    timeout: the first was given all of it, and the acquire failed as etcd unreachable
+    though the next member would have served at once. The time is shared."""
+    import socket
+
+    hung = socket.create_server(("127.0.0.1", 0))  # accepted by the kernel, unanswered
+    try:
+        url = (f"etcd://127.0.0.1:{hung.getsockname()[1]},{etcd_server.endpoint}/"
+               f"share-{uuid.uuid4().hex[:8]}")
+        with SessionLock(session, "next", timeout=1.2, backend=url) as lock:
+            assert lock.held
+    finally:
         hung.close()
 
 

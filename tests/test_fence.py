@@ -2356,3 +2356,47 @@ def test_verify_still_finds_a_torn_line_under_a_live_holder(
     holder.acquire()
     report = verify(session)
     assert [p.kind for p in report.problems] == ["torn"], report
+
+
+@pytest.mark.parametrize("fence", ["stat", "content"])
+@pytest.mark.parametrize("how", ["a copy renamed over it", "removed"])
+@pytest.mark.parametrize("when", ["before our write", "after our write"])
+def test_a_session_replaced_during_the_append_is_a_takeover_with_the_line_not_stored(
+    session: Path, monkeypatch: pytest.MonkeyPatch, fence: str, how: str, when: str
+) -> None:
+    """A program outside the protocol renames a copy over the session (a compaction, a
+    ``sed -i``), or removes it, after the append opened the session file: the line went
+    into a file that is no longer the session. The append reported it stored, and a run
+    whose last step it was ended as if all was well, its reply gone."""
+    real_fsync, real_write = _fence._fsync, _fence._write
+    copy = session.with_name("copy.jsonl")
+
+    def replace() -> None:
+        if how == "removed":
+            session.unlink()
+        else:
+            copy.replace(session)
+
+    def write_after(fd: int, data: memoryview) -> int:
+        replace()
+        return real_write(fd, data)
+
+    def fsync_after(fd: int) -> None:
+        real_fsync(fd)
+        replace()
+
+    with SessionLock(session, fence=fence) as lock:
+        lock.append({"n": 1})
+        shutil.copyfile(session, copy)
+        if when == "before our write":
+            monkeypatch.setattr(_fence, "_write", write_after)
+        else:
+            monkeypatch.setattr(_fence, "_fsync", fsync_after)
+        with pytest.raises(SessionTakeoverError) as caught:
+            lock.append({"n": 2})
+        monkeypatch.undo()
+        assert caught.value.stored is False
+    if how == "removed":
+        assert not session.exists()
+    else:
+        assert session.read_bytes() == b'{"n":1}\n'
