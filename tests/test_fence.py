@@ -1004,11 +1004,30 @@ def test_holders_own_append_inside_the_prompt_window_is_no_takeover(session: Pat
     assert [e["role"] for e in lines(session)] == ["user", "tool", "assistant"]
 
 
+def _during_the_next_append(monkeypatch: pytest.MonkeyPatch, before_the_write: bool,
+                            intrude: Callable[[], object]) -> None:
+    """Run ``intrude`` (a program outside the protocol) inside the next append: between
+    its fence check and its write, or between its write and its fsync."""
+    real_fsync, real_write = _fence._fsync, _fence._write
+
+    def write_after(fd: int, data: memoryview) -> int:
+        intrude()
+        return real_write(fd, data)
+
+    def fsync_after(fd: int) -> None:
+        intrude()
+        real_fsync(fd)
+
+    if before_the_write:
+        monkeypatch.setattr(_fence, "_write", write_after)
+    else:
+        monkeypatch.setattr(_fence, "_fsync", fsync_after)
+
+
 @pytest.mark.parametrize("when", ["before our write", "after our write", "cutting ours"])
 def test_a_foreign_write_during_the_append_is_not_absorbed(
     session: Path, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
-    real_fsync, real_write = os.fsync, _fence._write
     intruder = b'{"intruder": 1}\n'
 
     def intrude() -> None:
@@ -1017,20 +1036,9 @@ def test_a_foreign_write_during_the_append_is_not_absorbed(
                 f.truncate(len(b'{"n":1}\n'))
             f.write(intruder)
 
-    def write_after_intruder(fd: int, data: memoryview) -> int:
-        intrude()  # lands between the fence check and our write
-        return real_write(fd, data)
-
-    def fsync_after_intruder(fd: int) -> None:
-        intrude()  # lands between our write and our fingerprint
-        real_fsync(fd)
-
     with SessionLock(session) as lock:
         lock.append({"n": 1})
-        if when == "before our write":
-            monkeypatch.setattr(_fence, "_write", write_after_intruder)
-        else:
-            monkeypatch.setattr(_fence, "_fsync", fsync_after_intruder)
+        _during_the_next_append(monkeypatch, when == "before our write", intrude)
         with pytest.raises(SessionTakeoverError) as caught:
             lock.append({"n": 2})
         monkeypatch.undo()
@@ -2368,7 +2376,6 @@ def test_a_session_replaced_during_the_append_is_a_takeover_with_the_line_not_st
     ``sed -i``), or removes it, after the append opened the session file: the line went
     into a file that is no longer the session. The append reported it stored, and a run
     whose last step it was ended as if all was well, its reply gone."""
-    real_fsync, real_write = _fence._fsync, _fence._write
     copy = session.with_name("copy.jsonl")
 
     def replace() -> None:
@@ -2377,21 +2384,10 @@ def test_a_session_replaced_during_the_append_is_a_takeover_with_the_line_not_st
         else:
             copy.replace(session)
 
-    def write_after(fd: int, data: memoryview) -> int:
-        replace()
-        return real_write(fd, data)
-
-    def fsync_after(fd: int) -> None:
-        real_fsync(fd)
-        replace()
-
     with SessionLock(session, fence=fence) as lock:
         lock.append({"n": 1})
         shutil.copyfile(session, copy)
-        if when == "before our write":
-            monkeypatch.setattr(_fence, "_write", write_after)
-        else:
-            monkeypatch.setattr(_fence, "_fsync", fsync_after)
+        _during_the_next_append(monkeypatch, when == "before our write", replace)
         with pytest.raises(SessionTakeoverError) as caught:
             lock.append({"n": 2})
         monkeypatch.undo()
