@@ -670,12 +670,14 @@ class _Cluster:
             if deadline is not None:
                 now = time.monotonic()
                 left = deadline - now
+                # The caller's time is up, spent on an endpoint that did not answer in
+                # time: the next would outlast it. (One that refused the connection
+                # took none of it: the next is asked past the deadline too.) Not shared
+                # out among the endpoints ahead: a loaded cluster answers every member's
+                # requests slowly, and each request must get the time it needs.
                 if i and left <= 0 and now - asked_at >= _QUICK_FAILURE:
-                    break  # the caller's time is up, spent on endpoints that did not answer
-                # The time left is shared among the endpoints not yet asked: one that
-                # hangs must not take it all from the next, which may serve. (One that
-                # refused took none: the next is asked past the deadline too.)
-                timeout = max(_MIN_REQUEST_TIMEOUT, min(timeout, left / (n - i)))
+                    break
+                timeout = max(_MIN_REQUEST_TIMEOUT, min(timeout, left))
             client.timeout = timeout
             tried = i + 1
             asked_at = time.monotonic()

@@ -558,8 +558,10 @@ def append(
         named = _named_now(session, after, mode)
         if named is not after:
             # Renamed over or removed since the open: the line went into a file that is
-            # no longer the session.
-            raise SessionTakeoverError(session, expected, named, stored=False)
+            # no longer the session, unless the file put in its place is a copy of it
+            # made after the write (a `sed -i` running then).
+            raise SessionTakeoverError(session, expected, named,
+                                       stored=_in_file_at(session, line, size))
         if created:
             try:
                 _fsync_dir(os.path.dirname(session))
@@ -603,6 +605,20 @@ def _named_now(session: str, written: Fingerprint, mode: FenceMode) -> Fingerpri
             (st.st_ino == written.ino and st.st_dev == written.dev):
         return written
     return _fingerprint.from_stat(st)
+
+
+def _in_file_at(path: str, line: bytes, at: int) -> bool:
+    """Whether the regular file at ``path`` holds ``line`` from offset ``at``."""
+    try:
+        fd, _ = _sidecar.open_regular(path, os.O_RDONLY)
+    except (OSError, FenceLockError):
+        return False
+    try:
+        return _holds(fd, line, at)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _open_empty(session: str, flags: int) -> tuple[int, os.stat_result]:

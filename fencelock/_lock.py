@@ -482,10 +482,15 @@ class SessionLock:
 
     def _enter(self, me: object, wait: float | None) -> None:
         if self._count and self._owner == me and self._pid == _identity.ME.pid:
-            self._store.check()  # a holder known lost (an etcd lease) is not taken again
-            self._count += 1
+            self._again()
         else:
             self._acquire(me, None if wait is None else time.monotonic() + wait, None)
+
+    def _again(self) -> None:
+        """One more acquire by the run's owner (reentrant): `HolderLostError` instead
+        when the run is known to have lost its holder (an etcd lease)."""
+        self._store.check()
+        self._count += 1
 
     def _walk_again(self) -> None:
         """This object was made while the session's directory had a missing component:
@@ -752,7 +757,7 @@ class SessionLock:
         # that runs it.
         me = _whoami() if isinstance(caller, _ThreadOwner) else caller
         if self.held and self._owner == me:
-            self._count += 1
+            self._again()
             info = self.info
         elif self._store.tries_in_place and self._taken_if_free(me):
             info = self._info or self._completed_info(self._info_shell())

@@ -2396,3 +2396,26 @@ def test_a_session_replaced_during_the_append_is_a_takeover_with_the_line_not_st
         assert not session.exists()
     else:
         assert session.read_bytes() == b'{"n":1}\n'
+
+
+def test_a_copy_made_after_the_write_and_renamed_over_the_session_holds_the_line(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``sed -i`` that copies the session after the append's write and renames the
+    copy over it: a takeover all the same, but the line is in the session the path now
+    names, and the error must say so (it said not stored, and a caller that kept the
+    line to send again would have sent it twice)."""
+    copy = session.with_name("copy.jsonl")
+
+    def copy_over() -> None:
+        shutil.copyfile(session, copy)
+        copy.replace(session)
+
+    with SessionLock(session) as lock:
+        lock.append({"n": 1})
+        _during_the_next_append(monkeypatch, False, copy_over)
+        with pytest.raises(SessionTakeoverError) as caught:
+            lock.append({"n": 2})
+        monkeypatch.undo()
+    assert session.read_bytes() == b'{"n":1}\n{"n":2}\n'
+    assert caught.value.stored is True
