@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import stat
@@ -38,9 +39,20 @@ WHY = (
 MAX_CONFIG = 16 * 1024 * 1024
 """The largest config file read."""
 _JSON5_POS = re.compile(r"^<string>:(\d+) (.*) at column (\d+)$", re.DOTALL)
-_DURATION = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)?", re.IGNORECASE)
-"""A heartbeat interval as the gateway reads one (after trimming): a number and an
-optional unit. Linear to match: nothing in it can match the same text two ways."""
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)?")
+"""A heartbeat interval as the gateway reads one (trimmed, lowercased: its
+``parseDurationMs``): ASCII digits, an optional fraction, an optional unit (minutes by
+default). Linear to match: nothing in it can match the same text two ways."""
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_JS_SPACE = ("\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
+             "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff")
+"""What JavaScript's ``String.prototype.trim`` removes (its white space and line
+terminators: the BOM among them, but not every character Python's ``strip`` does)."""
+_AGENT_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}", re.IGNORECASE | re.ASCII)
+_NOT_IN_ID = re.compile(r"[^a-z0-9_-]+", re.ASCII)
+MAX_JSON5 = 1024 * 1024
+"""The largest config read as JSON5 when plain JSON fails: the JSON5 parser, pure
+Python, takes some 20 seconds a MiB (a bigger config must be plain JSON)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +81,7 @@ class ConfigWarning:
         if self.isolated is None:
             what = "heartbeat.isolatedSession is not set"
         else:
-            what = f"heartbeat.isolatedSession is {json.dumps(self.isolated)}, not true"
+            what = f"heartbeat.isolatedSession is {_shown(self.isolated)}, not true"
         if self.inherited:
             what += " (inherited from agents.defaults.heartbeat)"
         return what
@@ -133,6 +145,16 @@ _SYNTAX_FIX = "mend the file there (the gateway cannot read it either)"
 _NUMBER_FIX = "no gateway setting takes one: mend the file"
 
 
+def _shown(value: object) -> str:
+    """A setting's value for a message: a scalar as JSON (a long string cut short), an
+    array or object by its kind (one may be huge, or nested past what can be encoded)."""
+    if isinstance(value, (dict, list)):
+        return _kind(value)
+    if isinstance(value, str) and len(value) > 40:
+        return json.dumps(value[:40])[:-1] + '..."'
+    return json.dumps(value)
+
+
 def _int(text: str, base: int = 10) -> int:
     # Python refuses to convert integers of over 4300 digits; no setting needs 100.
     # (json5 passes base=16 for a hexadecimal number such as 0x10.)
@@ -167,6 +189,10 @@ def parse(text: str, path: str = "<config>") -> Any:
             raise ConfigError(path, f"JSON lines (one object a line), as in a session "
                                     f"file, not a gateway config; {_NOT_A_CONFIG_FIX}"
                               ) from None
+        if len(text) > MAX_JSON5:
+            raise ConfigError(
+                path, f"not valid JSON: {e.msg}; a config over {MAX_JSON5 >> 20} MiB is read "
+                f"as plain JSON only (not JSON5); {_SYNTAX_FIX}", e.lineno, e.colno) from None
         # Otherwise JSON5: its errors are the ones to report
     except RecursionError:
         raise ConfigError(path, f"nested too deeply; {_NOT_A_CONFIG_FIX}") from None
@@ -282,27 +308,51 @@ def _disabled(hb: dict[str, Any]) -> bool:
 
 
 def _interval(every: object) -> bool:
-    """Whether the gateway reads ``every`` as an interval it runs: a false value (false,
-    0, NaN, an empty string) is none, and so is what does not read as a duration
-    (``true``, ``"1h30m"``, ``"soon"``) or reads as one of 0 or less."""
+    """Whether the gateway runs ``every`` as an interval: JavaScript's ``String()`` of it,
+    trimmed and lowercased, read as a duration (`_DURATION`) that rounds to a whole
+    millisecond or more. A false value (false, 0, NaN, an empty string) is none, and so
+    is what does not read as one (``true``, ``"1h30m"``, ``"5 m"``, ``"+5"``, ``"5e1"``,
+    ``"-5"``, a number that JavaScript writes with an exponent: under 1e-6 or from 1e21),
+    and an array stands for its only element (``[5]`` is ``"5"``)."""
+    if isinstance(every, list):
+        return len(every) == 1 and _interval(every[0])
     if isinstance(every, bool) or not isinstance(every, (int, float, str)):
         return False
     if isinstance(every, str):
-        text = every.strip()
-        match = _DURATION.fullmatch(text)
-        if match is not None:
-            return float(match[1]) > 0
-        try:
-            every = float(text)  # a bare number in another spelling: "+5", "5e1"
-        except ValueError:
+        match = _DURATION.fullmatch(every.strip(_JS_SPACE).lower())
+        if match is None:
             return False
-    return every > 0  # NaN is not
+        value, unit = float(match[1]), match[2] or "m"
+    else:
+        try:
+            value, unit = float(every), "m"
+        except OverflowError:  # an integer past a double's range: Infinity in JavaScript
+            return False
+        if not 1e-6 <= value < 1e21:  # NaN, 0, negative, or written with an exponent
+            return False
+    ms = value * _UNIT_MS[unit] + 0.5
+    return math.isfinite(ms) and math.floor(ms) > 0  # (Math.round: half up)
 
 
-def _agents(agents: dict[str, Any], path: str) -> list[tuple[str, str, dict[str, Any]]]:
-    """(name, where, entry) for each agent in ``agents.list``, in file order."""
+def _agent_key(agent_id: str) -> str:
+    """The gateway's agent id for ``agent_id`` as written (its ``normalizeAgentId``):
+    trimmed and lowercased, other characters than letters, digits, ``_`` and ``-`` made
+    ``-``; ``main`` for none. Entries whose ids come to the same one are one agent."""
+    trimmed = agent_id.strip(_JS_SPACE)
+    if _AGENT_ID.fullmatch(trimmed):
+        return trimmed.lower()
+    return _NOT_IN_ID.sub("-", trimmed.lower()).strip("-")[:64] or "main"
+
+
+_Listed = tuple[str, str, str, dict[str, Any]]
+"""An agent entry: its gateway id (`_agent_key`), its id as written, where it is (its
+JSON path), and the entry."""
+
+
+def _agents(agents: dict[str, Any], path: str) -> list[_Listed]:
+    """Each agent in ``agents.list``, in file order (`_Listed`)."""
     listed = agents.get("list")
-    out: list[tuple[str, str, dict[str, Any]]] = []
+    out: list[_Listed] = []
     if listed is None:
         return out
     if isinstance(listed, list):
@@ -311,7 +361,10 @@ def _agents(agents: dict[str, Any], path: str) -> list[tuple[str, str, dict[str,
             if not isinstance(entry, dict):
                 raise ConfigError(path, f"{where} is {_kind(entry)}, expected an agent object")
             agent_id = entry.get("id")
-            out.append((agent_id if isinstance(agent_id, str) else where, where, entry))
+            if isinstance(agent_id, str):
+                out.append((_agent_key(agent_id), agent_id, where, entry))
+            else:  # an entry the gateway cannot match to an id: judged on its own
+                out.append((where, where, where, entry))
     elif isinstance(listed, dict):
         for agent_id, entry in listed.items():
             where = f"agents.list.{agent_id}"
@@ -319,29 +372,29 @@ def _agents(agents: dict[str, Any], path: str) -> list[tuple[str, str, dict[str,
                 entry = {}
             if not isinstance(entry, dict):
                 raise ConfigError(path, f"{where} is {_kind(entry)}, expected an agent object")
-            out.append((agent_id, where, entry))
+            out.append((_agent_key(agent_id), agent_id, where, entry))
     else:
         raise ConfigError(path, f"agents.list is {_kind(listed)}, expected an array or an object")
     return out
 
 
-def _default_agent(listed: list[tuple[str, str, dict[str, Any]]]) -> tuple[str, str]:
-    """(name, where) of the gateway's default agent: the one marked ``default: true``,
-    else the first listed, else the implicit ``main``."""
-    for name, where, entry in listed:
+def _default_agent(listed: list[_Listed]) -> str:
+    """The gateway id of its default agent: the one marked ``default: true``, else the
+    first listed, else the implicit ``main``."""
+    for key, _, _, entry in listed:
         if entry.get("default") is True:
-            return name, where
-    return listed[0][0], listed[0][1]
+            return key
+    return listed[0][0]
 
 
 def _settings(
-    listed: list[tuple[str, str, dict[str, Any]]], owns: list[dict[str, Any] | bool | None]
-) -> dict[str, tuple[str, dict[str, Any] | bool | None]]:
-    """For each agent id: (where, heartbeat) of the first entry with that id, the one the
-    gateway reads an agent's settings from."""
-    first: dict[str, tuple[str, dict[str, Any] | bool | None]] = {}
-    for (name, where, _), own in zip(listed, owns, strict=True):
-        first.setdefault(name, (where, own))
+    listed: list[_Listed], owns: list[dict[str, Any] | bool | None]
+) -> dict[str, tuple[str, str, dict[str, Any] | bool | None]]:
+    """For each gateway id: (name, where, heartbeat) of the first entry with that id, the
+    one the gateway reads an agent's settings from."""
+    first: dict[str, tuple[str, str, dict[str, Any] | bool | None]] = {}
+    for (key, name, where, _), own in zip(listed, owns, strict=True):
+        first.setdefault(key, (name, where, own))
     return first
 
 
@@ -380,31 +433,33 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
     listed = _agents(agents, path)
     if not listed:  # no agents.list (or an empty one): the implicit default agent runs
         why = "no agents.list" if agents.get("list") is None else "agents.list is empty"
-        listed = [("main", f"agents ({why}: the implicit default agent)", {})]
+        listed = [("main", "main", f"agents ({why}: the implicit default agent)", {})]
     owns = [_heartbeat(entry.get("heartbeat"), f"{where}.heartbeat", path)
-            for _, where, entry in listed]
+            for _, _, where, entry in listed]
     # Any entry with a block makes the explicit-only rule apply (a later entry of an id
     # listed twice too), but the gateway reads an agent's settings from the first entry
-    # with its id: an id listed twice is judged once, by that entry.
-    explicit = tuple(dict.fromkeys(
-        name for (name, _, _), own in zip(listed, owns, strict=True) if _is_block(own)))
+    # with its id: an id listed twice (or written two ways: `Ops`, ` ops`) is judged
+    # once, by that entry.
     first = _settings(listed, owns)
+    explicit = dict.fromkeys(
+        key for (key, _, _, _), own in zip(listed, owns, strict=True) if _is_block(own))
     if base is None and not explicit:
         # Nothing configured (an agent's `false` turns off that agent alone): the
         # gateway's built-in heartbeat runs for its default agent.
-        name, where = _default_agent(listed)
-        if first[name][1] is False:
+        name, where, own = first[_default_agent(listed)]
+        if own is False:
             return ConfigReport(())
         return ConfigReport((ConfigWarning(name, where, None, False, implicit=True),))
     warnings: list[ConfigWarning] = []
     notices: list[ConfigNotice] = []
     wheres: dict[str, list[str]] = {}  # every entry of each id (once: the list may be long)
-    for name, where, _ in listed:
-        wheres.setdefault(name, []).append(where)
-    for name, (where, own) in first.items():  # each id once, in file order
-        if explicit and name not in explicit:
+    for key, _, where, _ in listed:
+        wheres.setdefault(key, []).append(where)
+    named = tuple(first[key][0] for key in explicit)  # (each agent by its first entry's id)
+    for key, (name, where, own) in first.items():  # each id once, in file order
+        if explicit and key not in explicit:
             if own is None and _runs(base):
-                notices.append(ConfigNotice(name, where, explicit))
+                notices.append(ConfigNotice(name, where, named))
             continue  # the explicit-only rule: no block of its own, no heartbeat
         if own is False or (own is None and not explicit and base is False):
             continue  # switched off: nothing shares the file
@@ -420,7 +475,7 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
             continue
         own_sets = isinstance(own, dict) and "isolatedSession" in own
         inherited = not own_sets and isinstance(base, dict) and "isolatedSession" in base
-        ignored = tuple(w for w in wheres[name] if w != where)
+        ignored = tuple(w for w in wheres[key] if w != where)
         warnings.append(ConfigWarning(name, where, isolated, inherited, ignored=ignored))
     return ConfigReport(tuple(warnings), tuple(notices))
 

@@ -210,6 +210,25 @@ def test_agent_can_fix_an_unisolated_default() -> None:
         {"every": "0h0m"},
         {"every": "1h30m"},
         {"every": "soon"},
+        # What its parseDurationMs does not read: a space inside, a sign, an exponent, no
+        # digit before the point, digits other than ASCII's; under 1 ms once rounded; a
+        # number JavaScript writes with an exponent; an array of more than one value.
+        {"every": "5 m"},
+        {"every": " 2 H "},
+        {"every": "+5"},
+        {"every": "5e1"},
+        {"every": ".5"},
+        {"every": "1_0"},
+        {"every": "\u0665m"},
+        {"every": "inf"},
+        {"every": "0.4ms"},
+        {"every": 1e21},
+        {"every": 10**21},
+        {"every": 10**400},
+        {"every": 1e-8},
+        {"every": float("inf")},
+        {"every": [5, 6]},
+        {"every": {"m": 5}},
     ],
 )
 def test_disabled_heartbeat_gets_no_warning(heartbeat: Any) -> None:
@@ -246,7 +265,10 @@ def test_a_long_every_is_read_in_linear_time() -> None:
 
 
 def test_non_zero_every_is_enabled() -> None:
-    for every in ("10m", "1", 5, "0.5h", " 2 H ", "+5", "5e1", "250ms", "1d"):
+    # As the gateway reads them: trimmed as JavaScript trims (a BOM too), any case,
+    # minutes by default, a number as JavaScript writes it, an array of one value as it.
+    for every in ("10m", "1", 5, "0.5h", " 2h ", "2H", "250ms", "1d", "\ufeff5m", "1.0",
+                  0.5, 1e20, 10**20, [5], ["5m"], [[7]], "0.6ms"):
         assert names(check(cfg(agents=[{"id": "a", "heartbeat": {"every": every}}]))) == ["a"]
 
 
@@ -543,6 +565,41 @@ def test_an_agent_listed_twice_is_judged_by_its_first_entry_as_the_gateway_reads
     assert isolated_first == []
     twice = check(cfg(agents=[{"id": "a", "heartbeat": {}}, {"id": "a", "heartbeat": {}}]))
     assert [(w.agent, w.ignored) for w in twice] == [("a", ("agents.list[1]",))]
+
+
+@pytest.mark.parametrize("later", ["ops", " ops ", "OPS", "Ops!"])
+def test_ids_the_gateway_takes_for_one_agent_are_one_agent(later: str) -> None:
+    """The gateway matches an entry's id trimmed and lowercased (other characters made
+    `-`, dashes at the ends dropped): `Ops` and ` ops ` are one agent, whose settings come
+    from the first entry; the second was judged as an agent of its own."""
+    isolated_first = check(cfg(agents=[
+        {"id": "Ops", "heartbeat": {"isolatedSession": True}}, {"id": later, "heartbeat": {}}]))
+    assert isolated_first == []
+    shared_first = check(cfg(agents=[
+        {"id": "Ops", "heartbeat": {}}, {"id": later, "heartbeat": {"isolatedSession": True}}]))
+    assert [(w.agent, w.ignored) for w in shared_first] == [("Ops", ("agents.list[1]",))]
+
+
+def test_a_warning_shows_a_value_too_large_or_deep_to_print_by_its_kind() -> None:
+    """An ``isolatedSession`` nested past what JSON can encode raised RecursionError as
+    the warning was written (a traceback from check-config); a long string is cut."""
+    deep: Any = True
+    for _ in range(5000):
+        deep = [deep]
+    warned = check(cfg(agents=[{"id": "a", "heartbeat": {"isolatedSession": deep}}]))
+    assert "isolatedSession is an array, not true" in warned[0].message
+    long = check(cfg(agents=[{"id": "a", "heartbeat": {"isolatedSession": "x" * 10_000}}]))
+    assert 'isolatedSession is "' + "x" * 40 + '..."' in long[0].message
+
+
+def test_a_config_too_large_for_the_json5_parser_is_read_as_plain_json_only() -> None:
+    """The JSON5 parser takes some 20 s a MiB: a config over 1 MiB that plain JSON
+    cannot read got no answer for minutes. It is refused at JSON's error."""
+    text = '{"agents": {"list": [' + ", ".join(['{"id": "a"}'] * 100_000) + "]}} // done"
+    assert len(text) > 1024 * 1024
+    with pytest.raises(ConfigError, match="read as plain JSON only") as caught:
+        parse(text, "big.json")
+    assert caught.value.line == 1
 
 
 @pytest.mark.parametrize("data", [
