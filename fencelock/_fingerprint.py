@@ -226,7 +226,11 @@ def filesystem_type(directory: str) -> str | None:
     mounts = _platform.mounts_table()
     if mounts is None:
         return None
-    return type_from_mounts(os.path.realpath(directory), mounts)
+    try:
+        real = os.path.realpath(directory)
+    except OSError:  # a symlink on the way removed as it was read (realpath lets it out)
+        return None
+    return type_from_mounts(real, mounts)
 
 
 def type_from_mounts(target: str, mounts: str) -> str | None:

@@ -519,6 +519,11 @@ class SessionLock:
         attempt = object()
         if not self._walked:
             self._walk_again()
+            if not self._walked:
+                # A component of the directory is missing (or cannot be looked at): a
+                # name made from here on may be another user's symlink, and an open
+                # would go through it. Walked again at the next acquire.
+                raise self._store.missing_directory(self)
         # Every step inside the try, so that an interrupt (KeyboardInterrupt, a
         # cancellation) landing anywhere leaves neither the slot nor the lock behind.
         try:
@@ -974,8 +979,6 @@ class SessionLock:
     def _append_locked(self, data: bytes) -> None:
         self._require()
         self._store.check()  # a holder that may be lost writes nothing
-        if not self._walked:  # held (in etcd) while the session's directory is missing
-            self._walk_again()
         check_tail, self._tail_checked = not self._tail_checked, False
         moved: list[Fingerprint | None] = []
         # A record in the prompt phase says its fingerprint is exact (PROTOCOL 2.4): it

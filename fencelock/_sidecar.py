@@ -154,7 +154,7 @@ def found_at(path: str) -> str | None:
     return None if stat.S_ISREG(mode) else _platform.describe_mode(mode, path)
 
 
-def access_error(path: str, e: OSError, writing: bool) -> Exception:
+def access_error(path: str, e: OSError, writing: bool) -> FenceLockError:
     if e.errno == errno.ELOOP and not _loop_on_the_way(path, e):  # the sidecar itself
         return UnsafeSidecarError(path, "a symlink")
     if e.errno == errno.EISDIR:

@@ -11,6 +11,7 @@ the `fencelock._store.SessionStore` interface, one `SidecarHolder` per lock obje
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 import time
@@ -537,6 +538,16 @@ class SidecarHolder:
 
     def check(self) -> None:
         """Nothing to confirm: the kernel keeps the lock while the descriptor is open."""
+
+    def missing_directory(self, lock: SessionLock) -> FenceLockError:
+        # Its reason, as opening the sidecar would give it: a component missing, or one
+        # that cannot be searched. (Made since the walk: said missing all the same.)
+        why: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        try:
+            os.stat(os.path.dirname(self.sidecar))
+        except OSError as e:
+            why = e
+        return _sidecar.access_error(self.sidecar, why, True)
 
     # -- release -----------------------------------------------------------------
 

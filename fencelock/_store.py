@@ -100,6 +100,11 @@ class SessionStore(Protocol):
     def check(self) -> None:
         """Raise `HolderLostError` unless the holder is sure it still holds the session."""
 
+    def missing_directory(self, lock: SessionLock) -> FenceLockError:
+        """The error of an acquire whose session's directory has a component missing
+        (or that cannot be looked at), which it does not open: a name made meanwhile may
+        be another user's symlink."""
+
     def release(self, lock: SessionLock) -> None:
         """Leave the record released and give the lock back (under ``lock._io``, or
         where no record write can follow: see `SessionLock.release`)."""
@@ -228,8 +233,7 @@ class RemoteStore:
         if missing:
             # As a sidecar's acquire refuses it (its sidecar cannot be made): no run can
             # write there, and a holder taken would hold nothing but the store's key.
-            raise FenceLockError(f"{lock.session}: its directory {directory} {missing}; "
-                                 f"check the path, or create it")
+            raise self._no_directory(lock, missing)
         holder.rekey()
         self.name = holder.name
         # Read before waiting, so that it costs the hand-off nothing: the lines a
@@ -311,6 +315,14 @@ class RemoteStore:
 
     def check(self) -> None:
         self.holder.check()
+
+    def missing_directory(self, lock: SessionLock) -> FenceLockError:
+        return self._no_directory(lock, "does not exist")
+
+    @staticmethod
+    def _no_directory(lock: SessionLock, missing: str) -> FenceLockError:
+        return FenceLockError(f"{lock.session}: its directory {os.path.dirname(lock.session)} "
+                              f"{missing}; check the path, or create it")
 
     def release(self, lock: SessionLock) -> None:
         self.holder.release(self._released(lock))

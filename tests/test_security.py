@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SpawnHolder
+from conftest import SpawnHolder, on_entry
 from marks import needs_proc, needs_root
 from privdrop import NOBODY, as_user, open_directory, spawn_as_user
 
@@ -696,8 +696,6 @@ def test_recover_never_answers_a_fresh_session_planted_while_it_makes_it(
     """Another user who learns the fresh session's name (its sidecar appears as recover
     takes its lock) and puts a file, a symlink or a FIFO there first: recover refuses
     it, says why, and answers nothing; it answered theirs, with nothing carried."""
-    from conftest import on_entry
-
     from fencelock import FenceLockError
     from fencelock._recovery import _successor
     from fencelock._sidecar_holder import SidecarHolder
@@ -997,3 +995,31 @@ def test_a_fresh_session_belongs_to_the_owner_of_the_file_it_copied(
         monkeypatch.setattr(_recovery, "_scan", swapped)
         fresh = fencelock.recover(stuck, wait=0).session
         assert (os.stat(fresh).st_uid, os.stat(fresh).st_gid) == member
+
+
+@needs_root
+@pytest.mark.usefixtures("store")
+def test_a_directory_made_by_another_user_as_the_acquire_looks_is_not_gone_through() -> None:
+    """A lock made before its sessions directory exists walks the path at each acquire.
+    Another user who made the missing name, as a symlink to a directory of theirs, just
+    after that walk (a race run thousands of times a second) had the acquire open the
+    sidecar through it: the run's record, then its lines, went into their files. A
+    directory the walk finds missing is not opened."""
+    from fencelock import FenceLockError
+    from fencelock._errors import ForeignSymlinkError
+
+    with open_directory(0o1777) as pub:
+        session, theirs = pub / "sessions" / "s.jsonl", pub / "theirs"
+        as_user("import os\nos.mkdir(args['theirs'], 0o777)\nresult = True", theirs=str(theirs))
+        lock = SessionLock(session, "victim")
+
+        def link() -> None:  # right after the walk, as the store is asked
+            as_user("import os\nos.symlink(args['theirs'], args['link'])\nresult = True",
+                    theirs=str(theirs), link=str(pub / "sessions"))
+
+        with on_entry(type(lock._store).acquire, link), \
+                pytest.raises(FenceLockError) as missing, lock:
+            lock.append({"role": "user", "content": "private"})
+        assert not isinstance(missing.value, ForeignSymlinkError)
+        assert "does not exist" in str(missing.value)
+        assert os.listdir(theirs) == []

@@ -233,7 +233,8 @@ class FloorLock:
     fenced append: open the session (creating it with ``O_EXCL`` when the run found
     none, then its mark), fstat it (the fence check), on the run's first append pread
     its last byte (the torn-tail check), write, fsync, fstat (the new fence point),
-    pread the line back (the concurrent-write check), close, and fsync the directory
+    pread the line back (the concurrent-write check), lstat the session (still its
+    name: not renamed over or removed meanwhile), close, and fsync the directory
     of a file it created; in the write phase the record need not be rewritten.
     Release: where the run found no session and made none, set the mark on one made
     since (access(2) says whether there is one), pwrite the record with ``"released"``
@@ -343,6 +344,7 @@ class FloorLock:
                 os.fsync(fd)
             before, self.fp = self.fp, self._fp(os.fstat(fd))
             os.pread(fd, len(line), size)
+            os.lstat(self.session)  # still the session's name (here it is found so)
         finally:
             os.close(fd)
         if made:  # the new name made durable
