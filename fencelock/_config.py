@@ -189,7 +189,7 @@ def parse(text: str, path: str = "<config>") -> Any:
             raise ConfigError(path, f"JSON lines (one object a line), as in a session "
                                     f"file, not a gateway config; {_NOT_A_CONFIG_FIX}"
                               ) from None
-        if len(text) > MAX_JSON5:
+        if len(text) > MAX_JSON5 // 4 and len(text.encode("utf-8", "surrogatepass")) > MAX_JSON5:
             raise ConfigError(
                 path, f"not valid JSON: {e.msg}; a config over {MAX_JSON5 >> 20} MiB is read "
                 f"as plain JSON only (not JSON5); {_SYNTAX_FIX}", e.lineno, e.colno) from None
@@ -330,8 +330,10 @@ def _interval(every: object) -> bool:
             return False
         if not 1e-6 <= value < 1e21:  # NaN, 0, negative, or written with an exponent
             return False
-    ms = value * _UNIT_MS[unit] + 0.5
-    return math.isfinite(ms) and math.floor(ms) > 0  # (Math.round: half up)
+    ms = value * _UNIT_MS[unit]
+    # Math.round: the nearest integer, a half up (x + 0.5 itself can round up in floating
+    # point, where x is a hair under one half).
+    return math.isfinite(ms) and (ms >= 1 or ms - math.floor(ms) >= 0.5)
 
 
 def _agent_key(agent_id: str) -> str:
@@ -363,7 +365,9 @@ def _agents(agents: dict[str, Any], path: str) -> list[_Listed]:
             agent_id = entry.get("id")
             if isinstance(agent_id, str):
                 out.append((_agent_key(agent_id), agent_id, where, entry))
-            else:  # an entry the gateway cannot match to an id: judged on its own
+            elif agent_id is None:  # no id: the gateway's `main`, as an empty one is
+                out.append((_agent_key(""), where, where, entry))
+            else:  # an id the gateway cannot read: judged on its own
                 out.append((where, where, where, entry))
     elif isinstance(listed, dict):
         for agent_id, entry in listed.items():

@@ -492,6 +492,20 @@ class SessionLock:
         self._store.check()
         self._count += 1
 
+    def _refuse_unwalked(self) -> None:
+        """The walk of the session's directory stopped short: a component is missing, or
+        cannot be searched. Missing (or made since the walk), the directory is not
+        opened, as a name made from here on may be another user's symlink that an open
+        would go through: the store's missing-directory error, and the path is walked
+        again at the next acquire. Unsearchable, the store's own open says so."""
+        try:
+            os.stat(os.path.dirname(self.session))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError:
+            return
+        raise self._store.missing_directory(self)
+
     def _walk_again(self) -> None:
         """This object was made while the session's directory had a missing component:
         walk the path again (`ForeignSymlinkError` if another user has made that name
@@ -520,10 +534,7 @@ class SessionLock:
         if not self._walked:
             self._walk_again()
             if not self._walked:
-                # A component of the directory is missing (or cannot be looked at): a
-                # name made from here on may be another user's symlink, and an open
-                # would go through it. Walked again at the next acquire.
-                raise self._store.missing_directory(self)
+                self._refuse_unwalked()
         # Every step inside the try, so that an interrupt (KeyboardInterrupt, a
         # cancellation) landing anywhere leaves neither the slot nor the lock behind.
         try:

@@ -540,14 +540,9 @@ class SidecarHolder:
         """Nothing to confirm: the kernel keeps the lock while the descriptor is open."""
 
     def missing_directory(self, lock: SessionLock) -> FenceLockError:
-        # Its reason, as opening the sidecar would give it: a component missing, or one
-        # that cannot be searched. (Made since the walk: said missing all the same.)
-        why: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
-        try:
-            os.stat(os.path.dirname(self.sidecar))
-        except OSError as e:
-            why = e
-        return _sidecar.access_error(self.sidecar, why, True)
+        # As opening the sidecar there would say it.
+        missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return _sidecar.access_error(self.sidecar, missing, True)
 
     # -- release -----------------------------------------------------------------
 

@@ -101,9 +101,8 @@ class SessionStore(Protocol):
         """Raise `HolderLostError` unless the holder is sure it still holds the session."""
 
     def missing_directory(self, lock: SessionLock) -> FenceLockError:
-        """The error of an acquire whose session's directory has a component missing
-        (or that cannot be looked at), which it does not open: a name made meanwhile may
-        be another user's symlink."""
+        """The error of an acquire whose session's directory has a component missing,
+        which it does not open: a name made meanwhile may be another user's symlink."""
 
     def release(self, lock: SessionLock) -> None:
         """Leave the record released and give the lock back (under ``lock._io``, or

@@ -27,6 +27,7 @@ _PRELUDE = """
 import errno, fcntl, json, os, stat, sys, warnings
 import fencelock
 from fencelock import *
+{preload}
 os.setgroups([])
 os.setgid({uid})
 os.setuid({uid})
@@ -40,9 +41,10 @@ print(json.dumps(result))
 """
 
 
-def _code(body: str, uid: int) -> str:
+def _code(body: str, uid: int, preload: tuple[str, ...] = ()) -> str:
     indented = "\n".join("    " + line for line in body.strip("\n").splitlines())
-    return _PRELUDE.format(uid=uid, body=indented)
+    imports = "".join(f"import {module}\n" for module in preload)
+    return _PRELUDE.format(uid=uid, body=indented, preload=imports)
 
 
 def spawn_as_user(body: str, uid: int = NOBODY, **args: Any) -> subprocess.Popen[str]:
@@ -53,9 +55,12 @@ def spawn_as_user(body: str, uid: int = NOBODY, **args: Any) -> subprocess.Popen
     )
 
 
-def as_user(body: str, timeout: float = 30, uid: int = NOBODY, **args: Any) -> Any:
-    """Run ``body`` (statements; ``args`` is a dict) as ``uid``; its ``result``."""
-    code = _code(body, uid)
+def as_user(body: str, timeout: float = 30, uid: int = NOBODY,
+            preload: tuple[str, ...] = (), **args: Any) -> Any:
+    """Run ``body`` (statements; ``args`` is a dict) as ``uid``; its ``result``.
+    ``preload``: modules imported before the privileges are dropped (what ``body``
+    imports later, as the etcd store does, must be readable by ``uid``)."""
+    code = _code(body, uid, preload)
     done = subprocess.run(
         [sys.executable, "-c", code, json.dumps(args)],
         capture_output=True, text=True, timeout=timeout, cwd="/",

@@ -222,6 +222,8 @@ def test_agent_can_fix_an_unisolated_default() -> None:
         {"every": "\u0665m"},
         {"every": "inf"},
         {"every": "0.4ms"},
+        {"every": "0.49999999999999994ms"},  # (x + 0.5 is 1.0 in floating point)
+        {"every": 0.49999999999999994 / 60_000},
         {"every": 1e21},
         {"every": 10**21},
         {"every": 10**400},
@@ -580,6 +582,15 @@ def test_ids_the_gateway_takes_for_one_agent_are_one_agent(later: str) -> None:
     assert [(w.agent, w.ignored) for w in shared_first] == [("Ops", ("agents.list[1]",))]
 
 
+def test_an_entry_without_an_id_is_the_gateway_s_main() -> None:
+    """An entry with no ``id`` is `main` to the gateway, as one with an empty id: after
+    a `main` entry it is that agent's second entry, which the gateway does not read."""
+    assert check(cfg(agents=[
+        {"id": "main", "heartbeat": {"isolatedSession": True}}, {"heartbeat": {}}])) == []
+    alone = check(cfg(agents=[{"heartbeat": {}}, {"id": " main ", "heartbeat": {}}]))
+    assert [(w.where, w.ignored) for w in alone] == [("agents.list[0]", ("agents.list[1]",))]
+
+
 def test_a_warning_shows_a_value_too_large_or_deep_to_print_by_its_kind() -> None:
     """An ``isolatedSession`` nested past what JSON can encode raised RecursionError as
     the warning was written (a traceback from check-config); a long string is cut."""
@@ -600,6 +611,10 @@ def test_a_config_too_large_for_the_json5_parser_is_read_as_plain_json_only() ->
     with pytest.raises(ConfigError, match="read as plain JSON only") as caught:
         parse(text, "big.json")
     assert caught.value.line == 1
+    # Counted in bytes, as the file is: 600,000 two-byte characters are over 1 MiB.
+    wide = '{"agents": {"defaults": {"x": "' + "\u00e9" * 600_000 + '"}}} // done'
+    with pytest.raises(ConfigError, match="read as plain JSON only"):
+        parse(wide, "wide.json")
 
 
 @pytest.mark.parametrize("data", [

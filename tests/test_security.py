@@ -1023,3 +1023,24 @@ def test_a_directory_made_by_another_user_as_the_acquire_looks_is_not_gone_throu
         assert not isinstance(missing.value, ForeignSymlinkError)
         assert "does not exist" in str(missing.value)
         assert os.listdir(theirs) == []
+
+
+@needs_root
+@pytest.mark.usefixtures("store")
+def test_a_directory_this_user_cannot_search_is_said_so_not_missing() -> None:
+    """A lock whose directory walk stops at a component this user may not search is no
+    missing directory: its error says the permission, as the store's own open does
+    (the refusal of a missing directory said "does not exist; create it" to this user,
+    in the etcd store, of a directory that exists)."""
+    with open_directory(0o700) as locked:  # root's: not searchable by the user below
+        session = locked / "inner" / "s.jsonl"
+        (locked / "inner").mkdir()
+        said = as_user(
+            "from fencelock import SessionLock\n"
+            "try:\n"
+            "    SessionLock(args['session'], 'denied').acquire()\n"
+            "    result = 'acquired'\n"
+            "except Exception as e:\n"
+            "    result = f'{type(e).__name__}: {e}'\n",
+            session=str(session), preload=("fencelock._etcd", "etcd3gw.client"))
+    assert "Permission denied" in said and "does not exist" not in said, said
