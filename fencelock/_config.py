@@ -6,7 +6,8 @@ same session file as its channel and direct lanes, which is where takeovers come
 The check follows which agents the gateway actually gives a heartbeat: when any listed
 agent has a ``heartbeat`` block of its own, only those agents run one (the gateway's
 explicit-only rule, openclaw #46101 / #78713), and ``agents.defaults.heartbeat`` only
-fills in their settings; otherwise the defaults apply to every agent, and with no
+fills in their settings; otherwise the defaults apply to every agent (or to the one
+``agents.defaults.heartbeat.agentId`` names, where the gateway knows it), and with no
 heartbeat configured anywhere the default agent runs the built-in one. This module only
 parses and reports; the command line formats what it returns.
 """
@@ -402,6 +403,18 @@ def _settings(
     return first
 
 
+def _owner(base: object) -> tuple[str, str] | None:
+    """(gateway id, id as written) of ``agents.defaults.heartbeat.agentId``, the one agent
+    the defaults' heartbeat runs for when no agent has a block of its own; None when it
+    is not set (a string of more than white space)."""
+    if not isinstance(base, dict):
+        return None
+    agent_id = base.get("agentId")
+    if not isinstance(agent_id, str) or not agent_id.strip(_JS_SPACE):
+        return None
+    return _agent_key(agent_id), agent_id.strip(_JS_SPACE)
+
+
 def _is_block(value: object) -> bool:
     """Whether an agent's ``heartbeat`` counts as a block of its own for the explicit-only
     rule: any object (even an empty one) or ``true``, as the gateway tests it."""
@@ -454,6 +467,11 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
         if own is False:
             return ConfigReport(())
         return ConfigReport((ConfigWarning(name, where, None, False, implicit=True),))
+    # With no block of its own anywhere, `agents.defaults.heartbeat.agentId` (gateways
+    # that know it) gives the heartbeat to that one agent, listed or not.
+    owner = None if explicit else _owner(base)
+    if owner is not None and owner[0] not in first:
+        first[owner[0]] = (owner[1], "agents.defaults.heartbeat.agentId", None)
     warnings: list[ConfigWarning] = []
     notices: list[ConfigNotice] = []
     wheres: dict[str, list[str]] = {}  # every entry of each id (once: the list may be long)
@@ -465,6 +483,8 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
             if own is None and _runs(base):
                 notices.append(ConfigNotice(name, where, named))
             continue  # the explicit-only rule: no block of its own, no heartbeat
+        if owner is not None and key != owner[0]:
+            continue  # the defaults' heartbeat is another agent's
         if own is False or (own is None and not explicit and base is False):
             continue  # switched off: nothing shares the file
         merged: dict[str, Any] = dict(base) if isinstance(base, dict) else {}
@@ -479,7 +499,7 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
             continue
         own_sets = isinstance(own, dict) and "isolatedSession" in own
         inherited = not own_sets and isinstance(base, dict) and "isolatedSession" in base
-        ignored = tuple(w for w in wheres[key] if w != where)
+        ignored = tuple(w for w in wheres.get(key, ()) if w != where)
         warnings.append(ConfigWarning(name, where, isolated, inherited, ignored=ignored))
     return ConfigReport(tuple(warnings), tuple(notices))
 

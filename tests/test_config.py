@@ -582,6 +582,24 @@ def test_ids_the_gateway_takes_for_one_agent_are_one_agent(later: str) -> None:
     assert [(w.agent, w.ignored) for w in shared_first] == [("Ops", ("agents.list[1]",))]
 
 
+def test_a_heartbeat_agent_id_in_the_defaults_gives_the_heartbeat_to_that_agent_only() -> None:
+    """`agents.defaults.heartbeat.agentId` (gateways that know it): with no heartbeat
+    block of an agent's own, the defaults' heartbeat runs for that agent alone, listed
+    or not; every agent was warned of."""
+    agents = [{"id": "main"}, {"id": "ops"}]
+    only = check(cfg(defaults={"agentId": " OPS "}, agents=agents))
+    assert [(w.agent, w.where) for w in only] == [("ops", "agents.list[1]")]
+    assert check(cfg(defaults={"agentId": "ops", "isolatedSession": True}, agents=agents)) == []
+    ghost = check(cfg(defaults={"agentId": "ghost"}, agents=agents))
+    assert [(w.agent, w.where) for w in ghost] == [("ghost", "agents.defaults.heartbeat.agentId")]
+    unset = check(cfg(defaults={"agentId": "  "}, agents=agents))  # not set: every agent
+    assert names(unset) == ["main", "ops"]
+    # A block of an agent's own: the explicit-only rule, which the setting does not change.
+    explicit = check(cfg(defaults={"agentId": "ops"},
+                         agents=[{"id": "main", "heartbeat": {}}, {"id": "ops"}]))
+    assert names(explicit) == ["main"]
+
+
 def test_an_entry_without_an_id_is_the_gateway_s_main() -> None:
     """An entry with no ``id`` is `main` to the gateway, as one with an empty id: after
     a `main` entry it is that agent's second entry, which the gateway does not read."""
