@@ -410,9 +410,8 @@ def _owner(base: object) -> tuple[str, str] | None:
     if not isinstance(base, dict):
         return None
     agent_id = base.get("agentId")
-    if not isinstance(agent_id, str) or not agent_id.strip(_JS_SPACE):
-        return None
-    return _agent_key(agent_id), agent_id.strip(_JS_SPACE)
+    written = agent_id.strip(_JS_SPACE) if isinstance(agent_id, str) else ""
+    return (_agent_key(written), written) if written else None
 
 
 def _is_block(value: object) -> bool:

@@ -32,12 +32,13 @@ _mu = threading.Lock()
 """Guards every change to a taken slot and its line. The uncontended path takes a free
 slot with one atomic ``setdefault``, without it."""
 _sleepers: list[_thread.LockType] = []
-"""One locked lock per acquirer asleep until a slot changes hands (under ``_mu``): the
-waker releases each. Not `threading.Condition`, whose wait takes the mutex back in a
-step an interrupt (Ctrl-C's KeyboardInterrupt, a signal handler's exception) can cut
-short, leaving the waiter's ``with _mu`` to release a mutex another thread holds: the
-registry then wedged every acquire and release of the process. Here the mutex is only
-ever taken by ``with`` blocks, and the sleep is outside them."""
+"""One locked lock per acquirer asleep until a slot changes hands: `wake` releases each,
+and each acquirer takes its own off the list (under ``_mu``). Not `threading.Condition`,
+whose wait takes the mutex back in a step an interrupt (Ctrl-C's KeyboardInterrupt, a
+signal handler's exception) can cut short, leaving the waiter's ``with _mu`` to release
+a mutex another thread holds: the registry then wedged every acquire and release of the
+process. Here the mutex is only ever taken by ``with`` blocks, and the sleep is outside
+them."""
 
 
 def cancelled() -> BaseException:
@@ -259,7 +260,7 @@ def free(key: str, lock: SessionLock, attempt: object = None) -> None:
                 # call): a waiter popped but not yet given the slot would be lost.
                 _held[key] = line[0]
                 del line[0]
-                _wake_sleepers()
+                wake()
             else:
                 del _held[key]
 
@@ -287,16 +288,6 @@ def _forget(sleeper: _thread.LockType | None) -> None:
     if sleeper is not None:
         with contextlib.suppress(ValueError):
             _sleepers.remove(sleeper)
-
-
-def _wake_sleepers() -> None:
-    """Wake every acquirer asleep in `_wait_turn` (under ``_mu``)."""
-    # Each taken off the list only once it is woken: an interrupt that cuts this
-    # short leaves the rest listed, for the caller's cleanup to wake (`free_surely`).
-    while _sleepers:
-        with contextlib.suppress(RuntimeError):  # woken already (an interrupt after it)
-            _sleepers[-1].release()
-        _sleepers.pop()
 
 
 def waiters() -> int:
