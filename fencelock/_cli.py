@@ -1276,9 +1276,11 @@ def check_config(file: str, strict: bool) -> None:
     """Warn for each agent whose heartbeat is not `isolatedSession: true` in a
     gateway config (JSON or JSON5): its heartbeat lane then shares the session file
     with the channel and direct lanes. Heartbeats merge over agents.defaults.heartbeat;
-    disabled heartbeats are not warned about. As in the gateway, once any listed agent
-    has a heartbeat block of its own, agents without one run no heartbeat (the
-    explicit-only rule): a notice names each agent the defaults would otherwise reach.
+    disabled heartbeats are not warned about. Agents are read from agents.entries
+    (newer gateways) or agents.list. As in the gateway, once any agent has a
+    heartbeat block of its own that leaves it an interval, agents without one run no
+    heartbeat (the explicit-only rule): a notice names each agent the defaults would
+    otherwise reach.
     Exit 0 (1 with --strict and warnings), 1 for an unreadable or malformed file.
 
     \b

@@ -3,13 +3,16 @@ original report, Part C).
 
 An agent whose heartbeat is not ``isolatedSession: true`` runs its heartbeat lane on the
 same session file as its channel and direct lanes, which is where takeovers come from.
-The check follows which agents the gateway actually gives a heartbeat: when any listed
-agent has a ``heartbeat`` block of its own, only those agents run one (the gateway's
-explicit-only rule, openclaw #46101 / #78713), and ``agents.defaults.heartbeat`` only
-fills in their settings; otherwise the defaults apply to every agent (or to the one
-``agents.defaults.heartbeat.agentId`` names, where the gateway knows it), and with no
-heartbeat configured anywhere the default agent runs the built-in one. This module only
-parses and reports; the command line formats what it returns.
+The check follows which agents the gateway actually gives a heartbeat (its agents in
+``agents.entries``, keyed by id, in newer gateways, else ``agents.list``): when an agent
+has a ``heartbeat`` block of its own that leaves it an interval, only agents with a block
+run one (the gateway's explicit-only rule, openclaw #46101 / #78713), and
+``agents.defaults.heartbeat`` only fills in their settings; otherwise the defaults apply
+to every agent (or to the one ``agents.defaults.heartbeat.agentId`` names, where the
+gateway knows it), and with no heartbeat configured anywhere the default agent runs the
+built-in one. Where gateway versions differ (a block that only turns its own heartbeat
+off: openclaw #119005), the check reports what either may run. This module only parses
+and reports; the command line formats what it returns.
 """
 
 from __future__ import annotations
@@ -73,6 +76,10 @@ class ConfigWarning:
     ignored: tuple[str, ...] = ()
     """Later entries with the same agent id (JSON paths): the gateway reads an agent's
     settings from its first entry only."""
+    opted_out: tuple[str, ...] = ()
+    """The agents whose heartbeat blocks all turn their heartbeat off, when this agent
+    has no block of its own: newer gateways leave it the defaults' heartbeat, older ones
+    applied the explicit-only rule to it (openclaw #119005)."""
 
     @property
     def problem(self) -> str:
@@ -93,7 +100,12 @@ class ConfigWarning:
         if self.ignored:
             where += (f"; listed again at {', '.join(self.ignored)}, which the gateway does "
                       f"not read: it takes an agent's settings from its first entry")
-        return f"agent {self.agent!r} ({where}): {self.problem}; {WHY}"
+        why = WHY
+        if self.opted_out:
+            why += (f"; gateways without the fix for openclaw #119005 run none for it, as "
+                    f"{_agents_named(self.opted_out)} a heartbeat block that turns its own "
+                    f"off")
+        return f"agent {self.agent!r} ({where}): {self.problem}; {why}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,13 +122,7 @@ class ConfigNotice:
 
     @property
     def message(self) -> str:
-        if len(self.explicit) == 1:
-            others = f"agent {self.explicit[0]!r} has one"
-        else:
-            others = "agents " + ", ".join(repr(a) for a in self.explicit[:3])
-            if len(self.explicit) > 3:
-                others += f" and {len(self.explicit) - 3} more"
-            others += " have one"
+        others = f"{_agents_named(self.explicit)} one"
         return (
             f"agent {self.agent!r} ({self.where}) runs no heartbeat: it has no heartbeat "
             f"block while {others}, and then the gateway runs heartbeats only for agents "
@@ -124,6 +130,16 @@ class ConfigNotice:
             f"agents.defaults.heartbeat does not reach it; give it a heartbeat block "
             f"(with isolatedSession: true) if it should run one"
         )
+
+
+def _agents_named(agents: tuple[str, ...]) -> str:
+    """``agent 'a' has`` or ``agents 'a', 'b', 'c' and 2 more have``."""
+    if len(agents) == 1:
+        return f"agent {agents[0]!r} has"
+    named = "agents " + ", ".join(repr(a) for a in agents[:3])
+    if len(agents) > 3:
+        named += f" and {len(agents) - 3} more"
+    return named + " have"
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,8 +309,12 @@ def _kind(value: object) -> str:
 
 
 def _heartbeat(value: object, where: str, path: str) -> dict[str, Any] | bool | None:
-    """A heartbeat setting as written: an object, True/False, or None (inherit)."""
-    if value is None or isinstance(value, (bool, dict)):
+    """A heartbeat setting as written: an object, True, or None. ``false`` is None: the
+    gateway tests a block for truth and spreads it over the defaults, so ``false`` is
+    no block at all (it turns nothing off)."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, (bool, dict)):
         return value
     raise ConfigError(path, f"{where} is {_kind(value)}, expected an object")
 
@@ -302,10 +322,27 @@ def _heartbeat(value: object, where: str, path: str) -> dict[str, Any] | bool | 
 def _disabled(hb: dict[str, Any]) -> bool:
     """Whether a merged heartbeat setting runs no heartbeat: ``enabled: false``, or an
     ``every`` the gateway reads as no interval (a missing one is its default, 30m)."""
-    if hb.get("enabled") is False:
-        return True
+    return hb.get("enabled") is False or not _cadence(hb)
+
+
+def _merged(base: dict[str, Any] | bool | None,
+            own: dict[str, Any] | bool | None) -> dict[str, Any]:
+    """An agent's heartbeat as the gateway runs it: its block over the defaults, a
+    ``null`` ``every`` of its own taking the defaults' (the gateway's ``??``)."""
+    merged: dict[str, Any] = dict(base) if isinstance(base, dict) else {}
+    if isinstance(own, dict):
+        merged.update(own)
+        if own.get("every") is None and isinstance(base, dict):
+            merged["every"] = base.get("every")
+    return merged
+
+
+def _cadence(hb: dict[str, Any]) -> bool:
+    """Whether a merged heartbeat has an interval (a missing ``every`` is the gateway's
+    default, 30m): what makes an agent's block select it for the explicit-only rule
+    (``enabled`` plays no part there)."""
     every = hb.get("every")
-    return every is not None and not _interval(every)
+    return every is None or _interval(every)
 
 
 def _interval(every: object) -> bool:
@@ -352,13 +389,33 @@ _Listed = tuple[str, str, str, dict[str, Any]]
 JSON path), and the entry."""
 
 
+def _js_order(keys: list[str]) -> list[str]:
+    """An object's keys in the order JavaScript walks them: those that are array indices
+    (``0``, ``10``; not ``01``), in ascending number, then the others as written."""
+    def index(key: str) -> int | None:
+        if key.isascii() and key.isdigit() and (key == "0" or key[0] != "0"):
+            number = int(key)
+            return number if number < 2**32 - 1 else None
+        return None
+    numbered = sorted((n, k) for k in keys if (n := index(k)) is not None)
+    return [k for _, k in numbered] + [k for k in keys if index(k) is None]
+
+
+def _roster(agents: dict[str, Any]) -> str:
+    """Where the gateway's agents are: ``entries`` (newer gateways: keyed by id; a
+    leftover ``list`` beside it is not read) or ``list``."""
+    return "entries" if agents.get("entries") is not None else "list"
+
+
 def _agents(agents: dict[str, Any], path: str) -> list[_Listed]:
-    """Each agent in ``agents.list``, in file order (`_Listed`)."""
-    listed = agents.get("list")
+    """Each agent in ``agents.entries`` or ``agents.list`` (`_roster`), in the gateway's
+    order (`_Listed`)."""
+    roster = _roster(agents)
+    listed = agents.get(roster)
     out: list[_Listed] = []
     if listed is None:
         return out
-    if isinstance(listed, list):
+    if isinstance(listed, list) and roster == "list":
         for i, entry in enumerate(listed):
             where = f"agents.list[{i}]"
             if not isinstance(entry, dict):
@@ -371,15 +428,16 @@ def _agents(agents: dict[str, Any], path: str) -> list[_Listed]:
             else:  # an id the gateway cannot read: judged on its own
                 out.append((where, where, where, entry))
     elif isinstance(listed, dict):
-        for agent_id, entry in listed.items():
-            where = f"agents.list.{agent_id}"
+        for agent_id in _js_order(list(listed)):
+            where, entry = f"agents.{roster}.{agent_id}", listed[agent_id]
             if entry is None:
                 entry = {}
             if not isinstance(entry, dict):
                 raise ConfigError(path, f"{where} is {_kind(entry)}, expected an agent object")
             out.append((_agent_key(agent_id), agent_id, where, entry))
     else:
-        raise ConfigError(path, f"agents.list is {_kind(listed)}, expected an array or an object")
+        expected = "an array or an object" if roster == "list" else "an object keyed by agent id"
+        raise ConfigError(path, f"agents.{roster} is {_kind(listed)}, expected {expected}")
     return out
 
 
@@ -404,9 +462,11 @@ def _settings(
 
 
 def _owner(base: object) -> tuple[str, str] | None:
-    """(gateway id, id as written) of ``agents.defaults.heartbeat.agentId``, the one agent
-    the defaults' heartbeat runs for when no agent has a block of its own; None when it
-    is not set (a string of more than white space)."""
+    """(gateway id, id as written) of ``agentId`` in ``base``: in
+    ``agents.defaults.heartbeat``, the one agent the defaults' heartbeat runs for when no
+    agent has a block of its own; in ``agents.defaults.systemAgent``, the agent newer
+    gateways give the built-in heartbeat. None when it is not set (a string of more than
+    white space)."""
     if not isinstance(base, dict):
         return None
     agent_id = base.get("agentId")
@@ -447,8 +507,9 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
         raise ConfigError(path, f"agents.defaults is {_kind(defaults)}, expected an object")
     base = _heartbeat(defaults.get("heartbeat"), "agents.defaults.heartbeat", path)
     listed = _agents(agents, path)
-    if not listed:  # no agents.list (or an empty one): the implicit default agent runs
-        why = "no agents.list" if agents.get("list") is None else "agents.list is empty"
+    if not listed:  # no agents (or none listed): the implicit default agent runs
+        roster = _roster(agents)
+        why = "no agents.list" if agents.get(roster) is None else f"agents.{roster} is empty"
         listed = [("main", "main", f"agents ({why}: the implicit default agent)", {})]
     owns = [_heartbeat(entry.get("heartbeat"), f"{where}.heartbeat", path)
             for _, _, where, entry in listed]
@@ -457,18 +518,29 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
     # with its id: an id listed twice (or written two ways: `Ops`, ` ops`) is judged
     # once, by that entry.
     first = _settings(listed, owns)
-    explicit = dict.fromkeys(
+    blocks = dict.fromkeys(
         key for (key, _, _, _), own in zip(listed, owns, strict=True) if _is_block(own))
-    if base is None and not explicit:
-        # Nothing configured (an agent's `false` turns off that agent alone): the
-        # gateway's built-in heartbeat runs for its default agent.
-        name, where, own = first[_default_agent(listed)]
-        if own is False:
-            return ConfigReport(())
-        return ConfigReport((ConfigWarning(name, where, None, False, implicit=True),))
+    # The rule applies once one of those blocks leaves its agent an interval: in newer
+    # gateways a block that turns it off (`every: "0m"`) only opts that agent out, and
+    # the others keep the defaults' heartbeat (older ones applied the rule anyway: this
+    # reports the heartbeats either may run).
+    explicit = blocks if any(_cadence(_merged(base, first[key][2])) for key in blocks) else {}
     # With no block of its own anywhere, `agents.defaults.heartbeat.agentId` (gateways
     # that know it) gives the heartbeat to that one agent, listed or not.
     owner = None if explicit else _owner(base)
+    if base is None and owner is None and not explicit:
+        # No defaults: the gateway's built-in heartbeat runs for its default agent (in
+        # newer gateways `agents.defaults.systemAgent.agentId` where set), unless a block
+        # of its own turns it off.
+        system = _owner(defaults.get("systemAgent"))
+        if system is None:
+            name, where, own = first[_default_agent(listed)]
+        else:
+            name, where, own = first.get(
+                system[0], (system[1], "agents.defaults.systemAgent.agentId", None))
+        if own is not None:
+            return ConfigReport(())  # its block, which leaves it no interval
+        return ConfigReport((ConfigWarning(name, where, None, False, implicit=True),))
     if owner is not None and owner[0] not in first:
         first[owner[0]] = (owner[1], "agents.defaults.heartbeat.agentId", None)
     warnings: list[ConfigWarning] = []
@@ -484,13 +556,7 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
             continue  # the explicit-only rule: no block of its own, no heartbeat
         if owner is not None and key != owner[0]:
             continue  # the defaults' heartbeat is another agent's
-        if own is False or (own is None and not explicit and base is False):
-            continue  # switched off: nothing shares the file
-        merged: dict[str, Any] = dict(base) if isinstance(base, dict) else {}
-        if isinstance(own, dict):
-            merged.update(own)
-            if own.get("every") is None and isinstance(base, dict):
-                merged["every"] = base.get("every")  # the gateway's `??`: null inherits
+        merged = _merged(base, own)
         if _disabled(merged):
             continue
         isolated = merged.get("isolatedSession")
@@ -499,7 +565,10 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
         own_sets = isinstance(own, dict) and "isolatedSession" in own
         inherited = not own_sets and isinstance(base, dict) and "isolatedSession" in base
         ignored = tuple(w for w in wheres.get(key, ()) if w != where)
-        warnings.append(ConfigWarning(name, where, isolated, inherited, ignored=ignored))
+        # No block of its own beside blocks that only opt out: older gateways ran none.
+        opted_out = tuple(first[k][0] for k in blocks) if own is None else ()
+        warnings.append(ConfigWarning(name, where, isolated, inherited, ignored=ignored,
+                                      opted_out=opted_out))
     return ConfigReport(tuple(warnings), tuple(notices))
 
 

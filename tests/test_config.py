@@ -109,23 +109,44 @@ def test_heartbeat_blocks_merge_over_the_defaults() -> None:
 
 
 def test_explicit_only_rule_agents_without_a_block_run_no_heartbeat() -> None:
-    """The gateway's rule (openclaw #46101, #78713): once any listed agent has a heartbeat
-    block, agents without one run no heartbeat, whatever agents.defaults.heartbeat says.
-    They get a notice naming the rule, not a warning."""
-    config = cfg(  # the configuration of openclaw #78713
-        defaults={"every": "60m", "target": "channel"},
-        agents=[{"id": "main"}, {"id": "ops", "heartbeat": {"every": "0m"}}],
-    )
+    """The gateway's rule (openclaw #46101, #78713): once a listed agent has a heartbeat
+    block that leaves it an interval, agents without one run no heartbeat, whatever
+    agents.defaults.heartbeat says. They get a notice naming the rule, not a warning."""
+    config = cfg(defaults={"every": "60m", "target": "channel"},
+                 agents=[{"id": "main"}, {"id": "ops", "heartbeat": {"every": "2h"}}])
     found = review(config)
-    assert found.warnings == ()
+    assert names(list(found.warnings)) == ["ops"]
     assert [(n.agent, n.where, n.explicit) for n in found.notices] == [
         ("main", "agents.list[0]", ("ops",))]
     message = found.notices[0].message
     assert "'main'" in message and "runs no heartbeat" in message
     assert "explicit-only rule" in message and "agent 'ops' has one" in message
-    assert check(config) == []
     many = ConfigNotice("a", "agents.list[0]", ("b", "c", "d", "e")).message
     assert "agents 'b', 'c', 'd' and 1 more have one" in many
+
+
+def test_blocks_that_only_turn_their_own_heartbeat_off_leave_the_others_the_defaults() -> None:
+    """Newer gateways (openclaw #119005, the configuration of #78713): a block whose
+    heartbeat has no interval (`every: "0m"`) opts that agent out without selecting it,
+    so the agents without a block keep the defaults' heartbeat, and share the session
+    file. They were given a notice that they run none; older gateways did run none, and
+    the warning says so."""
+    config = cfg(defaults={"every": "60m", "target": "channel"},
+                 agents=[{"id": "main"}, {"id": "ops", "heartbeat": {"every": "0m"}}])
+    found = review(config)
+    assert [(w.agent, w.opted_out) for w in found.warnings] == [("main", ("ops",))]
+    assert found.notices == ()
+    assert "gateways without the fix for openclaw #119005 run none for it, as agent 'ops' " \
+        "has a heartbeat block that turns its own off" in found.warnings[0].message
+    # A block with an interval selects, even one that `enabled: false` turns off.
+    enabled_off = review(cfg(defaults={"every": "60m"}, agents=[
+        {"id": "main"}, {"id": "ops", "heartbeat": {"enabled": False}}]))
+    assert enabled_off.warnings == () and [n.agent for n in enabled_off.notices] == ["main"]
+    # With no defaults, the default agent runs the built-in heartbeat, unless its own
+    # block turns it off.
+    builtin = check(cfg(agents=[{"id": "main"}, {"id": "ops", "heartbeat": {"every": 0}}]))
+    assert [(w.agent, w.implicit) for w in builtin] == [("main", True)]
+    assert check(cfg(agents=[{"id": "main", "heartbeat": {"every": ""}}, {"id": "ops"}])) == []
 
 
 def test_an_agent_listed_twice_with_one_block_gets_no_notice_against_itself() -> None:
@@ -153,9 +174,10 @@ def test_explicit_only_rule_the_blocks_still_merge_over_the_defaults() -> None:
     found = review(config)
     assert names(list(found.warnings)) == ["empty-block", "true-block"]
     assert all(w.inherited is False and w.isolated is None for w in found.warnings)
-    (notice,) = found.notices
-    assert notice.agent == "silenced"
-    assert notice.explicit == ("empty-block", "true-block", "isolated")
+    # `false` is no block: the rule leaves that agent without a heartbeat too.
+    assert [(n.agent, n.explicit) for n in found.notices] == [
+        ("silenced", ("empty-block", "true-block", "isolated")),
+        ("off", ("empty-block", "true-block", "isolated"))]
 
 
 @pytest.mark.parametrize("defaults", [None, False, {"enabled": False}, {"every": "0m"}])
@@ -191,7 +213,6 @@ def test_agent_can_fix_an_unisolated_default() -> None:
 @pytest.mark.parametrize(
     "heartbeat",
     [
-        False,
         {"enabled": False},
         {"every": "0"},
         {"every": "0m"},
@@ -294,7 +315,8 @@ def test_defaults_apply_to_the_implicit_default_agent() -> None:
 
 
 def test_any_configured_heartbeat_replaces_the_built_in_one() -> None:
-    assert check(cfg(agents=[{"id": "a"}, {"id": "b", "heartbeat": {"every": "0m"}}])) == []
+    assert check(cfg(agents=[
+        {"id": "a"}, {"id": "b", "heartbeat": {"every": "5m", "isolatedSession": True}}])) == []
     assert check(cfg(defaults={"isolatedSession": True}, agents=[{"id": "a"}])) == []
 
 
@@ -543,12 +565,17 @@ def test_a_fifo_a_device_or_a_huge_file_is_refused_without_hanging(tmp_path: Pat
         listener.close()
 
 
-def test_an_agent_switched_off_leaves_the_built_in_heartbeat_of_the_default_agent() -> None:
-    """`heartbeat: false` turns off that agent only: with nothing else configured the
-    default agent still runs the gateway's built-in heartbeat (it read as "all off")."""
-    off_other = check(cfg(agents=[{"id": "main"}, {"id": "ops", "heartbeat": False}]))
-    assert [(w.agent, w.implicit) for w in off_other] == [("main", True)]
-    assert check(cfg(agents=[{"id": "main", "heartbeat": False}, {"id": "ops"}])) == []
+def test_heartbeat_false_is_no_block_and_turns_nothing_off() -> None:
+    """The gateway tests an agent's block for truth and spreads it over the defaults:
+    `heartbeat: false` is no block, so the defaults' heartbeat (or with none, the
+    built-in one of the default agent) still runs for it. It read as "off"."""
+    built_in = check(cfg(agents=[{"id": "main", "heartbeat": False}, {"id": "ops"}]))
+    assert [(w.agent, w.implicit) for w in built_in] == [("main", True)]
+    defaults = check(cfg(defaults={"every": "1h"}, agents=[{"id": "a", "heartbeat": False}]))
+    assert [(w.agent, w.implicit) for w in defaults] == [("a", False)]
+    # Nor does it select: the defaults reach every agent.
+    assert names(check(cfg(defaults={}, agents=[{"id": "a"}, {"id": "b", "heartbeat": False}]))) \
+        == ["a", "b"]
 
 
 def test_an_agent_listed_twice_is_judged_by_its_first_entry_as_the_gateway_reads_it() -> None:
@@ -685,3 +712,46 @@ def test_the_library_leaves_the_recursion_limit_alone(tmp_path: Path) -> None:
     assert sys.getrecursionlimit() == before
     assert CliRunner().invoke(main, ["check-config", str(path)]).exit_code == 0  # put back
     assert sys.getrecursionlimit() == before
+
+
+def test_agents_entries_keyed_by_id_is_the_roster_of_newer_gateways() -> None:
+    """Newer gateways keep their agents in `agents.entries`, an object keyed by agent id
+    (a leftover `agents.list` beside it is not read); it was not read at all, so every
+    agent's block went unseen and only the implicit `main` was judged."""
+    config = {"agents": {
+        "defaults": {"heartbeat": {"every": "30m"}},
+        "entries": {"main": {"heartbeat": {"isolatedSession": True}}, "Ops": {}},
+        "list": [{"id": "stale", "heartbeat": {"isolatedSession": False}}]}}
+    found = review(config)
+    assert [(w.agent, w.where) for w in found.warnings] == []
+    assert [(n.agent, n.where) for n in found.notices] == [("Ops", "agents.entries.Ops")]
+    shared = check({"agents": {"entries": {"main": {}, "ops": {"heartbeat": {"every": "1h"}}}}})
+    assert [(w.agent, w.where) for w in shared] == [("ops", "agents.entries.ops")]
+    empty = check({"agents": {"entries": {}, "list": [{"id": "x", "heartbeat": {}}]}})
+    assert [(w.where, w.implicit) for w in empty] == [
+        ("agents (agents.entries is empty: the implicit default agent)", True)]
+    with pytest.raises(ConfigError, match=r"agents\.entries is an array, expected an object"):
+        check({"agents": {"entries": [{"id": "main"}]}})
+
+
+def test_keyed_agents_are_taken_in_javascript_key_order() -> None:
+    """An object's keys that are array indices come first, in ascending number, as
+    JavaScript walks them: `2` is the first agent (the default one) before `10` and `a`."""
+    keyed: dict[str, Any] = {"a": {}, "10": {}, "2": {}, "01": {}}
+    for roster in ("entries", "list"):
+        (only,) = check({"agents": {roster: keyed}})
+        assert (only.agent, only.implicit) == ("2", True)
+        everyone = check({"agents": {"defaults": {"heartbeat": {}}, roster: keyed}})
+        assert names(everyone) == ["2", "10", "a", "01"]
+
+
+def test_the_system_agent_gets_the_built_in_heartbeat_in_newer_gateways() -> None:
+    """With nothing configured, newer gateways give the built-in heartbeat to
+    `agents.defaults.systemAgent.agentId`, listed or not."""
+    agents: dict[str, Any] = {"entries": {"main": {}, "ops": {}}}
+    (ops,) = check({"agents": {**agents, "defaults": {"systemAgent": {"agentId": " Ops "}}}})
+    assert (ops.agent, ops.where, ops.implicit) == ("ops", "agents.entries.ops", True)
+    (ghost,) = check({"agents": {**agents, "defaults": {"systemAgent": {"agentId": "x"}}}})
+    assert (ghost.agent, ghost.where) == ("x", "agents.defaults.systemAgent.agentId")
+    off = {"entries": {"main": {}, "ops": {"heartbeat": {"every": "0m"}}}}
+    assert check({"agents": {**off, "defaults": {"systemAgent": {"agentId": "ops"}}}}) == []
