@@ -455,7 +455,7 @@ class SessionWriteError(FenceLockError):
         """The session's new fence point (after the failed line was taken back out, or
         with it when it was not: ``stored`` True or None), when it could be read."""
         reason = cause.strerror or type(cause).__name__
-        if what == "create" and cause.errno in (errno.EACCES, errno.EPERM):
+        if what.startswith("create") and cause.errno in (errno.EACCES, errno.EPERM):
             # No file yet: what refused is its directory.
             fix: str | None = (f"this user cannot create files in "
                                f"{os.path.dirname(session) or '.'}; fix its permissions")

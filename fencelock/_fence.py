@@ -242,7 +242,10 @@ def _cut_torn_tail(
     try:
         aside, kept = _open_torn(torn, file_mode, st)
     except OSError as e:
-        raise SessionWriteError(torn, e, "keeping the torn last line aside") from None
+        # None there: its directory refused to make it (named as the cause).
+        what = "keeping the torn last line aside"
+        raise SessionWriteError(torn, e, what if os.path.lexists(torn) else f"create ({what})"
+                                ) from None
     try:
         if kept.st_nlink > 1:  # another name's file would get the fragment
             raise UnsafePathError(torn, f"a hard link to a file with {kept.st_nlink} names")

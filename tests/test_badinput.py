@@ -616,6 +616,41 @@ def test_an_append_that_cannot_create_the_session_names_the_directory() -> None:
 
 
 @needs_root
+@pytest.mark.parametrize("writable", [True, False])
+def test_a_torn_tail_that_cannot_be_kept_aside_names_what_refused(writable: bool) -> None:
+    """The session (this user's) ends in a torn line, and the directory takes no new
+    files: the append names the directory as the cause, not the `.torn` file that is
+    not there (it said "this user cannot write it"). A `.torn` there that this user
+    cannot write is named itself. Nothing is cut or stored either way."""
+    with open_directory() as sessions:
+        sidecar = _shut_with_a_sidecar(sessions, b"")
+        session, torn = sessions / "s.jsonl", sessions / "s.jsonl.torn"
+        os.chmod(sessions, 0o755)
+        session.write_text('{"a": 1}\n{"torn')
+        os.chown(session, 65534, 65534)
+        if not writable:
+            torn.write_text("")
+            torn.chmod(0o444)
+        os.chmod(sessions, 0o555)
+        result = as_user("""
+            with SessionLock(args["session"], "a") as lock:
+                try:
+                    lock.append({"b": 2})
+                    result = ["appended"]
+                except FenceLockError as e:
+                    result = [type(e).__name__, str(e)]
+        """, session=str(session))
+        assert result[0] == "SessionWriteError", result
+        if writable:
+            assert f"this user cannot create files in {sessions}; fix its permissions" in result[1]
+        else:
+            assert f"{torn}: keeping the torn last line aside failed" in result[1]
+            assert "this user cannot write it" in result[1]
+        assert "the entry was not stored" in result[1]
+        assert session.read_text() == '{"a": 1}\n{"torn' and sidecar.exists()
+
+
+@needs_root
 @pytest.mark.parametrize("earlier", ['{"earlier": 1}\n', '{"earl'])
 def test_a_torn_file_this_user_may_write_but_not_read_still_gets_the_fragment(
     earlier: str,
