@@ -271,7 +271,8 @@ def test_hold_killed_in_the_model_call_keeps_the_reply_aside(
     session: Path, turns: StartTurns
 ) -> None:
     """hold gone before the reply's append (killed in the model call): the reply is kept
-    in the undelivered file, never dropped, and the program exits 1."""
+    in the undelivered file, never dropped, and the program exits 1, saying the reply is
+    not in the session (it said to check whether it was: it had never been sent)."""
     t = turns(session, "--gate", "--writer", "A", "--message", "ping")
     hold_pid = int(t.expect("hold pid=").split("=")[1])
     t.expect("held")
@@ -280,7 +281,8 @@ def test_hold_killed_in_the_model_call_keeps_the_reply_aside(
     t.go()
     assert t.proc.wait(timeout=60) == 1
     err = t.stderr()
-    assert "ended" in err and "undelivered" in err and "check it" in err, err
+    assert "ended before the reply was sent to it, so it is not in the session" in err, err
+    assert "undelivered" in err and "check it" not in err, err
     assert [e["role"] for e in entries(session)] == ["user"]
     kept = entries(Path(str(session) + ".undelivered"))
     assert kept == [{

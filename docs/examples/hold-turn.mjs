@@ -24,7 +24,8 @@
 // "undelivered" with the reason, to SESSION.undelivered. If hold itself ended
 // before answering (killed, say), or answered "stored": null (a failed write it could
 // not take back), the reply may or may not have gone in: it is kept all the same
-// (marked "HoldEnded", or with the error), and the message says to check the session.
+// (marked "HoldEnded", or with the error), and the message says to check the session
+// (unless hold ended before the reply's append was sent: then it is not in).
 
 import { spawn } from "node:child_process";
 import { appendFileSync } from "node:fs";
@@ -160,18 +161,20 @@ function model(opts, message) {
   return new Promise((resolve) => stdinLines.waiting.push(() => resolve(`echo: ${message}`)));
 }
 
-function keepUndelivered(opts, entry, error) {
-  // The reply is not in the session (or, when hold ended before it answered or could
-  // not take a failed line back, perhaps not): keep it where a person or a retry will
-  // find it.
+function keepUndelivered(opts, entry, error, sent) {
+  // The reply is not in the session (or, when hold ended before it answered its append
+  // or could not take a failed line back, perhaps not): keep it where a person or a
+  // retry will find it. `sent`: whether its append had been asked for.
   const aside = `${opts.session}.undelivered`;
   const why = error instanceof HoldError ? error.answer.error : "HoldEnded";
   appendFileSync(aside, JSON.stringify({ ...entry, undelivered: why }) + "\n", {
     mode: 0o600,
   });
   const fate = !(error instanceof HoldError)
-    ? "fencelock hold ended before it answered, so the reply may or may not be in the " +
-      "session (check it before sending the kept copy again)"
+    ? sent
+      ? "fencelock hold ended before it answered, so the reply may or may not be in the " +
+        "session (check it before sending the kept copy again)"
+      : "fencelock hold ended before the reply was sent to it, so it is not in the session"
     : error.answer.stored === null
     ? "the reply could not be taken back out after a failed write, so it may or may not " +
       "be in the session (check it before sending the kept copy again)"
@@ -198,8 +201,10 @@ async function turn(opts, n) {
   await hold.request("prompt_begin");
   console.log("prompt");
   const reply = { role: "assistant", content: await model(opts, opts.message), ...who };
+  let sent = false;
   try {
     await hold.request("prompt_end"); // the fence: did anything else write meanwhile?
+    sent = true;
     await hold.request("append", { entry: reply });
   } catch (e) {
     // Whatever went wrong (a takeover, a refused request, hold gone), the reply is
@@ -212,7 +217,7 @@ async function turn(opts, n) {
           `hold-turn: the reply is in the session all the same\n`,
       );
     } else {
-      keepUndelivered(opts, reply, e);
+      keepUndelivered(opts, reply, e, sent);
     }
     e.reported = true;
     await hold.release().catch(() => {});
