@@ -73,6 +73,11 @@ class ConfigWarning:
     implicit: bool = False
     """No heartbeat is configured anywhere: this is the default agent, which the gateway
     gives its built-in heartbeat (every 30m, in the main session)."""
+    chosen: str = ""
+    """With ``implicit``: why this agent is the default one (``marked default: true``,
+    ``the first listed``...)."""
+    enabled_off: bool = False
+    """The heartbeat says ``enabled: false``, which is no gateway setting: it still runs."""
     ignored: tuple[str, ...] = ()
     """Later entries with the same agent id (JSON paths): the gateway reads an agent's
     settings from its first entry only."""
@@ -84,14 +89,18 @@ class ConfigWarning:
     @property
     def problem(self) -> str:
         if self.implicit:
+            chosen = f" ({self.chosen})" if self.chosen else ""
             return ("no heartbeat is configured, so the gateway runs its default one "
-                    "(every 30m) for the default agent, not isolated")
+                    f"(every 30m) for the default agent{chosen}, not isolated")
         if self.isolated is None:
             what = "heartbeat.isolatedSession is not set"
         else:
             what = f"heartbeat.isolatedSession is {_shown(self.isolated)}, not true"
         if self.inherited:
             what += " (inherited from agents.defaults.heartbeat)"
+        if self.enabled_off:
+            what += ('; enabled: false is no gateway setting and turns nothing off '
+                     '(every: "0m" does)')
         return what
 
     @property
@@ -319,10 +328,6 @@ def _heartbeat(value: object, where: str, path: str) -> dict[str, Any] | bool | 
     raise ConfigError(path, f"{where} is {_kind(value)}, expected an object")
 
 
-def _disabled(hb: dict[str, Any]) -> bool:
-    """Whether a merged heartbeat setting runs no heartbeat: ``enabled: false``, or an
-    ``every`` the gateway reads as no interval (a missing one is its default, 30m)."""
-    return hb.get("enabled") is False or not _cadence(hb)
 
 
 def _merged(base: dict[str, Any] | bool | None,
@@ -339,8 +344,10 @@ def _merged(base: dict[str, Any] | bool | None,
 
 def _cadence(hb: dict[str, Any]) -> bool:
     """Whether a merged heartbeat has an interval (a missing ``every`` is the gateway's
-    default, 30m): what makes an agent's block select it for the explicit-only rule
-    (``enabled`` plays no part there)."""
+    default, 30m): whether it runs, and whether an agent's block selects it for the
+    explicit-only rule. Only ``every`` turns a heartbeat off: the gateway has no
+    ``enabled`` setting (its schema refuses one, and a config it refuses leaves the
+    last one it took running)."""
     every = hb.get("every")
     return every is None or _interval(every)
 
@@ -430,6 +437,8 @@ def _agents(agents: dict[str, Any], path: str) -> list[_Listed]:
     elif isinstance(listed, dict):
         for agent_id in _js_order(list(listed)):
             where, entry = f"agents.{roster}.{agent_id}", listed[agent_id]
+            if entry is None and roster == "entries":
+                continue  # the gateway passes over an entry that is not an object
             if entry is None:
                 entry = {}
             if not isinstance(entry, dict):
@@ -441,13 +450,40 @@ def _agents(agents: dict[str, Any], path: str) -> list[_Listed]:
     return out
 
 
-def _default_agent(listed: list[_Listed]) -> str:
-    """The gateway id of its default agent: the one marked ``default: true``, else the
-    first listed, else the implicit ``main``."""
-    for key, _, _, entry in listed:
-        if entry.get("default") is True:
-            return key
-    return listed[0][0]
+def _built_in_owners(
+    agents: dict[str, Any], defaults: dict[str, Any], listed: list[_Listed]
+) -> list[tuple[str, str, str]]:
+    """The agents the gateway's built-in heartbeat may run for when no heartbeat is
+    configured: (gateway id, id as written, why it is the default agent). In
+    ``agents.entries`` (newer gateways only): ``agents.defaults.systemAgent.agentId``,
+    else the one agent marked ``default: true`` (not under ``ownership: "explicit"``),
+    else the only agent, else none. In ``agents.list``, read by older gateways too:
+    what either may take, ``systemAgent.agentId`` (newer ones), the first marked agent,
+    else ``main`` where listed (older ones) and the first listed."""
+    system = _owner(defaults.get("systemAgent"))
+    marked = [(key, name) for key, name, _, entry in listed if entry.get("default") is True]
+    owners: list[tuple[str, str, str]] = []
+    if system is not None:
+        owners.append((*system, "agents.defaults.systemAgent.agentId"))
+    if _roster(agents) == "entries" and agents.get("entries"):
+        if system is not None:
+            return owners
+        if len(marked) == 1 and agents.get("ownership") != "explicit":
+            return [(*marked[0], "marked default: true")]
+        if len({key for key, _, _, _ in listed}) == 1:
+            return [(listed[0][0], listed[0][1], "the only agent")]
+        return []  # no owner to be found: the gateway runs none
+    if marked:
+        owners.append((*marked[0], "marked default: true"))
+    else:
+        main = next(((key, name) for key, name, _, _ in listed if key == "main"), None)
+        if main is not None:
+            owners.append((*main, "older gateways take main when no agent is marked default"))
+        owners.append((listed[0][0], listed[0][1], "the first listed"))
+    seen: dict[str, tuple[str, str, str]] = {}
+    for owner in owners:
+        seen.setdefault(owner[0], owner)
+    return list(seen.values())
 
 
 def _settings(
@@ -482,7 +518,7 @@ def _is_block(value: object) -> bool:
 
 def _runs(hb: object) -> bool:
     """Whether a heartbeat setting (the defaults' alone) would run a heartbeat."""
-    return hb is True or (isinstance(hb, dict) and not _disabled(hb))
+    return hb is True or (isinstance(hb, dict) and _cadence(hb))
 
 
 def check(config: object, path: str = "<config>") -> list[ConfigWarning]:
@@ -529,18 +565,15 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
     # that know it) gives the heartbeat to that one agent, listed or not.
     owner = None if explicit else _owner(base)
     if base is None and owner is None and not explicit:
-        # No defaults: the gateway's built-in heartbeat runs for its default agent (in
-        # newer gateways `agents.defaults.systemAgent.agentId` where set), unless a block
-        # of its own turns it off.
-        system = _owner(defaults.get("systemAgent"))
-        if system is None:
-            name, where, own = first[_default_agent(listed)]
-        else:
-            name, where, own = first.get(
-                system[0], (system[1], "agents.defaults.systemAgent.agentId", None))
-        if own is not None:
-            return ConfigReport(())  # its block, which leaves it no interval
-        return ConfigReport((ConfigWarning(name, where, None, False, implicit=True),))
+        # No defaults: the gateway's built-in heartbeat runs for its default agent (see
+        # `_built_in_owners`), unless a block of its own turns it off.
+        built_in = []
+        for key, written, chosen in _built_in_owners(agents, defaults, listed):
+            name, where, own = first.get(key, (written, chosen, None))
+            if own is None:  # (a block here leaves it no interval)
+                built_in.append(ConfigWarning(name, where, None, False, implicit=True,
+                                              chosen=chosen))
+        return ConfigReport(tuple(built_in))
     if owner is not None and owner[0] not in first:
         first[owner[0]] = (owner[1], "agents.defaults.heartbeat.agentId", None)
     warnings: list[ConfigWarning] = []
@@ -557,7 +590,7 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
         if owner is not None and key != owner[0]:
             continue  # the defaults' heartbeat is another agent's
         merged = _merged(base, own)
-        if _disabled(merged):
+        if not _cadence(merged):
             continue
         isolated = merged.get("isolatedSession")
         if isolated is True:
@@ -568,7 +601,8 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
         # No block of its own beside blocks that only opt out: older gateways ran none.
         opted_out = tuple(first[k][0] for k in blocks) if own is None else ()
         warnings.append(ConfigWarning(name, where, isolated, inherited, ignored=ignored,
-                                      opted_out=opted_out))
+                                      opted_out=opted_out,
+                                      enabled_off=merged.get("enabled") is False))
     return ConfigReport(tuple(warnings), tuple(notices))
 
 

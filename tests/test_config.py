@@ -138,10 +138,6 @@ def test_blocks_that_only_turn_their_own_heartbeat_off_leave_the_others_the_defa
     assert found.notices == ()
     assert "gateways without the fix for openclaw #119005 run none for it, as agent 'ops' " \
         "has a heartbeat block that turns its own off" in found.warnings[0].message
-    # A block with an interval selects, even one that `enabled: false` turns off.
-    enabled_off = review(cfg(defaults={"every": "60m"}, agents=[
-        {"id": "main"}, {"id": "ops", "heartbeat": {"enabled": False}}]))
-    assert enabled_off.warnings == () and [n.agent for n in enabled_off.notices] == ["main"]
     # With no defaults, the default agent runs the built-in heartbeat, unless its own
     # block turns it off.
     builtin = check(cfg(agents=[{"id": "main"}, {"id": "ops", "heartbeat": {"every": 0}}]))
@@ -180,7 +176,7 @@ def test_explicit_only_rule_the_blocks_still_merge_over_the_defaults() -> None:
         ("off", ("empty-block", "true-block", "isolated"))]
 
 
-@pytest.mark.parametrize("defaults", [None, False, {"enabled": False}, {"every": "0m"}])
+@pytest.mark.parametrize("defaults", [None, False, {"every": "0m"}])
 def test_no_notice_when_the_defaults_would_run_no_heartbeat(defaults: Any) -> None:
     config = cfg(defaults=defaults,
                  agents=[{"id": "a"}, {"id": "b", "heartbeat": {"every": "5m", "enabled": True}}])
@@ -213,7 +209,6 @@ def test_agent_can_fix_an_unisolated_default() -> None:
 @pytest.mark.parametrize(
     "heartbeat",
     [
-        {"enabled": False},
         {"every": "0"},
         {"every": "0m"},
         {"every": "0s"},
@@ -266,12 +261,19 @@ def test_disabled_defaults_disable_agents_without_own_heartbeat() -> None:
     assert names(check(config)) == ["on"]
 
 
-def test_enabled_false_in_defaults_can_be_reenabled_per_agent() -> None:
-    config = cfg(
-        defaults={"enabled": False},
-        agents=[{"id": "off"}, {"id": "on", "heartbeat": {"enabled": True}}],
-    )
-    assert names(check(config)) == ["on"]
+def test_enabled_false_is_no_gateway_setting_and_turns_nothing_off() -> None:
+    """The gateway has no `enabled` setting (its schema refuses the key, and a config it
+    refuses leaves the last one it took running): only an `every` of no interval turns a
+    heartbeat off. `enabled: false` passed the heartbeat over; it is warned of now, and
+    the warning says so. Nor does it keep a block from selecting its agent."""
+    (only,) = check(cfg(defaults={"every": "30m", "enabled": False}, agents=[{"id": "a"}]))
+    assert (only.agent, only.enabled_off) == ("a", True)
+    assert 'enabled: false is no gateway setting and turns nothing off (every: "0m" does)' \
+        in only.message
+    found = review(cfg(defaults={"every": "60m"}, agents=[
+        {"id": "main"}, {"id": "ops", "heartbeat": {"enabled": False}}]))
+    assert names(list(found.warnings)) == ["ops"]
+    assert [n.agent for n in found.notices] == ["main"]
 
 
 def test_a_null_every_inherits_the_defaults() -> None:
@@ -738,9 +740,9 @@ def test_keyed_agents_are_taken_in_javascript_key_order() -> None:
     """An object's keys that are array indices come first, in ascending number, as
     JavaScript walks them: `2` is the first agent (the default one) before `10` and `a`."""
     keyed: dict[str, Any] = {"a": {}, "10": {}, "2": {}, "01": {}}
+    (only,) = check({"agents": {"list": keyed}})
+    assert (only.agent, only.implicit, only.chosen) == ("2", True, "the first listed")
     for roster in ("entries", "list"):
-        (only,) = check({"agents": {roster: keyed}})
-        assert (only.agent, only.implicit) == ("2", True)
         everyone = check({"agents": {"defaults": {"heartbeat": {}}, roster: keyed}})
         assert names(everyone) == ["2", "10", "a", "01"]
 
@@ -755,3 +757,29 @@ def test_the_system_agent_gets_the_built_in_heartbeat_in_newer_gateways() -> Non
     assert (ghost.agent, ghost.where) == ("x", "agents.defaults.systemAgent.agentId")
     off = {"entries": {"main": {}, "ops": {"heartbeat": {"every": "0m"}}}}
     assert check({"agents": {**off, "defaults": {"systemAgent": {"agentId": "ops"}}}}) == []
+
+
+def test_the_built_in_heartbeat_goes_where_either_gateway_would_run_it() -> None:
+    """With nothing configured: in `agents.list`, the first agent marked `default: true`,
+    else both the first listed and `main` where listed (older gateways took `main`:
+    it was passed over); in `agents.entries`, which only newer gateways read, the one
+    marked agent (not under `ownership: "explicit"`), else the only agent, else none
+    (they run none: it warned of the first)."""
+    def owners(agents: dict[str, Any]) -> list[tuple[str, str]]:
+        return [(w.agent, w.chosen) for w in check({"agents": agents}) if w.implicit]
+
+    later_main = [{"id": "ops"}, {"id": "main"}]
+    assert owners({"list": later_main}) == [
+        ("main", "older gateways take main when no agent is marked default"),
+        ("ops", "the first listed")]
+    assert owners({"list": [*later_main, {"id": "x", "default": True}]}) == [
+        ("x", "marked default: true")]
+    assert owners({"entries": {"a": {}, "b": {}}}) == []
+    assert owners({"entries": {"a": {}, "b": {"default": True}}}) == [
+        ("b", "marked default: true")]
+    assert owners({"ownership": "explicit", "entries": {"a": {}, "b": {"default": True}}}) == []
+    assert owners({"entries": {"a": {}, "b": {"default": True}, "c": {"default": True}}}) == []
+    assert owners({"entries": {"solo": {}}}) == [("solo", "the only agent")]
+    assert owners({"entries": {"gone": None, "solo": {}}}) == [("solo", "the only agent")]
+    (implicit,) = check({"agents": {"entries": {"solo": {}}}})
+    assert "for the default agent (the only agent), not isolated" in implicit.message
