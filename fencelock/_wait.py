@@ -29,24 +29,22 @@ class _Done:
     wakes the waiting thread with less work on both sides than `threading.Event`."""
 
     def __init__(self) -> None:
-        self._flag = False
+        self.flag = False
+        """Set: read as an attribute where no call may come between (`Waiter.give_up`)."""
         self._lock = _thread.allocate_lock()
         self._lock.acquire()
 
     def set(self) -> None:
-        self._flag = True
+        self.flag = True
         self._lock.release()
 
-    def is_set(self) -> bool:
-        return self._flag
-
     def wait(self, timeout: float | None) -> bool:
-        if self._flag:
+        if self.flag:
             return True
         if self._lock.acquire(True, -1 if timeout is None else timeout):
             self._lock.release()  # so that a later wait returns at once
             return True
-        return self._flag
+        return self.flag
 
 
 class Waiter:
@@ -138,8 +136,12 @@ class Waiter:
         with self.mutex:
             if claim is not self.claim:
                 return False  # given up already, or adopted by a later wait since
+            # From here to the outcome's record (the descriptor in ``got``, or the
+            # waiter abandoned) no call: an interrupt lands only at one, and one here
+            # left the claim gone with the waiter neither given up nor taken, so that
+            # its helper then took the lock for nobody.
             self.claim = None
-            if self.done.is_set():  # the descriptor is the caller's from here
+            if self.done.flag:  # the descriptor is the caller's from here
                 if self.error is not None:
                     fd, self.fd = self.fd, -1
                     _sidecar.close(fd)

@@ -686,6 +686,47 @@ def test_a_refused_acquire_by_another_owner_of_the_object_leaves_the_holder_alon
         assert again.held
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("wait", ["acquire", "wait_until_unlocked"])
+def test_an_interrupt_at_any_point_of_a_timed_wait_leaves_no_lock_behind(
+    session: Path, spawn_holder: SpawnHolder, wait: str
+) -> None:
+    """A timed wait (its helper thread blocked in the kernel) for a session another
+    process holds; an interrupt (a signal handler's exception) lands at one point of the
+    wait's code after another, the time limit passing meanwhile. Once the holder lets
+    go, nothing of this process keeps the lock: an interrupt as the wait gave up (just
+    after it let go of its claim) left its helper neither given up nor anyone's, and it
+    took the lock for good, so that the session read as held until the process ended."""
+    from interrupts import interrupted_at
+
+    from fencelock import _wait
+
+    holder = spawn_holder(session, lane="holder")
+    sidecar = str(session) + ".holder"
+    if wait == "acquire":
+        def timed_wait() -> object:
+            return SessionLock(session, "waiter", timeout=0.02).acquire()
+    else:
+        def timed_wait() -> object:
+            return _wait.wait_until_unlocked(sidecar, 0.02)
+    number = 0
+    while True:
+        holder.acquire()
+        fired, _ = interrupted_at(number, timed_wait, (_wait.__file__,),
+                                  expected=(SessionContendedError,))
+        assert holder.call("release") == "released"
+        deadline = time.monotonic() + 30
+        while _wait.abandoned_waits():  # its helper drops the lock it gets at once
+            assert time.monotonic() < deadline, f"a helper never let go (point {number})"
+            time.sleep(0.001)
+        with SessionLock(session, "after", on_contention="fail"):
+            pass  # (SessionContendedError: a helper of this process took it for nobody)
+        if not fired:
+            break
+        number += 1
+    assert number > 10  # the wait's code was walked
+
+
 def test_fork_during_a_timed_wait_leaves_no_orphan_lock(
     session: Path, spawn_holder: SpawnHolder
 ) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import _thread
 import ast
-import dis
 import sys
 import threading
 import time
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import SpawnHolder, wait_for_blocked_waiter
+from interrupts import interrupted_at
 
 import fencelock
 from fencelock import (
@@ -364,55 +364,10 @@ def test_an_interrupt_as_clear_is_handed_the_slot_leaves_the_session_free_here(
         pass
 
 
-def _signal_points(code: Any) -> frozenset[int]:
-    """The offsets of ``code`` at which CPython runs a signal handler (whose exception,
-    Ctrl-C's KeyboardInterrupt, then surfaces there): a function's start, right after a
-    call returns, a loop's backward jump. Not between any two instructions: a ``with``
-    block's end, for one, cannot be cut from the call to its ``__exit__``."""
-    points = {0}
-    after_call = False
-    for instruction in dis.get_instructions(code):
-        if after_call or instruction.opname.startswith("JUMP_BACKWARD"):
-            points.add(instruction.offset)
-        after_call = instruction.opname in ("CALL", "CALL_FUNCTION_EX")
-    return frozenset(points)
-
-
 def _interrupted_at(number: int, call: Callable[[], object]) -> tuple[bool, BaseException | None]:
-    """Run ``call`` with an interrupt (KeyboardInterrupt) raised at the ``number``-th
-    point where a signal handler could run (`_signal_points`) in the registry's code or
-    `threading`'s (which the registry must not depend on), by this thread: whether it
-    fired (``number`` is past the last point when not), and what ``call`` raised."""
-    files = (_registry.__file__, threading.__file__)
-    seen = [0]
-    fired: list[bool] = []
-    points: dict[Any, frozenset[int]] = {}
-
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        code = frame.f_code
-        if code.co_filename not in files:
-            return None
-        frame.f_trace_opcodes = True
-        if event == "opcode" and not fired:
-            if code not in points:
-                points[code] = _signal_points(code)
-            if frame.f_lasti in points[code]:
-                if seen[0] == number:
-                    fired.append(True)
-                    raise KeyboardInterrupt
-                seen[0] += 1
-        return tracer
-
-    outcome: BaseException | None = None
-    sys.settrace(tracer)
-    try:
-        call()
-    except BaseException as error:
-        outcome = error
-    finally:
-        sys.settrace(None)
-    assert outcome is None or (fired and type(outcome) is KeyboardInterrupt), (number, outcome)
-    return bool(fired), outcome
+    """`interrupted_at` in the registry's code or `threading`'s (which the registry must
+    not depend on)."""
+    return interrupted_at(number, call, (_registry.__file__, threading.__file__))
 
 
 def _assert_registry_at_rest(session: Path) -> None:
