@@ -693,13 +693,14 @@ def test_an_interrupt_at_any_point_of_a_timed_wait_leaves_no_lock_behind(
 ) -> None:
     """A timed wait (its helper thread blocked in the kernel) for a session another
     process holds; an interrupt (a signal handler's exception) lands at one point of the
-    wait's code after another, the time limit passing meanwhile. Once the holder lets
-    go, nothing of this process keeps the lock: an interrupt as the wait gave up (just
-    after it let go of its claim) left its helper neither given up nor anyone's, and it
-    took the lock for good, so that the session read as held until the process ended."""
+    wait's code (and the acquire's) after another, the time limit passing meanwhile.
+    Once the holder lets go, nothing of this process keeps the lock: an interrupt as
+    the wait gave up (just after it let go of its claim) left its helper neither given
+    up nor anyone's, and it took the lock for good, so that the session read as held
+    until the process ended."""
     from interrupts import interrupted_at
 
-    from fencelock import _wait
+    from fencelock import _lock, _registry, _sidecar_holder, _wait
 
     holder = spawn_holder(session, lane="holder")
     sidecar = str(session) + ".holder"
@@ -709,11 +710,11 @@ def test_an_interrupt_at_any_point_of_a_timed_wait_leaves_no_lock_behind(
     else:
         def timed_wait() -> object:
             return _wait.wait_until_unlocked(sidecar, 0.02)
+    walked = (_wait.__file__, _sidecar_holder.__file__, _lock.__file__, _registry.__file__)
     number = 0
     while True:
         holder.acquire()
-        fired, _ = interrupted_at(number, timed_wait, (_wait.__file__,),
-                                  expected=(SessionContendedError,))
+        fired, _ = interrupted_at(number, timed_wait, walked, expected=(SessionContendedError,))
         assert holder.call("release") == "released"
         deadline = time.monotonic() + 30
         while _wait.abandoned_waits():  # its helper drops the lock it gets at once
