@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -107,11 +108,24 @@ class _ThreadOwner:
     __slots__ = ()
 
 
+class _TaskOwner:
+    """An asyncio task as the owner of a lock object, for reentrancy: one per task, for
+    the task's life. Not the task itself: a held lock object (which the in-process
+    registry keeps) would keep its task alive, so that a task dropped with its event
+    loop closed never had its coroutine closed, and never gave the session back."""
+
+    __slots__ = ("__weakref__",)
+
+
 _threads = threading.local()
+_closing = threading.Lock()
+"""Taken by releases for coroutines being closed (`SessionLock._release_closed`)."""
+_tasks: weakref.WeakKeyDictionary[object, _TaskOwner] = weakref.WeakKeyDictionary()
+"""Each live task's `_TaskOwner`."""
 
 
 def _whoami() -> object:
-    """The owner identity for reentrancy: the asyncio task if any, else the thread."""
+    """The owner identity for reentrancy: the asyncio task's if any, else the thread's."""
     # No task can be running in a process that never imported asyncio, nor in this
     # thread while another thread is still importing it (a module half made, which
     # lacks the functions: an acquire then raised AttributeError).
@@ -119,7 +133,7 @@ def _whoami() -> object:
     try:
         if aio is not None and aio._get_running_loop() is not None and \
                 (task := aio.current_task()) is not None:
-            return task
+            return _tasks.get(task) or _tasks.setdefault(task, _TaskOwner())
     except AttributeError:
         pass
     try:
@@ -909,13 +923,19 @@ class SessionLock:
         return done
 
     def _give_back_closed(self, run_id: str) -> None:
-        """Release run ``run_id``, delivered to an `acquire_async` closed before it
-        resumed, in a thread: the closing thread may hold the registry's mutex, which
-        the release takes. Where no thread can be had, here (nothing else would)."""
+        """Release run ``run_id`` for a coroutine being closed (an `acquire_async` it was
+        delivered to before it resumed, or an ``async with`` block: its task dropped
+        with its event loop closed, and collected), in a thread: the closing thread may
+        be the garbage collector's, anywhere, the registry's mutex taken, which the
+        release takes. Where no thread can be had, here (nothing else would)."""
         try:
-            threading.Thread(target=self._release_unwanted, args=(run_id,),
+            threading.Thread(target=self._release_closed, args=(run_id,),
                              name="fencelock-release", daemon=True).start()
         except RuntimeError:
+            self._release_closed(run_id)
+
+    def _release_closed(self, run_id: str) -> None:
+        with _closing:  # one at a time: the blocks of a re-entrant hold, each its own
             self._release_unwanted(run_id)
 
     def _release_unwanted(self, run_id: str | None = None) -> None:
@@ -946,6 +966,12 @@ class SessionLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc_type is GeneratorExit and self.held:
+            # The coroutine is being closed, perhaps by the garbage collector (its task
+            # dropped with its event loop closed): nothing can be awaited, nor the
+            # registry's mutex taken here.
+            self._give_back_closed(self._run_id)
+            return
         if self._store.releases_in_place:
             self.release()
             return

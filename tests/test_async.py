@@ -606,3 +606,86 @@ def test_an_acquire_while_another_thread_imports_asyncio(session: Path) -> None:
     done = subprocess.run([sys.executable, "-c", HALF_IMPORTED, str(session)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout == "True\n", done.stderr
+
+
+def test_a_task_holding_a_session_when_its_loop_is_closed_gives_it_back_once_collected(
+    session: Path,
+) -> None:
+    """A program that drives its own loop closes it while a task holds the session in
+    `async with` and another task of it waits: once the dropped tasks are collected,
+    the holder's block is closed and the session given back, and the waiter's helper
+    thread gives back what it then gets. The lock object kept its task alive (as the
+    owner of the hold), so that the session stayed held, and the waiter's helper thread
+    waited, for the life of the process."""
+    import gc
+
+    loop = asyncio.new_event_loop()
+    inside = threading.Event()
+
+    async def hold() -> None:
+        async with SessionLock(session, lane="holder"):
+            inside.set()
+            await asyncio.sleep(3600)
+
+    async def wait() -> None:
+        async with SessionLock(session, lane="waiter"):
+            pass
+
+    tasks = [loop.create_task(hold()), loop.create_task(wait())]
+    while not (inside.is_set() and _registry.waiters() == 1):
+        loop.run_until_complete(asyncio.sleep(0.001))
+    helpers = [t for t in threading.enumerate() if t.name == "fencelock-acquire"]
+    assert len(helpers) == 1
+    loop.close()
+    del tasks, loop
+    gc.collect()
+    helpers[0].join(30)
+    assert not helpers[0].is_alive()
+    for thread in threading.enumerate():  # the release's own thread
+        if thread.name == "fencelock-release":
+            thread.join(30)
+    assert probe(session).state == ProbeState.FREE
+    with SessionLock(session, lane="after", on_contention="fail"):
+        pass
+
+
+def test_a_block_closed_by_a_thread_inside_the_registry_gives_the_session_back(
+    session: Path,
+) -> None:
+    """An `async with` block closed (as the garbage collector closes a dropped task's
+    coroutine, at any point of any thread) while the closing thread holds the registry's
+    mutex: the close returns, and the session is given back from a thread of its own
+    once the mutex is free. The release, run in the block's exit, took the mutex again
+    and hung that thread, and with it every acquire and release of the process."""
+    entered = []
+
+    async def hold() -> None:
+        async with SessionLock(session, lane="holder"):
+            entered.append(True)
+            await _Suspended()  # here until closed
+
+    coroutine = hold()
+    coroutine.send(None)
+    assert entered
+    closer = threading.Thread(target=lambda: _closed_inside_the_registry(coroutine), daemon=True)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive(), "closing the block hung inside the registry's mutex"
+    for thread in threading.enumerate():
+        if thread.name == "fencelock-release":
+            thread.join(30)
+    assert probe(session).state == ProbeState.FREE
+    with SessionLock(session, lane="after", on_contention="fail"):
+        pass
+
+
+def _closed_inside_the_registry(coroutine: Any) -> None:
+    with _registry._mu:
+        coroutine.close()
+
+
+class _Suspended:
+    """An awaitable that suspends its coroutine once, with no event loop."""
+
+    def __await__(self) -> Any:
+        yield
