@@ -201,7 +201,7 @@ class Keeper:
         the session."""
         from fencelock._errors import StoreUnavailableError
         from fencelock._etcd import margin
-        from fencelock._output import error_line
+        from fencelock._output import warning_line
 
         holder = self.holder
         safety = margin(holder.url.ttl)
@@ -228,10 +228,10 @@ class Keeper:
             if not counted_lost:
                 continue  # the lease's own renewals vouch for it
             if not vouched_until:
-                error_line(f"{holder.session}: this run could not confirm its etcd lease in "
-                           f"time ({holder.lost_within(0.0)}), but etcd still holds the "
-                           f"session for it: the command goes on; the record is no longer "
-                           f"updated")
+                warning_line(f"{holder.session}: this run could not confirm its etcd lease "
+                             f"in time ({holder.lost_within(0.0)}), but etcd still holds the "
+                             f"session for it: the command goes on; the record is no longer "
+                             f"updated")
             vouched_until = asked + lease_left - safety
 
     def left_running(self) -> bool:

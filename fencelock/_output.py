@@ -171,7 +171,7 @@ def plain_warnings() -> None:
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
              file: TextIO | None = None, line: str | None = None) -> None:
         if issubclass(category, FenceLockWarning):
-            click.echo(f"Warning: {clean(str(message))}", err=True)
+            warning_line(str(message))
         else:
             default(message, category, filename, lineno, file, line)
 
@@ -309,6 +309,11 @@ def _readable(text: str) -> str:
 
 def error_line(message: str) -> None:
     click.echo(f"Error: {clean(message)}", err=True)
+
+
+def warning_line(message: str) -> None:
+    """A note on stderr about something that did not fail: ``Warning: <message>``."""
+    click.echo(f"Warning: {clean(message)}", err=True)
 
 
 def holder_text(st: HolderStatus) -> str:

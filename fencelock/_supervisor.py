@@ -19,6 +19,7 @@ from fencelock._output import (
     CommandNotFoundError,
     error_line,
     library_errors,
+    warning_line,
 )
 from fencelock._signals import PromptHandlers, Stopped
 
@@ -211,7 +212,7 @@ def run_held(
     forwarder: SignalForwarder,
     keeper: _etcdkeeper.Keeper | None = None,
 ) -> int:
-    from fencelock._errors import FenceLockError
+    from fencelock._errors import FenceLockError, HolderLostError
 
     lock_fd = lock._shared_fd() if keeper is None else keeper.command_fd
     env = dict(os.environ)
@@ -249,7 +250,10 @@ def run_held(
         try:
             lock._name_command(proc.pid)
         except (FenceLockError, OSError) as e:
-            error_line(f"{lock.session}: the record does not name the command: {e}")
+            # The command runs on: a note. A holder this process's clock counts as lost
+            # is the keeper's to judge (it asks etcd, and says what it finds).
+            if not (isinstance(e, HolderLostError) and keeper is not None):
+                warning_line(f"{lock.session}: the record does not name the command: {e}")
         code = proc.wait()
     finally:
         if keeper is not None:

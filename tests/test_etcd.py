@@ -4327,3 +4327,57 @@ def test_a_lock_delivered_to_a_task_cancelled_before_it_resumed_is_given_back_fi
     asyncio.run(main())
     assert not lock.held
     assert probe(session, backend=url).state == ProbeState.FREE
+
+
+@pytest.mark.parametrize("paused", ["running", "naming"])
+def test_a_run_paused_past_its_lease_that_etcd_still_vouches_for_goes_on_with_a_warning(
+    session: Path, etcd_server: EtcdServer, paused: str
+) -> None:
+    """`fencelock run` paused (Ctrl-Z, a VM migration) past what its own clock can vouch
+    for, while its keeper (a process of its own) kept the lease: etcd says the run still
+    holds, so the command goes on, and the one line saying so is a warning, not an
+    error (a script that takes an `Error:` line for a failed run was misled). Paused as
+    it named its command in the record, it also said "Error: ... lost its holder ...
+    Start the run again" of a run that went on."""
+    url = etcd_server.url(f"paused-{uuid.uuid4().hex[:8]}", ttl=3)
+    here = Path(__file__).parent
+    how = [str(here / "paused_run.py")] if paused == "naming" else ["-m", "fencelock"]
+    run = subprocess.Popen(
+        [sys.executable, *how, "run", str(session), "--lane", "paused", "--backend", url,
+         "--", "sh", "-c", "echo started; read line"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdin is not None and run.stdout is not None and run.stderr is not None
+    try:
+        assert run.stdout.readline() == "started\n"
+        deadline = time.monotonic() + 30
+        if paused == "naming":  # it stops itself there
+            while _process_state(run.pid) != "T":
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+        else:  # once the record names the command
+            while record_of(session, url).command is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            run.send_signal(signal.SIGSTOP)
+        time.sleep(4.5)  # the pause itself: past the lease's 3 s on the run's own clock
+        run.send_signal(signal.SIGCONT)
+        said = run.stderr.readline()
+        assert said.startswith("Warning: ") and "could not confirm its etcd lease" in said, said
+        assert "the command goes on" in said
+        run.stdin.write("end\n")
+        run.stdin.close()
+        assert run.wait(60) == 0
+        assert run.stderr.read() == ""  # that line alone
+    finally:
+        run.send_signal(signal.SIGCONT)
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        run.stdout.close()
+        run.stderr.close()
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of process ``pid`` (``T``: stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
