@@ -103,11 +103,12 @@ class Waiter:
     def adopt(self, box: list[tuple[Waiter, object]]) -> bool:
         """Take over an abandoned waiter that is still blocked, putting it and a new
         claim in ``box``; False if it is gone (or its thread never began)."""
+        claim = object()  # made first: from ``abandoned`` cleared to the box, no call
         with self.mutex:
             if self.finished or not self.running or not self.abandoned:
                 return False
             self.abandoned = False
-            self.claim = claim = object()
+            self.claim = claim
             box.append((self, claim))  # in the box before anything can interrupt the caller
             return True
 
@@ -277,14 +278,17 @@ def _shared_lock(
     """Take and drop a shared lock on the sidecar by ``deadline``: the stat of the file
     locked (``fd``'s, or an earlier wait's still-blocked descriptor's), None on timeout.
     ``fd`` is closed or handed to a helper either way."""
-    if _platform.try_lock(fd, shared=True):
-        _sidecar.close(fd)
-        return st
-    try:
-        _sidecar.refuse_own_run(sidecar, fd, st)
+    free = False
+    try:  # closed on any exception: an interrupt just as the lock came, too
+        free = _platform.try_lock(fd, shared=True)
+        if not free:
+            _sidecar.refuse_own_run(sidecar, fd, st)
     except BaseException:
         _sidecar.close(fd)
         raise
+    if free:
+        _sidecar.close(fd)
+        return st
     if deadline is None and _platform.CAN_BLOCK:
         try:
             _platform.lock_blocking(fd, shared=True)

@@ -688,35 +688,54 @@ def test_a_refused_acquire_by_another_owner_of_the_object_leaves_the_holder_alon
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("wait", ["acquire", "wait_until_unlocked"])
+@pytest.mark.parametrize("held", ["held", "adopting", "free"])
 def test_an_interrupt_at_any_point_of_a_timed_wait_leaves_no_lock_behind(
-    session: Path, spawn_holder: SpawnHolder, wait: str
+    session: Path, spawn_holder: SpawnHolder, wait: str, held: str
 ) -> None:
-    """A timed wait (its helper thread blocked in the kernel) for a session another
-    process holds; an interrupt (a signal handler's exception) lands at one point of the
-    wait's code (and the acquire's) after another, the time limit passing meanwhile.
-    Once the holder lets go, nothing of this process keeps the lock: an interrupt as
-    the wait gave up (just after it let go of its claim) left its helper neither given
-    up nor anyone's, and it took the lock for good, so that the session read as held
-    until the process ended."""
+    """A timed wait for a session another process holds (its helper thread blocked in
+    the kernel; ``adopting``: after an earlier wait that timed out, whose helper it takes
+    over), or for a free one; an interrupt (a signal handler's exception) lands at one
+    point of the wait's code (and the acquire's) after another, the time limit passing
+    meanwhile. Once the holder lets go, nothing of this process keeps the lock. An
+    interrupt as the wait gave up (just after it let go of its claim), or as it took
+    over the earlier helper, left that helper neither given up nor anyone's, and it took
+    the lock for good, so that the session read as held until the process ended; one
+    just as `wait_until_unlocked` got a free session's lock kept it (shared)."""
     from interrupts import interrupted_at
 
     from fencelock import _forkguard, _lock, _registry, _sidecar_holder, _wait
 
     holder = spawn_holder(session, lane="holder")
     sidecar = str(session) + ".holder"
+    made: list[SessionLock] = []
     if wait == "acquire":
         def timed_wait() -> object:
-            return SessionLock(session, "waiter", timeout=0.02).acquire()
+            made.append(SessionLock(session, "waiter", timeout=0.02))
+            made[-1].acquire()
+            made[-1].release()  # (a free session's)
+            return None
     else:
         def timed_wait() -> object:
             return _wait.wait_until_unlocked(sidecar, 0.02)
+    holder.acquire()  # (the sidecar made)
+    assert holder.call("release") == "released"
     walked = (_wait.__file__, _sidecar_holder.__file__, _lock.__file__, _registry.__file__)
     tracked = set(_forkguard._open)
     number = 0
     while True:
-        holder.acquire()
+        if held != "free":
+            holder.acquire()
+        if held == "adopting":  # one that times out: its helper stays blocked, taken over
+            with contextlib.suppress(SessionContendedError):
+                assert timed_wait() is False  # (wait_until_unlocked's timeout)
+            assert _wait.abandoned_waits()
         fired, _ = interrupted_at(number, timed_wait, walked, expected=(SessionContendedError,))
-        assert holder.call("release") == "released"
+        if held != "free":
+            assert holder.call("release") == "released"
+        for lock in made:  # an interrupt as a release was entered: released again (README)
+            while lock.held:
+                lock.release()
+        made.clear()
         deadline = time.monotonic() + 30
         while _wait.abandoned_waits():  # its helper drops the lock it gets at once
             assert time.monotonic() < deadline, f"a helper never let go (point {number})"
