@@ -649,39 +649,84 @@ def test_a_task_holding_a_session_when_its_loop_is_closed_gives_it_back_once_col
         pass
 
 
-def test_a_block_closed_by_a_thread_inside_the_registry_gives_the_session_back(
-    session: Path,
+@pytest.mark.parametrize("kind", ["async with", "with in a generator"])
+def test_a_block_the_garbage_collector_closes_inside_the_registry_gives_the_session_back(
+    session: Path, kind: str
 ) -> None:
-    """An `async with` block closed (as the garbage collector closes a dropped task's
-    coroutine, at any point of any thread) while the closing thread holds the registry's
-    mutex: the close returns, and the session is given back from a thread of its own
-    once the mutex is free. The release, run in the block's exit, took the mutex again
-    and hung that thread, and with it every acquire and release of the process."""
-    entered = []
+    """A dropped coroutine suspended in `async with` (or a generator in `with`), kept
+    only by a reference cycle, is closed by the garbage collector, in whatever thread
+    and at whatever point a collection starts: here in one holding the registry's
+    mutex. The collection returns, and the session is given back from a thread of its
+    own once the mutex is free. The release, run in the block's exit, took the mutex
+    again and hung that thread, and with it every acquire and release of the process."""
+    import gc
 
-    async def hold() -> None:
+    async def hold_async() -> None:
         async with SessionLock(session, lane="holder"):
-            entered.append(True)
             await _Suspended()  # here until closed
 
-    coroutine = hold()
-    coroutine.send(None)
-    assert entered
-    closer = threading.Thread(target=lambda: _closed_inside_the_registry(coroutine), daemon=True)
-    closer.start()
-    closer.join(30)
-    assert not closer.is_alive(), "closing the block hung inside the registry's mutex"
-    for thread in threading.enumerate():
-        if thread.name == "fencelock-release":
-            thread.join(30)
-    assert probe(session).state == ProbeState.FREE
+    def hold_sync() -> Any:
+        with SessionLock(session, lane="holder"):
+            yield
+
+    gc.disable()  # no collection but the one below
+    try:
+        if kind == "async with":
+            suspended: Any = hold_async()
+            suspended.send(None)
+        else:
+            suspended = hold_sync()
+            next(suspended)
+        assert probe(session).state == ProbeState.LIVE
+        cycle: list[Any] = [suspended]
+        cycle.append(cycle)
+        del suspended, cycle
+        collector = threading.Thread(target=_collected_inside_the_registry, daemon=True)
+        collector.start()
+        collector.join(30)
+        assert not collector.is_alive(), "the collection hung inside the registry's mutex"
+    finally:
+        gc.enable()
+    deadline = time.monotonic() + 30
+    while probe(session).state != ProbeState.FREE:  # (given back from its own thread)
+        assert time.monotonic() < deadline, "never given back"
+        time.sleep(0.001)
     with SessionLock(session, lane="after", on_contention="fail"):
         pass
 
 
-def _closed_inside_the_registry(coroutine: Any) -> None:
+def _collected_inside_the_registry() -> None:
+    import gc
+
     with _registry._mu:
-        coroutine.close()
+        gc.collect()
+
+
+def test_a_block_closed_by_its_program_gives_the_session_back_before_the_close_returns(
+    session: Path,
+) -> None:
+    """`aclose()` of an async generator that streams inside `async with` (or a
+    coroutine's `close()`): the session is given back by the time it returns, so that
+    the program's next acquire finds it free (the block's exit once released from a
+    thread of its own for every close: the next fail-fast acquire met its own lane)."""
+    async def stream() -> Any:
+        async with SessionLock(session, lane="stream"):
+            yield 1
+            yield 2
+
+    from fencelock import _lock
+
+    async def main() -> None:
+        items = stream()
+        assert await items.__anext__() == 1
+        # (A release handed to a thread would wait for this: seen as not yet done.)
+        with _lock._closing:
+            await items.aclose()
+            assert probe(session).state == ProbeState.FREE
+        with SessionLock(session, lane="next", on_contention="fail"):
+            pass
+
+    asyncio.run(main())
 
 
 class _Suspended:
