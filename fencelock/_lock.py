@@ -14,7 +14,6 @@ from __future__ import annotations
 import _thread
 import contextlib
 import functools
-import gc
 import os
 import stat
 import sys
@@ -122,20 +121,6 @@ class _TaskOwner:
 _threads = threading.local()
 _closing = threading.Lock()
 """Taken by releases for coroutines being closed (`SessionLock._release_closed`)."""
-
-_collector = 0
-"""The thread ident of a thread running the garbage collector, else 0: a release it
-runs (a finalizer's: a dropped generator's or coroutine's ``with`` exit) may come in
-the middle of the registry's mutex, or of any lock of that thread's, which letting go
-takes; it lets go from a thread of its own."""
-
-
-def _watch_collections(phase: str, info: dict[str, int]) -> None:
-    global _collector
-    _collector = threading.get_ident() if phase == "start" else 0
-
-
-gc.callbacks.append(_watch_collections)
 _tasks: weakref.WeakKeyDictionary[object, _TaskOwner] = weakref.WeakKeyDictionary()
 """Each live task's `_TaskOwner`."""
 
@@ -634,29 +619,7 @@ class SessionLock:
             # release. Done as it ends.
             self._count, self._release_deferred = 1, True
             return
-        if _collector and _collector == threading.get_ident():
-            self._let_go_apart()  # run by the garbage collector: see `_collector`
-            return
         self._let_go()
-
-    def _let_go_apart(self) -> None:
-        """`_let_go` in a thread of its own (a bare one: `threading`'s own locks may be
-        the ones this thread is in the middle of)."""
-        try:
-            _thread.start_new_thread(self._let_go_quietly, ())
-        except RuntimeError as e:  # no thread to be had: the process's exit lets go
-            warnings.warn(FenceLockWarning(
-                f"{self.session}: a release run by the garbage collector could not start "
-                f"the thread it needs ({e}): the session stays held until this process "
-                f"exits"), stacklevel=2)
-
-    def _let_go_quietly(self) -> None:
-        try:
-            self._let_go()
-        except Exception as e:
-            warnings.warn(FenceLockWarning(
-                f"{self.session}: a release run by the garbage collector failed: {e}"),
-                stacklevel=1)
 
     def _let_go(self) -> None:
         """The release's work once its count reaches 0: the store lets go, then the
@@ -804,7 +767,22 @@ class SessionLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release()
+        if exc_type is GeneratorExit:
+            self._exit_closed()
+        else:
+            self.release()
+
+    def _exit_closed(self) -> None:
+        """The exit of a ``with`` block in a generator or coroutine being closed: by its
+        program (given back at once), or by the garbage collector, which closes a dropped
+        one in whatever thread a collection starts, at any point: perhaps in the middle
+        of the registry's mutex, which a release takes. While that mutex is taken (this
+        thread's, or another's for an instant) it is given back from a thread of its
+        own."""
+        if _registry.busy():
+            self._give_back_closed(self._run_id)
+        else:
+            self.release()
 
     # -- asyncio -----------------------------------------------------------------
 
@@ -971,9 +949,8 @@ class SessionLock:
         with its event loop closed, and collected), in a thread: the closing thread may
         be the garbage collector's, anywhere, the registry's mutex taken, which the
         release takes. Where no thread can be had, here (nothing else would)."""
-        try:
-            threading.Thread(target=self._release_closed, args=(run_id,),
-                             name="fencelock-release", daemon=True).start()
+        try:  # a bare thread: `threading`'s own locks may be what this one is inside
+            _thread.start_new_thread(self._release_closed, (run_id,))
         except RuntimeError:
             self._release_closed(run_id)
 
@@ -1009,13 +986,14 @@ class SessionLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._store.releases_in_place:
-            self.release()  # (run by the garbage collector: from a thread of its own)
+        if exc_type is GeneratorExit:  # being closed (nothing can be awaited)
+            if self._store.releases_in_place:
+                self._exit_closed()
+            else:
+                self._give_back_closed(self._run_id)
             return
-        if exc_type is GeneratorExit and self.held:
-            # The coroutine is being closed (a dropped task's, by the garbage
-            # collector, say): nothing can be awaited.
-            self._give_back_closed(self._run_id)
+        if self._store.releases_in_place:
+            self.release()
             return
         # It may wait for etcd to come back (up to the lease's time to live): not on the
         # event loop, nor in the loop's default executor (see `acquire_async`).

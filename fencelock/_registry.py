@@ -248,6 +248,12 @@ def _held_elsewhere(lock: SessionLock, waited: float | None) -> SessionContended
     return held_error(lock.session, lock._backend_url(), waited)
 
 
+def busy() -> bool:
+    """Whether the registry's mutex is taken (by this thread, perhaps: see
+    `SessionLock._exit_closed`)."""
+    return _mu.locked()
+
+
 def free(key: str, lock: SessionLock, attempt: object = None) -> None:
     """Free ``key``'s slot if ``lock`` has it (and, given ``attempt``, if that attempt
     took it): it goes to the longest waiter, if any."""
