@@ -619,11 +619,6 @@ class SessionLock:
             # release. Done as it ends.
             self._count, self._release_deferred = 1, True
             return
-        self._let_go()
-
-    def _let_go(self) -> None:
-        """The release's work once its count reaches 0: the store lets go, then the
-        in-process slot."""
         try:
             quick = waited = False
             try:
@@ -944,11 +939,12 @@ class SessionLock:
         return done
 
     def _give_back_closed(self, run_id: str) -> None:
-        """Release run ``run_id`` for a coroutine being closed (an `acquire_async` it was
-        delivered to before it resumed, or an ``async with`` block: its task dropped
-        with its event loop closed, and collected), in a thread: the closing thread may
-        be the garbage collector's, anywhere, the registry's mutex taken, which the
-        release takes. Where no thread can be had, here (nothing else would)."""
+        """Release run ``run_id`` for a generator or coroutine being closed (an
+        `acquire_async` it was delivered to before it resumed, a ``with`` block's exit
+        run while the registry's mutex is taken, an etcd ``async with``'s), in a thread:
+        the closing thread may be the garbage collector's, anywhere, the registry's
+        mutex taken, which the release takes. Where no thread can be had, here (nothing
+        else would)."""
         try:  # a bare thread: `threading`'s own locks may be what this one is inside
             _thread.start_new_thread(self._release_closed, (run_id,))
         except RuntimeError:

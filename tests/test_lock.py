@@ -443,7 +443,7 @@ def test_a_release_waits_for_a_record_write_under_way(session: Path) -> None:
 
     lock = SessionLock(session, lane="A")
     lock.acquire()
-    source, first = inspect.getsourcelines(SessionLock._let_go)  # (release's work)
+    source, first = inspect.getsourcelines(SessionLock.release)
     waits_at = {first + i for i, text in enumerate(source) if "with self._io:" in text}
     with lock._io:  # a record write under way
         releaser = threading.Thread(target=lock.release)
@@ -451,7 +451,7 @@ def test_a_release_waits_for_a_record_write_under_way(session: Path) -> None:
         give_up = time.monotonic() + 30
         while True:  # polled: no event says that a thread waits on a lock
             frame = sys._current_frames().get(releaser.ident or 0)
-            if frame is not None and frame.f_code is SessionLock._let_go.__code__ \
+            if frame is not None and frame.f_code is SessionLock.release.__code__ \
                     and frame.f_lineno in waits_at:
                 break
             assert releaser.is_alive() and time.monotonic() < give_up, \
