@@ -461,12 +461,10 @@ def _built_in_owners(
     what either may take, ``systemAgent.agentId`` (newer ones), the first marked agent,
     else ``main`` where listed (older ones) and the first listed."""
     system = _owner(defaults.get("systemAgent"))
+    owners = [] if system is None else [(*system, "agents.defaults.systemAgent.agentId")]
     marked = [(key, name) for key, name, _, entry in listed if entry.get("default") is True]
-    owners: list[tuple[str, str, str]] = []
-    if system is not None:
-        owners.append((*system, "agents.defaults.systemAgent.agentId"))
     if _roster(agents) == "entries" and agents.get("entries"):
-        if system is not None:
+        if owners:
             return owners
         if len(marked) == 1 and agents.get("ownership") != "explicit":
             return [(*marked[0], "marked default: true")]

@@ -982,14 +982,11 @@ class SessionLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is GeneratorExit:  # being closed (nothing can be awaited)
-            if self._store.releases_in_place:
-                self._exit_closed()
-            else:
-                self._give_back_closed(self._run_id)
-            return
         if self._store.releases_in_place:
-            self.release()
+            self.__exit__(exc_type, exc, tb)
+            return
+        if exc_type is GeneratorExit:  # being closed: nothing can be awaited
+            self._give_back_closed(self._run_id)
             return
         # It may wait for etcd to come back (up to the lease's time to live): not on the
         # event loop, nor in the loop's default executor (see `acquire_async`).
