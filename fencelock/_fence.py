@@ -481,13 +481,13 @@ def append(
     created = expected is None
     made = created  # the file is this append's own creation (not an empty one found)
     try:
-        try:
-            fd, st = _sidecar.open_regular(
-                session, flags | (os.O_CREAT | os.O_EXCL if created else 0), file_mode
-            )
+        try:  # through `map`: stored as the call returns, with no point for an
+            # interrupt between (see `_sidecar.open_regular`), as the `try` below begins
+            (fd, st), = map(_sidecar.open_regular, (session,),
+                            (flags | (os.O_CREAT | os.O_EXCL if created else 0),), (file_mode,))
         except FileExistsError:
             made = False
-            fd, st = _open_empty(session, flags)
+            (fd, st), = map(_open_empty, (session,), (flags,))
     except UnsafePathError as e:
         raise _replaced(session, expected) from e
     except FileNotFoundError:
@@ -631,10 +631,15 @@ def _open_empty(session: str, flags: int) -> tuple[int, os.stat_result]:
     left it, or a program made the file without writing); anything else is a takeover.
     A write by another after this look is caught as after any fence check."""
     try:
-        fd, st = _sidecar.open_regular(session, flags)
+        (fd, st), = map(_sidecar.open_regular, (session,), (flags,))
     except OSError:
         raise _replaced(session, None) from None
-    if _empty_of_mine(st):
+    try:
+        mine = _empty_of_mine(st)
+    except BaseException:
+        os.close(fd)
+        raise
+    if mine:
         return fd, st
     os.close(fd)
     raise _replaced(session, None)
@@ -779,7 +784,7 @@ def _name(part: str, session: str, st: os.stat_result) -> None:
 
 def _fsync_dir(directory: str) -> None:
     try:
-        dfd = os.open(directory or ".", os.O_RDONLY | O_CLOEXEC)
+        dfd, = map(os.open, (directory or ".",), (os.O_RDONLY | O_CLOEXEC,))  # `open_regular`
     except OSError as e:
         if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):  # a limit: said
             raise SessionWriteError(

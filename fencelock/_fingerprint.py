@@ -142,7 +142,7 @@ def take(path: str, mode: FenceMode, opened: bool = False) -> Fingerprint | None
         return from_stat(st)
     flags = os.O_RDONLY | _platform.O_NOFOLLOW | _platform.O_NONBLOCK | _platform.O_CLOEXEC
     try:
-        fd = os.open(path, flags)
+        fd, = map(os.open, (path,), (flags,))  # see `_sidecar.open_regular`
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -157,7 +157,7 @@ def take(path: str, mode: FenceMode, opened: bool = False) -> Fingerprint | None
 def _take_opened(path: str, mode: FenceMode) -> Fingerprint | None:
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+        fd, = map(os.open, (path,), (flags | getattr(os, "O_CLOEXEC", 0),))  # `open_regular`
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -189,7 +189,7 @@ def copy_up(path: str) -> None:
     file already copied up is not changed. An error is left to the append to report."""
     flags = os.O_WRONLY | os.O_APPEND | _platform.O_NOFOLLOW | _platform.O_NONBLOCK
     try:
-        fd = os.open(path, flags | _platform.O_CLOEXEC)
+        fd, = map(os.open, (path,), (flags | _platform.O_CLOEXEC,))  # `open_regular`
     except OSError:
         return
     os.close(fd)

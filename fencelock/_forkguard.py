@@ -15,6 +15,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 guard = threading.RLock()
 """Held while a sidecar descriptor is opened or closed; fork() takes it first.
@@ -29,9 +30,21 @@ _open: dict[int, tuple[int, int]] = {}
 """Tracked descriptors: fd -> (st_dev, st_ino) of the sidecar it was opened on."""
 
 
-def track(fd: int, st: os.stat_result) -> None:
-    """Record a sidecar descriptor just opened; call with `guard` held since the open."""
-    _open[fd] = (st.st_dev, st.st_ino)
+class Owner(Protocol):
+    """What keeps a tracked descriptor (`track`'s ``into``): its number and tracking
+    entry, for `close_if_still`."""
+
+    _fd: int
+    _opened: object
+
+
+def track(fd: int, st: os.stat_result, into: Owner | None = None) -> None:
+    """Record a sidecar descriptor just opened; call with `guard` held since the open.
+    ``into``: handed to its owner in the same step, with no point between where a signal
+    handler's exception could land (which would leave it tracked and nobody's)."""
+    _open[fd] = entry = (st.st_dev, st.st_ino)
+    if into is not None:
+        into._fd, into._opened = fd, entry
 
 
 def tracked(fd: int) -> bool:

@@ -25,7 +25,7 @@ def _read(path: str) -> str | None:
     generates it), None where it cannot be read. Plain descriptor calls: a scan asks
     this for every stale record, and a file object costs it twice as much."""
     try:
-        fd = os.open(path, _READ_FLAGS)
+        fd, = map(os.open, (path,), (_READ_FLAGS,))  # see `_sidecar.open_regular`
     except OSError:
         return None
     try:

@@ -97,7 +97,7 @@ def in_terminal_foreground(pid: int) -> bool:
     if WINDOWS:
         return True
     try:
-        fd = os.open("/dev/tty", os.O_RDONLY | getattr(os, "O_NOCTTY", 0) | O_CLOEXEC)
+        fd, = map(os.open, ("/dev/tty",), (os.O_RDONLY | getattr(os, "O_NOCTTY", 0) | O_CLOEXEC,))
     except OSError:
         return False
     try:

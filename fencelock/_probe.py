@@ -785,7 +785,8 @@ def _set_aside(sidecar: str) -> str:
     for _ in range(_SET_ASIDE_TRIES):
         aside = f"{sidecar}.corrupt-{stamp}-{os.urandom(8).hex()}"
         try:
-            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _platform.OPEN_FLAGS, 0o600)
+            fd, = map(os.open, (aside,),  # see `_sidecar.open_regular`
+                      (os.O_WRONLY | os.O_CREAT | os.O_EXCL | _platform.OPEN_FLAGS,), (0o600,))
         except FileExistsError:
             continue
         except OSError as e:

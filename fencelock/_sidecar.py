@@ -278,7 +278,12 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat
     Raises `UnsafePathError` for anything else, and lets other OSErrors through.
     """
     try:
-        fd = os.open(path, flags | _platform.OPEN_FLAGS, mode)
+        # Not ``fd = os.open(...)``: CPython runs a signal handler right after a call
+        # returns, before its result is stored, and the handler's exception (Ctrl-C's
+        # KeyboardInterrupt) would leave the descriptor open for good; a signal that comes
+        # during the open's system call is handled just there. Unpacking a `map` stores
+        # the result with no such point between. (The same wherever fencelock opens.)
+        fd, = map(os.open, (path,), (flags | _platform.OPEN_FLAGS,), (mode,))
     except OSError as e:
         what = None if _loop_on_the_way(path, e) else _UNSAFE_ERRNO.get(e.errno or 0)
         if e.errno in (errno.ENXIO, errno.EACCES, errno.EPERM, errno.ELOOP):
@@ -405,13 +410,16 @@ _UNSAFE_ERRNO = {
 
 
 def open_checked(
-    sidecar: str, *, create: bool, write: bool = False, mode: int = 0o600, like: str = ""
+    sidecar: str, *, create: bool, write: bool = False, mode: int = 0o600, like: str = "",
+    into: _forkguard.Owner | None = None,
 ) -> tuple[int, os.stat_result]:
     """Open a sidecar for locking; (fd, fstat). Raises for anything but a regular file.
     One it makes gets ``mode``, and run as root the owner of its session, or of ``like``
     (`_platform.owner_for`).
 
     Close the descriptor with `close`: it is tracked so that a forked child closes its copy.
+    ``into`` gets it as it is tracked (`_forkguard.track`): an interrupt as this returns
+    leaves it there, for its owner's cleanup to close.
 
     ``create`` opens it read-write, creating it if missing; ``write`` opens an existing
     one read-write; otherwise it is opened read-only (enough to probe the lock).
@@ -422,8 +430,8 @@ def open_checked(
         made = False
         try:
             while True:
-                try:
-                    fd = os.open(sidecar, flags, mode)
+                try:  # stored with no point for a signal handler between: `open_regular`
+                    fd, = map(os.open, (sidecar,), (flags,), (mode,))
                     break
                 except FileNotFoundError:
                     if not create:
@@ -432,7 +440,7 @@ def open_checked(
                 # created beside a session path that no run could use.
                 refuse_unusable_session(sidecar)
                 try:  # O_EXCL: only a file this open made gets ``mode`` set on it
-                    fd = os.open(sidecar, flags | os.O_CREAT | os.O_EXCL, mode)
+                    fd, = map(os.open, (sidecar,), (flags | os.O_CREAT | os.O_EXCL,), (mode,))
                     made = True
                     break
                 except FileExistsError:
@@ -454,7 +462,7 @@ def open_checked(
             if made:
                 _platform.set_mode(fd, mode, _platform.owner_for(
                     sidecar, like or sidecar[: -len(SUFFIX)]))
-            _forkguard.track(fd, st)
+            _forkguard.track(fd, st, into)
         except BaseException:
             _forkguard.close(fd)  # untracked too, if the interrupt came after `track`
             raise

@@ -284,16 +284,15 @@ class SidecarHolder:
         # thread waits, the helper owns it. (Either way _forkguard closes a fork's copy.)
         while True:
             try:
+                # ``self._fd`` and ``self._opened`` set as it is tracked, before it returns
                 fd, st = _sidecar.open_checked(self.sidecar, create=True, mode=self.mode,
-                                               like=lock._like)
+                                               like=lock._like, into=self)
             except SidecarAccessError:
                 if only_if_free:
                     return False  # the wait's thread says why (a probe may wait a moment)
                 if lock.on_contention == "fail":
                     self._raise_if_held_elsewhere()
                 raise
-            opened = _forkguard.entry(fd)
-            self._fd, self._opened = fd, opened  # together, with no call between
             try:
                 locked = _platform.try_lock(fd)
             except BaseException:

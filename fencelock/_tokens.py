@@ -99,8 +99,8 @@ _STAMP_KEY_BYTES = STAMP_KEY.encode()
 
 def last_stamped(session: str) -> int:
     """The largest token stamped into the session's last lines (0 for none)."""
-    try:
-        fd, st = _sidecar.open_regular(session, os.O_RDONLY)
+    try:  # stored with no point for an interrupt between (`_sidecar.open_regular`)
+        (fd, st), = map(_sidecar.open_regular, (session,), (os.O_RDONLY,))
     except (OSError, FenceLockError):
         return 0  # no session, or nothing fencelock would read
     try:

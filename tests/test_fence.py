@@ -1818,19 +1818,24 @@ def test_an_interrupted_append_keeps_a_created_file_another_writer_added_to(
 def test_an_interrupt_as_the_append_s_create_returns_leaves_no_takeover(
     session: Path
 ) -> None:
-    """An interrupt right as the `open` that creates the session returns (its descriptor
-    lost with the result) leaves an empty file the run knows nothing of: the run's next
-    append takes it as its own creation, since an empty file holds nothing to take
-    over, instead of reporting a takeover. A file that appeared with anything in it
-    still is one."""
+    """An interrupt (a signal handler's exception) at the first point after the `open`
+    that creates the session (the open's result is stored with no point between, so
+    that is its `fstat`'s return) takes the file back: removed, its descriptor closed,
+    the run's fence point "no file" stands and its next append creates it. (An
+    interrupt right as the open returned lost the descriptor and left the empty file,
+    which the next append then took as its own creation; a file that appeared with
+    anything in it still is a takeover.)"""
     from conftest import interrupted_on_entry
 
     lock = SessionLock(session, lane="interrupted")
     lock.acquire()
-    with interrupted_on_entry(os.open, at_return=True) as raised, \
+    with interrupted_on_entry(os.fstat, at_return=True) as raised, \
             pytest.raises(KeyboardInterrupt):
         lock.append({"role": "assistant", "content": "first"})
-    assert raised and session.read_bytes() == b""
+    assert raised and not session.exists()
+    if os.path.isdir("/proc/self/fd"):
+        assert not [fd for fd in os.listdir("/proc/self/fd")
+                    if os.path.realpath(f"/proc/self/fd/{fd}") == str(session)]
     assert lock.verify_fence() is None  # the fence point "no file" stands, for every check
     with lock.prompt_window():
         pass

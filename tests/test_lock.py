@@ -753,6 +753,55 @@ def test_an_interrupt_at_any_point_of_a_timed_wait_leaves_no_lock_behind(
         _forkguard.close(fd)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
+@pytest.mark.parametrize("start", ["new session", "session exists", "sidecar exists"])
+def test_an_interrupt_at_any_point_of_a_run_leaks_no_descriptor(tmp_path: Path, start: str) -> None:
+    """A run (acquire, one append, release) with an interrupt (a signal handler's
+    exception) landing at one point where a handler can run after another, in the code
+    that opens, checks and closes the sidecar and the session file: once the object is
+    released, no descriptor of either is left open. A signal that came during an open's
+    system call is handled just as the call returns, before its result is kept: that
+    point left the descriptor open for the life of the process."""
+    from interrupts import interrupted_at
+
+    from fencelock import (
+        _fence,
+        _fingerprint,
+        _forkguard,
+        _lock,
+        _sidecar,
+        _sidecar_holder,
+        _tokens,
+    )
+
+    walked = (_sidecar.__file__, _sidecar_holder.__file__, _lock.__file__, _fence.__file__,
+              _fingerprint.__file__, _tokens.__file__, _forkguard.__file__)
+    number = 0
+    while True:
+        session = tmp_path / str(number) / "s.jsonl"
+        session.parent.mkdir()
+        if start != "new session":
+            session.write_text('{"n":0}\n')
+        if start == "sidecar exists":
+            with SessionLock(session, "before"):
+                pass
+        lock = SessionLock(session, "walked")
+
+        def run(lock: SessionLock = lock) -> None:
+            with lock:
+                lock.append({"n": 1})
+
+        fired, _ = interrupted_at(number, run, walked, expected=(FenceLockError,))
+        while lock.held:  # an interrupt as a release was entered: released again (README)
+            lock.release()
+        assert _fds_naming(f"/{number}/s.jsonl") == [], (number, "session")
+        assert _fds_naming(f"/{number}/s.jsonl.holder") == [], (number, "sidecar")
+        if not fired:
+            break
+        number += 1
+    assert number > 50  # the run's code was walked
+
+
 def test_fork_during_a_timed_wait_leaves_no_orphan_lock(
     session: Path, spawn_holder: SpawnHolder
 ) -> None:
