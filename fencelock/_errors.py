@@ -166,7 +166,8 @@ class SessionTakeoverError(CoordinationError):
         fence check and the end of the append): it must not be written elsewhere again."""
         super().__init__(
             f"{session}: changed by a writer outside this run "
-            f"(expected {_fp(expected)}, found {_fp(actual)}); the run's history "
+            f"(expected {_fp(expected)}, found {_fp(actual)}{_only_metadata(expected, actual)}"
+            f"); the run's history "
             f"is no longer what it wrote, so it stops here"
             + ("; this append's line is in the file all the same, beside the other "
                "writer's bytes" if stored else "")
@@ -563,6 +564,17 @@ def describe_holder(
 
 def _fp(fp: Fingerprint | None) -> str:
     return "no file" if fp is None else fp.short()
+
+
+def _only_metadata(expected: Fingerprint | None, actual: Fingerprint | None) -> str:
+    """Where the two read the same (`Fingerprint.short`), what moved: the fields left out."""
+    if expected is None or actual is None or expected.short() != actual.short():
+        return ""
+    moved = [f"{name} {getattr(expected, name)} to {getattr(actual, name)}"
+             for name in ("dev", "ctime_ns") if getattr(expected, name) != getattr(actual, name)]
+    return ("; its metadata moved: " + ", ".join(moved) + " (permissions, owner, an extended "
+            "attribute such as the token mark a run through another name of the file sets)"
+            if moved else "")
 
 
 def is_coordination_error(exc: BaseException | None) -> bool:

@@ -757,6 +757,35 @@ def test_an_unterminated_last_line_is_torn_only_without_a_live_holder(
 
 
 @needs_xattr
+@needs_xattr
+def test_a_run_through_another_name_of_the_session_stops_the_first_and_says_why(
+    session: Path,
+) -> None:
+    """A session file with two names (a hard link) has a sidecar for each: runs through
+    the two do not exclude each other (README), and the fence stops one. A run through a
+    name used for the first time raises the file's token mark, which moves its ctime
+    and nothing else: the run holding the first name is stopped at its next append,
+    and the error said "expected ino I size N mtime_ns M, found" the very same values."""
+    session.write_text('{"n":0}\n')
+    other = session.with_name("other.jsonl")
+    os.link(session, other)
+    first = SessionLock(session, "first")
+    with first:
+        assert first.info is not None
+        with SessionLock(other, "second") as second:
+            assert second.info is not None and second.info.token > first.info.token
+            with pytest.raises(SessionTakeoverError) as caught:
+                first.append({"by": "first"})  # before anything was written
+            second.append({"by": "second"})
+    expected, actual = caught.value.expected, caught.value.actual
+    assert expected is not None and actual is not None
+    assert expected.short() == actual.short() and expected.ctime_ns != actual.ctime_ns
+    assert (f"its metadata moved: ctime_ns {expected.ctime_ns} to {actual.ctime_ns}"
+            in str(caught.value))
+    assert [json.loads(line).get("by") for line in session.read_text().splitlines()] == [
+        None, "second"]
+
+
 def test_token_survives_sidecar_removal(session: Path) -> None:
     with SessionLock(session) as lock:
         lock.append({"a": 1})
