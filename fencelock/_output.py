@@ -135,8 +135,18 @@ class CommandNotExecutableError(CliError):
 
 
 def os_message(e: OSError) -> str:
+    from fencelock._errors import LIMIT_FIXES
+
     reason = e.strerror or type(e).__name__
-    return f"{os.fsdecode(e.filename)}: {reason}" if e.filename is not None else reason
+    fix = LIMIT_FIXES.get(e.errno or 0)
+    if fix is not None:
+        reason += f"; {fix}"
+    if e.filename is None:
+        return reason
+    name = os.fsdecode(e.filename)
+    if os.path.dirname(name) == os.path.dirname(__file__):  # a module loaded when needed
+        return f"fencelock cannot load its module {name}: {reason}"
+    return f"{name}: {reason}"
 
 
 @contextmanager

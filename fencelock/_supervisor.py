@@ -155,7 +155,11 @@ def _spawn(command: Sequence[str], env: dict[str, str], lock_fd: int) -> subproc
             raise CommandNotExecutableError(f"{name}: is a directory") from None
         raise CommandNotExecutableError(f"{name}: permission denied") from None
     except OSError as e:
-        raise CommandNotExecutableError(f"{name}: cannot run it: {e.strerror}") from None
+        from fencelock._errors import LIMIT_FIXES
+
+        fix = LIMIT_FIXES.get(e.errno or 0)
+        raise CommandNotExecutableError(
+            f"{name}: cannot run it: {e.strerror}" + (f"; {fix}" if fix else "")) from None
     finally:
         if lock_fd >= 0:
             os.set_inheritable(lock_fd, False)

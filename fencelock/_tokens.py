@@ -351,11 +351,19 @@ def keep_before_set_aside(session: str, fd: int) -> None:
         _sidecar.refuse_planted(marker, st)
         return
     try:
-        fd, _ = _sidecar.open_regular(marker, os.O_WRONLY | os.O_CREAT)
-    except (OSError, FenceLockError) as e:
+        (fd, _), = map(_sidecar.open_regular, (marker,), (os.O_WRONLY | os.O_CREAT,))
+    except OSError as e:
+        from fencelock._errors import WRITE_FIXES
+
+        fix = WRITE_FIXES.get(e.errno or 0, "fix the directory's permissions")
+        raise FenceLockError(
+            f"{marker}: cannot be created ({e.strerror or e}), so the token of the corrupt "
+            f"record beside it would be lost; {fix}, and try again"
+        ) from None
+    except FenceLockError as e:
         raise FenceLockError(
             f"{marker}: cannot be created ({e}), so the token of the corrupt record "
-            f"beside it would be lost; fix the directory's permissions and try again"
+            f"beside it would be lost; remove what is there, and try again"
         ) from None
     os.close(fd)
 

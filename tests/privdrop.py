@@ -87,11 +87,13 @@ def open_directory(mode: int = 0o755) -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def mount_tmpfs(target: Path, size: str, ro: bool = False) -> str | None:
-    """Mount a small tmpfs on ``target``; None on success, else why it cannot."""
+def mount_tmpfs(target: Path, size: str, ro: bool = False, inodes: int = 0) -> str | None:
+    """Mount a small tmpfs on ``target`` (``inodes``: with room for that many files and
+    directories); None on success, else why it cannot."""
     if not sys.platform.startswith("linux") or shutil.which("mount") is None:
         return "needs Linux mount(8)"
-    opts = f"size={size},mode=0755" + (",ro" if ro else "")
+    opts = f"size={size},mode=0755" + (",ro" if ro else "") + (
+        f",nr_inodes={inodes}" if inodes else "")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(target)],
                           capture_output=True, text=True)
     if done.returncode != 0:

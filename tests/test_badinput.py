@@ -1928,3 +1928,64 @@ def test_a_session_path_through_a_symlink_loop_is_named_as_a_loop(tmp_path: Path
         assert "leads in a loop" in done.stderr and "Fix or remove the symlink" in done.stderr
         assert "trailing '/'" not in done.stderr and "points to" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # nothing made
+
+
+@marks.needs_posix
+def test_run_at_every_descriptor_limit_says_which_limit_and_the_fix(tmp_path: Path) -> None:
+    """`fencelock run` at every limit on open descriptors (`ulimit -n`) too low for it:
+    each failure says the limit and how to raise it. One that ran out as fencelock
+    loaded a module it imports when needed named that module's source file alone
+    ("Error: .../fencelock/_etcd.py: Too many open files"), and one that ran out
+    starting the command said only "cannot run it: Too many open files"."""
+    import resource
+
+    failed = 0
+    for limit in range(5, 12):  # (below 5, Python itself cannot start)
+        session = tmp_path / f"{limit}.jsonl"
+
+        def few(limit: int = limit) -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+        done = subprocess.run(
+            [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "x", "--",
+             "true"],
+            capture_output=True, text=True, timeout=60, check=False, preexec_fn=few,
+        )
+        assert "Traceback" not in done.stderr, (limit, done.stderr)
+        if done.returncode != 0:
+            failed += 1
+            assert "Too many open files" in done.stderr, (limit, done.stderr)
+            assert "raise the limit (ulimit -n)" in done.stderr, (limit, done.stderr)
+    assert failed >= 2  # the low limits were walked
+
+
+def test_clear_force_with_no_inode_left_for_the_set_aside_marker_says_so(
+    tmp_path: Path,
+) -> None:
+    """A corrupt record with no session file beside it keeps its token in the
+    directory's set-aside marker; where the filesystem has no inode left for it, `clear
+    --force` moves nothing and says so, with the fix. It said "fix the directory's
+    permissions"."""
+    target = tmp_path / "mnt"
+    target.mkdir()
+    marks.require("linux", "root", "mount")
+    why = mount_tmpfs(target, "256k", inodes=16)
+    if why:
+        marks.unavailable("mount", why, fix="run the suite where root may mount (CAP_SYS_ADMIN)")
+    try:
+        session = target / "c.jsonl"  # no session file: the token goes to the marker
+        sidecar_of(session).write_bytes(b'{"version":1,"state":"held","token":7,')
+        filler = 0
+        with pytest.raises(OSError):
+            while True:  # until the filesystem has no inode left
+                (target / f"fill{filler}").touch()
+                filler += 1
+        assert filler > 0
+        done = subprocess.run([sys.executable, "-m", "fencelock", "clear", "--force",
+                               str(session)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stderr
+        assert "free some space, or inodes where df -i shows none left" in done.stderr
+        assert "permissions" not in done.stderr
+        assert sidecar_of(session).read_bytes() == b'{"version":1,"state":"held","token":7,'
+    finally:
+        umount(target)
