@@ -29,6 +29,22 @@ def finite_float(text: str) -> float:
     return value
 
 
+_MAX_DOUBLE = int(sys.float_info.max)
+_SHORT = len(str(_MAX_DOUBLE))
+"""Digits below which an integer is within a double's range, whatever they are."""
+
+
+def finite_int(text: str) -> int:
+    """For ``parse_int``: a JSON integer; `NotJSONError` for one past a double's range
+    (a 400-digit one), which a reader that takes numbers as doubles (JavaScript's
+    ``JSON.parse``) reads as ``Infinity``, as it does ``1e400``."""
+    value = int(text)
+    if len(text) >= _SHORT and abs(value) > _MAX_DOUBLE:
+        raise NotJSONError(f"number {text[:40]}... ({len(text)} digits) is out of range "
+                           "for a double")
+    return value
+
+
 def loads(text: str | bytes, parse_int: Callable[[str], Any] | None = None) -> Any:
     """``json.loads`` without Python's extensions to JSON: ``NaN`` and ``Infinity``
     raise ValueError (as any JSON reader would). Numbers of any size are JSON."""
@@ -37,9 +53,10 @@ def loads(text: str | bytes, parse_int: Callable[[str], Any] | None = None) -> A
 
 def strict_loads(text: str | bytes, parse_int: Callable[[str], Any] | None = None) -> Any:
     """``json.loads`` as strict JSON readers take it: no NaN or Infinity, and no number
-    past a double's range; ValueError (or RecursionError) otherwise."""
+    past a double's range (``parse_int``: in place of `finite_int`); ValueError (or
+    RecursionError) otherwise."""
     return json.loads(text, parse_constant=not_json, parse_float=finite_float,
-                      parse_int=parse_int)
+                      parse_int=parse_int or finite_int)
 
 
 def digits_problem(e: ValueError) -> str | None:

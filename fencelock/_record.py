@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fencelock._fingerprint import Fingerprint
-from fencelock._json import NotJSONError, finite_float, not_json
+from fencelock._json import NotJSONError, finite_float, finite_int, not_json
 
 if TYPE_CHECKING:
     from fencelock._platform import LockOwner
@@ -447,7 +447,8 @@ def _head(data: bytes) -> tuple[State, int] | None:
     return (state, int(digits)) if digits.isdigit() else None
 
 
-_DECODER = json.JSONDecoder(parse_constant=not_json, parse_float=finite_float)
+_DECODER = json.JSONDecoder(parse_constant=not_json, parse_float=finite_float,
+                            parse_int=finite_int)
 """Strict JSON: a record holding ``NaN``, ``Infinity`` or ``1e400`` is corrupt (other
 readers refuse it; a rewrite would carry it on as ``Infinity``)."""
 

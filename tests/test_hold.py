@@ -337,6 +337,8 @@ BAD_LINES = [
     (b'{"op": "touch", "id": 1e400}', "out of range"),
     (b'{"op": "append", "entry": {"x": -1e400}}', "out of range"),
     (b'{"op": "append", "entry": "{\\"x\\": 1e400}"}', "out of range"),
+    (b'{"op": "append", "entry": {"x": 1' + b"0" * 400 + b"}}", "out of range"),
+    (b'{"op": "append", "entry": "{\\"x\\": -1' + b"0" * 400 + b'}"}', "out of range"),
     (b'{"op": "append", "entry": "hello"}', "one line of JSON"),
     (b'{"op": "append", "entry": "[1]", "stamp": true}', "needs an entry that is a JSON"),
     (b'{"op": "append", "entry": {"_fencelock": {"token": 9}}}', '"stamp": true'),

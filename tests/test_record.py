@@ -173,10 +173,14 @@ def test_oversized_record_is_corrupt_not_free() -> None:
         decode(data)
 
 
-@pytest.mark.parametrize("extra", ['"x":NaN', '"x":-Infinity', '"x":{"budget":1e400}'])
+@pytest.mark.parametrize("extra", [
+    '"x":NaN', '"x":-Infinity', '"x":{"budget":1e400}',
+    '"x":{"n":1' + "0" * 400 + "}", '"x":[-1' + "0" * 400 + "]",
+])
 def test_what_strict_json_readers_refuse_is_corrupt(extra: str) -> None:
-    # Python's json would read these (as nan and inf), and a rewrite would carry
-    # them on as NaN or Infinity, which no other language's reader takes.
+    # Python's json would read these (as nan and inf, or a 401-digit int), and a
+    # rewrite would carry them on; a reader that takes numbers as doubles reads the
+    # integer as Infinity (PROTOCOL 2.4: a number past a double's range).
     data = make().encode()[:-1] + b"," + extra.encode() + b"}"
     with pytest.raises(ValueError, match="not JSON"):
         decode(data)
