@@ -288,13 +288,22 @@ def floor(session: str) -> int:
             saved = _read_mark(session)
         except OSError:
             saved = 0
-    best = max(saved, last_stamped(session))
+    stamped = last_stamped(session)
+    aside = 0
     if os.path.lexists(os.path.join(os.path.dirname(session), SET_ASIDE_MARKER)):
-        best = max(best, _set_aside_tokens(session))
+        aside = _set_aside_tokens(session)
+    best = max(saved, stamped, aside)
     if best >= MAX_TOKEN:
+        found = [(what, fix) for token, what, fix in (
+            (saved, f"its {XATTR} attribute", "remove the attribute"),
+            (stamped, "a stamp among its last lines",
+             "set the session file aside (no token goes below a stamp in it)"),
+            (aside, "the sidecar's .corrupt-* copies", "remove the copies"),
+        ) if token >= MAX_TOKEN]
         raise FenceLockError(
-            f"{session}: its fencing tokens are at their limit ({best}); remove the "
-            f"{XATTR} attribute and the sidecar's .corrupt-* copies if that is not true"
+            f"{session}: its fencing tokens are at their limit ({best}), going by "
+            f"{' and '.join(what for what, _ in found)}; if that is not so, "
+            f"{' and '.join(fix for _, fix in found)}"
         )
     return best
 

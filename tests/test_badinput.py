@@ -1548,6 +1548,32 @@ def test_tokens_stop_at_their_limit_with_a_clear_error(session: Path) -> None:
     assert probe(session).state == "free"  # the record is still a valid one
 
 
+@pytest.mark.parametrize("source", ["mark", "stamp"])
+def test_a_floor_at_the_token_limit_names_where_it_came_from(session: Path, source: str) -> None:
+    """A session whose sidecar has no record, with a floor at the token limit: the
+    error names what gave it, and that fix only. A stamp at the limit said to remove
+    the attribute (which was not there) and the .corrupt-* copies (none)."""
+    import fencelock
+    from fencelock._record import MAX_TOKEN
+
+    stamp = {"_fencelock": {"token": MAX_TOKEN, "run_id": "r"}}
+    session.write_text(json.dumps(stamp if source == "stamp" else {"n": 0}) + "\n")
+    if source == "mark":
+        marks.require("xattr")
+        os.setxattr(session, "user.fencelock.token", str(MAX_TOKEN).encode())
+    with pytest.raises(fencelock.FenceLockError) as caught:
+        SessionLock(session, "x").acquire()
+    message = str(caught.value)
+    assert f"at their limit ({MAX_TOKEN})" in message
+    if source == "mark":
+        assert "going by its user.fencelock.token attribute;" in message
+        assert "remove the attribute" in message and "stamp" not in message
+    else:
+        assert "going by a stamp among its last lines;" in message
+        assert "set the session file aside" in message and "attribute" not in message
+    assert ".corrupt" not in message
+
+
 def test_a_write_refused_with_eperm_names_the_immutable_attribute(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
