@@ -290,8 +290,8 @@ class SidecarHolder:
             except SidecarAccessError:
                 if only_if_free:
                     return False  # the wait's thread says why (a probe may wait a moment)
-                if lock.on_contention == "fail":
-                    self._raise_if_held_elsewhere()
+                if lock.on_contention == "fail" or deadline is not None:
+                    self._raise_if_held_elsewhere()  # (a wait could not end in the lock)
                 raise
             try:
                 locked = _platform.try_lock(fd)
@@ -382,9 +382,10 @@ class SidecarHolder:
         return (fd, st) if got[0] == fd else (got[0], os.fstat(got[0]))
 
     def _raise_if_held_elsewhere(self) -> None:
-        """For a fail-fast acquire that cannot open the sidecar for writing (another
-        user's, or a read-only filesystem): `SessionContendedError` when a live run holds
-        the session, as for any caller who finds it held; else the caller raises why it
+        """For a fail-fast or timed acquire that cannot open the sidecar for writing
+        (another user's, or a read-only filesystem): `SessionContendedError` when a live
+        run holds the session, as for any caller who finds it held (a timed one at once:
+        its wait could only end in the error below); else the caller raises why it
         cannot take it."""
         from fencelock._probe import held_error  # only on this error path
 

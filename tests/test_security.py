@@ -97,19 +97,23 @@ def test_another_user_cannot_hold_a_private_sidecar_hostage() -> None:
 
 
 @needs_root
+@pytest.mark.parametrize("how", ["fail", "timeout"])
 def test_a_fail_fast_acquire_by_a_user_who_cannot_write_the_sidecar_names_a_live_holder(
+    how: str,
 ) -> None:
     """A user who may read a session's sidecar but not write it (a shared group, mode
-    0640 or 0644) and asks to fail fast is told who holds the session, as any caller
-    who finds it held is, not that the sidecar cannot be written; once nobody holds it,
-    the permission error stands."""
+    0640 or 0644) and asks to fail fast, or to wait a while, is told who holds the
+    session, as any caller who finds it held is, not that the sidecar cannot be written
+    (a timed one said that, and `fencelock run --timeout` exited 1 where `--no-wait`
+    exited 4); once nobody holds it, the permission error stands."""
     with open_directory() as sessions:
         session = sessions / "s.jsonl"
         lock = SessionLock(session, "owner", mode=0o644)
         ask = """
             out = {}
+            kind = {"on_contention": "fail"} if args["how"] == "fail" else {"timeout": 5}
             try:
-                SessionLock(args["session"], "other", on_contention="fail").acquire()
+                SessionLock(args["session"], "other", **kind).acquire()
                 out["acquire"] = "ok"
             except FenceLockError as e:
                 out["acquire"] = type(e).__name__
@@ -118,8 +122,8 @@ def test_a_fail_fast_acquire_by_a_user_who_cannot_write_the_sidecar_names_a_live
             result = out
         """
         with lock:
-            held = as_user(ask, session=str(session))
-        free = as_user(ask, session=str(session))
+            held = as_user(ask, session=str(session), how=how)
+        free = as_user(ask, session=str(session), how=how)
     # (The command line turns the first into exit 4; the other user cannot start an
     # interpreter of its own here to run it: the standard library is root's.)
     assert held == {"acquire": "SessionContendedError", "holder": os.getpid()}
