@@ -5,8 +5,10 @@ also inside the ``except`` block that gives back what a failed acquire took. A s
 the in-process registry left taken there would keep every later acquire of the process
 out of the session for good, and a descriptor left open would leak (with any lock it
 carries). `to_the_end` runs such steps again when one is cut short, then raises the
-first interrupt. Python offers no way to close every point: an interrupt can still land
-as `to_the_end` is entered, or a second one right after it caught a first.
+first interrupt. An interrupt can still land as `to_the_end` is entered (a function's
+start is a point where a signal handler runs): its callers call it inside a ``try``
+whose handler calls it once more. Python offers no way to close every point: a second
+interrupt can land as that second call is entered, or right after it caught a first.
 """
 
 from __future__ import annotations

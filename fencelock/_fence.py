@@ -206,19 +206,25 @@ def _open_torn(
     its stat)."""
     while True:
         for flags in (os.O_APPEND | os.O_CREAT | os.O_EXCL, os.O_APPEND):
-            try:
+            try:  # through `map`, as the append's own open
                 try:
-                    fd, st = _sidecar.open_regular(torn, flags | os.O_RDWR, file_mode)
+                    (fd, st), = map(_sidecar.open_regular, (torn,), (flags | os.O_RDWR,),
+                                    (file_mode,))
                 except PermissionError:  # writable only: no look at what it holds
-                    fd, st = _sidecar.open_regular(torn, flags | os.O_WRONLY, file_mode)
+                    (fd, st), = map(_sidecar.open_regular, (torn,), (flags | os.O_WRONLY,),
+                                    (file_mode,))
             except FileExistsError:
                 continue  # kept from before: appended to as it is
             except FileNotFoundError:
                 if flags & os.O_CREAT:
                     raise  # its directory is gone
                 break  # removed since the exclusive create failed: make it after all
-            if flags & os.O_CREAT:
-                set_mode(fd, file_mode, owner_for(torn, st=session_st))
+            try:
+                if flags & os.O_CREAT:
+                    set_mode(fd, file_mode, owner_for(torn, st=session_st))
+            except BaseException:
+                os.close(fd)
+                raise
             return fd, st
 
 
@@ -240,7 +246,7 @@ def _cut_torn_tail(
         raise SessionWriteError(session, e, "reading its last line") from None
     torn = session + TORN_SUFFIX
     try:
-        aside, kept = _open_torn(torn, file_mode, st)
+        (aside, kept), = map(_open_torn, (torn,), (file_mode,), (st,))
     except OSError as e:
         # None there: its directory refused to make it (named as the cause).
         what = "keeping the torn last line aside"
@@ -250,7 +256,7 @@ def _cut_torn_tail(
         if kept.st_nlink > 1:  # another name's file would get the fragment
             raise UnsafePathError(torn, f"a hard link to a file with {kept.st_nlink} names")
         _sidecar.refuse_planted(torn, kept)
-    except FenceLockError:
+    except BaseException:  # an interrupt's too
         os.close(aside)
         raise
     try:

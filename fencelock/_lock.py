@@ -567,7 +567,14 @@ class SessionLock:
             # Only a slot this attempt took: while another owner (thread, task) holds
             # this object or is acquiring it, the slot, the object's one, is theirs.
             if not self._count:
-                _cleanup.to_the_end(lambda: _registry.free_surely(self._key, self, attempt))
+                def free() -> None:
+                    _registry.free_surely(self._key, self, attempt)
+
+                try:
+                    _cleanup.to_the_end(free)
+                except BaseException:  # one that landed as it was entered: once more
+                    _cleanup.to_the_end(free)
+                    raise
             raise
 
     def _session_fingerprint(self) -> Fingerprint | None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from fencelock import (
     _backend,
+    _cleanup,
     _fingerprint,
     _identity,
     _platform,
@@ -730,7 +731,11 @@ def clear(
             finally:
                 _sidecar.close(fd)
     finally:
-        _registry.free(key, slot)
+        try:
+            _registry.free(key, slot)
+        except BaseException:  # an interrupt as it began or in it: given back once more
+            _cleanup.to_the_end(lambda: _registry.free_surely(key, slot))
+            raise
 
 
 def _lock_for_clear(fd: int, sidecar: str) -> bool:

@@ -223,7 +223,11 @@ def _wait_turn(
             # Woken when a slot changes hands (or by `wake`), then looks again.
             sleeper.acquire(True, -1 if remaining is None else remaining)
     finally:
-        _cleanup.to_the_end(leave)
+        try:
+            _cleanup.to_the_end(leave)
+        except BaseException:  # one that landed as it was entered: once more
+            _cleanup.to_the_end(leave)
+            raise
 
 
 def _leave_line(key: str, entry: tuple[SessionLock, object]) -> None:

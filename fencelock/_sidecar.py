@@ -409,6 +409,16 @@ _UNSAFE_ERRNO = {
 }
 
 
+class _Opened:
+    """The owner of a descriptor `open_checked` tracks for a caller that names none."""
+
+    __slots__ = ("_fd", "_opened")
+
+    def __init__(self) -> None:
+        self._fd = -1
+        self._opened: object = None
+
+
 def open_checked(
     sidecar: str, *, create: bool, write: bool = False, mode: int = 0o600, like: str = "",
     into: _forkguard.Owner | None = None,
@@ -426,46 +436,53 @@ def open_checked(
     """
     access = os.O_RDWR if create or write else os.O_RDONLY
     flags = _platform.OPEN_FLAGS | access
-    with _forkguard.guard:  # a forked child must never get a copy it does not know of
-        made = False
-        try:
-            while True:
-                try:  # stored with no point for a signal handler between: `open_regular`
-                    fd, = map(os.open, (sidecar,), (flags,), (mode,))
-                    break
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                # Only when the sidecar is missing (a session's first run): nothing is
-                # created beside a session path that no run could use.
-                refuse_unusable_session(sidecar)
-                try:  # O_EXCL: only a file this open made gets ``mode`` set on it
-                    fd, = map(os.open, (sidecar,), (flags | os.O_CREAT | os.O_EXCL,), (mode,))
-                    made = True
-                    break
-                except FileExistsError:
-                    continue  # another process made it first: open theirs
-        except OSError as e:
-            raise access_error(sidecar, e, create or write) from None
-        try:  # closed on any exception, an interrupt's (a signal handler's) included
-            try:
-                st = os.fstat(fd)
-            except OSError as e:
-                raise access_error(sidecar, e, create or write) from None
-            if not stat.S_ISREG(st.st_mode):
-                raise UnsafeSidecarError(sidecar, _platform.describe_mode(st.st_mode, sidecar))
-            if st.st_nlink > 1:
-                raise UnsafeSidecarError(
-                    sidecar, f"a hard link to a file with {st.st_nlink} names")
-            if (create or write) and st.st_uid and st.st_uid != _geteuid():
-                refuse_planted(sidecar, st)
-            if made:
-                _platform.set_mode(fd, mode, _platform.owner_for(
-                    sidecar, like or sidecar[: -len(SUFFIX)]))
-            _forkguard.track(fd, st, into)
-        except BaseException:
-            _forkguard.close(fd)  # untracked too, if the interrupt came after `track`
-            raise
+    owner = into if into is not None else _Opened()
+    try:  # the `with`'s end too: an interrupt as the guard is let go closes it
+        with _forkguard.guard:  # a forked child must never get a copy it does not know of
+            made = False
+            fd = -1
+            # The opens inside the ``try`` that closes: from 3.12 a ``break`` out of the
+            # loop may compile to a backward jump, where a signal handler runs.
+            try:  # closed on any exception once open, an interrupt's (a signal handler's) too
+                try:
+                    while True:
+                        try:  # stored with no point for a signal handler between
+                            fd, = map(os.open, (sidecar,), (flags,), (mode,))  # `open_regular`
+                            break
+                        except FileNotFoundError:
+                            if not create:
+                                raise
+                        # Only when the sidecar is missing (a session's first run): nothing
+                        # is created beside a session path that no run could use.
+                        refuse_unusable_session(sidecar)
+                        try:  # O_EXCL: only a file this open made gets ``mode`` set on it
+                            fd, = map(os.open, (sidecar,), (flags | os.O_CREAT | os.O_EXCL,),
+                                      (mode,))
+                            made = True
+                            break
+                        except FileExistsError:
+                            continue  # another process made it first: open theirs
+                    st = os.fstat(fd)
+                except OSError as e:
+                    raise access_error(sidecar, e, create or write) from None
+                if not stat.S_ISREG(st.st_mode):
+                    raise UnsafeSidecarError(sidecar, _platform.describe_mode(st.st_mode, sidecar))
+                if st.st_nlink > 1:
+                    raise UnsafeSidecarError(
+                        sidecar, f"a hard link to a file with {st.st_nlink} names")
+                if (create or write) and st.st_uid and st.st_uid != _geteuid():
+                    refuse_planted(sidecar, st)
+                if made:
+                    _platform.set_mode(fd, mode, _platform.owner_for(
+                        sidecar, like or sidecar[: -len(SUFFIX)]))
+                _forkguard.track(fd, st, owner)
+            except BaseException:
+                if fd >= 0:
+                    _forkguard.close(fd)  # untracked too, if the interrupt came after `track`
+                raise
+    except BaseException:
+        _forkguard.close_if_still(owner._fd, owner._opened)  # once tracked (else closed)
+        raise
     return fd, st
 
 

@@ -257,10 +257,13 @@ class SidecarHolder:
                     if locked and (lock._sole_name or isinstance(error, PlantedFileError)):
                         self._remove_if_empty()
 
-                _cleanup.to_the_end(
-                    lambda: self._unwrite_record(lock, run_id), remove_if_empty,
-                    self._close_fd,
-                )
+                steps = (lambda: self._unwrite_record(lock, run_id), remove_if_empty,
+                         self._close_fd)
+                try:
+                    _cleanup.to_the_end(*steps)
+                except BaseException:  # one that landed as it was entered: once more
+                    _cleanup.to_the_end(*steps)
+                    raise
                 raise
 
     def _remove_if_empty(self) -> None:

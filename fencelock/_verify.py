@@ -149,8 +149,8 @@ def verify(path: _sidecar.AnyPath, *, backend: str | None = None) -> VerifyRepor
 def _look(session: str) -> tuple[VerifyReport, int]:
     """`_check` of the session file as it is now (a report that it does not exist, in
     a directory that does, and -1)."""
-    try:
-        fd, _ = _sidecar.open_regular(session, os.O_RDONLY)
+    try:  # through `map`: kept as it returns (`_sidecar.open_regular`)
+        (fd, _), = map(_sidecar.open_regular, (session,), (os.O_RDONLY,))
     except FileNotFoundError as e:
         if os.path.isdir(os.path.dirname(session)):
             return VerifyReport(session, exists=False), -1
@@ -158,7 +158,9 @@ def _look(session: str) -> tuple[VerifyReport, int]:
     except OSError as e:
         raise _unreadable(session, e) from None
     try:
-        with os.fdopen(fd, "rb") as f:
+        # The builtin `open`, not `os.fdopen` (Python code, where an interrupt could
+        # land before the file owns the descriptor): the file owns it as it is made.
+        with open(fd, "rb") as f:
             return _check(session, f)
     except OSError as e:
         raise _unreadable(session, e) from None

@@ -22,9 +22,12 @@ def signal_points(code: Any) -> frozenset[int]:
     points = {0}
     after_call = False
     for instruction in dis.get_instructions(code):
-        if after_call or instruction.opname.startswith("JUMP_BACKWARD"):
+        name = instruction.opname
+        backward = name.startswith("JUMP_BACKWARD") and name != "JUMP_BACKWARD_NO_INTERRUPT"
+        resumed = name == "RESUME" and (instruction.arg or 0) < 2  # 3.12+: after a yield too
+        if after_call or backward or resumed:
             points.add(instruction.offset)
-        after_call = instruction.opname in ("CALL", "CALL_FUNCTION_EX")
+        after_call = name in ("CALL", "CALL_FUNCTION_EX", "CALL_KW")  # (CALL_KW: 3.13)
     return frozenset(points)
 
 
@@ -57,6 +60,7 @@ def interrupted_at(
         return tracer
 
     outcome: BaseException | None = None
+    _prime()
     sys.settrace(tracer)
     try:
         call()
@@ -67,3 +71,18 @@ def interrupted_at(
     assert (outcome is None or isinstance(outcome, expected)
             or (fired and type(outcome) is KeyboardInterrupt)), (number, outcome)
     return bool(fired), outcome
+
+
+def _prime() -> None:
+    """One throwaway trace with opcode events: CPython 3.12.1 gives none to a tracer
+    that turns them on in a frame's ``call`` event until an earlier one did (gh-114480),
+    and the first walk of a process then found no point at all."""
+    def opcodes(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        return opcodes
+
+    sys.settrace(opcodes)
+    try:
+        (lambda: None)()
+    finally:
+        sys.settrace(None)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -754,14 +755,17 @@ def test_an_interrupt_at_any_point_of_a_timed_wait_leaves_no_lock_behind(
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
-@pytest.mark.parametrize("start", ["new session", "session exists", "sidecar exists"])
+@pytest.mark.parametrize("start", ["new session", "session exists", "sidecar exists",
+                                   "torn last line"])
 def test_an_interrupt_at_any_point_of_a_run_leaks_no_descriptor(tmp_path: Path, start: str) -> None:
-    """A run (acquire, one append, release) with an interrupt (a signal handler's
-    exception) landing at one point where a handler can run after another, in the code
-    that opens, checks and closes the sidecar and the session file: once the object is
-    released, no descriptor of either is left open. A signal that came during an open's
-    system call is handled just as the call returns, before its result is kept: that
-    point left the descriptor open for the life of the process."""
+    """A run (acquire, one append, release; on a session whose torn last line the
+    append sets aside, too) with an interrupt (a signal handler's exception) landing at
+    one point where a handler can run after another, in the code that opens, checks and
+    closes the sidecar, the session file and its ``.torn``: once the object is released,
+    no descriptor of any is left open. A signal that came during an open's system call
+    is handled just as the call returns, before its result is kept: that point left the
+    descriptor open for the life of the process (and on 3.12 and 3.13 so did the
+    ``break`` out of the sidecar's open loop, a backward jump there)."""
     from interrupts import interrupted_at
 
     from fencelock import (
@@ -769,37 +773,66 @@ def test_an_interrupt_at_any_point_of_a_run_leaks_no_descriptor(tmp_path: Path, 
         _fingerprint,
         _forkguard,
         _lock,
+        _platform,
         _sidecar,
         _sidecar_holder,
         _tokens,
     )
 
     walked = (_sidecar.__file__, _sidecar_holder.__file__, _lock.__file__, _fence.__file__,
-              _fingerprint.__file__, _tokens.__file__, _forkguard.__file__)
+              _fingerprint.__file__, _tokens.__file__, _forkguard.__file__, _platform.__file__)
     number = 0
     while True:
         session = tmp_path / str(number) / "s.jsonl"
         session.parent.mkdir()
         if start != "new session":
-            session.write_text('{"n":0}\n')
+            session.write_text('{"n":0}\n' + ('{"torn' if start == "torn last line" else ""))
         if start == "sidecar exists":
             with SessionLock(session, "before"):
                 pass
         lock = SessionLock(session, "walked")
 
         def run(lock: SessionLock = lock) -> None:
-            with lock:
-                lock.append({"n": 1})
+            with warnings.catch_warnings():  # the torn line's: said once it is set aside
+                warnings.simplefilter("ignore", fencelock.FenceLockWarning)
+                with lock:
+                    lock.append({"n": 1})
 
         fired, _ = interrupted_at(number, run, walked, expected=(FenceLockError,))
         while lock.held:  # an interrupt as a release was entered: released again (README)
             lock.release()
-        assert _fds_naming(f"/{number}/s.jsonl") == [], (number, "session")
-        assert _fds_naming(f"/{number}/s.jsonl.holder") == [], (number, "sidecar")
+        for name in ("s.jsonl", "s.jsonl.holder", "s.jsonl.torn"):
+            assert _fds_naming(f"/{number}/{name}") == [], (number, name)
         if not fired:
             break
         number += 1
     assert number > 50  # the run's code was walked
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
+def test_an_interrupt_at_any_point_of_verify_leaks_no_descriptor(tmp_path: Path) -> None:
+    """`verify()` with an interrupt landing at one point where a signal handler can run
+    after another: the session file's descriptor is closed every time. `os.fdopen` is
+    Python code: one landing in it, before the file owned the descriptor, left it open."""
+    import gc
+
+    from interrupts import interrupted_at
+
+    from fencelock import _sidecar, _verify, verify
+
+    session = tmp_path / "s.jsonl"
+    with SessionLock(session, "before") as lock:
+        lock.append({"n": 0})
+    walked = (_verify.__file__, _sidecar.__file__, os.fdopen.__code__.co_filename)
+    number = 0
+    with warnings.catch_warnings():  # a file an interrupt's traceback kept: closed as it
+        warnings.simplefilter("ignore", ResourceWarning)  # goes, which Python notes
+        while interrupted_at(number, lambda: verify(session), walked,
+                             expected=(FenceLockError,))[0]:
+            gc.collect()
+            assert _fds_naming("/s.jsonl") == [], number
+            number += 1
+    assert number > 10
 
 
 def test_fork_during_a_timed_wait_leaves_no_orphan_lock(
@@ -1199,19 +1232,48 @@ def _interrupt_a_contended_acquire(session: Path, spawn_holder: SpawnHolder,
     return lock
 
 
-@pytest.mark.parametrize("where", ["the slot is freed", "the waiter is woken"])
+@pytest.mark.parametrize("where", [
+    "the slot's cleanup is entered", "the descriptor's cleanup is entered",
+    "the slot is freed", "the waiter is woken"])
 def test_an_interrupt_in_a_failed_acquire_s_cleanup_frees_its_slot(
     session: Path, spawn_holder: SpawnHolder, where: str
 ) -> None:
     """A fail-fast acquire meets a holder in another process; an interrupt lands in its
-    cleanup, as the in-process slot it took is freed. The slot was left taken: every
-    later acquire of the session in this process was refused as held (one that waits
-    for good waited for good)."""
-    from fencelock import _registry
+    cleanup: as a cleanup (`_cleanup.to_the_end`) is entered, the lock object's (the
+    in-process slot) or the store's (the descriptor), or as the slot is freed. The slot
+    was left taken: every later acquire of the session in this process was refused as
+    held (one that waits for good waited for good); one as the store's cleanup was
+    entered left the sidecar's descriptor open."""
+    from fencelock import _cleanup, _registry
 
-    step = _registry.free if where == "the slot is freed" else _registry.wake
-    lock = _interrupt_a_contended_acquire(session, spawn_holder, step, on_contention="fail")
+    if where.endswith("is entered"):
+        caller = "_acquire" if where.startswith("the slot's") else "acquire"
+        raised: list[bool] = []
+
+        def tracer(frame: Any, event: str, arg: Any) -> None:
+            if (not raised and event == "call" and frame.f_code is _cleanup.to_the_end.__code__
+                    and frame.f_back.f_code.co_name == caller):
+                raised.append(True)
+                raise KeyboardInterrupt
+
+        holder = spawn_holder(session, lane="holder")
+        holder.acquire()
+        lock = SessionLock(session, "interrupted", on_contention="fail")
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                lock.acquire()
+        finally:
+            sys.settrace(None)
+        assert raised and not lock.held
+        assert holder.call("release") == "released"
+    else:
+        step = _registry.free if where == "the slot is freed" else _registry.wake
+        lock = _interrupt_a_contended_acquire(session, spawn_holder, step,
+                                              on_contention="fail")
     assert lock._key not in _registry._held
+    if os.path.isdir("/proc/self/fd"):
+        assert _fds_naming(f"{session}.holder") == []
     with SessionLock(session, "next", timeout=30):
         pass
 
