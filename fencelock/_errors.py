@@ -572,9 +572,9 @@ def _only_metadata(expected: Fingerprint | None, actual: Fingerprint | None) -> 
         return ""
     moved = [f"{name} {getattr(expected, name)} to {getattr(actual, name)}"
              for name in ("dev", "ctime_ns") if getattr(expected, name) != getattr(actual, name)]
-    return ("; its metadata moved: " + ", ".join(moved) + " (permissions, owner, an extended "
-            "attribute such as the token mark a run through another name of the file sets)"
-            if moved else "")
+    return ("; only its " + ", ".join(moved) + " moved (a change of its permissions, owner, "
+            "links or extended attributes, such as the token mark a run through another "
+            "name of the file sets; or a write whose mtime was set back)" if moved else "")
 
 
 def is_coordination_error(exc: BaseException | None) -> bool:

@@ -28,7 +28,7 @@ from fencelock._errors import (
     UnsafePathError,
 )
 from fencelock._fingerprint import CONTENT, STAT, FenceMode, Fingerprint
-from fencelock._json import digits_problem, strict_loads
+from fencelock._json import NotJSONError, digits_problem, strict_loads
 from fencelock._platform import O_CLOEXEC, owner_for, set_mode
 
 TORN_SUFFIX = ".torn"
@@ -67,6 +67,9 @@ def _encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) ->
             raise FenceLockError(
                 "a session entry is nested too deeply for Python's JSON parser; nothing "
                 "was written") from None
+        except NotJSONError as e:  # NaN, Infinity, a number past a double's range
+            raise FenceLockError(f"a session entry must be JSON that any reader takes: {e}; "
+                                 "nothing was written") from None
         except ValueError as e:
             digits = digits_problem(e)
             why = f"a session entry holds {digits}" if digits else (

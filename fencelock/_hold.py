@@ -293,9 +293,19 @@ def error_name(e: BaseException) -> str:
     return FenceLockError.__name__  # unreachable: FenceLockError is exported
 
 
+def said(e: BaseException) -> str:
+    """What ``e`` says: an `OSError` of the system's as the command line words one (the
+    file, and what to do about a limit), anything else as it says itself."""
+    if isinstance(e, OSError) and not isinstance(e, FenceLockError):
+        from fencelock._output import os_message
+
+        return os_message(e)
+    return str(e)
+
+
 def error_answer(e: BaseException) -> dict[str, Any]:
     """``{"ok": false, "error": <class name>, "message": ...}`` plus what the class carries."""
-    answer: dict[str, Any] = {"ok": False, "error": error_name(e), "message": str(e)}
+    answer: dict[str, Any] = {"ok": False, "error": error_name(e), "message": said(e)}
     if isinstance(e, SessionContendedError):
         answer["holder"] = None if e.holder is None else e.holder.to_json()
     elif isinstance(e, SessionTakeoverError):
@@ -588,7 +598,7 @@ def _hold(served: _Session, heartbeat: float, inbox: _Inbox, out: _Out, seen: Se
             out.send(error_answer(e))
         return EXIT_CONTENDED
     except (FenceLockError, OSError) as e:
-        _stderr(str(e))
+        _stderr(said(e))
         with contextlib.suppress(_CallerGone):
             out.send(error_answer(e))
         return EXIT_ERROR
@@ -617,7 +627,7 @@ def _refresh(lock: SessionLock) -> None:
     try:
         lock.touch()
     except (FenceLockError, OSError) as e:
-        _stderr(f"heartbeat not refreshed: {e}")
+        _stderr(f"heartbeat not refreshed: {said(e)}")
 
 
 def _serve(

@@ -29,19 +29,22 @@ def finite_float(text: str) -> float:
     return value
 
 
-_MAX_DOUBLE = int(sys.float_info.max)
-_SHORT = len(str(_MAX_DOUBLE))
+_SHORT = len(str(int(sys.float_info.max)))
 """Digits below which an integer is within a double's range, whatever they are."""
 
 
 def finite_int(text: str) -> int:
     """For ``parse_int``: a JSON integer; `NotJSONError` for one past a double's range
     (a 400-digit one), which a reader that takes numbers as doubles (JavaScript's
-    ``JSON.parse``) reads as ``Infinity``, as it does ``1e400``."""
+    ``JSON.parse``) reads as ``Infinity``, as it does ``1e400``: one that rounds to
+    infinity (from 2**1024 - 2**970 on), as Python's ``float`` does."""
     value = int(text)
-    if len(text) >= _SHORT and abs(value) > _MAX_DOUBLE:
-        raise NotJSONError(f"number {text[:40]}... ({len(text)} digits) is out of range "
-                           "for a double")
+    if len(text) >= _SHORT:
+        try:
+            float(value)
+        except OverflowError:
+            raise NotJSONError(f"number {text[:40]}... ({len(text)} digits) is out of "
+                               "range for a double") from None
     return value
 
 

@@ -365,9 +365,10 @@ def keep_before_set_aside(session: str, fd: int) -> None:
         from fencelock._errors import WRITE_FIXES
 
         fix = WRITE_FIXES.get(e.errno or 0, "fix the directory's permissions")
+        again = "" if fix.endswith("try again") else ", and try again"
         raise FenceLockError(
             f"{marker}: cannot be created ({e.strerror or e}), so the token of the corrupt "
-            f"record beside it would be lost; {fix}, and try again"
+            f"record beside it would be lost; {fix}{again}"
         ) from None
     except FenceLockError as e:
         raise FenceLockError(

@@ -1064,6 +1064,9 @@ def test_an_append_whose_line_went_in_is_answered_at_every_descriptor_limit(
             capture_output=True, text=True, timeout=60, check=False, preexec_fn=few,
         )
         assert "Traceback" not in done.stderr, (limit, done.stderr)
+        for said in (done.stderr, done.stdout):  # the limit and its fix, not a bare file
+            if "Too many open files" in said:
+                assert "raise the limit (ulimit -n)" in said, (limit, said)
         if session.exists() and session.read_bytes() == b'{"a":1}\n':
             answers = [json.loads(line) for line in done.stdout.splitlines()]
             told = [a for a in answers if a.get("op") == "append"

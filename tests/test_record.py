@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import json
 import pickle
+import sys
 from typing import Any
 
 import pytest
@@ -171,6 +172,20 @@ def test_oversized_record_is_corrupt_not_free() -> None:
     data = b'{"version":1,"lane":"' + b"x" * MAX_RECORD + b'"}'
     with pytest.raises(ValueError, match="larger than"):
         decode(data)
+
+
+def test_an_integer_is_refused_from_where_a_double_reader_rounds_it_to_infinity() -> None:
+    """From 2**1024 - 2**970 on, a reader that takes numbers as doubles (JSON.parse)
+    reads an integer as Infinity; below it, as the largest double: that one is JSON any
+    reader takes. (The bound was the largest double itself.)"""
+    from fencelock._json import NotJSONError, finite_int
+
+    edge = 2**1024 - 2**970
+    for value in (edge - 1, -(edge - 1), int(sys.float_info.max), 2**63, -(2**63)):
+        assert finite_int(str(value)) == value
+    for value in (edge, -edge, 10**400):
+        with pytest.raises(NotJSONError, match="out of range"):
+            finite_int(str(value))
 
 
 @pytest.mark.parametrize("extra", [
