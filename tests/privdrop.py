@@ -25,6 +25,7 @@ NOBODY = 65534
 
 _PRELUDE = """
 import errno, fcntl, json, os, stat, sys, warnings
+import urllib.parse  # a store's URL is parsed at acquire (3.13 no longer loads it at start)
 import fencelock
 from fencelock import *
 {preload}
