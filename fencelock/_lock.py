@@ -492,7 +492,11 @@ class SessionLock:
             self._enter(me, wait)
             return self._info or self._completed_info(shell)
         except BaseException:
-            self._give_back(me, mine)
+            try:
+                self._give_back(me, mine)
+            except BaseException:  # one that landed as it was entered: once more
+                self._give_back(me, mine)
+                raise
             raise
 
     def _enter(self, me: object, wait: float | None) -> None:
@@ -759,7 +763,11 @@ class SessionLock:
         try:
             self._enter(me, self.timeout)
         except BaseException:
-            self._give_back(me, mine)
+            try:
+                self._give_back(me, mine)
+            except BaseException:  # one that landed as it was entered: once more
+                self._give_back(me, mine)
+                raise
             raise
         return self
 

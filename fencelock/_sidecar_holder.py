@@ -376,7 +376,11 @@ class SidecarHolder:
         except BaseException:  # e.g. KeyboardInterrupt, perhaps just as the lock came
             if got and self._fd != got[0]:
                 _sidecar.close(got[0])
-            _wait.abandon(mine, box, got)
+            try:
+                _wait.abandon(mine, box, got)
+            except BaseException:  # one that landed as it was entered: once more
+                _wait.abandon(mine, box, got)
+                raise
             raise
         if not got:
             if cancel is not None and cancel.is_set():

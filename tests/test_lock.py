@@ -9,6 +9,7 @@ import fcntl
 import functools
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -833,6 +834,54 @@ def test_an_interrupt_at_any_point_of_verify_leaks_no_descriptor(tmp_path: Path)
             assert _fds_naming("/s.jsonl") == [], number
             number += 1
     assert number > 10
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+def test_a_second_interrupt_as_a_timed_wait_s_cleanup_begins_leaves_no_lock_behind(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """A timed wait for a session another process holds: a signal's handler raises in
+    the wait (its helper thread blocked in the kernel), and a second interrupt lands as
+    the cleanup that gives the helper up is entered. The helper was never given up:
+    once the holder let go it took the lock for nobody, and the session read as held
+    until the process ended."""
+    from fencelock import _wait
+
+    holder = spawn_holder(session, lane="holder")
+    holder.acquire()
+    lock = SessionLock(session, "waiter", timeout=30)
+    raised: list[str] = []
+
+    def second(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is _wait.abandon.__code__ and not raised[1:]:
+            raised.append("abandon")
+            raise KeyboardInterrupt
+
+    def first(signum: int, frame: Any) -> None:
+        if frame is None or frame.f_code is not _wait._Done.wait.__code__:
+            signal.setitimer(signal.ITIMER_REAL, 0.01)  # not waiting yet: once more
+            return
+        raised.append("wait")
+        sys.settrace(second)
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGALRM, first)
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lock.acquire()
+    finally:
+        sys.settrace(None)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+    assert raised == ["wait", "abandon"] and not lock.held
+    assert holder.call("release") == "released"
+    deadline = time.monotonic() + 30
+    while _wait.abandoned_waits():  # a helper given up drops the lock it gets at once
+        assert time.monotonic() < deadline, "the helper was never given up"
+        time.sleep(0.001)
+    with SessionLock(session, "after", on_contention="fail"):
+        pass  # (SessionContendedError: the helper took it for nobody)
 
 
 def test_fork_during_a_timed_wait_leaves_no_orphan_lock(
@@ -1669,6 +1718,39 @@ def test_an_interrupt_as_an_acquire_returns_gives_the_session_back(
         lock.release()
     assert not lock.held
     assert probe(session).state == ProbeState.FREE
+    with SessionLock(session, "next", on_contention="fail"):
+        pass
+
+
+def test_a_second_interrupt_as_an_interrupted_acquire_gives_the_session_back_frees_it(
+    session: Path,
+) -> None:
+    """An interrupt once the session is taken but before `acquire()` hands it over, and
+    a second as the giving back is entered: it was never given back, and the session
+    stayed held by an object its caller never learnt of, until the process ended."""
+    from conftest import on_return
+
+    lock = SessionLock(session, "interrupted")
+    raised: list[str] = []
+
+    def second(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is SessionLock._give_back.__code__ \
+                and not raised[1:]:
+            raised.append("given back")
+            raise KeyboardInterrupt
+
+    def first() -> None:
+        raised.append("taken")
+        sys.setprofile(second)
+        raise KeyboardInterrupt
+
+    try:
+        with on_return(SessionLock._enter, first), pytest.raises(KeyboardInterrupt):
+            lock.acquire()
+    finally:
+        sys.setprofile(None)
+    assert raised == ["taken", "given back"]
+    assert not lock.held
     with SessionLock(session, "next", on_contention="fail"):
         pass
 
