@@ -9,6 +9,12 @@ first interrupt. An interrupt can still land as `to_the_end` is entered (a funct
 start is a point where a signal handler runs): its callers call it inside a ``try``
 whose handler calls it once more. Python offers no way to close every point: a second
 interrupt can land as that second call is entered, or right after it caught a first.
+
+A cleanup in a ``finally`` also keeps the protected block's last call inside the
+``try``: ``result = call()`` there, and ``return result`` after it. CPython counts an
+interrupt right after a call returns as the call's (inside the ``try``), but the tests
+that walk every such point raise it at the next instruction, which after ``return
+call()`` is the ``finally``'s first, outside any handler of its own.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from fencelock import (
     _backend,
     _cleanup,
     _fingerprint,
+    _forkguard,
     _identity,
     _platform,
     _record,
@@ -226,26 +227,41 @@ def held_error(
 
 
 def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> HolderStatus:
-    found = _look(session, sidecar, stuck_after, now)
-    assert found is not None  # only a busy scan gets None
-    if isinstance(found, HolderStatus):
-        return found
+    looks: list[_Watch] = []
     try:
+        found = _look(session, sidecar, stuck_after, now, into=looks)
+        assert found is not None  # only a busy scan gets None
+        if isinstance(found, HolderStatus):
+            return found
         while found.result is None:
             time.sleep(_GRACE_STEP)  # a probe's or a waiter's test lock lasts microseconds
             found.step()
-    finally:
-        found.close()  # also when interrupted (a KeyboardInterrupt, a handler's timeout)
-    return found.result
+        return found.result
+    finally:  # also when interrupted (a KeyboardInterrupt, a handler's timeout)
+        try:
+            _close_all(looks)
+        except BaseException:  # one that landed as it began: once more
+            _close_all(looks)
+            raise
+
+
+def _close_all(looks: list[_Watch]) -> None:
+    """Close the descriptors of ``looks`` (each safe to close again)."""
+    _cleanup.to_the_end(*(look.close for look in looks))
 
 
 def _look(
-    session: str, sidecar: str, stuck_after: float, now: float, *, busy: bool = False
+    session: str, sidecar: str, stuck_after: float, now: float, *, into: list[_Watch],
+    busy: bool = False,
 ) -> HolderStatus | _Watch | None:
     """The session's status; or, for a lock found taken with no live record behind it,
     a `_Watch` that decides it within the grace. ``busy``: descriptors are open on
     watched sidecars, so None when this process is out of descriptors (the caller
-    tries again once a watch is over)."""
+    tries again once a watch is over).
+
+    The sidecar's descriptor is opened into a watch put in ``into`` first, and closed
+    here unless that watch is returned: an interrupt (KeyboardInterrupt, a signal
+    handler's exception) anywhere leaves it there for the caller to close."""
     if _registry.any_held():
         # A holder in this process answers for itself: opening and locking a second
         # descriptor could disturb its lock where flock is emulated (NFS).
@@ -255,8 +271,10 @@ def _look(
             holder = mine
             return _status(session, sidecar, ProbeState.LIVE, record,
                            stuck_after=stuck_after, now=now, reread=lambda: holder.info)
+    watch = _Watch(session, sidecar, stuck_after, now)
+    into.append(watch)
     try:
-        fd, st = _sidecar.open_checked(sidecar, create=False)
+        fd, st = _sidecar.open_checked(sidecar, create=False, into=watch)
     except UnsafeSidecarError as e:
         return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
     except SidecarAccessError as e:
@@ -265,19 +283,16 @@ def _look(
         if busy and e.cause.errno in (errno.EMFILE, errno.ENFILE):
             return None
         return HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(e))
-    watch = None
     try:
-        try:
-            free = _unlocked(fd)
-            record, corrupt = _read(fd, sidecar, st.st_size)
-        except (OSError, SidecarAccessError) as e:
-            return _unprobed(session, sidecar, e)
-        if not free and not (record is not None and may_be_live(record)):
-            watch = _Watch(session, sidecar, fd, stuck_after, now)
-            return watch
-    finally:
-        if watch is None:
-            _sidecar.close(fd)  # also drops the test lock
+        free = _unlocked(fd)
+        record, corrupt = _read(fd, sidecar, st.st_size)
+    except (OSError, SidecarAccessError) as e:
+        watch.close()
+        return _unprobed(session, sidecar, e)
+    if not free and not (record is not None and may_be_live(record)):
+        watch.begin()
+        return watch
+    watch.close()  # also drops the test lock
     return _unless_planted(
         _conclude(session, sidecar, free, record, corrupt, None, stuck_after, now), st, sidecar)
 
@@ -298,16 +313,22 @@ class _Watch:
     again whenever what blocks the lock changes (at most 20 graces in all). `scan`
     watches many at once, so that they share their graces."""
 
-    def __init__(
-        self, session: str, sidecar: str, fd: int, stuck_after: float, now: float
-    ) -> None:
-        self.session, self.sidecar, self.fd = session, sidecar, fd
+    def __init__(self, session: str, sidecar: str, stuck_after: float, now: float) -> None:
+        self.session, self.sidecar = session, sidecar
         self.stuck_after, self.now = stuck_after, now
+        self._fd = -1
+        self._opened: object = None
+        """The sidecar's descriptor and its tracking entry (`_sidecar.open_checked`'s
+        ``into``), for a `close` that is safe to run again."""
+        self.deadline = self.cap = self.next_try = 0.0
+        self.blocked_by_exclusive: bool | None = None
+        self.result: HolderStatus | None = None
+
+    def begin(self) -> None:
+        """Start the grace: the lock was just found taken."""
         start = time.monotonic()
         self.deadline, self.cap = start + _GRACE, start + 20 * _GRACE
         self.next_try = start + _GRACE_STEP
-        self.blocked_by_exclusive: bool | None = None
-        self.result: HolderStatus | None = None
 
     def step(self) -> None:
         """Test the lock again if a step has passed since the last test; set ``result``
@@ -317,8 +338,8 @@ class _Watch:
             return
         self.next_try = now + _GRACE_STEP
         try:
-            shared = _platform.try_lock(self.fd, shared=True)
-            if shared and _platform.sole_lock(self.fd):
+            shared = _platform.try_lock(self._fd, shared=True)
+            if shared and _platform.sole_lock(self._fd):
                 self._decide(True)
                 return
             if self.blocked_by_exclusive is not None and self.blocked_by_exclusive == shared:
@@ -331,7 +352,7 @@ class _Watch:
             self.result = _unprobed(self.session, self.sidecar, e)
 
     def _decide(self, free: bool) -> None:
-        session, sidecar, fd = self.session, self.sidecar, self.fd
+        session, sidecar, fd = self.session, self.sidecar, self._fd
         owners: tuple[_platform.LockOwner, ...] | None = None
         try:
             try:
@@ -348,9 +369,8 @@ class _Watch:
         )
 
     def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            _sidecar.close(fd)  # also drops the test lock
+        """Close the descriptor (which drops the test lock), unless closed already."""
+        _forkguard.close_if_still(self._fd, self._opened)
 
 
 _GRACE = _sidecar_holder.FAIL_GRACE
@@ -590,8 +610,10 @@ def _scan_rows(base: str, stuck_after: float) -> Generator[HolderStatus, None, N
     # while the scan goes on, so that such sessions share their graces.
     rows: deque[HolderStatus | _Watch] = deque()
     watched: list[_Watch] = []
+    looks: list[_Watch] = []  # `_look`'s, until the row is kept
     try:
         for name in sorted(names):
+            looks.clear()  # the last row's: closed, or kept in ``rows`` by now
             session = os.path.join(base, name)
             sidecar = session + _sidecar.SUFFIX
             # What it is now (the listing's entry may be old); a regular file by now is
@@ -603,10 +625,12 @@ def _scan_rows(base: str, stuck_after: float) -> Generator[HolderStatus, None, N
                 row = HolderStatus(session, sidecar, ProbeState.UNREADABLE,
                                    reason=str(UnsafeSidecarError(sidecar, NO_SESSION_NAME)))
             else:
-                found = _look(session, sidecar, stuck_after, now, busy=bool(watched))
+                found = _look(session, sidecar, stuck_after, now, into=looks,
+                              busy=bool(watched))
                 while found is None:  # out of descriptors: wait for a watch to end
                     yield from _ready(rows, watched, len(watched), _MAX_PENDING_ROWS)
-                    found = _look(session, sidecar, stuck_after, now, busy=bool(watched))
+                    found = _look(session, sidecar, stuck_after, now, into=looks,
+                                  busy=bool(watched))
                 row = found
             if isinstance(row, _Watch):
                 watched.append(row)
@@ -617,9 +641,13 @@ def _scan_rows(base: str, stuck_after: float) -> Generator[HolderStatus, None, N
             yield from _ready(rows, watched, _MAX_WATCHED, _MAX_PENDING_ROWS)
         yield from _ready(rows, watched, 0, 0)
     finally:
-        for row in rows:
-            if isinstance(row, _Watch):
-                row.close()
+        looks += watched
+        looks += (row for row in rows if isinstance(row, _Watch))
+        try:
+            _close_all(looks)
+        except BaseException:  # one that landed as it began: once more
+            _close_all(looks)
+            raise
 
 
 _MAX_WATCHED = 64
@@ -705,31 +733,38 @@ def clear(
         # As acquire refuses it and probe calls it unreadable: a session path no run can
         # use (a directory, say) leaves the sidecar beside it alone.
         _sidecar.refuse_unusable_session(sidecar)
-        while True:
+        cleared: HolderStatus | None = None
+        while cleared is None:
+            opened = _sidecar.Opened()
             try:
-                fd, st = _sidecar.open_checked(sidecar, create=False, write=True)
-            except SidecarAccessError as e:
-                if e.cause.errno == errno.ENOENT and os.path.isdir(os.path.dirname(sidecar)):
-                    return HolderStatus(session, sidecar, ProbeState.FREE,
-                                        reason=_no_sidecar(session))
-                if e.cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                    # Not writable here: a live holder is still the answer that counts
-                    # (as on a writable filesystem); otherwise why it cannot be cleared.
-                    found = _probe(session, sidecar, DEFAULT_STUCK_AFTER, time.time())
-                    if found.state is ProbeState.LIVE:
-                        raise found._contended() from None
-                    if found.state is ProbeState.FREE and not remove:
+                try:
+                    fd, st = _sidecar.open_checked(sidecar, create=False, write=True,
+                                                   into=opened)
+                except SidecarAccessError as e:
+                    if e.cause.errno == errno.ENOENT and os.path.isdir(os.path.dirname(sidecar)):
                         return HolderStatus(session, sidecar, ProbeState.FREE,
-                                            record=found.record, reason="was free")
-                raise
-            try:
+                                            reason=_no_sidecar(session))
+                    if e.cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                        # Not writable here: a live holder is still the answer that counts
+                        # (as on a writable filesystem); otherwise why it cannot be cleared.
+                        found = _probe(session, sidecar, DEFAULT_STUCK_AFTER, time.time())
+                        if found.state is ProbeState.LIVE:
+                            raise found._contended() from None
+                        if found.state is ProbeState.FREE and not remove:
+                            return HolderStatus(session, sidecar, ProbeState.FREE,
+                                                record=found.record, reason="was free")
+                    raise
                 if not _lock_for_clear(fd, sidecar):
                     raise contended(session, sidecar)
-                if not _sidecar.still_at_path(sidecar, st):
-                    continue
-                return _clear_locked(fd, st, session, sidecar, remove, force)
+                if _sidecar.still_at_path(sidecar, st):  # else removed meanwhile: again
+                    cleared = _clear_locked(fd, st, session, sidecar, remove, force)
             finally:
-                _sidecar.close(fd)
+                try:  # (which drops the lock)
+                    opened.close()
+                except BaseException:  # one that landed as it began: once more
+                    opened.close()
+                    raise
+        return cleared
     finally:
         try:
             _registry.free(key, slot)

@@ -196,15 +196,10 @@ def _unreadable(session: str, sidecar: str, found: HolderStatus, *,
     it again (`UnsafeSidecarError`, `SidecarAccessError`, `CorruptRecordError`), so that
     a caller can catch it as it would from `SessionLock`; else a `FenceLockError`."""
     if sidecars:
-        fd = -1
         try:
-            fd, _ = _sidecar.open_checked(sidecar, create=False)
-            _sidecar.read(fd, sidecar)
+            _sidecar.using(sidecar, lambda fd, _: _sidecar.read(fd, sidecar))
         except FenceLockError as e:
             return e
-        finally:
-            if fd >= 0:
-                _sidecar.close(fd)
     return FenceLockError(f"{session}: cannot recover: {found.reason}")
 
 

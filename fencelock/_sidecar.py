@@ -13,7 +13,8 @@ import errno
 import functools
 import os
 import stat
-from typing import TypeAlias
+from collections.abc import Callable
+from typing import TypeAlias, TypeVar
 
 from fencelock import _forkguard, _platform
 from fencelock._constants import NO_WORKING_DIRECTORY, SIDECAR_SUFFIX
@@ -32,6 +33,8 @@ from fencelock._errors import (
     attribute_fix,
 )
 from fencelock._record import MAX_RECORD, HolderInfo, decode
+
+_T = TypeVar("_T")
 
 SUFFIX = SIDECAR_SUFFIX
 _READ_RETRIES = 5
@@ -409,14 +412,40 @@ _UNSAFE_ERRNO = {
 }
 
 
-class _Opened:
-    """The owner of a descriptor `open_checked` tracks for a caller that names none."""
+class Opened:
+    """The owner of a descriptor `open_checked` tracks (its ``into``; one of its own for
+    a caller that names none): `close` closes it, and is safe to run again after an
+    interrupt (KeyboardInterrupt, a signal handler's exception) cut it short, or landed
+    as it began."""
 
     __slots__ = ("_fd", "_opened")
 
     def __init__(self) -> None:
         self._fd = -1
         self._opened: object = None
+
+    def close(self) -> None:
+        """Close the descriptor, unless it is closed already (or never opened)."""
+        _forkguard.close_if_still(self._fd, self._opened)
+
+
+def using(
+    sidecar: str, use: Callable[[int, os.stat_result], _T], *, write: bool = False
+) -> _T:
+    """``use(fd, st)`` on the sidecar (opened with `open_checked`, never created), then
+    closed: also when an interrupt lands as its close begins (run once more), which
+    would leave it open, with any lock ``use`` took on it."""
+    opened = Opened()
+    try:
+        fd, st = open_checked(sidecar, create=False, write=write, into=opened)
+        result = use(fd, st)  # (in the ``try``, not returned from it: see `_cleanup`)
+    finally:
+        try:
+            opened.close()
+        except BaseException:  # one that landed as it began: once more
+            opened.close()
+            raise
+    return result
 
 
 def open_checked(
@@ -436,7 +465,7 @@ def open_checked(
     """
     access = os.O_RDWR if create or write else os.O_RDONLY
     flags = _platform.OPEN_FLAGS | access
-    owner = into if into is not None else _Opened()
+    owner = into if into is not None else Opened()
     try:  # the `with`'s end too: an interrupt as the guard is let go closes it
         with _forkguard.guard:  # a forked child must never get a copy it does not know of
             made = False

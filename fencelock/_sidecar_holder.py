@@ -130,15 +130,9 @@ def contended(
 def read_quietly(sidecar: str) -> HolderInfo | None:
     """The sidecar's record, or None when there is none or it cannot be read."""
     try:
-        fd, st = _sidecar.open_checked(sidecar, create=False)
+        return _sidecar.using(sidecar, lambda fd, st: _sidecar.read(fd, sidecar, st.st_size))
     except Exception:
         return None
-    try:
-        return _sidecar.read(fd, sidecar, st.st_size)
-    except Exception:
-        return None
-    finally:
-        _sidecar.close(fd)
 
 
 class SidecarHolder:

@@ -224,13 +224,21 @@ def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
     timeout = limit(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
+        opened = _sidecar.Opened()
         try:
-            fd, st = _sidecar.open_checked(sidecar, create=False)
-        except SidecarAccessError as e:
-            if e.cause.errno == errno.ENOENT:
-                return True
-            raise
-        locked = _shared_lock(fd, st, sidecar, deadline)
+            try:
+                _, st = _sidecar.open_checked(sidecar, create=False, into=opened)
+            except SidecarAccessError as e:
+                if e.cause.errno == errno.ENOENT:
+                    return True
+                raise
+            locked = _shared_lock(opened, st, sidecar, deadline)
+        finally:
+            try:  # (with the shared lock, if it was taken)
+                opened.close()
+            except BaseException:  # one that landed as it began: once more
+                opened.close()
+                raise
         if locked is None:
             return False
         if not _sidecar.still_at_path(sidecar, locked):
@@ -253,18 +261,13 @@ def _no_shared_holder(sidecar: str, deadline: float | None) -> bool | None:
     pause = 0.001
     while True:
         try:
-            fd, _ = _sidecar.open_checked(sidecar, create=False)
+            alone = _sidecar.using(sidecar, _sole_shared)
         except SidecarAccessError as e:
             if e.cause.errno == errno.ENOENT:
                 return True
             raise
-        try:
-            if not _platform.try_lock(fd, shared=True):
-                return None
-            if _platform.sole_lock(fd):
-                return True
-        finally:
-            _sidecar.close(fd)
+        if alone is not False:
+            return alone
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             return False
@@ -272,33 +275,33 @@ def _no_shared_holder(sidecar: str, deadline: float | None) -> bool | None:
         pause = min(pause * 2, 0.05)
 
 
+def _sole_shared(fd: int, st: os.stat_result) -> bool | None:
+    """Whether this is the only shared lock on the sidecar (its test lock is dropped as
+    ``fd`` is closed); None when an exclusive holder has it."""
+    if not _platform.try_lock(fd, shared=True):
+        return None
+    return _platform.sole_lock(fd)
+
+
 def _shared_lock(
-    fd: int, st: os.stat_result, sidecar: str, deadline: float | None
+    opened: _sidecar.Opened, st: os.stat_result, sidecar: str, deadline: float | None
 ) -> os.stat_result | None:
-    """Take and drop a shared lock on the sidecar by ``deadline``: the stat of the file
-    locked (``fd``'s, or an earlier wait's still-blocked descriptor's), None on timeout.
-    ``fd`` is closed or handed to a helper either way."""
-    free = False
-    try:  # closed on any exception: an interrupt just as the lock came, too
-        free = _platform.try_lock(fd, shared=True)
-        if not free:
-            _sidecar.refuse_own_run(sidecar, fd, st)
-    except BaseException:
-        _sidecar.close(fd)
-        raise
-    if free:
-        _sidecar.close(fd)
+    """Take a shared lock on the sidecar by ``deadline``: the stat of the file locked
+    (``opened``'s, whose close drops the lock, or an earlier wait's still-blocked
+    descriptor's, closed here), None on timeout. ``opened`` keeps its descriptor unless
+    a helper thread takes it."""
+    fd = opened._fd
+    if _platform.try_lock(fd, shared=True):
         return st
+    _sidecar.refuse_own_run(sidecar, fd, st)
     if deadline is None and _platform.CAN_BLOCK:
-        try:
-            _platform.lock_blocking(fd, shared=True)
-        finally:
-            _sidecar.close(fd)
+        _platform.lock_blocking(fd, shared=True)
         return st
     mine: list[int] = [fd]  # see `Waiter.start`
     box: list[tuple[Waiter, object]] = []
     got: list[int] = []
     try:
+        opened._fd = -1  # ``mine``'s from here, then the helper's
         Waiter.start((sidecar, True), mine, box)
         waiter, claim = box[0]
         waiter.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
@@ -306,7 +309,11 @@ def _shared_lock(
             return None
         return st if got[0] == fd else os.fstat(got[0])
     except BaseException:
-        abandon(mine, box, got)
+        try:
+            abandon(mine, box, got)
+        except BaseException:  # one that landed as it was entered: once more
+            abandon(mine, box, got)
+            raise
         raise
     finally:
         if got:

@@ -8,7 +8,9 @@ a test can walk every place a real interrupt could land in the code it names.
 
 from __future__ import annotations
 
+import contextlib
 import dis
+import os
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -86,3 +88,13 @@ def _prime() -> None:
         (lambda: None)()
     finally:
         sys.settrace(None)
+
+
+def fds_naming(suffix: str) -> list[str]:
+    """This process's descriptors whose target path ends with ``suffix``."""
+    names = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone
+            if os.readlink(f"/proc/self/fd/{name}").endswith(suffix):
+                names.append(name)
+    return names

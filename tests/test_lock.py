@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import SpawnHolder
+from interrupts import fds_naming
 
 import fencelock
 from fencelock import (
@@ -803,7 +804,7 @@ def test_an_interrupt_at_any_point_of_a_run_leaks_no_descriptor(tmp_path: Path, 
         while lock.held:  # an interrupt as a release was entered: released again (README)
             lock.release()
         for name in ("s.jsonl", "s.jsonl.holder", "s.jsonl.torn"):
-            assert _fds_naming(f"/{number}/{name}") == [], (number, name)
+            assert fds_naming(f"/{number}/{name}") == [], (number, name)
         if not fired:
             break
         number += 1
@@ -831,7 +832,7 @@ def test_an_interrupt_at_any_point_of_verify_leaks_no_descriptor(tmp_path: Path)
         while interrupted_at(number, lambda: verify(session), walked,
                              expected=(FenceLockError,))[0]:
             gc.collect()
-            assert _fds_naming("/s.jsonl") == [], number
+            assert fds_naming("/s.jsonl") == [], number
             number += 1
     assert number > 10
 
@@ -931,16 +932,6 @@ def test_fork_during_a_timed_wait_leaves_no_orphan_lock(
         os.waitpid(pid, 0)
 
 
-def _fds_naming(suffix: str) -> list[str]:
-    """This process's descriptors whose target path ends with ``suffix``."""
-    names = []
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the listing's own descriptor is gone
-            if os.readlink(f"/proc/self/fd/{name}").endswith(suffix):
-                names.append(name)
-    return names
-
-
 def _fork_and_list_sidecar_fds(sidecar: Path) -> tuple[int, list[str], int]:
     """Fork a worker that knows nothing of sessions; it reports which of its inherited
     descriptors name ``sidecar``, then stays alive until the returned pipe closes."""
@@ -951,7 +942,7 @@ def _fork_and_list_sidecar_fds(sidecar: Path) -> tuple[int, list[str], int]:
         try:
             os.close(report_r)
             os.close(hold_w)
-            os.write(report_w, json.dumps(_fds_naming(os.path.realpath(sidecar))).encode())
+            os.write(report_w, json.dumps(fds_naming(os.path.realpath(sidecar))).encode())
             os.close(report_w)
             os.read(hold_r, 1)
         finally:
@@ -1037,7 +1028,7 @@ def test_forks_amid_busy_threads_never_inherit_a_sidecar_descriptor(tmp_path: Pa
                 read_end, write_end = os.pipe()
                 pid = os.fork()
                 if pid == 0:
-                    os.write(write_end, str(len(_fds_naming(".holder"))).encode())
+                    os.write(write_end, str(len(fds_naming(".holder"))).encode())
                     os._exit(0)
                 os.close(write_end)
                 with os.fdopen(read_end) as f:
@@ -1322,7 +1313,7 @@ def test_an_interrupt_in_a_failed_acquire_s_cleanup_frees_its_slot(
                                               on_contention="fail")
     assert lock._key not in _registry._held
     if os.path.isdir("/proc/self/fd"):
-        assert _fds_naming(f"{session}.holder") == []
+        assert fds_naming(f"{session}.holder") == []
     with SessionLock(session, "next", timeout=30):
         pass
 
@@ -1452,7 +1443,7 @@ def test_an_interrupt_as_a_release_closes_the_sidecar_leaks_no_descriptor(sessio
     with _interrupted_entering(_forkguard.close) as raised, pytest.raises(KeyboardInterrupt):
         lock.release()
     assert raised and not lock.held
-    assert _fds_naming(f"{session}.holder") == [] and not _forkguard._open
+    assert fds_naming(f"{session}.holder") == [] and not _forkguard._open
     with SessionLock(session, "next", on_contention="fail"):
         pass
 
@@ -1471,7 +1462,7 @@ def test_a_failed_acquire_s_close_cut_short_is_run_again(
     with _interrupted_entering(_forkguard.close, _forkguard.close_if_still) as raised, \
             pytest.raises(KeyboardInterrupt):
         SessionLock(session, "failing", on_contention="fail").acquire()
-    assert raised and _fds_naming(f"{session}.holder") == []
+    assert raised and fds_naming(f"{session}.holder") == []
 
 
 def test_an_interrupt_as_a_prompt_window_s_start_is_written_leaves_no_prompt_record(
@@ -1660,7 +1651,7 @@ def test_an_interrupt_in_a_contended_acquire_leaks_no_descriptor(
         _interrupt_a_contended_acquire(session, spawn_holder,
                                        _sidecar_holder.SidecarHolder._unwrite_record,
                                        on_contention="fail")
-    assert _fds_naming(f"{session}.holder") == []
+    assert fds_naming(f"{session}.holder") == []
     with SessionLock(session, "next", timeout=30):
         pass
 
