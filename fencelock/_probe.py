@@ -231,18 +231,24 @@ def _probe(session: str, sidecar: str, stuck_after: float, now: float) -> Holder
     try:
         found = _look(session, sidecar, stuck_after, now, into=looks)
         assert found is not None  # only a busy scan gets None
-        if isinstance(found, HolderStatus):
-            return found
-        while found.result is None:
-            time.sleep(_GRACE_STEP)  # a probe's or a waiter's test lock lasts microseconds
-            found.step()
-        return found.result
+        status = found if isinstance(found, HolderStatus) else _decided(found)
     finally:  # also when interrupted (a KeyboardInterrupt, a handler's timeout)
         try:
             _close_all(looks)
         except BaseException:  # one that landed as it began: once more
             _close_all(looks)
             raise
+    return status
+
+
+def _decided(watch: _Watch) -> HolderStatus:
+    """Test a watched lock until its grace decides it. (A loop of its own: from 3.12 a
+    ``while`` loop's backward jump inside a ``try`` is outside the ``try``'s handlers,
+    and an interrupt there escaped the ``finally`` that closes the watch.)"""
+    while watch.result is None:
+        time.sleep(_GRACE_STEP)  # a probe's or a waiter's test lock lasts microseconds
+        watch.step()
+    return watch.result
 
 
 def _close_all(looks: list[_Watch]) -> None:
@@ -625,13 +631,8 @@ def _scan_rows(base: str, stuck_after: float) -> Generator[HolderStatus, None, N
                 row = HolderStatus(session, sidecar, ProbeState.UNREADABLE,
                                    reason=str(UnsafeSidecarError(sidecar, NO_SESSION_NAME)))
             else:
-                found = _look(session, sidecar, stuck_after, now, into=looks,
-                              busy=bool(watched))
-                while found is None:  # out of descriptors: wait for a watch to end
-                    yield from _ready(rows, watched, len(watched), _MAX_PENDING_ROWS)
-                    found = _look(session, sidecar, stuck_after, now, into=looks,
-                                  busy=bool(watched))
-                row = found
+                row = yield from _look_in_turn(session, sidecar, stuck_after, now, looks,
+                                               rows, watched)
             if isinstance(row, _Watch):
                 watched.append(row)
             elif not rows:  # nothing held back (the usual case): out at once
@@ -648,6 +649,19 @@ def _scan_rows(base: str, stuck_after: float) -> Generator[HolderStatus, None, N
         except BaseException:  # one that landed as it began: once more
             _close_all(looks)
             raise
+
+
+def _look_in_turn(
+    session: str, sidecar: str, stuck_after: float, now: float, looks: list[_Watch],
+    rows: deque[HolderStatus | _Watch], watched: list[_Watch],
+) -> Generator[HolderStatus, None, HolderStatus | _Watch]:
+    """`_look` for `_scan_rows`; out of descriptors, once a watch is over (yielding the
+    rows that are ready meanwhile). (A loop of its own: see `_decided`.)"""
+    found = _look(session, sidecar, stuck_after, now, into=looks, busy=bool(watched))
+    while found is None:
+        yield from _ready(rows, watched, len(watched), _MAX_PENDING_ROWS)
+        found = _look(session, sidecar, stuck_after, now, into=looks, busy=bool(watched))
+    return found
 
 
 _MAX_WATCHED = 64

@@ -347,12 +347,10 @@ class SidecarHolder:
             return fd, st
         if deadline is not None and deadline <= time.monotonic():
             raise self._contended(start)  # a try (timeout 0): no helper to start
-        mine: list[int] = [fd]
         box: list[tuple[_wait.Waiter, object]] = []
         got: list[int] = []
         try:
-            self._fd = -1  # ``mine``'s from here, then the helper's (see `Waiter.start`)
-            _wait.Waiter.start((self.sidecar, False), mine, box)
+            _wait.Waiter.start((self.sidecar, False), self, box)  # ``_fd`` the helper's
             waiter, claim = box[0]
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -371,9 +369,9 @@ class SidecarHolder:
             if got and self._fd != got[0]:
                 _sidecar.close(got[0])
             try:
-                _wait.abandon(mine, box, got)
+                _wait.abandon(self, box, got)
             except BaseException:  # one that landed as it was entered: once more
-                _wait.abandon(mine, box, got)
+                _wait.abandon(self, box, got)
                 raise
             raise
         if not got:

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 
-from fencelock import _platform, _sidecar
+from fencelock import _forkguard, _platform, _sidecar
 from fencelock._errors import SidecarAccessError, no_thread
 
 _pending: dict[tuple[str, bool], Waiter] = {}
@@ -113,21 +113,23 @@ class Waiter:
             return True
 
     @staticmethod
-    def start(key: tuple[str, bool], mine: list[int], box: list[tuple[Waiter, object]]) -> None:
-        """Put in ``box`` a waiter for the sidecar of the descriptor in ``mine``, with
-        the caller's claim: an abandoned waiter still blocked (the descriptor is then
-        closed), or a new one (which takes it). Whoever pops ``mine`` owns that
-        descriptor: what is left in it after an interrupt is still the caller's."""
+    def start(
+        key: tuple[str, bool], mine: _forkguard.Owner, box: list[tuple[Waiter, object]]
+    ) -> None:
+        """Put in ``box`` a waiter for the sidecar of ``mine``'s descriptor, with the
+        caller's claim: an abandoned waiter still blocked (the descriptor is then
+        closed), or a new one (which takes it: ``mine._fd`` is then -1). What ``mine``
+        still has after an interrupt is the caller's, to close with `abandon`."""
         old = _pending.pop(key, None)
         if old is not None and old.adopt(box):
-            _sidecar.close(mine.pop())
+            _forkguard.close_if_still(mine._fd, mine._opened)  # (safe to run again)
             return
         waiter = Waiter(-1, key)
         box.append((waiter, waiter.claim))
         # Handed over with no call between the two steps (an interrupt lands at a call):
         # ``mine``'s until the first, the waiter's from the second.
-        waiter.fd = mine[-1]
-        del mine[-1]
+        waiter.fd = mine._fd
+        mine._fd = -1
         waiter._begin()
 
     def give_up(self, claim: object, got: list[int]) -> bool:
@@ -175,14 +177,15 @@ def abandoned_waits() -> bool:
     return bool(_pending)
 
 
-def abandon(mine: list[int], box: list[tuple[Waiter, object]], got: list[int]) -> None:
+def abandon(
+    mine: _forkguard.Owner, box: list[tuple[Waiter, object]], got: list[int]
+) -> None:
     """After an interrupt or error in a wait that used `Waiter.start`: close or give up
     whatever of it is still the caller's (a descriptor ``got`` back is the caller's
     to close, unless it already has)."""
     if box and not got:
         box[0][0].give_up_and_close(box[0][1])
-    if mine:
-        _sidecar.close(mine.pop())
+    _forkguard.close_if_still(mine._fd, mine._opened)
 
 
 def limit(seconds: float | None, what: str = "timeout") -> float | None:
@@ -297,12 +300,10 @@ def _shared_lock(
     if deadline is None and _platform.CAN_BLOCK:
         _platform.lock_blocking(fd, shared=True)
         return st
-    mine: list[int] = [fd]  # see `Waiter.start`
     box: list[tuple[Waiter, object]] = []
     got: list[int] = []
     try:
-        opened._fd = -1  # ``mine``'s from here, then the helper's
-        Waiter.start((sidecar, True), mine, box)
+        Waiter.start((sidecar, True), opened, box)  # (the helper's from there)
         waiter, claim = box[0]
         waiter.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if not waiter.give_up(claim, got):
@@ -310,9 +311,9 @@ def _shared_lock(
         return st if got[0] == fd else os.fstat(got[0])
     except BaseException:
         try:
-            abandon(mine, box, got)
+            abandon(opened, box, got)
         except BaseException:  # one that landed as it was entered: once more
-            abandon(mine, box, got)
+            abandon(opened, box, got)
             raise
         raise
     finally:

@@ -16,7 +16,7 @@ import marks
 import pytest
 from conftest import SpawnHolder
 
-from fencelock import ProbeState, SessionContendedError, SessionLock, _wait, probe
+from fencelock import ProbeState, SessionContendedError, SessionLock, _forkguard, _wait, probe
 
 HERE = Path(__file__).parent
 
@@ -45,10 +45,10 @@ def test_an_interrupt_as_the_lock_arrives_leaves_no_lock_behind(
 
     holder = spawn_holder(session, lane="holder")
     holder.acquire()
-    real_start: Callable[[tuple[str, bool], list[int], list[tuple[_wait.Waiter, object]]],
-                         None] = _wait.Waiter.start
+    real_start: Callable[[tuple[str, bool], _forkguard.Owner,
+                          list[tuple[_wait.Waiter, object]]], None] = _wait.Waiter.start
 
-    def start(key: tuple[str, bool], mine: list[int],
+    def start(key: tuple[str, bool], mine: _forkguard.Owner,
               box: list[tuple[_wait.Waiter, object]]) -> None:
         real_start(key, mine, box)
         waiter = box[0][0]
