@@ -429,15 +429,13 @@ class Opened:
         _forkguard.close_if_still(self._fd, self._opened)
 
 
-def using(
-    sidecar: str, use: Callable[[int, os.stat_result], _T], *, write: bool = False
-) -> _T:
-    """``use(fd, st)`` on the sidecar (opened with `open_checked`, never created), then
+def using(sidecar: str, use: Callable[[int, os.stat_result], _T]) -> _T:
+    """``use(fd, st)`` on the sidecar (opened read-only with `open_checked`), then
     closed: also when an interrupt lands as its close begins (run once more), which
     would leave it open, with any lock ``use`` took on it."""
     opened = Opened()
     try:
-        fd, st = open_checked(sidecar, create=False, write=write, into=opened)
+        fd, st = open_checked(sidecar, create=False, into=opened)
         result = use(fd, st)  # (in the ``try``, not returned from it: see `_cleanup`)
     finally:
         try:
