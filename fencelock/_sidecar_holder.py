@@ -11,7 +11,6 @@ the `fencelock._store.SessionStore` interface, one `SidecarHolder` per lock obje
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import os
 import threading
@@ -41,7 +40,6 @@ from fencelock._errors import (
     record_lags,
     shell_word,
 )
-from fencelock._fingerprint import STAT, FenceMode
 from fencelock._record import HELD, PROMPT, RELEASED, WRITE, HolderInfo
 
 if TYPE_CHECKING:
@@ -135,42 +133,6 @@ def read_quietly(sidecar: str) -> HolderInfo | None:
         return _sidecar.using(sidecar, lambda fd, st: _sidecar.read(fd, sidecar, st.st_size))
     except Exception:
         return None
-
-
-def _as_left(
-    record: bytes | HolderInfo, fp: _fingerprint.Fingerprint | None, mode: FenceMode
-) -> bool:
-    """Whether the session is as a record says its run left it (``fp`` its fingerprint
-    now), or as its run may have left it: a record in the write phase lags the run's
-    last appends by up to `RECORD_LAG` (a run killed meanwhile, a stale record
-    `clear` released), so a session last written within twice that of its
-    ``heartbeat_at`` counts too. Compared as `_fence` does, the device number aside
-    (each host that mounts a network filesystem has its own); a released record in
-    fencelock's layout first by its bytes (with the stat fence): a clean release's
-    matches."""
-    if isinstance(record, bytes):
-        if fp is None:
-            if b'"fingerprint":null' in record:
-                return True
-        else:
-            text = _record.fingerprint_bytes(fp)
-            if text[text.index(b',"ino":'):] in record:
-                return True
-        try:
-            decoded = _record.decode(record)
-        except ValueError:
-            return False
-        if decoded is None:
-            return False
-        record = decoded
-    before = record.fingerprint
-    if before is None or fp is None:
-        if before is fp:
-            return True
-    elif before.matches(dataclasses.replace(fp, dev=before.dev), mode):
-        return True
-    return record.phase is WRITE and fp is not None and \
-        fp.mtime_ns <= (record.heartbeat_at + 2 * RECORD_LAG) * 1e9
 
 
 class SidecarHolder:
@@ -448,14 +410,12 @@ class SidecarHolder:
             raise SidecarAccessError(self.sidecar, e, "its record cannot be read") from None
         old_len = len(data) if len(data) < _PEEK_BYTES else os.fstat(fd).st_size
         written = self._written
-        left: bytes | HolderInfo | None = None
-        """Another run's record, whose fence point the session must still be at."""
         if len(data) == len(written) and data.startswith(_record.RELEASED_HEAD) and \
                 data[_record.HEAD_LEN:] == written[_record.HEAD_LEN:]:
             token = self._written_token + 1  # the record this holder left, as it left it
         elif (quick := _record.peek(data) if data and len(data) < _PEEK_BYTES else None) \
-                is not None and quick[0] is RELEASED and lock.fence_mode is STAT:
-            token, left = quick[1] + 1, data
+                is not None and quick[0] is RELEASED:
+            token = quick[1] + 1
         else:
             old = _sidecar.read(fd, self.sidecar, old_len)
             if old is None:
@@ -464,14 +424,8 @@ class SidecarHolder:
                 _sidecar.refuse_planted_at(self.session)
                 token = max(_tokens.floor(self.session), lock._token_floor) + 1
             else:
-                token, left = old.token + 1, old
+                token = old.token + 1
                 previous = old.as_previous() if old.state is HELD else None
-        fp = lock._session_fingerprint()
-        if left is not None and not _as_left(left, fp, lock.fence_mode):
-            # Written since that run: from outside the protocol, or a power loss took
-            # back the records of later runs, whose lines (fsynced) the session kept.
-            # Their tokens are under its floor (its mark, its stamps): never issued again.
-            token = max(token, _tokens.floor(self.session) + 1)
         if token > _record.MAX_TOKEN:
             raise FenceLockError(
                 f"{self.sidecar}: its fencing tokens are exhausted ({token - 1}); check "
@@ -482,6 +436,7 @@ class SidecarHolder:
         lock._token, lock._run_id, lock._previous = token, run_id, previous
         lock._acquired_at = lock._heartbeat_at = time.time()
         lock._phase = WRITE
+        fp = lock._session_fingerprint()
         if fp is not None and (
             token > self._mark or (fp is not self._mark_fp and fp != self._mark_fp)
         ):
