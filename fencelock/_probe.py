@@ -17,7 +17,7 @@ import os
 import stat
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -251,9 +251,10 @@ def _decided(watch: _Watch) -> HolderStatus:
     return watch.result
 
 
-def _close_all(looks: list[_Watch]) -> None:
-    """Close the descriptors of ``looks`` (each safe to close again)."""
-    _cleanup.to_the_end(*(look.close for look in looks))
+def _close_all(*groups: Iterable[object]) -> None:
+    """Close the descriptors of the watches in ``groups`` (each safe to close again)."""
+    _cleanup.to_the_end(*(look.close for group in groups for look in group
+                          if isinstance(look, _Watch)))
 
 
 def _look(
@@ -642,12 +643,10 @@ def _scan_rows(base: str, stuck_after: float) -> Generator[HolderStatus, None, N
             yield from _ready(rows, watched, _MAX_WATCHED, _MAX_PENDING_ROWS)
         yield from _ready(rows, watched, 0, 0)
     finally:
-        looks += watched
-        looks += (row for row in rows if isinstance(row, _Watch))
-        try:
-            _close_all(looks)
+        try:  # (no generator before it: entering one is a point for a signal handler)
+            _close_all(looks, watched, rows)
         except BaseException:  # one that landed as it began: once more
-            _close_all(looks)
+            _close_all(looks, watched, rows)
             raise
 
 

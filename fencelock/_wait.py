@@ -59,6 +59,8 @@ class Waiter:
 
     def __init__(self, fd: int, key: tuple[str, bool]) -> None:
         self.fd = fd
+        self.opened: object = None
+        """``fd``'s tracking entry (`_forkguard.entry`), for a close safe to run again."""
         self.key = key
         self.shared = key[1]
         self.done = _Done()
@@ -128,7 +130,7 @@ class Waiter:
         box.append((waiter, waiter.claim))
         # Handed over with no call between the two steps (an interrupt lands at a call):
         # ``mine``'s until the first, the waiter's from the second.
-        waiter.fd = mine._fd
+        waiter.fd, waiter.opened = mine._fd, mine._opened
         mine._fd = -1
         waiter._begin()
 
@@ -158,10 +160,14 @@ class Waiter:
             if self.running:
                 _pending[self.key] = self
             else:  # no thread uses the descriptor yet (it checks `abandoned` first)
-                fd, self.fd = self.fd, -1
-                if fd >= 0:  # -1: given up before the descriptor was handed to it
-                    _sidecar.close(fd)
+                self.close_unstarted()  # (run again by `abandon` if cut short)
             return False
+
+    def close_unstarted(self) -> None:
+        """Close the descriptor of a waiter given up before its thread began (safe to
+        run again: an interrupt as it begins leaves it to `abandon`)."""
+        if self.abandoned and not self.running:
+            _forkguard.close_if_still(self.fd, self.opened)
 
     def give_up_and_close(self, claim: object) -> None:
         """Stop waiting because of an error: a lock that arrived meanwhile is dropped."""
@@ -185,6 +191,8 @@ def abandon(
     to close, unless it already has)."""
     if box and not got:
         box[0][0].give_up_and_close(box[0][1])
+    if box:
+        box[0][0].close_unstarted()
     _forkguard.close_if_still(mine._fd, mine._opened)
 
 
@@ -317,8 +325,13 @@ def _shared_lock(
             raise
         raise
     finally:
-        if got:
-            _sidecar.close(got[0])  # the shared lock was taken: drop it
+        if got:  # the shared lock was taken: drop it (once more if cut short)
+            opened_got = box[0][0].opened
+            try:
+                _forkguard.close_if_still(got[0], opened_got)
+            except BaseException:
+                _forkguard.close_if_still(got[0], opened_got)
+                raise
 
 
 def _after_fork_in_child() -> None:
