@@ -363,8 +363,7 @@ class SidecarHolder:
                 if cancel is not None and cancel.is_set():
                     break
             if waiter.give_up(claim, got):
-                opened = _forkguard.entry(got[0])
-                self._fd, self._opened = got[0], opened
+                self._fd, self._opened = got[0], waiter.opened
         except BaseException:  # e.g. KeyboardInterrupt, perhaps just as the lock came
             if got and self._fd != got[0]:
                 _sidecar.close(got[0])
