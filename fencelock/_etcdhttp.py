@@ -51,19 +51,42 @@ def speaks_tls(host: str, port: int, timeout: float) -> bool:
     """Whether ``host:port`` answers a TLS handshake: asked of an endpoint that closed a
     plain HTTP request without a word, as etcd's TLS-only client port does. Its
     certificate is not checked: the handshake completing, or the server's TLS alert
-    (a client certificate wanted, say), is the answer. Not TLS: a refusal, a close, or
-    a reply in another protocol (a wrong version number)."""
+    (a client certificate wanted, say), is the answer. Not TLS: a refusal, a reset, a
+    close, or a reply in another protocol (a wrong version number). ``timeout`` bounds
+    the connect and each read."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            return handshakes(raw, host)
+    except OSError:
+        return False
+
+
+def handshakes(raw: socket.socket, host: str) -> bool:
+    """Whether the far end of the connected socket ``raw`` answers a TLS client
+    handshake (as `speaks_tls` tells it). The handshake runs in memory and ``raw``
+    carries its bytes, so the socket stays the caller's to close whatever happens: an
+    `ssl.SSLSocket` made from a connection the far end has already reset raises with
+    the descriptor taken from ``raw``, and leaves it open. OSError when ``raw`` fails."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as raw, \
-                context.wrap_socket(raw, server_hostname=host):
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=host)
+    while True:
+        try:
+            tls.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        except ssl.SSLError as e:
+            return "ALERT" in (e.reason or "")
+        raw.sendall(outgoing.read())
+        if done:
             return True
-    except ssl.SSLError as e:
-        return "ALERT" in (e.reason or "")
-    except OSError:
-        return False
+        received = raw.recv(16384)
+        if not received:
+            return False
+        incoming.write(received)
 
 
 def serves_plain_etcd(host: str, port: int, timeout: float) -> bool:

@@ -2339,6 +2339,29 @@ def test_a_port_that_closes_a_request_unanswered_is_not_taken_for_tls(
     assert "(cannot connect)" in out.stderr, out.stderr
 
 
+def test_a_tls_probe_of_a_connection_reset_before_its_handshake_leaves_no_socket_open(
+) -> None:
+    """The store asks whether an endpoint that closed a request unanswered speaks TLS.
+    An etcd killed as it accepted resets that probe's connection before the handshake:
+    the answer is "no", and the socket is closed with the probe's own, not left to the
+    garbage collector (an unclosed-socket warning at some later, unrelated point)."""
+    import socket
+
+    from fencelock import _etcdhttp
+
+    def fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    before = fds()
+    listener = socket.create_server(("127.0.0.1", 0))
+    raw = socket.create_connection(listener.getsockname(), timeout=5)
+    listener.close()  # the connection still waiting to be accepted is reset
+    with raw, pytest.raises(ConnectionError):
+        _etcdhttp.handshakes(raw, "127.0.0.1")
+    assert raw.fileno() == -1
+    assert fds() <= before
+
+
 @pytest.mark.parametrize("scheme", ["etcds", "etcd"])
 def test_an_endpoint_whose_scheme_does_not_fit_is_passed_over_for_one_that_answers(
     session: Path, tls_etcd: _TLSEtcd, scheme: str
