@@ -1238,13 +1238,18 @@ def test_runs_that_wait_for_another_s_lease_grant_give_up_at_their_own_deadline(
 def _waiter_watching(session: Path, url: str, timeout: float | None
                      ) -> tuple[threading.Thread, list[object]]:
     """A thread acquiring ``session`` (lane "waiter"), returned once it reads its watch
-    behind the holder; the list gets the token once it holds, or what it raised."""
+    behind the holder; the list gets the token once it has held the session and let it
+    go, or what it raised."""
     outcome: list[object] = []
 
     def wait() -> None:
         try:
-            outcome.append(SessionLock(session, "waiter", backend=url, timeout=timeout)
-                           .acquire().token)
+            lock = SessionLock(session, "waiter", backend=url, timeout=timeout)
+            token = lock.acquire().token
+            # Let go: a lock object dropped while it holds stays held by this process
+            # (its registry keeps it), and a later test here would find it held.
+            lock.release()
+            outcome.append(token)
         except BaseException as e:
             outcome.append(e)
 
