@@ -109,6 +109,23 @@ def _sessions_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FENCELOCK_BACKEND", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _no_session_left_held() -> Iterator[None]:
+    """A test ends with no session held by a lock object of this process: one left
+    held stays held by the worker (its registry keeps the object), and a later test
+    there would find it so (`_registry.any_held()` answers for the whole process).
+    Fails the test that left it, not that later one."""
+    from fencelock import _registry
+
+    def held() -> set[str]:
+        return {key for key, (lock, _) in list(_registry._held.items()) if lock.held}
+
+    before = held()
+    yield
+    left = sorted(held() - before)
+    assert not left, f"the test left these sessions held by this process: {left}"
+
+
 class SpawnHolder(Protocol):
     """The ``spawn_holder`` fixture: starts a `Holder`, closed when the test ends."""
 
