@@ -197,7 +197,7 @@ def _unreadable(session: str, sidecar: str, found: HolderStatus, *,
     a caller can catch it as it would from `SessionLock`; else a `FenceLockError`."""
     if sidecars:
         try:
-            _sidecar.using(sidecar, lambda fd, _: _sidecar.read(fd, sidecar))
+            _sidecar.using(sidecar, lambda opened, _: _sidecar.read(opened.fd, sidecar))
         except FenceLockError as e:
             return e
     return FenceLockError(f"{session}: cannot recover: {found.reason}")

@@ -424,19 +424,25 @@ class Opened:
         self._fd = -1
         self._opened: object = None
 
+    @property
+    def fd(self) -> int:
+        """The descriptor (-1 once closed, or handed on)."""
+        return self._fd
+
     def close(self) -> None:
         """Close the descriptor, unless it is closed already (or never opened)."""
         _forkguard.close_if_still(self._fd, self._opened)
 
 
-def using(sidecar: str, use: Callable[[int, os.stat_result], _T]) -> _T:
-    """``use(fd, st)`` on the sidecar (opened read-only with `open_checked`), then
+def using(sidecar: str, use: Callable[[Opened, os.stat_result], _T]) -> _T:
+    """``use(opened, st)`` on the sidecar (opened read-only with `open_checked`), then
     closed: also when an interrupt lands as its close begins (run once more), which
-    would leave it open, with any lock ``use`` took on it."""
+    would leave it open, with any lock ``use`` took on it. ``use`` may hand the
+    descriptor on (to a wait's helper thread), taking it out of ``opened``."""
     opened = Opened()
     try:
-        fd, st = open_checked(sidecar, create=False, into=opened)
-        result = use(fd, st)  # (in the ``try``, not returned from it: see `_cleanup`)
+        _, st = open_checked(sidecar, create=False, into=opened)
+        result = use(opened, st)  # (in the ``try``, not returned from it: see `_cleanup`)
     finally:
         try:
             opened.close()

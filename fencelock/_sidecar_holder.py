@@ -130,7 +130,8 @@ def contended(
 def read_quietly(sidecar: str) -> HolderInfo | None:
     """The sidecar's record, or None when there is none or it cannot be read."""
     try:
-        return _sidecar.using(sidecar, lambda fd, st: _sidecar.read(fd, sidecar, st.st_size))
+        return _sidecar.using(
+            sidecar, lambda opened, st: _sidecar.read(opened.fd, sidecar, st.st_size))
     except Exception:
         return None
 

@@ -235,21 +235,13 @@ def wait_until_unlocked(sidecar: str, timeout: float | None) -> bool:
     timeout = limit(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        opened = _sidecar.Opened()
-        try:
-            try:
-                _, st = _sidecar.open_checked(sidecar, create=False, into=opened)
-            except SidecarAccessError as e:
-                if e.cause.errno == errno.ENOENT:
-                    return True
-                raise
-            locked = _shared_lock(opened, st, sidecar, deadline)
-        finally:
-            try:  # (with the shared lock, if it was taken)
-                opened.close()
-            except BaseException:  # one that landed as it began: once more
-                opened.close()
-                raise
+        try:  # (its close drops the shared lock, if it was taken)
+            locked = _sidecar.using(
+                sidecar, lambda opened, st: _shared_lock(opened, st, sidecar, deadline))
+        except SidecarAccessError as e:
+            if e.cause.errno == errno.ENOENT:
+                return True
+            raise
         if locked is None:
             return False
         if not _sidecar.still_at_path(sidecar, locked):
@@ -286,12 +278,12 @@ def _no_shared_holder(sidecar: str, deadline: float | None) -> bool | None:
         pause = min(pause * 2, 0.05)
 
 
-def _sole_shared(fd: int, st: os.stat_result) -> bool | None:
+def _sole_shared(opened: _sidecar.Opened, st: os.stat_result) -> bool | None:
     """Whether this is the only shared lock on the sidecar (its test lock is dropped as
-    ``fd`` is closed); None when an exclusive holder has it."""
-    if not _platform.try_lock(fd, shared=True):
+    ``opened`` is closed); None when an exclusive holder has it."""
+    if not _platform.try_lock(opened.fd, shared=True):
         return None
-    return _platform.sole_lock(fd)
+    return _platform.sole_lock(opened.fd)
 
 
 def _shared_lock(
@@ -301,7 +293,7 @@ def _shared_lock(
     (``opened``'s, whose close drops the lock, or an earlier wait's still-blocked
     descriptor's, closed here), None on timeout. ``opened`` keeps its descriptor unless
     a helper thread takes it."""
-    fd = opened._fd
+    fd = opened.fd
     if _platform.try_lock(fd, shared=True):
         return st
     _sidecar.refuse_own_run(sidecar, fd, st)
