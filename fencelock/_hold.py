@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import queue
-import select
 import sys
 import threading
 import time
@@ -125,7 +124,7 @@ class _Inbox:
             try:
                 return os.read(self.fd, _CHUNK)
             except BlockingIOError:  # the caller made the pipe non-blocking: wait for data
-                select.select([self.fd], [], [])
+                _platform.wait_ready((self.fd,), ())
             except OSError:
                 return b""  # an unreadable stdin ends the conversation like a closed one
 
@@ -210,7 +209,7 @@ class _Out:
             try:
                 line = line[os.write(self.fd, line) :]
             except BlockingIOError:  # the caller made the pipe non-blocking: wait for room
-                select.select([], [self.fd], [])
+                _platform.wait_ready((), (self.fd,))
             except OSError as e:
                 raise _gone(e) from None
 
@@ -244,7 +243,7 @@ class _Out:
                 if give_up is not None:  # after a second signal, only what fits now
                     left = 0.0 if seen.count > 1 else max(0.0, give_up - time.monotonic())
                 try:
-                    readable, writable, _ = select.select([woken], [self.fd], [], left)
+                    readable, writable = _platform.wait_ready((woken,), (self.fd,), left)
                     if writable:
                         line = line[os.write(self.fd, line[:_PIPE_BUF]) :]
                     elif readable:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import math
 import os
-import select
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from typing import IO, TYPE_CHECKING, Any, TextIO
 
 import click
 
+from fencelock import _platform
 from fencelock._constants import (
     EXIT_CONTENDED,
     EXIT_ERROR,
@@ -255,7 +255,7 @@ def out_bytes(data: bytes) -> None:
                 done = buffer.write(view)
             except BlockingIOError as e:  # the reader made the pipe non-blocking: wait
                 done = e.characters_written
-                select.select([], [buffer], [])
+                _platform.wait_ready((), (buffer.fileno(),))
             view = view[done or 0:]
         buffer.flush()
     except OSError as e:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import stat
 import sys
 import threading
@@ -76,6 +77,31 @@ pread = getattr(os, "pread", _seek_pread)
 ``pread(2)``; Python has it only on POSIX)."""
 pwrite = getattr(os, "pwrite", _seek_pwrite)
 """Write ``data`` at ``offset`` (POSIX ``pwrite(2)``; Python has it only on POSIX)."""
+
+
+def wait_ready(
+    read: tuple[int, ...], write: tuple[int, ...], timeout: float | None = None
+) -> tuple[list[int], list[int]]:
+    """The descriptors of ``read`` that can be read and those of ``write`` that can be
+    written, waiting up to ``timeout`` seconds for one (None: as long as it takes), as
+    ``select.select`` says, but for any descriptor number: select(2) refuses those past
+    ``FD_SETSIZE`` (1024), which a process that inherited many has. An error or hang-up
+    counts as ready: the read or write that follows says what it is."""
+    if not hasattr(select, "poll"):  # Windows: sockets only, as select takes them
+        readable, writable, _ = select.select(read, write, [], timeout)
+        return readable, writable
+    poller = select.poll()
+    masks: dict[int, int] = {}
+    for fd in read:
+        masks[fd] = masks.get(fd, 0) | select.POLLIN
+    for fd in write:
+        masks[fd] = masks.get(fd, 0) | select.POLLOUT
+    for fd, mask in masks.items():
+        poller.register(fd, mask)
+    events = dict(poller.poll(None if timeout is None else timeout * 1000))
+    done = select.POLLERR | select.POLLHUP | select.POLLNVAL
+    return ([fd for fd in read if events.get(fd, 0) & (select.POLLIN | done)],
+            [fd for fd in write if events.get(fd, 0) & (select.POLLOUT | done)])
 
 
 def stop_signals() -> tuple[int, ...]:

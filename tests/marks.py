@@ -69,9 +69,9 @@ def _xattr() -> str | None:
 
 LINUX = sys.platform.startswith("linux")
 SYSCALLS = {
-    "x86_64": {"write": 1, "select": 23, "pselect6": 270, "flock": 73, "futex": 202,
+    "x86_64": {"write": 1, "poll": 7, "ppoll": 271, "flock": 73, "futex": 202,
                "tgkill": 234},
-    "aarch64": {"write": 64, "pselect6": 72, "flock": 32, "futex": 98, "tgkill": 131},
+    "aarch64": {"write": 64, "ppoll": 73, "flock": 32, "futex": 98, "tgkill": 131},
 }.get(os.uname().machine if hasattr(os, "uname") else "", {})
 """Linux system call numbers the tests use (to send one thread of another process a
 signal, and to see which of its threads sleeps where)."""

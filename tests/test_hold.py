@@ -815,8 +815,8 @@ def test_a_stop_signal_while_an_answer_waits_for_room_ends_hold(session: Path) -
         assert h.proc.stdout is not None
         fcntl.fcntl(h.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
         h.send_raw(b'{"op": "append", "entry": {}}\n' * 200)  # 200 answers do not fit
-        # Waiting for room for an answer (select(2), which glibc makes as pselect6).
-        thread_in_syscall(h.proc.pid, "select", main=True, alias="pselect6")
+        # Waiting for room for an answer (poll(2), which glibc may make as ppoll).
+        thread_in_syscall(h.proc.pid, "poll", main=True, alias="ppoll")
         h.proc.send_signal(signal.SIGTERM)
         assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
@@ -849,7 +849,7 @@ def test_a_stop_signal_while_the_release_s_answer_waits_for_room_ends_hold(
         _fill_the_pipe(h)
         h.send({"op": "release"})
         # The release's answer waits for room.
-        thread_in_syscall(h.proc.pid, "select", main=True, alias="pselect6")
+        thread_in_syscall(h.proc.pid, "poll", main=True, alias="ppoll")
         assert probe(session).state == "free"
         h.proc.send_signal(signal.SIGTERM)
         assert h.proc.wait(timeout=30) == 128 + signal.SIGTERM
@@ -906,8 +906,8 @@ def test_a_second_stop_signal_ends_the_wait_for_room_for_an_owed_answer(
     monkeypatch.setenv("FENCELOCK_TEST_ANSWER_WAIT", "3600")
     h = _owing_an_answer_with_no_room(session)
     try:
-        # The owed answer waits for room (select(2), which glibc makes as pselect6).
-        thread_in_syscall(h.proc.pid, "select", main=True, alias="pselect6")
+        # The owed answer waits for room (poll(2), which glibc may make as ppoll).
+        thread_in_syscall(h.proc.pid, "poll", main=True, alias="ppoll")
         h.proc.send_signal(signal.SIGINT)
         assert h.proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
@@ -958,7 +958,7 @@ def test_a_stop_signal_while_an_owed_answer_waits_for_room_still_lets_it_out(
         h.held()
         pad = _fill_the_pipe(h)
         h.send({"op": "append", "entry": {"role": "user"}, "id": 2})
-        thread_in_syscall(h.proc.pid, "select", main=True, alias="pselect6")
+        thread_in_syscall(h.proc.pid, "poll", main=True, alias="ppoll")
         h.proc.send_signal(signal.SIGTERM)
         assert h.read()["id"] == pad
         assert h.read() == {"ok": True, "op": "append", "id": 2}
@@ -1040,6 +1040,45 @@ def test_warnings_the_environment_ignores_stay_ignored(session: Path) -> None:
     )
     assert done.returncode == 0 and done.stderr == b"", done.stderr
     assert lines(session) == [{"a": 1}, {"x": 1}]
+
+
+@needs_posix
+def test_every_request_is_answered_when_holds_descriptors_are_numbered_past_1024(
+    tmp_path: Path,
+) -> None:
+    """A parent that leaks descriptors into hold leaves its own (the wake-up pipe an
+    answer to a request that writes waits with) numbered past 1024, which select(2)
+    refuses: every request is answered all the same, and the exit is 0. (With select,
+    the append's line went in and its answer never came: a traceback, exit 1.)"""
+    import resource
+
+    session = tmp_path / "s.jsonl"
+
+    def crowded() -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 1200 if hard == resource.RLIM_INFINITY else min(hard, 1200)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.set_inheritable(null, True)
+        for fd in range(3, 1100):
+            if fd != null:
+                os.dup2(null, fd)  # inheritable, and kept: ``close_fds=False``
+
+    ops = ["append", "prompt_begin", "prompt_end", "touch", "info", "release"]
+    requests = [{"op": op, "id": n, **({"entry": {"a": 1}} if op == "append" else {})}
+                for n, op in enumerate(ops)]
+    done = subprocess.run(
+        [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "x"],
+        input="".join(json.dumps(r) + "\n" for r in requests), capture_output=True,
+        text=True, timeout=60, check=False, preexec_fn=crowded, close_fds=False,
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert answers[0]["event"] == "held"
+    assert [(a["ok"], a["op"], a["id"]) for a in answers[1:]] == [
+        (True, op, n) for n, op in enumerate(ops)]
+    assert lines(session) == [{"a": 1}]
+    assert probe(session).state == "free"
 
 
 @needs_posix
