@@ -25,6 +25,7 @@ from fencelock._errors import (
     BadRequestError,
     FenceLockError,
     HoldArgumentError,
+    HolderLostError,
     SessionContendedError,
     SessionTakeoverError,
     SessionWriteError,
@@ -399,8 +400,19 @@ class _Session:
         self.window: AbstractContextManager[SessionLock] | None = None
         self.release_failed = False
         """The release raised (not stored, or the holder was lost): hold exits 1."""
+        self.lost: HolderLostError | None = None
+        """The loss of the holder that a request's answer (or hold's own heartbeat) met.
+        The store's release says nothing more of a loss its caller has heard of, but
+        the release answers with it and hold exits 1: the hold did not end as held."""
 
     def handle(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._handle(op, request)
+        except HolderLostError as e:
+            self.lost = self.lost or e
+            raise
+
+    def _handle(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
         lock = self.lock
         answer: dict[str, Any] = {"ok": True, "op": op}
         if op == "append":
@@ -440,8 +452,10 @@ class _Session:
 
     def close(self) -> None:
         """End an open prompt window (a failed fence check there is not reported:
-        the caller asked to let go, or is gone) and release."""
+        the caller asked to let go, or is gone) and release; `HolderLostError` when
+        the release fails so, or when it was done after a loss already met (`lost`)."""
         window, self.window = self.window, None
+        released = False
         try:
             if window is not None:
                 with contextlib.suppress(FenceLockError, OSError):
@@ -453,6 +467,10 @@ class _Session:
                 except BaseException:
                     self.release_failed = True
                     raise
+                released = True
+        if released and self.lost is not None:
+            self.release_failed = True
+            raise HolderLostError(self.lock.session, self.lost.why)
 
 
 def _stderr(message: str) -> None:
@@ -622,10 +640,12 @@ _NOTHING = _TooLong(-1)
 """No request came for a beat (a stand-in no reader puts in the queue)."""
 
 
-def _refresh(lock: SessionLock) -> None:
+def _refresh(served: _Session) -> None:
     try:
-        lock.touch()
+        served.lock.touch()
     except (FenceLockError, OSError) as e:
+        if isinstance(e, HolderLostError):
+            served.lost = served.lost or e
         _stderr(f"heartbeat not refreshed: {said(e)}")
 
 
@@ -643,7 +663,7 @@ def _serve(
         except queue.Empty:
             item = _NOTHING
         if beat is not None and time.monotonic() >= due:  # requests came, none wrote it
-            _refresh(served.lock)
+            _refresh(served)
             due = time.monotonic() + beat
         if item is _NOTHING:
             continue

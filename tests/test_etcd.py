@@ -4140,19 +4140,30 @@ def test_an_acquire_whose_lease_runs_out_before_its_first_record_is_store_unavai
     monkeypatch.setattr(_etcd, "_lease_clock", clock)
 
 
+@pytest.mark.parametrize("told", ["", "append", "touch", "heartbeat"])
 @pytest.mark.parametrize("how", ["request", "end of stdin"])
 def test_hold_exits_1_when_its_release_fails(
-    session: Path, url: str, etcd_server: EtcdServer, how: str
+    session: Path, url: str, etcd_server: EtcdServer, how: str, told: str
 ) -> None:
     """The holder was lost (its lease revoked here) before `hold` released: the release
     fails, and `hold` says so in its answer or on stderr, and exits 1, not 0 as for a
-    release that was done."""
+    release that was done. Also when a request (``told``), or hold's own heartbeat, met
+    the loss before: the library's release then says nothing more of it, but hold's
+    does."""
     from test_hold import Hold
 
-    h = Hold(session, "--backend", url, lane="lost")
+    beat = ("--heartbeat", "0.1") if told == "heartbeat" else ()
+    h = Hold(session, "--backend", url, *beat, lane="lost")
     try:
         h.held()
         _revoke_its_lease(session, url, etcd_server)
+        if told == "heartbeat":
+            assert h.proc.stderr is not None
+            said = h.proc.stderr.readline().decode()  # hold's line when its beat fails
+            assert "heartbeat not refreshed" in said and "lost its holder" in said, said
+        elif told:
+            answer = h.call(told, **({"entry": {"a": 1}} if told == "append" else {}))
+            assert answer["ok"] is False and answer["error"] == "HolderLostError", answer
         if how == "request":
             answer = h.call("release")
             assert answer["ok"] is False and answer["error"] == "HolderLostError", answer
