@@ -68,6 +68,10 @@ _NOT_ETCD = "answered, but not as etcd's v3 API does"
 _LEADER_PROBE_TIMEOUT = 0.5
 """How long the question whether a member that did not answer in time has a leader may
 take."""
+_RECHECK_MAX = 5.0
+"""The longest a waiter trusts its watch before it looks at the queue again (a third of
+the TTL where that is shorter): a member that stops answering keeps a watch's stream
+open and silent, and the key ahead may have gone meanwhile."""
 
 _ASCEND, _DESCEND = 1, 2
 _BY_CREATE = 2  # SortTarget: KEY, VERSION, CREATE, MOD, VALUE
@@ -651,9 +655,12 @@ class _Cluster:
             "(an http:// entry of its --listen-client-urls)")
 
     def call(self, path: str, payload: dict[str, Any],
-             deadline: float | None = None) -> dict[str, Any]:
+             deadline: float | None = None, share: bool = False) -> dict[str, Any]:
         """POST one request to the first endpoint that answers (etcd3gw's client, whose
-        session keeps its connection alive between requests)."""
+        session keeps its connection alive between requests). ``share``: the time left
+        to ``deadline`` is shared out among the endpoints not yet asked (a lease's
+        renewal, which one member that hangs must not keep past the moment its holder
+        counts the lease lost while others would answer)."""
         clients = self._clients()
         exceptions = _etcd3gw_exceptions()
         why = "no endpoint"
@@ -677,7 +684,8 @@ class _Cluster:
                 # requests slowly, and each request must get the time it needs.
                 if i and left <= 0 and now - asked_at >= _QUICK_FAILURE:
                     break
-                timeout = max(_MIN_REQUEST_TIMEOUT, min(timeout, left))
+                timeout = max(_MIN_REQUEST_TIMEOUT,
+                              min(timeout, left / (n - i) if share else left))
             client.timeout = timeout
             tried = i + 1
             asked_at = time.monotonic()
@@ -958,8 +966,12 @@ class _Cluster:
             if lease is not None and not lease.lost:
                 sent = _lease_clock()
                 try:
-                    result = self.call("/lease/keepalive", {"ID": lease.id},
-                                       deadline=time.monotonic() + lease.confirmed_until - sent)
+                    # The time until the holder would count the lease lost (an answer
+                    # after that saves nothing), shared out among the endpoints: one
+                    # that hangs must not take it all while another would answer.
+                    result = self.call("/lease/keepalive", {"ID": lease.id}, share=True,
+                                       deadline=time.monotonic() + lease.confirmed_until
+                                       - lease.safety() - sent)
                     ttl = int(result.get("result", {}).get("TTL", -1))
                 except StoreUnavailableError:
                     ttl = 0  # unknown: try again soon
@@ -1357,7 +1369,7 @@ class EtcdHolder:
         """
         c = self._cluster
         pfx = self.lock_name + "/"
-        recheck = c.ttl / 3
+        recheck = min(c.ttl / 3, _RECHECK_MAX)
         look = [_range(pfx, prefix=True, last=True, max_create=revision - 1),
                 _range(self._my_key), _range(self.last_key)]
         r = c.txn([], look, [], deadline)

@@ -331,8 +331,11 @@ class _Renewer:
         while not self.stop.is_set():
             sent = self.clock()
             try:
-                # The request's own bounds (2 s an endpoint): a slow etcd still renews.
-                r = self.cluster.call("/lease/keepalive", {"ID": self.lease_id})
+                # The time to the lease's end shared out among the endpoints (one that
+                # hangs must not take it all), each given at least what a request
+                # needs: a slow etcd still renews.
+                r = self.cluster.call("/lease/keepalive", {"ID": self.lease_id}, share=True,
+                                      deadline=time.monotonic() + self.vouched - sent)
                 left = int(r.get("result", {}).get("TTL", -1))
                 if left <= 0:
                     self.lost = "lease"  # expired or revoked

@@ -3591,6 +3591,155 @@ def test_an_endpoint_that_did_not_answer_is_not_asked_first_again(
         hung.close()
 
 
+class _Relay:
+    """A TCP relay to etcd that can be made to hang: once `hung` is set, it keeps every
+    connection open (and accepts new ones) but passes nothing either way, as a member
+    that was stopped (SIGSTOP) or cut off does. `asked` is set when a request meets
+    the hang (sent while it hangs, or answered after it began); `watching` once etcd
+    has answered a watch through it."""
+
+    def __init__(self, target: str) -> None:
+        import socket
+
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.05)
+        self.port: int = self.server.getsockname()[1]
+        self.hung, self.asked, self.stop = threading.Event(), threading.Event(), threading.Event()
+        self.watching = threading.Event()
+        self.sockets: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.sockets.append(conn)
+            upstream, watch = None, threading.Event()
+            if not self.hung.is_set():
+                upstream = socket.create_connection(self.target)
+                self.sockets.append(upstream)
+                self._pump(upstream, conn, request=False, watch=watch)
+            self._pump(conn, upstream, request=True, watch=watch)
+
+    def _pump(self, src: Any, dst: Any, request: bool, watch: threading.Event) -> None:
+        """Pass what ``src`` sends to ``dst``; ``watch``: this connection asked for a
+        watch."""
+        def run() -> None:
+            src.settimeout(0.05)
+            while not self.stop.is_set():
+                try:
+                    data = src.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    if dst is not None:
+                        with contextlib.suppress(OSError):
+                            dst.shutdown(1)  # SHUT_WR: the end passed on
+                    return
+                if self.hung.is_set() or dst is None:
+                    self.asked.set()
+                    continue
+                if request and b"/watch" in data:
+                    watch.set()
+                elif not request and watch.is_set():
+                    self.watching.set()  # (the answer passes on just after)
+                with contextlib.suppress(OSError):
+                    dst.sendall(data)
+
+        thread = threading.Thread(target=run, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+        for sock in self.sockets:
+            sock.close()
+        self.server.close()
+
+
+def test_a_member_that_hangs_does_not_cost_a_holder_its_lease_while_another_answers(
+    session: Path, etcd_server: EtcdServer
+) -> None:
+    """A short TTL (3 s) and a member that stops answering, listed first: the renewal
+    that went there waited there 2 s, past the moment the holder counts its lease lost
+    (1.5 s after the renewal went out), so a holder that wrote meanwhile lost the
+    session though the other member would have answered at once. The time a renewal
+    has is shared out among the endpoints: the holder checks its lease (as each append
+    and touch does) all through, and never finds it lost."""
+    from fencelock import _etcd
+
+    relay = _Relay(etcd_server.endpoint)
+    try:
+        url = f"etcd://127.0.0.1:{relay.port},{etcd_server.endpoint}/hung-{uuid.uuid4().hex[:8]}?ttl=3"
+        parsed = parse(url)
+        assert parsed is not None
+        with SessionLock(session, "kept", backend=url) as lock:
+            lease = _etcd.cluster(parsed)._lease
+            assert lease is not None
+            hung_at = _etcd._lease_clock()
+            relay.hung.set()
+            assert relay.asked.wait(30)  # a renewal went to the member that hangs
+            # Until a renewal sent after the hang is confirmed (by the other member):
+            while lease.confirmed_until < hung_at + 3:
+                lock.verify_fence()  # HolderLostError once the lease counts as lost
+                time.sleep(0.01)  # a pace, not a synchronisation: the loop ends on the renewal
+            lock.verify_fence()
+    finally:
+        relay.close()
+
+
+def test_a_waiter_whose_member_hangs_gets_the_session_in_seconds_whatever_the_ttl(
+    session: Path, etcd_server: EtcdServer
+) -> None:
+    """A waiter's watch goes through the member a request last reached. When that
+    member stops answering, the watch's stream stays open and silent, so the release
+    never reaches the waiter: it used to look again only a third of the TTL later
+    (20 minutes at the longest TTL). It looks again every 5 s at most, and takes the
+    session through the member that answers."""
+    relay = _Relay(etcd_server.endpoint)
+    prefix = f"hw-{uuid.uuid4().hex[:8]}"
+    direct = etcd_server.url(prefix, ttl=3600)
+    through = f"etcd://127.0.0.1:{relay.port},{etcd_server.endpoint}/{prefix}?ttl=3600"
+    holder = SessionLock(session, "holder", backend=direct)
+    holder.acquire()
+    got: list[object] = []
+
+    def wait() -> None:
+        try:
+            with SessionLock(session, "waiter", backend=through, timeout=300) as lock:
+                got.append(lock.held)
+        except BaseException as e:  # reported by the assert below
+            got.append(e)
+
+    thread = threading.Thread(target=wait, daemon=True)
+    try:
+        thread.start()
+        assert relay.watching.wait(30)  # its watch is in place, through the relay
+        relay.hung.set()
+        holder.release()
+        thread.join(60)  # a guard against a hang: about 5 s with the fix, 20 min without
+        assert got == [True], got
+    finally:
+        if holder.held:
+            holder.release()
+        relay.stop.set()
+        thread.join(60)
+        relay.close()
+
+
 def test_once_the_callers_time_is_up_no_further_endpoint_is_tried(session: Path) -> None:
     """Endpoints that accept and never answer: an acquire with a 0.3 s timeout gives up
     after the first (which gets at least the 0.5 s a request needs) instead of giving
