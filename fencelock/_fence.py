@@ -60,7 +60,8 @@ def encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> 
 def _encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) -> bytes:
     if isinstance(entry, str):
         if "\n" in entry or "\r" in entry:
-            raise FenceLockError("a session entry must be one line; this one has a line break")
+            raise FenceLockError("a session entry must be one line; this one has a line break; "
+                                 "nothing was written")
         try:
             parsed = strict_loads(entry)
         except RecursionError:
@@ -118,7 +119,8 @@ def _encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) ->
         why = (digits_problem(e) if isinstance(e, ValueError) else None) or str(e)
         raise FenceLockError(f"a session entry must be JSON: {why}; nothing was "
                              f"written") from None
-    raise FenceLockError(f"a session entry must be a dict or a str, not {type(entry).__name__}")
+    raise FenceLockError(f"a session entry must be a dict or a str, not {type(entry).__name__}; "
+                         "nothing was written")
 
 
 def _too_large(characters: int | None) -> FenceLockError:

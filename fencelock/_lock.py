@@ -1024,7 +1024,10 @@ class SessionLock:
         """The line `append` writes for ``entry`` (held: a stamp takes this run's token);
         `FenceLockError` for an entry it refuses, before anything is written."""
         use_stamp = self.stamp if stamp is None else stamp
-        return _fence.encode_entry(entry, (self._token, self._run_id) if use_stamp else None)
+        try:
+            return _fence.encode_entry(entry, (self._token, self._run_id) if use_stamp else None)
+        except FenceLockError as e:  # which session: a gateway logs many
+            raise FenceLockError(f"{self.session}: {e}") from None
 
     def _append_bytes(self, data: bytes) -> None:
         # One append at a time per holder: another thread's line landing between this

@@ -448,6 +448,8 @@ BAD_ENTRIES: dict[str, Any] = {
     "text-nan": '{"x": NaN}',
     "text-overflow": '{"x": 1e400}',  # a float past a double's range: Infinity
     "text-big-integer": '{"x": 1' + "0" * 400 + "}",  # read as Infinity by JSON.parse
+    "text-two-lines": '{"a": 1}\n{"b": 2}',
+    "bytes": b'{"a": 1}',
 }
 
 
@@ -458,14 +460,15 @@ def test_an_entry_that_is_not_json_is_refused_and_nothing_written(
 ) -> None:
     """NaN and Infinity (which json.dumps writes, and strict JSON readers refuse), and
     what cannot be written at all (a set, a cycle, a lone surrogate), are refused with
-    a FenceLockError, not a raw TypeError or UnicodeEncodeError, and the session and
-    the run go on untouched."""
+    a FenceLockError, not a raw TypeError or UnicodeEncodeError, that names the session
+    (a gateway logs many), and the session and the run go on untouched."""
     with SessionLock(session, "a", stamp=stamp) as lock:
         lock.append({"n": 1})
         before = session.read_bytes()
         with pytest.raises(FenceLockError, match="a session entry must be") as exc:
             lock.append(BAD_ENTRIES[name])
         assert "nothing was written" in str(exc.value)
+        assert str(exc.value).startswith(f"{session}: "), exc.value
         assert session.read_bytes() == before
         lock.append({"n": 2})
     for line in session.read_bytes().splitlines():
