@@ -902,8 +902,14 @@ def _clear_locked(
         token = record.token if record is not None else 0
         exists = os.path.exists(session)
         why = _tokens.save(session, token) if token and exists else None
+        # Also beside it: the session file may lose its mark (written anew and renamed
+        # over) before the session is taken again, or have none to keep it on.
+        kept = _tokens.keep_removed(session, token) if token and why is None else None
         if why is not None:  # without the sidecar, its tokens could start over
             done += f"; sidecar kept, as the session's token cannot be saved on it: {why}"
+        elif kept is not None:
+            done += (f"; sidecar kept, as the session's token cannot be kept in its "
+                     f"directory: {kept}")
         else:
             try:
                 os.unlink(sidecar)
@@ -912,9 +918,5 @@ def _clear_locked(
                 done_first = done if was_stale else ""
                 raise _sidecar.unlink_error(sidecar, e, done_first) from None
             removed = True
-            done += "; sidecar removed" + (
-                "" if exists or not token else
-                " (there is no session file to keep its token on: a new run of this name "
-                "starts again at token 1)"
-            )
+            done += "; sidecar removed"
     return HolderStatus(session, sidecar, state, record=record, reason=done, removed=removed)

@@ -18,6 +18,11 @@ done (no session file yet, no extended attributes) does it leave the directory's
 `SET_ASIDE_MARKER`, and only in a directory with that marker does a new sidecar search
 the ``.corrupt-*`` copies: searching them at every new sidecar would read the whole
 directory each time, which makes filling a directory with sessions quadratic.
+
+`clear(remove=True)` also keeps the removed record's token in the directory's
+`REMOVED_MARKER`, the largest so far: a new sidecar there starts above it too, so that
+tokens do not go back where the session file loses its mark after the removal (written
+anew and renamed over, as a compaction or ``sed -i`` does) or had none to keep it on.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ XATTR = "user.fencelock.token"
 SET_ASIDE_MARKER = ".fencelock-set-aside"
 """A file in a sessions directory: the tokens of some set-aside record there are kept
 only in its ``.corrupt-*`` copy, so new sidecars in that directory search the copies."""
+REMOVED_MARKER = ".fencelock-removed"
+"""A file in a sessions directory: the largest token of a record `clear(remove=True)`
+removed there, in ASCII decimal. Written under its exclusive flock, read under a
+shared one."""
 RESERVE = 10_000
 """How many tokens a holder reserves on the session file at a time."""
 
@@ -290,15 +299,18 @@ def floor(session: str) -> int:
             saved = 0
     stamped = last_stamped(session)
     aside = 0
-    if os.path.lexists(os.path.join(os.path.dirname(session), SET_ASIDE_MARKER)):
+    directory = os.path.dirname(session)
+    if os.path.lexists(os.path.join(directory, SET_ASIDE_MARKER)):
         aside = _set_aside_tokens(session)
-    best = max(saved, stamped, aside)
+    removed = removed_token(directory)
+    best = max(saved, stamped, aside, removed)
     if best >= MAX_TOKEN:
         found = [(what, fix) for token, what, fix in (
             (saved, f"its {XATTR} attribute", "remove the attribute"),
             (stamped, "a stamp among its last lines",
              "set the session file aside (no token goes below a stamp in it)"),
             (aside, "the sidecar's .corrupt-* copies", "remove the copies"),
+            (removed, f"the directory's {REMOVED_MARKER}", "remove that file"),
         ) if token >= MAX_TOKEN]
         raise FenceLockError(
             f"{session}: its fencing tokens are at their limit ({best}), going by "
@@ -337,6 +349,53 @@ def _set_aside_tokens(session: str) -> int:
             os.close(fd)
         best = max(best, _legible_token(head))
     return best
+
+
+def removed_token(directory: str) -> int:
+    """The token in ``directory``'s `REMOVED_MARKER` (0 for none, or one that cannot be
+    read or parsed, or that another user planted where anyone may write: it could push
+    every new session's tokens to their limit)."""
+    path = os.path.join(directory, REMOVED_MARKER)
+    try:
+        fd, st = _sidecar.open_regular(path, os.O_RDONLY)
+    except (OSError, FenceLockError):
+        return 0
+    try:
+        _sidecar.refuse_planted(path, st)
+        if _platform.CAN_BLOCK:  # (a writer holds it for a moment)
+            _platform.lock_blocking(fd, shared=True)
+        raw = _platform.pread(fd, 32, 0)
+    except (OSError, FenceLockError):
+        return 0
+    finally:
+        os.close(fd)
+    return _mark_value(raw)
+
+
+def keep_removed(session: str, token: int) -> str | None:
+    """Raise the `REMOVED_MARKER` beside ``session`` to ``token`` (never lower it), before
+    its sidecar is removed. None when it covers the token; else why it cannot."""
+    path = os.path.join(os.path.dirname(session), REMOVED_MARKER)
+    try:
+        fd, st = _sidecar.open_regular(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        return f"{path} cannot be written: {e.strerror or e}"
+    except FenceLockError as e:
+        return str(e)
+    try:
+        _sidecar.refuse_planted(path, st)
+        _platform.lock_blocking(fd)
+        if _mark_value(_platform.pread(fd, 32, 0)) < token:
+            data = str(token).encode()
+            _platform.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+    except OSError as e:
+        return f"{path} cannot be written: {e.strerror or e}"
+    except FenceLockError as e:
+        return str(e)
+    finally:
+        os.close(fd)
+    return None
 
 
 def keep_before_set_aside(session: str, fd: int) -> None:

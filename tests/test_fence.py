@@ -807,6 +807,31 @@ def test_token_survives_sidecar_removal(session: Path) -> None:
         assert last.info is not None and last.info.token == mark + 1
 
 
+@pytest.mark.parametrize("after", ["rewritten", "missing"])
+def test_tokens_never_go_back_after_clear_remove_whatever_happens_to_the_session_file(
+    session: Path, after: str
+) -> None:
+    """`clear --remove` keeps the token on the session file's mark, but a compaction
+    that writes the file anew and renames it over (``sed -i``) leaves a file with no
+    mark, and a session with no file has nothing to keep it on: the next run started
+    again at token 1. The directory keeps the largest token removed there too."""
+    for n in range(3):
+        with SessionLock(session) as lock:
+            lock.append({"n": n})
+    assert probe(session).token == 3
+    if after == "missing":
+        session.unlink()
+    assert "sidecar removed" in clear(session, remove=True).reason
+    if after == "rewritten":
+        new = session.with_name("rewrite.tmp")
+        new.write_bytes(session.read_bytes().replace(b'"n"', b'"N"'))
+        os.replace(new, session)
+        with contextlib.suppress(OSError):  # where there are xattrs: none on the new file
+            assert not os.listxattr(session)
+    with SessionLock(session) as lock:
+        assert lock.info is not None and lock.info.token > 3, lock.info
+
+
 def test_tokens_never_go_back_when_a_sidecar_is_deleted_by_hand(session: Path) -> None:
     """No stamps, no clear: the mark the holders keep on the session file is all there
     is, and it is enough; it is written once per RESERVE acquisitions, not each time."""

@@ -570,6 +570,30 @@ def test_clear_force_names_a_set_aside_marker_another_user_left() -> None:
 
 
 @needs_root
+def test_a_removed_marker_another_user_planted_neither_raises_tokens_nor_takes_one() -> None:
+    """The directory's removed-token marker, made first by another user where anyone
+    may write, with a number at the token limit: a new session does not start from it
+    (it would refuse every new session there), and `clear --remove` keeps the sidecar
+    rather than trust its token to a file that user can remove, saying so."""
+    from fencelock._tokens import REMOVED_MARKER
+
+    with open_directory(0o1777) as pub:
+        marker = pub / REMOVED_MARKER
+        as_user("import os\n"
+                "fd = os.open(args['path'], os.O_WRONLY | os.O_CREAT, 0o644)\n"
+                "os.write(fd, b'9223372036854775807')\n"
+                "os.close(fd)\n"
+                "result = True", path=str(marker))
+        session = pub / "n.jsonl"
+        with SessionLock(session, "new") as lock:
+            assert lock.info is not None and lock.info.token == 1
+            lock.append({"n": 1})
+        done = clear(session, remove=True)
+        assert not done.removed and sidecar_of(session).exists()
+        assert f"{marker}: owned by uid {NOBODY}" in done.reason, done.reason
+
+
+@needs_root
 @pytest.mark.usefixtures("store")
 def test_a_lock_made_before_its_directory_exists_walks_it_again_at_acquire() -> None:
     """A lock made while its sessions directory is not there yet (a gateway that makes

@@ -42,6 +42,7 @@ from fencelock._tokens import (
     _mark_value,
     _read_mark,
     _set_aside_tokens,
+    removed_token,
 )
 
 # The peers come with the optional "bench" extra; without it their columns are empty.
@@ -227,7 +228,7 @@ class FloorLock:
     Acquire: open the sidecar, fstat it (a non-regular sidecar is refused), flock,
     lstat the path (the inode re-check), pread the old record (for the next token;
     with no record, the session's token floor: its mark, its last stamps, the
-    directory's set-aside marker), lstat the session (its fingerprint), read the
+    directory's set-aside and removed-token markers), lstat the session (its fingerprint), read the
     session's token mark unless its stat is the one the mark was last read at (or its
     own append left) and that stat's ctime was then 20 ms old, pwrite the record. A
     fenced append: open the session (creating it with ``O_EXCL`` when the run found
@@ -274,8 +275,8 @@ class FloorLock:
 
     def _token_floor(self) -> int:
         """The session's token floor, for a sidecar with no record (section 4): its
-        mark, the stamps in its last `TAIL` bytes, and where the set-aside marker is
-        beside it, the corrupt copies."""
+        mark, the stamps in its last `TAIL` bytes, where the set-aside marker is
+        beside it, the corrupt copies, and the directory's removed-token marker."""
         floor = self._mark()
         try:
             fd = os.open(self.session, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -289,7 +290,7 @@ class FloorLock:
             floor = max([floor, *(t for t in stamps if t <= MAX_TOKEN)])
         if os.path.lexists(self.marker):
             floor = max(floor, _set_aside_tokens(self.session))
-        return floor
+        return max(floor, removed_token(os.path.dirname(self.session)))
 
     def acquire(self) -> None:
         while True:
