@@ -374,11 +374,14 @@ def removed_token(directory: str) -> int:
 
 def keep_removed(session: str, token: int) -> str | None:
     """Raise the `REMOVED_MARKER` beside ``session`` to ``token`` (never lower it), before
-    its sidecar is removed. None when it covers the token; else why it cannot."""
+    its sidecar is removed. None when it covers the token; else why it cannot. OSError
+    when it cannot be made: the directory's doing, as the sidecar's removal would be."""
     path = os.path.join(os.path.dirname(session), REMOVED_MARKER)
     try:
         fd, st = _sidecar.open_regular(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
+        if not os.path.lexists(path):
+            raise
         return f"{path} cannot be written: {e.strerror or e}"
     except FenceLockError as e:
         return str(e)
