@@ -34,6 +34,7 @@ import json
 import os
 import re
 import stat
+import time
 from typing import Any
 
 from fencelock import _platform, _sidecar
@@ -50,7 +51,10 @@ only in its ``.corrupt-*`` copy, so new sidecars in that directory search the co
 REMOVED_MARKER = ".fencelock-removed"
 """A file in a sessions directory: the largest token of a record `clear(remove=True)`
 removed there, in ASCII decimal. Written under its exclusive flock, read under a
-shared one."""
+shared one (or without, once `_MARKER_WAIT` has passed)."""
+_MARKER_WAIT = 0.1
+"""How long the marker's lock is waited for: a writer holds it for a moment, and one
+stopped as it did (Ctrl-Z) must not hold up every new session of the directory."""
 RESERVE = 10_000
 """How many tokens a holder reserves on the session file at a time."""
 
@@ -362,14 +366,24 @@ def removed_token(directory: str) -> int:
         return 0
     try:
         _sidecar.refuse_planted(path, st)
-        if _platform.CAN_BLOCK:  # (a writer holds it for a moment)
-            _platform.lock_blocking(fd, shared=True)
+        if _platform.CAN_BLOCK:  # (read all the same if a stopped writer keeps it)
+            _lock_briefly(fd, shared=True)
         raw = _platform.pread(fd, 32, 0)
     except (OSError, FenceLockError):
         return 0
     finally:
         os.close(fd)
     return _mark_value(raw)
+
+
+def _lock_briefly(fd: int, shared: bool) -> bool:
+    """Take the marker's lock, waiting `_MARKER_WAIT` at most: whether it was taken."""
+    give_up = time.monotonic() + _MARKER_WAIT
+    while not _platform.try_lock(fd, shared):
+        if time.monotonic() >= give_up:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def keep_removed(session: str, token: int) -> str | None:
@@ -387,7 +401,8 @@ def keep_removed(session: str, token: int) -> str | None:
         return str(e)
     try:
         _sidecar.refuse_planted(path, st)
-        _platform.lock_blocking(fd)
+        if not _lock_briefly(fd, shared=False):
+            return f"{path} is locked by another process; try again"
         if _mark_value(_platform.pread(fd, 32, 0)) < token:
             data = str(token).encode()
             _platform.pwrite(fd, data, 0)

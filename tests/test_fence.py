@@ -832,6 +832,35 @@ def test_tokens_never_go_back_after_clear_remove_whatever_happens_to_the_session
         assert lock.info is not None and lock.info.token > 3, lock.info
 
 
+@needs_linux
+def test_a_removed_marker_kept_locked_holds_up_neither_new_sessions_nor_clear(
+    session: Path,
+) -> None:
+    """A process stopped while it held the directory's removed-token marker (a `clear
+    --remove` stopped with Ctrl-Z as it wrote it) must not hold every new session of
+    the directory in the kernel: a first acquire reads the marker all the same, and
+    `clear --remove` keeps the sidecar, saying why."""
+    import fcntl
+
+    from fencelock._tokens import REMOVED_MARKER
+
+    with SessionLock(session) as lock:
+        lock.append({"n": 1})
+    marker = session.parent / REMOVED_MARKER
+    marker.write_text("41")
+    fd = os.open(marker, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another open file: it conflicts as a process's would
+        with SessionLock(session.with_name("other.jsonl"), "new") as new:
+            assert new.info is not None and new.info.token == 42
+        kept = clear(session, remove=True)
+        assert not kept.removed and "is locked by another process" in kept.reason, kept
+    finally:
+        os.close(fd)
+    assert clear(session, remove=True).removed
+    assert marker.read_text() == "41"  # above the removed token 1 already: not lowered
+
+
 def test_tokens_never_go_back_when_a_sidecar_is_deleted_by_hand(session: Path) -> None:
     """No stamps, no clear: the mark the holders keep on the session file is all there
     is, and it is enough; it is written once per RESERVE acquisitions, not each time."""
