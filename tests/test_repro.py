@@ -109,6 +109,44 @@ def test_command_line_json_and_check(tmp_path: Path) -> None:
     _assert_clean_and_reproduced(data["modes"])
 
 
+def test_ctrl_c_ends_the_reproduction_with_one_line_and_exit_130(tmp_path: Path) -> None:
+    """Ctrl-C reaches every lane's worker: the parent says "Aborted!" once and exits 130.
+    No worker prints a traceback (each printed its KeyboardInterrupt's: 11 of them),
+    and none keeps the parent waiting (a worker ended by the signal's default action
+    while it waited on the run's stop event would leave the parent's ``stop.set()``
+    waiting for it for good)."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    with subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--quick", "--seed", "7", "--dir", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        start_new_session=True,
+    ) as proc:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        while not list(out.glob("*/sessions/*.jsonl")):  # the lanes are taking turns
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 130, err
+    assert "Aborted!" in err and "Traceback" not in err, err
+
+
+def test_a_dir_that_is_a_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--dir", str(afile)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (f"fencelock-repro: {afile}/baseline: cannot be used (Not a "
+                                   f"directory); give a new or empty directory")
+
+
 _EXTRAS_ONLY = ("portalocker", "filelock", "tooz", "etcd3gw")
 """Packages that come with fencelock's extras, not with ``pip install fencelock``."""
 

@@ -745,6 +745,13 @@ def _worker(job: Job, results: Queue[Any], mirror: Queue[Any], start: Event, sto
         else:
             _inbound_lane(job, results, mirror)
         results.put(("done", job.lane.name))
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the whole process group, and the parent says so once. Ended
+        # here, not by the signal's default action: unwound, the worker has let go of
+        # what it shares with the parent (a multiprocessing Event's wait, which the
+        # parent's `stop.set()` would otherwise wait on for good), and it leaves no
+        # traceback. No flush of its queues: nobody reads them any more.
+        os._exit(130)
     except BaseException:
         results.put(("crash", job.lane.name, traceback.format_exc()))
         raise
@@ -884,11 +891,15 @@ def _mirror_copy(job: Job, results: Queue[Any], turn_id: str, text: str, delay: 
 
 def run_mode(mode: Mode, config: Config, root: str) -> ModeReport:
     """Run the whole gateway once in ``mode`` with session files under ``root``."""
-    if os.path.isdir(root) and os.listdir(root):
-        raise ReproError(f"{root}: not empty; give a new or empty directory")
     sessions = os.path.join(root, "sessions")
     state = os.path.join(root, "gateway")
-    os.makedirs(sessions, exist_ok=True)
+    try:
+        if os.path.isdir(root) and os.listdir(root):
+            raise ReproError(f"{root}: not empty; give a new or empty directory")
+        os.makedirs(sessions, exist_ok=True)
+    except OSError as e:  # a file there, no permission, a read-only filesystem
+        raise ReproError(f"{root}: cannot be used ({e.strerror or e}); give a new or empty "
+                         f"directory") from None
     lanes = gateway(config, sessions)
     for agent in {lane.agent for lane in lanes}:
         os.makedirs(os.path.join(state, agent), exist_ok=True)
