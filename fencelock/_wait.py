@@ -86,7 +86,10 @@ class Waiter:
     def _run(self) -> None:
         with self.mutex:
             self.running = True
-            if self.abandoned:  # given up before this thread began (which closed fd)
+            if self.abandoned:  # given up before this thread began
+                # Closed by the wait that gave up, unless an interrupt cut that close
+                # short: its cleanup closes it again only while no thread has begun.
+                _forkguard.close_if_still(self.fd, self.opened)
                 self.finished = True
                 return
         try:

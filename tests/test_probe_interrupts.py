@@ -194,3 +194,37 @@ def test_an_interrupt_at_any_point_of_a_look_at_a_held_session_leaks_no_descript
         held = _locked_outside(session)
     with held:
         assert _walk(None, CALLS[call], session.parent, session) > 5
+
+
+def test_a_waiter_whose_close_was_cut_short_is_closed_by_its_thread_if_that_begins(
+    session: Path,
+) -> None:
+    """A timed wait that gives up before its helper thread began closes the helper's
+    descriptor itself. An interrupt as that close begins leaves it to the wait's
+    cleanup (`_wait.abandon`), which closes it only while no thread has begun. A thread
+    that began in between found the waiter given up and ended, taking the close as
+    done: the descriptor stayed open for good (seen once, in CI, as the walker test
+    above failing at the close). The thread closes it now."""
+    import time
+
+    from conftest import interrupted_on_entry
+
+    from fencelock import _forkguard, _sidecar, _wait
+
+    sidecar = str(session) + ".holder"
+    opened = _sidecar.Opened()
+    _sidecar.open_checked(sidecar, create=True, into=opened)
+    waiter = _wait.Waiter(-1, (sidecar, True))  # as `Waiter.start` hands it over
+    waiter.fd, waiter.opened = opened._fd, opened._opened
+    opened._fd = -1
+    with interrupted_on_entry(_forkguard.close_if_still) as fired, \
+            pytest.raises(KeyboardInterrupt):
+        waiter.give_up(waiter.claim, [])
+    assert fired and fds_naming(sidecar)  # given up; its close was cut short
+    waiter._begin()  # the thread begins only now
+    deadline = time.monotonic() + 30
+    while not waiter.finished:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    waiter.close_unstarted()  # the cleanup's second try: a thread has begun
+    assert fds_naming(sidecar) == []
