@@ -11,7 +11,6 @@ import functools
 import http.client
 import io
 import json
-import select
 import socket
 import ssl
 import threading
@@ -22,6 +21,8 @@ import zlib
 from typing import Any
 
 import requests
+
+from fencelock import _platform
 
 
 def base_url(host: str, port: int, tls: bool = False) -> str:
@@ -329,11 +330,7 @@ def _dropped(sock: socket.socket) -> bool:
     """Whether an idle keep-alive connection was closed by the far end (it reads as
     ready: at its end, or with bytes nobody asked for) or cannot be polled."""
     try:
-        if hasattr(select, "poll"):
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            return bool(poller.poll(0))
-        return bool(select.select([sock], [], [], 0)[0])
+        return bool(_platform.wait_ready((sock.fileno(),), (), 0)[0])
     except (OSError, ValueError):
         return True
 
