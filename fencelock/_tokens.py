@@ -418,13 +418,21 @@ def keep_removed(session: str, token: int) -> str | None:
 
 def keep_before_set_aside(session: str, fd: int) -> None:
     """Keep the token legible in the corrupt record in ``fd`` before it is set aside:
-    in the session file's mark, or else by leaving `SET_ASIDE_MARKER` in its
-    directory. Call while holding the sidecar's lock, before it is moved away."""
+    in the directory's `REMOVED_MARKER`, as `clear --remove` does (the session file's
+    mark is lost when the file is written anew and renamed over); where that marker
+    cannot be written, in the session file's mark, or else by leaving
+    `SET_ASIDE_MARKER` in its directory. Call while holding the sidecar's lock, before
+    it is moved away."""
     try:
         token = _legible_token(_platform.pread(fd, TAIL, 0))
     except OSError as e:
         raise FenceLockError(f"{session}.holder: cannot be read ({e}); nothing was moved") from None
-    if not token or (os.path.isfile(session) and _cover(session, token, token) is not None):
+    if not token:
+        return
+    with contextlib.suppress(OSError):  # (then the set-aside marker below cannot be made either)
+        if keep_removed(session, token) is None:
+            return
+    if os.path.isfile(session) and _cover(session, token, token) is not None:
         return
     marker = os.path.join(os.path.dirname(session), SET_ASIDE_MARKER)
     try:

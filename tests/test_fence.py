@@ -807,21 +807,28 @@ def test_token_survives_sidecar_removal(session: Path) -> None:
         assert last.info is not None and last.info.token == mark + 1
 
 
+@pytest.mark.parametrize("how", ["remove", "force"])
 @pytest.mark.parametrize("after", ["rewritten", "missing"])
 def test_tokens_never_go_back_after_clear_remove_whatever_happens_to_the_session_file(
-    session: Path, after: str
+    session: Path, after: str, how: str
 ) -> None:
     """`clear --remove` keeps the token on the session file's mark, but a compaction
     that writes the file anew and renames it over (``sed -i``) leaves a file with no
     mark, and a session with no file has nothing to keep it on: the next run started
-    again at token 1. The directory keeps the largest token removed there too."""
+    again at token 1. The directory keeps the largest token removed there too. So for
+    `clear --force`, which sets a corrupt record aside (its token still legible)."""
     for n in range(3):
         with SessionLock(session) as lock:
             lock.append({"n": n})
     assert probe(session).token == 3
     if after == "missing":
         session.unlink()
-    assert "sidecar removed" in clear(session, remove=True).reason
+    if how == "remove":
+        assert "sidecar removed" in clear(session, remove=True).reason
+    else:
+        sidecar = Path(str(session) + ".holder")
+        sidecar.write_bytes(sidecar.read_bytes()[:60])  # cut short: corrupt
+        assert "corrupt record moved to" in clear(session, force=True).reason
     if after == "rewritten":
         new = session.with_name("rewrite.tmp")
         new.write_bytes(session.read_bytes().replace(b'"n"', b'"N"'))
