@@ -711,7 +711,8 @@ def clear_command(
             elif outcome.refused:
                 error_line(
                     f"{outcome.session}: not cleared: held by {outcome.holder_text}; a live "
-                    f"holder is never cleared: wait for it (fencelock wait), or start a "
+                    f"holder is never cleared: wait for it "
+                    f"({fresh_session_command(outcome.session, backend, 'wait')}), or start a "
                     f"fresh session ({fresh_session_command(outcome.session, backend)})"
                 )
             elif not as_json:

@@ -217,8 +217,11 @@ def parse(text: str, path: str = "<config>") -> Any:
                               ) from None
         if len(text) > MAX_JSON5 // 4 and len(text.encode("utf-8", "surrogatepass")) > MAX_JSON5:
             raise ConfigError(
-                path, f"not valid JSON: {e.msg}; a config over {MAX_JSON5 >> 20} MiB is read "
-                f"as plain JSON only (not JSON5); {_SYNTAX_FIX}", e.lineno, e.colno) from None
+                path, f"not valid JSON: {e.msg}; fencelock reads a config over "
+                f"{MAX_JSON5 >> 20} MiB as plain JSON only (its JSON5 parser would take "
+                f"minutes): check a copy without JSON5's comments, trailing commas and "
+                f"unquoted keys, or mend the file if the gateway cannot read it either",
+                e.lineno, e.colno) from None
         # Otherwise JSON5: its errors are the ones to report
     except RecursionError:
         raise ConfigError(path, f"nested too deeply; {_NOT_A_CONFIG_FIX}") from None

@@ -76,10 +76,11 @@ def shell_word(text: str) -> str:
     ) + "'"
 
 
-def fresh_session_command(session: str, backend: str | None) -> str:
-    """The command that starts a fresh session after ``session``'s live run."""
+def fresh_session_command(session: str, backend: str | None, verb: str = "recover") -> str:
+    """The command that starts a fresh session after ``session``'s live run (or, with
+    another ``verb``, does that to the session)."""
     store = "" if backend is None else f"--backend {shell_word(backend)} "
-    return f"fencelock recover {store}{shell_word(session)}"
+    return f"fencelock {verb} {store}{shell_word(session)}"
 
 
 class SessionContendedError(CoordinationError):

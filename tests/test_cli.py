@@ -743,7 +743,10 @@ def test_clear_refuses_live_holder(session: Path, spawn_holder: SpawnHolder) -> 
     assert f"pid {h.pid}" in out.stderr and "lane 'busy'" in out.stderr
     assert f"start a fresh session (fencelock recover {session})" in out.stderr  # the way on
     assert probe(session).state == "live"
+    # The other way on, as a command that runs as written once the holder lets go.
+    assert f"wait for it (fencelock wait {session})" in out.stderr
     assert h.call("release") == "released"
+    assert cli("wait", str(session)).returncode == 0
 
 
 def test_clear_json_and_remove(session: Path, spawn_holder: SpawnHolder) -> None:
