@@ -670,7 +670,7 @@ def clear_command(
       fencelock clear --remove sessions/
     """
     answer_goes_to_stdout("clear")
-    from fencelock._errors import OutsideRootError, SidecarAccessError, fresh_session_command
+    from fencelock._errors import OutsideRootError, SidecarAccessError, session_command
 
     show = PathDisplay()
     report: list[_ClearOutcome] = []
@@ -712,8 +712,8 @@ def clear_command(
                 error_line(
                     f"{outcome.session}: not cleared: held by {outcome.holder_text}; a live "
                     f"holder is never cleared: wait for it "
-                    f"({fresh_session_command(outcome.session, backend, 'wait')}), or start a "
-                    f"fresh session ({fresh_session_command(outcome.session, backend)})"
+                    f"({session_command(outcome.session, backend, 'wait')}), or start a "
+                    f"fresh session ({session_command(outcome.session, backend)})"
                 )
             elif not as_json:
                 out(f"{show(outcome.session)}: {clean(outcome.reason)}")
@@ -985,7 +985,7 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
     import signal
     from functools import partial
 
-    from fencelock._errors import StoreUnavailableError, fresh_session_command
+    from fencelock._errors import StoreUnavailableError, session_command
     from fencelock._probe import ProbeState, probe
     from fencelock._signals import PromptHandlers
     from fencelock._store import open_store
@@ -1034,7 +1034,7 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
                 holder = "a live holder (etcd did not say which in time)"
             raise ContendedCliError(
                 f"{named}: after {timeout:g}s, still held by {holder}; wait longer "
-                f"(--timeout), or start a fresh session ({fresh_session_command(named, backend)})"
+                f"(--timeout), or start a fresh session ({session_command(named, backend)})"
             )
 
 

@@ -76,9 +76,9 @@ def shell_word(text: str) -> str:
     ) + "'"
 
 
-def fresh_session_command(session: str, backend: str | None, verb: str = "recover") -> str:
-    """The command that starts a fresh session after ``session``'s live run (or, with
-    another ``verb``, does that to the session)."""
+def session_command(session: str, backend: str | None, verb: str = "recover") -> str:
+    """The command line ``fencelock VERB`` for ``session`` in its store: by default,
+    the one that starts a fresh session after its live run."""
     store = "" if backend is None else f"--backend {shell_word(backend)} "
     return f"fencelock {verb} {store}{shell_word(session)}"
 
@@ -110,7 +110,7 @@ class SessionContendedError(CoordinationError):
         `HolderStatus.lock_owners`), None where it cannot say."""
         super().__init__(
             f"{self.situation()}; wait for it, or start a fresh session "
-            f"({fresh_session_command(session, backend)})"
+            f"({session_command(session, backend)})"
         )
 
     def situation(self) -> str:
