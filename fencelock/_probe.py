@@ -50,7 +50,7 @@ from fencelock._errors import (
     unsafe_path_fix,
 )
 from fencelock._fingerprint import FenceMode
-from fencelock._record import HELD, RELEASED, WRITE, HolderInfo
+from fencelock._record import HELD, MAX_RECORD, RELEASED, WRITE, HolderInfo
 from fencelock._sidecar_holder import (
     contended,
     held_by_others,
@@ -862,7 +862,8 @@ _SET_ASIDE_TRIES = 16
 def _release_stale(fd: int, sidecar: str, record: HolderInfo, size: int) -> None:
     """Mark a stale record released (in the write phase): over its head, in place, when
     it is in fencelock's layout, so that every other byte stays as its writer left it;
-    otherwise written anew."""
+    otherwise written anew, with its writer's own fields unless they no longer fit in a
+    record encoded again (numbers written short, ``1e5``, come back as ``100000.0``)."""
     try:
         in_place = _record.in_layout_held(_platform.pread(fd, len(_record.RELEASED_HEAD), 0))
         if in_place:
@@ -870,8 +871,10 @@ def _release_stale(fd: int, sidecar: str, record: HolderInfo, size: int) -> None
     except OSError as e:
         raise _sidecar.access_error(sidecar, e, True) from None
     if not in_place:
-        _sidecar.write(fd, sidecar, replace(record, state=RELEASED, phase=WRITE),
-                       size)
+        released = replace(record, state=RELEASED, phase=WRITE)
+        if len(released.encode()) >= MAX_RECORD:
+            released = replace(released, extra={})
+        _sidecar.write(fd, sidecar, released, size)
 
 
 def _clear_locked(

@@ -314,6 +314,25 @@ def test_clear_of_a_stale_record_in_another_layout_keeps_its_fields_in_utf8(
         "released", "write", {"note": {"ü": "é😀"}})
 
 
+def test_clear_of_a_stale_record_that_grows_past_the_bound_when_encoded_again(
+    session: Path,
+) -> None:
+    """A readable stale record in another layout is marked released by writing it anew,
+    its own fields kept; a field of numbers written short (``1e5``, encoded again as
+    ``100000.0``) can take that past the record's bound. `clear` then called the
+    record corrupt and said to run `clear --force`, which failed the same way. It is
+    cleared now, without the fields that do not fit."""
+    obj = json.loads(_valid_record(session))
+    text = json.dumps(obj)[:-1] + ', "samples": [' + ",".join(["1e5"] * 14_000) + "]}"
+    assert len(text) < MAX_RECORD < len(text.replace("1e5", "100000.0"))
+    sidecar_of(session).write_text(text)
+    assert probe(session).state == "stale"
+    cleared = clear(session)
+    assert cleared.state == "stale" and "cleared the stale record" in cleared.reason
+    after = record_of(session)
+    assert (after.state, after.token, after.extra) == ("released", obj["token"], {})
+
+
 def test_pid_values_in_records_are_bounded(session: Path) -> None:
     # PID 0 and -1 would address process groups if anything ever signalled them;
     # the decoder refuses them (covered above); the largest valid pid is accepted.
