@@ -544,21 +544,24 @@ def test_a_planted_session_with_its_mark_at_the_limit_is_refused_as_planted() ->
 
 @needs_root
 def test_clear_force_names_a_set_aside_marker_another_user_left() -> None:
-    """Setting a corrupt record aside with no session file to keep its token on leaves
-    the directory's set-aside marker. One another user made first, where anyone may
-    write, is refused as planted (they could remove it, and the token with it), naming
-    it; it said "cannot be created (Permission denied) ... fix the directory's
-    permissions". One of this user's own is used as it is."""
+    """Setting a corrupt record aside keeps its token in the directory's removed-token
+    marker; where another user made that one first (where anyone may write: not
+    trusted) and there is no session file to keep the token on, it leaves the
+    directory's set-aside marker. One of those another user made first is refused as
+    planted too (they could remove it, and the token with it), naming it; it said
+    "cannot be created (Permission denied) ... fix the directory's permissions". One of
+    this user's own is used as it is."""
     from fencelock import PlantedFileError
-    from fencelock._tokens import SET_ASIDE_MARKER
+    from fencelock._tokens import REMOVED_MARKER, SET_ASIDE_MARKER
 
     with open_directory(0o1777) as pub:
         session = pub / "c.jsonl"  # no session file: the token goes to the marker
         sidecar_of(session).write_bytes(b'{"version":1,"state":"held","token":7,')
         marker = pub / SET_ASIDE_MARKER
-        as_user("import os\n"
-                "os.close(os.open(args['path'], os.O_WRONLY | os.O_CREAT, 0o644))\n"
-                "result = True", path=str(marker))
+        for path in (marker, pub / REMOVED_MARKER):
+            as_user("import os\n"
+                    "os.close(os.open(args['path'], os.O_WRONLY | os.O_CREAT, 0o644))\n"
+                    "result = True", path=str(path))
         with pytest.raises(PlantedFileError) as exc:
             clear(session, force=True)
         assert str(exc.value).startswith(f"{marker}: owned by uid {NOBODY}")
