@@ -1891,12 +1891,17 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
             except CorruptRecordError:
                 record = None
             if record is None:
+                reason = ("held by a holder without a record (etcdctl lock, another "
+                          "client's Mutex, one about to write its record, or a waiter that "
+                          "died or was paused in the queue, until its lease runs out)")
+                if not owner[0].get("lease"):  # (etcd's JSON leaves out a lease of 0)
+                    key = _key_text(owner[0])
+                    reason = (f"held by the key {key}, which has no lease and never "
+                              f"expires (put by hand, or by a client that takes no lease); "
+                              f"if no client holds it, delete it: etcdctl del "
+                              f"{shell_word(key)}")
                 status: HolderStatus = holder_status(
-                    session, where, states.LIVE, reason="held by a holder without a record "
-                    "(etcdctl lock, another client's Mutex, one about to write its record, "
-                    "or a waiter that died or was paused in the queue, until its lease runs "
-                    "out)",
-                    _owner=_owner_of(owner))
+                    session, where, states.LIVE, reason=reason, _owner=_owner_of(owner))
             elif record.state is State.RELEASED:
                 # Only `fencelock run` leaves a released record in a live owner key: its
                 # keeper keeps the key for what the command left running.

@@ -2797,6 +2797,11 @@ def test_an_owner_key_with_another_clients_value_is_a_live_holder(
                    capture_output=True)
     status = probe(session, backend=url)
     assert status.state == ProbeState.LIVE and status.record is None, status.reason
+    # A key put with no lease never goes by itself: "until its lease runs out" would
+    # have anyone wait for good. The reason names it, and how to remove it.
+    assert status.reason is not None
+    assert f"held by the key {key}, which has no lease" in status.reason
+    assert status.reason.endswith(f"etcdctl del {key}")
     out = _cli("status", str(session), "--backend", url)
     assert out.returncode == 0 and "(not fencelock)" in out.stdout, out.stderr
     out = _cli("wait", str(session), "--timeout", "0.2", "--backend", url)
