@@ -444,6 +444,8 @@ class _Session:
             fp = lock.verify_fence()
             answer["fingerprint"] = None if fp is None else fp.to_json()
         elif op == "info":
+            if self.lost is not None:  # the record would say "held"
+                raise HolderLostError(lock.session, self.lost.why)
             info = lock.info
             answer["record"] = None if info is None else info.to_json()
         elif op == "release":

@@ -4318,6 +4318,10 @@ def test_hold_exits_1_when_its_release_fails(
         elif told:
             answer = h.call(told, **({"entry": {"a": 1}} if told == "append" else {}))
             assert answer["ok"] is False and answer["error"] == "HolderLostError", answer
+        if told:
+            # Once the loss is known, `info` answers with it: its record says "held".
+            answer = h.call("info")
+            assert answer["ok"] is False and answer["error"] == "HolderLostError", answer
         if how == "request":
             answer = h.call("release")
             assert answer["ok"] is False and answer["error"] == "HolderLostError", answer
