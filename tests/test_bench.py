@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import hammer
+from marks import needs_linux
 
 if TYPE_CHECKING:
     from fencelock._etcdserver import EtcdServer
@@ -234,26 +235,53 @@ def test_the_proposed_goals_are_taken_against_the_floor_of_the_same_run(
     assert goals["appends.fsync.floor"]["value"] == f"{turns:.2f}x floor"
 
 
-@pytest.mark.parametrize(("raw_crowded", "said"), [(36.4, False), (320.3, True), (12.0, True)])
+@pytest.mark.parametrize(("raw_empty", "raw_crowded", "said"), [
+    (34.8, 36.4, False), (34.8, 320.3, True), (34.8, 12.0, True),
+    # Both directories slowed alike (a run right after another one's mass removal):
+    # steady growth, but a first acquire at 13x the bare syscalls' reused cycle.
+    (152.0, 160.0, True),
+])
 def test_the_crowded_directory_goal_says_when_the_filesystem_moved(
-    raw_crowded: float, said: bool,
+    raw_empty: float, raw_crowded: float, said: bool,
 ) -> None:
     """Raw syscalls' own growth stands beside the goal, and a filesystem whose file
-    creation itself moved is named as the cause."""
+    creation itself moved (between the directories, or in both against its usual pace)
+    is named as the cause, and the goal is then not judged: the figure measures the
+    filesystem."""
     from fencelock.tools.bench import FULL, Report, Row, judge
 
     report = Report("full", {})
     report.rows = [
+        Row("cycle.reused", "cycle", "acquire+release, one object reused", "us",
+            fencelock=26.0, peers={"raw": 11.7}),
         Row("cycle.first.0", "cycle", "first acquire among 0 others", "us",
-            fencelock=124.5, peers={"raw": 34.8}),
+            fencelock=124.5, peers={"raw": raw_empty}),
         Row("cycle.first.100000", "cycle", "first acquire among 100,000 others", "us",
             fencelock=413.6, peers={"raw": raw_crowded}),
     ]
     judge(report, FULL)
     goal = next(g for g in report.goals if g.id == "cycle.first.crowd")
-    assert goal.value.startswith(f"3.32x empty directory; bare syscalls {raw_crowded / 34.8:.2f}x")
-    assert ("the filesystem's own file creation changed" in goal.value) is said
-    assert goal.met is False
+    assert goal.value.startswith(
+        f"3.32x empty directory; bare syscalls {raw_crowded / raw_empty:.2f}x")
+    assert ("not judged: the filesystem's own file creation was slowed" in goal.value) is said
+    assert goal.met is (None if said else False)
+
+
+def test_a_goal_missed_by_less_than_the_rounding_shows_the_third_decimal() -> None:
+    """1.004x portalocker misses "at most 1.0x": the value must not read "1.00x"."""
+    from fencelock.tools.bench import FULL, Report, Row, judge
+
+    report = Report("full", {})
+    report.rows = [
+        Row("cycle.reused.session", "cycle", "acquire+release, session present", "us",
+            fencelock=25.1, peers={"portalocker": 25.0}),  # 1.004x
+        Row("cycle.reused.session.floor", "cycle", "floor", "us", fencelock=18.2, peers={}),
+    ]
+    judge(report, FULL)
+    goals = {g.id: g for g in report.goals}
+    assert goals["cycle.session.portalocker"].met is False
+    assert goals["cycle.session.portalocker"].value.startswith("1.004x portalocker")
+    assert goals["cycle.session.parity"].value.startswith("1.00x portalocker")  # met
 
 
 def test_the_interleaving_check_catches_loss_and_tearing(tmp_path: Path) -> None:
@@ -431,6 +459,20 @@ def test_a_bad_dir_or_save_path_is_refused_before_the_run(
     assert bench_module.main(argv) == 2
     err = capsys.readouterr().err
     assert args[0] in err and "Traceback" not in err, err
+
+
+@needs_linux
+def test_a_dir_where_no_directory_can_be_made_is_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A --dir that passes the checks of its option but takes no new directory (/proc,
+    even for root; a read-only or full filesystem) ended in a traceback."""
+    from fencelock.tools import bench as bench_module
+
+    assert bench_module.main(["--only", "cold", "--quiet", "--dir", "/proc"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert "/proc: cannot make the run's directory there" in err, err
 
 
 def test_ctrl_c_ends_the_benchmark_with_one_line_and_exit_130(tmp_path: Path) -> None:

@@ -980,10 +980,18 @@ def bench_cold(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Ro
 # -- 6. scaling ----------------------------------------------------------------------
 
 
+_WARM_CYCLES = 20
+"""Untimed cycles a contending process makes before the timed ones (its first pay for
+the lock object's first use, as a single process's warm-up does)."""
+
+
 def _contended_worker(
     barrier: Barrier, conn: Connection, peer: str, path: str, cycles: int
 ) -> None:
     lock = make_locker(peer, path)
+    for _ in range(_WARM_CYCLES):  # untimed: the first cycles of a process cost more
+        lock.acquire()
+        lock.release()
     barrier.wait()
     start, cpu = time.monotonic(), _cpu()
     for _ in range(cycles):
@@ -1077,13 +1085,15 @@ def judge(report: Report, sizes: Sizes) -> None:
     figures are too noisy)."""
 
     def add(goal_id: str, text: str, value: float | None, limit: float | None,
-            fmt: str, at_least: bool = False) -> None:
+            fmt: str, at_least: bool = False, judged: bool = True) -> None:
         if value is None or limit is None:
             report.goals.append(Goal(goal_id, text, "not measured", None))
             return
         met = value >= limit if at_least else value <= limit
+        if not met and f"{value:.2f}" == f"{limit:.2f}":  # not "MISS: 1.00x" at 1.0
+            fmt = fmt.replace("{value:.2f}", "{value:.3f}")
         report.goals.append(Goal(goal_id, text, fmt.format(value=value, limit=limit),
-                                 met if sizes.judge else None))
+                                 met if sizes.judge and judged else None))
 
     for kind in ("reused", "fresh"):
         row = report.row(f"cycle.{kind}")
@@ -1103,10 +1113,13 @@ def judge(report: Report, sizes: Sizes) -> None:
     empty, crowd = report.row("cycle.first.0"), next(
         (r for r in report.rows if r.id.startswith("cycle.first.") and r.id != "cycle.first.0"
          and not r.id.endswith(".floor")), None)
+    reused = report.row("cycle.reused")
+    raw_cycle = None if reused is None else reused.peers.get("raw")
     if empty is not None and crowd is not None and empty.fencelock and crowd.fencelock:
         add("cycle.first.crowd", f"first acquire among {crowd.figure.rsplit(' among ', 1)[-1]} "
             "within 2x of an empty directory", crowd.fencelock / empty.fencelock, 2.0,
-            "{value:.2f}x empty directory" + _filesystem_text(empty, crowd))
+            "{value:.2f}x empty directory" + _filesystem_text(empty, crowd, raw_cycle),
+            judged=_filesystem_steady(empty, crowd, raw_cycle))
     med, p99 = report.row("handoff.median"), report.row("handoff.p99")
     if med is not None and p99 is not None:
         add("handoff.median", "hand-off median under 1 ms", med.fencelock, 1.0,
@@ -1157,17 +1170,39 @@ def judge(report: Report, sizes: Sizes) -> None:
                 row.ratios.get("raw"), 1.5, "{value:.2f}x")
 
 
-def _filesystem_text(empty: Row, crowd: Row) -> str:
+def _filesystem_steady(empty: Row, crowd: Row, raw_cycle: float | None) -> bool:
+    """Whether the filesystem made files at its usual pace in both directories: the
+    bare syscalls' first acquire grew at most 1.5x from the empty directory to the
+    crowded one (or shrank at most as much), and in the empty one cost at most
+    `_FRESH_FILE_BOUND` times their reused cycle (``raw_cycle``). Otherwise the crowded-directory
+    figure measures the filesystem (on ext4 without a journal a new file passes over
+    the inodes freed in the last minutes: a run right after another one's 200,000
+    files made every first acquire 3-13x dearer), and the goal is not judged."""
+    before, after = empty.peers.get("raw"), crowd.peers.get("raw")
+    if not before or not after:
+        return True
+    if not 0.67 <= after / before <= 1.5:
+        return False
+    return raw_cycle is None or before <= _FRESH_FILE_BOUND * raw_cycle
+
+
+_FRESH_FILE_BOUND = 8.0
+"""A first acquire of bare syscalls (create, lock, write, unlock, close) against their
+reused cycle (open, lock, write, unlock, close) when the filesystem makes files at its
+usual pace: about 3.4x here (39.7 against 11.7 µs); 8x and over, it was slowed."""
+
+
+def _filesystem_text(empty: Row, crowd: Row, raw_cycle: float | None) -> str:
     """The bare syscalls' own growth beside the crowded-directory goal: where creating
     a file grew as much, the filesystem was slow, not fencelock."""
     before, after = empty.peers.get("raw"), crowd.peers.get("raw")
     if not before or not after:
         return ""
     text = f"; bare syscalls {after / before:.2f}x"
-    if not 0.67 <= after / before <= 1.5:
-        text += (" (the filesystem's own file creation changed: on ext4 without a journal "
-                 "a new file passes over the inodes freed in the last minutes; rerun a few "
-                 "minutes after removing many files)")
+    if not _filesystem_steady(empty, crowd, raw_cycle):
+        text += (" (not judged: the filesystem's own file creation was slowed: on ext4 "
+                 "without a journal a new file passes over the inodes freed in the last "
+                 "minutes; rerun a few minutes after removing many files)")
     return text
 
 
@@ -1284,7 +1319,13 @@ def _ratio(value: float | None) -> str:
 
 def run(sizes: Sizes, sections: Sequence[str], directory: str | None, keep: bool,
         quiet: bool) -> Report:
-    base = Path(tempfile.mkdtemp(prefix="fencelock-bench-", dir=directory))
+    try:
+        base = Path(tempfile.mkdtemp(prefix="fencelock-bench-", dir=directory))
+    except OSError as e:
+        where = directory or tempfile.gettempdir()
+        raise click.ClickException(
+            f"{where}: cannot make the run's directory there ({e.strerror or e}); give "
+            f"--dir a directory on a disk this user can write to") from None
     report = Report(sizes.name, machine(str(base)))
     if sizes.judge and sizes.hold_before_release < FULL.hold_before_release:
         # A short hold flatters the hand-off: the waiter is still warm when woken.

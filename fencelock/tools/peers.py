@@ -68,6 +68,18 @@ class Locker(Protocol):
     def release(self) -> None: ...
 
 
+@functools.lru_cache(maxsize=1024)
+def _record_middle(session: str, lane: str, pid: int) -> str:
+    """A record's fields that stay the same for a session, lane and process: made once,
+    as fencelock makes them once per lock object and process (a fresh peer for each
+    cycle must not pay for them each time)."""
+    return (
+        f',"pid":{pid},"host":{json.dumps(platform.node())}'
+        f',"process_start":{json.dumps(_identity.ME.start)},"session":{json.dumps(session)}'
+        f',"lane":{json.dumps(lane)},"fence":"stat","acquired_at":'
+    )
+
+
 class RecordMaker:
     """Holder records in fencelock's layout (`fencelock._record`: `RECORD_HEAD`,
     `TOKEN_WIDTH`), built at each acquire with the time and the next token, as any
@@ -77,11 +89,7 @@ class RecordMaker:
     def __init__(self, session: str, lane: str) -> None:
         self.held = RECORD_HEAD[State.HELD, Phase.WRITE]
         self.released = RECORD_HEAD[State.RELEASED, Phase.WRITE]
-        self.middle = (
-            f',"pid":{os.getpid()},"host":{json.dumps(platform.node())}'
-            f',"process_start":{json.dumps(_identity.ME.start)},"session":{json.dumps(session)}'
-            f',"lane":{json.dumps(lane)},"fence":"stat","acquired_at":'
-        )
+        self.middle = _record_middle(session, lane, os.getpid())
 
         self.token = 0
         """The last token `next_held` gave."""
@@ -229,8 +237,9 @@ class FloorLock:
     lstat the path (the inode re-check), pread the old record (for the next token;
     with no record, the session's token floor: its mark, its last stamps, the
     directory's set-aside and removed-token markers), lstat the session (its fingerprint), read the
-    session's token mark unless its stat is the one the mark was last read at (or its
-    own append left) and that stat's ctime was then 20 ms old, pwrite the record. A
+    session's token mark unless its stat is the one the mark was last read at (not
+    carried over its own appends, as fencelock does not) and that stat's ctime was then
+    20 ms old, pwrite the record. A
     fenced append: open the session (creating it with ``O_EXCL`` when the run found
     none, then its mark), fstat it (the fence check), on the run's first append pread
     its last byte (the torn-tail check), write, fsync, fstat (the new fence point),
@@ -343,7 +352,7 @@ class FloorLock:
                 view = view[os.write(fd, view):]
             if self.fsync:
                 os.fsync(fd)
-            before, self.fp = self.fp, self._fp(os.fstat(fd))
+            self.fp = self._fp(os.fstat(fd))
             os.pread(fd, len(line), size)
             os.lstat(self.session)  # still the session's name (here it is found so)
         finally:
@@ -352,9 +361,7 @@ class FloorLock:
             dfd = os.open(os.path.dirname(self.session) or ".", os.O_RDONLY | os.O_CLOEXEC)
             os.fsync(dfd)
             os.close(dfd)
-        if self.marked[0] == before:  # its own line moved the stat, not a change to the mark
-            self.marked = (self.fp, self.marked[1])
-        self.behind = True
+        self.behind = True  # (the mark is read again at the next acquire, as fencelock does)
 
     def release(self) -> None:
         long = time.time() - self.at >= HAND_OVER_AFTER
