@@ -3706,6 +3706,60 @@ def test_a_member_that_hangs_does_not_cost_a_holder_its_lease_while_another_answ
         relay.close()
 
 
+def _lease_ttl(server: EtcdServer, lease: str) -> int:
+    """The seconds etcd gives the lease (hex id, as in a record) before it expires."""
+    request = urllib.request.Request(
+        f"http://{server.endpoint}/v3/lease/timetolive",
+        data=json.dumps({"ID": int(lease, 16)}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return int(json.loads(r.read()).get("TTL", -1))
+
+
+def test_a_member_that_hangs_does_not_cost_a_runs_leftovers_their_session(
+    session: Path, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    """`fencelock run`'s keeper process keeps the lease for what the command left
+    running, and stops it when no renewal has vouched for the lease in time. At a
+    short TTL (3 s), a renewal that waited its whole time on a member that stopped
+    answering was answered by the other member too late: the keeper took the lease
+    for lost and stopped what the command left running. It shares the time among the
+    endpoints, as the holder's own renewals do."""
+    relay = _Relay(etcd_server.endpoint)
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    prefix = f"kept-{uuid.uuid4().hex[:8]}"
+    url = f"etcd://127.0.0.1:{relay.port},{etcd_server.endpoint}/{prefix}?ttl=3"
+    try:
+        ran = _cli("run", str(session), "--lane", "left", "--backend", url, "--", "sh",
+                   "-c", f"(read line < {fifo}) >/dev/null 2>&1 &")
+        assert ran.returncode == 0, ran.stderr
+        status = probe(session, backend=url)
+        assert status.state == ProbeState.LIVE and status.left_by_run, status
+        assert status.record is not None
+        lease = str(status.record.extra["lease"])
+        hung_at = time.monotonic()
+        relay.hung.set()
+        assert relay.asked.wait(30)  # a renewal went to the member that hangs
+        # Until etcd shows a renewal made after the hang began (a TTL of 2 s or more
+        # left, 1.5 s after it), through the member that answers:
+        while not (time.monotonic() - hung_at > 1.5 and _lease_ttl(etcd_server, lease) >= 2):
+            assert _lease_ttl(etcd_server, lease) > 0, "the lease ran out"
+            time.sleep(0.05)  # a pace, not a synchronisation: the loop ends on the renewal
+        # The keeper saw no lapse meanwhile: what the command left still holds it.
+        assert probe(session, backend=url).left_by_run
+        relay.hung.clear()
+    finally:
+        with contextlib.suppress(OSError):  # ENXIO: no reader, the leftover is gone
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(fd, b"go\n")  # the leftover exits
+            os.close(fd)
+        relay.stop.set()
+        relay.close()
+    with SessionLock(session, "then", backend=etcd_server.url(prefix), timeout=60) as then:
+        assert then.info is not None and then.info.previous is None  # released, not stale
+
+
 def test_a_waiter_whose_member_hangs_gets_the_session_in_seconds_whatever_the_ttl(
     session: Path, etcd_server: EtcdServer
 ) -> None:
