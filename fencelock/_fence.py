@@ -187,9 +187,7 @@ def _replaced(session: str, expected: Fingerprint | None) -> SessionTakeoverErro
 
 
 def _stat_matches(expected: Fingerprint | None, st: os.stat_result) -> bool:
-    """The stat fence's comparison straight from a stat result (no Fingerprint built):
-    exact (a change of metadata alone, which `Fingerprint.matches` lets pass, is False
-    here)."""
+    """The stat fence's comparison straight from a stat result (no Fingerprint built)."""
     return expected is not None and (
         st.st_size == expected.size
         and st.st_mtime_ns == expected.mtime_ns
@@ -301,7 +299,7 @@ def _cut_torn_tail(
         # content fence leaves its size to compare.)
         now = os.fstat(fd)
         if now.st_size != size or (
-            mode is STAT and not _same(expected, _fingerprint.from_stat(now), mode)
+            mode is STAT and not _stat_matches(expected, now)
         ):
             raise SessionTakeoverError(session, expected, _fingerprint_fd(fd, mode, session, now))
         cutting.append(keep)

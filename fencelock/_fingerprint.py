@@ -12,7 +12,7 @@ import enum
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fencelock import _platform
@@ -54,9 +54,6 @@ class Fingerprint:
     ctime_ns: int
     tail: str | None = None
     """Hex digest of the last `TAIL_BYTES` bytes; only the content fence sets it."""
-    stat: os.stat_result | None = field(default=None, compare=False, repr=False)
-    """The stat it was taken from (None for one read from a record): see
-    `only_metadata_moved`."""
 
     def matches(self, other: Fingerprint | None, mode: FenceMode) -> bool:
         if other is None:
@@ -69,23 +66,6 @@ class Fingerprint:
             other.size,
             other.mtime_ns,
             other.ctime_ns,
-        ) or (other.stat is not None and self.only_metadata_moved(other.stat))
-
-    def only_metadata_moved(self, st: os.stat_result) -> bool:
-        """Whether the file ``st`` describes differs from this fence point by a change
-        of its metadata alone, which writes nothing: its ctime moved, while its device,
-        inode, size and mtime are as they were, and its link count, permission bits or
-        owner moved with it (a hard link made or removed, as backups do; chmod, chown).
-        A ctime that moved with none of them is a write whose mtime was put back, or an
-        extended attribute set (the token mark raised through another name)."""
-        old = self.stat
-        return old is not None and (
-            st.st_size == self.size
-            and st.st_mtime_ns == self.mtime_ns
-            and st.st_ino == self.ino
-            and st.st_dev == self.dev
-            and (st.st_nlink, st.st_mode, st.st_uid, st.st_gid)
-            != (old.st_nlink, old.st_mode, old.st_uid, old.st_gid)
         )
 
     def short(self) -> str:
@@ -128,8 +108,7 @@ class Fingerprint:
 def from_stat(st: os.stat_result, tail: str | None = None) -> Fingerprint:
     # Positional, in field order: keywords would cost a fifth of a microsecond more on
     # every fence point and every record a scan reads (the dataclass's generated __init__).
-    return Fingerprint(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tail,
-                       st)
+    return Fingerprint(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tail)
 
 
 def tail_digest(fd: int, size: int) -> str:

@@ -614,47 +614,6 @@ def test_stat_fence_sees_a_same_size_rewrite_with_mtime_put_back(
         assert err.value.expected.ctime_ns != err.value.actual.ctime_ns
 
 
-def change_metadata(session: Path, change: str) -> None:
-    """Move the session's ctime without writing it: what a backup or an operator does."""
-    before = session.stat()
-    backup = session.with_name("backup.jsonl")
-    if change == "link":  # a hard-link backup (`cp -al`, `ln`)
-        os.link(session, backup)
-    elif change == "unlink":  # the oldest such backup rotated away
-        os.unlink(backup)
-    else:
-        session.chmod(0o640 if before.st_mode & 0o777 != 0o640 else 0o600)
-    after = session.stat()
-    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
-        before.st_ino, before.st_size, before.st_mtime_ns)
-
-
-@pytest.mark.parametrize("change", ["link", "unlink", "chmod"])
-@pytest.mark.parametrize("where", ["prompt_window", "append", "verify_fence"])
-def test_stat_fence_takes_a_change_of_links_or_permissions_for_no_write(
-    session: Path, where: str, change: str
-) -> None:
-    """A hard link made or removed (a `cp -al` backup, its rotation) or a chmod during a
-    run moves only the session's ctime, with its link count or mode: nothing was
-    written, and the run must not lose its reply to a takeover error. A ctime that
-    moves with neither (a write whose mtime was put back) still is one (above)."""
-    session.write_text('{"a":0}\n')
-    if change == "unlink":
-        os.link(session, session.with_name("backup.jsonl"))
-    with SessionLock(session, fence=FenceMode.STAT) as lock:
-        lock.append({"a": 1})
-        if where == "prompt_window":
-            with lock.prompt_window():
-                change_metadata(session, change)
-        else:
-            change_metadata(session, change)
-            if where == "verify_fence":
-                assert lock.verify_fence() is not None
-        lock.append({"a": 2})
-        lock.verify_fence()
-    assert [json.loads(line)["a"] for line in session.read_text().splitlines()] == [0, 1, 2]
-
-
 @pytest.mark.parametrize("mode", [FenceMode.STAT, FenceMode.CONTENT])
 def test_both_fences_catch_a_real_foreign_write(session: Path, mode: FenceMode) -> None:
     with SessionLock(session, fence=mode) as lock:
