@@ -614,6 +614,53 @@ def test_stat_fence_sees_a_same_size_rewrite_with_mtime_put_back(
         assert err.value.expected.ctime_ns != err.value.actual.ctime_ns
 
 
+def change_metadata(session: Path, change: str) -> None:
+    """Move the session's ctime without writing it: what a backup or an operator does."""
+    before = session.stat()
+    backup = session.with_name("backup.jsonl")
+    if change == "link":  # a hard-link backup (`cp -al`, `ln`)
+        os.link(session, backup)
+    elif change == "unlink":  # the oldest such backup rotated away
+        os.unlink(backup)
+    else:
+        session.chmod(0o640 if before.st_mode & 0o777 != 0o640 else 0o600)
+    after = session.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino, before.st_size, before.st_mtime_ns)
+    assert after.st_ctime_ns != before.st_ctime_ns
+
+
+@pytest.mark.parametrize("change", ["link", "unlink", "chmod"])
+@pytest.mark.parametrize("mode", [FenceMode.STAT, FenceMode.CONTENT])
+def test_a_change_of_links_or_permissions_is_a_takeover_only_to_the_stat_fence(
+    session: Path, tmp_path: Path, mode: FenceMode, change: str
+) -> None:
+    """A hard link made or removed (a `cp -al` backup, its rotation) or a chmod during
+    a run moves only the session's ctime. The stat fence cannot tell that from a write
+    whose mtime was put back, and reports a takeover (README); the content fence, the
+    way the README gives for such sessions, takes it for no write."""
+    session.write_text('{"a":0}\n')
+    if change == "unlink":
+        os.link(session, session.with_name("backup.jsonl"))
+    with SessionLock(session, fence=mode) as lock:
+        lock.append({"a": 1})
+        # ctime comes from a coarse clock: let it tick past the fence point's.
+        scratch = tmp_path / "clock"
+        while True:
+            scratch.write_bytes(b"x")
+            if scratch.stat().st_ctime_ns > session.stat().st_ctime_ns:
+                break
+        if mode is FenceMode.STAT:
+            with pytest.raises(SessionTakeoverError), lock.prompt_window():
+                change_metadata(session, change)
+        else:
+            with lock.prompt_window():
+                change_metadata(session, change)
+            lock.append({"a": 2})
+    expected = [0, 1] if mode is FenceMode.STAT else [0, 1, 2]
+    assert [json.loads(line)["a"] for line in session.read_text().splitlines()] == expected
+
+
 @pytest.mark.parametrize("mode", [FenceMode.STAT, FenceMode.CONTENT])
 def test_both_fences_catch_a_real_foreign_write(session: Path, mode: FenceMode) -> None:
     with SessionLock(session, fence=mode) as lock:
