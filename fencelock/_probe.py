@@ -859,22 +859,27 @@ _SET_ASIDE_TRIES = 16
 """Random names taken before giving up (a collision of 64 random bits is not luck)."""
 
 
-def _release_stale(fd: int, sidecar: str, record: HolderInfo, size: int) -> None:
+def _release_stale(fd: int, sidecar: str, record: HolderInfo, size: int) -> bool:
     """Mark a stale record released (in the write phase): over its head, in place, when
     it is in fencelock's layout, so that every other byte stays as its writer left it;
     otherwise written anew, with its writer's own fields unless they no longer fit in a
-    record encoded again (numbers written short, ``1e5``, come back as ``100000.0``)."""
+    record encoded again (numbers written short, ``1e5``, come back as ``100000.0``):
+    whether they were dropped."""
     try:
         in_place = _record.in_layout_held(_platform.pread(fd, len(_record.RELEASED_HEAD), 0))
         if in_place:
             _platform.pwrite(fd, _record.RELEASED_HEAD, 0)
     except OSError as e:
         raise _sidecar.access_error(sidecar, e, True) from None
-    if not in_place:
-        released = replace(record, state=RELEASED, phase=WRITE)
-        if len(released.encode()) >= MAX_RECORD:
-            released = replace(released, extra={})
-        _sidecar.write(fd, sidecar, released, size)
+    if in_place:
+        return False
+    released = replace(record, state=RELEASED, phase=WRITE)
+    data = released.encode()
+    dropped = len(data) >= MAX_RECORD and bool(record.extra)
+    if dropped:
+        data = replace(released, extra={}).encode()
+    _sidecar.write_bytes(fd, sidecar, data, size)
+    return dropped
 
 
 def _clear_locked(
@@ -898,8 +903,11 @@ def _clear_locked(
     state = ProbeState.STALE if was_stale else ProbeState.FREE
     done = "was free"
     if record is not None and was_stale:
-        _release_stale(fd, sidecar, record, st.st_size)
+        dropped = _release_stale(fd, sidecar, record, st.st_size)
         done = f"cleared the stale record of pid {record.pid} (lane {record.lane!r})"
+        if dropped:
+            done += (" without its fields of other writers (" + ", ".join(record.extra)
+                     + "), which no longer fit in a record once written again")
     removed = False
     if remove:
         token = record.token if record is not None else 0

@@ -401,6 +401,8 @@ def keep_removed(session: str, token: int) -> str | None:
         return str(e)
     try:
         _sidecar.refuse_planted(path, st)
+        if not st.st_size and st.st_uid == 0:  # made just now, as root (sudo): not root's
+            _platform.set_mode(fd, 0o644, _platform.owner_for(path))  # (or the owner is shut out)
         if not _lock_briefly(fd, shared=False):
             return f"{path} is locked by another process; try again"
         if _mark_value(_platform.pread(fd, 32, 0)) < token:
@@ -418,22 +420,32 @@ def keep_removed(session: str, token: int) -> str | None:
 
 def keep_before_set_aside(session: str, fd: int) -> None:
     """Keep the token legible in the corrupt record in ``fd`` before it is set aside:
-    in the directory's `REMOVED_MARKER`, as `clear --remove` does (the session file's
-    mark is lost when the file is written anew and renamed over); where that marker
-    cannot be written, in the session file's mark, or else by leaving
-    `SET_ASIDE_MARKER` in its directory. Call while holding the sidecar's lock, before
-    it is moved away."""
+    in the session file's mark and in the directory's `REMOVED_MARKER`, as `clear
+    --remove` does (the mark is lost when the file is written anew and renamed over).
+    Where that marker cannot be written, also by leaving `SET_ASIDE_MARKER` in the
+    directory (which has new sidecars there read the `.corrupt-*` copies), which must
+    succeed unless the mark covers the token. Call while holding the sidecar's lock,
+    before it is moved away."""
     try:
         token = _legible_token(_platform.pread(fd, TAIL, 0))
     except OSError as e:
         raise FenceLockError(f"{session}.holder: cannot be read ({e}); nothing was moved") from None
     if not token:
         return
+    marked = os.path.isfile(session) and _cover(session, token, token) is not None
     with contextlib.suppress(OSError):  # (then the set-aside marker below cannot be made either)
         if keep_removed(session, token) is None:
             return
-    if os.path.isfile(session) and _cover(session, token, token) is not None:
+    if marked:  # kept until the file is written anew: the marker too, where it can be
+        with contextlib.suppress(FenceLockError):
+            _leave_set_aside_marker(session)
         return
+    _leave_set_aside_marker(session)
+
+
+def _leave_set_aside_marker(session: str) -> None:
+    """Make sure `SET_ASIDE_MARKER` is in the session's directory (FenceLockError,
+    saying what to do, where it cannot be)."""
     marker = os.path.join(os.path.dirname(session), SET_ASIDE_MARKER)
     try:
         st: os.stat_result | None = os.lstat(marker)

@@ -329,6 +329,8 @@ def test_clear_of_a_stale_record_that_grows_past_the_bound_when_encoded_again(
     assert probe(session).state == "stale"
     cleared = clear(session)
     assert cleared.state == "stale" and "cleared the stale record" in cleared.reason
+    assert cleared.reason.endswith(" without its fields of other writers (samples), which "
+                                   "no longer fit in a record once written again")
     after = record_of(session)
     assert (after.state, after.token, after.extra) == ("released", obj["token"], {})
 

@@ -854,7 +854,7 @@ def test_token_survives_sidecar_removal(session: Path) -> None:
         assert last.info is not None and last.info.token == mark + 1
 
 
-@pytest.mark.parametrize("how", ["remove", "force"])
+@pytest.mark.parametrize("how", ["remove", "force", "force, no marker"])
 @pytest.mark.parametrize("after", ["rewritten", "missing"])
 def test_tokens_never_go_back_after_clear_remove_whatever_happens_to_the_session_file(
     session: Path, after: str, how: str
@@ -863,7 +863,13 @@ def test_tokens_never_go_back_after_clear_remove_whatever_happens_to_the_session
     that writes the file anew and renames it over (``sed -i``) leaves a file with no
     mark, and a session with no file has nothing to keep it on: the next run started
     again at token 1. The directory keeps the largest token removed there too. So for
-    `clear --force`, which sets a corrupt record aside (its token still legible)."""
+    `clear --force`, which sets a corrupt record aside (its token still legible); where
+    that directory's marker cannot be written, it leaves the set-aside marker, which
+    has new sidecars read the set-aside copies (not only the mark, which goes)."""
+    from fencelock._tokens import REMOVED_MARKER
+
+    if how == "force, no marker":
+        (session.parent / REMOVED_MARKER).mkdir()  # not a file: cannot be written
     for n in range(3):
         with SessionLock(session) as lock:
             lock.append({"n": n})
@@ -872,7 +878,7 @@ def test_tokens_never_go_back_after_clear_remove_whatever_happens_to_the_session
         session.unlink()
     if how == "remove":
         assert "sidecar removed" in clear(session, remove=True).reason
-    else:
+    else:  # either "force"
         sidecar = Path(str(session) + ".holder")
         sidecar.write_bytes(sidecar.read_bytes()[:60])  # cut short: corrupt
         assert "corrupt record moved to" in clear(session, force=True).reason

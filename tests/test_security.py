@@ -919,6 +919,27 @@ def test_files_root_makes_in_a_users_sessions_directory_stay_usable_by_that_user
 
 
 @needs_root
+def test_a_token_marker_root_makes_in_a_users_directory_stays_theirs_to_raise() -> None:
+    """An operator's ``sudo fencelock clear --force`` (or ``--remove``) makes the
+    directory's removed-token marker: root's at 0644, the user's own `clear --remove`
+    could no longer raise it, and kept every sidecar ("cannot be written"). It goes to
+    the directory's owner, as the other files root makes there do."""
+    from fencelock._tokens import REMOVED_MARKER
+
+    with open_directory(0o755) as sessions:
+        os.chown(sessions, NOBODY, NOBODY)
+        broken, other = sessions / "broken.jsonl", sessions / "other.jsonl"
+        sidecar_of(broken).write_bytes(b'{"version":1,"state":"held","token":7,')
+        assert fencelock.clear(broken, force=True).set_aside is not None  # as root
+        marker = sessions / REMOVED_MARKER
+        assert (marker.stat().st_uid, marker.stat().st_gid) == (NOBODY, NOBODY)
+        assert as_user("with SessionLock(args['p'], 'gw'):\n"
+                       "    pass\n"
+                       "result = fencelock.clear(args['p'], remove=True).removed\n",
+                       p=str(other)) is True
+
+
+@needs_root
 def test_root_leaves_its_files_as_they_are_where_anyone_may_write() -> None:
     """In a directory anyone may write to (a sticky /tmp), another user's file is
     refused as planted: root's files stay root's there."""
