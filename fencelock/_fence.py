@@ -311,6 +311,44 @@ def _cut_torn_tail(
     return keep
 
 
+def set_torn_tail_aside(
+    session: str, expected: Fingerprint | None, mode: FenceMode, file_mode: int = 0o600
+) -> Fingerprint | None:
+    """Before writers that do not go through `append` take over the session (a `fencelock
+    run` command): move a torn last line aside, as a run's first `append` does, so that
+    their first line is not glued to it. Returns the fence point after that (``expected``
+    when nothing was torn, or there is no file); `SessionTakeoverError` if the session
+    moved since ``expected``; says what it moved with a `FenceLockWarning`."""
+    if expected is None:
+        return None
+    try:
+        (fd, st), = map(_sidecar.open_regular, (session,), (os.O_RDWR | os.O_APPEND,))
+    except UnsafePathError as e:
+        raise _replaced(session, expected) from e
+    except FileNotFoundError:
+        raise SessionTakeoverError(session, expected, None) from None
+    except OSError as e:
+        raise SessionWriteError(session, e, "open") from None
+    try:
+        if not (mode is STAT and _stat_matches(expected, st)):
+            actual = _fingerprint_fd(fd, mode, session, st)
+            if not _same(expected, actual, mode):
+                raise SessionTakeoverError(session, expected, actual)
+        _sidecar.refuse_planted(session, st)
+        end = _cut_torn_tail(fd, session, st, expected, mode, [], file_mode)
+        if end == st.st_size:
+            return expected
+        try:
+            _fsync(fd)
+        except OSError as e:
+            raise SessionWriteError(session, e, "fsync of the cut") from None
+        fp = _fingerprint_fd(fd, mode, session)
+    finally:
+        os.close(fd)
+    _torn_warning(session, st.st_size - end, stacklevel=3)
+    return fp
+
+
 def _copy_sparsely(
     fd: int, start: int, stop: int, aside: int, session: str, torn: str, what: str
 ) -> None:
@@ -363,7 +401,7 @@ def _next_data(fd: int, at: int, stop: int) -> int:
         return at  # not known on this filesystem
 
 
-def _torn_warning(session: str, cut: int) -> None:
+def _torn_warning(session: str, cut: int, stacklevel: int = 6) -> None:
     """Tell the caller of `SessionLock.append` that its append moved ``cut`` bytes of a
     torn last line to the session's `TORN_SUFFIX` file (said once the line is in: where
     warnings are errors, the append has still happened, its fence point kept)."""
@@ -371,7 +409,7 @@ def _torn_warning(session: str, cut: int) -> None:
         f"{session}: its last line was torn ({cut} bytes without a line break, left by "
         f"a writer that died mid-append); moved it to {session + TORN_SUFFIX}",
         FenceLockWarning,
-        stacklevel=6,  # the caller of SessionLock.append
+        stacklevel=stacklevel,  # the caller of SessionLock.append, by default
     )
 
 

@@ -733,6 +733,22 @@ class SessionLock:
         finally:
             self._run_ended(self._slot_attempt)
 
+    def _set_torn_tail_aside(self) -> None:
+        """Before `fencelock run` starts its command, which appends to the session
+        itself: move a torn last line aside, as this run's first `append` would
+        (`_fence.set_torn_tail_aside`), and take the session as it then is as the fence
+        point."""
+        with self._append_mu:
+            self._require()
+            if self._tail_checked:
+                return
+            fp = _fence.set_torn_tail_aside(self.session, self._fp, self.fence_mode,
+                                            self.mode)
+            self._tail_checked = True
+            if fp is not self._fp:
+                self._fp, self._info = fp, None
+                self._store.fence_moved(self)
+
     def _follow_session(self) -> bool:
         """At the end of a `fencelock run`: its command wrote the session itself, outside
         the fence, and those writes are the run's own. Take the session as the run leaves

@@ -266,6 +266,19 @@ def run_held(
     return 128 - code if code < 0 else code
 
 
+def _set_torn_tail_aside(lock: SessionLock) -> None:
+    """A torn last line left by a writer that died: moved aside before the command
+    appends (said with a warning line). One that cannot be moved is said, and the
+    command runs all the same: it may not write the session at all."""
+    from fencelock._errors import FenceLockError
+
+    try:
+        lock._set_torn_tail_aside()
+    except (FenceLockError, OSError) as e:
+        warning_line(f"{lock.session}: a torn last line may be left for the command's "
+                     f"first line to join: {e}")
+
+
 def supervise(lock: SessionLock, command: Sequence[str], heartbeat: float) -> int:
     """Acquire ``lock``, run ``command`` holding it, release; the exit code to give.
 
@@ -283,6 +296,7 @@ def supervise(lock: SessionLock, command: Sequence[str], heartbeat: float) -> in
             with library_errors(lock.session):
                 info = lock.acquire()
             forwarder.hold()
+            _set_torn_tail_aside(lock)
             # A holder in etcd: a keeper process stands in for the shared descriptor.
             keeper = _etcdkeeper.start(lock)
             code = run_held(lock, info, command, heartbeat, forwarder, keeper)

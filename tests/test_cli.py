@@ -899,6 +899,37 @@ def test_run_leaves_the_session_its_command_wrote_as_the_released_fence_point(
     assert probe(session).fence_ok is False
 
 
+@pytest.mark.parametrize("torn_aside", ["free", "blocked"])
+def test_run_moves_a_torn_last_line_aside_before_its_command_appends(
+    session: Path, spawn_holder: SpawnHolder, torn_aside: str
+) -> None:
+    """A writer that died mid-append left half a line. A run's first `append` moves it
+    to `.torn`; a `fencelock run` command makes no `append`, so its first line was glued
+    to the fragment. The run moves it aside before the command starts, and says so; where
+    it cannot, it says that, and the command runs all the same."""
+    h = spawn_holder(session, lane="dies")
+    h.acquire()
+    with open(session, "ab") as f:
+        f.write(b'{"n": 1}\n{"n": 2, "ha')  # then the writer is killed
+    h.kill()
+    torn = Path(f"{session}.torn")
+    if torn_aside == "blocked":
+        torn.mkdir()  # no file can be made there
+    out = cli("run", str(session), "--lane", "cron", "--", "sh", "-c", APPEND)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    lines = session.read_bytes().split(b"\n")
+    if torn_aside == "free":
+        assert "its last line was torn (12 bytes" in out.stderr, out.stderr
+        assert torn.read_bytes() == b'{"n": 2, "ha\n'
+        assert [json.loads(line) for line in lines[:-1]] == [{"n": 1}, {"role": "cron"}]
+        assert lines[-1] == b""  # the command's line is whole, on a line of its own
+        assert probe(session).fence_ok is True
+    else:
+        assert "a torn last line may be left for the command's first line" in out.stderr
+        assert lines[1].startswith(b'{"n": 2, "ha')  # the command ran: glued, as said
+
+
 def test_run_whose_command_left_no_readable_session_still_releases(
     session: Path, tmp_path: Path
 ) -> None:
