@@ -132,7 +132,8 @@ def _too_large(characters: int | None) -> FenceLockError:
 
 
 def _fingerprint_fd(
-    fd: int, mode: FenceMode, session: str, st: os.stat_result | None = None
+    fd: int, mode: FenceMode, session: str, st: os.stat_result | None = None,
+    witness: tuple[int, bytes] | None = None,
 ) -> Fingerprint:
     try:
         if st is None:
@@ -140,14 +141,70 @@ def _fingerprint_fd(
         tail = _fingerprint.tail_digest(fd, st.st_size) if mode is CONTENT else None
     except OSError as e:
         raise SessionWriteError(session, e, "reading it for the fence") from None
-    return _fingerprint.from_stat(st, tail)
+    return _fingerprint.from_stat(st, tail, witness)
+
+
+_WITNESS_BYTES = 4096
+"""How much of the end of a run's last line a fence point keeps, to tell a change of
+the session's metadata alone from a write (`metadata_only`)."""
+
+
+def _witness(line: bytes, at: int) -> tuple[int, bytes]:
+    """Where the end of ``line``, appended at offset ``at``, lies, and those bytes."""
+    if len(line) > _WITNESS_BYTES:
+        return at + len(line) - _WITNESS_BYTES, line[-_WITNESS_BYTES:]
+    return at, line
+
+
+def metadata_only(
+    fd: int, expected: Fingerprint | None, st: os.stat_result, token: int
+) -> bool:
+    """Whether the session (open as ``fd``, its stat ``st``) differs from ``expected``
+    by its ctime alone, with nothing written: a hard link made or removed (a backup,
+    its rotation), chmod or chown. Only against a fence point an append of this run
+    left, which keeps the end of its line (``witness``): the device, inode, size and
+    mtime are as they were, that end is still where the run wrote it, and the token
+    mark is not past what this run's token can have set it to (``token`` + `RESERVE`
+    - 1: an acquire through another name of the file raises it further). A write with
+    its mtime put back is still caught where it changed the end of the file; one of
+    earlier bytes of the same size is not (as with the content fence)."""
+    if expected is None or expected.witness is None:
+        return False
+    if (st.st_size != expected.size or st.st_mtime_ns != expected.mtime_ns
+            or st.st_ino != expected.ino or st.st_dev != expected.dev):
+        return False
+    at, end = expected.witness
+    try:
+        return _holds(fd, end, at) and _tokens.mark_within(fd, token + _tokens.RESERVE - 1)
+    except OSError:
+        return False
+
+
+def _metadata_only_at(
+    session: str, expected: Fingerprint, token: int
+) -> Fingerprint | None:
+    """`metadata_only` for the file at ``session`` now: its fingerprint (keeping the
+    witness) if so, else None."""
+    try:
+        fd, st = _sidecar.open_regular(session, os.O_RDONLY)
+    except (OSError, FenceLockError):
+        return None
+    try:
+        if metadata_only(fd, expected, st, token):
+            return _fingerprint.from_stat(st, None, expected.witness)
+        return None
+    finally:
+        os.close(fd)
 
 
 def check(
-    session: str, expected: Fingerprint | None, mode: FenceMode, opened: bool = False
+    session: str, expected: Fingerprint | None, mode: FenceMode, opened: bool = False,
+    token: int = 0,
 ) -> Fingerprint | None:
     """The session's fingerprint now; raises `SessionTakeoverError` if it moved.
-    ``opened``: taken from the opened file (see `_fingerprint.take`)."""
+    ``opened``: taken from the opened file (see `_fingerprint.take`). A change of its
+    metadata alone (`metadata_only`, for the run of ``token``) is no move: the
+    fingerprint returned then differs from ``expected`` in its ctime."""
     try:
         actual = _fingerprint.take(session, mode, opened)
     except UnsafePathError as e:
@@ -156,6 +213,10 @@ def check(
         if expected is None and actual is not None and actual.size == 0 \
                 and _own_empty(session, actual):
             return None  # what the next append takes as its own creation (`_open_empty`)
+        if mode is STAT and expected is not None and expected.witness is not None:
+            kept = _metadata_only_at(session, expected, token)
+            if kept is not None:
+                return kept
         raise SessionTakeoverError(session, expected, actual)
     return actual
 
@@ -559,7 +620,8 @@ def append(
         if not created:
             if not (mode is STAT and _stat_matches(expected, st)):
                 actual = _fingerprint_fd(fd, mode, session, st)
-                if not _same(expected, actual, mode):
+                if not _same(expected, actual, mode) and not (
+                        mode is STAT and metadata_only(fd, expected, st, token)):
                     raise SessionTakeoverError(session, expected, actual)
             # The file the run fenced: another user's from the start, not a swap.
             _sidecar.refuse_planted(session, st)
@@ -602,7 +664,7 @@ def append(
             if moved is not None and e.fingerprint is not None:
                 moved.append(e.fingerprint)  # the fence point follows the file
             raise e from None
-        after = _fingerprint_fd(fd, mode, session)
+        after = _fingerprint_fd(fd, mode, session, witness=_witness(line, size))
         if after.size != size + len(line) or not _holds(fd, line, size):
             # Someone wrote between the fence check and the fsync: the session is no
             # longer only this run's. Our line is in it, unless that writer cut it.

@@ -12,7 +12,7 @@ import enum
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fencelock import _platform
@@ -54,6 +54,9 @@ class Fingerprint:
     ctime_ns: int
     tail: str | None = None
     """Hex digest of the last `TAIL_BYTES` bytes; only the content fence sets it."""
+    witness: tuple[int, bytes] | None = field(default=None, compare=False, repr=False)
+    """For a fence point an append of the run left: where the end of its line lies, and
+    those bytes (`fencelock._fence.metadata_only`); never in a record."""
 
     def matches(self, other: Fingerprint | None, mode: FenceMode) -> bool:
         if other is None:
@@ -105,10 +108,13 @@ class Fingerprint:
         return cls(dev, ino, size, mtime_ns, ctime_ns, tail)  # positional: see from_stat
 
 
-def from_stat(st: os.stat_result, tail: str | None = None) -> Fingerprint:
+def from_stat(
+    st: os.stat_result, tail: str | None = None, witness: tuple[int, bytes] | None = None
+) -> Fingerprint:
     # Positional, in field order: keywords would cost a fifth of a microsecond more on
     # every fence point and every record a scan reads (the dataclass's generated __init__).
-    return Fingerprint(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tail)
+    return Fingerprint(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tail,
+                       witness)
 
 
 def tail_digest(fd: int, size: int) -> str:

@@ -601,8 +601,12 @@ class SessionLock:
                         _fingerprint.copy_up(self.session)
                         return _fingerprint.take(self.session, STAT)
                     last = self._fp
-                    # The last one's object again if nothing moved, else from this stat.
-                    return last if _fence._stat_matches(last, st) else _fingerprint.from_stat(st)
+                    # The last one's object again if nothing moved, else from this stat
+                    # (not one an append left: its witness is for that run's checks).
+                    if last is not None and last.witness is None and \
+                            _fence._stat_matches(last, st):
+                        return last
+                    return _fingerprint.from_stat(st)
         fp = _fingerprint.take(self.session, self.fence_mode)
         if fp is not None:
             _sidecar.refuse_planted_at(self.session)
@@ -1135,9 +1139,14 @@ class SessionLock:
         self.release()
 
     def _fence_check(self, opened: bool, move: bool) -> Fingerprint | None:
-        fp = _fence.check(self.session, self._fp, self.fence_mode, opened)
+        fp = _fence.check(self.session, self._fp, self.fence_mode, opened, self._token)
         if move:
             self._fp = fp
+        elif self.fence_mode is STAT and fp != self._fp:
+            # A change of metadata alone (`_fence.metadata_only`): the fence point and
+            # the record follow it, so the release says the session as it is.
+            self._fp, self._info = fp, None
+            self._store.fence_moved(self)
         return fp
 
     def touch(self) -> None:

@@ -219,6 +219,17 @@ def _read_mark(target: str | int) -> int:
     return _mark_value(raw)
 
 
+def mark_within(fd: int, bound: int) -> bool:
+    """Whether the mark of the session file open as ``fd`` is at most ``bound``; True
+    where the file takes no extended attributes (it has no mark to raise)."""
+    if not hasattr(os, "getxattr"):
+        return True
+    try:
+        return _read_mark(fd) <= bound
+    except OSError as e:
+        return e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
 def _mark_value(raw: bytes) -> int:
     """A mark's value: ASCII decimal digits and nothing else (no sign, space or ``_``,
     which Python's int() would take), else unparsable: 0. One far past the token limit

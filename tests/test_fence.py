@@ -614,51 +614,106 @@ def test_stat_fence_sees_a_same_size_rewrite_with_mtime_put_back(
         assert err.value.expected.ctime_ns != err.value.actual.ctime_ns
 
 
-def change_metadata(session: Path, change: str) -> None:
+def tick_past(session: Path, scratch: Path) -> None:
+    """Wait until the filesystem's coarse clock, which ctime comes from, is past the
+    session's ctime: a change made then moves it."""
+    while True:
+        scratch.write_bytes(b"x")
+        if scratch.stat().st_ctime_ns > session.stat().st_ctime_ns:
+            return
+
+
+def change_metadata(session: Path, change: str, lock: SessionLock) -> None:
     """Move the session's ctime without writing it: what a backup or an operator does."""
     before = session.stat()
-    backup = session.with_name("backup.jsonl")
+    backup, newer = session.with_name("backup.jsonl"), session.with_name("backup.1.jsonl")
     if change == "link":  # a hard-link backup (`cp -al`, `ln`)
         os.link(session, backup)
     elif change == "unlink":  # the oldest such backup rotated away
         os.unlink(backup)
+    elif change == "rotation":  # both, between two checks: the link count as it was
+        os.unlink(backup)
+        os.link(session, newer)
     else:
-        session.chmod(0o640 if before.st_mode & 0o777 != 0o640 else 0o600)
+        session.chmod(0o640)
+        if change == "chmod and back":
+            lock.verify_fence()  # taken for no write, and the fence point follows
+            session.chmod(0o600)
     after = session.stat()
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
         before.st_ino, before.st_size, before.st_mtime_ns)
     assert after.st_ctime_ns != before.st_ctime_ns
 
 
-@pytest.mark.parametrize("change", ["link", "unlink", "chmod"])
-@pytest.mark.parametrize("mode", [FenceMode.STAT, FenceMode.CONTENT])
-def test_a_change_of_links_or_permissions_is_a_takeover_only_to_the_stat_fence(
-    session: Path, tmp_path: Path, mode: FenceMode, change: str
+@pytest.mark.parametrize("change", ["link", "unlink", "rotation", "chmod", "chmod and back"])
+@pytest.mark.parametrize("where", ["prompt_window", "append", "verify_fence"])
+def test_a_change_of_links_or_permissions_after_an_append_is_no_takeover(
+    session: Path, tmp_path: Path, where: str, change: str
 ) -> None:
-    """A hard link made or removed (a `cp -al` backup, its rotation) or a chmod during
-    a run moves only the session's ctime. The stat fence cannot tell that from a write
-    whose mtime was put back, and reports a takeover (README); the content fence, the
-    way the README gives for such sessions, takes it for no write."""
+    """A hard link made or removed (a `cp -al` backup, its rotation) or a chmod during a
+    run moves only the session's ctime. The stat fence took that for a write, and the run
+    lost its reply. Once the run has appended, the fence point keeps the end of its
+    line: with that still in place, and the token mark not raised past the run's, it is
+    a change of metadata, and the fence point (and the released record) follow it."""
     session.write_text('{"a":0}\n')
-    if change == "unlink":
-        os.link(session, session.with_name("backup.jsonl"))
-    with SessionLock(session, fence=mode) as lock:
+    os.link(session, session.with_name("backup.jsonl"))
+    if change == "link":
+        os.unlink(session.with_name("backup.jsonl"))
+    with SessionLock(session, fence=FenceMode.STAT) as lock:
         lock.append({"a": 1})
-        # ctime comes from a coarse clock: let it tick past the fence point's.
-        scratch = tmp_path / "clock"
-        while True:
-            scratch.write_bytes(b"x")
-            if scratch.stat().st_ctime_ns > session.stat().st_ctime_ns:
-                break
-        if mode is FenceMode.STAT:
-            with pytest.raises(SessionTakeoverError), lock.prompt_window():
-                change_metadata(session, change)
-        else:
+        tick_past(session, tmp_path / "clock")
+        if where == "prompt_window":
             with lock.prompt_window():
-                change_metadata(session, change)
+                change_metadata(session, change, lock)
+        else:
+            change_metadata(session, change, lock)
+            if where == "verify_fence":
+                assert lock.verify_fence() is not None
+        lock.append({"a": 2})
+        lock.verify_fence()
+    assert [json.loads(line)["a"] for line in session.read_text().splitlines()] == [0, 1, 2]
+    assert probe(session).fence_ok is True  # the released record says the session as it is
+
+
+@pytest.mark.parametrize("write", [
+    "last line rewritten, mtime put back", "first line rewritten", "line appended, mtime "
+    "put back", "copy renamed over", "nothing appended by the run yet",
+])
+def test_a_write_that_comes_with_a_change_of_metadata_is_still_a_takeover(
+    session: Path, tmp_path: Path, write: str
+) -> None:
+    """What tells a change of metadata from a write (`metadata_only`) each has its case:
+    the end of the run's last line (rewritten with its mtime put back), the mtime (an
+    earlier line rewritten), the size (a line appended with its mtime put back), the
+    inode (an identical copy renamed over), and a fence point an append left (none yet:
+    nothing to tell by)."""
+    session.write_text('{"a":0}\n')
+    with SessionLock(session, fence=FenceMode.STAT) as lock:
+        if write != "nothing appended by the run yet":
+            lock.append({"a": 1})
+        tick_past(session, tmp_path / "clock")
+        before, data = session.stat(), session.read_bytes()
+        back = (before.st_atime_ns, before.st_mtime_ns)
+        if write == "last line rewritten, mtime put back":
+            session.write_bytes(data.replace(b'{"a":1}', b'{"a":9}'))
+            os.utime(session, ns=back)
+        elif write == "first line rewritten":
+            session.write_bytes(data.replace(b'{"a":0}', b'{"a":8}'))
+        elif write == "line appended, mtime put back":
+            with open(session, "ab") as f:
+                f.write(b'{"x":1}\n')
+            os.utime(session, ns=back)
+        elif write == "copy renamed over":
+            copy = session.with_name("copy.jsonl")
+            copy.write_bytes(data)
+            os.utime(copy, ns=back)
+            os.replace(copy, session)
+        session.chmod(0o640)  # and a change of metadata with it
+        with pytest.raises(SessionTakeoverError):
+            lock.verify_fence()
+        with pytest.raises(SessionTakeoverError):
             lock.append({"a": 2})
-    expected = [0, 1] if mode is FenceMode.STAT else [0, 1, 2]
-    assert [json.loads(line)["a"] for line in session.read_text().splitlines()] == expected
+    assert b'{"a":2}' not in session.read_bytes()
 
 
 @pytest.mark.parametrize("mode", [FenceMode.STAT, FenceMode.CONTENT])
@@ -811,8 +866,9 @@ def test_an_unterminated_last_line_is_torn_only_without_a_live_holder(
 
 @needs_xattr
 @needs_xattr
+@pytest.mark.parametrize("appended", [False, True], ids=["fresh", "after-an-append"])
 def test_a_run_through_another_name_of_the_session_stops_the_first_and_says_why(
-    session: Path,
+    session: Path, appended: bool,
 ) -> None:
     """A session file with two names (a hard link) has a sidecar for each: runs through
     the two do not exclude each other (README), and the fence stops one. A run through a
@@ -825,6 +881,8 @@ def test_a_run_through_another_name_of_the_session_stops_the_first_and_says_why(
     first = SessionLock(session, "first")
     with first:
         assert first.info is not None
+        if appended:  # a change of metadata alone would not stop it: the token mark does
+            first.append({"by": "first"})
         with SessionLock(other, "second") as second:
             assert second.info is not None and second.info.token > first.info.token
             with pytest.raises(SessionTakeoverError) as caught:
@@ -836,7 +894,7 @@ def test_a_run_through_another_name_of_the_session_stops_the_first_and_says_why(
     assert (f"only its ctime_ns {expected.ctime_ns} to {actual.ctime_ns} moved"
             in str(caught.value))
     assert [json.loads(line).get("by") for line in session.read_text().splitlines()] == [
-        None, "second"]
+        None, *(["first"] if appended else []), "second"]
 
 
 def test_token_survives_sidecar_removal(session: Path) -> None:
