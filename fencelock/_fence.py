@@ -133,7 +133,7 @@ def _too_large(characters: int | None) -> FenceLockError:
 
 def _fingerprint_fd(
     fd: int, mode: FenceMode, session: str, st: os.stat_result | None = None,
-    witness: tuple[int, bytes] | None = None,
+    witness: Witness | None = None,
 ) -> Fingerprint:
     try:
         if st is None:
@@ -144,38 +144,46 @@ def _fingerprint_fd(
     return _fingerprint.from_stat(st, tail, witness)
 
 
+Witness = tuple[int, bytes, tuple[int, int, int, int]]
+"""A fence point's `Fingerprint.witness`: see `_witness`."""
+
 _WITNESS_BYTES = 4096
 """How much of the end of a run's last line a fence point keeps, to tell a change of
 the session's metadata alone from a write (`metadata_only`)."""
 
 
-def _witness(line: bytes, at: int) -> tuple[int, bytes]:
-    """Where the end of ``line``, appended at offset ``at``, lies, and those bytes."""
+def _witness(line: bytes, at: int, st: os.stat_result) -> Witness:
+    """Where the end of ``line``, appended at offset ``at``, lies, those bytes, and the
+    metadata of the file it went into (``st``, its stat after the write)."""
+    meta = (st.st_nlink, st.st_mode, st.st_uid, st.st_gid)
     if len(line) > _WITNESS_BYTES:
-        return at + len(line) - _WITNESS_BYTES, line[-_WITNESS_BYTES:]
-    return at, line
+        return at + len(line) - _WITNESS_BYTES, line[-_WITNESS_BYTES:], meta
+    return at, line, meta
 
 
 def metadata_only(
     fd: int, expected: Fingerprint | None, st: os.stat_result, token: int
 ) -> bool:
     """Whether the session (open as ``fd``, its stat ``st``) differs from ``expected``
-    by its ctime alone, with nothing written: a hard link made or removed (a backup,
-    its rotation), chmod or chown. Only against a fence point an append of this run
-    left, which keeps the end of its line (``witness``): the device, inode, size and
-    mtime are as they were, that end is still where the run wrote it, and the token
-    mark is not past what this run's token can have set it to (``token`` + `RESERVE`
-    - 1: an acquire through another name of the file raises it further). A write with
-    its mtime put back is still caught where it changed the end of the file; one of
-    earlier bytes of the same size is not (as with the content fence)."""
+    by a change of its metadata alone, which writes nothing: a hard link made or
+    removed (a `cp -al` backup), chmod, chown. Only against a fence point an append of
+    this run left, which keeps the end of its line and the file's metadata then
+    (``witness``): the device, inode, size and mtime are as they were; the link count,
+    permission bits or owner moved (a ctime that moved with none of them is a write
+    whose mtime was put back: `cp -p`, `rsync -t`, `tar x`); the end of the run's line
+    is still where it wrote it; and the token mark is where this run's acquire left
+    it: at least its ``token`` (a file made anew has none) and at most ``token`` +
+    `RESERVE` - 1 (an acquire through another name of the file raises it further)."""
     if expected is None or expected.witness is None:
         return False
+    at, end, meta = expected.witness
     if (st.st_size != expected.size or st.st_mtime_ns != expected.mtime_ns
-            or st.st_ino != expected.ino or st.st_dev != expected.dev):
+            or st.st_ino != expected.ino or st.st_dev != expected.dev
+            or (st.st_nlink, st.st_mode, st.st_uid, st.st_gid) == meta):
         return False
-    at, end = expected.witness
     try:
-        return _holds(fd, end, at) and _tokens.mark_within(fd, token + _tokens.RESERVE - 1)
+        return _holds(fd, end, at) and _tokens.mark_within(
+            fd, token, token + _tokens.RESERVE - 1)
     except OSError:
         return False
 
@@ -183,18 +191,27 @@ def metadata_only(
 def _metadata_only_at(
     session: str, expected: Fingerprint, token: int
 ) -> Fingerprint | None:
-    """`metadata_only` for the file at ``session`` now: its fingerprint (keeping the
-    witness) if so, else None."""
+    """`metadata_only` for the file at ``session`` now: its fingerprint if so (its
+    witness keeping the end of the line, with the metadata now), else None."""
     try:
         fd, st = _sidecar.open_regular(session, os.O_RDONLY)
     except (OSError, FenceLockError):
         return None
     try:
         if metadata_only(fd, expected, st, token):
-            return _fingerprint.from_stat(st, None, expected.witness)
+            return _fingerprint.from_stat(st, None, _moved_to(expected, st))
         return None
     finally:
         os.close(fd)
+
+
+def _moved_to(expected: Fingerprint, st: os.stat_result) -> Witness | None:
+    """``expected``'s witness with the metadata of ``st`` (a change of it taken for no
+    write: the next is told from this one)."""
+    if expected.witness is None:
+        return None
+    at, end, _ = expected.witness
+    return at, end, (st.st_nlink, st.st_mode, st.st_uid, st.st_gid)
 
 
 def check(
@@ -664,7 +681,11 @@ def append(
             if moved is not None and e.fingerprint is not None:
                 moved.append(e.fingerprint)  # the fence point follows the file
             raise e from None
-        after = _fingerprint_fd(fd, mode, session, witness=_witness(line, size))
+        try:
+            written = os.fstat(fd)
+        except OSError as e:
+            raise SessionWriteError(session, e, "reading it for the fence") from None
+        after = _fingerprint_fd(fd, mode, session, written, _witness(line, size, written))
         if after.size != size + len(line) or not _holds(fd, line, size):
             # Someone wrote between the fence check and the fsync: the session is no
             # longer only this run's. Our line is in it, unless that writer cut it.

@@ -54,9 +54,11 @@ class Fingerprint:
     ctime_ns: int
     tail: str | None = None
     """Hex digest of the last `TAIL_BYTES` bytes; only the content fence sets it."""
-    witness: tuple[int, bytes] | None = field(default=None, compare=False, repr=False)
-    """For a fence point an append of the run left: where the end of its line lies, and
-    those bytes (`fencelock._fence.metadata_only`); never in a record."""
+    witness: tuple[int, bytes, tuple[int, int, int, int]] | None = field(
+        default=None, compare=False, repr=False)
+    """For a fence point an append of the run left: where the end of its line lies,
+    those bytes, and the file's (nlink, mode, uid, gid) then
+    (`fencelock._fence.metadata_only`); never in a record."""
 
     def matches(self, other: Fingerprint | None, mode: FenceMode) -> bool:
         if other is None:
@@ -109,7 +111,8 @@ class Fingerprint:
 
 
 def from_stat(
-    st: os.stat_result, tail: str | None = None, witness: tuple[int, bytes] | None = None
+    st: os.stat_result, tail: str | None = None,
+    witness: tuple[int, bytes, tuple[int, int, int, int]] | None = None,
 ) -> Fingerprint:
     # Positional, in field order: keywords would cost a fifth of a microsecond more on
     # every fence point and every record a scan reads (the dataclass's generated __init__).

@@ -1140,13 +1140,13 @@ class SessionLock:
 
     def _fence_check(self, opened: bool, move: bool) -> Fingerprint | None:
         fp = _fence.check(self.session, self._fp, self.fence_mode, opened, self._token)
-        if move:
-            self._fp = fp
-        elif self.fence_mode is STAT and fp != self._fp:
+        if self.fence_mode is STAT and fp != self._fp:
             # A change of metadata alone (`_fence.metadata_only`): the fence point and
             # the record follow it, so the release says the session as it is.
             self._fp, self._info = fp, None
             self._store.fence_moved(self)
+        elif move:
+            self._fp = fp
         return fp
 
     def touch(self) -> None:

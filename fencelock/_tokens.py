@@ -219,13 +219,13 @@ def _read_mark(target: str | int) -> int:
     return _mark_value(raw)
 
 
-def mark_within(fd: int, bound: int) -> bool:
-    """Whether the mark of the session file open as ``fd`` is at most ``bound``; True
-    where the file takes no extended attributes (it has no mark to raise)."""
+def mark_within(fd: int, low: int, high: int) -> bool:
+    """Whether the mark of the session file open as ``fd`` is from ``low`` to ``high``;
+    True where the file takes no extended attributes (it has no mark to raise or lose)."""
     if not hasattr(os, "getxattr"):
         return True
     try:
-        return _read_mark(fd) <= bound
+        return low <= _read_mark(fd) <= high
     except OSError as e:
         return e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
 

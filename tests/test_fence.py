@@ -635,26 +635,28 @@ def change_metadata(session: Path, change: str, lock: SessionLock) -> None:
         os.unlink(backup)
         os.link(session, newer)
     else:
-        session.chmod(0o640)
+        session.chmod(0o640 if before.st_mode & 0o777 != 0o640 else 0o600)
         if change == "chmod and back":
             lock.verify_fence()  # taken for no write, and the fence point follows
-            session.chmod(0o600)
+            session.chmod(before.st_mode & 0o777)  # as at the last append: a change too
     after = session.stat()
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
         before.st_ino, before.st_size, before.st_mtime_ns)
     assert after.st_ctime_ns != before.st_ctime_ns
 
 
-@pytest.mark.parametrize("change", ["link", "unlink", "rotation", "chmod", "chmod and back"])
+@pytest.mark.parametrize("then", ["append", "release"])
+@pytest.mark.parametrize("change", ["link", "unlink", "chmod", "chmod and back"])
 @pytest.mark.parametrize("where", ["prompt_window", "append", "verify_fence"])
 def test_a_change_of_links_or_permissions_after_an_append_is_no_takeover(
-    session: Path, tmp_path: Path, where: str, change: str
+    session: Path, tmp_path: Path, where: str, change: str, then: str
 ) -> None:
     """A hard link made or removed (a `cp -al` backup, its rotation) or a chmod during a
-    run moves only the session's ctime. The stat fence took that for a write, and the run
-    lost its reply. Once the run has appended, the fence point keeps the end of its
-    line: with that still in place, and the token mark not raised past the run's, it is
-    a change of metadata, and the fence point (and the released record) follow it."""
+    run moves the session's ctime, with its link count or mode. The stat fence took
+    that for a write, and the run lost its reply. Once the run has appended, the fence
+    point keeps the end of its line and the file's metadata: with the metadata moved,
+    that end still in place and the token mark where the run left it, it is a change
+    of metadata, and the fence point (and the released record) follow it."""
     session.write_text('{"a":0}\n')
     os.link(session, session.with_name("backup.jsonl"))
     if change == "link":
@@ -669,15 +671,33 @@ def test_a_change_of_links_or_permissions_after_an_append_is_no_takeover(
             change_metadata(session, change, lock)
             if where == "verify_fence":
                 assert lock.verify_fence() is not None
-        lock.append({"a": 2})
-        lock.verify_fence()
-    assert [json.loads(line)["a"] for line in session.read_text().splitlines()] == [0, 1, 2]
+        if then == "append" or where == "append":  # (the check an append makes)
+            lock.append({"a": 2})
+            lock.verify_fence()
+    expected = [0, 1, 2] if then == "append" or where == "append" else [0, 1]
+    assert [json.loads(line)["a"] for line in session.read_text().splitlines()] == expected
     assert probe(session).fence_ok is True  # the released record says the session as it is
+
+
+def test_links_made_and_removed_between_two_checks_are_still_reported(
+    session: Path, tmp_path: Path
+) -> None:
+    """A rotation that adds a backup's link and removes another between two checks
+    leaves the link count as it was: nothing but the ctime tells it from a write whose
+    mtime was put back, and the stat fence reports it (README)."""
+    session.write_text('{"a":0}\n')
+    os.link(session, session.with_name("backup.jsonl"))
+    with SessionLock(session, fence=FenceMode.STAT) as lock:
+        lock.append({"a": 1})
+        tick_past(session, tmp_path / "clock")
+        with pytest.raises(SessionTakeoverError), lock.prompt_window():
+            change_metadata(session, "rotation", lock)
 
 
 @pytest.mark.parametrize("write", [
     "last line rewritten, mtime put back", "first line rewritten", "line appended, mtime "
     "put back", "copy renamed over", "nothing appended by the run yet",
+    "first line rewritten, mtime put back, no chmod", "made anew, mtime put back",
 ])
 def test_a_write_that_comes_with_a_change_of_metadata_is_still_a_takeover(
     session: Path, tmp_path: Path, write: str
@@ -705,10 +725,17 @@ def test_a_write_that_comes_with_a_change_of_metadata_is_still_a_takeover(
             os.utime(session, ns=back)
         elif write == "copy renamed over":
             copy = session.with_name("copy.jsonl")
-            copy.write_bytes(data)
-            os.utime(copy, ns=back)
+            shutil.copy2(session, copy)  # the same bytes, mtime and token mark
             os.replace(copy, session)
-        session.chmod(0o640)  # and a change of metadata with it
+        elif write == "first line rewritten, mtime put back, no chmod":
+            session.write_bytes(data.replace(b'{"a":0}', b'{"a":8}'))
+            os.utime(session, ns=back)
+        elif write == "made anew, mtime put back":  # (ext4 gives it the same inode number)
+            session.unlink()
+            session.write_bytes(data)  # no token mark on it
+            os.utime(session, ns=back)
+        if "no chmod" not in write:
+            session.chmod(0o640)  # and a change of metadata with it
         with pytest.raises(SessionTakeoverError):
             lock.verify_fence()
         with pytest.raises(SessionTakeoverError):
@@ -866,9 +893,9 @@ def test_an_unterminated_last_line_is_torn_only_without_a_live_holder(
 
 @needs_xattr
 @needs_xattr
-@pytest.mark.parametrize("appended", [False, True], ids=["fresh", "after-an-append"])
+@pytest.mark.parametrize("appended", ["fresh", "after-an-append", "linked-after-an-append"])
 def test_a_run_through_another_name_of_the_session_stops_the_first_and_says_why(
-    session: Path, appended: bool,
+    session: Path, appended: str,
 ) -> None:
     """A session file with two names (a hard link) has a sidecar for each: runs through
     the two do not exclude each other (README), and the fence stops one. A run through a
@@ -877,12 +904,17 @@ def test_a_run_through_another_name_of_the_session_stops_the_first_and_says_why(
     and the error said "expected ino I size N mtime_ns M, found" the very same values."""
     session.write_text('{"n":0}\n')
     other = session.with_name("other.jsonl")
-    os.link(session, other)
+    if appended != "linked-after-an-append":
+        os.link(session, other)
     first = SessionLock(session, "first")
     with first:
         assert first.info is not None
-        if appended:  # a change of metadata alone would not stop it: the token mark does
+        if appended != "fresh":
             first.append({"by": "first"})
+        if appended == "linked-after-an-append":
+            # The link count moved too: a change of metadata, but for the token mark,
+            # which the second name's acquire raised past what the first run's can set.
+            os.link(session, other)
         with SessionLock(other, "second") as second:
             assert second.info is not None and second.info.token > first.info.token
             with pytest.raises(SessionTakeoverError) as caught:
@@ -894,7 +926,7 @@ def test_a_run_through_another_name_of_the_session_stops_the_first_and_says_why(
     assert (f"only its ctime_ns {expected.ctime_ns} to {actual.ctime_ns} moved"
             in str(caught.value))
     assert [json.loads(line).get("by") for line in session.read_text().splitlines()] == [
-        None, *(["first"] if appended else []), "second"]
+        None, *(["first"] if appended != "fresh" else []), "second"]
 
 
 def test_token_survives_sidecar_removal(session: Path) -> None:
