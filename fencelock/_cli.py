@@ -873,6 +873,10 @@ def run(
 
 @main.command(short_help="Hold SESSION for another process, over JSON lines.")
 @_holding_options("Refresh the record's heartbeat when no request wrote it for this long; 0 never.")
+@click.option("--fence", type=click.Choice(["auto", "stat", "content"]), default="auto",
+              show_default=True,
+              help="How appends tell a foreign write (README, The fence): content where the "
+                   "session gets hard-link backups or chmods before a run's first line.")
 def hold(
     session: str,
     lane: str,
@@ -881,6 +885,7 @@ def hold(
     heartbeat: float,
     mode: int,
     backend: str | None,
+    fence: str,
 ) -> None:
     """Hold SESSION for the process at the other end of stdin and stdout.
 
@@ -902,7 +907,7 @@ def hold(
     try:
         code = hold_main(
             session, lane, no_wait=no_wait, timeout=timeout, heartbeat=heartbeat,
-            backend=backend, mode=mode,
+            backend=backend, mode=mode, fence=fence,
         )
     except HoldArgumentError as e:
         raise click.BadParameter(str(e), param_hint=f"'{e.option}'") from None

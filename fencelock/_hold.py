@@ -492,6 +492,7 @@ def make_lock(
     timeout: float | None,
     backend: str | None,
     mode: int = 0o600,
+    fence: str = "auto",
 ) -> SessionLock:
     """The `SessionLock` `hold` takes; `HoldArgumentError` for a value it cannot use."""
     from fencelock._lock import SessionLock
@@ -499,7 +500,7 @@ def make_lock(
     try:
         return SessionLock(
             session, lane, on_contention="fail" if no_wait else "wait", timeout=timeout,
-            backend=backend, mode=mode,
+            backend=backend, mode=mode, fence=fence,
         )
     except FenceLockError:
         raise  # about the session (e.g. outside the backend's root), not an option value
@@ -717,11 +718,12 @@ def main(
     heartbeat: float,
     backend: str | None,
     mode: int = 0o600,
+    fence: str = "auto",
 ) -> int:
     """What ``fencelock hold`` runs once its arguments are parsed."""
     try:
         lock = make_lock(session, lane, no_wait=no_wait, timeout=timeout, backend=backend,
-                         mode=mode)
+                         mode=mode, fence=fence)
     except HoldArgumentError:
         raise
     except FenceLockError as e:  # answered like a session that cannot be held

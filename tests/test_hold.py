@@ -1111,3 +1111,28 @@ def test_an_append_whose_line_went_in_is_answered_at_every_descriptor_limit(
             told = [a for a in answers if a.get("op") == "append"
                     or (a.get("stored") in (True, None) and "error" in a)]
             assert told, (limit, done.stdout, done.stderr)
+
+
+@pytest.mark.parametrize("fence", ["stat", "content"])
+def test_hold_fence_picks_how_appends_tell_a_foreign_write(
+    session: Path, tmp_path: Path, start_hold: StartHold, fence: str
+) -> None:
+    """A session chmodded (or given a hard-link backup) before the caller's first line:
+    the stat fence cannot tell that from a write whose mtime was put back, and the
+    append is refused; a caller that knows its sessions get those picks the content
+    fence (`--fence content`), as a library caller passes ``fence="content"``."""
+    session.write_text('{"a":0}\n')
+    h = start_hold(session, "--fence", fence)
+    assert h.held()["record"]["fence"] == fence
+    while True:  # ctime comes from a coarse clock: let it tick past the session's
+        (tmp_path / "clock").write_bytes(b"x")
+        if (tmp_path / "clock").stat().st_ctime_ns > session.stat().st_ctime_ns:
+            break
+    session.chmod(0o640)
+    answer = h.call("append", entry={"a": 1})
+    if fence == "stat":
+        assert answer["ok"] is False and answer["error"] == "SessionTakeoverError", answer
+    else:
+        assert answer["ok"] is True, answer
+    assert h.call("release")["ok"] is True
+    assert h.wait() == 0
