@@ -27,7 +27,7 @@ from fencelock._errors import (
     SessionWriteError,
     UnsafePathError,
 )
-from fencelock._fingerprint import CONTENT, STAT, FenceMode, Fingerprint
+from fencelock._fingerprint import CONTENT, STAT, FenceMode, Fingerprint, Witness
 from fencelock._json import NotJSONError, digits_problem, strict_loads
 from fencelock._platform import O_CLOEXEC, owner_for, set_mode
 
@@ -144,9 +144,6 @@ def _fingerprint_fd(
     return _fingerprint.from_stat(st, tail, witness)
 
 
-Witness = tuple[int, bytes, tuple[int, int, int, int]]
-"""A fence point's `Fingerprint.witness`: see `_witness`."""
-
 _WITNESS_BYTES = 4096
 """How much of the end of a run's last line a fence point keeps, to tell a change of
 the session's metadata alone from a write (`metadata_only`)."""
@@ -155,10 +152,14 @@ the session's metadata alone from a write (`metadata_only`)."""
 def _witness(line: bytes, at: int, st: os.stat_result) -> Witness:
     """Where the end of ``line``, appended at offset ``at``, lies, those bytes, and the
     metadata of the file it went into (``st``, its stat after the write)."""
-    meta = (st.st_nlink, st.st_mode, st.st_uid, st.st_gid)
     if len(line) > _WITNESS_BYTES:
-        return at + len(line) - _WITNESS_BYTES, line[-_WITNESS_BYTES:], meta
-    return at, line, meta
+        return at + len(line) - _WITNESS_BYTES, line[-_WITNESS_BYTES:], _metadata(st)
+    return at, line, _metadata(st)
+
+
+def _metadata(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What a change of a file's metadata alone moves with its ctime."""
+    return st.st_nlink, st.st_mode, st.st_uid, st.st_gid
 
 
 def metadata_only(
@@ -179,7 +180,7 @@ def metadata_only(
     at, end, meta = expected.witness
     if (st.st_size != expected.size or st.st_mtime_ns != expected.mtime_ns
             or st.st_ino != expected.ino or st.st_dev != expected.dev
-            or (st.st_nlink, st.st_mode, st.st_uid, st.st_gid) == meta):
+            or _metadata(st) == meta):
         return False
     try:
         return _holds(fd, end, at) and _tokens.mark_within(
@@ -198,20 +199,13 @@ def _metadata_only_at(
     except (OSError, FenceLockError):
         return None
     try:
-        if metadata_only(fd, expected, st, token):
-            return _fingerprint.from_stat(st, None, _moved_to(expected, st))
-        return None
+        if not metadata_only(fd, expected, st, token) or expected.witness is None:
+            return None
+        # The next change is told from this one: the witness takes the metadata now.
+        at, end, _ = expected.witness
+        return _fingerprint.from_stat(st, None, (at, end, _metadata(st)))
     finally:
         os.close(fd)
-
-
-def _moved_to(expected: Fingerprint, st: os.stat_result) -> Witness | None:
-    """``expected``'s witness with the metadata of ``st`` (a change of it taken for no
-    write: the next is told from this one)."""
-    if expected.witness is None:
-        return None
-    at, end, _ = expected.witness
-    return at, end, (st.st_nlink, st.st_mode, st.st_uid, st.st_gid)
 
 
 def check(
@@ -389,8 +383,24 @@ def _cut_torn_tail(
     return keep
 
 
+def _check_opened(
+    fd: int, st: os.stat_result, session: str, expected: Fingerprint | None,
+    mode: FenceMode, token: int,
+) -> None:
+    """An append's fence check on the session file it opened (``st``, its stat): a
+    takeover unless it is the fence point, or differs by its metadata alone
+    (`metadata_only`); and not another user's from the start (planted), not a swap."""
+    if not (mode is STAT and _stat_matches(expected, st)):
+        actual = _fingerprint_fd(fd, mode, session, st)
+        if not _same(expected, actual, mode) and not (
+                mode is STAT and metadata_only(fd, expected, st, token)):
+            raise SessionTakeoverError(session, expected, actual)
+    _sidecar.refuse_planted(session, st)
+
+
 def set_torn_tail_aside(
-    session: str, expected: Fingerprint | None, mode: FenceMode, file_mode: int = 0o600
+    session: str, expected: Fingerprint | None, mode: FenceMode, file_mode: int = 0o600,
+    token: int = 0,
 ) -> Fingerprint | None:
     """Before writers that do not go through `append` take over the session (a `fencelock
     run` command): move a torn last line aside, as a run's first `append` does, so that
@@ -408,11 +418,7 @@ def set_torn_tail_aside(
     except OSError as e:
         raise SessionWriteError(session, e, "open") from None
     try:
-        if not (mode is STAT and _stat_matches(expected, st)):
-            actual = _fingerprint_fd(fd, mode, session, st)
-            if not _same(expected, actual, mode):
-                raise SessionTakeoverError(session, expected, actual)
-        _sidecar.refuse_planted(session, st)
+        _check_opened(fd, st, session, expected, mode, token)
         end = _cut_torn_tail(fd, session, st, expected, mode, [], file_mode)
         if end == st.st_size:
             return expected
@@ -635,13 +641,7 @@ def append(
         if created and token:
             _tokens.reserve(fd, token)
         if not created:
-            if not (mode is STAT and _stat_matches(expected, st)):
-                actual = _fingerprint_fd(fd, mode, session, st)
-                if not _same(expected, actual, mode) and not (
-                        mode is STAT and metadata_only(fd, expected, st, token)):
-                    raise SessionTakeoverError(session, expected, actual)
-            # The file the run fenced: another user's from the start, not a swap.
-            _sidecar.refuse_planted(session, st)
+            _check_opened(fd, st, session, expected, mode, token)
             size = _cut_torn_tail(fd, session, st, expected, mode, cutting, file_mode) \
                 if check_tail else st.st_size
         try:

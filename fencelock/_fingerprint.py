@@ -43,6 +43,10 @@ STAT, CONTENT = FenceMode.STAT, FenceMode.CONTENT
 """As module globals for the hot paths (see `fencelock._record.HELD`)."""
 
 
+Witness = tuple[int, bytes, tuple[int, int, int, int]]
+"""A fence point's `Fingerprint.witness`: see `fencelock._fence.metadata_only`."""
+
+
 @dataclass(frozen=True, slots=True)
 class Fingerprint:
     """The session file's identity and state at a fence point (docs/PROTOCOL.md 2.3)."""
@@ -54,8 +58,7 @@ class Fingerprint:
     ctime_ns: int
     tail: str | None = None
     """Hex digest of the last `TAIL_BYTES` bytes; only the content fence sets it."""
-    witness: tuple[int, bytes, tuple[int, int, int, int]] | None = field(
-        default=None, compare=False, repr=False)
+    witness: Witness | None = field(default=None, compare=False, repr=False)
     """For a fence point an append of the run left: where the end of its line lies,
     those bytes, and the file's (nlink, mode, uid, gid) then
     (`fencelock._fence.metadata_only`); never in a record."""
@@ -111,8 +114,7 @@ class Fingerprint:
 
 
 def from_stat(
-    st: os.stat_result, tail: str | None = None,
-    witness: tuple[int, bytes, tuple[int, int, int, int]] | None = None,
+    st: os.stat_result, tail: str | None = None, witness: Witness | None = None
 ) -> Fingerprint:
     # Positional, in field order: keywords would cost a fifth of a microsecond more on
     # every fence point and every record a scan reads (the dataclass's generated __init__).

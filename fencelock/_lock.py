@@ -747,7 +747,7 @@ class SessionLock:
             if self._tail_checked:
                 return
             fp = _fence.set_torn_tail_aside(self.session, self._fp, self.fence_mode,
-                                            self.mode)
+                                            self.mode, self._token)
             self._tail_checked = True
             if fp is not self._fp:
                 self._fp, self._info = fp, None
