@@ -320,9 +320,10 @@ def _unmake(path: str, fd: int) -> None:
         pass  # left: the next look at it says what it finds
 
 
-_geteuid = getattr(os, "geteuid", lambda: 0)
+geteuid_now = getattr(os, "geteuid", lambda: 0)
+"""The effective user now (0 where there are no POSIX users: Windows)."""
 
-OWN_UID = _geteuid()
+OWN_UID = geteuid_now()
 """This process's user when fencelock was loaded: its files are this user's, whatever
 the effective user is now (`refuse_planted` also takes the current one's)."""
 
@@ -373,7 +374,7 @@ def walk(directory: str) -> tuple[str, bool]:
     not be kept: another user may make the missing name later, as a symlink of theirs."""
     if _platform.WINDOWS:  # pragma: no cover - symlinks there need privileges to make
         return os.path.realpath(directory), True
-    me = _geteuid()
+    me = geteuid_now()
     todo = [p for p in directory.split(os.sep) if p][::-1]
     path = os.sep
     links = 0
@@ -503,7 +504,7 @@ def open_checked(
                 if st.st_nlink > 1:
                     raise UnsafeSidecarError(
                         sidecar, f"a hard link to a file with {st.st_nlink} names")
-                if (create or write) and st.st_uid and st.st_uid != _geteuid():
+                if (create or write) and st.st_uid and st.st_uid != geteuid_now():
                     refuse_planted(sidecar, st)
                 if made:
                     _platform.set_mode(fd, mode, _platform.owner_for(

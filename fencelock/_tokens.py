@@ -397,13 +397,19 @@ def _lock_briefly(fd: int, shared: bool) -> bool:
     return True
 
 
-def keep_removed(session: str, token: int) -> str | None:
+def keep_removed(session: str, token: int, sidecar_mode: int = 0o600) -> str | None:
     """Raise the `REMOVED_MARKER` beside ``session`` to ``token`` (never lower it), before
     its sidecar is removed. None when it covers the token; else why it cannot. OSError
-    when it cannot be made: the directory's doing, as the sidecar's removal would be."""
+    when it cannot be made: the directory's doing, as the sidecar's removal would be.
+
+    The marker is 0644, and writable by the group where the sidecar (``sidecar_mode``)
+    is (a session shared with ``mode=0o660``): the group's members then raise it in
+    turn, as they take the sessions; else the first one's marker shut the others' ``clear
+    --remove`` out of the directory. One of this user's made narrower before is widened."""
     path = os.path.join(os.path.dirname(session), REMOVED_MARKER)
+    mode = 0o664 if sidecar_mode & 0o020 else 0o644
     try:
-        fd, st = _sidecar.open_regular(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, st = _sidecar.open_regular(path, os.O_RDWR | os.O_CREAT, mode)
     except OSError as e:
         if not os.path.lexists(path):
             raise
@@ -412,8 +418,11 @@ def keep_removed(session: str, token: int) -> str | None:
         return str(e)
     try:
         _sidecar.refuse_planted(path, st)
-        if not st.st_size and st.st_uid == 0:  # made just now, as root (sudo): not root's
-            _platform.set_mode(fd, 0o644, _platform.owner_for(path))  # (or the owner is shut out)
+        by_root = not st.st_size and st.st_uid == 0  # made just now, as root (sudo)
+        if by_root or (mode & ~st.st_mode and st.st_uid == _sidecar.geteuid_now()):
+            # (the umask keeps the group out; root's, the directory's owner is shut out)
+            _platform.set_mode(fd, stat.S_IMODE(st.st_mode) | mode,
+                               _platform.owner_for(path) if by_root else None)
         if not _lock_briefly(fd, shared=False):
             return f"{path} is locked by another process; try again"
         if _mark_value(_platform.pread(fd, 32, 0)) < token:
@@ -445,7 +454,7 @@ def keep_before_set_aside(session: str, fd: int) -> None:
         return
     marked = os.path.isfile(session) and _cover(session, token, token) is not None
     with contextlib.suppress(OSError):  # (then the set-aside marker below cannot be made either)
-        if keep_removed(session, token) is None:
+        if keep_removed(session, token, os.fstat(fd).st_mode) is None:
             return
     if marked:  # kept until the file is written anew: the marker too, where it can be
         with contextlib.suppress(FenceLockError):

@@ -30,7 +30,7 @@ import fencelock
 from fencelock import *
 {preload}
 os.setgroups([])
-os.setgid({uid})
+os.setgid({gid})
 os.setuid({uid})
 args = json.loads(sys.argv[1])
 result = None
@@ -42,10 +42,11 @@ print(json.dumps(result))
 """
 
 
-def _code(body: str, uid: int, preload: tuple[str, ...] = ()) -> str:
+def _code(body: str, uid: int, preload: tuple[str, ...] = (), gid: int | None = None) -> str:
     indented = "\n".join("    " + line for line in body.strip("\n").splitlines())
     imports = "".join(f"import {module}\n" for module in preload)
-    return _PRELUDE.format(uid=uid, body=indented, preload=imports)
+    return _PRELUDE.format(uid=uid, gid=uid if gid is None else gid, body=indented,
+                           preload=imports)
 
 
 def spawn_as_user(body: str, uid: int = NOBODY, **args: Any) -> subprocess.Popen[str]:
@@ -57,11 +58,12 @@ def spawn_as_user(body: str, uid: int = NOBODY, **args: Any) -> subprocess.Popen
 
 
 def as_user(body: str, timeout: float = 30, uid: int = NOBODY,
-            preload: tuple[str, ...] = (), **args: Any) -> Any:
-    """Run ``body`` (statements; ``args`` is a dict) as ``uid``; its ``result``.
+            preload: tuple[str, ...] = (), gid: int | None = None, **args: Any) -> Any:
+    """Run ``body`` (statements; ``args`` is a dict) as ``uid`` (group ``gid``, else
+    ``uid`` too); its ``result``.
     ``preload``: modules imported before the privileges are dropped (what ``body``
     imports later, as the etcd store does, must be readable by ``uid``)."""
-    code = _code(body, uid, preload)
+    code = _code(body, uid, preload, gid)
     done = subprocess.run(
         [sys.executable, "-c", code, json.dumps(args)],
         capture_output=True, text=True, timeout=timeout, cwd="/",

@@ -940,6 +940,36 @@ def test_a_token_marker_root_makes_in_a_users_directory_stays_theirs_to_raise() 
 
 
 @needs_root
+@pytest.mark.parametrize("made_before", [False, True])
+def test_a_groups_members_each_remove_sidecars_of_sessions_they_share(made_before: bool) -> None:
+    """Sessions shared by a group (``mode=0o660`` in a group's directory): the first
+    member's ``clear --remove`` makes the removed-token marker, which every member must
+    then raise as they remove sidecars. Made 0644 (the umask's), the others' kept every
+    sidecar ("cannot be written"). ``made_before``: one this user made so, by an earlier
+    version, is widened at their next removal."""
+    from fencelock._tokens import REMOVED_MARKER
+
+    group, first, second = 4242, NOBODY - 1, NOBODY
+    remove = ("with SessionLock(args['p'], 'gw', mode=0o660):\n"
+              "    pass\n"
+              "os.umask(0o022)\n"
+              "done = fencelock.clear(args['p'], remove=True)\n"
+              "result = [done.removed, done.reason]\n")
+    with open_directory(0o2770) as sessions:
+        os.chown(sessions, 0, group)
+        marker = sessions / REMOVED_MARKER
+        if made_before:
+            marker.write_text("1")
+            marker.chmod(0o644)
+            os.chown(marker, first, group)
+        assert as_user(remove, uid=first, gid=group, p=str(sessions / "a.jsonl"))[0] is True
+        assert stat.S_IMODE(marker.stat().st_mode) == 0o664
+        removed, reason = as_user(remove, uid=second, gid=group, p=str(sessions / "b.jsonl"))
+        assert removed is True, reason
+        assert marker.read_text() == ("3" if made_before else "2")  # b's started above a's
+
+
+@needs_root
 def test_root_leaves_its_files_as_they_are_where_anyone_may_write() -> None:
     """In a directory anyone may write to (a sticky /tmp), another user's file is
     refused as planted: root's files stay root's there."""
