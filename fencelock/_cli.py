@@ -591,7 +591,7 @@ def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None)
         return _ClearOutcome(
             session, _holder_at(session, session + SIDECAR_SUFFIX, backend), "live", e.holder,
             refused=True, reason=str(e),
-            holder_text=describe_holder(e.holder, e.lock_owners, e.last),
+            holder_text=describe_holder(e.holder, e.lock_owners, e.last, e.held_by),
         )
     except (FenceLockError, OSError) as e:
         message = os_message(e) if isinstance(e, OSError) else str(e)

@@ -95,6 +95,7 @@ class SessionContendedError(CoordinationError):
         lock_owners: tuple[LockOwner, ...] | None = None,
         backend: str | None = None,
         last: HolderInfo | None = None,
+        held_by: str | None = None,
     ):
         self.session = session
         self.holder = holder
@@ -108,6 +109,9 @@ class SessionContendedError(CoordinationError):
         self.lock_owners = lock_owners
         """Without a record: the processes the system lists as holding the lock (see
         `HolderStatus.lock_owners`), None where it cannot say."""
+        self.held_by = held_by
+        """Without a record: what holds the session, in the store's words (etcd: the
+        owner key), where the store can say more than that."""
         super().__init__(
             f"{self.situation()}; wait for it, or start a fresh session "
             f"({session_command(session, backend)})"
@@ -115,14 +119,15 @@ class SessionContendedError(CoordinationError):
 
     def situation(self) -> str:
         """The message without its advice: ``SESSION: held by WHO[, after waiting Ns]``."""
-        who = describe_holder(self.holder, self.lock_owners, self.last)
+        who = describe_holder(self.holder, self.lock_owners, self.last, self.held_by)
         waited = self.waited
         how = f", after waiting {waited:.1f}s" if waited and waited >= 0.05 else ""
         return f"{self.session}: held by {who}{how}"
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild_contended, (self.session, self.holder, self.waited,
-                                    self.lock_owners, self.backend, self.last), self.__dict__
+                                    self.lock_owners, self.backend, self.last,
+                                    self.held_by), self.__dict__
 
 
 class HeldByOwnRunError(SessionContendedError):
@@ -514,9 +519,10 @@ def _rebuild_contended(
     lock_owners: tuple[LockOwner, ...] | None,
     backend: str | None = None,
     last: HolderInfo | None = None,
+    held_by: str | None = None,
 ) -> SessionContendedError:
     return SessionContendedError(session, holder, waited=waited, lock_owners=lock_owners,
-                                 backend=backend, last=last)
+                                 backend=backend, last=last, held_by=held_by)
 
 
 def _rebuild_write_error(
@@ -536,12 +542,16 @@ def describe_holder(
     holder: HolderInfo | None,
     lock_owners: tuple[LockOwner, ...] | None = None,
     last: HolderInfo | None = None,
+    held_by: str | None = None,
 ) -> str:
     """Who holds a session, in words: its record, or else the lock's owners; or
     ``last``: the record of the ended `fencelock run` whose command left the processes
-    that hold it (`_record.left_by_run`, or the etcd store's released owner record)."""
+    that hold it (`_record.left_by_run`, or the etcd store's released owner record); or
+    else ``held_by``, the store's own account."""
     if holder is None and last is not None:
         return describe_leftovers(last)
+    if holder is None and held_by is not None:
+        return held_by
     if holder is not None:
         command = holder.command
         shared = f"; shared with its command, pid {command.pid}" if command is not None else ""

@@ -65,6 +65,10 @@ _NO_ANSWER = "no answer in time"
 """An endpoint's reason when a request timed out (asked then whether it has a leader)."""
 _NOT_ETCD = "answered, but not as etcd's v3 API does"
 """An endpoint's reason when it answered as some other server (`_not_etcd`)."""
+_WITHOUT_RECORD = ("a holder without a fencelock record (etcdctl lock, another client's "
+                   "Mutex, one about to write its record, or a waiter that died or was "
+                   "paused in the queue, until its lease runs out)")
+"""What holds a session whose owner key has a lease but no fencelock record."""
 _LEADER_PROBE_TIMEOUT = 0.5
 """How long the question whether a member that did not answer in time has a leader may
 take."""
@@ -1535,15 +1539,16 @@ class EtcdHolder:
                 raise failed from None
             raise self._contended(self._owner_record(deadline), waited=now - start) from None
 
-    def _contended(self, owner: HolderInfo | None, waited: float | None = None
-                   ) -> SessionContendedError:
+    def _contended(self, owner: HolderInfo | None, waited: float | None = None,
+                   held_by: str = _WITHOUT_RECORD) -> SessionContendedError:
         """The session is held: by the owner key's run, or, when its record is released,
-        by what that `fencelock run`'s command left running (its keeper keeps the key)."""
+        by what that `fencelock run`'s command left running (its keeper keeps the key);
+        or, with no record, by what ``held_by`` says."""
         if owner is not None and owner.state is State.RELEASED:
             return SessionContendedError(self.session, None, waited=waited,
                                          backend=self.url.text, last=owner)
         return SessionContendedError(self.session, owner, waited=waited,
-                                     backend=self.url.text)
+                                     backend=self.url.text, held_by=held_by)
 
     def _owner_record(self, deadline: float | None) -> HolderInfo | None:
         """The owner's record, for the message of a wait that ran out: a request like
@@ -1811,13 +1816,16 @@ class EtcdHolder:
         owner, last, waiters = look()
         return _status(self.session, self.name, owner=owner, last=last, waiters=waiters,
                        stuck_after=stuck_after, last_where=self.last_name,
-                       command=_clear_command(self.url, self.session), reread=reread)
+                       command=_clear_command(self.url, self.session),
+                       etcdctl=self.url.etcdctl, reread=reread)
 
     def clear(self, remove: bool, force: bool) -> HolderStatus:
         from fencelock._probe import ProbeState
 
         found = self.probe(0.0)
         if found.state is ProbeState.LIVE:
+            if found.record is None:  # the probe's account of the owner key (`_recordless`)
+                raise self._contended(None, held_by=found.reason.removeprefix("held by "))
             raise self._contended(found.record)
         if found.state is ProbeState.FREE and (not remove or found.record is None):
             return found  # nothing to clear, or (no record) nothing to remove
@@ -1870,9 +1878,19 @@ def _owner_of(owner: list[dict[str, Any]]) -> str:
     return f"{owner[0].get('key', '')}@{owner[0].get('create_revision', '')}"
 
 
+def _recordless(owner: list[dict[str, Any]], etcdctl: str) -> str:
+    """Who holds a session whose owner key holds no fencelock record, in words."""
+    if owner[0].get("lease"):  # (etcd's JSON leaves out a lease of 0)
+        return _WITHOUT_RECORD
+    key = _key_text(owner[0])
+    return (f"the key {key}, which has no lease and never expires (put by hand, or by a "
+            f"client that takes no lease); if no client holds it, delete it: {etcdctl} del "
+            f"{shell_word(key)}")
+
+
 def _status(session: str, where: str, *, owner: list[dict[str, Any]],
             last: list[dict[str, Any]], waiters: int, stuck_after: float,
-            last_where: str, command: str, fence: bool = True,
+            last_where: str, command: str, etcdctl: str, fence: bool = True,
             reread: Callable[[], HolderInfo | None] | None = None) -> HolderStatus:
     """A session's state from its owner key (the first in the queue, if any) and its
     last record; ``fence``: whether ``session`` is its file on this host, and
@@ -1891,17 +1909,9 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
             except CorruptRecordError:
                 record = None
             if record is None:
-                reason = ("held by a holder without a record (etcdctl lock, another "
-                          "client's Mutex, one about to write its record, or a waiter that "
-                          "died or was paused in the queue, until its lease runs out)")
-                if not owner[0].get("lease"):  # (etcd's JSON leaves out a lease of 0)
-                    key = _key_text(owner[0])
-                    reason = (f"held by the key {key}, which has no lease and never "
-                              f"expires (put by hand, or by a client that takes no lease); "
-                              f"if no client holds it, delete it: etcdctl del "
-                              f"{shell_word(key)}")
                 status: HolderStatus = holder_status(
-                    session, where, states.LIVE, reason=reason, _owner=_owner_of(owner))
+                    session, where, states.LIVE, reason="held by " + _recordless(owner, etcdctl),
+                    _owner=_owner_of(owner))
             elif record.state is State.RELEASED:
                 # Only `fencelock run` leaves a released record in a live owner key: its
                 # keeper keeps the key for what the command left running.
@@ -2015,7 +2025,7 @@ def _listed(url: EtcdURL, name: bytes, queued: list[dict[str, Any]],
                      waiters=max(0, len(queue) - 1), stuck_after=stuck_after,
                      last_where=f"{url.display}/{url.prefix}/last/{key}",
                      command=command or _clear_command(url, session or key),
-                     fence=session is not None)
+                     etcdctl=url.etcdctl, fence=session is not None)
     if status.state is not ProbeState.FREE:  # a released run holds nothing
         yield status
 

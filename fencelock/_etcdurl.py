@@ -65,6 +65,19 @@ class EtcdURL:
         return f"{self.display}/_" + self._query(("ttl", _seconds(self.ttl)), *self._tls_params)
 
     @property
+    def etcdctl(self) -> str:
+        """The ``etcdctl`` command line that reaches the same endpoints, for advice."""
+        from fencelock._errors import shell_word
+
+        scheme = "https" if self.tls else "http"
+        urls = ",".join(f"{scheme}://[{h}]:{p}" if ":" in h else f"{scheme}://{h}:{p}"
+                        for h, p in self.endpoints)
+        flags = [f"--{name}={shell_word(value)}" for name, value in (
+            ("endpoints", urls), ("cacert", self.ca), ("cert", self.cert), ("key", self.key)
+        ) if value is not None]
+        return " ".join(["etcdctl", *flags])
+
+    @property
     def _tls_params(self) -> tuple[tuple[str, str | None], ...]:
         return ("ca", self.ca), ("cert", self.cert), ("key", self.key)
 
