@@ -100,7 +100,8 @@ class HolderStatus:
     counts them; sidecars do not)."""
     left_by_run: bool = False
     """The session is live, held by processes that the command of an ended `fencelock
-    run` left running: ``record`` is that run's last (released) record."""
+    run` left running: ``record`` is that run's last record (released, or held by the
+    run, killed with its command)."""
     _owner: str = field(default="", repr=False, compare=False)
     """etcd: the live owner key and its create revision, which tell one holder from the
     next also where it has written no record (yet). Private: not for callers (though

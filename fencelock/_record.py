@@ -328,12 +328,16 @@ def left_by_run(
     last: HolderInfo | None, owners: Sequence[LockOwner] | None
 ) -> HolderInfo | None:
     """``last``, a session's last record, when the processes holding its lock are ones
-    the command of the `fencelock run` that wrote it left running: ``last`` is released
-    (the run has ended), and every lock the system lists (``owners``) is the one that
-    run's own process took, which has exited: its descriptor lives on in what the
-    command started. None otherwise."""
-    if last is None or last.state is not RELEASED or not owners:
+    the command of the `fencelock run` that wrote it left running: every lock the system
+    lists (``owners``) is the one that run's own process took, which has exited: its
+    descriptor lives on in what the command started. ``last`` is released (the run
+    ended), or held by a run killed with its command (the caller has found both gone):
+    then also where the system lists no lock (None: it cannot say; empty: another PID
+    namespace's), as the record's word is all there is. None otherwise."""
+    if last is None or (last.state is not RELEASED and last.command is None):
         return None
+    if not owners:
+        return last if last.state is HELD else None
     return last if all(o.pid == last.pid and o.command is None for o in owners) else None
 
 

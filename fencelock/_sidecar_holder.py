@@ -102,13 +102,14 @@ def may_be_live(record: HolderInfo | None) -> bool:
 
 
 def held_by_others(record: HolderInfo | None) -> bool:
-    """Whether the lock on a sidecar holding ``record`` is held by processes that are not
-    the record's run, so that they are named from the system's lock list: no record, a
-    released one, or one whose owner is dead (unless a `fencelock run` wrote it: what its
-    command left running holds it on, and the record names them)."""
+    """Whether the lock on a sidecar holding ``record`` may be held by processes that are
+    not the record's run, so that they are named from the system's lock list: no record,
+    a released one, or one whose owner is dead (for a `fencelock run`'s, its command
+    too: then what that command left running may hold it on, which the list tells from
+    a process outside fencelock, `_record.left_by_run`)."""
     if record is None or record.state is not HELD:
         return True
-    return record.command is None and holder_alive(record) is False
+    return holder_alive(record) is False
 
 
 def contended(
