@@ -416,6 +416,8 @@ def set_torn_tail_aside(
     except FileNotFoundError:
         raise SessionTakeoverError(session, expected, None) from None
     except OSError as e:
+        if _ends_whole(session):  # not this user's to write: only a torn line matters
+            return expected
         raise SessionWriteError(session, e, "open") from None
     try:
         _check_opened(fd, st, session, expected, mode, token)
@@ -431,6 +433,21 @@ def set_torn_tail_aside(
         os.close(fd)
     _torn_warning(session, st.st_size - end, stacklevel=3)
     return fp
+
+
+def _ends_whole(session: str) -> bool:
+    """Whether the session, opened to read only, is empty or ends in a newline (False
+    where it cannot be read either)."""
+    try:
+        fd, st = _sidecar.open_regular(session, os.O_RDONLY)
+    except (OSError, FenceLockError):
+        return False
+    try:
+        return st.st_size == 0 or _platform.pread(fd, 1, st.st_size - 1) == b"\n"
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _copy_sparsely(

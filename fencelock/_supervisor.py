@@ -270,10 +270,14 @@ def _set_torn_tail_aside(lock: SessionLock) -> None:
     """A torn last line left by a writer that died: moved aside before the command
     appends (said with a warning line). One that cannot be moved is said, and the
     command runs all the same: it may not write the session at all."""
-    from fencelock._errors import FenceLockError
+    from fencelock._errors import FenceLockError, SessionWriteError
 
     try:
         lock._set_torn_tail_aside()
+    except SessionWriteError as e:  # (its own words are for an entry to append again)
+        why = e.cause.strerror or type(e.cause).__name__
+        warning_line(f"{lock.session}: its last line is torn and could not be moved aside "
+                     f"({e.what} failed: {why}); a line the command appends would join it")
     except (FenceLockError, OSError) as e:
         warning_line(f"{lock.session}: a torn last line may be left for the command's "
                      f"first line to join: {e}")

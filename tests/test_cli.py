@@ -37,7 +37,7 @@ from conftest import (
     thread_in_syscall,
     wait_for_blocked_waiter,
 )
-from marks import needs_pidfd, needs_proc, needs_proc_locks, needs_tgkill
+from marks import needs_flock, needs_pidfd, needs_proc, needs_proc_locks, needs_tgkill
 
 from fencelock import (
     FenceLockError,
@@ -601,6 +601,32 @@ def _private_directory(mode: int, *files: str) -> Iterator[Path]:
             yield private
         finally:
             private.chmod(0o700)
+
+
+@pytest.mark.parametrize("torn", [False, True])
+def test_a_run_that_may_only_read_its_session_warns_only_of_a_torn_line(torn: bool) -> None:
+    """`fencelock run` for a reader (the session is another user's, 0644): nothing to
+    move aside where the last line is whole, so nothing to say; a torn one is said as
+    such, not as an entry to append again."""
+    prefix = _as_unprivileged()
+    if not prefix:
+        pytest.skip("root can write any file: run as root, to drop to another user")
+    with _private_directory(0o755) as sessions:
+        os.chown(sessions, 65534, 65534)
+        session = sessions / "s.jsonl"
+        session.write_bytes(b'{"a": 1}\n' + (b'{"b": 2, "ha' if torn else b""))
+        session.chmod(0o644)
+        out = subprocess.run(
+            [*prefix, *FENCELOCK, "run", str(session), "--lane", "reader", "--", "cat",
+             str(session)], capture_output=True, text=True, timeout=60)
+        assert (out.returncode, out.stdout) == (0, session.read_text()), out.stderr
+        if torn:
+            assert out.stderr == (
+                f"Warning: {session}: its last line is torn and could not be moved aside "
+                f"(open failed: Permission denied); a line the command appends would join "
+                f"it\n")
+        else:
+            assert out.stderr == ""
 
 
 @pytest.mark.parametrize("command", ["status", "clear", "verify", "check-config"])
@@ -2384,6 +2410,8 @@ def _run_piped(session: Path, *command: str) -> Iterator[subprocess.Popen[str]]:
             proc.kill()
         proc.wait()
         proc.stdout.close()
+        with contextlib.suppress(OSError):  # (a pipe nobody reads any more)
+            proc.stdin.close()
 
 
 def _run_python(session: Path, script: str) -> contextlib.AbstractContextManager[
@@ -2459,6 +2487,48 @@ def test_held_by_names_no_process_that_is_gone(session: Path) -> None:
         assert f"held by pid {command_pid}" not in st.reason
         assert "left running" in st.reason, st.reason
         assert rows(cli("status", "--json", str(session)))[0]["held_by"] is None
+        # Nor do the contention errors name either as the holder.
+        for args in (("run", "--no-wait", "--lane", "b", "--", "true"),
+                     ("wait", "--timeout", "0.1"), ("clear",)):
+            out = cli(*args[:1], str(session), *args[1:])
+            assert out.returncode == 4, out.stderr
+            assert "left running" in out.stderr and f"pid {command_pid}" not in out.stderr, \
+                out.stderr
+
+
+@needs_pidfd
+@needs_flock
+@needs_proc_locks
+def test_a_killed_runs_record_does_not_hide_the_process_that_locks_the_session_now(
+    session: Path,
+) -> None:
+    """A `fencelock run` killed with its command leaves its record "held"; then
+    flock(1) takes the sidecar's lock. The session is held by flock, which the system
+    lists: named as a holder outside fencelock, not as what the dead run left running."""
+    with _run_python(session, NAMED_THEN_WAIT) as proc:
+        assert proc.stdout is not None
+        command_pid = int(proc.stdout.readline())
+        pidfd = os.pidfd_open(command_pid)
+        proc.kill()
+        os.kill(command_pid, signal.SIGKILL)
+        assert select.select([pidfd], [], [], 60)[0], "the command did not exit"
+        os.close(pidfd)
+        proc.wait(timeout=60)
+    assert probe(session).state == "stale"
+    flock = subprocess.Popen(["flock", f"{session}.holder", "-c", "echo locked; read x"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert flock.stdout is not None and flock.stdout.readline() == "locked\n"
+        st = probe(session)
+        assert st.state == "live" and not st.left_by_run, st
+        assert st.reason == f"held by pid {flock.pid} (flock), not a fencelock holder"
+        assert rows(cli("status", "--json", str(session)))[0]["held_by"] == flock.pid
+        for args in (("run", "--no-wait", "--lane", "b", "--", "true"), ("clear",)):
+            out = cli(*args[:1], str(session), *args[1:])
+            assert out.returncode == 4 and f"pid {flock.pid} (flock)" in out.stderr, \
+                out.stderr
+    finally:
+        flock.communicate("\n", timeout=60)
 
 
 @needs_pidfd
