@@ -533,7 +533,7 @@ class _ClearOutcome:
         refused: bool = False,
         error: str | None = None,
         reason: str = "",
-        holder_text: str = "",
+        refusal: str = "",
     ) -> None:
         self.session = session
         self.sidecar = sidecar
@@ -545,7 +545,8 @@ class _ClearOutcome:
         self.refused = refused
         self.error = error
         self.reason = reason
-        self.holder_text = holder_text
+        self.refusal = refusal
+        """Refused: the error line that says so."""
 
     def to_json(self) -> dict[str, Any]:
         rec = self.record
@@ -579,19 +580,31 @@ def _named(path: str) -> tuple[str, str]:
 
 
 def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None) -> _ClearOutcome:
-    from fencelock._errors import FenceLockError, SessionContendedError, StoreUnavailableError
+    from fencelock._errors import (
+        FenceLockError,
+        HeldByOwnRunError,
+        SessionContendedError,
+        StoreUnavailableError,
+    )
     from fencelock._probe import ProbeState, clear
 
     try:
         st = clear(path, remove=remove, force=force, backend=backend)
     except SessionContendedError as e:
-        from fencelock._errors import describe_holder
+        from fencelock._errors import describe_holder, session_command
 
         session = e.session
+        if isinstance(e, HeldByOwnRunError):  # waiting, or recover's fresh session, is no fix
+            refusal = f"{session}: not cleared: {str(e).removeprefix(session + ': ')}"
+        else:
+            refusal = (
+                f"{session}: not cleared: held by "
+                f"{describe_holder(e.holder, e.lock_owners, e.last, e.held_by)}; a live holder "
+                f"is never cleared: wait for it ({session_command(session, backend, 'wait')}), "
+                f"or start a fresh session ({session_command(session, backend)})")
         return _ClearOutcome(
             session, _holder_at(session, session + SIDECAR_SUFFIX, backend), "live", e.holder,
-            refused=True, reason=str(e),
-            holder_text=describe_holder(e.holder, e.lock_owners, e.last, e.held_by),
+            refused=True, reason=str(e), refusal=refusal,
         )
     except (FenceLockError, OSError) as e:
         message = os_message(e) if isinstance(e, OSError) else str(e)
@@ -670,7 +683,7 @@ def clear_command(
       fencelock clear --remove sessions/
     """
     answer_goes_to_stdout("clear")
-    from fencelock._errors import OutsideRootError, SidecarAccessError, session_command
+    from fencelock._errors import OutsideRootError, SidecarAccessError
 
     show = PathDisplay()
     report: list[_ClearOutcome] = []
@@ -709,12 +722,7 @@ def clear_command(
                 failed = True
                 error_line(outcome.error)
             elif outcome.refused:
-                error_line(
-                    f"{outcome.session}: not cleared: held by {outcome.holder_text}; a live "
-                    f"holder is never cleared: wait for it "
-                    f"({session_command(outcome.session, backend, 'wait')}), or start a "
-                    f"fresh session ({session_command(outcome.session, backend)})"
-                )
+                error_line(outcome.refusal)
             elif not as_json:
                 out(f"{show(outcome.session)}: {clean(outcome.reason)}")
     if as_json:

@@ -769,6 +769,7 @@ def clear(
                                                 record=found.record, reason="was free")
                     raise
                 if not _lock_for_clear(fd, sidecar):
+                    _sidecar.refuse_own_run(sidecar, fd, st)  # held by the run we are in
                     raise contended(session, sidecar)
                 if _sidecar.still_at_path(sidecar, st):  # else removed meanwhile: again
                     cleared = _clear_locked(fd, st, session, sidecar, remove, force)

@@ -1638,6 +1638,7 @@ _NESTED: dict[str, list[str] | None] = {
     "run": ["run", "{S}", "--lane", "inner", "--", "true"],
     "wait": ["wait", "{S}"],
     "recover": ["recover", "--wait", "600", "{S}"],
+    "clear": ["clear", "{S}"],  # whose advice, to wait or recover, would be refused so
     "library": None,  # SessionLock(S).acquire() in a Python command
 }
 
