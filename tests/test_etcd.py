@@ -4601,7 +4601,12 @@ def test_a_run_paused_past_its_lease_that_etcd_still_vouches_for_goes_on_with_a_
     holds, so the command goes on, and the one line saying so is a warning, not an
     error (a script that takes an `Error:` line for a failed run was misled). Paused as
     it named its command in the record, it also said "Error: ... lost its holder ...
-    Start the run again" of a run that went on."""
+    Start the run again" of a run that went on.
+
+    Woken, the run's lease thread may renew the lease (etcd answers that it lives)
+    before the run's watch looks at its clock: then nothing was lost, and nothing is
+    said. Which comes first is the scheduler's choice, so either is accepted; an
+    ``Error:`` line, or a command stopped, never is."""
     url = etcd_server.url(f"paused-{uuid.uuid4().hex[:8]}", ttl=3)
     here = Path(__file__).parent
     how = [str(here / "paused_run.py")] if paused == "naming" else ["-m", "fencelock"]
@@ -4624,13 +4629,17 @@ def test_a_run_paused_past_its_lease_that_etcd_still_vouches_for_goes_on_with_a_
             run.send_signal(signal.SIGSTOP)
         time.sleep(4.5)  # the pause itself: past the lease's 3 s on the run's own clock
         run.send_signal(signal.SIGCONT)
-        said = run.stderr.readline()
-        assert said.startswith("Warning: ") and "could not confirm its etcd lease" in said, said
-        assert "the command goes on" in said
+        # The watch looks within ttl/4 of waking: past that, a line would have come.
+        time.sleep(3 / 4 + 0.5)
         run.stdin.write("end\n")
         run.stdin.close()
-        assert run.wait(60) == 0
-        assert run.stderr.read() == ""  # that line alone
+        assert run.wait(60) == 0  # the command went on, and ended as it would have
+        said = run.stderr.read().splitlines()
+        assert len(said) <= 1, said  # one line at most, and a warning
+        for line in said:
+            assert line.startswith("Warning: ") and \
+                "could not confirm its etcd lease" in line, said
+            assert "the command goes on" in line
     finally:
         run.send_signal(signal.SIGCONT)
         if run.poll() is None:
