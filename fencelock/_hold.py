@@ -10,6 +10,7 @@ docs/PROTOCOL.md states the protocol.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
@@ -35,6 +36,7 @@ from fencelock._signals import PromptHandlers, Seen, Stopped
 from fencelock._tokens import STAMP_KEY
 
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import Callable
     from contextlib import AbstractContextManager
 
@@ -274,8 +276,11 @@ def _poke(fd: int) -> None:
 
 
 def _gone(e: OSError) -> _CallerGone:
-    """A failed write to stdout: the caller closed its end (EPIPE), or another error."""
-    return _CallerGone(None if isinstance(e, BrokenPipeError) else e)
+    """A failed write to stdout: the caller closed its end (EPIPE; ECONNRESET or
+    ENOTCONN where stdout is a socket, as Node's ``stdio: "pipe"`` is, and the caller
+    left answers unread), or another error."""
+    left = isinstance(e, (BrokenPipeError, ConnectionResetError)) or e.errno == errno.ENOTCONN
+    return _CallerGone(None if left else e)
 
 
 def error_name(e: BaseException) -> str:
@@ -509,15 +514,18 @@ def make_lock(
                                 str(e)) from None
 
 
-def _acquire_unless_stopped(lock: SessionLock, inbox: _Inbox, seen: Seen) -> HolderInfo | None:
+def _acquire_unless_stopped(
+    lock: SessionLock, inbox: _Inbox, seen: Seen, out: int
+) -> HolderInfo | None:
     """The lock's record once held; None if stdin ended first with no request sent.
-    Raises `Stopped` for a stop signal that came while waiting (the wait has ended then,
-    and nothing is held)."""
+    Raises `Stopped` for a stop signal that came while waiting, and `_CallerGone` when
+    stdout (``out``) hung up meanwhile: the caller died, or closed it, and no answer
+    could reach it (the wait has ended then, and nothing is held)."""
     import asyncio
 
     seen.deferred = True  # the loop must see the signal, not a callback of it
     try:
-        info = asyncio.run(_acquire_unless_abandoned(lock, inbox, seen))
+        info = asyncio.run(_acquire_unless_abandoned(lock, inbox, seen, out))
     finally:
         seen.deferred, seen.wake = False, None
     if seen.signum:
@@ -526,13 +534,14 @@ def _acquire_unless_stopped(lock: SessionLock, inbox: _Inbox, seen: Seen) -> Hol
 
 
 async def _acquire_unless_abandoned(
-    lock: SessionLock, inbox: _Inbox, seen: Seen
+    lock: SessionLock, inbox: _Inbox, seen: Seen, out: int
 ) -> HolderInfo | None:
     import asyncio
 
     loop = asyncio.get_running_loop()
     abandoned = asyncio.Event()
     stopped = asyncio.Event()
+    hung_up = asyncio.Event()
 
     def wake(event: asyncio.Event) -> Callable[[], None]:
         def set_it() -> None:
@@ -548,9 +557,14 @@ async def _acquire_unless_abandoned(
         # A caller gone while hold waits ends the wait. Without a wait (``--no-wait``)
         # the one try ends on its own, and what it found (an etcd away) is said.
         inbox.on_idle_eof(wake(abandoned))
+    watching = _watch_hang_up(loop, out, hung_up)
     taking = asyncio.ensure_future(lock.acquire_async())
-    ends = {asyncio.ensure_future(abandoned.wait()), asyncio.ensure_future(stopped.wait())}
-    await asyncio.wait({taking, *ends}, return_when=asyncio.FIRST_COMPLETED)
+    ends = {asyncio.ensure_future(e.wait()) for e in (abandoned, stopped, hung_up)}
+    try:
+        await asyncio.wait({taking, *ends}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if watching:
+            loop.remove_reader(out)
     for end in ends:
         end.cancel()
     if not taking.done():
@@ -558,8 +572,34 @@ async def _acquire_unless_abandoned(
         try:
             await taking
         except asyncio.CancelledError:
+            if hung_up.is_set() and not stopped.is_set():
+                raise _CallerGone() from None
             return None
     return taking.result()
+
+
+def _watch_hang_up(loop: asyncio.AbstractEventLoop, fd: int, hung_up: asyncio.Event) -> bool:
+    """Set ``hung_up`` once stdout (``fd``) reports that nobody can read it: a caller
+    that sent requests, then died, must not leave `hold` waiting for a session it would
+    take for nobody. Whether it is watched: a pipe or socket is (an epoll reader hears
+    their hang-up, which poll(2) reports whatever was asked); a regular file or
+    /dev/null cannot be watched so and never hangs up, and a terminal (a reader would
+    hear what is typed) is not watched."""
+    if os.isatty(fd):
+        return False
+
+    def heard() -> None:
+        # Hung up, or data to read (a socket the caller writes to): nothing more to
+        # hear either way, and a reader left on would be called for ever.
+        loop.remove_reader(fd)
+        if _platform.hung_up(fd):
+            hung_up.set()
+
+    try:
+        loop.add_reader(fd, heard)
+    except (OSError, ValueError, NotImplementedError):
+        return False
+    return True
 
 
 def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1) -> int:
@@ -606,12 +646,14 @@ def _hold(served: _Session, heartbeat: float, inbox: _Inbox, out: _Out, seen: Se
                 if lock.on_contention == "fail":
                     raise
         if info is None:
-            info = _acquire_unless_stopped(lock, inbox, seen)
+            info = _acquire_unless_stopped(lock, inbox, seen, out.fd)
             if info is None:
                 # stdin ended first, with nothing asked: the wait ends here, and says
                 # what it found, as --no-wait's try does (a contended session exits 4;
                 # one free by now is held, then released at once, exit 0).
                 info = lock.acquire(timeout=0)
+    except _CallerGone:
+        return EXIT_OK  # stdout hung up while it waited: as a closed stdout, nothing held
     except SessionContendedError as e:
         _stderr(str(e))
         with contextlib.suppress(_CallerGone):

@@ -104,6 +104,17 @@ def wait_ready(
             [fd for fd in write if events.get(fd, 0) & (select.POLLOUT | done)])
 
 
+def hung_up(fd: int) -> bool:
+    """Whether ``fd`` (a pipe's or socket's end that is written to) reports that nobody
+    can read what is written to it any more: POLLHUP or POLLERR, as poll(2) says with no
+    event asked for. False where that cannot be asked (Windows)."""
+    if not hasattr(select, "poll"):
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)
+    return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
+
+
 def stop_signals() -> tuple[int, ...]:
     """The signals that ask a process to stop (Windows has no SIGHUP). A function, so
     that taking a lock never imports `signal`."""

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -523,6 +524,59 @@ def test_caller_gone_while_waiting_stops_the_wait(
     assert other.call("release") == "released"
     record = probe(session).record
     assert record is not None and record.token == token  # hold never took it
+
+
+@needs_posix
+@pytest.mark.parametrize("stdin", ["left open", "closed"])
+def test_a_caller_gone_after_asking_stops_the_wait_too(
+    session: Path, start_hold: StartHold, spawn_holder: SpawnHolder, stdin: str
+) -> None:
+    """A caller that sent a request, then died while hold waited (Node's process.exit):
+    its end of stdout is closed, so no answer can reach anyone, and the wait ends, as
+    for a closed stdout (exit 0, nothing held). It waited for good, then took the
+    session for nobody, and named the dead caller's lane as its last run."""
+    other = spawn_holder(session, lane="channel")
+    token = other.acquire()
+    h = start_hold(session, lane="dead")
+    h.send({"op": "append", "entry": {"who": "hold"}})
+    wait_for_blocked_waiter(session)
+    assert h.proc.stdout is not None
+    h.proc.stdout.close()
+    if stdin == "closed":
+        h.close_stdin()
+    assert h.proc.wait(timeout=30) == 0
+    assert h.stderr() == ""
+    assert other.call("release") == "released"
+    record = probe(session).record
+    assert record is not None and (record.token, record.lane) == (token, "channel")
+
+
+@needs_proc
+def test_a_caller_that_left_answers_unread_on_a_socket_is_a_caller_gone(session: Path) -> None:
+    """Node's ``stdio: "pipe"`` is a socket pair: a caller that dies while hold waits to
+    write answers it never read makes that write fail with ECONNRESET, not EPIPE. A
+    caller gone all the same: release, exit 0, nothing on stderr (a line there went to
+    the gateway's log)."""
+    ours, theirs = socket.socketpair()
+    with ours:
+        with theirs:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "x"],
+                stdin=subprocess.PIPE, stdout=theirs.fileno(), stderr=subprocess.PIPE)
+        assert proc.stdin is not None and proc.stderr is not None
+        try:
+            # More answers than the socket holds, none read: hold blocks writing one.
+            proc.stdin.write(b'{"op": "info"}\n' * 2000)
+            proc.stdin.flush()
+            thread_in_syscall(proc.pid, "write", main=True)
+        except BaseException:
+            reap(proc)
+            raise
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == b""
+    proc.stdin.close()
+    proc.stderr.close()
+    assert probe(session).state == "free"
 
 
 def test_closed_stdout_releases_and_exits_cleanly(session: Path, start_hold: StartHold) -> None:

@@ -45,6 +45,10 @@ class Hold {
   constructor(fencelock, session, lane, extra) {
     this.child = spawn(fencelock, ["hold", session, "--lane", lane, ...extra], {
       stdio: ["pipe", "pipe", "inherit"],
+      // A process group of its own: a Ctrl-C (or `kill -- -PGID`) meant for this
+      // program does not stop hold in the middle of the turn; hold still ends with this
+      // program, at end of its stdin.
+      detached: true,
     });
     this.answers = [];
     this.waiting = [];
