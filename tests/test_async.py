@@ -734,3 +734,43 @@ class _Suspended:
 
     def __await__(self) -> Any:
         yield
+
+
+def test_async_with_exit_waits_for_another_threads_append_off_the_loop(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task that offloads its append (``await asyncio.to_thread(lock.append, ...)``)
+    and is cancelled mid-write: its ``async with`` exit releases, which waits for that
+    append's write and fsync. Made on the loop, the wait blocked it, every other task
+    with it. Here the append's fsync waits until the loop itself lets it go: a release
+    made on the loop would wait for an fsync that waits for the loop."""
+    from fencelock import _fence
+
+    real, in_fsync, gate = _fence._fsync, threading.Event(), threading.Event()
+    opened_by_the_loop: list[bool] = []
+
+    def fsync(fd: int) -> None:
+        in_fsync.set()
+        opened_by_the_loop.append(gate.wait(10))
+        real(fd)
+
+    monkeypatch.setattr(_fence, "_fsync", fsync)
+    lock = SessionLock(session, "channel")
+
+    async def lane() -> None:
+        async with lock:
+            await asyncio.to_thread(lock.append, {"tool_output": "x"})
+
+    async def main() -> None:
+        task = asyncio.create_task(lane())
+        await asyncio.to_thread(in_fsync.wait, 30)  # the append is in its fsync
+        task.cancel()  # the task's exit runs next, then this callback
+        asyncio.get_running_loop().call_soon(gate.set)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    # (The file's fsync, then its new directory entry's.) The loop ran while the release waited.
+    assert opened_by_the_loop and all(opened_by_the_loop), opened_by_the_loop
+    assert not lock.held and probe(session).state == ProbeState.FREE
+    assert session.read_text() == '{"tool_output":"x"}\n'
