@@ -27,7 +27,8 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from fencelock import _platform
+from fencelock import _configsource, _platform
+from fencelock._configsource import Unresolved
 from fencelock._constants import SESSION_SUFFIX as _SESSION_SUFFIX
 from fencelock._constants import SIDECAR_SUFFIX as _SIDECAR_SUFFIX
 
@@ -85,6 +86,9 @@ class ConfigWarning:
     """The agents whose heartbeat blocks all turn their heartbeat off, when this agent
     has no block of its own: newer gateways leave it the defaults' heartbeat, older ones
     applied the explicit-only rule to it (openclaw #119005)."""
+    unknown_every: str = ""
+    """The interval, where it names environment variables this process does not set
+    (`_configsource.Unresolved`): taken to run."""
 
     @property
     def problem(self) -> str:
@@ -101,6 +105,9 @@ class ConfigWarning:
         if self.enabled_off:
             what += ('; enabled: false is no gateway setting and turns nothing off '
                      '(every: "0m" does)')
+        if self.unknown_every:
+            what += (f"; its interval, every: {self.unknown_every!r}, names a variable not "
+                     f"set here, so it is taken to run (check where the gateway's is set)")
         return what
 
     @property
@@ -265,8 +272,9 @@ def _read_fix(e: OSError) -> str:
     return "check the path and try again"
 
 
-def load(path: str | os.PathLike[str]) -> Any:
-    """Read and parse a config file; `ConfigError` naming the file for anything wrong."""
+def load(path: str | os.PathLike[str], limit: int = MAX_CONFIG) -> Any:
+    """Read and parse a config file (of at most ``limit`` bytes: less for a file the
+    config includes); `ConfigError` naming the file for anything wrong."""
     name = os.fspath(path)
     try:
         # O_NONBLOCK: a FIFO named as the config must not hang the check.
@@ -275,7 +283,7 @@ def load(path: str | os.PathLike[str]) -> Any:
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ConfigError(name, "not a regular file; name the config file itself")
-            data = f.read(MAX_CONFIG + 1)
+            data = f.read(limit + 1)
     except OSError as e:
         if e.errno == errno.ENXIO:  # a socket cannot be opened at all
             with contextlib.suppress(OSError):
@@ -284,9 +292,12 @@ def load(path: str | os.PathLike[str]) -> Any:
                     name, f"{what}, not a regular file; name the config file itself"
                 ) from None
         reason = e.strerror or type(e).__name__
-        raise ConfigError(name, f"cannot read it: {reason}; {_read_fix(e)}") from None
-    if len(data) > MAX_CONFIG:
-        raise ConfigError(name, f"larger than {MAX_CONFIG >> 20} MiB: not a gateway config")
+        fix = _read_fix(e) if limit == MAX_CONFIG else "fix the $include that names it"
+        raise ConfigError(name, f"cannot read it: {reason}; {fix}") from None
+    if len(data) > limit:
+        raise ConfigError(name, f"larger than {limit >> 20} MiB: not a gateway config"
+                          if limit == MAX_CONFIG else
+                          f"larger than {limit >> 20} MiB, more than the gateway includes")
     # Named by mistake, whatever they hold: a one-line session file or a holder record
     # parses as a config with no agents (the gateway's default heartbeat, warned of),
     # and a session file's torn last line must not be "mended" on the linter's word.
@@ -362,6 +373,8 @@ def _interval(every: object) -> bool:
     is what does not read as one (``true``, ``"1h30m"``, ``"5 m"``, ``"+5"``, ``"5e1"``,
     ``"-5"``, a number that JavaScript writes with an exponent: under 1e-6 or from 1e21),
     and an array stands for its only element (``[5]`` is ``"5"``)."""
+    if isinstance(every, Unresolved):
+        return True  # what the gateway reads there is not known here: taken to run
     if isinstance(every, list):
         return len(every) == 1 and _interval(every[0])
     if isinstance(every, bool) or not isinstance(every, (int, float, str)):
@@ -601,19 +614,29 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
         ignored = tuple(w for w in wheres.get(key, ()) if w != where)
         # No block of its own beside blocks that only opt out: older gateways ran none.
         opted_out = tuple(first[k][0] for k in blocks) if own is None else ()
+        every = merged.get("every")
         warnings.append(ConfigWarning(name, where, isolated, inherited, ignored=ignored,
                                       opted_out=opted_out,
+                                      unknown_every=str(every)
+                                      if isinstance(every, Unresolved) else "",
                                       enabled_off=merged.get("enabled") is False))
     return ConfigReport(tuple(warnings), tuple(notices))
 
 
-def check_file(path: str | os.PathLike[str]) -> list[ConfigWarning]:
-    """`load` then `check`."""
+def load_resolved(path: str | os.PathLike[str]) -> Any:
+    """`load`, then the config as the gateway reads it: its includes resolved, its
+    environment references substituted (`_configsource`)."""
     name = os.fspath(path)
-    return check(load(name), name)
+    return _configsource.resolve(load(name), name, load)
+
+
+def check_file(path: str | os.PathLike[str]) -> list[ConfigWarning]:
+    """`load_resolved` then `check`."""
+    name = os.fspath(path)
+    return check(load_resolved(name), name)
 
 
 def review_file(path: str | os.PathLike[str]) -> ConfigReport:
-    """`load` then `review`."""
+    """`load_resolved` then `review`."""
     name = os.fspath(path)
-    return review(load(name), name)
+    return review(load_resolved(name), name)

@@ -25,6 +25,7 @@ from fencelock._config import (
     load,
     parse,
     review,
+    review_file,
 )
 
 
@@ -787,3 +788,113 @@ def test_the_built_in_heartbeat_goes_where_either_gateway_would_run_it() -> None
     assert owners({"entries": {"gone": None, "solo": {}}}) == [("solo", "the only agent")]
     (implicit,) = check({"agents": {"entries": {"solo": {}}}})
     assert "for the default agent (the only agent), not isolated" in implicit.message
+
+
+# -- $include and ${VAR}, resolved as the gateway resolves them ---------------------------
+
+
+def _write(tmp_path: Path, **files: str) -> None:
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_included_agents_are_checked_as_the_gateway_merges_them(tmp_path: Path) -> None:
+    """The gateway resolves ``$include`` before it reads a setting: an agent whose
+    heartbeat block is in an included file runs that heartbeat, and the explicit-only
+    rule then leaves the others none. Read as a key of its own, the include hid the
+    real warning and made one up for the built-in heartbeat of ``main``."""
+    _write(tmp_path, **{
+        "openclaw.json5": '{agents: {"$include": "./agents/list.json5"}}',
+        # relative to the file that names it
+        "agents/list.json5": '{"$include": "./ops.json5", list: [{id: "main"}]}',
+        "agents/ops.json5": '{list: [{id: "ops", heartbeat: {every: "5m"}}]}',
+    })
+    report = review_file(tmp_path / "openclaw.json5")
+    # arrays concatenate: the included list first, then the one beside the include
+    assert [(w.agent, w.where) for w in report.warnings] == [("ops", "agents.list[0]")]
+    assert not any(w.implicit for w in report.warnings)  # main runs none
+
+
+@pytest.mark.parametrize(("top", "expected"), [
+    # an include in a heartbeat block: what it holds is the block
+    ('{agents: {list: [{id: "a", heartbeat: {"$include": "./hb.json5"}}]}}', []),
+    # keys beside the include are merged over it, and win
+    ('{agents: {list: [{id: "a", heartbeat: {"$include": "./hb.json5", '
+     'isolatedSession: false}}]}}', ["a"]),
+    # files of an array merged in order: the later file's value wins
+    ('{agents: {list: [{id: "a", heartbeat: {"$include": ["./hb.json5", "./off.json5"]}}]}}',
+     ["a"]),
+    ('{"$include": "./base.json5"}', []),
+])
+def test_includes_merge_deeply_siblings_and_later_files_winning(
+    tmp_path: Path, top: str, expected: list[str]
+) -> None:
+    _write(tmp_path, **{
+        "top.json5": top,
+        "hb.json5": '{every: "5m", isolatedSession: true}',
+        "off.json5": "{isolatedSession: false}",
+        "base.json5": '{agents: {defaults: {heartbeat: {every: "5m", isolatedSession: '
+                      'true}}, list: [{id: "a"}]}}',
+    })
+    assert names(check_file(tmp_path / "top.json5")) == expected
+
+
+@pytest.mark.parametrize(("files", "said"), [
+    ({"top.json5": '{"$include": "./top.json5"}'}, "includes a file that includes it"),
+    ({"top.json5": '{"$include": "./a.json5"}', "a.json5": '{"$include": "./top.json5"}'},
+     "includes a file that includes it"),
+    ({"top.json5": '{"$include": "./missing.json5"}'},
+     "missing.json5: cannot read it: No such file or directory; fix the $include that "
+     "names it (named by the $include in"),
+    ({"top.json5": '{"$include": 5}'}, "not a file name or an array of file names"),
+    ({"top.json5": '{"$include": "./list.json5", agents: {}}', "list.json5": "[1]"},
+     "do not hold an object"),
+    ({"top.json5": '{"$include": "./0.json5"}',
+      **{f"{i}.json5": f'{{"$include": "./{i + 1}.json5"}}' for i in range(11)},
+      "11.json5": "{}"}, "nests includes more than 10 deep"),
+])
+def test_an_include_the_gateway_refuses_is_an_error_naming_it(
+    tmp_path: Path, files: dict[str, str], said: str
+) -> None:
+    _write(tmp_path, **files)
+    out = CliRunner().invoke(main, ["check-config", str(tmp_path / "top.json5")])
+    assert out.exit_code == 1, out.output
+    assert said in out.output and "Traceback" not in out.output, out.output
+
+
+def test_includes_ten_deep_are_read(tmp_path: Path) -> None:
+    """The gateway's limit: ten nested includes are read, an eleventh is refused."""
+    _write(tmp_path, **{"top.json5": '{"$include": "./0.json5"}',
+                        **{f"{i}.json5": f'{{"$include": "./{i + 1}.json5"}}' for i in range(9)},
+                        "9.json5": '{agents: {list: [{id: "deep", heartbeat: {}}]}}'})
+    assert names(check_file(tmp_path / "top.json5")) == ["deep"]
+
+
+@pytest.mark.parametrize(("every", "environ", "warned", "unknown"), [
+    ("${HB_EVERY}", {"HB_EVERY": "5m"}, True, ""),
+    ("${HB_EVERY}", {"HB_EVERY": "0m"}, False, ""),  # the gateway reads no interval
+    # not set here (or empty, which the gateway takes for unset): taken to run, and said
+    ("${HB_EVERY}", {}, True, "${HB_EVERY}"),
+    ("${HB_EVERY}", {"HB_EVERY": ""}, True, "${HB_EVERY}"),
+    ("$${HB_EVERY}", {"HB_EVERY": "5m"}, False, ""),  # escaped: the text ${HB_EVERY}
+    ("${hb_every}", {"hb_every": "5m"}, False, ""),  # upper case only: left as written
+])
+def test_environment_references_are_substituted_as_the_gateway_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every: str, environ: dict[str, str],
+    warned: bool, unknown: str,
+) -> None:
+    """An interval from the environment (``every: "${HB_EVERY}"``) read as written is
+    no interval, and the heartbeat was taken to be off."""
+    for name in ("HB_EVERY", "hb_every"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "openclaw.json"
+    path.write_text(json.dumps(cfg(defaults={"every": every}, agents=[{"id": "a"}])))
+    warnings = check_file(path)
+    assert names(warnings) == (["a"] if warned else [])
+    if warned:
+        assert warnings[0].unknown_every == unknown
+        assert ("taken to run" in warnings[0].message) == bool(unknown)
