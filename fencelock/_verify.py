@@ -25,6 +25,9 @@ from fencelock._jsoncheck import JsonStream, is_json
 from fencelock._record import MAX_TOKEN
 from fencelock._tokens import STAMP_KEY, TAIL, stamp_of, trailing_stamp
 
+_JSON_SPACE = b" \t\r\n"
+"""What JSON counts as white space: a line of nothing else holds no entry."""
+
 
 @dataclass(frozen=True, slots=True)
 class Problem:
@@ -261,6 +264,8 @@ def _check(session: str, f: BinaryIO) -> tuple[VerifyReport, int]:
             if found is None:
                 continue
             token, run = found
+        elif not raw.strip(_JSON_SPACE):
+            continue  # a blank line: no entry, which readers of sessions pass over
         else:
             try:
                 # JSON as any reader takes it: no NaN, no Infinity (Python's own).

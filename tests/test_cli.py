@@ -1884,6 +1884,16 @@ def test_verify_problems_exit_5(session: Path) -> None:
     ]  # fmt: skip
 
 
+def test_verify_passes_over_blank_lines(session: Path) -> None:
+    """A blank line holds no entry (readers of session files pass over it): no torn
+    line, as a line that is not JSON is."""
+    session.write_bytes(b'{"a": 1}\n\n  \t\r\n{"b": 2}\n\n')
+    out = cli("verify", str(session))
+    assert out.returncode == 0 and out.stdout.endswith(": ok\n"), out.stdout
+    session.write_bytes(b'{"a": 1}\n.\n')
+    assert cli("verify", str(session)).returncode == 5  # one character is not blank
+
+
 def test_verify_missing_directory_exits_1(tmp_path: Path) -> None:
     out = cli("verify", str(tmp_path / "nope" / "x.jsonl"))
     assert out.returncode == 1
