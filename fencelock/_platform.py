@@ -482,8 +482,15 @@ def _read_locks() -> dict[tuple[int, int, int], list[tuple[int, bool]]]:
 
 
 def _command(pid: int) -> str | None:
+    """Process ``pid``'s command name (``/proc/<pid>/stat``'s, which is ``comm``'s); None
+    when it is gone, or has exited and is not yet reaped (a zombie: its descriptors are
+    closed, so what holds the lock it took is a process that inherited one)."""
     try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return os.fsdecode(f.read().rstrip(b"\n"))
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
     except OSError:
         return None
+    head, _, rest = data.rpartition(b")")
+    if rest.split()[:1] in ([b"Z"], [b"X"]):
+        return None
+    return os.fsdecode(head.partition(b"(")[2])

@@ -2481,18 +2481,29 @@ print(os.getpid(), child, flush=True)""")
 
 
 @needs_pidfd
-def test_held_by_names_no_process_that_is_gone(session: Path) -> None:
+@pytest.mark.parametrize("reaped", [True, False])
+def test_held_by_names_no_process_that_is_gone(session: Path, reaped: bool) -> None:
     """The run's wrapper is killed, then its command exits, leaving a child of its own
     that keeps the lock's descriptor: the session is live, but neither the run nor its
-    command holds it any more, and neither is named as the holder."""
+    command holds it any more, and neither is named as the holder. Also while the
+    killed wrapper is not yet reaped (a zombie, which the lock list still names, its
+    command name still readable): every recover answers the one fresh session."""
     with _run_python(session, LEAVES_A_CHILD) as proc, contextlib.ExitStack() as later:
         assert proc.stdout is not None
         command_pid, child = map(int, proc.stdout.readline().split())
         later.callback(os.kill, child, signal.SIGKILL)
         pidfd = os.pidfd_open(command_pid)
+        wrapper = os.pidfd_open(proc.pid)
+        later.callback(os.close, wrapper)
         proc.kill()
-        proc.wait(timeout=60)
+        if reaped:
+            proc.wait(timeout=60)
+        else:  # exited, not waited for
+            assert select.select([wrapper], [], [], 60)[0]
         _let_exit(proc, pidfd)  # the command's stdin: let it exit
+        if not reaped:
+            fresh = {cli("recover", "--wait", "0", str(session)).stdout for _ in range(2)}
+            assert len(fresh) == 1 and str(session) not in fresh, fresh
         st = probe(session)
         assert st.state == "live" and st.held_by is None, st
         assert f"held by pid {command_pid}" not in st.reason
