@@ -918,8 +918,7 @@ def _clear_locked(
         # Also beside it: the session file may lose its mark (written anew and renamed
         # over) before the session is taken again, or have none to keep it on.
         try:
-            kept = (_tokens.keep_removed(session, token, st.st_mode) if token and why is None
-                    else None)
+            kept = _tokens.keep_removed(session, token) if token and why is None else None
         except OSError as e:  # a directory this user cannot make a file in
             raise _sidecar.unlink_error(sidecar, e, done if was_stale else "") from None
         if why is not None:  # without the sidecar, its tokens could start over

@@ -397,17 +397,22 @@ def _lock_briefly(fd: int, shared: bool) -> bool:
     return True
 
 
-def keep_removed(session: str, token: int, sidecar_mode: int = 0o600) -> str | None:
+def keep_removed(session: str, token: int) -> str | None:
     """Raise the `REMOVED_MARKER` beside ``session`` to ``token`` (never lower it), before
     its sidecar is removed. None when it covers the token; else why it cannot. OSError
     when it cannot be made: the directory's doing, as the sidecar's removal would be.
 
-    The marker is 0644, and writable by the group where the sidecar (``sidecar_mode``)
-    is (a session shared with ``mode=0o660``): the group's members then raise it in
-    turn, as they take the sessions; else the first one's marker shut the others' ``clear
-    --remove`` out of the directory. One of this user's made narrower before is widened."""
-    path = os.path.join(os.path.dirname(session), REMOVED_MARKER)
-    mode = 0o664 if sidecar_mode & 0o020 else 0o644
+    The marker is 0644, and writable by the group where the directory is (sessions a
+    group shares): its members then raise it in turn, whatever mode each gives its own
+    sidecars; else the first one's marker shut the others' ``clear --remove`` out of the
+    directory. One of this user's made narrower before is widened."""
+    directory = os.path.dirname(session)
+    path = os.path.join(directory, REMOVED_MARKER)
+    try:
+        shared = bool(os.stat(directory or ".").st_mode & stat.S_IWGRP)
+    except OSError:
+        shared = False  # (the open below says why)
+    mode = 0o664 if shared else 0o644
     try:
         fd, st = _sidecar.open_regular(path, os.O_RDWR | os.O_CREAT, mode)
     except OSError as e:
@@ -454,7 +459,7 @@ def keep_before_set_aside(session: str, fd: int) -> None:
         return
     marked = os.path.isfile(session) and _cover(session, token, token) is not None
     with contextlib.suppress(OSError):  # (then the set-aside marker below cannot be made either)
-        if keep_removed(session, token, os.fstat(fd).st_mode) is None:
+        if keep_removed(session, token) is None:
             return
     if marked:  # kept until the file is written anew: the marker too, where it can be
         with contextlib.suppress(FenceLockError):

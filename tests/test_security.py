@@ -942,15 +942,16 @@ def test_a_token_marker_root_makes_in_a_users_directory_stays_theirs_to_raise() 
 @needs_root
 @pytest.mark.parametrize("made_before", [False, True])
 def test_a_groups_members_each_remove_sidecars_of_sessions_they_share(made_before: bool) -> None:
-    """Sessions shared by a group (``mode=0o660`` in a group's directory): the first
-    member's ``clear --remove`` makes the removed-token marker, which every member must
-    then raise as they remove sidecars. Made 0644 (the umask's), the others' kept every
-    sidecar ("cannot be written"). ``made_before``: one this user made so, by an earlier
+    """Sessions in a group's directory: the first member's ``clear --remove`` makes the
+    removed-token marker, which every member must then raise as they remove sidecars.
+    Made 0644 (the umask's), the others' kept every sidecar ("cannot be written"); so
+    too where that first member's own sidecar was 0600 (each member may give their
+    sidecars their own mode). ``made_before``: one this user made so, by an earlier
     version, is widened at their next removal."""
     from fencelock._tokens import REMOVED_MARKER
 
     group, first, second = 4242, NOBODY - 1, NOBODY
-    remove = ("with SessionLock(args['p'], 'gw', mode=0o660):\n"
+    remove = ("with SessionLock(args['p'], 'gw', mode=args['m']):\n"
               "    pass\n"
               "os.umask(0o022)\n"
               "done = fencelock.clear(args['p'], remove=True)\n"
@@ -962,9 +963,11 @@ def test_a_groups_members_each_remove_sidecars_of_sessions_they_share(made_befor
             marker.write_text("1")
             marker.chmod(0o644)
             os.chown(marker, first, group)
-        assert as_user(remove, uid=first, gid=group, p=str(sessions / "a.jsonl"))[0] is True
+        assert as_user(remove, uid=first, gid=group, p=str(sessions / "a.jsonl"),
+                       m=0o600)[0] is True
         assert stat.S_IMODE(marker.stat().st_mode) == 0o664
-        removed, reason = as_user(remove, uid=second, gid=group, p=str(sessions / "b.jsonl"))
+        removed, reason = as_user(remove, uid=second, gid=group, p=str(sessions / "b.jsonl"),
+                                  m=0o660)
         assert removed is True, reason
         assert marker.read_text() == ("3" if made_before else "2")  # b's started above a's
 
