@@ -416,7 +416,9 @@ def set_torn_tail_aside(
     except FileNotFoundError:
         raise SessionTakeoverError(session, expected, None) from None
     except OSError as e:
-        if _ends_whole(session):  # not this user's to write: only a torn line matters
+        # Not this user's to write (nor, then, the command's): only a torn line, known
+        # to be there, is worth saying.
+        if not _ends_torn(session):
             return expected
         raise SessionWriteError(session, e, "open") from None
     try:
@@ -435,15 +437,15 @@ def set_torn_tail_aside(
     return fp
 
 
-def _ends_whole(session: str) -> bool:
-    """Whether the session, opened to read only, is empty or ends in a newline (False
-    where it cannot be read either)."""
+def _ends_torn(session: str) -> bool:
+    """Whether the session, opened to read only, is known to end in a torn line: not
+    empty, and not ending in a newline (False where it cannot be read either)."""
     try:
         fd, st = _sidecar.open_regular(session, os.O_RDONLY)
     except (OSError, FenceLockError):
         return False
     try:
-        return st.st_size == 0 or _platform.pread(fd, 1, st.st_size - 1) == b"\n"
+        return st.st_size > 0 and _platform.pread(fd, 1, st.st_size - 1) != b"\n"
     except OSError:
         return False
     finally:
