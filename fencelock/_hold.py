@@ -557,14 +557,13 @@ async def _acquire_unless_abandoned(
         # A caller gone while hold waits ends the wait. Without a wait (``--no-wait``)
         # the one try ends on its own, and what it found (an etcd away) is said.
         inbox.on_idle_eof(wake(abandoned))
-    watching = _watch_hang_up(loop, out, hung_up)
+    unwatch = _watch_hang_up(loop, out, hung_up)
     taking = asyncio.ensure_future(lock.acquire_async())
     ends = {asyncio.ensure_future(e.wait()) for e in (abandoned, stopped, hung_up)}
     try:
         await asyncio.wait({taking, *ends}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if watching:
-            loop.remove_reader(out)
+        unwatch()
     for end in ends:
         end.cancel()
     if not taking.done():
@@ -578,28 +577,42 @@ async def _acquire_unless_abandoned(
     return taking.result()
 
 
-def _watch_hang_up(loop: asyncio.AbstractEventLoop, fd: int, hung_up: asyncio.Event) -> bool:
+def _watch_hang_up(
+    loop: asyncio.AbstractEventLoop, fd: int, hung_up: asyncio.Event
+) -> Callable[[], None]:
     """Set ``hung_up`` once stdout (``fd``) reports that nobody can read it: a caller
     that sent requests, then died, must not leave `hold` waiting for a session it would
-    take for nobody. Whether it is watched: a pipe or socket is (an epoll reader hears
-    their hang-up, which poll(2) reports whatever was asked); a regular file or
-    /dev/null cannot be watched so and never hangs up, and a terminal (a reader would
-    hear what is typed) is not watched."""
-    if os.isatty(fd):
-        return False
+    take for nobody. Returns what stops the watch. A pipe or socket is watched (an
+    epoll reader hears their hang-up, which poll(2) reports whatever was asked); a
+    regular file or /dev/null cannot be watched so and never hangs up, and a terminal
+    (a reader would hear what is typed) is not watched. A reader woken by data to read,
+    not a hang-up (a socket that is stdin too, as socat and inetd give), would be woken
+    again at once for as long as the data is there: from then on the hang-up is looked
+    for every `_HANG_UP_POLL` seconds instead."""
+    later: list[asyncio.TimerHandle] = []
 
-    def heard() -> None:
-        # Hung up, or data to read (a socket the caller writes to): nothing more to
-        # hear either way, and a reader left on would be called for ever.
-        loop.remove_reader(fd)
+    def look() -> None:
         if _platform.hung_up(fd):
             hung_up.set()
+        else:
+            later[:] = [loop.call_later(_HANG_UP_POLL, look)]
 
+    def heard() -> None:
+        loop.remove_reader(fd)
+        look()
+
+    def unwatch() -> None:
+        loop.remove_reader(fd)
+        for handle in later:
+            handle.cancel()
+
+    if os.isatty(fd):
+        return lambda: None
     try:
         loop.add_reader(fd, heard)
     except (OSError, ValueError, NotImplementedError):
-        return False
-    return True
+        return lambda: None
+    return unwatch
 
 
 def hold(lock: SessionLock, *, heartbeat: float, stdin: int = 0, stdout: int = 1) -> int:
@@ -676,6 +689,8 @@ def _hold(served: _Session, heartbeat: float, inbox: _Inbox, out: _Out, seen: Se
     return EXIT_OK
 
 
+_HANG_UP_POLL = 0.25
+"""Seconds between looks at a stdout whose reader woke for data (`_watch_hang_up`)."""
 _BEATING = frozenset({"append", "prompt_begin", "prompt_end", "touch"})
 """The requests that write the record's heartbeat, and so put off hold's own."""
 _WRITING = _BEATING | {"release"}

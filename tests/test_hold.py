@@ -551,6 +551,37 @@ def test_a_caller_gone_after_asking_stops_the_wait_too(
     assert record is not None and (record.token, record.lane) == (token, "channel")
 
 
+@needs_posix
+def test_a_caller_gone_is_heard_on_a_socket_that_is_stdin_too(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """One socket for stdin and stdout (socat ``EXEC:``, inetd): the caller's request
+    wakes the watch on stdout as data to read, not a hang-up. The caller then dies while
+    hold waits: its hang-up is still heard, and the wait ends."""
+    other = spawn_holder(session, lane="channel")
+    token = other.acquire()
+    ours, theirs = socket.socketpair()
+    with ours:
+        with theirs:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "dead"],
+                stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.PIPE)
+        try:
+            # More than hold reads ahead: requests left in the socket keep it readable.
+            ours.sendall(b'{"op": "info"}\n' * 7_000)  # (less than the socket holds)
+            wait_for_blocked_waiter(session)
+        except BaseException:
+            reap(proc)
+            raise
+    try:
+        assert proc.wait(timeout=30) == 0
+    finally:
+        reap(proc)
+    assert other.call("release") == "released"
+    record = probe(session).record
+    assert record is not None and (record.token, record.lane) == (token, "channel")
+
+
 @needs_proc
 def test_a_caller_that_left_answers_unread_on_a_socket_is_a_caller_gone(session: Path) -> None:
     """Node's ``stdio: "pipe"`` is a socket pair: a caller that dies while hold waits to
