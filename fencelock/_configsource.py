@@ -16,10 +16,13 @@ adds; fencelock reads what the config names wherever it is.)
 
 References as the gateway substitutes them, in every string: ``${NAME}``, NAME
 upper-case letters, digits and ``_`` (not starting with a digit), is the variable's
-value; ``$${NAME}`` is the text ``${NAME}``; anything else is left as it is. The gateway
-refuses a config whose variable is unset or empty; this process's environment may not
-be the gateway's, so such a string is kept, as `Unresolved`, and the check reads it
-for what it may be (a heartbeat interval it cannot read is taken to run).
+value; ``$${NAME}`` is the text ``${NAME}``; anything else is left as it is. The
+variables are the environment's, and, where it leaves one unset or blank, the config's
+own: its ``env.vars``, and the strings directly under ``env`` (not ones that hold a
+reference themselves). A variable set nowhere (the gateway refuses the config, or
+leaves the text, as its versions differ) may be set in the gateway's environment,
+which need not be this process's: such a string is kept, as `Unresolved`, and the check
+reads it for what it may be (a heartbeat interval it cannot read is taken to run).
 """
 
 from __future__ import annotations
@@ -56,7 +59,24 @@ def resolve(config: Any, path: str, read: Read,
     """``config`` (parsed from ``path``) with its includes resolved (files read with
     ``read``) and its references substituted from ``environ`` (this process's)."""
     included = _Includes(read).resolve(config, os.path.abspath(path), (), 0)
-    return substitute(included, os.environ if environ is None else environ)
+    given = os.environ if environ is None else environ
+    variables = {**_config_variables(included),
+                 **{name: value for name, value in given.items() if value.strip()}}
+    return substitute(included, variables)
+
+
+def _config_variables(config: Any) -> dict[str, str]:
+    """The variables a config sets itself (``env.vars``, and strings directly under
+    ``env``), which the gateway adds where its environment has none."""
+    env = config.get("env") if isinstance(config, dict) else None
+    if not isinstance(env, dict):
+        return {}
+    found = env.get("vars")
+    pairs = [*(found.items() if isinstance(found, dict) else ()),
+             *((k, v) for k, v in env.items() if k not in ("vars", "shellEnv"))]
+    return {name.strip(): value for name, value in pairs
+            if isinstance(name, str) and name.strip() and isinstance(value, str)
+            and value.strip() and not any(not m[1] for m in _REFERENCE.finditer(value))}
 
 
 def merge(target: Any, source: Any) -> Any:

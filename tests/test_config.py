@@ -898,3 +898,25 @@ def test_environment_references_are_substituted_as_the_gateway_does(
     if warned:
         assert warnings[0].unknown_every == unknown
         assert ("taken to run" in warnings[0].message) == bool(unknown)
+
+
+@pytest.mark.parametrize(("env", "environ", "warned"), [
+    ({"vars": {"HB_EVERY": "0m"}}, {}, False),  # the config's own: the heartbeat is off
+    ({"HB_EVERY": "0m"}, {}, False),  # a string directly under env, as vars
+    ({"vars": {"HB_EVERY": "0m"}}, {"HB_EVERY": "5m"}, True),  # the environment's first
+    ({"vars": {"HB_EVERY": "0m"}}, {"HB_EVERY": " "}, False),  # ...unless blank
+    ({"vars": {"HB_EVERY": "${OTHER}"}}, {"OTHER": "0m"}, True),  # not a reference itself
+])
+def test_a_configs_own_variables_fill_in_where_the_environment_has_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, Any],
+    environ: dict[str, str], warned: bool,
+) -> None:
+    for name in ("HB_EVERY", "OTHER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    config = cfg(defaults={"every": "${HB_EVERY}"}, agents=[{"id": "a"}])
+    config["env"] = env
+    path = tmp_path / "openclaw.json"
+    path.write_text(json.dumps(config))
+    assert names(check_file(path)) == (["a"] if warned else [])
