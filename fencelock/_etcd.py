@@ -1278,7 +1278,7 @@ class EtcdHolder:
         my = f"{self.lock_name}/{lease.id:x}"
         pfx = self.lock_name + "/"
         if not c.claim(my, fail, deadline, cancel):
-            raise self._contended(self._owner_record(deadline),
+            raise self._contended(self._owner_kvs(deadline),
                                   waited=None if fail else time.monotonic() - start)
         self._lease, self._my_key, self._token, self._lost = lease, my, 0, ""
         self._told = False
@@ -1303,7 +1303,7 @@ class EtcdHolder:
                     self._write_first(record(revision, self._last_checked(_kvs(responses[2]))))
                 return revision
             if fail:
-                raise self._contended(self._last(owner))
+                raise self._contended(owner)
             self._wait_for_turn(revision, deadline, cancel, record, start)
             return revision
         except BaseException:
@@ -1409,7 +1409,7 @@ class EtcdHolder:
                     if watch.deleted:
                         break  # seen, perhaps just as the time ran out: take the turn
                     if deadline is not None and now >= deadline:
-                        raise self._contended(self._owner_record(deadline),
+                        raise self._contended(self._owner_kvs(deadline),
                                               waited=now - start)
                     if now - watched >= recheck:
                         break  # look again: a watch may not survive an etcd restart
@@ -1464,7 +1464,7 @@ class EtcdHolder:
                 if deadline is not None and now >= deadline:
                     # Not this waiter's turn after all (an older key is left): only a
                     # turn taken may outlast the deadline.
-                    raise self._contended(self._owner_record(deadline), waited=now - start)
+                    raise self._contended(self._owner_kvs(deadline), waited=now - start)
             finally:
                 if not retired:
                     watch.stop()
@@ -1537,26 +1537,30 @@ class EtcdHolder:
         if deadline is not None and now >= deadline:
             if _NO_ANSWER in failed.why and len(self.url.endpoints) == 1:
                 raise failed from None
-            raise self._contended(self._owner_record(deadline), waited=now - start) from None
+            raise self._contended(self._owner_kvs(deadline), waited=now - start) from None
 
-    def _contended(self, owner: HolderInfo | None, waited: float | None = None,
-                   held_by: str = _WITHOUT_RECORD) -> SessionContendedError:
-        """The session is held: by the owner key's run, or, when its record is released,
-        by what that `fencelock run`'s command left running (its keeper keeps the key);
-        or, with no record, by what ``held_by`` says."""
-        if owner is not None and owner.state is State.RELEASED:
+    def _contended(self, owner: list[dict[str, Any]], waited: float | None = None
+                   ) -> SessionContendedError:
+        """The session is held: by the run of the owner key (the first of ``owner``), or,
+        when its record is released, by what that `fencelock run`'s command left running
+        (its keeper keeps the key); or, with no record, by the key (`_recordless`)."""
+        record = self._last(owner)
+        if record is not None and record.state is State.RELEASED:
             return SessionContendedError(self.session, None, waited=waited,
-                                         backend=self.url.text, last=owner)
-        return SessionContendedError(self.session, owner, waited=waited,
+                                         backend=self.url.text, last=record)
+        held_by = _recordless(owner, self.url.etcdctl) if owner and record is None else None
+        return SessionContendedError(self.session, record, waited=waited,
                                      backend=self.url.text, held_by=held_by)
 
-    def _owner_record(self, deadline: float | None) -> HolderInfo | None:
-        """The owner's record, for the message of a wait that ran out: a request like
-        any near the caller's deadline (bounded by the minimum past it). When etcd does
-        not answer it, `StoreUnavailableError`: that, not a holder, is what is known."""
+    def _owner_kvs(self, deadline: float | None) -> list[dict[str, Any]]:
+        """The owner key (with its record), for the message of a wait that ran out: a
+        request like any near the caller's deadline (bounded by the minimum past it).
+        When etcd does not answer it, `StoreUnavailableError`: that, not a holder, is
+        what is known."""
         r = self._cluster.call("/kv/range", _range(self.lock_name + "/", prefix=True,
                                                    first=True)["request_range"], deadline)
-        return self._last(r.get("kvs", []))
+        kvs: list[dict[str, Any]] = r.get("kvs", [])
+        return kvs
 
     def _abandon(self) -> None:
         """Take our key out of the queue (a failed or given-up acquire). A first record
@@ -1824,9 +1828,7 @@ class EtcdHolder:
 
         found = self.probe(0.0)
         if found.state is ProbeState.LIVE:
-            if found.record is None:  # the probe's account of the owner key (`_recordless`)
-                raise self._contended(None, held_by=found.reason.removeprefix("held by "))
-            raise self._contended(found.record)
+            raise found._contended(backend=self.url.text)
         if found.state is ProbeState.FREE and (not remove or found.record is None):
             return found  # nothing to clear, or (no record) nothing to remove
         self.acquire(True, time.monotonic() + _REQUEST_TIMEOUT * 2, None, None)
@@ -1909,8 +1911,9 @@ def _status(session: str, where: str, *, owner: list[dict[str, Any]],
             except CorruptRecordError:
                 record = None
             if record is None:
+                who = _recordless(owner, etcdctl)
                 status: HolderStatus = holder_status(
-                    session, where, states.LIVE, reason="held by " + _recordless(owner, etcdctl),
+                    session, where, states.LIVE, reason="held by " + who, _held_by=who,
                     _owner=_owner_of(owner))
             elif record.state is State.RELEASED:
                 # Only `fencelock run` leaves a released record in a live owner key: its

@@ -331,7 +331,7 @@ def holder_text(st: HolderStatus) -> str:
     from fencelock._errors import describe_holder
 
     return describe_holder(held_record(st), st.lock_owners,
-                           st.record if st.left_by_run else None)
+                           st.record if st.left_by_run else None, st._held_by or None)
 
 
 def held_record(st: HolderStatus) -> HolderInfo | None:

@@ -102,6 +102,9 @@ class HolderStatus:
     """The session is live, held by processes that the command of an ended `fencelock
     run` left running: ``record`` is that run's last record (released, or held by the
     run, killed with its command)."""
+    _held_by: str = field(default="", repr=False, compare=False)
+    """Live without a record: what holds the session, in the store's words, where it
+    says more than the lock's owners do (etcd: the owner key). Private, as ``_owner``."""
     _owner: str = field(default="", repr=False, compare=False)
     """etcd: the live owner key and its create revision, which tell one holder from the
     next also where it has written no record (yet). Private: not for callers (though
@@ -126,7 +129,8 @@ class HolderStatus:
         the ended `fencelock run` that left them)."""
         return SessionContendedError(self.session, self._live_record, waited=waited,
                                      lock_owners=self.lock_owners, backend=backend,
-                                     last=self.record if self.left_by_run else None)
+                                     last=self.record if self.left_by_run else None,
+                                     held_by=self._held_by or None)
 
     @property
     def pid(self) -> int | None:

@@ -2806,14 +2806,20 @@ def test_an_owner_key_with_another_clients_value_is_a_live_holder(
     assert f"held by the key {key}, which has no lease" in status.reason
     out = _cli("status", str(session), "--backend", url)
     assert out.returncode == 0 and "(not fencelock)" in out.stdout, out.stderr
+    # Every refusal says the same: not "until its lease runs out", nor what a sidecar's
+    # lock without a record would.
+    no_lease = f"held by the key {key}, which has no lease"
     out = _cli("wait", str(session), "--timeout", "0.2", "--backend", url)
-    assert out.returncode == 4 and "still held" in out.stderr, out.stderr
-    with pytest.raises(SessionContendedError):
+    assert out.returncode == 4 and "still " + no_lease in out.stderr, out.stderr
+    with pytest.raises(SessionContendedError) as refused:
         SessionLock(session, "x", on_contention="fail", backend=url).acquire()
-    # clear's refusal says the same, not what a sidecar's lock without a record would.
-    out = _cli("clear", str(session), "--backend", url)
-    assert out.returncode == 4 and f"the key {key}, which has no lease" in out.stderr, \
-        out.stderr
+    assert no_lease in str(refused.value) and "etcdctl --endpoints=" in str(refused.value)
+    with pytest.raises(SessionContendedError) as timed_out:
+        SessionLock(session, "x", timeout=0.2, backend=url).acquire()
+    assert no_lease in str(timed_out.value)
+    for args in (("clear",), ("recover", "--no-fresh", "--wait", "0")):
+        out = _cli(*args, str(session), "--backend", url)
+        assert out.returncode == 4 and no_lease in out.stderr, (args, out.stderr)
     # The advice, run as it is written (etcdctl on the PATH), reaches this etcd.
     advice = status.reason.rsplit("delete it: ", 1)[1]
     etcdctl = binary("etcdctl")
