@@ -967,7 +967,10 @@ class _Cluster:
                         continue  # gone already: nothing left to revoke
                     with self._mu:
                         self._to_revoke.append(lease_id)
-            if lease is not None and not lease.lost:
+            # A lease whose holder's clock already counts it lost (this process was
+            # paused past it) is not renewed: the holder said lost stays lost, whichever
+            # thread looks first once the process runs again.
+            if lease is not None and lease.alive():
                 sent = _lease_clock()
                 try:
                     # The time until the holder would count the lease lost (an answer
