@@ -1199,7 +1199,7 @@ class SessionLock:
 
     # -- recovery hook -----------------------------------------------------------
 
-    def on_abort(self, callback: Any) -> None:
+    def on_abort(self, callback: Callable[[], object]) -> None:
         """Register a callable that in-process `recover` calls to abort this run (the
         one held now, or else the next): the run's release forgets it."""
         self._abort_callbacks.append(callback)

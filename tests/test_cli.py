@@ -37,7 +37,14 @@ from conftest import (
     thread_in_syscall,
     wait_for_blocked_waiter,
 )
-from marks import needs_flock, needs_pidfd, needs_proc, needs_proc_locks, needs_tgkill
+from marks import (
+    needs_flock,
+    needs_pidfd,
+    needs_proc,
+    needs_proc_locks,
+    needs_root,
+    needs_tgkill,
+)
 
 from fencelock import (
     FenceLockError,
@@ -581,7 +588,8 @@ def _as_unprivileged() -> list[str]:
     if reach.returncode != 0:
         marks.unavailable("setpriv", "an unprivileged user cannot run this installation (a "
                           "private directory on the way to it)",
-                          fix="install it where every user can read it, as .ci/run does")
+                          fix="install it where every user can read it: the venv, and for an "
+                              "editable install (pip install -e) the checkout too")
     return prefix
 
 
@@ -603,6 +611,7 @@ def _private_directory(mode: int, *files: str) -> Iterator[Path]:
             private.chmod(0o700)
 
 
+@needs_root  # to drop to another user (root writes any file)
 @pytest.mark.parametrize(("torn", "readable"), [(False, True), (True, True), (False, False)])
 def test_a_run_that_may_only_read_its_session_warns_only_of_a_torn_line(
     torn: bool, readable: bool
@@ -612,8 +621,6 @@ def test_a_run_that_may_only_read_its_session_warns_only_of_a_torn_line(
     such, not as an entry to append again. Nor is anything said of one this user can
     neither write nor read (0600): no torn line is known there."""
     prefix = _as_unprivileged()
-    if not prefix:
-        pytest.skip("root can write any file: run as root, to drop to another user")
     with _private_directory(0o755) as sessions:
         os.chown(sessions, 65534, 65534)
         session = sessions / "s.jsonl"

@@ -2951,7 +2951,7 @@ class _Opens:
         os.close(self.fd)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+@marks.needs_linux  # inotify
 def test_fence_checks_open_the_session_when_the_holder_is_in_etcd(
     session: Path, url: str
 ) -> None:
@@ -3484,7 +3484,7 @@ def _sockets() -> int:
     return count
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+@marks.needs_linux  # reads /proc/self/fd
 def test_contended_acquires_that_give_up_leave_no_threads_or_connections_behind(
     session: Path, url: str, etcd_server: EtcdServer
 ) -> None:

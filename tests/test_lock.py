@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from conftest import SpawnHolder
 from interrupts import fds_naming
+from marks import needs_posix, needs_proc
 
 import fencelock
 from fencelock import (
@@ -756,7 +757,7 @@ def test_an_interrupt_at_any_point_of_a_timed_wait_leaves_no_lock_behind(
     assert set(_forkguard._open) == tracked
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
+@needs_proc  # lists descriptors from /proc/self/fd
 @pytest.mark.parametrize("start", ["new session", "session exists", "sidecar exists",
                                    "torn last line"])
 def test_an_interrupt_at_any_point_of_a_run_leaks_no_descriptor(tmp_path: Path, start: str) -> None:
@@ -811,7 +812,7 @@ def test_an_interrupt_at_any_point_of_a_run_leaks_no_descriptor(tmp_path: Path, 
     assert number > 50  # the run's code was walked
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
+@needs_proc  # lists descriptors from /proc/self/fd
 def test_an_interrupt_at_any_point_of_verify_leaks_no_descriptor(tmp_path: Path) -> None:
     """`verify()` with an interrupt landing at one point where a signal handler can run
     after another: the session file's descriptor is closed every time. `os.fdopen` is
@@ -837,7 +838,7 @@ def test_an_interrupt_at_any_point_of_verify_leaks_no_descriptor(tmp_path: Path)
     assert number > 10
 
 
-@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+@needs_posix  # setitimer
 def test_a_second_interrupt_as_a_timed_wait_s_cleanup_begins_leaves_no_lock_behind(
     session: Path, spawn_holder: SpawnHolder
 ) -> None:
@@ -1237,7 +1238,7 @@ def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
+@needs_proc  # lists descriptors from /proc/self/fd
 def test_an_interrupt_while_the_sidecar_is_checked_leaks_no_descriptor(session: Path) -> None:
     """KeyboardInterrupt (or a signal handler's exception) landing between the
     sidecar's open and its tracking: the descriptor is closed, not leaked (with the
@@ -1432,7 +1433,7 @@ def _interrupted_entering(*functions: Callable[..., Any]) -> Iterator[list[bool]
         sys.settrace(None)
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
+@needs_proc  # lists descriptors from /proc/self/fd
 def test_an_interrupt_as_a_release_closes_the_sidecar_leaks_no_descriptor(session: Path) -> None:
     """The release has unlocked; an interrupt lands as it closes the descriptor. It was
     left open (and tracked, so forks closed it again): one descriptor per such Ctrl-C."""
@@ -1633,7 +1634,7 @@ def test_an_interrupt_as_a_prompt_window_ends_leaves_the_write_phase(
     assert status.record is not None and status.record.phase == "write" and status.fence_ok
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
+@needs_proc  # lists descriptors from /proc/self/fd
 @pytest.mark.parametrize("where", ["its waiter is made", "its record is taken back"])
 def test_an_interrupt_in_a_contended_acquire_leaks_no_descriptor(
     session: Path, spawn_holder: SpawnHolder, where: str
@@ -1656,7 +1657,7 @@ def test_an_interrupt_in_a_contended_acquire_leaks_no_descriptor(
         pass
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc")
+@needs_proc  # lists descriptors from /proc/self/fd
 def test_an_interrupt_while_a_session_file_is_checked_leaks_no_descriptor(session: Path) -> None:
     from conftest import interrupted_on_entry
 

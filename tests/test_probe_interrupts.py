@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import SpawnHolder
 from interrupts import fds_naming, interrupted_at
+from marks import needs_proc
 
 import fencelock
 from fencelock import (
@@ -32,9 +33,7 @@ from fencelock import (
     _wait,
 )
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isdir("/proc/self/fd"), reason="lists descriptors from /proc"
-)
+pytestmark = needs_proc  # lists descriptors from /proc/self/fd
 
 WALKED = tuple(str(m.__file__) for m in (
     _probe, _recovery, _sidecar, _sidecar_holder, _forkguard, _wait, _registry, _cleanup,
