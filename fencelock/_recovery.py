@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import functools
 import hashlib
 import os
 import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from fencelock import (
@@ -120,10 +121,13 @@ def recover(
         _registry.abort(_registry.in_store(_registry.registry_key(session),
                                            "" if store is None else store.space))
         start = time.monotonic()
-        if store is not None:
-            released = store.wait_free(limit)
-        else:
-            released = _wait.wait_until_unlocked(sidecar, limit)
+        wait_once: Callable[[float | None], bool] = (
+            store.wait_free if store is not None
+            else functools.partial(_wait.wait_until_unlocked, sidecar))
+        released = _wait_for_let_go(
+            wait_once, lambda: _let_go(found, _probe.probe(session, stuck_after=stuck_after,
+                                                            backend=backend)),
+            limit, _LET_GO_LOOK if store is None else _LET_GO_LOOK_STORE)
         waited = time.monotonic() - start
         # The run waited for may have let go with another run taking the session at once
         # (a queued lane): then the lock was never seen free, yet the stuck run is gone,
@@ -154,10 +158,14 @@ def recover(
                         _remove_fresh(new)
                     raise
     now = _probe.probe(session, stuck_after=stuck_after, backend=backend)
-    # The run waited for was seen letting go (``released``): a look that still shows it
-    # holding met the lock taken for an instant (another recover's test of it, a clear
-    # of its stale record) while the run's process was still exiting.
-    ended = _holding_run(found) if released and not _let_go(found, now) else None
+    # The run waited for is gone: seen letting go (``released``: a look that still shows
+    # it holding met the lock taken for an instant, another recover's test of it or a
+    # clear of its stale record, while the run's process was still exiting), or seen
+    # gone with another run holding the session now (queued behind it). Then a fresh
+    # session a recover made for it is the answer: every recover that found it stuck
+    # answers the same.
+    ended = (_holding_run(found) if found.state is ProbeState.LIVE
+             and (released or _let_go(found, now)) else None)
     taken_over = _taken_over(session, now, backend, ended)
     if taken_over is None and found._owner and found.record is None and \
             now._owner != found._owner:
@@ -173,6 +181,30 @@ def recover(
             # run does.
             _probe.clear(session, backend=backend)
     return Recovery(Action.REFIRE, session, found, waited)
+
+
+_LET_GO_LOOK = 0.25
+"""Seconds between looks at whether the stuck run is gone while recover waits for the
+session's lock (`_wait_for_let_go`)."""
+_LET_GO_LOOK_STORE = 1.0
+"""The same with a holder store (etcd: each look is a request)."""
+
+
+def _wait_for_let_go(wait_once: Callable[[float | None], bool], gone: Callable[[], bool],
+                     limit: float | None, step: float) -> bool:
+    """Wait up to ``limit`` seconds for the session to be free (``wait_once``, a wait of
+    at most the time it is given): True once it is. A run queued behind the stuck one
+    that takes the session as it lets go leaves it never free: so every ``step``
+    seconds ``gone`` is asked whether the stuck run is gone, which ends the wait too
+    (False). (A sidecar's wait that times out leaves its helper blocked in the kernel,
+    and the next step's wait takes it over.)"""
+    deadline = None if limit is None else time.monotonic() + limit
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if wait_once(step if left is None else min(step, left)):
+            return True
+        if (deadline is not None and time.monotonic() >= deadline) or gone():
+            return False
 
 
 def _probe_through_restart(session: str, stuck_after: float, backend: str | None,

@@ -123,6 +123,37 @@ def test_a_stuck_run_that_hands_over_to_a_queued_run_during_the_wait_gets_a_refi
     assert probe(session).record.lane == "queued"  # type: ignore[union-attr]
 
 
+def test_recovers_that_found_one_stuck_run_answer_alike_when_a_queued_run_takes_over(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """Two recovers find the same run stuck: one with no wait starts the fresh session;
+    the other waits, and the stuck run then hands the session to a run queued behind
+    it, so its lock is never seen free. The waiting recover ends as the stuck run goes
+    (it waited out its whole limit before), and answers the fresh session the first
+    made for that run (it re-fired the old one: the conversation split in two)."""
+    session.write_text('{"n": 1}\n')
+    stuck, queued = spawn_holder(session, lane="stuck"), spawn_holder(session, lane="queued")
+    stuck.acquire()
+    queued.send("acquire")
+    wait_for_blocked_waiter(session, proc=queued.proc)
+    late = subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "recover", "--wait", "60", "--json",
+         str(session)], stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for_blocked_waiter(session, proc=late)  # it found the run stuck, and waits
+        first = recover(session, wait=0)
+        assert first.action == Action.FRESH, first
+        assert stuck.call("release") == "released"
+        assert queued.read().startswith("acquired")  # at once: the lock never free
+        out, _ = late.communicate(timeout=60)
+    finally:
+        reap(late)
+    answer = json.loads(out)
+    assert (answer["action"], answer["session"]) == ("fresh", first.session), answer
+    assert answer["waited"] < 60, answer  # the stuck run's going ended it, not the limit
+    assert probe(session).record.lane == "queued"  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("fresh", [False, True])
 def test_a_session_unreadable_after_the_wait_is_never_taken_for_let_go(
     session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch, fresh: bool
@@ -139,8 +170,9 @@ def test_a_session_unreadable_after_the_wait_is_never_taken_for_let_go(
     moved = sidecar.with_name("moved.holder")
 
     def timed_out_and_unreadable(path: str, limit: float | None) -> bool:
-        sidecar.rename(moved)  # the run holds it on; what is at the path is unreadable
-        os.mkfifo(sidecar)
+        if not moved.exists():  # (the first of the wait's steps)
+            sidecar.rename(moved)  # the run holds it on; what is at the path is unreadable
+            os.mkfifo(sidecar)
         return False  # the wait ran out
 
     monkeypatch.setattr(_wait, "wait_until_unlocked", timed_out_and_unreadable)
