@@ -59,9 +59,10 @@ def resolve(config: Any, path: str, read: Read,
     """``config`` (parsed from ``path``) with its includes resolved (files read with
     ``read``) and its references substituted from ``environ`` (this process's)."""
     included = _Includes(read).resolve(config, os.path.abspath(path), (), 0)
-    given = os.environ if environ is None else environ
-    variables = {**_config_variables(included),
-                 **{name: value for name, value in given.items() if value.strip()}}
+    variables = dict(os.environ if environ is None else environ)
+    for name, value in _config_variables(included).items():
+        if not variables.get(name, "").strip():  # the gateway's: only where unset or blank
+            variables[name] = value
     return substitute(included, variables)
 
 
@@ -165,7 +166,7 @@ def _substituted(text: str, environ: Mapping[str, str]) -> str:
         if m[1]:  # $${NAME}: the text ${NAME}
             return m[0][1:]
         found = environ.get(m[2], "")
-        if not found:
+        if not found:  # (unset or empty: a blank one is substituted as it is)
             unset.append(m[2])
             return m[0]
         return found

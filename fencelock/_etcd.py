@@ -221,7 +221,8 @@ class _Lease:
             return False
         if _lease_clock() >= self.confirmed_until - self.safety():
             self.lost = ("its etcd lease could not be renewed in time: etcd did not answer, "
-                         "or this process was paused for longer than the lease's TTL")
+                         "or this process was paused or stalled past what its last renewal "
+                         "vouched for (the lease's TTL less the time since, less a margin)")
             return False
         return True
 

@@ -483,14 +483,24 @@ def _read_locks() -> dict[tuple[int, int, int], list[tuple[int, bool]]]:
 
 def _command(pid: int) -> str | None:
     """Process ``pid``'s command name (``/proc/<pid>/stat``'s, which is ``comm``'s); None
-    when it is gone, or has exited and is not yet reaped (a zombie: its descriptors are
-    closed, so what holds the lock it took is a process that inherited one)."""
+    when it is gone, or has exited and is not yet reaped (a zombie with no thread left:
+    its descriptors are closed, so what holds the lock it took is a process that
+    inherited one)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
     head, _, rest = data.rpartition(b")")
-    if rest.split()[:1] in ([b"Z"], [b"X"]):
+    if rest.split()[:1] in ([b"Z"], [b"X"]) and not _threads_left(pid):
         return None
     return os.fsdecode(head.partition(b"(")[2])
+
+
+def _threads_left(pid: int) -> bool:
+    """Whether threads of process ``pid`` run on after its first one exited (which
+    leaves that one a zombie while they do)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False

@@ -39,6 +39,7 @@ from fencelock._errors import (
     HolderLostError,
     SessionContendedError,
     SidecarAccessError,
+    StoreUnavailableError,
     UnsafePathError,
     shell_word,
 )
@@ -193,18 +194,24 @@ _LET_GO_LOOK_STORE = 1.0
 def _wait_for_let_go(wait_once: Callable[[float | None], bool], gone: Callable[[], bool],
                      limit: float | None, step: float) -> bool:
     """Wait up to ``limit`` seconds for the session to be free (``wait_once``, a wait of
-    at most the time it is given): True once it is. A run queued behind the stuck one
-    that takes the session as it lets go leaves it never free: so every ``step``
-    seconds ``gone`` is asked whether the stuck run is gone, which ends the wait too
-    (False). (A sidecar's wait that times out leaves its helper blocked in the kernel,
-    and the next step's wait takes it over.)"""
+    at most the time it is given, None for no limit): True once it is. A run queued
+    behind the stuck one that takes the session as it lets go leaves it never free: so
+    every ``step`` seconds ``gone`` is asked whether the stuck run is gone, which ends
+    the wait too (False). (A sidecar's wait that times out leaves its helper blocked in
+    the kernel, and the next step's wait takes it over.)"""
     deadline = None if limit is None else time.monotonic() + limit
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if wait_once(step if left is None else min(step, left)):
-            return True
-        if (deadline is not None and time.monotonic() >= deadline) or gone():
-            return False
+        try:
+            if wait_once(step if left is None else min(step, left)):
+                return True
+            if (deadline is not None and time.monotonic() >= deadline) or gone():
+                return False
+        except StoreUnavailableError:
+            # The store is away (etcd restarting): the rest of the wait in one, which
+            # rides a restart out as a waiting run does; a step's would give up at its end.
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return wait_once(left)
 
 
 def _probe_through_restart(session: str, stuck_after: float, backend: str | None,

@@ -402,14 +402,17 @@ def keep_removed(session: str, token: int) -> str | None:
     its sidecar is removed. None when it covers the token; else why it cannot. OSError
     when it cannot be made: the directory's doing, as the sidecar's removal would be.
 
-    The marker is 0644, and writable by the group where the directory is (sessions a
-    group shares): its members then raise it in turn, whatever mode each gives its own
-    sidecars; else the first one's marker shut the others' ``clear --remove`` out of the
-    directory. One of this user's made narrower before is widened."""
+    The marker is 0644, and writable by the group where the directory is, and not by
+    everyone (sessions a group shares): its members then raise it in turn, whatever
+    mode each gives its own sidecars; else the first one's marker shut the others'
+    ``clear --remove`` out of the directory. One of this user's made narrower before is
+    widened."""
     directory = os.path.dirname(session)
     path = os.path.join(directory, REMOVED_MARKER)
     try:
-        shared = bool(os.stat(directory or ".").st_mode & stat.S_IWGRP)
+        where = os.stat(directory or ".").st_mode
+        # (A directory anyone may write to, as /tmp, is nobody's group in particular.)
+        shared = bool(where & stat.S_IWGRP) and not where & stat.S_IWOTH
     except OSError:
         shared = False  # (the open below says why)
     mode = 0o664 if shared else 0o644

@@ -906,6 +906,7 @@ def test_environment_references_are_substituted_as_the_gateway_does(
     ({"vars": {"HB_EVERY": "0m"}}, {"HB_EVERY": "5m"}, True),  # the environment's first
     ({"vars": {"HB_EVERY": "0m"}}, {"HB_EVERY": " "}, False),  # ...unless blank
     ({"vars": {"HB_EVERY": "${OTHER}"}}, {"OTHER": "0m"}, True),  # not a reference itself
+    ({}, {"HB_EVERY": " "}, False),  # blank, with none in the config: " ", no interval
 ])
 def test_a_configs_own_variables_fill_in_where_the_environment_has_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, Any],

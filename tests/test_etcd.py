@@ -3925,6 +3925,57 @@ def test_wait_rides_out_an_etcd_restart_within_the_holders_lease(
         assert out.strip() == str(session)
 
 
+def _watchers(server: EtcdServer) -> int:
+    """How many watches etcd has open (its ``etcd_debugging_mvcc_watcher_total`` gauge)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{server.endpoint}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("etcd_debugging_mvcc_watcher_total "):
+                return int(float(line.split()[1]))
+    raise AssertionError("etcd reports no watcher gauge")
+
+
+def test_recover_rides_out_an_etcd_restart_that_comes_during_its_wait(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    """etcd restarts while `recover --wait` waits for the holder (the wait, done in
+    short steps that look whether the stuck run is gone, gave up at the end of the step
+    the outage fell in, exit 1): it rides the restart out as a waiting run does."""
+    import socket
+
+    url = own_etcd.url(f"wr2-{uuid.uuid4().hex[:8]}", ttl=30)
+    lock = SessionLock(session, "holder", backend=url)
+    lock.acquire()
+    before = _watchers(own_etcd)
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "recover", "--wait", "60", str(session),
+         "--backend", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    placeholder: socket.socket | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while _watchers(own_etcd) <= before:  # waiting: its watch on the holder is open
+            assert waiter.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        own_etcd.kill(signal.SIGKILL)
+        placeholder = socket.create_server(("127.0.0.1", own_etcd.client_port))
+        placeholder.settimeout(60)
+        conn, _ = placeholder.accept()  # the wait asked while etcd was away
+        conn.close()
+        placeholder.close()
+        own_etcd.start()
+        lock.release()
+        out, err = waiter.communicate(timeout=60)
+    finally:
+        if placeholder is not None:
+            placeholder.close()
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.communicate()
+    assert waiter.returncode == 0, err
+    assert out.strip() == str(session)
+
+
 def test_a_wait_that_runs_out_while_etcd_hangs_says_etcd_did_not_answer(
     session: Path, own_etcd: EtcdServer
 ) -> None:

@@ -2663,3 +2663,36 @@ def test_a_copy_made_after_the_write_and_renamed_over_the_session_holds_the_line
         monkeypatch.undo()
     assert session.read_bytes() == b'{"n":1}\n{"n":2}\n'
     assert caught.value.stored is True
+
+
+OUT_OF_DESCRIPTORS = """
+import os, resource, sys
+from fencelock import _fence, _fingerprint, SessionWriteError
+session = sys.argv[1]
+expected = _fingerprint.take(session, _fingerprint.STAT)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+try:
+    _fence.set_torn_tail_aside(session, expected, _fingerprint.STAT)
+except SessionWriteError as e:
+    print("raised", e.cause.errno)
+else:
+    print("returned")
+"""
+
+
+def test_a_torn_line_that_cannot_be_opened_for_want_of_descriptors_is_said(
+    session: Path
+) -> None:
+    """Only a user who may not write the session (nor, then, its command) is spared the
+    torn line's warning: a session that cannot be opened for another cause (no
+    descriptor left) is reported, its torn line left for the command to join."""
+    session.write_bytes(b'{"a": 1}\n{"b": 2, "ha')
+    out = subprocess.run([sys.executable, "-c", OUT_OF_DESCRIPTORS, str(session)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout == f"raised {errno.EMFILE}\n", out.stderr

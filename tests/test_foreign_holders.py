@@ -68,6 +68,43 @@ def test_a_flock_holder_behind_a_dead_runs_record_is_named_not_the_dead_pid(
     assert refused.returncode == 4 and promise in refused.stderr, refused.stderr
 
 
+# Takes the lock, then its first thread exits (pthread_exit) while another runs on: the
+# process shows as a zombie (Z) in /proc/PID/stat, and holds the lock all the same.
+FIRST_THREAD_EXITS = """
+import ctypes, fcntl, os, sys, threading
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+threading.Thread(target=sys.stdin.readline).start()
+print("locked", flush=True)
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+@needs("linux")
+def test_a_holder_whose_first_thread_exited_is_named_as_it_runs_on(session: Path) -> None:
+    """A process that exited is named as gone (what holds its lock inherited it), but
+    one whose first thread alone exited runs on and holds the lock itself: it is named,
+    by its pid and command."""
+    proc = subprocess.Popen([sys.executable, "-c", FIRST_THREAD_EXITS, str(sidecar(session))],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+        deadline = time.monotonic() + 30
+        while True:  # until its first thread has exited: then it shows as a zombie
+            with open(f"/proc/{proc.pid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] == "Z":
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        st = probe(session)
+        assert st.state == "live" and st.held_by == proc.pid, st
+        assert st.lock_owners is not None and [(o.pid, o.command is not None)
+                                               for o in st.lock_owners] == [(proc.pid, True)]
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 def test_a_holder_in_another_pid_namespace_is_not_named_by_a_pid_of_this_one(
     session: Path, foreign_holder: SpawnForeignHolder
 ) -> None:

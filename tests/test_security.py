@@ -973,6 +973,22 @@ def test_a_groups_members_each_remove_sidecars_of_sessions_they_share(made_befor
 
 
 @needs_root
+def test_a_token_marker_in_a_directory_anyone_may_write_is_not_the_groups() -> None:
+    """In a directory anyone may write to (a sticky /tmp), group write on the directory
+    is no group's sharing: the marker stays 0644, or the user's primary group could
+    lower it (tokens would start over)."""
+    from fencelock._tokens import REMOVED_MARKER
+
+    with open_directory(0o1777) as sessions:
+        assert as_user("with SessionLock(args['p'], 'gw'):\n"
+                       "    pass\n"
+                       "os.umask(0o022)\n"
+                       "result = fencelock.clear(args['p'], remove=True).removed\n",
+                       p=str(sessions / "a.jsonl")) is True
+        assert stat.S_IMODE((sessions / REMOVED_MARKER).stat().st_mode) == 0o644
+
+
+@needs_root
 def test_root_leaves_its_files_as_they_are_where_anyone_may_write() -> None:
     """In a directory anyone may write to (a sticky /tmp), another user's file is
     refused as planted: root's files stay root's there."""
