@@ -418,7 +418,7 @@ def set_torn_tail_aside(
     except OSError as e:
         # Not this user's to write (nor, then, the command's): only a torn line, known
         # to be there, is worth saying. (Any other failure, out of descriptors say, is.)
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not _ends_torn(session):
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not ends_torn(session):
             return expected
         raise SessionWriteError(session, e, "open") from None
     try:
@@ -437,7 +437,7 @@ def set_torn_tail_aside(
     return fp
 
 
-def _ends_torn(session: str) -> bool:
+def ends_torn(session: str) -> bool:
     """Whether the session, opened to read only, is known to end in a torn line: not
     empty, and not ending in a newline (False where it cannot be read either)."""
     try:

@@ -271,13 +271,18 @@ def _set_torn_tail_aside(lock: SessionLock) -> None:
     appends (said with a warning line). One that cannot be moved is said, and the
     command runs all the same: it may not write the session at all."""
     from fencelock._errors import FenceLockError, SessionWriteError
+    from fencelock._fence import ends_torn
 
     try:
         lock._set_torn_tail_aside()
     except SessionWriteError as e:  # (its own words are for an entry to append again)
-        why = e.cause.strerror or type(e.cause).__name__
-        warning_line(f"{lock.session}: its last line is torn and could not be moved aside "
-                     f"({e.what} failed: {why}); a line the command appends would join it")
+        failed = f"{e.what} failed: {e.cause.strerror or type(e.cause).__name__}"
+        if ends_torn(lock.session):
+            warning_line(f"{lock.session}: its last line is torn and could not be moved "
+                         f"aside ({failed}); a line the command appends would join it")
+        else:
+            warning_line(f"{lock.session}: its last line could not be checked for a torn "
+                         f"line ({failed}); a line the command appends may join one")
     except (FenceLockError, OSError) as e:
         warning_line(f"{lock.session}: a torn last line may be left for the command's "
                      f"first line to join: {e}")
