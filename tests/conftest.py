@@ -372,6 +372,18 @@ def etcd_server() -> Iterator[EtcdServer]:
     server.stop()
 
 
+def etcd_watchers(server: EtcdServer) -> int:
+    """How many watches etcd serves (its ``etcd_debugging_mvcc_watcher_total``): a
+    waiter's watch on the key it waits for is how a test sees it waiting."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{server.endpoint}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("etcd_debugging_mvcc_watcher_total "):
+                return int(float(line.split()[1]))
+    raise AssertionError("etcd reports no watcher count")
+
+
 @pytest.fixture(params=STORES)
 def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
     """The backend URL of the store under test (None: sidecars), also set as

@@ -12,14 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import hammer
+from conftest import etcd_watchers, hammer
 from marks import needs_linux
 
 if TYPE_CHECKING:
@@ -108,15 +107,6 @@ def test_the_etcd_floor_is_measured_beside_fencelock(report: dict[str, Any]) -> 
                for n in report["notes"])
 
 
-def _watchers(server: EtcdServer) -> int:
-    """How many watches etcd serves (its ``etcd_debugging_mvcc_watcher_total``)."""
-    with urllib.request.urlopen(f"http://{server.endpoint}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("etcd_debugging_mvcc_watcher_total "):
-                return int(float(line.split()[1]))
-    raise AssertionError("etcd reports no watcher count")
-
-
 def _wait_for(what: str, ready: Callable[[], bool], unless: threading.Event | None = None,
               limit: float = 30.0) -> None:
     """Return once ``ready()``; fail if ``unless`` is set first. ``limit`` bounds a
@@ -166,14 +156,14 @@ def test_the_etcd_floor_and_fencelock_exclude_each_other(
                 finally:
                     done.set()
 
-            _wait_for("closed the last round's watch", lambda: _watchers(own_etcd) == 0)
+            _wait_for("closed the last round's watch", lambda: etcd_watchers(own_etcd) == 0)
             holder.acquire()
             held = fencelock.probe(session, backend=url).record
             assert held is not None and held.state == "held"
             t = threading.Thread(target=wait)
             t.start()
             # The waiter blocks in a watch on the holder's key; it must not finish first.
-            _wait_for("watched the holder's key", lambda: _watchers(own_etcd) == 1, done)
+            _wait_for("watched the holder's key", lambda: etcd_watchers(own_etcd) == 1, done)
             status = fencelock.probe(session, backend=url)
             assert status.record is not None and status.record.token == held.token
             assert status.waiters == 1

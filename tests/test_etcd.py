@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import marks
 import pytest
-from conftest import TEST_TTL, SpawnHolder, record_of, wait_for_no_owner
+from conftest import TEST_TTL, SpawnHolder, etcd_watchers, record_of, wait_for_no_owner
 
 from fencelock import (
     Action,
@@ -3887,6 +3887,19 @@ def test_a_release_etcd_does_not_answer_says_what_the_session_will_read_as(
         assert taken.held
 
 
+def _answer_after_restart(placeholder: Any, server: EtcdServer, lock: SessionLock,
+                          waiter: subprocess.Popen[str]) -> tuple[str, str]:
+    """etcd is away, a placeholder on its port: once the waiter asks through it (it has
+    seen the outage), etcd starts again and ``lock`` lets go; the waiter's output."""
+    placeholder.settimeout(60)
+    conn, _ = placeholder.accept()
+    conn.close()
+    placeholder.close()
+    server.start()
+    lock.release()
+    return waiter.communicate(timeout=60)
+
+
 @pytest.mark.parametrize("command", [["wait", "--timeout", "60"], ["recover", "--wait", "60"]],
                          ids=["wait", "recover"])
 def test_wait_rides_out_an_etcd_restart_within_the_holders_lease(
@@ -3908,13 +3921,7 @@ def test_wait_rides_out_an_etcd_restart_within_the_holders_lease(
         [sys.executable, "-m", "fencelock", *command, str(session), "--backend", url],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        placeholder.settimeout(60)
-        conn, _ = placeholder.accept()  # the wait asked while etcd was away
-        conn.close()
-        placeholder.close()
-        own_etcd.start()
-        lock.release()
-        out, err = waiter.communicate(timeout=60)
+        out, err = _answer_after_restart(placeholder, own_etcd, lock, waiter)
     finally:
         placeholder.close()
         if waiter.poll() is None:
@@ -3923,17 +3930,6 @@ def test_wait_rides_out_an_etcd_restart_within_the_holders_lease(
     assert waiter.returncode == 0, err
     if command[0] == "recover":  # the holder is gone: the session itself is reused
         assert out.strip() == str(session)
-
-
-def _watchers(server: EtcdServer) -> int:
-    """How many watches etcd has open (its ``etcd_debugging_mvcc_watcher_total`` gauge)."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://{server.endpoint}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("etcd_debugging_mvcc_watcher_total "):
-                return int(float(line.split()[1]))
-    raise AssertionError("etcd reports no watcher gauge")
 
 
 def test_recover_rides_out_an_etcd_restart_that_comes_during_its_wait(
@@ -3947,25 +3943,19 @@ def test_recover_rides_out_an_etcd_restart_that_comes_during_its_wait(
     url = own_etcd.url(f"wr2-{uuid.uuid4().hex[:8]}", ttl=30)
     lock = SessionLock(session, "holder", backend=url)
     lock.acquire()
-    before = _watchers(own_etcd)
+    before = etcd_watchers(own_etcd)
     waiter = subprocess.Popen(
         [sys.executable, "-m", "fencelock", "recover", "--wait", "60", str(session),
          "--backend", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     placeholder: socket.socket | None = None
     try:
         deadline = time.monotonic() + 30
-        while _watchers(own_etcd) <= before:  # waiting: its watch on the holder is open
+        while etcd_watchers(own_etcd) <= before:  # waiting: its watch on the holder is open
             assert waiter.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
         own_etcd.kill(signal.SIGKILL)
         placeholder = socket.create_server(("127.0.0.1", own_etcd.client_port))
-        placeholder.settimeout(60)
-        conn, _ = placeholder.accept()  # the wait asked while etcd was away
-        conn.close()
-        placeholder.close()
-        own_etcd.start()
-        lock.release()
-        out, err = waiter.communicate(timeout=60)
+        out, err = _answer_after_restart(placeholder, own_etcd, lock, waiter)
     finally:
         if placeholder is not None:
             placeholder.close()
