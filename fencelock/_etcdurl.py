@@ -47,7 +47,12 @@ class EtcdURL:
 
     @property
     def _hosts(self) -> str:
-        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.endpoints)
+        return ",".join(self._host_ports)
+
+    @property
+    def _host_ports(self) -> list[str]:
+        """Each endpoint as ``HOST:PORT`` (an IPv6 address in brackets)."""
+        return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.endpoints]
 
     @property
     def text(self) -> str:
@@ -70,8 +75,7 @@ class EtcdURL:
         from fencelock._errors import shell_word
 
         scheme = "https" if self.tls else "http"
-        urls = ",".join(f"{scheme}://[{h}]:{p}" if ":" in h else f"{scheme}://{h}:{p}"
-                        for h, p in self.endpoints)
+        urls = ",".join(f"{scheme}://{host_port}" for host_port in self._host_ports)
         flags = [f"--{name}={shell_word(value)}" for name, value in (
             ("endpoints", urls), ("cacert", self.ca), ("cert", self.cert), ("key", self.key)
         ) if value is not None]

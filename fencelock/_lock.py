@@ -1017,13 +1017,13 @@ class SessionLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._store.releases_in_place and not (
-                self._appending and self._appending != threading.get_ident()
-                and exc_type is not GeneratorExit):
+        # The sidecar's release waits for an append another thread is writing, for its
+        # write and fsync: then not on the event loop either.
+        another_appends = self._appending and self._appending != threading.get_ident()
+        if self._store.releases_in_place and (
+                not another_appends or exc_type is GeneratorExit):
             self.__exit__(exc_type, exc, tb)
             return
-        # (The sidecar's release waits for an append another thread is writing, for its
-        # write and fsync: not on the event loop either.)
         if exc_type is GeneratorExit:  # being closed: nothing can be awaited
             self._give_back_closed(self._run_id)
             return
