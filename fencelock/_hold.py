@@ -17,6 +17,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from fencelock._constants import EXIT_CONTENDED, EXIT_ERROR, EXIT_OK
 from fencelock._errors import (
     BadRequestError,
     FenceLockError,
+    FenceLockWarning,
     HoldArgumentError,
     HolderLostError,
     SessionContendedError,
@@ -700,6 +702,36 @@ _NOTHING = _TooLong(-1)
 """No request came for a beat (a stand-in no reader puts in the queue)."""
 
 
+def _handled(served: _Session, op: str, request: dict[str, Any]) -> dict[str, Any]:
+    """``served.handle``'s answer, or the error answer, carrying in ``warnings`` the
+    `FenceLockWarning` warnings the request gave (a torn last line moved aside, a stored
+    line whose record could not follow it), whatever the warning filters say: they
+    decide only whether stderr shows them too."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FenceLockWarning)
+            try:
+                answer = served.handle(op, request)
+            except (FenceLockError, OSError) as e:
+                answer = error_answer(e)
+    finally:
+        notes = _pass_on(caught)
+    if notes:
+        answer["warnings"] = notes
+    return answer
+
+
+def _pass_on(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The texts of the `FenceLockWarning` warnings in ``caught``; every warning caught is
+    given again to the filters outside, to be shown (on stderr) or not as they say."""
+    notes = []
+    for w in caught:
+        if issubclass(w.category, FenceLockWarning):
+            notes.append(str(w.message))
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return notes
+
+
 def _refresh(served: _Session) -> None:
     try:
         served.lock.touch()
@@ -748,7 +780,7 @@ def _serve(
                 # and the record with the fence point before it; in the middle of the
                 # release, the record saying held (stale).
                 seen.settled = True
-            answer = served.handle(op, request)
+            answer = _handled(served, op, request)
         except (FenceLockError, OSError) as e:
             answer = error_answer(e)
         if seen.settled:

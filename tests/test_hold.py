@@ -1127,6 +1127,31 @@ def test_warnings_the_environment_ignores_stay_ignored(session: Path) -> None:
     assert lines(session) == [{"a": 1}, {"x": 1}]
 
 
+@pytest.mark.parametrize("filters", ["", "ignore"])
+def test_an_answer_carries_the_warnings_its_request_gave(session: Path, filters: str) -> None:
+    """The caller learns from the answer itself that its append moved a torn last line
+    aside, whatever the warning filters of hold's environment say (they decide stderr
+    alone); an answer to a request that gave none has no ``warnings``."""
+    session.write_bytes(b'{"a":1}\n{"b":')
+    requests = (b'{"op":"append","entry":{"x":1},"id":1}\n'
+                b'{"op":"append","entry":{"x":2},"id":2}\n{"op":"release"}\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "L"],
+        input=requests, capture_output=True, timeout=60,
+        env={**os.environ, "PYTHONWARNINGS": filters},
+    )
+    assert done.returncode == 0, done.stderr
+    held, first, second, released = (json.loads(line) for line in done.stdout.splitlines())
+    torn = f"{session}: its last line was torn (5 bytes without a line break"
+    assert held["event"] == "held" and "warnings" not in held, held
+    assert first["ok"] and first["id"] == 1, first
+    assert [w.startswith(torn) and w.endswith(f"moved it to {session}.torn")
+            for w in first["warnings"]] == [True], first
+    assert "warnings" not in second and "warnings" not in released
+    assert (b"Warning: " + torn.encode() in done.stderr) is (filters != "ignore"), done.stderr
+    assert lines(session) == [{"a": 1}, {"x": 1}, {"x": 2}]
+
+
 @needs_posix
 def test_every_request_is_answered_when_holds_descriptors_are_numbered_past_1024(
     tmp_path: Path,
