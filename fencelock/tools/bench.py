@@ -1339,7 +1339,7 @@ def run(sizes: Sizes, sections: Sequence[str], directory: str | None, keep: bool
     for peer in ("filelock", "portalocker"):
         if not available(peer):
             report.skipped.append(f"{peer} columns: {peer} is not installed "
-                                  "(pip install 'fencelock[bench]')")
+                                  "(pip install '.[bench]' in the checkout)")
     steps: list[tuple[str, Callable[[], list[Row]]]] = [
         ("cycle", lambda: bench_cycle(base / "cycle", sizes, quiet)),
         ("handoff", lambda: bench_handoff(base, sizes, quiet)),

