@@ -883,8 +883,9 @@ def run(
 @_holding_options("Refresh the record's heartbeat when no request wrote it for this long; 0 never.")
 @click.option("--fence", type=click.Choice(["auto", "stat", "content"]), default="auto",
               show_default=True,
-              help="How appends tell a foreign write (README, The fence): content where the "
-                   "session gets hard-link backups or chmods before a run's first line.")
+              help="How appends tell a foreign write (docs/DESIGN.md, The fence): content "
+                   "where the session gets hard-link backups or chmods before a run's first "
+                   "line.")
 def hold(
     session: str,
     lane: str,
@@ -1064,7 +1065,7 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
     show_default=True,
     metavar="SECONDS",
     help="How long to wait for a live holder to let go (on etcd, one without a record "
-         "gets up to the URL's TTL and a margin more: see the README).",
+         "gets up to the URL's TTL and a margin more: see docs/API.md, recover).",
 )
 @click.option("--no-fresh", is_flag=True, help="Exit 4 instead of starting a fresh session.")
 @click.option("--no-carry", is_flag=True,

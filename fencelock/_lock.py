@@ -223,7 +223,7 @@ def _check_mode(mode: int) -> None:
 
 
 class SessionLock:
-    """Holds one session file for a whole run. See the README for the protocol."""
+    """Holds one session file for a whole run. docs/DESIGN.md explains the protocol."""
 
     def __init__(
         self,

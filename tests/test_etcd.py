@@ -218,7 +218,7 @@ def test_a_holder_in_etcd_is_not_seen_in_the_sidecar_by_its_own_process(
     """The sidecar store, from the process that holds the session in etcd, is what
     another process finds there: a probe reads the sidecar (none: free), not this
     process's etcd run, and a clear and an acquire there go through, as they would in
-    another process (two stores of one session do not exclude each other: the README
+    another process (two stores of one session do not exclude each other: docs/DESIGN.md
     says to keep each session in one). The other way round too."""
     with SessionLock(session, "in-etcd", backend=url) as lock:
         assert probe(session, backend=url).state == ProbeState.LIVE

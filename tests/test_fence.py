@@ -684,7 +684,7 @@ def test_links_made_and_removed_between_two_checks_are_still_reported(
 ) -> None:
     """A rotation that adds a backup's link and removes another between two checks
     leaves the link count as it was: nothing but the ctime tells it from a write whose
-    mtime was put back, and the stat fence reports it (README)."""
+    mtime was put back, and the stat fence reports it (docs/DESIGN.md)."""
     session.write_text('{"a":0}\n')
     os.link(session, session.with_name("backup.jsonl"))
     with SessionLock(session, fence=FenceMode.STAT) as lock:
@@ -898,7 +898,7 @@ def test_a_run_through_another_name_of_the_session_stops_the_first_and_says_why(
     session: Path, appended: str,
 ) -> None:
     """A session file with two names (a hard link) has a sidecar for each: runs through
-    the two do not exclude each other (README), and the fence stops one. A run through a
+    the two do not exclude each other (docs/DESIGN.md), and the fence stops one. A run through a
     name used for the first time raises the file's token mark, which moves its ctime
     and nothing else: the run holding the first name is stopped at its next append,
     and the error said "expected ino I size N mtime_ns M, found" the very same values."""

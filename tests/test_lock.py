@@ -738,7 +738,7 @@ def test_an_interrupt_at_any_point_of_a_timed_wait_leaves_no_lock_behind(
         fired, _ = interrupted_at(number, timed_wait, walked, expected=(SessionContendedError,))
         if held != "free":
             assert holder.call("release") == "released"
-        for lock in made:  # an interrupt as a release was entered: released again (README)
+        for lock in made:  # an interrupt as a release was entered: released again (docs/API.md)
             while lock.held:
                 lock.release()
         made.clear()
@@ -802,7 +802,7 @@ def test_an_interrupt_at_any_point_of_a_run_leaks_no_descriptor(tmp_path: Path, 
                     lock.append({"n": 1})
 
         fired, _ = interrupted_at(number, run, walked, expected=(FenceLockError,))
-        while lock.held:  # an interrupt as a release was entered: released again (README)
+        while lock.held:  # an interrupt as a release was entered: released again (docs/API.md)
             lock.release()
         for name in ("s.jsonl", "s.jsonl.holder", "s.jsonl.torn"):
             assert fds_naming(f"/{number}/{name}") == [], (number, name)

@@ -1081,7 +1081,7 @@ def bench_etcd(base: Path, sizes: Sizes, quiet: bool, report: Report) -> list[Ro
 
 
 def judge(report: Report, sizes: Sizes) -> None:
-    """The performance goals (README, Performance), judged on a full run only (quick
+    """The performance goals (docs/BENCHMARKS.md), judged on a full run only (quick
     figures are too noisy)."""
 
     def add(goal_id: str, text: str, value: float | None, limit: float | None,
