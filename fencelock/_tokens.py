@@ -426,6 +426,9 @@ def keep_removed(session: str, token: int) -> str | None:
         return str(e)
     try:
         _sidecar.refuse_planted(path, st)
+        if st.st_nlink > 1:  # another name's file (a backup's hard link) would be written
+            return (f"{path} is a hard link to a file with {st.st_nlink} names; remove "
+                    f"that name (the other names keep the file)")
         by_root = not st.st_size and st.st_uid == 0  # made just now, as root (sudo)
         if by_root or (mode & ~st.st_mode and st.st_uid == _sidecar.geteuid_now()):
             # (the umask keeps the group out; root's, the directory's owner is shut out)

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -980,6 +981,28 @@ def test_tokens_never_go_back_after_clear_remove_whatever_happens_to_the_session
             assert not os.listxattr(session)
     with SessionLock(session) as lock:
         assert lock.info is not None and lock.info.token > 3, lock.info
+
+
+def test_a_removed_marker_with_another_name_is_not_written_through(
+    session: Path, tmp_path: Path
+) -> None:
+    """A directory's removed-token marker that is a hard link (a dedup or backup tool's,
+    `cp -al`, `rsync --link-dest`) is never written, truncated or chmodded: the other
+    name's file is not fencelock's. `clear --remove` keeps the sidecar, saying why."""
+    from fencelock._tokens import REMOVED_MARKER
+
+    other = tmp_path / "elsewhere" / "secret"
+    other.parent.mkdir()
+    other.write_bytes(b"not a token\n")
+    other.chmod(0o600)
+    os.link(other, session.parent / REMOVED_MARKER)
+    with SessionLock(session) as lock:
+        lock.append({"n": 1})
+    found = clear(session, remove=True)
+    assert not found.removed and "hard link to a file with 2 names" in found.reason, found
+    assert Path(str(session) + ".holder").exists()
+    assert other.read_bytes() == b"not a token\n"
+    assert stat.S_IMODE(other.stat().st_mode) == 0o600
 
 
 @needs_linux
