@@ -559,7 +559,7 @@ class SidecarHolder:
         fd, self._fd, opened = self._fd, -1, self._opened
         written = False
         try:
-            self._write_released(fd, lock)
+            self._write_released(fd, lock, look=long)
             written = True
         finally:
             try:
@@ -568,7 +568,7 @@ class SidecarHolder:
                     # the write short: once more, or the session reads as stale (its
                     # record "held", the lock free) though its run ended and lives on.
                     with contextlib.suppress(Exception):
-                        self._write_released(fd, lock)
+                        self._write_released(fd, lock, look=long)
                 _platform.unlock(fd)
                 if long:
                     _platform.hand_over()
@@ -639,25 +639,34 @@ class SidecarHolder:
             self._behind = True
         fd, self._fd = self._fd, -1
         try:
-            self._write_released(fd, lock)
+            self._write_released(fd, lock, look=True)
         finally:
             _sidecar.close(fd)
 
-    def _write_released(self, fd: int, lock: SessionLock) -> None:
+    def _write_released(self, fd: int, lock: SessionLock, *, look: bool) -> None:
         """Mark the record released, with the last fence point. Where the whole record
         cannot be written (a full disk: a longer record may need a new block), its head
         is marked released in place, and the record keeps the fence point of its last
         write (a probe finds the fence moved); only where that fails too does the session read as
-        stale, which the error says."""
+        stale, which the error says.
+
+        With ``look`` (a run of a millisecond or more, where one read is nothing), the
+        head is read before it is flipped in place: a sidecar written over from outside
+        the protocol during the run (emptied: ``: > S.holder``) gets the whole record,
+        which the flip would have turned into a corrupt one that stops every run."""
         try:
             # The last appends' fence point with "released"; or a release inside the
             # prompt window, which ends the window too.
-            if self._behind or lock._phase is PROMPT or not lock._phase_said:
+            whole = self._behind or lock._phase is PROMPT or not lock._phase_said
+            old_len = self._record_len
+            if look and not whole and (size := self._size_if_written_over(fd)) is not None:
+                whole, old_len = True, size
+            if whole:
                 # Behind until written: a second try after an interrupt writes it all.
                 self._behind, lock._phase = True, WRITE
                 try:
                     self._written, self._written_token = _sidecar.write_bytes(
-                        fd, self.sidecar, lock._encode(RELEASED), self._record_len
+                        fd, self.sidecar, lock._encode(RELEASED), old_len
                     ), lock._token
                 except SidecarAccessError as e:
                     if not self._flip_if_ours(fd, lock):
@@ -669,6 +678,17 @@ class SidecarHolder:
                 _platform.pwrite(fd, _record.RELEASE_PATCH, _record.STATE_OFFSET)
         except OSError as e:
             raise SidecarAccessError(self.sidecar, e, _released_note(self.session)) from None
+
+    def _size_if_written_over(self, fd: int) -> int | None:
+        """The sidecar's size where its head is not that of a held record in fencelock's
+        layout (written over from outside the protocol); None where it is, or where it
+        cannot be read (the record is then taken as this holder wrote it)."""
+        try:
+            if _record.in_layout_held(_platform.pread(fd, _record.HEAD_LEN, 0)):
+                return None
+            return os.fstat(fd).st_size
+        except OSError:
+            return None
 
     def forget_in_child(self) -> None:
         """In a forked child: the inherited descriptor is not this process's (fork

@@ -278,6 +278,33 @@ def test_empty_record_is_free(session: Path) -> None:
         assert lock.info is not None and lock.info.previous is None
 
 
+@pytest.mark.parametrize("written", ["emptied", "another layout"])
+def test_a_release_after_the_sidecar_was_written_over_leaves_a_whole_record(
+    session: Path, written: str
+) -> None:
+    """Something outside the protocol empties the held sidecar (``: > S.holder``) or
+    writes a record of its own layout there during a run: the release (of a run of a
+    millisecond or more, as every real run is) writes its whole record, where a flip of
+    the head in place made one that read as corrupt and stopped every run after it."""
+    sidecar = Path(str(session) + ".holder")
+    lock = SessionLock(session, lane="run")
+    info = lock.acquire()  # (no append: its record may lag, and the release write it all)
+    if written == "emptied":
+        os.truncate(sidecar, 0)
+    else:
+        sidecar.write_text(json.dumps({"version": 1, "state": "held", "token": 99}, indent=2))
+    start = time.monotonic()
+    while time.monotonic() - start < 0.002:  # the run lasts past the 1 ms a look needs
+        time.sleep(0.001)
+    lock.release()
+    after = probe(session)
+    assert after.state == "free", after
+    assert after.record is not None and after.record.run_id == info.run_id, after
+    assert json.loads(sidecar.read_bytes())["state"] == "released"
+    with SessionLock(session, lane="next") as again:
+        assert again.info is not None and again.info.token == info.token + 1
+
+
 def test_clear_of_a_stale_record_in_fencelock_layout_changes_only_its_head(
     session: Path,
 ) -> None:
