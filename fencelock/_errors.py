@@ -589,9 +589,10 @@ def _only_metadata(expected: Fingerprint | None, actual: Fingerprint | None) -> 
 
 
 def is_coordination_error(exc: BaseException | None) -> bool:
-    """True for a `CoordinationError`, also when it is the cause or context of ``exc``."""
+    """True for a `CoordinationError`, also when it is the cause or context of ``exc``
+    (False for anything that is not an exception)."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
+    while isinstance(exc, BaseException) and id(exc) not in seen:
         if isinstance(exc, CoordinationError):
             return True
         seen.add(id(exc))

@@ -92,7 +92,10 @@ def _refuse_directory_path(path: str) -> None:
 
 def absolute(path: AnyPath) -> str:
     """``path`` made absolute (`normal`); `SidecarAccessError` naming it when it is
-    relative and the working directory is gone."""
+    relative and the working directory is gone. ValueError for an empty path, which
+    names nothing (``os.path`` would take it for the working directory)."""
+    if not os.fspath(path):
+        raise ValueError("an empty path names nothing (is a variable unset?)")
     try:
         return normal(os.fsdecode(path))  # bytes too, as os takes them
     except FileNotFoundError as e:

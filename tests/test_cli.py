@@ -52,9 +52,12 @@ from fencelock import (
     SessionContendedError,
     SessionLock,
     _sidecar,
+    clear,
+    fresh_session,
     probe,
     recover,
     scan,
+    verify,
 )
 from fencelock._cli import main
 from fencelock._output import clean, human_age
@@ -2025,6 +2028,13 @@ def test_the_library_takes_the_same_seconds(session: Path) -> None:
             SessionLock(session, timeout=wrong)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="NUL byte"):
         SessionLock(str(session) + "\0x")
+    # An empty path (an unset variable) names nothing, as the command line says, and
+    # is not taken for the working directory (fresh_session named a file in its parent).
+    for call in (SessionLock, probe, lambda p: list(scan(p)), fresh_session, clear, recover,
+                 verify):
+        for empty in ("", b""):
+            with pytest.raises(ValueError, match="an empty path names nothing"):
+                call(empty)
     with pytest.raises(ValueError, match="lane is empty"):
         recover(session, lane="", wait=30)  # refused before any wait
     assert recover(session, lane="", wait=0, fresh=False).action == "refire"  # no fresh one

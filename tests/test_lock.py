@@ -321,6 +321,7 @@ def test_exception_hierarchy_and_wrapped_detection(session: Path) -> None:
         assert is_coordination_error(caused)
     assert not is_coordination_error(ValueError("provider 500"))
     assert not is_coordination_error(None)
+    assert not is_coordination_error("SessionTakeoverError")  # type: ignore[arg-type]
     assert is_coordination_error(ExceptionGroup("g", [ValueError(), err]))
 
 
