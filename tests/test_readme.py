@@ -14,7 +14,8 @@ import pytest
 
 from fencelock import HolderStatus
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 EXAMPLES = re.findall(r"```python\n(.*?)```", README, re.S)
@@ -47,3 +48,28 @@ def test_the_readme_lists_every_holder_status_field() -> None:
     names = [name.strip() for name in listed.group(1).split(",")]
     assert names == [f.name for f in dataclasses.fields(HolderStatus)
                      if not f.name.startswith("_")]
+
+
+def _anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings."""
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#+ (.*)$", text, re.M)}
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_link_names_a_file_and_heading_that_exist(doc: Path) -> None:
+    """The README and the docs it points to link to each other: each relative link names
+    a file that exists, and each anchor one of that file's headings."""
+    text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)  # not in code blocks
+    broken = []
+    for link in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", link):
+            continue
+        path, _, anchor = link.partition("#")
+        target = (doc.parent / path).resolve() if path else doc
+        if not target.exists() or (anchor and target.suffix == ".md" and anchor not in _anchors(target.read_text())):
+            broken.append(link)
+    assert broken == []
