@@ -70,6 +70,8 @@ def test_every_link_names_a_file_and_heading_that_exist(doc: Path) -> None:
             continue
         path, _, anchor = link.partition("#")
         target = (doc.parent / path).resolve() if path else doc
-        if not target.exists() or (anchor and target.suffix == ".md" and anchor not in _anchors(target.read_text())):
+        if not target.exists() or (
+            anchor and target.suffix == ".md" and anchor not in _anchors(target.read_text())
+        ):
             broken.append(link)
     assert broken == []
