@@ -40,6 +40,7 @@ from fencelock import (
 from fencelock._errors import (
     FenceLockError,
     FenceLockWarning,
+    HolderLostError,
     NotHeldError,
     SessionTakeoverError,
     no_thread,
@@ -1099,6 +1100,8 @@ class SessionLock:
                 # failure it stays in the write phase until the window's end.)
                 with contextlib.suppress(FenceLockError):
                     self._write_record()
+            if type(e) is SessionTakeoverError:
+                self._raise_if_lost(e)
             raise
         self._line_going_in = False
         self._tail_checked = True
@@ -1109,6 +1112,18 @@ class SessionLock:
         except BaseException:  # an interrupt before the store heard of it
             self._store.fence_moved(self)
             raise
+
+    def _raise_if_lost(self, takeover: SessionTakeoverError) -> None:
+        """`HolderLostError` in place of ``takeover`` where the store knows this run's
+        holder is lost (an etcd lease that lapsed while the run was paused between its
+        check and its write): the other writer is the run that took the session over,
+        not one outside the protocol, and the line may be in the file after its lines."""
+        try:
+            self._store.check()
+        except HolderLostError as lost:
+            raise HolderLostError(self.session, lost.why, bool(takeover.stored)) from takeover
+        except FenceLockError:
+            pass  # the takeover says what is known
 
     def verify_fence(self) -> Fingerprint | None:
         """Raise `SessionTakeoverError` if the session moved since the last fence point."""

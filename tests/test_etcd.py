@@ -588,6 +588,61 @@ def test_an_append_that_finds_its_holder_lost_after_writing_raises_with_the_line
     assert again.stored is True and str(again) == str(e.value)
 
 
+PAUSED_BEFORE_ITS_WRITE = """
+import os, signal, sys
+from fencelock import HolderLostError, SessionLock, SessionTakeoverError, _fence
+
+session, url = sys.argv[1:]
+lock = SessionLock(session, "paused", backend=url)
+lock.acquire()
+lock.append({"n": 1, "by": "paused"})
+real = _fence._write
+
+def paused_then_written(fd, data):
+    _fence._write = real
+    os.kill(os.getpid(), signal.SIGSTOP)  # a VM pause between the check and the write
+    return real(fd, data)
+
+_fence._write = paused_then_written
+try:
+    lock.append({"n": 2, "by": "paused"})
+except SessionTakeoverError as e:
+    print(type(e).__name__, e.stored, flush=True)
+    print(e, flush=True)
+try:
+    lock.release()
+except HolderLostError as e:  # a loss the append did not tell
+    print("release:", type(e).__name__, flush=True)
+"""
+
+
+def test_a_run_paused_between_its_check_and_its_write_says_its_holder_was_lost(
+    session: Path, etcd_server: EtcdServer
+) -> None:
+    """A run paused past its lease after the append's check, before its write: the
+    next run takes the session and writes, then the paused run's line goes in after
+    those lines. The append says that this run lost its holder (`HolderLostError`,
+    ``stored`` True), not that a writer outside the protocol changed the session (the
+    other writer is the run that took it over)."""
+    url = etcd_server.url(f"pw-{uuid.uuid4().hex[:8]}", ttl=2)
+    paused = subprocess.Popen([sys.executable, "-c", PAUSED_BEFORE_ITS_WRITE, str(session),
+                               url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, status = os.waitpid(paused.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), status
+        with SessionLock(session, "next", backend=url, timeout=60) as lock:  # once it lapsed
+            lock.append({"n": 3, "by": "next"})
+    finally:
+        paused.send_signal(signal.SIGCONT)
+        out, err = paused.communicate(timeout=60)
+    assert paused.returncode == 0, err
+    said, message, *after = out.splitlines()
+    assert (said, after) == ("HolderLostError True", []), (out, err)
+    assert "lost its holder" in message and "outside this run" not in message
+    lines = [json.loads(x)["by"] for x in session.read_text().splitlines()]
+    assert lines == ["paused", "next", "paused"]
+
+
 def test_a_prompt_window_whose_body_raised_still_says_its_holder_was_lost(
     session: Path, url: str, etcd_server: EtcdServer
 ) -> None:
