@@ -1048,9 +1048,11 @@ def lease_left(cluster: _Cluster, lease_id: int, key: str, deadline: float | Non
 def through_outage(attempt: Callable[[], _T], ttl: float, deadline: float | None) -> _T:
     """``attempt()``, asked again every `_RETRY_PAUSE` while etcd cannot be reached: a
     restart shorter than a holder's lease (``ttl``) keeps the holder, and so the answer.
-    After ``ttl`` of trying, or past ``deadline``, the last `StoreUnavailableError`
-    stands."""
+    After ``ttl`` of trying, or past ``deadline``, the first `StoreUnavailableError`
+    stands: it was asked with a whole request's time (a later one cut short by the
+    deadline says only "no answer in time", where the first named a lost quorum)."""
     start = time.monotonic()
+    first: StoreUnavailableError | None = None
     while True:
         try:
             return attempt()
@@ -1058,8 +1060,9 @@ def through_outage(attempt: Callable[[], _T], ttl: float, deadline: float | None
             now = time.monotonic()
             if e.fix is not None:  # an error that names its own fix (authentication on)
                 raise  # is no outage to wait out
+            first = first or e
             if now - start >= ttl or (deadline is not None and now >= deadline):
-                raise
+                raise first from None
             pause = _RETRY_PAUSE if deadline is None else min(_RETRY_PAUSE, deadline - now)
             time.sleep(max(pause, 0.0))
 
@@ -1221,14 +1224,52 @@ class EtcdHolder:
         try:
             return self._acquire(fail, deadline, cancel, record, start)
         except StoreUnavailableError as e:
-            if self._trying is None or not self._lapsed(e, deadline):
-                raise  # etcd unreachable from the start, or the wait's own end
-        # The lease lapsed while this acquire waited (this process was paused, or etcd
-        # was away, for longer than the TTL): its key left the queue, but nothing was
-        # held. It queues again under a new lease once etcd answers: a timed acquire
-        # until its deadline; one with none while etcd is away for up to one more TTL,
-        # and once more only if the new lease lapses too; a fail-fast acquire, once.
-        until = deadline if deadline is not None else time.monotonic() + self.url.ttl
+            if self._trying is None:
+                # etcd unreachable from the start (restarting, say): a fail-fast acquire
+                # says so at once, as does an error that names its own fix; one that may
+                # wait rides the outage out, as `wait` and `recover` do (`through_outage`):
+                # for up to the TTL, and not past its deadline.
+                if fail or e.fix is not None:
+                    raise
+                until = time.monotonic() + self.url.ttl
+                if deadline is not None:
+                    until = min(until, deadline)
+                first = e  # asked with the whole request's time: what is said at the end
+            elif not self._lapsed(e, deadline):
+                raise  # the wait's own end
+            else:
+                # The lease lapsed while this acquire waited (this process was paused, or
+                # etcd was away, for longer than the TTL): its key left the queue, but
+                # nothing was held. It queues again under a new lease once etcd answers:
+                # a timed acquire until its deadline; one with none while etcd is away
+                # for up to one more TTL, and once more only if the new lease lapses too;
+                # a fail-fast acquire, once.
+                until = deadline if deadline is not None else time.monotonic() + self.url.ttl
+                first = None
+            failed = e
+        if time.monotonic() >= until:
+            raise failed
+        try:
+            return self._acquire_again(fail, deadline, cancel, record, start, until, failed)
+        except StoreUnavailableError as e:
+            # An outage ridden out from the start: a later try, cut short by the
+            # deadline, says less than the first (a lost quorum, a refused connection).
+            if first is not None and e.fix is None:
+                raise first from None
+            raise
+
+    def _acquire_again(
+        self,
+        fail: bool,
+        deadline: float | None,
+        cancel: threading.Event | None,
+        record: Callable[[int, HolderInfo | None], bytes] | None,
+        start: float,
+        until: float,
+        failed: StoreUnavailableError,
+    ) -> int:
+        """`acquire`'s tries after the first failed, every `_RETRY_PAUSE` until
+        ``until``."""
         while True:
             self._trying = None
             try:
