@@ -1045,12 +1045,39 @@ def lease_left(cluster: _Cluster, lease_id: int, key: str, deadline: float | Non
     return float(ttl) if ttl > 0 and _b64(key) in r.get("keys", []) else 0.0
 
 
+def _pause_to_retry(cancel: threading.Event | None, until: float) -> None:
+    """The pause before an acquire tries etcd again (`_RETRY_PAUSE`, not past ``until``);
+    `asyncio.CancelledError` once ``cancel`` is set (an async acquire's task was
+    cancelled), before or during it."""
+    if cancel is not None and cancel.is_set():
+        import asyncio
+
+        raise asyncio.CancelledError()
+    pause = max(0.0, min(_RETRY_PAUSE, until - time.monotonic()))
+    if cancel is not None:
+        if cancel.wait(pause):
+            import asyncio
+
+            raise asyncio.CancelledError()
+    else:
+        time.sleep(pause)
+
+
+def _telling(first: StoreUnavailableError, last: StoreUnavailableError) -> StoreUnavailableError:
+    """Which of an outage's errors to raise when riding it out has ended: the last, unless
+    it only says that no answer came in time (a try cut short by the deadline) where the
+    first, asked with a whole request's time, said more (a lost quorum, a refused
+    connection)."""
+    if _NO_ANSWER in last.why and _NO_ANSWER not in first.why:
+        return first
+    return last
+
+
 def through_outage(attempt: Callable[[], _T], ttl: float, deadline: float | None) -> _T:
     """``attempt()``, asked again every `_RETRY_PAUSE` while etcd cannot be reached: a
     restart shorter than a holder's lease (``ttl``) keeps the holder, and so the answer.
-    After ``ttl`` of trying, or past ``deadline``, the first `StoreUnavailableError`
-    stands: it was asked with a whole request's time (a later one cut short by the
-    deadline says only "no answer in time", where the first named a lost quorum)."""
+    After ``ttl`` of trying, or past ``deadline``, the last `StoreUnavailableError`
+    stands, or the first where the last was cut short by the deadline (`_telling`)."""
     start = time.monotonic()
     first: StoreUnavailableError | None = None
     while True:
@@ -1062,7 +1089,10 @@ def through_outage(attempt: Callable[[], _T], ttl: float, deadline: float | None
                 raise  # is no outage to wait out
             first = first or e
             if now - start >= ttl or (deadline is not None and now >= deadline):
-                raise first from None
+                told = _telling(first, e)
+                if told is e:
+                    raise
+                raise told from None
             pause = _RETRY_PAUSE if deadline is None else min(_RETRY_PAUSE, deadline - now)
             time.sleep(max(pause, 0.0))
 
@@ -1224,75 +1254,64 @@ class EtcdHolder:
         try:
             return self._acquire(fail, deadline, cancel, record, start)
         except StoreUnavailableError as e:
-            if self._trying is None:
-                # etcd unreachable from the start (restarting, say): a fail-fast acquire
-                # says so at once, as does an error that names its own fix; one that may
-                # wait rides the outage out, as `wait` and `recover` do (`through_outage`):
-                # for up to the TTL, and not past its deadline.
-                if fail or e.fix is not None:
+            if self._trying is not None:
+                return self._after_lapse(e, fail, deadline, cancel, record, start)
+            if fail or e.fix is not None:
+                raise  # a fail-fast acquire says so at once, as does a setting to fix
+            first = failed = e
+        # etcd away from the first request (restarting, say): ridden out as `wait` and
+        # `recover` ride it out (`through_outage`), for up to the TTL and not past the
+        # deadline, until a try gets a lease; what follows is the queue's own rules.
+        until = time.monotonic() + self.url.ttl
+        if deadline is not None:
+            until = min(until, deadline)
+        while True:
+            _pause_to_retry(cancel, until)
+            if time.monotonic() >= until:
+                raise _telling(first, failed)
+            self._trying = None
+            try:
+                return self._acquire(fail, deadline, cancel, record, start)
+            except StoreUnavailableError as e:
+                if self._trying is not None:
+                    return self._after_lapse(e, fail, deadline, cancel, record, start)
+                if e.fix is not None:
                     raise
-                until = time.monotonic() + self.url.ttl
-                if deadline is not None:
-                    until = min(until, deadline)
-                first = e  # asked with the whole request's time: what is said at the end
-            elif not self._lapsed(e, deadline):
-                raise  # the wait's own end
-            else:
-                # The lease lapsed while this acquire waited (this process was paused, or
-                # etcd was away, for longer than the TTL): its key left the queue, but
-                # nothing was held. It queues again under a new lease once etcd answers:
-                # a timed acquire until its deadline; one with none while etcd is away
-                # for up to one more TTL, and once more only if the new lease lapses too;
-                # a fail-fast acquire, once.
-                until = deadline if deadline is not None else time.monotonic() + self.url.ttl
-                first = None
-            failed = e
-        if time.monotonic() >= until:
-            raise failed
-        try:
-            return self._acquire_again(fail, deadline, cancel, record, start, until, failed)
-        except StoreUnavailableError as e:
-            # An outage ridden out from the start: a later try, cut short by the
-            # deadline, says less than the first (a lost quorum, a refused connection).
-            if first is not None and e.fix is None:
-                raise first from None
-            raise
+                failed = e
 
-    def _acquire_again(
+    def _after_lapse(
         self,
+        e: StoreUnavailableError,
         fail: bool,
         deadline: float | None,
         cancel: threading.Event | None,
         record: Callable[[int, HolderInfo | None], bytes] | None,
         start: float,
-        until: float,
-        failed: StoreUnavailableError,
     ) -> int:
-        """`acquire`'s tries after the first failed, every `_RETRY_PAUSE` until
-        ``until``."""
+        """An acquire whose try under a lease (``_trying``) failed with ``e``: raised,
+        unless the lease lapsed while it waited (this process was paused, or etcd was
+        away, for longer than the TTL). Its key left the queue then, but nothing was
+        held: it queues again under a new lease once etcd answers, a timed acquire until
+        its deadline, one with none while etcd is away for up to one more TTL, and once
+        more only if the new lease lapses too; a fail-fast acquire, once."""
+        if not self._lapsed(e, deadline):
+            raise e  # the wait's own end
+        until = deadline if deadline is not None else time.monotonic() + self.url.ttl
         while True:
             self._trying = None
             try:
                 return self._acquire(fail, deadline, cancel, record, start)
-            except StoreUnavailableError as e:
+            except StoreUnavailableError as again:
                 # No lease granted (etcd still away), or, for a timed acquire, one that
                 # lapsed again: tried again. Not an error that names its own fix
                 # (authentication on, etcd out of space): no outage to wait out.
                 # (`_lapsed` first: it forgets a lease etcd lost, whatever follows.)
                 retry = self._trying is None or (
-                    self._lapsed(e, deadline) and deadline is not None)
-                if not retry or fail or e.fix is not None or time.monotonic() >= until:
+                    self._lapsed(again, deadline) and deadline is not None)
+                if not retry or fail or again.fix is not None or time.monotonic() >= until:
                     raise
-                failed = e
-            if cancel is not None and cancel.is_set():
-                import asyncio
-
-                raise asyncio.CancelledError()
-            pause = max(0.0, min(_RETRY_PAUSE, until - time.monotonic()))
-            if cancel is not None:
-                cancel.wait(pause)
-            else:
-                time.sleep(pause)
+                failed = again
+            _pause_to_retry(cancel, until)
             if time.monotonic() >= until:
                 raise failed  # no try begun past the caller's time
 

@@ -722,13 +722,21 @@ def _handled(served: _Session, op: str, request: dict[str, Any]) -> dict[str, An
 
 
 def _pass_on(caught: list[warnings.WarningMessage]) -> list[str]:
-    """The texts of the `FenceLockWarning` warnings in ``caught``; every warning caught is
-    given again to the filters outside, to be shown (on stderr) or not as they say."""
+    """The texts of the `FenceLockWarning` warnings in ``caught``; every warning caught
+    is given again to the filters outside, as from the module that gave it (a filter
+    may name it), to be shown (on stderr) or not as they say."""
     notes = []
     for w in caught:
         if issubclass(w.category, FenceLockWarning):
             notes.append(str(w.message))
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        module = next((m for m in list(sys.modules.values())
+                       if getattr(m, "__file__", None) == w.filename), None)
+        warnings.warn_explicit(
+            w.message, w.category, w.filename, w.lineno, source=w.source,
+            module=None if module is None else module.__name__,
+            registry=None if module is None else vars(module).setdefault(
+                "__warningregistry__", {}),
+        )
     return notes
 
 

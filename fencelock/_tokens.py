@@ -33,6 +33,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import stat
 import time
 from typing import Any
@@ -427,8 +428,12 @@ def keep_removed(session: str, token: int) -> str | None:
     try:
         _sidecar.refuse_planted(path, st)
         if st.st_nlink > 1:  # another name's file (a backup's hard link) would be written
-            return (f"{path} is a hard link to a file with {st.st_nlink} names; remove "
-                    f"that name (the other names keep the file)")
+            if _mark_value(_platform.pread(fd, 32, 0)) >= token:
+                return None  # it covers the token: nothing to write
+            return (f"{path} is a hard link to a file with {st.st_nlink} names, which "
+                    f"fencelock does not write through; give it a file of its own, "
+                    f"keeping its token (cp -p {shlex.quote(path)} {shlex.quote(path)}.new "
+                    f"&& mv {shlex.quote(path)}.new {shlex.quote(path)}), and try again")
         by_root = not st.st_size and st.st_uid == 0  # made just now, as root (sudo)
         if by_root or (mode & ~st.st_mode and st.st_uid == _sidecar.geteuid_now()):
             # (the umask keeps the group out; root's, the directory's owner is shut out)

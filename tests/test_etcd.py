@@ -1114,6 +1114,54 @@ def test_a_waiter_whose_lease_lapsed_in_an_outage_queues_again_once_etcd_answers
     assert isinstance(outcome[0], int) and outcome[0] > token, outcome
 
 
+def test_a_waiter_that_began_in_an_outage_still_queues_again_after_its_lease_lapses(
+    session: Path, own_etcd: EtcdServer, spawn_holder: SpawnHolder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A timed acquire that met etcd away at its first request rides that out; once it
+    has queued, a later outage that outlasts its lease is the queue's own case: it
+    queues again until its timeout, as any waiter does (the first outage's short limit,
+    the TTL, must not govern the rest of its wait)."""
+    import socket
+
+    url = own_etcd.url(f"lapse2-{uuid.uuid4().hex[:8]}", ttl=2)
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    holder = spawn_holder(session, lane="holder")
+    token = holder.acquire()
+    own_etcd.kill(signal.SIGKILL)
+    placeholder = socket.create_server(("127.0.0.1", own_etcd.client_port))
+    outcome: list[object] = []
+
+    def wait_for_it() -> None:
+        try:
+            with SessionLock(session, "waiter", backend=url, timeout=60) as lock:
+                assert lock.info is not None
+                outcome.append(lock.info.token)
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=wait_for_it, daemon=True)
+    t.start()
+    try:
+        placeholder.settimeout(60)
+        conn, _ = placeholder.accept()  # its first request met the outage
+        conn.close()
+    finally:
+        placeholder.close()
+    own_etcd.start()
+    deadline = time.monotonic() + 30
+    while etcd_watchers(own_etcd) < 1:  # queued: its watch on the holder is open
+        assert t.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.01)
+    own_etcd.kill(signal.SIGKILL)
+    time.sleep(2 * 2)  # the span the promise is about: past the waiter's 2 s lease
+    own_etcd.start()
+    holder.kill()  # its lease ends within its TTL
+    t.join(60)  # a guard against a hang, not a measurement
+    assert not t.is_alive() and len(outcome) == 1
+    assert isinstance(outcome[0], int) and outcome[0] > token, outcome
+
+
 def _until_without_leader(member: EtcdServer, limit: float = 30.0) -> None:
     """Return once ``member`` says it has no leader (its cluster lost its quorum: it
     takes an election timeout to notice); ``limit`` bounds a broken cluster."""
@@ -1243,18 +1291,25 @@ def test_a_hung_etcd_gives_store_unavailable_within_the_timeout(
     assert outcome and isinstance(outcome[0], StoreUnavailableError)
 
 
-def test_an_outage_ridden_out_in_vain_is_told_by_its_first_answer() -> None:
-    """`through_outage` gives up with what its first try found (asked with a whole
-    request's time: a lost quorum, a refused connection), not what its last, cut short
-    by the deadline, said; an error that names its own fix ends it at once."""
+@pytest.mark.parametrize(("first", "then", "told"), [
+    ("the cluster has lost its quorum", "no answer in time", "lost its quorum"),
+    ("connection refused", "the cluster has lost its quorum", "lost its quorum"),
+])
+def test_an_outage_ridden_out_in_vain_is_told_by_what_says_most(
+    first: str, then: str, told: str
+) -> None:
+    """`through_outage` gives up with its last answer, unless that only says no answer
+    came in time (a try cut short by the deadline) where the first, asked with a whole
+    request's time, said more (a lost quorum); an error that names its own fix ends it
+    at once."""
     from fencelock._etcd import through_outage
 
-    said = iter(["the cluster has lost its quorum", *["no answer in time"] * 1000])
+    said = iter([first, *[then] * 1000])
 
     def attempt() -> None:
         raise StoreUnavailableError("etcd://h:1", next(said))
 
-    with pytest.raises(StoreUnavailableError, match="lost its quorum"):
+    with pytest.raises(StoreUnavailableError, match=told):
         through_outage(attempt, ttl=0.3, deadline=None)
     fixes = iter([None, "enable it"])
 

@@ -1003,6 +1003,28 @@ def test_a_removed_marker_with_another_name_is_not_written_through(
     assert Path(str(session) + ".holder").exists()
     assert other.read_bytes() == b"not a token\n"
     assert stat.S_IMODE(other.stat().st_mode) == 0o600
+    # What the message says to do gives the marker a file of its own; clear then works.
+    fix = found.reason[found.reason.index("(cp -p") + 1:found.reason.index("), and try")]
+    subprocess.run(fix, shell=True, check=True)
+    assert clear(session, remove=True).removed
+    assert (session.parent / REMOVED_MARKER).read_text() == "1"
+    assert other.read_bytes() == b"not a token\n"
+
+
+def test_a_removed_marker_with_another_name_that_covers_the_token_lets_remove_go_on(
+    session: Path, tmp_path: Path
+) -> None:
+    """Nothing needs writing to a marker that covers the token already: the sidecar is
+    removed, the other name's file untouched."""
+    from fencelock._tokens import REMOVED_MARKER
+
+    with SessionLock(session) as lock:
+        lock.append({"n": 1})
+    other = tmp_path / "backup-of-marker"
+    other.write_bytes(b"7")  # another session's removal raised it past this one's
+    os.link(other, session.parent / REMOVED_MARKER)
+    assert clear(session, remove=True).removed
+    assert other.read_bytes() == b"7" and other.stat().st_nlink == 2
 
 
 @needs_linux
