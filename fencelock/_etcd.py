@@ -1756,7 +1756,10 @@ class EtcdHolder:
         try:
             r = self._ride_out(lease, put) if ride_out else put()
         except StoreUnavailableError:
-            if ride_out and not lease.alive():  # etcd was away past the lease
+            # etcd was away past the lease, or this process was paused past it with
+            # the request under way: the holder is lost, not only the store away.
+            if not lease.alive():
+                self._told = True  # the caller hears of it now
                 raise HolderLostError(self.session, lease.lost) from None
             raise
         if not r.get("succeeded"):

@@ -643,6 +643,40 @@ def test_a_run_paused_between_its_check_and_its_write_says_its_holder_was_lost(
     assert lines == ["paused", "next", "paused"]
 
 
+def test_an_append_whose_record_write_outlasts_the_lease_says_the_holder_was_lost(
+    session: Path, own_etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The append's record write is under way when the lease lapses (the process paused
+    with the request sent, or etcd silent past it): the append raises `HolderLostError`
+    with ``stored`` True, not a warning that etcd did not answer, which leaves the run
+    going on as if it held."""
+    url = own_etcd.url(f"rl-{uuid.uuid4().hex[:8]}", ttl=2)
+    lock = SessionLock(session, "paused", backend=url)
+    lock.acquire()
+    lock.append({"n": 1})
+    holder: Any = lock._store
+    cluster = holder.holder._cluster
+    real = cluster.txn
+
+    def lapsing(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(cluster, "txn", real)
+        own_etcd.kill(signal.SIGSTOP)  # accepts connections, answers nothing
+        lease = holder.holder._lease
+        while lease.alive():  # nothing renews it now
+            time.sleep(0.01)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cluster, "txn", lapsing)
+    try:
+        with pytest.raises(HolderLostError) as e:
+            lock.append({"n": 2})
+    finally:
+        own_etcd.kill(signal.SIGCONT)
+    assert e.value.stored is True
+    assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2]
+    lock.release()
+
+
 def test_a_prompt_window_whose_body_raised_still_says_its_holder_was_lost(
     session: Path, url: str, etcd_server: EtcdServer
 ) -> None:
