@@ -33,7 +33,6 @@ import glob
 import json
 import os
 import re
-import shlex
 import stat
 import time
 from typing import Any
@@ -430,6 +429,8 @@ def keep_removed(session: str, token: int) -> str | None:
         if st.st_nlink > 1:  # another name's file (a backup's hard link) would be written
             if _mark_value(_platform.pread(fd, 32, 0)) >= token:
                 return None  # it covers the token: nothing to write
+            import shlex  # (here: `status` starts without it)
+
             return (f"{path} is a hard link to a file with {st.st_nlink} names, which "
                     f"fencelock does not write through; give it a file of its own, "
                     f"keeping its token (cp -p {shlex.quote(path)} {shlex.quote(path)}.new "
