@@ -95,6 +95,14 @@ def _host(url: str, part: str, host: str) -> str:
     """``host`` of ``part`` (HOST:PORT) as a connection takes it: a name, an IPv4 address,
     or an IPv6 address, bracketed or not (brackets dropped). ValueError otherwise."""
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if "@" in part:
+        user = part.rpartition("@")[0]
+        shown = url.replace(user, user.partition(":")[0] + (":***" if ":" in user else ""))
+        raise ValueError(
+            f"backend {shown!r}: it names a user (USER[:PASSWORD]@HOST:PORT), which "
+            f"fencelock does not log in as: give HOST:PORT, and a client certificate "
+            f"(etcds://...?cert=...&key=...) where etcd asks who connects"
+        )
     if ":" in bare or "[" in host or "]" in host:
         import ipaddress
 

@@ -78,10 +78,13 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
                       ("etcd://h:1/p?root=/a%FF", "root= is not UTF-8"),
                       # (once a traceback from the path's use, or the keeper's start)
                       ("etcd://h:1/p?root=/a%00b", "root= holds a NUL byte"),
+                      ("etcd://root:s3cret@h:1/p", r"'etcd://root:\*\*\*@h:1/p': it names a user"),
+                      ("etcd://h:1,me@h:2/p", "'etcd://h:1,me@h:2/p': it names a user"),
                       ("etcd://h:1/p%00q", "prefix holds a NUL byte"),
                       ("etcds://h:1/p?ca=/c%00.pem", "ca= holds a NUL byte")]:
-        with pytest.raises(ValueError, match=word):
+        with pytest.raises(ValueError, match=word) as refused:
             parse(bad)
+        assert "s3cret" not in str(refused.value)  # a password is never echoed
     # A '+' in root= is a '+' (a path's), not a form's space; the URL's text keeps it.
     assert parse("etcd://h:1/p?&ttl=5&&") == parse("etcd://h:1/p?ttl=5")
     plus = parse("etcd://h:1/p?root=/srv/c++%20x")
@@ -102,8 +105,9 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
                       ("etcds://h:1/p?cert=c.pem", "absolute"),
                       ("etcds://h:1/p?key=/k.pem", "key= goes with cert="),
                       ("https://h:1/p", "expected")]:
-        with pytest.raises(ValueError, match=word):
+        with pytest.raises(ValueError, match=word) as refused:
             parse(bad)
+        assert "s3cret" not in str(refused.value)  # a password is never echoed
     for good, host in [("etcd://[::1]:2379/p", "::1"), ("etcd://::1:2379/p", "::1"),
                        ("etcd://[2001:db8::7]:1/p", "2001:db8::7")]:
         parsed = parse(good)
