@@ -898,6 +898,24 @@ def forget_part(session: str) -> None:
     _unlink_if(session + PART, st)
 
 
+def drop_part(session: str) -> str | None:
+    """Remove ``session`` + `PART` left by a holder that died writing it before the
+    session had its name (a recover killed mid-copy); its path if one was removed. Call
+    holding the session: nobody else writes its part then. Left alone: anything but a
+    regular file, and a part beside a session that exists (unless only a second name of
+    it, `forget_part`'s case)."""
+    part = session + PART
+    try:
+        st = os.lstat(part)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or os.path.lexists(session):
+        forget_part(session)
+        return None
+    _unlink_if(part, st)
+    return None if os.path.lexists(part) else part
+
+
 def _unlink_if(path: str, st: os.stat_result) -> None:
     """Remove ``path`` if it is still the file ``st`` describes."""
     if _sidecar.still_at_path(path, st):

@@ -914,6 +914,12 @@ def _clear_locked(
         if dropped:
             done += (" without its fields of other writers (" + ", ".join(record.extra)
                      + "), which no longer fit in a record once written again")
+    if record is not None and record.origin is not None:  # a fresh session of recover's
+        from fencelock._fence import drop_part
+
+        left = drop_part(session)
+        if left is not None:
+            done += f"; removed {left}, the copy a recover that did not finish left"
     removed = False
     if remove:
         token = record.token if record is not None else 0

@@ -28,6 +28,7 @@ from fencelock import (
     _recovery,
     _tokens,
     _wait,
+    clear,
     fresh_session,
     probe,
     recover,
@@ -835,3 +836,36 @@ def test_recover_s_scan_finds_each_line_s_token_whatever_the_chunks(
         os.close(fd)
     assert found[:2] == _scan_line_by_line(data)
     assert found[2] == hashlib.blake2b(data, digest_size=16).digest()
+
+
+KILLED_MID_COPY = """
+import os, signal, sys
+from fencelock import SessionLock
+fresh, old = sys.argv[1:]
+SessionLock(fresh, lane="recovery", origin=old).acquire()  # as recover holds its fresh one
+with open(fresh + ".part", "wb") as part:
+    part.write(b'{"role": "user", "content": "half a co')
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_clear_removes_the_copy_a_recover_killed_mid_copy_left(session: Path) -> None:
+    """A recover killed while it copied left its fresh session's `.part` and a stale
+    record; once its stuck run has ended, no recover comes back for that name. `clear`
+    of the fresh session removes the part with the record, saying so; a `.part` beside
+    a session that is no recover's fresh one is not clear's to touch."""
+    session.write_text('{"role": "user", "content": "hi"}\n')
+    fresh = fresh_session(session)
+    done = subprocess.run([sys.executable, "-c", KILLED_MID_COPY, fresh, str(session)],
+                          timeout=60)
+    assert done.returncode == -9 and os.path.exists(fresh + ".part")
+    found = clear(fresh)
+    assert found.state == ProbeState.STALE, found
+    assert f"removed {fresh}.part" in found.reason, found.reason
+    assert not os.path.lexists(fresh + ".part")
+    assert probe(fresh).state == ProbeState.FREE
+    ours = Path(str(session) + ".part")
+    ours.write_text("someone's own file\n")
+    with SessionLock(session, lane="run"):
+        pass
+    assert "removed" not in clear(session).reason and ours.exists()
