@@ -15,9 +15,15 @@ import os
 import sys
 from typing import Any
 
+ENDS_PROCESS = False
+"""True once `main` runs: the command ends this process (not so where the command line
+is called in a process that goes on, as tests do with click's runner)."""
+
 
 def main(**kwargs: Any) -> Any:
     """Load the command line and run it; ``kwargs`` go to click (``prog_name``)."""
+    global ENDS_PROCESS
+    ENDS_PROCESS = True
     try:
         from fencelock._cli import main as command
     except KeyboardInterrupt:

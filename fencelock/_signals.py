@@ -98,13 +98,18 @@ class PromptHandlers:
         finally:
             os.close(read)
 
-    def close(self) -> None:
-        """Put the previous handlers back (call it in the main thread). A signal that
-        lands meanwhile does not run the handler: the caller is on its way out."""
+    def close(self, *, ignore: bool = False) -> None:
+        """Put the previous handlers back (call it in the main thread), or, with
+        ``ignore``, leave the signals ignored (a process whose exit code is settled, on
+        its way out). A signal that lands meanwhile does not run the handler: the caller
+        is on its way out."""
         self._closing = True
         for sig, previous in self._previous.items():
             # None: a handler that was not set from Python; the default is what it was.
-            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+            if ignore and sig != _POKE:
+                signal.signal(sig, signal.SIG_IGN)
+            else:
+                signal.signal(sig, signal.SIG_DFL if previous is None else previous)
         self._previous = {}
         if self._write >= 0:
             signal.set_wakeup_fd(self._wakeup)

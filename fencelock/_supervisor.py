@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -77,8 +78,12 @@ class SignalForwarder:
             proc.send_signal(sig)
 
     def restore(self) -> None:
+        """Put the handlers back; in the `fencelock` process itself, whose exit code is
+        the command's from now on, leave the signals ignored instead: a late one (the
+        group-wide copy of a `timeout(1)`, say) must not end it with another code."""
         self.holding = True  # a signal between these calls must not raise any more
-        self.handlers.close()
+        entry = sys.modules.get("fencelock._entry")
+        self.handlers.close(ignore=bool(entry is not None and entry.ENDS_PROCESS))
 
 
 class _Heartbeat:

@@ -1448,6 +1448,21 @@ def test_a_thread_run_cannot_start_stops_it_before_its_command_runs(tmp_path: Pa
     assert not marker.exists()
 
 
+def test_a_stop_signal_as_run_ends_leaves_the_command_s_exit_code(session: Path) -> None:
+    """A SIGTERM that reaches `fencelock run` once its command has ended and the
+    session is released (the group-wide copy of a `timeout(1)`, landing late on a busy
+    host) must not end it with 143: its code is the command's from then on (before,
+    the handlers put back were the defaults, and the signal killed it)."""
+    here = Path(__file__).parent
+    done = subprocess.run(
+        [sys.executable, str(here / "late_signal_run.py"), "run", str(session), "--lane",
+         "x", "--", "sh", "-c", "exit 7"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 7, (done.returncode, done.stderr)
+    assert probe(session).state == ProbeState.FREE
+
+
 IGNORED_THEN_WAIT = """
 import sys
 print(open("/proc/self/status").read().split("SigIgn:")[1].split()[0], flush=True)
