@@ -23,7 +23,7 @@ is called in a process that goes on, as tests do with click's runner)."""
 def main(**kwargs: Any) -> Any:
     """Load the command line and run it; ``kwargs`` go to click (``prog_name``)."""
     global ENDS_PROCESS
-    ENDS_PROCESS = True
+    ENDS_PROCESS = True  # (never put back: the process ends with the command)
     try:
         from fencelock._cli import main as command
     except KeyboardInterrupt:

@@ -1759,7 +1759,6 @@ class EtcdHolder:
             # etcd was away past the lease, or this process was paused past it with
             # the request under way: the holder is lost, not only the store away.
             if not lease.alive():
-                self._told = True  # the caller hears of it now
                 raise HolderLostError(self.session, lease.lost) from None
             raise
         if not r.get("succeeded"):

@@ -95,14 +95,6 @@ def _host(url: str, part: str, host: str) -> str:
     """``host`` of ``part`` (HOST:PORT) as a connection takes it: a name, an IPv4 address,
     or an IPv6 address, bracketed or not (brackets dropped). ValueError otherwise."""
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if "@" in part:
-        user = part.rpartition("@")[0]
-        shown = url.replace(user, user.partition(":")[0] + (":***" if ":" in user else ""))
-        raise ValueError(
-            f"backend {shown!r}: it names a user (USER[:PASSWORD]@HOST:PORT), which "
-            f"fencelock does not log in as: give HOST:PORT, and a client certificate "
-            f"(etcds://...?cert=...&key=...) where etcd asks who connects"
-        )
     if ":" in bare or "[" in host or "]" in host:
         import ipaddress
 
@@ -114,6 +106,27 @@ def _host(url: str, part: str, host: str) -> str:
                 f"brackets: etcd://[::1]:2379/PREFIX)"
             ) from None
     return bare
+
+
+def _refuse_user(scheme: str, rest: str, hosts: str) -> None:
+    """ValueError for a URL whose endpoints carry a user (``USER[:PASSWORD]@``), which
+    fencelock does not log in as; the URL is shown with the password masked (all of
+    what comes before the ``@`` where a ``/`` in it cut the endpoints short)."""
+    if "@" in hosts:
+        at = hosts.rfind("@")  # (``hosts`` begins ``rest``)
+        user, after = rest[:at], rest[at + 1:]
+        shown = user.partition(":")[0] + (":***" if ":" in user else "")
+    elif "@" in rest.partition("/")[2].partition("/")[0] and not all(
+        p.rpartition(":")[2].isdigit() for p in hosts.split(",")
+    ):  # a '/' in the password: the endpoints end before its '@'
+        shown, after = "***", rest[rest.find("@") + 1:]
+    else:
+        return
+    raise ValueError(
+        f"backend '{scheme}://{shown}@{after}': it names a user (USER[:PASSWORD]@HOST:PORT), "
+        f"which fencelock does not log in as: give HOST:PORT, and a client certificate "
+        f"(etcds://...?cert=...&key=...) where etcd asks who connects"
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -133,6 +146,7 @@ def parse(url: str) -> EtcdURL | None:
         )
     rest, _, query = rest.partition("?")
     hosts, _, prefix = rest.partition("/")
+    _refuse_user(scheme, rest, hosts)
     endpoints = []
     for part in hosts.split(","):
         host, sep, port = part.rpartition(":")

@@ -914,7 +914,7 @@ def _clear_locked(
         if dropped:
             done += (" without its fields of other writers (" + ", ".join(record.extra)
                      + "), which no longer fit in a record once written again")
-    if record is not None and record.origin is not None:  # a fresh session of recover's
+    if was_stale and record is not None and record.origin is not None:  # recover's, cut short
         from fencelock._fence import drop_part
 
         left = drop_part(session)

@@ -100,14 +100,15 @@ class PromptHandlers:
 
     def close(self, *, ignore: bool = False) -> None:
         """Put the previous handlers back (call it in the main thread), or, with
-        ``ignore``, leave the signals ignored (a process whose exit code is settled, on
-        its way out). A signal that lands meanwhile does not run the handler: the caller
-        is on its way out."""
+        ``ignore``, leave handlers that do nothing (a process whose exit code is
+        settled, on its way out; unlike SIG_IGN, a program it starts does not inherit
+        them). A signal that lands meanwhile does not run the handler: the caller is on
+        its way out."""
         self._closing = True
         for sig, previous in self._previous.items():
             # None: a handler that was not set from Python; the default is what it was.
             if ignore and sig != _POKE:
-                signal.signal(sig, signal.SIG_IGN)
+                signal.signal(sig, _nothing)
             else:
                 signal.signal(sig, signal.SIG_DFL if previous is None else previous)
         self._previous = {}
@@ -115,6 +116,10 @@ class PromptHandlers:
             signal.set_wakeup_fd(self._wakeup)
             os.close(self._write)  # the relay reads end of file and stops
             self._write = -1
+
+
+def _nothing(signum: int, frame: FrameType | None) -> None:
+    """A handler that does nothing (`PromptHandlers.close`'s ``ignore``)."""
 
 
 class Stopped(BaseException):

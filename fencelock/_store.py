@@ -91,7 +91,8 @@ class SessionStore(Protocol):
         ``lock._line_going_in`` set): make the record say the write phase until
         `appended` writes it again, so that a holder that dies between its line and
         that record leaves one whose fingerprint readers know may lag
-        (docs/PROTOCOL.md 2.4). Where it cannot be written, the append goes on."""
+        (docs/PROTOCOL.md 2.4). Where etcd does not answer, the append goes on; a
+        holder found lost raises `HolderLostError`, and the append writes nothing."""
 
     def fence_moved(self, lock: SessionLock) -> None:
         """``lock._fp`` moved without an append (a line taken back): the record must
@@ -296,6 +297,7 @@ class RemoteStore:
                 self.holder.write(lock._encode(), ride_out=False)
                 lock._phase_said = lock._phase is phase
         except HolderLostError as e:
+            self._heard()
             raise HolderLostError(lock.session, e.why, stored=True) from None
         except StoreUnavailableError as e:
             import warnings
@@ -306,8 +308,18 @@ class RemoteStore:
         with lock._io:
             if not lock._count:
                 return
-            with contextlib.suppress(StoreUnavailableError):  # the append goes on
-                self.holder.write(lock._encode(), ride_out=False)  # the write phase
+            try:
+                with contextlib.suppress(StoreUnavailableError):  # the append goes on
+                    self.holder.write(lock._encode(), ride_out=False)  # the write phase
+            except HolderLostError:  # the append writes nothing, and says so
+                self._heard()
+                raise
+
+    def _heard(self) -> None:
+        """A `HolderLostError` from a record write is about to reach the caller: its
+        release need not say it again (`check` marks a loss heard as it raises it)."""
+        with contextlib.suppress(HolderLostError):
+            self.holder.check()
 
     def fence_moved(self, lock: SessionLock) -> None:
         lock._info = None  # the release writes the whole record

@@ -1463,6 +1463,33 @@ def test_a_stop_signal_as_run_ends_leaves_the_command_s_exit_code(session: Path)
     assert probe(session).state == ProbeState.FREE
 
 
+AFTER_A_RUN = """
+import subprocess, sys
+from fencelock._entry import main
+try:
+    main(args=["run", sys.argv[1], "--lane", "x", "--", "true"])
+except SystemExit as e:
+    assert e.code == 0, e.code
+print(subprocess.run(["grep", "SigIgn", "/proc/self/status"], capture_output=True,
+                     text=True).stdout.split()[1])
+"""
+
+
+@needs_proc
+def test_a_program_started_after_run_does_not_inherit_its_stop_signals_ignored(
+    session: Path
+) -> None:
+    """What keeps a late signal from changing `run`'s exit code is a handler that does
+    nothing, not SIG_IGN: a program the process starts afterwards (a caller that goes
+    on after the command line) would inherit that, and could not be stopped."""
+    done = subprocess.run([sys.executable, "-c", AFTER_A_RUN, str(session)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    ignored = int(done.stdout.strip(), 16)
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        assert not ignored & (1 << (sig - 1)), done.stdout
+
+
 IGNORED_THEN_WAIT = """
 import sys
 print(open("/proc/self/status").read().split("SigIgn:")[1].split()[0], flush=True)

@@ -869,3 +869,10 @@ def test_clear_removes_the_copy_a_recover_killed_mid_copy_left(session: Path) ->
     with SessionLock(session, lane="run"):
         pass
     assert "removed" not in clear(session).reason and ours.exists()
+    # Nor beside a session with no file whose run, one with an origin, ended well.
+    other = session.with_name("other.jsonl")
+    with SessionLock(other, lane="run", origin=str(session)):
+        pass
+    theirs = Path(str(other) + ".part")
+    theirs.write_text("someone's own file\n")
+    assert "removed" not in clear(other).reason and theirs.exists()
