@@ -1049,18 +1049,13 @@ def _pause_to_retry(cancel: threading.Event | None, until: float) -> None:
     """The pause before an acquire tries etcd again (`_RETRY_PAUSE`, not past ``until``);
     `asyncio.CancelledError` once ``cancel`` is set (an async acquire's task was
     cancelled), before or during it."""
-    if cancel is not None and cancel.is_set():
+    pause = max(0.0, min(_RETRY_PAUSE, until - time.monotonic()))
+    if cancel is None:
+        time.sleep(pause)
+    elif cancel.is_set() or cancel.wait(pause):
         import asyncio
 
         raise asyncio.CancelledError()
-    pause = max(0.0, min(_RETRY_PAUSE, until - time.monotonic()))
-    if cancel is not None:
-        if cancel.wait(pause):
-            import asyncio
-
-            raise asyncio.CancelledError()
-    else:
-        time.sleep(pause)
 
 
 def _telling(first: StoreUnavailableError, last: StoreUnavailableError) -> StoreUnavailableError:

@@ -431,10 +431,11 @@ def keep_removed(session: str, token: int) -> str | None:
                 return None  # it covers the token: nothing to write
             import shlex  # (here: `status` starts without it)
 
+            quoted, new = shlex.quote(path), shlex.quote(path + ".new")
             return (f"{path} is a hard link to a file with {st.st_nlink} names, which "
                     f"fencelock does not write through; give it a file of its own, "
-                    f"keeping its token (cp -p {shlex.quote(path)} {shlex.quote(path)}.new "
-                    f"&& mv {shlex.quote(path)}.new {shlex.quote(path)}), and try again")
+                    f"keeping its token (cp -p {quoted} {new} && mv {new} {quoted}), and "
+                    f"try again")
         by_root = not st.st_size and st.st_uid == 0  # made just now, as root (sudo)
         if by_root or (mode & ~st.st_mode and st.st_uid == _sidecar.geteuid_now()):
             # (the umask keeps the group out; root's, the directory's owner is shut out)
