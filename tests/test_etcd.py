@@ -651,6 +651,26 @@ def test_a_run_paused_between_its_check_and_its_write_says_its_holder_was_lost(
     assert lines == ["paused", "next", "paused"]
 
 
+def _lease_lapses_in_the_next_write(
+    lock: SessionLock, server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next record write of ``lock`` (a transaction) goes to ``server`` stopped,
+    once the holder's lease has lapsed meanwhile: as a process paused with the request
+    under way finds it. SIGCONT ``server`` after."""
+    holder: Any = lock._store
+    cluster = holder.holder._cluster
+    real = cluster.txn
+
+    def lapsing(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(cluster, "txn", real)
+        server.kill(signal.SIGSTOP)  # accepts connections, answers nothing
+        while holder.holder._lease.alive():  # nothing renews it now
+            time.sleep(0.01)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cluster, "txn", lapsing)
+
+
 def test_an_append_whose_record_write_outlasts_the_lease_says_the_holder_was_lost(
     session: Path, own_etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -662,19 +682,7 @@ def test_an_append_whose_record_write_outlasts_the_lease_says_the_holder_was_los
     lock = SessionLock(session, "paused", backend=url)
     lock.acquire()
     lock.append({"n": 1})
-    holder: Any = lock._store
-    cluster = holder.holder._cluster
-    real = cluster.txn
-
-    def lapsing(*args: Any, **kwargs: Any) -> Any:
-        monkeypatch.setattr(cluster, "txn", real)
-        own_etcd.kill(signal.SIGSTOP)  # accepts connections, answers nothing
-        lease = holder.holder._lease
-        while lease.alive():  # nothing renews it now
-            time.sleep(0.01)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cluster, "txn", lapsing)
+    _lease_lapses_in_the_next_write(lock, own_etcd, monkeypatch)
     try:
         with pytest.raises(HolderLostError) as e:
             lock.append({"n": 2})
@@ -694,20 +702,9 @@ def test_a_loss_a_window_s_end_found_under_the_body_s_error_is_said_at_release(
     url = own_etcd.url(f"wl-{uuid.uuid4().hex[:8]}", ttl=2)
     lock = SessionLock(session, "window", backend=url)
     lock.acquire()
-    holder: Any = lock._store
-    cluster = holder.holder._cluster
-    real = cluster.txn
-
-    def lapsing(*args: Any, **kwargs: Any) -> Any:
-        monkeypatch.setattr(cluster, "txn", real)
-        own_etcd.kill(signal.SIGSTOP)  # accepts connections, answers nothing
-        while holder.holder._lease.alive():  # nothing renews it now
-            time.sleep(0.01)
-        return real(*args, **kwargs)
-
     try:
         with pytest.raises(FenceLockError, match="the body's own"), lock.prompt_window():
-            monkeypatch.setattr(cluster, "txn", lapsing)
+            _lease_lapses_in_the_next_write(lock, own_etcd, monkeypatch)
             raise FenceLockError("the body's own")
     finally:
         own_etcd.kill(signal.SIGCONT)
