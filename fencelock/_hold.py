@@ -33,7 +33,7 @@ from fencelock._errors import (
     SessionTakeoverError,
     SessionWriteError,
 )
-from fencelock._json import digits_problem, strict_loads
+from fencelock._json import RepeatedKeyError, digits_problem, strict_loads
 from fencelock._signals import PromptHandlers, Seen, Stopped
 from fencelock._tokens import STAMP_KEY
 
@@ -344,9 +344,16 @@ def parse(item: _Line | _TooLong) -> tuple[dict[str, Any], dict[str, Any]]:
     except UnicodeDecodeError as e:
         raise BadRequestError(f"request is not UTF-8 (byte {e.start})") from None
     try:
-        request = strict_loads(text)
+        request = strict_loads(text, unique=True)
     except RecursionError:
         raise BadRequestError("request is nested too deeply") from None
+    except RepeatedKeyError as e:
+        # Which value would count is a guess ({"op": "info", "op": "release"}), and an
+        # entry object would lose one of them: refused, nothing done.
+        raise BadRequestError(
+            f"request is refused: {e}, and which one counts is not clear; nothing was "
+            f"done (an entry whose repeated keys must be kept goes as a one-line string)"
+        ) from None
     except ValueError as e:
         why = digits_problem(e)
         raise BadRequestError(f"request holds {why}" if why else f"request is not JSON: {e}"

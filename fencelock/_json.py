@@ -15,6 +15,27 @@ class NotJSONError(ValueError):
     """A constant or number that strict JSON readers refuse."""
 
 
+class RepeatedKeyError(ValueError):
+    """An object that names one key twice: readers disagree on which value counts."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"the key {json.dumps(key)} appears twice in one object")
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """For ``object_pairs_hook``: the object, or `RepeatedKeyError` where a key repeats
+    (``json.loads`` keeps the last value without a word)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise RepeatedKeyError(key)
+            seen.add(key)
+    return obj
+
+
 def not_json(constant: str) -> Any:
     """For ``parse_constant``: ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON."""
     raise NotJSONError(f"{constant} is not JSON")
@@ -54,12 +75,15 @@ def loads(text: str | bytes, parse_int: Callable[[str], Any] | None = None) -> A
     return json.loads(text, parse_constant=not_json, parse_int=parse_int)
 
 
-def strict_loads(text: str | bytes, parse_int: Callable[[str], Any] | None = None) -> Any:
+def strict_loads(text: str | bytes, parse_int: Callable[[str], Any] | None = None,
+                 unique: bool = False) -> Any:
     """``json.loads`` as strict JSON readers take it: no NaN or Infinity, and no number
-    past a double's range (``parse_int``: in place of `finite_int`); ValueError (or
-    RecursionError) otherwise."""
+    past a double's range (``parse_int``: in place of `finite_int`); with ``unique``, no
+    key twice in one object (`RepeatedKeyError`); ValueError (or RecursionError)
+    otherwise."""
     return json.loads(text, parse_constant=not_json, parse_float=finite_float,
-                      parse_int=parse_int or finite_int)
+                      parse_int=parse_int or finite_int,
+                      object_pairs_hook=unique_keys if unique else None)
 
 
 def digits_problem(e: ValueError) -> str | None:

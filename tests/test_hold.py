@@ -346,6 +346,9 @@ BAD_LINES = [
     (b'{"op": "append", "entry": "{\\"_fencelock\\": 1}"}', '"stamp": true'),
     (b'{"op": "touch", "id": ' + b"9" * 5000 + b"}", "integer of over"),
     (b'{"op": "append", "entry": "{\\"n\\": ' + b"9" * 5000 + b'}"}', "integer of over"),
+    # Which value counts is a guess: refused, not read last-wins.
+    (b'{"op": "info", "op": "release"}', 'the key "op" appears twice'),
+    (b'{"op": "append", "entry": {"a": 1, "b": {"a": 2, "a": 3}}}', 'the key "a" appears twice'),
 ]
 
 
@@ -388,6 +391,18 @@ def test_a_string_entry_at_the_parser_s_depth_limit_is_a_bad_request(
     assert answers == {"ok", "BadRequestError"}  # the range spans the limit
     assert h.wait() == 0
     assert all(line.startswith(b"[[") for line in session.read_bytes().splitlines())
+
+
+def test_an_entry_sent_as_text_keeps_its_repeated_keys(
+    session: Path, start_hold: StartHold
+) -> None:
+    """The way the refusal of a repeated key points to: a one-line string is written
+    as it is, both keys kept."""
+    h = start_hold(session)
+    h.held()
+    assert h.call("append", entry='{"a":1,"a":2}')["ok"]
+    assert h.wait() == 0
+    assert session.read_bytes() == b'{"a":1,"a":2}\n'
 
 
 def test_a_null_stamp_is_the_holder_s_default(session: Path, start_hold: StartHold) -> None:
