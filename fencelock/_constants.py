@@ -7,6 +7,10 @@ SIDECAR_SUFFIX = ".holder"
 SESSION_SUFFIX = ".jsonl"
 """What `scan` takes for a session file in a directory."""
 
+COMMAND_NAME = "fencelock"
+"""The process name of the installed ``fencelock`` command (its script's name), as the
+system lists a lock's owners."""
+
 DEFAULT_STUCK_AFTER = 600.0
 """A live holder whose heartbeat is older than this many seconds is reported stuck."""
 

@@ -37,6 +37,8 @@ import os
 import shlex
 from typing import TYPE_CHECKING, Any
 
+from fencelock._constants import COMMAND_NAME
+
 if TYPE_CHECKING:
     from fencelock._fingerprint import Fingerprint
     from fencelock._platform import LockOwner
@@ -569,6 +571,10 @@ def describe_holder(
         for o in lock_owners
     )
     shared = " in shared mode" if all(o.shared for o in lock_owners) else ""
+    if all(o.command == COMMAND_NAME for o in lock_owners):
+        # The command itself (`run`, `hold`): a holder whose record is no longer there.
+        return (f"{names}{shared}, a fencelock command whose record is missing: something "
+                f"outside the protocol emptied or wrote over the sidecar")
     one = len(lock_owners) == 1
     return f"{names}{shared}, not {'a fencelock holder' if one else 'fencelock holders'}"
 

@@ -20,6 +20,7 @@ import click
 
 from fencelock import _platform
 from fencelock._constants import (
+    COMMAND_NAME,
     EXIT_CONTENDED,
     EXIT_ERROR,
     EXIT_NOT_EXECUTABLE,
@@ -456,7 +457,10 @@ def _status_cells(st: HolderStatus, now: float, show: PathDisplay) -> list[str]:
                 str(o.pid) for o in owners if o.command is None)]))
         if owners and all(o.shared for o in owners):
             what = ", ".join(filter(None, [what, "shared"]))
-        lane = f"(not fencelock: {what})" if what else "(not fencelock)"
+        if owners and all(o.command == COMMAND_NAME for o in owners):
+            lane = f"(no record: {what})"  # the command's record was emptied or written over
+        else:
+            lane = f"(not fencelock: {what})" if what else "(not fencelock)"
         return [show(st.session), state, pids, "-", shorten(clean(lane)), "-", "-", "-", "-"]
     if rec is None:
         if st.state is ProbeState.FREE and _nothing_at(st.session):

@@ -48,6 +48,39 @@ def test_status_names_a_flock_holder(session: Path, foreign_holder: SpawnForeign
     assert [o.pid for o in st.lock_owners] == [h.pid]
 
 
+def test_a_fencelock_command_whose_record_was_emptied_is_not_called_an_outsider(
+    session: Path, tmp_path: Path
+) -> None:
+    """A `fencelock run` whose sidecar something outside the protocol emptied holds the
+    lock with no record: it is named as the fencelock command it is, not as a process
+    outside fencelock. (The command's process name is its script's: a copy here.)"""
+    script = tmp_path / "fencelock"
+    script.write_text(f"#!{sys.executable}\nfrom fencelock._entry import main\n"
+                      "main(prog_name='fencelock')\n")
+    script.chmod(0o755)
+    command = "import os, sys; os.write(1, b'x'); sys.stdin.read()"
+    run = subprocess.Popen([str(script), "run", str(session), "--lane", "a", "--",
+                            sys.executable, "-c", command],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert run.stdout is not None and run.stdout.read(1) == b"x"  # held
+        sidecar(session).write_bytes(b"")
+        out = cli("status", str(session))
+        assert out.returncode == 0 and "(no record: fencelock)" in out.stdout, out
+        assert "not fencelock" not in out.stdout
+        (row,) = rows(cli("status", "--json", str(session)))
+        assert row["state"] == "live" and row["held_by"] == run.pid, row
+        assert row["reason"].startswith(
+            f"held by pid {run.pid} (fencelock), a fencelock command whose record is missing"
+        ), row["reason"]
+    finally:
+        assert run.stdin is not None
+        run.stdin.close()
+        assert run.wait(timeout=60) == 0
+        assert run.stdout is not None
+        run.stdout.close()
+
+
 def test_a_flock_holder_behind_a_dead_runs_record_is_named_not_the_dead_pid(
     session: Path, foreign_holder: SpawnForeignHolder, spawn_holder: SpawnHolder
 ) -> None:
