@@ -591,6 +591,9 @@ class _Cluster:
                     f"{k}={v}" for k, v in (("ca", self.url.ca), ("cert", self.url.cert),
                                             ("key", self.url.key)) if v is not None)
                 why = getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)
+                if self.url.cert is not None and self.url.key is None:
+                    why += (" (cert= without key=: the certificate file must then hold "
+                            "the private key too; give key=FILE)")
                 raise StoreUnavailableError(
                     self.url.display,
                     f"its TLS files cannot be used ({named or 'the system CAs'}): {why}",

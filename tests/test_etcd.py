@@ -2493,7 +2493,7 @@ def test_a_watch_over_https_hears_the_deletion(tls_etcd: _TLSEtcd, inline: bool)
 
 
 @pytest.mark.parametrize("case", ["wrong ca", "no client certificate", "missing file",
-                                  "etcds to a plain port"])
+                                  "cert without key", "etcds to a plain port"])
 def test_a_tls_setting_that_does_not_fit_is_named_with_its_fix(
     session: Path, tls_etcd: _TLSEtcd, case: str
 ) -> None:
@@ -2507,6 +2507,8 @@ def test_a_tls_setting_that_does_not_fit_is_named_with_its_fix(
         "no client certificate": (t.url(ca=t.ca), "the TLS handshake with", "cert=/key="),
         "missing file": (t.url(ca=t.ca + ".missing"), "its TLS files cannot be used",
                          "check ca=, cert= and key="),
+        "cert without key": (t.url(ca=t.ca, cert=t.cert), "cert= without key=",
+                             "give key=FILE"),
         "etcds to a plain port": (
             f"etcds://{t.server.endpoint}/p?ca={t.ca}", "does not answer in TLS", "etcd://"),
     }[case]
