@@ -116,7 +116,9 @@ def _encode_entry(entry: dict[str, Any] | str, stamp: tuple[int, str] | None) ->
         raise FenceLockError(f"a session entry must be valid Unicode text: {e.reason} at "
                              f"{e.start}; nothing was written") from None
     except (TypeError, ValueError, RecursionError) as e:  # sets, NaN, cycles, depth
-        why = (digits_problem(e) if isinstance(e, ValueError) else None) or str(e)
+        why = (digits_problem(e) if isinstance(e, ValueError) else None) or (
+            "it is nested too deeply for Python's JSON encoder" if isinstance(e, RecursionError)
+            else str(e))
         raise FenceLockError(f"a session entry must be JSON: {why}; nothing was "
                              f"written") from None
     raise FenceLockError(f"a session entry must be a dict or a str, not {type(entry).__name__}; "

@@ -395,6 +395,8 @@ def _entry(request: dict[str, Any], stamp: bool | None) -> dict[str, Any] | str:
         raise BadRequestError(
             f'"entry" holds a lone surrogate ({e.object[e.start]!a}), which is not UTF-8'
         ) from None
+    except RecursionError:  # read at the parser's depth limit, one level short of it here
+        raise BadRequestError('"entry" is nested too deeply') from None
     if not stamp and isinstance(keyed, dict) and STAMP_KEY in keyed:
         raise BadRequestError(
             f'"entry" must not carry the reserved key "{STAMP_KEY}"; send "stamp": true to '

@@ -393,6 +393,28 @@ def test_a_string_entry_at_the_parser_s_depth_limit_is_a_bad_request(
     assert all(line.startswith(b"[[") for line in session.read_bytes().splitlines())
 
 
+def test_an_object_entry_at_the_parser_s_depth_limit_is_a_bad_request(
+    session: Path, start_hold: StartHold
+) -> None:
+    """As for a string entry: around the parser's depth limit an object entry is
+    appended or answered with `BadRequestError` (nothing written); never an error that
+    ends hold with a traceback (one depth passed the parser and failed the entry's own
+    check, one level deeper in the stack)."""
+    limit = json_depth_limit()
+    h = start_hold(session)
+    h.held()
+    answers = set()
+    for depth in range(limit * 85 // 100, limit + 1):
+        h.send_raw(b'{"op": "append", "entry": {"a": %s%s}}\n' % (b"[" * depth, b"]" * depth))
+        answer = h.read()
+        answers.add("ok" if answer["ok"] else answer["error"])
+        if not answer["ok"]:
+            assert "nested too deeply" in answer["message"], answer
+    assert answers == {"ok", "BadRequestError"}  # the range spans the limit
+    assert h.wait() == 0
+    assert all(line.startswith(b'{"a":[[') for line in session.read_bytes().splitlines())
+
+
 def test_an_entry_sent_as_text_keeps_its_repeated_keys(
     session: Path, start_hold: StartHold
 ) -> None:
