@@ -273,8 +273,11 @@ def run_held(
 
 def _set_torn_tail_aside(lock: SessionLock) -> None:
     """A torn last line left by a writer that died: moved aside before the command
-    appends (said with a warning line). One that cannot be moved is said, and the
-    command runs all the same: it may not write the session at all."""
+    appends (said with a warning line). Where it cannot be moved, or the tail cannot be
+    checked, but this user may write the session, the run is refused (`FenceLockError`)
+    before the command starts, as `SessionLock.append` refuses its own line: a line the
+    command appended would join the torn one. A reader's run (the session not writable
+    here) only says so: its command cannot append."""
     from fencelock._errors import FenceLockError, SessionWriteError
     from fencelock._fence import ends_torn
 
@@ -282,12 +285,18 @@ def _set_torn_tail_aside(lock: SessionLock) -> None:
         lock._set_torn_tail_aside()
     except SessionWriteError as e:  # (its own words are for an entry to append again)
         failed = f"{e.what} failed: {e.cause.strerror or type(e.cause).__name__}"
-        if ends_torn(lock.session):
-            warning_line(f"{lock.session}: its last line is torn and could not be moved "
-                         f"aside ({failed}); a line the command appends would join it")
-        else:
-            warning_line(f"{lock.session}: its last line could not be checked for a torn "
-                         f"line ({failed}); a line the command appends may join one")
+        torn = ends_torn(lock.session)
+        said = ("its last line is torn and could not be moved aside" if torn
+                else "its last line could not be checked for a torn line")
+        if os.access(lock.session, os.W_OK):
+            raise FenceLockError(
+                f"{lock.session}: {said} ({failed}), so the command was not started: a "
+                f"line it appended would join a torn one; make room on its filesystem "
+                f"and let this user create files in its directory (the torn part goes to "
+                f"{os.path.basename(lock.session)}.torn beside it), then run it again"
+            ) from None
+        warning_line(f"{lock.session}: {said} ({failed}); a line the command appends "
+                     f"would join {'it' if torn else 'one'}")
     except (FenceLockError, OSError) as e:
         warning_line(f"{lock.session}: a torn last line may be left for the command's "
                      f"first line to join: {e}")
@@ -310,7 +319,8 @@ def supervise(lock: SessionLock, command: Sequence[str], heartbeat: float) -> in
             with library_errors(lock.session):
                 info = lock.acquire()
             forwarder.hold()
-            _set_torn_tail_aside(lock)
+            with library_errors(lock.session):
+                _set_torn_tail_aside(lock)
             # A holder in etcd: a keeper process stands in for the shared descriptor.
             keeper = _etcdkeeper.start(lock)
             code = run_held(lock, info, command, heartbeat, forwarder, keeper)

@@ -642,6 +642,33 @@ def test_a_run_that_may_only_read_its_session_warns_only_of_a_torn_line(
             assert out.stderr == ""
 
 
+@needs_root  # to drop to another user (root creates files anywhere)
+def test_a_run_whose_torn_line_cannot_be_moved_aside_does_not_start_its_command() -> None:
+    """The session (this user's, writable) ends in a torn line, and its directory takes
+    no new files (no `S.torn`): the command, which could append, is not started (its
+    line would join the torn one), as an append of the library's own is refused; the
+    session and its torn line are left as they were, and the session is free again."""
+    prefix = _as_unprivileged()
+    with _private_directory(0o755, "s.jsonl.holder") as sessions:
+        session = sessions / "s.jsonl"
+        session.write_bytes(b'{"a": 1}\n{"b": 2, "ha')
+        for path in (session, sessions / "s.jsonl.holder"):
+            os.chown(path, 65534, 65534)
+            path.chmod(0o600)
+        sessions.chmod(0o555)
+        out = subprocess.run(
+            [*prefix, *FENCELOCK, "run", str(session), "--lane", "writer", "--", "sh", "-c",
+             'echo \'{"cmd": 1}\' >> "$FENCELOCK_SESSION"'],
+            capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1, out
+        no_traceback(out.stderr, 1)
+        assert "its last line is torn and could not be moved aside" in out.stderr
+        assert "so the command was not started" in out.stderr
+        assert "s.jsonl.torn" in out.stderr
+        assert session.read_bytes() == b'{"a": 1}\n{"b": 2, "ha'
+        assert probe(session).state == "free"
+
+
 @pytest.mark.parametrize("command", ["status", "clear", "verify", "check-config"])
 def test_permission_denied_exits_1_not_2(command: str) -> None:
     prefix = _as_unprivileged()
