@@ -577,7 +577,8 @@ def scan(
     backend: str | None = None,
 ) -> Iterator[HolderStatus]:
     """Every sidecar and ``*.jsonl`` session in ``directory``, sorted by session name
-    (with an etcd ``backend``: every ``*.jsonl`` session, probed in etcd)."""
+    (with an etcd ``backend``: every ``*.jsonl`` session, probed in etcd). A symlink
+    named ``*.jsonl`` with no sidecar beside it is an alias, not a session: passed over."""
     stuck_after = _wait.duration(stuck_after, "stuck_after")
     base = _sidecar.absolute(directory)
     rows = (_scan_store(base, stuck_after, backend) if _backend.selected(backend) is not None
@@ -602,6 +603,7 @@ def _anyone_may_create(directory: str) -> bool:
 def _scan_rows(base: str, stuck_after: float) -> Generator[HolderStatus, None, None]:
     """`scan`'s rows for the sidecars and sessions in ``base``."""
     names = set()
+    beside = set()  # the sessions named by the sidecars listed
     odd: dict[str, os.DirEntry[str]] = {}
     """Entries that are not regular files (from the listing's file types: no system
     call): a session name among them is what no run can use."""
@@ -610,13 +612,18 @@ def _scan_rows(base: str, stuck_after: float) -> Generator[HolderStatus, None, N
             for entry in entries:
                 name = entry.name
                 if name.endswith(_sidecar.SUFFIX):
-                    names.add(name[: -len(_sidecar.SUFFIX)])  # whatever its session is
+                    beside.add(name[: -len(_sidecar.SUFFIX)])  # whatever its session is
                 elif name.endswith(SESSION_SUFFIX):
                     names.add(name)
                 if not entry.is_file(follow_symlinks=False):
                     odd[name] = entry
     except OSError as e:
         raise SidecarAccessError(base, e, _sidecar.listing_fix(base, e)) from None
+    names |= beside
+    # A symlink named like a session with no sidecar beside it (``latest.jsonl`` for
+    # the newest session) is an alias: no run holds it, and its target has its own row.
+    names.difference_update(name for name, entry in odd.items()
+                            if name not in beside and entry.is_symlink())
     now = time.time()
     # Rows in order; a lock found taken without a live record is watched for its grace
     # while the scan goes on, so that such sessions share their graces.

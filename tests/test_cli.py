@@ -2168,6 +2168,21 @@ def test_scan_reports_a_directory_named_like_a_session_as_unreadable(tmp_path: P
     assert str(tmp_path / "odd.jsonl") in reason and "directory" in reason
 
 
+def test_scan_passes_over_a_symlink_alias_of_a_session(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """``latest.jsonl -> <uuid>.jsonl``: an alias with no sidecar of its own is not a
+    session (no run holds a symlink), so it neither gets a row nor turns a stale
+    session's exit 3 into 1. One with a sidecar beside it keeps its row (see below)."""
+    make_stale(spawn_holder, session)
+    (session.parent / "latest.jsonl").symlink_to(session.name)
+    (session.parent / "gone.jsonl").symlink_to("nowhere.jsonl")
+    result = cli("status", "--json", str(session.parent))
+    assert result.returncode == 3, result.stderr
+    assert [Path(r["session"]).name for r in rows(result)] == [session.name]
+    assert cli("status", str(session.parent / "latest.jsonl")).returncode == 1  # named
+
+
 def test_scan_checks_the_sessions_it_infers_from_sidecar_names(tmp_path: Path) -> None:
     """A sidecar beside a symlink (of any name), or one named only ".holder": scan and
     probe agree that no run can use it, as for a ``*.jsonl`` entry."""
