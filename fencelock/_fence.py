@@ -379,6 +379,7 @@ def _cut_torn_tail(
         cutting.append(keep)
         os.ftruncate(fd, keep)
     except OSError as e:
+        del cutting[:]  # not cut: the fragment is still in the session, not moved
         raise SessionWriteError(
             session, e, f"cutting its torn last line (a copy is already in {torn})"
         ) from None

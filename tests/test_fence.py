@@ -101,7 +101,8 @@ def test_a_torn_tail_that_cannot_be_cut_is_kept_aside_once(
 ) -> None:
     """An append that kept the torn tail aside but could not cut it from the session
     (an append-only file: EPERM) fails; the next one does not keep a second copy, and
-    once the cut can be made it is made, still with one copy kept. Also a fragment of
+    once the cut can be made it is made, still with one copy kept (and only then said
+    to be moved). Also a fragment of
     several MiB (a pasted file's line): a gateway retrying its append must not add a
     copy of it each time."""
     from conftest import on_entry
@@ -120,9 +121,13 @@ def test_a_torn_tail_that_cannot_be_cut_is_kept_aside_once(
     with SessionLock(session) as lock:
         for _ in range(2):
             with on_entry(os.ftruncate, refuse) as ran, \
+                    warnings.catch_warnings(record=True) as said, \
                     pytest.raises(SessionWriteError, match="a copy is already in"):
+                warnings.simplefilter("always")
                 lock.append({"role": "assistant", "content": "ok"})
             assert ran
+            # Not cut: no word of a line "moved" that is still in the session.
+            assert not [w for w in said if "moved it" in str(w.message)], said
         with pytest.warns(FenceLockWarning, match="torn"):
             lock.append({"role": "assistant", "content": "ok"})
     assert lines(session) == [{"role": "user"}, {"role": "assistant", "content": "ok"}]
