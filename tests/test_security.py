@@ -108,7 +108,8 @@ def test_a_fail_fast_acquire_by_a_user_who_cannot_write_the_sidecar_names_a_live
     exited 4); once nobody holds it, the permission error stands."""
     with open_directory() as sessions:
         session = sessions / "s.jsonl"
-        lock = SessionLock(session, "owner", mode=0o644)
+        with pytest.warns(fencelock.FenceLockWarning, match="every user"):
+            lock = SessionLock(session, "owner", mode=0o644)
         ask = """
             out = {}
             kind = {"on_contention": "fail"} if args["how"] == "fail" else {"timeout": 5}
@@ -141,8 +142,11 @@ def test_files_a_holder_creates_get_exactly_its_mode_whatever_the_umask(
     session = tmp_path / "s.jsonl"
     old = os.umask(umask)
     try:
-        with SessionLock(session, "owner", mode=mode) as lock:
-            lock.append({"n": 1})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "mode 0o644 lets every user",
+                                    fencelock.FenceLockWarning)
+            with SessionLock(session, "owner", mode=mode) as lock:
+                lock.append({"n": 1})
     finally:
         os.umask(old)
     assert stat.S_IMODE(sidecar_of(session).stat().st_mode) == mode
@@ -150,8 +154,11 @@ def test_files_a_holder_creates_get_exactly_its_mode_whatever_the_umask(
     # A sidecar or session made earlier (by its owner, with a mode of its own) keeps it.
     os.chmod(session, 0o640)
     os.chmod(sidecar_of(session), 0o640)
-    with SessionLock(session, "again", mode=mode) as lock:
-        lock.append({"n": 2})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "mode 0o644 lets every user",
+                                    fencelock.FenceLockWarning)
+        with SessionLock(session, "again", mode=mode) as lock:
+            lock.append({"n": 2})
     assert stat.S_IMODE(sidecar_of(session).stat().st_mode) == 0o640
     assert stat.S_IMODE(session.stat().st_mode) == 0o640
 
@@ -159,10 +166,13 @@ def test_files_a_holder_creates_get_exactly_its_mode_whatever_the_umask(
 @needs_root
 def test_a_readable_sidecar_can_be_held_hostage_which_is_why_0600() -> None:
     # The counter-example: a caller that opens the mode up to 0644 lets any user flock
-    # the sidecar through a read-only descriptor and block every run.
+    # the sidecar through a read-only descriptor and block every run; it is warned so.
     with open_directory() as sessions:
         session = sessions / "s.jsonl"
-        with SessionLock(session, "owner", mode=0o644):
+        with pytest.warns(fencelock.FenceLockWarning, match="every user of this machine open the "
+                                                  "files it makes, and so lock the sidecar"):
+            lock = SessionLock(session, "owner", mode=0o644)
+        with lock:
             pass
         intruder = spawn_as_user("""
             fd = os.open(args["sidecar"], os.O_RDONLY)
