@@ -444,8 +444,8 @@ def no_thread(path: str, what: str) -> FenceLockError:
 def attribute_fix(path: str, how: str = "write") -> str:
     """What to do about EPERM on writing ``path``: permission bits give EACCES, so EPERM
     is an attribute that binds even root (immutable or append-only, chattr +i / +a)."""
-    return (f"it may be immutable or append-only (lsattr {path}; chattr -i or -a clears "
-            f"that), or this user cannot {how} it")
+    return (f"it may be immutable or append-only (lsattr {shell_word(path)}; chattr -i or "
+            f"-a clears that), or this user cannot {how} it")
 
 
 class SessionWriteError(FenceLockError):

@@ -31,6 +31,7 @@ from fencelock._errors import (
     UnsafePathError,
     UnsafeSidecarError,
     attribute_fix,
+    shell_word,
 )
 from fencelock._record import MAX_RECORD, HolderInfo, decode
 
@@ -190,7 +191,8 @@ def unlink_error(path: str, e: OSError, done: str = "") -> Exception:
     if e.errno == errno.EPERM:
         return SidecarAccessError(path, e, (
             f"{first}{directory} or the sidecar may be immutable or append-only (lsattr -d "
-            f"{directory}; lsattr {path}), or {directory} is sticky and the sidecar is "
+            f"{shell_word(directory)}; lsattr {shell_word(path)}), or {directory} is sticky "
+            f"and the sidecar is "
             f"another user's: run as the sidecar's owner"))
     error = access_error(path, e, True)
     return SidecarAccessError(path, e, f"{first}{error}") if first else error

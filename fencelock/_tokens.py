@@ -38,7 +38,7 @@ import time
 from typing import Any
 
 from fencelock import _platform, _sidecar
-from fencelock._errors import FenceLockError, attribute_fix
+from fencelock._errors import FenceLockError, attribute_fix, shell_word
 from fencelock._record import MAX_TOKEN
 
 STAMP_KEY = "_fencelock"
@@ -429,9 +429,7 @@ def keep_removed(session: str, token: int) -> str | None:
         if st.st_nlink > 1:  # another name's file (a backup's hard link) would be written
             if _mark_value(_platform.pread(fd, 32, 0)) >= token:
                 return None  # it covers the token: nothing to write
-            import shlex  # (here: `status` starts without it)
-
-            quoted, new = shlex.quote(path), shlex.quote(path + ".new")
+            quoted, new = shell_word(path), shell_word(path + ".new")
             return (f"{path} is a hard link to a file with {st.st_nlink} names, which "
                     f"fencelock does not write through; give it a file of its own, "
                     f"keeping its token (cp -p {quoted} {new} && mv {new} {quoted}), and "

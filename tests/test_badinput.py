@@ -1622,6 +1622,26 @@ def test_a_floor_at_the_token_limit_names_where_it_came_from(session: Path, sour
     assert ".corrupt" not in message
 
 
+def test_the_lsattr_commands_a_fix_suggests_read_back_as_the_paths(tmp_path: Path) -> None:
+    """The lsattr commands in an EPERM fix are pasted into a shell: each path is one
+    word there, whatever its spaces or quotes."""
+    import shlex
+
+    from fencelock import _sidecar
+
+    directory = tmp_path / "my 'sessions'"
+    directory.mkdir()
+    sidecar = str(directory / "a b.jsonl.holder")
+    eperm = OSError(errno.EPERM, os.strerror(errno.EPERM), sidecar)
+    for fix in (_sidecar.path_fix(sidecar, eperm, writing=True, sidecar=True),
+                str(_sidecar.unlink_error(sidecar, eperm))):
+        assert fix is not None
+        for command in fix.split("(lsattr ")[1:]:
+            words = shlex.split(command.split(")")[0].replace(";", " ; "))
+            paths = [w for w in words if w not in ("-d", ";", "lsattr")]
+            assert paths and all(p in (sidecar, str(directory)) for p in paths), (fix, paths)
+
+
 def test_a_write_refused_with_eperm_names_the_immutable_attribute(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2168,6 +2168,29 @@ def test_scan_reports_a_directory_named_like_a_session_as_unreadable(tmp_path: P
     assert str(tmp_path / "odd.jsonl") in reason and "directory" in reason
 
 
+def test_the_copy_command_for_a_hard_linked_marker_works_when_pasted(tmp_path: Path) -> None:
+    """`clear --remove`'s fix for a hard-linked removed-token marker, as printed, run in
+    bash, in a directory whose name holds a line break (printed escaped): it gives the
+    marker a file of its own, and the removal then goes through."""
+    from fencelock._tokens import REMOVED_MARKER
+
+    sessions = tmp_path / "new\nline"
+    sessions.mkdir()
+    other = tmp_path / "secret"
+    other.write_bytes(b"not a token\n")
+    os.link(other, sessions / REMOVED_MARKER)
+    session = sessions / "s.jsonl"
+    with SessionLock(session) as lock:
+        lock.append({"n": 1})
+    out = cli("clear", "--remove", str(session))
+    assert out.returncode == 0 and "sidecar kept" in out.stdout, out
+    fix = out.stdout[out.stdout.index("(cp -p") + 1:out.stdout.index("), and try")]
+    subprocess.run(["bash", "-c", fix], check=True, timeout=60)
+    assert other.read_bytes() == b"not a token\n"
+    again = cli("clear", "--remove", str(session))
+    assert again.returncode == 0 and "sidecar removed" in again.stdout, again
+
+
 def test_scan_passes_over_a_symlink_alias_of_a_session(
     session: Path, spawn_holder: SpawnHolder
 ) -> None:
