@@ -448,6 +448,21 @@ def attribute_fix(path: str, how: str = "write") -> str:
             f"-a clears that), or this user cannot {how} it")
 
 
+def own_file_fix(path: str, writing: bool) -> str | None:
+    """What to do about EACCES on ``path`` where this user owns it (its mode shuts its
+    owner out: "run as its owner" would not help); None for another user's file."""
+    geteuid = getattr(os, "geteuid", None)
+    try:
+        own = geteuid is not None and os.stat(path).st_uid == geteuid()
+    except OSError:
+        own = False
+    if not own:
+        return None
+    flag, doing = ("w", "writing") if writing else ("r", "reading")
+    return (f"this user owns it, but its mode leaves out {doing}; chmod u+{flag} "
+            f"{shell_word(path)} (g+{flag} too where a group shares the sessions)")
+
+
 class SessionWriteError(FenceLockError):
     """A fenced append could not be written or made durable."""
 
@@ -471,7 +486,8 @@ class SessionWriteError(FenceLockError):
         elif cause.errno == errno.EPERM:
             fix = attribute_fix(session)
         else:
-            fix = WRITE_FIXES.get(cause.errno or 0)
+            fix = (cause.errno == errno.EACCES and own_file_fix(session, True)) or \
+                WRITE_FIXES.get(cause.errno or 0)
         if fix is not None:
             reason += f" ({fix})"
         if stored is None:

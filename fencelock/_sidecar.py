@@ -31,6 +31,7 @@ from fencelock._errors import (
     UnsafePathError,
     UnsafeSidecarError,
     attribute_fix,
+    own_file_fix,
     shell_word,
 )
 from fencelock._record import MAX_RECORD, HolderInfo, decode
@@ -223,7 +224,8 @@ def path_fix(path: str, e: OSError, *, writing: bool, sidecar: bool) -> str | No
         how = "write" if writing else "read"
         if e.errno == errno.EPERM and writing:
             return attribute_fix(path, how)
-        return f"this user cannot {how} it; run as its owner or fix the permissions"
+        return own_file_fix(path, writing) or \
+            f"this user cannot {how} it; run as its owner or fix the permissions"
     if e.errno == errno.EROFS:
         return WRITE_FIXES[e.errno]
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -503,6 +505,10 @@ def open_checked(
                             continue  # another process made it first: open theirs
                     st = os.fstat(fd)
                 except OSError as e:
+                    if e.errno == errno.EACCES and (create or write):
+                        # Another user's, planted where anyone may create files: said as
+                        # such, not "run as its owner" (the owner planted it).
+                        refuse_planted_at(sidecar)
                     raise access_error(sidecar, e, create or write) from None
                 if not stat.S_ISREG(st.st_mode):
                     raise UnsafeSidecarError(sidecar, _platform.describe_mode(st.st_mode, sidecar))

@@ -441,6 +441,62 @@ def test_files_planted_by_another_user_in_a_shared_directory_are_refused(planted
         assert b"secret" not in target.read_bytes()
 
 
+@needs_root
+@pytest.mark.parametrize("how", ["acquire", "clear"])
+def test_a_planted_sidecar_the_victim_cannot_write_is_named_as_planted(how: str) -> None:
+    """Planted 0644, another user's sidecar cannot even be opened for writing by the
+    victim (EACCES): still named as planted, not "run as its owner" (its owner is the
+    one who planted it). Left untouched."""
+    with open_directory(0o1777) as sessions:
+        session = sessions / "s.jsonl"
+        sidecar = sidecar_of(session)
+        as_user("import os\nos.close(os.open(args['path'], os.O_WRONLY | os.O_CREAT, 0o644))"
+                "\nresult = True", path=str(sidecar))
+        result = as_user("""
+            try:
+                if args["how"] == "acquire":
+                    SessionLock(args["session"], "victim").acquire()
+                else:
+                    clear(args["session"])
+                result = ["done"]
+            except FenceLockError as e:
+                result = [type(e).__name__, str(e)]
+        """, uid=1, session=str(session), how=how)
+        assert result[0] == "PlantedFileError", result
+        assert f"uid {NOBODY} or root can remove it" in result[1] and "run as" not in result[1]
+        assert sidecar.read_bytes() == b"" and sidecar.stat().st_uid == NOBODY
+
+
+@needs_root
+@pytest.mark.parametrize("which", ["sidecar", "session"])
+def test_a_file_of_this_user_s_own_that_it_cannot_write_says_chmod(which: str) -> None:
+    """This user's own sidecar or session at 0444: the fix is `chmod u+w FILE` (which
+    the test then runs, and the append goes through), not "run as its owner"."""
+    with open_directory(0o755) as sessions:
+        os.chown(sessions, NOBODY, NOBODY)
+        session = sessions / "s.jsonl"
+        session.write_text('{"n": 0}\n')
+        sidecar_of(session).write_text("")
+        target = session if which == "session" else sidecar_of(session)
+        for path in (session, sidecar_of(session)):
+            os.chown(path, NOBODY, NOBODY)
+        target.chmod(0o444)
+        body = """
+            try:
+                with SessionLock(args["session"], "owner") as lock:
+                    lock.append({"n": 1})
+                result = ["done"]
+            except FenceLockError as e:
+                result = [type(e).__name__, str(e)]
+        """
+        result = as_user(body, session=str(session))
+        assert f"this user owns it, but its mode leaves out writing; chmod u+w {target}" \
+            in result[1] and "run as its owner" not in result[1], result
+        subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                        "chmod", "u+w", str(target)], check=True, timeout=60)
+        assert as_user(body, session=str(session)) == ["done"]
+
+
 _PLANT = (
     "import os\n"
     "fd = os.open(args['path'], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)\n"
