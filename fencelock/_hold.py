@@ -33,7 +33,7 @@ from fencelock._errors import (
     SessionTakeoverError,
     SessionWriteError,
 )
-from fencelock._json import RepeatedKeyError, digits_problem, strict_loads
+from fencelock._json import SPACE, RepeatedKeyError, digits_problem, kind, strict_loads
 from fencelock._signals import PromptHandlers, Seen, Stopped
 from fencelock._tokens import STAMP_KEY
 
@@ -343,6 +343,11 @@ def parse(item: _Line | _TooLong) -> tuple[dict[str, Any], dict[str, Any]]:
         text = item.data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadRequestError(f"request is not UTF-8 (byte {e.start})") from None
+    if not text.strip(SPACE):
+        raise BadRequestError("request line is empty; send one JSON object per line")
+    if text.startswith("\ufeff"):
+        raise BadRequestError("request starts with a byte order mark (EF BB BF); send UTF-8 "
+                              "without one")
     try:
         request = strict_loads(text, unique=True)
     except RecursionError:
@@ -356,10 +361,12 @@ def parse(item: _Line | _TooLong) -> tuple[dict[str, Any], dict[str, Any]]:
         ) from None
     except ValueError as e:
         why = digits_problem(e)
+        hint = (" (a line break inside a string goes as \\n: each request is one line)"
+                if str(e).startswith("Unterminated string") else "")
         raise BadRequestError(f"request holds {why}" if why else f"request is not JSON: {e}"
-                              ) from None
+                              f"{hint}") from None
     if not isinstance(request, dict):
-        raise BadRequestError("request is not a JSON object")
+        raise BadRequestError(f"request is not a JSON object but {kind(request)}")
     return request, ({"id": request["id"]} if "id" in request else {})
 
 
@@ -370,7 +377,7 @@ def _entry(request: dict[str, Any], stamp: bool | None) -> dict[str, Any] | str:
     entry = request["entry"]
     if not isinstance(entry, dict | str):
         raise BadRequestError(
-            f'"entry" must be a JSON object or a one-line string, not {type(entry).__name__}'
+            f'"entry" must be a JSON object or a one-line string, not {kind(entry)}'
         )
     if isinstance(entry, str) and ("\n" in entry or "\r" in entry):
         raise BadRequestError('"entry" must be one line; this one has a line break')
@@ -784,7 +791,8 @@ def _serve(
             request, echo = parse(item)
             asked = request.get("op")
             if not isinstance(asked, str) or asked not in OPS:
-                shown = repr(asked) if len(repr(asked)) <= 80 else repr(asked)[:77] + "..."
+                shown = json.dumps(asked)
+                shown = shown if len(shown) <= 80 else shown[:77] + "..."
                 raise BadRequestError(
                     f"unknown op {shown}; expected one of {', '.join(OPS)}"
                     if "op" in request else f'request has no "op" (one of {", ".join(OPS)})'

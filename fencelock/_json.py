@@ -86,6 +86,23 @@ def strict_loads(text: str | bytes, parse_int: Callable[[str], Any] | None = Non
                       object_pairs_hook=unique_keys if unique else None)
 
 
+SPACE = " \t\r\n"
+"""What JSON counts as whitespace between tokens."""
+
+
+def kind(value: object) -> str:
+    """The JSON name of ``value``'s type, for messages to callers in any language."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    return "an object" if isinstance(value, dict) else "a string"
+
+
 def digits_problem(e: ValueError) -> str | None:
     """Python's own limit on turning integers into text and back (not JSON's), in plain
     words; None for any other error."""

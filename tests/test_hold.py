@@ -316,7 +316,13 @@ def test_hold_under_its_own_run_answers_with_the_documented_name(session: Path) 
 
 BAD_LINES = [
     (b"not json", "not JSON"),
-    (b"", "not JSON"),
+    (b"", "request line is empty"),
+    (b" \t\r", "request line is empty"),
+    (b'\xef\xbb\xbf{"op": "info"}', "byte order mark"),
+    (b'{"op": "append", "entry": "two', "a line break inside a string goes as \\n"),
+    (b'null', "not a JSON object but null"),
+    (b'{"op": null}', "unknown op null;"),
+    (b'{"op": "append", "entry": null}', "not null"),
     (b"[1, 2]", "not a JSON object"),
     (b'{"entry": {}}', 'no "op"'),
     (b'{"op": "fly"}', "unknown op"),
