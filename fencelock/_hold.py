@@ -33,7 +33,14 @@ from fencelock._errors import (
     SessionTakeoverError,
     SessionWriteError,
 )
-from fencelock._json import SPACE, RepeatedKeyError, digits_problem, kind, strict_loads
+from fencelock._json import (
+    SPACE,
+    RepeatedKeyError,
+    digits_problem,
+    kind,
+    strict_loads,
+    unique_keys,
+)
 from fencelock._signals import PromptHandlers, Seen, Stopped
 from fencelock._tokens import STAMP_KEY
 
@@ -64,6 +71,15 @@ class _CallerGone(Exception):
     def __init__(self, error: OSError | None = None) -> None:
         super().__init__(error)
         self.error = error
+
+
+class _Refused(Exception):
+    """A request refused (``error``) that is JSON all the same: its answer carries the
+    id it gave (``echo``), as any refused request's does."""
+
+    def __init__(self, error: BadRequestError, echo: dict[str, Any]) -> None:
+        super().__init__(error)
+        self.error, self.echo = error, echo
 
 
 # -- reading requests --------------------------------------------------------------------
@@ -349,16 +365,16 @@ def parse(item: _Line | _TooLong) -> tuple[dict[str, Any], dict[str, Any]]:
         raise BadRequestError("request starts with a byte order mark (EF BB BF); send UTF-8 "
                               "without one")
     try:
-        request = strict_loads(text, unique=True)
+        request = strict_loads(text, object_pairs_hook=unique_keys)
     except RecursionError:
         raise BadRequestError("request is nested too deeply") from None
     except RepeatedKeyError as e:
         # Which value would count is a guess ({"op": "info", "op": "release"}), and an
         # entry object would lose one of them: refused, nothing done.
-        raise BadRequestError(
+        raise _Refused(BadRequestError(
             f"request is refused: {e}, and which one counts is not clear; nothing was "
             f"done (an entry whose repeated keys must be kept goes as a one-line string)"
-        ) from None
+        ), _id_of(text)) from None
     except ValueError as e:
         why = digits_problem(e)
         hint = (" (a line break inside a string goes as \\n: each request is one line)"
@@ -368,6 +384,21 @@ def parse(item: _Line | _TooLong) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(request, dict):
         raise BadRequestError(f"request is not a JSON object but {kind(request)}")
     return request, ({"id": request["id"]} if "id" in request else {})
+
+
+def _id_of(text: str) -> dict[str, Any]:
+    """The ``id`` part of the answer to ``text``, a JSON object that names some key
+    twice: its id where its top level gives one once, else nothing. (The hook sees the
+    objects inner first: the top level's pairs come last.)"""
+    seen: list[list[tuple[str, Any]]] = []
+
+    def keep(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen.append(pairs)
+        return dict(pairs)
+
+    request = strict_loads(text, object_pairs_hook=keep)
+    once = isinstance(request, dict) and [k for k, _ in seen[-1]].count("id") == 1
+    return {"id": request["id"]} if once else {}
 
 
 def _entry(request: dict[str, Any], stamp: bool | None) -> dict[str, Any] | str:
@@ -808,6 +839,8 @@ def _serve(
             answer = _handled(served, op, request)
         except (FenceLockError, OSError) as e:
             answer = error_answer(e)
+        except _Refused as r:
+            answer, echo = error_answer(r.error), r.echo
         if seen.settled:
             # The answer of a request that wrote goes out even if a stop signal comes
             # now: the caller must learn what was stored.

@@ -19,7 +19,8 @@ class RepeatedKeyError(ValueError):
     """An object that names one key twice: readers disagree on which value counts."""
 
     def __init__(self, key: str) -> None:
-        super().__init__(f"the key {json.dumps(key)} appears twice in one object")
+        shown = json.dumps(key if len(key) <= 80 else key[:77] + "...")
+        super().__init__(f"the key {shown} appears twice in one object")
         self.key = key
 
 
@@ -76,14 +77,14 @@ def loads(text: str | bytes, parse_int: Callable[[str], Any] | None = None) -> A
 
 
 def strict_loads(text: str | bytes, parse_int: Callable[[str], Any] | None = None,
-                 unique: bool = False) -> Any:
+                 object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None
+                 ) -> Any:
     """``json.loads`` as strict JSON readers take it: no NaN or Infinity, and no number
-    past a double's range (``parse_int``: in place of `finite_int`); with ``unique``, no
-    key twice in one object (`RepeatedKeyError`); ValueError (or RecursionError)
-    otherwise."""
+    past a double's range (``parse_int``: in place of `finite_int`); ValueError (or
+    RecursionError) otherwise. ``object_pairs_hook`` as json's (`unique_keys`: no key
+    twice in one object)."""
     return json.loads(text, parse_constant=not_json, parse_float=finite_float,
-                      parse_int=parse_int or finite_int,
-                      object_pairs_hook=unique_keys if unique else None)
+                      parse_int=parse_int or finite_int, object_pairs_hook=object_pairs_hook)
 
 
 SPACE = " \t\r\n"

@@ -421,6 +421,28 @@ def test_an_object_entry_at_the_parser_s_depth_limit_is_a_bad_request(
     assert all(line.startswith(b'{"a":[[') for line in session.read_bytes().splitlines())
 
 
+def test_a_request_refused_for_a_repeated_key_is_answered_with_its_id(
+    session: Path, start_hold: StartHold
+) -> None:
+    """It is JSON: its id is echoed as any refused request's is, unless the id is the
+    key given twice (then which one is the guess); a long key is quoted shortened."""
+    h = start_hold(session)
+    h.held()
+    for line, echoed in [(b'{"op": "info", "id": 7, "x": {"a": 1, "a": 2}}', 7),
+                         (b'{"id": {"k": [1, {}]}, "op": "info", "op": "release"}',
+                          {"k": [1, {}]}),
+                         (b'{"op": "info", "id": 7, "id": 8}', None)]:
+        h.send_raw(line + b"\n")
+        answer = h.read()
+        assert answer["error"] == "BadRequestError" and answer.get("id") == echoed, answer
+    key = "k" * 100_000
+    h.send_raw(json.dumps({"op": "info", "id": 1}).encode()[:-1] +
+               f', "{key}": 1, "{key}": 2}}\n'.encode())
+    answer = h.read()
+    assert answer["id"] == 1 and len(answer["message"]) < 1000, answer["message"][:200]
+    assert h.wait() == 0
+
+
 def test_an_entry_sent_as_text_keeps_its_repeated_keys(
     session: Path, start_hold: StartHold
 ) -> None:
