@@ -499,7 +499,10 @@ class SessionWriteError(FenceLockError):
         else:
             outcome = "the entry was not stored, append it again once the cause is fixed"
         self.what = what
-        super().__init__(f"{session}: {what} failed: {reason}; {outcome}")
+        self.failed = f"{session}: {what} failed: {reason}"
+        """What failed, on which file, and its fix where one is known (without what
+        became of the entry)."""
+        super().__init__(f"{self.failed}; {outcome}")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild_write_error, (self.session, self.cause, self.what,

@@ -284,17 +284,15 @@ def _set_torn_tail_aside(lock: SessionLock) -> None:
     try:
         lock._set_torn_tail_aside()
     except SessionWriteError as e:  # (its own words are for an entry to append again)
-        failed = f"{e.what} failed: {e.cause.strerror or type(e.cause).__name__}"
         torn = ends_torn(lock.session)
         said = ("its last line is torn and could not be moved aside" if torn
                 else "its last line could not be checked for a torn line")
         if os.access(lock.session, os.W_OK):
             raise FenceLockError(
-                f"{lock.session}: {said} ({failed}), so the command was not started: a "
-                f"line it appended would join a torn one; make room on its filesystem "
-                f"and let this user create files in its directory (the torn part goes to "
-                f"{os.path.basename(lock.session)}.torn beside it), then run it again"
+                f"{lock.session}: {said}, so the command was not started (a line it "
+                f"appended would join a torn one): {e.failed}; then run it again"
             ) from None
+        failed = f"{e.what} failed: {e.cause.strerror or type(e.cause).__name__}"
         warning_line(f"{lock.session}: {said} ({failed}); a line the command appends "
                      f"would join {'it' if torn else 'one'}")
     except (FenceLockError, OSError) as e:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -642,31 +642,68 @@ def test_a_run_that_may_only_read_its_session_warns_only_of_a_torn_line(
             assert out.stderr == ""
 
 
-@needs_root  # to drop to another user (root creates files anywhere)
+def _run_appending(
+    session: Path, prefix: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """`fencelock run` of a command that appends a line with `>>`, as a shell does."""
+    return subprocess.run(
+        [*prefix, *FENCELOCK, "run", str(session), "--lane", "writer", "--", "sh", "-c",
+         'echo \'{"cmd": 1}\' >> "$FENCELOCK_SESSION"'],
+        capture_output=True, text=True, timeout=60)
+
+
 def test_a_run_whose_torn_line_cannot_be_moved_aside_does_not_start_its_command() -> None:
     """The session (this user's, writable) ends in a torn line, and its directory takes
     no new files (no `S.torn`): the command, which could append, is not started (its
-    line would join the torn one), as an append of the library's own is refused; the
-    session and its torn line are left as they were, and the session is free again."""
-    prefix = _as_unprivileged()
+    line would join the torn one), as an append of the library's own is refused. The
+    message names the file that failed and the fix; the session and its torn line are
+    left as they were, and the session is free again. (As root, as another user: root
+    creates files anywhere.)"""
+    prefix = _as_unprivileged() if os.geteuid() == 0 else []
     with _private_directory(0o755, "s.jsonl.holder") as sessions:
         session = sessions / "s.jsonl"
         session.write_bytes(b'{"a": 1}\n{"b": 2, "ha')
         for path in (session, sessions / "s.jsonl.holder"):
-            os.chown(path, 65534, 65534)
+            if prefix:
+                os.chown(path, 65534, 65534)
             path.chmod(0o600)
         sessions.chmod(0o555)
-        out = subprocess.run(
-            [*prefix, *FENCELOCK, "run", str(session), "--lane", "writer", "--", "sh", "-c",
-             'echo \'{"cmd": 1}\' >> "$FENCELOCK_SESSION"'],
-            capture_output=True, text=True, timeout=60)
+        out = _run_appending(session, prefix)
         assert out.returncode == 1, out
         no_traceback(out.stderr, 1)
-        assert "its last line is torn and could not be moved aside" in out.stderr
-        assert "so the command was not started" in out.stderr
-        assert "s.jsonl.torn" in out.stderr
+        assert "its last line is torn and could not be moved aside, so the command was not " \
+            "started" in out.stderr
+        assert f"{session}.torn: create (keeping the torn last line aside) failed: " \
+            f"Permission denied (this user cannot create files in {sessions}" in out.stderr
         assert session.read_bytes() == b'{"a": 1}\n{"b": 2, "ha'
         assert probe(session).state == "free"
+
+
+@needs_root
+@marks.needs_linux
+def test_a_run_whose_torn_line_cannot_be_cut_names_the_attribute(session: Path) -> None:
+    """An append-only session (chattr +a): the torn part is copied aside but cannot be
+    cut, and the refusal says which attribute to clear, not to make room."""
+    import fcntl
+    import struct
+
+    get_flags, set_flags, append_only = 0x80086601, 0x40086602, 0x20  # linux/fs.h
+    session.write_bytes(b'{"a": 1}\n{"b": 2, "ha')
+    fd = os.open(session, os.O_RDONLY)
+    try:
+        flags = struct.unpack("i", fcntl.ioctl(fd, get_flags, struct.pack("i", 0)))[0]
+        fcntl.ioctl(fd, set_flags, struct.pack("i", flags | append_only))
+        try:
+            out = _run_appending(session)
+        finally:
+            fcntl.ioctl(fd, set_flags, struct.pack("i", flags))
+    finally:
+        os.close(fd)
+    assert out.returncode == 1, out
+    assert "so the command was not started" in out.stderr
+    assert "cutting its torn last line" in out.stderr and "chattr -i or -a" in out.stderr
+    assert "make room" not in out.stderr
+    assert session.read_bytes() == b'{"a": 1}\n{"b": 2, "ha'
 
 
 @pytest.mark.parametrize("command", ["status", "clear", "verify", "check-config"])
