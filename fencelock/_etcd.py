@@ -591,7 +591,8 @@ class _Cluster:
                     f"{k}={v}" for k, v in (("ca", self.url.ca), ("cert", self.url.cert),
                                             ("key", self.url.key)) if v is not None)
                 why = getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)
-                if self.url.cert is not None and self.url.key is None:
+                if self.url.cert is not None and self.url.key is None and \
+                        "PEM lib" in str(e):  # (OpenSSL's word for a cert it cannot load)
                     why += (" (cert= without key=: the certificate file must then hold "
                             "the private key too; give key=FILE)")
                 raise StoreUnavailableError(

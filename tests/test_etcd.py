@@ -2505,8 +2505,9 @@ def test_a_tls_setting_that_does_not_fit_is_named_with_its_fix(
         "wrong ca": (t.url(ca=t.other_ca, cert=t.cert, key=t.key),
                      "certificate verify failed", "check ca="),
         "no client certificate": (t.url(ca=t.ca), "the TLS handshake with", "cert=/key="),
-        "missing file": (t.url(ca=t.ca + ".missing"), "its TLS files cannot be used",
-                         "check ca=, cert= and key="),
+        # (a cert= without key= here: the missing CA is the cause, not the key)
+        "missing file": (t.url(ca=t.ca + ".missing", cert=t.cert),
+                         "its TLS files cannot be used", "check ca=, cert= and key="),
         "cert without key": (t.url(ca=t.ca, cert=t.cert), "cert= without key=",
                              "give key=FILE"),
         "etcds to a plain port": (
@@ -2519,6 +2520,7 @@ def test_a_tls_setting_that_does_not_fit_is_named_with_its_fix(
         (line,) = out.stderr.strip().splitlines()
         assert said in line and fix in line, line
         assert "cannot connect" not in line, line
+        assert ("without key=" in line) == (case == "cert without key"), line
 
 
 @contextlib.contextmanager
