@@ -245,11 +245,6 @@ class SessionLock:
             timeout = _wait.limit(timeout)
         self.check_lane(lane)
         _check_mode(mode)
-        if mode & 0o007:
-            warnings.warn(FenceLockWarning(
-                f"mode {mode:#o} lets every user of this machine open the files it makes, "
-                f"and so lock the sidecar and keep every run out of the session; give "
-                f"0o600, or 0o660 for a group that shares the sessions"), stacklevel=2)
         if origin is not None and len(origin) > _record.MAX_TEXT:
             raise ValueError(f"origin is longer than {_record.MAX_TEXT} characters")
         self.session, self.sidecar = _sidecar.paths(path)

@@ -24,6 +24,7 @@ from fencelock._errors import (
     WRITE_FIXES,
     CorruptRecordError,
     FenceLockError,
+    FenceLockWarning,
     ForeignSymlinkError,
     HeldByOwnRunError,
     PlantedFileError,
@@ -520,6 +521,8 @@ def open_checked(
                 if made:
                     _platform.set_mode(fd, mode, _platform.owner_for(
                         sidecar, like or sidecar[: -len(SUFFIX)]))
+                    if mode & 0o006:
+                        _warn_open_to_all(sidecar, mode)
                 _forkguard.track(fd, st, owner)
             except BaseException:
                 if fd >= 0:
@@ -529,6 +532,17 @@ def open_checked(
         _forkguard.close_if_still(owner._fd, owner._opened)  # once tracked (else closed)
         raise
     return fd, st
+
+
+def _warn_open_to_all(sidecar: str, mode: int) -> None:
+    """A sidecar just made with ``mode`` that lets other users read or write it: any
+    of them can open it, and so lock it (flock needs only an open descriptor)."""
+    import warnings
+
+    warnings.warn(FenceLockWarning(
+        f"{sidecar}: made with mode {mode:#o}, which lets every user of this machine open "
+        f"it, and so lock it and keep every run out of the session; give 0o600, or 0o660 "
+        f"for a group that shares the sessions (chmod o-rw fixes this one)"), stacklevel=2)
 
 
 def refuse_unusable_session(sidecar: str) -> None:

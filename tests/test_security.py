@@ -108,8 +108,10 @@ def test_a_fail_fast_acquire_by_a_user_who_cannot_write_the_sidecar_names_a_live
     exited 4); once nobody holds it, the permission error stands."""
     with open_directory() as sessions:
         session = sessions / "s.jsonl"
+        lock = SessionLock(session, "owner", mode=0o644)
         with pytest.warns(fencelock.FenceLockWarning, match="every user"):
-            lock = SessionLock(session, "owner", mode=0o644)
+            lock.acquire()  # makes the sidecar: 0644 warns
+        lock.release()
         ask = """
             out = {}
             kind = {"on_contention": "fail"} if args["how"] == "fail" else {"timeout": 5}
@@ -143,7 +145,7 @@ def test_files_a_holder_creates_get_exactly_its_mode_whatever_the_umask(
     old = os.umask(umask)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "mode 0o644 lets every user",
+            warnings.filterwarnings("ignore", ".*made with mode 0o644",
                                     fencelock.FenceLockWarning)
             with SessionLock(session, "owner", mode=mode) as lock:
                 lock.append({"n": 1})
@@ -155,7 +157,7 @@ def test_files_a_holder_creates_get_exactly_its_mode_whatever_the_umask(
     os.chmod(session, 0o640)
     os.chmod(sidecar_of(session), 0o640)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "mode 0o644 lets every user",
+        warnings.filterwarnings("ignore", ".*made with mode 0o644",
                                     fencelock.FenceLockWarning)
         with SessionLock(session, "again", mode=mode) as lock:
             lock.append({"n": 2})
@@ -169,10 +171,12 @@ def test_a_readable_sidecar_can_be_held_hostage_which_is_why_0600() -> None:
     # the sidecar through a read-only descriptor and block every run; it is warned so.
     with open_directory() as sessions:
         session = sessions / "s.jsonl"
-        with pytest.warns(fencelock.FenceLockWarning, match="every user of this machine open the "
-                                                  "files it makes, and so lock the sidecar"):
-            lock = SessionLock(session, "owner", mode=0o644)
-        with lock:
+        lock = SessionLock(session, "owner", mode=0o644)
+        with pytest.warns(fencelock.FenceLockWarning, match="which lets every user of this "
+                                                            "machine open it, and so lock it"):
+            lock.acquire()
+        lock.release()
+        with SessionLock(session, "owner", mode=0o644):  # made already: said once
             pass
         intruder = spawn_as_user("""
             fd = os.open(args["sidecar"], os.O_RDONLY)
