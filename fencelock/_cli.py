@@ -46,6 +46,7 @@ from fencelock._output import (
     holder_text,
     human_age,
     is_sidecar,
+    json_element,
     library_errors,
     os_message,
     out,
@@ -55,6 +56,7 @@ from fencelock._output import (
     shorten,
     standard_streams,
     status_json,
+    stream_json_array,
     stream_status_json,
 )
 
@@ -623,23 +625,25 @@ def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None)
 class _DirSummary:
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self.outcomes: list[_ClearOutcome] = []
         self.live = 0
+        self.cleared = 0
+        self.removed = 0
 
 
 def _clear_directory(
-    directory: str, remove: bool, force: bool, backend: str | None = None
-) -> _DirSummary:
+    summary: _DirSummary, remove: bool, force: bool, backend: str | None = None
+) -> Iterator[_ClearOutcome]:
+    """The outcome of each session in the directory as it is cleared (counted in
+    ``summary``), so that each is said as it happens: a large directory takes a while,
+    and an interrupt must not hide what was done before it."""
     from fencelock._probe import ProbeState, scan
 
-    summary = _DirSummary(directory)
     store = _uses_store(backend)
-    for st in scan(directory, backend=backend):
+    for st in scan(summary.directory, backend=backend):
         if st.state is ProbeState.LIVE:
             summary.live += 1
-            summary.outcomes.append(
-                _ClearOutcome(st.session, st.sidecar, "live", st.record, reason="live: left alone")
-            )
+            yield _ClearOutcome(st.session, st.sidecar, "live", st.record,
+                                reason="live: left alone")
             continue
         if st.state is ProbeState.FREE and (
             not remove or (not store and not os.path.lexists(st.sidecar))
@@ -650,8 +654,9 @@ def _clear_directory(
             # Taken by a new run since the scan: it is live, not stale, so left alone.
             summary.live += 1
             continue
-        summary.outcomes.append(outcome)
-    return summary
+        summary.cleared += outcome.cleared
+        summary.removed += outcome.removed
+        yield outcome
 
 
 @main.command(name="clear", short_help="Clear stale holder records; never live ones.")
@@ -683,54 +688,64 @@ def clear_command(
       fencelock clear --remove sessions/
     """
     answer_goes_to_stdout("clear")
-    from fencelock._errors import OutsideRootError, SidecarAccessError
-
     show = PathDisplay()
-    report: list[_ClearOutcome] = []
     refused = failed = False
-    for path in paths:
-        if _is_directory_to_scan(path):
-            with library_errors():
-                try:
-                    summary = _clear_directory(path, remove, force, backend)
-                except (SidecarAccessError, OutsideRootError) as e:
-                    # This directory only: the other paths are still cleared (and
-                    # --json names it, as it names every path).
-                    session, sidecar = _named(path)
-                    report.append(_ClearOutcome(session, sidecar, None, error=str(e),
-                                                reason=str(e)))
-                    error_line(str(e))
-                    failed = True
-                    continue
-            outcomes = summary.outcomes
-            if not as_json:
-                done = sum(o.cleared for o in outcomes)
-                gone = sum(o.removed for o in outcomes)
-                text = f"{clean(path)}: cleared {done} stale, left {summary.live} live alone"
-                out(text + (f", removed {plural(gone, 'sidecar')}" if remove else ""))
-        else:
-            problem = _no_directory(path)
-            if problem is not None:
-                session, sidecar = _named(path)
-                outcomes = [_ClearOutcome(session, sidecar, None, error=problem, reason=problem)]
-            else:
-                outcomes = [_clear_one(path, remove, force, backend)]
-        for outcome in outcomes:
-            report.append(outcome)
-            refused |= outcome.refused
-            if outcome.error is not None:
-                failed = True
-                error_line(outcome.error)
-            elif outcome.refused:
-                error_line(outcome.refusal)
-            elif not as_json:
-                out(f"{show(outcome.session)}: {clean(outcome.reason)}")
-    if as_json:
-        echo_json([o.to_json() for o in report])
+
+    def said(outcome: _ClearOutcome) -> _ClearOutcome:
+        nonlocal refused, failed
+        refused |= outcome.refused
+        if outcome.error is not None:
+            failed = True
+            error_line(outcome.error)
+        elif outcome.refused:
+            error_line(outcome.refusal)
+        elif not as_json:
+            out(f"{show(outcome.session)}: {clean(outcome.reason)}")
+        return outcome
+
+    def outcomes() -> Iterator[_ClearOutcome]:
+        for path in paths:
+            yield from _clear_path(path, remove, force, backend, as_json)
+
+    if as_json:  # streamed: a directory of 100,000 sessions is not held in memory
+        stream_json_array(json_element(said(o).to_json()) for o in outcomes())
+    else:
+        for outcome in outcomes():
+            said(outcome)
     if failed:
         sys.exit(EXIT_ERROR)
     if refused:
         sys.exit(EXIT_CONTENDED)
+
+
+def _clear_path(
+    path: str, remove: bool, force: bool, backend: str | None, as_json: bool
+) -> Iterator[_ClearOutcome]:
+    """What `clear` did to ``path``, outcome by outcome as each is done; a directory's
+    count after its sessions' lines (not with --json)."""
+    from fencelock._errors import OutsideRootError, SidecarAccessError
+
+    if not _is_directory_to_scan(path):
+        problem = _no_directory(path)
+        if problem is not None:
+            session, sidecar = _named(path)
+            yield _ClearOutcome(session, sidecar, None, error=problem, reason=problem)
+        else:
+            yield _clear_one(path, remove, force, backend)
+        return
+    summary = _DirSummary(path)
+    with library_errors():
+        try:
+            yield from _clear_directory(summary, remove, force, backend)
+        except (SidecarAccessError, OutsideRootError) as e:
+            # This directory only: the other paths are still cleared (and --json names
+            # it, as it names every path).
+            session, sidecar = _named(path)
+            yield _ClearOutcome(session, sidecar, None, error=str(e), reason=str(e))
+            return
+    if not as_json:  # last: what each session's line said, counted
+        text = f"{clean(path)}: cleared {summary.cleared} stale, left {summary.live} live alone"
+        out(text + (f", removed {plural(summary.removed, 'sidecar')}" if remove else ""))
 
 
 # -- run --------------------------------------------------------------------------------

@@ -8,11 +8,12 @@ Imported at startup: it loads click and nothing of the library until a function 
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from typing import IO, TYPE_CHECKING, Any, TextIO
 
@@ -624,23 +625,13 @@ _ROW_SEP = "\x1f"
 """Between a kept row's cells: a control character, so no escaped cell holds it."""
 
 
-def stream_status_json(rows: Iterator[HolderStatus]) -> tuple[bool, bool]:
-    """Print ``status --json``'s array as the rows come; whether any was stale, and
-    whether any was unreadable."""
-    import json
-
-    from fencelock._probe import ProbeState
-
-    encode = json.JSONEncoder(indent=2).encode  # one encoder: json.dumps makes one a call
-    writers = _flat_writers()
+def stream_json_array(elements: Iterable[str]) -> None:
+    """Print a JSON array as its elements come (each one's text as `json.dumps` with
+    ``indent=2`` writes it inside an array: two spaces in), so that a long one is never
+    held in memory; the text is that of ``json.dumps(array, indent=2)``."""
     chunks: list[str] = []
-    stale = unreadable = False
     count = 0
-    for st in rows:
-        stale = stale or st.state is ProbeState.STALE
-        unreadable = unreadable or st.state is ProbeState.UNREADABLE
-        row = status_json(st, time.time())
-        text = _flat_row(row, writers) or encode(json_safe(row)).replace("\n", "\n  ")
+    for text in elements:
         chunks.append(("[\n  " if count == 0 else ",\n  ") + text)
         count += 1
         if len(chunks) >= 256:
@@ -648,6 +639,38 @@ def stream_status_json(rows: Iterator[HolderStatus]) -> tuple[bool, bool]:
             chunks.clear()
     chunks.append("\n]" if count else "[]")
     out("".join(chunks))
+
+
+def json_element(obj: Any) -> str:
+    """``obj``'s text as an element of `stream_json_array`'s array."""
+    text: str = _element_encoder().encode(json_safe(obj))
+    return text.replace("\n", "\n  ")
+
+
+@functools.cache
+def _element_encoder() -> Any:
+    import json
+
+    return json.JSONEncoder(indent=2)  # one encoder: json.dumps makes one a call
+
+
+def stream_status_json(rows: Iterator[HolderStatus]) -> tuple[bool, bool]:
+    """Print ``status --json``'s array as the rows come; whether any was stale, and
+    whether any was unreadable."""
+    from fencelock._probe import ProbeState
+
+    writers = _flat_writers()
+    stale = unreadable = False
+
+    def elements() -> Iterator[str]:
+        nonlocal stale, unreadable
+        for st in rows:
+            stale = stale or st.state is ProbeState.STALE
+            unreadable = unreadable or st.state is ProbeState.UNREADABLE
+            row = status_json(st, time.time())
+            yield _flat_row(row, writers) or json_element(row)
+
+    stream_json_array(elements())
     return stale, unreadable
 
 

@@ -917,7 +917,13 @@ def test_clear_directory(session: Path, spawn_holder: SpawnHolder) -> None:
         pass
     out = cli("clear", str(d))
     assert out.returncode == 0, out.stderr
-    assert "cleared 1 stale, left 1 live alone" in out.stdout
+    # Each session's line as it is done, the directory's count last (a large directory
+    # takes a while, and an interrupt must not hide what was done before it).
+    assert out.stdout.splitlines() == [
+        f"{live}: live: left alone",
+        f"{stale}: cleared the stale record of pid {probe(stale).pid} (lane 'dead')",
+        f"{d}: cleared 1 stale, left 1 live alone",
+    ], out.stdout
     assert probe(stale).state == "free" and probe(live).state == "live"
     assert os.path.exists(str(free) + ".holder")
     removed = cli("clear", "--remove", "--json", str(d))
