@@ -719,7 +719,9 @@ def _scan_store(
     base: str, stuck_after: float, backend: str | None
 ) -> Generator[HolderStatus, None, None]:
     try:
-        names = sorted(n for n in os.listdir(base) if n.endswith(SESSION_SUFFIX))
+        with os.scandir(base) as entries:  # a symlink is an alias (see `_scan_rows`)
+            names = [e.name for e in entries
+                     if e.name.endswith(SESSION_SUFFIX) and not e.is_symlink()]
     except OSError as e:
         raise SidecarAccessError(base, e, _sidecar.listing_fix(base, e)) from None
     from fencelock import _etcd

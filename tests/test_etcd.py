@@ -1956,6 +1956,18 @@ def _cli(*args: str, env: dict[str, str] | None = None,
                           text=True, check=False, timeout=120, env=env, input=input)
 
 
+def test_status_of_a_directory_in_etcd_passes_over_a_symlink_alias(
+    session: Path, url: str
+) -> None:
+    """As with sidecars: ``latest.jsonl -> <uuid>.jsonl`` is an alias, not a session of
+    its own, and gets no row (it was a second "free" row)."""
+    session.write_text('{"n": 1}\n')
+    (session.parent / "latest.jsonl").symlink_to(session.name)
+    out = _cli("status", "--json", str(session.parent), "--backend", url)
+    assert out.returncode == 0, out.stderr
+    assert [Path(r["session"]).name for r in json.loads(out.stdout)] == [session.name]
+
+
 def test_status_with_only_a_backend_lists_every_holder_with_host_and_waiters(
     session: Path, url: str, etcd_server: EtcdServer, spawn_holder: SpawnHolder,
     monkeypatch: pytest.MonkeyPatch
