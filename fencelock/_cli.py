@@ -253,9 +253,14 @@ class _PathArgument(click.Path):
 PATH = _PathArgument()
 
 
+_UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0))
+"""Units a duration may be given in (``90s``, ``10m``, ``1.5h``), longest suffix first."""
+
+
 class _Seconds(click.ParamType):  # type: ignore[type-arg]
-    """A number of seconds >= 0; "inf" means no limit. NaN is a usage error. With
-    ``least``, a value other than 0 must be at least that."""
+    """A number of seconds >= 0, or a duration with a unit (`_UNITS`: ``10m``); "inf"
+    means no limit. NaN is a usage error. With ``least``, a value other than 0 must be
+    at least that."""
 
     name = "seconds"
 
@@ -267,10 +272,16 @@ class _Seconds(click.ParamType):  # type: ignore[type-arg]
     ) -> float:
         if isinstance(value, float):
             return value
+        text, scale = str(value).strip().lower(), 1.0
+        for unit, size in _UNITS:
+            if text.endswith(unit) and text[:-len(unit)][-1:].isdigit():
+                text, scale = text[:-len(unit)], size
+                break
         try:
-            seconds = float(value)
+            seconds = float(text) * scale
         except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+            self.fail(f"{value!r} is not a number of seconds (or a duration such as 90s, "
+                      f"10m, 1.5h)", param, ctx)
         if math.isnan(seconds) or seconds < 0:
             self.fail(f"{value!r} is not a number of seconds >= 0", param, ctx)
         if 0 < seconds < self.least:

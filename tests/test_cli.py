@@ -2083,12 +2083,27 @@ def test_expected_failures_are_short_and_exit_1(
         ["recover", "S", "--wait", "nan"],
         ["status", "S", "--stuck-after", "nan"],
         ["wait", "S", "--timeout", "-1"],
+        ["wait", "S", "--timeout", "10x"],
+        ["status", "S", "--stuck-after", "-1m"],
     ],
 )
 def test_nan_or_negative_seconds_are_usage_errors(session: Path, args: list[str]) -> None:
     result = invoke(*[str(session) if a == "S" else a for a in args])
     assert result.exit_code == 2, result.output
     assert "not a number of seconds" in result.output
+
+
+def test_seconds_may_be_given_with_a_unit(session: Path, spawn_holder: SpawnHolder) -> None:
+    """`--stuck-after 10m`, `--timeout 250ms`: a duration as people write one."""
+    from fencelock._cli import SECONDS
+
+    assert [SECONDS.convert(v, None, None) for v in ("90s", "10m", "1.5h", "250ms", "1d")] \
+        == [90.0, 600.0, 5400.0, 0.25, 86400.0]
+    holder = spawn_holder(session, lane="holder")
+    holder.acquire()
+    fresh = rows(cli("status", "--json", "--stuck-after", "10m", str(session)))
+    assert fresh[0]["state"] == "live" and fresh[0]["stuck"] is False, fresh
+    assert cli("wait", str(session), "--timeout", "250ms").returncode == 4
 
 
 @pytest.mark.parametrize("command", [["run", "S", "--lane", "x", "--", "true"],
