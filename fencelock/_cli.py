@@ -639,6 +639,7 @@ class _DirSummary:
         self.live = 0
         self.cleared = 0
         self.removed = 0
+        self.failed = 0
 
 
 def _clear_directory(
@@ -667,6 +668,7 @@ def _clear_directory(
             continue
         summary.cleared += outcome.cleared
         summary.removed += outcome.removed
+        summary.failed += outcome.error is not None
         yield outcome
 
 
@@ -756,7 +758,11 @@ def _clear_path(
             return
     if not as_json:  # last: what each session's line said, counted
         text = f"{clean(path)}: cleared {summary.cleared} stale, left {summary.live} live alone"
-        out(text + (f", removed {plural(summary.removed, 'sidecar')}" if remove else ""))
+        if remove:
+            text += f", removed {plural(summary.removed, 'sidecar')}"
+        if summary.failed:  # (each said on stderr)
+            text += f"; {summary.failed} could not be cleared"
+        out(text)
 
 
 # -- run --------------------------------------------------------------------------------

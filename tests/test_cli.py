@@ -947,6 +947,8 @@ def test_clear_directory_with_corrupt_sidecar_exits_1(
     assert out.returncode == 1
     assert "bad.jsonl.holder: holder record is corrupt" in out.stderr
     assert probe(session).state == "free"  # the stale one was still cleared
+    assert out.stdout.splitlines()[-1] == \
+        f"{session.parent}: cleared 1 stale, left 0 live alone; 1 could not be cleared"
 
 
 # -- run --------------------------------------------------------------------------------
