@@ -378,7 +378,9 @@ def parse(item: _Line | _TooLong) -> tuple[dict[str, Any], dict[str, Any]]:
     except ValueError as e:
         why = digits_problem(e)
         hint = (" (a line break inside a string goes as \\n: each request is one line)"
-                if str(e).startswith("Unterminated string") else "")
+                if str(e).startswith("Unterminated string") else
+                " (a control character inside a string goes escaped: \\r, \\t, \\u0000)"
+                if str(e).startswith("Invalid control character") else "")
         raise BadRequestError(f"request holds {why}" if why else f"request is not JSON: {e}"
                               f"{hint}") from None
     if not isinstance(request, dict):
@@ -396,7 +398,10 @@ def _id_of(text: str) -> dict[str, Any]:
         seen.append(pairs)
         return dict(pairs)
 
-    request = strict_loads(text, object_pairs_hook=keep)
+    try:
+        request = strict_loads(text, object_pairs_hook=keep)
+    except (ValueError, RecursionError):  # not a request on other counts too: no id read
+        return {}
     once = isinstance(request, dict) and [k for k, _ in seen[-1]].count("id") == 1
     return {"id": request["id"]} if once else {}
 

@@ -320,6 +320,7 @@ BAD_LINES = [
     (b" \t\r", "request line is empty"),
     (b'\xef\xbb\xbf{"op": "info"}', "byte order mark"),
     (b'{"op": "append", "entry": "two', "a line break inside a string goes as \\n"),
+    (b'{"op": "append", "entry": "a\rb"}', "a control character inside a string goes escaped"),
     (b'null', "not a JSON object but null"),
     (b'{"op": null}', "unknown op null;"),
     (b'{"op": "append", "entry": null}', "not null"),
@@ -431,7 +432,10 @@ def test_a_request_refused_for_a_repeated_key_is_answered_with_its_id(
     for line, echoed in [(b'{"op": "info", "id": 7, "x": {"a": 1, "a": 2}}', 7),
                          (b'{"id": {"k": [1, {}]}, "op": "info", "op": "release"}',
                           {"k": [1, {}]}),
-                         (b'{"op": "info", "id": 7, "id": 8}', None)]:
+                         (b'{"op": "info", "id": 7, "id": 8}', None),
+                         # not JSON on other counts too: refused, no id read (it crashed)
+                         (b'{"op": "info", "id": 3, "a": 1, "a": 2} x', None),
+                         (b'{"op": "info", "id": 3, "a": NaN, "a": 2}', None)]:
         h.send_raw(line + b"\n")
         answer = h.read()
         assert answer["error"] == "BadRequestError" and answer.get("id") == echoed, answer
