@@ -641,6 +641,16 @@ class _DirSummary:
         self.removed = 0
         self.failed = 0
 
+    def text(self, remove: bool) -> str:
+        """The directory's line: what its sessions' lines said, counted."""
+        text = (f"{clean(self.directory)}: cleared {self.cleared} stale, left {self.live} "
+                f"live alone")
+        if remove:
+            text += f", removed {plural(self.removed, 'sidecar')}"
+        if self.failed:  # (each said on stderr)
+            text += f"; {self.failed} could not be cleared"
+        return text
+
 
 def _clear_directory(
     summary: _DirSummary, remove: bool, force: bool, backend: str | None = None
@@ -703,28 +713,43 @@ def clear_command(
     answer_goes_to_stdout("clear")
     show = PathDisplay()
     refused = failed = False
+    printing = True  # until stdout goes away (`| head`): the clearing goes on
 
-    def said(outcome: _ClearOutcome) -> _ClearOutcome:
+    def said(item: _ClearOutcome | _DirSummary) -> _ClearOutcome | _DirSummary:
         nonlocal refused, failed
-        refused |= outcome.refused
-        if outcome.error is not None:
+        if isinstance(item, _DirSummary):
+            if printing and not as_json:  # last: what the directory's lines said, counted
+                out(item.text(remove))
+            return item
+        refused |= item.refused
+        if item.error is not None:
             failed = True
-            error_line(outcome.error)
-        elif outcome.refused:
-            error_line(outcome.refusal)
-        elif not as_json:
-            out(f"{show(outcome.session)}: {clean(outcome.reason)}")
-        return outcome
+            error_line(item.error)
+        elif item.refused:
+            error_line(item.refusal)
+        elif printing and not as_json:
+            out(f"{show(item.session)}: {clean(item.reason)}")
+        return item
 
-    def outcomes() -> Iterator[_ClearOutcome]:
+    def outcomes() -> Iterator[_ClearOutcome | _DirSummary]:
         for path in paths:
-            yield from _clear_path(path, remove, force, backend, as_json)
+            yield from _clear_path(path, remove, force, backend)
 
-    if as_json:  # streamed: a directory of 100,000 sessions is not held in memory
-        stream_json_array(json_element(said(o).to_json()) for o in outcomes())
-    else:
-        for outcome in outcomes():
-            said(outcome)
+    done = outcomes()
+    try:
+        if as_json:  # streamed: a directory of 100,000 sessions is not held in memory
+            stream_json_array(json_element(item.to_json()) for item in map(said, done)
+                              if isinstance(item, _ClearOutcome))
+        else:
+            for item in done:
+                said(item)
+    except (OSError, OutputError):
+        # stdout failed or was closed: what is left is still cleared (it was before
+        # each outcome was said as it came), unsaid, and the failure decides the exit.
+        printing = False
+        for item in done:
+            said(item)
+        raise
     if failed:
         sys.exit(EXIT_ERROR)
     if refused:
@@ -732,10 +757,10 @@ def clear_command(
 
 
 def _clear_path(
-    path: str, remove: bool, force: bool, backend: str | None, as_json: bool
-) -> Iterator[_ClearOutcome]:
-    """What `clear` did to ``path``, outcome by outcome as each is done; a directory's
-    count after its sessions' lines (not with --json)."""
+    path: str, remove: bool, force: bool, backend: str | None
+) -> Iterator[_ClearOutcome | _DirSummary]:
+    """What `clear` did to ``path``, outcome by outcome as each is done; for a
+    directory, its count last."""
     from fencelock._errors import OutsideRootError, SidecarAccessError
 
     if not _is_directory_to_scan(path):
@@ -756,13 +781,7 @@ def _clear_path(
             session, sidecar = _named(path)
             yield _ClearOutcome(session, sidecar, None, error=str(e), reason=str(e))
             return
-    if not as_json:  # last: what each session's line said, counted
-        text = f"{clean(path)}: cleared {summary.cleared} stale, left {summary.live} live alone"
-        if remove:
-            text += f", removed {plural(summary.removed, 'sidecar')}"
-        if summary.failed:  # (each said on stderr)
-            text += f"; {summary.failed} could not be cleared"
-        out(text)
+    yield summary
 
 
 # -- run --------------------------------------------------------------------------------

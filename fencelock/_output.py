@@ -631,12 +631,23 @@ def stream_json_array(elements: Iterable[str]) -> None:
     held in memory; the text is that of ``json.dumps(array, indent=2)``."""
     chunks: list[str] = []
     count = 0
-    for text in elements:
-        chunks.append(("[\n  " if count == 0 else ",\n  ") + text)
-        count += 1
-        if len(chunks) >= 256:
-            out("".join(chunks), nl=False)
-            chunks.clear()
+    writing = False
+    try:
+        for text in elements:
+            chunks.append(("[\n  " if count == 0 else ",\n  ") + text)
+            count += 1
+            if len(chunks) >= 256:
+                writing = True
+                out("".join(chunks), nl=False)
+                writing = False
+                chunks.clear()
+    except BaseException:
+        # Cut short by an error or an interrupt while the elements were made: what came
+        # is printed as a whole array, never a torn one (not when stdout itself failed).
+        if not writing:
+            with suppress(Exception):
+                out("".join(chunks) + ("\n]" if count else "[]"))
+        raise
     chunks.append("\n]" if count else "[]")
     out("".join(chunks))
 

@@ -938,6 +938,42 @@ def test_clear_directory(session: Path, spawn_holder: SpawnHolder) -> None:
     assert h.call("release") == "released"
 
 
+def test_clear_directory_clears_every_stale_session_when_stdout_goes_away(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """`clear DIR | head -1`: the reader leaves after the first line, and the rest is
+    still cleared (it was before each outcome was said as it came); the closed pipe
+    decides the exit, 141, as for any command whose reader left."""
+    stale = [session.parent / f"s{i}.jsonl" for i in range(3)]
+    for path in stale:
+        make_stale(spawn_holder, path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: the first line already fails
+    try:
+        out = subprocess.run([*FENCELOCK, "clear", str(session.parent)], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 141, out.stderr
+    assert out.stderr == ""
+    assert [probe(path).state for path in stale] == ["free"] * 3
+
+
+def test_a_json_array_cut_short_is_printed_whole(capsys: pytest.CaptureFixture[str]) -> None:
+    """An interrupt (or an error) while `status --json` or `clear --json` is still making
+    its rows: what came is printed as a whole array, never one without its `]`."""
+    from fencelock._output import json_element, stream_json_array
+
+    def rows() -> Iterator[str]:
+        for n in range(300):  # past one flush of 256
+            yield json_element({"n": n})
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stream_json_array(rows())
+    assert json.loads(capsys.readouterr().out) == [{"n": n} for n in range(300)]
+
+
 def test_clear_directory_with_corrupt_sidecar_exits_1(
     session: Path, spawn_holder: SpawnHolder
 ) -> None:
