@@ -449,15 +449,17 @@ def attribute_fix(path: str, how: str = "write") -> str:
 
 
 def own_file_fix(path: str, writing: bool) -> str | None:
-    """What to do about EACCES on ``path`` where this user owns it (its mode shuts its
-    owner out: "run as its owner" would not help); None for another user's file."""
+    """What to do about EACCES on ``path`` where this user owns it and its mode shuts
+    its owner out ("run as its owner" would not help); None otherwise (another user's
+    file, or a mode that is not the cause)."""
     geteuid = getattr(os, "geteuid", None)
     try:
-        own = geteuid is not None and os.stat(path).st_uid == geteuid()
+        st = os.stat(path)
     except OSError:
-        own = False
-    if not own:
         return None
+    bit = 0o200 if writing else 0o400  # the owner's write or read permission
+    if geteuid is None or st.st_uid != geteuid() or st.st_mode & bit:
+        return None  # another's, or its mode is not the cause (its directory may be)
     flag, doing = ("w", "writing") if writing else ("r", "reading")
     return (f"this user owns it, but its mode leaves out {doing}; chmod u+{flag} "
             f"{shell_word(path)} (g+{flag} too where a group shares the sessions)")

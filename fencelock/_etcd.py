@@ -594,7 +594,8 @@ class _Cluster:
                 if self.url.cert is not None and self.url.key is None and \
                         "PEM lib" in str(e):  # (OpenSSL's word for a cert it cannot load)
                     why += (" (cert= without key=: the certificate file must then hold "
-                            "the private key too; give key=FILE)")
+                            "the private key too; give key=FILE, or check that cert= is a "
+                            "PEM certificate)")
                 raise StoreUnavailableError(
                     self.url.display,
                     f"its TLS files cannot be used ({named or 'the system CAs'}): {why}",

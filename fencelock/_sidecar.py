@@ -497,6 +497,8 @@ def open_checked(
                         # Only when the sidecar is missing (a session's first run): nothing
                         # is created beside a session path that no run could use.
                         refuse_unusable_session(sidecar)
+                        if mode & 0o006:  # before: raised (warnings as errors), none is made
+                            _warn_open_to_all(sidecar, mode)
                         try:  # O_EXCL: only a file this open made gets ``mode`` set on it
                             fd, = map(os.open, (sidecar,), (flags | os.O_CREAT | os.O_EXCL,),
                                       (mode,))
@@ -521,8 +523,6 @@ def open_checked(
                 if made:
                     _platform.set_mode(fd, mode, _platform.owner_for(
                         sidecar, like or sidecar[: -len(SUFFIX)]))
-                    if mode & 0o006:
-                        _warn_open_to_all(sidecar, mode)
                 _forkguard.track(fd, st, owner)
             except BaseException:
                 if fd >= 0:
@@ -535,8 +535,8 @@ def open_checked(
 
 
 def _warn_open_to_all(sidecar: str, mode: int) -> None:
-    """A sidecar just made with ``mode`` that lets other users read or write it: any
-    of them can open it, and so lock it (flock needs only an open descriptor)."""
+    """A sidecar about to be made with ``mode`` that lets other users read or write it:
+    any of them can open it, and so lock it (flock needs only an open descriptor)."""
     import warnings
 
     warnings.warn(FenceLockWarning(

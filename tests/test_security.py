@@ -165,6 +165,27 @@ def test_files_a_holder_creates_get_exactly_its_mode_whatever_the_umask(
     assert stat.S_IMODE(session.stat().st_mode) == 0o640
 
 
+def test_the_wide_mode_warning_as_an_error_makes_no_sidecar(session: Path) -> None:
+    """Where warnings are errors, the warning of a 0644 sidecar stops the acquire before
+    the sidecar is made: the next acquire warns again, rather than find it made and
+    say nothing. With the warning let through, the sidecar is made, and said once."""
+    lock = SessionLock(session, "owner", mode=0o644)
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", fencelock.FenceLockWarning)
+            with pytest.raises(fencelock.FenceLockWarning, match="made with mode 0o644"):
+                lock.acquire()
+        assert not lock.held and not sidecar_of(session).exists()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with lock:
+            pass
+        with lock:
+            pass
+    assert len([w for w in said if "made with mode 0o644" in str(w.message)]) == 1, said
+    assert stat.S_IMODE(sidecar_of(session).stat().st_mode) == 0o644
+
+
 @needs_root
 def test_a_readable_sidecar_can_be_held_hostage_which_is_why_0600() -> None:
     # The counter-example: a caller that opens the mode up to 0644 lets any user flock
@@ -176,8 +197,11 @@ def test_a_readable_sidecar_can_be_held_hostage_which_is_why_0600() -> None:
                                                             "machine open it, and so lock it"):
             lock.acquire()
         lock.release()
-        with SessionLock(session, "owner", mode=0o644):  # made already: said once
-            pass
+        with warnings.catch_warnings(record=True) as again:
+            warnings.simplefilter("always")
+            with SessionLock(session, "owner", mode=0o644):  # made already: said once
+                pass
+        assert not again, again
         intruder = spawn_as_user("""
             fd = os.open(args["sidecar"], os.O_RDONLY)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
