@@ -452,6 +452,26 @@ def wait_for_no_owner(session: Path, timeout: float = 60.0) -> None:
 
 
 @contextmanager
+def append_only(path: Path) -> Iterator[None]:
+    """``path`` marked append-only (chattr +a, Linux, as root) for the block: writes
+    only at its end; truncating or rewriting it fails with EPERM, even for root."""
+    import fcntl
+    import struct
+
+    get_flags, set_flags, flag = 0x80086601, 0x40086602, 0x20  # linux/fs.h: FS_APPEND_FL
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        flags = struct.unpack("i", fcntl.ioctl(fd, get_flags, struct.pack("i", 0)))[0]
+        fcntl.ioctl(fd, set_flags, struct.pack("i", flags | flag))
+        try:
+            yield
+        finally:
+            fcntl.ioctl(fd, set_flags, struct.pack("i", flags))
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def on_entry(
     function: Callable[..., Any], action: Callable[[], object], *, at_return: bool = False
 ) -> Iterator[list[bool]]:

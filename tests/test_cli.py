@@ -684,21 +684,11 @@ def test_a_run_whose_torn_line_cannot_be_moved_aside_does_not_start_its_command(
 def test_a_run_whose_torn_line_cannot_be_cut_names_the_attribute(session: Path) -> None:
     """An append-only session (chattr +a): the torn part is copied aside but cannot be
     cut, and the refusal says which attribute to clear, not to make room."""
-    import fcntl
-    import struct
+    from conftest import append_only
 
-    get_flags, set_flags, append_only = 0x80086601, 0x40086602, 0x20  # linux/fs.h
     session.write_bytes(b'{"a": 1}\n{"b": 2, "ha')
-    fd = os.open(session, os.O_RDONLY)
-    try:
-        flags = struct.unpack("i", fcntl.ioctl(fd, get_flags, struct.pack("i", 0)))[0]
-        fcntl.ioctl(fd, set_flags, struct.pack("i", flags | append_only))
-        try:
-            out = _run_appending(session)
-        finally:
-            fcntl.ioctl(fd, set_flags, struct.pack("i", flags))
-    finally:
-        os.close(fd)
+    with append_only(session):
+        out = _run_appending(session)
     assert out.returncode == 1, out
     assert "so the command was not started" in out.stderr
     assert "cutting its torn last line" in out.stderr and "chattr -i or -a" in out.stderr

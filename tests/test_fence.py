@@ -198,27 +198,17 @@ def test_a_torn_tail_of_nuls_is_kept_aside_without_taking_their_space(
 def test_an_append_only_torn_file_gets_the_nuls_written(session: Path) -> None:
     """S.torn marked append-only (chattr +a) cannot be extended over a run of NULs: they
     are written out, as any fragment is, rather than every append failing on it."""
-    import fcntl
-    import struct
+    from conftest import append_only
 
-    get_flags, set_flags, append_only = 0x80086601, 0x40086602, 0x20  # linux/fs.h
     fragment = b'{"b":' + b"\0" * (2 * 1024 * 1024) + b"2"
     session.write_bytes(b'{"a":1}\n' + fragment)
     torn = Path(str(session) + TORN_SUFFIX)
     torn.write_bytes(b'{"earlier":"fragment"}\n')
-    fd = os.open(torn, os.O_RDONLY)
-    try:
-        flags = struct.unpack("i", fcntl.ioctl(fd, get_flags, struct.pack("i", 0)))[0]
-        fcntl.ioctl(fd, set_flags, struct.pack("i", flags | append_only))
-        try:
-            for turn in range(2):
-                with SessionLock(session) as lock, warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FenceLockWarning)
-                    lock.append({"turn": turn})
-        finally:
-            fcntl.ioctl(fd, set_flags, struct.pack("i", flags))
-    finally:
-        os.close(fd)
+    with append_only(torn):
+        for turn in range(2):
+            with SessionLock(session) as lock, warnings.catch_warnings():
+                warnings.simplefilter("ignore", FenceLockWarning)
+                lock.append({"turn": turn})
     assert lines(session) == [{"a": 1}, {"turn": 0}, {"turn": 1}]
     assert torn.read_bytes() == b'{"earlier":"fragment"}\n' + fragment + b"\n"
 
