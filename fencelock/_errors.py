@@ -457,12 +457,14 @@ def own_file_fix(path: str, writing: bool) -> str | None:
         st = os.stat(path)
     except OSError:
         return None
-    bit = 0o200 if writing else 0o400  # the owner's write or read permission
-    if geteuid is None or st.st_uid != geteuid() or st.st_mode & bit:
+    # The owner's bits it needs: fencelock opens a file it writes for reading too.
+    missing = (0o600 if writing else 0o400) & ~st.st_mode
+    if geteuid is None or st.st_uid != geteuid() or not missing:
         return None  # another's, or its mode is not the cause (its directory may be)
-    flag, doing = ("w", "writing") if writing else ("r", "reading")
-    return (f"this user owns it, but its mode leaves out {doing}; chmod u+{flag} "
-            f"{shell_word(path)} (g+{flag} too where a group shares the sessions)")
+    flags = "r" * bool(missing & 0o400) + "w" * bool(missing & 0o200)
+    doing = {"r": "reading", "w": "writing", "rw": "reading and writing"}[flags]
+    return (f"this user owns it, but its mode leaves out {doing}; chmod u+{flags} "
+            f"{shell_word(path)} (g+{flags} too where a group shares the sessions)")
 
 
 class SessionWriteError(FenceLockError):

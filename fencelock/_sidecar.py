@@ -497,8 +497,6 @@ def open_checked(
                         # Only when the sidecar is missing (a session's first run): nothing
                         # is created beside a session path that no run could use.
                         refuse_unusable_session(sidecar)
-                        if mode & 0o006:  # before: raised (warnings as errors), none is made
-                            _warn_open_to_all(sidecar, mode)
                         try:  # O_EXCL: only a file this open made gets ``mode`` set on it
                             fd, = map(os.open, (sidecar,), (flags | os.O_CREAT | os.O_EXCL,),
                                       (mode,))
@@ -528,6 +526,8 @@ def open_checked(
                 if fd >= 0:
                     _forkguard.close(fd)  # untracked too, if the interrupt came after `track`
                 raise
+        if made and mode & 0o006:  # by the process that made it, once all else is done
+            _warn_open_to_all(sidecar, mode)
     except BaseException:
         _forkguard.close_if_still(owner._fd, owner._opened)  # once tracked (else closed)
         raise
@@ -535,8 +535,8 @@ def open_checked(
 
 
 def _warn_open_to_all(sidecar: str, mode: int) -> None:
-    """A sidecar about to be made with ``mode`` that lets other users read or write it:
-    any of them can open it, and so lock it (flock needs only an open descriptor)."""
+    """A sidecar just made with ``mode`` that lets other users read or write it: any of
+    them can open it, and so lock it (flock needs only an open descriptor)."""
     import warnings
 
     warnings.warn(FenceLockWarning(
