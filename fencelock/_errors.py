@@ -179,6 +179,7 @@ class SessionTakeoverError(CoordinationError):
             f"is no longer what it wrote, so it stops here"
             + ("; this append's line is in the file all the same, beside the other "
                "writer's bytes" if stored else "")
+            + ". Start the run again from the session as it now is"
         )
 
     def _init_args(self) -> tuple[Any, ...]:

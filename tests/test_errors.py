@@ -83,6 +83,15 @@ def test_every_exception_class_has_a_sample() -> None:
     assert defined == {key.split("-")[0] for key in samples()}
 
 
+def test_a_coordination_error_says_what_to_do_next() -> None:
+    """A takeover or a lost holder ends the run: each says to start it again (the
+    caller's next step), not only why it stopped."""
+    for name, error in samples().items():
+        if name.startswith(("SessionTakeoverError", "HolderLostError")):
+            assert str(error).endswith(". Start the run again") or str(error).endswith(
+                ". Start the run again from the session as it now is"), (name, str(error))
+
+
 def _same(a: Any, b: Any) -> None:
     """Equal, comparing an OSError by its fields (OSError has no __eq__)."""
     if isinstance(a, OSError):
