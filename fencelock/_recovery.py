@@ -181,7 +181,23 @@ def recover(
             # record replaces the stale one, and the re-fired run waits for it as any
             # run does.
             _probe.clear(session, backend=backend)
+    elif store is None:
+        _refuse_unwritable(sidecar)
     return Recovery(Action.REFIRE, session, found, waited)
+
+
+def _refuse_unwritable(sidecar: str) -> None:
+    """A session whose sidecar this user cannot open for writing (a read-only
+    filesystem, a 0444 sidecar) is no session to re-fire a run on: its acquire would
+    fail at once. Said here, with the fix, rather than answered. (A missing sidecar is
+    made by the run's acquire, which says why where it cannot be.)"""
+    try:
+        fd = os.open(sidecar, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise _sidecar.access_error(sidecar, e, True) from None
+    os.close(fd)
 
 
 _LET_GO_LOOK = 0.25

@@ -568,6 +568,32 @@ def test_a_file_of_this_user_s_own_that_it_cannot_open_says_chmod(
         assert as_user(body, session=str(session)) == ["done"]
 
 
+@needs_root
+def test_recover_does_not_answer_a_free_session_this_user_cannot_hold() -> None:
+    """A free session whose sidecar this user cannot open for writing (0444 here; a
+    read-only filesystem alike): recover says why, with the fix, rather than answer
+    the session for a run whose acquire would fail at once."""
+    with open_directory(0o755) as sessions:
+        os.chown(sessions, NOBODY, NOBODY)
+        session = sessions / "s.jsonl"
+        session.write_text('{"n": 0}\n')
+        sidecar_of(session).write_text("")
+        for path in (session, sidecar_of(session)):
+            os.chown(path, NOBODY, NOBODY)
+        sidecar_of(session).chmod(0o444)
+        body = """
+            try:
+                result = ["answered", recover(args["session"], wait=0).session]
+            except FenceLockError as e:
+                result = [type(e).__name__, str(e)]
+        """
+        result = as_user(body, session=str(session))
+        assert result[0] == "SidecarAccessError" and f"chmod u+w {sidecar_of(session)}" in \
+            result[1], result
+        sidecar_of(session).chmod(0o644)
+        assert as_user(body, session=str(session)) == ["answered", str(session)]
+
+
 _PLANT = (
     "import os\n"
     "fd = os.open(args['path'], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)\n"
