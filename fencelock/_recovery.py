@@ -191,13 +191,14 @@ def _refuse_unwritable(sidecar: str) -> None:
     filesystem, a 0444 sidecar) is no session to re-fire a run on: its acquire would
     fail at once. Said here, with the fix, rather than answered. (A missing sidecar is
     made by the run's acquire, which says why where it cannot be.)"""
-    try:
+    effective = os.access in os.supports_effective_ids
+    if os.access(sidecar, os.W_OK, effective_ids=effective) or not os.path.lexists(sidecar):
+        return  # (asked without opening it: no descriptor for an interrupt to leave open)
+    try:  # to say why, as an acquire would
         fd = os.open(sidecar, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
     except OSError as e:
         raise _sidecar.access_error(sidecar, e, True) from None
-    os.close(fd)
+    os.close(fd)  # access(2) and open(2) disagree (an ACL's mask, say): let the run try
 
 
 _LET_GO_LOOK = 0.25
