@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from fencelock import _backend, _record
 from fencelock._errors import (
@@ -1185,6 +1185,18 @@ def _decode_quietly(value: bytes | None, where: str) -> HolderInfo | None:
         return None
 
 
+class _Attempt(NamedTuple):
+    """One acquire's terms, handed whole from each try to the next (`EtcdHolder.acquire`):
+    fail fast or wait, until ``deadline`` or ``cancel``, writing ``record``'s first
+    record; ``start`` is when the acquire began (what a contention error counts)."""
+
+    fail: bool
+    deadline: float | None
+    cancel: threading.Event | None
+    record: Callable[[int, HolderInfo | None], bytes] | None
+    start: float
+
+
 class EtcdHolder:
     """One session's holder in etcd (a `fencelock._store.HolderStore`)."""
 
@@ -1249,13 +1261,14 @@ class EtcdHolder:
         record: Callable[[int, HolderInfo | None], bytes] | None,
         start: float | None = None,
     ) -> int:
-        start = time.monotonic() if start is None else start
+        attempt = _Attempt(fail, deadline, cancel, record,
+                           time.monotonic() if start is None else start)
         self._trying = None
         try:
-            return self._acquire(fail, deadline, cancel, record, start)
+            return self._acquire(attempt)
         except StoreUnavailableError as e:
             if self._trying is not None:
-                return self._after_lapse(e, fail, deadline, cancel, record, start)
+                return self._after_lapse(e, attempt)
             if fail or e.fix is not None:
                 raise  # a fail-fast acquire says so at once, as does a setting to fix
             first = failed = e
@@ -1271,36 +1284,29 @@ class EtcdHolder:
                 raise _telling(first, failed)
             self._trying = None
             try:
-                return self._acquire(fail, deadline, cancel, record, start)
+                return self._acquire(attempt)
             except StoreUnavailableError as e:
                 if self._trying is not None:
-                    return self._after_lapse(e, fail, deadline, cancel, record, start)
+                    return self._after_lapse(e, attempt)
                 if e.fix is not None:
                     raise
                 failed = e
 
-    def _after_lapse(
-        self,
-        e: StoreUnavailableError,
-        fail: bool,
-        deadline: float | None,
-        cancel: threading.Event | None,
-        record: Callable[[int, HolderInfo | None], bytes] | None,
-        start: float,
-    ) -> int:
+    def _after_lapse(self, e: StoreUnavailableError, attempt: _Attempt) -> int:
         """An acquire whose try under a lease (``_trying``) failed with ``e``: raised,
         unless the lease lapsed while it waited (this process was paused, or etcd was
         away, for longer than the TTL). Its key left the queue then, but nothing was
         held: it queues again under a new lease once etcd answers, a timed acquire until
         its deadline, one with none while etcd is away for up to one more TTL, and once
         more only if the new lease lapses too; a fail-fast acquire, once."""
+        fail, deadline, cancel = attempt.fail, attempt.deadline, attempt.cancel
         if not self._lapsed(e, deadline):
             raise e  # the wait's own end
         until = deadline if deadline is not None else time.monotonic() + self.url.ttl
         while True:
             self._trying = None
             try:
-                return self._acquire(fail, deadline, cancel, record, start)
+                return self._acquire(attempt)
             except StoreUnavailableError as again:
                 # No lease granted (etcd still away), or, for a timed acquire, one that
                 # lapsed again: tried again. Not an error that names its own fix
@@ -1329,14 +1335,8 @@ class EtcdHolder:
             return False
         return deadline is None or time.monotonic() < deadline
 
-    def _acquire(
-        self,
-        fail: bool,
-        deadline: float | None,
-        cancel: threading.Event | None,
-        record: Callable[[int, HolderInfo | None], bytes] | None,
-        start: float,
-    ) -> int:
+    def _acquire(self, attempt: _Attempt) -> int:
+        fail, deadline, cancel, record, start = attempt
         c = self._cluster
         lease = c.lease(deadline)
         self._trying = lease
@@ -1369,7 +1369,7 @@ class EtcdHolder:
                 return revision
             if fail:
                 raise self._contended(owner)
-            self._wait_for_turn(revision, deadline, cancel, record, start)
+            self._wait_for_turn(revision, attempt)
             return revision
         except BaseException:
             self._abandon()
@@ -1423,19 +1423,13 @@ class EtcdHolder:
         write over a record nobody could read (``clear --force`` sets it aside)."""
         return _decode(_raw(kvs), self.last_name, _clear_command(self.url, self.session))
 
-    def _wait_for_turn(
-        self,
-        revision: int,
-        deadline: float | None,
-        cancel: threading.Event | None,
-        record: Callable[[int, HolderInfo | None], bytes] | None,
-        start: float,
-    ) -> None:
+    def _wait_for_turn(self, revision: int, attempt: _Attempt) -> None:
         """Wait until no key older than ours is left, then write the first record.
 
         When the key ahead goes, one transaction both checks that no older key is left
         and writes the record: a hand-off costs one round trip after the watch event.
         """
+        _, deadline, cancel, record, start = attempt
         c = self._cluster
         pfx = self.lock_name + "/"
         recheck = min(c.ttl / 3, _RECHECK_MAX)
