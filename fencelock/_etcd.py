@@ -1042,12 +1042,20 @@ def _etcd_error(endpoint: str, detail: str) -> StoreUnavailableError:
     return StoreUnavailableError(endpoint, message[:200])
 
 
-def lease_left(cluster: _Cluster, lease_id: int, key: str, deadline: float | None) -> float:
-    """The seconds etcd says lease ``lease_id`` has left; 0 when it or ``key`` under it
-    is gone. `StoreUnavailableError` without an answer."""
+def _seconds_left(answer: dict[str, Any]) -> int:
+    """The whole seconds a lease has left by etcd's answer to ``/kv/lease/timetolive``:
+    etcd's JSON leaves a TTL of 0 out (the lease's last second, which renewals still
+    save), and says -1 for a lease it has not."""
+    return int(answer.get("TTL", 0))
+
+
+def lease_left(cluster: _Cluster, lease_id: int, key: str,
+               deadline: float | None) -> float | None:
+    """The whole seconds etcd says lease ``lease_id`` has left (0: its last second); None
+    when it or ``key`` under it is gone. `StoreUnavailableError` without an answer."""
     r = cluster.call("/kv/lease/timetolive", {"ID": lease_id, "keys": True}, deadline)
-    ttl = int(r.get("TTL", -1))
-    return float(ttl) if ttl > 0 and _b64(key) in r.get("keys", []) else 0.0
+    ttl = _seconds_left(r)
+    return float(ttl) if ttl >= 0 and _b64(key) in r.get("keys", []) else None
 
 
 def _pause_to_retry(cancel: threading.Event | None, until: float) -> None:
@@ -1669,13 +1677,14 @@ class EtcdHolder:
             self._told = True  # the caller has heard of the loss
             raise HolderLostError(self.session, self._lost or lease.lost)
 
-    def lease_left(self, deadline: float | None) -> float:
-        """The seconds etcd says this holder's lease has left, asked of etcd rather than
-        counted (this process's clock cannot tell a pause from an expiry); 0 when the
-        lease or the holder's key is gone. `StoreUnavailableError` without an answer."""
+    def lease_left(self, deadline: float | None) -> float | None:
+        """The whole seconds etcd says this holder's lease has left (0: its last second),
+        asked of etcd rather than counted (this process's clock cannot tell a pause from
+        an expiry); None when the lease or the holder's key is gone.
+        `StoreUnavailableError` without an answer."""
         lease = self._lease
         if not self._my_key or lease is None or self._lost:
-            return 0.0
+            return None
         return lease_left(self._cluster, lease.id, self._my_key, deadline)
 
     def lost_within(self, timeout: float) -> str:
@@ -1700,7 +1709,7 @@ class EtcdHolder:
         holder is. When etcd cannot say, the lease counts as gone."""
         try:
             r = self._cluster.call("/kv/lease/timetolive", {"ID": lease.id})
-            gone = int(r.get("TTL", -1)) <= 0
+            gone = _seconds_left(r) <= 0
         except StoreUnavailableError:
             gone = True
         if gone:
@@ -1856,9 +1865,8 @@ class EtcdHolder:
         lease = kvs[0].get("lease") if kvs else None
         if not lease:
             return None, term
-        answer = self._cluster.call("/kv/lease/timetolive", {"ID": int(lease)}, deadline)
-        # etcd's JSON leaves a TTL of 0 out (its last second); -1 for a lease it has not.
-        left = int(answer.get("TTL", 0))
+        left = _seconds_left(self._cluster.call("/kv/lease/timetolive", {"ID": int(lease)},
+                                                deadline))
         return (None if left < 0 else float(left)), term
 
     def probe(self, stuck_after: float, deadline: float | None = None) -> HolderStatus:

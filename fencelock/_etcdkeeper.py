@@ -223,7 +223,7 @@ class Keeper:
                 if asked < vouched_until or not counted_lost:
                     continue  # asked again soon, while the lease is vouched for
                 return counted_lost
-            if not lease_left:
+            if lease_left is None:
                 return "etcd says its lease or its key is gone"
             if not counted_lost:
                 continue  # the lease's own renewals vouch for it
@@ -323,12 +323,14 @@ class _Renewer:
         self.stop = threading.Event()
         self._wake = threading.Event()
         self._tried = threading.Condition()
-        self._tries = 0
+        self._began = self._done = 0  # renewals begun, and done
 
     def run(self) -> None:
         from fencelock._errors import StoreUnavailableError
 
         while not self.stop.is_set():
+            with self._tried:
+                self._began += 1
             sent = self.clock()
             try:
                 # The time to the lease's end shared out among the endpoints (one that
@@ -348,7 +350,7 @@ class _Renewer:
             except StoreUnavailableError:
                 pause = _RETRY
             with self._tried:
-                self._tries += 1
+                self._done += 1
                 self._tried.notify_all()
             if self.lost:
                 return
@@ -356,12 +358,15 @@ class _Renewer:
             self._wake.clear()
 
     def renewed_within(self, timeout: float) -> bool:
-        """Have a renewal tried now (or wait for the one under way) and say, within
-        ``timeout``, whether the lease is vouched for again."""
+        """Have a renewal tried now and say, within ``timeout``, whether the lease is
+        vouched for again: by the renewal under way, or else by one begun after this
+        call (the one under way may have been waiting on a member that hangs, while
+        the next goes first to another)."""
         with self._tried:
-            tries = self._tries
+            wanted = self._began + 1
             self._wake.set()
-            self._tried.wait_for(lambda: self._tries > tries, timeout)
+            self._tried.wait_for(lambda: bool(self.lost) or not self.lapsing()
+                                 or self._done >= wanted, timeout)
         return not self.lost and not self.lapsing()
 
     def lapsing(self) -> bool:
@@ -450,7 +455,7 @@ def _key_gone(cluster: _Cluster, lease_id: int, key: str) -> bool:
     from fencelock._etcd import lease_left
 
     try:
-        return lease_left(cluster, lease_id, key, None) == 0
+        return lease_left(cluster, lease_id, key, None) is None
     except StoreUnavailableError:
         return False
 

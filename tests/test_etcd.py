@@ -3952,7 +3952,8 @@ def _lease_ttl(server: EtcdServer, lease: str) -> int:
         data=json.dumps({"ID": int(lease, 16)}).encode(),
         headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as r:
-        return int(json.loads(r.read()).get("TTL", -1))
+        # etcd's JSON leaves a TTL of 0 out (the lease's last second); -1: no such lease.
+        return int(json.loads(r.read()).get("TTL", 0))
 
 
 def test_a_member_that_hangs_does_not_cost_a_runs_leftovers_their_session(
@@ -3983,7 +3984,7 @@ def test_a_member_that_hangs_does_not_cost_a_runs_leftovers_their_session(
         # Until etcd shows a renewal made after the hang began (a TTL of 2 s or more
         # left, 1.5 s after it), through the member that answers:
         while not (time.monotonic() - hung_at > 1.5 and _lease_ttl(etcd_server, lease) >= 2):
-            assert _lease_ttl(etcd_server, lease) > 0, "the lease ran out"
+            assert _lease_ttl(etcd_server, lease) >= 0, "the lease ran out"
             time.sleep(0.05)  # a pace, not a synchronisation: the loop ends on the renewal
         # The keeper saw no lapse meanwhile: what the command left still holds it.
         assert probe(session, backend=url).left_by_run
@@ -3997,6 +3998,67 @@ def test_a_member_that_hangs_does_not_cost_a_runs_leftovers_their_session(
         relay.close()
     with SessionLock(session, "then", backend=etcd_server.url(prefix), timeout=60) as then:
         assert then.info is not None and then.info.previous is None  # released, not stale
+
+
+def test_a_keeper_about_to_count_its_lease_lost_asks_again_past_a_member_that_hangs(
+    etcd_server: EtcdServer
+) -> None:
+    """Before the keeper stops what a command left running (no renewal vouches for
+    the lease), it has one more renewal tried. When a renewal was under way, waiting on
+    a member that hangs, it took that renewal's failure for the answer: it stopped the
+    command's leftovers and revoked the lease, while the next renewal, which goes first
+    to another member, would have kept it."""
+    from fencelock import _etcd, _etcdkeeper
+
+    relay = _Relay(etcd_server.endpoint)
+    parsed = parse(f"etcd://127.0.0.1:{relay.port},{etcd_server.endpoint}/kept?ttl=60")
+    assert parsed is not None
+    cluster = _etcd.cluster(parsed)
+    lease = int(cluster.call("/lease/grant", {"TTL": 60, "ID": 0})["ID"])  # via the relay
+    relay.hung.set()
+    renewer = _etcdkeeper._Renewer(cluster, lease, "key", 60, _etcd._lease_clock,
+                                   _etcd.margin(60))
+    renewer.vouched = 0.0  # nothing vouches for the lease: the keeper is about to stop
+    threading.Thread(target=renewer.run, daemon=True).start()
+    try:
+        assert relay.asked.wait(30)  # a renewal is under way, on the member that hangs
+        assert renewer.renewed_within(30)
+        assert not renewer.lost
+    finally:
+        renewer.stop.set()
+        relay.stop.set()
+        relay.close()
+        cluster.call("/kv/lease/revoke", {"ID": lease})
+
+
+def test_a_lease_in_its_last_second_is_not_taken_for_gone(
+    session: Path, etcd_server: EtcdServer
+) -> None:
+    """etcd's answer on a lease's time to live leaves out a TTL of 0: the lease's last
+    second, which a renewal still saves. It was read as a lease that is gone, so a
+    `fencelock run` keeper whose renewal came late (a member that hung, a busy host)
+    stopped what the command left running, and revoked a lease that was still held."""
+    from fencelock import _etcd
+
+    parsed = parse(etcd_server.url(f"last-{uuid.uuid4().hex[:8]}"))
+    assert parsed is not None
+    cluster = _etcd.cluster(parsed)
+    lease = int(cluster.call("/lease/grant", {"TTL": 2, "ID": 0})["ID"])
+    key = f"{_etcd.EtcdHolder(parsed, str(session)).lock_name}/{lease:x}"
+    cluster.txn([], [_etcd._put(key, b"", lease)])
+    give_up = time.monotonic() + 30
+    while _lease_ttl(etcd_server, f"{lease:x}") > 0:  # until its last second
+        assert time.monotonic() < give_up
+        time.sleep(0.01)  # a pace: the loop ends on etcd's answer
+    left = _etcd.lease_left(cluster, lease, key, None)
+    cluster.call("/lease/keepalive", {"ID": lease})  # saved
+    try:
+        assert _lease_ttl(etcd_server, f"{lease:x}") > 0, "the lease ran out meanwhile"
+        assert left == 0.0
+        assert _etcd.lease_left(cluster, lease, key + "x", None) is None  # not its key
+    finally:
+        cluster.call("/kv/lease/revoke", {"ID": lease})
+    assert _etcd.lease_left(cluster, lease, key, None) is None  # revoked
 
 
 def test_a_waiter_whose_member_hangs_gets_the_session_in_seconds_whatever_the_ttl(
