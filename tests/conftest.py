@@ -28,6 +28,15 @@ HERE = Path(__file__).parent
 OnContention = Literal["wait", "fail"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Started as a background job of a script (`pytest ... &`), the run inherits SIGINT
+    # ignored, and so would every process a test starts: fencelock keeps a signal that
+    # was ignored when it started ignored (as nohup's users expect), and every Ctrl-C
+    # test would fail or hang.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     marks.skip_where_missing(items)
 
