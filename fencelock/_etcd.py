@@ -1043,9 +1043,10 @@ def _etcd_error(endpoint: str, detail: str) -> StoreUnavailableError:
 
 
 def _seconds_left(answer: dict[str, Any]) -> int:
-    """The whole seconds a lease has left by etcd's answer to ``/kv/lease/timetolive``:
-    etcd's JSON leaves a TTL of 0 out (the lease's last second, which renewals still
-    save), and says -1 for a lease it has not."""
+    """The whole seconds a lease has left by etcd's answer to ``/kv/lease/timetolive``
+    (rounded toward zero), and -1 for a lease etcd has not. etcd's JSON leaves a TTL of
+    0 out: under a second left (a renewal still saves it), or just expired and not yet
+    revoked (its keys are still there, so nobody else holds what they hold)."""
     return int(answer.get("TTL", 0))
 
 
@@ -1709,6 +1710,9 @@ class EtcdHolder:
         holder is. When etcd cannot say, the lease counts as gone."""
         try:
             r = self._cluster.call("/kv/lease/timetolive", {"ID": lease.id})
+            # The last second counts as gone too (it may be expired, not yet revoked):
+            # our key is gone already, and a lease kept in error would keep holders
+            # counting on it; one lost in error costs a new acquire.
             gone = _seconds_left(r) <= 0
         except StoreUnavailableError:
             gone = True
