@@ -194,8 +194,7 @@ def unlink_error(path: str, e: OSError, done: str = "") -> Exception:
         return SidecarAccessError(path, e, (
             f"{first}{directory} or the sidecar may be immutable or append-only (lsattr -d "
             f"{shell_word(directory)}; lsattr {shell_word(path)}), or {directory} is sticky "
-            f"and the sidecar is "
-            f"another user's: run as the sidecar's owner"))
+            f"and the sidecar is another user's: run as the sidecar's owner"))
     error = access_error(path, e, True)
     return SidecarAccessError(path, e, f"{first}{error}") if first else error
 
