@@ -52,6 +52,10 @@ FAIL_GRACE = 0.05
 """How long ``on_contention="fail"`` waits when the lock is held but the record is not
 ``held``: a probe's momentary shared lock, or an acquirer about to write its record."""
 
+NAMING_GRACE = 0.01
+"""How long the error for a session found taken looks again at a record that names no
+live run before naming the lock's holders as processes outside fencelock (`contended`)."""
+
 _MARK_TRUST_AGE_NS = 20_000_000
 """How old a session file's ctime must be for its unchanged stat to vouch for its token
 mark: a change within the same coarse clock tick (4-10 ms) leaves ctime as it was."""
@@ -117,9 +121,19 @@ def contended(
 ) -> SessionContendedError:
     """The error for a session whose sidecar's lock someone else holds: named by its
     record (read now unless given), or, when that is a past run's, by the processes the
-    system lists (or as the leftovers of the `fencelock run` that record names)."""
+    system lists (or as the leftovers of the `fencelock run` that record names).
+
+    A record read now that names no live run is read again for up to `NAMING_GRACE`: an
+    acquirer writes its record only once it has the lock, so a lane that takes the
+    session again right after releasing it, or the next run taking over, holds the lock
+    over the record of the run before for a moment, and would be named as a process
+    outside fencelock."""
     if record is None:
         record = read_quietly(sidecar)
+        end = time.monotonic() + NAMING_GRACE
+        while held_by_others(record) and time.monotonic() < end:
+            time.sleep(NAMING_GRACE / 10)
+            record = read_quietly(sidecar)
     last = None
     if held_by_others(record):
         last, record = record, None  # a past run's record: released, or its owner dead
@@ -333,6 +347,7 @@ class SidecarHolder:
         _sidecar.refuse_own_run(self.sidecar, fd, st)
         # ``graced``: the wait is a moment's grace no caller asked for: not reported.
         graced = fail = lock.on_contention == "fail"
+        record: HolderInfo | None = None
         if fail or (deadline is not None and deadline - time.monotonic() < FAIL_GRACE):
             record = self._peek(fd, st)
             if not may_be_live(record):
@@ -348,7 +363,10 @@ class SidecarHolder:
             _platform.lock_blocking(fd)
             return fd, st
         if deadline is not None and deadline <= time.monotonic():
-            raise self._contended(start)  # a try (timeout 0): no helper to start
+            # A try (timeout 0): no helper to start. Named by the live record just read:
+            # read again, it may be a looping holder's own released one, with the lock
+            # already taken again for its next run and the new record not yet written.
+            raise self._contended(start, record)
         box: list[tuple[_wait.Waiter, object]] = []
         got: list[int] = []
         try:

@@ -3,7 +3,9 @@
 Prints ``ready`` once started, then answers each command with one line:
 ``acquire`` -> ``acquired <token>`` or ``contended``; ``append <json>``; ``prompt``
 (enter the prompt window); ``endprompt``; ``release``; ``touch``; ``drop`` (close the
-sidecar's descriptor behind the lock's back); ``exit``.
+sidecar's descriptor behind the lock's back); ``head released`` and ``head held`` (the
+record's head rewritten in place, the lock kept: a run that has just taken the lock over
+a released record has not yet written its own); ``exit``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import sys
 from typing import Literal
 
-from fencelock import SessionContendedError, SessionLock
+from fencelock import SessionContendedError, SessionLock, _record
 
 MODES: dict[str, Literal["wait", "fail"]] = {"wait": "wait", "fail": "fail"}
 
@@ -54,6 +56,10 @@ def main() -> None:
                 # the process running (for a moment, as it exits).
                 os.close(lock._store._fd)  # type: ignore[attr-defined]
                 reply = "dropped"
+            elif cmd == "head":
+                head = {"released": _record.RELEASED_HEAD, "held": _record.HELD_WRITE_HEAD}
+                os.pwrite(lock._store._fd, head[arg], 0)  # type: ignore[attr-defined]
+                reply = "ok"
             elif cmd == "exit":
                 return
             else:

@@ -38,6 +38,7 @@ from fencelock import (
     SessionLock,
     SessionTakeoverError,
     State,
+    _sidecar_holder,
     _wait,
     is_coordination_error,
     probe,
@@ -1059,6 +1060,57 @@ def test_a_timeout_of_zero_tries_once_and_leaves_no_helper_thread(
     assert other.call("release") == "released"
     with SessionLock(session, "after") as lock:  # and nothing of the try holds it
         assert lock.info is not None
+
+
+def test_a_try_names_the_live_holder_it_found_not_what_a_second_read_finds(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``acquire(timeout=0)`` names the holder by the live record it read when it found
+    the lock taken. Read again, the record may be that run's own released one: a lane
+    that takes the session again right after releasing it has the lock before it writes
+    its new record (here the holder rewrites its record's head to released, keeping the
+    lock, just before any second read)."""
+    other = spawn_holder(session, lane="looping")
+    other.acquire()
+    real = _sidecar_holder.read_quietly
+
+    def read_between_runs(sidecar: str) -> HolderInfo | None:
+        assert other.call("head released") == "ok"
+        return real(sidecar)
+
+    monkeypatch.setattr(_sidecar_holder, "read_quietly", read_between_runs)
+    with pytest.raises(SessionContendedError) as e:
+        SessionLock(session, "try").acquire(timeout=0)
+    assert e.value.holder is not None, str(e.value)
+    assert (e.value.holder.pid, e.value.holder.lane) == (other.pid, "looping")
+
+
+def test_contention_looks_again_at_a_released_record_under_a_taken_lock(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wait that ends without the session, finding its lock taken over a released
+    record, looks again for a moment before naming the lock's holder as a process
+    outside fencelock: most often a run has just taken it and is writing its record
+    (here the holder's record says released until the error has read it once)."""
+    other = spawn_holder(session, lane="starting")
+    other.acquire()
+    assert other.call("head released") == "ok"
+    real = _sidecar_holder.read_quietly
+    reads: list[HolderInfo | None] = []
+
+    def read_then_write(sidecar: str) -> HolderInfo | None:
+        found = real(sidecar)
+        reads.append(found)
+        if len(reads) == 1:
+            assert other.call("head held") == "ok"
+        return found
+
+    monkeypatch.setattr(_sidecar_holder, "read_quietly", read_then_write)
+    with pytest.raises(SessionContendedError) as e:
+        SessionLock(session, "wait").acquire(timeout=0.2)
+    assert reads[0] is not None and reads[0].state is State.RELEASED
+    assert e.value.holder is not None, str(e.value)
+    assert (e.value.holder.pid, e.value.holder.lane) == (other.pid, "starting")
 
 
 # A KeyboardInterrupt (or a SIGTERM handler's exception) handled at the first moment it
