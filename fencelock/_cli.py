@@ -597,6 +597,7 @@ def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None)
         FenceLockError,
         HeldByOwnRunError,
         SessionContendedError,
+        SidecarAccessError,
         StoreUnavailableError,
     )
     from fencelock._probe import ProbeState, clear
@@ -621,6 +622,12 @@ def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None)
         )
     except (FenceLockError, OSError) as e:
         message = os_message(e) if isinstance(e, OSError) else str(e)
+        found = e.status if isinstance(e, SidecarAccessError) else None
+        if found is not None:  # cleared (or found free), but the sidecar stays
+            kept = _ClearOutcome(found.session, found.sidecar, str(found.state), found.record,
+                                 error=message, reason=message)
+            kept.cleared = found.state is ProbeState.STALE
+            return kept
         session, sidecar = _named(path)
         if isinstance(e, StoreUnavailableError):  # about the store: say which session
             message = f"{session}: {message}"
@@ -639,6 +646,8 @@ class _DirSummary:
         self.live = 0
         self.cleared = 0
         self.removed = 0
+        self.kept = 0
+        """Sidecars of sessions found free or cleared that could not be removed."""
         self.failed = 0
 
     def text(self, remove: bool) -> str:
@@ -647,7 +656,9 @@ class _DirSummary:
                 f"live alone")
         if remove:
             text += f", removed {plural(self.removed, 'sidecar')}"
-        if self.failed:  # (each said on stderr)
+        if self.kept:  # (each said on stderr)
+            text += f"; {plural(self.kept, 'sidecar')} could not be removed"
+        if self.failed:
             text += f"; {self.failed} could not be cleared"
         return text
 
@@ -678,7 +689,11 @@ def _clear_directory(
             continue
         summary.cleared += outcome.cleared
         summary.removed += outcome.removed
-        summary.failed += outcome.error is not None
+        if outcome.error is not None:
+            if outcome.found in ("free", "stale"):
+                summary.kept += 1
+            else:
+                summary.failed += 1
         yield outcome
 
 

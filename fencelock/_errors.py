@@ -42,6 +42,7 @@ from fencelock._constants import COMMAND_NAME
 if TYPE_CHECKING:
     from fencelock._fingerprint import Fingerprint
     from fencelock._platform import LockOwner
+    from fencelock._probe import HolderStatus
     from fencelock._record import HolderInfo
 
 
@@ -393,6 +394,9 @@ class SidecarAccessError(FenceLockError):
         self.path = path
         self.cause = cause
         self.fix = fix
+        self.status: HolderStatus | None = None
+        """From ``clear(remove=True)`` whose sidecar stays: what it found, and did first
+        (a stale record cleared: ``status.state`` is stale); None otherwise."""
         reason = cause.strerror or type(cause).__name__
         super().__init__(f"{path}: {reason}; {fix}")
 

@@ -897,6 +897,14 @@ def _release_stale(fd: int, sidecar: str, record: HolderInfo, size: int) -> bool
     return dropped
 
 
+def _kept(error: Exception, status: HolderStatus) -> Exception:
+    """``error`` (a sidecar that `clear` was to remove, and stays) with what `clear`
+    found and did first as its ``status``, for a caller to report."""
+    if isinstance(error, SidecarAccessError):
+        error.status = status
+    return error
+
+
 def _clear_locked(
     fd: int, st: os.stat_result, session: str, sidecar: str, remove: bool, force: bool
 ) -> HolderStatus:
@@ -939,7 +947,9 @@ def _clear_locked(
         try:
             kept = _tokens.keep_removed(session, token) if token and why is None else None
         except OSError as e:  # a directory this user cannot make a file in
-            raise _sidecar.unlink_error(sidecar, e, done if was_stale else "") from None
+            raise _kept(_sidecar.unlink_error(sidecar, e, done if was_stale else ""),
+                        HolderStatus(session, sidecar, state, record=record, reason=done)
+                        ) from None
         if why is not None:  # without the sidecar, its tokens could start over
             done += f"; sidecar kept, as the session's token cannot be saved on it: {why}"
         elif kept is not None:
@@ -951,7 +961,9 @@ def _clear_locked(
             except OSError as e:
                 # Say what was done before the removal failed: the record is released.
                 done_first = done if was_stale else ""
-                raise _sidecar.unlink_error(sidecar, e, done_first) from None
+                raise _kept(_sidecar.unlink_error(sidecar, e, done_first),
+                            HolderStatus(session, sidecar, state, record=record, reason=done)
+                            ) from None
             removed = True
             done += "; sidecar removed"
     return HolderStatus(session, sidecar, state, record=record, reason=done, removed=removed)

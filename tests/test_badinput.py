@@ -1777,6 +1777,46 @@ def test_a_sidecar_the_directory_will_not_let_go_names_the_directory(stale: bool
             assert sidecar.read_bytes() == before
 
 
+@needs_root
+@pytest.mark.parametrize("stale", [False, True])
+def test_clear_remove_says_what_it_did_when_the_sidecar_stays(stale: bool) -> None:
+    """`clear --remove` that clears a stale record (or finds the session free) and then
+    cannot remove the sidecar (a directory this user may not remove entries from): its
+    JSON says what it found and did, `cleared` true for the stale record, `removed`
+    false, and its directory count says the sidecar stays, not that the session could
+    not be cleared; exit 1 either way."""
+    with open_directory(mode=0o755) as sessions:  # root's: others cannot remove entries
+        session = sessions / "s.jsonl"
+        sidecar = sessions / "s.jsonl.holder"
+        clear_it = """
+            from click.testing import CliRunner
+            from fencelock._cli import main
+            done = CliRunner().invoke(main, ["clear", "--remove", *args["argv"]])
+            result = [done.exit_code, done.stdout, done.stderr]
+        """
+        found = "stale" if stale else "free"
+        for argv in (["--json", str(session)], [str(sessions)]):
+            if stale:
+                _valid_record(session)  # held by a run that died
+            else:
+                with SessionLock(session, "before"):
+                    pass
+            sidecar.chmod(0o666)  # anyone may write the sidecar itself
+            code, out, err = as_user(clear_it, preload=("click.testing", "fencelock._cli"),
+                                     argv=argv)
+            assert code == 1, (out, err)
+            assert f"cannot remove entries from {sessions}" in err, err
+            assert sidecar.exists() and probe(session).state == "free"
+            if argv[0] == "--json":
+                (row,) = json.loads(out)
+                assert (row["found"], row["cleared"], row["removed"]) == (found, stale, False)
+                assert row["pid"] is not None and row["error"] is not None
+            else:
+                assert out.splitlines()[-1] == (
+                    f"{sessions}: cleared {int(stale)} stale, left 0 live alone, removed 0 "
+                    f"sidecars; 1 sidecar could not be removed"), out
+
+
 @pytest.mark.parametrize("command", [
     ["status"], ["clear"], ["wait"], ["recover"], ["run", "--lane", "x", "--", "true"],
     ["verify"],
