@@ -554,6 +554,9 @@ class _ClearOutcome:
         self.record = record
         self.cleared = False
         self.removed = False
+        self.kept = False
+        """Found free or cleared, but the sidecar `--remove` was to delete stays (``error``
+        says why)."""
         self.set_aside: str | None = None
         self.refused = refused
         self.error = error
@@ -625,8 +628,9 @@ def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None)
         found = e.status if isinstance(e, SidecarAccessError) else None
         if found is not None:  # cleared (or found free), but the sidecar stays
             kept = _ClearOutcome(found.session, found.sidecar, str(found.state), found.record,
-                                 error=message, reason=message)
+                                 error=message, reason=f"{found.reason}; the sidecar stays")
             kept.cleared = found.state is ProbeState.STALE
+            kept.kept = True
             return kept
         session, sidecar = _named(path)
         if isinstance(e, StoreUnavailableError):  # about the store: say which session
@@ -689,11 +693,8 @@ def _clear_directory(
             continue
         summary.cleared += outcome.cleared
         summary.removed += outcome.removed
-        if outcome.error is not None:
-            if outcome.found in ("free", "stale"):
-                summary.kept += 1
-            else:
-                summary.failed += 1
+        summary.kept += outcome.kept
+        summary.failed += outcome.error is not None and not outcome.kept
         yield outcome
 
 

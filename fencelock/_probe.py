@@ -741,8 +741,10 @@ def clear(
     """Clear a stale record under the sidecar's lock; never touches a live holder.
 
     Returns what was found, with ``reason`` saying what was done. ``remove`` also
-    deletes the sidecar (the session's token is kept on the session file first).
-    ``force`` sets a corrupt record aside as ``<sidecar>.corrupt-<time>-<random>``.
+    deletes the sidecar (the session's token is kept on the session file first); where
+    the directory refuses, `SidecarAccessError` carries what this would have returned
+    as its ``status``. ``force`` sets a corrupt record aside as
+    ``<sidecar>.corrupt-<time>-<random>``.
     """
     session, sidecar = _sidecar.paths(path)
     store = _store.open_store(backend, session)
@@ -939,6 +941,8 @@ def _clear_locked(
             done += f"; removed {left}, the copy a recover that did not finish left"
     removed = False
     if remove:
+        # What this returns, for the error of a sidecar that stays to carry (`_kept`).
+        found = HolderStatus(session, sidecar, state, record=record, reason=done)
         token = record.token if record is not None else 0
         exists = os.path.exists(session)
         why = _tokens.save(session, token) if token and exists else None
@@ -948,8 +952,7 @@ def _clear_locked(
             kept = _tokens.keep_removed(session, token) if token and why is None else None
         except OSError as e:  # a directory this user cannot make a file in
             raise _kept(_sidecar.unlink_error(sidecar, e, done if was_stale else ""),
-                        HolderStatus(session, sidecar, state, record=record, reason=done)
-                        ) from None
+                        found) from None
         if why is not None:  # without the sidecar, its tokens could start over
             done += f"; sidecar kept, as the session's token cannot be saved on it: {why}"
         elif kept is not None:
@@ -961,9 +964,7 @@ def _clear_locked(
             except OSError as e:
                 # Say what was done before the removal failed: the record is released.
                 done_first = done if was_stale else ""
-                raise _kept(_sidecar.unlink_error(sidecar, e, done_first),
-                            HolderStatus(session, sidecar, state, record=record, reason=done)
-                            ) from None
+                raise _kept(_sidecar.unlink_error(sidecar, e, done_first), found) from None
             removed = True
             done += "; sidecar removed"
     return HolderStatus(session, sidecar, state, record=record, reason=done, removed=removed)

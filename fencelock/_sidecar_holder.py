@@ -131,9 +131,11 @@ def contended(
     if record is None:
         record = read_quietly(sidecar)
         end = time.monotonic() + NAMING_GRACE
-        while held_by_others(record) and time.monotonic() < end:
+        while held_by_others(record):  # read again at least once, however late this runs
             time.sleep(NAMING_GRACE / 10)
             record = read_quietly(sidecar)
+            if time.monotonic() >= end:
+                break
     last = None
     if held_by_others(record):
         last, record = record, None  # a past run's record: released, or its owner dead
@@ -366,7 +368,9 @@ class SidecarHolder:
             # A try (timeout 0): no helper to start. Named by the live record just read:
             # read again, it may be a looping holder's own released one, with the lock
             # already taken again for its next run and the new record not yet written.
-            raise self._contended(start, record)
+            # (One that named no live run, read before a grace this thread slept past:
+            # read again.)
+            raise self._contended(start, record if may_be_live(record) else None)
         box: list[tuple[_wait.Waiter, object]] = []
         got: list[int] = []
         try:

@@ -52,6 +52,7 @@ from fencelock import (
     verify,
 )
 from fencelock._record import MAX_RECORD, RECORD_HEAD
+from fencelock._tokens import REMOVED_MARKER
 
 pytestmark = pytest.mark.torture
 
@@ -1778,16 +1779,21 @@ def test_a_sidecar_the_directory_will_not_let_go_names_the_directory(stale: bool
 
 
 @needs_root
+@pytest.mark.parametrize("marker", [False, True], ids=["marker-refused", "unlink-refused"])
 @pytest.mark.parametrize("stale", [False, True])
-def test_clear_remove_says_what_it_did_when_the_sidecar_stays(stale: bool) -> None:
+def test_clear_remove_says_what_it_did_when_the_sidecar_stays(stale: bool, marker: bool) -> None:
     """`clear --remove` that clears a stale record (or finds the session free) and then
-    cannot remove the sidecar (a directory this user may not remove entries from): its
-    JSON says what it found and did, `cleared` true for the stale record, `removed`
-    false, and its directory count says the sidecar stays, not that the session could
-    not be cleared; exit 1 either way."""
+    cannot remove the sidecar (a directory this user may not remove entries from, nor
+    make the removed-token marker in, unless it is there and writable): its JSON says
+    what it found and did, `cleared` true for the stale record, `removed` false, and its
+    directory count says the sidecar stays, not that the session could not be cleared;
+    exit 1 either way."""
     with open_directory(mode=0o755) as sessions:  # root's: others cannot remove entries
         session = sessions / "s.jsonl"
         sidecar = sessions / "s.jsonl.holder"
+        if marker:  # made and writable: the removal itself is what is refused
+            (sessions / REMOVED_MARKER).touch(mode=0o666)
+            (sessions / REMOVED_MARKER).chmod(0o666)
         clear_it = """
             from click.testing import CliRunner
             from fencelock._cli import main

@@ -163,7 +163,9 @@ def test_a_probe_s_moment_does_not_make_a_stale_session_look_live(
         polling.set()
         real_sleep(seconds)
 
-    monkeypatch.setattr(time, "sleep", sleep)  # clear's only sleep is its grace poll
+    # The first sleep is clear's grace poll (the look again of a contention error at a
+    # record that names no live run, `_sidecar_holder.contended`, sleeps only after it)
+    monkeypatch.setattr(time, "sleep", sleep)
     outcome: list[object] = []
 
     def run() -> None:
