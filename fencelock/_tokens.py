@@ -335,7 +335,9 @@ def floor(session: str) -> int:
     return best
 
 
-_TOKEN_TEXT = re.compile(rb'"token"\s*:\s*(\d{1,19})')
+_TOKEN_TEXT = re.compile(rb'"token"\s*:\s*(\d{1,19})(?!\d)')
+"""A token as a corrupt record's text may still hold it: a number longer than any token
+is part of the corruption, not a token of its first 19 digits."""
 
 
 def _legible_token(data: bytes) -> int:

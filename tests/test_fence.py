@@ -1452,6 +1452,21 @@ def test_token_continues_after_a_corrupt_record_is_set_aside(session: Path) -> N
         assert lock.info is not None and lock.info.token == 6
 
 
+def test_a_number_too_long_for_a_token_is_not_read_as_one_in_a_corrupt_record(
+    session: Path,
+) -> None:
+    """A corrupt record's tokens are read from its text: a number with more digits than
+    a token can have is part of the corruption, not a token of its first 19 digits."""
+    for _ in range(7):
+        with SessionLock(session):
+            pass
+    sidecar = Path(str(session) + ".holder")
+    sidecar.write_bytes(b'{"token": 7, "previous": {"token": 10000000000000000000')
+    clear(session, force=True)
+    with SessionLock(session) as lock:
+        assert lock.info is not None and lock.info.token == 8
+
+
 @needs_xattr
 def test_set_aside_raises_the_session_mark_to_the_corrupt_records_token(
     session: Path,
