@@ -278,7 +278,7 @@ def load(path: str | os.PathLike[str], limit: int = MAX_CONFIG) -> Any:
     name = os.fspath(path)
     try:
         # O_NONBLOCK: a FIFO named as the config must not hang the check.
-        flags = os.O_RDONLY | _platform.O_NONBLOCK | _platform.O_CLOEXEC
+        flags = os.O_RDONLY | _platform.O_NONBLOCK | _platform.O_CLOEXEC | _platform.O_BINARY
         fd = os.open(name, flags)
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):

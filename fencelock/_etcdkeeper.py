@@ -284,8 +284,8 @@ def start(lock: SessionLock) -> Keeper | None:
     from fencelock._etcd import EtcdHolder
 
     store = getattr(lock._store, "holder", None)  # a RemoteStore's driver
-    if not isinstance(store, EtcdHolder) or store.lease_id is None:
-        return None
+    if not isinstance(store, EtcdHolder) or store.lease_id is None or sys.platform == "win32":
+        return None  # (Windows: no descriptors can be passed to the keeper)
     probe_r, command_w = os.pipe()
     wrapper_r, wrapper_w = os.pipe()
     try:

@@ -820,7 +820,12 @@ def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes
             end = os.fstat(fd).st_size
             if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and end <= len(line) \
                     and _holds(fd, line, 0, end):
-                os.unlink(session)
+                if _platform.WINDOWS:
+                    # An open file cannot be removed there: emptied, which the next
+                    # append takes for no file (an empty file of this user's own).
+                    os.ftruncate(fd, 0)
+                else:
+                    os.unlink(session)
                 moved.append(None)
             return
         if cut_to is not None:

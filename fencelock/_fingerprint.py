@@ -151,7 +151,7 @@ def take(path: str, mode: FenceMode, opened: bool = False) -> Fingerprint | None
         raise UnsafePathError(path, _platform.describe_mode(st.st_mode, path))
     if mode is not CONTENT:
         return from_stat(st)
-    flags = os.O_RDONLY | _platform.O_NOFOLLOW | _platform.O_NONBLOCK | _platform.O_CLOEXEC
+    flags = os.O_RDONLY | _platform.OPEN_FLAGS  # O_BINARY too: the bytes as written
     try:
         fd, = map(os.open, (path,), (flags,))  # see `_sidecar.open_regular`
     except FileNotFoundError:
@@ -166,9 +166,9 @@ def take(path: str, mode: FenceMode, opened: bool = False) -> Fingerprint | None
 
 
 def _take_opened(path: str, mode: FenceMode) -> Fingerprint | None:
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    flags = os.O_RDONLY | _platform.OPEN_FLAGS  # O_BINARY too: the bytes as written
     try:
-        fd, = map(os.open, (path,), (flags | getattr(os, "O_CLOEXEC", 0),))  # `open_regular`
+        fd, = map(os.open, (path,), (flags,))  # `open_regular`
     except FileNotFoundError:
         return None
     except OSError as e:

@@ -116,12 +116,13 @@ def hung_up(fd: int) -> bool:
 
 
 def stop_signals() -> tuple[int, ...]:
-    """The signals that ask a process to stop (Windows has no SIGHUP). A function, so
-    that taking a lock never imports `signal`."""
+    """The signals that ask a process to stop (Windows has no SIGHUP; its Ctrl-Break
+    is SIGBREAK). A function, so that taking a lock never imports `signal`."""
     import signal
 
     return tuple(
-        getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, name)
+        getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGINT", "SIGBREAK")
+        if hasattr(signal, name)
     )
 
 

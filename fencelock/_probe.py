@@ -815,6 +815,8 @@ def _lock_for_clear(fd: int, sidecar: str) -> bool:
         if _platform.try_lock(fd):
             return True
         exclusive = not _platform.try_lock(fd, shared=True)
+        if not exclusive and _platform.WINDOWS:
+            return True  # Windows has no shared locks: that one is exclusive, and ours
         if exclusive and may_be_live(read_quietly(sidecar)):
             return False
         deadline = time.monotonic() + _sidecar_holder.FAIL_GRACE

@@ -195,7 +195,7 @@ def _refuse_unwritable(sidecar: str) -> None:
     if os.access(sidecar, os.W_OK, effective_ids=effective) or not os.path.lexists(sidecar):
         return  # (asked without opening it: no descriptor for an interrupt to leave open)
     try:  # to say why, as an acquire would
-        fd = os.open(sidecar, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(sidecar, os.O_RDWR | _platform.OPEN_FLAGS)
     except OSError as e:
         raise _sidecar.access_error(sidecar, e, True) from None
     os.close(fd)  # access(2) and open(2) disagree (an ACL's mask, say): let the run try

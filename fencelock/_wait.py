@@ -41,10 +41,29 @@ class _Done:
     def wait(self, timeout: float | None) -> bool:
         if self.flag:
             return True
+        if not _platform.CAN_BLOCK:  # Windows: see `_wait_in_slices`
+            return self._wait_in_slices(timeout)
         if self._lock.acquire(True, -1 if timeout is None else timeout):
             self._lock.release()  # so that a later wait returns at once
             return True
         return self.flag
+
+    def _wait_in_slices(self, timeout: float | None) -> bool:
+        """`wait` in steps of `_SLICE`: on Windows a lock's wait does not let Ctrl-C
+        through before Python 3.14, so an untimed one could not be interrupted until the
+        holder let go."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = _SLICE if end is None else min(_SLICE, max(0.0, end - time.monotonic()))
+            if self._lock.acquire(True, step):
+                self._lock.release()
+                return True
+            if end is not None and time.monotonic() >= end:
+                return self.flag
+
+
+_SLICE = 0.1
+"""Seconds a Windows wait blocks at a time (`_Done._wait_in_slices`)."""
 
 
 class Waiter:

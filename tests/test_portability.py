@@ -18,7 +18,7 @@ import pytest
 from marks import needs_linux, needs_posix
 
 import fencelock
-from fencelock import FenceMode, Fingerprint, SessionLock, _platform
+from fencelock import FenceMode, Fingerprint, SessionLock, UnsafeSidecarError, _fence, _platform
 from fencelock._record import MAX_RECORD
 
 PLATFORM_SOURCE = Path(fencelock.__file__).parent / "_platform.py"
@@ -202,14 +202,55 @@ def test_the_positional_io_stand_ins_ignore_the_descriptor_position(tmp_path: Pa
         assert _platform.pread is os.pread and _platform.pwrite is os.pwrite
 
 
+def test_where_opens_follow_symlinks_a_symlinked_sidecar_is_still_refused(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``O_NOFOLLOW`` (Windows) an open follows a symlink: the path is looked at
+    right after, and a symlinked sidecar is refused as the open refuses it on POSIX,
+    its target untouched (the inode re-check would otherwise never match, and the
+    acquire try again for ever)."""
+    target = session.parent / "elsewhere"
+    target.write_bytes(b"")
+    Path(str(session) + ".holder").symlink_to(target)
+    monkeypatch.setattr(_platform, "O_NOFOLLOW", 0)
+    monkeypatch.setattr(_platform, "OPEN_FLAGS", _platform.OPEN_FLAGS & ~os.O_NOFOLLOW)
+    with pytest.raises(UnsafeSidecarError, match="is a symlink"):
+        SessionLock(session, "x").acquire()
+    assert target.read_bytes() == b""
+
+
+def test_where_an_open_file_cannot_be_removed_an_interrupted_first_line_is_taken_back(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupt (Ctrl-C) during a run's first append, which made the session file:
+    where an open file cannot be removed (Windows), the line is taken back by emptying
+    the file, and the run's next append goes on into it (no takeover)."""
+    monkeypatch.setattr(_platform, "WINDOWS", True)
+    real = _fence._fsync
+
+    def interrupted(fd: int) -> None:
+        monkeypatch.setattr(_fence, "_fsync", real)
+        raise KeyboardInterrupt
+
+    with SessionLock(session, "a") as lock:
+        monkeypatch.setattr(_fence, "_fsync", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            lock.append({"n": 1})
+        assert session.read_bytes() == b""  # emptied, not removed
+        lock.append({"n": 2})
+    assert session.read_bytes() == b'{"n":2}\n'
+
+
 def test_library_calls_posix_only_functions_through_the_platform_layer() -> None:
-    """``os.pread``, ``os.pwrite`` and SIGHUP do not exist on Windows: the library
-    reaches them through `_platform` only. (The etcd store's processes are POSIX only,
+    """``os.pread``, ``os.pwrite``, SIGHUP and the open flags ``O_NOFOLLOW``,
+    ``O_NONBLOCK`` and ``O_CLOEXEC`` do not exist on Windows: the library reaches them
+    through `_platform` only. (The etcd store's processes are POSIX only,
     docs/PORTABILITY.md.)"""
     import ast
 
     posix_only = {("os", "pread"), ("os", "pwrite"), ("signal", "SIGHUP"),
-                  ("os", "O_NOCTTY"), ("os", "tcgetpgrp"), ("os", "getpgid")}
+                  ("os", "O_NOCTTY"), ("os", "tcgetpgrp"), ("os", "getpgid"),
+                  ("os", "O_NOFOLLOW"), ("os", "O_NONBLOCK"), ("os", "O_CLOEXEC")}
     package = Path(fencelock.__file__).parent
     found = []
     for path in sorted(package.glob("*.py")):
