@@ -142,11 +142,12 @@ class HeldByOwnRunError(SessionContendedError):
         self.fd = fd
         super().__init__(session, holder)
         who = "" if holder is None else f"; pid {holder.pid}, lane {holder.lane!r}"
+        how = (f"its lock's descriptor, FENCELOCK_FD {fd}, is open here" if fd >= 0 else
+               "its record names the run this process runs under, FENCELOCK_RUN_ID")
         self.args = (
-            f"{session}: held by the fencelock run this process runs under (its lock's "
-            f"descriptor, FENCELOCK_FD {fd}, is open here{who}), so waiting for it would "
-            "wait for ever. The command already holds the session: use it without taking "
-            "it again, or take another session",
+            f"{session}: held by the fencelock run this process runs under ({how}{who}), "
+            "so waiting for it would wait for ever. The command already holds the session: "
+            "use it without taking it again, or take another session",
         )
 
     def __str__(self) -> str:

@@ -35,7 +35,7 @@ from fencelock._errors import (
     own_file_fix,
     shell_word,
 )
-from fencelock._record import MAX_RECORD, HolderInfo, decode
+from fencelock._record import HELD, MAX_RECORD, HolderInfo, decode
 
 _T = TypeVar("_T")
 
@@ -580,6 +580,9 @@ def refuse_own_run(sidecar: str, own: int, st: os.stat_result) -> None:
     must name that run, ``FENCELOCK_RUN_ID``). Such a lock is never let go while the
     descriptor is open. (A number that was closed and reused, or a run that passed
     nothing on, proves nothing: the wait goes on as for any holder.)"""
+    if _platform.WINDOWS:
+        _refuse_own_run_by_id(sidecar, own)
+        return
     raw = os.environ.get("FENCELOCK_FD", "")
     if not (raw.isascii() and raw.isdigit() and len(raw) < 10):
         return
@@ -598,6 +601,21 @@ def refuse_own_run(sidecar: str, own: int, st: os.stat_result) -> None:
             record is None or record.run_id != os.environ.get("FENCELOCK_RUN_ID"))):
         return
     raise HeldByOwnRunError(sidecar[: -len(SUFFIX)], record, fd)
+
+
+def _refuse_own_run_by_id(sidecar: str, own: int) -> None:
+    """`refuse_own_run` where `fencelock run` cannot share its lock with its command
+    (Windows): the lock stays the wrapper's alone, and a held record that names the run
+    this process runs under (``FENCELOCK_RUN_ID``) is that wrapper's."""
+    run_id = os.environ.get("FENCELOCK_RUN_ID")
+    if not run_id:
+        return
+    try:
+        record = read(own, sidecar)
+    except (OSError, FenceLockError):
+        return
+    if record is not None and record.state is HELD and record.run_id == run_id:
+        raise HeldByOwnRunError(sidecar[: -len(SUFFIX)], record, -1)
 
 
 def still_at_path(sidecar: str, st: os.stat_result) -> bool:

@@ -15,10 +15,21 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import SpawnHolder
 from marks import needs_linux, needs_posix
 
 import fencelock
-from fencelock import FenceMode, Fingerprint, SessionLock, UnsafeSidecarError, _fence, _platform
+from fencelock import (
+    FenceMode,
+    Fingerprint,
+    SessionContendedError,
+    SessionLock,
+    UnsafeSidecarError,
+    _fence,
+    _platform,
+    probe,
+)
+from fencelock._errors import HeldByOwnRunError
 from fencelock._record import MAX_RECORD
 
 PLATFORM_SOURCE = Path(fencelock.__file__).parent / "_platform.py"
@@ -239,6 +250,27 @@ def test_where_an_open_file_cannot_be_removed_an_interrupted_first_line_is_taken
         assert session.read_bytes() == b""  # emptied, not removed
         lock.append({"n": 2})
     assert session.read_bytes() == b'{"n":2}\n'
+
+
+def test_where_run_cannot_share_its_lock_its_commands_wait_is_refused_by_its_run_id(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where `fencelock run` cannot hand its lock to its command (Windows), a command
+    that takes the run's own session would wait for the run, which waits for it: the
+    held record names the run the command runs under (``FENCELOCK_RUN_ID``), and the
+    wait is refused at once. Another run's id proves nothing: that wait goes on."""
+    holder = spawn_holder(session, lane="outer")
+    holder.acquire()
+    record = probe(session).record
+    assert record is not None
+    monkeypatch.setattr(_platform, "WINDOWS", True)
+    monkeypatch.setenv("FENCELOCK_RUN_ID", record.run_id)
+    with pytest.raises(HeldByOwnRunError, match="FENCELOCK_RUN_ID"):
+        SessionLock(session, "inner").acquire(timeout=10)
+    monkeypatch.setenv("FENCELOCK_RUN_ID", record.run_id + "0")
+    with pytest.raises(SessionContendedError) as e:
+        SessionLock(session, "inner").acquire(timeout=0.2)
+    assert not isinstance(e.value, HeldByOwnRunError)
 
 
 def test_library_calls_posix_only_functions_through_the_platform_layer() -> None:
