@@ -281,10 +281,11 @@ def start(lock: SessionLock) -> Keeper | None:
     """Start the keeper for ``lock``'s etcd holder; None for a sidecar holder (its
     locked descriptor is shared instead) or when no keeper can be started (the session
     is then held as long as this process lives, as before)."""
+    from fencelock import _platform
     from fencelock._etcd import EtcdHolder
 
     store = getattr(lock._store, "holder", None)  # a RemoteStore's driver
-    if not isinstance(store, EtcdHolder) or store.lease_id is None or sys.platform == "win32":
+    if not isinstance(store, EtcdHolder) or store.lease_id is None or _platform.WINDOWS:
         return None  # (Windows: no descriptors can be passed to the keeper)
     probe_r, command_w = os.pipe()
     wrapper_r, wrapper_w = os.pipe()

@@ -802,7 +802,8 @@ def _open_empty(session: str, flags: int) -> tuple[int, os.stat_result]:
 def _take_back(fd: int, st: os.stat_result, session: str, size: int, line: bytes,
                made: bool, mode: FenceMode, moved: list[Fingerprint | None],
                cut_to: int | None = None, taken_back: bool = False) -> None:
-    """After an interrupt in `append`: remove the file it made, or cut what reached the
+    """After an interrupt in `append`: remove the file it made (empty it where an open
+    file cannot be removed: Windows; the next append takes it for none), or cut what reached the
     file of ``line`` (written from ``size``), and put the fence point that leaves in
     ``moved``. Nothing when none of it reached the file (the fence point stands, unless
     the append cut a torn tail off at ``cut_to``, or ``taken_back``: a failed write's

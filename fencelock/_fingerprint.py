@@ -182,6 +182,8 @@ def _take_opened(path: str, mode: FenceMode) -> Fingerprint | None:
         raise _not_regular(path, st.st_mode) from None
     try:
         st = os.fstat(fd)
+        if _platform.followed_a_symlink(path):
+            raise _not_regular(path, stat.S_IFLNK)
         if not stat.S_ISREG(st.st_mode):
             raise _not_regular(path, st.st_mode)
         return from_stat(st, tail_digest(fd, st.st_size) if mode is CONTENT else None)

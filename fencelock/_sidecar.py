@@ -303,7 +303,7 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat
         raise UnsafePathError(path, what) from None
     try:  # closed on any exception, an interrupt's (a signal handler's) included
         st = os.fstat(fd)
-        if followed_a_symlink(path):
+        if _platform.followed_a_symlink(path):
             raise UnsafePathError(path, "a symlink")
         if not stat.S_ISREG(st.st_mode):
             raise UnsafePathError(path, _platform.describe_mode(st.st_mode, path))
@@ -315,12 +315,6 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat
             os.close(fd)
         raise
     return fd, st
-
-
-def followed_a_symlink(path: str) -> bool:
-    """Where opens cannot refuse a symlink (no O_NOFOLLOW: Windows), whether the path
-    just opened is one (its target was opened). Always False elsewhere: the open said."""
-    return not _platform.O_NOFOLLOW and os.path.islink(path)
 
 
 def _unmake(path: str, fd: int) -> None:
@@ -510,6 +504,8 @@ def open_checked(
                             made = True
                             break
                         except FileExistsError:
+                            if _platform.followed_a_symlink(sidecar):  # a dangling one
+                                raise UnsafeSidecarError(sidecar, "a symlink") from None
                             continue  # another process made it first: open theirs
                     st = os.fstat(fd)
                 except OSError as e:
@@ -518,7 +514,7 @@ def open_checked(
                         # such, not "run as its owner" (the owner planted it).
                         refuse_planted_at(sidecar)
                     raise access_error(sidecar, e, create or write) from None
-                if followed_a_symlink(sidecar):
+                if _platform.followed_a_symlink(sidecar):
                     raise UnsafeSidecarError(sidecar, "a symlink")
                 if not stat.S_ISREG(st.st_mode):
                     raise UnsafeSidecarError(sidecar, _platform.describe_mode(st.st_mode, sidecar))

@@ -50,7 +50,7 @@ class SignalForwarder:
         self.proc: subprocess.Popen[bytes] | None = None
         self.holding = False
         self.pending: list[int] = []
-        self.sigint = signal.SIGINT
+        self.sigint, self.sigterm = signal.SIGINT, signal.SIGTERM
         forwarded = _platform.stop_signals()
         self.handlers = PromptHandlers(self._handle, forwarded)
 
@@ -66,7 +66,14 @@ class SignalForwarder:
         # command's own clean-up.
         if signum == self.sigint and _platform.in_terminal_foreground(self.proc.pid):
             return
-        self.proc.send_signal(signum)
+        self._pass_on(self.proc, signum)
+
+    def _pass_on(self, proc: subprocess.Popen[bytes], signum: int) -> None:
+        # Windows: the console's Ctrl-C and Ctrl-Break reach the command itself, and
+        # `send_signal` there takes SIGTERM only (of these), raising for the others.
+        if _platform.WINDOWS and signum != self.sigterm:
+            return
+        proc.send_signal(signum)
 
     def hold(self) -> None:
         """The session is held: from now on signals wait for the command."""
@@ -75,7 +82,7 @@ class SignalForwarder:
     def attach(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc
         for sig in self.pending:
-            proc.send_signal(sig)
+            self._pass_on(proc, sig)
 
     def restore(self) -> None:
         """Put the handlers back; in the `fencelock` process itself, whose exit code is

@@ -213,21 +213,51 @@ def test_the_positional_io_stand_ins_ignore_the_descriptor_position(tmp_path: Pa
         assert _platform.pread is os.pread and _platform.pwrite is os.pwrite
 
 
+@needs_posix  # (O_NOFOLLOW taken away, symlinks made)
+@pytest.mark.timeout(20)  # the failure this guards against is a spin
+@pytest.mark.parametrize("dangling", [False, True], ids=["to-a-file", "dangling"])
 def test_where_opens_follow_symlinks_a_symlinked_sidecar_is_still_refused(
-    session: Path, monkeypatch: pytest.MonkeyPatch
+    session: Path, monkeypatch: pytest.MonkeyPatch, dangling: bool
 ) -> None:
     """Without ``O_NOFOLLOW`` (Windows) an open follows a symlink: the path is looked at
-    right after, and a symlinked sidecar is refused as the open refuses it on POSIX,
-    its target untouched (the inode re-check would otherwise never match, and the
-    acquire try again for ever)."""
+    right after (or once an exclusive create finds a dangling one there), and a
+    symlinked sidecar is refused as the open refuses it on POSIX, its target untouched
+    (the inode re-check would otherwise never match, or the create never succeed, and
+    the acquire try again for ever)."""
     target = session.parent / "elsewhere"
-    target.write_bytes(b"")
+    if not dangling:
+        target.write_bytes(b"")
     Path(str(session) + ".holder").symlink_to(target)
     monkeypatch.setattr(_platform, "O_NOFOLLOW", 0)
     monkeypatch.setattr(_platform, "OPEN_FLAGS", _platform.OPEN_FLAGS & ~os.O_NOFOLLOW)
     with pytest.raises(UnsafeSidecarError, match="is a symlink"):
         SessionLock(session, "x").acquire()
-    assert target.read_bytes() == b""
+    assert target.read_bytes() == b"" if not dangling else not target.exists()
+
+
+def test_run_passes_on_only_sigterm_where_the_console_signals_the_command_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On Windows the console sends Ctrl-C and Ctrl-Break to `fencelock run`'s command
+    itself, and ``Popen.send_signal`` takes SIGTERM only (of the stop signals): `run`
+    passes on SIGTERM and nothing else there, rather than fail with ValueError."""
+    import signal
+
+    from fencelock._supervisor import SignalForwarder
+
+    monkeypatch.setattr(_platform, "WINDOWS", True)
+    forwarder = SignalForwarder.__new__(SignalForwarder)  # (its handlers not installed)
+    forwarder.sigint, forwarder.sigterm = signal.SIGINT, signal.SIGTERM
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        forwarder._pass_on(child, signal.SIGINT)
+        assert child.poll() is None
+        forwarder._pass_on(child, signal.SIGTERM)
+        assert child.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        child.kill()
+        child.communicate()
 
 
 def test_where_an_open_file_cannot_be_removed_an_interrupted_first_line_is_taken_back(
