@@ -182,7 +182,7 @@ def _take_opened(path: str, mode: FenceMode) -> Fingerprint | None:
         raise _not_regular(path, st.st_mode) from None
     try:
         st = os.fstat(fd)
-        if _platform.followed_a_symlink(path):
+        if _platform.FOLLOWS_SYMLINKS and os.path.islink(path):
             raise _not_regular(path, stat.S_IFLNK)
         if not stat.S_ISREG(st.st_mode):
             raise _not_regular(path, st.st_mode)

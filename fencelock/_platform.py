@@ -38,12 +38,10 @@ O_BINARY: int = getattr(os, "O_BINARY", 0)
 OPEN_FLAGS = O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_BINARY
 """Never follow a symlink; never hang opening a planted FIFO."""
 
-def followed_a_symlink(path: str) -> bool:
-    """Where opens cannot refuse a symlink (no O_NOFOLLOW: Windows), whether ``path``,
-    just opened (or found there by an exclusive create), is one. Always False where
-    O_NOFOLLOW exists, with no system call: the open refused it already."""
-    return not O_NOFOLLOW and os.path.islink(path)
-
+FOLLOWS_SYMLINKS = not O_NOFOLLOW
+"""Opens cannot refuse a symlink (Windows): whoever opens a path then asks whether it is
+one (``os.path.islink``) right after. (A constant, not a call: opens are on the hot
+path, and elsewhere the open refused it already.)"""
 
 CAN_BLOCK = not WINDOWS
 """Whether a waiter can sleep in the kernel until the lock is released."""

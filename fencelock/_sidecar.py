@@ -303,7 +303,7 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> tuple[int, os.stat
         raise UnsafePathError(path, what) from None
     try:  # closed on any exception, an interrupt's (a signal handler's) included
         st = os.fstat(fd)
-        if _platform.followed_a_symlink(path):
+        if _platform.FOLLOWS_SYMLINKS and os.path.islink(path):
             raise UnsafePathError(path, "a symlink")
         if not stat.S_ISREG(st.st_mode):
             raise UnsafePathError(path, _platform.describe_mode(st.st_mode, path))
@@ -504,7 +504,8 @@ def open_checked(
                             made = True
                             break
                         except FileExistsError:
-                            if _platform.followed_a_symlink(sidecar):  # a dangling one
+                            if _platform.FOLLOWS_SYMLINKS and os.path.islink(sidecar):
+                                # a dangling one: the create found the link itself
                                 raise UnsafeSidecarError(sidecar, "a symlink") from None
                             continue  # another process made it first: open theirs
                     st = os.fstat(fd)
@@ -514,7 +515,7 @@ def open_checked(
                         # such, not "run as its owner" (the owner planted it).
                         refuse_planted_at(sidecar)
                     raise access_error(sidecar, e, create or write) from None
-                if _platform.followed_a_symlink(sidecar):
+                if _platform.FOLLOWS_SYMLINKS and os.path.islink(sidecar):
                     raise UnsafeSidecarError(sidecar, "a symlink")
                 if not stat.S_ISREG(st.st_mode):
                     raise UnsafeSidecarError(sidecar, _platform.describe_mode(st.st_mode, sidecar))

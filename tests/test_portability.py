@@ -228,7 +228,7 @@ def test_where_opens_follow_symlinks_a_symlinked_sidecar_is_still_refused(
     if not dangling:
         target.write_bytes(b"")
     Path(str(session) + ".holder").symlink_to(target)
-    monkeypatch.setattr(_platform, "O_NOFOLLOW", 0)
+    monkeypatch.setattr(_platform, "FOLLOWS_SYMLINKS", True)
     monkeypatch.setattr(_platform, "OPEN_FLAGS", _platform.OPEN_FLAGS & ~os.O_NOFOLLOW)
     with pytest.raises(UnsafeSidecarError, match="is a symlink"):
         SessionLock(session, "x").acquire()
