@@ -46,6 +46,10 @@ path, and elsewhere the open refused it already.)"""
 CAN_BLOCK = not WINDOWS
 """Whether a waiter can sleep in the kernel until the lock is released."""
 
+WAIT_SLICE = 0.1
+"""Where `CAN_BLOCK` is false (Windows), how long a thread waits on a lock at a time: a
+lock's wait there does not let Ctrl-C through before Python 3.14."""
+
 
 def _seek_pread(fd: int, size: int, offset: int) -> bytes:
     """`os.pread` where the system has none (Windows): a seek and a read, then the

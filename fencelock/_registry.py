@@ -16,7 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from fencelock import _cleanup, _sidecar
+from fencelock import _cleanup, _platform, _sidecar
 from fencelock._errors import FenceLockError, SessionContendedError
 
 if TYPE_CHECKING:
@@ -220,8 +220,13 @@ def _wait_turn(
                 sleeper = _thread.allocate_lock()
                 sleeper.acquire()
                 _sleepers.append(sleeper)
-            # Woken when a slot changes hands (or by `wake`), then looks again.
-            sleeper.acquire(True, -1 if remaining is None else remaining)
+            # Woken when a slot changes hands (or by `wake`), then looks again; on
+            # Windows at least every `WAIT_SLICE`, which lets Ctrl-C through.
+            timeout = -1 if remaining is None else remaining
+            if not _platform.CAN_BLOCK:
+                timeout = _platform.WAIT_SLICE if timeout < 0 else \
+                    min(timeout, _platform.WAIT_SLICE)
+            sleeper.acquire(True, timeout)
     finally:
         try:
             _cleanup.to_the_end(leave)

@@ -49,21 +49,18 @@ class _Done:
         return self.flag
 
     def _wait_in_slices(self, timeout: float | None) -> bool:
-        """`wait` in steps of `_SLICE`: on Windows a lock's wait does not let Ctrl-C
-        through before Python 3.14, so an untimed one could not be interrupted until the
-        holder let go."""
+        """`wait` in steps of `_platform.WAIT_SLICE`: on Windows a lock's wait does not
+        let Ctrl-C through before Python 3.14, so an untimed one could not be
+        interrupted until the holder let go."""
         end = None if timeout is None else time.monotonic() + timeout
+        piece = _platform.WAIT_SLICE
         while True:
-            step = _SLICE if end is None else min(_SLICE, max(0.0, end - time.monotonic()))
+            step = piece if end is None else min(piece, max(0.0, end - time.monotonic()))
             if self._lock.acquire(True, step):
                 self._lock.release()
                 return True
             if end is not None and time.monotonic() >= end:
                 return self.flag
-
-
-_SLICE = 0.1
-"""Seconds a Windows wait blocks at a time (`_Done._wait_in_slices`)."""
 
 
 class Waiter:

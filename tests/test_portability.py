@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -301,6 +303,49 @@ def test_where_run_cannot_share_its_lock_its_commands_wait_is_refused_by_its_run
     with pytest.raises(SessionContendedError) as e:
         SessionLock(session, "inner").acquire(timeout=0.2)
     assert not isinstance(e.value, HeldByOwnRunError)
+
+
+def _in_call(thread: threading.Thread, function: str) -> bool:
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.mark.timeout(60)
+def test_where_waits_go_in_slices_they_still_end_as_the_session_comes_free(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a lock's wait does not let Ctrl-C through (Windows: ``CAN_BLOCK`` false),
+    waits go in steps of ``WAIT_SLICE``: a wait for another process's holder, and one
+    queued behind another lock object of this process, still end, in turn, once the
+    session comes free."""
+    monkeypatch.setattr(_platform, "CAN_BLOCK", False)
+    monkeypatch.setattr(_platform, "WAIT_SLICE", 0.01)
+    other = spawn_holder(session, lane="other")
+    other.acquire()
+    got: list[str] = []
+
+    def take(lane: str) -> None:
+        with SessionLock(session, lane):
+            got.append(lane)
+
+    first = threading.Thread(target=take, args=("first",))
+    first.start()
+    while not _in_call(first, "_wait_in_slices"):  # waiting for the other process
+        assert first.is_alive()
+        time.sleep(0.001)
+    second = threading.Thread(target=take, args=("second",))
+    second.start()
+    while not _in_call(second, "_wait_turn"):  # queued behind the first
+        assert second.is_alive()
+        time.sleep(0.001)
+    assert other.call("release") == "released"
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert got == ["first", "second"]
 
 
 def test_library_calls_posix_only_functions_through_the_platform_layer() -> None:
