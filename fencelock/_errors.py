@@ -135,19 +135,24 @@ class SessionContendedError(CoordinationError):
 
 class HeldByOwnRunError(SessionContendedError):
     """The session is held by the `fencelock run` this process runs under: the lock's
-    descriptor it passed on (``FENCELOCK_FD``) is open in this process, so a wait for
-    the session would wait for this process itself, for ever."""
+    descriptor it passed on (``FENCELOCK_FD``) is open in this process (on Windows,
+    where it passes none on: the held record names that run, ``FENCELOCK_RUN_ID``), so
+    a wait for the session would wait for this process itself, for ever."""
 
     def __init__(self, session: str, holder: HolderInfo | None, fd: int):
         self.fd = fd
         super().__init__(session, holder)
         who = "" if holder is None else f"; pid {holder.pid}, lane {holder.lane!r}"
-        how = (f"its lock's descriptor, FENCELOCK_FD {fd}, is open here" if fd >= 0 else
-               "its record names the run this process runs under, FENCELOCK_RUN_ID")
+        if fd >= 0:
+            how, holds = (f"its lock's descriptor, FENCELOCK_FD {fd}, is open here",
+                          "The command already holds the session")
+        else:
+            how, holds = ("its record names the run this process runs under, "
+                          "FENCELOCK_RUN_ID", "That run holds the session for the command")
         self.args = (
             f"{session}: held by the fencelock run this process runs under ({how}{who}), "
-            "so waiting for it would wait for ever. The command already holds the session: "
-            "use it without taking it again, or take another session",
+            f"so waiting for it would wait for ever. {holds}: use it without taking it "
+            "again, or take another session",
         )
 
     def __str__(self) -> str:

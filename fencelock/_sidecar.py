@@ -13,6 +13,7 @@ import errno
 import functools
 import os
 import stat
+import time
 from collections.abc import Callable
 from typing import TypeAlias, TypeVar
 
@@ -603,16 +604,33 @@ def refuse_own_run(sidecar: str, own: int, st: os.stat_result) -> None:
 def _refuse_own_run_by_id(sidecar: str, own: int) -> None:
     """`refuse_own_run` where `fencelock run` cannot share its lock with its command
     (Windows): the lock stays the wrapper's alone, and a held record that names the run
-    this process runs under (``FENCELOCK_RUN_ID``) is that wrapper's."""
+    this process runs under (``FENCELOCK_RUN_ID``) is that wrapper's while the lock stays
+    taken. A wrapper that died left that record behind a free lock, which a probe or
+    another acquirer may have for a moment: so the lock is tried for up to
+    `OWN_RUN_GRACE` before the wait is refused."""
     run_id = os.environ.get("FENCELOCK_RUN_ID")
     if not run_id:
         return
-    try:
-        record = read(own, sidecar)
-    except (OSError, FenceLockError):
-        return
-    if record is not None and record.state is HELD and record.run_id == run_id:
-        raise HeldByOwnRunError(sidecar[: -len(SUFFIX)], record, -1)
+    session = sidecar[: -len(SUFFIX)]
+    end = time.monotonic() + OWN_RUN_GRACE
+    while True:
+        try:
+            record = read(own, sidecar)
+        except (OSError, FenceLockError):
+            return
+        if record is None or record.state is not HELD or record.run_id != run_id:
+            return
+        if _platform.try_lock(own):  # free: that run's wrapper is gone; the wait goes on
+            _platform.unlock(own)
+            return
+        if time.monotonic() >= end:
+            raise HeldByOwnRunError(session, record, -1)
+        time.sleep(0.001)
+
+
+OWN_RUN_GRACE = 0.05
+"""How long a wait under `fencelock run` on Windows tries the lock of a session whose
+held record names its own run before refusing (`_refuse_own_run_by_id`)."""
 
 
 def still_at_path(sidecar: str, st: os.stat_result) -> bool:

@@ -335,7 +335,7 @@ def floor(session: str) -> int:
     return best
 
 
-_TOKEN_TEXT = re.compile(rb'"token"\s*:\s*(\d{1,19})(?!\d)')
+_TOKEN_TEXT = re.compile(rb'"token"%s:%s(\d{1,19})(?!\d)' % (_WS, _WS))
 """A token as a corrupt record's text may still hold it: a number longer than any token
 is part of the corruption, not a token of its first 19 digits."""
 

@@ -15,10 +15,11 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
-from conftest import SpawnHolder
-from marks import needs_linux, needs_posix
+from conftest import SpawnForeignHolder, SpawnHolder
+from marks import needs, needs_linux, needs_posix
 
 import fencelock
 from fencelock import (
@@ -29,6 +30,8 @@ from fencelock import (
     UnsafeSidecarError,
     _fence,
     _platform,
+    _registry,
+    _sidecar,
     probe,
 )
 from fencelock._errors import HeldByOwnRunError
@@ -247,19 +250,22 @@ def test_run_passes_on_only_sigterm_where_the_console_signals_the_command_itself
 
     from fencelock._supervisor import SignalForwarder
 
-    monkeypatch.setattr(_platform, "WINDOWS", True)
+    class Command:
+        def __init__(self) -> None:
+            self.sent: list[int] = []
+
+        def send_signal(self, signum: int) -> None:
+            self.sent.append(signum)
+
     forwarder = SignalForwarder.__new__(SignalForwarder)  # (its handlers not installed)
     forwarder.sigint, forwarder.sigterm = signal.SIGINT, signal.SIGTERM
-    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                             stdin=subprocess.PIPE)
-    try:
-        forwarder._pass_on(child, signal.SIGINT)
-        assert child.poll() is None
-        forwarder._pass_on(child, signal.SIGTERM)
-        assert child.wait(timeout=30) == -signal.SIGTERM
-    finally:
-        child.kill()
-        child.communicate()
+    stops = [getattr(signal, name) for name in ("SIGINT", "SIGHUP", "SIGTERM")]
+    for windows, passed in ((True, [signal.SIGTERM]), (False, stops)):
+        monkeypatch.setattr(_platform, "WINDOWS", windows)
+        command = Command()
+        for signum in stops:
+            forwarder._pass_on(cast(Any, command), signum)
+        assert command.sent == passed
 
 
 def test_where_an_open_file_cannot_be_removed_an_interrupted_first_line_is_taken_back(
@@ -305,6 +311,45 @@ def test_where_run_cannot_share_its_lock_its_commands_wait_is_refused_by_its_run
     assert not isinstance(e.value, HeldByOwnRunError)
 
 
+@needs("flock")
+@pytest.mark.timeout(60)
+def test_a_dead_wrappers_record_does_not_refuse_its_commands_wait(
+    session: Path, spawn_holder: SpawnHolder, foreign_holder: SpawnForeignHolder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the run-id test decides (Windows), a `fencelock run` that died left its held
+    record behind a lock the system freed; its command, still running with that run's
+    id, then finds the lock taken by someone else for a moment (a probe, an acquirer
+    about to write). That is no wait for itself: once the lock comes free within the
+    grace, the command takes the session."""
+    holder = spawn_holder(session, lane="outer")
+    holder.acquire()
+    record = probe(session).record
+    assert record is not None
+    holder.kill()  # the wrapper dies: its record stays held, the lock is freed
+    other = foreign_holder(Path(str(session) + ".holder"))
+    monkeypatch.setattr(_platform, "WINDOWS", True)
+    monkeypatch.setattr(_sidecar, "OWN_RUN_GRACE", 30.0)  # timing cannot decide this test
+    monkeypatch.setenv("FENCELOCK_RUN_ID", record.run_id)
+    outcome: list[object] = []
+
+    def take() -> None:
+        try:
+            with SessionLock(session, "inner", timeout=30) as lock:
+                outcome.append(lock.info.token if lock.info else None)
+        except Exception as e:  # reported below
+            outcome.append(e)
+
+    waiter = threading.Thread(target=take)
+    waiter.start()
+    while not _in_call(waiter, "_refuse_own_run_by_id"):
+        assert waiter.is_alive(), outcome
+        time.sleep(0.001)
+    other.release()
+    waiter.join(timeout=30)
+    assert outcome == [record.token + 1]
+
+
 def _in_call(thread: threading.Thread, function: str) -> bool:
     frame = sys._current_frames().get(thread.ident or -1)
     while frame is not None:
@@ -341,6 +386,13 @@ def test_where_waits_go_in_slices_they_still_end_as_the_session_comes_free(
     second.start()
     while not _in_call(second, "_wait_turn"):  # queued behind the first
         assert second.is_alive()
+        time.sleep(0.001)
+    # Queued, it wakes every slice on its own (a fresh sleeper each time), not only
+    # when the slot changes hands.
+    before = list(_registry._sleepers)
+    end = time.monotonic() + 20
+    while all(any(s is b for b in before) for s in _registry._sleepers):
+        assert time.monotonic() < end, "the queued wait never woke on its own"
         time.sleep(0.001)
     assert other.call("release") == "released"
     first.join(timeout=30)
