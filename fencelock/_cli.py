@@ -1229,7 +1229,8 @@ def recover_command(
         name = signal.Signals(e.signum).name
         # A fresh session named after the stuck run may be whole by now: the next
         # recover answers it. Nothing else was changed.
-        failed(f"interrupted by {name}; recover again for the session to use")
+        # (The holder it waited for named, as for any failure after recover read it.)
+        failed(f"interrupted by {name}; recover again for the session to use", looked=True)
         error_line(f"{session}: recover interrupted by {name}; recover again for the "
                    "session to use")
         sys.exit(128 + e.signum)

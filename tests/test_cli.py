@@ -2379,7 +2379,9 @@ def test_recover_stopped_while_waiting_exits_128_plus_n_and_makes_nothing(
     )  # fmt: skip
     out, err = interrupt_waiter(session, proc, sig)
     assert proc.returncode == 128 + sig  # 130 for Ctrl-C, as fencelock wait
-    assert json.loads(out)["error"].startswith("interrupted by")
+    answer = json.loads(out)
+    assert answer["error"].startswith("interrupted by")
+    assert answer["holder"] is not None and answer["holder"]["lane"] == "busy"  # waited for
     assert "Traceback" not in err and "Aborted" not in err
     assert sorted(p.name for p in session.parent.iterdir()) == before
     assert holder.call("release") == "released"
