@@ -606,13 +606,16 @@ def _refuse_own_run_by_id(sidecar: str, own: int) -> None:
     (Windows): the lock stays the wrapper's alone, and a held record that names the run
     this process runs under (``FENCELOCK_RUN_ID``) is that wrapper's while the lock stays
     taken. A wrapper that died left that record behind a free lock, which a probe or
-    another acquirer may have for a moment: so the lock is tried for up to
-    `OWN_RUN_GRACE` before the wait is refused."""
+    another acquirer may have for a moment: so the lock is tried for the grace a
+    fail-fast acquirer gives such a moment (`_sidecar_holder.FAIL_GRACE`) before the
+    wait is refused."""
     run_id = os.environ.get("FENCELOCK_RUN_ID")
     if not run_id:
         return
+    from fencelock._sidecar_holder import FAIL_GRACE  # (which imports this module)
+
     session = sidecar[: -len(SUFFIX)]
-    end = time.monotonic() + OWN_RUN_GRACE
+    end = time.monotonic() + FAIL_GRACE
     while True:
         try:
             record = read(own, sidecar)
@@ -626,11 +629,6 @@ def _refuse_own_run_by_id(sidecar: str, own: int) -> None:
         if time.monotonic() >= end:
             raise HeldByOwnRunError(session, record, -1)
         time.sleep(0.001)
-
-
-OWN_RUN_GRACE = 0.05
-"""How long a wait under `fencelock run` on Windows tries the lock of a session whose
-held record names its own run before refusing (`_refuse_own_run_by_id`)."""
 
 
 def still_at_path(sidecar: str, st: os.stat_result) -> bool:

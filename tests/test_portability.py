@@ -31,7 +31,7 @@ from fencelock import (
     _fence,
     _platform,
     _registry,
-    _sidecar,
+    _sidecar_holder,
     probe,
 )
 from fencelock._errors import HeldByOwnRunError
@@ -329,7 +329,7 @@ def test_a_dead_wrappers_record_does_not_refuse_its_commands_wait(
     holder.kill()  # the wrapper dies: its record stays held, the lock is freed
     other = foreign_holder(Path(str(session) + ".holder"))
     monkeypatch.setattr(_platform, "WINDOWS", True)
-    monkeypatch.setattr(_sidecar, "OWN_RUN_GRACE", 30.0)  # timing cannot decide this test
+    monkeypatch.setattr(_sidecar_holder, "FAIL_GRACE", 30.0)  # timing cannot decide this test
     monkeypatch.setenv("FENCELOCK_RUN_ID", record.run_id)
     outcome: list[object] = []
 
