@@ -208,6 +208,21 @@ _CLOSED_LOOP_POLL = 0.05
 task's event loop was closed meanwhile (then it releases the lock itself)."""
 
 
+def _check_origin(origin: str) -> None:
+    """Raise for an ``origin`` no record should carry: not a str, empty or blank
+    (status would name no session), or longer than `_record.MAX_TEXT` characters. It is
+    a path (the session a recover replaced): a name's undecodable bytes are written
+    escaped, as the session's own path is."""
+    if not isinstance(origin, str):
+        raise TypeError(f"origin must be a str (the path of the session this run "
+                        f"replaces), not {type(origin).__name__}")
+    if not origin.strip():
+        raise ValueError("origin is empty; give the path of the session this run "
+                         "replaces, or None")
+    if len(origin) > _record.MAX_TEXT:
+        raise ValueError(f"origin is longer than {_record.MAX_TEXT} characters")
+
+
 def _check_mode(mode: int) -> None:
     """Raise for a ``mode`` that is not the permission bits of a file its owner can
     reopen: setuid, setgid and sticky bits (or any higher ones) are refused, as is a
@@ -245,8 +260,8 @@ class SessionLock:
             timeout = _wait.limit(timeout)
         self.check_lane(lane)
         _check_mode(mode)
-        if origin is not None and len(origin) > _record.MAX_TEXT:
-            raise ValueError(f"origin is longer than {_record.MAX_TEXT} characters")
+        if origin is not None:
+            _check_origin(origin)
         self.session, self.sidecar = _sidecar.paths(path)
         self.lane = lane
         self.on_contention: OnContention = on_contention

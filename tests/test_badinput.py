@@ -1697,6 +1697,32 @@ def test_a_lane_that_is_not_text_is_refused_by_name(session: Path, lane: Any) ->
     assert os.listdir(session.parent) == []
 
 
+@pytest.mark.parametrize(("origin", "error", "said"), [
+    ("", ValueError, "origin is empty"), ("  ", ValueError, "origin is empty"),
+    ("o" * 4097, ValueError, "longer than 4096"), (b"/s/old.jsonl", TypeError, "must be a str"),
+], ids=["empty", "blank", "long", "bytes"])
+def test_an_origin_no_record_should_carry_is_refused(
+    session: Path, origin: Any, error: type[Exception], said: str
+) -> None:
+    """An ``origin`` names the session a run replaced: an empty or blank one (which
+    status would show as naming nothing) is refused as an empty lane is, before
+    anything is written."""
+    with pytest.raises(error, match=said):
+        SessionLock(session, "a", origin=origin)
+    assert os.listdir(session.parent) == []
+
+
+def test_an_origin_with_undecodable_bytes_is_written_escaped(session: Path) -> None:
+    """An origin is a path: a name's undecodable bytes are written escaped and read
+    back as they were, as the session's own path is."""
+    origin = str(session.parent / "old-\udcff.jsonl")
+    with SessionLock(session, "a", origin=origin) as lock:
+        assert lock.info is not None and lock.info.origin == origin
+    assert b"\\udcff" in Path(str(session) + ".holder").read_bytes()
+    record = probe(session).record
+    assert record is not None and record.origin == origin
+
+
 def test_a_path_given_as_bytes_is_the_same_session(session: Path) -> None:
     """A path is a path in any of the forms ``os`` takes (str, bytes, ``PathLike``)."""
     raw = os.fsencode(session)
