@@ -347,8 +347,7 @@ class SidecarHolder:
         exception) lands (the caller closes it): ``fd`` until a helper thread takes it,
         -1 while the helper waits, the locked descriptor once `give_up` hands it back."""
         _sidecar.refuse_own_run(self.sidecar, fd, st)
-        # ``graced``: the wait is a moment's grace no caller asked for: not reported.
-        graced = fail = lock.on_contention == "fail"
+        fail = lock.on_contention == "fail"
         record: HolderInfo | None = None
         if fail or (deadline is not None and deadline - time.monotonic() < FAIL_GRACE):
             record = self._peek(fd, st)
@@ -357,8 +356,8 @@ class SidecarHolder:
                 # replaced a released or stale record: give it a moment, also for a
                 # try (timeout 0) or a wait shorter than that moment.
                 grace = time.monotonic() + FAIL_GRACE
-                graced = fail or deadline is None or grace > deadline
-                deadline = grace if graced else deadline
+                if fail or deadline is None or grace > deadline:
+                    deadline = grace
             elif fail:
                 raise self._contended(None, record)
         if deadline is None and cancel is None and _platform.CAN_BLOCK:
@@ -400,7 +399,9 @@ class SidecarHolder:
         if not got:
             if cancel is not None and cancel.is_set():
                 raise _registry.cancelled()
-            raise self._contended(None if graced else start)
+            # A timed wait says how long it lasted, grace included; a fail-fast one
+            # nothing (its moment's grace is no wait its caller asked for).
+            raise self._contended(None if fail else start)
         return (fd, st) if got[0] == fd else (got[0], os.fstat(got[0]))
 
     def _raise_if_held_elsewhere(self) -> None:

@@ -187,6 +187,11 @@ def test_contention_names_a_flock_holder(session: Path, foreign_holder: SpawnFor
         (h.pid, "flock", False)
     ]
     assert promise in str(e.value) and e.value.waited is None
+    for timeout in (0, 0.03):  # timed waits, shorter than the grace: each says it waited
+        with pytest.raises(SessionContendedError) as timed:
+            SessionLock(session, "x").acquire(timeout=timeout)
+        assert timed.value.waited is not None and timed.value.waited >= timeout
+        assert promise in str(timed.value)
 
 
 def test_a_released_record_is_not_taken_for_the_flock_holder(
