@@ -266,15 +266,28 @@ if {len(head) for head in RECORD_HEAD.values()} != {HEAD_LEN}:  # pragma: no cov
     raise ImportError("fencelock._record: record heads differ in length")
 _PLAIN = re.compile(r'[^A-Za-z0-9_.:-]')
 """Finds a character that would need escaping (run ids normally have none)."""
+_C1 = re.compile("[\x7f-\x9f]")
+"""DEL and the C1 controls, which JSON leaves raw: U+009B is a terminal's CSI."""
+
+
+def _no_raw_controls(text: str) -> str:
+    """JSON text with DEL and the C1 controls escaped (``\\u009b``), as JSON escapes
+    the C0 ones: a sidecar shown with ``cat`` holds no raw control bytes."""
+    if _C1.search(text) is None:
+        return text
+    return _C1.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 @functools.lru_cache(maxsize=4096)
 def _js(text: str) -> str:
     """JSON text of a string. UTF-8 is left as is (escaping could triple a record's
-    size); a string that is not valid Unicode (a path's undecodable bytes) is escaped."""
+    size), but for DEL and the C1 controls; a string that is not valid Unicode (a
+    path's undecodable bytes) is escaped."""
     try:
         text.encode()
     except UnicodeEncodeError:
         return json.dumps(text)
-    return json.dumps(text, ensure_ascii=False)
+    return _no_raw_controls(json.dumps(text, ensure_ascii=False))
 
 
 def _fingerprint_text(fp: Fingerprint) -> str:
@@ -316,7 +329,7 @@ def _json_value(value: Any) -> str:
         text.encode()
     except UnicodeEncodeError:
         return json.dumps(value, allow_nan=False, separators=(",", ":"))
-    return text
+    return _no_raw_controls(text)
 
 
 def command_part(pid: int, process_start: str) -> str:

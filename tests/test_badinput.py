@@ -431,13 +431,15 @@ def test_huge_empty_sidecar_does_not_amplify_writes(
 
 
 def test_terminal_escapes_in_lane_are_kept_and_not_raw_in_the_file(session: Path) -> None:
-    lane = "evil\x1b[2J\x1b]0;pwned\x07\x9b31m\r\nlane\u202e"
+    lane = "evil\x1b[2J\x1b]0;pwned\x07\x9b31m\r\nlane\u202e\x7f\x85"
     with SessionLock(session, lane) as lock:
         assert lock.info is not None and lock.info.lane == lane
         status = probe(session)
         assert status.record is not None and status.record.lane == lane
         raw = sidecar_of(session).read_bytes()
-        for byte in (b"\x1b", b"\x07", b"\r", b"\n{"):
+        # C0 and C1 alike (U+009B is CSI to a terminal), and DEL
+        for byte in (b"\x1b", b"\x07", b"\r", b"\n{", b"\x7f", "\x9b".encode(),
+                     "\x85".encode()):
             assert byte not in raw, f"raw {byte!r} in the record: `cat` would act on it"
     assert record_of(session).lane == lane
 
