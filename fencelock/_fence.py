@@ -23,6 +23,7 @@ from fencelock import _fingerprint, _platform, _sidecar, _tokens
 from fencelock._errors import (
     FenceLockError,
     FenceLockWarning,
+    PlantedFileError,
     SessionTakeoverError,
     SessionWriteError,
     UnsafePathError,
@@ -863,13 +864,14 @@ def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int
     file that could not be written. On any failure nothing of this call's is left at
     either name (and nothing of anyone else's is removed)."""
     part = session + PART
+    # Another user's, in a directory anyone may write to: refused, also as root, which
+    # the directory would let remove it.
+    _sidecar.refuse_planted_at(part)
     try:
         os.unlink(part)  # what a holder that failed or died before its name left behind
     except FileNotFoundError:
         pass
     except OSError as e:
-        if e.errno in (errno.EPERM, errno.EACCES):
-            _sidecar.refuse_planted_at(part)  # another user's, in a sticky shared directory
         raise SessionWriteError(part, e, "remove") from None
     try:
         fd, st = _sidecar.open_regular(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode)
@@ -911,8 +913,9 @@ def drop_part(session: str) -> str | None:
     """Remove ``session`` + `PART` left by a holder that died writing it before the
     session had its name (a recover killed mid-copy); its path if one was removed. Call
     holding the session: nobody else writes its part then. Left alone: anything but a
-    regular file, and a part beside a session that exists (unless only a second name of
-    it, `forget_part`'s case)."""
+    regular file, another user's in a directory anyone may write to (planted: the next
+    `publish` refuses it, saying so), and a part beside a session that exists (unless
+    only a second name of it, `forget_part`'s case)."""
     part = session + PART
     try:
         st = os.lstat(part)
@@ -920,6 +923,10 @@ def drop_part(session: str) -> str | None:
         return None
     if not stat.S_ISREG(st.st_mode) or os.path.lexists(session):
         forget_part(session)
+        return None
+    try:
+        _sidecar.refuse_planted(part, st)
+    except PlantedFileError:
         return None
     _unlink_if(part, st)
     return None if os.path.lexists(part) else part

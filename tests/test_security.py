@@ -941,16 +941,21 @@ result = True
 
 
 @needs_root
-def test_recover_names_a_part_file_another_user_planted_in_a_sticky_directory() -> None:
+@pytest.mark.parametrize("by_root", [False, True], ids=["gateway", "root"])
+def test_recover_names_a_part_file_another_user_planted_in_a_sticky_directory(
+    by_root: bool,
+) -> None:
     """The fresh session's `.part`, made in advance by another user in a sticky
     directory, cannot be removed by this one (not root): recover says whose it is and
-    whom to ask, not only "Operation not permitted", and leaves it as it is."""
+    whom to ask, not only "Operation not permitted", and leaves it as it is. Run as
+    root, which the directory would let remove it, the recover refuses it as planted
+    too (it had removed it and gone on)."""
     from fencelock._recovery import _successor
 
-    gateway = 4242  # the gateway's user; the other is NOBODY
+    runner = 0 if by_root else 4242  # the gateway's user; the other is NOBODY
     with open_directory(0o1777) as sessions:
         session = sessions / "s.jsonl"
-        holder = spawn_as_user(_HOLD_AS_USER, uid=gateway, session=str(session))
+        holder = spawn_as_user(_HOLD_AS_USER, uid=runner, session=str(session))
         try:
             assert holder.stdout is not None and holder.stdin is not None
             assert holder.stdout.readline() == "held\n"
@@ -960,7 +965,7 @@ def test_recover_names_a_part_file_another_user_planted_in_a_sticky_directory() 
             assert successor is not None
             as_user(_PLANT, path=successor + ".part", data="theirs\n")
             answer = as_user("result = recover(args['session'], wait=0).session",
-                             uid=gateway, session=str(session))
+                             uid=runner, session=str(session))
         finally:
             holder.communicate("go\n", timeout=60)
         assert isinstance(answer, dict) and answer["error"] == "FenceLockError", answer
@@ -970,6 +975,26 @@ def test_recover_names_a_part_file_another_user_planted_in_a_sticky_directory() 
         assert "or root can remove it, as the directory is sticky" in message
         assert Path(successor + ".part").read_text() == "theirs\n"
         assert not os.path.lexists(successor)
+
+
+@needs_root
+def test_clear_as_root_leaves_a_part_file_another_user_planted_in_a_sticky_directory() -> None:
+    """Clearing the stale record of a recover that died copying removes the copy it
+    left (`<fresh>.part`), but not another user's file at that name in a directory
+    anyone may write to, which root could remove."""
+    with open_directory(0o1777) as sessions:
+        fresh = sessions / "fresh.jsonl"
+        # A recover's fresh session, killed before its copy got the name: stale.
+        subprocess.run([sys.executable, "-c", "import os, sys\nfrom fencelock import "
+                        "SessionLock\nSessionLock(sys.argv[1], 'recovery', origin=sys.argv[2])"
+                        ".acquire()\nos._exit(0)", str(fresh), str(sessions / "s.jsonl")],
+                       check=True, timeout=60)
+        as_user(_PLANT, path=str(fresh) + ".part", data="theirs\n")
+        assert probe(fresh).state == "stale"
+        cleared = clear(fresh)
+        assert cleared.state == "stale" and ".part" not in cleared.reason, cleared.reason
+        assert Path(str(fresh) + ".part").read_text() == "theirs\n"
+        assert probe(fresh).state == "free"
 
 
 @needs_root
