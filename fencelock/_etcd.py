@@ -737,6 +737,8 @@ class _Cluster:
                     why = f"HTTP 502 Bad Gateway from a server other than etcd, which said: {page}"
                     reasons[index] = why
                     continue
+                if _GATEWAY_CN in detail:
+                    raise _certificate_not_a_login(self.url.display, detail) from None
                 if isinstance(e, exceptions.ApiVersionDiscoveryFailedError) or \
                         not (e.detail_text or "").lstrip().startswith("{"):
                     # No version API, or an HTTP error (a 500 too) without etcd's JSON
@@ -1016,6 +1018,11 @@ _AUTH_CODES = (7, 16)
 (PermissionDenied, Unauthenticated)."""
 _AUTH_MESSAGES = ("user name is empty", "authentication failed", "auth token")
 """The same answers under other codes (a request with no user is InvalidArgument)."""
+_GATEWAY_CN = "CommonName of client sending a request against gateway"
+"""The start of etcd's plain-text 400 to a client certificate on its HTTP gateway with
+authentication on: the gateway does not take the certificate's name as the user."""
+_NO_LOGIN = ("fencelock's etcd store does not log in; give it an etcd (or a gateway) "
+             "without authentication, or pick another store with --backend")
 
 
 def _etcd_error(endpoint: str, detail: str) -> StoreUnavailableError:
@@ -1036,10 +1043,16 @@ def _etcd_error(endpoint: str, detail: str) -> StoreUnavailableError:
             "etcd's maintenance guide describes")
     if code in _AUTH_CODES or any(text in message for text in _AUTH_MESSAGES):
         return StoreUnavailableError(
-            endpoint, f"{message[:200]}: etcd has authentication on",
-            "fencelock's etcd store does not log in; give it an etcd (or a gateway) "
-            "without authentication, or pick another store with --backend")
+            endpoint, f"{message[:200]}: etcd has authentication on", _NO_LOGIN)
     return StoreUnavailableError(endpoint, message[:200])
+
+
+def _certificate_not_a_login(endpoint: str, detail: str) -> StoreUnavailableError:
+    """etcd's answer to a client certificate with authentication on (`_GATEWAY_CN`)."""
+    return StoreUnavailableError(
+        endpoint, f"{' '.join(detail.split())[:200]}: etcd has authentication on, and its "
+        "HTTP gateway, which fencelock's etcd store speaks to, does not take a client "
+        "certificate's name as the user", _NO_LOGIN)
 
 
 def _seconds_left(answer: dict[str, Any]) -> int:

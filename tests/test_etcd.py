@@ -2483,6 +2483,46 @@ def test_etcds_holds_hands_off_and_runs_over_https_with_a_client_certificate(
     assert row["state"] == "free" and row["lane"] == "waiter" and row["token"] == int(out)
 
 
+def test_a_client_certificate_with_authentication_on_is_named_as_such(
+    session: Path, tmp_path: Path
+) -> None:
+    """etcd with authentication on, asked over HTTPS with a client certificate named as
+    its user: its HTTP gateway, which the store speaks to, does not take the name
+    (400, plain text). Said as authentication, with what to do, at once; not as "not
+    etcd's v3 API", which sent the user to check the URL's host and port."""
+    import trustme
+
+    ca = trustme.CA()
+    files = {name: str(tmp_path / f"{name}.pem") for name in
+             ("ca", "server", "server-key", "client", "client-key")}
+    ca.cert_pem.write_to_path(files["ca"])
+    # Names in the certificates' subjects, as openssl's make them: the gateway's own
+    # TLS connection to etcd presents the server's.
+    for name, cert in (("server", ca.issue_cert("127.0.0.1", common_name="etcd")),
+                       ("client", ca.issue_cert("root", common_name="root"))):
+        cert.cert_chain_pems[0].write_to_path(files[name])
+        cert.private_key_pem.write_to_path(files[f"{name}-key"])
+    server = EtcdServer(tls=(files["server"], files["server-key"]), client_ca=files["ca"])
+    server.start()
+    try:
+        for step in (["user", "add", "root", "--no-password"],
+                     ["user", "grant-role", "root", "root"], ["auth", "enable"]):
+            subprocess.run(_etcdctl(server, *step), check=True, capture_output=True,
+                           timeout=60)
+        url = (f"etcds://127.0.0.1:{server.tls_port}/auth?ca={files['ca']}"
+               f"&cert={files['client']}&key={files['client-key']}")
+        for args in (["run", str(session), "--lane", "x", "--backend", url, "--", "true"],
+                     ["status", str(session), "--backend", url]):
+            out = _cli(*args)
+            assert out.returncode == 1, (args, out.stdout, out.stderr)
+            (line,) = out.stderr.strip().splitlines()
+            assert "etcd has authentication on" in line and "does not log in" in line, line
+            assert "client certificate's name" in line and "host and port" not in line, line
+    finally:
+        server.stop()
+    assert not session.exists()
+
+
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "reader thread"])
 def test_a_watch_over_https_hears_the_deletion(tls_etcd: _TLSEtcd, inline: bool) -> None:
     """A waiter's watch goes over HTTPS with the URL's CA and client certificate (a
