@@ -445,6 +445,16 @@ NO_THREAD = ("(a limit reached: this user's processes and threads, ulimit -u, or
 """Why a thread could not be started, and what to do."""
 
 
+def too_large_to_release(where: str, command: str) -> FenceLockError:
+    """`clear` of a stale record in another writer's layout that no longer fits the
+    record bound once encoded again (`_record.released_again`); ``command`` sets it
+    aside."""
+    return FenceLockError(
+        f"{where}: its stale record cannot be marked released: encoded again (its text "
+        f"escaped as fencelock escapes it) it would be over the 64 KiB bound, even "
+        f"without its writer's own fields; set it aside instead: {command}")
+
+
 def no_thread(path: str, what: str) -> FenceLockError:
     """The error for ``what`` (for ``path``) that needed a thread the system would not
     start: `threading` raises a bare RuntimeError that names neither."""

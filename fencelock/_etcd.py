@@ -42,6 +42,7 @@ from fencelock._errors import (
     describe_leftovers,
     no_thread,
     shell_word,
+    too_large_to_release,
 )
 from fencelock._record import HolderInfo, State
 
@@ -1925,21 +1926,30 @@ class EtcdHolder:
             kvs = _kvs(r.get("responses", [{}])[0])
             value = _raw(kvs) or b""
             ops = [_delete(my)]
+            fix = _clear_command(self.url, self.session)
             try:
-                old = _decode(value, self.last_name, _clear_command(self.url, self.session))
+                old = _decode(value, self.last_name, fix)
             except CorruptRecordError:
                 if not force:
                     raise  # kept as it is; the lock is given back below
+                old = None
+            again = None  # a stale record marked released (not when it goes anyway)
+            moved = "corrupt record"
+            if old is not None and old.state is State.HELD and not remove:
+                again = _record.released_again(old)
+                if again is None:  # too large to mark released: kept, or with --force
+                    if not force:  # set aside as a corrupt one is
+                        raise too_large_to_release(self.last_name, fix)
+                    old, moved = None, "stale record, too large to mark released,"
+            if old is None and value:  # corrupt, or too large to mark released
                 # Set aside, never deleted: a key nobody can guess, created only if new.
                 aside = (f"{self.url.prefix}/corrupt/{self.key}/"
                          f"{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(8).hex()}")
                 ops[:0] = [_put(aside, value), _delete(self.last_key)]
-                old = None
             if aside is None and remove:
                 ops.insert(0, _delete(self.last_key))
-            elif old is not None and old.state is State.HELD:
-                ops.insert(0, _put(self.last_key,
-                                   replace(old, state=State.RELEASED).encode()))
+            elif again is not None:
+                ops.insert(0, _put(self.last_key, again[0]))
             compare = [_created(my, token)]
             if aside is not None:
                 compare.append(_created(aside, 0))
@@ -1955,7 +1965,7 @@ class EtcdHolder:
                 raise CorruptRecordError(self.last_name, "its set-aside name was taken; "
                                          "try again", _clear_command(self.url, self.session))
             where = f"{self.url.display}/{aside}"
-            return replace(found, reason=f"corrupt record moved to {where}", set_aside=where)
+            return replace(found, reason=f"{moved} moved to {where}", set_aside=where)
         what = "removed" if remove else "cleared"
         return replace(found, reason=f"{what} (was: {found.reason})" if found.reason else what,
                        removed=remove)

@@ -47,10 +47,12 @@ from fencelock._errors import (
     SidecarAccessError,
     UnsafeSidecarError,
     describe_holder,
+    shell_word,
+    too_large_to_release,
     unsafe_path_fix,
 )
 from fencelock._fingerprint import FenceMode
-from fencelock._record import HELD, MAX_RECORD, RELEASED, WRITE, HolderInfo
+from fencelock._record import HELD, RELEASED, WRITE, HolderInfo
 from fencelock._sidecar_holder import (
     contended,
     held_by_others,
@@ -878,12 +880,12 @@ _SET_ASIDE_TRIES = 16
 """Random names taken before giving up (a collision of 64 random bits is not luck)."""
 
 
-def _release_stale(fd: int, sidecar: str, record: HolderInfo, size: int) -> bool:
+def _release_stale(fd: int, sidecar: str, record: HolderInfo, size: int) -> bool | None:
     """Mark a stale record released (in the write phase): over its head, in place, when
     it is in fencelock's layout, so that every other byte stays as its writer left it;
     otherwise written anew, with its writer's own fields unless they no longer fit in a
-    record encoded again (numbers written short, ``1e5``, come back as ``100000.0``):
-    whether they were dropped."""
+    record encoded again (`_record.released_again`): whether they were dropped. None,
+    writing nothing, where it does not fit even without them."""
     try:
         in_place = _record.in_layout_held(_platform.pread(fd, len(_record.RELEASED_HEAD), 0))
         if in_place:
@@ -892,13 +894,11 @@ def _release_stale(fd: int, sidecar: str, record: HolderInfo, size: int) -> bool
         raise _sidecar.access_error(sidecar, e, True) from None
     if in_place:
         return False
-    released = replace(record, state=RELEASED, phase=WRITE)
-    data = released.encode()
-    dropped = len(data) >= MAX_RECORD and bool(record.extra)
-    if dropped:
-        data = replace(released, extra={}).encode()
-    _sidecar.write_bytes(fd, sidecar, data, size)
-    return dropped
+    again = _record.released_again(record)
+    if again is None:
+        return None
+    _sidecar.write_bytes(fd, sidecar, again[0], size)
+    return again[1]
 
 
 def _kept(error: Exception, status: HolderStatus) -> Exception:
@@ -912,25 +912,28 @@ def _kept(error: Exception, status: HolderStatus) -> Exception:
 def _clear_locked(
     fd: int, st: os.stat_result, session: str, sidecar: str, remove: bool, force: bool
 ) -> HolderStatus:
+    def set_aside(state: ProbeState, what: str) -> HolderStatus:
+        _tokens.keep_before_set_aside(session, fd)
+        aside = _set_aside(sidecar)
+        return HolderStatus(session, sidecar, state, reason=f"{what} moved to {aside}",
+                            set_aside=aside)
+
     try:
         record = _sidecar.read(fd, sidecar, st.st_size)
     except CorruptRecordError:
         if not force:
             raise
-        _tokens.keep_before_set_aside(session, fd)
-        aside = _set_aside(sidecar)
-        return HolderStatus(
-            session,
-            sidecar,
-            ProbeState.UNREADABLE,
-            reason=f"corrupt record moved to {aside}",
-            set_aside=aside,
-        )
+        return set_aside(ProbeState.UNREADABLE, "corrupt record")
     was_stale = record is not None and record.state is HELD
     state = ProbeState.STALE if was_stale else ProbeState.FREE
     done = "was free"
     if record is not None and was_stale:
         dropped = _release_stale(fd, sidecar, record, st.st_size)
+        if dropped is None:
+            if not force:
+                raise too_large_to_release(
+                    sidecar, f"fencelock clear --force {shell_word(sidecar)}")
+            return set_aside(state, "stale record, too large to mark released,")
         done = f"cleared the stale record of pid {record.pid} (lane {record.lane!r})"
         if dropped:
             done += (" without its fields of other writers (" + ", ".join(record.extra)

@@ -9,7 +9,7 @@ import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fencelock._fingerprint import Fingerprint
@@ -468,6 +468,23 @@ _DECODER = json.JSONDecoder(parse_constant=not_json, parse_float=finite_float,
                             parse_int=finite_int)
 """Strict JSON: a record holding ``NaN``, ``Infinity`` or ``1e400`` is corrupt (other
 readers refuse it; a rewrite would carry it on as ``Infinity``)."""
+
+
+def released_again(record: HolderInfo) -> tuple[bytes, bool] | None:
+    """A stale ``record`` in another writer's layout, as `clear` writes it again: marked
+    released in the write phase and encoded anew. Its bytes, and whether its writer's
+    own fields (``extra``) were left out to fit the bound: encoded again, a record may
+    grow (numbers written short, ``1e5``, come back as ``100000.0``; control characters
+    left raw come back escaped). None where it is over the bound even without them."""
+    released = replace(record, state=State.RELEASED, phase=Phase.WRITE)
+    data = released.encode()
+    if len(data) < MAX_RECORD:
+        return data, False
+    if record.extra:
+        data = replace(released, extra={}).encode()
+        if len(data) < MAX_RECORD:
+            return data, True
+    return None
 
 
 def decode(data: bytes) -> HolderInfo | None:

@@ -332,14 +332,15 @@ def test_clear_of_a_stale_record_in_another_layout_keeps_its_fields_in_utf8(
     session: Path,
 ) -> None:
     obj = json.loads(_valid_record(session))
-    obj.update(phase="prompt", note={"ü": "é😀"})
+    obj.update(phase="prompt", note={"ü": "é😀", "csi": "\x9b31m"})
     sidecar_of(session).write_bytes(json.dumps(obj, indent=2, ensure_ascii=False).encode())
     assert clear(session).state == "stale"
     after = sidecar_of(session).read_bytes()
-    assert '"note":{"ü":"é😀"}'.encode() in after
+    # UTF-8 as its writer had it, but for a C1 control, which the record never holds raw
+    assert '"note":{"ü":"é😀","csi":"\\u009b31m"}'.encode() in after, after
     cleared = record_of(session)
     assert (cleared.state, cleared.phase, cleared.extra) == (
-        "released", "write", {"note": {"ü": "é😀"}})
+        "released", "write", {"note": {"ü": "é😀", "csi": "\x9b31m"}})
 
 
 def test_clear_of_a_stale_record_that_grows_past_the_bound_when_encoded_again(
@@ -361,6 +362,34 @@ def test_clear_of_a_stale_record_that_grows_past_the_bound_when_encoded_again(
                                    "no longer fit in a record once written again")
     after = record_of(session)
     assert (after.state, after.token, after.extra) == ("released", obj["token"], {})
+
+
+def test_clear_of_a_stale_record_too_large_to_mark_released_keeps_it_until_forced(
+    session: Path,
+) -> None:
+    """A stale record in another layout whose text takes more room as fencelock writes
+    it (raw C1 controls, two bytes each, come back as six-byte escapes) past the bound,
+    even without fields of its writer's own: `clear` says so and keeps it as it is (it
+    had been called corrupt), and `clear --force` sets it aside as a corrupt one is; the
+    tokens go on from it."""
+    obj = json.loads(_valid_record(session))
+    text = "\x9b" * 4096
+    obj.update(host=text, lane=text, process_start=text, run_id=text, origin=text)
+    data = json.dumps(obj, ensure_ascii=False).encode()
+    assert len(data) < MAX_RECORD
+    sidecar_of(session).write_bytes(data)
+    assert probe(session).state == "stale"
+    with pytest.raises(FenceLockError, match="over the 64 KiB bound") as refused:
+        clear(session)
+    assert not isinstance(refused.value, CorruptRecordError)
+    assert f"clear --force {sidecar_of(session)}" in str(refused.value)
+    assert sidecar_of(session).read_bytes() == data  # kept as it was
+    forced = clear(session, force=True)
+    assert forced.state == "stale" and forced.set_aside is not None, forced
+    assert "too large to mark released" in forced.reason
+    assert Path(forced.set_aside).read_bytes() == data
+    with SessionLock(session, "next") as lock:
+        assert lock.info is not None and lock.info.token == obj["token"] + 1
 
 
 def test_pid_values_in_records_are_bounded(session: Path) -> None:

@@ -2995,6 +2995,37 @@ def test_a_corrupt_last_record_is_kept_until_clear_force_sets_it_aside(
         assert lock.info is not None and lock.info.previous is None
 
 
+def test_a_stale_record_too_large_to_mark_released_is_kept_until_clear_force(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """As with a sidecar: a stale record of another writer whose raw C1 controls, written
+    again as escapes, take it past the bound is kept by `clear`, which says so (it wrote
+    it back over the bound, a record every reader then called corrupt), and `clear
+    --force` sets it aside."""
+    parsed = parse(url)
+    assert parsed is not None
+    last = f"{parsed.prefix}/last/{session_key(str(session), None)}"
+    text = "\x9b" * 4096
+    value = json.dumps({
+        "version": 1, "state": "held", "phase": "write", "token": 5, "run_id": text,
+        "pid": 999_999, "host": text, "process_start": text, "session": str(session),
+        "lane": text, "fence": "stat", "origin": text, "acquired_at": 1.0,
+        "heartbeat_at": 1.0, "fingerprint": None, "previous": None,
+    }, ensure_ascii=False)
+    subprocess.run(_etcdctl(etcd_server, "put", last), input=value.encode(), check=True,
+                   capture_output=True)
+    assert probe(session, backend=url).state == ProbeState.STALE
+    with pytest.raises(FenceLockError, match="over the 64 KiB bound") as refused:
+        clear(session, backend=url)
+    assert "clear --force --backend" in str(refused.value)
+    assert probe(session, backend=url).state == ProbeState.STALE  # kept, still readable
+    forced = clear(session, force=True, backend=url)
+    assert forced.set_aside is not None and "too large to mark released" in forced.reason
+    assert probe(session, backend=url).state == ProbeState.FREE
+    with SessionLock(session, "next", backend=url) as lock:
+        assert lock.info is not None and lock.info.previous is None
+
+
 def _queued_waiter(session: Path, url: str, timeout: float
                    ) -> tuple[threading.Thread, list[BaseException | None]]:
     """A thread acquiring ``session`` (lane "next"), returned once it is queued behind
