@@ -124,7 +124,10 @@ class SessionContendedError(CoordinationError):
         """The message without its advice: ``SESSION: held by WHO[, after waiting Ns]``."""
         who = describe_holder(self.holder, self.lock_owners, self.last, self.held_by)
         waited = self.waited
-        how = f", after waiting {waited:.1f}s" if waited and waited >= 0.05 else ""
+        # Said from half a second on: not for a try's moment of grace to a lock held
+        # without a live record (50 ms, `_sidecar_holder.FAIL_GRACE`, longer on a busy
+        # host), which its caller did not ask to wait.
+        how = f", after waiting {waited:.1f}s" if waited and waited >= 0.5 else ""
         return f"{self.session}: held by {who}{how}"
 
     def __reduce__(self) -> tuple[Any, ...]:

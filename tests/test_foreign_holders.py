@@ -192,6 +192,9 @@ def test_contention_names_a_flock_holder(session: Path, foreign_holder: SpawnFor
             SessionLock(session, "x").acquire(timeout=timeout)
         assert timed.value.waited is not None and timed.value.waited >= timeout
         assert promise in str(timed.value)
+    try_run = cli("run", "--timeout", "0", str(session), "--lane", "x", "--", "true")
+    assert try_run.returncode == 4 and promise in try_run.stderr, try_run.stderr
+    assert "waiting" not in try_run.stderr  # the grace is no wait its caller asked for
 
 
 def test_a_released_record_is_not_taken_for_the_flock_holder(
