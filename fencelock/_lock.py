@@ -208,19 +208,16 @@ _CLOSED_LOOP_POLL = 0.05
 task's event loop was closed meanwhile (then it releases the lock itself)."""
 
 
-def _check_origin(origin: str) -> None:
-    """Raise for an ``origin`` no record should carry: not a str, empty or blank
-    (status would name no session), or longer than `_record.MAX_TEXT` characters. It is
-    a path (the session a recover replaced): a name's undecodable bytes are written
-    escaped, as the session's own path is."""
-    if not isinstance(origin, str):
-        raise TypeError(f"origin must be a str (the path of the session this run "
-                        f"replaces), not {type(origin).__name__}")
-    if not origin.strip():
-        raise ValueError("origin is empty; give the path of the session this run "
-                         "replaces, or None")
-    if len(origin) > _record.MAX_TEXT:
-        raise ValueError(f"origin is longer than {_record.MAX_TEXT} characters")
+def _check_text(what: str, text: str, instead: str) -> None:
+    """Raise for a text field no record should carry: not a str, empty or blank (status
+    would show nothing), or longer than `_record.MAX_TEXT` characters. ``instead``: what
+    to give, for an empty one."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, not {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"{what} is empty; {instead}")
+    if len(text) > _record.MAX_TEXT:
+        raise ValueError(f"{what} is longer than {_record.MAX_TEXT} characters")
 
 
 def _check_mode(mode: int) -> None:
@@ -260,8 +257,9 @@ class SessionLock:
             timeout = _wait.limit(timeout)
         self.check_lane(lane)
         _check_mode(mode)
-        if origin is not None:
-            _check_origin(origin)
+        if origin is not None:  # a path: undecodable bytes are written escaped
+            _check_text("origin", origin, "give the path of the session this run "
+                        "replaces, or None")
         self.session, self.sidecar = _sidecar.paths(path)
         self.lane = lane
         self.on_contention: OnContention = on_contention
@@ -465,13 +463,7 @@ class SessionLock:
         text (a name with bytes that are not UTF-8, as ``os.fsdecode`` gives them, would
         reach the record as escapes of lone surrogates, which strict JSON readers
         reject)."""
-        if not isinstance(lane, str):
-            raise TypeError(f"lane must be a str, not {type(lane).__name__}")
-        if not lane.strip():
-            raise ValueError("lane is empty; name the lane (for example 'cron' or "
-                             "'heartbeat')")
-        if len(lane) > _record.MAX_TEXT:
-            raise ValueError(f"lane is longer than {_record.MAX_TEXT} characters")
+        _check_text("lane", lane, "name the lane (for example 'cron' or 'heartbeat')")
         if not lane.isascii():
             try:
                 lane.encode()
