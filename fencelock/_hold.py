@@ -59,7 +59,7 @@ through and dropped, never kept whole, and answered with `BadRequestError`."""
 _CHUNK = 64 * 1024
 _QUEUED = 4
 """Requests queued ahead of the one being answered (the reader holds one more while it
-waits for room, and part of the next in its read); the pipe buffers the rest."""
+waits for room, and the rest of its last read); the pipe buffers what follows."""
 
 OPS = ("append", "prompt_begin", "prompt_end", "touch", "verify", "info", "release")
 

@@ -941,19 +941,20 @@ result = True
 
 
 @needs_root
-@pytest.mark.parametrize("by_root", [False, True], ids=["gateway", "root"])
-def test_recover_names_a_part_file_another_user_planted_in_a_sticky_directory(
-    by_root: bool,
+@pytest.mark.parametrize(("runner", "mode"), [(4242, 0o1777), (0, 0o1777), (4242, 0o777)],
+                         ids=["gateway", "root", "gateway-not-sticky"])
+def test_recover_names_a_part_file_another_user_planted_in_a_shared_directory(
+    runner: int, mode: int,
 ) -> None:
     """The fresh session's `.part`, made in advance by another user in a sticky
     directory, cannot be removed by this one (not root): recover says whose it is and
-    whom to ask, not only "Operation not permitted", and leaves it as it is. Run as
-    root, which the directory would let remove it, the recover refuses it as planted
-    too (it had removed it and gone on)."""
+    whom to ask, not only "Operation not permitted", and leaves it as it is. Where the
+    directory would let it be removed (run as root, or a directory without the sticky
+    bit), the recover refuses it as planted too (it had removed it and gone on)."""
     from fencelock._recovery import _successor
 
-    runner = 0 if by_root else 4242  # the gateway's user; the other is NOBODY
-    with open_directory(0o1777) as sessions:
+    # 4242: the gateway's user; the other is NOBODY
+    with open_directory(mode) as sessions:
         session = sessions / "s.jsonl"
         holder = spawn_as_user(_HOLD_AS_USER, uid=runner, session=str(session))
         try:
@@ -972,7 +973,8 @@ def test_recover_names_a_part_file_another_user_planted_in_a_sticky_directory(
         message = answer["message"]
         assert "a fresh session could not be started" in message
         assert f"{successor}.part: owned by uid {NOBODY}" in message, message
-        assert "or root can remove it, as the directory is sticky" in message
+        sticky = "or root can remove it, as the directory is sticky"
+        assert (sticky in message) == bool(mode & 0o1000), message
         assert Path(successor + ".part").read_text() == "theirs\n"
         assert not os.path.lexists(successor)
 
