@@ -599,6 +599,7 @@ def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None)
     from fencelock._errors import (
         FenceLockError,
         HeldByOwnRunError,
+        RecordTooLargeError,
         SessionContendedError,
         SidecarAccessError,
         StoreUnavailableError,
@@ -625,6 +626,10 @@ def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None)
         )
     except (FenceLockError, OSError) as e:
         message = os_message(e) if isinstance(e, OSError) else str(e)
+        if isinstance(e, RecordTooLargeError) and e.status is not None:  # found, kept
+            stale = e.status
+            return _ClearOutcome(stale.session, stale.sidecar, str(stale.state),
+                                 stale.record, error=message, reason=message)
         found = e.status if isinstance(e, SidecarAccessError) else None
         if found is not None:  # cleared (or found free), but the sidecar stays
             kept = _ClearOutcome(found.session, found.sidecar, str(found.state), found.record,
@@ -638,7 +643,7 @@ def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None)
         return _ClearOutcome(session, _holder_at(session, sidecar, backend), "unreadable",
                              error=message, reason=message)
     done = _ClearOutcome(st.session, st.sidecar, str(st.state), st.record, reason=st.reason)
-    done.cleared = st.state is ProbeState.STALE
+    done.cleared = st.state is ProbeState.STALE and st.set_aside is None  # (not moved)
     done.removed = st.removed
     done.set_aside = st.set_aside
     return done

@@ -376,6 +376,11 @@ def _mount_point(path: str) -> str:
     return here
 
 
+def _set_aside_command(where: str, command: str | None) -> str:
+    """``command``, or the one that sets the sidecar ``where``'s record aside."""
+    return command or f"fencelock clear --force {shell_word(where)}"
+
+
 class CorruptRecordError(FenceLockError):
     """The sidecar's record cannot be parsed (truncated, oversized, not JSON, bad fields)."""
 
@@ -386,14 +391,34 @@ class CorruptRecordError(FenceLockError):
         self.command = command
         """The command that sets it aside (default: ``fencelock clear --force SIDECAR``)."""
         # The command comes last, whole, so that it can be copied as it is.
-        command = command or f"fencelock clear --force {shell_word(sidecar)}"
         super().__init__(
             f"{sidecar}: holder record is corrupt ({why}); inspect it, then set it aside "
-            f"and start over with: {command}"
+            f"and start over with: {_set_aside_command(sidecar, command)}"
         )
 
     def _init_args(self) -> tuple[Any, ...]:
         return self.sidecar, self.why, self.command
+
+
+class RecordTooLargeError(FenceLockError):
+    """`clear` found a stale record in another writer's layout that no longer fits the
+    record bound once encoded again (`_record.released_again`), and kept it."""
+
+    def __init__(self, where: str, command: str | None = None,
+                 status: HolderStatus | None = None):
+        self.where = where
+        self.command = command
+        """The command that sets it aside (default: ``fencelock clear --force WHERE``)."""
+        self.status = status
+        """What `clear` found (the stale record), for a caller to report."""
+        super().__init__(
+            f"{where}: its stale record cannot be marked released: encoded again (its "
+            f"text escaped as fencelock escapes it) it would be over the 64 KiB bound, "
+            f"even without its writer's own fields; set it aside instead: "
+            f"{_set_aside_command(where, command)}")
+
+    def _init_args(self) -> tuple[Any, ...]:
+        return self.where, self.command, self.status
 
 
 class SidecarAccessError(FenceLockError):
@@ -446,16 +471,6 @@ def record_lags(session: str, e: Exception) -> FenceLockWarning:
 NO_THREAD = ("(a limit reached: this user's processes and threads, ulimit -u, or this "
              "process's memory); raise the limit or end some processes, and try again")
 """Why a thread could not be started, and what to do."""
-
-
-def too_large_to_release(where: str, command: str) -> FenceLockError:
-    """`clear` of a stale record in another writer's layout that no longer fits the
-    record bound once encoded again (`_record.released_again`); ``command`` sets it
-    aside."""
-    return FenceLockError(
-        f"{where}: its stale record cannot be marked released: encoded again (its text "
-        f"escaped as fencelock escapes it) it would be over the 64 KiB bound, even "
-        f"without its writer's own fields; set it aside instead: {command}")
 
 
 def no_thread(path: str, what: str) -> FenceLockError:

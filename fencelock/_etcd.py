@@ -37,12 +37,12 @@ from fencelock._errors import (
     HolderLostError,
     NotHeldError,
     OutsideRootError,
+    RecordTooLargeError,
     SessionContendedError,
     StoreUnavailableError,
     describe_leftovers,
     no_thread,
     shell_word,
-    too_large_to_release,
 )
 from fencelock._record import HolderInfo, State
 
@@ -1939,8 +1939,8 @@ class EtcdHolder:
                 again = _record.released_again(old)
                 if again is None:  # too large to mark released: kept, or with --force
                     if not force:  # set aside as a corrupt one is
-                        raise too_large_to_release(self.last_name, fix)
-                    old, moved = None, "stale record, too large to mark released,"
+                        raise RecordTooLargeError(self.last_name, fix, found)
+                    old, moved = None, _record.TOO_LARGE
             if old is None and value:  # corrupt, or too large to mark released
                 # Set aside, never deleted: a key nobody can guess, created only if new.
                 aside = (f"{self.url.prefix}/corrupt/{self.key}/"
@@ -1963,7 +1963,7 @@ class EtcdHolder:
         if aside is not None:
             if not r.get("succeeded"):  # the lock is ours, so the new name was taken
                 raise CorruptRecordError(self.last_name, "its set-aside name was taken; "
-                                         "try again", _clear_command(self.url, self.session))
+                                         "try again", fix)
             where = f"{self.url.display}/{aside}"
             return replace(found, reason=f"{moved} moved to {where}", set_aside=where)
         what = "removed" if remove else "cleared"

@@ -43,12 +43,11 @@ from fencelock._errors import (
     CorruptRecordError,
     FenceLockError,
     PlantedFileError,
+    RecordTooLargeError,
     SessionContendedError,
     SidecarAccessError,
     UnsafeSidecarError,
     describe_holder,
-    shell_word,
-    too_large_to_release,
     unsafe_path_fix,
 )
 from fencelock._fingerprint import FenceMode
@@ -912,11 +911,12 @@ def _kept(error: Exception, status: HolderStatus) -> Exception:
 def _clear_locked(
     fd: int, st: os.stat_result, session: str, sidecar: str, remove: bool, force: bool
 ) -> HolderStatus:
-    def set_aside(state: ProbeState, what: str) -> HolderStatus:
-        _tokens.keep_before_set_aside(session, fd)
+    def set_aside(state: ProbeState, what: str, record: HolderInfo | None = None
+                  ) -> HolderStatus:
+        _tokens.keep_before_set_aside(session, fd, record.token if record else 0)
         aside = _set_aside(sidecar)
-        return HolderStatus(session, sidecar, state, reason=f"{what} moved to {aside}",
-                            set_aside=aside)
+        return HolderStatus(session, sidecar, state, record=record,
+                            reason=f"{what} moved to {aside}", set_aside=aside)
 
     try:
         record = _sidecar.read(fd, sidecar, st.st_size)
@@ -931,9 +931,9 @@ def _clear_locked(
         dropped = _release_stale(fd, sidecar, record, st.st_size)
         if dropped is None:
             if not force:
-                raise too_large_to_release(
-                    sidecar, f"fencelock clear --force {shell_word(sidecar)}")
-            return set_aside(state, "stale record, too large to mark released,")
+                raise RecordTooLargeError(sidecar, status=HolderStatus(
+                    session, sidecar, state, record=record, reason="kept"))
+            return set_aside(state, _record.TOO_LARGE, record)
         done = f"cleared the stale record of pid {record.pid} (lane {record.lane!r})"
         if dropped:
             done += (" without its fields of other writers (" + ", ".join(record.extra)

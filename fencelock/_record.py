@@ -470,6 +470,10 @@ _DECODER = json.JSONDecoder(parse_constant=not_json, parse_float=finite_float,
 readers refuse it; a rewrite would carry it on as ``Infinity``)."""
 
 
+TOO_LARGE = "stale record, too large to mark released,"
+"""What `clear --force` says it set aside when `released_again` found no room."""
+
+
 def released_again(record: HolderInfo) -> tuple[bytes, bool] | None:
     """A stale ``record`` in another writer's layout, as `clear` writes it again: marked
     released in the write phase and encoded anew. Its bytes, and whether its writer's

@@ -456,16 +456,16 @@ def keep_removed(session: str, token: int) -> str | None:
     return None
 
 
-def keep_before_set_aside(session: str, fd: int) -> None:
-    """Keep the token legible in the corrupt record in ``fd`` before it is set aside:
-    in the session file's mark and in the directory's `REMOVED_MARKER`, as `clear
-    --remove` does (the mark is lost when the file is written anew and renamed over).
-    Where that marker cannot be written, also by leaving `SET_ASIDE_MARKER` in the
-    directory (which has new sidecars there read the `.corrupt-*` copies), which must
-    succeed unless the mark covers the token. Call while holding the sidecar's lock,
-    before it is moved away."""
+def keep_before_set_aside(session: str, fd: int, known: int = 0) -> None:
+    """Keep the token legible in the corrupt record in ``fd`` (or ``known``, that of a
+    record read whole, if larger) before it is set aside: in the session file's mark
+    and in the directory's `REMOVED_MARKER`, as `clear --remove` does (the mark is lost
+    when the file is written anew and renamed over). Where that marker cannot be
+    written, also by leaving `SET_ASIDE_MARKER` in the directory (which has new
+    sidecars there read the `.corrupt-*` copies), which must succeed unless the mark
+    covers the token. Call while holding the sidecar's lock, before it is moved away."""
     try:
-        token = _legible_token(_platform.pread(fd, TAIL, 0))
+        token = max(known, _legible_token(_platform.pread(fd, TAIL, 0)))
     except OSError as e:
         raise FenceLockError(f"{session}.holder: cannot be read ({e}); nothing was moved") from None
     if not token:

@@ -375,18 +375,27 @@ def test_clear_of_a_stale_record_too_large_to_mark_released_keeps_it_until_force
     obj = json.loads(_valid_record(session))
     text = "\x9b" * 4096
     obj.update(host=text, lane=text, process_start=text, run_id=text, origin=text)
-    data = json.dumps(obj, ensure_ascii=False).encode()
-    assert len(data) < MAX_RECORD
+    # Its token's key spelled with an escape, as a writer may: the set-aside keeps the
+    # token read, not only one its bytes spell out.
+    data = json.dumps(obj, ensure_ascii=False).replace(
+        '"token":', '"\\u0074oken":', 1).encode()
+    assert len(data) < MAX_RECORD and b'"token"' not in data
     sidecar_of(session).write_bytes(data)
-    assert probe(session).state == "stale"
+    assert probe(session).state == "stale" and not session.exists()
     with pytest.raises(FenceLockError, match="over the 64 KiB bound") as refused:
         clear(session)
     assert not isinstance(refused.value, CorruptRecordError)
     assert f"clear --force {sidecar_of(session)}" in str(refused.value)
     assert sidecar_of(session).read_bytes() == data  # kept as it was
+    out = subprocess.run([sys.executable, "-m", "fencelock", "clear", "--json", str(session)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    (row,) = json.loads(out.stdout)
+    assert out.returncode == 1 and (row["found"], row["token"], row["cleared"]) == (
+        "stale", obj["token"], False), row
     forced = clear(session, force=True)
     assert forced.state == "stale" and forced.set_aside is not None, forced
     assert "too large to mark released" in forced.reason
+    assert forced.record is not None and forced.record.token == obj["token"]
     assert Path(forced.set_aside).read_bytes() == data
     with SessionLock(session, "next") as lock:
         assert lock.info is not None and lock.info.token == obj["token"] + 1

@@ -65,6 +65,7 @@ def samples() -> dict[str, BaseException]:
         "HoldArgumentError": _errors.HoldArgumentError("--lane", "--lane: not UTF-8"),
         "UnsafeSidecarError": _errors.UnsafeSidecarError("/s/a.jsonl.holder", "a symlink"),
         "CorruptRecordError": _errors.CorruptRecordError("/s/a.jsonl.holder", "not JSON"),
+        "RecordTooLargeError": _errors.RecordTooLargeError("/s/a.jsonl.holder"),
         "SidecarAccessError": _errors.SidecarAccessError("/s/a.jsonl.holder", cause, "fix it"),
         "SessionWriteError": write,
         "NotHeldError": _errors.NotHeldError("/s/a.jsonl: release() without acquire()"),

@@ -3019,8 +3019,11 @@ def test_a_stale_record_too_large_to_mark_released_is_kept_until_clear_force(
         clear(session, backend=url)
     assert "clear --force --backend" in str(refused.value)
     assert probe(session, backend=url).state == ProbeState.STALE  # kept, still readable
-    forced = clear(session, force=True, backend=url)
-    assert forced.set_aside is not None and "too large to mark released" in forced.reason
+    out = _cli("clear", "--force", "--json", str(session), "--backend", url)
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out.stdout)
+    assert (row["found"], row["token"], row["cleared"]) == ("stale", 5, False), row
+    assert row["set_aside"] and "too large to mark released" in row["reason"], row
     assert probe(session, backend=url).state == ProbeState.FREE
     with SessionLock(session, "next", backend=url) as lock:
         assert lock.info is not None and lock.info.previous is None
