@@ -657,6 +657,8 @@ class _DirSummary:
         self.removed = 0
         self.kept = 0
         """Sidecars of sessions found free or cleared that could not be removed."""
+        self.set_aside = 0
+        """Records `--force` moved aside (corrupt, or too large to write back)."""
         self.failed = 0
 
     def text(self, remove: bool) -> str:
@@ -665,6 +667,8 @@ class _DirSummary:
                 f"live alone")
         if remove:
             text += f", removed {plural(self.removed, 'sidecar')}"
+        if self.set_aside:
+            text += f", set {plural(self.set_aside, 'record')} aside"
         if self.kept:  # (each said on stderr)
             text += f"; {plural(self.kept, 'sidecar')} could not be removed"
         if self.failed:
@@ -699,6 +703,7 @@ def _clear_directory(
         summary.cleared += outcome.cleared
         summary.removed += outcome.removed
         summary.kept += outcome.kept
+        summary.set_aside += outcome.set_aside is not None
         summary.failed += outcome.error is not None and not outcome.kept
         yield outcome
 
@@ -709,7 +714,9 @@ def _clear_directory(
     "--remove", is_flag=True, help="Also delete the sidecars of free and cleared sessions."
 )
 @click.option(
-    "--force", is_flag=True, help="Set a corrupt record aside as <sidecar>.corrupt-<time>-<random>."
+    "--force", is_flag=True,
+    help="Set a corrupt record aside as <sidecar>.corrupt-<time>-<random>, and a stale one "
+         "too large to write back released.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of what was done.")
 @_backend_option
@@ -721,7 +728,7 @@ def clear_command(
     leaves live ones alone. Everything happens under the sidecar's own lock.
 
     Exit 0 done, 4 a named session has a live holder, 1 an error (corrupt or unsafe
-    sidecar, missing path); 1 wins over 4.
+    sidecar, a stale record too large to write back, missing path); 1 wins over 4.
 
     JSON objects carry: session, sidecar, found (the state found), pid, lane,
     token, cleared, removed, set_aside, refused, error, reason.

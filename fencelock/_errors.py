@@ -19,6 +19,7 @@ the attributes set since), so it crosses a process pool intact.
           │    │    └── ForeignSymlinkError  a directory symlink another user placed
           │    └── UnsafeSidecarError        a sidecar that is not a regular file
           ├── CorruptRecordError        a holder record that stays unparsable
+          ├── RecordTooLargeError       a stale record `clear` cannot write back released
           ├── SidecarAccessError        a sidecar that cannot be opened or probed
           ├── SessionWriteError         a session write or fsync that failed
           ├── NotHeldError              a holder operation without the holder

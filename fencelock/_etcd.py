@@ -1933,11 +1933,12 @@ class EtcdHolder:
                 if not force:
                     raise  # kept as it is; the lock is given back below
                 old = None
-            again = None  # a stale record marked released (not when it goes anyway)
+            again = None  # a stale record marked released
             moved = "corrupt record"
-            if old is not None and old.state is State.HELD and not remove:
+            if old is not None and old.state is State.HELD:
                 again = _record.released_again(old)
-                if again is None:  # too large to mark released: kept, or with --force
+                if again is None:  # too large to mark released: kept (also by --remove,
+                    # as the sidecar store keeps it), or set aside with --force
                     if not force:  # set aside as a corrupt one is
                         raise RecordTooLargeError(self.last_name, fix, found)
                     old, moved = None, _record.TOO_LARGE

@@ -908,6 +908,17 @@ def _kept(error: Exception, status: HolderStatus) -> Exception:
     return error
 
 
+def _drop_part(record: HolderInfo, session: str) -> str:
+    """Remove the copy a recover of ``record``'s that did not finish left (`<fresh>.part`:
+    ``record`` names an origin); what was done, for `clear`'s reason."""
+    if record.origin is None:
+        return ""
+    from fencelock._fence import drop_part
+
+    left = drop_part(session)
+    return "" if left is None else f"; removed {left}, the copy a recover that did not finish left"
+
+
 def _clear_locked(
     fd: int, st: os.stat_result, session: str, sidecar: str, remove: bool, force: bool
 ) -> HolderStatus:
@@ -929,21 +940,19 @@ def _clear_locked(
     done = "was free"
     if record is not None and was_stale:
         dropped = _release_stale(fd, sidecar, record, st.st_size)
-        if dropped is None:
+        who = f"the stale record of pid {record.pid} (lane {record.lane!r})"
+        if dropped is None:  # kept, also by --remove: both stores alike
             if not force:
                 raise RecordTooLargeError(sidecar, status=HolderStatus(
-                    session, sidecar, state, record=record, reason="kept"))
-            return set_aside(state, _record.TOO_LARGE, record)
-        done = f"cleared the stale record of pid {record.pid} (lane {record.lane!r})"
+                    session, sidecar, state, record=record, reason=f"kept {who}"))
+            aside = set_aside(state, _record.TOO_LARGE, record)
+            return replace(aside, reason=aside.reason + _drop_part(record, session))
+        done = f"cleared {who}"
         if dropped:
             done += (" without its fields of other writers (" + ", ".join(record.extra)
                      + "), which no longer fit in a record once written again")
-    if was_stale and record is not None and record.origin is not None:  # recover's, cut short
-        from fencelock._fence import drop_part
-
-        left = drop_part(session)
-        if left is not None:
-            done += f"; removed {left}, the copy a recover that did not finish left"
+    if was_stale and record is not None:
+        done += _drop_part(record, session)
     removed = False
     if remove:
         # What this returns, for the error of a sidecar that stays to carry (`_kept`).

@@ -37,6 +37,7 @@ from fencelock._constants import DEFAULT_STUCK_AFTER
 from fencelock._errors import (
     FenceLockError,
     HolderLostError,
+    RecordTooLargeError,
     SessionContendedError,
     SidecarAccessError,
     StoreUnavailableError,
@@ -176,10 +177,11 @@ def recover(
     if taken_over is not None:  # the conversation was moved there
         return Recovery(Action.FRESH, taken_over, found, waited, 0)
     if now.state is ProbeState.STALE:
-        with contextlib.suppress(SessionContendedError):
+        with contextlib.suppress(SessionContendedError, RecordTooLargeError):
             # Raised only when another run took the session in the meantime: its new
             # record replaces the stale one, and the re-fired run waits for it as any
-            # run does.
+            # run does. (A stale record too large to write back released is written
+            # over by the re-fired run's, whose token follows it.)
             _probe.clear(session, backend=backend)
     elif store is None:
         _refuse_unwritable(sidecar)

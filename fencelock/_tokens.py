@@ -465,9 +465,10 @@ def keep_before_set_aside(session: str, fd: int, known: int = 0) -> None:
     sidecars there read the `.corrupt-*` copies), which must succeed unless the mark
     covers the token. Call while holding the sidecar's lock, before it is moved away."""
     try:
-        token = max(known, _legible_token(_platform.pread(fd, TAIL, 0)))
+        legible = _legible_token(_platform.pread(fd, TAIL, 0))
     except OSError as e:
         raise FenceLockError(f"{session}.holder: cannot be read ({e}); nothing was moved") from None
+    token = max(known, legible)
     if not token:
         return
     marked = os.path.isfile(session) and _cover(session, token, token) is not None
@@ -478,6 +479,12 @@ def keep_before_set_aside(session: str, fd: int, known: int = 0) -> None:
         with contextlib.suppress(FenceLockError):
             _leave_set_aside_marker(session)
         return
+    if known > legible:  # the copies would not show it (its key spelled with an escape)
+        raise FenceLockError(
+            f"{session}.holder: its token {known} can be kept neither on the session file "
+            f"nor in {os.path.join(os.path.dirname(session), REMOVED_MARKER)}, and the "
+            f"set-aside copy would not show it; nothing was moved: let this user write "
+            f"that file (or remove it where it is not a file of its own), then try again")
     _leave_set_aside_marker(session)
 
 

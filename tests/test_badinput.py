@@ -37,6 +37,7 @@ from fencelock import (
     CorruptRecordError,
     FenceLockError,
     Phase,
+    RecordTooLargeError,
     SessionLock,
     SessionWriteError,
     SidecarAccessError,
@@ -392,13 +393,51 @@ def test_clear_of_a_stale_record_too_large_to_mark_released_keeps_it_until_force
     (row,) = json.loads(out.stdout)
     assert out.returncode == 1 and (row["found"], row["token"], row["cleared"]) == (
         "stale", obj["token"], False), row
-    forced = clear(session, force=True)
-    assert forced.state == "stale" and forced.set_aside is not None, forced
-    assert "too large to mark released" in forced.reason
-    assert forced.record is not None and forced.record.token == obj["token"]
-    assert Path(forced.set_aside).read_bytes() == data
+    with pytest.raises(RecordTooLargeError) as kept:  # --remove keeps it too
+        clear(session, remove=True)
+    assert kept.value.status is not None and kept.value.status.record is not None
+    assert kept.value.status.record.token == obj["token"]
+    assert sidecar_of(session).read_bytes() == data
+    # recover re-fires on it: the run's record is written over it, its token after it
+    assert recover(session, wait=0).action == "refire"
+    assert sidecar_of(session).read_bytes() == data
+    # A recover's copy cut short beside it (the record names an origin) goes with it.
+    Path(str(session) + ".part").write_text("{}\n")
+    out = subprocess.run([sys.executable, "-m", "fencelock", "clear", "--force",
+                          str(session.parent)], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert "too large to mark released, moved to" in out.stdout, out.stdout
+    assert "; removed " in out.stdout and not os.path.lexists(str(session) + ".part")
+    assert out.stdout.rstrip().endswith("set 1 record aside"), out.stdout
+    (copy,) = session.parent.glob("*.corrupt-*")
+    assert copy.read_bytes() == data
     with SessionLock(session, "next") as lock:
         assert lock.info is not None and lock.info.token == obj["token"] + 1
+
+
+def test_clear_force_will_not_lose_a_token_only_the_whole_record_shows(
+    session: Path,
+) -> None:
+    """The token of a record too large to write back is read whole, its key spelled
+    with an escape that the set-aside copies' scan does not read: where neither the
+    session file nor the directory's removed marker (here a hard link, which is not
+    written) can keep it, `clear --force` moves nothing, rather than let the next run
+    take a token again."""
+    obj = json.loads(_valid_record(session))
+    text = "\x9b" * 4096
+    obj.update(host=text, lane=text, process_start=text, run_id=text, origin=text,
+               token=5000)
+    data = json.dumps(obj, ensure_ascii=False).replace(
+        '"token":', '"\\u0074oken":', 1).encode()
+    sidecar_of(session).write_bytes(data)
+    marker = session.parent / REMOVED_MARKER
+    marker.write_text("1\n")
+    os.link(marker, session.parent / "backup")
+    with pytest.raises(FenceLockError, match="token 5000 can be kept neither"):
+        clear(session, force=True)
+    assert sidecar_of(session).read_bytes() == data  # nothing moved
+    assert not list(session.parent.glob("*.corrupt-*"))
 
 
 def test_pid_values_in_records_are_bounded(session: Path) -> None:

@@ -3018,6 +3018,8 @@ def test_a_stale_record_too_large_to_mark_released_is_kept_until_clear_force(
     with pytest.raises(FenceLockError, match="over the 64 KiB bound") as refused:
         clear(session, backend=url)
     assert "clear --force --backend" in str(refused.value)
+    with pytest.raises(FenceLockError, match="over the 64 KiB bound"):
+        clear(session, remove=True, backend=url)  # kept by --remove too, as a sidecar is
     assert probe(session, backend=url).state == ProbeState.STALE  # kept, still readable
     out = _cli("clear", "--force", "--json", str(session), "--backend", url)
     assert out.returncode == 0, out.stderr
