@@ -922,12 +922,12 @@ def _drop_part(record: HolderInfo, session: str) -> str:
 def _clear_locked(
     fd: int, st: os.stat_result, session: str, sidecar: str, remove: bool, force: bool
 ) -> HolderStatus:
-    def set_aside(state: ProbeState, what: str, record: HolderInfo | None = None
-                  ) -> HolderStatus:
-        _tokens.keep_before_set_aside(session, fd, record.token if record else 0)
+    def set_aside(state: ProbeState, what: str, record: HolderInfo | None = None,
+                  done: str = "") -> HolderStatus:
+        _tokens.keep_before_set_aside(session, fd)
         aside = _set_aside(sidecar)
         return HolderStatus(session, sidecar, state, record=record,
-                            reason=f"{what} moved to {aside}", set_aside=aside)
+                            reason=f"{what} moved to {aside}{done}", set_aside=aside)
 
     try:
         record = _sidecar.read(fd, sidecar, st.st_size)
@@ -942,11 +942,11 @@ def _clear_locked(
         dropped = _release_stale(fd, sidecar, record, st.st_size)
         who = f"the stale record of pid {record.pid} (lane {record.lane!r})"
         if dropped is None:  # kept, also by --remove: both stores alike
+            part = _drop_part(record, session)  # while the lock still keeps others out
             if not force:
                 raise RecordTooLargeError(sidecar, status=HolderStatus(
-                    session, sidecar, state, record=record, reason=f"kept {who}"))
-            aside = set_aside(state, _record.TOO_LARGE, record)
-            return replace(aside, reason=aside.reason + _drop_part(record, session))
+                    session, sidecar, state, record=record, reason=f"kept {who}{part}"))
+            return set_aside(state, _record.TOO_LARGE, record, part)
         done = f"cleared {who}"
         if dropped:
             done += (" without its fields of other writers (" + ", ".join(record.extra)

@@ -341,9 +341,20 @@ is part of the corruption, not a token of its first 19 digits."""
 
 
 def _legible_token(data: bytes) -> int:
-    """The largest token legible in a corrupt record's bytes (0 if none)."""
+    """The largest token legible in a set-aside record's bytes (0 if none): its token
+    where they parse as a JSON object (a record `clear --force` set aside whole, too
+    large to write back, whose key may be spelled with an escape), and any legible in
+    their text (a corrupt one)."""
     # Numbers past the limit were never issued: they are part of the corruption.
-    return max([0, *(t for m in _TOKEN_TEXT.findall(data) if (t := int(m)) <= MAX_TOKEN)])
+    found = [t for m in _TOKEN_TEXT.findall(data) if (t := int(m)) <= MAX_TOKEN]
+    try:
+        whole = json.loads(data)
+    except (ValueError, RecursionError):
+        whole = None
+    if isinstance(whole, dict) and type(token := whole.get("token")) is int \
+            and 0 < token <= MAX_TOKEN:
+        found.append(token)
+    return max([0, *found])
 
 
 def _set_aside_tokens(session: str) -> int:
@@ -456,19 +467,18 @@ def keep_removed(session: str, token: int) -> str | None:
     return None
 
 
-def keep_before_set_aside(session: str, fd: int, known: int = 0) -> None:
-    """Keep the token legible in the corrupt record in ``fd`` (or ``known``, that of a
-    record read whole, if larger) before it is set aside: in the session file's mark
-    and in the directory's `REMOVED_MARKER`, as `clear --remove` does (the mark is lost
-    when the file is written anew and renamed over). Where that marker cannot be
-    written, also by leaving `SET_ASIDE_MARKER` in the directory (which has new
-    sidecars there read the `.corrupt-*` copies), which must succeed unless the mark
-    covers the token. Call while holding the sidecar's lock, before it is moved away."""
+def keep_before_set_aside(session: str, fd: int) -> None:
+    """Keep the token legible in the record in ``fd`` (`_legible_token`) before it is
+    set aside: in the session file's mark and in the directory's `REMOVED_MARKER`, as
+    `clear --remove` does (the mark is lost when the file is written anew and renamed
+    over). Where that marker cannot be written, also by leaving `SET_ASIDE_MARKER` in
+    the directory (which has new sidecars there read the `.corrupt-*` copies), which
+    must succeed unless the mark covers the token. Call while holding the sidecar's
+    lock, before it is moved away."""
     try:
-        legible = _legible_token(_platform.pread(fd, TAIL, 0))
+        token = _legible_token(_platform.pread(fd, TAIL, 0))
     except OSError as e:
         raise FenceLockError(f"{session}.holder: cannot be read ({e}); nothing was moved") from None
-    token = max(known, legible)
     if not token:
         return
     marked = os.path.isfile(session) and _cover(session, token, token) is not None
@@ -479,12 +489,6 @@ def keep_before_set_aside(session: str, fd: int, known: int = 0) -> None:
         with contextlib.suppress(FenceLockError):
             _leave_set_aside_marker(session)
         return
-    if known > legible:  # the copies would not show it (its key spelled with an escape)
-        raise FenceLockError(
-            f"{session}.holder: its token {known} can be kept neither on the session file "
-            f"nor in {os.path.join(os.path.dirname(session), REMOVED_MARKER)}, and the "
-            f"set-aside copy would not show it; nothing was moved: let this user write "
-            f"that file (or remove it where it is not a file of its own), then try again")
     _leave_set_aside_marker(session)
 
 

@@ -398,11 +398,14 @@ def test_clear_of_a_stale_record_too_large_to_mark_released_keeps_it_until_force
     assert kept.value.status is not None and kept.value.status.record is not None
     assert kept.value.status.record.token == obj["token"]
     assert sidecar_of(session).read_bytes() == data
-    # recover re-fires on it: the run's record is written over it, its token after it
+    # recover re-fires on it: the run's record is written over it, its token after it.
+    # A recover's copy cut short beside it (the record names an origin) is removed,
+    # by recover's clear and by --force, as for any stale record.
+    part = Path(str(session) + ".part")
+    part.write_text("{}\n")
     assert recover(session, wait=0).action == "refire"
-    assert sidecar_of(session).read_bytes() == data
-    # A recover's copy cut short beside it (the record names an origin) goes with it.
-    Path(str(session) + ".part").write_text("{}\n")
+    assert sidecar_of(session).read_bytes() == data and not part.exists()
+    part.write_text("{}\n")
     out = subprocess.run([sys.executable, "-m", "fencelock", "clear", "--force",
                           str(session.parent)], capture_output=True, text=True, timeout=60,
                          check=False)
@@ -416,14 +419,15 @@ def test_clear_of_a_stale_record_too_large_to_mark_released_keeps_it_until_force
         assert lock.info is not None and lock.info.token == obj["token"] + 1
 
 
-def test_clear_force_will_not_lose_a_token_only_the_whole_record_shows(
-    session: Path,
+@pytest.mark.parametrize("with_file", [False, True], ids=["no-session-file", "renamed-over"])
+def test_clear_force_keeps_a_token_only_the_whole_record_shows(
+    session: Path, with_file: bool
 ) -> None:
-    """The token of a record too large to write back is read whole, its key spelled
-    with an escape that the set-aside copies' scan does not read: where neither the
-    session file nor the directory's removed marker (here a hard link, which is not
-    written) can keep it, `clear --force` moves nothing, rather than let the next run
-    take a token again."""
+    """The token of a record too large to write back, its key spelled with an escape
+    that no scan of its text reads: where the directory's removed marker cannot keep it
+    (here a hard link, which is not written), and the session file has no mark or loses
+    it (written anew and renamed over), the set-aside copy keeps it: a copy that parses
+    whole gives its token."""
     obj = json.loads(_valid_record(session))
     text = "\x9b" * 4096
     obj.update(host=text, lane=text, process_start=text, run_id=text, origin=text,
@@ -431,13 +435,19 @@ def test_clear_force_will_not_lose_a_token_only_the_whole_record_shows(
     data = json.dumps(obj, ensure_ascii=False).replace(
         '"token":', '"\\u0074oken":', 1).encode()
     sidecar_of(session).write_bytes(data)
+    if with_file:
+        session.write_text('{"n": 1}\n')
     marker = session.parent / REMOVED_MARKER
     marker.write_text("1\n")
     os.link(marker, session.parent / "backup")
-    with pytest.raises(FenceLockError, match="token 5000 can be kept neither"):
-        clear(session, force=True)
-    assert sidecar_of(session).read_bytes() == data  # nothing moved
-    assert not list(session.parent.glob("*.corrupt-*"))
+    forced = clear(session, force=True)
+    assert forced.set_aside is not None and Path(forced.set_aside).read_bytes() == data
+    if with_file:  # its mark goes with it
+        anew = session.parent / "anew"
+        anew.write_text('{"n": 1}\n')
+        os.replace(anew, session)
+    with SessionLock(session, "next") as lock:
+        assert lock.info is not None and lock.info.token == 5001
 
 
 def test_pid_values_in_records_are_bounded(session: Path) -> None:
