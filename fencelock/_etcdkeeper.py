@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from fencelock._etcd import EtcdHolder, _Cluster
+    from fencelock._etcd import EtcdHolder
+    from fencelock._etcdcluster import Cluster
     from fencelock._lock import SessionLock
 
 _RETRY = 0.2
@@ -200,7 +201,7 @@ class Keeper:
         the lease alive: while etcd answers that both are there, nobody else can hold
         the session."""
         from fencelock._errors import StoreUnavailableError
-        from fencelock._etcd import margin
+        from fencelock._etcdcluster import margin
         from fencelock._output import warning_line
 
         holder = self.holder
@@ -310,7 +311,7 @@ class _Renewer:
     hangs (an etcd member that does not answer) never keeps the keeper from seeing
     `fencelock run` go, nor from counting the time its lease may have left."""
 
-    def __init__(self, cluster: _Cluster, lease_id: int, key: str, ttl: float,
+    def __init__(self, cluster: Cluster, lease_id: int, key: str, ttl: float,
                  clock: Callable[[], float], safety: float) -> None:
         self.cluster, self.lease_id, self.key, self.ttl = cluster, lease_id, key, ttl
         self.clock, self.safety = clock, safety
@@ -384,15 +385,16 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
     run's ``key`` is gone, or no renewal vouched for the lease before it may have
     expired (less the margin a holder keeps), another run may hold the session, and
     what still holds the command's pipe is stopped (`_stop_writers`)."""
-    from fencelock import _etcd, _etcdurl
+    from fencelock import _etcdcluster, _etcdurl
     from fencelock._errors import StoreUnavailableError
 
     url = _etcdurl.parse(backend)
     assert url is not None
     ttl = url.ttl
-    cluster = _etcd.cluster(url)
+    cluster = _etcdcluster.cluster(url)
     # A clock that counts on while the host is suspended, as etcd's lease does.
-    renewer = _Renewer(cluster, lease_id, key, ttl, _etcd._lease_clock, _etcd.margin(ttl))
+    renewer = _Renewer(cluster, lease_id, key, ttl, _etcdcluster.lease_clock,
+                       _etcdcluster.margin(ttl))
     threading.Thread(target=renewer.run, name="fencelock-keeper-renew", daemon=True).start()
     poller = select.poll()
     for fd in (command_fd, wrapper_fd):
@@ -426,7 +428,7 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
             if not renewer.guarding.is_set():
                 continue
             if renewer.lost or (renewer.lapsing() and
-                                not renewer.renewed_within(_etcd._MIN_REQUEST_TIMEOUT)):
+                                not renewer.renewed_within(_etcdcluster.MIN_REQUEST_TIMEOUT)):
                 # The key deleted, or nothing vouches for the lease any more (a pause of
                 # this process looks so too: one renewal, or the one under way, first).
                 _stop_writers(command_fd)
@@ -442,18 +444,18 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
             cluster.call("/kv/lease/revoke", {"ID": lease_id})
             return
         except StoreUnavailableError as e:
-            if _etcd._LEASE_GONE in e.why or time.monotonic() >= end:
+            if _etcdcluster.LEASE_GONE in e.why or time.monotonic() >= end:
                 return
             time.sleep(_RETRY)
 
 
-def _key_gone(cluster: _Cluster, lease_id: int, key: str) -> bool:
+def _key_gone(cluster: Cluster, lease_id: int, key: str) -> bool:
     """Whether etcd says the run's ``key`` is no longer under the lease (deleted by
     hand: the session is free to another run though the lease lives). Not when etcd
     does not answer: the lease's renewal just vouched for the run, as the run's own
     guard takes it."""
     from fencelock._errors import StoreUnavailableError
-    from fencelock._etcd import lease_left
+    from fencelock._etcdcluster import lease_left
 
     try:
         return lease_left(cluster, lease_id, key, None) is None

@@ -710,9 +710,9 @@ def list_store(url: EtcdURL, stuck_after: float) -> Iterator[HolderStatus]:
     """Every session the etcd store ``url`` has a holder or record for (`fencelock
     status --backend URL` with no path), a session file another user planted where
     anyone may create files shown as `probe` shows it."""
-    from fencelock import _etcd
+    from fencelock import _etcdlist
 
-    for row in _etcd.list_holders(url, stuck_after):
+    for row in _etcdlist.list_holders(url, stuck_after):
         yield _unless_planted(row)
 
 
@@ -725,11 +725,11 @@ def _scan_store(
                      if e.name.endswith(SESSION_SUFFIX) and not e.is_symlink()]
     except OSError as e:
         raise SidecarAccessError(base, e, _sidecar.listing_fix(base, e)) from None
-    from fencelock import _etcd
+    from fencelock import _etcdlist
 
     url = _backend.selected(backend)
     assert url is not None
-    for name in sorted(set(names) | set(_etcd.names_in(url, base))):
+    for name in sorted(set(names) | set(_etcdlist.names_in(url, base))):
         store = _store.open_store(backend, os.path.join(base, name))
         assert store is not None
         yield store.probe(stuck_after)

@@ -240,12 +240,13 @@ def _probe_through_restart(session: str, stuck_after: float, backend: str | None
     url = _backend.selected(backend)
     if url is None:
         return _probe.probe(session, stuck_after=stuck_after, backend=backend)
-    from fencelock import _etcd
+    from fencelock import _etcd, _etcdcluster
 
     deadline = None if limit is None else time.monotonic() + limit
     store = _etcd.EtcdHolder(url, session)
     # Each request bounded by the wait's deadline too (a request gets at least 0.5 s).
-    return _etcd.through_outage(lambda: store.probe(stuck_after, deadline), url.ttl, deadline)
+    return _etcdcluster.through_outage(lambda: store.probe(stuck_after, deadline), url.ttl,
+                                       deadline)
 
 
 def _unreadable(session: str, sidecar: str, found: HolderStatus, *,
@@ -315,7 +316,7 @@ def _record_or_gone(session: str, now: HolderStatus, stuck_after: float,
     by its key (`_owner_successor`), which every recover that sees it answers (one
     that starts after it went finds no trace of it, and re-fires). Rides out an etcd
     restart, as the look before the wait does, each restart moving the end out."""
-    from fencelock._etcd import through_outage
+    from fencelock._etcdcluster import through_outage
 
     url = _backend.selected(backend)
     ttl = 0.0 if url is None else url.ttl

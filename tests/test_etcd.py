@@ -40,6 +40,7 @@ from fencelock import (
     SessionTakeoverError,
     StoreUnavailableError,
     _etcd,
+    _etcdcluster,
     clear,
     is_coordination_error,
     probe,
@@ -404,7 +405,7 @@ def test_a_forked_child_closes_its_copies_of_the_parent_s_etcd_connections(
 
     marks.require("proc")
     url = own_etcd.url("fork-sockets")  # no other test's connections go to this port
-    from fencelock import _etcd
+    from fencelock import _etcdcluster
 
     with SessionLock(session, "parent", backend=url):
         pass
@@ -413,7 +414,7 @@ def test_a_forked_child_closes_its_copies_of_the_parent_s_etcd_connections(
     assert parsed is not None
     # This thread's connections, idle now that its requests are done (the lease keeper's
     # may be in the middle of one: not counted).
-    clients = _etcd.cluster(parsed)._clients()
+    clients = _etcdcluster.cluster(parsed)._clients()
     posts = {os.fstat(sock.fileno()).st_ino for client in clients
              if (sock := client.session.inherited_socket()) is not None}
     idle = posts | {
@@ -1301,7 +1302,7 @@ def test_a_holder_rides_out_a_quorum_lost_and_back_within_its_lease(
         members[1].kill()
         _until_without_leader(members[2])
         met = threading.Event()
-        unavailable = _etcd._Cluster._unavailable
+        unavailable = _etcdcluster.Cluster._unavailable
 
         def seen(self: Any, *args: Any) -> StoreUnavailableError:
             error = unavailable(self, *args)
@@ -1309,7 +1310,7 @@ def test_a_holder_rides_out_a_quorum_lost_and_back_within_its_lease(
                 met.set()
             return error
 
-        monkeypatch.setattr(_etcd._Cluster, "_unavailable", seen)
+        monkeypatch.setattr(_etcdcluster.Cluster, "_unavailable", seen)
         outcome: list[BaseException | None] = []
 
         def release() -> None:
@@ -1375,7 +1376,7 @@ def test_an_outage_ridden_out_in_vain_is_told_by_what_says_most(
     came in time (a try cut short by the deadline) where the first, asked with a whole
     request's time, said more (a lost quorum); an error that names its own fix ends it
     at once."""
-    from fencelock._etcd import through_outage
+    from fencelock._etcdcluster import through_outage
 
     said = iter([first, *[then] * 1000])
 
@@ -1399,12 +1400,12 @@ def test_runs_that_wait_for_another_s_lease_grant_give_up_at_their_own_deadline(
     """The first acquire of a process grants its lease; others that need it meanwhile
     wait for that grant no longer than their own deadline, instead of queueing behind it
     and then sending grants of their own to a hung etcd."""
-    from fencelock import _etcd
+    from fencelock import _etcdcluster
 
     url = own_etcd.url("grant")
     parsed = parse(url)
     assert parsed is not None
-    cluster = _etcd.cluster(parsed)
+    cluster = _etcdcluster.cluster(parsed)
     granting = threading.Event()
     grants: list[str] = []
     real_call = cluster.call
@@ -1521,14 +1522,14 @@ def test_a_release_just_before_the_waiter_s_watch_begins_wakes_it_at_once(
     nearly up (0.45 s: less than one request may take) or has run out meanwhile (its
     turn came within its time), where it would otherwise report the session as held
     although it was its turn."""
-    from fencelock import _etcd
+    from fencelock import _etcd, _etcdcluster
 
     monkeypatch.setenv("FENCELOCK_BACKEND", url)
     holder = spawn_holder(session)
     holder.acquire()
     parsed = parse(url)
     assert parsed is not None
-    cluster = _etcd.cluster(parsed)
+    cluster = _etcdcluster.cluster(parsed)
     real_watch = cluster.watch
 
     def watch_after_the_release(key: str, deadline: float | None,
@@ -1621,27 +1622,27 @@ def test_a_forked_child_leaves_the_parent_s_watches_to_the_parent(
     or the thread that stops such watches is at it): the child closes its copy of the
     socket and never shuts the connection down, so the parent's watch still reads its
     stream."""
-    from fencelock import _etcd
+    from fencelock import _etcdcluster, _etcdwatch
 
     marks.require("proc")
     parsed = parse(url)
     assert parsed is not None
-    cluster = _etcd.cluster(parsed)
+    cluster = _etcdcluster.cluster(parsed)
     watch = cluster.watch(f"{parsed.prefix}/never-deleted", None)
     assert watch._sock is not None
     inode = os.fstat(watch._sock.fileno()).st_ino
     try:
         if where == "queued":
-            _etcd._retired.append(watch)  # as `_retire` leaves it, before the thread runs
+            _etcdwatch._retired.append(watch)  # as `_retire` leaves it, before the thread runs
         else:
-            monkeypatch.setattr(_etcd, "_stopping", watch)  # taken from the queue
+            monkeypatch.setattr(_etcdwatch, "_stopping", watch)  # taken from the queue
         assert inode in _sockets_to(parsed.endpoints[0][1])
         assert inode not in _sockets_to_in_a_forked_child(parsed.endpoints[0][1])
         # The parent's stream is intact: it still times out waiting, not at its end.
         assert watch.wait(0.05) is False and not watch.deleted
     finally:
         with contextlib.suppress(ValueError):
-            _etcd._retired.remove(watch)
+            _etcdwatch._retired.remove(watch)
         watch.stop()
 
 
@@ -1652,7 +1653,7 @@ def test_a_turn_taken_when_no_thread_can_start_is_kept_and_its_watch_stopped(
     """The thread that stops spent watches cannot start (a thread or memory limit):
     the turn this waiter has taken stands, its watch is stopped in place, and the
     session reads free once it releases (not stale: the run before released)."""
-    from fencelock import _etcd
+    from fencelock import _etcdwatch
 
     marks.require("proc")
     url = own_etcd.url("no-thread")
@@ -1666,12 +1667,12 @@ def test_a_turn_taken_when_no_thread_can_start_is_kept_and_its_watch_stopped(
             raise RuntimeError("can't start new thread")
         start(thread)
 
-    monkeypatch.setattr(_etcd, "_retirer", None)
+    monkeypatch.setattr(_etcdwatch, "_retirer", None)
     monkeypatch.setattr(threading.Thread, "start", refuse_the_retirer)
     assert holder.call("release") == "released"
     t.join(60)  # a guard against a hang, not a measurement
     assert not t.is_alive() and len(got) == 1 and isinstance(got[0], int), got
-    assert waiter.held and watch not in _etcd._retired
+    assert waiter.held and watch not in _etcdwatch._retired
     assert inode not in _sockets_to(own_etcd.client_port)  # stopped before acquire returned
     waiter.release()
     assert probe(session, backend=url).state == ProbeState.FREE
@@ -1680,13 +1681,13 @@ def test_a_turn_taken_when_no_thread_can_start_is_kept_and_its_watch_stopped(
 def test_a_client_keeps_one_connection_per_endpoint(session: Path, url: str) -> None:
     """etcd3gw's look at the server's version goes on the same kept-alive connection as
     the transactions: none is left idle in requests' pool."""
-    from fencelock import _etcd
+    from fencelock import _etcdcluster
 
     with SessionLock(session, "one-connection", backend=url):
         pass
     parsed = parse(url)
     assert parsed is not None
-    for client in _etcd.cluster(parsed)._clients():
+    for client in _etcdcluster.cluster(parsed)._clients():
         pooled = [conn for pool in
                   client.session.adapters["http://"].poolmanager.pools._container.values()
                   for conn in pool.pool.queue if conn is not None]
@@ -1721,7 +1722,7 @@ def test_a_waiter_whose_turn_came_after_an_older_holder_wrote_is_no_takeover(
     waiter ahead gives up, the owner may still append and release before this waiter's
     turn is confirmed. That line is the protocol's: the fence starts after it, and the
     new holder's first append goes through."""
-    from fencelock import _etcd
+    from fencelock import _etcd, _etcdcluster, _etcdwire
 
     session.write_text('{"role": "user"}\n')
     monkeypatch.setenv("FENCELOCK_BACKEND", url)
@@ -1729,10 +1730,10 @@ def test_a_waiter_whose_turn_came_after_an_older_holder_wrote_is_no_takeover(
     owner.acquire()
     parsed = parse(url)
     assert parsed is not None
-    cluster = _etcd.cluster(parsed)
+    cluster = _etcdcluster.cluster(parsed)
     lease = int(cluster.call("/lease/grant", {"TTL": 60, "ID": 0})["ID"])
     ahead = f"{_etcd.EtcdHolder(parsed, str(session)).lock_name}/{lease:x}"
-    cluster.txn([], [_etcd._put(ahead, b"", lease)])  # a waiter queued behind the owner
+    cluster.txn([], [_etcdwire.put(ahead, b"", lease)])  # a waiter queued behind the owner
 
     def owner_writes_and_releases() -> None:
         assert owner.call('append {"role": "assistant", "by": "owner"}') == "ok"
@@ -1748,7 +1749,7 @@ def test_a_waiter_whose_turn_came_after_an_older_holder_wrote_is_no_takeover(
         assert t.is_alive() and time.monotonic() < give_up, got
         time.sleep(0.005)
     armed[0] = True
-    cluster.txn([], [_etcd._delete(ahead)])  # the waiter ahead gives up
+    cluster.txn([], [_etcdwire.delete(ahead)])  # the waiter ahead gives up
     t.join(60)
     assert not t.is_alive() and len(got) == 1 and not armed[0], got
     try:
@@ -1762,12 +1763,12 @@ def test_a_waiter_whose_turn_came_after_an_older_holder_wrote_is_no_takeover(
 
 _EXITS_HOLDING = """
 import sys, threading, time
-from fencelock import SessionLock, _etcd
+from fencelock import SessionLock, _etcdwatch
 class Asleep:  # the exit comes before the thread that stops watches gets to run
     def set(self): pass
     def wait(self): threading.Event().wait()
     def clear(self): pass
-_etcd._retired_wake = Asleep()
+_etcdwatch._retired_wake = Asleep()
 lock = SessionLock(sys.argv[1], "exits-holding", backend=sys.argv[2])
 t = threading.Thread(target=lock.acquire)
 t.start()
@@ -1783,7 +1784,7 @@ while not reading_its_watch():
     time.sleep(0.005)
 print("watching", flush=True)
 t.join()
-print("held", len(_etcd._retired) == 1, flush=True)
+print("held", len(_etcdwatch._retired) == 1, flush=True)
 """
 
 
@@ -2003,11 +2004,11 @@ def test_the_listing_of_a_store_reads_its_records_a_page_at_a_time(
     records kept for sessions that ran once: they are read a page at a time (here two
     keys a page), and holders found only in the queue (`etcdctl lock`, which writes no
     record) fall between them in order."""
-    from fencelock import _etcd
+    from fencelock import _etcdlist
     from fencelock._etcdurl import parse as parse_url
     from fencelock._probe import list_store
 
-    monkeypatch.setattr(_etcd, "_PAGE", 2)
+    monkeypatch.setattr(_etcdlist, "_PAGE", 2)
     d = session.parent
     for name in ("b", "d", "f", "h"):  # ran once: a record each, released
         with SessionLock(d / f"{name}.jsonl", "done", backend=url):
@@ -2119,7 +2120,7 @@ def test_a_session_whose_directory_is_missing_is_refused_with_nothing_queued(
     and its first append failed)."""
     import base64
 
-    from fencelock._etcd import cluster
+    from fencelock._etcdcluster import cluster
 
     missing = tmp_path / "sesions" / "a.jsonl"
     with pytest.raises(FenceLockError, match=r"its directory .* does not exist; check the path"):
@@ -2528,14 +2529,14 @@ def test_a_watch_over_https_hears_the_deletion(tls_etcd: _TLSEtcd, inline: bool)
     """A waiter's watch goes over HTTPS with the URL's CA and client certificate (a
     waiter whose watch failed would still get the session, by looking again, so the
     hand-off above cannot tell): it is created, and hears the key's deletion."""
-    from fencelock import _etcd
+    from fencelock import _etcdcluster
 
     url = parse(tls_etcd.good_url())
     assert url is not None
     key = f"{url.prefix}/watched"
     subprocess.run(_etcdctl(tls_etcd.server, "put", key, "x"), check=True,
                    capture_output=True)
-    watch = _etcd.cluster(url).watch(key, None, inline=inline)
+    watch = _etcdcluster.cluster(url).watch(key, None, inline=inline)
     try:
         subprocess.run(_etcdctl(tls_etcd.server, "del", key), check=True,
                        capture_output=True)
@@ -3154,11 +3155,11 @@ def test_a_watch_on_a_hung_etcd_gives_store_unavailable_instead_of_hanging(
 ) -> None:
     import time
 
-    from fencelock import _etcd
+    from fencelock import _etcdcluster
 
     url = parse(own_etcd.url("hung-watch"))
     assert url is not None
-    cluster = _etcd.cluster(url)
+    cluster = _etcdcluster.cluster(url)
     ready, stopped = threading.Event(), threading.Event()
     outcome: list[BaseException] = []
 
@@ -3999,7 +4000,7 @@ def test_a_member_that_hangs_does_not_cost_a_holder_its_lease_while_another_answ
     session though the other member would have answered at once. The time a renewal
     has is shared out among the endpoints: the holder checks its lease (as each append
     and touch does) all through, and never finds it lost."""
-    from fencelock import _etcd
+    from fencelock import _etcdcluster
 
     relay = _Relay(etcd_server.endpoint)
     try:
@@ -4007,9 +4008,9 @@ def test_a_member_that_hangs_does_not_cost_a_holder_its_lease_while_another_answ
         parsed = parse(url)
         assert parsed is not None
         with SessionLock(session, "kept", backend=url) as lock:
-            lease = _etcd.cluster(parsed)._lease
+            lease = _etcdcluster.cluster(parsed)._lease
             assert lease is not None
-            hung_at = _etcd._lease_clock()
+            hung_at = _etcdcluster.lease_clock()
             relay.hung.set()
             assert relay.asked.wait(30)  # a renewal went to the member that hangs
             # Until a renewal sent after the hang is confirmed (by the other member):
@@ -4085,16 +4086,16 @@ def test_a_keeper_about_to_count_its_lease_lost_asks_again_past_a_member_that_ha
     answer, though the next renewal goes first to another member. The answer is now
     that of a renewal begun after the ask (within the time given: here ample, as the
     one under way waits its own time on the member that hangs first)."""
-    from fencelock import _etcd, _etcdkeeper
+    from fencelock import _etcdcluster, _etcdkeeper
 
     relay = _Relay(etcd_server.endpoint)
     parsed = parse(f"etcd://127.0.0.1:{relay.port},{etcd_server.endpoint}/kept?ttl=60")
     assert parsed is not None
-    cluster = _etcd.cluster(parsed)
+    cluster = _etcdcluster.cluster(parsed)
     lease = int(cluster.call("/lease/grant", {"TTL": 60, "ID": 0})["ID"])  # via the relay
     relay.hung.set()
-    renewer = _etcdkeeper._Renewer(cluster, lease, "key", 60, _etcd._lease_clock,
-                                   _etcd.margin(60))
+    renewer = _etcdkeeper._Renewer(cluster, lease, "key", 60, _etcdcluster.lease_clock,
+                                   _etcdcluster.margin(60))
     renewer.vouched = 0.0  # nothing vouches for the lease: the keeper is about to stop
     threading.Thread(target=renewer.run, daemon=True).start()
     try:
@@ -4115,20 +4116,20 @@ def test_a_lease_in_its_last_second_is_not_taken_for_gone(
     second, which a renewal still saves. It was read as a lease that is gone, so a
     `fencelock run` keeper whose renewal came late (a member that hung, a busy host)
     stopped what the command left running, and revoked a lease that was still held."""
-    from fencelock import _etcd
+    from fencelock import _etcd, _etcdcluster, _etcdwire
 
     parsed = parse(etcd_server.url(f"last-{uuid.uuid4().hex[:8]}"))
     assert parsed is not None
-    cluster = _etcd.cluster(parsed)
+    cluster = _etcdcluster.cluster(parsed)
     for _ in range(5):
         lease = int(cluster.call("/lease/grant", {"TTL": 2, "ID": 0})["ID"])
         key = f"{_etcd.EtcdHolder(parsed, str(session)).lock_name}/{lease:x}"
-        cluster.txn([], [_etcd._put(key, b"", lease)])
+        cluster.txn([], [_etcdwire.put(key, b"", lease)])
         give_up = time.monotonic() + 30
         while _lease_ttl(etcd_server, f"{lease:x}") > 0:  # until its last second
             assert time.monotonic() < give_up
             time.sleep(0.01)  # a pace: the loop ends on etcd's answer
-        left = _etcd.lease_left(cluster, lease, key, None)
+        left = _etcdcluster.lease_left(cluster, lease, key, None)
         # Saved by a renewal after that answer: the lease lived when it was asked. (On a
         # busy host its last second may run out first: then try again.)
         try:
@@ -4142,10 +4143,10 @@ def test_a_lease_in_its_last_second_is_not_taken_for_gone(
         pytest.fail("each lease ran out before it could be renewed")
     try:
         assert left == 0.0
-        assert _etcd.lease_left(cluster, lease, key + "x", None) is None  # not its key
+        assert _etcdcluster.lease_left(cluster, lease, key + "x", None) is None  # not its key
     finally:
         cluster.call("/kv/lease/revoke", {"ID": lease})
-    assert _etcd.lease_left(cluster, lease, key, None) is None  # revoked
+    assert _etcdcluster.lease_left(cluster, lease, key, None) is None  # revoked
 
 
 def test_a_waiter_whose_member_hangs_gets_the_session_in_seconds_whatever_the_ttl(
@@ -4675,7 +4676,7 @@ def test_a_release_retried_after_a_waiter_took_over_is_no_loss(
     """etcd applied the release but its answer was lost (a restart), and another run
     took the session before the release was tried again: the retry finds the key gone
     and another run's record, but the lease alive. Nothing was lost."""
-    from fencelock import _etcd
+    from fencelock import _etcdcluster
 
     monkeypatch.setenv("FENCELOCK_BACKEND", url)  # the other run's store too
     other = spawn_holder(session, lane="next")
@@ -4694,7 +4695,7 @@ def test_a_release_retried_after_a_waiter_took_over_is_no_loss(
         return r
 
     monkeypatch.setattr(cluster, "txn", txn)
-    monkeypatch.setattr(_etcd, "_RETRY_PAUSE", 0.01)
+    monkeypatch.setattr(_etcdcluster, "RETRY_PAUSE", 0.01)
     holder.release()  # no HolderLostError
     assert not answers_lost  # the path above was taken
     status = probe(session, backend=url)
@@ -4709,7 +4710,7 @@ def test_an_earlier_run_s_lost_lease_is_no_reason_to_queue_again(
     than the TTL), tried again while etcd still does not answer: the acquire fails once.
     Queueing again is for a lease lost while this acquire waited; trying twice took
     twice as long, and ran past the timeout."""
-    from fencelock import _etcd
+    from fencelock import _etcd, _etcdcluster
 
     url = own_etcd.url("earlier", ttl=2)
     lock = SessionLock(session, "again", backend=url)
@@ -4717,7 +4718,7 @@ def test_an_earlier_run_s_lost_lease_is_no_reason_to_queue_again(
         pass
     parsed = parse(url)
     assert parsed is not None
-    lease = _etcd.cluster(parsed)._lease
+    lease = _etcdcluster.cluster(parsed)._lease
     assert lease is not None
     tries: list[int] = []
     acquire = _etcd.EtcdHolder._acquire
@@ -4746,11 +4747,11 @@ def test_an_acquire_whose_lease_runs_out_before_its_first_record_is_store_unavai
     when that runs out the same way, it fails and may be tried again
     (`StoreUnavailableError`): nothing was lost (not `HolderLostError`, a coordination
     error that says not to retry). Nothing stays queued."""
-    from fencelock import _etcd
+    from fencelock import _etcdcluster
     from fencelock._record import State
 
     lock = SessionLock(session, "late", backend=url)
-    encode, clock = lock._encode, _etcd._lease_clock
+    encode, clock = lock._encode, _etcdcluster.lease_clock
     pauses: list[int] = []
 
     def encode_then_pause(state: State = State.HELD) -> bytes:
@@ -4759,7 +4760,7 @@ def test_an_acquire_whose_lease_runs_out_before_its_first_record_is_store_unavai
             # The process is paused here, past its lease's time to live.
             pauses.append(1)
             offset = 3600 * len(pauses)
-            monkeypatch.setattr(_etcd, "_lease_clock", lambda: clock() + offset)
+            monkeypatch.setattr(_etcdcluster, "lease_clock", lambda: clock() + offset)
         return data
 
     lock._encode = encode_then_pause  # type: ignore[method-assign]
@@ -4777,7 +4778,7 @@ def test_an_acquire_whose_lease_runs_out_before_its_first_record_is_store_unavai
     with lock:  # one pause: queued again under a new lease, and held
         assert len(pauses) == 1
         assert probe(session, backend=url).state == ProbeState.LIVE
-    monkeypatch.setattr(_etcd, "_lease_clock", clock)
+    monkeypatch.setattr(_etcdcluster, "lease_clock", clock)
 
 
 @pytest.mark.parametrize("told", ["", "append", "touch", "heartbeat"])
