@@ -979,11 +979,12 @@ def hold(
 
     Prints {"ok": true, "event": "held", "record": {...}} once held, then answers each
     JSON request line on stdin ({"op": "append", "entry": {...}}, "prompt_begin",
-    "prompt_end", "touch", "verify", "info", "release") with one JSON line. Release,
-    or end of stdin, releases the session and exits 0. Contended (--no-wait, past
-    --timeout, or stdin ended while it waited): {"ok": false, "error":
-    "SessionContendedError", ...} and exit 4; a session it cannot take (a bad sidecar,
-    etcd away): the error line and exit 1. docs/PROTOCOL.md has the whole protocol.
+    "prompt_end", "touch", "verify", "info", "superseded", "release") with one JSON
+    line. Release, or end of stdin, releases the session and exits 0. Contended
+    (--no-wait, past --timeout, or stdin ended while it waited): {"ok": false,
+    "error": "SessionContendedError", ...} and exit 4; a session it cannot take (a bad
+    sidecar, etcd away): the error line and exit 1. docs/PROTOCOL.md has the whole
+    protocol.
 
     \b
     Example:

@@ -61,7 +61,8 @@ _QUEUED = 4
 """Requests queued ahead of the one being answered (the reader holds one more while it
 waits for room, and the rest of its last read); the pipe buffers what follows."""
 
-OPS = ("append", "prompt_begin", "prompt_end", "touch", "verify", "info", "release")
+OPS = ("append", "prompt_begin", "prompt_end", "touch", "verify", "info", "superseded",
+       "release")
 
 
 
@@ -508,6 +509,8 @@ class _Session:
                 raise HolderLostError(lock.session, self.lost.why)
             info = lock.info
             answer["record"] = None if info is None else info.to_json()
+        elif op == "superseded":
+            answer["session"] = lock.superseded()
         elif op == "release":
             self.close()
         return answer

@@ -1227,6 +1227,17 @@ class SessionLock:
         one held now, or else the next): the run's release forgets it."""
         self._abort_callbacks.append(callback)
 
+    def superseded(self) -> str | None:
+        """The fresh session a `recover` moved this run's conversation to (it found the
+        run still holding the session past its wait), or None: one lstat. A recover in
+        another process does not stop the run (only `on_abort` callbacks of this
+        process are called), and the turn it moved is re-fired in the fresh session:
+        ask before writing the reply a long model call made."""
+        self._require()
+        from fencelock import _successors  # (its hash library: only where it is asked)
+
+        return _successors.made(self.session, self._run_id, self._token)
+
     def _abort(self) -> None:
         """Called by `fencelock._registry.abort` (in-process `recover`): every callback
         is called; one that raises is reported as a warning and stops neither the others

@@ -30,6 +30,7 @@ from fencelock import (
     _registry,
     _sidecar,
     _store,
+    _successors,
     _tokens,
     _wait,
 )
@@ -269,10 +270,6 @@ _LONG_LINE = 1024 * 1024
 """Lines longer than this are searched for a stamp only in their last `_tokens.TAIL`."""
 
 
-_SUCCESSORS = uuid.UUID("6f1c2a9e-53d1-4e0a-9c1b-f3a2d0e5b7c4")
-"""The namespace of successor session names (`_successor`)."""
-
-
 def _still_holds(session: str, run: HolderInfo, backend: str | None) -> bool:
     """Whether the run ``run`` may still hold ``session``: not known to be gone."""
     return not _gone(run, _probe.probe(session, backend=backend))
@@ -372,23 +369,12 @@ def _holding_run(found: HolderStatus) -> HolderInfo | None:
 
 def _successor(session: str, stuck: HolderInfo | None) -> str | None:
     """The fresh session that takes over from the stuck run ``stuck``: one name per
-    stuck run (its run id and token, which no other run shares), so that recovers of
-    the same stuck run, at once or later, from any host, agree on it. None for a
-    holder without a record (nothing to name it by)."""
+    stuck run (`_successors.of_run`), so that recovers of the same stuck run, at once or
+    later, from any host, agree on it. None for a holder without a record (nothing to
+    name it by)."""
     if stuck is None or not stuck.run_id:
         return None
-    # A run id as the record has it.
-    return _named(session, stuck.run_id.encode("utf-8", "surrogatepass"), b"%d" % stuck.token)
-
-
-def _named(session: str, *parts: bytes) -> str:
-    """A fresh session beside ``session`` named by ``parts``: uuid5, with hashlib
-    imported with this module (recover may run in a process near its memory limit,
-    where loading the hash library late would fail), over the name's own bytes (a name
-    need not be UTF-8) and the parts."""
-    key = b"\n".join([os.fsencode(os.path.basename(session)), *parts])
-    name = uuid.UUID(bytes=hashlib.sha1(_SUCCESSORS.bytes + key).digest()[:16], version=5)
-    return os.path.join(os.path.dirname(session), f"{name}.jsonl")
+    return _successors.of_run(session, stuck.run_id, stuck.token)
 
 
 def _owner_successor(session: str, now: HolderStatus) -> str | None:
@@ -397,7 +383,7 @@ def _owner_successor(session: str, now: HolderStatus) -> str | None:
     that one acquisition agree on it; None elsewhere (a holder a random name is given)."""
     if now.record is not None or not now._owner:
         return None
-    return _named(session, b"owner", now._owner.encode("utf-8", "surrogatepass"))
+    return _successors.named(session, b"owner", now._owner.encode("utf-8", "surrogatepass"))
 
 
 class _RunEnded(Exception):

@@ -143,6 +143,25 @@ def test_a_whole_turn_is_written_and_released(session: Path, start_hold: StartHo
     assert status.record.state == "released"
 
 
+def test_superseded_names_the_fresh_session_a_recover_moved_the_turn_to(
+    session: Path, start_hold: StartHold
+) -> None:
+    """A caller in a long model call learns, before it appends its reply, that a recover
+    found it still holding the session and moved the conversation on."""
+    h = start_hold(session, lane="slow")
+    h.held()
+    assert h.call("append", entry={"role": "user", "content": "hi"})["ok"]
+    assert h.call("superseded") == {"ok": True, "op": "superseded", "session": None}
+    done = subprocess.run(
+        [sys.executable, "-m", "fencelock", "recover", str(session), "--wait", "0", "--json"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    fresh = json.loads(done.stdout)["session"]
+    assert fresh != str(session)
+    assert h.call("superseded") == {"ok": True, "op": "superseded", "session": fresh}
+    assert h.call("release")["ok"] and h.proc.wait(timeout=60) == 0
+
+
 def test_id_is_echoed_in_answers_good_and_bad(session: Path, start_hold: StartHold) -> None:
     h = start_hold(session)
     h.held()

@@ -13,13 +13,14 @@ from typing import Any
 
 import pytest
 from conftest import Holder, SpawnHolder, reap, wait_for_blocked_waiter
-from marks import needs_proc, needs_xattr
+from marks import needs_proc, needs_root, needs_xattr
 
 from fencelock import (
     STAMP_KEY,
     Action,
     CorruptRecordError,
     FenceLockError,
+    NotHeldError,
     ProbeState,
     SessionContendedError,
     SessionLock,
@@ -505,6 +506,62 @@ def test_in_process_run_is_asked_to_abort_before_the_wait(
     result = recover(session, wait=30)
     assert aborted.is_set()
     assert result.action is Action.REFIRE and result.holder.lane == "stuck-run"
+
+
+def test_a_run_learns_that_a_recover_in_another_process_moved_its_conversation(
+    session: Path, store: str | None
+) -> None:
+    """A recover in another process finds the run still holding the session past its
+    wait and moves the conversation to a fresh session, where the turn is re-fired. The
+    run is not stopped (it may only have been slow); `superseded` tells it so before it
+    writes its reply. A later run of the old session is no such run."""
+    session.write_text('{"n": 1}\n')
+    lock = SessionLock(session, lane="slow-run")  # in the store under test
+    lock.acquire()
+    assert lock.superseded() is None  # nothing moved it yet
+    done = subprocess.run(
+        [sys.executable, "-m", "fencelock", "recover", str(session), "--wait", "0", "--json"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    moved = json.loads(done.stdout)
+    assert moved["action"] == "fresh"
+    assert lock.superseded() == moved["session"]
+    assert lock.held  # still the run's: only told
+    lock.release()
+    with pytest.raises(NotHeldError):
+        lock.superseded()
+    again = SessionLock(session, lane="next-run")
+    with again:  # a run after it: nothing moved this one
+        assert again.superseded() is None
+
+
+@pytest.mark.parametrize("planted", [False, pytest.param(True, marks=needs_root)])
+def test_a_file_at_the_fresh_session_s_name_that_no_recover_made_is_no_move(
+    tmp_path: Path, planted: bool
+) -> None:
+    """`superseded` answers only a fresh session as a recover makes it: not a directory
+    at that name, nor another user's file in a directory anyone can write to (made in
+    advance to make the run drop its reply). A file of the run's own user is one."""
+    from fencelock import _successors
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    session = shared / "s.jsonl"
+    lock = SessionLock(session, lane="run")
+    with lock:
+        info = lock.info
+        assert info is not None
+        fresh = Path(_successors.of_run(str(session), info.run_id, info.token))
+        fresh.mkdir()
+        assert lock.superseded() is None
+        fresh.rmdir()
+        fresh.write_text("")
+        if planted:
+            os.chown(fresh, 65534, 65534)
+            assert lock.superseded() is None
+        else:
+            assert lock.superseded() == str(fresh)
 
 
 def test_nothing_signals_the_holder(session: Path, spawn_holder: SpawnHolder) -> None:
