@@ -1159,9 +1159,9 @@ def recover_command(
     backend: str | None,
 ) -> None:
     """The safe stuck-session recovery step: never re-fire on a session a run still
-    holds. Prints the session to use: SESSION itself when it is free (a stale record
-    is cleared), or a fresh session beside it carrying the old transcript's complete
-    lines. Exit 0, 4 when still held and --no-fresh, 1 on any other failure.
+    holds. Prints the session to use, as an absolute path: SESSION itself when it is
+    free (a stale record is cleared), or a fresh session beside it carrying the old
+    transcript's complete lines. Exit 0, 4 when still held and --no-fresh, 1 on any other failure.
 
     The fresh session is named after the stuck run, so every recover of that run
     answers the same one, copied once, also once that run has ended (until another

@@ -125,10 +125,11 @@ class SessionContendedError(CoordinationError):
         """The message without its advice: ``SESSION: held by WHO[, after waiting Ns]``."""
         who = describe_holder(self.holder, self.lock_owners, self.last, self.held_by)
         waited = self.waited
-        # Said from half a second on: not for a try's moment of grace to a lock held
-        # without a live record (50 ms, `_sidecar_holder.FAIL_GRACE`, longer on a busy
-        # host), which its caller did not ask to wait.
-        how = f", after waiting {waited:.1f}s" if waited and waited >= 0.5 else ""
+        # Said from half a second on, as printed (a wait asked for 0.5 s may end a
+        # hair before it): not for a try's moment of grace to a lock held without a
+        # live record (50 ms, `_sidecar_holder.FAIL_GRACE`, longer on a busy host),
+        # which its caller did not ask to wait.
+        how = f", after waiting {waited:.1f}s" if waited and round(waited, 1) >= 0.5 else ""
         return f"{self.session}: held by {who}{how}"
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -93,6 +93,21 @@ def test_a_coordination_error_says_what_to_do_next() -> None:
                 ". Start the run again from the session as it now is"), (name, str(error))
 
 
+@pytest.mark.parametrize(("waited", "said"), [
+    (None, None), (0.1, None), (0.44, None), (0.4993, "0.5"), (0.5, "0.5"), (12.04, "12.0"),
+])
+def test_a_contention_error_names_a_wait_from_half_a_second_as_printed(
+    waited: float | None, said: str | None
+) -> None:
+    """A wait of half a second or more is named; a timed wait of 0.5 s that ended a hair
+    before it (an `acquire_async`, `hold --timeout 0.5`) is one, a try's moment of grace
+    is not."""
+    text = str(_errors.SessionContendedError("/s/x.jsonl", None, waited=waited))
+    assert ("after waiting" in text) == (said is not None), text
+    if said is not None:
+        assert f", after waiting {said}s;" in text
+
+
 def _same(a: Any, b: Any) -> None:
     """Equal, comparing an OSError by its fields (OSError has no __eq__)."""
     if isinstance(a, OSError):
