@@ -134,7 +134,8 @@ class ConfigNotice:
     agent: str
     where: str
     explicit: tuple[str, ...]
-    """The listed agents that have a heartbeat block of their own, in file order."""
+    """The listed agents whose heartbeat blocks of their own leave them an interval (which
+    brings the explicit-only rule on), in file order."""
 
     @property
     def message(self) -> str:
@@ -595,7 +596,9 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
     wheres: dict[str, list[str]] = {}  # every entry of each id (once: the list may be long)
     for key, _, where, _ in listed:
         wheres.setdefault(key, []).append(where)
-    named = tuple(first[key][0] for key in explicit)  # (each agent by its first entry's id)
+    # The agents whose blocks bring the rule on (each by its first entry's id): not one
+    # whose block only turns its own heartbeat off, which would not have.
+    named = tuple(first[key][0] for key in explicit if _cadence(_merged(base, first[key][2])))
     for key, (name, where, own) in first.items():  # each id once, in file order
         if explicit and key not in explicit:
             if own is None and _runs(base):

@@ -146,6 +146,19 @@ def test_blocks_that_only_turn_their_own_heartbeat_off_leave_the_others_the_defa
     assert check(cfg(agents=[{"id": "main", "heartbeat": {"every": ""}}, {"id": "ops"}])) == []
 
 
+def test_a_notice_names_only_the_blocks_that_bring_the_rule_on() -> None:
+    """With one block that selects its agent, a block that only turns its own heartbeat
+    off is not among the agents the notice says have one: it alone would not have
+    brought the rule on."""
+    config = cfg(defaults={"every": "30m", "isolatedSession": True},
+                 agents=[{"id": "main"}, {"id": "ops", "heartbeat": {"isolatedSession": False}},
+                         {"id": "quiet", "heartbeat": {"every": "0m"}}])
+    found = review(config)
+    assert names(list(found.warnings)) == ["ops"]
+    assert [(n.agent, n.explicit) for n in found.notices] == [("main", ("ops",))]
+    assert "while agent 'ops' has one," in found.notices[0].message
+
+
 def test_an_agent_listed_twice_with_one_block_gets_no_notice_against_itself() -> None:
     config = cfg(defaults={"every": "1h"}, agents=[{"id": "a"}, {"id": "a", "heartbeat": {}}])
     found = review(config)
