@@ -193,6 +193,33 @@ def test_takeover_keeps_the_reply_aside_and_exits_3(session: Path, turns: StartT
     assert [s.session for s in scan(session.parent)] == [str(session)]
 
 
+def test_a_turn_a_recover_moved_keeps_its_reply_out_of_the_old_session_and_exits_5(
+    session: Path, turns: StartTurns
+) -> None:
+    """A recover in another process finds the turn still in its model call past its wait
+    and moves the conversation to a fresh session, where its caller re-fires the turn.
+    The example asks hold before appending its reply, and keeps the reply aside instead
+    of answering the turn a second time."""
+    t = turns(session, "--gate", "--writer", "A", "--message", "ping")
+    t.expect("hold pid=")
+    t.expect("held")
+    t.expect("prompt")
+    done = subprocess.run(
+        [sys.executable, "-m", "fencelock", "recover", str(session), "--wait", "0", "--json"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    fresh = json.loads(done.stdout)["session"]
+    t.go()
+    assert t.expect("superseded session=") == f"superseded session={fresh}"
+    assert t.proc.wait(timeout=60) == 5
+    assert "re-fired" in t.stderr()
+    assert [e["role"] for e in entries(session)] == ["user"]
+    assert [e["role"] for e in entries(Path(fresh))] == ["user"]  # carried, for the re-fire
+    kept = entries(Path(str(session) + ".undelivered"))
+    assert [(k["role"], k["undelivered"]) for k in kept] == [("assistant", "Superseded")]
+    assert probe(session).state == "free"
+
+
 def wrapped(tmp_path: Path, name: str, *args: Path) -> str:
     """A ``fencelock`` that runs the test script ``name`` (the command line with a fault
     made to order) with ``args`` before the command line's own."""

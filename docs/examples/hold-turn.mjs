@@ -13,11 +13,14 @@
 // lane can write between the message and the reply.
 //
 // Lines on stdout, one per step: "hold pid=P", "held token=T", "prompt",
-// "done turn=I".
+// "done turn=I", or "superseded session=FRESH" (below).
 //
 // Exit codes: 0 every turn done; 3 a takeover (something wrote to the session outside
 // the protocol during the turn); 4 the session was held by another run (only with
-// --no-wait or --timeout); 2 a usage error (an unknown option, no SESSION); 1 anything
+// --no-wait or --timeout); 5 the turn was moved: a `fencelock recover` found it still
+// holding the session past its wait and started FRESH, where the turn is re-fired, so
+// its reply is not appended (it would answer the turn twice) but kept aside as below;
+// 2 a usage error (an unknown option, no SESSION); 1 anything
 // else (fencelock missing, hold ended early, a write error). Whenever the reply was ready but could not be appended, it is NOT in
 // the session (unless the answer says "stored": true, and then only there), and rather
 // than drop it silently this program says so on stderr and appends it, marked
@@ -30,6 +33,14 @@
 import { spawn } from "node:child_process";
 import { appendFileSync } from "node:fs";
 import { createInterface } from "node:readline";
+
+class Superseded extends Error {
+  // A recover moved the turn to the fresh session `session` (hold's "superseded").
+  constructor(session) {
+    super(`a recover moved this turn to ${session}, where it is re-fired`);
+    this.session = session;
+  }
+}
 
 class HoldError extends Error {
   // An {"ok": false, ...} answer: .answer.error is fencelock's exception class name.
@@ -174,11 +185,14 @@ function keepUndelivered(opts, entry, error, sent) {
   // or could not take a failed line back, perhaps not): keep it where a person or a
   // retry will find it. `sent`: whether its append had been asked for.
   const aside = `${opts.session}.undelivered`;
-  const why = error instanceof HoldError ? error.answer.error : "HoldEnded";
+  const why = error instanceof HoldError ? error.answer.error
+    : error instanceof Superseded ? "Superseded" : "HoldEnded";
   appendFileSync(aside, JSON.stringify({ ...entry, undelivered: why }) + "\n", {
     mode: 0o600,
   });
-  const fate = !(error instanceof HoldError)
+  const fate = error instanceof Superseded
+    ? "the reply was not appended, as the re-fired turn answers it there"
+    : !(error instanceof HoldError)
     ? sent
       ? "fencelock hold ended before it answered, so the reply may or may not be in the " +
         "session (check it before sending the kept copy again)"
@@ -212,6 +226,9 @@ async function turn(opts, n) {
   let sent = false;
   try {
     await hold.request("prompt_end"); // the fence: did anything else write meanwhile?
+    // A long model call may have outlasted a stuck-session recovery: did it move on?
+    const moved = (await hold.request("superseded")).session;
+    if (moved !== null) throw new Superseded(moved);
     sent = true;
     await hold.request("append", { entry: reply });
   } catch (e) {
@@ -229,6 +246,7 @@ async function turn(opts, n) {
     }
     e.reported = true;
     await hold.release().catch(() => {});
+    if (e instanceof Superseded) console.log(`superseded session=${e.session}`);
     throw e;
   }
   const code = await hold.release();
@@ -246,5 +264,7 @@ main().catch((e) => {
   const kind = e instanceof HoldError ? e.answer.error : null;
   if (!e.reported) process.stderr.write(`hold-turn: ${e.message}\n`);
   const takeover = kind === "SessionTakeoverError" || kind === "HolderLostError";
-  process.exit(kind === "SessionContendedError" ? 4 : takeover ? 3 : 1);
+  process.exit(
+    e instanceof Superseded ? 5 : kind === "SessionContendedError" ? 4 : takeover ? 3 : 1,
+  );
 });
