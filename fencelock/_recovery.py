@@ -17,6 +17,7 @@ import os
 import stat
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from fencelock import (
 from fencelock._constants import DEFAULT_STUCK_AFTER
 from fencelock._errors import (
     FenceLockError,
+    FenceLockWarning,
     HolderLostError,
     RecordTooLargeError,
     SessionContendedError,
@@ -507,7 +509,13 @@ def _make_fresh(
         raise
     except (FenceLockError, OSError) as e:
         if copied:
-            raise  # made whole; only giving its lock back failed
+            # Made whole and named: only its record's fence point, or giving its lock
+            # back, failed. The session is the one to use all the same, as every later
+            # recover would answer (and the stuck run has been told, if it asked).
+            warnings.warn(FenceLockWarning(
+                f"{new}: the fresh session is made, but its record could not be finished "
+                f"({e}); its first run writes a new one"), stacklevel=4)
+            return new, copied[0], True
         if not successor:  # a new name nobody has: take back what its acquire made
             _remove_fresh(new)
         cause = getattr(e, "cause", e)
@@ -619,6 +627,10 @@ def _fill_fresh(
                 owner = _platform.owner_for(new, session, os.fstat(fd) if fd >= 0 else None)
                 _fence.publish(new, _chunks(fd, session, end, digest), token=lock._token,
                                file_mode=lock.mode, check=lock._store.check, owner=owner)
+                # Whole and named: every later recover of the stuck run answers it, and
+                # the run itself learns of it (`SessionLock.superseded`), so this recover
+                # answers it too, whatever fails after this.
+                copied.append(lines)
             except HolderLostError:
                 raise  # another holder's now: nothing here is this call's to remove
             except BaseException:  # an interrupt (SIGTERM, Ctrl-C) too
@@ -632,7 +644,6 @@ def _fill_fresh(
             lock._fp = _fingerprint.take(new, lock.fence_mode,
                                          opened=lock._store.opens_session)
             lock._write_record()
-            copied.append(lines)
     finally:
         if fd >= 0:
             os.close(fd)

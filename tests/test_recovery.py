@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
@@ -20,6 +21,7 @@ from fencelock import (
     Action,
     CorruptRecordError,
     FenceLockError,
+    FenceLockWarning,
     NotHeldError,
     ProbeState,
     SessionContendedError,
@@ -533,6 +535,37 @@ def test_a_run_learns_that_a_recover_in_another_process_moved_its_conversation(
     again = SessionLock(session, lane="next-run")
     with again:  # a run after it: nothing moved this one
         assert again.superseded() is None
+
+
+def test_a_fresh_session_made_whole_is_answered_though_its_record_then_failed(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the copy has its name, the fresh session is the one every later recover of the
+    stuck run answers, and the one `superseded` tells that run: a recover whose record
+    write then fails (a full disk) answers it too, with a warning, rather than fail, so
+    its caller re-fires the turn there (it used to fail, and a run that asked dropped
+    its reply while nobody re-fired the turn)."""
+    from fencelock import _lock
+
+    session.write_text('{"n": 1}\n')
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    real = _lock.SessionLock._write_record
+
+    def full_disk(self: SessionLock) -> None:
+        if self._sole_name:  # the recover's lock on the fresh session
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self)
+
+    monkeypatch.setattr(_lock.SessionLock, "_write_record", full_disk)
+    with pytest.warns(FenceLockWarning, match="the fresh session is made"):
+        result = recover(session, wait=0)
+    assert result.action is Action.FRESH and result.carried_lines == 1
+    assert Path(result.session).read_text() == '{"n": 1}\n'
+    monkeypatch.undo()
+    again = recover(session, wait=0)
+    assert (again.action, again.session, again.carried_lines) == (Action.FRESH, result.session, 0)
+    assert probe(result.session).state == ProbeState.FREE
 
 
 @pytest.mark.parametrize("planted", [False, pytest.param(True, marks=needs_root)])
