@@ -42,6 +42,7 @@ from fencelock._errors import (
     HolderLostError,
     RecordTooLargeError,
     SessionContendedError,
+    SessionWriteError,
     SidecarAccessError,
     StoreUnavailableError,
     UnsafePathError,
@@ -509,12 +510,15 @@ def _make_fresh(
         raise
     except (FenceLockError, OSError) as e:
         if copied:
-            # Made whole and named: only its record's fence point, or giving its lock
-            # back, failed. The session is the one to use all the same, as every later
-            # recover would answer (and the stuck run has been told, if it asked).
+            # Made whole and named: only what comes after failed (the directory's fsync,
+            # its record's fence point, giving its lock back). It is the session to use
+            # all the same: for a stuck run with a record, every later recover answers
+            # it, and the run itself may have been told (`superseded`).
+            cause = getattr(e, "why", None) or getattr(e, "cause", None) or e
             warnings.warn(FenceLockWarning(
-                f"{new}: the fresh session is made, but its record could not be finished "
-                f"({e}); its first run writes a new one"), stacklevel=4)
+                f"{new}: the fresh session is made, but finishing it failed ({cause}); "
+                "it is the session to use (its first run writes its record anew)"),
+                stacklevel=4)
             return new, copied[0], True
         if not successor:  # a new name nobody has: take back what its acquire made
             _remove_fresh(new)
@@ -625,11 +629,16 @@ def _fill_fresh(
                 # As root, the stuck session's owner's: the file copied (its descriptor),
                 # never whatever is at its name by now.
                 owner = _platform.owner_for(new, session, os.fstat(fd) if fd >= 0 else None)
-                _fence.publish(new, _chunks(fd, session, end, digest), token=lock._token,
-                               file_mode=lock.mode, check=lock._store.check, owner=owner)
-                # Whole and named: every later recover of the stuck run answers it, and
-                # the run itself learns of it (`SessionLock.superseded`), so this recover
-                # answers it too, whatever fails after this.
+                try:
+                    _fence.publish(new, _chunks(fd, session, end, digest), token=lock._token,
+                                   file_mode=lock.mode, check=lock._store.check, owner=owner)
+                except SessionWriteError as e:
+                    if e.stored and os.path.lexists(new):
+                        copied.append(lines)  # named; only the directory's fsync failed
+                    raise
+                # Whole and named: every later recover of a stuck run with a record
+                # answers it, and the run itself learns of it (`SessionLock.superseded`),
+                # so this recover answers it too, whatever fails after this.
                 copied.append(lines)
             except HolderLostError:
                 raise  # another holder's now: nothing here is this call's to remove

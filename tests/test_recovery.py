@@ -26,6 +26,7 @@ from fencelock import (
     ProbeState,
     SessionContendedError,
     SessionLock,
+    SessionWriteError,
     UnsafePathError,
     UnsafeSidecarError,
     _recovery,
@@ -537,19 +538,23 @@ def test_a_run_learns_that_a_recover_in_another_process_moved_its_conversation(
         assert again.superseded() is None
 
 
-def test_a_fresh_session_made_whole_is_answered_though_its_record_then_failed(
-    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("fault", ["record", "directory fsync"])
+def test_a_fresh_session_made_whole_is_answered_though_finishing_it_failed(
+    session: Path, spawn_holder: SpawnHolder, store: str | None, fault: str
 ) -> None:
     """Once the copy has its name, the fresh session is the one every later recover of the
-    stuck run answers, and the one `superseded` tells that run: a recover whose record
-    write then fails (a full disk) answers it too, with a warning, rather than fail, so
-    its caller re-fires the turn there (it used to fail, and a run that asked dropped
-    its reply while nobody re-fired the turn)."""
-    from fencelock import _lock
+    stuck run answers, and the one `superseded` tells that run: a recover that fails
+    after that (the directory's fsync, the record's write on a full disk) answers it
+    too, with a warning, rather than fail, so that its caller re-fires the turn there
+    (it used to fail, and a run that asked dropped its reply while nobody re-fired the
+    turn)."""
+    from fencelock import _fence, _lock, _successors
 
     session.write_text('{"n": 1}\n')
-    h = spawn_holder(session, lane="stuck")
+    h = spawn_holder(session, lane="stuck")  # in the store under test
     h.acquire()
+    stuck = probe(session).record
+    assert stuck is not None
     real = _lock.SessionLock._write_record
 
     def full_disk(self: SessionLock) -> None:
@@ -557,12 +562,20 @@ def test_a_fresh_session_made_whole_is_answered_though_its_record_then_failed(
             raise OSError(errno.ENOSPC, "No space left on device")
         real(self)
 
-    monkeypatch.setattr(_lock.SessionLock, "_write_record", full_disk)
-    with pytest.warns(FenceLockWarning, match="the fresh session is made"):
-        result = recover(session, wait=0)
+    def directory_fsync(directory: str) -> None:
+        raise SessionWriteError(directory, OSError(errno.EIO, "Input/output error"),
+                                "fsync of the directory", stored=True)
+
+    with pytest.MonkeyPatch.context() as m:
+        if fault == "record":
+            m.setattr(_lock.SessionLock, "_write_record", full_disk)
+        else:
+            m.setattr(_fence, "_fsync_dir", directory_fsync)
+        with pytest.warns(FenceLockWarning, match="the fresh session is made"):
+            result = recover(session, wait=0)
     assert result.action is Action.FRESH and result.carried_lines == 1
+    assert result.session == _successors.of_run(str(session), stuck.run_id, stuck.token)
     assert Path(result.session).read_text() == '{"n": 1}\n'
-    monkeypatch.undo()
     again = recover(session, wait=0)
     assert (again.action, again.session, again.carried_lines) == (Action.FRESH, result.session, 0)
     assert probe(result.session).state == ProbeState.FREE
