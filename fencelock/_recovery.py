@@ -515,10 +515,15 @@ def _make_fresh(
             # all the same: for a stuck run with a record, every later recover answers
             # it, and the run itself may have been told (`superseded`).
             cause = getattr(e, "why", None) or getattr(e, "cause", None) or e
-            warnings.warn(FenceLockWarning(
-                f"{new}: the fresh session is made, but finishing it failed ({cause}); "
-                "it is the session to use (its first run writes its record anew)"),
-                stacklevel=4)
+            try:
+                warnings.warn(FenceLockWarning(
+                    f"{new}: the fresh session is made, but finishing it failed ({cause}); "
+                    "it is the session to use (its first run writes its record anew)"),
+                    stacklevel=4)
+            except BaseException:  # raised (warnings as errors): nobody learns its name
+                if not successor:  # a new name only this call knew; a successor stays
+                    _remove_fresh(new)
+                raise
             return new, copied[0], True
         if not successor:  # a new name nobody has: take back what its acquire made
             _remove_fresh(new)

@@ -9,11 +9,12 @@ import shlex
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Holder, SpawnHolder, reap, wait_for_blocked_waiter
+from conftest import Holder, SpawnForeignHolder, SpawnHolder, reap, wait_for_blocked_waiter
 from marks import needs_proc, needs_root, needs_xattr
 
 from fencelock import (
@@ -579,6 +580,35 @@ def test_a_fresh_session_made_whole_is_answered_though_finishing_it_failed(
     again = recover(session, wait=0)
     assert (again.action, again.session, again.carried_lines) == (Action.FRESH, result.session, 0)
     assert probe(result.session).state == ProbeState.FREE
+
+
+def test_a_fresh_session_whose_warning_is_raised_is_not_left_behind_unnamed(
+    tmp_path: Path, foreign_holder: SpawnForeignHolder
+) -> None:
+    """With warnings as errors (``-W error``), the warning of a fresh session made whole
+    whose finishing failed is raised, and the recover fails: a fresh session named after
+    no stuck run (its holder is outside fencelock: no record) would then be a copy of the
+    conversation that nobody knows of. It is removed; the old session stays as it was."""
+    from fencelock import _lock
+
+    session = tmp_path / "s.jsonl"
+    session.write_text('{"n": 1}\n')
+    foreign_holder(str(session) + ".holder")  # flock(1): a holder with no record
+    real = _lock.SessionLock._write_record
+
+    def full_disk(self: SessionLock) -> None:
+        if self._sole_name:  # the recover's lock on the fresh session
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self)
+
+    with pytest.MonkeyPatch.context() as m, warnings.catch_warnings():
+        warnings.simplefilter("error", FenceLockWarning)
+        m.setattr(_lock.SessionLock, "_write_record", full_disk)
+        with pytest.raises(FenceLockWarning, match="the fresh session is made"):
+            recover(session, wait=0)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
+        "s.jsonl", "s.jsonl.holder"]
+    assert session.read_text() == '{"n": 1}\n'
 
 
 @pytest.mark.parametrize("planted", [False, pytest.param(True, marks=needs_root)])
