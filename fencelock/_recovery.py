@@ -609,6 +609,7 @@ def _fill_fresh(
             if stuck is not None and not _still_holds(session, stuck, backend):
                 _remove_fresh(new)  # while its lock is ours: nothing of it stays
                 raise _RunEnded
+            taken = lock._token  # the first record's
             try:
                 # The old session's token floor (its mark; its set-aside copies, which can
                 # take long to read) only now that the lock is taken: the sooner it is, the
@@ -631,6 +632,10 @@ def _fill_fresh(
                             f"above it; nothing was made. Check where that stamp came from "
                             f"(fencelock verify {shell_word(session)})")
                     lock._token = highest + 1  # its record says so from the copy on
+                if lock._token != taken:
+                    # Before the copy is named: a recover killed after naming it leaves
+                    # this record, which the fresh session's next run continues.
+                    lock._write_record()
                 # As root, the stuck session's owner's: the file copied (its descriptor),
                 # never whatever is at its name by now.
                 owner = _platform.owner_for(new, session, os.fstat(fd) if fd >= 0 else None)

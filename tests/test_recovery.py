@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -334,6 +335,46 @@ print(json.dumps({"session": r.session, "carried_lines": r.carried_lines}))
 """
 
 
+KILLED_ON_NAMING = """
+import os, signal, sys
+from fencelock import _fence, recover
+publish = _fence.publish
+def named_then_killed(*args, **kwargs):
+    publish(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # the fresh session has its name; nothing after
+_fence.publish = named_then_killed
+recover(sys.argv[1], wait=0)
+"""
+
+
+def test_a_recover_killed_as_it_named_the_fresh_session_leaves_its_tokens_above_the_lines(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """The fresh session's first token is above every token stamped in the lines it
+    carries (docs/PROTOCOL.md 4), also when the recover that made it was killed just
+    after naming it: its record already says so, and the next run continues from it.
+    (The record used to get that token only after the copy was named, so the next run
+    repeated a carried line's token.) The stamps here sit behind a torn tail longer
+    than an acquire looks back, so the stuck run's own token is below them."""
+    stamped = "".join(
+        json.dumps({"n": n, "_fencelock": {"token": 3, "run_id": "seed-run"}}) + "\n"
+        for n in range(20))
+    session.write_text(stamped + '{"torn": "' + "t" * 200_000)
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    stuck = probe(session).record
+    assert stuck is not None and stuck.token < 3  # the precondition: below the stamps
+    killed = subprocess.run([sys.executable, "-c", KILLED_ON_NAMING, str(session)],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    again = recover(session, wait=0)
+    assert again.action is Action.FRESH and again.carried_lines == 0  # named, whole
+    assert Path(again.session).read_text() == stamped
+    with SessionLock(again.session, lane="next") as lock:
+        info = lock.info
+        assert info is not None and info.token > 3
+
+
 def test_a_recover_while_another_copies_answers_that_copy_once_the_stuck_run_is_gone(
     session: Path, spawn_holder: SpawnHolder
 ) -> None:
@@ -559,7 +600,7 @@ def test_a_fresh_session_made_whole_is_answered_though_finishing_it_failed(
     real = _lock.SessionLock._write_record
 
     def full_disk(self: SessionLock) -> None:
-        if self._sole_name:  # the recover's lock on the fresh session
+        if self._sole_name and os.path.lexists(self.session):  # the fresh one, named
             raise OSError(errno.ENOSPC, "No space left on device")
         real(self)
 
@@ -597,7 +638,7 @@ def test_a_fresh_session_whose_warning_is_raised_is_not_left_behind_unnamed(
     real = _lock.SessionLock._write_record
 
     def full_disk(self: SessionLock) -> None:
-        if self._sole_name:  # the recover's lock on the fresh session
+        if self._sole_name and os.path.lexists(self.session):  # the fresh one, named
             raise OSError(errno.ENOSPC, "No space left on device")
         real(self)
 
