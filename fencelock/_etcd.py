@@ -783,7 +783,7 @@ class EtcdHolder:
                        etcdctl=self.url.etcdctl, reread=reread)
 
     def clear(self, remove: bool, force: bool) -> HolderStatus:
-        from fencelock._probe import ProbeState
+        from fencelock._probe import ProbeState, drop_part
 
         found = self.probe(0.0)
         if found.state is ProbeState.LIVE:
@@ -807,7 +807,9 @@ class EtcdHolder:
                 old = None
             again = None  # a stale record marked released
             moved = "corrupt record"
+            part = ""
             if old is not None and old.state is State.HELD:
+                part = drop_part(old, self.session)  # while the lock keeps others out
                 again = _record.released_again(old)
                 if again is None:  # too large to mark released: kept (also by --remove,
                     # as the sidecar store keeps it), or set aside with --force
@@ -838,10 +840,10 @@ class EtcdHolder:
                 raise CorruptRecordError(self.last_name, "its set-aside name was taken; "
                                          "try again", fix)
             where = f"{self.url.display}/{aside}"
-            return replace(found, reason=f"{moved} moved to {where}", set_aside=where)
+            return replace(found, reason=f"{moved} moved to {where}{part}", set_aside=where)
         what = "removed" if remove else "cleared"
-        return replace(found, reason=f"{what} (was: {found.reason})" if found.reason else what,
-                       removed=remove)
+        return replace(found, reason=(f"{what} (was: {found.reason})" if found.reason
+                                      else what) + part, removed=remove)
 
 
 

@@ -908,14 +908,15 @@ def _kept(error: Exception, status: HolderStatus) -> Exception:
     return error
 
 
-def _drop_part(record: HolderInfo, session: str) -> str:
+def drop_part(record: HolderInfo, session: str) -> str:
     """Remove the copy a recover of ``record``'s that did not finish left (`<fresh>.part`:
-    ``record`` names an origin); what was done, for `clear`'s reason."""
+    ``record`` names an origin); what was done, for `clear`'s reason. Call holding the
+    session (both stores' `clear` do)."""
     if record.origin is None:
         return ""
-    from fencelock._fence import drop_part
+    from fencelock import _fence
 
-    left = drop_part(session)
+    left = _fence.drop_part(session)
     return "" if left is None else f"; removed {left}, the copy a recover that did not finish left"
 
 
@@ -942,7 +943,7 @@ def _clear_locked(
         dropped = _release_stale(fd, sidecar, record, st.st_size)
         who = f"the stale record of pid {record.pid} (lane {record.lane!r})"
         if dropped is None:  # kept, also by --remove: both stores alike
-            part = _drop_part(record, session)  # while the lock still keeps others out
+            part = drop_part(record, session)  # while the lock still keeps others out
             if not force:
                 raise RecordTooLargeError(sidecar, status=HolderStatus(
                     session, sidecar, state, record=record, reason=f"kept {who}{part}"))
@@ -952,7 +953,7 @@ def _clear_locked(
             done += (" without its fields of other writers (" + ", ".join(record.extra)
                      + "), which no longer fit in a record once written again")
     if was_stale and record is not None:
-        done += _drop_part(record, session)
+        done += drop_part(record, session)
     removed = False
     if remove:
         # What this returns, for the error of a sidecar that stays to carry (`_kept`).

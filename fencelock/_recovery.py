@@ -455,16 +455,32 @@ def _made_for(session: str, successor: str | None, backend: str | None) -> str |
         return None
     if _published(successor, session):
         return successor
-    if _probe.probe(successor, backend=backend).state is not ProbeState.LIVE:
-        return None  # nobody makes it
-    _sidecar.refuse_planted_at(successor + _sidecar.SUFFIX)  # a lock held to stall us
-    if _wait_made(successor, backend, time.monotonic() + SUCCESSOR_WAIT) or \
-            _published(successor, session):
-        return successor if _published(successor, session) else None  # else: it failed
-    raise FenceLockError(
-        f"{session}: another recover has been making the fresh session {successor} of its "
-        f"last run for over {SUCCESSOR_WAIT:.0f} s; see who holds it (fencelock status) "
-        "and recover again once it is done")
+    found = _probe.probe(successor, backend=backend)
+    if found.state is ProbeState.LIVE:
+        _sidecar.refuse_planted_at(successor + _sidecar.SUFFIX)  # a lock held to stall us
+        if not _wait_made(successor, backend, time.monotonic() + SUCCESSOR_WAIT) and \
+                not _published(successor, session):
+            raise FenceLockError(
+                f"{session}: another recover has been making the fresh session {successor} "
+                f"of its last run for over {SUCCESSOR_WAIT:.0f} s; see who holds it "
+                "(fencelock status) and recover again once it is done")
+        if _published(successor, session):
+            return successor
+        found = _probe.probe(successor, backend=backend)  # its copy failed, or it died
+    _drop_unfinished(session, successor, found, backend)
+    return None  # nobody makes it now
+
+
+def _drop_unfinished(session: str, successor: str, found: HolderStatus,
+                     backend: str | None) -> None:
+    """Remove what a recover killed while it made ``successor`` for a run that is gone
+    since left (``found``: its stale record, which names ``session`` as its origin, and
+    its unfinished copy): no recover makes that fresh session now. As `clear --remove`
+    does, under its lock; left as it is where that fails (`clear` then says why)."""
+    record = found.record
+    if found.state is ProbeState.STALE and record is not None and record.origin == session:
+        with contextlib.suppress(FenceLockError, OSError):
+            _probe.clear(successor, remove=True, backend=backend)
 
 
 def _published(successor: str, session: str) -> bool:

@@ -42,6 +42,7 @@ from fencelock import (
     _etcd,
     _etcdcluster,
     clear,
+    fresh_session,
     is_coordination_error,
     probe,
     recover,
@@ -2994,6 +2995,37 @@ def test_a_corrupt_last_record_is_kept_until_clear_force_sets_it_aside(
     assert len(aside) == 2 and aside[1] == garbage
     with SessionLock(session, "fresh", backend=url) as lock:
         assert lock.info is not None and lock.info.previous is None
+
+
+KILLED_MID_COPY = """
+import os, signal, sys
+from fencelock import SessionLock
+fresh, old, url = sys.argv[1:]
+SessionLock(fresh, lane="recovery", origin=old, backend=url).acquire()  # as recover does
+with open(fresh + ".part", "wb") as part:
+    part.write(b'{"role": "user", "content": "half a co')
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_clear_removes_the_copy_a_recover_killed_mid_copy_left(
+    session: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """As with a sidecar: a recover killed while it copied left its fresh session's
+    `.part` and a stale record in etcd; `clear` of the fresh session removes the part
+    with the record, saying so (it used to clear the record and leave the part, which
+    no command then removed)."""
+    session.write_text('{"role": "user", "content": "hi"}\n')
+    fresh = fresh_session(session)
+    done = subprocess.run([sys.executable, "-c", KILLED_MID_COPY, fresh, str(session), url],
+                          timeout=60)
+    assert done.returncode == -signal.SIGKILL and os.path.exists(fresh + ".part")
+    _revoke_its_lease(Path(fresh), url, etcd_server)  # as etcd does when it expires
+    assert probe(fresh, backend=url).state == ProbeState.STALE
+    found = clear(fresh, backend=url)
+    assert f"removed {fresh}.part" in found.reason, found.reason
+    assert not os.path.lexists(fresh + ".part")
+    assert probe(fresh, backend=url).state == ProbeState.FREE
 
 
 def test_a_stale_record_too_large_to_mark_released_is_kept_until_clear_force(

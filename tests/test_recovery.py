@@ -375,6 +375,39 @@ def test_a_recover_killed_as_it_named_the_fresh_session_leaves_its_tokens_above_
         assert info is not None and info.token > 3
 
 
+KILLED_COPYING = """
+import os, signal, sys
+from fencelock import _recovery, recover
+chunks = _recovery._chunks
+def killed(*args):
+    for chunk in chunks(*args):
+        yield chunk
+        os.kill(os.getpid(), signal.SIGKILL)  # a chunk into the part: killed copying
+_recovery._chunks = killed
+recover(sys.argv[1], wait=0)
+"""
+
+
+def test_a_recover_after_the_stuck_run_ended_removes_what_a_killed_recover_left(
+    session: Path, spawn_holder: SpawnHolder, store: str | None
+) -> None:
+    """A recover killed while it copied leaves the fresh session's stale record and its
+    part; once the stuck run has ended, no recover makes that session. The recover that
+    then re-fires the turn removes them, so nothing is left that `status` lists as a
+    stale session with no file (they used to stay, the part as large as the copy)."""
+    h, successor = _stuck_run(session, spawn_holder)
+    killed = subprocess.run([sys.executable, "-c", KILLED_COPYING, str(session)],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert os.path.exists(successor + ".part") and not os.path.lexists(successor)
+    h.call("release")
+    again = recover(session, wait=0)
+    assert (again.action, again.session) == (Action.REFIRE, str(session))
+    assert not os.path.lexists(successor + ".part")
+    assert not os.path.lexists(successor + ".holder")
+    assert probe(successor).state == ProbeState.FREE and probe(successor).record is None
+
+
 def test_a_recover_while_another_copies_answers_that_copy_once_the_stuck_run_is_gone(
     session: Path, spawn_holder: SpawnHolder
 ) -> None:
