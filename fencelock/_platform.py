@@ -385,6 +385,20 @@ else:
         return where.st_uid, where.st_gid
 
 
+def creating_refused(directory: str) -> int:
+    """Why a file cannot be made in ``directory``, asked without making one: an errno
+    (EROFS on a read-only filesystem, EACCES without write and search permission), or 0
+    where nothing says it cannot (then only the create itself can tell)."""
+    effective = os.access in os.supports_effective_ids
+    try:
+        if os.access(directory, os.W_OK | os.X_OK, effective_ids=effective):
+            return 0
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # (no statvfs on Windows)
+        return 0
+    return errno.EROFS if read_only else errno.EACCES
+
+
 def describe_mode(mode: int, path: str = "") -> str:
     """What a non-regular file is, in words for an error message; a symlink at ``path``
     that leads nowhere but round a loop is named as such."""

@@ -195,10 +195,15 @@ def recover(
 def _refuse_unwritable(sidecar: str) -> None:
     """A session whose sidecar this user cannot open for writing (a read-only
     filesystem, a 0444 sidecar) is no session to re-fire a run on: its acquire would
-    fail at once. Said here, with the fix, rather than answered. (A missing sidecar is
-    made by the run's acquire, which says why where it cannot be.)"""
+    fail at once. Said here, with the fix, rather than answered; so is a missing sidecar
+    that its directory does not let this user make (the run's acquire would make it)."""
+    if not os.path.lexists(sidecar):
+        refused = _platform.creating_refused(os.path.dirname(sidecar))
+        if refused:
+            raise _sidecar.access_error(sidecar, OSError(refused, os.strerror(refused)), True)
+        return
     effective = os.access in os.supports_effective_ids
-    if os.access(sidecar, os.W_OK, effective_ids=effective) or not os.path.lexists(sidecar):
+    if os.access(sidecar, os.W_OK, effective_ids=effective):
         return  # (asked without opening it: no descriptor for an interrupt to leave open)
     try:  # to say why, as an acquire would
         fd = os.open(sidecar, os.O_RDWR | _platform.OPEN_FLAGS)

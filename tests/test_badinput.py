@@ -1095,6 +1095,8 @@ def test_read_only_filesystem(tmpfs_dir: Path) -> None:
     # The lock object lives on: once released it holds nothing open, so the remount
     # (which refuses while a file is open for writing) goes through.
     fresh = tmpfs_dir / "never.jsonl"
+    lone = tmpfs_dir / "lone.jsonl"  # a session with no sidecar yet
+    lone.write_text('{"n": 1}\n')
     sidecar_before = sidecar_of(session).read_bytes()
     remount(tmpfs_dir, "ro")
     try:
@@ -1110,6 +1112,11 @@ def test_read_only_filesystem(tmpfs_dir: Path) -> None:
         with pytest.raises(SidecarAccessError, match="read-only"):
             clear(session, remove=True)
         assert sidecar_of(session).read_bytes() == sidecar_before
+        # No session to re-fire a run on, whose acquire would fail at once: said so.
+        for stuck in (session, lone):
+            with pytest.raises(SidecarAccessError, match="read-only") as exc:
+                recover(stuck, wait=0)
+            assert str(sidecar_of(stuck)) in str(exc.value)
     finally:
         remount(tmpfs_dir, "rw")
 

@@ -592,6 +592,14 @@ def test_recover_does_not_answer_a_free_session_this_user_cannot_hold() -> None:
             result[1], result
         sidecar_of(session).chmod(0o644)
         assert as_user(body, session=str(session)) == ["answered", str(session)]
+        # No sidecar yet, in a directory this user cannot make one in: the same.
+        sidecar_of(session).unlink()
+        os.chown(sessions, 0, 0)
+        result = as_user(body, session=str(session))
+        assert result[0] == "SidecarAccessError" and str(sidecar_of(session)) in \
+            result[1] and "cannot create files in" in result[1], result
+        os.chown(sessions, NOBODY, NOBODY)
+        assert as_user(body, session=str(session)) == ["answered", str(session)]
 
 
 _PLANT = (
