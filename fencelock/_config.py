@@ -178,6 +178,10 @@ _SYNTAX_FIX = "mend the file there (the gateway cannot read it either)"
 
 _NUMBER_FIX = "no gateway setting takes one: mend the file"
 
+_TOO_DEEP = (f"nested too deeply to be checked, deeper than any gateway setting goes; "
+             f"mend the file, or {_NOT_A_CONFIG_FIX}")
+"""What to say of a config nested past what the parser can take."""
+
 
 def _shown(value: object) -> str:
     """A setting's value for a message: a scalar as JSON (a long string cut short), an
@@ -232,7 +236,7 @@ def parse(text: str, path: str = "<config>") -> Any:
                 e.lineno, e.colno) from None
         # Otherwise JSON5: its errors are the ones to report
     except RecursionError:
-        raise ConfigError(path, f"nested too deeply; {_NOT_A_CONFIG_FIX}") from None
+        raise ConfigError(path, _TOO_DEEP) from None
     except ValueError as e:
         raise ConfigError(path, f"{e}; {_NUMBER_FIX}") from None
     import json5  # only configs that are not plain JSON pay for it
@@ -240,7 +244,7 @@ def parse(text: str, path: str = "<config>") -> Any:
     try:
         return json5.loads(text, parse_int=_int)
     except RecursionError:
-        raise ConfigError(path, f"nested too deeply; {_NOT_A_CONFIG_FIX}") from None
+        raise ConfigError(path, _TOO_DEEP) from None
     except ValueError as e:
         if str(e).startswith(_LONG_NUMBER):
             raise ConfigError(path, f"{e}; {_NUMBER_FIX}") from None
@@ -277,23 +281,28 @@ def load(path: str | os.PathLike[str], limit: int = MAX_CONFIG) -> Any:
     """Read and parse a config file (of at most ``limit`` bytes: less for a file the
     config includes); `ConfigError` naming the file for anything wrong."""
     name = os.fspath(path)
+    included = limit != MAX_CONFIG
+    other_file = "fix the $include that names it" if included else "name the config file itself"
     try:
         # O_NONBLOCK: a FIFO named as the config must not hang the check.
         flags = os.O_RDONLY | _platform.O_NONBLOCK | _platform.O_CLOEXEC | _platform.O_BINARY
         fd = os.open(name, flags)
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ConfigError(name, "not a regular file; name the config file itself")
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                what = _platform.describe_mode(mode)
+                raise ConfigError(name, f"{what}, not a regular file; {other_file}")
             data = f.read(limit + 1)
     except OSError as e:
         if e.errno == errno.ENXIO:  # a socket cannot be opened at all
             with contextlib.suppress(OSError):
                 what = _platform.describe_mode(os.stat(name).st_mode)
-                raise ConfigError(
-                    name, f"{what}, not a regular file; name the config file itself"
-                ) from None
+                raise ConfigError(name, f"{what}, not a regular file; {other_file}") from None
         reason = e.strerror or type(e).__name__
-        fix = _read_fix(e) if limit == MAX_CONFIG else "fix the $include that names it"
+        if e.errno == errno.ENOENT and os.path.islink(name):
+            with contextlib.suppress(OSError):
+                reason = f"a symlink to {os.readlink(name)}, which does not exist"
+        fix = "fix the $include that names it" if included else _read_fix(e)
         raise ConfigError(name, f"cannot read it: {reason}; {fix}") from None
     if len(data) > limit:
         raise ConfigError(name, f"larger than {limit >> 20} MiB: not a gateway config"

@@ -552,17 +552,31 @@ def _first_value(text: str, size: int) -> object:
     return obj
 
 
+def _field(obj: dict[str, Any], name: str) -> str:
+    """``obj``'s field ``name`` for a message on what is wrong with it: "x is missing", or
+    "x is" and its value as the record spells it (JSON), cut short."""
+    if name not in obj:
+        return f"{name} is missing"
+    v = obj[name]
+    if isinstance(v, dict | list):
+        return f"{name} is {'an object' if isinstance(v, dict) else 'an array'}"
+    shown = json.dumps(v, ensure_ascii=False)
+    return f"{name} is {shown[:40]}{'...' if len(shown) > 40 else ''}"
+
+
 def _int(obj: dict[str, Any], name: str, low: int, high: int) -> int:
     v = obj.get(name)
     if type(v) is not int or not low <= v <= high:
-        raise ValueError(f"{name} is {v!r}, not an integer in [{low}, {high}]")
+        raise ValueError(f"{_field(obj, name)}, not an integer in [{low}, {high}]")
     return v
 
 
 def _str(obj: dict[str, Any], name: str, default: str | None = None) -> str:
     v = obj.get(name, default)
-    if not isinstance(v, str) or len(v) > MAX_TEXT:
-        raise ValueError(f"{name} is not a string of at most {MAX_TEXT} characters")
+    if not isinstance(v, str):
+        raise ValueError(f"{_field(obj, name)}, not a string")
+    if len(v) > MAX_TEXT:
+        raise ValueError(f"{name} is a string of {len(v)} characters, over {MAX_TEXT}")
     return v
 
 
@@ -573,7 +587,7 @@ def _float(obj: dict[str, Any], name: str) -> float:
             return float(v)
     except OverflowError:  # an integer too large for a float
         pass
-    raise ValueError(f"{name} is not a finite number of seconds")
+    raise ValueError(f"{_field(obj, name)}, not a finite number of seconds")
 
 
 _STATES = {state.value: state for state in State}
@@ -587,15 +601,15 @@ def from_json(obj: dict[str, Any]) -> HolderInfo:
     thousands), not the frozen dataclass's slower keyword ``__init__``."""
     version = obj.get("version")
     if type(version) is not int or version != VERSION:
-        raise ValueError(f"version is {version!r}; this fencelock reads version {VERSION}")
+        raise ValueError(f"{_field(obj, 'version')}; this fencelock reads version {VERSION}")
     v = obj.get("state")
     state = _STATES.get(v) if type(v) is str else None
     if state is None:
-        raise ValueError(f"state is {v!r}, not 'held' or 'released'")
+        raise ValueError(f'{_field(obj, "state")}, not "held" or "released"')
     v = obj.get("phase", "write")
     phase = _PHASES.get(v) if type(v) is str else None
     if phase is None:
-        raise ValueError(f"phase is {v!r}, not 'write' or 'prompt'")
+        raise ValueError(f'{_field(obj, "phase")}, not "write" or "prompt"')
     prev_obj = obj.get("previous")
     previous = None
     if prev_obj is not None:
@@ -621,7 +635,7 @@ def from_json(obj: dict[str, Any]) -> HolderInfo:
     fingerprint = Fingerprint.from_json(obj.get("fingerprint"))
     fence = _str(obj, "fence", "stat")
     if fence not in _FENCES:
-        raise ValueError(f"fence is {fence[:40]!r}, not 'stat' or 'content'")
+        raise ValueError(f'{_field(obj, "fence")}, not "stat" or "content"')
     origin = obj.get("origin")
     if origin is not None:
         origin = _str(obj, "origin")

@@ -215,7 +215,7 @@ def path_fix(path: str, e: OSError, *, writing: bool, sidecar: bool) -> str | No
             return ("no sidecar there; nothing holds this session" if sidecar
                     else "no such file; check the path")
         missing = f"the directory {directory} does not exist"
-        return missing + ("; create it first" if writing else "")
+        return missing + ("; create it first" if writing else "; check the path")
     if e.errno in (errno.EACCES, errno.EPERM):
         if not os.access(directory, os.X_OK):
             return (f"this user cannot enter {directory} (no search permission); fix its "

@@ -690,6 +690,12 @@ def test_missing_session_directory(tmp_path: Path) -> None:
     assert str(session) in str(exc.value) and "does not exist" in str(exc.value)
     status = probe(session)
     assert status.state == "unreadable" and str(session) in status.reason
+    # Each says what to do about it, where the library reads as where it writes.
+    assert status.reason.endswith("does not exist; check the path"), status.reason
+    with pytest.raises(SidecarAccessError, match="does not exist; check the path"):
+        recover(session, wait=0)
+    with pytest.raises(SidecarAccessError, match="does not exist; check the path"):
+        verify(session)
     with pytest.raises(SidecarAccessError):
         clear(session)
     assert not (tmp_path / "nowhere").exists()
@@ -1833,11 +1839,17 @@ def test_a_path_given_as_bytes_is_the_same_session(session: Path) -> None:
 
 
 @pytest.mark.parametrize(("record", "named"), [
-    (b'{"version":true,"state":"held","token":3}', "version is True"),
-    (b'{"version":1.0,"state":"held","token":3}', "version is 1.0"),
+    (b'{"version":true,"state":"held","token":3}', "version is true;"),
+    (b'{"version":1.0,"state":"held","token":3}', "version is 1.0;"),
+    (b'{"version":1,"state":"held"}', "session is missing, not a string"),
+    (b'{"version":1,"state":"held","session":"s","pid":null}', "pid is null, not an integer"),
+    (b'{"version":1,"state":"held","session":"s","pid":1,"host":"h","lane":"l",'
+     b'"run_id":"r","token":true}', "token is true, not an integer"),
+    (b'{"version":1,"state":"Held"}', 'state is "Held", not "held" or "released"'),
     (b'{"version":1,"state":"held","token":' + b"9" * 5000 + b"}", "record is corrupt"),
     (b'{"version":1,"state":"held","lane":"unterminated', "starting at offset"),
-], ids=["version-true", "version-float", "5000-digit-token", "unterminated-string"])
+], ids=["version-true", "version-float", "no-session", "pid-null", "token-true",
+        "state-capitalised", "5000-digit-token", "unterminated-string"])
 def test_a_malformed_record_is_named_in_fencelock_s_words(
     session: Path, record: bytes, named: str
 ) -> None:

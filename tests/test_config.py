@@ -428,8 +428,11 @@ def test_a_json5_error_without_a_position_is_not_blamed_on_valid_json5() -> None
         (b"", "empty", "name the gateway's config file"),
         (b"   \n", "empty", "name the gateway's config file"),
         (b"\xff\xfe{}", "not UTF-8", "save it as UTF-8"),
-        (b"{" * 100000, "line 1|nested", "mend the file there|name the gateway's config"),
-        (b"[" * 100000, "nested", "name the gateway's config file"),
+        (b"{" * 100000, "line 1|nested", "mend the file there|mend the file, or name the "
+         "gateway's config"),
+        # Too deep to check: it may still be the gateway's config, gone wrong.
+        (b"[" * 100000, "nested too deeply to be checked",
+         "mend the file, or name the gateway's config file"),
         (b"{a: 1,,}", "line 1, column 8", "mend the file there"),
         # A session file named by mistake: never advice to edit it.
         (b'{"type": "message"}\n\n{"role": "user"}\n', "JSON lines",
@@ -875,6 +878,24 @@ def test_an_include_the_gateway_refuses_is_an_error_naming_it(
     out = CliRunner().invoke(main, ["check-config", str(tmp_path / "top.json5")])
     assert out.exit_code == 1, out.output
     assert said in out.output and "Traceback" not in out.output, out.output
+
+
+def test_an_include_that_is_no_regular_file_or_a_dangling_symlink_is_named_as_such(
+    tmp_path: Path
+) -> None:
+    """An `$include` naming a FIFO is mended in the `$include` (not by naming another
+    config: the one named is right); a dangling symlink, named or included, is said to
+    be one, with where it leads."""
+    os.mkfifo(tmp_path / "inc.fifo")
+    _write(tmp_path, **{"top.json5": '{"$include": "./inc.fifo"}'})
+    out = CliRunner().invoke(main, ["check-config", str(tmp_path / "top.json5")])
+    assert out.exit_code == 1, out.output
+    assert "inc.fifo: a FIFO, not a regular file; fix the $include that names it" in \
+        out.output, out.output
+    (tmp_path / "dangling.json").symlink_to("nowhere.json")
+    with pytest.raises(ConfigError, match=re.escape(
+            "cannot read it: a symlink to nowhere.json, which does not exist; check the path")):
+        load(tmp_path / "dangling.json")
 
 
 def test_includes_ten_deep_are_read(tmp_path: Path) -> None:

@@ -131,7 +131,7 @@ def test_empty_record_is_none_and_trailing_padding_is_ignored() -> None:
         (b"[1,2]", "not a JSON object"),
         (b"[" * 10_000 + b"]" * 10_000, "nested too deeply"),
         (b'{"version":2}', "version is 2"),
-        (b'{"version":1,"state":"maybe"}', "state is 'maybe'"),
+        (b'{"version":1,"state":"maybe"}', 'state is "maybe"'),
     ],
 )
 def test_corrupt_records_raise_value_error(data: bytes, why: str) -> None:
@@ -204,9 +204,9 @@ def test_what_strict_json_readers_refuse_is_corrupt(extra: str) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "why"),
     [
-        ("fence", "foo", "fence is 'foo'"),
-        ("origin", 5, "origin is not a string"),
-        ("origin", "o" * 4097, "origin is not a string of at most 4096"),
+        ("fence", "foo", 'fence is "foo"'),
+        ("origin", 5, "origin is 5, not a string"),
+        ("origin", "o" * 4097, "origin is a string of 4097 characters, over 4096"),
         ("fingerprint", {"dev": 1, "ino": 2, "size": 3, "mtime_ns": 4, "ctime_ns": 5,
                          "tail": "zz"}, "tail is not 32 hex digits"),
     ],
