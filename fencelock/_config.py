@@ -302,7 +302,7 @@ def load(path: str | os.PathLike[str], limit: int = MAX_CONFIG) -> Any:
         if e.errno == errno.ENOENT and os.path.islink(name):
             with contextlib.suppress(OSError):
                 reason = f"a symlink to {os.readlink(name)}, which does not exist"
-        fix = "fix the $include that names it" if included else _read_fix(e)
+        fix = other_file if included else _read_fix(e)
         raise ConfigError(name, f"cannot read it: {reason}; {fix}") from None
     if len(data) > limit:
         raise ConfigError(name, f"larger than {limit >> 20} MiB: not a gateway config"

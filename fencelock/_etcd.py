@@ -783,7 +783,7 @@ class EtcdHolder:
                        etcdctl=self.url.etcdctl, reread=reread)
 
     def clear(self, remove: bool, force: bool) -> HolderStatus:
-        from fencelock._probe import ProbeState, drop_part
+        from fencelock._probe import ProbeState, dropped_part
 
         found = self.probe(0.0)
         if found.state is ProbeState.LIVE:
@@ -809,12 +809,13 @@ class EtcdHolder:
             moved = "corrupt record"
             part = ""
             if old is not None and old.state is State.HELD:
-                part = drop_part(old, self.session)  # while the lock keeps others out
+                part = dropped_part(old, self.session)  # while the lock keeps others out
                 again = _record.released_again(old)
                 if again is None:  # too large to mark released: kept (also by --remove,
                     # as the sidecar store keeps it), or set aside with --force
                     if not force:  # set aside as a corrupt one is
-                        raise RecordTooLargeError(self.last_name, fix, found)
+                        raise RecordTooLargeError(self.last_name, fix, replace(
+                            found, reason=f"{found.reason or ''}{part}") if part else found)
                     old, moved = None, _record.TOO_LARGE
             if old is None and value:  # corrupt, or too large to mark released
                 # Set aside, never deleted: a key nobody can guess, created only if new.

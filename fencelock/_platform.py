@@ -43,6 +43,9 @@ FOLLOWS_SYMLINKS = not O_NOFOLLOW
 one (``os.path.islink``) right after. (A constant, not a call: opens are on the hot
 path, and elsewhere the open refused it already.)"""
 
+EFFECTIVE_IDS = os.access in os.supports_effective_ids
+"""Whether access(2) can ask with the effective ids (a setuid program's), as an open does."""
+
 CAN_BLOCK = not WINDOWS
 """Whether a waiter can sleep in the kernel until the lock is released."""
 
@@ -288,6 +291,11 @@ if WINDOWS:  # pragma: no cover - exercised on Windows only
         """Nobody: Windows files carry no POSIX owners to give."""
         return None
 
+    def creating_refused(directory: str) -> int:
+        """0: access(2) on a Windows directory says nothing of creating files in it (only
+        its read-only attribute, which does not stop that); the create itself tells."""
+        return 0
+
 else:
     import fcntl
 
@@ -384,19 +392,19 @@ else:
             return None
         return where.st_uid, where.st_gid
 
-
-def creating_refused(directory: str) -> int:
-    """Why a file cannot be made in ``directory``, asked without making one: an errno
-    (EROFS on a read-only filesystem, EACCES without write and search permission), or 0
-    where nothing says it cannot (then only the create itself can tell)."""
-    effective = os.access in os.supports_effective_ids
-    try:
-        if os.access(directory, os.W_OK | os.X_OK, effective_ids=effective):
+    def creating_refused(directory: str) -> int:
+        """Why a file cannot be made in ``directory``, asked without making one: EROFS
+        on a read-only filesystem; EPERM for root (whom only an attribute such as
+        immutable stops), else EACCES, where write and search permission are missing;
+        0 where nothing says it cannot (then only the create itself can tell)."""
+        try:
+            if os.access(directory, os.W_OK | os.X_OK, effective_ids=EFFECTIVE_IDS):
+                return 0
+            if os.statvfs(directory).f_flag & os.ST_RDONLY:
+                return errno.EROFS
+        except OSError:
             return 0
-        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
-    except (OSError, AttributeError):  # (no statvfs on Windows)
-        return 0
-    return errno.EROFS if read_only else errno.EACCES
+        return errno.EPERM if _geteuid() == 0 else errno.EACCES
 
 
 def describe_mode(mode: int, path: str = "") -> str:

@@ -771,9 +771,12 @@ def clear(
                     fd, st = _sidecar.open_checked(sidecar, create=False, write=True,
                                                    into=opened)
                 except SidecarAccessError as e:
-                    if e.cause.errno == errno.ENOENT and os.path.isdir(os.path.dirname(sidecar)):
-                        return HolderStatus(session, sidecar, ProbeState.FREE,
-                                            reason=_no_sidecar(session))
+                    if e.cause.errno == errno.ENOENT:
+                        if os.path.isdir(os.path.dirname(sidecar)):
+                            return HolderStatus(session, sidecar, ProbeState.FREE,
+                                                reason=_no_sidecar(session))
+                        # Nothing to clear there: no "create it first", as a run is told.
+                        raise _sidecar.access_error(sidecar, e.cause, False) from None
                     if e.cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                         # Not writable here: a live holder is still the answer that counts
                         # (as on a writable filesystem); otherwise why it cannot be cleared.
@@ -908,7 +911,7 @@ def _kept(error: Exception, status: HolderStatus) -> Exception:
     return error
 
 
-def drop_part(record: HolderInfo, session: str) -> str:
+def dropped_part(record: HolderInfo, session: str) -> str:
     """Remove the copy a recover of ``record``'s that did not finish left (`<fresh>.part`:
     ``record`` names an origin); what was done, for `clear`'s reason. Call holding the
     session (both stores' `clear` do)."""
@@ -943,7 +946,7 @@ def _clear_locked(
         dropped = _release_stale(fd, sidecar, record, st.st_size)
         who = f"the stale record of pid {record.pid} (lane {record.lane!r})"
         if dropped is None:  # kept, also by --remove: both stores alike
-            part = drop_part(record, session)  # while the lock still keeps others out
+            part = dropped_part(record, session)  # while the lock still keeps others out
             if not force:
                 raise RecordTooLargeError(sidecar, status=HolderStatus(
                     session, sidecar, state, record=record, reason=f"kept {who}{part}"))
@@ -953,7 +956,7 @@ def _clear_locked(
             done += (" without its fields of other writers (" + ", ".join(record.extra)
                      + "), which no longer fit in a record once written again")
     if was_stale and record is not None:
-        done += drop_part(record, session)
+        done += dropped_part(record, session)
     removed = False
     if remove:
         # What this returns, for the error of a sidecar that stays to carry (`_kept`).

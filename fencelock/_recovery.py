@@ -202,8 +202,7 @@ def _refuse_unwritable(sidecar: str) -> None:
         if refused:
             raise _sidecar.access_error(sidecar, OSError(refused, os.strerror(refused)), True)
         return
-    effective = os.access in os.supports_effective_ids
-    if os.access(sidecar, os.W_OK, effective_ids=effective):
+    if os.access(sidecar, os.W_OK, effective_ids=_platform.EFFECTIVE_IDS):
         return  # (asked without opening it: no descriptor for an interrupt to leave open)
     try:  # to say why, as an acquire would
         fd = os.open(sidecar, os.O_RDWR | _platform.OPEN_FLAGS)
@@ -461,6 +460,8 @@ def _made_for(session: str, successor: str | None, backend: str | None) -> str |
     if _published(successor, session):
         return successor
     found = _probe.probe(successor, backend=backend)
+    if found.state is not ProbeState.LIVE and _published(successor, session):
+        return successor  # named as its maker let go (or died) after the look above
     if found.state is ProbeState.LIVE:
         _sidecar.refuse_planted_at(successor + _sidecar.SUFFIX)  # a lock held to stall us
         if not _wait_made(successor, backend, time.monotonic() + SUCCESSOR_WAIT) and \
@@ -572,7 +573,11 @@ def _make_fresh(
 
 
 def _remove_fresh(new: str) -> None:
-    """Remove a fresh session (and its sidecar) whose name nobody was given."""
+    """Remove a fresh session whose name nobody was given, its sidecar, and a part copy
+    an earlier recover killed while making it left (call holding it, or with a name
+    only this call knows: nobody else writes its part then)."""
+    with contextlib.suppress(OSError, FenceLockError):
+        _fence.drop_part(new)  # (before the sidecar: no record will lead to it after)
     for made in (new, new + _sidecar.SUFFIX):
         with contextlib.suppress(OSError):
             os.unlink(made)

@@ -221,6 +221,9 @@ def path_fix(path: str, e: OSError, *, writing: bool, sidecar: bool) -> str | No
             return (f"this user cannot enter {directory} (no search permission); fix its "
                     f"permissions or run as its owner")
         if writing and not os.path.lexists(path):
+            if e.errno == errno.EPERM:  # an attribute, binding even root
+                return (f"{directory} may be immutable (lsattr -d {shell_word(directory)}), "
+                        f"which chattr -i clears, or this user cannot create files in it")
             return f"this user cannot create files in {directory}; fix its permissions"
         how = "write" if writing else "read"
         if e.errno == errno.EPERM and writing:

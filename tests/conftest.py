@@ -460,14 +460,42 @@ def wait_for_no_owner(session: Path, timeout: float = 60.0) -> None:
         assert store.wait_free(timeout)
 
 
+KILLED_MID_COPY = """
+import os, signal, sys
+from fencelock import SessionLock
+fresh, old, *url = sys.argv[1:]
+# As recover holds its fresh session (in the store of ``url``, if given), then killed.
+SessionLock(fresh, lane="recovery", origin=old, backend=url[0] if url else None).acquire()
+with open(fresh + ".part", "wb") as part:
+    part.write(b'{"role": "user", "content": "half a co')
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+"""A recover killed while it copied: ``python -c KILLED_MID_COPY FRESH OLD [URL]``
+leaves FRESH's stale record (naming OLD as its origin) and FRESH.part."""
+
+
 @contextmanager
 def append_only(path: Path) -> Iterator[None]:
     """``path`` marked append-only (chattr +a, Linux, as root) for the block: writes
     only at its end; truncating or rewriting it fails with EPERM, even for root."""
+    with _attribute(path, 0x20):  # linux/fs.h: FS_APPEND_FL
+        yield
+
+
+@contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    """``path`` marked immutable (chattr +i, Linux, as root) for the block: nothing
+    changes it, nor, for a directory, its entries; EPERM, even for root."""
+    with _attribute(path, 0x10):  # linux/fs.h: FS_IMMUTABLE_FL
+        yield
+
+
+@contextmanager
+def _attribute(path: Path, flag: int) -> Iterator[None]:
     import fcntl
     import struct
 
-    get_flags, set_flags, flag = 0x80086601, 0x40086602, 0x20  # linux/fs.h: FS_APPEND_FL
+    get_flags, set_flags = 0x80086601, 0x40086602  # FS_IOC_GETFLAGS, FS_IOC_SETFLAGS
     fd = os.open(path, os.O_RDONLY)
     try:
         flags = struct.unpack("i", fcntl.ioctl(fd, get_flags, struct.pack("i", 0)))[0]

@@ -15,6 +15,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import socket
 import stat
 import subprocess
@@ -28,7 +29,7 @@ from typing import Any
 
 import marks
 import pytest
-from conftest import SpawnHolder, record_of
+from conftest import SpawnHolder, immutable, record_of
 from marks import needs_root, needs_xattr
 from privdrop import NOBODY, as_user, mount_tmpfs, open_directory, remount, umount
 
@@ -696,8 +697,8 @@ def test_missing_session_directory(tmp_path: Path) -> None:
         recover(session, wait=0)
     with pytest.raises(SidecarAccessError, match="does not exist; check the path"):
         verify(session)
-    with pytest.raises(SidecarAccessError):
-        clear(session)
+    with pytest.raises(SidecarAccessError, match="does not exist; check the path"):
+        clear(session)  # (not "create it first": nothing is cleared by making it)
     assert not (tmp_path / "nowhere").exists()
 
 
@@ -1743,6 +1744,27 @@ def test_the_lsattr_commands_a_fix_suggests_read_back_as_the_paths(tmp_path: Pat
             words = shlex.split(command.split(")")[0].replace(";", " ; "))
             paths = [w for w in words if w not in ("-d", ";", "lsattr")]
             assert paths and all(p in (sidecar, str(directory)) for p in paths), (fix, paths)
+
+
+@needs_root
+def test_recover_in_an_immutable_directory_says_what_the_run_s_acquire_would(
+    tmp_path: Path
+) -> None:
+    """A session with no sidecar yet, in a directory marked immutable: root's acquire
+    is refused with EPERM, and recover, which does not answer a session whose run would
+    fail at once, says the same (not "Permission denied": root has every permission)."""
+    directory = tmp_path / "frozen"
+    directory.mkdir()
+    session = directory / "s.jsonl"
+    session.write_text('{"n": 1}\n')
+    with immutable(directory):
+        with pytest.raises(SidecarAccessError) as run:
+            SessionLock(session, "run").acquire()
+        with pytest.raises(SidecarAccessError) as recovered:
+            recover(session, wait=0)
+    assert "Operation not permitted" in str(run.value)
+    assert f"may be immutable (lsattr -d {shlex.quote(str(directory))}" in str(run.value)
+    assert str(recovered.value) == str(run.value)
 
 
 def test_a_write_refused_with_eperm_names_the_immutable_attribute(

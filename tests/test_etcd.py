@@ -27,7 +27,14 @@ from urllib.parse import urlsplit
 
 import marks
 import pytest
-from conftest import TEST_TTL, SpawnHolder, etcd_watchers, record_of, wait_for_no_owner
+from conftest import (
+    KILLED_MID_COPY,
+    TEST_TTL,
+    SpawnHolder,
+    etcd_watchers,
+    record_of,
+    wait_for_no_owner,
+)
 
 from fencelock import (
     Action,
@@ -2995,17 +3002,6 @@ def test_a_corrupt_last_record_is_kept_until_clear_force_sets_it_aside(
     assert len(aside) == 2 and aside[1] == garbage
     with SessionLock(session, "fresh", backend=url) as lock:
         assert lock.info is not None and lock.info.previous is None
-
-
-KILLED_MID_COPY = """
-import os, signal, sys
-from fencelock import SessionLock
-fresh, old, url = sys.argv[1:]
-SessionLock(fresh, lane="recovery", origin=old, backend=url).acquire()  # as recover does
-with open(fresh + ".part", "wb") as part:
-    part.write(b'{"role": "user", "content": "half a co')
-os.kill(os.getpid(), signal.SIGKILL)
-"""
 
 
 def test_clear_removes_the_copy_a_recover_killed_mid_copy_left(
