@@ -154,8 +154,10 @@ def recover(
             try:
                 new, carried, made = _start_fresh(session, lane, carry, old_token, backend,
                                                   waited, successor, stuck)
-            except _RunEnded:
-                pass  # it let go as the fresh session was begun: re-fire, as below
+            except _RunEnded as e:  # it let go as the fresh session was begun: re-fire
+                # Its lock given back, a holder store (etcd) keeps the released record.
+                _drop_unfinished(session, e.fresh, _probe.probe(e.fresh, backend=backend),
+                                 backend)
             else:
                 try:
                     return Recovery(Action.FRESH, new, found, waited, carried)
@@ -395,7 +397,12 @@ def _owner_successor(session: str, now: HolderStatus) -> str | None:
 
 class _RunEnded(Exception):
     """The stuck run let go of the session before its fresh session was begun: the
-    recover re-fires instead, as every recover coming after it does."""
+    recover re-fires instead, as every recover coming after it does. ``fresh``: the
+    name it was to have, now removed."""
+
+    def __init__(self, fresh: str) -> None:
+        super().__init__(fresh)
+        self.fresh = fresh
 
 
 def _start_fresh(
@@ -477,16 +484,23 @@ def _made_for(session: str, successor: str | None, backend: str | None) -> str |
     return None  # nobody makes it now
 
 
-def _drop_unfinished(session: str, successor: str, found: HolderStatus,
+def _drop_unfinished(session: str, fresh: str, found: HolderStatus,
                      backend: str | None) -> None:
-    """Remove what a recover killed while it made ``successor`` for a run that is gone
-    since left (``found``: its stale record, which names ``session`` as its origin, and
-    its unfinished copy): no recover makes that fresh session now. As `clear --remove`
-    does, under its lock; left as it is where that fails (`clear` then says why)."""
+    """Remove what is left of ``fresh`` (``found``), a fresh session of ``session``'s
+    that was never named and that no recover makes now, the run it was for being gone:
+    the stale record of a recover killed while it made it, with its part copy; the
+    released one a recover that found the run gone leaves in a holder store (etcd); the
+    empty sidecar of one killed before its first record. As `clear --remove` does,
+    under its lock; left as it is where that fails (`clear` then says why)."""
     record = found.record
-    if found.state is ProbeState.STALE and record is not None and record.origin == session:
+    if record is not None:
+        left = record.origin == session and found.state in (ProbeState.STALE,
+                                                             ProbeState.FREE)
+    else:
+        left = found.state is ProbeState.FREE and os.path.lexists(found.sidecar)
+    if left and not os.path.lexists(fresh):
         with contextlib.suppress(FenceLockError, OSError):
-            _probe.clear(successor, remove=True, backend=backend)
+            _probe.clear(fresh, remove=True, backend=backend)
 
 
 def _published(successor: str, session: str) -> bool:
@@ -634,7 +648,7 @@ def _fill_fresh(
             # so one that begins it only now must re-fire too.
             if stuck is not None and not _still_holds(session, stuck, backend):
                 _remove_fresh(new)  # while its lock is ours: nothing of it stays
-                raise _RunEnded
+                raise _RunEnded(new)
             taken = lock._token  # the first record's
             try:
                 # The old session's token floor (its mark; its set-aside copies, which can

@@ -450,9 +450,43 @@ def test_a_recover_after_the_stuck_run_ended_removes_what_a_killed_recover_left(
     if store is None:
         assert not os.path.lexists(successor + ".holder")
     left = probe(successor)
-    assert left.state == ProbeState.FREE, left
-    # (On etcd, the recover in flight leaves its own released record there.)
-    assert left.record is None or (store is not None and after == "in flight"), left
+    assert left.state == ProbeState.FREE and left.record is None, left
+
+
+def test_a_recover_whose_stuck_run_ends_as_it_begins_the_fresh_session_leaves_none(
+    session: Path, spawn_holder: SpawnHolder, store: str | None,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stuck run lets go just as a recover takes the fresh session's lock: the
+    recover re-fires, and nothing of the fresh session stays, in either store (on etcd
+    its released record stayed, listed as a session with no file)."""
+    h, successor = _stuck_run(session, spawn_holder)
+    still_holds = _recovery._still_holds
+
+    def ended_just_now(*args: Any) -> bool:
+        h.call("release")
+        return still_holds(*args)
+
+    monkeypatch.setattr(_recovery, "_still_holds", ended_just_now)
+    again = recover(session, wait=0)
+    assert (again.action, again.session) == (Action.REFIRE, str(session))
+    left = probe(successor)
+    assert left.state == ProbeState.FREE and left.record is None, left
+    assert not os.path.lexists(successor) and not os.path.lexists(successor + ".holder")
+
+
+def test_a_recover_after_the_stuck_run_ended_removes_an_empty_fresh_sidecar(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """A recover killed after it made the fresh session's sidecar and before its first
+    record leaves it empty: once the stuck run has ended, the recover that re-fires the
+    turn removes it too (`status` listed it as a session)."""
+    h, successor = _stuck_run(session, spawn_holder)
+    Path(successor + ".holder").write_bytes(b"")  # as that recover left it
+    h.call("release")
+    again = recover(session, wait=0)
+    assert (again.action, again.session) == (Action.REFIRE, str(session))
+    assert not os.path.lexists(successor + ".holder")
 
 
 def test_a_recover_while_another_copies_answers_that_copy_once_the_stuck_run_is_gone(
