@@ -156,8 +156,7 @@ def recover(
                                                   waited, successor, stuck)
             except _RunEnded as e:  # it let go as the fresh session was begun: re-fire
                 # Its lock given back, a holder store (etcd) keeps the released record.
-                _drop_unfinished(session, e.fresh, _probe.probe(e.fresh, backend=backend),
-                                 backend)
+                _drop_unfinished(session, e.fresh, None, backend)
             else:
                 try:
                     return Recovery(Action.FRESH, new, found, waited, carried)
@@ -479,27 +478,31 @@ def _made_for(session: str, successor: str | None, backend: str | None) -> str |
                 "(fencelock status) and recover again once it is done")
         if _published(successor, session):
             return successor
-        found = _probe.probe(successor, backend=backend)  # its copy failed, or it died
-    _drop_unfinished(session, successor, found, backend)
+        _drop_unfinished(session, successor, None, backend)  # its copy failed, or it died
+    else:
+        _drop_unfinished(session, successor, found, backend)
     return None  # nobody makes it now
 
 
-def _drop_unfinished(session: str, fresh: str, found: HolderStatus,
+def _drop_unfinished(session: str, fresh: str, found: HolderStatus | None,
                      backend: str | None) -> None:
-    """Remove what is left of ``fresh`` (``found``), a fresh session of ``session``'s
-    that was never named and that no recover makes now, the run it was for being gone:
-    the stale record of a recover killed while it made it, with its part copy; the
-    released one a recover that found the run gone leaves in a holder store (etcd); the
-    empty sidecar of one killed before its first record. As `clear --remove` does,
-    under its lock; left as it is where that fails (`clear` then says why)."""
-    record = found.record
-    if record is not None:
-        left = record.origin == session and found.state in (ProbeState.STALE,
-                                                             ProbeState.FREE)
-    else:
-        left = found.state is ProbeState.FREE and os.path.lexists(found.sidecar)
-    if left and not os.path.lexists(fresh):
-        with contextlib.suppress(FenceLockError, OSError):
+    """Remove what is left of ``fresh`` (``found``: as probed, or None to probe it), a
+    fresh session of ``session``'s that was never named and that no recover makes now,
+    the run it was for being gone: the stale record of a recover killed while it made
+    it, with its part copy; the released one a recover that found the run gone leaves
+    in a holder store (etcd); the empty sidecar of one killed before its first record.
+    As `clear --remove` does, under its lock. Left as it is where that fails (`status`
+    and `clear` then show it): the recover re-fires all the same."""
+    with contextlib.suppress(FenceLockError, OSError):
+        if found is None:
+            found = _probe.probe(fresh, backend=backend)
+        record = found.record
+        if record is not None:
+            left = record.origin == session and found.state in (ProbeState.STALE,
+                                                                 ProbeState.FREE)
+        else:
+            left = found.state is ProbeState.FREE and os.path.lexists(found.sidecar)
+        if left and not os.path.lexists(fresh):
             _probe.clear(fresh, remove=True, backend=backend)
 
 

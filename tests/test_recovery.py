@@ -453,23 +453,41 @@ def test_a_recover_after_the_stuck_run_ended_removes_what_a_killed_recover_left(
     assert left.state == ProbeState.FREE and left.record is None, left
 
 
+@pytest.mark.parametrize("look", ["made", "failed"])
 def test_a_recover_whose_stuck_run_ends_as_it_begins_the_fresh_session_leaves_none(
     session: Path, spawn_holder: SpawnHolder, store: str | None,
-    monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch, look: str
 ) -> None:
     """The stuck run lets go just as a recover takes the fresh session's lock: the
     recover re-fires, and nothing of the fresh session stays, in either store (on etcd
-    its released record stayed, listed as a session with no file)."""
+    its released record stayed, listed as a session with no file). Where the look at
+    what stays fails, the recover re-fires all the same (it is a clean-up)."""
+    from fencelock import _probe
+
     h, successor = _stuck_run(session, spawn_holder)
     still_holds = _recovery._still_holds
+    real_probe = _probe.probe
 
     def ended_just_now(*args: Any) -> bool:
         h.call("release")
         return still_holds(*args)
 
+    looks: list[str] = []
+
+    def failing(path: Any, **kwargs: Any) -> Any:
+        if look == "failed" and str(path) == successor and not looks:
+            looks.append(successor)  # the clean-up's look, the first at that name
+            raise OSError(errno.EIO, "Input/output error", successor)
+        return real_probe(path, **kwargs)
+
     monkeypatch.setattr(_recovery, "_still_holds", ended_just_now)
+    monkeypatch.setattr(_probe, "probe", failing)
     again = recover(session, wait=0)
+    monkeypatch.setattr(_probe, "probe", real_probe)
     assert (again.action, again.session) == (Action.REFIRE, str(session))
+    if look == "failed":
+        assert looks  # (what stays, a released record on etcd, is left for `clear`)
+        return
     left = probe(successor)
     assert left.state == ProbeState.FREE and left.record is None, left
     assert not os.path.lexists(successor) and not os.path.lexists(successor + ".holder")
