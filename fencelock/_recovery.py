@@ -358,6 +358,12 @@ def _gone(run: HolderInfo, now: HolderStatus) -> bool:
     (out of descriptors, a corrupt record): the run may hold it still."""
     after = _holding_run(now)
     if after is None:
+        if now.state is ProbeState.LIVE and now._owner and now.record is None:
+            # An etcd owner key with no record yet (a queued run about to write its
+            # own, a clear): its create revision is its acquisition's token, so one
+            # other than the run's is another acquisition's, which owns the session
+            # only once the run's key is gone.
+            return now._owner.rpartition("@")[2] != str(run.token)
         return now.state in (ProbeState.FREE, ProbeState.STALE)
     return (after.run_id, after.token) != (run.run_id, run.token)
 

@@ -3477,6 +3477,42 @@ def test_run_on_etcd_frees_at_once_or_keeps_what_the_command_left_running(
         assert then.info is not None and then.info.previous is None  # it was released
 
 
+def test_a_recover_that_finds_another_key_owning_the_session_as_it_begins_refires(
+    session: Path, url: str, etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stuck run ends as a recover takes the fresh session's lock, and another
+    acquisition owns the session before writing its record (a queued run, or the clear
+    of a recover that re-fired): that owner key is not the stuck run's (its revision is
+    another token), so this recover re-fires too. It took the key for the stuck run's
+    and made the fresh session, while the other recovers of that run re-fired: the
+    conversation went on in two files."""
+    from fencelock import _recovery
+
+    name = _lock_name(url, session)
+    holder = SessionLock(session, "stuck", backend=url)
+    holder.acquire()
+    still_holds = _recovery._still_holds
+    leases: list[str] = []
+
+    def another_owns_it_now(*args: Any) -> bool:
+        holder.release()
+        granted = subprocess.run(_etcdctl(etcd_server, "lease", "grant", "60"), check=True,
+                                 capture_output=True, text=True)
+        leases.append(granted.stdout.split()[1])
+        subprocess.run(_etcdctl(etcd_server, "put", f"--lease={leases[0]}",
+                                f"{name}/{leases[0]}", ""), check=True, capture_output=True)
+        return still_holds(*args)
+
+    monkeypatch.setattr(_recovery, "_still_holds", another_owns_it_now)
+    try:
+        again = recover(session, wait=0, backend=url)
+    finally:
+        for lease in leases:
+            subprocess.run(_etcdctl(etcd_server, "lease", "revoke", lease),
+                           capture_output=True)
+    assert leases and (again.action, again.session) == (Action.REFIRE, str(session))
+
+
 def test_recovers_of_an_owner_key_that_never_writes_a_record_do_not_split(
     session: Path, url: str, etcd_server: EtcdServer
 ) -> None:
