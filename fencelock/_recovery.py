@@ -439,7 +439,7 @@ def _start_fresh(
             if _published(successor, session):
                 continue  # made meanwhile, and perhaps already in use: answer it
         # Another recover of the same stuck run is making it: wait for that.
-        if not _wait_made(successor, backend, deadline):
+        if not _wait_made(successor, session, backend, deadline):
             if _published(successor, session):
                 continue
             raise FenceLockError(
@@ -476,7 +476,7 @@ def _made_for(session: str, successor: str | None, backend: str | None) -> str |
         return successor  # named as its maker let go (or died) after the look above
     if found.state is ProbeState.LIVE:
         _sidecar.refuse_planted_at(successor + _sidecar.SUFFIX)  # a lock held to stall us
-        if not _wait_made(successor, backend, time.monotonic() + SUCCESSOR_WAIT) and \
+        if not _wait_made(successor, session, backend, time.monotonic() + SUCCESSOR_WAIT) and \
                 not _published(successor, session):
             raise FenceLockError(
                 f"{session}: another recover has been making the fresh session {successor} "
@@ -531,13 +531,28 @@ def _published(successor: str, session: str) -> bool:
     return True
 
 
-def _wait_made(successor: str, backend: str | None, deadline: float) -> bool:
-    """Wait (until ``deadline``) for nobody to hold ``successor``; False on timeout."""
-    remaining = max(0.0, deadline - time.monotonic())
+def _wait_made(successor: str, session: str, backend: str | None, deadline: float) -> bool:
+    """Wait (until ``deadline``) for nobody to hold ``successor``, or, in a holder store
+    (etcd), for it to be named; False on timeout. (A recover killed just after naming
+    it keeps its lock until its lease runs out, then hands it straight to a run of the
+    fresh session queued behind it: it is never seen free. With sidecars, the lock
+    goes with the process, and a queued run and this wait are woken alike; the wait is
+    one call, as a timed-out one leaves its helper thread blocked.)"""
     store = _store.open_store(backend, successor)
-    if store is not None:
-        return store.wait_free(remaining)
-    return _wait.wait_until_unlocked(successor + _sidecar.SUFFIX, remaining)
+    if store is None:
+        remaining = max(0.0, deadline - time.monotonic())
+        return _wait.wait_until_unlocked(successor + _sidecar.SUFFIX, remaining)
+    while True:
+        if store.wait_free(min(max(0.0, deadline - time.monotonic()), _MADE_LOOK)) or \
+                _published(successor, session):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+
+
+_MADE_LOOK = 1.0
+"""Seconds between looks at whether a fresh session another recover makes in a holder
+store is named, while `_wait_made` waits for its lock."""
 
 
 def _make_fresh(

@@ -474,6 +474,20 @@ os.kill(os.getpid(), signal.SIGKILL)
 leaves FRESH's stale record (naming OLD as its origin) and FRESH.part."""
 
 
+KILLED_ON_NAMING = """
+import os, signal, sys
+from fencelock import _fence, recover
+publish = _fence.publish
+def named_then_killed(*args, **kwargs):
+    publish(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # the fresh session has its name; nothing after
+_fence.publish = named_then_killed
+recover(sys.argv[1], wait=0)
+"""
+"""A recover killed just after it named the fresh session: ``python -c KILLED_ON_NAMING
+SESSION`` (in the store FENCELOCK_BACKEND names)."""
+
+
 @contextmanager
 def append_only(path: Path) -> Iterator[None]:
     """``path`` marked append-only (chattr +a, Linux, as root) for the block: writes

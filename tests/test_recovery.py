@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from conftest import (
     KILLED_MID_COPY,
+    KILLED_ON_NAMING,
     Holder,
     SpawnForeignHolder,
     SpawnHolder,
@@ -340,18 +341,6 @@ def paused(*args):
 _recovery._scan = paused
 r = recover(sys.argv[1], wait=0)
 print(json.dumps({"session": r.session, "carried_lines": r.carried_lines}))
-"""
-
-
-KILLED_ON_NAMING = """
-import os, signal, sys
-from fencelock import _fence, recover
-publish = _fence.publish
-def named_then_killed(*args, **kwargs):
-    publish(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGKILL)  # the fresh session has its name; nothing after
-_fence.publish = named_then_killed
-recover(sys.argv[1], wait=0)
 """
 
 
