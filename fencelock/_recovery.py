@@ -354,8 +354,10 @@ def _record_or_gone(session: str, now: HolderStatus, stuck_after: float,
 
 def _gone(run: HolderInfo, now: HolderStatus) -> bool:
     """Whether ``now`` shows the run ``run`` gone: the session free, stale, or another
-    run's. Not a holder outside fencelock, nor a look that could not read the session
-    (out of descriptors, a corrupt record): the run may hold it still."""
+    run's (on etcd, another acquisition's owner key, a holder outside fencelock's too).
+    Not a look that could not read the session (out of descriptors, a corrupt record),
+    nor a lock held with no record of the run's (with sidecars): the run may hold it
+    still."""
     after = _holding_run(now)
     if after is None:
         if now.state is ProbeState.LIVE and now._owner and now.record is None:
@@ -542,12 +544,10 @@ def _wait_made(successor: str, session: str, backend: str | None, deadline: floa
     if store is None:
         remaining = max(0.0, deadline - time.monotonic())
         return _wait.wait_until_unlocked(successor + _sidecar.SUFFIX, remaining)
-    while True:
-        if store.wait_free(min(max(0.0, deadline - time.monotonic()), _MADE_LOOK)) or \
-                _published(successor, session):
-            return True
-        if time.monotonic() >= deadline:
-            return False
+    named = functools.partial(_published, successor, session)
+    # (In steps, riding an etcd restart out as recover's wait for the stuck run does.)
+    return _wait_for_let_go(store.wait_free, named, max(0.0, deadline - time.monotonic()),
+                            _MADE_LOOK) or named()
 
 
 _MADE_LOOK = 1.0

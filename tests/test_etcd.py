@@ -4447,6 +4447,49 @@ def test_recover_rides_out_an_etcd_restart_that_comes_during_its_wait(
     assert out.strip() == str(session)
 
 
+WAIT_FOR_THE_COPY = """
+import sys, time
+from fencelock import _recovery
+fresh, old, url = sys.argv[1:]
+print(_recovery._wait_made(fresh, old, url, time.monotonic() + 60))
+"""
+
+
+def test_a_wait_for_another_recover_s_copy_rides_out_an_etcd_restart(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    """etcd restarts while a recover waits for the fresh session another recover holds
+    (a wait done in one-second steps that look whether it is named; a step's wait gave
+    up at the end of the step the outage fell in, and the recover failed): it rides the
+    restart out as recover's wait for the stuck run does."""
+    import socket
+
+    url = own_etcd.url(f"wm-{uuid.uuid4().hex[:8]}", ttl=30)
+    fresh = fresh_session(session)
+    lock = SessionLock(fresh, "recovery", backend=url, origin=str(session))
+    lock.acquire()  # as the recover copying it holds it
+    before = etcd_watchers(own_etcd)
+    waiter = subprocess.Popen([sys.executable, "-c", WAIT_FOR_THE_COPY, fresh, str(session),
+                               url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    placeholder: socket.socket | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while etcd_watchers(own_etcd) <= before:  # waiting: its watch on the holder is open
+            assert waiter.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        own_etcd.kill(signal.SIGKILL)
+        placeholder = socket.create_server(("127.0.0.1", own_etcd.client_port))
+        out, err = _answer_after_restart(placeholder, own_etcd, lock, waiter)
+    finally:
+        if placeholder is not None:
+            placeholder.close()
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.communicate()
+    assert waiter.returncode == 0, err
+    assert out.strip() == "True"
+
+
 def test_a_wait_that_runs_out_while_etcd_hangs_says_etcd_did_not_answer(
     session: Path, own_etcd: EtcdServer
 ) -> None:
