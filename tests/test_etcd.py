@@ -4419,32 +4419,41 @@ def test_recover_rides_out_an_etcd_restart_that_comes_during_its_wait(
     """etcd restarts while `recover --wait` waits for the holder (the wait, done in
     short steps that look whether the stuck run is gone, gave up at the end of the step
     the outage fell in, exit 1): it rides the restart out as a waiting run does."""
-    import socket
-
     url = own_etcd.url(f"wr2-{uuid.uuid4().hex[:8]}", ttl=30)
     lock = SessionLock(session, "holder", backend=url)
     lock.acquire()
-    before = etcd_watchers(own_etcd)
-    waiter = subprocess.Popen(
-        [sys.executable, "-m", "fencelock", "recover", "--wait", "60", str(session),
-         "--backend", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, out, err = _restarted_while_waiting(own_etcd, lock, [
+        "-m", "fencelock", "recover", "--wait", "60", str(session), "--backend", url])
+    assert code == 0, err
+    assert out.strip() == str(session)
+
+
+def _restarted_while_waiting(server: EtcdServer, lock: SessionLock, args: list[str]
+                             ) -> tuple[int | None, str, str]:
+    """Start ``python ARGS``, which waits for ``lock``'s session; once its watch is open,
+    kill etcd, then (`_answer_after_restart`) start it again and release ``lock``: the
+    waiter's exit code, output and errors."""
+    import socket
+
+    before = etcd_watchers(server)
+    waiter = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     placeholder: socket.socket | None = None
     try:
         deadline = time.monotonic() + 30
-        while etcd_watchers(own_etcd) <= before:  # waiting: its watch on the holder is open
+        while etcd_watchers(server) <= before:  # waiting: its watch on the holder is open
             assert waiter.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
-        own_etcd.kill(signal.SIGKILL)
-        placeholder = socket.create_server(("127.0.0.1", own_etcd.client_port))
-        out, err = _answer_after_restart(placeholder, own_etcd, lock, waiter)
+        server.kill(signal.SIGKILL)
+        placeholder = socket.create_server(("127.0.0.1", server.client_port))
+        out, err = _answer_after_restart(placeholder, server, lock, waiter)
     finally:
         if placeholder is not None:
             placeholder.close()
         if waiter.poll() is None:
             waiter.kill()
             waiter.communicate()
-    assert waiter.returncode == 0, err
-    assert out.strip() == str(session)
+    return waiter.returncode, out, err
 
 
 WAIT_FOR_THE_COPY = """
@@ -4462,31 +4471,13 @@ def test_a_wait_for_another_recover_s_copy_rides_out_an_etcd_restart(
     (a wait done in one-second steps that look whether it is named; a step's wait gave
     up at the end of the step the outage fell in, and the recover failed): it rides the
     restart out as recover's wait for the stuck run does."""
-    import socket
-
     url = own_etcd.url(f"wm-{uuid.uuid4().hex[:8]}", ttl=30)
     fresh = fresh_session(session)
     lock = SessionLock(fresh, "recovery", backend=url, origin=str(session))
     lock.acquire()  # as the recover copying it holds it
-    before = etcd_watchers(own_etcd)
-    waiter = subprocess.Popen([sys.executable, "-c", WAIT_FOR_THE_COPY, fresh, str(session),
-                               url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    placeholder: socket.socket | None = None
-    try:
-        deadline = time.monotonic() + 30
-        while etcd_watchers(own_etcd) <= before:  # waiting: its watch on the holder is open
-            assert waiter.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        own_etcd.kill(signal.SIGKILL)
-        placeholder = socket.create_server(("127.0.0.1", own_etcd.client_port))
-        out, err = _answer_after_restart(placeholder, own_etcd, lock, waiter)
-    finally:
-        if placeholder is not None:
-            placeholder.close()
-        if waiter.poll() is None:
-            waiter.kill()
-            waiter.communicate()
-    assert waiter.returncode == 0, err
+    code, out, err = _restarted_while_waiting(
+        own_etcd, lock, ["-c", WAIT_FOR_THE_COPY, fresh, str(session), url])
+    assert code == 0, err
     assert out.strip() == "True"
 
 
