@@ -473,22 +473,21 @@ def _made_for(session: str, successor: str | None, backend: str | None) -> str |
         return None
     if _published(successor, session):
         return successor
-    found = _probe.probe(successor, backend=backend)
-    if found.state is not ProbeState.LIVE and _published(successor, session):
-        return successor  # named as its maker let go (or died) after the look above
-    if found.state is ProbeState.LIVE:
+    found: HolderStatus | None = _probe.probe(successor, backend=backend)
+    if found is not None and found.state is ProbeState.LIVE:
         _sidecar.refuse_planted_at(successor + _sidecar.SUFFIX)  # a lock held to stall us
-        if not _wait_made(successor, session, backend, time.monotonic() + SUCCESSOR_WAIT) and \
-                not _published(successor, session):
+        made = _wait_made(successor, session, backend, time.monotonic() + SUCCESSOR_WAIT)
+        if _published(successor, session):
+            return successor
+        if not made:
             raise FenceLockError(
                 f"{session}: another recover has been making the fresh session {successor} "
                 f"of its last run for over {SUCCESSOR_WAIT:.0f} s; see who holds it "
                 "(fencelock status) and recover again once it is done")
-        if _published(successor, session):
-            return successor
-        _drop_unfinished(session, successor, None, backend)  # its copy failed, or it died
-    else:
-        _drop_unfinished(session, successor, found, backend)
+        found = None  # its copy failed, or its maker died: looked at again
+    elif _published(successor, session):
+        return successor  # named as its maker let go (or died) after the look above
+    _drop_unfinished(session, successor, found, backend)
     return None  # nobody makes it now
 
 
