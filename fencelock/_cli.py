@@ -284,7 +284,9 @@ class _Seconds(click.ParamType):  # type: ignore[type-arg]
                       f"10m, 1.5h)", param, ctx)
         if math.isnan(seconds) or seconds < 0:
             self.fail(f"{value!r} is not a number of seconds >= 0", param, ctx)
-        if 0 < seconds < self.least:
+        # 1e-400 is 0.0 as a float: a value asked for as above 0 stays above it here.
+        tiny = seconds == 0 and any(c in "123456789" for c in text.partition("e")[0])
+        if (seconds > 0 or tiny) and seconds < self.least:
             self.fail(f"{value!r} is under {self.least} s: give 0 (never) or at least "
                       f"{self.least} (each beat writes the record)", param, ctx)
         return seconds
@@ -292,6 +294,7 @@ class _Seconds(click.ParamType):  # type: ignore[type-arg]
 
 SECONDS = _Seconds()
 HEARTBEAT = _Seconds(least=0.01)
+"""A heartbeat interval: a shorter one than 10 ms only keeps a CPU and the disk busy."""
 
 
 class _Mode(click.ParamType):  # type: ignore[type-arg]
@@ -318,7 +321,6 @@ class _Mode(click.ParamType):  # type: ignore[type-arg]
 
 
 MODE = _Mode()
-"""A heartbeat interval: a shorter one than 10 ms only keeps a CPU and the disk busy."""
 
 
 def _backend_option(f: Any) -> Any:

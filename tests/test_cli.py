@@ -2138,10 +2138,11 @@ def test_seconds_may_be_given_with_a_unit(session: Path, spawn_holder: SpawnHold
 
 @pytest.mark.parametrize("command", [["run", "S", "--lane", "x", "--", "true"],
                                      ["hold", "S", "--lane", "x"]])
-@pytest.mark.parametrize("beat", ["1e-6", "0.009"])
+@pytest.mark.parametrize("beat", ["1e-6", "0.009", "1e-400"])
 def test_a_heartbeat_under_10_ms_is_a_usage_error(session: Path, command: list[str],
                                                    beat: str) -> None:
-    """Each beat writes the record: --heartbeat 1e-6 kept a CPU busy writing it."""
+    """Each beat writes the record: --heartbeat 1e-6 kept a CPU busy writing it. 1e-400,
+    0.0 as a float, is refused too, not taken for 0 (never)."""
     args = [str(session) if a == "S" else a for a in command]
     result = invoke(*args[:4], "--heartbeat", beat, *args[4:])
     assert result.exit_code == 2, result.output
