@@ -179,7 +179,14 @@ def probe(
     session, sidecar = _sidecar.paths(path)
     store = _store.open_store(backend, session)
     if store is not None:
-        return _unless_planted(store.probe(stuck_after))
+        found = store.probe(stuck_after)
+        if found.state is ProbeState.FREE and found.record is None:
+            # Nothing recorded, in no directory: unreadable, as with a sidecar there.
+            missing = _sidecar.directory_error(session, False)
+            if missing is not None:
+                return HolderStatus(session, sidecar, ProbeState.UNREADABLE,
+                                    reason=str(missing))
+        return _unless_planted(found)
     try:
         st: os.stat_result | None = os.lstat(session)
     except OSError:
@@ -759,7 +766,13 @@ def clear(
     try:  # the take too: an interrupt as it is handed the slot must not keep it
         _registry.take(key, slot, True, None, None, time.monotonic())  # contended: held here
         if store is not None:
-            return store.clear(remove, force)
+            found = store.clear(remove, force)
+            if found.state is ProbeState.FREE and found.record is None:
+                # Nothing recorded, in no directory: refused, as with a sidecar there.
+                missing = _sidecar.directory_error(session, False)
+                if missing is not None:
+                    raise missing
+            return found
         # As acquire refuses it and probe calls it unreadable: a session path no run can
         # use (a directory, say) leaves the sidecar beside it alone.
         _sidecar.refuse_unusable_session(sidecar)

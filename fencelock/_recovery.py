@@ -119,6 +119,10 @@ def recover(
         # planted (and the fresh session of that name they made) would take the run's
         # next lines.
         _sidecar.refuse_planted_at(sidecar)
+    else:  # no run or fresh session can be made there: as the sidecar's probe refuses it
+        missing = _sidecar.directory_error(session, False)
+        if missing is not None:
+            raise missing
     found = _probe_through_restart(session, stuck_after, backend, limit)
     if found.state is ProbeState.UNREADABLE:
         raise _unreadable(session, sidecar, found, sidecars=store is None)

@@ -246,6 +246,23 @@ def path_fix(path: str, e: OSError, *, writing: bool, sidecar: bool) -> str | No
     return None
 
 
+def directory_error(session: str, writing: bool) -> SidecarAccessError | None:
+    """The `SidecarAccessError` a sidecar's open raises where the session's directory is
+    missing or not a directory, naming the session itself: for a holder store (etcd),
+    which opens no sidecar, so that both stores refuse such a path alike. None where the
+    directory is there, or cannot be looked at (the run's own opens then say why)."""
+    try:
+        if stat.S_ISDIR(os.stat(os.path.dirname(session)).st_mode):
+            return None
+        e: OSError = NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+    except (FileNotFoundError, NotADirectoryError) as missing:
+        e = missing
+    except OSError:
+        return None
+    return SidecarAccessError(session, e, path_fix(session, e, writing=writing, sidecar=False)
+                              or "check the path")
+
+
 def listing_fix(directory: str, e: OSError) -> str:
     """What to do about ``e``, raised listing ``directory`` for a scan."""
     if e.errno == errno.ENAMETOOLONG:

@@ -62,9 +62,10 @@ mark: a change within the same coarse clock tick (4-10 ms) leaves ctime as it wa
 
 RECORD_LAG = 1.0
 """In the write phase an append leaves the record alone unless it was last written
-this many seconds ago: the record's fingerprint and heartbeat then lag the holder's own
-appends by at most this much. Entering and leaving the prompt window, `touch` and
-release write them at once."""
+this many seconds ago: the record leaves out the appends made within this much of its
+last write until it is written again (its heartbeat lags the holder's by less than
+this; its fingerprint by those appends, however long the run then makes no other).
+Entering and leaving the prompt window, `touch` and release write them at once."""
 
 HAND_OVER_AFTER = 0.001
 """A release that ends a hold at least this long (in seconds) yields the CPU right

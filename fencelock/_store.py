@@ -12,8 +12,8 @@ backend URL.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +23,7 @@ from fencelock import _backend, _fingerprint, _identity, _record, _sidecar, _tok
 from fencelock._errors import (
     FenceLockError,
     HolderLostError,
+    SidecarAccessError,
     StoreUnavailableError,
     record_lags,
 )
@@ -222,18 +223,11 @@ class RemoteStore:
         if only_if_free:
             return False  # etcd tells only by queueing (`tries_in_place`)
         holder = self.holder
-        directory = os.path.dirname(lock.session)
-        try:
-            missing = "is not a directory" if not stat.S_ISDIR(os.stat(directory).st_mode) \
-                else ""
-        except (FileNotFoundError, NotADirectoryError):
-            missing = "does not exist"
-        except OSError:
-            missing = ""  # there is something there: the run's own writes say what is wrong
-        if missing:
-            # As a sidecar's acquire refuses it (its sidecar cannot be made): no run can
-            # write there, and a holder taken would hold nothing but the store's key.
-            raise self._no_directory(lock, missing)
+        # As a sidecar's acquire refuses it (its sidecar cannot be made): no run can
+        # write there, and a holder taken would hold nothing but the store's key.
+        missing = _sidecar.directory_error(lock.session, True)
+        if missing is not None:
+            raise missing
         holder.rekey()
         self.name = holder.name
         # Read before waiting, so that it costs the hand-off nothing: the lines a
@@ -328,12 +322,9 @@ class RemoteStore:
         self.holder.check()
 
     def missing_directory(self, lock: SessionLock) -> FenceLockError:
-        return self._no_directory(lock, "does not exist")
-
-    @staticmethod
-    def _no_directory(lock: SessionLock, missing: str) -> FenceLockError:
-        return FenceLockError(f"{lock.session}: its directory {os.path.dirname(lock.session)} "
-                              f"{missing}; check the path, or create it")
+        missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return SidecarAccessError(lock.session, missing, _sidecar.path_fix(
+            lock.session, missing, writing=True, sidecar=False) or "check the path")
 
     def release(self, lock: SessionLock) -> None:
         self.holder.release(self._released(lock))

@@ -684,24 +684,6 @@ def test_torn_file_that_is_a_hard_link_is_not_written_through(session: Path) -> 
 # -- directories --------------------------------------------------------------------
 
 
-def test_missing_session_directory(tmp_path: Path) -> None:
-    session = tmp_path / "nowhere" / "deeper" / "s.jsonl"
-    with pytest.raises(SidecarAccessError) as exc:
-        SessionLock(session, "a").acquire()
-    assert str(session) in str(exc.value) and "does not exist" in str(exc.value)
-    status = probe(session)
-    assert status.state == "unreadable" and str(session) in status.reason
-    # Each says what to do about it, where the library reads as where it writes.
-    assert status.reason.endswith("does not exist; check the path"), status.reason
-    with pytest.raises(SidecarAccessError, match="does not exist; check the path"):
-        recover(session, wait=0)
-    with pytest.raises(SidecarAccessError, match="does not exist; check the path"):
-        verify(session)
-    with pytest.raises(SidecarAccessError, match="does not exist; check the path"):
-        clear(session)  # (not "create it first": nothing is cleared by making it)
-    assert not (tmp_path / "nowhere").exists()
-
-
 @needs_root
 @pytest.mark.parametrize("how", ["dir-0555-owned-by-user", "dir-of-another-user"])
 def test_unwritable_session_directory(how: str) -> None:

@@ -46,6 +46,7 @@ from fencelock import (
     SessionContendedError,
     SessionLock,
     SessionTakeoverError,
+    SidecarAccessError,
     StoreUnavailableError,
     _etcd,
     _etcdcluster,
@@ -2132,10 +2133,10 @@ def test_a_session_whose_directory_is_missing_is_refused_with_nothing_queued(
     from fencelock._etcdcluster import cluster
 
     missing = tmp_path / "sesions" / "a.jsonl"
-    with pytest.raises(FenceLockError, match=r"its directory .* does not exist; check the path"):
+    with pytest.raises(SidecarAccessError, match=r"the directory .* does not exist; create it"):
         SessionLock(missing, "typo", backend=url).acquire()
     (tmp_path / "file").write_text("")
-    with pytest.raises(FenceLockError, match=r"its directory .* is not a directory; check"):
+    with pytest.raises(SidecarAccessError, match=r"file is not a directory; check the path"):
         SessionLock(tmp_path / "file" / "a.jsonl", "typo", backend=url).acquire()
     parsed = parse(url)
     assert parsed is not None

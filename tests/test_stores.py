@@ -23,6 +23,7 @@ from fencelock import (
     SessionContendedError,
     SessionLock,
     SessionTakeoverError,
+    SidecarAccessError,
     clear,
     probe,
     recover,
@@ -429,3 +430,31 @@ def test_a_session_file_an_image_shipped_takes_appends_on_overlayfs(
             umount(merged)
     finally:
         umount(base)
+
+
+@pytest.mark.parametrize("where", ["missing", "a file"])
+def test_a_session_in_no_directory_is_refused_alike(tmp_path: Path, where: str) -> None:
+    """One rule in both stores for a session whose directory is missing or is a file:
+    `SidecarAccessError` saying what to do from acquire, recover, clear and verify,
+    `unreadable` from probe, and nothing made (a store's probe, clear and recover said
+    free, free and re-fire, and its acquire raised a plain `FenceLockError`)."""
+    if where == "missing":
+        session, said = tmp_path / "nowhere" / "deeper" / "s.jsonl", "does not exist"
+    else:
+        (tmp_path / "nowhere").write_text("")
+        session, said = tmp_path / "nowhere" / "s.jsonl", "is not a directory"
+    with pytest.raises(SidecarAccessError) as exc:
+        SessionLock(session, "a").acquire()
+    assert str(session) in str(exc.value) and said in str(exc.value)
+    status = probe(session)
+    assert status.state == "unreadable" and str(session) in status.reason
+    # Each says what to do about it, where the library reads as where it writes.
+    assert status.reason.endswith(f"{said}; check the path"), status.reason
+    for call in (lambda: recover(session, wait=0), lambda: verify(session),
+                 lambda: clear(session)):  # (clear: nothing is cleared by making it)
+        with pytest.raises(SidecarAccessError, match=f"{said}; check the path"):
+            call()
+    if where == "missing":
+        assert not (tmp_path / "nowhere").exists()
+    else:
+        assert (tmp_path / "nowhere").read_text() == ""
