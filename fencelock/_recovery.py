@@ -217,20 +217,22 @@ def _refuse_unwritable(sidecar: str) -> None:
 
 
 _LET_GO_LOOK = 0.25
-"""Seconds between looks at whether the stuck run is gone while recover waits for the
-session's lock (`_wait_for_let_go`)."""
+"""Seconds between looks, while recover waits for a lock (`_wait_for_let_go`), at
+whether the stuck run is gone, or the fresh session another recover copies is named."""
 _LET_GO_LOOK_STORE = 1.0
-"""The same with a holder store (etcd: each look is a request)."""
+"""The same with a holder store (etcd: each step's wait is a request, as is a look at
+the stuck run)."""
 
 
 def _wait_for_let_go(wait_once: Callable[[float | None], bool], gone: Callable[[], bool],
                      limit: float | None, step: float) -> bool:
     """Wait up to ``limit`` seconds for the session to be free (``wait_once``, a wait of
     at most the time it is given, None for no limit): True once it is. A run queued
-    behind the stuck one that takes the session as it lets go leaves it never free: so
-    every ``step`` seconds ``gone`` is asked whether the stuck run is gone, which ends
-    the wait too (False). (A sidecar's wait that times out leaves its helper blocked in
-    the kernel, and the next step's wait takes it over.)"""
+    behind the holder waited for that takes the session as it lets go leaves it never
+    free: so every ``step`` seconds ``gone`` is asked whether the wait is over all the
+    same (the stuck run gone, the fresh session named), which ends it too (False). (A
+    sidecar's wait that times out leaves its helper blocked in the kernel, and the next
+    step's wait takes it over.)"""
     deadline = None if limit is None else time.monotonic() + limit
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -537,25 +539,19 @@ def _published(successor: str, session: str) -> bool:
 
 
 def _wait_made(successor: str, session: str, backend: str | None, deadline: float) -> bool:
-    """Wait (until ``deadline``) for nobody to hold ``successor``, or, in a holder store
-    (etcd), for it to be named; False on timeout. (A recover killed just after naming
-    it keeps its lock until its lease runs out, then hands it straight to a run of the
-    fresh session queued behind it: it is never seen free. With sidecars, the lock
-    goes with the process, and a queued run and this wait are woken alike; the wait is
-    one call, as a timed-out one leaves its helper thread blocked.)"""
+    """Wait (until ``deadline``) for nobody to hold ``successor``, or for it to be named;
+    False on timeout. (A recover killed just after naming it leaves its lock to a run of
+    the fresh session at once: on etcd its lock stays until its lease runs out, then
+    goes straight to the run queued behind it; with sidecars a run woken with this wait
+    may take it first. Either way it is never seen free.)"""
     store = _store.open_store(backend, successor)
-    if store is None:
-        remaining = max(0.0, deadline - time.monotonic())
-        return _wait.wait_until_unlocked(successor + _sidecar.SUFFIX, remaining)
+    wait_once: Callable[[float | None], bool] = (
+        store.wait_free if store is not None
+        else functools.partial(_wait.wait_until_unlocked, successor + _sidecar.SUFFIX))
     named = functools.partial(_published, successor, session)
     # (In steps, riding an etcd restart out as recover's wait for the stuck run does.)
-    return _wait_for_let_go(store.wait_free, named, max(0.0, deadline - time.monotonic()),
-                            _MADE_LOOK) or named()
-
-
-_MADE_LOOK = 1.0
-"""Seconds between looks at whether a fresh session another recover makes in a holder
-store is named, while `_wait_made` waits for its lock."""
+    return _wait_for_let_go(wait_once, named, max(0.0, deadline - time.monotonic()),
+                            _LET_GO_LOOK if store is None else _LET_GO_LOOK_STORE) or named()
 
 
 def _make_fresh(

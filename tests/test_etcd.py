@@ -29,7 +29,6 @@ import marks
 import pytest
 from conftest import (
     KILLED_MID_COPY,
-    KILLED_ON_NAMING,
     TEST_TTL,
     SpawnHolder,
     etcd_watchers,
@@ -3513,48 +3512,6 @@ def test_a_recover_that_finds_another_key_owning_the_session_as_it_begins_refire
             subprocess.run(_etcdctl(etcd_server, "lease", "revoke", lease),
                            capture_output=True)
     assert leases and (again.action, again.session) == (Action.REFIRE, str(session))
-
-
-def test_a_recover_waiting_for_a_fresh_session_a_run_took_at_once_answers_it(
-    session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A recover killed just after naming the fresh session keeps its lock until its
-    lease runs out, and a run of the fresh session queued behind it then takes it at
-    once: a recover waiting for that copy never sees the lock free. It looks whether
-    the session is named as it waits, and answers it (it waited until the run let go,
-    up to 5 minutes)."""
-    from fencelock import _recovery, _successors
-
-    monkeypatch.setenv("FENCELOCK_BACKEND", url)
-    session.write_text('{"n": 1}\n')
-    h = spawn_holder(session, lane="stuck")
-    h.acquire()
-    stuck = probe(session, backend=url).record
-    assert stuck is not None
-    successor = _successors.of_run(str(session), stuck.run_id, stuck.token)
-    killed = subprocess.run([sys.executable, "-c", KILLED_ON_NAMING, str(session)],
-                            capture_output=True, text=True, timeout=120)
-    assert killed.returncode == -signal.SIGKILL and os.path.exists(successor), killed.stderr
-    h.call("release")
-    later = spawn_holder(Path(successor), lane="next")
-    later.send("acquire")  # queued behind the killed recover's lease
-    published = _recovery._published
-    looks: list[str] = []
-
-    def not_yet_at_first(fresh: str, old: str) -> bool:  # as if named just after
-        looks.append(fresh)
-        return len(looks) > 1 and published(fresh, old)
-
-    monkeypatch.setattr(_recovery, "_published", not_yet_at_first)
-    answers: list[Any] = []
-    waiter = threading.Thread(
-        target=lambda: answers.append(recover(session, wait=0, backend=url)), daemon=True)
-    waiter.start()
-    waiter.join(60)  # (the run of the fresh session holds it until the end of the test)
-    assert not waiter.is_alive(), "still waiting for the lock of a session already named"
-    assert (answers[0].action, answers[0].session) == (Action.FRESH, successor)
-    later.read()  # its acquire's answer
-    later.call("release")
 
 
 def test_recovers_of_an_owner_key_that_never_writes_a_record_do_not_split(

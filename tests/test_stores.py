@@ -8,13 +8,22 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import marks
 import pytest
-from conftest import SpawnHolder, hammer, interrupted_on_entry, record_of, wait_for_no_owner
+from conftest import (
+    KILLED_ON_NAMING,
+    SpawnHolder,
+    hammer,
+    interrupted_on_entry,
+    record_of,
+    wait_for_no_owner,
+)
 from privdrop import mount_overlay, mount_tmpfs, umount
 
 from fencelock import (
@@ -458,3 +467,49 @@ def test_a_session_in_no_directory_is_refused_alike(tmp_path: Path, where: str) 
         assert not (tmp_path / "nowhere").exists()
     else:
         assert (tmp_path / "nowhere").read_text() == ""
+
+
+def test_a_recover_waiting_for_a_fresh_session_a_run_took_at_once_answers_it(
+    session: Path, store: str | None, spawn_holder: SpawnHolder,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recover killed just after naming the fresh session leaves its lock to a run of
+    that session at once: on etcd its lock stays until its lease runs out and then goes
+    straight to the run queued behind it; with sidecars a run that comes first takes it
+    as the recover dies. A recover waiting for that copy never sees the lock free. It
+    looks whether the session is named as it waits, and answers it (it waited until the
+    run let go, up to 5 minutes)."""
+    from fencelock import _recovery, _successors
+
+    session.write_text('{"n": 1}\n')
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    stuck = probe(session).record
+    assert stuck is not None
+    successor = _successors.of_run(str(session), stuck.run_id, stuck.token)
+    killed = subprocess.run([sys.executable, "-c", KILLED_ON_NAMING, str(session)],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL and os.path.exists(successor), killed.stderr
+    h.call("release")
+    later = spawn_holder(Path(successor), lane="next")
+    later.send("acquire")  # etcd: queued behind the killed recover's lease
+    if store is None:
+        later.read()  # the sidecar's lock went with the recover: the run holds it now
+    published = _recovery._published
+    looks: list[str] = []
+
+    def not_yet_at_first(fresh: str, old: str) -> bool:  # as if named just after
+        looks.append(fresh)
+        return len(looks) > 1 and published(fresh, old)
+
+    monkeypatch.setattr(_recovery, "_published", not_yet_at_first)
+    answers: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: answers.append(recover(session, wait=0)), daemon=True)
+    waiter.start()
+    waiter.join(60)  # (the run of the fresh session holds it until the end of the test)
+    assert not waiter.is_alive(), "still waiting for the lock of a session already named"
+    assert (answers[0].action, answers[0].session) == (Action.FRESH, successor)
+    if store is not None:
+        later.read()  # its acquire's answer
+    later.call("release")
