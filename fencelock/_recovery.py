@@ -98,7 +98,8 @@ def recover(
     """The stuck-session recovery step. Raises `SessionContendedError` when the
     session is still held after ``wait`` and ``fresh`` is False. On etcd, an owner key
     without a record gets up to the URL's TTL and a margin (2 s, or half the TTL) more
-    to write one or go, longer across an etcd restart (`_record_or_gone`); ``waited``
+    to write one or go, longer across an etcd restart (`_record_or_gone`), unless it
+    shows the run waited for gone (the key is another acquisition's); ``waited``
     counts that too.
 
     ``"refire"`` means the stuck run is gone, not that the session is reserved: another
@@ -144,7 +145,8 @@ def recover(
         # and its turn is re-fired (queued in turn), not moved to a fresh session.
         now = None if released else _probe.probe(session, stuck_after=stuck_after,
                                                  backend=backend)
-        if now is not None and now._owner and now.record is None and store is not None:
+        if now is not None and now._owner and now.record is None and store is not None \
+                and not _let_go(found, now):  # (gone already: another key owns it now)
             now = _record_or_gone(session, now, stuck_after, backend, store)
             waited = time.monotonic() - start
         if now is not None and not _let_go(found, now):

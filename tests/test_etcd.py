@@ -3514,6 +3514,48 @@ def test_a_recover_that_finds_another_key_owning_the_session_as_it_begins_refire
     assert leases and (again.action, again.session) == (Action.REFIRE, str(session))
 
 
+def test_a_recover_whose_run_let_go_to_a_paused_waiter_refires_at_once(
+    session: Path, etcd_server: EtcdServer, spawn_holder: SpawnHolder,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run a recover waits for lets go to a waiter queued behind it that was paused
+    before it could write its record (a VM pause): that waiter's key owns the session
+    with no record. Another acquisition's key owning means the run is gone, so the
+    recover re-fires the turn at once, the key still there. (It waited for the key to
+    write a record or lose its lease, up to the TTL and more, which changed nothing of
+    the answer.)"""
+    url = etcd_server.url(f"t-{uuid.uuid4().hex[:12]}", ttl=30)  # outlives the test
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "hold", str(session), "--lane", "paused"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while probe(session).waiters != 1:
+            assert waiter.poll() is None and time.monotonic() < deadline, "never queued"
+            time.sleep(0.02)
+        waiter.send_signal(signal.SIGSTOP)
+        before = etcd_watchers(etcd_server)
+        answers: list[Any] = []
+        recovering = threading.Thread(
+            target=lambda: answers.append(recover(session, wait=120)), daemon=True)
+        recovering.start()
+        while etcd_watchers(etcd_server) <= before:  # waiting for the run to let go
+            assert recovering.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+        h.call("release")
+        recovering.join(60)
+        assert not recovering.is_alive(), "still waiting"
+        assert (answers[0].action, answers[0].session) == (Action.REFIRE, str(session))
+        now = probe(session)
+        assert (now.state, now.record, now.waiters) == (ProbeState.LIVE, None, 0), now
+    finally:
+        waiter.kill()
+        waiter.communicate()
+
+
 def test_recovers_of_an_owner_key_that_never_writes_a_record_do_not_split(
     session: Path, url: str, etcd_server: EtcdServer
 ) -> None:
