@@ -282,14 +282,25 @@ class _Seconds(click.ParamType):  # type: ignore[type-arg]
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number of seconds (or a duration such as 90s, "
                       f"10m, 1.5h)", param, ctx)
-        if math.isnan(seconds) or seconds < 0:
+        exact = _exact_sign(text) if seconds == 0 else 0  # 1e-400 is 0.0 as a float
+        if math.isnan(seconds) or seconds < 0 or exact < 0:
             self.fail(f"{value!r} is not a number of seconds >= 0", param, ctx)
-        # 1e-400 is 0.0 as a float: a value asked for as above 0 stays above it here.
-        tiny = seconds == 0 and any(c in "123456789" for c in text.partition("e")[0])
-        if (seconds > 0 or tiny) and seconds < self.least:
+        if (seconds > 0 or exact > 0) and seconds < self.least:
             self.fail(f"{value!r} is under {self.least} s: give 0 (never) or at least "
                       f"{self.least} (each beat writes the record)", param, ctx)
         return seconds
+
+
+def _exact_sign(text: str) -> int:
+    """-1, 0 or 1: the sign of the number ``text`` spells, which float() read as 0.0 (it
+    may be too small for a float: a value asked for as above 0 stays above it)."""
+    import decimal  # (only here: the command's start does without it)
+
+    try:
+        exact = decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        return 0
+    return (exact > 0) - (exact < 0)
 
 
 SECONDS = _Seconds()
@@ -794,12 +805,18 @@ def _clear_path(
     from fencelock._errors import OutsideRootError, SidecarAccessError
 
     if not _is_directory_to_scan(path):
+        from fencelock._backend import selected
+
         problem = _no_directory(path)
-        if problem is not None:
-            session, sidecar = _named(path)
-            yield _ClearOutcome(session, sidecar, None, error=problem, reason=problem)
-        else:
+        if problem is None:
             yield _clear_one(path, remove, force, backend)
+            return
+        session, sidecar = _named(path)
+        refused = _ClearOutcome(session, sidecar, None, error=problem, reason=problem)
+        # A holder store may keep a record for a session whose directory has gone:
+        # `status` lists it, and it is cleared. (With nothing there, it is refused.)
+        outcome = _clear_one(path, remove, force, backend) if selected(backend) else refused
+        yield refused if outcome.error is not None else outcome
         return
     summary = _DirSummary(path)
     with library_errors():

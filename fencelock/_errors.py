@@ -424,7 +424,8 @@ class RecordTooLargeError(FenceLockError):
 
 
 class SidecarAccessError(FenceLockError):
-    """The sidecar or its directory cannot be opened, created or written."""
+    """The sidecar or its directory cannot be opened, created or written (with a holder
+    store, etcd: the session's directory is missing or a file)."""
 
     def __init__(self, path: str, cause: OSError, fix: str):
         self.path = path

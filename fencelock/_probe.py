@@ -180,12 +180,9 @@ def probe(
     store = _store.open_store(backend, session)
     if store is not None:
         found = store.probe(stuck_after)
-        if found.state is ProbeState.FREE and found.record is None:
-            # Nothing recorded, in no directory: unreadable, as with a sidecar there.
-            missing = _sidecar.directory_error(session, False)
-            if missing is not None:
-                return HolderStatus(session, sidecar, ProbeState.UNREADABLE,
-                                    reason=str(missing))
+        missing = _in_no_directory(found)
+        if missing is not None:
+            return replace(found, state=ProbeState.UNREADABLE, reason=str(missing))
         return _unless_planted(found)
     try:
         st: os.stat_result | None = os.lstat(session)
@@ -195,6 +192,15 @@ def probe(
         return _not_a_session(session, sidecar, _platform.describe_mode(st.st_mode, session))
     found = _probe(session, sidecar, stuck_after, time.time())
     return found if st is None else _unless_planted(found, st)
+
+
+def _in_no_directory(found: HolderStatus) -> SidecarAccessError | None:
+    """For a holder store's (etcd's) answer: the error of a session with nothing recorded
+    whose directory is missing or a file, which a sidecar's probe shows unreadable and
+    its clear refuses; None otherwise (a record kept there is shown, and cleared)."""
+    if found.state is ProbeState.FREE and found.record is None:
+        return _sidecar.directory_error(found.session, False)
+    return None
 
 
 def _unless_planted(
@@ -767,11 +773,9 @@ def clear(
         _registry.take(key, slot, True, None, None, time.monotonic())  # contended: held here
         if store is not None:
             found = store.clear(remove, force)
-            if found.state is ProbeState.FREE and found.record is None:
-                # Nothing recorded, in no directory: refused, as with a sidecar there.
-                missing = _sidecar.directory_error(session, False)
-                if missing is not None:
-                    raise missing
+            missing = _in_no_directory(found)
+            if missing is not None:
+                raise missing
             return found
         # As acquire refuses it and probe calls it unreadable: a session path no run can
         # use (a directory, say) leaves the sidecar beside it alone.

@@ -132,13 +132,10 @@ def recover(
         _registry.abort(_registry.in_store(_registry.registry_key(session),
                                            "" if store is None else store.space))
         start = time.monotonic()
-        wait_once: Callable[[float | None], bool] = (
-            store.wait_free if store is not None
-            else functools.partial(_wait.wait_until_unlocked, sidecar))
         released = _wait_for_let_go(
-            wait_once, lambda: _let_go(found, _probe.probe(session, stuck_after=stuck_after,
-                                                            backend=backend)),
-            limit, _LET_GO_LOOK if store is None else _LET_GO_LOOK_STORE)
+            store, session,
+            lambda: _let_go(found, _probe.probe(session, stuck_after=stuck_after,
+                                                backend=backend)), limit)
         waited = time.monotonic() - start
         # The run waited for may have let go with another run taking the session at once
         # (a queued lane): then the lock was never seen free, yet the stuck run is gone,
@@ -226,15 +223,18 @@ _LET_GO_LOOK_STORE = 1.0
 the stuck run)."""
 
 
-def _wait_for_let_go(wait_once: Callable[[float | None], bool], gone: Callable[[], bool],
-                     limit: float | None, step: float) -> bool:
-    """Wait up to ``limit`` seconds for the session to be free (``wait_once``, a wait of
-    at most the time it is given, None for no limit): True once it is. A run queued
-    behind the holder waited for that takes the session as it lets go leaves it never
-    free: so every ``step`` seconds ``gone`` is asked whether the wait is over all the
-    same (the stuck run gone, the fresh session named), which ends it too (False). (A
-    sidecar's wait that times out leaves its helper blocked in the kernel, and the next
-    step's wait takes it over.)"""
+def _wait_for_let_go(store: _store.HolderStore | None, session: str,
+                     gone: Callable[[], bool], limit: float | None) -> bool:
+    """Wait up to ``limit`` seconds for ``session`` to be free in ``store`` (None: its
+    sidecar): True once it is. A run queued behind the holder waited for that takes the
+    session as it lets go leaves it never free: so at every step (`_LET_GO_LOOK`)
+    ``gone`` is asked whether the wait is over all the same (the stuck run gone, the
+    fresh session named), which ends it too (False). (A sidecar's wait that times out
+    leaves its helper blocked in the kernel, and the next step's wait takes it over.)"""
+    wait_once: Callable[[float | None], bool] = (
+        store.wait_free if store is not None
+        else functools.partial(_wait.wait_until_unlocked, session + _sidecar.SUFFIX))
+    step = _LET_GO_LOOK if store is None else _LET_GO_LOOK_STORE
     deadline = None if limit is None else time.monotonic() + limit
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -546,14 +546,10 @@ def _wait_made(successor: str, session: str, backend: str | None, deadline: floa
     the fresh session at once: on etcd its lock stays until its lease runs out, then
     goes straight to the run queued behind it; with sidecars a run woken with this wait
     may take it first. Either way it is never seen free.)"""
-    store = _store.open_store(backend, successor)
-    wait_once: Callable[[float | None], bool] = (
-        store.wait_free if store is not None
-        else functools.partial(_wait.wait_until_unlocked, successor + _sidecar.SUFFIX))
     named = functools.partial(_published, successor, session)
     # (In steps, riding an etcd restart out as recover's wait for the stuck run does.)
-    return _wait_for_let_go(wait_once, named, max(0.0, deadline - time.monotonic()),
-                            _LET_GO_LOOK if store is None else _LET_GO_LOOK_STORE) or named()
+    return _wait_for_let_go(_store.open_store(backend, successor), successor, named,
+                            max(0.0, deadline - time.monotonic())) or named()
 
 
 def _make_fresh(

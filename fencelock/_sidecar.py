@@ -259,6 +259,11 @@ def directory_error(session: str, writing: bool) -> SidecarAccessError | None:
         e = missing
     except OSError:
         return None
+    return no_directory(session, e, writing)
+
+
+def no_directory(session: str, e: OSError, writing: bool) -> SidecarAccessError:
+    """`directory_error` for ``e``, why the session's directory cannot be used."""
     return SidecarAccessError(session, e, path_fix(session, e, writing=writing, sidecar=False)
                               or "check the path")
 

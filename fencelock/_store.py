@@ -23,7 +23,6 @@ from fencelock import _backend, _fingerprint, _identity, _record, _sidecar, _tok
 from fencelock._errors import (
     FenceLockError,
     HolderLostError,
-    SidecarAccessError,
     StoreUnavailableError,
     record_lags,
 )
@@ -323,8 +322,7 @@ class RemoteStore:
 
     def missing_directory(self, lock: SessionLock) -> FenceLockError:
         missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
-        return SidecarAccessError(lock.session, missing, _sidecar.path_fix(
-            lock.session, missing, writing=True, sidecar=False) or "check the path")
+        return _sidecar.no_directory(lock.session, missing, True)
 
     def release(self, lock: SessionLock) -> None:
         self.holder.release(self._released(lock))

@@ -2115,6 +2115,7 @@ def test_expected_failures_are_short_and_exit_1(
         ["wait", "S", "--timeout", "-1"],
         ["wait", "S", "--timeout", "10x"],
         ["status", "S", "--stuck-after", "-1m"],
+        ["run", "S", "--lane", "x", "--heartbeat", "-1e-400", "--", "true"],
     ],
 )
 def test_nan_or_negative_seconds_are_usage_errors(session: Path, args: list[str]) -> None:
@@ -2138,7 +2139,7 @@ def test_seconds_may_be_given_with_a_unit(session: Path, spawn_holder: SpawnHold
 
 @pytest.mark.parametrize("command", [["run", "S", "--lane", "x", "--", "true"],
                                      ["hold", "S", "--lane", "x"]])
-@pytest.mark.parametrize("beat", ["1e-6", "0.009", "1e-400"])
+@pytest.mark.parametrize("beat", ["1e-6", "0.009", "1e-400", "\uff11e-400", "1e-400ms"])
 def test_a_heartbeat_under_10_ms_is_a_usage_error(session: Path, command: list[str],
                                                    beat: str) -> None:
     """Each beat writes the record: --heartbeat 1e-6 kept a CPU busy writing it. 1e-400,

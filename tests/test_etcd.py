@@ -1966,6 +1966,42 @@ def _cli(*args: str, env: dict[str, str] | None = None,
                           text=True, check=False, timeout=120, env=env, input=input)
 
 
+def test_a_record_kept_for_a_session_whose_directory_is_gone_is_cleared_by_the_command(
+    tmp_path: Path, url: str, etcd_server: EtcdServer
+) -> None:
+    """etcd keeps a session's record after its directory is removed, and `status
+    --backend` lists a stale one: `fencelock clear` clears it (it refused any path whose
+    directory is missing, so nothing but the library could). A path with nothing kept
+    is refused as before, in one line."""
+    sessions = tmp_path / "gone"
+    sessions.mkdir()
+    session = sessions / "a.jsonl"
+    with SessionLock(session, "x", backend=url):
+        pass
+    parsed = parse(url)
+    assert parsed is not None
+    last = f"{parsed.prefix}/last/{session_key(str(session), None)}"
+    released = subprocess.run(_etcdctl(etcd_server, "get", "--print-value-only", last),
+                              capture_output=True, check=True).stdout.strip()
+    stale = json.dumps({**json.loads(released), "state": "held"})  # its holder died
+    subprocess.run(_etcdctl(etcd_server, "put", last), input=stale.encode(), check=True,
+                   capture_output=True)
+    sessions.rmdir()
+
+    def listed() -> list[str]:
+        out = _cli("status", "--json", "--backend", url)
+        return [row["session"] for row in json.loads(out.stdout)]
+
+    assert listed() == [str(session)]
+    out = _cli("clear", "--remove", str(session), "--backend", url)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert listed() == []
+    again = _cli("clear", str(session), "--backend", url)
+    assert (again.returncode, again.stdout) == (1, ""), again.stderr
+    assert f"{session}: its directory {sessions} does not exist" in again.stderr
+    assert not sessions.exists()
+
+
 def test_status_of_a_directory_in_etcd_passes_over_a_symlink_alias(
     session: Path, url: str
 ) -> None:

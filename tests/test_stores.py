@@ -442,7 +442,8 @@ def test_a_session_file_an_image_shipped_takes_appends_on_overlayfs(
 
 
 @pytest.mark.parametrize("where", ["missing", "a file"])
-def test_a_session_in_no_directory_is_refused_alike(tmp_path: Path, where: str) -> None:
+def test_a_session_in_no_directory_is_refused_alike(tmp_path: Path, store: str | None,
+                                                    where: str) -> None:
     """One rule in both stores for a session whose directory is missing or is a file:
     `SidecarAccessError` saying what to do from acquire, recover, clear and verify,
     `unreadable` from probe, and nothing made (a store's probe, clear and recover said
@@ -459,6 +460,7 @@ def test_a_session_in_no_directory_is_refused_alike(tmp_path: Path, where: str) 
     assert status.state == "unreadable" and str(session) in status.reason
     # Each says what to do about it, where the library reads as where it writes.
     assert status.reason.endswith(f"{said}; check the path"), status.reason
+    assert (status.sidecar == f"{session}.holder") == (store is None)  # else its key
     for call in (lambda: recover(session, wait=0), lambda: verify(session),
                  lambda: clear(session)):  # (clear: nothing is cleared by making it)
         with pytest.raises(SidecarAccessError, match=f"{said}; check the path"):
