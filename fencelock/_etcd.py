@@ -167,9 +167,11 @@ class EtcdHolder:
         # etcd away from the first request (restarting, say): ridden out as `wait` and
         # `recover` ride it out (`through_outage`), for up to the TTL and not past the
         # deadline, until a try gets a lease; what follows is the queue's own rules.
-        until = time.monotonic() + self.url.ttl
+        now = time.monotonic()
+        until = now + self.url.ttl
         if deadline is not None:
             until = min(until, deadline)
+        _etcdcluster.note_outage(first, until - now)
         while True:
             _etcdcluster.pause_to_retry(cancel, until)
             if time.monotonic() >= until:
@@ -195,6 +197,7 @@ class EtcdHolder:
         if not self._lapsed(e, deadline):
             raise e  # the wait's own end
         until = deadline if deadline is not None else time.monotonic() + self.url.ttl
+        failed: StoreUnavailableError | None = None
         while True:
             self._trying = None
             try:
@@ -208,9 +211,12 @@ class EtcdHolder:
                     self._lapsed(again, deadline) and deadline is not None)
                 if not retry or fail or again.fix is not None or time.monotonic() >= until:
                     raise
+                if failed is None:
+                    _etcdcluster.note_outage(again, until - time.monotonic())
                 failed = again
             _etcdcluster.pause_to_retry(cancel, until)
             if time.monotonic() >= until:
+                assert failed is not None
                 raise failed  # no try begun past the caller's time
 
     def _lapsed(self, e: StoreUnavailableError, deadline: float | None) -> bool:
@@ -613,6 +619,7 @@ class EtcdHolder:
         request it makes, as its keeper does. Once the lease may have expired, the last
         `StoreUnavailableError` stands."""
         start = time.monotonic()
+        noted = False
         while True:
             try:
                 return attempt()
@@ -620,10 +627,13 @@ class EtcdHolder:
                 # Not an error that names its fix (etcd out of space, authentication),
                 # nor past the lease's time to live: an etcd that keeps the lease alive
                 # but refuses every write would hold the caller for good.
-                if e.fix is not None or not lease.alive() or \
-                        time.monotonic() - start >= lease.ttl:
+                tried = time.monotonic() - start
+                if e.fix is not None or not lease.alive() or tried >= lease.ttl:
                     raise
                 left = lease.confirmed_until - lease.safety() - _etcdcluster.lease_clock()
+                if not noted:
+                    noted = True
+                    _etcdcluster.note_outage(e, min(left, lease.ttl - tried))
                 time.sleep(max(0.0, min(_etcdcluster.RETRY_PAUSE, left)))
 
     def write(self, record: bytes, *, ride_out: bool = True) -> None:

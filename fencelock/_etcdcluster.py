@@ -702,6 +702,29 @@ def pause_to_retry(cancel: threading.Event | None, until: float) -> None:
         raise asyncio.CancelledError()
 
 
+def note_outage(e: StoreUnavailableError, seconds: float) -> None:
+    """Say that a ride-out of an outage (``e``, the first try's error) begins, and for how
+    long it may try: a command would otherwise pause silently for up to the TTL. A
+    `FenceLockWarning`, one line on a command's stderr; where the caller's filters make
+    warnings errors, the note is dropped, not raised in the middle of the ride-out."""
+    import warnings
+
+    from fencelock._errors import FenceLockWarning
+
+    with contextlib.suppress(FenceLockWarning):
+        warnings.warn(FenceLockWarning(
+            f"{e.endpoint}: the etcd holder store is unavailable ({e.why}); trying "
+            f"again for up to {_seconds_up(seconds)} s"), stacklevel=2)
+
+
+def _seconds_up(seconds: float) -> str:
+    """``seconds`` rounded up, as an upper bound is said: whole seconds from 1 s, tenths
+    below (a request's time taken off a 10 s ride-out still reads 10 s)."""
+    if seconds >= 1:
+        return str(math.ceil(seconds))
+    return f"{math.ceil(max(seconds, 0.0) * 10) / 10:g}"
+
+
 def telling(first: StoreUnavailableError, last: StoreUnavailableError) -> StoreUnavailableError:
     """Which of an outage's errors to raise when riding it out has ended: the last, unless
     it only says that no answer came in time (a try cut short by the deadline) where the
@@ -732,6 +755,9 @@ def through_outage(attempt: Callable[[], _T], ttl: float, deadline: float | None
                 if told is e:
                     raise
                 raise told from None
+            if first is e:
+                left = ttl - (now - start)
+                note_outage(e, left if deadline is None else min(left, deadline - now))
             pause = RETRY_PAUSE if deadline is None else min(RETRY_PAUSE, deadline - now)
             time.sleep(max(pause, 0.0))
 

@@ -9,6 +9,7 @@ import http.server
 import json
 import os
 import pickle
+import re
 import select
 import shlex
 import signal
@@ -18,6 +19,7 @@ import threading
 import time
 import urllib.request
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
@@ -40,6 +42,7 @@ from fencelock import (
     Action,
     CorruptRecordError,
     FenceLockError,
+    FenceLockWarning,
     HolderLostError,
     ProbeState,
     SessionContendedError,
@@ -898,10 +901,19 @@ def test_a_prompt_window_touch_and_release_ride_out_an_etcd_restart(
     token = lock.acquire().token
     window = lock.prompt_window()
     window.__enter__()
-    _across_a_restart(own_etcd, lambda: window.__exit__(None, None, None))
-    lock.append({"reply": 1})  # the reply lands, fenced, after the window
-    _across_a_restart(own_etcd, lock.touch)
-    _across_a_restart(own_etcd, lock.release)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _across_a_restart(own_etcd, lambda: window.__exit__(None, None, None))
+        lock.append({"reply": 1})  # the reply lands, fenced, after the window
+        _across_a_restart(own_etcd, lock.touch)
+        _across_a_restart(own_etcd, lock.release)
+    # Each ride said as it began (it paused silently), within the lease's time.
+    notes = [str(w.message) for w in caught if w.category is FenceLockWarning]
+    assert len(notes) == 3, notes
+    for note in notes:
+        said = re.search(r"the etcd holder store is unavailable \(.+\); trying again for "
+                         r"up to (\d+) s$", note)
+        assert said and 1 <= int(said[1]) <= 30, note
     status = probe(session, backend=url)
     assert status.state == ProbeState.FREE and status.record is not None
     assert status.record.token == token  # the release was stored
@@ -1186,15 +1198,20 @@ def test_a_waiter_whose_lease_lapsed_in_an_outage_queues_again_once_etcd_answers
     monkeypatch.setenv("FENCELOCK_BACKEND", url)
     holder = spawn_holder(session, lane="before-outage")
     token = holder.acquire()
-    t, outcome = _waiter_watching(session, url, 60)
-    own_etcd.kill(signal.SIGKILL)
-    time.sleep(2 * 2)  # the span the promise is about: past the waiter's 2 s lease
-    assert t.is_alive(), f"gave up during the outage: {outcome}"
-    own_etcd.start()
-    holder.kill()  # its lease ends within its TTL
-    t.join(60)  # a guard against a hang, not a measurement
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t, outcome = _waiter_watching(session, url, 60)
+        own_etcd.kill(signal.SIGKILL)
+        time.sleep(2 * 2)  # the span the promise is about: past the waiter's 2 s lease
+        assert t.is_alive(), f"gave up during the outage: {outcome}"
+        own_etcd.start()
+        holder.kill()  # its lease ends within its TTL
+        t.join(60)  # a guard against a hang, not a measurement
     assert not t.is_alive() and len(outcome) == 1
     assert isinstance(outcome[0], int) and outcome[0] > token, outcome
+    # Trying to queue again is said, with the wait's own time left (of its 60 s).
+    notes = [str(w.message) for w in caught if w.category is FenceLockWarning]
+    assert len(notes) == 1 and re.search(r"trying again for up to 5\d s$", notes[0]), notes
 
 
 def test_a_waiter_that_began_in_an_outage_still_queues_again_after_its_lease_lapses(
@@ -2219,10 +2236,15 @@ def test_cli_store_unavailable_is_one_line_and_exit_1(session: Path, own_etcd: E
             "run", str(session), "--lane", "x", "--backend", url, "--", "true")
         assert out.returncode == 1, (args, out.stderr)
         assert "Traceback" not in out.stderr
-        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
-        assert own_etcd.endpoint in out.stderr
+        # The commands that try again for the URL's TTL say so first, in a line of its own.
+        lines = out.stderr.strip().splitlines()
+        if args[0] in ("run", "wait", "recover"):
+            assert lines[0].startswith("Warning: ") and "trying again" in lines[0], lines
+            lines = lines[1:]
+        assert len(lines) == 1, out.stderr
+        assert own_etcd.endpoint in lines[0]
         if len(args) > 1:  # about one session: the line names it
-            assert out.stderr.startswith(f"Error: {session}: "), (args, out.stderr)
+            assert lines[0].startswith(f"Error: {session}: "), (args, out.stderr)
 
 
 @contextlib.contextmanager
@@ -2889,7 +2911,6 @@ def test_a_session_dropped_unclosed_closes_its_connection() -> None:
     closed when it is collected (no descriptor left open, no ResourceWarning), as
     urllib3's pools do."""
     import gc
-    import warnings
 
     from fencelock import _etcdhttp
 
@@ -3978,9 +3999,7 @@ def test_an_append_whose_record_cannot_follow_it_is_not_reported_as_failed(
     """The line is in the session before the record in etcd is updated. When etcd stops
     answering in between, the append must not raise (a caller would write the line
     again): it warns that the record lags, and the line is there once."""
-    import warnings
 
-    from fencelock import FenceLockWarning
 
     url = own_etcd.url(f"lag-{uuid.uuid4().hex[:8]}", ttl=60)
     lock = SessionLock(session, "lagging", backend=url)
@@ -4423,9 +4442,9 @@ def test_wait_rides_out_an_etcd_restart_within_the_holders_lease(
 ) -> None:
     """`wait` (and `recover --wait`, and a `run` that may wait: a timed acquire) asked
     while etcd restarts keeps waiting, as a run already waiting does, instead of
-    exiting 1 on the first refused connection. Until etcd is back, a placeholder on its
-    port takes the first connection and drops it: the outage is seen before etcd
-    returns."""
+    exiting 1 on the first refused connection, and says so (it paused silently). Until
+    it has said so, a placeholder on etcd's port takes every connection and drops it:
+    the outage is seen before etcd returns."""
     import socket
 
     url = own_etcd.url(f"wr-{uuid.uuid4().hex[:8]}", ttl=30)
@@ -4437,16 +4456,93 @@ def test_wait_rides_out_an_etcd_restart_within_the_holders_lease(
     waiter = subprocess.Popen(
         [sys.executable, "-m", "fencelock", *command, str(session), "--backend", url, *tail],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    refusing = threading.Event()
+    refusing.set()
+
+    def refuse() -> None:  # every connection closed unanswered, until etcd is back
+        placeholder.settimeout(0.05)
+        while refusing.is_set():
+            with contextlib.suppress(TimeoutError):
+                placeholder.accept()[0].close()
+
+    refuser = threading.Thread(target=refuse, daemon=True)
+    refuser.start()
     try:
-        out, err = _answer_after_restart(placeholder, own_etcd, lock, waiter)
+        assert waiter.stderr is not None
+        # Not a silent pause: a line says the store is away, and for how long it is
+        # tried, while it is away (this waits for it: etcd is back only after it).
+        first = waiter.stderr.readline()
+        refusing.clear()
+        refuser.join()
+        placeholder.close()
+        own_etcd.start()
+        lock.release()
+        out, err = waiter.communicate(timeout=60)
     finally:
+        refusing.clear()
         placeholder.close()
         if waiter.poll() is None:
             waiter.kill()
             waiter.communicate()
-    assert waiter.returncode == 0, err
+    assert waiter.returncode == 0, first + err
     if command[0] == "recover":  # the holder is gone: the session itself is reused
         assert out.strip() == str(session)
+    assert re.fullmatch(r"Warning: etcd://127\.0\.0\.1:\d+: the etcd holder store is "
+                        r"unavailable \(.+\); trying again for up to 30 s\n", first), first
+    assert "Warning: " not in err, err  # once for the outage
+
+
+def _bound_not_listening() -> Iterator[int]:
+    """A port on 127.0.0.1 bound but not listening, for the test's length: a connection
+    to it is refused."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+refusing_port = pytest.fixture(_bound_not_listening)
+
+
+@pytest.mark.parametrize(("command", "tail"), [
+    (["wait"], []), (["recover"], []), (["run", "--lane", "cron"], ["--", "true"]),
+], ids=["wait", "recover", "run"])
+def test_a_command_that_rides_out_an_outage_says_so_before_it_gives_up(
+    session: Path, refusing_port: int, command: list[str], tail: list[str]
+) -> None:
+    """etcd refuses every connection: the command tries again for the URL's TTL, and
+    says so on stderr as the pause begins (it paused silently), then fails in one line."""
+    url = f"etcd://127.0.0.1:{refusing_port}/away?ttl=1"
+    done = _cli(*command, str(session), "--backend", url, *tail)
+    assert done.returncode == 1, done
+    assert done.stderr.splitlines() == [
+        f"Warning: etcd://127.0.0.1:{refusing_port}: the etcd holder store is unavailable "
+        f"(connection refused); trying again for up to 1 s",
+        f"Error: {session}: etcd://127.0.0.1:{refusing_port}: the etcd holder store is "
+        f"unavailable (connection refused); check that etcd runs there, or pick another "
+        f"store with --backend / FENCELOCK_BACKEND",
+    ], done.stderr
+
+
+def test_an_acquire_that_rides_out_an_outage_warns_once_and_no_filter_stops_the_ride(
+    session: Path, refusing_port: int
+) -> None:
+    """The library says it too, as a `FenceLockWarning`, once a ride-out; where the
+    caller's filters make warnings errors, the note is dropped and the acquire rides
+    the outage out all the same, ending in the store's own error."""
+
+    url = f"etcd://127.0.0.1:{refusing_port}/away?ttl=1"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(StoreUnavailableError, match="connection refused"):
+            SessionLock(session, "lib", backend=url).acquire()
+    said = [str(w.message) for w in caught if w.category is FenceLockWarning]
+    assert len(said) == 1 and "trying again for up to 1 s" in said[0], said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(StoreUnavailableError, match="connection refused"):
+            SessionLock(session, "lib", backend=url).acquire()
 
 
 def test_recover_rides_out_an_etcd_restart_that_comes_during_its_wait(
