@@ -29,6 +29,7 @@ from fencelock._constants import (
     EXIT_INTERRUPTED,
     EXIT_PROBLEMS,
     EXIT_STALE,
+    EXIT_USAGE,
     NO_WORKING_DIRECTORY,
     SIDECAR_SUFFIX,
 )
@@ -170,6 +171,14 @@ class _Group(click.Group):
     a Ctrl-C that no command turned into its signal's exit (one that lands before
     ``run`` or ``hold`` set their handlers, say) ends it quietly with 130, as one does
     while the command loads (`fencelock._entry`), not click's "Aborted!" and 1."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # No command given: the help, on stderr, and exit 2 (a usage error), whichever
+        # click runs it (before 8.2, click printed it on stdout and exited 0).
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            click.echo(ctx.get_help(), err=True, color=ctx.color)
+            ctx.exit(EXIT_USAGE)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

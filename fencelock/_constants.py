@@ -17,6 +17,7 @@ DEFAULT_STUCK_AFTER = 600.0
 # Exit codes of the command line (`fencelock hold` uses the first three too).
 EXIT_OK = 0
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # click's own, for its usage errors
 EXIT_STALE = 3
 EXIT_CONTENDED = 4
 EXIT_PROBLEMS = 5

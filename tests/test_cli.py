@@ -153,6 +153,17 @@ def test_main_help_documents_exit_codes_and_completion() -> None:
         assert command in out
 
 
+def test_no_command_is_a_usage_error_that_prints_the_help_on_stderr() -> None:
+    """Whichever click is installed: before 8.2, click printed the help on stdout and
+    exited 0, so a script's mistake (an unset variable for the command) went unseen."""
+    out, help = (subprocess.run([sys.executable, "-m", "fencelock", *args],
+                                capture_output=True, text=True, check=False, timeout=60)
+                 for args in ([], ["--help"]))
+    assert out.returncode == 2 and out.stdout == "", out
+    assert out.stderr.startswith("Usage: fencelock [OPTIONS] COMMAND [ARGS]...")
+    assert out.stderr == help.stdout, out.stderr
+
+
 def test_shell_completion_script_and_completions() -> None:
     script = cli(env={**os.environ, "_FENCELOCK_COMPLETE": "bash_source"})
     assert script.returncode == 0
