@@ -751,6 +751,12 @@ class EtcdHolder:
         return self._watch_for_deletion(kvs[0], int(r["header"]["revision"]), deadline, None,
                                         inline=False)
 
+    def revision(self) -> int:
+        r = self._cluster.call(
+            "/kv/range", {**wire.key_range(self.last_key)["request_range"], "count_only": True},
+            None)
+        return int(r["header"]["revision"])
+
     def owner_lease_left(self, deadline: float | None = None) -> tuple[float | None, int]:
         """The seconds the lease of the session's owner key has left (as etcd counts
         them, whole seconds), None when no key owns the session or its lease is gone;

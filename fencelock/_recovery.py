@@ -184,6 +184,9 @@ def recover(
         taken_over = _made_for(session, _owner_successor(session, found), backend)
     if taken_over is not None:  # the conversation was moved there
         return Recovery(Action.FRESH, taken_over, found, waited, 0)
+    if store is not None and (stamped := _tokens.last_stamped(session)) and \
+            (revision := store.revision()) < stamped:  # (an etcd that lost its data)
+        raise _tokens.store_behind(session, revision, stamped, store.name)
     if now.state is ProbeState.STALE:
         with contextlib.suppress(SessionContendedError, RecordTooLargeError):
             # Raised only when another run took the session in the meantime: its new

@@ -140,6 +140,10 @@ class HolderStore(Protocol):
         """Name the session as the store names it now (before an acquire: the path may
         lead elsewhere than when the holder was made); `name` follows."""
 
+    def revision(self) -> int:
+        """The store's revision now: every later acquisition's token is above it."""
+        ...
+
     def owner_lease_left(self, deadline: float | None = None) -> tuple[float | None, int]:
         """The seconds the lease of the key that owns the session has left (None when
         none owns it, or its lease is gone), and the store's term (a restart moves it)."""

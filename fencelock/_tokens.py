@@ -197,10 +197,26 @@ def went_backwards(session: str, token: int, stamped: int, store: str) -> FenceL
     return FenceLockError(
         f"{session}: {store} issued fencing token {token}, but the session already has "
         f"lines stamped with token {stamped}; tokens must never go back, so nothing was "
-        f"written. The store lost its data or is another one than the one that issued "
-        f"{stamped} (a session moved from sidecars with larger tokens does this too). "
-        f"Restore its data from a backup, raise its revision past {stamped} (etcdutl "
-        f"snapshot restore --bump-revision), or go on in a new session file"
+        f"written. {_store_behind(stamped)}"
+    )
+
+
+def store_behind(session: str, revision: int, stamped: int, store: str) -> FenceLockError:
+    """The error for a recover that would re-fire a run in a session whose lines carry a
+    token the store (etcd, at ``revision``) has not reached: the run would be refused."""
+    return FenceLockError(
+        f"{session}: {store} is at revision {revision}, below token {stamped} that lines "
+        f"in the session are stamped with, so a run re-fired there would be refused "
+        f"(tokens must never go back). {_store_behind(stamped)}"
+    )
+
+
+def _store_behind(stamped: int) -> str:
+    return (
+        f"The store lost its data or is another one than the one that issued {stamped} "
+        f"(a session moved from sidecars with larger tokens does this too). Restore its "
+        f"data from a backup, raise its revision past {stamped} (etcdutl snapshot "
+        f"restore --bump-revision), or go on in a new session file"
     )
 
 

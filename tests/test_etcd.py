@@ -1154,6 +1154,42 @@ def test_recover_on_etcd_starts_no_fresh_session_below_the_tokens_it_carries(
     assert sorted(p.name for p in session.parent.iterdir()) == before  # no fresh one
 
 
+@pytest.mark.parametrize("state", ["free", "stale"])
+def test_recover_on_etcd_re_fires_no_run_below_the_tokens_its_session_carries(
+    session: Path, url: str, etcd_server: EtcdServer, state: str
+) -> None:
+    """An etcd that lost its data (restarted empty, or another one) is at a revision
+    below the tokens stamped in the session: a run re-fired there would be refused at
+    once. recover says so, with the fixes, instead of answering re-fire; the stale
+    record it would have cleared stays."""
+    session.write_text("")
+    if state == "stale":  # the record a run that died holding leaves
+        parsed = parse(url)
+        assert parsed is not None
+        last = f"{parsed.prefix}/last/{session_key(str(session), None)}"
+        value = json.dumps({
+            "version": 1, "state": "held", "phase": "write", "token": 5, "run_id": "r",
+            "pid": 999_999, "host": "gone", "process_start": "0", "session": str(session),
+            "lane": "crashed", "fence": "stat", "origin": None, "acquired_at": 1.0,
+            "heartbeat_at": 1.0, "fingerprint": None, "previous": None,
+        })
+        subprocess.run(_etcdctl(etcd_server, "put", last), input=value.encode(), check=True,
+                       capture_output=True)
+    before = probe(session, backend=url)
+    assert before.state.value == state
+    stamp = {"token": 10**15, "run_id": "from-a-lost-etcd"}
+    with session.open("a") as f:
+        f.write(json.dumps({"n": 1, "_fencelock": stamp}) + "\n")
+    with pytest.raises(FenceLockError, match=r"is at revision \d+, below token "
+                       r"1000000000000000 .* a run re-fired there would be refused"):
+        recover(session, wait=0, backend=url)
+    after = probe(session, backend=url)
+    assert (after.state, after.record) == (before.state, before.record), after
+    done = _cli("recover", str(session), "--backend", url)
+    assert done.returncode == 1 and done.stderr.startswith(f"Error: {session}: "), done
+    assert "--bump-revision" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_an_etcd_with_authentication_on_is_named_with_what_to_do(
     session: Path, own_etcd: EtcdServer
 ) -> None:
