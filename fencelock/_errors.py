@@ -231,8 +231,8 @@ class StoreUnavailableError(FenceLockError):
         self.fix = fix
         super().__init__(
             f"{endpoint}: the etcd holder store is unavailable ({why}); " + (
-                fix or "check that etcd runs there, or pick another store with --backend "
-                "/ FENCELOCK_BACKEND")
+                fix or "check that etcd runs there, and that --backend / FENCELOCK_BACKEND "
+                "names it")
         )
 
     def _init_args(self) -> tuple[Any, ...]:

@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -37,6 +38,12 @@ NO_ANSWER = "no answer in time"
 """An endpoint's reason when a request timed out (asked then whether it has a leader)."""
 _NOT_ETCD = "answered, but not as etcd's v3 API does"
 """An endpoint's reason when it answered as some other server (`_not_etcd`)."""
+_NO_HOST = "its host name is not found"
+"""An endpoint's reason when its host name did not resolve (a typo, or DNS away)."""
+_NAME_NOT_FOUND = ("NameResolutionError", "Failed to resolve", "Name or service not known",
+                   "name resolution", "nodename nor servname", "getaddrinfo failed")
+"""How the HTTP client's error says that a host name did not resolve (urllib3's own
+words, and the system's on Linux, macOS and Windows)."""
 _LEADER_PROBE_TIMEOUT = 0.5
 """How long the question whether a member that did not answer in time has a leader may
 take."""
@@ -256,7 +263,7 @@ class Cluster:
     def _not_etcd(self, index: int, detail: str) -> StoreUnavailableError:
         """An endpoint that answered, but not as etcd does: a wrong URL, not an outage to
         wait out (its `fix` says so). ``detail`` (say, an HTML page) on one line."""
-        detail = " ".join(detail.split())[:200] or "no detail"
+        detail = _page_text(detail, 200) or "no detail"
         return StoreUnavailableError(
             self.url.display, f"{self._where(index)} answered, but not as etcd's v3 API does: "
             f"{detail}", "check the backend URL's host and port: it must name etcd's "
@@ -328,7 +335,7 @@ class Cluster:
                     # An HTTP answer (etcd3gw adds its reason) that is not etcd's: a proxy
                     # in front of etcd said 503 or 504. Its status says why, not any
                     # words on its page.
-                    page = " ".join(answer.split())[:120] or "an empty page"
+                    page = _page_text(answer, 120) or "an empty page"
                     why = (f"HTTP {_http_status(e, exceptions)} from a server other than etcd, "
                            f"which said: {page}")
                 elif self.url.tls and "[SSL" in answer and "EOF" not in answer:
@@ -338,6 +345,7 @@ class Cluster:
                     why = "TLS handshake failed"
                 else:  # no answer: etcd3gw keeps requests' error in detail_text
                     why = ("connection refused" if "refused" in answer.lower() else
+                           _NO_HOST if any(n in answer for n in _NAME_NOT_FOUND) else
                            NO_ANSWER if isinstance(e, exceptions.ConnectionTimeoutError)
                            else "cannot connect")
                     if why == "cannot connect":  # closed unanswered: a wrong scheme?
@@ -350,7 +358,7 @@ class Cluster:
                 if _bad_gateway(e, exceptions):
                     # A proxy in front of etcd whose etcd is down or restarting (nginx,
                     # haproxy and Envoy say 502): an outage, as its 503 and 504 are.
-                    page = " ".join(detail.split())[:120] or "an empty page"
+                    page = _page_text(detail, 120) or "an empty page"
                     why = f"HTTP 502 Bad Gateway from a server other than etcd, which said: {page}"
                     reasons[index] = why
                     continue
@@ -642,6 +650,18 @@ _NO_LOGIN = ("fencelock's etcd store does not log in; give it an etcd (or a gate
              "without authentication, or pick another store with --backend")
 
 
+def _page_text(text: str, limit: int) -> str:
+    """What a server that is not etcd said, for one line of an error: an HTML page's text
+    without its tags, on one line, cut at a word to about ``limit`` characters."""
+    if text.lstrip().startswith("<"):
+        text = re.sub(r"<[^>]*>", " ", text)
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)
+    return text[:cut if cut > limit // 2 else limit] + " ..."
+
+
 def _etcd_error(endpoint: str, detail: str) -> StoreUnavailableError:
     """The error for etcd's own error answer (JSON: ``error``, ``code``, ``message``):
     its message rather than the JSON, and for an etcd that wants credentials, what to
@@ -651,7 +671,7 @@ def _etcd_error(endpoint: str, detail: str) -> StoreUnavailableError:
         message = str(body.get("message") or body.get("error") or detail)
         code = body.get("code")
     except (ValueError, AttributeError):
-        return StoreUnavailableError(endpoint, " ".join(detail.split())[:200])
+        return StoreUnavailableError(endpoint, _page_text(detail, 200))
     message = " ".join(message.split())
     if _NO_SPACE in message:
         return StoreUnavailableError(

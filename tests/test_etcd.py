@@ -2283,6 +2283,16 @@ def test_cli_store_unavailable_is_one_line_and_exit_1(session: Path, own_etcd: E
             assert lines[0].startswith(f"Error: {session}: "), (args, out.stderr)
 
 
+def test_a_host_name_that_does_not_resolve_is_named_as_such(session: Path) -> None:
+    """A typo in the URL's host (``.invalid`` never resolves) was "cannot connect"."""
+    done = _cli("status", str(session), "--backend", "etcd://no-such-host.invalid:2379/x")
+    assert done.returncode == 1, done
+    assert done.stderr == (
+        f"Error: {session}: etcd://no-such-host.invalid:2379: the etcd holder store is "
+        f"unavailable (its host name is not found); check that etcd runs there, and that "
+        f"--backend / FENCELOCK_BACKEND names it\n"), done.stderr
+
+
 @contextlib.contextmanager
 def _answering(
     status: int, body: bytes = b"", received: list[tuple[str, str, dict[str, str], bytes]]
@@ -2388,13 +2398,13 @@ def test_a_proxy_s_unavailable_page_is_named_by_its_status_not_its_words(
 ) -> None:
     """A proxy in front of etcd that answers 502, 503 or 504 is an outage named by its status
     (its number, even without a reason phrase): a page that happens to say "connection
-    refused" is quoted, not taken as the reason."""
+    refused" is quoted (its words), not taken as the reason."""
     page = b"<html><body>upstream connect error: connection refused</body></html>"
     with _answering(status, page, reason=reason) as (port, asked):
         out = _cli("status", str(session), "--backend", f"etcd://127.0.0.1:{port}/p")
     assert out.returncode == 1 and asked, out.stderr
     assert f"the etcd holder store is unavailable (HTTP {named} from a server other than " \
-        "etcd, which said: <html><body>upstream connect error" in out.stderr
+        "etcd, which said: upstream connect error: connection refused)" in out.stderr
     assert "(connection refused)" not in out.stderr
 
 
@@ -2460,8 +2470,10 @@ _VERSION = b'{"etcdserver": "3.5.0", "etcdcluster": "3.5.0"}'
     (200, b'{"header": {"revision": "5"}, "responses": "x"}', _VERSION),
     (200, b'{"header": {"revision": "5"}, "responses": [{"response_range": {"kvs": 1}}]}',
      _VERSION),
+    (404, b"<!DOCTYPE html><html><head><title>Not here</title></head><body>"
+     + b"<p>word</p>" * 100 + b"</body></html>"),
 ], ids=["404", "500-html", "html", "json-without-header", "header-only", "responses-text",
-        "kvs-number"])
+        "kvs-number", "long-html"])
 def test_a_server_that_is_not_etcd_is_named_as_such(
     session: Path, answer: tuple[int, bytes] | tuple[int, bytes, bytes]
 ) -> None:
@@ -2491,6 +2503,9 @@ def test_a_server_that_is_not_etcd_is_named_as_such(
             assert f"({endpoint} answered, but not as etcd's v3 API does: " in line, line
             assert "it must name etcd's client URL" in line and "\\x0a" not in line, line
             assert len(asked) <= 3, (args, len(asked))  # asked once, not for the TTL
+            assert "<" not in line, line  # a page's words, not its markup
+            if b"Not here" in body:  # cut at a word
+                assert "does: Not here word word" in line and " word ...)" in line, line
 
 
 @dataclass
@@ -4556,8 +4571,8 @@ def test_a_command_that_rides_out_an_outage_says_so_before_it_gives_up(
         f"Warning: etcd://127.0.0.1:{refusing_port}: the etcd holder store is unavailable "
         f"(connection refused); trying again for up to 1 s",
         f"Error: {session}: etcd://127.0.0.1:{refusing_port}: the etcd holder store is "
-        f"unavailable (connection refused); check that etcd runs there, or pick another "
-        f"store with --backend / FENCELOCK_BACKEND",
+        f"unavailable (connection refused); check that etcd runs there, and that "
+        f"--backend / FENCELOCK_BACKEND names it",
     ], done.stderr
 
 
