@@ -691,7 +691,7 @@ class EtcdHolder:
             raise StoreUnavailableError(
                 e.endpoint, f"{e.why}; the release was not stored",
                 f"once its lease ends the session reads as stale, and the next run takes "
-                f"it over (or clear it now: "
+                f"it over (or, once etcd answers, clear it: "
                 f"{clear_command(self.url, self.session).replace(' --force', '')})",
             ) from None
         except BaseException:

@@ -4461,7 +4461,8 @@ def test_a_release_etcd_does_not_answer_says_what_the_session_will_read_as(
     assert "the release was not stored" in message and "pick another store" not in message
     parsed = parse(url)
     assert parsed is not None
-    assert ("reads as stale, and the next run takes it over (or clear it now: fencelock "
+    assert ("reads as stale, and the next run takes it over (or, once etcd answers, clear "
+            "it: fencelock "
             f"clear --backend {shlex.quote(parsed.text)} {shlex.quote(str(session))})"
             ) in message, message
     assert message.endswith(f" {session})"), message
