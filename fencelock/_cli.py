@@ -1037,13 +1037,18 @@ def hold(
 def _progress(session: str, since: float, show: PathDisplay, backend: str | None) -> str:
     import shutil
 
+    from fencelock._errors import StoreUnavailableError
     from fencelock._probe import probe
 
-    st = probe(session, backend=backend)
-    rec = held_record(st)
-    who = (clean(holder_text(st)) if rec is None
-           else f"pid {rec.pid} (lane {clean(repr(rec.lane))})")
-    held = "" if rec is None else f" for {human_age(time.time() - rec.acquired_at)}"
+    try:
+        st = probe(session, backend=backend)
+    except StoreUnavailableError:  # etcd away: the wait rides that out, and so does this
+        who, held = "? (the etcd holder store is not answering)", ""
+    else:
+        rec = held_record(st)
+        who = (clean(holder_text(st)) if rec is None
+               else f"pid {rec.pid} (lane {clean(repr(rec.lane))})")
+        held = "" if rec is None else f" for {human_age(time.time() - rec.acquired_at)}"
     waited = human_age(time.monotonic() - since)
     # Who and how long come first: a long path is what gets cut at the terminal's edge.
     line = f"held by {who}{held}; waited {waited} for {show(session)}"
@@ -1056,6 +1061,7 @@ def _wait_with_progress(
 ) -> bool:
     """Wait in a helper thread (one, however long it takes) and redraw a status line."""
     import threading
+    import warnings
 
     result: list[bool] = []
     failure: list[BaseException] = []
@@ -1069,6 +1075,13 @@ def _wait_with_progress(
         finally:
             done.set()
 
+    shown = warnings.showwarning
+
+    def on_a_line_of_its_own(*args: Any, **kwargs: Any) -> None:
+        click.echo("\r\x1b[K", nl=False, err=True)  # over the progress line, not after it
+        shown(*args, **kwargs)
+
+    warnings.showwarning = on_a_line_of_its_own  # (the waiting thread's notes too)
     threading.Thread(target=waiter, name="fencelock-wait", daemon=True).start()
     start = time.monotonic()
     show = PathDisplay()
@@ -1077,6 +1090,7 @@ def _wait_with_progress(
             click.echo("\r\x1b[K" + _progress(session, start, show, backend), nl=False,
                        err=True)
     finally:
+        warnings.showwarning = shown
         click.echo("\r\x1b[K", nl=False, err=True)
     if failure:
         raise failure[0]

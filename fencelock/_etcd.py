@@ -171,7 +171,8 @@ class EtcdHolder:
         until = now + self.url.ttl
         if deadline is not None:
             until = min(until, deadline)
-        _etcdcluster.note_outage(first, until - now)
+        if until > now:  # (a first try that took the caller's whole time: no ride-out)
+            _etcdcluster.note_outage(first, until - now)
         while True:
             _etcdcluster.pause_to_retry(cancel, until)
             if time.monotonic() >= until:
@@ -631,7 +632,7 @@ class EtcdHolder:
                 if e.fix is not None or not lease.alive() or tried >= lease.ttl:
                     raise
                 left = lease.confirmed_until - lease.safety() - _etcdcluster.lease_clock()
-                if not noted:
+                if not noted and left > 0:
                     noted = True
                     _etcdcluster.note_outage(e, min(left, lease.ttl - tried))
                 time.sleep(max(0.0, min(_etcdcluster.RETRY_PAUSE, left)))
@@ -721,13 +722,14 @@ class EtcdHolder:
 
     # -- from outside ------------------------------------------------------------
 
-    def wait_free(self, timeout: float | None) -> bool:
+    def wait_free(self, timeout: float | None, *, ride_out: bool = True) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         c = self._cluster
         while True:
             # Rides out a restart as waiting runs do (see `through_outage`).
-            watch = _etcdcluster.through_outage(lambda: self._watch_holder(deadline), c.ttl,
-                                                deadline)
+            watch = _etcdcluster.through_outage(
+                lambda: self._watch_holder(deadline), c.ttl, deadline,
+            ) if ride_out else self._watch_holder(deadline)
             if watch is None:
                 return True
             gone = watch.wake
@@ -752,6 +754,7 @@ class EtcdHolder:
                                         inline=False)
 
     def revision(self) -> int:
+        """etcd's revision now (one request; a restart is ridden out as a probe's is)."""
         r = self._cluster.call(
             "/kv/range", {**wire.key_range(self.last_key)["request_range"], "count_only": True},
             None)

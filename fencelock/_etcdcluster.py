@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import html
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from fencelock import _etcdwatch
 from fencelock import _etcdwire as wire
-from fencelock._errors import StoreUnavailableError, no_thread
+from fencelock._errors import FenceLockWarning, StoreUnavailableError, no_thread
 
 if TYPE_CHECKING:
     from fencelock._etcdurl import EtcdURL
@@ -38,7 +39,7 @@ NO_ANSWER = "no answer in time"
 """An endpoint's reason when a request timed out (asked then whether it has a leader)."""
 _NOT_ETCD = "answered, but not as etcd's v3 API does"
 """An endpoint's reason when it answered as some other server (`_not_etcd`)."""
-_NO_HOST = "its host name is not found"
+_NO_HOST = "its host name did not resolve"
 """An endpoint's reason when its host name did not resolve (a typo, or DNS away)."""
 _NAME_NOT_FOUND = ("NameResolutionError", "Failed to resolve", "Name or service not known",
                    "name resolution", "nodename nor servname", "getaddrinfo failed")
@@ -653,8 +654,9 @@ _NO_LOGIN = ("fencelock's etcd store does not log in; give it an etcd (or a gate
 def _page_text(text: str, limit: int) -> str:
     """What a server that is not etcd said, for one line of an error: an HTML page's text
     without its tags, on one line, cut at a word to about ``limit`` characters."""
-    if text.lstrip().startswith("<"):
-        text = re.sub(r"<[^>]*>", " ", text)
+    if re.search(r"<(html|body|head|!doctype)\b", text, re.IGNORECASE):
+        text = re.sub(r"(?is)<(script|style)\b.*?</\1\s*>|<!--.*?-->", " ", text)
+        text = html.unescape(re.sub(r"<[^>]*>", " ", text))
     text = " ".join(text.split())
     if len(text) <= limit:
         return text
@@ -729,8 +731,6 @@ def note_outage(e: StoreUnavailableError, seconds: float) -> None:
     warnings errors, the note is dropped, not raised in the middle of the ride-out."""
     import warnings
 
-    from fencelock._errors import FenceLockWarning
-
     with contextlib.suppress(FenceLockWarning):
         warnings.warn(FenceLockWarning(
             f"{e.endpoint}: the etcd holder store is unavailable ({e.why}); trying "
@@ -740,6 +740,7 @@ def note_outage(e: StoreUnavailableError, seconds: float) -> None:
 def _seconds_up(seconds: float) -> str:
     """``seconds`` rounded up, as an upper bound is said: whole seconds from 1 s, tenths
     below (a request's time taken off a 10 s ride-out still reads 10 s)."""
+    seconds = round(seconds, 6)  # (a sum's float error is not a second more)
     if seconds >= 1:
         return str(math.ceil(seconds))
     return f"{math.ceil(max(seconds, 0.0) * 10) / 10:g}"

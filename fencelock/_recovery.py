@@ -185,7 +185,7 @@ def recover(
     if taken_over is not None:  # the conversation was moved there
         return Recovery(Action.FRESH, taken_over, found, waited, 0)
     if store is not None and (stamped := _tokens.last_stamped(session)) and \
-            (revision := store.revision()) < stamped:  # (an etcd that lost its data)
+            (revision := _revision(store, backend)) < stamped:  # (etcd lost its data)
         raise _tokens.store_behind(session, revision, stamped, store.name)
     if now.state is ProbeState.STALE:
         with contextlib.suppress(SessionContendedError, RecordTooLargeError):
@@ -234,9 +234,11 @@ def _wait_for_let_go(store: _store.HolderStore | None, session: str,
     ``gone`` is asked whether the wait is over all the same (the stuck run gone, the
     fresh session named), which ends it too (False). (A sidecar's wait that times out
     leaves its helper blocked in the kernel, and the next step's wait takes it over.)"""
-    wait_once: Callable[[float | None], bool] = (
-        store.wait_free if store is not None
-        else functools.partial(_wait.wait_until_unlocked, session + _sidecar.SUFFIX))
+    def wait_once(timeout: float | None, whole: bool = False) -> bool:
+        if store is None:
+            return _wait.wait_until_unlocked(session + _sidecar.SUFFIX, timeout)
+        return store.wait_free(timeout, ride_out=whole)  # a step's outage: ridden below
+
     step = _LET_GO_LOOK if store is None else _LET_GO_LOOK_STORE
     deadline = None if limit is None else time.monotonic() + limit
     while True:
@@ -250,7 +252,17 @@ def _wait_for_let_go(store: _store.HolderStore | None, session: str,
             # The store is away (etcd restarting): the rest of the wait in one, which
             # rides a restart out as a waiting run does; a step's would give up at its end.
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            return wait_once(left)
+            return wait_once(left, whole=True)
+
+
+def _revision(store: _store.HolderStore, backend: str | None) -> int:
+    """The store's revision, asked again while it cannot be reached (within its TTL), as
+    recover's other requests are."""
+    from fencelock._etcdcluster import through_outage
+
+    url = _backend.selected(backend)
+    assert url is not None
+    return through_outage(store.revision, url.ttl, None)
 
 
 def _probe_through_restart(session: str, stuck_after: float, backend: str | None,

@@ -180,8 +180,10 @@ class HolderStore(Protocol):
     def release(self, record: bytes | None) -> None:
         """Give the lock back, leaving ``record`` (the released record) as the last one."""
 
-    def wait_free(self, timeout: float | None) -> bool:
-        """Block until the session has no live holder; False on timeout."""
+    def wait_free(self, timeout: float | None, *, ride_out: bool = True) -> bool:
+        """Block until the session has no live holder; False on timeout. Without
+        ``ride_out``, `StoreUnavailableError` at once where the store cannot be reached
+        (a step of a longer wait, which rides the outage out itself)."""
 
     def probe(self, stuck_after: float, deadline: float | None = None) -> HolderStatus:
         """The session's state, as `fencelock.probe` reports it; asked within ``deadline``

@@ -2289,7 +2289,7 @@ def test_a_host_name_that_does_not_resolve_is_named_as_such(session: Path) -> No
     assert done.returncode == 1, done
     assert done.stderr == (
         f"Error: {session}: etcd://no-such-host.invalid:2379: the etcd holder store is "
-        f"unavailable (its host name is not found); check that etcd runs there, and that "
+        f"unavailable (its host name did not resolve); check that etcd runs there, and that "
         f"--backend / FENCELOCK_BACKEND names it\n"), done.stderr
 
 
@@ -4473,16 +4473,39 @@ def test_a_release_etcd_does_not_answer_says_what_the_session_will_read_as(
 
 
 def _answer_after_restart(placeholder: Any, server: EtcdServer, lock: SessionLock,
-                          waiter: subprocess.Popen[str]) -> tuple[str, str]:
-    """etcd is away, a placeholder on its port: once the waiter asks through it (it has
-    seen the outage), etcd starts again and ``lock`` lets go; the waiter's output."""
-    placeholder.settimeout(60)
-    conn, _ = placeholder.accept()
-    conn.close()
-    placeholder.close()
+                          waiter: subprocess.Popen[str]) -> tuple[str, str, str]:
+    """etcd is away, a placeholder on its port that drops every connection: once the
+    waiter has said on stderr that it rides the outage out (its first line, returned
+    first), etcd starts again and ``lock`` lets go; the waiter's output and the rest of
+    its errors. The note is read while etcd is still away: it comes as the ride-out
+    begins, not once it is over."""
+    refusing = threading.Event()
+    refusing.set()
+
+    def refuse() -> None:
+        placeholder.settimeout(0.05)
+        while refusing.is_set():
+            with contextlib.suppress(TimeoutError):
+                placeholder.accept()[0].close()
+
+    refuser = threading.Thread(target=refuse, daemon=True)
+    refuser.start()
+    try:
+        assert waiter.stderr is not None
+        first = waiter.stderr.readline()
+    finally:
+        refusing.clear()
+        refuser.join()
+        placeholder.close()
     server.start()
     lock.release()
-    return waiter.communicate(timeout=60)
+    out, err = waiter.communicate(timeout=60)
+    return first, out, err
+
+
+_RIDE_NOTE = (r"etcd://127\.0\.0\.1:\d+: the etcd holder store is unavailable \(.+\); "
+              r"trying again for up to 30 s\n")
+"""The note a ride-out of a URL with ``ttl=30`` begins with (with `re.fullmatch`)."""
 
 
 @pytest.mark.parametrize(("command", "tail"), [
@@ -4508,39 +4531,18 @@ def test_wait_rides_out_an_etcd_restart_within_the_holders_lease(
     waiter = subprocess.Popen(
         [sys.executable, "-m", "fencelock", *command, str(session), "--backend", url, *tail],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    refusing = threading.Event()
-    refusing.set()
-
-    def refuse() -> None:  # every connection closed unanswered, until etcd is back
-        placeholder.settimeout(0.05)
-        while refusing.is_set():
-            with contextlib.suppress(TimeoutError):
-                placeholder.accept()[0].close()
-
-    refuser = threading.Thread(target=refuse, daemon=True)
-    refuser.start()
     try:
-        assert waiter.stderr is not None
-        # Not a silent pause: a line says the store is away, and for how long it is
-        # tried, while it is away (this waits for it: etcd is back only after it).
-        first = waiter.stderr.readline()
-        refusing.clear()
-        refuser.join()
-        placeholder.close()
-        own_etcd.start()
-        lock.release()
-        out, err = waiter.communicate(timeout=60)
+        first, out, err = _answer_after_restart(placeholder, own_etcd, lock, waiter)
     finally:
-        refusing.clear()
         placeholder.close()
         if waiter.poll() is None:
             waiter.kill()
             waiter.communicate()
-    assert waiter.returncode == 0, first + err
+    assert waiter.returncode == 0, err
     if command[0] == "recover":  # the holder is gone: the session itself is reused
         assert out.strip() == str(session)
-    assert re.fullmatch(r"Warning: etcd://127\.0\.0\.1:\d+: the etcd holder store is "
-                        r"unavailable \(.+\); trying again for up to 30 s\n", first), first
+    # Not a silent pause: a line says the store is away, and for how long it is tried.
+    assert re.fullmatch(f"Warning: {_RIDE_NOTE}", first), first
     assert "Warning: " not in err, err  # once for the outage
 
 
@@ -4564,17 +4566,72 @@ def test_a_command_that_rides_out_an_outage_says_so_before_it_gives_up(
     session: Path, refusing_port: int, command: list[str], tail: list[str]
 ) -> None:
     """etcd refuses every connection: the command tries again for the URL's TTL, and
-    says so on stderr as the pause begins (it paused silently), then fails in one line."""
-    url = f"etcd://127.0.0.1:{refusing_port}/away?ttl=1"
+    says so on stderr as the pause begins (it paused silently), then fails in one line.
+    The time it names is an upper bound, rounded up: the TTL less what the first try
+    took (a refused connection: well under a second)."""
+    url = f"etcd://127.0.0.1:{refusing_port}/away?ttl=3"
     done = _cli(*command, str(session), "--backend", url, *tail)
     assert done.returncode == 1, done
     assert done.stderr.splitlines() == [
         f"Warning: etcd://127.0.0.1:{refusing_port}: the etcd holder store is unavailable "
-        f"(connection refused); trying again for up to 1 s",
+        f"(connection refused); trying again for up to 3 s",
         f"Error: {session}: etcd://127.0.0.1:{refusing_port}: the etcd holder store is "
         f"unavailable (connection refused); check that etcd runs there, and that "
         f"--backend / FENCELOCK_BACKEND names it",
     ], done.stderr
+
+
+def test_an_acquire_whose_first_try_took_its_time_promises_no_ride_out(
+    session: Path
+) -> None:
+    """etcd takes the connection and answers nothing, and the first request takes the
+    acquire's whole timeout: it fails with no note (it said 'trying again for up to 0 s'
+    and tried nothing)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never answers
+        url = f"etcd://127.0.0.1:{silent.getsockname()[1]}/silent"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(StoreUnavailableError, match="no answer in time"):
+                SessionLock(session, "timed", backend=url, timeout=0.5).acquire()
+    assert [w for w in caught if w.category is FenceLockWarning] == [], caught
+
+
+def test_wait_on_a_terminal_rides_out_an_outage_with_its_progress_line(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    """On a terminal, `wait`'s progress line asked etcd from the main thread, and the
+    first refused look ended the command (exit 1, in about a second) while its waiting
+    thread rode the outage out. Now the line says etcd is not answering, the note
+    comes on a line of its own (the progress line cleared first), and the wait ends once
+    etcd is back and the holder lets go."""
+    import pty
+
+    url = own_etcd.url(f"tty-{uuid.uuid4().hex[:8]}", ttl=30)
+    lock = SessionLock(session, "holder", backend=url)
+    lock.acquire()
+    own_etcd.kill(signal.SIGKILL)  # nothing listens on its port: refused
+    master, slave = pty.openpty()
+    try:
+        waiter = subprocess.Popen([sys.executable, "-m", "fencelock", "wait", str(session),
+                                   "--backend", url], stderr=slave,
+                                  env={**os.environ, "TERM": "xterm"})
+        os.close(slave)
+        shown = b""
+        while b"not answering" not in shown:  # a progress line drawn during the outage
+            ready, _, _ = select.select([master], [], [], 60)
+            assert ready and waiter.poll() is None, shown
+            shown += os.read(master, 4096)
+        own_etcd.start()
+        lock.release()
+        assert waiter.wait(timeout=60) == 0, shown
+    finally:
+        os.close(master)
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert b"\r\x1b[KWarning: " in shown and b"trying again for up to 30 s" in shown, shown
 
 
 def test_an_acquire_that_rides_out_an_outage_warns_once_and_no_filter_stops_the_ride(
@@ -4606,17 +4663,22 @@ def test_recover_rides_out_an_etcd_restart_that_comes_during_its_wait(
     url = own_etcd.url(f"wr2-{uuid.uuid4().hex[:8]}", ttl=30)
     lock = SessionLock(session, "holder", backend=url)
     lock.acquire()
-    code, out, err = _restarted_while_waiting(own_etcd, lock, [
+    code, first, out, err = _restarted_while_waiting(own_etcd, lock, [
         "-m", "fencelock", "recover", "--wait", "60", str(session), "--backend", url])
     assert code == 0, err
     assert out.strip() == str(session)
+    # Said once, with the whole ride-out's time: not first for a step of the wait (its
+    # 1 s), then again for the rest.
+    assert re.fullmatch(f"Warning: {_RIDE_NOTE}", first), first
+    assert "Warning: " not in err, err
 
 
 def _restarted_while_waiting(server: EtcdServer, lock: SessionLock, args: list[str]
-                             ) -> tuple[int | None, str, str]:
+                             ) -> tuple[int | None, str, str, str]:
     """Start ``python ARGS``, which waits for ``lock``'s session; once its watch is open,
     kill etcd, then (`_answer_after_restart`) start it again and release ``lock``: the
-    waiter's exit code, output and errors."""
+    waiter's exit code, first line of errors (its note of the outage), output and the
+    rest of its errors."""
     import socket
 
     before = etcd_watchers(server)
@@ -4630,14 +4692,14 @@ def _restarted_while_waiting(server: EtcdServer, lock: SessionLock, args: list[s
             time.sleep(0.01)
         server.kill(signal.SIGKILL)
         placeholder = socket.create_server(("127.0.0.1", server.client_port))
-        out, err = _answer_after_restart(placeholder, server, lock, waiter)
+        first, out, err = _answer_after_restart(placeholder, server, lock, waiter)
     finally:
         if placeholder is not None:
             placeholder.close()
         if waiter.poll() is None:
             waiter.kill()
             waiter.communicate()
-    return waiter.returncode, out, err
+    return waiter.returncode, first, out, err
 
 
 WAIT_FOR_THE_COPY = """
@@ -4659,10 +4721,13 @@ def test_a_wait_for_another_recover_s_copy_rides_out_an_etcd_restart(
     fresh = fresh_session(session)
     lock = SessionLock(fresh, "recovery", backend=url, origin=str(session))
     lock.acquire()  # as the recover copying it holds it
-    code, out, err = _restarted_while_waiting(
+    code, first, out, err = _restarted_while_waiting(
         own_etcd, lock, ["-c", WAIT_FOR_THE_COPY, fresh, str(session), url])
     assert code == 0, err
     assert out.strip() == "True"
+    # Python's own warning display: the note, then its source line.
+    assert re.fullmatch(f".*: FenceLockWarning: {_RIDE_NOTE}", first), first
+    assert "Warning" not in err, err
 
 
 def test_a_wait_that_runs_out_while_etcd_hangs_says_etcd_did_not_answer(
