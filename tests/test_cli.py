@@ -164,6 +164,27 @@ def test_no_command_is_a_usage_error_that_prints_the_help_on_stderr() -> None:
     assert out.stderr == help.stdout, out.stderr
 
 
+def test_no_command_is_a_usage_error_with_click_before_8_2_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The test extra's click (8.2 on) does this itself: a group's parse made as click
+    8.1 made it (the help on stdout, exit 0) shows that fencelock's own rule applies."""
+    import click
+
+    given = click.Group.parse_args
+
+    def as_click_8_1(self: click.Group, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            click.echo(ctx.get_help(), color=ctx.color)
+            ctx.exit()
+        return given(self, ctx, args)
+
+    monkeypatch.setattr(click.Group, "parse_args", as_click_8_1)
+    result = invoke()
+    assert result.exit_code == 2 and result.stdout == "", result
+    assert result.stderr.startswith("Usage: "), result.stderr
+
+
 def test_shell_completion_script_and_completions() -> None:
     script = cli(env={**os.environ, "_FENCELOCK_COMPLETE": "bash_source"})
     assert script.returncode == 0
