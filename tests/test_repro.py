@@ -7,9 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -42,6 +43,9 @@ from fencelock.tools.repro import (
     run,
     run_turn,
 )
+
+if TYPE_CHECKING:
+    from fencelock._etcdserver import EtcdServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bin" / "fencelock-repro"
@@ -107,6 +111,43 @@ def test_command_line_json_and_check(tmp_path: Path) -> None:
         assert set(mode["by_lane"]) >= {c.value for c in LaneClass}
         assert set(mode["wait_ms"]) >= {"p50", "p90", "p99"}
     _assert_clean_and_reproduced(data["modes"])
+
+
+def _fencelock_on_etcd(tmp_path: Path, *store: str) -> dict[str, Any]:
+    """The fencelock mode's quick run with ``store`` (``--backend URL`` or ``--etcd``): its
+    JSON, checked clean, and its runs seen holding through etcd: no sidecar was made."""
+    root = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--mode", "fencelock", "--quick", "--json", *store,
+         "--dir", str(root)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data: dict[str, Any] = json.loads(proc.stdout)
+    fl = data["modes"]["fencelock"]
+    assert fl["takeovers"] == fl["dropped_replies"] == fl["duplicate_replies"] == 0, fl
+    assert fl["answered"] == fl["turns"] > 0 and fl["errors"] == [], fl
+    assert list(root.rglob("*.jsonl")) and not list(root.rglob("*.holder")), \
+        sorted(p.name for p in root.rglob("*"))
+    return data
+
+
+def test_fencelock_mode_holds_its_sessions_in_etcd_with_backend(
+    tmp_path: Path, etcd_server: EtcdServer
+) -> None:
+    url = etcd_server.url(f"repro-{uuid.uuid4().hex[:8]}")
+    data = _fencelock_on_etcd(tmp_path, "--backend", url)
+    assert data["config"]["backend"] == url
+    # Each session that had a run has its last record there.
+    sessions = (tmp_path / "run" / "fencelock" / "sessions").glob("*.jsonl")
+    records = [probe(s, backend=url).record for s in sessions]
+    assert records and all(r is not None and r.extra.get("store") == "etcd"
+                           for r in records), records
+
+
+def test_fencelock_mode_on_a_throwaway_etcd(tmp_path: Path) -> None:
+    data = _fencelock_on_etcd(tmp_path, "--etcd")
+    assert data["config"]["backend"].startswith("etcd://127.0.0.1:"), data["config"]
+    assert data["config"]["backend"].endswith("/fencelock-repro"), data["config"]
 
 
 def test_ctrl_c_ends_the_reproduction_with_one_line_and_exit_130(tmp_path: Path) -> None:

