@@ -663,7 +663,7 @@ class EtcdHolder:
                 raise HolderLostError(self.session, lease.lost) from None
             raise
         if not r.get("succeeded"):
-            self._lost = "its key in etcd is gone"
+            self._lost = "its key in etcd is gone: deleted, or etcd lost its data"
             self._key_gone_with_lease(lease)
             self._told = True
             raise HolderLostError(self.session, self._lost)

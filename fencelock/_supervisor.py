@@ -109,7 +109,7 @@ class _Heartbeat:
             self.thread.start()
 
     def _run(self) -> None:
-        from fencelock._errors import FenceLockError, HolderLostError
+        from fencelock._errors import FenceLockError, HolderLostError, StoreUnavailableError
 
         said = ""  # a failure is said once, not at every beat while it lasts
         while not self.stop.wait(self.every):
@@ -119,7 +119,10 @@ class _Heartbeat:
                 lost = isinstance(e, HolderLostError)
                 if str(e) != said and not (lost and self.guarded):
                     said = str(e)
-                    error_line(f"heartbeat not refreshed: {e}")
+                    # A store's error names the store: the session, first, too.
+                    about = f"{self.lock.session}: " if isinstance(
+                        e, StoreUnavailableError) else ""
+                    error_line(f"{about}heartbeat not refreshed: {e}")
                 if lost:
                     return  # for good: no later beat can refresh a lost holder's record
             else:

@@ -953,6 +953,40 @@ def test_an_etcd_out_of_space_is_no_outage_to_ride_out(
     lock.release()
 
 
+def test_run_names_its_session_when_its_heartbeat_meets_an_etcd_out_of_space(
+    session: Path, own_etcd: EtcdServer
+) -> None:
+    """`run`'s heartbeat that etcd refuses (its NOSPACE alarm on) says so in a line that
+    names the session, as its other errors do (it named only the store), and the
+    command goes on; with the alarm off, the run ends as its command does."""
+    url = own_etcd.url(f"nsr-{uuid.uuid4().hex[:8]}", ttl=30)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "beat",
+         "--heartbeat", "0.2", "--backend", url, "--", sys.executable, "-c",
+         "import sys; print('up', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    member = _etcd_post(own_etcd, "/v3/maintenance/status", {})["header"]["member_id"]
+    alarm = {"memberID": member, "alarm": "NOSPACE"}
+    try:
+        assert proc.stdout is not None and proc.stderr is not None and proc.stdin
+        assert proc.stdout.readline() == "up\n"  # the command runs: the session is held
+        _etcd_post(own_etcd, "/v3/maintenance/alarm", {**alarm, "action": "ACTIVATE"})
+        line = proc.stderr.readline()
+        _etcd_post(own_etcd, "/v3/maintenance/alarm", {**alarm, "action": "DEACTIVATE"})
+        assert line.startswith(f"Error: {session}: heartbeat not refreshed: etcd://"), line
+        assert "out of space" in line, line
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        _etcd_post(own_etcd, "/v3/maintenance/alarm", {**alarm, "action": "DEACTIVATE"})
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
 def test_async_with_releases_off_the_event_loop_while_etcd_is_away(
     session: Path, own_etcd: EtcdServer
 ) -> None:
