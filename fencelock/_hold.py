@@ -32,6 +32,7 @@ from fencelock._errors import (
     SessionContendedError,
     SessionTakeoverError,
     SessionWriteError,
+    StoreUnavailableError,
 )
 from fencelock._json import (
     SPACE,
@@ -802,7 +803,9 @@ def _refresh(served: _Session) -> None:
     except (FenceLockError, OSError) as e:
         if isinstance(e, HolderLostError):
             served.lost = served.lost or e
-        _stderr(f"heartbeat not refreshed: {said(e)}")
+        # A store's error names the store: the session, first, too (as `run` says it).
+        about = f"{served.lock.session}: " if isinstance(e, StoreUnavailableError) else ""
+        _stderr(f"{about}heartbeat not refreshed: {said(e)}")
 
 
 def _serve(

@@ -953,29 +953,33 @@ def test_an_etcd_out_of_space_is_no_outage_to_ride_out(
     lock.release()
 
 
-def test_run_names_its_session_when_its_heartbeat_meets_an_etcd_out_of_space(
-    session: Path, own_etcd: EtcdServer
+@pytest.mark.parametrize("command", ["run", "hold"])
+def test_a_heartbeat_that_meets_an_etcd_out_of_space_names_the_session(
+    session: Path, own_etcd: EtcdServer, command: str
 ) -> None:
-    """`run`'s heartbeat that etcd refuses (its NOSPACE alarm on) says so in a line that
-    names the session, as its other errors do (it named only the store), and the
-    command goes on; with the alarm off, the run ends as its command does."""
+    """`run`'s and `hold`'s own heartbeat that etcd refuses (its NOSPACE alarm on) says so
+    in a line that names the session, as their other errors do (it named only the
+    store), and the run goes on; with the alarm off, it ends as it would have."""
     url = own_etcd.url(f"nsr-{uuid.uuid4().hex[:8]}", ttl=30)
+    held = "import sys; print('up', flush=True); sys.stdin.read()"  # the run's command
+    tail = ["--", sys.executable, "-c", held] if command == "run" else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "beat",
-         "--heartbeat", "0.2", "--backend", url, "--", sys.executable, "-c",
-         "import sys; print('up', flush=True); sys.stdin.read()"],
+        [sys.executable, "-m", "fencelock", command, str(session), "--lane", "beat",
+         "--heartbeat", "0.2", "--backend", url, *tail],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     member = _etcd_post(own_etcd, "/v3/maintenance/status", {})["header"]["member_id"]
     alarm = {"memberID": member, "alarm": "NOSPACE"}
+    prefix = "Error: " if command == "run" else "fencelock hold: "
     try:
         assert proc.stdout is not None and proc.stderr is not None and proc.stdin
-        assert proc.stdout.readline() == "up\n"  # the command runs: the session is held
+        up = proc.stdout.readline()  # the session is held (run: its command runs)
+        assert up == "up\n" if command == "run" else '"event": "held"' in up, up
         _etcd_post(own_etcd, "/v3/maintenance/alarm", {**alarm, "action": "ACTIVATE"})
         line = proc.stderr.readline()
         _etcd_post(own_etcd, "/v3/maintenance/alarm", {**alarm, "action": "DEACTIVATE"})
-        assert line.startswith(f"Error: {session}: heartbeat not refreshed: etcd://"), line
+        assert line.startswith(f"{prefix}{session}: heartbeat not refreshed: etcd://"), line
         assert "out of space" in line, line
-        proc.stdin.close()
+        proc.stdin.close()  # run: its command ends; hold: stdin's end releases
         assert proc.wait(timeout=60) == 0
     finally:
         _etcd_post(own_etcd, "/v3/maintenance/alarm", {**alarm, "action": "DEACTIVATE"})
