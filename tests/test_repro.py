@@ -150,6 +150,26 @@ def test_fencelock_mode_on_a_throwaway_etcd(tmp_path: Path) -> None:
     assert data["config"]["backend"].endswith("/fencelock-repro"), data["config"]
 
 
+@contextlib.contextmanager
+def _taking_turns(tmp_path: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """The reproduction with ``args`` (in a session of its own, its stderr piped), once
+    its lanes are taking turns (a session file is there)."""
+    import time
+
+    out = tmp_path / "run"
+    with subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args, "--dir", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        start_new_session=True,
+    ) as proc:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        while not list(out.glob("*/sessions/*.jsonl")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.01)
+        yield proc
+
+
 def test_ctrl_c_ends_the_reproduction_with_one_line_and_exit_130(tmp_path: Path) -> None:
     """Ctrl-C reaches every lane's worker: the parent says "Aborted!" once and exits 130.
     No worker prints a traceback (each printed its KeyboardInterrupt's: 11 of them),
@@ -157,19 +177,9 @@ def test_ctrl_c_ends_the_reproduction_with_one_line_and_exit_130(tmp_path: Path)
     while it waited on the run's stop event would leave the parent's ``stop.set()``
     waiting for it for good)."""
     import signal
-    import time
 
-    out = tmp_path / "run"
-    with subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--quick", "--seed", "7", "--dir", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        start_new_session=True,
-    ) as proc:
+    with _taking_turns(tmp_path, "--quick", "--seed", "7") as proc:
         assert proc.stderr is not None
-        deadline = time.monotonic() + 60
-        while not list(out.glob("*/sessions/*.jsonl")):  # the lanes are taking turns
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGINT)
         err = proc.stderr.read()
         assert proc.wait(timeout=60) == 130, err
@@ -208,18 +218,8 @@ def test_a_stopped_reproduction_on_a_throwaway_etcd_leaves_nothing_running(
     import time
 
     sig = getattr(signal, signame)
-    out = tmp_path / "run"
-    with subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--quick", "--etcd", "--mode", "fencelock",
-         "--dir", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        start_new_session=True,
-    ) as proc:
+    with _taking_turns(tmp_path, "--quick", "--etcd", "--mode", "fencelock") as proc:
         assert proc.stderr is not None
-        deadline = time.monotonic() + 60
-        while not list(out.glob("*/sessions/*.jsonl")):  # the lanes are taking turns
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            time.sleep(0.01)
         under = _descendants(proc.pid)  # etcd, the fork server, the workers
         assert len(under) >= 3, under
         # etcd is out of the group a Ctrl-C reaches, so that the workers can let go
