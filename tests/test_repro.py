@@ -186,15 +186,22 @@ def test_ctrl_c_ends_the_reproduction_with_one_line_and_exit_130(tmp_path: Path)
     assert "Aborted!" in err and "Traceback" not in err, err
 
 
+def _proc_file(pid: int, name: str) -> str:
+    """``/proc/PID/NAME``; empty once the process is gone (as it may be at any time)."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_text()
+    except OSError:
+        return ""
+
+
 def _descendants(pid: int) -> set[int]:
     """The processes under ``pid`` (from /proc)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(
-                    int(entry))
+            fields = _proc_file(int(entry), "stat").rpartition(")")[2].split()
+            if len(fields) > 1:
+                children.setdefault(int(fields[1]), []).append(int(entry))
     found: set[int] = set()
     todo = [pid]
     while todo:
@@ -224,7 +231,7 @@ def test_a_stopped_reproduction_on_a_throwaway_etcd_leaves_nothing_running(
         assert len(under) >= 3, under
         # etcd is out of the group a Ctrl-C reaches, so that the workers can let go
         # through it; the reproduction stops it once they have.
-        etcd = [p for p in under if Path(f"/proc/{p}/comm").read_text().strip() == "etcd"]
+        etcd = [p for p in under if _proc_file(p, "comm").strip() == "etcd"]
         assert len(etcd) == 1, etcd
         assert os.getpgid(etcd[0]) != os.getpgid(proc.pid), etcd
         if sig == signal.SIGINT:
@@ -236,8 +243,8 @@ def test_a_stopped_reproduction_on_a_throwaway_etcd_leaves_nothing_running(
     said = "Aborted!" if sig == signal.SIGINT else f"fencelock-repro: stopped by {signame}"
     assert err.strip().splitlines() == [said], err
     deadline = time.monotonic() + 30  # the fork server ends once it sees its parent gone
-    while left := [p for p in under if os.path.exists(f"/proc/{p}")
-                   and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]:
+    while left := [p for p in under if _proc_file(p, "stat").rpartition(")")[2].split()[:1]
+                   not in ([], ["Z"])]:  # gone, or a zombie
         assert time.monotonic() < deadline, left
         time.sleep(0.01)
 

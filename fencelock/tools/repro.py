@@ -30,7 +30,6 @@ import os
 import queue
 import random
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -937,8 +936,6 @@ def run_mode(mode: Mode, config: Config, root: str) -> ModeReport:
     finally:
         stop.set()
         start.set()
-        if sys.exc_info()[0] is not None:  # stopped (a signal) or failed: no run to wait for
-            _interrupt(procs.values())
         for worker in procs.values():
             worker.join(timeout=5)
             if worker.is_alive():
