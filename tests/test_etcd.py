@@ -34,6 +34,7 @@ from conftest import (
     TEST_TTL,
     SpawnHolder,
     etcd_watchers,
+    reap,
     record_of,
     wait_for_no_owner,
 )
@@ -931,6 +932,19 @@ def _etcd_post(server: EtcdServer, path: str, body: dict[str, Any]) -> dict[str,
     return answer
 
 
+@contextlib.contextmanager
+def _out_of_space(server: EtcdServer) -> Iterator[None]:
+    """``server``'s NOSPACE alarm on (raised by hand: etcd then refuses every write), and
+    off again after."""
+    member = _etcd_post(server, "/v3/maintenance/status", {})["header"]["member_id"]
+    alarm = {"memberID": member, "alarm": "NOSPACE"}
+    _etcd_post(server, "/v3/maintenance/alarm", {**alarm, "action": "ACTIVATE"})
+    try:
+        yield
+    finally:
+        _etcd_post(server, "/v3/maintenance/alarm", {**alarm, "action": "DEACTIVATE"})
+
+
 def test_an_etcd_out_of_space_is_no_outage_to_ride_out(
     session: Path, own_etcd: EtcdServer
 ) -> None:
@@ -940,15 +954,9 @@ def test_an_etcd_out_of_space_is_no_outage_to_ride_out(
     url = own_etcd.url("nospace", ttl=30)
     lock = SessionLock(session, "full", backend=url)
     lock.acquire()
-    member = _etcd_post(own_etcd, "/v3/maintenance/status", {})["header"]["member_id"]
-    alarm = {"memberID": member, "alarm": "NOSPACE"}
-    _etcd_post(own_etcd, "/v3/maintenance/alarm", {**alarm, "action": "ACTIVATE"})
-    try:
-        with pytest.raises(StoreUnavailableError) as err:
-            lock.touch()
-        assert "out of space" in str(err.value) and "etcdctl alarm disarm" in str(err.value)
-    finally:
-        _etcd_post(own_etcd, "/v3/maintenance/alarm", {**alarm, "action": "DEACTIVATE"})
+    with _out_of_space(own_etcd), pytest.raises(StoreUnavailableError) as err:
+        lock.touch()
+    assert "out of space" in str(err.value) and "etcdctl alarm disarm" in str(err.value)
     lock.touch()
     lock.release()
 
@@ -967,28 +975,19 @@ def test_a_heartbeat_that_meets_an_etcd_out_of_space_names_the_session(
         [sys.executable, "-m", "fencelock", command, str(session), "--lane", "beat",
          "--heartbeat", "0.2", "--backend", url, *tail],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    member = _etcd_post(own_etcd, "/v3/maintenance/status", {})["header"]["member_id"]
-    alarm = {"memberID": member, "alarm": "NOSPACE"}
     prefix = "Error: " if command == "run" else "fencelock hold: "
     try:
         assert proc.stdout is not None and proc.stderr is not None and proc.stdin
         up = proc.stdout.readline()  # the session is held (run: its command runs)
         assert up == "up\n" if command == "run" else '"event": "held"' in up, up
-        _etcd_post(own_etcd, "/v3/maintenance/alarm", {**alarm, "action": "ACTIVATE"})
-        line = proc.stderr.readline()
-        _etcd_post(own_etcd, "/v3/maintenance/alarm", {**alarm, "action": "DEACTIVATE"})
+        with _out_of_space(own_etcd):
+            line = proc.stderr.readline()
         assert line.startswith(f"{prefix}{session}: heartbeat not refreshed: etcd://"), line
         assert "out of space" in line, line
         proc.stdin.close()  # run: its command ends; hold: stdin's end releases
         assert proc.wait(timeout=60) == 0
     finally:
-        _etcd_post(own_etcd, "/v3/maintenance/alarm", {**alarm, "action": "DEACTIVATE"})
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        reap(proc)
 
 
 def test_async_with_releases_off_the_event_loop_while_etcd_is_away(
