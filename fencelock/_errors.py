@@ -559,6 +559,26 @@ class FenceLockWarning(UserWarning):
     """Something works but is unsafe, e.g. a world-writable sessions directory."""
 
 
+def warn_each_time(text: str, stacklevel: int = 1) -> None:
+    """Warn ``text`` (a `FenceLockWarning`) as `warnings.warn` does, ``stacklevel`` alike,
+    but as an event that is said each time it happens: Python's default filter shows a
+    text once per place in a process's life, so a long-running caller would hear of a
+    second etcd outage, or a second torn line, nothing. Filters that say "once",
+    "ignore" or "error" apply as to any warning."""
+    import sys
+    import warnings
+
+    try:
+        frame = sys._getframe(stacklevel)
+    except ValueError:  # (a shallower stack: as `warnings.warn`, the place is sys)
+        warnings.warn_explicit(FenceLockWarning(text), FenceLockWarning, "sys", 1,
+                               module="sys", registry=None)
+        return
+    warnings.warn_explicit(
+        FenceLockWarning(text), FenceLockWarning, frame.f_code.co_filename, frame.f_lineno,
+        module=frame.f_globals.get("__name__"), registry=None)  # (no registry: no memory)
+
+
 class NotHeldError(FenceLockError):
     """An operation that needs the holder was called without it."""
 

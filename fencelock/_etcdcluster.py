@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from fencelock import _etcdwatch
 from fencelock import _etcdwire as wire
-from fencelock._errors import FenceLockWarning, StoreUnavailableError, no_thread
+from fencelock._errors import (
+    FenceLockWarning,
+    StoreUnavailableError,
+    no_thread,
+    warn_each_time,
+)
 
 if TYPE_CHECKING:
     from fencelock._etcdurl import EtcdURL
@@ -729,12 +734,10 @@ def note_outage(e: StoreUnavailableError, seconds: float) -> None:
     long it may try: a command would otherwise pause silently for up to the TTL. A
     `FenceLockWarning`, one line on a command's stderr; where the caller's filters make
     warnings errors, the note is dropped, not raised in the middle of the ride-out."""
-    import warnings
-
     with contextlib.suppress(FenceLockWarning):
-        warnings.warn(FenceLockWarning(
+        warn_each_time(
             f"{e.endpoint}: the etcd holder store is unavailable ({e.why}); trying "
-            f"again for up to {_seconds_up(seconds)} s"), stacklevel=2)
+            f"again for up to {_seconds_up(seconds)} s", stacklevel=2)
 
 
 def _seconds_up(seconds: float) -> str:

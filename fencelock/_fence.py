@@ -15,18 +15,17 @@ import errno
 import json
 import os
 import stat
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from fencelock import _fingerprint, _platform, _sidecar, _tokens
 from fencelock._errors import (
     FenceLockError,
-    FenceLockWarning,
     PlantedFileError,
     SessionTakeoverError,
     SessionWriteError,
     UnsafePathError,
+    warn_each_time,
 )
 from fencelock._fingerprint import CONTENT, STAT, FenceMode, Fingerprint, Witness
 from fencelock._json import NotJSONError, digits_problem, strict_loads
@@ -512,10 +511,9 @@ def _torn_warning(session: str, cut: int, stacklevel: int = 6) -> None:
     """Tell the caller of `SessionLock.append` that its append moved ``cut`` bytes of a
     torn last line to the session's `TORN_SUFFIX` file (said once the line is in: where
     warnings are errors, the append has still happened, its fence point kept)."""
-    warnings.warn(
+    warn_each_time(
         f"{session}: its last line was torn ({cut} bytes without a line break, left by "
         f"a writer that died mid-append); moved it to {session + TORN_SUFFIX}",
-        FenceLockWarning,
         stacklevel=stacklevel,  # the caller of SessionLock.append, by default
     )
 

@@ -44,6 +44,7 @@ from fencelock._errors import (
     NotHeldError,
     SessionTakeoverError,
     no_thread,
+    warn_each_time,
 )
 from fencelock._fingerprint import STAT, FenceMode, Fingerprint
 from fencelock._record import HELD, PROMPT, WRITE, HolderInfo, Phase, PreviousHolder, State
@@ -1009,9 +1010,9 @@ class SessionLock:
         try:
             self.release()
         except Exception as e:
-            warnings.warn(FenceLockWarning(
+            warn_each_time(
                 f"{self.session}: the session that came to a cancelled task could not be "
-                f"given back cleanly: {e}"), stacklevel=1)
+                f"given back cleanly: {e}", stacklevel=1)
 
     def __aenter__(self) -> Coroutine[Any, Any, SessionLock]:
         return self._entered(_whoami())  # owned by the caller's task, as acquire_async
@@ -1246,6 +1247,6 @@ class SessionLock:
             try:
                 callback()
             except Exception as e:
-                warnings.warn(FenceLockWarning(
+                warn_each_time(
                     f"{self.session}: an on_abort callback ({callback!r}) raised "
-                    f"{type(e).__name__}: {e}"), stacklevel=4)
+                    f"{type(e).__name__}: {e}", stacklevel=4)

@@ -4691,6 +4691,23 @@ def test_an_acquire_that_rides_out_an_outage_warns_once_and_no_filter_stops_the_
             SessionLock(session, "lib", backend=url).acquire()
 
 
+def test_a_long_running_caller_hears_of_every_outage_under_the_default_filter(
+    session: Path, refusing_port: int
+) -> None:
+    """Python's default filter shows a warning text once per place in a process's life;
+    a gateway process that rides out a second outage, whose note reads as the first's,
+    must hear of it too (it heard nothing)."""
+    url = f"etcd://127.0.0.1:{refusing_port}/away?ttl=1"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for _ in range(2):
+            with pytest.raises(StoreUnavailableError, match="connection refused"):
+                SessionLock(session, "lib", backend=url).acquire()
+    said = [str(w.message) for w in caught if w.category is FenceLockWarning]
+    assert len(said) == 2 and said[0] == said[1], said
+
+
 def test_recover_rides_out_an_etcd_restart_that_comes_during_its_wait(
     session: Path, own_etcd: EtcdServer
 ) -> None:

@@ -93,6 +93,23 @@ def test_torn_tail_is_cut_aside_never_glued(session: Path) -> None:
     assert verify(session).ok
 
 
+def test_every_torn_tail_is_said_under_the_default_filter(session: Path) -> None:
+    """Python's default filter shows a warning text once per place in a process's life:
+    a second torn tail whose note reads as the first's (the same session, as long a
+    fragment) is said too, and the second fragment is kept aside as the first was."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for _ in range(2):
+            with open(session, "a") as f:
+                f.write('{"role": "assist')
+            with SessionLock(session) as lock:
+                lock.append({"role": "assistant"})
+    assert [w.category for w in caught] == [FenceLockWarning, FenceLockWarning], caught
+    assert str(caught[0].message) == str(caught[1].message)
+    assert Path(str(session) + TORN_SUFFIX).read_text() == '{"role": "assist\n' * 2
+
+
 @pytest.mark.parametrize("before", ["", '{"torn": 0}\n', "xFRAGMENT\n"],
                          ids=["new", "after-another", "after-one-ending-like-it"])
 @pytest.mark.parametrize("extra", [0, 3 * 1024 * 1024 + 5], ids=["small", "several-MiB"])
