@@ -802,13 +802,14 @@ class EtcdHolder:
                        etcdctl=self.url.etcdctl, reread=reread)
 
     def clear(self, remove: bool, force: bool) -> HolderStatus:
-        from fencelock._probe import ProbeState, dropped_part
+        from fencelock._probe import ProbeState, dropped_part, stale_record
 
         found = self.probe(0.0)
         if found.state is ProbeState.LIVE:
             raise found._contended(backend=self.url.text)
         if found.state is ProbeState.FREE and (not remove or found.record is None):
-            return found  # nothing to clear, or (no record) nothing to remove
+            # Nothing to clear, or (no record) nothing to remove: said as sidecars say it.
+            return found if found.record is None else replace(found, reason="was free")
         self.acquire(True, time.monotonic() + wire.REQUEST_TIMEOUT * 2, None, None)
         my, token = self._my_key, self._token
         aside = None
@@ -827,9 +828,11 @@ class EtcdHolder:
             again = None  # a stale record marked released
             moved = "corrupt record"
             part = ""
+            done = "was free"  # said as sidecars say it, with why etcd found it stale:
             if old is not None and old.state is State.HELD:
                 part = dropped_part(old, self.session)  # while the lock keeps others out
                 again = _record.released_again(old)
+                done = "; ".join(filter(None, (f"cleared {stale_record(old)}", found.reason)))
                 if again is None:  # too large to mark released: kept (also by --remove,
                     # as the sidecar store keeps it), or set aside with --force
                     if not force:  # set aside as a corrupt one is
@@ -861,9 +864,8 @@ class EtcdHolder:
                                          "try again", fix)
             where = f"{self.url.display}/{aside}"
             return replace(found, reason=f"{moved} moved to {where}{part}", set_aside=where)
-        what = "removed" if remove else "cleared"
-        return replace(found, reason=(f"{what} (was: {found.reason})" if found.reason
-                                      else what) + part, removed=remove)
+        return replace(found, reason=done + part + ("; record removed" if remove else ""),
+                       removed=remove)
 
 
 

@@ -928,6 +928,11 @@ def _kept(error: Exception, status: HolderStatus) -> Exception:
     return error
 
 
+def stale_record(record: HolderInfo) -> str:
+    """A stale ``record`` as `clear`'s reason names it, on both stores."""
+    return f"the stale record of pid {record.pid} (lane {record.lane!r})"
+
+
 def dropped_part(record: HolderInfo, session: str) -> str:
     """Remove the copy a recover of ``record``'s that did not finish left (`<fresh>.part`:
     ``record`` names an origin); what was done, for `clear`'s reason. Call holding the
@@ -961,7 +966,7 @@ def _clear_locked(
     done = "was free"
     if record is not None and was_stale:
         dropped = _release_stale(fd, sidecar, record, st.st_size)
-        who = f"the stale record of pid {record.pid} (lane {record.lane!r})"
+        who = stale_record(record)
         if dropped is None:  # kept, also by --remove: both stores alike
             part = dropped_part(record, session)  # while the lock still keeps others out
             if not force:

@@ -195,6 +195,8 @@ def test_killed_holder_is_stale_then_taken_over_with_previous(
 
 
 def test_clear_refuses_live_and_clears_stale(session: Path, spawn_holder: SpawnHolder) -> None:
+    """Also: both stores say alike what `clear` did (etcd said "released" for a free
+    session, where sidecars say "was free")."""
     h = spawn_holder(session, lane="x")
     h.acquire()
     with pytest.raises(SessionContendedError):
@@ -202,10 +204,14 @@ def test_clear_refuses_live_and_clears_stale(session: Path, spawn_holder: SpawnH
     h.kill(signal.SIGKILL)
     wait_for_no_owner(session)
     assert probe(session).state == ProbeState.STALE
-    clear(session)
+    done = clear(session)
+    assert done.reason.startswith(f"cleared the stale record of pid {h.pid} (lane 'x')"), done
     assert probe(session).state == ProbeState.FREE
+    assert clear(session).reason == "was free"
     with SessionLock(session, "y") as lock:
         assert lock.info is not None and lock.info.previous is None
+    done = clear(session, remove=True)
+    assert done.reason.startswith("was free; ") and done.reason.endswith(" removed"), done
 
 
 def test_recover_refires_a_stale_session_and_escalates_past_a_live_one(
