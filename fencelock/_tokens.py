@@ -202,11 +202,12 @@ def went_backwards(session: str, token: int, stamped: int, store: str) -> FenceL
 
 
 def store_behind(session: str, revision: int, stamped: int, store: str) -> FenceLockError:
-    """The error for a recover that would re-fire a run in a session whose lines carry a
-    token the store (etcd, at ``revision``) has not reached: the run would be refused."""
+    """The error for a session whose lines carry a token the store (etcd, at
+    ``revision``) has not reached, which a probe shows and a recover raises: a run there
+    would be refused."""
     return FenceLockError(
         f"{session}: {store} is at revision {revision}, below token {stamped} that lines "
-        f"in the session are stamped with, so a run re-fired there would be refused "
+        f"in the session are stamped with, so a run there would be refused "
         f"(tokens must never go back). {_store_behind(stamped)}"
     )
 

@@ -1198,7 +1198,8 @@ def test_recover_on_etcd_re_fires_no_run_below_the_tokens_its_session_carries(
     """An etcd that lost its data (restarted empty, or another one) is at a revision
     below the tokens stamped in the session: a run re-fired there would be refused at
     once. recover says so, with the fixes, instead of answering re-fire; the stale
-    record it would have cleared stays."""
+    record it would have cleared stays. `probe` and `status` (of the session, and of its
+    directory) show it unreadable, saying why: they showed it free (or stale) to use."""
     session.write_text("")
     if state == "stale":  # the record a run that died holding leaves
         parsed = parse(url)
@@ -1217,14 +1218,22 @@ def test_recover_on_etcd_re_fires_no_run_below_the_tokens_its_session_carries(
     stamp = {"token": 10**15, "run_id": "from-a-lost-etcd"}
     with session.open("a") as f:
         f.write(json.dumps({"n": 1, "_fencelock": stamp}) + "\n")
-    with pytest.raises(FenceLockError, match=r"is at revision \d+, below token "
-                       r"1000000000000000 .* a run re-fired there would be refused"):
+    behind = (r"is at revision \d+, below token 1000000000000000 .* a run there would be "
+              r"refused .*--bump-revision")
+    with pytest.raises(FenceLockError, match=behind):
         recover(session, wait=0, backend=url)
     after = probe(session, backend=url)
-    assert (after.state, after.record) == (before.state, before.record), after
+    assert (after.state, after.record) == (ProbeState.UNREADABLE, before.record), after
+    assert re.match(f"{re.escape(str(session))}: .*{behind}", after.reason), after
     done = _cli("recover", str(session), "--backend", url)
     assert done.returncode == 1 and done.stderr.startswith(f"Error: {session}: "), done
     assert "--bump-revision" in done.stderr and "Traceback" not in done.stderr
+    for shown in (session, session.parent):
+        done = _cli("status", str(shown), "--backend", url)
+        assert done.returncode == 1, done
+        assert " unreadable " in done.stdout, done
+        assert re.search(f"^Error: {re.escape(str(session))}: .*{behind}", done.stderr,
+                         re.MULTILINE), done
 
 
 def test_an_etcd_with_authentication_on_is_named_with_what_to_do(
