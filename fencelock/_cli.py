@@ -624,7 +624,7 @@ def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None)
         RecordTooLargeError,
         SessionContendedError,
         SidecarAccessError,
-        StoreUnavailableError,
+        session_lead,
     )
     from fencelock._probe import ProbeState, clear
 
@@ -660,8 +660,7 @@ def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None)
             kept.kept = True
             return kept
         session, sidecar = _named(path)
-        if isinstance(e, StoreUnavailableError):  # about the store: say which session
-            message = f"{session}: {message}"
+        message = session_lead(session, e) + message
         return _ClearOutcome(session, _holder_at(session, sidecar, backend), "unreadable",
                              error=message, reason=message)
     done = _ClearOutcome(st.session, st.sidecar, str(st.state), st.record, reason=st.reason)

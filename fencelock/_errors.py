@@ -239,6 +239,13 @@ class StoreUnavailableError(FenceLockError):
         return self.endpoint, self.why, self.fix
 
 
+def session_lead(session: str, e: BaseException) -> str:
+    """What goes before ``e``'s message where a line is about ``session``: the session,
+    for an error that names only the store (etcd away), as every other error names its
+    file itself; else nothing."""
+    return f"{session}: " if isinstance(e, StoreUnavailableError) else ""
+
+
 class OutsideRootError(FenceLockError, ValueError):
     """A session the etcd store cannot name: it lies outside the ``root`` of the backend
     URL, under which session keys are taken. (A `ValueError` too: it is a bad argument.)"""

@@ -32,7 +32,7 @@ from fencelock._errors import (
     SessionContendedError,
     SessionTakeoverError,
     SessionWriteError,
-    StoreUnavailableError,
+    session_lead,
 )
 from fencelock._json import (
     SPACE,
@@ -319,19 +319,22 @@ def error_name(e: BaseException) -> str:
     return FenceLockError.__name__  # unreachable: FenceLockError is exported
 
 
-def said(e: BaseException) -> str:
+def said(e: BaseException, session: str = "") -> str:
     """What ``e`` says: an `OSError` of the system's as the command line words one (the
-    file, and what to do about a limit), anything else as it says itself."""
+    file, and what to do about a limit), anything else as it says itself; led by
+    ``session`` where it names only the store (`_errors.session_lead`)."""
     if isinstance(e, OSError) and not isinstance(e, FenceLockError):
         from fencelock._output import os_message
 
         return os_message(e)
-    return str(e)
+    return (session_lead(session, e) if session else "") + str(e)
 
 
-def error_answer(e: BaseException) -> dict[str, Any]:
-    """``{"ok": false, "error": <class name>, "message": ...}`` plus what the class carries."""
-    answer: dict[str, Any] = {"ok": False, "error": error_name(e), "message": said(e)}
+def error_answer(e: BaseException, session: str = "") -> dict[str, Any]:
+    """``{"ok": false, "error": <class name>, "message": ...}`` plus what the class
+    carries; ``session``, the one being held, as `said` takes it."""
+    answer: dict[str, Any] = {"ok": False, "error": error_name(e),
+                              "message": said(e, session)}
     if isinstance(e, SessionContendedError):
         answer["holder"] = None if e.holder is None else e.holder.to_json()
     elif isinstance(e, SessionTakeoverError):
@@ -732,9 +735,9 @@ def _hold(served: _Session, heartbeat: float, inbox: _Inbox, out: _Out, seen: Se
             out.send(error_answer(e))
         return EXIT_CONTENDED
     except (FenceLockError, OSError) as e:
-        _stderr(said(e))
+        _stderr(said(e, lock.session))
         with contextlib.suppress(_CallerGone):
-            out.send(error_answer(e))
+            out.send(error_answer(e, lock.session))
         return EXIT_ERROR
     try:
         out.send({"ok": True, "event": "held", "record": info.to_json()})
@@ -770,7 +773,7 @@ def _handled(served: _Session, op: str, request: dict[str, Any]) -> dict[str, An
             try:
                 answer = served.handle(op, request)
             except (FenceLockError, OSError) as e:
-                answer = error_answer(e)
+                answer = error_answer(e, served.lock.session)
     finally:
         notes = _pass_on(caught)
     if notes:
@@ -803,9 +806,7 @@ def _refresh(served: _Session) -> None:
     except (FenceLockError, OSError) as e:
         if isinstance(e, HolderLostError):
             served.lost = served.lost or e
-        # A store's error names the store: the session, first, too (as `run` says it).
-        about = f"{served.lock.session}: " if isinstance(e, StoreUnavailableError) else ""
-        _stderr(f"{about}heartbeat not refreshed: {said(e)}")
+        _stderr(f"{session_lead(served.lock.session, e)}heartbeat not refreshed: {said(e)}")
 
 
 def _serve(

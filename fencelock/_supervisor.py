@@ -109,7 +109,7 @@ class _Heartbeat:
             self.thread.start()
 
     def _run(self) -> None:
-        from fencelock._errors import FenceLockError, HolderLostError, StoreUnavailableError
+        from fencelock._errors import FenceLockError, HolderLostError, session_lead
 
         said = ""  # a failure is said once, not at every beat while it lasts
         while not self.stop.wait(self.every):
@@ -119,10 +119,7 @@ class _Heartbeat:
                 lost = isinstance(e, HolderLostError)
                 if str(e) != said and not (lost and self.guarded):
                     said = str(e)
-                    # A store's error names the store: the session, first, too.
-                    about = f"{self.lock.session}: " if isinstance(
-                        e, StoreUnavailableError) else ""
-                    error_line(f"{about}heartbeat not refreshed: {e}")
+                    error_line(f"{session_lead(self.lock.session, e)}heartbeat not refreshed: {e}")
                 if lost:
                     return  # for good: no later beat can refresh a lost holder's record
             else:

@@ -1954,7 +1954,9 @@ def test_hold_without_waiting_says_etcd_is_away_even_when_stdin_has_ended(
 ) -> None:
     """With ``--no-wait`` there is no wait for the end of stdin to stop: the one try
     ends on its own, and a store that cannot be reached is said (exit 1), as it is
-    when stdin stays open; it used to race the end of stdin, which won (exit 0)."""
+    when stdin stays open; it used to race the end of stdin, which won (exit 0). The
+    answer and the line name the session first, as every other error names its file
+    (they named only the store)."""
     url = f"etcd://127.0.0.1:{_refusing_port()}/fencelock?root={session.parent}"
     for _ in range(3):
         done = subprocess.run(
@@ -1964,6 +1966,8 @@ def test_hold_without_waiting_says_etcd_is_away_even_when_stdin_has_ended(
         assert done.returncode == 1, (done.stdout, done.stderr)
         answer = json.loads(done.stdout)
         assert answer["ok"] is False and answer["error"] == "StoreUnavailableError", answer
+        assert answer["message"].startswith(f"{session}: etcd://127.0.0.1:"), answer
+        assert done.stderr.startswith(f"fencelock hold: {session}: etcd://"), done.stderr
         assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
 
 
