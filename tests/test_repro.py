@@ -262,7 +262,7 @@ def test_a_store_that_cannot_be_reached_is_said_before_any_run(tmp_path: Path) -
             [sys.executable, str(SCRIPT), "--quick", "--backend", url, "--dir",
              str(tmp_path / "run")],
             capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 1, proc
+    assert proc.returncode == 2, proc  # could not run: not --check's failure (1)
     assert proc.stderr.splitlines() == [
         f"fencelock-repro: {url.rsplit('/', 1)[0]}: the etcd holder store is unavailable "
         f"(connection refused); check that etcd runs there, and that --backend / "
@@ -277,7 +277,7 @@ def test_a_dir_that_is_a_file_is_refused_in_one_line(tmp_path: Path) -> None:
         [sys.executable, str(SCRIPT), "--quick", "--dir", str(afile)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip() == (f"fencelock-repro: {afile}/baseline: cannot be used (Not a "
                                    f"directory); give a new or empty directory")
 

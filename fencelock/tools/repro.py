@@ -315,7 +315,13 @@ class Report:
 
 
 class ReproError(Exception):
-    """The reproduction itself failed (a worker died, or a mode overran its deadline)."""
+    """The reproduction itself failed (a worker died, or a mode overran its deadline), or
+    could not start (a directory or store it cannot use): exit `EXIT_NOT_RUN`."""
+
+
+EXIT_NOT_RUN = 2
+"""The exit code of a reproduction that could not run or finish: no verdict, where a
+failed ``--check`` is 1 (as click's own usage errors, which run nothing either)."""
 
 
 # -- the schedule ---------------------------------------------------------------
@@ -1230,7 +1236,9 @@ def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Reproduce the original report's session-takeover race with real processes, "
-    "with the old protocol (baseline) and with fencelock.",
+    "with the old protocol (baseline) and with fencelock. Exit 0; 1 when --check "
+    "fails; 2 when it cannot run or finish (a --dir or store it cannot use, a worker "
+    "that crashed); 128+N when stopped by signal N.",
 )
 @click.option("--quick", is_flag=True, help="a short run for CI (~15 s)")
 @click.option("--seed", type=int, default=1, show_default=True, help="schedule seed")
@@ -1280,9 +1288,9 @@ def command(quick: bool, seed: int, as_json: bool, check: bool, agents: int | No
                 _check_store(backend)
             report = run(replace(config, backend=backend), modes, directory,
                          parallel=parallel)
-    except ReproError as e:
+    except ReproError as e:  # not run, or not to the end: no verdict (--check's is 1)
         click.echo(f"fencelock-repro: {e}", err=True)
-        return 1
+        return EXIT_NOT_RUN
     except _Stopped as e:
         click.echo(f"fencelock-repro: stopped by {signal.Signals(e.signum).name}", err=True)
         return 128 + e.signum
