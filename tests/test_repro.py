@@ -222,7 +222,6 @@ def test_a_stopped_reproduction_on_a_throwaway_etcd_leaves_nothing_running(
     that outage out (9 s, 52 lines of warnings and tracebacks); SIGTERM or SIGHUP ended
     the reproduction alone, and left etcd, the fork server and the workers running."""
     import signal
-    import time
 
     sig = getattr(signal, signame)
     with _taking_turns(tmp_path, "--quick", "--etcd", "--mode", "fencelock") as proc:
@@ -242,15 +241,41 @@ def test_a_stopped_reproduction_on_a_throwaway_etcd_leaves_nothing_running(
         assert proc.wait(timeout=60) == 128 + sig, err
     said = "Aborted!" if sig == signal.SIGINT else f"fencelock-repro: stopped by {signame}"
     assert err.strip().splitlines() == [said], err
+    _all_end(under)
+
+
+def _all_end(pids: set[int]) -> None:
+    """Wait until every process of ``pids`` is gone (or a zombie); fail after 30 s."""
+    import time
+
     deadline = time.monotonic() + 30  # the fork server ends once it sees its parent gone
-    while left := [p for p in under if _proc_file(p, "stat").rpartition(")")[2].split()[:1]
-                   not in ([], ["Z"])]:  # gone, or a zombie
+    while left := [p for p in pids if _proc_file(p, "stat").rpartition(")")[2].split()[:1]
+                   not in ([], ["Z"])]:
         assert time.monotonic() < deadline, left
         time.sleep(0.01)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc")
+def test_a_stop_signal_ends_both_modes_workers_when_they_run_in_parallel(
+    tmp_path: Path
+) -> None:
+    """With --parallel both modes' workers run at once: SIGTERM to the reproduction
+    stops every one of them (and the fork servers), and it exits 143 with one line."""
+    import signal
+
+    with _taking_turns(tmp_path, "--quick", "--parallel") as proc:
+        assert proc.stderr is not None
+        under = _descendants(proc.pid)
+        assert len(under) >= 2 * 7, under  # (at least a worker per lane, in each mode)
+        os.kill(proc.pid, signal.SIGTERM)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines() == ["fencelock-repro: stopped by SIGTERM"], err
+    _all_end(under)
+
+
 def test_a_store_that_cannot_be_reached_is_said_before_any_run(tmp_path: Path) -> None:
-    """A `--backend` etcd that refuses connections: one line and exit 1 before the
+    """A `--backend` etcd that refuses connections: one line and exit 2 before the
     baseline runs (every fencelock worker failed on it, with a traceback each, after
     the baseline's whole run)."""
     import socket
