@@ -93,19 +93,26 @@ class EtcdURL:
 
 def _host(url: str, part: str, host: str) -> str:
     """``host`` of ``part`` (HOST:PORT) as a connection takes it: a name, an IPv4 address,
-    or an IPv6 address, bracketed or not (brackets dropped). ValueError otherwise."""
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if ":" in bare or "[" in host or "]" in host:
-        import ipaddress
+    or an IPv6 address in brackets (brackets dropped). ValueError otherwise: without its
+    brackets, ``fe80::1:2379`` could be a port after an address or a whole address."""
+    bracketed = host.startswith("[") and host.endswith("]")
+    bare = host[1:-1] if bracketed else host
+    if _ipv6(bare) if bracketed else not any(c in bare for c in ":[]"):
+        return bare
+    raise ValueError(
+        f"backend {url!r}: {part!r} is not HOST:PORT (an IPv6 address goes in "
+        f"brackets: etcd://[::1]:2379/PREFIX)"
+    )
 
-        try:
-            ipaddress.IPv6Address(bare)
-        except ValueError:
-            raise ValueError(
-                f"backend {url!r}: {part!r} is not HOST:PORT (an IPv6 address goes in "
-                f"brackets: etcd://[::1]:2379/PREFIX)"
-            ) from None
-    return bare
+
+def _ipv6(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _refuse_user(scheme: str, rest: str, hosts: str) -> None:
@@ -144,6 +151,14 @@ def parse(url: str) -> EtcdURL | None:
             f"backend {url!r}: expected 'local', etcd://HOST:PORT[,HOST:PORT...]/PREFIX "
             f"or etcds://... (HTTPS)"
         )
+    if "#" in rest:  # (it was taken as part of the prefix, or of a parameter)
+        raise ValueError(
+            f"backend {url!r}: '#' would begin a fragment, which a backend URL has none of; "
+            f"write %23 for a '#' in the prefix or a path")
+    if ";" in rest.partition("?")[2]:  # ('?ttl=5;root=/srv': a bad ttl, it said)
+        raise ValueError(
+            f"backend {url!r}: parameters are separated by '&', not ';' (write %3B for a "
+            f"';' in a path)")
     rest, _, query = rest.partition("?")
     hosts, _, prefix = rest.partition("/")
     _refuse_user(scheme, rest, hosts)

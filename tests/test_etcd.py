@@ -97,6 +97,12 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
                       ("etcd://root:s3/cret@h:1/p", r"'etcd://\*\*\*@h:1/p': it names a user"),
                       ("etcd://me@h:2/p", "'etcd://me@h:2/p': it names a user"),
                       ("etcd://h:1/p%00q", "prefix holds a NUL byte"),
+                      # Unbracketed, an IPv6 address and a port read two ways.
+                      ("etcd://::1:2379/p", "in brackets"),
+                      ("etcd://fe80::1:2379/p", "in brackets"),
+                      ("etcd://h:1/fl#x", "'#' would begin a fragment"),
+                      ("etcd://h:1/p?root=/srv#x", "'#' would begin a fragment"),
+                      ("etcd://h:1/p?ttl=10;root=/tmp", "separated by '&', not ';'"),
                       ("etcds://h:1/p?ca=/c%00.pem", "ca= holds a NUL byte")]:
         with pytest.raises(ValueError, match=word) as refused:
             parse(bad)
@@ -126,7 +132,9 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
     # An '@' in the prefix or a parameter is no user.
     at = parse("etcds://h:1/a@b?cert=/a/me@x.pem&key=/k.pem")
     assert at is not None and at.prefix == "a@b" and at.cert == "/a/me@x.pem"
-    for good, host in [("etcd://[::1]:2379/p", "::1"), ("etcd://::1:2379/p", "::1"),
+    assert parse("etcd://h:1/a%23b%3Bc?root=/s%3Bt") == EtcdURL(
+        (("h", 1),), "a#b;c", 10.0, "/s;t", False, None, None, None)  # escaped: written
+    for good, host in [("etcd://[::1]:2379/p", "::1"),
                        ("etcd://[2001:db8::7]:1/p", "2001:db8::7")]:
         parsed = parse(good)
         assert parsed is not None and parsed.endpoints == ((host, parsed.endpoints[0][1]),)
