@@ -1071,9 +1071,11 @@ def test_an_etcd_that_lost_its_data_never_hands_out_a_token_below_the_session_s(
         SessionLock(session, "after", backend=url, on_contention="fail").acquire()
     assert session.read_bytes() == before
     status = probe(session, backend=url)
-    assert status.state == ProbeState.FREE and status.record is None  # nothing left
+    assert status.record is None, status  # nothing left
+    assert status.state == ProbeState.UNREADABLE and "--bump-revision" in status.reason
     # Once etcd's revision is past the session's stamps, runs go on as before.
     _put_filler(own_etcd, token)
+    assert probe(session, backend=url).state == ProbeState.FREE
     with SessionLock(session, "later", backend=url, on_contention="fail") as later:
         assert later.info is not None and later.info.token > token
 
