@@ -117,7 +117,11 @@ class _TaskOwner:
     registry keeps) would keep its task alive, so that a task dropped with its event
     loop closed never had its coroutine closed, and never gave the session back."""
 
-    __slots__ = ("__weakref__",)
+    __slots__ = ("__weakref__", "loop")
+
+    def __init__(self, loop: object) -> None:
+        self.loop = weakref.ref(loop)
+        """The task's event loop, where `on_abort` callbacks of its runs are called."""
 
 
 _threads = threading.local()
@@ -134,9 +138,9 @@ def _whoami() -> object:
     # lacks the functions: an acquire then raised AttributeError).
     aio = sys.modules.get("asyncio")
     try:
-        if aio is not None and aio._get_running_loop() is not None and \
+        if aio is not None and (loop := aio._get_running_loop()) is not None and \
                 (task := aio.current_task()) is not None:
-            return _tasks.get(task) or _tasks.setdefault(task, _TaskOwner())
+            return _tasks.get(task) or _tasks.setdefault(task, _TaskOwner(loop))
     except AttributeError:
         pass
     try:
@@ -1242,11 +1246,38 @@ class SessionLock:
     def _abort(self) -> None:
         """Called by `fencelock._registry.abort` (in-process `recover`): every callback
         is called; one that raises is reported as a warning and stops neither the others
-        nor the recovery, which then waits for the run to let go as for any run."""
+        nor the recovery, which then waits for the run to let go as for any run. For a
+        run an asyncio task holds, whose loop runs in another thread, they are called in
+        that loop (an `asyncio.Event`'s ``set`` called from here would not wake it)."""
+        loop = self._owner_loop()
         for callback in list(self._abort_callbacks):
-            try:
-                callback()
-            except Exception as e:
-                warn_each_time(
-                    f"{self.session}: an on_abort callback ({callback!r}) raised "
-                    f"{type(e).__name__}: {e}", stacklevel=4)
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(self._call_abort, callback, 2)
+                    continue
+                except RuntimeError:  # closed since: called here
+                    pass
+            self._call_abort(callback, 5)
+
+    def _owner_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The running event loop of the asyncio task that holds the run, where this
+        thread does not run it; None otherwise."""
+        ref = getattr(self._owner, "loop", None)
+        loop = ref() if ref is not None else None
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return None
+        import asyncio
+
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        return None if here is loop else loop
+
+    def _call_abort(self, callback: Callable[[], object], stacklevel: int) -> None:
+        try:
+            callback()
+        except Exception as e:
+            warn_each_time(
+                f"{self.session}: an on_abort callback ({callback!r}) raised "
+                f"{type(e).__name__}: {e}", stacklevel=stacklevel)

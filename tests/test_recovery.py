@@ -35,6 +35,7 @@ from fencelock import (
     FenceLockWarning,
     NotHeldError,
     ProbeState,
+    Recovery,
     SessionContendedError,
     SessionLock,
     SessionWriteError,
@@ -672,6 +673,38 @@ def test_in_process_run_is_asked_to_abort_before_the_wait(
     result = recover(session, wait=30)
     assert aborted.is_set()
     assert result.action is Action.REFIRE and result.holder.lane == "stuck-run"
+
+
+def test_an_asyncio_run_is_asked_to_abort_in_its_own_loop(
+    session: Path, store: str | None
+) -> None:
+    """A run an asyncio task holds, and a recover in a worker thread (as an asyncio
+    gateway runs it, `asyncio.to_thread`): the callback is called in the task's loop,
+    so `on_abort(stop.set)` with an `asyncio.Event` stops the run at once and the turn
+    is re-fired in the same session. (Called from the recover's thread, that ``set``
+    did not wake the loop: the recover waited its whole wait and moved the run.)"""
+    import asyncio
+
+    async def gateway() -> tuple[Recovery, bool]:
+        stop = asyncio.Event()
+        lock = SessionLock(session, lane="stuck-run")  # in the store under test
+        held = asyncio.Event()
+
+        async def run() -> bool:
+            async with lock:
+                lock.on_abort(stop.set)
+                held.set()
+                await stop.wait()
+                return True
+
+        task = asyncio.create_task(run())
+        await held.wait()
+        found = await asyncio.to_thread(recover, session, wait=20)
+        return found, await task
+
+    found, stopped = asyncio.run(gateway())
+    assert stopped and found.action is Action.REFIRE, found
+    assert found.session == str(session) and found.waited < 20, found
 
 
 def test_a_run_learns_that_a_recover_in_another_process_moved_its_conversation(
