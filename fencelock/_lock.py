@@ -111,6 +111,38 @@ class _ThreadOwner:
     __slots__ = ()
 
 
+class _InLoop:
+    """`on_abort` callbacks handed to a run's event loop, each called once: by the loop
+    (`run`), or by the recover's thread (`rest`) for those the loop has not begun."""
+
+    def __init__(self, callbacks: list[Callable[[], object]],
+                 failed: list[tuple[Callable[[], object], Exception]]) -> None:
+        self._mu = threading.Lock()
+        self._todo = callbacks
+        self.failed = failed
+        self.ran = threading.Event()
+
+    def run(self) -> None:
+        with self._mu:
+            while self._todo:
+                callback = self._todo.pop(0)
+                try:
+                    callback()
+                except Exception as e:
+                    self.failed.append((callback, e))
+        self.ran.set()
+
+    def rest(self) -> list[Callable[[], object]]:
+        """The callbacks the loop has not run; after its run, if under way."""
+        with self._mu:
+            rest, self._todo = self._todo, []
+        return rest
+
+
+_IN_LOOP_WAIT = 0.25
+"""Seconds a recover gives a run's event loop to call the run's `on_abort` callbacks."""
+
+
 class _TaskOwner:
     """An asyncio task as the owner of a lock object, for reentrancy: one per task, for
     the task's life. Not the task itself: a held lock object (which the in-process
@@ -1245,19 +1277,33 @@ class SessionLock:
 
     def _abort(self) -> None:
         """Called by `fencelock._registry.abort` (in-process `recover`): every callback
-        is called; one that raises is reported as a warning and stops neither the others
-        nor the recovery, which then waits for the run to let go as for any run. For a
-        run an asyncio task holds, whose loop runs in another thread, they are called in
-        that loop (an `asyncio.Event`'s ``set`` called from here would not wake it)."""
-        loop = self._owner_loop()
-        for callback in list(self._abort_callbacks):
-            if loop is not None:
-                try:
-                    loop.call_soon_threadsafe(self._call_abort, callback, 2)
-                    continue
-                except RuntimeError:  # closed since: called here
-                    pass
-            self._call_abort(callback, 5)
+        is called; one that raises is reported as a warning (to the recover's caller)
+        and stops neither the others nor the recovery, which then waits for the run to
+        let go as for any run. For a run an asyncio task holds, whose loop runs in
+        another thread, they are called in that loop (an `asyncio.Event`'s ``set``
+        called from here would not wake it); those it has not run within `_IN_LOOP_WAIT`
+        (a loop blocked, as a stuck run's may be) are called from here."""
+        callbacks: list[Callable[[], object]] = list(self._abort_callbacks)
+        failed: list[tuple[Callable[[], object], Exception]] = []
+        loop = self._owner_loop() if callbacks else None
+        if loop is not None:
+            batch = _InLoop(callbacks, failed)
+            try:
+                loop.call_soon_threadsafe(batch.run)
+            except RuntimeError:  # closed since: all called here
+                pass
+            else:
+                batch.ran.wait(_IN_LOOP_WAIT)
+            callbacks = batch.rest()
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception as e:
+                failed.append((callback, e))
+        for callback, error in failed:
+            warn_each_time(
+                f"{self.session}: an on_abort callback ({callback!r}) raised "
+                f"{type(error).__name__}: {error}", stacklevel=4)
 
     def _owner_loop(self) -> asyncio.AbstractEventLoop | None:
         """The running event loop of the asyncio task that holds the run, where this
@@ -1274,10 +1320,3 @@ class SessionLock:
             here = None
         return None if here is loop else loop
 
-    def _call_abort(self, callback: Callable[[], object], stacklevel: int) -> None:
-        try:
-            callback()
-        except Exception as e:
-            warn_each_time(
-                f"{self.session}: an on_abort callback ({callback!r}) raised "
-                f"{type(e).__name__}: {e}", stacklevel=stacklevel)

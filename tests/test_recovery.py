@@ -707,6 +707,50 @@ def test_an_asyncio_run_is_asked_to_abort_in_its_own_loop(
     assert found.session == str(session) and found.waited < 20, found
 
 
+def test_an_asyncio_run_whose_loop_is_blocked_is_still_asked_to_abort(
+    session: Path, store: str | None
+) -> None:
+    """The run's task blocks its loop (a stuck run may: a synchronous call on the loop)
+    and its callback is thread-safe (a `threading.Event`): the loop cannot call it, so
+    the recover does, and the run stops at once (it waited its whole wait, then moved
+    it). A callback that raises is reported to the recover's caller, in its thread:
+    under an `error` filter, the recover raises it, after every callback ran."""
+    import asyncio
+
+    def gateway(callback: Callable[[threading.Event], Callable[[], object]]) -> Recovery:
+        unblock = threading.Event()
+        found: list[Recovery] = []
+
+        async def run() -> None:
+            async with SessionLock(session, lane="stuck-run") as lock:
+                lock.on_abort(callback(unblock))
+                lock.on_abort(unblock.set)
+                worker = threading.Thread(
+                    target=lambda: found.append(recover(session, wait=20)))
+                worker.start()
+                unblock.wait(60)  # the loop blocked until the abort comes
+            await asyncio.to_thread(worker.join)
+
+        asyncio.run(run())
+        return found[0]
+
+    found = gateway(lambda unblock: unblock.set)
+    assert found.action is Action.REFIRE and found.waited < 20, found
+
+    def broken(unblock: threading.Event) -> Callable[[], object]:
+        def callback() -> None:
+            raise RuntimeError("gone")
+        return callback
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = gateway(broken)
+    assert found.action is Action.REFIRE, found
+    said = [w for w in caught if w.category is FenceLockWarning]
+    assert len(said) == 1 and "RuntimeError: gone" in str(said[0].message), said
+    assert said[0].filename == __file__, said  # the recover's caller, not the loop
+
+
 def test_a_run_learns_that_a_recover_in_another_process_moved_its_conversation(
     session: Path, store: str | None
 ) -> None:
