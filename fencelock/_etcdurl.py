@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
@@ -151,17 +152,18 @@ def parse(url: str) -> EtcdURL | None:
             f"backend {url!r}: expected 'local', etcd://HOST:PORT[,HOST:PORT...]/PREFIX "
             f"or etcds://... (HTTPS)"
         )
+    before = rest.partition("?")[0]
+    _refuse_user(scheme, before, before.partition("/")[0])  # first: it masks a password
     if "#" in rest:  # (it was taken as part of the prefix, or of a parameter)
         raise ValueError(
             f"backend {url!r}: '#' would begin a fragment, which a backend URL has none of; "
             f"write %23 for a '#' in the prefix or a path")
-    if ";" in rest.partition("?")[2]:  # ('?ttl=5;root=/srv': a bad ttl, it said)
+    if re.search(r";(?:ttl|root|ca|cert|key)=", rest.partition("?")[2]):
+        # ('?ttl=5;root=/srv': a bad ttl, it said; a ';' in a path is a path's)
         raise ValueError(
-            f"backend {url!r}: parameters are separated by '&', not ';' (write %3B for a "
-            f"';' in a path)")
+            f"backend {url!r}: parameters are separated by '&', not ';'")
     rest, _, query = rest.partition("?")
     hosts, _, prefix = rest.partition("/")
-    _refuse_user(scheme, rest, hosts)
     endpoints = []
     for part in hosts.split(","):
         host, sep, port = part.rpartition(":")

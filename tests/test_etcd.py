@@ -103,6 +103,9 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
                       ("etcd://h:1/fl#x", "'#' would begin a fragment"),
                       ("etcd://h:1/p?root=/srv#x", "'#' would begin a fragment"),
                       ("etcd://h:1/p?ttl=10;root=/tmp", "separated by '&', not ';'"),
+                      # (a password with a '#' or before a ';' is masked all the same)
+                      ("etcd://root:se#cret@h:1/p", r"'etcd://root:\*\*\*@h:1/p'"),
+                      ("etcd://root:s3cret@h:1/p?ttl=5;root=/x", r"root:\*\*\*@h:1/p"),
                       ("etcds://h:1/p?ca=/c%00.pem", "ca= holds a NUL byte")]:
         with pytest.raises(ValueError, match=word) as refused:
             parse(bad)
@@ -134,6 +137,8 @@ def test_backend_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
     assert at is not None and at.prefix == "a@b" and at.cert == "/a/me@x.pem"
     assert parse("etcd://h:1/a%23b%3Bc?root=/s%3Bt") == EtcdURL(
         (("h", 1),), "a#b;c", 10.0, "/s;t", False, None, None, None)  # escaped: written
+    semi = parse("etcds://h:1/p?root=/srv/a;b&ca=/etc/a;b.pem")  # a path's ';' is a path's
+    assert semi is not None and (semi.root, semi.ca) == ("/srv/a;b", "/etc/a;b.pem")
     for good, host in [("etcd://[::1]:2379/p", "::1"),
                        ("etcd://[2001:db8::7]:1/p", "2001:db8::7")]:
         parsed = parse(good)
