@@ -114,6 +114,8 @@ class EtcdHolder:
         """The lease the acquire under way queued (or tries to queue) its key under."""
         self._my_key = ""
         self._token = 0
+        self.probed_revision = 0
+        """etcd's revision as the last `probe` read it (0 before one)."""
         self._suffix = b""
         self.record_extra: dict[str, Any] | None = None
         """The fields `_value` adds to the run's record, as the `HolderInfo` shows them."""
@@ -781,6 +783,7 @@ class EtcdHolder:
             r = self._cluster.txn([], [wire.key_range(self.lock_name + "/", prefix=True,
                                                       first=True),
                                        wire.key_range(self.last_key)], [], deadline)
+            self.probed_revision = int(r.get("header", {}).get("revision", 0))
             responses = r.get("responses", [{}, {}])
             return (wire.kvs(responses[0]), wire.kvs(responses[1]),
                     max(0, wire.count(responses[0]) - 1))

@@ -156,16 +156,14 @@ def library_errors(session: str | None = None) -> Iterator[None]:
     """Turn the library's expected failures into click errors with the right exit code.
     ``session``: the one session the command is about, named before a message about the
     holder store (which names the store, not the session it was asked about)."""
-    from fencelock._errors import FenceLockError, SessionContendedError, StoreUnavailableError
+    from fencelock._errors import FenceLockError, SessionContendedError, session_lead
 
     try:
         yield
     except SessionContendedError as e:
         raise ContendedCliError(str(e)) from None
     except FenceLockError as e:
-        if session is not None and isinstance(e, StoreUnavailableError):
-            raise CliError(f"{session}: {e}") from None
-        raise CliError(str(e)) from None
+        raise CliError((session_lead(session, e) if session else "") + str(e)) from None
     except OSError as e:
         raise CliError(os_message(e)) from None
 

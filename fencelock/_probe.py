@@ -183,7 +183,7 @@ def probe(
         missing = _in_no_directory(found)
         if missing is not None:
             return replace(found, state=ProbeState.UNREADABLE, reason=str(missing))
-        return _unless_planted(_unless_behind(found, store, store.revision))
+        return _unless_planted(_unless_behind(found, store))
     try:
         st: os.stat_result | None = os.lstat(session)
     except OSError:
@@ -203,20 +203,17 @@ def _in_no_directory(found: HolderStatus) -> SidecarAccessError | None:
     return None
 
 
-def _unless_behind(found: HolderStatus, store: _store.HolderStore,
-                   revision: Callable[[], int]) -> HolderStatus:
-    """For a holder store's (etcd's) answer: ``found``, unless no run can take the
-    session: free or stale, with no record at or above the token its last lines are
-    stamped with, in a store whose ``revision()`` is below that token (etcd lost its
-    data, or is another one). An acquire there is refused (tokens must never go back),
-    so it is shown unreadable, saying why and what to do, as `recover` refuses it. Costs
-    a read of the session's tail, and a request only where the record does not vouch."""
+def _unless_behind(found: HolderStatus, store: _store.HolderStore) -> HolderStatus:
+    """For a holder store's (etcd's) answer ``found``: itself, unless no run can take the
+    session: free or stale, with its last lines stamped with a token above the store's
+    revision, as the probe read it (etcd lost its data, or is another one; a record
+    copied from the old one vouches for nothing). An acquire there is refused (tokens
+    must never go back), so it is shown unreadable, saying why and what to do, as
+    `recover` refuses it. Costs a read of the session's tail."""
     if found.state not in (ProbeState.FREE, ProbeState.STALE):
         return found
     stamped = _tokens.last_stamped(found.session)
-    if not stamped or (found.record is not None and found.record.token >= stamped):
-        return found
-    at = revision()
+    at = (store.probed_revision or store.revision()) if stamped else 0
     if at >= stamped:
         return found
     return replace(found, state=ProbeState.UNREADABLE,
@@ -762,18 +759,10 @@ def _scan_store(
 
     url = _backend.selected(backend)
     assert url is not None
-    revision: list[int] = []  # asked once a scan, where a session needs it
-
-    def at() -> int:  # (etcd's revision is the cluster's: any session's store asks it)
-        if not revision:
-            assert store is not None
-            revision.append(store.revision())
-        return revision[0]
-
     for name in sorted(set(names) | set(_etcdlist.names_in(url, base))):
         store = _store.open_store(backend, os.path.join(base, name))
         assert store is not None
-        yield _unless_behind(store.probe(stuck_after), store, at)
+        yield _unless_behind(store.probe(stuck_after), store)
 
 
 def clear(

@@ -144,6 +144,9 @@ class HolderStore(Protocol):
         """The store's revision now: every later acquisition's token is above it."""
         ...
 
+    probed_revision: int
+    """The store's revision as the last `probe` read it (0 before one)."""
+
     def owner_lease_left(self, deadline: float | None = None) -> tuple[float | None, int]:
         """The seconds the lease of the key that owns the session has left (None when
         none owns it, or its lease is gone), and the store's term (a restart moves it)."""

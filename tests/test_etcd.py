@@ -1206,7 +1206,7 @@ def test_recover_on_etcd_starts_no_fresh_session_below_the_tokens_it_carries(
     assert sorted(p.name for p in session.parent.iterdir()) == before  # no fresh one
 
 
-@pytest.mark.parametrize("state", ["free", "stale"])
+@pytest.mark.parametrize("state", ["free", "stale", "copied"])
 def test_recover_on_etcd_re_fires_no_run_below_the_tokens_its_session_carries(
     session: Path, url: str, etcd_server: EtcdServer, state: str
 ) -> None:
@@ -1214,14 +1214,17 @@ def test_recover_on_etcd_re_fires_no_run_below_the_tokens_its_session_carries(
     below the tokens stamped in the session: a run re-fired there would be refused at
     once. recover says so, with the fixes, instead of answering re-fire; the stale
     record it would have cleared stays. `probe` and `status` (of the session, and of its
-    directory) show it unreadable, saying why: they showed it free (or stale) to use."""
+    directory) show it unreadable, saying why: they showed it free (or stale) to use.
+    Also where the old etcd's last record was copied into the new one (make-mirror, a
+    key-level restore): its token vouches for nothing."""
     session.write_text("")
-    if state == "stale":  # the record a run that died holding leaves
+    if state != "free":  # the record a run that died holding leaves, or a copied one
         parsed = parse(url)
         assert parsed is not None
         last = f"{parsed.prefix}/last/{session_key(str(session), None)}"
         value = json.dumps({
-            "version": 1, "state": "held", "phase": "write", "token": 5, "run_id": "r",
+            "version": 1, "state": "held" if state == "stale" else "released",
+            "phase": "write", "token": 5 if state == "stale" else 10**15, "run_id": "r",
             "pid": 999_999, "host": "gone", "process_start": "0", "session": str(session),
             "lane": "crashed", "fence": "stat", "origin": None, "acquired_at": 1.0,
             "heartbeat_at": 1.0, "fingerprint": None, "previous": None,
@@ -1229,7 +1232,7 @@ def test_recover_on_etcd_re_fires_no_run_below_the_tokens_its_session_carries(
         subprocess.run(_etcdctl(etcd_server, "put", last), input=value.encode(), check=True,
                        capture_output=True)
     before = probe(session, backend=url)
-    assert before.state.value == state
+    assert before.state.value == ("free" if state == "copied" else state)
     stamp = {"token": 10**15, "run_id": "from-a-lost-etcd"}
     with session.open("a") as f:
         f.write(json.dumps({"n": 1, "_fencelock": stamp}) + "\n")
