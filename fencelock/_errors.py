@@ -571,7 +571,8 @@ def warn_each_time(text: str, stacklevel: int = 1) -> None:
     but as an event that is said each time it happens: Python's default filter shows a
     text once per place in a process's life, so a long-running caller would hear of a
     second etcd outage, or a second torn line, nothing. Filters that say "once",
-    "ignore" or "error" apply as to any warning."""
+    "ignore" or "error" apply as to any warning ("module", with no memory kept, shows
+    each, as "default" does)."""
     import sys
     import warnings
 

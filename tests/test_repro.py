@@ -151,9 +151,10 @@ def test_fencelock_mode_on_a_throwaway_etcd(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _taking_turns(tmp_path: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+def _taking_turns(tmp_path: Path, *args: str, modes: tuple[str, ...] = ("*",)
+                  ) -> Iterator[subprocess.Popen[str]]:
     """The reproduction with ``args`` (in a session of its own, its stderr piped), once
-    its lanes are taking turns (a session file is there)."""
+    its lanes are taking turns (a session file is there, for each of ``modes``)."""
     import time
 
     out = tmp_path / "run"
@@ -164,7 +165,7 @@ def _taking_turns(tmp_path: Path, *args: str) -> Iterator[subprocess.Popen[str]]
     ) as proc:
         assert proc.stderr is not None
         deadline = time.monotonic() + 60
-        while not list(out.glob("*/sessions/*.jsonl")):
+        while not all(list(out.glob(f"{mode}/sessions/*.jsonl")) for mode in modes):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.01)
         yield proc
@@ -263,10 +264,11 @@ def test_a_stop_signal_ends_both_modes_workers_when_they_run_in_parallel(
     stops every one of them (and the fork servers), and it exits 143 with one line."""
     import signal
 
-    with _taking_turns(tmp_path, "--quick", "--parallel") as proc:
+    with _taking_turns(tmp_path, "--quick", "--parallel",
+                       modes=("baseline", "fencelock")) as proc:
         assert proc.stderr is not None
         under = _descendants(proc.pid)
-        assert len(under) >= 2 * 7, under  # (at least a worker per lane, in each mode)
+        assert len(under) >= 2 * 2 * 7, under  # a worker per lane of 2 agents, each mode
         os.kill(proc.pid, signal.SIGTERM)
         err = proc.stderr.read()
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM, err
