@@ -11,6 +11,7 @@ the attributes set since), so it crosses a process pool intact.
           ├── CoordinationError         two runs met on one session: do not retry the call
           │    ├── SessionContendedError     another run holds it
           │    └── SessionTakeoverError      something else wrote during the run
+          │         ├── SessionMovedError    a recover moved the conversation elsewhere
           │         └── HolderLostError      an etcd holder could not confirm its lease
           ├── StoreUnavailableError     etcd cannot be reached
           ├── OutsideRootError          a session outside the etcd backend's root
@@ -196,6 +197,36 @@ class SessionTakeoverError(CoordinationError):
 
     def _init_args(self) -> tuple[Any, ...]:
         return self.session, self.expected, self.actual, self.stored
+
+
+class SessionMovedError(SessionTakeoverError):
+    """A `recover` moved the session's conversation to a fresh session (``moved_to``):
+    this run must not write into the old one, where nothing reads its lines any more."""
+
+    def __init__(
+        self,
+        session: str,
+        moved_to: str,
+        expected: Fingerprint | None = None,
+        actual: Fingerprint | None = None,
+        stored: bool = False,
+    ):
+        self.session = session
+        self.moved_to = moved_to
+        """The fresh session the conversation goes on in."""
+        self.expected = expected
+        self.actual = actual
+        self.stored = stored
+        CoordinationError.__init__(
+            self,
+            f"{session}: a recover moved its conversation to {moved_to}, where its last "
+            f"turn is answered again; this run writes nothing more here"
+            + ("; its last line was written all the same, after the move" if stored
+               else "") + f". Take {moved_to} instead",
+        )
+
+    def _init_args(self) -> tuple[Any, ...]:
+        return self.session, self.moved_to, self.expected, self.actual, self.stored
 
 
 class HolderLostError(SessionTakeoverError):

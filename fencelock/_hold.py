@@ -30,6 +30,7 @@ from fencelock._errors import (
     HoldArgumentError,
     HolderLostError,
     SessionContendedError,
+    SessionMovedError,
     SessionTakeoverError,
     SessionWriteError,
     session_lead,
@@ -341,6 +342,8 @@ def error_answer(e: BaseException, session: str = "") -> dict[str, Any]:
         answer["expected"] = None if e.expected is None else e.expected.to_json()
         answer["actual"] = None if e.actual is None else e.actual.to_json()
         answer["stored"] = e.stored
+        if isinstance(e, SessionMovedError):
+            answer["moved_to"] = e.moved_to
     elif isinstance(e, SessionWriteError):
         answer["stored"] = e.stored
     return answer

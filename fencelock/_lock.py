@@ -31,6 +31,7 @@ from fencelock import (
     _fence,
     _fingerprint,
     _identity,
+    _moved,
     _record,
     _registry,
     _sidecar,
@@ -42,6 +43,7 @@ from fencelock._errors import (
     FenceLockWarning,
     HolderLostError,
     NotHeldError,
+    SessionMovedError,
     SessionTakeoverError,
     no_thread,
     warn_each_time,
@@ -792,6 +794,8 @@ class SessionLock:
             self._require()
             if self._tail_checked:
                 return
+            if (fresh := _moved.target(self.session)) is not None:
+                raise SessionMovedError(self.session, fresh)  # as its first append would
             fp = _fence.set_torn_tail_aside(self.session, self._fp, self.fence_mode,
                                             self.mode, self._token)
             self._tail_checked = True
@@ -1117,6 +1121,12 @@ class SessionLock:
     def _append_locked(self, data: bytes) -> None:
         self._require()
         self._store.check()  # a holder that may be lost writes nothing
+        if (fresh := _moved.target(self.session)) is not None:
+            # A recover moved the conversation (before this run took the session, or
+            # while it ran): its lines would be read by nobody. Looked at each time: the
+            # mark moves the session's ctime, but within the clock's tick after a write
+            # the stat fence cannot tell (and the content fence looks at no ctime).
+            raise SessionMovedError(self.session, fresh)
         check_tail, self._tail_checked = not self._tail_checked, False
         moved: list[Fingerprint | None] = []
         # A record in the prompt phase says its fingerprint is exact (PROTOCOL 2.4): it
@@ -1146,6 +1156,7 @@ class SessionLock:
                     self._write_record()
             if type(e) is SessionTakeoverError:
                 self._raise_if_lost(e)
+                self._raise_if_moved(e)
             raise
         self._line_going_in = False
         self._tail_checked = True
@@ -1156,6 +1167,10 @@ class SessionLock:
         except BaseException:  # an interrupt before the store heard of it
             self._store.fence_moved(self)
             raise
+        if (fresh := _moved.target(self.session)) is not None:
+            # A recover's mark left while this append went in (its ctime, within the
+            # clock's tick of the write, may not show): the line is in the old session.
+            raise SessionMovedError(self.session, fresh, before, fp, stored=True)
 
     def _raise_if_lost(self, takeover: SessionTakeoverError) -> None:
         """`HolderLostError` in place of ``takeover`` where the store knows this run's
@@ -1168,6 +1183,15 @@ class SessionLock:
             raise HolderLostError(self.session, lost.why, bool(takeover.stored)) from takeover
         except FenceLockError:
             pass  # the takeover says what is known
+
+    def _raise_if_moved(self, takeover: SessionTakeoverError) -> None:
+        """`SessionMovedError` in place of ``takeover`` where a recover's mark on the
+        session names the fresh session it moved the conversation to: left while the
+        append went in, it moved the session's ctime, which the fence took for a write."""
+        fresh = _moved.target(self.session)
+        if fresh is not None:
+            raise SessionMovedError(self.session, fresh, takeover.expected, takeover.actual,
+                                    takeover.stored) from takeover
 
     def verify_fence(self) -> Fingerprint | None:
         """Raise `SessionTakeoverError` if the session moved since the last fence point."""
@@ -1203,6 +1227,8 @@ class SessionLock:
         self.release()
 
     def _fence_check(self, opened: bool, move: bool) -> Fingerprint | None:
+        if (fresh := _moved.target(self.session)) is not None:
+            raise SessionMovedError(self.session, fresh)  # (as an append looks: each time)
         fp = _fence.check(self.session, self._fp, self.fence_mode, opened, self._token)
         if self.fence_mode is STAT and fp != self._fp:
             # A change of metadata alone (`_fence.metadata_only`): the fence point and
@@ -1266,14 +1292,17 @@ class SessionLock:
 
     def superseded(self) -> str | None:
         """The fresh session a `recover` moved this run's conversation to (it found the
-        run still holding the session past its wait), or None: one lstat. A recover in
-        another process does not stop the run (only `on_abort` callbacks of this
-        process are called), and the turn it moved is re-fired in the fresh session:
-        ask before writing the reply a long model call made."""
+        run still holding the session past its wait), or the one the recover's mark on
+        the session names (a move before this run took it: `_moved`); None otherwise.
+        One lstat, and a getxattr where that finds none. A recover in another process
+        does not stop the run (only `on_abort` callbacks of this process are called),
+        and the turn it moved is re-fired in the fresh session: ask before writing the
+        reply a long model call made (its appends there are refused from the mark on)."""
         self._require()
         from fencelock import _successors  # (its hash library: only where it is asked)
 
-        return _successors.made(self.session, self._run_id, self._token)
+        return (_successors.made(self.session, self._run_id, self._token)
+                or _moved.target(self.session))
 
     def _abort(self) -> None:
         """Called by `fencelock._registry.abort` (in-process `recover`): every callback

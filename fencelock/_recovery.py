@@ -26,6 +26,7 @@ from fencelock import (
     _fence,
     _fingerprint,
     _lock,
+    _moved,
     _platform,
     _probe,
     _registry,
@@ -127,6 +128,10 @@ def recover(
     found = _probe_through_restart(session, stuck_after, backend, limit)
     if found.state is ProbeState.UNREADABLE:
         raise _unreadable(session, sidecar, found, sidecars=store is None)
+    moved = _moved.target(session)
+    if moved is not None and _published(moved, session):  # (a part a recover left goes)
+        # A recover moved the conversation: it goes on there, whoever holds it now.
+        return Recovery(Action.FRESH, moved, found, 0.0, 0)
     waited, released = 0.0, False
     if found.state is ProbeState.LIVE:
         _registry.abort(_registry.in_store(_registry.registry_key(session),
@@ -161,6 +166,8 @@ def recover(
                 # Its lock given back, a holder store (etcd) keeps the released record.
                 _drop_unfinished(session, e.fresh, None, backend)
             else:
+                if stuck is not None:  # a run's (a holder outside fencelock's: its own)
+                    _moved.mark(session, new)  # for every later run and recover of it
                 try:
                     return Recovery(Action.FRESH, new, found, waited, carried)
                 except BaseException:  # an interrupt: the caller never learns its name
@@ -177,13 +184,16 @@ def recover(
     ended = (_holding_run(found) if found.state is ProbeState.LIVE
              and (released or _let_go(found, now)) else None)
     taken_over = _taken_over(session, now, backend, ended)
-    if taken_over is None and found._owner and found.record is None and \
-            now._owner != found._owner:
-        # An owner key without a record, gone since: a recover that took it for a holder
-        # outside fencelock named its fresh session by that key.
-        taken_over = _made_for(session, _owner_successor(session, found), backend)
     if taken_over is not None:  # the conversation was moved there
+        _moved.mark(session, taken_over)  # (again, where its recover was stopped first)
         return Recovery(Action.FRESH, taken_over, found, waited, 0)
+    if found._owner and found.record is None and now._owner != found._owner:
+        # An owner key without a record, gone since: a recover that took it for a holder
+        # outside fencelock named its fresh session by that key (no mark: such a
+        # holder's session is not fencelock's to close).
+        taken_over = _made_for(session, _owner_successor(session, found), backend)
+        if taken_over is not None:
+            return Recovery(Action.FRESH, taken_over, found, waited, 0)
     if store is not None and (stamped := _tokens.last_stamped(session)) and \
             (revision := _revision(store, backend)) < stamped:  # (etcd lost its data)
         raise _tokens.store_behind(session, revision, stamped, store.name)

@@ -285,7 +285,7 @@ def _set_torn_tail_aside(lock: SessionLock) -> None:
     before the command starts, as `SessionLock.append` refuses its own line: a line the
     command appended would join the torn one. A reader's run (the session not writable
     here) only says so: its command cannot append."""
-    from fencelock._errors import FenceLockError, SessionWriteError
+    from fencelock._errors import FenceLockError, SessionMovedError, SessionWriteError
     from fencelock._fence import ends_torn
 
     try:
@@ -302,9 +302,23 @@ def _set_torn_tail_aside(lock: SessionLock) -> None:
         failed = f"{e.what} failed: {e.cause.strerror or type(e.cause).__name__}"
         warning_line(f"{lock.session}: {said} ({failed}); a line the command appends "
                      f"would join {'it' if torn else 'one'}")
+    except SessionMovedError:
+        raise  # the conversation is elsewhere: no command writes into the old session
     except (FenceLockError, OSError) as e:
         warning_line(f"{lock.session}: a torn last line may be left for the command's "
                      f"first line to join: {e}")
+
+
+def _say_if_moved(lock: SessionLock) -> None:
+    """A recover that moved the session's conversation while the command ran (it found
+    the run stuck): said, as what the command wrote after the move is in the old
+    session only, which nobody reads on. (The command's own writes are not fenced.)"""
+    from fencelock import _moved
+
+    fresh = _moved.target(lock.session)
+    if fresh is not None:
+        warning_line(f"{lock.session}: a recover moved its conversation to {fresh} while "
+                     f"the command ran; what the command wrote after that is not there")
 
 
 def supervise(lock: SessionLock, command: Sequence[str], heartbeat: float) -> int:
@@ -329,6 +343,7 @@ def supervise(lock: SessionLock, command: Sequence[str], heartbeat: float) -> in
             # A holder in etcd: a keeper process stands in for the shared descriptor.
             keeper = _etcdkeeper.start(lock)
             code = run_held(lock, info, command, heartbeat, forwarder, keeper)
+            _say_if_moved(lock)
         finally:
             # An attribute store, not a call: no handler runs before it (CPython runs
             # pending handlers on entering a function), so no Stopped can cut the

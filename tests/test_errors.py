@@ -54,6 +54,8 @@ def samples() -> dict[str, BaseException]:
         "SessionTakeoverError-stored": _errors.SessionTakeoverError("/s/a.jsonl", FP, FP_MOVED,
                                                                     stored=True),
         "HolderLostError": _errors.HolderLostError("/s/a.jsonl", "lease not confirmed in 3s"),
+        "SessionMovedError": _errors.SessionMovedError("/s/a.jsonl", "/s/b.jsonl", FP, FP_MOVED,
+                                                       stored=True),
         "StoreUnavailableError": _errors.StoreUnavailableError("127.0.0.1:2379", "refused"),
         "OutsideRootError": _errors.OutsideRootError("/s/a.jsonl", "/srv/share"),
         "UnsafePathError": _errors.UnsafePathError("/s/a.jsonl", "a FIFO"),

@@ -5,11 +5,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +40,8 @@ from fencelock import (
     Recovery,
     SessionContendedError,
     SessionLock,
+    SessionMovedError,
+    SessionTakeoverError,
     SessionWriteError,
     UnsafePathError,
     UnsafeSidecarError,
@@ -211,7 +215,8 @@ def test_recovers_of_one_stuck_run_agree_on_one_fresh_session(
     """Two gateways' recovery lanes, at once or one after the other, must not split a
     stuck session in two: the fresh session is named after the stuck run, so a second
     recover answers the first one's (whoever takes it waits for the copy under its
-    lock). Once another run is stuck, its recover starts another."""
+    lock). Once another run of the old session is stuck, its recover answers that
+    fresh session too (the old session is marked moved), where it started a third."""
     h = spawn_holder(session, lane="cron")
     h.acquire()
     h.call("append " + json.dumps({"n": 1}))
@@ -234,7 +239,7 @@ def test_recovers_of_one_stuck_run_agree_on_one_fresh_session(
     late = recover(session, wait=0)
     assert (late.action, late.session, late.carried_lines) == ("fresh", answers[0], 0)
     h.acquire()  # another run, stuck in turn
-    assert recover(session, wait=0).session not in (answers[0], str(session))
+    assert recover(session, wait=0).session == answers[0]
 
 
 @needs_proc
@@ -751,16 +756,26 @@ def test_an_asyncio_run_whose_loop_is_blocked_is_still_asked_to_abort(
     assert said[0].filename == __file__, said  # the recover's caller, not the loop
 
 
+@needs_xattr
+@pytest.mark.parametrize("wrote", [True, False], ids=["after-an-append", "before-any"])
 def test_a_run_learns_that_a_recover_in_another_process_moved_its_conversation(
-    session: Path, store: str | None
+    session: Path, store: str | None, wrote: bool
 ) -> None:
     """A recover in another process finds the run still holding the session past its
     wait and moves the conversation to a fresh session, where the turn is re-fired. The
-    run is not stopped (it may only have been slow); `superseded` tells it so before it
-    writes its reply. A later run of the old session is no such run."""
+    run is not stopped (it may only have been slow): `superseded` tells it so, and its
+    next append there is refused (`SessionMovedError`, naming the fresh session), where
+    its line was written into a session nobody reads any more. So is a later run's
+    (one queued behind it, a cron lane): the recover's mark on the old session tells
+    every run and every recover where the conversation went (a later run wrote there,
+    and a later recover answered re-fire of the old session); once the fresh session is
+    deleted, the old one is used again."""
     session.write_text('{"n": 1}\n')
     lock = SessionLock(session, lane="slow-run")  # in the store under test
     lock.acquire()
+    if wrote:
+        lock.append({"n": 2})
+    before = session.read_bytes()
     assert lock.superseded() is None  # nothing moved it yet
     done = subprocess.run(
         [sys.executable, "-m", "fencelock", "recover", str(session), "--wait", "0", "--json"],
@@ -768,14 +783,162 @@ def test_a_run_learns_that_a_recover_in_another_process_moved_its_conversation(
     assert done.returncode == 0, done.stderr
     moved = json.loads(done.stdout)
     assert moved["action"] == "fresh"
-    assert lock.superseded() == moved["session"]
+    fresh = moved["session"]
+    assert lock.superseded() == fresh
     assert lock.held  # still the run's: only told
+    with pytest.raises(SessionMovedError) as refused:
+        lock.append({"n": "the slow reply"})
+    assert refused.value.moved_to == fresh and not refused.value.stored, refused.value
+    assert isinstance(refused.value, SessionTakeoverError)  # handled as gateways do those
     lock.release()
     with pytest.raises(NotHeldError):
         lock.superseded()
     again = SessionLock(session, lane="next-run")
-    with again:  # a run after it: nothing moved this one
-        assert again.superseded() is None
+    with again:  # a run after it: the conversation is elsewhere
+        assert again.superseded() == fresh
+        with pytest.raises(SessionMovedError, match=f"Take {re.escape(fresh)} instead"):
+            again.append({"n": "cron"})
+    assert session.read_bytes() == before  # nothing written after the move
+    later = recover(session, wait=0)
+    assert (later.action, later.session) == (Action.FRESH, fresh), later
+    os.unlink(fresh)  # the operator drops the fresh session: the old one goes on
+    with SessionLock(session, lane="after") as after:
+        assert after.superseded() is None
+        after.append({"n": 3})
+    assert recover(session, wait=0).action is Action.REFIRE
+
+
+@needs_xattr
+def test_run_and_hold_write_nothing_into_a_moved_session(
+    session: Path, store: str | None
+) -> None:
+    """`fencelock run` does not start its command in a session a recover moved (exit 1,
+    naming the fresh session: it started it, with a warning about a torn line), and
+    says so where the move came while its command ran (its writes are not fenced);
+    `fencelock hold` answers an append there `SessionMovedError` with `moved_to`."""
+    session.write_text('{"n": 1}\n')
+    with SessionLock(session, lane="stuck") as lock:
+        fresh = recover(session, wait=0).session
+        assert lock.superseded() == fresh
+    cmd = [sys.executable, "-m", "fencelock"]
+    ran = subprocess.run([*cmd, "run", str(session), "--lane", "cron", "--", sys.executable,
+                          "-c", "print('started')"], capture_output=True, text=True,
+                         timeout=120)
+    assert ran.returncode == 1 and "started" not in ran.stdout, ran
+    assert ran.stderr.startswith(f"Error: {session}: a recover moved its conversation to "
+                                 f"{fresh}"), ran.stderr
+    # A command that runs as the move comes: what it writes then is not in the fresh
+    # session, and `run` says so (it said nothing).
+    fresh_path = Path(fresh)
+    fresh_path.unlink()  # (the old session is used again)
+    gate = session.parent / "gate"
+    os.mkfifo(gate)
+    writer = subprocess.Popen(
+        [*cmd, "run", str(session), "--lane", "slow", "--", sys.executable, "-c",
+         f"open({str(gate)!r}).read(); open({str(session)!r}, 'a').write('{{\"late\": 1}}\\n')"],
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while (st := probe(session)).state != ProbeState.LIVE or st.record is None \
+            or st.record.lane != "slow":  # (until the run holds it, its command started)
+        assert time.monotonic() < deadline and writer.poll() is None, st
+        time.sleep(0.01)
+    fresh = recover(session, wait=0).session
+    with open(gate, "w") as g:
+        g.write("go")
+    _, said = writer.communicate(timeout=120)
+    assert writer.returncode == 0, said
+    assert said.startswith(f"Warning: {session}: a recover moved its conversation to "
+                           f"{fresh} while the command ran"), said
+    held = subprocess.run([*cmd, "hold", str(session), "--lane", "node"],
+                          input='{"op": "append", "entry": {"n": 2}, "id": 1}\n',
+                          capture_output=True, text=True, timeout=120)
+    answers = [json.loads(line) for line in held.stdout.splitlines()]
+    assert answers[1]["error"] == "SessionMovedError", answers
+    assert answers[1]["moved_to"] == fresh and answers[1]["stored"] is False, answers
+    assert session.read_text() == '{"n": 1}\n{"late": 1}\n'
+
+
+@needs_xattr
+def test_a_move_marked_while_an_append_goes_in_is_said_by_that_append(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recover's mark lands between the append's fence check and its fsync: the
+    fence point the append takes has the mark's ctime in it, so no later check would
+    see it (the run wrote on into the old session). The append says the move, its line
+    stored; every later write is refused."""
+    from fencelock import _fence, _moved
+
+    session.write_text('{"n": 1}\n')
+    fresh = Path(fresh_session(session))
+    fresh.write_text('{"n": 1}\n')  # as a recover's copy
+    real = _fence._fsync
+
+    def marking(fd: int) -> None:
+        real(fd)
+        _moved.mark(str(session), str(fresh))
+
+    with SessionLock(session, lane="slow-run") as lock:
+        lock.append({"n": 2})
+        monkeypatch.setattr(_fence, "_fsync", marking)
+        with pytest.raises(SessionMovedError) as told:
+            lock.append({"n": 3})
+        monkeypatch.setattr(_fence, "_fsync", real)
+        assert told.value.stored and told.value.moved_to == str(fresh), told.value
+        for write in (lambda: lock.append({"n": 4}), lock.verify_fence):
+            with pytest.raises(SessionMovedError):
+                write()
+    assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2, 3]
+
+
+@needs_xattr
+def test_a_content_fenced_run_learns_of_the_move_at_its_next_write(session: Path) -> None:
+    """The content fence sees no ctime, which the mark moves: its run looks at the
+    mark at every append and fence check (it appended after the move)."""
+    session.write_text('{"n": 1}\n')
+    with SessionLock(session, lane="slow-run", fence="content") as lock:
+        lock.append({"n": 2})
+        moved = recover(session, wait=0)
+        assert moved.action is Action.FRESH
+        for write in (lambda: lock.append({"n": 3}), lock.verify_fence):
+            with pytest.raises(SessionMovedError) as told:
+                write()
+            assert told.value.moved_to == moved.session
+    assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2]
+
+
+@needs_xattr
+def test_a_mark_naming_no_other_session_is_no_move(session: Path) -> None:
+    """A mark is a recover's only where it names another session file beside this one:
+    one naming the session itself (every run refused, for good), its sidecar, or a
+    file that is not a session, set by whoever may write the file, is ignored."""
+    from fencelock import _moved
+
+    session.write_text('{"n": 1}\n')
+    with SessionLock(session, lane="first"):
+        pass
+    (session.parent / "notes.txt").write_text("x\n")
+    for name in (session.name, session.name + ".holder", "notes.txt", "../x.jsonl"):
+        os.setxattr(session, _moved.XATTR, name.encode())
+        with SessionLock(session, lane="next") as lock:
+            assert lock.superseded() is None, name
+            lock.append({"n": name})
+    assert recover(session, wait=0).action is Action.REFIRE
+
+
+@needs_xattr
+def test_a_run_moved_during_its_model_call_is_told_as_its_prompt_window_ends(
+    session: Path, store: str | None
+) -> None:
+    """The move comes while the run waits for its model (the prompt window): the
+    window's end says so (`SessionMovedError`, naming the fresh session), as it says a
+    foreign write, and the run's reply goes nowhere it would be lost."""
+    session.write_text('{"n": 1}\n')
+    with SessionLock(session, lane="slow-run") as lock:
+        with pytest.raises(SessionMovedError) as told, lock.prompt_window():
+            moved = recover(session, wait=0)
+        assert moved.action is Action.FRESH
+        assert told.value.moved_to == moved.session == lock.superseded(), told.value
+    assert session.read_text() == '{"n": 1}\n'
 
 
 def _full_disk_once_named() -> Callable[[SessionLock], None]:

@@ -228,7 +228,9 @@ def test_recover_refires_a_stale_session_and_escalates_past_a_live_one(
     # That run's conversation went on in the fresh session: a late recover answers it.
     again = recover(session, wait=0.1)
     assert again.action == Action.FRESH and again.session == fresh.session
-    # A run that dies with no recover made for it: its stale session is re-fired.
+    # The fresh session dropped, the old one is used again; a run of it that dies with
+    # no recover made for it: its stale session is re-fired.
+    os.unlink(fresh.session)
     other = spawn_holder(session, lane="died")
     other.acquire()
     other.kill(signal.SIGKILL)

@@ -225,12 +225,20 @@ async function turn(opts, n) {
   const reply = { role: "assistant", content: await model(opts, opts.message), ...who };
   let sent = false;
   try {
-    await hold.request("prompt_end"); // the fence: did anything else write meanwhile?
-    // A long model call may have outlasted a stuck-session recovery: did it move on?
-    const moved = (await hold.request("superseded")).session;
-    if (moved !== null) throw new Superseded(moved);
-    sent = true;
-    await hold.request("append", { entry: reply });
+    try {
+      await hold.request("prompt_end"); // the fence: did anything else write meanwhile?
+      // A long model call may have outlasted a stuck-session recovery: did it move on?
+      const moved = (await hold.request("superseded")).session;
+      if (moved !== null) throw new Superseded(moved);
+      sent = true;
+      await hold.request("append", { entry: reply });
+    } catch (e) {
+      // The recover's mark said at the fence (SessionMovedError): moved, as above.
+      if (e instanceof HoldError && e.answer.error === "SessionMovedError" && !e.answer.stored) {
+        throw new Superseded(e.answer.moved_to);
+      }
+      throw e;
+    }
   } catch (e) {
     // Whatever went wrong (a takeover, a refused request, hold gone), the reply is
     // never dropped in silence.
@@ -263,7 +271,7 @@ async function main() {
 main().catch((e) => {
   const kind = e instanceof HoldError ? e.answer.error : null;
   if (!e.reported) process.stderr.write(`hold-turn: ${e.message}\n`);
-  const takeover = kind === "SessionTakeoverError" || kind === "HolderLostError";
+  const takeover = ["SessionTakeoverError", "HolderLostError", "SessionMovedError"].includes(kind);
   process.exit(
     e instanceof Superseded ? 5 : kind === "SessionContendedError" ? 4 : takeover ? 3 : 1,
   );

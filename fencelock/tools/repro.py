@@ -52,6 +52,7 @@ from fencelock import (
     FenceLockError,
     ProbeState,
     SessionLock,
+    SessionMovedError,
     SessionTakeoverError,
     is_coordination_error,
     probe,
@@ -620,6 +621,9 @@ class Ledger:
     def aborted(self, key: str) -> bool:
         return self._fate(key) == "abort"
 
+    def claimed(self, key: str) -> bool:
+        return self._fate(key) == "answer"
+
     def _decide(self, key: str, fate: str) -> bool:
         tmp = self.path(key, f".{fate}.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -679,8 +683,11 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
     takeover: Takeover | None = None
     error: str | None = None
     superseded = False
+    wrote = False
+    follow: str | None = None  # the fresh session a recover moved the conversation to
     try:
         run.append(_entry(lane, turn.id, run.key, "user", f"inbound for {turn.id}"))
+        wrote = True
         for i, step in enumerate(turn.steps):
             fallbacks += _model_call(run, step)
             last = i == len(turn.steps) - 1
@@ -697,7 +704,20 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
         superseded = True
     except Exception as e:
         thrown = _takeover_in(e)
-        if thrown is None:
+        if isinstance(thrown, SessionMovedError):
+            # A recover moved the conversation (the gateway follows it; no takeover).
+            # Unless recovery aborted this run first, whose turn it re-fires there, the
+            # run goes on there: its whole turn where it wrote nothing yet (a run that
+            # took the old session after the move), else its reply (the copy carries
+            # what it wrote before).
+            if not ledger.claimed(run.key) and not ledger.claim(run.key):
+                superseded = True
+            elif wrote:
+                _reply_in(mode, thrown.moved_to, lane, turn, run.key)
+                answered = True
+            else:
+                follow = thrown.moved_to
+        elif thrown is None:
             error = f"{lane.name} {turn.id}: {type(e).__name__}: {e}"
         else:
             since = _fence_size(thrown)
@@ -708,6 +728,9 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
         ledger.write(run.key, **facts, progress=time.time(), ended=time.time(),
                      answered=answered)
         run.release()
+    if follow is not None:
+        return run_turn(mode, lane, turn, ledger, session=follow, refire=refire,
+                        mirror=mirror)
     if answered and turn.delivers:
         ledger.deliver(turn.id, run.key, _reply(turn.id))
         if mirror is not None:
@@ -715,6 +738,17 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
     return RunResult(turn=turn.id, lane_class=lane.lane_class, session=target, refire=refire,
                      waits=tuple(run.waits), answered=answered, takeover=takeover,
                      superseded=superseded, fallbacks=fallbacks, error=error)
+
+
+def _reply_in(mode: Mode, session: str, lane: Lane, turn: Turn, key: str) -> None:
+    """Write run ``key``'s reply to ``turn`` into ``session``, where a recover moved the
+    conversation after the run had written there."""
+    run = _new_run(mode, session, lane)
+    run.acquire()
+    try:
+        run.append(_entry(lane, turn.id, key, "assistant", _reply(turn.id)))
+    finally:
+        run.release()
 
 
 def _takeover_in(e: BaseException) -> OldTakeoverError | SessionTakeoverError | None:
@@ -874,6 +908,10 @@ def _mirror_lane(job: Job, results: Queue[Any], mirror: Queue[Any]) -> None:
         t.join()
 
 
+_MOVES = 16
+"""Moves a delivery copy follows, at most (each to the fresh session a recover made)."""
+
+
 def _mirror_copy(job: Job, results: Queue[Any], turn_id: str, text: str, delay: float) -> None:
     lane = job.lane
     time.sleep(delay)
@@ -892,11 +930,19 @@ def _mirror_copy(job: Job, results: Queue[Any], turn_id: str, text: str, delay: 
                 finally:
                     unlock(f.fileno())
         else:
-            lock = SessionLock(lane.session, lane.label)
-            start = time.monotonic()
-            with lock:
-                waits.append(time.monotonic() - start)
-                lock.append(entry)
+            target = lane.session
+            for _ in range(_MOVES):  # into the session the conversation is in now
+                lock = SessionLock(target, lane.label)
+                start = time.monotonic()
+                try:
+                    with lock:
+                        waits.append(time.monotonic() - start)
+                        lock.append(entry)
+                    break
+                except SessionMovedError as e:  # a recover moved it: the copy goes there
+                    target = e.moved_to
+            else:
+                error = f"{lane.name} {turn_id}: moved more than {_MOVES} times"
     except (OSError, FenceLockError) as e:
         error = f"{lane.name} {turn_id}: {type(e).__name__}: {e}"
     results.put(("mirror", MirrorResult(turn_id, tuple(waits), error)))
