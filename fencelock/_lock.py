@@ -1294,7 +1294,7 @@ class SessionLock:
         """The fresh session a `recover` moved this run's conversation to (it found the
         run still holding the session past its wait), or the one the recover's mark on
         the session names (a move before this run took it: `_moved`); None otherwise.
-        One lstat, and a getxattr where that finds none. A recover in another process
+        One lstat, and a listxattr where that finds none. A recover in another process
         does not stop the run (only `on_abort` callbacks of this process are called),
         and the turn it moved is re-fired in the fresh session: ask before writing the
         reply a long model call made (its appends there are refused from the mark on)."""

@@ -22,13 +22,15 @@ from fencelock._errors import PlantedFileError
 
 XATTR = "user.fencelock.moved"
 """The extended attribute on an old session naming its fresh session (a file name)."""
+_XATTRS = hasattr(os, "listxattr")
+"""Whether Python has extended attributes here (Linux only)."""
 
 
 def mark(session: str, fresh: str) -> None:
     """Leave the mark on ``session`` naming ``fresh`` (beside it). Nothing where the
     filesystem or this user cannot set it (or the platform: Python has extended
     attributes on Linux only): the move stands all the same."""
-    if not hasattr(os, "setxattr"):
+    if not _XATTRS:
         return
     with contextlib.suppress(OSError):
         os.setxattr(session, XATTR, os.fsencode(os.path.basename(fresh)),
@@ -39,10 +41,13 @@ def target(session: str) -> str | None:
     """The fresh session the mark on ``session`` names, where that is a regular file
     beside it that no other user planted; None otherwise (no mark, a filesystem without
     extended attributes, a fresh session deleted since: the conversation goes on in the
-    old one). One `getxattr` where there is no mark."""
-    if not hasattr(os, "getxattr"):
+    old one). One `listxattr` where there is no mark (cheaper than a `getxattr` that
+    fails: every append asks)."""
+    if not _XATTRS:
         return None
     try:
+        if XATTR not in os.listxattr(session, follow_symlinks=False):
+            return None
         name = os.getxattr(session, XATTR, follow_symlinks=False)
     except OSError:
         return None
