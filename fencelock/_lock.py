@@ -113,15 +113,15 @@ class _ThreadOwner:
     __slots__ = ()
 
 
-class _InLoop:
-    """`on_abort` callbacks handed to a run's event loop, each called once: by the loop
-    (`run`), or by the recover's thread (`rest`) for those the loop has not begun."""
+class _Callbacks:
+    """`on_abort` callbacks, each called once by whichever thread `run`s them first (a
+    run's event loop, then the recover's thread for those the loop has not begun); the
+    failures, for the recover's caller."""
 
-    def __init__(self, callbacks: list[Callable[[], object]],
-                 failed: list[tuple[Callable[[], object], Exception]]) -> None:
+    def __init__(self, callbacks: list[Callable[[], object]]) -> None:
         self._mu = threading.Lock()
         self._todo = callbacks
-        self.failed = failed
+        self.failed: list[tuple[Callable[[], object], Exception]] = []
         self.ran = threading.Event()
 
     def run(self) -> None:
@@ -133,12 +133,6 @@ class _InLoop:
                 except Exception as e:
                     self.failed.append((callback, e))
         self.ran.set()
-
-    def rest(self) -> list[Callable[[], object]]:
-        """The callbacks the loop has not run; after its run, if under way."""
-        with self._mu:
-            rest, self._todo = self._todo, []
-        return rest
 
 
 _IN_LOOP_WAIT = 0.25
@@ -794,8 +788,7 @@ class SessionLock:
             self._require()
             if self._tail_checked:
                 return
-            if (fresh := _moved.target(self.session)) is not None:
-                raise SessionMovedError(self.session, fresh)  # as its first append would
+            self._raise_if_moved()  # as its first append would
             fp = _fence.set_torn_tail_aside(self.session, self._fp, self.fence_mode,
                                             self.mode, self._token)
             self._tail_checked = True
@@ -1121,12 +1114,11 @@ class SessionLock:
     def _append_locked(self, data: bytes) -> None:
         self._require()
         self._store.check()  # a holder that may be lost writes nothing
-        if (fresh := _moved.target(self.session)) is not None:
-            # A recover moved the conversation (before this run took the session, or
-            # while it ran): its lines would be read by nobody. Looked at each time: the
-            # mark moves the session's ctime, but within the clock's tick after a write
-            # the stat fence cannot tell (and the content fence looks at no ctime).
-            raise SessionMovedError(self.session, fresh)
+        # A recover moved the conversation (before this run took the session, or while
+        # it ran): its lines would be read by nobody. Looked at each time: the mark
+        # moves the session's ctime, but within the clock's tick after a write the stat
+        # fence cannot tell (and the content fence looks at no ctime).
+        self._raise_if_moved()
         check_tail, self._tail_checked = not self._tail_checked, False
         moved: list[Fingerprint | None] = []
         # A record in the prompt phase says its fingerprint is exact (PROTOCOL 2.4): it
@@ -1156,7 +1148,7 @@ class SessionLock:
                     self._write_record()
             if type(e) is SessionTakeoverError:
                 self._raise_if_lost(e)
-                self._raise_if_moved(e)
+                self._raise_if_moved(e.expected, e.actual, e.stored, e)
             raise
         self._line_going_in = False
         self._tail_checked = True
@@ -1167,10 +1159,9 @@ class SessionLock:
         except BaseException:  # an interrupt before the store heard of it
             self._store.fence_moved(self)
             raise
-        if (fresh := _moved.target(self.session)) is not None:
-            # A recover's mark left while this append went in (its ctime, within the
-            # clock's tick of the write, may not show): the line is in the old session.
-            raise SessionMovedError(self.session, fresh, before, fp, stored=True)
+        # A recover's mark left while this append went in (its ctime, within the clock's
+        # tick of the write, may not show): the line is in the old session.
+        self._raise_if_moved(before, fp, True)
 
     def _raise_if_lost(self, takeover: SessionTakeoverError) -> None:
         """`HolderLostError` in place of ``takeover`` where the store knows this run's
@@ -1184,14 +1175,17 @@ class SessionLock:
         except FenceLockError:
             pass  # the takeover says what is known
 
-    def _raise_if_moved(self, takeover: SessionTakeoverError) -> None:
-        """`SessionMovedError` in place of ``takeover`` where a recover's mark on the
-        session names the fresh session it moved the conversation to: left while the
-        append went in, it moved the session's ctime, which the fence took for a write."""
+    def _raise_if_moved(
+        self, expected: Fingerprint | None = None, actual: Fingerprint | None = None,
+        stored: bool = False, takeover: SessionTakeoverError | None = None,
+    ) -> None:
+        """`SessionMovedError` where a recover's mark on the session names the fresh
+        session it moved the conversation to (`_moved`); in place of ``takeover`` where
+        the mark, left while an append went in, moved the ctime the fence checked."""
         fresh = _moved.target(self.session)
         if fresh is not None:
-            raise SessionMovedError(self.session, fresh, takeover.expected, takeover.actual,
-                                    takeover.stored) from takeover
+            raise SessionMovedError(self.session, fresh, expected, actual,
+                                    stored) from takeover
 
     def verify_fence(self) -> Fingerprint | None:
         """Raise `SessionTakeoverError` if the session moved since the last fence point."""
@@ -1227,8 +1221,7 @@ class SessionLock:
         self.release()
 
     def _fence_check(self, opened: bool, move: bool) -> Fingerprint | None:
-        if (fresh := _moved.target(self.session)) is not None:
-            raise SessionMovedError(self.session, fresh)  # (as an append looks: each time)
+        self._raise_if_moved()  # (as an append looks: each time)
         fp = _fence.check(self.session, self._fp, self.fence_mode, opened, self._token)
         if self.fence_mode is STAT and fp != self._fp:
             # A change of metadata alone (`_fence.metadata_only`): the fence point and
@@ -1312,24 +1305,17 @@ class SessionLock:
         another thread, they are called in that loop (an `asyncio.Event`'s ``set``
         called from here would not wake it); those it has not run within `_IN_LOOP_WAIT`
         (a loop blocked, as a stuck run's may be) are called from here."""
-        callbacks: list[Callable[[], object]] = list(self._abort_callbacks)
-        failed: list[tuple[Callable[[], object], Exception]] = []
-        loop = self._owner_loop() if callbacks else None
+        batch = _Callbacks(list(self._abort_callbacks))
+        loop = self._owner_loop() if self._abort_callbacks else None
         if loop is not None:
-            batch = _InLoop(callbacks, failed)
             try:
                 loop.call_soon_threadsafe(batch.run)
             except RuntimeError:  # closed since: all called here
                 pass
             else:
                 batch.ran.wait(_IN_LOOP_WAIT)
-            callbacks = batch.rest()
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception as e:
-                failed.append((callback, e))
-        for callback, error in failed:
+        batch.run()  # those the loop has not begun (after its run, if under way)
+        for callback, error in batch.failed:
             warn_each_time(
                 f"{self.session}: an on_abort callback ({callback!r}) raised "
                 f"{type(error).__name__}: {error}", stacklevel=4)
