@@ -167,7 +167,9 @@ def recover(
                 _drop_unfinished(session, e.fresh, None, backend)
             else:
                 if stuck is not None:  # a run's (a holder outside fencelock's: its own)
-                    _moved.mark(session, new)  # for every later run and recover of it
+                    # Marked by its maker (`_fill_fresh`), unless another recover made it
+                    # or finishing it failed first: for every later run and recover of it.
+                    _moved.mark(session, new)
                 try:
                     return Recovery(Action.FRESH, new, found, waited, carried)
                 except BaseException:  # an interrupt: the caller never learns its name
@@ -748,10 +750,36 @@ def _fill_fresh(
             # opening it where the store is shared by hosts, as its fence checks do).
             lock._fp = _fingerprint.take(new, lock.fence_mode,
                                          opened=lock._store.opens_session)
+            if stuck is not None:
+                # Marked before its lock is given back: every later run and recover of
+                # the old session finds the fresh one, and so does the stuck run's next
+                # write. A line it wrote while this copied is carried (`_carry_tail`).
+                _moved.mark(session, new)
+                if fd >= 0:
+                    copied[0] += _carry_tail(lock, session, fd, end)
             lock._write_record()
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _carry_tail(lock: _lock.SessionLock, session: str, fd: int, end: int) -> int:
+    """Append to the fresh session ``lock`` holds (just published with the old
+    transcript's first ``end`` bytes) the complete lines ``session`` (open as ``fd``)
+    gained since: lines the stuck run (or a run queued behind it) appended while the copy
+    was made. Read once the mark (`_moved`) is set: a line written before it, whose
+    writer was told nothing, is never left behind in the old session only; one written
+    after it is refused, or, going in as the mark was left, said `stored` to its writer
+    (it is carried too where it was in the file by the time of this read). How many
+    lines that was."""
+    tail_end = _complete_end(fd, session)
+    if tail_end <= end:
+        return 0
+    tail = _pread(fd, session, tail_end - end, end)
+    while len(tail) < tail_end - end:
+        tail += _pread(fd, session, tail_end - end - len(tail), end + len(tail))
+    lock._append_bytes(tail)  # fenced: a failed write is taken back out of it
+    return tail.count(b"\n")
 
 
 def _chunks(fd: int, session: str, end: int, digest: bytes) -> Iterator[bytes]:

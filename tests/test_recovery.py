@@ -52,6 +52,7 @@ from fencelock import (
     fresh_session,
     probe,
     recover,
+    verify,
 )
 from fencelock._record import MAX_TOKEN
 
@@ -888,6 +889,55 @@ def test_a_move_marked_while_an_append_goes_in_is_said_by_that_append(
             with pytest.raises(SessionMovedError):
                 write()
     assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2, 3]
+
+
+@needs_xattr
+@pytest.mark.parametrize("writer", ["stuck", "queued"])
+def test_a_line_appended_while_the_recover_copies_goes_to_the_fresh_session(
+    session: Path, store: str | None, monkeypatch: pytest.MonkeyPatch, writer: str
+) -> None:
+    """A line goes into the old session after the recover has read where the old
+    transcript ends, before the copy is named and the old session marked: the stuck
+    run's late reply, or the line of a run queued behind it that took the session as it
+    let go. Its writer is told nothing then (no mark yet), so the line must not stay
+    behind in the old session only: the recover reads the old session's end again once
+    its mark is set and carries it; the writer's next append is refused."""
+    from fencelock import _fence
+
+    session.write_text('{"n": 1}\n')
+    real = _fence.publish
+    late: list[SessionLock] = []
+    lock = SessionLock(session, lane="slow-run", stamp=True)
+    lock.acquire()
+    lock.append({"n": 2})
+
+    def publish_after_a_late_line(*args: Any, **kwargs: Any) -> None:
+        if writer == "stuck":
+            lock.append({"n": "late"})  # the copy's end was read already
+            late.append(lock)
+        else:
+            lock.release()
+            queued = SessionLock(session, lane="cron", stamp=True)
+            queued.acquire(timeout=30)
+            queued.append({"n": "late"})
+            late.append(queued)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(_fence, "publish", publish_after_a_late_line)
+    moved = recover(session, wait=0)
+    monkeypatch.setattr(_fence, "publish", real)
+    assert moved.action is Action.FRESH and moved.carried_lines == 3, moved
+    with pytest.raises(SessionMovedError) as refused:
+        late[0].append({"n": "after the move"})
+    assert refused.value.moved_to == moved.session and not refused.value.stored
+    late[0].release()
+    carried = Path(moved.session).read_text().splitlines()
+    assert [json.loads(x)["n"] for x in carried] == [1, 2, "late"]
+    assert session.read_text().splitlines() == carried
+    with SessionLock(moved.session, lane="re-fired", stamp=True) as refired:
+        refired.append({"n": 3})  # its token above every carried line's stamp
+    report = verify(moved.session)
+    assert report.ok and report.stamped == 3, report.problems
 
 
 @needs_xattr
