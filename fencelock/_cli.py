@@ -411,7 +411,8 @@ def status(
     `fencelock run` holder), fence_ok, reason (pid to heartbeat_age are the record's:
     the last run's unless a run holds the session now), held_by (the pid holding it
     now, or null), lock_owners (for a holder outside fencelock: pid, command, shared),
-    waiters (processes queued behind the holder, etcd store).
+    waiters (processes queued behind the holder, etcd store), moved_to (the fresh
+    session a recover moved the conversation to, or null; STATE "... (moved)").
 
     \b
     Example:

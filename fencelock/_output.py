@@ -420,6 +420,7 @@ def status_json(st: HolderStatus, now: float) -> dict[str, Any]:
             {"pid": o.pid, "command": o.command, "shared": o.shared} for o in st.lock_owners
         ],
         "waiters": st.waiters,
+        "moved_to": st.moved_to,
     }
 
 
@@ -439,7 +440,9 @@ def _status_cells(st: HolderStatus, now: float, show: PathDisplay) -> list[str]:
     from fencelock._probe import ProbeState
 
     rec = st.record
-    state = "live (stuck)" if st.stuck else str(st.state)
+    notes = ", ".join(note for note, said in (("stuck", st.stuck), ("moved", st.moved_to))
+                      if said)
+    state = f"{st.state} ({notes})" if notes else str(st.state)
     if st.state is ProbeState.LIVE and held_record(st) is None:
         run = rec if st.left_by_run else None
         if run is not None:  # processes a `fencelock run` command left running

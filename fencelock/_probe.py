@@ -27,6 +27,7 @@ from fencelock import (
     _fingerprint,
     _forkguard,
     _identity,
+    _moved,
     _platform,
     _record,
     _registry,
@@ -103,6 +104,10 @@ class HolderStatus:
     """The session is live, held by processes that the command of an ended `fencelock
     run` left running: ``record`` is that run's last record (released, or held by the
     run, killed with its command)."""
+    moved_to: str | None = None
+    """The fresh session a recover moved the conversation to, where the session is
+    marked so (`SessionMovedError`, PROTOCOL.md 5.1): runs there are refused. None
+    otherwise."""
     _held_by: str = field(default="", repr=False, compare=False)
     """Live without a record: what holds the session, in the store's words, where it
     says more than the lock's owners do (etcd: the owner key). Private, as ``_owner``."""
@@ -175,6 +180,19 @@ def probe(
 ) -> HolderStatus:
     """The state of the session at ``path`` (the session file or its sidecar), in the
     store ``backend`` names (default: ``$FENCELOCK_BACKEND``, else the sidecar)."""
+    return _with_move(_probe_path(path, stuck_after, backend))
+
+
+def _with_move(found: HolderStatus) -> HolderStatus:
+    """``found``, with the fresh session a recover's mark on the session names
+    (`HolderStatus.moved_to`): one `listxattr` where there is none."""
+    moved = _moved.target(found.session)
+    return found if moved is None else replace(found, moved_to=moved)
+
+
+def _probe_path(path: _sidecar.AnyPath, stuck_after: float,
+                backend: str | None) -> HolderStatus:
+    """`probe`'s look at the holder."""
     stuck_after = _wait.duration(stuck_after, "stuck_after")
     session, sidecar = _sidecar.paths(path)
     store = _store.open_store(backend, session)
@@ -614,12 +632,10 @@ def scan(
     base = _sidecar.absolute(directory)
     rows = (_scan_store(base, stuck_after, backend) if _backend.selected(backend) is not None
             else _scan_rows(base, stuck_after))
-    if not _anyone_may_create(base):
-        yield from rows
-        return
+    planted = _anyone_may_create(base)  # (where another user's file may be)
     with contextlib.closing(rows):  # closed at once if the caller stops early
         for row in rows:
-            yield _unless_planted(row)
+            yield _with_move(_unless_planted(row) if planted else row)
 
 
 def _anyone_may_create(directory: str) -> bool:

@@ -52,6 +52,7 @@ from fencelock import (
     fresh_session,
     probe,
     recover,
+    scan,
     verify,
 )
 from fencelock._record import MAX_TOKEN
@@ -889,6 +890,33 @@ def test_a_move_marked_while_an_append_goes_in_is_said_by_that_append(
             with pytest.raises(SessionMovedError):
                 write()
     assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2, 3]
+
+
+@needs_xattr
+def test_status_and_probe_show_where_a_moved_conversation_went(
+    session: Path, store: str | None
+) -> None:
+    """An operator looking at the old session learns that runs there are refused, and
+    where the conversation is: `probe`/`scan` give `moved_to`, `status` shows it in
+    its STATE cell and its JSON; once the fresh session is deleted, nothing."""
+    session.write_text('{"n": 1}\n')
+    with SessionLock(session, lane="stuck"):
+        assert probe(session).moved_to is None
+        fresh = recover(session, wait=0).session
+        assert probe(session).moved_to == fresh
+    rows = {row.session: row for row in scan(session.parent)}
+    assert rows[str(session)].moved_to == fresh and rows[fresh].moved_to is None, rows
+    cmd = [sys.executable, "-m", "fencelock", "status"]
+    shown = subprocess.run([*cmd, str(session)], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    state = shown.stdout.splitlines()[1].split("  ")[1]
+    assert state in ("free (moved)", "stale (moved)"), shown.stdout
+    listed = subprocess.run([*cmd, "--json", str(session.parent)], capture_output=True,
+                            text=True, timeout=60)
+    assert {row["session"]: row["moved_to"] for row in json.loads(listed.stdout)} == {
+        str(session): fresh, fresh: None}, listed.stdout
+    os.unlink(fresh)
+    assert probe(session).moved_to is None
 
 
 @needs_xattr
