@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -13,8 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from marks import needs_xattr
 
-from fencelock import is_coordination_error, probe
+from fencelock import SessionLock, is_coordination_error, probe, recover
 from fencelock.tools.repro import (
     DELIVERIES,
     Config,
@@ -38,6 +40,7 @@ from fencelock.tools.repro import (
     _percentiles,
     _replies_in,
     _summarise,
+    format_report,
     gateway,
     main,
     run,
@@ -482,9 +485,38 @@ def test_an_unlocked_write_in_the_prompt_window_drops_the_reply(tmp_path: Path) 
                .problems())
 
 
+@needs_xattr
+def test_a_run_in_a_moved_session_goes_on_in_the_fresh_one_and_is_counted(
+    tmp_path: Path
+) -> None:
+    """A lane's run takes a session a recover moved (the stuck run's conversation went
+    to a fresh session): its first write is refused, and it runs its whole turn in the
+    fresh session, counted in the report's "runs that followed a move"."""
+    sessions = tmp_path / "sessions"
+    session = sessions / "s.jsonl"
+    sessions.mkdir(exist_ok=True)
+    session.write_text('{"role": "user"}\n')
+    with SessionLock(session, lane="stuck"):
+        fresh = recover(session, wait=0).session
+    turn = _turn("t", steps=(Step(0.0),))
+    lane = Lane("a1/cron", "a1", LaneClass.CRON, "cron", str(session), True, turns=(turn,))
+    ledger = Ledger(str(tmp_path / "gateway"), "a1")
+    Path(ledger.dir).mkdir(parents=True)
+    result = run_turn(Mode.FENCELOCK, lane, turn, ledger)
+    assert result.answered and result.moved == 1 and result.error is None, result
+    assert session.read_text() == '{"role": "user"}\n'  # nothing more in the old one
+    assert [json.loads(x)["role"] for x in Path(fresh).read_text().splitlines()] == [
+        "user", "user", "assistant"]
+    report = _summarise(Mode.FENCELOCK, [lane], [result], 1.0,
+                        _replies_in(str(sessions)), _delivered_in(str(tmp_path / "gateway")))
+    assert (report.moves_followed, report.answered) == (1, 1), report
+    shown = format_report(Report(Config.tiny(), {Mode.FENCELOCK: report}))
+    assert re.search(r"^runs that followed a move +1$", shown, re.M), shown
+
+
 def _mode(mode: Mode, takeovers: int, dropped: int, twice: int = 0) -> ModeReport:
     return ModeReport(mode, 10, 10 - dropped, dropped, twice, takeovers, 10, 5, {}, {},
-                      _percentiles([]), {}, 0, 2, 0, 0, [], 1.0)
+                      _percentiles([]), {}, 0, 0, 2, 0, 0, [], 1.0)
 
 
 @pytest.mark.parametrize(

@@ -223,6 +223,9 @@ class RunResult:
     """Aborted by stuck-session recovery, which re-fired the turn (baseline)."""
     fallbacks: int = 0
     error: str | None = None
+    moved: int = 0
+    """Moves of the conversation the run followed (fencelock: a recover's mark on the
+    session, `SessionMovedError`), going on in the fresh session."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +255,9 @@ class ModeReport:
     ``by_lane`` counts them by the lane class whose write tripped the fence (the
     original report's histogram), ``by_victim`` by the lane class of the run that threw.
     ``wait_ms``: p50/p90/p99/max/n of the time each writer waited for the holder
-    (fencelock) or the short write lock (baseline). ``recoveries``: what stuck-session recovery did.
+    (fencelock) or the short write lock (baseline). ``recoveries``: what stuck-session recovery did;
+    ``moves_followed``: runs that went on in the fresh session a recover moved their
+    conversation to (each move they followed).
     """
 
     mode: Mode
@@ -267,6 +272,7 @@ class ModeReport:
     by_victim: dict[str, int]
     wait_ms: dict[str, float]
     recoveries: dict[str, int]
+    moves_followed: int
     fallbacks: int
     sessions: int
     sessions_hit: int
@@ -685,6 +691,7 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
     superseded = False
     wrote = False
     follow: str | None = None  # the fresh session a recover moved the conversation to
+    moved = 0
     try:
         run.append(_entry(lane, turn.id, run.key, "user", f"inbound for {turn.id}"))
         wrote = True
@@ -714,7 +721,7 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
                 superseded = True
             elif wrote:
                 _reply_in(mode, thrown.moved_to, lane, turn, run.key)
-                answered = True
+                answered, moved = True, 1
             else:
                 follow = thrown.moved_to
         elif thrown is None:
@@ -729,15 +736,16 @@ def run_turn(mode: Mode, lane: Lane, turn: Turn, ledger: Ledger, *, session: str
                      answered=answered)
         run.release()
     if follow is not None:
-        return run_turn(mode, lane, turn, ledger, session=follow, refire=refire,
-                        mirror=mirror)
+        there = run_turn(mode, lane, turn, ledger, session=follow, refire=refire,
+                         mirror=mirror)
+        return replace(there, moved=there.moved + 1)
     if answered and turn.delivers:
         ledger.deliver(turn.id, run.key, _reply(turn.id))
         if mirror is not None:
             mirror.put((turn.id, _reply(turn.id), turn.mirror_delay))
     return RunResult(turn=turn.id, lane_class=lane.lane_class, session=target, refire=refire,
                      waits=tuple(run.waits), answered=answered, takeover=takeover,
-                     superseded=superseded, fallbacks=fallbacks, error=error)
+                     superseded=superseded, fallbacks=fallbacks, error=error, moved=moved)
 
 
 def _reply_in(mode: Mode, session: str, lane: Lane, turn: Turn, key: str) -> None:
@@ -1134,6 +1142,7 @@ def _summarise(mode: Mode, lanes: list[Lane], collected: list[Any], elapsed: flo
         by_victim=by_victim,
         wait_ms=_percentiles(waits),
         recoveries=recovery_counts,
+        moves_followed=sum(r.moved for r in runs),
         fallbacks=sum(r.fallbacks for r in runs),
         sessions=len({lane.session for lane in lanes}),
         sessions_hit=len(per_session),
@@ -1224,6 +1233,7 @@ def format_report(report: Report) -> str:
     row("sessions hit / worst", lambda r: f"{r.sessions_hit}/{r.sessions}, {r.worst_session_hits}")
     row("stuck recoveries", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r.recoveries.items()))
         or "0")
+    row("runs that followed a move", lambda r: r.moves_followed)
     row("fallbacks (provider errors)", lambda r: r.fallbacks)
     row("wait for holder/lock p50/p90/p99 ms",
         lambda r: "/".join(_ms(r.wait_ms[p]) for p in ("p50", "p90", "p99")))
