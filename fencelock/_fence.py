@@ -18,10 +18,11 @@ import stat
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from fencelock import _fingerprint, _platform, _sidecar, _tokens
+from fencelock import _fingerprint, _moved, _platform, _sidecar, _tokens
 from fencelock._errors import (
     FenceLockError,
     PlantedFileError,
+    SessionMovedError,
     SessionTakeoverError,
     SessionWriteError,
     UnsafePathError,
@@ -611,6 +612,12 @@ def _landed(fd: int, line: bytes) -> bool:
         return False
 
 
+SESSION_LOCK_WAIT = 10.0
+"""Seconds an append waits for the session file's own lock (`append`): a recover
+holds it exclusively for as long as it takes to set its mark and read the session's
+end."""
+
+
 def append(
     session: str,
     line: bytes,
@@ -623,7 +630,12 @@ def append(
     moved: list[Fingerprint | None] | None = None,
 ) -> Fingerprint:
     """Append ``line`` if the fence holds; returns the new fence point. A session file
-    this creates gets the token mark for ``token`` (see `_tokens.reserve`).
+    this creates gets the token mark for ``token`` (see `_tokens.reserve`). One that
+    exists is locked shared (the session file's own flock, `SESSION_LOCK_WAIT`) from
+    before the look at a recover's moved mark (`SessionMovedError`, nothing written)
+    until the line is in and checked (and the mark looked for again): a recover sets
+    the mark holding that lock exclusively (`_recovery._mark_and_read_tail`), so a line
+    either went in before the mark, and the recover carries it, or is never written.
 
     Any other exception than fencelock's own (an interrupt: KeyboardInterrupt, a signal
     handler's exception) while the line is written, fsynced or named tells the caller
@@ -661,6 +673,16 @@ def append(
             set_mode(fd, file_mode, owner_for(session))
         if created and token:
             _tokens.reserve(fd, token)
+        if not made:
+            if not _platform.lock_session(fd, True, SESSION_LOCK_WAIT):
+                raise SessionWriteError(session, OSError(errno.EAGAIN, (
+                    f"another process has held a flock(2) lock on the session file itself "
+                    f"for over {SESSION_LOCK_WAIT:g} s (fencelock locks its sidecar, and "
+                    f"takes a shared lock on the session for each write); lslocks names it")),
+                    "lock")
+            fresh = _moved.target(session)
+            if fresh is not None:  # a recover moved the conversation: nothing goes in
+                raise SessionMovedError(session, fresh, expected, None, False)
         if not created:
             _check_opened(fd, st, session, expected, mode, token)
             size = _cut_torn_tail(fd, session, st, expected, mode, cutting, file_mode) \
@@ -728,6 +750,13 @@ def append(
                 raise
         if moved is not None:
             moved.append(after)  # appended: an interrupt from here on keeps the line
+        if not made:
+            # Still holding the lock: a mark a recover that could not have it (this
+            # append held it past its `MARK_WAIT`) set meanwhile, without it. The line
+            # is in the old session, and may be in the fresh one.
+            fresh = _moved.target(session)
+            if fresh is not None:
+                raise SessionMovedError(session, fresh, expected, after, True)
         if cutting:
             _torn_warning(session, st.st_size - cutting[0])
         return after

@@ -1114,11 +1114,6 @@ class SessionLock:
     def _append_locked(self, data: bytes) -> None:
         self._require()
         self._store.check()  # a holder that may be lost writes nothing
-        # A recover moved the conversation (before this run took the session, or while
-        # it ran): its lines would be read by nobody. Looked at each time: the mark
-        # moves the session's ctime, but within the clock's tick after a write the stat
-        # fence cannot tell (and the content fence looks at no ctime).
-        self._raise_if_moved()
         check_tail, self._tail_checked = not self._tail_checked, False
         moved: list[Fingerprint | None] = []
         # A record in the prompt phase says its fingerprint is exact (PROTOCOL 2.4): it
@@ -1128,6 +1123,10 @@ class SessionLock:
             if prompt:
                 self._line_going_in = True
                 self._store.leave_prompt_said(self)
+            # It refuses a session a recover moved (before this run took it, or while it
+            # ran: its lines would be read by nobody), looking at the mark each time: the
+            # mark moves the session's ctime, but within the clock's tick after a write
+            # the stat fence cannot tell (and the content fence looks at no ctime).
             fp = _fence.append(
                 self.session, data, self._fp, self.fence_mode,
                 check_tail=check_tail, file_mode=self.mode, token=self._token, moved=moved,
@@ -1159,9 +1158,6 @@ class SessionLock:
         except BaseException:  # an interrupt before the store heard of it
             self._store.fence_moved(self)
             raise
-        # A recover's mark left while this append went in (its ctime, within the clock's
-        # tick of the write, may not show): the line is in the old session.
-        self._raise_if_moved(before, fp, True)
 
     def _raise_if_lost(self, takeover: SessionTakeoverError) -> None:
         """`HolderLostError` in place of ``takeover`` where the store knows this run's
@@ -1181,7 +1177,7 @@ class SessionLock:
     ) -> None:
         """`SessionMovedError` where a recover's mark on the session names the fresh
         session it moved the conversation to (`_moved`); in place of ``takeover`` where
-        the mark, left while an append went in, moved the ctime the fence checked."""
+        the mark moved the ctime the fence checked."""
         fresh = _moved.target(self.session)
         if fresh is not None:
             raise SessionMovedError(self.session, fresh, expected, actual,

@@ -26,15 +26,19 @@ _XATTRS = hasattr(os, "listxattr")
 """Whether Python has extended attributes here (Linux only)."""
 
 
-def mark(session: str, fresh: str) -> None:
-    """Leave the mark on ``session`` naming ``fresh`` (beside it). Nothing where the
-    filesystem or this user cannot set it (or the platform: Python has extended
-    attributes on Linux only): the move stands all the same."""
+def mark(session: str, fresh: str, fd: int = -1) -> None:
+    """Leave the mark on ``session`` (the file open as ``fd``, where given) naming
+    ``fresh`` (beside it). Nothing where the filesystem or this user cannot set it (or
+    the platform: Python has extended attributes on Linux only): the move stands all
+    the same."""
     if not _XATTRS:
         return
+    name = os.fsencode(os.path.basename(fresh))
     with contextlib.suppress(OSError):
-        os.setxattr(session, XATTR, os.fsencode(os.path.basename(fresh)),
-                    follow_symlinks=False)
+        if fd >= 0:
+            os.setxattr(fd, XATTR, name)
+        else:
+            os.setxattr(session, XATTR, name, follow_symlinks=False)
 
 
 def target(session: str) -> str | None:

@@ -48,6 +48,7 @@ from fencelock._errors import (
     StoreUnavailableError,
     UnsafePathError,
     shell_word,
+    warn_each_time,
 )
 from fencelock._fingerprint import FenceMode
 from fencelock._platform import describe_mode
@@ -289,8 +290,8 @@ def _probe_through_restart(session: str, stuck_after: float, backend: str | None
     deadline = None if limit is None else time.monotonic() + limit
     store = _etcd.EtcdHolder(url, session)
     # Each request bounded by the wait's deadline too (a request gets at least 0.5 s).
-    return _etcdcluster.through_outage(lambda: store.probe(stuck_after, deadline), url.ttl,
-                                       deadline)
+    return _probe._with_move(_etcdcluster.through_outage(
+        lambda: store.probe(stuck_after, deadline), url.ttl, deadline))
 
 
 def _unreadable(session: str, sidecar: str, found: HolderStatus, *,
@@ -753,32 +754,91 @@ def _fill_fresh(
             if stuck is not None:
                 # Marked before its lock is given back: every later run and recover of
                 # the old session finds the fresh one, and so does the stuck run's next
-                # write. A line it wrote while this copied is carried (`_carry_tail`).
-                _moved.mark(session, new)
-                if fd >= 0:
-                    copied[0] += _carry_tail(lock, session, fd, end)
+                # write. The lines it wrote while this copied come along.
+                tail = _mark_and_read_tail(session, new, fd, end)
+                if tail:
+                    copied[0] += _carry_tail(lock, session, new, tail, end)
             lock._write_record()
     finally:
         if fd >= 0:
             os.close(fd)
 
 
-def _carry_tail(lock: _lock.SessionLock, session: str, fd: int, end: int) -> int:
-    """Append to the fresh session ``lock`` holds (just published with the old
-    transcript's first ``end`` bytes) the complete lines ``session`` (open as ``fd``)
-    gained since: lines the stuck run (or a run queued behind it) appended while the copy
-    was made. Read once the mark (`_moved`) is set: a line written before it, whose
-    writer was told nothing, is never left behind in the old session only; one written
-    after it is refused, or, going in as the mark was left, said `stored` to its writer
-    (it is carried too where it was in the file by the time of this read). How many
-    lines that was."""
-    tail_end = _complete_end(fd, session)
-    if tail_end <= end:
-        return 0
-    tail = _pread(fd, session, tail_end - end, end)
-    while len(tail) < tail_end - end:
-        tail += _pread(fd, session, tail_end - end - len(tail), end + len(tail))
-    lock._append_bytes(tail)  # fenced: a failed write is taken back out of it
+MARK_WAIT = 10.0
+"""Seconds a recover waits for the old session file's own lock to set its mark (an
+append holds it shared for one write and its fsync: `_fence.append`)."""
+
+
+def _mark_and_read_tail(session: str, new: str, copied: int, end: int) -> bytes | None:
+    """Mark ``session`` moved to ``new`` (`_moved`) holding the session file's own lock
+    exclusively, and read, still holding it, the complete lines it gained past the
+    ``end`` the copy took of it (open as ``copied``, -1 for none): those the stuck run,
+    or a run queued behind it, appended meanwhile, told nothing. An append holds that
+    lock shared from its look at the mark until its line is in, so each line either
+    went in before the mark, and is read here, or is refused; none is left in the old
+    session alone, nor written as the mark is set. None where nothing is carried: no
+    copy, or ``session`` is no longer the file copied, or it was rewritten in place (a
+    `FenceLockWarning` says so). (A writer stuck in its write past `MARK_WAIT` does not
+    hold the mark up: then it is set without the lock.)"""
+    try:
+        fd, st = _sidecar.open_regular(session, os.O_RDWR)
+    except OSError:
+        try:  # (flock needs no write access, but where it is emulated, NFS, it does)
+            fd, st = _sidecar.open_regular(session, os.O_RDONLY)
+        except (OSError, FenceLockError):
+            _moved.mark(session, new)
+            return None
+    except FenceLockError:
+        _moved.mark(session, new)
+        return None
+    try:
+        _platform.lock_session(fd, False, MARK_WAIT)
+        _moved.mark(session, new, fd)
+        if copied < 0:
+            return None
+        was = os.fstat(copied)
+        if (was.st_dev, was.st_ino) != (st.st_dev, st.st_ino):
+            return None  # replaced: the stuck run's appends there are takeovers
+        tail_end = _complete_end(fd, session)
+        if tail_end <= end:
+            return None
+        if end and _pread(fd, session, 1, end - 1) != b"\n":
+            warn_each_time(
+                f"{session}: it was rewritten in place while recover copied it, so the "
+                f"lines it gained after the copy were not carried to {new}; compare the "
+                f"two (fencelock verify {shell_word(session)})", stacklevel=6)
+            return None
+        tail = b""
+        while len(tail) < tail_end - end:
+            tail += _pread(fd, session, tail_end - end - len(tail), end + len(tail))
+        return tail
+    finally:
+        os.close(fd)
+
+
+def _carry_tail(lock: _lock.SessionLock, session: str, new: str, tail: bytes,
+                end: int) -> int:
+    """Append ``tail`` (`_mark_and_read_tail`: the lines ``session`` gained past ``end``
+    while it was copied) to the fresh session ``new`` that ``lock`` holds, its token
+    raised above their stamps first (lines of a run queued behind the stuck one carry
+    tokens the copy did not see); how many lines that was. Where they cannot be
+    written, the error names them and how to carry them by hand."""
+    highest = _tokens.largest_token(tail)
+    if highest >= lock._token and not isinstance(lock._store, _store.RemoteStore) \
+            and highest < MAX_TOKEN:  # (etcd's tokens: dealt after the fresh session's)
+        lock._token = highest + 1  # its record says so as this call ends
+        if _tokens.reserve(new, lock._token):  # (the mark moves the ctime)
+            lock._fp = _fingerprint.take(new, lock.fence_mode,
+                                         opened=lock._store.opens_session)
+    try:
+        lock._append_bytes(tail)  # fenced: a failed write is taken back out of it
+    except (FenceLockError, OSError) as e:
+        lines = tail.count(b"\n")
+        raise FenceLockError(
+            f"the {lines} line{'s' if lines != 1 else ''} {session} gained while it was "
+            f"copied could not be carried ({e}); append them by hand: tail -c "
+            f"+{end + 1} {shell_word(session)} | head -c {len(tail)} >> {shell_word(new)}"
+        ) from e
     return tail.count(b"\n")
 
 

@@ -864,10 +864,12 @@ def test_run_and_hold_write_nothing_into_a_moved_session(
 def test_a_move_marked_while_an_append_goes_in_is_said_by_that_append(
     session: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The recover's mark lands between the append's fence check and its fsync: the
-    fence point the append takes has the mark's ctime in it, so no later check would
-    see it (the run wrote on into the old session). The append says the move, its line
-    stored; every later write is refused."""
+    """A recover that could not have the session file's lock (an append held it past
+    `MARK_WAIT`: a run stopped in its write) marks the session without it, between the
+    append's fence check and its fsync: the fence point the append takes has the mark's
+    ctime in it, so no later check would see it (the run wrote on into the old
+    session). The append says the move, its line stored; every later write is
+    refused."""
     from fencelock import _fence, _moved
 
     session.write_text('{"n": 1}\n')
@@ -890,6 +892,98 @@ def test_a_move_marked_while_an_append_goes_in_is_said_by_that_append(
             with pytest.raises(SessionMovedError):
                 write()
     assert [json.loads(x)["n"] for x in session.read_text().splitlines()] == [1, 2, 3]
+
+
+@needs_xattr
+def test_lines_a_recover_could_not_carry_are_named_with_the_command_that_carries_them(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fresh session is made, the old one marked, and the line the stuck run wrote
+    meanwhile cannot be written to the fresh session (a full disk): the recover still
+    answers the fresh session, and its warning names the lines left behind and the
+    command that carries them; the fresh session stays whole."""
+    from fencelock import _fence
+
+    session.write_text('{"n": 1}\n')
+    real_publish, real_write = _fence.publish, _fence._write_all
+
+    def full(fd: int, data: bytes, path: str, what: str = "write") -> None:
+        if path != str(session):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(fd, data, path, what)
+
+    with SessionLock(session, lane="slow-run") as lock:
+        def publish(*args: Any, **kwargs: Any) -> None:
+            lock.append({"n": "late"})
+            real_publish(*args, **kwargs)
+            monkeypatch.setattr(_fence, "_write_all", full)  # the disk fills up
+
+        monkeypatch.setattr(_fence, "publish", publish)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            moved = recover(session, wait=0)
+        monkeypatch.setattr(_fence, "_write_all", real_write)
+    assert moved.action is Action.FRESH, moved
+    said = [str(w.message) for w in caught if w.category is FenceLockWarning]
+    assert len(said) == 1 and "the 1 line " in said[0] and "No space" in said[0], said
+    command = said[0].split("append them by hand: ")[1].split(")")[0]
+    fresh = Path(moved.session)
+    assert [json.loads(x)["n"] for x in fresh.read_text().splitlines()] == [1]
+    subprocess.run(["sh", "-c", command], check=True, timeout=60)
+    assert fresh.read_text() == session.read_text()  # carried by the command said
+
+
+@needs_xattr
+def test_a_recover_marks_the_session_only_between_two_appends(
+    session: Path, store: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stuck run has looked for the mark and is about to write its line as the
+    recover, its copy made, comes to mark the old session. Had the mark gone on then,
+    the line would have gone into the old session after the recover read its end: in
+    no fresh session, and its writer told nothing. An append holds the session file's
+    own lock shared from its look until its line is in, and the recover takes it
+    exclusively to mark and read the end: the mark waits for the append (here it had
+    not come 2 s later), whose line is carried; the run's next append is refused."""
+    from fencelock import _fence, _moved, _platform
+
+    session.write_text('{"n": 1}\n')
+    real_write, real_lock, real_mark = _fence._write_all, _platform.lock_session, _moved.mark
+    locking, marked = threading.Event(), threading.Event()
+    found: list[Recovery] = []
+    paused: list[bool] = []
+
+    def lock_session(fd: int, shared: bool, limit: float) -> bool:
+        if not shared:
+            locking.set()  # the recover, copy made, comes to mark the session
+        return real_lock(fd, shared, limit)
+
+    def mark(old: str, fresh: str, fd: int = -1) -> None:
+        real_mark(old, fresh, fd)
+        marked.set()
+
+    def write_all(fd: int, data: bytes, path: str, what: str = "write") -> None:
+        if path == str(session) and not paused:
+            paused.append(True)  # looked for the mark, line not written yet
+            worker.start()
+            assert locking.wait(60)
+            assert not marked.wait(2), "marked while an append was under way"
+        real_write(fd, data, path, what)
+
+    worker = threading.Thread(target=lambda: found.append(recover(session, wait=0)))
+    monkeypatch.setattr(_platform, "lock_session", lock_session)
+    monkeypatch.setattr(_moved, "mark", mark)
+    with SessionLock(session, lane="slow-run") as lock:
+        lock.append({"n": 2})
+        monkeypatch.setattr(_fence, "_write_all", write_all)
+        lock.append({"n": 3})  # in before the mark: not refused
+        worker.join(60)
+        assert found and found[0].action is Action.FRESH, found
+        with pytest.raises(SessionMovedError) as refused:
+            lock.append({"n": 4})
+        assert not refused.value.stored and refused.value.moved_to == found[0].session
+    fresh = Path(found[0].session).read_text()
+    assert [json.loads(x)["n"] for x in fresh.splitlines()] == [1, 2, 3]
+    assert session.read_text() == fresh
 
 
 @needs_xattr
@@ -938,34 +1032,45 @@ def test_a_line_appended_while_the_recover_copies_goes_to_the_fresh_session(
     lock = SessionLock(session, lane="slow-run", stamp=True)
     lock.acquire()
     lock.append({"n": 2})
+    if writer == "queued" and store is None:
+        # The session's token mark at the stuck run's token (as at the end of a block
+        # of reserved tokens): the queued runs' tokens go past every token the copy
+        # knew of, and the fresh session's run must go above their stamps.
+        os.setxattr(session, _tokens.XATTR, str(lock._token).encode(),
+                    follow_symlinks=False)
 
-    def publish_after_a_late_line(*args: Any, **kwargs: Any) -> None:
+    def publish_after_late_lines(*args: Any, **kwargs: Any) -> None:
         if writer == "stuck":
             lock.append({"n": "late"})  # the copy's end was read already
+            lock.append({"n": "later"})
             late.append(lock)
         else:
             lock.release()
-            queued = SessionLock(session, lane="cron", stamp=True)
-            queued.acquire(timeout=30)
-            queued.append({"n": "late"})
-            late.append(queued)
+            for n in ("late", "later"):
+                queued = SessionLock(session, lane=f"cron-{n}", stamp=True)
+                queued.acquire(timeout=30)
+                queued.append({"n": n})
+                late.append(queued)
+                if n == "late":
+                    queued.release()
         real(*args, **kwargs)
 
-    monkeypatch.setattr(_fence, "publish", publish_after_a_late_line)
+    monkeypatch.setattr(_fence, "publish", publish_after_late_lines)
     moved = recover(session, wait=0)
     monkeypatch.setattr(_fence, "publish", real)
-    assert moved.action is Action.FRESH and moved.carried_lines == 3, moved
+    assert moved.action is Action.FRESH and moved.carried_lines == 4, moved
     with pytest.raises(SessionMovedError) as refused:
-        late[0].append({"n": "after the move"})
+        late[-1].append({"n": "after the move"})
     assert refused.value.moved_to == moved.session and not refused.value.stored
-    late[0].release()
+    late[-1].release()
     carried = Path(moved.session).read_text().splitlines()
-    assert [json.loads(x)["n"] for x in carried] == [1, 2, "late"]
+    assert [json.loads(x)["n"] for x in carried] == [1, 2, "late", "later"]
     assert session.read_text().splitlines() == carried
-    with SessionLock(moved.session, lane="re-fired", stamp=True) as refired:
-        refired.append({"n": 3})  # its token above every carried line's stamp
+    for _ in range(2):
+        with SessionLock(moved.session, lane="re-fired", stamp=True) as refired:
+            refired.append({"n": 3})  # its token above every carried line's stamp
     report = verify(moved.session)
-    assert report.ok and report.stamped == 3, report.problems
+    assert report.ok and report.stamped == 5, report.problems
 
 
 @needs_xattr

@@ -241,13 +241,13 @@ class FloorLock:
     session's token mark unless its stat is the one the mark was last read at (not
     carried over its own appends, as fencelock does not) and that stat's ctime was then
     20 ms old, pwrite the record. A
-    fenced append: listxattr the session (no recover's moved mark, PROTOCOL.md 5.1),
-    open it (creating it with ``O_EXCL`` when the run found
-    none, then its mark), fstat it (the fence check), on the run's first append pread
+    fenced append: open the session (creating it with ``O_EXCL`` when the run found
+    none, then its mark; else flock it shared and listxattr it: no recover's moved
+    mark, PROTOCOL.md 5.1), fstat it (the fence check), on the run's first append pread
     its last byte (the torn-tail check), write, fsync, fstat (the new fence point),
     pread the line back (the concurrent-write check), lstat the session (still its
-    name: not renamed over or removed meanwhile), listxattr it again (no mark left as
-    the line went in), close, and fsync the directory
+    name: not renamed over or removed meanwhile), listxattr it again (a mark set
+    without the lock), close (which lets the shared lock go), and fsync the directory
     of a file it created; in the write phase the record need not be rewritten.
     Release: where the run found no session and made none, set the mark on one made
     since (access(2) says whether there is one), pwrite the record with ``"released"``
@@ -341,14 +341,16 @@ class FloorLock:
 
     def append(self, line: bytes) -> None:
         made = self.fp == "null"
-        if not made and MOVED in os.listxattr(self.session, follow_symlinks=False):
-            raise RuntimeError(f"{self.session}: moved")
         fd = os.open(self.session, SESSION_FLAGS | (os.O_CREAT | os.O_EXCL if made else 0),
                      0o600)
         try:
-            size = os.fstat(fd).st_size
             if made:  # its mark first
                 os.setxattr(fd, XATTR, b"%d" % (self.token + RESERVE - 1))
+            else:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                if MOVED in os.listxattr(self.session, follow_symlinks=False):
+                    raise RuntimeError(f"{self.session}: moved")
+            size = os.fstat(fd).st_size
             if self.first and size:
                 os.pread(fd, 1, size - 1)
             self.first = False
@@ -360,8 +362,8 @@ class FloorLock:
             self.fp = self._fp(os.fstat(fd))
             os.pread(fd, len(line), size)
             os.lstat(self.session)  # still the session's name (here it is found so)
-            if MOVED in os.listxattr(self.session, follow_symlinks=False):
-                raise RuntimeError(f"{self.session}: moved")
+            if not made and MOVED in os.listxattr(self.session, follow_symlinks=False):
+                raise RuntimeError(f"{self.session}: moved")  # (set without the lock)
         finally:
             os.close(fd)
         if made:  # the new name made durable
