@@ -221,8 +221,10 @@ class SessionMovedError(SessionTakeoverError):
             self,
             f"{session}: a recover moved its conversation to {moved_to}, where its last "
             f"turn is answered again; this run writes nothing more here"
-            + ("; its last line was written all the same, after the move" if stored
-               else "") + f". Take {moved_to} instead",
+            + ("; its last line went in here all the same, as a recover that did not wait "
+               "for it marked the move, and may be at the end of the fresh session too: "
+               "look there before writing it again" if stored else "")
+            + f". Take {moved_to} instead",
         )
 
     def _init_args(self) -> tuple[Any, ...]:

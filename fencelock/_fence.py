@@ -674,15 +674,17 @@ def append(
         if created and token:
             _tokens.reserve(fd, token)
         if not made:
-            if not _platform.lock_session(fd, True, SESSION_LOCK_WAIT):
-                raise SessionWriteError(session, OSError(errno.EAGAIN, (
-                    f"another process has held a flock(2) lock on the session file itself "
-                    f"for over {SESSION_LOCK_WAIT:g} s (fencelock locks its sidecar, and "
-                    f"takes a shared lock on the session for each write); lslocks names it")),
-                    "lock")
+            locked = _platform.lock_session(fd, True, SESSION_LOCK_WAIT)
             fresh = _moved.target(session)
             if fresh is not None:  # a recover moved the conversation: nothing goes in
                 raise SessionMovedError(session, fresh, expected, None, False)
+            if not locked:
+                raise SessionWriteError(session, OSError(errno.EAGAIN, (
+                    f"the session file itself has been held locked (flock) for over "
+                    f"{SESSION_LOCK_WAIT:g} s through another of its descriptors (another "
+                    f"process's, a child's this one forked, or a recover's in this one; "
+                    f"fencelock locks the sidecar, and takes a shared lock on the session "
+                    f"for each write); lslocks names the process")), "lock")
         if not created:
             _check_opened(fd, st, session, expected, mode, token)
             size = _cut_torn_tail(fd, session, st, expected, mode, cutting, file_mode) \
@@ -880,7 +882,8 @@ _NO_HARD_LINKS = {errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, er
 
 def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int = 0o600,
             check: Callable[[], None] = lambda: None,
-            owner: tuple[int, int] | None = None) -> None:
+            owner: tuple[int, int] | None = None,
+            before_name: Callable[[], None] = lambda: None) -> None:
     """Create ``session`` holding ``chunks``, whole or not at all: written, with the token
     mark for ``token``, and fsynced under ``session`` + `PART` (which only the session's
     holder writes: call it holding the session), then given its name, which no one sees
@@ -889,7 +892,8 @@ def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int
     before the name is given. `SessionTakeoverError` when a file appeared at
     ``session``, or another holder replaced the part; `SessionWriteError` naming the
     file that could not be written. On any failure nothing of this call's is left at
-    either name (and nothing of anyone else's is removed)."""
+    either name (and nothing of anyone else's is removed). ``before_name`` runs once the
+    part is whole, just before it is named."""
     part = session + PART
     # Another user's, in a directory anyone may write to: refused, also as root, which
     # the directory would let remove it.
@@ -919,6 +923,7 @@ def publish(session: str, chunks: Iterable[bytes], *, token: int, file_mode: int
         except OSError as e:
             raise SessionWriteError(part, e, "fsync") from None
         check()  # still the holder: nobody else can have made or be making it
+        before_name()
         _name(part, session, st)
     finally:
         _unlink_if(part, st)

@@ -25,6 +25,7 @@ from fencelock import (
     _backend,
     _fence,
     _fingerprint,
+    _forkguard,
     _lock,
     _moved,
     _platform,
@@ -169,8 +170,9 @@ def recover(
             else:
                 if stuck is not None:  # a run's (a holder outside fencelock's: its own)
                     # Marked by its maker (`_fill_fresh`), unless another recover made it
-                    # or finishing it failed first: for every later run and recover of it.
-                    _moved.mark(session, new)
+                    # or finishing it failed first: for every later run and recover of it
+                    # (under the session file's lock, as its maker does: see there).
+                    _mark_held(session, new)
                 try:
                     return Recovery(Action.FRESH, new, found, waited, carried)
                 except BaseException:  # an interrupt: the caller never learns its name
@@ -188,7 +190,8 @@ def recover(
              and (released or _let_go(found, now)) else None)
     taken_over = _taken_over(session, now, backend, ended)
     if taken_over is not None:  # the conversation was moved there
-        _moved.mark(session, taken_over)  # (again, where its recover was stopped first)
+        # (Again, where its recover was stopped first; under the lock, as it marks.)
+        _mark_held(session, taken_over)
         return Recovery(Action.FRESH, taken_over, found, waited, 0)
     if found._owner and found.record is None and now._owner != found._owner:
         # An owner key without a record, gone since: a recover that took it for a holder
@@ -678,6 +681,7 @@ def _fill_fresh(
     lock._token_floor = max(old_token, last)
     lock._stamped_floor = last  # the lines' own tokens (a store's may be of another kind)
     fd = -1
+    held: list[tuple[int, os.stat_result]] = []  # the old session, locked to mark it
     try:
         with lock:
             # Another recover of the same stuck run made it meanwhile; but not what
@@ -728,9 +732,15 @@ def _fill_fresh(
                 # As root, the stuck session's owner's: the file copied (its descriptor),
                 # never whatever is at its name by now.
                 owner = _platform.owner_for(new, session, os.fstat(fd) if fd >= 0 else None)
+                # The old session's own lock, for its mark, is taken before the copy is
+                # named (`_mark_and_read_tail`): a recover stopped while it waits for an
+                # append leaves no fresh session that a later one would answer unmarked.
+                to_mark = functools.partial(_hold_to_mark, session, held) \
+                    if stuck is not None else (lambda: None)
                 try:
                     _fence.publish(new, _chunks(fd, session, end, digest), token=lock._token,
-                                   file_mode=lock.mode, check=lock._store.check, owner=owner)
+                                   file_mode=lock.mode, check=lock._store.check, owner=owner,
+                                   before_name=to_mark)
                 except SessionWriteError as e:
                     if e.stored and os.path.lexists(new):
                         copied.append(lines)  # named; only the directory's fsync failed
@@ -755,11 +765,15 @@ def _fill_fresh(
                 # Marked before its lock is given back: every later run and recover of
                 # the old session finds the fresh one, and so does the stuck run's next
                 # write. The lines it wrote while this copied come along.
-                tail = _mark_and_read_tail(session, new, fd, end)
+                try:
+                    tail = _mark_and_read_tail(session, new, held, fd, end)
+                finally:
+                    _let_go_of_marked(held)
                 if tail:
                     copied[0] += _carry_tail(lock, session, new, tail, end)
             lock._write_record()
     finally:
+        _let_go_of_marked(held)
         if fd >= 0:
             os.close(fd)
 
@@ -769,51 +783,91 @@ MARK_WAIT = 10.0
 append holds it shared for one write and its fsync: `_fence.append`)."""
 
 
-def _mark_and_read_tail(session: str, new: str, copied: int, end: int) -> bytes | None:
-    """Mark ``session`` moved to ``new`` (`_moved`) holding the session file's own lock
-    exclusively, and read, still holding it, the complete lines it gained past the
-    ``end`` the copy took of it (open as ``copied``, -1 for none): those the stuck run,
-    or a run queued behind it, appended meanwhile, told nothing. An append holds that
-    lock shared from its look at the mark until its line is in, so each line either
-    went in before the mark, and is read here, or is refused; none is left in the old
-    session alone, nor written as the mark is set. None where nothing is carried: no
-    copy, or ``session`` is no longer the file copied, or it was rewritten in place (a
-    `FenceLockWarning` says so). (A writer stuck in its write past `MARK_WAIT` does not
-    hold the mark up: then it is set without the lock.)"""
+def _hold_to_mark(session: str, held: list[tuple[int, os.stat_result]]) -> None:
+    """Open ``session`` and take its file's own lock exclusively (up to `MARK_WAIT`: an
+    append holds it shared from its look at the mark until its line is in), into
+    ``held`` (nothing where it cannot be opened: the mark is then set without it)."""
+    opened = _open_to_mark(session)
+    if opened is None:
+        return
+    held.append(opened)
+    if not _platform.lock_session(opened[0], False, MARK_WAIT):
+        warn_each_time(
+            f"{session}: an append has held the session file's own lock for over "
+            f"{MARK_WAIT:g} s (a run stopped in its write, or a process that locks the file "
+            f"itself: lslocks names it), so it is marked moved without waiting for it; "
+            f"that append's line may be in both sessions (its writer is told so)",
+            stacklevel=7)
+
+
+def _let_go_of_marked(held: list[tuple[int, os.stat_result]]) -> None:
+    """Close what `_hold_to_mark` opened (its lock goes with it)."""
+    while held:
+        _forkguard.close(held.pop()[0])  # (a forked child never keeps a copy)
+
+
+def _open_to_mark(session: str) -> tuple[int, os.stat_result] | None:
+    """``session`` opened for `_hold_to_mark` (read and write where this user may:
+    flock needs no write access, but where it is emulated, NFS, it does), tracked for
+    fork (`_forkguard`); None where it cannot be opened."""
+    for flags in (os.O_RDWR, os.O_RDONLY):
+        with _forkguard.guard:
+            try:
+                (fd, st), = map(_sidecar.open_regular, (session,), (flags,))
+            except (OSError, FenceLockError):
+                continue
+            _forkguard.track(fd, st)
+            return fd, st
+    return None
+
+
+def _mark_held(session: str, new: str) -> None:
+    """Mark ``session`` moved to ``new`` holding its file's own lock, as the recover that
+    made ``new`` did (again, where it was stopped or failed first)."""
+    held: list[tuple[int, os.stat_result]] = []
     try:
-        fd, st = _sidecar.open_regular(session, os.O_RDWR)
-    except OSError:
-        try:  # (flock needs no write access, but where it is emulated, NFS, it does)
-            fd, st = _sidecar.open_regular(session, os.O_RDONLY)
-        except (OSError, FenceLockError):
-            _moved.mark(session, new)
-            return None
-    except FenceLockError:
+        _hold_to_mark(session, held)
+        _mark_and_read_tail(session, new, held, -1, 0)
+    finally:
+        _let_go_of_marked(held)
+
+
+def _mark_and_read_tail(session: str, new: str, held: list[tuple[int, os.stat_result]],
+                        copied: int, end: int) -> bytes | None:
+    """Mark ``session`` moved to ``new`` (`_moved`) holding the session file's own lock
+    exclusively (``held``: `_hold_to_mark`, taken before ``new`` got its name), and
+    read, still holding it, the complete lines it gained past the ``end`` the copy took
+    of it (open as ``copied``, -1 for none): those the stuck run, or a run queued behind
+    it, appended meanwhile, told nothing. An append holds that lock shared from its
+    look at the mark until its line is in, so each line either went in before the
+    mark, and is read here, or is refused; none is left in the old session alone, nor
+    written as the mark is set. None where nothing is carried: no copy, or ``session``
+    is no longer the file copied, or it was rewritten in place (a `FenceLockWarning`
+    says so). (Where it could not be opened, or a writer stuck in its write held it
+    past `MARK_WAIT`, the mark is set without it.)"""
+    if not held:
         _moved.mark(session, new)
         return None
-    try:
-        _platform.lock_session(fd, False, MARK_WAIT)
-        _moved.mark(session, new, fd)
-        if copied < 0:
-            return None
-        was = os.fstat(copied)
-        if (was.st_dev, was.st_ino) != (st.st_dev, st.st_ino):
-            return None  # replaced: the stuck run's appends there are takeovers
-        tail_end = _complete_end(fd, session)
-        if tail_end <= end:
-            return None
-        if end and _pread(fd, session, 1, end - 1) != b"\n":
-            warn_each_time(
-                f"{session}: it was rewritten in place while recover copied it, so the "
-                f"lines it gained after the copy were not carried to {new}; compare the "
-                f"two (fencelock verify {shell_word(session)})", stacklevel=6)
-            return None
-        tail = b""
-        while len(tail) < tail_end - end:
-            tail += _pread(fd, session, tail_end - end - len(tail), end + len(tail))
-        return tail
-    finally:
-        os.close(fd)
+    fd, st = held[0]
+    _moved.mark(session, new, fd)
+    if copied < 0:
+        return None
+    was = os.fstat(copied)
+    if (was.st_dev, was.st_ino) != (st.st_dev, st.st_ino):
+        return None  # replaced: the stuck run's appends there are takeovers
+    tail_end = _complete_end(fd, session)
+    if tail_end <= end:
+        return None
+    if end and _pread(fd, session, 1, end - 1) != b"\n":
+        warn_each_time(
+            f"{session}: it was rewritten in place while recover copied it, so the "
+            f"lines it gained after the copy were not carried to {new}; compare the "
+            f"two (fencelock verify {shell_word(session)})", stacklevel=6)
+        return None
+    tail = b""
+    while len(tail) < tail_end - end:
+        tail += _pread(fd, session, tail_end - end - len(tail), end + len(tail))
+    return tail
 
 
 def _carry_tail(lock: _lock.SessionLock, session: str, new: str, tail: bytes,

@@ -987,6 +987,78 @@ def test_a_recover_marks_the_session_only_between_two_appends(
 
 
 @needs_xattr
+def test_an_append_held_up_by_a_lock_on_the_session_file_itself_says_so(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process outside fencelock holds flock(2) on the session file itself (not its
+    sidecar): an append waits for it (`SESSION_LOCK_WAIT`, shortened here), then fails
+    with an error naming the lock and lslocks, writing nothing; where a recover marked
+    the session meanwhile, it says the move instead."""
+    from fencelock import _fence, _moved
+
+    session.write_text('{"n": 1}\n')
+    monkeypatch.setattr(_fence, "SESSION_LOCK_WAIT", 0.3)
+    outsider = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1]); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+         str(session)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert outsider.stdout is not None and outsider.stdout.readline() == "locked\n"
+        with SessionLock(session, lane="run") as lock:
+            with pytest.raises(SessionWriteError, match=r"held locked \(flock\) for over "
+                               r"0\.3 s .*lslocks names the process") as failed:
+                lock.append({"n": 2})
+            assert failed.value.stored is False
+            fresh = session.parent / "fresh.jsonl"
+            fresh.write_text('{"n": 1}\n')
+            _moved.mark(str(session), str(fresh))  # as a recover that could not wait
+            with pytest.raises(SessionMovedError) as moved:
+                lock.append({"n": 2})
+            assert moved.value.moved_to == str(fresh) and not moved.value.stored
+    finally:
+        outsider.communicate(timeout=60)
+    assert session.read_text() == '{"n": 1}\n'
+
+
+class _Stopped(BaseException):
+    """An interrupt (SIGTERM's handler raising) landing where a test puts it."""
+
+
+@needs_xattr
+def test_a_recover_stopped_before_it_marks_the_old_session_leaves_no_fresh_session(
+    session: Path, store: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recover waits for the old session file's own lock (an append under way holds
+    it) to mark the session, and is stopped there. Had it named the fresh session
+    first, the next recover would answer that copy unmarked, without the reply the
+    stuck run then appended (told stored): the reply would be in the old session only.
+    The lock is taken before the copy gets its name, so nothing is left, and the next
+    recover makes the copy, reply and all."""
+    from fencelock import _platform
+
+    session.write_text('{"n": 1}\n')
+    real_lock = _platform.lock_session
+
+    def stopped_while_waiting(fd: int, shared: bool, limit: float) -> bool:
+        if not shared:
+            raise _Stopped
+        return real_lock(fd, shared, limit)
+
+    with SessionLock(session, lane="slow-run") as lock:
+        monkeypatch.setattr(_platform, "lock_session", stopped_while_waiting)
+        with pytest.raises(_Stopped):
+            recover(session, wait=0)
+        monkeypatch.setattr(_platform, "lock_session", real_lock)
+        left = [p.name for p in session.parent.iterdir() if p.suffix != ".holder"]
+        assert left == [session.name], left  # no fresh session, named or in part
+        lock.append({"n": "late"})  # the slow reply, not refused: nothing marked
+        moved = recover(session, wait=0)
+    assert moved.action is Action.FRESH, moved
+    lines = [json.loads(x)["n"] for x in Path(moved.session).read_text().splitlines()]
+    assert lines == [1, "late"]
+
+
+@needs_xattr
 def test_status_and_probe_show_where_a_moved_conversation_went(
     session: Path, store: str | None
 ) -> None:
