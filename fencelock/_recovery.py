@@ -733,8 +733,8 @@ def _fill_fresh(
                 # never whatever is at its name by now.
                 owner = _platform.owner_for(new, session, os.fstat(fd) if fd >= 0 else None)
                 # The old session's own lock, for its mark, is taken before the copy is
-                # named (`_mark_and_read_tail`): a recover stopped while it waits for an
-                # append leaves no fresh session that a later one would answer unmarked.
+                # named (`_hold_to_mark`): a recover stopped while it waits for an append
+                # leaves no fresh session that a later one would answer unmarked.
                 to_mark = functools.partial(_hold_to_mark, session, held) \
                     if stuck is not None else (lambda: None)
                 try:
