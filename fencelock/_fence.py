@@ -634,7 +634,7 @@ def append(
     exists is locked shared (the session file's own flock, `SESSION_LOCK_WAIT`) from
     before the look at a recover's moved mark (`SessionMovedError`, nothing written)
     until the line is in and checked (and the mark looked for again): a recover sets
-    the mark holding that lock exclusively (`_recovery._mark_and_read_tail`), so a line
+    the mark holding that lock exclusively (`_recovery._hold_to_mark`), so a line
     either went in before the mark, and the recover carries it, or is never written.
 
     Any other exception than fencelock's own (an interrupt: KeyboardInterrupt, a signal
