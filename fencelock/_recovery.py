@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from fencelock import (
     _backend,
+    _cleanup,
     _fence,
     _fingerprint,
     _forkguard,
@@ -765,12 +766,17 @@ def _fill_fresh(
                 # Marked before its lock is given back: every later run and recover of
                 # the old session finds the fresh one, and so does the stuck run's next
                 # write. The lines it wrote while this copied come along.
+                move = _Move(lock, session, new, held, fd, end)
                 try:
-                    tail = _mark_and_read_tail(session, new, held, fd, end)
-                finally:
-                    _let_go_of_marked(held)
-                if tail:
-                    copied[0] += _carry_tail(lock, session, new, tail, end)
+                    copied[0] += move.finish()
+                except (FenceLockError, OSError):
+                    raise
+                except BaseException:
+                    # An interrupt (SIGTERM, Ctrl-C) as it marks or carries: the copy is
+                    # named, so the move is finished all the same (milliseconds), or the
+                    # lines gained meanwhile would stay in a session nobody reads now.
+                    _cleanup.to_the_end(move.finish_quietly)
+                    raise
             lock._write_record()
     finally:
         _let_go_of_marked(held)
@@ -862,12 +868,50 @@ def _mark_and_read_tail(session: str, new: str, held: list[tuple[int, os.stat_re
         warn_each_time(
             f"{session}: it was rewritten in place while recover copied it, so the "
             f"lines it gained after the copy were not carried to {new}; compare the "
-            f"two (fencelock verify {shell_word(session)})", stacklevel=6)
+            f"two (fencelock verify {shell_word(session)})", stacklevel=7)
         return None
     tail = b""
     while len(tail) < tail_end - end:
         tail += _pread(fd, session, tail_end - end - len(tail), end + len(tail))
     return tail
+
+
+class _Move:
+    """The end of a recover's move of a stuck run's session to the fresh one it named:
+    the mark on the old session, and the lines it gained while it was copied carried
+    (`_mark_and_read_tail`, `_carry_tail`). `finish` does what is left of it, so it can
+    be run again after an interrupt cut it short: the mark set again is the same mark,
+    the old session read again under its lock the same lines, and the fresh session,
+    which this recover holds, is appended to only while it is still the size it was."""
+
+    def __init__(self, lock: _lock.SessionLock, session: str, new: str,
+                 held: list[tuple[int, os.stat_result]], copied: int, end: int) -> None:
+        self.lock, self.session, self.new = lock, session, new
+        self.held, self.copied, self.end = held, copied, end
+        self.read = False
+        self.tail: bytes | None = None
+        self.size = lock._fp.size if lock._fp is not None else 0  # the fresh session's
+
+    def finish(self) -> int:
+        """Mark, let go of the old session, carry: how many lines were carried."""
+        if not self.read:  # (still holding the old session's lock: read the same again)
+            self.tail = _mark_and_read_tail(self.session, self.new, self.held,
+                                            self.copied, self.end)
+            self.read = True
+        _let_go_of_marked(self.held)  # (`_fill_fresh` lets go where this raises)
+        if not self.tail or os.stat(self.new).st_size != self.size:
+            return 0  # nothing to carry, or carried before an interrupt
+        return _carry_tail(self.lock, self.session, self.new, self.tail, self.end)
+
+    def finish_quietly(self) -> None:
+        """`finish`, for an interrupt that is raised once it is done: a failure to
+        carry is said as a warning (naming the lines and how to carry them by hand)."""
+        try:
+            self.finish()
+        except (FenceLockError, OSError) as e:
+            with contextlib.suppress(Warning):  # (warnings as errors: the interrupt goes on)
+                warn_each_time(str(e), stacklevel=7)
+            self.tail = None
 
 
 def _carry_tail(lock: _lock.SessionLock, session: str, new: str, tail: bytes,

@@ -1146,6 +1146,52 @@ def test_a_line_appended_while_the_recover_copies_goes_to_the_fresh_session(
 
 
 @needs_xattr
+def test_an_interrupt_as_a_recover_marks_and_carries_leaves_no_line_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recover interrupted (Ctrl-C, a SIGTERM handler's exception) at any point of its
+    code where a signal handler can run: where it has marked the old session moved, the
+    fresh session has every line of the old one, the stuck run's late reply, written
+    while the copy was made, included. An interrupt between the mark and the carry left
+    that reply in the old session only, which nobody reads once it is marked."""
+    from interrupts import interrupted_at
+
+    from fencelock import _fence, _moved
+
+    real = _fence.publish
+    number = marked_and_fired = 0
+    while True:
+        session = tmp_path / f"walk-{number}" / "s.jsonl"
+        session.parent.mkdir()
+        session.write_text('{"n": 1}\n')
+        stuck = SessionLock(session, lane="slow-run")
+        stuck.acquire()
+        stuck.append({"n": 2})
+
+        def publish_after_late_line(*args: Any, lock: SessionLock = stuck,
+                                    **kwargs: Any) -> None:
+            lock.append({"n": "late"})  # the copy's end was read already
+            real(*args, **kwargs)
+
+        monkeypatch.setattr(_fence, "publish", publish_after_late_line)
+        try:
+            fired, _ = interrupted_at(number, lambda s=session: recover(s, wait=0),
+                                      [_recovery.__file__])
+        finally:
+            monkeypatch.setattr(_fence, "publish", real)
+            stuck.release()
+        fresh = _moved.target(str(session))
+        if fresh is not None:
+            lines = [json.loads(x)["n"] for x in Path(fresh).read_text().splitlines()]
+            assert lines == [1, 2, "late"], (number, lines)
+            marked_and_fired += fired
+        if not fired:
+            break
+        number += 1
+    assert fresh is not None and marked_and_fired > 5  # the points after the mark walked
+
+
+@needs_xattr
 def test_a_content_fenced_run_learns_of_the_move_at_its_next_write(session: Path) -> None:
     """The content fence sees no ctime, which the mark moves: its run looks at the
     mark at every append and fence check (it appended after the move)."""
