@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -1175,7 +1176,7 @@ def test_an_interrupt_as_a_recover_marks_and_carries_leaves_no_line_behind(
 
         monkeypatch.setattr(_fence, "publish", publish_after_late_line)
         try:
-            fired, _ = interrupted_at(number, lambda s=session: recover(s, wait=0),
+            fired, _ = interrupted_at(number, functools.partial(recover, session, wait=0),
                                       [_recovery.__file__])
         finally:
             monkeypatch.setattr(_fence, "publish", real)
