@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from fencelock import __version__, _platform
+from fencelock._ages import human_age
 from fencelock._constants import (
     DEFAULT_STUCK_AFTER,
     EXIT_CLOSED_PIPE,
@@ -45,7 +46,6 @@ from fencelock._output import (
     error_line,
     held_record,
     holder_text,
-    human_age,
     is_sidecar,
     json_element,
     library_errors,

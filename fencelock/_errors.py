@@ -37,9 +37,11 @@ from __future__ import annotations
 import errno
 import os
 import shlex
+import time
 from typing import TYPE_CHECKING, Any
 
-from fencelock._constants import COMMAND_NAME
+from fencelock._ages import human_age
+from fencelock._constants import COMMAND_NAME, DEFAULT_STUCK_AFTER
 
 if TYPE_CHECKING:
     from fencelock._fingerprint import Fingerprint
@@ -101,9 +103,12 @@ class SessionContendedError(CoordinationError):
         backend: str | None = None,
         last: HolderInfo | None = None,
         held_by: str | None = None,
+        seen_at: float | None = None,
     ):
         self.session = session
         self.holder = holder
+        self.seen_at = time.time() if seen_at is None else seen_at
+        """When the holder was found (epoch seconds): its run's age is said from it."""
         """The live holder's record; None when the lock is held without one."""
         self.last = last
         """Without a live record: the session's last record, when it names the
@@ -117,10 +122,23 @@ class SessionContendedError(CoordinationError):
         self.held_by = held_by
         """Without a record: what holds the session, in the store's words (etcd: the
         owner key), where the store can say more than that."""
-        super().__init__(
-            f"{self.situation()}; wait for it, or start a fresh session "
-            f"({session_command(session, backend)})"
-        )
+        super().__init__(f"{self.situation()}; {self.advice()}")
+
+    def advice(self) -> str:
+        """What to do: wait, or start a fresh session. A run with a record is said as
+        busy or stuck by its heartbeat (`DEFAULT_STUCK_AFTER`, as `status` says it): a
+        busy one is waited for, and a fresh session is for one that never ends."""
+        fresh = f"start a fresh session ({session_command(self.session, self.backend)})"
+        run = self.holder
+        if run is None:
+            return f"wait for it, or {fresh}"
+        began = human_age(self.seen_at - run.acquired_at)
+        quiet = self.seen_at - run.heartbeat_at
+        if quiet > DEFAULT_STUCK_AFTER:
+            return (f"its run began {began} ago and was last heard from {human_age(quiet)} "
+                    f"ago (stuck): {fresh}")
+        return (f"its run began {began} ago and is alive: wait for it (a longer time "
+                f"limit), or, should it never end, {fresh}")
 
     def situation(self) -> str:
         """The message without its advice: ``SESSION: held by WHO[, after waiting Ns]``."""
@@ -136,7 +154,7 @@ class SessionContendedError(CoordinationError):
     def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild_contended, (self.session, self.holder, self.waited,
                                     self.lock_owners, self.backend, self.last,
-                                    self.held_by), self.__dict__
+                                    self.held_by, self.seen_at), self.__dict__
 
 
 class HeldByOwnRunError(SessionContendedError):
@@ -145,9 +163,10 @@ class HeldByOwnRunError(SessionContendedError):
     where it passes none on: the held record names that run, ``FENCELOCK_RUN_ID``), so
     a wait for the session would wait for this process itself, for ever."""
 
-    def __init__(self, session: str, holder: HolderInfo | None, fd: int):
+    def __init__(self, session: str, holder: HolderInfo | None, fd: int,
+                 seen_at: float | None = None):
         self.fd = fd
-        super().__init__(session, holder)
+        super().__init__(session, holder, seen_at=seen_at)
         who = "" if holder is None else f"; pid {holder.pid}, lane {holder.lane!r}"
         if fd >= 0:
             how, holds = (f"its lock's descriptor, FENCELOCK_FD {fd}, is open here",
@@ -165,7 +184,8 @@ class HeldByOwnRunError(SessionContendedError):
         return str(self.args[0])
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return HeldByOwnRunError, (self.session, self.holder, self.fd), self.__dict__
+        return HeldByOwnRunError, (self.session, self.holder, self.fd, self.seen_at), \
+            self.__dict__
 
 
 class SessionTakeoverError(CoordinationError):
@@ -648,9 +668,11 @@ def _rebuild_contended(
     backend: str | None = None,
     last: HolderInfo | None = None,
     held_by: str | None = None,
+    seen_at: float | None = None,
 ) -> SessionContendedError:
     return SessionContendedError(session, holder, waited=waited, lock_owners=lock_owners,
-                                 backend=backend, last=last, held_by=held_by)
+                                 backend=backend, last=last, held_by=held_by,
+                                 seen_at=seen_at)
 
 
 def _rebuild_write_error(

@@ -59,8 +59,9 @@ from fencelock import (
     scan,
     verify,
 )
+from fencelock._ages import human_age
 from fencelock._cli import main
-from fencelock._output import clean, human_age
+from fencelock._output import clean
 from fencelock._record import decode
 
 REPO = Path(__file__).resolve().parent.parent

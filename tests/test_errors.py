@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from fencelock import LockOwner, _errors
+from fencelock._ages import human_age
 from fencelock._fingerprint import Fingerprint
 from fencelock._record import HolderInfo, Phase, PreviousHolder, State
 
@@ -27,6 +28,8 @@ HOLDER = HolderInfo(
     previous=PreviousHolder(pid=41, host="gw-0", lane="cron", run_id="r-0", token=16),
     origin="/s/old.jsonl", extra={"future_field": [1, 2]},
 )
+SEEN = 3.0
+"""When the samples' holders were found: a fixed time, the same in a pool worker."""
 
 
 def samples() -> dict[str, BaseException]:
@@ -39,16 +42,16 @@ def samples() -> dict[str, BaseException]:
         "FenceLockError": _errors.FenceLockError("/s/a.jsonl: something"),
         "CoordinationError": _errors.CoordinationError("/s/a.jsonl: met"),
         "SessionContendedError": _errors.SessionContendedError("/s/a.jsonl", HOLDER,
-                                                               waited=1.25),
+                                                               waited=1.25, seen_at=SEEN),
         "SessionContendedError-etcd": _errors.SessionContendedError(
-            "/s/a.jsonl", HOLDER, backend="etcd://127.0.0.1:2379/p?ttl=5"),
+            "/s/a.jsonl", HOLDER, backend="etcd://127.0.0.1:2379/p?ttl=5", seen_at=SEEN),
         "SessionContendedError-foreign": _errors.SessionContendedError(
-            "/s/a.jsonl", None, lock_owners=(LockOwner(99, True, "flock"),)),
+            "/s/a.jsonl", None, lock_owners=(LockOwner(99, True, "flock"),), seen_at=SEEN),
         "SessionContendedError-left": _errors.SessionContendedError(
             "/s/a.jsonl", None, lock_owners=(LockOwner(HOLDER.pid, False, None),),
-            last=replace(HOLDER, state=State.RELEASED)),
-        "HeldByOwnRunError": _errors.HeldByOwnRunError("/s/a.jsonl", HOLDER, 3),
-        "HeldByOwnRunError-unread": _errors.HeldByOwnRunError("/s/a.jsonl", None, 5),
+            last=replace(HOLDER, state=State.RELEASED), seen_at=SEEN),
+        "HeldByOwnRunError": _errors.HeldByOwnRunError("/s/a.jsonl", HOLDER, 3, SEEN),
+        "HeldByOwnRunError-unread": _errors.HeldByOwnRunError("/s/a.jsonl", None, 5, SEEN),
         "SessionTakeoverError": _errors.SessionTakeoverError("/s/a.jsonl", FP, FP_MOVED),
         "SessionTakeoverError-gone": _errors.SessionTakeoverError("/s/a.jsonl", FP, None),
         "SessionTakeoverError-stored": _errors.SessionTakeoverError("/s/a.jsonl", FP, FP_MOVED,
@@ -108,6 +111,26 @@ def test_a_contention_error_names_a_wait_from_half_a_second_as_printed(
     assert ("after waiting" in text) == (said is not None), text
     if said is not None:
         assert f", after waiting {said}s;" in text
+
+
+@pytest.mark.parametrize(("quiet", "stuck"), [(0.0, False), (599.0, False), (601.0, True)])
+def test_a_contention_error_says_a_busy_run_is_waited_for_and_a_stuck_one_moved_from(
+    quiet: float, stuck: bool
+) -> None:
+    """The advice follows the run's heartbeat as `status` does (stuck after 10 minutes
+    without one): a busy run is waited for, and a fresh session is offered for one that
+    never ends; a stuck one is moved from."""
+    text = str(_errors.SessionContendedError(
+        "/s/a.jsonl", HOLDER, seen_at=HOLDER.heartbeat_at + quiet))
+    began = human_age(HOLDER.heartbeat_at + quiet - HOLDER.acquired_at)
+    if stuck:
+        assert text.endswith(f"; its run began {began} ago and was last heard from 10m01s "
+                             "ago (stuck): start a fresh session (fencelock recover "
+                             "/s/a.jsonl)"), text
+    else:
+        assert text.endswith(f"; its run began {began} ago and is alive: wait for it (a "
+                             "longer time limit), or, should it never end, start a fresh "
+                             "session (fencelock recover /s/a.jsonl)"), text
 
 
 def _same(a: Any, b: Any) -> None:

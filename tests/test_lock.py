@@ -332,6 +332,9 @@ def test_contended_error_names_the_holder(session: Path) -> None:
         SessionLock(session, on_contention="fail").acquire()
     text = str(err.value)
     assert str(session) in text and f"pid {os.getpid()}" in text and "heartbeat" in text
+    # A busy run is waited for; a fresh session is for one that never ends.
+    assert "; its run began 0s ago and is alive: wait for it (a longer time limit), or, " \
+        f"should it never end, start a fresh session (fencelock recover {session})" in text
 
 
 def test_bad_arguments_are_refused(session: Path) -> None:
