@@ -248,6 +248,32 @@ def test_a_stopped_reproduction_on_a_throwaway_etcd_leaves_nothing_running(
     _all_end(under)
 
 
+def test_a_worker_interrupted_inside_a_callback_prints_no_traceback() -> None:
+    """A reproduction worker's SIGINT (a Ctrl-C, or the stop the reproduction sends)
+    that lands inside a callback Python cannot raise from (an import's module-lock
+    callback) printed "Exception ignored ... KeyboardInterrupt" after the
+    reproduction's one line; a worker drops that one (the stop ends it), and says any
+    other exception such a callback raises."""
+    code = (
+        "import sys, weakref\n"
+        "from fencelock.tools import repro\n"
+        "sys.unraisablehook = repro._quiet_interrupt\n"
+        "class A: pass\n"
+        "def interrupted(ref): raise KeyboardInterrupt\n"
+        "def failed(ref): raise ValueError('a callback failed')\n"
+        "a, b = A(), A()\n"
+        "refs = weakref.ref(a, interrupted), weakref.ref(b, failed)\n"
+        "del a\n"
+        "print('went on', flush=True)\n"
+        "del b\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout == "went on\n", out
+    assert "KeyboardInterrupt" not in out.stderr, out.stderr
+    assert "ValueError: a callback failed" in out.stderr, out.stderr
+
+
 def _all_end(pids: set[int]) -> None:
     """Wait until every process of ``pids`` is gone (or a zombie); fail after 30 s."""
     import time

@@ -30,6 +30,7 @@ import os
 import queue
 import random
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -789,7 +790,18 @@ class Job:
     """The mirror: how many lanes deliver to it (each sends None when done)."""
 
 
+def _quiet_interrupt(unraisable: sys.UnraisableHookArgs) -> None:
+    """A worker's ``sys.unraisablehook``: a Ctrl-C (or the reproduction's stop, which
+    sends SIGINT) that lands inside a callback Python cannot raise from (an import's
+    module-lock callback, a finalizer) is dropped without the "Exception ignored"
+    traceback that would follow the reproduction's one line: the worker is then ended
+    by the stop that follows it (its ``stop`` event, then `terminate` after 5 s)."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+
+
 def _worker(job: Job, results: Queue[Any], mirror: Queue[Any], start: Event, stop: Event) -> None:
+    sys.unraisablehook = _quiet_interrupt
     if job.mode is Mode.FENCELOCK:  # every lock, probe and recover of this lane's process
         os.environ[BACKEND_ENV] = job.config.backend
     try:
