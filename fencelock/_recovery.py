@@ -133,7 +133,9 @@ def recover(
         raise _unreadable(session, sidecar, found, sidecars=store is None)
     moved = _moved.target(session)
     if moved is not None and _published(moved, session):  # (a part a recover left goes)
-        # A recover moved the conversation: it goes on there, whoever holds it now.
+        # A recover moved the conversation: it goes on there, whoever holds it now
+        # (with the lines its recover, killed before it carried them, left behind).
+        _finish_move(session, moved, lane if fresh else "recovery", backend)
         return Recovery(Action.FRESH, moved, found, 0.0, 0)
     waited, released = 0.0, False
     if found.state is ProbeState.LIVE:
@@ -169,11 +171,13 @@ def recover(
                 # Its lock given back, a holder store (etcd) keeps the released record.
                 _drop_unfinished(session, e.fresh, None, backend)
             else:
-                if stuck is not None:  # a run's (a holder outside fencelock's: its own)
-                    # Marked by its maker (`_fill_fresh`), unless another recover made it
-                    # or finishing it failed first: for every later run and recover of it
-                    # (under the session file's lock, as its maker does: see there).
+                if stuck is not None and made:  # a run's (a holder outside fencelock's:
+                    # its own). Marked by this call (`_fill_fresh`), unless finishing it
+                    # failed first: for every later run and recover of it (under the
+                    # session file's lock, as its maker does: see there).
                     _mark_held(session, new)
+                elif stuck is not None:  # another recover's: finished, where it was killed
+                    _finish_move(session, new, lane, backend)
                 try:
                     return Recovery(Action.FRESH, new, found, waited, carried)
                 except BaseException:  # an interrupt: the caller never learns its name
@@ -192,7 +196,7 @@ def recover(
     taken_over = _taken_over(session, now, backend, ended)
     if taken_over is not None:  # the conversation was moved there
         # (Again, where its recover was stopped first; under the lock, as it marks.)
-        _mark_held(session, taken_over)
+        _finish_move(session, taken_over, lane if fresh else "recovery", backend)
         return Recovery(Action.FRESH, taken_over, found, waited, 0)
     if found._owner and found.record is None and now._owner != found._owner:
         # An owner key without a record, gone since: a recover that took it for a holder
@@ -682,7 +686,10 @@ def _fill_fresh(
     lock._token_floor = max(old_token, last)
     lock._stamped_floor = last  # the lines' own tokens (a store's may be of another kind)
     fd = -1
-    held: list[tuple[int, os.stat_result]] = []  # the old session, locked to mark it
+    copying = [-1]  # the old session, opened to copy it (`_close_copy`)
+    held: _Held = []  # the old session, locked to mark it
+    let_go = (functools.partial(_let_go_of_marked, held),
+              functools.partial(_close_copy, copying))  # (made before: see `_cleanup`)
     try:
         with lock:
             # Another recover of the same stuck run made it meanwhile; but not what
@@ -709,7 +716,9 @@ def _fill_fresh(
                 # take long to read) only now that the lock is taken: the sooner it is, the
                 # sooner a recover arriving after the stuck run ended finds this copy.
                 floor = _tokens.floor(session)
-                fd = _open_old(session) if carry else -1
+                # (Stored with no point for a signal handler between: see `_open_old`.)
+                copying[0], = map(_open_old, (session,)) if carry else (-1,)
+                fd = copying[0]
                 # The old transcript up to its last line break (a torn last line stays
                 # behind), as it is now: the live holder may still append while this copies.
                 end = _complete_end(fd, session) if fd >= 0 else 0
@@ -758,30 +767,45 @@ def _fill_fresh(
                     # sidecar, which could keep out the next recover (another user's).
                     _remove_fresh(new)
                 raise
-            # The published copy is the fence point the record carries (taken by
-            # opening it where the store is shared by hosts, as its fence checks do).
-            lock._fp = _fingerprint.take(new, lock.fence_mode,
-                                         opened=lock._store.opens_session)
-            if stuck is not None:
-                # Marked before its lock is given back: every later run and recover of
-                # the old session finds the fresh one, and so does the stuck run's next
-                # write. The lines it wrote while this copied come along.
-                move = _Move(lock, session, new, held, fd, end)
-                try:
+            # Named: from here on, an interrupt (SIGTERM, Ctrl-C) ends the recover only
+            # once the old session is marked and the lines it gained while this copied
+            # are carried (milliseconds); else they would stay in a session nobody reads
+            # (the next recover of it finishes that too: `_finish_move`).
+            move = _Move(lock, session, new, held, fd, end) if stuck is not None else None
+            try:
+                # The published copy is the fence point the record carries (taken by
+                # opening it where the store is shared by hosts, as its fence checks do).
+                lock._fp = _fingerprint.take(new, lock.fence_mode,
+                                             opened=lock._store.opens_session)
+                if move is not None:
                     copied[0] += move.finish()
-                except (FenceLockError, OSError):
-                    raise
-                except BaseException:
-                    # An interrupt (SIGTERM, Ctrl-C) as it marks or carries: the copy is
-                    # named, so the move is finished all the same (milliseconds), or the
-                    # lines gained meanwhile would stay in a session nobody reads now.
-                    _cleanup.to_the_end(move.finish_quietly)
-                    raise
+            except (FenceLockError, OSError):
+                raise
+            except BaseException:
+                if move is not None:
+                    try:
+                        _cleanup.to_the_end(move.finish_quietly)
+                    except BaseException:  # one that landed as it was entered: once more
+                        _cleanup.to_the_end(move.finish_quietly)
+                        raise
+                raise
             lock._write_record()
     finally:
-        _let_go_of_marked(held)
-        if fd >= 0:
-            os.close(fd)
+        try:
+            _cleanup.to_the_end(*let_go)
+        except BaseException:  # one that landed as it was entered: once more
+            _cleanup.to_the_end(*let_go)
+            raise
+
+
+def _close_copy(copying: list[int]) -> None:
+    """Close the old session's descriptor the copy read, if open; safe to run again
+    after an interrupt cut it short (`_cleanup.to_the_end`): it is marked closed, with
+    no point for a signal handler between, before it is closed."""
+    fd = copying[0]
+    if fd >= 0:
+        copying[0] = -1
+        os.close(fd)
 
 
 MARK_WAIT = 10.0
@@ -789,15 +813,19 @@ MARK_WAIT = 10.0
 append holds it shared for one write and its fsync: `_fence.append`)."""
 
 
-def _hold_to_mark(session: str, held: list[tuple[int, os.stat_result]]) -> None:
+_Held = list[tuple[int, os.stat_result, object]]
+"""The old session opened and locked to mark it (`_hold_to_mark`): its descriptor, its
+stat, and the descriptor's tracking entry (`_forkguard.entry`), for `_let_go_of_marked`
+to close it only while it is still that open."""
+
+
+def _hold_to_mark(session: str, held: _Held) -> None:
     """Open ``session`` and take its file's own lock exclusively (up to `MARK_WAIT`: an
     append holds it shared from its look at the mark until its line is in), into
     ``held`` (nothing where it cannot be opened: the mark is then set without it)."""
-    opened = _open_to_mark(session)
-    if opened is None:
+    if not _open_to_mark(session, held):
         return
-    held.append(opened)
-    if not _platform.lock_session(opened[0], False, MARK_WAIT):
+    if not _platform.lock_session(held[-1][0], False, MARK_WAIT):
         warn_each_time(
             f"{session}: an append has held the session file's own lock for over "
             f"{MARK_WAIT:g} s (a run stopped in its write, or a process that locks the file "
@@ -806,31 +834,44 @@ def _hold_to_mark(session: str, held: list[tuple[int, os.stat_result]]) -> None:
             stacklevel=7)
 
 
-def _let_go_of_marked(held: list[tuple[int, os.stat_result]]) -> None:
-    """Close what `_hold_to_mark` opened (its lock goes with it)."""
+def _let_go_of_marked(held: _Held) -> None:
+    """Close what `_hold_to_mark` opened (its lock goes with it). Closed before it is
+    dropped from ``held``, and only while it is still that open: run again after an
+    interrupt cut it short, it neither leaves the descriptor (and the lock, which would
+    hold up every append to the old session) open nor closes another open's number."""
     while held:
-        _forkguard.close(held.pop()[0])  # (a forked child never keeps a copy)
+        fd, _, opened = held[-1]
+        _forkguard.close_if_still(fd, opened)  # (a forked child never keeps a copy)
+        held.pop()
 
 
-def _open_to_mark(session: str) -> tuple[int, os.stat_result] | None:
-    """``session`` opened for `_hold_to_mark` (read and write where this user may:
-    flock needs no write access, but where it is emulated, NFS, it does), tracked for
-    fork (`_forkguard`); None where it cannot be opened."""
+def _open_to_mark(session: str, held: _Held) -> bool:
+    """Open ``session`` for `_hold_to_mark` (read and write where this user may: flock
+    needs no write access, but where it is emulated, NFS, it does), tracked for fork
+    (`_forkguard`), into ``held``; False where it cannot be opened. An interrupt before
+    it is in ``held`` closes it (the open's result is stored with no point for a signal
+    handler between: see `_open_old`)."""
     for flags in (os.O_RDWR, os.O_RDONLY):
         with _forkguard.guard:
+            fd = -1
             try:
                 (fd, st), = map(_sidecar.open_regular, (session,), (flags,))
+                _forkguard.track(fd, st)
+                held.append((fd, st, _forkguard.entry(fd)))
+                return True
             except (OSError, FenceLockError):
                 continue
-            _forkguard.track(fd, st)
-            return fd, st
-    return None
+            except BaseException:
+                if fd >= 0 and (not held or held[-1][0] != fd):
+                    _forkguard.close(fd)  # (untracked too, if it came before `track`)
+                raise
+    return False
 
 
 def _mark_held(session: str, new: str) -> None:
     """Mark ``session`` moved to ``new`` holding its file's own lock, as the recover that
     made ``new`` did (again, where it was stopped or failed first)."""
-    held: list[tuple[int, os.stat_result]] = []
+    held: _Held = []
     try:
         _hold_to_mark(session, held)
         _mark_and_read_tail(session, new, held, -1, 0)
@@ -838,7 +879,71 @@ def _mark_held(session: str, new: str) -> None:
         _let_go_of_marked(held)
 
 
-def _mark_and_read_tail(session: str, new: str, held: list[tuple[int, os.stat_result]],
+def _finish_move(session: str, new: str, lane: str, backend: str | None) -> None:
+    """Mark ``session`` moved to ``new``, a fresh session another recover made, as
+    `_mark_held` does, and finish that recover's carry where it was killed (SIGKILL)
+    between naming ``new`` and carrying: the lines ``session`` gained while it was
+    copied are what it has past the whole of ``new``, where ``new`` is still that copy
+    (`_copy_end`: its bytes the start of ``session``'s, nothing appended to it since).
+    They are appended under ``new``'s lock, taken first (the order its maker takes the
+    two locks in). Where that lock is held (its maker still at work, a run of it) or
+    cannot be taken, ``session`` is only marked; a failed carry is warned of, naming
+    the lines and how to carry them by hand."""
+    lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session, backend=backend,
+                             mode=_fresh_mode(session))
+    lock._like = session  # as root, its files stay the stuck session's owner's
+    try:
+        lock.acquire()
+    except (FenceLockError, OSError):
+        _mark_held(session, new)
+        return
+    try:
+        held: _Held = []
+        try:
+            _hold_to_mark(session, held)
+            end = _copy_end(new, held[0][0]) if held else -1
+            tail = _mark_and_read_tail(session, new, held, held[0][0] if end > 0 else -1,
+                                       max(end, 0))
+        finally:
+            _let_go_of_marked(held)
+        if tail:
+            try:
+                _carry_tail(lock, session, new, tail, end)
+                lock._write_record()
+            except FenceLockError as e:
+                warn_each_time(str(e), stacklevel=3)
+    finally:
+        lock.release()
+
+
+def _copy_end(new: str, old: int) -> int:
+    """The size of ``new`` where it is still the copy a recover made of the old session
+    (open as ``old``), and the old session has more: its bytes are the old session's
+    first ones and end a line. -1 otherwise: carried already, appended to since, started
+    empty (`carry=False`), or unreadable."""
+    try:
+        (fd, st), = map(_sidecar.open_regular, (new,), (os.O_RDONLY,))  # (see `_open_old`)
+    except (OSError, FenceLockError):
+        return -1
+    try:
+        size = st.st_size
+        if not size or os.fstat(old).st_size <= size:
+            return -1
+        offset, last = 0, b""
+        while offset < size:
+            want = min(CARRY_CHUNK, size - offset)
+            last = _platform.pread(fd, want, offset)
+            if not last or last != _platform.pread(old, len(last), offset):
+                return -1
+            offset += len(last)
+        return size if last.endswith(b"\n") else -1
+    except OSError:
+        return -1
+    finally:
+        os.close(fd)
+
+
+def _mark_and_read_tail(session: str, new: str, held: _Held,
                         copied: int, end: int) -> bytes | None:
     """Mark ``session`` moved to ``new`` (`_moved`) holding the session file's own lock
     exclusively (``held``: `_hold_to_mark`, taken before ``new`` got its name), and
@@ -854,7 +959,7 @@ def _mark_and_read_tail(session: str, new: str, held: list[tuple[int, os.stat_re
     if not held:
         _moved.mark(session, new)
         return None
-    fd, st = held[0]
+    fd, st, _ = held[0]
     _moved.mark(session, new, fd)
     if copied < 0:
         return None
@@ -885,12 +990,12 @@ class _Move:
     which this recover holds, is appended to only while it is still the size it was."""
 
     def __init__(self, lock: _lock.SessionLock, session: str, new: str,
-                 held: list[tuple[int, os.stat_result]], copied: int, end: int) -> None:
+                 held: _Held, copied: int, end: int) -> None:
         self.lock, self.session, self.new = lock, session, new
         self.held, self.copied, self.end = held, copied, end
         self.read = False
         self.tail: bytes | None = None
-        self.size = lock._fp.size if lock._fp is not None else 0  # the fresh session's
+        self.size = end  # the fresh session's, as named: the copy of the first ``end`` bytes
 
     def finish(self) -> int:
         """Mark, let go of the old session, carry: how many lines were carried."""
@@ -901,7 +1006,12 @@ class _Move:
         _let_go_of_marked(self.held)  # (`_fill_fresh` lets go where this raises)
         if not self.tail or os.stat(self.new).st_size != self.size:
             return 0  # nothing to carry, or carried before an interrupt
-        return _carry_tail(self.lock, self.session, self.new, self.tail, self.end)
+        # The fence point the carry appends from, taken again: after an interrupt it may
+        # not have been taken yet, or not after the fresh session's token mark moved.
+        lock = self.lock
+        lock._fp = _fingerprint.take(self.new, lock.fence_mode,
+                                     opened=lock._store.opens_session)
+        return _carry_tail(lock, self.session, self.new, self.tail, self.end)
 
     def finish_quietly(self) -> None:
         """`finish`, for an interrupt that is raised once it is done: a failure to
@@ -966,8 +1076,11 @@ _START_EMPTY = "recover with carry=False (fencelock recover --no-carry) to start
 
 
 def _open_old(session: str) -> int:
+    """``session`` opened to copy it; -1 where it is missing. Called through `map` and
+    unpacked, as it calls `open_regular`: an interrupt right after a call returns (where a
+    signal handler runs) would drop the descriptor on the floor, left open."""
     try:
-        fd, _ = _sidecar.open_regular(session, os.O_RDONLY)
+        (fd, _), = map(_sidecar.open_regular, (session,), (os.O_RDONLY,))
     except FileNotFoundError:
         return -1
     except OSError as e:

@@ -1059,6 +1059,69 @@ def test_a_recover_stopped_before_it_marks_the_old_session_leaves_no_fresh_sessi
     assert lines == [1, "late"]
 
 
+KILLED_BEFORE_CARRYING = """
+import os, signal, sys
+from fencelock import SessionLock, _fence, _recovery, recover
+session, point = sys.argv[1:]
+stuck = SessionLock(session, lane="slow-run", stamp=True)
+stuck.acquire()
+stuck.append({"n": 2})
+publish = _fence.publish
+def late_line_then_named(*args, **kwargs):
+    stuck.append({"n": "late"})  # the copy's end was read already
+    publish(*args, **kwargs)
+    if point == "named":
+        os.kill(os.getpid(), signal.SIGKILL)  # named; the old session not marked yet
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)  # marked, the late line read, not carried
+_fence.publish = late_line_then_named
+_recovery._carry_tail = killed
+recover(session, wait=0)
+"""
+"""A recover, its stuck run in the same process, killed (SIGKILL) once the fresh session
+is named (``named``) or once the old one is marked (``marked``), before it carried the
+line the stuck run appended while it copied: ``python -c KILLED_BEFORE_CARRYING SESSION
+POINT``."""
+
+
+@needs_xattr
+@pytest.mark.parametrize("point", ["named", "marked"])
+def test_the_next_recover_carries_what_a_killed_recover_left_behind(
+    session: Path, point: str
+) -> None:
+    """A recover killed (SIGKILL: nothing of it runs after) between naming the fresh
+    session and carrying the lines the old session gained while it copied left those
+    lines in the old session alone, which nobody reads once it is marked: the next
+    recover, answering that fresh session, carried nothing. It now finishes the move:
+    where the fresh session is still the copy (the old session's first bytes, nothing
+    appended since), the old session's lines past it go there, under both locks."""
+    from fencelock import _moved
+
+    session.write_text('{"n": 1}\n')
+    killed = subprocess.run([sys.executable, "-c", KILLED_BEFORE_CARRYING, str(session),
+                             point], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    fresh = [p for p in session.parent.glob("*.jsonl") if p != session]
+    assert len(fresh) == 1, fresh
+    ns = [json.loads(x)["n"] for x in fresh[0].read_text().splitlines()]
+    assert ns == [1, 2], ns  # the precondition: the late line not carried
+    assert (_moved.target(str(session)) is not None) == (point == "marked")
+    again = recover(session, wait=0)
+    assert (again.action, again.session) == (Action.FRESH, str(fresh[0])), again
+    ns = [json.loads(x)["n"] for x in fresh[0].read_text().splitlines()]
+    assert ns == [1, 2, "late"], ns
+    assert _moved.target(str(session)) == str(fresh[0])
+    assert recover(session, wait=0).session == str(fresh[0])  # once: nothing carried twice
+    with SessionLock(fresh[0], lane="next", stamp=True) as lock:
+        lock.append({"n": 3})
+    ns = [json.loads(x)["n"] for x in fresh[0].read_text().splitlines()]
+    assert ns == [1, 2, "late", 3], ns
+    assert recover(session, wait=0).session == str(fresh[0])  # appended to: not a copy now
+    report = verify(fresh[0])
+    assert report.ok and report.stamped == 3, report.problems
+    assert fresh[0].read_text().count('"late"') == 1
+
+
 @needs_xattr
 def test_status_and_probe_show_where_a_moved_conversation_went(
     session: Path, store: str | None
@@ -1147,15 +1210,21 @@ def test_a_line_appended_while_the_recover_copies_goes_to_the_fresh_session(
 
 
 @needs_xattr
+@pytest.mark.parametrize("late", ["stuck run", "queued run"])
 def test_an_interrupt_as_a_recover_marks_and_carries_leaves_no_line_behind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, late: str
 ) -> None:
     """A recover interrupted (Ctrl-C, a SIGTERM handler's exception) at any point of its
     code where a signal handler can run: where it has marked the old session moved, the
     fresh session has every line of the old one, the stuck run's late reply, written
     while the copy was made, included. An interrupt between the mark and the carry left
-    that reply in the old session only, which nobody reads once it is marked."""
-    from interrupts import interrupted_at
+    that reply in the old session only, which nobody reads once it is marked. Nor is
+    the old session left open (its descriptor would keep the exclusive lock that holds
+    up every append to it), and the next recover answers with every line too. The
+    ``queued run``'s late line is stamped above the fresh session's token, which the
+    carry raises first (an interrupt right after that left a fence point the carry,
+    run again, took for a foreign write)."""
+    from interrupts import fds_naming, interrupted_at
 
     from fencelock import _fence, _moved
 
@@ -1170,8 +1239,13 @@ def test_an_interrupt_as_a_recover_marks_and_carries_leaves_no_line_behind(
         stuck.append({"n": 2})
 
         def publish_after_late_line(*args: Any, lock: SessionLock = stuck,
-                                    **kwargs: Any) -> None:
-            lock.append({"n": "late"})  # the copy's end was read already
+                                    old: Path = session, **kwargs: Any) -> None:
+            if late == "stuck run":
+                lock.append({"n": "late"})  # the copy's end was read already
+            else:  # a run queued behind it, its token far above (as after a reservation)
+                with old.open("a") as f:
+                    f.write(json.dumps({"n": "late", STAMP_KEY: {
+                        "token": 10_000, "run_id": "queued"}}) + "\n")
             real(*args, **kwargs)
 
         monkeypatch.setattr(_fence, "publish", publish_after_late_line)
@@ -1181,11 +1255,16 @@ def test_an_interrupt_as_a_recover_marks_and_carries_leaves_no_line_behind(
         finally:
             monkeypatch.setattr(_fence, "publish", real)
             stuck.release()
+        assert not fds_naming(f"/{session.parent.name}/s.jsonl"), number
         fresh = _moved.target(str(session))
         if fresh is not None:
             lines = [json.loads(x)["n"] for x in Path(fresh).read_text().splitlines()]
             assert lines == [1, 2, "late"], (number, lines)
             marked_and_fired += fired
+        answer = recover(session, wait=0)
+        if answer.session != str(session):  # (interrupted before naming: made again now)
+            lines = [json.loads(x)["n"] for x in Path(answer.session).read_text().splitlines()]
+            assert lines == [1, 2, "late"], (number, lines)
         if not fired:
             break
         number += 1
