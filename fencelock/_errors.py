@@ -107,9 +107,9 @@ class SessionContendedError(CoordinationError):
     ):
         self.session = session
         self.holder = holder
+        """The live holder's record; None when the lock is held without one."""
         self.seen_at = time.time() if seen_at is None else seen_at
         """When the holder was found (epoch seconds): its run's age is said from it."""
-        """The live holder's record; None when the lock is held without one."""
         self.last = last
         """Without a live record: the session's last record, when it names the
         `fencelock run` whose command left the processes that hold the lock."""
@@ -132,8 +132,9 @@ class SessionContendedError(CoordinationError):
         run = self.holder
         if run is None:
             return f"wait for it, or {fresh}"
-        began = human_age(self.seen_at - run.acquired_at)
-        quiet = self.seen_at - run.heartbeat_at
+        # (A holder's clock ahead of this host's would give a negative age: none.)
+        began = human_age(max(0.0, self.seen_at - run.acquired_at))
+        quiet = max(0.0, self.seen_at - run.heartbeat_at)
         if quiet > DEFAULT_STUCK_AFTER:
             return (f"its run began {began} ago and was last heard from {human_age(quiet)} "
                     f"ago (stuck): {fresh}")
