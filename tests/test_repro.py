@@ -256,8 +256,7 @@ def test_a_worker_interrupted_inside_a_callback_prints_no_traceback() -> None:
     other exception such a callback raises."""
     code = (
         "import sys, weakref\n"
-        "from fencelock.tools import repro\n"
-        "sys.unraisablehook = repro._quiet_interrupt\n"
+        "import fencelock.tools._quiet_interrupts\n"
         "class A: pass\n"
         "def interrupted(ref): raise KeyboardInterrupt\n"
         "def failed(ref): raise ValueError('a callback failed')\n"

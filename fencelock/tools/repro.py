@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import importlib
 import json
 import multiprocessing
 import os
 import queue
 import random
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -790,18 +790,14 @@ class Job:
     """The mirror: how many lanes deliver to it (each sends None when done)."""
 
 
-def _quiet_interrupt(unraisable: sys.UnraisableHookArgs) -> None:
-    """A worker's ``sys.unraisablehook``: a Ctrl-C (or the reproduction's stop, which
-    sends SIGINT) that lands inside a callback Python cannot raise from (an import's
-    module-lock callback, a finalizer) is dropped without the "Exception ignored"
-    traceback that would follow the reproduction's one line: the worker is then ended
-    by the stop that follows it (its ``stop`` event, then `terminate` after 5 s)."""
-    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-        sys.__unraisablehook__(unraisable)
+_QUIET_INTERRUPTS = "fencelock.tools._quiet_interrupts"
+"""Imported by workers only: it sets the process's ``sys.unraisablehook``."""
 
 
 def _worker(job: Job, results: Queue[Any], mirror: Queue[Any], start: Event, stop: Event) -> None:
-    sys.unraisablehook = _quiet_interrupt
+    # Its interrupts Python cannot raise are dropped quietly (`_quiet_interrupts`; a
+    # fork server's children have it from the start, a spawned worker from here).
+    importlib.import_module(_QUIET_INTERRUPTS)
     if job.mode is Mode.FENCELOCK:  # every lock, probe and recover of this lane's process
         os.environ[BACKEND_ENV] = job.config.backend
     try:
@@ -1169,7 +1165,9 @@ def _context() -> ForkServerContext | SpawnContext:
     from a server that has fencelock imported where the platform has one, else spawned."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
+        # The fork server's children drop an interrupt Python cannot raise from the
+        # moment they exist (`_quiet_interrupts`), before any of their imports.
+        ctx.set_forkserver_preload([__name__, _QUIET_INTERRUPTS])
         _start_forkserver()
         return ctx
     return multiprocessing.get_context("spawn")
