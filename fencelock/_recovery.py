@@ -174,8 +174,10 @@ def recover(
                 if stuck is not None and made:  # a run's (a holder outside fencelock's:
                     # its own). Marked by this call (`_fill_fresh`), unless finishing it
                     # failed first: for every later run and recover of it (under the
-                    # session file's lock, as its maker does: see there).
-                    _mark_held(session, new)
+                    # session file's lock, as its maker does: see there; not waited
+                    # for again where the mark is set).
+                    if _moved.target(session) != new:
+                        _mark_held(session, new)
                 elif stuck is not None:  # another recover's: finished, where it was killed
                     _finish_move(session, new, lane, backend)
                 try:
@@ -686,6 +688,7 @@ def _fill_fresh(
     lock._token_floor = max(old_token, last)
     lock._stamped_floor = last  # the lines' own tokens (a store's may be of another kind)
     fd = -1
+    move: _Move | None = None
     copying = [-1]  # the old session, opened to copy it (`_close_copy`)
     held: _Held = []  # the old session, locked to mark it
     let_go = (functools.partial(_let_go_of_marked, held),
@@ -747,6 +750,8 @@ def _fill_fresh(
                 # leaves no fresh session that a later one would answer unmarked.
                 to_mark = functools.partial(_hold_to_mark, session, held) \
                     if stuck is not None else (lambda: None)
+                # Once the copy is named, the move is finished whatever comes (below).
+                move = _Move(lock, session, new, held, fd, end) if stuck is not None else None
                 try:
                     _fence.publish(new, _chunks(fd, session, end, digest), token=lock._token,
                                    file_mode=lock.mode, check=lock._store.check, owner=owner,
@@ -766,12 +771,13 @@ def _fill_fresh(
                     # While its lock is ours, nothing of it stays: not even a successor's
                     # sidecar, which could keep out the next recover (another user's).
                     _remove_fresh(new)
+                elif move is not None:  # named (only the directory's fsync failed, say)
+                    _finish_all_the_same(move)
                 raise
             # Named: from here on, an interrupt (SIGTERM, Ctrl-C) ends the recover only
             # once the old session is marked and the lines it gained while this copied
             # are carried (milliseconds); else they would stay in a session nobody reads
-            # (the next recover of it finishes that too: `_finish_move`).
-            move = _Move(lock, session, new, held, fd, end) if stuck is not None else None
+            # (a recover killed first leaves that to the next: `_finish_move`).
             try:
                 # The published copy is the fence point the record carries (taken by
                 # opening it where the store is shared by hosts, as its fence checks do).
@@ -783,11 +789,7 @@ def _fill_fresh(
                 raise
             except BaseException:
                 if move is not None:
-                    try:
-                        _cleanup.to_the_end(move.finish_quietly)
-                    except BaseException:  # one that landed as it was entered: once more
-                        _cleanup.to_the_end(move.finish_quietly)
-                        raise
+                    _finish_all_the_same(move)
                 raise
             lock._write_record()
     finally:
@@ -881,39 +883,50 @@ def _mark_held(session: str, new: str) -> None:
 
 def _finish_move(session: str, new: str, lane: str, backend: str | None) -> None:
     """Mark ``session`` moved to ``new``, a fresh session another recover made, as
-    `_mark_held` does, and finish that recover's carry where it was killed (SIGKILL)
-    between naming ``new`` and carrying: the lines ``session`` gained while it was
-    copied are what it has past the whole of ``new``, where ``new`` is still that copy
-    (`_copy_end`: its bytes the start of ``session``'s, nothing appended to it since).
-    They are appended under ``new``'s lock, taken first (the order its maker takes the
-    two locks in). Where that lock is held (its maker still at work, a run of it) or
-    cannot be taken, ``session`` is only marked; a failed carry is warned of, naming
-    the lines and how to carry them by hand."""
+    `_mark_held` does (not again where the mark names it already), and finish that
+    recover's carry where it was killed (SIGKILL) between naming ``new`` and carrying.
+
+    Only on that recover's own evidence: ``new``'s record is still the stale one of a
+    run begun from ``session`` (``origin``, which only a recover's run of a fresh session
+    writes; a finished move leaves it released, a run of ``new`` its own). Then, holding
+    ``new``'s lock (taken without waiting, first: the order its maker takes the two
+    locks in) and ``session``'s own exclusively, where ``new`` is still the bare copy
+    (`_copy_end`) the lines ``session`` has past it are appended to it (`_carry_tail`);
+    a failed carry is warned of, naming the lines and how to carry them by hand. Where
+    ``new``'s lock is held (another recover finishing it) or cannot be taken, nothing
+    is carried."""
+    try:
+        found = _probe.probe(new, backend=backend)
+    except (FenceLockError, OSError):
+        found = None
+    unfinished = (found is not None and found.state is ProbeState.STALE
+                  and found.record is not None and found.record.origin == session)
+    if not unfinished:
+        if _moved.target(session) != new:
+            _mark_held(session, new)
+        return
     lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session, backend=backend,
                              mode=_fresh_mode(session))
     lock._like = session  # as root, its files stay the stuck session's owner's
+    held: _Held = []
     try:
-        lock.acquire()
-    except (FenceLockError, OSError):
-        _mark_held(session, new)
-        return
-    try:
-        held: _Held = []
-        try:
-            _hold_to_mark(session, held)
-            end = _copy_end(new, held[0][0]) if held else -1
-            tail = _mark_and_read_tail(session, new, held, held[0][0] if end > 0 else -1,
-                                       max(end, 0))
-        finally:
-            _let_go_of_marked(held)
-        if tail:
+        with lock:  # (no point for an interrupt between its acquire and its release's care)
             try:
-                _carry_tail(lock, session, new, tail, end)
-                lock._write_record()
-            except FenceLockError as e:
-                warn_each_time(str(e), stacklevel=3)
-    finally:
-        lock.release()
+                _hold_to_mark(session, held)
+                end = _copy_end(new, held[0][0]) if held else -1
+                tail = _mark_and_read_tail(session, new, held,
+                                           held[0][0] if end > 0 else -1, max(end, 0))
+            finally:
+                _let_go_of_marked(held)
+            if tail:
+                try:
+                    _carry_tail(lock, session, new, tail, end)
+                    lock._write_record()
+                except FenceLockError as e:
+                    warn_each_time(str(e), stacklevel=3)
+    except (FenceLockError, OSError):  # taken meanwhile, or unusable: marked all the same
+        if _moved.target(session) != new:
+            _mark_held(session, new)
 
 
 def _copy_end(new: str, old: int) -> int:
@@ -1022,6 +1035,16 @@ class _Move:
             with contextlib.suppress(Warning):  # (warnings as errors: the interrupt goes on)
                 warn_each_time(str(e), stacklevel=7)
             self.tail = None
+
+
+def _finish_all_the_same(move: _Move) -> None:
+    """`_Move.finish_quietly`, to its end whatever interrupts it (`_cleanup`), for a
+    recover that ends with an exception once its fresh session is named."""
+    try:
+        _cleanup.to_the_end(move.finish_quietly)
+    except BaseException:  # one that landed as it was entered: once more
+        _cleanup.to_the_end(move.finish_quietly)
+        raise
 
 
 def _carry_tail(lock: _lock.SessionLock, session: str, new: str, tail: bytes,

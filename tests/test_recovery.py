@@ -28,7 +28,7 @@ from conftest import (
     reap,
     wait_for_blocked_waiter,
 )
-from marks import needs_proc, needs_root, needs_xattr
+from marks import needs_flock, needs_proc, needs_root, needs_xattr
 
 from fencelock import (
     STAMP_KEY,
@@ -1123,6 +1123,60 @@ def test_the_next_recover_carries_what_a_killed_recover_left_behind(
 
 
 @needs_xattr
+@pytest.mark.parametrize("after", ["started empty", "cut by its gateway"])
+def test_a_recover_answering_a_finished_move_carries_nothing(
+    session: Path, spawn_holder: SpawnHolder, after: str
+) -> None:
+    """Only a recover killed before it carried leaves lines for the next one to carry
+    (its fresh session's record stale, begun from the old session). A finished move is
+    answered as it is, even where the fresh session looks like a bare copy of the old
+    one's start: one started empty (``--no-carry``) whose first line a run wrote as the
+    old session's began, or one whose gateway cut its last turn off. (Carried by a
+    byte comparison alone, the old conversation went into both.)"""
+    session.write_text('{"n": 1}\n{"n": 2}\n{"n": "stuck turn"}\n')
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    moved = recover(session, wait=0, carry=after != "started empty")
+    fresh = Path(moved.session)
+    with SessionLock(fresh, lane="main"):
+        if after == "started empty":
+            with fresh.open("a") as f:
+                f.write('{"n": 1}\n')  # as the old session's first line
+        else:
+            os.truncate(fresh, len('{"n": 1}\n{"n": 2}\n'))  # the stuck turn dropped
+    kept = fresh.read_text()
+    assert recover(session, wait=0, lane="other").session == str(fresh)
+    assert fresh.read_text() == kept
+    h.call("release")
+
+
+@needs_xattr
+@needs_flock
+def test_a_recover_of_a_marked_session_answers_at_once(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """The stuck run stopped inside an append holds the old session file's own lock
+    (shared): the recover that moves it waits for that (10 s, with a warning). Every
+    later recover of the marked session answers at once, with no warning: it takes
+    neither lock unless the fresh session's maker was killed before it carried."""
+    import fcntl
+
+    session.write_text('{"n": 1}\n')
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    moved = recover(session, wait=0)  # (moved before anything holds the file)
+    fd = os.open(session, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # as an append stopped in its write holds it
+        for _ in range(2):
+            again = recover(session, wait=0)  # a wait warns: an error here
+            assert (again.action, again.session) == (Action.FRESH, moved.session)
+    finally:
+        os.close(fd)
+        h.call("release")
+
+
+@needs_xattr
 def test_status_and_probe_show_where_a_moved_conversation_went(
     session: Path, store: str | None
 ) -> None:
@@ -1251,7 +1305,7 @@ def test_an_interrupt_as_a_recover_marks_and_carries_leaves_no_line_behind(
         monkeypatch.setattr(_fence, "publish", publish_after_late_line)
         try:
             fired, _ = interrupted_at(number, functools.partial(recover, session, wait=0),
-                                      [_recovery.__file__])
+                                      [_recovery.__file__, _fence.__file__, _moved.__file__])
         finally:
             monkeypatch.setattr(_fence, "publish", real)
             stuck.release()
