@@ -1008,7 +1008,6 @@ class _Move:
         self.held, self.copied, self.end = held, copied, end
         self.read = False
         self.tail: bytes | None = None
-        self.size = end  # the fresh session's, as named: the copy of the first ``end`` bytes
 
     def finish(self) -> int:
         """Mark, let go of the old session, carry: how many lines were carried."""
@@ -1017,7 +1016,8 @@ class _Move:
                                             self.copied, self.end)
             self.read = True
         _let_go_of_marked(self.held)  # (`_fill_fresh` lets go where this raises)
-        if not self.tail or os.stat(self.new).st_size != self.size:
+        # The fresh session as named is the copy of the old one's first ``end`` bytes.
+        if not self.tail or os.stat(self.new).st_size != self.end:
             return 0  # nothing to carry, or carried before an interrupt
         # The fence point the carry appends from, taken again: after an interrupt it may
         # not have been taken yet, or not after the fresh session's token mark moved.
