@@ -281,7 +281,11 @@ class _Seconds(click.ParamType):  # type: ignore[type-arg]
     ) -> float:
         if isinstance(value, float):
             return value
-        text, scale = str(value).strip().lower(), 1.0
+        given = str(value).strip()
+        if given.endswith("M") and given[-2:-1].isdigit():
+            self.fail(f"{value!r} is ambiguous (M is months in some tools): give minutes "
+                      f"as {given[:-1]}m", param, ctx)
+        text, scale = given.lower(), 1.0
         for unit, size in _UNITS:
             if text.endswith(unit) and text[:-len(unit)][-1:].isdigit():
                 text, scale = text[:-len(unit)], size

@@ -2168,6 +2168,12 @@ def test_seconds_may_be_given_with_a_unit(session: Path, spawn_holder: SpawnHold
     fresh = rows(cli("status", "--json", "--stuck-after", "10m", str(session)))
     assert fresh[0]["state"] == "live" and fresh[0]["stuck"] is False, fresh
     assert cli("wait", str(session), "--timeout", "250ms").returncode == 4
+    # A capital M is minutes to some, months to others (systemd): refused, not guessed.
+    ambiguous = invoke("wait", str(session), "--timeout", "10M")
+    assert ambiguous.exit_code == 2, ambiguous.output
+    assert "'10M' is ambiguous (M is months in some tools): give minutes as 10m" \
+        in ambiguous.output
+    assert SECONDS.convert("250MS", None, None) == 0.25  # (no M alone: as before)
 
 
 @pytest.mark.parametrize("command", [["run", "S", "--lane", "x", "--", "true"],
