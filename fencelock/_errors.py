@@ -620,25 +620,34 @@ class FenceLockWarning(UserWarning):
     """Something works but is unsafe, e.g. a world-writable sessions directory."""
 
 
-def warn_each_time(text: str, stacklevel: int = 1) -> None:
+def warn_each_time(text: str, stacklevel: int | None = 1) -> None:
     """Warn ``text`` (a `FenceLockWarning`) as `warnings.warn` does, ``stacklevel`` alike,
     but as an event that is said each time it happens: Python's default filter shows a
     text once per place in a process's life, so a long-running caller would hear of a
     second etcd outage, or a second torn line, nothing. Filters that say "once",
     "ignore" or "error" apply as to any warning ("module", with no memory kept, shows
-    each, as "default" does)."""
+    each, as "default" does). ``stacklevel`` None: at the first caller outside the
+    fencelock package, however deep the call that warns is (`recover`'s steps are
+    reached along several paths)."""
     import sys
     import warnings
 
     try:
-        frame = sys._getframe(stacklevel)
-    except ValueError:  # (a shallower stack: as `warnings.warn`, the place is sys)
+        frame = sys._getframe(1 if stacklevel is None else stacklevel)
+        while stacklevel is None and frame.f_code.co_filename.startswith(_PACKAGE):
+            frame = frame.f_back  # type: ignore[assignment]  # (None: AttributeError)
+    except (ValueError, AttributeError):  # (a shallower stack: as `warnings.warn`: sys)
         warnings.warn_explicit(FenceLockWarning(text), FenceLockWarning, "sys", 1,
                                module="sys", registry=None)
         return
     warnings.warn_explicit(
         FenceLockWarning(text), FenceLockWarning, frame.f_code.co_filename, frame.f_lineno,
         module=frame.f_globals.get("__name__"), registry=None)  # (no registry: no memory)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+"""Where fencelock's modules are: a warning is said at its first caller outside them
+(`warn_each_time`)."""
 
 
 class NotHeldError(FenceLockError):

@@ -833,7 +833,7 @@ def _hold_to_mark(session: str, held: _Held) -> None:
             f"{MARK_WAIT:g} s (a run stopped in its write, or a process that locks the file "
             f"itself: lslocks names it), so it is marked moved without waiting for it; "
             f"that append's line may be in both sessions (its writer is told so)",
-            stacklevel=7)
+            stacklevel=None)
 
 
 def _let_go_of_marked(held: _Held) -> None:
@@ -923,7 +923,7 @@ def _finish_move(session: str, new: str, lane: str, backend: str | None) -> None
                     _carry_tail(lock, session, new, tail, end)
                     lock._write_record()
                 except FenceLockError as e:
-                    warn_each_time(str(e), stacklevel=3)
+                    warn_each_time(str(e), stacklevel=None)
     except (FenceLockError, OSError):  # taken meanwhile, or unusable: marked all the same
         if _moved.target(session) != new:
             _mark_held(session, new)
@@ -986,7 +986,7 @@ def _mark_and_read_tail(session: str, new: str, held: _Held,
         warn_each_time(
             f"{session}: it was rewritten in place while recover copied it, so the "
             f"lines it gained after the copy were not carried to {new}; compare the "
-            f"two (fencelock verify {shell_word(session)})", stacklevel=7)
+            f"two (fencelock verify {shell_word(session)})", stacklevel=None)
         return None
     tail = b""
     while len(tail) < tail_end - end:
@@ -1033,7 +1033,7 @@ class _Move:
             self.finish()
         except (FenceLockError, OSError) as e:
             with contextlib.suppress(Warning):  # (warnings as errors: the interrupt goes on)
-                warn_each_time(str(e), stacklevel=7)
+                warn_each_time(str(e), stacklevel=None)
             self.tail = None
 
 

@@ -1177,6 +1177,38 @@ def test_a_recover_of_a_marked_session_answers_at_once(
 
 
 @needs_xattr
+@needs_flock
+def test_a_recover_finishing_a_killed_ones_move_warns_at_its_caller(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recover that finishes a move another recover was killed in (just after
+    naming the fresh session), with the old session file held locked by an append that
+    stopped in its write, warns that it marked without that lock; the warning is said
+    at the line that called `recover`, as every warning of recover's. (It named a
+    frame of pytest's: the step that warns is reached along several paths, and a fixed
+    stack level fitted one.)"""
+    import fcntl
+
+    session.write_text('{"n": 1}\n')
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    killed = subprocess.run([sys.executable, "-c", KILLED_ON_NAMING, str(session)],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    monkeypatch.setattr(_recovery, "MARK_WAIT", 0.05)
+    fd = os.open(session, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # as an append stopped in its write holds it
+        with pytest.warns(FenceLockWarning, match="marked moved without waiting") as said:
+            moved = recover(session, wait=0)
+    finally:
+        os.close(fd)
+        h.call("release")
+    assert moved.action is Action.FRESH
+    assert [w.filename for w in said] == [__file__], [(w.filename, w.lineno) for w in said]
+
+
+@needs_xattr
 def test_status_and_probe_show_where_a_moved_conversation_went(
     session: Path, store: str | None
 ) -> None:
