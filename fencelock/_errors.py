@@ -634,7 +634,7 @@ def warn_each_time(text: str, stacklevel: int | None = 1) -> None:
 
     try:
         frame = sys._getframe(1 if stacklevel is None else stacklevel)
-        while stacklevel is None and frame.f_code.co_filename.startswith(_PACKAGE):
+        while stacklevel is None and _ours(frame.f_globals.get("__name__")):
             frame = frame.f_back  # type: ignore[assignment]  # (None: AttributeError)
     except (ValueError, AttributeError):  # (a shallower stack: as `warnings.warn`: sys)
         warnings.warn_explicit(FenceLockWarning(text), FenceLockWarning, "sys", 1,
@@ -645,9 +645,12 @@ def warn_each_time(text: str, stacklevel: int | None = 1) -> None:
         module=frame.f_globals.get("__name__"), registry=None)  # (no registry: no memory)
 
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
-"""Where fencelock's modules are: a warning is said at its first caller outside them
-(`warn_each_time`)."""
+def _ours(module: object) -> bool:
+    """Whether ``module`` (a frame's ``__name__``) is fencelock or one of its modules:
+    a warning is said at its first caller outside them (`warn_each_time`), by module
+    name, which holds wherever the files are (a zip, compiled without sources)."""
+    return isinstance(module, str) and (module == "fencelock" or
+                                        module.startswith("fencelock."))
 
 
 class NotHeldError(FenceLockError):

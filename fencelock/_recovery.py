@@ -699,14 +699,22 @@ def _fill_fresh(
             # another user put at its name in advance, nor anything but a regular file
             # (`_published` refuses those): a recover must never answer one.
             try:
-                if successor and _published(new, session):
-                    return
+                answered = bool(successor) and _published(new, session)
             except BaseException:
                 # Refused: this acquire's sidecar goes (it could keep out the next
                 # recover, another user's), while its lock is ours; never theirs.
                 with contextlib.suppress(OSError):
                     os.unlink(new + _sidecar.SUFFIX)
                 raise
+            if answered:
+                if stuck is not None and lock._previous is not None:
+                    # Its maker died holding it (this acquire took its record over):
+                    # finished here, as `_finish_move` would have, before this release
+                    # leaves a record that no longer says so. (Where that fails, the
+                    # recover's caller marks it all the same: `recover`.)
+                    with contextlib.suppress(FenceLockError, OSError):
+                        _finish_held(lock, session, new)
+                return
             # The decision, taken again under this lock: a recover that found the stuck
             # run gone re-fired unless it found this fresh session begun (held or made),
             # so one that begins it only now must re-fire too.
@@ -773,6 +781,8 @@ def _fill_fresh(
                     _remove_fresh(new)
                 elif move is not None:  # named (only the directory's fsync failed, say)
                     _finish_all_the_same(move)
+                    if copied:
+                        copied[0] += move.carried
                 raise
             # Named: from here on, an interrupt (SIGTERM, Ctrl-C) ends the recover only
             # once the old session is marked and the lines it gained while this copied
@@ -786,6 +796,9 @@ def _fill_fresh(
                 if move is not None:
                     copied[0] += move.finish()
             except (FenceLockError, OSError):
+                if move is not None and not move.read:  # (the fence point's take, say)
+                    _finish_all_the_same(move)
+                    copied[0] += move.carried
                 raise
             except BaseException:
                 if move is not None:
@@ -908,25 +921,32 @@ def _finish_move(session: str, new: str, lane: str, backend: str | None) -> None
     lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session, backend=backend,
                              mode=_fresh_mode(session))
     lock._like = session  # as root, its files stay the stuck session's owner's
-    held: _Held = []
     try:
         with lock:  # (no point for an interrupt between its acquire and its release's care)
-            try:
-                _hold_to_mark(session, held)
-                end = _copy_end(new, held[0][0]) if held else -1
-                tail = _mark_and_read_tail(session, new, held,
-                                           held[0][0] if end > 0 else -1, max(end, 0))
-            finally:
-                _let_go_of_marked(held)
-            if tail:
-                try:
-                    _carry_tail(lock, session, new, tail, end)
-                    lock._write_record()
-                except FenceLockError as e:
-                    warn_each_time(str(e), stacklevel=None)
+            _finish_held(lock, session, new)
     except (FenceLockError, OSError):  # taken meanwhile, or unusable: marked all the same
         if _moved.target(session) != new:
             _mark_held(session, new)
+
+
+def _finish_held(lock: _lock.SessionLock, session: str, new: str) -> None:
+    """`_finish_move`'s work, ``lock`` holding ``new`` (its dead maker's record taken
+    over): ``session``'s own lock exclusively, the mark, and where ``new`` is still the
+    bare copy (`_copy_end`), the lines ``session`` has past it appended to it."""
+    held: _Held = []
+    try:
+        _hold_to_mark(session, held)
+        end = _copy_end(new, held[0][0]) if held else -1
+        tail = _mark_and_read_tail(session, new, held, held[0][0] if end > 0 else -1,
+                                   max(end, 0))
+    finally:
+        _let_go_of_marked(held)
+    if tail:
+        try:
+            _carry_tail(lock, session, new, tail, end)
+            lock._write_record()
+        except FenceLockError as e:
+            warn_each_time(str(e), stacklevel=None)
 
 
 def _copy_end(new: str, old: int) -> int:
@@ -1008,6 +1028,8 @@ class _Move:
         self.held, self.copied, self.end = held, copied, end
         self.read = False
         self.tail: bytes | None = None
+        self.carried = 0
+        """How many lines the carry appended."""
 
     def finish(self) -> int:
         """Mark, let go of the old session, carry: how many lines were carried."""
@@ -1024,7 +1046,8 @@ class _Move:
         lock = self.lock
         lock._fp = _fingerprint.take(self.new, lock.fence_mode,
                                      opened=lock._store.opens_session)
-        return _carry_tail(lock, self.session, self.new, self.tail, self.end)
+        self.carried = _carry_tail(lock, self.session, self.new, self.tail, self.end)
+        return self.carried
 
     def finish_quietly(self) -> None:
         """`finish`, for an interrupt that is raised once it is done: a failure to

@@ -1208,6 +1208,101 @@ def test_a_recover_finishing_a_killed_ones_move_warns_at_its_caller(
     assert [w.filename for w in said] == [__file__], [(w.filename, w.lineno) for w in said]
 
 
+KILLED_AFTER_NAMING_WITH_A_LATE_LINE = """
+import os, signal, sys
+from fencelock import _fence, recover
+session = sys.argv[1]
+publish = _fence.publish
+def late_line_then_named(*args, **kwargs):
+    with open(session, "a") as f:
+        f.write('{"n": "late"}\\n')  # the stuck run's late reply, as the copy was made
+    publish(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # named; not marked, nothing carried
+_fence.publish = late_line_then_named
+recover(session, wait=0)
+"""
+
+
+def _ns(path: Path | str) -> list[Any]:
+    return [json.loads(x)["n"] for x in Path(path).read_text().splitlines()]
+
+
+@needs_xattr
+def test_a_recover_that_meets_a_killed_makers_copy_as_it_begins_finishes_it(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recover looks for the stuck run's fresh session before another names it and is
+    killed (SIGKILL) before carrying; it then takes that session's lock to make it, finds
+    it made, and answers it. Taking its lock took over the dead maker's record, the only
+    evidence that the move was never finished: the late line stayed in the old session
+    for good. It is finished there, while the lock is held."""
+    session.write_text('{"n": 1}\n')
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_NAMING_WITH_A_LATE_LINE,
+                             str(session)], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    fresh = next(p for p in session.parent.glob("*.jsonl") if p != session)
+    assert _ns(fresh) == [1]  # the precondition: named, nothing carried
+    published = _recovery._published
+    looks: list[str] = []
+
+    def named_after_the_first_look(successor: str, old: str) -> bool:
+        looks.append(successor)
+        return len(looks) > 1 and published(successor, old)
+
+    monkeypatch.setattr(_recovery, "_published", named_after_the_first_look)
+    answer = recover(session, wait=0)
+    monkeypatch.setattr(_recovery, "_published", published)
+    h.call("release")
+    assert (answer.action, answer.session) == (Action.FRESH, str(fresh))
+    assert _ns(fresh) == [1, "late"]
+
+
+@needs_xattr
+@pytest.mark.parametrize("fails", ["the directory's fsync", "the fresh session's stat"])
+def test_a_recover_that_fails_once_the_copy_is_named_still_carries(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """Once the copy is named, a failure that is not an interrupt ends the recover with
+    its warning that finishing failed (the copy is the session to use): the old
+    session's late line is carried all the same, and counted. (A failing stat of the
+    copy skipped the carry, and its clean release left no recover to finish it.)"""
+    from fencelock import _fence, _fingerprint
+
+    session.write_text('{"n": 1}\n')
+    h = spawn_holder(session, lane="stuck")
+    h.acquire()
+    publish, take = _fence.publish, _fingerprint.take
+
+    def late_line_then_published(*args: Any, **kwargs: Any) -> None:
+        assert h.call('append {"n": "late"}') == "ok"  # the stuck run's late reply
+        publish(*args, **kwargs)
+
+    def dir_fsync_fails(directory: str) -> None:
+        raise SessionWriteError(directory, OSError(errno.EIO, "Input/output error"),
+                                "fsync of the directory", stored=True)
+
+    def stat_fails_once(path: str, *args: Any, **kwargs: Any) -> Any:
+        if path.endswith(".jsonl") and path != str(session) and not failed:
+            failed.append(path)
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return take(path, *args, **kwargs)
+
+    failed: list[str] = []
+    monkeypatch.setattr(_fence, "publish", late_line_then_published)
+    if fails == "the directory's fsync":
+        monkeypatch.setattr(_fence, "_fsync_dir", dir_fsync_fails)
+    else:
+        monkeypatch.setattr(_fingerprint, "take", stat_fails_once)
+    with pytest.warns(FenceLockWarning, match="finishing it failed"):
+        moved = recover(session, wait=0)
+    monkeypatch.undo()
+    h.call("release")
+    assert _ns(moved.session) == [1, "late"]
+    assert moved.carried_lines == 2, moved
+
+
 @needs_xattr
 def test_status_and_probe_show_where_a_moved_conversation_went(
     session: Path, store: str | None
