@@ -393,6 +393,16 @@ def test_a_fresh_session_named_as_a_recover_looked_is_answered_not_cleared(
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert os.path.exists(successor)
     h.call("release")
+    _named_after_the_first_look(monkeypatch)
+    again = recover(session, wait=0)
+    assert (again.action, again.session) == (Action.FRESH, successor)
+    assert os.path.exists(successor + ".holder")
+
+
+def _named_after_the_first_look(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recover's first look for the stuck run's fresh session finds it not named yet
+    (as one that looked just before another recover named it); later looks see it as
+    it is."""
     published = _recovery._published
     looks: list[str] = []
 
@@ -401,9 +411,6 @@ def test_a_fresh_session_named_as_a_recover_looked_is_answered_not_cleared(
         return len(looks) > 1 and published(fresh, old)
 
     monkeypatch.setattr(_recovery, "_published", named_after_the_first_look)
-    again = recover(session, wait=0)
-    assert (again.action, again.session) == (Action.FRESH, successor)
-    assert os.path.exists(successor + ".holder")
 
 
 KILLED_COPYING = """
@@ -1244,16 +1251,9 @@ def test_a_recover_that_meets_a_killed_makers_copy_as_it_begins_finishes_it(
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     fresh = next(p for p in session.parent.glob("*.jsonl") if p != session)
     assert _ns(fresh) == [1]  # the precondition: named, nothing carried
-    published = _recovery._published
-    looks: list[str] = []
-
-    def named_after_the_first_look(successor: str, old: str) -> bool:
-        looks.append(successor)
-        return len(looks) > 1 and published(successor, old)
-
-    monkeypatch.setattr(_recovery, "_published", named_after_the_first_look)
+    _named_after_the_first_look(monkeypatch)
     answer = recover(session, wait=0)
-    monkeypatch.setattr(_recovery, "_published", published)
+    monkeypatch.undo()
     h.call("release")
     assert (answer.action, answer.session) == (Action.FRESH, str(fresh))
     assert _ns(fresh) == [1, "late"]
