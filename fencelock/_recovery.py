@@ -174,10 +174,8 @@ def recover(
                 if stuck is not None and made:  # a run's (a holder outside fencelock's:
                     # its own). Marked by this call (`_fill_fresh`), unless finishing it
                     # failed first: for every later run and recover of it (under the
-                    # session file's lock, as its maker does: see there; not waited
-                    # for again where the mark is set).
-                    if _moved.target(session) != new:
-                        _mark_held(session, new)
+                    # session file's lock, as its maker does: see there).
+                    _mark_held(session, new)
                 elif stuck is not None:  # another recover's: finished, where it was killed
                     _finish_move(session, new, lane, backend)
                 try:
@@ -885,7 +883,11 @@ def _open_to_mark(session: str, held: _Held) -> bool:
 
 def _mark_held(session: str, new: str) -> None:
     """Mark ``session`` moved to ``new`` holding its file's own lock, as the recover that
-    made ``new`` did (again, where it was stopped or failed first)."""
+    made ``new`` did (again, where it was stopped or failed first); nothing where the
+    mark names ``new`` already (its lock is not waited for again: an append stopped in
+    its write holds it up to `MARK_WAIT`)."""
+    if _moved.target(session) == new:
+        return
     held: _Held = []
     try:
         _hold_to_mark(session, held)
@@ -896,8 +898,8 @@ def _mark_held(session: str, new: str) -> None:
 
 def _finish_move(session: str, new: str, lane: str, backend: str | None) -> None:
     """Mark ``session`` moved to ``new``, a fresh session another recover made, as
-    `_mark_held` does (not again where the mark names it already), and finish that
-    recover's carry where it was killed (SIGKILL) between naming ``new`` and carrying.
+    `_mark_held` does, and finish that recover's carry where it was killed (SIGKILL)
+    between naming ``new`` and carrying.
 
     Only on that recover's own evidence: ``new``'s record is still the stale one of a
     run begun from ``session`` (``origin``, which only a recover's run of a fresh session
@@ -915,8 +917,7 @@ def _finish_move(session: str, new: str, lane: str, backend: str | None) -> None
     unfinished = (found is not None and found.state is ProbeState.STALE
                   and found.record is not None and found.record.origin == session)
     if not unfinished:
-        if _moved.target(session) != new:
-            _mark_held(session, new)
+        _mark_held(session, new)
         return
     lock = _lock.SessionLock(new, lane, on_contention="fail", origin=session, backend=backend,
                              mode=_fresh_mode(session))
@@ -925,28 +926,24 @@ def _finish_move(session: str, new: str, lane: str, backend: str | None) -> None
         with lock:  # (no point for an interrupt between its acquire and its release's care)
             _finish_held(lock, session, new)
     except (FenceLockError, OSError):  # taken meanwhile, or unusable: marked all the same
-        if _moved.target(session) != new:
-            _mark_held(session, new)
+        _mark_held(session, new)
 
 
 def _finish_held(lock: _lock.SessionLock, session: str, new: str) -> None:
     """`_finish_move`'s work, ``lock`` holding ``new`` (its dead maker's record taken
-    over): ``session``'s own lock exclusively, the mark, and where ``new`` is still the
-    bare copy (`_copy_end`), the lines ``session`` has past it appended to it."""
+    over): the maker's own end of the move (`_Move`), from ``session``'s own lock taken
+    exclusively, where ``new`` is still the bare copy (`_copy_end`) of its first bytes;
+    else only the mark. A carry that fails is warned of (`_Move.finish_quietly`)."""
     held: _Held = []
     try:
         _hold_to_mark(session, held)
         end = _copy_end(new, held[0][0]) if held else -1
-        tail = _mark_and_read_tail(session, new, held, held[0][0] if end > 0 else -1,
-                                   max(end, 0))
+        move = _Move(lock, session, new, held, held[0][0] if end > 0 else -1, max(end, 0))
+        move.finish_quietly()
+        if move.carried:
+            lock._write_record()  # the token the carry raised
     finally:
         _let_go_of_marked(held)
-    if tail:
-        try:
-            _carry_tail(lock, session, new, tail, end)
-            lock._write_record()
-        except FenceLockError as e:
-            warn_each_time(str(e), stacklevel=None)
 
 
 def _copy_end(new: str, old: int) -> int:
@@ -1050,8 +1047,9 @@ class _Move:
         return self.carried
 
     def finish_quietly(self) -> None:
-        """`finish`, for an interrupt that is raised once it is done: a failure to
-        carry is said as a warning (naming the lines and how to carry them by hand)."""
+        """`finish`, for a recover that goes on once it is done (an interrupt raised
+        after it, or an answer: `_finish_held`): a failure to carry is said as a warning
+        (naming the lines and how to carry them by hand)."""
         try:
             self.finish()
         except (FenceLockError, OSError) as e:
