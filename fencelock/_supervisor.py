@@ -305,6 +305,13 @@ def _set_torn_tail_aside(lock: SessionLock) -> None:
     except SessionMovedError:
         raise  # the conversation is elsewhere: no command writes into the old session
     except (FenceLockError, OSError) as e:
+        # S.torn in the way (a directory, a link, another user's file), say: the torn
+        # line stays, and so does the refusal where the command could append to it.
+        if ends_torn(lock.session) and os.access(lock.session, os.W_OK):
+            raise FenceLockError(
+                f"{lock.session}: its last line is torn and could not be moved aside, so "
+                f"the command was not started (a line it appended would join it): {e}"
+            ) from None
         warning_line(f"{lock.session}: a torn last line may be left for the command's "
                      f"first line to join: {e}")
 

@@ -712,6 +712,33 @@ def test_a_run_whose_torn_line_cannot_be_moved_aside_does_not_start_its_command(
         assert probe(session).state == "free"
 
 
+@marks.needs_posix  # a FIFO and a symlink
+@pytest.mark.parametrize("aside", ["a directory", "a symlink", "a FIFO"])
+def test_a_run_whose_torn_line_meets_a_non_regular_aside_file_does_not_start_its_command(
+    session: Path, aside: str
+) -> None:
+    """The session ends in a torn line and `S.torn` is not a regular file (fencelock
+    neither follows nor writes it): the command is not started, as where `S.torn` cannot
+    be created, and the message names `S.torn` and the fix; nothing is written."""
+    torn = Path(f"{session}.torn")
+    if aside == "a directory":
+        torn.mkdir()
+    elif aside == "a symlink":
+        torn.symlink_to("elsewhere")
+    else:
+        os.mkfifo(torn)
+    session.write_bytes(b'{"a": 1}\n{"b": 2, "ha')
+    out = _run_appending(session)
+    assert out.returncode == 1, out
+    no_traceback(out.stderr, 1)
+    assert "its last line is torn and could not be moved aside, so the command was not " \
+        "started" in out.stderr
+    assert f"{torn}: is {aside}" in out.stderr and "Remove or rename it" in out.stderr
+    assert session.read_bytes() == b'{"a": 1}\n{"b": 2, "ha'
+    assert os.path.lexists(torn) and not torn.is_file()
+    assert probe(session).state == "free"
+
+
 @needs_root
 @marks.needs_linux
 def test_a_run_whose_torn_line_cannot_be_cut_names_the_attribute(session: Path) -> None:
