@@ -541,8 +541,18 @@ def _unreadable(path: str, backend: str | None, reason: str) -> HolderStatus:
     from fencelock._probe import HolderStatus, ProbeState
 
     session, sidecar = _named(path)
-    return HolderStatus(session, _holder_at(session, sidecar, backend),
+    return HolderStatus(session, sidecar and _holder_at(session, sidecar, backend),
                         ProbeState.UNREADABLE, reason=reason)
+
+
+def _store_url(backend: str | None) -> str | None:
+    """The holder store's URL as the commands this one suggests must give it: from
+    ``--backend`` or ``$FENCELOCK_BACKEND`` (None for sidecars), as the library's own
+    errors say it."""
+    from fencelock._backend import selected
+
+    url = selected(backend)
+    return None if url is None else str(url.text)
 
 
 def _holder_at(session: str, sidecar: str, backend: str | None) -> str:
@@ -595,7 +605,7 @@ class _ClearOutcome:
         rec = self.record
         return {
             "session": self.session,
-            "sidecar": self.sidecar,
+            "sidecar": self.sidecar or None,  # none for a directory's row
             "found": self.found,
             "pid": rec.pid if rec else None,
             "lane": rec.lane if rec else None,
@@ -611,15 +621,24 @@ class _ClearOutcome:
 
 def _named(path: str) -> tuple[str, str]:
     """(session, sidecar) of ``path`` for a report: absolute, unless the working
-    directory is gone or the path names a directory (then as given; the command
-    itself reports the path)."""
+    directory is gone (then as given; the command itself reports the path). A path
+    that names a directory ("DIR/", or one there) has no sidecar: ""."""
     from fencelock import _sidecar
     from fencelock._errors import SidecarAccessError, UnsafePathError
 
+    if path.endswith(_DIRECTORY_ENDS) or os.path.isdir(path):
+        try:
+            whole = os.path.abspath(path)
+        except OSError:  # no working directory
+            return path, ""
+        return (whole + os.sep if path.endswith(_DIRECTORY_ENDS) else whole), ""
     try:
         return _sidecar.paths(path)
     except (SidecarAccessError, UnsafePathError):
         return _sidecar._paths(path)  # the same split, of the path as given
+
+
+_DIRECTORY_ENDS = tuple(filter(None, (os.sep, os.altsep)))
 
 
 def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None) -> _ClearOutcome:
@@ -638,15 +657,15 @@ def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None)
     except SessionContendedError as e:
         from fencelock._errors import describe_holder, session_command
 
-        session = e.session
+        session, store = e.session, _store_url(backend)
         if isinstance(e, HeldByOwnRunError):  # waiting, or recover's fresh session, is no fix
             refusal = f"{session}: not cleared: {str(e).removeprefix(session + ': ')}"
         else:
             refusal = (
                 f"{session}: not cleared: held by "
                 f"{describe_holder(e.holder, e.lock_owners, e.last, e.held_by)}; a live holder "
-                f"is never cleared: wait for it ({session_command(session, backend, 'wait')}), "
-                f"or start a fresh session ({session_command(session, backend)})")
+                f"is never cleared: wait for it ({session_command(session, store, 'wait')}), "
+                f"or start a fresh session ({session_command(session, store)})")
         return _ClearOutcome(
             session, _holder_at(session, session + SIDECAR_SUFFIX, backend), "live", e.holder,
             refused=True, reason=str(e), refusal=refusal,
@@ -666,8 +685,8 @@ def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None)
             return kept
         session, sidecar = _named(path)
         message = session_lead(session, e) + message
-        return _ClearOutcome(session, _holder_at(session, sidecar, backend), "unreadable",
-                             error=message, reason=message)
+        return _ClearOutcome(session, sidecar and _holder_at(session, sidecar, backend),
+                             "unreadable", error=message, reason=message)
     done = _ClearOutcome(st.session, st.sidecar, str(st.state), st.record, reason=st.reason)
     done.cleared = st.state is ProbeState.STALE and st.set_aside is None  # (not moved)
     done.removed = st.removed
@@ -1175,7 +1194,8 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
                 holder = "a live holder (etcd did not say which in time)"
             raise ContendedCliError(
                 f"{named}: after {timeout:g}s, still held by {holder}; wait longer "
-                f"(--timeout), or start a fresh session ({session_command(named, backend)})"
+                f"(--timeout), or start a fresh session "
+                f"({session_command(named, _store_url(backend))})"
             )
 
 

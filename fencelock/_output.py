@@ -372,7 +372,7 @@ def status_json(st: HolderStatus, now: float) -> dict[str, Any]:
     rec = st.record
     return {
         "session": st.session,
-        "sidecar": st.sidecar,
+        "sidecar": st.sidecar or None,  # none for a directory's row (the command line's)
         "state": str(st.state),
         "pid": rec.pid if rec else None,
         "host": rec.host if rec else None,

@@ -494,6 +494,18 @@ def test_status_missing_directory_exits_1(tmp_path: Path, session: Path) -> None
     assert f"its directory {tmp_path / 'nope'} does not exist" in missing["reason"]
 
 
+@pytest.mark.parametrize("command", ["status", "clear"])
+def test_a_json_row_of_a_directory_names_no_sidecar(tmp_path: Path, command: str) -> None:
+    """--json's row for a directory it could not list (missing, given as "DIR/") has no
+    sidecar, not ``DIR.holder`` or ``DIR/.holder`` (another session's sidecar, and no
+    session's), and its absolute path, as every other row has."""
+    out = subprocess.run([*FENCELOCK, command, "--json", "nope/"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out
+    [row] = json.loads(out.stdout)
+    assert row["session"] == f"{tmp_path / 'nope'}/" and row["sidecar"] is None, row
+
+
 @pytest.mark.parametrize("command", ["status", "verify", "wait"])
 def test_a_tilde_no_shell_expanded_is_named_in_the_error(tmp_path: Path, command: str) -> None:
     """``~/sessions/s.jsonl`` from a unit file or a config reaches fencelock as it is:

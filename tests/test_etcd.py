@@ -2330,6 +2330,28 @@ def test_cli_commands_take_the_backend(session: Path, url: str, spawn_holder: Sp
     assert _cli("status", str(session), env=env).returncode == 0
 
 
+def test_the_commands_a_contended_command_suggests_name_the_store_from_the_environment(
+    session: Path, url: str, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store given by $FENCELOCK_BACKEND, not --backend: the `recover` (and `wait`)
+    that `run -n`, `wait` and `clear` suggest for a live holder carry it, as the
+    library's own error does, so that they ask the same store when run elsewhere."""
+    monkeypatch.setenv("FENCELOCK_BACKEND", url)
+    env = dict(os.environ)
+    h = spawn_holder(session, lane="held")
+    h.acquire()
+    parsed = parse(url)
+    assert parsed is not None
+    backend = f"--backend {shlex.quote(parsed.text)} "
+    for args in (["run", str(session), "--lane", "x", "-n", "--", "true"],
+                 ["wait", str(session), "--timeout", "0.2"], ["clear", str(session)]):
+        out = _cli(*args, env=env)
+        assert out.returncode == 4, out
+        assert f"fencelock recover {backend}{session})" in out.stderr, (args, out.stderr)
+        if args[0] == "clear":
+            assert f"fencelock wait {backend}{session})" in out.stderr, out.stderr
+
+
 def test_cli_store_unavailable_is_one_line_and_exit_1(session: Path, own_etcd: EtcdServer) -> None:
     url = own_etcd.url("gone")
     own_etcd.stop()
