@@ -1231,8 +1231,10 @@ def recover_command(
     transcript's complete lines. Exit 0, 4 when still held and --no-fresh, 1 on any other failure.
 
     The fresh session is named after the stuck run, so every recover of that run
-    answers the same one, copied once, also once that run has ended (until another
-    run takes SESSION); it gets its name only once the copy is whole.
+    answers the same one, copied once, also once that run has ended: SESSION is
+    marked moved, and runs of it are refused with the fresh session's name (where
+    its filesystem keeps no extended attributes, only until another run takes
+    SESSION). The fresh session gets its name only once the copy is whole.
     A recover that meets another's copy under way waits for it (up to 5 minutes,
     beyond --wait), and makes it itself if that copy fails.
 
