@@ -48,6 +48,9 @@ _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)?")
 """A heartbeat interval as the gateway reads one (trimmed, lowercased: its
 ``parseDurationMs``): ASCII digits, an optional fraction, an optional unit (minutes by
 default). Linear to match: nothing in it can match the same text two ways."""
+_SEGMENT = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
+"""One part of a composite interval (``"1h30m"``, ``"2m500ms"``: newer gateways add the
+parts up; each part has its unit, and the parts follow each other with nothing between)."""
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _JS_SPACE = ("\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
              "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff")
@@ -286,7 +289,12 @@ def load(path: str | os.PathLike[str], limit: int = MAX_CONFIG) -> Any:
     try:
         # O_NONBLOCK: a FIFO named as the config must not hang the check.
         flags = os.O_RDONLY | _platform.O_NONBLOCK | _platform.O_CLOEXEC | _platform.O_BINARY
-        fd = os.open(name, flags)
+        try:
+            fd = os.open(name, flags)
+        except (ValueError, UnicodeError):  # a name no file can have (an $include's)
+            bad = "a NUL byte" if "\0" in name else "text that is not valid Unicode"
+            raise ConfigError(name, f"cannot read it: its name holds {bad}; "
+                                    f"{other_file}") from None
         with os.fdopen(fd, "rb") as f:
             mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):
@@ -312,10 +320,11 @@ def load(path: str | os.PathLike[str], limit: int = MAX_CONFIG) -> Any:
     # parses as a config with no agents (the gateway's default heartbeat, warned of),
     # and a session file's torn last line must not be "mended" on the linter's word.
     # (Either case: a case-insensitive filesystem takes S.JSONL.HOLDER for S.jsonl's.)
-    if name.lower().endswith(_SESSION_SUFFIX):
+    # (An $include is read whatever its name, as the gateway reads it.)
+    if not included and name.lower().endswith(_SESSION_SUFFIX):
         raise ConfigError(name, f"a session file (JSON lines), not a gateway config; "
                                 f"{_NOT_A_CONFIG_FIX}")
-    if name.lower().endswith(_SIDECAR_SUFFIX):
+    if not included and name.lower().endswith(_SIDECAR_SUFFIX):
         raise ConfigError(name, f"a session's holder record (fencelock's sidecar), not a "
                                 f"gateway config; {_NOT_A_CONFIG_FIX}")
     try:
@@ -380,7 +389,7 @@ def _interval(every: object) -> bool:
     """Whether the gateway runs ``every`` as an interval: JavaScript's ``String()`` of it,
     trimmed and lowercased, read as a duration (`_DURATION`) that rounds to a whole
     millisecond or more. A false value (false, 0, NaN, an empty string) is none, and so
-    is what does not read as one (``true``, ``"1h30m"``, ``"5 m"``, ``"+5"``, ``"5e1"``,
+    is what does not read as one (``true``, ``"1h 30m"``, ``"5 m"``, ``"+5"``, ``"5e1"``,
     ``"-5"``, a number that JavaScript writes with an exponent: under 1e-6 or from 1e21),
     and an array stands for its only element (``[5]`` is ``"5"``)."""
     if isinstance(every, Unresolved):
@@ -390,21 +399,37 @@ def _interval(every: object) -> bool:
     if isinstance(every, bool) or not isinstance(every, (int, float, str)):
         return False
     if isinstance(every, str):
-        match = _DURATION.fullmatch(every.strip(_JS_SPACE).lower())
-        if match is None:
+        found = _duration_ms(every.strip(_JS_SPACE).lower())
+        if found is None:
             return False
-        value, unit = float(match[1]), match[2] or "m"
+        ms = found
     else:
         try:
-            value, unit = float(every), "m"
+            value = float(every)
         except OverflowError:  # an integer past a double's range: Infinity in JavaScript
             return False
         if not 1e-6 <= value < 1e21:  # NaN, 0, negative, or written with an exponent
             return False
-    ms = value * _UNIT_MS[unit]
+        ms = value * _UNIT_MS["m"]
     # Math.round: the nearest integer, a half up (x + 0.5 itself can round up in floating
     # point, where x is a hair under one half).
     return math.isfinite(ms) and (ms >= 1 or ms - math.floor(ms) >= 0.5)
+
+
+def _duration_ms(text: str) -> float | None:
+    """``text`` (trimmed, lowercased) in milliseconds as the gateway reads it: one part
+    (`_DURATION`, minutes by default), or, in newer gateways, parts each with its unit
+    (`_SEGMENT`) added up; None where it reads as neither."""
+    match = _DURATION.fullmatch(text)
+    if match is not None:
+        return float(match[1]) * _UNIT_MS[match[2] or "m"]
+    total, at = 0.0, 0
+    for part in _SEGMENT.finditer(text):
+        if part.start() != at:
+            return None
+        total += float(part[1]) * _UNIT_MS[part[2]]
+        at = part.end()
+    return total if at and at == len(text) else None
 
 
 def _agent_key(agent_id: str) -> str:
@@ -625,7 +650,7 @@ def review(config: object, path: str = "<config>") -> ConfigReport:
         inherited = not own_sets and isinstance(base, dict) and "isolatedSession" in base
         ignored = tuple(w for w in wheres.get(key, ()) if w != where)
         # No block of its own beside blocks that only opt out: older gateways ran none.
-        opted_out = tuple(first[k][0] for k in blocks) if own is None else ()
+        opted_out = tuple(first[k][0] for k in blocks) if own is None and not explicit else ()
         every = merged.get("every")
         warnings.append(ConfigWarning(name, where, isolated, inherited, ignored=ignored,
                                       opted_out=opted_out,

@@ -146,6 +146,18 @@ def test_blocks_that_only_turn_their_own_heartbeat_off_leave_the_others_the_defa
     assert check(cfg(agents=[{"id": "main", "heartbeat": {"every": ""}}, {"id": "ops"}])) == []
 
 
+def test_an_id_listed_twice_with_a_block_only_in_its_second_entry_says_nothing_of_opting_out(
+) -> None:
+    """The gateway reads the first entry (no block: the defaults' heartbeat, warned of);
+    the second's block brings the explicit-only rule on for that id. No block turns a
+    heartbeat off, so the warning says nothing of gateways that ran none."""
+    config = cfg(defaults={"every": "5m"},
+                 agents=[{"id": "ops"}, {"id": "ops", "heartbeat": {"isolatedSession": True}}])
+    (w,) = check(config)
+    assert w.agent == "ops" and w.opted_out == ()
+    assert "#119005" not in w.message
+
+
 def test_a_notice_names_only_the_blocks_that_bring_the_rule_on() -> None:
     """With one block that selects its agent, a block that only turns its own heartbeat
     off is not among the agents the notice says have one: it alone would not have
@@ -238,8 +250,11 @@ def test_agent_can_fix_an_unisolated_default() -> None:
         {"every": -1},
         {"every": "-0m"},
         {"every": "0h0m"},
-        {"every": "1h30m"},
         {"every": "soon"},
+        # Parts of a composite with something between them, or a part with no unit.
+        {"every": "1h 30m"},
+        {"every": "1h30"},
+        {"every": "h30m"},
         # What its parseDurationMs does not read: a space inside, a sign, an exponent, no
         # digit before the point, digits other than ASCII's; under 1 ms once rounded; a
         # number JavaScript writes with an exponent; an array of more than one value.
@@ -265,6 +280,27 @@ def test_agent_can_fix_an_unisolated_default() -> None:
 )
 def test_disabled_heartbeat_gets_no_warning(heartbeat: Any) -> None:
     assert check(cfg(defaults={"every": "30m"}, agents=[{"id": "a", "heartbeat": heartbeat}])) == []
+
+
+@pytest.mark.parametrize("every", ["1h30m", " 2H30M ", "2m500ms", "1d1h", "0h1m", "0.5h1s"])
+def test_a_composite_interval_runs_a_heartbeat(every: str) -> None:
+    """Newer gateways read an interval in parts, each with its unit, added up ("1h30m",
+    which their own error text suggests): it runs, and was read as none, so an agent
+    sharing its session file got no warning."""
+    (w,) = check(cfg(agents=[{"id": "main", "heartbeat": {"every": every}}]))
+    assert w.agent == "main"
+    assert [w.agent for w in check(cfg(defaults={"every": every}, agents=[{"id": "a"}]))] == ["a"]
+
+
+def test_a_composite_interval_selects_its_agent_for_the_explicit_only_rule() -> None:
+    """A block whose composite interval runs brings the explicit-only rule on: the
+    agents without a block run none (a notice), and no warning says that the block
+    turns its own heartbeat off."""
+    config = cfg(defaults={"every": "10m"},
+                 agents=[{"id": "a", "heartbeat": {"every": "1h30m", "isolatedSession": True}},
+                         {"id": "b"}])
+    found = review(config)
+    assert found.warnings == () and [n.agent for n in found.notices] == ["b"]
 
 
 def test_disabled_defaults_disable_agents_without_own_heartbeat() -> None:
@@ -878,6 +914,33 @@ def test_an_include_the_gateway_refuses_is_an_error_naming_it(
     out = CliRunner().invoke(main, ["check-config", str(tmp_path / "top.json5")])
     assert out.exit_code == 1, out.output
     assert said in out.output and "Traceback" not in out.output, out.output
+
+
+@pytest.mark.parametrize(("name", "said"), [("a\\u0000b.json", "a NUL byte"),
+                                           ("\\ud800.json", "text that is not valid Unicode")])
+def test_an_include_whose_name_no_file_can_have_is_an_error_naming_it(
+    tmp_path: Path, name: str, said: str
+) -> None:
+    """An `$include` naming a file with a NUL byte or a lone surrogate in its name: one
+    error line naming the include, no traceback."""
+    _write(tmp_path, **{"top.json": f'{{"$include": ["./ok.json", "{name}"]}}', "ok.json": "{}"})
+    out = CliRunner().invoke(main, ["check-config", str(tmp_path / "top.json")])
+    assert out.exit_code == 1, out.output
+    assert f"cannot read it: its name holds {said}; fix the $include that names it" in \
+        out.output and "Traceback" not in out.output, out.output
+    assert out.exception is None or isinstance(out.exception, SystemExit), out.exception
+
+
+def test_an_included_file_is_read_whatever_its_name(tmp_path: Path) -> None:
+    """The gateway includes any file that parses: one named `*.jsonl` or `*.holder` is
+    read as the rest of the config (only the config named on the command line is taken
+    for a session file named by mistake)."""
+    agents = '{"agents": {"list": [{"id": "main", "heartbeat": {"every": "5m"}}]}}'
+    _write(tmp_path, **{"top.json": '{"$include": "./agents.jsonl"}', "agents.jsonl": agents})
+    out = CliRunner().invoke(main, ["check-config", str(tmp_path / "top.json")])
+    assert out.exit_code == 0 and "warning: agent 'main'" in out.output, out.output
+    with pytest.raises(ConfigError, match="a session file"):
+        load(tmp_path / "agents.jsonl")
 
 
 def test_an_include_that_is_no_regular_file_or_a_dangling_symlink_is_named_as_such(
