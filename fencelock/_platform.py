@@ -296,6 +296,10 @@ if WINDOWS:  # pragma: no cover - exercised on Windows only
         """Nobody: Windows files carry no POSIX owners to give."""
         return None
 
+    def group_of_new(path: str, like: os.stat_result) -> int | None:
+        """None: Windows files carry no POSIX group."""
+        return None
+
     def creating_refused(directory: str) -> int:
         """0: access(2) on a Windows directory says nothing of creating files in it (only
         its read-only attribute, which does not stop that); the create itself tells."""
@@ -423,6 +427,20 @@ else:
         if (where.st_uid, where.st_gid) == (0, 0):
             return None
         return where.st_uid, where.st_gid
+
+    def group_of_new(path: str, like: os.stat_result) -> int | None:
+        """The group a file this process makes at ``path`` for the session ``like`` (its
+        stat) gets: as root, the session's (`owner_for`), or root's own where it keeps
+        its files; else the directory's where it is set-group-ID, else this process's
+        effective group. None where that cannot be told."""
+        if _geteuid() == 0:
+            owner = owner_for(path, st=like)
+            return os.getegid() if owner is None else owner[1]
+        try:
+            where = os.stat(os.path.dirname(path) or ".")
+        except OSError:
+            return None
+        return where.st_gid if where.st_mode & stat.S_ISGID else os.getegid()
 
     def creating_refused(directory: str) -> int:
         """Why a file cannot be made in ``directory``, asked without making one: EROFS

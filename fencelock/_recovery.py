@@ -657,14 +657,16 @@ def _remove_fresh(new: str) -> None:
 def _fresh_mode(session: str) -> int:
     """The mode of a fresh session and its sidecar: 0o600, or 0o660 where the session
     is shared with its group (it can read and write it), as a gateway made it with
-    ``mode=0o660``, so that the group keeps the conversation. Never wider: a sidecar
-    others can read, they can lock and hold."""
+    ``mode=0o660``, so that the group keeps the conversation, and the fresh files get
+    that group too (as root; else in a set-group-ID directory of that group, or where
+    it is this process's own): another group must not read the conversation. Never
+    wider: a sidecar others can read, they can lock and hold."""
     try:
         st = os.lstat(session)
     except OSError:
         return 0o600
     shared = stat.S_ISREG(st.st_mode) and st.st_mode & 0o060 == 0o060
-    return 0o660 if shared else 0o600
+    return 0o660 if shared and _platform.group_of_new(session, st) == st.st_gid else 0o600
 
 
 def _fill_fresh(

@@ -6,6 +6,7 @@ to a PID read from a record, and a warning for a world-writable sessions directo
 from __future__ import annotations
 
 import ast
+import fcntl
 import json
 import os
 import stat
@@ -1225,6 +1226,41 @@ def test_a_fresh_session_keeps_a_group_shared_sessions_mode(
     assert fresh != str(session)
     assert {stat.S_IMODE(os.stat(p).st_mode) for p in (fresh, fresh + ".holder")} == {
         fresh_mode}
+
+
+@needs_root
+@pytest.mark.parametrize("setgid", [False, True], ids=["own group", "set-group-ID directory"])
+def test_a_fresh_session_is_the_groups_only_where_it_gets_the_sessions_group(
+    setgid: bool,
+) -> None:
+    """A group-shared (0660) session recovered by a user whose files get another group
+    (a directory that is not set-group-ID, the user's own primary group): the fresh
+    session and its sidecar are 0600, not 0660 for that other group to read. In a
+    set-group-ID directory of the session's group they get it, and stay 0660."""
+    user, shared, own = NOBODY - 1, 4243, 4244
+    with open_directory(0o2770 if setgid else 0o770) as sessions:
+        os.chown(sessions, 0, shared if setgid else own)
+        if setgid:
+            sessions.chmod(0o2770)  # (chown clears the set-group-ID bit)
+        session = sessions / "s.jsonl"
+        session.write_bytes(b'{"secret":1}\n')
+        sidecar = Path(f"{session}.holder")
+        sidecar.touch()
+        for path in (session, sidecar):
+            os.chown(path, user, shared)
+            path.chmod(0o660 if path == session else 0o600)
+        # Held without a record (outside fencelock): a recover makes a fresh session.
+        fd = os.open(sidecar, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            fresh = as_user("result = fencelock.recover(args['p'], wait=0).session",
+                            uid=user, gid=shared if setgid else own, p=str(session))
+        finally:
+            os.close(fd)
+        assert fresh != str(session)
+        made = {p: os.stat(p) for p in (fresh, fresh + ".holder")}
+        assert {(stat.S_IMODE(st.st_mode), st.st_gid) for st in made.values()} == (
+            {(0o660, shared)} if setgid else {(0o600, own)})
 
 
 @needs_root
