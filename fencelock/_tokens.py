@@ -432,11 +432,12 @@ def keep_removed(session: str, token: int) -> str | None:
     its sidecar is removed. None when it covers the token; else why it cannot. OSError
     when it cannot be made: the directory's doing, as the sidecar's removal would be.
 
-    The marker is 0644, and writable by the group where the directory is, and not by
-    everyone (sessions a group shares): its members then raise it in turn, whatever
+    The marker is 0600, and 0660 where the directory is writable by its group and not
+    by everyone (sessions a group shares): its members then raise it in turn, whatever
     mode each gives its own sidecars; else the first one's marker shut the others'
-    ``clear --remove`` out of the directory. One of this user's made narrower before is
-    widened."""
+    ``clear --remove`` out of the directory. Never readable by others: anyone who can
+    open it can lock it, and hold up every new session and removal in the directory.
+    One of this user's made with another mode before is given this one."""
     directory = os.path.dirname(session)
     path = os.path.join(directory, REMOVED_MARKER)
     try:
@@ -445,13 +446,13 @@ def keep_removed(session: str, token: int) -> str | None:
         shared = bool(where & stat.S_IWGRP) and not where & stat.S_IWOTH
     except OSError:
         shared = False  # (the open below says why)
-    mode = 0o664 if shared else 0o644
+    mode = 0o660 if shared else 0o600
     try:
         fd, st = _sidecar.open_regular(path, os.O_RDWR | os.O_CREAT, mode)
     except OSError as e:
         if not os.path.lexists(path):
             raise
-        return f"{path} cannot be written: {e.strerror or e}"
+        return _not_writable(path, e)
     except FenceLockError as e:
         return str(e)
     try:
@@ -465,10 +466,10 @@ def keep_removed(session: str, token: int) -> str | None:
                     f"keeping its token (cp -p {quoted} {new} && mv {new} {quoted}), and "
                     f"try again")
         by_root = not st.st_size and st.st_uid == 0  # made just now, as root (sudo)
-        if by_root or (mode & ~st.st_mode and st.st_uid == _sidecar.geteuid_now()):
-            # (the umask keeps the group out; root's, the directory's owner is shut out)
-            _platform.set_mode(fd, stat.S_IMODE(st.st_mode) | mode,
-                               _platform.owner_for(path) if by_root else None)
+        if by_root or (stat.S_IMODE(st.st_mode) != mode and st.st_uid == _sidecar.geteuid_now()):
+            # (the umask keeps the group out; root's, the directory's owner is shut out;
+            # an older one's 0644 let anyone lock it)
+            _platform.set_mode(fd, mode, _platform.owner_for(path) if by_root else None)
         if not _lock_briefly(fd, shared=False):
             return f"{path} is locked by another process; try again"
         if _mark_value(_platform.pread(fd, 32, 0)) < token:
@@ -482,6 +483,23 @@ def keep_removed(session: str, token: int) -> str | None:
     finally:
         os.close(fd)
     return None
+
+
+def _not_writable(path: str, e: OSError) -> str:
+    """Why the marker at ``path`` cannot be opened (``e``): another user's is said to
+    be theirs (planted, where anyone may write to the directory), with who can mend it."""
+    said = f"{path} cannot be written: {e.strerror or e}"
+    try:
+        st = os.lstat(path)
+        _sidecar.refuse_planted(path, st)
+    except FenceLockError as planted:
+        return str(planted)
+    except OSError:
+        return said
+    if st.st_uid == _sidecar.geteuid_now():
+        return said
+    return (f"{said} (it is uid {st.st_uid}'s: they or root can let this user write it, as "
+            f"the group that shares the sessions: chmod g+w)")
 
 
 def keep_before_set_aside(session: str, fd: int) -> None:

@@ -1166,7 +1166,7 @@ def test_a_groups_members_each_remove_sidecars_of_sessions_they_share(made_befor
             os.chown(marker, first, group)
         assert as_user(remove, uid=first, gid=group, p=str(sessions / "a.jsonl"),
                        m=0o600)[0] is True
-        assert stat.S_IMODE(marker.stat().st_mode) == 0o664
+        assert stat.S_IMODE(marker.stat().st_mode) == 0o660
         removed, reason = as_user(remove, uid=second, gid=group, p=str(sessions / "b.jsonl"),
                                   m=0o660)
         assert removed is True, reason
@@ -1176,8 +1176,9 @@ def test_a_groups_members_each_remove_sidecars_of_sessions_they_share(made_befor
 @needs_root
 def test_a_token_marker_in_a_directory_anyone_may_write_is_not_the_groups() -> None:
     """In a directory anyone may write to (a sticky /tmp), group write on the directory
-    is no group's sharing: the marker stays 0644, or the user's primary group could
-    lower it (tokens would start over)."""
+    is no group's sharing: the marker is 0600, or the user's primary group could lower
+    it (tokens would start over); and no other user can open it to lock it, which held
+    up every removal there (sidecars kept) and every new session's first acquire."""
     from fencelock._tokens import REMOVED_MARKER
 
     with open_directory(0o1777) as sessions:
@@ -1186,7 +1187,35 @@ def test_a_token_marker_in_a_directory_anyone_may_write_is_not_the_groups() -> N
                        "os.umask(0o022)\n"
                        "result = fencelock.clear(args['p'], remove=True).removed\n",
                        p=str(sessions / "a.jsonl")) is True
-        assert stat.S_IMODE((sessions / REMOVED_MARKER).stat().st_mode) == 0o644
+        marker = sessions / REMOVED_MARKER
+        assert stat.S_IMODE(marker.stat().st_mode) == 0o600
+        assert as_user("try:\n"
+                       "    os.close(os.open(args['m'], os.O_RDONLY))\n"
+                       "    result = 'opened'\n"
+                       "except PermissionError:\n"
+                       "    result = 'refused'\n", uid=NOBODY - 1, m=str(marker)) == "refused"
+
+
+@needs_root
+def test_a_marker_another_user_planted_is_said_to_be_theirs() -> None:
+    """Another user's removed-token marker in a sticky directory, which this user cannot
+    open: the sidecar is kept, and the reason names the marker's owner and who can
+    remove it, not only "Permission denied"."""
+    from fencelock._tokens import REMOVED_MARKER
+
+    with open_directory(0o1777) as sessions:
+        marker = sessions / REMOVED_MARKER
+        marker.write_text("5")
+        os.chown(marker, NOBODY, NOBODY)
+        marker.chmod(0o644)
+        removed, reason = as_user("with SessionLock(args['p'], 'gw'):\n"
+                                  "    pass\n"
+                                  "done = fencelock.clear(args['p'], remove=True)\n"
+                                  "result = [done.removed, done.reason]\n",
+                                  uid=NOBODY - 1, p=str(sessions / "a.jsonl"))
+        assert removed is False
+        assert f"{marker}: owned by uid {NOBODY}, not this user" in reason, reason
+        assert "as the directory is sticky" in reason and marker.read_text() == "5"
 
 
 @needs_root
