@@ -975,9 +975,10 @@ def run(
     by a live run (with --no-wait,
     or after --timeout); the holder is named on stderr. COMMAND gets
     FENCELOCK_SESSION, FENCELOCK_LANE, FENCELOCK_TOKEN, FENCELOCK_RUN_ID and
-    FENCELOCK_FD in its environment. SIGINT, SIGTERM and SIGHUP are passed on to
-    COMMAND (Ctrl-C on a terminal already reaches it; one sent to the whole process
-    group by anything else reaches it twice); one that comes before COMMAND
+    FENCELOCK_FD in its environment. SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2
+    and SIGALRM are passed on to COMMAND's process (Ctrl-C on a terminal already
+    reaches it; one sent to the whole process group by anything else reaches it
+    twice); one that comes before COMMAND
     starts stops the run (128+N). As with flock(1), COMMAND inherits the lock's
     descriptor (FENCELOCK_FD): the session stays held while COMMAND, or anything it
     left running with that descriptor, lives, even if fencelock itself is killed.

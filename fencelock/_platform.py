@@ -138,6 +138,19 @@ def stop_signals() -> tuple[int, ...]:
     )
 
 
+def run_signals() -> tuple[int, ...]:
+    """What `fencelock run` owns and passes on to its command: the stop signals, and
+    the others whose default action ends a process and that a supervisor or a user may
+    send (SIGQUIT, Ctrl-\\; SIGUSR1, SIGUSR2, SIGALRM), so that none ends it holding the
+    session."""
+    import signal
+
+    return stop_signals() + tuple(
+        getattr(signal, name) for name in ("SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM")
+        if hasattr(signal, name)
+    )
+
+
 def in_terminal_foreground(pid: int) -> bool:
     """Whether process ``pid`` is in its terminal's foreground process group, to which
     the terminal sends Ctrl-C's SIGINT (not so a command that moved to a group of its

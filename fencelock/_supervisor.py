@@ -1,6 +1,7 @@
 """The ``fencelock run`` supervisor: hold a session while a command runs, like flock(1).
 
-It owns SIGINT, SIGTERM and SIGHUP from before the acquire to after the release, hands
+It owns the signals that would end it (`_platform.run_signals`: SIGINT, SIGTERM, SIGHUP,
+SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM) from before the acquire to after the release, hands
 the locked descriptor to the command (so the session stays held as long as the
 command, or anything it left running with the descriptor, lives), names the command
 in the record, refreshes the heartbeat while it runs, and passes its exit code on.
@@ -34,8 +35,9 @@ if TYPE_CHECKING:
 
 
 class SignalForwarder:
-    """Owns SIGINT, SIGTERM and SIGHUP for the whole of ``run``, so that no signal ever
-    kills it with the default action while it holds the session.
+    """Owns the signals that would end it (`_platform.run_signals`) for the whole of
+    ``run``, so that no signal ever kills it with the default action while it holds the
+    session.
 
     Installed before the acquire. While waiting for the session a signal stops the
     wait (`Stopped`, which unwinds the acquire). From `hold` on, a signal is kept
@@ -50,9 +52,10 @@ class SignalForwarder:
         self.proc: subprocess.Popen[bytes] | None = None
         self.holding = False
         self.pending: list[int] = []
-        self.sigint, self.sigterm = signal.SIGINT, signal.SIGTERM
-        forwarded = _platform.stop_signals()
-        self.handlers = PromptHandlers(self._handle, forwarded)
+        self.sigterm = signal.SIGTERM
+        # What a terminal sends its whole foreground process group: Ctrl-C, Ctrl-\.
+        self.from_terminal = {signal.SIGINT, getattr(signal, "SIGQUIT", signal.SIGINT)}
+        self.handlers = PromptHandlers(self._handle, _platform.run_signals())
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if not self.holding:
@@ -61,10 +64,10 @@ class SignalForwarder:
         if self.proc is None:
             self.pending.append(signum)
             return
-        # Ctrl-C goes to the whole foreground process group, the command included
-        # unless it moved to a group of its own; a second copy could interrupt the
-        # command's own clean-up.
-        if signum == self.sigint and _platform.in_terminal_foreground(self.proc.pid):
+        # Ctrl-C (Ctrl-\) goes to the whole foreground process group, the command
+        # included unless it moved to a group of its own; a second copy could interrupt
+        # the command's own clean-up.
+        if signum in self.from_terminal and _platform.in_terminal_foreground(self.proc.pid):
             return
         self._pass_on(self.proc, signum)
 

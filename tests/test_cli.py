@@ -1473,7 +1473,8 @@ def on(sig, frame):
     print("got", sig, flush=True)
     sys.stdin.readline()
     sys.exit(40 + sig)
-for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+          signal.SIGUSR2, signal.SIGALRM):
     signal.signal(s, on)
 print("ready", flush=True)
 while True:
@@ -1481,7 +1482,12 @@ while True:
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+# Every signal whose default action would end `fencelock run` holding the session.
+RUN_SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+               signal.SIGUSR2, signal.SIGALRM]
+
+
+@pytest.mark.parametrize("sig", RUN_SIGNALS)
 def test_run_forwards_signals_and_releases_after(session: Path, sig: int) -> None:
     proc = subprocess.Popen(
         [*FENCELOCK, "run", str(session), "--lane", "sig", "--", sys.executable, "-c", SIGNALLED],
@@ -2899,7 +2905,7 @@ _cli.main(sys.argv[1:], prog_name="fencelock")
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+@pytest.mark.parametrize("sig", RUN_SIGNALS)
 def test_a_signal_just_after_the_acquire_releases_instead_of_leaving_it_stale(
     session: Path, tmp_path: Path, sig: int
 ) -> None:
@@ -2943,7 +2949,7 @@ _cli.main(sys.argv[1:], prog_name="fencelock")
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
 def test_a_signal_once_the_record_is_written_never_leaves_it_stale(
     session: Path, tmp_path: Path, sig: int
 ) -> None:

@@ -258,7 +258,7 @@ def test_run_passes_on_only_sigterm_where_the_console_signals_the_command_itself
             self.sent.append(signum)
 
     forwarder = SignalForwarder.__new__(SignalForwarder)  # (its handlers not installed)
-    forwarder.sigint, forwarder.sigterm = signal.SIGINT, signal.SIGTERM
+    forwarder.sigterm = signal.SIGTERM
     stops = [getattr(signal, name) for name in ("SIGINT", "SIGHUP", "SIGTERM")]
     for windows, passed in ((True, [signal.SIGTERM]), (False, stops)):
         monkeypatch.setattr(_platform, "WINDOWS", windows)
