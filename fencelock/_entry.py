@@ -46,6 +46,9 @@ def _exit_now_if_a_wait_was_given_up(e: SystemExit) -> None:
     if wait is None or not wait.abandoned_waits():
         return
     code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    etcd = sys.modules.get("fencelock._etcdcluster")
+    if etcd is not None:  # (what atexit would have done)
+        etcd.revoke_leases()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

@@ -5,6 +5,7 @@ by a thread of its own."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import html
@@ -175,6 +176,9 @@ class Cluster:
         self._unclaimed = threading.Condition()
         self._by_thread: dict[threading.Thread, list[Any]] = {}
         self._by_thread_mu = threading.Lock()
+        self._handed_over: set[int] = set()
+        """Leases a `fencelock run` keeper process keeps alive past this process (not
+        revoked at its exit: `revoke_at_exit`)."""
 
     # -- requests ----------------------------------------------------------------
 
@@ -529,6 +533,22 @@ class Cluster:
         finally:
             self._mu.release()
 
+    def hand_over(self, lease_id: int) -> None:
+        """``lease_id`` is kept alive by another process from now on (`fencelock run`'s
+        keeper): this one's exit leaves it."""
+        self._handed_over.add(lease_id)
+
+    def revoke_at_exit(self) -> None:
+        """At this process's exit: revoke its lease, so that it does not linger in etcd
+        for its TTL, and the sessions of any holder left held are free (stale) at once,
+        as the kernel frees a sidecar's lock. A moment at most; not one handed over."""
+        lease = self._lease
+        if lease is None or lease.lost or lease.id in self._handed_over:
+            return
+        lease.lost = "this process is exiting"
+        with contextlib.suppress(Exception):  # (etcd away: the TTL ends it)
+            self.call("/kv/lease/revoke", {"ID": lease.id}, time.monotonic() + _EXIT_REVOKE)
+
     def forget(self, lease: Lease) -> None:
         """etcd does not know ``lease`` (it lost its data, say): the next `lease` call
         grants a new one."""
@@ -789,6 +809,19 @@ def through_outage(attempt: Callable[[], _T], ttl: float, deadline: float | None
 _clusters: dict[tuple[object, ...], Cluster] = {}
 """By endpoints, TTL and TLS settings (what of the URL but its prefix and root)."""
 _clusters_lock = threading.Lock()
+_EXIT_REVOKE = 1.0
+"""How long a process's exit waits for etcd to revoke its lease."""
+
+
+def revoke_leases() -> None:
+    """Revoke this process's leases as it exits (`Cluster.revoke_at_exit`)."""
+    with _clusters_lock:
+        found = list(_clusters.values())
+    for each in found:
+        each.revoke_at_exit()
+
+
+atexit.register(revoke_leases)
 
 
 def cluster(url: EtcdURL) -> Cluster:

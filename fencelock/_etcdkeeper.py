@@ -303,6 +303,7 @@ def start(lock: SessionLock) -> Keeper | None:
             os.close(fd)
         return None
     os.close(wrapper_r)
+    store._cluster.hand_over(store.lease_id)  # the keeper revokes it when the run is over
     return Keeper(proc, store, command_w, probe_r, wrapper_w)
 
 

@@ -2352,6 +2352,39 @@ def test_the_commands_a_contended_command_suggests_name_the_store_from_the_envir
             assert f"fencelock wait {backend}{session})" in out.stderr, out.stderr
 
 
+EXITING = """
+import sys
+from fencelock import SessionLock
+lock = SessionLock(sys.argv[1], "exiting", backend=sys.argv[2])
+lock.acquire()
+if sys.argv[3] == "released":
+    lock.release()
+"""
+
+
+@pytest.mark.parametrize("how", ["released", "held"])
+def test_a_process_that_used_the_store_leaves_no_lease_at_its_exit(
+    session: Path, url: str, how: str
+) -> None:
+    """A process's lease is revoked as it exits: it does not linger in etcd for its TTL
+    (one a process, which piled up at a gateway's turn rate), and a session left held
+    at exit reads stale at once, as a sidecar's lock is dropped by the kernel."""
+    from fencelock._etcdcluster import cluster
+
+    parsed = parse(url)
+    assert parsed is not None
+
+    def leases() -> set[str]:
+        answer = cluster(parsed).call("/lease/leases", {})
+        return {str(lease["ID"]) for lease in answer.get("leases") or []}
+
+    before = leases()
+    subprocess.run([sys.executable, "-c", EXITING, str(session), url, how], check=True,
+                   timeout=60)
+    assert leases() <= before  # (this process's own, if it has one, was there before)
+    assert probe(session, backend=url).state == ("free" if how == "released" else "stale")
+
+
 def test_cli_store_unavailable_is_one_line_and_exit_1(session: Path, own_etcd: EtcdServer) -> None:
     url = own_etcd.url("gone")
     own_etcd.stop()
