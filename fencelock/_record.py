@@ -615,13 +615,16 @@ def from_json(obj: dict[str, Any]) -> HolderInfo:
     if prev_obj is not None:
         if not isinstance(prev_obj, dict):
             raise ValueError("previous is not an object")
-        previous = PreviousHolder(
-            pid=_int(prev_obj, "pid", 1, _MAX_PID),
-            host=_str(prev_obj, "host"),
-            lane=_str(prev_obj, "lane"),
-            run_id=_str(prev_obj, "run_id"),
-            token=_int(prev_obj, "token", 0, MAX_TOKEN),
-        )
+        try:
+            previous = PreviousHolder(
+                pid=_int(prev_obj, "pid", 1, _MAX_PID),
+                host=_str(prev_obj, "host"),
+                lane=_str(prev_obj, "lane"),
+                run_id=_str(prev_obj, "run_id"),
+                token=_int(prev_obj, "token", 0, MAX_TOKEN),
+            )
+        except ValueError as e:  # named as the record's field, not the top-level one
+            raise ValueError(f"previous.{e}") from None
     # Checked in the record's field order, so the first bad field is the one reported.
     session = _str(obj, "session")
     pid = _int(obj, "pid", 1, _MAX_PID)

@@ -168,6 +168,17 @@ def test_impossible_pids_are_corrupt(pid: object) -> None:
         decode(json.dumps(obj).encode())
 
 
+@pytest.mark.parametrize(("field", "value"), [("pid", 0), ("token", -1), ("lane", 5)])
+def test_a_malformed_previous_field_is_named_as_previous(field: str, value: object) -> None:
+    """A bad field of ``previous`` is said as ``previous.pid``, not as the record's own
+    ``pid`` (which may be fine)."""
+    obj = make().to_json()
+    obj["previous"] = {"pid": 7, "host": "h", "lane": "l", "run_id": "r", "token": 1,
+                       field: value}
+    with pytest.raises(ValueError, match=rf"^previous\.{field} is "):
+        decode(json.dumps(obj).encode())
+
+
 def test_oversized_record_is_corrupt_not_free() -> None:
     data = b'{"version":1,"lane":"' + b"x" * MAX_RECORD + b'"}'
     with pytest.raises(ValueError, match="larger than"):
