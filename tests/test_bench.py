@@ -336,6 +336,49 @@ def test_the_floor_does_protocol_v1_work(tmp_path: Path) -> None:
     floor.release()
 
 
+FLOOR_CHILD = """
+import sys
+from fencelock.tools.peers import FloorLock
+floor = FloorLock(sys.argv[1], fsync=True)
+floor.acquire()
+print("held", flush=True)
+sys.stdin.readline()
+floor.append(b'{"by": "floor"}\\n')
+floor.release()
+"""
+
+
+def test_the_floor_and_fencelock_exclude_each_other_and_continue_each_others_tokens(
+    tmp_path: Path,
+) -> None:
+    """Both ways between processes: while a FloorLock holds, fencelock finds the session
+    held (and names the floor's record), and the floor's token continues fencelock's;
+    fencelock's next token continues the floor's."""
+    import fencelock
+
+    session = tmp_path / "s.jsonl"
+    with fencelock.SessionLock(session, lane="first") as lock:
+        lock.append({"by": "fencelock"}, stamp=True)
+        assert lock.info is not None
+        first = lock.info.token
+    with subprocess.Popen([sys.executable, "-c", FLOOR_CHILD, str(session)], text=True,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as child:
+        assert child.stdin is not None and child.stdout is not None
+        assert child.stdout.readline() == "held\n"
+        with pytest.raises(fencelock.SessionContendedError) as held:
+            fencelock.SessionLock(session, lane="second", on_contention="fail").acquire()
+        assert held.value.holder is not None and held.value.holder.token == first + 1
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.wait(timeout=60) == 0
+    with fencelock.SessionLock(session, lane="third", on_contention="fail") as lock:
+        assert lock.info is not None and lock.info.token == first + 2
+        lock.append({"by": "fencelock"}, stamp=True)
+    assert fencelock.verify(session).ok
+    assert [json.loads(line)["by"] for line in session.read_text().splitlines()] == [
+        "fencelock", "floor", "fencelock"]
+
+
 def test_runs_without_the_bench_extra(tmp_path: Path) -> None:
     """Without the ``bench`` extra the peers' columns are empty and the report says
     which package is missing; fencelock's own figures are all there."""
