@@ -1219,6 +1219,30 @@ def test_a_marker_another_user_planted_is_said_to_be_theirs() -> None:
 
 
 @needs_root
+def test_a_torn_aside_link_another_user_planted_names_who_can_remove_it() -> None:
+    """A symlink at `S.torn`, another user's, in a sticky directory: the append is
+    refused and nothing is written through it, and the message says whose it is and
+    who can remove it (this user cannot), not "remove or rename it"."""
+    with open_directory(0o1777) as sessions:
+        session = sessions / "s.jsonl"
+        session.write_bytes(b'{"a": 1}\n{"b')
+        os.chown(session, NOBODY - 1, NOBODY - 1)
+        torn = Path(f"{session}.torn")
+        torn.symlink_to(sessions / "elsewhere")
+        os.lchown(torn, NOBODY, NOBODY)
+        said = as_user("try:\n"
+                       "    with SessionLock(args['p'], 'gw') as lock:\n"
+                       "        lock.append({'x': 1})\n"
+                       "    result = 'appended'\n"
+                       "except fencelock.UnsafePathError as e:\n"
+                       "    result = str(e)\n", uid=NOBODY - 1, p=str(session))
+        assert f"It is uid {NOBODY}'s, in a sticky directory: uid {NOBODY} or root can " \
+            "remove it" in said, said
+        assert "Remove or rename it" not in said
+        assert session.read_bytes() == b'{"a": 1}\n{"b' and not (sessions / "elsewhere").exists()
+
+
+@needs_root
 def test_root_leaves_its_files_as_they_are_where_anyone_may_write() -> None:
     """In a directory anyone may write to (a sticky /tmp), another user's file is
     refused as planted: root's files stay root's there."""
