@@ -626,19 +626,18 @@ def _named(path: str) -> tuple[str, str]:
     from fencelock import _sidecar
     from fencelock._errors import SidecarAccessError, UnsafePathError
 
-    if path.endswith(_DIRECTORY_ENDS) or os.path.isdir(path):
+    slash = _sidecar.names_a_directory(path)
+    if slash or os.path.isdir(path):
         try:
             whole = os.path.abspath(path)
         except OSError:  # no working directory
             return path, ""
-        return (whole + os.sep if path.endswith(_DIRECTORY_ENDS) else whole), ""
+        return (whole + os.sep if slash else whole), ""
     try:
         return _sidecar.paths(path)
     except (SidecarAccessError, UnsafePathError):
         return _sidecar._paths(path)  # the same split, of the path as given
 
-
-_DIRECTORY_ENDS = tuple(filter(None, (os.sep, os.altsep)))
 
 
 def _clear_one(path: str, remove: bool, force: bool, backend: str | None = None) -> _ClearOutcome:

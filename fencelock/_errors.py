@@ -349,10 +349,6 @@ def unsafe_path_fix(path: str, what: str) -> str:
     """What to do about ``path``, which is ``what`` (a symlink, FIFO...), not a regular
     file: the sentence `UnsafePathError` ends with, and `status` gives too."""
     if path.endswith(".torn"):  # fencelock's own file, not one a user names
-        owner = _other_owner_in_sticky(path)
-        if owner is not None:  # (this user cannot remove it)
-            return (f"It is uid {owner}'s, in a sticky directory: uid {owner} or root can "
-                    f"remove it; fencelock then creates it again as a regular file")
         return "Remove or rename it; fencelock creates it again as a regular file"
     if what.endswith("leads in a loop"):  # `_platform.describe_mode`
         return "Fix or remove the symlink: nothing can be reached through it"
@@ -364,22 +360,6 @@ def unsafe_path_fix(path: str, what: str) -> str:
         return (f"Give the path of one session file in it (fencelock status "
                 f"{shell_word(path)} lists them)")
     return "Give the path of a regular file, or rename or remove it"
-
-
-def _other_owner_in_sticky(path: str) -> int | None:
-    """The owner of ``path`` where it is another user's (not root's) in a sticky
-    directory, which this user then cannot remove; else None."""
-    import stat
-
-    try:
-        owner = os.lstat(path).st_uid
-        sticky = os.stat(os.path.dirname(path) or ".").st_mode & stat.S_ISVTX
-    except (OSError, ValueError):
-        return None
-    geteuid = getattr(os, "geteuid", None)
-    if not sticky or geteuid is None or owner in (0, geteuid()):
-        return None
-    return owner
 
 
 class PlantedFileError(UnsafePathError):

@@ -327,6 +327,11 @@ def _cut_torn_tail(
     torn = session + TORN_SUFFIX
     try:
         (aside, kept), = map(_open_torn, (torn,), (file_mode,), (st,))
+    except UnsafePathError:
+        # Not a regular file: another user's, where anyone may create files, is said to
+        # be planted (with who can remove it), as a regular one is below.
+        _sidecar.refuse_planted_at(torn)
+        raise
     except OSError as e:
         # None there: its directory refused to make it (named as the cause).
         what = "keeping the torn last line aside"

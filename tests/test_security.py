@@ -1236,8 +1236,8 @@ def test_a_torn_aside_link_another_user_planted_names_who_can_remove_it() -> Non
                        "    result = 'appended'\n"
                        "except fencelock.UnsafePathError as e:\n"
                        "    result = str(e)\n", uid=NOBODY - 1, p=str(session))
-        assert f"It is uid {NOBODY}'s, in a sticky directory: uid {NOBODY} or root can " \
-            "remove it" in said, said
+        assert f"owned by uid {NOBODY}, not this user" in said, said
+        assert f"uid {NOBODY} or root can remove it, as the directory is sticky" in said, said
         assert "Remove or rename it" not in said
         assert session.read_bytes() == b'{"a": 1}\n{"b' and not (sessions / "elsewhere").exists()
 
