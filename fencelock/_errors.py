@@ -319,6 +319,10 @@ class OutsideRootError(FenceLockError, ValueError):
 NO_SESSION_NAME = "a sidecar of no session (no file name before .holder)"
 """What `UnsafeSidecarError` calls ``DIR/.holder`` (and `scan`, ``..holder``): no session is its."""
 
+SIDECAR_OF_A_SIDECAR = "the sidecar of a sidecar (no session's name ends in .holder)"
+"""What `UnsafeSidecarError` calls ``S.holder.holder``: ``S.holder`` is a sidecar, which
+no run holds as a session (its record is at its start)."""
+
 
 class UnsafePathError(FenceLockError):
     """A file fencelock would open is a symlink, directory, FIFO or other non-regular file.
@@ -331,7 +335,8 @@ class UnsafePathError(FenceLockError):
         self.what = what
         # A hard link is a regular file, but one that other names share; so is a
         # sidecar of no session.
-        kind = "" if what.startswith(("a hard link", NO_SESSION_NAME)) else ", not a regular file"
+        kind = "" if what.startswith(("a hard link", NO_SESSION_NAME, SIDECAR_OF_A_SIDECAR)) \
+            else ", not a regular file"
         super().__init__(
             f"{path}: is {what}{kind}; fencelock neither follows links nor writes to "
             f"anything else, and left it untouched. {self._fix(path, what)}"
@@ -419,6 +424,10 @@ class UnsafeSidecarError(UnsafePathError):
     def _fix(path: str, what: str) -> str:
         if what == NO_SESSION_NAME:
             return "Remove it: no run uses it"
+        if what == SIDECAR_OF_A_SIDECAR:
+            session = path[: -2 * len(".holder")]
+            return (f"Give the session file's path ({shell_word(session)}); a file by "
+                    f"this name is no run's, and can be removed")
         if what.startswith("a hard link"):
             # A run may hold it: removing this name would let the next run create a
             # new sidecar and take the session while that run still holds the old one.

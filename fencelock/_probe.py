@@ -41,6 +41,7 @@ from fencelock._constants import DEFAULT_STUCK_AFTER as DEFAULT_STUCK_AFTER
 from fencelock._constants import SESSION_SUFFIX
 from fencelock._errors import (
     NO_SESSION_NAME,
+    SIDECAR_OF_A_SIDECAR,
     CorruptRecordError,
     FenceLockError,
     PlantedFileError,
@@ -690,6 +691,9 @@ def _scan_rows(base: str, stuck_after: float) -> Generator[HolderStatus, None, N
             elif name in ("", ".", ".."):  # ".holder", "..holder": no session is its
                 row = HolderStatus(session, sidecar, ProbeState.UNREADABLE,
                                    reason=str(UnsafeSidecarError(sidecar, NO_SESSION_NAME)))
+            elif name.endswith(_sidecar.SUFFIX):  # "S.holder.holder": S.holder is a sidecar
+                row = HolderStatus(session, sidecar, ProbeState.UNREADABLE, reason=str(
+                    UnsafeSidecarError(sidecar, SIDECAR_OF_A_SIDECAR)))
             else:
                 row = yield from _look_in_turn(session, sidecar, stuck_after, now, looks,
                                                rows, watched)

@@ -22,6 +22,7 @@ from fencelock._constants import NO_WORKING_DIRECTORY, SIDECAR_SUFFIX
 from fencelock._errors import (
     LIMIT_FIXES,
     NO_SESSION_NAME,
+    SIDECAR_OF_A_SIDECAR,
     WRITE_FIXES,
     CorruptRecordError,
     FenceLockError,
@@ -141,10 +142,14 @@ def _paths(p: str) -> tuple[str, str]:
 
 
 def _checked_paths(p: str) -> tuple[str, str]:
-    """`_paths`, refusing ``DIR/.holder``: the sidecar of no session."""
+    """`_paths`, refusing ``DIR/.holder``, the sidecar of no session, and
+    ``S.holder.holder``: ``S.holder`` is a sidecar (its record at its start), which no
+    run may hold or append to as a session."""
     session, sidecar = _paths(p)
     if names_a_directory(session):
         raise UnsafeSidecarError(sidecar, NO_SESSION_NAME)
+    if session.endswith(SUFFIX):
+        raise UnsafeSidecarError(sidecar, SIDECAR_OF_A_SIDECAR)
     return session, sidecar
 
 

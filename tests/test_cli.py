@@ -2419,6 +2419,36 @@ def test_a_sidecar_named_only_holder_is_named_with_its_fix(
     assert stray.read_text() == "" and sorted(os.listdir(tmp_path)) == before
 
 
+@pytest.mark.parametrize("command", [
+    ["run", "S.holder.holder", "--lane", "x", "--", "sh", "-c",
+     'echo \'{"cmd": 1}\' >> "$FENCELOCK_SESSION"'],
+    ["hold", "S.holder.holder", "--lane", "x"], ["recover", "S.holder.holder"],
+    ["clear", "S.holder.holder"], ["status", "S.holder.holder"]])
+def test_a_path_naming_a_sidecars_sidecar_is_refused(session: Path, command: list[str]) -> None:
+    """``S.holder.holder`` would make the sidecar ``S.holder`` a session: a run would
+    lock a sidecar of its own beside it and append to the record's file. Every command
+    refuses it, naming it and the session's path, and writes nothing; a directory's
+    status gives such a file an unreadable row that says the same."""
+    with SessionLock(session, "before") as lock:
+        lock.append({"a": 1})
+    sidecar = Path(f"{session}.holder")
+    before, listing = sidecar.read_bytes(), sorted(os.listdir(session.parent))
+    argv = [a.replace("S", str(session)) if a.startswith("S.") else a for a in command]
+    result = cli(*argv, input='{"op":"append","entry":{"b":2}}\n{"op":"release"}\n')
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    said = result.stdout + result.stderr
+    assert f"{sidecar}.holder: is the sidecar of a sidecar" in said, said
+    assert f"Give the session file's path ({session})" in said
+    assert "Traceback" not in result.stderr
+    assert sidecar.read_bytes() == before and sorted(os.listdir(session.parent)) == listing
+    Path(f"{sidecar}.holder").write_text("")  # left by an older version, say
+    result = cli("status", "--json", str(session.parent))
+    by_name = {Path(r["session"]).name: r for r in rows(result)}
+    assert by_name[sidecar.name]["state"] == "unreadable"
+    assert "the sidecar of a sidecar" in by_name[sidecar.name]["reason"]
+    assert by_name[session.name]["state"] == "free"
+
+
 def test_clear_json_lists_a_missing_path_too(tmp_path: Path) -> None:
     missing = tmp_path / "missing" / "x.jsonl"
     result = cli("clear", "--json", str(missing))
