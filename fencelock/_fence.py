@@ -426,8 +426,10 @@ def set_torn_tail_aside(
         raise SessionTakeoverError(session, expected, None) from None
     except OSError as e:
         # Not this user's to write (nor, then, the command's): only a torn line, known
-        # to be there, is worth saying. (Any other failure, out of descriptors say, is.)
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not ends_torn(session):
+        # to be there, is worth saying. (Any other failure, out of descriptors say, is;
+        # so is a file this user may write but not read, whose tail cannot be checked.)
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not ends_torn(session) \
+                and not os.access(session, os.W_OK):
             return expected
         raise SessionWriteError(session, e, "open") from None
     try:

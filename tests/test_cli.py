@@ -724,6 +724,34 @@ def test_a_run_whose_torn_line_cannot_be_moved_aside_does_not_start_its_command(
         assert probe(session).state == "free"
 
 
+@pytest.mark.parametrize("content", [b'{"a": 1}\n{"b": 2, "ha', b'{"a": 1}\n'])
+def test_a_run_whose_session_can_be_written_but_not_read_does_not_start_its_command(
+    content: bytes,
+) -> None:
+    """A session this user may write but not read (mode 0200): its tail cannot be
+    checked for a torn line, which the command's first line would join, so the command
+    is not started, as an append of the library's own is refused; the message says
+    what to chmod. Nothing is written. (As root, as another user: root reads anything.)"""
+    prefix = _as_unprivileged() if os.geteuid() == 0 else []
+    with _private_directory(0o755, "s.jsonl.holder") as sessions:
+        session = sessions / "s.jsonl"
+        session.write_bytes(content)
+        for path in (session, sessions / "s.jsonl.holder"):
+            if prefix:
+                os.chown(path, 65534, 65534)
+            path.chmod(0o600)
+        session.chmod(0o200)
+        out = _run_appending(session, prefix)
+        assert out.returncode == 1, out
+        no_traceback(out.stderr, 1)
+        assert "its last line could not be checked for a torn line, so the command was " \
+            "not started" in out.stderr, out.stderr
+        assert f"chmod u+r {session}" in out.stderr
+        session.chmod(0o600)
+        assert session.read_bytes() == content
+        assert not Path(f"{session}.torn").exists() and probe(session).state == "free"
+
+
 @marks.needs_posix  # a FIFO and a symlink
 @pytest.mark.parametrize("aside", ["a directory", "a symlink", "a FIFO"])
 def test_a_run_whose_torn_line_meets_a_non_regular_aside_file_does_not_start_its_command(
