@@ -472,6 +472,17 @@ class CorruptRecordError(FenceLockError):
         return self.sidecar, self.why, self.command
 
 
+def own_record_too_long(where: str, size: int, bound: int) -> FenceLockError:
+    """A record of this holder's own that would be over the bound readers keep to (a
+    lane, session path or origin of thousands of characters, its control characters
+    escaped in six bytes each): refused before it is written, as no reader could read it."""
+    return FenceLockError(
+        f"{where}: the record this run would write is {size} bytes, over the {bound}-byte "
+        f"bound every reader keeps to (its session path, lane and origin, control "
+        f"characters escaped in 6 bytes each, and a previous holder's lane and host); "
+        f"nothing was written: give a shorter lane, origin or session path")
+
+
 class RecordTooLargeError(FenceLockError):
     """`clear` found a stale record in another writer's layout that no longer fits the
     record bound once encoded again (`_record.released_again`), and kept it."""

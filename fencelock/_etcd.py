@@ -31,9 +31,10 @@ from fencelock._errors import (
     SessionContendedError,
     StoreUnavailableError,
     describe_leftovers,
+    own_record_too_long,
     shell_word,
 )
-from fencelock._record import HolderInfo, State
+from fencelock._record import MAX_RECORD, HolderInfo, State
 
 if TYPE_CHECKING:
     from fencelock._etcdurl import EtcdURL
@@ -613,8 +614,12 @@ class EtcdHolder:
         return gone
 
     def _value(self, record: bytes) -> bytes:
-        """The record as stored: with the holder's lease and the store's name."""
-        return record[:-1] + self._suffix if record.endswith(b"}") else record
+        """The record as stored: with the holder's lease and the store's name (refused
+        where no reader could read it)."""
+        value = record[:-1] + self._suffix if record.endswith(b"}") else record
+        if len(value) > MAX_RECORD:
+            raise own_record_too_long(self.name, len(value), MAX_RECORD)
+        return value
 
     def _ride_out(self, lease: _etcdcluster.Lease, attempt: Callable[[], _T]) -> _T:
         """``attempt()``, asked again while etcd cannot be reached but ``lease`` may still

@@ -35,6 +35,7 @@ from fencelock._errors import (
     UnsafeSidecarError,
     attribute_fix,
     own_file_fix,
+    own_record_too_long,
     shell_word,
 )
 from fencelock._record import HELD, MAX_RECORD, HolderInfo, decode
@@ -712,7 +713,7 @@ def write_bytes(fd: int, sidecar: str, record: bytes, old_len: int) -> bytes:
     sidecar's bytes as they now are."""
     data = record + b"\n"
     if len(data) > MAX_RECORD:
-        raise CorruptRecordError(sidecar, f"a record of {len(data)} bytes is over the bound")
+        raise own_record_too_long(sidecar, len(data), MAX_RECORD)
     # Pad over a slightly longer old record (readers never see the file shrink); cut a
     # much longer one after writing, rather than rewrite all of it on every update.
     cut = old_len > len(data) + _PAD_LIMIT

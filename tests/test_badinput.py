@@ -2268,3 +2268,35 @@ def test_clear_force_with_no_inode_left_for_the_set_aside_marker_says_so(
         assert sidecar_of(session).read_bytes() == b'{"version":1,"state":"held","token":7,'
     finally:
         umount(target)
+
+
+def test_a_record_of_its_own_over_the_bound_is_refused_as_too_long_not_as_corrupt(
+    tmp_path: Path,
+) -> None:
+    """A run whose own record would pass the 64 KiB readers keep to (a lane, path and
+    origin of thousands of control characters, six bytes each escaped, and a previous
+    holder's lane as long): the acquire says the record is too long and what to
+    shorten, not that the stale record on disk is corrupt (it is not: it is left as
+    it was, and a run with a short lane takes it over)."""
+    directory = tmp_path.joinpath(*["\x01" * 250] * 10)
+    directory.mkdir(parents=True)
+    session = directory / "s.jsonl"
+    subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import os, sys
+        from fencelock import SessionLock
+        SessionLock(sys.argv[1], "\\x01" * 4096).acquire()
+        os._exit(0)  # holding it: a stale record with that lane
+    """), str(session)], check=True, timeout=60)
+    sidecar = Path(f"{session}.holder")
+    before = sidecar.read_bytes()
+    lock = SessionLock(session, "\x01" * 4096, origin="/" + "\x01" * 4000)
+    with pytest.raises(FenceLockError) as caught:
+        lock.acquire()
+    assert not isinstance(caught.value, CorruptRecordError)
+    assert f"{sidecar}: the record this run would write is" in str(caught.value)
+    assert "give a shorter lane, origin or session path" in str(caught.value)
+    assert sidecar.read_bytes() == before and probe(session).state == "stale"
+    short = SessionLock(session, "short")
+    info = short.acquire()
+    short.release()
+    assert info.previous is not None and info.previous.token == 1
