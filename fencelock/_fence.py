@@ -611,10 +611,12 @@ def _holds(fd: int, data: bytes, at: int, length: int | None = None) -> bool:
 def _landed(fd: int, line: bytes) -> bool:
     """Whether ``line`` is whole in the file where this descriptor's last write put it:
     an ``O_APPEND`` write leaves the descriptor's offset at the end of what it wrote,
-    whatever other writers appended before or after."""
+    whatever other writers appended before or after. Whole: a line of its own too, not
+    the end of another writer's unfinished one (no line break before it)."""
     try:
-        end = os.lseek(fd, 0, os.SEEK_CUR)
-        return end >= len(line) and _holds(fd, line, end - len(line))
+        start = os.lseek(fd, 0, os.SEEK_CUR) - len(line)
+        return start >= 0 and _holds(fd, line, start) and (
+            start == 0 or _platform.pread(fd, 1, start - 1) == b"\n")
     except OSError:
         return False
 
@@ -682,6 +684,11 @@ def append(
             _tokens.reserve(fd, token)
         if not made:
             locked = _platform.lock_session(fd, True, SESSION_LOCK_WAIT)
+            if locked == 2:  # after a wait: its holder may have written meanwhile
+                try:
+                    st = os.fstat(fd)
+                except OSError as e:
+                    raise SessionWriteError(session, e, "reading it for the fence") from None
             fresh = _moved.target(session)
             if fresh is not None:  # a recover moved the conversation: nothing goes in
                 raise SessionMovedError(session, fresh, expected, None, False)
@@ -742,7 +749,7 @@ def append(
             # Someone wrote between the fence check and the fsync: the session is no
             # longer only this run's. Our line is in it, unless that writer cut it.
             raise SessionTakeoverError(session, expected, after, stored=_landed(fd, line))
-        named = _named_now(session, after, mode)
+        named = _named_now(session, after, mode, line, size)
         if named is not after:
             # Renamed over or removed since the open: the line went into a file that is
             # no longer the session, unless the file put in its place is a copy of it
@@ -783,20 +790,27 @@ def append(
         os.close(fd)
 
 
-def _named_now(session: str, written: Fingerprint, mode: FenceMode) -> Fingerprint | None:
-    """``written`` (the file an append just wrote) if ``session`` still names it; else
-    what the path holds now (None: nothing). One ``lstat``. The content fence, for file
-    systems whose inode numbers flap, asks only that the file be no shorter: a copy taken
-    before the write, renamed over it, is. (A foreign append after the write is no
-    replacement: the next fence check reports it.)"""
+def _named_now(
+    session: str, written: Fingerprint, mode: FenceMode, line: bytes, at: int
+) -> Fingerprint | None:
+    """``written`` (the file an append just wrote, ``line`` at offset ``at``) if
+    ``session`` still names it; else what the path holds now (None: nothing). One
+    ``lstat``. The content fence, for file systems whose inode numbers flap, asks that
+    the file at the path be no shorter and hold the line's end where it was written: a
+    copy taken after the write, renamed over it, does (a longer file made from the
+    session as it was before the write does not). (A foreign append after the write
+    is no replacement: the next fence check reports it.)"""
     try:
         st = os.lstat(session)
     except FileNotFoundError:
         return None
     except OSError:
         return written  # not known to be replaced: the next fence check looks again
-    if (st.st_size >= written.size) if mode is CONTENT else \
-            (st.st_ino == written.ino and st.st_dev == written.dev):
+    if mode is CONTENT:
+        end = line[-_WITNESS_BYTES:]
+        if st.st_size >= written.size and _in_file_at(session, end, at + len(line) - len(end)):
+            return written
+    elif st.st_ino == written.ino and st.st_dev == written.dev:
         return written
     return _fingerprint.from_stat(st)
 

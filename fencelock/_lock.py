@@ -343,6 +343,10 @@ class SessionLock:
         """(fingerprint, its encoded value): encoded once while it stays the same."""
         self._fp: Fingerprint | None = None
         self._tail_checked = False
+        self._takeover: tuple[str, SessionTakeoverError | None] = ("", None)
+        """(run id, the takeover an append or fence check of that run found): every
+        later append, fence check and prompt window of the run raises it again, even
+        where the file has been put back as it was (a takeover sticks)."""
         self._abort_callbacks: list[Any] = []
         self._slot_attempt: object = None
         """The acquire attempt that took the in-process slot the run holds
@@ -1114,6 +1118,7 @@ class SessionLock:
     def _append_locked(self, data: bytes) -> None:
         self._require()
         self._store.check()  # a holder that may be lost writes nothing
+        self._raise_if_taken_over()
         check_tail, self._tail_checked = not self._tail_checked, False
         moved: list[Fingerprint | None] = []
         # A record in the prompt phase says its fingerprint is exact (PROTOCOL 2.4): it
@@ -1148,6 +1153,7 @@ class SessionLock:
             if type(e) is SessionTakeoverError:
                 self._raise_if_lost(e)
                 self._raise_if_moved(e.expected, e.actual, e.stored, e)
+                self._takeover = (self._run_id, e)
             raise
         self._line_going_in = False
         self._tail_checked = True
@@ -1218,15 +1224,29 @@ class SessionLock:
 
     def _fence_check(self, opened: bool, move: bool) -> Fingerprint | None:
         self._raise_if_moved()  # (as an append looks: each time)
-        fp = _fence.check(self.session, self._fp, self.fence_mode, opened, self._token)
+        self._raise_if_taken_over()
+        try:
+            fp = _fence.check(self.session, self._fp, self.fence_mode, opened, self._token)
+        except SessionTakeoverError as e:
+            if type(e) is SessionTakeoverError:
+                self._takeover = (self._run_id, e)
+            raise
         if self.fence_mode is STAT and fp != self._fp:
             # A change of metadata alone (`_fence.metadata_only`): the fence point and
             # the record follow it, so the release says the session as it is.
             self._fp, self._info = fp, None
             self._store.fence_moved(self)
-        elif move:
+        elif move and fp != self._fp:
+            # (An unchanged file keeps the fence point an append left: its witness lets
+            # a later change of metadata alone, a hard link or chmod, be told from a write.)
             self._fp = fp
         return fp
+
+    def _raise_if_taken_over(self) -> None:
+        """The takeover this run found before, again (`_takeover`)."""
+        run, found = self._takeover
+        if found is not None and run == self._run_id:
+            raise SessionTakeoverError(self.session, found.expected, found.actual)
 
     def touch(self) -> None:
         """Heartbeat: refresh ``heartbeat_at`` so the holder is not reported stuck."""

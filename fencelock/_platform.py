@@ -295,10 +295,11 @@ if WINDOWS:  # pragma: no cover - exercised on Windows only
     def hand_over() -> None:
         """Nothing to do: a waiter here polls (see `lock_blocking`)."""
 
-    def lock_session(fd: int, shared: bool, limit: float) -> bool:
-        """True: nothing to take. The session file's own lock orders appends with a
-        recover's moved mark, which Windows never has (no extended attributes)."""
-        return True
+    def lock_session(fd: int, shared: bool, limit: float) -> int:
+        """1 (taken at once): nothing to take. The session file's own lock orders
+        appends with a recover's moved mark, which Windows never has (no extended
+        attributes)."""
+        return 1
 
     def set_mode(fd: int, mode: int, owner: tuple[int, int] | None = None) -> None:
         """Nothing to do: Windows files carry no POSIX permission bits."""
@@ -364,14 +365,15 @@ else:
 
     _SESSION_STEP = 0.001
 
-    def lock_session(fd: int, shared: bool, limit: float) -> bool:
+    def lock_session(fd: int, shared: bool, limit: float) -> int:
         """Take flock(2)'s lock on the session file itself (``fd``; its sidecar's lock
         is another file's), shared for an append, exclusive for a recover setting its
-        moved mark (PROTOCOL.md 5.1), waiting up to ``limit`` seconds; False when it
-        could not be had by then. Either side holds it for one write and its fsync, so
-        the wait is polled. Where the filesystem refuses it (a descriptor opened read
-        only where flock is emulated with POSIX locks, as on NFS), True: it orders
-        nothing there, as without it."""
+        moved mark (PROTOCOL.md 5.1), waiting up to ``limit`` seconds: 1 when taken at
+        once, 2 when taken after a wait (whoever held it meanwhile may have written:
+        look at the file again), 0 when it could not be had by then. Either side holds
+        it for one write and its fsync, so the wait is polled. Where the filesystem
+        refuses it (a descriptor opened read only where flock is emulated with POSIX
+        locks, as on NFS), 1: it orders nothing there, as without it."""
         how = _SH_NB if shared else _EX_NB
         deadline = 0.0
         while True:
@@ -382,12 +384,12 @@ else:
                 if not deadline:
                     deadline = now + limit
                 elif now >= deadline:
-                    return False
+                    return 0
                 time.sleep(_SESSION_STEP)
                 continue
             except OSError:
-                return True
-            return True
+                return 1
+            return 2 if deadline else 1
 
     _sched_yield = getattr(os, "sched_yield", lambda: None)
 

@@ -288,7 +288,7 @@ def _set_torn_tail_aside(lock: SessionLock) -> None:
     before the command starts, as `SessionLock.append` refuses its own line: a line the
     command appended would join the torn one. A reader's run (the session not writable
     here) only says so: its command cannot append."""
-    from fencelock._errors import FenceLockError, SessionMovedError, SessionWriteError
+    from fencelock._errors import FenceLockError, SessionTakeoverError, SessionWriteError
     from fencelock._fence import ends_torn
 
     try:
@@ -305,8 +305,10 @@ def _set_torn_tail_aside(lock: SessionLock) -> None:
         failed = f"{e.what} failed: {e.cause.strerror or type(e.cause).__name__}"
         warning_line(f"{lock.session}: {said} ({failed}); a line the command appends "
                      f"would join {'it' if torn else 'one'}")
-    except SessionMovedError:
-        raise  # the conversation is elsewhere: no command writes into the old session
+    except SessionTakeoverError:
+        # Written by something outside the protocol since the acquire (a moved
+        # conversation too: no command writes into the old session).
+        raise
     except (FenceLockError, OSError) as e:
         # S.torn in the way (a directory, a link, another user's file), say: the torn
         # line stays, and so does the refusal where the command could append to it.

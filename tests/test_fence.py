@@ -2768,3 +2768,185 @@ def test_a_torn_line_that_cannot_be_opened_for_want_of_descriptors_is_said(
     out = subprocess.run([sys.executable, "-c", OUT_OF_DESCRIPTORS, str(session)],
                          capture_output=True, text=True, timeout=60)
     assert out.stdout == f"raised {errno.EMFILE}\n", out.stderr
+
+
+def _fd_open_on(path: Path) -> bool:
+    """Whether this process has ``path`` open (a thread's append has opened it)."""
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                return True
+    return False
+
+
+@needs_proc
+@pytest.mark.parametrize("mode", [FenceMode.STAT, FenceMode.CONTENT])
+def test_a_line_written_while_the_append_waits_for_the_session_files_lock_is_a_takeover(
+    session: Path, mode: FenceMode
+) -> None:
+    """A writer outside the protocol that locks the session file itself (flock(1),
+    portalocker) and writes a whole line while a fenced append waits for that lock: the
+    append looks at the file again once it has the lock, and writes nothing (its line
+    would have gone in after a history the run never read)."""
+    import threading
+
+    with SessionLock(session, fence=mode) as lock:
+        lock.append({"n": 1})
+        with subprocess.Popen([sys.executable, "-c", textwrap_outsider(session)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) as outsider:
+            assert outsider.stdout is not None and outsider.stdin is not None
+            assert outsider.stdout.readline() == "locked\n"
+            caught: list[BaseException] = []
+
+            def appending() -> None:
+                try:
+                    lock.append({"n": "reply"})
+                except BaseException as e:  # handed to the test
+                    caught.append(e)
+
+            thread = threading.Thread(target=appending)
+            thread.start()
+            deadline = time.monotonic() + 30
+            while not _fd_open_on(session):  # the append has opened it, and waits
+                assert time.monotonic() < deadline and thread.is_alive()
+                time.sleep(0.001)
+            outsider.stdin.write("go\n")
+            outsider.stdin.flush()
+            thread.join(30)
+            assert outsider.wait(30) == 0
+        assert len(caught) == 1 and type(caught[0]) is SessionTakeoverError, caught
+        assert caught[0].stored is False
+    assert [line["n"] for line in lines(session) if "n" in line] == [1]
+    assert lines(session)[-1] == {"outsider": 1}
+
+
+def textwrap_outsider(session: Path) -> str:
+    """A program that locks ``session`` with flock(2), says so, and on "go" appends a
+    whole line and lets go."""
+    return (
+        "import fcntl, sys\n"
+        f"f = open({str(session)!r}, 'ab')\n"
+        "fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "f.write(b'{\"outsider\": 1}\\n'); f.flush()\n"
+    )
+
+
+def test_a_line_that_ends_another_writers_unfinished_line_is_not_stored(tmp_path: Path) -> None:
+    """`_landed` (whether a line an append wrote is whole where it went): a line that
+    went in after another writer's half line is glued to it, not whole: the takeover
+    must not say it is stored (keep it nowhere else), or the reply is lost in a line no
+    reader can parse."""
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b'{"a": 1}\n')
+    line = b'{"reply": 1}\n'
+    fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    try:
+        foreign_append(path, '{"other": "half')
+        os.write(fd, line)
+        assert not _fence._landed(fd, line)
+        foreign_append(path, '"}\n')
+        os.write(fd, line)  # after a whole line: whole
+        assert _fence._landed(fd, line)
+    finally:
+        os.close(fd)
+    fd = os.open(tmp_path / "new.jsonl", os.O_RDWR | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, line)  # at the start of the file: whole
+        assert _fence._landed(fd, line)
+    finally:
+        os.close(fd)
+
+
+def test_under_the_content_fence_a_longer_file_renamed_over_during_the_append_is_a_takeover(
+    session: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The content fence takes a file at the path that is no shorter than the one
+    written for the same file (inode numbers may flap) only where it holds the line's
+    end where it was written: a longer rewrite of the session as it was before the
+    line (a compaction's, a `sed -i` that adds), renamed over it while the line was
+    being written, is a takeover whose line is not stored, not an append that returns
+    with its line in no file."""
+    with SessionLock(session, fence=FenceMode.CONTENT) as lock:
+        lock.append({"n": 1})
+        rewrite = session.with_name("rewrite.jsonl")
+        rewrite.write_bytes(session.read_bytes() + b'{"added": "%s"}\n' % (b"x" * 4000))
+        real = _fence._fsync
+        swapped: list[bool] = []
+
+        def fsync(fd: Any) -> None:
+            real(fd)
+            if not swapped:  # the line is in and durable: now the rename
+                swapped.append(True)
+                os.rename(rewrite, session)
+
+        monkeypatch.setattr(_fence, "_fsync", fsync)
+        with pytest.raises(SessionTakeoverError) as caught:
+            lock.append({"n": "reply"})
+        assert swapped and caught.value.stored is False
+        monkeypatch.setattr(_fence, "_fsync", real)
+    assert [line.get("n") for line in lines(session)] == [1, None]
+
+
+def test_a_prompt_window_in_which_nothing_changed_keeps_the_fence_points_witness(
+    session: Path,
+) -> None:
+    """After a prompt window in which nothing was written, a hard link made (a `cp -al`
+    backup) or a chmod is still a change of metadata alone, as it is without the
+    window: the window's end keeps the fence point the last append left."""
+    with SessionLock(session) as lock:
+        lock.append({"n": 1})
+        with lock.prompt_window():
+            pass
+        os.link(session, session.with_name("backup.jsonl"))
+        session.chmod(0o640)
+        lock.append({"n": 2})
+        with lock.prompt_window():
+            pass
+        lock.append({"n": 3})
+    assert [line["n"] for line in lines(session)] == [1, 2, 3]
+
+
+def test_a_takeover_sticks_though_the_file_is_put_back(session: Path) -> None:
+    """Under the content fence a foreign line is a takeover; truncating the file back to
+    what the run wrote (an identical `sed -i` racing, say) makes the content match
+    again, but the run stays taken over: every later fence check, prompt window and
+    append raises the same error, and nothing more is written."""
+    with SessionLock(session, fence=FenceMode.CONTENT) as lock:
+        lock.append({"n": 1})
+        size = session.stat().st_size
+        foreign_append(session, '{"other": 1}\n')
+        with pytest.raises(SessionTakeoverError) as first:
+            lock.append({"n": 2})
+        os.truncate(session, size)
+        for check in (lock.verify_fence, lambda: lock.append({"n": 3})):
+            with pytest.raises(SessionTakeoverError) as again:
+                check()
+            assert (again.value.expected, again.value.actual) == \
+                (first.value.expected, first.value.actual)
+            assert again.value.stored is False
+        with pytest.raises(SessionTakeoverError), lock.prompt_window():
+            pass
+    assert [line["n"] for line in lines(session)] == [1]
+    with SessionLock(session, fence=FenceMode.CONTENT) as lock:  # a new run: its own
+        lock.append({"n": 4})
+    assert [line["n"] for line in lines(session)] == [1, 4]
+
+
+def test_a_run_whose_session_was_written_since_its_acquire_does_not_start_its_command(
+    session: Path,
+) -> None:
+    """`fencelock run`'s look for a torn line before the command starts: a line written
+    from outside the protocol since the acquire is a takeover, raised as one (the run
+    does not start its command), not a warning about a torn line that is not there."""
+    from fencelock import _supervisor
+
+    session.write_text('{"a": 1}\n')
+    with SessionLock(session, "run") as lock:
+        foreign_append(session, '{"other": 1}\n')
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(SessionTakeoverError):
+                _supervisor._set_torn_tail_aside(lock)

@@ -960,7 +960,7 @@ def test_a_recover_marks_the_session_only_between_two_appends(
     found: list[Recovery] = []
     paused: list[bool] = []
 
-    def lock_session(fd: int, shared: bool, limit: float) -> bool:
+    def lock_session(fd: int, shared: bool, limit: float) -> int:
         if not shared:
             locking.set()  # the recover, copy made, comes to mark the session
         return real_lock(fd, shared, limit)
@@ -1047,7 +1047,7 @@ def test_a_recover_stopped_before_it_marks_the_old_session_leaves_no_fresh_sessi
     session.write_text('{"n": 1}\n')
     real_lock = _platform.lock_session
 
-    def stopped_while_waiting(fd: int, shared: bool, limit: float) -> bool:
+    def stopped_while_waiting(fd: int, shared: bool, limit: float) -> int:
         if not shared:
             raise _Stopped
         return real_lock(fd, shared, limit)
