@@ -22,8 +22,9 @@ from fencelock._errors import PlantedFileError
 
 XATTR = "user.fencelock.moved"
 """The extended attribute on an old session naming its fresh session (a file name)."""
-_XATTRS = hasattr(os, "listxattr")
-"""Whether Python has extended attributes here (Linux only)."""
+CAN_MARK = hasattr(os, "listxattr")
+"""Whether this platform can set and read the mark (Python has extended attributes on
+Linux only)."""
 
 
 def mark(session: str, fresh: str, fd: int = -1) -> None:
@@ -31,7 +32,7 @@ def mark(session: str, fresh: str, fd: int = -1) -> None:
     ``fresh`` (beside it). Nothing where the filesystem or this user cannot set it (or
     the platform: Python has extended attributes on Linux only): the move stands all
     the same."""
-    if not _XATTRS:
+    if not CAN_MARK:
         return
     name = os.fsencode(os.path.basename(fresh))
     with contextlib.suppress(OSError):
@@ -47,7 +48,7 @@ def target(session: str) -> str | None:
     extended attributes, a fresh session deleted since: the conversation goes on in the
     old one). One `listxattr` where there is no mark (cheaper than a `getxattr` that
     fails: every append asks)."""
-    if not _XATTRS:
+    if not CAN_MARK:
         return None
     try:
         if XATTR not in os.listxattr(session, follow_symlinks=False):

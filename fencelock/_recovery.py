@@ -838,7 +838,7 @@ def _hold_to_mark(session: str, held: _Held) -> None:
     """Open ``session`` and take its file's own lock exclusively (up to `MARK_WAIT`: an
     append holds it shared from its look at the mark until its line is in), into
     ``held`` (nothing where it cannot be opened: the mark is then set without it)."""
-    if not _open_to_mark(session, held):
+    if not _open_to_mark(session, held) and not _make_to_mark(session, held):
         return
     if not _platform.lock_session(held[-1][0], False, MARK_WAIT):
         warn_each_time(
@@ -858,6 +858,40 @@ def _let_go_of_marked(held: _Held) -> None:
         fd, _, opened = held[-1]
         _forkguard.close_if_still(fd, opened)  # (a forked child never keeps a copy)
         held.pop()
+
+
+def _make_to_mark(session: str, held: _Held) -> bool:
+    """Where the old session has no file yet (its stuck run had appended nothing, a
+    `fencelock run` whose command had not written): make it, empty, as `_open_to_mark`
+    opens one, into ``held``, so that it carries the mark (no name, no mark) and every
+    run of it, the stuck one and a later one, learns of the move rather than writing
+    into a session nobody reads. Its mode and owner are the sidecar's, as a run's
+    first append would have made it; one a run made meanwhile is opened instead.
+    False where it cannot be made (the mark is then not set: the move stands)."""
+    if not _moved.CAN_MARK:
+        return False
+    sidecar = session + _sidecar.SUFFIX
+    mode = _fresh_mode(sidecar)
+    with _forkguard.guard:
+        fd = -1
+        try:
+            (fd, st), = map(_sidecar.open_regular, (session,),
+                            (os.O_RDWR | os.O_CREAT | os.O_EXCL,), (mode,))
+            _platform.set_mode(fd, mode, _platform.owner_for(session, sidecar))
+            _forkguard.track(fd, st)
+            held.append((fd, os.fstat(fd), _forkguard.entry(fd)))
+            return True
+        except FileExistsError:
+            pass
+        except (OSError, FenceLockError):
+            if fd >= 0 and (not held or held[-1][0] != fd):
+                _forkguard.close(fd)
+            return False
+        except BaseException:
+            if fd >= 0 and (not held or held[-1][0] != fd):
+                _forkguard.close(fd)  # (untracked too, if it came before `track`)
+            raise
+    return _open_to_mark(session, held)  # made by a run meanwhile
 
 
 def _open_to_mark(session: str, held: _Held) -> bool:

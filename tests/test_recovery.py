@@ -819,6 +819,34 @@ def test_a_run_learns_that_a_recover_in_another_process_moved_its_conversation(
 
 
 @needs_xattr
+def test_a_recover_of_a_run_that_had_written_nothing_marks_the_old_session_all_the_same(
+    session: Path, store: str | None
+) -> None:
+    """The stuck run had appended nothing, so the old session has no file yet (a
+    `fencelock run` whose command had not written, a gateway still in its first model
+    call): the recover makes it, empty, to carry its mark (a mark needs a file), so the
+    stuck run's late reply is refused rather than written into a session nobody reads,
+    as is a later run's, and a later recover answers the fresh session."""
+    with SessionLock(session, lane="slow-run") as lock:
+        done = subprocess.run(
+            [sys.executable, "-m", "fencelock", "recover", str(session), "--wait", "0",
+             "--json"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        fresh = json.loads(done.stdout)["session"]
+        assert lock.superseded() == fresh
+        with pytest.raises(SessionMovedError) as refused:
+            lock.append({"n": "the slow reply"})
+        assert refused.value.moved_to == fresh and not refused.value.stored
+    assert session.read_bytes() == b"" and oct(session.stat().st_mode & 0o777) == "0o600"
+    with SessionLock(session, lane="next-run") as again, \
+            pytest.raises(SessionMovedError):
+        again.append({"n": "cron"})
+    assert session.read_bytes() == b""
+    later = recover(session, wait=0)
+    assert (later.action, later.session) == (Action.FRESH, fresh), later
+
+
+@needs_xattr
 def test_run_and_hold_write_nothing_into_a_moved_session(
     session: Path, store: str | None
 ) -> None:
