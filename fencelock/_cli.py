@@ -1013,7 +1013,8 @@ def run(
 @_holding_options("Refresh the record's heartbeat when no request wrote it for this long; 0 never.")
 @click.option("--fence", type=click.Choice(["auto", "stat", "content"]), default="auto",
               show_default=True,
-              help="How appends tell a foreign write (docs/DESIGN.md, The fence): content "
+              help="How appends tell a foreign write (The fence in docs/DESIGN.md of "
+                   "fencelock's source distribution): content "
                    "where the session gets hard-link backups or chmods before a run's first "
                    "line.")
 def hold(
@@ -1034,8 +1035,8 @@ def hold(
     line. Release, or end of stdin, releases the session and exits 0. Contended
     (--no-wait, past --timeout, or stdin ended while it waited): {"ok": false,
     "error": "SessionContendedError", ...} and exit 4; a session it cannot take (a bad
-    sidecar, etcd away): the error line and exit 1. docs/PROTOCOL.md has the whole
-    protocol.
+    sidecar, etcd away): the error line and exit 1. docs/PROTOCOL.md in fencelock's
+    source distribution has the whole protocol.
 
     \b
     Example:
@@ -1212,7 +1213,8 @@ def wait(session: str, timeout: float | None, backend: str | None) -> None:
     show_default=True,
     metavar="SECONDS",
     help="How long to wait for a live holder to let go (on etcd, one without a record "
-         "gets up to the URL's TTL and a margin more: see docs/API.md, recover).",
+         "gets up to the URL's TTL and a margin more: see recover in docs/API.md of "
+         "fencelock's source distribution).",
 )
 @click.option("--no-fresh", is_flag=True, help="Exit 4 instead of starting a fresh session.")
 @click.option("--no-carry", is_flag=True,
