@@ -753,10 +753,11 @@ def _fill_fresh(
                 # As root, the stuck session's owner's: the file copied (its descriptor),
                 # never whatever is at its name by now.
                 owner = _platform.owner_for(new, session, os.fstat(fd) if fd >= 0 else None)
-                # The old session's own lock, for its mark, is taken before the copy is
-                # named (`_hold_to_mark`): a recover stopped while it waits for an append
-                # leaves no fresh session that a later one would answer unmarked.
-                to_mark = functools.partial(_hold_to_mark, session, held) \
+                # The old session's own lock is taken, and its mark set, before the copy
+                # is named (`_hold_and_mark`): a recover stopped while it waits for an
+                # append leaves no fresh session, and one killed once the copy is named
+                # leaves the old session marked, for every run and recover to follow.
+                to_mark = functools.partial(_hold_and_mark, session, new, held) \
                     if stuck is not None else (lambda: None)
                 # Once the copy is named, the move is finished whatever comes (below).
                 move = _Move(lock, session, new, held, fd, end) if stuck is not None else None
@@ -847,6 +848,15 @@ def _hold_to_mark(session: str, held: _Held) -> None:
             f"itself: lslocks names it), so it is marked moved without waiting for it; "
             f"that append's line may be in both sessions (its writer is told so)",
             stacklevel=None)
+
+
+def _hold_and_mark(session: str, new: str, held: _Held) -> None:
+    """`_hold_to_mark`, then the mark set, just before ``new`` gets its name: a mark
+    that names no file is no mark (`_moved.target`), so the move takes effect as
+    ``new`` is named, and a recover killed from then on (SIGKILL) leaves the old session
+    marked, whoever takes it next. (`_mark_and_read_tail` sets it again.)"""
+    _hold_to_mark(session, held)
+    _moved.mark(session, new, held[0][0] if held else -1)
 
 
 def _let_go_of_marked(held: _Held) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -11,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -1106,7 +1108,7 @@ def late_line_then_named(*args, **kwargs):
     stuck.append({"n": "late"})  # the copy's end was read already
     publish(*args, **kwargs)
     if point == "named":
-        os.kill(os.getpid(), signal.SIGKILL)  # named; the old session not marked yet
+        os.kill(os.getpid(), signal.SIGKILL)  # named; the late line neither read nor carried
 def killed(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)  # marked, the late line read, not carried
 _fence.publish = late_line_then_named
@@ -1129,7 +1131,10 @@ def test_the_next_recover_carries_what_a_killed_recover_left_behind(
     lines in the old session alone, which nobody reads once it is marked: the next
     recover, answering that fresh session, carried nothing. It now finishes the move:
     where the fresh session is still the copy (the old session's first bytes, nothing
-    appended since), the old session's lines past it go there, under both locks."""
+    appended since), the old session's lines past it go there, under both locks. The old
+    session is marked before the fresh one is named, so a run that takes it after the
+    kill (one queued behind the stuck run, whose record then replaces the stuck run's)
+    writes nothing there, and the next recover still finds the move by its mark."""
     from fencelock import _moved
 
     session.write_text('{"n": 1}\n')
@@ -1140,7 +1145,9 @@ def test_the_next_recover_carries_what_a_killed_recover_left_behind(
     assert len(fresh) == 1, fresh
     ns = [json.loads(x)["n"] for x in fresh[0].read_text().splitlines()]
     assert ns == [1, 2], ns  # the precondition: the late line not carried
-    assert (_moved.target(str(session)) is not None) == (point == "marked")
+    assert _moved.target(str(session)) == str(fresh[0])
+    with SessionLock(session, lane="queued") as queued, pytest.raises(SessionMovedError):
+        queued.append({"n": "queued"})
     again = recover(session, wait=0)
     assert (again.action, again.session) == (Action.FRESH, str(fresh[0])), again
     ns = [json.loads(x)["n"] for x in fresh[0].read_text().splitlines()]
@@ -1155,6 +1162,41 @@ def test_the_next_recover_carries_what_a_killed_recover_left_behind(
     report = verify(fresh[0])
     assert report.ok and report.stamped == 3, report.problems
     assert fresh[0].read_text().count('"late"') == 1
+
+
+@needs_xattr
+def test_a_recover_killed_after_marking_but_before_naming_leaves_no_move(session: Path) -> None:
+    """The old session is marked just before the fresh one is named: a recover killed
+    between the two (SIGKILL) leaves a mark that names no file, which is no mark. The
+    old session goes on (its runs append there) and the next recover moves it anew."""
+    from fencelock import _moved
+
+    session.write_text('{"n": 1}\n')
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import os, signal, sys
+        from fencelock import SessionLock, _fence, recover
+        stuck = SessionLock(sys.argv[1], lane="slow-run")
+        stuck.acquire()
+        def killed(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)  # marked, not named
+        _fence._name = killed
+        recover(sys.argv[1], wait=0)
+    """), str(session)], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert os.getxattr(session, _moved.XATTR)  # set, naming a file that is not there
+    assert _moved.target(str(session)) is None
+    assert [p for p in session.parent.glob("*.jsonl") if p != session] == []
+    with SessionLock(session, lane="next") as lock:
+        assert lock.superseded() is None
+        lock.append({"n": 2})
+    holder = SessionLock(session, lane="stuck")
+    holder.acquire()
+    try:
+        moved = recover(session, wait=0)
+    finally:
+        holder.release()
+    assert moved.action is Action.FRESH and _moved.target(str(session)) == moved.session
+    assert [json.loads(x)["n"] for x in Path(moved.session).read_text().splitlines()] == [1, 2]
 
 
 @needs_xattr
@@ -1874,13 +1916,16 @@ def test_a_recover_that_saw_the_run_let_go_answers_its_fresh_session(
     next look meets the lock taken for an instant (another recover's test of it, or its
     clear of the stale record) while the dead run's record still names it and its
     process is still exiting, answers that fresh session too: it re-fired the old
-    session, splitting the conversation in two."""
-    from fencelock import _wait
+    session, splitting the conversation in two. (Where the old session carries no mark,
+    as on a filesystem without extended attributes: a mark is answered at once.)"""
+    from fencelock import _moved, _wait
 
     stuck = spawn_holder(session, lane="stuck")
     stuck.acquire()
     first = recover(session, wait=0)
     assert first.action is Action.FRESH
+    with contextlib.suppress(OSError):  # (none where the filesystem keeps none)
+        os.removexattr(session, _moved.XATTR)
     sidecar = str(session) + ".holder"
     locker = subprocess.Popen([sys.executable, "-c", LOCK_WHEN_TOLD, sidecar],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
