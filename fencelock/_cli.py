@@ -183,6 +183,11 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.NoSuchOption as e:
+            if not e.option_name.startswith("--"):  # "-d" of "-dash.jsonl", say
+                e.message = (e.message.rstrip(".")
+                             + " (a path that starts with '-' is written ./-NAME)")
+            raise
         except KeyboardInterrupt:
             sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:

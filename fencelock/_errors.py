@@ -533,7 +533,7 @@ class SidecarAccessError(FenceLockError):
 WRITE_FIXES = {
     errno.ENOSPC: "free some space, or inodes where df -i shows none left",
     errno.EDQUOT: "free some space under this user's disk quota",
-    errno.EROFS: "the filesystem is read-only; keep sessions on a writable filesystem",
+    errno.EROFS: "keep sessions on a filesystem mounted read-write, or remount it so",
     errno.EACCES: "this user cannot write it; run as its owner or fix the permissions",
     errno.EPERM: "this user cannot write it; run as its owner or fix the permissions",
 }

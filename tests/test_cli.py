@@ -3388,3 +3388,19 @@ def test_run_and_hold_make_their_files_with_the_mode_given(tmp_path: Path) -> No
     assert wide.returncode == 0 and wide.stderr.count("made with mode 0o644, which lets every "
                                                       "user") == 1, wide.stderr
     assert cli("run", "--mode", "660", str(ran), "--lane", "x", "--", "true").stderr == ""
+
+
+@pytest.mark.parametrize("command", [["hold", "-dash.jsonl", "--lane", "x"],
+                                     ["status", "-dash.jsonl"], ["clear", "-q"]])
+def test_an_unknown_short_option_says_how_to_write_a_path_that_starts_with_a_dash(
+    command: list[str],
+) -> None:
+    """``-dash.jsonl`` reads as options to click (``-d`` first): the usage error says
+    how to name such a file, as `run`'s does; an unknown long option keeps click's
+    suggestion alone."""
+    result = invoke(*command)
+    assert result.exit_code == 2
+    assert "(a path that starts with '-' is written ./-NAME)" in result.output, result.output
+    result = invoke("status", "--jsn", "x")
+    assert result.exit_code == 2 and "Did you mean '--json'?" in result.output
+    assert "./-NAME" not in result.output

@@ -187,7 +187,7 @@ def test_exceptions_cross_a_process_pool() -> None:
 @pytest.mark.parametrize(("code", "fix"), [
     (errno.ENOSPC, "free some space"),
     (errno.EACCES, "run as its owner or fix the permissions"),
-    (errno.EROFS, "keep sessions on a writable filesystem"),
+    (errno.EROFS, "keep sessions on a filesystem mounted read-write, or remount it so"),
 ])
 def test_a_failed_write_says_what_to_do(code: int, fix: str) -> None:
     e = _errors.SessionWriteError("/s/a.jsonl", OSError(code, "failed"), "write")
