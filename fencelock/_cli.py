@@ -184,10 +184,11 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except click.NoSuchOption as e:
-            if not e.option_name.startswith("--"):  # "-d" of "-dash.jsonl", say
-                e.message = (e.message.rstrip(".")
-                             + " (a path that starts with '-' is written ./-NAME)")
-            raise
+            if e.option_name.startswith("--"):
+                raise
+            raise click.NoSuchOption(  # "-d" of "-dash.jsonl", say
+                e.option_name, e.message.rstrip(".") + " (a path that starts with '-' is "
+                "written ./-NAME)", e.possibilities, e.ctx) from None
         except KeyboardInterrupt:
             sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:
