@@ -787,15 +787,17 @@ def is_coordination_error(exc: BaseException | None) -> bool:
     """True for a `CoordinationError`, also when it is the cause or context of ``exc``
     (False for anything that is not an exception)."""
     seen: set[int] = set()
-    while isinstance(exc, BaseException) and id(exc) not in seen:
+    todo: list[BaseException | None] = [exc]  # both links of each: a cause set with
+    while todo:  # ``raise ... from`` hides no context the exception was raised in
+        exc = todo.pop()
+        if not isinstance(exc, BaseException) or id(exc) in seen:
+            continue
         if isinstance(exc, CoordinationError):
             return True
         seen.add(id(exc))
-        if isinstance(exc, BaseExceptionGroup) and any(
-            is_coordination_error(e) for e in exc.exceptions
-        ):
-            return True
-        exc = exc.__cause__ or exc.__context__
+        if isinstance(exc, BaseExceptionGroup):
+            todo.extend(exc.exceptions)
+        todo += (exc.__context__, exc.__cause__)
     return False
 
 

@@ -329,6 +329,15 @@ def test_exception_hierarchy_and_wrapped_detection(session: Path) -> None:
     except RuntimeError as caused:
         assert caused.__cause__ is saved and caused.__context__ is None
         assert is_coordination_error(caused)
+    # Raised with another cause while handling one: the context still counts.
+    try:
+        try:
+            raise err
+        except SessionContendedError:
+            raise RuntimeError("fallback failed") from TimeoutError()
+    except RuntimeError as both:
+        assert isinstance(both.__cause__, TimeoutError) and both.__context__ is err
+        assert is_coordination_error(both)
     assert not is_coordination_error(ValueError("provider 500"))
     assert not is_coordination_error(None)
     assert not is_coordination_error("SessionTakeoverError")  # type: ignore[arg-type]
