@@ -310,7 +310,13 @@ class SessionLock:
         """The thread ident of an append under way (under ``_append_mu``), else 0."""
         self._release_deferred = False
         """A signal handler of the appending thread released in the middle of the
-        append: the release is done as the append ends."""
+        append: the release is done as the append ends. (So too in the middle of a
+        record write, ``_io_writers``.)"""
+        self._io_writers: set[int] = set()
+        """The threads in `_write_record` (from before they take ``_io`` until after they
+        let it go): a signal handler or a finaliser of one of them that releases cannot
+        take ``_io`` (it might wait for itself), and defers the release to the write's
+        end."""
         self._count = 0
         self._pid = 0
         self._owner: object = None
@@ -478,11 +484,23 @@ class SessionLock:
     def _write_record(self) -> None:
         # Under the object's own lock, so a heartbeat from another thread can never
         # write through a descriptor that release() has just closed; and only while
-        # held (`release` may not take that lock: see there).
-        with self._io:
-            if not self._count:
-                raise NotHeldError(f"{self.session}: released while the record was updated")
-            self._store.write(self)
+        # held (`release` may not take that lock: see there). A release by a signal
+        # handler (or a finaliser) of this thread in the middle of it is done as it ends.
+        me = threading.get_ident()
+        if me in self._io_writers:  # a signal handler's, in the middle of this thread's
+            raise FenceLockError(
+                f"{self.session}: a record write of this thread is under way (a signal "
+                f"handler's write in the middle of it?); nothing was written")
+        try:
+            self._io_writers.add(me)
+            with self._io:
+                if not self._count:
+                    raise NotHeldError(f"{self.session}: released while the record was updated")
+                self._store.write(self)
+        finally:
+            self._io_writers.discard(me)
+            if self._release_deferred and self._appending != me:
+                self._deferred_release()  # (an append's: as the append ends)
 
     def _forget_in_child(self) -> None:
         # The inherited descriptor itself is closed by _forkguard's hook.
@@ -490,7 +508,7 @@ class SessionLock:
         self._count, self._info = 0, None
         self._io = threading.Lock()  # another thread may have held it at the fork
         self._append_mu = threading.Lock()
-        self._appending, self._release_deferred = 0, False
+        self._appending, self._release_deferred, self._io_writers = 0, False, set()
         self._pid = -1  # marks "inherited through fork": release() becomes a no-op
 
     @staticmethod
@@ -674,10 +692,12 @@ class SessionLock:
         self._count -= 1
         if self._count:
             return
-        if self._appending and self._appending == threading.get_ident():
-            # A signal handler of this thread, in the middle of an append or a fence
-            # check: that cannot be waited for, and its line must not land after the
-            # release. Done as it ends.
+        if (self._appending or self._io_writers) and (
+                self._appending == threading.get_ident()
+                or threading.get_ident() in self._io_writers):
+            # A signal handler (or a finaliser) of this thread, in the middle of an
+            # append, a fence check or a record write: that cannot be waited for, and
+            # its line must not land after the release. Done as it ends.
             self._count, self._release_deferred = 1, True
             return
         try:
@@ -755,9 +775,9 @@ class SessionLock:
         """Add ``command`` (the pid and start of the process that shares the lock) to
         the record, so a holder whose own process was killed is still named."""
         self._require()
-        start = _identity.process_start(pid)
-        with self._io:
-            self._static = self._static_part() + _record.command_part(pid, start)
+        static = self._static_part() + _record.command_part(pid, _identity.process_start(pid))
+        with self._io:  # (no call inside: no signal handler runs in it)
+            self._static = static
             self._middle = ("", "", b"")  # encoded again with the command in it
         self._write_record()
 
@@ -1219,8 +1239,8 @@ class SessionLock:
                 self._deferred_release()
 
     def _deferred_release(self) -> None:
-        """The release a signal handler asked for in the middle of this thread's append
-        or fence check, now that it has ended."""
+        """The release a signal handler asked for in the middle of this thread's append,
+        fence check or record write, now that it has ended."""
         self._release_deferred = False
         self.release()
 

@@ -1912,6 +1912,59 @@ def test_a_signal_handler_that_releases_in_the_middle_of_a_fence_check_releases(
         pass
 
 
+RECORD_WRITE_SIGNALLED = """
+import os, signal, sys
+from fencelock import FenceLockError, SessionLock, _platform, probe
+session, during, act = sys.argv[1:]
+lock = SessionLock(session, "handler")
+def on_usr1(signum, frame):
+    lock.release() if act == "release" else lock.touch()
+signal.signal(signal.SIGUSR1, on_usr1)
+lock.acquire()
+real = _platform.pwrite
+def pwrite(fd, data, offset):  # the signal comes in the middle of the record write
+    _platform.pwrite = real
+    os.kill(os.getpid(), signal.SIGUSR1)
+    return real(fd, data, offset)
+_platform.pwrite = pwrite
+try:
+    if during == "touch":
+        lock.touch()
+    else:
+        with lock.prompt_window():
+            pass
+except FenceLockError as e:
+    print("refused:", e)
+print(lock.held, probe(session).state)
+"""
+"""``python -c RECORD_WRITE_SIGNALLED SESSION touch|prompt release|touch``: a SIGUSR1
+handler that releases (or writes the record) lands in the middle of a record write."""
+
+
+@pytest.mark.parametrize("during", ["touch", "prompt"])
+def test_a_signal_handler_that_releases_in_the_middle_of_a_record_write_releases_after_it(
+    session: Path, during: str
+) -> None:
+    """A handler (SIGTERM's clean shutdown, say) of the thread that is writing the
+    record (a heartbeat, a prompt window's begin) calls ``release()``: the release
+    cannot take the lock object's own mutex, which its thread holds (it waited for
+    itself: the process hung with the session held), so it is done as the write ends.
+    A handler that writes the record itself there is refused, not left waiting."""
+    done = subprocess.run([sys.executable, "-c", RECORD_WRITE_SIGNALLED, str(session),
+                           during, "release"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["False free"], done.stdout
+    record = probe(session).record
+    assert record is not None and record.state == "released"
+    with SessionLock(session, "next", on_contention="fail"):
+        pass
+    done = subprocess.run([sys.executable, "-c", RECORD_WRITE_SIGNALLED, str(session),
+                           during, "touch"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "refused:" in done.stdout and "a record write of this thread" in done.stdout
+    assert done.stdout.splitlines()[-1] == "True live"  # (exited holding it: stale now)
+
+
 def test_a_dotdot_after_a_symlinked_directory_names_the_file_the_system_opens(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
