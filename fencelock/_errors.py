@@ -197,7 +197,7 @@ class SessionTakeoverError(CoordinationError):
         session: str,
         expected: Fingerprint | None,
         actual: Fingerprint | None,
-        stored: bool | None = False,
+        stored: bool = False,
     ):
         self.session = session
         self.expected = expected
@@ -205,20 +205,14 @@ class SessionTakeoverError(CoordinationError):
         self.stored = stored
         """True when the append that found the change had already written its line, and
         the line is whole in the file, fsynced (another writer's bytes came between the
-        fence check and the end of the append): it must not be written elsewhere again.
-        None when the line had been written but the file was rewritten, cut or replaced
-        since (a compaction, a `sed -i`), so that it may be in the session at another
-        place: read the session before writing it again."""
+        fence check and the end of the append): it must not be written elsewhere again."""
         super().__init__(
             f"{session}: changed by a writer outside this run "
             f"(expected {_fp(expected)}, found {_fp(actual)}{_only_metadata(expected, actual)}"
             f"); the run's history "
             f"is no longer what it wrote, so it stops here"
             + ("; this append's line is in the file all the same, beside the other "
-               "writer's bytes" if stored else
-               "; this append's line had been written, and the file was rewritten or "
-               "replaced since: read the session before writing the line again"
-               if stored is None else "")
+               "writer's bytes" if stored else "")
             + ". Start the run again from the session as it now is"
         )
 
@@ -236,7 +230,7 @@ class SessionMovedError(SessionTakeoverError):
         moved_to: str,
         expected: Fingerprint | None = None,
         actual: Fingerprint | None = None,
-        stored: bool | None = False,
+        stored: bool = False,
     ):
         self.session = session
         self.moved_to = moved_to
@@ -250,9 +244,7 @@ class SessionMovedError(SessionTakeoverError):
             f"turn is answered again; this run writes nothing more here"
             + ("; its last line went in here all the same, as a recover that did not wait "
                "for it marked the move, and may be at the end of the fresh session too: "
-               "look there before writing it again" if stored else
-               "; its last line had been written here, and the file was rewritten since: "
-               "look in both sessions before writing it again" if stored is None else "")
+               "look there before writing it again" if stored else "")
             + f". Take {moved_to} instead",
         )
 

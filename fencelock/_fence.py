@@ -608,20 +608,15 @@ def _holds(fd: int, data: bytes, at: int, length: int | None = None) -> bool:
     return True
 
 
-def _landed(fd: int, line: bytes, end: int = -1) -> bool | None:
+def _landed(fd: int, line: bytes) -> bool:
     """Whether ``line`` is whole in the file where this descriptor's last write put it:
     an ``O_APPEND`` write leaves the descriptor's offset at the end of what it wrote,
     whatever other writers appended before or after. Whole: a line of its own too, not
-    the end of another writer's unfinished one (no line break before it). None where it
-    is not there and the file is now shorter than ``end`` (where the line would have
-    ended, had nobody written before it): cut or rewritten since, by a compaction that
-    may have kept the line at another place."""
+    the end of another writer's unfinished one (no line break before it)."""
     try:
         start = os.lseek(fd, 0, os.SEEK_CUR) - len(line)
-        if start >= 0 and _holds(fd, line, start) and (
-                start == 0 or _platform.pread(fd, 1, start - 1) == b"\n"):
-            return True
-        return None if os.fstat(fd).st_size < end else False
+        return start >= 0 and _holds(fd, line, start) and (
+            start == 0 or _platform.pread(fd, 1, start - 1) == b"\n")
     except OSError:
         return False
 
@@ -753,17 +748,14 @@ def append(
         if after.size != size + len(line) or not _holds(fd, line, size):
             # Someone wrote between the fence check and the fsync: the session is no
             # longer only this run's. Our line is in it, unless that writer cut it.
-            raise SessionTakeoverError(session, expected, after,
-                                       stored=_landed(fd, line, size + len(line)))
+            raise SessionTakeoverError(session, expected, after, stored=_landed(fd, line))
         named = _named_now(session, after, mode, line, size)
         if named is not after:
             # Renamed over or removed since the open: the line went into a file that is
             # no longer the session, unless the file put in its place is a copy of it
             # made after the write (a `sed -i` running then).
-            # (Not there, in a file put in its place: it may be elsewhere in it, as
-            # after a compaction that dropped earlier lines.)
-            raise SessionTakeoverError(session, expected, named, stored=(
-                True if _in_file_at(session, line, size) else None if named else False))
+            raise SessionTakeoverError(session, expected, named,
+                                       stored=_in_file_at(session, line, size))
         if created:
             try:
                 _fsync_dir(os.path.dirname(session))

@@ -1193,15 +1193,13 @@ class SessionLock:
         try:
             self._store.check()
         except HolderLostError as lost:
-            # (A line the file's rewrite may have moved, ``stored`` None, counts as in.)
-            raise HolderLostError(self.session, lost.why,
-                                  takeover.stored is not False) from takeover
+            raise HolderLostError(self.session, lost.why, bool(takeover.stored)) from takeover
         except FenceLockError:
             pass  # the takeover says what is known
 
     def _raise_if_moved(
         self, expected: Fingerprint | None = None, actual: Fingerprint | None = None,
-        stored: bool | None = False, takeover: SessionTakeoverError | None = None,
+        stored: bool = False, takeover: SessionTakeoverError | None = None,
     ) -> None:
         """`SessionMovedError` where a recover's mark on the session names the fresh
         session it moved the conversation to (`_moved`); in place of ``takeover`` where
