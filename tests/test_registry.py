@@ -478,3 +478,55 @@ def test_an_interrupt_at_any_point_of_a_wake_up_leaves_the_registry_s_mutex_free
             break
         number += 1
     assert number >= 6  # the wake-up ran the registry's code
+
+
+RELEASED_INSIDE_THE_MUTEX = """
+import sys, threading, time
+from fencelock import SessionLock, _registry
+a, b = sys.argv[1:]
+A, B, B2 = SessionLock(a, "a"), SessionLock(b, "b"), SessionLock(b, "b2", timeout=30)
+A.acquire()
+B.acquire()
+taken = threading.Event()
+def queued():
+    with B2:
+        taken.set()
+waiter = threading.Thread(target=queued)
+waiter.start()
+deadline = time.monotonic() + 30
+while not _registry.waiters():  # B2 in line behind B
+    assert time.monotonic() < deadline
+    time.sleep(0.001)
+ran = []
+def handler(frame, event, arg):  # A released where a signal handler would, inside B's free
+    if event == "call" and frame.f_code is _registry.wake.__code__ and not ran:
+        ran.append(True)
+        A.release()
+sys.settrace(handler)
+B.release()
+sys.settrace(None)
+waiter.join(30)
+other = SessionLock(a, "other", timeout=30)  # A's slot freed all the same
+other.acquire()
+other.release()
+print(ran == [True], taken.is_set(), A.held)
+"""
+"""``python -c RELEASED_INSIDE_THE_MUTEX A B``: a release of session A that runs while
+its thread is inside the registry's mutex (freeing B's slot for a waiter)."""
+
+
+def test_a_release_by_a_signal_handler_inside_the_registrys_mutex_frees_its_slot_later(
+    tmp_path: Path,
+) -> None:
+    """A signal handler (or a finaliser) that releases session A while its thread is
+    inside the registry's mutex, freeing B's slot: it cannot take the mutex (its thread
+    waited for itself, and every release and acquire of the process after it): A's slot
+    is freed from a thread of its own once the mutex is let go, and another lock object
+    of the process takes A at once."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", RELEASED_INSIDE_THE_MUTEX,
+                           str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "False"], done.stdout
