@@ -1124,6 +1124,10 @@ class SessionLock:
         # One append at a time per holder: another thread's line landing between this
         # one's fence check and its write would read as a foreign write.
         me = threading.get_ident()  # before the mutex: a handler there finds it unset
+        if self._appending == me:  # a signal handler's, in the middle of this thread's
+            raise FenceLockError(
+                f"{self.session}: an append of this thread is under way (a signal "
+                f"handler's append in the middle of it?); nothing was written")
         try:
             with self._append_mu:
                 self._appending = me

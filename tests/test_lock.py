@@ -2041,3 +2041,37 @@ def test_a_probe_still_reads_a_write_in_the_prompt_window_as_moved(
         f.write('{"role": "intruder"}\n')
     status = probe(session)
     assert status.state == ProbeState.LIVE and status.fence_ok is False, status
+
+
+APPENDED_INSIDE_AN_APPEND = """
+import sys
+from fencelock import FenceLockError, SessionLock, _fence
+lock = SessionLock(sys.argv[1], "handler")
+lock.acquire()
+said = []
+def handler(frame, event, arg):  # where a signal handler of this thread would run
+    if event == "call" and frame.f_code is _fence._write_all.__code__ and not said:
+        said.append("ran")
+        try:
+            lock.append({"n": "from the handler"})
+        except FenceLockError as e:
+            said.append(str(e))
+sys.settrace(handler)
+lock.append({"n": 1})
+sys.settrace(None)
+lock.release()
+print(said[1] if len(said) > 1 else said)
+"""
+
+
+def test_an_append_by_a_signal_handler_in_the_middle_of_its_threads_append_is_refused(
+    session: Path,
+) -> None:
+    """A handler that appends while its thread is appending: it cannot wait for the
+    append it interrupted (its thread waited for itself, for good): refused, nothing
+    written, and the interrupted append goes on."""
+    done = subprocess.run([sys.executable, "-c", APPENDED_INSIDE_AN_APPEND, str(session)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "an append of this thread is under way" in done.stdout, done.stdout
+    assert [json.loads(x) for x in session.read_text().splitlines()] == [{"n": 1}]
