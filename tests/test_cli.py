@@ -697,6 +697,22 @@ def _run_appending(
         capture_output=True, text=True, timeout=60)
 
 
+@contextlib.contextmanager
+def _a_users_session(content: bytes) -> Iterator[tuple[Path, Path, list[str]]]:
+    """A session holding ``content`` and its sidecar, both 0600, in a directory of mode
+    0755, all of one user's (nobody's where this is root), and the prefix that runs a
+    command as that user (`_as_unprivileged`)."""
+    prefix = _as_unprivileged() if os.geteuid() == 0 else []
+    with _private_directory(0o755, "s.jsonl.holder") as sessions:
+        session = sessions / "s.jsonl"
+        session.write_bytes(content)
+        for path in (session, sessions / "s.jsonl.holder"):
+            if prefix:
+                os.chown(path, 65534, 65534)
+            path.chmod(0o600)
+        yield sessions, session, prefix
+
+
 def test_a_run_whose_torn_line_cannot_be_moved_aside_does_not_start_its_command() -> None:
     """The session (this user's, writable) ends in a torn line, and its directory takes
     no new files (no `S.torn`): the command, which could append, is not started (its
@@ -704,14 +720,7 @@ def test_a_run_whose_torn_line_cannot_be_moved_aside_does_not_start_its_command(
     message names the file that failed and the fix; the session and its torn line are
     left as they were, and the session is free again. (As root, as another user: root
     creates files anywhere.)"""
-    prefix = _as_unprivileged() if os.geteuid() == 0 else []
-    with _private_directory(0o755, "s.jsonl.holder") as sessions:
-        session = sessions / "s.jsonl"
-        session.write_bytes(b'{"a": 1}\n{"b": 2, "ha')
-        for path in (session, sessions / "s.jsonl.holder"):
-            if prefix:
-                os.chown(path, 65534, 65534)
-            path.chmod(0o600)
+    with _a_users_session(b'{"a": 1}\n{"b": 2, "ha') as (sessions, session, prefix):
         sessions.chmod(0o555)
         out = _run_appending(session, prefix)
         assert out.returncode == 1, out
@@ -732,14 +741,7 @@ def test_a_run_whose_session_can_be_written_but_not_read_does_not_start_its_comm
     checked for a torn line, which the command's first line would join, so the command
     is not started, as an append of the library's own is refused; the message says
     what to chmod. Nothing is written. (As root, as another user: root reads anything.)"""
-    prefix = _as_unprivileged() if os.geteuid() == 0 else []
-    with _private_directory(0o755, "s.jsonl.holder") as sessions:
-        session = sessions / "s.jsonl"
-        session.write_bytes(content)
-        for path in (session, sessions / "s.jsonl.holder"):
-            if prefix:
-                os.chown(path, 65534, 65534)
-            path.chmod(0o600)
+    with _a_users_session(content) as (_, session, prefix):
         session.chmod(0o200)
         out = _run_appending(session, prefix)
         assert out.returncode == 1, out
