@@ -700,7 +700,7 @@ def append(
             _tokens.reserve(fd, token)
         if not made:
             locked = _platform.lock_session(fd, True, SESSION_LOCK_WAIT)
-            if locked == 2:  # after a wait: its holder may have written meanwhile
+            if locked == _platform.TAKEN_AFTER_A_WAIT:  # its holder may have written
                 try:
                     st = os.fstat(fd)
                 except OSError as e:

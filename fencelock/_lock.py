@@ -1142,7 +1142,8 @@ class SessionLock:
     def _append_locked(self, data: bytes) -> None:
         self._require()
         self._store.check()  # a holder that may be lost writes nothing
-        self._raise_if_taken_over()
+        if self._takeover[1] is not None:
+            self._raise_if_taken_over()
         check_tail, self._tail_checked = not self._tail_checked, False
         moved: list[Fingerprint | None] = []
         # A record in the prompt phase says its fingerprint is exact (PROTOCOL 2.4): it
@@ -1248,7 +1249,8 @@ class SessionLock:
 
     def _fence_check(self, opened: bool, move: bool) -> Fingerprint | None:
         self._raise_if_moved()  # (as an append looks: each time)
-        self._raise_if_taken_over()
+        if self._takeover[1] is not None:
+            self._raise_if_taken_over()
         try:
             fp = _fence.check(self.session, self._fp, self.fence_mode, opened, self._token)
         except SessionTakeoverError as e:

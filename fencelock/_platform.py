@@ -53,6 +53,9 @@ WAIT_SLICE = 0.1
 """Where `CAN_BLOCK` is false (Windows), how long a thread waits on a lock at a time: a
 lock's wait there does not let Ctrl-C through before Python 3.14."""
 
+NOT_TAKEN, TAKEN, TAKEN_AFTER_A_WAIT = 0, 1, 2
+"""What `lock_session` gives: false only for the first."""
+
 
 def _seek_pread(fd: int, size: int, offset: int) -> bytes:
     """`os.pread` where the system has none (Windows): a seek and a read, then the
@@ -296,10 +299,9 @@ if WINDOWS:  # pragma: no cover - exercised on Windows only
         """Nothing to do: a waiter here polls (see `lock_blocking`)."""
 
     def lock_session(fd: int, shared: bool, limit: float) -> int:
-        """1 (taken at once): nothing to take. The session file's own lock orders
-        appends with a recover's moved mark, which Windows never has (no extended
-        attributes)."""
-        return 1
+        """`TAKEN`: nothing to take. The session file's own lock orders appends with a
+        recover's moved mark, which Windows never has (no extended attributes)."""
+        return TAKEN
 
     def set_mode(fd: int, mode: int, owner: tuple[int, int] | None = None) -> None:
         """Nothing to do: Windows files carry no POSIX permission bits."""
@@ -368,12 +370,12 @@ else:
     def lock_session(fd: int, shared: bool, limit: float) -> int:
         """Take flock(2)'s lock on the session file itself (``fd``; its sidecar's lock
         is another file's), shared for an append, exclusive for a recover setting its
-        moved mark (PROTOCOL.md 5.1), waiting up to ``limit`` seconds: 1 when taken at
-        once, 2 when taken after a wait (whoever held it meanwhile may have written:
-        look at the file again), 0 when it could not be had by then. Either side holds
+        moved mark (PROTOCOL.md 5.1), waiting up to ``limit`` seconds: `TAKEN` at
+        once, `TAKEN_AFTER_A_WAIT` (whoever held it meanwhile may have written: look at
+        the file again), `NOT_TAKEN` when it could not be had by then. Either side holds
         it for one write and its fsync, so the wait is polled. Where the filesystem
         refuses it (a descriptor opened read only where flock is emulated with POSIX
-        locks, as on NFS), 1: it orders nothing there, as without it."""
+        locks, as on NFS), `TAKEN`: it orders nothing there, as without it."""
         how = _SH_NB if shared else _EX_NB
         deadline = 0.0
         while True:
@@ -384,12 +386,12 @@ else:
                 if not deadline:
                     deadline = now + limit
                 elif now >= deadline:
-                    return 0
+                    return NOT_TAKEN
                 time.sleep(_SESSION_STEP)
                 continue
             except OSError:
-                return 1
-            return 2 if deadline else 1
+                return TAKEN
+            return TAKEN_AFTER_A_WAIT if deadline else TAKEN
 
     _sched_yield = getattr(os, "sched_yield", lambda: None)
 

@@ -893,13 +893,11 @@ def _make_to_mark(session: str, held: _Held) -> bool:
             return True
         except FileExistsError:
             pass
-        except (OSError, FenceLockError):
-            if fd >= 0 and (not held or held[-1][0] != fd):
-                _forkguard.close(fd)
-            return False
-        except BaseException:
+        except BaseException as e:
             if fd >= 0 and (not held or held[-1][0] != fd):
                 _forkguard.close(fd)  # (untracked too, if it came before `track`)
+            if isinstance(e, OSError | FenceLockError):
+                return False
             raise
     return _open_to_mark(session, held)  # made by a run meanwhile
 
