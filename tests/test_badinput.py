@@ -1091,7 +1091,9 @@ def test_read_only_filesystem(tmpfs_dir: Path) -> None:
     try:
         with pytest.raises(SidecarAccessError) as exc:
             SessionLock(session, "after").acquire()
-        assert "read-only" in str(exc.value) and str(sidecar_of(session)) in str(exc.value)
+        said = str(exc.value)
+        assert "read-only" in said.lower() and str(sidecar_of(session)) in said
+        assert "remount it" in said and said.lower().count("read-only") == 1
         with pytest.raises(SidecarAccessError):
             SessionLock(fresh, "after").acquire()
         assert probe(session).state == "free"  # reading still works
