@@ -612,29 +612,13 @@ def _landed(fd: int, line: bytes) -> bool:
     """Whether ``line`` is whole in the file where this descriptor's last write put it:
     an ``O_APPEND`` write leaves the descriptor's offset at the end of what it wrote,
     whatever other writers appended before or after. Whole: a line of its own too, not
-    the end of another writer's unfinished one (no line break before it). Or, the file
-    rewritten in place since (a compaction that dropped earlier lines moves the line),
-    whether it ends with the line (`_ends_with`)."""
+    the end of another writer's unfinished one (no line break before it)."""
     try:
         start = os.lseek(fd, 0, os.SEEK_CUR) - len(line)
-        return (start >= 0 and _line_at(fd, line, start)) or _ends_with(fd, line)
+        return start >= 0 and _holds(fd, line, start) and (
+            start == 0 or _platform.pread(fd, 1, start - 1) == b"\n")
     except OSError:
         return False
-
-
-def _line_at(fd: int, line: bytes, start: int) -> bool:
-    """Whether the file holds ``line`` from ``start`` as a line of its own (at the
-    file's start or after a line break). Raises OSError."""
-    return _holds(fd, line, start) and (
-        start == 0 or _platform.pread(fd, 1, start - 1) == b"\n")
-
-
-def _ends_with(fd: int, line: bytes) -> bool:
-    """Whether the file ends with ``line``, a line of its own: where a compaction that
-    ran as the line went in (earlier lines dropped, the rest kept, in place or in a
-    file renamed over the session) put the newest line. Raises OSError."""
-    size = os.fstat(fd).st_size
-    return size >= len(line) and _line_at(fd, line, size - len(line))
 
 
 SESSION_LOCK_WAIT = 10.0
@@ -770,8 +754,8 @@ def append(
             # Renamed over or removed since the open: the line went into a file that is
             # no longer the session, unless the file put in its place is a copy of it
             # made after the write (a `sed -i` running then).
-            raise SessionTakeoverError(session, expected, named, stored=_in_file_at(
-                session, line, size, or_at_end=True))
+            raise SessionTakeoverError(session, expected, named,
+                                       stored=_in_file_at(session, line, size))
         if created:
             try:
                 _fsync_dir(os.path.dirname(session))
@@ -831,15 +815,14 @@ def _named_now(
     return _fingerprint.from_stat(st)
 
 
-def _in_file_at(path: str, line: bytes, at: int, *, or_at_end: bool = False) -> bool:
-    """Whether the regular file at ``path`` holds ``line`` from offset ``at`` (or, with
-    ``or_at_end``, ends with it: `_ends_with`)."""
+def _in_file_at(path: str, line: bytes, at: int) -> bool:
+    """Whether the regular file at ``path`` holds ``line`` from offset ``at``."""
     try:
         fd, _ = _sidecar.open_regular(path, os.O_RDONLY)
     except (OSError, FenceLockError):
         return False
     try:
-        return _holds(fd, line, at) or (or_at_end and _ends_with(fd, line))
+        return _holds(fd, line, at)
     except OSError:
         return False
     finally:

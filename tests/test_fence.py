@@ -2950,35 +2950,3 @@ def test_a_run_whose_session_was_written_since_its_acquire_does_not_start_its_co
             warnings.simplefilter("error")
             with pytest.raises(SessionTakeoverError):
                 _supervisor._set_torn_tail_aside(lock)
-
-
-@pytest.mark.parametrize("how", ["in place", "renamed over"])
-def test_a_compaction_during_the_append_keeps_its_line_stored(
-    session: Path, monkeypatch: pytest.MonkeyPatch, how: str
-) -> None:
-    """A compaction (the oldest line dropped, the rest kept) that lands while an append
-    makes its line durable moves the line: the takeover says it is stored (the file
-    ends with it), not that it is not (its caller would write the reply twice)."""
-    with SessionLock(session) as lock:
-        lock.append({"n": 1})
-        lock.append({"n": 2})
-        real = _fence._fsync
-
-        def fsync(fd: Any) -> None:
-            real(fd)
-            monkeypatch.setattr(_fence, "_fsync", real)
-            kept = session.read_bytes().split(b"\n", 1)[1]  # the first line dropped
-            if how == "in place":
-                with open(session, "r+b") as f:
-                    f.truncate(0)
-                    f.write(kept)
-            else:
-                rewrite = session.with_name("compacted.jsonl")
-                rewrite.write_bytes(kept)
-                os.rename(rewrite, session)
-
-        monkeypatch.setattr(_fence, "_fsync", fsync)
-        with pytest.raises(SessionTakeoverError) as caught:
-            lock.append({"n": "reply"})
-        assert caught.value.stored is True, caught.value
-    assert [line["n"] for line in lines(session)] == [2, "reply"]
