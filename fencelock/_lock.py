@@ -308,15 +308,15 @@ class SessionLock:
         self._append_mu = threading.Lock()
         self._appending = 0
         """The thread ident of an append under way (under ``_append_mu``), else 0."""
-        self._release_deferred = False
-        """A signal handler of the appending thread released in the middle of the
-        append: the release is done as the append ends. (So too in the middle of a
-        record write, ``_io_writers``.)"""
+        self._release_deferred = 0
+        """The thread whose signal handler (or finaliser) released in the middle of its
+        append, fence check or record write (``_io_writers``), else 0: that thread
+        makes the release as it ends (`_deferred_release`), once."""
         self._io_writers: set[int] = set()
-        """The threads in `_write_record` (from before they take ``_io`` until after they
-        let it go): a signal handler or a finaliser of one of them that releases cannot
-        take ``_io`` (it might wait for itself), and defers the release to the write's
-        end."""
+        """The threads in a record write (`_io_held`: from before they take ``_io`` until
+        after they let it go): a signal handler or a finaliser of one of them that
+        releases, or writes the record, cannot take ``_io`` (it might wait for itself):
+        the release is deferred to the write's end, the write left to the next one."""
         self._count = 0
         self._pid = 0
         self._owner: object = None
@@ -349,10 +349,11 @@ class SessionLock:
         """(fingerprint, its encoded value): encoded once while it stays the same."""
         self._fp: Fingerprint | None = None
         self._tail_checked = False
-        self._takeover: tuple[str, SessionTakeoverError | None] = ("", None)
-        """(run id, the takeover an append or fence check of that run found): every
-        later append, fence check and prompt window of the run raises it again, even
-        where the file has been put back as it was (a takeover sticks)."""
+        self._takeover: tuple[str, tuple[Fingerprint | None, Fingerprint | None] | None] = (
+            "", None)
+        """(run id, the fingerprints of the takeover an append or fence check of that
+        run found): every later append, fence check and prompt window of the run raises
+        it again, even where the file has been put back as it was (a takeover sticks)."""
         self._abort_callbacks: list[Any] = []
         self._slot_attempt: object = None
         """The acquire attempt that took the in-process slot the run holds
@@ -484,23 +485,31 @@ class SessionLock:
     def _write_record(self) -> None:
         # Under the object's own lock, so a heartbeat from another thread can never
         # write through a descriptor that release() has just closed; and only while
-        # held (`release` may not take that lock: see there). A release by a signal
-        # handler (or a finaliser) of this thread in the middle of it is done as it ends.
+        # held (`release` may not take that lock: see there). A signal handler's write
+        # in the middle of one of this thread's is left to the next write (the fields
+        # it changed are set: waiting would be for itself); its release is done as the
+        # write ends.
+        if threading.get_ident() in self._io_writers:
+            return
+        with self._io_held():
+            if not self._count:
+                raise NotHeldError(f"{self.session}: released while the record was updated")
+            self._store.write(self)
+
+    @contextmanager
+    def _io_held(self) -> Iterator[None]:
+        """``_io`` for a record write, this thread noted in ``_io_writers`` from before
+        it is taken until after it is let go; a release a signal handler of this thread
+        deferred meanwhile is done at the end (an append's, as the append ends)."""
         me = threading.get_ident()
-        if me in self._io_writers:  # a signal handler's, in the middle of this thread's
-            raise FenceLockError(
-                f"{self.session}: a record write of this thread is under way (a signal "
-                f"handler's write in the middle of it?); nothing was written")
         try:
             self._io_writers.add(me)
             with self._io:
-                if not self._count:
-                    raise NotHeldError(f"{self.session}: released while the record was updated")
-                self._store.write(self)
+                yield
         finally:
             self._io_writers.discard(me)
-            if self._release_deferred and self._appending != me:
-                self._deferred_release()  # (an append's: as the append ends)
+            if self._release_deferred == me and self._appending != me:
+                self._deferred_release()
 
     def _forget_in_child(self) -> None:
         # The inherited descriptor itself is closed by _forkguard's hook.
@@ -508,7 +517,7 @@ class SessionLock:
         self._count, self._info = 0, None
         self._io = threading.Lock()  # another thread may have held it at the fork
         self._append_mu = threading.Lock()
-        self._appending, self._release_deferred, self._io_writers = 0, False, set()
+        self._appending, self._release_deferred, self._io_writers = 0, 0, set()
         self._pid = -1  # marks "inherited through fork": release() becomes a no-op
 
     @staticmethod
@@ -698,7 +707,7 @@ class SessionLock:
             # A signal handler (or a finaliser) of this thread, in the middle of an
             # append, a fence check or a record write: that cannot be waited for, and
             # its line must not land after the release. Done as it ends.
-            self._count, self._release_deferred = 1, True
+            self._count, self._release_deferred = 1, threading.get_ident()
             return
         try:
             quick = waited = False
@@ -1178,7 +1187,7 @@ class SessionLock:
             if type(e) is SessionTakeoverError:
                 self._raise_if_lost(e)
                 self._raise_if_moved(e.expected, e.actual, e.stored, e)
-                self._takeover = (self._run_id, e)
+                self._takeover = (self._run_id, (e.expected, e.actual))
             raise
         self._line_going_in = False
         self._tail_checked = True
@@ -1243,8 +1252,11 @@ class SessionLock:
 
     def _deferred_release(self) -> None:
         """The release a signal handler asked for in the middle of this thread's append,
-        fence check or record write, now that it has ended."""
-        self._release_deferred = False
+        fence check or record write, now that it has ended: made by that thread only,
+        once (another thread's write ending meanwhile leaves it alone)."""
+        if self._release_deferred != threading.get_ident():
+            return
+        self._release_deferred = 0
         self.release()
 
     def _fence_check(self, opened: bool, move: bool) -> Fingerprint | None:
@@ -1255,7 +1267,7 @@ class SessionLock:
             fp = _fence.check(self.session, self._fp, self.fence_mode, opened, self._token)
         except SessionTakeoverError as e:
             if type(e) is SessionTakeoverError:
-                self._takeover = (self._run_id, e)
+                self._takeover = (self._run_id, (e.expected, e.actual))
             raise
         if self.fence_mode is STAT and fp != self._fp:
             # A change of metadata alone (`_fence.metadata_only`): the fence point and
@@ -1269,10 +1281,12 @@ class SessionLock:
         return fp
 
     def _raise_if_taken_over(self) -> None:
-        """The takeover this run found before, again (`_takeover`)."""
+        """The takeover this run found before, again (`_takeover`); a move a recover
+        made since is said as the move (`SessionMovedError`, ``moved_to``)."""
         run, found = self._takeover
         if found is not None and run == self._run_id:
-            raise SessionTakeoverError(self.session, found.expected, found.actual)
+            self._raise_if_moved(*found)
+            raise SessionTakeoverError(self.session, *found)
 
     def touch(self) -> None:
         """Heartbeat: refresh ``heartbeat_at`` so the holder is not reported stuck."""

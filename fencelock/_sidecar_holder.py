@@ -551,7 +551,7 @@ class SidecarHolder:
     def leave_prompt_said(self, lock: SessionLock) -> None:
         """Over the record's head in place (one small pwrite: the record is this
         holder's, in fencelock's layout)."""
-        with lock._io:
+        with lock._io_held():
             if self._fd < 0:
                 return
             with contextlib.suppress(OSError):  # the append goes on

@@ -290,7 +290,7 @@ class RemoteStore:
         # stored: the run may have written it after another took the session (paused
         # between its check and its write), and must not go on as if it held.
         try:
-            with lock._io:
+            with lock._io_held():
                 if not lock._count:  # released meanwhile (a signal handler in this
                     return  # thread): the release's record is the last
                 lock._info = None
@@ -307,7 +307,7 @@ class RemoteStore:
             warnings.warn(record_lags(lock.session, e), stacklevel=5)  # append's caller
 
     def leave_prompt_said(self, lock: SessionLock) -> None:
-        with lock._io:
+        with lock._io_held():
             if not lock._count:
                 return
             try:
