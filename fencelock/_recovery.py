@@ -753,11 +753,11 @@ def _fill_fresh(
                 # As root, the stuck session's owner's: the file copied (its descriptor),
                 # never whatever is at its name by now.
                 owner = _platform.owner_for(new, session, os.fstat(fd) if fd >= 0 else None)
-                # The old session's own lock is taken, and its mark set, before the copy
-                # is named (`_hold_and_mark`): a recover stopped while it waits for an
-                # append leaves no fresh session, and one killed once the copy is named
-                # leaves the old session marked, for every run and recover to follow.
-                to_mark = functools.partial(_hold_and_mark, session, new, held) \
+                # The old session's own lock, for its mark, is taken before the copy is
+                # named (`_hold_to_mark`): a recover stopped while it waits for an append
+                # leaves no fresh session that a later one would answer unmarked. (Its
+                # file is made where the stuck run had written none, to carry the mark.)
+                to_mark = functools.partial(_hold_to_mark, session, held, True) \
                     if stuck is not None else (lambda: None)
                 # Once the copy is named, the move is finished whatever comes (below).
                 move = _Move(lock, session, new, held, fd, end) if stuck is not None else None
@@ -835,11 +835,13 @@ stat, and the descriptor's tracking entry (`_forkguard.entry`), for `_let_go_of_
 to close it only while it is still that open."""
 
 
-def _hold_to_mark(session: str, held: _Held) -> None:
+def _hold_to_mark(session: str, held: _Held, make: bool = False) -> None:
     """Open ``session`` and take its file's own lock exclusively (up to `MARK_WAIT`: an
     append holds it shared from its look at the mark until its line is in), into
-    ``held`` (nothing where it cannot be opened: the mark is then set without it)."""
-    if not _open_to_mark(session, held) and not _make_to_mark(session, held):
+    ``held`` (nothing where it cannot be opened: the mark is then set without it).
+    With ``make`` (the recover that moves a stuck run), one with no file yet is made
+    (`_make_to_mark`)."""
+    if not _open_to_mark(session, held) and not (make and _make_to_mark(session, held)):
         return
     if not _platform.lock_session(held[-1][0], False, MARK_WAIT):
         warn_each_time(
@@ -848,15 +850,6 @@ def _hold_to_mark(session: str, held: _Held) -> None:
             f"itself: lslocks names it), so it is marked moved without waiting for it; "
             f"that append's line may be in both sessions (its writer is told so)",
             stacklevel=None)
-
-
-def _hold_and_mark(session: str, new: str, held: _Held) -> None:
-    """`_hold_to_mark`, then the mark set, just before ``new`` gets its name: a mark
-    that names no file is no mark (`_moved.target`), so the move takes effect as
-    ``new`` is named, and a recover killed from then on (SIGKILL) leaves the old session
-    marked, whoever takes it next. (`_mark_and_read_tail` sets it again.)"""
-    _hold_to_mark(session, held)
-    _moved.mark(session, new, held[0][0] if held else -1)
 
 
 def _let_go_of_marked(held: _Held) -> None:
