@@ -682,7 +682,16 @@ def append(
             set_mode(fd, file_mode, owner_for(session))
         if created and token:
             _tokens.reserve(fd, token)
-        if not made:
+        if made:
+            # Locked shared and the mark looked at here too: a recover moving the run
+            # meanwhile finds this file made (its own make is O_EXCL too) and opens it
+            # to mark it (`_recovery._make_to_mark`). Marked first, nothing is written;
+            # else it waits for this line, then carries it to the fresh session.
+            _platform.lock_session(fd, True, SESSION_LOCK_WAIT)
+            fresh = _moved.target(session)
+            if fresh is not None:
+                raise SessionMovedError(session, fresh, expected, None, False)
+        else:
             locked = _platform.lock_session(fd, True, SESSION_LOCK_WAIT)
             if locked == _platform.TAKEN_AFTER_A_WAIT:  # its holder may have written
                 try:
@@ -766,13 +775,12 @@ def append(
                 raise
         if moved is not None:
             moved.append(after)  # appended: an interrupt from here on keeps the line
-        if not made:
-            # Still holding the lock: a mark a recover that could not have it (this
-            # append held it past its `MARK_WAIT`) set meanwhile, without it. The line
-            # is in the old session, and may be in the fresh one.
-            fresh = _moved.target(session)
-            if fresh is not None:
-                raise SessionMovedError(session, fresh, expected, after, True)
+        # Still holding the lock: a mark a recover that could not have it (this append
+        # held it past its `MARK_WAIT`) set meanwhile, without it. The line is in the
+        # old session, and may be in the fresh one.
+        fresh = _moved.target(session)
+        if fresh is not None:
+            raise SessionMovedError(session, fresh, expected, after, True)
         if cutting:
             _torn_warning(session, st.st_size - cutting[0])
         return after

@@ -848,6 +848,36 @@ def test_a_recover_of_a_run_that_had_written_nothing_marks_the_old_session_all_t
 
 
 @needs_xattr
+def test_a_stuck_runs_first_append_that_makes_the_file_as_a_recover_moves_it_is_refused(
+    session: Path,
+) -> None:
+    """The stuck run's first append creates the old session's file just as a recover
+    moving the run comes to make it for its mark: the recover opens the run's file and
+    marks it, and the append, which looks at the mark under the file's own lock as an
+    append to an existing file does, writes nothing there (`SessionMovedError`) instead
+    of leaving its line in a session nobody reads."""
+    from conftest import on_entry
+
+    from fencelock import _tokens
+
+    moved: list[str] = []
+
+    def recover_now() -> None:  # right after the append's O_EXCL create
+        done = subprocess.run(
+            [sys.executable, "-m", "fencelock", "recover", str(session), "--wait", "0",
+             "--json"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        moved.append(json.loads(done.stdout)["session"])
+
+    with SessionLock(session, lane="slow-run") as lock:
+        with on_entry(_tokens.reserve, recover_now) as ran, \
+                pytest.raises(SessionMovedError) as refused:
+            lock.append({"n": "the late reply"})
+        assert ran and refused.value.moved_to == moved[0] and not refused.value.stored
+    assert session.read_bytes() == b""
+
+
+@needs_xattr
 def test_a_recover_that_only_answers_a_move_makes_no_old_session_file(session: Path) -> None:
     """Only the recover that moves a stuck run makes the old session's file (to carry
     its mark); one that answers the move afterwards (here with ``--no-fresh``, the old
