@@ -28,15 +28,14 @@ that took it. Several owners (threads, tasks) may be acquiring one `SessionLock`
 once, and an attempt that gives up frees only a slot it took itself."""
 _lines: dict[str, list[tuple[SessionLock, object]]] = {}
 """The attempts waiting for each taken slot, longest first (`take`)."""
-_mu = threading.Lock()
+_mu = threading.RLock()
 """Guards every change to a taken slot and its line. The uncontended path takes a free
-slot with one atomic ``setdefault``, without it."""
-_mu_owner = 0
-"""The thread ident inside ``_mu`` (set first thing in, cleared last thing out: no call
-between the mutex and either), else 0: a signal handler or finaliser of that thread
-that frees a slot (a release) cannot take the mutex, and frees it from a thread of its
-own (`free`)."""
-_get_ident = _thread.get_ident
+slot with one atomic ``setdefault``, without it. Reentrant only so that it can say
+whether this thread holds it (``_is_owned``, in one step): nothing of fencelock's takes
+it twice; a signal handler or finaliser that frees a slot (a release) while its thread
+is inside it frees it from a thread of its own (`free`), not in the middle of the
+change that thread is making (a waiter queued but not yet asleep would miss its
+wake-up)."""
 _sleepers: list[_thread.LockType] = []
 """One locked lock per acquirer asleep until a slot changes hands: `wake` releases each,
 and each acquirer takes its own off the list (under ``_mu``). Not `threading.Condition`,
@@ -106,14 +105,8 @@ def in_store(session_key: str, space: str) -> str:
 
 def held_in_process(session_key: str) -> SessionLock | None:
     """The lock object of this process that holds ``session_key``, if any."""
-    global _mu_owner
-    me = _get_ident()
     with _mu:
-        _mu_owner = me
-        try:
-            slot = _held.get(session_key)
-        finally:
-            _mu_owner = 0
+        slot = _held.get(session_key)
     return None if slot is None else slot[0]
 
 
@@ -203,46 +196,35 @@ def _wait_turn(
 ) -> SessionLock | None:
     """Give ``key``'s slot to ``entry`` (None), waiting in line for it unless ``fail``;
     the slot's owner when it could not be had (``fail``, or past ``deadline``)."""
-    global _mu_owner
     queued = False
     sleeper: _thread.LockType | None = None
-    me = _get_ident()
 
     def leave() -> None:  # safe to run again (`_cleanup.to_the_end`)
         # What to undo is looked up, not remembered: an interrupt can land between a
         # step and the note that it was taken.
-        global _mu_owner
         with _mu:
-            _mu_owner = me
-            try:
-                _forget(sleeper)
-                _leave_line(key, entry)
-            finally:
-                _mu_owner = 0
+            _forget(sleeper)
+            _leave_line(key, entry)
 
     try:
         while True:
             with _mu:
-                _mu_owner = me
-                try:
-                    _forget(sleeper)  # (one whose sleep timed out is still listed)
-                    # Not freed while anyone waits in line (handed on), but taken if free.
-                    slot = _held.setdefault(key, entry)
-                    if slot is entry:
-                        return None
-                    if cancel is not None and cancel.is_set():
-                        raise cancelled()
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if fail or (remaining is not None and remaining <= 0):
-                        return slot[0]
-                    if not queued:  # in line from the first wait on
-                        _lines.setdefault(key, []).append(entry)
-                        queued = True
-                    sleeper = _thread.allocate_lock()
-                    sleeper.acquire()
-                    _sleepers.append(sleeper)
-                finally:
-                    _mu_owner = 0
+                _forget(sleeper)  # (one whose sleep timed out is still listed)
+                # Not freed while anyone waits in line (handed on), but taken if free.
+                slot = _held.setdefault(key, entry)
+                if slot is entry:
+                    return None
+                if cancel is not None and cancel.is_set():
+                    raise cancelled()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if fail or (remaining is not None and remaining <= 0):
+                    return slot[0]
+                if not queued:  # in line from the first wait on
+                    _lines.setdefault(key, []).append(entry)
+                    queued = True
+                sleeper = _thread.allocate_lock()
+                sleeper.acquire()
+                _sleepers.append(sleeper)
             # Woken when a slot changes hands (or by `wake`), then looks again; on
             # Windows at least every `WAIT_SLICE`, which lets Ctrl-C through.
             timeout = -1 if remaining is None else remaining
@@ -283,36 +265,34 @@ def _held_elsewhere(lock: SessionLock, waited: float | None) -> SessionContended
 def busy() -> bool:
     """Whether the registry's mutex is taken (by this thread, perhaps: see
     `SessionLock._exit_closed`)."""
-    return _mu.locked()
+    if _mu._is_owned():  # type: ignore[attr-defined]  # (CPython's and the pure one)
+        return True
+    if not _mu.acquire(False):
+        return True
+    _mu.release()
+    return False
 
 
 def free(key: str, lock: SessionLock, attempt: object = None) -> None:
     """Free ``key``'s slot if ``lock`` has it (and, given ``attempt``, if that attempt
     took it): it goes to the longest waiter, if any. Called by a signal handler (or a
-    finaliser) of a thread inside the mutex, which it cannot take: from a thread of its
-    own, once that thread lets the mutex go."""
-    global _mu_owner
-    me = _get_ident()
-    if _mu_owner == me:
+    finaliser) of a thread inside the mutex, in the middle of a change: from a thread of
+    its own, once that thread lets the mutex go."""
+    if _mu._is_owned():  # type: ignore[attr-defined]  # (CPython's and the pure one)
         _free_later(key, lock, attempt)
         return
     with _mu:
-        _mu_owner = me
-        try:
-            slot = _held.get(key)
-            if slot is not None and slot[0] is lock and (
-                    attempt is None or slot[1] is attempt):
-                line = _lines.get(key)
-                if line:
-                    # Handed on with no call between the two steps (an interrupt lands
-                    # at a call): a waiter popped but not yet given the slot would be lost.
-                    _held[key] = line[0]
-                    del line[0]
-                    wake()
-                else:
-                    del _held[key]
-        finally:
-            _mu_owner = 0
+        slot = _held.get(key)
+        if slot is not None and slot[0] is lock and (attempt is None or slot[1] is attempt):
+            line = _lines.get(key)
+            if line:
+                # Handed on with no call between the two steps (an interrupt lands at a
+                # call): a waiter popped but not yet given the slot would be lost.
+                _held[key] = line[0]
+                del line[0]
+                wake()
+            else:
+                del _held[key]
 
 
 def _free_later(key: str, lock: SessionLock, attempt: object) -> None:
@@ -351,14 +331,8 @@ def _forget(sleeper: _thread.LockType | None) -> None:
 
 def waiters() -> int:
     """How many acquirers of this process wait for a slot."""
-    global _mu_owner
-    me = _get_ident()
     with _mu:
-        _mu_owner = me
-        try:
-            return sum(len(line) for line in _lines.values())
-        finally:
-            _mu_owner = 0
+        return sum(len(line) for line in _lines.values())
 
 
 def _after_fork_in_child() -> None:
@@ -369,9 +343,7 @@ def _after_fork_in_child() -> None:
         lock._forget_in_child()
     _held.clear()
     _lines.clear()
-    global _mu_owner
-    _mu = threading.Lock()
-    _mu_owner = 0
+    _mu = threading.RLock()
     _sleepers.clear()
 
 

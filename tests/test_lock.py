@@ -1186,7 +1186,7 @@ helper.join()
 leaks = []
 if lock._io.locked():
     leaks.append("_io")
-if _registry._mu.locked():
+if _registry.busy():
     leaks.append("_registry._mu")
 if _forkguard.guard._is_owned():
     leaks.append("_forkguard.guard")

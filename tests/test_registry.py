@@ -373,7 +373,7 @@ def _interrupted_at(number: int, call: Callable[[], object]) -> tuple[bool, Base
 def _assert_registry_at_rest(session: Path) -> None:
     """Nothing of the registry left taken: its mutex, a slot, a line, a sleeper; and a
     new acquire of ``session`` in this process is not kept waiting."""
-    assert not _registry._mu.locked()
+    assert not _registry.busy()
     with SessionLock(session, "after", on_contention="fail"):
         pass
     key = _registry.registry_key(str(session))
@@ -469,7 +469,7 @@ def test_an_interrupt_at_any_point_of_a_wake_up_leaves_the_registry_s_mutex_free
         with _registry._mu:  # two waiters asleep
             _registry._sleepers.extend(asleep)
         fired, _ = _interrupted_at(number, _registry.wake)
-        assert not _registry._mu.locked(), number
+        assert not _registry.busy(), number
         with _registry._mu:  # each waiter takes its own sleeper off, once awake
             for sleeper in asleep:
                 _registry._forget(sleeper)
