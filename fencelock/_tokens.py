@@ -250,10 +250,12 @@ def mark_within(fd: int, low: int, high: int) -> bool:
 def _mark_value(raw: bytes) -> int:
     """A mark's value: ASCII decimal digits and nothing else (no sign, space or ``_``,
     which Python's int() would take), else unparsable: 0. One far past the token limit
-    reads as the limit (`floor` refuses it), without converting thousands of digits."""
+    reads as the limit (`floor` refuses it), without converting thousands of digits;
+    leading zeros count for nothing (``0005`` is 5, as a writer padding it meant)."""
     if not raw.isdigit():  # bytes: ASCII digits only
         return 0
-    return int(raw) if len(raw) <= 20 else MAX_TOKEN
+    raw = raw.lstrip(b"0")
+    return (int(raw) if raw else 0) if len(raw) <= 20 else MAX_TOKEN
 
 
 def _write_mark(target: str | int, mark: int) -> None:

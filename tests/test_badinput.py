@@ -1684,6 +1684,20 @@ def test_tokens_stop_at_their_limit_with_a_clear_error(session: Path) -> None:
     assert probe(session).state == "free"  # the record is still a valid one
 
 
+@needs_xattr
+def test_a_mark_with_leading_zeros_reads_as_its_value(session: Path) -> None:
+    """A token mark padded with zeros (written by a tool of the operator's) is the
+    number it spells, not one past the limit that refuses every acquire."""
+    session.write_text('{"n":0}\n')
+    os.setxattr(session, "user.fencelock.token", b"0" * 43 + b"5")
+    with SessionLock(session) as lock:
+        assert lock.info is not None and lock.info.token == 6
+    os.setxattr(session, "user.fencelock.token", b"000")
+    os.unlink(f"{session}.holder")
+    with SessionLock(session) as lock:  # all zeros: no mark to go by
+        assert lock.info is not None and lock.info.token == 1
+
+
 @pytest.mark.parametrize("source", ["mark", "stamp"])
 def test_a_floor_at_the_token_limit_names_where_it_came_from(session: Path, source: str) -> None:
     """A session whose sidecar has no record, with a floor at the token limit: the
