@@ -198,6 +198,7 @@ class SessionTakeoverError(CoordinationError):
         expected: Fingerprint | None,
         actual: Fingerprint | None,
         stored: bool = False,
+        found: str | None = None,
     ):
         self.session = session
         self.expected = expected
@@ -206,6 +207,18 @@ class SessionTakeoverError(CoordinationError):
         """True when the append that found the change had already written its line, and
         the line is whole in the file, fsynced (another writer's bytes came between the
         fence check and the end of the append): it must not be written elsewhere again."""
+        self.found = found
+        """What the session's path held instead of a regular file (``"a symlink"``, ``"a
+        FIFO"``, ``"a directory"``), where it was replaced by one; else None."""
+        if found is not None:
+            super().__init__(
+                f"{session}: replaced by {found} outside this run (expected "
+                f"{_fp(expected)}, found {found}, {_fp(actual)}); fencelock neither "
+                f"follows links nor writes to anything but a regular file, so the run "
+                f"stops here. Put the session's file back at that path and start the run "
+                f"again from it"
+            )
+            return
         super().__init__(
             f"{session}: changed by a writer outside this run "
             f"(expected {_fp(expected)}, found {_fp(actual)}{_only_metadata(expected, actual)}"
@@ -217,7 +230,7 @@ class SessionTakeoverError(CoordinationError):
         )
 
     def _init_args(self) -> tuple[Any, ...]:
-        return self.session, self.expected, self.actual, self.stored
+        return self.session, self.expected, self.actual, self.stored, self.found
 
 
 class SessionMovedError(SessionTakeoverError):
@@ -238,6 +251,7 @@ class SessionMovedError(SessionTakeoverError):
         self.expected = expected
         self.actual = actual
         self.stored = stored
+        self.found = None
         CoordinationError.__init__(
             self,
             f"{session}: a recover moved its conversation to {moved_to}, where its last "

@@ -222,7 +222,7 @@ def check(
     try:
         actual = _fingerprint.take(session, mode, opened)
     except UnsafePathError as e:
-        raise _replaced(session, expected) from e
+        raise _replaced(session, expected, e) from e
     if not _same(expected, actual, mode):
         if expected is None and actual is not None and actual.size == 0 \
                 and _own_empty(session, actual):
@@ -250,15 +250,17 @@ def _empty_of_mine(st: os.stat_result) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == 0 and st.st_uid == _sidecar.OWN_UID
 
 
-def _replaced(session: str, expected: Fingerprint | None) -> SessionTakeoverError:
+def _replaced(session: str, expected: Fingerprint | None,
+              refused: Exception | None = None) -> SessionTakeoverError:
     """The takeover of a run whose session path now holds what no run writes to (a
-    symlink, FIFO or directory put in its place): the run began on a regular file, or
-    on none, so something outside it changed the path."""
+    symlink, FIFO or directory put in its place, ``refused`` saying which): the run
+    began on a regular file, or on none, so something outside it changed the path."""
     try:
         actual: Fingerprint | None = _fingerprint.from_stat(os.lstat(session))
     except OSError:
         actual = None
-    return SessionTakeoverError(session, expected, actual)
+    found = refused.what if isinstance(refused, UnsafePathError) else None
+    return SessionTakeoverError(session, expected, actual, found=found)
 
 
 def _stat_matches(expected: Fingerprint | None, st: os.stat_result) -> bool:
@@ -421,7 +423,7 @@ def set_torn_tail_aside(
     try:
         (fd, st), = map(_sidecar.open_regular, (session,), (os.O_RDWR | os.O_APPEND,))
     except UnsafePathError as e:
-        raise _replaced(session, expected) from e
+        raise _replaced(session, expected, e) from e
     except FileNotFoundError:
         raise SessionTakeoverError(session, expected, None) from None
     except OSError as e:
@@ -664,7 +666,7 @@ def append(
             made = False
             (fd, st), = map(_open_empty, (session,), (flags,))
     except UnsafePathError as e:
-        raise _replaced(session, expected) from e
+        raise _replaced(session, expected, e) from e
     except FileNotFoundError:
         if created:
             raise SessionWriteError(
@@ -845,8 +847,8 @@ def _open_empty(session: str, flags: int) -> tuple[int, os.stat_result]:
     A write by another after this look is caught as after any fence check."""
     try:
         (fd, st), = map(_sidecar.open_regular, (session,), (flags,))
-    except OSError:
-        raise _replaced(session, None) from None
+    except OSError as e:
+        raise _replaced(session, None, e) from None
     try:
         mine = _empty_of_mine(st)
     except BaseException:

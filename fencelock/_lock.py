@@ -349,8 +349,8 @@ class SessionLock:
         """(fingerprint, its encoded value): encoded once while it stays the same."""
         self._fp: Fingerprint | None = None
         self._tail_checked = False
-        self._takeover: tuple[str, tuple[Fingerprint | None, Fingerprint | None] | None] = (
-            "", None)
+        self._takeover: tuple[
+            str, tuple[Fingerprint | None, Fingerprint | None, str | None] | None] = ("", None)
         """(run id, the fingerprints of the takeover an append or fence check of that
         run found): every later append, fence check and prompt window of the run raises
         it again, even where the file has been put back as it was (a takeover sticks)."""
@@ -1187,7 +1187,7 @@ class SessionLock:
             if type(e) is SessionTakeoverError:
                 self._raise_if_lost(e)
                 self._raise_if_moved(e.expected, e.actual, e.stored, e)
-                self._takeover = (self._run_id, (e.expected, e.actual))
+                self._takeover = (self._run_id, (e.expected, e.actual, e.found))
             raise
         self._line_going_in = False
         self._tail_checked = True
@@ -1267,7 +1267,7 @@ class SessionLock:
             fp = _fence.check(self.session, self._fp, self.fence_mode, opened, self._token)
         except SessionTakeoverError as e:
             if type(e) is SessionTakeoverError:
-                self._takeover = (self._run_id, (e.expected, e.actual))
+                self._takeover = (self._run_id, (e.expected, e.actual, e.found))
             raise
         if self.fence_mode is STAT and fp != self._fp:
             # A change of metadata alone (`_fence.metadata_only`): the fence point and
@@ -1285,8 +1285,9 @@ class SessionLock:
         made since is said as the move (`SessionMovedError`, ``moved_to``)."""
         run, found = self._takeover
         if found is not None and run == self._run_id:
-            self._raise_if_moved(*found)
-            raise SessionTakeoverError(self.session, *found)
+            expected, actual, what = found
+            self._raise_if_moved(expected, actual)
+            raise SessionTakeoverError(self.session, expected, actual, found=what)
 
     def touch(self) -> None:
         """Heartbeat: refresh ``heartbeat_at`` so the holder is not reported stuck."""

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 import shutil
 import stat
 import subprocess
@@ -330,7 +331,8 @@ def test_a_session_replaced_by_what_no_run_writes_to_is_a_takeover(
     session: Path, what: str, where: str
 ) -> None:
     """A coordination error, as for any replacement: a model-fallback chain must stop,
-    not retry as it would on a plain error."""
+    not retry as it would on a plain error. It says what replaced the file (not only an
+    inode and a size) and that fencelock writes to no such thing."""
     with SessionLock(session) as lock:
         lock.append({"n": 1})
         copy = session.with_name("copy.jsonl")
@@ -350,6 +352,15 @@ def test_a_session_replaced_by_what_no_run_writes_to_is_a_takeover(
             else:
                 lock.verify_fence()
         assert is_coordination_error(err.value)
+        said = {"symlink": "a symlink", "fifo": "a FIFO", "directory": "a directory"}[what]
+        assert err.value.found == said
+        assert f"replaced by {said} outside this run" in str(err.value)
+        assert "Put the session's file back" in str(err.value)
+        again = pickle.loads(pickle.dumps(err.value))
+        assert again.found == said and str(again) == str(err.value)
+        with pytest.raises(SessionTakeoverError) as sticky:  # the same takeover, again
+            lock.append({"n": 3})
+        assert sticky.value.found == said
     assert copy.read_bytes() == b'{"n":1}\n'  # nothing written through the link
 
 
