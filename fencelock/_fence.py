@@ -522,8 +522,9 @@ def _torn_warning(session: str, cut: int, stacklevel: int = 6) -> None:
     torn last line to the session's `TORN_SUFFIX` file (said once the line is in: where
     warnings are errors, the append has still happened, its fence point kept)."""
     warn_each_time(
-        f"{session}: its last line was torn ({cut} bytes without a line break, left by "
-        f"a writer that died mid-append); moved it to {session + TORN_SUFFIX}",
+        f"{session}: its last line was torn ({cut} bytes without a line break: a "
+        f"writer that died mid-append, or the file cut mid-line); moved it to "
+        f"{session + TORN_SUFFIX}",
         stacklevel=stacklevel,  # the caller of SessionLock.append, by default
     )
 
