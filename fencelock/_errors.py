@@ -132,13 +132,16 @@ class SessionContendedError(CoordinationError):
         run = self.holder
         if run is None:
             return f"wait for it, or {fresh}"
-        # (A holder's clock ahead of this host's would give a negative age: none.)
-        began = human_age(max(0.0, self.seen_at - run.acquired_at))
+        # A start a second or more ahead of this host's clock (the holder's host's
+        # clock is ahead, or this one was set back) is said as such, not as "0s ago".
+        age = self.seen_at - run.acquired_at
+        began = f"began {human_age(age)} ago" if age > -1 else (
+            f"began at a time {human_age(-age)} ahead of this host's clock")
         quiet = max(0.0, self.seen_at - run.heartbeat_at)
         if quiet > DEFAULT_STUCK_AFTER:
-            return (f"its run began {began} ago and was last heard from {human_age(quiet)} "
+            return (f"its run {began} and was last heard from {human_age(quiet)} "
                     f"ago (stuck): {fresh}")
-        return (f"its run began {began} ago and is alive: wait for it (a longer time "
+        return (f"its run {began} and is alive: wait for it (a longer time "
                 f"limit), or, should it never end, {fresh}")
 
     def situation(self) -> str:

@@ -113,6 +113,20 @@ def test_a_contention_error_names_a_wait_from_half_a_second_as_printed(
         assert f", after waiting {said}s;" in text
 
 
+@pytest.mark.parametrize(("ahead", "said"), [
+    (0.4, "its run began 0s ago and is alive"),
+    (1796.0, "its run began at a time 29m56s ahead of this host's clock and is alive"),
+])
+def test_a_contention_error_says_a_start_ahead_of_this_clock_as_such(
+    ahead: float, said: str
+) -> None:
+    """A record whose run began later than this host's now (the holder's clock ahead)
+    is not said to have begun "0s ago"; within a second it is."""
+    text = str(_errors.SessionContendedError(
+        "/s/a.jsonl", HOLDER, seen_at=HOLDER.acquired_at - ahead))
+    assert f"; {said}: wait for it" in text, text
+
+
 @pytest.mark.parametrize(("quiet", "stuck"), [(0.0, False), (599.0, False), (601.0, True)])
 def test_a_contention_error_says_a_busy_run_is_waited_for_and_a_stuck_one_moved_from(
     quiet: float, stuck: bool
