@@ -778,7 +778,8 @@ def clear_command(
     leaves live ones alone. Everything happens under the sidecar's own lock.
 
     Exit 0 done, 4 a named session has a live holder, 1 an error (corrupt or unsafe
-    sidecar, a stale record too large to write back, missing path); 1 wins over 4.
+    sidecar, a stale record too large to write back, missing directory; a missing
+    session with no sidecar has nothing to clear: exit 0); 1 wins over 4.
 
     JSON objects carry: session, sidecar, found (the state found), pid, lane,
     token, cleared, removed, set_aside, refused, error, reason.
