@@ -36,6 +36,7 @@ from fencelock import (
     _registry,
     _sidecar,
     _store,
+    _successors,
     _wait,
 )
 from fencelock._errors import (
@@ -373,6 +374,11 @@ class SessionLock:
         self._stamped_floor = 0
         """The largest token stamped in lines that `recover` carries into a fresh
         session: a store's (etcd's) token must be above it, as above the session's own."""
+        self._finishing: str | None = None
+        """The session a recover moved to this one and was killed before it finished
+        the move (the stale record this run's acquire took over says so: its
+        ``origin``): the acquire finishes it before it returns (`_finish_origin_move`),
+        its record saying that ``origin`` meanwhile."""
         self._store = _store.for_lock(self.session, self.sidecar, mode, backend)
         """Where the holder lives: the sidecar, or the store a backend names (etcd)."""
         self._key = _registry.in_store(self._key, self._store.space)
@@ -637,6 +643,8 @@ class SessionLock:
                 return False
             self._slot_attempt = attempt
             if self._store.acquire(self, me, deadline, cancel, start, only_if_free):
+                if self._finishing is not None:
+                    self._finish_origin_move()
                 return True
             _free_slot(self._key, self, attempt)  # held elsewhere: nothing was taken
             return False
@@ -653,6 +661,62 @@ class SessionLock:
                     _cleanup.to_the_end(free)
                     raise
             raise
+
+    def _follow_last_run(self, last: tuple[str, int] | None, stale_origin: str | None) -> None:
+        """The store's acquire is about to write this run's first record over the last
+        run's (``last``: its run id and token, None where unknown; ``stale_origin``: the
+        ``origin`` of a stale record), before it takes the session's fingerprint. A
+        recover killed (SIGKILL) after it named a fresh session but before it marked
+        the session it moved (docs/PROTOCOL.md 5.1) left that record as the only trace of
+        the move; written over, the conversation would split (runs of this session
+        writing here, runs of the fresh one there). So the move is finished first: for
+        a run of the moved session, where the last run's fresh session exists
+        (`_recovery.finish_for_next_run`; the sidecar store asks only where the recover
+        set its moving bit, `_sidecar.MOVING`); for a run of a fresh session whose
+        maker's run was killed (``stale_origin``, this run's own record saying that
+        origin until the move is finished, `_finish_origin_move`). Only where the mark
+        can be set (Linux, Python's extended attributes)."""
+        if not _moved.CAN_MARK:
+            return
+        if stale_origin is not None and self.origin is None:
+            try:
+                named = stat.S_ISREG(os.lstat(self.session).st_mode)
+            except OSError:
+                named = False
+            if named:  # (a fresh session its maker never named is no move)
+                self._finishing = stale_origin
+                self._set_origin(stale_origin)
+        if last is not None:
+            fresh = _successors.made(self.session, *last)
+            if fresh is not None:
+                from fencelock import _recovery  # (imports this module)
+
+                _recovery.finish_for_next_run(self.session, fresh, self._backend_url())
+
+    def _set_origin(self, origin: str | None) -> None:
+        """Write ``origin`` in this object's records from now on (the encoded parts
+        made anew)."""
+        self.origin = origin
+        self._static_pid = 0
+        self._middle = ("", "", b"")
+        self._shell_fixed = ("", 0, "", "", "", "", None)
+        self._info = None
+
+    def _finish_origin_move(self) -> None:
+        """`_follow_last_run`'s move of ``_finishing`` to this session, finished as the
+        acquire ends, the session held (`_recovery.finish_as_first_run`): then the
+        record says no ``origin`` again. (Killed before that, the run leaves its stale
+        record naming the origin, and the next acquire finishes the move.)"""
+        origin, self._finishing = self._finishing, None
+        assert origin is not None
+        try:
+            from fencelock import _recovery  # (imports this module)
+
+            _recovery.finish_as_first_run(self, origin)
+        finally:
+            self._set_origin(None)
+        with contextlib.suppress(FenceLockError, OSError):
+            self._write_record()
 
     def _session_fingerprint(self) -> Fingerprint | None:
         """The session's fingerprint at acquire; the last one's object again if nothing

@@ -757,7 +757,7 @@ def _fill_fresh(
                 # named (`_hold_to_mark`): a recover stopped while it waits for an append
                 # leaves no fresh session that a later one would answer unmarked. (Its
                 # file is made where the stuck run had written none, to carry the mark.)
-                to_mark = functools.partial(_hold_to_mark, session, held, True) \
+                to_mark = functools.partial(_hold_to_mark, session, held, True, True) \
                     if stuck is not None else (lambda: None)
                 # Once the copy is named, the move is finished whatever comes (below).
                 move = _Move(lock, session, new, held, fd, end) if stuck is not None else None
@@ -780,6 +780,8 @@ def _fill_fresh(
                     # While its lock is ours, nothing of it stays: not even a successor's
                     # sidecar, which could keep out the next recover (another user's).
                     _remove_fresh(new)
+                    if stuck is not None:  # (`_hold_to_mark` may have set it: no move)
+                        _sidecar.set_moving(session + _sidecar.SUFFIX, False)
                 elif move is not None:  # named (only the directory's fsync failed, say)
                     _finish_all_the_same(move)
                     if copied:
@@ -835,12 +837,17 @@ stat, and the descriptor's tracking entry (`_forkguard.entry`), for `_let_go_of_
 to close it only while it is still that open."""
 
 
-def _hold_to_mark(session: str, held: _Held, make: bool = False) -> None:
+def _hold_to_mark(session: str, held: _Held, make: bool = False, moving: bool = False) -> None:
     """Open ``session`` and take its file's own lock exclusively (up to `MARK_WAIT`: an
     append holds it shared from its look at the mark until its line is in), into
     ``held`` (nothing where it cannot be opened: the mark is then set without it).
     With ``make`` (the recover that moves a stuck run), one with no file yet is made
-    (`_make_to_mark`)."""
+    (`_make_to_mark`). With ``moving`` (that recover, before it names the fresh
+    session), the session's sidecar gets `_sidecar.MOVING` until the mark is set
+    (`_mark_and_read_tail`): killed in between, the next acquire of the session finishes
+    the move (docs/PROTOCOL.md 5.1)."""
+    if moving:
+        _sidecar.set_moving(session + _sidecar.SUFFIX, True)
     if not _open_to_mark(session, held) and not (make and _make_to_mark(session, held)):
         return
     if not _platform.lock_session(held[-1][0], False, MARK_WAIT):
@@ -966,21 +973,68 @@ def _finish_move(session: str, new: str, lane: str, backend: str | None) -> None
         _mark_held(session, new)
 
 
-def _finish_held(lock: _lock.SessionLock, session: str, new: str) -> None:
+def _finish_held(lock: _lock.SessionLock, session: str, new: str,
+                 to_the_end: bool = False) -> None:
     """`_finish_move`'s work, ``lock`` holding ``new`` (its dead maker's record taken
     over): the maker's own end of the move (`_Move`), from ``session``'s own lock taken
     exclusively, where ``new`` is still the bare copy (`_copy_end`) of its first bytes;
-    else only the mark. A carry that fails is warned of (`_Move.finish_quietly`)."""
+    else only the mark. A carry that fails is warned of (`_Move.finish_quietly`); with
+    ``to_the_end``, an interrupt that lands once the old session's lock is had ends it
+    only once the mark is set and the lines carried (`_finish_all_the_same`)."""
     held: _Held = []
     try:
         _hold_to_mark(session, held)
         end = _copy_end(new, held[0][0]) if held else -1
         move = _Move(lock, session, new, held, held[0][0] if end > 0 else -1, max(end, 0))
-        move.finish_quietly()
+        if to_the_end:
+            _finish_all_the_same(move)
+        else:
+            move.finish_quietly()
         if move.carried:
             lock._write_record()  # the token the carry raised
     finally:
         _let_go_of_marked(held)
+
+
+def finish_for_next_run(session: str, fresh: str, backend: str | None) -> None:
+    """For a run about to write its first record over that of the run a recover named
+    ``fresh`` for (`_successors.made`: that run's fresh session exists): the move is
+    finished before the run takes ``session``'s fingerprint, where the recover that named
+    ``fresh`` was killed (SIGKILL) before it marked ``session``, as the next recover of
+    it would (`_finish_move`: the mark, and the lines ``session`` gained past the bare
+    copy carried). Else the record that names the moved run, the only trace of the
+    move, would be gone with this run's, and the run would write into ``session``
+    (a lane queued behind the stuck run), to be moved again by a later recover or
+    left behind by a run of ``fresh``: the conversation split in two. Nothing where
+    ``session`` is marked moved to another fresh session already (a later move), and
+    nothing fails the run's acquire: where the move cannot be finished, the run goes
+    on as it would have (a recover finishing it later sees to it)."""
+    mark = _moved.target(session)
+    if mark is not None and mark != fresh:
+        return
+    with contextlib.suppress(FenceLockError, OSError):
+        _finish_move(session, fresh, "recovery", backend)
+
+
+def finish_as_first_run(lock: _lock.SessionLock, origin: str) -> None:
+    """For a run of a fresh session ``lock`` holds, whose acquire took over the stale
+    record of a recover's run begun from ``origin`` (the recover that moved ``origin``
+    there, or one finishing that move, killed before it let go): finish that move, as
+    the next recover would (`_finish_move`), before the run writes anything: the mark
+    on ``origin``, and the lines it gained past the bare copy carried. Otherwise the
+    run's record, written over that stale one, would leave no trace of the unfinished
+    move: the lines left in ``origin`` would stay there, and runs of ``origin`` would go
+    on writing there. Nothing where ``origin`` is not beside the fresh session, or is
+    marked moved to another fresh session (a later move); where it cannot be finished
+    (a carry that fails is warned of), the run goes on."""
+    new = lock.session
+    if os.path.dirname(origin) != os.path.dirname(new):
+        return  # not a recover's: a fresh session is made beside the session it moves
+    mark = _moved.target(origin)
+    if mark is not None and mark != new:
+        return
+    with contextlib.suppress(FenceLockError, OSError):
+        _finish_held(lock, origin, new, to_the_end=True)
 
 
 def _copy_end(new: str, old: int) -> int:
@@ -1025,9 +1079,11 @@ def _mark_and_read_tail(session: str, new: str, held: _Held,
     past `MARK_WAIT`, the mark is set without it.)"""
     if not held:
         _moved.mark(session, new)
+        _sidecar.set_moving(session + _sidecar.SUFFIX, False)  # (set by `_hold_to_mark`)
         return None
     fd, st, _ = held[0]
     _moved.mark(session, new, fd)
+    _sidecar.set_moving(session + _sidecar.SUFFIX, False)
     if copied < 0:
         return None
     was = os.fstat(copied)

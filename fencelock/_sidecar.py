@@ -664,11 +664,49 @@ def _refuse_own_run_by_id(sidecar: str, own: int) -> None:
 
 def still_at_path(sidecar: str, st: os.stat_result) -> bool:
     """After locking: is the inode we locked still the one at the path?"""
+    return at_path(sidecar, st) is not None
+
+
+def at_path(sidecar: str, st: os.stat_result) -> os.stat_result | None:
+    """After locking: the path's stat now, where the inode we locked is still the one
+    at the path; else None."""
     try:
         now = os.lstat(sidecar)
     except OSError:
-        return False
-    return now.st_ino == st.st_ino and now.st_dev == st.st_dev
+        return None
+    return now if now.st_ino == st.st_ino and now.st_dev == st.st_dev else None
+
+
+MOVING = stat.S_ISVTX
+"""The mode bit a recover sets on a session's sidecar while it moves the session's
+stuck run to a fresh session (docs/PROTOCOL.md 5.1), from before it names the fresh
+session until the old one is marked moved: an acquire that finds it set looks for the
+fresh session of the run whose record it writes over, and finishes a move that a
+recover killed in between left. (The sticky bit means nothing on a regular file; an
+acquire reads it from the stat it takes anyway.)"""
+
+
+def set_moving(sidecar: str, on: bool, fd: int = -1) -> None:
+    """Set or clear `MOVING` on ``sidecar`` (through ``fd`` when given); quietly nothing
+    where it cannot be (not this user's file, no sidecar, a read-only filesystem): an
+    acquire then does not look, as before the bit was used."""
+    opened = fd < 0
+    try:
+        if opened:
+            fd, st = open_checked(sidecar, create=False)
+        else:
+            st = os.fstat(fd)
+    except (OSError, FenceLockError):
+        return
+    try:
+        mode = stat.S_IMODE(st.st_mode)
+        if bool(mode & MOVING) != on:
+            os.fchmod(fd, mode | MOVING if on else mode & ~MOVING)
+    except OSError:
+        pass
+    finally:
+        if opened:
+            close(fd)
 
 
 def unlink_if_still(path: str, st: os.stat_result, fd: int = -1) -> bool:

@@ -163,6 +163,7 @@ class SidecarHolder:
         "_fd",
         "_mark",
         "_mark_fp",
+        "_moving",
         "_opened",
         "_record_len",
         "_since",
@@ -217,6 +218,9 @@ class SidecarHolder:
         token: if it exists when the run ends (made by the holder's own writer, a
         `fencelock run` command, or anything else), the release sets the mark. An
         append that creates it sets the mark itself and clears this."""
+        self._moving = False
+        """The sidecar had `_sidecar.MOVING` set when this acquire locked it: a recover
+        is moving, or was killed moving, the session's last run (docs/PROTOCOL.md 5.1)."""
         self._mark_fp: _fingerprint.Fingerprint | None = None
         self._mark = 0
         """The session's token mark was ``_mark`` (or more) when its stat was
@@ -319,7 +323,9 @@ class SidecarHolder:
                     self._close_fd()
                     return False
                 fd, st = self._wait_for_lock(lock, fd, st, deadline, cancel, start)
-            if _sidecar.still_at_path(self.sidecar, st):
+            now = _sidecar.at_path(self.sidecar, st)  # (taken once the lock is ours)
+            if now is not None:
+                self._moving = bool(now.st_mode & _sidecar.MOVING)
                 return True
             self._close_fd()  # removed or replaced while we waited: lock the new one
 
@@ -435,6 +441,8 @@ class SidecarHolder:
             raise SidecarAccessError(self.sidecar, e, "its record cannot be read") from None
         old_len = len(data) if len(data) < _PEEK_BYTES else os.fstat(fd).st_size
         written = self._written
+        last: tuple[str, int] | None = None  # the last run's id and token
+        stale_origin: str | None = None
         if len(data) == len(written) and data.startswith(_record.RELEASED_HEAD) and \
                 data[_record.HEAD_LEN:] == written[_record.HEAD_LEN:]:
             token = self._written_token + 1  # the record this holder left, as it left it
@@ -451,12 +459,23 @@ class SidecarHolder:
             else:
                 token = old.token + 1
                 previous = old.as_previous() if old.state is HELD else None
+                last = (old.run_id, old.token)
+                if old.state is HELD:
+                    stale_origin = old.origin
         if token > _record.MAX_TOKEN:
             raise FenceLockError(
                 f"{self.sidecar}: its fencing tokens are exhausted ({token - 1}); check "
                 f"where that token came from (the record, the session's "
                 f"{_tokens.XATTR} attribute, .corrupt-* copies) before resetting them"
             )
+        # A move a killed recover left unfinished, finished before the fingerprint: a
+        # recover sets `_sidecar.MOVING` before it names a fresh session (a run of a
+        # fresh session finds its maker's stale record instead).
+        if self._moving:
+            lock._follow_last_run(last or self._last_run_quietly(fd, old_len), stale_origin)
+            _sidecar.set_moving(self.sidecar, False, fd)  # this record now covers the last
+        elif stale_origin is not None:
+            lock._follow_last_run(None, stale_origin)
         self._record_len = old_len
         lock._token, lock._run_id, lock._previous = token, run_id, previous
         lock._acquired_at = lock._heartbeat_at = time.time()
@@ -475,6 +494,16 @@ class SidecarHolder:
         self._unmarked = fp is None
         self.write(lock)  # under lock._io, which acquire() holds
         self._since = self._written_at
+
+    def _last_run_quietly(self, fd: int, size: int) -> tuple[str, int] | None:
+        """The run id and token of the record this acquire writes over, read in full
+        (only where `_sidecar.MOVING` was set); None where it cannot be read (the
+        acquire continues its token all the same)."""
+        try:
+            old = _sidecar.read(fd, self.sidecar, size)
+        except (FenceLockError, OSError):
+            return None
+        return None if old is None else (old.run_id, old.token)
 
     def _unwrite_record(self, lock: SessionLock, run_id: str) -> None:
         """An interrupt (KeyboardInterrupt, a signal handler's exception) landed after

@@ -248,6 +248,10 @@ class RemoteStore:
             lock._token, lock._run_id = token, lock._run_id or _identity.RUN_IDS.next()
             lock._previous = last.as_previous() if last is not None and last.state is \
                 _record.HELD else None
+            # A move a killed recover left unfinished, finished before the fingerprint.
+            lock._follow_last_run(
+                None if last is None else (last.run_id, last.token),
+                last.origin if last is not None and last.state is _record.HELD else None)
             lock._acquired_at = lock._heartbeat_at = time.time()
             lock._phase = _record.WRITE
             lock._fp = _fingerprint.take(lock.session, lock.fence_mode, opened=True)

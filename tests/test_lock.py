@@ -659,7 +659,7 @@ def test_an_interrupt_just_after_the_lock_is_taken_leaves_it_not_taken(
     it left the descriptor open and locked, and the session live for good."""
     from fencelock import _platform, _sidecar
 
-    target, name = (_sidecar, "still_at_path") if where == "the inode check" else (
+    target, name = (_sidecar, "at_path") if where == "the inode check" else (
         _platform, "pread")  # the old record's: the first read of an acquire
     real = getattr(target, name)
     calls: list[tuple[Any, ...]] = []

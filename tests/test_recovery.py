@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -1335,6 +1336,154 @@ def test_a_recover_that_meets_a_killed_makers_copy_as_it_begins_finishes_it(
     h.call("release")
     assert (answer.action, answer.session) == (Action.FRESH, str(fresh))
     assert _ns(fresh) == [1, "late"]
+
+
+def _killed_on_naming(session: Path, stuck: Holder) -> Path:
+    """A recover of ``stuck``'s run, in a process of its own, SIGKILLed just after it
+    named the fresh session (before it marked ``session``): that fresh session."""
+    from fencelock import _moved, _successors
+
+    run = probe(session).record
+    assert run is not None and run.lane == "stuck", run
+    killed = subprocess.run([sys.executable, "-c", KILLED_ON_NAMING, str(session)],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    fresh = Path(_successors.of_run(str(session), run.run_id, run.token))
+    assert _ns(fresh) == [1], _ns(fresh)  # the precondition: named, as a bare copy,
+    assert _moved.target(str(session)) is None  # and the old session not marked
+    return fresh
+
+
+@needs_xattr
+def test_a_run_queued_behind_the_stuck_one_finishes_a_move_its_killed_recover_left(
+    session: Path, store: str | None, spawn_holder: SpawnHolder
+) -> None:
+    """A recover SIGKILLed after it named the stuck run's fresh session, before it marked
+    the old one, left the stuck run's record as the only trace of the move. The run
+    queued behind the stuck one took the old session as it let go, wrote over that
+    record, and appended its turn there, told stored; the stuck run's own caller,
+    told the fresh session (`superseded`), re-fired its turn there: the conversation
+    split in two, acknowledged lines stranded in each (a later recover answered the
+    old session, the fresh one lacking the stuck run's late reply and the queued
+    turn). The queued run's acquire now finishes the move before it takes the session:
+    the mark set, the late reply carried; its appends are refused, naming the fresh
+    session, and every later recover answers it. (With etcd, the queued run asks once
+    the stuck one has let go: a sidecar's waiter is seen in /proc/locks.)"""
+    session.write_text('{"n": 1}\n')
+    stuck = spawn_holder(session, lane="stuck")
+    stuck.acquire()
+    queued = spawn_holder(session, lane="queued")
+    if store is None:
+        queued.send("acquire")
+        wait_for_blocked_waiter(session, proc=queued.proc)  # queued behind the stuck run
+    fresh = _killed_on_naming(session, stuck)
+    if store is None:  # what tells the queued run to look: the recover's moving bit
+        assert _moving(session)
+    acked = []
+    assert stuck.call('append {"n": "late"}') == "ok"  # not marked: told stored
+    acked.append("late")
+    assert stuck.call("release") == "released"
+    if store is not None:
+        queued.send("acquire")
+    assert queued.read().startswith("acquired")
+    refused = []
+    for n in ("q0", "q1"):
+        reply = queued.call(f'append {{"n": "{n}"}}')
+        if reply == "ok":
+            acked.append(n)
+        else:
+            refused.append(reply)
+    assert queued.call("release") == "released"
+    with SessionLock(fresh, lane="refired") as lock:  # the stuck run's turn, re-fired
+        lock.append({"n": "reply"})
+        acked.append("reply")
+    answer = recover(session, wait=0)
+    stranded = [n for n in acked if n not in _ns(answer.session)]
+    assert (answer.action, answer.session, stranded) == (Action.FRESH, str(fresh), [])
+    assert _ns(fresh) == [1, "late", "reply"]
+    assert len(refused) == 2 and all(
+        r.startswith("error SessionMovedError") and str(fresh) in r for r in refused), refused
+    assert _ns(session) == [1, "late"]  # nothing written there after the move
+    assert verify(fresh).ok
+    assert store is not None or not _moving(session)  # cleared once the move is finished
+
+
+def _moving(session: Path) -> bool:
+    """Whether the session's sidecar has the bit a recover sets while it moves the run."""
+    from fencelock import _sidecar
+
+    return bool(os.stat(f"{session}.holder").st_mode & _sidecar.MOVING)
+
+
+@needs_xattr
+@pytest.mark.parametrize("ends", ["marked", "failed before naming"])
+def test_a_recover_that_moves_a_run_leaves_its_moving_bit_set_only_while_it_moves(
+    session: Path, spawn_holder: SpawnHolder, monkeypatch: pytest.MonkeyPatch, ends: str
+) -> None:
+    """The sidecar's moving bit (which makes the next acquire look for an unfinished
+    move) is set from before the fresh session is named until the old session is
+    marked, and cleared where the recover fails before naming it: later acquires do
+    not pay for the look, and the sidecar keeps its own mode."""
+    from fencelock import _fence
+
+    session.write_text('{"n": 1}\n')
+    stuck = spawn_holder(session, lane="stuck")
+    stuck.acquire()
+    seen = []
+    publish = _fence.publish
+
+    def watched(*args: Any, **kwargs: Any) -> None:
+        before_name = kwargs["before_name"]
+
+        def then_look() -> None:
+            before_name()
+            seen.append(_moving(session))
+            if ends != "marked":
+                raise OSError(errno.ENOSPC, "no space left on device")
+
+        kwargs["before_name"] = then_look
+        publish(*args, **kwargs)
+
+    monkeypatch.setattr(_fence, "publish", watched)
+    if ends == "marked":
+        assert recover(session, wait=0).action is Action.FRESH
+    else:
+        with pytest.raises((FenceLockError, OSError)):
+            recover(session, wait=0)
+    assert seen == [True]
+    assert not _moving(session)
+    assert stat.S_IMODE(os.stat(f"{session}.holder").st_mode) == 0o600
+
+
+@needs_xattr
+def test_the_first_run_of_a_fresh_session_finishes_the_move_its_killed_recover_left(
+    session: Path, store: str | None, spawn_holder: SpawnHolder
+) -> None:
+    """The stuck run's caller, told the fresh session (`superseded`) just after a recover
+    named it and was SIGKILLed, re-fires its turn there: its acquire took over the
+    dead recover's stale record, the trace of the unfinished move, and wrote its own.
+    The old session stayed unmarked, its late reply in it alone, and the stuck run and
+    every run queued behind it went on writing there. The fresh session's first run
+    now finishes the move as its acquire ends (its record naming the old session as
+    its origin until then): the mark set, the late reply carried before its own."""
+    session.write_text('{"n": 1}\n')
+    stuck = spawn_holder(session, lane="stuck")
+    stuck.acquire()
+    fresh = _killed_on_naming(session, stuck)
+    assert stuck.call('append {"n": "late"}') == "ok"  # not marked yet: told stored
+    with SessionLock(fresh, lane="refired") as lock:
+        assert lock.info is not None and lock.info.origin is None
+        on_disk = probe(fresh).record
+        assert on_disk is not None and on_disk.origin is None  # said only while finishing
+        assert _ns(fresh) == [1, "late"]
+        lock.append({"n": "reply"})
+        moved = stuck.call('append {"n": "later"}')
+        assert moved.startswith("error SessionMovedError") and str(fresh) in moved, moved
+    assert stuck.call("release") == "released"
+    answer = recover(session, wait=0)
+    assert (answer.action, answer.session) == (Action.FRESH, str(fresh))
+    assert _ns(fresh) == [1, "late", "reply"]
+    assert _ns(session) == [1, "late"]
 
 
 @needs_xattr
