@@ -135,6 +135,9 @@ class Keeper:
         self._guard: threading.Thread | None = None
         self._command: subprocess.Popen[bytes] | None = None
         self._started = threading.Event()
+        self._paused = False
+        """The guard stopped (SIGSTOP) the command while it asks etcd about a lease
+        that may be expiring (`_loss`)."""
 
     def guard(self) -> None:
         """Start the guard that stops the command (handed to it by `watch`), and what
@@ -170,6 +173,7 @@ class Keeper:
         command = self._command
         with self._mu:  # decided against `ended`: stopped, or ended, never both
             if not why or self._ended.is_set() or command is None:
+                self._pause(signal.SIGCONT)  # (what it left: ended by someone else)
                 return
             self.lost = why
         besides = {os.getpid(), self.proc.pid, command.pid}  # this run, its keeper, its command
@@ -181,6 +185,7 @@ class Keeper:
         end = time.monotonic() + STOP_GRACE
         command.send_signal(signal.SIGTERM)  # nothing once it has been waited for
         _signal(sharing, self._pipe, signal.SIGTERM)
+        self._pause(signal.SIGCONT)  # stopped while etcd was asked: now to take SIGTERM
         self._ended.wait(STOP_GRACE)
         left = _still_sharing(self._pipe, besides, end)  # the rest of the grace, for those too
         stubborn = ([] if self._ended.is_set() else [command.pid]) + left
@@ -218,14 +223,25 @@ class Keeper:
                     return ""
             asked = time.monotonic()
             counted_lost = holder.lost_within(0.0)
+            if counted_lost:
+                # The lease may expire within the margin, and etcd may take longer than
+                # that to answer (up to `_ASK`): the command writes nothing meanwhile.
+                # Stopped (SIGSTOP) now, it goes on (SIGCONT) only if etcd vouches for
+                # the lease; else it stays stopped until `_stop_on_loss` ends it.
+                self._pause(signal.SIGSTOP)
             try:
                 lease_left = holder.lease_left(asked + _ASK)
             except StoreUnavailableError:
                 if asked < vouched_until or not counted_lost:
+                    self._pause(signal.SIGCONT)
                     continue  # asked again soon, while the lease is vouched for
                 return counted_lost
+            except BaseException:
+                self._pause(signal.SIGCONT)
+                raise
             if lease_left is None:
                 return "etcd says its lease or its key is gone"
+            self._pause(signal.SIGCONT)
             if not counted_lost:
                 continue  # the lease's own renewals vouch for it
             if not vouched_until:
@@ -234,6 +250,18 @@ class Keeper:
                              f"session for it: the command goes on; the record is no longer "
                              f"updated")
             vouched_until = asked + lease_left - safety
+
+    def _pause(self, signum: int) -> None:
+        """SIGSTOP the command and what holds ``FENCELOCK_FD`` with it (not this run,
+        nor its keeper), or SIGCONT what this stopped (`_paused`)."""
+        if signum == signal.SIGCONT and not self._paused:
+            return
+        self._paused = signum == signal.SIGSTOP
+        command = self._command
+        if command is not None and not self._ended.is_set():
+            with contextlib.suppress(OSError):
+                command.send_signal(signum)  # (nothing once it has been waited for)
+        _signal(_sharing(self._pipe, {os.getpid(), self.proc.pid}), self._pipe, signum)
 
     def left_running(self) -> bool:
         """Whether a process other than this one still holds the command's descriptor

@@ -4986,6 +4986,55 @@ def test_a_run_whose_holder_is_lost_stops_its_command(
     assert "Traceback" not in err and err.count("\n") == 1, err
 
 
+TICKING = """
+import sys, time
+print('ready', flush=True)
+with open(sys.argv[1], 'a') as out:
+    while True:
+        out.write(f'{time.monotonic()}\\n')
+        out.flush()
+        time.sleep(0.005)
+"""
+
+
+@marks.needs_linux  # the guard finds what holds the command's pipe in /proc
+def test_a_run_cut_off_from_etcd_writes_nothing_while_it_asks_about_its_lease(
+    session: Path, own_etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """etcd stops answering (a partition: here SIGSTOP). Once the run's lease may expire
+    within its margin, the guard asks etcd whether it still lives, which may take up to
+    a second, longer than the margin: the command used to go on writing all that
+    while, past the moment another host's run could take the session (a partition
+    review saw 3-4 of its lines land after the other run's acquire). The command is now
+    paused (SIGSTOP) from the moment the lease is counted lost until etcd answers; with
+    no answer it is stopped for good. So its last tick comes the ask's time before the
+    loss is said, not just before."""
+    ticks = tmp_path / "ticks"
+    url = own_etcd.url(f"cut-{uuid.uuid4().hex[:8]}", ttl=4)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "long",
+         "--backend", url, "--heartbeat", "0", "--", sys.executable, "-c", TICKING,
+         str(ticks)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        own_etcd.kill(signal.SIGSTOP)  # accepts connections, answers nothing
+        said = ""
+        while "lost its holder" not in said:
+            said = proc.stderr.readline()
+            assert said, "run ended without saying its holder was lost"
+        said_at = time.monotonic()
+    finally:
+        own_etcd.kill(signal.SIGCONT)
+    code, err = _ended(proc)
+    assert code == 128 + signal.SIGTERM, err
+    last_tick = float(ticks.read_text().splitlines()[-1])
+    # The ask is given a second (`_etcdkeeper._ASK`): paused for it, the command's last
+    # tick is most of a second before the loss is said; unpaused, a few ms.
+    assert said_at - last_tick > 0.5, (said_at - last_tick, said, err)
+
+
 def test_a_run_whose_key_is_deleted_by_hand_stops_its_command(
     session: Path, url: str, etcd_server: EtcdServer
 ) -> None:
