@@ -220,6 +220,33 @@ def test_a_turn_a_recover_moved_keeps_its_reply_out_of_the_old_session_and_exits
     assert probe(session).state == "free"
 
 
+def test_a_turn_on_a_session_a_recover_moved_follows_the_move(
+    session: Path, turns: StartTurns, spawn_holder: SpawnHolder
+) -> None:
+    """A lane that takes the session after a recover moved it (queued behind the stuck
+    run) has its first append refused, nothing written: it follows the move and does
+    its turn in the fresh session, rather than exiting as if taken over (3) with its
+    user's message in no session."""
+    session.write_text('{"role": "user", "n": 0}\n')
+    stuck = spawn_holder(session, lane="stuck")
+    stuck.acquire()
+    done = subprocess.run(
+        [sys.executable, "-m", "fencelock", "recover", str(session), "--wait", "0", "--json"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    fresh = json.loads(done.stdout)["session"]
+    t = turns(session, "--writer", "B", "--message", "ping", "--model-ms", "1", "--turns", "2")
+    t.expect("hold pid=")
+    assert stuck.call("release") == "released"  # the queued lane gets the old session
+    t.expect("held")
+    assert t.expect("moved session=") == f"moved session={fresh}"
+    assert t.proc.wait(timeout=120) == 0, t.stderr()
+    assert [(e["role"], e.get("turn")) for e in entries(Path(fresh))] == [
+        ("user", None), ("user", 1), ("assistant", 1), ("user", 2), ("assistant", 2)]
+    assert entries(session) == [{"role": "user", "n": 0}]  # nothing written there
+    assert not Path(str(session) + ".undelivered").exists()
+
+
 def wrapped(tmp_path: Path, name: str, *args: Path) -> str:
     """A ``fencelock`` that runs the test script ``name`` (the command line with a fault
     made to order) with ``args`` before the command line's own."""

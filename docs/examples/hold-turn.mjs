@@ -13,7 +13,12 @@
 // lane can write between the message and the reply.
 //
 // Lines on stdout, one per step: "hold pid=P", "held token=T", "prompt",
-// "done turn=I", or "superseded session=FRESH" (below).
+// "done turn=I", "moved session=FRESH" or "superseded session=FRESH" (below).
+//
+// A session a recover moved before this turn wrote anything to it (this lane was
+// queued behind the stuck run, or started after the recover) refuses the turn's first
+// append with SessionMovedError, nothing written: the turn follows the move, says
+// "moved session=FRESH", and is done on FRESH, as is every later turn.
 //
 // Exit codes: 0 every turn done; 3 a takeover (something wrote to the session outside
 // the protocol during the turn); 4 the session was held by another run (only with
@@ -219,7 +224,17 @@ async function turn(opts, n) {
   }
   console.log(`held token=${held.record.token}`);
   const who = { writer: opts.writer, turn: n };
-  await hold.request("append", { entry: { role: "user", content: opts.message, ...who } });
+  try {
+    await hold.request("append", { entry: { role: "user", content: opts.message, ...who } });
+  } catch (e) {
+    if (e instanceof HoldError && e.answer.error === "SessionMovedError" && !e.answer.stored) {
+      // Moved before this turn wrote anything here: it goes on in the fresh session.
+      await hold.release().catch(() => {});
+      console.log(`moved session=${e.answer.moved_to}`);
+      return e.answer.moved_to;
+    }
+    throw e;
+  }
   await hold.request("prompt_begin");
   console.log("prompt");
   const reply = { role: "assistant", content: await model(opts, opts.message), ...who };
@@ -260,11 +275,21 @@ async function turn(opts, n) {
   const code = await hold.release();
   if (code !== 0) throw new Error(`fencelock hold exited ${code}`);
   console.log(`done turn=${n}`);
+  return null;
 }
 
 async function main() {
   const opts = parseArgs(process.argv.slice(2));
-  for (let n = 1; n <= opts.turns; n++) await turn(opts, n);
+  for (let n = 1; n <= opts.turns; n++) {
+    // A turn the session's move refused is done again where the move points (a move
+    // followed by another one is followed too; a recover never points back).
+    for (let moves = 0; ; moves++) {
+      const moved = await turn(opts, n);
+      if (moved === null) break;
+      if (moves >= 16) throw new Error(`${opts.session}: moved again and again; giving up`);
+      opts.session = moved;
+    }
+  }
   process.exit(0);
 }
 
