@@ -247,6 +247,7 @@ class SessionMovedError(SessionTakeoverError):
         expected: Fingerprint | None = None,
         actual: Fingerprint | None = None,
         stored: bool = False,
+        later: bool = False,
     ):
         self.session = session
         self.moved_to = moved_to
@@ -255,6 +256,19 @@ class SessionMovedError(SessionTakeoverError):
         self.actual = actual
         self.stored = stored
         self.found = None
+        self.later = later
+        """True for a run that took the session after the move (a lane queued behind the
+        stuck run, or started since): its turn was never answered in the fresh
+        session, and is to be done there. False for the run the recover moved (whose
+        turn the recover's caller re-fires there), or where it is not known."""
+        if later:
+            CoordinationError.__init__(
+                self,
+                f"{session}: a recover moved its conversation to {moved_to} before this "
+                f"run took the session; nothing of this run's was written here. Do this "
+                f"turn in {moved_to} instead",
+            )
+            return
         CoordinationError.__init__(
             self,
             f"{session}: a recover moved its conversation to {moved_to}, where its last "
@@ -266,7 +280,8 @@ class SessionMovedError(SessionTakeoverError):
         )
 
     def _init_args(self) -> tuple[Any, ...]:
-        return self.session, self.moved_to, self.expected, self.actual, self.stored
+        return (self.session, self.moved_to, self.expected, self.actual, self.stored,
+                self.later)
 
 
 class HolderLostError(SessionTakeoverError):

@@ -693,7 +693,8 @@ def append(
             _platform.lock_session(fd, True, SESSION_LOCK_WAIT)
             fresh = _moved.target(session)
             if fresh is not None:
-                raise SessionMovedError(session, fresh, expected, None, False)
+                raise SessionMovedError(session, fresh, expected,
+                                        _fingerprint_fd(fd, mode, session, st))
         else:
             locked = _platform.lock_session(fd, True, SESSION_LOCK_WAIT)
             if locked == _platform.TAKEN_AFTER_A_WAIT:  # its holder may have written
@@ -703,7 +704,8 @@ def append(
                     raise SessionWriteError(session, e, "reading it for the fence") from None
             fresh = _moved.target(session)
             if fresh is not None:  # a recover moved the conversation: nothing goes in
-                raise SessionMovedError(session, fresh, expected, None, False)
+                raise SessionMovedError(session, fresh, expected,
+                                        _fingerprint_fd(fd, mode, session, st))
             if not locked:
                 raise SessionWriteError(session, OSError(errno.EAGAIN, (
                     f"the session file itself has been held locked (flock) for over "

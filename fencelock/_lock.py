@@ -1252,6 +1252,10 @@ class SessionLock:
                 self._raise_if_lost(e)
                 self._raise_if_moved(e.expected, e.actual, e.stored, e)
                 self._takeover = (self._run_id, (e.expected, e.actual, e.found))
+            elif type(e) is SessionMovedError and not e.stored and \
+                    self._moved_before(e.moved_to):
+                raise SessionMovedError(e.session, e.moved_to, e.expected, e.actual,
+                                        later=True) from None
             raise
         self._line_going_in = False
         self._tail_checked = True
@@ -1284,8 +1288,15 @@ class SessionLock:
         the mark moved the ctime the fence checked."""
         fresh = _moved.target(self.session)
         if fresh is not None:
-            raise SessionMovedError(self.session, fresh, expected, actual,
-                                    stored) from takeover
+            raise SessionMovedError(self.session, fresh, expected, actual, stored,
+                                    self._moved_before(fresh)) from takeover
+
+    def _moved_before(self, fresh: str) -> bool:
+        """Whether the move to ``fresh`` was made before this run took the session: the
+        run a recover moves is the one whose fresh session ``fresh`` is (`_successors`,
+        from its run id and token)."""
+        return bool(self._run_id) and _successors.of_run(
+            self.session, self._run_id, self._token) != fresh
 
     def verify_fence(self) -> Fingerprint | None:
         """Raise `SessionTakeoverError` if the session moved since the last fence point."""

@@ -808,8 +808,10 @@ def test_a_run_learns_that_a_recover_in_another_process_moved_its_conversation(
     again = SessionLock(session, lane="next-run")
     with again:  # a run after it: the conversation is elsewhere
         assert again.superseded() == fresh
-        with pytest.raises(SessionMovedError, match=f"Take {re.escape(fresh)} instead"):
+        with pytest.raises(SessionMovedError,
+                           match=f"Do this turn in {re.escape(fresh)} instead") as later_run:
             again.append({"n": "cron"})
+        assert later_run.value.later
     assert session.read_bytes() == before  # nothing written after the move
     later = recover(session, wait=0)
     assert (later.action, later.session) == (Action.FRESH, fresh), later
@@ -1406,6 +1408,35 @@ def test_a_run_queued_behind_the_stuck_one_finishes_a_move_its_killed_recover_le
     assert _ns(session) == [1, "late"]  # nothing written there after the move
     assert verify(fresh).ok
     assert store is not None or not _moving(session)  # cleared once the move is finished
+
+
+@needs_xattr
+def test_a_move_is_said_to_the_moved_run_and_to_a_later_one_each_as_it_is(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """The run a recover moved is told its turn is answered again in the fresh session;
+    a run that took the session after the move (queued behind it) is told that nothing
+    of its own was written and to do its turn there: told the first, a gateway would
+    drop a turn nobody answers."""
+    session.write_text('{"n": 1}\n')
+    stuck = spawn_holder(session, lane="stuck")
+    stuck.acquire()
+    fresh = recover(session, wait=0).session
+    moved = stuck.call('append {"n": "late"}')
+    assert moved.startswith("error SessionMovedError"), moved
+    assert "where its last turn is answered again" in moved, moved
+    assert stuck.call("release") == "released"
+    with SessionLock(session, lane="queued") as lock:
+        with pytest.raises(SessionMovedError) as later:
+            lock.append({"n": "q"})
+        assert later.value.later and later.value.moved_to == fresh
+        assert later.value.actual is not None  # the file is there: no "no file"
+        assert "before this run took the session; nothing of this run's was written" \
+            in str(later.value)
+        with pytest.raises(SessionMovedError) as again, lock.prompt_window():
+            pass
+        assert again.value.later
+    assert _ns(session) == [1]
 
 
 def _moving(session: Path) -> bool:
