@@ -681,12 +681,24 @@ def _page_text(text: str, limit: int) -> str:
     without its tags, on one line, cut at a word to about ``limit`` characters."""
     if re.search(r"<(html|body|head|!doctype)\b", text, re.IGNORECASE):
         text = re.sub(r"(?is)<(script|style)\b.*?</\1\s*>|<!--.*?-->", " ", text)
+        title = re.search(r"(?is)<title\b[^>]*>(.*?)</title\s*>", text)
+        if title is not None:
+            # A page that heads its body with its title (Python's http.server: "Error
+            # response" twice) says it once.
+            body = text[title.end():]
+            if _words(body).startswith(_words(title[1])):
+                text = body
         text = html.unescape(re.sub(r"<[^>]*>", " ", text))
     text = " ".join(text.split())
     if len(text) <= limit:
         return text
     cut = text.rfind(" ", 0, limit)
     return text[:cut if cut > limit // 2 else limit] + " ..."
+
+
+def _words(markup: str) -> str:
+    """The words of a piece of an HTML page, on one line."""
+    return " ".join(html.unescape(re.sub(r"<[^>]*>", " ", markup)).split())
 
 
 def _etcd_error(endpoint: str, detail: str) -> StoreUnavailableError:

@@ -2631,6 +2631,19 @@ def test_a_server_that_is_not_etcd_is_named_as_such(
                 assert "does: Not here word word" in line and " word ...)" in line, line
 
 
+def test_a_page_that_heads_its_body_with_its_title_is_quoted_saying_it_once() -> None:
+    """Python's http.server (and others) put the same words in the title and the first
+    heading: the one-line error said "Error response Error response"."""
+    from fencelock._etcdcluster import _page_text
+
+    page = ('<!DOCTYPE HTML><html lang="en"><head><meta charset="utf-8"><title>Error '
+            'response</title></head><body><h1>Error response</h1><p>Error code: 404</p>'
+            '<p>Message: File not found.</p></body></html>')
+    assert _page_text(page, 200) == "Error response Error code: 404 Message: File not found."
+    other = "<html><head><title>Not here</title></head><body><p>word</p></body></html>"
+    assert _page_text(other, 200) == "Not here word"  # a title the body does not repeat
+
+
 @dataclass
 class _TLSEtcd:
     """An etcd that serves HTTPS (besides plain HTTP) to clients with a certificate its
