@@ -293,6 +293,7 @@ class HolderLostError(SessionTakeoverError):
         self.expected = None
         self.actual = None
         self.stored = stored
+        self.found = None
         """The append that found the loss had written its line: it is in the session
         (keep it nowhere else, or it is there twice)."""
         self.why = why

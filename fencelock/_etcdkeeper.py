@@ -46,6 +46,10 @@ STOP_GRACE = 5.0
 and SIGKILL."""
 _GIVE_UP = b"L"
 """What `fencelock run` writes to its pipe when its holder is lost: stop renewing."""
+_PAUSED = b"P"
+"""What `fencelock run` writes to its pipe when its guard stops the command while it
+asks etcd (`Keeper._pause`); ``_GOES_ON`` once it lets it go on."""
+_GOES_ON = b"C"
 _ASK = 1.0
 """How long the guard gives etcd to say whether the run's lease is still there."""
 
@@ -135,9 +139,10 @@ class Keeper:
         self._guard: threading.Thread | None = None
         self._command: subprocess.Popen[bytes] | None = None
         self._started = threading.Event()
-        self._paused = False
-        """The guard stopped (SIGSTOP) the command while it asks etcd about a lease
-        that may be expiring (`_loss`)."""
+        self._paused: list[int] = []
+        """What besides the command the guard stopped (SIGSTOP) while it asks etcd
+        about a lease that may be expiring (`_loss`); the command too while not empty
+        (`_pause`)."""
 
     def guard(self) -> None:
         """Start the guard that stops the command (handed to it by `watch`), and what
@@ -223,7 +228,7 @@ class Keeper:
                     return ""
             asked = time.monotonic()
             counted_lost = holder.lost_within(0.0)
-            if counted_lost:
+            if counted_lost and asked >= vouched_until:
                 # The lease may expire within the margin, and etcd may take longer than
                 # that to answer (up to `_ASK`): the command writes nothing meanwhile.
                 # Stopped (SIGSTOP) now, it goes on (SIGCONT) only if etcd vouches for
@@ -253,15 +258,23 @@ class Keeper:
 
     def _pause(self, signum: int) -> None:
         """SIGSTOP the command and what holds ``FENCELOCK_FD`` with it (not this run,
-        nor its keeper), or SIGCONT what this stopped (`_paused`)."""
-        if signum == signal.SIGCONT and not self._paused:
-            return
-        self._paused = signum == signal.SIGSTOP
+        nor its keeper), or SIGCONT those this stopped (`_paused`), and only those: one
+        stopped by someone else (Ctrl-Z, a debugger) stays stopped."""
+        if signum == signal.SIGCONT:
+            paused, self._paused = self._paused, []
+            if not paused:
+                return
+        else:
+            paused = self._paused = _sharing(self._pipe, {os.getpid(), self.proc.pid})
         command = self._command
         if command is not None and not self._ended.is_set():
             with contextlib.suppress(OSError):
                 command.send_signal(signum)  # (nothing once it has been waited for)
-        _signal(_sharing(self._pipe, {os.getpid(), self.proc.pid}), self._pipe, signum)
+        _signal(paused, self._pipe, signum)
+        # Told to the keeper too: if this run is killed (or exits) while they are
+        # stopped, the keeper, which guards them from then on, lets them go on (`keep`).
+        with contextlib.suppress(OSError):
+            os.write(self._wrapper_fd, _PAUSED if signum == signal.SIGSTOP else _GOES_ON)
 
     def left_running(self) -> bool:
         """Whether a process other than this one still holds the command's descriptor
@@ -429,6 +442,7 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
     for fd in (command_fd, wrapper_fd):
         poller.register(fd, select.POLLIN)
     open_fds = {command_fd, wrapper_fd}
+    paused = False  # `fencelock run`'s guard has the command stopped (`Keeper._pause`)
     try:
         while open_fds:
             # How soon what the renewals found is acted on: guarding, at once; else
@@ -441,6 +455,10 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
                 if ev & select.POLLIN:
                     with contextlib.suppress(OSError):
                         data = os.read(fd, 4096)  # what a command wrote there is dropped
+                if fd == wrapper_fd:
+                    last = max(data.rfind(_PAUSED), data.rfind(_GOES_ON))
+                    if last >= 0:
+                        paused = data[last:last + 1] == _PAUSED
                 if fd == wrapper_fd and _GIVE_UP in data:
                     open_fds.clear()
                 elif not data:  # end of file: every write end is closed
@@ -448,6 +466,10 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
                     open_fds.discard(fd)
                     if fd == wrapper_fd:
                         renewer.guarding.set()
+                        if paused:  # `fencelock run` is gone with its command stopped
+                            paused = False
+                            pipe = os.fstat(command_fd).st_ino
+                            _signal(_sharing(pipe, {os.getpid()}), pipe, signal.SIGCONT)
             if not open_fds:
                 break
             if renewer.lost == "lease":  # nothing holds the session any more

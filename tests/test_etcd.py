@@ -5000,8 +5000,8 @@ def test_a_run_whose_holder_is_lost_stops_its_command(
 
 
 TICKING = """
-import sys, time
-print('ready', flush=True)
+import os, sys, time
+print('ready', os.getpid(), flush=True)
 with open(sys.argv[1], 'a') as out:
     while True:
         out.write(f'{time.monotonic()}\\n')
@@ -5031,7 +5031,7 @@ def test_a_run_cut_off_from_etcd_writes_nothing_while_it_asks_about_its_lease(
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stderr is not None
     try:
-        assert proc.stdout.readline() == "ready\n"
+        assert proc.stdout.readline().startswith("ready ")
         own_etcd.kill(signal.SIGSTOP)  # accepts connections, answers nothing
         said = ""
         while "lost its holder" not in said:
@@ -5046,6 +5046,53 @@ def test_a_run_cut_off_from_etcd_writes_nothing_while_it_asks_about_its_lease(
     # The ask is given a second (`_etcdkeeper._ASK`): paused for it, the command's last
     # tick is most of a second before the loss is said; unpaused, a few ms.
     assert said_at - last_tick > 0.5, (said_at - last_tick, said, err)
+
+
+def _state(pid: int) -> str:
+    """A process's state letter from /proc (``T``: stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@marks.needs_linux
+def test_a_command_paused_while_its_run_asks_etcd_goes_on_if_the_run_is_killed(
+    session: Path, own_etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """`fencelock run` killed (SIGKILL) while its guard has the command paused, etcd
+    away: the keeper guards the command from then on, as for any killed run, and lets
+    it go on once it does (the command stayed stopped for good, the session held)."""
+    ticks = tmp_path / "ticks"
+    url = own_etcd.url(f"cut-{uuid.uuid4().hex[:8]}", ttl=4)
+    wrapper = subprocess.Popen(
+        [sys.executable, "-m", "fencelock", "run", str(session), "--lane", "long",
+         "--backend", url, "--heartbeat", "0", "--", sys.executable, "-c", TICKING,
+         str(ticks)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    assert wrapper.stdout is not None
+    try:
+        command = int(wrapper.stdout.readline().split()[1])
+        own_etcd.kill(signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while _state(command) != "T":  # the guard's pause, once the lease counts as lost
+            assert time.monotonic() < deadline and wrapper.poll() is None, "never paused"
+            time.sleep(0.01)
+        wrapper.kill()  # SIGKILL, while the command is paused
+        wrapper.wait()
+        own_etcd.kill(signal.SIGCONT)  # the keeper's lease renewals go through again
+        deadline = time.monotonic() + 30
+        while _state(command) == "T":
+            assert time.monotonic() < deadline, "the command stays stopped for good"
+            time.sleep(0.01)
+        before = len(ticks.read_text().splitlines())
+        while len(ticks.read_text().splitlines()) <= before:  # it runs: it ticks again
+            assert time.monotonic() < deadline, "the command does not tick again"
+            time.sleep(0.01)
+    finally:
+        own_etcd.kill(signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(wrapper.pid, signal.SIGKILL)
+        _ended(wrapper)
 
 
 def test_a_run_whose_key_is_deleted_by_hand_stops_its_command(
