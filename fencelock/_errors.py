@@ -192,6 +192,21 @@ class HeldByOwnRunError(SessionContendedError):
             self.__dict__
 
 
+class MoveToFinish(Exception):
+    """An acquire that takes the session only if no wait is needed (`acquire_async`'s
+    first try, on the event loop) found a recover's move to finish first (which may
+    wait on the old session's own lock and copy lines): it takes nothing, and the
+    acquire's thread does it (`SessionLock._follow_last_run`). Never reaches a caller."""
+
+    def __init__(self, session: str) -> None:
+        self.session = session
+        super().__init__(f"{session}: a recover's move is to be finished first; "
+                         f"the acquire's thread does it")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.session,)
+
+
 class SessionTakeoverError(CoordinationError):
     """Something outside the holder changed the session file since the last fence point."""
 

@@ -43,6 +43,7 @@ from fencelock._errors import (
     FenceLockError,
     FenceLockWarning,
     HolderLostError,
+    MoveToFinish,
     NotHeldError,
     SessionMovedError,
     SessionTakeoverError,
@@ -374,6 +375,9 @@ class SessionLock:
         self._stamped_floor = 0
         """The largest token stamped in lines that `recover` carries into a fresh
         session: a store's (etcd's) token must be above it, as above the session's own."""
+        self._only_if_free = False
+        """The acquire under way takes the session only if that needs no wait: where a
+        move is to be finished first, it leaves that to a thread (`MoveToFinish`)."""
         self._finishing: str | None = None
         """The session a recover moved to this one and was killed before it finished
         the move (the stale record this run's acquire took over says so: its
@@ -642,13 +646,29 @@ class SessionLock:
             elif not _registry.take_if_free(self._key, self, attempt):
                 return False
             self._slot_attempt = attempt
-            if self._store.acquire(self, me, deadline, cancel, start, only_if_free):
+            self._only_if_free = only_if_free
+            try:
+                taken = self._store.acquire(self, me, deadline, cancel, start, only_if_free)
+            except MoveToFinish:  # (only if free) the caller's thread finishes it
+                _free_slot(self._key, self, attempt)
+                return False
+            if taken:
                 if self._finishing is not None:
-                    self._finish_origin_move()
+                    try:
+                        self._finish_origin_move()
+                    except BaseException:
+                        # (A warning made an error, an interrupt) not returned as held:
+                        # given back here, also for a caller that cannot (a thread's).
+                        if self._count == 1:
+                            self.release()
+                        raise
                 return True
             _free_slot(self._key, self, attempt)  # held elsewhere: nothing was taken
             return False
         except BaseException:
+            if self._finishing is not None:  # (an acquire that failed after the look)
+                self._finishing = None
+                self._set_origin(None)
             # Only a slot this attempt took: while another owner (thread, task) holds
             # this object or is acquiring it, the slot, the object's one, is theirs.
             if not self._count:
@@ -683,15 +703,37 @@ class SessionLock:
                 named = stat.S_ISREG(os.lstat(self.session).st_mode)
             except OSError:
                 named = False
-            if named:  # (a fresh session its maker never named is no move)
+            # (A fresh session its maker never named is no move; nor is a session a
+            # caller made with an ``origin`` of its own, nor one a recover made for a
+            # holder with no record, which it never marks.)
+            if named and self._moved_here_from(stale_origin):
+                if self._only_if_free:
+                    raise MoveToFinish(self.session)  # nothing written yet: a thread finishes it
                 self._finishing = stale_origin
                 self._set_origin(stale_origin)
         if last is not None:
             fresh = _successors.made(self.session, *last)
             if fresh is not None:
+                if self._only_if_free:
+                    raise MoveToFinish(self.session)
                 from fencelock import _recovery  # (imports this module)
 
                 _recovery.finish_for_next_run(self.session, fresh, self._backend_url())
+
+    def _moved_here_from(self, origin: str) -> bool:
+        """Whether this session is the fresh session a recover made for the last run of
+        ``origin``: ``origin``'s mark names it, or ``origin``'s record is still that run's
+        (`_successors.of_run`)."""
+        if _moved.target(origin) == self.session:
+            return True
+        from fencelock import _probe  # (its lock code imports this module)
+
+        try:
+            record = _probe.probe(origin, backend=self._backend_url()).record
+        except (FenceLockError, OSError):
+            return False
+        return record is not None and \
+            _successors.of_run(origin, record.run_id, record.token) == self.session
 
     def _set_origin(self, origin: str | None) -> None:
         """Write ``origin`` in this object's records from now on (the encoded parts

@@ -67,6 +67,7 @@ def samples() -> dict[str, BaseException]:
                                                             sticky=True),
         "ForeignSymlinkError": _errors.ForeignSymlinkError("/s/agentA", 1001, "/t/agentA"),
         "BadRequestError": _errors.BadRequestError("line 3: not JSON"),
+        "MoveToFinish": _errors.MoveToFinish("/s/a.jsonl"),
         "HoldArgumentError": _errors.HoldArgumentError("--lane", "--lane: not UTF-8"),
         "UnsafeSidecarError": _errors.UnsafeSidecarError("/s/a.jsonl.holder", "a symlink"),
         "CorruptRecordError": _errors.CorruptRecordError("/s/a.jsonl.holder", "not JSON"),

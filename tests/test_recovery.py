@@ -1439,6 +1439,91 @@ def test_a_move_is_said_to_the_moved_run_and_to_a_later_one_each_as_it_is(
     assert _ns(session) == [1]
 
 
+ORIGIN_OF_ITS_OWN = """
+import os, signal, sys
+from fencelock import SessionLock
+lock = SessionLock(sys.argv[1], lane="mine", origin=sys.argv[2])
+lock.acquire()
+lock.append({"n": "made"})
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+"""A run of a session made with an ``origin`` of the caller's own, killed holding it:
+``python -c ORIGIN_OF_ITS_OWN SESSION ORIGIN``."""
+
+
+@needs_xattr
+def test_a_stale_record_with_an_origin_of_the_caller_s_own_moves_nothing(
+    session: Path, tmp_path: Path
+) -> None:
+    """``origin`` is the caller's to give (a session branched from another). A run of
+    such a session that died leaves a stale record naming its origin, which is no
+    unfinished move of a recover's: the next run neither marks the origin moved (its
+    later runs were refused) nor carries its lines."""
+    session.write_text('{"n": 1}\n')
+    branch = session.with_name("branch.jsonl")
+    died = subprocess.run([sys.executable, "-c", ORIGIN_OF_ITS_OWN, str(branch), str(session)],
+                          capture_output=True, text=True, timeout=120)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    with SessionLock(session, lane="later") as lock:
+        lock.append({"n": 2})  # the origin goes on: the branch took nothing from it
+    with SessionLock(branch, lane="next") as lock:  # takes over the stale record
+        assert lock.info is not None and lock.info.previous is not None
+        lock.append({"n": "branch"})
+    from fencelock import _moved
+
+    assert _moved.target(str(session)) is None
+    assert _ns(branch) == ["made", "branch"]
+    with SessionLock(session, lane="after") as lock:
+        lock.append({"n": 3})
+    assert _ns(session) == [1, 2, 3]
+
+
+@needs_xattr
+def test_an_async_acquire_leaves_a_move_to_finish_to_its_thread(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """The first run of a fresh session whose recover was killed finishes the move, which
+    waits for the old session's own lock (an append of the stuck run holds it while its
+    line goes in). `acquire_async` first tries on the event loop, for a free session:
+    the wait stalled the loop (up to 10 s); it now leaves that to its thread, and the
+    loop goes on."""
+    import asyncio
+    import fcntl
+
+    session.write_text('{"n": 1}\n')
+    stuck = spawn_holder(session, lane="stuck")
+    stuck.acquire()
+    fresh = _killed_on_naming(session, stuck)
+    appending = os.open(session, os.O_RDONLY)
+    fcntl.flock(appending, fcntl.LOCK_SH)  # as an append does while its line goes in
+    ticked = threading.Event()
+    try:
+        async def main() -> bool:
+            async def tick() -> None:
+                for _ in range(5):
+                    await asyncio.sleep(0.01)
+                ticked.set()
+
+            ticking = asyncio.ensure_future(tick())
+            lock = SessionLock(fresh, lane="refired")
+            taking = asyncio.ensure_future(lock.acquire_async())
+            await asyncio.sleep(0)  # the acquire's first try, on the loop
+            went_on = await asyncio.get_running_loop().run_in_executor(
+                None, ticked.wait, 30)
+            fcntl.flock(appending, fcntl.LOCK_UN)  # the append's line is in
+            await taking
+            await ticking
+            lock.release()
+            return went_on
+
+        assert asyncio.run(main()), "the event loop stalled while the move was finished"
+    finally:
+        os.close(appending)
+    from fencelock import _moved
+
+    assert _moved.target(str(session)) == str(fresh)
+
+
 def _moving(session: Path) -> bool:
     """Whether the session's sidecar has the bit a recover sets while it moves the run."""
     from fencelock import _sidecar
