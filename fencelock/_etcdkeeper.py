@@ -47,8 +47,9 @@ and SIGKILL."""
 _GIVE_UP = b"L"
 """What `fencelock run` writes to its pipe when its holder is lost: stop renewing."""
 _PAUSED = b"P"
-"""What `fencelock run` writes to its pipe when its guard stops the command while it
-asks etcd (`Keeper._pause`); ``_GOES_ON`` once it lets it go on."""
+"""What `fencelock run` writes to its pipe, with the pids and a newline, before its
+guard stops them while it asks etcd (`Keeper._pause`); ``_GOES_ON`` and a newline once
+it has let them go on."""
 _GOES_ON = b"C"
 _ASK = 1.0
 """How long the guard gives etcd to say whether the run's lease is still there."""
@@ -91,6 +92,35 @@ def _signal(pids: list[int], pipe: int, signum: int) -> None:
         try:
             if _holds(pid, pipe):  # still the process that holds it, pinned by ``fd``
                 signal.pidfd_send_signal(fd, signum)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (state ``T`` or ``t`` in /proc; False where it cannot
+    be read)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
+
+
+def _signal_pids(pids: list[int], signum: int) -> None:
+    """Send ``signum`` to each of ``pids``, each pinned by a pidfd as it is sent. (For
+    processes `Keeper._pause` stopped: stopped, none can have exited and had its pid
+    reused since, unless killed.) Where pidfds are missing, nothing is sent."""
+    if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal"):
+        return
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            continue  # gone
+        try:
+            signal.pidfd_send_signal(fd, signum)
         except OSError:
             pass
         finally:
@@ -258,23 +288,44 @@ class Keeper:
 
     def _pause(self, signum: int) -> None:
         """SIGSTOP the command and what holds ``FENCELOCK_FD`` with it (not this run,
-        nor its keeper), or SIGCONT those this stopped (`_paused`), and only those: one
-        stopped by someone else (Ctrl-Z, a debugger) stays stopped."""
+        nor its keeper, nor one stopped already: by Ctrl-Z, a debugger), or SIGCONT
+        those this stopped (`_paused`), and only those. The keeper is told first which
+        they are (and, after, that they go on): if this run is killed, or exits, while
+        they are stopped, the keeper, which guards them from then on, decides (`keep`)."""
         if signum == signal.SIGCONT:
             paused, self._paused = self._paused, []
-            if not paused:
+            if paused:
+                self._send(paused, signal.SIGCONT)
+                self._tell(_GOES_ON + b"\n")
+            return
+        with self._mu:  # not once the command has ended (`ended`): nothing to guard
+            if self._ended.is_set():
                 return
-        else:
-            paused = self._paused = _sharing(self._pipe, {os.getpid(), self.proc.pid})
+            command = self._command
+            found = _sharing(self._pipe, {os.getpid(), self.proc.pid})
+            if command is not None and command.pid not in found:
+                found.append(command.pid)  # (it may have closed FENCELOCK_FD)
+            pids = [pid for pid in found if not _stopped(pid)]
+            if not pids:
+                return
+            self._paused = pids
+            self._tell(_PAUSED + b",".join(b"%d" % pid for pid in pids) + b"\n")
+            self._send(pids, signal.SIGSTOP)
+
+    def _send(self, pids: list[int], signum: int) -> None:
+        """``signum`` to ``pids``: the command through its `Popen` (nothing once it has
+        been waited for), the others each pinned by a pidfd (`_signal_pids`)."""
         command = self._command
-        if command is not None and not self._ended.is_set():
+        if command is not None and command.pid in pids:
             with contextlib.suppress(OSError):
-                command.send_signal(signum)  # (nothing once it has been waited for)
-        _signal(paused, self._pipe, signum)
-        # Told to the keeper too: if this run is killed (or exits) while they are
-        # stopped, the keeper, which guards them from then on, lets them go on (`keep`).
-        with contextlib.suppress(OSError):
-            os.write(self._wrapper_fd, _PAUSED if signum == signal.SIGSTOP else _GOES_ON)
+                command.send_signal(signum)
+        _signal_pids([pid for pid in pids if command is None or pid != command.pid], signum)
+
+    def _tell(self, message: bytes) -> None:
+        """Write ``message`` to the keeper's pipe (quietly nothing once it is closed)."""
+        if self._wrapper_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wrapper_fd, message)
 
     def left_running(self) -> bool:
         """Whether a process other than this one still holds the command's descriptor
@@ -442,7 +493,8 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
     for fd in (command_fd, wrapper_fd):
         poller.register(fd, select.POLLIN)
     open_fds = {command_fd, wrapper_fd}
-    paused = False  # `fencelock run`'s guard has the command stopped (`Keeper._pause`)
+    paused: list[int] = []  # what `fencelock run`'s guard has stopped (`Keeper._pause`)
+    told = b""  # what `fencelock run` wrote, up to its last newline
     try:
         while open_fds:
             # How soon what the renewals found is acted on: guarding, at once; else
@@ -456,9 +508,13 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
                     with contextlib.suppress(OSError):
                         data = os.read(fd, 4096)  # what a command wrote there is dropped
                 if fd == wrapper_fd:
-                    last = max(data.rfind(_PAUSED), data.rfind(_GOES_ON))
-                    if last >= 0:
-                        paused = data[last:last + 1] == _PAUSED
+                    told += data
+                    *lines, told = told.split(b"\n")
+                    for line in lines:
+                        if line.startswith(_PAUSED):
+                            paused = [int(p) for p in line[1:].split(b",") if p.isdigit()]
+                        elif line.startswith(_GOES_ON):
+                            paused = []
                 if fd == wrapper_fd and _GIVE_UP in data:
                     open_fds.clear()
                 elif not data:  # end of file: every write end is closed
@@ -466,10 +522,14 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
                     open_fds.discard(fd)
                     if fd == wrapper_fd:
                         renewer.guarding.set()
-                        if paused:  # `fencelock run` is gone with its command stopped
-                            paused = False
-                            pipe = os.fstat(command_fd).st_ino
-                            _signal(_sharing(pipe, {os.getpid()}), pipe, signal.SIGCONT)
+                        if paused:  # `fencelock run` is gone with what it stopped
+                            if renewer.lapsing() and not renewer.renewed_within(
+                                    _etcdcluster.MIN_REQUEST_TIMEOUT):
+                                # Nothing vouches for the lease: they go on only to end
+                                # (the guard below stops what holds the pipe for good).
+                                _signal_pids(paused, signal.SIGTERM)
+                            _signal_pids(paused, signal.SIGCONT)
+                            paused = []
             if not open_fds:
                 break
             if renewer.lost == "lease":  # nothing holds the session any more
