@@ -78,10 +78,12 @@ def _holds(pid: int, pipe: int) -> bool:
         return False  # gone, or another user's
 
 
-def _signal(pids: list[int], pipe: int, signum: int) -> None:
+def _signal(pids: list[int], pipe: int | None, signum: int) -> None:
     """Send ``signum`` to each of ``pids`` that holds the pipe ``pipe`` when signalled:
     each is pinned by a pidfd first, so a pid reused since it was found is never hit.
-    Where pidfds are missing, nothing is sent."""
+    With ``pipe`` None, to each (processes `Keeper._pause` stopped: stopped, none can
+    have exited and had its pid reused since, unless killed). Where pidfds are missing,
+    nothing is sent."""
     if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal"):
         return
     for pid in pids:
@@ -90,7 +92,8 @@ def _signal(pids: list[int], pipe: int, signum: int) -> None:
         except OSError:
             continue  # gone
         try:
-            if _holds(pid, pipe):  # still the process that holds it, pinned by ``fd``
+            # Still the process that holds it, pinned by ``fd``:
+            if pipe is None or _holds(pid, pipe):
                 signal.pidfd_send_signal(fd, signum)
         except OSError:
             pass
@@ -106,25 +109,6 @@ def _stopped(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
     except (OSError, IndexError):
         return False
-
-
-def _signal_pids(pids: list[int], signum: int) -> None:
-    """Send ``signum`` to each of ``pids``, each pinned by a pidfd as it is sent. (For
-    processes `Keeper._pause` stopped: stopped, none can have exited and had its pid
-    reused since, unless killed.) Where pidfds are missing, nothing is sent."""
-    if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal"):
-        return
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:
-            continue  # gone
-        try:
-            signal.pidfd_send_signal(fd, signum)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
 
 def _stop_writers(command_fd: int) -> None:
@@ -314,12 +298,12 @@ class Keeper:
 
     def _send(self, pids: list[int], signum: int) -> None:
         """``signum`` to ``pids``: the command through its `Popen` (nothing once it has
-        been waited for), the others each pinned by a pidfd (`_signal_pids`)."""
+        been waited for), the others each pinned by a pidfd (`_signal`)."""
         command = self._command
         if command is not None and command.pid in pids:
             with contextlib.suppress(OSError):
                 command.send_signal(signum)
-        _signal_pids([pid for pid in pids if command is None or pid != command.pid], signum)
+        _signal([pid for pid in pids if command is None or pid != command.pid], None, signum)
 
     def _tell(self, message: bytes) -> None:
         """Write ``message`` to the keeper's pipe (quietly nothing once it is closed)."""
@@ -527,8 +511,8 @@ def keep(backend: str, lease_id: int, command_fd: int, wrapper_fd: int, key: str
                                     _etcdcluster.MIN_REQUEST_TIMEOUT):
                                 # Nothing vouches for the lease: they go on only to end
                                 # (the guard below stops what holds the pipe for good).
-                                _signal_pids(paused, signal.SIGTERM)
-                            _signal_pids(paused, signal.SIGCONT)
+                                _signal(paused, None, signal.SIGTERM)
+                            _signal(paused, None, signal.SIGCONT)
                             paused = []
             if not open_fds:
                 break
