@@ -263,6 +263,7 @@ class SessionMovedError(SessionTakeoverError):
         actual: Fingerprint | None = None,
         stored: bool = False,
         later: bool = False,
+        carried: bool = False,
     ):
         self.session = session
         self.moved_to = moved_to
@@ -272,16 +273,30 @@ class SessionMovedError(SessionTakeoverError):
         self.stored = stored
         self.found = None
         self.later = later
-        """True for a run that took the session after the move (a lane queued behind the
-        stuck run, or started since): its turn was never answered in the fresh
-        session, and is to be done there. False for the run the recover moved (whose
-        turn the recover's caller re-fires there), or where it is not known."""
+        """True for a run that took the session after the move and wrote nothing there (a
+        lane queued behind the stuck run, or started since): its turn was never
+        answered in the fresh session, and is to be done there. False for the run the
+        recover moved (whose turn the recover's caller re-fires there), for one that
+        ``carried`` says, and where it is not known."""
+        self.carried = carried
+        """True for a run other than the one the recover moved that had written lines
+        here before the move (it took the session between the stuck run's end and the
+        move's mark): the recover carries them to the fresh session, where the rest of
+        its turn goes."""
         if later:
             CoordinationError.__init__(
                 self,
                 f"{session}: a recover moved its conversation to {moved_to} before this "
                 f"run took the session; nothing of this run's was written here. Do this "
                 f"turn in {moved_to} instead",
+            )
+            return
+        if carried:
+            CoordinationError.__init__(
+                self,
+                f"{session}: a recover moved its conversation to {moved_to} after this "
+                f"run's lines went in here, and carries them there with the rest; this "
+                f"run writes nothing more here. Write the rest of its turn in {moved_to}",
             )
             return
         CoordinationError.__init__(
@@ -296,7 +311,7 @@ class SessionMovedError(SessionTakeoverError):
 
     def _init_args(self) -> tuple[Any, ...]:
         return (self.session, self.moved_to, self.expected, self.actual, self.stored,
-                self.later)
+                self.later, self.carried)
 
 
 class HolderLostError(SessionTakeoverError):

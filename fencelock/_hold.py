@@ -344,6 +344,7 @@ def error_answer(e: BaseException, session: str = "") -> dict[str, Any]:
         answer["stored"] = e.stored
         if isinstance(e, SessionMovedError):
             answer["moved_to"] = e.moved_to
+            answer["later"], answer["carried"] = e.later, e.carried
     elif isinstance(e, SessionWriteError):
         answer["stored"] = e.stored
     return answer

@@ -375,6 +375,8 @@ class SessionLock:
         self._stamped_floor = 0
         """The largest token stamped in lines that `recover` carries into a fresh
         session: a store's (etcd's) token must be above it, as above the session's own."""
+        self._wrote_in = ""
+        """The run id of the last run of this object whose `append` put a line in."""
         self._only_if_free = False
         """The acquire under way takes the session only if that needs no wait: where a
         move is to be finished first, it leaves that to a thread (`MoveToFinish`)."""
@@ -1294,13 +1296,15 @@ class SessionLock:
                 self._raise_if_lost(e)
                 self._raise_if_moved(e.expected, e.actual, e.stored, e)
                 self._takeover = (self._run_id, (e.expected, e.actual, e.found))
-            elif type(e) is SessionMovedError and not e.stored and \
-                    self._moved_before(e.moved_to):
-                raise SessionMovedError(e.session, e.moved_to, e.expected, e.actual,
-                                        later=True) from None
+            elif type(e) is SessionMovedError and not e.stored:
+                later, carried = self._move_said(e.moved_to)
+                if later or carried:
+                    raise SessionMovedError(e.session, e.moved_to, e.expected, e.actual,
+                                            later=later, carried=carried) from None
             raise
         self._line_going_in = False
         self._tail_checked = True
+        self._wrote_in = self._run_id
         before, self._fp = self._fp, fp  # no call between: an interrupt lands after
         try:
             self._heartbeat_at = time.time()
@@ -1330,15 +1334,21 @@ class SessionLock:
         the mark moved the ctime the fence checked."""
         fresh = _moved.target(self.session)
         if fresh is not None:
+            later, carried = self._move_said(fresh)
             raise SessionMovedError(self.session, fresh, expected, actual, stored,
-                                    self._moved_before(fresh)) from takeover
+                                    later, carried) from takeover
 
-    def _moved_before(self, fresh: str) -> bool:
-        """Whether the move to ``fresh`` was made before this run took the session: the
-        run a recover moves is the one whose fresh session ``fresh`` is (`_successors`,
-        from its run id and token)."""
-        return bool(self._run_id) and _successors.of_run(
-            self.session, self._run_id, self._token) != fresh
+    def _move_said(self, fresh: str) -> tuple[bool, bool]:
+        """How a move to ``fresh`` met this run (`SessionMovedError`'s ``later``,
+        ``carried``): neither for the run the recover moved (the one whose fresh session
+        ``fresh`` is: `_successors`, from its run id and token); for another, ``later``
+        where it wrote nothing here, else ``carried`` (its lines went in before the
+        mark, and the recover carries them)."""
+        if not self._run_id or _successors.of_run(
+                self.session, self._run_id, self._token) == fresh:
+            return False, False
+        wrote = self._wrote_in == self._run_id
+        return not wrote, wrote
 
     def verify_fence(self) -> Fingerprint | None:
         """Raise `SessionTakeoverError` if the session moved since the last fence point."""

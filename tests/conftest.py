@@ -488,6 +488,21 @@ recover(sys.argv[1], wait=0)
 SESSION`` (in the store FENCELOCK_BACKEND names)."""
 
 
+PAUSED_BEFORE_NAMING = """
+import sys
+from fencelock import _recovery, recover
+hold_to_mark = _recovery._hold_to_mark
+def paused(*args, **kwargs):
+    print("copied", flush=True)  # the stuck run still held the session as it began
+    sys.stdin.readline()
+    hold_to_mark(*args, **kwargs)
+_recovery._hold_to_mark = paused
+print(recover(sys.argv[1], wait=0).session, flush=True)
+"""
+"""A recover paused once its copy is made, before it names the fresh session, until a
+line comes on its stdin: ``python -c PAUSED_BEFORE_NAMING SESSION``."""
+
+
 @contextmanager
 def append_only(path: Path) -> Iterator[None]:
     """``path`` marked append-only (chattr +a, Linux, as root) for the block: writes

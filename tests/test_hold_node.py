@@ -18,7 +18,7 @@ from typing import IO, Any, Protocol
 
 import marks
 import pytest
-from conftest import SpawnHolder, wait_for_blocked_waiter
+from conftest import PAUSED_BEFORE_NAMING, SpawnHolder, wait_for_blocked_waiter
 
 from fencelock import probe, scan
 
@@ -244,6 +244,45 @@ def test_a_turn_on_a_session_a_recover_moved_follows_the_move(
     assert [(e["role"], e.get("turn")) for e in entries(Path(fresh))] == [
         ("user", None), ("user", 1), ("assistant", 1), ("user", 2), ("assistant", 2)]
     assert entries(session) == [{"role": "user", "n": 0}]  # nothing written there
+    assert not Path(str(session) + ".undelivered").exists()
+
+
+def test_a_turn_whose_message_a_recover_carried_puts_its_reply_there(
+    session: Path, turns: StartTurns, spawn_holder: SpawnHolder
+) -> None:
+    """A lane that took the session after the stuck run let go, while a recover copied
+    it: its message went in before the move's mark, and the recover carried it to the
+    fresh session. Nobody re-fires that turn, so its reply goes there too, after its
+    message (it was kept aside, exit 5, as for the stuck run's turn)."""
+    session.write_text('{"role": "user", "n": 0}\n')
+    stuck = spawn_holder(session, lane="stuck")
+    stuck.acquire()
+    mover = subprocess.Popen([sys.executable, "-c", PAUSED_BEFORE_NAMING, str(session)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert mover.stdin is not None and mover.stdout is not None
+    try:
+        assert mover.stdout.readline() == "copied\n"
+        t = turns(session, "--gate", "--writer", "B", "--message", "ping")
+        t.expect("hold pid=")
+        assert stuck.call("release") == "released"
+        t.expect("held")
+        t.expect("prompt")  # its message is in the old session, not marked yet
+        mover.stdin.write("go\n")
+        mover.stdin.flush()
+        fresh = mover.stdout.readline().strip()
+        assert mover.wait(timeout=60) == 0
+        t.go()
+        assert t.expect("moved session=") == f"moved session={fresh}"
+        t.expect("done turn=1")
+        assert t.proc.wait(timeout=60) == 0, t.stderr()
+    finally:
+        if mover.poll() is None:
+            mover.kill()
+        mover.wait()
+        mover.stdin.close()
+        mover.stdout.close()
+    assert [(e["role"], e.get("turn")) for e in entries(Path(fresh))] == [
+        ("user", None), ("user", 1), ("assistant", 1)]
     assert not Path(str(session) + ".undelivered").exists()
 
 

@@ -24,6 +24,7 @@ import pytest
 from conftest import (
     KILLED_MID_COPY,
     KILLED_ON_NAMING,
+    PAUSED_BEFORE_NAMING,
     Holder,
     SpawnForeignHolder,
     SpawnHolder,
@@ -1437,6 +1438,43 @@ def test_a_move_is_said_to_the_moved_run_and_to_a_later_one_each_as_it_is(
             pass
         assert again.value.later
     assert _ns(session) == [1]
+
+
+@needs_xattr
+def test_a_run_whose_lines_went_in_before_the_move_is_told_they_were_carried(
+    session: Path, spawn_holder: SpawnHolder
+) -> None:
+    """A run that took the session after the stuck run let go, while the recover copied,
+    wrote a line there before the move's mark: the recover carries it to the fresh
+    session. Told "nothing of this run's was written here" (``later``), its caller
+    would write that line again in the fresh session; it is told its lines were carried
+    (``carried``), and to write the rest of its turn there."""
+    session.write_text('{"n": 1}\n')
+    stuck = spawn_holder(session, lane="stuck")
+    stuck.acquire()
+    mover = subprocess.Popen([sys.executable, "-c", PAUSED_BEFORE_NAMING, str(session)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert mover.stdin is not None and mover.stdout is not None
+    try:
+        assert mover.stdout.readline() == "copied\n"
+        assert stuck.call("release") == "released"
+        with SessionLock(session, lane="between") as lock:
+            lock.append({"n": "user"})  # not marked yet: in, and carried
+            mover.stdin.write("go\n")
+            mover.stdin.flush()
+            fresh = mover.stdout.readline().strip()
+            assert mover.wait(timeout=60) == 0
+            with pytest.raises(SessionMovedError) as moved:
+                lock.append({"n": "reply"})
+        assert moved.value.carried and not moved.value.later, moved.value
+        assert "Write the rest of its turn in" in str(moved.value)
+        assert _ns(Path(fresh)) == [1, "user"]
+    finally:
+        if mover.poll() is None:
+            mover.kill()
+        mover.wait()
+        mover.stdin.close()
+        mover.stdout.close()
 
 
 ORIGIN_OF_ITS_OWN = """

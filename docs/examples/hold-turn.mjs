@@ -212,6 +212,17 @@ function keepUndelivered(opts, entry, error, sent) {
   );
 }
 
+async function appendElsewhere(opts, session, entry) {
+  // One append to `session` through a hold of its own (a turn's reply that goes to the
+  // fresh session its message was carried to).
+  const hold = new Hold(opts.fencelock, session, opts.lane, opts.holdArgs);
+  const held = await hold.next();
+  if (!held.ok) throw new HoldError(held);
+  await hold.request("append", { entry });
+  const code = await hold.release();
+  if (code !== 0) throw new Error(`fencelock hold exited ${code}`);
+}
+
 async function turn(opts, n) {
   const hold = new Hold(opts.fencelock, opts.session, opts.lane, opts.holdArgs);
   if (hold.child.pid !== undefined) console.log(`hold pid=${hold.child.pid}`);
@@ -231,7 +242,7 @@ async function turn(opts, n) {
       // Moved before this turn wrote anything here: it goes on in the fresh session.
       await hold.release().catch(() => {});
       console.log(`moved session=${e.answer.moved_to}`);
-      return e.answer.moved_to;
+      return { session: e.answer.moved_to, done: false };
     }
     throw e;
   }
@@ -248,8 +259,19 @@ async function turn(opts, n) {
       sent = true;
       await hold.request("append", { entry: reply });
     } catch (e) {
-      // The recover's mark said at the fence (SessionMovedError): moved, as above.
+      // The recover's mark said at the fence (SessionMovedError): moved, as above; but
+      // where this turn took the session after the stuck run's end and its message
+      // went in before the move ("carried": the recover took it along), nobody
+      // re-fires it: its reply goes to the fresh session, after its message.
       if (e instanceof HoldError && e.answer.error === "SessionMovedError" && !e.answer.stored) {
+        if (e.answer.carried) {
+          await hold.release().catch(() => {});
+          sent = true;
+          await appendElsewhere(opts, e.answer.moved_to, reply);
+          console.log(`moved session=${e.answer.moved_to}`);
+          console.log(`done turn=${n}`);
+          return { session: e.answer.moved_to, done: true };
+        }
         throw new Superseded(e.answer.moved_to);
       }
       throw e;
@@ -286,8 +308,9 @@ async function main() {
     for (let moves = 0; ; moves++) {
       const moved = await turn(opts, n);
       if (moved === null) break;
+      opts.session = moved.session;
+      if (moved.done) break; // (its reply went there: the turn is done)
       if (moves >= 16) throw new Error(`${opts.session}: moved again and again; giving up`);
-      opts.session = moved;
     }
   }
   process.exit(0);
