@@ -92,8 +92,7 @@ def _signal(pids: list[int], pipe: int | None, signum: int) -> None:
         except OSError:
             continue  # gone
         try:
-            # Still the process that holds it, pinned by ``fd``:
-            if pipe is None or _holds(pid, pipe):
+            if pipe is None or _holds(pid, pipe):  # still the holder, pinned by ``fd``
                 signal.pidfd_send_signal(fd, signum)
         except OSError:
             pass
@@ -154,9 +153,8 @@ class Keeper:
         self._command: subprocess.Popen[bytes] | None = None
         self._started = threading.Event()
         self._paused: list[int] = []
-        """What besides the command the guard stopped (SIGSTOP) while it asks etcd
-        about a lease that may be expiring (`_loss`); the command too while not empty
-        (`_pause`)."""
+        """The processes the guard stopped (SIGSTOP), the command among them, while it
+        asks etcd about a lease that may be expiring (`_loss`, `_pause`)."""
 
     def guard(self) -> None:
         """Start the guard that stops the command (handed to it by `watch`), and what

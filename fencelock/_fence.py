@@ -251,7 +251,7 @@ def _empty_of_mine(st: os.stat_result) -> bool:
 
 
 def _replaced(session: str, expected: Fingerprint | None,
-              refused: Exception | None = None) -> SessionTakeoverError:
+              refused: UnsafePathError | None = None) -> SessionTakeoverError:
     """The takeover of a run whose session path now holds what no run writes to (a
     symlink, FIFO or directory put in its place, ``refused`` saying which): the run
     began on a regular file, or on none, so something outside it changed the path."""
@@ -259,8 +259,8 @@ def _replaced(session: str, expected: Fingerprint | None,
         actual: Fingerprint | None = _fingerprint.from_stat(os.lstat(session))
     except OSError:
         actual = None
-    found = refused.what if isinstance(refused, UnsafePathError) else None
-    return SessionTakeoverError(session, expected, actual, found=found)
+    return SessionTakeoverError(session, expected, actual,
+                                found=None if refused is None else refused.what)
 
 
 def _stat_matches(expected: Fingerprint | None, st: os.stat_result) -> bool:
@@ -850,8 +850,8 @@ def _open_empty(session: str, flags: int) -> tuple[int, os.stat_result]:
     A write by another after this look is caught as after any fence check."""
     try:
         (fd, st), = map(_sidecar.open_regular, (session,), (flags,))
-    except OSError as e:
-        raise _replaced(session, None, e) from None
+    except OSError:
+        raise _replaced(session, None) from None
     try:
         mine = _empty_of_mine(st)
     except BaseException:

@@ -708,11 +708,12 @@ class SessionLock:
             # (A fresh session its maker never named is no move; nor is a session a
             # caller made with an ``origin`` of its own, nor one a recover made for a
             # holder with no record, which it never marks.)
-            if named and self._only_if_free:  # (before the look: a probe may wait)
-                raise MoveToFinish(self.session)  # nothing written yet: a thread looks
-            if named and self._moved_here_from(stale_origin):
-                self._finishing = stale_origin
-                self._set_origin(stale_origin)
+            if named:
+                if self._only_if_free:  # (before the look: a probe may wait)
+                    raise MoveToFinish(self.session)  # nothing written yet: a thread looks
+                if self._moved_here_from(stale_origin):
+                    self._finishing = stale_origin
+                    self._set_origin(stale_origin)
         if last is not None:
             fresh = _successors.made(self.session, *last)
             if fresh is not None:

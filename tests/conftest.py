@@ -503,6 +503,44 @@ print(recover(sys.argv[1], wait=0).session, flush=True)
 line comes on its stdin: ``python -c PAUSED_BEFORE_NAMING SESSION``."""
 
 
+class PausedRecover:
+    """A recover of a session in a process of its own (`PAUSED_BEFORE_NAMING`), started
+    once it has found the stuck run still holding and copied the session; `go` lets it
+    name the fresh session, mark the old one and carry what came since."""
+
+    def __init__(self, session: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", PAUSED_BEFORE_NAMING, str(session)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        assert self.stdout.readline() == "copied\n"
+
+    def go(self) -> str:
+        """Let it finish; the fresh session it printed."""
+        self.stdin.write("go\n")
+        self.stdin.flush()
+        fresh = self.stdout.readline().strip()
+        assert self.proc.wait(timeout=60) == 0
+        return fresh
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.stdin.close()
+        self.stdout.close()
+
+
+@contextmanager
+def paused_recover(session: Path) -> Iterator[PausedRecover]:
+    """A `PausedRecover` of ``session``, stopped at the block's end if still running."""
+    mover = PausedRecover(session)
+    try:
+        yield mover
+    finally:
+        mover.close()
+
+
 @contextmanager
 def append_only(path: Path) -> Iterator[None]:
     """``path`` marked append-only (chattr +a, Linux, as root) for the block: writes

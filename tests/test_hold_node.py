@@ -18,7 +18,7 @@ from typing import IO, Any, Protocol
 
 import marks
 import pytest
-from conftest import PAUSED_BEFORE_NAMING, SpawnHolder, wait_for_blocked_waiter
+from conftest import SpawnHolder, paused_recover, wait_for_blocked_waiter
 
 from fencelock import probe, scan
 
@@ -257,30 +257,17 @@ def test_a_turn_whose_message_a_recover_carried_puts_its_reply_there(
     session.write_text('{"role": "user", "n": 0}\n')
     stuck = spawn_holder(session, lane="stuck")
     stuck.acquire()
-    mover = subprocess.Popen([sys.executable, "-c", PAUSED_BEFORE_NAMING, str(session)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert mover.stdin is not None and mover.stdout is not None
-    try:
-        assert mover.stdout.readline() == "copied\n"
+    with paused_recover(session) as mover:
         t = turns(session, "--gate", "--writer", "B", "--message", "ping")
         t.expect("hold pid=")
         assert stuck.call("release") == "released"
         t.expect("held")
         t.expect("prompt")  # its message is in the old session, not marked yet
-        mover.stdin.write("go\n")
-        mover.stdin.flush()
-        fresh = mover.stdout.readline().strip()
-        assert mover.wait(timeout=60) == 0
+        fresh = mover.go()
         t.go()
         assert t.expect("moved session=") == f"moved session={fresh}"
         t.expect("done turn=1")
         assert t.proc.wait(timeout=60) == 0, t.stderr()
-    finally:
-        if mover.poll() is None:
-            mover.kill()
-        mover.wait()
-        mover.stdin.close()
-        mover.stdout.close()
     assert [(e["role"], e.get("turn")) for e in entries(Path(fresh))] == [
         ("user", None), ("user", 1), ("assistant", 1)]
     assert not Path(str(session) + ".undelivered").exists()

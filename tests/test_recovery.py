@@ -24,10 +24,10 @@ import pytest
 from conftest import (
     KILLED_MID_COPY,
     KILLED_ON_NAMING,
-    PAUSED_BEFORE_NAMING,
     Holder,
     SpawnForeignHolder,
     SpawnHolder,
+    paused_recover,
     reap,
     wait_for_blocked_waiter,
 )
@@ -1452,29 +1452,16 @@ def test_a_run_whose_lines_went_in_before_the_move_is_told_they_were_carried(
     session.write_text('{"n": 1}\n')
     stuck = spawn_holder(session, lane="stuck")
     stuck.acquire()
-    mover = subprocess.Popen([sys.executable, "-c", PAUSED_BEFORE_NAMING, str(session)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert mover.stdin is not None and mover.stdout is not None
-    try:
-        assert mover.stdout.readline() == "copied\n"
+    with paused_recover(session) as mover:
         assert stuck.call("release") == "released"
         with SessionLock(session, lane="between") as lock:
             lock.append({"n": "user"})  # not marked yet: in, and carried
-            mover.stdin.write("go\n")
-            mover.stdin.flush()
-            fresh = mover.stdout.readline().strip()
-            assert mover.wait(timeout=60) == 0
+            fresh = mover.go()
             with pytest.raises(SessionMovedError) as moved:
                 lock.append({"n": "reply"})
-        assert moved.value.carried and not moved.value.later, moved.value
-        assert "Write the rest of its turn in" in str(moved.value)
-        assert _ns(Path(fresh)) == [1, "user"]
-    finally:
-        if mover.poll() is None:
-            mover.kill()
-        mover.wait()
-        mover.stdin.close()
-        mover.stdout.close()
+    assert moved.value.carried and not moved.value.later, moved.value
+    assert "Write the rest of its turn in" in str(moved.value)
+    assert _ns(Path(fresh)) == [1, "user"]
 
 
 ORIGIN_OF_ITS_OWN = """
